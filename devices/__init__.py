@@ -1,0 +1,391 @@
+"""Device profiles: what a board has (RAM, cores, execution providers) and a safe default budget.
+
+One small TOML file per device lives in ``devices/profiles/<name>.toml``; ``null`` is a do-nothing
+profile for tests. Sizes are parsed here once (``parse_size``) and stored as bytes.
+
+Pure standard library: this package never imports torch, onnx or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = [
+    "Profile",
+    "ProfileError",
+    "detect_profile",
+    "format_size",
+    "list_profiles",
+    "load_profile",
+    "parse_size",
+    "resolve_profile",
+]
+
+PROFILES_DIR = Path(__file__).with_name("profiles")
+GENERIC = "generic-x86-64"
+
+ARCHES = ("aarch64", "x86_64")
+EXECUTION_PROVIDERS = (
+    "CPUExecutionProvider",
+    "CUDAExecutionProvider",
+    "TensorrtExecutionProvider",
+)
+GPU_PROVIDERS = frozenset(EXECUTION_PROVIDERS) - {"CPUExecutionProvider"}
+
+# platform.machine() spellings -> profile arch
+_MACHINE_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+class ProfileError(ValueError):
+    """A size string or a device profile is invalid, unknown or undetectable."""
+
+
+# ---------------------------------------------------------------------------------------- sizes
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_UNIT_NAMES = "B, kB, MB, GB, TB, KiB, MiB, GiB, TiB"
+_EXAMPLES = "examples: 256MB, 1.5GB, 512MiB"
+_SIZE_RE = re.compile(r"^\s*(?P<sign>[-+]?)(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[A-Za-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Parse a size such as ``256MB``, ``1.5GB``, ``512MiB`` or ``100 kB`` into bytes.
+
+    Units are case-insensitive; decimal units (kB, MB, GB, TB) are powers of 1000 and binary
+    units (KiB, MiB, GiB, TiB) powers of 1024. Fractions of a byte are rounded down.
+
+    Raises:
+        ProfileError: the text is not a string, has no unit or an unknown one, is not a number,
+            or is not greater than zero. The message names the bad value.
+    """
+    if not isinstance(text, str):
+        raise ProfileError(
+            f"invalid size {text!r}: expected a string with a unit, got {type(text).__name__}; "
+            f"{_EXAMPLES}"
+        )
+    match = _SIZE_RE.match(text)
+    if match is None:
+        raise ProfileError(f"invalid size {text!r}: expected a number and a unit; {_EXAMPLES}")
+    unit = match["unit"]
+    if not unit:
+        raise ProfileError(f"invalid size {text!r}: a unit is required; {_EXAMPLES}")
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise ProfileError(
+            f"invalid size {text!r}: unknown unit {unit!r}; accepted units: {_UNIT_NAMES}; "
+            f"{_EXAMPLES}"
+        )
+    try:
+        nbytes = int(Decimal(match["num"]) * factor)
+    except InvalidOperation:  # pragma: no cover - the regex only admits valid decimals
+        raise ProfileError(f"invalid size {text!r}: not a number; {_EXAMPLES}") from None
+    if match["sign"] == "-" or nbytes <= 0:
+        raise ProfileError(f"invalid size {text!r}: must be greater than zero; {_EXAMPLES}")
+    return nbytes
+
+
+def format_size(nbytes: int) -> str:
+    """Format a byte count in decimal megabytes with one decimal, e.g. ``256.0 MB``."""
+    return f"{nbytes / 10**6:.1f} MB"
+
+
+# ------------------------------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One device: hardware facts plus the defaults the runtime starts from.
+
+    ``ram`` and ``default_budget`` are bytes. ``detect_model_contains`` and ``detect_ram_max``
+    come from the optional ``[detect]`` table and are only used by :func:`detect_profile`.
+    """
+
+    name: str
+    description: str
+    arch: str
+    ram: int
+    cores: int
+    execution_providers: tuple[str, ...]
+    fp16: bool
+    gflops: float
+    default_threads: int
+    default_budget: int
+    source: Path
+    detect_model_contains: tuple[str, ...] = ()
+    detect_ram_max: int | None = None
+
+
+# field -> kind; every field is required.
+_FIELDS = {
+    "name": "str",
+    "description": "str",
+    "arch": "str",
+    "ram": "size",
+    "cores": "int",
+    "execution_providers": "list[str]",
+    "fp16": "bool",
+    "gflops": "float",
+    "default_threads": "int",
+    "default_budget": "size",
+}
+_DETECT_FIELDS = {"model_contains": "list[str]", "ram_max": "size"}
+_EXPECTED = {
+    "str": "a non-empty string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list[str]": "a non-empty list of strings",
+    "size": "a size string such as '4GB'",
+    "table": "a table",
+}
+
+
+def _field(source: Path, field: str, value: Any, kind: str) -> Any:
+    """Type-check one raw TOML value and convert it (sizes to bytes, numbers to float)."""
+    ok = {
+        "str": isinstance(value, str) and value.strip() != "",
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "list[str]": isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(v, str) and v for v in value),
+        "size": isinstance(value, str),
+        "table": isinstance(value, dict),
+    }[kind]
+    if not ok:
+        raise ProfileError(
+            f"{source}: field {field!r}: expected {_EXPECTED[kind]}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    if kind == "size":
+        try:
+            return parse_size(value)
+        except ProfileError as exc:
+            raise ProfileError(f"{source}: field {field!r}: {exc}") from None
+    if kind == "float":
+        return float(value)
+    if kind == "list[str]":
+        return tuple(value)
+    return value
+
+
+def _check_keys(source: Path, raw: dict[str, Any], allowed: dict[str, str], prefix: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            names = ", ".join(prefix + k for k in allowed)
+            raise ProfileError(f"{source}: unknown field {prefix + key!r}; allowed: {names}")
+
+
+def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profile:
+    """Validate a parsed TOML document and build a Profile from it."""
+    _check_keys(source, raw, {**_FIELDS, "detect": "table"}, "")
+    values: dict[str, Any] = {}
+    for field, kind in _FIELDS.items():
+        if field not in raw:
+            raise ProfileError(
+                f"{source}: missing required field {field!r} ({_EXPECTED[kind]}); "
+                f"required: {', '.join(_FIELDS)}"
+            )
+        values[field] = _field(source, field, raw[field], kind)
+
+    def bad(field: str, why: str) -> ProfileError:
+        return ProfileError(f"{source}: field {field!r}: {why}, got {raw[field]!r}")
+
+    if builtin and values["name"] != source.stem:
+        raise bad("name", f"must match the file name {source.stem!r}")
+    if values["arch"] not in ARCHES:
+        raise bad("arch", f"expected one of {', '.join(ARCHES)}")
+    unknown = [ep for ep in values["execution_providers"] if ep not in EXECUTION_PROVIDERS]
+    if unknown:
+        allowed = ", ".join(EXECUTION_PROVIDERS)
+        raise bad("execution_providers", f"unknown {unknown[0]!r}; allowed: {allowed}")
+    if len(set(values["execution_providers"])) != len(values["execution_providers"]):
+        raise bad("execution_providers", "duplicate entries")
+    if values["cores"] < 1:
+        raise bad("cores", "must be at least 1")
+    if not 1 <= values["default_threads"] <= values["cores"]:
+        raise bad("default_threads", f"must be between 1 and cores ({values['cores']})")
+    if values["gflops"] <= 0:
+        raise bad("gflops", "must be greater than zero")
+    if values["default_budget"] > values["ram"]:
+        raise bad("default_budget", f"must not exceed ram ({raw['ram']})")
+
+    detect = _field(source, "detect", raw.get("detect", {}), "table")
+    _check_keys(source, detect, _DETECT_FIELDS, "detect.")
+    for field, kind in _DETECT_FIELDS.items():
+        if field in detect:
+            values[f"detect_{field}"] = _field(source, f"detect.{field}", detect[field], kind)
+    return Profile(source=source, **values)
+
+
+def _read_profile(path: Path, *, builtin: bool) -> Profile:
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ProfileError(f"profile file not found: {path}") from None
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
+    return _parse_profile(path, raw, builtin=builtin)
+
+
+def _builtin_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def list_profiles() -> list[Profile]:
+    """Return every built-in profile, sorted by name.
+
+    Raises:
+        ProfileError: a built-in profile file is invalid.
+    """
+    return [_read_profile(PROFILES_DIR / f"{n}.toml", builtin=True) for n in _builtin_names()]
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
+    """Load a built-in profile by name (``rpi4-4gb``) or a custom one from a ``.toml`` path.
+
+    A value ending in ``.toml`` or containing a path separator is treated as a path.
+
+    Raises:
+        ProfileError: unknown name (the message lists the built-ins), missing or unreadable
+            file, invalid TOML, or a missing, unknown or mistyped field.
+    """
+    text = os.fspath(name_or_path)
+    is_path = isinstance(name_or_path, os.PathLike) or text.endswith(".toml")
+    if is_path or "/" in text or os.sep in text:
+        return _read_profile(Path(text), builtin=False)
+    names = _builtin_names()
+    if text not in names:
+        raise ProfileError(
+            f"unknown device profile {text!r}; available: {', '.join(names)}; "
+            "or pass 'auto' or a path to a .toml file"
+        )
+    return _read_profile(PROFILES_DIR / f"{text}.toml", builtin=True)
+
+
+def resolve_profile(spec: str) -> Profile:
+    """Turn a CLI ``--profile`` value into a Profile: ``auto``, a built-in name, or a .toml path.
+
+    Raises:
+        ProfileError: see :func:`load_profile` and :func:`detect_profile`.
+    """
+    if spec == "auto":
+        return detect_profile()
+    return load_profile(spec)
+
+
+# ------------------------------------------------------------------------------------ detection
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _mem_total(root: Path) -> int | None:
+    """MemTotal from ``proc/meminfo`` under root, in bytes (the file says kB, meaning KiB)."""
+    text = _read_text(root / "proc" / "meminfo")
+    match = re.search(r"^MemTotal:\s*(\d+)\s*kB", text or "", re.MULTILINE)
+    return int(match[1]) * 1024 if match else None
+
+
+def _host_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _pick_variant(candidates: list[Profile], mem_total: int | None) -> Profile:
+    """Smallest variant whose nominal RAM (or ``detect.ram_max``) is >= MemTotal.
+
+    MemTotal sits a little below the nominal size, so this picks the board's own variant. With
+    no MemTotal the smallest variant is the safe choice; above every variant, the largest.
+    """
+    by_size = sorted(candidates, key=lambda p: (p.detect_ram_max or p.ram, p.name))
+    if mem_total is None:
+        return by_size[0]
+    for profile in by_size:
+        if mem_total <= (profile.detect_ram_max or profile.ram):
+            return profile
+    return by_size[-1]
+
+
+def _host_profile(mem_total: int | None, machine: str) -> Profile:
+    """generic-x86-64 defaults with this host's arch, cores and RAM; budget keeps its ratio."""
+    base = load_profile(GENERIC)
+    arch = _MACHINE_ARCH.get(machine.lower())
+    if arch is None:
+        raise ProfileError(
+            f"cannot detect a device profile: unsupported machine {machine!r}; "
+            f"supported architectures: {', '.join(ARCHES)}; pass a built-in name or a .toml path"
+        )
+    cores = os.cpu_count() or 1
+    ram = mem_total or _host_ram() or base.ram
+    return dataclasses.replace(
+        base,
+        name=GENERIC if arch == "x86_64" else "generic-aarch64",
+        description=f"this host ({arch}, {cores} cores, {format_size(ram)} RAM), "
+        f"other values from {GENERIC}",
+        arch=arch,
+        ram=ram,
+        cores=cores,
+        default_threads=cores,
+        default_budget=base.default_budget * ram // base.ram,
+    )
+
+
+def detect_profile(root: str | os.PathLike[str] = "/", *, machine: str | None = None) -> Profile:
+    """Pick the built-in profile for the machine whose filesystem is at ``root``.
+
+    Reads ``proc/device-tree/model`` (matched against each profile's ``detect.model_contains``),
+    ``etc/nv_tegra_release`` (Jetson userspace: required before a profile with CUDA or TensorRT
+    is chosen) and ``proc/meminfo`` MemTotal (picks the RAM variant). Without a match it returns
+    a host profile: generic-x86-64 values with this host's cores (``os.cpu_count()``), RAM and
+    arch (``machine``, default ``platform.machine()``), named ``generic-aarch64`` on ARM.
+
+    Raises:
+        ProfileError: no profile matches and the host architecture is not aarch64 or x86_64.
+    """
+    root = Path(root)
+    model = (_read_text(root / "proc" / "device-tree" / "model") or "").strip("\x00 \n").casefold()
+    tegra = (root / "etc" / "nv_tegra_release").is_file()
+    mem_total = _mem_total(root)
+    candidates = [
+        p
+        for p in list_profiles()
+        if model
+        and any(s.casefold() in model for s in p.detect_model_contains)
+        and (tegra or not GPU_PROVIDERS.intersection(p.execution_providers))
+    ]
+    if candidates:
+        return _pick_variant(candidates, mem_total)
+    return _host_profile(mem_total, machine if machine is not None else platform.machine())

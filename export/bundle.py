@@ -1,0 +1,310 @@
+"""Write a training bundle: standard-op ONNX graphs, weights and a manifest.
+
+Layout of a bundle directory (format version 1)::
+
+    manifest.json              what the runtime needs: inputs, labels, params, graphs, layers
+    weights.bin                frozen weights as ONNX external data (memory-mapped by onnxruntime)
+    params.npz                 initial values of the trainable parameters
+    infer.onnx                 forward only (model outputs), trainable params as inputs
+    vanilla.{forward,backward}.onnx   exact backward
+    instant.{forward,backward}.onnx   INSTANT compressed backward (bases are inputs)
+    calib.{forward,backward}.onnx     exact pass that emits Gram matrices for calibration
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+from . import rules  # noqa: F401  (registers the gradient rules)
+from .autodiff import CompressedLayer, build_training_graphs, find_compressible_layers
+from .graph import ExportError, Shapes
+from .trace import Traced, load_model, parse_input_shapes
+
+__all__ = ["FORMAT_VERSION", "export_bundle", "select_trainable"]
+
+FORMAT_VERSION = 1
+MIN_ORT = "1.17"
+LOSSES = ("cross_entropy", "mse")
+_EXTERNAL_MIN_BYTES = 1024
+
+
+def _candidate_params(traced: Traced) -> list[str]:
+    g = traced.model.graph
+    used = []
+    bn_stats = {n.input[i] for n in g.node if n.op_type == "BatchNormalization"
+                for i in (3, 4) if len(n.input) > i}
+    order = {}
+    for k, n in enumerate(g.node):
+        for i in n.input:
+            order.setdefault(i, k)
+    for init in g.initializer:
+        if init.data_type != TensorProto.FLOAT or init.name in bn_stats:
+            continue
+        if traced.torch_names and init.name not in traced.torch_names:
+            continue  # a torch buffer or a folded constant, not a parameter
+        if not traced.torch_names and int(np.prod(init.dims)) < 2:
+            continue
+        if init.name in order:
+            used.append(init.name)
+    return sorted(used, key=lambda n: order[n])
+
+
+def select_trainable(traced: Traced, spec: str) -> list[str]:
+    """``all``, ``last:N`` (last N top-level children / layer groups) or comma-separated globs."""
+    cands = _candidate_params(traced)
+    spec = spec.strip()
+    if spec == "all":
+        chosen = cands
+    elif spec.startswith("last:") or spec.isdigit():
+        try:
+            n = int(spec.split(":", 1)[-1])
+        except ValueError:
+            raise ExportError(f"invalid --trainable '{spec}': expected last:N") from None
+        if traced.children:
+            groups = [names for _, names in traced.children if names]
+        else:
+            prefixes: dict[str, list[str]] = {}
+            for p in cands:
+                prefixes.setdefault(p.rsplit(".", 1)[0], []).append(p)
+            groups = list(prefixes.values())
+        if n <= 0 or n > len(groups):
+            raise ExportError(f"invalid --trainable '{spec}': the model has {len(groups)} "
+                              "top-level parameterized children")
+        chosen = [p for grp in groups[-n:] for p in grp if p in cands]
+    else:
+        pats = [p.strip() for p in spec.split(",") if p.strip()]
+        chosen = [c for c in cands if any(fnmatch.fnmatch(c, p) for p in pats)]
+        for p in pats:
+            if not any(fnmatch.fnmatch(c, p) for c in cands):
+                raise ExportError(f"--trainable pattern '{p}' matches no parameter; parameters: "
+                                  f"{', '.join(cands[:12])}{' …' if len(cands) > 12 else ''}")
+    if not chosen:
+        raise ExportError(f"--trainable '{spec}' selects no parameter")
+    return chosen
+
+
+def _example_inputs(traced_inputs: list[str] | None, input_shape: str | None,
+                    npz: str | None) -> list[np.ndarray] | None:
+    if npz:
+        data = np.load(npz)
+        keys = [k for k in data.files if k != "y"]
+        return [np.asarray(data[k]) for k in keys]
+    if input_shape:
+        rng = np.random.default_rng(0)
+        return [rng.standard_normal(s).astype(np.float32) for s in parse_input_shapes(input_shape)]
+    return None
+
+
+def _append_loss(model: onnx.ModelProto, output: str, loss: str, opset: int,
+                 shapes: Shapes) -> dict:
+    g = model.graph
+    out_shape = shapes.of(output)
+    if loss == "cross_entropy":
+        if len(out_shape) != 2 or not isinstance(out_shape[1], int):
+            raise ExportError(f"cross_entropy needs a [N, classes] output; '{output}' has shape "
+                              f"{out_shape}. Use --loss mse for other outputs")
+        g.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]))
+        g.node.append(helper.make_node("SoftmaxCrossEntropyLoss", [output, "labels"], ["loss"],
+                                       name="loss/SoftmaxCrossEntropyLoss", reduction="mean"))
+        info = {"kind": "cross_entropy", "num_classes": int(out_shape[1]),
+                "labels": {"name": "labels", "shape": ["N"], "dtype": "int64"}}
+    elif loss == "mse":
+        dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
+        g.input.append(helper.make_tensor_value_info("labels", TensorProto.FLOAT, dims))
+        g.node.append(helper.make_node("Sub", [output, "labels"], ["loss/diff"], name="loss/Sub"))
+        g.node.append(helper.make_node("Mul", ["loss/diff", "loss/diff"], ["loss/sq"],
+                                       name="loss/Mul"))
+        g.node.append(helper.make_node("ReduceMean", ["loss/sq"], ["loss"], name="loss/Mean",
+                                       keepdims=0))
+        info = {"kind": "mse", "labels": {"name": "labels", "shape": dims, "dtype": "float32"}}
+    else:
+        raise ExportError(f"unknown loss '{loss}'; supported: {', '.join(LOSSES)}")
+    g.output.insert(0, helper.make_tensor_value_info("loss", TensorProto.FLOAT, []))
+    return info
+
+
+def _params_as_inputs(model: onnx.ModelProto, params: list[str]) -> dict[str, np.ndarray]:
+    g = model.graph
+    values = {}
+    keep = []
+    for init in g.initializer:
+        if init.name in params:
+            arr = numpy_helper.to_array(init).astype(np.float32)
+            values[init.name] = arr
+            g.input.append(helper.make_tensor_value_info(init.name, TensorProto.FLOAT,
+                                                         list(arr.shape)))
+        else:
+            keep.append(init)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return values
+
+
+def _dynamic_batch(model: onnx.ModelProto, names: list[str]) -> None:
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name in names and vi.type.tensor_type.shape.dim:
+            d = vi.type.tensor_type.shape.dim[0]
+            d.ClearField("dim_value")
+            d.dim_param = "N"
+
+
+def _prune_unused_inputs(model: onnx.ModelProto, keep: set[str]) -> None:
+    used = {i for n in model.graph.node for i in n.input}
+    inputs = [vi for vi in model.graph.input if vi.name in used or vi.name in keep]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+def _add_basis_inputs(model: onnx.ModelProto, layers: list[CompressedLayer]) -> None:
+    for ly in layers:
+        model.graph.input.append(helper.make_tensor_value_info(
+            ly.p_input, TensorProto.FLOAT, [f"rank_x.{ly.name}", ly.x_dim]))
+        model.graph.input.append(helper.make_tensor_value_info(
+            ly.q_input, TensorProto.FLOAT, [f"rank_g.{ly.name}", ly.g_dim]))
+
+
+class _WeightFile:
+    """Frozen initializers shared by all graphs, stored once in ``weights.bin``."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.size = 0
+
+    def externalize(self, model: onnx.ModelProto) -> None:
+        for t in model.graph.initializer:
+            raw = numpy_helper.to_array(t).tobytes()
+            if len(raw) < _EXTERNAL_MIN_BYTES:
+                continue
+            if t.name not in self.offsets:
+                pad = (-self.size) % 4096  # page-aligned: onnxruntime can memory-map it
+                self.chunks.append(b"\0" * pad)
+                self.size += pad
+                self.offsets[t.name] = (self.size, len(raw))
+                self.chunks.append(raw)
+                self.size += len(raw)
+            off, length = self.offsets[t.name]
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                t.ClearField(f)
+            external_data_helper.set_external_data(t, "weights.bin", offset=off, length=length)
+            t.data_location = TensorProto.EXTERNAL
+
+    def write(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            for c in self.chunks:
+                f.write(c)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
+                  npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
+                  instant_exclude: list[str] | None = None, calib_every: int = 50,
+                  calib_batches: int = 5, energy: float = 0.95, oversample: int = 0,
+                  ) -> Path:
+    """Export ``model`` to a training bundle in ``out``; returns the bundle path.
+
+    Raises:
+        ExportError: unknown model, unsupported op or option (one-line message).
+    """
+    out = Path(out)
+    traced = load_model(model, _example_inputs(None, input_shape, npz))
+    params = select_trainable(traced, trainable)
+    opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
+    if len(traced.outputs) != 1:
+        raise ExportError(f"model has {len(traced.outputs)} outputs; training needs exactly one")
+    output = traced.outputs[0]
+
+    base = copy.deepcopy(traced.model)
+    _dynamic_batch(base, traced.inputs + traced.outputs)
+    initial = _params_as_inputs(base, params)
+    infer = copy.deepcopy(base)
+    fwd = copy.deepcopy(base)
+    loss_info = _append_loss(fwd, output, loss, opset, Shapes(fwd))
+    shapes = Shapes(fwd)
+    torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
+    layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
+    for ly in layers:
+        ly.p_input, ly.q_input = f"instant.{ly.name}.P", f"instant.{ly.name}.Q"
+
+    out.mkdir(parents=True, exist_ok=True)
+    weights = _WeightFile()
+    data_inputs = set(traced.inputs) | {"labels"}
+    graphs: dict[str, dict] = {}
+    io: dict[str, dict] = {}
+    modes = ["vanilla"] + (["instant", "calib"] if layers else [])
+    for mode in modes:
+        src = copy.deepcopy(fwd)
+        if mode == "instant":
+            _add_basis_inputs(src, layers)
+        tg = build_training_graphs(src, "loss", params, mode, layers, opset)
+        for m in (tg.forward, tg.backward):
+            _prune_unused_inputs(m, data_inputs if m is tg.forward else set())
+            weights.externalize(m)
+        files = {}
+        for part, m in (("forward", tg.forward), ("backward", tg.backward)):
+            name = f"{mode}.{part}.onnx"
+            onnx.save(m, str(out / name))
+            files[part] = name
+        graphs[mode] = files
+        io[mode] = {
+            "forward_inputs": [i.name for i in tg.forward.graph.input],
+            "forward_outputs": [o.name for o in tg.forward.graph.output],
+            "backward_inputs": [i.name for i in tg.backward.graph.input],
+            "saved": tg.saved, "grads": tg.grads,
+            "fwd_grams": tg.fwd_grams, "bwd_grams": tg.bwd_grams,
+        }
+    weights.externalize(infer)
+    onnx.save(infer, str(out / "infer.onnx"))
+    graphs["infer"] = {"forward": "infer.onnx"}
+    weights.write(out / "weights.bin")
+    np.savez(out / "params.npz", **initial)
+
+    in_shapes = Shapes(base)
+    manifest = {
+        "format": "instant-runtime-bundle",
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": traced.source,
+        "opset": opset,
+        "ir_version": int(base.ir_version),
+        "min_onnxruntime": MIN_ORT,
+        "inputs": [{"name": n, "shape": ["N"] + list(in_shapes.of(n)[1:]),
+                    "dtype": _np_dtype(in_shapes.dtype[n])} for n in traced.inputs],
+        "output": output,
+        "loss": loss_info,
+        "params": [{"name": p, "shape": list(initial[p].shape), "torch_name": torch_names[p],
+                    "transposed": traced.torch_names.get(p, (p, False))[1]} for p in params],
+        "trainable": trainable,
+        "frozen_bytes": weights.size,
+        "graphs": graphs,
+        "io": io,
+        "instant": {
+            "layers": [ly.to_json() for ly in layers],
+            "energy": energy, "oversample": oversample,
+            "calib_every": calib_every, "calib_batches": calib_batches,
+        },
+    }
+    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                         for f in sorted(out.iterdir()) if f.name != "manifest.json"}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def _np_dtype(t: int) -> str:
+    return str(helper.tensor_dtype_to_np_dtype(t))

@@ -1,0 +1,129 @@
+"""A small ONNX node builder and the shape facts the gradient rules need.
+
+No global "graph under construction": every builder is an object passed explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["Builder", "ExportError", "Shapes", "static_shape"]
+
+Dim = int | str | None
+
+
+class ExportError(ValueError):
+    """A model or option the exporter cannot handle; the message says what and what to do."""
+
+
+class Builder:
+    """Appends nodes (and small constant initializers) for one graph.
+
+    ``prefix`` keeps the generated tensor names of the forward extras, the backward and the loss
+    apart and readable in Netron (``grad/fc1/MatMul_output_0``).
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+        # For forward extras: the forward node each new node is placed right after, so that
+        # e.g. a compression node runs as soon as its input exists (DESIGN.md §2: node order).
+        self.anchor: str | None = None
+        self.anchors: list[str | None] = []
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None,
+           out: str | None = None, **attrs) -> str:
+        """Add one node with a single output (named ``out`` or a fresh name); return its name."""
+        name = out or self.fresh(hint or op_type)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name],
+                                           name=self.fresh(f"{op_type}_node"), **attrs))
+        self.anchors.append(self.anchor)
+        return name
+
+    def op_multi(self, op_type: str, inputs: Sequence[str], n_out: int,
+                 hint: str | None = None, **attrs) -> list[str]:
+        outs = [self.fresh(hint or op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs,
+                                           name=self.fresh(f"{op_type}_node"), **attrs))
+        self.anchors.append(self.anchor)
+        return outs
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A constant initializer, deduplicated by value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self.fresh("const")
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self.const(list(values), np.int64)
+
+
+def static_shape(vi: onnx.ValueInfoProto) -> list[Dim] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+class Shapes:
+    """Shapes and element types of every tensor of the forward graph (from ONNX shape inference)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        g = inferred.graph
+        self.shape: dict[str, list[Dim] | None] = {}
+        self.dtype: dict[str, int] = {}
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            self.shape[vi.name] = static_shape(vi)
+            self.dtype[vi.name] = vi.type.tensor_type.elem_type
+        for init in g.initializer:
+            self.shape[init.name] = list(init.dims)
+            self.dtype[init.name] = init.data_type
+
+    def rank(self, name: str) -> int:
+        s = self.of(name)
+        return len(s)
+
+    def of(self, name: str) -> list[Dim]:
+        s = self.shape.get(name)
+        if s is None:
+            raise ExportError(f"shape of tensor '{name}' is unknown after ONNX shape inference; "
+                              "export with static shapes except the batch dimension")
+        return s
+
+    def is_float(self, name: str) -> bool:
+        return self.dtype.get(name, TensorProto.FLOAT) in (
+            TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+    def numel_static(self, name: str, axes: Sequence[int]) -> int | None:
+        dims = self.of(name)
+        n = 1
+        for a in axes:
+            d = dims[a]
+            if not isinstance(d, int):
+                return None
+            n *= d
+        return n

@@ -1,0 +1,590 @@
+"""Gradient rules, one small function per ONNX op, all in this file.
+
+A rule receives the gradient-building context, the forward node and the gradients of the node's
+outputs (``None`` where an output does not reach the loss) and returns one gradient name (or
+``None``) per node input. Rules write standard ONNX ops only, so the backward runs on plain
+onnxruntime. Forward tensors a rule reads from the backward become "saved tensors"; a rule that
+wants to save something smaller (a mask, a compressed activation, a shape) computes it in the
+forward with ``ctx.fwd``.
+
+The INSTANT compressed rule for Linear / 1x1 Conv sits right beside the exact rule: see
+``linear_exact`` / ``linear_instant`` and the formulas of DESIGN.md §1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .autodiff import CompressedLayer, GradContext, gradient
+from .graph import ExportError
+
+__all__: list[str] = []  # rules register themselves; nothing to import by name
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def _needs(ctx: GradContext, node: onnx.NodeProto, i: int) -> bool:
+    return i < len(node.input) and bool(node.input[i]) and ctx.needs_grad(node.input[i])
+
+
+def reduce_sum(ctx: GradContext, t: str, axes: list[int], keepdims: int = 1) -> str:
+    return ctx.bwd.op("ReduceSum", [t, ctx.bwd.ints(axes)], keepdims=keepdims)
+
+
+def unbroadcast(ctx: GradContext, g: str, out: str, target: str) -> str:
+    """Sum ``g`` (shaped like ``out``) down to the shape of ``target`` (numpy broadcasting)."""
+    os_, ts = ctx.shapes.of(out), ctx.shapes.of(target)
+    lead = len(os_) - len(ts)
+    axes = list(range(lead))
+    for i, d in enumerate(ts):
+        if d == 1 and os_[lead + i] != 1:
+            axes.append(lead + i)
+    if not axes:
+        return g
+    summed = reduce_sum(ctx, g, axes, keepdims=1)
+    return ctx.bwd.op("Reshape", [summed, ctx.shape(target)])
+
+
+def _transpose_last2(ctx: GradContext, t: str, rank: int) -> str:
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return ctx.bwd.op("Transpose", [t], perm=perm)
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise and shape ops
+
+
+@gradient("Identity")
+def identity_grad(ctx, node, gy):
+    return [gy[0]]
+
+
+@gradient("Add")
+def add_grad(ctx, node, gy):
+    a, b = node.input
+    y = node.output[0]
+    return [unbroadcast(ctx, gy[0], y, a) if _needs(ctx, node, 0) else None,
+            unbroadcast(ctx, gy[0], y, b) if _needs(ctx, node, 1) else None]
+
+
+@gradient("Sub")
+def sub_grad(ctx, node, gy):
+    a, b = node.input
+    y = node.output[0]
+    gb = None
+    if _needs(ctx, node, 1):
+        gb = unbroadcast(ctx, ctx.bwd.op("Neg", [gy[0]]), y, b)
+    return [unbroadcast(ctx, gy[0], y, a) if _needs(ctx, node, 0) else None, gb]
+
+
+@gradient("Mul")
+def mul_grad(ctx, node, gy):
+    a, b = node.input
+    y = node.output[0]
+    ga = gb = None
+    if _needs(ctx, node, 0):
+        ga = unbroadcast(ctx, ctx.bwd.op("Mul", [gy[0], b]), y, a)
+    if _needs(ctx, node, 1):
+        gb = unbroadcast(ctx, ctx.bwd.op("Mul", [gy[0], a]), y, b)
+    return [ga, gb]
+
+
+@gradient("Div")
+def div_grad(ctx, node, gy):
+    a, b = node.input
+    y = node.output[0]
+    ga = gb = None
+    if _needs(ctx, node, 0):
+        ga = unbroadcast(ctx, ctx.bwd.op("Div", [gy[0], b]), y, a)
+    if _needs(ctx, node, 1):  # d(a/b)/db = -y/b
+        t = ctx.bwd.op("Neg", [ctx.bwd.op("Div", [ctx.bwd.op("Mul", [gy[0], y]), b])])
+        gb = unbroadcast(ctx, t, y, b)
+    return [ga, gb]
+
+
+@gradient("Neg")
+def neg_grad(ctx, node, gy):
+    return [ctx.bwd.op("Neg", [gy[0]])]
+
+
+@gradient("Relu")
+def relu_grad(ctx, node, gy):
+    y = node.output[0]
+    if ctx.is_saved_already(y):  # the output is kept for another rule anyway: read it
+        mask = ctx.bwd.op("Greater", [y, ctx.bwd.const(0.0)])
+    else:  # keep a 1-byte mask instead of the 4-byte activation
+        mask = ctx.fwd.op("Greater", [y, ctx.fwd.const(0.0)], hint="relu_mask")
+    return [ctx.bwd.op("Where", [mask, gy[0], ctx.bwd.const(0.0)])]
+
+
+@gradient("Softmax")
+def softmax_grad(ctx, node, gy):
+    axis = _attrs(node).get("axis", -1)
+    y = node.output[0]
+    gyy = ctx.bwd.op("Mul", [gy[0], y])
+    s = ctx.bwd.op("ReduceSum", [gyy, ctx.bwd.ints([axis])], keepdims=1)
+    return [ctx.bwd.op("Mul", [ctx.bwd.op("Sub", [gy[0], s]), y])]
+
+
+@gradient("Reshape")
+def reshape_grad(ctx, node, gy):
+    return [ctx.bwd.op("Reshape", [gy[0], ctx.shape(node.input[0])])] + [None] * (len(node.input) - 1)
+
+
+for _op in ("Flatten", "Squeeze", "Unsqueeze"):
+    gradient(_op)(reshape_grad)
+
+
+@gradient("Transpose")
+def transpose_grad(ctx, node, gy):
+    perm = _attrs(node).get("perm")
+    if perm is None:
+        perm = list(reversed(range(ctx.shapes.rank(node.input[0]))))
+    inv = list(np.argsort(perm))
+    return [ctx.bwd.op("Transpose", [gy[0]], perm=[int(i) for i in inv])]
+
+
+@gradient("Concat")
+def concat_grad(ctx, node, gy):
+    axis = _attrs(node)["axis"]
+    sizes = []
+    for i in node.input:
+        d = ctx.shapes.of(i)[axis]
+        if not isinstance(d, int):
+            raise ExportError(f"Concat node '{node.name}': input '{i}' has a dynamic size along "
+                              f"axis {axis}; only static concat sizes are supported")
+        sizes.append(d)
+    parts = ctx.bwd.op_multi("Split", [gy[0], ctx.bwd.ints(sizes)], n_out=len(sizes), axis=axis)
+    return [p if ctx.needs_grad(i) else None for p, i in zip(parts, node.input, strict=True)]
+
+
+def _reduce_axes(ctx, node) -> tuple[list[int], int]:
+    a = _attrs(node)
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = ctx.constant_value(node.input[1]).tolist()
+    rank = ctx.shapes.rank(node.input[0])
+    if not axes:
+        if a.get("noop_with_empty_axes", 0):
+            raise ExportError(f"node '{node.name}': noop_with_empty_axes is not supported")
+        axes = list(range(rank))
+    return sorted(int(x) % rank for x in axes), int(a.get("keepdims", 1))
+
+
+def _reduce_back(ctx, node, g: str, scale: str | None) -> str:
+    axes, keep = _reduce_axes(ctx, node)
+    if not keep:
+        g = ctx.bwd.op("Unsqueeze", [g, ctx.bwd.ints(axes)])
+    if scale is not None:
+        g = ctx.bwd.op("Div", [g, scale])
+    return ctx.bwd.op("Expand", [g, ctx.shape(node.input[0])])
+
+
+@gradient("ReduceSum")
+def reducesum_grad(ctx, node, gy):
+    return [_reduce_back(ctx, node, gy[0], None)] + [None] * (len(node.input) - 1)
+
+
+@gradient("ReduceMean")
+def reducemean_grad(ctx, node, gy):
+    axes, _ = _reduce_axes(ctx, node)
+    count = ctx.shapes.numel_static(node.input[0], axes)
+    if count is not None:
+        scale = ctx.bwd.const(float(count))
+    else:
+        dims = ctx.bwd.op("Gather", [ctx.shape(node.input[0]), ctx.bwd.ints(axes)])
+        scale = ctx.bwd.op("Cast", [ctx.bwd.op("ReduceProd", [dims], keepdims=1)],
+                           to=TensorProto.FLOAT)
+    return [_reduce_back(ctx, node, gy[0], scale)] + [None] * (len(node.input) - 1)
+
+
+@gradient("GlobalAveragePool")
+def gap_grad(ctx, node, gy):
+    dims = ctx.shapes.of(node.input[0])
+    hw = ctx.shapes.numel_static(node.input[0], list(range(2, len(dims))))
+    if hw is None:
+        raise ExportError(f"GlobalAveragePool '{node.name}' needs static spatial dims")
+    g = ctx.bwd.op("Div", [gy[0], ctx.bwd.const(float(hw))])
+    return [ctx.bwd.op("Expand", [g, ctx.shape(node.input[0])])]
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+
+
+@gradient("SoftmaxCrossEntropyLoss")
+def softmax_ce_grad(ctx, node, gy):
+    a = _attrs(node)
+    scores, labels = node.input[0], node.input[1]
+    if len(node.input) > 2 or "ignore_index" in a or ctx.shapes.rank(scores) != 2:
+        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': only 2-D scores without "
+                          "weights or ignore_index are supported")
+    classes = ctx.shapes.of(scores)[1]
+    if not isinstance(classes, int):
+        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': the class count must be static")
+    b = ctx.bwd
+    prob = b.op("Softmax", [scores], axis=1)
+    onehot = b.op("OneHot", [labels, b.const(classes, np.int64), b.const([0.0, 1.0])], axis=-1)
+    g = b.op("Mul", [b.op("Sub", [prob, onehot]), gy[0]])
+    if a.get("reduction", "mean") == "mean":
+        n = b.op("Slice", [ctx.shape(scores), b.ints([0]), b.ints([1])])
+        g = b.op("Div", [g, b.op("Cast", [n], to=TensorProto.FLOAT)])
+    elif a.get("reduction") != "sum":
+        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': reduction must be mean or sum")
+    return [g, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Linear layers: exact rule and INSTANT rule side by side.
+#
+# Per sample the activation is a matrix; its two last axes are (L, C) for a Linear and (C, L)
+# for a 1x1 Conv (viewed as [N, C, H*W]). A basis acts on one of those two axes: the "left" one
+# (axis -2) or the "right" one (axis -1).
+
+
+def _left(layer: CompressedLayer, which: str) -> bool:
+    axis = layer.x_axis if which == "x" else layer.g_axis
+    token = axis == "token"
+    return token if layer.kind == "linear" else not token
+
+
+def _as_matrix(ctx, layer: CompressedLayer, t: str, builder) -> str:
+    """[N, C, H, W] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
+    if layer.kind == "conv1x1":
+        return builder.op("Reshape", [t, builder.ints([0, layer.cx if t == layer.x else layer.cy,
+                                                        -1])])
+    return t
+
+
+def _project(b, basis: str, m: str, left: bool) -> str:
+    """Apply basis ``basis`` [R, D] to axis -2 (left: B @ M) or axis -1 (right: M @ Bᵀ)."""
+    if left:
+        return b.op("MatMul", [basis, m])
+    return b.op("MatMul", [m, b.op("Transpose", [basis], perm=[1, 0])])
+
+
+def _gram(b, m: str, left: bool, rank: int) -> str:
+    """Σ over samples of the per-sample Gram along the projected axis: a [D, D] matrix."""
+    if left:
+        perm = list(range(rank))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        m = b.op("Transpose", [m], perm=perm)
+    flat = b.op("Flatten", [m], axis=rank - 1)
+    return b.op("Gemm", [flat, flat], transA=1)
+
+
+def _weight_canonical(b, layer: CompressedLayer) -> str:
+    """The weight as W_c [Cy, Cx]."""
+    if layer.kind == "conv1x1":
+        return b.op("Reshape", [layer.weight, b.ints([layer.cy, layer.cx])])
+    if layer.weight_layout == "in_out":
+        return b.op("Transpose", [layer.weight], perm=[1, 0])
+    return layer.weight
+
+
+def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
+    if layer.kind == "conv1x1":
+        return b.op("Reshape", [dw_c, b.ints([layer.cy, layer.cx, 1, 1])])
+    if layer.weight_layout == "in_out":
+        return b.op("Transpose", [dw_c], perm=[1, 0])
+    return dw_c
+
+
+def linear_calib_grams(ctx: GradContext, layer: CompressedLayer, g: str) -> None:
+    """Calibration: emit Σ_b X_b X_bᵀ (forward) and Σ_b G_b G_bᵀ (backward) for this layer."""
+    rank = 3 if (layer.kind == "conv1x1" or layer.rank3) else 2
+    x = _as_matrix(ctx, layer, layer.x, ctx.fwd)
+    ctx.fwd_outputs.append(ctx.fwd.op("Identity", [_gram(ctx.fwd, x, _left(layer, "x"), rank)],
+                                      out=f"gram_x.{layer.name}"))
+    gm = ctx.bwd.op("Reshape", [g, ctx.bwd.ints([0, layer.cy, -1])]) if layer.kind == "conv1x1" \
+        else g
+    ctx.bwd_outputs.append(ctx.bwd.op("Identity", [_gram(ctx.bwd, gm, _left(layer, "g"), rank)],
+                                      out=f"gram_g.{layer.name}"))
+
+
+def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: bool,
+                   need_w: bool) -> tuple[str | None, str | None]:
+    """INSTANT backward of ``y = x Wᵀ`` (DESIGN.md §1). Returns (g_x, g_W in the weight's layout).
+
+    The forward saves only x̂ = P·x (token axis) or x·Pᵀ (channel axis); g_W is computed from x̂
+    and the output gradient projected on the same basis; g_x goes through the gradient basis Q.
+    """
+    f, b = ctx.fwd, ctx.bwd
+    P, Q = layer.p_input, layer.q_input
+    conv = layer.kind == "conv1x1"
+    gm = b.op("Reshape", [g, b.ints([0, layer.cy, -1])]) if conv else g
+    gx = gw = None
+    if need_w:
+        xhat = _project(f, P, _as_matrix(ctx, layer, layer.x, f), _left(layer, "x"))
+        if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
+            ghat = b.op("MatMul", [P, gm])
+            dw = b.op("Gemm", [b.op("Flatten", [ghat], axis=2), b.op("Flatten", [xhat], axis=2)],
+                      transA=1)                                        # [Cy, Cx]
+        elif not conv:                                # x̂ [.., L, Rx]: g_W = (gᵀ x̂) P
+            ax = 2 if layer.rank3 else 1
+            t = b.op("Gemm", [b.op("Flatten", [gm], axis=ax), b.op("Flatten", [xhat], axis=ax)],
+                     transA=1)
+            dw = b.op("MatMul", [t, P])                                # [Cy, Cx]
+        elif layer.x_axis == "token":                 # conv: x̂ [N,Cx,Rx], ĝ' = g Pᵀ [N,Cy,Rx]
+            ghat = b.op("MatMul", [gm, b.op("Transpose", [P], perm=[1, 0])])
+            gt = b.op("Reshape", [b.op("Transpose", [ghat], perm=[1, 0, 2]),
+                                  b.ints([layer.cy, -1])])
+            xt = b.op("Reshape", [b.op("Transpose", [xhat], perm=[1, 0, 2]),
+                                  b.ints([layer.cx, -1])])
+            dw = b.op("Gemm", [gt, xt], transB=1)                      # [Cy, Cx]
+        else:                                         # conv: x̂ [N,Rx,L]: Σ_n g_n x̂_nᵀ · P
+            t = b.op("MatMul", [gm, b.op("Transpose", [xhat], perm=[0, 2, 1])])
+            dw = b.op("MatMul", [b.op("ReduceSum", [t, b.ints([0])], keepdims=0), P])
+        gw = _weight_from_canonical(b, layer, dw)
+    if need_x:
+        wc = _weight_canonical(b, layer)                               # [Cy, Cx]
+        if not conv and layer.g_axis == "token":      # Qᵀ((Q g) W)
+            gx = b.op("MatMul", [b.op("Transpose", [Q], perm=[1, 0]),
+                                 b.op("MatMul", [b.op("MatMul", [Q, gm]), wc])])
+        elif not conv:                                # (g Qᵀ)(Q W)
+            gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
+            gx = b.op("MatMul", [gq, b.op("MatMul", [Q, wc])])
+        elif layer.g_axis == "token":                 # conv, stored transposed: Wᵀ (g Qᵀ) Q
+            gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
+            gx = b.op("MatMul", [b.op("MatMul", [b.op("Transpose", [wc], perm=[1, 0]), gq]), Q])
+        else:                                         # conv: (Q W)ᵀ (Q g)
+            qw = b.op("MatMul", [Q, wc])
+            gx = b.op("MatMul", [b.op("Transpose", [qw], perm=[1, 0]), b.op("MatMul", [Q, gm])])
+        if conv:
+            gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
+    return gx, gw
+
+
+def linear_exact(ctx: GradContext, x: str, w: str, g: str, need_x: bool, need_w: bool,
+                 w_out_in: bool) -> tuple[str | None, str | None]:
+    """Exact backward of a MatMul whose second operand ``w`` is a 2-D weight.
+
+    ``w_out_in``: the weight is stored [Cy, Cx] (Gemm transB=1); otherwise [Cx, Cy].
+    """
+    b = ctx.bwd
+    gx = gw = None
+    rank = ctx.shapes.rank(x)
+    if need_w:
+        xf = b.op("Flatten", [x], axis=rank - 1)
+        gf = b.op("Flatten", [g], axis=rank - 1)
+        gw = b.op("Gemm", [gf, xf], transA=1) if w_out_in else b.op("Gemm", [xf, gf], transA=1)
+    if need_x:
+        wt = w if w_out_in else b.op("Transpose", [w], perm=[1, 0])
+        gx = b.op("MatMul", [g, wt])
+    return gx, gw
+
+
+def _compressed(ctx: GradContext, node, g: str) -> CompressedLayer | None:
+    """The INSTANT layer for this node in instant mode; in calib mode emit its Grams first."""
+    layer = ctx.layer(node)
+    if layer is None:
+        return None
+    if ctx.mode == "calib":
+        linear_calib_grams(ctx, layer, g)
+        return None
+    return layer
+
+
+@gradient("MatMul")
+def matmul_grad(ctx, node, gy):
+    a, bw = node.input
+    g = gy[0]
+    layer = _compressed(ctx, node, g)
+    if layer is not None:
+        gx, gw = linear_instant(ctx, layer, g, _needs(ctx, node, 0), _needs(ctx, node, 1))
+        return [gx, gw]
+    ra, rb = ctx.shapes.rank(a), ctx.shapes.rank(bw)
+    if rb == 2 and ra >= 2:
+        return list(linear_exact(ctx, a, bw, g, _needs(ctx, node, 0), _needs(ctx, node, 1),
+                                 w_out_in=False))
+    if ra < 2 or rb < 2:
+        raise ExportError(f"MatMul '{node.name}': 1-D operands are not supported")
+    y = node.output[0]
+    ga = gb = None
+    if _needs(ctx, node, 0):
+        ga = unbroadcast(ctx, ctx.bwd.op("MatMul", [g, _transpose_last2(ctx, bw, rb)]), y, a) \
+            if ra == ctx.shapes.rank(y) else None
+        if ga is None:
+            raise ExportError(f"MatMul '{node.name}': broadcasting of the first operand")
+    if _needs(ctx, node, 1):
+        t = ctx.bwd.op("MatMul", [_transpose_last2(ctx, a, ra), g])
+        gb = unbroadcast(ctx, t, y, bw)
+    return [ga, gb]
+
+
+@gradient("Gemm")
+def gemm_grad(ctx, node, gy):
+    at = _attrs(node)
+    ta, tb = at.get("transA", 0), at.get("transB", 0)
+    alpha, beta = at.get("alpha", 1.0), at.get("beta", 1.0)
+    A, B = node.input[0], node.input[1]
+    g = gy[0]
+    b = ctx.bwd
+    gc = None
+    if _needs(ctx, node, 2):
+        gsc = g if beta == 1.0 else b.op("Mul", [g, b.const(beta)])
+        gc = unbroadcast(ctx, gsc, node.output[0], node.input[2])
+    layer = _compressed(ctx, node, g)
+    if layer is not None:
+        gx, gw = linear_instant(ctx, layer, g, _needs(ctx, node, 0), _needs(ctx, node, 1))
+        return [gx, gw, gc][: len(node.input)]
+    ga = gb = None
+    if _needs(ctx, node, 0):
+        if not ta:
+            ga = b.op("Gemm", [g, B], alpha=alpha, transB=0 if tb else 1)
+        else:
+            ga = b.op("Gemm", [B, g], alpha=alpha, transA=tb, transB=1)
+    if _needs(ctx, node, 1):
+        if not tb:
+            gb = b.op("Gemm", [A, g], alpha=alpha, transA=0 if ta else 1)
+        else:
+            gb = b.op("Gemm", [g, A], alpha=alpha, transA=1, transB=ta)
+    return [ga, gb, gc][: len(node.input)]
+
+
+# --------------------------------------------------------------------------------------------
+# Convolution, pooling, normalisation
+
+
+def _conv_attrs(ctx, node, x: str, k: list[int]):
+    a = _attrs(node)
+    if a.get("auto_pad", "NOTSET") != "NOTSET":
+        raise ExportError(f"node '{node.name}': auto_pad is not supported; export with "
+                          "explicit pads")
+    nsp = len(k)
+    strides = list(a.get("strides", [1] * nsp))
+    dil = list(a.get("dilations", [1] * nsp))
+    pads = list(a.get("pads", [0] * 2 * nsp))
+    return strides, dil, pads, int(a.get("group", 1))
+
+
+def _output_padding(ctx, node, x: str, y: str, k, strides, dil, pads) -> list[int]:
+    xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(y)[2:]
+    if not all(isinstance(d, int) for d in list(xs) + list(ys)):
+        raise ExportError(f"node '{node.name}': spatial dims must be static")
+    n = len(k)
+    return [xs[i] - ((ys[i] - 1) * strides[i] - pads[i] - pads[n + i] + dil[i] * (k[i] - 1) + 1)
+            for i in range(n)]
+
+
+@gradient("Conv")
+def conv_grad(ctx, node, gy):
+    x, w = node.input[0], node.input[1]
+    g = gy[0]
+    b = ctx.bwd
+    gbias = None
+    if _needs(ctx, node, 2):
+        gbias = reduce_sum(ctx, g, [0] + list(range(2, ctx.shapes.rank(x))), keepdims=0)
+    layer = _compressed(ctx, node, g)
+    if layer is not None:
+        gx, gw = linear_instant(ctx, layer, g, _needs(ctx, node, 0), _needs(ctx, node, 1))
+        return [gx, gw, gbias][: len(node.input)]
+    ws = ctx.shapes.of(w)
+    k = [int(d) for d in ws[2:]]
+    if len(k) != 2:
+        raise ExportError(f"Conv '{node.name}': only 2-D convolutions are supported (got "
+                          f"{len(k)}-D)")
+    strides, dil, pads, group = _conv_attrs(ctx, node, x, k)
+    gx = gw = None
+    if _needs(ctx, node, 0):
+        outpad = _output_padding(ctx, node, x, node.output[0], k, strides, dil, pads)
+        gx = b.op("ConvTranspose", [g, w], strides=strides, dilations=dil, pads=pads,
+                  group=group, kernel_shape=k, output_padding=outpad)
+    if _needs(ctx, node, 1):
+        cin = ctx.shapes.of(x)[1]
+        cout = int(ws[0])
+        xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(node.output[0])[2:]
+        cig, cog = int(cin) // group, cout // group
+        # g_W[co, ci, k] = Σ_n Σ_o g[n,co,o] x[n,ci,o*s + k*d - p]: a convolution of x (batch =
+        # input channel within the group) by g (as the kernel), strides and dilations swapped.
+        xg = b.op("Reshape", [x, b.ints([0, group, cig, xs[0], xs[1]])])
+        xg = b.op("Transpose", [xg], perm=[2, 1, 0, 3, 4])
+        xg = b.op("Reshape", [xg, b.ints([cig, -1, xs[0], xs[1]])])
+        kg = b.op("Reshape", [g, b.ints([0, group, cog, ys[0], ys[1]])])
+        kg = b.op("Transpose", [kg], perm=[1, 2, 0, 3, 4])
+        kg = b.op("Reshape", [kg, b.ints([cout, -1, ys[0], ys[1]])])
+        full = b.op("Conv", [xg, kg], strides=dil, dilations=strides, pads=pads, group=group)
+        cut = b.op("Slice", [full, b.ints([0, 0]), b.ints(k), b.ints([2, 3])])
+        gw = b.op("Transpose", [cut], perm=[1, 0, 2, 3])
+    return [gx, gw, gbias][: len(node.input)]
+
+
+@gradient("MaxPool")
+def maxpool_grad(ctx, node, gy):
+    a = _attrs(node)
+    if a.get("storage_order", 0) != 0:
+        raise ExportError(f"MaxPool '{node.name}': storage_order=1 is not supported")
+    if len(node.output) < 2 or not node.output[1]:
+        # Ask the forward node for its argmax indices: they are all the backward needs.
+        del node.output[1:]
+        node.output.append(f"{node.output[0]}.indices")
+    idx = node.output[1]
+    b = ctx.bwd
+    shape = ctx.shape(node.input[0])
+    numel = b.op("ReduceProd", [shape], keepdims=1)
+    zeros = b.op("ConstantOfShape", [numel],
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    flat = b.op("ScatterElements", [zeros, b.op("Reshape", [idx, b.ints([-1])]),
+                                    b.op("Reshape", [gy[0], b.ints([-1])])],
+                axis=0, reduction="add")
+    return [b.op("Reshape", [flat, shape])]
+
+
+@gradient("AveragePool")
+def avgpool_grad(ctx, node, gy):
+    a = _attrs(node)
+    k = list(a["kernel_shape"])
+    x = node.input[0]
+    strides, dil, pads, _ = _conv_attrs(ctx, node, x, k)
+    if any(pads) and not a.get("count_include_pad", 0):
+        raise ExportError(f"AveragePool '{node.name}': padding with count_include_pad=0 is not "
+                          "supported")
+    if a.get("ceil_mode", 0):
+        raise ExportError(f"AveragePool '{node.name}': ceil_mode=1 is not supported")
+    c = ctx.shapes.of(x)[1]
+    if not isinstance(c, int):
+        raise ExportError(f"AveragePool '{node.name}': the channel count must be static")
+    b = ctx.bwd
+    kern = b.const(np.full([c, 1] + k, 1.0 / float(np.prod(k)), dtype=np.float32))
+    outpad = _output_padding(ctx, node, x, node.output[0], k, strides, [1] * len(k), pads)
+    return [b.op("ConvTranspose", [gy[0], kern], strides=strides, pads=pads, group=c,
+                 kernel_shape=k, output_padding=outpad)]
+
+
+@gradient("BatchNormalization")
+def batchnorm_grad(ctx, node, gy):
+    a = _attrs(node)
+    if a.get("training_mode", 0):
+        raise ExportError(f"BatchNormalization '{node.name}' is in training form; export the "
+                          "model in eval mode (running statistics) to fine-tune it")
+    x, scale, bias, mean, var = node.input[:5]
+    for i in (3, 4):
+        if _needs(ctx, node, i):
+            raise ExportError(f"BatchNormalization '{node.name}': running statistics "
+                              f"'{node.input[i]}' cannot be trainable")
+    eps = float(a.get("epsilon", 1e-5))
+    b = ctx.bwd
+    rank = ctx.shapes.rank(x)
+    c = ctx.shapes.of(x)[1]
+    bshape = b.ints([c] + [1] * (rank - 2))
+    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps)])])])
+    axes = [0] + list(range(2, rank))
+    gx = gs = gb = None
+    if _needs(ctx, node, 0):
+        gx = b.op("Mul", [gy[0], b.op("Reshape", [b.op("Mul", [scale, inv]), bshape])])
+    if _needs(ctx, node, 1):
+        xhat = b.op("Mul", [b.op("Sub", [x, b.op("Reshape", [mean, bshape])]),
+                            b.op("Reshape", [inv, bshape])])
+        gs = reduce_sum(ctx, b.op("Mul", [gy[0], xhat]), axes, keepdims=0)
+    if _needs(ctx, node, 2):
+        gb = reduce_sum(ctx, gy[0], axes, keepdims=0)
+    return [gx, gs, gb, None, None]

@@ -1,0 +1,55 @@
+"""Backward FLOPs and saved-activation bytes of the compressed layers (DESIGN.md §1 formulas).
+
+Per sample, one layer with L tokens, Cx inputs, Cy outputs:
+    vanilla backward  4·L·Cx·Cy FLOPs                 saved  L·Cx floats
+    INSTANT backward  2(Rx+Ry)(Cx·Cy + L·Cx + L·Cy)   saved  Rx·Cx (token axis) or L·Rx (channel)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["LayerCost", "layer_costs", "format_table"]
+
+
+@dataclass
+class LayerCost:
+    name: str
+    axes: str
+    rx: int
+    ry: int
+    vanilla_flops: int
+    instant_flops: int
+    vanilla_bytes: int
+    instant_bytes: int
+
+
+def layer_costs(layers: list[dict], ranks: dict[str, tuple[int, int]]) -> list[LayerCost]:
+    out = []
+    for ly in layers:
+        L, cx, cy = ly["tokens"], ly["cx"], ly["cy"]
+        rx, ry = ranks.get(ly["name"], (ly["x_dim"], ly["g_dim"]))
+        inst_saved = rx * cx if ly["x_axis"] == "token" else L * rx
+        out.append(LayerCost(
+            ly["name"], f"{ly['x_axis'][0]}/{ly['g_axis'][0]}", rx, ry,
+            4 * L * cx * cy, 2 * (rx + ry) * (cx * cy + L * cx + L * cy),
+            4 * L * cx, 4 * inst_saved))
+    return out
+
+
+def format_table(costs: list[LayerCost]) -> str:
+    rows = [f"{'layer':<24} {'axes':>4} {'Rx':>5} {'Ry':>5} {'bwd MFLOP van':>14} "
+            f"{'bwd MFLOP ins':>14} {'saved KB van':>13} {'saved KB ins':>13}"]
+    tv = ti = bv = bi = 0
+    for c in costs:
+        rows.append(f"{c.name:<24} {c.axes:>4} {c.rx:>5} {c.ry:>5} {c.vanilla_flops / 1e6:>14.3f} "
+                    f"{c.instant_flops / 1e6:>14.3f} {c.vanilla_bytes / 1e3:>13.2f} "
+                    f"{c.instant_bytes / 1e3:>13.2f}")
+        tv, ti = tv + c.vanilla_flops, ti + c.instant_flops
+        bv, bi = bv + c.vanilla_bytes, bi + c.instant_bytes
+    if costs:
+        rows.append(f"{'total (per sample)':<24} {'':>4} {'':>5} {'':>5} {tv / 1e6:>14.3f} "
+                    f"{ti / 1e6:>14.3f} {bv / 1e3:>13.2f} {bi / 1e3:>13.2f}")
+        rows.append(f"backward FLOP ratio instant/vanilla = {ti / tv:.3f}; "
+                    f"saved-activation ratio = {bi / bv:.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,262 @@
+"""The training loop: forward and backward sessions, micro-batches, calibration, optimizer.
+
+Memory discipline (DESIGN.md §2):
+* forward and backward are separate sessions; the forward returns exactly the tensors the
+  backward needs, kept as ``OrtValue`` (never copied into numpy) and dropped after the backward;
+* trainable parameters are wrapped once as ``OrtValue`` over the numpy arrays the optimizer
+  updates in place, so no copy per step;
+* frozen weights are external data that onnxruntime memory-maps;
+* nodes run in priority order so forward-side compression runs as soon as its input exists.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle
+from .calibrate import Basis, basis_from_gram
+from .data import Dataset
+from .errors import UserError
+from .optim import make_optimizer
+
+__all__ = ["SessionConfig", "StepResult", "Trainer", "make_session"]
+
+
+@dataclass
+class SessionConfig:
+    threads: int = 0  # 0: onnxruntime's default
+    arena: bool = False
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+def make_session(path, cfg: SessionConfig) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    so.enable_cpu_mem_arena = cfg.arena
+    so.enable_mem_pattern = False
+    so.log_severity_level = 3
+    if cfg.threads:
+        so.intra_op_num_threads = cfg.threads
+    so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), so, providers=cfg.providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"onnxruntime cannot load {path}: {msg}; re-export the bundle") from None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    count: int
+    seconds: float
+
+
+def _ov(a: np.ndarray) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_numpy(a)
+
+
+class Trainer:
+    """Trains the bundle's parameters in ``mode`` (``instant`` or ``vanilla``)."""
+
+    def __init__(self, bundle: Bundle, mode: str = "instant", optimizer: str = "adamw",
+                 lr: float = 1e-3, weight_decay: float | None = None,
+                 micro_batch: int | None = None, session: SessionConfig | None = None,
+                 weights=None, energy: float | None = None, oversample: int | None = None,
+                 calib_every: int | None = None, calib_batches: int | None = None,
+                 calib_micro_batch: int | None = None, max_rank: int | None = None,
+                 seed: int = 0) -> None:
+        if mode not in ("instant", "vanilla"):
+            raise UserError(f"unknown mode '{mode}'; choose instant or vanilla")
+        self.bundle = bundle
+        self.mode = mode
+        self.cfg = session or SessionConfig()
+        inst = bundle.manifest["instant"]
+        self.energy = inst["energy"] if energy is None else energy
+        self.oversample = inst["oversample"] if oversample is None else oversample
+        self.calib_every = inst["calib_every"] if calib_every is None else calib_every
+        self.calib_batches = inst["calib_batches"] if calib_batches is None else calib_batches
+        self.micro_batch = micro_batch
+        self.calib_micro_batch = calib_micro_batch
+        self.max_rank = max_rank
+        self.seed = seed
+        if mode == "instant" and not bundle.layers:
+            self.mode = mode = "vanilla"  # nothing to compress: instant is exact
+        self.io = bundle.io(mode)
+        self.params = bundle.load_params(weights)
+        self._param_ov = {k: _ov(v) for k, v in self.params.items()}
+        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay)
+        self.fwd = make_session(bundle.graph(mode, "forward"), self.cfg)
+        self.bwd = make_session(bundle.graph(mode, "backward"), self.cfg)
+        self.bases: dict[str, tuple[Basis, Basis]] = {}
+        self._basis_ov: dict[str, ort.OrtValue] = {}
+        self.step_count = 0
+        self.calibrations = 0
+        self.calib_seconds = 0.0
+        self._grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._grad_names = self.io["grads"]
+
+    # ---------------------------------------------------------------------------- feeding
+    def _feeds(self, names: list[str], x: dict[str, np.ndarray], y: np.ndarray,
+               extra: dict[str, ort.OrtValue] | None = None) -> dict[str, ort.OrtValue]:
+        out: dict[str, ort.OrtValue] = {}
+        for n in names:
+            if extra is not None and n in extra:
+                out[n] = extra[n]
+            elif n in self._param_ov:
+                out[n] = self._param_ov[n]
+            elif n in x:
+                out[n] = _ov(x[n])
+            elif n == "labels":
+                out[n] = _ov(y)
+            elif n in self._basis_ov:
+                out[n] = self._basis_ov[n]
+            else:
+                raise UserError(f"graph input '{n}' has no value (bundle and runtime disagree); "
+                                "re-export the bundle")
+        return out
+
+    def _chunks(self, n: int, micro: int | None):
+        m = n if not micro or micro >= n else micro
+        return [(s, min(n, s + m)) for s in range(0, n, m)]
+
+    # ---------------------------------------------------------------------------- training
+    def needs_calibration(self) -> bool:
+        if self.mode != "instant":
+            return False
+        return not self.bases or (self.calib_every > 0 and self.step_count > 0
+                                  and self.step_count % self.calib_every == 0)
+
+    def train_step(self, x: dict[str, np.ndarray], y: np.ndarray) -> StepResult:
+        t0 = time.perf_counter()
+        n = int(y.shape[0])
+        fin, fout, bin_ = (self.io["forward_inputs"], self.io["forward_outputs"],
+                           self.io["backward_inputs"])
+        grad_out = [self._grad_names[p] for p in self.params]
+        loss_sum = 0.0
+        correct = 0
+        single = len(self._chunks(n, self.micro_batch)) == 1
+        for s, e in self._chunks(n, self.micro_batch):
+            xc = {k: v[s:e] for k, v in x.items()}
+            yc = y[s:e]
+            outs = self.fwd.run_with_ort_values(fout, self._feeds(fin, xc, yc))
+            saved = dict(zip(fout, outs, strict=True))
+            loss = float(saved["loss"].numpy())
+            logits = saved.get("logits")
+            if logits is not None and yc.dtype.kind in "iu":
+                correct += int((logits.numpy().argmax(-1) == yc).sum())
+            feeds = self._feeds(bin_, xc, yc, saved)
+            del outs, saved
+            grads = self.bwd.run_with_ort_values(grad_out, feeds)
+            del feeds
+            w = (e - s) / n
+            loss_sum += loss * w
+            for p, g in zip(self.params, grads, strict=True):
+                if single:
+                    self._grads[p] = g.numpy()
+                elif s == 0:
+                    np.multiply(g.numpy(), w, out=self._grads[p])
+                else:
+                    self._grads[p] += w * g.numpy()
+            del grads
+        if not np.isfinite(loss_sum):
+            raise FloatingPointError(f"non-finite loss {loss_sum} at step {self.step_count}")
+        self.optimizer.step(self.params, self._grads)
+        self.step_count += 1
+        return StepResult(loss_sum, correct, n, time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------------------- calibration
+    def calibrate(self, data: Dataset, batch: int, rng: np.random.Generator) -> None:
+        """Accumulate Gram matrices over ``calib_batches`` batches in micro-batches, set bases.
+
+        No optimizer step is taken (as in the paper). The calibration sessions exist only
+        during calibration, and each micro-batch runs an exact pass of at most
+        ``calib_micro_batch`` samples, so calibration does not raise the peak of a normal step.
+        """
+        t0 = time.perf_counter()
+        io = self.bundle.io("calib")
+        cf = make_session(self.bundle.graph("calib", "forward"), self.cfg)
+        cb = make_session(self.bundle.graph("calib", "backward"), self.cfg)
+        layers = self.bundle.layers
+        gx = {ly["name"]: np.zeros((ly["x_dim"], ly["x_dim"]), np.float64) for ly in layers}
+        gg = {ly["name"]: np.zeros((ly["g_dim"], ly["g_dim"]), np.float64) for ly in layers}
+        micro = self.calib_micro_batch or (max(1, (self.micro_batch or batch) // 2))
+        samples = 0
+        fgram = {v: k for k, v in io["fwd_grams"].items()}
+        bgram_names = [io["bwd_grams"][ly["name"]] for ly in layers]
+        for _ in range(self.calib_batches):
+            idx = rng.choice(len(data), size=min(batch, len(data)), replace=False)
+            x, y = data.take(idx)
+            for s, e in self._chunks(len(y), micro):
+                xc = {k: v[s:e] for k, v in x.items()}
+                yc = y[s:e]
+                outs = cf.run_with_ort_values(io["forward_outputs"],
+                                              self._feeds(io["forward_inputs"], xc, yc))
+                saved = dict(zip(io["forward_outputs"], outs, strict=True))
+                for name, layer in fgram.items():
+                    gx[layer] += saved[name].numpy()
+                feeds = self._feeds(io["backward_inputs"], xc, yc, saved)
+                del outs, saved
+                grams = cb.run_with_ort_values(bgram_names, feeds)
+                del feeds
+                m = float(e - s)
+                for ly, g in zip(layers, grams, strict=True):
+                    gg[ly["name"]] += g.numpy() * (m * m)  # undo the 1/m of the mean loss
+                del grams
+                samples += e - s
+        del cf, cb
+        for ly in layers:
+            name = ly["name"]
+            cap = self.max_rank
+            px = basis_from_gram(gx[name] / samples, self.energy, self.oversample)
+            qg = basis_from_gram(gg[name] / samples, self.energy, self.oversample)
+            if cap is not None:
+                if px.rank > cap:
+                    px = basis_from_gram(gx[name] / samples, rank=cap)
+                if qg.rank > cap:
+                    qg = basis_from_gram(gg[name] / samples, rank=cap)
+            self.set_bases(name, px, qg)
+        self.calibrations += 1
+        self.calib_seconds += time.perf_counter() - t0
+
+    def set_bases(self, layer: str, p: Basis, q: Basis) -> None:
+        ly = next(x for x in self.bundle.layers if x["name"] == layer)
+        self.bases[layer] = (p, q)
+        self._basis_ov[ly["p_input"]] = _ov(p.matrix)
+        self._basis_ov[ly["q_input"]] = _ov(q.matrix)
+
+    def ranks(self) -> dict[str, tuple[int, int]]:
+        return {k: (p.rank, q.rank) for k, (p, q) in self.bases.items()}
+
+    # ---------------------------------------------------------------------------- evaluation
+    def evaluate(self, data: Dataset, batch: int = 256) -> tuple[float, float | None]:
+        """Mean loss and accuracy (classes) on ``data`` with the inference graph."""
+        sess = make_session(self.bundle.path / self.bundle.manifest["graphs"]["infer"]["forward"],
+                            self.cfg)
+        names = [i.name for i in sess.get_inputs()]
+        out = self.bundle.manifest["output"]
+        total = 0.0
+        correct = 0
+        n = len(data)
+        ce = self.bundle.loss["kind"] == "cross_entropy"
+        for s in range(0, n, batch):
+            idx = np.arange(s, min(n, s + batch))
+            x, y = data.take(idx)
+            logits = sess.run_with_ort_values([out], self._feeds(names, x, y))[0].numpy()
+            if ce:
+                z = logits - logits.max(-1, keepdims=True)
+                logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+                total += float(-logp[np.arange(len(y)), y].sum())
+                correct += int((logits.argmax(-1) == y).sum())
+            else:
+                total += float(np.square(logits - y).mean(axis=tuple(range(1, y.ndim))).sum())
+        del sess
+        return total / max(n, 1), (correct / n if ce and n else None)
+
+    def save_params(self, path) -> None:
+        np.savez(path, **self.params)

@@ -1,0 +1,301 @@
+"""devices/: size parsing, profile files and detection on fake filesystem trees."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import devices
+from devices import (
+    ProfileError,
+    detect_profile,
+    format_size,
+    list_profiles,
+    load_profile,
+    parse_size,
+    resolve_profile,
+)
+
+BUILTINS = {
+    "rpi4-1gb", "rpi4-2gb", "rpi4-4gb", "rpi4-8gb", "rpi5-4gb", "rpi5-8gb", "rpi-zero-2w",
+    "jetson-nano", "jetson-orin-nano", "jetson-agx-orin", "generic-x86-64", "null",
+}  # fmt: skip
+GIB = 2**30
+
+# ------------------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "nbytes"),
+    [
+        ("256MB", 256 * 10**6),
+        ("1.5GB", 1_500_000_000),
+        ("512MiB", 512 * 2**20),
+        ("2GiB", 2 * GIB),
+        ("100kB", 100_000),
+        ("100KB", 100_000),
+        ("1024B", 1024),
+        ("256 mb", 256 * 10**6),
+        ("0.5gib", GIB // 2),
+        (" 3 TB ", 3 * 10**12),
+    ],
+)
+def test_parse_size_good(text, nbytes):
+    assert parse_size(text) == nbytes
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("256", "unit is required"),
+        ("-5MB", "greater than zero"),
+        ("0MB", "greater than zero"),
+        ("0.0001B", "greater than zero"),
+        ("5XB", "unknown unit 'XB'"),
+        ("5 M", "unknown unit 'M'"),
+        ("lots", "expected a number"),
+        ("1.2.3MB", "expected a number"),
+        ("", "expected a number"),
+        ("MB", "expected a number"),
+    ],
+)
+def test_parse_size_bad(text, why):
+    with pytest.raises(ProfileError) as exc:
+        parse_size(text)
+    msg = str(exc.value)
+    assert repr(text) in msg and why in msg and "256MB" in msg
+    assert "\n" not in msg
+
+
+def test_parse_size_rejects_non_string():
+    with pytest.raises(ProfileError, match="invalid size 256: expected a string"):
+        parse_size(256)  # type: ignore[arg-type]
+
+
+def test_format_size():
+    assert format_size(256 * 10**6) == "256.0 MB"
+    assert format_size(512 * 2**20) == "536.9 MB"
+    assert format_size(parse_size("1.5GB")) == "1500.0 MB"
+
+
+# ---------------------------------------------------------------------------------- built-ins
+
+
+def test_builtin_profiles_load_and_are_sane():
+    profiles = list_profiles()
+    assert [p.name for p in profiles] == sorted(BUILTINS)
+    for p in profiles:
+        assert p.source.stem == p.name and p.source.is_file()
+        assert load_profile(p.name) == p
+        assert 0 < p.default_budget < p.ram, p.name
+        assert 1 <= p.default_threads <= p.cores, p.name
+        assert "CPUExecutionProvider" in p.execution_providers, p.name
+        if p.arch == "aarch64" and p.ram <= 8 * GIB:  # small boards leave room for the OS
+            assert 0.35 <= p.default_budget / p.ram <= 0.65, p.name
+
+
+def test_builtin_facts():
+    pi4 = load_profile("rpi4-2gb")
+    assert (pi4.arch, pi4.cores, pi4.ram, pi4.default_budget) == ("aarch64", 4, 2 * GIB, GIB)
+    assert pi4.execution_providers == ("CPUExecutionProvider",) and not pi4.fp16
+    nano = load_profile("jetson-nano")
+    assert nano.fp16 and {"CUDAExecutionProvider", "TensorrtExecutionProvider"} <= set(
+        nano.execution_providers
+    )
+    assert load_profile("jetson-agx-orin").cores == 12
+    assert "32GB" in load_profile("jetson-agx-orin").description
+    assert load_profile("jetson-orin-nano").cores == 6
+    assert load_profile("rpi-zero-2w").ram == 512 * 2**20
+    # faster boards rate faster
+    gflops = {p.name: p.gflops for p in list_profiles()}
+    assert gflops["rpi-zero-2w"] < gflops["rpi4-4gb"] < gflops["rpi5-4gb"] < gflops["jetson-nano"]
+    assert gflops["jetson-nano"] < gflops["jetson-orin-nano"] < gflops["jetson-agx-orin"]
+    null = load_profile("null")
+    assert null.execution_providers == ("CPUExecutionProvider",) and null.cores == 1
+    assert null.detect_model_contains == ()
+
+
+def test_unknown_builtin_lists_available():
+    with pytest.raises(ProfileError, match=r"unknown device profile 'rpi3'; available: .*rpi4-1gb"):
+        load_profile("rpi3")
+
+
+def test_resolve_profile():
+    assert resolve_profile("rpi5-8gb").name == "rpi5-8gb"
+    assert resolve_profile("auto") == detect_profile()
+
+
+def test_devices_never_imports_ml_frameworks():
+    code = (
+        "import sys, devices; devices.list_profiles(); devices.detect_profile(); "
+        "bad = {'torch', 'onnx', 'onnxruntime'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ----------------------------------------------------------------------------- custom files
+
+VALID = {
+    "name": '"my-board"',
+    "description": '"a test board"',
+    "arch": '"aarch64"',
+    "ram": '"2GB"',
+    "cores": "4",
+    "execution_providers": '["CPUExecutionProvider"]',
+    "fp16": "false",
+    "gflops": "12",
+    "default_threads": "2",
+    "default_budget": '"900MB"',
+}
+
+
+def write_profile(tmp_path: Path, fields: dict[str, str], tail: str = "") -> Path:
+    path = tmp_path / "board.toml"
+    path.write_text("".join(f"{k} = {v}\n" for k, v in fields.items()) + tail)
+    return path
+
+
+def test_custom_profile_loads(tmp_path):
+    path = write_profile(tmp_path, VALID, '[detect]\nmodel_contains = ["X"]\nram_max = "3GB"\n')
+    for spec in (path, str(path)):
+        p = load_profile(spec)
+        assert p.name == "my-board" and p.source == path  # name need not match the file stem
+        assert (p.ram, p.default_budget, p.gflops) == (2 * 10**9, 900 * 10**6, 12.0)
+        assert (p.detect_model_contains, p.detect_ram_max) == (("X",), 3 * 10**9)
+    assert resolve_profile(str(path)).name == "my-board"
+
+
+@pytest.mark.parametrize(
+    ("change", "tail", "expected"),
+    [
+        ({"cores": None}, "", "missing required field 'cores'"),
+        ({"cores": '"4"'}, "", "field 'cores': expected an integer, got '4' (str)"),
+        ({"fp16": "1"}, "", "field 'fp16': expected true or false, got 1"),
+        ({"ram": "2048"}, "", "field 'ram': expected a size string"),
+        ({"ram": '"2048"'}, "", "field 'ram': invalid size '2048': a unit is required"),
+        ({"colour": '"red"'}, "", "unknown field 'colour'; allowed: name, description"),
+        ({"arch": '"armv7l"'}, "", "field 'arch': expected one of aarch64, x86_64, got 'armv7l'"),
+        ({"execution_providers": '["CoreMLExecutionProvider"]'}, "",
+         "field 'execution_providers': unknown 'CoreMLExecutionProvider'"),
+        ({"execution_providers": "[]"}, "", "field 'execution_providers': expected a non-empty"),
+        ({"default_threads": "8"}, "", "field 'default_threads': must be between 1 and cores (4)"),
+        ({"default_budget": '"3GB"'}, "", "field 'default_budget': must not exceed ram"),
+        ({}, '[detect]\nram_min = "1GB"\n', "unknown field 'detect.ram_min'; allowed"),
+        ({}, '[detect]\nmodel_contains = "Pi"\n', "field 'detect.model_contains': expected a"),
+        ({"name": "="}, "", "invalid TOML"),
+    ],
+)  # fmt: skip
+def test_malformed_custom_profile(tmp_path, change, tail, expected):
+    fields = {**VALID, **change}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    path = write_profile(tmp_path, fields, tail)
+    with pytest.raises(ProfileError) as exc:
+        load_profile(path)
+    assert str(path) in str(exc.value)
+    assert expected in str(exc.value)
+
+
+def test_missing_custom_file(tmp_path):
+    with pytest.raises(ProfileError, match="profile file not found: .*nope.toml"):
+        load_profile(tmp_path / "nope.toml")
+
+
+def test_builtin_name_must_match_stem(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices, "PROFILES_DIR", tmp_path)
+    write_profile(tmp_path, VALID).rename(tmp_path / "other.toml")
+    with pytest.raises(ProfileError, match="field 'name': must match the file name 'other'"):
+        load_profile("other")
+
+
+# ---------------------------------------------------------------------------------- detection
+
+
+def fake_tree(root: Path, model: str | None = None, mem_kib: int | None = None,
+              tegra: bool = False) -> Path:  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        (root / "proc/device-tree").mkdir(parents=True)
+        (root / "proc/device-tree/model").write_bytes(model.encode() + b"\x00")
+    if mem_kib is not None:
+        (root / "proc").mkdir(exist_ok=True)  # may exist from device-tree
+        (root / "proc/meminfo").write_text(
+            f"MemTotal:       {mem_kib} kB\nMemFree:         123456 kB\n"
+        )
+    if tegra:
+        (root / "etc").mkdir()
+        (root / "etc/nv_tegra_release").write_text("# R32 (release), REVISION: 7.1\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("model", "mem_kib", "tegra", "expected"),
+    [
+        ("Raspberry Pi 4 Model B Rev 1.4", 1_890_000, False, "rpi4-2gb"),  # ~1.8 GiB
+        ("Raspberry Pi 4 Model B Rev 1.2", 944_000, False, "rpi4-1gb"),
+        ("Raspberry Pi 4 Model B Rev 1.4", 3_880_000, False, "rpi4-4gb"),
+        ("Raspberry Pi 4 Model B Rev 1.4", 7_990_000, False, "rpi4-8gb"),
+        ("Raspberry Pi 4 Model B Rev 1.4", None, False, "rpi4-1gb"),  # unknown RAM: smallest
+        ("Raspberry Pi 4 Model B Rev 1.4", 16_000_000, False, "rpi4-8gb"),  # above all: largest
+        ("Raspberry Pi 5 Model B Rev 1.0", 8_245_328, False, "rpi5-8gb"),
+        ("Raspberry Pi 5 Model B Rev 1.0", 4_122_000, False, "rpi5-4gb"),
+        ("Raspberry Pi Zero 2 W Rev 1.0", 439_000, False, "rpi-zero-2w"),
+        ("NVIDIA Jetson Nano Developer Kit", 4_059_416, True, "jetson-nano"),
+        ("NVIDIA Jetson Orin Nano Developer Kit", 7_620_000, True, "jetson-orin-nano"),
+        ("Jetson AGX Orin", 64_300_000, True, "jetson-agx-orin"),
+    ],
+)
+def test_detect_board(tmp_path, model, mem_kib, tegra, expected):
+    root = fake_tree(tmp_path, model, mem_kib, tegra)
+    assert detect_profile(root).name == expected
+    assert detect_profile(str(root), machine="riscv64").name == expected  # arch only for fallback
+
+
+def test_jetson_without_l4t_is_not_given_cuda(tmp_path):
+    root = fake_tree(tmp_path, "NVIDIA Jetson Nano Developer Kit", 4_059_416, tegra=False)
+    p = detect_profile(root, machine="aarch64")
+    assert p.name == "generic-aarch64"
+    assert p.execution_providers == ("CPUExecutionProvider",)
+
+
+def test_fallback_uses_host_values(tmp_path):
+    generic = load_profile("generic-x86-64")
+    root = fake_tree(tmp_path, "Some Other Board", mem_kib=3_000_000)
+    p = detect_profile(root, machine="aarch64")
+    assert (p.name, p.arch) == ("generic-aarch64", "aarch64")
+    assert p.ram == 3_000_000 * 1024
+    assert p.cores == p.default_threads == os.cpu_count()
+    assert p.default_budget == 3_000_000 * 1024 // 2  # generic keeps half of RAM
+    assert (p.gflops, p.execution_providers) == (generic.gflops, generic.execution_providers)
+
+
+def test_fallback_on_empty_tree(tmp_path):
+    p = detect_profile(tmp_path, machine="AMD64")
+    assert (p.name, p.arch, p.cores) == ("generic-x86-64", "x86_64", os.cpu_count())
+    if hasattr(os, "sysconf"):
+        assert p.ram == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < p.default_budget < p.ram
+
+
+def test_fallback_unknown_arch_is_an_error(tmp_path):
+    with pytest.raises(ProfileError, match="unsupported machine 'riscv64'; supported .*aarch64"):
+        detect_profile(tmp_path, machine="riscv64")
+
+
+def test_detect_ram_max_overrides_nominal(tmp_path, monkeypatch):
+    # a custom variant written in decimal GB sits below MemTotal; detect.ram_max fixes that
+    small = load_profile(write_profile(tmp_path, VALID, '[detect]\nmodel_contains = ["Board"]\n'))
+    big = load_profile(write_profile(
+        tmp_path, {**VALID, "name": '"big"', "ram": '"4GB"'}, '[detect]\nmodel_contains = ["Board"]\n'
+    ))  # fmt: skip
+    monkeypatch.setattr(devices, "list_profiles", lambda: [big, small])
+    root = fake_tree(tmp_path / "root", "My Board", mem_kib=1_990_000)  # 2.04e9 bytes > 2GB
+    assert detect_profile(root).name == "big"
+    patched = write_profile(
+        tmp_path, VALID, '[detect]\nmodel_contains = ["Board"]\nram_max = "2GiB"\n'
+    )
+    monkeypatch.setattr(devices, "list_profiles", lambda: [big, load_profile(patched)])
+    assert detect_profile(root).name == "my-board"
