@@ -193,10 +193,11 @@ class _WeightFile:
                 self.chunks.append(raw)
                 self.size += len(raw)
             off, length = self.offsets[t.name]
-            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+            for f in ("float_data", "int32_data", "int64_data", "double_data"):
                 t.ClearField(f)
+            t.raw_data = raw  # set_external_data refuses a tensor without raw_data
             external_data_helper.set_external_data(t, "weights.bin", offset=off, length=length)
-            t.data_location = TensorProto.EXTERNAL
+            t.ClearField("raw_data")
 
     def write(self, path: Path) -> None:
         with open(path, "wb") as f:
@@ -301,7 +302,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         },
     }
     manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-                         for f in sorted(out.iterdir()) if f.name != "manifest.json"}
+                         for f in sorted(out.iterdir()) if f.is_file() and f.name != "manifest.json"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
 

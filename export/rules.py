@@ -123,7 +123,9 @@ def relu_grad(ctx, node, gy):
         mask = ctx.bwd.op("Greater", [y, ctx.bwd.const(0.0)])
     else:  # keep a 1-byte mask instead of the 4-byte activation
         mask = ctx.fwd.op("Greater", [y, ctx.fwd.const(0.0)], hint="relu_mask")
-    return [ctx.bwd.op("Where", [mask, gy[0], ctx.bwd.const(0.0)])]
+    # g ⊙ mask as Mul with the mask cast to float: onnxruntime's Where allocates two full-size
+    # temporaries (measured: 218 MB vs 151 MB for a 67 MB gradient), and Mul may run in place.
+    return [ctx.bwd.op("Mul", [gy[0], ctx.bwd.op("Cast", [mask], to=TensorProto.FLOAT)])]
 
 
 @gradient("Softmax")

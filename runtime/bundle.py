@@ -89,7 +89,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"bundle '{root}' is not a directory; create one with "
-                        "`instant-runtime export --model mlp --out {root}`")
+                        f"`instant-runtime export --model mlp --out {root}`")
     mpath = root / "manifest.json"
     if not mpath.is_file():
         raise UserError(f"bundle '{root}' has no manifest.json; re-export it")

@@ -26,7 +26,7 @@ class RunConfig:
     seed: int = 0
     out: Path | None = None
     progress: bool = True
-    eval_batch: int = 256
+    eval_batch: int = 64
 
 
 @dataclass
@@ -95,6 +95,7 @@ def train(trainer: Trainer, data: Dataset, cfg: RunConfig, bundle: Bundle) -> Su
     losses: list[float] = []
     correct = count = 0
     bar = tqdm(range(cfg.steps), desc=f"train[{trainer.mode}]", disable=not cfg.progress,
+               mininterval=0.5,
                unit="step", dynamic_ncols=True)
     for _ in bar:
         if trainer.needs_calibration():

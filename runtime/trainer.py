@@ -38,6 +38,9 @@ def make_session(path, cfg: SessionConfig) -> ort.InferenceSession:
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.enable_cpu_mem_arena = cfg.arena
     so.enable_mem_pattern = False
+    # Basic (constant folding, redundant-node removal) only: the extended fusions raised the
+    # training peak by 30-55 % on the token-MLP benchmark (vanilla 438 -> 570 MB above idle).
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
     if cfg.threads:
         so.intra_op_num_threads = cfg.threads
@@ -185,7 +188,8 @@ class Trainer:
         layers = self.bundle.layers
         gx = {ly["name"]: np.zeros((ly["x_dim"], ly["x_dim"]), np.float64) for ly in layers}
         gg = {ly["name"]: np.zeros((ly["g_dim"], ly["g_dim"]), np.float64) for ly in layers}
-        micro = self.calib_micro_batch or (max(1, (self.micro_batch or batch) // 2))
+        # An exact pass at a quarter of the step's micro-batch stays below a compressed step.
+        micro = self.calib_micro_batch or (max(1, (self.micro_batch or batch) // 4))
         samples = 0
         fgram = {v: k for k, v in io["fwd_grams"].items()}
         bgram_names = [io["bwd_grams"][ly["name"]] for ly in layers]

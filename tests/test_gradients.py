@@ -1,0 +1,293 @@
+"""Exact gradient rules (export/rules.py) against torch autograd, one support-table row per case.
+
+Every op registered in ``GRADIENTS`` must have at least one passing row here. Rows that document
+a limitation are expected failures and carry the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import check_op_gradients, op_model
+
+from export.autodiff import GRADIENTS, build_training_graphs, gradient
+from export.graph import ExportError
+
+_rng = np.random.default_rng(0)
+
+
+def rnd(*shape: int) -> np.ndarray:
+    return _rng.standard_normal(shape).astype(np.float32)
+
+
+def pos(*shape: int) -> np.ndarray:
+    """Values in [0.5, 2): safe divisors and variances."""
+    return (0.5 + 1.5 * _rng.random(shape)).astype(np.float32)
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+SUPPORT: list = []  # pytest.param(op, body, torch_fn, inputs, params, consts, opset)
+
+
+def case(op: str, name: str, body: str, fn, inputs: dict, params: list[str], *,
+         consts: dict | None = None, opset: int = 17, xfail: str | None = None) -> None:
+    marks = [pytest.mark.xfail(raises=ExportError, strict=True, reason=xfail)] if xfail else []
+    SUPPORT.append(pytest.param(op, body, fn, inputs, params, consts, opset,
+                                id=f"{op}-{name}", marks=marks))
+
+
+# ------------------------------------------------------------------------ elementwise
+
+case("Identity", "plain", "y = Identity(x)", lambda x: x, {"x": rnd(2, 3)}, ["x"])
+
+case("Add", "bias_last_axis", "y = Add(x, b)", lambda x, b: x + b,
+     {"x": rnd(2, 3, 4, 5), "b": rnd(5)}, ["x", "b"])
+case("Add", "bias_nchw", "y = Add(x, t)", lambda x, t: x + t,
+     {"x": rnd(2, 3, 4, 5), "t": rnd(1, 3, 1, 1)}, ["x", "t"])
+case("Add", "both_broadcast", "y = Add(a, b)", lambda a, b: a + b,
+     {"a": rnd(3, 1), "b": rnd(2, 1, 4)}, ["a", "b"])
+case("Add", "same_tensor_twice", "y = Add(x, x)", lambda x: x + x, {"x": rnd(2, 3)}, ["x"])
+case("Sub", "broadcast_b", "y = Sub(a, b)", lambda a, b: a - b,
+     {"a": rnd(2, 3, 4), "b": rnd(3, 1)}, ["a", "b"])
+case("Sub", "broadcast_a", "y = Sub(a, b)", lambda a, b: a - b,
+     {"a": rnd(4), "b": rnd(2, 3, 4)}, ["a", "b"])
+case("Mul", "nchw_scale", "y = Mul(x, s)", lambda x, s: x * s,
+     {"x": rnd(2, 3, 4, 5), "s": rnd(1, 3, 1, 1)}, ["x", "s"])
+case("Mul", "square", "y = Mul(x, x)", lambda x: x * x, {"x": rnd(3, 4)}, ["x"])
+case("Mul", "one_side_trainable", "y = Mul(x, s)", lambda x, s: x * s,
+     {"x": rnd(3, 4), "s": rnd(4)}, ["s"])
+case("Div", "same_shape", "y = Div(a, b)", lambda a, b: a / b,
+     {"a": rnd(2, 3, 4), "b": pos(2, 3, 4)}, ["a", "b"])
+case("Div", "broadcast_divisor", "y = Div(a, b)", lambda a, b: a / b,
+     {"a": rnd(2, 3, 4), "b": pos(4)}, ["a", "b"])
+case("Div", "broadcast_dividend", "y = Div(a, b)", lambda a, b: a / b,
+     {"a": rnd(3, 1), "b": pos(2, 3, 4)}, ["a", "b"])
+case("Neg", "plain", "y = Neg(x)", lambda x: -x, {"x": rnd(2, 3)}, ["x"])
+case("Relu", "mask_saved", "y = Relu(x)", torch.relu, {"x": rnd(3, 4)}, ["x"])
+case("Relu", "output_reused", "r = Relu(x)\n y = Mul(r, r)", lambda x: torch.relu(x) ** 2,
+     {"x": rnd(3, 4)}, ["x"])
+case("Softmax", "last_axis", "y = Softmax <axis = -1> (x)", lambda x: torch.softmax(x, -1),
+     {"x": rnd(2, 3, 4)}, ["x"])
+case("Softmax", "axis1", "y = Softmax <axis = 1> (x)", lambda x: torch.softmax(x, 1),
+     {"x": rnd(2, 3, 4)}, ["x"])
+
+# ---------------------------------------------------------------------------- shape ops
+
+case("Reshape", "initializer_shape", "y = Reshape(x, s)", lambda x: x.reshape(2, 12),
+     {"x": rnd(2, 3, 4)}, ["x"], consts={"s": i64(0, -1)})
+case("Reshape", "constant_node_shape",
+     "s = Constant <value = int64[3] {4, 3, 2}> ()\n y = Reshape(x, s)",
+     lambda x: x.reshape(4, 3, 2), {"x": rnd(2, 3, 4)}, ["x"])
+case("Flatten", "axis2", "y = Flatten <axis = 2> (x)", lambda x: x.reshape(6, 20),
+     {"x": rnd(2, 3, 4, 5)}, ["x"])
+case("Squeeze", "axis1", "y = Squeeze(x, a)", lambda x: x.squeeze(1),
+     {"x": rnd(2, 1, 3)}, ["x"], consts={"a": i64(1)})
+case("Unsqueeze", "axes_0_2", "y = Unsqueeze(x, a)", lambda x: x[None, :, None],
+     {"x": rnd(2, 3)}, ["x"], consts={"a": i64(0, 2)})
+case("Transpose", "perm_201", "y = Transpose <perm = [2, 0, 1]> (x)",
+     lambda x: x.permute(2, 0, 1), {"x": rnd(2, 3, 4)}, ["x"])
+case("Transpose", "default_reverse", "y = Transpose(x)", lambda x: x.permute(2, 1, 0),
+     {"x": rnd(2, 3, 4)}, ["x"])
+case("Concat", "axis1_partly_trainable", "y = Concat <axis = 1> (a, b, c)",
+     lambda a, b, c: torch.cat([a, b, c], 1),
+     {"a": rnd(2, 2, 3), "b": rnd(2, 3, 3), "c": rnd(2, 1, 3)}, ["a", "c"])
+case("Concat", "negative_axis", "y = Concat <axis = -1> (a, b)",
+     lambda a, b: torch.cat([a, b], -1), {"a": rnd(2, 3), "b": rnd(2, 4)}, ["a", "b"])
+
+# ---------------------------------------------------------------------------- reductions
+
+case("ReduceSum", "axis1_keepdims1", "y = ReduceSum <keepdims = 1> (x, a)",
+     lambda x: x.sum(1, keepdim=True), {"x": rnd(2, 3, 4)}, ["x"], consts={"a": i64(1)})
+case("ReduceSum", "axes02_keepdims0", "y = ReduceSum <keepdims = 0> (x, a)",
+     lambda x: x.sum((0, 2)), {"x": rnd(2, 3, 4)}, ["x"], consts={"a": i64(0, -1)})
+case("ReduceSum", "all_axes", "y = ReduceSum <keepdims = 0> (x)", lambda x: x.sum(),
+     {"x": rnd(2, 3, 4)}, ["x"])
+case("ReduceMean", "keepdims0", "y = ReduceMean <axes = [1, 2], keepdims = 0> (x)",
+     lambda x: x.mean((1, 2)), {"x": rnd(2, 3, 4)}, ["x"])
+case("ReduceMean", "keepdims1", "y = ReduceMean <axes = [-1], keepdims = 1> (x)",
+     lambda x: x.mean(-1, keepdim=True), {"x": rnd(2, 3, 4)}, ["x"])
+case("ReduceMean", "opset18_axes_input", "y = ReduceMean <keepdims = 0> (x, a)",
+     lambda x: x.mean(1), {"x": rnd(2, 3, 4)}, ["x"], consts={"a": i64(1)}, opset=18)
+case("GlobalAveragePool", "nchw", "y = GlobalAveragePool(x)",
+     lambda x: x.mean((2, 3), keepdim=True), {"x": rnd(2, 3, 4, 5)}, ["x"])
+
+# --------------------------------------------------------------------------------- loss
+
+_labels = i64(0, 4, 2, 2)
+case("SoftmaxCrossEntropyLoss", "mean", "y = SoftmaxCrossEntropyLoss(s, labels)",
+     lambda s, labels: F.cross_entropy(s, labels), {"s": rnd(4, 5), "labels": _labels}, ["s"])
+case("SoftmaxCrossEntropyLoss", "sum", 'y = SoftmaxCrossEntropyLoss <reduction = "sum"> '
+     "(s, labels)", lambda s, labels: F.cross_entropy(s, labels, reduction="sum"),
+     {"s": rnd(4, 5), "labels": _labels}, ["s"])
+case("SoftmaxCrossEntropyLoss", "ignore_index",
+     "y = SoftmaxCrossEntropyLoss <ignore_index = 2> (s, labels)",
+     lambda s, labels: F.cross_entropy(s, labels, ignore_index=2),
+     {"s": rnd(4, 5), "labels": _labels}, ["s"], xfail="ignore_index is not supported")
+
+# ------------------------------------------------------------------------ MatMul / Gemm
+
+case("MatMul", "activation_x_2d_weight", "y = MatMul(x, w)", lambda x, w: x @ w,
+     {"x": rnd(2, 3, 4), "w": rnd(4, 5)}, ["x", "w"])
+case("MatMul", "2d_x_2d", "y = MatMul(x, w)", lambda x, w: x @ w,
+     {"x": rnd(3, 4), "w": rnd(4, 5)}, ["x", "w"])
+case("MatMul", "batched_activations", "y = MatMul(a, b)", lambda a, b: a @ b,
+     {"a": rnd(2, 3, 4), "b": rnd(2, 4, 5)}, ["a", "b"])
+case("MatMul", "attention_4d", "y = MatMul(a, b)", lambda a, b: a @ b,
+     {"a": rnd(2, 2, 3, 4), "b": rnd(2, 2, 4, 3)}, ["a", "b"])
+case("MatMul", "broadcast_second", "y = MatMul(a, b)", lambda a, b: a @ b,
+     {"a": rnd(2, 3, 4), "b": rnd(1, 4, 5)}, ["a", "b"])
+case("MatMul", "broadcast_first_lower_rank", "y = MatMul(a, b)", lambda a, b: a @ b,
+     {"a": rnd(3, 4), "b": rnd(2, 4, 5)}, ["a", "b"],
+     xfail="a first operand broadcast to a higher rank is not supported")
+
+
+def _gemm_case(ta: int, tb: int, alpha: float, beta: float, c_shape: tuple | None) -> None:
+    a = rnd(4, 3) if ta else rnd(3, 4)
+    b = rnd(5, 4) if tb else rnd(4, 5)
+    inputs = {"a": a, "b": b}
+    attrs = f"transA = {ta}, transB = {tb}, alpha = {alpha}, beta = {beta}"
+    if c_shape is None:
+        body = f"y = Gemm <{attrs}> (a, b)"
+    else:
+        inputs["c"] = rnd(*c_shape)
+        body = f"y = Gemm <{attrs}> (a, b, c)"
+
+    def fn(a, b, c=None):
+        y = alpha * ((a.T if ta else a) @ (b.T if tb else b))
+        return y if c is None else y + beta * c
+
+    cname = "noC" if c_shape is None else "C" + "x".join(map(str, c_shape))
+    case("Gemm", f"tA{ta}_tB{tb}_a{alpha}_b{beta}_{cname}", body, fn, inputs, list(inputs))
+
+
+for _ta in (0, 1):
+    for _tb in (0, 1):
+        _gemm_case(_ta, _tb, 1.0, 1.0, (5,))
+        _gemm_case(_ta, _tb, 0.5, 2.0, (3, 5))
+_gemm_case(0, 1, 1.5, 0.25, (1, 5))
+_gemm_case(1, 0, 1.0, 1.0, None)
+_gemm_case(1, 1, 1.0, 0.5, (3, 1))
+
+# ------------------------------------------------------------------------------- Conv
+
+
+def _conv_case(name: str, x_shape, w_shape, *, bias: bool = True, strides=(1, 1),
+               pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1) -> None:
+    inputs = {"x": rnd(*x_shape), "w": rnd(*w_shape)}
+    if bias:
+        inputs["b"] = rnd(w_shape[0])
+    attrs = (f"strides = [{strides[0]}, {strides[1]}], pads = [{', '.join(map(str, pads))}], "
+             f"dilations = [{dilations[0]}, {dilations[1]}], group = {group}")
+    body = f"y = Conv <{attrs}> ({', '.join(inputs)})"
+
+    def fn(x, w, b=None):  # ONNX pads [top, left, bottom, right]; F.pad takes (l, r, t, b)
+        xp = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+        return F.conv2d(xp, w, b, stride=strides, dilation=dilations, groups=group)
+
+    case("Conv", name, body, fn, inputs, list(inputs))
+
+
+_conv_case("3x3_pad1", (2, 3, 5, 5), (4, 3, 3, 3), pads=(1, 1, 1, 1))
+_conv_case("3x3_pad1_nobias", (2, 3, 5, 5), (4, 3, 3, 3), bias=False, pads=(1, 1, 1, 1))
+_conv_case("stride2_odd", (2, 3, 7, 7), (4, 3, 3, 3), strides=(2, 2), pads=(1, 1, 1, 1))
+_conv_case("stride2_even_outpad", (2, 3, 8, 8), (4, 3, 3, 3), strides=(2, 2),
+           pads=(1, 1, 1, 1))
+_conv_case("dilation2", (2, 3, 7, 7), (4, 3, 3, 3), dilations=(2, 2), pads=(2, 2, 2, 2))
+_conv_case("group2", (2, 4, 5, 5), (6, 2, 3, 3), pads=(1, 1, 1, 1), group=2)
+_conv_case("depthwise", (2, 4, 5, 5), (4, 1, 3, 3), pads=(1, 1, 1, 1), group=4)
+_conv_case("1x1", (2, 3, 4, 4), (5, 3, 1, 1))
+case("Conv", "first_layer_weights_only", "y = Conv <pads = [1, 1, 1, 1]> (x, w, b)",
+     lambda x, w, b: F.conv2d(x, w, b, padding=1),
+     {"x": rnd(2, 3, 5, 5), "w": rnd(4, 3, 3, 3), "b": rnd(4)}, ["w", "b"])
+_conv_case("1x1_nobias", (2, 3, 4, 4), (5, 3, 1, 1), bias=False)
+_conv_case("rect_kernel_asym_pads", (2, 3, 7, 6), (4, 3, 2, 3), strides=(2, 1),
+           pads=(0, 1, 1, 0))
+
+# ---------------------------------------------------------------------------- pooling
+
+case("MaxPool", "2x2_stride2", "y = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (x)",
+     lambda x: F.max_pool2d(x, 2, 2), {"x": rnd(2, 3, 4, 4)}, ["x"])
+case("MaxPool", "3x3_stride2_pad1_overlapping",
+     "y = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]> (x)",
+     lambda x: F.max_pool2d(x, 3, 2, 1), {"x": rnd(2, 3, 5, 5)}, ["x"])
+case("AveragePool", "2x2_stride2",
+     "y = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (x)",
+     lambda x: F.avg_pool2d(x, 2, 2), {"x": rnd(2, 3, 4, 4)}, ["x"])
+case("AveragePool", "3x3_pad1_include_pad",
+     "y = AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1], count_include_pad = 1> (x)",
+     lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=True), {"x": rnd(2, 3, 4, 5)}, ["x"])
+case("AveragePool", "pad_exclude_pad",
+     "y = AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x)",
+     lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), {"x": rnd(2, 3, 4, 5)},
+     ["x"], xfail="padding with count_include_pad=0 is not supported")
+
+# ---------------------------------------------------------------------- normalisation
+
+_bn_mean, _bn_var = rnd(3), pos(3)
+_bn = {"m": _bn_mean, "v": _bn_var}
+
+
+def _bn_fn(x, s, b):
+    return F.batch_norm(x, torch.from_numpy(_bn_mean).double(),
+                        torch.from_numpy(_bn_var).double(), s, b, False, 0.0, 1e-3)
+
+
+case("BatchNormalization", "inference_scale_bias",
+     "y = BatchNormalization <epsilon = 0.001> (x, s, b, m, v)", _bn_fn,
+     {"x": rnd(2, 3, 4, 5), "s": rnd(3), "b": rnd(3)}, ["x", "s", "b"], consts=_bn)
+case("BatchNormalization", "frozen_input",
+     "y = BatchNormalization <epsilon = 0.001> (x, s, b, m, v)", _bn_fn,
+     {"x": rnd(2, 3, 4, 5), "s": rnd(3), "b": rnd(3)}, ["s", "b"], consts=_bn)
+case("BatchNormalization", "training_mode",
+     "y = BatchNormalization <epsilon = 0.001, training_mode = 1> (x, s, b, m, v)",
+     lambda x, s, b: F.batch_norm(x, None, None, s, b, True, 0.0, 1e-3),
+     {"x": rnd(2, 3, 4, 5), "s": rnd(3), "b": rnd(3)}, ["x", "s", "b"], consts=_bn,
+     xfail="training-form BatchNormalization is refused; export in eval mode")
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("op, body, fn, inputs, params, consts, opset", SUPPORT)
+def test_gradient_matches_torch(op, body, fn, inputs, params, consts, opset):
+    assert op in body, f"row for {op} does not use it"
+    check_op_gradients(body, fn, inputs, params, consts=consts, opset=opset,
+                       rtol=1e-4, atol=1e-5)
+
+
+def _passing_ops() -> set[str]:
+    return {p.values[0] for p in SUPPORT if not p.marks}
+
+
+def test_every_registered_rule_has_a_passing_case():
+    missing = sorted(set(GRADIENTS) - _passing_ops())
+    assert not missing, f"gradient rules without a test in SUPPORT: {missing}"
+
+
+def test_duplicate_rule_raises():
+    before = GRADIENTS["Add"]
+    with pytest.raises(ValueError, match="'Add' registered twice"):
+        gradient("Add")(lambda ctx, node, gy: [None, None])
+    assert GRADIENTS["Add"] is before
+
+
+def test_unsupported_op_names_node_op_and_supported_ops():
+    model = op_model("h = Atan(x)\n y = Mul(h, w)", {"x": rnd(2, 3), "w": rnd(3)})
+    with pytest.raises(ExportError) as err:
+        build_training_graphs(model, "loss", ["x", "w"], "vanilla", [], 17)
+    msg = str(err.value)
+    assert "'Atan'" in msg and "'Atan_0'" in msg, msg
+    listed = msg.split("supported:", 1)[1]
+    for op in ("Add", "Conv", "Gemm", "MatMul", "SoftmaxCrossEntropyLoss"):
+        assert op in listed, (op, msg)
+
+
+def test_frozen_prefix_needs_no_rule():
+    """An unsupported op before every trainable parameter is fine: nothing flows back into it."""
+    check_op_gradients("h = Atan(x)\n y = Mul(h, w)", lambda x, w: torch.atan(x) * w,
+                       {"x": rnd(2, 3), "w": rnd(3)}, ["w"])

@@ -1,0 +1,326 @@
+"""INSTANT compressed rules (export/rules.py ``linear_instant``) and calibration (runtime/).
+
+* full-rank bases: the compressed gradients equal the exact ones;
+* reduced rank: they equal an independent numpy implementation of DESIGN.md §1, written below
+  in the paper's layout (per sample ``x ∈ R^{L×Cx}``, ``W ∈ R^{Cy×Cx}``);
+* the forward saves the compressed activation instead of the layer input;
+* ranks are runtime data: one exported graph pair runs with bases of several ranks;
+* calibration: ranks and energy-compensated bases from known spectra.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+from reference import Runner, loss_weight, op_model, run_training
+
+from export.autodiff import build_training_graphs, find_compressible_layers
+from export.graph import Shapes
+from runtime.calibrate import basis_from_gram, rank_for_energy
+
+# name: (body, kind, x shape, w shape, expected (x_axis, g_axis))
+LAYERS = {
+    "linear3d_token": ("h = MatMul(x, w)\n y = Add(h, b)", "matmul", (2, 3, 5), (5, 4),
+                       ("token", "token")),
+    "linear3d_channel": ("h = MatMul(x, w)\n y = Add(h, b)", "matmul", (2, 6, 4), (4, 3),
+                         ("channel", "channel")),
+    "linear3d_mixed": ("h = MatMul(x, w)\n y = Add(h, b)", "matmul", (2, 4, 3), (3, 6),
+                       ("channel", "token")),
+    "gemm2d": ("y = Gemm <transB = 1> (x, w, b)", "gemm", (5, 4), (3, 4),
+               ("channel", "channel")),
+    "conv1x1_token": ("y = Conv(x, w, b)", "conv", (2, 6, 2, 2), (5, 6, 1, 1),
+                      ("token", "token")),
+    "conv1x1_channel": ("y = Conv(x, w, b)", "conv", (2, 3, 3, 3), (4, 3, 1, 1),
+                        ("channel", "channel")),
+    "conv1x1_mixed": ("y = Conv(x, w, b)", "conv", (2, 3, 2, 2), (6, 3, 1, 1),
+                      ("channel", "token")),
+}
+PARAMS = ["x", "w", "b"]
+
+
+def _cy(kind: str, w_shape) -> int:
+    return w_shape[1] if kind == "matmul" else w_shape[0]
+
+
+def _inputs(case: str, seed: int = 0) -> dict[str, np.ndarray]:
+    _, kind, xs, ws, _ = LAYERS[case]
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal(xs).astype(np.float32),
+            "w": rng.standard_normal(ws).astype(np.float32),
+            "b": rng.standard_normal(_cy(kind, ws)).astype(np.float32)}
+
+
+def _instant_setup(case: str, body: str | None = None, inputs=None, trainable=PARAMS,
+                   bases: bool = True):
+    """The forward model (with basis inputs unless ``bases`` is false) and its one layer."""
+    inputs = inputs if inputs is not None else _inputs(case)
+    model = op_model(body or LAYERS[case][0], inputs)
+    layers = find_compressible_layers(model, Shapes(model), set(trainable), {}, exclude=[])
+    assert len(layers) == 1, layers
+    ly = layers[0]
+    ly.p_input, ly.q_input = f"instant.{ly.name}.P", f"instant.{ly.name}.Q"
+    if not bases:
+        return model, ly, inputs
+    for name, dim, rank in ((ly.p_input, ly.x_dim, "rank_x"), (ly.q_input, ly.g_dim, "rank_g")):
+        model.graph.input.append(helper.make_tensor_value_info(
+            name, TensorProto.FLOAT, [f"{rank}.{ly.name}", dim]))
+    return model, ly, inputs
+
+
+def _orthonormal_rows(rank: int, dim: int, scale: float, seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, dim)))
+    return (scale * q[:rank]).astype(np.float32)
+
+
+# --------------------------------------------------------------- independent numpy reference
+
+
+def _rows(t: np.ndarray, kind: str) -> np.ndarray:
+    """Per-sample matrices in the paper's layout, [N, L, C]."""
+    if kind == "conv":
+        n, c = t.shape[:2]
+        return t.reshape(n, c, -1).transpose(0, 2, 1)
+    return t[:, None, :] if t.ndim == 2 else t
+
+
+def _unrows(m: np.ndarray, kind: str, shape) -> np.ndarray:
+    if kind == "conv":
+        return m.transpose(0, 2, 1).reshape(shape)
+    return m[:, 0, :] if len(shape) == 2 else m
+
+
+def instant_reference(kind, x, w, gy, P, Q, x_axis, g_axis):
+    """(g_x, g_W, g_b) of DESIGN.md §1 in float64, in the layouts of x and w."""
+    X, G = _rows(x.astype(np.float64), kind), _rows(gy.astype(np.float64), kind)
+    P, Q = P.astype(np.float64), Q.astype(np.float64)
+    Wc = {"matmul": lambda: w.T, "gemm": lambda: w,
+          "conv": lambda: w.reshape(w.shape[0], w.shape[1])}[kind]().astype(np.float64)
+    if x_axis == "token":   # x̂ = P x;  g_W = Σ_b (P g_y)ᵀ x̂
+        xh = np.einsum("rl,nlc->nrc", P, X)
+        gw = sum((P @ G[i]).T @ xh[i] for i in range(len(X)))
+    else:                   # x̂ = x Pᵀ;  g_W = (g_yᵀ x̂) P
+        xh = X @ P.T
+        gw = sum(G[i].T @ xh[i] for i in range(len(X))) @ P
+    if g_axis == "token":   # g_x = Qᵀ((Q g_y) W)
+        gx = np.stack([Q.T @ ((Q @ G[i]) @ Wc) for i in range(len(X))])
+    else:                   # g_x = (g_y Qᵀ)(Q W)
+        gx = np.stack([(G[i] @ Q.T) @ (Q @ Wc) for i in range(len(X))])
+    gw = {"matmul": lambda: gw.T, "gemm": lambda: gw, "conv": lambda: gw.reshape(w.shape)}[kind]()
+    gb = G.sum(axis=(0, 1))
+    return _unrows(gx, kind, x.shape), gw, gb
+
+
+def exact_reference(kind, x, w, gy):
+    """The exact gradients in the same layout (full-rank identity bases in the formulas)."""
+    X = _rows(x, kind)
+    eye_x, eye_g = np.eye(X.shape[1]), np.eye(X.shape[1])
+    return instant_reference(kind, x, w, gy, eye_x, eye_g, "token", "token")
+
+
+def _check(grads, expected, rtol, atol):
+    for name, want in zip(PARAMS, expected, strict=True):
+        assert grads[name].shape == want.shape, (name, grads[name].shape, want.shape)
+        np.testing.assert_allclose(grads[name], want, rtol=rtol, atol=atol,
+                                   err_msg=f"gradient of '{name}'")
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_layer_detection_and_axis_modes(case):
+    _, ly, _ = _instant_setup(case)
+    kind = LAYERS[case][1]
+    assert ly.kind == ("conv1x1" if kind == "conv" else "linear")
+    assert (ly.x_axis, ly.g_axis) == LAYERS[case][4]
+    assert ly.weight == "w" and ly.x == "x"
+
+
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_full_rank_bases_give_exact_gradients(case):
+    model, ly, inputs = _instant_setup(case)
+    feeds = {**inputs, ly.p_input: np.eye(ly.x_dim, dtype=np.float32),
+             ly.q_input: np.eye(ly.g_dim, dtype=np.float32)}
+    _, vanilla = run_training(model, PARAMS, feeds, "vanilla")
+    _, instant = run_training(model, PARAMS, feeds, "instant", [ly])
+    _check(instant, [vanilla[p] for p in PARAMS], rtol=1e-5, atol=1e-6)
+    # and both are the exact gradient, computed independently
+    kind = LAYERS[case][1]
+    _check(vanilla, exact_reference(kind, inputs["x"], inputs["w"], loss_weight(model)),
+           rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(LAYERS))
+def test_reduced_rank_matches_numpy_formulas(case):
+    model, ly, inputs = _instant_setup(case)
+    kind = LAYERS[case][1]
+    rx, ry = max(1, ly.x_dim - 2), max(1, ly.g_dim - 1)
+    P = _orthonormal_rows(rx, ly.x_dim, 1.25, seed=1)
+    Q = _orthonormal_rows(ry, ly.g_dim, 1.1, seed=2)
+    feeds = {**inputs, ly.p_input: P, ly.q_input: Q}
+    _, grads = run_training(model, PARAMS, feeds, "instant", [ly])
+    gy = loss_weight(model)
+    want = instant_reference(kind, inputs["x"], inputs["w"], gy, P, Q, ly.x_axis, ly.g_axis)
+    _check(grads, want, rtol=1e-4, atol=1e-5)
+    # not the exact gradient in disguise
+    exact = exact_reference(kind, inputs["x"], inputs["w"], gy)
+    for name, g, e in zip(PARAMS[:2], [grads["x"], grads["w"]], exact[:2], strict=True):
+        assert np.abs(g - e).max() > 1e-2, f"'{name}' gradient is not compressed"
+
+
+@pytest.mark.parametrize("case", ["linear3d_token", "gemm2d", "conv1x1_channel"])
+def test_reduced_rank_first_layer(case):
+    """The layer input is data (no g_x): only the weight and bias gradients, no Q needed."""
+    model, ly, inputs = _instant_setup(case, trainable=["w", "b"])
+    P = _orthonormal_rows(max(1, ly.x_dim - 1), ly.x_dim, 1.25, seed=6)
+    tg = build_training_graphs(model, "loss", ["w", "b"], "instant", [ly], 17)
+    assert ly.q_input not in {i.name for i in tg.backward.graph.input}
+    _, grads = Runner(tg)({**inputs, ly.p_input: P, ly.q_input: np.zeros((1, ly.g_dim),
+                                                                           np.float32)})
+    _, gw, gb = instant_reference(LAYERS[case][1], inputs["x"], inputs["w"], loss_weight(model),
+                                  P, np.eye(ly.g_dim), ly.x_axis, ly.g_axis)
+    np.testing.assert_allclose(grads["w"], gw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads["b"], gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["linear3d_token", "linear3d_channel", "conv1x1_channel"])
+def test_instant_forward_saves_compressed_activation_not_input(case):
+    """With ``x = Relu(x0)`` the layer input is a forward tensor: vanilla saves it, instant not."""
+    body = "x = Relu(x0)\n " + LAYERS[case][0]
+    inputs = _inputs(case)
+    inputs = {"x0": inputs.pop("x"), **inputs}
+    params = ["x0", "w", "b"]
+    model, ly, _ = _instant_setup(case, body, inputs, params)
+    opset = 17
+    vanilla = build_training_graphs(model, "loss", params, "vanilla", [], opset)
+    instant = build_training_graphs(model, "loss", params, "instant", [ly], opset)
+    assert "x" in vanilla.saved
+    assert "x" not in instant.saved, instant.saved
+
+    P = _orthonormal_rows(2, ly.x_dim, 1.0, seed=3)
+    Q = _orthonormal_rows(2, ly.g_dim, 1.0, seed=4)
+    fwd_out, _ = Runner(instant)({**inputs, ly.p_input: P, ly.q_input: Q})
+    X = _rows(np.maximum(inputs["x0"], 0), LAYERS[case][1]).astype(np.float64)
+    xhat = np.einsum("rl,nlc->nrc", P, X) if ly.x_axis == "token" else X @ P.T
+    def is_xhat(v: np.ndarray) -> bool:  # in the paper's layout or per-sample transposed
+        return any(c.shape == xhat.shape and np.allclose(c, xhat, rtol=1e-5, atol=1e-6)
+                   for c in (v, np.swapaxes(v, -1, -2)))
+
+    assert any(is_xhat(fwd_out[s]) for s in instant.saved), \
+        f"no saved tensor equals the compressed activation; saved: {instant.saved}"
+    assert not any(fwd_out[s].dtype == np.float32 and fwd_out[s].size >= X.size
+                   for s in instant.saved), "a full-size float activation is still saved"
+
+
+@pytest.mark.parametrize("case, inputs", [
+    ("linear3d_channel", {"x": (2, 8, 6), "w": (6, 7), "b": (7,)}),
+    ("conv1x1_token", {"x": (2, 7, 2, 3), "w": (8, 7, 1, 1), "b": (8,)}),
+])
+def test_ranks_are_runtime_data(case, inputs):
+    rng = np.random.default_rng(5)
+    inputs = {k: rng.standard_normal(s).astype(np.float32) for k, s in inputs.items()}
+    model, ly, _ = _instant_setup(case, inputs=inputs)
+    assert min(ly.x_dim, ly.g_dim) >= 6
+    run = Runner(build_training_graphs(model, "loss", PARAMS, "instant", [ly], 17))
+    gy = loss_weight(model)
+    results = []
+    for rx, ry in ((2, 3), (5, 4)):
+        P = _orthonormal_rows(rx, ly.x_dim, 1.2, seed=rx)
+        Q = _orthonormal_rows(ry, ly.g_dim, 1.3, seed=10 + ry)
+        _, grads = run({**inputs, ly.p_input: P, ly.q_input: Q})
+        want = instant_reference(LAYERS[case][1], inputs["x"], inputs["w"], gy, P, Q,
+                                 ly.x_axis, ly.g_axis)
+        _check(grads, want, rtol=1e-4, atol=1e-5)
+        results.append(grads["w"])
+    assert np.abs(results[0] - results[1]).max() > 1e-2  # the rank really changed the result
+
+
+@pytest.mark.parametrize("case", ["linear3d_token", "linear3d_channel", "conv1x1_channel",
+                                  "gemm2d"])
+def test_calib_grams_match_numpy(case):
+    model, ly, inputs = _instant_setup(case, bases=False)
+    tg = build_training_graphs(model, "loss", PARAMS, "calib", [ly], 17)
+    assert tg.grads == {}
+    fwd_out, bwd_out = Runner(tg).run_all(inputs)
+    gram_g = bwd_out[tg.bwd_grams[ly.name]]
+    kind = LAYERS[case][1]
+
+    def gram(t, axis):  # Σ_b over samples, along the basis axis
+        m = _rows(t.astype(np.float64), kind)
+        return np.einsum("nlc,nkc->lk", m, m) if axis == "token" else np.einsum(
+            "nlc,nld->cd", m, m)
+
+    np.testing.assert_allclose(fwd_out[tg.fwd_grams[ly.name]], gram(inputs["x"], ly.x_axis),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gram_g, gram(loss_weight(model), ly.g_axis), rtol=1e-4,
+                               atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ calibration
+
+# Gram singular values S with S² = ENERGY (sums to 1): cumsum = .6, .9, .96, .99, 1.0
+ENERGY = np.array([0.6, 0.3, 0.06, 0.03, 0.01])
+
+
+@pytest.mark.parametrize("eps, p, rank", [
+    (0.95, 0, 3),   # #{.6, .9} = 2, + 0 + 1
+    (0.95, 1, 4),   # oversampling adds exactly p
+    (0.95, 2, 5),
+    (0.95, 3, 5),   # capped at the dimension
+    (0.5, 0, 1),    # nothing under the threshold: one direction
+    (0.99, 0, 5),   # .99 <= .99 counts (4) + 1
+    (0.97, 0, 4),
+])
+def test_rank_for_energy(eps, p, rank):
+    s = np.sqrt(ENERGY) * 7.0  # the rule is scale-free
+    assert rank_for_energy(s, eps, p) == rank
+
+
+def _gram_with_eigenvalues(lam: np.ndarray, seed: int = 0):
+    u, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(lam), len(lam))))
+    return (u * lam) @ u.T, u
+
+
+@pytest.mark.parametrize("eps, p, rank, retained", [
+    (0.95, 0, 3, 0.96), (0.95, 1, 4, 0.99), (0.5, 0, 1, 0.6), (0.95, 9, 5, 1.0),
+])
+def test_basis_from_gram_known_spectrum(eps, p, rank, retained):
+    lam = np.sqrt(ENERGY) * 3.0             # eigenvalues of the Gram = its singular values
+    gram, u = _gram_with_eigenvalues(lam)
+    basis = basis_from_gram(gram, energy=eps, oversample=p)
+    B = basis.matrix.astype(np.float64)
+    assert basis.rank == rank and B.shape == (rank, len(lam))
+    assert basis.retained == pytest.approx(retained, rel=1e-6)
+    # energy compensation: orthogonal rows of norm 1/sqrt(retained fraction)
+    np.testing.assert_allclose(B @ B.T, np.eye(rank) / retained, rtol=1e-5, atol=1e-6)
+    # the rows span the top-`rank` eigenvectors, in order (up to sign)
+    top = u[:, :rank]
+    np.testing.assert_allclose(B @ top @ top.T, B, atol=1e-5)
+    np.testing.assert_allclose(np.abs(B @ top) * np.sqrt(retained), np.eye(rank), atol=1e-5)
+    np.testing.assert_allclose(basis.spectrum, ENERGY, rtol=1e-5)
+
+
+def test_basis_from_gram_rank_override_and_cap():
+    gram, u = _gram_with_eigenvalues(np.array([4.0, 2.0, 1.0, 0.5]), seed=1)
+    b2 = basis_from_gram(gram, rank=2)
+    assert b2.rank == 2
+    e = np.array([16.0, 4.0, 1.0, 0.25])
+    assert b2.retained == pytest.approx(e[:2].sum() / e.sum())
+    assert basis_from_gram(gram, rank=100).rank == 4
+    assert basis_from_gram(gram, rank=100).retained == pytest.approx(1.0)
+    # a full-rank basis is orthonormal: the INSTANT rules then give the exact gradient
+    full = basis_from_gram(gram, rank=4).matrix.astype(np.float64)
+    np.testing.assert_allclose(full.T @ full, np.eye(4), atol=1e-6)
+
+
+def test_basis_from_gram_of_real_activations_spans_them():
+    """Activations of rank 2 in 6 dims: ε = 0.95 keeps the 2 live directions (plus one)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 9, 2)) @ rng.standard_normal((2, 6))  # [N, L, C], rank 2 in C
+    gram = np.einsum("nlc,nld->cd", x, x) / len(x)
+    basis = basis_from_gram(gram, energy=0.95, oversample=0)
+    assert basis.rank == 2
+    B = basis.matrix.astype(np.float64) * np.sqrt(basis.retained)
+    flat = x.reshape(-1, 6)
+    np.testing.assert_allclose(flat @ B.T @ B, flat, atol=1e-4)
