@@ -60,7 +60,11 @@ def _load_factory(spec: str):
     mod_spec = importlib.util.spec_from_file_location(f"_user_model_{file.stem}", file)
     assert mod_spec is not None and mod_spec.loader is not None
     module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file may raise anything
+        raise ExportError(f"cannot import model file '{path}': {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     factory = getattr(module, fn, None)
     if not callable(factory):
         avail = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
@@ -71,11 +75,11 @@ def _load_factory(spec: str):
 
 def load_model(spec: str, example: list[np.ndarray] | None) -> Traced:
     """Trace or load ``spec``; ``example`` gives one array per input (batch first)."""
-    from .models import BUILTIN_MODELS
-
     if spec.endswith(".onnx"):
-        return _load_onnx(spec)
+        return _load_onnx(spec)  # no torch needed for an ONNX model
     import torch
+
+    from .models import BUILTIN_MODELS
 
     if spec in BUILTIN_MODELS:
         entry = BUILTIN_MODELS[spec]

@@ -75,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_session_args(pl)
 
     sub.add_parser("profiles", help="list the built-in device profiles")
+
+    xm = sub.add_parser("export-model",
+                        help="write a standalone inference .onnx (+ .safetensors) with trained "
+                             "weights baked in (needs onnx, not torch)")
+    xm.add_argument("source", help="bundle directory or training run directory")
+    xm.add_argument("--out", required=True, help=".onnx file to write")
+    xm.add_argument("--weights", default=None,
+                    help="params .npz (default: the run's params.npz, else BUNDLE/run/params.npz, "
+                         "else initial)")
+    xm.add_argument("--bundle", default=None,
+                    help="bundle directory, for a run directory not inside its bundle")
     return ap
 
 
@@ -179,6 +190,20 @@ def _cmd_profiles(a) -> int:
     return 0
 
 
+def _cmd_export_model(a) -> int:
+    from .export_model import export_model
+
+    r = export_model(a.source, a.out, weights=a.weights, bundle=a.bundle)
+    print(f"model written to {r.onnx_path} ({r.params} trained tensors from {r.weights})"
+          + (f", external data {r.external_data}" if r.external_data else ""))
+    if r.safetensors_path:
+        print(f"torch weights written to {r.safetensors_path}")
+    else:
+        print("note: safetensors is not installed; skipped the .safetensors file "
+              "(pip install safetensors)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from devices import ProfileError
@@ -186,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
 
     handlers = {"export": _cmd_export, "train": _cmd_train, "eval": _cmd_eval,
-                "plan": _cmd_plan, "profiles": _cmd_profiles}
+                "plan": _cmd_plan, "profiles": _cmd_profiles,
+                "export-model": _cmd_export_model}
     try:
         return handlers[args.cmd](args)
     except (UserError, ProfileError) as exc:

@@ -1,0 +1,176 @@
+"""``export-model``: turn a bundle plus trained weights into a standalone inference model.
+
+Writes ``OUT.onnx`` (the bundle's ``infer.onnx`` with the trainable parameters baked in as
+initializers and the frozen weights embedded, so the file runs alone in plain onnxruntime) and,
+when ``safetensors`` is installed, ``OUT.safetensors`` with the trainable weights under their torch
+names (transposed back where the ONNX graph stores them transposed). Needs ``onnx``, never torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, open_bundle
+from .errors import UserError
+
+__all__ = ["ExportResult", "export_model", "resolve_source"]
+
+# protobuf's hard limit is 2 GiB; stay clear of it and spill tensors to external data above this.
+MAX_INLINE_BYTES = int(1.8e9)
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    external_data: Path | None
+    safetensors_path: Path | None
+    weights: Path
+    params: int
+
+
+def resolve_source(source: str | Path, weights: str | Path | None = None,
+                   bundle: str | Path | None = None) -> tuple[Bundle, Path]:
+    """``(bundle, params file)`` for a bundle directory or a training run directory."""
+    src = Path(source)
+    if not src.is_dir():
+        raise UserError(f"'{src}' is not a directory; pass a bundle directory or a training run "
+                        "directory (one holding params.npz)")
+    if bundle is not None:
+        bdir = Path(bundle)
+    elif (src / "manifest.json").is_file():
+        bdir = src
+    elif (src / "params.npz").is_file():
+        bdir = src.parent
+        if not (bdir / "manifest.json").is_file():
+            raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
+                            "--bundle DIR")
+    else:
+        raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
+                        "(no params.npz)")
+    b = open_bundle(bdir)
+    if weights is not None:
+        w = Path(weights)
+        if not w.is_file():
+            raise UserError(f"weights file '{w}' not found")
+    elif src != bdir and (src / "params.npz").is_file():
+        w = src / "params.npz"
+    elif (bdir / "run" / "params.npz").is_file():
+        w = bdir / "run" / "params.npz"
+    elif (bdir / "params.npz").is_file():
+        w = bdir / "params.npz"
+    else:
+        raise UserError(f"no parameters found for '{src}' (no run/params.npz or params.npz); "
+                        "train first or pass --weights FILE")
+    return b, w
+
+
+def _import_onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise UserError("export-model needs the onnx package: pip install onnx") from None
+    return onnx, numpy_helper
+
+
+def _build_model(b: Bundle, params: dict[str, np.ndarray]):
+    onnx, numpy_helper = _import_onnx()
+    infer = b.graph("infer", "forward")
+    try:
+        model = onnx.load(str(infer), load_external_data=True)
+    except Exception as exc:  # noqa: BLE001  (protobuf / IO errors: a damaged bundle)
+        raise UserError(f"cannot read {infer}: {exc}; re-export the bundle") from None
+    g = model.graph
+    inputs = {i.name for i in g.input}
+    missing = [n for n in params if n not in inputs]
+    if missing:
+        raise UserError(f"{infer} has no input for parameter(s) {', '.join(missing)}; "
+                        "re-export the bundle")
+    keep = [i for i in g.input if i.name not in params]
+    del g.input[:]
+    g.input.extend(keep)
+    existing = {t.name for t in g.initializer}
+    for name, value in params.items():
+        if name in existing:
+            raise UserError(f"{infer} already holds an initializer '{name}'; re-export the bundle")
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32),
+                                                     name))
+    model.producer_name = "instant-runtime export-model"
+    return onnx, model
+
+
+def _fresh_tmpdir(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
+
+
+def _write_onnx(onnx, model, out: Path) -> Path | None:
+    """Write atomically (temp dir in the same folder, then os.replace); returns the data file."""
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a directory; name the .onnx file to write")
+    tmp = _fresh_tmpdir(out)
+    data_name = out.name + ".data"
+    external = model.ByteSize() > MAX_INLINE_BYTES
+    try:
+        if external:
+            onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            os.replace(tmp / data_name, out.parent / data_name)
+        else:
+            onnx.save_model(model, str(tmp / out.name))
+        os.replace(tmp / out.name, out)
+    except OSError as exc:
+        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out.parent / data_name if external else None
+
+
+def torch_state(b: Bundle, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Trainable parameters under their torch names, in torch layout."""
+    state: dict[str, np.ndarray] = {}
+    for p in b.params:
+        v = params[p["name"]]
+        if p.get("transposed"):
+            v = v.T
+        state.setdefault(p.get("torch_name") or p["name"], np.ascontiguousarray(v, np.float32))
+    return state
+
+
+def _write_safetensors(b: Bundle, params: dict[str, np.ndarray], path: Path) -> bool:
+    try:
+        from safetensors.numpy import save_file
+    except ImportError:
+        return False
+    tmp = _fresh_tmpdir(path)
+    try:
+        save_file(torch_state(b, params), str(tmp / path.name),
+                  metadata={"producer": "instant-runtime export-model"})
+        os.replace(tmp / path.name, path)
+    except OSError as exc:
+        raise UserError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def export_model(source: str | Path, out: str | Path, weights: str | Path | None = None,
+                 bundle: str | Path | None = None) -> ExportResult:
+    """Write the standalone ``.onnx`` (and ``.safetensors`` when possible) for ``source``."""
+    b, w = resolve_source(source, weights, bundle)
+    params = b.load_params(w)
+    onnx, model = _build_model(b, params)
+    out = Path(out)
+    data = _write_onnx(onnx, model, out)
+    st = out.with_suffix(".safetensors")
+    wrote = _write_safetensors(b, params, st)
+    return ExportResult(out, data, st if wrote else None, w, len(params))

@@ -1,0 +1,160 @@
+"""``export-model``: a standalone inference .onnx and a torch .safetensors from trained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from runtime.bundle import open_bundle
+from runtime.data import load_data
+from runtime.run import RunConfig, train
+from runtime.trainer import Trainer
+
+
+def _train(bundle_dir: Path, out: Path) -> Path:
+    b = open_bundle(bundle_dir)
+    train(Trainer(b, mode="vanilla", lr=1e-2), load_data("digits", b),
+          RunConfig(steps=20, progress=False, out=out), b)
+    return out / "params.npz"
+
+
+def _samples(bundle_dir: Path, n: int = 64) -> dict[str, np.ndarray]:
+    data = load_data("digits", open_bundle(bundle_dir))
+    return {k: v[:n] for k, v in data.x.items()}
+
+
+def _reference(bundle_dir: Path, params: Path, x: dict[str, np.ndarray]) -> np.ndarray:
+    """The training graph's forward: infer.onnx fed with the trained parameters."""
+    sess = ort.InferenceSession(str(bundle_dir / "infer.onnx"),
+                                providers=["CPUExecutionProvider"])
+    with np.load(params) as p:
+        feeds = {**x, **{k: p[k] for k in p.files}}
+    return sess.run(None, feeds)[0]
+
+
+def _exported(model: Path, x: dict[str, np.ndarray]) -> np.ndarray:
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    assert {i.name for i in sess.get_inputs()} == set(x)  # parameters are no longer inputs
+    return sess.run(None, x)[0]
+
+
+@pytest.mark.parametrize("which", ["mlp_bundle", "cnn_bundle"])
+def test_export_from_bundle_matches_training_forward(which, request, copy_bundle, cli, tmp_path):
+    bundle = copy_bundle(request.getfixturevalue(which))
+    params = _train(bundle, bundle / "run")
+    out = tmp_path / "export" / "model.onnx"
+    r = cli("export-model", bundle, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and (tmp_path / "export" / "model.safetensors").is_file()
+    # the single file runs alone: move it away from the bundle and its weights.bin
+    alone = tmp_path / "alone.onnx"
+    out.rename(alone)
+    x = _samples(bundle)
+    np.testing.assert_allclose(_exported(alone, x), _reference(bundle, params, x), atol=1e-5)
+    before = _reference(bundle, bundle / "params.npz", x)
+    assert not np.allclose(_exported(alone, x), before, atol=1e-5)  # trained, not initial
+    leftovers = [p.name for p in (tmp_path / "export").iterdir()
+                 if p.name not in ("model.safetensors",)]
+    assert leftovers == []
+
+
+def test_export_from_run_dir_with_frozen_weights(mlp_head_bundle, cli, tmp_path):
+    run = tmp_path / "elsewhere" / "run1"
+    params = _train(mlp_head_bundle, run)
+    out = tmp_path / "m.onnx"
+    r = cli("export-model", run, "--bundle", mlp_head_bundle, "--out", out)
+    assert r.returncode == 0, r.stderr
+    x = _samples(mlp_head_bundle)
+    np.testing.assert_allclose(_exported(out, x), _reference(mlp_head_bundle, params, x),
+                               atol=1e-5)
+    # without --bundle, a run dir outside its bundle is a clear error
+    r = cli("export-model", run, "--out", tmp_path / "n.onnx")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "--bundle" in r.stderr
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_safetensors_loads_into_torch_model(mlp_bundle, copy_bundle, cli, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    from export.models import BUILTIN_MODELS
+
+    bundle = copy_bundle(mlp_bundle)
+    _train(bundle, bundle / "run")
+    out = tmp_path / "model.onnx"
+    r = cli("export-model", bundle / "run", "--out", out)
+    assert r.returncode == 0, r.stderr
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    net = BUILTIN_MODELS["mlp"].factory()
+    state = net.state_dict()
+    assert set(tensors) == set(state)
+    assert {k: list(v.shape) for k, v in tensors.items()} == \
+        {k: list(v.shape) for k, v in state.items()}
+    missing, unexpected = net.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()},
+                                              strict=False)
+    assert not missing and not unexpected
+    x = _samples(bundle)
+    with torch.no_grad():
+        y = net.eval()(torch.from_numpy(x["input"])).numpy()
+    np.testing.assert_allclose(y, _exported(out, x), atol=1e-4)
+
+
+def test_explicit_weights_and_initial_fallback(mlp_bundle, cli, tmp_path):
+    out = tmp_path / "init.onnx"
+    r = cli("export-model", mlp_bundle, "--out", out, "--weights", mlp_bundle / "params.npz")
+    assert r.returncode == 0, r.stderr
+    x = _samples(mlp_bundle)
+    np.testing.assert_allclose(_exported(out, x),
+                               _reference(mlp_bundle, mlp_bundle / "params.npz", x), atol=1e-5)
+
+
+def test_errors(cli, tmp_path, mlp_bundle):
+    r = cli("export-model", tmp_path / "nope", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert not (tmp_path / "m.onnx").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("export-model", empty, "--out", tmp_path / "m.onnx")
+    assert r.returncode == 2 and r.stderr.startswith("error:")
+
+    r = cli("export-model", mlp_bundle, "--out", tmp_path / "m.onnx",
+            "--weights", tmp_path / "missing.npz")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = cli("export-model", mlp_bundle, "--out", blocker / "sub" / "m.onnx")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: cannot write")
+
+
+def test_large_model_uses_external_data(mlp_head_bundle, tmp_path, monkeypatch):
+    import runtime.export_model as em
+
+    monkeypatch.setattr(em, "MAX_INLINE_BYTES", 0)
+    r = em.export_model(mlp_head_bundle, tmp_path / "big.onnx")
+    assert r.external_data == tmp_path / "big.onnx.data" and r.external_data.is_file()
+    x = _samples(mlp_head_bundle)
+    np.testing.assert_allclose(_exported(tmp_path / "big.onnx", x),
+                               _reference(mlp_head_bundle, mlp_head_bundle / "params.npz", x),
+                               atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["big.onnx", "big.onnx.data", "big.safetensors"]
+
+
+def test_missing_onnx_package_is_a_clear_error(mlp_bundle, tmp_path, monkeypatch):
+    import sys
+
+    import runtime.export_model as em
+    from runtime.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(UserError, match="needs the onnx package: pip install onnx"):
+        em.export_model(mlp_bundle, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
