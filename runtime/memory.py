@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import resource
 
-__all__ = ["current_rss", "peak_rss", "reset_peak"]
+__all__ = ["current_rss", "peak_rss", "reset_peak", "tune_malloc"]
 
 
 def _status_field(field: str) -> int | None:
@@ -44,4 +44,24 @@ def reset_peak() -> bool:
             f.write("5")
         return True
     except OSError:
+        return False
+
+
+def tune_malloc(mmap_threshold: int = 1 << 20) -> bool:
+    """Make glibc return large freed blocks to the OS at once (Linux/glibc only).
+
+    glibc raises its mmap threshold after each large free (up to 32 MB), after which tensors of
+    a few MB come from the heap and stay resident after they are freed; a training step's
+    transient buffers then pile up as RSS. Fixing the threshold keeps every block of
+    ``mmap_threshold`` bytes or more in its own mapping, released on free. Returns True if set.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
+        libc.mallopt(m_trim_threshold, int(mmap_threshold))
+        return ok
+    except (OSError, AttributeError):
         return False

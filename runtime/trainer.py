@@ -21,6 +21,7 @@ from .bundle import Bundle
 from .calibrate import Basis, basis_from_gram
 from .data import Dataset
 from .errors import UserError
+from .memory import tune_malloc
 from .optim import make_optimizer
 
 __all__ = ["SessionConfig", "StepResult", "Trainer", "make_session"]
@@ -76,6 +77,7 @@ class Trainer:
                  seed: int = 0) -> None:
         if mode not in ("instant", "vanilla"):
             raise UserError(f"unknown mode '{mode}'; choose instant or vanilla")
+        tune_malloc()
         self.bundle = bundle
         self.mode = mode
         self.cfg = session or SessionConfig()
