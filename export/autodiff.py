@@ -304,7 +304,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
             bwd.nodes.append(helper.make_node("Identity", [_sum_grads(bwd, contrib.pop(p))],
                                               [out], name=f"grad_out_{p}"))
             grads[p] = out
-    return _split(fwd_model, shapes, fwd, bwd, ctx, grads, opset, mode)
+    return _split(fwd_model, fwd, bwd, ctx, grads, opset, mode)
 
 
 def _sum_grads(bwd: Builder, terms: list[str]) -> str:
@@ -314,7 +314,7 @@ def _sum_grads(bwd: Builder, terms: list[str]) -> str:
     return acc
 
 
-def _split(fwd_model, shapes: Shapes, fwd: Builder, bwd: Builder, ctx: GradContext,
+def _split(fwd_model, fwd: Builder, bwd: Builder, ctx: GradContext,
            grads: dict[str, str], opset: int, mode: str) -> TrainingGraphs:
     g = fwd_model.graph
     produced_bwd = {o for n in bwd.nodes for o in n.output} | {i.name for i in bwd.initializers}

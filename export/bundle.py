@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+from runtime.bundle import file_sha256
 
 from . import rules  # noqa: F401  (registers the gradient rules)
 from .autodiff import CompressedLayer, build_training_graphs, find_compressible_layers
@@ -92,7 +93,7 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
     return chosen
 
 
-def _example_inputs(traced_inputs: list[str] | None, input_shape: str | None,
+def _example_inputs(input_shape: str | None,
                     npz: str | None) -> list[np.ndarray] | None:
     if npz:
         data = np.load(npz)
@@ -104,7 +105,7 @@ def _example_inputs(traced_inputs: list[str] | None, input_shape: str | None,
     return None
 
 
-def _append_loss(model: onnx.ModelProto, output: str, loss: str, opset: int,
+def _append_loss(model: onnx.ModelProto, output: str, loss: str,
                  shapes: Shapes) -> dict:
     g = model.graph
     out_shape = shapes.of(output)
@@ -205,14 +206,6 @@ class _WeightFile:
                 f.write(c)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
                   npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
                   instant_exclude: list[str] | None = None, calib_every: int = 50,
@@ -224,7 +217,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         ExportError: unknown model, unsupported op or option (one-line message).
     """
     out = Path(out)
-    traced = load_model(model, _example_inputs(None, input_shape, npz))
+    traced = load_model(model, _example_inputs(input_shape, npz))
     params = select_trainable(traced, trainable)
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
     if len(traced.outputs) != 1:
@@ -236,7 +229,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     initial = _params_as_inputs(base, params)
     infer = copy.deepcopy(base)
     fwd = copy.deepcopy(base)
-    loss_info = _append_loss(fwd, output, loss, opset, Shapes(fwd))
+    loss_info = _append_loss(fwd, output, loss, Shapes(fwd))
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
@@ -301,7 +294,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             "calib_every": calib_every, "calib_batches": calib_batches,
         },
     }
-    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
                          for f in sorted(out.iterdir()) if f.is_file() and f.name != "manifest.json"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out

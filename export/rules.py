@@ -280,7 +280,7 @@ def _left(layer: CompressedLayer, which: str) -> bool:
     return token if layer.kind == "linear" else not token
 
 
-def _as_matrix(ctx, layer: CompressedLayer, t: str, builder) -> str:
+def _as_matrix(layer: CompressedLayer, t: str, builder) -> str:
     """[N, C, H, W] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
     if layer.kind == "conv1x1":
         return builder.op("Reshape", [t, builder.ints([0, layer.cx if t == layer.x else layer.cy,
@@ -325,7 +325,7 @@ def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
 def linear_calib_grams(ctx: GradContext, layer: CompressedLayer, g: str) -> None:
     """Calibration: emit Σ_b X_b X_bᵀ (forward) and Σ_b G_b G_bᵀ (backward) for this layer."""
     rank = 3 if (layer.kind == "conv1x1" or layer.rank3) else 2
-    x = _as_matrix(ctx, layer, layer.x, ctx.fwd)
+    x = _as_matrix(layer, layer.x, ctx.fwd)
     ctx.fwd_outputs.append(ctx.fwd.op("Identity", [_gram(ctx.fwd, x, _left(layer, "x"), rank)],
                                       out=f"gram_x.{layer.name}"))
     gm = ctx.bwd.op("Reshape", [g, ctx.bwd.ints([0, layer.cy, -1])]) if layer.kind == "conv1x1" \
@@ -347,7 +347,7 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     gm = b.op("Reshape", [g, b.ints([0, layer.cy, -1])]) if conv else g
     gx = gw = None
     if need_w:
-        xhat = _project(f, P, _as_matrix(ctx, layer, layer.x, f), _left(layer, "x"))
+        xhat = _project(f, P, _as_matrix(layer, layer.x, f), _left(layer, "x"))
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
             ghat = b.op("MatMul", [P, gm])
             dw = b.op("Gemm", [b.op("Flatten", [ghat], axis=2), b.op("Flatten", [xhat], axis=2)],
@@ -478,7 +478,7 @@ def gemm_grad(ctx, node, gy):
 # Convolution, pooling, normalisation
 
 
-def _conv_attrs(ctx, node, x: str, k: list[int]):
+def _conv_attrs(node, k: list[int]):
     a = _attrs(node)
     if a.get("auto_pad", "NOTSET") != "NOTSET":
         raise ExportError(f"node '{node.name}': auto_pad is not supported; export with "
@@ -516,7 +516,7 @@ def conv_grad(ctx, node, gy):
     if len(k) != 2:
         raise ExportError(f"Conv '{node.name}': only 2-D convolutions are supported (got "
                           f"{len(k)}-D)")
-    strides, dil, pads, group = _conv_attrs(ctx, node, x, k)
+    strides, dil, pads, group = _conv_attrs(node, k)
     gx = gw = None
     if _needs(ctx, node, 0):
         outpad = _output_padding(ctx, node, x, node.output[0], k, strides, dil, pads)
@@ -567,7 +567,7 @@ def avgpool_grad(ctx, node, gy):
     a = _attrs(node)
     k = list(a["kernel_shape"])
     x = node.input[0]
-    strides, dil, pads, _ = _conv_attrs(ctx, node, x, k)
+    strides, dil, pads, _ = _conv_attrs(node, k)
     if any(pads) and not a.get("count_include_pad", 0):
         raise ExportError(f"AveragePool '{node.name}': padding with count_include_pad=0 is not "
                           "supported")

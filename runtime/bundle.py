@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import UserError
 
-__all__ = ["FORMAT_VERSION", "Bundle", "open_bundle"]
+__all__ = ["FORMAT_VERSION", "Bundle", "file_sha256", "open_bundle"]
 
 FORMAT_VERSION = 1
 
@@ -71,7 +71,8 @@ class Bundle:
         return {p["name"]: values[p["name"]] for p in self.params}
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MB blocks (the manifest's integrity check)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -115,6 +116,6 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if size != meta["bytes"]:
             raise UserError(f"bundle file '{f}' has {size} bytes, the manifest says "
                             f"{meta['bytes']} (truncated or modified); re-export the bundle")
-        if verify and _sha256(f) != meta["sha256"]:
+        if verify and file_sha256(f) != meta["sha256"]:
             raise UserError(f"bundle file '{f}' fails its checksum (corrupt); re-export the bundle")
     return Bundle(root, manifest)

@@ -55,8 +55,8 @@ def _split(x: np.ndarray, y: np.ndarray, n_test: int, seed: int = 0):
 
 def _digits() -> tuple[np.ndarray, np.ndarray, int]:
     """scikit-learn's 1,797 8x8 digits (UCI), pixels scaled to [0, 1]."""
-    raw = np.loadtxt(gzip.open(_package_file("sklearn", "datasets", "data", "digits.csv.gz")),
-                     delimiter=",", dtype=np.float32)
+    with gzip.open(_package_file("sklearn", "datasets", "data", "digits.csv.gz")) as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
     return raw[:, :-1] / 16.0, raw[:, -1].astype(np.int64), 360
 
 
