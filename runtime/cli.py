@@ -18,6 +18,29 @@ def _add_session_args(p: argparse.ArgumentParser) -> None:
                    help="enable onnxruntime's CPU memory arena (faster, higher peak)")
 
 
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", default=None,
+                   help="whole-process memory budget, e.g. 256MB, 1.5GB, 512MiB")
+    p.add_argument("--profile", default=None,
+                   help="device profile: a name from `instant-runtime profiles`, 'auto', or a "
+                        ".toml file (sets threads, and the budget when --budget is not given)")
+
+
+def _budget_and_profile(a):
+    """Parse --budget / --profile once, at the CLI edge. Returns (budget bytes or None, threads)."""
+    from devices import parse_size, resolve_profile
+
+    prof = resolve_profile(a.profile) if a.profile else None
+    budget = parse_size(a.budget) if a.budget else (prof.default_budget if prof else None)
+    if prof is not None and budget is not None and budget > prof.ram:
+        from .errors import UserError
+
+        raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
+                        f"of profile '{prof.name}'")
+    threads = a.threads or (prof.default_threads if prof else 0)
+    return budget, threads
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="instant-runtime", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -58,7 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output folder (default BUNDLE/run)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--checkpoint-every", type=int, default=50,
+                   help="write OUT/checkpoints/ every N steps (0: only at the end)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest good checkpoint in OUT")
+    t.add_argument("--max-nonfinite", type=int, default=5,
+                   help="stop after this many consecutive non-finite losses (each is skipped)")
     _add_session_args(t)
+    _add_budget_args(t)
 
     v = sub.add_parser("eval", help="evaluate a bundle's weights on data")
     v.add_argument("bundle")
@@ -72,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("bundle")
     pl.add_argument("--data", default=None, help="calibrate on this data to show real ranks")
     pl.add_argument("--batch", type=int, default=32)
+    pl.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
     _add_session_args(pl)
+    _add_budget_args(pl)
 
     sub.add_parser("profiles", help="list the built-in device profiles")
 
@@ -114,16 +146,27 @@ def _cmd_train(a) -> int:
     from .run import RunConfig, train
     from .trainer import SessionConfig, Trainer
 
+    budget, threads = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
     data = load_data(a.data, bundle)
     trainer = Trainer(bundle, mode=a.mode, optimizer=a.optimizer, lr=a.lr,
                       weight_decay=a.weight_decay, micro_batch=a.micro_batch,
-                      session=SessionConfig(threads=a.threads, arena=a.arena),
+                      session=SessionConfig(threads=threads, arena=a.arena),
                       energy=a.energy, oversample=a.oversample, calib_every=a.calib_every,
                       calib_batches=a.calib_batches, max_rank=a.max_rank, seed=a.seed)
     out = Path(a.out) if a.out else bundle.path / "run"
-    summary = train(trainer, data, RunConfig(steps=a.steps, batch=a.batch, seed=a.seed, out=out,
-                                             progress=not a.no_progress), bundle)
+    from .checkpoint import TrainingInterrupted
+
+    try:
+        summary = train(trainer, data, RunConfig(steps=a.steps, batch=a.batch, seed=a.seed,
+                                                 out=out, progress=not a.no_progress,
+                                                 budget=budget,
+                                                 checkpoint_every=a.checkpoint_every,
+                                                 resume=a.resume,
+                                                 max_nonfinite=a.max_nonfinite), bundle)
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     print("\n".join(summary.lines(trainer)))
     return 0
 
@@ -158,7 +201,18 @@ def _cmd_plan(a) -> int:
     from .accounting import format_table, layer_costs
     from .bundle import open_bundle
 
+    budget, threads = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
+    if budget is not None:
+        from .budget import plan_for_budget, print_plan
+        from .data import load_data
+        from .trainer import SessionConfig, Trainer
+
+        data = load_data(a.data or "digits", bundle)
+        tr = Trainer(bundle, mode=a.mode, session=SessionConfig(threads=threads, arena=a.arena))
+        plan = plan_for_budget(tr, data, min(a.batch, len(data)), budget)
+        print_plan(plan, tr)
+        return 0
     ranks: dict = {}
     if a.data and bundle.layers:
         import numpy as np
@@ -167,7 +221,7 @@ def _cmd_plan(a) -> int:
         from .trainer import SessionConfig, Trainer
 
         data = load_data(a.data, bundle)
-        tr = Trainer(bundle, mode="instant", session=SessionConfig(threads=a.threads,
+        tr = Trainer(bundle, mode="instant", session=SessionConfig(threads=threads,
                                                                   arena=a.arena))
         tr.calibrate(data, min(a.batch, len(data)), np.random.default_rng(0))
         ranks = tr.ranks()

