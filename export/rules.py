@@ -43,6 +43,8 @@ def unbroadcast(ctx: GradContext, g: str, out: str, target: str) -> str:
     """Sum ``g`` (shaped like ``out``) down to the shape of ``target`` (numpy broadcasting)."""
     os_, ts = ctx.shapes.of(out), ctx.shapes.of(target)
     lead = len(os_) - len(ts)
+    if any(not isinstance(d, int) and d != os_[lead + i] for i, d in enumerate(ts)):
+        return _unbroadcast_runtime(ctx, g, target, lead)  # a symbolic dim may be a broadcast 1
     axes = list(range(lead))
     for i, d in enumerate(ts):
         if d == 1 and os_[lead + i] != 1:
@@ -52,6 +54,21 @@ def unbroadcast(ctx: GradContext, g: str, out: str, target: str) -> str:
     summed = reduce_sum(ctx, g, axes, keepdims=1)
     return ctx.bwd.op("Reshape", [summed, ctx.shape(target)])
 
+
+
+def _unbroadcast_runtime(ctx: GradContext, g: str, target: str, lead: int) -> str:
+    """``unbroadcast`` when shape inference cannot tell whether a symbolic dim of ``target`` is a
+    broadcast 1 (BERT's position embeddings are [unk, unk, 384] against [unk, 64, 384]): the
+    summed axes are found at run time (dims that are 1 in ``target`` but not in ``g``)."""
+    b = ctx.bwd
+    tshape = ctx.shape(target)
+    full = b.op("Concat", [b.ints([1] * lead), tshape], axis=0) if lead else tshape
+    one = b.ints([1])
+    bcast = b.op("And", [b.op("Equal", [full, one]),
+                         b.op("Not", [b.op("Equal", [b.op("Shape", [g]), one])])])
+    axes = b.op("Reshape", [b.op("NonZero", [bcast]), b.ints([-1])])
+    summed = b.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
+    return b.op("Reshape", [summed, tshape])
 
 def _transpose_last2(ctx: GradContext, t: str, rank: int) -> str:
     perm = list(range(rank))
@@ -122,8 +139,8 @@ def relu_grad(ctx, node, gy):
     per_sample = ctx.shapes.numel_static(y, list(range(1, ctx.shapes.rank(y))))
     if ctx.is_saved_already(y):  # the output is kept for another rule anyway: read it
         mask = ctx.bwd.op("Greater", [y, ctx.bwd.const(0.0)])
-    elif per_sample is not None and per_sample % 8 == 0:
-        mask = _packed_mask(ctx, y)  # 1 bit per element instead of the 4-byte activation
+    elif per_sample is not None and per_sample % 8 == 0:  # 1 bit per element, as a float mask
+        return [ctx.bwd.op("Mul", [gy[0], _packed_mask(ctx, y)])]
     else:  # keep a 1-byte mask instead of the 4-byte activation
         mask = ctx.fwd.op("Greater", [y, ctx.fwd.const(0.0)], hint="relu_mask")
     # g ⊙ mask as Mul with the mask cast to float: onnxruntime's Where allocates two full-size
@@ -131,22 +148,23 @@ def relu_grad(ctx, node, gy):
     return [ctx.bwd.op("Mul", [gy[0], ctx.bwd.op("Cast", [mask], to=TensorProto.FLOAT)])]
 
 
-def _packed_mask(ctx: GradContext, y: str) -> str:
-    """Save ``y > 0`` as bits (8 per uint8) in the forward; unpack it to bool in the backward.
+_BIT_TABLE = ((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1).astype(np.float32)
 
-    Standard ops only: pack = Cast(uint8)(MatMul(mask as float, [1, 2, …, 128])) on groups of 8;
-    unpack = (packed << (7 - k)) >> 7 for k = 0..7 with BitShift on uint8.
+
+def _packed_mask(ctx: GradContext, y: str) -> str:
+    """Save ``y > 0`` as bits (8 per uint8) in the forward; return it as a float 0/1 mask.
+
+    Standard ops only. Pack: Cast(uint8)(MatMul(mask as float, [1, 2, …, 128])) on groups of 8.
+    Unpack: Gather rows of a [256, 8] table of bit patterns (twice as fast as BitShift on
+    onnxruntime's CPU kernels, and it yields the float mask the Mul needs directly).
     """
     f, b = ctx.fwd, ctx.bwd
     bits = f.op("Cast", [f.op("Greater", [y, f.const(0.0)])], to=TensorProto.FLOAT)
     weights = f.const(np.array([[2.0 ** k] for k in range(8)], dtype=np.float32))
     packed = f.op("Cast", [f.op("MatMul", [f.op("Reshape", [bits, f.ints([-1, 8])]), weights])],
                   to=TensorProto.UINT8, hint="relu_bits")
-    left = b.const(np.array([[7 - k for k in range(8)]], dtype=np.uint8), np.uint8)
-    seven = b.const(np.array([7], dtype=np.uint8), np.uint8)
-    one = b.op("BitShift", [b.op("BitShift", [packed, left], direction="LEFT"), seven],
-               direction="RIGHT")
-    return b.op("Reshape", [b.op("Cast", [one], to=TensorProto.BOOL), ctx.shape(y)])
+    idx = b.op("Cast", [b.op("Reshape", [packed, b.ints([-1])])], to=TensorProto.INT32)
+    return b.op("Reshape", [b.op("Gather", [b.const(_BIT_TABLE), idx], axis=0), ctx.shape(y)])
 
 
 @gradient("Softmax")
@@ -156,6 +174,120 @@ def softmax_grad(ctx, node, gy):
     gyy = ctx.bwd.op("Mul", [gy[0], y])
     s = ctx.bwd.op("ReduceSum", [gyy, ctx.bwd.ints([axis])], keepdims=1)
     return [ctx.bwd.op("Mul", [ctx.bwd.op("Sub", [gy[0], s]), y])]
+
+
+def _zeros(ctx: GradContext, shape: str) -> str:
+    """A float zero tensor of runtime shape ``shape`` (an int64 vector) in the backward."""
+    return ctx.bwd.op("ConstantOfShape", [shape],
+                      value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+
+
+def _mean_over(ctx: GradContext, t: str, axes: list[int], like: str) -> str:
+    """Mean of ``t`` over ``axes`` (keepdims), counted on tensor ``like``; any opset (no
+    ReduceMean, whose axes moved from attribute to input in opset 18)."""
+    count = ctx.shapes.numel_static(like, axes)
+    if count is None:
+        raise ExportError(f"tensor '{like}': axes {axes} must have static sizes")
+    return ctx.bwd.op("Mul", [reduce_sum(ctx, t, axes), ctx.bwd.const(1.0 / count)])
+
+
+@gradient("Erf")
+def erf_grad(ctx, node, gy):
+    b, x = ctx.bwd, node.input[0]
+    d = b.op("Exp", [b.op("Neg", [b.op("Mul", [x, x])])])
+    return [b.op("Mul", [gy[0], b.op("Mul", [d, b.const(2.0 / np.sqrt(np.pi))])])]
+
+
+@gradient("Sqrt")
+def sqrt_grad(ctx, node, gy):
+    b = ctx.bwd
+    return [b.op("Div", [gy[0], b.op("Mul", [node.output[0], b.const(2.0)])])]
+
+
+@gradient("Pow")
+def pow_grad(ctx, node, gy):
+    x, p = node.input
+    y = node.output[0]
+    b = ctx.bwd
+    gx = gp = None
+    if _needs(ctx, node, 0):
+        if p in ctx.constants:  # x^(p-1) with p - 1 folded now; p = 2 needs no Pow at all
+            pv = ctx.constant_value(p).astype(np.float32)
+            d = (b.op("Mul", [x, b.const(pv)]) if np.all(pv == 2.0) else
+                 b.op("Mul", [b.op("Pow", [x, b.const(pv - 1.0)]), b.const(pv)]))
+        else:
+            d = b.op("Mul", [b.op("Pow", [x, b.op("Sub", [p, b.const(1.0)])]), p])
+        gx = unbroadcast(ctx, b.op("Mul", [gy[0], d]), y, x)
+    if _needs(ctx, node, 1):  # d(x^p)/dp = y log x
+        gp = unbroadcast(ctx, b.op("Mul", [gy[0], b.op("Mul", [y, b.op("Log", [x])])]), y, p)
+    return [gx, gp]
+
+
+@gradient("Tanh")
+def tanh_grad(ctx, node, gy):
+    b, y = ctx.bwd, node.output[0]
+    return [b.op("Mul", [gy[0], b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])])]
+
+
+@gradient("Sigmoid")
+def sigmoid_grad(ctx, node, gy):
+    b, y = ctx.bwd, node.output[0]
+    return [b.op("Mul", [gy[0], b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])])]
+
+
+@gradient("Exp")
+def exp_grad(ctx, node, gy):
+    return [ctx.bwd.op("Mul", [gy[0], node.output[0]])]
+
+
+@gradient("Log")
+def log_grad(ctx, node, gy):
+    return [ctx.bwd.op("Div", [gy[0], node.input[0]])]
+
+
+@gradient("Clip")
+def clip_grad(ctx, node, gy):
+    """The gradient passes where min < x < max (as torch's ReLU6/hardtanh). The mask is read
+    from the output when a later rule keeps it alive anyway (a conv after ReLU6), else a 1-byte
+    mask is saved from the forward."""
+    lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    hi = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    y = node.output[0]
+    bld, t = (ctx.bwd, y) if ctx.is_saved_already(y) else (ctx.fwd, node.input[0])
+    conds = ([bld.op("Greater", [t, lo])] if lo else []) + ([bld.op("Less", [t, hi])] if hi else [])
+    if not conds:
+        return [gy[0]] + [None] * (len(node.input) - 1)
+    mask = conds[0] if len(conds) == 1 else bld.op("And", conds, hint="clip_mask")
+    g = ctx.bwd.op("Mul", [gy[0], ctx.bwd.op("Cast", [mask], to=TensorProto.FLOAT)])
+    return [g] + [None] * (len(node.input) - 1)
+
+
+@gradient("Where")
+def where_grad(ctx, node, gy):
+    c, x, other = node.input
+    y = node.output[0]
+    b = ctx.bwd
+    zero = b.const(0.0)
+    gx = unbroadcast(ctx, b.op("Where", [c, gy[0], zero]), y, x) if _needs(ctx, node, 1) else None
+    go = (unbroadcast(ctx, b.op("Where", [c, zero, gy[0]]), y, other)
+          if _needs(ctx, node, 2) else None)
+    return [None, gx, go]
+
+
+@gradient("Cast")
+def cast_grad(ctx, node, gy):
+    src, dst = ctx.shapes.dtype.get(node.input[0]), _attrs(node)["to"]
+    if not ctx.shapes.is_float(node.output[0]):
+        return [None]  # float -> int/bool: no gradient
+    return [gy[0] if src == dst else ctx.bwd.op("Cast", [gy[0]], to=src)]
+
+
+@gradient("Dropout")
+def dropout_grad(ctx, node, gy):
+    if len(node.input) > 2 and node.input[2] and ctx.constant_value(node.input[2]).item():
+        raise ExportError(f"Dropout '{node.name}' is in training mode; export the model in eval "
+                          "mode (dropout is then the identity)")
+    return [gy[0]] + [None] * (len(node.input) - 1)
 
 
 @gradient("Reshape")
@@ -188,6 +320,109 @@ def concat_grad(ctx, node, gy):
         sizes.append(d)
     parts = ctx.bwd.op_multi("Split", [gy[0], ctx.bwd.ints(sizes)], n_out=len(sizes), axis=axis)
     return [p if ctx.needs_grad(i) else None for p, i in zip(parts, node.input, strict=True)]
+
+
+@gradient("Expand")
+def expand_grad(ctx, node, gy):
+    return [unbroadcast(ctx, gy[0], node.output[0], node.input[0]), None]
+
+
+@gradient("Slice")
+def slice_grad(ctx, node, gy):
+    """Pad the gradient back to the input's shape (step 1 only; axes and steps constants).
+
+    Constant starts/ends give constant pads; computed ones (``chunk`` exports its bounds from
+    ``Shape``) give pads computed in the backward by ``_slice_pads``.
+    """
+    x = node.input[0]
+    dims = ctx.shapes.of(x)
+    rank = len(dims)
+    opt = [ctx.constant_value(i).tolist() if i else None for i in list(node.input[3:5])]
+    n_axes = ctx.shapes.numel_static(node.input[1], [0])
+    axes = opt[0] if opt and opt[0] is not None else list(range(n_axes or 0))
+    steps = opt[1] if len(opt) > 1 and opt[1] is not None else [1] * len(axes)
+    if any(s != 1 for s in steps):
+        raise ExportError(f"Slice '{node.name}': only step 1 is supported, got steps {steps}")
+    axes = [a % rank for a in axes]
+    rest = [None] * (len(node.input) - 1)
+    if not all(i in ctx.constants for i in node.input[1:3]) or not all(
+            isinstance(dims[a], int) for a in axes):
+        return [ctx.bwd.op("Pad", [gy[0], _slice_pads(ctx, node, axes, rank)])] + rest
+    starts, ends = (ctx.constant_value(i).tolist() for i in node.input[1:3])
+    pads = [0] * (2 * rank)
+    for st, en, ax in zip(starts, ends, axes, strict=True):
+        d = dims[ax]
+        st, en = (min(max(v + d if v < 0 else v, 0), d) for v in (st, en))
+        pads[ax], pads[rank + ax] = st, d - max(en, st)
+    return [ctx.bwd.op("Pad", [gy[0], ctx.bwd.ints(pads)])] + rest
+
+
+def _slice_pads(ctx: GradContext, node: onnx.NodeProto, axes: list[int], rank: int) -> str:
+    """Pads [begin..., end...] of a step-1 Slice, computed at run time: begin = the start
+    normalised and clamped to [0, dim]; end = dim - begin - output size."""
+    b = ctx.bwd
+    shape = ctx.shape(node.input[0])
+    dims = b.op("Gather", [shape, b.ints(axes)])
+    st = b.op("Cast", [node.input[1]], to=TensorProto.INT64)
+    st = b.op("Add", [st, b.op("Mul", [dims, b.op("Cast", [b.op("Less", [st, b.ints([0])])],
+                                                      to=TensorProto.INT64)])])
+    st = b.op("Max", [b.op("Min", [st, dims]), b.ints([0])])
+    begin = b.op("ScatterElements", [b.ints([0] * rank), b.ints(axes), st], axis=0)
+    end = b.op("Sub", [b.op("Sub", [shape, begin]), ctx.shape(node.output[0])])
+    return b.op("Concat", [begin, end], axis=0)
+
+
+@gradient("Pad")
+def pad_grad(ctx, node, gy):
+    """Constant-mode Pad: the gradient is the input window, a Pad by the negated pads (which
+    crops; pads may be computed in the forward, as the TorchScript exporter writes F.pad)."""
+    mode = _attrs(node).get("mode", "constant")
+    if mode != "constant":
+        raise ExportError(f"Pad '{node.name}': mode '{mode}' is not supported (constant only)")
+    b = ctx.bwd
+    neg = b.op("Neg", [node.input[1]])
+    axes = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
+    return [b.op("Pad", [gy[0], neg, ""] + axes if axes else [gy[0], neg])] + \
+        [None] * (len(node.input) - 1)
+
+
+@gradient("Split")
+def split_grad(ctx, node, gy):
+    """Concat the output gradients, zeros for outputs that do not reach the loss."""
+    parts = [g if g is not None else _zeros(ctx, ctx.shape(o))
+             for o, g in zip(node.output, gy, strict=True)]
+    return [ctx.bwd.op("Concat", parts, axis=_attrs(node).get("axis", 0))] + \
+        [None] * (len(node.input) - 1)
+
+
+@gradient("Gather")
+def gather_grad(ctx, node, gy):
+    """Scatter-add the gradient rows into zeros shaped like ``data`` (an embedding table).
+
+    The gathered axis is moved to the front so that ScatterND (reduction add: repeated indices
+    accumulate) indexes it; indices are taken modulo the axis size (negative indices).
+    """
+    if not _needs(ctx, node, 0):
+        return [None, None]
+    data, idx = node.input
+    b = ctx.bwd
+    rank = ctx.shapes.rank(data)
+    axis = _attrs(node).get("axis", 0) % rank
+    g, ri = gy[0], ctx.shapes.rank(idx)
+    if ri == 0:  # a scalar index drops the axis: put it back
+        idx, g, ri = b.op("Reshape", [idx, b.ints([1])]), b.op("Unsqueeze", [g, b.ints([axis])]), 1
+    front = [axis] + [a for a in range(rank) if a != axis]  # data axes, gathered axis first
+    perm = list(range(axis, axis + ri)) + list(range(axis)) + list(range(axis + ri, rank - 1 + ri))
+    if perm != sorted(perm):
+        g = b.op("Transpose", [g], perm=perm)
+    shape = ctx.shape(data)
+    zeros = _zeros(ctx, b.op("Gather", [shape, b.ints(front)]) if axis else shape)
+    size = b.op("Gather", [shape, b.ints([axis])])
+    pos = b.op("Unsqueeze", [b.op("Mod", [idx, size]), b.ints([-1])])
+    out = b.op("ScatterND", [zeros, pos, g], reduction="add")
+    if axis:
+        out = b.op("Transpose", [out], perm=[int(i) for i in np.argsort(front)])
+    return [out, None]
 
 
 def _reduce_axes(ctx, node) -> tuple[list[int], int]:
@@ -611,3 +846,39 @@ def batchnorm_grad(ctx, node, gy):
     if _needs(ctx, node, 2):
         gb = reduce_sum(ctx, gy[0], axes, keepdims=0)
     return [gx, gs, gb, None, None]
+
+
+def _layernorm_stats(node: onnx.NodeProto) -> tuple[str, str]:
+    """Ask the forward LayerNormalization for its Mean and InvStdDev outputs (small: one value
+    per normalised row), as the MaxPool rule asks for indices."""
+    while len(node.output) < 3:
+        node.output.append("")
+    for i, suffix in ((1, "mean"), (2, "invstd")):
+        if not node.output[i]:
+            node.output[i] = f"{node.output[0]}.{suffix}"
+    return node.output[1], node.output[2]
+
+
+@gradient("LayerNormalization")
+def layernorm_grad(ctx, node, gy):
+    """y = x̂·scale + B, x̂ = (x - mean)·invstd over axes [axis, rank);
+    g_x = invstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) with ĝ = g·scale."""
+    x, scale = node.input[0], node.input[1]
+    y, g, b = node.output[0], gy[0], ctx.bwd
+    rank = ctx.shapes.rank(x)
+    axes = list(range(_attrs(node).get("axis", -1) % rank, rank))
+    gx = gs = gb = None
+    if _needs(ctx, node, 2):
+        gb = unbroadcast(ctx, g, y, node.input[2])
+    if _needs(ctx, node, 0) or _needs(ctx, node, 1):
+        mean, invstd = _layernorm_stats(node)
+        xhat = b.op("Mul", [b.op("Sub", [x, mean]), invstd])
+        if _needs(ctx, node, 1):
+            gs = unbroadcast(ctx, b.op("Mul", [g, xhat]), y, scale)
+        if _needs(ctx, node, 0):
+            gh = b.op("Mul", [g, scale])
+            m1 = _mean_over(ctx, gh, axes, x)
+            m2 = _mean_over(ctx, b.op("Mul", [gh, xhat]), axes, x)
+            gx = b.op("Mul", [b.op("Sub", [b.op("Sub", [gh, m1]), b.op("Mul", [xhat, m2])]),
+                              invstd])
+    return [gx, gs, gb][: len(node.input)]

@@ -51,6 +51,11 @@ case("Add", "bias_nchw", "y = Add(x, t)", lambda x, t: x + t,
      {"x": rnd(2, 3, 4, 5), "t": rnd(1, 3, 1, 1)}, ["x", "t"])
 case("Add", "both_broadcast", "y = Add(a, b)", lambda a, b: a + b,
      {"a": rnd(3, 1), "b": rnd(2, 1, 4)}, ["a", "b"])
+case("Add", "runtime_broadcast_of_symbolic_dim",  # z is [unk, 3] at export, [1, 3] at run time
+     "h = Shape(b)\n k = Slice(h, i0, i1)\n e = Div(k, k)\n z = Slice(b, i0, e, i0)\n"
+     " s = Add(a, z)\n y = Reshape(s, shp)", lambda a, b: a + b[0:1],
+     {"a": rnd(2, 4, 3), "b": rnd(5, 3)}, ["a", "b"],
+     consts={"i0": i64(0), "i1": i64(1), "shp": i64(2, 4, 3)})
 case("Add", "same_tensor_twice", "y = Add(x, x)", lambda x: x + x, {"x": rnd(2, 3)}, ["x"])
 case("Sub", "broadcast_b", "y = Sub(a, b)", lambda a, b: a - b,
      {"a": rnd(2, 3, 4), "b": rnd(3, 1)}, ["a", "b"])
@@ -76,6 +81,47 @@ case("Softmax", "last_axis", "y = Softmax <axis = -1> (x)", lambda x: torch.soft
 case("Softmax", "axis1", "y = Softmax <axis = 1> (x)", lambda x: torch.softmax(x, 1),
      {"x": rnd(2, 3, 4)}, ["x"])
 
+case("Erf", "plain", "y = Erf(x)", torch.erf, {"x": rnd(2, 3, 4)}, ["x"])
+case("Erf", "gelu_erf", "s = Constant <value = float {1.4142135}> ()\n"
+     " h = Div(x, s)\n e = Erf(h)\n o = Constant <value = float {1.0}> ()\n"
+     " a = Add(e, o)\n m = Mul(x, a)\n c = Constant <value = float {0.5}> ()\n y = Mul(m, c)",
+     lambda x: F.gelu(x), {"x": rnd(2, 3, 4)}, ["x"])
+case("Sqrt", "positive", "y = Sqrt(x)", torch.sqrt, {"x": pos(2, 3)}, ["x"])
+case("Pow", "square_constant", "y = Pow(x, p)", lambda x: x ** 2, {"x": rnd(2, 3)}, ["x"],
+     consts={"p": np.array(2.0, np.float32)})
+case("Pow", "fractional_constant", "y = Pow(x, p)", lambda x: x ** 1.5, {"x": pos(2, 3)},
+     ["x"], consts={"p": np.array(1.5, np.float32)})
+case("Pow", "exponent_trainable", "y = Pow(x, p)", lambda x, p: x ** p,
+     {"x": pos(2, 3), "p": rnd(3)}, ["x", "p"])
+case("Tanh", "plain", "y = Tanh(x)", torch.tanh, {"x": rnd(2, 3)}, ["x"])
+case("Sigmoid", "plain", "y = Sigmoid(x)", torch.sigmoid, {"x": rnd(2, 3)}, ["x"])
+case("Exp", "plain", "y = Exp(x)", torch.exp, {"x": rnd(2, 3)}, ["x"])
+case("Log", "positive", "y = Log(x)", torch.log, {"x": pos(2, 3)}, ["x"])
+case("Clip", "relu6_mask_saved", "y = Clip(x, lo, hi)", lambda x: F.relu6(x), {"x": 4 * rnd(2, 3, 4)}, ["x"],
+     consts={"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)})
+case("Clip", "relu6_output_reused", "r = Clip(x, lo, hi)\n y = Mul(r, r)",
+     lambda x: F.relu6(x) ** 2, {"x": 4 * rnd(2, 3, 4)}, ["x"],
+     consts={"lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)})
+case("Clip", "min_only", "y = Clip(x, lo)", lambda x: torch.clamp(x, min=-0.5),
+     {"x": rnd(3, 4)}, ["x"], consts={"lo": np.array(-0.5, np.float32)})
+case("Clip", "max_only", 'y = Clip(x, "", hi)', lambda x: torch.clamp(x, max=0.3),
+     {"x": rnd(3, 4)}, ["x"], consts={"hi": np.array(0.3, np.float32)})
+_cond = _rng.random((2, 3, 4)) > 0.5
+case("Where", "broadcast_both", "y = Where(c, a, b)",
+     lambda a, b: torch.where(torch.from_numpy(_cond), a, b),
+     {"a": rnd(3, 4), "b": rnd(2, 1, 4)}, ["a", "b"], consts={"c": _cond})
+case("Where", "attention_isnan", "n = IsNaN(x)\n z = Constant <value = float {0.0}> ()\n"
+     " y = Where(n, z, x)", lambda x: x, {"x": rnd(2, 3, 4)}, ["x"])
+case("Cast", "float_to_float", "y = Cast <to = 1> (x)", lambda x: x, {"x": rnd(2, 3)}, ["x"])
+case("Cast", "to_int_has_no_grad", "i = Cast <to = 7> (x)\n f = Cast <to = 1> (i)\n"
+     " y = Add(f, x)", lambda x: torch.trunc(x).detach() + x, {"x": 3 * rnd(2, 3)}, ["x"])
+case("Dropout", "eval_no_training_mode", "y = Dropout(x)", lambda x: x, {"x": rnd(2, 3)}, ["x"])
+case("Dropout", "eval_training_mode_false", "y = Dropout(x, r, t)", lambda x: x,
+     {"x": rnd(2, 3)}, ["x"], consts={"r": np.array(0.1, np.float32), "t": np.array(False)})
+case("Dropout", "training_mode_true", "y = Dropout(x, r, t)", lambda x: x, {"x": rnd(2, 3)},
+     ["x"], consts={"r": np.array(0.0, np.float32), "t": np.array(True)},
+     xfail="a training-mode Dropout is refused; export in eval mode")
+
 # ---------------------------------------------------------------------------- shape ops
 
 case("Reshape", "initializer_shape", "y = Reshape(x, s)", lambda x: x.reshape(2, 12),
@@ -98,6 +144,48 @@ case("Concat", "axis1_partly_trainable", "y = Concat <axis = 1> (a, b, c)",
      {"a": rnd(2, 2, 3), "b": rnd(2, 3, 3), "c": rnd(2, 1, 3)}, ["a", "c"])
 case("Concat", "negative_axis", "y = Concat <axis = -1> (a, b)",
      lambda a, b: torch.cat([a, b], -1), {"a": rnd(2, 3), "b": rnd(2, 4)}, ["a", "b"])
+case("Expand", "broadcast", "y = Expand(x, s)", lambda x: x.expand(2, 3, 4),
+     {"x": rnd(3, 1)}, ["x"], consts={"s": i64(2, 3, 4)})
+case("Slice", "two_axes_negative", "y = Slice(x, s, e, a)", lambda x: x[:, 1:3, -3:-1],
+     {"x": rnd(2, 4, 5)}, ["x"], consts={"s": i64(1, -3), "e": i64(3, -1), "a": i64(1, 2)})
+case("Slice", "default_axes_clamped_end", "y = Slice(x, s, e)", lambda x: x[1:, :2],
+     {"x": rnd(3, 4)}, ["x"], consts={"s": i64(1, 0), "e": i64(9223372036854775807, 2)})
+case("Slice", "starts_from_shape",  # torch's chunk computes its bounds from Shape
+     "h = Shape(x)\n st = Slice(h, i2, i3)\n z = Slice(x, st, e, a)\n y = Reshape(z, s)",
+     lambda x: x[:, 3:], {"x": rnd(2, 5, 3)}, ["x"],
+     consts={"i2": i64(2), "i3": i64(3), "e": i64(99), "a": i64(-2), "s": i64(2, 2, 3)})
+case("Slice", "negative_start_computed",
+     "h = Shape(x)\n st = Slice(h, i2, i3)\n n = Neg(st)\n z = Slice(x, n, e, a)\n"
+     " y = Reshape(z, s)", lambda x: x[:, 2:4], {"x": rnd(2, 5, 3)}, ["x"],
+     consts={"i2": i64(2), "i3": i64(3), "e": i64(4), "a": i64(1), "s": i64(2, 2, 3)})
+case("Slice", "step2", "y = Slice(x, s, e, a, t)", lambda x: x[:, ::2],
+     {"x": rnd(2, 4)}, ["x"], consts={"s": i64(0), "e": i64(4), "a": i64(1), "t": i64(2)},
+     xfail="only step 1 is supported")
+case("Pad", "constant_pads", "y = Pad(x, p)", lambda x: F.pad(x, (1, 2, 0, 1)),
+     {"x": rnd(2, 3, 4, 5)}, ["x"], consts={"p": i64(0, 0, 0, 1, 0, 0, 1, 2)})
+case("Pad", "forward_pads_with_value",  # pads made in the forward reach the backward as saved
+     "p = Constant <value = int64[8] {0, 0, 1, 0, 0, 0, 0, 1}> ()\n y = Pad(x, p, v)",
+     lambda x: F.pad(x, (0, 1, 1, 0), value=0.5), {"x": rnd(2, 3, 4, 4)}, ["x"],
+     consts={"v": np.array(0.5, np.float32)})
+case("Pad", "negative_crop", "y = Pad(x, p)", lambda x: x[:, 1:],
+     {"x": rnd(2, 3)}, ["x"], consts={"p": i64(0, -1, 0, 0)})
+case("Pad", "opset18_axes", "y = Pad(x, p, \"\", a)", lambda x: F.pad(x, (2, 1)),
+     {"x": rnd(2, 3, 4)}, ["x"], consts={"p": i64(2, 1), "a": i64(-1)}, opset=18)
+case("Pad", "reflect", 'y = Pad <mode = "reflect"> (x, p)',
+     lambda x: F.pad(x, (1, 1), mode="reflect"), {"x": rnd(2, 3, 4)}, ["x"],
+     consts={"p": i64(0, 0, 1, 0, 0, 1)}, xfail="only constant-mode Pad is supported")
+case("Split", "one_output_unused", "a, b, c = Split <axis = 1> (x, s)\n y = Add(a, c)",
+     lambda x: x[:, :2] + x[:, 3:], {"x": rnd(2, 5, 3)}, ["x"], consts={"s": i64(2, 1, 2)})
+case("Split", "opset18_num_outputs", "a, b = Split <axis = -1, num_outputs = 2> (x)\n"
+     " y = Mul(a, b)", lambda x: x[..., :3] * x[..., 3:], {"x": rnd(2, 6)}, ["x"], opset=18)
+case("Gather", "embedding_repeated_ids", "y = Gather(w, ids)", lambda w, ids: w[ids],
+     {"w": rnd(6, 4), "ids": i64(0, 3, 3, 5, -1, 0).reshape(2, 3)}, ["w"])
+case("Gather", "axis1", "y = Gather <axis = 1> (x, i)", lambda x, i: x[:, i],
+     {"x": rnd(2, 5, 3), "i": i64(4, 1, 1, 0).reshape(2, 2)}, ["x"])
+case("Gather", "scalar_index_last_axis", "y = Gather <axis = 2> (x, i)", lambda x: x[..., 1],
+     {"x": rnd(2, 3, 4)}, ["x"], consts={"i": np.array(1, np.int64)})
+case("Gather", "frozen_table_none", "e = Gather(w, ids)\n y = Mul(e, s)",
+     lambda w, ids, s: w[ids] * s, {"w": rnd(6, 4), "ids": i64(1, 2), "s": rnd(4)}, ["s"])
 
 # ---------------------------------------------------------------------------- reductions
 
@@ -248,6 +336,28 @@ case("BatchNormalization", "training_mode",
      lambda x, s, b: F.batch_norm(x, None, None, s, b, True, 0.0, 1e-3),
      {"x": rnd(2, 3, 4, 5), "s": rnd(3), "b": rnd(3)}, ["x", "s", "b"], consts=_bn,
      xfail="training-form BatchNormalization is refused; export in eval mode")
+
+
+def _ln(axis: int):
+    def fn(x, s, b=None):
+        dims = tuple(range(axis % x.dim(), x.dim()))
+        mu = x.mean(dims, keepdim=True)
+        var = ((x - mu) ** 2).mean(dims, keepdim=True)
+        y = (x - mu) / torch.sqrt(var + 1e-5) * s
+        return y if b is None else y + b
+    return fn
+
+
+case("LayerNormalization", "last_axis", "y = LayerNormalization <axis = -1> (x, s, b)",
+     _ln(-1), {"x": rnd(2, 3, 8), "s": rnd(8), "b": rnd(8)}, ["x", "s", "b"])
+case("LayerNormalization", "axis1_no_bias", "y = LayerNormalization <axis = 1> (x, s)",
+     _ln(1), {"x": rnd(2, 3, 4), "s": rnd(3, 4)}, ["x", "s"])
+case("LayerNormalization", "only_params", "y = LayerNormalization (x, s, b)",
+     _ln(-1), {"x": rnd(4, 6), "s": rnd(6), "b": rnd(6)}, ["s", "b"])
+case("LayerNormalization", "mean_output_used",
+     "y0, m, v = LayerNormalization (x, s, b)\n y = Add(y0, m)",
+     lambda x, s, b: _ln(-1)(x, s, b) + x.mean(-1, keepdim=True),
+     {"x": rnd(3, 5), "s": rnd(5), "b": rnd(5)}, ["s", "b"])
 
 
 # ------------------------------------------------------------------------------ tests
