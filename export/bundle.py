@@ -179,9 +179,12 @@ class _WeightFile:
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.offsets: dict[str, tuple[int, int]] = {}
+        self.tensors: dict[str, dict] = {}  # name -> offset, length, shape, dtype (manifest)
         self.size = 0
 
-    def externalize(self, model: onnx.ModelProto) -> None:
+    def externalize(self, model: onnx.ModelProto) -> list[str]:
+        """Move ``model``'s large initializers to weights.bin; returns their names."""
+        names = []
         for t in model.graph.initializer:
             raw = numpy_helper.to_array(t).tobytes()
             if len(raw) < _EXTERNAL_MIN_BYTES:
@@ -191,6 +194,9 @@ class _WeightFile:
                 self.chunks.append(b"\0" * pad)
                 self.size += pad
                 self.offsets[t.name] = (self.size, len(raw))
+                self.tensors[t.name] = {"offset": self.size, "length": len(raw),
+                                        "shape": list(t.dims),
+                                        "dtype": _np_dtype(t.data_type)}
                 self.chunks.append(raw)
                 self.size += len(raw)
             off, length = self.offsets[t.name]
@@ -199,6 +205,8 @@ class _WeightFile:
             t.raw_data = raw  # set_external_data refuses a tensor without raw_data
             external_data_helper.set_external_data(t, "weights.bin", offset=off, length=length)
             t.ClearField("raw_data")
+            names.append(t.name)
+        return names
 
     def write(self, path: Path) -> None:
         with open(path, "wb") as f:
@@ -242,17 +250,17 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     graphs: dict[str, dict] = {}
     io: dict[str, dict] = {}
     modes = ["vanilla"] + (["instant", "calib"] if layers else [])
+    graph_weights: dict[str, list[str]] = {}
     for mode in modes:
         src = copy.deepcopy(fwd)
         if mode == "instant":
             _add_basis_inputs(src, layers)
         tg = build_training_graphs(src, "loss", params, mode, layers, opset)
-        for m in (tg.forward, tg.backward):
-            _prune_unused_inputs(m, data_inputs if m is tg.forward else set())
-            weights.externalize(m)
         files = {}
         for part, m in (("forward", tg.forward), ("backward", tg.backward)):
+            _prune_unused_inputs(m, data_inputs if part == "forward" else set())
             name = f"{mode}.{part}.onnx"
+            graph_weights[name] = weights.externalize(m)
             onnx.save(m, str(out / name))
             files[part] = name
         graphs[mode] = files
@@ -263,7 +271,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             "saved": tg.saved, "grads": tg.grads,
             "fwd_grams": tg.fwd_grams, "bwd_grams": tg.bwd_grams,
         }
-    weights.externalize(infer)
+    graph_weights["infer.onnx"] = weights.externalize(infer)
     onnx.save(infer, str(out / "infer.onnx"))
     graphs["infer"] = {"forward": "infer.onnx"}
     weights.write(out / "weights.bin")
@@ -286,6 +294,10 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                     "transposed": traced.torch_names.get(p, (p, False))[1]} for p in params],
         "trainable": trainable,
         "frozen_bytes": weights.size,
+        # Frozen tensors in weights.bin, and which graph uses which: the runtime maps the file
+        # once and hands the same buffers to every session (no per-session copy or mapping).
+        "weights": weights.tensors,
+        "graph_weights": graph_weights,
         "graphs": graphs,
         "io": io,
         "instant": {

@@ -47,7 +47,7 @@ def _probe(trainer: Trainer, fn) -> int:
 def measure_model(trainer: Trainer, data: Dataset, batch: int) -> MemoryModel:
     """Fit the memory model from probes at micro-batches 2 and up to 32 (never above ``batch``)."""
     m1, m2 = min(2, batch), min(32, batch)
-    static = sum(g.nbytes for g in trainer._grads.values())
+    static = sum(p.nbytes for p in trainer.params.values())  # the gradients of one step
     static += sum(a.nbytes for st in trainer.optimizer.state.values() for a in st.values())
     for st in trainer.optimizer.state.values():  # make the lazily-mapped zeros resident now
         for a in st.values():

@@ -59,9 +59,10 @@ def tune_malloc(mmap_threshold: int = 1 << 20) -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         ok = libc.mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
         libc.mallopt(m_trim_threshold, int(mmap_threshold))
+        libc.mallopt(m_arena_max, 2)  # per-thread arenas otherwise keep freed memory each
         return ok
     except (OSError, AttributeError):
         return False

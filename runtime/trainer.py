@@ -11,8 +11,10 @@ Memory discipline (DESIGN.md §2):
 
 from __future__ import annotations
 
+import mmap
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -34,14 +36,56 @@ class SessionConfig:
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
 
 
-def make_session(path, cfg: SessionConfig) -> ort.InferenceSession:
+class SharedWeights:
+    """The bundle's frozen weights, memory-mapped once and handed to every session.
+
+    Without this each session maps ``weights.bin`` on its own, and the pages a session touches
+    count again in the process RSS (measured: +48 MB for a second MiniLM session).
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.tensors: dict = bundle.manifest.get("weights", {})
+        self.by_graph: dict = bundle.manifest.get("graph_weights", {})
+        self._map = (np.memmap(bundle.path / "weights.bin", dtype=np.uint8, mode="r")
+                     if self.tensors else None)
+        self._values: dict[str, ort.OrtValue] = {}
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's RSS (MADV_DONTNEED on a read-only file
+        mapping: the next access faults them back in from the page cache). Called between
+        steps, so frozen weights count in the peak only while a pass actually reads them;
+        otherwise every embedding row ever gathered would stay resident."""
+        mm = getattr(self._map, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+    def for_graph(self, path) -> dict[str, ort.OrtValue]:
+        out = {}
+        for name in self.by_graph.get(Path(path).name, []):
+            if name not in self._values:
+                t = self.tensors[name]
+                arr = np.ndarray(t["shape"], dtype=np.dtype(t["dtype"]), buffer=self._map,
+                                 offset=t["offset"])
+                self._values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+            out[name] = self._values[name]
+        return out
+
+
+def make_session(path, cfg: SessionConfig,
+                 shared: SharedWeights | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    if shared is not None:
+        for name, value in shared.for_graph(path).items():
+            so.add_initializer(name, value)
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.enable_cpu_mem_arena = cfg.arena
     so.enable_mem_pattern = False
     # Basic (constant folding, redundant-node removal) only: the extended fusions raised the
     # training peak by 30-55 % on the token-MLP benchmark (vanilla 438 -> 570 MB above idle).
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # Pre-packed copies of constant (frozen) weights cost ~30 MB per MiniLM session and defeat
+    # the memory-mapping of weights.bin.
+    so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3
     if cfg.threads:
         so.intra_op_num_threads = cfg.threads
@@ -98,14 +142,15 @@ class Trainer:
         self.params = bundle.load_params(weights)
         self._param_ov = {k: _ov(v) for k, v in self.params.items()}
         self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay)
-        self.fwd = make_session(bundle.graph(mode, "forward"), self.cfg)
-        self.bwd = make_session(bundle.graph(mode, "backward"), self.cfg)
+        self.shared = SharedWeights(bundle)
+        self.fwd = make_session(bundle.graph(mode, "forward"), self.cfg, self.shared)
+        self.bwd = make_session(bundle.graph(mode, "backward"), self.cfg, self.shared)
         self.bases: dict[str, tuple[Basis, Basis]] = {}
         self._basis_ov: dict[str, ort.OrtValue] = {}
         self.step_count = 0
         self.calibrations = 0
         self.calib_seconds = 0.0
-        self._grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._grads: dict[str, np.ndarray] = {}  # filled by each step (no idle copy)
         self._grad_names = self.io["grads"]
 
     # ---------------------------------------------------------------------------- feeding
@@ -168,10 +213,13 @@ class Trainer:
                 if len(chunks) == 1:
                     self._grads[p] = g.numpy()
                 elif s == 0:
-                    np.multiply(g.numpy(), w, out=self._grads[p])
+                    first = g.numpy()
+                    first *= w
+                    self._grads[p] = first
                 else:
                     self._grads[p] += w * g.numpy()
             del grads
+        self.shared.release()
         return loss_sum, correct
 
     def train_step(self, x: dict[str, np.ndarray], y: np.ndarray) -> StepResult:
@@ -193,8 +241,8 @@ class Trainer:
         """
         t0 = time.perf_counter()
         io = self.bundle.io("calib")
-        cf = make_session(self.bundle.graph("calib", "forward"), self.cfg)
-        cb = make_session(self.bundle.graph("calib", "backward"), self.cfg)
+        cf = make_session(self.bundle.graph("calib", "forward"), self.cfg, self.shared)
+        cb = make_session(self.bundle.graph("calib", "backward"), self.cfg, self.shared)
         layers = self.bundle.layers
         gx = {ly["name"]: np.zeros((ly["x_dim"], ly["x_dim"]), np.float64) for ly in layers}
         gg = {ly["name"]: np.zeros((ly["g_dim"], ly["g_dim"]), np.float64) for ly in layers}
@@ -224,6 +272,7 @@ class Trainer:
                 del grams
                 samples += e - s
         del cf, cb
+        self.shared.release()
         for ly in layers:
             name = ly["name"]
             px = basis_from_gram(gx[name] / samples, self.energy, self.oversample)
@@ -250,7 +299,7 @@ class Trainer:
     def evaluate(self, data: Dataset, batch: int = 256) -> tuple[float, float | None]:
         """Mean loss and accuracy (classes) on ``data`` with the inference graph."""
         sess = make_session(self.bundle.path / self.bundle.manifest["graphs"]["infer"]["forward"],
-                            self.cfg)
+                            self.cfg, self.shared)
         names = [i.name for i in sess.get_inputs()]
         out = self.bundle.manifest["output"]
         total = 0.0
@@ -269,6 +318,7 @@ class Trainer:
             else:
                 total += float(np.square(logits - y).mean(axis=tuple(range(1, y.ndim))).sum())
         del sess
+        self.shared.release()
         return total / max(n, 1), (correct / n if ce and n else None)
 
     # ---------------------------------------------------------------------------- checkpoints
