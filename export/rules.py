@@ -167,6 +167,21 @@ def _packed_mask(ctx: GradContext, y: str) -> str:
     return b.op("Reshape", [b.op("Gather", [b.const(_BIT_TABLE), idx], axis=0), ctx.shape(y)])
 
 
+@gradient("Gelu")
+def gelu_grad(ctx, node, gy):
+    """Exact (erf) GELU: g · (Φ(x) + x·φ(x)), recomputed from the saved input alone. Also the
+    rule of the opset-20 Gelu op; torch's five-op form is fused into it (autodiff._fuse_gelu)."""
+    if _attrs(node).get("approximate", "none") != "none":
+        raise ExportError(f"Gelu '{node.name}': only approximate='none' is supported")
+    b = ctx.bwd
+    x = node.input[0]
+    cdf = b.op("Mul", [b.op("Add", [b.op("Erf", [b.op("Div", [x, b.const(float(np.sqrt(2.0)))])]),
+                                    b.const(1.0)]), b.const(0.5)])
+    pdf = b.op("Mul", [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5)])]),
+                       b.const(float(1.0 / np.sqrt(2.0 * np.pi)))])
+    return [b.op("Mul", [gy[0], b.op("Add", [cdf, b.op("Mul", [x, pdf])])])]
+
+
 @gradient("Softmax")
 def softmax_grad(ctx, node, gy):
     axis = _attrs(node).get("axis", -1)

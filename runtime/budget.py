@@ -18,7 +18,7 @@ from devices.planner import BudgetError, LayerSpec, MemoryModel, Plan, make_plan
 
 from .data import Dataset
 from .errors import UserError
-from .memory import current_rss, peak_rss, reset_peak
+from .memory import current_rss, reset_peak, window_peak
 from .trainer import Trainer
 
 __all__ = ["BudgetGuard", "layer_specs", "measure_model", "plan_for_budget", "print_plan"]
@@ -41,43 +41,61 @@ def _probe(trainer: Trainer, fn) -> int:
     before = current_rss()
     reset_peak()
     fn()
-    return max(0, peak_rss() - before)
+    return max(0, window_peak() - before)
 
 
 def measure_model(trainer: Trainer, data: Dataset, batch: int) -> MemoryModel:
-    """Fit the memory model from probes at micro-batches 2 and up to 32 (never above ``batch``)."""
-    m1, m2 = min(2, batch), min(32, batch)
-    static = sum(p.nbytes for p in trainer.params.values())  # the gradients of one step
-    static += sum(a.nbytes for st in trainer.optimizer.state.values() for a in st.values())
-    for st in trainer.optimizer.state.values():  # make the lazily-mapped zeros resident now
-        for a in st.values():
-            a.fill(0.0)
+    """Fit the memory model from small probes, each measured as the process's peak RSS.
+
+    Calibration probes run an exact pass over 1 and 4 samples. Step probes run two micro-batches
+    of 2 and of up to 8 samples, so gradient accumulation is part of what is measured; one
+    unmeasured warm-up step comes first. Probes stay small so planning itself fits the budget.
+    """
     rng = np.random.default_rng(12345)
     calib = {}
+    c1, c2 = 1, max(1, min(4, batch))
     if trainer.mode == "instant":
         saved_batches, saved_micro = trainer.calib_batches, trainer.calib_micro_batch
         trainer.calib_batches = 1
-        for m in sorted({m1, m2}):
+        for m in sorted({c1, c2}):
             trainer.calib_micro_batch = m
             calib[m] = _probe(trainer, lambda m=m: trainer.calibrate(data, m, rng))
         trainer.calib_batches, trainer.calib_micro_batch = saved_batches, saved_micro
         trainer.calibrations = 0
+    # The optimizer state is allocated (and touched) when the trainer is built: it is part of
+    # the measured idle RSS and is reported apart. A step's gradients are part of ``fixed``.
+    static = sum(a.nbytes for st in trainer.optimizer.state.values() for a in st.values())
+    m1, m2 = min(2, max(1, batch // 2)), max(1, min(8, batch // 2))
+    _step_probe(trainer, data, m1, rng)  # warm-up, unmeasured
     idle = current_rss()
-    steps = {}
-    idx = rng.choice(len(data), size=m2, replace=False)
+    steps = {m: _step_probe(trainer, data, m, rng) for m in sorted({m1, m2})}
+    return _fit(trainer, idle, static, steps, calib, c1, c2)
+
+
+def _step_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generator) -> int:
+    """Peak RSS above the current RSS of one gradient pass over two micro-batches of ``m``."""
+    idx = rng.choice(len(data), size=min(len(data), 2 * m), replace=False)
     x, y = data.take(idx)
-    for m in sorted({m1, m2}):
-        xm = {k: v[:m] for k, v in x.items()}
-        steps[m] = _probe(trainer, lambda xm=xm, m=m: trainer.gradients(xm, y[:m]))
+    saved_micro, trainer.micro_batch = trainer.micro_batch, m
+    try:
+        return _probe(trainer, lambda: trainer.gradients(x, y))
+    finally:
+        trainer._grads.clear()
+        trainer.micro_batch = saved_micro
+
+
+def _fit(trainer: Trainer, idle: int, static: int, steps: dict[int, int], calib: dict[int, int],
+         c1: int, c2: int) -> MemoryModel:
+    """Linear fit through the smallest and the largest step probe (and the two calib probes)."""
+    m1, m2 = min(steps), max(steps)
     saved = sum(s.x_bytes_per_rank * s.default_rank for s in layer_specs(trainer))
-    slope = (steps[m2] - steps[m1]) / (m2 - m1) if m2 > m1 else steps[m1] / m1
-    slope = max(slope, 0.0)
+    slope = max(0.0, (steps[m2] - steps[m1]) / (m2 - m1)) if m2 > m1 else steps[m1] / m1
     fixed = max(0, int(steps[m1] - slope * m1))
     cslope = cfixed = 0.0
     if calib:
-        cslope = max(0.0, (calib[m2] - calib[m1]) / (m2 - m1)) if m2 > m1 else calib[m1] / m1
-        cfixed = max(0, int(calib[m1] - cslope * m1))
-    return MemoryModel(idle=idle, static=static, fixed=fixed,
+        cslope = max(0.0, (calib[c2] - calib[c1]) / (c2 - c1)) if c2 > c1 else calib[c1] / c1
+        cfixed = max(0, int(calib[c1] - cslope * c1))
+    return MemoryModel(idle=idle - static, static=static, fixed=fixed,
                        per_sample_other=max(0.0, slope - saved),
                        calib_fixed=int(cfixed), calib_per_sample=cslope)
 
@@ -91,12 +109,33 @@ def plan_for_budget(trainer: Trainer, data: Dataset, batch: int, budget: int) ->
     model = measure_model(trainer, data, batch)
     try:
         plan = make_plan(model, budget, batch, layer_specs(trainer))
+        # Small probes under-estimate the slope (small tensors, fixed costs): probe again at
+        # half the planned micro-batch, refit through it and plan again.
+        half = plan.micro_batch // 2
+        if half > 8:
+            steps = {2: int(model.fixed + 2 * (model.per_sample_other + _saved_now(trainer))),
+                     half: _step_probe(trainer, data, half, np.random.default_rng(7))}
+            model = _refit(model, trainer, steps)
+            plan = make_plan(model, budget, batch, layer_specs(trainer))
     except BudgetError as exc:
         raise UserError(str(exc)) from None
     trainer.micro_batch = plan.micro_batch
     trainer.calib_micro_batch = plan.calib_micro_batch
     trainer.rank_caps = dict(plan.ranks)
     return plan
+
+
+def _saved_now(trainer: Trainer) -> int:
+    return sum(s.x_bytes_per_rank * s.default_rank for s in layer_specs(trainer))
+
+
+def _refit(model: MemoryModel, trainer: Trainer, steps: dict[int, int]) -> MemoryModel:
+    m1, m2 = min(steps), max(steps)
+    slope = max(0.0, (steps[m2] - steps[m1]) / (m2 - m1))
+    return MemoryModel(idle=model.idle, static=model.static,
+                       fixed=max(0, int(steps[m1] - slope * m1)),
+                       per_sample_other=max(0.0, slope - _saved_now(trainer)),
+                       calib_fixed=model.calib_fixed, calib_per_sample=model.calib_per_sample)
 
 
 class BudgetGuard:
@@ -107,7 +146,10 @@ class BudgetGuard:
         self.shrinks = 0
 
     def after_step(self, batch: int) -> None:
-        peak = peak_rss()
+        """Check this step's peak (the high-water mark is reset after each check, so one early
+        spike does not shrink every later step)."""
+        peak = window_peak()
+        reset_peak()
         if peak <= GUARD * self.budget:
             return
         tr = self.trainer

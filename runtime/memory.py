@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import resource
 
-__all__ = ["current_rss", "peak_rss", "reset_peak", "tune_malloc"]
+__all__ = ["current_rss", "peak_rss", "reset_peak", "tune_malloc", "window_peak"]
 
 
 def _status_field(field: str) -> int | None:
@@ -29,16 +29,27 @@ def current_rss() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
-def peak_rss() -> int:
-    """Peak resident set size of this process since start (or since ``reset_peak``), in bytes."""
+_before_reset = 0  # the highest mark seen before any reset_peak(): whole-run peaks keep it
+
+
+def window_peak() -> int:
+    """Peak resident set size since the last ``reset_peak`` (or since start), in bytes."""
     v = _status_field("VmHWM")
     if v is not None:
         return v
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def peak_rss() -> int:
+    """Peak resident set size of this process since it started, in bytes (resets included)."""
+    return max(window_peak(), _before_reset)
+
+
 def reset_peak() -> bool:
-    """Reset the kernel's high-water mark to the current RSS (Linux >= 4.0). True on success."""
+    """Start a new measuring window: reset the kernel's high-water mark to the current RSS
+    (Linux >= 4.0), remembering the old mark for ``peak_rss``. True on success."""
+    global _before_reset
+    _before_reset = max(_before_reset, window_peak())
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -47,7 +58,7 @@ def reset_peak() -> bool:
         return False
 
 
-def tune_malloc(mmap_threshold: int = 1 << 20) -> bool:
+def tune_malloc(mmap_threshold: int = 1 << 16) -> bool:
     """Make glibc return large freed blocks to the OS at once (Linux/glibc only).
 
     glibc raises its mmap threshold after each large free (up to 32 MB), after which tensors of

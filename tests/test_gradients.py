@@ -86,6 +86,8 @@ case("Erf", "gelu_erf", "s = Constant <value = float {1.4142135}> ()\n"
      " h = Div(x, s)\n e = Erf(h)\n o = Constant <value = float {1.0}> ()\n"
      " a = Add(e, o)\n m = Mul(x, a)\n c = Constant <value = float {0.5}> ()\n y = Mul(m, c)",
      lambda x: F.gelu(x), {"x": rnd(2, 3, 4)}, ["x"])
+case("Gelu", "opset20", "y = Gelu(x)", lambda x: F.gelu(x), {"x": rnd(2, 3, 4)}, ["x"],
+     opset=20)
 case("Sqrt", "positive", "y = Sqrt(x)", torch.sqrt, {"x": pos(2, 3)}, ["x"])
 case("Pow", "square_constant", "y = Pow(x, p)", lambda x: x ** 2, {"x": rnd(2, 3)}, ["x"],
      consts={"p": np.array(2.0, np.float32)})

@@ -1,0 +1,1 @@
+"""Peer benchmark harness (``python -m benchmarks.peers``); see ``run.py``."""

@@ -1,0 +1,48 @@
+"""Smoke test of the peer benchmark harness (``benchmarks/peers``): quick mode on the tiny cnn."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_order_matches_runtime():
+    """Every system must see the runtime's batches in the runtime's order."""
+    from benchmarks.peers.common import Order
+    from runtime.run import _Order
+
+    for n, batch in ((100, 32), (10, 32), (64, 32)):
+        ours, theirs = Order(n, batch, 0), _Order(n, batch, np.random.default_rng(0))
+        for _ in range(7):
+            assert np.array_equal(ours.next(), theirs.next())
+
+
+@pytest.mark.slow
+def test_quick_bench_cnn(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--quick", "--workloads", "cnn",
+                        "--steps", "6", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    md = (out / "results.md").read_text()
+    rows = {ln.split("|")[1].strip(): ln for ln in md.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| system")}
+    for system in ("pytorch", "ir-vanilla", "ir-instant", "ir-instant@128MB", "forward"):
+        assert system in rows, md
+        assert "| ok" in rows[system], rows[system]
+    # ORT-training runs only where its venv exists (x86_64); otherwise a clear skipped row
+    assert "ort-training" in rows
+    assert "| ok" in rows["ort-training"] or "skipped" in rows["ort-training"]
+    assert "init check: max|Δlogits|" in md
+    assert (out / "results.json").is_file()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "chart.png").stat().st_size > 0
