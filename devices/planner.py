@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["BudgetError", "LayerSpec", "MemoryModel", "Plan", "make_plan"]
 
-SAFETY = 0.92  # plan to this fraction of the budget: RSS measurement granularity, allocator slack
+SAFETY = 0.88  # plan to this fraction of the budget: probe error, allocator slack
 
 
 class BudgetError(ValueError):

@@ -1,7 +1,13 @@
-"""`make demo`: export a built-in model, fine-tune it on real data, print what happened.
+"""`make demo` (built-in CNN on real digits, vanilla vs INSTANT) and `make demo-minilm`
+(pretrained all-MiniLM-L6-v2 fine-tuned on movie-review sentiment under a 256 MB budget).
 
-The export step runs in its own process (it imports torch, as a workstation would); training
-runs in a torch-free process, as on the device.
+About the MiniLM run:
+
+Export (a workstation step: it imports torch) runs in its own process; training runs in a
+torch-free process under ``--budget 256MB``, as it would on the device: last 2 encoder layers +
+a new classifier head trainable, INSTANT on all 12 Linear layers of those blocks, Rotten
+Tomatoes snippets tokenised on the device. It prints held-out accuracy before and after, the
+per-layer ranks, and the predicted and measured peak memory.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ def _run(*args: str) -> None:
         sys.exit(rc)
 
 
-def main() -> int:
+def cnn() -> int:
     out = Path("runs/demo")
     bundle = out / "cnn"
     _run("export", "--model", "cnn", "--out", str(bundle))
@@ -31,6 +37,23 @@ def main() -> int:
              "--lr", "3e-3", "--mode", mode, "--oversample", "7", "--calib-every", "20",
              "--threads", "2", "--out", str(out / f"run-{mode}"))
     return 0
+
+
+def minilm() -> int:
+    out = Path("runs/demo")
+    bundle = out / "minilm-l6"
+    if not (bundle / "manifest.json").is_file():
+        _run("export", "--model", "minilm-l6", "--trainable", "last:3", "--oversample", "7",
+             "--out", str(bundle))
+    _run("train", str(bundle), "--data", "rotten-tomatoes", "--budget", "256MB",
+         "--steps", "80", "--batch", "32", "--optimizer", "sgd", "--lr", "0.05",
+         "--threads", "2", "--out", str(out / "run"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    which = (argv if argv is not None else sys.argv[1:]) or ["cnn"]
+    return minilm() if which[0] == "minilm" else cnn()
 
 
 if __name__ == "__main__":

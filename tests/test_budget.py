@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.planner import BudgetError, LayerSpec, MemoryModel, make_plan
+from devices.planner import SAFETY, BudgetError, LayerSpec, MemoryModel, make_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from seqdata import make_sequences  # noqa: E402
@@ -107,10 +107,10 @@ def _model(**kw):
 
 def test_planner_picks_the_largest_micro_batch_that_fits():
     plan = make_plan(_model(), 200 * MB, 128, [])
-    assert plan.predicted_peak <= 0.92 * 200 * MB
-    assert _model().step_peak(plan.micro_batch + 1, 0) > 0.92 * 200 * MB or plan.micro_batch == 128
+    assert plan.predicted_peak <= SAFETY * 200 * MB
+    assert _model().step_peak(plan.micro_batch + 1, 0) > SAFETY * 200 * MB or plan.micro_batch == 128
     assert plan.calib_micro_batch <= plan.micro_batch
-    assert _model().calib_peak(plan.calib_micro_batch) <= 0.92 * 200 * MB
+    assert _model().calib_peak(plan.calib_micro_batch) <= SAFETY * 200 * MB
 
 
 def test_planner_lowers_ranks_only_when_micro_batch_one_does_not_fit():
@@ -119,10 +119,10 @@ def test_planner_lowers_ranks_only_when_micro_batch_one_does_not_fit():
     roomy = make_plan(_model(), 400 * MB, 8, [big, cheap])
     assert roomy.ranks == {"a": 5, "b": 2}
     m = _model(per_sample_other=0, fixed=0, static=0, calib_fixed=0, calib_per_sample=0,
-               idle=int(0.92 * 100 * MB) - 12_000)
+               idle=int(SAFETY * 100 * MB) - 12_000)
     tight = make_plan(m, 100 * MB, 1, [big, cheap])
     assert tight.micro_batch == 1 and tight.ranks["a"] < 5 and tight.ranks["b"] == 2
-    assert tight.predicted_peak <= 0.92 * 100 * MB
+    assert tight.predicted_peak <= SAFETY * 100 * MB
 
 
 def test_planner_refuses_with_the_minimum():
