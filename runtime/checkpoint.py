@@ -31,8 +31,8 @@ from tqdm import tqdm
 from .bundle import Bundle, file_sha256
 from .errors import UserError
 
-__all__ = ["Checkpointer", "StopSignals", "TrainingInterrupted", "Writer", "bundle_sha256",
-           "warn", "write_npz"]
+__all__ = ["Checkpointer", "StopSignals", "TrainingInterrupted", "Writer", "atomic_write",
+           "bundle_sha256", "warn", "write_npz", "write_text"]
 
 FORMAT = "instant-runtime-checkpoint"
 FORMAT_VERSION = 1
@@ -47,6 +47,29 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """The default writer: an uncompressed ``.npz`` streamed to ``path``, flushed and fsynced."""
     with open(path, "wb") as f:
         np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` on a temporary name in the same folder, then
+    ``os.replace`` it over ``path`` and fsync the folder: a crash leaves the old file or the new
+    one, never a torn one. ``write`` must flush and fsync what it writes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Text written, flushed and fsynced (a writer for :func:`atomic_write`)."""
+    with open(path, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -124,14 +147,8 @@ class Checkpointer:
         return final
 
     def _write_pointer(self, entries: list[dict]) -> None:
-        path = self.folder / POINTER
-        tmp = self.folder / f".{POINTER}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(json.dumps({"format": FORMAT, "checkpoints": entries}, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.folder)
+        text = json.dumps({"format": FORMAT, "checkpoints": entries}, indent=1)
+        atomic_write(self.folder / POINTER, lambda p: write_text(p, text))
 
     def _prune(self, keep: set[str]) -> None:
         for f in self.folder.iterdir():

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from .accounting import format_table, layer_costs
 from .bundle import Bundle
-from .checkpoint import Checkpointer, StopSignals, TrainingInterrupted, Writer, warn
+from .checkpoint import (Checkpointer, StopSignals, TrainingInterrupted, Writer, atomic_write, warn,
+                         write_text)
 from .data import Dataset
 from .errors import UserError
 from .memory import current_rss, peak_rss
@@ -247,5 +248,6 @@ def train(trainer: Trainer, data: Dataset, cfg: RunConfig, bundle: Bundle) -> Su
         s.guard_shrinks = guard.shrinks if guard else 0
         s.micro_batch = trainer.micro_batch or batch
     if cfg.out is not None:
-        (cfg.out / "summary.json").write_text(json.dumps(asdict(s), indent=1))
+        text = json.dumps(asdict(s), indent=1)
+        atomic_write(cfg.out / "summary.json", lambda p: write_text(p, text))
     return s

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from .bundle import Bundle
 from .calibrate import Basis, basis_from_gram
+from .checkpoint import atomic_write, write_npz
 from .data import Dataset
 from .errors import UserError
 from .memory import tune_malloc
@@ -338,7 +339,8 @@ class Trainer:
         meta = {"mode": self.mode, "optimizer": type(self.optimizer).__name__,
                 "optimizer_t": self.optimizer.t, "step_count": self.step_count,
                 "calibrations": self.calibrations, "calib_seconds": self.calib_seconds,
-                "bases": bases}
+                "bases": bases, "micro_batch": self.micro_batch,
+                "calib_micro_batch": self.calib_micro_batch, "rank_caps": self.rank_caps}
         return arrays, meta
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -370,8 +372,17 @@ class Trainer:
                           arrays[f"basis/{layer}/{t}.spectrum"]) for t in "pq")
             self.set_bases(layer, p, q)
         self.step_count = int(meta["step_count"])
+        # A budget guard may have shrunk the micro-batches: keep the smaller of saved and planned.
+        for key in ("micro_batch", "calib_micro_batch"):
+            saved, now = meta.get(key), getattr(self, key)
+            if saved is not None and (now is None or saved < now):
+                setattr(self, key, int(saved))
+        for name, cap in (meta.get("rank_caps") or {}).items():
+            self.rank_caps[name] = min(int(cap), self.rank_caps.get(name, int(cap)))
         self.calibrations = int(meta["calibrations"])
         self.calib_seconds = float(meta["calib_seconds"])
 
     def save_params(self, path) -> None:
-        np.savez(path, **self.params)
+        """The trained parameters as ``.npz``, written atomically (a crash leaves the previous
+        file or the new one)."""
+        atomic_write(Path(path), lambda p: write_npz(p, self.params))

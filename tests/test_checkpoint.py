@@ -179,6 +179,32 @@ def test_failed_write_keeps_the_last_good_checkpoint(mlp_bundle, tmp_path) -> No
     assert_same_params(out / "params.npz", tmp_path / "ref" / "params.npz")
 
 
+def test_final_params_write_is_atomic(mlp_bundle, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 10)
+    before = (out / "params.npz").read_bytes()
+    import runtime.trainer
+
+    monkeypatch.setattr(runtime.trainer, "write_npz", half_then_full_disk(1))
+    with pytest.raises(OSError, match="No space left"):
+        _train(mlp_bundle, out, 20)
+    assert (out / "params.npz").read_bytes() == before  # the previous weights, untouched
+    assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
+
+
+def test_resume_keeps_the_guard_shrunk_micro_batch(mlp_bundle, tmp_path) -> None:
+    out = tmp_path / "run"
+    b = open_bundle(mlp_bundle)
+    tr = _trainer(mlp_bundle)
+    tr.micro_batch, tr.calib_micro_batch = 8, 4  # as a budget guard leaves them
+    train(tr, load_data("digits", b), RunConfig(steps=10, out=out, progress=False), b)
+    again = _trainer(mlp_bundle)
+    again.micro_batch = 16  # the new run's plan: the smaller saved value wins
+    train(again, load_data("digits", b),
+          RunConfig(steps=20, out=out, progress=False, resume=True), b)
+    assert (again.micro_batch, again.calib_micro_batch) == (8, 4)
+
+
 def test_unwritable_checkpoint_folder_is_one_error_line(cli, mlp_bundle, tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()
