@@ -29,6 +29,8 @@ from .graph import Builder, ExportError, Shapes
 
 __all__ = [
     "GRADIENTS",
+    "GRAD_ACC",
+    "LOSS_SCALE",
     "CompressedLayer",
     "GradContext",
     "TrainingGraphs",
@@ -38,6 +40,8 @@ __all__ = [
 ]
 
 MODES = ("vanilla", "instant", "calib")
+LOSS_SCALE = "loss_scale"  # backward input: the seed dL/dloss (training modes)
+GRAD_ACC = "grad_acc."  # backward inputs grad_acc.<param>: the gradient accumulated so far
 
 Rule = Callable[["GradContext", onnx.NodeProto, list], list]
 GRADIENTS: dict[str, Rule] = {}
@@ -268,7 +272,10 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
                 if a.name == "value":
                     ctx.constants[n.output[0]] = numpy_helper.to_array(a.t)
 
-    contrib: dict[str, list[str]] = {loss: [bwd.const(1.0)]}
+    # The backward's seed dL/dloss is a graph input in the training modes: the runtime feeds each
+    # micro-batch's share of the batch (m / n), so gradients arrive already weighted.
+    seed = LOSS_SCALE if mode != "calib" else bwd.const(1.0)
+    contrib: dict[str, list[str]] = {loss: [seed]}
     fused = _fuse_gelu(g, ctx.constants)
     for node in reversed(list(g.node)):
         node = fused.get(node.name, node)
@@ -297,16 +304,23 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
                 contrib.setdefault(inp, []).append(gi)
 
     grads: dict[str, str] = {}
+    extra: dict[str, onnx.ValueInfoProto] = {}
     if mode != "calib":
+        extra[LOSS_SCALE] = helper.make_tensor_value_info(LOSS_SCALE, onnx.TensorProto.FLOAT, [])
         for p in params:
             if p not in contrib:
                 raise ExportError(f"trainable parameter '{p}' does not reach the loss; "
                                   "remove it from --trainable")
-            out = f"grad.{p}"
-            bwd.nodes.append(helper.make_node("Identity", [_sum_grads(bwd, contrib.pop(p))],
+            # Accumulate in the graph: grad = acc + this micro-batch's gradient. The runtime binds
+            # the output to the acc input's own buffer, so a step holds one gradient buffer per
+            # parameter, not two, and each fresh gradient dies as soon as it is added.
+            acc, out = f"{GRAD_ACC}{p}", f"grad.{p}"
+            dtype = shapes.dtype.get(p, onnx.TensorProto.FLOAT)
+            extra[acc] = helper.make_tensor_value_info(acc, dtype, list(shapes.shape[p]))
+            bwd.nodes.append(helper.make_node("Add", [acc, _sum_grads(bwd, contrib.pop(p))],
                                               [out], name=f"grad_out_{p}"))
             grads[p] = out
-    return _split(fwd_model, fwd, bwd, ctx, grads, opset, mode)
+    return _split(fwd_model, fwd, bwd, ctx, grads, opset, mode, extra)
 
 
 def _fuse_gelu(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> dict[str, onnx.NodeProto]:
@@ -365,7 +379,8 @@ def _sum_grads(bwd: Builder, terms: list[str]) -> str:
 
 
 def _split(fwd_model, fwd: Builder, bwd: Builder, ctx: GradContext,
-           grads: dict[str, str], opset: int, mode: str) -> TrainingGraphs:
+           grads: dict[str, str], opset: int, mode: str,
+           extra: dict[str, onnx.ValueInfoProto]) -> TrainingGraphs:
     g = fwd_model.graph
     produced_bwd = {o for n in bwd.nodes for o in n.output} | {i.name for i in bwd.initializers}
     fwd_inputs = {i.name: i for i in g.input}
@@ -381,7 +396,9 @@ def _split(fwd_model, fwd: Builder, bwd: Builder, ctx: GradContext,
             if not name or name in produced_bwd or name in seen:
                 continue
             seen.add(name)
-            if name in fwd_inputs:
+            if name in extra:
+                bwd_inputs.append(extra[name])
+            elif name in fwd_inputs:
                 bwd_inputs.append(fwd_inputs[name])
             elif name in fwd_inits:
                 bwd_inits.append(fwd_inits[name])

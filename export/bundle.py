@@ -1,6 +1,6 @@
 """Write a training bundle: standard-op ONNX graphs, weights and a manifest.
 
-Layout of a bundle directory (format version 1)::
+Layout of a bundle directory (format version 2)::
 
     manifest.json              what the runtime needs: inputs, labels, params, graphs, layers
     weights.bin                frozen weights as ONNX external data (memory-mapped by onnxruntime)
@@ -26,16 +26,23 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from runtime.bundle import file_sha256
 
 from . import rules  # noqa: F401  (registers the gradient rules)
-from .autodiff import CompressedLayer, build_training_graphs, find_compressible_layers
+from .autodiff import (
+    GRAD_ACC,
+    LOSS_SCALE,
+    CompressedLayer,
+    build_training_graphs,
+    find_compressible_layers,
+)
 from .graph import ExportError, Shapes
 from .trace import Traced, load_model, parse_input_shapes
 
 __all__ = ["FORMAT_VERSION", "export_bundle", "select_trainable"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MIN_ORT = "1.17"
 LOSSES = ("cross_entropy", "mse")
 _EXTERNAL_MIN_BYTES = 1024
+LOOKUP_MIN_BYTES = 1 << 20  # frozen embedding tables this large are read by the runtime
 
 
 def _candidate_params(traced: Traced) -> list[str]:
@@ -173,6 +180,50 @@ def _add_basis_inputs(model: onnx.ModelProto, layers: list[CompressedLayer]) -> 
             ly.q_input, TensorProto.FLOAT, [f"rank_g.{ly.name}", ly.g_dim]))
 
 
+def _split_lookups(model: onnx.ModelProto, data_inputs: set[str],
+                   weights: _WeightFile) -> dict[str, dict]:
+    """Take large frozen embedding lookups out of the graph: the runtime reads the rows.
+
+    A ``Gather`` (axis 0) of a frozen table of at least ``LOOKUP_MIN_BYTES`` by a data input
+    (token ids) becomes a graph input of the same name; the table goes to ``weights.bin`` and
+    the runtime fills the input with ``pread`` of the rows the batch uses. Through a memory map
+    the same lookup would fault in far more than those rows: the kernel maps 64 KB around each
+    fault, which for MiniLM's 47 MB word-embedding table and a batch of 1,024 random tokens is
+    nearly the whole table (measured 71 MB of ``weights.bin`` resident instead of 28).
+    Returns {graph input: {"table", "indices"}} for the manifest.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    ins = {vi.name: vi for vi in g.input}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    lookups: dict[str, dict] = {}
+    keep = []
+    for n in g.node:
+        table = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        big = table is not None and int(np.prod(table.dims)) * 4 >= LOOKUP_MIN_BYTES
+        if not (big and axis == 0 and table.data_type == TensorProto.FLOAT
+                and n.input[1] in data_inputs and n.input[1] in ins):
+            keep.append(n)
+            continue
+        ids = [d.dim_param or d.dim_value for d in ins[n.input[1]].type.tensor_type.shape.dim]
+        g.input.append(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT,
+                                                     ids + list(table.dims[1:])))
+        weights.add(table)
+        uses[table.name] -= 1
+        lookups[n.output[0]] = {"table": table.name, "indices": n.input[1]}
+    del g.node[:]
+    g.node.extend(keep)
+    gone = {t for t, k in uses.items() if k == 0 and t in inits}
+    rest = [t for t in g.initializer if t.name not in gone]
+    del g.initializer[:]
+    g.initializer.extend(rest)
+    return lookups
+
+
 class _WeightFile:
     """Frozen initializers shared by all graphs, stored once in ``weights.bin``."""
 
@@ -182,6 +233,20 @@ class _WeightFile:
         self.tensors: dict[str, dict] = {}  # name -> offset, length, shape, dtype (manifest)
         self.size = 0
 
+    def add(self, t: onnx.TensorProto, raw: bytes | None = None) -> tuple[int, int]:
+        """Store ``t`` once (page-aligned: onnxruntime can memory-map it); (offset, length)."""
+        if t.name not in self.offsets:
+            raw = numpy_helper.to_array(t).tobytes() if raw is None else raw
+            pad = (-self.size) % 4096
+            self.chunks.append(b"\0" * pad)
+            self.size += pad
+            self.offsets[t.name] = (self.size, len(raw))
+            self.tensors[t.name] = {"offset": self.size, "length": len(raw),
+                                    "shape": list(t.dims), "dtype": _np_dtype(t.data_type)}
+            self.chunks.append(raw)
+            self.size += len(raw)
+        return self.offsets[t.name]
+
     def externalize(self, model: onnx.ModelProto) -> list[str]:
         """Move ``model``'s large initializers to weights.bin; returns their names."""
         names = []
@@ -189,17 +254,7 @@ class _WeightFile:
             raw = numpy_helper.to_array(t).tobytes()
             if len(raw) < _EXTERNAL_MIN_BYTES:
                 continue
-            if t.name not in self.offsets:
-                pad = (-self.size) % 4096  # page-aligned: onnxruntime can memory-map it
-                self.chunks.append(b"\0" * pad)
-                self.size += pad
-                self.offsets[t.name] = (self.size, len(raw))
-                self.tensors[t.name] = {"offset": self.size, "length": len(raw),
-                                        "shape": list(t.dims),
-                                        "dtype": _np_dtype(t.data_type)}
-                self.chunks.append(raw)
-                self.size += len(raw)
-            off, length = self.offsets[t.name]
+            off, length = self.add(t, raw)
             for f in ("float_data", "int32_data", "int64_data", "double_data"):
                 t.ClearField(f)
             t.raw_data = raw  # set_external_data refuses a tensor without raw_data
@@ -235,6 +290,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     base = copy.deepcopy(traced.model)
     _dynamic_batch(base, traced.inputs + traced.outputs)
     initial = _params_as_inputs(base, params)
+    weights = _WeightFile()
+    lookups = _split_lookups(base, set(traced.inputs), weights)
     infer = copy.deepcopy(base)
     fwd = copy.deepcopy(base)
     loss_info = _append_loss(fwd, output, loss, Shapes(fwd))
@@ -245,7 +302,6 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         ly.p_input, ly.q_input = f"instant.{ly.name}.P", f"instant.{ly.name}.Q"
 
     out.mkdir(parents=True, exist_ok=True)
-    weights = _WeightFile()
     data_inputs = set(traced.inputs) | {"labels"}
     graphs: dict[str, dict] = {}
     io: dict[str, dict] = {}
@@ -269,6 +325,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             "forward_outputs": [o.name for o in tg.forward.graph.output],
             "backward_inputs": [i.name for i in tg.backward.graph.input],
             "saved": tg.saved, "grads": tg.grads,
+            "grad_acc": {p: f"{GRAD_ACC}{p}" for p in tg.grads}, "loss_scale": LOSS_SCALE,
             "fwd_grams": tg.fwd_grams, "bwd_grams": tg.bwd_grams,
         }
     graph_weights["infer.onnx"] = weights.externalize(infer)
@@ -300,6 +357,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         "graph_weights": graph_weights,
         "graphs": graphs,
         "io": io,
+        "lookups": lookups,
         "instant": {
             "layers": [ly.to_json() for ly in layers],
             "energy": energy, "oversample": oversample,

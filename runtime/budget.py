@@ -80,7 +80,7 @@ def _step_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generato
     try:
         return _probe(trainer, lambda: trainer.gradients(x, y))
     finally:
-        trainer._grads.clear()
+        trainer.drop_gradients()
         trainer.micro_batch = saved_micro
 
 

@@ -13,7 +13,7 @@ from .errors import UserError
 
 __all__ = ["FORMAT_VERSION", "Bundle", "file_sha256", "open_bundle"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -36,6 +36,11 @@ class Bundle:
     @property
     def layers(self) -> list[dict]:
         return self.manifest["instant"]["layers"]
+
+    @property
+    def lookups(self) -> dict[str, dict]:
+        """Graph inputs the runtime fills with rows of a frozen table: {input: {table, indices}}."""
+        return self.manifest.get("lookups", {})
 
     @property
     def modes(self) -> list[str]:

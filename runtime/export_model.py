@@ -101,8 +101,28 @@ def _build_model(b: Bundle, params: dict[str, np.ndarray]):
             raise UserError(f"{infer} already holds an initializer '{name}'; re-export the bundle")
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32),
                                                      name))
+    _restore_lookups(b, model, onnx)
     model.producer_name = "instant-runtime export-model"
     return onnx, model
+
+
+def _restore_lookups(b: Bundle, model, onnx) -> None:
+    """Put back the embedding lookups the runtime did itself (``Gather`` of the frozen table by
+    the token ids), so the written model takes the same inputs as the original."""
+    g = model.graph
+    lookups = b.lookups
+    if not lookups:
+        return
+    keep = [i for i in g.input if i.name not in lookups]
+    del g.input[:]
+    g.input.extend(keep)
+    weights = np.memmap(b.path / "weights.bin", dtype=np.uint8, mode="r")
+    for out, lk in lookups.items():
+        t = b.manifest["weights"][lk["table"]]
+        table = np.ndarray(t["shape"], np.dtype(t["dtype"]), buffer=weights, offset=t["offset"])
+        g.initializer.append(onnx.numpy_helper.from_array(np.array(table), lk["table"]))
+        g.node.insert(0, onnx.helper.make_node("Gather", [lk["table"], lk["indices"]], [out],
+                                          name=f"lookup/{out}", axis=0))
 
 
 def _fresh_tmpdir(out: Path) -> Path:

@@ -12,8 +12,15 @@ from tqdm import tqdm
 
 from .accounting import format_table, layer_costs
 from .bundle import Bundle
-from .checkpoint import (Checkpointer, StopSignals, TrainingInterrupted, Writer, atomic_write, warn,
-                         write_text)
+from .checkpoint import (
+    Checkpointer,
+    StopSignals,
+    TrainingInterrupted,
+    Writer,
+    atomic_write,
+    warn,
+    write_text,
+)
 from .data import Dataset
 from .errors import UserError
 from .memory import current_rss, peak_rss

@@ -12,6 +12,7 @@ Memory discipline (DESIGN.md §2):
 from __future__ import annotations
 
 import mmap
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,40 @@ class SharedWeights:
         self._map = (np.memmap(bundle.path / "weights.bin", dtype=np.uint8, mode="r")
                      if self.tensors else None)
         self._values: dict[str, ort.OrtValue] = {}
+        self.path = bundle.path / "weights.bin"
+        self._file: int | None = None
+
+    def lookup(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of the frozen ``table`` (an embedding lookup, ``Gather`` on axis 0),
+        read with ``pread``: only those rows enter the process RSS, not the 64 KB around each
+        one that a fault on the memory map would bring in.
+
+        Raises:
+            UserError: an id outside the table (data tokenised for another vocabulary).
+        """
+        t = self.tensors[table]
+        shape, dtype = t["shape"], np.dtype(t["dtype"])
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        uniq, inverse = np.unique(np.asarray(ids).reshape(-1), return_inverse=True)
+        if uniq.size and (uniq[0] < -shape[0] or uniq[-1] >= shape[0]):
+            bad = uniq[-1] if uniq[-1] >= shape[0] else uniq[0]
+            raise UserError(f"token id {int(bad)} is outside the {shape[0]}-row table '{table}'; "
+                            "tokenise the data with the model's own vocabulary")
+        rows = np.empty((uniq.size, row), np.uint8)
+        fd = self._fd()
+        for k, i in enumerate(uniq % shape[0]):
+            os.preadv(fd, [rows[k]], t["offset"] + int(i) * row)
+        return rows.view(dtype).reshape(uniq.size, *shape[1:])[inverse].reshape(
+            *np.shape(ids), *shape[1:])
+
+    def __del__(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            os.close(self._file)
+
+    def _fd(self) -> int:
+        if self._file is None:
+            self._file = os.open(self.path, os.O_RDONLY)
+        return self._file
 
     def release(self) -> None:
         """Drop the mapped pages from this process's RSS (MADV_DONTNEED on a read-only file
@@ -151,7 +186,8 @@ class Trainer:
         self.step_count = 0
         self.calibrations = 0
         self.calib_seconds = 0.0
-        self._grads: dict[str, np.ndarray] = {}  # filled by each step (no idle copy)
+        self._grads: dict[str, np.ndarray] = {}  # accumulated by the backward, see gradients()
+        self._grad_ov: dict[str, ort.OrtValue] = {}
         self._grad_names = self.io["grads"]
 
     # ---------------------------------------------------------------------------- feeding
@@ -165,6 +201,9 @@ class Trainer:
                 out[n] = self._param_ov[n]
             elif n in x:
                 out[n] = _ov(x[n])
+            elif n in self.bundle.lookups:
+                lk = self.bundle.lookups[n]
+                out[n] = _ov(self.shared.lookup(lk["table"], x[lk["indices"]]))
             elif n == "labels":
                 out[n] = _ov(y)
             elif n in self._basis_ov:
@@ -185,43 +224,67 @@ class Trainer:
         return not self.bases or (self.calib_every > 0 and self.step_count > 0
                                   and self.step_count % self.calib_every == 0)
 
+    def _grad_buffers(self) -> dict[str, ort.OrtValue]:
+        """One gradient buffer per parameter, allocated at the first step and reused: the
+        backward adds each micro-batch's gradient into it in place (output bound to the input)."""
+        if not self._grads:
+            for p, v in self.params.items():
+                self._grads[p] = np.zeros_like(v)
+            self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
+        else:
+            for g in self._grads.values():
+                g.fill(0.0)
+        return self._grad_ov
+
+    def drop_gradients(self) -> None:
+        """Free the gradient buffers (the next step allocates them again)."""
+        self._grads.clear()
+        self._grad_ov.clear()
+
     def gradients(self, x: dict[str, np.ndarray], y: np.ndarray) -> tuple[float, int]:
         """Forward and backward over micro-batches; leaves the batch-mean gradients in
         ``self._grads`` and returns (mean loss, correct predictions). Weights are not touched."""
         n = int(y.shape[0])
-        fin, fout, bin_ = (self.io["forward_inputs"], self.io["forward_outputs"],
-                           self.io["backward_inputs"])
-        grad_out = [self._grad_names[p] for p in self.params]
+        acc = self._grad_buffers()
         loss_sum = 0.0
         correct = 0
-        chunks = self._chunks(n, self.micro_batch)
-        for s, e in chunks:
-            xc = {k: v[s:e] for k, v in x.items()}
-            yc = y[s:e]
-            outs = self.fwd.run_with_ort_values(fout, self._feeds(fin, xc, yc))
-            saved = dict(zip(fout, outs, strict=True))
-            loss = float(saved["loss"].numpy())
-            logits = saved.get("logits")
-            if logits is not None and yc.dtype.kind in "iu":
-                correct += int((logits.numpy().argmax(-1) == yc).sum())
-            feeds = self._feeds(bin_, xc, yc, saved)
-            del outs, saved
-            grads = self.bwd.run_with_ort_values(grad_out, feeds)
-            del feeds
-            w = (e - s) / n
-            loss_sum += loss * w
-            for p, g in zip(self.params, grads, strict=True):
-                if len(chunks) == 1:
-                    self._grads[p] = g.numpy()
-                elif s == 0:
-                    first = g.numpy()
-                    first *= w
-                    self._grads[p] = first
-                else:
-                    self._grads[p] += w * g.numpy()
-            del grads
+        for s, e in self._chunks(n, self.micro_batch):
+            loss, c = self._micro_step({k: v[s:e] for k, v in x.items()}, y[s:e], (e - s) / n,
+                                       acc)
+            loss_sum += loss * (e - s) / n
+            correct += c
         self.shared.release()
         return loss_sum, correct
+
+    def _micro_step(self, x: dict[str, np.ndarray], y: np.ndarray, weight: float,
+                    acc: dict[str, ort.OrtValue]) -> tuple[float, int]:
+        """One forward + backward; adds ``weight`` × this micro-batch's gradient into ``acc``.
+
+        A function of its own on purpose: every ``OrtValue`` that ``run_with_ort_values``
+        returns keeps the whole output vector alive, so one stray reference (a loop variable)
+        would keep all saved tensors of this micro-batch resident during the next one.
+        """
+        io = self.io
+        fout = io["forward_outputs"]
+        outs = self.fwd.run_with_ort_values(fout, self._feeds(io["forward_inputs"], x, y))
+        self.shared.release()  # frozen weights read by the forward leave the RSS again
+        saved = dict(zip(fout, outs, strict=True))
+        del outs
+        loss = float(saved["loss"].numpy())
+        correct = 0
+        if "logits" in saved and y.dtype.kind in "iu":
+            correct = int((saved["logits"].numpy().argmax(-1) == y).sum())
+        extra = {**saved, io["loss_scale"]: _ov(np.array(weight, np.float32))}
+        del saved
+        extra.update((io["grad_acc"][p], acc[p]) for p in self.params)
+        binding = self.bwd.io_binding()
+        for name, value in self._feeds(io["backward_inputs"], x, y, extra).items():
+            binding.bind_ortvalue_input(name, value)
+        del extra, value
+        for p in self.params:
+            binding.bind_ortvalue_output(self._grad_names[p], acc[p])
+        self.bwd.run_with_iobinding(binding)
+        return loss, correct
 
     def train_step(self, x: dict[str, np.ndarray], y: np.ndarray) -> StepResult:
         t0 = time.perf_counter()

@@ -22,7 +22,13 @@ import torch
 from onnx import helper, numpy_helper
 
 from export import rules  # noqa: F401  (registers the gradient rules)
-from export.autodiff import CompressedLayer, TrainingGraphs, build_training_graphs
+from export.autodiff import (
+    GRAD_ACC,
+    LOSS_SCALE,
+    CompressedLayer,
+    TrainingGraphs,
+    build_training_graphs,
+)
 from export.graph import Shapes
 
 __all__ = ["LOSS", "LOSS_WEIGHT", "Runner", "check_op_gradients", "loss_weight", "op_model",
@@ -91,7 +97,9 @@ class Runner:
         f_in = {i.name: feeds[i.name] for i in self.fwd.get_inputs()}
         f_names = [o.name for o in self.fwd.get_outputs()]
         fwd_out = dict(zip(f_names, self.fwd.run(f_names, f_in), strict=True))
-        avail = {**feeds, **fwd_out}
+        avail = {**feeds, **fwd_out, LOSS_SCALE: np.array(1.0, np.float32)}
+        for p in self.tg.grads:  # nothing accumulated yet: the backward's output is the gradient
+            avail[GRAD_ACC + p] = np.zeros_like(feeds[p])
         b_in = {i.name: avail[i.name] for i in self.bwd.get_inputs()}
         b_names = [o.name for o in self.bwd.get_outputs()]
         bwd_out = dict(zip(b_names, self.bwd.run(b_names, b_in), strict=True))

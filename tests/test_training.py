@@ -46,3 +46,24 @@ def test_calibration_does_not_change_the_weights(cnn_bundle: Path) -> None:
     assert tr.ranks()
     for k, v in tr.params.items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(cnn_bundle: Path) -> None:
+    """The backward adds each micro-batch's weighted gradient into the bound buffer in place:
+    micro-batches 8, 8, 8, 6 give the gradient of the whole batch of 30, in both modes, and a
+    second step starts from zero (nothing left over from the first)."""
+    b = open_bundle(cnn_bundle)
+    data = load_data("digits", b)
+    x, y = data.take(np.arange(30))
+    for mode in ("vanilla", "instant"):
+        tr = Trainer(b, mode=mode, session=SessionConfig(threads=1))
+        if mode == "instant":
+            tr.calibrate(data, 16, np.random.default_rng(0))
+        full_loss, _ = tr.gradients(x, y)
+        full = {k: g.copy() for k, g in tr._grads.items()}
+        tr.micro_batch = 8
+        for _ in range(2):
+            loss, _ = tr.gradients(x, y)
+            assert abs(loss - full_loss) < 1e-5
+            for k, g in full.items():
+                np.testing.assert_allclose(tr._grads[k], g, rtol=1e-4, atol=1e-6, err_msg=k)

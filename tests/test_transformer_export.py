@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,9 @@ import torch.nn.functional as F
 from export import export_bundle
 from export.graph import ExportError
 from runtime.bundle import open_bundle
+from runtime.calibrate import Basis
+from runtime.errors import UserError
+from runtime.export_model import export_model
 from runtime.trainer import Trainer
 
 # float32 runtime against float64 torch, through ~40 ops: |Δ| <= ATOL + RTOL·|expected|
@@ -109,6 +114,11 @@ MODELS = textwrap.dedent('''
         return TinyBert()
 
 
+    def bert_big_vocab():
+        torch.manual_seed(0)
+        return TinyBert(vocab=8192)  # a 1 MiB table: frozen, the runtime reads its rows
+
+
     def effnet():
         torch.manual_seed(0)
         return TinyEfficientNet()
@@ -142,23 +152,16 @@ def runtime_grads(bundle_path: Path, mode: str, x: dict[str, np.ndarray],
     bundle = open_bundle(bundle_path)
     trainer = Trainer(bundle, mode=mode)
     assert trainer.mode == mode, f"bundle has no INSTANT layer to test in mode {mode}"
-    bases = {}
-    if mode == "instant":
-        for ly in bundle.layers:
-            bases[ly["p_input"]] = np.eye(ly["x_dim"], dtype=np.float32)
-            bases[ly["q_input"]] = np.eye(ly["g_dim"], dtype=np.float32)
-    values = {**trainer.params, **x, **bases, "labels": labels}
-    f_out = [o.name for o in trainer.fwd.get_outputs()]
-    saved = dict(zip(f_out, trainer.fwd.run(f_out, {i.name: values[i.name]
-                                                     for i in trainer.fwd.get_inputs()}),
-                     strict=True))
-    values.update(saved)
-    names = [trainer.io["grads"][p] for p in trainer.params]
-    grads = trainer.bwd.run(names, {i.name: values[i.name] for i in trainer.bwd.get_inputs()})
+    for ly in bundle.layers if mode == "instant" else ():
+        full = [Basis(np.eye(ly[d], dtype=np.float32), ly[d], 1.0, np.ones(ly[d]) / ly[d])
+                for d in ("x_dim", "g_dim")]
+        trainer.set_bases(ly["name"], *full)
+    loss, _ = trainer.gradients(x, labels)
     out = {}
-    for p, g in zip(bundle.params, grads, strict=True):
+    for p in bundle.params:
+        g = trainer._grads[p["name"]]
         out[p["torch_name"]] = g.T if p["transposed"] else g
-    return float(saved["loss"]), out
+    return loss, out
 
 
 def torch_grads(module: torch.nn.Module, x: dict[str, np.ndarray], labels: np.ndarray,
@@ -212,6 +215,34 @@ def test_bert_like_gradients_match_torch(models_file: Path, tmp_path: Path, trai
                                                                                 "batch.npz"),
                            trainable=trainable)
     check_bundle_grads(models_file, "bert", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_frozen_embedding_rows_are_read_by_the_runtime(models_file: Path, tmp_path: Path):
+    """A frozen 1 MiB embedding table leaves the graphs (the runtime reads its rows with pread):
+    gradients still match torch, export-model puts the Gather back, bad ids are one error."""
+    x, labels = _bert_batch()
+    np.savez(tmp_path / "batch.npz", **x)
+    bundle = export_bundle(f"{models_file}:bert_big_vocab", tmp_path / "bundle",
+                           npz=str(tmp_path / "batch.npz"), trainable="layers.1.*,head.*")
+    b = open_bundle(bundle)
+    assert list(b.lookups.values()) == [{"table": "tok.weight", "indices": "input_ids"}]
+    for mode in ("vanilla", "instant", "calib", "infer"):
+        g = onnx.load(str(b.graph(mode, "forward")), load_external_data=False).graph
+        assert not any(n.op_type == "Gather" and n.input[0] == "tok.weight" for n in g.node)
+    check_bundle_grads(models_file, "bert_big_vocab", bundle, x, labels, ("vanilla", "instant"))
+
+    out = tmp_path / "model.onnx"
+    export_model(bundle, out)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(None, x)[0]
+    module = _factory(models_file, "bert_big_vocab")
+    with torch.no_grad():
+        want = module(*(torch.from_numpy(x[k]) for k in ("input_ids", "attention_mask")))
+    np.testing.assert_allclose(got, want.numpy(), rtol=RTOL, atol=ATOL)
+
+    bad = {**x, "input_ids": np.full_like(x["input_ids"], 8192)}
+    with pytest.raises(UserError, match=r"token id 8192 is outside the 8192-row table"):
+        Trainer(b, mode="vanilla").gradients(bad, labels)
 
 
 def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Path):
