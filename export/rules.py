@@ -140,7 +140,13 @@ def relu_grad(ctx, node, gy):
     if ctx.is_saved_already(y):  # the output is kept for another rule anyway: read it
         mask = ctx.bwd.op("Greater", [y, ctx.bwd.const(0.0)])
     elif per_sample is not None and per_sample % 8 == 0:  # 1 bit per element, as a float mask
-        return [ctx.bwd.op("Mul", [gy[0], _packed_mask(ctx, y)])]
+        if gy[0] in ctx.batch_splittable:
+            return [_masked_in_halves(ctx, gy[0], _pack_bits(ctx, y))]
+        g = gy[0]
+        if g in ctx.expanded:  # broadcast the small gradient: no full-size Expand first
+            node, g = ctx.expanded[g]
+            ctx.bwd.nodes.remove(node)
+        return [ctx.bwd.op("Mul", [g, _unpack_bits(ctx, _pack_bits(ctx, y), ctx.shape(y))])]
     else:  # keep a 1-byte mask instead of the 4-byte activation
         mask = ctx.fwd.op("Greater", [y, ctx.fwd.const(0.0)], hint="relu_mask")
     # g ⊙ mask as Mul with the mask cast to float: onnxruntime's Where allocates two full-size
@@ -151,20 +157,54 @@ def relu_grad(ctx, node, gy):
 _BIT_TABLE = ((np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1).astype(np.float32)
 
 
-def _packed_mask(ctx: GradContext, y: str) -> str:
-    """Save ``y > 0`` as bits (8 per uint8) in the forward; return it as a float 0/1 mask.
+def _pack_bits(ctx: GradContext, y: str) -> str:
+    """Save ``y > 0`` as bits (8 per uint8) in the forward: [N·(elements per sample)/8, 1].
 
-    Standard ops only. Pack: Cast(uint8)(MatMul(mask as float, [1, 2, …, 128])) on groups of 8.
-    Unpack: Gather rows of a [256, 8] table of bit patterns (twice as fast as BitShift on
-    onnxruntime's CPU kernels, and it yields the float mask the Mul needs directly).
+    Standard ops only: Cast(uint8)(MatMul(mask as float, [1, 2, …, 128])) on groups of 8.
     """
-    f, b = ctx.fwd, ctx.bwd
+    f = ctx.fwd
     bits = f.op("Cast", [f.op("Greater", [y, f.const(0.0)])], to=TensorProto.FLOAT)
     weights = f.const(np.array([[2.0 ** k] for k in range(8)], dtype=np.float32))
-    packed = f.op("Cast", [f.op("MatMul", [f.op("Reshape", [bits, f.ints([-1, 8])]), weights])],
-                  to=TensorProto.UINT8, hint="relu_bits")
+    return f.op("Cast", [f.op("MatMul", [f.op("Reshape", [bits, f.ints([-1, 8])]), weights])],
+                to=TensorProto.UINT8, hint="relu_bits")
+
+
+def _unpack_bits(ctx: GradContext, packed: str, shape: str) -> str:
+    """The float 0/1 mask of shape ``shape`` from packed bits: Gather rows of a [256, 8] table of
+    bit patterns (twice as fast as BitShift on onnxruntime's CPU kernels, and it yields the float
+    mask the Mul needs directly)."""
+    b = ctx.bwd
     idx = b.op("Cast", [b.op("Reshape", [packed, b.ints([-1])])], to=TensorProto.INT32)
-    return b.op("Reshape", [b.op("Gather", [b.const(_BIT_TABLE), idx], axis=0), ctx.shape(y)])
+    return b.op("Reshape", [b.op("Gather", [b.const(_BIT_TABLE), idx], axis=0), shape])
+
+
+def _masked_in_halves(ctx: GradContext, g: str, packed: str) -> str:
+    """``g ⊙ mask`` for a ``g`` that is a MatMul of a batch-major operand and a matrix (INSTANT's
+    g_x): the MatMul, the mask and the product run per half-batch and are concatenated.
+
+    onnxruntime runs no elementwise op in place, so ``Mul(g, mask)`` holds three full-size
+    tensors at once (g, the unpacked float mask, the product); per half the most alive is two
+    full-size tensors (the halves, then the concatenation). Measured on the token-MLP benchmark
+    (four [256, 128, 512] layers): INSTANT peak above idle 235 -> 186 MB (with the broadcast
+    of the pooled gradient into the first mask, see relu_grad).
+    """
+    b = ctx.bwd
+    node, k = ctx.batch_splittable[g]
+    b.nodes.remove(node)  # recomputed below, half a batch at a time
+    z = node.input[k]
+    zero, one, axis0 = b.ints([0]), b.ints([1]), b.ints([0])
+    n = b.op("Slice", [b.op("Shape", [z]), zero, one])
+    half = b.op("Div", [n, b.ints([2])])
+    big = b.ints([np.iinfo(np.int64).max])
+    rows = b.op("Reshape", [packed, b.op("Concat", [n, b.ints([-1])], axis=0)])  # [N, bytes]
+    outs = []
+    for lo, hi in ((zero, half), (half, big)):
+        inputs = list(node.input)
+        inputs[k] = b.op("Slice", [z, lo, hi, axis0])
+        gh = b.op("MatMul", inputs)
+        mask = _unpack_bits(ctx, b.op("Slice", [rows, lo, hi, axis0]), b.op("Shape", [gh]))
+        outs.append(b.op("Mul", [gh, mask]))
+    return b.op("Concat", outs, axis=0)
 
 
 @gradient("Gelu")
@@ -459,7 +499,14 @@ def _reduce_back(ctx, node, g: str, scale: str | None) -> str:
         g = ctx.bwd.op("Unsqueeze", [g, ctx.bwd.ints(axes)])
     if scale is not None:
         g = ctx.bwd.op("Div", [g, scale])
-    return ctx.bwd.op("Expand", [g, ctx.shape(node.input[0])])
+    return _expand(ctx, g, node.input[0])
+
+
+def _expand(ctx, g: str, like: str) -> str:
+    """``g`` expanded to the shape of forward tensor ``like``, marked as such for consumers."""
+    out = ctx.bwd.op("Expand", [g, ctx.shape(like)])
+    ctx.expanded[out] = (ctx.bwd.nodes[-1], g)
+    return out
 
 
 @gradient("ReduceSum")
@@ -487,7 +534,7 @@ def gap_grad(ctx, node, gy):
     if hw is None:
         raise ExportError(f"GlobalAveragePool '{node.name}' needs static spatial dims")
     g = ctx.bwd.op("Div", [gy[0], ctx.bwd.const(float(hw))])
-    return [ctx.bwd.op("Expand", [g, ctx.shape(node.input[0])])]
+    return [_expand(ctx, g, node.input[0])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,9 +670,11 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         if not conv and layer.g_axis == "token":      # Qᵀ((Q g) W)
             gx = b.op("MatMul", [b.op("Transpose", [Q], perm=[1, 0]),
                                  b.op("MatMul", [b.op("MatMul", [Q, gm]), wc])])
+            ctx.batch_splittable[gx] = (b.nodes[-1], 1)
         elif not conv:                                # (g Qᵀ)(Q W)
             gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
             gx = b.op("MatMul", [gq, b.op("MatMul", [Q, wc])])
+            ctx.batch_splittable[gx] = (b.nodes[-1], 0)
         elif layer.g_axis == "token":                 # conv, stored transposed: Wᵀ (g Qᵀ) Q
             gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
             gx = b.op("MatMul", [b.op("MatMul", [b.op("Transpose", [wc], perm=[1, 0]), gq]), Q])

@@ -52,24 +52,32 @@ def measure_model(trainer: Trainer, data: Dataset, batch: int) -> MemoryModel:
     unmeasured warm-up step comes first. Probes stay small so planning itself fits the budget.
     """
     rng = np.random.default_rng(12345)
+    # The optimizer state (allocated and touched when the trainer is built) and the gradient
+    # buffers (allocated once, kept for the whole run) are part of every later RSS: allocated
+    # before any probe, they are in the measured idle and reported apart as ``static``.
+    trainer.gradient_buffers()
+    static = sum(a.nbytes for st in trainer.optimizer.state.values() for a in st.values())
+    static += sum(g.nbytes for g in trainer._grads.values())
     calib = {}
     c1, c2 = 1, max(1, min(4, batch))
     if trainer.mode == "instant":
-        saved_batches, saved_micro = trainer.calib_batches, trainer.calib_micro_batch
-        trainer.calib_batches = 1
         for m in sorted({c1, c2}):
-            trainer.calib_micro_batch = m
-            calib[m] = _probe(trainer, lambda m=m: trainer.calibrate(data, m, rng))
-        trainer.calib_batches, trainer.calib_micro_batch = saved_batches, saved_micro
-        trainer.calibrations = 0
-    # The optimizer state is allocated (and touched) when the trainer is built: it is part of
-    # the measured idle RSS and is reported apart. A step's gradients are part of ``fixed``.
-    static = sum(a.nbytes for st in trainer.optimizer.state.values() for a in st.values())
+            calib[m] = _calib_probe(trainer, data, m, rng)
     m1, m2 = min(2, max(1, batch // 2)), max(1, min(8, batch // 2))
     _step_probe(trainer, data, m1, rng)  # warm-up, unmeasured
     idle = current_rss()
     steps = {m: _step_probe(trainer, data, m, rng) for m in sorted({m1, m2})}
     return _fit(trainer, idle, static, steps, calib, c1, c2)
+
+
+def _calib_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generator) -> int:
+    """Peak RSS above the current RSS of one calibration over one batch of ``m`` samples."""
+    saved = trainer.calib_batches, trainer.calib_micro_batch, trainer.calibrations
+    trainer.calib_batches, trainer.calib_micro_batch = 1, m
+    try:
+        return _probe(trainer, lambda: trainer.calibrate(data, m, rng))
+    finally:
+        trainer.calib_batches, trainer.calib_micro_batch, trainer.calibrations = saved
 
 
 def _step_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generator) -> int:
@@ -80,7 +88,6 @@ def _step_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generato
     try:
         return _probe(trainer, lambda: trainer.gradients(x, y))
     finally:
-        trainer.drop_gradients()
         trainer.micro_batch = saved_micro
 
 
@@ -111,11 +118,19 @@ def plan_for_budget(trainer: Trainer, data: Dataset, batch: int, budget: int) ->
         plan = make_plan(model, budget, batch, layer_specs(trainer))
         # Small probes under-estimate the slope (small tensors, fixed costs): probe again at
         # half the planned micro-batch, refit through it and plan again.
+        # The same for calibration (an exact pass: more per sample than a step).
         half = plan.micro_batch // 2
-        if half > 8:
-            steps = {2: int(model.fixed + 2 * (model.per_sample_other + _saved_now(trainer))),
-                     half: _step_probe(trainer, data, half, np.random.default_rng(7))}
-            model = _refit(model, trainer, steps)
+        half_c = plan.calib_micro_batch // 2 if trainer.mode == "instant" else 0
+        if half > 8 or half_c > 4:
+            rng = np.random.default_rng(7)
+            steps = calib = None
+            if half > 8:
+                steps = {2: int(model.fixed + 2 * (model.per_sample_other + _saved_now(trainer))),
+                         half: _step_probe(trainer, data, half, rng)}
+            if half_c > 4:
+                calib = {4: int(model.calib_fixed + 4 * model.calib_per_sample),
+                         half_c: _calib_probe(trainer, data, half_c, rng)}
+            model = _refit(model, trainer, steps, calib)
             plan = make_plan(model, budget, batch, layer_specs(trainer))
     except BudgetError as exc:
         raise UserError(str(exc)) from None
@@ -129,13 +144,22 @@ def _saved_now(trainer: Trainer) -> int:
     return sum(s.x_bytes_per_rank * s.default_rank for s in layer_specs(trainer))
 
 
-def _refit(model: MemoryModel, trainer: Trainer, steps: dict[int, int]) -> MemoryModel:
-    m1, m2 = min(steps), max(steps)
-    slope = max(0.0, (steps[m2] - steps[m1]) / (m2 - m1))
-    return MemoryModel(idle=model.idle, static=model.static,
-                       fixed=max(0, int(steps[m1] - slope * m1)),
-                       per_sample_other=max(0.0, slope - _saved_now(trainer)),
-                       calib_fixed=model.calib_fixed, calib_per_sample=model.calib_per_sample)
+def _line(points: dict[int, int]) -> tuple[int, float]:
+    """(intercept, slope) of the line through the smallest and the largest probe."""
+    m1, m2 = min(points), max(points)
+    slope = max(0.0, (points[m2] - points[m1]) / (m2 - m1))
+    return max(0, int(points[m1] - slope * m1)), slope
+
+
+def _refit(model: MemoryModel, trainer: Trainer, steps: dict[int, int] | None,
+           calib: dict[int, int] | None) -> MemoryModel:
+    fixed, per_sample = model.fixed, model.per_sample_other
+    if steps:
+        fixed, slope = _line(steps)
+        per_sample = max(0.0, slope - _saved_now(trainer))
+    cfixed, cslope = _line(calib) if calib else (model.calib_fixed, model.calib_per_sample)
+    return MemoryModel(idle=model.idle, static=model.static, fixed=fixed,
+                       per_sample_other=per_sample, calib_fixed=cfixed, calib_per_sample=cslope)
 
 
 class BudgetGuard:

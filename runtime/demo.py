@@ -1,5 +1,5 @@
-"""`make demo` (built-in CNN on real digits, vanilla vs INSTANT) and `make demo-minilm`
-(pretrained all-MiniLM-L6-v2 fine-tuned on movie-review sentiment under a 256 MB budget).
+"""`make demo` (pretrained all-MiniLM-L6-v2 fine-tuned on movie-review sentiment under a 256 MB
+budget) and `make demo-cnn` (built-in CNN on real digits, vanilla vs INSTANT).
 
 About the MiniLM run:
 
@@ -42,9 +42,8 @@ def cnn() -> int:
 def minilm() -> int:
     out = Path("runs/demo")
     bundle = out / "minilm-l6"
-    if not (bundle / "manifest.json").is_file():
-        _run("export", "--model", "minilm-l6", "--trainable", "last:3", "--oversample", "7",
-             "--out", str(bundle))
+    _run("export", "--model", "minilm-l6", "--trainable", "last:3", "--oversample", "7",
+         "--out", str(bundle))
     _run("train", str(bundle), "--data", "rotten-tomatoes", "--budget", "256MB",
          "--steps", "80", "--batch", "32", "--optimizer", "sgd", "--lr", "0.05",
          "--threads", "2", "--out", str(out / "run"))
@@ -52,8 +51,8 @@ def minilm() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    which = (argv if argv is not None else sys.argv[1:]) or ["cnn"]
-    return minilm() if which[0] == "minilm" else cnn()
+    which = (argv if argv is not None else sys.argv[1:]) or ["minilm"]
+    return cnn() if which[0] == "cnn" else minilm()
 
 
 if __name__ == "__main__":

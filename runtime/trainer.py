@@ -224,7 +224,7 @@ class Trainer:
         return not self.bases or (self.calib_every > 0 and self.step_count > 0
                                   and self.step_count % self.calib_every == 0)
 
-    def _grad_buffers(self) -> dict[str, ort.OrtValue]:
+    def gradient_buffers(self) -> dict[str, ort.OrtValue]:
         """One gradient buffer per parameter, allocated at the first step and reused: the
         backward adds each micro-batch's gradient into it in place (output bound to the input)."""
         if not self._grads:
@@ -236,16 +236,11 @@ class Trainer:
                 g.fill(0.0)
         return self._grad_ov
 
-    def drop_gradients(self) -> None:
-        """Free the gradient buffers (the next step allocates them again)."""
-        self._grads.clear()
-        self._grad_ov.clear()
-
     def gradients(self, x: dict[str, np.ndarray], y: np.ndarray) -> tuple[float, int]:
         """Forward and backward over micro-batches; leaves the batch-mean gradients in
         ``self._grads`` and returns (mean loss, correct predictions). Weights are not touched."""
         n = int(y.shape[0])
-        acc = self._grad_buffers()
+        acc = self.gradient_buffers()
         loss_sum = 0.0
         correct = 0
         for s, e in self._chunks(n, self.micro_batch):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.bundle import open_bundle
+from runtime.calibrate import Basis
 from runtime.data import load_data
 from runtime.run import RunConfig, train
 from runtime.trainer import SessionConfig, Trainer
@@ -67,3 +68,32 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(cnn_bundle: Path) -
             assert abs(loss - full_loss) < 1e-5
             for k, g in full.items():
                 np.testing.assert_allclose(tr._grads[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_relu_mask_rewrites_keep_exact_gradients(tmp_path: Path) -> None:
+    """token-mlp (Linear-ReLU stacks, mean pooling): INSTANT's backward broadcasts the pooled
+    gradient into the first ReLU mask (no full-size Expand) and masks each g_x per half-batch.
+    With full-rank bases INSTANT is exact, so it must equal vanilla, also for odd batches and a
+    batch of one (an empty first half)."""
+    import onnx
+
+    from export import export_bundle
+
+    b = open_bundle(export_bundle("token-mlp", tmp_path / "tm"))
+    ops = [n.op_type for n in onnx.load(str(b.graph("instant", "backward")),
+                                        load_external_data=False).graph.node]
+    assert "Expand" not in ops and ops.count("Concat") >= 3, ops
+    rng = np.random.default_rng(0)
+    exact = Trainer(b, mode="vanilla", session=SessionConfig(threads=1))
+    inst = Trainer(b, mode="instant", session=SessionConfig(threads=1))
+    for ly in b.layers:
+        inst.set_bases(ly["name"], *[Basis(np.eye(ly[d], dtype=np.float32), ly[d], 1.0,
+                                           np.full(ly[d], 1.0 / ly[d])) for d in ("x_dim", "g_dim")])
+    for n in (3, 1):
+        x = {"x": rng.standard_normal((n, 128, 64)).astype(np.float32)}
+        y = rng.integers(0, 10, n).astype(np.int64)
+        want, _ = exact.gradients(x, y)
+        got, _ = inst.gradients(x, y)
+        assert abs(got - want) < 1e-5
+        for k, g in exact._grads.items():
+            np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=1e-6, err_msg=k)

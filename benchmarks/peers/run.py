@@ -23,7 +23,6 @@ Output: ``results/bench/<timestamp>[-quick]/{results.md,results.json,chart.png}`
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import importlib.util
 import json
 import os
@@ -31,7 +30,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -39,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from benchmarks.harness import ROOT, cpu_description, dist_version, fmt, log, md_table, run_cmd
+from benchmarks.harness import ensure_bundle as export_cached
+
 ORT_VENV = ROOT / ".bench-venvs" / "ort-training"
 ORT_PACKAGES = ["onnxruntime-training-cpu==1.19.2", "onnx==1.17.0", "numpy", "tokenizers"]
 WORK = ROOT / "results" / "tmp" / "bench-work"  # bundles, data, artifacts, per-run outputs
@@ -80,39 +80,10 @@ QUICK = [
 ]
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    err = [ln for ln in lines if ln.startswith("error:") or "Error" in ln or "error" in ln]
-    return (err or lines or ["no output"])[-1][:300]
-
-
-def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[bool, str]:
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired:
-        return False, f"timed out after {timeout:.0f} s"
-    if p.returncode != 0:
-        return False, f"exit {p.returncode}: {_last_line(p.stderr or p.stdout)}"
-    return True, p.stdout
-
-
 # --------------------------------------------------------------------------------- preparation
 
 def ensure_bundle(w: Workload, timeout: float) -> Path:
-    path = WORK / "bundles" / f"{w.model}-{w.trainable.replace(':', '')}"
-    if (path / "manifest.json").is_file():
-        return path
-    log(f"[{w.name}] exporting bundle {path.relative_to(ROOT)}")
-    ok, msg = _run([sys.executable, "-m", "runtime", "export", "--model", w.model,
-                    "--trainable", w.trainable, "--out", str(path)], timeout)
-    if not ok:
-        raise RuntimeError(f"export failed: {msg}")
-    return path
+    return export_cached(w.model, w.trainable, timeout)  # WORK/bundles/<model>-<trainable>
 
 
 def ensure_data(w: Workload) -> str:
@@ -151,12 +122,12 @@ def ort_python(create: bool) -> tuple[Path | None, str]:
                       "never creates it; `make bench` does)")
     log(f"creating {ORT_VENV} with {' '.join(ORT_PACKAGES)} (once)")
     shutil.rmtree(ORT_VENV, ignore_errors=True)
-    ok, msg = _run([sys.executable, "-m", "venv", str(ORT_VENV)], 300)
+    ok, msg = run_cmd([sys.executable, "-m", "venv", str(ORT_VENV)], 300)
     if ok:
-        ok, msg = _run([str(py), "-m", "pip", "install", "-q", *ORT_PACKAGES], 900)
+        ok, msg = run_cmd([str(py), "-m", "pip", "install", "-q", *ORT_PACKAGES], 900)
     if ok:
-        ok, msg = _run([str(py), "-c", "import onnxruntime, sys; "
-                        "assert 'torch' not in sys.modules"], 120)
+        ok, msg = run_cmd([str(py), "-c", "import onnxruntime, sys; "
+                           "assert 'torch' not in sys.modules"], 120)
     if not ok:
         return None, f"failed: creating the ORT-training venv: {msg}"
     (ORT_VENV / ".ready").write_text(" ".join(ORT_PACKAGES) + "\n")
@@ -164,8 +135,8 @@ def ort_python(create: bool) -> tuple[Path | None, str]:
 
 
 def _version_in(py: Path, dist: str) -> str:
-    ok, out = _run([str(py), "-c", f"import importlib.metadata as m; print(m.version('{dist}'))"],
-                   60)
+    ok, out = run_cmd([str(py), "-c",
+                       f"import importlib.metadata as m; print(m.version('{dist}'))"], 60)
     return out.strip() if ok else "?"
 
 
@@ -177,8 +148,8 @@ def worker(py: Path | str, module: str, cfg: dict, out: Path, timeout: float,
     cfg_path, res_path = out / "config.json", out / "result.json"
     cfg_path.write_text(json.dumps(cfg))
     res_path.unlink(missing_ok=True)
-    ok, msg = _run([str(py), "-m", f"benchmarks.peers.{module}", *(extra or []), str(cfg_path),
-                    str(res_path)], timeout, env={"PYTHONPATH": str(ROOT)})
+    ok, msg = run_cmd([str(py), "-m", f"benchmarks.peers.{module}", *(extra or []),
+                       str(cfg_path), str(res_path)], timeout, env={"PYTHONPATH": str(ROOT)})
     if not ok:
         return {"status": f"failed: {msg}"}
     return {"status": "ok", **json.loads(res_path.read_text())}
@@ -195,7 +166,7 @@ def run_instant(bundle: Path, data: str, w: Workload, mode: str, budget: str | N
         cmd += ["--threads", str(threads)]
     if budget:
         cmd += ["--budget", budget]
-    ok, msg = _run(cmd, timeout)
+    ok, msg = run_cmd(cmd, timeout)
     if not ok:
         return {"status": f"failed: {msg}"}
     s = json.loads((out / "summary.json").read_text())
@@ -309,10 +280,6 @@ def aggregate(rec: dict) -> dict:
     return agg
 
 
-def _fmt(v, spec: str, scale: float = 1.0) -> str:
-    return "–" if v is None else format(v * scale, spec)
-
-
 def system_label(s: str, w: dict) -> str:
     return f"ir-instant@{w['budget']}" if s == "ir-instant@B" else s
 
@@ -339,11 +306,8 @@ def write_report(out: Path, recs: list[dict], meta: dict) -> str:
         for k, v in rec["notes"].items():
             lines.append(f"- {k.replace('_', ' ')}: {v}")
         lines.append("")
-        lines.append("| system | peak RSS MB | idle MB | step ms | step/fwd | amortized ms | "
-                     "loss first → last | held-out acc | status / notes |")
-        lines.append("|---|---:|---:|---:|---:|---:|---|---:|---|")
-        agg = rec["agg"]
-        for s, row in agg.items():
+        rows = []
+        for s, row in rec["agg"].items():
             note = row["status"]
             if row.get("calibrations"):
                 note += f"; {row['calibrations']:.0f} calibrations, {row['calib_s']:.2f} s"
@@ -351,12 +315,15 @@ def write_report(out: Path, recs: list[dict], meta: dict) -> str:
                 note += f"; micro-batch {row['micro_batch']:.0f}"
             loss = ("–" if row["loss_first"] is None else
                     f"{row['loss_first']:.4f} → {row['loss_last']:.4f}")
-            lines.append(
-                f"| {system_label(s, w)} | {_fmt(row['peak_rss'], '.1f', 1e-6)} | "
-                f"{_fmt(row['idle_rss'], '.1f', 1e-6)} | {_fmt(row['median_step_s'], '.2f', 1e3)}"
-                f" | {_fmt(row.get('step_over_fwd'), '.2f')} | "
-                f"{_fmt(row.get('amortized_step_s'), '.2f', 1e3)} | {loss} | "
-                f"{_fmt(row['test_acc'], '.3f')} | {note} |")
+            rows.append([system_label(s, w), fmt(row["peak_rss"], ".1f", 1e-6),
+                         fmt(row["idle_rss"], ".1f", 1e-6),
+                         fmt(row["median_step_s"], ".2f", 1e3),
+                         fmt(row.get("step_over_fwd"), ".2f"),
+                         fmt(row.get("amortized_step_s"), ".2f", 1e3), loss,
+                         fmt(row["test_acc"], ".3f"), note])
+        lines += md_table(["system", "peak RSS MB", "idle MB", "step ms", "step/fwd",
+                           "amortized ms", "loss first → last", "held-out acc",
+                           "status / notes"], rows, align="lrrrrrlrl")
         lines.append("")
     text = "\n".join(lines)
     (out / "results.md").write_text(text)
@@ -447,22 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in rec:
             rec["agg"] = aggregate(rec)
         recs.append(rec)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                if ln.startswith("model name")), platform.processor() or platform.machine()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-
-    def ver(d: str) -> str:
-        try:
-            return md.version(d)
-        except md.PackageNotFoundError:
-            return "not installed"
-
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "python -m benchmarks.peers " + shlex.join(argv),
-        "CPU": f"{cpu} ({platform.machine()}), {os.cpu_count()} cores; threads {a.threads}",
+        "CPU": f"{cpu_description()}; threads {a.threads}",
         "Python": platform.python_version(),
-        "torch": ver("torch"), "onnxruntime": ver("onnxruntime"),
+        "torch": dist_version("torch"), "onnxruntime": dist_version("onnxruntime"),
         "onnxruntime-training": (_version_in(ort_py, "onnxruntime-training-cpu") + " (venv "
                                  f"{ORT_VENV.relative_to(ROOT)}, onnx "
                                  f"{_version_in(ort_py, 'onnx')}, numpy "
