@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from .graph import Builder, ExportError, Shapes
 
 __all__ = [
+    "BACKWARD_PASSES",
     "GRADIENTS",
     "GRAD_ACC",
     "LOSS_SCALE",
@@ -44,6 +45,8 @@ LOSS_SCALE = "loss_scale"  # backward input: the seed dL/dloss (training modes)
 GRAD_ACC = "grad_acc."  # backward inputs grad_acc.<param>: the gradient accumulated so far
 
 Rule = Callable[["GradContext", onnx.NodeProto, list], list]
+# Rewrites of the whole backward once every rule has run (registered by export/rules.py).
+BACKWARD_PASSES: list[Callable[["GradContext"], None]] = []
 GRADIENTS: dict[str, Rule] = {}
 
 
@@ -197,6 +200,17 @@ class GradContext:
         # Backward tensors that are only an Expand of a smaller one (reduction backward): an
         # elementwise consumer may broadcast the small one instead. {output: (Expand node, small)}
         self.expanded: dict[str, tuple[onnx.NodeProto, str]] = {}
+        # Per-half-batch results and their Concat, and backward nodes separable along the batch
+        # (name -> batched input index): see rules.push_half_concats.
+        self.half_concats: dict[str, tuple[onnx.NodeProto, list[str]]] = {}
+        self.batch_major: dict[str, int] = {}
+
+    def bwd_constant(self, name: str) -> np.ndarray | None:
+        """Value of a constant the backward builder made (None: not one of them)."""
+        for t in self.bwd.initializers:
+            if t.name == name:
+                return numpy_helper.to_array(t)
+        return None
 
     def constant_value(self, name: str) -> np.ndarray:
         if name not in self.constants:
@@ -309,6 +323,8 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
             if gi is not None and ctx.needs_grad(inp):
                 contrib.setdefault(inp, []).append(gi)
 
+    for rewrite in BACKWARD_PASSES:
+        rewrite(ctx)
     grads: dict[str, str] = {}
     extra: dict[str, onnx.ValueInfoProto] = {}
     if mode != "calib":

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .autodiff import CompressedLayer, GradContext, gradient
+from .autodiff import BACKWARD_PASSES, CompressedLayer, GradContext, gradient
 from .graph import ExportError
 
 __all__: list[str] = []  # rules register themselves; nothing to import by name
@@ -204,7 +204,9 @@ def _masked_in_halves(ctx: GradContext, g: str, packed: str) -> str:
         gh = b.op("MatMul", inputs)
         mask = _unpack_bits(ctx, b.op("Slice", [rows, lo, hi, axis0]), b.op("Shape", [gh]))
         outs.append(b.op("Mul", [gh, mask]))
-    return b.op("Concat", outs, axis=0)
+    out = b.op("Concat", outs, axis=0)
+    ctx.half_concats[out] = (b.nodes[-1], outs)
+    return out
 
 
 @gradient("Gelu")
@@ -646,7 +648,7 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     if need_w:
         xhat = _project(f, P, _as_matrix(layer, layer.x, f), _left(layer, "x"))
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
-            ghat = b.op("MatMul", [P, gm])
+            ghat = _batch_major(ctx, b.op("MatMul", [P, gm]), 1)
             dw = b.op("Gemm", [b.op("Flatten", [ghat], axis=2), b.op("Flatten", [xhat], axis=2)],
                       transA=1)                                        # [Cy, Cx]
         elif not conv:                                # x̂ [.., L, Rx]: g_W = (gᵀ x̂) P
@@ -668,11 +670,11 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     if need_x:
         wc = _weight_canonical(b, layer)                               # [Cy, Cx]
         if not conv and layer.g_axis == "token":      # Qᵀ((Q g) W)
-            gx = b.op("MatMul", [b.op("Transpose", [Q], perm=[1, 0]),
-                                 b.op("MatMul", [b.op("MatMul", [Q, gm]), wc])])
+            qg = _batch_major(ctx, b.op("MatMul", [Q, gm]), 1)
+            gx = b.op("MatMul", [b.op("Transpose", [Q], perm=[1, 0]), b.op("MatMul", [qg, wc])])
             ctx.batch_splittable[gx] = (b.nodes[-1], 1)
         elif not conv:                                # (g Qᵀ)(Q W)
-            gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
+            gq = _batch_major(ctx, b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])]), 0)
             gx = b.op("MatMul", [gq, b.op("MatMul", [Q, wc])])
             ctx.batch_splittable[gx] = (b.nodes[-1], 0)
         elif layer.g_axis == "token":                 # conv, stored transposed: Wᵀ (g Qᵀ) Q
@@ -684,6 +686,55 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         if conv:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw
+
+
+def _batch_major(ctx: GradContext, out: str, k: int) -> str:
+    """Mark the node just added (output ``out``) as batch-separable in its input ``k``: applied
+    to two halves of the batch it gives the two halves of its output."""
+    ctx.batch_major[ctx.bwd.nodes[-1].name] = k
+    return out
+
+
+def push_half_concats(ctx: GradContext) -> None:
+    """Let the consumers of a per-half-batch result (``_masked_in_halves``) read the halves.
+
+    ``Concat(h₁, h₂)`` is a full-size copy, and its consumers in an INSTANT layer (projections
+    on the bases, the bias ``ReduceSum``) are separable along the batch: run each on both halves
+    and concatenate (small, projected) or add (reduced over the batch) the results. Done only
+    when every consumer is separable; the Concat then disappears.
+    """
+    b = ctx.bwd
+    for out, (concat, halves) in ctx.half_concats.items():
+        users = [n for n in b.nodes if out in n.input]
+        if not users or not all(_separable(ctx, n, out) for n in users):
+            continue
+        for n in users:
+            start = len(b.nodes)
+            parts = []
+            for h in halves:
+                inputs = [h if i == out else i for i in n.input]
+                parts.append(b.op(n.op_type, inputs, **{a.name: helper.get_attribute_value(a)
+                                                        for a in n.attribute}))
+            combine = "Add" if n.op_type == "ReduceSum" else "Concat"
+            b.op(combine, parts, out=n.output[0], **({"axis": 0} if combine == "Concat" else {}))
+            new = b.nodes[start:]
+            del b.nodes[start:]
+            at = b.nodes.index(n)
+            b.nodes[at:at + 1] = new
+        b.nodes.remove(concat)
+
+
+BACKWARD_PASSES.append(push_half_concats)
+
+
+def _separable(ctx: GradContext, n, out: str) -> bool:
+    if n.op_type == "MatMul":
+        k = ctx.batch_major.get(n.name)
+        return k is not None and n.input[k] == out and n.input[1 - k] != out
+    if n.op_type == "ReduceSum" and n.input[0] == out and len(n.input) > 1:
+        axes = ctx.bwd_constant(n.input[1])
+        return axes is not None and 0 in axes.tolist()
+    return False
 
 
 def linear_exact(ctx: GradContext, x: str, w: str, g: str, need_x: bool, need_w: bool,
