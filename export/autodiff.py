@@ -46,7 +46,7 @@ GRAD_ACC = "grad_acc."  # backward inputs grad_acc.<param>: the gradient accumul
 
 Rule = Callable[["GradContext", onnx.NodeProto, list], list]
 # Rewrites of the whole backward once every rule has run (registered by export/rules.py).
-BACKWARD_PASSES: list[Callable[["GradContext"], None]] = []
+BACKWARD_PASSES: list[Callable[[GradContext], None]] = []
 GRADIENTS: dict[str, Rule] = {}
 
 
