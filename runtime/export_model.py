@@ -101,12 +101,12 @@ def _build_model(b: Bundle, params: dict[str, np.ndarray]):
             raise UserError(f"{infer} already holds an initializer '{name}'; re-export the bundle")
         g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32),
                                                      name))
-    _restore_lookups(b, model, onnx)
+    restore_lookups(b, model, onnx)
     model.producer_name = "instant-runtime export-model"
     return onnx, model
 
 
-def _restore_lookups(b: Bundle, model, onnx) -> None:
+def restore_lookups(b: Bundle, model, onnx) -> None:
     """Put back the embedding lookups the runtime did itself (``Gather`` of the frozen table by
     the token ids), so the written model takes the same inputs as the original."""
     g = model.graph

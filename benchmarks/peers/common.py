@@ -78,6 +78,19 @@ def load_dataset(cfg: dict):
     return bundle, load_data(cfg["data"], bundle)
 
 
+def infer_feeds(bundle, x: dict) -> dict:
+    """Feeds of the bundle's ``infer.onnx``: the inputs, the initial trainable parameters, and
+    the embedding rows the runtime reads itself (``manifest.json`` → ``lookups``)."""
+    from runtime.trainer import SharedWeights
+
+    feeds = dict(x)
+    feeds.update(bundle.load_params())
+    shared = SharedWeights(bundle) if bundle.lookups else None
+    for name, lk in bundle.lookups.items():
+        feeds[name] = shared.lookup(lk["table"], x[lk["indices"]])
+    return feeds
+
+
 def summarize(losses: list[float], times: list[float], warmup: int) -> dict:
     """Loss first/last as the runtime's summary (mean of k = clamp(n/5, 1, 10) steps) and the
     median step time after ``warmup`` steps."""

@@ -8,7 +8,7 @@ import statistics
 import sys
 import time
 
-from .common import Order, load_dataset, vmrss, worker_main
+from .common import Order, infer_feeds, load_dataset, vmrss, worker_main
 
 
 def run(cfg: dict) -> dict:
@@ -21,8 +21,7 @@ def run(cfg: dict) -> dict:
     sess = ort.InferenceSession(str(bundle.path / "infer.onnx"), so,
                                 providers=["CPUExecutionProvider"])
     x, _ = data.take(Order(len(data), min(cfg["batch"], len(data)), cfg["seed"]).next())
-    feeds = dict(x)
-    feeds.update(bundle.load_params())
+    feeds = infer_feeds(bundle, x)
     out = [bundle.manifest["output"]]
     idle = vmrss()
     times = []

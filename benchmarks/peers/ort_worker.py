@@ -103,6 +103,10 @@ def artifacts(cfg: dict) -> dict:
     bdir = Path(cfg["bundle"])
     manifest = json.loads((bdir / "manifest.json").read_text())
     model = onnx.load(str(bdir / manifest["graphs"]["infer"]["forward"]), load_external_data=True)
+    from runtime.bundle import open_bundle
+    from runtime.export_model import restore_lookups
+
+    restore_lookups(open_bundle(bdir, verify=False), model, onnx)  # the Gathers of token ids
     g = model.graph
     with np.load(bdir / "params.npz") as z:
         params = {p["name"]: np.asarray(z[p["name"]], np.float32) for p in manifest["params"]}

@@ -13,7 +13,7 @@ import types
 
 import numpy as np
 
-from .common import ROOT, Order, evaluate, load_dataset, summarize, vmrss, worker_main
+from .common import ROOT, Order, evaluate, infer_feeds, load_dataset, summarize, vmrss, worker_main
 
 
 def _import_models():
@@ -111,8 +111,7 @@ def verify(cfg: dict) -> dict:
         ref = model(*_tensors(bundle, x)).numpy()
     sess = ort.InferenceSession(str(bundle.path / "infer.onnx"),
                                 providers=["CPUExecutionProvider"])
-    feeds = dict(x)
-    feeds.update(bundle.load_params())
+    feeds = infer_feeds(bundle, x)
     got = sess.run([bundle.manifest["output"]], feeds)[0]
     diff = float(np.abs(got - ref).max())
     return {"max_abs_diff": diff, "scale": float(np.abs(ref).max())}
