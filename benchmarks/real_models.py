@@ -131,6 +131,8 @@ def train(bundle: Path, data: str, mode: str, model: RealModel, a: argparse.Name
              "--optimizer", model.optimizer, "--lr", f"{model.lr:g}"]
     if mode == "instant" and a.oversample is not None:
         args += ["--oversample", str(a.oversample)]
+    if mode == "instant" and a.energy is not None:
+        args += ["--energy", str(a.energy)]
     args += ["--checkpoint-every", "0", "--no-progress", "--out", str(out)]
     shown = "python -m runtime " + shlex.join(
         rel(v) if v in (str(bundle), data, str(out)) else v for v in args)
@@ -342,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="compare: batch (default 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--energy", type=float, default=None,
+                    help="INSTANT energy threshold ε for the instant runs (default: the bundle's)")
     ap.add_argument("--oversample", type=int, default=7,
-                    help="INSTANT oversampling p for --mode instant, as `make demo-minilm`")
+                    help="INSTANT oversampling p for --mode instant, as `make demo`")
     ap.add_argument("--eval-examples", type=int, default=None,
                     help="compare on an .npz of the first N held-out and steps×batch training "
                          "examples (pre-processed, held in memory: smoke runs) instead of the "

@@ -42,8 +42,10 @@ def cnn() -> int:
 def minilm() -> int:
     out = Path("runs/demo")
     bundle = out / "minilm-l6"
+    # ε = 0.99: at the paper's 0.95 this 80-step fine-tune lost 4 points against vanilla, at
+    # 0.99 0.3 points (benchmarks/real_models.py, README).
     _run("export", "--model", "minilm-l6", "--trainable", "last:3", "--oversample", "7",
-         "--out", str(bundle))
+         "--energy", "0.99", "--out", str(bundle))
     _run("train", str(bundle), "--data", "rotten-tomatoes", "--budget", "256MB",
          "--steps", "80", "--batch", "32", "--optimizer", "sgd", "--lr", "0.05",
          "--threads", "2", "--out", str(out / "run"))
