@@ -263,19 +263,16 @@ class Trainer:
         fout = io["forward_outputs"]
         outs = self.fwd.run_with_ort_values(fout, self._feeds(io["forward_inputs"], x, y))
         self.shared.release()  # frozen weights read by the forward leave the RSS again
-        saved = dict(zip(fout, outs, strict=True))
-        del outs
-        loss = float(saved["loss"].numpy())
+        extra = dict(zip(fout, outs, strict=True))
+        loss = float(extra["loss"].numpy())
         correct = 0
-        if "logits" in saved and y.dtype.kind in "iu":
-            correct = int((saved["logits"].numpy().argmax(-1) == y).sum())
-        extra = {**saved, io["loss_scale"]: _ov(np.array(weight, np.float32))}
-        del saved
+        if "logits" in extra and y.dtype.kind in "iu":
+            correct = int((extra["logits"].numpy().argmax(-1) == y).sum())
+        extra[io["loss_scale"]] = _ov(np.array(weight, np.float32))
         extra.update((io["grad_acc"][p], acc[p]) for p in self.params)
         binding = self.bwd.io_binding()
         for name, value in self._feeds(io["backward_inputs"], x, y, extra).items():
             binding.bind_ortvalue_input(name, value)
-        del extra, value
         for p in self.params:
             binding.bind_ortvalue_output(self._grad_names[p], acc[p])
         self.bwd.run_with_iobinding(binding)
