@@ -67,7 +67,7 @@ def measure_model(trainer: Trainer, data: Dataset, batch: int) -> MemoryModel:
     _step_probe(trainer, data, m1, rng)  # warm-up, unmeasured
     idle = current_rss()
     steps = {m: _step_probe(trainer, data, m, rng) for m in sorted({m1, m2})}
-    return _fit(trainer, idle, static, steps, calib, c1, c2)
+    return _fit(trainer, idle, static, steps, calib)
 
 
 def _calib_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generator) -> int:
@@ -91,20 +91,14 @@ def _step_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generato
         trainer.micro_batch = saved_micro
 
 
-def _fit(trainer: Trainer, idle: int, static: int, steps: dict[int, int], calib: dict[int, int],
-         c1: int, c2: int) -> MemoryModel:
-    """Linear fit through the smallest and the largest step probe (and the two calib probes)."""
-    m1, m2 = min(steps), max(steps)
-    saved = sum(s.x_bytes_per_rank * s.default_rank for s in layer_specs(trainer))
-    slope = max(0.0, (steps[m2] - steps[m1]) / (m2 - m1)) if m2 > m1 else steps[m1] / m1
-    fixed = max(0, int(steps[m1] - slope * m1))
-    cslope = cfixed = 0.0
-    if calib:
-        cslope = max(0.0, (calib[c2] - calib[c1]) / (c2 - c1)) if c2 > c1 else calib[c1] / c1
-        cfixed = max(0, int(calib[c1] - cslope * c1))
+def _fit(trainer: Trainer, idle: int, static: int, steps: dict[int, int],
+         calib: dict[int, int]) -> MemoryModel:
+    """Lines through the smallest and the largest step probe (and the calibration probes)."""
+    fixed, slope = _line(steps)
+    cfixed, cslope = _line(calib) if calib else (0, 0.0)
     return MemoryModel(idle=idle - static, static=static, fixed=fixed,
-                       per_sample_other=max(0.0, slope - saved),
-                       calib_fixed=int(cfixed), calib_per_sample=cslope)
+                       per_sample_other=max(0.0, slope - _saved_now(trainer)),
+                       calib_fixed=cfixed, calib_per_sample=cslope)
 
 
 def plan_for_budget(trainer: Trainer, data: Dataset, batch: int, budget: int) -> Plan:
@@ -145,8 +139,10 @@ def _saved_now(trainer: Trainer) -> int:
 
 
 def _line(points: dict[int, int]) -> tuple[int, float]:
-    """(intercept, slope) of the line through the smallest and the largest probe."""
+    """(intercept, slope) of the line through the smallest and the largest probe {m: peak}."""
     m1, m2 = min(points), max(points)
+    if m1 == m2:  # one probe: all of it per sample
+        return 0, points[m1] / m1
     slope = max(0.0, (points[m2] - points[m1]) / (m2 - m1))
     return max(0, int(points[m1] - slope * m1)), slope
 
