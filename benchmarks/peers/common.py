@@ -33,22 +33,12 @@ def vmrss() -> int:
     return _status("VmRSS")
 
 
-class Order:
-    """Same batch order as ``runtime.run._Order`` (a fresh permutation per epoch); the smoke test
-    checks the two agree, so every system sees the same batches in the same order."""
+def Order(n: int, batch: int, seed: int):  # noqa: N802  (stands in for a class)
+    """The runtime's own batch order (``runtime.run._Order``, a fresh permutation per epoch)
+    seeded as ``instant-runtime train --seed``: every system sees the same batches in order."""
+    from runtime.run import _Order
 
-    def __init__(self, n: int, batch: int, seed: int) -> None:
-        self.n, self.batch, self.rng = n, batch, np.random.default_rng(seed)
-        self.starts = range(0, n - batch + 1 if n >= batch else 1, batch)
-        self.perm: np.ndarray | None = None
-        self.pos = 0
-
-    def next(self) -> np.ndarray:
-        if self.perm is None or self.pos >= len(self.starts):
-            self.perm, self.pos = self.rng.permutation(self.n), 0
-        s = self.starts[self.pos]
-        self.pos += 1
-        return self.perm[s:s + self.batch]
+    return _Order(n, batch, np.random.default_rng(seed))
 
 
 class _DataPackageFinder(importlib.abc.MetaPathFinder):
