@@ -25,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seqdata import make_sequences  # noqa: E402
 
+from contract import read_manifest  # noqa: E402
 from runtime.accounting import layer_costs  # noqa: E402
 
 
 def run(bundle: Path, data: Path, mode: str, steps: int, batch: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "runtime", "train", str(bundle), "--data", str(data),
            "--steps", str(steps), "--batch", str(batch), "--mode", mode, "--threads", "2",
-           "--no-progress", "--out", str(out)]
+           "--no-progress", "--overwrite", "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
@@ -54,7 +55,7 @@ def main() -> int:
         x, y = make_sequences(4 * a.batch)
         xt, yt = make_sequences(a.batch, seed=1)
         np.savez(data, x=x, y=y, x_test=xt, y_test=yt)
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = read_manifest(bundle / "manifest.json")
     res: dict[str, list[dict]] = {"vanilla": [], "instant": []}
     for r in range(a.repeats):
         for mode in res:  # interleaved, so drift on the machine hits both modes alike
@@ -73,7 +74,7 @@ def main() -> int:
         med[mode] = (above, step)
         print(f"{mode:<8} {idle:>8.1f} {peak:>8.1f} {above:>14.1f} {step:>8.1f}")
     ranks = {k: tuple(v) for k, v in res["instant"][-1]["ranks"].items()}
-    costs = layer_costs(manifest["instant"]["layers"], ranks)
+    costs = layer_costs(manifest.instant.layers, ranks)
     flop_ratio = sum(c.instant_flops for c in costs) / sum(c.vanilla_flops for c in costs)
     print(f"peak above idle, instant/vanilla: {med['instant'][0] / med['vanilla'][0]:.2f}")
     print(f"median step time, instant/vanilla: {med['instant'][1] / med['vanilla'][1]:.2f}")

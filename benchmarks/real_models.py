@@ -56,6 +56,7 @@ from benchmarks.harness import (  # noqa: E402
     md_table,
     run_cmd,
 )
+from contract import read_manifest  # noqa: E402
 from runtime.accounting import layer_costs  # noqa: E402
 
 WORK = ROOT / "results" / "tmp" / "real-work"  # subset data and per-run output folders
@@ -146,9 +147,9 @@ def train(bundle: Path, data: str, mode: str, model: RealModel, a: argparse.Name
     return {**res, "status": "ok", **json.loads((out / "summary.json").read_text())}
 
 
-def backward_mflops(manifest: dict, ranks: dict[str, list[int]] | None) -> float:
+def backward_mflops(manifest, ranks: dict[str, list[int]] | None) -> float:
     """Backward MFLOP per example of the compressed layers: exact (``ranks`` None) or INSTANT."""
-    layers = manifest["instant"]["layers"]
+    layers = manifest.instant.layers
     if ranks is None:
         return sum(c.vanilla_flops for c in layer_costs(layers, {})) / 1e6
     costs = layer_costs(layers, {k: (int(v[0]), int(v[1])) for k, v in ranks.items()})
@@ -162,7 +163,7 @@ def compare(model: RealModel, bundle: Path, a: argparse.Namespace) -> Result:
         data = str(subset_npz(bundle, model.data, n_train, a.eval_examples,
                               WORK / "data" / f"{model.name}-{n_train}-{a.eval_examples}.npz"))
         shown = f"{model.data} (.npz: {n_train} train, {a.eval_examples} held-out)"
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = read_manifest(bundle / "manifest.json")
     rec: Result = {"data": shown, "data_path": rel(data), "runs": {}}
     for mode in MODES:
         log(f"[{model.name}] compare: {mode}, {model.steps} steps x batch {model.batch}")
@@ -171,7 +172,7 @@ def compare(model: RealModel, bundle: Path, a: argparse.Namespace) -> Result:
         if r["status"] == "ok":
             r["bwd_mflops"] = backward_mflops(manifest, r["ranks"] if mode == "instant" else None)
         rec["runs"][mode] = r
-    rec["layers"] = len(manifest["instant"]["layers"])
+    rec["layers"] = len(manifest.instant.layers)
     van, ins = rec["runs"]["vanilla"], rec["runs"]["instant"]
     if van.get("test_acc") is not None and ins.get("test_acc") is not None:
         rec["acc_diff_pts"] = 100.0 * (ins["test_acc"] - van["test_acc"])

@@ -128,11 +128,10 @@ class Profile:
     ram: int
     cores: int
     execution_providers: tuple[str, ...]
-    fp16: bool
-    gflops: float
     default_threads: int
     default_budget: int
     source: Path
+    gflops: float | None = None  # sustained fp32 GFLOP/s: `plan` estimates step time with it
     detect_model_contains: tuple[str, ...] = ()
     detect_ram_max: int | None = None
 
@@ -145,11 +144,10 @@ _FIELDS = {
     "ram": "size",
     "cores": "int",
     "execution_providers": "list[str]",
-    "fp16": "bool",
-    "gflops": "float",
     "default_threads": "int",
     "default_budget": "size",
 }
+_OPTIONAL = {"gflops": "float"}
 _DETECT_FIELDS = {"model_contains": "list[str]", "ram_max": "size"}
 _EXPECTED = {
     "str": "a non-empty string",
@@ -201,7 +199,7 @@ def _check_keys(source: Path, raw: dict[str, Any], allowed: dict[str, str], pref
 
 def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profile:
     """Validate a parsed TOML document and build a Profile from it."""
-    _check_keys(source, raw, {**_FIELDS, "detect": "table"}, "")
+    _check_keys(source, raw, {**_FIELDS, **_OPTIONAL, "detect": "table"}, "")
     values: dict[str, Any] = {}
     for field, kind in _FIELDS.items():
         if field not in raw:
@@ -210,6 +208,10 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
                 f"required: {', '.join(_FIELDS)}"
             )
         values[field] = _field(source, field, raw[field], kind)
+
+    for field, kind in _OPTIONAL.items():
+        if field in raw:
+            values[field] = _field(source, field, raw[field], kind)
 
     def bad(field: str, why: str) -> ProfileError:
         return ProfileError(f"{source}: field {field!r}: {why}, got {raw[field]!r}")
@@ -228,7 +230,7 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
         raise bad("cores", "must be at least 1")
     if not 1 <= values["default_threads"] <= values["cores"]:
         raise bad("default_threads", f"must be between 1 and cores ({values['cores']})")
-    if values["gflops"] <= 0:
+    if values.get("gflops") is not None and values["gflops"] <= 0:
         raise bad("gflops", "must be greater than zero")
     if values["default_budget"] > values["ram"]:
         raise bad("default_budget", f"must not exceed ram ({raw['ram']})")

@@ -1,26 +1,28 @@
 """Memory model and budget planner: a pure pass, no onnxruntime, no I/O.
 
-The model of the whole-process peak RSS for a training step at micro-batch ``m``::
+The whole-process peak of a training run at micro-batch ``m`` (calibration at ``mc``)::
 
-    peak(m, ranks) = idle                      measured RSS after loading sessions and data
-                   + static                    trainable weights' gradients + optimizer state
-                   + fixed                     per-step overhead independent of m (measured)
-                   + m * (per_sample_other     activations, masks, gradient buffers (measured)
-                          + Σ saved(ranks))    compressed activations x̂ at the chosen ranks
+    peak = base                  RSS with sessions loaded, weights/gradients/optimizer allocated
+         + frozen                frozen weights a forward pass maps in (from the manifest)
+         + max(m·data,           numpy inputs of one micro-batch (data source, lookups)
+               mc·data + grams)  ... or of a calibration micro-batch plus its Gram matrices
+         + arena                 onnxruntime's arena: max(step(m, s), calib(mc)), held, capped
+         + margin                Python and allocator slack
 
-``fixed`` and ``per_sample_other`` come from two probe steps at different micro-batches (the
-runtime measures them, see ``runtime/budget.py``); the saved-activation term is analytic
-(DESIGN.md §1), so the planner can trade ranks for micro-batch without re-measuring. Calibration
-runs an exact pass and has its own line ``calib_fixed + m_c * calib_per_sample``.
+with ``step(m, s) = arena_fixed + m·(arena_per_sample + s)`` where ``s`` is the compressed
+activations' bytes per sample at the chosen ranks (docs/method.md), and ``calib(mc) =
+calib_fixed + mc·calib_per_sample`` (an exact pass). ``base`` and the arena lines are measured
+(``runtime/budget.py``, in forked probe processes); ``frozen``, ``data`` and ``grams`` are
+computed. The plan caps the arena at what the budget leaves: onnxruntime then fails an
+allocation past the cap instead of growing the process (the runtime halves the micro-batch and
+repeats the step), so the bound holds even where the model is wrong.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-__all__ = ["BudgetError", "LayerSpec", "MemoryModel", "Plan", "make_plan"]
-
-SAFETY = 0.88  # plan to this fraction of the budget: probe error, allocator slack
+__all__ = ["BudgetError", "MemoryModel", "Plan", "make_plan"]
 
 
 class BudgetError(ValueError):
@@ -28,113 +30,133 @@ class BudgetError(ValueError):
 
 
 @dataclass(frozen=True)
-class LayerSpec:
-    """One compressed layer: bytes saved per sample per unit of rank, and its energy spectra."""
+class MemoryModel:
+    base: int
+    frozen: int
+    data_per_sample: int
+    arena_fixed: int
+    arena_per_sample: float  # compressed activations excluded (instant); all of it (vanilla)
+    calib_fixed: int = 0
+    calib_per_sample: float = 0.0
+    grams: int = 0  # calibration's Gram accumulators and eigendecomposition workspace
+    margin: int = 0
+    saved_min: int = 0  # bytes per sample of compressed activations at rank 1 everywhere
+    saved_want: int = 0  # ... at the ranks the energy rule asks for (planning target)
+    # The arena holds blocks in regions; freed blocks of one region cannot serve a request
+    # larger than what is contiguous there. Planned needs get this much slack.
+    slack: float = 0.10
+    slack_bytes: int = 1 << 20
 
-    name: str
-    x_bytes_per_rank: int  # 4·Cx (token axis) or 4·L (channel axis)
-    x_spectrum: tuple[float, ...]  # normalised S² of the activation Gram, decreasing
-    default_rank: int  # rank from the ε rule
+    def arena_step(self, m: int, saved: float) -> int:
+        need = self.arena_fixed + m * (self.arena_per_sample + saved)
+        return int(need * (1 + self.slack) + self.slack_bytes)
+
+    def arena_calib(self, mc: int) -> int:
+        if not mc:
+            return 0
+        return int((self.calib_fixed + mc * self.calib_per_sample) * (1 + self.slack)
+                   + self.slack_bytes)
+
+    def numpy_peak(self, m: int, mc: int) -> int:
+        return int(max(m * self.data_per_sample, mc * self.data_per_sample + self.grams))
+
+    def cap_for(self, budget: int, m: int, mc: int) -> int:
+        """The arena cap that budget leaves at micro-batches (m, mc)."""
+        return int(budget - self.base - self.frozen - self.numpy_peak(m, mc) - self.margin)
+
+    def peak(self, m: int, mc: int, saved: float) -> int:
+        return int(self.base + self.frozen + self.numpy_peak(m, mc) + self.margin
+                   + max(self.arena_step(m, saved), self.arena_calib(mc)))
 
 
 @dataclass(frozen=True)
-class MemoryModel:
-    idle: int
-    static: int
-    fixed: int
-    per_sample_other: float
-    calib_fixed: int = 0
-    calib_per_sample: float = 0.0
-
-    def step_peak(self, m: int, saved_per_sample: float) -> int:
-        return int(self.idle + self.static + self.fixed
-                   + m * (self.per_sample_other + saved_per_sample))
-
-    def calib_peak(self, m: int) -> int:
-        return int(self.idle + self.static + self.calib_fixed + m * self.calib_per_sample)
-
-
-@dataclass
 class Plan:
-    micro_batch: int
-    calib_micro_batch: int
-    ranks: dict[str, int]
-    predicted_peak: int
-    predicted_calib_peak: int
-    budget: int
+    """How a run uses memory: micro-batches, the per-sample budget of compressed activations
+    (ranks are chosen under it at every calibration) and the arena cap. ``None`` = unlimited."""
+
+    micro_batch: int | None = None
+    calib_micro_batch: int | None = None
+    eval_micro_batch: int | None = None
+    saved_budget: int | None = None  # bytes per sample of compressed activations
+    arena_cap: int | None = None
+    budget: int | None = None
+    predicted_peak: int | None = None
     breakdown: dict[str, int] = field(default_factory=dict)
-    retained: dict[str, float] = field(default_factory=dict)
+    model: MemoryModel | None = None
+
+    def with_micro_batch(self, m: int) -> Plan:
+        """The same plan at micro-batch ``m`` (calibration and evaluation no larger); the
+        compressed-activation budget per sample grows as ``m`` shrinks (same arena)."""
+        m = max(1, m)
+        mc = min(self.calib_micro_batch or m, m)
+        saved = self.saved_budget
+        if self.model is not None and self.arena_cap is not None and saved is not None:
+            md = self.model
+            usable = (self.arena_cap - md.slack_bytes) / (1 + md.slack)
+            saved = max(saved, int((usable - md.arena_fixed) / m - md.arena_per_sample))
+        return replace(self, micro_batch=m, calib_micro_batch=mc,
+                       eval_micro_batch=min(self.eval_micro_batch or m, m), saved_budget=saved)
 
 
-def _saved(layers: list[LayerSpec], ranks: dict[str, int]) -> int:
-    return sum(ly.x_bytes_per_rank * ranks[ly.name] for ly in layers)
+def _largest(fits, lo: int, hi: int) -> int | None:
+    """Largest m in [lo, hi] with fits(m) true, assuming fits is monotone (true then false)."""
+    if hi < lo or not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
-def _retained(ly: LayerSpec, r: int) -> float:
-    return float(sum(ly.x_spectrum[:r])) if ly.x_spectrum else 1.0
-
-
-def _shrink_ranks(layers: list[LayerSpec], ranks: dict[str, int], bytes_needed: float
-                  ) -> dict[str, int]:
-    """Lower ranks where a byte costs the least retained energy, until ``bytes_needed`` is saved."""
-    ranks = dict(ranks)
-    while bytes_needed > 0:
-        best, best_cost = None, None
-        for ly in layers:
-            r = ranks[ly.name]
-            if r <= 1:
-                continue
-            loss = _retained(ly, r) - _retained(ly, r - 1)
-            cost = loss / ly.x_bytes_per_rank
-            if best_cost is None or cost < best_cost:
-                best, best_cost = ly, cost
-        if best is None:
-            break
-        ranks[best.name] -= 1
-        bytes_needed -= best.x_bytes_per_rank
-    return ranks
-
-
-def _largest(base: float, per_sample: float, target: int, batch: int) -> int:
-    """Largest m in [1, batch] with base + m·per_sample <= target (1 if none fits)."""
-    if per_sample <= 0:
-        return batch
-    return int(max(1, min(batch, (target - base) // per_sample)))
-
-
-def make_plan(model: MemoryModel, budget: int, batch: int, layers: list[LayerSpec]) -> Plan:
-    """Largest micro-batch (≤ batch) that fits at the ε-rule ranks; ranks shrink only when even
-    micro-batch 1 does not fit. Calibration gets the largest micro-batch whose exact pass fits.
+def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Plan:
+    """The largest micro-batch (≤ batch) at which the energy-rule ranks still fit, the largest
+    calibration micro-batch that fits next to it, and the arena cap the budget leaves.
 
     Raises:
-        BudgetError: micro-batch 1 at rank 1 everywhere, or calibration at 1, exceeds the budget.
+        BudgetError: not even micro-batch 1 at rank 1 fits; the message states the minimum.
     """
-    target = int(budget * SAFETY)
-    ranks = {ly.name: ly.default_rank for ly in layers}
-    saved = _saved(layers, ranks)
-    m = _largest(model.idle + model.static + model.fixed, model.per_sample_other + saved,
-                 target, batch)
-    if model.step_peak(m, saved) > target:
-        over = model.step_peak(1, saved) - target
-        ranks = _shrink_ranks(layers, ranks, over)
-        saved = _saved(layers, ranks)
-    mc = min(m, _largest(model.idle + model.static + model.calib_fixed, model.calib_per_sample,
-                         target, batch))
-    minimum = max(model.step_peak(1, _saved(layers, {ly.name: 1 for ly in layers})),
-                  model.calib_peak(1))
-    if model.step_peak(m, saved) > target or model.calib_peak(mc) > target:
-        need = int(minimum / SAFETY) + 1
+    def calib_for(m: int) -> int:
+        if not instant:
+            return 0
+        ok = _largest(lambda c: model.arena_calib(c) <= model.cap_for(budget, m, c), 1, m)
+        return ok or 0
+
+    def fits(m: int, saved: int) -> bool:
+        mc = calib_for(m)
+        if instant and mc == 0:
+            return False
+        return model.arena_step(m, saved) <= model.cap_for(budget, m, mc)
+
+    m = _largest(lambda k: fits(k, model.saved_want), 1, batch)
+    if m is None:
+        m = 1 if fits(1, model.saved_min) else None
+    if m is None:
+        need = model.peak(1, 1 if instant else 0, model.saved_min)
         raise BudgetError(
-            f"budget {budget / 1e6:.0f} MB is below the minimum {need / 1e6:.0f} MB for this "
-            f"bundle at micro-batch 1 (idle {model.idle / 1e6:.0f} MB, gradients + optimizer "
-            f"{model.static / 1e6:.0f} MB, step overhead {model.fixed / 1e6:.0f} MB, per sample "
-            f"{model.per_sample_other / 1e6:.1f} MB); raise --budget to at least {need / 1e6:.0f}MB")
+            f"budget {budget / 1e6:.0f} MB is below the minimum {need / 1e6 + 1:.0f} MB for this "
+            f"bundle at micro-batch 1 (runtime, sessions and weights {model.base / 1e6:.0f} MB, "
+            f"frozen weights read {model.frozen / 1e6:.0f} MB, onnxruntime working memory "
+            f"{max(model.arena_step(1, model.saved_min), model.arena_calib(1)) / 1e6:.0f} MB); "
+            f"raise --budget to at least {need / 1e6 + 1:.0f}MB")
+    mc = calib_for(m)
+    cap = model.cap_for(budget, m, mc)
+    saved = None
+    if instant:
+        usable = (cap - model.slack_bytes) / (1 + model.slack)
+        saved = int((usable - model.arena_fixed) / m - model.arena_per_sample)
+    # expected at the energy-rule ranks; the arena cap bounds every other case
+    peak = model.peak(m, mc, min(saved, model.saved_want) if saved is not None else 0)
     breakdown = {
-        "idle (runtime, sessions, frozen weights, data)": model.idle,
-        "gradients + optimizer state": model.static,
-        "per-step overhead (frozen weights read, transients)": model.fixed,
-        f"activations, masks, gradient buffers (x{m})": int(m * model.per_sample_other),
-        f"compressed activations at chosen ranks (x{m})": int(m * saved),
+        "runtime, sessions, weights, gradients, optimizer (measured)": model.base,
+        "frozen weights read by a forward pass": model.frozen,
+        f"inputs of a micro-batch (x{m}) / calibration Grams": model.numpy_peak(m, mc),
+        f"onnxruntime arena, capped (step at x{m}"
+        + (f", calibration at x{mc})" if instant else ")"): cap,
+        "margin": model.margin,
     }
-    return Plan(m, mc, ranks, model.step_peak(m, saved), model.calib_peak(mc), budget, breakdown,
-                {ly.name: _retained(ly, ranks[ly.name]) for ly in layers})
+    return Plan(micro_batch=m, calib_micro_batch=mc or None, eval_micro_batch=m,
+                saved_budget=saved, arena_cap=cap, budget=budget, predicted_peak=peak,
+                breakdown=breakdown, model=model)

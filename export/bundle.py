@@ -1,6 +1,7 @@
 """Write a training bundle: standard-op ONNX graphs, weights and a manifest.
 
-Layout of a bundle directory (format version 2)::
+Layout of a bundle directory (``contract.FORMAT_VERSION``; the manifest's schema is
+``contract/manifest.py``)::
 
     manifest.json              what the runtime needs: inputs, labels, params, graphs, layers
     weights.bin                frozen weights as ONNX external data (memory-mapped by onnxruntime)
@@ -23,22 +24,34 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from runtime.bundle import file_sha256
-
-from . import rules  # noqa: F401  (registers the gradient rules)
-from .autodiff import (
-    GRAD_ACC,
-    LOSS_SCALE,
-    CompressedLayer,
-    build_training_graphs,
-    find_compressible_layers,
+from contract import (
+    FORMAT,
+    FORMAT_VERSION,
+    FileEntry,
+    GraphFiles,
+    GraphIO,
+    InstantSettings,
+    InstantSpec,
+    LayerInfo,
+    Lookup,
+    LossSpec,
+    Manifest,
+    ParamSpec,
+    TensorSpec,
+    WeightEntry,
+    file_sha256,
+    manifest_json,
+    names,
 )
+from contract.schema import load as load_typed
+
+from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes
+from .layers import CompressedLayer, find_compressible_layers
 from .trace import Traced, load_model, parse_input_shapes
 
-__all__ = ["FORMAT_VERSION", "export_bundle", "select_trainable"]
+__all__ = ["export_bundle", "select_trainable"]
 
-FORMAT_VERSION = 2
 MIN_ORT = "1.17"
 LOSSES = ("cross_entropy", "mse")
 _EXTERNAL_MIN_BYTES = 1024
@@ -113,30 +126,32 @@ def _example_inputs(input_shape: str | None,
 
 
 def _append_loss(model: onnx.ModelProto, output: str, loss: str,
-                 shapes: Shapes) -> dict:
+                 shapes: Shapes) -> LossSpec:
     g = model.graph
     out_shape = shapes.of(output)
     if loss == "cross_entropy":
         if len(out_shape) != 2 or not isinstance(out_shape[1], int):
             raise ExportError(f"cross_entropy needs a [N, classes] output; '{output}' has shape "
                               f"{out_shape}. Use --loss mse for other outputs")
-        g.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]))
-        g.node.append(helper.make_node("SoftmaxCrossEntropyLoss", [output, "labels"], ["loss"],
-                                       name="loss/SoftmaxCrossEntropyLoss", reduction="mean"))
-        info = {"kind": "cross_entropy", "num_classes": int(out_shape[1]),
-                "labels": {"name": "labels", "shape": ["N"], "dtype": "int64"}}
+        g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.INT64, ["N"]))
+        g.node.append(helper.make_node("SoftmaxCrossEntropyLoss", [output, names.LABELS],
+                                       [names.LOSS], name="loss/SoftmaxCrossEntropyLoss",
+                                       reduction="mean"))
+        info = LossSpec("cross_entropy", TensorSpec(names.LABELS, ["N"], "int64"),
+                        int(out_shape[1]))
     elif loss == "mse":
         dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
-        g.input.append(helper.make_tensor_value_info("labels", TensorProto.FLOAT, dims))
-        g.node.append(helper.make_node("Sub", [output, "labels"], ["loss/diff"], name="loss/Sub"))
+        g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.FLOAT, dims))
+        g.node.append(helper.make_node("Sub", [output, names.LABELS], ["loss/diff"],
+                                       name="loss/Sub"))
         g.node.append(helper.make_node("Mul", ["loss/diff", "loss/diff"], ["loss/sq"],
                                        name="loss/Mul"))
-        g.node.append(helper.make_node("ReduceMean", ["loss/sq"], ["loss"], name="loss/Mean",
+        g.node.append(helper.make_node("ReduceMean", ["loss/sq"], [names.LOSS], name="loss/Mean",
                                        keepdims=0))
-        info = {"kind": "mse", "labels": {"name": "labels", "shape": dims, "dtype": "float32"}}
+        info = LossSpec("mse", TensorSpec(names.LABELS, dims, "float32"))
     else:
         raise ExportError(f"unknown loss '{loss}'; supported: {', '.join(LOSSES)}")
-    g.output.insert(0, helper.make_tensor_value_info("loss", TensorProto.FLOAT, []))
+    g.output.insert(0, helper.make_tensor_value_info(names.LOSS, TensorProto.FLOAT, []))
     return info
 
 
@@ -271,15 +286,18 @@ class _WeightFile:
 
 def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
                   npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
-                  instant_exclude: list[str] | None = None, calib_every: int = 50,
-                  calib_batches: int = 5, energy: float = 0.95, oversample: int = 0,
-                  ) -> Path:
+                  instant_exclude: list[str] | None = None,
+                  settings: InstantSettings | None = None) -> Path:
     """Export ``model`` to a training bundle in ``out``; returns the bundle path.
+
+    ``settings`` are the INSTANT defaults recorded in the bundle (ε, oversampling, calibration
+    schedule); None: ``contract.InstantSettings()``.
 
     Raises:
         ExportError: unknown model, unsupported op or option (one-line message).
     """
     out = Path(out)
+    settings = settings or InstantSettings()
     traced = load_model(model, _example_inputs(input_shape, npz))
     params = select_trainable(traced, trainable)
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
@@ -294,24 +312,22 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     lookups = _split_lookups(base, set(traced.inputs), weights)
     infer = copy.deepcopy(base)
     fwd = copy.deepcopy(base)
-    loss_info = _append_loss(fwd, output, loss, Shapes(fwd))
+    loss_spec = _append_loss(fwd, output, loss, Shapes(fwd))
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
-    for ly in layers:
-        ly.p_input, ly.q_input = f"instant.{ly.name}.P", f"instant.{ly.name}.Q"
 
     out.mkdir(parents=True, exist_ok=True)
-    data_inputs = set(traced.inputs) | {"labels"}
-    graphs: dict[str, dict] = {}
-    io: dict[str, dict] = {}
+    data_inputs = set(traced.inputs) | {names.LABELS}
+    graphs: dict[str, GraphFiles] = {}
+    io: dict[str, GraphIO] = {}
     modes = ["vanilla"] + (["instant", "calib"] if layers else [])
     graph_weights: dict[str, list[str]] = {}
     for mode in modes:
         src = copy.deepcopy(fwd)
         if mode == "instant":
             _add_basis_inputs(src, layers)
-        tg = build_training_graphs(src, "loss", params, mode, layers, opset)
+        tg = build_training_graphs(src, names.LOSS, params, mode, layers, opset)
         files = {}
         for part, m in (("forward", tg.forward), ("backward", tg.backward)):
             _prune_unused_inputs(m, data_inputs if part == "forward" else set())
@@ -319,54 +335,47 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             graph_weights[name] = weights.externalize(m)
             onnx.save(m, str(out / name))
             files[part] = name
-        graphs[mode] = files
-        io[mode] = {
-            "forward_inputs": [i.name for i in tg.forward.graph.input],
-            "forward_outputs": [o.name for o in tg.forward.graph.output],
-            "backward_inputs": [i.name for i in tg.backward.graph.input],
-            "saved": tg.saved, "grads": tg.grads,
-            "grad_acc": {p: f"{GRAD_ACC}{p}" for p in tg.grads}, "loss_scale": LOSS_SCALE,
-            "fwd_grams": tg.fwd_grams, "bwd_grams": tg.bwd_grams,
-        }
-    graph_weights["infer.onnx"] = weights.externalize(infer)
-    onnx.save(infer, str(out / "infer.onnx"))
-    graphs["infer"] = {"forward": "infer.onnx"}
-    weights.write(out / "weights.bin")
-    np.savez(out / "params.npz", **initial)
+        graphs[mode] = GraphFiles(**files)
+        io[mode] = GraphIO(
+            forward_inputs=[i.name for i in tg.forward.graph.input],
+            forward_outputs=[o.name for o in tg.forward.graph.output],
+            backward_inputs=[i.name for i in tg.backward.graph.input],
+            saved=tg.saved, grads=tg.grads,
+            grad_acc={p: f"{names.GRAD_ACC}{p}" for p in tg.grads},
+            loss_scale=names.LOSS_SCALE if mode != "calib" else None,
+            fwd_grams=tg.fwd_grams, bwd_grams=tg.bwd_grams)
+    infer_name = f"{names.INFER}.onnx"
+    graph_weights[infer_name] = weights.externalize(infer)
+    onnx.save(infer, str(out / infer_name))
+    graphs[names.INFER] = GraphFiles(forward=infer_name)
+    weights.write(out / names.WEIGHTS_FILE)
+    np.savez(out / names.PARAMS_FILE, **initial)
 
     in_shapes = Shapes(base)
-    manifest = {
-        "format": "instant-runtime-bundle",
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": traced.source,
-        "opset": opset,
-        "ir_version": int(base.ir_version),
-        "min_onnxruntime": MIN_ORT,
-        "inputs": [{"name": n, "shape": ["N"] + list(in_shapes.of(n)[1:]),
-                    "dtype": _np_dtype(in_shapes.dtype[n])} for n in traced.inputs],
-        "output": output,
-        "loss": loss_info,
-        "params": [{"name": p, "shape": list(initial[p].shape), "torch_name": torch_names[p],
-                    "transposed": traced.torch_names.get(p, (p, False))[1]} for p in params],
-        "trainable": trainable,
-        "frozen_bytes": weights.size,
+    files = {f.name: FileEntry(bytes=f.stat().st_size, sha256=file_sha256(f))
+             for f in sorted(out.iterdir())
+             if f.is_file() and f.name != names.MANIFEST_FILE and not f.name.startswith(".")}
+    manifest = Manifest(
+        format=FORMAT, format_version=FORMAT_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"), source=traced.source, opset=opset,
+        ir_version=int(base.ir_version), min_onnxruntime=MIN_ORT,
+        inputs=[TensorSpec(n, ["N"] + list(in_shapes.of(n)[1:]), _np_dtype(in_shapes.dtype[n]))
+                for n in traced.inputs],
+        output=output, loss=loss_spec,
+        params=[ParamSpec(p, list(initial[p].shape), torch_names[p],
+                          traced.torch_names.get(p, (p, False))[1]) for p in params],
+        trainable=trainable, frozen_bytes=weights.size,
         # Frozen tensors in weights.bin, and which graph uses which: the runtime maps the file
         # once and hands the same buffers to every session (no per-session copy or mapping).
-        "weights": weights.tensors,
-        "graph_weights": graph_weights,
-        "graphs": graphs,
-        "io": io,
-        "lookups": lookups,
-        "instant": {
-            "layers": [ly.to_json() for ly in layers],
-            "energy": energy, "oversample": oversample,
-            "calib_every": calib_every, "calib_batches": calib_batches,
-        },
-    }
-    manifest["files"] = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-                         for f in sorted(out.iterdir()) if f.is_file() and f.name != "manifest.json"}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        weights={k: WeightEntry(**v) for k, v in weights.tensors.items()},
+        graph_weights=graph_weights, graphs=graphs, io=io,
+        lookups={k: Lookup(**v) for k, v in lookups.items()},
+        instant=InstantSpec([load_typed(LayerInfo, ly.to_json(), "layer") for ly in layers],
+                            settings),
+        files=files)
+    text = manifest_json(manifest)
+    load_typed(Manifest, json.loads(text), str(out / names.MANIFEST_FILE))  # what the runtime reads
+    (out / names.MANIFEST_FILE).write_text(text)
     return out
 
 

@@ -11,12 +11,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from contract.errors import UserError
+
 __all__ = ["Builder", "ExportError", "Shapes", "static_shape"]
 
 Dim = int | str | None
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A model or option the exporter cannot handle; the message says what and what to do."""
 
 

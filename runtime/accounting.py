@@ -1,4 +1,4 @@
-"""Backward FLOPs and saved-activation bytes of the compressed layers (DESIGN.md §1 formulas).
+"""Backward FLOPs and saved-activation bytes of the compressed layers (docs/method.md formulas).
 
 Per sample, one layer with L tokens, Cx inputs, Cy outputs:
     vanilla backward  4·L·Cx·Cy FLOPs                 saved  L·Cx floats
@@ -8,6 +8,8 @@ Per sample, one layer with L tokens, Cx inputs, Cy outputs:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from contract.manifest import LayerInfo
 
 __all__ = ["LayerCost", "layer_costs", "format_table"]
 
@@ -24,14 +26,14 @@ class LayerCost:
     instant_bytes: int
 
 
-def layer_costs(layers: list[dict], ranks: dict[str, tuple[int, int]]) -> list[LayerCost]:
+def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> list[LayerCost]:
     out = []
     for ly in layers:
-        L, cx, cy = ly["tokens"], ly["cx"], ly["cy"]
-        rx, ry = ranks.get(ly["name"], (ly["x_dim"], ly["g_dim"]))
-        inst_saved = rx * cx if ly["x_axis"] == "token" else L * rx
+        L, cx, cy = ly.tokens, ly.cx, ly.cy
+        rx, ry = ranks.get(ly.name, (ly.x_dim, ly.g_dim))
+        inst_saved = rx * cx if ly.x_axis == "token" else L * rx
         out.append(LayerCost(
-            ly["name"], f"{ly['x_axis'][0]}/{ly['g_axis'][0]}", rx, ry,
+            ly.name, f"{ly.x_axis[0]}/{ly.g_axis[0]}", rx, ry,
             4 * L * cx * cy, 2 * (rx + ry) * (cx * cy + L * cx + L * cy),
             4 * L * cx, 4 * inst_saved))
     return out

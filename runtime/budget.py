@@ -1,201 +1,426 @@
-"""Keep a training run inside a memory budget: measure, plan, then watch every step.
+"""Keep a training run inside a memory budget: measure in forked probes, plan, validate at the
+real size, then train with onnxruntime's arena capped at what the budget leaves.
 
-1. ``measure_model`` fits the planner's memory model (devices/planner.py) on this machine: the idle
-   RSS, then two probe steps and two probe calibrations at small micro-batches, each measured as
-   the process's peak RSS (VmHWM, reset between probes). Probe steps compute gradients but never
-   apply them.
-2. ``devices.planner.make_plan`` picks the micro-batch, the calibration micro-batch and the ranks,
-   or refuses with the minimum feasible budget before anything trains.
-3. ``BudgetGuard`` checks the measured peak after every step; when it nears the budget it halves
-   the micro-batch for the next steps (gradient accumulation keeps the effective batch).
+1. ``measure``: two forked probe processes (the parent has no onnxruntime session yet, so a fork
+   is safe and the parent's own high-water mark is never touched): the first creates the
+   sessions and reports their memory; the second, with its arena capped, runs two calibration
+   passes and two gradient passes (full-rank bases: the most a compressed activation can take)
+   at small micro-batches and reports how the arena grew, plus the activation spectra.
+2. ``devices.planner.make_plan`` picks the micro-batch at which the energy-rule ranks fit, the
+   calibration micro-batch, the per-sample memory for compressed activations and the arena cap;
+   or refuses before anything trains, stating the minimum budget.
+3. ``validate``: a third probe runs the plan at its real size — a calibration, a full step at
+   the planned micro-batch with ranks that fill the planned memory, an evaluation pass — under
+   the planned cap, and its peak is read from outside (``wait4``). If it fails, the micro-batch
+   shrinks and the check repeats; nothing is extrapolated into the real run.
+4. During training the cap holds: an allocation past it fails inside onnxruntime, and the loop
+   (``runtime/run.py``) halves the micro-batch and repeats the step.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+
 import numpy as np
 
-from devices.planner import BudgetError, LayerSpec, MemoryModel, Plan, make_plan
+from contract import UserError, names
+from devices.planner import BudgetError, MemoryModel, Plan, make_plan
 
-from .data import Dataset
-from .errors import UserError
-from .memory import current_rss, reset_peak, window_peak
-from .trainer import Trainer
+from .calibrate import Spectrum, basis
+from .memory import current_rss
+from .ranks import saved_bytes, x_bytes_per_rank
+from .sessions import arena_cap, use_arena
+from .trainer import ArenaExhausted, IndexBatch, Trainer
 
-__all__ = ["BudgetGuard", "layer_specs", "measure_model", "plan_for_budget", "print_plan"]
+__all__ = ["ProbeError", "plan_for_budget", "print_plan"]
 
-GUARD = 0.97  # shrink when the measured peak passes this fraction of the budget
-
-
-def layer_specs(trainer: Trainer) -> list[LayerSpec]:
-    specs = []
-    for ly in trainer.bundle.layers:
-        per_rank = 4 * (ly["cx"] if ly["x_axis"] == "token" else ly["tokens"])
-        p = trainer.bases.get(ly["name"], (None, None))[0]
-        spectrum = tuple(float(v) for v in p.spectrum) if p is not None else ()
-        specs.append(LayerSpec(ly["name"], per_rank, spectrum,
-                               p.rank if p is not None else ly["x_dim"]))
-    return specs
+PROBE_TIMEOUT_S = 900
+MIN_MARGIN = 6 << 20  # bytes of slack for Python objects, logs, checkpoint buffers
 
 
-def _probe(trainer: Trainer, fn) -> int:
-    before = current_rss()
-    reset_peak()
-    fn()
-    return max(0, window_peak() - before)
+class ProbeError(RuntimeError):
+    """A probe process failed for a reason other than memory (a bug, not a budget problem)."""
 
 
-def measure_model(trainer: Trainer, data: Dataset, batch: int) -> MemoryModel:
-    """Fit the memory model from small probes, each measured as the process's peak RSS.
+def resident_file_pages() -> np.ndarray:
+    """Addresses of this process's resident pages of file-backed mappings (shared libraries,
+    mapped files), from ``/proc/self/pagemap``; empty where that is unreadable."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    runs = []
+    try:
+        with open("/proc/self/maps") as f:
+            maps = [line.split() for line in f]
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return np.zeros(0, np.int64)
+    try:
+        for m in maps:
+            if len(m) < 6 or not m[5].startswith("/") or "r" not in m[1]:
+                continue
+            lo, hi = (int(x, 16) for x in m[0].split("-"))
+            data = os.pread(fd, 8 * ((hi - lo) // page), (lo // page) * 8)
+            present = np.flatnonzero(np.frombuffer(data, np.uint64) >> np.uint64(63))
+            if present.size:
+                runs.append(lo + present.astype(np.int64) * page)
+    except OSError:
+        return np.zeros(0, np.int64)
+    finally:
+        os.close(fd)
+    return np.concatenate(runs) if runs else np.zeros(0, np.int64)
 
-    Calibration probes run an exact pass over 1 and 4 samples. Step probes run two micro-batches
-    of 2 and of up to 8 samples, so gradient accumulation is part of what is measured; one
-    unmeasured warm-up step comes first. Probes stay small so planning itself fits the budget.
-    """
-    rng = np.random.default_rng(12345)
-    # The optimizer state (allocated and touched when the trainer is built) and the gradient
-    # buffers (allocated once, kept for the whole run) are part of every later RSS: allocated
-    # before any probe, they are in the measured idle and reported apart as ``static``.
-    trainer.gradient_buffers()
-    static = sum(a.nbytes for st in trainer.optimizer.state.values() for a in st.values())
-    static += sum(g.nbytes for g in trainer._grads.values())
-    calib = {}
-    c1, c2 = 1, max(1, min(4, batch))
+
+def _touch(addresses: np.ndarray) -> None:
+    import ctypes
+
+    for a in addresses.tolist():
+        ctypes.string_at(a, 1)
+
+
+def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S) -> dict:
+    """Run ``fn`` in a forked child; its JSON result plus ``peak`` (the child's maximum RSS
+    from ``wait4``, read by this process) and ``oom`` (the arena's cap was reached).
+
+    A fork copies the page tables of private memory but not of file mappings: the child starts
+    with far fewer library pages resident than this process. It first touches every
+    file-backed page resident here, so its RSS, and every difference it measures, is this
+    process's."""
+    pages = resident_file_pages()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _touch(pages)
+            out = {"ok": True, **fn()}
+        except ArenaExhausted as exc:
+            out = {"ok": False, "oom": True, "error": str(exc)}
+        except BaseException as exc:  # noqa: BLE001 - report anything to the parent
+            out = {"ok": False, "oom": False, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            data = json.dumps(out).encode()
+            while data:
+                data = data[os.write(w, data):]
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                raise ProbeError(f"a planning probe ran past {timeout:.0f} s")
+            ready, _, _ = select.select([r], [], [], min(left, 1.0))
+            if ready:
+                block = os.read(r, 1 << 20)
+                if not block:
+                    break
+                chunks.append(block)
+    except BaseException:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        os.close(r)
+    _, status, usage = os.wait4(pid, 0)
+    try:
+        res = json.loads(b"".join(chunks).decode() or "{}")
+    except ValueError:
+        res = {}
+    if not res:
+        res = {"ok": False, "oom": False,
+               "error": f"probe process ended with status {os.waitstatus_to_exitcode(status)}"}
+    res["peak"] = usage.ru_maxrss * 1024
+    res.setdefault("oom", False)
+    return res
+
+
+def _data_bytes_per_sample(trainer: Trainer, data) -> int:
+    """numpy bytes one sample of a micro-batch costs: inputs, labels, embedding rows read."""
+    per = getattr(data, "bytes_per_sample", None)
+    x, y = data.take(np.arange(min(2, len(data))))
+    n = max(1, len(y))
+    nbytes = sum(v.nbytes for v in x.values()) + y.nbytes
+    inputs = nbytes / n
+    if callable(per):
+        inputs = max(inputs, float(per()))
+    lookups = 0
+    for lk in trainer.bundle.lookups.values():
+        t = trainer.bundle.manifest.weights[lk.table]
+        row = int(np.prod(t.shape[1:])) * np.dtype(t.dtype).itemsize
+        width = int(np.prod(x[lk.indices].shape[1:])) if lk.indices in x else 1
+        lookups += 3 * row * width  # rows read, gathered copy, the OrtValue's view
+    return int(2 * inputs + lookups)  # the batch slice and its contiguous copy
+
+
+def _grams_bytes(trainer: Trainer) -> int:
+    layers = trainer.bundle.layers
+    if trainer.mode != "instant" or not layers:
+        return 0
+    acc = sum(8 * (ly.x_dim ** 2 + ly.g_dim ** 2) for ly in layers)
+    d = max(max(ly.x_dim, ly.g_dim) for ly in layers)
+    return int(acc + 8 * 4 * d * d)  # accumulators + eigh's copy, vectors and workspace
+
+
+def _frozen(trainer: Trainer) -> int:
+    b = trainer.bundle
+    graphs = [b.graph_file(trainer.mode, "forward"), b.graph_file(names.INFER)]
     if trainer.mode == "instant":
-        for m in sorted({c1, c2}):
-            calib[m] = _calib_probe(trainer, data, m, rng)
-    m1, m2 = min(2, max(1, batch // 2)), max(1, min(8, batch // 2))
-    _step_probe(trainer, data, m1, rng)  # warm-up, unmeasured
-    idle = current_rss()
-    steps = {m: _step_probe(trainer, data, m, rng) for m in sorted({m1, m2})}
-    return _fit(trainer, idle, static, steps, calib)
+        graphs.append(b.graph_file("calib", "forward"))
+    return max(b.frozen_bytes_touched(g) for g in graphs)
 
 
-def _calib_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generator) -> int:
-    """Peak RSS above the current RSS of one calibration over one batch of ``m`` samples."""
-    saved = trainer.calib_batches, trainer.calib_micro_batch, trainer.calibrations
-    trainer.calib_batches, trainer.calib_micro_batch = 1, m
-    try:
-        return _probe(trainer, lambda: trainer.calibrate(data, m, rng))
-    finally:
-        trainer.calib_batches, trainer.calib_micro_batch, trainer.calibrations = saved
+def _batch(data, m: int, rng: np.random.Generator) -> IndexBatch:
+    return IndexBatch(data, rng.choice(len(data), size=min(len(data), m), replace=False))
 
 
-def _step_probe(trainer: Trainer, data: Dataset, m: int, rng: np.random.Generator) -> int:
-    """Peak RSS above the current RSS of one gradient pass over two micro-batches of ``m``."""
-    idx = rng.choice(len(data), size=min(len(data), 2 * m), replace=False)
-    x, y = data.take(idx)
-    saved_micro, trainer.micro_batch = trainer.micro_batch, m
-    try:
-        return _probe(trainer, lambda: trainer.gradients(x, y))
-    finally:
-        trainer.micro_batch = saved_micro
+def _full_rank_bases(trainer: Trainer) -> None:
+    """Identity bases: every compressed activation saved at full size (the most it can take)."""
+    for ly in trainer.bundle.layers:
+        sx = Spectrum(np.ones(ly.x_dim), np.eye(ly.x_dim))
+        sg = Spectrum(np.ones(ly.g_dim), np.eye(ly.g_dim))
+        trainer.set_bases(ly.name, basis(sx, ly.x_dim), basis(sg, ly.g_dim))
 
 
-def _fit(trainer: Trainer, idle: int, static: int, steps: dict[int, int],
-         calib: dict[int, int]) -> MemoryModel:
-    """Lines through the smallest and the largest step probe (and the calibration probes)."""
-    fixed, slope = _line(steps)
-    cfixed, cslope = _line(calib) if calib else (0, 0.0)
-    return MemoryModel(idle=idle - static, static=static, fixed=fixed,
-                       per_sample_other=max(0.0, slope - _saved_now(trainer)),
-                       calib_fixed=cfixed, calib_per_sample=cslope)
-
-
-def plan_for_budget(trainer: Trainer, data: Dataset, batch: int, budget: int) -> Plan:
-    """Measure, plan and apply the plan to ``trainer`` (micro-batches and rank caps).
+def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
+                    log: Callable[[str], None] = print) -> Plan:
+    """Measure, plan and validate; returns the plan (the caller registers its arena cap and
+    gives it to the trainer). The trainer must not have opened a session yet.
 
     Raises:
-        UserError: the budget is below the minimum for this bundle (states the minimum).
+        UserError: the budget is below the minimum for this bundle (the message states it).
     """
-    model = measure_model(trainer, data, batch)
+    if trainer._sessions or arena_cap() is not None:
+        raise RuntimeError("plan_for_budget must run before any onnxruntime session exists")
+    instant = trainer.mode == "instant"
+    base0 = current_rss()
+    frozen = _frozen(trainer)
+    per_sample = _data_bytes_per_sample(trainer, data)
+    grams = _grams_bytes(trainer)
+    margin = max(MIN_MARGIN, int(0.02 * budget))
+    batch = max(1, min(batch, len(data)))
+
+    def sessions_only(cap: int | None) -> dict:
+        use_arena(cap)
+        before = current_rss()
+        trainer.open_sessions()
+        _warm_up(trainer, data)
+        return {"overhead": current_rss() - before}
+
+    def minimum(why: str) -> UserError:
+        """The smallest budget: probes at micro-batch 1 with no cap (they may pass the budget:
+        the run is refused anyway) measure what one sample needs; planned like any budget."""
+        warm = _fork(lambda: sessions_only(None))
+        if not warm["ok"]:
+            return UserError(f"cannot open the bundle's sessions: {warm['error']}")
+        base1 = base0 + int(warm["overhead"])
+        probe = _fork(lambda: _measure(trainer, data, 1, None))
+        if not probe["ok"]:
+            return UserError(f"a planning probe failed: {probe['error']}")
+        m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin)
+        need = max(m1.peak(1, 1 if instant else 0, m1.saved_min), warm["peak"] + margin)
+        return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
+                         f"({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB")
+
+    cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams
+    if cap0 <= 0:
+        raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB")
+    res = _fork(lambda: sessions_only(cap0))
+    if not res["ok"]:
+        if res["oom"]:
+            raise minimum("a step at micro-batch 1 did not fit")
+        raise UserError(f"cannot open the bundle's sessions: {res['error']}")
+    base = base0 + int(res["overhead"])
+    floor = base + frozen + margin
+    if floor + 2 * per_sample + grams >= budget:
+        raise minimum(f"the runtime, its sessions and weights take {base / 1e6:.0f} MB")
+    measured = _fork(lambda: _measure(trainer, data, batch, budget - floor - 8 * per_sample
+                                      - grams))
+    if not measured["ok"]:
+        if measured["oom"]:
+            raise minimum("a probe at micro-batch 1 did not fit")
+        raise ProbeError(f"a planning probe failed: {measured['error']}")
+    model = _model(trainer, measured, base, frozen, per_sample, grams, margin)
     try:
-        plan = make_plan(model, budget, batch, layer_specs(trainer))
-        # Small probes under-estimate the slope (small tensors, fixed costs): probe again at
-        # half the planned micro-batch, refit through it and plan again.
-        # The same for calibration (an exact pass: more per sample than a step).
-        half = plan.micro_batch // 2
-        half_c = plan.calib_micro_batch // 2 if trainer.mode == "instant" else 0
-        if half > 8 or half_c > 4:
-            rng = np.random.default_rng(7)
-            steps = calib = None
-            if half > 8:
-                steps = {2: int(model.fixed + 2 * (model.per_sample_other + _saved_now(trainer))),
-                         half: _step_probe(trainer, data, half, rng)}
-            if half_c > 4:
-                calib = {4: int(model.calib_fixed + 4 * model.calib_per_sample),
-                         half_c: _calib_probe(trainer, data, half_c, rng)}
-            model = _refit(model, trainer, steps, calib)
-            plan = make_plan(model, budget, batch, layer_specs(trainer))
+        plan = make_plan(model, budget, batch, instant)
     except BudgetError as exc:
         raise UserError(str(exc)) from None
-    trainer.micro_batch = plan.micro_batch
-    trainer.calib_micro_batch = plan.calib_micro_batch
-    trainer.rank_caps = dict(plan.ranks)
-    return plan
+    for _ in range(6):
+        check = _fork(lambda p=plan: _validate(trainer, data, batch, p))
+        if check["ok"] and check["peak"] <= budget:
+            return Plan(**{**plan.__dict__, "breakdown": {
+                **plan.breakdown, "validated peak (probe at this plan, measured by wait4)":
+                    check["peak"]}})
+        if not check["ok"] and not check["oom"]:
+            raise ProbeError(f"the validation probe failed: {check['error']}")
+        if plan.micro_batch == 1:
+            need = max(check["peak"], budget) + margin
+            raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this "
+                            f"bundle: a step at micro-batch 1 did not fit (probe peak "
+                            f"{check['peak'] / 1e6:.0f} MB); raise --budget to at least "
+                            f"{need / 1e6 + 1:.0f}MB")
+        smaller = max(1, int(plan.micro_batch * 0.7))
+        why = ("arena cap reached" if check["oom"] else
+               f"peak {check['peak'] / 1e6:.1f} MB")
+        log(f"budget: micro-batch {plan.micro_batch} did not fit at its real size ({why}); "
+            f"trying {smaller}")
+        try:
+            plan = make_plan(model, budget, smaller, instant)
+        except BudgetError as exc:
+            raise UserError(str(exc)) from None
+    raise UserError(f"could not validate a plan inside {budget / 1e6:.0f} MB; raise --budget")
 
 
-def _saved_now(trainer: Trainer) -> int:
-    return sum(s.x_bytes_per_rank * s.default_rank for s in layer_specs(trainer))
+def _warm_up(trainer: Trainer, data) -> None:
+    """One pass of every kind at micro-batch 1 (code pages fault in, kernels initialise), then
+    the arena is shrunk back: what remains is the run's fixed cost."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(999)
+    cfg = trainer.config
+    trainer.use_plan(Plan(micro_batch=1, calib_micro_batch=1, eval_micro_batch=1))
+    if trainer.mode == "instant":
+        trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1))
+        trainer.calibrate(data, 1, rng)
+        trainer.config = cfg
+    trainer.gradients(_batch(data, 1, rng))
+    trainer.evaluate(_Subset(data, 1), 1)
+    trainer.shrink_arena(data)
+    trainer.bases.clear()
 
 
-def _line(points: dict[int, int]) -> tuple[int, float]:
-    """(intercept, slope) of the line through the smallest and the largest probe {m: peak}."""
-    m1, m2 = min(points), max(points)
-    if m1 == m2:  # one probe: all of it per sample
-        return 0, points[m1] / m1
-    slope = max(0.0, (points[m2] - points[m1]) / (m2 - m1))
-    return max(0, int(points[m1] - slope * m1)), slope
+def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
+    """(In a probe process.) Arena growth of calibration and gradient passes at micro-batches
+    1, 2 and 8 (as many as fit under ``cap``; the arena keeps its largest size, so each reading
+    is the need of the largest pass so far), and the energy-rule ranks."""
+    use_arena(None if cap is None else max(cap, 1 << 20))
+    trainer.open_sessions()
+    _warm_up(trainer, data)
+    rng = np.random.default_rng(12345)
+    start = current_rss()
+    out: dict = {"calib": {}, "step": {}}
+    sizes = sorted({max(1, min(k, batch)) for k in (1, 2, 8)})
+    if trainer.mode == "instant":
+        cfg = trainer.config
+        for mc in sizes:
+            trainer.use_plan(Plan(micro_batch=mc, calib_micro_batch=mc))
+            trainer.config = _one_batch(cfg)
+            try:
+                trainer.calibrate(data, mc, rng)
+            except ArenaExhausted:
+                break
+            finally:
+                trainer.config = cfg
+            out["calib"][mc] = current_rss() - start
+            out["ranks"] = {name: [p.rank, q.rank] for name, (p, q) in trainer.bases.items()}
+        if not out["calib"]:
+            raise ArenaExhausted("calibration at micro-batch 1")
+        _full_rank_bases(trainer)
+        out["saved_full"] = saved_bytes(trainer.bundle.layers, trainer.ranks())
+        trainer.shrink_arena(data)  # steps are measured from an arena without calibration's
+        start = current_rss()
+    for m in sizes:
+        trainer.use_plan(Plan(micro_batch=m))
+        try:
+            trainer.gradients(_batch(data, 2 * m, rng))
+        except ArenaExhausted:
+            break
+        out["step"][m] = current_rss() - start
+    if not out["step"]:
+        raise ArenaExhausted("a step at micro-batch 1")
+    return out
 
 
-def _refit(model: MemoryModel, trainer: Trainer, steps: dict[int, int] | None,
-           calib: dict[int, int] | None) -> MemoryModel:
-    fixed, per_sample = model.fixed, model.per_sample_other
-    if steps:
-        fixed, slope = _line(steps)
-        per_sample = max(0.0, slope - _saved_now(trainer))
-    cfixed, cslope = _line(calib) if calib else (model.calib_fixed, model.calib_per_sample)
-    return MemoryModel(idle=model.idle, static=model.static, fixed=fixed,
-                       per_sample_other=per_sample, calib_fixed=cfixed, calib_per_sample=cslope)
+def _one_batch(cfg):
+    from dataclasses import replace
+
+    return replace(cfg, instant=replace(cfg.instant, calib_batches=1))
 
 
-class BudgetGuard:
-    """After each step: if the measured peak nears the budget, halve the micro-batch."""
+def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, grams: int,
+           margin: int) -> MemoryModel:
+    def line(points: dict) -> tuple[int, float]:
+        pts = {int(k): float(v) for k, v in points.items()}
+        lo, hi = min(pts), max(pts)
+        if lo == hi:
+            return 0, pts[lo] / lo
+        slope = max(0.0, (pts[hi] - pts[lo]) / (hi - lo))
+        return max(0, int(pts[lo] - slope * lo)), slope
 
-    def __init__(self, trainer: Trainer, budget: int, log=print) -> None:
-        self.trainer, self.budget, self.log = trainer, budget, log
-        self.shrinks = 0
+    fixed, slope = line(m["step"])
+    layers = trainer.bundle.layers
+    saved_full = int(m.get("saved_full", 0))
+    cfixed, cslope = line(m["calib"]) if m.get("calib") else (0, 0.0)
+    want = min_ = 0
+    if trainer.mode == "instant":
+        ranks = {k: tuple(v) for k, v in m["ranks"].items()}  # energy rule, last probe
+        cap = trainer.config.instant.max_rank
+        if cap is not None:
+            ranks = {k: (min(a, cap), min(b, cap)) for k, (a, b) in ranks.items()}
+        want = saved_bytes(layers, ranks)
+        min_ = sum(x_bytes_per_rank(ly) for ly in layers)
+    return MemoryModel(base=base, frozen=frozen, data_per_sample=per_sample,
+                       arena_fixed=fixed, arena_per_sample=max(0.0, slope - saved_full),
+                       calib_fixed=cfixed, calib_per_sample=cslope, grams=grams, margin=margin,
+                       saved_min=min_, saved_want=want)
 
-    def after_step(self, batch: int) -> None:
-        """Check this step's peak (the high-water mark is reset after each check, so one early
-        spike does not shrink every later step)."""
-        peak = window_peak()
-        reset_peak()
-        if peak <= GUARD * self.budget:
-            return
-        tr = self.trainer
-        m = tr.micro_batch or batch
-        if m > 1:
-            tr.micro_batch = max(1, m // 2)
-            tr.calib_micro_batch = max(1, min(tr.calib_micro_batch or m, tr.micro_batch))
-            self.shrinks += 1
-            self.log(f"budget guard: peak {peak / 1e6:.1f} MB is within "
-                     f"{(1 - GUARD) * 100:.0f}% of the {self.budget / 1e6:.0f} MB budget; "
-                     f"micro-batch {m} -> {tr.micro_batch}")
+
+def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
+    """(In a probe process.) The plan at its real size under its own cap: a calibration whose
+    ranks fill the planned memory, a full step, an evaluation pass."""
+    from dataclasses import replace
+
+    use_arena(plan.arena_cap)
+    trainer.use_plan(plan)
+    trainer.open_sessions()
+    rng = np.random.default_rng(54321)
+    if trainer.mode == "instant":
+        cfg = trainer.config
+        trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1,
+                                                      rank_policy="budget", flop_ratio=4.0))
+        trainer.calibrate(data, batch, rng)
+        trainer.config = cfg
+    trainer.gradients(_batch(data, batch, rng))
+    sub = _Subset(data, min(len(data), 2 * (plan.eval_micro_batch or batch)))
+    trainer.evaluate(sub, plan.eval_micro_batch)
+    return {"rss": current_rss()}
+
+
+class _Subset:
+    def __init__(self, data, n: int) -> None:
+        self.data, self.n = data, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, idx):
+        return self.data.take(idx)
 
 
 def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
-    """The per-layer table (rank, saved bytes, backward FLOPs) and the memory breakdown."""
+    """The plan's micro-batches, the memory breakdown and the per-layer ranks of the first
+    calibration (when the trainer has bases)."""
     from .accounting import format_table, layer_costs
 
     mb = 1e6
-    log(f"plan for budget {plan.budget / mb:.0f} MB: micro-batch {plan.micro_batch}, "
-        f"calibration micro-batch {plan.calib_micro_batch}; predicted peak "
-        f"{plan.predicted_peak / mb:.1f} MB (calibration {plan.predicted_calib_peak / mb:.1f} MB)")
+    log(f"plan for budget {plan.budget / mb:.0f} MB: micro-batch {plan.micro_batch}"
+        + (f", calibration micro-batch {plan.calib_micro_batch}" if plan.calib_micro_batch
+           else "")
+        + f"; predicted peak {(plan.predicted_peak or 0) / mb:.1f} MB"
+        + (f", compressed activations up to {plan.saved_budget / 1e3:.1f} KB per sample"
+           if plan.saved_budget is not None else ""))
     for k, v in plan.breakdown.items():
-        log(f"  {k:<52} {v / mb:8.1f} MB")
-    if trainer.bundle.layers:
-        ranks = {}
-        for name, r in plan.ranks.items():
-            q = trainer.bases.get(name, (None, None))[1]
-            ranks[name] = (r, q.rank if q is not None else r)
-        log(format_table(layer_costs(trainer.bundle.layers, ranks)))
+        log(f"  {k:<62} {v / mb:8.1f} MB")
+    if trainer.bases:
+        log(format_table(layer_costs(trainer.bundle.layers, trainer.ranks())))
+

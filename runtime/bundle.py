@@ -1,126 +1,188 @@
-"""Open and validate a training bundle (written by ``export/``). Never imports torch or onnx."""
+"""Open a training bundle (written by ``export/``): typed manifest, every file checked.
+
+A bundle is untrusted data. Everything the runtime reads from it goes through here: the manifest
+is validated against the schema in ``contract/manifest.py`` (types, ranges, file names that stay
+inside the folder), and each file is opened without following symlinks and checked against its
+listed size and SHA-256 before use (``contract.files.open_listed``). Graphs are handed to
+onnxruntime as verified bytes, never as paths, so a graph cannot make onnxruntime read external
+data from elsewhere: every external initializer must be one the runtime supplies itself from the
+verified ``weights.bin``. Never imports torch or onnx.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from contract import Manifest, ManifestError, UserError, names, open_listed, read_manifest, read_npz
+from contract.manifest import ITEMSIZE, LayerInfo, TensorSpec
 
-__all__ = ["FORMAT_VERSION", "Bundle", "file_sha256", "open_bundle"]
-
-FORMAT_VERSION = 2
+__all__ = ["Bundle", "open_bundle"]
 
 
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: Manifest
+
+    # ------------------------------------------------------------------ contract views
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self.manifest.inputs
 
     @property
-    def inputs(self) -> list[dict]:
-        return self.manifest["inputs"]
+    def loss(self):
+        return self.manifest.loss
 
     @property
-    def loss(self) -> dict:
-        return self.manifest["loss"]
+    def params(self):
+        return self.manifest.params
 
     @property
-    def params(self) -> list[dict]:
-        return self.manifest["params"]
+    def layers(self) -> list[LayerInfo]:
+        return self.manifest.instant.layers
 
     @property
-    def layers(self) -> list[dict]:
-        return self.manifest["instant"]["layers"]
-
-    @property
-    def lookups(self) -> dict[str, dict]:
-        """Graph inputs the runtime fills with rows of a frozen table: {input: {table, indices}}."""
-        return self.manifest.get("lookups", {})
+    def lookups(self):
+        """Graph inputs the runtime fills with rows of a frozen table: {input: Lookup}."""
+        return self.manifest.lookups
 
     @property
     def modes(self) -> list[str]:
-        return [m for m in self.manifest["graphs"] if m != "infer"]
+        return self.manifest.modes
 
-    def graph(self, mode: str, part: str) -> Path:
-        graphs = self.manifest["graphs"]
+    @property
+    def output(self) -> str:
+        """The model output that training accuracy and evaluation both read."""
+        return self.manifest.output
+
+    @property
+    def classification(self) -> bool:
+        return self.manifest.loss.kind == "cross_entropy"
+
+    def io(self, mode: str):
+        return self.manifest.io[mode]
+
+    def has_mode(self, mode: str) -> bool:
+        return mode in self.manifest.graphs
+
+    def graph_file(self, mode: str, part: str = "forward") -> str:
+        """The file name of one graph (``part``: forward or backward)."""
+        graphs = self.manifest.graphs
         if mode not in graphs:
             raise UserError(f"bundle {self.path} has no '{mode}' graphs (it has: "
                             f"{', '.join(self.modes)}); the model has no compressible layer "
                             "among its trainable ones" if mode in ("instant", "calib") else
                             f"bundle {self.path} has no '{mode}' graphs")
-        return self.path / graphs[mode][part]
+        name = getattr(graphs[mode], part)
+        if name is None:
+            raise UserError(f"bundle {self.path}: mode '{mode}' has no {part} graph")
+        return name
 
-    def io(self, mode: str) -> dict:
-        return self.manifest["io"][mode]
+    # ------------------------------------------------------------------ verified reads
+    def read_file(self, name: str) -> bytes:
+        """The bytes of a listed bundle file, verified against the manifest (size and SHA-256,
+        checked on the very bytes returned).
+
+        Raises:
+            ManifestError: not listed, unsafe, a symlink, another size or checksum.
+        """
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise ManifestError(f"bundle file '{name}' is not listed in the manifest; "
+                                "re-export the bundle")
+        fd = open_listed(self.path, name, entry, verify=False)
+        try:
+            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        finally:
+            os.close(fd)
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise ManifestError(f"bundle file '{self.path / name}' fails its checksum (corrupt or "
+                                "modified); re-export the bundle")
+        return data
+
+    def graph_bytes(self, mode: str, part: str = "forward") -> bytes:
+        return self.read_file(self.graph_file(mode, part))
+
+    def open_weights(self) -> int | None:
+        """A descriptor of the verified ``weights.bin`` (None when the bundle has none)."""
+        entry = self.manifest.files.get(names.WEIGHTS_FILE)
+        if entry is None:
+            return None
+        return open_listed(self.path, names.WEIGHTS_FILE, entry, verify=False)
 
     def load_params(self, path: Path | None = None) -> dict[str, np.ndarray]:
-        """Trainable parameters as writable float32 arrays (initial, or from ``path``)."""
-        src = path or self.path / "params.npz"
+        """Trainable parameters as writable float32 arrays (initial, or from ``path``).
+
+        Raises:
+            UserError: unreadable file, a missing parameter, a wrong shape, non-finite values.
+        """
+        if path is None:
+            entry = self.manifest.files[names.PARAMS_FILE]
+            fd = open_listed(self.path, names.PARAMS_FILE, entry, verify=True)
+            src: str | Path = self.path / names.PARAMS_FILE
+        else:
+            fd, src = None, Path(path)
         try:
-            with np.load(src) as data:
-                values = {k: np.array(data[k], dtype=np.float32) for k in data.files}
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot read parameters from {src}: {exc}; re-export the bundle "
-                            "or pass another --weights file") from None
+            values = read_npz(fd if fd is not None else src)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise UserError(f"cannot read parameters from {src}: {str(exc)[:160]}; re-export "
+                            "the bundle or pass another --weights file") from None
+        except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile and friends
+            raise UserError(f"cannot read parameters from {src}: {type(exc).__name__}; re-export "
+                            "the bundle or pass another --weights file") from None
+        finally:
+            if fd is not None:
+                os.close(fd)
+        out = {}
         for p in self.params:
-            if p["name"] not in values:
-                raise UserError(f"{src} lacks parameter '{p['name']}'")
-            if list(values[p["name"]].shape) != list(p["shape"]):
-                raise UserError(f"{src}: parameter '{p['name']}' has shape "
-                                f"{list(values[p['name']].shape)}, the bundle expects {p['shape']}")
-        return {p["name"]: values[p["name"]] for p in self.params}
+            v = values.get(p.name)
+            if v is None:
+                raise UserError(f"{src} lacks parameter '{p.name}'; pass the params.npz of a run "
+                                "of this bundle")
+            if list(v.shape) != list(p.shape) or v.dtype.kind != "f":
+                raise UserError(f"{src}: parameter '{p.name}' is {v.dtype} {list(v.shape)}, the "
+                                f"bundle expects float32 {p.shape}")
+            arr = np.array(v, dtype=np.float32)
+            if not np.isfinite(arr).all():
+                raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values; use the "
+                                "weights of a healthy run")
+            out[p.name] = arr
+        return out
 
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MB blocks (the manifest's integrity check)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    def frozen_bytes_touched(self, graph_file: str) -> int:
+        """Bytes of ``weights.bin`` a pass over ``graph_file`` maps in (lookup tables excluded:
+        the runtime reads only their rows)."""
+        tables = {lk.table for lk in self.lookups.values()}
+        return sum(self.manifest.weights[w].length
+                   for w in self.manifest.graph_weights.get(graph_file, []) if w not in tables)
 
 
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Read ``manifest.json`` and check every listed file is present, complete and intact.
+    """Read ``manifest.json`` and check every listed file is present, regular, complete and
+    intact (SHA-256 unless ``verify`` is false).
 
     Raises:
-        UserError: missing directory or file, corrupt manifest, other format version, a file whose
-            size or checksum differs from the manifest.
+        UserError: missing directory or file, corrupt or invalid manifest, other format version,
+            a file whose size or checksum differs from the manifest, a symlink.
     """
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"bundle '{root}' is not a directory; create one with "
                         f"`instant-runtime export --model mlp --out {root}`")
-    mpath = root / "manifest.json"
-    if not mpath.is_file():
-        raise UserError(f"bundle '{root}' has no manifest.json; re-export it")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{mpath} is corrupt ({exc.__class__.__name__}: {exc}); re-export "
-                        "the bundle") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "instant-runtime-bundle":
-        raise UserError(f"{mpath} is not an instant-runtime bundle manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"bundle '{root}' has format version {version}; this runtime reads "
-                        f"version {FORMAT_VERSION}. Re-export it with the matching exporter")
-    for key in ("inputs", "loss", "params", "graphs", "io", "instant", "files"):
-        if key not in manifest:
-            raise UserError(f"{mpath} lacks the '{key}' entry; re-export the bundle")
-    for name, meta in manifest["files"].items():
-        f = root / name
-        if not f.is_file():
-            raise UserError(f"bundle file '{f}' is missing; re-export the bundle")
-        size = f.stat().st_size
-        if size != meta["bytes"]:
-            raise UserError(f"bundle file '{f}' has {size} bytes, the manifest says "
-                            f"{meta['bytes']} (truncated or modified); re-export the bundle")
-        if verify and file_sha256(f) != meta["sha256"]:
-            raise UserError(f"bundle file '{f}' fails its checksum (corrupt); re-export the bundle")
-    return Bundle(root, manifest)
+    mpath = root / names.MANIFEST_FILE
+    if mpath.is_symlink() or not mpath.is_file():
+        raise UserError(f"bundle '{root}' has no manifest.json (or it is not a regular file); "
+                        "re-export it")
+    manifest = read_manifest(mpath)
+    for name, entry in manifest.files.items():
+        os.close(open_listed(root, name, entry, verify=verify))
+    b = Bundle(root, manifest)
+    for name, w in manifest.weights.items():
+        if w.dtype not in ITEMSIZE:  # pragma: no cover - the schema already restricts dtypes
+            raise ManifestError(f"weight '{name}' has an unsupported dtype {w.dtype}")
+    return b

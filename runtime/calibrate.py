@@ -1,13 +1,15 @@
-"""INSTANT calibration in numpy: Gram matrices -> ranks and bases (DESIGN.md §1).
+"""INSTANT calibration in numpy: Gram matrices -> spectra -> bases (docs/method.md).
 
 Given the batch-mean Gram matrix ``C`` of one tensor (L×L on the token axis, C×C on the channel
-axis), with singular values ``S`` of ``C`` in decreasing order::
+axis), with eigenvalues ``S`` of ``C`` in decreasing order (the Gram is symmetric PSD, so they
+are its singular values, σ² of the data)::
 
-    r = #{cumsum(S²) <= ε·ΣS²} + p + 1, capped at the dimension
-    basis = U[:, :r]ᵀ / sqrt(retained energy fraction)        (energy compensation)
+    r = #{cumsum(S²) <= ε·ΣS²} + p + 1, capped at the dimension        (the energy rule)
+    basis = U[:, :r]ᵀ / sqrt(retained energy fraction)                  (energy compensation)
 
 The retained fraction is ``cumsum(S²)[r-1] / ΣS²``: the energy of the r directions kept. (The
-official code reads ``cumsum[r]``, one past the kept directions; we use the kept ones.)
+official code reads ``cumsum[r]``, one past the kept directions; we use the kept ones.) How the
+ranks are chosen (energy rule, or under a memory budget) is ``runtime/ranks.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Basis", "basis_from_gram", "rank_for_energy"]
+__all__ = ["Basis", "DegenerateGram", "Spectrum", "basis_from_gram", "decompose",
+           "rank_for_energy"]
+
+
+class DegenerateGram(ValueError):
+    """A Gram matrix with NaN or inf entries (a diverged pass): no basis can come from it."""
+
+
+@dataclass
+class Spectrum:
+    """Eigen-decomposition of one Gram matrix: eigenvalues (decreasing, >= 0) and vectors."""
+
+    values: np.ndarray  # [D] float64
+    vectors: np.ndarray  # [D, D] float64, columns
+
+    @property
+    def energy(self) -> np.ndarray:
+        """S² normalised to sum 1 (the energy rule's measure)."""
+        e = np.square(self.values)
+        t = float(e.sum())
+        return e / t if t > 0 else np.full_like(e, 1.0 / max(1, e.size))
+
+    @property
+    def variance(self) -> np.ndarray:
+        """S normalised to sum 1: the fraction of the tensor's squared norm along each
+        direction (1 - its prefix sum is the relative error of a rank-r projection)."""
+        t = float(self.values.sum())
+        return self.values / t if t > 0 else np.full_like(self.values, 1.0 / max(1, self.values.size))
 
 
 @dataclass
@@ -24,7 +53,25 @@ class Basis:
     matrix: np.ndarray  # [r, D], float32, rows = retained directions (energy-compensated)
     rank: int
     retained: float  # energy fraction kept
-    spectrum: np.ndarray  # S² normalised to sum 1 (for the planner)
+    spectrum: np.ndarray  # S² normalised to sum 1
+
+
+def decompose(gram: np.ndarray) -> Spectrum:
+    """Eigen-decomposition of a symmetric PSD Gram matrix.
+
+    Raises:
+        DegenerateGram: the matrix has NaN or inf entries.
+    """
+    g = np.asarray(gram, dtype=np.float64)
+    if not np.isfinite(g).all():
+        raise DegenerateGram("the Gram matrix has NaN or inf entries")
+    g = 0.5 * (g + g.T)
+    try:
+        w, u = np.linalg.eigh(g)
+    except np.linalg.LinAlgError as exc:  # pragma: no cover - finite symmetric input converges
+        raise DegenerateGram(str(exc)) from None
+    order = np.argsort(w)[::-1]
+    return Spectrum(np.clip(w[order], 0.0, None), u[:, order])
 
 
 def rank_for_energy(s: np.ndarray, energy: float, oversample: int) -> int:
@@ -38,18 +85,19 @@ def rank_for_energy(s: np.ndarray, energy: float, oversample: int) -> int:
     return max(1, min(r, len(s)))
 
 
+def basis(spec: Spectrum, rank: int) -> Basis:
+    """The first ``rank`` directions, energy-compensated."""
+    r = max(1, min(int(rank), spec.values.size))
+    e = spec.energy
+    retained = float(np.cumsum(e)[r - 1]) if e.size else 1.0
+    scale = 1.0 / np.sqrt(retained) if retained > 0 else 1.0
+    return Basis((spec.vectors[:, :r].T * scale).astype(np.float32), r, retained,
+                 e.astype(np.float32))
+
+
 def basis_from_gram(gram: np.ndarray, energy: float = 0.95, oversample: int = 0,
                     rank: int | None = None) -> Basis:
-    """Decompose a symmetric PSD Gram matrix; ``rank`` overrides the energy rule (planner)."""
-    g = 0.5 * (gram.astype(np.float64) + gram.astype(np.float64).T)
-    w, u = np.linalg.eigh(g)  # symmetric PSD: eigenvalues = singular values
-    order = np.argsort(w)[::-1]
-    s = np.clip(w[order], 0.0, None)
-    u = u[:, order]
-    r = rank_for_energy(s, energy, oversample) if rank is None else max(1, min(rank, len(s)))
-    e = np.square(s)
-    total = float(e.sum())
-    retained = float(np.cumsum(e)[r - 1] / total) if total > 0 else 1.0
-    scale = 1.0 / np.sqrt(retained) if retained > 0 else 1.0
-    return Basis((u[:, :r].T * scale).astype(np.float32), r, retained,
-                 (e / total if total > 0 else e).astype(np.float32))
+    """Decompose a Gram matrix; rank from the energy rule unless ``rank`` is given."""
+    spec = decompose(gram)
+    r = rank_for_energy(spec.values, energy, oversample) if rank is None else rank
+    return basis(spec, r)

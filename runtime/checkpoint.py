@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .bundle import Bundle, file_sha256
-from .errors import UserError
+from contract import UserError, atomic_write, file_sha256, names, write_npz, write_text
+from contract.files import fsync_dir
+
+from .bundle import Bundle
 
 __all__ = ["Checkpointer", "StopSignals", "TrainingInterrupted", "Writer", "atomic_write",
            "bundle_sha256", "warn", "write_npz", "write_text"]
@@ -43,48 +45,9 @@ _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
 Writer = Callable[[Path, dict[str, np.ndarray]], None]
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """The default writer: an uncompressed ``.npz`` streamed to ``path``, flushed and fsynced."""
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp)`` on a temporary name in the same folder, then
-    ``os.replace`` it over ``path`` and fsync the folder: a crash leaves the old file or the new
-    one, never a torn one. ``write`` must flush and fsync what it writes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_text(path: Path, text: str) -> None:
-    """Text written, flushed and fsynced (a writer for :func:`atomic_write`)."""
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def bundle_sha256(bundle: Bundle) -> str:
     """Identity of a bundle: the SHA-256 of its manifest (which holds every file's checksum)."""
-    return file_sha256(bundle.path / "manifest.json")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return file_sha256(bundle.path / names.MANIFEST_FILE)
 
 
 def warn(msg: str) -> None:
@@ -128,7 +91,7 @@ class Checkpointer:
             entry = {"file": final.name, "sha256": file_sha256(tmp),
                      "bytes": tmp.stat().st_size, "step": step}
             os.replace(tmp, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             kept = [entry] + [e for e in self.entries() if e["file"] != final.name]
             kept = kept[:self.keep]
             self._write_pointer(kept)

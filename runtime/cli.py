@@ -1,21 +1,32 @@
 """``instant-runtime``: export (workstation), train / eval / plan / profiles (device).
 
-Only ``export`` imports torch, and only when it runs.
+Only ``export`` imports torch, and only when it runs. Process-wide settings (the allocator, the
+onnxruntime arena, thread environment) are made here, once, at the edge.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...``, exit 2) instead of usage dumps."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def _add_session_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
-    p.add_argument("--arena", action="store_true",
-                   help="enable onnxruntime's CPU memory arena (faster, higher peak)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: the profile's, else one per core)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="execution provider: cpu, cuda, or auto (the profile's providers that "
+                        "this onnxruntime offers, else CPU)")
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -26,30 +37,57 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                         ".toml file (sets threads, and the budget when --budget is not given)")
 
 
-def _budget_and_profile(a):
-    """Parse --budget / --profile once, at the CLI edge. Returns (budget bytes or None, threads)."""
-    from devices import parse_size, resolve_profile
+def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    p.add_argument("--data", default=default,
+                   help="built-in dataset (digits, mnist5k, rotten-tomatoes), an .npz, a "
+                        ".csv/.tsv/.jsonl text file, or an image folder with one sub-folder "
+                        "per class")
+    p.add_argument("--text-column", default="text", help="text files: the text column/field")
+    p.add_argument("--label-column", default="label", help="text files: the label column/field")
+    p.add_argument("--val", default=None,
+                   help="held-out data (a file or folder like --data, same labels)")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="hold out this fraction of --data (seeded by --seed)")
 
-    prof = resolve_profile(a.profile) if a.profile else None
-    budget = parse_size(a.budget) if a.budget else (prof.default_budget if prof else None)
-    if prof is not None and budget is not None and budget > prof.ram:
-        from .errors import UserError
 
-        raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
-                        f"of profile '{prof.name}'")
-    threads = a.threads or (prof.default_threads if prof else 0)
-    return budget, threads
+def _load_data(a, bundle, spec: str | None = None):
+    from .data import load_data
+
+    return load_data(spec or a.data, bundle, text_column=a.text_column,
+                     label_column=a.label_column, val=a.val, val_split=a.val_split,
+                     seed=getattr(a, "seed", 0))
+
+
+def _add_instant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
+    p.add_argument("--energy", type=float, default=None,
+                   help="INSTANT energy threshold ε (default: the bundle's)")
+    p.add_argument("--oversample", type=int, default=None, help="INSTANT oversampling p")
+    p.add_argument("--calib-every", type=int, default=None,
+                   help="recalibrate every N steps (0: once)")
+    p.add_argument("--calib-batches", type=int, default=None)
+    p.add_argument("--max-rank", type=int, default=None, help="cap every INSTANT rank")
+    p.add_argument("--rank-policy", default=None, choices=["energy", "budget"],
+                   help="energy: the ε rule (default); budget: ranks that minimise the "
+                        "gradient error under the plan's memory and --flop-ratio")
+    p.add_argument("--flop-ratio", type=float, default=None,
+                   help="budget policy: backward FLOPs of the compressed layers as a fraction of "
+                        "the exact backward (default 0.5)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="instant-runtime", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="instant-runtime", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     e = sub.add_parser("export", help="trace a model into a training bundle (needs torch)")
     e.add_argument("--model", required=True,
-                   help="built-in name (mlp, cnn, token-mlp), path/file.py:factory, or file.onnx")
+                   help="built-in name (mlp, cnn, token-mlp, minilm-l6, efficientnet-lite0), "
+                        "path/file.py:factory, or file.onnx")
     e.add_argument("--out", required=True, help="bundle directory to write")
-    e.add_argument("--input-shape", help="example input shape, batch first, e.g. 32,1,8,8")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    e.add_argument("--input-shape",
+                   help="example input shape, batch first, e.g. 32,1,8,8 or 8,64:int64 "
+                        "(';' between inputs)")
     e.add_argument("--npz", help="example inputs from an .npz (one array per input)")
     e.add_argument("--trainable", default="all",
                    help="all | last:N (last N top-level children) | comma-separated globs")
@@ -57,14 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--instant-exclude", default=None,
                    help="comma-separated globs of layers INSTANT leaves exact (default: the "
                         "classifier head); 'none' compresses every eligible layer")
-    e.add_argument("--calib-every", type=int, default=50)
-    e.add_argument("--calib-batches", type=int, default=5)
-    e.add_argument("--energy", type=float, default=0.95)
-    e.add_argument("--oversample", type=int, default=0)
+    e.add_argument("--calib-every", type=int, default=None)
+    e.add_argument("--calib-batches", type=int, default=None)
+    e.add_argument("--energy", type=float, default=None)
+    e.add_argument("--oversample", type=int, default=None)
 
     t = sub.add_parser("train", help="train a bundle on the device (no torch)")
     t.add_argument("bundle")
-    t.add_argument("--data", default="digits", help="built-in dataset name or .npz file")
+    _add_data_args(t)
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--micro-batch", type=int, default=None,
@@ -72,15 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    t.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
-    t.add_argument("--energy", type=float, default=None, help="INSTANT energy threshold ε")
-    t.add_argument("--oversample", type=int, default=None, help="INSTANT oversampling p")
-    t.add_argument("--calib-every", type=int, default=None)
-    t.add_argument("--calib-batches", type=int, default=None)
-    t.add_argument("--max-rank", type=int, default=None, help="cap every INSTANT rank")
+    _add_instant_args(t)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output folder (default BUNDLE/run)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (default: refuse to mix two runs)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--eval-every", type=int, default=0,
+                   help="evaluate the held-out split every N steps (0: before and after)")
     t.add_argument("--checkpoint-every", type=int, default=50,
                    help="write OUT/checkpoints/ every N steps (0: only at the end)")
     t.add_argument("--resume", action="store_true",
@@ -92,27 +129,29 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="evaluate a bundle's weights on data")
     v.add_argument("bundle")
-    v.add_argument("--data", default="digits")
+    _add_data_args(v)
     v.add_argument("--weights", default=None,
                    help="params .npz (default BUNDLE/run/params.npz if present, else initial)")
     v.add_argument("--batch", type=int, default=256)
     _add_session_args(v)
 
-    pl = sub.add_parser("plan", help="per-layer INSTANT ranks, saved bytes and backward FLOPs")
+    pl = sub.add_parser("plan", help="per-layer INSTANT ranks, saved bytes, backward FLOPs, and "
+                                     "with --budget the memory plan")
     pl.add_argument("bundle")
-    pl.add_argument("--data", default=None, help="calibrate on this data to show real ranks")
+    _add_data_args(pl, default=None)
     pl.add_argument("--batch", type=int, default=32)
-    pl.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
+    _add_instant_args(pl)
     _add_session_args(pl)
     _add_budget_args(pl)
 
-    sub.add_parser("profiles", help="list the built-in device profiles")
+    sub.add_parser("profiles", help="list the device profiles and what each does here")
 
     xm = sub.add_parser("export-model",
                         help="write a standalone inference .onnx (+ .safetensors) with trained "
                              "weights baked in (needs onnx, not torch)")
     xm.add_argument("source", help="bundle directory or training run directory")
     xm.add_argument("--out", required=True, help=".onnx file to write")
+    xm.add_argument("--overwrite", action="store_true", help="replace existing output files")
     xm.add_argument("--weights", default=None,
                     help="params .npz (default: the run's params.npz, else BUNDLE/run/params.npz, "
                          "else initial)")
@@ -121,49 +160,134 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# ------------------------------------------------------------------------------ edge helpers
+def _budget_and_profile(a):
+    """Parse --budget / --profile once. Returns (budget bytes or None, profile or None)."""
+    from devices import parse_size, resolve_profile
+
+    from .errors import UserError
+
+    prof = resolve_profile(a.profile) if a.profile else None
+    budget = parse_size(a.budget) if a.budget else (prof.default_budget if prof else None)
+    if prof is not None and budget is not None and budget > prof.ram:
+        raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
+                        f"of profile '{prof.name}'")
+    if budget is not None:
+        try:
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            ram = None
+        if ram and budget > ram:
+            print(f"warning: --budget {budget / 1e6:.0f} MB exceeds this machine's RAM "
+                  f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
+                  file=sys.stderr)
+    return budget, prof
+
+
+def _session_config(a, prof):
+    from .config import SessionConfig
+
+    threads = a.threads if a.threads is not None else (prof.default_threads if prof else 0)
+    return SessionConfig(threads=threads, device=a.device)
+
+
+def _train_config(a, bundle, prof, optim=None):
+    from .config import InstantConfig, OptimConfig, TrainConfig
+
+    instant = InstantConfig.from_bundle(
+        bundle.manifest.instant.settings, energy=a.energy, oversample=a.oversample,
+        calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,
+        rank_policy=a.rank_policy, flop_ratio=a.flop_ratio)
+    return TrainConfig(mode=a.mode, optim=optim or OptimConfig(), instant=instant,
+                       session=_session_config(a, prof), seed=getattr(a, "seed", 0))
+
+
+def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log):
+    """The run's plan: measured and validated under ``budget``, else unbounded. Registers the
+    process arena (capped at the plan's cap) before any session exists."""
+    from devices.planner import Plan
+
+    from .budget import plan_for_budget, print_plan
+    from .sessions import use_arena
+
+    if budget is None:
+        use_arena(None)
+        m = micro
+        return Plan(micro_batch=m, calib_micro_batch=m, eval_micro_batch=m)
+    plan = plan_for_budget(trainer, data, min(batch, micro or batch), budget, log=log)
+    use_arena(plan.arena_cap)
+    print_plan(plan, trainer, log=log)
+    return plan
+
+
+# ------------------------------------------------------------------------------ commands
 def _cmd_export(a) -> int:
+    import shutil
+
+    from contract import InstantSettings, UserError
     from export import export_bundle
 
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+        if not a.overwrite:
+            raise UserError(f"--out '{out}' already exists; pass --overwrite to replace it, or "
+                            "another --out")
+        if not (out / "manifest.json").is_file():
+            raise UserError(f"--out '{out}' exists and is not a bundle; refusing to replace it "
+                            "(remove it yourself, or pass another --out)")
+        shutil.rmtree(out)
     exclude = None
     if a.instant_exclude is not None:
         exclude = [] if a.instant_exclude == "none" else a.instant_exclude.split(",")
-    path = export_bundle(a.model, a.out, input_shape=a.input_shape, npz=a.npz,
-                         trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
-                         calib_every=a.calib_every, calib_batches=a.calib_batches,
-                         energy=a.energy, oversample=a.oversample)
-    import json
+    base = InstantSettings()
+    from contract.schema import load as load_typed
 
-    m = json.loads((path / "manifest.json").read_text())
-    print(f"bundle written to {path}: {len(m['params'])} trainable tensors, "
-          f"{len(m['instant']['layers'])} INSTANT layers, modes "
-          f"{', '.join(k for k in m['graphs'] if k != 'infer')}")
+    raw = {"energy": base.energy if a.energy is None else a.energy,
+           "oversample": base.oversample if a.oversample is None else a.oversample,
+           "calib_every": base.calib_every if a.calib_every is None else a.calib_every,
+           "calib_batches": base.calib_batches if a.calib_batches is None else a.calib_batches}
+    try:
+        settings = load_typed(InstantSettings, raw, "export options")
+    except UserError as exc:
+        raise UserError(str(exc).replace("; re-export the bundle", "")) from None
+    path = export_bundle(a.model, out, input_shape=a.input_shape, npz=a.npz,
+                         trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
+                         settings=settings)
+    from contract import read_manifest
+
+    m = read_manifest(path / "manifest.json")
+    print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
+          f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}")
     return 0
 
 
 def _cmd_train(a) -> int:
     from .bundle import open_bundle
-    from .data import load_data
-    from .run import RunConfig, train
-    from .trainer import SessionConfig, Trainer
-
-    budget, threads = _budget_and_profile(a)
-    bundle = open_bundle(a.bundle)
-    data = load_data(a.data, bundle)
-    trainer = Trainer(bundle, mode=a.mode, optimizer=a.optimizer, lr=a.lr,
-                      weight_decay=a.weight_decay, micro_batch=a.micro_batch,
-                      session=SessionConfig(threads=threads, arena=a.arena),
-                      energy=a.energy, oversample=a.oversample, calib_every=a.calib_every,
-                      calib_batches=a.calib_batches, max_rank=a.max_rank, seed=a.seed)
-    out = Path(a.out) if a.out else bundle.path / "run"
     from .checkpoint import TrainingInterrupted
+    from .config import OptimConfig, RunConfig
+    from .run import RunFolder, run_identity, train
+    from .trainer import Trainer
 
+    budget, prof = _budget_and_profile(a)
+    optim = OptimConfig(name=a.optimizer, lr=a.lr, weight_decay=a.weight_decay)
+    run_cfg = RunConfig(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch,
+                        eval_every=a.eval_every, checkpoint_every=a.checkpoint_every,
+                        resume=a.resume, overwrite=a.overwrite,
+                        max_nonfinite=a.max_nonfinite, budget=budget, progress=not a.no_progress)
+    bundle = open_bundle(a.bundle)
+    cfg = _train_config(a, bundle, prof, optim)
+    data = _load_data(a, bundle)
+    out = Path(a.out) if a.out else bundle.path / "run"
+    trainer = Trainer(bundle, cfg)
+    folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
+                                         getattr(data, "class_names", None)))
+    folder.prepare(run_cfg.resume, run_cfg.overwrite)
+    from tqdm import tqdm
+
+    trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch, tqdm.write))
+    trainer.open_sessions()
     try:
-        summary = train(trainer, data, RunConfig(steps=a.steps, batch=a.batch, seed=a.seed,
-                                                 out=out, progress=not a.no_progress,
-                                                 budget=budget,
-                                                 checkpoint_every=a.checkpoint_every,
-                                                 resume=a.resume,
-                                                 max_nonfinite=a.max_nonfinite), bundle)
+        summary = train(trainer, data, run_cfg, out)
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
@@ -172,22 +296,27 @@ def _cmd_train(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from .bundle import open_bundle
-    from .data import load_data
-    from .memory import peak_rss
-    from .trainer import SessionConfig, Trainer
+    from devices.planner import Plan
 
+    from .bundle import open_bundle
+    from .config import TrainConfig
+    from .errors import UserError
+    from .memory import peak_rss
+    from .sessions import use_arena
+    from .trainer import Trainer
+
+    if a.batch < 1:
+        raise UserError(f"--batch {a.batch} is invalid: must be at least 1")
     bundle = open_bundle(a.bundle)
-    data = load_data(a.data, bundle)
+    data = _load_data(a, bundle)
     weights = Path(a.weights) if a.weights else None
     if weights is None and (bundle.path / "run" / "params.npz").is_file():
         weights = bundle.path / "run" / "params.npz"
     if weights is not None and not weights.is_file():
-        from .errors import UserError
-
         raise UserError(f"weights file '{weights}' not found")
-    trainer = Trainer(bundle, mode="vanilla", weights=weights,
-                      session=SessionConfig(threads=a.threads, arena=a.arena))
+    use_arena(None)
+    trainer = Trainer(bundle, TrainConfig(mode="vanilla", session=_session_config(a, None)),
+                      Plan(eval_micro_batch=a.batch), weights=weights)
     target = data.test if data.test is not None else data
     loss, acc = trainer.evaluate(target, a.batch)
     which = "held-out" if data.test is not None else "all"
@@ -198,31 +327,35 @@ def _cmd_eval(a) -> int:
 
 
 def _cmd_plan(a) -> int:
+    import numpy as np
+
     from .accounting import format_table, layer_costs
     from .bundle import open_bundle
+    from .errors import UserError
+    from .trainer import Trainer
 
-    budget, threads = _budget_and_profile(a)
+    if a.batch < 1:
+        raise UserError(f"--batch {a.batch} is invalid: must be at least 1")
+    budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
+    cfg = _train_config(a, bundle, prof)
     if budget is not None:
-        from .budget import plan_for_budget, print_plan
-        from .data import load_data
-        from .trainer import SessionConfig, Trainer
 
-        data = load_data(a.data or "digits", bundle)
-        tr = Trainer(bundle, mode=a.mode, session=SessionConfig(threads=threads, arena=a.arena))
-        plan = plan_for_budget(tr, data, min(a.batch, len(data)), budget)
-        print_plan(plan, tr)
+        data = _load_data(a, bundle, a.data or "digits")
+        tr = Trainer(bundle, cfg)
+        plan = _plan(tr, data, min(a.batch, len(data)), budget, None, print)
+        if tr.mode == "instant":
+            tr.use_plan(plan)
+            tr.calibrate(data, min(a.batch, len(data)), np.random.default_rng(0))
+            print(format_table(layer_costs(bundle.layers, tr.ranks())))
         return 0
     ranks: dict = {}
     if a.data and bundle.layers:
-        import numpy as np
+        from .sessions import use_arena
 
-        from .data import load_data
-        from .trainer import SessionConfig, Trainer
-
-        data = load_data(a.data, bundle)
-        tr = Trainer(bundle, mode="instant", session=SessionConfig(threads=threads,
-                                                                  arena=a.arena))
+        data = _load_data(a, bundle)
+        use_arena(None)
+        tr = Trainer(bundle, cfg)
         tr.calibrate(data, min(a.batch, len(data)), np.random.default_rng(0))
         ranks = tr.ranks()
     if not bundle.layers:
@@ -247,7 +380,7 @@ def _cmd_profiles(a) -> int:
 def _cmd_export_model(a) -> int:
     from .export_model import export_model
 
-    r = export_model(a.source, a.out, weights=a.weights, bundle=a.bundle)
+    r = export_model(a.source, a.out, weights=a.weights, bundle=a.bundle, overwrite=a.overwrite)
     print(f"model written to {r.onnx_path} ({r.params} trained tensors from {r.weights})"
           + (f", external data {r.external_data}" if r.external_data else ""))
     if r.safetensors_path:
@@ -258,28 +391,30 @@ def _cmd_export_model(a) -> int:
     return 0
 
 
+HANDLERS = {"export": _cmd_export, "train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan,
+            "profiles": _cmd_profiles, "export-model": _cmd_export_model}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from devices import ProfileError
-
-    from .errors import UserError
-
-    handlers = {"export": _cmd_export, "train": _cmd_train, "eval": _cmd_eval,
-                "plan": _cmd_plan, "profiles": _cmd_profiles,
-                "export-model": _cmd_export_model}
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # probes fork; no Rust thread pool
     try:
-        return handlers[args.cmd](args)
-    except (UserError, ProfileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        if type(exc).__name__ == "ExportError":
+        args = _parser().parse_args(argv)
+        from contract import UserError
+        from devices import ProfileError
+
+        from .memory import tune_malloc
+
+        tune_malloc()
+        try:
+            return HANDLERS[args.cmd](args)
+        except (UserError, ProfileError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 1
 
 
 if __name__ == "__main__":

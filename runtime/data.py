@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import TensorSpec, UserError
+
 from .bundle import Bundle
-from .errors import UserError
 
 __all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "resize_bilinear"]
 
@@ -46,6 +47,7 @@ class Dataset:
     y: np.ndarray
     test: Dataset | None = None
     transform: Callable[[Arrays], Arrays] | None = None
+    class_names: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -113,13 +115,13 @@ def resize_bilinear(img: np.ndarray, height: int, width: int) -> np.ndarray:
                      optimize=True).astype(np.float32, copy=False)
 
 
-def _image_transform(name: str, spec: dict) -> Callable[[Arrays], Arrays]:
+def _image_transform(name: str, spec: TensorSpec) -> Callable[[Arrays], Arrays]:
     """Grey [n, h, w] images -> the bundle input: [N, C, H, W] (channels replicated) or [N, H, W]."""
-    want = spec["shape"][1:]
+    want = spec.shape[1:]
     if not all(isinstance(d, int) for d in want) or len(want) not in (2, 3) or (
             len(want) == 3 and want[0] not in (1, 3)):
-        raise UserError(f"dataset '{name}' has grey images; bundle input '{spec['name']}' has "
-                        f"shape {spec['shape']}, expected [N, 1 or 3, H, W] or [N, H, W]")
+        raise UserError(f"dataset '{name}' has grey images; bundle input '{spec.name}' has "
+                        f"shape {spec.shape}, expected [N, 1 or 3, H, W] or [N, H, W]")
     height, width = want[-2:]
     channels = want[0] if len(want) == 3 else 0
 
@@ -127,26 +129,26 @@ def _image_transform(name: str, spec: dict) -> Callable[[Arrays], Arrays]:
         img = resize_bilinear(x["image"].astype(np.float32) / np.float32(255.0), height, width)
         if channels:
             img = np.repeat(img[:, None], channels, axis=1)
-        return {spec["name"]: np.ascontiguousarray(img, dtype=np.float32)}
+        return {spec.name: np.ascontiguousarray(img, dtype=np.float32)}
 
     return transform
 
 
-def _text_inputs(name: str, inputs: list[dict]) -> tuple[dict, dict]:
+def _text_inputs(name: str, inputs: list[TensorSpec]) -> tuple[dict, dict]:
     """The bundle's (token ids, attention mask) inputs: by name, else the first two in order."""
     if len(inputs) != 2:
         raise UserError(f"dataset '{name}' gives input_ids and attention_mask; the bundle has "
-                        f"{len(inputs)} input(s): {', '.join(s['name'] for s in inputs)}")
-    by_name = {s["name"]: s for s in inputs}
+                        f"{len(inputs)} input(s): {', '.join(s.name for s in inputs)}")
+    by_name = {s.name: s for s in inputs}
     ids, mask = by_name.get("input_ids", inputs[0]), by_name.get("attention_mask", inputs[1])
     for s in (ids, mask):
-        if len(s["shape"]) != 2 or not isinstance(s["shape"][1], int) or \
-                np.dtype(s["dtype"]).kind not in "iu":
+        if len(s.shape) != 2 or not isinstance(s.shape[1], int) or \
+                np.dtype(s.dtype).kind not in "iu":
             raise UserError(f"dataset '{name}' gives integer tokens [N, L]; bundle input "
-                            f"'{s['name']}' is {s['dtype']} {s['shape']}")
-    if ids["shape"][1] != mask["shape"][1]:
-        raise UserError(f"bundle inputs '{ids['name']}' and '{mask['name']}' have different "
-                        f"sequence lengths ({ids['shape'][1]} vs {mask['shape'][1]})")
+                            f"'{s.name}' is {s.dtype} {s.shape}")
+    if ids.shape[1] != mask.shape[1]:
+        raise UserError(f"bundle inputs '{ids.name}' and '{mask.name}' have different "
+                        f"sequence lengths ({ids.shape[1]} vs {mask.shape[1]})")
     return ids, mask
 
 
@@ -156,44 +158,46 @@ class _Builtin:
     y: np.ndarray
     n_test: int
     transform: Callable[[Arrays], Arrays] | None = None
+    class_names: list[str] | None = None
 
 
-def _single_input(name: str, inputs: list[dict]) -> dict:
+def _single_input(name: str, inputs: list[TensorSpec]) -> dict:
     if len(inputs) != 1:
         raise UserError(f"dataset '{name}' has one input; the bundle has {len(inputs)}")
     return inputs[0]
 
 
-def _builtin_digits(inputs: list[dict]) -> _Builtin:
+def _builtin_digits(inputs: list[TensorSpec]) -> _Builtin:
     spec = _single_input("digits", inputs)
     x, y, n_test = _digits()
-    return _Builtin({spec["name"]: _adapt("digits", x, spec)}, y, n_test)
+    return _Builtin({spec.name: _adapt("digits", x, spec)}, y, n_test,
+                    class_names=[str(i) for i in range(10)])
 
 
-def _builtin_mnist5k(inputs: list[dict]) -> _Builtin:
+def _builtin_mnist5k(inputs: list[TensorSpec]) -> _Builtin:
     spec = _single_input("mnist5k", inputs)
     transform = _image_transform("mnist5k", spec)
     x, y, n_test = _mnist5k()
-    return _Builtin({"image": x}, y, n_test, transform)
+    return _Builtin({"image": x}, y, n_test, transform, [str(i) for i in range(10)])
 
 
-def _builtin_rotten_tomatoes(inputs: list[dict]) -> _Builtin:
+def _builtin_rotten_tomatoes(inputs: list[TensorSpec]) -> _Builtin:
     """Texts are kept as strings and tokenised per batch in ``take``: the whole corpus encoded
     up front cost 55 MB of resident memory (arrays plus the tokenizer's freed-but-kept heap)."""
     from .tokenize import load_tokenizer
 
     ids, mask = _text_inputs("rotten-tomatoes", inputs)
     texts, y, n_test = _rotten_tomatoes()
-    seq_len = int(ids["shape"][1])
+    seq_len = int(ids.shape[1])
     tok = load_tokenizer(seq_len)
 
     def transform(x: Arrays) -> Arrays:
         enc = [tok.encode(texts[i]) for i in x["text"]]
-        return {ids["name"]: np.array([e.ids for e in enc], dtype=np.int64).reshape(-1, seq_len),
-                mask["name"]: np.array([e.attention_mask for e in enc],
+        return {ids.name: np.array([e.ids for e in enc], dtype=np.int64).reshape(-1, seq_len),
+                mask.name: np.array([e.attention_mask for e in enc],
                                        dtype=np.int64).reshape(-1, seq_len)}
 
-    return _Builtin({"text": np.arange(len(texts))}, y, n_test, transform)
+    return _Builtin({"text": np.arange(len(texts))}, y, n_test, transform, ["rotten", "fresh"])
 
 
 # name -> loader given the bundle's input specs (adapts to their names and shapes)
@@ -204,14 +208,14 @@ BUILTIN_DATASETS: dict[str, Callable[[list[dict]], _Builtin]] = {
 }
 
 
-def _adapt(name: str, x: np.ndarray, spec: dict) -> np.ndarray:
+def _adapt(name: str, x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Reshape a built-in dataset's samples to the bundle input when the sizes agree."""
-    want = spec["shape"][1:]
+    want = spec.shape[1:]
     if all(isinstance(d, int) for d in want):
         if int(np.prod(want)) == int(np.prod(x.shape[1:])):
             return x.reshape([x.shape[0]] + list(want))
     raise UserError(f"dataset '{name}' has samples of shape {list(x.shape[1:])}, which do not "
-                    f"fit bundle input '{spec['name']}' of shape {spec['shape']}; use a bundle "
+                    f"fit bundle input '{spec.name}' of shape {spec.shape}; use a bundle "
                     "exported for this data or pass --data file.npz")
 
 
@@ -219,36 +223,36 @@ def check_arrays(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, where:
     """Shapes, dtypes, finiteness and label range against the bundle; one clear error each."""
     n = y.shape[0]
     for spec in bundle.inputs:
-        arr = x[spec["name"]]
-        want = spec["shape"][1:]
+        arr = x[spec.name]
+        want = spec.shape[1:]
         got = list(arr.shape[1:])
         if len(got) != len(want) or any(isinstance(w, int) and w != g
                                          for w, g in zip(want, got, strict=True)):
-            raise UserError(f"{where}: input '{spec['name']}' has sample shape {got}, the bundle "
-                            f"expects {want} (batch first: {spec['shape']})")
+            raise UserError(f"{where}: input '{spec.name}' has sample shape {got}, the bundle "
+                            f"expects {want} (batch first: {spec.shape})")
         if arr.shape[0] != n:
-            raise UserError(f"{where}: input '{spec['name']}' has {arr.shape[0]} samples but "
+            raise UserError(f"{where}: input '{spec.name}' has {arr.shape[0]} samples but "
                             f"there are {n} labels")
-        if np.dtype(spec["dtype"]).kind == "f":
+        if np.dtype(spec.dtype).kind == "f":
             if arr.dtype.kind not in "fiu":
-                raise UserError(f"{where}: input '{spec['name']}' has dtype {arr.dtype}, "
-                                f"expected {spec['dtype']}")
+                raise UserError(f"{where}: input '{spec.name}' has dtype {arr.dtype}, "
+                                f"expected {spec.dtype}")
             if not np.isfinite(arr).all():
-                raise UserError(f"{where}: input '{spec['name']}' contains NaN or inf values")
+                raise UserError(f"{where}: input '{spec.name}' contains NaN or inf values")
         elif arr.dtype.kind not in "iu":
-            raise UserError(f"{where}: input '{spec['name']}' has dtype {arr.dtype}, expected "
-                            f"{spec['dtype']}")
+            raise UserError(f"{where}: input '{spec.name}' has dtype {arr.dtype}, expected "
+                            f"{spec.dtype}")
     _check_labels(bundle, y, where)
 
 
 def _check_labels(bundle: Bundle, y: np.ndarray, where: str) -> None:
     n = y.shape[0]
     loss = bundle.loss
-    if loss["kind"] == "cross_entropy":
+    if loss.kind == "cross_entropy":
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise UserError(f"{where}: labels must be a 1-D integer array of class ids, got "
                             f"dtype {y.dtype} shape {list(y.shape)}")
-        k = loss["num_classes"]
+        k = loss.num_classes
         if n and (y.min() < 0 or y.max() >= k):
             raise UserError(f"{where}: labels must be in [0, {k - 1}] for this {k}-class model; "
                             f"found values from {y.min()} to {y.max()}")
@@ -257,63 +261,47 @@ def _check_labels(bundle: Bundle, y: np.ndarray, where: str) -> None:
 
 
 def _cast(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, inputs: bool = True):
-    xs = {s["name"]: np.ascontiguousarray(x[s["name"]], dtype=np.dtype(s["dtype"]))
+    xs = {s.name: np.ascontiguousarray(x[s.name], dtype=np.dtype(s.dtype))
           for s in bundle.inputs} if inputs else {}
-    ydt = np.int64 if bundle.loss["kind"] == "cross_entropy" else np.float32
+    ydt = np.int64 if bundle.loss.kind == "cross_entropy" else np.float32
     return xs, np.ascontiguousarray(y, dtype=ydt)
 
 
-def _from_npz(path: Path, bundle: Bundle) -> Dataset:
-    try:
-        data = np.load(path, allow_pickle=False)
-        arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read data file {path}: {exc}") from None
-    names = [s["name"] for s in bundle.inputs]
-
-    def pick(suffix: str) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
-        ykey = "y" + suffix
-        if ykey not in arrays:
-            return None
-        x = {}
-        for n in names:
-            if n + suffix in arrays:
-                x[n] = arrays[n + suffix]
-            elif len(names) == 1 and "x" + suffix in arrays:
-                x[n] = arrays["x" + suffix]
-            else:
-                raise UserError(f"data file {path} lacks array '{n + suffix}' for bundle input "
-                                f"'{n}'; it has: {', '.join(sorted(arrays))}")
-        return x, arrays[ykey]
-
-    train = pick("")
-    if train is None:
-        raise UserError(f"data file {path} has no 'y' array (labels); it has: "
-                        f"{', '.join(sorted(arrays))}")
-    check_arrays(bundle, train[0], train[1], str(path))
-    test = pick("_test")
-    ds = Dataset(path.name, *_cast(bundle, *train))
-    if test is not None:
-        check_arrays(bundle, test[0], test[1], f"{path} (test split)")
-        ds.test = Dataset(path.name + ":test", *_cast(bundle, *test))
-    return ds
-
-
-def load_data(spec: str, bundle: Bundle) -> Dataset:
-    """``spec`` is an ``.npz`` path or a built-in name; returns train data with its test split.
+def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
+              label_column: str = "label", val: str | None = None,
+              val_split: float | None = None, seed: int = 0,
+              class_names: list[str] | None = None):
+    """Train data with its held-out split in ``.test``: a built-in name, or the user's own file
+    or folder (``runtime/sources.py``: ``.npz``, ``.csv``/``.tsv``/``.jsonl`` text, an image
+    folder), streamed per micro-batch. Bad rows are reported as warnings.
 
     Raises:
         UserError: unknown dataset, unreadable file, shapes/dtypes/labels that do not fit.
     """
+    if val_split is not None and not (0.0 < val_split < 1.0):
+        raise UserError(f"--val-split {val_split!r} is invalid: give a fraction between 0 and 1 "
+                        "(e.g. 0.1)")
     if spec in BUILTIN_DATASETS:
+        if val is not None or val_split is not None:
+            raise UserError(f"built-in dataset '{spec}' has its own fixed held-out split; drop "
+                            "--val / --val-split")
         return _from_builtin(spec, bundle)
     path = Path(spec)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise UserError(f"data file '{spec}' not found")
-        return _from_npz(path, bundle)
-    raise UserError(f"unknown dataset '{spec}'; use a built-in ({', '.join(BUILTIN_DATASETS)}) "
-                    "or an .npz file with one array per model input (or 'x') and 'y'")
+    if not path.exists():
+        raise UserError(f"unknown dataset '{spec}': not a built-in "
+                        f"({', '.join(BUILTIN_DATASETS)}) and no such file or folder; pass an "
+                        ".npz, .csv, .tsv, .jsonl file or an image folder")
+    from .sources import open_data
+
+    src = open_data(spec, bundle.manifest, bundle.path, text_column=text_column,
+                    label_column=label_column, val=val, val_split=val_split, seed=seed,
+                    class_names=class_names)
+    import sys
+
+    for part in (src, src.test):
+        if part is not None and part.problems.summary():
+            print(f"warning: {part.problems.summary()}", file=sys.stderr)
+    return src
 
 
 def _from_builtin(spec: str, bundle: Bundle) -> Dataset:
@@ -324,11 +312,12 @@ def _from_builtin(spec: str, bundle: Bundle) -> Dataset:
         x = {k: v[idx] for k, v in raw.x.items()}
         if raw.transform is None:
             check_arrays(bundle, x, raw.y[idx], name)
-            parts.append(Dataset(name, *_cast(bundle, x, raw.y[idx])))
+            parts.append(Dataset(name, *_cast(bundle, x, raw.y[idx]),
+                                 class_names=raw.class_names))
         else:  # raw samples kept; check what ``take`` will build, on a few of them
             _check_labels(bundle, raw.y[idx], name)
             ds = Dataset(name, x, _cast(bundle, {}, raw.y[idx], inputs=False)[1],
-                         transform=raw.transform)
+                         transform=raw.transform, class_names=raw.class_names)
             check_arrays(bundle, *ds.take(np.arange(min(4, len(ds)))), name)
             parts.append(ds)
     parts[0].test = parts[1]

@@ -1,9 +1,8 @@
-"""The one exception type for bad user input: the CLI prints its message on one line, exit 2."""
+"""The one exception family for bad user input (defined in ``contract``, shared with export):
+the CLI prints its message on one line, exit 2."""
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+from contract.errors import ManifestError, UserError
 
-
-class UserError(Exception):
-    """Bad input (bundle, data, budget, option). The message names the problem and the way out."""
+__all__ = ["ManifestError", "UserError"]

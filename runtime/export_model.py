@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import UserError, names
+
 from .bundle import Bundle, open_bundle
-from .errors import UserError
 
 __all__ = ["ExportResult", "export_model", "resolve_source"]
 
@@ -79,13 +80,51 @@ def _import_onnx():
     return onnx, numpy_helper
 
 
+def _read_weight(b: Bundle, fd: int | None, name: str) -> bytes:
+    w = b.manifest.weights[name]
+    if fd is None:
+        raise UserError(f"bundle {b.path} lists weight '{name}' but has no {names.WEIGHTS_FILE}")
+    data = os.pread(fd, w.length, w.offset)
+    if len(data) != w.length:
+        raise UserError(f"{names.WEIGHTS_FILE} of {b.path} is shorter than the manifest says; "
+                        "re-export the bundle")
+    return data
+
+
+def _fill_external(b: Bundle, model, infer: str) -> None:
+    """Resolve the graph's external initializers from the verified weights.bin only: each must
+    name weights.bin at the offset and length the manifest lists for it."""
+    fd = b.open_weights()
+    try:
+        for t in model.graph.initializer:
+            if t.data_location != 1:  # not EXTERNAL
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            w = b.manifest.weights.get(t.name)
+            if (w is None or ext.get("location") != names.WEIGHTS_FILE
+                    or int(ext.get("offset", -1)) != w.offset
+                    or int(ext.get("length", -1)) != w.length):
+                raise UserError(f"{infer}: initializer '{t.name}' points at external data "
+                                f"{ext.get('location')!r} that the manifest does not list; "
+                                "the bundle is damaged or was tampered with; re-export it")
+            t.raw_data = _read_weight(b, fd, t.name)
+            del t.external_data[:]
+            t.data_location = 0
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _build_model(b: Bundle, params: dict[str, np.ndarray]):
     onnx, numpy_helper = _import_onnx()
-    infer = b.graph("infer", "forward")
+    infer = b.graph_file(names.INFER)
     try:
-        model = onnx.load(str(infer), load_external_data=True)
-    except Exception as exc:  # noqa: BLE001  (protobuf / IO errors: a damaged bundle)
-        raise UserError(f"cannot read {infer}: {exc}; re-export the bundle") from None
+        model = onnx.load_from_string(b.graph_bytes(names.INFER))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (protobuf errors: a damaged bundle)
+        raise UserError(f"cannot read {infer}: {str(exc)[:160]}; re-export the bundle") from None
+    _fill_external(b, model, infer)
     g = model.graph
     inputs = {i.name for i in g.input}
     missing = [n for n in params if n not in inputs]
@@ -116,13 +155,17 @@ def restore_lookups(b: Bundle, model, onnx) -> None:
     keep = [i for i in g.input if i.name not in lookups]
     del g.input[:]
     g.input.extend(keep)
-    weights = np.memmap(b.path / "weights.bin", dtype=np.uint8, mode="r")
-    for out, lk in lookups.items():
-        t = b.manifest["weights"][lk["table"]]
-        table = np.ndarray(t["shape"], np.dtype(t["dtype"]), buffer=weights, offset=t["offset"])
-        g.initializer.append(onnx.numpy_helper.from_array(np.array(table), lk["table"]))
-        g.node.insert(0, onnx.helper.make_node("Gather", [lk["table"], lk["indices"]], [out],
-                                          name=f"lookup/{out}", axis=0))
+    fd = b.open_weights()
+    try:
+        for out, lk in lookups.items():
+            t = b.manifest.weights[lk.table]
+            table = np.frombuffer(_read_weight(b, fd, lk.table), np.dtype(t.dtype)).reshape(t.shape)
+            g.initializer.append(onnx.numpy_helper.from_array(table, lk.table))
+            g.node.insert(0, onnx.helper.make_node("Gather", [lk.table, lk.indices], [out],
+                                                   name=f"lookup/{out}", axis=0))
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _fresh_tmpdir(out: Path) -> Path:
@@ -159,10 +202,10 @@ def torch_state(b: Bundle, params: dict[str, np.ndarray]) -> dict[str, np.ndarra
     """Trainable parameters under their torch names, in torch layout."""
     state: dict[str, np.ndarray] = {}
     for p in b.params:
-        v = params[p["name"]]
-        if p.get("transposed"):
+        v = params[p.name]
+        if p.transposed:
             v = v.T
-        state.setdefault(p.get("torch_name") or p["name"], np.ascontiguousarray(v, np.float32))
+        state.setdefault(p.torch_name or p.name, np.ascontiguousarray(v, np.float32))
     return state
 
 
@@ -184,12 +227,23 @@ def _write_safetensors(b: Bundle, params: dict[str, np.ndarray], path: Path) -> 
 
 
 def export_model(source: str | Path, out: str | Path, weights: str | Path | None = None,
-                 bundle: str | Path | None = None) -> ExportResult:
-    """Write the standalone ``.onnx`` (and ``.safetensors`` when possible) for ``source``."""
-    b, w = resolve_source(source, weights, bundle)
-    params = b.load_params(w)
-    onnx, model = _build_model(b, params)
+                 bundle: str | Path | None = None, overwrite: bool = False) -> ExportResult:
+    """Write the standalone ``.onnx`` (and ``.safetensors`` when possible) for ``source``.
+
+    Raises:
+        UserError: a bad source or bundle, or output files that exist (without ``overwrite``).
+    """
     out = Path(out)
+    targets = [out, out.with_suffix(".safetensors"), out.parent / (out.name + ".data")]
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a directory; name the .onnx file to write")
+    taken = [str(t) for t in targets if t.exists()]
+    if taken and not overwrite:
+        raise UserError(f"{', '.join(taken)} already exist(s); pass --overwrite to replace, or "
+                        "another --out")
+    b, w = resolve_source(source, weights, bundle)
+    params = b.load_params(None if w == b.path / names.PARAMS_FILE else w)
+    onnx, model = _build_model(b, params)
     data = _write_onnx(onnx, model, out)
     st = out.with_suffix(".safetensors")
     wrote = _write_safetensors(b, params, st)

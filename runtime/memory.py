@@ -1,27 +1,41 @@
-"""Whole-process memory measurement: resident set size and its high-water mark (Linux VmHWM)."""
+"""Whole-process memory: resident set size and its high-water mark, read as an outside observer
+reads them (Linux ``/proc/PID/status``: ``VmRSS``, ``VmHWM``).
+
+The runtime never resets its own high-water mark (``/proc/self/clear_refs`` would also reset
+what the kernel later reports to a parent, so ``/usr/bin/time -v`` would under-report): planning
+probes run in forked children instead (``runtime/budget.py``), and the peak a run reports is the
+kernel's ``VmHWM``, the number anyone polling the process sees.
+"""
 
 from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
 
-__all__ = ["current_rss", "peak_rss", "reset_peak", "tune_malloc", "window_peak"]
+__all__ = ["PeakWatcher", "current_rss", "peak_rss", "proc_status", "run_measured",
+           "tune_malloc"]
 
 
-def _status_field(field: str) -> int | None:
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` of a process in bytes ({} when it is gone)."""
+    out: dict[str, int] = {}
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":", 1)[0]] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
 
 
 def current_rss() -> int:
     """Resident set size of this process now, in bytes."""
-    v = _status_field("VmRSS")
+    v = proc_status().get("VmRSS")
     if v is not None:
         return v
     import psutil
@@ -29,42 +43,23 @@ def current_rss() -> int:
     return int(psutil.Process(os.getpid()).memory_info().rss)
 
 
-_before_reset = 0  # the highest mark seen before any reset_peak(): whole-run peaks keep it
-
-
-def window_peak() -> int:
-    """Peak resident set size since the last ``reset_peak`` (or since start), in bytes."""
-    v = _status_field("VmHWM")
+def peak_rss() -> int:
+    """Peak resident set size of this process since it started, in bytes (never reset)."""
+    v = proc_status().get("VmHWM")
     if v is not None:
         return v
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def peak_rss() -> int:
-    """Peak resident set size of this process since it started, in bytes (resets included)."""
-    return max(window_peak(), _before_reset)
-
-
-def reset_peak() -> bool:
-    """Start a new measuring window: reset the kernel's high-water mark to the current RSS
-    (Linux >= 4.0), remembering the old mark for ``peak_rss``. True on success."""
-    global _before_reset
-    _before_reset = max(_before_reset, window_peak())
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def tune_malloc(mmap_threshold: int = 1 << 16) -> bool:
-    """Make glibc return large freed blocks to the OS at once (Linux/glibc only).
+    """Make glibc return large freed blocks to the OS at once (Linux/glibc only). A process-wide
+    setting, made once at the CLI edge.
 
     glibc raises its mmap threshold after each large free (up to 32 MB), after which tensors of
-    a few MB come from the heap and stay resident after they are freed; a training step's
-    transient buffers then pile up as RSS. Fixing the threshold keeps every block of
-    ``mmap_threshold`` bytes or more in its own mapping, released on free. Returns True if set.
+    a few MB come from the heap and stay resident after they are freed; transient numpy buffers
+    then pile up as RSS. Fixing the threshold keeps every block of ``mmap_threshold`` bytes or
+    more in its own mapping, released on free. (onnxruntime's tensors come from its own arena,
+    see ``runtime/sessions.py``, and are not affected.) Returns True if set.
     """
     try:
         import ctypes
@@ -77,3 +72,94 @@ def tune_malloc(mmap_threshold: int = 1 << 16) -> bool:
         return ok
     except (OSError, AttributeError):
         return False
+
+
+class PeakWatcher:
+    """Polls another process's ``VmHWM``/``VmRSS`` every ``interval`` seconds (a thread), as a
+    user or a fleet manager would; ``peak`` is the highest mark seen."""
+
+    def __init__(self, pid: int, interval: float = 0.005) -> None:
+        self.pid, self.interval = pid, interval
+        self.peak = 0
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            st = proc_status(self.pid)
+            if not st:
+                break
+            self.peak = max(self.peak, st.get("VmHWM", 0))
+            self.samples.append((time.monotonic() - t0, st.get("VmRSS", 0)))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Measured:
+    """A finished process's exit status, output and memory, measured from outside.
+
+    ``peak_polled`` is the highest ``VmHWM`` read from ``/proc/PID/status`` while it ran (the
+    mark is sticky, so only a rise in the last poll interval before exit could be missed).
+    ``peak_wait4`` is ``wait4``'s maximum RSS, which Linux carries over ``exec`` from the process
+    that spawned it: from a large parent (a test runner with torch loaded) it reports the
+    parent's size, so it is kept for information only."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_polled: int
+    peak_wait4: int
+    seconds: float
+
+    @property
+    def peak(self) -> int:
+        return self.peak_polled
+
+
+def run_measured(argv: list[str], timeout: float | None = None, cwd=None, env=None,
+                 interval: float = 0.005) -> Measured:
+    """Run ``argv`` and measure its memory from outside: poll ``VmHWM`` while it runs and take
+    the kernel's ``ru_maxrss`` from ``wait4`` when it ends.
+
+    Raises:
+        subprocess.TimeoutExpired: it ran past ``timeout`` (it is killed first).
+    """
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    out: dict[str, str] = {}
+
+    def drain(name: str, stream) -> None:
+        out[name] = stream.read()
+
+    readers = [threading.Thread(target=drain, args=(k, s), daemon=True)
+               for k, s in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for r in readers:
+        r.start()
+    watcher = PeakWatcher(proc.pid, interval)
+    with watcher:
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise subprocess.TimeoutExpired(argv, timeout or 0)
+            time.sleep(0.01)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for r in readers:
+        r.join()
+    return Measured(proc.returncode, out.get("stdout", ""), out.get("stderr", ""),
+                    watcher.peak, usage.ru_maxrss * 1024, time.monotonic() - t0)

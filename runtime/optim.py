@@ -1,10 +1,26 @@
-"""Optimizers in numpy, updating parameters in place (no copies of the weights)."""
+"""Optimizers in numpy, updating parameters in place.
+
+Every update runs through one scratch buffer the size of the largest parameter, allocated once:
+a step allocates nothing (numpy expressions such as ``p -= lr * m / (sqrt(v) + eps)`` would make
+three temporaries per parameter, each page-faulted in and released again every step).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+from .config import OptimConfig
+
 __all__ = ["SGD", "AdamW", "make_optimizer"]
+
+
+class _Scratch:
+    def __init__(self, params: dict[str, np.ndarray]) -> None:
+        size = max((p.size for p in params.values()), default=0)
+        self.buf = np.zeros(size, np.float32)
+
+    def like(self, p: np.ndarray) -> np.ndarray:
+        return self.buf[:p.size].reshape(p.shape)
 
 
 class SGD:
@@ -15,19 +31,23 @@ class SGD:
         self.lr, self.momentum, self.wd = lr, momentum, weight_decay
         self.state = {k: {"v": np.zeros_like(p)} for k, p in params.items()}
         self.t = 0
+        self._s = _Scratch(params)
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         self.t += 1
         for k, p in params.items():
-            g = grads[k]
+            g, s = grads[k], self._s.like(p)
             if self.wd:
-                g = g + self.wd * p
-            v = self.state[k]["v"]
+                np.multiply(p, self.wd, out=s)
+                s += g
+                g = s
             if self.momentum:
+                v = self.state[k]["v"]
                 v *= self.momentum
                 v += g
                 g = v
-            p -= self.lr * g
+            np.multiply(g, self.lr, out=s)
+            p -= s
 
 
 class AdamW:
@@ -39,32 +59,34 @@ class AdamW:
         self.state = {k: {"m": np.zeros_like(p), "v": np.zeros_like(p)}
                       for k, p in params.items()}
         self.t = 0
+        self._s = _Scratch(params)
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         self.t += 1
         c1 = 1.0 - self.b1 ** self.t
         c2 = 1.0 - self.b2 ** self.t
         for k, p in params.items():
-            g = grads[k]
+            g, s = grads[k], self._s.like(p)
             st = self.state[k]
             m, v = st["m"], st["v"]
             m *= self.b1
-            m += (1.0 - self.b1) * g
+            np.multiply(g, 1.0 - self.b1, out=s)
+            m += s
             v *= self.b2
-            v += (1.0 - self.b2) * np.square(g)
+            np.square(g, out=s)
+            s *= 1.0 - self.b2
+            v += s
             if self.wd:
                 p *= 1.0 - self.lr * self.wd
-            denom = np.sqrt(v / c2)
-            denom += self.eps
-            p -= (self.lr / c1) * (m / denom)
+            np.multiply(v, 1.0 / c2, out=s)
+            np.sqrt(s, out=s)
+            s += self.eps
+            np.divide(m, s, out=s)
+            s *= self.lr / c1
+            p -= s
 
 
-def make_optimizer(name: str, params: dict[str, np.ndarray], lr: float,
-                   weight_decay: float | None = None):
-    if name == "sgd":
-        return SGD(params, lr, weight_decay=weight_decay or 0.0)
-    if name == "adamw":
-        return AdamW(params, lr, weight_decay=0.01 if weight_decay is None else weight_decay)
-    from .errors import UserError
-
-    raise UserError(f"unknown optimizer '{name}'; choose adamw or sgd")
+def make_optimizer(cfg: OptimConfig, params: dict[str, np.ndarray]):
+    if cfg.name == "sgd":
+        return SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.decay)
+    return AdamW(params, cfg.lr, weight_decay=cfg.decay)

@@ -1,47 +1,49 @@
-"""One training run: data order, calibration schedule, progress bar, summary, saved weights."""
+"""One training run: the output folder, data order, calibration schedule, the budget guard,
+metrics, checkpoints, the summary and the saved weights.
+
+Files of a run folder (``--out``)::
+
+    run.json         identity: the bundle's manifest hash, mode, batch, seed, data, class names
+    metrics.jsonl    one JSON object per event: plan, step, calibration, eval
+    checkpoints/     crash-safe checkpoints (runtime/checkpoint.py)
+    params.npz       the trained parameters (written atomically at the end)
+    summary.json     the summary printed at the end
+
+A folder holding another run is never reused silently: ``--resume`` continues the same run,
+``--overwrite`` removes the old run's files first, anything else is refused before training.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from contract import UserError, atomic_write, write_text
+
 from .accounting import format_table, layer_costs
-from .bundle import Bundle
 from .checkpoint import (
     Checkpointer,
     StopSignals,
     TrainingInterrupted,
     Writer,
-    atomic_write,
+    bundle_sha256,
     warn,
-    write_text,
 )
-from .data import Dataset
-from .errors import UserError
+from .config import RunConfig
 from .memory import current_rss, peak_rss
-from .trainer import Trainer
+from .trainer import ArenaExhausted, IndexBatch, Trainer
 
-__all__ = ["RunConfig", "Summary", "train"]
+__all__ = ["Order", "RunFolder", "Summary", "train"]
 
-
-@dataclass
-class RunConfig:
-    steps: int = 100
-    batch: int = 32
-    seed: int = 0
-    out: Path | None = None
-    progress: bool = True
-    eval_batch: int = 64
-    checkpoint_every: int = 50  # steps; 0: only at the end (checkpoints need ``out``)
-    resume: bool = False  # continue from the latest good checkpoint in ``out``
-    max_nonfinite: int = 5  # stop after this many consecutive non-finite losses
-    checkpoint_writer: Writer | None = None  # fault injection in tests; None: write_npz
-    budget: int | None = None  # bytes; whole-process peak RSS must stay below it
+RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 
 
 @dataclass
@@ -69,13 +71,15 @@ class Summary:
     budget: int | None = None
     predicted_peak: int | None = None
     guard_shrinks: int = 0
+    output: str = ""
 
     def lines(self, trainer: Trainer) -> list[str]:
         mb = 1e6
         out = [f"mode {self.mode}: {self.steps} steps, batch {self.batch} "
                f"(micro-batch {self.micro_batch})",
                f"loss {self.loss_first:.4f} -> {self.loss_last:.4f}"
-               + (f", train accuracy {self.train_acc:.3f}" if self.train_acc is not None else "")]
+               + (f", train accuracy {self.train_acc:.3f} (output '{self.output}')"
+                  if self.train_acc is not None else "")]
         if self.test_acc is not None:
             before = (f" (before {self.test_acc_before:.3f})"
                       if self.test_acc_before is not None else "")
@@ -93,7 +97,7 @@ class Summary:
             out.append(f"budget {self.budget / mb:.0f} MB: predicted peak "
                        f"{(self.predicted_peak or 0) / mb:.1f} MB, measured {self.peak_rss / mb:.1f}"
                        f" MB ({ok} budget)"
-                       + (f"; guard shrank the micro-batch {self.guard_shrinks}x"
+                       + (f"; the arena cap lowered the micro-batch {self.guard_shrinks}x"
                           if self.guard_shrinks else ""))
         if self.mode == "instant" and trainer.bases:
             out.append(format_table(layer_costs(trainer.bundle.layers, trainer.ranks())))
@@ -105,7 +109,7 @@ class Summary:
         return out
 
 
-class _Order:
+class Order:
     """Batch order: a fresh permutation of the data per epoch; its state resumes exactly."""
 
     def __init__(self, n: int, batch: int, rng: np.random.Generator) -> None:
@@ -122,7 +126,76 @@ class _Order:
         return self.perm[s:s + self.batch]
 
 
-def _snapshot(trainer: Trainer, order: _Order, calib_rng: np.random.Generator, tally: dict,
+class RunFolder:
+    """The ``--out`` folder of one run: refuses to mix two runs, checked before training."""
+
+    def __init__(self, path: Path, identity: dict) -> None:
+        self.path = Path(path)
+        self.identity = identity
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create or check the folder and write ``run.json``.
+
+        Raises:
+            UserError: the path is a file or lies under one, is not writable, holds another
+                run (without --resume/--overwrite), or --resume names another bundle's run.
+        """
+        p = self.path
+        for parent in [p, *p.parents]:
+            if parent.exists() and not parent.is_dir():
+                raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "
+                                "another --out")
+        existing = [f for f in RUN_FILES if (p / f).exists()
+                    and not (f == "checkpoints" and not (p / f).is_dir())]
+        if existing and not (resume or overwrite):
+            raise UserError(f"--out '{p}' already holds a training run ({', '.join(existing)}); "
+                            "pass --resume to continue it, --overwrite to replace it, or "
+                            "another --out")
+        if resume and existing:
+            try:
+                theirs = json.loads((p / "run.json").read_text())
+            except (OSError, ValueError):
+                theirs = {}
+            if theirs.get("bundle_sha256") not in (None, self.identity["bundle_sha256"]):
+                raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
+                                "bundle, or pass another --out")
+        if overwrite:
+            for f in existing:
+                q = p / f
+                shutil.rmtree(q) if q.is_dir() else q.unlink()
+        for folder in (p, p / "checkpoints"):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"cannot write checkpoints to '{folder}': it is a file; remove "
+                                "it or pass another --out")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".write-test.{os.getpid()}"
+                probe.write_bytes(b"x")
+                probe.unlink()
+            except OSError as exc:
+                raise UserError(f"--out '{p}' is not writable ({exc.strerror or exc}); pass "
+                                "another --out") from None
+        if not (p / "run.json").exists():
+            text = json.dumps(self.identity, indent=1)
+            atomic_write(p / "run.json", lambda f: write_text(f, text))
+
+
+class Metrics:
+    """``metrics.jsonl``: one JSON object per event, appended and flushed as it happens."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._f = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115
+
+    def write(self, kind: str, **fields) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps({"kind": kind, **fields}) + "\n")
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, tally: dict,
               losses: list[float], times: list[float]) -> tuple[dict, dict]:
     """Trainer state plus the run's data order, RNG states and running statistics."""
     arrays, meta = trainer.state()
@@ -136,7 +209,7 @@ def _snapshot(trainer: Trainer, order: _Order, calib_rng: np.random.Generator, t
     return arrays, {"trainer": meta, "run": run}
 
 
-def _restore(trainer: Trainer, order: _Order, calib_rng: np.random.Generator, seed: int,
+def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, seed: int,
              arrays: dict, meta: dict) -> tuple[dict, list[float], list[float]]:
     run = meta["run"]
     mine = {"seed": seed, "batch": order.batch, "n": order.n}
@@ -154,49 +227,90 @@ def _restore(trainer: Trainer, order: _Order, calib_rng: np.random.Generator, se
     return tally, arrays["run/losses"].tolist(), arrays["run/times"].tolist()
 
 
-def train(trainer: Trainer, data: Dataset, cfg: RunConfig, bundle: Bundle) -> Summary:
-    rng = np.random.default_rng(cfg.seed)
-    calib_rng = np.random.default_rng(cfg.seed + 1)
-    batch = min(cfg.batch, len(data))
-    eval_batch = cfg.eval_batch
-    plan = guard = None
-    if cfg.budget is not None:
-        from .budget import BudgetGuard, plan_for_budget, print_plan
+class _Guard:
+    """Repeats a step or calibration that ran into the arena's cap at half the micro-batch."""
 
-        plan = plan_for_budget(trainer, data, batch, cfg.budget)
-        print_plan(plan, trainer, log=tqdm.write)
-        trainer.bases.clear()  # probes calibrated on one small batch: calibrate for real
-        eval_batch = min(eval_batch, plan.micro_batch)
-        guard = BudgetGuard(trainer, cfg.budget, log=tqdm.write)
-    if cfg.checkpoint_every < 0 or cfg.max_nonfinite < 1:
-        raise UserError(f"checkpoint_every must be >= 0 (got {cfg.checkpoint_every}) and "
-                        f"max_nonfinite >= 1 (got {cfg.max_nonfinite})")
-    ckpt = (Checkpointer(cfg.out / "checkpoints", bundle, writer=cfg.checkpoint_writer)
-            if cfg.out is not None else None)
-    order = _Order(len(data), batch, rng)
+    def __init__(self, trainer: Trainer, log) -> None:
+        self.trainer, self.log = trainer, log
+        self.shrinks = 0
+
+    def run(self, fn):
+        while True:
+            try:
+                return fn()
+            except ArenaExhausted as exc:
+                tr = self.trainer
+                m = tr.plan.micro_batch or 0
+                if not m or m <= 1:
+                    raise UserError(f"the budget cannot hold even micro-batch 1 ({exc}); raise "
+                                    "--budget") from None
+                tr.use_plan(tr.plan.with_micro_batch(m // 2))
+                self.shrinks += 1
+                self.log(f"budget: the arena cap was reached at micro-batch {m}; repeating at "
+                         f"{tr.plan.micro_batch}")
+
+
+def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
+          writer: Writer | None = None, log=tqdm.write) -> Summary:
+    """Train for ``cfg.steps`` steps (continuing from a checkpoint with ``cfg.resume``).
+
+    Raises:
+        UserError: bad options, a folder that holds another run, repeated non-finite losses.
+        TrainingInterrupted: SIGINT/SIGTERM (after a checkpoint).
+    """
+    seed = trainer.config.seed
+    bundle = trainer.bundle
+    rng = np.random.default_rng(seed)
+    calib_rng = np.random.default_rng(seed + 1)
+    batch = min(cfg.batch, len(data))
+    if batch < 1:
+        raise UserError(f"the training data '{getattr(data, 'name', '?')}' is empty")
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create --out '{out}': {exc.strerror or exc}; pass another "
+                            "--out") from None
+    ckpt = (Checkpointer(out / "checkpoints", bundle, writer=writer) if out is not None else None)
+    metrics = Metrics(out / "metrics.jsonl" if out is not None else None)
+    plan = trainer.plan
+    metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
+                  micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
+                  saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)
+    guard = _Guard(trainer, log)
+    order = Order(len(data), batch, rng)
     times: list[float] = []
     losses: list[float] = []
-    tally = {"seed": cfg.seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
+    tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
     resumed = ckpt.load() if cfg.resume and ckpt is not None else None
     if resumed is not None:
-        tally, losses, times = _restore(trainer, order, calib_rng, cfg.seed, *resumed)
+        tally, losses, times = _restore(trainer, order, calib_rng, seed, *resumed)
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
-    if resumed is None and data.test is not None:
-        _, tally["acc_before"] = trainer.evaluate(data.test, eval_batch)
+    test = getattr(data, "test", None)
+    if resumed is None and test is not None:
+        _, tally["acc_before"] = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
     idle = current_rss()
     start = trainer.step_count
     saved, last_ckpt = (start, ckpt.loaded) if ckpt is not None and resumed else (None, None)
     bar = tqdm(range(start, cfg.steps), desc=f"train[{trainer.mode}]", disable=not cfg.progress,
                mininterval=0.5, initial=start, total=cfg.steps,
                unit="step", dynamic_ncols=True)
+    lr = trainer.config.optim.lr
     with StopSignals() as stop:
         for _ in bar:
             if trainer.needs_calibration():
-                trainer.calibrate(data, batch, calib_rng)
-            x, y = data.take(order.next())
-            r = trainer.train_step(x, y)
+                t0 = time.perf_counter()
+                ok = guard.run(lambda: trainer.calibrate(data, batch, calib_rng))
+                for w in trainer.warnings:
+                    warn(w)
+                trainer.warnings.clear()
+                metrics.write("calibration", step=trainer.step_count, ok=ok,
+                              seconds=time.perf_counter() - t0,
+                              ranks={k: list(v) for k, v in trainer.ranks().items()})
+            b = IndexBatch(data, order.next())
+            r = guard.run(lambda b=b: trainer.train_step(b))
             if r.finite:
                 times.append(r.seconds)
                 losses.append(r.loss)
@@ -205,17 +319,23 @@ def train(trainer: Trainer, data: Dataset, cfg: RunConfig, bundle: Bundle) -> Su
                 tally["nonfinite"] = 0
             else:
                 tally["nonfinite"] += 1
-                warn(f"non-finite loss {r.loss} at step {trainer.step_count}; skipped the update")
+                warn(f"non-finite loss or gradient ({r.loss}) at step {trainer.step_count}; "
+                     "skipped the update")
                 if tally["nonfinite"] >= cfg.max_nonfinite:
                     bar.close()
                     raise UserError(f"non-finite loss for {tally['nonfinite']} consecutive steps "
                                     f"(up to step {trainer.step_count}); lower --lr or check the "
                                     "data" + (f"; last good checkpoint {last_ckpt}"
                                               if last_ckpt else ""))
+            metrics.write("step", step=trainer.step_count, loss=r.loss,
+                          accuracy=(r.correct / r.count if bundle.classification and r.count
+                                    else None),
+                          lr=lr, step_s=r.seconds, rss=current_rss(), peak_rss=peak_rss(),
+                          micro_batch=trainer.plan.micro_batch)
             bar.set_postfix(loss=f"{r.loss:.4f}")
-            if guard is not None:
-                guard.after_step(batch)
-                eval_batch = min(eval_batch, trainer.micro_batch or batch)
+            if cfg.eval_every and test is not None and trainer.step_count % cfg.eval_every == 0:
+                tl, ta = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
+                metrics.write("eval", step=trainer.step_count, split="val", loss=tl, accuracy=ta)
             every = cfg.checkpoint_every
             if ckpt is not None and (stop.signum or (every and trainer.step_count % every == 0)):
                 last_ckpt = ckpt.save(trainer.step_count,
@@ -223,38 +343,49 @@ def train(trainer: Trainer, data: Dataset, cfg: RunConfig, bundle: Bundle) -> Su
                 saved = trainer.step_count
             if stop.signum:
                 bar.close()
+                metrics.close()
                 raise TrainingInterrupted(stop.signum, trainer.step_count, last_ckpt)
         bar.close()
         if ckpt is not None and saved != trainer.step_count:
             last_ckpt = ckpt.save(trainer.step_count,
                                   *_snapshot(trainer, order, calib_rng, tally, losses, times))
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
-    ce = bundle.loss["kind"] == "cross_entropy"
     k = max(1, min(10, len(losses) // 5))
     s = Summary(
-        mode=trainer.mode, steps=cfg.steps, batch=batch, micro_batch=trainer.micro_batch or batch,
+        mode=trainer.mode, steps=cfg.steps, batch=batch,
+        micro_batch=trainer.plan.micro_batch or batch,
         loss_first=float(np.mean(losses[:k])) if losses else float("nan"),
         loss_last=float(np.mean(losses[-k:])) if losses else float("nan"),
-        train_acc=(correct / count) if ce and count else None,
+        train_acc=(correct / count) if bundle.classification and count else None,
         median_step_s=statistics.median(times) if times else 0.0,
         calibrations=trainer.calibrations, calib_s=trainer.calib_seconds, idle_rss=idle,
         ranks={k: list(v) for k, v in trainer.ranks().items()},
-        resumed_from=start if resumed is not None else None)
+        resumed_from=start if resumed is not None else None, output=bundle.output,
+        budget=plan.budget, predicted_peak=plan.predicted_peak, guard_shrinks=guard.shrinks)
     s.checkpoint = str(last_ckpt) if last_ckpt else None
     s.examples_per_s = batch / s.median_step_s if s.median_step_s else 0.0
-    if data.test is not None:
-        s.test_loss, s.test_acc = trainer.evaluate(data.test, eval_batch)
+    if test is not None:
+        s.test_loss, s.test_acc = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
         s.test_acc_before = acc_before
-    if cfg.out is not None:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        trainer.save_params(cfg.out / "params.npz")
-        s.out = str(cfg.out / "params.npz")
+        metrics.write("eval", step=trainer.step_count, split="val", loss=s.test_loss,
+                      accuracy=s.test_acc)
+    if out is not None:
+        trainer.save_params(out / "params.npz")
+        s.out = str(out / "params.npz")
     s.peak_rss = peak_rss()
-    if plan is not None:
-        s.budget, s.predicted_peak = cfg.budget, plan.predicted_peak
-        s.guard_shrinks = guard.shrinks if guard else 0
-        s.micro_batch = trainer.micro_batch or batch
-    if cfg.out is not None:
+    s.micro_batch = trainer.plan.micro_batch or batch
+    metrics.write("summary", peak_rss=s.peak_rss, budget=s.budget)
+    metrics.close()
+    if out is not None:
         text = json.dumps(asdict(s), indent=1)
-        atomic_write(cfg.out / "summary.json", lambda p: write_text(p, text))
+        atomic_write(out / "summary.json", lambda p: write_text(p, text))
     return s
+
+
+def run_identity(trainer: Trainer, data_spec: str, cfg: RunConfig,
+                 class_names: list[str] | None) -> dict:
+    """What ``run.json`` records about a run (checked by --resume)."""
+    return {"format": "instant-runtime-run", "bundle": str(trainer.bundle.path),
+            "bundle_sha256": bundle_sha256(trainer.bundle), "mode": trainer.mode,
+            "batch": cfg.batch, "seed": trainer.config.seed, "data": data_spec,
+            "class_names": class_names, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,136 +1,77 @@
-"""The training loop: forward and backward sessions, micro-batches, calibration, optimizer.
+"""The trainer: forward and backward sessions, micro-batches, calibration, optimizer, evaluation.
 
-Memory discipline (DESIGN.md §2):
+Built from a bundle, a :class:`runtime.config.TrainConfig` and a :class:`devices.planner.Plan`
+(micro-batches, the memory for compressed activations, the arena cap); it never changes either
+itself (``use_plan`` is how a caller, e.g. the budget guard, gives it another plan).
+
+Memory discipline (docs/memory.md):
 * forward and backward are separate sessions; the forward returns exactly the tensors the
   backward needs, kept as ``OrtValue`` (never copied into numpy) and dropped after the backward;
 * trainable parameters are wrapped once as ``OrtValue`` over the numpy arrays the optimizer
-  updates in place, so no copy per step;
-* frozen weights are external data that onnxruntime memory-maps;
-* nodes run in priority order so forward-side compression runs as soon as its input exists.
+  updates in place; the backward adds each micro-batch's gradient into one bound buffer per
+  parameter (``grad = grad_acc + ∂L/∂p``, output bound to the input's buffer);
+* data enters one micro-batch at a time (``Batch.rows``): no batch-sized copy of the inputs;
+* sessions are created on first use, after the process arena is registered (``sessions.py``).
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
+from contract import UserError, atomic_write, names, write_npz
+from devices.planner import Plan
+
 from .bundle import Bundle
-from .calibrate import Basis, basis_from_gram
-from .checkpoint import atomic_write, write_npz
-from .data import Dataset
-from .errors import UserError
-from .memory import tune_malloc
+from .calibrate import Basis, DegenerateGram, Spectrum, basis, decompose
+from .config import TrainConfig
 from .optim import make_optimizer
+from .ranks import choose_ranks
+from .sessions import SharedWeights, is_out_of_memory, make_session, shrink_arena
 
-__all__ = ["SessionConfig", "StepResult", "Trainer", "make_session"]
-
-
-@dataclass
-class SessionConfig:
-    threads: int = 0  # 0: onnxruntime's default
-    arena: bool = False
-    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+__all__ = ["ArenaExhausted", "ArrayBatch", "Batch", "IndexBatch", "StepResult", "Trainer"]
 
 
-class SharedWeights:
-    """The bundle's frozen weights, memory-mapped once and handed to every session.
-
-    Without this each session maps ``weights.bin`` on its own, and the pages a session touches
-    count again in the process RSS (measured: +48 MB for a second MiniLM session).
-    """
-
-    def __init__(self, bundle: Bundle) -> None:
-        self.tensors: dict = bundle.manifest.get("weights", {})
-        self.by_graph: dict = bundle.manifest.get("graph_weights", {})
-        self._map = (np.memmap(bundle.path / "weights.bin", dtype=np.uint8, mode="r")
-                     if self.tensors else None)
-        self._values: dict[str, ort.OrtValue] = {}
-        self.path = bundle.path / "weights.bin"
-        self._file: int | None = None
-
-    def lookup(self, table: str, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` of the frozen ``table`` (an embedding lookup, ``Gather`` on axis 0),
-        read with ``pread``: only those rows enter the process RSS, not the 64 KB around each
-        one that a fault on the memory map would bring in.
-
-        Raises:
-            UserError: an id outside the table (data tokenised for another vocabulary).
-        """
-        t = self.tensors[table]
-        shape, dtype = t["shape"], np.dtype(t["dtype"])
-        row = int(np.prod(shape[1:])) * dtype.itemsize
-        uniq, inverse = np.unique(np.asarray(ids).reshape(-1), return_inverse=True)
-        if uniq.size and (uniq[0] < -shape[0] or uniq[-1] >= shape[0]):
-            bad = uniq[-1] if uniq[-1] >= shape[0] else uniq[0]
-            raise UserError(f"token id {int(bad)} is outside the {shape[0]}-row table '{table}'; "
-                            "tokenise the data with the model's own vocabulary")
-        rows = np.empty((uniq.size, row), np.uint8)
-        fd = self._fd()
-        for k, i in enumerate(uniq % shape[0]):
-            os.preadv(fd, [rows[k]], t["offset"] + int(i) * row)
-        return rows.view(dtype).reshape(uniq.size, *shape[1:])[inverse].reshape(
-            *np.shape(ids), *shape[1:])
-
-    def __del__(self) -> None:
-        if getattr(self, "_file", None) is not None:
-            os.close(self._file)
-
-    def _fd(self) -> int:
-        if self._file is None:
-            self._file = os.open(self.path, os.O_RDONLY)
-        return self._file
-
-    def release(self) -> None:
-        """Drop the mapped pages from this process's RSS (MADV_DONTNEED on a read-only file
-        mapping: the next access faults them back in from the page cache). Called between
-        steps, so frozen weights count in the peak only while a pass actually reads them;
-        otherwise every embedding row ever gathered would stay resident."""
-        mm = getattr(self._map, "_mmap", None)
-        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
-
-    def for_graph(self, path) -> dict[str, ort.OrtValue]:
-        out = {}
-        for name in self.by_graph.get(Path(path).name, []):
-            if name not in self._values:
-                t = self.tensors[name]
-                arr = np.ndarray(t["shape"], dtype=np.dtype(t["dtype"]), buffer=self._map,
-                                 offset=t["offset"])
-                self._values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
-            out[name] = self._values[name]
-        return out
+class ArenaExhausted(RuntimeError):
+    """onnxruntime could not allocate within the arena's cap (the budget): the caller lowers the
+    micro-batch and repeats the step. Nothing was applied to the weights."""
 
 
-def make_session(path, cfg: SessionConfig,
-                 shared: SharedWeights | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    if shared is not None:
-        for name, value in shared.for_graph(path).items():
-            so.add_initializer(name, value)
-    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    so.enable_cpu_mem_arena = cfg.arena
-    so.enable_mem_pattern = False
-    # Basic (constant folding, redundant-node removal) only: the extended fusions raised the
-    # training peak by 30-55 % on the token-MLP benchmark (vanilla 438 -> 570 MB above idle).
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    # Pre-packed copies of constant (frozen) weights cost ~30 MB per MiniLM session and defeat
-    # the memory-mapping of weights.bin.
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    so.log_severity_level = 3
-    if cfg.threads:
-        so.intra_op_num_threads = cfg.threads
-    so.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), so, providers=cfg.providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"onnxruntime cannot load {path}: {msg}; re-export the bundle") from None
+class Batch(Protocol):
+    def __len__(self) -> int: ...
+
+    def rows(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]: ...
+
+
+class ArrayBatch:
+    """A batch held as arrays (tests, probes)."""
+
+    def __init__(self, x: dict[str, np.ndarray], y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def rows(self, start: int, stop: int):
+        return {k: v[start:stop] for k, v in self.x.items()}, self.y[start:stop]
+
+
+class IndexBatch:
+    """Rows ``idx`` of a dataset, read one micro-batch at a time."""
+
+    def __init__(self, data, idx: np.ndarray) -> None:
+        self.data, self.idx = data, np.asarray(idx)
+
+    def __len__(self) -> int:
+        return int(self.idx.size)
+
+    def rows(self, start: int, stop: int):
+        return self.data.take(self.idx[start:stop])
 
 
 @dataclass
@@ -146,65 +87,96 @@ def _ov(a: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(a)
 
 
-class Trainer:
-    """Trains the bundle's parameters in ``mode`` (``instant`` or ``vanilla``)."""
+def chunks(n: int, micro: int | None) -> list[tuple[int, int]]:
+    """Split n rows into near-equal micro-batches of at most ``micro`` (same shapes every
+    step: the arena reuses its blocks)."""
+    if n <= 0:
+        return []
+    if not micro or micro >= n:
+        return [(0, n)]
+    k = -(-n // micro)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k)]
 
-    def __init__(self, bundle: Bundle, mode: str = "instant", optimizer: str = "adamw",
-                 lr: float = 1e-3, weight_decay: float | None = None,
-                 micro_batch: int | None = None, session: SessionConfig | None = None,
-                 weights=None, energy: float | None = None, oversample: int | None = None,
-                 calib_every: int | None = None, calib_batches: int | None = None,
-                 calib_micro_batch: int | None = None, max_rank: int | None = None,
-                 seed: int = 0) -> None:
-        if mode not in ("instant", "vanilla"):
-            raise UserError(f"unknown mode '{mode}'; choose instant or vanilla")
-        tune_malloc()
+
+class Trainer:
+    """Trains the bundle's parameters in ``config.mode`` (``instant`` or ``vanilla``)."""
+
+    def __init__(self, bundle: Bundle, config: TrainConfig | None = None,
+                 plan: Plan | None = None, weights: Path | None = None) -> None:
         self.bundle = bundle
-        self.mode = mode
-        self.cfg = session or SessionConfig()
-        inst = bundle.manifest["instant"]
-        self.energy = inst["energy"] if energy is None else energy
-        self.oversample = inst["oversample"] if oversample is None else oversample
-        self.calib_every = inst["calib_every"] if calib_every is None else calib_every
-        self.calib_batches = inst["calib_batches"] if calib_batches is None else calib_batches
-        self.micro_batch = micro_batch
-        self.calib_micro_batch = calib_micro_batch
-        self.max_rank = max_rank
-        self.rank_caps: dict[str, int] = {}  # per-layer caps set by the budget planner
-        self.seed = seed
+        self.config = config or TrainConfig()
+        mode = self.config.mode
         if mode == "instant" and not bundle.layers:
-            self.mode = mode = "vanilla"  # nothing to compress: instant is exact
+            mode = "vanilla"  # nothing to compress: instant is exact
+        self.mode = mode
+        self.plan = plan or Plan()
         self.io = bundle.io(mode)
         self.params = bundle.load_params(weights)
         self._param_ov = {k: _ov(v) for k, v in self.params.items()}
-        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay)
+        self.optimizer = make_optimizer(self.config.optim, self.params)
+        # One gradient buffer per parameter, allocated now and kept: the backward adds each
+        # micro-batch's gradient into it in place (output bound to the input).
+        self._grads = {p: np.zeros_like(v) for p, v in self.params.items()}
+        self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
         self.shared = SharedWeights(bundle)
-        self.fwd = make_session(bundle.graph(mode, "forward"), self.cfg, self.shared)
-        self.bwd = make_session(bundle.graph(mode, "backward"), self.cfg, self.shared)
+        self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
         self.bases: dict[str, tuple[Basis, Basis]] = {}
         self._basis_ov: dict[str, ort.OrtValue] = {}
         self.step_count = 0
         self.calibrations = 0
         self.calib_seconds = 0.0
-        self._grads: dict[str, np.ndarray] = {}  # accumulated by the backward, see gradients()
-        self._grad_ov: dict[str, ort.OrtValue] = {}
-        self._grad_names = self.io["grads"]
+        self.calib_skipped = 0
+        self.warnings: list[str] = []
+
+    # ---------------------------------------------------------------------------- sessions
+    def session(self, mode: str, part: str = "forward") -> ort.InferenceSession:
+        key = (mode, part)
+        if key not in self._sessions:
+            self._sessions[key] = make_session(self.bundle, mode, part, self.config.session,
+                                               self.shared)
+        return self._sessions[key]
+
+    def open_sessions(self) -> None:
+        """Create every session the run will use now (so their memory is in the idle RSS)."""
+        self.session(self.mode, "forward")
+        self.session(self.mode, "backward")
+        if self.mode == "instant":
+            self.session("calib", "forward")
+            self.session("calib", "backward")
+        self.session(names.INFER, "forward")
+
+    def shrink_arena(self, data) -> None:
+        """Free the arena's unused regions (after probes or a calibration, whose tensor shapes
+        differ from a step's): one inference pass on one sample with shrinkage on."""
+        sess = self.session(names.INFER, "forward")
+        x, y = data.take(np.arange(1))
+        shrink_arena(sess, self._feeds([i.name for i in sess.get_inputs()], x, y),
+                     self.bundle.output)
+        self.shared.release()
+
+    def use_plan(self, plan: Plan) -> None:
+        self.plan = plan
+
+    @property
+    def micro_batch(self) -> int | None:
+        return self.plan.micro_batch
 
     # ---------------------------------------------------------------------------- feeding
-    def _feeds(self, names: list[str], x: dict[str, np.ndarray], y: np.ndarray,
+    def _feeds(self, names_: list[str], x: dict[str, np.ndarray], y: np.ndarray,
                extra: dict[str, ort.OrtValue] | None = None) -> dict[str, ort.OrtValue]:
         out: dict[str, ort.OrtValue] = {}
-        for n in names:
+        lookups = self.bundle.lookups
+        for n in names_:
             if extra is not None and n in extra:
                 out[n] = extra[n]
             elif n in self._param_ov:
                 out[n] = self._param_ov[n]
             elif n in x:
                 out[n] = _ov(x[n])
-            elif n in self.bundle.lookups:
-                lk = self.bundle.lookups[n]
-                out[n] = _ov(self.shared.lookup(lk["table"], x[lk["indices"]]))
-            elif n == "labels":
+            elif n in lookups:
+                out[n] = _ov(self.shared.lookup(lookups[n].table, x[lookups[n].indices]))
+            elif n == names.LABELS:
                 out[n] = _ov(y)
             elif n in self._basis_ov:
                 out[n] = self._basis_ov[n]
@@ -213,174 +185,222 @@ class Trainer:
                                 "re-export the bundle")
         return out
 
-    def _chunks(self, n: int, micro: int | None):
-        m = n if not micro or micro >= n else micro
-        return [(s, min(n, s + m)) for s in range(0, n, m)]
-
     # ---------------------------------------------------------------------------- training
     def needs_calibration(self) -> bool:
         if self.mode != "instant":
             return False
-        return not self.bases or (self.calib_every > 0 and self.step_count > 0
-                                  and self.step_count % self.calib_every == 0)
+        every = self.config.instant.calib_every
+        return not self.bases or (every > 0 and self.step_count > 0
+                                  and self.step_count % every == 0)
 
-    def gradient_buffers(self) -> dict[str, ort.OrtValue]:
-        """One gradient buffer per parameter, allocated at the first step and reused: the
-        backward adds each micro-batch's gradient into it in place (output bound to the input)."""
-        if not self._grads:
-            for p, v in self.params.items():
-                self._grads[p] = np.zeros_like(v)
-            self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
-        else:
-            for g in self._grads.values():
-                g.fill(0.0)
-        return self._grad_ov
+    def gradients(self, batch: Batch) -> tuple[float, int]:
+        """Forward and backward over micro-batches; leaves the batch-mean gradients in the
+        gradient buffers and returns (mean loss, correct predictions). Weights are not touched.
 
-    def gradients(self, x: dict[str, np.ndarray], y: np.ndarray) -> tuple[float, int]:
-        """Forward and backward over micro-batches; leaves the batch-mean gradients in
-        ``self._grads`` and returns (mean loss, correct predictions). Weights are not touched."""
-        n = int(y.shape[0])
-        acc = self.gradient_buffers()
+        Raises:
+            ArenaExhausted: a micro-batch did not fit the arena's cap (buffers are then
+                undefined: zero them by calling ``gradients`` again).
+        """
+        n = len(batch)
+        for g in self._grads.values():
+            g.fill(0.0)
         loss_sum = 0.0
         correct = 0
-        for s, e in self._chunks(n, self.micro_batch):
-            loss, c = self._micro_step({k: v[s:e] for k, v in x.items()}, y[s:e], (e - s) / n,
-                                       acc)
-            loss_sum += loss * (e - s) / n
-            correct += c
-        self.shared.release()
+        try:
+            for s, e in chunks(n, self.plan.micro_batch):
+                x, y = batch.rows(s, e)
+                loss, c = self._micro_step(x, y, (e - s) / n)
+                loss_sum += loss * (e - s) / n
+                correct += c
+        finally:
+            self.shared.release()
         return loss_sum, correct
 
-    def _micro_step(self, x: dict[str, np.ndarray], y: np.ndarray, weight: float,
-                    acc: dict[str, ort.OrtValue]) -> tuple[float, int]:
-        """One forward + backward; adds ``weight`` × this micro-batch's gradient into ``acc``.
+    def _micro_step(self, x: dict[str, np.ndarray], y: np.ndarray,
+                    weight: float) -> tuple[float, int]:
+        """One forward + backward; adds ``weight`` × this micro-batch's gradient into the
+        gradient buffers.
 
         A function of its own on purpose: every ``OrtValue`` that ``run_with_ort_values``
         returns keeps the whole output vector alive, so one stray reference (a loop variable)
         would keep all saved tensors of this micro-batch resident during the next one.
         """
         io = self.io
-        fout = io["forward_outputs"]
-        outs = self.fwd.run_with_ort_values(fout, self._feeds(io["forward_inputs"], x, y))
+        fout = io.forward_outputs
+        fwd, bwd = self.session(self.mode, "forward"), self.session(self.mode, "backward")
+        try:
+            outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y))
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc, "forward") from None
         self.shared.release()  # frozen weights read by the forward leave the RSS again
         extra = dict(zip(fout, outs, strict=True))
-        loss = float(extra["loss"].numpy())
+        del outs
+        loss = float(extra[names.LOSS].numpy())
         correct = 0
-        if "logits" in extra and y.dtype.kind in "iu":
-            correct = int((extra["logits"].numpy().argmax(-1) == y).sum())
-        extra[io["loss_scale"]] = _ov(np.array(weight, np.float32))
-        extra.update((io["grad_acc"][p], acc[p]) for p in self.params)
-        binding = self.bwd.io_binding()
-        for name, value in self._feeds(io["backward_inputs"], x, y, extra).items():
+        if self.bundle.classification and self.bundle.output in extra:
+            correct = int((extra[self.bundle.output].numpy().argmax(-1) == y).sum())
+        extra[io.loss_scale] = _ov(np.array(weight, np.float32))
+        extra.update((io.grad_acc[p], self._grad_ov[p]) for p in self.params)
+        binding = bwd.io_binding()
+        for name, value in self._feeds(io.backward_inputs, x, y, extra).items():
             binding.bind_ortvalue_input(name, value)
+        del extra
         for p in self.params:
-            binding.bind_ortvalue_output(self._grad_names[p], acc[p])
-        self.bwd.run_with_iobinding(binding)
+            binding.bind_ortvalue_output(io.grads[p], self._grad_ov[p])
+        try:
+            bwd.run_with_iobinding(binding)
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc, "backward") from None
         return loss, correct
 
-    def train_step(self, x: dict[str, np.ndarray], y: np.ndarray) -> StepResult:
+    def _run_error(self, exc: Exception, phase: str) -> Exception:
+        if is_out_of_memory(exc):
+            return ArenaExhausted(f"{phase} at micro-batch {self.plan.micro_batch}: "
+                                  f"{str(exc).splitlines()[0][-160:]}")
+        if isinstance(exc, UserError):
+            return exc
+        first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+        return UserError(f"onnxruntime failed in the {phase} pass: {first}; check that the data "
+                         "matches the bundle's inputs, or re-export the bundle")
+
+    def train_step(self, batch: Batch) -> StepResult:
         t0 = time.perf_counter()
-        loss_sum, correct = self.gradients(x, y)
-        finite = bool(np.isfinite(loss_sum))
+        loss_sum, correct = self.gradients(batch)
+        finite = bool(np.isfinite(loss_sum)) and all(
+            np.isfinite(g).all() for g in self._grads.values())
         if finite:  # a non-finite loss skips the update; the caller warns and counts
             self.optimizer.step(self.params, self._grads)
         self.step_count += 1
-        return StepResult(loss_sum, correct, int(y.shape[0]), time.perf_counter() - t0, finite)
+        return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite)
 
     # ---------------------------------------------------------------------------- calibration
-    def calibrate(self, data: Dataset, batch: int, rng: np.random.Generator) -> None:
-        """Accumulate Gram matrices over ``calib_batches`` batches in micro-batches, set bases.
+    def calibrate(self, data, batch: int, rng: np.random.Generator) -> bool:
+        """Accumulate Gram matrices over ``calib_batches`` batches in calibration micro-batches,
+        then choose ranks (``runtime/ranks.py``) and set the bases. No optimizer step is taken.
 
-        No optimizer step is taken (as in the paper). The calibration sessions exist only
-        during calibration, and each micro-batch runs an exact pass of at most
-        ``calib_micro_batch`` samples, so calibration does not raise the peak of a normal step.
+        Returns False (bases unchanged, one warning kept in ``warnings``) when the Grams are
+        not finite, e.g. after a divergence.
+
+        Raises:
+            ArenaExhausted: a calibration micro-batch did not fit the arena's cap.
         """
         t0 = time.perf_counter()
         io = self.bundle.io("calib")
-        cf = make_session(self.bundle.graph("calib", "forward"), self.cfg, self.shared)
-        cb = make_session(self.bundle.graph("calib", "backward"), self.cfg, self.shared)
+        cf, cb = self.session("calib", "forward"), self.session("calib", "backward")
         layers = self.bundle.layers
-        gx = {ly["name"]: np.zeros((ly["x_dim"], ly["x_dim"]), np.float64) for ly in layers}
-        gg = {ly["name"]: np.zeros((ly["g_dim"], ly["g_dim"]), np.float64) for ly in layers}
-        # An exact pass at a quarter of the step's micro-batch stays below a compressed step.
-        micro = self.calib_micro_batch or (max(1, (self.micro_batch or batch) // 4))
+        gx = {ly.name: np.zeros((ly.x_dim, ly.x_dim), np.float64) for ly in layers}
+        gg = {ly.name: np.zeros((ly.g_dim, ly.g_dim), np.float64) for ly in layers}
+        micro = self.plan.calib_micro_batch or self.plan.micro_batch
         samples = 0
-        fgram = {v: k for k, v in io["fwd_grams"].items()}
-        bgram_names = [io["bwd_grams"][ly["name"]] for ly in layers]
-        for _ in range(self.calib_batches):
-            idx = rng.choice(len(data), size=min(batch, len(data)), replace=False)
-            x, y = data.take(idx)
-            for s, e in self._chunks(len(y), micro):
-                xc = {k: v[s:e] for k, v in x.items()}
-                yc = y[s:e]
-                outs = cf.run_with_ort_values(io["forward_outputs"],
-                                              self._feeds(io["forward_inputs"], xc, yc))
-                saved = dict(zip(io["forward_outputs"], outs, strict=True))
-                for name, layer in fgram.items():
-                    gx[layer] += saved[name].numpy()
-                feeds = self._feeds(io["backward_inputs"], xc, yc, saved)
-                del outs, saved
-                grams = cb.run_with_ort_values(bgram_names, feeds)
-                del feeds
-                m = float(e - s)
-                for ly, g in zip(layers, grams, strict=True):
-                    gg[ly["name"]] += g.numpy() * (m * m)  # undo the 1/m of the mean loss
-                del grams
-                samples += e - s
-        del cf, cb
-        self.shared.release()
-        for ly in layers:
-            name = ly["name"]
-            px = basis_from_gram(gx[name] / samples, self.energy, self.oversample)
-            qg = basis_from_gram(gg[name] / samples, self.energy, self.oversample)
-            cap_x = min(self.rank_caps.get(name, px.rank), self.max_rank or px.rank)
-            if px.rank > cap_x:  # the planner caps only what is saved: x̂
-                px = basis_from_gram(gx[name] / samples, rank=cap_x)
-            if self.max_rank is not None and qg.rank > self.max_rank:
-                qg = basis_from_gram(gg[name] / samples, rank=self.max_rank)
-            self.set_bases(name, px, qg)
+        fgram = {v: k for k, v in io.fwd_grams.items()}
+        bgram_names = [io.bwd_grams[ly.name] for ly in layers]
+        try:
+            for _ in range(self.config.instant.calib_batches):
+                idx = rng.choice(len(data), size=min(batch, len(data)), replace=False)
+                b = IndexBatch(data, idx)
+                for s, e in chunks(len(b), micro):
+                    samples += self._calib_micro(cf, cb, io, b.rows(s, e), fgram, gx, gg,
+                                                 layers, bgram_names)
+        finally:
+            self.shared.release()
+        try:
+            spectra = {ly.name: (decompose(gx[ly.name] / samples),
+                                 decompose(gg[ly.name] / samples)) for ly in layers}
+        except DegenerateGram:
+            self.calib_skipped += 1
+            msg = (f"calibration at step {self.step_count} saw non-finite activations or "
+                   "gradients; kept the previous bases" if self.bases else
+                   "calibration saw non-finite activations or gradients (diverged or extreme "
+                   "inputs); lower --lr or check the data")
+            self.warnings.append(msg)
+            if not self.bases:
+                raise UserError(msg) from None
+            return False
+        self.set_ranks(spectra)
         self.calibrations += 1
         self.calib_seconds += time.perf_counter() - t0
+        return True
+
+    def _calib_micro(self, cf, cb, io, xy, fgram, gx, gg, layers, bgram_names) -> int:
+        x, y = xy
+        try:
+            outs = cf.run_with_ort_values(io.forward_outputs,
+                                          self._feeds(io.forward_inputs, x, y))
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc, "calibration forward") from None
+        self.shared.release()
+        saved = dict(zip(io.forward_outputs, outs, strict=True))
+        del outs
+        for name, layer in fgram.items():
+            gx[layer] += saved[name].numpy()
+        feeds = self._feeds(io.backward_inputs, x, y, saved)
+        del saved
+        try:
+            grams = cb.run_with_ort_values(bgram_names, feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc, "calibration backward") from None
+        del feeds
+        m = float(len(y))
+        for ly, g in zip(layers, grams, strict=True):
+            gg[ly.name] += g.numpy() * (m * m)  # undo the 1/m of the mean loss
+        return len(y)
+
+    def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]]) -> None:
+        """Choose ranks from the spectra under the plan's budget and set the bases."""
+        ranks = choose_ranks(self.bundle.layers, spectra, self.config.instant,
+                             self.plan.saved_budget)
+        for ly in self.bundle.layers:
+            sx, sg = spectra[ly.name]
+            rx, ry = ranks[ly.name]
+            self.set_bases(ly.name, basis(sx, rx), basis(sg, ry))
 
     def set_bases(self, layer: str, p: Basis, q: Basis) -> None:
-        ly = next(x for x in self.bundle.layers if x["name"] == layer)
+        ly = next(x for x in self.bundle.layers if x.name == layer)
         self.bases[layer] = (p, q)
-        self._basis_ov[ly["p_input"]] = _ov(p.matrix)
-        self._basis_ov[ly["q_input"]] = _ov(q.matrix)
+        self._basis_ov[ly.p_input] = _ov(p.matrix)
+        self._basis_ov[ly.q_input] = _ov(q.matrix)
 
     def ranks(self) -> dict[str, tuple[int, int]]:
         return {k: (p.rank, q.rank) for k, (p, q) in self.bases.items()}
 
     # ---------------------------------------------------------------------------- evaluation
-    def evaluate(self, data: Dataset, batch: int = 256) -> tuple[float, float | None]:
-        """Mean loss and accuracy (classes) on ``data`` with the inference graph."""
-        sess = make_session(self.bundle.path / self.bundle.manifest["graphs"]["infer"]["forward"],
-                            self.cfg, self.shared)
-        names = [i.name for i in sess.get_inputs()]
-        out = self.bundle.manifest["output"]
+    def evaluate(self, data, batch: int | None = None) -> tuple[float, float | None]:
+        """Mean loss and accuracy (classes) on ``data`` with the inference graph, reading the
+        bundle's declared output (the same one training accuracy reads)."""
+        sess = self.session(names.INFER, "forward")
+        inputs = [i.name for i in sess.get_inputs()]
+        out = self.bundle.output
         total = 0.0
         correct = 0
         n = len(data)
-        ce = self.bundle.loss["kind"] == "cross_entropy"
-        for s in range(0, n, batch):
-            idx = np.arange(s, min(n, s + batch))
-            x, y = data.take(idx)
-            logits = sess.run_with_ort_values([out], self._feeds(names, x, y))[0].numpy()
-            if ce:
-                z = logits - logits.max(-1, keepdims=True)
-                logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-                total += float(-logp[np.arange(len(y)), y].sum())
-                correct += int((logits.argmax(-1) == y).sum())
-            else:
-                total += float(np.square(logits - y).mean(axis=tuple(range(1, y.ndim))).sum())
-        del sess
-        self.shared.release()
+        micro = batch or self.plan.eval_micro_batch or 256
+        if self.plan.eval_micro_batch:
+            micro = min(micro, self.plan.eval_micro_batch)
+        ce = self.bundle.classification
+        try:
+            for s in range(0, n, micro):
+                x, y = data.take(np.arange(s, min(n, s + micro)))
+                try:
+                    logits = sess.run_with_ort_values([out], self._feeds(inputs, x, y))[0].numpy()
+                except Exception as exc:  # noqa: BLE001
+                    raise self._run_error(exc, "evaluation") from None
+                logits = logits.astype(np.float64, copy=False)
+                if ce:
+                    z = logits - logits.max(-1, keepdims=True)
+                    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+                    total += float(-logp[np.arange(len(y)), y].sum())
+                    correct += int((logits.argmax(-1) == y).sum())
+                else:
+                    total += float(np.square(logits - y).mean(axis=tuple(range(1, y.ndim))).sum())
+        finally:
+            self.shared.release()
         return total / max(n, 1), (correct / n if ce and n else None)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """Everything a resumed run needs from the trainer, as (arrays, JSON-able meta): weights,
-        optimizer moments and step, INSTANT bases and ranks, step and calibration counters."""
+        optimizer moments and step, INSTANT bases and ranks, step and calibration counters, and
+        the micro-batches in use (a guard may have lowered them)."""
         arrays = {f"param/{k}": v for k, v in self.params.items()}
         for k, st in self.optimizer.state.items():
             for name, a in st.items():
@@ -391,22 +411,26 @@ class Trainer:
                 arrays[f"basis/{layer}/{tag}"] = b.matrix
                 arrays[f"basis/{layer}/{tag}.spectrum"] = b.spectrum
             bases[layer] = {tag: [b.rank, b.retained] for tag, b in zip("pq", pair, strict=True)}
-        meta = {"mode": self.mode, "optimizer": type(self.optimizer).__name__,
+        meta = {"mode": self.mode, "optimizer": self.config.optim.name,
                 "optimizer_t": self.optimizer.t, "step_count": self.step_count,
                 "calibrations": self.calibrations, "calib_seconds": self.calib_seconds,
-                "bases": bases, "micro_batch": self.micro_batch,
-                "calib_micro_batch": self.calib_micro_batch, "rank_caps": self.rank_caps}
+                "bases": bases, "micro_batch": self.plan.micro_batch,
+                "calib_micro_batch": self.plan.calib_micro_batch}
         return arrays, meta
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Restore :meth:`state` in place (the sessions' inputs keep pointing at the same arrays).
+        A smaller saved micro-batch (a guard lowered it) replaces the plan's.
 
         Raises:
             UserError: the saved mode, optimizer or parameters differ from this trainer's.
         """
-        mine = {"mode": self.mode, "optimizer": type(self.optimizer).__name__}
+        mine = {"mode": self.mode, "optimizer": self.config.optim.name}
         for key, want in mine.items():
-            if meta.get(key) != want:
+            got = meta.get(key)
+            if key == "optimizer" and isinstance(got, str):
+                got = got.lower()
+            if got != want:
                 raise UserError(f"checkpoint was trained with {key} '{meta.get(key)}', this run "
                                 f"uses '{want}'; resume with the same --{key}")
         for k, v in self.params.items():
@@ -427,13 +451,12 @@ class Trainer:
                           arrays[f"basis/{layer}/{t}.spectrum"]) for t in "pq")
             self.set_bases(layer, p, q)
         self.step_count = int(meta["step_count"])
-        # A budget guard may have shrunk the micro-batches: keep the smaller of saved and planned.
-        for key in ("micro_batch", "calib_micro_batch"):
-            saved, now = meta.get(key), getattr(self, key)
-            if saved is not None and (now is None or saved < now):
-                setattr(self, key, int(saved))
-        for name, cap in (meta.get("rank_caps") or {}).items():
-            self.rank_caps[name] = min(int(cap), self.rank_caps.get(name, int(cap)))
+        saved, now = meta.get("micro_batch"), self.plan.micro_batch
+        if saved is not None and (now is None or int(saved) < now):
+            self.plan = self.plan.with_micro_batch(int(saved))
+        saved_c, now_c = meta.get("calib_micro_batch"), self.plan.calib_micro_batch
+        if saved_c is not None and (now_c is None or int(saved_c) < now_c):
+            self.plan = replace(self.plan, calib_micro_batch=int(saved_c))
         self.calibrations = int(meta["calibrations"])
         self.calib_seconds = float(meta["calib_seconds"])
 

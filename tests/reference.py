@@ -21,15 +21,10 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
-from export import rules  # noqa: F401  (registers the gradient rules)
-from export.autodiff import (
-    GRAD_ACC,
-    LOSS_SCALE,
-    CompressedLayer,
-    TrainingGraphs,
-    build_training_graphs,
-)
+from contract.names import GRAD_ACC, LOSS_SCALE
+from export.autodiff import TrainingGraphs, build_training_graphs
 from export.graph import Shapes
+from export.layers import CompressedLayer
 
 __all__ = ["LOSS", "LOSS_WEIGHT", "Runner", "check_op_gradients", "loss_weight", "op_model",
            "run_training"]
@@ -114,23 +109,26 @@ class Runner:
 
 def run_training(model: onnx.ModelProto, params: Sequence[str], feeds: dict[str, np.ndarray],
                  mode: str = "vanilla", layers: Sequence[CompressedLayer] = (),
-                 opset: int = OPSET) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Build the training graphs of ``model`` and run one forward + backward step."""
-    tg = build_training_graphs(model, LOSS, list(params), mode, list(layers), opset)
+                 opset: int = OPSET, passes=None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Build the training graphs of ``model`` and run one forward + backward step (``passes``:
+    None for the standard ones, ``()`` for the plain rules)."""
+    tg = build_training_graphs(model, LOSS, list(params), mode, list(layers), opset,
+                               passes=passes)
     return Runner(tg)(feeds)
 
 
 def check_op_gradients(body: str, torch_fn: Callable[..., torch.Tensor],
                        inputs: dict[str, np.ndarray], params: Sequence[str], *,
                        consts: dict[str, np.ndarray] | None = None, opset: int = OPSET,
-                       rtol: float = 1e-4, atol: float = 1e-5) -> None:
+                       rtol: float = 1e-4, atol: float = 1e-5, passes=None) -> None:
     """Check the loss and the gradient of every name in ``params`` against torch autograd.
 
     ``torch_fn`` receives every graph input as a float64 (int64 for integer inputs) torch
     tensor, by name, and returns the tensor the graph calls ``y``.
     """
     model = op_model(body, inputs, consts=consts, opset=opset)
-    fwd_out, grads = run_training(model, params, inputs, opset=opset)
+    fwd_out, grads = run_training(model, params, inputs, opset=opset, passes=passes)
 
     tensors = {}
     for k, v in inputs.items():

@@ -17,12 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import make_trainer
+
+from devices.planner import Plan
 from runtime.bundle import open_bundle
 from runtime.checkpoint import Checkpointer, write_npz
+from runtime.config import RunConfig
 from runtime.data import Dataset, load_data
 from runtime.errors import UserError
-from runtime.run import RunConfig, train
-from runtime.trainer import SessionConfig, Trainer
+from runtime.run import train
+from runtime.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ("--data", "digits", "--batch", 32, "--no-progress", "--threads", 1)
@@ -132,14 +136,16 @@ def test_signal_checkpoints_after_the_step_and_exits_128_plus_signal(sig, mlp_bu
 
 
 # ------------------------------------------------------------------------- Python API runs
-def _trainer(bundle: Path, mode: str = "vanilla") -> Trainer:
-    return Trainer(open_bundle(bundle), mode=mode, lr=3e-3, session=SessionConfig(threads=1))
+def _trainer(bundle: Path, mode: str = "vanilla", seed: int = 0) -> Trainer:
+    return make_trainer(bundle, mode=mode, lr=3e-3, seed=seed)
 
 
-def _train(bundle: Path, out: Path | None, steps: int, **cfg):
+def _train(bundle: Path, out: Path | None, steps: int, seed: int = 0, checkpoint_writer=None,
+           **cfg):
     b = open_bundle(bundle)
-    tr = _trainer(bundle)
-    s = train(tr, load_data("digits", b), RunConfig(steps=steps, out=out, progress=False, **cfg), b)
+    tr = _trainer(bundle, seed=seed)
+    s = train(tr, load_data("digits", b), RunConfig(steps=steps, progress=False, **cfg), out,
+              writer=checkpoint_writer)
     return tr, s
 
 
@@ -196,13 +202,12 @@ def test_resume_keeps_the_guard_shrunk_micro_batch(mlp_bundle, tmp_path) -> None
     out = tmp_path / "run"
     b = open_bundle(mlp_bundle)
     tr = _trainer(mlp_bundle)
-    tr.micro_batch, tr.calib_micro_batch = 8, 4  # as a budget guard leaves them
-    train(tr, load_data("digits", b), RunConfig(steps=10, out=out, progress=False), b)
+    tr.use_plan(Plan(micro_batch=8, calib_micro_batch=4))  # as a budget guard leaves them
+    train(tr, load_data("digits", b), RunConfig(steps=10, progress=False), out)
     again = _trainer(mlp_bundle)
-    again.micro_batch = 16  # the new run's plan: the smaller saved value wins
-    train(again, load_data("digits", b),
-          RunConfig(steps=20, out=out, progress=False, resume=True), b)
-    assert (again.micro_batch, again.calib_micro_batch) == (8, 4)
+    again.use_plan(Plan(micro_batch=16))  # the new run's plan: the smaller saved value wins
+    train(again, load_data("digits", b), RunConfig(steps=20, progress=False, resume=True), out)
+    assert (again.plan.micro_batch, again.plan.calib_micro_batch) == (8, 4)
 
 
 def test_unwritable_checkpoint_folder_is_one_error_line(cli, mlp_bundle, tmp_path) -> None:
@@ -213,8 +218,17 @@ def test_unwritable_checkpoint_folder_is_one_error_line(cli, mlp_bundle, tmp_pat
                "--checkpoint-every", 10)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: cannot write checkpoint "), lines
-    assert "no earlier checkpoint exists" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write checkpoints to "), lines
+    assert "it is a file" in lines[0]
+    assert not (out / "params.npz").exists()  # refused before the first step
+
+
+def test_full_disk_during_training_is_one_error_line(mlp_bundle, tmp_path) -> None:
+    """A checkpoint write that fails mid-run (disk full) ends in one error naming the last good
+    checkpoint (or none)."""
+    with pytest.raises(UserError, match="no earlier checkpoint exists"):
+        _train(mlp_bundle, tmp_path / "run", 20, checkpoint_every=10,
+               checkpoint_writer=half_then_full_disk(1))
 
 
 def test_corrupt_latest_falls_back_to_the_previous_one(mlp_bundle, tmp_path, capsys) -> None:
@@ -282,10 +296,11 @@ def test_non_finite_loss_skips_the_update_and_warns(mlp_bundle, capsys) -> None:
     b = open_bundle(mlp_bundle)
     tr = _trainer(mlp_bundle)
     s = train(tr, NaNBatches(load_data("digits", b), {3, 4, 9}),
-              RunConfig(steps=12, progress=False), b)
+              RunConfig(steps=12, progress=False))
     err = capsys.readouterr().err.splitlines()
     assert [ln for ln in err if "non-finite" in ln] == [
-        f"warning: non-finite loss nan at step {i}; skipped the update" for i in (3, 4, 9)]
+        f"warning: non-finite loss or gradient (nan) at step {i}; skipped the update"
+        for i in (3, 4, 9)]
     assert tr.step_count == 12 and tr.optimizer.t == 9
     assert all(np.isfinite(v).all() for v in tr.params.values())
     assert np.isfinite(s.loss_last)
@@ -295,4 +310,4 @@ def test_persistent_non_finite_loss_stops(mlp_bundle) -> None:
     b = open_bundle(mlp_bundle)
     with pytest.raises(UserError, match=r"non-finite loss for 5 consecutive steps \(up to step 9\)"):
         train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(5, 100))),
-              RunConfig(steps=50, progress=False), b)
+              RunConfig(steps=50, progress=False))

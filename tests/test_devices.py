@@ -101,9 +101,9 @@ def test_builtin_profiles_load_and_are_sane():
 def test_builtin_facts():
     pi4 = load_profile("rpi4-2gb")
     assert (pi4.arch, pi4.cores, pi4.ram, pi4.default_budget) == ("aarch64", 4, 2 * GIB, GIB)
-    assert pi4.execution_providers == ("CPUExecutionProvider",) and not pi4.fp16
+    assert pi4.execution_providers == ("CPUExecutionProvider",)
     nano = load_profile("jetson-nano")
-    assert nano.fp16 and {"CUDAExecutionProvider", "TensorrtExecutionProvider"} <= set(
+    assert {"CUDAExecutionProvider", "TensorrtExecutionProvider"} <= set(
         nano.execution_providers
     )
     assert load_profile("jetson-agx-orin").cores == 12
@@ -146,7 +146,6 @@ VALID = {
     "ram": '"2GB"',
     "cores": "4",
     "execution_providers": '["CPUExecutionProvider"]',
-    "fp16": "false",
     "gflops": "12",
     "default_threads": "2",
     "default_budget": '"900MB"',
@@ -174,7 +173,8 @@ def test_custom_profile_loads(tmp_path):
     [
         ({"cores": None}, "", "missing required field 'cores'"),
         ({"cores": '"4"'}, "", "field 'cores': expected an integer, got '4' (str)"),
-        ({"fp16": "1"}, "", "field 'fp16': expected true or false, got 1"),
+        ({"fp16": "false"}, "", "unknown field 'fp16'"),
+        ({"gflops": '"fast"'}, "", "field 'gflops': expected a number"),
         ({"ram": "2048"}, "", "field 'ram': expected a size string"),
         ({"ram": '"2048"'}, "", "field 'ram': invalid size '2048': a unit is required"),
         ({"colour": '"red"'}, "", "unknown field 'colour'; allowed: name, description"),

@@ -8,16 +8,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from helpers import make_trainer
+
 from runtime.bundle import open_bundle
+from runtime.config import RunConfig
 from runtime.data import load_data
-from runtime.run import RunConfig, train
-from runtime.trainer import Trainer
+from runtime.run import train
 
 
 def _train(bundle_dir: Path, out: Path) -> Path:
     b = open_bundle(bundle_dir)
-    train(Trainer(b, mode="vanilla", lr=1e-2), load_data("digits", b),
-          RunConfig(steps=20, progress=False, out=out), b)
+    train(make_trainer(b, mode="vanilla", lr=1e-2), load_data("digits", b),
+          RunConfig(steps=20, progress=False), out)
     return out / "params.npz"
 
 

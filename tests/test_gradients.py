@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from reference import check_op_gradients, op_model
 
-from export.autodiff import GRADIENTS, build_training_graphs, gradient
+from export.autodiff import Registry, RuleSet, build_training_graphs
 from export.graph import ExportError
+from export.rules import default_registry
+
+GRADIENTS = default_registry().ops()
 
 _rng = np.random.default_rng(0)
 
@@ -367,9 +370,11 @@ case("LayerNormalization", "mean_output_used",
 
 @pytest.mark.parametrize("op, body, fn, inputs, params, consts, opset", SUPPORT)
 def test_gradient_matches_torch(op, body, fn, inputs, params, consts, opset):
+    """Each rule alone (no rewrite passes), and with the standard passes."""
     assert op in body, f"row for {op} does not use it"
-    check_op_gradients(body, fn, inputs, params, consts=consts, opset=opset,
-                       rtol=1e-4, atol=1e-5)
+    for passes in ((), None):
+        check_op_gradients(body, fn, inputs, params, consts=consts, opset=opset,
+                           rtol=1e-4, atol=1e-5, passes=passes)
 
 
 def _passing_ops() -> set[str]:
@@ -382,10 +387,41 @@ def test_every_registered_rule_has_a_passing_case():
 
 
 def test_duplicate_rule_raises():
-    before = GRADIENTS["Add"]
+    rules = RuleSet("mine")
+    rules.gradient("Atan")(lambda ctx, node, gy: [None])
+    with pytest.raises(ValueError, match="'Atan' registered twice"):
+        rules.gradient("Atan")(lambda ctx, node, gy: [None])
+    reg = default_registry()
+    before = reg.get("Add")
     with pytest.raises(ValueError, match="'Add' registered twice"):
-        gradient("Add")(lambda ctx, node, gy: [None, None])
-    assert GRADIENTS["Add"] is before
+        reg.add("Add", lambda ctx, node, gy: [None, None], "mine")
+    assert reg.get("Add") is before
+    with pytest.raises(ValueError, match="'Add' registered twice"):
+        Registry([rules, *default_registry_sets(), _add_set()])
+
+
+def default_registry_sets():
+    from export.rules import RULE_SETS
+
+    return RULE_SETS
+
+
+def _add_set() -> RuleSet:
+    s = RuleSet("extra")
+    s.gradient("Add")(lambda ctx, node, gy: [None, None])
+    return s
+
+
+def test_registry_is_passed_in_not_global():
+    """A rule added to one registry is used by the build that gets that registry only."""
+    model = op_model("h = Atan(x)\n y = Mul(h, w)", {"x": rnd(2, 3), "w": rnd(3)})
+    reg = default_registry()
+    reg.add("Atan", lambda ctx, node, gy: [ctx.bwd.op("Div", [gy[0], ctx.bwd.op(
+        "Add", [ctx.bwd.const(1.0), ctx.bwd.op("Mul", [node.input[0], node.input[0]])])])],
+        "test")
+    build_training_graphs(model, "loss", ["x", "w"], "vanilla", [], 17, registry=reg)
+    with pytest.raises(ExportError, match="'Atan'"):
+        build_training_graphs(model, "loss", ["x", "w"], "vanilla", [], 17)
 
 
 def test_unsupported_op_names_node_op_and_supported_ops():

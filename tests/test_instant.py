@@ -15,7 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 from reference import Runner, loss_weight, op_model, run_training
 
-from export.autodiff import build_training_graphs, find_compressible_layers
+from export.autodiff import build_training_graphs
+from export.layers import find_compressible_layers
 from export.graph import Shapes
 from runtime.calibrate import basis_from_gram, rank_for_energy
 

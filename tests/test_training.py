@@ -6,19 +6,22 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers import make_trainer
+
+from devices.planner import Plan
 from runtime.bundle import open_bundle
 from runtime.calibrate import Basis
+from runtime.config import RunConfig
 from runtime.data import load_data
-from runtime.run import RunConfig, train
-from runtime.trainer import SessionConfig, Trainer
+from runtime.run import train
+from runtime.trainer import ArrayBatch
 
 
 def _fit(bundle: Path, mode: str, seed: int, steps: int = 500) -> tuple[float, dict]:
     b = open_bundle(bundle)
     data = load_data("digits", b)
-    tr = Trainer(b, mode=mode, lr=3e-3, oversample=7, calib_every=20,
-                 session=SessionConfig(threads=1), seed=seed)
-    s = train(tr, data, RunConfig(steps=steps, batch=32, seed=seed, progress=False), b)
+    tr = make_trainer(b, mode=mode, lr=3e-3, oversample=7, calib_every=20, seed=seed)
+    s = train(tr, data, RunConfig(steps=steps, batch=32, progress=False))
     return s.test_acc, s.ranks
 
 
@@ -41,7 +44,7 @@ def test_instant_accuracy_within_two_points_of_vanilla(cnn_bundle: Path) -> None
 def test_calibration_does_not_change_the_weights(cnn_bundle: Path) -> None:
     """The paper takes no optimizer step on calibration batches."""
     b = open_bundle(cnn_bundle)
-    tr = Trainer(b, mode="instant", session=SessionConfig(threads=1))
+    tr = make_trainer(b, mode="instant")
     before = {k: v.copy() for k, v in tr.params.items()}
     tr.calibrate(load_data("digits", b), 32, np.random.default_rng(0))
     assert tr.ranks()
@@ -57,14 +60,14 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(cnn_bundle: Path) -
     data = load_data("digits", b)
     x, y = data.take(np.arange(30))
     for mode in ("vanilla", "instant"):
-        tr = Trainer(b, mode=mode, session=SessionConfig(threads=1))
+        tr = make_trainer(b, mode=mode)
         if mode == "instant":
             tr.calibrate(data, 16, np.random.default_rng(0))
-        full_loss, _ = tr.gradients(x, y)
+        full_loss, _ = tr.gradients(ArrayBatch(x, y))
         full = {k: g.copy() for k, g in tr._grads.items()}
-        tr.micro_batch = 8
+        tr.use_plan(Plan(micro_batch=8))
         for _ in range(2):
-            loss, _ = tr.gradients(x, y)
+            loss, _ = tr.gradients(ArrayBatch(x, y))
             assert abs(loss - full_loss) < 1e-5
             for k, g in full.items():
                 np.testing.assert_allclose(tr._grads[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
@@ -80,7 +83,7 @@ def test_relu_mask_rewrites_keep_exact_gradients(tmp_path: Path) -> None:
     from export import export_bundle
 
     b = open_bundle(export_bundle("token-mlp", tmp_path / "tm"))
-    nodes = onnx.load(str(b.graph("instant", "backward")), load_external_data=False).graph.node
+    nodes = onnx.load_from_string(b.graph_bytes("instant", "backward")).graph.node
     ops = [n.op_type for n in nodes]
     assert "Expand" not in ops and ops.count("Concat") >= 3, ops  # halves of the projections
     # The token-axis layers read the masked halves directly; only body.0 (channel axis: its input
@@ -89,16 +92,16 @@ def test_relu_mask_rewrites_keep_exact_gradients(tmp_path: Path) -> None:
     joined = [n for n in nodes if n.op_type == "Concat" and masked & set(n.input)]
     assert len(joined) == 1, [n.name for n in joined]
     rng = np.random.default_rng(0)
-    exact = Trainer(b, mode="vanilla", session=SessionConfig(threads=1))
-    inst = Trainer(b, mode="instant", session=SessionConfig(threads=1))
+    exact = make_trainer(b, mode="vanilla")
+    inst = make_trainer(b, mode="instant")
     for ly in b.layers:
-        inst.set_bases(ly["name"], *[Basis(np.eye(ly[d], dtype=np.float32), ly[d], 1.0,
-                                           np.full(ly[d], 1.0 / ly[d])) for d in ("x_dim", "g_dim")])
+        inst.set_bases(ly.name, *[Basis(np.eye(d, dtype=np.float32), d, 1.0, np.full(d, 1.0 / d))
+                                  for d in (ly.x_dim, ly.g_dim)])
     for n in (3, 1):
         x = {"x": rng.standard_normal((n, 128, 64)).astype(np.float32)}
         y = rng.integers(0, 10, n).astype(np.int64)
-        want, _ = exact.gradients(x, y)
-        got, _ = inst.gradients(x, y)
+        want, _ = exact.gradients(ArrayBatch(x, y))
+        got, _ = inst.gradients(ArrayBatch(x, y))
         assert abs(got - want) < 1e-5
         for k, g in exact._grads.items():
             np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=1e-6, err_msg=k)

@@ -22,11 +22,13 @@ import torch.nn.functional as F
 
 from export import export_bundle
 from export.graph import ExportError
+from helpers import make_trainer
+
 from runtime.bundle import open_bundle
 from runtime.calibrate import Basis
 from runtime.errors import UserError
 from runtime.export_model import export_model
-from runtime.trainer import Trainer
+from runtime.trainer import ArrayBatch
 
 # float32 runtime against float64 torch, through ~40 ops: |Δ| <= ATOL + RTOL·|expected|
 RTOL, ATOL = 1e-3, 1e-5
@@ -150,17 +152,17 @@ def runtime_grads(bundle_path: Path, mode: str, x: dict[str, np.ndarray],
     """Loss and parameter gradients (by torch name, in torch layout) of one forward + backward
     on the trainer's sessions; INSTANT layers get full-rank (identity) bases."""
     bundle = open_bundle(bundle_path)
-    trainer = Trainer(bundle, mode=mode)
+    trainer = make_trainer(bundle, mode=mode, threads=0)
     assert trainer.mode == mode, f"bundle has no INSTANT layer to test in mode {mode}"
     for ly in bundle.layers if mode == "instant" else ():
-        full = [Basis(np.eye(ly[d], dtype=np.float32), ly[d], 1.0, np.ones(ly[d]) / ly[d])
-                for d in ("x_dim", "g_dim")]
-        trainer.set_bases(ly["name"], *full)
-    loss, _ = trainer.gradients(x, labels)
+        full = [Basis(np.eye(d, dtype=np.float32), d, 1.0, np.ones(d) / d)
+                for d in (ly.x_dim, ly.g_dim)]
+        trainer.set_bases(ly.name, *full)
+    loss, _ = trainer.gradients(ArrayBatch(x, labels))
     out = {}
     for p in bundle.params:
-        g = trainer._grads[p["name"]]
-        out[p["torch_name"]] = g.T if p["transposed"] else g
+        g = trainer._grads[p.name]
+        out[p.torch_name] = g.T if p.transposed else g
     return loss, out
 
 
@@ -182,13 +184,13 @@ def check_bundle_grads(models_file: Path, factory: str, bundle: Path, x: dict[st
                        labels: np.ndarray, modes: tuple[str, ...]) -> None:
     module = _factory(models_file, factory)
     manifest_params = open_bundle(bundle).params
-    names = [p["torch_name"] for p in manifest_params]
+    names = [p.torch_name for p in manifest_params]
     initial = np.load(bundle / "params.npz")
     state = dict(module.named_parameters())
     for p in manifest_params:  # the bundle starts from the module's own weights
-        v = initial[p["name"]]
-        np.testing.assert_array_equal(v.T if p["transposed"] else v,
-                                      state[p["torch_name"]].detach().numpy())
+        v = initial[p.name]
+        np.testing.assert_array_equal(v.T if p.transposed else v,
+                                      state[p.torch_name].detach().numpy())
     ref_loss, ref = torch_grads(module, x, labels, names)
     for mode in modes:
         loss, got = runtime_grads(bundle, mode, x, labels)
@@ -225,9 +227,9 @@ def test_frozen_embedding_rows_are_read_by_the_runtime(models_file: Path, tmp_pa
     bundle = export_bundle(f"{models_file}:bert_big_vocab", tmp_path / "bundle",
                            npz=str(tmp_path / "batch.npz"), trainable="layers.1.*,head.*")
     b = open_bundle(bundle)
-    assert list(b.lookups.values()) == [{"table": "tok.weight", "indices": "input_ids"}]
+    assert [(lk.table, lk.indices) for lk in b.lookups.values()] == [("tok.weight", "input_ids")]
     for mode in ("vanilla", "instant", "calib", "infer"):
-        g = onnx.load(str(b.graph(mode, "forward")), load_external_data=False).graph
+        g = onnx.load_from_string(b.graph_bytes(mode, "forward")).graph
         assert not any(n.op_type == "Gather" and n.input[0] == "tok.weight" for n in g.node)
     check_bundle_grads(models_file, "bert_big_vocab", bundle, x, labels, ("vanilla", "instant"))
 
@@ -242,7 +244,7 @@ def test_frozen_embedding_rows_are_read_by_the_runtime(models_file: Path, tmp_pa
 
     bad = {**x, "input_ids": np.full_like(x["input_ids"], 8192)}
     with pytest.raises(UserError, match=r"token id 8192 is outside the 8192-row table"):
-        Trainer(b, mode="vanilla").gradients(bad, labels)
+        make_trainer(b, mode="vanilla").gradients(ArrayBatch(bad, labels))
 
 
 def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Path):

@@ -34,11 +34,11 @@ def vmrss() -> int:
 
 
 def Order(n: int, batch: int, seed: int):  # noqa: N802  (stands in for a class)
-    """The runtime's own batch order (``runtime.run._Order``, a fresh permutation per epoch)
+    """The runtime's own batch order (``runtime.run.Order``, a fresh permutation per epoch)
     seeded as ``instant-runtime train --seed``: every system sees the same batches in order."""
-    from runtime.run import _Order
+    from runtime.run import Order as RuntimeOrder
 
-    return _Order(n, batch, np.random.default_rng(seed))
+    return RuntimeOrder(n, batch, np.random.default_rng(seed))
 
 
 class _DataPackageFinder(importlib.abc.MetaPathFinder):
@@ -71,13 +71,13 @@ def load_dataset(cfg: dict):
 def infer_feeds(bundle, x: dict) -> dict:
     """Feeds of the bundle's ``infer.onnx``: the inputs, the initial trainable parameters, and
     the embedding rows the runtime reads itself (``manifest.json`` → ``lookups``)."""
-    from runtime.trainer import SharedWeights
+    from runtime.sessions import SharedWeights
 
     feeds = dict(x)
     feeds.update(bundle.load_params())
     shared = SharedWeights(bundle) if bundle.lookups else None
     for name, lk in bundle.lookups.items():
-        feeds[name] = shared.lookup(lk["table"], x[lk["indices"]])
+        feeds[name] = shared.lookup(lk.table, x[lk.indices])
     return feeds
 
 

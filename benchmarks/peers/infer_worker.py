@@ -22,7 +22,7 @@ def run(cfg: dict) -> dict:
                                 providers=["CPUExecutionProvider"])
     x, _ = data.take(Order(len(data), min(cfg["batch"], len(data)), cfg["seed"]).next())
     feeds = infer_feeds(bundle, x)
-    out = [bundle.manifest["output"]]
+    out = [bundle.output]
     idle = vmrss()
     times = []
     for i in range(cfg.get("fwd_repeats", 10) + 2):

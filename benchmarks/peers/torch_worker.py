@@ -112,7 +112,7 @@ def verify(cfg: dict) -> dict:
     sess = ort.InferenceSession(str(bundle.path / "infer.onnx"),
                                 providers=["CPUExecutionProvider"])
     feeds = infer_feeds(bundle, x)
-    got = sess.run([bundle.manifest["output"]], feeds)[0]
+    got = sess.run([bundle.output], feeds)[0]
     diff = float(np.abs(got - ref).max())
     return {"max_abs_diff": diff, "scale": float(np.abs(ref).max())}
 

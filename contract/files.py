@@ -1,0 +1,166 @@
+"""File helpers both sides share: hashing, atomic writes, and opening bundle files safely.
+
+Bundle files are opened only through :func:`open_listed`: the name must be a plain file name
+listed in the manifest, the file is opened with ``O_NOFOLLOW`` relative to the bundle folder (a
+symlink is refused, wherever it points), it must be a regular file, and its size and SHA-256 must
+match the manifest before anything else reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ManifestError
+from .schema import is_safe_filename
+
+__all__ = ["atomic_write", "file_sha256", "fsync_dir", "open_listed", "read_npz", "write_npz",
+           "write_text"]
+
+_BLOCK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike | int) -> str:
+    """SHA-256 of a file (a path or an open descriptor, read from its start in 1 MB blocks)."""
+    h = hashlib.sha256()
+    if isinstance(path, int):
+        offset = 0
+        while True:
+            block = os.pread(path, _BLOCK, offset)
+            if not block:
+                break
+            h.update(block)
+            offset += len(block)
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_listed(root: Path, name: str, entry, verify: bool = True) -> int:
+    """An O_RDONLY descriptor of bundle file ``name``, checked against its manifest ``entry``
+    (``bytes``, ``sha256``). The caller closes it.
+
+    Raises:
+        ManifestError: an unsafe name, a symlink, not a regular file, missing, another size, or
+            another checksum.
+    """
+    if not is_safe_filename(name):
+        raise ManifestError(f"bundle file name '{name}' is not a plain name inside the bundle "
+                            "folder; re-export the bundle")
+    try:
+        dir_fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise ManifestError(f"cannot open bundle folder '{root}': {exc.strerror}") from None
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise ManifestError(f"bundle file '{root / name}' is missing; re-export the "
+                            "bundle") from None
+    except OSError as exc:
+        why = "is a symbolic link" if os.path.islink(root / name) else exc.strerror
+        raise ManifestError(f"bundle file '{root / name}' {why}; a bundle may hold only "
+                            "regular files; re-export the bundle") from None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"bundle file '{root / name}' is not a regular file; re-export "
+                                "the bundle")
+        if st.st_size != entry.bytes:
+            raise ManifestError(f"bundle file '{root / name}' has {st.st_size} bytes, the "
+                                f"manifest says {entry.bytes} (truncated or modified); "
+                                "re-export the bundle")
+        if verify and file_sha256(fd) != entry.sha256:
+            raise ManifestError(f"bundle file '{root / name}' fails its checksum (corrupt or "
+                                "modified); re-export the bundle")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(tmp)`` on a temporary name in the same folder, then
+    ``os.replace`` it over ``path`` and fsync the folder: a crash leaves the old file or the new
+    one, never a torn one. ``write`` must flush and fsync what it writes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Text written, flushed and fsynced (a writer for :func:`atomic_write`)."""
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An uncompressed ``.npz`` (readable by ``numpy.load``) streamed from the arrays' own memory:
+    no copy of an array is made (``numpy.savez`` copies each array in 16 MB chunks), so writing a
+    checkpoint adds no more than a few KB to the resident memory. Flushed and fsynced."""
+    with open(path, "wb") as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in arrays.items():
+                arr = np.asarray(value)
+                if arr.dtype.hasobject:
+                    raise ValueError(f"array '{name}' holds Python objects; refusing to pickle")
+                if not arr.flags.c_contiguous:
+                    arr = np.ascontiguousarray(arr)
+                header = _npy_header(arr)
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_STORED
+                with zf.open(info, "w", force_zip64=True) as out:
+                    out.write(header)
+                    view = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b""
+                    for s in range(0, len(view), _BLOCK):
+                        out.write(view[s:s + _BLOCK])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _npy_header(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    return buf.getvalue()
+
+
+def read_npz(path: str | os.PathLike | int) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (never unpickled: object arrays are refused).
+
+    Raises:
+        OSError, ValueError, zipfile.BadZipFile: unreadable or not an npz of plain arrays.
+    """
+    if isinstance(path, int):
+        with os.fdopen(os.dup(path), "rb") as f:
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

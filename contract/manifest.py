@@ -1,0 +1,402 @@
+"""The bundle manifest: one typed schema, written by ``export/`` and read by ``runtime/``.
+
+A bundle is a folder of plain files listed in ``manifest.json`` with their size and SHA-256. The
+runtime treats a bundle as untrusted data: :func:`read_manifest` validates every field's type and
+range once, when the bundle is opened, and every file name the manifest uses must be a plain name
+inside the bundle folder that is listed in ``files`` (see ``contract/files.py`` for how files are
+then opened and checked). The format version lives here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from . import names
+from .errors import ManifestError
+from .schema import check, dump, load
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "FileEntry",
+    "GraphFiles",
+    "GraphIO",
+    "ImageSpec",
+    "InstantSettings",
+    "InstantSpec",
+    "LayerInfo",
+    "LossSpec",
+    "Lookup",
+    "Manifest",
+    "ParamSpec",
+    "TensorSpec",
+    "TextSpec",
+    "WeightEntry",
+    "manifest_json",
+    "read_manifest",
+]
+
+FORMAT = "instant-runtime-bundle"
+FORMAT_VERSION = 3
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few hundred KB; refuse absurd files up front
+
+DType = Literal["float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"]
+ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "int64": 8, "int32": 4, "int8": 1,
+            "uint8": 1, "bool": 1}
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _bad_dims(shape: list[int | str], allow_symbolic: bool = True) -> str | None:
+    for i, d in enumerate(shape):
+        if isinstance(d, int) and d < 1:
+            return f"shape[{i}] must be >= 1, got {d}"
+        if isinstance(d, str) and (not allow_symbolic or not d):
+            return f"shape[{i}] must be a positive integer, got {d!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or the labels: name, shape (ints, or a symbolic name such as ``N``), dtype."""
+
+    name: str = field(metadata=check(nonempty=True))
+    shape: list[int | str] = field(metadata=check(nonempty=True))
+    dtype: DType = "float32"
+
+    def validate(self) -> tuple[str, str] | None:
+        bad = _bad_dims(self.shape)
+        return ("shape", bad) if bad else None
+
+    @property
+    def sample_shape(self) -> list[int | str]:
+        return self.shape[1:]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    kind: Literal["cross_entropy", "mse"]
+    labels: TensorSpec
+    num_classes: int | None = field(default=None, metadata=check(ge=2, le=1 << 24))
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.kind == "cross_entropy" and self.num_classes is None:
+            return "num_classes", "cross_entropy needs num_classes"
+        if self.kind == "cross_entropy" and self.labels.dtype != "int64":
+            return "labels.dtype", f"cross_entropy labels are int64, got {self.labels.dtype}"
+        return None
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A trainable tensor: a graph input of every training graph, initial value in params.npz."""
+
+    name: str = field(metadata=check(nonempty=True))
+    shape: list[int]
+    torch_name: str = ""
+    transposed: bool = False
+
+    def validate(self) -> tuple[str, str] | None:
+        bad = _bad_dims(list(self.shape), allow_symbolic=False)
+        return ("shape", bad) if bad else None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """A frozen tensor stored raw in ``weights.bin`` at ``offset`` (``length`` bytes)."""
+
+    offset: int = field(metadata=check(ge=0))
+    length: int = field(metadata=check(ge=0))
+    shape: list[int]
+    dtype: DType
+
+    def validate(self) -> tuple[str, str] | None:
+        bad = _bad_dims(list(self.shape), allow_symbolic=False)
+        if bad:
+            return "shape", bad
+        n = ITEMSIZE[self.dtype]
+        for d in self.shape:
+            n *= d
+        if n != self.length:
+            return "length", f"{self.length} bytes do not hold a {self.dtype} {self.shape} ({n})"
+        return None
+
+
+@dataclass(frozen=True)
+class GraphFiles:
+    forward: str = field(metadata=check(filename=True))
+    backward: str | None = field(default=None, metadata=check(filename=True))
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """How the runtime drives one mode's forward/backward pair."""
+
+    forward_inputs: list[str]
+    forward_outputs: list[str]
+    backward_inputs: list[str]
+    saved: list[str]
+    grads: dict[str, str]  # param -> backward output (grad.<param>)
+    grad_acc: dict[str, str]  # param -> backward input (grad_acc.<param>)
+    loss_scale: str | None  # backward input of the seed (None: calib)
+    fwd_grams: dict[str, str]  # layer -> calib forward output
+    bwd_grams: dict[str, str]  # layer -> calib backward output
+
+    def validate(self) -> tuple[str, str] | None:
+        if names.LOSS not in self.forward_outputs:
+            return "forward_outputs", f"must include '{names.LOSS}'"
+        if set(self.grads) != set(self.grad_acc):
+            return "grad_acc", "must name the same parameters as grads"
+        for s in self.saved:
+            if s not in self.forward_outputs:
+                return "saved", f"saved tensor '{s}' is not a forward output"
+        return None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A graph input the runtime fills with rows of a frozen table (an embedding ``Gather``)."""
+
+    table: str
+    indices: str
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A trainable Linear / 1x1 Conv whose backward INSTANT compresses (see export/autodiff.py)."""
+
+    name: str = field(metadata=check(nonempty=True))
+    kind: Literal["linear", "conv1x1"]
+    node: str
+    x: str
+    y: str
+    weight: str
+    weight_layout: Literal["in_out", "out_in"]
+    tokens: int = field(metadata=check(ge=1))
+    cx: int = field(metadata=check(ge=1))
+    cy: int = field(metadata=check(ge=1))
+    x_axis: Literal["token", "channel"]
+    g_axis: Literal["token", "channel"]
+    rank3: bool
+    p_input: str
+    q_input: str
+    x_dim: int = field(metadata=check(ge=1))
+    g_dim: int = field(metadata=check(ge=1))
+
+    def validate(self) -> tuple[str, str] | None:
+        want_x = self.tokens if self.x_axis == "token" else self.cx
+        want_g = self.tokens if self.g_axis == "token" else self.cy
+        if self.x_dim != want_x:
+            return "x_dim", f"must be {want_x} for the {self.x_axis} axis, got {self.x_dim}"
+        if self.g_dim != want_g:
+            return "g_dim", f"must be {want_g} for the {self.g_axis} axis, got {self.g_dim}"
+        return None
+
+
+@dataclass(frozen=True)
+class InstantSettings:
+    """INSTANT defaults (the one source: exporter, CLI and runtime read them from here).
+
+    ε = 0.95 and calibration every 50 steps over 5 batches are the paper's settings for BERT
+    fine-tuning; ``oversample`` p = 0 is its vision setting (text uses 7).
+    """
+
+    energy: float = field(default=0.95, metadata=check(gt=0.0, le=1.0))
+    oversample: int = field(default=0, metadata=check(ge=0, le=4096))
+    calib_every: int = field(default=50, metadata=check(ge=0))
+    calib_batches: int = field(default=5, metadata=check(ge=1, le=10_000))
+
+
+@dataclass(frozen=True)
+class InstantSpec:
+    layers: list[LayerInfo]
+    settings: InstantSettings
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    bytes: int = field(metadata=check(ge=0))
+    sha256: str
+
+    def validate(self) -> tuple[str, str] | None:
+        return None if _SHA.match(self.sha256) else ("sha256", "must be 64 lowercase hex digits")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """A text model: the tokenizer file in the bundle and the inputs it fills."""
+
+    tokenizer: str = field(metadata=check(filename=True))
+    seq_len: int = field(metadata=check(ge=2, le=1 << 20))
+    ids_input: str
+    mask_input: str | None = None
+    type_ids_input: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """An image model's input as the export recorded it: pixels in [0, 1] (after /255) are
+    resized to ``height`` × ``width`` and normalised ``(x - mean) / std`` per channel."""
+
+    input: str
+    channels: int = field(metadata=check(ge=1, le=4))
+    height: int = field(metadata=check(ge=1, le=1 << 15))
+    width: int = field(metadata=check(ge=1, le=1 << 15))
+    mean: list[float]
+    std: list[float]
+
+    def validate(self) -> tuple[str, str] | None:
+        if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
+            return "mean", f"mean and std need 1 or {self.channels} values"
+        if any(s <= 0 for s in self.std):
+            return "std", "must be positive"
+        return None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: Literal["instant-runtime-bundle"]
+    format_version: int
+    created: str
+    source: str
+    opset: int = field(metadata=check(ge=7, le=100))
+    ir_version: int = field(metadata=check(ge=3, le=100))
+    min_onnxruntime: str
+    inputs: list[TensorSpec] = field(metadata=check(nonempty=True))
+    output: str = field(metadata=check(nonempty=True))
+    loss: LossSpec
+    params: list[ParamSpec] = field(metadata=check(nonempty=True))
+    trainable: str
+    frozen_bytes: int = field(metadata=check(ge=0))
+    weights: dict[str, WeightEntry]
+    graph_weights: dict[str, list[str]]
+    graphs: dict[str, GraphFiles]
+    io: dict[str, GraphIO]
+    lookups: dict[str, Lookup]
+    instant: InstantSpec
+    files: dict[str, FileEntry] = field(metadata=check(nonempty=True))
+    class_names: list[str] | None = None  # class id -> name, when the export or data gave them
+    text: TextSpec | None = None
+    image: ImageSpec | None = None
+
+    # ------------------------------------------------------------------ cross-field checks
+    def validate(self) -> tuple[str, str] | None:  # noqa: C901 - one list of rules
+        from .schema import is_safe_filename
+
+        for fname in self.files:
+            if not is_safe_filename(fname):
+                return "files", f"'{fname}' is not a plain file name inside the bundle folder"
+        if names.INFER not in self.graphs or "vanilla" not in self.graphs:
+            return "graphs", "must have 'infer' and 'vanilla' graphs"
+        for mode, g in self.graphs.items():
+            if mode != names.INFER and mode not in names.MODES:
+                return "graphs", f"unknown mode '{mode}'; modes: {', '.join(names.MODES)}"
+            if (mode == names.INFER) != (g.backward is None):
+                return f"graphs.{mode}", "infer has no backward graph; the other modes have one"
+            for part in (g.forward, g.backward):
+                if part is not None and part not in self.files:
+                    return f"graphs.{mode}", f"graph file '{part}' is not listed in files"
+        if set(self.io) != {m for m in self.graphs if m != names.INFER}:
+            return "io", "must describe exactly the training graphs' modes"
+        if names.PARAMS_FILE not in self.files:
+            return "files", f"must list {names.PARAMS_FILE}"
+        if self.weights:
+            wb = self.files.get(names.WEIGHTS_FILE)
+            if wb is None:
+                return "files", f"must list {names.WEIGHTS_FILE} (the manifest has weights)"
+            for k, w in self.weights.items():
+                if w.offset + w.length > wb.bytes:
+                    return f"weights.{k}", (f"bytes {w.offset}..{w.offset + w.length} lie "
+                                            f"outside {names.WEIGHTS_FILE} ({wb.bytes} bytes)")
+        graph_files = {g for gf in self.graphs.values() for g in (gf.forward, gf.backward) if g}
+        for gname, ws in self.graph_weights.items():
+            if gname not in graph_files:
+                return "graph_weights", f"'{gname}' is not one of the bundle's graphs"
+            for w in ws:
+                if w not in self.weights:
+                    return f"graph_weights.{gname}", f"weight '{w}' is not in weights"
+        input_names = {s.name for s in self.inputs}
+        for out, lk in self.lookups.items():
+            if lk.table not in self.weights:
+                return f"lookups.{out}", f"table '{lk.table}' is not in weights"
+            if lk.indices not in input_names:
+                return f"lookups.{out}", f"indices '{lk.indices}' is not a model input"
+        if len({p.name for p in self.params}) != len(self.params):
+            return "params", "parameter names must be unique"
+        if self.loss.kind == "cross_entropy" and self.class_names is not None and \
+                len(self.class_names) != self.loss.num_classes:
+            return "class_names", (f"{len(self.class_names)} names for "
+                                   f"{self.loss.num_classes} classes")
+        if self.text is not None:
+            if self.text.tokenizer not in self.files:
+                return "text.tokenizer", f"'{self.text.tokenizer}' is not listed in files"
+            for n in (self.text.ids_input, self.text.mask_input, self.text.type_ids_input):
+                if n is not None and n not in input_names:
+                    return "text", f"'{n}' is not a model input"
+        if self.image is not None and self.image.input not in input_names:
+            return "image.input", f"'{self.image.input}' is not a model input"
+        return None
+
+    # ------------------------------------------------------------------ convenience
+    @property
+    def modes(self) -> list[str]:
+        """Training-graph modes in the bundle (``vanilla``, and ``instant``/``calib``)."""
+        return [m for m in self.graphs if m != names.INFER]
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return self.instant.layers
+
+    def input(self, name: str) -> TensorSpec:
+        for s in self.inputs:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def manifest_json(m: Manifest) -> str:
+    """The manifest as the JSON text written to ``manifest.json``."""
+    return json.dumps(dump(m), indent=1)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and validate ``manifest.json``.
+
+    Raises:
+        ManifestError: unreadable, not JSON, another format or version, or any field that breaks
+            the schema (the message names the field).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path} has {size} bytes, more than a manifest can have "
+                                f"({MAX_MANIFEST_BYTES}); it is not a bundle manifest")
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{path} is unreadable or corrupt ({type(exc).__name__}: "
+                            f"{str(exc)[:120]}); re-export the bundle") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not an instant-runtime bundle manifest (no "
+                            f"\"format\": \"{FORMAT}\"); pass a folder made by "
+                            "`instant-runtime export`")
+    version = raw.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ManifestError(f"{path}: field 'format_version': expected an integer, got "
+                            f"{version!r} ({type(version).__name__}); re-export the bundle")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"bundle '{path.parent}' has format version {version}; this "
+                            f"runtime reads version {FORMAT_VERSION}. Re-export it with the "
+                            "matching exporter")
+    return load(Manifest, raw, str(path))

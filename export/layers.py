@@ -1,0 +1,170 @@
+"""Which layers INSTANT compresses: every trainable Linear (Gemm / MatMul with a 2-D weight) and
+1x1 Conv, found in the forward graph, with the axis each basis acts on.
+
+Layer names come from the weight's PyTorch name (``layer4.attention.query``). Where the weight is
+anonymous (third-party ONNX files name folded weights ``onnx::MatMul_470``), the name comes from
+the node, whose name keeps the module path (``/encoder/layer.0/attention/self/query/MatMul`` ->
+``encoder.layer.0.attention.self.query``), so ``--trainable`` globs and INSTANT work the same on
+both.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import onnx
+from onnx import helper
+
+from contract import names
+
+from .graph import Shapes
+
+__all__ = ["CompressedLayer", "find_compressible_layers", "is_anonymous", "module_path"]
+
+_ANON = re.compile(r"^(onnx::|_?val_|initializer|Constant|const)|^[0-9]+$")
+
+
+def is_anonymous(name: str) -> bool:
+    """True for exporter-made tensor names that carry no module path (``onnx::MatMul_470``)."""
+    return bool(_ANON.match(name))
+
+
+def module_path(node_name: str) -> str | None:
+    """``/encoder/layer.0/attention/self/query/MatMul`` -> ``encoder.layer.0.attention.self.query``
+    (the node's op name dropped); None when the node name has no path."""
+    parts = [p for p in node_name.strip("/").split("/") if p]
+    if len(parts) < 2:
+        return None
+    return ".".join(parts[:-1])
+
+
+@dataclass
+class CompressedLayer:
+    """A trainable Linear / 1x1 Conv whose backward INSTANT compresses.
+
+    The per-sample activation is a matrix whose two last axes are ``(L, C)`` for a Linear
+    (channels last) and ``(C, L)`` for a 1x1 Conv (channels first, spatial positions flattened).
+    ``x_axis``/``g_axis`` say which of the two a basis projects: ``token`` (L) or ``channel`` (C),
+    chosen as in the paper (token when L <= C); 2-D activations (L = 1) always use ``channel``.
+    """
+
+    name: str
+    kind: str  # "linear" | "conv1x1"
+    node: str
+    x: str
+    y: str
+    weight: str
+    weight_layout: str  # "in_out" (MatMul B, [Cx, Cy]) | "out_in" (Gemm transB / Conv, [Cy, Cx])
+    tokens: int
+    cx: int
+    cy: int
+    x_axis: str
+    g_axis: str
+    rank3: bool = True  # False for a 2-D [N, C] activation
+    p_input: str = ""
+    q_input: str = ""
+
+    def __post_init__(self) -> None:
+        self.p_input = self.p_input or names.basis_p(self.name)
+        self.q_input = self.q_input or names.basis_q(self.name)
+
+    @property
+    def x_dim(self) -> int:
+        return self.tokens if self.x_axis == "token" else self.cx
+
+    @property
+    def g_dim(self) -> int:
+        return self.tokens if self.g_axis == "token" else self.cy
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["x_dim"], d["g_dim"] = self.x_dim, self.g_dim
+        return d
+
+
+def _axis_mode(tokens: int, channels: int, rank3: bool) -> str:
+    if not rank3:
+        return "channel"
+    return "token" if tokens <= channels else "channel"
+
+
+def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: set[str],
+                             param_names: dict[str, str], exclude: Iterable[str] | None = None,
+                             ) -> list[CompressedLayer]:
+    """Every trainable Linear (Gemm/MatMul with a 2-D weight) and 1x1 Conv, in graph order.
+
+    ``exclude`` holds globs on layer names; ``None`` excludes the classifier head (the last such
+    layer before the loss), as the paper does.
+    """
+    found: list[CompressedLayer] = []
+    taken: set[str] = set()
+    for node in model.graph.node:
+        layer = _as_layer(node, shapes, trainable, param_names)
+        if layer is not None:
+            base, k = layer.name, 1
+            while layer.name in taken:  # one weight used by two nodes: distinct layer names
+                k += 1
+                layer.name = f"{base}#{k}"
+            taken.add(layer.name)
+            layer.p_input, layer.q_input = names.basis_p(layer.name), names.basis_q(layer.name)
+            found.append(layer)
+    if exclude is None:
+        return found[:-1]
+    pats = list(exclude)
+    return [ly for ly in found if not any(fnmatch.fnmatch(ly.name, p) for p in pats)]
+
+
+def layer_name(weight: str, node_name: str, param_names: dict[str, str]) -> str:
+    """The layer's name: the weight's torch name without ``.weight``, or the node's module path
+    when the weight is anonymous."""
+    name = param_names.get(weight, weight)
+    if is_anonymous(name):
+        path = module_path(node_name)
+        if path:
+            return path
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer | None:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in ("Gemm", "MatMul"):
+        if len(node.input) < 2 or node.input[1] not in trainable:
+            return None
+        x, w = node.input[0], node.input[1]
+        ws = shapes.of(w)
+        xs = shapes.of(x)
+        if len(ws) != 2 or len(xs) not in (2, 3) or attrs.get("transA", 0):
+            return None
+        if node.op_type == "Gemm" and attrs.get("alpha", 1.0) != 1.0:
+            return None
+        out_in = node.op_type == "Gemm" and attrs.get("transB", 0) == 1
+        cy, cx = (ws[0], ws[1]) if out_in else (ws[1], ws[0])
+        rank3 = len(xs) == 3
+        tokens = xs[1] if rank3 else 1
+        if not all(isinstance(v, int) for v in (cx, cy, tokens)):
+            return None
+        return CompressedLayer(
+            name=layer_name(w, node.name, param_names), kind="linear", node=node.name, x=x,
+            y=node.output[0], weight=w, weight_layout="out_in" if out_in else "in_out",
+            tokens=tokens, cx=cx, cy=cy, rank3=rank3,
+            x_axis=_axis_mode(tokens, cx, rank3), g_axis=_axis_mode(tokens, cy, rank3))
+    if node.op_type == "Conv" and node.input[1] in trainable:
+        w = node.input[1]
+        ws = shapes.of(w)
+        xs = shapes.of(node.input[0])
+        one = (len(ws) == 4 and ws[2:] == [1, 1] and attrs.get("group", 1) == 1
+               and all(s == 1 for s in attrs.get("strides", [1, 1]))
+               and all(p == 0 for p in attrs.get("pads", [0, 0, 0, 0]))
+               and len(xs) == 4 and all(isinstance(d, int) for d in xs[1:]))
+        if not one:
+            return None
+        tokens = int(xs[2]) * int(xs[3])
+        cy, cx = int(ws[0]), int(ws[1])
+        return CompressedLayer(
+            name=layer_name(w, node.name, param_names), kind="conv1x1", node=node.name,
+            x=node.input[0], y=node.output[0], weight=w, weight_layout="out_in", tokens=tokens,
+            cx=cx, cy=cy, x_axis=_axis_mode(tokens, cx, True), g_axis=_axis_mode(tokens, cy, True))
+    return None

@@ -1,0 +1,39 @@
+"""Graph rewrites that run around the gradient rules, in this order (see each module's docstring
+for what it rewrites, why, and the measured saving; ``tests/test_passes.py`` checks that each one
+leaves values and gradients unchanged):
+
+1. ``gelu_fusion`` (hint, before differentiation): torch's five-op erf GELU differentiated as one.
+2. ``broadcast_expand``: an expanded pooled gradient times a mask -> the mask times the pooled
+   gradient (broadcast, no full-size Expand).
+3. ``mask_bits``: boolean masks (ReLU, ReLU6) computed in the forward and saved as bits.
+4. ``half_batch_mask``: a masked INSTANT input gradient computed per half-batch.
+5. ``concat_pushdown``: the half-batch results feed separable consumers without a full Concat.
+"""
+
+from __future__ import annotations
+
+from ..autodiff import Pass
+from .broadcast_expand import broadcast_expand
+from .concat_pushdown import concat_pushdown
+from .gelu_fusion import fuse_gelu
+from .half_batch_mask import half_batch_mask
+from .mask_bits import mask_bits
+
+__all__ = ["PASSES", "by_name"]
+
+PASSES: tuple[Pass, ...] = (
+    Pass("gelu_fusion", "hint", fuse_gelu),
+    Pass("broadcast_expand", "backward", broadcast_expand),
+    Pass("mask_bits", "backward", mask_bits),
+    Pass("half_batch_mask", "backward", half_batch_mask),
+    Pass("concat_pushdown", "backward", concat_pushdown),
+)
+
+
+def by_name(*names: str) -> tuple[Pass, ...]:
+    """The listed passes, in the standard order (unknown names raise)."""
+    known = {p.name for p in PASSES}
+    bad = sorted(set(names) - known)
+    if bad:
+        raise ValueError(f"unknown pass(es) {bad}; passes: {sorted(known)}")
+    return tuple(p for p in PASSES if p.name in names)

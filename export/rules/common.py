@@ -1,0 +1,80 @@
+"""Helpers shared by the gradient rules (attribute reading, broadcasting, reductions)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from ..autodiff import GradContext
+from ..graph import ExportError
+
+__all__ = ["attrs", "mean_over", "needs", "reduce_sum", "transpose_last2", "unbroadcast", "zeros"]
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def needs(ctx: GradContext, node: onnx.NodeProto, i: int) -> bool:
+    """Whether input ``i`` of ``node`` needs a gradient."""
+    return i < len(node.input) and bool(node.input[i]) and ctx.needs_grad(node.input[i])
+
+
+def reduce_sum(ctx: GradContext, t: str, axes: list[int], keepdims: int = 1) -> str:
+    return ctx.bwd.op("ReduceSum", [t, ctx.bwd.ints(axes)], keepdims=keepdims)
+
+
+def unbroadcast(ctx: GradContext, g: str, out: str, target: str) -> str:
+    """Sum ``g`` (shaped like ``out``) down to the shape of ``target`` (numpy broadcasting)."""
+    os_, ts = ctx.shapes.of(out), ctx.shapes.of(target)
+    lead = len(os_) - len(ts)
+    if any(not isinstance(d, int) and d != os_[lead + i] for i, d in enumerate(ts)):
+        return _unbroadcast_runtime(ctx, g, target, lead)  # a symbolic dim may be a broadcast 1
+    axes = list(range(lead))
+    for i, d in enumerate(ts):
+        if d == 1 and os_[lead + i] != 1:
+            axes.append(lead + i)
+    if not axes:
+        return g
+    summed = reduce_sum(ctx, g, axes, keepdims=1)
+    return ctx.bwd.op("Reshape", [summed, ctx.shape(target)])
+
+
+def _unbroadcast_runtime(ctx: GradContext, g: str, target: str, lead: int) -> str:
+    """``unbroadcast`` when shape inference cannot tell whether a symbolic dim of ``target`` is a
+    broadcast 1 (BERT's position embeddings are [unk, unk, 384] against [unk, 64, 384]): the
+    summed axes are found at run time (dims that are 1 in ``target`` but not in ``g``)."""
+    b = ctx.bwd
+    tshape = ctx.shape(target)
+    full = b.op("Concat", [b.ints([1] * lead), tshape], axis=0) if lead else tshape
+    one = b.ints([1])
+    bcast = b.op("And", [b.op("Equal", [full, one]),
+                         b.op("Not", [b.op("Equal", [b.op("Shape", [g]), one])])])
+    axes = b.op("Reshape", [b.op("NonZero", [bcast]), b.ints([-1])])
+    summed = b.op("ReduceSum", [g, axes], keepdims=1, noop_with_empty_axes=1)
+    return b.op("Reshape", [summed, tshape])
+
+
+def transpose_last2(ctx: GradContext, t: str, rank: int) -> str:
+    perm = list(range(rank))
+    perm[-1], perm[-2] = perm[-2], perm[-1]
+    return ctx.bwd.op("Transpose", [t], perm=perm)
+
+
+def zeros(ctx: GradContext, shape: str) -> str:
+    """A float zero tensor of runtime shape ``shape`` (an int64 vector) in the backward."""
+    return ctx.bwd.op("ConstantOfShape", [shape],
+                      value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+
+
+def mean_over(ctx: GradContext, t: str, axes: list[int], like: str) -> str:
+    """Mean of ``t`` over ``axes`` (keepdims), counted on tensor ``like``; any opset (no
+    ReduceMean, whose axes moved from attribute to input in opset 18)."""
+    count = ctx.shapes.numel_static(like, axes)
+    if count is None:
+        raise ExportError(f"tensor '{like}': axes {axes} must have static sizes")
+    return ctx.bwd.op("Mul", [reduce_sum(ctx, t, axes), ctx.bwd.const(1.0 / count)])

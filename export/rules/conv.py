@@ -1,0 +1,119 @@
+"""Gradient rules of convolutions and pooling (exact; a 1x1 Conv of a compressed layer takes
+the INSTANT rule in ``linear.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..autodiff import RuleSet
+from ..graph import ExportError
+from .common import attrs, needs, reduce_sum
+from .linear import compressed, linear_instant
+
+RULES = RuleSet("conv")
+
+
+def _convattrs(node, k: list[int]):
+    a = attrs(node)
+    if a.get("auto_pad", "NOTSET") != "NOTSET":
+        raise ExportError(f"node '{node.name}': auto_pad is not supported; export with "
+                          "explicit pads")
+    nsp = len(k)
+    strides = list(a.get("strides", [1] * nsp))
+    dil = list(a.get("dilations", [1] * nsp))
+    pads = list(a.get("pads", [0] * 2 * nsp))
+    return strides, dil, pads, int(a.get("group", 1))
+
+
+def _output_padding(ctx, node, x: str, y: str, k, strides, dil, pads) -> list[int]:
+    xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(y)[2:]
+    if not all(isinstance(d, int) for d in list(xs) + list(ys)):
+        raise ExportError(f"node '{node.name}': spatial dims must be static")
+    n = len(k)
+    return [xs[i] - ((ys[i] - 1) * strides[i] - pads[i] - pads[n + i] + dil[i] * (k[i] - 1) + 1)
+            for i in range(n)]
+
+
+@RULES.gradient("Conv")
+def conv_grad(ctx, node, gy):
+    x, w = node.input[0], node.input[1]
+    g = gy[0]
+    b = ctx.bwd
+    gbias = None
+    if needs(ctx, node, 2):
+        gbias = reduce_sum(ctx, g, [0] + list(range(2, ctx.shapes.rank(x))), keepdims=0)
+    layer = compressed(ctx, node, g)
+    if layer is not None:
+        gx, gw = linear_instant(ctx, layer, g, needs(ctx, node, 0), needs(ctx, node, 1))
+        return [gx, gw, gbias][: len(node.input)]
+    ws = ctx.shapes.of(w)
+    k = [int(d) for d in ws[2:]]
+    if len(k) != 2:
+        raise ExportError(f"Conv '{node.name}': only 2-D convolutions are supported (got "
+                          f"{len(k)}-D)")
+    strides, dil, pads, group = _convattrs(node, k)
+    gx = gw = None
+    if needs(ctx, node, 0):
+        outpad = _output_padding(ctx, node, x, node.output[0], k, strides, dil, pads)
+        gx = b.op("ConvTranspose", [g, w], strides=strides, dilations=dil, pads=pads,
+                  group=group, kernel_shape=k, output_padding=outpad)
+    if needs(ctx, node, 1):
+        cin = ctx.shapes.of(x)[1]
+        cout = int(ws[0])
+        xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(node.output[0])[2:]
+        cig, cog = int(cin) // group, cout // group
+        # g_W[co, ci, k] = Σ_n Σ_o g[n,co,o] x[n,ci,o*s + k*d - p]: a convolution of x (batch =
+        # input channel within the group) by g (as the kernel), strides and dilations swapped.
+        xg = b.op("Reshape", [x, b.ints([0, group, cig, xs[0], xs[1]])])
+        xg = b.op("Transpose", [xg], perm=[2, 1, 0, 3, 4])
+        xg = b.op("Reshape", [xg, b.ints([cig, -1, xs[0], xs[1]])])
+        kg = b.op("Reshape", [g, b.ints([0, group, cog, ys[0], ys[1]])])
+        kg = b.op("Transpose", [kg], perm=[1, 2, 0, 3, 4])
+        kg = b.op("Reshape", [kg, b.ints([cout, -1, ys[0], ys[1]])])
+        full = b.op("Conv", [xg, kg], strides=dil, dilations=strides, pads=pads, group=group)
+        cut = b.op("Slice", [full, b.ints([0, 0]), b.ints(k), b.ints([2, 3])])
+        gw = b.op("Transpose", [cut], perm=[1, 0, 2, 3])
+    return [gx, gw, gbias][: len(node.input)]
+
+
+@RULES.gradient("MaxPool")
+def maxpool_grad(ctx, node, gy):
+    a = attrs(node)
+    if a.get("storage_order", 0) != 0:
+        raise ExportError(f"MaxPool '{node.name}': storage_order=1 is not supported")
+    if len(node.output) < 2 or not node.output[1]:
+        # Ask the forward node for its argmax indices: they are all the backward needs.
+        del node.output[1:]
+        node.output.append(f"{node.output[0]}.indices")
+    idx = node.output[1]
+    b = ctx.bwd
+    shape = ctx.shape(node.input[0])
+    numel = b.op("ReduceProd", [shape], keepdims=1)
+    zeros = b.op("ConstantOfShape", [numel],
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    flat = b.op("ScatterElements", [zeros, b.op("Reshape", [idx, b.ints([-1])]),
+                                    b.op("Reshape", [gy[0], b.ints([-1])])],
+                axis=0, reduction="add")
+    return [b.op("Reshape", [flat, shape])]
+
+
+@RULES.gradient("AveragePool")
+def avgpool_grad(ctx, node, gy):
+    a = attrs(node)
+    k = list(a["kernel_shape"])
+    x = node.input[0]
+    strides, dil, pads, _ = _convattrs(node, k)
+    if any(pads) and not a.get("count_include_pad", 0):
+        raise ExportError(f"AveragePool '{node.name}': padding with count_include_pad=0 is not "
+                          "supported")
+    if a.get("ceil_mode", 0):
+        raise ExportError(f"AveragePool '{node.name}': ceil_mode=1 is not supported")
+    c = ctx.shapes.of(x)[1]
+    if not isinstance(c, int):
+        raise ExportError(f"AveragePool '{node.name}': the channel count must be static")
+    b = ctx.bwd
+    kern = b.const(np.full([c, 1] + k, 1.0 / float(np.prod(k)), dtype=np.float32))
+    outpad = _output_padding(ctx, node, x, node.output[0], k, strides, [1] * len(k), pads)
+    return [b.op("ConvTranspose", [gy[0], kern], strides=strides, pads=pads, group=c,
+                 kernel_shape=k, output_padding=outpad)]

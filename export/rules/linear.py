@@ -1,0 +1,230 @@
+"""Linear layers (MatMul / Gemm with a 2-D weight, and 1x1 Conv): the exact rule and the INSTANT
+rule side by side, and the Gram matrices calibration reads.
+
+INSTANT (docs/method.md), per sample, ``y = x Wᵀ``, bases P (activation) and Q (output gradient):
+
+==============  =============================  ==========================================
+                token axis (L <= C)             channel axis (C < L)
+==============  =============================  ==========================================
+forward saves   x̂ = P x           [Rx, Cx]     x̂ = x Pᵀ            [L, Rx]
+weight grad     Σ (P g)ᵀ x̂                     (Σ gᵀ x̂) P
+input grad      Qᵀ ((Q g) W)                   (g Qᵀ)(Q W)
+==============  =============================  ==========================================
+"""
+
+from __future__ import annotations
+
+from contract import names
+
+from ..autodiff import GradContext, RuleSet
+from ..graph import ExportError
+from ..layers import CompressedLayer
+from .common import attrs, needs, transpose_last2, unbroadcast
+
+RULES = RuleSet("linear")
+
+# Per sample the activation is a matrix; its two last axes are (L, C) for a Linear and (C, L)
+# for a 1x1 Conv (viewed as [N, C, H*W]). A basis acts on one of those two axes: the "left" one
+# (axis -2) or the "right" one (axis -1).
+
+
+def _left(layer: CompressedLayer, which: str) -> bool:
+    axis = layer.x_axis if which == "x" else layer.g_axis
+    token = axis == "token"
+    return token if layer.kind == "linear" else not token
+
+
+def _as_matrix(layer: CompressedLayer, t: str, builder) -> str:
+    """[N, C, H, W] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
+    if layer.kind == "conv1x1":
+        return builder.op("Reshape", [t, builder.ints([0, layer.cx if t == layer.x else layer.cy,
+                                                        -1])])
+    return t
+
+
+def _project(b, basis: str, m: str, left: bool) -> str:
+    """Apply basis ``basis`` [R, D] to axis -2 (left: B @ M) or axis -1 (right: M @ Bᵀ)."""
+    if left:
+        return b.op("MatMul", [basis, m])
+    return b.op("MatMul", [m, b.op("Transpose", [basis], perm=[1, 0])])
+
+
+def _gram(b, m: str, left: bool, rank: int) -> str:
+    """Σ over samples of the per-sample Gram along the projected axis: a [D, D] matrix."""
+    if left:
+        perm = list(range(rank))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        m = b.op("Transpose", [m], perm=perm)
+    flat = b.op("Flatten", [m], axis=rank - 1)
+    return b.op("Gemm", [flat, flat], transA=1)
+
+
+def _weight_canonical(b, layer: CompressedLayer) -> str:
+    """The weight as W_c [Cy, Cx]."""
+    if layer.kind == "conv1x1":
+        return b.op("Reshape", [layer.weight, b.ints([layer.cy, layer.cx])])
+    if layer.weight_layout == "in_out":
+        return b.op("Transpose", [layer.weight], perm=[1, 0])
+    return layer.weight
+
+
+def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
+    if layer.kind == "conv1x1":
+        return b.op("Reshape", [dw_c, b.ints([layer.cy, layer.cx, 1, 1])])
+    if layer.weight_layout == "in_out":
+        return b.op("Transpose", [dw_c], perm=[1, 0])
+    return dw_c
+
+
+def linear_calib_grams(ctx: GradContext, layer: CompressedLayer, g: str) -> None:
+    """Calibration: emit Σ_b X_b X_bᵀ (forward) and Σ_b G_b G_bᵀ (backward) for this layer."""
+    rank = 3 if (layer.kind == "conv1x1" or layer.rank3) else 2
+    x = _as_matrix(layer, layer.x, ctx.fwd)
+    ctx.fwd_outputs.append(ctx.fwd.op("Identity", [_gram(ctx.fwd, x, _left(layer, "x"), rank)],
+                                      out=f"{names.GRAM_X}{layer.name}"))
+    gm = ctx.bwd.op("Reshape", [g, ctx.bwd.ints([0, layer.cy, -1])]) if layer.kind == "conv1x1" \
+        else g
+    ctx.bwd_outputs.append(ctx.bwd.op("Identity", [_gram(ctx.bwd, gm, _left(layer, "g"), rank)],
+                                      out=f"{names.GRAM_G}{layer.name}"))
+
+
+def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: bool,
+                   need_w: bool) -> tuple[str | None, str | None]:
+    """INSTANT backward of ``y = x Wᵀ`` (docs/method.md). Returns (g_x, g_W in the weight's layout).
+
+    The forward saves only x̂ = P·x (token axis) or x·Pᵀ (channel axis); g_W is computed from x̂
+    and the output gradient projected on the same basis; g_x goes through the gradient basis Q.
+    """
+    f, b = ctx.fwd, ctx.bwd
+    P, Q = layer.p_input, layer.q_input
+    conv = layer.kind == "conv1x1"
+    gm = b.op("Reshape", [g, b.ints([0, layer.cy, -1])]) if conv else g
+    gx = gw = None
+    if need_w:
+        xhat = _project(f, P, _as_matrix(layer, layer.x, f), _left(layer, "x"))
+        if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
+            ghat = b.op("MatMul", [P, gm])
+            dw = b.op("Gemm", [b.op("Flatten", [ghat], axis=2), b.op("Flatten", [xhat], axis=2)],
+                      transA=1)                                        # [Cy, Cx]
+        elif not conv:                                # x̂ [.., L, Rx]: g_W = (gᵀ x̂) P
+            ax = 2 if layer.rank3 else 1
+            t = b.op("Gemm", [b.op("Flatten", [gm], axis=ax), b.op("Flatten", [xhat], axis=ax)],
+                     transA=1)
+            dw = b.op("MatMul", [t, P])                                # [Cy, Cx]
+        elif layer.x_axis == "token":                 # conv: x̂ [N,Cx,Rx], ĝ' = g Pᵀ [N,Cy,Rx]
+            ghat = b.op("MatMul", [gm, b.op("Transpose", [P], perm=[1, 0])])
+            gt = b.op("Reshape", [b.op("Transpose", [ghat], perm=[1, 0, 2]),
+                                  b.ints([layer.cy, -1])])
+            xt = b.op("Reshape", [b.op("Transpose", [xhat], perm=[1, 0, 2]),
+                                  b.ints([layer.cx, -1])])
+            dw = b.op("Gemm", [gt, xt], transB=1)                      # [Cy, Cx]
+        else:                                         # conv: x̂ [N,Rx,L]: Σ_n g_n x̂_nᵀ · P
+            t = b.op("MatMul", [gm, b.op("Transpose", [xhat], perm=[0, 2, 1])])
+            dw = b.op("MatMul", [b.op("ReduceSum", [t, b.ints([0])], keepdims=0), P])
+        gw = _weight_from_canonical(b, layer, dw)
+    if need_x:
+        wc = _weight_canonical(b, layer)                               # [Cy, Cx]
+        if not conv and layer.g_axis == "token":      # Qᵀ((Q g) W)
+            qg = b.op("MatMul", [Q, gm])
+            gx = b.op("MatMul", [b.op("Transpose", [Q], perm=[1, 0]), b.op("MatMul", [qg, wc])])
+        elif not conv:                                # (g Qᵀ)(Q W)
+            gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
+            gx = b.op("MatMul", [gq, b.op("MatMul", [Q, wc])])
+        elif layer.g_axis == "token":                 # conv, stored transposed: Wᵀ (g Qᵀ) Q
+            gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
+            gx = b.op("MatMul", [b.op("MatMul", [b.op("Transpose", [wc], perm=[1, 0]), gq]), Q])
+        else:                                         # conv: (Q W)ᵀ (Q g)
+            qw = b.op("MatMul", [Q, wc])
+            gx = b.op("MatMul", [b.op("Transpose", [qw], perm=[1, 0]), b.op("MatMul", [Q, gm])])
+        if conv:
+            gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
+    return gx, gw
+
+
+def linear_exact(ctx: GradContext, x: str, w: str, g: str, need_x: bool, need_w: bool,
+                 w_out_in: bool) -> tuple[str | None, str | None]:
+    """Exact backward of a MatMul whose second operand ``w`` is a 2-D weight.
+
+    ``w_out_in``: the weight is stored [Cy, Cx] (Gemm transB=1); otherwise [Cx, Cy].
+    """
+    b = ctx.bwd
+    gx = gw = None
+    rank = ctx.shapes.rank(x)
+    if need_w:
+        xf = b.op("Flatten", [x], axis=rank - 1)
+        gf = b.op("Flatten", [g], axis=rank - 1)
+        gw = b.op("Gemm", [gf, xf], transA=1) if w_out_in else b.op("Gemm", [xf, gf], transA=1)
+    if need_x:
+        wt = w if w_out_in else b.op("Transpose", [w], perm=[1, 0])
+        gx = b.op("MatMul", [g, wt])
+    return gx, gw
+
+
+def compressed(ctx: GradContext, node, g: str) -> CompressedLayer | None:
+    """The INSTANT layer for this node in instant mode; in calib mode emit its Grams first."""
+    layer = ctx.layer(node)
+    if layer is None:
+        return None
+    if ctx.mode == "calib":
+        linear_calib_grams(ctx, layer, g)
+        return None
+    return layer
+
+
+@RULES.gradient("MatMul")
+def matmul_grad(ctx, node, gy):
+    a, bw = node.input
+    g = gy[0]
+    layer = compressed(ctx, node, g)
+    if layer is not None:
+        gx, gw = linear_instant(ctx, layer, g, needs(ctx, node, 0), needs(ctx, node, 1))
+        return [gx, gw]
+    ra, rb = ctx.shapes.rank(a), ctx.shapes.rank(bw)
+    if rb == 2 and ra >= 2:
+        return list(linear_exact(ctx, a, bw, g, needs(ctx, node, 0), needs(ctx, node, 1),
+                                 w_out_in=False))
+    if ra < 2 or rb < 2:
+        raise ExportError(f"MatMul '{node.name}': 1-D operands are not supported")
+    y = node.output[0]
+    ga = gb = None
+    if needs(ctx, node, 0):
+        ga = unbroadcast(ctx, ctx.bwd.op("MatMul", [g, transpose_last2(ctx, bw, rb)]), y, a) \
+            if ra == ctx.shapes.rank(y) else None
+        if ga is None:
+            raise ExportError(f"MatMul '{node.name}': broadcasting of the first operand")
+    if needs(ctx, node, 1):
+        t = ctx.bwd.op("MatMul", [transpose_last2(ctx, a, ra), g])
+        gb = unbroadcast(ctx, t, y, bw)
+    return [ga, gb]
+
+
+@RULES.gradient("Gemm")
+def gemm_grad(ctx, node, gy):
+    at = attrs(node)
+    ta, tb = at.get("transA", 0), at.get("transB", 0)
+    alpha, beta = at.get("alpha", 1.0), at.get("beta", 1.0)
+    A, B = node.input[0], node.input[1]
+    g = gy[0]
+    b = ctx.bwd
+    gc = None
+    if needs(ctx, node, 2):
+        gsc = g if beta == 1.0 else b.op("Mul", [g, b.const(beta)])
+        gc = unbroadcast(ctx, gsc, node.output[0], node.input[2])
+    layer = compressed(ctx, node, g)
+    if layer is not None:
+        gx, gw = linear_instant(ctx, layer, g, needs(ctx, node, 0), needs(ctx, node, 1))
+        return [gx, gw, gc][: len(node.input)]
+    ga = gb = None
+    if needs(ctx, node, 0):
+        if not ta:
+            ga = b.op("Gemm", [g, B], alpha=alpha, transB=0 if tb else 1)
+        else:
+            ga = b.op("Gemm", [B, g], alpha=alpha, transA=tb, transB=1)
+    if needs(ctx, node, 1):
+        if not tb:
+            gb = b.op("Gemm", [A, g], alpha=alpha, transA=0 if ta else 1)
+        else:
+            gb = b.op("Gemm", [g, A], alpha=alpha, transA=1, transB=ta)
+    return [ga, gb, gc][: len(node.input)]
+
+

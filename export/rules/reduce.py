@@ -1,0 +1,67 @@
+"""Gradient rules of reductions and pooling to a point (exact)."""
+
+from __future__ import annotations
+
+from onnx import TensorProto
+
+from ..autodiff import RuleSet
+from ..graph import ExportError
+from .common import attrs
+
+RULES = RuleSet("reduce")
+
+
+def _reduce_axes(ctx, node) -> tuple[list[int], int]:
+    a = attrs(node)
+    axes = a.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = ctx.constant_value(node.input[1]).tolist()
+    rank = ctx.shapes.rank(node.input[0])
+    if not axes:
+        if a.get("noop_with_empty_axes", 0):
+            raise ExportError(f"node '{node.name}': noop_with_empty_axes is not supported")
+        axes = list(range(rank))
+    return sorted(int(x) % rank for x in axes), int(a.get("keepdims", 1))
+
+
+def _reduce_back(ctx, node, g: str, scale: str | None) -> str:
+    axes, keep = _reduce_axes(ctx, node)
+    if not keep:
+        g = ctx.bwd.op("Unsqueeze", [g, ctx.bwd.ints(axes)])
+    if scale is not None:
+        g = ctx.bwd.op("Div", [g, scale])
+    return _expand(ctx, g, node.input[0])
+
+
+def _expand(ctx, g: str, like: str) -> str:
+    """``g`` expanded to the shape of forward tensor ``like`` (the ``broadcast_expand`` pass
+    removes the Expand where an elementwise consumer can broadcast ``g`` itself)."""
+    return ctx.bwd.op("Expand", [g, ctx.shape(like)])
+
+
+@RULES.gradient("ReduceSum")
+def reducesum_grad(ctx, node, gy):
+    return [_reduce_back(ctx, node, gy[0], None)] + [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("ReduceMean")
+def reducemean_grad(ctx, node, gy):
+    axes, _ = _reduce_axes(ctx, node)
+    count = ctx.shapes.numel_static(node.input[0], axes)
+    if count is not None:
+        scale = ctx.bwd.const(float(count))
+    else:
+        dims = ctx.bwd.op("Gather", [ctx.shape(node.input[0]), ctx.bwd.ints(axes)])
+        scale = ctx.bwd.op("Cast", [ctx.bwd.op("ReduceProd", [dims], keepdims=1)],
+                           to=TensorProto.FLOAT)
+    return [_reduce_back(ctx, node, gy[0], scale)] + [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("GlobalAveragePool")
+def gap_grad(ctx, node, gy):
+    dims = ctx.shapes.of(node.input[0])
+    hw = ctx.shapes.numel_static(node.input[0], list(range(2, len(dims))))
+    if hw is None:
+        raise ExportError(f"GlobalAveragePool '{node.name}' needs static spatial dims")
+    g = ctx.bwd.op("Div", [gy[0], ctx.bwd.const(float(hw))])
+    return [_expand(ctx, g, node.input[0])]

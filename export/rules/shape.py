@@ -1,0 +1,149 @@
+"""Gradient rules of shape and indexing ops: reshapes, transposes, concatenation, slicing,
+padding, splitting and gathering (exact)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..autodiff import GradContext, RuleSet
+from ..graph import ExportError
+from .common import attrs, needs, unbroadcast, zeros
+
+RULES = RuleSet("shape")
+
+
+@RULES.gradient("Reshape")
+def reshape_grad(ctx, node, gy):
+    return [ctx.bwd.op("Reshape", [gy[0], ctx.shape(node.input[0])])] + [None] * (len(node.input) - 1)
+
+
+for _op in ("Flatten", "Squeeze", "Unsqueeze"):
+    RULES.gradient(_op)(reshape_grad)
+
+
+@RULES.gradient("Transpose")
+def transpose_grad(ctx, node, gy):
+    perm = attrs(node).get("perm")
+    if perm is None:
+        perm = list(reversed(range(ctx.shapes.rank(node.input[0]))))
+    inv = list(np.argsort(perm))
+    return [ctx.bwd.op("Transpose", [gy[0]], perm=[int(i) for i in inv])]
+
+
+@RULES.gradient("Concat")
+def concat_grad(ctx, node, gy):
+    axis = attrs(node)["axis"]
+    sizes = []
+    for i in node.input:
+        d = ctx.shapes.of(i)[axis]
+        if not isinstance(d, int):
+            raise ExportError(f"Concat node '{node.name}': input '{i}' has a dynamic size along "
+                              f"axis {axis}; only static concat sizes are supported")
+        sizes.append(d)
+    parts = ctx.bwd.op_multi("Split", [gy[0], ctx.bwd.ints(sizes)], n_out=len(sizes), axis=axis)
+    return [p if ctx.needs_grad(i) else None for p, i in zip(parts, node.input, strict=True)]
+
+
+@RULES.gradient("Expand")
+def expand_grad(ctx, node, gy):
+    return [unbroadcast(ctx, gy[0], node.output[0], node.input[0]), None]
+
+
+@RULES.gradient("Slice")
+def slice_grad(ctx, node, gy):
+    """Pad the gradient back to the input's shape (step 1 only; axes and steps constants).
+
+    Constant starts/ends give constant pads; computed ones (``chunk`` exports its bounds from
+    ``Shape``) give pads computed in the backward by ``_slice_pads``.
+    """
+    x = node.input[0]
+    dims = ctx.shapes.of(x)
+    rank = len(dims)
+    opt = [ctx.constant_value(i).tolist() if i else None for i in list(node.input[3:5])]
+    n_axes = ctx.shapes.numel_static(node.input[1], [0])
+    axes = opt[0] if opt and opt[0] is not None else list(range(n_axes or 0))
+    steps = opt[1] if len(opt) > 1 and opt[1] is not None else [1] * len(axes)
+    if any(s != 1 for s in steps):
+        raise ExportError(f"Slice '{node.name}': only step 1 is supported, got steps {steps}")
+    axes = [a % rank for a in axes]
+    rest = [None] * (len(node.input) - 1)
+    if not all(i in ctx.constants for i in node.input[1:3]) or not all(
+            isinstance(dims[a], int) for a in axes):
+        return [ctx.bwd.op("Pad", [gy[0], _slice_pads(ctx, node, axes, rank)])] + rest
+    starts, ends = (ctx.constant_value(i).tolist() for i in node.input[1:3])
+    pads = [0] * (2 * rank)
+    for st, en, ax in zip(starts, ends, axes, strict=True):
+        d = dims[ax]
+        st, en = (min(max(v + d if v < 0 else v, 0), d) for v in (st, en))
+        pads[ax], pads[rank + ax] = st, d - max(en, st)
+    return [ctx.bwd.op("Pad", [gy[0], ctx.bwd.ints(pads)])] + rest
+
+
+def _slice_pads(ctx: GradContext, node: onnx.NodeProto, axes: list[int], rank: int) -> str:
+    """Pads [begin..., end...] of a step-1 Slice, computed at run time: begin = the start
+    normalised and clamped to [0, dim]; end = dim - begin - output size."""
+    b = ctx.bwd
+    shape = ctx.shape(node.input[0])
+    dims = b.op("Gather", [shape, b.ints(axes)])
+    st = b.op("Cast", [node.input[1]], to=TensorProto.INT64)
+    st = b.op("Add", [st, b.op("Mul", [dims, b.op("Cast", [b.op("Less", [st, b.ints([0])])],
+                                                      to=TensorProto.INT64)])])
+    st = b.op("Max", [b.op("Min", [st, dims]), b.ints([0])])
+    begin = b.op("ScatterElements", [b.ints([0] * rank), b.ints(axes), st], axis=0)
+    end = b.op("Sub", [b.op("Sub", [shape, begin]), ctx.shape(node.output[0])])
+    return b.op("Concat", [begin, end], axis=0)
+
+
+@RULES.gradient("Pad")
+def pad_grad(ctx, node, gy):
+    """Constant-mode Pad: the gradient is the input window, a Pad by the negated pads (which
+    crops; pads may be computed in the forward, as the TorchScript exporter writes F.pad)."""
+    mode = attrs(node).get("mode", "constant")
+    if mode != "constant":
+        raise ExportError(f"Pad '{node.name}': mode '{mode}' is not supported (constant only)")
+    b = ctx.bwd
+    neg = b.op("Neg", [node.input[1]])
+    axes = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
+    return [b.op("Pad", [gy[0], neg, ""] + axes if axes else [gy[0], neg])] + \
+        [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("Split")
+def split_grad(ctx, node, gy):
+    """Concat the output gradients, zeros for outputs that do not reach the loss."""
+    parts = [g if g is not None else zeros(ctx, ctx.shape(o))
+             for o, g in zip(node.output, gy, strict=True)]
+    return [ctx.bwd.op("Concat", parts, axis=attrs(node).get("axis", 0))] + \
+        [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("Gather")
+def gather_grad(ctx, node, gy):
+    """Scatter-add the gradient rows into zeros shaped like ``data`` (an embedding table).
+
+    The gathered axis is moved to the front so that ScatterND (reduction add: repeated indices
+    accumulate) indexes it; indices are taken modulo the axis size (negative indices).
+    """
+    if not needs(ctx, node, 0):
+        return [None, None]
+    data, idx = node.input
+    b = ctx.bwd
+    rank = ctx.shapes.rank(data)
+    axis = attrs(node).get("axis", 0) % rank
+    g, ri = gy[0], ctx.shapes.rank(idx)
+    if ri == 0:  # a scalar index drops the axis: put it back
+        idx, g, ri = b.op("Reshape", [idx, b.ints([1])]), b.op("Unsqueeze", [g, b.ints([axis])]), 1
+    front = [axis] + [a for a in range(rank) if a != axis]  # data axes, gathered axis first
+    perm = list(range(axis, axis + ri)) + list(range(axis)) + list(range(axis + ri, rank - 1 + ri))
+    if perm != sorted(perm):
+        g = b.op("Transpose", [g], perm=perm)
+    shape = ctx.shape(data)
+    base = zeros(ctx, b.op("Gather", [shape, b.ints(front)]) if axis else shape)
+    size = b.op("Gather", [shape, b.ints([axis])])
+    pos = b.op("Unsqueeze", [b.op("Mod", [idx, size]), b.ints([-1])])
+    out = b.op("ScatterND", [base, pos, g], reduction="add")
+    if axis:
+        out = b.op("Transpose", [out], perm=[int(i) for i in np.argsort(front)])
+    return [out, None]

@@ -1,0 +1,169 @@
+"""Typed training configuration: one source of defaults, validated once at the edge.
+
+Every value a user can set is a field here; ``__post_init__`` checks its type and range and raises
+``UserError`` with one line naming the option, what was given and what is accepted. The INSTANT
+defaults come from the bundle (``contract.InstantSettings``, recorded at export); options given
+on the command line override them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from contract import InstantSettings, UserError
+
+__all__ = ["InstantConfig", "OptimConfig", "RunConfig", "SessionConfig", "TrainConfig",
+           "max_threads"]
+
+RankPolicy = Literal["energy", "budget"]
+
+
+def max_threads() -> int:
+    """The most intra-op threads accepted: 4 per core (oversubscribing further only slows down;
+    an absurd value used to hang onnxruntime while it spawned threads)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _bad(option: str, value, accepted: str) -> UserError:
+    return UserError(f"{option} {value!r} is invalid: {accepted}")
+
+
+def _finite(option: str, value, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(option, value, "expected a finite number")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise _bad(option, value, f"must be {'>' if lo_open else '>='} {lo:g}")
+    if hi is not None and value > hi:
+        raise _bad(option, value, f"must be <= {hi:g}")
+
+
+def _int(option: str, value, lo: int, hi: int | None = None, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(option, value, "expected an integer")
+    if value < lo:
+        raise _bad(option, value, f"must be at least {lo}")
+    if hi is not None and value > hi:
+        raise _bad(option, value, f"must be at most {hi}")
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How onnxruntime runs: threads, device, graph optimisation level."""
+
+    threads: int = 0  # intra-op threads; 0: one per core
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    spinning: bool = False  # busy-wait in the thread pool (measured slower with 2 cores)
+    optimization: Literal["basic", "extended", "all"] = "basic"
+
+    def __post_init__(self) -> None:
+        _int("--threads", self.threads, 0, max_threads())
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise _bad("--device", self.device, "choose cpu, cuda or auto")
+
+    @property
+    def intra_threads(self) -> int:
+        return self.threads or (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float | None = None  # None: AdamW 0.01, SGD 0
+    momentum: float = 0.9  # SGD
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "sgd"):
+            raise _bad("--optimizer", self.name, "choose adamw or sgd")
+        _finite("--lr", self.lr, 0.0, lo_open=True)
+        if self.weight_decay is not None:
+            _finite("--weight-decay", self.weight_decay, 0.0)
+        _finite("momentum", self.momentum, 0.0, 1.0)
+
+    @property
+    def decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.01 if self.name == "adamw" else 0.0
+
+
+@dataclass(frozen=True)
+class InstantConfig:
+    """INSTANT settings for a run: the bundle's defaults with the user's overrides."""
+
+    energy: float = InstantSettings.energy
+    oversample: int = InstantSettings.oversample
+    calib_every: int = InstantSettings.calib_every
+    calib_batches: int = InstantSettings.calib_batches
+    max_rank: int | None = None
+    rank_policy: RankPolicy = "energy"
+    flop_ratio: float = 0.5  # budget policy: backward FLOPs of compressed layers vs vanilla
+
+    def __post_init__(self) -> None:
+        _finite("--energy", self.energy, 0.0, 1.0, lo_open=True)
+        _int("--oversample", self.oversample, 0, 4096)
+        _int("--calib-every", self.calib_every, 0)
+        _int("--calib-batches", self.calib_batches, 1, 10_000)
+        _int("--max-rank", self.max_rank, 1, none_ok=True)
+        if self.rank_policy not in ("energy", "budget"):
+            raise _bad("--rank-policy", self.rank_policy, "choose energy or budget")
+        _finite("--flop-ratio", self.flop_ratio, 0.0, 4.0, lo_open=True)
+
+    @classmethod
+    def from_bundle(cls, settings: InstantSettings, **overrides) -> InstantConfig:
+        """The bundle's recorded settings, with every override that is not None applied."""
+        base = cls(energy=settings.energy, oversample=settings.oversample,
+                   calib_every=settings.calib_every, calib_batches=settings.calib_batches)
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a :class:`runtime.trainer.Trainer` needs besides the bundle and the plan."""
+
+    mode: Literal["instant", "vanilla"] = "instant"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    instant: InstantConfig = field(default_factory=InstantConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("instant", "vanilla"):
+            raise _bad("--mode", self.mode, "choose instant or vanilla")
+        _int("--seed", self.seed, 0, 2**63 - 1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The training loop around a trainer: steps, batch, checkpoints, evaluation, budget."""
+
+    steps: int = 100
+    batch: int = 32
+    micro_batch: int | None = None  # forced micro-batch (None: the plan's)
+    eval_every: int = 0  # steps; 0: evaluate before and after only
+    eval_batch: int = 64
+    checkpoint_every: int = 50  # steps; 0: only at the end
+    resume: bool = False
+    overwrite: bool = False
+    max_nonfinite: int = 5
+    budget: int | None = None  # bytes: the whole-process peak RSS must stay below it
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _int("--steps", self.steps, 1)
+        _int("--batch", self.batch, 1, 1 << 24)
+        _int("--micro-batch", self.micro_batch, 1, 1 << 24, none_ok=True)
+        _int("--eval-every", self.eval_every, 0)
+        _int("--eval-batch", self.eval_batch, 1, 1 << 24)
+        _int("--checkpoint-every", self.checkpoint_every, 0)
+        _int("--max-nonfinite", self.max_nonfinite, 1)
+        _int("--budget", self.budget, 1, none_ok=True)
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: --resume continues "
+                            "the run in --out, --overwrite replaces it; pass one")

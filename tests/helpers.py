@@ -1,0 +1,26 @@
+"""Small constructors the tests share (the runtime's own API, spelled shortly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from devices.planner import Plan
+from runtime.bundle import Bundle, open_bundle
+from runtime.config import InstantConfig, OptimConfig, SessionConfig, TrainConfig
+from runtime.trainer import Trainer
+
+__all__ = ["make_trainer"]
+
+
+def make_trainer(bundle: Bundle | Path, mode: str = "instant", lr: float = 1e-3,
+                 optimizer: str = "adamw", threads: int = 1, seed: int = 0,
+                 micro_batch: int | None = None, weights: Path | None = None,
+                 **instant) -> Trainer:
+    """A trainer on ``bundle`` with the bundle's INSTANT settings overridden by ``instant``."""
+    b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    cfg = TrainConfig(mode=mode, optim=OptimConfig(name=optimizer, lr=lr),
+                      instant=InstantConfig.from_bundle(b.manifest.instant.settings, **instant),
+                      session=SessionConfig(threads=threads), seed=seed)
+    plan = Plan(micro_batch=micro_batch, calib_micro_batch=micro_batch,
+                eval_micro_batch=micro_batch)
+    return Trainer(b, cfg, plan, weights=weights)
