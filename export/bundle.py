@@ -48,7 +48,7 @@ from contract.schema import load as load_typed
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes
 from .layers import CompressedLayer, find_compressible_layers
-from .trace import Traced, load_model, parse_input_shapes
+from .trace import Traced, example_arrays, load_model
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -70,9 +70,9 @@ def _candidate_params(traced: Traced) -> list[str]:
     for init in g.initializer:
         if init.data_type != TensorProto.FLOAT or init.name in bn_stats:
             continue
-        if traced.torch_names and init.name not in traced.torch_names:
+        if traced.from_torch and init.name not in traced.torch_names:
             continue  # a torch buffer or a folded constant, not a parameter
-        if not traced.torch_names and int(np.prod(init.dims)) < 2:
+        if not traced.from_torch and int(np.prod(init.dims)) < 2:
             continue
         if init.name in order:
             used.append(init.name)
@@ -95,7 +95,7 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
         else:
             prefixes: dict[str, list[str]] = {}
             for p in cands:
-                prefixes.setdefault(p.rsplit(".", 1)[0], []).append(p)
+                prefixes.setdefault(traced.display(p).rsplit(".", 1)[0], []).append(p)
             groups = list(prefixes.values())
         if n <= 0 or n > len(groups):
             raise ExportError(f"invalid --trainable '{spec}': the model has {len(groups)} "
@@ -103,11 +103,16 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
         chosen = [p for grp in groups[-n:] for p in grp if p in cands]
     else:
         pats = [p.strip() for p in spec.split(",") if p.strip()]
-        chosen = [c for c in cands if any(fnmatch.fnmatch(c, p) for p in pats)]
+
+        def hit(c: str, p: str) -> bool:
+            return fnmatch.fnmatch(traced.display(c), p) or fnmatch.fnmatch(c, p)
+
+        chosen = [c for c in cands if any(hit(c, p) for p in pats)]
         for p in pats:
-            if not any(fnmatch.fnmatch(c, p) for c in cands):
+            if not any(hit(c, p) for c in cands):
+                shown = [traced.display(c) for c in cands]
                 raise ExportError(f"--trainable pattern '{p}' matches no parameter; parameters: "
-                                  f"{', '.join(cands[:12])}{' …' if len(cands) > 12 else ''}")
+                                  f"{', '.join(shown[:12])}{' …' if len(shown) > 12 else ''}")
     if not chosen:
         raise ExportError(f"--trainable '{spec}' selects no parameter")
     return chosen
@@ -116,12 +121,14 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
 def _example_inputs(input_shape: str | None,
                     npz: str | None) -> list[np.ndarray] | None:
     if npz:
-        data = np.load(npz)
-        keys = [k for k in data.files if k != "y"]
-        return [np.asarray(data[k]) for k in keys]
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                return [np.asarray(data[k]) for k in data.files if k != "y"]
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot read example inputs from --npz '{npz}': "
+                              f"{str(exc)[:160]}") from None
     if input_shape:
-        rng = np.random.default_rng(0)
-        return [rng.standard_normal(s).astype(np.float32) for s in parse_input_shapes(input_shape)]
+        return example_arrays(input_shape)
     return None
 
 
@@ -287,22 +294,42 @@ class _WeightFile:
 def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
                   npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
                   instant_exclude: list[str] | None = None,
-                  settings: InstantSettings | None = None) -> Path:
+                  settings: InstantSettings | None = None, output: str | None = None,
+                  head: int | None = None, pool: str = "mean",
+                  tokenizer: str | Path | None = None, image_mean: list[float] | None = None,
+                  image_std: list[float] | None = None,
+                  class_names: list[str] | None = None) -> Path:
     """Export ``model`` to a training bundle in ``out``; returns the bundle path.
 
     ``settings`` are the INSTANT defaults recorded in the bundle (ε, oversampling, calibration
-    schedule); None: ``contract.InstantSettings()``.
+    schedule); None: ``contract.InstantSettings()``. ``output`` picks one of several model
+    outputs; ``head`` appends a new ``head``-class classifier after ``pool``ing it
+    (``export/heads.py``); ``tokenizer`` (a tokenizer.json) is copied into the bundle for text
+    models (automatic for the built-in text models); ``image_mean``/``image_std`` record how
+    image files are normalised for an image model.
 
     Raises:
         ExportError: unknown model, unsupported op or option (one-line message).
     """
+    from .heads import add_head, image_spec, text_spec
+    from .models import BUILTIN_MODELS
+
     out = Path(out)
     settings = settings or InstantSettings()
-    traced = load_model(model, _example_inputs(input_shape, npz))
+    traced = load_model(model, _example_inputs(input_shape, npz), output)
+    if head is not None:
+        add_head(traced, head, pool)
+    elif pool != "mean":
+        raise ExportError("--pool applies to a new classifier: pass --head CLASSES too")
+    builtin = BUILTIN_MODELS.get(model)
+    if tokenizer is None and builtin is not None and builtin.tokenizer is not None:
+        tokenizer = builtin.tokenizer()
+    if builtin is not None and class_names is None:
+        class_names = builtin.class_names
     params = select_trainable(traced, trainable)
+    if head is not None:
+        params += [p for p in ("head.weight", "head.bias") if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
-    if len(traced.outputs) != 1:
-        raise ExportError(f"model has {len(traced.outputs)} outputs; training needs exactly one")
     output = traced.outputs[0]
 
     base = copy.deepcopy(traced.model)
@@ -318,6 +345,13 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
 
     out.mkdir(parents=True, exist_ok=True)
+    in_shapes0 = Shapes(traced.model)
+    text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out)
+    image = image_spec(traced, in_shapes0, image_mean, image_std) if text is None else None
+    if class_names is not None and (loss_spec.kind != "cross_entropy"
+                                    or len(class_names) != loss_spec.num_classes):
+        raise ExportError(f"{len(class_names)} class names for a model with "
+                          f"{loss_spec.num_classes} classes")
     data_inputs = set(traced.inputs) | {names.LABELS}
     graphs: dict[str, GraphFiles] = {}
     io: dict[str, GraphIO] = {}
@@ -372,7 +406,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         lookups={k: Lookup(**v) for k, v in lookups.items()},
         instant=InstantSpec([load_typed(LayerInfo, ly.to_json(), "layer") for ly in layers],
                             settings),
-        files=files)
+        files=files, class_names=class_names, text=text, image=image)
     text = manifest_json(manifest)
     load_typed(Manifest, json.loads(text), str(out / names.MANIFEST_FILE))  # what the runtime reads
     (out / names.MANIFEST_FILE).write_text(text)

@@ -280,6 +280,8 @@ class BuiltinModel:
     description: str
     # example inputs (one array per model input) when float32 noise of input_shape does not fit
     example: Callable[[], list[np.ndarray]] | None = None
+    tokenizer: Callable[[], Path] | None = None  # the tokenizer.json a text model ships with
+    class_names: list[str] | None = None
 
     def example_inputs(self) -> list[np.ndarray]:
         if self.example is not None:
@@ -294,7 +296,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
                               "per-token MLP, width 512, 4 hidden layers, sequence 128"),
     "minilm-l6": BuiltinModel(MiniLMClassifier, (8, 64),
                               "pretrained all-MiniLM-L6-v2 + mean pooling + 2-class head; inputs "
-                              "input_ids, attention_mask [N, 64] int64", example=_minilm_example),
+                              "input_ids, attention_mask [N, 64] int64", example=_minilm_example,
+                              tokenizer=lambda: minilm_dir() / "tokenizer.json"),
     "efficientnet-lite0": BuiltinModel(EfficientNetLite0, (8, 3, 64, 64),
                                        "pretrained ImageNet EfficientNet-Lite0 + 10-class head; "
                                        "images [N, 3, 64, 64] in [0, 1]"),

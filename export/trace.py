@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .graph import ExportError
 
-__all__ = ["Traced", "load_model", "parse_input_shapes"]
+__all__ = ["Traced", "example_arrays", "load_model", "parse_input_shapes"]
 
 OPSET = 17
 
@@ -35,21 +35,49 @@ class Traced:
     torch_names: dict[str, tuple[str, bool]] = field(default_factory=dict)
     # torch top-level children in order, with the ONNX names of their parameters
     children: list[tuple[str, list[str]]] = field(default_factory=list)
+    from_torch: bool = False  # torch_names lists exactly the module's parameters
+
+    def display(self, name: str) -> str:
+        """The name a user sees and matches with --trainable (the torch / module-path name)."""
+        return self.torch_names.get(name, (name, False))[0]
 
 
-def parse_input_shapes(text: str) -> list[tuple[int, ...]]:
-    """``32,1,8,8`` or ``32,16;32,16`` (one shape per model input, batch first)."""
+DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
+
+
+def parse_input_shapes(text: str) -> list[tuple[tuple[int, ...], str]]:
+    """``32,1,8,8`` or ``8,64:int64;8,64:int64`` (one shape per model input, batch first, with
+    an optional dtype, default float32)."""
     shapes = []
     for part in text.split(";"):
+        dims_text, _, dtype = part.partition(":")
+        dtype = dtype.strip() or "float32"
+        if dtype not in DTYPES:
+            raise ExportError(f"invalid --input-shape '{text}': unknown dtype '{dtype}'; "
+                              f"use one of {', '.join(DTYPES)}")
         try:
-            dims = tuple(int(d) for d in part.split(",") if d.strip())
+            dims = tuple(int(d) for d in dims_text.split(",") if d.strip())
         except ValueError:
             raise ExportError(f"invalid --input-shape '{text}': expected comma-separated "
-                              "integers, e.g. 32,1,8,8 (use ';' between inputs)") from None
+                              "integers, e.g. 32,1,8,8 or 8,64:int64 (use ';' between "
+                              "inputs)") from None
         if not dims or any(d <= 0 for d in dims):
             raise ExportError(f"invalid --input-shape '{text}': dims must be positive")
-        shapes.append(dims)
+        shapes.append((dims, dtype))
     return shapes
+
+
+def example_arrays(text: str) -> list[np.ndarray]:
+    """Example inputs for ``--input-shape``: float noise, or ones for integer inputs (valid
+    token ids and attention masks for any vocabulary)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for dims, dtype in parse_input_shapes(text):
+        if np.dtype(dtype).kind == "f":
+            out.append(rng.standard_normal(dims).astype(dtype))
+        else:
+            out.append(np.ones(dims, dtype=dtype))
+    return out
 
 
 def _load_factory(spec: str):
@@ -73,10 +101,15 @@ def _load_factory(spec: str):
     return factory()
 
 
-def load_model(spec: str, example: list[np.ndarray] | None) -> Traced:
-    """Trace or load ``spec``; ``example`` gives one array per input (batch first)."""
+def load_model(spec: str, example: list[np.ndarray] | None, output: str | None = None) -> Traced:
+    """Trace or load ``spec``; ``example`` gives one array per input (batch first; for an ONNX
+    file it fixes the declared shapes); ``output`` picks one of several model outputs.
+
+    Raises:
+        ExportError: unknown model or output, unreadable file, bad example inputs.
+    """
     if spec.endswith(".onnx"):
-        return _load_onnx(spec)  # no torch needed for an ONNX model
+        return _pick_output(_load_onnx(spec, example), output)  # no torch for an ONNX model
     import torch
 
     from .models import BUILTIN_MODELS
@@ -97,7 +130,37 @@ def load_model(spec: str, example: list[np.ndarray] | None) -> Traced:
                           "expected a torch.nn.Module")
     if example is None:
         raise ExportError(f"model '{spec}' needs example inputs: pass --input-shape or an .npz")
-    return _trace_torch(module, example, spec)
+    return _pick_output(_trace_torch(module, example, spec), output)
+
+
+def _pick_output(traced: Traced, output: str | None) -> Traced:
+    """Keep only the chosen output (the graph is pruned to what it needs)."""
+    if output is None:
+        if len(traced.outputs) != 1:
+            raise ExportError(f"model has {len(traced.outputs)} outputs "
+                              f"({', '.join(traced.outputs)}); pick the one to train with "
+                              "--output NAME (add --head CLASSES to put a classifier on it)")
+        return traced
+    if output not in traced.outputs:
+        raise ExportError(f"--output '{output}' is not an output of the model; outputs: "
+                          f"{', '.join(traced.outputs)}")
+    g = traced.model.graph
+    keep_out = [o for o in g.output if o.name == output]
+    del g.output[:]
+    g.output.extend(keep_out)
+    needed = {output}
+    nodes = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            nodes.append(n)
+            needed.update(i for i in n.input if i)
+    del g.node[:]
+    g.node.extend(reversed(nodes))
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    traced.outputs = [output]
+    return traced
 
 
 def _input_names(module, n: int) -> list[str]:
@@ -136,7 +199,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str) -> Traced:
         pnames = [f"{cname}.{p}" for p, _ in child.named_parameters()]
         onnx_of = {tn: on for on, (tn, _) in torch_names.items()}
         children.append((cname, [onnx_of[p] for p in pnames if p in onnx_of]))
-    return Traced(model, names, outs, source, torch_names, children)
+    return Traced(model, names, outs, source, torch_names, children, from_torch=True)
 
 
 def _materialize_identity_initializers(model: onnx.ModelProto) -> None:
@@ -185,14 +248,14 @@ def _name_initializers(model: onnx.ModelProto, module) -> dict[str, tuple[str, b
     return mapping
 
 
-def _load_onnx(path: str) -> Traced:
+def _load_onnx(path: str, example: list[np.ndarray] | None = None) -> Traced:
     file = Path(path)
     if not file.is_file():
         raise ExportError(f"ONNX model '{path}' not found")
     try:
         model = onnx.load(str(file))
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
-        raise ExportError(f"cannot read ONNX model '{path}': {exc}") from None
+        raise ExportError(f"cannot read ONNX model '{path}': {str(exc)[:200]}") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < 13:
         raise ExportError(f"ONNX model '{path}' uses opset {opset}; opset 13 or newer is needed "
@@ -200,5 +263,71 @@ def _load_onnx(path: str) -> Traced:
     _materialize_identity_initializers(model)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
+    if example is not None:
+        _fix_input_shapes(model, inputs, example)
     outputs = [o.name for o in model.graph.output]
-    return Traced(model, inputs, outputs, f"onnx:{file.name}")
+    return Traced(model, inputs, outputs, f"onnx:{file.name}", _onnx_param_names(model))
+
+
+def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],
+                      example: list[np.ndarray]) -> None:
+    """Make the declared input shapes static (the batch stays symbolic) from example arrays:
+    an encoder exported with a dynamic sequence axis gets the sequence length to train at."""
+    if len(example) != len(inputs):
+        raise ExportError(f"--input-shape gives {len(example)} input(s); the model has "
+                          f"{len(inputs)}: {', '.join(inputs)}")
+    by_name = {vi.name: vi for vi in model.graph.input}
+    for name, arr in zip(inputs, example, strict=True):
+        t = by_name[name].type.tensor_type
+        want = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if np.dtype(want) != arr.dtype:
+            raise ExportError(f"model input '{name}' is {np.dtype(want)}; --input-shape gives "
+                              f"{arr.dtype} (write e.g. 8,64:{np.dtype(want)})")
+        if len(t.shape.dim) != arr.ndim:
+            raise ExportError(f"model input '{name}' has {len(t.shape.dim)} dims; "
+                              f"--input-shape gives {arr.ndim}")
+        for d, v in zip(t.shape.dim, arr.shape, strict=True):
+            if d.HasField("dim_value") and d.dim_value != v and d is not t.shape.dim[0]:
+                raise ExportError(f"model input '{name}' has a fixed size {d.dim_value} where "
+                                  f"--input-shape gives {v}")
+            d.ClearField("dim_param")
+            d.dim_value = v
+    for vi in list(model.graph.value_info):
+        model.graph.value_info.remove(vi)  # stale shapes of the dynamic model
+
+
+_ROLE = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gemm", 2): "bias",
+         ("Conv", 1): "weight", ("Conv", 2): "bias", ("Add", 0): "bias", ("Add", 1): "bias",
+         ("LayerNormalization", 1): "weight", ("LayerNormalization", 2): "bias",
+         ("BatchNormalization", 1): "weight", ("BatchNormalization", 2): "bias",
+         ("Mul", 0): "weight", ("Mul", 1): "weight", ("Gather", 0): "weight"}
+
+
+def _onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
+    """Readable names for an ONNX file's float initializers: their own name, or, where it is
+    anonymous (``onnx::MatMul_470``), the consuming node's module path plus the role
+    (``encoder.layer.0.attention.self.query.weight``). MatMul weights are [in, out]: marked
+    transposed with respect to PyTorch's Linear ([out, in]), for ``export-model``'s safetensors."""
+    from .layers import is_anonymous, module_path
+
+    inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    names: dict[str, tuple[str, bool]] = {}
+    taken: set[str] = set(n for n in inits if not is_anonymous(n))
+    for node in model.graph.node:
+        for k, i in enumerate(node.input):
+            if i not in inits or i in names:
+                continue
+            transposed = node.op_type == "MatMul" and k == 1 and len(inits[i].dims) == 2
+            if not is_anonymous(i):
+                names[i] = (i, transposed)
+                continue
+            path = module_path(node.name)
+            role = _ROLE.get((node.op_type, k), f"param{k}")
+            base = f"{path}.{role}" if path else i
+            name, j = base, 1
+            while name in taken:
+                j += 1
+                name = f"{base}.{j}"
+            taken.add(name)
+            names[i] = (name, transposed)
+    return names

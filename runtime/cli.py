@@ -99,6 +99,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-batches", type=int, default=None)
     e.add_argument("--energy", type=float, default=None)
     e.add_argument("--oversample", type=int, default=None)
+    e.add_argument("--output", default=None,
+                   help="the model output to train (a model with several outputs)")
+    e.add_argument("--head", type=int, default=None, metavar="CLASSES",
+                   help="append a new trainable classifier with this many classes")
+    e.add_argument("--pool", default="mean", choices=["mean", "cls", "none"],
+                   help="with --head: pool an [N, L, C] output over its tokens (mean respects "
+                        "an attention-mask input) or take the first; none for an [N, C] output")
+    e.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json of a text model, copied into the bundle (automatic for "
+                        "the built-in text models)")
+    e.add_argument("--image-mean", default=None,
+                   help="image models: per-channel mean after scaling pixels to [0, 1], e.g. "
+                        "0.485,0.456,0.406 (default 0)")
+    e.add_argument("--image-std", default=None,
+                   help="image models: per-channel std, e.g. 0.229,0.224,0.225 (default 1)")
+    e.add_argument("--classes", default=None,
+                   help="class names in id order, comma-separated (kept with the model)")
 
     t = sub.add_parser("train", help="train a bundle on the device (no torch)")
     t.add_argument("bundle")
@@ -250,9 +267,21 @@ def _cmd_export(a) -> int:
         settings = load_typed(InstantSettings, raw, "export options")
     except UserError as exc:
         raise UserError(str(exc).replace("; re-export the bundle", "")) from None
+    def floats(text: str | None, flag: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError:
+            raise UserError(f"{flag} '{text}' is invalid: expected comma-separated numbers, "
+                            "e.g. 0.485,0.456,0.406") from None
+
     path = export_bundle(a.model, out, input_shape=a.input_shape, npz=a.npz,
                          trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
-                         settings=settings)
+                         settings=settings, output=a.output, head=a.head, pool=a.pool,
+                         tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
+                         image_std=floats(a.image_std, "--image-std"),
+                         class_names=a.classes.split(",") if a.classes else None)
     from contract import read_manifest
 
     m = read_manifest(path / "manifest.json")

@@ -1,0 +1,163 @@
+"""A new classifier on a model's output (``export --head CLASSES --pool mean|cls|none``), and
+what the runtime needs to feed the model raw data (text: the tokenizer; images: size and
+normalisation), recorded in the manifest.
+
+The head is appended to the ONNX graph as standard ops: pooling over the token axis (mean over
+the tokens the ``attention_mask`` input marks, or over all tokens when there is no mask; the
+first token for ``cls``), then ``Gemm`` with a new weight and bias, initialised as PyTorch's
+``nn.Linear`` (uniform ±1/√C). The head is always trainable and never compressed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from contract import ImageSpec, TextSpec
+
+from .graph import ExportError, Shapes
+from .trace import Traced
+
+__all__ = ["HEAD_BIAS", "HEAD_WEIGHT", "POOLS", "add_head", "image_spec", "text_spec"]
+
+POOLS = ("mean", "cls", "none")
+HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+
+
+def _mask_input(traced: Traced, shapes: Shapes) -> str | None:
+    for name in traced.inputs:
+        dt = shapes.dtype.get(name)
+        if "mask" in name.lower() and dt in (TensorProto.INT64, TensorProto.INT32,
+                                             TensorProto.FLOAT, TensorProto.BOOL):
+            return name
+    return None
+
+
+def add_head(traced: Traced, classes: int, pool: str, seed: int = 0) -> str:
+    """Append pooling and a ``classes``-way linear classifier to the traced model's output;
+    returns the new output's name (the graph now ends in it).
+
+    Raises:
+        ExportError: a bad class count or pooling, or an output whose shape does not fit.
+    """
+    if classes < 2:
+        raise ExportError(f"--head {classes}: a classifier needs at least 2 classes")
+    if pool not in POOLS:
+        raise ExportError(f"--pool '{pool}' is unknown; choose {', '.join(POOLS)}")
+    g = traced.model.graph
+    out = traced.outputs[0]
+    shapes = Shapes(traced.model)
+    dims = shapes.of(out)
+    if pool == "none":
+        if len(dims) != 2:
+            raise ExportError(f"output '{out}' has shape {dims}; --pool none needs [N, C] "
+                              "(use --pool mean or cls for a [N, L, C] output)")
+        pooled = out
+    else:
+        if len(dims) != 3:
+            raise ExportError(f"output '{out}' has shape {dims}; --pool {pool} needs [N, L, C] "
+                              "(use --pool none for an [N, C] output)")
+        pooled = _pool(g, traced, shapes, out, pool)
+    width = dims[-1]
+    if not isinstance(width, int):
+        raise ExportError(f"output '{out}' has a symbolic width {width}; export with static "
+                          "shapes except the batch dimension")
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / np.sqrt(width)
+    w = rng.uniform(-bound, bound, (classes, width)).astype(np.float32)
+    b = rng.uniform(-bound, bound, classes).astype(np.float32)
+    g.initializer.extend([numpy_helper.from_array(w, HEAD_WEIGHT),
+                          numpy_helper.from_array(b, HEAD_BIAS)])
+    logits = "head/logits"
+    g.node.append(helper.make_node("Gemm", [pooled, HEAD_WEIGHT, HEAD_BIAS], [logits],
+                                   name="/head/Gemm", transB=1))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", classes]))
+    traced.outputs = [logits]
+    traced.torch_names[HEAD_WEIGHT] = (HEAD_WEIGHT, False)
+    traced.torch_names[HEAD_BIAS] = (HEAD_BIAS, False)
+    return logits
+
+
+def _pool(g: onnx.GraphProto, traced: Traced, shapes: Shapes, out: str, pool: str) -> str:
+    def const(name: str, value, dtype=np.int64) -> str:
+        g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        g.node.append(helper.make_node(op, inputs, [output], name=f"/head/{output}", **attrs))
+        return output
+
+    if pool == "cls":
+        return node("Gather", [out, const("head/zero", 0)], "head/cls", axis=1)
+    mask = _mask_input(traced, shapes)
+    if mask is None:
+        return node("ReduceMean", [out], "head/mean", axes=[1], keepdims=0) if \
+            _opset(traced) < 18 else node("ReduceMean", [out, const("head/axis1", [1])],
+                                          "head/mean", keepdims=0)
+    m = node("Cast", [mask], "head/mask_f", to=TensorProto.FLOAT)
+    m3 = node("Unsqueeze", [m, const("head/axis2", [2])], "head/mask3")
+    summed = node("ReduceSum", [node("Mul", [out, m3], "head/masked"),
+                                const("head/axis1s", [1])], "head/sum", keepdims=0)
+    count = node("ReduceSum", [m3, const("head/axis1c", [1])], "head/count", keepdims=0)
+    count = node("Max", [count, const("head/eps", [1e-9], np.float32)], "head/count_safe")
+    return node("Div", [summed, count], "head/mean")
+
+
+def _opset(traced: Traced) -> int:
+    return next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path) -> TextSpec | None:
+    """Copy the tokenizer into the bundle and record which inputs it fills (by name: ``*ids*``,
+    ``*mask*``, ``*type*``; else the first integer input is the ids).
+
+    Raises:
+        ExportError: the file is missing, or the model has no integer [N, L] input.
+    """
+    if tokenizer is None:
+        return None
+    tokenizer = Path(tokenizer)
+    if not tokenizer.is_file():
+        raise ExportError(f"--tokenizer '{tokenizer}' not found (a tokenizer.json of the "
+                          "Hugging Face tokenizers library)")
+    ints = [n for n in traced.inputs if shapes.dtype.get(n) in (TensorProto.INT64,
+                                                                TensorProto.INT32)]
+    two_d = [n for n in ints if len(shapes.of(n)) == 2 and isinstance(shapes.of(n)[1], int)]
+    if not two_d:
+        raise ExportError("--tokenizer needs a model with integer token inputs [N, L] of a static "
+                          f"length L; inputs: {', '.join(traced.inputs)} (for an ONNX file, "
+                          "fix L with --input-shape 8,64:int64;8,64:int64)")
+    ids = next((n for n in two_d if "ids" in n.lower() and "type" not in n.lower()), two_d[0])
+    mask = next((n for n in two_d if "mask" in n.lower()), None)
+    types = next((n for n in two_d if "type" in n.lower()), None)
+    try:
+        json_text = tokenizer.read_text(encoding="utf-8")
+        import json
+
+        json.loads(json_text)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--tokenizer '{tokenizer}' is not a tokenizer.json "
+                          f"({type(exc).__name__})") from None
+    shutil.copyfile(tokenizer, out / "tokenizer.json")
+    return TextSpec("tokenizer.json", int(shapes.of(ids)[1]), ids, mask, types)
+
+
+def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
+               std: list[float] | None) -> ImageSpec | None:
+    """For a model with one float [N, C, H, W] input (C = 1 or 3): the size and normalisation
+    the runtime applies to image files (pixels / 255, resized, ``(x - mean) / std``)."""
+    if len(traced.inputs) != 1:
+        return None
+    name = traced.inputs[0]
+    dims = shapes.of(name)
+    if (len(dims) != 4 or shapes.dtype.get(name) != TensorProto.FLOAT
+            or not all(isinstance(d, int) for d in dims[1:]) or dims[1] not in (1, 3)):
+        return None
+    c = int(dims[1])
+    return ImageSpec(name, c, int(dims[2]), int(dims[3]), list(mean or [0.0]),
+                     list(std or [1.0]))
