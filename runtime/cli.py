@@ -50,12 +50,23 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -
                    help="hold out this fraction of --data (seeded by --seed)")
 
 
-def _load_data(a, bundle, spec: str | None = None):
+def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None = None):
     from .data import load_data
 
     return load_data(spec or a.data, bundle, text_column=a.text_column,
                      label_column=a.label_column, val=a.val, val_split=a.val_split,
-                     seed=getattr(a, "seed", 0))
+                     seed=getattr(a, "seed", 0), class_names=class_names)
+
+
+def _resumed_class_names(out: Path) -> list[str] | None:
+    """The label map a run folder recorded (``--resume`` keeps the same class ids)."""
+    import json
+
+    try:
+        names = json.loads((out / "run.json").read_text()).get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return names if isinstance(names, list) else None
 
 
 def _add_instant_args(p: argparse.ArgumentParser) -> None:
@@ -162,6 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_budget_args(pl)
 
     sub.add_parser("profiles", help="list the device profiles and what each does here")
+
+    from export.report import add_report_parser  # light: matplotlib loads only when it runs
+
+    add_report_parser(sub)
 
     xm = sub.add_parser("export-model",
                         help="write a standalone inference .onnx (+ .safetensors) with trained "
@@ -305,8 +320,8 @@ def _cmd_train(a) -> int:
                         max_nonfinite=a.max_nonfinite, budget=budget, progress=not a.no_progress)
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof, optim)
-    data = _load_data(a, bundle)
     out = Path(a.out) if a.out else bundle.path / "run"
+    data = _load_data(a, bundle, class_names=_resumed_class_names(out) if a.resume else None)
     trainer = Trainer(bundle, cfg)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
                                          getattr(data, "class_names", None)))
@@ -412,6 +427,10 @@ def _cmd_export_model(a) -> int:
     r = export_model(a.source, a.out, weights=a.weights, bundle=a.bundle, overwrite=a.overwrite)
     print(f"model written to {r.onnx_path} ({r.params} trained tensors from {r.weights})"
           + (f", external data {r.external_data}" if r.external_data else ""))
+    if r.labels_path:
+        print(f"class names written to {r.labels_path}")
+    if r.tokenizer_path:
+        print(f"tokenizer written to {r.tokenizer_path}")
     if r.safetensors_path:
         print(f"torch weights written to {r.safetensors_path}")
     else:
@@ -435,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_malloc()
         try:
-            return HANDLERS[args.cmd](args)
+            handler = HANDLERS.get(args.cmd) or args.handler
+            return handler(args)
         except (UserError, ProfileError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -8,6 +8,7 @@ names (transposed back where the ONNX graph stores them transposed). Needs ``onn
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import UserError, names
+from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
 
@@ -33,6 +34,8 @@ class ExportResult:
     safetensors_path: Path | None
     weights: Path
     params: int
+    labels_path: Path | None = None
+    tokenizer_path: Path | None = None
 
 
 def resolve_source(source: str | Path, weights: str | Path | None = None,
@@ -48,6 +51,9 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         bdir = src
     elif (src / "params.npz").is_file():
         bdir = src.parent
+        recorded = _run_bundle(src)
+        if not (bdir / "manifest.json").is_file() and recorded is not None:
+            bdir = recorded
         if not (bdir / "manifest.json").is_file():
             raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
                             "--bundle DIR")
@@ -69,6 +75,15 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         raise UserError(f"no parameters found for '{src}' (no run/params.npz or params.npz); "
                         "train first or pass --weights FILE")
     return b, w
+
+
+def _run_bundle(run: Path) -> Path | None:
+    """The bundle a run recorded in its run.json (written by ``train``), if any."""
+    try:
+        path = json.loads((run / "run.json").read_text()).get("bundle")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(path) if isinstance(path, str) else None
 
 
 def _import_onnx():
@@ -234,7 +249,8 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         UserError: a bad source or bundle, or output files that exist (without ``overwrite``).
     """
     out = Path(out)
-    targets = [out, out.with_suffix(".safetensors"), out.parent / (out.name + ".data")]
+    targets = [out, out.with_suffix(".safetensors"), out.parent / (out.name + ".data"),
+               out.with_suffix(".labels.json"), out.with_suffix(".tokenizer.json")]
     if out.is_dir():
         raise UserError(f"--out '{out}' is a directory; name the .onnx file to write")
     taken = [str(t) for t in targets if t.exists()]
@@ -247,4 +263,33 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     data = _write_onnx(onnx, model, out)
     st = out.with_suffix(".safetensors")
     wrote = _write_safetensors(b, params, st)
-    return ExportResult(out, data, st if wrote else None, w, len(params))
+    labels = _class_names(b, w)
+    labels_path = tok_path = None
+    if labels:
+        labels_path = out.with_suffix(".labels.json")
+        text = json.dumps(labels, indent=1)
+        atomic_write(labels_path, lambda p: write_text(p, text))
+    if b.manifest.text is not None:
+        tok_path = out.with_suffix(".tokenizer.json")
+        data_tok = b.read_file(b.manifest.text.tokenizer)
+        atomic_write(tok_path, lambda p: _write_bytes(p, data_tok))
+    return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _class_names(b: Bundle, weights: Path) -> list[str] | None:
+    """The run's label map (``run.json`` next to its params.npz), else the bundle's."""
+    run_json = Path(weights).parent / "run.json"
+    try:
+        names_ = json.loads(run_json.read_text()).get("class_names")
+        if isinstance(names_, list) and all(isinstance(n, str) for n in names_):
+            return names_
+    except (OSError, ValueError, AttributeError):
+        pass
+    return b.manifest.class_names

@@ -1,0 +1,360 @@
+"""``instant-runtime report RUN --out report.png``: a training run's metrics drawn (workstation side).
+
+Reads ``RUN/metrics.jsonl`` (one JSON object per line, written by ``train``) and, when present,
+``RUN/summary.json``, and draws whichever of these the run recorded:
+
+(a) training loss and accuracy against the step, with the held-out evaluations as points;
+(b) resident memory (RSS and its running peak) against the step, with the budget and the
+    planner's predicted peak;
+(c) INSTANT ranks at each calibration: the mean of the layers' ``Rx`` and ``Ry`` and their
+    min-max range.
+
+Records (fields may be missing)::
+
+    {"kind": "plan", "budget": bytes|null, "predicted_peak": bytes, "micro_batch": int, ...}
+    {"kind": "step", "step": int, "loss": float, "accuracy": float|null, "lr": float,
+     "step_s": float, "rss": bytes, "peak_rss": bytes}
+    {"kind": "calibration", "step": int, "seconds": float, "ranks": {layer: [rx, ry]}}
+    {"kind": "eval", "step": int, "split": "val", "loss": float, "accuracy": float|null}
+
+A resumed run appends the steps it repeats; the last record of a step wins. A torn last line (a
+run killed mid-write) is skipped; any other line that is not a JSON object is an error. Only
+matplotlib's Agg canvas is used (no pyplot, no display); the device never imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contract.errors import UserError
+
+__all__ = ["Metrics", "add_report_parser", "cmd_report", "read_metrics", "write_report"]
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+MAX_METRICS_BYTES = 1 << 30  # a metrics file is KBs to MBs; refuse absurd ones
+_MB = 1e6
+
+
+@dataclass
+class Metrics:
+    """A run's records by kind, one per step (the last one written wins)."""
+
+    source: Path
+    steps: list[dict] = field(default_factory=list)  # sorted by step
+    evals: list[dict] = field(default_factory=list)  # sorted by step
+    calibrations: list[dict] = field(default_factory=list)  # sorted by step
+    plan: dict | None = None  # the last plan record
+    summary: dict | None = None  # summary.json
+    torn_last_line: bool = False
+
+    @property
+    def budget(self) -> float | None:
+        for rec in (self.plan, self.summary):
+            v = _num((rec or {}).get("budget"))
+            if v is not None:
+                return v
+        return None
+
+    @property
+    def predicted_peak(self) -> float | None:
+        for rec in (self.plan, self.summary):
+            v = _num((rec or {}).get("predicted_peak"))
+            if v is not None:
+                return v
+        return None
+
+
+def _num(v: object) -> float | None:
+    """A finite number, or None (missing, null, a string, a bool, NaN)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _step(rec: dict) -> int | None:
+    s = rec.get("step")
+    return s if isinstance(s, int) and not isinstance(s, bool) else None
+
+
+def read_metrics(run: str | os.PathLike) -> Metrics:
+    """Parse ``RUN/metrics.jsonl`` (``run`` may also be the file itself) and ``summary.json``.
+
+    Raises:
+        UserError: no such run or file, an unreadable or empty file, a line (other than a torn
+            last one) that is not a JSON object, a corrupt summary.json.
+    """
+    run = Path(run)
+    path = run if run.is_file() else run / METRICS_FILE
+    folder = path.parent
+    if not run.exists():
+        raise UserError(f"run '{run}' not found; pass the --out folder of a `train` run")
+    if not path.is_file():
+        raise UserError(f"{run} has no {METRICS_FILE}; pass the --out folder of a `train` run "
+                        "(every run writes RUN/metrics.jsonl)")
+    try:
+        size = path.stat().st_size
+        if size > MAX_METRICS_BYTES:
+            raise UserError(f"{path} has {size / 1e9:.1f} GB, more than a metrics file can have; "
+                            "it is not a run's metrics")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    m = Metrics(path)
+    steps: dict[int, dict] = {}
+    evals: dict[tuple[int, str], dict] = {}
+    calibs: dict[int, dict] = {}
+    lines = raw.split(b"\n")
+    last = len(lines) - 1  # after a final "\n" the last element is empty
+    records = 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            if i == last:  # no newline after it: a write cut short (the run was killed)
+                m.torn_last_line = True
+                continue
+            raise UserError(f"{path}: line {i + 1} is not valid JSON ({str(exc)[:60]}); the "
+                            "file is corrupt: delete that line or run again") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}: line {i + 1} is not a JSON object; the file is not a run's "
+                            "metrics")
+        records += 1
+        kind, step = rec.get("kind"), _step(rec)
+        if kind == "plan":
+            m.plan = rec
+        elif kind == "step" and step is not None:
+            steps[step] = rec
+        elif kind == "eval" and step is not None:
+            evals[(step, str(rec.get("split", "val")))] = rec
+        elif kind == "calibration" and step is not None:
+            calibs[step] = rec
+        # other kinds (newer runtimes) are skipped
+    if not records:
+        raise UserError(f"{path} holds no records (empty file); the run wrote no metrics")
+    m.steps = [steps[k] for k in sorted(steps)]
+    m.evals = [evals[k] for k in sorted(evals)]
+    m.calibrations = [calibs[k] for k in sorted(calibs)]
+    spath = folder / SUMMARY_FILE
+    if spath.is_file():
+        try:
+            summary = json.loads(spath.read_bytes())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise UserError(f"{spath} is unreadable or corrupt ({str(exc)[:60]}); delete it to "
+                            "draw the metrics alone") from None
+        if not isinstance(summary, dict):
+            raise UserError(f"{spath} is not a JSON object; delete it to draw the metrics alone")
+        m.summary = summary
+    return m
+
+
+def _series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = _num(r.get(key))
+        if v is not None:
+            xs.append(r["step"])
+            ys.append(v / scale)
+    return xs, ys
+
+
+def _rank_stats(calibrations: list[dict]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"step": [], "rx": [], "ry": [], "min": [], "max": []}
+    for c in calibrations:
+        ranks = c.get("ranks")
+        if not isinstance(ranks, dict):
+            continue
+        rx, ry = [], []
+        for v in ranks.values():
+            if isinstance(v, list | tuple) and len(v) == 2 and all(_num(r) is not None
+                                                                   for r in v):
+                rx.append(float(v[0]))
+                ry.append(float(v[1]))
+        if not rx:
+            continue
+        out["step"].append(c["step"])
+        out["rx"].append(sum(rx) / len(rx))
+        out["ry"].append(sum(ry) / len(ry))
+        out["min"].append(min(rx + ry))
+        out["max"].append(max(rx + ry))
+    return out
+
+
+def _title(m: Metrics, run_name: str) -> str:
+    s = m.summary or {}
+    parts = [run_name]
+    if isinstance(s.get("mode"), str):
+        parts.append(f"mode {s['mode']}")
+    if m.steps:
+        parts.append(f"{len(m.steps)} steps")
+    acc, before = _num(s.get("test_acc")), _num(s.get("test_acc_before"))
+    if acc is not None:
+        parts.append(f"held-out acc {before:.3f} → {acc:.3f}" if before is not None
+                     else f"held-out acc {acc:.3f}")
+    peak = _num(s.get("peak_rss"))
+    if peak is not None:
+        budget = m.budget
+        parts.append(f"peak {peak / _MB:.1f} MB" + (f" / budget {budget / _MB:.0f} MB"
+                                                    if budget is not None else ""))
+    return " · ".join(parts)
+
+
+def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> Path:
+    """Draw the run's metrics into ``out_png`` (default ``RUN/report.png``); returns its path.
+
+    Raises:
+        UserError: everything :func:`read_metrics` raises, nothing to draw, matplotlib missing,
+            an unwritable output.
+    """
+    m = read_metrics(run_dir)
+    run = Path(run_dir)
+    folder = run.parent if run.is_file() else run
+    out = Path(out_png) if out_png is not None else folder / "report.png"
+    loss = _series(m.steps, "loss")
+    acc = _series(m.steps, "accuracy")
+    ev_loss = _series(m.evals, "loss")
+    ev_acc = _series(m.evals, "accuracy")
+    rss = _series(m.steps, "rss", _MB)
+    peak = _series(m.steps, "peak_rss", _MB)
+    ranks = _rank_stats(m.calibrations)
+    panels = []
+    if loss[0] or acc[0] or ev_loss[0] or ev_acc[0]:
+        panels.append("loss")
+    if rss[0] or peak[0]:
+        panels.append("memory")
+    if ranks["step"]:
+        panels.append("ranks")
+    if not panels:
+        raise UserError(f"{m.source} has no step, evaluation or calibration records with values "
+                        "to draw")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UserError("the report needs matplotlib (workstation side); install it with "
+                        "`pip install matplotlib`") from None
+
+    fig = Figure(figsize=(11.0, 3.0 * len(panels) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
+    fig.suptitle(_title(m, folder.name or str(folder)), fontsize=10)
+    for ax, panel in zip(axes, panels, strict=True):
+        ax.grid(alpha=0.3)
+        if panel == "loss":
+            _draw_loss(ax, loss, acc, ev_loss, ev_acc)
+        elif panel == "memory":
+            _draw_memory(ax, m, rss, peak)
+        else:
+            _draw_ranks(ax, ranks, max((r["step"] for r in m.steps), default=0))
+    axes[-1].set_xlabel("step")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {exc.strerror}") from None
+    return out
+
+
+def _draw_loss(ax, loss, acc, ev_loss, ev_acc) -> None:
+    handles = []
+    if loss[0]:
+        handles += ax.plot(*loss, color="tab:blue", lw=1.2, label="train loss")
+    if ev_loss[0]:
+        handles += ax.plot(*ev_loss, "o", color="tab:blue", mfc="white", label="held-out loss")
+    ax.set_ylabel("loss")
+    if acc[0] or ev_acc[0]:
+        ax2 = ax.twinx()
+        if acc[0]:
+            handles += ax2.plot(*acc, color="tab:green", lw=1.0, alpha=0.7,
+                                label="train accuracy")
+        if ev_acc[0]:
+            handles += ax2.plot(*ev_acc, "s", color="tab:green", mfc="white",
+                                label="held-out accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1.02)
+    _legend(ax, handles, 1.09 if (acc[0] or ev_acc[0]) else 1.01)
+    ax.set_title("loss and accuracy", fontsize=9, loc="left")
+
+
+def _draw_memory(ax, m: Metrics, rss, peak) -> None:
+    if rss[0]:
+        ax.plot(*rss, color="tab:purple", lw=1.0, label="RSS after step")
+    if peak[0]:
+        ax.plot(*peak, color="tab:purple", lw=1.4, ls="--", label="peak RSS (running)")
+    budget, predicted = m.budget, m.predicted_peak
+    if budget is not None:
+        ax.axhline(budget / _MB, color="tab:red", lw=1.5, label=f"budget {budget / _MB:.0f} MB")
+    if predicted is not None:
+        ax.axhline(predicted / _MB, color="tab:orange", lw=1.2, ls=":",
+                   label=f"predicted peak {predicted / _MB:.1f} MB")
+    measured = _num((m.summary or {}).get("peak_rss"))
+    if measured is not None:
+        ax.axhline(measured / _MB, color="grey", lw=0.8, ls="-.",
+                   label=f"measured peak {measured / _MB:.1f} MB")
+    ax.set_ylabel("MB")
+    _legend(ax, ax.get_legend_handles_labels()[0])
+    ax.set_title("resident memory (whole process)", fontsize=9, loc="left")
+
+
+def _draw_ranks(ax, ranks: dict[str, list[float]], last_step: int) -> None:
+    """Ranks hold from one calibration to the next (and to the last step): steps, not lines."""
+    xs = list(ranks["step"])
+    ext = {k: list(v) for k, v in ranks.items()}
+    if last_step > xs[-1]:
+        for k in ext:
+            ext[k].append(ext[k][-1])
+        ext["step"][-1] = last_step
+    ax.fill_between(ext["step"], ext["min"], ext["max"], color="tab:cyan", alpha=0.2,
+                    step="post", label="min-max over layers")
+    for key, color, label in (("rx", "tab:cyan", "mean Rx"), ("ry", "tab:olive", "mean Ry")):
+        ax.plot(ext["step"], ext[key], color=color, drawstyle="steps-post", label=label)
+        ax.plot(xs, ranks[key], "o", color=color)
+    ax.set_ylabel("rank")
+    ax.set_ylim(bottom=0)
+    _legend(ax, ax.get_legend_handles_labels()[0])
+    ax.set_title("INSTANT ranks at each calibration", fontsize=9, loc="left")
+
+
+def _legend(ax, handles: list, x: float = 1.01) -> None:
+    """Outside the axes, on the right: it never hides a curve."""
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(x, 1.0), fontsize=8,
+              frameon=False)
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``report RUN [--out PNG]`` to the CLI; its handler is ``cmd_report`` (also set as
+    the parser default ``handler``). Imports nothing heavy: matplotlib loads when it runs."""
+    p = subparsers.add_parser("report", help="draw a run's loss, accuracy, memory and ranks "
+                                             "to a PNG (workstation; needs matplotlib)")
+    p.add_argument("run", help="a training run folder (train --out), holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/report.png)")
+    p.set_defaults(handler=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report and print one line per fact. Raises UserError (the CLI prints it)."""
+    path = write_report(args.run, args.out)
+    m = read_metrics(args.run)
+    line = f"report written to {path}"
+    if m.steps:
+        first, last = _num(m.steps[0].get("loss")), _num(m.steps[-1].get("loss"))
+        if first is not None and last is not None:
+            line += f" ({len(m.steps)} steps, loss {first:.4f} -> {last:.4f})"
+    print(line)
+    if m.torn_last_line:
+        print("note: the last line of metrics.jsonl was cut short (the run was killed while "
+              "writing it) and is left out")
+    return 0

@@ -1,0 +1,144 @@
+"""The user's own data files, streamed per micro-batch: a file larger than the budget trains in it.
+
+Every source indexes its file once, when it is opened, and then holds only small per-row arrays
+(byte offsets, record lengths, label ids: 16 bytes a row for text); ``take(idx)`` reads just the
+rows asked for (``os.pread`` of their byte ranges; nothing is memory-mapped, so no page of the
+file counts in the RSS) and builds exactly the bundle's input arrays for them.
+
+| data | source | rows | labels |
+|---|---|---|---|
+| ``FILE.csv`` / ``FILE.tsv`` | :class:`TextSource` | one record each (quoted fields may span lines) | a column |
+| ``FILE.jsonl`` (``.ndjson``) | :class:`TextSource` | one JSON object per line | a field |
+| ``DIR/`` | :class:`ImageSource` | each PNG/JPEG under ``DIR/<class>/`` | the class folder |
+| ``FILE.npz`` | :class:`NpzSource` | rows of the arrays, read in place | ``y`` |
+
+Labels are strings mapped to class ids in a stable order: sorted, numerically when every label
+is an integer, and an integer label is its own class id when all of them lie in
+``[0, num_classes)``; or mapped through a given ``class_names`` list (the bundle's, or a resumed
+run's), in which case an unknown label is a bad row. Bad rows (missing or empty label, empty
+text, unparsable records, unreadable images...) are counted by reason with a few examples in
+``source.problems``, never dropped silently; a file where nothing is usable is a one-line error.
+
+Memory: ``bytes_fixed() + n * bytes_per_sample()`` bounds what ``take`` of ``n`` rows allocates
+(its numpy outputs and casts, and the one record or image it decodes at a time).
+Pillow and tokenizers are imported only when an image or text source is opened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contract.errors import UserError
+from contract.manifest import Manifest
+
+from .common import IMAGE_SUFFIXES, TEXT_SUFFIXES, Problems, Source, SourceView, split
+from .images import ImageSource, open_images
+from .npz import NpzSource, open_npz
+from .text import TextSource, open_text
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "TEXT_SUFFIXES",
+    "ImageSource",
+    "NpzSource",
+    "Problems",
+    "Source",
+    "SourceView",
+    "TextSource",
+    "open_data",
+    "open_images",
+    "open_npz",
+    "open_source",
+    "open_text",
+    "split",
+]
+
+
+# ---------------------------------------------------------------------------- from a bundle
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "images"
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    if suffix == ".npz":
+        return "npz"
+    raise UserError(f"cannot tell the format of data '{path}': use a .csv, .tsv or .jsonl file "
+                    "(text), a folder with one sub-folder per class (images), or an .npz")
+
+
+def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
+                text_column: str = "text", label_column: str = "label",
+                class_names: list[str] | None = None,
+                tokenizer: str | Path | object | None = None) -> Source:
+    """One data file or folder, built for ``manifest``'s inputs (format by suffix; a folder is
+    images). ``class_names`` fixes the label map (default: the bundle's, when it has one);
+    ``tokenizer`` defaults to the bundle's ``text.tokenizer`` file.
+
+    Raises:
+        UserError: not found, unknown format, a bundle without the text or image spec the data
+            needs, and everything the sources raise.
+    """
+    path = Path(data)
+    if not path.exists():
+        raise UserError(f"data '{data}' not found")
+    kind = _kind(path)
+    if class_names is None:
+        class_names = manifest.class_names
+    if kind == "npz":
+        return open_npz(path, manifest.inputs, manifest.loss, class_names=class_names)
+    if kind == "text":
+        if manifest.text is None:
+            raise UserError(f"{path} is text, but the bundle records no tokenizer (manifest "
+                            "'text'); export the model as a text model (with its tokenizer) or "
+                            "pass token ids in an .npz")
+        tok = tokenizer if tokenizer is not None else Path(bundle_dir) / manifest.text.tokenizer
+        return open_text(path, manifest.text, manifest.inputs, manifest.loss, tok,
+                         text_column=text_column, label_column=label_column,
+                         class_names=class_names)
+    if manifest.image is None:
+        raise UserError(f"{path} is an image folder, but the bundle records no image input "
+                        "(manifest 'image': size and normalisation); export the model as an "
+                        "image model or pass arrays in an .npz")
+    return open_images(path, manifest.image, manifest.inputs, manifest.loss,
+                       class_names=class_names)
+
+
+def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
+              text_column: str = "text", label_column: str = "label",
+              class_names: list[str] | None = None, val: str | Path | None = None,
+              val_split: float | None = None, seed: int = 0,
+              tokenizer: str | Path | object | None = None) -> Source:
+    """Train data with its held-out split in ``.test``: ``val`` (a second file or folder, read
+    with the train data's label map), ``val_split`` (a seeded fraction of the rows), or an
+    ``.npz``'s own ``_test`` arrays; none of them: ``.test`` is None.
+
+    Raises:
+        UserError: both ``val`` and ``val_split``, a held-out split given twice, and everything
+            :func:`open_source` raises.
+    """
+    if val is not None and val_split is not None:
+        raise UserError("pass either --val FILE or --val-split FRACTION, not both")
+    opts = {"text_column": text_column, "label_column": label_column, "tokenizer": tokenizer}
+    train = open_source(data, manifest, bundle_dir, class_names=class_names, **opts)
+    if (val is not None or val_split is not None) and train.test is not None:
+        flag = "--val" if val is not None else "--val-split"
+        raise UserError(f"{data} already has a held-out split (its _test arrays); drop {flag} or "
+                        "remove the _test arrays from the file")
+    if val is not None:
+        names = train.class_names if train.class_names is not None else class_names
+        held = open_source(val, manifest, bundle_dir, class_names=names, **opts)
+        if held.test is not None:
+            raise UserError(f"--val {val} has _test arrays of its own; pass a file with just the "
+                            "held-out rows (x, y)")
+        if train.class_names is not None and held.class_names is not None and \
+                held.class_names != train.class_names:
+            raise UserError(f"--val {val} has other classes than {data}; use the same labels")
+        held.name = f"{held.name} (val)"
+        train.test = held
+        return train
+    if val_split is not None:
+        tr, va = split(train, val_split, seed)
+        tr.test = va
+        return tr
+    return train

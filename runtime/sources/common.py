@@ -1,0 +1,353 @@
+"""Shared parts of the data sources: the problems report, the ``Source`` interface, index-subset
+views and splits, label maps, and careful file reads."""
+
+from __future__ import annotations
+
+import array
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from contract.errors import UserError
+
+Arrays = dict[str, np.ndarray]
+
+TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_RECORD_BYTES = 1 << 20  # a longer text record is a bad row (it bounds take's transients)
+MAX_LABELS = 10_000  # more distinct values than this: not a label column
+MAX_IMAGE_PIXELS = 40_000_000  # a larger image is a bad row (decoding it would cost > 160 MB)
+CHARS_PER_TOKEN = 64  # texts are cut to 64 x seq_len characters before tokenising
+ABSURD = 1e30  # |value| above this in an .npz input is an error, not data
+COMPRESSED_LOAD_LIMIT = 16 << 20  # a compressed .npz member up to this size is loaded whole
+_EXAMPLES = 3  # examples kept per reason
+_SAMPLE_ROWS = 256  # rows of an .npz checked at open time
+
+
+
+# ---------------------------------------------------------------------------- problems report
+@dataclass
+class Problems:
+    """Bad rows by reason (``counts``), files or lines that are not rows (``ignored``, e.g.
+    hidden files, blank lines), and up to three examples of each (``"line 17"``,
+    ``"cat/x.png (OSError: ...)"``)."""
+
+    source: str
+    counts: dict[str, int] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def bad(self, reason: str, where: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self._example(reason, where)
+
+    def ignore(self, reason: str, where: str) -> None:
+        self.ignored[reason] = self.ignored.get(reason, 0) + 1
+        self._example(reason, where)
+
+    def _example(self, reason: str, where: str) -> None:
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < _EXAMPLES:
+            ex.append(where)
+
+    @property
+    def total(self) -> int:
+        """Number of bad rows."""
+        return sum(self.counts.values())
+
+    def _part(self, counts: dict[str, int]) -> str:
+        return "; ".join(f"{n:,} {reason} ({', '.join(self.examples.get(reason, []))}"
+                         f"{', ...' if n > len(self.examples.get(reason, [])) else ''})"
+                         for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+    def summary(self) -> str | None:
+        """One line for the user, or None when there is nothing to report."""
+        parts = []
+        if self.counts:
+            parts.append(f"{self.total:,} bad row{'s' if self.total != 1 else ''} skipped: "
+                         + self._part(self.counts))
+        if self.ignored:
+            n = sum(self.ignored.values())
+            parts.append(f"{n:,} ignored: " + self._part(self.ignored))
+        return f"{self.source}: " + " | ".join(parts) if parts else None
+
+    def as_dict(self) -> dict:
+        """JSON-ready (for metrics.jsonl / summary.json)."""
+        return {"source": self.source, "bad_rows": self.total, "counts": dict(self.counts),
+                "ignored": dict(self.ignored), "examples": {k: list(v) for k, v in
+                                                            self.examples.items()}}
+
+
+# ---------------------------------------------------------------------------- the interface
+class Source:
+    """A dataset the trainer reads one micro-batch at a time.
+
+    ``take(idx)`` returns ``({input name: array}, labels)`` for exactly those rows, with the
+    bundle's names, dtypes and shapes. ``test`` is the held-out split (a source or None).
+    ``bytes_fixed() + n * bytes_per_sample()`` bounds the memory ``take`` of ``n`` rows
+    allocates. ``release()`` is there for sources that map files (none does: all read with
+    ``pread``, so a batch leaves nothing of the file resident).
+    """
+
+    name: str = ""
+    class_names: list[str] | None = None
+    problems: Problems
+    test: Source | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
+        raise NotImplementedError
+
+    def bytes_per_sample(self) -> int:
+        """Upper bound of the bytes ``take`` holds per row at its peak (rows read, outputs,
+        casts): these grow with the micro-batch."""
+        raise NotImplementedError
+
+    def bytes_fixed(self) -> int:
+        """Upper bound of the transient bytes of ``take`` that do not grow with the number of
+        rows (the one record or image being decoded; rows are decoded one at a time)."""
+        return 0
+
+    def take_bytes(self, n: int) -> int:
+        """Upper bound of what ``take`` of ``n`` rows allocates."""
+        return self.bytes_fixed() + n * self.bytes_per_sample()
+
+    def release(self) -> None:
+        """Drop mapped file pages from this process's RSS (a no-op: no source maps its file)."""
+
+    def close(self) -> None:
+        """Close the file descriptors and maps (the source is unusable afterwards)."""
+
+    def describe(self) -> str:
+        """One line: rows, classes, bad rows."""
+        n = len(self)
+        s = f"{self.name}: {n:,} rows"
+        if self.class_names is not None:
+            names = ", ".join(self.class_names[:8]) + (", ..." if len(self.class_names) > 8
+                                                        else "")
+            s += f", {len(self.class_names)} classes ({names})"
+        bad = self.problems.total
+        if bad:
+            s += f", {bad:,} bad rows skipped"
+        if self.problems.ignored:
+            s += f", {sum(self.problems.ignored.values()):,} entries ignored"
+        return s
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx).reshape(-1)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"row indexes must be integers, got {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False)
+        n = len(self)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"row index out of range for {self.name} ({n} rows)")
+        return idx
+
+
+class SourceView(Source):
+    """A subset of another source's rows (no copy): a train or validation split."""
+
+    def __init__(self, base: Source, rows: np.ndarray, name: str) -> None:
+        self.base = base
+        self.rows = np.asarray(rows, np.int64)
+        self.name = name
+        self.class_names = base.class_names
+        self.problems = base.problems
+        self.test = None
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
+        return self.base.take(self.rows[self._rows(idx)])
+
+    def bytes_per_sample(self) -> int:
+        return self.base.bytes_per_sample()
+
+    def bytes_fixed(self) -> int:
+        return self.base.bytes_fixed()
+
+    def release(self) -> None:
+        self.base.release()
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def split(source: Source, val_fraction: float, seed: int = 0) -> tuple[SourceView, SourceView]:
+    """Train and validation views of ``source``: a seeded permutation (the same file, fraction
+    and seed always give the same split), each side in file order. No rows are copied.
+
+    Raises:
+        UserError: a fraction outside (0, 1), or too few rows for both sides.
+    """
+    if not (isinstance(val_fraction, int | float) and 0.0 < float(val_fraction) < 1.0):
+        raise UserError(f"--val-split must be a fraction between 0 and 1 (e.g. 0.1), got "
+                        f"{val_fraction!r}")
+    n = len(source)
+    n_val = min(n - 1, max(1, int(round(n * float(val_fraction)))))
+    if n < 2:
+        raise UserError(f"{source.name} has {n} usable row(s): too few to hold some out with "
+                        "--val-split; add data or pass --val FILE")
+    perm = np.random.default_rng(seed).permutation(n)
+    val = np.sort(perm[:n_val])
+    train = np.sort(perm[n_val:])
+    return (SourceView(source, train, f"{source.name}:train"),
+            SourceView(source, val, f"{source.name}:val"))
+
+
+# ---------------------------------------------------------------------------- labels
+_INT = re.compile(r"^[+-]?\d{1,18}$")
+
+
+class _Labels:
+    """Builds the label map during an index pass: provisional ids by first sight, remapped to
+    the stable order in :meth:`finish`; or ids from a given ``class_names`` list."""
+
+    def __init__(self, where: str, column: str, class_names: list[str] | None,
+                 num_classes: int | None, regression: bool) -> None:
+        self.where, self.column = where, column
+        self.num_classes, self.regression = num_classes, regression
+        self.given: dict[str, int] | None = None
+        if class_names is not None and not regression:
+            if num_classes is not None and len(class_names) != num_classes:
+                raise UserError(f"{len(class_names)} class names were given for a "
+                                f"{num_classes}-class model; the label map must have exactly "
+                                f"{num_classes} names")
+            self.given = {str(c): i for i, c in enumerate(class_names)}
+            self.given_names = [str(c) for c in class_names]
+        self.seen: dict[str, int] = {}
+        self.ids = array.array("f" if regression else "i")
+
+    def add(self, raw: str) -> str | None:
+        """Append the id of label ``raw`` (already stripped); returns a bad-row reason or None."""
+        if self.regression:
+            try:
+                v = float(raw)
+            except ValueError:
+                return "label is not a number"
+            if not math.isfinite(v) or abs(v) > ABSURD:
+                return "label is not finite"
+            self.ids.append(v)
+            return None
+        if self.given is not None:
+            i = self.given.get(raw)
+            if i is None and _INT.match(raw):
+                i = self.given.get(str(int(raw)))
+            if i is None:
+                return "unknown label"
+            self.ids.append(i)
+            return None
+        i = self.seen.get(raw)
+        if i is None:
+            if len(self.seen) >= MAX_LABELS:
+                raise UserError(f"{self.where}: {self.column} has more than {MAX_LABELS:,} "
+                                "distinct values, so it does not hold class labels; pass the "
+                                "right column with --label-column")
+            i = self.seen[raw] = len(self.seen)
+        self.ids.append(i)
+        return None
+
+    def declare(self, raw: str) -> None:
+        """A class that exists even without rows (an empty class folder)."""
+        if self.given is None and not self.regression and raw not in self.seen:
+            self.seen[raw] = len(self.seen)
+
+    def finish(self) -> tuple[np.ndarray, list[str] | None]:
+        """(label per row, class names): int32 ids, or float32 targets for regression."""
+        if self.regression:
+            return np.frombuffer(self.ids, np.float32), None
+        ids = np.frombuffer(self.ids, np.int32)
+        if self.given is not None:
+            return ids, list(self.given_names)
+        keys = list(self.seen)
+        k = self.num_classes
+        if keys and all(_INT.match(s) for s in keys):
+            values = [int(s) for s in keys]
+            if k is not None and all(0 <= v < k for v in values):
+                names = [str(i) for i in range(k)]  # an integer label is its own class id
+                remap = np.asarray(values, np.int32)
+            else:
+                uniq = sorted(set(values))
+                pos = {v: i for i, v in enumerate(uniq)}
+                names = [str(v) for v in uniq]
+                remap = np.asarray([pos[v] for v in values], np.int32)
+        else:
+            names = sorted(keys)
+            pos = {s: i for i, s in enumerate(names)}
+            remap = np.asarray([pos[s] for s in keys], np.int32)
+        if k is not None and len(names) != k:
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise UserError(f"{self.where}: {self.column} has {len(names)} distinct labels "
+                            f"({shown}) but the model has {k} classes; use data with {k} "
+                            f"classes or export the model with {len(names)}")
+        return (remap[ids] if ids.size else ids), names
+
+
+def _label_text(value: object) -> str | None:
+    """A JSON label as the string it names, or None when it is not a usable scalar."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value.is_integer():
+            return str(int(value))
+        return repr(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.strip()
+    return None
+
+
+def _nothing_usable(where: str, problems: Problems, rows: int, hint: str) -> UserError:
+    detail = problems.summary() or f"{where}: no rows"
+    detail = detail.split(": ", 1)[1] if ": " in detail else detail
+    return UserError(f"nothing usable in {where}: {rows:,} row(s), none usable ({detail}); "
+                     f"{hint}")
+
+
+def _pread_exact(fd: int, n: int, offset: int, where: str) -> bytes:
+    out = os.pread(fd, n, offset)
+    while len(out) < n:
+        more = os.pread(fd, n - len(out), offset + len(out))
+        if not more:
+            raise UserError(f"{where} changed while training (bytes {offset}..{offset + n} are "
+                            "gone); do not modify data files during a run")
+        out += more
+    return out
+
+
+class _File:
+    """An open data file with its identity, to notice a file replaced or edited mid-run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise UserError(f"cannot open data file {path}: {exc.strerror}") from None
+        st = os.fstat(self.fd)
+        self.stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def check(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self.stamp:
+            raise UserError(f"{self.path} changed while training (size or time differs from "
+                            "when it was indexed); do not modify data files during a run")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+
+

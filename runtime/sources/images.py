@@ -1,0 +1,278 @@
+"""Image folders (one sub-folder per class, PNG/JPEG) as a data source."""
+
+from __future__ import annotations
+
+import array
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from contract.errors import UserError
+from contract.manifest import ImageSpec, LossSpec, TensorSpec
+
+from .common import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    Arrays,
+    Problems,
+    Source,
+    _Labels,
+    _nothing_usable,
+)
+
+# ---------------------------------------------------------------------------- images
+_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+class ImageSource(Source):
+    """A folder with one sub-folder per class of PNG/JPEG files, built to the ``ImageSpec``.
+
+    Held per row: the file's path relative to the folder (all paths in one uint8 array with int64
+    offsets) and its class id (int32). Each file is opened and verified once at index time
+    (JPEGs are also decoded at 1/8 scale, which finds truncated files); ``take`` decodes one
+    image at a time (JPEGs at a reduced scale when at least 4x the target), converts it
+    (``L``/``RGB``), resizes it bilinearly to height x width, scales it to [0, 1] and normalises
+    ``(x - mean) / std`` into ``[N, C, H, W]`` (``[N, H, W]`` for a 3-D grey input).
+    """
+
+    def __init__(self, root: str | Path, image: ImageSpec, inputs: list[TensorSpec],
+                 loss: LossSpec, *, class_names: list[str] | None = None) -> None:
+        self.root = Path(root)
+        self.name = self.root.name or str(self.root)
+        self.problems = Problems(self.name)
+        if loss.kind != "cross_entropy":
+            raise UserError(f"{self.root}: an image folder gives class labels (one sub-folder per "
+                            f"class); this model's loss is {loss.kind}; use an .npz with targets")
+        if image.channels not in _MODES:
+            raise UserError(f"image models with {image.channels} channels are not supported")
+        self.spec = image
+        self.c, self.h, self.w = int(image.channels), int(image.height), int(image.width)
+        self.out_name, self.out_dtype, self.grey3d = _image_output(image, inputs)
+        self.mean = _per_channel(image.mean, self.c)
+        self.std = _per_channel(image.std, self.c)
+        self.label_dtype = np.dtype(loss.labels.dtype)
+        try:
+            from PIL import Image
+        except ImportError:
+            raise UserError("image data needs Pillow; install it with `pip install pillow`") \
+                from None
+        self._Image = Image
+        if not self.root.is_dir():
+            raise UserError(f"image folder {self.root} not found")
+        labels = _Labels(str(self.root), "its class folders", class_names, loss.num_classes,
+                         False)
+        blob, offsets, rows, self.max_pixels = self._index(labels)
+        self.paths = np.frombuffer(bytes(blob), np.uint8)
+        self.path_offsets = np.frombuffer(offsets, np.int64)
+        del blob
+        if self.path_offsets.size <= 1:
+            raise _nothing_usable(str(self.root), self.problems, rows,
+                                  "put PNG/JPEG files in one sub-folder per class, e.g. "
+                                  f"{self.root}/cat/1.png")
+        self.labels, self.class_names = labels.finish()
+
+    # ------------------------------------------------------------------ index pass
+    def _index(self, labels: _Labels) -> tuple[bytearray, array.array, int, int]:
+        blob, offsets = bytearray(), array.array("q", [0])
+        rows, max_pixels = 0, 0
+        try:
+            top = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except OSError as exc:
+            raise UserError(f"cannot list image folder {self.root}: {exc.strerror}") from None
+        classes = []
+        for e in top:
+            if e.name.startswith("."):
+                self.problems.ignore("hidden file or folder", e.name)
+            elif e.is_dir():
+                classes.append(e.name)
+            else:
+                self.problems.ignore("file outside the class folders", e.name)
+        if not classes:
+            raise UserError(f"image folder {self.root} has no class sub-folders; put the images "
+                            f"of each class in its own folder, e.g. {self.root}/cat/1.png")
+        for c in classes:
+            labels.declare(c)
+        for c in classes:
+            for rel in self._walk(c):
+                rows += 1
+                reason, pixels = self._check(rel)
+                if reason is not None:
+                    self.problems.bad(reason[0], f"{rel} ({reason[1]})" if reason[1] else rel)
+                    continue
+                why = labels.add(c)
+                if why is not None:
+                    self.problems.bad(why, f"{rel}: {c!r}" if why == "unknown label" else rel)
+                    continue
+                blob += os.fsencode(rel)
+                offsets.append(len(blob))
+                max_pixels = max(max_pixels, pixels)
+        return blob, offsets, rows, max_pixels
+
+    def _walk(self, rel_dir: str) -> Iterator[str]:
+        try:
+            entries = sorted(os.scandir(self.root / rel_dir), key=lambda e: e.name)
+        except OSError as exc:
+            self.problems.ignore("unreadable folder", f"{rel_dir} ({exc.strerror})")
+            return
+        for e in entries:
+            rel = f"{rel_dir}/{e.name}"
+            if e.name.startswith("."):
+                self.problems.ignore("hidden file or folder", rel)
+            elif e.is_dir():
+                yield from self._walk(rel)
+            elif not e.name.lower().endswith(IMAGE_SUFFIXES):
+                self.problems.ignore("not a PNG/JPEG file", rel)
+            else:
+                yield rel
+
+    def _check(self, rel: str) -> tuple[tuple[str, str] | None, int]:
+        """(bad reason and detail, or None; decoded pixels ``take`` will hold)."""
+        Image = self._Image
+        path = self.root / rel
+        try:
+            with Image.open(path) as im:
+                fmt, (w, h) = im.format, im.size
+                im.verify()
+            if fmt not in ("PNG", "JPEG"):
+                return ("not a PNG or JPEG image", f"format {fmt}"), 0
+            if w * h > MAX_IMAGE_PIXELS:
+                return ("image too large", f"{w}x{h}"), 0
+            if fmt == "JPEG":  # verify() does not decode JPEG data: decode it at 1/8 scale
+                with Image.open(path) as im:
+                    im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+                    im.load()
+        except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...)
+            return ("unreadable image", f"{type(exc).__name__}: {str(exc)[:60]}"), 0
+        return None, self._decoded_pixels(fmt, w, h)
+
+    def _draft_size(self) -> tuple[int, int]:
+        return 2 * self.w, 2 * self.h
+
+    def _decoded_pixels(self, fmt: str, w: int, h: int) -> int:
+        if fmt == "JPEG":  # Pillow's JPEG draft: the largest of 8, 4, 2, 1 the size allows
+            dw, dh = self._draft_size()
+            scale = min(w // dw, h // dh)
+            for s in (8, 4, 2, 1):
+                if scale >= s:
+                    return math.ceil(w / s) * math.ceil(h / s)
+        return w * h
+
+    # ------------------------------------------------------------------ reading rows
+    def __len__(self) -> int:
+        return int(self.path_offsets.shape[0] - 1)
+
+    def file(self, i: int) -> Path:
+        """The image file of row ``i``."""
+        a, b = self.path_offsets[i], self.path_offsets[i + 1]
+        return self.root / os.fsdecode(self.paths[a:b].tobytes())
+
+    def _load(self, path: Path) -> np.ndarray:
+        """One image as float32 [C, H, W] in [0, 1]... or uint8 [H, W, C] for the common case."""
+        Image = self._Image
+        try:
+            with Image.open(path) as im:
+                if im.format == "JPEG":
+                    im.draft(im.mode, self._draft_size())
+                im.load()
+                return self._convert(im)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"image {path} cannot be decoded ({type(exc).__name__}: "
+                            f"{str(exc)[:80]}); it passed the check when the folder was indexed: "
+                            "fix or remove it, do not modify data during a run") from None
+
+    def _convert(self, im) -> np.ndarray:
+        Image = self._Image
+        size = (self.w, self.h)
+        if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey
+            scale = 1.0 if im.mode == "F" else 1.0 / 65535.0
+            f = Image.fromarray(np.asarray(im, dtype=np.float32) * np.float32(scale), "F")
+            if f.size != size:
+                f = f.resize(size, Image.BILINEAR)
+            a = np.asarray(f, dtype=np.float32)
+            return np.repeat(a[None], self.c, axis=0) if self.c > 1 else a[None]
+        target = _MODES[self.c]
+        if im.mode != target:
+            if im.mode in ("P", "PA") or (im.mode in ("LA", "La", "RGBa") and target != "LA"):
+                im = im.convert("RGBA")
+            im = im.convert(target)
+        if im.size != size:
+            im = im.resize(size, Image.BILINEAR)
+        a = np.asarray(im)  # uint8 [H, W] or [H, W, C]
+        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+    def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
+        idx = self._rows(idx)
+        n = idx.shape[0]
+        out = np.empty((n, self.c, self.h, self.w), np.float32)
+        mean = self.mean[:, None, None]
+        inv_std = (1.0 / self.std)[:, None, None]
+        for k, i in enumerate(idx):
+            a = self._load(self.file(int(i)))
+            o = out[k]
+            o[...] = a
+            if a.dtype == np.uint8:
+                o /= np.float32(255.0)
+            o -= mean
+            o *= inv_std
+        x = out if self.out_dtype == np.float32 else out.astype(self.out_dtype)
+        if self.grey3d:
+            x = x.reshape(n, self.h, self.w)
+        return {self.out_name: x}, self.labels[idx].astype(self.label_dtype)
+
+    def bytes_per_sample(self) -> int:
+        px = self.c * self.h * self.w
+        cast = px * self.out_dtype.itemsize if self.out_dtype != np.float32 else 0
+        return px * 4 + cast + 2 * self.label_dtype.itemsize + 8
+
+    def bytes_fixed(self) -> int:
+        # one image at a time: Pillow's file reads (64 KB decoder blocks), the decoded image
+        # (up to 4 bytes a pixel, 16-bit grey as float32 copies), one or two mode conversions,
+        # the resized image and its float32 copy
+        return (2 << 16) + 12 * self.max_pixels + 12 * self.h * self.w * max(self.c, 1)
+
+
+def _per_channel(values: list[float], c: int) -> np.ndarray:
+    v = np.asarray(values, np.float32).reshape(-1)
+    return np.broadcast_to(v, (c,)).astype(np.float32) if v.size == 1 else v
+
+
+def _image_output(image: ImageSpec, inputs: list[TensorSpec]) -> tuple[str, np.dtype, bool]:
+    by_name = {s.name: s for s in inputs}
+    extra = [s.name for s in inputs if s.name != image.input]
+    if extra:
+        raise UserError(f"the model also needs input(s) {', '.join(extra)}, which image data "
+                        "does not give; use an .npz with one array per input")
+    spec = by_name.get(image.input)
+    if spec is None:
+        raise UserError(f"the bundle's image spec names input '{image.input}', which the model "
+                        "does not have; re-export the bundle")
+    dt = np.dtype(spec.dtype)
+    want4 = [image.channels, image.height, image.width]
+    got = spec.shape[1:]
+
+    def fits(want: list[int]) -> bool:
+        return len(got) == len(want) and all(not isinstance(g, int) or g == w
+                                             for g, w in zip(got, want, strict=True))
+
+    grey3d = image.channels == 1 and fits([image.height, image.width])
+    if dt.kind != "f" or not (fits(want4) or grey3d):
+        raise UserError(f"model input '{spec.name}' is {spec.dtype} {spec.shape}; image data "
+                        f"gives float [N, {image.channels}, {image.height}, {image.width}]; "
+                        "re-export the bundle")
+    return spec.name, dt, grey3d
+
+
+def open_images(root: str | Path, image: ImageSpec, inputs: list[TensorSpec], loss: LossSpec, *,
+                class_names: list[str] | None = None) -> ImageSource:
+    """An image-folder source (see :class:`ImageSource`).
+
+    Raises:
+        UserError: no such folder, no class folders, nothing usable, a class count that does
+            not fit the model.
+    """
+    return ImageSource(root, image, inputs, loss, class_names=class_names)

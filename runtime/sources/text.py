@@ -1,0 +1,364 @@
+"""Text files (CSV, TSV, JSONL) as a data source, tokenised per micro-batch."""
+
+from __future__ import annotations
+
+import array
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from contract.errors import UserError
+from contract.manifest import LossSpec, TensorSpec, TextSpec
+
+from .common import (
+    CHARS_PER_TOKEN,
+    MAX_RECORD_BYTES,
+    TEXT_SUFFIXES,
+    Arrays,
+    Problems,
+    Source,
+    _File,
+    _label_text,
+    _Labels,
+    _nothing_usable,
+    _pread_exact,
+)
+
+
+# ---------------------------------------------------------------------------- text
+def _split_lines(raw: bytes, state: dict) -> Iterator[str]:
+    """Lines of ``raw`` split at b"\\n" only (the index pass and ``take`` split identically)."""
+    for line in io.BytesIO(raw):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError:
+            state["bad_utf8"] = True
+            yield line.decode("utf-8", "replace")
+
+
+class _CsvLimit:
+    """csv's field size limit raised to the record limit while we parse (restored after)."""
+
+    def __enter__(self) -> None:
+        self.old = csv.field_size_limit(MAX_RECORD_BYTES + 1)
+
+    def __exit__(self, *exc: object) -> None:
+        csv.field_size_limit(self.old)
+
+
+class TextSource(Source):
+    """CSV / TSV / JSONL rows: text tokenised in ``take`` to the bundle's ``TextSpec``.
+
+    Held per row: the record's byte offset (int64), its length (int32) and its label (int32,
+    float32 for regression). ``take`` reads each record with ``os.pread``, parses it, cuts its
+    text to ``CHARS_PER_TOKEN * seq_len`` characters and tokenises it (truncated and padded to
+    ``seq_len``), one row at a time.
+    """
+
+    def __init__(self, path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: LossSpec,
+                 tokenizer: str | Path | object, *, text_column: str = "text",
+                 label_column: str = "label", class_names: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        suffix = self.path.suffix.lower()
+        if suffix not in TEXT_SUFFIXES:
+            raise UserError(f"{self.path}: text data must be .csv, .tsv or .jsonl (by suffix)")
+        self.kind = "jsonl" if TEXT_SUFFIXES[suffix] is None else suffix[1:]
+        self.delimiter = TEXT_SUFFIXES[suffix]
+        self.text_column, self.label_column = text_column, label_column
+        self.spec = text
+        self.seq_len = int(text.seq_len)
+        self.outputs = _text_outputs(text, inputs)
+        self.label_dtype = np.dtype(loss.labels.dtype)
+        regression = loss.kind != "cross_entropy"
+        if regression and [d for d in loss.labels.shape[1:]] not in ([], [1]):
+            raise UserError(f"{self.path}: a text file gives one target per row; the model's "
+                            f"labels have shape {loss.labels.shape}")
+        self.label_shape = list(loss.labels.shape[1:])
+        self.problems = Problems(self.name)
+        self.tokenizer = _load_tokenizer(tokenizer, self.seq_len)
+        self._file = _File(self.path)
+        self._col = 0  # text column index (csv/tsv)
+        labels = _Labels(str(self.path), f"{'column' if self.kind != 'jsonl' else 'field'} "
+                         f"'{label_column}'", class_names, loss.num_classes, regression)
+        starts, lengths, rows = self._index(labels)
+        # views of the arrays the index pass filled (no copy: that would double the peak)
+        self.offsets = np.frombuffer(starts, np.int64)
+        self.lengths = np.frombuffer(lengths, np.int32)
+        if not self.offsets.size:
+            cols = (f"--text-column '{text_column}' / --label-column '{label_column}'")
+            raise _nothing_usable(str(self.path), self.problems, rows,
+                                  f"check the file and {cols}")
+        self.labels, self.class_names = labels.finish()
+        self.max_record = int(self.lengths.max())
+
+    # ------------------------------------------------------------------ index pass
+    def _index(self, labels: _Labels) -> tuple[array.array, array.array, int]:
+        starts, lengths = array.array("q"), array.array("i")
+        try:
+            f = open(self._file.path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise UserError(f"cannot read data file {self.path}: {exc.strerror}") from None
+        with f:
+            if self.kind == "jsonl":
+                rows = self._index_jsonl(f, labels, starts, lengths)
+            else:
+                with _CsvLimit():
+                    rows = self._index_csv(f, labels, starts, lengths)
+        return starts, lengths, rows
+
+    def _keep(self, labels: _Labels, label: str, where: str, start: int, length: int,
+              starts: array.array, lengths: array.array) -> None:
+        reason = labels.add(label)
+        if reason is not None:
+            self.problems.bad(reason, f"{where}: {label[:40]!r}" if reason == "unknown label"
+                              else where)
+            return
+        starts.append(start)
+        lengths.append(length)
+
+    def _index_jsonl(self, f, labels: _Labels, starts: array.array,
+                     lengths: array.array) -> int:
+        pos, rows, tcol, lcol = 0, 0, self.text_column, self.label_column
+        for lineno, raw in enumerate(f, 1):
+            start, pos = pos, pos + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+                start += 3
+                raw = raw[3:]
+            if not raw.strip():
+                self.problems.ignore("blank line", f"line {lineno}")
+                continue
+            rows += 1
+            where = f"line {lineno}"
+            if len(raw) > MAX_RECORD_BYTES:
+                self.problems.bad(f"record longer than {MAX_RECORD_BYTES >> 20} MiB", where)
+                continue
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError:
+                self.problems.bad("not valid UTF-8", where)
+                continue
+            except (json.JSONDecodeError, RecursionError, ValueError):
+                self.problems.bad("not valid JSON", where)
+                continue
+            if not isinstance(obj, dict):
+                self.problems.bad("not a JSON object", where)
+                continue
+            text = obj.get(tcol)
+            if text is None:
+                self.problems.bad("missing text", where)
+                continue
+            if not isinstance(text, str):
+                self.problems.bad("text is not a string", where)
+                continue
+            if not text.strip():
+                self.problems.bad("empty text", where)
+                continue
+            label = _label_text(obj.get(lcol))
+            if obj.get(lcol) is None or label == "":
+                self.problems.bad("missing label", where)
+                continue
+            if label is None:
+                self.problems.bad("label is not a string or number", where)
+                continue
+            self._keep(labels, label, where, start, len(raw), starts, lengths)
+        return rows
+
+    def _index_csv(self, f, labels: _Labels, starts: array.array, lengths: array.array) -> int:
+        state = {"pos": 0, "line": 0, "bad_utf8": False}
+
+        def lines() -> Iterator[str]:
+            for raw in f:
+                state["line"] += 1
+                state["pos"] += len(raw)
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    state["bad_utf8"] = True
+                    yield raw.decode("utf-8", "replace")
+
+        reader = csv.reader(lines(), delimiter=self.delimiter, strict=True)
+        what = "CSV" if self.kind == "csv" else "TSV"
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise UserError(f"{self.path} is empty; a {what} file needs a header row naming its "
+                            f"columns ('{self.text_column}', '{self.label_column}') and then "
+                            "one row per example") from None
+        except csv.Error as exc:
+            raise UserError(f"{self.path}: the header row is not valid {what} ({exc}); the "
+                            "first row must name the columns") from None
+        if header and header[0].startswith("\ufeff"):
+            header[0] = header[0][1:]
+        header = [h.strip() for h in header]
+        cols = {}
+        for i, h in enumerate(header):
+            cols.setdefault(h, i)
+        for flag, col in (("--text-column", self.text_column),
+                          ("--label-column", self.label_column)):
+            if col not in cols:
+                shown = ", ".join(repr(h) for h in header[:12]) + (", ..." if len(header) > 12
+                                                                   else "")
+                raise UserError(f"{self.path} has no column '{col}' (its header: {shown}); "
+                                f"pass the right name with {flag}")
+        self._col = ti = cols[self.text_column]
+        li = cols[self.label_column]
+        ncols = len(header)
+        rows = 0
+        start, line = state["pos"], state["line"] + 1
+        while True:
+            state["bad_utf8"] = False
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                rows += 1
+                msg = str(exc)
+                reason = ("unterminated quoted field" if "end of data" in msg
+                          else f"unparsable {what} record")
+                self.problems.bad(reason, f"line {line}")
+                start, line = state["pos"], state["line"] + 1
+                continue
+            end = state["pos"]
+            where = f"line {line}"
+            rec_start, start, line = start, end, state["line"] + 1
+            if not row or (len(row) == 1 and not row[0].strip() and ncols > 1):
+                self.problems.ignore("blank line", where)
+                continue
+            rows += 1
+            if state["bad_utf8"]:
+                self.problems.bad("not valid UTF-8", where)
+                continue
+            if len(row) != ncols:
+                self.problems.bad("wrong number of columns", f"{where}: {len(row)} of {ncols}")
+                continue
+            if end - rec_start > MAX_RECORD_BYTES:
+                self.problems.bad(f"record longer than {MAX_RECORD_BYTES >> 20} MiB", where)
+                continue
+            if not row[ti].strip():
+                self.problems.bad("empty text", where)
+                continue
+            label = row[li].strip()
+            if not label:
+                self.problems.bad("missing label", where)
+                continue
+            self._keep(labels, label, where, rec_start, end - rec_start, starts, lengths)
+        return rows
+
+    # ------------------------------------------------------------------ reading rows
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+    def text(self, i: int) -> str:
+        """The text of row ``i`` (read from the file)."""
+        raw = _pread_exact(self._file.fd, int(self.lengths[i]), int(self.offsets[i]),
+                           str(self.path))
+        if self.kind == "jsonl":
+            obj = json.loads(raw)
+            return obj[self.text_column]
+        with _CsvLimit():
+            row = next(csv.reader(_split_lines(raw, {}), delimiter=self.delimiter))
+        return row[self._col]
+
+    def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
+        idx = self._rows(idx)
+        self._file.check()
+        n, L = idx.shape[0], self.seq_len
+        out = {name: np.zeros((n, L), dt) for name, (_, dt) in self.outputs.items()}
+        cap = CHARS_PER_TOKEN * L
+        for k, i in enumerate(idx):
+            enc = self.tokenizer.encode(self.text(int(i))[:cap])
+            for name, (field_, _) in self.outputs.items():
+                out[name][k] = getattr(enc, field_)
+        y = self.labels[idx].astype(self.label_dtype)
+        if self.label_shape == [1]:
+            y = y.reshape(n, 1)
+        return out, y
+
+    def bytes_per_sample(self) -> int:
+        row_out = sum(self.seq_len * dt.itemsize for _, dt in self.outputs.values())
+        return row_out + 2 * self.label_dtype.itemsize + 8  # outputs, labels (+ cast), index
+
+    def bytes_fixed(self) -> int:
+        # one record at a time: its bytes, the decoded str (up to 4 bytes a character) and the
+        # parsed fields; one tokenisation of a text cut to CHARS_PER_TOKEN * seq_len characters
+        # (~100 bytes per token inside tokenizers, before truncation) and its Python lists
+        return 10 * self.max_record + 100 * CHARS_PER_TOKEN * self.seq_len + 64 * self.seq_len
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _text_outputs(text: TextSpec, inputs: list[TensorSpec]) -> dict[str, tuple[str, np.dtype]]:
+    """Model input name -> (Encoding attribute, dtype), checked against the input specs."""
+    by_name = {s.name: s for s in inputs}
+    want = {text.ids_input: "ids"}
+    if text.mask_input is not None:
+        want[text.mask_input] = "attention_mask"
+    if text.type_ids_input is not None:
+        want[text.type_ids_input] = "type_ids"
+    extra = [s.name for s in inputs if s.name not in want]
+    if extra:
+        raise UserError(f"the model also needs input(s) {', '.join(extra)}, which text data does "
+                        "not give; use an .npz with one array per input")
+    out = {}
+    for name, attr in want.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise UserError(f"the bundle's text spec names input '{name}', which the model does "
+                            "not have; re-export the bundle")
+        dt = np.dtype(spec.dtype)
+        if len(spec.shape) != 2 or dt.kind not in "iu" or (
+                isinstance(spec.shape[1], int) and spec.shape[1] != text.seq_len):
+            raise UserError(f"model input '{name}' is {spec.dtype} {spec.shape}; text data gives "
+                            f"integer tokens [N, {text.seq_len}]; re-export the bundle")
+        out[name] = (attr, dt)
+    return out
+
+
+def _load_tokenizer(tokenizer: str | Path | object, seq_len: int):
+    """A ``tokenizers.Tokenizer`` (from a tokenizer.json path, or the object itself) that
+    truncates and pads every text to ``seq_len`` (its own pad token and side when it has one)."""
+    if not isinstance(tokenizer, str | Path):
+        tok = tokenizer
+    else:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError("text data needs the 'tokenizers' package; install it with "
+                            "`pip install tokenizers`") from None
+        try:
+            tok = Tokenizer.from_file(str(tokenizer))
+        except Exception as exc:  # tokenizers raises plain Exception for a bad file
+            raise UserError(f"cannot read tokenizer {tokenizer}: {str(exc)[:120]}; re-export "
+                            "the bundle") from None
+    pad = tok.padding or {}
+    pad_id, pad_token = pad.get("pad_id"), pad.get("pad_token")
+    if pad_id is None:
+        pad_id, pad_token = 0, "[PAD]"
+        for t in ("[PAD]", "<pad>", "<|pad|>", "<PAD>"):
+            i = tok.token_to_id(t)
+            if i is not None:
+                pad_id, pad_token = i, t
+                break
+    tok.enable_truncation(max_length=seq_len)
+    tok.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token,
+                       direction=pad.get("direction", "right"))
+    return tok
+
+
+def open_text(path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: LossSpec,
+              tokenizer: str | Path | object, *, text_column: str = "text",
+              label_column: str = "label", class_names: list[str] | None = None) -> TextSource:
+    """A CSV/TSV/JSONL source (see :class:`TextSource`).
+
+    Raises:
+        UserError: missing file or column, nothing usable, a label count that does not fit.
+    """
+    return TextSource(path, text, inputs, loss, tokenizer, text_column=text_column,
+                      label_column=label_column, class_names=class_names)

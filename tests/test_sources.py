@@ -1,0 +1,865 @@
+"""Streaming data sources (runtime/sources.py) on real files written to tmp_path: CSV/TSV/JSONL
+text, image folders with PNG and JPEG files written by Pillow, memory-mapped .npz; bad rows,
+label maps, splits, and the process's peak RSS while streaming a file far larger than it."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from contract.errors import UserError
+from contract.manifest import ImageSpec, LossSpec, TensorSpec, TextSpec
+from runtime import sources
+from runtime.sources import (
+    open_data,
+    open_images,
+    open_npz,
+    open_source,
+    open_text,
+    split,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 12
+WORDS = ("a good bad film movie plot actor great awful fine dull story line the was is not very "
+         "and of it").split()
+
+
+def _ce(k: int) -> LossSpec:
+    return LossSpec("cross_entropy", TensorSpec("labels", ["N"], "int64"), num_classes=k)
+
+
+def _mse() -> LossSpec:
+    return LossSpec("mse", TensorSpec("labels", ["N"], "float32"))
+
+
+TEXT_INPUTS = [TensorSpec("input_ids", ["N", SEQ], "int64"),
+               TensorSpec("attention_mask", ["N", SEQ], "int64")]
+TEXT = TextSpec(tokenizer="tokenizer.json", seq_len=SEQ, ids_input="input_ids",
+                mask_input="attention_mask")
+
+
+def _write_tokenizer(path: Path) -> Path:
+    """A small word-level tokenizer ([CLS] text [SEP], lower-cased, whitespace split)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def _text(path: Path, tok: Path, k: int = 2, **kw) -> sources.TextSource:
+    loss = kw.pop("loss", None) or _ce(k)
+    return open_text(path, TEXT, TEXT_INPUTS, loss, tok, **kw)
+
+
+def _expected_ids(tok_path: Path, texts: list[str]) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_path))
+    tok.enable_truncation(max_length=SEQ)
+    tok.enable_padding(length=SEQ, pad_id=0, pad_token="[PAD]")
+    return np.array([e.ids for e in tok.encode_batch(texts)], np.int64)
+
+
+# ---------------------------------------------------------------------------- text
+ROWS = [("a good film", "pos"),
+        ("a bad, bad film\nwith a dull plot", "neg"),  # quoted: a comma and a newline
+        ('the actor said "great"\r\nand the story was fine', "pos"),  # quotes and CRLF inside
+        ("awful", "neg"),
+        ("it was not very good\n\nat all", "pos")]  # an empty line inside a field
+
+
+def _write_csv(path: Path, rows, header=("text", "label"), delimiter=",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    return path
+
+
+def test_csv_quoted_newlines_take_exact(tmp_path, tokenizer_file):
+    src = _text(_write_csv(tmp_path / "d.csv", ROWS), tokenizer_file)
+    assert len(src) == len(ROWS) and src.problems.total == 0 and not src.problems.ignored
+    assert src.class_names == ["neg", "pos"]  # sorted
+    assert [src.text(i) for i in range(len(src))] == [t for t, _ in ROWS]
+    x, y = src.take(np.array([4, 0, 1]))
+    assert set(x) == {"input_ids", "attention_mask"}
+    for a in x.values():
+        assert a.dtype == np.int64 and a.shape == (3, SEQ) and a.flags.c_contiguous
+    assert y.dtype == np.int64 and list(y) == [1, 1, 0]
+    want = _expected_ids(tokenizer_file, [ROWS[4][0], ROWS[0][0], ROWS[1][0]])
+    np.testing.assert_array_equal(x["input_ids"], want)
+    np.testing.assert_array_equal(x["attention_mask"], (want != 0).astype(np.int64))
+    assert x["input_ids"][0, 0] == 2 and 3 in x["input_ids"][0]  # [CLS] ... [SEP]
+    # the index is numpy arrays of offsets, lengths and label ids: no strings held
+    assert src.offsets.dtype == np.int64 and src.lengths.dtype == np.int32
+    assert src.labels.dtype == np.int32
+    assert not [v for v in vars(src).values() if isinstance(v, list | tuple) and len(v) >= 5]
+
+
+def test_tsv_and_jsonl_give_the_same_arrays(tmp_path, tokenizer_file):
+    a = _text(_write_csv(tmp_path / "d.csv", ROWS), tokenizer_file)
+    b = _text(_write_csv(tmp_path / "d.tsv", ROWS, delimiter="\t"), tokenizer_file)
+    c = _text(_write_jsonl(tmp_path / "d.jsonl", ROWS), tokenizer_file)
+    idx = np.arange(len(ROWS))[::-1]
+    xa, ya = a.take(idx)
+    for s in (b, c):
+        assert len(s) == len(ROWS) and s.problems.total == 0
+        xs, ys = s.take(idx)
+        np.testing.assert_array_equal(ys, ya)
+        for k in xa:
+            np.testing.assert_array_equal(xs[k], xa[k])
+
+
+def test_csv_columns_by_name_bom_and_crlf(tmp_path, tokenizer_file):
+    p = tmp_path / "d.csv"
+    p.write_bytes(b"\xef\xbb\xbfid,category,review\r\n1,pos,a good film\r\n2,neg,\"bad\r\nplot\"\r\n")
+    src = _text(p, tokenizer_file, text_column="review", label_column="category")
+    assert len(src) == 2 and src.text(1) == "bad\r\nplot" and src.class_names == ["neg", "pos"]
+    with pytest.raises(UserError, match=r"no column 'text' .*--text-column") as e:
+        _text(p, tokenizer_file)
+    assert "\n" not in str(e.value)
+
+
+def test_csv_bad_rows_counted_with_line_numbers(tmp_path, tokenizer_file):
+    p = tmp_path / "bad.csv"
+    p.write_bytes(
+        b"text,label\n"
+        b"a good film,pos\n"           # line 2: ok
+        b"a bad film,\n"               # line 3: missing label
+        b"   ,neg\n"                   # line 4: empty text
+        b"\n"                          # line 5: blank line (ignored, not a row)
+        b"one,two,three\n"             # line 6: wrong number of columns
+        b"\"multi\nline\",neg\n"       # lines 7-8: ok
+        b"caf\xe9 latin-1,pos\n"       # line 9: not valid UTF-8
+        b"\"x\"y,neg\n"                # line 10: unparsable (text after a closing quote)
+        b"fine film,  \n"              # line 11: missing label (blank)
+        b"great,pos\n"                 # line 12: ok
+        b"\"never closed,neg\nmore,pos\n")  # line 13: unterminated quote to the end
+    src = _text(p, tokenizer_file)
+    assert len(src) == 3 and [src.text(i) for i in range(3)] == ["a good film", "multi\nline",
+                                                                   "great"]
+    pr = src.problems
+    assert pr.counts == {"missing label": 2, "empty text": 1, "wrong number of columns": 1,
+                         "not valid UTF-8": 1, "unparsable CSV record": 1,
+                         "unterminated quoted field": 1}
+    assert pr.total == 7 and pr.ignored == {"blank line": 1}
+    assert pr.examples["missing label"] == ["line 3", "line 11"]
+    assert pr.examples["empty text"] == ["line 4"]
+    assert pr.examples["wrong number of columns"] == ["line 6: 3 of 2"]
+    assert pr.examples["not valid UTF-8"] == ["line 9"]
+    assert pr.examples["unparsable CSV record"] == ["line 10"]
+    assert pr.examples["unterminated quoted field"] == ["line 13"]
+    line = pr.summary()
+    assert "\n" not in line and "7 bad rows skipped" in line and "2 missing label (line 3" in line
+    assert pr.as_dict()["bad_rows"] == 7
+    assert "3 rows" in src.describe() and "7 bad rows" in src.describe()
+
+
+def test_jsonl_bad_rows_counted(tmp_path, tokenizer_file):
+    p = tmp_path / "bad.jsonl"
+    lines = ['{"text": "a good film", "label": "pos"}',   # 1 ok
+             '{"text": "a bad film"}',                    # 2 missing label
+             '{"text": "", "label": "neg"}',              # 3 empty text
+             '{"label": "neg"}',                          # 4 missing text
+             'not json at all',                           # 5 not valid JSON
+             '["a", "list"]',                             # 6 not a JSON object
+             '',                                          # 7 blank (ignored)
+             '{"text": 5, "label": "neg"}',               # 8 text is not a string
+             '{"text": "dull", "label": ["neg"]}',        # 9 label not a string or number
+             '{"text": "dull", "label": null}',           # 10 missing label
+             '{"text": "fine", "label": "neg"}']          # 11 ok
+    p.write_text("\n".join(lines) + "\n")
+    src = _text(p, tokenizer_file)
+    assert len(src) == 2 and src.class_names == ["neg", "pos"]
+    assert src.problems.counts == {"missing label": 2, "empty text": 1, "missing text": 1,
+                                   "not valid JSON": 1, "not a JSON object": 1,
+                                   "text is not a string": 1,
+                                   "label is not a string or number": 1}
+    assert src.problems.examples["missing label"] == ["line 2", "line 10"]
+    assert src.problems.ignored == {"blank line": 1}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_nothing_usable_is_one_line_error(tmp_path, tokenizer_file, suffix):
+    rows = [("", "pos"), ("a film", ""), ("   ", "neg")]
+    p = (_write_csv if suffix == ".csv" else _write_jsonl)(tmp_path / f"d{suffix}", rows)
+    with pytest.raises(UserError, match="nothing usable in .*3 row") as e:
+        _text(p, tokenizer_file)
+    msg = str(e.value)
+    assert "\n" not in msg and "empty text" in msg and "missing label" in msg
+    assert "--text-column" in msg
+
+
+def test_empty_and_missing_files(tmp_path, tokenizer_file):
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        _text(tmp_path / "e.csv", tokenizer_file)
+    (tmp_path / "h.csv").write_text("text,label\n")
+    with pytest.raises(UserError, match="nothing usable.* 0 row"):
+        _text(tmp_path / "h.csv", tokenizer_file)
+    with pytest.raises(UserError, match="cannot open data file"):
+        _text(tmp_path / "missing.csv", tokenizer_file)
+    (tmp_path / "t.json").write_text("{}")
+    with pytest.raises(UserError, match="must be .csv, .tsv or .jsonl"):
+        _text(tmp_path / "t.json", tokenizer_file)
+
+
+def test_label_maps(tmp_path, tokenizer_file):
+    # strings: sorted
+    s = _text(_write_csv(tmp_path / "s.csv", [("good", "zebra"), ("bad", "apple"),
+                                              ("fine", "mango")]), tokenizer_file, k=3)
+    assert s.class_names == ["apple", "mango", "zebra"] and list(s.labels) == [2, 0, 1]
+    # integers in [0, k): their own ids, even when a class is absent from the file
+    i = _text(_write_csv(tmp_path / "i.csv", [("good", "2"), ("bad", "0"), ("fine", "2")]),
+              tokenizer_file, k=3)
+    assert i.class_names == ["0", "1", "2"] and list(i.labels) == [2, 0, 2]
+    # integers outside [0, k): sorted numerically (10 after 9), "07" is 7
+    n = _text(_write_csv(tmp_path / "n.csv", [("a", "10"), ("b", "9"), ("c", "07"),
+                                              ("d", "7")]), tokenizer_file, k=3)
+    assert n.class_names == ["7", "9", "10"] and list(n.labels) == [2, 1, 0, 0]
+    # a label count that does not fit the model: one line naming the labels and the model
+    with pytest.raises(UserError, match=r"3 distinct labels \(apple, mango, zebra\) but the "
+                                        r"model has 2 classes") as e:
+        _text(tmp_path / "s.csv", tokenizer_file, k=2)
+    assert "\n" not in str(e.value)
+    # a given list (the bundle's or a resumed run's): its order; unknown labels are bad rows
+    g = _text(_write_csv(tmp_path / "g.csv", [("a", "pos"), ("b", "neg"), ("c", "meh"),
+                                              ("d", "pos")]), tokenizer_file,
+              class_names=["pos", "neg"])
+    assert g.class_names == ["pos", "neg"] and list(g.labels) == [0, 1, 0]
+    assert g.problems.counts == {"unknown label": 1}
+    assert g.problems.examples["unknown label"] == ["line 4: 'meh'"]
+    with pytest.raises(UserError, match="3 class names were given for a 2-class model"):
+        _text(tmp_path / "g.csv", tokenizer_file, class_names=["pos", "neg", "meh"])
+
+
+def test_too_many_distinct_labels(tmp_path, tokenizer_file):
+    p = tmp_path / "ids.csv"
+    p.write_text("text,label\n" + "".join(f"film,{i}x\n" for i in range(sources.common.MAX_LABELS + 1)))
+    with pytest.raises(UserError, match="more than 10,000 distinct values.*--label-column"):
+        _text(p, tokenizer_file)
+
+
+def test_regression_targets_and_type_ids(tmp_path, tokenizer_file):
+    p = _write_csv(tmp_path / "r.csv", [("good", "0.5"), ("bad", "-1.25"), ("meh", "n/a"),
+                                        ("ok", "inf")])
+    src = _text(p, tokenizer_file, loss=_mse())
+    assert src.class_names is None and len(src) == 2
+    assert src.problems.counts == {"label is not a number": 1, "label is not finite": 1}
+    _, y = src.take(np.arange(2))
+    assert y.dtype == np.float32 and list(y) == [0.5, -1.25]
+    spec = TextSpec(tokenizer="t.json", seq_len=SEQ, ids_input="ids", mask_input="mask",
+                    type_ids_input="types")
+    inputs = [TensorSpec(n, ["N", SEQ], "int64") for n in ("ids", "mask", "types")]
+    src3 = open_text(_write_csv(tmp_path / "d.csv", ROWS), spec, inputs, _ce(2), tokenizer_file)
+    x, _ = src3.take(np.arange(2))
+    assert set(x) == {"ids", "mask", "types"} and x["types"].shape == (2, SEQ)
+    assert (x["types"] == 0).all()
+    with pytest.raises(UserError, match="also needs input"):
+        open_text(tmp_path / "d.csv", TEXT, [*TEXT_INPUTS, TensorSpec("z", ["N", 3])], _ce(2),
+                  tokenizer_file)
+    with pytest.raises(UserError, match="integer tokens"):
+        open_text(tmp_path / "d.csv", TEXT, [TEXT_INPUTS[0], TensorSpec("attention_mask",
+                                                                        ["N", 5], "int64")],
+                  _ce(2), tokenizer_file)
+
+
+def test_long_text_cut_before_tokenising_keeps_the_tokens(tmp_path, tokenizer_file):
+    long = " ".join(WORDS[i % len(WORDS)] for i in range(20_000))  # ~100 KB of text
+    src = _text(_write_jsonl(tmp_path / "l.jsonl", [(long, "pos"), ("good", "neg")]),
+                tokenizer_file)
+    x, _ = src.take(np.array([0]))
+    np.testing.assert_array_equal(x["input_ids"], _expected_ids(tokenizer_file, [long]))
+    assert src.max_record > 90_000 and src.bytes_fixed() >= 10 * src.max_record
+
+
+def test_file_changed_during_run_is_an_error(tmp_path, tokenizer_file):
+    p = _write_csv(tmp_path / "d.csv", ROWS)
+    src = _text(p, tokenizer_file)
+    src.take(np.arange(2))
+    with open(p, "a") as f:
+        f.write("new row,pos\n")
+    with pytest.raises(UserError, match="changed while training"):
+        src.take(np.arange(2))
+
+
+def _traced_peak(src, idx: np.ndarray) -> int:
+    """Peak of Python and numpy allocations (tracemalloc) during ``take(idx)``."""
+    src.take(idx[:4])  # warm up lazily created objects
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        src.take(idx)
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_take_allocations_within_the_declared_bound(tmp_path, tokenizer_file, digit_folder):
+    rows = [(" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(5 + i % 40)),
+             "pos" if i % 3 else "neg") for i in range(200)]
+    text = _text(_write_csv(tmp_path / "d.csv", rows), tokenizer_file)
+    spec = ImageSpec(input="x", channels=3, height=32, width=32, mean=[0.5], std=[0.5])
+    images = open_images(digit_folder.root, spec, [TensorSpec("x", ["N", 3, 32, 32])], _ce(3))
+    x = np.random.default_rng(0).standard_normal((300, 16, 16))  # float64 on disk: a cast
+    npz = open_npz(_npz(tmp_path / "d.npz", x=x, y=np.zeros(300, np.int32)),
+                   [TensorSpec("x", ["N", 16, 16], "float32")], _ce(2))
+    for src, n in ((text, 64), (images, len(digit_folder.files)), (npz, 64)):
+        idx = np.random.default_rng(1).permutation(len(src))[:n]
+        peak = _traced_peak(src, idx)
+        # tracemalloc sees numpy and Python objects (not Pillow's or tokenizers' own buffers)
+        assert 0 < peak <= src.take_bytes(n), (src.name, peak, src.take_bytes(n))
+        assert src.take_bytes(n) < 4 * peak + 2_000_000, (src.name, peak, src.take_bytes(n))
+
+
+# ---------------------------------------------------------------------------- images
+def _digits(n: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits, read from its data file as runtime/data.py does, as uint8."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-learn is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path) as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32, max_rows=n)
+    img = np.round(raw[:, :-1] / 16.0 * 255.0).astype(np.uint8).reshape(-1, 8, 8)
+    return img, raw[:, -1].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """DIR/<digit>/ with 8x8 PNGs (lossless), 16x16 JPEGs of the same digits, and junk."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("digits") / "train"
+    img, y = _digits()
+    keep = y < 3
+    img, y = img[keep], y[keep]
+    files = []
+    for k, (a, lab) in enumerate(zip(img, y, strict=True)):
+        d = root / str(lab)
+        d.mkdir(parents=True, exist_ok=True)
+        if k % 2 == 0:
+            name = f"{d.name}/{k:03d}.png"
+            Image.fromarray(a, "L").save(root / name)
+        else:
+            name = f"{d.name}/{k:03d}.JPG"  # suffixes are case-insensitive
+            Image.fromarray(a, "L").resize((16, 16), Image.NEAREST).save(root / name, quality=95)
+        files.append((name, a, int(lab)))
+    return SimpleNamespace(root=root, files=sorted(files), img=img, y=y)
+
+
+IMG_INPUT = [TensorSpec("x", ["N", 1, 8, 8], "float32")]
+GREY8 = ImageSpec(input="x", channels=1, height=8, width=8, mean=[0.0], std=[1.0])
+
+
+def test_images_png_exact_and_jpeg_close(digit_folder):
+    src = open_images(digit_folder.root, GREY8, IMG_INPUT, _ce(3))
+    files = digit_folder.files  # sorted by class folder, then name: the source's order
+    assert len(src) == len(files) and src.problems.total == 0 and not src.problems.ignored
+    assert src.class_names == ["0", "1", "2"]
+    assert [src.file(i).relative_to(digit_folder.root).as_posix() for i in range(len(src))] == \
+        [f for f, _, _ in files]
+    x, y = src.take(np.arange(len(src)))
+    assert set(x) == {"x"} and x["x"].dtype == np.float32 and x["x"].shape == (len(src), 1, 8, 8)
+    assert y.dtype == np.int64 and list(y) == [lab for _, _, lab in files]
+    for i, (name, a, _) in enumerate(files):
+        want = a.astype(np.float32) / 255.0
+        if name.endswith(".png"):  # lossless, same size: exact
+            np.testing.assert_array_equal(x["x"][i, 0], want)
+        else:  # a 16x16 JPEG resized back to 8x8: as Pillow resizes the lossless image
+            from PIL import Image
+
+            big = Image.fromarray(a, "L").resize((16, 16), Image.NEAREST)
+            want = np.asarray(big.resize((8, 8), Image.BILINEAR), np.float32) / 255.0
+            assert np.abs(x["x"][i, 0] - want).mean() < 0.02
+    assert src.paths.dtype == np.uint8 and src.path_offsets.dtype == np.int64
+
+
+def test_images_resize_rgb_normalise_and_layouts(digit_folder):
+    from runtime.data import resize_bilinear
+
+    spec = ImageSpec(input="img", channels=3, height=16, width=12, mean=[0.5, 0.4, 0.3],
+                     std=[0.25, 0.5, 2.0])
+    src = open_images(digit_folder.root, spec, [TensorSpec("img", ["N", 3, 16, 12], "float32")],
+                      _ce(3))
+    pngs = [i for i, (f, _, _) in enumerate(digit_folder.files) if f.endswith(".png")]
+    x, _ = src.take(np.array(pngs))
+    img = x["img"]
+    assert img.shape == (len(pngs), 3, 16, 12) and img.dtype == np.float32
+    raw = img * np.float32([0.25, 0.5, 2.0])[:, None, None] + np.float32([0.5, 0.4, 0.3])[:, None,
+                                                                                        None]
+    np.testing.assert_allclose(raw[:, 0], raw[:, 1], atol=1e-6)  # grey replicated
+    np.testing.assert_allclose(raw[:, 0], raw[:, 2], atol=1e-6)
+    # Pillow's bilinear upscale (half-pixel centres, edges clamped, rounded to uint8) agrees
+    # with runtime/data.py's numpy resize
+    a = np.stack([digit_folder.files[i][1] for i in pngs]).astype(np.float32) / 255.0
+    np.testing.assert_allclose(raw[:, 0], resize_bilinear(a, 16, 12), atol=1.0 / 255 + 1e-6)
+    # [N, H, W] grey input
+    src3 = open_images(digit_folder.root, GREY8, [TensorSpec("x", ["N", 8, 8], "float32")],
+                       _ce(3))
+    assert src3.take(np.arange(2))[0]["x"].shape == (2, 8, 8)
+    with pytest.raises(UserError, match="image data gives float"):
+        open_images(digit_folder.root, GREY8, [TensorSpec("x", ["N", 3, 8, 8], "float32")],
+                    _ce(3))
+
+
+def test_image_modes_palette_alpha_16bit(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "imgs" / "a"
+    d.mkdir(parents=True)
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    p.info["transparency"] = 0
+    p.save(d / "p.png")
+    Image.new("RGBA", (4, 4), (255, 0, 0, 10)).save(d / "rgba.png")
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(d / "g16.png")
+    spec = ImageSpec(input="x", channels=3, height=4, width=4, mean=[0.0], std=[1.0])
+    src = open_images(tmp_path / "imgs", spec, [TensorSpec("x", ["N", 3, 4, 4])],
+                      LossSpec("cross_entropy", TensorSpec("labels", ["N"], "int64"),
+                               num_classes=2), class_names=["a", "b"])
+    x = src.take(np.arange(3))[0]["x"]
+    names = [src.file(i).name for i in range(3)]
+    assert names == ["g16.png", "p.png", "rgba.png"]
+    np.testing.assert_allclose(x[0], 1.0)  # 16-bit white
+    np.testing.assert_allclose(x[1], 0.0)  # palette black (transparent)
+    np.testing.assert_allclose(x[2, 0], 1.0)
+    np.testing.assert_allclose(x[2, 1:], 0.0)  # alpha dropped
+
+
+def test_image_folder_bad_files_counted(tmp_path, digit_folder):
+    import shutil
+
+    root = Path(shutil.copytree(digit_folder.root, tmp_path / "imgs"))
+    (root / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    jpg = next((root / "1").glob("*.JPG")).read_bytes()
+    (root / "1" / "truncated.jpeg").write_bytes(jpg[: len(jpg) // 2])
+    (root / "2" / ".DS_Store").write_bytes(b"junk")
+    (root / "2" / "notes.txt").write_text("not an image")
+    (root / "2" / "nested").mkdir()
+    (root / "2" / "nested" / "deep.png").write_bytes((root / "0").glob("*.png").__next__()
+                                                       .read_bytes())
+    (root / "README.md").write_text("top-level file")
+    (root / ".cache").mkdir()
+    src = open_images(root, GREY8, IMG_INPUT, _ce(3))
+    assert len(src) == len(digit_folder.files) + 1  # the nested PNG counts
+    assert src.problems.counts == {"unreadable image": 2}
+    ex = src.problems.examples["unreadable image"]
+    assert ex[0].startswith("0/broken.png (") and ex[1].startswith("1/truncated.jpeg (")
+    assert src.problems.ignored == {"hidden file or folder": 2, "not a PNG/JPEG file": 1,
+                                    "file outside the class folders": 1}
+    assert "2 bad rows skipped" in src.problems.summary()
+    x, _ = src.take(np.arange(len(src)))
+    assert np.isfinite(x["x"]).all()
+
+
+def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):
+    with pytest.raises(UserError, match=r"3 distinct labels \(0, 1, 2\) but the model has 2"):
+        open_images(digit_folder.root, GREY8, IMG_INPUT, _ce(2))
+    # integer folder names within [0, k): their own ids
+    src = open_images(digit_folder.root, GREY8, IMG_INPUT, _ce(10))
+    assert src.class_names == [str(i) for i in range(10)]
+    # a given list: unknown class folders are bad rows, one per file
+    g = open_images(digit_folder.root, GREY8, IMG_INPUT, _ce(2), class_names=["2", "0"])
+    n1 = sum(1 for _, _, lab in digit_folder.files if lab == 1)
+    assert g.problems.counts == {"unknown label": n1} and len(g) == len(digit_folder.files) - n1
+    assert set(g.take(np.arange(len(g)))[1]) == {0, 1}
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(b"x")
+    with pytest.raises(UserError, match="no class sub-folders"):
+        open_images(tmp_path / "flat", GREY8, IMG_INPUT, _ce(2))
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "b").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="nothing usable in .*unreadable image") as e:
+        open_images(tmp_path / "junk", GREY8, IMG_INPUT, _ce(2))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="not found"):
+        open_images(tmp_path / "nope", GREY8, IMG_INPUT, _ce(2))
+    with pytest.raises(UserError, match="loss is mse"):
+        open_images(digit_folder.root, GREY8, IMG_INPUT, _mse())
+
+
+# ---------------------------------------------------------------------------- .npz
+X_IN = [TensorSpec("x", ["N", 4, 3], "float32")]
+
+
+def _npz(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _xy(n: int = 50, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 4, 3)), rng.integers(0, 3, n)
+
+
+def test_npz_read_in_place_take(tmp_path):
+    x, y = _xy()
+    xt, yt = _xy(10, 1)
+    src = open_npz(_npz(tmp_path / "d.npz", x=x, y=y, x_test=xt, y_test=yt), X_IN, _ce(3))
+    assert len(src) == 50 and len(src.test) == 10 and src.class_names is None
+    assert all(m.array is None and m.offset > 0 for m in src._npz.members.values())  # nothing held
+    assert not src.problems.ignored
+    idx = np.array([7, 3, 49, 8, 9, 10])  # runs of consecutive rows are one read
+    xs, ys = src.take(idx)
+    assert xs["x"].dtype == np.float32 and xs["x"].shape == (6, 4, 3) and ys.dtype == np.int64
+    np.testing.assert_array_equal(xs["x"], x[idx].astype(np.float32))
+    np.testing.assert_array_equal(ys, y[idx])
+    np.testing.assert_array_equal(src.test.take(np.arange(10))[0]["x"], xt.astype(np.float32))
+    assert src.bytes_per_sample() >= 12 * (8 + 4)
+    # multi-input models read arrays by input name; a (small) Fortran-ordered array is loaded
+    ins = [TensorSpec("a", ["N", 2], "float32"), TensorSpec("b", ["N", 3], "int64")]
+    a = np.asfortranarray(np.arange(20.0).reshape(10, 2))
+    m = open_npz(_npz(tmp_path / "m.npz", a=a, b=np.ones((10, 3), np.int32), y=np.zeros(10, int)),
+                 ins, _ce(2))
+    xm, _ = m.take(np.array([9, 0]))
+    np.testing.assert_array_equal(xm["a"], a[[9, 0]])
+    assert xm["b"].dtype == np.int64 and (xm["b"] == 1).all()
+    assert m.problems.ignored == {"array loaded into memory (compressed or Fortran order)": 1}
+
+
+def test_npz_compressed_members(tmp_path, monkeypatch):
+    x, y = _xy()
+    p = tmp_path / "c.npz"
+    np.savez_compressed(p, x=x, y=y)
+    src = open_npz(p, X_IN, _ce(3))
+    assert src._npz.members["x"].array is not None
+    assert src.problems.ignored == {"array loaded into memory (compressed or Fortran order)": 2}
+    np.testing.assert_array_equal(src.take(np.arange(5))[0]["x"], x[:5].astype(np.float32))
+    monkeypatch.setattr(sources.npz, "COMPRESSED_LOAD_LIMIT", 100)
+    with pytest.raises(UserError, match="array 'x' is compressed .*numpy.savez"):
+        open_npz(p, X_IN, _ce(3))
+    f = _npz(tmp_path / "f.npz", x=np.asfortranarray(x), y=y)
+    with pytest.raises(UserError, match="array 'x' is stored in Fortran .*ascontiguousarray"):
+        open_npz(f, X_IN, _ce(3))
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for k, v in members.items():
+            zf.writestr(k, v)
+    return path
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", r"is empty \(0 bytes\)"),
+    ("not_zip", r"not an \.npz \(zip\) archive"),
+    ("no_arrays", r"holds no arrays \(no \.npy members; it has readme.txt\)"),
+    ("pickled", r"array 'x' holds Python objects \(pickled\)"),
+    ("no_y", r"has no 'y' array \(labels\); it has: x"),
+    ("no_x", r"lacks array 'x' \(or 'x'\)|lacks array 'x'"),
+    ("x_test_only", r"has 'x_test' but not 'y_test'"),
+    ("y_test_only", r"has 'y_test' but not 'x_test'"),
+    ("nan_sampled", r"array 'x' has NaN or inf values \(row 0\).*nan_to_num"),
+    ("huge", r"array 'x' has absurdly large values .*row 3"),
+    ("label_range", r"array 'y' has class id 3 \(row 2\); labels must be in \[0, 2\]"),
+    ("shape", r"array 'x' has sample shape \[4, 4\]; model input 'x' expects \[4, 3\]"),
+    ("rows", r"array 'x' has 49 rows but 'y' has 50"),
+    ("dtype", r"array 'x' has dtype <U1"),
+    ("y_float", r"array 'y' must be a 1-D integer array"),
+    ("truncated", r"not a valid \.npy array|truncated"),
+])
+def test_npz_bad_inputs_are_one_line_errors(tmp_path, case, match):
+    x, y = _xy()
+    p = tmp_path / "bad.npz"
+    if case == "empty":
+        p.write_bytes(b"")
+    elif case == "not_zip":
+        p.write_bytes(b"x,y\n1,2\n")
+    elif case == "no_arrays":
+        _zip(p, {"readme.txt": b"hello"})
+    elif case == "pickled":
+        np.savez(p, x=np.array([{"a": 1}] * 50, dtype=object), y=y)
+    elif case == "no_y":
+        _npz(p, x=x)
+    elif case == "no_x":
+        _npz(p, z=x, y=y)
+    elif case == "x_test_only":
+        _npz(p, x=x, y=y, x_test=x)
+    elif case == "y_test_only":
+        _npz(p, x=x, y=y, y_test=y)
+    elif case == "nan_sampled":
+        x[0, 1, 2] = np.nan
+        _npz(p, x=x, y=y)
+    elif case == "huge":
+        x[3, 0, 0] = 1e35
+        _npz(p, x=x, y=y)
+    elif case == "label_range":
+        y[2] = 3
+        _npz(p, x=x, y=y)
+    elif case == "shape":
+        _npz(p, x=np.zeros((50, 4, 4)), y=y)
+    elif case == "rows":
+        _npz(p, x=x[:49], y=y)
+    elif case == "dtype":
+        _npz(p, x=np.full((50, 4, 3), "a"), y=y)
+    elif case == "y_float":
+        _npz(p, x=x, y=y.astype(np.float32))
+    elif case == "truncated":
+        _npz(p, x=x, y=y)
+        with zipfile.ZipFile(p) as zf:
+            info = zf.getinfo("x.npy")
+        raw = bytearray(p.read_bytes())
+        o = info.header_offset
+        name_len, extra_len = np.frombuffer(bytes(raw[o + 26:o + 30]), "<u2")
+        start = o + 30 + int(name_len) + int(extra_len)
+        assert raw[start:start + 6] == b"\x93NUMPY"
+        raw[start:start + 6] = b"XXXXXX"  # damage the .npy magic of x
+        p.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=match) as e:
+        open_npz(p, X_IN, _ce(3))
+    assert "\n" not in str(e.value)
+    assert "bad.npz" in str(e.value)
+
+
+def test_npz_values_checked_per_take(tmp_path):
+    x, y = _xy(3000)
+    x[1500, 2, 1] = np.inf  # far from the rows checked at open
+    y[2000] = 7
+    src = open_npz(_npz(tmp_path / "d.npz", x=x, y=y), X_IN, _ce(3))
+    src.take(np.arange(100))
+    with pytest.raises(UserError, match=r"NaN or inf values \(row 1500\)"):
+        src.take(np.array([5, 1500, 6]))
+    with pytest.raises(UserError, match=r"class id 7 \(row 2000\)"):
+        src.take(np.array([2000]))
+    # integers that do not fit the model's dtype
+    ins = [TensorSpec("ids", ["N", 2], "int32")]
+    big = np.array([[1, 2], [3, 1 << 40]], np.int64)
+    with pytest.raises(UserError, match="do not fit the model's int32"):
+        open_npz(_npz(tmp_path / "i.npz", ids=big, y=np.zeros(2, int)), ins, _ce(2))
+
+
+def test_npz_regression_and_class_names(tmp_path):
+    x, _ = _xy(20)
+    t = np.linspace(-1, 1, 20)
+    src = open_npz(_npz(tmp_path / "r.npz", x=x, y=t), X_IN, _mse())
+    _, y = src.take(np.arange(3))
+    assert y.dtype == np.float32
+    t[4] = np.nan
+    with pytest.raises(UserError, match="array 'y' has NaN"):
+        open_npz(_npz(tmp_path / "r2.npz", x=x, y=t), X_IN, _mse())
+    c = open_npz(_npz(tmp_path / "c.npz", x=x, y=np.zeros(20, int),
+                      class_names=np.array(["cat", "dog", "eel"])), X_IN, _ce(3))
+    assert c.class_names == ["cat", "dog", "eel"]
+
+
+# ---------------------------------------------------------------------------- splits
+def test_split_is_deterministic_disjoint_and_copies_nothing(tmp_path):
+    x, y = _xy(101)
+    src = open_npz(_npz(tmp_path / "d.npz", x=x, y=y), X_IN, _ce(3))
+    tr, va = split(src, 0.1, seed=3)
+    tr2, va2 = split(src, 0.1, seed=3)
+    _, va3 = split(src, 0.1, seed=4)
+    assert len(va) == 10 and len(tr) == 91
+    np.testing.assert_array_equal(va.rows, va2.rows)
+    np.testing.assert_array_equal(tr.rows, tr2.rows)
+    assert not np.array_equal(va.rows, va3.rows)
+    assert np.array_equal(np.sort(np.r_[tr.rows, va.rows]), np.arange(101))
+    assert (np.diff(va.rows) > 0).all() and (np.diff(tr.rows) > 0).all()  # file order
+    xs, ys = va.take(np.array([0, 9]))
+    np.testing.assert_array_equal(xs["x"], x[va.rows[[0, 9]]].astype(np.float32))
+    np.testing.assert_array_equal(ys, y[va.rows[[0, 9]]])
+    assert va.base is src and va.problems is src.problems and va.name == "d.npz:val"
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(UserError, match="--val-split must be a fraction"):
+            split(src, bad)
+    one = open_npz(_npz(tmp_path / "one.npz", x=x[:1], y=y[:1]), X_IN, _ce(3))
+    with pytest.raises(UserError, match="too few"):
+        split(one, 0.5)
+
+
+def _manifest(inputs, loss, text=None, image=None, class_names=None) -> SimpleNamespace:
+    return SimpleNamespace(inputs=inputs, loss=loss, text=text, image=image,
+                           class_names=class_names)
+
+
+def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    os.link(tokenizer_file, bundle / "tokenizer.json")
+    m = _manifest(TEXT_INPUTS, _ce(3), text=TEXT)
+    train = _write_csv(tmp_path / "train.csv", [("a", "b"), ("b", "c"), ("c", "a")])
+    val = _write_jsonl(tmp_path / "val.jsonl", [("x", "c"), ("y", "zzz")])
+    d = open_data(train, m, bundle, val=val)
+    assert d.class_names == ["a", "b", "c"] and d.test.class_names == ["a", "b", "c"]
+    assert list(d.test.take(np.arange(len(d.test)))[1]) == [2]
+    assert d.test.problems.counts == {"unknown label": 1}
+    s = open_data(train, m, bundle, val_split=0.34, seed=1)
+    assert len(s) == 2 and len(s.test) == 1 and s.test.base is s.base
+    with pytest.raises(UserError, match="either --val FILE or --val-split"):
+        open_data(train, m, bundle, val=val, val_split=0.1)
+    # the bundle's class names fix the map
+    mb = _manifest(TEXT_INPUTS, _ce(3), text=TEXT, class_names=["c", "b", "a"])
+    assert list(open_data(train, mb, bundle).labels) == [1, 0, 2]
+
+
+def test_open_source_dispatch_and_missing_specs(tmp_path, tokenizer_file, digit_folder):
+    x, y = _xy()
+    npz = _npz(tmp_path / "d.npz", x=x, y=y, x_test=x, y_test=y)
+    m = _manifest(X_IN, _ce(3))
+    assert isinstance(open_source(npz, m, tmp_path), sources.NpzSource)
+    with pytest.raises(UserError, match="already has a held-out split"):
+        open_data(npz, m, tmp_path, val_split=0.2)
+    csv_path = _write_csv(tmp_path / "d.csv", ROWS)
+    with pytest.raises(UserError, match="records no tokenizer"):
+        open_source(csv_path, m, tmp_path)
+    with pytest.raises(UserError, match="records no image input"):
+        open_source(digit_folder.root, m, tmp_path)
+    mi = _manifest(IMG_INPUT, _ce(3), image=GREY8)
+    assert isinstance(open_source(digit_folder.root, mi, tmp_path), sources.ImageSource)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match="cannot tell the format"):
+        open_source(tmp_path / "d.parquet", m, tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        open_source(tmp_path / "nope.csv", m, tmp_path)
+
+
+def test_no_heavy_imports():
+    code = ("import sys, runtime.sources; bad = [m for m in ('PIL', 'tokenizers', 'torch', "
+            "'onnx', 'pandas', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0, r.stderr[-1000:]
+
+
+# ---------------------------------------------------------------------------- memory
+_CHILD = textwrap.dedent("""
+    import sys, numpy as np
+    from pathlib import Path
+    import tokenizers  # library pages belong to the baseline
+    from contract.manifest import LossSpec, TensorSpec, TextSpec
+    from runtime import sources
+
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+    kind, path, tok = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    loss = LossSpec("cross_entropy", TensorSpec("labels", ["N"], "int64"), num_classes=2)
+    print("baseline", hwm(), flush=True)
+    if kind == "text":
+        spec = TextSpec(tokenizer="t.json", seq_len=64, ids_input="ids", mask_input="mask")
+        ins = [TensorSpec("ids", ["N", 64], "int64"), TensorSpec("mask", ["N", 64], "int64")]
+        src = sources.open_text(path, spec, ins, loss, tok)
+    else:
+        src = sources.open_npz(path, [TensorSpec("x", ["N", 256], "float32")], loss)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = src.take(rng.integers(0, len(src), 32))
+        assert y.shape == (32,)
+    print("done", len(src), src.take_bytes(32), src.problems.total, hwm(), flush=True)
+    sys.stdin.read()  # the parent reads our VmHWM, then closes stdin
+""")
+
+
+def _vm_hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def _peak_above_baseline(kind: str, path: Path, tok: Path) -> tuple[int, list[str]]:
+    """The child's whole-process peak (VmHWM, read by this process from /proc/PID/status while
+    the child waits on its stdin after its last batch) minus its VmHWM after the imports.
+    (``wait4``'s ru_maxrss would not do: it counts the pytest process the child was forked from.)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, kind, str(path), str(tok)], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines: list[str] = []
+        peak = 0
+        for line in proc.stdout:
+            lines += line.split()
+            peak = max(peak, _vm_hwm(proc.pid))
+            if line.startswith("done"):
+                break
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 0 and "done" in lines, err[-2000:]
+    baseline = int(lines[lines.index("baseline") + 1])
+    return peak - baseline, lines
+
+
+def _big_csv(path: Path, target: int) -> int:
+    rng = np.random.default_rng(0)
+    words = np.array(WORDS)
+    rows = []
+    for i in range(2000):
+        text = " ".join(words[rng.integers(0, len(words), 60)])
+        if i % 10 == 0:
+            text = f'"{text},\nsecond line ""quoted"""'  # quoted newline, comma and quotes
+        rows.append(f"{text},{'pos' if i % 2 else 'neg'}\n")
+    block = "".join(rows).encode()
+    with open(path, "wb") as f:
+        f.write(b"text,label\n")
+        for _ in range(target // len(block) + 1):
+            f.write(block)
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize("kind", ["text", "npz"])
+def test_streaming_peak_rss_far_below_file_size(tmp_path, tokenizer_file, kind):
+    """A ~60 MB file streamed in 20 random batches of 32: the child's whole-process peak stays
+    within 25 MB of its import baseline (index, tokenizer, batches and all)."""
+    t0 = time.perf_counter()
+    if kind == "text":
+        path = tmp_path / "big.csv"
+        size = _big_csv(path, 60 << 20)
+    else:
+        path = tmp_path / "big.npz"
+        rng = np.random.default_rng(0)
+        n = (60 << 20) // 1024
+        np.savez(path, x=rng.standard_normal((n, 256), dtype=np.float32),
+                 y=rng.integers(0, 2, n))
+        size = path.stat().st_size
+    try:
+        above, lines = _peak_above_baseline(kind, path, tokenizer_file)
+    finally:
+        path.unlink()  # pytest keeps the last runs' tmp folders: do not keep 60 MB in them
+    n_rows, take32 = int(lines[lines.index("done") + 1]), int(lines[lines.index("done") + 2])
+    print(f"{kind}: file {size / 1e6:.1f} MB, {n_rows} rows, peak above import baseline "
+          f"{above / 1e6:.1f} MB, take_bytes(32) {take32 / 1e6:.2f} MB, "
+          f"{time.perf_counter() - t0:.1f} s")
+    assert size > 55e6
+    assert above < 25e6, f"peak {above / 1e6:.1f} MB above baseline for a {size / 1e6:.0f} MB file"
