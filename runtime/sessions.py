@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from contract import UserError
+from contract import UserError, names
 
 from .bundle import Bundle
 from .config import SessionConfig
@@ -156,6 +156,7 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
     """
     graph_file = bundle.graph_file(mode, part)
     data = bundle.graph_bytes(mode, part)
+    check_external_data(bundle, graph_file, data)
     so = ort.SessionOptions()
     for name, value in shared.for_graph(graph_file).items():
         so.add_initializer(name, value)
@@ -190,6 +191,32 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
         msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise UserError(f"onnxruntime cannot load {bundle.path / graph_file}: {msg}; re-export "
                         "the bundle") from None
+
+
+def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
+    """Every tensor of a graph with external data must be a frozen weight the manifest lists for
+    that graph, at its listed place in weights.bin (the runtime supplies those itself): a graph
+    can name no other file or byte range, whatever onnxruntime version loads it.
+
+    Raises:
+        UserError: any other external reference, or bytes that are not an ONNX model.
+    """
+    from contract.onnx_scan import OnnxScanError, external_data_refs
+
+    try:
+        refs = external_data_refs(data)
+    except OnnxScanError as exc:
+        raise UserError(f"{bundle.path / graph_file} is not a valid ONNX model ({exc}); "
+                        "re-export the bundle") from None
+    listed = set(bundle.manifest.graph_weights.get(graph_file, []))
+    weights = bundle.manifest.weights
+    for ref in refs:
+        w = weights.get(ref.tensor)
+        if (ref.tensor not in listed or w is None or ref.location != names.WEIGHTS_FILE
+                or ref.offset != w.offset or ref.length not in (None, w.length)):
+            raise UserError(f"{bundle.path / graph_file}: tensor '{ref.tensor}' points at "
+                            f"external data {ref.location!r} that the manifest does not list; "
+                            "the bundle is damaged or was tampered with; re-export it")
 
 
 def shrink_arena(session: ort.InferenceSession, feeds: dict, output: str) -> None:

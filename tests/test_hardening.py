@@ -139,6 +139,13 @@ def _(c):
     return ["export-model", str(c.bundle), "--out", str(c.tmp / "x.onnx")]
 
 
+@case("graph-external-data-outside-train", "points at external data", "re-export")
+def _(c):
+    argv = CASES[[n for n, _, _ in CASES].index("graph-external-data-outside")][1](c)
+    assert argv[0] == "export-model"
+    return _train(c)
+
+
 @case("pickled-params", "cannot read parameters", "re-export")
 def _(c):
     p = c.bundle / "params.npz"
@@ -372,3 +379,32 @@ def test_degenerate_gram_keeps_the_previous_bases(mlp_bundle):
 
     assert tr.calibrate(Inf(), 32, np.random.default_rng(1)) is False
     assert tr.ranks() == before and any("kept the previous bases" in w for w in tr.warnings)
+
+
+def test_onnx_scan_finds_every_external_reference(tmp_path):
+    """The runtime's own protobuf walk agrees with onnx on where external data hides: graph
+    initializers, Constant nodes and graphs nested in If branches."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from contract.onnx_scan import external_data_refs
+
+    def ext(name: str, location: str, offset: int) -> TensorProto:
+        t = numpy_helper.from_array(np.zeros(4, np.float32), name)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", str(offset)), ("length", "16")):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    then = helper.make_graph([helper.make_node("Constant", [], ["c"], value=ext("deep", "x", 8))],
+                             "then", [], [helper.make_tensor_value_info("c", 1, [4])])
+    g = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["c"], then_branch=then, else_branch=then)], "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("c", 1, [4])], initializer=[ext("w", "weights.bin", 4096)])
+    data = helper.make_model(g).SerializeToString()
+    refs = {(r.tensor, r.location, r.offset, r.length) for r in external_data_refs(data)}
+    assert refs == {("w", "weights.bin", 4096, 16), ("deep", "x", 8, 16)}
+    assert external_data_refs(onnx.load_from_string(data).SerializeToString()) is not None
