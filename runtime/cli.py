@@ -79,11 +79,12 @@ def _add_instant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batches", type=int, default=None)
     p.add_argument("--max-rank", type=int, default=None, help="cap every INSTANT rank")
     p.add_argument("--rank-policy", default=None, choices=["energy", "budget"],
-                   help="energy: the ε rule (default); budget: ranks that minimise the "
-                        "gradient error under the plan's memory and --flop-ratio")
+                   help="budget (default): ranks that minimise the gradient error under the "
+                        "plan's memory and --flop-ratio; energy: the paper's ε rule (the default "
+                        "when --energy or --oversample is given)")
     p.add_argument("--flop-ratio", type=float, default=None,
                    help="budget policy: backward FLOPs of the compressed layers as a fraction of "
-                        "the exact backward (default 0.5)")
+                        "the exact backward (default 1.0: never more than exact)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -226,10 +227,13 @@ def _session_config(a, prof):
 def _train_config(a, bundle, prof, optim=None):
     from .config import InstantConfig, OptimConfig, TrainConfig
 
+    policy = a.rank_policy
+    if policy is None and (a.energy is not None or a.oversample is not None):
+        policy = "energy"  # an explicit ε or p asks for the energy rule
     instant = InstantConfig.from_bundle(
         bundle.manifest.instant.settings, energy=a.energy, oversample=a.oversample,
         calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,
-        rank_policy=a.rank_policy, flop_ratio=a.flop_ratio)
+        rank_policy=policy, flop_ratio=a.flop_ratio)
     return TrainConfig(mode=a.mode, optim=optim or OptimConfig(), instant=instant,
                        session=_session_config(a, prof), seed=getattr(a, "seed", 0))
 

@@ -102,8 +102,13 @@ class InstantConfig:
     calib_every: int = InstantSettings.calib_every
     calib_batches: int = InstantSettings.calib_batches
     max_rank: int | None = None
-    rank_policy: RankPolicy = "energy"
-    flop_ratio: float = 0.5  # budget policy: backward FLOPs of compressed layers vs vanilla
+    # "budget": ranks that minimise the gradient error under the plan's memory and flop_ratio;
+    # "energy": the paper's ε rule (chosen automatically when ε or p is given explicitly).
+    rank_policy: RankPolicy = "budget"
+    # budget policy: backward FLOPs of the compressed layers vs the exact backward. 1.0: never
+    # more compute than exact (measured: a from-scratch CNN on digits, 1000 steps, 3 seeds,
+    # -1.1 points vs exact at 1.0, -2.7 at 0.5, -4.2 with the energy rule at p = 0).
+    flop_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         _finite("--energy", self.energy, 0.0, 1.0, lo_open=True)

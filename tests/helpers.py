@@ -18,6 +18,8 @@ def make_trainer(bundle: Bundle | Path, mode: str = "instant", lr: float = 1e-3,
                  **instant) -> Trainer:
     """A trainer on ``bundle`` with the bundle's INSTANT settings overridden by ``instant``."""
     b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+    if ("energy" in instant or "oversample" in instant) and "rank_policy" not in instant:
+        instant["rank_policy"] = "energy"  # as the CLI does for an explicit ε or p
     cfg = TrainConfig(mode=mode, optim=OptimConfig(name=optimizer, lr=lr),
                       instant=InstantConfig.from_bundle(b.manifest.instant.settings, **instant),
                       session=SessionConfig(threads=threads), seed=seed)

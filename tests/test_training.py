@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from helpers import make_trainer
 
 from devices.planner import Plan
@@ -17,19 +16,20 @@ from runtime.run import train
 from runtime.trainer import ArrayBatch
 
 
-def _fit(bundle: Path, mode: str, seed: int, steps: int = 500) -> tuple[float, dict]:
+def _fit(bundle: Path, mode: str, seed: int, steps: int = 1000) -> tuple[float, dict]:
     b = open_bundle(bundle)
     data = load_data("digits", b)
-    tr = make_trainer(b, mode=mode, lr=3e-3, oversample=7, calib_every=20, seed=seed)
+    tr = make_trainer(b, mode=mode, lr=3e-3, seed=seed)
     s = train(tr, data, RunConfig(steps=steps, batch=32, progress=False))
     return s.test_acc, s.ranks
 
 
 def test_instant_accuracy_within_two_points_of_vanilla(cnn_bundle: Path) -> None:
-    """Same bundle, steps, seeds and data order; INSTANT with the paper's text oversampling p=7.
+    """A small CNN with 1x1 convs trained from scratch on digits, 1000 steps, default settings:
+    same bundle, steps, seeds and data order in both modes.
 
     Mean over seeds 0-2 (one seed alone swings by ±1.5 points on 360 held-out digits).
-    Measured here: vanilla 0.910, INSTANT 0.895.
+    Measured here: vanilla 0.964, INSTANT 0.953 (the energy rule at its default p = 0: 0.922).
     """
     runs = {m: [_fit(cnn_bundle, m, seed) for seed in (0, 1, 2)] for m in ("vanilla", "instant")}
     vanilla = float(np.mean([acc for acc, _ in runs["vanilla"]]))
