@@ -289,6 +289,11 @@ class Manifest:
     class_names: list[str] | None = None  # class id -> name, when the export or data gave them
     text: TextSpec | None = None
     image: ImageSpec | None = None
+    # optimizer name -> its step as an ONNX graph (the device-resident step, --device cuda)
+    optimizers: dict[str, str] = field(default_factory=dict)
+    # per sample: "forward" FLOPs of the MatMul/Gemm/Conv nodes, "trainable_forward" the part
+    # that depends on trainable parameters (plan's step-time estimate with a profile's GFLOP/s)
+    flops: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ cross-field checks
     def validate(self) -> tuple[str, str] | None:  # noqa: C901 - one list of rules
@@ -346,6 +351,9 @@ class Manifest:
                     return "text", f"'{n}' is not a model input"
         if self.image is not None and self.image.input not in input_names:
             return "image.input", f"'{self.image.input}' is not a model input"
+        for opt, fname in self.optimizers.items():
+            if opt not in ("adamw", "sgd") or fname not in self.files:
+                return f"optimizers.{opt}", f"unknown optimizer or unlisted file '{fname}'"
         return None
 
     # ------------------------------------------------------------------ convenience

@@ -447,7 +447,8 @@ def _split(fwd_model, fwd: Builder, bwd: Builder, ctx: GradContext,
             name, dtype, None if dims is None else [d if d is not None else "?" for d in dims])
 
     saved_vi = [vi(s) for s in saved]
-    f_model.graph.output.extend(saved_vi)
+    already = {o.name for o in f_model.graph.output}
+    f_model.graph.output.extend(v for v in saved_vi if v.name not in already)
     fwd_grams: dict[str, str] = {}
     for name in ctx.fwd_outputs:
         f_model.graph.output.append(vi(name))

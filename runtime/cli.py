@@ -217,11 +217,17 @@ def _budget_and_profile(a):
     return budget, prof
 
 
-def _session_config(a, prof):
+def _session_config(a, prof, log=None):
     from .config import SessionConfig
+    from .sessions import resolve_device
 
     threads = a.threads if a.threads is not None else (prof.default_threads if prof else 0)
-    return SessionConfig(threads=threads, device=a.device)
+    cfg = SessionConfig(threads=threads, device=a.device,
+                        profile_providers=tuple(prof.execution_providers) if prof else None)
+    device, line = resolve_device(cfg)
+    if log is not None and (a.device != "cpu"):
+        log(line)
+    return cfg
 
 
 def _train_config(a, bundle, prof, optim=None):
@@ -235,7 +241,7 @@ def _train_config(a, bundle, prof, optim=None):
         calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,
         rank_policy=policy, flop_ratio=a.flop_ratio)
     return TrainConfig(mode=a.mode, optim=optim or OptimConfig(), instant=instant,
-                       session=_session_config(a, prof), seed=getattr(a, "seed", 0))
+                       session=_session_config(a, prof, log=print), seed=getattr(a, "seed", 0))
 
 
 def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log):
@@ -387,9 +393,18 @@ def _cmd_plan(a) -> int:
     budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof)
+    fl = bundle.manifest.flops
+    if prof is not None and prof.gflops and fl.get("forward"):
+        exact = a.batch * (fl["forward"] + 2 * fl.get("trainable_forward", 0))
+        print(f"estimated step on {prof.name} at batch {a.batch}: {exact / (prof.gflops * 1e9):.2f}"
+              f" s with an exact backward ({exact / 1e9:.1f} GFLOP at its {prof.gflops:g} GFLOP/s;"
+              " INSTANT's backward is cheaper, calibration not counted)")
     if budget is not None:
 
-        data = _load_data(a, bundle, a.data or "digits")
+        if not a.data:
+            raise UserError("plan with a budget measures the run itself: pass --data (the data "
+                            "you will train on)")
+        data = _load_data(a, bundle)
         tr = Trainer(bundle, cfg)
         plan = _plan(tr, data, min(a.batch, len(data)), budget, None, print)
         if tr.mode == "instant":
@@ -417,11 +432,31 @@ def _cmd_plan(a) -> int:
 
 
 def _cmd_profiles(a) -> int:
+    """Each profile and what it does on this machine: threads, budget, the device it would
+    train on with this onnxruntime build, its speed figure."""
+    import platform
+
+    import onnxruntime as ort
+
     from devices import format_size, list_profiles
 
+    from .config import SessionConfig
+    from .sessions import resolve_device
+
+    have = ort.get_available_providers()
+    here = platform.machine()
+    print(f"this machine: {here}, {os.cpu_count()} cores, onnxruntime {ort.__version__} with "
+          f"{', '.join(have)}")
     for p in list_profiles():
-        print(f"{p.name:<18} {p.arch:<8} RAM {format_size(p.ram):>10}  {p.cores:>2} cores  "
-              f"budget {format_size(p.default_budget):>10}  {', '.join(p.execution_providers)}")
+        cfg = SessionConfig(device="auto", profile_providers=tuple(p.execution_providers))
+        device, _ = resolve_device(cfg, have)
+        speed = f"{p.gflops:g} GFLOP/s" if p.gflops else "no speed figure"
+        note = "" if p.arch == {"amd64": "x86_64"}.get(here.lower(), here.lower()) else \
+            f" (an {p.arch} board)"
+        print(f"{p.name:<18} RAM {format_size(p.ram):>10}  budget "
+              f"{format_size(p.default_budget):>10}  threads {p.default_threads:>2}  "
+              f"--device auto -> {device.upper():<4} lists {'/'.join(x.replace('ExecutionProvider', '') for x in p.execution_providers)}"
+              f"; {speed}{note}")
     return 0
 
 

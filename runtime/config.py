@@ -60,6 +60,11 @@ class SessionConfig:
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     spinning: bool = False  # busy-wait in the thread pool (measured slower with 2 cores)
     optimization: Literal["basic", "extended", "all"] = "basic"
+    # the profile's execution providers, in preference order (--device auto picks from them)
+    profile_providers: tuple[str, ...] | None = None
+    # keep weights, gradients and optimizer state in the provider's memory (runtime/resident.py);
+    # always on for CUDA, settable on the CPU to test that path
+    resident: bool = False
 
     def __post_init__(self) -> None:
         _int("--threads", self.threads, 0, max_threads())

@@ -35,18 +35,19 @@ class SGD:
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         self.t += 1
+        f = np.float32
         for k, p in params.items():
             g, s = grads[k], self._s.like(p)
             if self.wd:
-                np.multiply(p, self.wd, out=s)
+                np.multiply(p, f(self.wd), out=s)
                 s += g
                 g = s
             if self.momentum:
                 v = self.state[k]["v"]
-                v *= self.momentum
+                v *= f(self.momentum)
                 v += g
                 g = v
-            np.multiply(g, self.lr, out=s)
+            np.multiply(g, f(self.lr), out=s)
             p -= s
 
 
@@ -62,27 +63,31 @@ class AdamW:
         self._s = _Scratch(params)
 
     def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        """One update. Scalars are float32 and the order of operations is that of the ONNX
+        step graph (export/optim_graphs.py), so host and device steps agree to rounding."""
         self.t += 1
-        c1 = 1.0 - self.b1 ** self.t
-        c2 = 1.0 - self.b2 ** self.t
+        f = np.float32
+        b1, b2, eps, lr = f(self.b1), f(self.b2), f(self.eps), f(self.lr)
+        c1, c2 = f(1.0 - self.b1 ** self.t), f(1.0 - self.b2 ** self.t)
+        one = f(1.0)
         for k, p in params.items():
             g, s = grads[k], self._s.like(p)
             st = self.state[k]
             m, v = st["m"], st["v"]
-            m *= self.b1
-            np.multiply(g, 1.0 - self.b1, out=s)
+            m *= b1
+            np.multiply(g, one - b1, out=s)
             m += s
-            v *= self.b2
-            np.square(g, out=s)
-            s *= 1.0 - self.b2
+            v *= b2
+            np.multiply(g, g, out=s)
+            s *= one - b2
             v += s
             if self.wd:
-                p *= 1.0 - self.lr * self.wd
-            np.multiply(v, 1.0 / c2, out=s)
+                p *= one - lr * f(self.wd)
+            np.divide(v, c2, out=s)
             np.sqrt(s, out=s)
-            s += self.eps
+            s += eps
             np.divide(m, s, out=s)
-            s *= self.lr / c1
+            s *= lr / c1
             p -= s
 
 

@@ -31,7 +31,7 @@ from .bundle import Bundle
 from .config import SessionConfig
 
 __all__ = ["SharedWeights", "arena_cap", "is_out_of_memory", "make_session", "providers_for",
-           "shrink_arena", "use_arena"]
+           "resolve_device", "shrink_arena", "use_arena"]
 
 _ARENA: dict[str, int | None] = {}  # process-wide: the registered arena's cap (None: no cap)
 
@@ -64,22 +64,43 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return "Available memory of" in text or "Failed to allocate memory" in text
 
 
-def providers_for(cfg: SessionConfig) -> list[str]:
-    """Execution providers for ``cfg.device`` that this onnxruntime build offers.
+# Providers the training graphs run on. TensorRT builds an engine per input shape, which the
+# changing ranks and micro-batches of training would rebuild again and again: a profile may list
+# it, but training uses CUDA for it.
+TRAINING_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def resolve_device(cfg: SessionConfig, available: list[str] | None = None) -> tuple[str, str]:
+    """(onnxruntime device name, one line saying what was chosen) for ``cfg.device``.
+
+    ``auto``: the profile's providers (or CUDA, then CPU) that this onnxruntime build offers.
 
     Raises:
         UserError: ``--device cuda`` where this onnxruntime has no CUDA provider.
     """
-    have = ort.get_available_providers()
+    have = list(available if available is not None else ort.get_available_providers())
     if cfg.device == "cpu":
-        return ["CPUExecutionProvider"]
+        return "cpu", "device: CPU"
     if cfg.device == "cuda":
         if "CUDAExecutionProvider" not in have:
             raise UserError("--device cuda: this onnxruntime build has no CUDA provider "
                             f"(available: {', '.join(have)}); install onnxruntime-gpu "
                             "(pip install instant-runtime[cuda]) or use --device cpu")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+        return "cuda", "device: CUDA"
+    wanted = list(cfg.profile_providers or TRAINING_PROVIDERS)
+    if any(p in wanted for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
+        if "CUDAExecutionProvider" in have:
+            return "cuda", "device auto: CUDA (this onnxruntime build has it)"
+        return "cpu", ("device auto: the profile lists a GPU provider, but this onnxruntime "
+                       "build has only " + ", ".join(have) + "; using CPU")
+    return "cpu", "device auto: CPU (the profile lists no GPU provider)"
+
+
+def providers_for(cfg: SessionConfig) -> list[str]:
+    """Execution providers for the sessions of ``cfg``."""
+    device, _ = resolve_device(cfg)
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else \
+        ["CPUExecutionProvider"]
 
 
 class SharedWeights:
@@ -183,8 +204,13 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
     so.log_severity_level = 4  # allocation failures past the cap are handled by the caller
     so.intra_op_num_threads = cfg.intra_threads
     so.inter_op_num_threads = 1
+    providers: list = providers_for(cfg)
+    if providers[0] == "CUDAExecutionProvider" and _ARENA.get("cap"):
+        # the device arena gets the same hard cap (unverified on a GPU: see the README)
+        providers[0] = ("CUDAExecutionProvider", {"gpu_mem_limit": str(int(_ARENA["cap"])),
+                                                  "arena_extend_strategy": "kNextPowerOfTwo"})
     try:
-        return ort.InferenceSession(data, so, providers=providers_for(cfg))
+        return ort.InferenceSession(data, so, providers=providers)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types

@@ -32,7 +32,14 @@ from .calibrate import Basis, DegenerateGram, Spectrum, basis, decompose
 from .config import TrainConfig
 from .optim import make_optimizer
 from .ranks import choose_ranks
-from .sessions import SharedWeights, is_out_of_memory, make_session, shrink_arena
+from .sessions import (
+    SharedWeights,
+    is_out_of_memory,
+    make_session,
+    providers_for,
+    resolve_device,
+    shrink_arena,
+)
 
 __all__ = ["ArenaExhausted", "ArrayBatch", "Batch", "IndexBatch", "StepResult", "Trainer"]
 
@@ -128,6 +135,26 @@ class Trainer:
         self.calib_seconds = 0.0
         self.calib_skipped = 0
         self.warnings: list[str] = []
+        device, _ = resolve_device(self.config.session)
+        self.device = device
+        self._resident = None  # runtime/resident.py, created with the sessions
+        self.resident = device != "cpu" or self.config.session.resident
+
+    def _providers(self) -> list[str]:
+        return providers_for(self.config.session)
+
+    def _res(self):
+        if self._resident is None:
+            from .resident import Resident
+
+            self._resident = Resident(self, self.device)
+        return self._resident
+
+    def sync_to_host(self) -> None:
+        """Bring device-resident weights and optimizer state back into ``params`` (a no-op on
+        the host path, where the numpy arrays are the weights)."""
+        if self._resident is not None:
+            self._resident.to_host()
 
     # ---------------------------------------------------------------------------- sessions
     def session(self, mode: str, part: str = "forward") -> ort.InferenceSession:
@@ -202,14 +229,24 @@ class Trainer:
                 undefined: zero them by calling ``gradients`` again).
         """
         n = len(batch)
-        for g in self._grads.values():
-            g.fill(0.0)
+        res = self._res() if self.resident else None
+        if res is not None:
+            res.zero_grads()
+        else:
+            for g in self._grads.values():
+                g.fill(0.0)
         loss_sum = 0.0
         correct = 0
+        step = res.micro_step if res is not None else self._micro_step
         try:
             for s, e in chunks(n, self.plan.micro_batch):
                 x, y = batch.rows(s, e)
-                loss, c = self._micro_step(x, y, (e - s) / n)
+                try:
+                    loss, c = step(x, y, (e - s) / n)
+                except (ArenaExhausted, UserError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - onnxruntime errors of the resident path
+                    raise self._run_error(exc, "training") from None
                 loss_sum += loss * (e - s) / n
                 correct += c
         finally:
@@ -266,10 +303,15 @@ class Trainer:
     def train_step(self, batch: Batch) -> StepResult:
         t0 = time.perf_counter()
         loss_sum, correct = self.gradients(batch)
-        finite = bool(np.isfinite(loss_sum)) and all(
-            np.isfinite(g).all() for g in self._grads.values())
-        if finite:  # a non-finite loss skips the update; the caller warns and counts
-            self.optimizer.step(self.params, self._grads)
+        if self.resident:
+            finite = bool(np.isfinite(loss_sum))
+            if finite:
+                self._res().optimizer_step()
+        else:
+            finite = bool(np.isfinite(loss_sum)) and all(
+                np.isfinite(g.sum()) for g in self._grads.values())
+            if finite:  # a non-finite loss skips the update; the caller warns and counts
+                self.optimizer.step(self.params, self._grads)
         self.step_count += 1
         return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite)
 
@@ -380,8 +422,10 @@ class Trainer:
         try:
             for s in range(0, n, micro):
                 x, y = data.take(np.arange(s, min(n, s + micro)))
+                extra = self._resident.params if self._resident is not None else None
                 try:
-                    logits = sess.run_with_ort_values([out], self._feeds(inputs, x, y))[0].numpy()
+                    logits = sess.run_with_ort_values(
+                        [out], self._feeds(inputs, x, y, extra))[0].numpy()
                 except Exception as exc:  # noqa: BLE001
                     raise self._run_error(exc, "evaluation") from None
                 logits = logits.astype(np.float64, copy=False)
@@ -401,6 +445,7 @@ class Trainer:
         """Everything a resumed run needs from the trainer, as (arrays, JSON-able meta): weights,
         optimizer moments and step, INSTANT bases and ranks, step and calibration counters, and
         the micro-batches in use (a guard may have lowered them)."""
+        self.sync_to_host()
         arrays = {f"param/{k}": v for k, v in self.params.items()}
         for k, st in self.optimizer.state.items():
             for name, a in st.items():
@@ -459,8 +504,11 @@ class Trainer:
             self.plan = replace(self.plan, calib_micro_batch=int(saved_c))
         self.calibrations = int(meta["calibrations"])
         self.calib_seconds = float(meta["calib_seconds"])
+        if self._resident is not None:
+            self._resident.from_host()
 
     def save_params(self, path) -> None:
         """The trained parameters as ``.npz``, written atomically (a crash leaves the previous
         file or the new one)."""
+        self.sync_to_host()
         atomic_write(Path(path), lambda p: write_npz(p, self.params))

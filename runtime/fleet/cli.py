@@ -1,0 +1,229 @@
+"""``instant-runtime fleet server|client``: the argument parser and the handler.
+
+Wired into ``runtime/cli.py`` with ``add_fleet_parser(sub)`` and ``handlers["fleet"] = cmd_fleet``;
+``python -m runtime.fleet server|client ...`` runs the same without it. The handler prints user
+errors itself (one ``error:`` line, exit 2), so it behaves the same under either entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["FLWR_SUPPORTED", "add_fleet_parser", "cmd_fleet", "main", "parse_address"]
+
+FLWR_SUPPORTED = ("1.42",)  # Flower minor versions whose server and client internals we use
+
+
+def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``fleet`` (with ``server`` and ``client``) to an ``add_subparsers()`` object."""
+    f = subparsers.add_parser(
+        "fleet", help="federated training over Flower: `fleet server` and `fleet client` "
+                      "(needs instant-runtime[fleet])")
+    _fill(f)
+    return f
+
+
+def _fill(f: argparse.ArgumentParser) -> None:
+    fs = f.add_subparsers(dest="fleet_cmd", required=True)
+
+    s = fs.add_parser("server", help="run FedAvg rounds over Flower's gRPC server")
+    s.add_argument("bundle")
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--address", default="127.0.0.1:8080",
+                   help="HOST:PORT to listen on (0.0.0.0:PORT for a real fleet)")
+    s.add_argument("--min-clients", type=int, default=2,
+                   help="clients each round waits for and trains (Flower's min_fit_clients and "
+                        "min_available_clients)")
+    s.add_argument("--data", default=None,
+                   help="held-out data to evaluate each aggregate on (built-in name or .npz; "
+                        "its test split if it has one). Without it the clients evaluate on their "
+                        "own held-out splits")
+    s.add_argument("--out", default=None,
+                   help="run folder for the aggregated weights (default BUNDLE/fleet)")
+    s.add_argument("--wait", type=float, default=300.0,
+                   help="seconds a round waits for --min-clients clients before giving up")
+    s.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds a client may take per round; later replies count as failures")
+    s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (evaluation)")
+    s.add_argument("--verbose", action="store_true", help="show Flower's own log")
+
+    c = fs.add_parser("client", help="train this device's data in the fleet (no torch)")
+    c.add_argument("bundle")
+    c.add_argument("--data", required=True, help="this device's data: built-in name or .npz")
+    c.add_argument("--server", required=True, help="HOST:PORT of the fleet server")
+    c.add_argument("--steps", type=int, default=10, help="local optimizer steps per round")
+    c.add_argument("--batch", type=int, default=32)
+    c.add_argument("--micro-batch", type=int, default=None,
+                   help="split each batch (gradient accumulation); --budget plans its own")
+    c.add_argument("--budget", default=None,
+                   help="whole-process memory budget (Flower and gRPC included), e.g. 256MB")
+    c.add_argument("--profile", default=None, help="device profile (as in `train`)")
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--weight-decay", type=float, default=None)
+    c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    c.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--partition", default=None,
+                   help="I/N: keep every N-th training example from the I-th (a shard per device)")
+    c.add_argument("--out", default=None,
+                   help="folder for checkpoints and the local weights (default "
+                        "BUNDLE/fleet-client; one per client)")
+    c.add_argument("--checkpoint-every", type=int, default=50)
+    c.add_argument("--max-nonfinite", type=int, default=5)
+    c.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="seconds to wait for the server (at start and after a lost connection)")
+    c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+    c.add_argument("--progress", action="store_true", help="progress bar for local training")
+    c.add_argument("--verbose", action="store_true", help="show Flower's own log")
+
+
+def parse_address(text: str, option: str) -> str:
+    """``HOST:PORT`` or ``[IPv6]:PORT``, checked before anything is loaded.
+
+    Raises:
+        UserError: anything else.
+    """
+    from .local import UserError
+
+    host, sep, port = text.rpartition(":")
+    bad = (f"bad {option} '{text}': expected HOST:PORT with a port from 1 to 65535, "
+           "e.g. 127.0.0.1:8080")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(bad)
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise UserError(bad)
+    elif ":" in host or any(ch.isspace() or ch in "/?#@" for ch in host):
+        raise UserError(bad)
+    return text
+
+
+def _flower(verbose: bool):
+    """Import Flower (quietly, no telemetry) after checking it is installed and supported."""
+    from importlib import metadata
+
+    from .local import UserError
+
+    try:
+        version = metadata.version("flwr")
+    except metadata.PackageNotFoundError:
+        raise UserError("fleet training needs Flower; install it with "
+                        "pip install 'instant-runtime[fleet]'") from None
+    if ".".join(version.split(".")[:2]) not in FLWR_SUPPORTED:
+        raise UserError(f"fleet training needs Flower {' or '.join(FLWR_SUPPORTED)}.x, found "
+                        f"{version}; install it with pip install 'instant-runtime[fleet]'")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import logging
+
+    import flwr  # noqa: F401
+
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _server(a) -> int:
+    from .local import UserError, open_local
+    from .server import run_server
+
+    address = parse_address(a.address, "--address")
+    if a.rounds < 1 or a.min_clients < 1:
+        raise UserError(f"--rounds ({a.rounds}) and --min-clients ({a.min_clients}) must be >= 1")
+    _flower(a.verbose)
+    local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
+    if a.data and local.data is not None and local.data.test is None:
+        print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)
+    out = Path(a.out) if a.out else local.bundle.path / "fleet"
+    s = run_server(local, address, a.rounds, a.min_clients, out, evaluate_here=a.data is not None,
+                   wait_s=a.wait, round_timeout=a.round_timeout or None)
+    hist = [h for h in s["history"] if h["accuracy"] is not None]
+    what = "held-out" if a.data else "clients' held-out"
+    acc = (f"; {what} accuracy {hist[0]['accuracy']:.3f} -> {hist[-1]['accuracy']:.3f}"
+           if len(hist) > 1 else "")
+    print(f"fleet run done: {s['rounds']} rounds in {s['seconds']:.1f} s{acc}")
+    print(f"aggregated weights: {s['weights']} (instant-runtime export-model {out} --out "
+          "model.onnx" + ("" if out.parent == local.bundle.path else f" --bundle {a.bundle}")
+          + ")", flush=True)
+    return 0
+
+
+def _client(a) -> int:
+    from .client import run_client
+    from .local import UserError, open_local, parse_partition, resolve_budget
+
+    address = parse_address(a.server, "--server")
+    if a.steps < 1 or a.batch < 1:
+        raise UserError(f"--steps ({a.steps}) and --batch ({a.batch}) must be >= 1")
+    budget, threads = resolve_budget(a.budget, a.profile, a.threads)
+    partition = parse_partition(a.partition)
+    _flower(a.verbose)
+    bundle = Path(a.bundle)
+    out = Path(a.out) if a.out else bundle / "fleet-client"
+    local = open_local(bundle, a.data, budget, threads=threads, mode=a.mode,
+                       optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
+                       out=out, checkpoint_every=a.checkpoint_every, partition=partition,
+                       progress=a.progress, max_nonfinite=a.max_nonfinite,
+                       micro_batch=a.micro_batch)
+    local.claim_out()
+    if budget is not None:
+        _check_headroom(local, budget)
+    print(f"fleet client: {len(local.data)} training examples"
+          + (f" (partition {a.partition})" if partition else "")
+          + f", {a.steps} steps of {a.batch} per round"
+          + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}",
+          flush=True)
+    return run_client(local, address, a.steps, a.batch, connect_timeout=a.connect_timeout)
+
+
+TRANSFER_FACTOR = 5  # measured: a round's messages briefly hold ~4-5 copies of the tensors
+
+
+def _check_headroom(local, budget: int) -> None:
+    """Refuse before connecting when the budget cannot even hold what is resident now (runtime,
+    bundle, data, Flower) plus Flower's message buffers for one round; the budget plan of each
+    round then checks training itself."""
+    from .local import UserError, current_rss
+
+    now = current_rss()
+    tensors = sum(v.nbytes for v in local.get_trainable().values())
+    need = now + TRANSFER_FACTOR * tensors
+    if need > budget:
+        raise UserError(f"budget {budget / 1e6:.0f} MB cannot hold this client: "
+                        f"{now / 1e6:.0f} MB are resident before training (runtime, bundle, data, "
+                        f"Flower) and a round's messages need about {TRANSFER_FACTOR} x "
+                        f"{tensors / 1e6:.1f} MB of trainable tensors; raise --budget to more "
+                        f"than {need / 1e6:.0f}MB (the first round's plan states the exact "
+                        "minimum) or train fewer layers")
+
+
+def cmd_fleet(a) -> int:
+    """The ``fleet`` handler: 0 when the run ends, 2 with one ``error:`` line on bad input,
+    128 + signal when interrupted."""
+    from ..checkpoint import TrainingInterrupted
+    from .local import user_errors
+
+    try:
+        return _server(a) if a.fleet_cmd == "server" else _client(a)
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if type(exc).__name__ == "FleetInterrupted":
+            print(exc, file=sys.stderr)
+            return exc.exit_code
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m runtime.fleet server|client ...`` (the same as ``instant-runtime fleet``)."""
+    ap = argparse.ArgumentParser(prog="python -m runtime.fleet",
+                                 description="fleet training over Flower")
+    _fill(ap)
+    return cmd_fleet(ap.parse_args(argv))

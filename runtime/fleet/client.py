@@ -1,0 +1,234 @@
+"""The fleet client: a Flower ``ClientApp`` whose train and evaluate functions are our runtime.
+
+``make_client_app`` builds a Message-API ``ClientApp`` (``@app.train()``, ``@app.evaluate()``).
+Its messages come from Flower's legacy gRPC server (see ``runtime.fleet``), so their content is
+Flower's FitIns/EvaluateIns record layout; Flower's own converters
+(``flwr.compat.common.recorddict_compat``) read and write it. Received tensors are copied into
+the trainer's arrays one at a time and the received bytes are dropped as they are read, so the
+global weights do not stay resident next to the trainer's during training.
+
+``run_client`` is the device process: it connects with Flower's gRPC bidirectional-stream
+transport (``flwr.compat.client.grpc_client.connection.grpc_connection``), answers Flower's
+control messages with Flower's ``handle_control_message``, and runs every other message through
+the ``ClientApp``: the loop of ``flwr.client.start_client`` for that transport, without the
+FAB installer, SQL node state and object store that ``start_client`` imports (38 MB of RSS that
+a 256 MB device cannot spare; see the README section).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .local import Local, UserError, release_memory
+
+__all__ = ["PROTOCOL", "check_server_config", "make_client_app", "run_client"]
+
+PROTOCOL = 1  # bumped when the config keys or the tensor order the two sides agree on change
+
+
+def check_server_config(config: dict, local_signature: str, flwr_version: str) -> int:
+    """The server's round config against this device; returns the round number.
+
+    Raises:
+        UserError: another fleet protocol, another Flower minor version, another model.
+    """
+    theirs = config.get("fleet_protocol")
+    if theirs != PROTOCOL:
+        raise UserError(f"the fleet server speaks fleet protocol {theirs}, this client "
+                        f"{PROTOCOL}; install the same instant-runtime version on both sides")
+    server_flwr = str(config.get("flwr_version", "?"))
+    if server_flwr.split(".")[:2] != flwr_version.split(".")[:2]:
+        raise UserError(f"the fleet server runs Flower {server_flwr}, this client {flwr_version}; "
+                        f"install the same version on both (pip install 'flwr=={server_flwr}')")
+    if config.get("signature") != local_signature:
+        raise UserError("the fleet server trains another model (its bundle's trainable tensors, "
+                        "graph or frozen weights differ from this bundle's); give every client "
+                        "a copy of the server's bundle")
+    return int(config.get("round", 0))
+
+
+def make_client_app(local: Local, steps: int, batch: int, say=None):
+    """A Flower ``ClientApp``: ``train`` runs ``steps`` local steps of ``batch`` examples on the
+    received weights and replies with the updated trainable tensors, the number of training
+    examples and the round's metrics; ``evaluate`` reports loss and accuracy of the received
+    weights on this device's held-out split. Frozen weights never leave the bundle."""
+    import flwr
+    from flwr.app import Context, Message
+    from flwr.client import ClientApp
+    from flwr.common import (
+        Code,
+        EvaluateRes,
+        FitRes,
+        Status,
+        bytes_to_ndarray,
+        ndarrays_to_parameters,
+    )
+    from flwr.compat.common.recorddict_compat import (
+        evaluateres_to_recorddict,
+        fitres_to_recorddict,
+        recorddict_to_evaluateins,
+        recorddict_to_fitins,
+    )
+
+    say = say or say_to()
+    app = ClientApp()
+    version = flwr.__version__
+
+    def receive(content, to_ins) -> tuple[int, dict]:
+        ins = to_ins(content, keep_input=False)  # empties the message's records as it reads
+        config = dict(ins.config)
+        server_round = check_server_config(config, local.signature, version)
+        tensors = ins.parameters.tensors
+        del ins
+        if len(tensors) != len(local.names):
+            raise UserError(f"the fleet server sent {len(tensors)} tensors, this bundle trains "
+                            f"{len(local.names)}; give every client a copy of the server's bundle")
+        for i, name in enumerate(local.names):
+            raw, tensors[i] = tensors[i], b""
+            local.set_one(name, bytes_to_ndarray(raw))
+            del raw
+        del tensors
+        release_memory()
+        return server_round, config
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        server_round, _ = receive(msg.content, recorddict_to_fitins)
+        say(f"round {server_round}: received the global weights ({len(local.names)} tensors); "
+            f"training {steps} steps")
+        res = local.train_local(steps, batch, server_round)
+        for line in res.lines if local.rounds == 1 else []:
+            say(line)  # the budget plan, in full the first time
+        for line in res.lines if local.rounds > 1 else []:
+            if line.startswith(("plan for budget", "budget guard")):
+                say(line)
+        m = res.metrics
+        say(f"round {server_round}: loss {m['loss_first']:.4f} -> {m['loss_last']:.4f}"
+            + (f", train accuracy {m['train_accuracy']:.3f}" if "train_accuracy" in m else "")
+            + f", micro-batch {m['micro_batch']}; RSS {int(m['rss_at_start']) / 1e6:.1f} MB "
+            f"before training, peak {int(m['peak_rss']) / 1e6:.1f} MB so far"
+            + (f" (budget {local.budget / 1e6:.0f} MB)" if local.budget else ""))
+        params = ndarrays_to_parameters(list(local.get_trainable().values()))
+        fit = FitRes(status=Status(code=Code.OK, message="Success"), parameters=params,
+                     num_examples=int(res.num_examples),
+                     metrics={k: _scalar(v) for k, v in m.items()})
+        del params
+        return Message(fitres_to_recorddict(fit, keep_input=False), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        server_round, _ = receive(msg.content, recorddict_to_evaluateins)
+        loss, acc, n = local.evaluate()
+        say(f"round {server_round}: evaluated the global weights on {n} local held-out examples"
+            f": loss {loss:.4f}" + (f", accuracy {acc:.3f}" if acc is not None else ""))
+        metrics = {"accuracy": float(acc)} if acc is not None else {}
+        res = EvaluateRes(status=Status(code=Code.OK, message="Success"), loss=float(loss),
+                          num_examples=int(n), metrics=metrics)
+        return Message(evaluateres_to_recorddict(res), reply_to=msg)
+
+    return app
+
+
+def _scalar(v):
+    if isinstance(v, (bool, int, str)):
+        return v
+    return float(v)
+
+
+def _wait_ready(address: str, timeout: float) -> None:
+    """Block until a gRPC connection to ``address`` is up; a clear error after ``timeout``."""
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise UserError(f"cannot reach a fleet server at {address} within {timeout:.0f} s; start "
+                        "`instant-runtime fleet server` there first, or check --server HOST:PORT"
+                        ) from None
+    finally:
+        channel.close()
+
+
+def run_client(local: Local, address: str, steps: int, batch: int,
+               connect_timeout: float = 60.0, say=None) -> int:
+    """Serve the fleet server at ``address`` until it ends the run (returns 0).
+
+    A lost connection is retried for ``connect_timeout`` seconds (the server may restart);
+    after that, or when nothing answers at all, a ``UserError``.
+    """
+    import grpc
+    from flwr.app import Context, RecordDict
+    from flwr.client.message_handler.message_handler import handle_control_message
+    from flwr.compat.client.grpc_client.connection import grpc_connection
+
+    say = say or say_to()
+    app = make_client_app(local, steps, batch, say)
+    context = Context(run_id=0, node_id=-1, node_config={}, state=RecordDict(), run_config={})
+    served = 0
+    while True:
+        _wait_ready(address, connect_timeout)
+        say(f"connected to the fleet server at {address}")
+        try:
+            with grpc_connection(address, True, None) as conn:
+                receive, send = conn[0], conn[1]
+                while True:
+                    message = receive()
+                    reply, sleep_s = handle_control_message(message)
+                    if reply is not None:  # the server ends the run (or asks to come back later)
+                        send(reply)
+                        break
+                    reply = app(message, context)
+                    del message
+                    send(reply)
+                    del reply
+                    served += 1
+                    release_memory()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                raise UserError(f"{address} answers gRPC but is not a fleet server (no Flower "
+                                "service there); check --server HOST:PORT") from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise UserError(f"a message to or from {address} exceeds gRPC's size limit: "
+                                f"{_details(exc)}") from None
+            say(f"lost the connection to {address} ({code.name if code else exc}); "
+                f"reconnecting for up to {connect_timeout:.0f} s")
+            _retry_or_fail(address, connect_timeout)
+            continue
+        except StopIteration:
+            say(f"the fleet server at {address} closed the stream; reconnecting for up to "
+                f"{connect_timeout:.0f} s")
+            _retry_or_fail(address, connect_timeout)
+            continue
+        if sleep_s:
+            say(f"the fleet server asks to reconnect in {sleep_s} s")
+            time.sleep(sleep_s)
+            continue
+        say(f"the fleet server ended the run; this client trained {local.rounds} round(s)"
+            f" and answered {served} request(s)")
+        return 0
+
+
+def _retry_or_fail(address: str, timeout: float) -> None:
+    try:
+        _wait_ready(address, timeout)
+    except UserError:
+        raise UserError(f"lost the connection to the fleet server at {address} and it did not "
+                        f"come back within {timeout:.0f} s; restart the client when the server "
+                        "runs again (the server may also have finished its rounds)") from None
+
+
+def _details(exc) -> str:
+    d = exc.details() if hasattr(exc, "details") else str(exc)
+    return (d or "").splitlines()[0] if d else type(exc).__name__
+
+
+def say_to(stream=None):
+    """A ``say`` that flushes each line (progress of background processes stays visible)."""
+
+    def say(line: str, err: bool = False) -> None:
+        print(line, file=sys.stderr if err else (stream or sys.stdout), flush=True)
+
+    return say

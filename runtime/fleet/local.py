@@ -1,0 +1,303 @@
+"""The fleet's one door into the training runtime (the only fleet module that calls it).
+
+Everything ``runtime.fleet`` needs from the trainer goes through this file, written against the
+runtime API of today: ``open_bundle``, ``load_data``/``Dataset``, ``Trainer`` (its ``params`` dict of
+trainable numpy arrays, updated in place), ``run.train``/``RunConfig`` (budget plan and guard,
+INSTANT calibration, checkpoints) and ``checkpoint.atomic_write``. When that API changes, this is
+the file to adapt; ``client.py``, ``server.py`` and ``cli.py`` only use what is defined here.
+
+No Flower and no torch in this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+__all__ = ["Local", "RoundResult", "UserError", "current_rss", "model_signature", "open_local",
+           "parse_partition", "release_memory", "resolve_budget", "save_run", "user_errors"]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types whose message the CLI prints as one ``error:`` line (exit 2)."""
+    from devices import ProfileError
+
+    return (UserError, ProfileError)
+
+
+def resolve_budget(budget: str | None, profile: str | None,
+                   threads: int = 0) -> tuple[int | None, int]:
+    """``--budget`` / ``--profile`` as in ``instant-runtime train``: (budget bytes or None, threads).
+
+    Raises:
+        UserError, ProfileError: bad size, unknown profile, budget above the profile's RAM.
+    """
+    from devices import parse_size, resolve_profile
+
+    prof = resolve_profile(profile) if profile else None
+    value = parse_size(budget) if budget else (prof.default_budget if prof else None)
+    if prof is not None and value is not None and value > prof.ram:
+        raise UserError(f"budget {value / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
+                        f"of profile '{prof.name}'")
+    return value, threads or (prof.default_threads if prof else 0)
+
+
+def parse_partition(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N): this device keeps every N-th training example, starting at I."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"bad --partition '{text}': expected I/N, e.g. 0/3") from None
+    if not 0 <= i < n:
+        raise UserError(f"bad --partition '{text}': need 0 <= I < N")
+    return i, n
+
+
+def model_signature(bundle) -> str:
+    """What two devices must share to average their weights: the trainable tensors (names,
+    shapes), the inputs, the loss, the inference graph and the frozen weights (by checksum).
+    INSTANT settings and initial weights may differ between bundles with the same signature."""
+    m = bundle.manifest
+    files = m.get("files", {})
+    infer = m["graphs"]["infer"]["forward"]
+    ident = {
+        "params": [[p["name"], list(p["shape"])] for p in m["params"]],
+        "inputs": m["inputs"], "output": m.get("output"), "loss": m["loss"],
+        "infer": files.get(infer, {}).get("sha256"),
+        "frozen": files.get("weights.bin", {}).get("sha256"),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class RoundResult:
+    """One round of local training: what goes back to the server, and what the device prints."""
+
+    num_examples: int
+    metrics: dict[str, float | int | str]
+    lines: list[str] = field(default_factory=list)
+
+
+class Local:
+    """A bundle, this device's data and a trainer; see :func:`open_local`."""
+
+    def __init__(self, bundle_path: str | Path, data_spec: str | None, *,
+                 budget: int | None = None, threads: int = 0, mode: str = "instant",
+                 optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float | None = None,
+                 seed: int = 0, out: str | Path | None = None, checkpoint_every: int = 0,
+                 partition: tuple[int, int] | None = None, progress: bool = False,
+                 max_nonfinite: int = 5, micro_batch: int | None = None) -> None:
+        from ..bundle import open_bundle
+        from ..data import load_data
+        from ..trainer import SessionConfig, Trainer
+
+        self.bundle = open_bundle(bundle_path)
+        self.signature = model_signature(self.bundle)
+        self.names = [p["name"] for p in self.bundle.params]
+        self.data = load_data(data_spec, self.bundle) if data_spec else None
+        if self.data is not None and partition is not None:
+            self.data = _shard(self.data, *partition)
+        self.budget, self.seed, self.progress = budget, seed, progress
+        self.checkpoint_every, self.max_nonfinite = checkpoint_every, max_nonfinite
+        self.out = Path(out) if out is not None else None
+        self.trainer = Trainer(self.bundle, mode=mode, optimizer=optimizer, lr=lr,
+                               weight_decay=weight_decay, micro_batch=micro_batch,
+                               session=SessionConfig(threads=threads), seed=seed)
+        self.rounds = 0
+        self._lock: int | None = None
+
+    # ------------------------------------------------------------------------------ weights
+    def get_trainable(self) -> dict[str, np.ndarray]:
+        """The trainable tensors in bundle order (the trainer's own arrays: no copy)."""
+        return {k: self.trainer.params[k] for k in self.names}
+
+    def set_trainable(self, values: dict[str, np.ndarray]) -> None:
+        """Copy ``values`` into the trainer's arrays in place (names and shapes checked).
+
+        Raises:
+            UserError: a tensor is missing, extra, or of another shape.
+        """
+        self.check_trainable(values)
+        for k, v in values.items():
+            np.copyto(self.trainer.params[k], v, casting="same_kind")
+
+    def set_one(self, name: str, value: np.ndarray) -> None:
+        """One tensor, for callers that stream tensors in one at a time (lower peak)."""
+        p = self.trainer.params.get(name)
+        if p is None or p.shape != value.shape:
+            raise UserError(f"weights for '{name}' have shape {list(value.shape)}; this bundle "
+                            f"expects {None if p is None else list(p.shape)}; use the same bundle "
+                            "on the server and on every client")
+        np.copyto(p, value, casting="same_kind")
+
+    def check_trainable(self, values: dict[str, np.ndarray]) -> None:
+        if list(values) != self.names:
+            raise UserError(f"got {len(values)} tensors, this bundle trains {len(self.names)} "
+                            f"({', '.join(self.names[:4])}{', ...' if len(self.names) > 4 else ''})"
+                            "; use the same bundle on the server and on every client")
+        for k, v in values.items():
+            want = self.trainer.params[k].shape
+            if tuple(np.shape(v)) != want:
+                raise UserError(f"tensor '{k}' has shape {list(np.shape(v))}, this bundle expects "
+                                f"{list(want)}; use the same bundle on the server and every client")
+
+    # ------------------------------------------------------------------------------ training
+    def train_local(self, steps: int, batch: int, server_round: int) -> RoundResult:
+        """``steps`` optimizer steps from the current (just received) weights with
+        ``run.train``: under the budget (planned and guarded, every round), INSTANT bases
+        recalibrated on the received weights, checkpoints in ``out``. The optimizer starts each
+        round from zero state (FedAvg's local training); the step counter runs on across rounds.
+        """
+        from ..run import RunConfig, train
+
+        if self.data is None:
+            raise UserError("this device has no training data (--data)")
+        tr = self.trainer
+        _reset_optimizer(tr.optimizer)
+        tr.bases.clear()  # calibrate on the received global weights, not the last local ones
+        cfg = RunConfig(steps=tr.step_count + steps, batch=batch,
+                        seed=self.seed + 7919 * server_round, out=self.out,
+                        progress=self.progress, budget=self.budget,
+                        checkpoint_every=self.checkpoint_every if self.out else 0,
+                        max_nonfinite=self.max_nonfinite)
+        start_rss = current_rss()
+        train_only = dataclasses.replace(self.data, test=None)  # held-out evaluation: evaluate()
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured):  # the plan: printed by the caller, or not
+            s = train(tr, train_only, cfg, self.bundle)
+        self.rounds += 1
+        metrics: dict[str, float | int | str] = {
+            "loss_first": s.loss_first, "loss_last": s.loss_last, "steps": steps,
+            "micro_batch": s.micro_batch, "peak_rss": s.peak_rss,
+            "median_step_s": s.median_step_s, "calibrations": s.calibrations,
+            "rss_at_start": start_rss,
+        }
+        if s.train_acc is not None:
+            metrics["train_accuracy"] = s.train_acc
+        if s.predicted_peak is not None:
+            metrics["predicted_peak"] = s.predicted_peak
+        return RoundResult(len(self.data), metrics, captured.getvalue().splitlines())
+
+    def evaluate(self, data_spec: str | None = None) -> tuple[float, float | None, int]:
+        """(loss, accuracy or None, examples) of the current weights on the held-out split of
+        ``data_spec`` (default: this device's data), or on all of it when it has no split."""
+        if data_spec is not None:
+            from ..data import load_data
+
+            data = load_data(data_spec, self.bundle)
+        elif self.data is not None:
+            data = self.data
+        else:
+            raise UserError("no data to evaluate on (--data)")
+        target = data.test if data.test is not None else data
+        batch = self.trainer.micro_batch or 64
+        loss, acc = self.trainer.evaluate(target, batch)
+        return loss, acc, len(target)
+
+    # ------------------------------------------------------------------------------ output
+    def claim_out(self) -> None:
+        """Lock ``out`` for this process (two clients writing one checkpoint folder would mix
+        their checkpoints). The lock is released when the process ends, however it ends.
+
+        Raises:
+            UserError: another live process holds it.
+        """
+        if self.out is None:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / ".fleet-lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write output folder {self.out}: {exc.strerror}; pass "
+                            "another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"output folder {self.out} is in use by another fleet client; give "
+                            "each client its own --out DIR") from None
+        self._lock = fd
+
+
+def open_local(bundle_path: str | Path, data_spec: str | None = None,
+               budget: int | None = None, **kwargs) -> Local:
+    """Open a bundle with this device's data (``data_spec``: built-in name or ``.npz``) and a
+    trainer. ``kwargs``: threads, mode, optimizer, lr, weight_decay, seed, out,
+    checkpoint_every, partition, progress, max_nonfinite, micro_batch.
+
+    Raises:
+        UserError: bad bundle, data that does not fit it, bad option.
+    """
+    return Local(bundle_path, data_spec, budget=budget, **kwargs)
+
+
+def save_run(out_dir: str | Path, params: dict[str, np.ndarray], summary: dict | None = None,
+             ) -> Path:
+    """Write ``params`` as ``OUT/params.npz`` (and ``summary`` as ``OUT/summary.json``), each
+    atomically: a run folder that ``instant-runtime export-model`` and ``eval --weights`` read.
+    Inside the bundle folder, ``export-model OUT`` finds the bundle by itself.
+
+    Raises:
+        UserError: the folder cannot be written.
+    """
+    from ..checkpoint import atomic_write, write_npz, write_text
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "params.npz", lambda p: write_npz(p, params))
+        if summary is not None:
+            text = json.dumps(summary, indent=1, default=float)
+            atomic_write(out / "summary.json", lambda p: write_text(p, text))
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}; pass another --out") from None
+    return out / "params.npz"
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (``gc``, then glibc's ``malloc_trim``): called
+    between rounds, where Flower's message buffers have just been freed, so they do not stay
+    in the RSS that the next round's budget plan measures as idle."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def current_rss() -> int:
+    from ..memory import current_rss as rss
+
+    return rss()
+
+
+def _reset_optimizer(opt) -> None:
+    for st in opt.state.values():
+        for a in st.values():
+            a.fill(0.0)
+    opt.t = 0
+
+
+def _shard(data, i: int, n: int):
+    """Every n-th training example from i (the held-out split is kept whole)."""
+    idx = np.arange(i, len(data), n)
+    if idx.size == 0:
+        raise UserError(f"--partition {i}/{n} leaves no examples of the {len(data)}")
+    return dataclasses.replace(data, x={k: v[idx] for k, v in data.x.items()}, y=data.y[idx])

@@ -1,0 +1,222 @@
+"""The fleet server: Flower's FedAvg over Flower's gRPC server, evaluated by our runtime.
+
+Built from Flower's own parts, exactly as ``flwr.server.start_server`` assembles them:
+``start_grpc_server`` (the gRPC bidirectional-stream Fleet API), ``Server`` with a
+``SimpleClientManager``, the ``FedAvg`` strategy and ``run_fl`` (rounds, then a disconnect
+message to every client). Assembled here rather than through ``start_server`` so that the gRPC
+server is stopped on every way out (an error or a signal in the middle of a round would otherwise
+leave its threads waiting for clients and the process hanging), and without its telemetry.
+
+What is ours: the strategy's start (the bundle's initial trainable tensors), its round config
+(fleet protocol, Flower version, model signature: a client of another model refuses to train),
+a check of every returned tensor before averaging (a bad reply counts as a failure instead of
+breaking the average), the held-out evaluation of each aggregate, the run folder written after
+every round, and a client manager that waits a bounded time for ``--min-clients``.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+from .client import PROTOCOL, say_to
+from .local import Local, UserError, save_run
+
+__all__ = ["NotEnoughClients", "run_server"]
+
+
+class NotEnoughClients(UserError):
+    pass
+
+
+def _parts():
+    """Flower's server parts, imported on first use (keeps ``runtime.fleet`` import-light)."""
+    from flwr.common import (
+        ndarrays_to_parameters,
+        parameters_to_ndarrays,
+    )
+    from flwr.server import Server, ServerConfig, SimpleClientManager
+    from flwr.server.server import run_fl
+    from flwr.server.strategy import FedAvg
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
+
+    return (ndarrays_to_parameters, parameters_to_ndarrays, Server, ServerConfig,
+            SimpleClientManager, run_fl, FedAvg, start_grpc_server)
+
+
+def _weighted(metrics: list[tuple[int, dict]]) -> dict:
+    """Example-weighted mean of every numeric metric the clients report (Flower's
+    ``MetricsAggregationFn`` signature)."""
+    total = sum(n for n, _ in metrics) or 1
+    keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, (int, float))}
+    out = {k: sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total for k in sorted(keys)}
+    if metrics:
+        out["peak_rss_max"] = max(float(m.get("peak_rss", 0)) for _, m in metrics)
+    return out
+
+
+def run_server(local: Local, address: str, rounds: int, min_clients: int, out: Path,
+               evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
+               say=None) -> dict:
+    """Run ``rounds`` rounds of FedAvg; returns the run summary (also in ``OUT/summary.json``).
+
+    Raises:
+        UserError: cannot listen on ``address``; fewer than ``min_clients`` clients within
+            ``wait_s`` seconds at the start of a round.
+    """
+    import flwr
+
+    (ndarrays_to_parameters, parameters_to_ndarrays, Server, ServerConfig, SimpleClientManager,
+     run_fl, FedAvg, start_grpc_server) = _parts()
+    say = say or say_to()
+    names = list(local.names)
+    history: list[dict] = []
+    state = {"fit": None, "round": 0}
+    t0 = time.perf_counter()
+
+    def round_config(server_round: int) -> dict:
+        return {"round": server_round, "fleet_protocol": PROTOCOL,
+                "flwr_version": flwr.__version__, "signature": local.signature}
+
+    def fit_part(r: int) -> str:
+        f = state["fit"]
+        if f is None or f["round"] != r:
+            return f"round {r}"
+        if not f["clients"]:
+            return f"round {r}: no client finished ({f['failures']} failed), weights unchanged"
+        return (f"round {r}: {f['clients']} clients trained ({f['failures']} failed), "
+                f"{f['examples']} examples, client loss {f['loss_last']:.4f}")
+
+    def record(r: int, loss: float, acc, n: int, where: str) -> None:
+        if r == 0:
+            head = "round 0 (initial weights); "
+        else:
+            head = f"{fit_part(r)}; " if evaluate_here else f"round {r}: "
+        line = f"{head}{where} " + (f"accuracy {acc:.3f}, " if acc is not None else "") + \
+            f"loss {loss:.4f} ({n} examples)"
+        say(line)
+        entry = {"round": r, "loss": loss, "accuracy": acc, "examples": n, "where": where,
+                 "seconds": time.perf_counter() - t0}
+        if state["fit"] is not None and state["fit"]["round"] == r:
+            entry["fit"] = state["fit"]
+        history.append(entry)
+
+    def evaluate_fn(server_round: int, ndarrays, config):
+        local.set_trainable(dict(zip(names, ndarrays, strict=True)))
+        loss, acc, n = local.evaluate()
+        record(server_round, loss, acc, n, "held-out")
+        return loss, ({"accuracy": acc} if acc is not None else {})
+
+    class FleetFedAvg(FedAvg):
+        """Flower's FedAvg; replies whose tensors do not fit the bundle count as failures."""
+
+        def aggregate_fit(self, server_round, results, failures):
+            good = []
+            for proxy, res in results:
+                arrays = parameters_to_ndarrays(res.parameters)
+                try:
+                    if len(arrays) != len(names):
+                        raise UserError(f"{len(arrays)} tensors instead of {len(names)}")
+                    local.check_trainable(dict(zip(names, arrays, strict=True)))
+                except UserError as exc:
+                    say(f"round {server_round}: dropped a reply ({exc})")
+                    failures = [*failures, (proxy, res)]
+                    continue
+                good.append((proxy, res))
+            params, metrics = super().aggregate_fit(server_round, good, failures)
+            state["fit"] = {"round": server_round, "clients": len(good),
+                            "failures": len(failures),
+                            "examples": sum(r.num_examples for _, r in good),
+                            "loss_last": float(metrics.get("loss_last", float("nan"))),
+                            "peak_rss_max": metrics.get("peak_rss_max")}
+            if params is not None:
+                arrays = parameters_to_ndarrays(params)
+                save_run(out, dict(zip(names, arrays, strict=True)))
+            if not evaluate_here:
+                say(fit_part(server_round))
+            return params, metrics
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            state["round"] = server_round
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+            if loss is not None:
+                n = sum(r.num_examples for _, r in results)
+                record(server_round, loss, metrics.get("accuracy"), n,
+                       f"{len(results)} clients' own held-out")
+            return loss, metrics
+
+    initial = ndarrays_to_parameters([local.get_trainable()[k] for k in names])
+    strategy = FleetFedAvg(
+        fraction_fit=1.0, min_fit_clients=min_clients, min_available_clients=min_clients,
+        fraction_evaluate=0.0 if evaluate_here else 1.0,
+        min_evaluate_clients=0 if evaluate_here else min_clients,
+        evaluate_fn=evaluate_fn if evaluate_here else None,
+        on_fit_config_fn=round_config, on_evaluate_config_fn=round_config,
+        accept_failures=True, initial_parameters=initial,
+        fit_metrics_aggregation_fn=_weighted, evaluate_metrics_aggregation_fn=_weighted)
+
+    class BoundedClientManager(SimpleClientManager):
+        """Flower's client manager, but a round waits ``wait_s`` for clients, not a day."""
+
+        def sample(self, num_clients, min_num_clients=None, criterion=None):
+            need = min_num_clients or num_clients
+            if not self.wait_for(need, timeout=int(wait_s)):
+                raise NotEnoughClients(
+                    f"only {self.num_available()} of the {need} clients that round "
+                    f"{state['round']} needs connected within {wait_s:.0f} s; start more "
+                    "clients (`instant-runtime fleet client`), lower --min-clients or raise "
+                    "--wait")
+            return super().sample(num_clients, min_num_clients, criterion)
+
+    manager = BoundedClientManager()
+    server = Server(client_manager=manager, strategy=strategy)
+    try:
+        grpc_server = start_grpc_server(client_manager=manager, server_address=address)
+    except SystemExit as exc:  # Flower exits on a port in use
+        raise UserError(f"cannot listen on {address}: {exc.code}; pick another port") from None
+    except RuntimeError as exc:
+        raise UserError(f"cannot listen on {address}: {exc}; check --address HOST:PORT"
+                        ) from None
+    say(f"fleet server on {address}: FedAvg, {rounds} rounds, waiting for {min_clients} "
+        f"client(s) per round; model {local.signature[:12]}, {len(names)} trainable tensors "
+        f"({sum(v.nbytes for v in local.get_trainable().values()) / 1e6:.2f} MB)")
+    stopped = {"signal": None}
+
+    def on_signal(signum, frame):
+        stopped["signal"] = signum
+        grpc_server.stop(grace=0)  # clients' pending replies fail now: rounds cannot hang
+        raise KeyboardInterrupt
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, on_signal)
+    try:
+        run_fl(server, ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
+    except KeyboardInterrupt:
+        done = max((h["round"] for h in history), default=0)
+        raise FleetInterrupted(stopped["signal"] or signal.SIGINT, done, out) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        grpc_server.stop(grace=1).wait(5)
+    summary = {"rounds": rounds, "min_clients": min_clients, "address": address,
+               "seconds": time.perf_counter() - t0, "history": history,
+               "weights": str(out / "params.npz"), "signature": local.signature}
+    final = parameters_to_ndarrays(server.parameters)
+    save_run(out, dict(zip(names, final, strict=True)), summary)
+    return summary
+
+
+class FleetInterrupted(Exception):
+    """SIGINT/SIGTERM: the server stopped; the last aggregate is in ``out``."""
+
+    def __init__(self, signum: int, rounds_done: int, out: Path) -> None:
+        self.exit_code = 128 + int(signum)
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after round "
+                         f"{rounds_done}; the last aggregated weights are in {out}/params.npz")

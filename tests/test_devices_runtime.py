@@ -1,0 +1,110 @@
+"""The device side of issue #16 that CPU-only CI can check: execution-provider selection and its
+errors, the optimizer as an ONNX graph against the numpy optimizer, and the device-resident step
+(weights, gradients and optimizer state kept as provider OrtValues) run on the CPU provider
+against the host step."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from helpers import make_trainer
+
+from contract import UserError
+from runtime.config import OptimConfig, SessionConfig
+from runtime.data import load_data
+from runtime.optim import make_optimizer
+from runtime.sessions import resolve_device
+from runtime.trainer import IndexBatch
+
+
+def test_device_selection_and_fallback():
+    cpu_only = ["CPUExecutionProvider"]
+    with_cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_device(SessionConfig(device="cpu"), with_cuda)[0] == "cpu"
+    assert resolve_device(SessionConfig(device="cuda"), with_cuda)[0] == "cuda"
+    assert resolve_device(SessionConfig(device="auto"), with_cuda)[0] == "cuda"
+    jetson = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    device, line = resolve_device(SessionConfig(device="auto", profile_providers=jetson),
+                                  cpu_only)
+    assert device == "cpu" and "using CPU" in line and "\n" not in line
+    pi = ("CPUExecutionProvider",)
+    assert resolve_device(SessionConfig(device="auto", profile_providers=pi), with_cuda)[0] == \
+        "cpu"
+    with pytest.raises(UserError, match="--device cuda: this onnxruntime build has no CUDA"):
+        resolve_device(SessionConfig(device="cuda"), cpu_only)
+
+
+def test_device_cuda_on_a_cpu_build_is_one_line(cli, mlp_bundle, tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    r = cli("train", mlp_bundle, "--device", "cuda", "--steps", 1, "--out", tmp_path / "r",
+            "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: --device cuda: this onnxruntime build has no CUDA")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_optimizer_graph_equals_numpy_over_20_steps(mlp_bundle, name):
+    """Same gradients into both for 20 steps; parameters and state agree to 1e-6."""
+    from runtime.bundle import open_bundle
+
+    b = open_bundle(mlp_bundle)
+    rng = np.random.default_rng(0)
+    shapes = [(64, 128), (128,), (10, 128)]
+    host = {f"p{i}": rng.standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)}
+    dev = {k: v.copy() for k, v in host.items()}
+    cfg = OptimConfig(name=name, lr=3e-3, weight_decay=0.05)
+    opt_host, opt_dev = make_optimizer(cfg, host), make_optimizer(cfg, dev)
+    sess = ort.InferenceSession(b.read_file(b.manifest.optimizers[name]),
+                                providers=["CPUExecutionProvider"])
+    for t in range(1, 21):
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in host.items()}
+        opt_host.step(host, grads)
+        def f(v):
+            return np.asarray(v, np.float32)
+
+        for k in dev:
+            st = opt_dev.state[k]
+            if name == "adamw":
+                feeds = {"p": dev[k], "g": grads[k], "m": st["m"], "v": st["v"], "lr": f(cfg.lr),
+                         "b1": f(0.9), "b2": f(0.999), "eps": f(1e-8), "wd": f(cfg.decay),
+                         "c1": f(1 - 0.9 ** t), "c2": f(1 - 0.999 ** t)}
+                p, m, v = sess.run(["p_out", "m_out", "v_out"], feeds)
+                dev[k][...], st["m"][...], st["v"][...] = p, m, v
+            else:
+                feeds = {"p": dev[k], "g": grads[k], "v": st["v"], "lr": f(cfg.lr),
+                         "mu": f(0.9), "wd": f(cfg.decay)}
+                p, v = sess.run(["p_out", "v_out"], feeds)
+                dev[k][...], st["v"][...] = p, v
+    for k in host:
+        np.testing.assert_allclose(dev[k], host[k], rtol=1e-6, atol=1e-6, err_msg=k)
+        for s in opt_host.state[k]:
+            np.testing.assert_allclose(opt_dev.state[k][s], opt_host.state[k][s], rtol=1e-6,
+                                       atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_resident_step_matches_the_host_step(cnn_bundle: Path, optimizer: str):
+    """The device-resident path (provider OrtValues, optimizer graph, IOBinding) on the CPU
+    provider against the host path (numpy optimizer), INSTANT mode with micro-batches."""
+    host = make_trainer(cnn_bundle, optimizer=optimizer, lr=3e-3, micro_batch=7)
+    res = make_trainer(cnn_bundle, optimizer=optimizer, lr=3e-3, micro_batch=7)
+    res.config = replace(res.config, session=replace(res.config.session, resident=True))
+    res.resident = True
+    data = load_data("digits", host.bundle)
+    rng = np.random.default_rng(0)
+    host.calibrate(data, 32, np.random.default_rng(1))
+    res.calibrate(data, 32, np.random.default_rng(1))
+    for _ in range(5):
+        idx = rng.choice(len(data), 20, replace=False)
+        a, b = host.train_step(IndexBatch(data, idx)), res.train_step(IndexBatch(data, idx))
+        assert abs(a.loss - b.loss) < 1e-4 and a.correct == b.correct
+    res.sync_to_host()
+    for k in host.params:
+        np.testing.assert_allclose(res.params[k], host.params[k], rtol=1e-4, atol=1e-5,
+                                   err_msg=k)
+    assert host.evaluate(data.test) == pytest.approx(res.evaluate(data.test), abs=1e-5)
