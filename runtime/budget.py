@@ -193,9 +193,10 @@ def _full_rank_bases(trainer: Trainer) -> None:
 
 
 def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
-                    log: Callable[[str], None] = print) -> Plan:
+                    log: Callable[[str], None] = print, reserve: int = 0) -> Plan:
     """Measure, plan and validate; returns the plan (the caller registers its arena cap and
-    gives it to the trainer). The trainer must not have opened a session yet.
+    gives it to the trainer). The trainer must not have opened a session yet. ``reserve``:
+    bytes the plan leaves free for the caller (a fleet client's message buffers).
 
     Raises:
         UserError: the budget is below the minimum for this bundle (the message states it).
@@ -207,7 +208,7 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     frozen = _frozen(trainer)
     per_sample = _data_bytes_per_sample(trainer, data)
     grams = _grams_bytes(trainer)
-    margin = max(MIN_MARGIN, int(0.02 * budget))
+    margin = max(MIN_MARGIN, int(0.02 * budget)) + int(reserve)
     batch = max(1, min(batch, len(data)))
 
     def sessions_only(cap: int | None) -> dict:

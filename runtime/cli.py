@@ -178,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     from export.report import add_report_parser  # light: matplotlib loads only when it runs
 
     add_report_parser(sub)
+    from .fleet.cli import add_fleet_parser  # light: Flower loads only when it runs
+
+    add_fleet_parser(sub)
 
     xm = sub.add_parser("export-model",
                         help="write a standalone inference .onnx (+ .safetensors) with trained "
@@ -478,8 +481,14 @@ def _cmd_export_model(a) -> int:
     return 0
 
 
+def _cmd_fleet(a) -> int:
+    from .fleet.cli import cmd_fleet
+
+    return cmd_fleet(a)
+
+
 HANDLERS = {"export": _cmd_export, "train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan,
-            "profiles": _cmd_profiles, "export-model": _cmd_export_model}
+            "profiles": _cmd_profiles, "export-model": _cmd_export_model, "fleet": _cmd_fleet}
 
 
 def main(argv: list[str] | None = None) -> int:

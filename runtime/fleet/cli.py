@@ -166,8 +166,8 @@ def _client(a) -> int:
                        progress=a.progress, max_nonfinite=a.max_nonfinite,
                        micro_batch=a.micro_batch)
     local.claim_out()
-    if budget is not None:
-        _check_headroom(local, budget)
+    tensors = sum(v.nbytes for v in local.get_trainable().values())
+    local.prepare(a.batch, reserve=TRANSFER_FACTOR * tensors)  # the budget plan, once
     print(f"fleet client: {len(local.data)} training examples"
           + (f" (partition {a.partition})" if partition else "")
           + f", {a.steps} steps of {a.batch} per round"
@@ -177,24 +177,6 @@ def _client(a) -> int:
 
 
 TRANSFER_FACTOR = 5  # measured: a round's messages briefly hold ~4-5 copies of the tensors
-
-
-def _check_headroom(local, budget: int) -> None:
-    """Refuse before connecting when the budget cannot even hold what is resident now (runtime,
-    bundle, data, Flower) plus Flower's message buffers for one round; the budget plan of each
-    round then checks training itself."""
-    from .local import UserError, current_rss
-
-    now = current_rss()
-    tensors = sum(v.nbytes for v in local.get_trainable().values())
-    need = now + TRANSFER_FACTOR * tensors
-    if need > budget:
-        raise UserError(f"budget {budget / 1e6:.0f} MB cannot hold this client: "
-                        f"{now / 1e6:.0f} MB are resident before training (runtime, bundle, data, "
-                        f"Flower) and a round's messages need about {TRANSFER_FACTOR} x "
-                        f"{tensors / 1e6:.1f} MB of trainable tensors; raise --budget to more "
-                        f"than {need / 1e6:.0f}MB (the first round's plan states the exact "
-                        "minimum) or train fewer layers")
 
 
 def cmd_fleet(a) -> int:

@@ -1,10 +1,11 @@
 """The fleet's one door into the training runtime (the only fleet module that calls it).
 
-Everything ``runtime.fleet`` needs from the trainer goes through this file, written against the
-runtime API of today: ``open_bundle``, ``load_data``/``Dataset``, ``Trainer`` (its ``params`` dict of
-trainable numpy arrays, updated in place), ``run.train``/``RunConfig`` (budget plan and guard,
-INSTANT calibration, checkpoints) and ``checkpoint.atomic_write``. When that API changes, this is
-the file to adapt; ``client.py``, ``server.py`` and ``cli.py`` only use what is defined here.
+Everything ``runtime.fleet`` needs from the trainer goes through this file: ``open_bundle``,
+``load_data``, ``Trainer`` built from a ``TrainConfig`` and a ``Plan`` (its ``params`` dict of
+trainable numpy arrays, updated in place), ``budget.plan_for_budget`` (measured once, before any
+session exists, with Flower already imported so its memory is part of what is measured, and a
+reserve for a round's message buffers), ``run.train`` (INSTANT calibration, the arena cap's
+guard, checkpoints). ``client.py``, ``server.py`` and ``cli.py`` only use what is defined here.
 
 No Flower and no torch in this module.
 """
@@ -70,14 +71,16 @@ def model_signature(bundle) -> str:
     """What two devices must share to average their weights: the trainable tensors (names,
     shapes), the inputs, the loss, the inference graph and the frozen weights (by checksum).
     INSTANT settings and initial weights may differ between bundles with the same signature."""
+    from contract.schema import dump
+
     m = bundle.manifest
-    files = m.get("files", {})
-    infer = m["graphs"]["infer"]["forward"]
+    infer = m.graphs["infer"].forward
+    frozen = m.files.get("weights.bin")
     ident = {
-        "params": [[p["name"], list(p["shape"])] for p in m["params"]],
-        "inputs": m["inputs"], "output": m.get("output"), "loss": m["loss"],
-        "infer": files.get(infer, {}).get("sha256"),
-        "frozen": files.get("weights.bin", {}).get("sha256"),
+        "params": [[p.name, list(p.shape)] for p in m.params],
+        "inputs": dump(m.inputs), "output": m.output, "loss": dump(m.loss),
+        "infer": m.files[infer].sha256,
+        "frozen": frozen.sha256 if frozen is not None else None,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -101,23 +104,61 @@ class Local:
                  partition: tuple[int, int] | None = None, progress: bool = False,
                  max_nonfinite: int = 5, micro_batch: int | None = None) -> None:
         from ..bundle import open_bundle
+        from ..config import InstantConfig, OptimConfig, SessionConfig, TrainConfig
         from ..data import load_data
-        from ..trainer import SessionConfig, Trainer
+        from ..trainer import Trainer
 
         self.bundle = open_bundle(bundle_path)
         self.signature = model_signature(self.bundle)
-        self.names = [p["name"] for p in self.bundle.params]
+        self.names = [p.name for p in self.bundle.params]
         self.data = load_data(data_spec, self.bundle) if data_spec else None
         if self.data is not None and partition is not None:
             self.data = _shard(self.data, *partition)
         self.budget, self.seed, self.progress = budget, seed, progress
         self.checkpoint_every, self.max_nonfinite = checkpoint_every, max_nonfinite
+        self.micro_batch = micro_batch
         self.out = Path(out) if out is not None else None
-        self.trainer = Trainer(self.bundle, mode=mode, optimizer=optimizer, lr=lr,
-                               weight_decay=weight_decay, micro_batch=micro_batch,
-                               session=SessionConfig(threads=threads), seed=seed)
+        cfg = TrainConfig(mode=mode, optim=OptimConfig(name=optimizer, lr=lr,
+                                                       weight_decay=weight_decay),
+                          instant=InstantConfig.from_bundle(self.bundle.manifest.instant.settings),
+                          session=SessionConfig(threads=threads), seed=seed)
+        self.trainer = Trainer(self.bundle, cfg)
         self.rounds = 0
+        self.plan_lines: list[str] = []
         self._lock: int | None = None
+        self._ready = False
+
+    def prepare(self, batch: int, reserve: int = 0) -> None:
+        """Plan the memory (once: before any onnxruntime session exists, after Flower is
+        imported, with ``reserve`` bytes kept free for a round's message buffers), register the
+        arena with the plan's cap, and open the sessions.
+
+        Raises:
+            UserError: the budget cannot hold this client (the message states the minimum).
+        """
+        from devices.planner import Plan
+
+        from ..budget import plan_for_budget, print_plan
+        from ..sessions import use_arena
+
+        if self._ready:
+            return
+        tr = self.trainer
+        if self.budget is not None:
+            if self.data is None:
+                raise UserError("a budget needs this device's data to plan (--data)")
+            m = min(batch, self.micro_batch or batch)
+            plan = plan_for_budget(tr, self.data, m, self.budget, log=self.plan_lines.append,
+                                   reserve=reserve)
+            use_arena(plan.arena_cap)
+            print_plan(plan, tr, log=self.plan_lines.append)
+        else:
+            use_arena(None)
+            m = self.micro_batch
+            plan = Plan(micro_batch=m, calib_micro_batch=m, eval_micro_batch=m)
+        tr.use_plan(plan)
+        tr.open_sessions()
+        self._ready = True
 
     # ------------------------------------------------------------------------------ weights
     def get_trainable(self) -> dict[str, np.ndarray]:
@@ -161,23 +202,25 @@ class Local:
         recalibrated on the received weights, checkpoints in ``out``. The optimizer starts each
         round from zero state (FedAvg's local training); the step counter runs on across rounds.
         """
-        from ..run import RunConfig, train
+        from ..config import RunConfig
+        from ..run import train
 
         if self.data is None:
             raise UserError("this device has no training data (--data)")
+        self.prepare(batch)
         tr = self.trainer
         _reset_optimizer(tr.optimizer)
         tr.bases.clear()  # calibrate on the received global weights, not the last local ones
-        cfg = RunConfig(steps=tr.step_count + steps, batch=batch,
-                        seed=self.seed + 7919 * server_round, out=self.out,
-                        progress=self.progress, budget=self.budget,
+        tr.config = dataclasses.replace(tr.config, seed=self.seed + 7919 * server_round)
+        cfg = RunConfig(steps=tr.step_count + steps, batch=batch, progress=self.progress,
+                        budget=self.budget,
                         checkpoint_every=self.checkpoint_every if self.out else 0,
                         max_nonfinite=self.max_nonfinite)
         start_rss = current_rss()
-        train_only = dataclasses.replace(self.data, test=None)  # held-out evaluation: evaluate()
+        train_only = _TrainOnly(self.data)  # held-out evaluation: evaluate()
         captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):  # the plan: printed by the caller, or not
-            s = train(tr, train_only, cfg, self.bundle)
+        with contextlib.redirect_stdout(captured):
+            s = train(tr, train_only, cfg, self.out, log=lambda line: captured.write(line + "\n"))
         self.rounds += 1
         metrics: dict[str, float | int | str] = {
             "loss_first": s.loss_first, "loss_last": s.loss_last, "steps": steps,
@@ -189,7 +232,9 @@ class Local:
             metrics["train_accuracy"] = s.train_acc
         if s.predicted_peak is not None:
             metrics["predicted_peak"] = s.predicted_peak
-        return RoundResult(len(self.data), metrics, captured.getvalue().splitlines())
+        lines = self.plan_lines + captured.getvalue().splitlines()
+        self.plan_lines = []
+        return RoundResult(len(self.data), metrics, lines)
 
     def evaluate(self, data_spec: str | None = None) -> tuple[float, float | None, int]:
         """(loss, accuracy or None, examples) of the current weights on the held-out split of
@@ -202,7 +247,8 @@ class Local:
             data = self.data
         else:
             raise UserError("no data to evaluate on (--data)")
-        target = data.test if data.test is not None else data
+        self.prepare(64)
+        target = data.test if getattr(data, "test", None) is not None else data
         batch = self.trainer.micro_batch or 64
         loss, acc = self.trainer.evaluate(target, batch)
         return loss, acc, len(target)
@@ -253,7 +299,7 @@ def save_run(out_dir: str | Path, params: dict[str, np.ndarray], summary: dict |
     Raises:
         UserError: the folder cannot be written.
     """
-    from ..checkpoint import atomic_write, write_npz, write_text
+    from contract import atomic_write, write_npz, write_text
 
     out = Path(out_dir)
     try:
@@ -295,9 +341,33 @@ def _reset_optimizer(opt) -> None:
     opt.t = 0
 
 
+class _TrainOnly:
+    """The training rows of a data set without its held-out split (evaluated apart)."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+        self.name = getattr(data, "name", "data")
+        self.test = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def take(self, idx):
+        return self.data.take(idx)
+
+    def __getattr__(self, name: str):
+        return getattr(self.data, name)
+
+
 def _shard(data, i: int, n: int):
     """Every n-th training example from i (the held-out split is kept whole)."""
     idx = np.arange(i, len(data), n)
     if idx.size == 0:
         raise UserError(f"--partition {i}/{n} leaves no examples of the {len(data)}")
-    return dataclasses.replace(data, x={k: v[idx] for k, v in data.x.items()}, y=data.y[idx])
+    if hasattr(data, "x") and hasattr(data, "y") and dataclasses.is_dataclass(data):
+        return dataclasses.replace(data, x={k: v[idx] for k, v in data.x.items()}, y=data.y[idx])
+    from ..sources import SourceView
+
+    view = SourceView(data, idx, f"{data.name} [{i}/{n}]")
+    view.test = data.test
+    return view

@@ -73,7 +73,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     say = say or say_to()
     names = list(local.names)
     history: list[dict] = []
-    state = {"fit": None, "round": 0}
+    state = {"fit": None, "round": 0, "saved": 0}
     t0 = time.perf_counter()
 
     def round_config(server_round: int) -> dict:
@@ -134,6 +134,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             if params is not None:
                 arrays = parameters_to_ndarrays(params)
                 save_run(out, dict(zip(names, arrays, strict=True)))
+                state["saved"] = server_round
             if not evaluate_here:
                 say(fit_part(server_round))
             return params, metrics
@@ -178,7 +179,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     try:
         grpc_server = start_grpc_server(client_manager=manager, server_address=address)
     except SystemExit as exc:  # Flower exits on a port in use
-        raise UserError(f"cannot listen on {address}: {exc.code}; pick another port") from None
+        why = str(exc.code).rstrip(".")
+        raise UserError(f"cannot listen on {address}: {why}; pick another port") from None
     except RuntimeError as exc:
         raise UserError(f"cannot listen on {address}: {exc}; check --address HOST:PORT"
                         ) from None
@@ -199,7 +201,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     try:
         run_fl(server, ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
     except KeyboardInterrupt:
-        done = max((h["round"] for h in history), default=0)
+        done = state["saved"]
         raise FleetInterrupted(stopped["signal"] or signal.SIGINT, done, out) from None
     finally:
         for s, h in old.items():
@@ -216,7 +218,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
 class FleetInterrupted(Exception):
     """SIGINT/SIGTERM: the server stopped; the last aggregate is in ``out``."""
 
-    def __init__(self, signum: int, rounds_done: int, out: Path) -> None:
+    def __init__(self, signum: int, saved_round: int, out: Path) -> None:
         self.exit_code = 128 + int(signum)
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after round "
-                         f"{rounds_done}; the last aggregated weights are in {out}/params.npz")
+        where = (f"the aggregate of round {saved_round} is in {out}/params.npz" if saved_round
+                 else "no round finished, nothing was written")
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {where}")
