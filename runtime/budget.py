@@ -323,7 +323,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
             finally:
                 trainer.config = cfg
             out["calib"][mc] = current_rss() - start
-            out["ranks"] = {name: [p.rank, q.rank] for name, (p, q) in trainer.bases.items()}
+            out["ranks"] = _energy_ranks(trainer)
         if not out["calib"]:
             raise ArenaExhausted("calibration at micro-batch 1")
         _full_rank_bases(trainer)
@@ -339,6 +339,22 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
         out["step"][m] = current_rss() - start
     if not out["step"]:
         raise ArenaExhausted("a step at micro-batch 1")
+    return out
+
+
+def _energy_ranks(trainer: Trainer) -> dict[str, list[int]]:
+    """The energy rule's ranks (ε, p of the run) from the last calibration's spectra: the
+    planning target (the budget rank policy then fills whatever memory is left)."""
+    cfg = trainer.config.instant
+    out = {}
+    for name, (p, q) in trainer.bases.items():
+        ranks = []
+        for b in (p, q):
+            e = np.asarray(b.spectrum, np.float64)
+            r = int(np.count_nonzero(np.cumsum(e) <= cfg.energy * float(e.sum()))) + \
+                cfg.oversample + 1
+            ranks.append(max(1, min(r, e.size)))
+        out[name] = ranks
     return out
 
 

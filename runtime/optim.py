@@ -50,6 +50,39 @@ class SGD:
             np.multiply(g, f(self.lr), out=s)
             p -= s
 
+    # Fused momentum: the backward accumulates the gradient straight into the momentum buffer
+    # (no gradient buffer: the parameters' size less memory). Same arithmetic as ``step``:
+    # v = μv + λp + g, then p -= lr·v.
+    @property
+    def fusable(self) -> bool:
+        return self.momentum > 0
+
+    def begin_fused(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Scale the momentum (v *= μ, v += λp) before the backward adds g; returns the buffers
+        the backward accumulates into."""
+        f = np.float32
+        for k, p in params.items():
+            v = self.state[k]["v"]
+            v *= f(self.momentum)
+            if self.wd:
+                s = self._s.like(p)
+                np.multiply(p, f(self.wd), out=s)
+                v += s
+        return {k: self.state[k]["v"] for k in params}
+
+    def finish_fused(self, params: dict[str, np.ndarray]) -> None:
+        self.t += 1
+        f = np.float32
+        for k, p in params.items():
+            s = self._s.like(p)
+            np.multiply(self.state[k]["v"], f(self.lr), out=s)
+            p -= s
+
+    def reset(self) -> None:
+        """Zero the momentum (after a step whose gradient was not finite polluted it)."""
+        for st in self.state.values():
+            st["v"].fill(0.0)
+
 
 class AdamW:
     """AdamW (decoupled weight decay, bias-corrected moments; PyTorch defaults)."""

@@ -122,9 +122,18 @@ class Trainer:
         self.params = bundle.load_params(weights)
         self._param_ov = {k: _ov(v) for k, v in self.params.items()}
         self.optimizer = make_optimizer(self.config.optim, self.params)
+        device, _ = resolve_device(self.config.session)
+        self.device = device
+        self._resident = None  # runtime/resident.py, created with the sessions
+        self.resident = device != "cpu" or self.config.session.resident
         # One gradient buffer per parameter, allocated now and kept: the backward adds each
-        # micro-batch's gradient into it in place (output bound to the input).
-        self._grads = {p: np.zeros_like(v) for p, v in self.params.items()}
+        # micro-batch's gradient into it in place (output bound to the input). SGD with
+        # momentum needs none: the backward adds into the momentum buffer (optim.SGD).
+        self.fused = (not self.resident and getattr(self.optimizer, "fusable", False))
+        if self.fused:
+            self._grads = {p: self.optimizer.state[p]["v"] for p in self.params}
+        else:
+            self._grads = {p: np.zeros_like(v) for p, v in self.params.items()}
         self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
         self.shared = SharedWeights(bundle)
         self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
@@ -135,10 +144,6 @@ class Trainer:
         self.calib_seconds = 0.0
         self.calib_skipped = 0
         self.warnings: list[str] = []
-        device, _ = resolve_device(self.config.session)
-        self.device = device
-        self._resident = None  # runtime/resident.py, created with the sessions
-        self.resident = device != "cpu" or self.config.session.resident
 
     def _providers(self) -> list[str]:
         return providers_for(self.config.session)
@@ -232,6 +237,8 @@ class Trainer:
         res = self._res() if self.resident else None
         if res is not None:
             res.zero_grads()
+        elif self.fused:
+            self.optimizer.begin_fused(self.params)  # v = μv + λp; the backward adds g
         else:
             for g in self._grads.values():
                 g.fill(0.0)
@@ -310,7 +317,12 @@ class Trainer:
         else:
             finite = bool(np.isfinite(loss_sum)) and all(
                 np.isfinite(g.sum()) for g in self._grads.values())
-            if finite:  # a non-finite loss skips the update; the caller warns and counts
+            if self.fused:
+                if finite:
+                    self.optimizer.finish_fused(self.params)
+                else:  # the momentum holds the non-finite gradient now: start it afresh
+                    self.optimizer.reset()
+            elif finite:  # a non-finite loss skips the update; the caller warns and counts
                 self.optimizer.step(self.params, self._grads)
         self.step_count += 1
         return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite)

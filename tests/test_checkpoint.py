@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import make_trainer
 
 from devices.planner import Plan

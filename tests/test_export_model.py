@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from helpers import make_trainer
 
 from runtime.bundle import open_bundle

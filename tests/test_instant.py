@@ -16,8 +16,8 @@ from onnx import TensorProto, helper
 from reference import Runner, loss_weight, op_model, run_training
 
 from export.autodiff import build_training_graphs
-from export.layers import find_compressible_layers
 from export.graph import Shapes
+from export.layers import find_compressible_layers
 from runtime.calibrate import basis_from_gram, rank_for_energy
 
 # name: (body, kind, x shape, w shape, expected (x_axis, g_axis))

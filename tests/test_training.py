@@ -13,7 +13,7 @@ from runtime.calibrate import Basis
 from runtime.config import RunConfig
 from runtime.data import load_data
 from runtime.run import train
-from runtime.trainer import ArrayBatch
+from runtime.trainer import ArrayBatch, IndexBatch
 
 
 def _fit(bundle: Path, mode: str, seed: int, steps: int = 1000) -> tuple[float, dict]:
@@ -105,3 +105,25 @@ def test_relu_mask_rewrites_keep_exact_gradients(tmp_path: Path) -> None:
         assert abs(got - want) < 1e-5
         for k, g in exact._grads.items():
             np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+def test_fused_momentum_equals_sgd_with_a_gradient_buffer(mlp_bundle: Path) -> None:
+    """SGD with momentum accumulates the gradient into the momentum buffer (no gradient buffer:
+    a parameter's worth of memory less); its steps equal SGD's on a separate gradient buffer."""
+    import onnxruntime as ort
+
+    fused = make_trainer(mlp_bundle, mode="vanilla", optimizer="sgd", lr=0.05, micro_batch=5)
+    plain = make_trainer(mlp_bundle, mode="vanilla", optimizer="sgd", lr=0.05, micro_batch=5)
+    assert fused.fused and all(fused._grads[k] is fused.optimizer.state[k]["v"]
+                               for k in fused.params)
+    plain.fused = False
+    plain._grads = {p: np.zeros_like(v) for p, v in plain.params.items()}
+    plain._grad_ov = {p: ort.OrtValue.ortvalue_from_numpy(g) for p, g in plain._grads.items()}
+    data = load_data("digits", fused.bundle)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        idx = rng.choice(len(data), 16, replace=False)
+        a, b = fused.train_step(IndexBatch(data, idx)), plain.train_step(IndexBatch(data, idx))
+        assert abs(a.loss - b.loss) < 1e-5
+    for k in fused.params:
+        np.testing.assert_allclose(fused.params[k], plain.params[k], rtol=1e-5, atol=1e-6)

@@ -19,11 +19,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_trainer
 
 from export import export_bundle
 from export.graph import ExportError
-from helpers import make_trainer
-
 from runtime.bundle import open_bundle
 from runtime.calibrate import Basis
 from runtime.errors import UserError

@@ -51,12 +51,13 @@ class _CsvLimit:
 
 
 class TextSource(Source):
-    """CSV / TSV / JSONL rows: text tokenised in ``take`` to the bundle's ``TextSpec``.
+    """CSV / TSV / JSONL rows, tokenised to the bundle's ``TextSpec``.
 
     Held per row: the record's byte offset (int64), its length (int32) and its label (int32,
-    float32 for regression). ``take`` reads each record with ``os.pread``, parses it, cuts its
-    text to ``CHARS_PER_TOKEN * seq_len`` characters and tokenises it (truncated and padded to
-    ``seq_len``), one row at a time.
+    float32 for regression). At open time a forked child reads every record, cuts its text to
+    ``CHARS_PER_TOKEN * seq_len`` characters and tokenises it (truncated and padded to
+    ``seq_len``) into a temporary file (``tokens.py``); ``take`` reads the token rows with
+    ``os.pread``. The tokenizer never loads in the training process.
     """
 
     def __init__(self, path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: LossSpec,
@@ -80,7 +81,8 @@ class TextSource(Source):
                             f"labels have shape {loss.labels.shape}")
         self.label_shape = list(loss.labels.shape[1:])
         self.problems = Problems(self.name)
-        self.tokenizer = _load_tokenizer(tokenizer, self.seq_len)
+        if isinstance(tokenizer, str | Path) and not Path(tokenizer).is_file():
+            raise UserError(f"tokenizer file '{tokenizer}' not found; re-export the bundle")
         self._file = _File(self.path)
         self._col = 0  # text column index (csv/tsv)
         labels = _Labels(str(self.path), f"{'column' if self.kind != 'jsonl' else 'field'} "
@@ -95,6 +97,10 @@ class TextSource(Source):
                                   f"check the file and {cols}")
         self.labels, self.class_names = labels.finish()
         self.max_record = int(self.lengths.max())
+        from .tokens import TokenCache
+
+        self.tokens = TokenCache(len(self), self.seq_len, self.outputs, tokenizer, self.text,
+                                 CHARS_PER_TOKEN * self.seq_len)
 
     # ------------------------------------------------------------------ index pass
     def _index(self, labels: _Labels) -> tuple[array.array, array.array, int]:
@@ -267,31 +273,23 @@ class TextSource(Source):
 
     def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
         idx = self._rows(idx)
-        self._file.check()
-        n, L = idx.shape[0], self.seq_len
-        out = {name: np.zeros((n, L), dt) for name, (_, dt) in self.outputs.items()}
-        cap = CHARS_PER_TOKEN * L
-        for k, i in enumerate(idx):
-            enc = self.tokenizer.encode(self.text(int(i))[:cap])
-            for name, (field_, _) in self.outputs.items():
-                out[name][k] = getattr(enc, field_)
+        n = idx.shape[0]
+        out = self.tokens.rows(idx)  # tokenised once, at open time, by a child process
         y = self.labels[idx].astype(self.label_dtype)
         if self.label_shape == [1]:
             y = y.reshape(n, 1)
         return out, y
 
     def bytes_per_sample(self) -> int:
-        row_out = sum(self.seq_len * dt.itemsize for _, dt in self.outputs.values())
-        return row_out + 2 * self.label_dtype.itemsize + 8  # outputs, labels (+ cast), index
+        # the stored row and its cast to the input dtype, labels (+ cast), index
+        return self.tokens.bytes_per_row() + 2 * self.label_dtype.itemsize + 8
 
     def bytes_fixed(self) -> int:
-        # one record at a time: its bytes, the decoded str (up to 4 bytes a character) and the
-        # parsed fields; one tokenisation of a text cut to CHARS_PER_TOKEN * seq_len characters
-        # (~100 bytes per token inside tokenizers, before truncation) and its Python lists
-        return 10 * self.max_record + 100 * CHARS_PER_TOKEN * self.seq_len + 64 * self.seq_len
+        return 4096
 
     def close(self) -> None:
         self._file.close()
+        self.tokens.close()
 
 
 def _text_outputs(text: TextSpec, inputs: list[TensorSpec]) -> dict[str, tuple[str, np.dtype]]:
