@@ -222,6 +222,8 @@ class InstantSettings:
 class InstantSpec:
     layers: list[LayerInfo]
     settings: InstantSettings
+    # the instant graphs save GELU inputs, softmax outputs and attention operands as int8
+    saved_int8: bool = False
 
 
 @dataclass(frozen=True)

@@ -104,9 +104,16 @@ class GradContext:
 
     def __init__(self, shapes: Shapes, mode: str, fwd: Builder, bwd: Builder,
                  requires_grad: set[str], params: set[str], param_grads: bool,
-                 layers: dict[str, CompressedLayer], constants: dict[str, np.ndarray]) -> None:
+                 layers: dict[str, CompressedLayer], constants: dict[str, np.ndarray],
+                 compress_saved: bool = False, opset: int = 17) -> None:
         self.shapes = shapes
         self.mode = mode
+        # the compressed variants of the rules that save activations (int8 with per-row
+        # scales, ``rules/common.py: saved``): instant mode only, when the export asks for it
+        self.compress_saved = compress_saved and mode == "instant"
+        self.opset = opset
+        self.saved_cache: dict[str, str] = {}
+        self.graph_inputs: set[str] = set()
         self.fwd = fwd
         self.bwd = bwd
         self._requires = requires_grad
@@ -288,7 +295,8 @@ def _constants(g: onnx.GraphProto) -> dict[str, np.ndarray]:
 def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[str],
                           mode: str, layers: list[CompressedLayer], opset: int,
                           registry: Registry | None = None,
-                          passes: Sequence[Pass] | None = None) -> TrainingGraphs:
+                          passes: Sequence[Pass] | None = None,
+                          compress_saved: bool = False) -> TrainingGraphs:
     """Differentiate ``loss`` w.r.t. ``params`` and split into forward and backward graphs.
 
     ``registry`` defaults to every rule in ``export/rules``; ``passes`` to ``export.passes.PASSES``
@@ -314,7 +322,9 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     fwd, bwd = Builder("fwd"), Builder("grad")
     by_node = {ly.node: ly for ly in layers} if mode != "vanilla" else {}
     ctx = GradContext(shapes, mode, fwd, bwd, _requires_grad(g, shapes, param_set), param_set,
-                      param_grads=(mode != "calib"), layers=by_node, constants=_constants(g))
+                      param_grads=(mode != "calib"), layers=by_node, constants=_constants(g),
+                      compress_saved=compress_saved, opset=opset)
+    ctx.graph_inputs = {i.name for i in g.input}
 
     substitute: dict[str, onnx.NodeProto] = {}
     for p in passes:

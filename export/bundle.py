@@ -298,7 +298,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                   head: int | None = None, pool: str = "mean",
                   tokenizer: str | Path | None = None, image_mean: list[float] | None = None,
                   image_std: list[float] | None = None,
-                  class_names: list[str] | None = None) -> Path:
+                  class_names: list[str] | None = None, saved_int8: bool = False) -> Path:
     """Export ``model`` to a training bundle in ``out``; returns the bundle path.
 
     ``settings`` are the INSTANT defaults recorded in the bundle (ε, oversampling, calibration
@@ -361,7 +361,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         src = copy.deepcopy(fwd)
         if mode == "instant":
             _add_basis_inputs(src, layers)
-        tg = build_training_graphs(src, names.LOSS, params, mode, layers, opset)
+        tg = build_training_graphs(src, names.LOSS, params, mode, layers, opset,
+                                   compress_saved=saved_int8)
         files = {}
         for part, m in (("forward", tg.forward), ("backward", tg.backward)):
             _prune_unused_inputs(m, data_inputs if part == "forward" else set())
@@ -411,7 +412,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         graph_weights=graph_weights, graphs=graphs, io=io,
         lookups={k: Lookup(**v) for k, v in lookups.items()},
         instant=InstantSpec([load_typed(LayerInfo, ly.to_json(), "layer") for ly in layers],
-                            settings),
+                            settings, saved_int8=bool(saved_int8 and layers)),
         files=files, class_names=class_names, text=text, image=image, optimizers=optimizers,
         flops=dict(zip(("forward", "trainable_forward"), _flops(fwd, shapes, set(params)),
                        strict=True)))

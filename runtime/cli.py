@@ -82,6 +82,11 @@ def _add_instant_args(p: argparse.ArgumentParser) -> None:
                    help="budget (default): ranks that minimise the gradient error under the "
                         "plan's memory and --flop-ratio; energy: the paper's ε rule (the default "
                         "when --energy or --oversample is given)")
+    p.add_argument("--variance", type=float, default=None,
+                   help="budget policy: the variance each compressed tensor keeps (default 0.99)")
+    p.add_argument("--saved-ratio", type=float, default=None,
+                   help="compressed activations at most this fraction of the exact ones' bytes "
+                        "(any policy; default: as the plan's memory allows)")
     p.add_argument("--flop-ratio", type=float, default=None,
                    help="budget policy: backward FLOPs of the compressed layers as a fraction of "
                         "the exact backward (default 1.0: never more than exact)")
@@ -126,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
                         "0.485,0.456,0.406 (default 0)")
     e.add_argument("--image-std", default=None,
                    help="image models: per-channel std, e.g. 0.229,0.224,0.225 (default 1)")
+    e.add_argument("--saved-int8", action="store_true",
+                   help="instant mode: save GELU inputs, softmax outputs and attention operands "
+                        "as int8 with per-row scales (a quarter of the memory; error <= 0.4 %% "
+                        "of each row's largest value)")
     e.add_argument("--classes", default=None,
                    help="class names in id order, comma-separated (kept with the model)")
 
@@ -242,7 +251,8 @@ def _train_config(a, bundle, prof, optim=None):
     instant = InstantConfig.from_bundle(
         bundle.manifest.instant.settings, energy=a.energy, oversample=a.oversample,
         calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,
-        rank_policy=policy, flop_ratio=a.flop_ratio)
+        rank_policy=policy, flop_ratio=a.flop_ratio, variance=a.variance,
+        saved_ratio=a.saved_ratio)
     return TrainConfig(mode=a.mode, optim=optim or OptimConfig(), instant=instant,
                        session=_session_config(a, prof, log=print), seed=getattr(a, "seed", 0))
 
@@ -309,7 +319,8 @@ def _cmd_export(a) -> int:
                          settings=settings, output=a.output, head=a.head, pool=a.pool,
                          tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
                          image_std=floats(a.image_std, "--image-std"),
-                         class_names=a.classes.split(",") if a.classes else None)
+                         class_names=a.classes.split(",") if a.classes else None,
+                         saved_int8=a.saved_int8)
     from contract import read_manifest
 
     m = read_manifest(path / "manifest.json")

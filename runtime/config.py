@@ -110,6 +110,10 @@ class InstantConfig:
     # "budget": ranks that minimise the gradient error under the plan's memory and flop_ratio;
     # "energy": the paper's ε rule (chosen automatically when ε or p is given explicitly).
     rank_policy: RankPolicy = "budget"
+    # budget policy: the variance (σ² of the data) every compressed tensor keeps at most
+    variance: float = 0.99
+    # budget policy: compressed activations at most this fraction of the exact ones' bytes
+    saved_ratio: float | None = None
     # budget policy: backward FLOPs of the compressed layers vs the exact backward. 1.0: never
     # more compute than exact (measured: a from-scratch CNN on digits, 1000 steps, 3 seeds,
     # -1.1 points vs exact at 1.0, -2.7 at 0.5, -4.2 with the energy rule at p = 0).
@@ -124,6 +128,9 @@ class InstantConfig:
         if self.rank_policy not in ("energy", "budget"):
             raise _bad("--rank-policy", self.rank_policy, "choose energy or budget")
         _finite("--flop-ratio", self.flop_ratio, 0.0, 4.0, lo_open=True)
+        _finite("--variance", self.variance, 0.0, 1.0, lo_open=True)
+        if self.saved_ratio is not None:
+            _finite("--saved-ratio", self.saved_ratio, 0.0, 1.0, lo_open=True)
 
     @classmethod
     def from_bundle(cls, settings: InstantSettings, **overrides) -> InstantConfig:

@@ -6,12 +6,13 @@ Two policies (``--rank-policy``):
 * ``energy`` (the paper's): each tensor's rank from the ε rule with oversampling p, capped by
   ``--max-rank``; when the plan's budget for compressed activations cannot hold them, activation
   ranks fall first where a byte of memory costs the least retained variance.
-* ``budget``: minimise the total relative approximation error of the weight gradients
-  (activation-basis ranks Rx) and input gradients (gradient-basis ranks Ry), Σ (1 - kept
-  variance), subject to the memory for compressed activations at the planned micro-batch and a
-  backward-FLOP target (``--flop-ratio`` × the exact backward of those layers). Greedy on the
-  error removed per unit of the scarcer resource: with memory to spare ranks rise toward exact;
-  under a tight budget they fall where the error grows least.
+* ``budget`` (default): every tensor's rank keeps ``--variance`` (0.99) of its variance, i.e. the
+  relative squared error of the projected activations (weight gradients, Rx) and output
+  gradients (input gradients, Ry) is at most 1 %; then, while the backward FLOPs pass
+  ``--flop-ratio`` × the exact backward of those layers or the compressed activations pass the
+  plan's memory for them at the planned micro-batch, the rank whose last direction keeps the
+  least variance per FLOP (per byte) falls. With memory to spare ranks stay where the error is
+  small; under a tight budget they fall where the error grows least.
 
 Cost per sample (docs/method.md): saved bytes 4·Rx·Cx (token axis) or 4·L·Rx (channel axis);
 backward FLOPs 2(Rx + Ry)(Cx·Cy + L·Cx + L·Cy) against 4·L·Cx·Cy exact.
@@ -48,6 +49,10 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
                  cfg: InstantConfig, saved_budget: int | None) -> dict[str, tuple[int, int]]:
     """(Rx, Ry) per layer under ``cfg``'s policy and the per-sample ``saved_budget`` (bytes)."""
     cap = cfg.max_rank
+    if cfg.saved_ratio is not None:
+        exact = sum(4 * ly.tokens * ly.cx for ly in layers)
+        limit = int(cfg.saved_ratio * exact)
+        saved_budget = limit if saved_budget is None else min(saved_budget, limit)
     if cfg.rank_policy == "budget":
         return _budget(layers, spectra, cfg, saved_budget)
     ranks = {}
@@ -88,45 +93,57 @@ def _shrink_to(layers, spectra, ranks, budget: int) -> dict[str, tuple[int, int]
 
 def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None
             ) -> dict[str, tuple[int, int]]:
-    ranks = {ly.name: [1, 1] for ly in layers}
-    flop_budget = cfg.flop_ratio * sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
-    flops = sum(2 * _flops_per_rank(ly) for ly in layers)  # rank 1 + 1 everywhere
-    mem = sum(x_bytes_per_rank(ly) for ly in layers)
-    mem_budget = float(saved_budget) if saved_budget is not None else float("inf")
-    cap = cfg.max_rank
-    heap: list[tuple[float, int, str, int]] = []
-    order = {ly.name: i for i, ly in enumerate(layers)}
+    """Each tensor's smallest rank that keeps ``cfg.variance`` of its variance (σ² of the data:
+    1 - kept is the relative squared error of the projection), then, while the backward FLOPs
+    pass ``flop_ratio`` × exact, or the compressed activations pass the plan's memory, lower the
+    rank that costs the least kept variance per FLOP (or per byte)."""
+    ranks: dict[str, list[int]] = {}
+    for ly in layers:
+        pair = []
+        for spec in spectra[ly.name]:
+            cum = np.cumsum(spec.variance)
+            r = int(np.searchsorted(cum, cfg.variance - 1e-12)) + 1
+            r = max(1, min(r, spec.values.size))
+            if cfg.max_rank is not None:
+                r = min(r, cfg.max_rank)
+            pair.append(r)
+        ranks[ly.name] = pair
     by_name = {ly.name: ly for ly in layers}
 
-    def push(name: str, which: int) -> None:
-        ly = by_name[name]
-        spec = spectra[name][which]
-        r = ranks[name][which]
-        if r >= spec.values.size or (cap is not None and r >= cap):
-            return
-        gain = float(spec.variance[r])
-        if gain <= 0.0:
-            return
-        cost_f = _flops_per_rank(ly) / flop_budget if flop_budget > 0 else float("inf")
-        cost_m = (x_bytes_per_rank(ly) / mem_budget) if which == 0 else 0.0
-        cost = max(cost_f, cost_m, 1e-30)
-        heapq.heappush(heap, (-gain / cost, order[name], name, which))
+    def flops() -> float:
+        return sum(_flops_per_rank(by_name[n]) * (r[0] + r[1]) for n, r in ranks.items())
 
-    for ly in layers:
-        push(ly.name, 0)
-        push(ly.name, 1)
-    while heap:
-        _, _, name, which = heapq.heappop(heap)
-        ly = by_name[name]
-        df = _flops_per_rank(ly)
-        dm = x_bytes_per_rank(ly) if which == 0 else 0
-        if flops + df > flop_budget or mem + dm > mem_budget:
-            continue  # this increment no longer fits; others (cheaper) may
-        ranks[name][which] += 1
-        flops += df
-        mem += dm
-        push(name, which)
+    target = cfg.flop_ratio * sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
+    _lower(ranks, spectra, by_name, lambda ly, w: _flops_per_rank(ly), (0, 1),
+           lambda: flops() - target)
+    if saved_budget is not None:
+        _lower(ranks, spectra, by_name, lambda ly, w: x_bytes_per_rank(ly), (0,),
+               lambda: sum(x_bytes_per_rank(by_name[n]) * r[0] for n, r in ranks.items())
+               - saved_budget)
     return {k: (int(v[0]), int(v[1])) for k, v in ranks.items()}
+
+
+def _lower(ranks, spectra, by_name, cost, which: tuple[int, ...], excess) -> None:
+    """Lower ranks (of the tensors in ``which``: 0 activation, 1 gradient) while ``excess()``
+    is positive, each time the one whose last direction keeps the least variance per unit of
+    ``cost``."""
+    heap = []
+
+    def push(name: str, w: int) -> None:
+        r = ranks[name][w]
+        if r > 1:
+            loss = float(spectra[name][w].variance[r - 1])
+            heapq.heappush(heap, (loss / max(cost(by_name[name], w), 1), name, w))
+
+    for name in ranks:
+        for w in which:
+            push(name, w)
+    over = excess()
+    while over > 0 and heap:
+        _, name, w = heapq.heappop(heap)
+        ranks[name][w] -= 1
+        push(name, w)
+        over = excess()
 
 
 def retained_variance(spec: Spectrum, r: int) -> float:

@@ -45,9 +45,9 @@ def build_model(cfg: dict, bundle):
     with np.load(bundle.path / "params.npz") as z:
         state = {}
         for p in bundle.params:
-            v = np.array(z[p["name"]], dtype=np.float32)
-            state[p.get("torch_name") or p["name"]] = torch.from_numpy(
-                np.ascontiguousarray(v.T if p.get("transposed") else v))
+            v = np.array(z[p.name], dtype=np.float32)
+            state[p.torch_name or p.name] = torch.from_numpy(
+                np.ascontiguousarray(v.T if p.transposed else v))
     names = dict(model.named_parameters())
     unknown = sorted(set(state) - set(names))
     if unknown:
@@ -63,7 +63,7 @@ def build_model(cfg: dict, bundle):
 def _tensors(bundle, x: dict) -> list:
     import torch
 
-    return [torch.from_numpy(np.ascontiguousarray(x[s["name"]])) for s in bundle.inputs]
+    return [torch.from_numpy(np.ascontiguousarray(x[s.name])) for s in bundle.inputs]
 
 
 def run(cfg: dict) -> dict:

@@ -82,7 +82,7 @@ def mask_bits(d: Draft) -> None:
         if found is None:
             continue
         nodes, leaves = found
-        if not leaves or leaves & inputs:
+        if not nodes or not leaves or leaves & inputs:
             continue
         allowed = set(id(n) for n in nodes)
         if any(id(n) not in allowed for leaf in leaves for n in d.bwd_consumers(leaf)):

@@ -8,7 +8,7 @@ from onnx import TensorProto
 
 from ..autodiff import RuleSet
 from ..graph import ExportError
-from .common import attrs, needs, unbroadcast
+from .common import attrs, needs, saved, unbroadcast
 
 RULES = RuleSet("elementwise")
 
@@ -97,7 +97,7 @@ def gelu_grad(ctx, node, gy):
     if attrs(node).get("approximate", "none") != "none":
         raise ExportError(f"Gelu '{node.name}': only approximate='none' is supported")
     b = ctx.bwd
-    x = node.input[0]
+    x = saved(ctx, node.input[0])  # exact, or int8 in the compressed variant
     cdf = b.op("Mul", [b.op("Add", [b.op("Erf", [b.op("Div", [x, b.const(float(np.sqrt(2.0)))])]),
                                     b.const(1.0)]), b.const(0.5)])
     pdf = b.op("Mul", [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5)])]),
@@ -108,7 +108,9 @@ def gelu_grad(ctx, node, gy):
 @RULES.gradient("Softmax")
 def softmax_grad(ctx, node, gy):
     axis = attrs(node).get("axis", -1)
-    y = node.output[0]
+    y = saved(ctx, node.output[0], nonneg=True) \
+        if axis in (-1, ctx.shapes.rank(node.output[0]) - 1) \
+        else node.output[0]  # exact, or int8 with a scale per row of the softmax axis
     gyy = ctx.bwd.op("Mul", [gy[0], y])
     s = ctx.bwd.op("ReduceSum", [gyy, ctx.bwd.ints([axis])], keepdims=1)
     return [ctx.bwd.op("Mul", [ctx.bwd.op("Sub", [gy[0], s]), y])]

@@ -19,7 +19,7 @@ from contract import names
 from ..autodiff import GradContext, RuleSet
 from ..graph import ExportError
 from ..layers import CompressedLayer
-from .common import attrs, needs, transpose_last2, unbroadcast
+from .common import attrs, needs, saved, transpose_last2, unbroadcast
 
 RULES = RuleSet("linear")
 
@@ -187,13 +187,13 @@ def matmul_grad(ctx, node, gy):
         raise ExportError(f"MatMul '{node.name}': 1-D operands are not supported")
     y = node.output[0]
     ga = gb = None
-    if needs(ctx, node, 0):
-        ga = unbroadcast(ctx, ctx.bwd.op("MatMul", [g, transpose_last2(ctx, bw, rb)]), y, a) \
-            if ra == ctx.shapes.rank(y) else None
+    if needs(ctx, node, 0):  # activation x activation (attention): operands exact or int8
+        ga = unbroadcast(ctx, ctx.bwd.op("MatMul", [g, transpose_last2(ctx, saved(ctx, bw), rb)]),
+                         y, a) if ra == ctx.shapes.rank(y) else None
         if ga is None:
             raise ExportError(f"MatMul '{node.name}': broadcasting of the first operand")
     if needs(ctx, node, 1):
-        t = ctx.bwd.op("MatMul", [transpose_last2(ctx, a, ra), g])
+        t = ctx.bwd.op("MatMul", [transpose_last2(ctx, saved(ctx, a), ra), g])
         gb = unbroadcast(ctx, t, y, bw)
     return [ga, gb]
 

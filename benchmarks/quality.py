@@ -1,0 +1,103 @@
+"""INSTANT against exact training on the pretrained models, several seeds: held-out accuracy
+(mean and spread), the compressed layers' saved-activation bytes and backward FLOPs relative to
+exact, step time, calibration time. Each run is its own ``instant-runtime train`` process.
+
+    python -m benchmarks.quality --model minilm-l6 --seeds 0,1,2
+    python -m benchmarks.quality --model efficientnet-lite0 --seeds 0,1,2
+
+Configurations are named sets of train options (``--configs`` picks some):
+``exact`` (--mode vanilla), ``default`` (the budget rank policy), ``energy-0.99-p7``,
+``saved-0.10`` (compressed activations at most 10 % of exact), ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = {
+    "minilm-l6": {"export": ["--trainable", "last:3"], "data": "rotten-tomatoes",
+                  "train": ["--steps", "80", "--batch", "32", "--optimizer", "sgd", "--lr", "0.05"]},
+    "efficientnet-lite0": {"export": ["--trainable", "last:3", "--input-shape", "8,3,128,128"],
+                           "data": "mnist5k",
+                           "train": ["--steps", "100", "--batch", "32", "--lr", "1e-3"]},
+}
+CONFIGS = {
+    "exact": ["--mode", "vanilla"],
+    "default": [],
+    "energy-0.99-p7": ["--energy", "0.99", "--oversample", "7"],
+    "energy-0.95": ["--rank-policy", "energy", "--energy", "0.95", "--oversample", "0"],
+    "saved-0.10": ["--saved-ratio", "0.10"],
+    "saved-0.20": ["--saved-ratio", "0.20"],
+    "flop-0.5": ["--flop-ratio", "0.5"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minilm-l6", choices=list(MODELS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--configs", default="exact,default,energy-0.99-p7,saved-0.10")
+    ap.add_argument("--work", default=str(ROOT / "results" / "tmp" / "quality"))
+    ap.add_argument("--threads", default="2")
+    a = ap.parse_args()
+    m = MODELS[a.model]
+    work = Path(a.work) / a.model
+    bundle = work / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "runtime", "export", "--model", a.model,
+                        "--out", str(bundle), *m["export"]], check=True, cwd=ROOT)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    rows = {}
+    for name in a.configs.split(","):
+        runs = []
+        for seed in seeds:
+            out = work / f"{name}-{seed}"
+            cmd = [sys.executable, "-m", "runtime", "train", str(bundle), "--data", m["data"],
+                   *m["train"], *CONFIGS[name], "--seed", str(seed), "--threads", a.threads,
+                   "--out", str(out), "--overwrite", "--no-progress", "--checkpoint-every", "0"]
+            t0 = time.time()
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if r.returncode:
+                print(f"{name} seed {seed}: failed: {r.stderr.strip()[-300:]}", flush=True)
+                continue
+            s = json.loads((out / "summary.json").read_text())
+            line = next((ln for ln in r.stdout.splitlines() if ln.startswith("backward FLOP")), "")
+            flop = float(line.split("= ")[1].split(";")[0]) if line else 1.0
+            saved = float(line.rsplit("= ", 1)[1]) if line else 1.0
+            runs.append({"acc": s["test_acc"], "step_s": s["median_step_s"], "flop": flop,
+                         "saved": saved, "calib_s": s["calib_s"], "calibrations": s["calibrations"],
+                         "wall_s": time.time() - t0})
+            print(f"{name} seed {seed}: acc {s['test_acc']:.3f} flop {flop:.3f} saved {saved:.3f} "
+                  f"step {s['median_step_s'] * 1e3:.0f} ms calib {s['calib_s']:.1f} s", flush=True)
+        rows[name] = runs
+    print(f"\ncommand: python -m benchmarks.quality --model {a.model} --seeds {a.seeds} "
+          f"--configs {a.configs}")
+    print(f"| config | held-out acc (mean ± sd, {len(seeds)} seeds) | Δ vs exact (pts) | "
+          "saved bytes vs exact | bwd FLOPs vs exact | step ms | calibration s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    ref = statistics.mean(r["acc"] for r in rows.get("exact", [])) if rows.get("exact") else None
+    for name, runs in rows.items():
+        if not runs:
+            continue
+        accs = [r["acc"] for r in runs]
+        mean = statistics.mean(accs)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        d = f"{100 * (mean - ref):+.1f}" if ref is not None and name != "exact" else "–"
+        print(f"| {name} | {mean:.3f} ± {sd:.3f} | {d} | "
+              f"{statistics.mean(r['saved'] for r in runs):.3f} | "
+              f"{statistics.mean(r['flop'] for r in runs):.3f} | "
+              f"{statistics.mean(r['step_s'] for r in runs) * 1e3:.0f} | "
+              f"{statistics.mean(r['calib_s'] for r in runs):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
