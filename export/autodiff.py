@@ -20,7 +20,8 @@ Three stages, each with one job:
    (bit-packed masks, half-batch masking, ...), in a listed order, each preserving gradients.
 
 Modes: ``vanilla`` (exact backward), ``instant`` (compressed rules for the layers in ``layers``),
-``calib`` (exact backward with no parameter gradients, emitting per-layer Gram matrices).
+``calib`` (the exact backward with its parameter gradients, also emitting per-layer Gram
+matrices: a calibration step is a training step, docs/method.md).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     fwd, bwd = Builder("fwd"), Builder("grad")
     by_node = {ly.node: ly for ly in layers} if mode != "vanilla" else {}
     ctx = GradContext(shapes, mode, fwd, bwd, _requires_grad(g, shapes, param_set), param_set,
-                      param_grads=(mode != "calib"), layers=by_node, constants=_constants(g),
+                      param_grads=True, layers=by_node, constants=_constants(g),
                       compress_saved=compress_saved, opset=opset)
     ctx.graph_inputs = {i.name for i in g.input}
 
@@ -333,7 +334,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
 
     # The backward's seed dL/dloss is a graph input in the training modes: the runtime feeds each
     # micro-batch's share of the batch (m / n), so gradients arrive already weighted.
-    seed = names.LOSS_SCALE if mode != "calib" else bwd.const(1.0)
+    seed = names.LOSS_SCALE
     contrib: dict[str, list[str]] = {loss: [seed]}
     for node in reversed(list(g.node)):
         node = substitute.get(node.name, node)
@@ -360,14 +361,13 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
 
     extra: dict[str, onnx.ValueInfoProto] = {}
     grads: dict[str, str] = {}
-    if mode != "calib":
-        extra[names.LOSS_SCALE] = helper.make_tensor_value_info(names.LOSS_SCALE,
-                                                                onnx.TensorProto.FLOAT, [])
-        for p in params:
-            if p not in contrib:
-                raise ExportError(f"trainable parameter '{p}' does not reach the loss; "
-                                  "remove it from --trainable")
-            grads[p] = _sum_grads(bwd, contrib.pop(p))
+    extra[names.LOSS_SCALE] = helper.make_tensor_value_info(names.LOSS_SCALE,
+                                                            onnx.TensorProto.FLOAT, [])
+    for p in params:
+        if p not in contrib:
+            raise ExportError(f"trainable parameter '{p}' does not reach the loss; "
+                              "remove it from --trainable")
+        grads[p] = _sum_grads(bwd, contrib.pop(p))
     for ly in layers:
         if mode == "instant":
             for name, dim, rank in ((ly.p_input, ly.x_dim, "rank_x"),

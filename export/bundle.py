@@ -9,7 +9,7 @@ Layout of a bundle directory (``contract.FORMAT_VERSION``; the manifest's schema
     infer.onnx                 forward only (model outputs), trainable params as inputs
     vanilla.{forward,backward}.onnx   exact backward
     instant.{forward,backward}.onnx   INSTANT compressed backward (bases are inputs)
-    calib.{forward,backward}.onnx     exact pass that emits Gram matrices for calibration
+    calib.{forward,backward}.onnx     exact training pass that also emits Gram matrices
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             backward_inputs=[i.name for i in tg.backward.graph.input],
             saved=tg.saved, grads=tg.grads,
             grad_acc={p: f"{names.GRAD_ACC}{p}" for p in tg.grads},
-            loss_scale=names.LOSS_SCALE if mode != "calib" else None,
+            loss_scale=names.LOSS_SCALE,
             fwd_grams=tg.fwd_grams, bwd_grams=tg.bwd_grams)
     infer_name = f"{names.INFER}.onnx"
     graph_weights[infer_name] = weights.externalize(infer)

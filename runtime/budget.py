@@ -292,7 +292,7 @@ def _warm_up(trainer: Trainer, data) -> None:
     trainer.use_plan(Plan(micro_batch=1, calib_micro_batch=1, eval_micro_batch=1))
     if trainer.mode == "instant":
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1))
-        trainer.calibrate(data, 1, rng)
+        trainer.calibrate(data, 1, rng, keep_optimizer=False)
         trainer.config = cfg
     trainer.gradients(_batch(data, 1, rng))
     trainer.evaluate(_Subset(data, 1), 1)
@@ -317,7 +317,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
             trainer.use_plan(Plan(micro_batch=mc, calib_micro_batch=mc))
             trainer.config = _one_batch(cfg)
             try:
-                trainer.calibrate(data, mc, rng)
+                trainer.calibrate(data, mc, rng, keep_optimizer=False)
             except ArenaExhausted:
                 break
             finally:
@@ -405,7 +405,7 @@ def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
         cfg = trainer.config
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1,
                                                       rank_policy="budget", flop_ratio=4.0))
-        trainer.calibrate(data, batch, rng)
+        trainer.calibrate(data, batch, rng, keep_optimizer=False)
         trainer.config = cfg
     trainer.gradients(_batch(data, batch, rng))
     sub = _Subset(data, min(len(data), 2 * (plan.eval_micro_batch or batch)))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Basis", "DegenerateGram", "Spectrum", "basis_from_gram", "decompose",
+__all__ = ["Basis", "DegenerateGram", "GramWindow", "Spectrum", "basis_from_gram", "decompose",
            "rank_for_energy"]
 
 
@@ -101,3 +101,51 @@ def basis_from_gram(gram: np.ndarray, energy: float = 0.95, oversample: int = 0,
     spec = decompose(gram)
     r = rank_for_energy(spec.values, energy, oversample) if rank is None else rank
     return basis(spec, r)
+
+
+class GramWindow:
+    """The Gram matrices of one calibration, summed over its ``steps`` training steps.
+
+    A calibration is a run of ordinary training steps in the ``calib`` graphs (the exact backward
+    with its parameter gradients, plus each compressed layer's Σ X Xᵀ and Σ G Gᵀ): the
+    calibration batches train the model too, so a calibration costs the difference between an
+    exact and an INSTANT step per step of the window, not extra passes.
+    """
+
+    def __init__(self, layers, steps: int) -> None:
+        self.steps = max(1, int(steps))
+        self.dims = {ly.name: (ly.x_dim, ly.g_dim) for ly in layers}
+        self.gx = {k: np.zeros((d, d), np.float64) for k, (d, _) in self.dims.items()}
+        self.gg = {k: np.zeros((d, d), np.float64) for k, (_, d) in self.dims.items()}
+        self.samples = 0
+        self.done = 0
+        self.seconds = 0.0  # wall time of the window's steps and its decomposition
+
+    def reset(self) -> None:
+        """Start the window again (a step failed halfway: its Grams are partial)."""
+        for g in (*self.gx.values(), *self.gg.values()):
+            g.fill(0.0)
+        self.samples = 0
+        self.done = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.steps
+
+    def spectra(self) -> dict[str, tuple[Spectrum, Spectrum]]:
+        """Raises: DegenerateGram (non-finite Grams, e.g. after a divergence)."""
+        n = max(1, self.samples)
+        return {k: (decompose(self.gx[k] / n), decompose(self.gg[k] / n)) for k in self.dims}
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {f"gram/{k}/x": self.gx[k] for k in self.dims}
+        arrays.update({f"gram/{k}/g": self.gg[k] for k in self.dims})
+        return arrays, {"steps": self.steps, "samples": self.samples, "done": self.done,
+                        "seconds": self.seconds}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        for k in self.dims:
+            np.copyto(self.gx[k], arrays[f"gram/{k}/x"])
+            np.copyto(self.gg[k], arrays[f"gram/{k}/g"])
+        self.steps, self.samples = int(meta["steps"]), int(meta["samples"])
+        self.done, self.seconds = int(meta["done"]), float(meta["seconds"])

@@ -47,20 +47,21 @@ class Resident:
         for k, ov in self.grads.items():
             ov.update_inplace(self._zeros[k])
 
-    def micro_step(self, x: dict, y: np.ndarray, weight: float) -> tuple[float, int]:
+    def micro_step(self, mode: str, x: dict, y: np.ndarray, weight: float) -> tuple[float, int]:
         tr = self.trainer
-        io = tr.io
-        fwd, bwd = tr.session(tr.mode, "forward"), tr.session(tr.mode, "backward")
+        io = tr.bundle.io(mode)
+        fwd, bwd = tr.session(mode, "forward"), tr.session(mode, "backward")
         b = fwd.io_binding()
         for name, value in tr._feeds(io.forward_inputs, x, y, self.params).items():
             b.bind_ortvalue_input(name, value)
-        host = {names.LOSS, tr.bundle.output}
+        host = {names.LOSS, tr.bundle.output, *io.fwd_grams.values()}
         for name in io.forward_outputs:
             b.bind_output(name, "cpu" if name in host else self.device)
         fwd.run_with_iobinding(b)
         outs = dict(zip(io.forward_outputs, b.get_outputs(), strict=True))
         del b
         tr.shared.release()
+        fgrams = {layer: outs.pop(name).numpy() for layer, name in io.fwd_grams.items()}
         loss = float(outs[names.LOSS].numpy())
         correct = 0
         if tr.bundle.classification and tr.bundle.output in outs:
@@ -73,7 +74,13 @@ class Resident:
         del outs
         for p in tr.params:
             bb.bind_ortvalue_output(io.grads[p], self.grads[p])
+        for name in io.bwd_grams.values():  # calibration's small Grams come to the host
+            bb.bind_output(name, "cpu")
         bwd.run_with_iobinding(bb)
+        if io.bwd_grams:
+            got = bb.get_outputs()[len(tr.params):]
+            tr.add_grams(weight, len(y), fgrams,
+                         {layer: v.numpy() for layer, v in zip(io.bwd_grams, got, strict=True)})
         return loss, correct
 
     def optimizer_step(self) -> None:

@@ -20,7 +20,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,9 @@ class Summary:
     test_acc_before: float | None = None
     median_step_s: float = 0.0
     examples_per_s: float = 0.0
+    mean_step_s: float = 0.0  # calibration steps included
     calibrations: int = 0
+    calib_steps: int = 0
     calib_s: float = 0.0
     idle_rss: int = 0
     peak_rss: int = 0
@@ -88,7 +90,8 @@ class Summary:
             out.append(f"held-out loss {self.test_loss:.4f}")
         out.append(f"median step {self.median_step_s * 1e3:.1f} ms, "
                    f"{self.examples_per_s:.0f} examples/s"
-                   + (f"; {self.calibrations} calibrations, {self.calib_s:.2f} s"
+                   + (f"; mean {self.mean_step_s * 1e3:.1f} ms with {self.calibrations} "
+                      f"calibrations ({self.calib_steps} calibration steps, {self.calib_s:.2f} s)"
                       if self.calibrations else ""))
         out.append(f"peak RSS {self.peak_rss / mb:.1f} MB (idle after load {self.idle_rss / mb:.1f}"
                    f" MB, above idle {(self.peak_rss - self.idle_rss) / mb:.1f} MB)")
@@ -195,7 +198,7 @@ class Metrics:
             self._f.close()
 
 
-def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, tally: dict,
+def _snapshot(trainer: Trainer, order: Order, tally: dict,
               losses: list[float], times: list[float]) -> tuple[dict, dict]:
     """Trainer state plus the run's data order, RNG states and running statistics."""
     arrays, meta = trainer.state()
@@ -204,12 +207,12 @@ def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, ta
     if order.perm is not None:
         arrays["run/perm"] = order.perm
     run = {"n": order.n, "batch": order.batch, "pos": order.pos,
-           "rng": order.rng.bit_generator.state, "calib_rng": calib_rng.bit_generator.state,
+           "rng": order.rng.bit_generator.state,
            **tally}
     return arrays, {"trainer": meta, "run": run}
 
 
-def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, seed: int,
+def _restore(trainer: Trainer, order: Order, seed: int,
              arrays: dict, meta: dict) -> tuple[dict, list[float], list[float]]:
     run = meta["run"]
     mine = {"seed": seed, "batch": order.batch, "n": order.n}
@@ -221,7 +224,6 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
                         "--batch and --data, or drop --resume")
     trainer.load_state(arrays, meta["trainer"])
     order.rng.bit_generator.state = run["rng"]
-    calib_rng.bit_generator.state = run["calib_rng"]
     order.perm, order.pos = arrays.get("run/perm"), run["pos"]
     tally = {k: run[k] for k in ("seed", "correct", "count", "acc_before", "nonfinite")}
     return tally, arrays["run/losses"].tolist(), arrays["run/times"].tolist()
@@ -240,14 +242,16 @@ class _Guard:
                 return fn()
             except ArenaExhausted as exc:
                 tr = self.trainer
-                m = tr.plan.micro_batch or 0
+                calib = tr.window is not None
+                m = (tr.plan.calib_micro_batch if calib else None) or tr.plan.micro_batch or 0
                 if not m or m <= 1:
                     raise UserError(f"the budget cannot hold even micro-batch 1 ({exc}); raise "
                                     "--budget") from None
-                tr.use_plan(tr.plan.with_micro_batch(m // 2))
+                tr.use_plan(replace(tr.plan, calib_micro_batch=m // 2) if calib
+                            else tr.plan.with_micro_batch(m // 2))
                 self.shrinks += 1
-                self.log(f"budget: the arena cap was reached at micro-batch {m}; repeating at "
-                         f"{tr.plan.micro_batch}")
+                self.log(f"budget: the arena cap was reached at {'calibration ' if calib else ''}"
+                         f"micro-batch {m}; repeating at {m // 2}")
 
 
 def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
@@ -261,7 +265,6 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     seed = trainer.config.seed
     bundle = trainer.bundle
     rng = np.random.default_rng(seed)
-    calib_rng = np.random.default_rng(seed + 1)
     batch = min(cfg.batch, len(data))
     if batch < 1:
         raise UserError(f"the training data '{getattr(data, 'name', '?')}' is empty")
@@ -284,7 +287,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
     resumed = ckpt.load() if cfg.resume and ckpt is not None else None
     if resumed is not None:
-        tally, losses, times = _restore(trainer, order, calib_rng, seed, *resumed)
+        tally, losses, times = _restore(trainer, order, seed, *resumed)
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
@@ -301,16 +304,16 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     with StopSignals() as stop:
         for _ in bar:
             if trainer.needs_calibration():
-                t0 = time.perf_counter()
-                ok = guard.run(lambda: trainer.calibrate(data, batch, calib_rng))
+                trainer.begin_calibration()
+            b = IndexBatch(data, order.next())
+            r = guard.run(lambda b=b: trainer.train_step(b))
+            if r.calibrated is not None:
                 for w in trainer.warnings:
                     warn(w)
                 trainer.warnings.clear()
-                metrics.write("calibration", step=trainer.step_count, ok=ok,
-                              seconds=time.perf_counter() - t0,
+                metrics.write("calibration", step=trainer.step_count, ok=r.calibrated,
+                              seconds=trainer.calib_seconds,
                               ranks={k: list(v) for k, v in trainer.ranks().items()})
-            b = IndexBatch(data, order.next())
-            r = guard.run(lambda b=b: trainer.train_step(b))
             if r.finite:
                 times.append(r.seconds)
                 losses.append(r.loss)
@@ -327,7 +330,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                                     f"(up to step {trainer.step_count}); lower --lr or check the "
                                     "data" + (f"; last good checkpoint {last_ckpt}"
                                               if last_ckpt else ""))
-            metrics.write("step", step=trainer.step_count, loss=r.loss,
+            metrics.write("step", step=trainer.step_count, time=round(time.time(), 4), loss=r.loss,
                           accuracy=(r.correct / r.count if bundle.classification and r.count
                                     else None),
                           lr=lr, step_s=r.seconds, rss=current_rss(), peak_rss=peak_rss(),
@@ -339,7 +342,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
             every = cfg.checkpoint_every
             if ckpt is not None and (stop.signum or (every and trainer.step_count % every == 0)):
                 last_ckpt = ckpt.save(trainer.step_count,
-                                      *_snapshot(trainer, order, calib_rng, tally, losses, times))
+                                      *_snapshot(trainer, order, tally, losses, times))
                 saved = trainer.step_count
             if stop.signum:
                 bar.close()
@@ -348,7 +351,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         bar.close()
         if ckpt is not None and saved != trainer.step_count:
             last_ckpt = ckpt.save(trainer.step_count,
-                                  *_snapshot(trainer, order, calib_rng, tally, losses, times))
+                                  *_snapshot(trainer, order, tally, losses, times))
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
     k = max(1, min(10, len(losses) // 5))
     s = Summary(
@@ -358,7 +361,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         loss_last=float(np.mean(losses[-k:])) if losses else float("nan"),
         train_acc=(correct / count) if bundle.classification and count else None,
         median_step_s=statistics.median(times) if times else 0.0,
-        calibrations=trainer.calibrations, calib_s=trainer.calib_seconds, idle_rss=idle,
+        mean_step_s=statistics.fmean(times) if times else 0.0,
+        calibrations=trainer.calibrations, calib_steps=trainer.calib_steps,
+        calib_s=trainer.calib_seconds, idle_rss=idle,
         ranks={k: list(v) for k, v in trainer.ranks().items()},
         resumed_from=start if resumed is not None else None, output=bundle.output,
         budget=plan.budget, predicted_peak=plan.predicted_peak, guard_shrinks=guard.shrinks)

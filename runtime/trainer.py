@@ -28,7 +28,7 @@ from contract import UserError, atomic_write, names, write_npz
 from devices.planner import Plan
 
 from .bundle import Bundle
-from .calibrate import Basis, DegenerateGram, Spectrum, basis, decompose
+from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
 from .optim import make_optimizer
 from .ranks import choose_ranks
@@ -88,6 +88,8 @@ class StepResult:
     count: int
     seconds: float
     finite: bool = True  # False: non-finite loss, the update was skipped
+    mode: str = "vanilla"  # the graphs it ran: vanilla, instant or calib
+    calibrated: bool | None = None  # a calibration ended with this step (False: Grams unusable)
 
 
 def _ov(a: np.ndarray) -> ort.OrtValue:
@@ -140,7 +142,9 @@ class Trainer:
         self.bases: dict[str, tuple[Basis, Basis]] = {}
         self._basis_ov: dict[str, ort.OrtValue] = {}
         self.step_count = 0
+        self.window: GramWindow | None = None  # an open calibration
         self.calibrations = 0
+        self.calib_steps = 0
         self.calib_seconds = 0.0
         self.calib_skipped = 0
         self.warnings: list[str] = []
@@ -219,21 +223,36 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- training
     def needs_calibration(self) -> bool:
-        if self.mode != "instant":
+        """True when a calibration window should start before the next step."""
+        if self.mode != "instant" or self.window is not None:
             return False
         every = self.config.instant.calib_every
         return not self.bases or (every > 0 and self.step_count > 0
                                   and self.step_count % every == 0)
 
+    def begin_calibration(self) -> None:
+        """The next ``calib_batches`` training steps run in the calibration graphs (exact
+        gradients plus Gram matrices); after the last one the ranks and bases are set."""
+        self.window = GramWindow(self.bundle.layers, self.config.instant.calib_batches)
+
+    @property
+    def step_mode(self) -> str:
+        return "calib" if self.window is not None else self.mode
+
     def gradients(self, batch: Batch) -> tuple[float, int]:
         """Forward and backward over micro-batches; leaves the batch-mean gradients in the
         gradient buffers and returns (mean loss, correct predictions). Weights are not touched.
+        In a calibration window the passes also add their Gram matrices to the window.
 
         Raises:
             ArenaExhausted: a micro-batch did not fit the arena's cap (buffers are then
-                undefined: zero them by calling ``gradients`` again).
+                undefined: zero them by calling ``gradients`` again; an open calibration
+                window starts again).
         """
         n = len(batch)
+        mode = self.step_mode
+        micro = (self.plan.calib_micro_batch or self.plan.micro_batch) if mode == "calib" \
+            else self.plan.micro_batch
         res = self._res() if self.resident else None
         if res is not None:
             res.zero_grads()
@@ -246,21 +265,37 @@ class Trainer:
         correct = 0
         step = res.micro_step if res is not None else self._micro_step
         try:
-            for s, e in chunks(n, self.plan.micro_batch):
+            for s, e in chunks(n, micro):
                 x, y = batch.rows(s, e)
                 try:
-                    loss, c = step(x, y, (e - s) / n)
+                    loss, c = step(mode, x, y, (e - s) / n)
                 except (ArenaExhausted, UserError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - onnxruntime errors of the resident path
                     raise self._run_error(exc, "training") from None
                 loss_sum += loss * (e - s) / n
                 correct += c
+        except ArenaExhausted:
+            if self.window is not None:
+                self.window.reset()
+            raise
         finally:
             self.shared.release()
         return loss_sum, correct
 
-    def _micro_step(self, x: dict[str, np.ndarray], y: np.ndarray,
+    def add_grams(self, weight: float, m: int, fwd: dict[str, np.ndarray],
+                  bwd: dict[str, np.ndarray]) -> None:
+        """Add one calibration micro-batch's Grams (by layer) to the window. The output-gradient
+        Grams carry the loss scale ``weight``/``m`` per sample: (m / weight)² undoes it."""
+        w = self.window
+        for layer, g in fwd.items():
+            w.gx[layer] += g
+        scale = (m / weight) ** 2
+        for layer, g in bwd.items():
+            w.gg[layer] += g * scale
+        w.samples += m
+
+    def _micro_step(self, mode: str, x: dict[str, np.ndarray], y: np.ndarray,
                     weight: float) -> tuple[float, int]:
         """One forward + backward; adds ``weight`` × this micro-batch's gradient into the
         gradient buffers.
@@ -269,9 +304,9 @@ class Trainer:
         returns keeps the whole output vector alive, so one stray reference (a loop variable)
         would keep all saved tensors of this micro-batch resident during the next one.
         """
-        io = self.io
+        io = self.bundle.io(mode)
         fout = io.forward_outputs
-        fwd, bwd = self.session(self.mode, "forward"), self.session(self.mode, "backward")
+        fwd, bwd = self.session(mode, "forward"), self.session(mode, "backward")
         try:
             outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y))
         except Exception as exc:  # noqa: BLE001
@@ -279,6 +314,7 @@ class Trainer:
         self.shared.release()  # frozen weights read by the forward leave the RSS again
         extra = dict(zip(fout, outs, strict=True))
         del outs
+        fgrams = {layer: extra.pop(name).numpy() for layer, name in io.fwd_grams.items()}
         loss = float(extra[names.LOSS].numpy())
         correct = 0
         if self.bundle.classification and self.bundle.output in extra:
@@ -291,10 +327,16 @@ class Trainer:
         del extra
         for p in self.params:
             binding.bind_ortvalue_output(io.grads[p], self._grad_ov[p])
+        for name in io.bwd_grams.values():
+            binding.bind_output(name, "cpu")
         try:
             bwd.run_with_iobinding(binding)
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "backward") from None
+        if io.bwd_grams:
+            got = binding.get_outputs()[len(self.params):]
+            self.add_grams(weight, len(y), fgrams,
+                           {layer: v.numpy() for layer, v in zip(io.bwd_grams, got, strict=True)})
         return loss, correct
 
     def _run_error(self, exc: Exception, phase: str) -> Exception:
@@ -308,7 +350,12 @@ class Trainer:
                          "matches the bundle's inputs, or re-export the bundle")
 
     def train_step(self, batch: Batch) -> StepResult:
+        """One optimizer step on ``batch`` (a calibration step when a window is open; the
+        window's last step also sets the new ranks: ``StepResult.calibrated``)."""
         t0 = time.perf_counter()
+        if self.mode == "instant" and not self.bases and self.window is None:
+            self.begin_calibration()  # no bases yet: the first steps calibrate
+        calibrating = self.window is not None
         loss_sum, correct = self.gradients(batch)
         if self.resident:
             finite = bool(np.isfinite(loss_sum))
@@ -325,41 +372,29 @@ class Trainer:
             elif finite:  # a non-finite loss skips the update; the caller warns and counts
                 self.optimizer.step(self.params, self._grads)
         self.step_count += 1
-        return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite)
+        calibrated = None
+        if calibrating:
+            self.window.done += 1
+            self.window.seconds += time.perf_counter() - t0
+            if self.window.complete:
+                calibrated = self.finish_calibration()
+        return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite,
+                          "calib" if calibrating else self.mode, calibrated)
 
     # ---------------------------------------------------------------------------- calibration
-    def calibrate(self, data, batch: int, rng: np.random.Generator) -> bool:
-        """Accumulate Gram matrices over ``calib_batches`` batches in calibration micro-batches,
-        then choose ranks (``runtime/ranks.py``) and set the bases. No optimizer step is taken.
+    def finish_calibration(self) -> bool:
+        """Choose ranks from the window's Grams (``runtime/ranks.py``) and set the bases.
 
         Returns False (bases unchanged, one warning kept in ``warnings``) when the Grams are
         not finite, e.g. after a divergence.
 
         Raises:
-            ArenaExhausted: a calibration micro-batch did not fit the arena's cap.
+            UserError: non-finite Grams at the first calibration (no bases to keep).
         """
         t0 = time.perf_counter()
-        io = self.bundle.io("calib")
-        cf, cb = self.session("calib", "forward"), self.session("calib", "backward")
-        layers = self.bundle.layers
-        gx = {ly.name: np.zeros((ly.x_dim, ly.x_dim), np.float64) for ly in layers}
-        gg = {ly.name: np.zeros((ly.g_dim, ly.g_dim), np.float64) for ly in layers}
-        micro = self.plan.calib_micro_batch or self.plan.micro_batch
-        samples = 0
-        fgram = {v: k for k, v in io.fwd_grams.items()}
-        bgram_names = [io.bwd_grams[ly.name] for ly in layers]
+        w, self.window = self.window, None
         try:
-            for _ in range(self.config.instant.calib_batches):
-                idx = rng.choice(len(data), size=min(batch, len(data)), replace=False)
-                b = IndexBatch(data, idx)
-                for s, e in chunks(len(b), micro):
-                    samples += self._calib_micro(cf, cb, io, b.rows(s, e), fgram, gx, gg,
-                                                 layers, bgram_names)
-        finally:
-            self.shared.release()
-        try:
-            spectra = {ly.name: (decompose(gx[ly.name] / samples),
-                                 decompose(gg[ly.name] / samples)) for ly in layers}
+            spectra = w.spectra()
         except DegenerateGram:
             self.calib_skipped += 1
             msg = (f"calibration at step {self.step_count} saw non-finite activations or "
@@ -372,32 +407,42 @@ class Trainer:
             return False
         self.set_ranks(spectra)
         self.calibrations += 1
-        self.calib_seconds += time.perf_counter() - t0
+        self.calib_steps += w.done
+        self.calib_seconds += w.seconds + time.perf_counter() - t0
         return True
 
-    def _calib_micro(self, cf, cb, io, xy, fgram, gx, gg, layers, bgram_names) -> int:
-        x, y = xy
+    def calibrate(self, data, batch: int, rng: np.random.Generator,
+                  keep_optimizer: bool = True) -> bool:
+        """A calibration on its own (tools, probes, tests): ``calib_batches`` random batches
+        through the calibration graphs without an optimizer step, then ranks and bases.
+        Training calibrates inside its steps instead (``begin_calibration``).
+
+        ``keep_optimizer``: with fused SGD the gradient buffer is the momentum; route the
+        gradients to scratch buffers so the optimizer state is kept (probes pass False: they
+        are discarded processes, and scratch buffers would count in what they measure).
+
+        Raises:
+            ArenaExhausted: a calibration micro-batch did not fit the arena's cap.
+        """
+        t0 = time.perf_counter()
+        self.begin_calibration()
+        kept = self.fused, self._grads, self._grad_ov
+        if self.fused and keep_optimizer:
+            self.fused = False
+            self._grads = {p: np.zeros_like(v) for p, v in self.params.items()}
+            self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
         try:
-            outs = cf.run_with_ort_values(io.forward_outputs,
-                                          self._feeds(io.forward_inputs, x, y))
-        except Exception as exc:  # noqa: BLE001
-            raise self._run_error(exc, "calibration forward") from None
-        self.shared.release()
-        saved = dict(zip(io.forward_outputs, outs, strict=True))
-        del outs
-        for name, layer in fgram.items():
-            gx[layer] += saved[name].numpy()
-        feeds = self._feeds(io.backward_inputs, x, y, saved)
-        del saved
-        try:
-            grams = cb.run_with_ort_values(bgram_names, feeds)
-        except Exception as exc:  # noqa: BLE001
-            raise self._run_error(exc, "calibration backward") from None
-        del feeds
-        m = float(len(y))
-        for ly, g in zip(layers, grams, strict=True):
-            gg[ly.name] += g.numpy() * (m * m)  # undo the 1/m of the mean loss
-        return len(y)
+            for _ in range(self.config.instant.calib_batches):
+                idx = rng.choice(len(data), size=min(batch, len(data)), replace=False)
+                self.gradients(IndexBatch(data, idx))
+                self.window.done += 1
+        except BaseException:
+            self.window = None
+            raise
+        finally:
+            self.fused, self._grads, self._grad_ov = kept
+        self.window.seconds = time.perf_counter() - t0
+        return self.finish_calibration()
 
     def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]]) -> None:
         """Choose ranks from the spectra under the plan's budget and set the bases."""
@@ -471,8 +516,12 @@ class Trainer:
         meta = {"mode": self.mode, "optimizer": self.config.optim.name,
                 "optimizer_t": self.optimizer.t, "step_count": self.step_count,
                 "calibrations": self.calibrations, "calib_seconds": self.calib_seconds,
-                "bases": bases, "micro_batch": self.plan.micro_batch,
-                "calib_micro_batch": self.plan.calib_micro_batch}
+                "calib_steps": self.calib_steps, "bases": bases,
+                "micro_batch": self.plan.micro_batch,
+                "calib_micro_batch": self.plan.calib_micro_batch, "window": None}
+        if self.window is not None:  # a checkpoint inside a calibration keeps its Grams
+            warrays, meta["window"] = self.window.state()
+            arrays.update(warrays)
         return arrays, meta
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -516,6 +565,11 @@ class Trainer:
             self.plan = replace(self.plan, calib_micro_batch=int(saved_c))
         self.calibrations = int(meta["calibrations"])
         self.calib_seconds = float(meta["calib_seconds"])
+        self.calib_steps = int(meta.get("calib_steps", 0))
+        self.window = None
+        if meta.get("window") is not None:
+            self.begin_calibration()
+            self.window.load_state(arrays, meta["window"])
         if self._resident is not None:
             self._resident.from_host()
 

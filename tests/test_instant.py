@@ -240,10 +240,15 @@ def test_ranks_are_runtime_data(case, inputs):
 @pytest.mark.parametrize("case", ["linear3d_token", "linear3d_channel", "conv1x1_channel",
                                   "gemm2d"])
 def test_calib_grams_match_numpy(case):
+    """The calibration graphs train exactly (a calibration step is a training step) and also
+    emit the layer's Σ X Xᵀ and Σ G Gᵀ."""
     model, ly, inputs = _instant_setup(case, bases=False)
     tg = build_training_graphs(model, "loss", PARAMS, "calib", [ly], 17)
-    assert tg.grads == {}
+    assert set(tg.grads) == set(PARAMS)
     fwd_out, bwd_out = Runner(tg).run_all(inputs)
+    _, exact = Runner(build_training_graphs(model, "loss", PARAMS, "vanilla", [], 17))(inputs)
+    for p, out in tg.grads.items():
+        np.testing.assert_allclose(bwd_out[out], exact[p], rtol=1e-5, atol=1e-6, err_msg=p)
     gram_g = bwd_out[tg.bwd_grams[ly.name]]
     kind = LAYERS[case][1]
 

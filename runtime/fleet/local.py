@@ -211,6 +211,7 @@ class Local:
         tr = self.trainer
         _reset_optimizer(tr.optimizer)
         tr.bases.clear()  # calibrate on the received global weights, not the last local ones
+        tr.window = None
         tr.config = dataclasses.replace(tr.config, seed=self.seed + 7919 * server_round)
         cfg = RunConfig(steps=tr.step_count + steps, batch=batch, progress=self.progress,
                         budget=self.budget,
