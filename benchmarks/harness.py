@@ -49,11 +49,11 @@ def run_cmd(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = Non
 
 
 def exporter_hash() -> str:
-    """SHA-256 of the exporter's sources (``export/*.py``): a cached bundle made by other code
-    is exported again."""
+    """SHA-256 of the exporter's sources (``export/**/*.py`` and the bundle contract): a cached
+    bundle made by other code is exported again."""
     h = hashlib.sha256()
-    for f in sorted((ROOT / "export").glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in sorted([*(ROOT / "export").rglob("*.py"), *(ROOT / "contract").glob("*.py")]):
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 

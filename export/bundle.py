@@ -48,7 +48,7 @@ from contract.schema import load as load_typed
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes
 from .layers import CompressedLayer, find_compressible_layers
-from .trace import Traced, example_arrays, load_model
+from .tracing import Traced, example_arrays, load_model
 
 __all__ = ["export_bundle", "select_trainable"]
 

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from contract import ImageSpec, TextSpec
 
 from .graph import ExportError, Shapes
-from .trace import Traced
+from .tracing import Traced
 
 __all__ = ["HEAD_BIAS", "HEAD_WEIGHT", "POOLS", "add_head", "image_spec", "text_spec"]
 

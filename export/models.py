@@ -57,7 +57,7 @@ class TokenMLP(nn.Module):
         return self.head(self.body(x).mean(dim=1))
 
 
-# --- pretrained models shipped inside pip packages (see /work/shared/DATA.md) -------------------
+# --- pretrained models shipped inside pip packages (the packages are listed in pyproject.toml and the README) -------------------
 
 def _package_dir(package: str, pip_name: str) -> Path:
     """A package's folder, found without importing it (so its own heavy imports never run)."""

@@ -187,7 +187,7 @@ def _builtin_rotten_tomatoes(inputs: list[TensorSpec]) -> _Builtin:
     file of token ids (``runtime/sources/tokens.py``); ``take`` reads the rows of a batch. The
     training process never loads the tokenizer (~20 MB resident) nor keeps the texts."""
     from .sources.tokens import TokenCache
-    from .tokenize import minilm_tokenizer_file
+    from .text_encoding import minilm_tokenizer_file
 
     ids, mask = _text_inputs("rotten-tomatoes", inputs)
     _, y, n_test = _rotten_tomatoes(keep_text=False)

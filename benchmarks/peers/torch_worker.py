@@ -74,8 +74,11 @@ def run(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     bundle, data = load_dataset(cfg)
     model, params = build_model(cfg, bundle)
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=cfg["weight_decay"])
+    if cfg.get("optimizer", "adamw") == "sgd":  # as the runtime's: momentum 0.9, no decay
+        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=cfg["weight_decay"])
     order = Order(len(data), min(cfg["batch"], len(data)), cfg["seed"])
     idle = vmrss()
     losses, times = [], []
