@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "minilm-l6": {"export": ["--trainable", "last:3"], "data": "rotten-tomatoes",
                   "train": ["--steps", "80", "--batch", "32", "--optimizer", "sgd", "--lr", "0.05"]},
-    "efficientnet-lite0": {"export": ["--trainable", "last:3", "--input-shape", "8,3,128,128"],
+    "efficientnet-lite0": {"export": ["--trainable", "last:4", "--input-shape", "8,3,128,128"],
                            "data": "mnist5k",
                            "train": ["--steps", "100", "--batch", "32", "--lr", "1e-3"]},
 }
