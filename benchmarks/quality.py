@@ -40,6 +40,20 @@ CONFIGS = {
     "calib-1": ["--calib-batches", "1"],
     "flop-0.5": ["--flop-ratio", "0.5"],
 }
+# Configurations that need their own bundle: (export options, train options).
+EXPORT_CONFIGS = {
+    "int8": (["--saved-int8"], []),
+    "int8-saved-0.10": (["--saved-int8"], ["--saved-ratio", "0.10"]),
+}
+
+
+def _bundle(work: Path, model: str, export: list[str]) -> Path:
+    """The bundle for these export options, exported once (the options are its folder name)."""
+    bundle = work / ("bundle" + "".join(export).replace("--", "-"))
+    if not (bundle / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "runtime", "export", "--model", model,
+                        "--out", str(bundle), "--overwrite", *export], check=True, cwd=ROOT)
+    return bundle
 
 
 def main() -> int:
@@ -53,18 +67,18 @@ def main() -> int:
     a = ap.parse_args()
     m = MODELS[a.model]
     work = Path(a.work) / a.model
-    bundle = work / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "runtime", "export", "--model", a.model,
-                        "--out", str(bundle), *m["export"]], check=True, cwd=ROOT)
     seeds = [int(s) for s in a.seeds.split(",")]
     rows = {}
     for name in a.configs.split(","):
         runs = []
+        export, train = EXPORT_CONFIGS.get(name, ([], CONFIGS.get(name)))
+        if train is None:
+            raise SystemExit(f"unknown configuration {name!r}")
+        bundle = _bundle(work, a.model, [*m["export"], *export])
         for seed in seeds:
             out = work / f"{name}-{seed}"
             cmd = [sys.executable, "-m", "runtime", "train", str(bundle), "--data", m["data"],
-                   *m["train"], *CONFIGS[name], "--seed", str(seed), "--threads", a.threads,
+                   *m["train"], *train, "--seed", str(seed), "--threads", a.threads,
                    "--out", str(out), "--overwrite", "--no-progress", "--checkpoint-every", "0"]
             t0 = time.time()
             r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

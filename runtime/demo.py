@@ -30,25 +30,23 @@ def _run(*args: str) -> None:
 def cnn() -> int:
     out = Path("runs/demo")
     bundle = out / "cnn"
-    _run("export", "--model", "cnn", "--out", str(bundle))
+    _run("export", "--model", "cnn", "--out", str(bundle), "--overwrite")
     _run("plan", str(bundle), "--data", "digits")
     for mode in ("vanilla", "instant"):
         _run("train", str(bundle), "--data", "digits", "--steps", "500", "--batch", "32",
-             "--lr", "3e-3", "--mode", mode, "--oversample", "7", "--calib-every", "20",
-             "--threads", "2", "--out", str(out / f"run-{mode}"))
+             "--lr", "3e-3", "--mode", mode, "--threads", "2", "--overwrite",
+             "--out", str(out / f"run-{mode}"))
     return 0
 
 
 def minilm() -> int:
     out = Path("runs/demo")
     bundle = out / "minilm-l6"
-    # ε = 0.99: at the paper's 0.95 this 80-step fine-tune lost 4 points against vanilla, at
-    # 0.99 0.3 points (benchmarks/real_models.py, README).
-    _run("export", "--model", "minilm-l6", "--trainable", "last:3", "--oversample", "7",
-         "--energy", "0.99", "--out", str(bundle))
+    _run("export", "--model", "minilm-l6", "--trainable", "last:3", "--out", str(bundle),
+         "--overwrite")
     _run("train", str(bundle), "--data", "rotten-tomatoes", "--budget", "256MB",
          "--steps", "80", "--batch", "32", "--optimizer", "sgd", "--lr", "0.05",
-         "--threads", "2", "--out", str(out / "run"))
+         "--threads", "2", "--overwrite", "--out", str(out / "run"))
     return 0
 
 
