@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 FORMAT = "instant-runtime-bundle"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few hundred KB; refuse absurd files up front
 
 DType = Literal["float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"]
@@ -149,7 +149,7 @@ class GraphIO:
     saved: list[str]
     grads: dict[str, str]  # param -> backward output (grad.<param>)
     grad_acc: dict[str, str]  # param -> backward input (grad_acc.<param>)
-    loss_scale: str  # backward input of the seed dL/dloss (a micro-batch's share)
+    loss_scale: str | None  # backward input of the seed dL/dloss (None: calib)
     fwd_grams: dict[str, str]  # layer -> calib forward output
     bwd_grams: dict[str, str]  # layer -> calib backward output
 

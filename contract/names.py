@@ -33,7 +33,7 @@ GRAM_X = "gram_x."  # calib forward outputs gram_x.<layer>: Σ_b X_b X_bᵀ of t
 GRAM_G = "gram_g."  # calib backward outputs gram_g.<layer>: Σ_b G_b G_bᵀ of its output gradient
 
 TRAINING_MODES = ("vanilla", "instant")
-MODES = ("vanilla", "instant", "calib")  # forward + backward graph pairs
+MODES = ("vanilla", "instant", "calib", "recal")  # forward + backward graph pairs
 INFER = "infer"  # forward-only graph: model inputs -> the declared output
 
 MANIFEST_FILE = "manifest.json"

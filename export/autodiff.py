@@ -20,8 +20,10 @@ Three stages, each with one job:
    (bit-packed masks, half-batch masking, ...), in a listed order, each preserving gradients.
 
 Modes: ``vanilla`` (exact backward), ``instant`` (compressed rules for the layers in ``layers``),
-``calib`` (the exact backward with its parameter gradients, also emitting per-layer Gram
-matrices: a calibration step is a training step, docs/method.md).
+``calib`` (exact backward with no parameter gradients, emitting per-layer Gram matrices: the
+first calibration, before any bases exist), ``recal`` (the ``instant`` step that also emits the
+Gram matrices of the full activations and output gradients: later calibrations run inside
+training steps, docs/method.md).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class GradContext:
         self.mode = mode
         # the compressed variants of the rules that save activations (int8 with per-row
         # scales, ``rules/common.py: saved``): instant mode only, when the export asks for it
-        self.compress_saved = compress_saved and mode == "instant"
+        self.compress_saved = compress_saved and mode in ("instant", "recal")
         self.opset = opset
         self.saved_cache: dict[str, str] = {}
         self.graph_inputs: set[str] = set()
@@ -323,7 +325,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     fwd, bwd = Builder("fwd"), Builder("grad")
     by_node = {ly.node: ly for ly in layers} if mode != "vanilla" else {}
     ctx = GradContext(shapes, mode, fwd, bwd, _requires_grad(g, shapes, param_set), param_set,
-                      param_grads=True, layers=by_node, constants=_constants(g),
+                      param_grads=(mode != "calib"), layers=by_node, constants=_constants(g),
                       compress_saved=compress_saved, opset=opset)
     ctx.graph_inputs = {i.name for i in g.input}
 
@@ -334,7 +336,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
 
     # The backward's seed dL/dloss is a graph input in the training modes: the runtime feeds each
     # micro-batch's share of the batch (m / n), so gradients arrive already weighted.
-    seed = names.LOSS_SCALE
+    seed = names.LOSS_SCALE if mode != "calib" else bwd.const(1.0)
     contrib: dict[str, list[str]] = {loss: [seed]}
     for node in reversed(list(g.node)):
         node = substitute.get(node.name, node)
@@ -361,15 +363,16 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
 
     extra: dict[str, onnx.ValueInfoProto] = {}
     grads: dict[str, str] = {}
-    extra[names.LOSS_SCALE] = helper.make_tensor_value_info(names.LOSS_SCALE,
-                                                            onnx.TensorProto.FLOAT, [])
-    for p in params:
-        if p not in contrib:
-            raise ExportError(f"trainable parameter '{p}' does not reach the loss; "
-                              "remove it from --trainable")
-        grads[p] = _sum_grads(bwd, contrib.pop(p))
+    if mode != "calib":
+        extra[names.LOSS_SCALE] = helper.make_tensor_value_info(names.LOSS_SCALE,
+                                                                onnx.TensorProto.FLOAT, [])
+        for p in params:
+            if p not in contrib:
+                raise ExportError(f"trainable parameter '{p}' does not reach the loss; "
+                                  "remove it from --trainable")
+            grads[p] = _sum_grads(bwd, contrib.pop(p))
     for ly in layers:
-        if mode == "instant":
+        if mode in ("instant", "recal"):
             for name, dim, rank in ((ly.p_input, ly.x_dim, "rank_x"),
                                     (ly.q_input, ly.g_dim, "rank_g")):
                 extra.setdefault(name, helper.make_tensor_value_info(

@@ -9,7 +9,8 @@ Layout of a bundle directory (``contract.FORMAT_VERSION``; the manifest's schema
     infer.onnx                 forward only (model outputs), trainable params as inputs
     vanilla.{forward,backward}.onnx   exact backward
     instant.{forward,backward}.onnx   INSTANT compressed backward (bases are inputs)
-    calib.{forward,backward}.onnx     exact training pass that also emits Gram matrices
+    calib.{forward,backward}.onnx     exact pass emitting Gram matrices (first calibration)
+    recal.{forward,backward}.onnx     INSTANT step that also emits Gram matrices (recalibration)
 """
 
 from __future__ import annotations
@@ -355,11 +356,11 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     data_inputs = set(traced.inputs) | {names.LABELS}
     graphs: dict[str, GraphFiles] = {}
     io: dict[str, GraphIO] = {}
-    modes = ["vanilla"] + (["instant", "calib"] if layers else [])
+    modes = ["vanilla"] + (["instant", "calib", "recal"] if layers else [])
     graph_weights: dict[str, list[str]] = {}
     for mode in modes:
         src = copy.deepcopy(fwd)
-        if mode == "instant":
+        if mode in ("instant", "recal"):
             _add_basis_inputs(src, layers)
         tg = build_training_graphs(src, names.LOSS, params, mode, layers, opset,
                                    compress_saved=saved_int8)
@@ -377,7 +378,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             backward_inputs=[i.name for i in tg.backward.graph.input],
             saved=tg.saved, grads=tg.grads,
             grad_acc={p: f"{names.GRAD_ACC}{p}" for p in tg.grads},
-            loss_scale=names.LOSS_SCALE,
+            loss_scale=names.LOSS_SCALE if mode != "calib" else None,
             fwd_grams=tg.fwd_grams, bwd_grams=tg.bwd_grams)
     infer_name = f"{names.INFER}.onnx"
     graph_weights[infer_name] = weights.externalize(infer)

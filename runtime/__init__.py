@@ -1,6 +1,19 @@
-"""Device side: train an instant-runtime bundle on plain onnxruntime. Never imports torch."""
+"""Device side: train an instant-runtime bundle on plain onnxruntime. Never imports torch.
 
-from .bundle import Bundle, open_bundle
-from .errors import UserError
+Importing the package itself is light (nothing heavy loads until used), so that
+``python -m runtime`` installs its Ctrl-C handling before numpy and onnxruntime load.
+"""
 
 __all__ = ["Bundle", "UserError", "open_bundle"]
+
+
+def __getattr__(name: str):
+    if name in ("Bundle", "open_bundle"):
+        from . import bundle
+
+        return getattr(bundle, name)
+    if name == "UserError":
+        from contract import UserError
+
+        return UserError
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

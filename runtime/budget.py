@@ -229,7 +229,10 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         if not probe["ok"]:
             return UserError(f"a planning probe failed: {probe['error']}")
         m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin)
-        need = max(m1.peak(1, 1 if instant else 0, m1.saved_min), warm["peak"] + margin)
+        # the probes of a real run at micro-batch 1 (full-rank bases, under a cap that keeps
+        # room for 8 samples of input and the Grams) must fit the stated minimum too
+        need = max(m1.peak(1, 1 if instant else 0, m1.saved_min), warm["peak"] + margin,
+                   probe["peak"] + margin + 8 * per_sample + grams)
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
                          f"({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB")
 
@@ -292,7 +295,10 @@ def _warm_up(trainer: Trainer, data) -> None:
     trainer.use_plan(Plan(micro_batch=1, calib_micro_batch=1, eval_micro_batch=1))
     if trainer.mode == "instant":
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1))
-        trainer.calibrate(data, 1, rng, keep_optimizer=False)
+        trainer.calibrate(data, 1, rng)
+        trainer.begin_calibration()
+        trainer.gradients(_batch(data, 1, rng))  # a recalibration pass
+        trainer.window = None
         trainer.config = cfg
     trainer.gradients(_batch(data, 1, rng))
     trainer.evaluate(_Subset(data, 1), 1)
@@ -317,7 +323,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
             trainer.use_plan(Plan(micro_batch=mc, calib_micro_batch=mc))
             trainer.config = _one_batch(cfg)
             try:
-                trainer.calibrate(data, mc, rng, keep_optimizer=False)
+                trainer.calibrate(data, mc, rng)
             except ArenaExhausted:
                 break
             finally:
@@ -404,9 +410,13 @@ def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
     if trainer.mode == "instant":
         cfg = trainer.config
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1,
-                                                      rank_policy="budget", flop_ratio=4.0))
-        trainer.calibrate(data, batch, rng, keep_optimizer=False)
+                                                      rank_policy="budget", flop_ratio=None,
+                                                      variance=1.0))
+        trainer.calibrate(data, batch, rng)
         trainer.config = cfg
+        trainer.begin_calibration()  # a recalibration step: INSTANT plus the Grams
+        trainer.gradients(_batch(data, batch, rng))
+        trainer.window = None
     trainer.gradients(_batch(data, batch, rng))
     sub = _Subset(data, min(len(data), 2 * (plan.eval_micro_batch or batch)))
     trainer.evaluate(sub, plan.eval_micro_batch)

@@ -507,8 +507,22 @@ HANDLERS = {"export": _cmd_export, "train": _cmd_train, "eval": _cmd_eval, "plan
             "profiles": _cmd_profiles, "export-model": _cmd_export_model, "fleet": _cmd_fleet}
 
 
+_INTERRUPTED: list[bool] = []
+
+
+def _on_sigint(signum, frame) -> None:
+    _INTERRUPTED.append(True)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # probes fork; no Rust thread pool
+    import signal
+
+    # Ctrl-C while a C extension initialises surfaces as that import's error (e.g. "ImportError:
+    # initialization failed"): remember that SIGINT came, so any exception after it exits 130.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         args = _parser().parse_args(argv)
         from contract import UserError
@@ -528,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except Exception:
+        if _INTERRUPTED:
+            print("interrupted", file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":

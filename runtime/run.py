@@ -198,7 +198,7 @@ class Metrics:
             self._f.close()
 
 
-def _snapshot(trainer: Trainer, order: Order, tally: dict,
+def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, tally: dict,
               losses: list[float], times: list[float]) -> tuple[dict, dict]:
     """Trainer state plus the run's data order, RNG states and running statistics."""
     arrays, meta = trainer.state()
@@ -207,12 +207,12 @@ def _snapshot(trainer: Trainer, order: Order, tally: dict,
     if order.perm is not None:
         arrays["run/perm"] = order.perm
     run = {"n": order.n, "batch": order.batch, "pos": order.pos,
-           "rng": order.rng.bit_generator.state,
+           "rng": order.rng.bit_generator.state, "calib_rng": calib_rng.bit_generator.state,
            **tally}
     return arrays, {"trainer": meta, "run": run}
 
 
-def _restore(trainer: Trainer, order: Order, seed: int,
+def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, seed: int,
              arrays: dict, meta: dict) -> tuple[dict, list[float], list[float]]:
     run = meta["run"]
     mine = {"seed": seed, "batch": order.batch, "n": order.n}
@@ -223,6 +223,7 @@ def _restore(trainer: Trainer, order: Order, seed: int,
         raise UserError(f"checkpoint was written with {diff}; resume with the same --seed, "
                         "--batch and --data, or drop --resume")
     trainer.load_state(arrays, meta["trainer"])
+    calib_rng.bit_generator.state = run["calib_rng"]
     order.rng.bit_generator.state = run["rng"]
     order.perm, order.pos = arrays.get("run/perm"), run["pos"]
     tally = {k: run[k] for k in ("seed", "correct", "count", "acc_before", "nonfinite")}
@@ -236,13 +237,15 @@ class _Guard:
         self.trainer, self.log = trainer, log
         self.shrinks = 0
 
-    def run(self, fn):
+    def run(self, fn, calibration: bool = False):
+        """``fn()``, repeated at half the micro-batch while it runs into the arena's cap
+        (``calibration``: the calibration micro-batch of dedicated calibration passes)."""
         while True:
             try:
                 return fn()
             except ArenaExhausted as exc:
                 tr = self.trainer
-                calib = tr.window is not None
+                calib = calibration
                 m = (tr.plan.calib_micro_batch if calib else None) or tr.plan.micro_batch or 0
                 if not m or m <= 1:
                     raise UserError(f"the budget cannot hold even micro-batch 1 ({exc}); raise "
@@ -265,6 +268,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     seed = trainer.config.seed
     bundle = trainer.bundle
     rng = np.random.default_rng(seed)
+    calib_rng = np.random.default_rng(seed + 1)  # the batches of dedicated calibrations
     batch = min(cfg.batch, len(data))
     if batch < 1:
         raise UserError(f"the training data '{getattr(data, 'name', '?')}' is empty")
@@ -287,7 +291,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
     resumed = ckpt.load() if cfg.resume and ckpt is not None else None
     if resumed is not None:
-        tally, losses, times = _restore(trainer, order, seed, *resumed)
+        tally, losses, times = _restore(trainer, order, calib_rng, seed, *resumed)
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
@@ -303,15 +307,22 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     lr = trainer.config.optim.lr
     with StopSignals() as stop:
         for _ in bar:
+            calibrated = None
             if trainer.needs_calibration():
-                trainer.begin_calibration()
+                if trainer.bases:  # inside the next steps (recal graphs)
+                    trainer.begin_calibration()
+                else:  # the first one: dedicated passes, no optimizer step
+                    calibrated = guard.run(lambda: trainer.calibrate(data, batch, calib_rng),
+                                           calibration=True)
             b = IndexBatch(data, order.next())
             r = guard.run(lambda b=b: trainer.train_step(b))
             if r.calibrated is not None:
+                calibrated = r.calibrated
+            if calibrated is not None:
                 for w in trainer.warnings:
                     warn(w)
                 trainer.warnings.clear()
-                metrics.write("calibration", step=trainer.step_count, ok=r.calibrated,
+                metrics.write("calibration", step=trainer.step_count, ok=calibrated,
                               seconds=trainer.calib_seconds,
                               ranks={k: list(v) for k, v in trainer.ranks().items()})
             if r.finite:
@@ -342,7 +353,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
             every = cfg.checkpoint_every
             if ckpt is not None and (stop.signum or (every and trainer.step_count % every == 0)):
                 last_ckpt = ckpt.save(trainer.step_count,
-                                      *_snapshot(trainer, order, tally, losses, times))
+                                      *_snapshot(trainer, order, calib_rng, tally, losses, times))
                 saved = trainer.step_count
             if stop.signum:
                 bar.close()
@@ -351,7 +362,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         bar.close()
         if ckpt is not None and saved != trainer.step_count:
             last_ckpt = ckpt.save(trainer.step_count,
-                                  *_snapshot(trainer, order, tally, losses, times))
+                                  *_snapshot(trainer, order, calib_rng, tally, losses, times))
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
     k = max(1, min(10, len(losses) // 5))
     s = Summary(

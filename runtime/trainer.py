@@ -183,8 +183,9 @@ class Trainer:
         self.session(self.mode, "forward")
         self.session(self.mode, "backward")
         if self.mode == "instant":
-            self.session("calib", "forward")
-            self.session("calib", "backward")
+            for mode in ("calib", "recal"):
+                self.session(mode, "forward")
+                self.session(mode, "backward")
         self.session(names.INFER, "forward")
 
     def shrink_arena(self, data) -> None:
@@ -228,7 +229,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- training
     def needs_calibration(self) -> bool:
-        """True when a calibration window should start before the next step."""
+        """True when a calibration should start before the next step."""
         if self.mode != "instant" or self.window is not None:
             return False
         every = self.config.instant.calib_every
@@ -236,13 +237,17 @@ class Trainer:
                                   and self.step_count % every == 0)
 
     def begin_calibration(self) -> None:
-        """The next ``calib_batches`` training steps run in the calibration graphs (exact
-        gradients plus Gram matrices); after the last one the ranks and bases are set."""
+        """Recalibrate inside training: the next ``calib_batches`` steps run the ``recal`` graphs
+        (the INSTANT step with the current bases, plus the Grams of the full activations and
+        output gradients); after the last one the ranks and bases are set. Before any bases
+        exist, use :meth:`calibrate` (dedicated passes)."""
+        if not self.bases:
+            raise RuntimeError("no bases yet: the first calibration is calibrate()")
         self.window = GramWindow(self.bundle.layers, self.config.instant.calib_batches)
 
     @property
     def step_mode(self) -> str:
-        return "calib" if self.window is not None else self.mode
+        return "recal" if self.window is not None else self.mode
 
     def gradients(self, batch: Batch) -> tuple[float, int]:
         """Forward and backward over micro-batches; leaves the batch-mean gradients in the
@@ -256,8 +261,7 @@ class Trainer:
         """
         n = len(batch)
         mode = self.step_mode
-        micro = (self.plan.calib_micro_batch or self.plan.micro_batch) if mode == "calib" \
-            else self.plan.micro_batch
+        micro = self.plan.micro_batch
         res = self._res() if self.resident else None
         if res is not None:
             res.zero_grads()
@@ -358,8 +362,8 @@ class Trainer:
         """One optimizer step on ``batch`` (a calibration step when a window is open; the
         window's last step also sets the new ranks: ``StepResult.calibrated``)."""
         t0 = time.perf_counter()
-        if self.mode == "instant" and not self.bases and self.window is None:
-            self.begin_calibration()  # no bases yet: the first steps calibrate
+        if self.mode == "instant" and not self.bases:
+            self.calibrate_on([batch])  # no bases yet: calibrate on this batch first
         calibrating = self.window is not None
         loss_sum, correct = self.gradients(batch)
         if self.resident:
@@ -380,11 +384,12 @@ class Trainer:
         calibrated = None
         if calibrating:
             self.window.done += 1
+            self.calib_steps += 1
             self.window.seconds += time.perf_counter() - t0
             if self.window.complete:
                 calibrated = self.finish_calibration()
         return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite,
-                          "calib" if calibrating else self.mode, calibrated)
+                          "recal" if calibrating else self.mode, calibrated)
 
     # ---------------------------------------------------------------------------- calibration
     def finish_calibration(self) -> bool:
@@ -412,42 +417,69 @@ class Trainer:
             return False
         self.set_ranks(spectra)
         self.calibrations += 1
-        self.calib_steps += w.done
         self.calib_seconds += w.seconds + time.perf_counter() - t0
         return True
 
-    def calibrate(self, data, batch: int, rng: np.random.Generator,
-                  keep_optimizer: bool = True) -> bool:
-        """A calibration on its own (tools, probes, tests): ``calib_batches`` random batches
-        through the calibration graphs without an optimizer step, then ranks and bases.
-        Training calibrates inside its steps instead (``begin_calibration``).
+    def calibrate(self, data, batch: int, rng: np.random.Generator) -> bool:
+        """A calibration in dedicated passes (the first one, before any bases exist; also for
+        tools and probes): ``calib_batches`` random batches through the ``calib`` graphs (exact
+        backward without parameter gradients: no optimizer step, and no activation is saved for
+        a weight gradient) in calibration micro-batches, then ranks and bases.
 
-        ``keep_optimizer``: with fused SGD the gradient buffer is the momentum; route the
-        gradients to scratch buffers so the optimizer state is kept (probes pass False: they
-        are discarded processes, and scratch buffers would count in what they measure).
+        Returns False (bases unchanged, a warning kept) when the Grams are not finite.
 
         Raises:
             ArenaExhausted: a calibration micro-batch did not fit the arena's cap.
+            UserError: non-finite Grams at the first calibration.
         """
+        batches = []
+        for _ in range(self.config.instant.calib_batches):
+            idx = rng.choice(len(data), size=min(batch, len(data)), replace=False)
+            batches.append(IndexBatch(data, idx))
+        return self.calibrate_on(batches)
+
+    def calibrate_on(self, batches: list[Batch]) -> bool:
+        """:meth:`calibrate` on these batches."""
         t0 = time.perf_counter()
-        self.begin_calibration()
-        kept = self.fused, self._grads, self._grad_ov
-        if self.fused and keep_optimizer:
-            self.fused = False
-            self._grads = {p: np.zeros_like(v) for p, v in self.params.items()}
-            self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
+        io = self.bundle.io("calib")
+        cf, cb = self.session("calib", "forward"), self.session("calib", "backward")
+        self.window = GramWindow(self.bundle.layers, len(batches))
+        micro = self.plan.calib_micro_batch or self.plan.micro_batch
         try:
-            for _ in range(self.config.instant.calib_batches):
-                idx = rng.choice(len(data), size=min(batch, len(data)), replace=False)
-                self.gradients(IndexBatch(data, idx))
+            for b in batches:
+                for s, e in chunks(len(b), micro):
+                    self._calib_micro(cf, cb, io, *b.rows(s, e))
                 self.window.done += 1
         except BaseException:
             self.window = None
             raise
         finally:
-            self.fused, self._grads, self._grad_ov = kept
+            self.shared.release()
         self.window.seconds = time.perf_counter() - t0
         return self.finish_calibration()
+
+    def _calib_micro(self, cf, cb, io, x: dict[str, np.ndarray], y: np.ndarray) -> None:
+        params = self._resident.params if self._resident is not None else {}
+        try:
+            outs = cf.run_with_ort_values(io.forward_outputs,
+                                          self._feeds(io.forward_inputs, x, y, params))
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc, "calibration forward") from None
+        self.shared.release()
+        saved = dict(zip(io.forward_outputs, outs, strict=True))
+        del outs
+        fgrams = {layer: saved.pop(name).numpy() for layer, name in io.fwd_grams.items()}
+        feeds = self._feeds(io.backward_inputs, x, y, {**params, **saved})
+        del saved
+        try:
+            grams = cb.run_with_ort_values(list(io.bwd_grams.values()), feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc, "calibration backward") from None
+        del feeds
+        m = len(y)
+        # the calib backward's seed is 1: per-sample output gradients carry 1/m (weight 1)
+        self.add_grams(1.0, m, fgrams, {ly: g.numpy() for ly, g in
+                                        zip(io.bwd_grams, grams, strict=True)})
 
     def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]]) -> None:
         """Choose ranks from the spectra under the plan's budget and set the bases."""

@@ -1,7 +1,7 @@
 """INSTANT compressed rules (export/rules.py ``linear_instant``) and calibration (runtime/).
 
 * full-rank bases: the compressed gradients equal the exact ones;
-* reduced rank: they equal an independent numpy implementation of DESIGN.md §1, written below
+* reduced rank: they equal an independent numpy implementation of docs/method.md's formulas, written below
   in the paper's layout (per sample ``x ∈ R^{L×Cx}``, ``W ∈ R^{Cy×Cx}``);
 * the forward saves the compressed activation instead of the layer input;
 * ranks are runtime data: one exported graph pair runs with bases of several ranks;
@@ -92,7 +92,7 @@ def _unrows(m: np.ndarray, kind: str, shape) -> np.ndarray:
 
 
 def instant_reference(kind, x, w, gy, P, Q, x_axis, g_axis):
-    """(g_x, g_W, g_b) of DESIGN.md §1 in float64, in the layouts of x and w."""
+    """(g_x, g_W, g_b) of docs/method.md in float64, in the layouts of x and w."""
     X, G = _rows(x.astype(np.float64), kind), _rows(gy.astype(np.float64), kind)
     P, Q = P.astype(np.float64), Q.astype(np.float64)
     Wc = {"matmul": lambda: w.T, "gemm": lambda: w,
@@ -240,16 +240,16 @@ def test_ranks_are_runtime_data(case, inputs):
 @pytest.mark.parametrize("case", ["linear3d_token", "linear3d_channel", "conv1x1_channel",
                                   "gemm2d"])
 def test_calib_grams_match_numpy(case):
-    """The calibration graphs train exactly (a calibration step is a training step) and also
-    emit the layer's Σ X Xᵀ and Σ G Gᵀ."""
+    """The first calibration's graphs: no parameter gradients, the layer's Σ X Xᵀ and Σ G Gᵀ."""
     model, ly, inputs = _instant_setup(case, bases=False)
     tg = build_training_graphs(model, "loss", PARAMS, "calib", [ly], 17)
-    assert set(tg.grads) == set(PARAMS)
+    assert tg.grads == {}
     fwd_out, bwd_out = Runner(tg).run_all(inputs)
-    _, exact = Runner(build_training_graphs(model, "loss", PARAMS, "vanilla", [], 17))(inputs)
-    for p, out in tg.grads.items():
-        np.testing.assert_allclose(bwd_out[out], exact[p], rtol=1e-5, atol=1e-6, err_msg=p)
-    gram_g = bwd_out[tg.bwd_grams[ly.name]]
+    _check_grams(case, ly, model, inputs, fwd_out[tg.fwd_grams[ly.name]],
+                 bwd_out[tg.bwd_grams[ly.name]])
+
+
+def _check_grams(case, ly, model, inputs, gram_x, gram_g):
     kind = LAYERS[case][1]
 
     def gram(t, axis):  # Σ_b over samples, along the basis axis
@@ -257,10 +257,27 @@ def test_calib_grams_match_numpy(case):
         return np.einsum("nlc,nkc->lk", m, m) if axis == "token" else np.einsum(
             "nlc,nld->cd", m, m)
 
-    np.testing.assert_allclose(fwd_out[tg.fwd_grams[ly.name]], gram(inputs["x"], ly.x_axis),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gram_x, gram(inputs["x"], ly.x_axis), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gram_g, gram(loss_weight(model), ly.g_axis), rtol=1e-4,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["linear3d_token", "linear3d_channel", "conv1x1_channel",
+                                  "gemm2d"])
+def test_recal_is_the_instant_step_plus_grams(case):
+    """Recalibration steps: the INSTANT gradients with the current bases, unchanged, plus the
+    Grams of the full activation and output gradient (not of their projections)."""
+    model, ly, inputs = _instant_setup(case)
+    rx, ry = max(1, ly.x_dim - 2), max(1, ly.g_dim - 1)
+    feeds = {**inputs, ly.p_input: _orthonormal_rows(rx, ly.x_dim, 1.25, seed=1),
+             ly.q_input: _orthonormal_rows(ry, ly.g_dim, 1.1, seed=2)}
+    _, instant = run_training(model, PARAMS, feeds, "instant", [ly])
+    tg = build_training_graphs(model, "loss", PARAMS, "recal", [ly], 17)
+    fwd_out, bwd_out = Runner(tg).run_all(feeds)
+    for p, out in tg.grads.items():
+        np.testing.assert_allclose(bwd_out[out], instant[p], rtol=1e-5, atol=1e-6, err_msg=p)
+    _check_grams(case, ly, model, inputs, fwd_out[tg.fwd_grams[ly.name]],
+                 bwd_out[tg.bwd_grams[ly.name]])
 
 
 # ------------------------------------------------------------------------------ calibration

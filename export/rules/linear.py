@@ -161,14 +161,14 @@ def linear_exact(ctx: GradContext, x: str, w: str, g: str, need_x: bool, need_w:
 
 
 def compressed(ctx: GradContext, node, g: str) -> CompressedLayer | None:
-    """The INSTANT layer for this node in instant mode; in calib mode emit its Grams first."""
+    """The INSTANT layer for this node (instant and recal modes; None: the exact rule). The
+    calib and recal modes emit the layer's Grams first (of the full x and g_y)."""
     layer = ctx.layer(node)
     if layer is None:
         return None
-    if ctx.mode == "calib":
+    if ctx.mode in ("calib", "recal"):
         linear_calib_grams(ctx, layer, g)
-        return None
-    return layer
+    return None if ctx.mode == "calib" else layer
 
 
 @RULES.gradient("MatMul")
