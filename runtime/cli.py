@@ -94,7 +94,7 @@ def _add_instant_args(p: argparse.ArgumentParser) -> None:
                         "(any policy; default: as the plan's memory allows)")
     p.add_argument("--flop-ratio", type=float, default=None,
                    help="budget policy: backward FLOPs of the compressed layers as a fraction of "
-                        "the exact backward (default: no cap; e.g. 1.0: never more than exact)")
+                        "the exact backward (default 1.0: never more than exact; 0: no cap)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ Two policies (``--rank-policy``):
 * ``budget`` (default): every tensor's rank keeps ``--variance`` (0.99) of its variance, i.e. the
   relative squared error of the projected activations (weight gradients, Rx) and output
   gradients (input gradients, Ry) is at most 1 %; then, while the backward FLOPs pass
-  ``--flop-ratio`` × the exact backward of those layers (no cap unless given) or the compressed
+  ``--flop-ratio`` × the exact backward of those layers (default 1.0) or the compressed
   activations pass the plan's memory for them at the planned micro-batch, the rank whose last
   direction keeps the least variance per FLOP (per byte) falls. With memory to spare ranks stay where the error is
   small; under a tight budget they fall where the error grows least.
@@ -113,7 +113,7 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None
     def flops() -> float:
         return sum(_flops_per_rank(by_name[n]) * (r[0] + r[1]) for n, r in ranks.items())
 
-    if cfg.flop_ratio is not None:
+    if cfg.flop_ratio:  # 0 or None: no cap
         target = cfg.flop_ratio * sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
         _lower(ranks, spectra, by_name, lambda ly, w: _flops_per_rank(ly), (0, 1),
                lambda: flops() - target)
