@@ -119,7 +119,7 @@ class GramWindow:
         self.gg = {k: np.zeros((d, d), np.float64) for k, (_, d) in self.dims.items()}
         self.samples = 0
         self.done = 0
-        self.seconds = 0.0  # wall time of the window's steps and its decomposition
+        self.seconds = 0.0  # time of dedicated calibration passes (not of training steps)
 
     def reset(self) -> None:
         """Start the window again (a step failed halfway: its Grams are partial)."""

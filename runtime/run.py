@@ -60,7 +60,7 @@ class Summary:
     test_acc_before: float | None = None
     median_step_s: float = 0.0
     examples_per_s: float = 0.0
-    mean_step_s: float = 0.0  # calibration steps included
+    amortised_step_s: float = 0.0  # (step times + calibration outside steps) / steps
     calibrations: int = 0
     calib_steps: int = 0
     calib_s: float = 0.0
@@ -90,9 +90,9 @@ class Summary:
             out.append(f"held-out loss {self.test_loss:.4f}")
         out.append(f"median step {self.median_step_s * 1e3:.1f} ms, "
                    f"{self.examples_per_s:.0f} examples/s"
-                   + (f"; mean {self.mean_step_s * 1e3:.1f} ms with {self.calibrations} "
-                      f"calibrations ({self.calib_steps} calibration steps, {self.calib_s:.2f} s)"
-                      if self.calibrations else ""))
+                   + (f"; {self.calibrations} calibrations ({self.calib_s:.2f} s outside the "
+                      f"steps, {self.calib_steps} steps collected Grams): amortised step "
+                      f"{self.amortised_step_s * 1e3:.1f} ms" if self.calibrations else ""))
         out.append(f"peak RSS {self.peak_rss / mb:.1f} MB (idle after load {self.idle_rss / mb:.1f}"
                    f" MB, above idle {(self.peak_rss - self.idle_rss) / mb:.1f} MB)")
         if self.budget is not None:
@@ -372,7 +372,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         loss_last=float(np.mean(losses[-k:])) if losses else float("nan"),
         train_acc=(correct / count) if bundle.classification and count else None,
         median_step_s=statistics.median(times) if times else 0.0,
-        mean_step_s=statistics.fmean(times) if times else 0.0,
+        amortised_step_s=((sum(times) + trainer.calib_seconds) / len(times)) if times else 0.0,
         calibrations=trainer.calibrations, calib_steps=trainer.calib_steps,
         calib_s=trainer.calib_seconds, idle_rss=idle,
         ranks={k: list(v) for k, v in trainer.ranks().items()},

@@ -384,8 +384,7 @@ class Trainer:
         calibrated = None
         if calibrating:
             self.window.done += 1
-            self.calib_steps += 1
-            self.window.seconds += time.perf_counter() - t0
+            self.calib_steps += 1  # a training step: its time counts as a step's
             if self.window.complete:
                 calibrated = self.finish_calibration()
         return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite,
