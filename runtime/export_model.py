@@ -233,6 +233,9 @@ def _write_safetensors(b: Bundle, params: dict[str, np.ndarray], path: Path) -> 
     try:
         save_file(torch_state(b, params), str(tmp / path.name),
                   metadata={"producer": "instant-runtime export-model"})
+        umask = os.umask(0o022)  # safetensors writes 0600; give it the .onnx file's mode
+        os.umask(umask)
+        os.chmod(tmp / path.name, 0o666 & ~umask)
         os.replace(tmp / path.name, path)
     except OSError as exc:
         raise UserError(f"cannot write '{path}': {exc.strerror or exc}") from None
@@ -271,9 +274,28 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         atomic_write(labels_path, lambda p: write_text(p, text))
     if b.manifest.text is not None:
         tok_path = out.with_suffix(".tokenizer.json")
-        data_tok = b.read_file(b.manifest.text.tokenizer)
+        data_tok = _fixed_length_tokenizer(b.read_file(b.manifest.text.tokenizer),
+                                           b.manifest.text.seq_len)
         atomic_write(tok_path, lambda p: _write_bytes(p, data_tok))
     return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path)
+
+
+def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:
+    """The tokenizer set to truncate and pad to the model's sequence length, as in training, so
+    ``encode_batch`` output feeds the exported model as it is (without ``tokenizers`` installed,
+    the file is written as the bundle holds it)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return data
+    from .sources.text import _load_tokenizer
+
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises plain Exception for a bad file
+        raise UserError(f"the bundle's tokenizer cannot be read ({str(exc)[:120]}); re-export "
+                        "the bundle") from None
+    return _load_tokenizer(tok, seq_len).to_str().encode("utf-8")
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

