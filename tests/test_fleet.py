@@ -312,8 +312,7 @@ def test_minilm_rotten_tomatoes_three_clients_within_budget(tmp_path):
             pytest.skip(f"package '{m}' is not installed")
     from export import export_bundle
 
-    bundle = export_bundle("minilm-l6", tmp_path / "minilm", trainable="last:3", oversample=7,
-                           energy=0.99)
+    bundle = export_bundle("minilm-l6", tmp_path / "minilm", trainable="last:3")
     port = free_port()
     server = start_server(tmp_path, bundle, port, "--rounds", 3, "--min-clients", 3,
                           "--data", "rotten-tomatoes")

@@ -230,15 +230,18 @@ def _export(name: str, trainable: str, out: Path) -> Path:
 
 
 def _infer(bundle: Path, x: dict[str, np.ndarray]) -> np.ndarray:
+    """The bundle's model as ``export-model`` writes it (the embedding rows the runtime reads
+    itself are a Gather again there), run by plain onnxruntime."""
     import onnxruntime as ort
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    sess = ort.InferenceSession(str(bundle / manifest["graphs"]["infer"]["forward"]),
-                                providers=["CPUExecutionProvider"])
-    with np.load(bundle / "params.npz") as p:
-        feeds = {**{k: p[k] for k in p.files}, **x}
+    from runtime.export_model import export_model
+
+    model = bundle.parent / f"{bundle.name}-infer.onnx"
+    if not model.exists():
+        export_model(bundle, model)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     names = {i.name for i in sess.get_inputs()}
-    return sess.run([manifest["output"]], {k: v for k, v in feeds.items() if k in names})[0]
+    return sess.run(None, {k: v for k, v in x.items() if k in names})[0]
 
 
 def _check_training_graphs(bundle: Path) -> None:
