@@ -42,6 +42,7 @@ class MemoryModel:
     margin: int = 0
     saved_min: int = 0  # bytes per sample of compressed activations at rank 1 everywhere
     saved_want: int = 0  # ... at the ranks the energy rule asks for (planning target)
+    saved_max: int = 0  # ... at full rank everywhere (0: unknown); never planned above it
     # The arena holds blocks in regions; freed blocks of one region cannot serve a request
     # larger than what is contiguous there. Planned needs get this much slack.
     slack: float = 0.10
@@ -94,6 +95,8 @@ class Plan:
             md = self.model
             usable = (self.arena_cap - md.slack_bytes) / (1 + md.slack)
             saved = max(saved, int((usable - md.arena_fixed) / m - md.arena_per_sample))
+            if md.saved_max:
+                saved = min(saved, md.saved_max)
         return replace(self, micro_batch=m, calib_micro_batch=mc,
                        eval_micro_batch=min(self.eval_micro_batch or m, m), saved_budget=saved)
 
@@ -147,6 +150,8 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
     if instant:
         usable = (cap - model.slack_bytes) / (1 + model.slack)
         saved = int((usable - model.arena_fixed) / m - model.arena_per_sample)
+        if model.saved_max:
+            saved = min(saved, model.saved_max)
     # expected at the energy-rule ranks; the arena cap bounds every other case
     peak = model.peak(m, mc, min(saved, model.saved_want) if saved is not None else 0)
     breakdown = {

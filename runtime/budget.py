@@ -32,7 +32,7 @@ from contract import UserError, names
 from devices.planner import BudgetError, MemoryModel, Plan, make_plan
 
 from .calibrate import Spectrum, basis
-from .memory import current_rss
+from .memory import current_rss, physical_ram
 from .ranks import saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
 from .trainer import ArenaExhausted, IndexBatch, Trainer
@@ -208,7 +208,8 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     frozen = _frozen(trainer)
     per_sample = _data_bytes_per_sample(trainer, data)
     grams = _grams_bytes(trainer)
-    margin = max(MIN_MARGIN, int(0.02 * budget)) + int(reserve)
+    # 2 % of what the process may use: the budget, or the machine's RAM when that is smaller
+    margin = max(MIN_MARGIN, int(0.02 * min(budget, physical_ram() or budget))) + int(reserve)
     batch = max(1, min(batch, len(data)))
 
     def sessions_only(cap: int | None) -> dict:
@@ -384,7 +385,7 @@ def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, g
     layers = trainer.bundle.layers
     saved_full = int(m.get("saved_full", 0))
     cfixed, cslope = line(m["calib"]) if m.get("calib") else (0, 0.0)
-    want = min_ = 0
+    want = min_ = full = 0
     if trainer.mode == "instant":
         ranks = {k: tuple(v) for k, v in m["ranks"].items()}  # energy rule, last probe
         cap = trainer.config.instant.max_rank
@@ -392,10 +393,11 @@ def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, g
             ranks = {k: (min(a, cap), min(b, cap)) for k, (a, b) in ranks.items()}
         want = saved_bytes(layers, ranks)
         min_ = sum(x_bytes_per_rank(ly) for ly in layers)
+        full = sum(x_bytes_per_rank(ly) * ly.x_dim for ly in layers)
     return MemoryModel(base=base, frozen=frozen, data_per_sample=per_sample,
                        arena_fixed=fixed, arena_per_sample=max(0.0, slope - saved_full),
                        calib_fixed=cfixed, calib_per_sample=cslope, grams=grams, margin=margin,
-                       saved_min=min_, saved_want=want)
+                       saved_min=min_, saved_want=want, saved_max=full)
 
 
 def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:

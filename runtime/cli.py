@@ -223,10 +223,9 @@ def _budget_and_profile(a):
         raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
                         f"of profile '{prof.name}'")
     if budget is not None:
-        try:
-            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            ram = None
+        from .memory import physical_ram
+
+        ram = physical_ram()
         if ram and budget > ram:
             print(f"warning: --budget {budget / 1e6:.0f} MB exceeds this machine's RAM "
                   f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["PeakWatcher", "current_rss", "peak_rss", "proc_status", "run_measured",
+__all__ = ["PeakWatcher", "current_rss", "peak_rss", "physical_ram", "proc_status", "run_measured",
            "tune_malloc"]
 
 
@@ -49,6 +49,14 @@ def peak_rss() -> int:
     if v is not None:
         return v
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def physical_ram() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def tune_malloc(mmap_threshold: int = 1 << 16) -> bool:
