@@ -58,14 +58,14 @@ def exporter_hash() -> str:
 
 
 def ensure_bundle(model: str, trainable: str, timeout: float, fresh: bool = False,
-                  cache: Path = BUNDLE_CACHE) -> Path:
+                  cache: Path = BUNDLE_CACHE, extra: tuple[str, ...] = ()) -> Path:
     """``instant-runtime export --model MODEL --trainable TRAINABLE`` into the cache; exported
     again when ``fresh`` or when the exporter's sources changed since (``<bundle>.stamp``).
 
     Raises:
         RuntimeError: the export failed (the message names the reason).
     """
-    path = cache / f"{model}-{trainable.replace(':', '')}"
+    path = cache / f"{model}-{trainable.replace(':', '')}{''.join(extra).replace('-', '')}"
     stamp = path.with_name(path.name + ".stamp")
     want = exporter_hash()
     if (not fresh and (path / "manifest.json").is_file() and stamp.is_file()
@@ -75,7 +75,7 @@ def ensure_bundle(model: str, trainable: str, timeout: float, fresh: bool = Fals
     stamp.unlink(missing_ok=True)
     log(f"[{model}] exporting bundle {path}")
     ok, msg = run_cmd([sys.executable, "-m", "runtime", "export", "--model", model,
-                       "--trainable", trainable, "--out", str(path)], timeout)
+                       "--trainable", trainable, *extra, "--out", str(path)], timeout)
     if not ok:
         raise RuntimeError(f"export failed: {msg}")
     stamp.write_text(want + "\n")
