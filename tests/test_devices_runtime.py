@@ -99,10 +99,16 @@ def test_resident_step_matches_the_host_step(cnn_bundle: Path, optimizer: str):
     rng = np.random.default_rng(0)
     host.calibrate(data, 32, np.random.default_rng(1))
     res.calibrate(data, 32, np.random.default_rng(1))
-    for _ in range(5):
+    for i in range(6):
+        if i == 3:  # a recalibration window: INSTANT steps through the recal graphs
+            host.begin_calibration()
+            res.begin_calibration()
         idx = rng.choice(len(data), 20, replace=False)
         a, b = host.train_step(IndexBatch(data, idx)), res.train_step(IndexBatch(data, idx))
         assert abs(a.loss - b.loss) < 1e-4 and a.correct == b.correct
+    assert host.window is None and res.window is None  # both windows closed (new bases)
+    for k, (p, q) in host.ranks().items():
+        assert res.ranks()[k] == (p, q), k
     res.sync_to_host()
     for k in host.params:
         np.testing.assert_allclose(res.params[k], host.params[k], rtol=1e-4, atol=1e-5,
