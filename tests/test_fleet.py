@@ -314,8 +314,9 @@ def test_minilm_rotten_tomatoes_three_clients_within_budget(tmp_path):
 
     bundle = export_bundle("minilm-l6", tmp_path / "minilm", trainable="last:3")
     port = free_port()
+    # each client measures its budget before it connects: minutes on 2 shared cores
     server = start_server(tmp_path, bundle, port, "--rounds", 3, "--min-clients", 3,
-                          "--data", "rotten-tomatoes")
+                          "--data", "rotten-tomatoes", "--wait", 1500)
     clients = [Proc(tmp_path, f"client{k}", "client", bundle, "--data", "rotten-tomatoes",
                     "--partition", f"{k}/3", "--server", f"127.0.0.1:{port}",
                     "--budget", MINILM_BUDGET, "--steps", 8, "--batch", 16, "--optimizer", "sgd",
