@@ -183,8 +183,10 @@ def cmd_fleet(a) -> int:
     """The ``fleet`` handler: 0 when the run ends, 2 with one ``error:`` line on bad input,
     128 + signal when interrupted."""
     from ..checkpoint import TrainingInterrupted
+    from ..memory import tune_malloc
     from .local import user_errors
 
+    tune_malloc()  # as `instant-runtime` does: `python -m runtime.fleet` enters here directly
     try:
         return _server(a) if a.fleet_cmd == "server" else _client(a)
     except user_errors() as exc:
