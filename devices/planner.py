@@ -52,6 +52,13 @@ class MemoryModel:
         need = self.arena_fixed + m * (self.arena_per_sample + saved)
         return int(need * (1 + self.slack) + self.slack_bytes)
 
+    def saved_within(self, cap: int, m: int) -> int:
+        """Bytes per sample of compressed activations that an arena ``cap`` leaves at
+        micro-batch ``m`` (never above full rank, when that is known)."""
+        usable = (cap - self.slack_bytes) / (1 + self.slack)
+        saved = int((usable - self.arena_fixed) / m - self.arena_per_sample)
+        return min(saved, self.saved_max) if self.saved_max else saved
+
     def arena_calib(self, mc: int) -> int:
         if not mc:
             return 0
@@ -92,11 +99,7 @@ class Plan:
         mc = min(self.calib_micro_batch or m, m)
         saved = self.saved_budget
         if self.model is not None and self.arena_cap is not None and saved is not None:
-            md = self.model
-            usable = (self.arena_cap - md.slack_bytes) / (1 + md.slack)
-            saved = max(saved, int((usable - md.arena_fixed) / m - md.arena_per_sample))
-            if md.saved_max:
-                saved = min(saved, md.saved_max)
+            saved = max(saved, self.model.saved_within(self.arena_cap, m))
         return replace(self, micro_batch=m, calib_micro_batch=mc,
                        eval_micro_batch=min(self.eval_micro_batch or m, m), saved_budget=saved)
 
@@ -146,12 +149,7 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
             f"raise --budget to at least {need / 1e6 + 1:.0f}MB")
     mc = calib_for(m)
     cap = model.cap_for(budget, m, mc)
-    saved = None
-    if instant:
-        usable = (cap - model.slack_bytes) / (1 + model.slack)
-        saved = int((usable - model.arena_fixed) / m - model.arena_per_sample)
-        if model.saved_max:
-            saved = min(saved, model.saved_max)
+    saved = model.saved_within(cap, m) if instant else None
     # expected at the energy-rule ranks; the arena cap bounds every other case
     peak = model.peak(m, mc, min(saved, model.saved_want) if saved is not None else 0)
     breakdown = {

@@ -350,11 +350,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     m = read_metrics(args.run)
     line = f"report written to {path}"
     if m.steps:
-        losses = [v for v in (_num(e.get("loss")) for e in m.steps) if v is not None]
-        k = max(1, min(10, len(losses) // 5))  # as train's summary line averages them
-        if losses:
-            line += (f" ({len(m.steps)} steps, loss {sum(losses[:k]) / k:.4f} -> "
-                     f"{sum(losses[-k:]) / k:.4f}, means of the first and last {k} steps)")
+        s = m.summary or {}
+        first, last, k = (_num(s.get("loss_first")), _num(s.get("loss_last")),
+                          s.get("loss_window"))
+        if first is None or last is None or not isinstance(k, int):  # no summary: a stopped run
+            first, last, k = _num(m.steps[0].get("loss")), _num(m.steps[-1].get("loss")), 1
+        if first is not None and last is not None:
+            what = f"means of the first and last {k} steps" if k > 1 else "first and last step"
+            line += f" ({len(m.steps)} steps, loss {first:.4f} -> {last:.4f}, {what})"
     print(line)
     if m.torn_last_line:
         print("note: the last line of metrics.jsonl was cut short (the run was killed while "

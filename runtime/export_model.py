@@ -288,14 +288,14 @@ def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:
         from tokenizers import Tokenizer
     except ImportError:
         return data
-    from .sources.text import _load_tokenizer
+    from .sources.text import load_tokenizer
 
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises plain Exception for a bad file
         raise UserError(f"the bundle's tokenizer cannot be read ({str(exc)[:120]}); re-export "
                         "the bundle") from None
-    return _load_tokenizer(tok, seq_len).to_str().encode("utf-8")
+    return load_tokenizer(tok, seq_len).to_str().encode("utf-8")
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+
+import pytest
 
 from devices.planner import Plan
 from runtime.bundle import Bundle, open_bundle
 from runtime.config import InstantConfig, OptimConfig, SessionConfig, TrainConfig
 from runtime.trainer import Trainer
 
-__all__ = ["make_trainer"]
+__all__ = ["make_trainer", "need"]
+
+
+def need(*packages: str) -> None:
+    """Skip the calling test unless every package is installed (``make test`` installs them)."""
+    for p in packages:
+        if importlib.util.find_spec(p) is None:
+            pytest.skip(f"package '{p}' is not installed (make test installs it)")
 
 
 def make_trainer(bundle: Bundle | Path, mode: str = "instant", lr: float = 1e-3,

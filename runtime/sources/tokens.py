@@ -70,9 +70,9 @@ class TokenCache:
                         "check the bundle's tokenizer.json")
 
     def _child(self, tokenizer_path, texts: Callable[[int], str], chars: int) -> bytes:
-        from .text import _load_tokenizer
+        from .text import load_tokenizer
 
-        tok = _load_tokenizer(tokenizer_path, self.seq_len)
+        tok = load_tokenizer(tokenizer_path, self.seq_len)
         fd, L = self._f.fileno(), self.seq_len
         offset, off = {}, 0
         for name, dt in self.store.items():
