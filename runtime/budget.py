@@ -234,6 +234,11 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         # room for 8 samples of input and the Grams) must fit the stated minimum too
         need = max(m1.peak(1, 1 if instant else 0, m1.saved_min), warm["peak"] + margin,
                    probe["peak"] + margin + 8 * per_sample + grams)
+        if need <= budget:  # uncapped probes fit, the run under this budget's cap did not
+            return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
+                             f"({why}, although probes without a cap needed "
+                             f"{need / 1e6:.0f} MB); raise --budget above {budget / 1e6:.0f}MB, "
+                             f"e.g. {budget * 1.1 / 1e6:.0f}MB")
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
                          f"({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB")
 
