@@ -188,6 +188,18 @@ def test_loopback_fedavg_beats_every_local_only_model(mlp_bundle, non_iid, tmp_p
     check = open_local(mlp_bundle, "digits", mode="vanilla", threads=1)
     check.set_trainable(params)
     assert check.evaluate()[1] == pytest.approx(fleet_acc, abs=6e-4)
+    # ... and `export-model` turns it into a standalone model that gives the same accuracy
+    model = tmp_path / "exported" / "model.onnx"
+    r = subprocess.run([sys.executable, "-m", "runtime", "export-model", tmp_path / "fleet",
+                        "--bundle", mlp_bundle, "--out", model], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import onnxruntime as ort
+
+    test = check.data.test
+    x, y = test.take(np.arange(len(test)))
+    logits = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert float((logits.argmax(-1) == y).mean()) == pytest.approx(fleet_acc, abs=6e-4)
 
     local_accs = []
     for k, p in enumerate(non_iid):
