@@ -6,7 +6,8 @@ Only the trainable tensors travel (the server's initial ones, then each round's 
 each client's update back); frozen weights, data and optimizer state never leave the device.
 
 Modules: ``local`` (the one adapter to the training runtime), ``client`` (the ``ClientApp`` and the
-device loop), ``server`` (the strategy and the gRPC server), ``cli`` (``add_fleet_parser``,
+device loop), ``transport`` (the client's end of the gRPC stream), ``server`` (the strategy and
+the gRPC server), ``cli`` (``add_fleet_parser``,
 ``cmd_fleet``). Importing this package imports neither Flower nor torch.
 
 Which of Flower's ways to run, and why (Flower 1.42):
@@ -15,7 +16,9 @@ Which of Flower's ways to run, and why (Flower 1.42):
   the deprecated-but-present ``flwr.server.start_server`` / ``flwr.client.start_client``. Our own
   CLI processes are the server and the clients: the server process runs Flower's
   ``start_grpc_server``, ``Server``, ``SimpleClientManager``, ``FedAvg`` and ``run_fl``; each client
-  process runs Flower's ``grpc_connection`` and a Flower ``ClientApp``. The strategy is Flower's
+  process joins Flower's ``FlowerService`` stream over a Flower channel (``transport``: Flower's
+  message types and converters, the reply's tensors moved one at a time) and runs a Flower
+  ``ClientApp``. The strategy is Flower's
   legacy ``flwr.server.strategy.FedAvg`` (the one this server API drives; it accepts failures and
   has ``min_fit_clients`` / ``min_available_clients``).
 * **Not chosen: SuperLink / SuperNode** (``flower-superlink``, ``flower-supernode``, ``flwr run``).

@@ -7,12 +7,13 @@ Flower's FitIns/EvaluateIns record layout; Flower's own converters
 the trainer's arrays one at a time and the received bytes are dropped as they are read, so the
 global weights do not stay resident next to the trainer's during training.
 
-``run_client`` is the device process: it connects with Flower's gRPC bidirectional-stream
-transport (``flwr.compat.client.grpc_client.connection.grpc_connection``), answers Flower's
-control messages with Flower's ``handle_control_message``, and runs every other message through
-the ``ClientApp``: the loop of ``flwr.client.start_client`` for that transport, without the
-FAB installer, SQL node state and object store that ``start_client`` imports (38 MB of RSS that
-a 256 MB device cannot spare; see the README section).
+``run_client`` is the device process: it joins the server over Flower's gRPC
+bidirectional-stream transport (``runtime.fleet.transport``: Flower's channel, service and
+message conversions, with the reply's tensors moved into the outgoing message one at a time),
+answers the server's reconnect instruction, and runs every other message through the
+``ClientApp``: the loop of ``flwr.client.start_client`` for that transport, without the FAB
+installer, SQL node state and object store that ``start_client`` imports (38 MB of RSS that a
+256 MB device cannot spare; see the README section).
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ def run_client(local: Local, address: str, steps: int, batch: int,
     """
     import grpc
     from flwr.app import Context, RecordDict
-    from flwr.client.message_handler.message_handler import handle_control_message
-    from flwr.compat.client.grpc_client.connection import grpc_connection
+
+    from .transport import Reconnect, connection
 
     say = say or say_to()
     app = make_client_app(local, steps, batch, say)
@@ -171,13 +172,12 @@ def run_client(local: Local, address: str, steps: int, batch: int,
         _wait_ready(address, connect_timeout)
         say(f"connected to the fleet server at {address}")
         try:
-            with grpc_connection(address, True, None) as conn:
-                receive, send = conn[0], conn[1]
+            with connection(address) as (receive, send, disconnect):
                 while True:
                     message = receive()
-                    reply, sleep_s = handle_control_message(message)
-                    if reply is not None:  # the server ends the run (or asks to come back later)
-                        send(reply)
+                    if isinstance(message, Reconnect):  # the run ends (or: come back later)
+                        disconnect(message)
+                        sleep_s = message.seconds
                         break
                     reply = app(message, context)
                     del message
