@@ -366,3 +366,46 @@ def test_transport_speaks_flowers_join_and_drops_sent_messages():
     data = _Outgoing.serialize(req)  # gRPC calls the serializer with the request
     assert ClientMessage.FromString(data).fit_res.parameters.tensors[0] == b"\x01" * 1000
     assert req.msg is None
+
+
+@pytest.mark.parametrize("payload", ["pickle", "garbage"])
+def test_weights_that_are_not_plain_arrays_are_refused(mlp_bundle, payload):
+    """A server (or anything in between) sending pickled or corrupt tensor bytes gets one
+    `UserError` naming the tensor; nothing is unpickled and no weight changes."""
+    import io
+    import time
+    import uuid
+
+    import flwr
+    from flwr.app import DEFAULT_TTL, Context, Metadata, RecordDict
+    from flwr.app.message import make_message
+    from flwr.app.message_type import MessageType
+    from flwr.common import FitIns, Parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    from runtime.errors import UserError
+    from runtime.fleet.client import PROTOCOL, make_client_app
+    from runtime.fleet.local import open_local
+
+    local = open_local(mlp_bundle, "digits", mode="vanilla", threads=1)
+    before = {k: v.copy() for k, v in local.get_trainable().items()}
+    if payload == "pickle":
+        buf = io.BytesIO()
+        np.save(buf, np.array([object()], dtype=object), allow_pickle=True)
+        raw = buf.getvalue()
+        assert np.load(io.BytesIO(raw), allow_pickle=True).dtype == object  # a real pickle
+    else:
+        raw = b"\x93NUMPY garbage"
+    config = {"fleet_protocol": PROTOCOL, "flwr_version": flwr.__version__,
+              "signature": local.signature, "round": 1}
+    ins = FitIns(Parameters(tensors=[raw] * len(local.names), tensor_type="numpy.ndarray"),
+                 config)
+    meta = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=0,
+                    reply_to_message_id="", group_id="", created_at=time.time(),
+                    ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
+    app = make_client_app(local, 1, 8, say=lambda *a, **k: None)
+    context = Context(run_id=0, node_id=-1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(UserError, match=f"weights for '{local.names[0]}' that are not a plain"):
+        app(make_message(meta, fitins_to_recorddict(ins, False)), context)
+    for k, v in local.get_trainable().items():
+        np.testing.assert_array_equal(v, before[k])

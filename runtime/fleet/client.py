@@ -87,8 +87,15 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
                             f"{len(local.names)}; give every client a copy of the server's bundle")
         for i, name in enumerate(local.names):
             raw, tensors[i] = tensors[i], b""
-            local.set_one(name, bytes_to_ndarray(raw))
+            try:
+                value = bytes_to_ndarray(raw)  # allow_pickle=False inside
+            except (ValueError, OSError, EOFError):
+                raise UserError(f"the fleet server sent weights for '{name}' that are not a "
+                                "plain NumPy array (.npy bytes, no pickle); check that the server "
+                                "runs `instant-runtime fleet server` with this bundle") from None
             del raw
+            local.set_one(name, value)
+            del value
         del tensors
         release_memory()
         return server_round, config
