@@ -193,6 +193,9 @@ class LayerInfo:
     q_input: str
     x_dim: int = field(metadata=check(ge=1))
     g_dim: int = field(metadata=check(ge=1))
+    # bytes per element of the compressed activation x̂ the instant graphs save: 4 (float32) or
+    # 1 (int8 with a float32 scale per rank direction and sample: ``export --saved-int8``)
+    x_itemsize: Literal[1, 4] = 4
 
     def validate(self) -> tuple[str, str] | None:
         want_x = self.tokens if self.x_axis == "token" else self.cx
@@ -224,7 +227,8 @@ class InstantSettings:
 class InstantSpec:
     layers: list[LayerInfo]
     settings: InstantSettings
-    # the instant graphs save GELU inputs, softmax outputs and attention operands as int8
+    # the instant graphs save GELU inputs, softmax outputs, attention operands and the compressed
+    # activations x̂ as int8 (each layer's ``x_itemsize`` says how its x̂ is stored)
     saved_int8: bool = False
 
 

@@ -357,6 +357,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     graphs: dict[str, GraphFiles] = {}
     io: dict[str, GraphIO] = {}
     modes = ["vanilla"] + (["instant", "calib", "recal"] if layers else [])
+    for ly in layers if saved_int8 else []:  # the runtime plans x̂ at this many bytes
+        ly.x_itemsize = 1 if ly.int8_x_ok() else 4
     graph_weights: dict[str, list[str]] = {}
     for mode in modes:
         src = copy.deepcopy(fwd)

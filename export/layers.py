@@ -66,6 +66,9 @@ class CompressedLayer:
     rank3: bool = True  # False for a 2-D [N, C] activation
     p_input: str = ""
     q_input: str = ""
+    # 4: x̂ saved in float32; 1: in int8 with a float32 scale per sample and rank direction
+    # (``export --saved-int8``, where :meth:`int8_x_ok`)
+    x_itemsize: int = 4
 
     def __post_init__(self) -> None:
         self.p_input = self.p_input or names.basis_p(self.name)
@@ -78,6 +81,12 @@ class CompressedLayer:
     @property
     def g_dim(self) -> int:
         return self.tokens if self.g_axis == "token" else self.cy
+
+    def int8_x_ok(self) -> bool:
+        """Whether x̂ can be stored in int8 with per-sample scales: each of its rank directions
+        spans at least 16 elements of one sample (a 2-D [N, C] activation has no such axis)."""
+        n = self.cx if self.x_axis == "token" else self.tokens
+        return (self.rank3 or self.kind == "conv1x1") and n >= 16
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -3,6 +3,8 @@
 Per sample, one layer with L tokens, Cx inputs, Cy outputs:
     vanilla backward  4·L·Cx·Cy FLOPs                 saved  L·Cx floats
     INSTANT backward  2(Rx+Ry)(Cx·Cy + L·Cx + L·Cy)   saved  Rx·Cx (token axis) or L·Rx (channel)
+                                                      floats, or as many int8 plus a float32
+                                                      scale per rank (``export --saved-int8``)
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from contract.manifest import LayerInfo
+
+from .ranks import x_bytes_per_rank
 
 __all__ = ["LayerCost", "layer_costs", "format_table"]
 
@@ -31,11 +35,10 @@ def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> l
     for ly in layers:
         L, cx, cy = ly.tokens, ly.cx, ly.cy
         rx, ry = ranks.get(ly.name, (ly.x_dim, ly.g_dim))
-        inst_saved = rx * cx if ly.x_axis == "token" else L * rx
         out.append(LayerCost(
             ly.name, f"{ly.x_axis[0]}/{ly.g_axis[0]}", rx, ry,
             4 * L * cx * cy, 2 * (rx + ry) * (cx * cy + L * cx + L * cy),
-            4 * L * cx, 4 * inst_saved))
+            4 * L * cx, x_bytes_per_rank(ly) * rx))
     return out
 
 

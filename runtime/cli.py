@@ -137,9 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--image-std", default=None,
                    help="image models: per-channel std, e.g. 0.229,0.224,0.225 (default 1)")
     e.add_argument("--saved-int8", action="store_true",
-                   help="instant mode: save GELU inputs, softmax outputs and attention operands "
-                        "as int8 with per-row scales (a quarter of the memory; error <= 0.4 %% "
-                        "of each row's largest value)")
+                   help="instant mode: save GELU inputs, softmax outputs, attention operands "
+                        "and the compressed activations as int8 with per-row scales (a quarter "
+                        "of the memory, so ranks under a budget can be ~4x higher; error <= "
+                        "0.4 %% of each row's largest value)")
     e.add_argument("--classes", default=None,
                    help="class names in id order, comma-separated (kept with the model)")
 

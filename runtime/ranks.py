@@ -33,8 +33,10 @@ __all__ = ["choose_ranks", "saved_bytes", "x_bytes_per_rank"]
 
 
 def x_bytes_per_rank(ly: LayerInfo) -> int:
-    """Bytes per sample the forward saves for one unit of activation rank."""
-    return 4 * (ly.cx if ly.x_axis == "token" else ly.tokens)
+    """Bytes per sample the forward saves for one unit of activation rank: a row of x̂ in
+    float32, or in int8 plus its float32 scale (``export --saved-int8``)."""
+    n = ly.cx if ly.x_axis == "token" else ly.tokens
+    return 4 * n if ly.x_itemsize == 4 else n + 4
 
 
 def saved_bytes(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> int:

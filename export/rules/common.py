@@ -8,7 +8,7 @@ from onnx import TensorProto, helper
 from ..autodiff import GradContext
 from ..graph import ExportError
 
-__all__ = ["attrs", "mean_over", "needs", "reduce_sum", "saved", "transpose_last2", "unbroadcast",
+__all__ = ["attrs", "int8_roundtrip", "mean_over", "needs", "reduce_sum", "saved", "transpose_last2", "unbroadcast",
            "zeros"]
 
 SAVED_INT8_MIN = 1024  # per-sample elements below which a tensor is saved as it is
@@ -83,6 +83,22 @@ def mean_over(ctx: GradContext, t: str, axes: list[int], like: str) -> str:
     return ctx.bwd.op("Mul", [reduce_sum(ctx, t, axes), ctx.bwd.const(1.0 / count)])
 
 
+def int8_roundtrip(ctx: GradContext, t: str, axis: int, nonneg: bool = False) -> str:
+    """Save forward tensor ``t`` as int8 with one float32 scale ``s = max|t| / 127`` per slice
+    along ``axis`` (uint8 and ``max(t) / 255`` when ``nonneg``); returns the backward's
+    ``q · s``. Deterministic rounding: the error is at most ``s / 2`` per element."""
+    f, b = ctx.fwd, ctx.bwd
+    if ctx.opset >= 18:
+        amax = f.op("ReduceMax", [f.op("Abs", [t]), f.ints([axis])], keepdims=1)
+    else:
+        amax = f.op("ReduceMax", [f.op("Abs", [t])], axes=[axis], keepdims=1)
+    levels = 255.0 if nonneg else 127.0
+    scale = f.op("Div", [f.op("Max", [amax, f.const(1e-30)]), f.const(levels)], hint="int8_scale")
+    q = f.op("Cast", [f.op("Round", [f.op("Div", [t, scale])])],
+             to=TensorProto.UINT8 if nonneg else TensorProto.INT8, hint="int8")
+    return b.op("Mul", [b.op("Cast", [q], to=TensorProto.FLOAT), scale])
+
+
 def saved(ctx: GradContext, t: str, nonneg: bool = False) -> str:
     """Forward tensor ``t`` as the backward reads it.
 
@@ -104,15 +120,6 @@ def saved(ctx: GradContext, t: str, nonneg: bool = False) -> str:
         return t
     if t in ctx.saved_cache:
         return ctx.saved_cache[t]
-    f, b = ctx.fwd, ctx.bwd
-    if ctx.opset >= 18:
-        amax = f.op("ReduceMax", [f.op("Abs", [t]), f.ints([-1])], keepdims=1)
-    else:
-        amax = f.op("ReduceMax", [f.op("Abs", [t])], axes=[-1], keepdims=1)
-    levels = 255.0 if nonneg else 127.0
-    scale = f.op("Div", [f.op("Max", [amax, f.const(1e-30)]), f.const(levels)], hint="int8_scale")
-    q = f.op("Cast", [f.op("Round", [f.op("Div", [t, scale])])],
-             to=TensorProto.UINT8 if nonneg else TensorProto.INT8, hint="int8")
-    out = b.op("Mul", [b.op("Cast", [q], to=TensorProto.FLOAT), scale])
+    out = int8_roundtrip(ctx, t, -1, nonneg)
     ctx.saved_cache[t] = out
     return out

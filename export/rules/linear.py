@@ -19,7 +19,7 @@ from contract import names
 from ..autodiff import GradContext, RuleSet
 from ..graph import ExportError
 from ..layers import CompressedLayer
-from .common import attrs, needs, saved, transpose_last2, unbroadcast
+from .common import attrs, int8_roundtrip, needs, saved, transpose_last2, unbroadcast
 
 RULES = RuleSet("linear")
 
@@ -92,8 +92,10 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
                    need_w: bool) -> tuple[str | None, str | None]:
     """INSTANT backward of ``y = x Wᵀ`` (docs/method.md). Returns (g_x, g_W in the weight's layout).
 
-    The forward saves only x̂ = P·x (token axis) or x·Pᵀ (channel axis); g_W is computed from x̂
-    and the output gradient projected on the same basis; g_x goes through the gradient basis Q.
+    The forward saves only x̂ = P·x (token axis) or x·Pᵀ (channel axis), in int8 with a float32
+    scale per sample and rank direction where ``layer.x_itemsize`` is 1 (``export --saved-int8``);
+    g_W is computed from x̂ and the output gradient projected on the same basis; g_x goes through
+    the gradient basis Q.
     """
     f, b = ctx.fwd, ctx.bwd
     P, Q = layer.p_input, layer.q_input
@@ -101,7 +103,10 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     gm = b.op("Reshape", [g, b.ints([0, layer.cy, -1])]) if conv else g
     gx = gw = None
     if need_w:
-        xhat = _project(f, P, _as_matrix(layer, layer.x, f), _left(layer, "x"))
+        left = _left(layer, "x")
+        xhat = _project(f, P, _as_matrix(layer, layer.x, f), left)
+        if ctx.compress_saved and layer.x_itemsize == 1:  # int8, a scale per rank direction
+            xhat = int8_roundtrip(ctx, xhat, -1 if left else -2)
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
             ghat = b.op("MatMul", [P, gm])
             dw = b.op("Gemm", [b.op("Flatten", [ghat], axis=2), b.op("Flatten", [xhat], axis=2)],
