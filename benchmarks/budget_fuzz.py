@@ -73,6 +73,7 @@ class Workload:
     calib_every: int
     eval_on: bool
     checkpoints: bool
+    saved_int8: bool = False  # exported with --saved-int8 (x̂ and other saved tensors in int8)
 
     def factory(self) -> str:
         if self.kind == "token-mlp":
@@ -97,12 +98,14 @@ def draw(rng: np.random.Generator, index: int) -> Workload:
         depth = 3
         tokens = int(rng.choice([16, 32, 48, 64]))
         d_in = 1
-    return Workload(index, kind, width, depth, tokens, d_in,
-                    batch=int(rng.choice([16, 32, 64, 128])),
-                    samples=int(rng.choice([64, 200, 600])),
-                    mode=str(rng.choice(["instant", "vanilla"], p=[0.7, 0.3])),
-                    calib_every=int(rng.choice([0, 2, 5])), eval_on=bool(rng.random() < 0.5),
-                    checkpoints=bool(rng.random() < 0.5))
+    w = Workload(index, kind, width, depth, tokens, d_in,
+                 batch=int(rng.choice([16, 32, 64, 128])),
+                 samples=int(rng.choice([64, 200, 600])),
+                 mode=str(rng.choice(["instant", "vanilla"], p=[0.7, 0.3])),
+                 calib_every=int(rng.choice([0, 2, 5])), eval_on=bool(rng.random() < 0.5),
+                 checkpoints=bool(rng.random() < 0.5))
+    w.saved_int8 = w.mode == "instant" and bool(rng.random() < 0.4)  # drawn last: earlier fields
+    return w                                                           # keep their old draws
 
 
 def _prepare(w: Workload, root: Path) -> tuple[Path, Path]:
@@ -112,7 +115,8 @@ def _prepare(w: Workload, root: Path) -> tuple[Path, Path]:
     models.write_text(MODELS + f"\n\ndef make():\n    torch.manual_seed({w.index})\n"
                       f"    return {w.factory()}\n")
     shape = ",".join(map(str, w.input_shape()))
-    bundle = export_bundle(f"{models}:make", root / "bundle", input_shape=shape)
+    bundle = export_bundle(f"{models}:make", root / "bundle", input_shape=shape,
+                           saved_int8=w.saved_int8)
     rng = np.random.default_rng(w.index)
     n_test = 32 if w.eval_on else 0
     x = rng.standard_normal((w.samples + n_test, *w.input_shape()[1:])).astype(np.float32)
@@ -185,7 +189,7 @@ def fuzz(n: int, seed: int, log=print) -> list[dict]:
         results.append(rec)
         ratio = rec["peak"] / rec["budget"] if rec.get("budget") else float("nan")
         log(f"[{i + 1}/{n}] {w.kind} w{w.width} d{w.depth} L{w.tokens} batch {w.batch} "
-            f"{w.mode}: {rec['result']}, peak/budget {ratio:.3f}"
+            f"{w.mode}{' int8' if w.saved_int8 else ''}: {rec['result']}, peak/budget {ratio:.3f}"
             + (f" ({rec.get('detail', '')[-200:]})" if rec["result"] not in
                ("ok", "refused-then-ok") else ""))
     return results
