@@ -44,6 +44,7 @@ CONFIGS = {
 EXPORT_CONFIGS = {
     "int8": (["--saved-int8"], []),
     "int8-saved-0.10": (["--saved-int8"], ["--saved-ratio", "0.10"]),
+    "int8-saved-0.20": (["--saved-int8"], ["--saved-ratio", "0.20"]),
 }
 
 
