@@ -8,8 +8,8 @@ from onnx import TensorProto, helper
 from ..autodiff import GradContext
 from ..graph import ExportError
 
-__all__ = ["attrs", "int8_roundtrip", "mean_over", "needs", "reduce_sum", "saved", "transpose_last2", "unbroadcast",
-           "zeros"]
+__all__ = ["attrs", "int8_roundtrip", "mean_over", "needs", "reduce_sum", "saved",
+           "transpose_last2", "unbroadcast", "zeros"]
 
 SAVED_INT8_MIN = 1024  # per-sample elements below which a tensor is saved as it is
 

@@ -105,7 +105,7 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     if need_w:
         left = _left(layer, "x")
         xhat = _project(f, P, _as_matrix(layer, layer.x, f), left)
-        if ctx.compress_saved and layer.x_itemsize == 1:  # int8, a scale per rank direction
+        if layer.x_itemsize == 1:  # int8 (the layer says so, and the manifest plans it so)
             xhat = int8_roundtrip(ctx, xhat, -1 if left else -2)
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
             ghat = b.op("MatMul", [P, gm])

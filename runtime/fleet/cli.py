@@ -176,8 +176,9 @@ def _client(a) -> int:
     return run_client(local, address, a.steps, a.batch, connect_timeout=a.connect_timeout)
 
 
-TRANSFER_FACTOR = 6  # measured with 3 MiniLM clients: 3.1-4.4 x the tensors above the plan's probe (was 7-8 x
-#                     before runtime.fleet.transport moved reply tensors one at a time)
+# Message reserve, in trainable-tensor sizes: 3 MiniLM clients needed 3.1-4.4 x above the plan's
+# probe (7-8 x before runtime.fleet.transport moved reply tensors one at a time).
+TRANSFER_FACTOR = 6
 
 
 def cmd_fleet(a) -> int:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import queue
+import time
+import uuid
 
 from .local import UserError
 
@@ -60,9 +62,6 @@ def connection(address: str):
     ``Reconnect``. gRPC errors propagate (``grpc.RpcError``, ``StopIteration`` when the server
     closes the stream).
     """
-    import time
-    import uuid
-
     from flwr.app import DEFAULT_TTL, Metadata
     from flwr.app.message import make_message
     from flwr.app.message_type import MessageType
