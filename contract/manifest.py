@@ -250,6 +250,9 @@ class TextSpec:
     ids_input: str
     mask_input: str | None = None
     type_ids_input: str | None = None
+    # infer.onnx takes any length up to seq_len: evaluation drops a batch's trailing padding
+    # (export/any_length.py); False: every batch is padded to seq_len
+    any_length: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Layout of a bundle directory (``contract.FORMAT_VERSION``; the manifest's schema
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import json
 import time
@@ -348,6 +349,15 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     in_shapes0 = Shapes(traced.model)
     text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out)
+    if text is not None:
+        from .any_length import any_length_infer
+
+        free = any_length_infer(traced, text, params, lookups,
+                                (head, pool) if head is not None else None,
+                                out / text.tokenizer, weights, _split_lookups, _params_as_inputs,
+                                _dynamic_batch)
+        if free is not None:
+            infer, text = free, dataclasses.replace(text, any_length=True)
     image = image_spec(traced, in_shapes0, image_mean, image_std) if text is None else None
     if class_names is not None and (loss_spec.kind != "cross_entropy"
                                     or len(class_names) != loss_spec.num_classes):

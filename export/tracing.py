@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from .graph import ExportError
 
-__all__ = ["Traced", "example_arrays", "load_model", "parse_input_shapes"]
+__all__ = ["Traced", "any_length", "example_arrays", "load_model", "parse_input_shapes"]
 
 OPSET = 17
 
@@ -36,6 +36,8 @@ class Traced:
     # torch top-level children in order, with the ONNX names of their parameters
     children: list[tuple[str, list[str]]] = field(default_factory=list)
     from_torch: bool = False  # torch_names lists exactly the module's parameters
+    # how to trace/load the same model again with a free sequence axis (any_length())
+    origin: tuple | None = field(default=None, repr=False, compare=False)
 
     def display(self, name: str) -> str:
         """The name a user sees and matches with --trainable (the torch / module-path name)."""
@@ -109,7 +111,9 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
         ExportError: unknown model or output, unreadable file, bad example inputs.
     """
     if spec.endswith(".onnx"):
-        return _pick_output(_load_onnx(spec, example), output)  # no torch for an ONNX model
+        traced = _pick_output(_load_onnx(spec, example), output)  # no torch for an ONNX model
+        traced.origin = ("onnx", spec, example, output)
+        return traced
     import torch
 
     from .models import BUILTIN_MODELS
@@ -130,7 +134,36 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
                           "expected a torch.nn.Module")
     if example is None:
         raise ExportError(f"model '{spec}' needs example inputs: pass --input-shape or an .npz")
-    return _pick_output(_trace_torch(module, example, spec), output)
+    traced = _pick_output(_trace_torch(module, example, spec), output)
+    traced.origin = ("torch", module, example, output)
+    return traced
+
+
+def any_length(traced: Traced, seq_inputs: list[str]) -> Traced | None:
+    """The same model again with axis 1 of ``seq_inputs`` (the token inputs) left free, or None
+    where that is not possible (an ONNX file that fixes the length, a trace that fails).
+
+    The training graphs need a fixed length (token-axis bases are L×L); the inference graph does
+    not, and a batch whose padding is dropped costs less (``docs/memory.md``). Whether the model's
+    output really ignores trailing padding is for the caller to check.
+    """
+    if traced.origin is None or not seq_inputs:
+        return None
+    kind, src, example, output = traced.origin
+    try:
+        if kind == "onnx":
+            free = _load_onnx(src, example, keep_free={n: 1 for n in seq_inputs})
+            if free is None:
+                return None
+        else:
+            from .models import free_length
+
+            pos = [traced.inputs.index(n) for n in seq_inputs]
+            with free_length():
+                free = _trace_torch(src, example, traced.source, seq_axes=pos)
+        return _pick_output(free, output)
+    except Exception:  # noqa: BLE001 - any failure keeps the fixed-length graph
+        return None
 
 
 def _pick_output(traced: Traced, output: str | None) -> Traced:
@@ -175,7 +208,8 @@ def _input_names(module, n: int) -> list[str]:
     return ["x"] if n == 1 else [f"x{i}" for i in range(n)]
 
 
-def _trace_torch(module, example: list[np.ndarray], source: str) -> Traced:
+def _trace_torch(module, example: list[np.ndarray], source: str,
+                 seq_axes: list[int] | None = None) -> Traced:
     import torch
 
     module.eval()
@@ -185,6 +219,8 @@ def _trace_torch(module, example: list[np.ndarray], source: str) -> Traced:
         n_out = len(module(*args)) if isinstance(module(*args), tuple | list) else 1
     outs = ["logits"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
     dyn = {n: {0: "N"} for n in names + outs}
+    for i in seq_axes or []:
+        dyn[names[i]] = {0: "N", 1: "L"}
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -248,7 +284,10 @@ def _name_initializers(model: onnx.ModelProto, module) -> dict[str, tuple[str, b
     return mapping
 
 
-def _load_onnx(path: str, example: list[np.ndarray] | None = None) -> Traced:
+def _load_onnx(path: str, example: list[np.ndarray] | None = None,
+               keep_free: dict[str, int] | None = None) -> Traced | None:
+    """Load an ONNX file (``example`` fixes its declared input shapes). With ``keep_free``
+    (input -> axis) those axes stay symbolic; None when the file fixes one of them."""
     file = Path(path)
     if not file.is_file():
         raise ExportError(f"ONNX model '{path}' not found")
@@ -263,14 +302,20 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None) -> Traced:
     _materialize_identity_initializers(model)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
+    if keep_free:
+        by_name = {vi.name: vi for vi in model.graph.input}
+        for name, axis in keep_free.items():
+            dims = by_name[name].type.tensor_type.shape.dim if name in by_name else []
+            if len(dims) <= axis or dims[axis].HasField("dim_value"):
+                return None
     if example is not None:
-        _fix_input_shapes(model, inputs, example)
+        _fix_input_shapes(model, inputs, example, keep_free or {})
     outputs = [o.name for o in model.graph.output]
     return Traced(model, inputs, outputs, f"onnx:{file.name}", _onnx_param_names(model))
 
 
 def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],
-                      example: list[np.ndarray]) -> None:
+                      example: list[np.ndarray], keep_free: dict[str, int] | None = None) -> None:
     """Make the declared input shapes static (the batch stays symbolic) from example arrays:
     an encoder exported with a dynamic sequence axis gets the sequence length to train at."""
     if len(example) != len(inputs):
@@ -286,7 +331,9 @@ def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],
         if len(t.shape.dim) != arr.ndim:
             raise ExportError(f"model input '{name}' has {len(t.shape.dim)} dims; "
                               f"--input-shape gives {arr.ndim}")
-        for d, v in zip(t.shape.dim, arr.shape, strict=True):
+        for axis, (d, v) in enumerate(zip(t.shape.dim, arr.shape, strict=True)):
+            if keep_free and keep_free.get(name) == axis:
+                continue
             if d.HasField("dim_value") and d.dim_value != v and d is not t.shape.dim[0]:
                 raise ExportError(f"model input '{name}' has a fixed size {d.dim_value} where "
                                   f"--input-shape gives {v}")

@@ -307,7 +307,7 @@ def _warm_up(trainer: Trainer, data) -> None:
         trainer.window = None
         trainer.config = cfg
     trainer.gradients(_batch(data, 1, rng))
-    trainer.evaluate(_Subset(data, 1), 1)
+    trainer.evaluate(_Subset(data, 1), 1, trim=False)
     trainer.shrink_arena(data)
     trainer.bases.clear()
 
@@ -426,7 +426,7 @@ def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
         trainer.window = None
     trainer.gradients(_batch(data, batch, rng))
     sub = _Subset(data, min(len(data), 2 * (plan.eval_micro_batch or batch)))
-    trainer.evaluate(sub, plan.eval_micro_batch)
+    trainer.evaluate(sub, plan.eval_micro_batch, trim=False)
     return {"rss": current_rss()}
 
 

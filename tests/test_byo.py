@@ -169,6 +169,80 @@ def test_csv_text_trains_reports_bad_rows_and_exports_a_usable_model(encoder_bun
     assert png.stat().st_size > 10_000
 
 
+def test_evaluation_drops_trailing_padding_with_the_same_results(encoder_bundle, tmp_path):
+    """The inference graph of a text bundle takes any length (export/any_length.py): evaluation
+    runs length-sorted micro-batches without their trailing padding, and gets exactly what the
+    padded evaluation gets."""
+    from helpers import make_trainer
+
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+
+    assert json.loads((encoder_bundle / "manifest.json").read_text())["text"]["any_length"]
+    b = open_bundle(encoder_bundle)
+    rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 300, bad=False))))
+    with open(tmp_path / "mixed.csv", "w", newline="") as f:  # every third review cut short
+        csv.writer(f).writerows([rows[0]] + [[" ".join(t.split()[:3]) if i % 3 == 0 else t, lab]
+                                             for i, (t, lab) in enumerate(rows[1:])])
+    data = load_data(str(tmp_path / "mixed.csv"), b, val_split=0.5)
+    tr = make_trainer(b, mode="vanilla", micro_batch=8)
+    seen: list[int] = []
+    feeds = tr._feeds
+
+    def spy(names_, x, y, extra=None):
+        seen.append(x["input_ids"].shape[1])
+        return feeds(names_, x, y, extra)
+
+    tr._feeds = spy
+    trimmed = tr.evaluate(data.test, 8)
+    lengths, seen[:] = list(seen), []
+    padded = tr.evaluate(data.test, 8, trim=False)
+    assert set(seen) == {16} and min(lengths) < 16, lengths  # short reviews ran shorter
+    assert lengths == sorted(lengths, reverse=True)  # longest first: the arena's largest need
+    assert trimmed[1] == padded[1] and abs(trimmed[0] - padded[0]) < 1e-5, (trimmed, padded)
+
+
+POOLED = textwrap.dedent('''
+    import sys
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        """Mean over the valid tokens (argv[2] == "masked") or over every position, padding
+        included (its output then depends on the padding)."""
+        def __init__(self, masked):
+            super().__init__()
+            self.masked = masked
+            self.emb = nn.Embedding(30522, 8)
+            self.ff = nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask):
+            m = attention_mask[..., None].to(torch.float32)
+            x = self.ff(self.emb(input_ids)) * m
+            return x.sum(1) / m.sum(1) if self.masked else x.mean(1)
+
+    ids = torch.ones(2, 16, dtype=torch.int64)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    torch.onnx.export(Encoder(sys.argv[2] == "masked").eval(), (ids, ids), sys.argv[1],
+                      dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"],
+                      output_names=["pooled"], dynamic_axes=axes)
+''')
+
+
+@pytest.mark.parametrize("pooling,any_length", [("masked", True), ("all", False)])
+def test_only_a_model_that_ignores_its_padding_takes_any_length(tmp_path, pooling, any_length):
+    onnx_file = tmp_path / "pooled.onnx"
+    (tmp_path / "make.py").write_text(POOLED)
+    r = subprocess.run([sys.executable, str(tmp_path / "make.py"), str(onnx_file), pooling],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bundle = tmp_path / "bundle"
+    _ok(_cli("export", "--model", onnx_file, "--out", bundle, "--head", 2, "--pool", "none",
+             "--tokenizer", _tokenizer(), "--input-shape", "8,16:int64;8,16:int64"))
+    text = json.loads((bundle / "manifest.json").read_text())["text"]
+    assert text["seq_len"] == 16 and text["any_length"] is any_length
+
+
 def test_image_folder_trains_the_cnn(cnn_bundle, tmp_path):
     """scikit-learn's digits written as PNG files, one folder per class."""
     import gzip
