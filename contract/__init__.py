@@ -4,32 +4,40 @@ neither, nor torch, nor onnx (numpy only, for ``.npz`` files)."""
 
 from . import names
 from .errors import ManifestError, UserError
-from .files import atomic_write, file_sha256, open_listed, read_npz, write_npz, write_text
+from .files import (
+                    atomic_write,
+                    file_sha256,
+                    open_listed,
+                    read_listed,
+                    read_npz,
+                    write_npz,
+                    write_text,
+)
 from .manifest import (
-    FORMAT,
-    FORMAT_VERSION,
-    FileEntry,
-    GraphFiles,
-    GraphIO,
-    ImageSpec,
-    InstantSettings,
-    InstantSpec,
-    LayerInfo,
-    Lookup,
-    LossSpec,
-    Manifest,
-    ParamSpec,
-    TensorSpec,
-    TextSpec,
-    WeightEntry,
-    manifest_json,
-    read_manifest,
+                    FORMAT,
+                    FORMAT_VERSION,
+                    FileEntry,
+                    GraphFiles,
+                    GraphIO,
+                    ImageSpec,
+                    InstantSettings,
+                    InstantSpec,
+                    LayerInfo,
+                    Lookup,
+                    LossSpec,
+                    Manifest,
+                    ParamSpec,
+                    TensorSpec,
+                    TextSpec,
+                    WeightEntry,
+                    manifest_json,
+                    read_manifest,
 )
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "FileEntry", "GraphFiles", "GraphIO", "ImageSpec",
     "InstantSettings", "InstantSpec", "LayerInfo", "LossSpec", "Lookup", "Manifest",
     "ManifestError", "ParamSpec", "TensorSpec", "TextSpec", "UserError", "WeightEntry",
-    "atomic_write", "file_sha256", "manifest_json", "names", "open_listed", "read_npz",
+    "atomic_write", "file_sha256", "manifest_json", "names", "open_listed", "read_listed", "read_npz",
     "read_manifest", "write_npz", "write_text",
 ]

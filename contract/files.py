@@ -20,7 +20,7 @@ import numpy as np
 from .errors import ManifestError
 from .schema import is_safe_filename
 
-__all__ = ["atomic_write", "file_sha256", "fsync_dir", "open_listed", "read_npz", "write_npz",
+__all__ = ["atomic_write", "file_sha256", "fsync_dir", "open_listed", "read_listed", "read_npz", "write_npz",
            "write_text"]
 
 _BLOCK = 1 << 20
@@ -60,7 +60,9 @@ def open_listed(root: Path, name: str, entry, verify: bool = True) -> int:
     except OSError as exc:
         raise ManifestError(f"cannot open bundle folder '{root}': {exc.strerror}") from None
     try:
-        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+        # O_NONBLOCK: a FIFO in place of a file must not block the open (refused below)
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK,
+                     dir_fd=dir_fd)
     except FileNotFoundError:
         raise ManifestError(f"bundle file '{root / name}' is missing; re-export the "
                             "bundle") from None
@@ -86,6 +88,24 @@ def open_listed(root: Path, name: str, entry, verify: bool = True) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def read_listed(root: Path, name: str, entry) -> bytes:
+    """The bytes of bundle file ``name``, checked against its manifest ``entry`` on the very
+    bytes returned (a file swapped after a check cannot be what the caller uses).
+
+    Raises:
+        ManifestError: as :func:`open_listed`, or another checksum.
+    """
+    fd = open_listed(root, name, entry, verify=False)
+    try:
+        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+    finally:
+        os.close(fd)
+    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ManifestError(f"bundle file '{root / name}' fails its checksum (corrupt or "
+                            "modified); re-export the bundle")
+    return data
 
 
 def fsync_dir(folder: Path) -> None:
@@ -151,8 +171,15 @@ def _npy_header(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read_npz(path: str | os.PathLike | int) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` (never unpickled: object arrays are refused).
+def read_npz(path: str | os.PathLike | int,
+             expect: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` (never unpickled: object arrays are refused).
+
+    With ``expect`` (name -> shape), only those members are read, and each only after its
+    header declares that shape: an extra member, or one that would decompress to more than its
+    shape's bytes, is never inflated (a bundle's ``params.npz`` is untrusted). A listed member
+    with another shape comes back as an empty array of the declared shape's rank + 1, for the
+    caller's shape check to name it.
 
     Raises:
         OSError, ValueError, zipfile.BadZipFile: unreadable or not an npz of plain arrays.
@@ -161,6 +188,24 @@ def read_npz(path: str | os.PathLike | int) -> dict[str, np.ndarray]:
         with os.fdopen(os.dup(path), "rb") as f:
             f.seek(0)
             with np.load(f, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+                return _members(z, expect)
     with np.load(path, allow_pickle=False) as z:
+        return _members(z, expect)
+
+
+def _members(z, expect: dict[str, tuple[int, ...]] | None) -> dict[str, np.ndarray]:
+    if expect is None:
         return {k: z[k] for k in z.files}
+    out = {}
+    for k, shape in expect.items():
+        if k not in z.files:
+            continue
+        with z.zip.open(k + ".npy") as f:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)(f)
+        if tuple(header[0]) != tuple(shape) or header[2].kind != "f" or header[2].itemsize > 8:
+            out[k] = np.zeros((0,) * (len(shape) + 1), np.float32)  # a wrong shape, not read
+            continue
+        out[k] = z[k]
+    return out

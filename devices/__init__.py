@@ -103,6 +103,9 @@ def parse_size(text: str) -> int:
         raise ProfileError(f"invalid size {text!r}: not a number; {_EXAMPLES}") from None
     if match["sign"] == "-" or nbytes <= 0:
         raise ProfileError(f"invalid size {text!r}: must be greater than zero; {_EXAMPLES}")
+    if nbytes > 1 << 60:
+        raise ProfileError(f"invalid size {text!r}: larger than any machine's memory; "
+                           f"{_EXAMPLES}")
     return nbytes
 
 

@@ -10,6 +10,7 @@ first token for ``cls``), then ``Gemm`` with a new weight and bias, initialised 
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -159,5 +160,14 @@ def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
             or not all(isinstance(d, int) for d in dims[1:]) or dims[1] not in (1, 3)):
         return None
     c = int(dims[1])
+    for flag, vals, positive in (("--image-mean", mean, False), ("--image-std", std, True)):
+        if vals is None:
+            continue
+        if len(vals) not in (1, c):
+            raise ExportError(f"{flag} gives {len(vals)} values; the model's image input has {c} "
+                              "channel(s): give 1 or one per channel")
+        if not all(math.isfinite(v) and (v > 0 or not positive) for v in vals):
+            raise ExportError(f"{flag} {','.join(map(str, vals))} is invalid: values must be "
+                              "finite" + (" and positive" if positive else ""))
     return ImageSpec(name, c, int(dims[2]), int(dims[3]), list(mean or [0.0]),
                      list(std or [1.0]))

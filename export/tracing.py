@@ -296,9 +296,13 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
         raise ExportError(f"cannot read ONNX model '{path}': {str(exc)[:200]}") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or opset < 13:
-        raise ExportError(f"ONNX model '{path}' uses opset {opset}; opset 13 or newer is needed "
-                          "(re-export it, or convert with onnx.version_converter)")
+    if opset is None:
+        raise ExportError(f"'{path}' declares no ONNX opset: an empty file or not an ONNX model; "
+                          "export the model to ONNX again")
+    newest = onnx.defs.onnx_opset_version()
+    if opset < 13 or opset > newest:
+        raise ExportError(f"ONNX model '{path}' uses opset {opset}; opsets 13 to {newest} are "
+                          "supported (re-export it, or convert with onnx.version_converter)")
     _materialize_identity_initializers(model)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]

@@ -11,14 +11,22 @@ verified ``weights.bin``. Never imports torch or onnx.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from contract import Manifest, ManifestError, UserError, names, open_listed, read_manifest, read_npz
+from contract import (
+    Manifest,
+    ManifestError,
+    UserError,
+    names,
+    open_listed,
+    read_listed,
+    read_manifest,
+    read_npz,
+)
 from contract.manifest import ITEMSIZE, LayerInfo, TensorSpec
 
 __all__ = ["Bundle", "open_bundle"]
@@ -95,15 +103,7 @@ class Bundle:
         if entry is None:
             raise ManifestError(f"bundle file '{name}' is not listed in the manifest; "
                                 "re-export the bundle")
-        fd = open_listed(self.path, name, entry, verify=False)
-        try:
-            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
-        finally:
-            os.close(fd)
-        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise ManifestError(f"bundle file '{self.path / name}' fails its checksum (corrupt or "
-                                "modified); re-export the bundle")
-        return data
+        return read_listed(self.path, name, entry)
 
     def graph_bytes(self, mode: str, part: str = "forward") -> bytes:
         return self.read_file(self.graph_file(mode, part))
@@ -128,9 +128,13 @@ class Bundle:
         else:
             fd, src = None, Path(path)
         try:
-            values = read_npz(fd if fd is not None else src)
+            values = read_npz(fd if fd is not None else src,
+                              expect={p.name: tuple(p.shape) for p in self.params})
         except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise UserError(f"cannot read parameters from {src}: {str(exc)[:160]}; re-export "
+            why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            if "pickle" in why:
+                why = "not an .npz of plain arrays"
+            raise UserError(f"cannot read parameters from {src}: {why}; re-export "
                             "the bundle or pass another --weights file") from None
         except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile and friends
             raise UserError(f"cannot read parameters from {src}: {type(exc).__name__}; re-export "
@@ -145,8 +149,10 @@ class Bundle:
                 raise UserError(f"{src} lacks parameter '{p.name}'; pass the params.npz of a run "
                                 "of this bundle")
             if list(v.shape) != list(p.shape) or v.dtype.kind != "f":
-                raise UserError(f"{src}: parameter '{p.name}' is {v.dtype} {list(v.shape)}, the "
-                                f"bundle expects float32 {p.shape}")
+                got = "of another shape" if v.size == 0 and v.ndim == len(p.shape) + 1 else \
+                    f"{v.dtype} {list(v.shape)}"
+                raise UserError(f"{src}: parameter '{p.name}' is {got}, the bundle expects "
+                                f"float32 {p.shape}")
             arr = np.array(v, dtype=np.float32)
             if not np.isfinite(arr).all():
                 raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values; use the "

@@ -127,7 +127,9 @@ class Checkpointer:
         try:
             data = json.loads((self.folder / POINTER).read_text())
             entries = data["checkpoints"]
-            if not all(isinstance(e, dict) and "file" in e for e in entries):
+            # only checkpoint names of this folder: a pointer never leads outside it
+            if not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                       and _NAME.match(e["file"]) for e in entries):
                 return []
             return entries
         except (OSError, ValueError, KeyError, TypeError):

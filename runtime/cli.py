@@ -219,7 +219,11 @@ def _budget_and_profile(a):
     from .errors import UserError
 
     prof = resolve_profile(a.profile) if a.profile else None
-    budget = parse_size(a.budget) if a.budget else (prof.default_budget if prof else None)
+    budget = parse_size(a.budget) if a.budget is not None else (
+        prof.default_budget if prof else None)
+    if budget is not None and budget < 1_000_000:
+        raise UserError(f"--budget {a.budget} is below 1 MB: no training process fits in it; "
+                        "pass e.g. 256MB (`instant-runtime plan` states the minimum)")
     if prof is not None and budget is not None and budget > prof.ram:
         raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
                         f"of profile '{prof.name}'")
@@ -283,6 +287,7 @@ def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log)
 # ------------------------------------------------------------------------------ commands
 def _cmd_export(a) -> int:
     import shutil
+    import tempfile
 
     from contract import InstantSettings, UserError
     from export import export_bundle
@@ -295,7 +300,6 @@ def _cmd_export(a) -> int:
         if not (out / "manifest.json").is_file():
             raise UserError(f"--out '{out}' exists and is not a bundle; refusing to replace it "
                             "(remove it yourself, or pass another --out)")
-        shutil.rmtree(out)
     exclude = None
     if a.instant_exclude is not None:
         exclude = [] if a.instant_exclude == "none" else a.instant_exclude.split(",")
@@ -319,15 +323,33 @@ def _cmd_export(a) -> int:
             raise UserError(f"{flag} '{text}' is invalid: expected comma-separated numbers, "
                             "e.g. 0.485,0.456,0.406") from None
 
-    path = export_bundle(a.model, out, input_shape=a.input_shape, npz=a.npz,
-                         trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
-                         settings=settings, output=a.output, head=a.head, pool=a.pool,
-                         tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
-                         image_std=floats(a.image_std, "--image-std"),
-                         class_names=a.classes.split(",") if a.classes else None,
-                         saved_int8=a.saved_int8)
-    from contract import read_manifest
+    # written next to --out and moved in place once complete: a failed export (a bad option
+    # found late, an unsupported op) leaves an existing bundle as it was
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
+    try:
+        export_bundle(a.model, tmp, input_shape=a.input_shape, npz=a.npz,
+                      trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
+                      settings=settings, output=a.output, head=a.head, pool=a.pool,
+                      tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
+                      image_std=floats(a.image_std, "--image-std"),
+                      class_names=a.classes.split(",") if a.classes else None,
+                      saved_int8=a.saved_int8)
+        from contract import read_manifest
 
+        read_manifest(tmp / "manifest.json")  # what the runtime will read
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    path = out
     m = read_manifest(path / "manifest.json")
     print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
           f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}")
@@ -357,13 +379,19 @@ def _cmd_train(a) -> int:
     folder.prepare(run_cfg.resume, run_cfg.overwrite)
     from tqdm import tqdm
 
-    trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch, tqdm.write))
-    trainer.open_sessions()
+    ok = False
     try:
+        trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch,
+                               tqdm.write))
+        trainer.open_sessions()
         summary = train(trainer, data, run_cfg, out)
-    except TrainingInterrupted as exc:
+        ok = True
+    except TrainingInterrupted as exc:  # checkpointed: the new run stands and can be resumed
+        ok = True
         print(exc, file=sys.stderr)
         return exc.exit_code
+    finally:
+        folder.finish(ok)  # a failed --overwrite run puts the old run back
     print("\n".join(summary.lines(trainer)))
     return 0
 
@@ -536,6 +564,21 @@ def main(argv: list[str] | None = None) -> int:
             return handler(args)
         except (UserError, ProfileError) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:
+            return 1
+        except OSError as exc:  # a path the OS refuses (name too long, permissions, no space)
+            where = f" '{exc.filename}'" if exc.filename else ""
+            print(f"error: {exc.strerror or exc}{where}; check the path, the permissions and "
+                  "the free space", file=sys.stderr)
+            return 2
+        except MemoryError as exc:
+            print(f"error: out of memory ({str(exc)[:120] or 'an allocation failed'}); ask for "
+                  "smaller sizes (shapes, batch) or use --budget", file=sys.stderr)
+            return 2
+        except RecursionError:
+            print("error: an input file is nested too deeply to read (a JSON/TOML structure); "
+                  "pass a flat file", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -256,6 +256,9 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
                out.with_suffix(".labels.json"), out.with_suffix(".tokenizer.json")]
     if out.is_dir():
         raise UserError(f"--out '{out}' is a directory; name the .onnx file to write")
+    if out in targets[1:]:
+        raise UserError(f"--out '{out}' is the name of a file written beside the model; name "
+                        f"the .onnx file, e.g. {out.with_suffix('.onnx')}")
     taken = [str(t) for t in targets if t.exists()]
     if taken and not overwrite:
         raise UserError(f"{', '.join(taken)} already exist(s); pass --overwrite to replace, or "

@@ -137,6 +137,7 @@ class RunFolder:
     def __init__(self, path: Path, identity: dict) -> None:
         self.path = Path(path)
         self.identity = identity
+        self._replaced: Path | None = None  # the old run's files while the new one runs
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create or check the folder and write ``run.json``.
@@ -146,6 +147,9 @@ class RunFolder:
                 run (without --resume/--overwrite), or --resume names another bundle's run.
         """
         p = self.path
+        if (p / "manifest.json").exists():
+            raise UserError(f"--out '{p}' is a bundle folder: a run there would replace the "
+                            "bundle's own files; pass another --out (the default is BUNDLE/run)")
         for parent in [p, *p.parents]:
             if parent.exists() and not parent.is_dir():
                 raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "
@@ -164,10 +168,13 @@ class RunFolder:
             if theirs.get("bundle_sha256") not in (None, self.identity["bundle_sha256"]):
                 raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
                                 "bundle, or pass another --out")
-        if overwrite:
+        if overwrite and existing:
+            # set aside, not deleted: a run that fails (bad data found late, an impossible
+            # budget) puts the old one back (finish)
+            self._replaced = p / f".replaced.{os.getpid()}"
+            self._replaced.mkdir()
             for f in existing:
-                q = p / f
-                shutil.rmtree(q) if q.is_dir() else q.unlink()
+                os.replace(p / f, self._replaced / f)
         for folder in (p, p / "checkpoints"):
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"cannot write checkpoints to '{folder}': it is a file; remove "
@@ -183,6 +190,24 @@ class RunFolder:
         if not (p / "run.json").exists():
             text = json.dumps(self.identity, indent=1)
             atomic_write(p / "run.json", lambda f: write_text(f, text))
+
+
+    def finish(self, ok: bool) -> None:
+        """After the run: drop the replaced run's files (``ok``), or remove what the failed run
+        wrote and put them back."""
+        old, self._replaced = self._replaced, None
+        if old is None:
+            return
+        if not ok:
+            for f in RUN_FILES:
+                q = self.path / f
+                if q.is_dir() and not q.is_symlink():
+                    shutil.rmtree(q)
+                elif q.exists() or q.is_symlink():
+                    q.unlink()
+            for q in old.iterdir():
+                os.replace(q, self.path / q.name)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class Metrics:

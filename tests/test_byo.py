@@ -289,3 +289,23 @@ def test_npz_larger_than_the_budget_trains_inside_it(tmp_path):
     r = run_measured([sys.executable, "-m", "runtime", *map(str, argv)], timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.peak_polled <= budget * MB < big.stat().st_size, r.peak_polled
+
+
+def test_the_tokenizer_is_read_once_from_its_verified_bytes(encoder_bundle, tmp_path):
+    """tokenizer.json swapped for a symlink to an outside file after the bundle was checked:
+    the runtime reads the file it uses through the same no-symlink, checksummed read, so the
+    outside file is never what tokenises the data."""
+    import shutil
+
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+    from runtime.errors import UserError
+
+    bundle = Path(shutil.copytree(encoder_bundle, tmp_path / "b"))
+    b = open_bundle(bundle)  # checked here
+    outside = tmp_path / "outside.json"
+    outside.write_bytes((bundle / "tokenizer.json").read_bytes())
+    (bundle / "tokenizer.json").unlink()
+    (bundle / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(UserError, match="symbolic link"):
+        load_data(str(_reviews_csv(tmp_path / "r.csv", 50, bad=False)), b)

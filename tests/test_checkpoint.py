@@ -311,3 +311,17 @@ def test_persistent_non_finite_loss_stops(mlp_bundle) -> None:
     with pytest.raises(UserError, match=r"non-finite loss for 5 consecutive steps \(up to step 9\)"):
         train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(5, 100))),
               RunConfig(steps=50, progress=False))
+
+
+def test_pointer_never_leads_outside_the_folder(mlp_bundle, tmp_path):
+    """``latest`` naming a file outside the checkpoints folder is not followed (the newest
+    checkpoint file of the folder is used instead)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"not yours")
+    (folder / "latest").write_text(json.dumps(
+        {"checkpoints": [{"file": "../secret.bin", "sha256": "0" * 64, "bytes": 9, "step": 1}]}))
+    ck = Checkpointer(folder, open_bundle(mlp_bundle))
+    assert ck.entries() == []
+    assert ck.load() is None  # no checkpoint file of its own: nothing to resume

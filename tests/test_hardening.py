@@ -146,11 +146,11 @@ def _(c):
     return _train(c)
 
 
-@case("pickled-params", "cannot read parameters", "re-export")
+@case("pickled-params", "is of another shape", "expects float32")
 def _(c):
     p = c.bundle / "params.npz"
-    np.savez(p, **{"obj": np.array([{"a": 1}], dtype=object)})
     m = c.manifest()
+    np.savez(p, **{m["params"][0]["name"]: np.array([{"a": 1}], dtype=object)})
     data = p.read_bytes()
     m["files"]["params.npz"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     c.write_manifest(m)
@@ -273,6 +273,75 @@ def _(c):
     d.mkdir()
     (d / "cat.jpg").write_bytes(b"\xff\xd8")
     return ["export", "--model", "mlp", "--out", str(d), "--overwrite"]
+
+
+@case("train-out-is-the-bundle", "is a bundle folder", "another --out")
+def _(c):
+    return ["train", str(c.bundle), "--data", "digits", "--out", str(c.bundle), "--overwrite",
+            *TRAIN]
+
+
+@case("train-overwrite-that-fails-keeps-the-old-run", "budget")
+def _(c):
+    r = _run(_train(c))  # a finished run in tmp/run; its replacement fails after start-up
+    assert r.returncode == 0, r.stderr[-800:]
+    return _train(c, "--overwrite", "--budget", "5MB")
+
+
+@case("export-overwrite-with-a-bad-option-keeps-the-bundle", "--image-std", "positive")
+def _(c):
+    return ["export", "--model", "cnn", "--input-shape", "4,1,8,8", "--image-std", "0",
+            "--out", str(c.bundle), "--overwrite"]
+
+
+@case("export-model-out-is-a-companion-file", "beside the model", ".onnx")
+def _(c):
+    return ["export-model", str(c.bundle), "--out", str(c.tmp / "model.safetensors")]
+
+
+# --- not a file, not a name -------------------------------------------------------------------
+@case("fifo-params", "not a regular file", "re-export")
+def _(c):
+    (c.bundle / "params.npz").unlink()
+    os.mkfifo(c.bundle / "params.npz")
+    return _train(c)
+
+
+@case("fifo-data", "not a regular file")
+def _(c):
+    os.mkfifo(c.tmp / "data.csv")
+    return _train(c, data=str(c.tmp / "data.csv"))
+
+
+@case("out-name-too-long", "too long")
+def _(c):
+    return ["train", str(c.bundle), "--data", "digits", "--out", str(c.tmp / ("a" * 300)), *TRAIN]
+
+
+@case("data-empty-string", "--data is empty")
+def _(c):
+    return _train(c, data="")
+
+
+@case("budget-empty-string", "invalid size")
+def _(c):
+    return _train(c, "--budget", "")
+
+
+@case("budget-below-a-megabyte", "below 1 MB")
+def _(c):
+    return _train(c, "--budget", "100KB")
+
+
+@case("budget-astronomical", "larger than any machine")
+def _(c):
+    return _train(c, "--budget", "9" * 25 + "GB")
+
+
+@case("export-empty-onnx", "no ONNX opset")
+def _(c):
+    (c.tmp / "empty.onnx").write_bytes(b"")
+    return ["export", "--model", str(c.tmp / "empty.onnx"), "--out", str(c.tmp / "b")]
 
 
 # --- numerics ---------------------------------------------------------------------------------
@@ -411,3 +480,24 @@ def test_onnx_scan_finds_every_external_reference(tmp_path):
     refs = {(r.tensor, r.location, r.offset, r.length) for r in external_data_refs(data)}
     assert refs == {("w", "weights.bin", 4096, 16), ("deep", "x", 8, 16)}
     assert external_data_refs(onnx.load_from_string(data).SerializeToString()) is not None
+
+
+def test_an_extra_member_of_params_npz_is_never_inflated(ctx):
+    """A bundle's params.npz with an unlisted 400 MB member that compresses to almost nothing:
+    only the listed parameters are read, so the run stays inside a 150 MB budget."""
+    from runtime.memory import run_measured
+
+    p = ctx.bundle / "params.npz"
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(p, **arrays, junk=np.zeros(400_000_000, np.uint8))
+    m = ctx.manifest()
+    data = p.read_bytes()
+    assert len(data) < 2_000_000
+    m["files"]["params.npz"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ctx.write_manifest(m)
+    budget = 150_000_000
+    r = run_measured([sys.executable, "-m", "runtime", *_train(ctx, "--budget", "150MB")],
+                     timeout=TIMEOUT, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.peak_polled <= budget, r.peak_polled

@@ -705,16 +705,25 @@ def test_split_is_deterministic_disjoint_and_copies_nothing(tmp_path):
         split(one, 0.5)
 
 
-def _manifest(inputs, loss, text=None, image=None, class_names=None) -> SimpleNamespace:
+def _manifest(inputs, loss, text=None, image=None, class_names=None,
+              bundle: Path | None = None) -> SimpleNamespace:
+    """What the sources read of a manifest; with ``bundle``, its tokenizer.json is listed (the
+    runtime reads it through the manifest's size and checksum)."""
+    files = {}
+    if bundle is not None and text is not None:
+        from contract import FileEntry, file_sha256
+
+        tok = bundle / text.tokenizer
+        files[text.tokenizer] = FileEntry(bytes=tok.stat().st_size, sha256=file_sha256(tok))
     return SimpleNamespace(inputs=inputs, loss=loss, text=text, image=image,
-                           class_names=class_names)
+                           class_names=class_names, files=files)
 
 
 def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     os.link(tokenizer_file, bundle / "tokenizer.json")
-    m = _manifest(TEXT_INPUTS, _ce(3), text=TEXT)
+    m = _manifest(TEXT_INPUTS, _ce(3), text=TEXT, bundle=bundle)
     train = _write_csv(tmp_path / "train.csv", [("a", "b"), ("b", "c"), ("c", "a")])
     val = _write_jsonl(tmp_path / "val.jsonl", [("x", "c"), ("y", "zzz")])
     d = open_data(train, m, bundle, val=val)
@@ -726,7 +735,7 @@ def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
     with pytest.raises(UserError, match="either --val FILE or --val-split"):
         open_data(train, m, bundle, val=val, val_split=0.1)
     # the bundle's class names fix the map
-    mb = _manifest(TEXT_INPUTS, _ce(3), text=TEXT, class_names=["c", "b", "a"])
+    mb = _manifest(TEXT_INPUTS, _ce(3), text=TEXT, class_names=["c", "b", "a"], bundle=bundle)
     assert list(open_data(train, mb, bundle).labels) == [1, 0, 2]
 
 

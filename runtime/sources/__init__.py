@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract.errors import UserError
+from contract.errors import ManifestError, UserError
+from contract.files import read_listed
 from contract.manifest import Manifest
 
 from .common import IMAGE_SUFFIXES, TEXT_SUFFIXES, Problems, Source, SourceView, split
@@ -67,6 +68,14 @@ def _kind(path: Path) -> str:
                     "(text), a folder with one sub-folder per class (images), or an .npz")
 
 
+def _entry(manifest: Manifest, name: str):
+    entry = manifest.files.get(name)
+    if entry is None:
+        raise ManifestError(f"bundle file '{name}' is not listed in the manifest; re-export the "
+                            "bundle")
+    return entry
+
+
 def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
                 text_column: str = "text", label_column: str = "label",
                 class_names: list[str] | None = None,
@@ -80,8 +89,13 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
             needs, and everything the sources raise.
     """
     path = Path(data)
+    if not str(data).strip():
+        raise UserError("--data is empty; pass a built-in name, a file or a folder")
     if not path.exists():
         raise UserError(f"data '{data}' not found")
+    if not (path.is_dir() or path.is_file()):
+        raise UserError(f"data '{data}' is not a regular file or folder (a FIFO, socket or "
+                        "device); pass a file or a folder")
     kind = _kind(path)
     if class_names is None:
         class_names = manifest.class_names
@@ -92,7 +106,9 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
             raise UserError(f"{path} is text, but the bundle records no tokenizer (manifest "
                             "'text'); export the model as a text model (with its tokenizer) or "
                             "pass token ids in an .npz")
-        tok = tokenizer if tokenizer is not None else Path(bundle_dir) / manifest.text.tokenizer
+        # the verified bytes themselves: the tokenising child never opens the bundle's file
+        tok = tokenizer if tokenizer is not None else read_listed(
+            Path(bundle_dir), manifest.text.tokenizer, _entry(manifest, manifest.text.tokenizer))
         return open_text(path, manifest.text, manifest.inputs, manifest.loss, tok,
                          text_column=text_column, label_column=label_column,
                          class_names=class_names)

@@ -7,6 +7,7 @@ import array
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,10 +330,15 @@ class _File:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
         except OSError as exc:
             raise UserError(f"cannot open data file {path}: {exc.strerror}") from None
         st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            self.fd = -1
+            raise UserError(f"data file {path} is not a regular file (a FIFO, socket or device); "
+                            "pass a file")
         self.stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def check(self) -> None:

@@ -125,6 +125,8 @@ class ImageSource(Source):
                 yield from self._walk(rel)
             elif not e.name.lower().endswith(IMAGE_SUFFIXES):
                 self.problems.ignore("not a PNG/JPEG file", rel)
+            elif not e.is_file():  # a FIFO or device named like an image would block a read
+                self.problems.ignore("not a regular file", rel)
             else:
                 yield rel
 

@@ -319,10 +319,21 @@ def _text_outputs(text: TextSpec, inputs: list[TensorSpec]) -> dict[str, tuple[s
     return out
 
 
-def load_tokenizer(tokenizer: str | Path | object, seq_len: int):
-    """A ``tokenizers.Tokenizer`` (from a tokenizer.json path, or the object itself) that
+def load_tokenizer(tokenizer: str | Path | bytes | object, seq_len: int):
+    """A ``tokenizers.Tokenizer`` (from a tokenizer.json path or its bytes, or the object) that
     truncates and pads every text to ``seq_len`` (its own pad token and side when it has one)."""
-    if not isinstance(tokenizer, str | Path):
+    if isinstance(tokenizer, bytes):  # a tokenizer.json's verified bytes
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError("text data needs the 'tokenizers' package; install it with "
+                            "`pip install tokenizers`") from None
+        try:
+            tok = Tokenizer.from_str(tokenizer.decode("utf-8"))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise UserError(f"cannot read the bundle's tokenizer: {str(exc)[:120]}; re-export "
+                            "the bundle") from None
+    elif not isinstance(tokenizer, str | Path):
         tok = tokenizer
     else:
         try:

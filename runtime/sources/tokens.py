@@ -44,6 +44,11 @@ class TokenCache:
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
+            # the tokenizer's Rust panics print to stderr before they surface as exceptions;
+            # the parent reports the failure in one line, so the child's stderr goes nowhere
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
             msg = b"ok"
             try:
                 msg = self._child(tokenizer_path, texts, chars)
