@@ -26,7 +26,12 @@ __all__ = ["BudgetError", "MemoryModel", "Plan", "make_plan"]
 
 
 class BudgetError(ValueError):
-    """The budget cannot hold even the smallest setting; the message states the minimum."""
+    """The budget cannot hold even the smallest setting; the message states the minimum
+    (``need``, bytes)."""
+
+    def __init__(self, msg: str, need: int | None = None) -> None:
+        super().__init__(msg)
+        self.need = need
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
             f"bundle at micro-batch 1 (runtime, sessions and weights {model.base / 1e6:.0f} MB, "
             f"frozen weights read {model.frozen / 1e6:.0f} MB, onnxruntime working memory "
             f"{max(model.arena_step(1, model.saved_min), model.arena_calib(1)) / 1e6:.0f} MB); "
-            f"raise --budget to at least {need / 1e6 + 1:.0f}MB")
+            f"raise --budget to at least {need / 1e6 + 1:.0f}MB", need=int(need))
     mc = calib_for(m)
     cap = model.cap_for(budget, m, mc)
     saved = model.saved_within(cap, m) if instant else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import time
@@ -45,6 +46,20 @@ MIN_MARGIN = 6 << 20  # bytes of slack for Python objects, logs, checkpoint buff
 
 class ProbeError(RuntimeError):
     """A probe process failed for a reason other than memory (a bug, not a budget problem)."""
+
+
+class BudgetTooSmall(UserError):
+    """The budget is below this bundle's minimum; ``need`` estimates it (bytes)."""
+
+    def __init__(self, msg: str, need: int | None = None, why: str = "") -> None:
+        super().__init__(msg)
+        self.need, self.why = need, why
+
+
+# a probe is stopped this far below its limit: what it allocates between two reads of its RSS
+# (2 ms apart) stays inside the limit (measured overshoot 2-3 MB)
+PROBE_HEADROOM = 8 << 20
+MIN_FACTOR = 1.25  # stated minimum / estimated need (see _stated_minimum)
 
 
 def resident_file_pages() -> np.ndarray:
@@ -81,9 +96,25 @@ def _touch(addresses: np.ndarray) -> None:
         ctypes.string_at(a, 1)
 
 
-def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S) -> dict:
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
+          limit: int | None = None) -> dict:
     """Run ``fn`` in a forked child; its JSON result plus ``peak`` (the child's maximum RSS
     from ``wait4``, read by this process) and ``oom`` (the arena's cap was reached).
+
+    ``limit``: this process reads the child's RSS every few milliseconds and stops it past
+    ``limit`` bytes (``oom`` and ``over`` set): a probe never takes more than the budget it
+    checks, whatever the bundle's graphs allocate outside onnxruntime's capped arena.
 
     A fork copies the page tables of private memory but not of file mappings: the child starts
     with far fewer library pages resident than this process. It first touches every
@@ -111,13 +142,18 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S) -> dict:
     os.close(w)
     chunks = []
     deadline = time.monotonic() + timeout
+    over = False
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 os.kill(pid, signal.SIGKILL)
                 raise ProbeError(f"a planning probe ran past {timeout:.0f} s")
-            ready, _, _ = select.select([r], [], [], min(left, 1.0))
+            ready, _, _ = select.select([r], [], [], min(left, 0.002 if limit else 1.0))
+            if limit and _rss(pid) > limit - PROBE_HEADROOM:
+                os.kill(pid, signal.SIGKILL)
+                over = True
+                break
             if ready:
                 block = os.read(r, 1 << 20)
                 if not block:
@@ -133,6 +169,9 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S) -> dict:
     finally:
         os.close(r)
     _, status, usage = os.wait4(pid, 0)
+    if over:
+        return {"ok": False, "oom": True, "over": True, "peak": usage.ru_maxrss * 1024,
+                "error": f"a planning probe passed {limit / 1e6:.0f} MB and was stopped"}
     try:
         res = json.loads(b"".join(chunks).decode() or "{}")
     except ValueError:
@@ -196,11 +235,41 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
                     log: Callable[[str], None] = print, reserve: int = 0) -> Plan:
     """Measure, plan and validate; returns the plan (the caller registers its arena cap and
     gives it to the trainer). The trainer must not have opened a session yet. ``reserve``:
-    bytes the plan leaves free for the caller (a fleet client's message buffers).
+    bytes the plan leaves free for the caller (a fleet client's message buffers). Every probe
+    process is stopped once it holds more than ``budget``.
 
     Raises:
-        UserError: the budget is below the minimum for this bundle (the message states it).
+        UserError: the budget is below the minimum for this bundle (the message states one).
     """
+    try:
+        return _plan_for_budget(trainer, data, batch, budget, log, reserve)
+    except BudgetTooSmall as exc:
+        raise _stated_minimum(exc, budget) from None
+
+
+def _breakdown(exc: BudgetError) -> str:
+    """The planner's account of micro-batch 1 (what the runtime, weights and onnxruntime take)."""
+    m = re.search(r"\((runtime, sessions[^)]*)\)", str(exc))
+    return f"at micro-batch 1: {m[1]}" if m else "a step at micro-batch 1 does not fit"
+
+
+def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
+    """The refusal's way out. The estimate comes from probes that stayed inside ``budget``
+    (a budget above it cannot be tried without passing it), so it extrapolates: measured on
+    workloads refused at their first stated minimum, the budget that then worked was up to
+    1.21× that estimate; the stated minimum is the estimate × ``MIN_FACTOR``."""
+    why = f" ({exc.why})" if exc.why else ""
+    if not exc.need:  # a probe at micro-batch 1 alone passed the budget
+        return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
+                         f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
+                         f"above it, e.g. to {2 * budget / 1e6:.0f}MB")
+    need = max(exc.need * MIN_FACTOR, budget + 1_000_000)
+    return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
+                     f"raise --budget to at least {need / 1e6:.0f}MB")
+
+
+def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
+                     log: Callable[[str], None], reserve: int) -> Plan:
     if trainer._sessions or arena_cap() is not None:
         raise RuntimeError("plan_for_budget must run before any onnxruntime session exists")
     instant = trainer.mode == "instant"
@@ -220,32 +289,33 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         return {"overhead": current_rss() - before}
 
     def minimum(why: str) -> UserError:
-        """The smallest budget: probes at micro-batch 1 with no cap (they may pass the budget:
-        the run is refused anyway) measure what one sample needs; planned like any budget."""
-        warm = _fork(lambda: sessions_only(None))
+        """The smallest budget: probes at micro-batch 1 with no arena cap (stopped at the
+        budget: then the estimate is unknown) measure what one sample needs; planned like any
+        budget (``_stated_minimum`` words the refusal)."""
+        warm = _fork(lambda: sessions_only(None), limit=budget)
         if not warm["ok"]:
+            if warm.get("over"):
+                return BudgetTooSmall(why, None, why)
             return UserError(f"cannot open the bundle's sessions: {warm['error']}")
         base1 = base0 + int(warm["overhead"])
-        probe = _fork(lambda: _measure(trainer, data, 1, None))
+        probe = _fork(lambda: _measure(trainer, data, 1, None), limit=budget)
         if not probe["ok"]:
+            if probe.get("over"):
+                return BudgetTooSmall(why, None, why)
             return UserError(f"a planning probe failed: {probe['error']}")
         m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin)
         # the probes of a real run at micro-batch 1 (full-rank bases, under a cap that keeps
         # room for 8 samples of input and the Grams) must fit the stated minimum too
         need = max(m1.peak(1, 1 if instant else 0, m1.saved_min), warm["peak"] + margin,
                    probe["peak"] + margin + 8 * per_sample + grams)
-        if need <= budget:  # uncapped probes fit, the run under this budget's cap did not
-            return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
-                             f"({why}, although probes without a cap needed "
-                             f"{need / 1e6:.0f} MB); raise --budget above {budget / 1e6:.0f}MB, "
-                             f"e.g. {budget * 1.1 / 1e6:.0f}MB")
-        return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
-                         f"({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB")
+        return BudgetTooSmall(f"budget {budget / 1e6:.0f} MB is below the minimum for this "
+                              f"bundle ({why}); raise --budget to at least "
+                              f"{need / 1e6 + 1:.0f}MB", int(need), why)
 
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams
     if cap0 <= 0:
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB")
-    res = _fork(lambda: sessions_only(cap0))
+    res = _fork(lambda: sessions_only(cap0), limit=budget)
     if not res["ok"]:
         if res["oom"]:
             raise minimum("a step at micro-batch 1 did not fit")
@@ -255,7 +325,7 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     if floor + 2 * per_sample + grams >= budget:
         raise minimum(f"the runtime, its sessions and weights take {base / 1e6:.0f} MB")
     measured = _fork(lambda: _measure(trainer, data, batch, budget - floor - 8 * per_sample
-                                      - grams))
+                                      - grams), limit=budget)
     if not measured["ok"]:
         if measured["oom"]:
             raise minimum("a probe at micro-batch 1 did not fit")
@@ -264,9 +334,9 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     try:
         plan = make_plan(model, budget, batch, instant)
     except BudgetError as exc:
-        raise UserError(str(exc)) from None
+        raise BudgetTooSmall(str(exc), exc.need, _breakdown(exc)) from None
     for _ in range(6):
-        check = _fork(lambda p=plan: _validate(trainer, data, batch, p))
+        check = _fork(lambda p=plan: _validate(trainer, data, batch, p), limit=budget)
         if check["ok"] and check["peak"] <= budget:
             return Plan(**{**plan.__dict__, "breakdown": {
                 **plan.breakdown, "validated peak (probe at this plan, measured by wait4)":
@@ -275,10 +345,11 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
             raise ProbeError(f"the validation probe failed: {check['error']}")
         if plan.micro_batch == 1:
             need = max(check["peak"], budget) + margin
-            raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this "
-                            f"bundle: a step at micro-batch 1 did not fit (probe peak "
-                            f"{check['peak'] / 1e6:.0f} MB); raise --budget to at least "
-                            f"{need / 1e6 + 1:.0f}MB")
+            raise BudgetTooSmall(f"budget {budget / 1e6:.0f} MB is below the minimum for this "
+                                 f"bundle: a step at micro-batch 1 did not fit (probe peak "
+                                 f"{check['peak'] / 1e6:.0f} MB); raise --budget to at least "
+                                 f"{need / 1e6 + 1:.0f}MB", int(need),
+                                 "a step at micro-batch 1 did not fit at its real size")
         smaller = max(1, int(plan.micro_batch * 0.7))
         why = ("arena cap reached" if check["oom"] else
                f"peak {check['peak'] / 1e6:.1f} MB")
@@ -287,8 +358,9 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         try:
             plan = make_plan(model, budget, smaller, instant)
         except BudgetError as exc:
-            raise UserError(str(exc)) from None
-    raise UserError(f"could not validate a plan inside {budget / 1e6:.0f} MB; raise --budget")
+            raise BudgetTooSmall(str(exc), exc.need, _breakdown(exc)) from None
+    raise BudgetTooSmall(f"could not validate a plan inside {budget / 1e6:.0f} MB; raise --budget",
+                         None, "no micro-batch validated at its real size")
 
 
 def _warm_up(trainer: Trainer, data) -> None:
