@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -146,8 +147,18 @@ def _train(bundle: Path, data: Path, w: Workload, out: Path, budget: int | None,
     return r.returncode, r.peak_polled, r.stderr + r.stdout
 
 
+def _planned_minimum(bundle: Path, data: Path, w: Workload) -> int | None:
+    """``plan`` without --budget states the smallest budget for the run (probes unlimited)."""
+    argv = [sys.executable, "-m", "runtime", "plan", str(bundle), "--data", str(data),
+            "--batch", str(w.batch), "--mode", w.mode, "--threads", "2",
+            "--calib-every", str(w.calib_every), "--calib-batches", "2"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    m = re.search(r"smallest --budget for this run \(.*?\): about (\d+)MB", r.stdout)
+    return int(m[1]) * MB if m else None
+
+
 def _stated_minimum(text: str) -> int | None:
-    m = re.search(r"raise --budget to at least (\d+)MB", text)
+    m = re.search(r"raise --budget (?:to at least|well above it, e\.g\. to) (\d+)MB", text)
     return int(m[1]) * MB if m else None
 
 
@@ -156,10 +167,9 @@ def run_one(w: Workload, root: Path) -> dict:
     rc, vanilla_peak, text = _train(bundle, data, w, root / "vanilla", None, "vanilla")
     if rc != 0:
         return {**asdict(w), "result": "error", "detail": text[-400:]}
-    rc, _, text = _train(bundle, data, w, root / "tiny", 1 * MB, w.mode)
-    minimum = _stated_minimum(text)
-    if rc != 2 or minimum is None:
-        return {**asdict(w), "result": "error", "detail": "no stated minimum: " + text[-400:]}
+    minimum = _planned_minimum(bundle, data, w)
+    if minimum is None:
+        return {**asdict(w), "result": "error", "detail": "no stated minimum"}
     rng = np.random.default_rng(1000 + w.index)
     hi = max(vanilla_peak, minimum + 10 * MB)
     budget = int(rng.uniform(minimum, hi))

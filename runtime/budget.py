@@ -38,7 +38,7 @@ from .ranks import saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
 from .trainer import ArenaExhausted, IndexBatch, Trainer
 
-__all__ = ["ProbeError", "plan_for_budget", "print_plan"]
+__all__ = ["MIN_FACTOR", "ProbeError", "estimate_minimum", "plan_for_budget", "print_plan"]
 
 PROBE_TIMEOUT_S = 900
 MIN_MARGIN = 6 << 20  # bytes of slack for Python objects, logs, checkpoint buffers
@@ -262,17 +262,31 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
     if not exc.need:  # a probe at micro-batch 1 alone passed the budget
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
                          f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
-                         f"above it, e.g. to {2 * budget / 1e6:.0f}MB")
+                         f"above it, e.g. to {2 * budget / 1e6:.0f}MB (`instant-runtime plan` "
+                         "without --budget estimates the minimum)")
     need = max(exc.need * MIN_FACTOR, budget + 1_000_000)
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
                      f"raise --budget to at least {need / 1e6:.0f}MB")
 
 
+def estimate_minimum(trainer: Trainer, data, batch: int, reserve: int = 0) -> int | None:
+    """The smallest budget for this run (bytes), as a refusal would state it but measured by
+    probes without a limit: for ``plan`` without ``--budget``, where no budget is to be kept.
+    None where even that could not be estimated."""
+    try:
+        _plan_for_budget(trainer, data, batch, 1_000_000, lambda _msg: None, reserve,
+                         limit_probes=False)
+    except BudgetTooSmall as exc:
+        return int(exc.need * MIN_FACTOR) if exc.need else None
+    return None
+
+
 def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
-                     log: Callable[[str], None], reserve: int) -> Plan:
+                     log: Callable[[str], None], reserve: int, limit_probes: bool = True) -> Plan:
     if trainer._sessions or arena_cap() is not None:
         raise RuntimeError("plan_for_budget must run before any onnxruntime session exists")
     instant = trainer.mode == "instant"
+    limit = budget if limit_probes else None
     base0 = current_rss()
     frozen = _frozen(trainer)
     per_sample = _data_bytes_per_sample(trainer, data)
@@ -292,13 +306,13 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         """The smallest budget: probes at micro-batch 1 with no arena cap (stopped at the
         budget: then the estimate is unknown) measure what one sample needs; planned like any
         budget (``_stated_minimum`` words the refusal)."""
-        warm = _fork(lambda: sessions_only(None), limit=budget)
+        warm = _fork(lambda: sessions_only(None), limit=limit)
         if not warm["ok"]:
             if warm.get("over"):
                 return BudgetTooSmall(why, None, why)
             return UserError(f"cannot open the bundle's sessions: {warm['error']}")
         base1 = base0 + int(warm["overhead"])
-        probe = _fork(lambda: _measure(trainer, data, 1, None), limit=budget)
+        probe = _fork(lambda: _measure(trainer, data, 1, None), limit=limit)
         if not probe["ok"]:
             if probe.get("over"):
                 return BudgetTooSmall(why, None, why)
@@ -315,7 +329,7 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams
     if cap0 <= 0:
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB")
-    res = _fork(lambda: sessions_only(cap0), limit=budget)
+    res = _fork(lambda: sessions_only(cap0), limit=limit)
     if not res["ok"]:
         if res["oom"]:
             raise minimum("a step at micro-batch 1 did not fit")
@@ -325,7 +339,7 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     if floor + 2 * per_sample + grams >= budget:
         raise minimum(f"the runtime, its sessions and weights take {base / 1e6:.0f} MB")
     measured = _fork(lambda: _measure(trainer, data, batch, budget - floor - 8 * per_sample
-                                      - grams), limit=budget)
+                                      - grams), limit=limit)
     if not measured["ok"]:
         if measured["oom"]:
             raise minimum("a probe at micro-batch 1 did not fit")
@@ -336,7 +350,7 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     except BudgetError as exc:
         raise BudgetTooSmall(str(exc), exc.need, _breakdown(exc)) from None
     for _ in range(6):
-        check = _fork(lambda p=plan: _validate(trainer, data, batch, p), limit=budget)
+        check = _fork(lambda p=plan: _validate(trainer, data, batch, p), limit=limit)
         if check["ok"] and check["peak"] <= budget:
             return Plan(**{**plan.__dict__, "breakdown": {
                 **plan.breakdown, "validated peak (probe at this plan, measured by wait4)":

@@ -460,10 +460,18 @@ def _cmd_plan(a) -> int:
             print(format_table(layer_costs(bundle.layers, tr.ranks())))
         return 0
     ranks: dict = {}
+    if a.data:
+        from .budget import MIN_FACTOR, estimate_minimum
+
+        data = _load_data(a, bundle)
+        need = estimate_minimum(Trainer(bundle, cfg), data, min(a.batch, len(data)))
+        if need:
+            print(f"smallest --budget for this run (batch {a.batch}, {cfg.mode}): about "
+                  f"{need / 1e6:.0f}MB (probes at micro-batch 1, x {MIN_FACTOR:g} for what they "
+                  "miss)")
     if a.data and bundle.layers:
         from .sessions import use_arena
 
-        data = _load_data(a, bundle)
         use_arena(None)
         tr = Trainer(bundle, cfg)
         tr.calibrate(data, min(a.batch, len(data)), np.random.default_rng(0))
