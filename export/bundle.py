@@ -50,7 +50,7 @@ from contract.schema import load as load_typed
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes
 from .layers import CompressedLayer, find_compressible_layers
-from .tracing import Traced, example_arrays, load_model
+from .tracing import Traced, check_free_batch, example_arrays, load_model
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -319,6 +319,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     out = Path(out)
     settings = settings or InstantSettings()
     traced = load_model(model, _example_inputs(input_shape, npz), output)
+    check_free_batch(traced)
     if head is not None:
         add_head(traced, head, pool)
     elif pool != "mean":

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .graph import ExportError
 
-__all__ = ["Traced", "any_length", "example_arrays", "load_model", "parse_input_shapes"]
+__all__ = ["Traced", "any_length", "check_free_batch", "example_arrays", "load_model",
+           "parse_input_shapes"]
 
 OPSET = 17
 
@@ -304,8 +305,15 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
         raise ExportError(f"ONNX model '{path}' uses opset {opset}; opsets 13 to {newest} are "
                           "supported (re-export it, or convert with onnx.version_converter)")
     _materialize_identity_initializers(model)
+    _constants_to_initializers(model)
+    _check_domains(model, path)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
+    if any(vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
+           for vi in model.graph.input if vi.name in inputs):
+        # exported with a fixed batch: the file's intermediate shapes carry it too, while the
+        # bundle's graphs run at any micro-batch (check_free_batch checks the ops themselves)
+        del model.graph.value_info[:]
     if keep_free:
         by_name = {vi.name: vi for vi in model.graph.input}
         for name, axis in keep_free.items():
@@ -316,6 +324,94 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
         _fix_input_shapes(model, inputs, example, keep_free or {})
     outputs = [o.name for o in model.graph.output]
     return Traced(model, inputs, outputs, f"onnx:{file.name}", _onnx_param_names(model))
+
+
+def check_free_batch(traced: Traced) -> None:
+    """An ONNX file must run at any batch size: the bundle trains at the user's micro-batch.
+    Files exported with a fixed batch (``torch.onnx.export(dynamo=True)`` without dynamic
+    shapes fixes the example's) fail inside their Reshapes at another; found here by running the
+    model at its example batch and one more.
+
+    Raises:
+        ExportError: the model runs at its own batch size only.
+    """
+    if traced.origin is None or traced.origin[0] != "onnx":
+        return
+    import copy
+
+    import onnxruntime as ort
+
+    model = copy.deepcopy(traced.model)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in traced.inputs:
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        if not dims or any(d <= 0 for d in dims[1:]):
+            return  # unknown sizes: nothing to run
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feeds[vi.name] = np.ones(dims, dtype)
+        t.shape.dim[0].ClearField("dim_value")
+        t.shape.dim[0].dim_param = "N"
+    for vi in model.graph.output:
+        if vi.type.tensor_type.shape.dim:
+            vi.type.tensor_type.shape.dim[0].ClearField("dim_value")
+            vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    del model.graph.value_info[:]
+    if int(sum(int(np.prod(v.shape)) * v.itemsize for v in feeds.values())) > 256 << 20:
+        return  # too large an example to run here
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+    except Exception:  # noqa: BLE001 - not runnable as given: other checks report that
+        return
+    n = next(iter(feeds.values())).shape[0]
+    try:
+        sess.run(None, {k: np.concatenate([v, v[:1]]) for k, v in feeds.items()})
+    except Exception:  # noqa: BLE001
+        raise ExportError(f"{traced.source}: the model runs at batch size {n} only (its graph "
+                          "fixes the batch, e.g. torch.onnx.export(dynamo=True) without "
+                          "dynamic_shapes); export it again with a dynamic batch axis "
+                          "(dynamic_shapes / dynamic_axes)") from None
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Some tools store weights in ``Constant`` nodes instead of initializers; a float tensor of
+    two or more elements there becomes an initializer of the same name (same values, same graph),
+    so it can be selected for training and kept out of the graphs' bytes. Scalars stay."""
+    keep = []
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+                and len(node.attribute) == 1
+                and value.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16,
+                                        TensorProto.DOUBLE)
+                and int(np.prod(value.dims)) >= 2):
+            t = onnx.TensorProto()
+            t.CopyFrom(value)
+            t.name = node.output[0]
+            model.graph.initializer.append(t)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _check_domains(model: onnx.ModelProto, path: str) -> None:
+    """Only standard ONNX ops: the exporter differentiates and onnxruntime runs those."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
+                              f"'{node.op_type}' of domain '{node.domain}', not a standard ONNX "
+                              "op; export the model again without custom or fused operators")
+        if not onnx.defs.has(node.op_type):
+            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
+                              f"'{node.op_type}', which is not an ONNX operator; export the "
+                              "model again with standard ops")
 
 
 def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],

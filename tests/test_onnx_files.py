@@ -1,0 +1,114 @@
+"""ONNX files as other tools write them: a fixed batch from the export, weights in Constant
+nodes, a non-standard operator. Each either becomes a bundle that trains at any batch size or is
+refused at export with one line that says why and what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def _torch_static(path: Path, flatten_by_batch: bool) -> None:
+    """A legacy TorchScript export without dynamic axes: every shape in the file says batch 4;
+    ``flatten_by_batch`` also bakes 4 into a Reshape (x.reshape(x.shape[0], -1))."""
+    code = f"""
+import sys, torch
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        if {flatten_by_batch}:
+            h = h.reshape(h.shape[0], 4, 8).reshape(h.shape[0], -1)
+        return self.b(h)
+
+torch.manual_seed(0)
+torch.onnx.export(Net().eval(), (torch.randn(4, 64),), sys.argv[1], dynamo=False,
+                  opset_version=17, input_names=["x"], output_names=["logits"])
+import onnx  # intermediate shapes recorded in the file, as torch's dynamo exporter writes them
+onnx.save(onnx.shape_inference.infer_shapes(onnx.load(sys.argv[1])), sys.argv[1])
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_a_file_exported_at_a_fixed_batch_trains_at_another(tmp_path):
+    onnx_file = tmp_path / "static.onnx"
+    _torch_static(onnx_file, flatten_by_batch=False)
+    m = onnx.load(str(onnx_file))
+    assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    r = _cli("train", tmp_path / "b", "--data", "digits", "--steps", 2, "--batch", 16,
+             "--threads", 1, "--no-progress", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_a_file_whose_ops_fix_the_batch_is_refused_at_export(tmp_path):
+    onnx_file = tmp_path / "fixed.onnx"
+    _torch_static(onnx_file, flatten_by_batch=True)
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "runs at batch size 4 only" in lines[0], r.stderr
+    assert "dynamic batch axis" in lines[0] and not (tmp_path / "b").exists()
+
+
+def _gemm_model(path: Path, weights_as_constants: bool, domain: str = "") -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((10, 64)).astype(np.float32) * 0.1
+    b = np.zeros(10, np.float32)
+    nodes, inits = [], []
+    if weights_as_constants:
+        nodes += [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w)),
+                  helper.make_node("Constant", [], ["B"], value=numpy_helper.from_array(b))]
+    else:
+        inits += [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["h"], transB=1))
+    nodes.append(helper.make_node("Relu" if not domain else "FancyRelu", ["h"], ["logits"],
+                                  domain=domain))
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                          inits)
+    onnx.save(helper.make_model(g, opset_imports=opsets), str(path))
+
+
+def test_weights_stored_in_constant_nodes_become_trainable(tmp_path):
+    onnx_file = tmp_path / "constants.onnx"
+    _gemm_model(onnx_file, weights_as_constants=True)
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "2 trainable tensors" in r.stdout, r.stdout
+    r = _cli("train", tmp_path / "b", "--data", "digits", "--steps", 3, "--batch", 8,
+             "--threads", 1, "--no-progress", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
+@pytest.mark.parametrize("domain", ["com.example.ops"])
+def test_a_custom_operator_is_refused_at_export(tmp_path, domain):
+    onnx_file = tmp_path / "custom.onnx"
+    _gemm_model(onnx_file, weights_as_constants=False, domain=domain)
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a standard ONNX op" in lines[0] and domain in lines[0], lines
