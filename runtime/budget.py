@@ -15,6 +15,14 @@ real size, then train with onnxruntime's arena capped at what the budget leaves.
    shrinks and the check repeats; nothing is extrapolated into the real run.
 4. During training the cap holds: an allocation past it fails inside onnxruntime, and the loop
    (``runtime/run.py``) halves the micro-batch and repeats the step.
+
+Every probe is stopped before its RSS passes the budget (read from this process every 2 ms), and
+a refusal states the probes' estimate × ``MIN_FACTOR`` (``_stated_minimum``).
+
+Why one module (~550 lines): the probes, the plan they feed and the refusal's wording share one
+set of measured quantities (base, frozen bytes, per-sample data, Gram bytes, margin) and one
+process discipline (no onnxruntime session in this process until the plan is made); split, each
+part would re-derive them.
 """
 
 from __future__ import annotations

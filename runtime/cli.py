@@ -3,7 +3,7 @@
 Only ``export`` imports torch, and only when it runs. Process-wide settings (the allocator, the
 onnxruntime arena, thread environment) are made here, once, at the edge.
 
-Why one module (~530 lines): it is the whole command-line surface — one parser per command and
+Why one module (~600 lines): it is the whole command-line surface — one parser per command and
 its handler side by side, so an option and its validation are read together; every handler is a
 thin call into the library (``runtime.run``, ``runtime.budget``, ``export``). The fleet commands
 live in ``runtime/fleet/cli.py``.

@@ -278,8 +278,11 @@ def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
     assert "ranks from calibration on digits" in out
     layers = json.loads((mlp_bundle / "manifest.json").read_text())["instant"]["layers"]
     assert layers, "the mlp has INSTANT layers"
-    rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[2:]}
-    assert out.splitlines()[1].split()[:4] == ["layer", "axes", "Rx", "Ry"]
+    lines = out.splitlines()
+    assert re.match(r"smallest --budget for this run \(batch \d+, instant\): about \d+MB", lines[0])
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
+    rows = {ln.split()[0]: ln.split() for ln in lines[head + 1:]}
+    assert lines[head].split()[:4] == ["layer", "axes", "Rx", "Ry"]
     full = True
     for ly in layers:
         row = rows[ly["name"]]
