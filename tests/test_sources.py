@@ -189,6 +189,15 @@ def test_csv_bad_rows_counted_with_line_numbers(tmp_path, tokenizer_file):
     assert "3 rows" in src.describe() and "7 bad rows" in src.describe()
 
 
+def test_csv_record_over_the_limit_is_named_as_such(tmp_path, tokenizer_file):
+    p = tmp_path / "long.csv"
+    p.write_text("text,label\n" + "good " * 300_000 + ",pos\n" + "fine film,neg\ngood,pos\n")
+    src = _text(p, tokenizer_file)
+    assert len(src) == 2 and src.problems.counts == {"record longer than 1 MiB": 1}, \
+        src.problems.counts
+    assert src.problems.examples["record longer than 1 MiB"] == ["line 2"]
+
+
 def test_jsonl_bad_rows_counted(tmp_path, tokenizer_file):
     p = tmp_path / "bad.jsonl"
     lines = ['{"text": "a good film", "label": "pos"}',   # 1 ok

@@ -226,6 +226,8 @@ class TextSource(Source):
                 rows += 1
                 msg = str(exc)
                 reason = ("unterminated quoted field" if "end of data" in msg
+                          else f"record longer than {MAX_RECORD_BYTES >> 20} MiB"
+                          if "field larger than field limit" in msg
                           else f"unparsable {what} record")
                 self.problems.bad(reason, f"line {line}")
                 start, line = state["pos"], state["line"] + 1
