@@ -65,8 +65,8 @@ class BudgetTooSmall(UserError):
 
 
 # a probe is stopped this far below its limit: what it allocates between two reads of its RSS
-# (2 ms apart) stays inside the limit (measured overshoot 2-3 MB)
-PROBE_HEADROOM = 8 << 20
+# (2 ms apart) stays inside the limit (measured overshoot 0.3-3 MB)
+PROBE_HEADROOM = 4 << 20
 MIN_FACTOR = 1.25  # stated minimum / estimated need (see _stated_minimum)
 
 
