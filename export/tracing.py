@@ -239,22 +239,29 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     return Traced(model, names, outs, source, torch_names, children, from_torch=True)
 
 
+def _hoist(model: onnx.ModelProto, source) -> None:
+    """Replace every node for which ``source(node)`` gives a tensor by an initializer holding a
+    copy of it, named after the node's output (same values, same graph)."""
+    keep = []
+    for node in model.graph.node:
+        t = source(node)
+        if t is None:
+            keep.append(node)
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = node.output[0]
+        model.graph.initializer.append(copy)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 def _materialize_identity_initializers(model: onnx.ModelProto) -> None:
     """The exporter deduplicates equal initializers with Identity nodes (e.g. a fresh BatchNorm's
     weight and running_var are both ones). Give each its own copy so training one never changes
     the other."""
     inits = {i.name: i for i in model.graph.initializer}
-    keep = []
-    for node in model.graph.node:
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(inits[node.input[0]])
-            copy.name = node.output[0]
-            model.graph.initializer.append(copy)
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
+    _hoist(model, lambda n: inits.get(n.input[0]) if n.op_type == "Identity" else None)
 
 
 def _name_initializers(model: onnx.ModelProto, module) -> dict[str, tuple[str, bool]]:
@@ -383,22 +390,16 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
     """Some tools store weights in ``Constant`` nodes instead of initializers; a float tensor of
     two or more elements there becomes an initializer of the same name (same values, same graph),
     so it can be selected for training and kept out of the graphs' bytes. Scalars stay."""
-    keep = []
-    for node in model.graph.node:
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+
+    def weight(node: onnx.NodeProto) -> onnx.TensorProto | None:
         value = next((a.t for a in node.attribute if a.name == "value"), None)
-        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
-                and len(node.attribute) == 1
-                and value.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16,
-                                        TensorProto.DOUBLE)
-                and int(np.prod(value.dims)) >= 2):
-            t = onnx.TensorProto()
-            t.CopyFrom(value)
-            t.name = node.output[0]
-            model.graph.initializer.append(t)
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
+        ok = (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
+              and len(node.attribute) == 1 and value.data_type in floats
+              and int(np.prod(value.dims)) >= 2)
+        return value if ok else None
+
+    _hoist(model, weight)
 
 
 def _check_domains(model: onnx.ModelProto, path: str) -> None:
