@@ -389,14 +389,18 @@ def check_free_batch(traced: Traced) -> None:
 def _constants_to_initializers(model: onnx.ModelProto) -> None:
     """Some tools store weights in ``Constant`` nodes instead of initializers; a float tensor of
     two or more elements there becomes an initializer of the same name (same values, same graph),
-    so it can be selected for training and kept out of the graphs' bytes. Scalars stay."""
+    so it can be selected for training and kept out of the graphs' bytes. Only where a parameter
+    goes (a MatMul/Gemm/Conv weight, a bias, a norm's scale: ``_ROLE``); scalars, and constants
+    such as a Resize's scales, stay."""
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+    as_param = {name for n in model.graph.node for i, name in enumerate(n.input)
+                if (n.op_type, i) in _ROLE}
 
     def weight(node: onnx.NodeProto) -> onnx.TensorProto | None:
         value = next((a.t for a in node.attribute if a.name == "value"), None)
         ok = (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
               and len(node.attribute) == 1 and value.data_type in floats
-              and int(np.prod(value.dims)) >= 2)
+              and int(np.prod(value.dims)) >= 2 and node.output[0] in as_param)
         return value if ok else None
 
     _hoist(model, weight)

@@ -112,3 +112,26 @@ def test_a_custom_operator_is_refused_at_export(tmp_path, domain):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "not a standard ONNX op" in lines[0] and domain in lines[0], lines
+
+
+def test_only_constants_in_parameter_positions_are_hoisted():
+    """A Constant feeding a Gemm's weight becomes an initializer; one feeding a Resize's scales
+    (a float tensor too) stays a constant, so it can never be selected for training."""
+    from export.tracing import _constants_to_initializers
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32))
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32))
+    nodes = [helper.make_node("Constant", [], ["W"], value=w),
+             helper.make_node("Constant", [], ["S"], value=scales),
+             helper.make_node("Gemm", ["x", "W"], ["h"]),
+             helper.make_node("Resize", ["img", "", "S"], ["up"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [1, 4]),
+                                       helper.make_tensor_value_info("img", TensorProto.FLOAT,
+                                                                     [1, 1, 2, 2])],
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 4]),
+                           helper.make_tensor_value_info("up", TensorProto.FLOAT, [1, 1, 4, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    _constants_to_initializers(m)
+    assert [t.name for t in m.graph.initializer] == ["W"]
+    assert [n.op_type for n in m.graph.node] == ["Constant", "Gemm", "Resize"]
