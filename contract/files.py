@@ -12,7 +12,7 @@ import hashlib
 import os
 import stat
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ import numpy as np
 from .errors import ManifestError
 from .schema import is_safe_filename
 
-__all__ = ["atomic_write", "file_sha256", "fsync_dir", "open_listed", "read_listed", "read_npz", "write_npz",
-           "write_text"]
+__all__ = ["atomic_write", "file_sha256", "fsync_dir", "open_listed", "read_listed", "read_npz",
+           "write_npz", "write_text"]
 
 _BLOCK = 1 << 20
 
@@ -90,13 +90,17 @@ def open_listed(root: Path, name: str, entry, verify: bool = True) -> int:
     return fd
 
 
-def read_listed(root: Path, name: str, entry) -> bytes:
-    """The bytes of bundle file ``name``, checked against its manifest ``entry`` on the very
-    bytes returned (a file swapped after a check cannot be what the caller uses).
+def read_listed(root: Path, name: str, files: Mapping) -> bytes:
+    """The bytes of bundle file ``name``, checked against its entry in the manifest's ``files``
+    on the very bytes returned (a file swapped after a check cannot be what the caller uses).
 
     Raises:
-        ManifestError: as :func:`open_listed`, or another checksum.
+        ManifestError: not listed, as :func:`open_listed`, or another checksum.
     """
+    entry = files.get(name)
+    if entry is None:
+        raise ManifestError(f"bundle file '{name}' is not listed in the manifest; re-export the "
+                            "bundle")
     fd = open_listed(root, name, entry, verify=False)
     try:
         data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))

@@ -254,6 +254,11 @@ class TextSpec:
     # (export/any_length.py); False: every batch is padded to seq_len
     any_length: bool = False
 
+    @property
+    def token_inputs(self) -> list[str]:
+        """The inputs with a token axis (axis 1): ids, mask and type ids, those the model has."""
+        return [n for n in (self.ids_input, self.mask_input, self.type_ids_input) if n]
+
 
 @dataclass(frozen=True)
 class ImageSpec:

@@ -27,11 +27,11 @@ __all__ = ["BudgetError", "MemoryModel", "Plan", "make_plan"]
 
 class BudgetError(ValueError):
     """The budget cannot hold even the smallest setting; the message states the minimum
-    (``need``, bytes)."""
+    (``need``, bytes) and ``why`` what micro-batch 1 takes."""
 
-    def __init__(self, msg: str, need: int | None = None) -> None:
+    def __init__(self, msg: str, need: int | None = None, why: str = "") -> None:
         super().__init__(msg)
-        self.need = need
+        self.need, self.why = need, why
 
 
 @dataclass(frozen=True)
@@ -146,12 +146,13 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
         m = 1 if fits(1, model.saved_min) else None
     if m is None:
         need = model.peak(1, 1 if instant else 0, model.saved_min)
+        why = (f"at micro-batch 1: runtime, sessions and weights {model.base / 1e6:.0f} MB, "
+               f"frozen weights read {model.frozen / 1e6:.0f} MB, onnxruntime working memory "
+               f"{max(model.arena_step(1, model.saved_min), model.arena_calib(1)) / 1e6:.0f} MB")
         raise BudgetError(
             f"budget {budget / 1e6:.0f} MB is below the minimum {need / 1e6 + 1:.0f} MB for this "
-            f"bundle at micro-batch 1 (runtime, sessions and weights {model.base / 1e6:.0f} MB, "
-            f"frozen weights read {model.frozen / 1e6:.0f} MB, onnxruntime working memory "
-            f"{max(model.arena_step(1, model.saved_min), model.arena_calib(1)) / 1e6:.0f} MB); "
-            f"raise --budget to at least {need / 1e6 + 1:.0f}MB", need=int(need))
+            f"bundle ({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB",
+            need=int(need), why=why)
     mc = calib_for(m)
     cap = model.cap_for(budget, m, mc)
     saved = model.saved_within(cap, m) if instant else None

@@ -50,7 +50,7 @@ def any_length_infer(traced: Traced, text: TextSpec, params: list[str], lookups:
     ``traced`` is the fixed-length model (head added); ``lookups`` what splitting its lookups
     gave; the three callables are the exporter's own graph steps, applied here the same way.
     """
-    seq = [n for n in (text.ids_input, text.mask_input, text.type_ids_input) if n]
+    seq = text.token_inputs
     if text.mask_input is None or sorted(seq) != sorted(traced.inputs):
         return None  # without a mask the model cannot tell padding; other inputs stay fixed
     free = any_length(traced, seq)

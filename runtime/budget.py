@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import time
@@ -57,10 +56,11 @@ class ProbeError(RuntimeError):
 
 
 class BudgetTooSmall(UserError):
-    """The budget is below this bundle's minimum; ``need`` estimates it (bytes)."""
+    """The budget is below this bundle's minimum: ``why``, and ``need``, an estimate of the
+    minimum in bytes (None: unknown). ``_stated_minimum`` words the refusal from both."""
 
-    def __init__(self, msg: str, need: int | None = None, why: str = "") -> None:
-        super().__init__(msg)
+    def __init__(self, why: str, need: int | None = None) -> None:
+        super().__init__(why)
         self.need, self.why = need, why
 
 
@@ -255,18 +255,12 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         raise _stated_minimum(exc, budget) from None
 
 
-def _breakdown(exc: BudgetError) -> str:
-    """The planner's account of micro-batch 1 (what the runtime, weights and onnxruntime take)."""
-    m = re.search(r"\((runtime, sessions[^)]*)\)", str(exc))
-    return f"at micro-batch 1: {m[1]}" if m else "a step at micro-batch 1 does not fit"
-
-
 def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
     """The refusal's way out. The estimate comes from probes that stayed inside ``budget``
     (a budget above it cannot be tried without passing it), so it extrapolates: measured on
     workloads refused at their first stated minimum, the budget that then worked was up to
     1.21× that estimate; the stated minimum is the estimate × ``MIN_FACTOR``."""
-    why = f" ({exc.why})" if exc.why else ""
+    why = f" ({exc.why})"
     if not exc.need:  # a probe at micro-batch 1 alone passed the budget
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
                          f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
@@ -317,22 +311,20 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         warm = _fork(lambda: sessions_only(None), limit=limit)
         if not warm["ok"]:
             if warm.get("over"):
-                return BudgetTooSmall(why, None, why)
+                return BudgetTooSmall(why)
             return UserError(f"cannot open the bundle's sessions: {warm['error']}")
         base1 = base0 + int(warm["overhead"])
         probe = _fork(lambda: _measure(trainer, data, 1, None), limit=limit)
         if not probe["ok"]:
             if probe.get("over"):
-                return BudgetTooSmall(why, None, why)
+                return BudgetTooSmall(why)
             return UserError(f"a planning probe failed: {probe['error']}")
         m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin)
         # the probes of a real run at micro-batch 1 (full-rank bases, under a cap that keeps
         # room for 8 samples of input and the Grams) must fit the stated minimum too
         need = max(m1.peak(1, 1 if instant else 0, m1.saved_min), warm["peak"] + margin,
                    probe["peak"] + margin + 8 * per_sample + grams)
-        return BudgetTooSmall(f"budget {budget / 1e6:.0f} MB is below the minimum for this "
-                              f"bundle ({why}); raise --budget to at least "
-                              f"{need / 1e6 + 1:.0f}MB", int(need), why)
+        return BudgetTooSmall(why, int(need))
 
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams
     if cap0 <= 0:
@@ -356,7 +348,7 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     try:
         plan = make_plan(model, budget, batch, instant)
     except BudgetError as exc:
-        raise BudgetTooSmall(str(exc), exc.need, _breakdown(exc)) from None
+        raise BudgetTooSmall(exc.why, exc.need) from None
     for _ in range(6):
         check = _fork(lambda p=plan: _validate(trainer, data, batch, p), limit=limit)
         if check["ok"] and check["peak"] <= budget:
@@ -367,11 +359,8 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
             raise ProbeError(f"the validation probe failed: {check['error']}")
         if plan.micro_batch == 1:
             need = max(check["peak"], budget) + margin
-            raise BudgetTooSmall(f"budget {budget / 1e6:.0f} MB is below the minimum for this "
-                                 f"bundle: a step at micro-batch 1 did not fit (probe peak "
-                                 f"{check['peak'] / 1e6:.0f} MB); raise --budget to at least "
-                                 f"{need / 1e6 + 1:.0f}MB", int(need),
-                                 "a step at micro-batch 1 did not fit at its real size")
+            raise BudgetTooSmall(f"a step at micro-batch 1 did not fit at its real size (probe "
+                                 f"peak {check['peak'] / 1e6:.0f} MB)", int(need))
         smaller = max(1, int(plan.micro_batch * 0.7))
         why = ("arena cap reached" if check["oom"] else
                f"peak {check['peak'] / 1e6:.1f} MB")
@@ -380,9 +369,8 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         try:
             plan = make_plan(model, budget, smaller, instant)
         except BudgetError as exc:
-            raise BudgetTooSmall(str(exc), exc.need, _breakdown(exc)) from None
-    raise BudgetTooSmall(f"could not validate a plan inside {budget / 1e6:.0f} MB; raise --budget",
-                         None, "no micro-batch validated at its real size")
+            raise BudgetTooSmall(exc.why, exc.need) from None
+    raise BudgetTooSmall("no micro-batch validated at its real size", budget + margin)
 
 
 def _warm_up(trainer: Trainer, data) -> None:

@@ -99,11 +99,7 @@ class Bundle:
         Raises:
             ManifestError: not listed, unsafe, a symlink, another size or checksum.
         """
-        entry = self.manifest.files.get(name)
-        if entry is None:
-            raise ManifestError(f"bundle file '{name}' is not listed in the manifest; "
-                                "re-export the bundle")
-        return read_listed(self.path, name, entry)
+        return read_listed(self.path, name, self.manifest.files)
 
     def graph_bytes(self, mode: str, part: str = "forward") -> bytes:
         return self.read_file(self.graph_file(mode, part))

@@ -526,6 +526,7 @@ class Trainer:
         text = self.bundle.manifest.text
         lengths = self._lengths(data, micro) if trim and text and text.any_length else None
         order = np.argsort(-lengths, kind="stable") if lengths is not None else None
+        tokens = set(text.token_inputs) if text else set()
         try:
             for s in range(0, n, micro):
                 idx = order[s:s + micro] if order is not None else np.arange(s, min(n, s + micro))
@@ -533,7 +534,7 @@ class Trainer:
                 if lengths is not None:
                     keep = min(-(-int(lengths[idx].max()) // LENGTH_STEP) * LENGTH_STEP,
                                text.seq_len)
-                    x = {k: np.ascontiguousarray(v[:, :keep]) if k in self._token_inputs else v
+                    x = {k: np.ascontiguousarray(v[:, :keep]) if k in tokens else v
                          for k, v in x.items()}
                 extra = self._resident.params if self._resident is not None else None
                 try:
@@ -552,11 +553,6 @@ class Trainer:
         finally:
             self.shared.release()
         return total / max(n, 1), (correct / n if ce and n else None)
-
-    @property
-    def _token_inputs(self) -> set[str]:
-        t = self.bundle.manifest.text
-        return {n for n in (t.ids_input, t.mask_input, t.type_ids_input) if n} if t else set()
 
     def _lengths(self, data, micro: int) -> np.ndarray | None:
         """Each row's length up to its last unmasked token (at least 1), read ``micro`` rows at a

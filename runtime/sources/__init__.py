@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract.errors import ManifestError, UserError
+from contract.errors import UserError
 from contract.files import read_listed
 from contract.manifest import Manifest
 
@@ -68,14 +68,6 @@ def _kind(path: Path) -> str:
                     "(text), a folder with one sub-folder per class (images), or an .npz")
 
 
-def _entry(manifest: Manifest, name: str):
-    entry = manifest.files.get(name)
-    if entry is None:
-        raise ManifestError(f"bundle file '{name}' is not listed in the manifest; re-export the "
-                            "bundle")
-    return entry
-
-
 def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
                 text_column: str = "text", label_column: str = "label",
                 class_names: list[str] | None = None,
@@ -108,7 +100,7 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
                             "pass token ids in an .npz")
         # the verified bytes themselves: the tokenising child never opens the bundle's file
         tok = tokenizer if tokenizer is not None else read_listed(
-            Path(bundle_dir), manifest.text.tokenizer, _entry(manifest, manifest.text.tokenizer))
+            Path(bundle_dir), manifest.text.tokenizer, manifest.files)
         return open_text(path, manifest.text, manifest.inputs, manifest.loss, tok,
                          text_column=text_column, label_column=label_column,
                          class_names=class_names)
