@@ -27,6 +27,7 @@ from .manifest import (
                     LossSpec,
                     Manifest,
                     ParamSpec,
+                    PrefixSpec,
                     TensorSpec,
                     TextSpec,
                     WeightEntry,
@@ -37,7 +38,7 @@ from .manifest import (
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "FileEntry", "GraphFiles", "GraphIO", "ImageSpec",
     "InstantSettings", "InstantSpec", "LayerInfo", "LossSpec", "Lookup", "Manifest",
-    "ManifestError", "ParamSpec", "TensorSpec", "TextSpec", "UserError", "WeightEntry",
+    "ManifestError", "ParamSpec", "PrefixSpec", "TensorSpec", "TextSpec", "UserError", "WeightEntry",
     "atomic_write", "file_sha256", "manifest_json", "names", "open_listed", "read_listed", "read_npz",
     "read_manifest", "write_npz", "write_text",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "Lookup",
     "Manifest",
     "ParamSpec",
+    "PrefixSpec",
     "TensorSpec",
     "TextSpec",
     "WeightEntry",
@@ -261,6 +262,26 @@ class TextSpec:
 
 
 @dataclass(frozen=True)
+class PrefixSpec:
+    """The frozen part of the forward as a graph of its own (``graphs.prefix``, forward only):
+    the model's inputs -> ``outputs``, which the training graphs take as inputs. It takes any
+    token length where ``text.any_length``: the runtime runs it on a micro-batch without its
+    trailing padding and pads each output back to the trained length with zeros along its
+    token axis (-1: the tensor has none). See export/prefix.py."""
+
+    outputs: dict[str, int]
+    # the outputs' bytes per sample at the trained length (the runtime's memory planning)
+    bytes_per_sample: int = field(default=0, metadata=check(ge=0))
+
+    def validate(self) -> tuple[str, str] | None:
+        if not self.outputs:
+            return "outputs", "must name at least one tensor"
+        if any(a < -1 or a > 16 for a in self.outputs.values()):
+            return "outputs", "token axes are -1 (none) or 0..16"
+        return None
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     """An image model's input as the export recorded it: pixels in [0, 1] (after /255) are
     resized to ``height`` × ``width`` and normalised ``(x - mean) / std`` per channel."""
@@ -310,6 +331,7 @@ class Manifest:
     # per sample: "forward" FLOPs of the MatMul/Gemm/Conv nodes, "trainable_forward" the part
     # that depends on trainable parameters (plan's step-time estimate with a profile's GFLOP/s)
     flops: dict[str, int] = field(default_factory=dict)
+    prefix: PrefixSpec | None = None
 
     # ------------------------------------------------------------------ cross-field checks
     def validate(self) -> tuple[str, str] | None:  # noqa: C901 - one list of rules
@@ -320,15 +342,25 @@ class Manifest:
                 return "files", f"'{fname}' is not a plain file name inside the bundle folder"
         if names.INFER not in self.graphs or "vanilla" not in self.graphs:
             return "graphs", "must have 'infer' and 'vanilla' graphs"
+        forward_only = (names.INFER, names.PREFIX)
         for mode, g in self.graphs.items():
-            if mode != names.INFER and mode not in names.MODES:
+            if mode not in forward_only and mode not in names.MODES:
                 return "graphs", f"unknown mode '{mode}'; modes: {', '.join(names.MODES)}"
-            if (mode == names.INFER) != (g.backward is None):
-                return f"graphs.{mode}", "infer has no backward graph; the other modes have one"
+            if (mode in forward_only) != (g.backward is None):
+                return f"graphs.{mode}", ("infer and prefix have no backward graph; the other "
+                                          "modes have one")
             for part in (g.forward, g.backward):
                 if part is not None and part not in self.files:
                     return f"graphs.{mode}", f"graph file '{part}' is not listed in files"
-        if set(self.io) != {m for m in self.graphs if m != names.INFER}:
+        if (self.prefix is None) != (names.PREFIX not in self.graphs):
+            return "prefix", "a prefix graph and the prefix description come together"
+        if self.prefix is not None:
+            for mode in self.modes:
+                io = self.io.get(mode)
+                missing = [t for t in self.prefix.outputs if io and t not in io.forward_inputs]
+                if missing:
+                    return f"io.{mode}", f"the forward does not take the prefix's '{missing[0]}'"
+        if set(self.io) != set(self.modes):
             return "io", "must describe exactly the training graphs' modes"
         if names.PARAMS_FILE not in self.files:
             return "files", f"must list {names.PARAMS_FILE}"
@@ -376,7 +408,7 @@ class Manifest:
     @property
     def modes(self) -> list[str]:
         """Training-graph modes in the bundle (``vanilla``, and ``instant``/``calib``)."""
-        return [m for m in self.graphs if m != names.INFER]
+        return [m for m in self.graphs if m not in (names.INFER, names.PREFIX)]
 
     @property
     def layers(self) -> list[LayerInfo]:

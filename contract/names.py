@@ -18,6 +18,7 @@ __all__ = [
     "MANIFEST_FILE",
     "MODES",
     "PARAMS_FILE",
+    "PREFIX",
     "TRAINING_MODES",
     "WEIGHTS_FILE",
     "basis_p",
@@ -35,6 +36,8 @@ GRAM_G = "gram_g."  # calib backward outputs gram_g.<layer>: Σ_b G_b G_bᵀ of 
 TRAINING_MODES = ("vanilla", "instant")
 MODES = ("vanilla", "instant", "calib", "recal")  # forward + backward graph pairs
 INFER = "infer"  # forward-only graph: model inputs -> the declared output
+PREFIX = "prefix"  # forward-only graph: model inputs -> what the training graphs take from the
+# frozen part of the model (manifest ``prefix``; export/prefix.py)
 
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.bin"  # frozen weights (raw, page-aligned), read by offset

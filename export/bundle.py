@@ -39,6 +39,7 @@ from contract import (
     LossSpec,
     Manifest,
     ParamSpec,
+    PrefixSpec,
     TensorSpec,
     WeightEntry,
     file_sha256,
@@ -271,6 +272,17 @@ class _WeightFile:
             self.size += len(raw)
         return self.offsets[t.name]
 
+    def array(self, name: str) -> np.ndarray:
+        """A stored tensor's values (a copy of its bytes)."""
+        t = self.tensors[name]
+        off = 0
+        for c in self.chunks:
+            if off <= t["offset"] < off + len(c):
+                raw = c[t["offset"] - off:t["offset"] - off + t["length"]]
+                return np.frombuffer(raw, np.dtype(t["dtype"])).reshape(t["shape"])
+            off += len(c)
+        raise KeyError(name)
+
     def externalize(self, model: onnx.ModelProto) -> list[str]:
         """Move ``model``'s large initializers to weights.bin; returns their names."""
         names = []
@@ -300,7 +312,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                   head: int | None = None, pool: str = "mean",
                   tokenizer: str | Path | None = None, image_mean: list[float] | None = None,
                   image_std: list[float] | None = None,
-                  class_names: list[str] | None = None, saved_int8: bool = False) -> Path:
+                  class_names: list[str] | None = None, saved_int8: bool = False,
+                  split: bool = True) -> Path:
     """Export ``model`` to a training bundle in ``out``; returns the bundle path.
 
     ``settings`` are the INSTANT defaults recorded in the bundle (ε, oversampling, calibration
@@ -309,6 +322,9 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     (``export/heads.py``); ``tokenizer`` (a tokenizer.json) is copied into the bundle for text
     models (automatic for the built-in text models); ``image_mean``/``image_std`` record how
     image files are normalised for an image model.
+    ``split`` (default True): a text model whose frozen prefix takes any length gets it as a
+    graph of its own, run without padding (``export/prefix.py``); False keeps the training
+    graphs whole (for comparisons).
 
     Raises:
         ExportError: unknown model, unsupported op or option (one-line message).
@@ -350,6 +366,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     in_shapes0 = Shapes(traced.model)
     text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out)
+    prefix = None
     if text is not None:
         from .any_length import any_length_infer
 
@@ -359,6 +376,11 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                                 _dynamic_batch)
         if free is not None:
             infer, text = free, dataclasses.replace(text, any_length=True)
+            if split:
+                from .prefix import split_prefix
+
+                prefix = split_prefix(fwd, free, params, initial, lookups, weights.array, text,
+                                      out / text.tokenizer, loss_spec, output)
     image = image_spec(traced, in_shapes0, image_mean, image_std) if text is None else None
     if class_names is not None and (loss_spec.kind != "cross_entropy"
                                     or len(class_names) != loss_spec.num_classes):
@@ -372,7 +394,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         ly.x_itemsize = 1 if ly.int8_x_ok() else 4
     graph_weights: dict[str, list[str]] = {}
     for mode in modes:
-        src = copy.deepcopy(fwd)
+        src = copy.deepcopy(prefix.forward if prefix is not None else fwd)
         if mode in ("instant", "recal"):
             _add_basis_inputs(src, layers)
         tg = build_training_graphs(src, names.LOSS, params, mode, layers, opset,
@@ -393,6 +415,11 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             grad_acc={p: f"{names.GRAD_ACC}{p}" for p in tg.grads},
             loss_scale=names.LOSS_SCALE if mode != "calib" else None,
             fwd_grams=tg.fwd_grams, bwd_grams=tg.bwd_grams)
+    if prefix is not None:
+        prefix_name = f"{names.PREFIX}.onnx"
+        graph_weights[prefix_name] = weights.externalize(prefix.graph)
+        onnx.save(prefix.graph, str(out / prefix_name))
+        graphs[names.PREFIX] = GraphFiles(forward=prefix_name)
     infer_name = f"{names.INFER}.onnx"
     graph_weights[infer_name] = weights.externalize(infer)
     onnx.save(infer, str(out / infer_name))
@@ -429,7 +456,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                             settings, saved_int8=bool(saved_int8 and layers)),
         files=files, class_names=class_names, text=text, image=image, optimizers=optimizers,
         flops=dict(zip(("forward", "trainable_forward"), _flops(fwd, shapes, set(params)),
-                       strict=True)))
+                       strict=True)),
+        prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample) if prefix is not None else None)
     text = manifest_json(manifest)
     load_typed(Manifest, json.loads(text), str(out / names.MANIFEST_FILE))  # what the runtime reads
     (out / names.MANIFEST_FILE).write_text(text)

@@ -207,7 +207,14 @@ def _data_bytes_per_sample(trainer: Trainer, data) -> int:
         row = int(np.prod(t.shape[1:])) * np.dtype(t.dtype).itemsize
         width = int(np.prod(x[lk.indices].shape[1:])) if lk.indices in x else 1
         lookups += 3 * row * width  # rows read, gathered copy, the OrtValue's view
-    return int(2 * inputs + lookups)  # the batch slice and its contiguous copy
+    return int(2 * inputs + lookups + _carried_bytes(trainer))
+
+
+def _carried_bytes(trainer: Trainer) -> int:
+    """Per sample: a frozen prefix's outputs outside the arena (the copy read back and the
+    array padded to the trained length)."""
+    prefix = trainer.bundle.manifest.prefix
+    return 0 if prefix is None else 2 * prefix.bytes_per_sample
 
 
 def _grams_bytes(trainer: Trainer) -> int:
@@ -222,6 +229,8 @@ def _grams_bytes(trainer: Trainer) -> int:
 def _frozen(trainer: Trainer) -> int:
     b = trainer.bundle
     graphs = [b.graph_file(trainer.mode, "forward"), b.graph_file(names.INFER)]
+    if b.manifest.prefix is not None:
+        graphs.append(b.graph_file(names.PREFIX))
     if trainer.mode == "instant":
         graphs.append(b.graph_file("calib", "forward"))
     return max(b.frozen_bytes_touched(g) for g in graphs)
@@ -287,6 +296,16 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
                      log: Callable[[str], None], reserve: int, limit_probes: bool = True) -> Plan:
     if trainer._sessions or arena_cap() is not None:
         raise RuntimeError("plan_for_budget must run before any onnxruntime session exists")
+    # the probes (forked from here) run the frozen prefix at the full length: the worst case
+    trainer.trim = False
+    try:
+        return _probe_plan(trainer, data, batch, budget, log, reserve, limit_probes)
+    finally:
+        trainer.trim = True
+
+
+def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[str], None],
+                reserve: int, limit_probes: bool) -> Plan:
     instant = trainer.mode == "instant"
     limit = budget if limit_probes else None
     base0 = current_rss()

@@ -351,8 +351,12 @@ def _cmd_export(a) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     path = out
     m = read_manifest(path / "manifest.json")
+    prefix = ""
+    if m.prefix is not None:
+        prefix = (f"; frozen prefix graph ({', '.join(m.prefix.outputs)}"
+                  f"{', runs without padding' if m.text and m.text.any_length else ''})")
     print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
-          f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}")
+          f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
     return 0
 
 

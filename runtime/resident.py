@@ -51,8 +51,10 @@ class Resident:
         tr = self.trainer
         io = tr.bundle.io(mode)
         fwd, bwd = tr.session(mode, "forward"), tr.session(mode, "backward")
+        carried = tr.prefix_feeds(x, y)
         b = fwd.io_binding()
-        for name, value in tr._feeds(io.forward_inputs, x, y, self.params).items():
+        for name, value in tr._feeds(io.forward_inputs, x, y,
+                                     {**self.params, **carried}).items():
             b.bind_ortvalue_input(name, value)
         host = {names.LOSS, tr.bundle.output, *io.fwd_grams.values()}
         for name in io.forward_outputs:
@@ -60,6 +62,8 @@ class Resident:
         fwd.run_with_iobinding(b)
         outs = dict(zip(io.forward_outputs, b.get_outputs(), strict=True))
         del b
+        outs.update(carried)
+        del carried
         tr.shared.release()
         fgrams = {layer: outs.pop(name).numpy() for layer, name in io.fwd_grams.items()}
         loss = float(outs[names.LOSS].numpy())

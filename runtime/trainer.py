@@ -103,6 +103,12 @@ class StepResult:
 LENGTH_STEP = 8
 
 
+def _row_lengths(mask: np.ndarray) -> np.ndarray:
+    """Each row's length up to its last unmasked position (at least 1)."""
+    nz = mask[:, ::-1] != 0
+    return np.where(nz.any(1), mask.shape[1] - nz.argmax(1), 1)
+
+
 def _ov(a: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(a)
 
@@ -149,6 +155,9 @@ class Trainer:
             self._grads = {p: np.zeros_like(v) for p, v in self.params.items()}
         self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
         self.shared = SharedWeights(bundle)
+        # a frozen prefix graph (export/prefix.py) runs each micro-batch without its trailing
+        # padding when the model takes any length; the budget probes set False (worst case)
+        self.trim = True
         self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
         self.bases: dict[str, tuple[Basis, Basis]] = {}
         self._basis_ov: dict[str, ort.OrtValue] = {}
@@ -192,6 +201,8 @@ class Trainer:
             for mode in ("calib", "recal"):
                 self.session(mode, "forward")
                 self.session(mode, "backward")
+        if self.bundle.manifest.prefix is not None:
+            self.session(names.PREFIX, "forward")
         self.session(names.INFER, "forward")
 
     def shrink_arena(self, data) -> None:
@@ -233,6 +244,70 @@ class Trainer:
                                 "re-export the bundle")
         return out
 
+    def _trims(self) -> bool:
+        """Whether the prefix runs each micro-batch cut to its longest row."""
+        m = self.bundle.manifest
+        return (self.trim and m.prefix is not None and m.text is not None and m.text.any_length
+                and m.text.mask_input is not None)
+
+    def prefix_feeds(self, x: dict[str, np.ndarray], y: np.ndarray) -> dict[str, ort.OrtValue]:
+        """The frozen prefix's outputs for this micro-batch (empty without a prefix graph): run
+        without the trailing padding where the model takes any length, then padded back to the
+        trained length with zeros along each output's token axis."""
+        spec = self.bundle.manifest.prefix
+        if spec is None:
+            return {}
+        text = self.bundle.manifest.text
+        seq_len = text.seq_len if text is not None else 0
+        keep = seq_len
+        if self._trims():
+            keep = min(-(-int(_row_lengths(x[text.mask_input]).max()) // LENGTH_STEP)
+                       * LENGTH_STEP, seq_len)
+            tokens = set(text.token_inputs)
+            x = {k: np.ascontiguousarray(v[:, :keep]) if k in tokens else v for k, v in x.items()}
+        sess = self.session(names.PREFIX, "forward")
+        outs = list(spec.outputs)
+        extra = self._resident.params if self._resident is not None else None
+        try:
+            got = sess.run_with_ort_values(
+                outs, self._feeds([i.name for i in sess.get_inputs()], x, y, extra))
+        except Exception as exc:  # noqa: BLE001
+            raise self._run_error(exc, "prefix") from None
+        self.shared.release()
+        feeds = {}
+        for name, value in zip(outs, got, strict=True):
+            axis = spec.outputs[name]
+            if axis < 0 or keep == seq_len:
+                feeds[name] = value
+                continue
+            a = value.numpy()
+            shape = list(a.shape)
+            shape[axis] = seq_len
+            full = np.zeros(shape, a.dtype)
+            full[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
+            feeds[name] = _ov(full)
+        del got
+        return feeds
+
+    def _by_length(self, batch: Batch) -> Batch:
+        """The batch's rows longest first (the prefix then runs micro-batches of similar
+        lengths); other batches unchanged. The gradient is a sum over rows: order-free."""
+        if not self._trims() or not isinstance(batch, (ArrayBatch, IndexBatch)):
+            return batch
+        mask_name = self.bundle.manifest.text.mask_input
+        n = len(batch)
+        lengths = np.ones(n, np.int64)
+        step = self.plan.micro_batch or n
+        for s in range(0, n, step):
+            x, _ = batch.rows(s, min(n, s + step))
+            if mask_name not in x or x[mask_name].ndim != 2:
+                return batch
+            lengths[s:s + len(x[mask_name])] = _row_lengths(x[mask_name])
+        order = np.argsort(-lengths, kind="stable")
+        if isinstance(batch, IndexBatch):
+            return IndexBatch(batch.data, batch.idx[order])
+        return ArrayBatch({k: v[order] for k, v in batch.x.items()}, batch.y[order])
+
     # ---------------------------------------------------------------------------- training
     def needs_calibration(self) -> bool:
         """True when a calibration should start before the next step."""
@@ -266,6 +341,7 @@ class Trainer:
                 window starts again).
         """
         n = len(batch)
+        batch = self._by_length(batch)
         mode = self.step_mode
         micro = self.plan.micro_batch
         res = self._res() if self.resident else None
@@ -322,13 +398,16 @@ class Trainer:
         io = self.bundle.io(mode)
         fout = io.forward_outputs
         fwd, bwd = self.session(mode, "forward"), self.session(mode, "backward")
+        carried = self.prefix_feeds(x, y)
         try:
-            outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y))
+            outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y, carried))
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "forward") from None
         self.shared.release()  # frozen weights read by the forward leave the RSS again
         extra = dict(zip(fout, outs, strict=True))
         del outs
+        extra.update(carried)
+        del carried
         fgrams = {layer: extra.pop(name).numpy() for layer, name in io.fwd_grams.items()}
         loss = float(extra[names.LOSS].numpy())
         correct = 0
@@ -452,6 +531,7 @@ class Trainer:
         micro = self.plan.calib_micro_batch or self.plan.micro_batch
         try:
             for b in batches:
+                b = self._by_length(b)
                 for s, e in chunks(len(b), micro):
                     self._calib_micro(cf, cb, io, *b.rows(s, e))
                 self.window.done += 1
@@ -465,14 +545,18 @@ class Trainer:
 
     def _calib_micro(self, cf, cb, io, x: dict[str, np.ndarray], y: np.ndarray) -> None:
         params = self._resident.params if self._resident is not None else {}
+        carried = self.prefix_feeds(x, y)
         try:
             outs = cf.run_with_ort_values(io.forward_outputs,
-                                          self._feeds(io.forward_inputs, x, y, params))
+                                          self._feeds(io.forward_inputs, x, y,
+                                                      {**params, **carried}))
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "calibration forward") from None
         self.shared.release()
         saved = dict(zip(io.forward_outputs, outs, strict=True))
         del outs
+        saved.update(carried)
+        del carried
         fgrams = {layer: saved.pop(name).numpy() for layer, name in io.fwd_grams.items()}
         feeds = self._feeds(io.backward_inputs, x, y, {**params, **saved})
         del saved
@@ -565,8 +649,7 @@ class Trainer:
             mask = x.get(mask_name)
             if mask is None or mask.ndim != 2:
                 return None
-            nz = mask[:, ::-1] != 0
-            out[s:s + len(mask)] = np.where(nz.any(1), mask.shape[1] - nz.argmax(1), 1)
+            out[s:s + len(mask)] = _row_lengths(mask)
         return out
 
     # ---------------------------------------------------------------------------- checkpoints

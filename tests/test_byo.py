@@ -202,6 +202,65 @@ def test_evaluation_drops_trailing_padding_with_the_same_results(encoder_bundle,
     assert trimmed[1] == padded[1] and abs(trimmed[0] - padded[0]) < 1e-5, (trimmed, padded)
 
 
+def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encoder_bundle,
+                                                                          tmp_path):
+    """Only layers.1 trains: the embedding and layers.0 are a frozen prefix graph of their own
+    (export/prefix.py) that runs each micro-batch cut to its longest row, rows sorted by length.
+    The exact (vanilla) training then matches the uncut graphs of the same model step by step;
+    INSTANT trains from it too."""
+    from helpers import make_trainer
+
+    from export.bundle import export_bundle
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+    from runtime.trainer import IndexBatch
+
+    m = json.loads((encoder_bundle / "manifest.json").read_text())
+    carried = m["prefix"]["outputs"]
+    assert len(carried) == 1 and list(carried.values()) == [1], carried
+    for mode in m["io"]:
+        assert set(carried) <= set(m["io"][mode]["forward_inputs"])
+    whole = export_bundle(str(encoder_bundle.parent / "encoder.onnx"), tmp_path / "whole",
+                          input_shape="8,16:int64;8,16:int64", trainable="*layers.1.*",
+                          output="token_embeddings", head=2, pool="mean",
+                          tokenizer=_tokenizer(), split=False)
+    assert "prefix" not in json.loads((whole / "manifest.json").read_text())["graphs"]
+
+    rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 200, bad=False))))
+    with open(tmp_path / "mixed.csv", "w", newline="") as f:  # every third review cut short
+        csv.writer(f).writerows([rows[0]] + [[" ".join(t.split()[:3]) if i % 3 == 0 else t, lab]
+                                             for i, (t, lab) in enumerate(rows[1:])])
+    split_b, whole_b = open_bundle(encoder_bundle), open_bundle(whole)
+    data = load_data(str(tmp_path / "mixed.csv"), split_b)
+    # SGD: AdamW's g/sqrt(v) would turn rounding noise on gradients that are zero in exact
+    # arithmetic (a key bias: softmax ignores it) into steps of the size of the learning rate
+    a = make_trainer(split_b, mode="vanilla", optimizer="sgd", lr=0.05, micro_batch=6)
+    b = make_trainer(whole_b, mode="vanilla", optimizer="sgd", lr=0.05, micro_batch=6)
+    lengths: list[int] = []
+    run = a.prefix_feeds
+
+    def spy(x, y):
+        lengths.append(x["attention_mask"].sum(1).max())
+        return run(x, y)
+
+    a.prefix_feeds = spy
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        idx = rng.choice(len(data), 18, replace=False)
+        ra, rb = a.train_step(IndexBatch(data, idx)), b.train_step(IndexBatch(data, idx))
+        assert abs(ra.loss - rb.loss) < 1e-5 and ra.correct == rb.correct, (ra, rb)
+    for p in a.params:
+        np.testing.assert_allclose(a.params[p], b.params[p], atol=1e-5, rtol=1e-4)
+    per_step = [lengths[i:i + 3] for i in range(0, len(lengths), 3)]
+    assert all(s == sorted(s, reverse=True) for s in per_step), per_step  # longest first
+    assert min(lengths) <= 8, lengths  # a micro-batch of short reviews ran at 8 tokens
+
+    c = make_trainer(split_b, mode="instant", lr=3e-3, micro_batch=6)
+    losses = [c.train_step(IndexBatch(data, rng.choice(len(data), 18, replace=False))).loss
+              for _ in range(3)]
+    assert c.bases and all(np.isfinite(losses)), losses
+
+
 POOLED = textwrap.dedent('''
     import sys
     import torch

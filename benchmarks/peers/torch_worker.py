@@ -82,8 +82,14 @@ def run(cfg: dict) -> dict:
     order = Order(len(data), min(cfg["batch"], len(data)), cfg["seed"])
     idle = vmrss()
     losses, times = [], []
+    text = bundle.manifest.text
     for _ in range(cfg["steps"]):
         x, y = data.take(order.next())
+        if cfg.get("trim_padding") and text is not None and text.mask_input in x:
+            # what a PyTorch user's collator does (pad each batch to its longest text only)
+            keep = int(np.flatnonzero(x[text.mask_input].any(0)).max()) + 1
+            x = {k: np.ascontiguousarray(v[:, :keep]) if k in text.token_inputs else v
+                 for k, v in x.items()}
         inputs, labels = _tensors(bundle, x), torch.from_numpy(y)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
