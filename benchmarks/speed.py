@@ -1,6 +1,6 @@
 """Speed inside the budget, side by side in one run (the targets of the speed issue).
 
-    python -m benchmarks.speed                 # MiniLM-L6 and the token MLP, ~6 min on 2 cores
+    python -m benchmarks.speed                 # MiniLM-L6 and the token MLP, ~15 min on 2 cores
     python -m benchmarks.speed --workloads minilm-l6 --steps 20
 
 Every figure comes from a fresh process, measured from outside (peak: VmHWM polled from
@@ -30,6 +30,7 @@ import json
 import shutil
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,42 @@ def peer(module: str, cfg: dict, out: Path) -> dict:
     return {"median_ms": 1e3 * res["median_step_s"], "peak_mb": r.peak_polled / MB}
 
 
+def _repeated(runs: dict[str, Callable[[Path], dict]], work: Path, repeats: int) -> dict:
+    """Each system ``repeats`` times, interleaved (repeat k runs them in a rotated order), so a
+    slow phase of the machine hits every system alike. Per system: the runs' results and the
+    median over repeats of each figure (``med``)."""
+    names_ = list(runs)
+    got: dict[str, list[dict]] = {k: [] for k in names_}
+    for k in range(repeats):
+        order = names_[k % len(names_):] + names_[:k % len(names_)]
+        for name in order:
+            log(f"  repeat {k + 1}/{repeats}: {name}")
+            got[name].append(runs[name](work / f"{name}-{k}"))
+    out = {}
+    for name, rs in got.items():
+        med = {key: statistics.median(r[key] for r in rs) for key, v in rs[0].items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out[name] = {**rs[0], **med, "runs": rs}
+    return out
+
+
+def _spread(r: dict, key: str = "median_ms") -> str:
+    """``median (min–max)`` over the repeats."""
+    vals = [x[key] for x in r["runs"]]
+    if len(vals) == 1:
+        return f"{vals[0]:.0f}"
+    return f"{statistics.median(vals):.0f} ({min(vals):.0f}–{max(vals):.0f})"
+
+
+def _ratios(a: dict, b: dict, key_a: str = "median_ms", key_b: str = "median_ms") -> str:
+    """Median of the per-repeat ratios a/b (same repeat: same phase of the machine), and their
+    range."""
+    rs = [x[key_a] / y[key_b] for x, y in zip(a["runs"], b["runs"], strict=True)]
+    if len(rs) == 1:
+        return f"{rs[0]:.2f}"
+    return f"{statistics.median(rs):.2f} ({min(rs):.2f}–{max(rs):.2f})"
+
+
 def minilm(a) -> list[str]:
     from benchmarks.peers.run import package_dirs
 
@@ -84,67 +121,72 @@ def minilm(a) -> list[str]:
     work = WORK / "minilm"
     common = ["--batch", "32", "--steps", str(a.steps), "--optimizer", "sgd", "--lr", "0.05",
               "--threads", str(a.threads)]
-    log("[minilm] ours @256MB")
-    ours = train(bundle, "rotten-tomatoes", work / "budget", [*common, "--budget", "256MB"],
-                 a.warmup)
-    m = str(ours["micro_batch"])
-    log(f"[minilm] vanilla and instant at micro-batch {m}")
-    van = train(bundle, "rotten-tomatoes", work / "vanilla", [*common, "--mode", "vanilla",
-                                                              "--micro-batch", m], a.warmup)
-    ins = train(bundle, "rotten-tomatoes", work / "instant", [*common, "--micro-batch", m],
-                a.warmup)
+    log("[minilm] ours @256MB (for the micro-batch the plan chooses)")
+    first = train(bundle, "rotten-tomatoes", work / "budget-plan", [*common, "--budget", "256MB"],
+                  a.warmup)
+    m = str(first["micro_batch"])
     cfg = {"bundle": str(bundle), "data": "rotten-tomatoes", "model": "minilm-l6", "batch": 32,
            "steps": a.steps, "warmup": a.warmup, "lr": 0.05, "weight_decay": 0.0, "seed": 0,
            "threads": a.threads, "eval_batch": 64, "fwd_repeats": 10, "optimizer": "sgd",
            "package_dirs": package_dirs()}
-    log("[minilm] pytorch eager")
-    torch = peer("torch_worker", cfg, work / "pytorch")
-    log("[minilm] pytorch eager, each batch padded to its longest text only")
-    torch_trim = peer("torch_worker", {**cfg, "trim_padding": True}, work / "pytorch-trim")
-    log("[minilm] forward only")
-    fwd = peer("infer_worker", cfg, work / "forward")
+    rt = "rotten-tomatoes"
+    log(f"[minilm] {a.repeats} interleaved repeats of every system")
+    res = _repeated({
+        "budget": lambda o: train(bundle, rt, o, [*common, "--budget", "256MB"], a.warmup),
+        "vanilla": lambda o: train(bundle, rt, o, [*common, "--mode", "vanilla",
+                                                   "--micro-batch", m], a.warmup),
+        "instant": lambda o: train(bundle, rt, o, [*common, "--micro-batch", m], a.warmup),
+        "pytorch": lambda o: peer("torch_worker", cfg, o),
+        "pytorch-trim": lambda o: peer("torch_worker", {**cfg, "trim_padding": True}, o),
+        "forward": lambda o: peer("infer_worker", cfg, o),
+    }, work, a.repeats)
+    ours, van, ins = res["budget"], res["vanilla"], res["instant"]
+    torch, torch_trim, fwd = res["pytorch"], res["pytorch-trim"], res["forward"]
     log("[minilm] whole batch in one pass: vanilla, INSTANT, INSTANT + int8 saved tensors")
     one = [*common, "--micro-batch", "32"]
-    full = {"vanilla": train(bundle, "rotten-tomatoes", work / "full-vanilla",
-                             [*one, "--mode", "vanilla"], a.warmup),
-            "INSTANT": train(bundle, "rotten-tomatoes", work / "full-instant", one, a.warmup)}
+    full = {"vanilla": train(bundle, rt, work / "full-vanilla", [*one, "--mode", "vanilla"],
+                             a.warmup),
+            "INSTANT": train(bundle, rt, work / "full-instant", one, a.warmup)}
     int8 = ensure_bundle("minilm-l6", "last:3", 1800, extra=("--saved-int8",))
-    full["INSTANT, --saved-int8 bundle"] = train(int8, "rotten-tomatoes", work / "full-int8", one,
-                                                 a.warmup)
+    full["INSTANT, --saved-int8 bundle"] = train(int8, rt, work / "full-int8", one, a.warmup)
+    n = a.repeats
     rows = [
-        "| system | step ms (median) | amortised ms (calibration included) | micro-batch | "
-        "peak MB (outside) | kernel share of CPU |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| PyTorch eager, no budget | {torch['median_ms']:.0f} | – | 32 | "
-        f"{torch['peak_mb']:.0f} | – |",
-        f"| PyTorch eager, no budget, batch padded to its longest text | "
-        f"{torch_trim['median_ms']:.0f} | – | 32 | {torch_trim['peak_mb']:.0f} | – |",
-        f"| forward only (onnxruntime) | {fwd['median_ms']:.0f} | – | 32 | {fwd['peak_mb']:.0f} |"
-        " – |",
-        f"| ours, INSTANT, --budget 256MB | {ours['median_ms']:.0f} | {ours['mean_ms']:.0f} | {m} |"
-        f" {ours['peak_mb']:.1f} | {100 * ours['sys_share']:.1f} % |",
-        f"| ours, vanilla, micro-batch {m} | {van['median_ms']:.0f} | {van['mean_ms']:.0f} | {m} | "
-        f"{van['peak_mb']:.1f} | {100 * van['sys_share']:.1f} % |",
-        f"| ours, INSTANT, micro-batch {m} | {ins['median_ms']:.0f} | {ins['mean_ms']:.0f} | {m} | "
-        f"{ins['peak_mb']:.1f} | {100 * ins['sys_share']:.1f} % |",
+        f"Step times: median over {n} interleaved runs of each system's median step (min–max "
+        "of the runs); ratios: median of the per-run ratios (runs of the same repeat), range.",
         "",
-        f"- 256 MB step / PyTorch step: {ours['median_ms'] / torch['median_ms']:.2f} "
-        f"(calibration amortised: {ours['mean_ms'] / torch['median_ms']:.2f}); peak "
-        f"{ours['peak_mb']:.1f} MB of 256; against PyTorch with each batch padded to its "
-        f"longest text: {ours['median_ms'] / torch_trim['median_ms']:.2f} "
-        f"({ours['mean_ms'] / torch_trim['median_ms']:.2f})",
-        f"- INSTANT / vanilla at micro-batch {m}: {ins['median_ms'] / van['median_ms']:.2f} "
-        f"(amortised, calibration included: {ins['mean_ms'] / van['mean_ms']:.2f})",
-        f"- step / forward at batch 32: 256 MB run {ours['median_ms'] / fwd['median_ms']:.2f}, "
-        f"INSTANT at micro-batch {m} {ins['median_ms'] / fwd['median_ms']:.2f}, PyTorch "
-        f"{torch['median_ms'] / fwd['median_ms']:.2f}",
-        f"- kernel (sys) share of the 256 MB run's CPU time: {100 * ours['sys_share']:.1f} %; "
-        f"{ours['calibrations']} calibrations ({ours['calib_steps']} steps collected Grams)",
+        "| system | step ms (median) | amortised ms (calibration included) | micro-batch | "
+        "peak MB (outside, max of runs) | kernel share of CPU |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| PyTorch eager, no budget, batch padded to the bundle's 64 tokens | {_spread(torch)} |"
+        f" – | 32 | {max(r['peak_mb'] for r in torch['runs']):.0f} | – |",
+        f"| PyTorch eager, no budget, batch padded to its longest text | {_spread(torch_trim)} |"
+        f" – | 32 | {max(r['peak_mb'] for r in torch_trim['runs']):.0f} | – |",
+        f"| forward only (onnxruntime, padded) | {_spread(fwd)} | – | 32 | "
+        f"{max(r['peak_mb'] for r in fwd['runs']):.0f} | – |",
+        *(f"| ours, {label} | {_spread(r)} | {_spread(r, 'mean_ms')} | {m} | "
+          f"{max(x['peak_mb'] for x in r['runs']):.1f} | {100 * r['sys_share']:.1f} % |"
+          for label, r in (("INSTANT, --budget 256MB", ours),
+                           (f"vanilla, micro-batch {m}", van),
+                           (f"INSTANT, micro-batch {m}", ins))),
+        "",
+        f"- 256 MB step / PyTorch step (padded to 64): {_ratios(ours, torch)}; calibration "
+        f"amortised: {_ratios(ours, torch, 'mean_ms')}; peak at most "
+        f"{max(x['peak_mb'] for x in ours['runs']):.1f} MB of 256",
+        f"- 256 MB step / PyTorch step with each batch padded to its longest text: "
+        f"{_ratios(ours, torch_trim)}; calibration amortised: "
+        f"{_ratios(ours, torch_trim, 'mean_ms')}",
+        f"- INSTANT / vanilla at micro-batch {m}: {_ratios(ins, van)} (amortised, calibration "
+        f"included: {_ratios(ins, van, 'mean_ms', 'mean_ms')})",
+        f"- step / forward at batch 32: 256 MB run {_ratios(ours, fwd)}, INSTANT at micro-batch "
+        f"{m} {_ratios(ins, fwd)}, PyTorch {_ratios(torch, fwd)}",
+        f"- kernel (sys) share of the 256 MB run's CPU time: {100 * ours['sys_share']:.1f} % "
+        f"(median of runs); {ours['calibrations']} calibrations ({ours['calib_steps']} steps "
+        "collected Grams)",
         f"- commands: `{ours['cmd']}`; the others add `--mode vanilla --micro-batch {m}` / "
         f"`--micro-batch {m}` instead of `--budget`",
         "",
-        "Whole batch of 32 in one pass (no budget), training peak against the inference peak of "
-        "the same batch:",
+        "Whole batch of 32 in one pass (no budget, one run each), training peak against the "
+        "inference peak of the same batch:",
         "",
         "| system | peak MB (outside) | peak / forward-only peak | step ms (median) |",
         "|---|---:|---:|---:|",
@@ -166,22 +208,26 @@ def token_mlp(a) -> list[str]:
         x, y = make_sequences(1024)
         np.savez(data, x=x, y=y)
     common = ["--batch", "256", "--steps", "20", "--lr", "1e-3", "--threads", str(a.threads)]
-    log("[token-mlp] vanilla and instant, 20 steps")
-    van = train(bundle, str(data), work / "vanilla", [*common, "--mode", "vanilla"], 0)
-    ins = train(bundle, str(data), work / "instant", common, 0)
-    fast = train(bundle, str(data), work / "instant-flop05", [*common, "--flop-ratio", "0.5"], 0)
+    log(f"[token-mlp] vanilla and instant, 20 steps, {a.repeats} interleaved repeats")
+    res = _repeated({
+        "vanilla": lambda o: train(bundle, str(data), o, [*common, "--mode", "vanilla"], 0),
+        "instant": lambda o: train(bundle, str(data), o, common, 0),
+        "instant-flop05": lambda o: train(bundle, str(data), o, [*common, "--flop-ratio", "0.5"],
+                                          0),
+    }, work, a.repeats)
+    van, ins, fast = res["vanilla"], res["instant"], res["instant-flop05"]
     rows = ["| mode | amortised step ms over 20 steps (calibration included) | median step ms |"
-            " peak MB (outside) | final loss |", "|---|---:|---:|---:|---:|"]
+            " peak MB (outside, max of runs) | final loss |", "|---|---:|---:|---:|---:|"]
     for name, r in (("vanilla", van), ("INSTANT (defaults)", ins),
                     ("INSTANT --flop-ratio 0.5", fast)):
-        rows.append(f"| {name} | {r['mean_ms']:.0f} | {r['median_ms']:.0f} | {r['peak_mb']:.1f} |"
-                    f" {r['loss_last']:.4f} |")
+        rows.append(f"| {name} | {_spread(r, 'mean_ms')} | {_spread(r)} | "
+                    f"{max(x['peak_mb'] for x in r['runs']):.1f} | {r['loss_last']:.4f} |")
     return rows + [
         "",
-        f"- INSTANT / vanilla over the 20-step run, calibration included: defaults "
-        f"{ins['mean_ms'] / van['mean_ms']:.2f}, --flop-ratio 0.5 "
-        f"{fast['mean_ms'] / van['mean_ms']:.2f}; peak {ins['peak_mb'] / van['peak_mb']:.2f} / "
-        f"{fast['peak_mb'] / van['peak_mb']:.2f} of vanilla's",
+        f"- INSTANT / vanilla over the 20-step run, calibration included (median of per-repeat "
+        f"ratios, range): defaults {_ratios(ins, van, 'mean_ms', 'mean_ms')}, --flop-ratio 0.5 "
+        f"{_ratios(fast, van, 'mean_ms', 'mean_ms')}; peak {ins['peak_mb'] / van['peak_mb']:.2f}"
+        f" / {fast['peak_mb'] / van['peak_mb']:.2f} of vanilla's",
         f"- command: `{ins['cmd']}` (and `--mode vanilla`, `--flop-ratio 0.5`)",
     ]
 
@@ -192,8 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved runs of every system (timings on a shared VM swing)")
     a = ap.parse_args(argv)
-    out = [f"command: python -m benchmarks.speed --workloads {a.workloads} --steps {a.steps}",
+    out = [f"command: python -m benchmarks.speed --workloads {a.workloads} --steps {a.steps} "
+           f"--repeats {a.repeats}",
            f"machine: {cpu_description()}; onnxruntime {dist_version('onnxruntime')}, torch "
            f"{dist_version('torch')}", ""]
     for w in a.workloads.split(","):
