@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
                         "and the compressed activations as int8 with per-row scales (a quarter "
                         "of the memory, so ranks under a budget can be ~4x higher; error <= "
                         "0.4 %% of each row's largest value)")
+    e.add_argument("--no-prefix", action="store_true",
+                   help="keep the training graphs whole: no separate frozen-prefix graph run "
+                        "without padding (export/prefix.py; for comparisons)")
     e.add_argument("--classes", default=None,
                    help="class names in id order, comma-separated (kept with the model)")
 
@@ -337,7 +340,7 @@ def _cmd_export(a) -> int:
                       tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
                       image_std=floats(a.image_std, "--image-std"),
                       class_names=a.classes.split(",") if a.classes else None,
-                      saved_int8=a.saved_int8)
+                      saved_int8=a.saved_int8, split=not a.no_prefix)
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read

@@ -210,7 +210,6 @@ def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encode
     INSTANT trains from it too."""
     from helpers import make_trainer
 
-    from export.bundle import export_bundle
     from runtime.bundle import open_bundle
     from runtime.data import load_data
     from runtime.trainer import IndexBatch
@@ -220,10 +219,11 @@ def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encode
     assert len(carried) == 1 and list(carried.values()) == [1], carried
     for mode in m["io"]:
         assert set(carried) <= set(m["io"][mode]["forward_inputs"])
-    whole = export_bundle(str(encoder_bundle.parent / "encoder.onnx"), tmp_path / "whole",
-                          input_shape="8,16:int64;8,16:int64", trainable="*layers.1.*",
-                          output="token_embeddings", head=2, pool="mean",
-                          tokenizer=_tokenizer(), split=False)
+    whole = tmp_path / "whole"
+    _ok(_cli("export", "--model", encoder_bundle.parent / "encoder.onnx", "--out", whole,
+             "--output", "token_embeddings", "--head", 2, "--pool", "mean", "--tokenizer",
+             _tokenizer(), "--input-shape", "8,16:int64;8,16:int64", "--trainable",
+             "*layers.1.*", "--oversample", 7, "--no-prefix"))
     assert "prefix" not in json.loads((whole / "manifest.json").read_text())["graphs"]
 
     rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 200, bad=False))))
