@@ -281,6 +281,10 @@ class Trainer:
                 feeds[name] = value
                 continue
             a = value.numpy()
+            if axis >= a.ndim or a.shape[axis] > seq_len:
+                raise UserError(f"the bundle's prefix output '{name}' has shape {list(a.shape)}, "
+                                f"which has no token axis {axis} of at most {seq_len}; the "
+                                "manifest does not match its graphs: re-export the bundle")
             shape = list(a.shape)
             shape[axis] = seq_len
             full = np.zeros(shape, a.dtype)

@@ -261,6 +261,52 @@ def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encode
     assert c.bases and all(np.isfinite(losses)), losses
 
 
+def test_frozen_prefix_trains_inside_the_smallest_stated_budget(encoder_bundle, tmp_path):
+    """The budget contract with a frozen prefix graph: ``plan`` states the smallest budget for
+    the run, and training at it stays inside it, measured from outside (VmHWM polled)."""
+    import re
+
+    assert json.loads((encoder_bundle / "manifest.json").read_text())["prefix"]
+    data = _reviews_csv(tmp_path / "r.csv", 400, bad=False)
+    common = ["--data", str(data), "--batch", "64", "--threads", "2"]
+    r = _cli("plan", encoder_bundle, *common)
+    need = int(re.search(r"smallest --budget for this run.*: about (\d+) ?MB", _ok(r)).group(1))
+    argv = [sys.executable, "-m", "runtime", "train", str(encoder_bundle), *common, "--steps",
+            "6", "--no-progress", "--overwrite", "--out", str(tmp_path / "run")]
+    m = run_measured([*argv, "--budget", f"{need}MB"], timeout=300, cwd=REPO)
+    assert m.returncode == 0, m.stderr[-2000:]
+    assert m.peak_polled <= need * MB, (m.peak_polled, need, m.stdout[-2000:])
+    # tighter (micro-batches, or a refusal where the machine's base does not leave room): the
+    # run stays inside, or it is refused in one line before it starts
+    tight = int(need * 0.85)
+    m = run_measured([*argv, "--budget", f"{tight}MB"], timeout=300, cwd=REPO)
+    assert m.peak_polled <= tight * MB, (m.peak_polled, tight, m.stdout[-2000:])
+    if m.returncode != 0:
+        assert m.returncode == 2 and m.stderr.startswith("error: budget"), m.stderr[-2000:]
+        assert "Traceback" not in m.stderr
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda p: {k: 7 for k in p["outputs"]}, "has no token axis 7"),
+    (lambda p: {"not-a-tensor": 1}, "does not take the prefix's 'not-a-tensor'"),
+])
+def test_a_tampered_prefix_description_is_one_line_error(encoder_bundle, tmp_path, edit,
+                                                         fragment):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(encoder_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["prefix"]["outputs"] = edit(m["prefix"])
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    data = tmp_path / "short.csv"  # short texts: the prefix runs trimmed, then pads back
+    data.write_text("text,label\n" + "".join(f"good film {i},{i % 2}\n" for i in range(40)))
+    r = _cli("train", bundle, "--data", data, "--steps", 1, "--batch", 8, "--no-progress",
+             "--out", tmp_path / "run")
+    assert r.returncode == 2 and fragment in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 POOLED = textwrap.dedent('''
     import sys
     import torch
