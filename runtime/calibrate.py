@@ -18,8 +18,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Basis", "DegenerateGram", "GramWindow", "Spectrum", "basis_from_gram", "decompose",
-           "rank_for_energy"]
+__all__ = ["Basis", "DegenerateGram", "GramWindow", "Spectrum", "basis_from_gram",
+           "calibration_samples", "decompose", "rank_for_energy"]
+
+# The first calibration (dedicated exact passes) reads at least this many samples per batch, and
+# enough that every Gram sums CALIB_VECTORS_PER_DIM times its dimension in vectors.
+CALIB_MIN_SAMPLES = 64
+CALIB_VECTORS_PER_DIM = 4
+
+
+def calibration_samples(layers, batch: int, override: int | None = None) -> int:
+    """Samples per batch of the first calibration: the run's batch, or fewer where fewer fill
+    every Gram. A sample contributes ``cx`` vectors of length L to a token-axis Gram of x (L×L)
+    and L vectors of length ``cx`` to a channel-axis one (likewise ``cy`` for the output
+    gradient), so a few samples of a long-sequence, wide layer estimate its L×L Gram well while
+    a 2-D activation (L = 1) needs as many samples as its width. The count is the largest that
+    any Gram needs for ``CALIB_VECTORS_PER_DIM`` vectors per dimension, at least
+    ``CALIB_MIN_SAMPLES``, at most the batch. On the token MLP at batch 256 this is 64: the
+    first calibration costs a quarter of its passes (docs/method.md); at batch 32 nothing
+    changes. ``override`` (``--calib-samples``) replaces the rule."""
+    if override:
+        return max(1, min(batch, override))
+    need = CALIB_MIN_SAMPLES
+    for ly in layers:
+        for axis, dim, width in ((ly.x_axis, ly.x_dim, ly.cx), (ly.g_axis, ly.g_dim, ly.cy)):
+            vectors = width if axis == "token" else ly.tokens
+            need = max(need, -(-CALIB_VECTORS_PER_DIM * dim // max(1, vectors)))
+    return max(1, min(batch, need))
 
 
 class DegenerateGram(ValueError):

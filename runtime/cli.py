@@ -82,6 +82,9 @@ def _add_instant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-every", type=int, default=None,
                    help="recalibrate every N steps (0: once)")
     p.add_argument("--calib-batches", type=int, default=None)
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="samples per batch of the first calibration (default: the batch, or "
+                        "fewer where fewer fill every Gram: at least 64)")
     p.add_argument("--max-rank", type=int, default=None, help="cap every INSTANT rank")
     p.add_argument("--rank-policy", default=None, choices=["energy", "budget"],
                    help="budget (default): ranks that minimise the gradient error under the "
@@ -263,7 +266,7 @@ def _train_config(a, bundle, prof, optim=None):
     instant = InstantConfig.from_bundle(
         bundle.manifest.instant.settings, energy=a.energy, oversample=a.oversample,
         calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,
-        rank_policy=policy, flop_ratio=a.flop_ratio, variance=a.variance,
+        calib_samples=getattr(a, "calib_samples", None), rank_policy=policy, flop_ratio=a.flop_ratio, variance=a.variance,
         saved_ratio=a.saved_ratio)
     return TrainConfig(mode=a.mode, optim=optim or OptimConfig(), instant=instant,
                        session=_session_config(a, prof, log=print), seed=getattr(a, "seed", 0))

@@ -107,6 +107,8 @@ class InstantConfig:
     calib_every: int = InstantSettings.calib_every
     calib_batches: int = InstantSettings.calib_batches
     max_rank: int | None = None
+    # samples per batch of the first calibration (None: calibrate.calibration_samples' rule)
+    calib_samples: int | None = None
     # "budget": ranks that minimise the gradient error under the plan's memory and flop_ratio;
     # "energy": the paper's ε rule (chosen automatically when ε or p is given explicitly).
     rank_policy: RankPolicy = "budget"
@@ -128,6 +130,7 @@ class InstantConfig:
         _int("--calib-every", self.calib_every, 0)
         _int("--calib-batches", self.calib_batches, 1, 10_000)
         _int("--max-rank", self.max_rank, 1, none_ok=True)
+        _int("--calib-samples", self.calib_samples, 1, 1 << 24, none_ok=True)
         if self.rank_policy not in ("energy", "budget"):
             raise _bad("--rank-policy", self.rank_policy, "choose energy or budget")
         if self.flop_ratio is not None:  # 0: no cap

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from contract import UserError, atomic_write, write_text
 
 from .accounting import format_table, layer_costs
+from .calibrate import calibration_samples
 from .checkpoint import (
     Checkpointer,
     StopSignals,
@@ -332,6 +333,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                mininterval=0.5, initial=start, total=cfg.steps,
                unit="step", dynamic_ncols=True)
     lr = trainer.config.optim.lr
+    calib_batch = calibration_samples(trainer.bundle.layers, batch,
+                                      trainer.config.instant.calib_samples)
     with StopSignals() as stop:
         for _ in bar:
             calibrated = None
@@ -339,7 +342,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 if trainer.bases:  # inside the next steps (recal graphs)
                     trainer.begin_calibration()
                 else:  # the first one: dedicated passes, no optimizer step
-                    calibrated = guard.run(lambda: trainer.calibrate(data, batch, calib_rng),
+                    calibrated = guard.run(lambda: trainer.calibrate(data, calib_batch,
+                                                                     calib_rng),
                                            calibration=True)
             b = IndexBatch(data, order.next())
             r = guard.run(lambda b=b: trainer.train_step(b))

@@ -172,3 +172,32 @@ def test_fused_momentum_equals_sgd_with_a_gradient_buffer(mlp_bundle: Path) -> N
         assert abs(a.loss - b.loss) < 1e-5
     for k in fused.params:
         np.testing.assert_allclose(fused.params[k], plain.params[k], rtol=1e-5, atol=1e-6)
+
+
+def test_first_calibration_reads_as_many_samples_as_every_gram_needs(mlp_bundle, tmp_path):
+    """A long-sequence, wide layer fills its L×L Gram from a few samples; a 2-D activation
+    (L = 1) needs as many samples as its width. The first calibration of a run reads the count
+    the rule gives (``--calib-samples`` overrides it)."""
+    from export import export_bundle
+    from runtime.calibrate import calibration_samples
+
+    tokens = open_bundle(export_bundle("token-mlp", tmp_path / "token-mlp"))  # 128 × 64..512
+    assert calibration_samples(tokens.layers, 256) == 64  # at least 64: 4·128/512 is 1
+    assert calibration_samples(tokens.layers, 32) == 32  # never more than the batch
+    assert calibration_samples(tokens.layers, 256, override=200) == 200
+    flat = open_bundle(mlp_bundle)  # [N, 128] activations: 4 × 128 vectors
+    assert calibration_samples(flat.layers, 1024) == 4 * max(
+        max(ly.x_dim, ly.g_dim) for ly in flat.layers)
+
+    data = load_data("digits", flat)
+    seen = []
+    tr = make_trainer(flat, mode="instant")
+    calibrate = tr.calibrate
+
+    def spy(data_, batch, rng):
+        seen.append(batch)
+        return calibrate(data_, batch, rng)
+
+    tr.calibrate = spy
+    train(tr, data, RunConfig(steps=2, batch=600, progress=False))
+    assert seen == [calibration_samples(flat.layers, 600)] and seen[0] < 600, seen
