@@ -271,13 +271,13 @@ class PrefixSpec:
 
     outputs: dict[str, int]
     # the outputs' bytes per sample at the trained length (the runtime's memory planning)
-    bytes_per_sample: int = field(default=0, metadata=check(ge=0))
+    bytes_per_sample: int = field(default=0, metadata=check(ge=0, le=1 << 34))
 
     def validate(self) -> tuple[str, str] | None:
         if not self.outputs:
             return "outputs", "must name at least one tensor"
-        if any(a < -1 or a > 16 for a in self.outputs.values()):
-            return "outputs", "token axes are -1 (none) or 0..16"
+        if any(a == 0 or a < -1 or a > 16 for a in self.outputs.values()):
+            return "outputs", "token axes are -1 (none) or 1..16 (axis 0 is the batch)"
         return None
 
 
@@ -355,6 +355,12 @@ class Manifest:
         if (self.prefix is None) != (names.PREFIX not in self.graphs):
             return "prefix", "a prefix graph and the prefix description come together"
         if self.prefix is not None:
+            taken = ({p.name for p in self.params} | {names.LABELS} | set(self.lookups)
+                     | {i.name for i in self.inputs})
+            clash = sorted(set(self.prefix.outputs) & taken)
+            if clash:
+                return "prefix.outputs", (f"'{clash[0]}' is a model input, label, lookup or "
+                                          "parameter, not a prefix output")
             for mode in self.modes:
                 io = self.io.get(mode)
                 missing = [t for t in self.prefix.outputs if io and t not in io.forward_inputs]

@@ -78,6 +78,8 @@ def _convert(ctx: _Ctx, tp: Any, value: Any, path: str, meta: dict | None) -> An
                 return _convert(ctx, a, value, path, meta)
             except ManifestError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # X | None given a value: X's own reason names the inner field
+            raise errors[0]
         raise ctx.fail(path, _name(tp), value)
     if origin is Literal:
         if value not in get_args(tp) or isinstance(value, bool):

@@ -188,8 +188,11 @@ def split_prefix(fwd: onnx.ModelProto, free: onnx.ModelProto, params: list[str],
         return None
     if axes is None:
         return None
-    per = sum(int(np.prod(shapes.of(t)[1:])) * _itemsize(shapes.dtype.get(t, TensorProto.FLOAT))
-              for t in carried)
+    dims = [shapes.shape.get(t) for t in carried]
+    if any(d is None or not all(isinstance(k, int) for k in d[1:]) for d in dims):
+        return None  # the planner needs each carried tensor's size per sample
+    per = sum(int(np.prod(d[1:])) * _itemsize(shapes.dtype.get(t, TensorProto.FLOAT))
+              for t, d in zip(carried, dims, strict=True))
     return Prefix(graph, cut, axes, per)
 
 
@@ -244,9 +247,12 @@ def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, 
     pre2 = run(psess, shorter, carried)
     axes = {}
     padded = dict(feeds)
+    mask = feeds[text.mask_input] != 0
     for t, a, b in zip(carried, pre, pre2, strict=True):
+        if a.ndim != b.ndim or a.ndim < 1 or a.shape[0] != n:
+            return None  # the runtime pads along axis 1+ of tensors with a batch axis 0
         diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
-        if len(diff) > 1 or a.ndim != b.ndim:
+        if len(diff) > 1 or diff == [0]:
             return None
         axis = diff[0] if diff else -1
         if axis >= 0:
@@ -254,9 +260,11 @@ def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, 
                 return None
             pad = [(0, 0)] * a.ndim
             pad[axis] = (0, text.seq_len - keep)
-            a = np.pad(a, pad)
+            # as the runtime feeds it: zero at every masked position, not only past ``keep``
+            a = np.pad(a, pad) * mask.reshape(
+                [n] + [text.seq_len if i == axis else 1 for i in range(1, a.ndim)])
         axes[t] = axis
-        padded[t] = a
+        padded[t] = a.astype(pre[carried.index(t)].dtype)
     got = run(session(cut), padded, [output])[0]
     scale = 1.0 + float(np.abs(whole).max())
     if got.shape != whole.shape or float(np.abs(got - whole).max()) > 1e-4 * scale:

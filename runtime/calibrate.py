@@ -27,7 +27,8 @@ CALIB_MIN_SAMPLES = 64
 CALIB_VECTORS_PER_DIM = 4
 
 
-def calibration_samples(layers, batch: int, override: int | None = None) -> int:
+def calibration_samples(layers, batch: int, override: int | None = None,
+                        padded: bool = False) -> int:
     """Samples per batch of the first calibration: the run's batch, or fewer where fewer fill
     every Gram. A sample contributes ``cx`` vectors of length L to a token-axis Gram of x (L×L)
     and L vectors of length ``cx`` to a channel-axis one (likewise ``cy`` for the output
@@ -36,13 +37,15 @@ def calibration_samples(layers, batch: int, override: int | None = None) -> int:
     any Gram needs for ``CALIB_VECTORS_PER_DIM`` vectors per dimension, at least
     ``CALIB_MIN_SAMPLES``, at most the batch. On the token MLP at batch 256 this is 64: the
     first calibration costs a quarter of its passes (docs/method.md); at batch 32 nothing
-    changes. ``override`` (``--calib-samples``) replaces the rule."""
+    changes. ``padded`` (text: positions may be padding): a channel-axis Gram counts one
+    vector per sample, since its real length is unknown here. ``override``
+    (``--calib-samples``) replaces the rule."""
     if override:
         return max(1, min(batch, override))
     need = CALIB_MIN_SAMPLES
     for ly in layers:
         for axis, dim, width in ((ly.x_axis, ly.x_dim, ly.cx), (ly.g_axis, ly.g_dim, ly.cy)):
-            vectors = width if axis == "token" else ly.tokens
+            vectors = width if axis == "token" else (1 if padded else ly.tokens)
             need = max(need, -(-CALIB_VECTORS_PER_DIM * dim // max(1, vectors)))
     return max(1, min(batch, need))
 

@@ -334,7 +334,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                unit="step", dynamic_ncols=True)
     lr = trainer.config.optim.lr
     calib_batch = calibration_samples(trainer.bundle.layers, batch,
-                                      trainer.config.instant.calib_samples)
+                                      trainer.config.instant.calib_samples,
+                                      padded=trainer.bundle.manifest.text is not None)
     with StopSignals() as stop:
         for _ in bar:
             calibrated = None

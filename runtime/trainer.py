@@ -244,25 +244,35 @@ class Trainer:
                                 "re-export the bundle")
         return out
 
-    def _trims(self) -> bool:
-        """Whether the prefix runs each micro-batch cut to its longest row."""
+    def _masked_prefix(self) -> bool:
+        """Whether the prefix's outputs are zeroed at masked positions (a text bundle whose
+        model ignores its padding): what the trainable layers see at a padded position is then
+        zero, whatever micro-batch the row shares and whatever length the prefix ran at."""
         m = self.bundle.manifest
-        return (self.trim and m.prefix is not None and m.text is not None and m.text.any_length
+        return (m.prefix is not None and m.text is not None and m.text.any_length
                 and m.text.mask_input is not None)
 
+    def _trims(self) -> bool:
+        """Whether the prefix runs each micro-batch cut to its longest row."""
+        return self.trim and self._masked_prefix()
+
     def prefix_feeds(self, x: dict[str, np.ndarray], y: np.ndarray) -> dict[str, ort.OrtValue]:
-        """The frozen prefix's outputs for this micro-batch (empty without a prefix graph): run
-        without the trailing padding where the model takes any length, then padded back to the
-        trained length with zeros along each output's token axis."""
+        """The frozen prefix's outputs for this micro-batch (empty without a prefix graph). For
+        a text model that ignores its padding: run without the trailing padding, padded back to
+        the trained length, and zero at every masked position (export/prefix.py checks that the
+        trainable part then gives the uncut graph's outputs)."""
         spec = self.bundle.manifest.prefix
         if spec is None:
             return {}
         text = self.bundle.manifest.text
-        seq_len = text.seq_len if text is not None else 0
-        keep = seq_len
-        if self._trims():
-            keep = min(-(-int(_row_lengths(x[text.mask_input]).max()) // LENGTH_STEP)
-                       * LENGTH_STEP, seq_len)
+        mask = x.get(text.mask_input) if self._masked_prefix() else None
+        if mask is not None and (mask.ndim != 2 or mask.shape[1] != text.seq_len):
+            raise UserError(f"input '{text.mask_input}' has shape {list(mask.shape)}; the bundle "
+                            f"takes [N, {text.seq_len}]: tokenise the data for this bundle")
+        keep = text.seq_len if text is not None else 0
+        if mask is not None and self.trim:
+            keep = min(-(-int(_row_lengths(mask).max()) // LENGTH_STEP) * LENGTH_STEP,
+                       text.seq_len)
             tokens = set(text.token_inputs)
             x = {k: np.ascontiguousarray(v[:, :keep]) if k in tokens else v for k, v in x.items()}
         sess = self.session(names.PREFIX, "forward")
@@ -277,18 +287,22 @@ class Trainer:
         feeds = {}
         for name, value in zip(outs, got, strict=True):
             axis = spec.outputs[name]
-            if axis < 0 or keep == seq_len:
+            if axis < 0 or mask is None:
                 feeds[name] = value
                 continue
             a = value.numpy()
-            if axis >= a.ndim or a.shape[axis] > seq_len:
+            if not (1 <= axis < a.ndim) or a.shape[axis] > text.seq_len \
+                    or a.shape[0] != mask.shape[0]:
                 raise UserError(f"the bundle's prefix output '{name}' has shape {list(a.shape)}, "
-                                f"which has no token axis {axis} of at most {seq_len}; the "
+                                f"which has no token axis {axis} of at most {text.seq_len}; the "
                                 "manifest does not match its graphs: re-export the bundle")
             shape = list(a.shape)
-            shape[axis] = seq_len
+            shape[axis] = text.seq_len
             full = np.zeros(shape, a.dtype)
             full[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
+            del a
+            full *= (mask != 0).astype(full.dtype).reshape(
+                [mask.shape[0]] + [text.seq_len if i == axis else 1 for i in range(1, full.ndim)])
             feeds[name] = _ov(full)
         del got
         return feeds

@@ -261,6 +261,46 @@ def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encode
     assert c.bases and all(np.isfinite(losses)), losses
 
 
+def test_frozen_prefix_gives_the_same_grams_at_any_micro_batch(encoder_bundle, tmp_path):
+    """The prefix's outputs are zero at every padded position, so what the trainable layers
+    see (and INSTANT's calibration Grams, which sum over every position) does not depend on
+    which rows share a micro-batch, nor on whether the prefix ran trimmed."""
+    from helpers import make_trainer
+
+    from runtime.bundle import open_bundle
+    from runtime.calibrate import GramWindow
+    from runtime.data import load_data
+    from runtime.trainer import IndexBatch, chunks
+
+    b = open_bundle(encoder_bundle)
+    data = tmp_path / "mixed.csv"
+    rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 60, bad=False))))
+    with open(data, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [[" ".join(t.split()[:2 + i % 9]), lab]
+                                             for i, (t, lab) in enumerate(rows[1:])])
+    ds = load_data(str(data), b)
+    idx = np.random.default_rng(0).choice(len(ds), 18, replace=False)
+
+    def grams(micro: int, trim: bool):
+        tr = make_trainer(b, mode="instant", micro_batch=micro)
+        tr.trim = trim
+        io = tr.bundle.io("calib")
+        cf, cb = tr.session("calib", "forward"), tr.session("calib", "backward")
+        tr.window = GramWindow(tr.bundle.layers, 1)
+        batch = tr._by_length(IndexBatch(ds, idx))
+        for s, e in chunks(len(batch), micro):
+            tr._calib_micro(cf, cb, io, *batch.rows(s, e))
+        return tr.window.gx, tr.window.gg
+
+    ref = grams(18, False)
+    for micro, trim in ((6, True), (1, True), (6, False)):
+        got = grams(micro, trim)
+        for want, have in zip(ref, got, strict=True):
+            for k in want:
+                scale = float(np.abs(want[k]).max()) + 1e-30
+                assert float(np.abs(have[k] - want[k]).max()) <= 1e-4 * scale, (micro, trim, k)
+
+
 def test_frozen_prefix_trains_inside_the_smallest_stated_budget(encoder_bundle, tmp_path):
     """The budget contract with a frozen prefix graph: ``plan`` states the smallest budget for
     the run, and training at it stays inside it, measured from outside (VmHWM polled)."""
@@ -289,6 +329,8 @@ def test_frozen_prefix_trains_inside_the_smallest_stated_budget(encoder_bundle, 
 @pytest.mark.parametrize("edit, fragment", [
     (lambda p: {k: 7 for k in p["outputs"]}, "has no token axis 7"),
     (lambda p: {"not-a-tensor": 1}, "does not take the prefix's 'not-a-tensor'"),
+    (lambda p: {"input_ids": 1}, "is a model input, label, lookup or parameter"),
+    (lambda p: {k: 0 for k in p["outputs"]}, "axis 0 is the batch"),
 ])
 def test_a_tampered_prefix_description_is_one_line_error(encoder_bundle, tmp_path, edit,
                                                          fragment):
