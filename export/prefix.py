@@ -14,7 +14,8 @@ trainable parameter enters:
   inputs of every training graph, which keep the cheap rest (mask arithmetic) themselves;
 * at run time a micro-batch goes through the prefix cut to its longest row (the runtime sorts a
   step's rows by length first), and each carried tensor is padded back to the trained length
-  with zeros along its token axis before the training graphs see it.
+  along its token axis and zeroed at every masked position before the training graphs see it
+  (so a padded position holds zeros whatever micro-batch its row shares).
 
 Exact for the real tokens where the trainable part ignores the padded positions. The exporter
 does not assume it: it keeps the split only if, on the tokenizer's encodings of a few sentences,
