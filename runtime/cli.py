@@ -257,6 +257,14 @@ def _session_config(a, prof, log=None):
     return cfg
 
 
+def _calib_batch(tr, batch: int) -> int:
+    """The first calibration's samples per batch, as ``train`` takes them."""
+    from .calibrate import calibration_samples
+
+    return calibration_samples(tr.bundle.layers, batch, tr.config.instant.calib_samples,
+                               padded=tr.bundle.manifest.text is not None)
+
+
 def _train_config(a, bundle, prof, optim=None):
     from .config import InstantConfig, OptimConfig, TrainConfig
 
@@ -466,7 +474,8 @@ def _cmd_plan(a) -> int:
         plan = _plan(tr, data, min(a.batch, len(data)), budget, None, print)
         if tr.mode == "instant":
             tr.use_plan(plan)
-            tr.calibrate(data, min(a.batch, len(data)), np.random.default_rng(0))
+            tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))),
+                         np.random.default_rng(0))
             print(format_table(layer_costs(bundle.layers, tr.ranks())))
         return 0
     ranks: dict = {}
@@ -484,7 +493,7 @@ def _cmd_plan(a) -> int:
 
         use_arena(None)
         tr = Trainer(bundle, cfg)
-        tr.calibrate(data, min(a.batch, len(data)), np.random.default_rng(0))
+        tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), np.random.default_rng(0))
         ranks = tr.ranks()
     if not bundle.layers:
         print("no INSTANT layers in this bundle (no trainable Linear / 1x1 Conv besides the head)")
