@@ -134,13 +134,9 @@ def _same_outputs(fixed: onnx.ModelProto, free: onnx.ModelProto, output: str, te
     if feeds is None:
         return False
     try:
-        import onnxruntime as ort
 
         def run(model: onnx.ModelProto, x: dict[str, np.ndarray]) -> np.ndarray:
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            sess = ort.InferenceSession(model.SerializeToString(), so,
-                                        providers=["CPUExecutionProvider"])
+            sess = ort_session(model)
             want = {i.name: np.dtype(_np(i.type)) for i in sess.get_inputs()}
             return sess.run([output],
                             {k: v.astype(want[k]) for k, v in x.items()})[0]
@@ -155,6 +151,15 @@ def _same_outputs(fixed: onnx.ModelProto, free: onnx.ModelProto, output: str, te
         return False
     scale = 1.0 + float(np.abs(padded).max())
     return padded.shape == trimmed.shape and float(np.abs(padded - trimmed).max()) <= 1e-4 * scale
+
+
+def ort_session(model: onnx.ModelProto):
+    """A quiet CPU onnxruntime session of ``model`` (the exporter's checks)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _np(type_str: str) -> str:

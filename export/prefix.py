@@ -205,20 +205,13 @@ def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, 
            output) -> dict[str, int] | None:
     """Token axis of each carried tensor, or None when the cut forward fed from the trimmed
     prefix does not give the uncut forward's outputs on padded text."""
-    import onnxruntime as ort
-
     from .any_length import _encodings
+    from .any_length import ort_session as session
 
     feeds = _encodings(text, tokenizer)
     if feeds is None:
         return None
     n = len(next(iter(feeds.values())))
-
-    def session(model):
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        return ort.InferenceSession(model.SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
 
     def run(sess, x, outs):
         want = {i.name: i for i in sess.get_inputs()}
@@ -265,7 +258,7 @@ def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, 
             a = np.pad(a, pad) * mask.reshape(
                 [n] + [text.seq_len if i == axis else 1 for i in range(1, a.ndim)])
         axes[t] = axis
-        padded[t] = a.astype(pre[carried.index(t)].dtype)
+        padded[t] = a
     got = run(session(cut), padded, [output])[0]
     scale = 1.0 + float(np.abs(whole).max())
     if got.shape != whole.shape or float(np.abs(got - whole).max()) > 1e-4 * scale:

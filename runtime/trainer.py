@@ -312,15 +312,10 @@ class Trainer:
         lengths); other batches unchanged. The gradient is a sum over rows: order-free."""
         if not self._trims() or not isinstance(batch, (ArrayBatch, IndexBatch)):
             return batch
-        mask_name = self.bundle.manifest.text.mask_input
         n = len(batch)
-        lengths = np.ones(n, np.int64)
-        step = self.plan.micro_batch or n
-        for s in range(0, n, step):
-            x, _ = batch.rows(s, min(n, s + step))
-            if mask_name not in x or x[mask_name].ndim != 2:
-                return batch
-            lengths[s:s + len(x[mask_name])] = _row_lengths(x[mask_name])
+        lengths = self._read_lengths(batch.rows, n, self.plan.micro_batch or n)
+        if lengths is None:
+            return batch
         order = np.argsort(-lengths, kind="stable")
         if isinstance(batch, IndexBatch):
             return IndexBatch(batch.data, batch.idx[order])
@@ -659,11 +654,15 @@ class Trainer:
     def _lengths(self, data, micro: int) -> np.ndarray | None:
         """Each row's length up to its last unmasked token (at least 1), read ``micro`` rows at a
         time; None without an attention mask."""
-        mask_name = self.bundle.manifest.text.mask_input
         n = len(data)
-        out = np.ones(n, np.int32)
+        return self._read_lengths(lambda s, e: data.take(np.arange(s, e)), n, micro)
+
+    def _read_lengths(self, rows, n: int, micro: int) -> np.ndarray | None:
+        """Row lengths from the mask of ``rows(start, stop)`` read ``micro`` rows at a time."""
+        mask_name = self.bundle.manifest.text.mask_input
+        out = np.ones(n, np.int64)
         for s in range(0, n, micro):
-            x, _ = data.take(np.arange(s, min(n, s + micro)))
+            x, _ = rows(s, min(n, s + micro))
             mask = x.get(mask_name)
             if mask is None or mask.ndim != 2:
                 return None
