@@ -197,6 +197,10 @@ class LayerInfo:
     # bytes per element of the compressed activation x̂ the instant graphs save: 4 (float32) or
     # 1 (int8 with a float32 scale per rank direction and sample: ``export --saved-int8``)
     x_itemsize: Literal[1, 4] = 4
+    # the instant graphs run the exact input gradient g·W when the gradient basis Q has full
+    # rank (g_dim rows): the runtime then picks full rank wherever a compressed Ry would cost
+    # more than the exact product (runtime/ranks.py). Bundles from before this say False.
+    gx_exact_at_full: bool = False
 
     def validate(self) -> tuple[str, str] | None:
         want_x = self.tokens if self.x_axis == "token" else self.cx

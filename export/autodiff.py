@@ -38,7 +38,7 @@ from onnx import helper, numpy_helper
 
 from contract import names
 
-from .graph import Builder, ExportError, Shapes
+from .graph import Builder, ExportError, Shapes, reads
 from .layers import CompressedLayer
 
 __all__ = [
@@ -204,7 +204,7 @@ class Draft:
         return None
 
     def bwd_consumers(self, name: str) -> list[onnx.NodeProto]:
-        return [n for n in self.bwd.nodes if name in n.input]
+        return [n for n in self.bwd.nodes if name in reads(n)]
 
     def bwd_constant(self, name: str) -> np.ndarray | None:
         for t in self.bwd.initializers:
@@ -240,7 +240,7 @@ class Draft:
     def drop_dead_bwd(self) -> None:
         """Remove backward nodes whose outputs nobody reads (after a rewrite orphaned them)."""
         while True:
-            used = {i for n in self.bwd.nodes for i in n.input} | self.protected
+            used = {i for n in self.bwd.nodes for i in reads(n)} | self.protected
             dead = [n for n in self.bwd.nodes if not any(o in used for o in n.output if o)]
             if not dead:
                 return
@@ -419,7 +419,7 @@ def _split(fwd_model, fwd: Builder, bwd: Builder, ctx: GradContext,
     saved: list[str] = []
     seen: set[str] = set()
     for n in bwd.nodes:
-        for name in n.input:
+        for name in reads(n):
             if not name or name in produced_bwd or name in seen:
                 continue
             seen.add(name)

@@ -49,7 +49,7 @@ from contract import (
 from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
-from .graph import ExportError, Shapes
+from .graph import ExportError, Shapes, reads
 from .layers import CompressedLayer, find_compressible_layers
 from .tracing import Traced, check_free_batch, example_arrays, load_model
 
@@ -191,7 +191,7 @@ def _dynamic_batch(model: onnx.ModelProto, names: list[str]) -> None:
 
 
 def _prune_unused_inputs(model: onnx.ModelProto, keep: set[str]) -> None:
-    used = {i for n in model.graph.node for i in n.input}
+    used = {i for n in model.graph.node for i in reads(n)}
     inputs = [vi for vi in model.graph.input if vi.name in used or vi.name in keep]
     del model.graph.input[:]
     model.graph.input.extend(inputs)

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from contract.errors import UserError
 
-__all__ = ["Builder", "ExportError", "Shapes", "static_shape"]
+__all__ = ["Builder", "ExportError", "Shapes", "reads", "static_shape"]
 
 Dim = int | str | None
 
@@ -73,6 +73,21 @@ class Builder:
 
     def ints(self, values: Sequence[int]) -> str:
         return self.const(list(values), np.int64)
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor ``node`` reads: its inputs and, for a control-flow node (``If``), the names
+    its subgraphs take from the enclosing graph (ONNX subgraphs read outer values by name)."""
+    out = [i for i in node.input if i]
+    for a in node.attribute:
+        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (
+            list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
+        for g in subs:
+            inner = {t.name for t in g.initializer} | {i.name for i in g.input}
+            for n in g.node:
+                out.extend(i for i in reads(n) if i not in inner)
+                inner.update(o for o in n.output if o)
+    return out
 
 
 def static_shape(vi: onnx.ValueInfoProto) -> list[Dim] | None:

@@ -69,6 +69,9 @@ class CompressedLayer:
     # 4: x̂ saved in float32; 1: in int8 with a float32 scale per sample and rank direction
     # (``export --saved-int8``, where :meth:`int8_x_ok`)
     x_itemsize: int = 4
+    # the instant graphs run the exact input gradient g·W where Q has full rank
+    # (``rules/linear.py: if_full_rank``); bundles from before this say False
+    gx_exact_at_full: bool = True
 
     def __post_init__(self) -> None:
         self.p_input = self.p_input or names.basis_p(self.name)

@@ -3,6 +3,8 @@
 Per sample, one layer with L tokens, Cx inputs, Cy outputs:
     vanilla backward  4·L·Cx·Cy FLOPs                 saved  L·Cx floats
     INSTANT backward  2(Rx+Ry)(Cx·Cy + L·Cx + L·Cy)   saved  Rx·Cx (token axis) or L·Rx (channel)
+                      (a full Ry: the exact input
+                      gradient, 2·L·Cx·Cy, runtime/ranks.py)
                                                       floats, or as many int8 plus a float32
                                                       scale per rank (``export --saved-int8``)
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from contract.manifest import LayerInfo
 
-from .ranks import x_bytes_per_rank
+from .ranks import layer_flops, x_bytes_per_rank
 
 __all__ = ["LayerCost", "layer_costs", "format_table"]
 
@@ -28,6 +30,7 @@ class LayerCost:
     instant_flops: int
     vanilla_bytes: int
     instant_bytes: int
+    gx_exact: bool = False  # a full Ry: the graphs run the exact input gradient
 
 
 def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> list[LayerCost]:
@@ -37,8 +40,8 @@ def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> l
         rx, ry = ranks.get(ly.name, (ly.x_dim, ly.g_dim))
         out.append(LayerCost(
             ly.name, f"{ly.x_axis[0]}/{ly.g_axis[0]}", rx, ry,
-            4 * L * cx * cy, 2 * (rx + ry) * (cx * cy + L * cx + L * cy),
-            4 * L * cx, x_bytes_per_rank(ly) * rx))
+            4 * L * cx * cy, layer_flops(ly, rx, ry),
+            4 * L * cx, x_bytes_per_rank(ly) * rx, ly.gx_exact_at_full and ry >= ly.g_dim))
     return out
 
 
@@ -47,7 +50,8 @@ def format_table(costs: list[LayerCost]) -> str:
             f"{'bwd MFLOP ins':>14} {'saved KB van':>13} {'saved KB ins':>13}"]
     tv = ti = bv = bi = 0
     for c in costs:
-        rows.append(f"{c.name:<24} {c.axes:>4} {c.rx:>5} {c.ry:>5} {c.vanilla_flops / 1e6:>14.3f} "
+        ry = "exact" if c.gx_exact else c.ry
+        rows.append(f"{c.name:<24} {c.axes:>4} {c.rx:>5} {ry:>5} {c.vanilla_flops / 1e6:>14.3f} "
                     f"{c.instant_flops / 1e6:>14.3f} {c.vanilla_bytes / 1e3:>13.2f} "
                     f"{c.instant_bytes / 1e3:>13.2f}")
         tv, ti = tv + c.vanilla_flops, ti + c.instant_flops
@@ -57,4 +61,7 @@ def format_table(costs: list[LayerCost]) -> str:
                     f"{ti / 1e6:>14.3f} {bv / 1e3:>13.2f} {bi / 1e3:>13.2f}")
         rows.append(f"backward FLOP ratio instant/vanilla = {ti / tv:.3f}; "
                     f"saved-activation ratio = {bi / bv:.3f}")
+        if any(c.gx_exact for c in costs):
+            rows.append("Ry exact: the output gradient's projection would cost more than the "
+                        "exact input gradient, which runs instead")
     return "\n".join(rows)

@@ -14,13 +14,21 @@ Two policies (``--rank-policy``):
   direction keeps the least variance per FLOP (per byte) falls. With memory to spare ranks stay where the error is
   small; under a tight budget they fall where the error grows least.
 
+Both policies give a gradient rank its full value g_dim wherever the compressed input gradient
+would cost at least the exact one (Ry ≥ :func:`gx_break_even`): the output gradient is never
+saved, so its projection only buys compute, and past that point the bundle's graphs run the exact
+g·W instead (``export/rules/linear.py: if_full_rank``): cheaper and without error. Bundles
+exported before that (``gx_exact_at_full`` false) keep the compressed product at every rank.
+
 Cost per sample (docs/method.md): saved bytes 4·Rx·Cx (token axis) or 4·L·Rx (channel axis);
-backward FLOPs 2(Rx + Ry)(Cx·Cy + L·Cx + L·Cy) against 4·L·Cx·Cy exact.
+backward FLOPs 2(Rx + Ry)(Cx·Cy + L·Cx + L·Cy) against 4·L·Cx·Cy exact, the Ry term replaced by
+the exact input gradient's 2·L·Cx·Cy where Ry is full.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 
@@ -29,7 +37,8 @@ from contract.manifest import LayerInfo
 from .calibrate import Spectrum, rank_for_energy
 from .config import InstantConfig
 
-__all__ = ["choose_ranks", "saved_bytes", "x_bytes_per_rank"]
+__all__ = ["choose_ranks", "gx_break_even", "largest_compressed_ry", "layer_flops",
+           "saved_bytes", "x_bytes_per_rank"]
 
 
 def x_bytes_per_rank(ly: LayerInfo) -> int:
@@ -45,6 +54,39 @@ def saved_bytes(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> i
 
 def _flops_per_rank(ly: LayerInfo) -> int:
     return 2 * (ly.cx * ly.cy + ly.tokens * ly.cx + ly.tokens * ly.cy)
+
+
+def gx_break_even(ly: LayerInfo) -> int:
+    """The smallest Ry at which the compressed input gradient costs at least the exact one:
+    2·Ry·(L·Cy + Cy·Cx + L·Cx) ≥ 2·L·Cx·Cy (always below g_dim)."""
+    return max(1, math.ceil(ly.tokens * ly.cx * ly.cy / (_flops_per_rank(ly) / 2)))
+
+
+def _gx_exact(ly: LayerInfo, ry: int) -> bool:
+    return ly.gx_exact_at_full and ry >= ly.g_dim
+
+
+def largest_compressed_ry(ly: LayerInfo) -> int:
+    """The largest gradient rank the policies can run compressed: the most memory the input
+    gradient's projections can take (the budget probes measure at this rank)."""
+    if not ly.gx_exact_at_full:
+        return ly.g_dim
+    return max(1, gx_break_even(ly) - 1)
+
+
+def layer_flops(ly: LayerInfo, rx: int, ry: int) -> int:
+    """Backward FLOPs per sample of one compressed layer at ranks (rx, ry), forward projection
+    of x included."""
+    gx = 2 * ly.tokens * ly.cx * ly.cy if _gx_exact(ly, ry) else _flops_per_rank(ly) * ry
+    return _flops_per_rank(ly) * rx + gx
+
+
+def _snap_gradient_ranks(layers: list[LayerInfo], ranks: dict) -> None:
+    """Ry = g_dim (the exact input gradient) wherever the compressed one would cost as much."""
+    for ly in layers:
+        r = ranks[ly.name]
+        if ly.gx_exact_at_full and r[1] >= gx_break_even(ly):
+            ranks[ly.name] = (r[0], ly.g_dim) if isinstance(r, tuple) else [r[0], ly.g_dim]
 
 
 def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spectrum]],
@@ -65,6 +107,7 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
         if cap is not None:
             rx, ry = min(rx, cap), min(ry, cap)
         ranks[ly.name] = (rx, ry)
+    _snap_gradient_ranks(layers, ranks)
     if saved_budget is not None:
         ranks = _shrink_to(layers, spectra, ranks, saved_budget)
     return ranks
@@ -117,34 +160,42 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None
 
     if cfg.flop_ratio:  # 0 or None: no cap
         target = cfg.flop_ratio * sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
-        _lower(ranks, spectra, by_name, lambda ly, w: _flops_per_rank(ly), (0, 1),
-               lambda: flops() - target)
+        _lower(ranks, spectra, by_name, lambda ly, w, r: (r - 1, float(_flops_per_rank(ly))),
+               (0, 1), lambda: flops() - target)
     if saved_budget is not None:
-        _lower(ranks, spectra, by_name, lambda ly, w: x_bytes_per_rank(ly), (0,),
+        _lower(ranks, spectra, by_name, _byte_step, (0,),
                lambda: sum(x_bytes_per_rank(by_name[n]) * r[0] for n, r in ranks.items())
                - saved_budget)
+    _snap_gradient_ranks(layers, ranks)
     return {k: (int(v[0]), int(v[1])) for k, v in ranks.items()}
 
 
-def _lower(ranks, spectra, by_name, cost, which: tuple[int, ...], excess) -> None:
+def _byte_step(ly: LayerInfo, w: int, r: int) -> tuple[int, float]:
+    return r - 1, float(x_bytes_per_rank(ly))
+
+
+def _lower(ranks, spectra, by_name, step, which: tuple[int, ...], excess) -> None:
     """Lower ranks (of the tensors in ``which``: 0 activation, 1 gradient) while ``excess()``
-    is positive, each time the one whose last direction keeps the least variance per unit of
-    ``cost``."""
+    is positive, each time the step that gives up the least variance per unit of cost it saves
+    (``step(layer, which, rank)`` -> (new rank, saving))."""
     heap = []
 
     def push(name: str, w: int) -> None:
         r = ranks[name][w]
-        if r > 1:
-            loss = float(spectra[name][w].variance[r - 1])
-            heapq.heappush(heap, (loss / max(cost(by_name[name], w), 1), name, w))
+        new, saving = step(by_name[name], w, r)
+        if 1 <= new < r and saving > 0:
+            loss = float(np.sum(spectra[name][w].variance[new:r]))
+            heapq.heappush(heap, (loss / saving, name, w, r, new))
 
     for name in ranks:
         for w in which:
             push(name, w)
     over = excess()
     while over > 0 and heap:
-        _, name, w = heapq.heappop(heap)
-        ranks[name][w] -= 1
+        _, name, w, r, new = heapq.heappop(heap)
+        if ranks[name][w] != r:
+            continue
+        ranks[name][w] = new
         push(name, w)
         over = excess()
 

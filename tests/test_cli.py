@@ -286,7 +286,9 @@ def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
     full = True
     for ly in layers:
         row = rows[ly["name"]]
-        rx, ry = int(row[2]), int(row[3])
+        # "exact": a full Ry, the exact input gradient (docs/method.md)
+        rx, ry = int(row[2]), ly["g_dim"] if row[3] == "exact" else int(row[3])
+        assert row[3] != "exact" or ly["gx_exact_at_full"], row
         assert 1 <= rx <= ly["x_dim"] and 1 <= ry <= ly["g_dim"], row
         full &= (rx, ry) == (ly["x_dim"], ly["g_dim"])
     assert not full, "calibration on digits should drop some directions"

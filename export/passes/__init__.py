@@ -6,7 +6,8 @@ leaves values and gradients unchanged):
 2. ``broadcast_expand``: an expanded pooled gradient times a mask -> the mask times the pooled
    gradient (broadcast, no full-size Expand).
 3. ``mask_bits``: boolean masks (ReLU, ReLU6) computed in the forward and saved as bits.
-4. ``half_batch_mask``: a masked INSTANT input gradient computed per half-batch.
+4. ``half_batch_mask``: a masked INSTANT input gradient (a MatMul, or the ``If`` choosing the
+   exact or compressed product) computed per half-batch.
 5. ``concat_pushdown``: the half-batch results feed separable consumers without a full Concat.
 """
 

@@ -1,6 +1,8 @@
 """Backward pass ``half_batch_mask``: ``Mul(MatMul(Z, W), mask)`` runs per half-batch when
 ``mask`` comes from saved bits (``mask_bits``) and the MatMul is separable along the batch
-(``Z`` batch-major [N, ...], ``W`` a matrix, either operand order).
+(``Z`` batch-major [N, ...], ``W`` a matrix, either operand order), and so does ``Mul(If(..),
+mask)`` where the ``If``'s branches only multiply one batch-major tensor by matrices (INSTANT's
+input gradient, exact or compressed by the rank: ``export/rules/linear.py: if_full_rank``).
 
 onnxruntime runs no elementwise op in place, so ``Mul(g, mask)`` holds three full-size tensors
 at once (g, the unpacked float mask, the product). Per half: the MatMul, the unpacking and the
@@ -14,13 +16,16 @@ Leaves a note: ``notes["half_concat"][result] = [half results]`` (for ``concat_p
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import onnx
 
 from ..autodiff import Draft
-from ..graph import Shapes
+from ..graph import Builder, Shapes, reads
 from .mask_bits import unpack_bits
 
-__all__ = ["batch_operand", "half_batch_mask"]
+__all__ = ["batch_operand", "half_batch_mask", "on_half", "separable_operand"]
 
 
 def batch_operand(shapes: Shapes, inputs: list[str]) -> int | None:
@@ -41,6 +46,60 @@ def batch_operand(shapes: Shapes, inputs: list[str]) -> int | None:
     return None
 
 
+def separable_operand(shapes: Shapes, node: onnx.NodeProto) -> str | None:
+    """The batch-major tensor ``node`` reads, where running ``node`` on two halves of that
+    tensor's batch gives the two halves of its result: a MatMul by a matrix, or an ``If`` whose
+    branches only multiply that one batch-major tensor by matrices (MatMul and 2-D Transpose);
+    else None."""
+    if node.op_type == "MatMul":
+        j = batch_operand(shapes, list(node.input))
+        return None if j is None else node.input[j]
+    if node.op_type != "If":
+        return None
+    batch = []
+    for t in sorted(set(reads(node)) - set(node.input)):
+        dims = shapes.shape.get(t)
+        if dims is None:
+            return None
+        if len(dims) >= 3 and isinstance(dims[0], str):
+            batch.append(t)
+        elif len(dims) > 2:
+            return None
+    if len(batch) != 1:
+        return None
+    for a in node.attribute:
+        if a.type != onnx.AttributeProto.GRAPH or a.g.initializer:
+            return None
+        for n in a.g.node:
+            perm = [list(x.ints) for x in n.attribute if x.name == "perm"]
+            if n.op_type not in ("MatMul", "Transpose") or (
+                    n.op_type == "Transpose" and (not perm or len(perm[0]) != 2)):
+                return None
+    return batch[0]
+
+
+def on_half(b: Builder, node: onnx.NodeProto, z: str, z_half: str) -> str:
+    """A copy of separable ``node`` (:func:`separable_operand`) reading ``z_half`` in place of
+    ``z``, appended to ``b``; returns its result."""
+    if node.op_type == "MatMul":
+        return b.op("MatMul", [z_half if i == z else i for i in node.input])
+    tag = b.fresh("half")
+    branches = {}
+    for a in node.attribute:
+        g = copy.deepcopy(a.g)
+        rename = {o: f"{o}~{tag}" for n in g.node for o in n.output if o}
+        rename[z] = z_half
+        for n in g.node:
+            n.input[:] = [rename.get(i, i) for i in n.input]
+            n.output[:] = [rename.get(o, o) for o in n.output]
+            n.name = f"{n.name}~{tag}"
+        for o in g.output:
+            o.name = rename.get(o.name, o.name)
+        g.name = f"{g.name}~{tag}"
+        branches[a.name] = g
+    return b.op("If", list(node.input), **branches)
+
+
 def half_batch_mask(d: Draft) -> None:
     bits = d.notes.get("mask_bits", {})
     halves = d.notes.setdefault("half_concat", {})
@@ -51,30 +110,31 @@ def half_batch_mask(d: Draft) -> None:
         for k in (0, 1):
             g, m = mul.input[k], mul.input[1 - k]
             mm = d.bwd_producer(g)
-            if (m not in bits or mm is None or mm.op_type != "MatMul"
+            if (m not in bits or mm is None or mm.op_type not in ("MatMul", "If")
                     or len(d.bwd_consumers(g)) != 1 or len(d.bwd_consumers(m)) != 1):
                 continue
             shapes = shapes or d.backward_shapes()
-            j = batch_operand(shapes, list(mm.input))
-            if j is None:
+            z = separable_operand(shapes, mm)
+            if z is None:
                 continue
-            _split(d, mul, k, mm, j, bits[m]["packed"], halves)
+            _split(d, mul, k, mm, z, bits[m]["packed"], halves)
             break
 
 
-def _split(d: Draft, mul, k: int, mm, j: int, packed: str, halves: dict) -> None:
+def _split(d: Draft, mul, k: int, mm, z: str, packed: str, halves: dict) -> None:
     b = d.bwd
     start = len(b.nodes)
-    z = mm.input[j]
     zero, one, axis0 = b.ints([0]), b.ints([1]), b.ints([0])
-    n = b.op("Slice", [b.op("Shape", [z]), zero, one])
-    half = b.op("Div", [n, b.ints([2])])
+    parts = halves.get(z)  # z is itself per half (the layer above's): read its halves
+    if parts is not None:
+        half = b.op("Slice", [b.op("Shape", [parts[0]]), zero, one])
+    else:
+        half = b.op("Div", [b.op("Slice", [b.op("Shape", [z]), zero, one]), b.ints([2])])
     big = b.ints([np.iinfo(np.int64).max])
     outs = []
-    for lo, hi in ((zero, half), (half, big)):
-        inputs = list(mm.input)
-        inputs[j] = b.op("Slice", [z, lo, hi, axis0])
-        gh = b.op("MatMul", inputs)
+    for i, (lo, hi) in enumerate(((zero, half), (half, big))):
+        zh = parts[i] if parts is not None else b.op("Slice", [z, lo, hi, axis0])
+        gh = on_half(b, mm, z, zh)
         mask = unpack_bits(d, b.op("Slice", [packed, lo, hi, axis0]), b.op("Shape", [gh]))
         outs.append(b.op("Mul", [gh, mask] if k == 0 else [mask, gh]))
     b.op("Concat", outs, axis=0, out=mul.output[0])

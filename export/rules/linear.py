@@ -14,10 +14,14 @@ input grad      Qᵀ ((Q g) W)                   (g Qᵀ)(Q W)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from onnx import TensorProto, helper
+
 from contract import names
 
 from ..autodiff import GradContext, RuleSet
-from ..graph import ExportError
+from ..graph import Builder, ExportError
 from ..layers import CompressedLayer
 from .common import attrs, int8_roundtrip, needs, saved, transpose_last2, unbroadcast
 
@@ -57,6 +61,24 @@ def _gram(b, m: str, left: bool, rank: int) -> str:
         m = b.op("Transpose", [m], perm=perm)
     flat = b.op("Flatten", [m], axis=rank - 1)
     return b.op("Gemm", [flat, flat], transA=1)
+
+
+def if_full_rank(b: Builder, basis: str, dim: int, exact: Callable[[Builder], str],
+                 compressed: Callable[[Builder], str], hint: str) -> str:
+    """An ``If`` on the basis' row count: ``exact`` where the basis has ``dim`` rows (full rank:
+    the projection would keep everything), else ``compressed``. Each callable builds its branch
+    in a builder of its own, reading outer tensors by name, and returns the branch's result."""
+    rows = b.op("Gather", [b.op("Shape", [basis]), b.ints([0])], axis=0)
+    full = b.op("Equal", [rows, b.ints([dim])])
+    branches = []
+    for tag, build in (("exact", exact), ("compressed", compressed)):
+        sub = Builder(b.fresh(f"{hint}_{tag}"))
+        out = build(sub)
+        branches.append(helper.make_graph(
+            sub.nodes, sub.prefix, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                                      None)],
+            initializer=sub.initializers))
+    return b.op("If", [full], hint=hint, then_branch=branches[0], else_branch=branches[1])
 
 
 def _weight_canonical(b, layer: CompressedLayer) -> str:
@@ -129,18 +151,31 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         gw = _weight_from_canonical(b, layer, dw)
     if need_x:
         wc = _weight_canonical(b, layer)                               # [Cy, Cx]
-        if not conv and layer.g_axis == "token":      # Qᵀ((Q g) W)
-            qg = b.op("MatMul", [Q, gm])
-            gx = b.op("MatMul", [b.op("Transpose", [Q], perm=[1, 0]), b.op("MatMul", [qg, wc])])
-        elif not conv:                                # (g Qᵀ)(Q W)
-            gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
-            gx = b.op("MatMul", [gq, b.op("MatMul", [Q, wc])])
-        elif layer.g_axis == "token":                 # conv, stored transposed: Wᵀ (g Qᵀ) Q
-            gq = b.op("MatMul", [gm, b.op("Transpose", [Q], perm=[1, 0])])
-            gx = b.op("MatMul", [b.op("MatMul", [b.op("Transpose", [wc], perm=[1, 0]), gq]), Q])
-        else:                                         # conv: (Q W)ᵀ (Q g)
-            qw = b.op("MatMul", [Q, wc])
-            gx = b.op("MatMul", [b.op("Transpose", [qw], perm=[1, 0]), b.op("MatMul", [Q, gm])])
+
+        def compressed_gx(s: Builder) -> str:
+            if not conv and layer.g_axis == "token":  # Qᵀ((Q g) W)
+                qg = s.op("MatMul", [Q, gm])
+                return s.op("MatMul", [s.op("Transpose", [Q], perm=[1, 0]),
+                                       s.op("MatMul", [qg, wc])])
+            if not conv:                              # (g Qᵀ)(Q W)
+                gq = s.op("MatMul", [gm, s.op("Transpose", [Q], perm=[1, 0])])
+                return s.op("MatMul", [gq, s.op("MatMul", [Q, wc])])
+            if layer.g_axis == "token":               # conv, stored transposed: Wᵀ (g Qᵀ) Q
+                gq = s.op("MatMul", [gm, s.op("Transpose", [Q], perm=[1, 0])])
+                return s.op("MatMul", [s.op("MatMul", [s.op("Transpose", [wc], perm=[1, 0]),
+                                                       gq]), Q])
+            qw = s.op("MatMul", [Q, wc])               # conv: (Q W)ᵀ (Q g)
+            return s.op("MatMul", [s.op("Transpose", [qw], perm=[1, 0]), s.op("MatMul", [Q, gm])])
+
+        def exact_gx(s: Builder) -> str:               # g W (conv: Wᵀ g)
+            if conv:
+                return s.op("MatMul", [s.op("Transpose", [wc], perm=[1, 0]), gm])
+            return s.op("MatMul", [gm, wc])
+
+        # The output gradient is never saved, so projecting it only pays where it saves compute:
+        # at a full-rank Q (the runtime's choice where Ry would cost more than the exact
+        # product, runtime/ranks.py) the exact input gradient runs instead, cheaper and exact.
+        gx = if_full_rank(b, Q, layer.g_dim, exact_gx, compressed_gx, "gx")
         if conv:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw

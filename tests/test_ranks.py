@@ -1,0 +1,97 @@
+"""The rank policies (runtime/ranks.py) on known spectra: an output-gradient rank that would cost
+as much as the exact input gradient becomes the exact one; everything else as chosen."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from contract.manifest import LayerInfo
+from runtime.calibrate import Spectrum
+from runtime.config import InstantConfig
+from runtime.ranks import choose_ranks, gx_break_even, largest_compressed_ry, layer_flops
+
+
+def _layer(name: str, tokens=128, cx=512, cy=512, exact_at_full=True) -> LayerInfo:
+    return LayerInfo(name=name, kind="linear", node=name, x=f"{name}.x", y=f"{name}.y",
+                     weight=f"{name}.w", weight_layout="in_out", tokens=tokens, cx=cx, cy=cy,
+                     x_axis="token", g_axis="token", rank3=True, p_input=f"{name}.P",
+                     q_input=f"{name}.Q", x_dim=tokens, g_dim=tokens,
+                     gx_exact_at_full=exact_at_full)
+
+
+def _spectrum(values) -> Spectrum:
+    v = np.asarray(values, dtype=np.float64)
+    return Spectrum(v, np.eye(v.size))
+
+
+def _steep(n: int) -> Spectrum:
+    return _spectrum(0.8 ** np.arange(n))
+
+
+def _flat(n: int) -> Spectrum:
+    return _spectrum(np.linspace(1.0, 0.9, n))
+
+
+def _exact_flops(layers) -> int:
+    return sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
+
+
+def test_break_even_is_where_the_compressed_input_gradient_costs_the_exact_one():
+    ly = _layer("a")
+    r = gx_break_even(ly)
+    exact = 2 * ly.tokens * ly.cx * ly.cy
+    unit = 2 * (ly.tokens * ly.cx + ly.tokens * ly.cy + ly.cx * ly.cy)
+    assert unit * (r - 1) < exact <= unit * r
+    assert largest_compressed_ry(ly) == r - 1 < ly.g_dim
+    assert largest_compressed_ry(_layer("old", exact_at_full=False)) == ly.g_dim
+    # at full rank the layer costs its weight side plus the exact product
+    assert layer_flops(ly, 10, ly.g_dim) == unit * 10 + exact
+    assert layer_flops(_layer("old", exact_at_full=False), 10, ly.g_dim) == unit * (10 + 128)
+
+
+@pytest.mark.parametrize("policy", ["budget", "energy"])
+def test_a_flat_gradient_spectrum_gets_the_exact_input_gradient(policy):
+    """Flat output-gradient spectrum: keeping 99 % needs ~126 of 128 directions, far past the
+    break-even (~86): the policy gives it the exact product. A steep one stays compressed, and
+    a bundle without the exact branch keeps the compressed rank."""
+    flat, steep = _layer("flat"), _layer("steep")
+    old = _layer("old", exact_at_full=False)
+    spectra = {"flat": (_steep(128), _flat(128)), "steep": (_steep(128), _steep(128)),
+               "old": (_steep(128), _flat(128))}
+    cfg = InstantConfig(rank_policy=policy)
+    if policy == "energy":
+        cfg = replace(cfg, energy=0.99, oversample=0)
+    ranks = choose_ranks([flat, steep, old], spectra, cfg, None)
+    assert ranks["flat"][1] == 128
+    assert 1 <= ranks["steep"][1] < gx_break_even(steep)
+    assert gx_break_even(old) <= ranks["old"][1] < 128
+    assert ranks["flat"][0] == ranks["old"][0] < 128  # the activation side is not touched
+    if policy == "budget":  # the FLOP cap (1.0 × exact by default) still holds
+        layers = [flat, steep, old]
+        assert sum(layer_flops(ly, *ranks[ly.name]) for ly in layers) <= _exact_flops(layers)
+
+
+def test_snapping_never_adds_flops_or_activation_memory():
+    """Against the same policy on a bundle without the exact branch: the same activation ranks
+    (memory), at most the same FLOPs, at a FLOP cap and under a memory budget alike."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(2, 5))
+        new = [_layer(f"l{i}", tokens=int(rng.integers(4, 130)), cx=int(rng.integers(8, 600)),
+                      cy=int(rng.integers(8, 600))) for i in range(n)]
+        old = [replace(ly, gx_exact_at_full=False) for ly in new]
+        spectra = {ly.name: (_spectrum(rng.random(ly.tokens) ** rng.uniform(1, 8)),
+                             _spectrum(rng.random(ly.tokens) ** rng.uniform(0.1, 8)))
+                   for ly in new}
+        cfg = InstantConfig(flop_ratio=float(rng.choice([1.0, 0.7, 0.4])))
+        budget = int(rng.integers(1, 4 * 128 * 600)) if trial % 2 else None
+        a, b = choose_ranks(new, spectra, cfg, budget), choose_ranks(old, spectra, cfg, budget)
+        assert [a[ly.name][0] for ly in new] == [b[ly.name][0] for ly in old]
+        assert sum(layer_flops(ly, *a[ly.name]) for ly in new) <= \
+            sum(layer_flops(ly, *b[ly.name]) for ly in old)
+        for ly in new:
+            ry = a[ly.name][1]
+            assert ry == ly.g_dim or ry < gx_break_even(ly), (ly, ry)
