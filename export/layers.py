@@ -70,7 +70,7 @@ class CompressedLayer:
     # (``export --saved-int8``, where :meth:`int8_x_ok`)
     x_itemsize: int = 4
     # the instant graphs run the exact input gradient g·W where Q has full rank
-    # (``rules/linear.py: if_full_rank``); bundles from before this say False
+    # (``rules/linear.py: full_rank``); bundles from before this say False
     gx_exact_at_full: bool = True
 
     def __post_init__(self) -> None:

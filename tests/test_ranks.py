@@ -69,6 +69,9 @@ def test_a_flat_gradient_spectrum_gets_the_exact_input_gradient(policy):
     assert 1 <= ranks["steep"][1] < gx_break_even(steep)
     assert gx_break_even(old) <= ranks["old"][1] < 128
     assert ranks["flat"][0] == ranks["old"][0] < 128  # the activation side is not touched
+    # --max-rank below the dimension is kept as asked
+    capped = choose_ranks([flat], spectra, replace(cfg, max_rank=100), None)
+    assert capped["flat"][1] <= 100
     if policy == "budget":  # the FLOP cap (1.0 × exact by default) still holds
         layers = [flat, steep, old]
         assert sum(layer_flops(ly, *ranks[ly.name]) for ly in layers) <= _exact_flops(layers)

@@ -2,7 +2,7 @@
 ``mask`` comes from saved bits (``mask_bits``) and the MatMul is separable along the batch
 (``Z`` batch-major [N, ...], ``W`` a matrix, either operand order), and so does ``Mul(If(..),
 mask)`` where the ``If``'s branches only multiply one batch-major tensor by matrices (INSTANT's
-input gradient, exact or compressed by the rank: ``export/rules/linear.py: if_full_rank``).
+input gradient, exact or compressed by the rank: ``export/rules/linear.py: full_rank``).
 
 onnxruntime runs no elementwise op in place, so ``Mul(g, mask)`` holds three full-size tensors
 at once (g, the unpacked float mask, the product). Per half: the MatMul, the unpacking and the
@@ -49,8 +49,8 @@ def batch_operand(shapes: Shapes, inputs: list[str]) -> int | None:
 def separable_operand(shapes: Shapes, node: onnx.NodeProto) -> str | None:
     """The batch-major tensor ``node`` reads, where running ``node`` on two halves of that
     tensor's batch gives the two halves of its result: a MatMul by a matrix, or an ``If`` whose
-    branches only multiply that one batch-major tensor by matrices (MatMul and 2-D Transpose);
-    else None."""
+    branches only multiply that one batch-major tensor by matrices (MatMul, 2-D Transpose,
+    Identity); else None."""
     if node.op_type == "MatMul":
         j = batch_operand(shapes, list(node.input))
         return None if j is None else node.input[j]
@@ -72,7 +72,7 @@ def separable_operand(shapes: Shapes, node: onnx.NodeProto) -> str | None:
             return None
         for n in a.g.node:
             perm = [list(x.ints) for x in n.attribute if x.name == "perm"]
-            if n.op_type not in ("MatMul", "Transpose") or (
+            if n.op_type not in ("MatMul", "Transpose", "Identity") or (
                     n.op_type == "Transpose" and (not perm or len(perm[0]) != 2)):
                 return None
     return batch[0]

@@ -63,22 +63,25 @@ def _gram(b, m: str, left: bool, rank: int) -> str:
     return b.op("Gemm", [flat, flat], transA=1)
 
 
-def if_full_rank(b: Builder, basis: str, dim: int, exact: Callable[[Builder], str],
-                 compressed: Callable[[Builder], str], hint: str) -> str:
-    """An ``If`` on the basis' row count: ``exact`` where the basis has ``dim`` rows (full rank:
-    the projection would keep everything), else ``compressed``. Each callable builds its branch
-    in a builder of its own, reading outer tensors by name, and returns the branch's result."""
+def full_rank(b: Builder, basis: str, dim: int) -> str:
+    """A bool [1]: the basis has ``dim`` rows (full rank: a projection would keep everything)."""
     rows = b.op("Gather", [b.op("Shape", [basis]), b.ints([0])], axis=0)
-    full = b.op("Equal", [rows, b.ints([dim])])
+    return b.op("Equal", [rows, b.ints([dim])])
+
+
+def if_else(b: Builder, cond: str, then: Callable[[Builder], str],
+            otherwise: Callable[[Builder], str], hint: str) -> str:
+    """An ``If``: ``then`` where ``cond`` holds, else ``otherwise``. Each callable builds its
+    branch in a builder of its own, reading outer tensors by name, and returns its result."""
     branches = []
-    for tag, build in (("exact", exact), ("compressed", compressed)):
+    for tag, build in (("then", then), ("else", otherwise)):
         sub = Builder(b.fresh(f"{hint}_{tag}"))
         out = build(sub)
         branches.append(helper.make_graph(
             sub.nodes, sub.prefix, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT,
                                                                       None)],
             initializer=sub.initializers))
-    return b.op("If", [full], hint=hint, then_branch=branches[0], else_branch=branches[1])
+    return b.op("If", [cond], hint=hint, then_branch=branches[0], else_branch=branches[1])
 
 
 def _weight_canonical(b, layer: CompressedLayer) -> str:
@@ -151,31 +154,32 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         gw = _weight_from_canonical(b, layer, dw)
     if need_x:
         wc = _weight_canonical(b, layer)                               # [Cy, Cx]
+        t = lambda s, m: s.op("Transpose", [m], perm=[1, 0])  # noqa: E731
+        # compressed input gradient = lift(project(g)): project ends where the result is smallest
+        if not conv and layer.g_axis == "token":      # Qᵀ((Q g) W)
+            def project(s): return s.op("MatMul", [s.op("MatMul", [Q, gm]), wc])   # [N,Ry,Cx]
+            def lift(s, h): return s.op("MatMul", [t(s, Q), h])
+        elif not conv:                                # (g Qᵀ)(Q W)
+            def project(s): return s.op("MatMul", [gm, t(s, Q)])                   # [N,L,Ry]
+            def lift(s, h): return s.op("MatMul", [h, s.op("MatMul", [Q, wc])])
+        elif layer.g_axis == "token":                 # conv, stored transposed: Wᵀ (g Qᵀ) Q
+            def project(s): return s.op("MatMul", [t(s, wc), s.op("MatMul", [gm, t(s, Q)])])
+            def lift(s, h): return s.op("MatMul", [h, Q])
+        else:                                         # conv: (Q W)ᵀ (Q g)
+            def project(s): return s.op("MatMul", [Q, gm])                         # [N,Ry,L]
+            def lift(s, h): return s.op("MatMul", [t(s, s.op("MatMul", [Q, wc])), h])
 
-        def compressed_gx(s: Builder) -> str:
-            if not conv and layer.g_axis == "token":  # Qᵀ((Q g) W)
-                qg = s.op("MatMul", [Q, gm])
-                return s.op("MatMul", [s.op("Transpose", [Q], perm=[1, 0]),
-                                       s.op("MatMul", [qg, wc])])
-            if not conv:                              # (g Qᵀ)(Q W)
-                gq = s.op("MatMul", [gm, s.op("Transpose", [Q], perm=[1, 0])])
-                return s.op("MatMul", [gq, s.op("MatMul", [Q, wc])])
-            if layer.g_axis == "token":               # conv, stored transposed: Wᵀ (g Qᵀ) Q
-                gq = s.op("MatMul", [gm, s.op("Transpose", [Q], perm=[1, 0])])
-                return s.op("MatMul", [s.op("MatMul", [s.op("Transpose", [wc], perm=[1, 0]),
-                                                       gq]), Q])
-            qw = s.op("MatMul", [Q, wc])               # conv: (Q W)ᵀ (Q g)
-            return s.op("MatMul", [s.op("Transpose", [qw], perm=[1, 0]), s.op("MatMul", [Q, gm])])
-
-        def exact_gx(s: Builder) -> str:               # g W (conv: Wᵀ g)
-            if conv:
-                return s.op("MatMul", [s.op("Transpose", [wc], perm=[1, 0]), gm])
-            return s.op("MatMul", [gm, wc])
+        def exact(s: Builder) -> str:                  # g W (conv: Wᵀ g)
+            return s.op("MatMul", [t(s, wc), gm] if conv else [gm, wc])
 
         # The output gradient is never saved, so projecting it only pays where it saves compute:
         # at a full-rank Q (the runtime's choice where Ry would cost more than the exact
         # product, runtime/ranks.py) the exact input gradient runs instead, cheaper and exact.
-        gx = if_full_rank(b, Q, layer.g_dim, exact_gx, compressed_gx, "gx")
+        # Two branches, so that g dies after the first and the half-batch pass splits only the
+        # second, whose input is the small projected product when compressed.
+        full = full_rank(b, Q, layer.g_dim)
+        h = if_else(b, full, exact, project, "gx_project")
+        gx = if_else(b, full, lambda s: s.op("Identity", [h]), lambda s: lift(s, h), "gx_lift")
         if conv:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw
