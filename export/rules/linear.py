@@ -155,19 +155,16 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     if need_x:
         wc = _weight_canonical(b, layer)                               # [Cy, Cx]
         t = lambda s, m: s.op("Transpose", [m], perm=[1, 0])  # noqa: E731
-        # compressed input gradient = lift(project(g)): project ends where the result is smallest
-        if not conv and layer.g_axis == "token":      # Qᵀ((Q g) W)
-            def project(s): return s.op("MatMul", [s.op("MatMul", [Q, gm]), wc])   # [N,Ry,Cx]
-            def lift(s, h): return s.op("MatMul", [t(s, Q), h])
-        elif not conv:                                # (g Qᵀ)(Q W)
-            def project(s): return s.op("MatMul", [gm, t(s, Q)])                   # [N,L,Ry]
-            def lift(s, h): return s.op("MatMul", [h, s.op("MatMul", [Q, wc])])
-        elif layer.g_axis == "token":                 # conv, stored transposed: Wᵀ (g Qᵀ) Q
-            def project(s): return s.op("MatMul", [t(s, wc), s.op("MatMul", [gm, t(s, Q)])])
-            def lift(s, h): return s.op("MatMul", [h, Q])
-        else:                                         # conv: (Q W)ᵀ (Q g)
-            def project(s): return s.op("MatMul", [Q, gm])                         # [N,Ry,L]
-            def lift(s, h): return s.op("MatMul", [t(s, s.op("MatMul", [Q, wc])), h])
+        def compressed(s: Builder) -> str:
+            if not conv and layer.g_axis == "token":  # Qᵀ((Q g) W)
+                return s.op("MatMul", [t(s, Q), s.op("MatMul", [s.op("MatMul", [Q, gm]), wc])])
+            if not conv:                              # (g Qᵀ)(Q W)
+                return s.op("MatMul", [s.op("MatMul", [gm, t(s, Q)]), s.op("MatMul", [Q, wc])])
+            if layer.g_axis == "token":               # conv, stored transposed: Wᵀ (g Qᵀ) Q
+                return s.op("MatMul", [s.op("MatMul", [t(s, wc), s.op("MatMul", [gm, t(s, Q)])]),
+                                       Q])
+            return s.op("MatMul", [t(s, s.op("MatMul", [Q, wc])),  # conv: (Q W)ᵀ (Q g)
+                                   s.op("MatMul", [Q, gm])])
 
         def exact(s: Builder) -> str:                  # g W (conv: Wᵀ g)
             return s.op("MatMul", [t(s, wc), gm] if conv else [gm, wc])
@@ -175,11 +172,9 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         # The output gradient is never saved, so projecting it only pays where it saves compute:
         # at a full-rank Q (the runtime's choice where Ry would cost more than the exact
         # product, runtime/ranks.py) the exact input gradient runs instead, cheaper and exact.
-        # Two branches, so that g dies after the first and the half-batch pass splits only the
-        # second, whose input is the small projected product when compressed.
-        full = full_rank(b, Q, layer.g_dim)
-        h = if_else(b, full, exact, project, "gx_project")
-        gx = if_else(b, full, lambda s: s.op("Identity", [h]), lambda s: lift(s, h), "gx_lift")
+        # One If: split in two (project, then lift) the exact branch needs a copy, measured
+        # 2.5 % slower on the token MLP for the same plans under a budget (docs/method.md).
+        gx = if_else(b, full_rank(b, Q, layer.g_dim), exact, compressed, "gx")
         if conv:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw
