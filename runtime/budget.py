@@ -41,7 +41,7 @@ from devices.planner import BudgetError, MemoryModel, Plan, make_plan
 
 from .calibrate import Spectrum, basis
 from .memory import current_rss, physical_ram
-from .ranks import largest_compressed_ry, saved_bytes, x_bytes_per_rank
+from .ranks import saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
 from .trainer import ArenaExhausted, IndexBatch, Trainer
 
@@ -241,17 +241,16 @@ def _batch(data, m: int, rng: np.random.Generator) -> IndexBatch:
 
 
 def _full_rank_bases(trainer: Trainer) -> None:
-    """Identity bases: every compressed activation saved at full size (the most it can take),
-    every output gradient projected at the largest rank that runs compressed (its projections'
-    most memory; a full one runs the exact product, which holds less)."""
+    """Identity bases: every compressed activation saved at full size (the most it can take).
+    A full-rank Q runs the exact input gradient (docs/method.md). Probing Q at the largest
+    rank that still runs compressed was tried: the step probe on MiniLM then grew 54 -> 76 MB at
+    micro-batch 8 (odd-sized tensors fragment the arena more than full-size ones, though they
+    are smaller) and the 256 MB plan fell from micro-batch 14 to 9; the arena cap and the
+    micro-batch halving keep the budget whatever the ranks, as before."""
     for ly in trainer.bundle.layers:
         sx = Spectrum(np.ones(ly.x_dim), np.eye(ly.x_dim))
-        trainer.set_bases(ly.name, basis(sx, ly.x_dim), _worst_gradient_basis(ly))
-
-
-def _worst_gradient_basis(ly):
-    sg = Spectrum(np.ones(ly.g_dim), np.eye(ly.g_dim))
-    return basis(sg, largest_compressed_ry(ly))
+        sg = Spectrum(np.ones(ly.g_dim), np.eye(ly.g_dim))
+        trainer.set_bases(ly.name, basis(sx, ly.x_dim), basis(sg, ly.g_dim))
 
 
 def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
@@ -528,8 +527,6 @@ def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
                                                       variance=1.0))
         trainer.calibrate(data, batch, rng)
         trainer.config = cfg
-        for ly in trainer.bundle.layers:  # the gradient side at its most memory, as probed
-            trainer.set_bases(ly.name, trainer.bases[ly.name][0], _worst_gradient_basis(ly))
         trainer.begin_calibration()  # a recalibration step: INSTANT plus the Grams
         trainer.gradients(_batch(data, batch, rng))
         trainer.window = None

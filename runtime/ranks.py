@@ -37,8 +37,7 @@ from contract.manifest import LayerInfo
 from .calibrate import Spectrum, rank_for_energy
 from .config import InstantConfig
 
-__all__ = ["choose_ranks", "gx_break_even", "largest_compressed_ry", "layer_flops",
-           "saved_bytes", "x_bytes_per_rank"]
+__all__ = ["choose_ranks", "gx_break_even", "layer_flops", "saved_bytes", "x_bytes_per_rank"]
 
 
 def x_bytes_per_rank(ly: LayerInfo) -> int:
@@ -64,14 +63,6 @@ def gx_break_even(ly: LayerInfo) -> int:
 
 def _gx_exact(ly: LayerInfo, ry: int) -> bool:
     return ly.gx_exact_at_full and ry >= ly.g_dim
-
-
-def largest_compressed_ry(ly: LayerInfo) -> int:
-    """The largest gradient rank the policies can run compressed: the most memory the input
-    gradient's projections can take (the budget probes measure at this rank)."""
-    if not ly.gx_exact_at_full:
-        return ly.g_dim
-    return max(1, gx_break_even(ly) - 1)
 
 
 def layer_flops(ly: LayerInfo, rx: int, ry: int) -> int:
