@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from contract.manifest import LayerInfo
 
-from .ranks import layer_flops, x_bytes_per_rank
+from .ranks import gx_exact, layer_flops, x_bytes_per_rank
 
 __all__ = ["LayerCost", "layer_costs", "format_table"]
 
@@ -41,7 +41,7 @@ def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> l
         out.append(LayerCost(
             ly.name, f"{ly.x_axis[0]}/{ly.g_axis[0]}", rx, ry,
             4 * L * cx * cy, layer_flops(ly, rx, ry),
-            4 * L * cx, x_bytes_per_rank(ly) * rx, ly.gx_exact_at_full and ry >= ly.g_dim))
+            4 * L * cx, x_bytes_per_rank(ly) * rx, gx_exact(ly, ry)))
     return out
 
 

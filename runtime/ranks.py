@@ -37,7 +37,8 @@ from contract.manifest import LayerInfo
 from .calibrate import Spectrum, rank_for_energy
 from .config import InstantConfig
 
-__all__ = ["choose_ranks", "gx_break_even", "layer_flops", "saved_bytes", "x_bytes_per_rank"]
+__all__ = ["choose_ranks", "gx_break_even", "gx_exact", "layer_flops", "saved_bytes",
+           "x_bytes_per_rank"]
 
 
 def x_bytes_per_rank(ly: LayerInfo) -> int:
@@ -61,14 +62,15 @@ def gx_break_even(ly: LayerInfo) -> int:
     return max(1, math.ceil(ly.tokens * ly.cx * ly.cy / (_flops_per_rank(ly) / 2)))
 
 
-def _gx_exact(ly: LayerInfo, ry: int) -> bool:
+def gx_exact(ly: LayerInfo, ry: int) -> bool:
+    """Whether rank ``ry`` runs the exact input gradient (a full Q in a bundle that has it)."""
     return ly.gx_exact_at_full and ry >= ly.g_dim
 
 
 def layer_flops(ly: LayerInfo, rx: int, ry: int) -> int:
     """Backward FLOPs per sample of one compressed layer at ranks (rx, ry), forward projection
     of x included."""
-    gx = 2 * ly.tokens * ly.cx * ly.cy if _gx_exact(ly, ry) else _flops_per_rank(ly) * ry
+    gx = 2 * ly.tokens * ly.cx * ly.cy if gx_exact(ly, ry) else _flops_per_rank(ly) * ry
     return _flops_per_rank(ly) * rx + gx
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from onnx import helper
 
 from ..autodiff import Draft
-from .half_batch_mask import batch_operand, on_half, separable_operand
+from .half_batch_mask import on_half, separable_operand
 
 __all__ = ["concat_pushdown"]
 
@@ -49,11 +49,8 @@ def concat_pushdown(d: Draft) -> None:
 
 
 def _separable(d: Draft, shapes, n, out: str) -> bool:
-    if n.op_type == "If":
-        return separable_operand(shapes, n) == out
-    if n.op_type == "MatMul":
-        k = batch_operand(shapes, list(n.input))
-        return k is not None and n.input[k] == out and n.input[1 - k] != out
+    if n.op_type in ("MatMul", "If"):  # out is the batch-major operand, and only that one
+        return separable_operand(shapes, n) == out and list(n.input).count(out) <= 1
     if n.op_type == "ReduceSum" and n.input[0] == out and len(n.input) > 1:
         axes = d.bwd_constant(n.input[1])
         return axes is not None and 0 in axes.tolist()
