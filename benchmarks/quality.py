@@ -39,12 +39,15 @@ CONFIGS = {
     "saved-0.05": ["--saved-ratio", "0.05"],
     "calib-1": ["--calib-batches", "1"],
     "flop-0.5": ["--flop-ratio", "0.5"],
+    "budget-256mb": ["--budget", "256MB"],  # micro-batches: shorter-length graphs run
+    "exact-256mb": ["--mode", "vanilla", "--budget", "256MB"],
 }
 # Configurations that need their own bundle: (export options, train options).
 EXPORT_CONFIGS = {
     "int8": (["--saved-int8"], []),
     "int8-saved-0.10": (["--saved-int8"], ["--saved-ratio", "0.10"]),
     "int8-saved-0.20": (["--saved-int8"], ["--saved-ratio", "0.20"]),
+    "no-lengths-256mb": (["--lengths", "none"], ["--budget", "256MB"]),
 }
 
 

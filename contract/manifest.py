@@ -276,12 +276,17 @@ class PrefixSpec:
     outputs: dict[str, int]
     # the outputs' bytes per sample at the trained length (the runtime's memory planning)
     bytes_per_sample: int = field(default=0, metadata=check(ge=0, le=1 << 34))
+    # shorter token lengths the training graphs were also traced at (export/lengths.py): graphs
+    # ``{mode}@{length}`` for vanilla/instant; a micro-batch whose rows all fit one runs there
+    lengths: list[int] = field(default_factory=list)
 
     def validate(self) -> tuple[str, str] | None:
         if not self.outputs:
             return "outputs", "must name at least one tensor"
         if any(a == 0 or a < -1 or a > 16 for a in self.outputs.values()):
             return "outputs", "token axes are -1 (none) or 1..16 (axis 0 is the batch)"
+        if any(n < 1 for n in self.lengths) or self.lengths != sorted(set(self.lengths)):
+            return "lengths", "must be distinct positive lengths in increasing order"
         return None
 
 
@@ -347,8 +352,14 @@ class Manifest:
         if names.INFER not in self.graphs or "vanilla" not in self.graphs:
             return "graphs", "must have 'infer' and 'vanilla' graphs"
         forward_only = (names.INFER, names.PREFIX)
+        lengths = self.prefix.lengths if self.prefix is not None else []
         for mode, g in self.graphs.items():
-            if mode not in forward_only and mode not in names.MODES:
+            base, at, length = mode.partition("@")
+            if at and (base not in names.TRAINING_MODES or base not in self.graphs
+                       or not length.isdigit() or int(length) not in lengths):
+                return "graphs", (f"'{mode}' is not a training mode at one of the prefix's "
+                                  "lengths")
+            if not at and mode not in forward_only and mode not in names.MODES:
                 return "graphs", f"unknown mode '{mode}'; modes: {', '.join(names.MODES)}"
             if (mode in forward_only) != (g.backward is None):
                 return f"graphs.{mode}", ("infer and prefix have no backward graph; the other "
@@ -358,6 +369,12 @@ class Manifest:
                     return f"graphs.{mode}", f"graph file '{part}' is not listed in files"
         if (self.prefix is None) != (names.PREFIX not in self.graphs):
             return "prefix", "a prefix graph and the prefix description come together"
+        if lengths and (self.text is None or lengths[-1] >= self.text.seq_len):
+            return "prefix.lengths", "must be shorter than a text model's trained length"
+        for length in lengths:
+            for mode in names.TRAINING_MODES:
+                if mode in self.graphs and f"{mode}@{length}" not in self.graphs:
+                    return "graphs", f"no '{mode}@{length}' graphs for prefix length {length}"
         if self.prefix is not None:
             taken = ({p.name for p in self.params} | {names.LABELS} | set(self.lookups)
                      | {i.name for i in self.inputs})
@@ -365,12 +382,12 @@ class Manifest:
             if clash:
                 return "prefix.outputs", (f"'{clash[0]}' is a model input, label, lookup or "
                                           "parameter, not a prefix output")
-            for mode in self.modes:
+            for mode in self.training_graphs:
                 io = self.io.get(mode)
                 missing = [t for t in self.prefix.outputs if io and t not in io.forward_inputs]
                 if missing:
                     return f"io.{mode}", f"the forward does not take the prefix's '{missing[0]}'"
-        if set(self.io) != set(self.modes):
+        if set(self.io) != set(self.training_graphs):
             return "io", "must describe exactly the training graphs' modes"
         if names.PARAMS_FILE not in self.files:
             return "files", f"must list {names.PARAMS_FILE}"
@@ -418,6 +435,11 @@ class Manifest:
     @property
     def modes(self) -> list[str]:
         """Training-graph modes in the bundle (``vanilla``, and ``instant``/``calib``)."""
+        return [m for m in self.training_graphs if "@" not in m]
+
+    @property
+    def training_graphs(self) -> list[str]:
+        """Every forward/backward pair: the modes, and ``{mode}@{length}`` at shorter lengths."""
         return [m for m in self.graphs if m not in (names.INFER, names.PREFIX)]
 
     @property

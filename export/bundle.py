@@ -313,7 +313,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                   tokenizer: str | Path | None = None, image_mean: list[float] | None = None,
                   image_std: list[float] | None = None,
                   class_names: list[str] | None = None, saved_int8: bool = False,
-                  split: bool = True) -> Path:
+                  split: bool = True, lengths: list[int] | None = None) -> Path:
     """Export ``model`` to a training bundle in ``out``; returns the bundle path.
 
     ``settings`` are the INSTANT defaults recorded in the bundle (ε, oversampling, calibration
@@ -325,6 +325,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     ``split`` (default True): a text model whose frozen prefix takes any length gets it as a
     graph of its own, run without padding (``export/prefix.py``); False keeps the training
     graphs whole (for comparisons).
+    ``lengths``: with such a prefix, the shorter token lengths the training graphs are also
+    built at (``export/lengths.py``); None: L/2 and 3L/4; [] none.
 
     Raises:
         ExportError: unknown model, unsupported op or option (one-line message).
@@ -393,21 +395,36 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     for ly in layers if saved_int8 else []:  # the runtime plans x̂ at this many bytes
         ly.x_itemsize = 1 if ly.int8_x_ok() else 4
     graph_weights: dict[str, list[str]] = {}
-    for mode in modes:
-        src = copy.deepcopy(prefix.forward if prefix is not None else fwd)
+    shorter = []
+    if prefix is not None and text is not None:
+        from .lengths import shorter_graphs
+
+        shorter = shorter_graphs(
+            traced, text, lengths, head=(head, pool) if head is not None else None,
+            params=params, loss=loss, loss_spec=loss_spec, layers=layers, prefix=prefix,
+            initial=initial, lookups=lookups, tables=weights.array,
+            tokenizer=out / text.tokenizer, torch_names=torch_names, exclude=instant_exclude,
+            steps={"dynamic_batch": _dynamic_batch, "params_as_inputs": _params_as_inputs,
+                   "append_loss": _append_loss})
+    runs = [(mode, mode, prefix.forward if prefix is not None else fwd, layers, "")
+            for mode in modes]
+    runs += [(f"{mode}@{lg.length}", mode, lg.forward, lg.layers, f".len{lg.length}")
+             for lg in shorter for mode in modes if mode in names.TRAINING_MODES]
+    for key, mode, forward, mode_layers, tag in runs:
+        src = copy.deepcopy(forward)
         if mode in ("instant", "recal"):
-            _add_basis_inputs(src, layers)
-        tg = build_training_graphs(src, names.LOSS, params, mode, layers, opset,
+            _add_basis_inputs(src, mode_layers)
+        tg = build_training_graphs(src, names.LOSS, params, mode, mode_layers, opset,
                                    compress_saved=saved_int8)
         files = {}
         for part, m in (("forward", tg.forward), ("backward", tg.backward)):
             _prune_unused_inputs(m, data_inputs if part == "forward" else set())
-            name = f"{mode}.{part}.onnx"
+            name = f"{mode}{tag}.{part}.onnx"
             graph_weights[name] = weights.externalize(m)
             onnx.save(m, str(out / name))
             files[part] = name
-        graphs[mode] = GraphFiles(**files)
-        io[mode] = GraphIO(
+        graphs[key] = GraphFiles(**files)
+        io[key] = GraphIO(
             forward_inputs=[i.name for i in tg.forward.graph.input],
             forward_outputs=[o.name for o in tg.forward.graph.output],
             backward_inputs=[i.name for i in tg.backward.graph.input],
@@ -457,7 +474,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         files=files, class_names=class_names, text=text, image=image, optimizers=optimizers,
         flops=dict(zip(("forward", "trainable_forward"), _flops(fwd, shapes, set(params)),
                        strict=True)),
-        prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample) if prefix is not None else None)
+        prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample,
+                          [lg.length for lg in shorter]) if prefix is not None else None)
     text = manifest_json(manifest)
     load_typed(Manifest, json.loads(text), str(out / names.MANIFEST_FILE))  # what the runtime reads
     (out / names.MANIFEST_FILE).write_text(text)

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph import ExportError
 
-__all__ = ["Traced", "any_length", "check_free_batch", "example_arrays", "load_model",
+__all__ = ["Traced", "any_length", "at_length", "check_free_batch", "example_arrays", "load_model",
            "parse_input_shapes"]
 
 OPSET = 17
@@ -164,6 +164,38 @@ def any_length(traced: Traced, seq_inputs: list[str]) -> Traced | None:
                 free = _trace_torch(src, example, traced.source, seq_axes=pos)
         return _pick_output(free, output)
     except Exception:  # noqa: BLE001 - any failure keeps the fixed-length graph
+        return None
+
+
+def at_length(traced: Traced, seq_inputs: list[str], length: int) -> Traced | None:
+    """The same model traced (or loaded) again with axis 1 of ``seq_inputs`` fixed at
+    ``length`` instead of the trained length, or None where that fails (export/lengths.py)."""
+    if traced.origin is None or not seq_inputs or any(n not in traced.inputs
+                                                      for n in seq_inputs):
+        return None
+    kind, src, example, output = traced.origin
+    if example is None:  # an ONNX file that declares its shapes: ones of those shapes
+        by_name = {vi.name: vi.type.tensor_type for vi in traced.model.graph.input}
+        example = []
+        for n in traced.inputs:
+            t = by_name[n]
+            dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+            if len(dims) < 2 or any(d <= 0 for d in dims[1:]):
+                return None
+            example.append(np.ones([1] + dims[1:], helper.tensor_dtype_to_np_dtype(t.elem_type)))
+    pos = {traced.inputs.index(n) for n in seq_inputs}
+    if any(np.ndim(example[i]) < 2 or np.shape(example[i])[1] <= length for i in pos):
+        return None
+    cut = [np.ascontiguousarray(a[:, :length]) if i in pos else a for i, a in enumerate(example)]
+    try:
+        if kind == "onnx":
+            again = _load_onnx(src, cut)
+            if again is None:
+                return None
+        else:
+            again = _trace_torch(src, cut, traced.source)
+        return _pick_output(again, output)
+    except Exception:  # noqa: BLE001 - any failure: no graphs at this length
         return None
 
 

@@ -43,7 +43,7 @@ from .calibrate import Spectrum, basis
 from .memory import current_rss, physical_ram
 from .ranks import saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
-from .trainer import ArenaExhausted, IndexBatch, Trainer
+from .trainer import ArenaExhausted, ArrayBatch, IndexBatch, Trainer
 
 __all__ = ["MIN_FACTOR", "ProbeError", "estimate_minimum", "plan_for_budget", "print_plan"]
 
@@ -413,9 +413,34 @@ def _warm_up(trainer: Trainer, data) -> None:
         trainer.window = None
         trainer.config = cfg
     trainer.gradients(_batch(data, 1, rng))
+    _warm_up_lengths(trainer, data)
     trainer.evaluate(_Subset(data, 1), 1, trim=False)
     trainer.shrink_arena(data)
     trainer.bases.clear()
+    trainer._cut_bases.clear()
+
+
+def _warm_up_lengths(trainer: Trainer, data) -> None:
+    """One pass through the graphs at each shorter length (export/lengths.py), on a sample
+    whose mask is cut to that length: their first run is part of the fixed cost as well."""
+    spec, text = trainer.bundle.manifest.prefix, trainer.bundle.manifest.text
+    if spec is None or text is None or text.mask_input is None:
+        return
+    x, y = data.take(np.arange(1))
+    mask = x.get(text.mask_input)
+    if mask is None or mask.ndim != 2:
+        return
+    trim = trainer.trim
+    trainer.trim = True
+    try:
+        for n in spec.lengths:
+            short = {k: v.copy() for k, v in x.items()}
+            short[text.mask_input][:, n:] = 0
+            short[text.mask_input][:, 0] = 1
+            if trainer.graphs_at(trainer.mode, short)[1] == n:
+                trainer.gradients(ArrayBatch(short, y))
+    finally:
+        trainer.trim = trim
 
 
 def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:

@@ -55,6 +55,24 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -
                    help="hold out this fraction of --data (seeded by --seed)")
 
 
+def _lengths_option(text: str) -> list[int] | None:
+    """``export --lengths``: None (auto), [] (none) or the lengths."""
+    from .errors import UserError
+
+    if text.strip() in ("auto", ""):
+        return None
+    if text.strip() == "none":
+        return []
+    try:
+        out = [int(v) for v in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(v < 1 for v in out):
+        raise UserError(f"--lengths '{text}' is invalid: expected auto, none or comma-separated "
+                        "positive token lengths, e.g. 32,48")
+    return out
+
+
 def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None = None):
     from .data import load_data
 
@@ -147,6 +165,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-prefix", action="store_true",
                    help="keep the training graphs whole: no separate frozen-prefix graph run "
                         "without padding (export/prefix.py; for comparisons)")
+    e.add_argument("--lengths", default="auto", metavar="auto|none|N,N",
+                   help="text models with a frozen prefix: also build the training graphs at "
+                        "these shorter token lengths, so micro-batches of short texts run "
+                        "there (export/lengths.py; auto: half and three quarters of the "
+                        "model's length)")
     e.add_argument("--classes", default=None,
                    help="class names in id order, comma-separated (kept with the model)")
 
@@ -337,6 +360,7 @@ def _cmd_export(a) -> int:
             raise UserError(f"{flag} '{text}' is invalid: expected comma-separated numbers, "
                             "e.g. 0.485,0.456,0.406") from None
 
+    lengths = _lengths_option(a.lengths)
     # written next to --out and moved in place once complete: a failed export (a bad option
     # found late, an unsupported op) leaves an existing bundle as it was
     try:
@@ -351,7 +375,8 @@ def _cmd_export(a) -> int:
                       tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
                       image_std=floats(a.image_std, "--image-std"),
                       class_names=a.classes.split(",") if a.classes else None,
-                      saved_int8=a.saved_int8, split=not a.no_prefix)
+                      saved_int8=a.saved_int8, split=not a.no_prefix,
+                      lengths=lengths)
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read
@@ -369,6 +394,9 @@ def _cmd_export(a) -> int:
     if m.prefix is not None:
         prefix = (f"; frozen prefix graph ({', '.join(m.prefix.outputs)}"
                   f"{', runs without padding' if m.text and m.text.any_length else ''})")
+        if m.prefix.lengths:
+            prefix += (f"; training graphs also at {', '.join(map(str, m.prefix.lengths))} "
+                       "tokens")
     print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
           f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
     return 0

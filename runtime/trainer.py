@@ -36,7 +36,7 @@ from .bundle import Bundle
 from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
 from .optim import make_optimizer
-from .ranks import choose_ranks
+from .ranks import choose_ranks, gx_break_even
 from .sessions import (
     SharedWeights,
     is_out_of_memory,
@@ -161,6 +161,7 @@ class Trainer:
         self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
         self.bases: dict[str, tuple[Basis, Basis]] = {}
         self._basis_ov: dict[str, ort.OrtValue] = {}
+        self._cut_bases: dict[int, dict[str, ort.OrtValue]] = {}  # _bases_at, by length
         self.step_count = 0
         self.window: GramWindow | None = None  # an open calibration
         self.calibrations = 0
@@ -197,6 +198,11 @@ class Trainer:
         """Create every session the run will use now (so their memory is in the idle RSS)."""
         self.session(self.mode, "forward")
         self.session(self.mode, "backward")
+        spec = self.bundle.manifest.prefix
+        for n in spec.lengths if spec is not None and not self.resident else []:
+            if f"{self.mode}@{n}" in self.bundle.manifest.graphs:
+                self.session(f"{self.mode}@{n}", "forward")
+                self.session(f"{self.mode}@{n}", "backward")
         if self.mode == "instant":
             for mode in ("calib", "recal"):
                 self.session(mode, "forward")
@@ -256,11 +262,67 @@ class Trainer:
         """Whether the prefix runs each micro-batch cut to its longest row."""
         return self.trim and self._masked_prefix()
 
-    def prefix_feeds(self, x: dict[str, np.ndarray], y: np.ndarray) -> dict[str, ort.OrtValue]:
+    def _keep(self, x: dict[str, np.ndarray]) -> int | None:
+        """The length this micro-batch's prefix runs at (its longest row, rounded up to
+        ``LENGTH_STEP``), or None where it runs untrimmed."""
+        text = self.bundle.manifest.text
+        if not self._trims() or text.mask_input not in x:
+            return None
+        mask = x[text.mask_input]
+        if mask.ndim != 2 or mask.shape[1] != text.seq_len:
+            return None  # prefix_feeds says what is wrong
+        return min(-(-int(_row_lengths(mask).max()) // LENGTH_STEP) * LENGTH_STEP, text.seq_len)
+
+    def graphs_at(self, mode: str, x: dict[str, np.ndarray]) -> tuple[str, int | None]:
+        """(graph key, token length) for a micro-batch in ``mode``: the shortest of the bundle's
+        shorter lengths (export/lengths.py) that holds its longest row, else (mode, None) (the
+        trained length; also for the budget probes, which run untrimmed)."""
+        spec = self.bundle.manifest.prefix
+        if spec is None or not spec.lengths or self.resident or mode not in names.TRAINING_MODES:
+            return mode, None
+        keep = self._keep(x)
+        for n in spec.lengths if keep is not None else []:
+            if n >= keep and f"{mode}@{n}" in self.bundle.manifest.graphs:
+                return f"{mode}@{n}", n
+        return mode, None
+
+    def _bases_at(self, length: int) -> dict[str, ort.OrtValue]:
+        """The bases fed to the graphs at a shorter ``length``: a token-axis basis keeps its
+        first ``length`` columns (the products at the trained length with the positions past
+        ``length`` zero, which is what those positions hold); where that many rows would cost
+        as much as the exact product (P: rows >= length; Q: rows past the break-even rank of
+        runtime/ranks.py at this length) the exact identity instead, as at full rank."""
+        got = self._cut_bases.get(length)
+        if got is not None:
+            return got
+        seq = self.bundle.manifest.text.seq_len
+        got = {}
+        for ly in self.bundle.layers:
+            if ly.tokens != seq or ly.name not in self.bases:
+                continue
+            p, q = self.bases[ly.name]
+            short = replace(ly, tokens=length, x_dim=length if ly.x_axis == "token" else ly.x_dim,
+                            g_dim=length if ly.g_axis == "token" else ly.g_dim)
+            for name, b, axis, exact_at in (
+                    (ly.p_input, p, ly.x_axis, length),
+                    (ly.q_input, q, ly.g_axis, gx_break_even(short) if ly.gx_exact_at_full
+                     else length)):
+                if axis != "token":
+                    continue
+                m = b.matrix
+                cut = (np.eye(length, dtype=np.float32) if m.shape[0] >= exact_at
+                       else np.ascontiguousarray(m[:, :length]))
+                got[name] = _ov(cut)
+        self._cut_bases[length] = got
+        return got
+
+    def prefix_feeds(self, x: dict[str, np.ndarray], y: np.ndarray,
+                     length: int | None = None) -> dict[str, ort.OrtValue]:
         """The frozen prefix's outputs for this micro-batch (empty without a prefix graph). For
         a text model that ignores its padding: run without the trailing padding, padded back to
-        the trained length, and zero at every masked position (export/prefix.py checks that the
-        trainable part then gives the uncut graph's outputs)."""
+        the trained length (or ``length``: graphs at a shorter length), and zero at every
+        masked position (export/prefix.py checks that the trainable part then gives the uncut
+        graph's outputs)."""
         spec = self.bundle.manifest.prefix
         if spec is None:
             return {}
@@ -296,13 +358,17 @@ class Trainer:
                 raise UserError(f"the bundle's prefix output '{name}' has shape {list(a.shape)}, "
                                 f"which has no token axis {axis} of at most {text.seq_len}; the "
                                 "manifest does not match its graphs: re-export the bundle")
+            size = length or text.seq_len
+            if a.shape[axis] > size:
+                raise UserError(f"the bundle's prefix output '{name}' is longer than its "
+                                f"micro-batch ({a.shape[axis]} > {size}); re-export the bundle")
             shape = list(a.shape)
-            shape[axis] = text.seq_len
+            shape[axis] = size
             full = np.zeros(shape, a.dtype)
             full[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
             del a
-            full *= (mask != 0).astype(full.dtype).reshape(
-                [mask.shape[0]] + [text.seq_len if i == axis else 1 for i in range(1, full.ndim)])
+            full *= (mask[:, :size] != 0).astype(full.dtype).reshape(
+                [mask.shape[0]] + [size if i == axis else 1 for i in range(1, full.ndim)])
             feeds[name] = _ov(full)
         del got
         return feeds
@@ -408,10 +474,16 @@ class Trainer:
         returns keeps the whole output vector alive, so one stray reference (a loop variable)
         would keep all saved tensors of this micro-batch resident during the next one.
         """
-        io = self.bundle.io(mode)
+        key, length = self.graphs_at(mode, x)
+        io = self.bundle.io(key)
         fout = io.forward_outputs
-        fwd, bwd = self.session(mode, "forward"), self.session(mode, "backward")
-        carried = self.prefix_feeds(x, y)
+        fwd, bwd = self.session(key, "forward"), self.session(key, "backward")
+        carried = self.prefix_feeds(x, y, length)
+        if length is not None:  # graphs at a shorter length: token inputs and bases cut to it
+            tokens = set(self.bundle.manifest.text.token_inputs)
+            x = {k: np.ascontiguousarray(v[:, :length]) if k in tokens else v
+                 for k, v in x.items()}
+            carried.update(self._bases_at(length))
         try:
             outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y, carried))
         except Exception as exc:  # noqa: BLE001
@@ -595,6 +667,7 @@ class Trainer:
     def set_bases(self, layer: str, p: Basis, q: Basis) -> None:
         ly = next(x for x in self.bundle.layers if x.name == layer)
         self.bases[layer] = (p, q)
+        self._cut_bases.clear()
         self._basis_ov[ly.p_input] = _ov(p.matrix)
         self._basis_ov[ly.q_input] = _ov(q.matrix)
 

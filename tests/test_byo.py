@@ -239,9 +239,9 @@ def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encode
     lengths: list[int] = []
     run = a.prefix_feeds
 
-    def spy(x, y):
+    def spy(x, y, *rest):
         lengths.append(x["attention_mask"].sum(1).max())
-        return run(x, y)
+        return run(x, y, *rest)
 
     a.prefix_feeds = spy
     rng = np.random.default_rng(0)
@@ -259,6 +259,74 @@ def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encode
     losses = [c.train_step(IndexBatch(data, rng.choice(len(data), 18, replace=False))).loss
               for _ in range(3)]
     assert c.bases and all(np.isfinite(losses)), losses
+
+
+def test_graphs_at_a_shorter_length_give_the_full_length_gradients(encoder_bundle, tmp_path):
+    """A micro-batch whose rows all fit a shorter length runs the graphs traced there
+    (export/lengths.py). Vanilla gives the full-length gradients. INSTANT gives the full-length
+    graphs' gradients with every token-axis basis zero past that length, which is what the cut
+    bases stand for (runtime/trainer.py: _bases_at), at ranks below the length (bases cut) and
+    at or above it (the exact identity)."""
+    from helpers import make_trainer
+
+    from runtime.bundle import open_bundle
+    from runtime.calibrate import Basis
+    from runtime.data import load_data
+    from runtime.trainer import IndexBatch, _ov
+
+    b = open_bundle(encoder_bundle)
+    assert b.manifest.text.seq_len == 16 and b.manifest.prefix.lengths == [8]
+    assert {"vanilla@8", "instant@8"} <= set(b.manifest.graphs)
+    rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 80, bad=False))))
+    with open(tmp_path / "short.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [[" ".join(t.split()[:1 + i % 4]), lab]
+                                             for i, (t, lab) in enumerate(rows[1:])])
+    ds = load_data(str(tmp_path / "short.csv"), b)
+    x, _ = ds.take(np.arange(len(ds)))
+    fits = np.nonzero(x["attention_mask"].sum(1) <= 8)[0]
+    assert len(fits) >= 18
+    batch = IndexBatch(ds, fits[:18])
+    rng = np.random.default_rng(0)
+
+    def grads(tr, trim: bool) -> tuple[dict[str, np.ndarray], list]:
+        used = []
+        pick = tr.graphs_at
+        tr.graphs_at = lambda mode, xs: used.append(pick(mode, xs)) or used[-1]
+        tr.trim = trim
+        tr.gradients(batch)
+        tr.graphs_at = pick
+        return {p: g.copy() for p, g in tr._grads.items()}, used
+
+    def same(a, c):
+        for p in a:
+            scale = float(np.abs(c[p]).max()) + 1e-12
+            assert float(np.abs(a[p] - c[p]).max()) <= 2e-5 * scale, p
+
+    tr = make_trainer(b, mode="vanilla", micro_batch=6)
+    short, used = grads(tr, True)
+    assert [k for k, _ in used] == ["vanilla@8"] * 3, used
+    full, used = grads(tr, False)
+    assert [k for k, _ in used] == ["vanilla"] * 3, used
+    same(short, full)
+
+    tr = make_trainer(b, mode="instant", micro_batch=6)
+    ext = {}  # the full-length bases zero past 8 (rank 12 >= 8: the exact identity)
+    for i, ly in enumerate(b.layers):  # random orthonormal bases, ranks 3 and 12 of 16 mixed
+        assert ly.x_axis == ly.g_axis == "token" and ly.tokens == 16
+        pair = []
+        for k, (dim, name) in enumerate(((ly.x_dim, ly.p_input), (ly.g_dim, ly.q_input))):
+            r = (3, 12)[(i + k) % 2]
+            m = (np.linalg.qr(rng.standard_normal((dim, r)))[0].T * 1.3).astype(np.float32)
+            pair.append(Basis(m, r, 1.0, np.full(dim, 1 / dim, np.float32)))
+            ext[name] = m.copy() if r < 8 else np.eye(8, dim, dtype=np.float32)
+            ext[name][:, 8:] = 0.0
+        tr.set_bases(ly.name, *pair)
+    short, used = grads(tr, True)
+    assert [k for k, _ in used] == ["instant@8"] * 3, used
+    for name, m in ext.items():
+        tr._basis_ov[name] = _ov(m)
+    full, _ = grads(tr, False)
+    same(short, full)
 
 
 def test_frozen_prefix_gives_the_same_grams_at_any_micro_batch(encoder_bundle, tmp_path):
@@ -345,6 +413,27 @@ def test_a_tampered_prefix_description_is_one_line_error(encoder_bundle, tmp_pat
     data.write_text("text,label\n" + "".join(f"good film {i},{i % 2}\n" for i in range(40)))
     r = _cli("train", bundle, "--data", data, "--steps", 1, "--batch", 8, "--no-progress",
              "--out", tmp_path / "run")
+    assert r.returncode == 2 and fragment in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("lengths, fragment", [
+    ([8, 16], "must be shorter than a text model's trained length"),
+    ([8, 12], "no 'vanilla@12' graphs for prefix length 12"),
+    ([8, 8], "distinct positive lengths in increasing order"),
+    ([], "is not a training mode at one of the prefix's lengths"),
+])
+def test_tampered_shorter_lengths_are_one_line_errors(encoder_bundle, tmp_path, lengths,
+                                                      fragment):
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(encoder_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["prefix"]["lengths"] = lengths
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    r = _cli("train", bundle, "--data", "rotten-tomatoes", "--steps", 1, "--batch", 8,
+             "--no-progress", "--out", tmp_path / "run")
     assert r.returncode == 2 and fragment in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

@@ -192,6 +192,18 @@ def test_export_bad_model(case, cli, tmp_path):
     assert not (tmp_path / "b" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("value, fragment", [
+    ("32,x", "--lengths '32,x' is invalid"), ("0", "--lengths '0' is invalid"),
+    ("64", "a shorter length must be 1 to 63"),
+])
+def test_export_bad_lengths(value, fragment, cli, tmp_path):
+    """``export --lengths``: a value that is no list of lengths, or one not below the model's
+    own length, is one line; nothing is written."""
+    user_error(cli("export", "--model", "minilm-l6", "--trainable", "last:1", "--out",
+                   tmp_path / "b", "--lengths", value), fragment)
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_and_train_a_factory_file(cli, tmp_path):
     factory = tmp_path / "model.py"
     factory.write_text(FACTORY)
