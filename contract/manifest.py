@@ -258,6 +258,18 @@ class TextSpec:
     # infer.onnx takes any length up to seq_len: evaluation drops a batch's trailing padding
     # (export/any_length.py); False: every batch is padded to seq_len
     any_length: bool = False
+    # shorter token lengths the training graphs were also traced at (export/lengths.py): graphs
+    # ``{mode}@{length}`` for vanilla/instant; a micro-batch whose rows all fit one runs there
+    lengths: list[int] = field(default_factory=list)
+
+    def validate(self) -> tuple[str, str] | None:
+        if any(n < 1 for n in self.lengths) or self.lengths != sorted(set(self.lengths)):
+            return "lengths", "must be distinct positive lengths in increasing order"
+        if self.lengths and self.lengths[-1] >= self.seq_len:
+            return "lengths", f"must be shorter than the trained length {self.seq_len}"
+        if self.lengths and not (self.any_length and self.mask_input):
+            return "lengths", "need a model that takes any length and masks its padding"
+        return None
 
     @property
     def token_inputs(self) -> list[str]:
@@ -276,17 +288,12 @@ class PrefixSpec:
     outputs: dict[str, int]
     # the outputs' bytes per sample at the trained length (the runtime's memory planning)
     bytes_per_sample: int = field(default=0, metadata=check(ge=0, le=1 << 34))
-    # shorter token lengths the training graphs were also traced at (export/lengths.py): graphs
-    # ``{mode}@{length}`` for vanilla/instant; a micro-batch whose rows all fit one runs there
-    lengths: list[int] = field(default_factory=list)
 
     def validate(self) -> tuple[str, str] | None:
         if not self.outputs:
             return "outputs", "must name at least one tensor"
         if any(a == 0 or a < -1 or a > 16 for a in self.outputs.values()):
             return "outputs", "token axes are -1 (none) or 1..16 (axis 0 is the batch)"
-        if any(n < 1 for n in self.lengths) or self.lengths != sorted(set(self.lengths)):
-            return "lengths", "must be distinct positive lengths in increasing order"
         return None
 
 
@@ -352,12 +359,12 @@ class Manifest:
         if names.INFER not in self.graphs or "vanilla" not in self.graphs:
             return "graphs", "must have 'infer' and 'vanilla' graphs"
         forward_only = (names.INFER, names.PREFIX)
-        lengths = self.prefix.lengths if self.prefix is not None else []
+        lengths = self.text.lengths if self.text is not None else []
         for mode, g in self.graphs.items():
             base, at, length = mode.partition("@")
             if at and (base not in names.TRAINING_MODES or base not in self.graphs
                        or not length.isdigit() or int(length) not in lengths):
-                return "graphs", (f"'{mode}' is not a training mode at one of the prefix's "
+                return "graphs", (f"'{mode}' is not a training mode at one of the text's "
                                   "lengths")
             if not at and mode not in forward_only and mode not in names.MODES:
                 return "graphs", f"unknown mode '{mode}'; modes: {', '.join(names.MODES)}"
@@ -369,12 +376,10 @@ class Manifest:
                     return f"graphs.{mode}", f"graph file '{part}' is not listed in files"
         if (self.prefix is None) != (names.PREFIX not in self.graphs):
             return "prefix", "a prefix graph and the prefix description come together"
-        if lengths and (self.text is None or lengths[-1] >= self.text.seq_len):
-            return "prefix.lengths", "must be shorter than a text model's trained length"
         for length in lengths:
             for mode in names.TRAINING_MODES:
                 if mode in self.graphs and f"{mode}@{length}" not in self.graphs:
-                    return "graphs", f"no '{mode}@{length}' graphs for prefix length {length}"
+                    return "graphs", f"no '{mode}@{length}' graphs for length {length}"
         if self.prefix is not None:
             taken = ({p.name for p in self.params} | {names.LABELS} | set(self.lookups)
                      | {i.name for i in self.inputs})

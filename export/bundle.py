@@ -325,8 +325,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     ``split`` (default True): a text model whose frozen prefix takes any length gets it as a
     graph of its own, run without padding (``export/prefix.py``); False keeps the training
     graphs whole (for comparisons).
-    ``lengths``: with such a prefix, the shorter token lengths the training graphs are also
-    built at (``export/lengths.py``); None: L/2 and 3L/4; [] none.
+    ``lengths``: for a text model that takes any length, the shorter token lengths the training
+    graphs are also built at (``export/lengths.py``); None: L/2 and 3L/4; [] none.
 
     Raises:
         ExportError: unknown model, unsupported op or option (one-line message).
@@ -396,16 +396,18 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         ly.x_itemsize = 1 if ly.int8_x_ok() else 4
     graph_weights: dict[str, list[str]] = {}
     shorter = []
-    if prefix is not None and text is not None:
+    if text is not None and text.any_length and text.mask_input is not None:
         from .lengths import shorter_graphs
 
         shorter = shorter_graphs(
             traced, text, lengths, head=(head, pool) if head is not None else None,
             params=params, loss=loss, loss_spec=loss_spec, layers=layers, prefix=prefix,
-            initial=initial, lookups=lookups, tables=weights.array,
-            tokenizer=out / text.tokenizer, torch_names=torch_names, exclude=instant_exclude,
+            full_forward=prefix.forward if prefix is not None else fwd, initial=initial,
+            lookups=lookups, weights=weights, tokenizer=out / text.tokenizer,
+            torch_names=torch_names, exclude=instant_exclude,
             steps={"dynamic_batch": _dynamic_batch, "params_as_inputs": _params_as_inputs,
-                   "append_loss": _append_loss})
+                   "split_lookups": _split_lookups, "append_loss": _append_loss})
+        text = dataclasses.replace(text, lengths=[lg.length for lg in shorter])
     runs = [(mode, mode, prefix.forward if prefix is not None else fwd, layers, "")
             for mode in modes]
     runs += [(f"{mode}@{lg.length}", mode, lg.forward, lg.layers, f".len{lg.length}")
@@ -474,8 +476,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         files=files, class_names=class_names, text=text, image=image, optimizers=optimizers,
         flops=dict(zip(("forward", "trainable_forward"), _flops(fwd, shapes, set(params)),
                        strict=True)),
-        prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample,
-                          [lg.length for lg in shorter]) if prefix is not None else None)
+        prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample) if prefix is not None else None)
     text = manifest_json(manifest)
     load_typed(Manifest, json.loads(text), str(out / names.MANIFEST_FILE))  # what the runtime reads
     (out / names.MANIFEST_FILE).write_text(text)

@@ -1,17 +1,19 @@
 """Training graphs at shorter token lengths, for micro-batches of short texts.
 
-The training graphs read static shapes, so a text bundle trains at one token length L: the frozen
+The training graphs read static shapes, so a text bundle trains at one token length L: a frozen
 prefix runs each micro-batch without its trailing padding (export/prefix.py), but the trainable
-part still ran every micro-batch padded back to L. On Rotten Tomatoes (mean 27 of 64 tokens) a
-step's rows, sorted by length and cut into micro-batches of 8-13, need at most 32 or 48 tokens in
-two thirds of the micro-batches. So the exporter traces the model again at a few shorter lengths
-(default L/2 and 3L/4) and builds the vanilla and instant graphs there too, as ``{mode}@{length}``;
-the runtime runs a micro-batch at the shortest length that holds its longest row.
+part (or the whole graph, without a prefix) still ran every micro-batch padded to L. On Rotten
+Tomatoes (mean 27 of 64 tokens) a step's rows, sorted by length and cut into micro-batches of
+8-13, need at most 32 or 48 tokens in two thirds of the micro-batches. So the exporter traces
+the model again at a few shorter lengths (default L/2 and 3L/4) and builds the vanilla and
+instant graphs there too, as ``{mode}@{length}``; the runtime runs a micro-batch at the
+shortest length that holds its longest row.
 
-Exact where the trainable part ignores padded positions, like the prefix split, and checked the
-same way: on the tokenizer's encodings of sentences that fit, the forward at the shorter length
-must give the full-length forward's loss and outputs; a length that fails (or cannot be traced,
-or whose compressible layers differ in anything but their token count) is left out.
+Only for a model whose inference graph takes any length and masks its padding
+(export/any_length.py). Exact where the trained graph ignores padded positions, and checked: on
+the tokenizer's encodings of sentences that fit, the forward at the shorter length must give
+the full-length forward's loss and outputs; a length that fails (or cannot be traced, or whose
+compressible layers differ in anything but their token count) is left out.
 
 INSTANT at a shorter length uses the full-length bases cut to their first ``length`` positions
 (token-axis layers): the same products as at L with the positions past ``length`` zero, so the
@@ -57,7 +59,7 @@ def auto_lengths(seq_len: int, step: int = 8) -> list[int]:
 def shorter_graphs(traced: Traced, text: TextSpec, lengths: list[int] | None, *, prefix,
                    **kw) -> list[LengthGraphs]:
     """The forwards at ``lengths`` (None: :func:`auto_lengths`) that pass the checks of
-    :func:`length_graphs`; ``prefix`` is what export/prefix.py split off.
+    :func:`length_graphs`; ``prefix`` is what export/prefix.py split off (None: whole graphs).
 
     Raises:
         ExportError: a length not below the model's own.
@@ -67,8 +69,8 @@ def shorter_graphs(traced: Traced, text: TextSpec, lengths: list[int] | None, *,
         if not 1 <= n < text.seq_len:
             raise ExportError(f"--lengths {n}: a shorter length must be 1 to "
                               f"{text.seq_len - 1} (the model's length is {text.seq_len})")
-        got = length_graphs(traced, text, n, carried=prefix.axes, full_forward=prefix.forward,
-                            prefix_graph=prefix.graph, **kw)
+        got = length_graphs(traced, text, n, carried=prefix.axes if prefix else {},
+                            prefix_graph=prefix.graph if prefix else None, **kw)
         if got is not None:
             out.append(got)
     return out
@@ -77,15 +79,16 @@ def shorter_graphs(traced: Traced, text: TextSpec, lengths: list[int] | None, *,
 def length_graphs(traced: Traced, text: TextSpec, length: int, *, head: tuple[int, str] | None,
                   params: list[str], loss: str, loss_spec: LossSpec, layers: list[CompressedLayer],
                   carried: dict[str, int], full_forward: onnx.ModelProto, prefix_graph,
-                  initial: dict[str, np.ndarray], lookups: dict, tables, tokenizer,
+                  initial: dict[str, np.ndarray], lookups: dict, weights, tokenizer,
                   torch_names: dict[str, str], exclude: list[str] | None,
                   steps: dict[str, Callable]) -> LengthGraphs | None:
-    """The training forward at ``length`` (cut after the prefix as ``full_forward`` is), or None
-    where this length cannot be used (see the module docstring).
+    """The training forward at ``length`` (cut after the prefix as ``full_forward`` is, where
+    there is one), or None where this length cannot be used (see the module docstring).
 
     ``steps`` are the exporter's own graph steps (dynamic_batch, params_as_inputs,
     split_lookups, append_loss), applied here the same way; ``carried`` the prefix's outputs and
-    their token axes; ``prefix_graph`` the any-length prefix (for the check)."""
+    their token axes; ``prefix_graph`` the any-length prefix (for the check; None: no prefix);
+    ``weights`` the bundle's weight file (lookup tables are stored there once, by name)."""
     from .heads import add_head
     from .prefix import _cut_forward
 
@@ -100,6 +103,8 @@ def length_graphs(traced: Traced, text: TextSpec, length: int, *, head: tuple[in
         fwd = again.model  # a trace of our own: changed in place
         steps["dynamic_batch"](fwd, again.inputs + again.outputs)
         steps["params_as_inputs"](fwd, params)
+        if steps["split_lookups"](fwd, set(again.inputs), weights) != lookups:
+            return None
         if steps["append_loss"](fwd, again.outputs[0], loss, Shapes(fwd)) != loss_spec:
             return None
         shapes = Shapes(fwd)
@@ -110,12 +115,12 @@ def length_graphs(traced: Traced, text: TextSpec, length: int, *, head: tuple[in
             mine.name, mine.p_input, mine.q_input = full.name, full.p_input, full.q_input
             mine.x_axis, mine.g_axis, mine.x_itemsize = full.x_axis, full.g_axis, full.x_itemsize
             mine.gx_exact_at_full = full.gx_exact_at_full
-        cut = _cut_forward(fwd, list(carried), shapes)
+        cut = _cut_forward(fwd, list(carried), shapes) if carried else fwd
         if cut is None:
             return None
         _rename_differing(cut, full_forward, length)
         if not _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokenizer,
-                             initial, lookups, tables, loss_spec, again.outputs[0]):
+                             initial, lookups, weights.array, loss_spec, again.outputs[0]):
             return None
     except Exception:  # noqa: BLE001 - any failure: no graphs at this length
         return None
@@ -196,7 +201,7 @@ def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokeni
     tokens = set(text.token_inputs)
     trimmed = {k: (np.ascontiguousarray(v[:, :keep]) if k in tokens else v)
                for k, v in feeds.items()}
-    pre = run(session(prefix_graph), trimmed, list(carried))
+    pre = run(session(prefix_graph), trimmed, list(carried)) if carried else []
     got = []
     for size in (text.seq_len, length):
         x = {k: (np.ascontiguousarray(v[:, :size]) if k in tokens else v)

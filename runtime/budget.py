@@ -423,8 +423,8 @@ def _warm_up(trainer: Trainer, data) -> None:
 def _warm_up_lengths(trainer: Trainer, data) -> None:
     """One pass through the graphs at each shorter length (export/lengths.py), on a sample
     whose mask is cut to that length: their first run is part of the fixed cost as well."""
-    spec, text = trainer.bundle.manifest.prefix, trainer.bundle.manifest.text
-    if spec is None or text is None or text.mask_input is None:
+    text = trainer.bundle.manifest.text
+    if text is None or not text.lengths or text.mask_input is None:
         return
     x, y = data.take(np.arange(1))
     mask = x.get(text.mask_input)
@@ -433,7 +433,7 @@ def _warm_up_lengths(trainer: Trainer, data) -> None:
     trim = trainer.trim
     trainer.trim = True
     try:
-        for n in spec.lengths:
+        for n in text.lengths:
             short = {k: v.copy() for k, v in x.items()}
             short[text.mask_input][:, n:] = 0
             short[text.mask_input][:, 0] = 1

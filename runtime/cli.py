@@ -394,9 +394,8 @@ def _cmd_export(a) -> int:
     if m.prefix is not None:
         prefix = (f"; frozen prefix graph ({', '.join(m.prefix.outputs)}"
                   f"{', runs without padding' if m.text and m.text.any_length else ''})")
-        if m.prefix.lengths:
-            prefix += (f"; training graphs also at {', '.join(map(str, m.prefix.lengths))} "
-                       "tokens")
+    if m.text is not None and m.text.lengths:
+        prefix += f"; training graphs also at {', '.join(map(str, m.text.lengths))} tokens"
     print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
           f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
     return 0

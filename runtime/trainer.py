@@ -198,8 +198,8 @@ class Trainer:
         """Create every session the run will use now (so their memory is in the idle RSS)."""
         self.session(self.mode, "forward")
         self.session(self.mode, "backward")
-        spec = self.bundle.manifest.prefix
-        for n in spec.lengths if spec is not None and not self.resident else []:
+        text = self.bundle.manifest.text
+        for n in text.lengths if text is not None and not self.resident else []:
             if f"{self.mode}@{n}" in self.bundle.manifest.graphs:
                 self.session(f"{self.mode}@{n}", "forward")
                 self.session(f"{self.mode}@{n}", "backward")
@@ -262,11 +262,19 @@ class Trainer:
         """Whether the prefix runs each micro-batch cut to its longest row."""
         return self.trim and self._masked_prefix()
 
-    def _keep(self, x: dict[str, np.ndarray]) -> int | None:
-        """The length this micro-batch's prefix runs at (its longest row, rounded up to
-        ``LENGTH_STEP``), or None where it runs untrimmed."""
+    def _shortens(self) -> bool:
+        """Whether micro-batches may run the graphs at a shorter length (export/lengths.py):
+        a text bundle that has them, trimming on (the budget probes turn it off: worst case),
+        and the host path (the device-resident one keeps the trained length)."""
         text = self.bundle.manifest.text
-        if not self._trims() or text.mask_input not in x:
+        return (self.trim and text is not None and bool(text.lengths) and text.any_length
+                and text.mask_input is not None and not self.resident)
+
+    def _keep(self, x: dict[str, np.ndarray]) -> int | None:
+        """This micro-batch's longest row, rounded up to ``LENGTH_STEP`` (what the prefix and
+        the graphs at a shorter length run at), or None where it runs untrimmed."""
+        text = self.bundle.manifest.text
+        if not (self._trims() or self._shortens()) or text.mask_input not in x:
             return None
         mask = x[text.mask_input]
         if mask.ndim != 2 or mask.shape[1] != text.seq_len:
@@ -277,11 +285,10 @@ class Trainer:
         """(graph key, token length) for a micro-batch in ``mode``: the shortest of the bundle's
         shorter lengths (export/lengths.py) that holds its longest row, else (mode, None) (the
         trained length; also for the budget probes, which run untrimmed)."""
-        spec = self.bundle.manifest.prefix
-        if spec is None or not spec.lengths or self.resident or mode not in names.TRAINING_MODES:
+        if not self._shortens() or mode not in names.TRAINING_MODES:
             return mode, None
         keep = self._keep(x)
-        for n in spec.lengths if keep is not None else []:
+        for n in self.bundle.manifest.text.lengths if keep is not None else []:
             if n >= keep and f"{mode}@{n}" in self.bundle.manifest.graphs:
                 return f"{mode}@{n}", n
         return mode, None
@@ -374,9 +381,11 @@ class Trainer:
         return feeds
 
     def _by_length(self, batch: Batch) -> Batch:
-        """The batch's rows longest first (the prefix then runs micro-batches of similar
-        lengths); other batches unchanged. The gradient is a sum over rows: order-free."""
-        if not self._trims() or not isinstance(batch, (ArrayBatch, IndexBatch)):
+        """The batch's rows longest first (the prefix, and the graphs at shorter lengths, then
+        run micro-batches of similar lengths); other batches unchanged. The gradient is a sum
+        over rows: order-free."""
+        if not (self._trims() or self._shortens()) or not isinstance(batch,
+                                                                     (ArrayBatch, IndexBatch)):
             return batch
         n = len(batch)
         lengths = self._read_lengths(batch.rows, n, self.plan.micro_batch or n)

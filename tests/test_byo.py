@@ -261,12 +261,25 @@ def test_frozen_prefix_runs_without_padding_and_trains_as_the_whole_graph(encode
     assert c.bases and all(np.isfinite(losses)), losses
 
 
-def test_graphs_at_a_shorter_length_give_the_full_length_gradients(encoder_bundle, tmp_path):
+@pytest.fixture(scope="module")
+def whole_bundle(encoder_bundle) -> Path:
+    """The same encoder exported with its training graphs whole (no frozen prefix graph)."""
+    whole = encoder_bundle.parent / "whole"
+    _ok(_cli("export", "--model", encoder_bundle.parent / "encoder.onnx", "--out", whole,
+             "--output", "token_embeddings", "--head", 2, "--pool", "mean", "--tokenizer",
+             _tokenizer(), "--input-shape", "8,16:int64;8,16:int64", "--trainable",
+             "*layers.1.*", "--oversample", 7, "--no-prefix"))
+    return whole
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["prefix", "whole"])
+def test_graphs_at_a_shorter_length_give_the_full_length_gradients(encoder_bundle, whole_bundle,
+                                                                    tmp_path, split):
     """A micro-batch whose rows all fit a shorter length runs the graphs traced there
-    (export/lengths.py). Vanilla gives the full-length gradients. INSTANT gives the full-length
-    graphs' gradients with every token-axis basis zero past that length, which is what the cut
-    bases stand for (runtime/trainer.py: _bases_at), at ranks below the length (bases cut) and
-    at or above it (the exact identity)."""
+    (export/lengths.py), with a frozen prefix graph or whole. Vanilla gives the full-length
+    gradients. INSTANT gives the full-length graphs' gradients with every token-axis basis
+    zero past that length, which is what the cut bases stand for (runtime/trainer.py:
+    _bases_at), at ranks below the length (bases cut) and at or above it (the identity)."""
     from helpers import make_trainer
 
     from runtime.bundle import open_bundle
@@ -274,8 +287,9 @@ def test_graphs_at_a_shorter_length_give_the_full_length_gradients(encoder_bundl
     from runtime.data import load_data
     from runtime.trainer import IndexBatch, _ov
 
-    b = open_bundle(encoder_bundle)
-    assert b.manifest.text.seq_len == 16 and b.manifest.prefix.lengths == [8]
+    b = open_bundle(encoder_bundle if split else whole_bundle)
+    assert b.manifest.text.seq_len == 16 and b.manifest.text.lengths == [8]
+    assert (b.manifest.prefix is not None) is split
     assert {"vanilla@8", "instant@8"} <= set(b.manifest.graphs)
     rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 80, bad=False))))
     with open(tmp_path / "short.csv", "w", newline="") as f:
@@ -418,10 +432,10 @@ def test_a_tampered_prefix_description_is_one_line_error(encoder_bundle, tmp_pat
 
 
 @pytest.mark.parametrize("lengths, fragment", [
-    ([8, 16], "must be shorter than a text model's trained length"),
-    ([8, 12], "no 'vanilla@12' graphs for prefix length 12"),
+    ([8, 16], "must be shorter than the trained length 16"),
+    ([8, 12], "no 'vanilla@12' graphs for length 12"),
     ([8, 8], "distinct positive lengths in increasing order"),
-    ([], "is not a training mode at one of the prefix's lengths"),
+    ([], "is not a training mode at one of the text's lengths"),
 ])
 def test_tampered_shorter_lengths_are_one_line_errors(encoder_bundle, tmp_path, lengths,
                                                       fragment):
@@ -430,7 +444,7 @@ def test_tampered_shorter_lengths_are_one_line_errors(encoder_bundle, tmp_path, 
     bundle = tmp_path / "bundle"
     shutil.copytree(encoder_bundle, bundle)
     m = json.loads((bundle / "manifest.json").read_text())
-    m["prefix"]["lengths"] = lengths
+    m["text"]["lengths"] = lengths
     (bundle / "manifest.json").write_text(json.dumps(m))
     r = _cli("train", bundle, "--data", "rotten-tomatoes", "--steps", 1, "--batch", 8,
              "--no-progress", "--out", tmp_path / "run")

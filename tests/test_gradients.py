@@ -477,3 +477,32 @@ def test_int8_saved_variant_error_is_bounded(op, body, fn, inputs, opset):
         np.testing.assert_allclose(g_exact[k], want, rtol=1e-4, atol=1e-5)
         err = np.abs(g_small[k] - want).max() / np.abs(want).max()
         assert 0 < err < 1e-2, (k, err)
+
+
+def test_a_trainable_table_gradient_is_no_constant_of_the_backward_session(tmp_path):
+    """The gradient of a trainable embedding table is scattered into zeros of the table's size.
+    With a static shape onnxruntime would fold those zeros into a table-sized initializer of
+    every backward session that has them (47 MB per session for MiniLM's vocabulary); their
+    shape depends on the batch size, so they are a buffer of the run instead. Checked on the
+    graph onnxruntime actually runs (its optimised model)."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.bundle import export_bundle
+
+    factory = tmp_path / "emb.py"
+    factory.write_text(
+        "from torch import nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.emb = nn.Embedding(6000, 32)\n        self.fc = nn.Linear(32, 3)\n\n"
+        "    def forward(self, ids):\n        return self.fc(self.emb(ids).mean(1))\n\n\n"
+        "def make():\n    return Net()\n")
+    bundle = export_bundle(f"{factory}:make", tmp_path / "b", input_shape="4,8:int64")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(bundle / "vanilla.backward.onnx"), so,
+                         providers=["CPUExecutionProvider"])
+    model = onnx.load(str(tmp_path / "optimised.onnx"))
+    sizes = [int(np.prod(t.dims)) for t in model.graph.initializer]
+    assert max(sizes, default=0) < 6000 * 32, sorted(sizes)[-3:]
