@@ -77,7 +77,7 @@ def any_length_infer(traced: Traced, text: TextSpec, params: list[str], lookups:
     if not _same_outputs(fixed_m, free_m, traced.outputs[0], text, tokenizer):
         return None
     model = copy.deepcopy(free.model)
-    _rename_differing(model, fixed_inits)
+    rename_differing(model, fixed_inits)
     dynamic_batch(model, free.inputs + free.outputs)
     params_as_inputs(model, params)
     if split_lookups(model, set(free.inputs), weights) != lookups:
@@ -85,16 +85,17 @@ def any_length_infer(traced: Traced, text: TextSpec, params: list[str], lookups:
     return model
 
 
-def _rename_differing(model: onnx.ModelProto, fixed: dict[str, onnx.TensorProto]) -> None:
+def rename_differing(model: onnx.ModelProto, fixed: dict[str, onnx.TensorProto],
+                     prefix: str = PREFIX) -> None:
     """Frozen tensors are stored once by name (``weights.bin``): a tensor of this graph whose
-    name the fixed graphs use for other values (a constant the trace folded differently) gets
-    a name of its own."""
+    name the fixed graphs use for other values (a constant the trace folded differently), or
+    do not use, gets a name of its own (``prefix`` + name)."""
     rename = {}
     for t in model.graph.initializer:
         other = fixed.get(t.name)
         if other is None or not np.array_equal(numpy_helper.to_array(other),
                                                numpy_helper.to_array(t)):
-            rename[t.name] = PREFIX + t.name
+            rename[t.name] = prefix + t.name
     for t in model.graph.initializer:
         t.name = rename.get(t.name, t.name)
     for node in model.graph.node:

@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from contract import LossSpec, TextSpec, names
 
@@ -89,6 +88,7 @@ def length_graphs(traced: Traced, text: TextSpec, length: int, *, head: tuple[in
     split_lookups, append_loss), applied here the same way; ``carried`` the prefix's outputs and
     their token axes; ``prefix_graph`` the any-length prefix (for the check; None: no prefix);
     ``weights`` the bundle's weight file (lookup tables are stored there once, by name)."""
+    from .any_length import rename_differing
     from .heads import add_head
     from .prefix import _cut_forward
 
@@ -118,7 +118,8 @@ def length_graphs(traced: Traced, text: TextSpec, length: int, *, head: tuple[in
         cut = _cut_forward(fwd, list(carried), shapes) if carried else fwd
         if cut is None:
             return None
-        _rename_differing(cut, full_forward, length)
+        rename_differing(cut, {t.name: t for t in full_forward.graph.initializer},
+                         RENAMED.format(length))
         if not _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokenizer,
                              initial, lookups, weights.array, loss_spec, again.outputs[0]):
             return None
@@ -142,25 +143,6 @@ def _same_layers(found: list[CompressedLayer], layers: list[CompressedLayer], se
     return True
 
 
-def _rename_differing(model: onnx.ModelProto, full: onnx.ModelProto, length: int) -> None:
-    """Frozen tensors are stored once by name (``weights.bin``): a tensor of this graph whose
-    name the full-length graph uses for other values (a constant folded at this length) gets a
-    name of its own."""
-    theirs = {t.name: t for t in full.graph.initializer}
-    rename = {}
-    for t in model.graph.initializer:
-        other = theirs.get(t.name)
-        if other is None or other.dims != t.dims or not np.array_equal(
-                numpy_helper.to_array(other), numpy_helper.to_array(t)):
-            rename[t.name] = RENAMED.format(length) + t.name
-    for t in model.graph.initializer:
-        t.name = rename.get(t.name, t.name)
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-
-
 def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokenizer, initial,
                   lookups, tables, loss_spec, output) -> bool:
     """Whether the forward at ``length`` gives the full-length forward's loss and output on the
@@ -168,6 +150,7 @@ def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokeni
     runtime feeds them)."""
     from .any_length import _encodings
     from .any_length import ort_session as session
+    from .prefix import run_graph
 
     feeds = _encodings(text, tokenizer)
     if feeds is None:
@@ -182,21 +165,7 @@ def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokeni
     keep = int(mask.sum(1).max())
 
     def run(sess, x, outs):
-        want = {i.name: i for i in sess.get_inputs()}
-        full = dict(x)
-        for name, lk in lookups.items():
-            if name in want:
-                full[name] = tables(lk["table"])[x[lk["indices"]]]
-        full.update((k, v) for k, v in initial.items() if k in want)
-        if names.LABELS in want:
-            dims = [n if not isinstance(d, int) else d for d in loss_spec.labels.shape]
-            full[names.LABELS] = np.zeros(dims, np.dtype(loss_spec.labels.dtype))
-        typed = {}
-        for k, i in want.items():
-            v = full[k]
-            typed[k] = v.astype(np.int64 if i.type == "tensor(int64)" else
-                                np.int32 if i.type == "tensor(int32)" else v.dtype)
-        return sess.run(outs, typed)
+        return run_graph(sess, x, outs, n, lookups, tables, initial, loss_spec)
 
     tokens = set(text.token_inputs)
     trimmed = {k: (np.ascontiguousarray(v[:, :keep]) if k in tokens else v)

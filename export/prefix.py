@@ -201,6 +201,28 @@ def _itemsize(onnx_type: int) -> int:
     return int(np.dtype(helper.tensor_dtype_to_np_dtype(onnx_type)).itemsize)
 
 
+def run_graph(sess, x: dict[str, np.ndarray], outs: list[str], n: int, lookups: dict, tables,
+              initial: dict[str, np.ndarray], loss: LossSpec) -> list[np.ndarray]:
+    """Run an export check's session on ``n`` rows ``x``: embedding lookups filled from the
+    frozen ``tables``, parameters at their ``initial`` values, zero labels, integer inputs in
+    the session's own types."""
+    want = {i.name: i for i in sess.get_inputs()}
+    full = dict(x)
+    for name, lk in lookups.items():
+        if name in want:
+            full[name] = tables(lk["table"])[x[lk["indices"]]]
+    full.update((k, v) for k, v in initial.items() if k in want)
+    if names.LABELS in want:
+        dims = [n if not isinstance(d, int) else d for d in loss.labels.shape]
+        full[names.LABELS] = np.zeros(dims, np.dtype(loss.labels.dtype))
+    typed = {}
+    for k, i in want.items():
+        v = full[k]
+        typed[k] = v.astype(np.int64 if i.type == "tensor(int64)" else
+                            np.int32 if i.type == "tensor(int32)" else v.dtype)
+    return sess.run(outs, typed)
+
+
 def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, loss,
            output) -> dict[str, int] | None:
     """Token axis of each carried tensor, or None when the cut forward fed from the trimmed
@@ -214,21 +236,7 @@ def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, 
     n = len(next(iter(feeds.values())))
 
     def run(sess, x, outs):
-        want = {i.name: i for i in sess.get_inputs()}
-        full = dict(x)
-        for name, lk in lookups.items():
-            if name in want:
-                full[name] = tables(lk["table"])[x[lk["indices"]]]
-        full.update((k, v) for k, v in initial.items() if k in want)
-        if names.LABELS in want:
-            dims = [n if not isinstance(d, int) else d for d in loss.labels.shape]
-            full[names.LABELS] = np.zeros(dims, np.dtype(loss.labels.dtype))
-        typed = {}
-        for k, i in want.items():
-            v = full[k]
-            typed[k] = v.astype(np.int64 if i.type == "tensor(int64)" else
-                                np.int32 if i.type == "tensor(int32)" else v.dtype)
-        return sess.run(outs, typed)
+        return run_graph(sess, x, outs, n, lookups, tables, initial, loss)
 
     whole = run(session(fwd), feeds, [output])[0]
     keep = int(feeds[text.mask_input].sum(1).max())

@@ -260,13 +260,30 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
     bytes the plan leaves free for the caller (a fleet client's message buffers). Every probe
     process is stopped once it holds more than ``budget``.
 
+    The graphs at shorter lengths (export/lengths.py) are a speed option: where the budget
+    cannot hold their sessions as well, the run plans and trains at the full length only.
+
     Raises:
         UserError: the budget is below the minimum for this bundle (the message states one).
     """
     try:
         return _plan_for_budget(trainer, data, batch, budget, log, reserve)
     except BudgetTooSmall as exc:
+        if not _has_shorter(trainer):
+            raise _stated_minimum(exc, budget) from None
+    trainer.shorter = False
+    log("budget: no plan with the graphs at shorter lengths as well; planning at the full "
+        "length only")
+    try:
+        return _plan_for_budget(trainer, data, batch, budget, log, reserve)
+    except BudgetTooSmall as exc:
         raise _stated_minimum(exc, budget) from None
+
+
+def _has_shorter(trainer: Trainer) -> bool:
+    """Whether the run would use graphs at shorter lengths (and could do without them)."""
+    text = trainer.bundle.manifest.text
+    return bool(trainer.shorter and text is not None and text.lengths and not trainer.resident)
 
 
 def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
@@ -288,7 +305,9 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
 def estimate_minimum(trainer: Trainer, data, batch: int, reserve: int = 0) -> int | None:
     """The smallest budget for this run (bytes), as a refusal would state it but measured by
     probes without a limit: for ``plan`` without ``--budget``, where no budget is to be kept.
-    None where even that could not be estimated."""
+    None where even that could not be estimated. At the full length only: a run at this
+    budget leaves the graphs at shorter lengths out where they do not fit (plan_for_budget)."""
+    trainer.shorter = False
     try:
         _plan_for_budget(trainer, data, batch, 1_000_000, lambda _msg: None, reserve,
                          limit_probes=False)

@@ -158,6 +158,9 @@ class Trainer:
         # a frozen prefix graph (export/prefix.py) runs each micro-batch without its trailing
         # padding when the model takes any length; the budget probes set False (worst case)
         self.trim = True
+        # the graphs at shorter lengths (export/lengths.py) are used; a budget that cannot hold
+        # their sessions turns this off (runtime/budget.py: plan_for_budget)
+        self.shorter = True
         self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
         self.bases: dict[str, tuple[Basis, Basis]] = {}
         self._basis_ov: dict[str, ort.OrtValue] = {}
@@ -199,7 +202,7 @@ class Trainer:
         self.session(self.mode, "forward")
         self.session(self.mode, "backward")
         text = self.bundle.manifest.text
-        for n in text.lengths if text is not None and not self.resident else []:
+        for n in text.lengths if text is not None and self.shorter and not self.resident else []:
             if f"{self.mode}@{n}" in self.bundle.manifest.graphs:
                 self.session(f"{self.mode}@{n}", "forward")
                 self.session(f"{self.mode}@{n}", "backward")
@@ -267,8 +270,8 @@ class Trainer:
         a text bundle that has them, trimming on (the budget probes turn it off: worst case),
         and the host path (the device-resident one keeps the trained length)."""
         text = self.bundle.manifest.text
-        return (self.trim and text is not None and bool(text.lengths) and text.any_length
-                and text.mask_input is not None and not self.resident)
+        return (self.trim and self.shorter and text is not None and bool(text.lengths)
+                and text.any_length and text.mask_input is not None and not self.resident)
 
     def _keep(self, x: dict[str, np.ndarray]) -> int | None:
         """This micro-batch's longest row, rounded up to ``LENGTH_STEP`` (what the prefix and

@@ -431,6 +431,43 @@ def test_a_tampered_prefix_description_is_one_line_error(encoder_bundle, tmp_pat
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_a_budget_that_cannot_hold_the_shorter_graphs_trains_at_the_full_length(
+        encoder_bundle, monkeypatch):
+    """The graphs at shorter lengths are a speed option: where planning with their sessions
+    fails, the run plans again without them (and trains at the full length); a refusal at the
+    full length is the usual one-line minimum."""
+    from helpers import make_trainer
+
+    import runtime.budget as budget
+    from contract import UserError
+    from devices.planner import Plan
+
+    seen = []
+
+    def fake(trainer, data, batch, limit, log, reserve, limit_probes=True):
+        seen.append(trainer.shorter)
+        if trainer.shorter or limit < 100:
+            raise budget.BudgetTooSmall("a probe at micro-batch 1 did not fit", 123_000_000)
+        return Plan(micro_batch=4)
+
+    monkeypatch.setattr(budget, "_plan_for_budget", fake)
+    tr = make_trainer(encoder_bundle, micro_batch=None)
+    lines = []
+    assert tr.graphs_at("instant", {"attention_mask": np.ones((2, 16), np.int64)})[0] == \
+        "instant"  # rows of 16 tokens: the full length anyway
+    plan = budget.plan_for_budget(tr, None, 8, 200_000_000, log=lines.append)
+    assert plan.micro_batch == 4 and seen == [True, False] and not tr.shorter
+    assert any("full length only" in ln for ln in lines), lines
+    short = {"attention_mask": np.array([[1, 1, 0, 0] + [0] * 12], np.int64)}
+    assert tr.graphs_at("instant", short) == ("instant", None)  # no shorter graphs any more
+    tr2 = make_trainer(encoder_bundle, micro_batch=None)
+    assert tr2.graphs_at("instant", short) == ("instant@8", 8)
+    seen.clear()
+    with pytest.raises(UserError, match="raise --budget to at least"):
+        budget.plan_for_budget(tr2, None, 8, 50, log=lines.append)
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("lengths, fragment", [
     ([8, 16], "must be shorter than the trained length 16"),
     ([8, 12], "no 'vanilla@12' graphs for length 12"),
