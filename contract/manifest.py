@@ -201,6 +201,10 @@ class LayerInfo:
     # rank (g_dim rows): the runtime then picks full rank wherever a compressed Ry would cost
     # more than the exact product (runtime/ranks.py). Bundles from before this say False.
     gx_exact_at_full: bool = False
+    # the [N, L] mask input whose zero positions (padding) the instant, calib and recal graphs
+    # zero in x before projecting it and before its Gram: a text model that ignores its padding
+    # (export/any_length.py) gives them no gradient. Empty: no mask.
+    token_mask: str = ""
 
     def validate(self) -> tuple[str, str] | None:
         want_x = self.tokens if self.x_axis == "token" else self.cx

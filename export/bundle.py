@@ -50,7 +50,7 @@ from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
-from .layers import CompressedLayer, find_compressible_layers
+from .layers import CompressedLayer, find_compressible_layers, mask_padding
 from .tracing import Traced, check_free_batch, example_arrays, load_model
 
 __all__ = ["export_bundle", "select_trainable"]
@@ -203,6 +203,7 @@ def _add_basis_inputs(model: onnx.ModelProto, layers: list[CompressedLayer]) -> 
             ly.p_input, TensorProto.FLOAT, [f"rank_x.{ly.name}", ly.x_dim]))
         model.graph.input.append(helper.make_tensor_value_info(
             ly.q_input, TensorProto.FLOAT, [f"rank_g.{ly.name}", ly.g_dim]))
+
 
 
 def _split_lookups(model: onnx.ModelProto, data_inputs: set[str],
@@ -398,6 +399,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     shorter = []
     if text is not None and text.any_length and text.mask_input is not None:
         from .lengths import shorter_graphs
+
+        mask_padding(layers, text, prefix.forward if prefix is not None else fwd)
 
         shorter = shorter_graphs(
             traced, text, lengths, head=(head, pool) if head is not None else None,

@@ -22,7 +22,8 @@ from contract import names
 
 from .graph import Shapes
 
-__all__ = ["CompressedLayer", "find_compressible_layers", "is_anonymous", "module_path"]
+__all__ = ["CompressedLayer", "find_compressible_layers", "is_anonymous", "mask_padding",
+           "module_path"]
 
 _ANON = re.compile(r"^(onnx::|_?val_|initializer|Constant|const)|^[0-9]+$")
 
@@ -72,6 +73,9 @@ class CompressedLayer:
     # the instant graphs run the exact input gradient g·W where Q has full rank
     # (``rules/linear.py: full_rank``); bundles from before this say False
     gx_exact_at_full: bool = True
+    # a [N, L] mask input of a text model that ignores its padding: its zero positions enter
+    # no gradient, so x is zeroed there before the projection and the Gram (``rules/linear.py``)
+    token_mask: str = ""
 
     def __post_init__(self) -> None:
         self.p_input = self.p_input or names.basis_p(self.name)
@@ -180,3 +184,17 @@ def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer |
             x=node.input[0], y=node.output[0], weight=w, weight_layout="out_in", tokens=tokens,
             cx=cx, cy=cy, x_axis=_axis_mode(tokens, cx, True), g_axis=_axis_mode(tokens, cy, True))
     return None
+
+
+def mask_padding(layers: list[CompressedLayer], text, forward: onnx.ModelProto) -> None:
+    """Give every Linear over the token axis ([N, L, C], L the text's length) the text's mask
+    (``text``: a ``contract.TextSpec`` of a model that ignores its padding, checked by
+    export/any_length.py): padded positions enter no gradient, and the INSTANT graphs zero them
+    in x before its projection and its Gram, and in the input gradient (rules/linear.py). The
+    projection then spends its rank on the real tokens only (docs/method.md "Padded
+    positions")."""
+    if text.mask_input not in {i.name for i in forward.graph.input}:
+        return
+    for ly in layers:
+        if ly.kind == "linear" and ly.rank3 and ly.tokens == text.seq_len:
+            ly.token_mask = text.mask_input

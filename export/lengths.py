@@ -114,7 +114,7 @@ def length_graphs(traced: Traced, text: TextSpec, length: int, *, head: tuple[in
         for mine, full in zip(found, layers, strict=True):
             mine.name, mine.p_input, mine.q_input = full.name, full.p_input, full.q_input
             mine.x_axis, mine.g_axis, mine.x_itemsize = full.x_axis, full.g_axis, full.x_itemsize
-            mine.gx_exact_at_full = full.gx_exact_at_full
+            mine.gx_exact_at_full, mine.token_mask = full.gx_exact_at_full, full.token_mask
         cut = _cut_forward(fwd, list(carried), shapes) if carried else fwd
         if cut is None:
             return None

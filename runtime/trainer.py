@@ -109,6 +109,17 @@ def _row_lengths(mask: np.ndarray) -> np.ndarray:
     return np.where(nz.any(1), mask.shape[1] - nz.argmax(1), 1)
 
 
+def _run_length(longest: int, seq_len: int) -> int:
+    """The token length a micro-batch whose longest row is ``longest`` runs at: rounded up to
+    ``LENGTH_STEP``, at most the bundle's length."""
+    return min(-(-int(longest) // LENGTH_STEP) * LENGTH_STEP, seq_len)
+
+
+def _cut_tokens(x: dict[str, np.ndarray], tokens, length: int) -> dict[str, np.ndarray]:
+    """``x`` with its token inputs (names in ``tokens``) cut to their first ``length`` columns."""
+    return {k: np.ascontiguousarray(v[:, :length]) if k in tokens else v for k, v in x.items()}
+
+
 def _ov(a: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(a)
 
@@ -282,7 +293,7 @@ class Trainer:
         mask = x[text.mask_input]
         if mask.ndim != 2 or mask.shape[1] != text.seq_len:
             return None  # prefix_feeds says what is wrong
-        return min(-(-int(_row_lengths(mask).max()) // LENGTH_STEP) * LENGTH_STEP, text.seq_len)
+        return _run_length(_row_lengths(mask).max(), text.seq_len)
 
     def graphs_at(self, mode: str, x: dict[str, np.ndarray]) -> tuple[str, int | None]:
         """(graph key, token length) for a micro-batch in ``mode``: the shortest of the bundle's
@@ -343,10 +354,8 @@ class Trainer:
                             f"takes [N, {text.seq_len}]: tokenise the data for this bundle")
         keep = text.seq_len if text is not None else 0
         if mask is not None and self.trim:
-            keep = min(-(-int(_row_lengths(mask).max()) // LENGTH_STEP) * LENGTH_STEP,
-                       text.seq_len)
-            tokens = set(text.token_inputs)
-            x = {k: np.ascontiguousarray(v[:, :keep]) if k in tokens else v for k, v in x.items()}
+            keep = _run_length(_row_lengths(mask).max(), text.seq_len)
+            x = _cut_tokens(x, set(text.token_inputs), keep)
         sess = self.session(names.PREFIX, "forward")
         outs = list(spec.outputs)
         extra = self._resident.params if self._resident is not None else None
@@ -492,9 +501,7 @@ class Trainer:
         fwd, bwd = self.session(key, "forward"), self.session(key, "backward")
         carried = self.prefix_feeds(x, y, length)
         if length is not None:  # graphs at a shorter length: token inputs and bases cut to it
-            tokens = set(self.bundle.manifest.text.token_inputs)
-            x = {k: np.ascontiguousarray(v[:, :length]) if k in tokens else v
-                 for k, v in x.items()}
+            x = _cut_tokens(x, set(self.bundle.manifest.text.token_inputs), length)
             carried.update(self._bases_at(length))
         try:
             outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y, carried))
@@ -714,10 +721,7 @@ class Trainer:
                 idx = order[s:s + micro] if order is not None else np.arange(s, min(n, s + micro))
                 x, y = data.take(idx)
                 if lengths is not None:
-                    keep = min(-(-int(lengths[idx].max()) // LENGTH_STEP) * LENGTH_STEP,
-                               text.seq_len)
-                    x = {k: np.ascontiguousarray(v[:, :keep]) if k in tokens else v
-                         for k, v in x.items()}
+                    x = _cut_tokens(x, tokens, _run_length(lengths[idx].max(), text.seq_len))
                 extra = self._resident.params if self._resident is not None else None
                 try:
                     logits = sess.run_with_ort_values(

@@ -343,6 +343,65 @@ def test_graphs_at_a_shorter_length_give_the_full_length_gradients(encoder_bundl
     same(short, full)
 
 
+def test_padded_positions_enter_no_instant_gradient_nor_gram(whole_bundle, tmp_path):
+    """The model ignores its padding, so the tokens at padded positions change no gradient. In
+    the whole graphs (no prefix) those tokens reach every layer's input x, and a token-axis
+    projection P·x mixes positions: the INSTANT graphs zero x at padded positions before they
+    project it and before its calibration Gram (export/bundle.py: _mask_padding). So other
+    tokens at the padded positions leave INSTANT's gradients, at reduced ranks, and the Grams'
+    spectra unchanged, as they leave vanilla's gradients."""
+    from helpers import make_trainer
+
+    from runtime.bundle import open_bundle
+    from runtime.calibrate import Basis
+    from runtime.data import load_data
+    from runtime.trainer import ArrayBatch
+
+    b = open_bundle(whole_bundle)
+    assert b.manifest.prefix is None
+    assert all(ly.token_mask == "attention_mask" for ly in b.layers), b.layers
+    rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 40, bad=False))))
+    with open(tmp_path / "short.csv", "w", newline="") as f:
+        csv.writer(f).writerows([rows[0]] + [[" ".join(t.split()[:1 + i % 5]), lab]
+                                             for i, (t, lab) in enumerate(rows[1:])])
+    ds = load_data(str(tmp_path / "short.csv"), b)
+    x, y = ds.take(np.arange(12))
+    pad = x["attention_mask"] == 0
+    assert pad.any(1).all(), "every row is padded"
+    other = {k: v.copy() for k, v in x.items()}
+    other["input_ids"][pad] = np.random.default_rng(1).integers(1000, 2000, int(pad.sum()))
+    rng = np.random.default_rng(0)
+
+    def run(tr, xs) -> dict[str, np.ndarray]:
+        tr.trim = False  # the full length: every padded position runs through the layers
+        tr.gradients(ArrayBatch(xs, y))
+        return {p: g.copy() for p, g in tr._grads.items()}
+
+    def same(a, c, what):
+        for p in a:
+            scale = float(np.abs(c[p]).max()) + 1e-12
+            assert float(np.abs(a[p] - c[p]).max()) <= 1e-4 * scale, (what, p)
+
+    tr = make_trainer(b, mode="vanilla", micro_batch=6)
+    same(run(tr, x), run(tr, other), "vanilla")
+    tr = make_trainer(b, mode="instant", micro_batch=6)
+    for ly in b.layers:
+        pair = []
+        for dim in (ly.x_dim, ly.g_dim):
+            m = (np.linalg.qr(rng.standard_normal((dim, 5)))[0].T).astype(np.float32)
+            pair.append(Basis(m, 5, 1.0, np.full(dim, 1 / dim, np.float32)))
+        tr.set_bases(ly.name, *pair)
+    same(run(tr, x), run(tr, other), "instant")
+    spectra = []
+    for xs in (x, other):
+        tr.trim = False
+        tr.calibrate_on([ArrayBatch(xs, y)])
+        spectra.append({n: p.spectrum.copy() for n, (p, _) in tr.bases.items()})
+    for n in spectra[0]:
+        np.testing.assert_allclose(spectra[0][n], spectra[1][n], rtol=1e-3, atol=1e-6,
+                                   err_msg=n)
+
+
 def test_frozen_prefix_gives_the_same_grams_at_any_micro_batch(encoder_bundle, tmp_path):
     """The prefix's outputs are zero at every padded position, so what the trainable layers
     see (and INSTANT's calibration Grams, which sum over every position) does not depend on

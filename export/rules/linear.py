@@ -38,6 +38,17 @@ def _left(layer: CompressedLayer, which: str) -> bool:
     return token if layer.kind == "linear" else not token
 
 
+def _real_tokens(layer: CompressedLayer, t: str, builder) -> str:
+    """``t`` ([N, L, C], x or the input gradient) zero at the positions the layer's token mask
+    marks as padding, which enter no gradient (``CompressedLayer.token_mask``); ``t`` itself
+    where the layer has no mask."""
+    if not layer.token_mask:
+        return t
+    m = builder.op("Cast", [builder.op("Cast", [layer.token_mask], to=TensorProto.BOOL)],
+                   to=TensorProto.FLOAT)  # 1 wherever the mask is nonzero, whatever its type
+    return builder.op("Mul", [t, builder.op("Unsqueeze", [m, builder.ints([-1])])])
+
+
 def _as_matrix(layer: CompressedLayer, t: str, builder) -> str:
     """[N, C, H, W] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
     if layer.kind == "conv1x1":
@@ -104,7 +115,7 @@ def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
 def linear_calib_grams(ctx: GradContext, layer: CompressedLayer, g: str) -> None:
     """Calibration: emit Σ_b X_b X_bᵀ (forward) and Σ_b G_b G_bᵀ (backward) for this layer."""
     rank = 3 if (layer.kind == "conv1x1" or layer.rank3) else 2
-    x = _as_matrix(layer, layer.x, ctx.fwd)
+    x = _as_matrix(layer, _real_tokens(layer, layer.x, ctx.fwd), ctx.fwd)
     ctx.fwd_outputs.append(ctx.fwd.op("Identity", [_gram(ctx.fwd, x, _left(layer, "x"), rank)],
                                       out=f"{names.GRAM_X}{layer.name}"))
     gm = ctx.bwd.op("Reshape", [g, ctx.bwd.ints([0, layer.cy, -1])]) if layer.kind == "conv1x1" \
@@ -129,7 +140,7 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     gx = gw = None
     if need_w:
         left = _left(layer, "x")
-        xhat = _project(f, P, _as_matrix(layer, layer.x, f), left)
+        xhat = _project(f, P, _as_matrix(layer, _real_tokens(layer, layer.x, f), f), left)
         if layer.x_itemsize == 1:  # int8 (the layer says so, and the manifest plans it so)
             xhat = int8_roundtrip(ctx, xhat, -1 if left else -2)
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
@@ -175,6 +186,9 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         # One If: split in two (project, then lift) the exact branch needs a copy, measured
         # 2.5 % slower on the token MLP for the same plans under a budget (docs/method.md).
         gx = if_else(b, full_rank(b, Q, layer.g_dim), exact, compressed, "gx")
+        # Qᵀ(…) spreads the gradient over every position, padding included, where the exact
+        # one is zero; from there it would reach the other parameters' gradients
+        gx = _real_tokens(layer, gx, b)
         if conv:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw
