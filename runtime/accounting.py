@@ -33,14 +33,16 @@ class LayerCost:
     gx_exact: bool = False  # a full Ry: the graphs run the exact input gradient
 
 
-def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> list[LayerCost]:
+def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]], rows: int = 1
+                ) -> list[LayerCost]:
+    """Per-layer costs per sample at ``ranks``, in micro-batches of ``rows`` samples."""
     out = []
     for ly in layers:
         L, cx, cy = ly.tokens, ly.cx, ly.cy
         rx, ry = ranks.get(ly.name, (ly.x_dim, ly.g_dim))
         out.append(LayerCost(
             ly.name, f"{ly.x_axis[0]}/{ly.g_axis[0]}", rx, ry,
-            4 * L * cx * cy, layer_flops(ly, rx, ry),
+            4 * L * cx * cy, layer_flops(ly, rx, ry, rows),
             4 * L * cx, x_bytes_per_rank(ly) * rx, gx_exact(ly, ry)))
     return out
 

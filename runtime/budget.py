@@ -606,5 +606,5 @@ def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
     for k, v in plan.breakdown.items():
         log(f"  {k:<62} {v / mb:8.1f} MB")
     if trainer.bases:
-        log(format_table(layer_costs(trainer.bundle.layers, trainer.ranks())))
+        log(format_table(layer_costs(trainer.bundle.layers, trainer.ranks(), trainer.rank_rows)))
 

@@ -503,9 +503,10 @@ def _cmd_plan(a) -> int:
             tr.use_plan(plan)
             tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))),
                          np.random.default_rng(0))
-            print(format_table(layer_costs(bundle.layers, tr.ranks())))
+            print(format_table(layer_costs(bundle.layers, tr.ranks(), tr.rank_rows)))
         return 0
     ranks: dict = {}
+    rows = 1
     if a.data:
         from .budget import MIN_FACTOR, estimate_minimum
 
@@ -521,14 +522,14 @@ def _cmd_plan(a) -> int:
         use_arena(None)
         tr = Trainer(bundle, cfg)
         tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), np.random.default_rng(0))
-        ranks = tr.ranks()
+        ranks, rows = tr.ranks(), tr.rank_rows
     if not bundle.layers:
         print("no INSTANT layers in this bundle (no trainable Linear / 1x1 Conv besides the head)")
         return 0
     print(f"INSTANT layers of {bundle.path} "
           + ("(ranks from calibration on " + a.data + ")" if ranks else
              "(full rank: pass --data to calibrate)"))
-    print(format_table(layer_costs(bundle.layers, ranks)))
+    print(format_table(layer_costs(bundle.layers, ranks, rows)))
     return 0
 
 

@@ -21,8 +21,9 @@ g·W instead (``export/rules/linear.py: full_rank``): cheaper and without error.
 exported before that (``gx_exact_at_full`` false) keep the compressed product at every rank.
 
 Cost per sample (docs/method.md): saved bytes 4·Rx·Cx (token axis) or 4·L·Rx (channel axis);
-backward FLOPs 2(Rx + Ry)(Cx·Cy + L·Cx + L·Cy) against 4·L·Cx·Cy exact, the Ry term replaced by
-the exact input gradient's 2·L·Cx·Cy where Ry is full.
+backward FLOPs 2(Rx + Ry)(Cx·Cy + L·Cx + L·Cy) against 4·L·Cx·Cy exact over the token axis, the
+Ry term replaced by the exact input gradient's 2·L·Cx·Cy where Ry is full; over the channel axis
+the Cx·Cy product runs once per micro-batch, not per sample (:func:`_flops_per_rank`).
 """
 
 from __future__ import annotations
@@ -52,14 +53,22 @@ def saved_bytes(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> i
     return sum(x_bytes_per_rank(ly) * ranks[ly.name][0] for ly in layers if ly.name in ranks)
 
 
-def _flops_per_rank(ly: LayerInfo) -> int:
-    return 2 * (ly.cx * ly.cy + ly.tokens * ly.cx + ly.tokens * ly.cy)
+def _flops_per_rank(ly: LayerInfo, side: str, rows: int = 1) -> float:
+    """Backward FLOPs per sample of one unit of rank on ``side`` ("x": the weight gradient and
+    the forward projection of x, "g": the input gradient). Over the token axis every product
+    runs per sample: 2·(L·Cx + L·Cy + Cx·Cy). Over the channel axis the two products with the
+    activations run per sample, 2·L·(Cx + Cy), and the Cx·Cy one (g_W's ·P, g_x's Q·W) once per
+    micro-batch of ``rows`` samples (rules/linear.py; a 2-D [N, C] layer has L = 1)."""
+    pair = 2 * ly.cx * ly.cy
+    if (ly.x_axis if side == "x" else ly.g_axis) == "token":
+        return 2 * ly.tokens * (ly.cx + ly.cy) + pair
+    return 2 * ly.tokens * (ly.cx + ly.cy) + pair / max(1, rows)
 
 
-def gx_break_even(ly: LayerInfo) -> int:
-    """The smallest Ry at which the compressed input gradient costs at least the exact one:
-    2·Ry·(L·Cy + Cy·Cx + L·Cx) ≥ 2·L·Cx·Cy (always below g_dim)."""
-    return max(1, math.ceil(ly.tokens * ly.cx * ly.cy / (_flops_per_rank(ly) / 2)))
+def gx_break_even(ly: LayerInfo, rows: int = 1) -> int:
+    """The smallest Ry at which the compressed input gradient costs at least the exact one,
+    Ry · :func:`_flops_per_rank` ≥ 2·L·Cx·Cy (always below g_dim)."""
+    return max(1, math.ceil(2 * ly.tokens * ly.cx * ly.cy / _flops_per_rank(ly, "g", rows)))
 
 
 def gx_exact(ly: LayerInfo, ry: int) -> bool:
@@ -67,34 +76,37 @@ def gx_exact(ly: LayerInfo, ry: int) -> bool:
     return ly.gx_exact_at_full and ry >= ly.g_dim
 
 
-def layer_flops(ly: LayerInfo, rx: int, ry: int) -> int:
-    """Backward FLOPs per sample of one compressed layer at ranks (rx, ry), forward projection
-    of x included."""
-    gx = 2 * ly.tokens * ly.cx * ly.cy if gx_exact(ly, ry) else _flops_per_rank(ly) * ry
-    return _flops_per_rank(ly) * rx + gx
+def layer_flops(ly: LayerInfo, rx: int, ry: int, rows: int = 1) -> int:
+    """Backward FLOPs per sample of one compressed layer at ranks (rx, ry) in micro-batches of
+    ``rows`` samples, forward projection of x included."""
+    gx = 2 * ly.tokens * ly.cx * ly.cy if gx_exact(ly, ry) else _flops_per_rank(ly, "g", rows) * ry
+    return int(_flops_per_rank(ly, "x", rows) * rx + gx)
 
 
-def _snap_gradient_ranks(layers: list[LayerInfo], ranks: dict, max_rank: int | None) -> None:
+def _snap_gradient_ranks(layers: list[LayerInfo], ranks: dict, max_rank: int | None,
+                         rows: int) -> None:
     """Ry = g_dim (the exact input gradient) wherever the compressed one would cost as much,
     unless ``--max-rank`` caps ranks below g_dim (the cap is kept as asked)."""
     for ly in layers:
         r = ranks[ly.name]
         if max_rank is not None and max_rank < ly.g_dim:
             continue
-        if ly.gx_exact_at_full and r[1] >= gx_break_even(ly):
+        if ly.gx_exact_at_full and r[1] >= gx_break_even(ly, rows):
             ranks[ly.name] = (r[0], ly.g_dim) if isinstance(r, tuple) else [r[0], ly.g_dim]
 
 
 def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spectrum]],
-                 cfg: InstantConfig, saved_budget: int | None) -> dict[str, tuple[int, int]]:
-    """(Rx, Ry) per layer under ``cfg``'s policy and the per-sample ``saved_budget`` (bytes)."""
+                 cfg: InstantConfig, saved_budget: int | None, rows: int = 1
+                 ) -> dict[str, tuple[int, int]]:
+    """(Rx, Ry) per layer under ``cfg``'s policy and the per-sample ``saved_budget`` (bytes),
+    for micro-batches of ``rows`` samples (channel-axis costs, :func:`_flops_per_rank`)."""
     cap = cfg.max_rank
     if cfg.saved_ratio is not None:
         exact = sum(4 * ly.tokens * ly.cx for ly in layers)
         limit = int(cfg.saved_ratio * exact)
         saved_budget = limit if saved_budget is None else min(saved_budget, limit)
     if cfg.rank_policy == "budget":
-        return _budget(layers, spectra, cfg, saved_budget)
+        return _budget(layers, spectra, cfg, saved_budget, rows)
     ranks = {}
     for ly in layers:
         sx, sg = spectra[ly.name]
@@ -103,7 +115,7 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
         if cap is not None:
             rx, ry = min(rx, cap), min(ry, cap)
         ranks[ly.name] = (rx, ry)
-    _snap_gradient_ranks(layers, ranks, cap)
+    _snap_gradient_ranks(layers, ranks, cap, rows)
     if saved_budget is not None:
         ranks = _shrink_to(layers, spectra, ranks, saved_budget)
     return ranks
@@ -132,7 +144,7 @@ def _shrink_to(layers, spectra, ranks, budget: int) -> dict[str, tuple[int, int]
     return ranks
 
 
-def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None
+def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows: int
             ) -> dict[str, tuple[int, int]]:
     """Each tensor's smallest rank that keeps ``cfg.variance`` of its variance (σ² of the data:
     1 - kept is the relative squared error of the projection), then, while the backward FLOPs
@@ -152,11 +164,13 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None
     by_name = {ly.name: ly for ly in layers}
 
     def flops() -> float:
-        return sum(_flops_per_rank(by_name[n]) * (r[0] + r[1]) for n, r in ranks.items())
+        return sum(_flops_per_rank(by_name[n], "x", rows) * r[0]
+                   + _flops_per_rank(by_name[n], "g", rows) * r[1] for n, r in ranks.items())
 
     if cfg.flop_ratio:  # 0 or None: no cap
         target = cfg.flop_ratio * sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
-        _lower(ranks, spectra, by_name, lambda ly, w, r: (r - 1, float(_flops_per_rank(ly))),
+        _lower(ranks, spectra, by_name,
+               lambda ly, w, r: (r - 1, _flops_per_rank(ly, "xg"[w], rows)),
                (0, 1), lambda: flops() - target)
     if saved_budget is not None:
         _lower(ranks, spectra, by_name, _byte_step, (0,),
@@ -165,7 +179,7 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None
     # after the FLOP cap, which counts every Ry at its compressed cost: measured on the token MLP,
     # letting the cap see the cheaper exact products instead spent them on activation ranks
     # (1.21x vanilla's time, peak 724 MB, against 0.99x and 512 MB this way)
-    _snap_gradient_ranks(layers, ranks, cfg.max_rank)
+    _snap_gradient_ranks(layers, ranks, cfg.max_rank, rows)
     return {k: (int(v[0]), int(v[1])) for k, v in ranks.items()}
 
 

@@ -106,7 +106,7 @@ class Summary:
                        + (f"; the arena cap lowered the micro-batch {self.guard_shrinks}x"
                           if self.guard_shrinks else ""))
         if self.mode == "instant" and trainer.bases:
-            out.append(format_table(layer_costs(trainer.bundle.layers, trainer.ranks())))
+            out.append(format_table(layer_costs(trainer.bundle.layers, trainer.ranks(), trainer.rank_rows)))
         if self.out:
             out.append(f"trained weights: {self.out}")
         if self.checkpoint:

@@ -179,6 +179,7 @@ class Trainer:
         self.step_count = 0
         self.window: GramWindow | None = None  # an open calibration
         self.calibrations = 0
+        self.rank_rows = 1  # the micro-batch the ranks were chosen for (runtime/ranks.py)
         self.calib_steps = 0
         self.calib_seconds = 0.0
         self.calib_skipped = 0
@@ -603,7 +604,8 @@ class Trainer:
             if not self.bases:
                 raise UserError(msg) from None
             return False
-        self.set_ranks(spectra)
+        per_step = max(1, w.samples // w.steps)  # the batch; the plan may cut it smaller
+        self.set_ranks(spectra, min(self.plan.micro_batch or per_step, per_step))
         self.calibrations += 1
         self.calib_seconds += w.seconds + time.perf_counter() - t0
         return True
@@ -674,10 +676,12 @@ class Trainer:
         self.add_grams(1.0, m, fgrams, {ly: g.numpy() for ly, g in
                                         zip(io.bwd_grams, grams, strict=True)})
 
-    def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]]) -> None:
-        """Choose ranks from the spectra under the plan's budget and set the bases."""
+    def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]], rows: int = 1) -> None:
+        """Choose ranks from the spectra under the plan's budget, for micro-batches of ``rows``
+        samples (the channel-axis products that run once per micro-batch), and set the bases."""
+        self.rank_rows = rows
         ranks = choose_ranks(self.bundle.layers, spectra, self.config.instant,
-                             self.plan.saved_budget)
+                             self.plan.saved_budget, rows)
         for ly in self.bundle.layers:
             sx, sg = spectra[ly.name]
             rx, ry = ranks[ly.name]

@@ -97,3 +97,24 @@ def test_snapping_never_adds_flops_or_activation_memory():
         for ly in new:
             ry = a[ly.name][1]
             assert ry == ly.g_dim or ry < gx_break_even(ly), (ly, ry)
+
+
+def test_a_channel_axis_layer_pays_its_cx_cy_product_once_per_micro_batch():
+    """A 2-D [N, C] layer (L = 1, both bases over channels): per sample, x·Pᵀ and gᵀx̂ cost
+    2·(Cx + Cy) per rank and the ·P product 2·Cx·Cy once per micro-batch. Counted per sample,
+    even rank 1 cost more than the exact product, and the FLOP cap lowered every rank to 1 (a
+    weight gradient through one direction: the default on any plain MLP). At the run's
+    micro-batch the cap leaves real ranks, and the FLOPs stay within the exact backward's."""
+    ly = LayerInfo(name="fc", kind="linear", node="fc", x="fc.x", y="fc.y", weight="fc.w",
+                   weight_layout="out_in", tokens=1, cx=64, cy=128, x_axis="channel",
+                   g_axis="channel", rank3=False, p_input="fc.P", q_input="fc.Q", x_dim=64,
+                   g_dim=128, gx_exact_at_full=True)
+    spectra = {"fc": (_spectrum(0.93 ** np.arange(64)), _spectrum(0.95 ** np.arange(128)))}
+    cfg = InstantConfig()
+    per_row = choose_ranks([ly], spectra, cfg, None, rows=1)
+    assert per_row["fc"][0] == 1  # what the per-sample count did
+    ranks = choose_ranks([ly], spectra, cfg, None, rows=32)
+    assert ranks["fc"][0] >= 10, ranks
+    assert layer_flops(ly, *ranks["fc"], 32) <= 4 * 64 * 128
+    assert layer_flops(ly, 10, 5, 32) == 10 * (2 * 192 + 2 * 64 * 128 // 32) + \
+        5 * (2 * 192 + 2 * 64 * 128 // 32)
