@@ -111,6 +111,34 @@ case("Clip", "min_only", "y = Clip(x, lo)", lambda x: torch.clamp(x, min=-0.5),
      {"x": rnd(3, 4)}, ["x"], consts={"lo": np.array(-0.5, np.float32)})
 case("Clip", "max_only", 'y = Clip(x, "", hi)', lambda x: torch.clamp(x, max=0.3),
      {"x": rnd(3, 4)}, ["x"], consts={"hi": np.array(0.3, np.float32)})
+case("LeakyRelu", "default_slope", "y = LeakyRelu(x)", lambda x: F.leaky_relu(x, 0.01),
+     {"x": rnd(3, 4)}, ["x"])
+case("LeakyRelu", "output_reused", "r = LeakyRelu <alpha = 0.2> (x)\n y = Mul(r, r)",
+     lambda x: F.leaky_relu(x, 0.2) ** 2, {"x": rnd(3, 4)}, ["x"])
+case("LeakyRelu", "negative_slope", "y = LeakyRelu <alpha = -0.5> (x)",
+     lambda x: torch.where(x >= 0, x, -0.5 * x), {"x": rnd(3, 4)}, ["x"])
+case("PRelu", "channel_slope_trained", "y = PRelu(x, s)",
+     lambda x, s: F.prelu(x, s.reshape(-1)), {"x": rnd(2, 3, 4, 5), "s": rnd(3, 1, 1)},
+     ["x", "s"])
+case("Elu", "plain", "y = Elu <alpha = 0.7> (x)", lambda x: F.elu(x, 0.7), {"x": rnd(3, 4)},
+     ["x"])
+case("Selu", "plain", "y = Selu(x)", lambda x: F.selu(x), {"x": rnd(3, 4)}, ["x"])
+case("Celu", "plain", "y = Celu <alpha = 1.5> (x)", lambda x: F.celu(x, 1.5),
+     {"x": rnd(3, 4)}, ["x"])
+case("ThresholdedRelu", "plain", "y = ThresholdedRelu <alpha = 0.3> (x)",
+     lambda x: torch.where(x > 0.3, x, torch.zeros_like(x)), {"x": rnd(3, 4)}, ["x"])
+case("HardSigmoid", "torch_constants", "y = HardSigmoid <alpha = 0.16666667, beta = 0.5> (x)",
+     lambda x: F.hardsigmoid(x), {"x": 4 * rnd(3, 4)}, ["x"])
+case("HardSigmoid", "onnx_default", "y = HardSigmoid(x)",
+     lambda x: torch.clamp(0.2 * x + 0.5, 0, 1), {"x": 4 * rnd(3, 4)}, ["x"])
+case("HardSwish", "plain", "y = HardSwish(x)", lambda x: F.hardswish(x), {"x": 4 * rnd(3, 4)}, ["x"],
+     opset=14)
+case("Softplus", "plain", "y = Softplus(x)", F.softplus, {"x": 3 * rnd(3, 4)}, ["x"])
+case("Softsign", "plain", "y = Softsign(x)", lambda x: F.softsign(x), {"x": 3 * rnd(3, 4)}, ["x"])
+case("Mish", "opset18", "y = Mish(x)", lambda x: F.mish(x), {"x": 3 * rnd(3, 4)}, ["x"], opset=18)
+case("Softplus", "mish_as_torch_exports_it", "s = Softplus(x)\n t = Tanh(s)\n y = Mul(x, t)",
+     lambda x: F.mish(x),
+     {"x": 3 * rnd(3, 4)}, ["x"])
 _cond = _rng.random((2, 3, 4)) > 0.5
 case("Where", "broadcast_both", "y = Where(c, a, b)",
      lambda a, b: torch.where(torch.from_numpy(_cond), a, b),

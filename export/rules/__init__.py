@@ -13,12 +13,12 @@ The INSTANT compressed rule for Linear / 1x1 Conv sits beside the exact rule in 
 from __future__ import annotations
 
 from ..autodiff import Registry
-from . import conv, elementwise, linear, loss, norm, reduce, shape
+from . import activations, conv, elementwise, linear, loss, norm, reduce, shape
 
 __all__ = ["RULE_SETS", "default_registry"]
 
-RULE_SETS = (elementwise.RULES, shape.RULES, reduce.RULES, linear.RULES, conv.RULES,
-             norm.RULES, loss.RULES)
+RULE_SETS = (elementwise.RULES, activations.RULES, shape.RULES, reduce.RULES, linear.RULES,
+             conv.RULES, norm.RULES, loss.RULES)
 
 
 def default_registry() -> Registry:
