@@ -324,6 +324,24 @@ def _name_initializers(model: onnx.ModelProto, module) -> dict[str, tuple[str, b
     return mapping
 
 
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """A unique name for every node that has none or shares one (ONNX allows both; the exporter
+    finds a node's compressed layer, and reports errors, by its name)."""
+    seen = {n.name for n in model.graph.node if n.name}
+    named: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.name and node.name not in named:
+            named.add(node.name)
+            continue
+        k, base = i, f"{node.name or node.op_type}_{i}"
+        name = base
+        while name in seen or name in named:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        named.add(name)
+
+
 def _load_onnx(path: str, example: list[np.ndarray] | None = None,
                keep_free: dict[str, int] | None = None) -> Traced | None:
     """Load an ONNX file (``example`` fixes its declared input shapes). With ``keep_free``
@@ -346,6 +364,7 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     _materialize_identity_initializers(model)
     _constants_to_initializers(model)
     _check_domains(model, path)
+    _name_nodes(model)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
     if any(vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")

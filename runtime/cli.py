@@ -398,7 +398,34 @@ def _cmd_export(a) -> int:
         prefix += f"; training graphs also at {', '.join(map(str, m.text.lengths))} tokens"
     print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
           f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
+    for line in _shared_params(path, m):
+        print(line)
     return 0
+
+
+def _shared_params(path: Path, m) -> list[str]:
+    """A note per trainable tensor that several nodes of one op type read: it trains as one
+    tensor. Deliberate sharing trains so; an exporter that merges equal tensors (torch's dynamo
+    exporter does, e.g. two freshly initialised LayerNorms) ties separate parameters that way."""
+    import onnx
+
+    from contract import names
+
+    g = onnx.load(str(path / m.graphs[names.INFER].forward), load_external_data=False).graph
+    params = {p.name for p in m.params}
+    readers: dict[str, list[str]] = {}
+    for node in g.node:
+        for t in set(node.input) & params:
+            readers.setdefault(t, []).append(node.op_type)
+    out = []
+    for t, ops in sorted(readers.items()):
+        for op in sorted(set(ops)):
+            if ops.count(op) > 1:
+                out.append(f"note: trainable tensor '{t}' is read by {ops.count(op)} {op} nodes "
+                           "and trains as one shared tensor; if the model has separate "
+                           "parameters there, the exporter merged equal tensors (torch: "
+                           "export with dynamo=False)")
+    return out
 
 
 def _cmd_train(a) -> int:

@@ -111,6 +111,8 @@ case("Clip", "min_only", "y = Clip(x, lo)", lambda x: torch.clamp(x, min=-0.5),
      {"x": rnd(3, 4)}, ["x"], consts={"lo": np.array(-0.5, np.float32)})
 case("Clip", "max_only", 'y = Clip(x, "", hi)', lambda x: torch.clamp(x, max=0.3),
      {"x": rnd(3, 4)}, ["x"], consts={"hi": np.array(0.3, np.float32)})
+case("MatMul", "weight_on_the_left", "y = MatMul(w, x)", lambda w, x: w @ x,
+     {"w": rnd(5, 3), "x": rnd(2, 4, 3, 6)}, ["w", "x"])
 case("LeakyRelu", "default_slope", "y = LeakyRelu(x)", lambda x: F.leaky_relu(x, 0.01),
      {"x": rnd(3, 4)}, ["x"])
 case("LeakyRelu", "output_reused", "r = LeakyRelu <alpha = 0.2> (x)\n y = Mul(r, r)",
@@ -263,8 +265,10 @@ case("MatMul", "attention_4d", "y = MatMul(a, b)", lambda a, b: a @ b,
 case("MatMul", "broadcast_second", "y = MatMul(a, b)", lambda a, b: a @ b,
      {"a": rnd(2, 3, 4), "b": rnd(1, 4, 5)}, ["a", "b"])
 case("MatMul", "broadcast_first_lower_rank", "y = MatMul(a, b)", lambda a, b: a @ b,
-     {"a": rnd(3, 4), "b": rnd(2, 4, 5)}, ["a", "b"],
-     xfail="a first operand broadcast to a higher rank is not supported")
+     {"a": rnd(3, 4), "b": rnd(2, 4, 5)}, ["a", "b"])
+case("MatMul", "first_broadcast_inside_batch", "y = MatMul(a, b)", lambda a, b: a @ b,
+     {"a": rnd(1, 3, 4), "b": rnd(2, 2, 4, 5)}, ["a", "b"],
+     xfail="a first operand broadcast inside its batch axes has no rule")
 
 
 def _gemm_case(ta: int, tb: int, alpha: float, beta: float, c_shape: tuple | None) -> None:

@@ -135,3 +135,32 @@ def test_only_constants_in_parameter_positions_are_hoisted():
     _constants_to_initializers(m)
     assert [t.name for t in m.graph.initializer] == ["W"]
     assert [n.op_type for n in m.graph.node] == ["Constant", "Gemm", "Resize"]
+
+
+def test_a_tensor_read_by_two_nodes_of_one_kind_is_named_at_export(tmp_path):
+    """One weight read by two Gemms trains as one tensor; the export says so (an exporter that
+    merges equal tensors ties separate parameters this way, e.g. fresh LayerNorms under torch's
+    dynamo exporter). A weight read once gets no note. The file's nodes have no names (ONNX
+    allows it): both Gemms still become INSTANT layers of their own (they once shared one, and
+    the instant backward failed to load)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32) * 0.1, "W"),
+             numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32) * 0.1, "H")]
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["h1"], transB=1),
+             helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Gemm", ["r1", "W"], ["h2"], transB=1),
+             helper.make_node("Gemm", ["h2", "H"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 64])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+                          inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "shared.onnx"))
+    r = _cli("export", "--model", tmp_path / "shared.onnx", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    notes = [ln for ln in r.stdout.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "'W' is read by 2 Gemm nodes" in notes[0], r.stdout
+    assert "3 INSTANT layers" not in r.stdout and "2 INSTANT layers" in r.stdout, r.stdout
+    r = _cli("train", tmp_path / "b", "--data", "digits", "--steps", 2, "--batch", 8,
+             "--threads", 1, "--no-progress", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-1500:]

@@ -50,8 +50,9 @@ def conv_grad(ctx, node, gy):
     ws = ctx.shapes.of(w)
     k = [int(d) for d in ws[2:]]
     if len(k) != 2:
-        raise ExportError(f"Conv '{node.name}': only 2-D convolutions are supported (got "
-                          f"{len(k)}-D)")
+        raise ExportError(f"Conv '{node.name}': only 2-D convolutions have a gradient rule "
+                          f"(got {len(k)}-D); export a Conv1d as a Conv2d over [N, C, 1, L] "
+                          "(kernel 1 x k), or a kernel-1 Conv1d as a Linear over channels")
     strides, dil, pads, group = _convattrs(node, k)
     gx = gw = None
     if needs(ctx, node, 0):

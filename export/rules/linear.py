@@ -241,10 +241,18 @@ def matmul_grad(ctx, node, gy):
     y = node.output[0]
     ga = gb = None
     if needs(ctx, node, 0):  # activation x activation (attention): operands exact or int8
-        ga = unbroadcast(ctx, ctx.bwd.op("MatMul", [g, transpose_last2(ctx, saved(ctx, bw), rb)]),
-                         y, a) if ra == ctx.shapes.rank(y) else None
-        if ga is None:
-            raise ExportError(f"MatMul '{node.name}': broadcasting of the first operand")
+        t = ctx.bwd.op("MatMul", [g, transpose_last2(ctx, saved(ctx, bw), rb)])
+        ry = ctx.shapes.rank(y)
+        if ra == ry:
+            ga = unbroadcast(ctx, t, y, a)
+        elif ctx.shapes.of(a)[:-2] == ctx.shapes.of(y)[ry - ra:-2]:
+            # a matrix (or a stack of them) applied to every item of a larger batch, e.g. a
+            # weight on the left (W @ x): its gradient sums g·bᵀ over the extra leading axes
+            ga = ctx.bwd.op("ReduceSum", [t, ctx.bwd.ints(list(range(ry - ra)))], keepdims=0)
+        else:
+            raise ExportError(f"MatMul '{node.name}': its first operand broadcasts inside its "
+                              "batch axes, which has no gradient rule here; expand it to the "
+                              "batch shape in the model (or put the weight second: x @ W)")
     if needs(ctx, node, 1):
         t = ctx.bwd.op("MatMul", [transpose_last2(ctx, saved(ctx, a), ra), g])
         gb = unbroadcast(ctx, t, y, bw)
