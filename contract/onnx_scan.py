@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ExternalRef", "OnnxScanError", "external_data_refs"]
+__all__ = ["ExternalRef", "OnnxScanError", "external_data_refs", "op_types"]
 
 # message type -> {field number: message type of that (length-delimited) field}
 _SCHEMA: dict[str, dict[int, str]] = {
@@ -107,7 +107,8 @@ def _tensor(buf: bytes, start: int, end: int) -> ExternalRef | None:
     return ExternalRef(name, location, num("offset") or 0, num("length"))
 
 
-def _walk(buf: bytes, start: int, end: int, kind: str, depth: int, out: list) -> None:
+def _walk(buf: bytes, start: int, end: int, kind: str, depth: int, out: list,
+          ops: set | None = None) -> None:
     if depth > _MAX_DEPTH:
         raise OnnxScanError("graphs nested too deeply")
     if kind == "tensor":
@@ -118,7 +119,9 @@ def _walk(buf: bytes, start: int, end: int, kind: str, depth: int, out: list) ->
     sub = _SCHEMA[kind]
     for field, wire, value in _fields(buf, start, end):
         if wire == 2 and field in sub:
-            _walk(buf, value[0], value[1], sub[field], depth + 1, out)
+            _walk(buf, value[0], value[1], sub[field], depth + 1, out, ops)
+        elif ops is not None and kind == "node" and field == 4 and wire == 2:  # op_type
+            ops.add(buf[value[0]:value[1]].decode("utf-8", "replace"))
 
 
 def external_data_refs(model: bytes) -> list[ExternalRef]:
@@ -131,3 +134,14 @@ def external_data_refs(model: bytes) -> list[ExternalRef]:
     out: list[ExternalRef] = []
     _walk(model, 0, len(model), "model", 0, out)
     return out
+
+
+def op_types(model: bytes) -> set[str]:
+    """Every node op type in the serialized ``model``, nested graphs and functions included.
+
+    Raises:
+        OnnxScanError: the bytes are not a well-formed ONNX model.
+    """
+    ops: set[str] = set()
+    _walk(model, 0, len(model), "model", 0, [], ops)
+    return ops

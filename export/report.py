@@ -207,17 +207,27 @@ def _title(m: Metrics, run_name: str) -> str:
     return " · ".join(parts)
 
 
-def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None) -> Path:
-    """Draw the run's metrics into ``out_png`` (default ``RUN/report.png``); returns its path.
+def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None,
+                 overwrite: bool = False) -> Path:
+    """Draw the run's metrics into ``out_png`` (default ``RUN/report.png``, which a new report
+    replaces); returns its path. Another existing file is replaced only with ``overwrite``.
 
     Raises:
         UserError: everything :func:`read_metrics` raises, nothing to draw, matplotlib missing,
-            an unwritable output.
+            an output that is not a .png, an existing file without ``overwrite``, an unwritable
+            output.
     """
-    m = read_metrics(run_dir)
     run = Path(run_dir)
     folder = run.parent if run.is_file() else run
     out = Path(out_png) if out_png is not None else folder / "report.png"
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the report is a PNG image; give a path ending in .png")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the path of a .png file")
+    if out.exists() and not overwrite and out.resolve() != (folder / "report.png").resolve():
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or choose another "
+                        "path")
+    m = read_metrics(run_dir)
     loss = _series(m.steps, "loss")
     acc = _series(m.steps, "accuracy")
     ev_loss = _series(m.evals, "loss")
@@ -340,13 +350,15 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                                              "to a PNG (workstation; needs matplotlib)")
     p.add_argument("run", help="a training run folder (train --out), holding metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG to write (default: RUN/report.png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (RUN/report.png is always replaced)")
     p.set_defaults(handler=cmd_report)
     return p
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report and print one line per fact. Raises UserError (the CLI prints it)."""
-    path = write_report(args.run, args.out)
+    path = write_report(args.run, args.out, args.overwrite)
     m = read_metrics(args.run)
     line = f"report written to {path}"
     if m.steps:

@@ -468,6 +468,10 @@ def _check_domains(model: onnx.ModelProto, path: str) -> None:
             raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
                               f"'{node.op_type}', which is not an ONNX operator; export the "
                               "model again with standard ops")
+        if node.op_type in ("Loop", "Scan", "SequenceMap"):  # the runtime refuses loops
+            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is a "
+                              f"'{node.op_type}' (a loop), which the runtime does not run; "
+                              "export the model with the loop unrolled (a fixed trip count)")
 
 
 def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],

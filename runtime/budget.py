@@ -57,11 +57,12 @@ class ProbeError(RuntimeError):
 
 class BudgetTooSmall(UserError):
     """The budget is below this bundle's minimum: ``why``, and ``need``, an estimate of the
-    minimum in bytes (None: unknown). ``_stated_minimum`` words the refusal from both."""
+    minimum in bytes (None: unknown), or at least ``floor``, bytes the run is known to take
+    before any step. ``_stated_minimum`` words the refusal from them."""
 
-    def __init__(self, why: str, need: int | None = None) -> None:
+    def __init__(self, why: str, need: int | None = None, floor: int = 0) -> None:
         super().__init__(why)
-        self.need, self.why = need, why
+        self.need, self.why, self.floor = need, why, floor
 
 
 # a probe is stopped this far below its limit: what it allocates between two reads of its RSS
@@ -293,9 +294,12 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
     1.21× that estimate; the stated minimum is the estimate × ``MIN_FACTOR``."""
     why = f" ({exc.why})"
     if not exc.need:  # a probe at micro-batch 1 alone passed the budget
+        # twice what is known to be taken before any step (the first probe's own need: sessions
+        # and activations come on top; MiniLM: 73 MB known, 116 MB needed)
+        hint = max(2 * budget, 2 * exc.floor)
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
                          f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
-                         f"above it, e.g. to {2 * budget / 1e6:.0f}MB (`instant-runtime plan` "
+                         f"above it, e.g. to {hint / 1e6:.0f}MB (`instant-runtime plan` "
                          "without --budget estimates the minimum)")
     need = max(exc.need * MIN_FACTOR, budget + 1_000_000)
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
@@ -347,20 +351,20 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         _warm_up(trainer, data)
         return {"overhead": current_rss() - before}
 
-    def minimum(why: str) -> UserError:
+    def minimum(why: str, floor: int = 0) -> UserError:
         """The smallest budget: probes at micro-batch 1 with no arena cap (stopped at the
         budget: then the estimate is unknown) measure what one sample needs; planned like any
         budget (``_stated_minimum`` words the refusal)."""
         warm = _fork(lambda: sessions_only(None), limit=limit)
         if not warm["ok"]:
             if warm.get("over"):
-                return BudgetTooSmall(why)
+                return BudgetTooSmall(why, floor=floor)
             return UserError(f"cannot open the bundle's sessions: {warm['error']}")
         base1 = base0 + int(warm["overhead"])
         probe = _fork(lambda: _measure(trainer, data, 1, None), limit=limit)
         if not probe["ok"]:
             if probe.get("over"):
-                return BudgetTooSmall(why)
+                return BudgetTooSmall(why, floor=floor)
             return UserError(f"a planning probe failed: {probe['error']}")
         m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin)
         # the probes of a real run at micro-batch 1 (full-rank bases, under a cap that keeps
@@ -371,7 +375,8 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
 
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams
     if cap0 <= 0:
-        raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB")
+        raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB",
+                      budget - cap0)
     res = _fork(lambda: sessions_only(cap0), limit=limit)
     if not res["ok"]:
         if res["oom"]:

@@ -275,6 +275,10 @@ class _Guard:
                 tr = self.trainer
                 calib = calibration
                 m = (tr.plan.calib_micro_batch if calib else None) or tr.plan.micro_batch or 0
+                if tr.plan.arena_cap is None:  # no budget: the machine itself ran out
+                    raise UserError(f"out of memory ({exc}); train with a smaller --batch or "
+                                    "--micro-batch, or give a --budget so the run is planned "
+                                    "to fit") from None
                 if not m or m <= 1:
                     raise UserError(f"the budget cannot hold even micro-batch 1 ({exc}); raise "
                                     "--budget") from None

@@ -219,21 +219,32 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
                         "the bundle") from None
 
 
+# ops that repeat a subgraph a data-given number of times: a bundle graph never has one, and a
+# tampered graph with one could run a step for ever
+LOOP_OPS = {"Loop", "Scan", "SequenceMap"}
+
+
 def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
     """Every tensor of a graph with external data must be a frozen weight the manifest lists for
     that graph, at its listed place in weights.bin (the runtime supplies those itself): a graph
-    can name no other file or byte range, whatever onnxruntime version loads it.
+    can name no other file or byte range, whatever onnxruntime version loads it. And no graph
+    may loop (``LOOP_OPS``).
 
     Raises:
         UserError: any other external reference, or bytes that are not an ONNX model.
     """
-    from contract.onnx_scan import OnnxScanError, external_data_refs
+    from contract.onnx_scan import OnnxScanError, external_data_refs, op_types
 
     try:
         refs = external_data_refs(data)
+        loops = sorted(op_types(data) & LOOP_OPS)
     except OnnxScanError as exc:
         raise UserError(f"{bundle.path / graph_file} is not a valid ONNX model ({exc}); "
                         "re-export the bundle") from None
+    if loops:  # the exporter never writes one; a step must end (no trip count to trust)
+        raise UserError(f"{bundle.path / graph_file} holds a {loops[0]} node, which no bundle "
+                        "graph has; the bundle was tampered with or is not from instant-runtime's "
+                        "exporter: re-export it")
     listed = set(bundle.manifest.graph_weights.get(graph_file, []))
     weights = bundle.manifest.weights
     for ref in refs:

@@ -540,8 +540,9 @@ class Trainer:
 
     def _run_error(self, exc: Exception, phase: str) -> Exception:
         if is_out_of_memory(exc):
-            return ArenaExhausted(f"{phase} at micro-batch {self.plan.micro_batch}: "
-                                  f"{str(exc).splitlines()[0][-160:]}")
+            at = (f"micro-batch {self.plan.micro_batch}" if self.plan.micro_batch
+                  else "the whole batch")
+            return ArenaExhausted(f"{phase} at {at}: {str(exc).splitlines()[0][-160:]}")
         if isinstance(exc, UserError):
             return exc
         first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__

@@ -146,6 +146,55 @@ def _(c):
     return _train(c)
 
 
+@case("graph-with-an-endless-loop", "holds a Loop node", "re-export")
+def _(c):
+    """A Loop of 2^62 iterations in the training forward (hashes updated): refused before
+    onnxruntime sees it, where the step would never end (and ignored SIGINT / SIGTERM)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = c.bundle / "vanilla.forward.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])])
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(2 ** 62), "trips"),
+                                    numpy_helper.from_array(np.array(True), "go")])
+    model.graph.node.insert(0, helper.make_node("Loop", ["trips", "go"], [], body=body))
+    onnx.save(model, str(path))
+    m = c.manifest()
+    data = path.read_bytes()
+    m["files"]["vanilla.forward.onnx"] = {"bytes": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()}
+    c.write_manifest(m)
+    return _train(c, "--mode", "vanilla")
+
+
+@case("graph-asks-for-4-terabytes", "out of memory", "smaller --batch")
+def _(c):
+    """Without a budget, an allocation onnxruntime cannot make is the machine's limit, not a
+    budget's: the message says so (it once said "raise --budget" with no budget given)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = c.bundle / "vanilla.forward.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.initializer.append(helper.make_tensor("bomb_shape", TensorProto.INT64, [2],
+                                                      [1_000_000, 1_000_000]))
+    model.graph.node.extend([helper.make_node("ConstantOfShape", ["bomb_shape"], ["bomb"]),
+                             helper.make_node("ReduceSum", ["bomb"], ["bomb_sum"], keepdims=0)])
+    model.graph.output.append(helper.make_tensor_value_info("bomb_sum", TensorProto.FLOAT, []))
+    onnx.save(model, str(path))
+    m = c.manifest()
+    data = path.read_bytes()
+    m["files"]["vanilla.forward.onnx"] = {"bytes": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()}
+    c.write_manifest(m)
+    return _train(c, "--mode", "vanilla")
+
+
 @case("pickled-params", "is of another shape", "expects float32")
 def _(c):
     p = c.bundle / "params.npz"
@@ -501,3 +550,24 @@ def test_an_extra_member_of_params_npz_is_never_inflated(ctx):
                      timeout=TIMEOUT, cwd=REPO)
     assert r.returncode == 0, r.stderr[-1500:]
     assert r.peak_polled <= budget, r.peak_polled
+
+
+def test_a_run_writes_nothing_outside_its_folders(mlp_bundle, tmp_path):
+    """Training writes only into --out: nothing lands in the user's home (onnxruntime 1.32
+    records usage events under ~/.cache/Microsoft unless ORT_DISABLE_TELEMETRY is set, which
+    the runtime does before it imports onnxruntime). HOME is an empty folder here, read after
+    the run."""
+    import os
+    import subprocess
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    env["HOME"] = str(home)
+    r = subprocess.run([sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--data",
+                        "digits", "--steps", "2", "--batch", "8", "--no-progress", "--out",
+                        str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert [str(p.relative_to(home)) for p in home.rglob("*")] == []

@@ -139,6 +139,29 @@ def test_bad_runs_are_one_line_errors(tmp_path, case, match):
     assert not (tmp_path / "r.png").exists()
 
 
+def test_the_report_replaces_no_other_file(tmp_path):
+    """A PNG only: --out at a run's params.npz, metrics.jsonl or a text file is refused (the
+    report once overwrote them); an existing .png only with ``overwrite``; the default
+    RUN/report.png is always redrawn. Nothing refused is touched."""
+    run = _write_run(tmp_path / "run", _records(12), SUMMARY)
+    (run / "params.npz").write_bytes(b"weights")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "old.png").write_bytes(b"old")
+    before = {p: p.read_bytes() for p in (run / "params.npz", run / "metrics.jsonl",
+                                          tmp_path / "notes.txt", tmp_path / "old.png")}
+    for out, match in ((run / "params.npz", "give a path ending in .png"),
+                       (run / "metrics.jsonl", "give a path ending in .png"),
+                       (tmp_path / "notes.txt", "give a path ending in .png"),
+                       (tmp_path / "old.png", "exists; pass --overwrite")):
+        with pytest.raises(UserError, match=match):
+            report.write_report(run, out)
+    assert {p: p.read_bytes() for p in before} == before
+    assert report.write_report(run, tmp_path / "old.png", overwrite=True) == tmp_path / "old.png"
+    assert _png_size(tmp_path / "old.png")
+    assert report.write_report(run) == run / "report.png"
+    assert report.write_report(run, run / "report.png") == run / "report.png"
+
+
 def test_cli_helper(tmp_path, capsys):
     run = _write_run(tmp_path / "run", _records(12), SUMMARY)
     ap = argparse.ArgumentParser(prog="instant-runtime")
