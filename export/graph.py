@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from contract.errors import UserError
 
-__all__ = ["Builder", "ExportError", "Shapes", "reads", "static_shape"]
+__all__ = ["Builder", "ExportError", "Shapes", "check_ops", "name_nodes", "reads",
+           "static_shape"]
 
 Dim = int | str | None
 
@@ -144,3 +145,37 @@ class Shapes:
                 return None
             n *= d
         return n
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """A unique name for every node that has none or shares one (ONNX allows both; the exporter
+    finds a node's compressed layer, and reports errors, by its name)."""
+    seen = {n.name for n in model.graph.node if n.name}
+    named: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.name and node.name not in named:
+            named.add(node.name)
+            continue
+        k, base = i, f"{node.name or node.op_type}_{i}"
+        name = base
+        while name in seen or name in named:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        named.add(name)
+
+
+def check_ops(model: onnx.ModelProto, path: str) -> None:
+    """Only standard ONNX ops: the exporter differentiates and onnxruntime runs those."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
+                              f"'{node.op_type}' of domain '{node.domain}', not a standard ONNX "
+                              "op; export the model again without custom or fused operators")
+        if not onnx.defs.has(node.op_type):
+            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
+                              f"'{node.op_type}', which is not an ONNX operator; export the "
+                              "model again with standard ops")
+        if node.op_type in ("Loop", "Scan", "SequenceMap"):  # the runtime refuses loops
+            raise ExportError(f"ONNX model '{path}': '{node.op_type}' node '{node.name}' (a loop "
+                              "is not run); export the model with its loop unrolled")

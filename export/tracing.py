@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import ExportError
+from .graph import ExportError, check_ops, name_nodes
 
 __all__ = ["Traced", "any_length", "at_length", "check_free_batch", "example_arrays", "load_model",
            "parse_input_shapes"]
@@ -324,24 +324,6 @@ def _name_initializers(model: onnx.ModelProto, module) -> dict[str, tuple[str, b
     return mapping
 
 
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """A unique name for every node that has none or shares one (ONNX allows both; the exporter
-    finds a node's compressed layer, and reports errors, by its name)."""
-    seen = {n.name for n in model.graph.node if n.name}
-    named: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        if node.name and node.name not in named:
-            named.add(node.name)
-            continue
-        k, base = i, f"{node.name or node.op_type}_{i}"
-        name = base
-        while name in seen or name in named:
-            k += 1
-            name = f"{base}_{k}"
-        node.name = name
-        named.add(name)
-
-
 def _load_onnx(path: str, example: list[np.ndarray] | None = None,
                keep_free: dict[str, int] | None = None) -> Traced | None:
     """Load an ONNX file (``example`` fixes its declared input shapes). With ``keep_free``
@@ -363,8 +345,8 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
                           "supported (re-export it, or convert with onnx.version_converter)")
     _materialize_identity_initializers(model)
     _constants_to_initializers(model)
-    _check_domains(model, path)
-    _name_nodes(model)
+    check_ops(model, path)
+    name_nodes(model)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
     if any(vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
@@ -455,23 +437,6 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
         return value if ok else None
 
     _hoist(model, weight)
-
-
-def _check_domains(model: onnx.ModelProto, path: str) -> None:
-    """Only standard ONNX ops: the exporter differentiates and onnxruntime runs those."""
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
-                              f"'{node.op_type}' of domain '{node.domain}', not a standard ONNX "
-                              "op; export the model again without custom or fused operators")
-        if not onnx.defs.has(node.op_type):
-            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
-                              f"'{node.op_type}', which is not an ONNX operator; export the "
-                              "model again with standard ops")
-        if node.op_type in ("Loop", "Scan", "SequenceMap"):  # the runtime refuses loops
-            raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is a "
-                              f"'{node.op_type}' (a loop), which the runtime does not run; "
-                              "export the model with the loop unrolled (a fixed trip count)")
 
 
 def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],

@@ -146,10 +146,32 @@ def test_tsv_and_jsonl_give_the_same_arrays(tmp_path, tokenizer_file):
 
 def test_csv_columns_by_name_bom_and_crlf(tmp_path, tokenizer_file):
     p = tmp_path / "d.csv"
-    p.write_bytes(b"\xef\xbb\xbfid,category,review\r\n1,pos,a good film\r\n2,neg,\"bad\r\nplot\"\r\n")
+    p.write_bytes(b"\xef\xbb\xbf\r\n\r\nid,category,review\r\n1,pos,a good film\r\n2,neg,"
+                  b"\"bad\r\nplot\"\r\n")  # blank lines before the header are skipped
     src = _text(p, tokenizer_file, text_column="review", label_column="category")
     assert len(src) == 2 and src.text(1) == "bad\r\nplot" and src.class_names == ["neg", "pos"]
     with pytest.raises(UserError, match=r"no column 'text' .*--text-column") as e:
+        _text(p, tokenizer_file)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, data, match", [
+    ("gzip", None, r"is gzip-compressed: decompress it first"),
+    ("utf16", "text,label\na good film,pos\n".encode("utf-16"), r"looks like UTF-16: save it"),
+    ("semicolons", b"text;label\na good film;pos\n", r"separated by ';': save it with commas"),
+    ("tabs", b"text\tlabel\na good film\tpos\n", r"separated by a tab"),
+    ("lone_cr", b"text,label\ra good film,pos\rbad,neg\r", r"lone CR: save it with LF"),
+    ("duplicate", b"text,label,text\n1,pos,a good film\n", r"2 columns named 'text'; rename"),
+])
+def test_csv_in_another_format_says_how_to_fix_it(tmp_path, tokenizer_file, name, data, match):
+    """A file a spreadsheet or a shell wrote in another format gets advice that fixes it (it
+    was told to pass another --text-column), and a duplicated column name is refused (the
+    first one was used silently)."""
+    import gzip
+
+    p = tmp_path / f"{name}.csv"
+    p.write_bytes(gzip.compress(b"text,label\na good film,pos\n") if data is None else data)
+    with pytest.raises(UserError, match=match) as e:
         _text(p, tokenizer_file)
     assert "\n" not in str(e.value)
 

@@ -191,13 +191,19 @@ class TextSource(Source):
         what = "CSV" if self.kind == "csv" else "TSV"
         try:
             header = next(reader)
+            if header and header[0].startswith("\ufeff"):
+                header[0] = header[0][1:]
+            while not any(h.strip() for h in header):  # blank lines before the header
+                header = next(reader)
         except StopIteration:
             raise UserError(f"{self.path} is empty; a {what} file needs a header row naming its "
                             f"columns ('{self.text_column}', '{self.label_column}') and then "
                             "one row per example") from None
         except csv.Error as exc:
+            cr = " (its lines end in a lone CR: save it with LF or CRLF line ends)" \
+                if "new-line character" in str(exc) else ""
             raise UserError(f"{self.path}: the header row is not valid {what} ({exc}); the "
-                            "first row must name the columns") from None
+                            f"first row must name the columns{cr}") from None
         if header and header[0].startswith("\ufeff"):
             header[0] = header[0][1:]
         header = [h.strip() for h in header]
@@ -210,7 +216,10 @@ class TextSource(Source):
                 shown = ", ".join(repr(h) for h in header[:12]) + (", ..." if len(header) > 12
                                                                    else "")
                 raise UserError(f"{self.path} has no column '{col}' (its header: {shown}); "
-                                f"pass the right name with {flag}")
+                                f"pass the right name with {flag}{_format_hint(self.path, header)}")
+            if header.count(col) > 1:
+                raise UserError(f"{self.path} has {header.count(col)} columns named '{col}'; "
+                                "rename all but one in the header")
         self._col = ti = cols[self.text_column]
         li = cols[self.label_column]
         ncols = len(header)
@@ -373,3 +382,22 @@ def open_text(path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: 
     """
     return TextSource(path, text, inputs, loss, tokenizer, text_column=text_column,
                       label_column=label_column, class_names=class_names)
+
+
+def _format_hint(path: Path, header: list[str]) -> str:
+    """What a file whose header names no expected column looks like, as advice."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    first = header[0] if header else ""
+    if head.startswith(b"\x1f\x8b"):
+        return " (the file is gzip-compressed: decompress it first)"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or "\x00" in first:
+        return " (the file looks like UTF-16: save it as UTF-8)"
+    if len(header) == 1 and (";" in first or "\t" in first):
+        sep = "';'" if ";" in first else "a tab"
+        return (f" (its columns look separated by {sep}: save it with commas, or as .tsv "
+                "for tabs)")
+    return ""
