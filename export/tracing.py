@@ -345,8 +345,8 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
                           "supported (re-export it, or convert with onnx.version_converter)")
     _materialize_identity_initializers(model)
     _constants_to_initializers(model)
-    check_ops(model, path)
     name_nodes(model)
+    check_ops(model, path)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
     if any(vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
