@@ -280,6 +280,10 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         data_tok = _fixed_length_tokenizer(b.read_file(b.manifest.text.tokenizer),
                                            b.manifest.text.seq_len)
         atomic_write(tok_path, lambda p: _write_bytes(p, data_tok))
+    written = {out, data, st if wrote else None, labels_path, tok_path}
+    for t in targets:  # a replaced export's companion this model has none of (--overwrite)
+        if t not in written and t.exists():
+            t.unlink()
     return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path)
 
 

@@ -112,6 +112,28 @@ def test_explicit_weights_and_initial_fallback(mlp_bundle, cli, tmp_path):
                                _reference(mlp_bundle, mlp_bundle / "params.npz", x), atol=1e-5)
 
 
+def test_overwrite_leaves_no_companion_of_the_replaced_export(mlp_bundle, cli, tmp_path):
+    """A text model's tokenizer and labels beside model.onnx belong to the export it replaces:
+    an --overwrite by a model without them removes them (they once stayed, describing another
+    model)."""
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"old model")
+    stale = [out.with_suffix(".tokenizer.json"), out.with_suffix(".labels.json")]
+    for f in stale:
+        f.write_text("{}")
+    r = cli("export-model", mlp_bundle, "--out", out)
+    assert r.returncode == 2 and "--overwrite" in r.stderr, r.stderr
+    assert all(f.read_text() == "{}" for f in stale)
+    r = cli("export-model", mlp_bundle, "--out", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert not out.with_suffix(".tokenizer.json").exists()
+    labels = out.with_suffix(".labels.json")
+    assert not labels.exists() or labels.read_text() != "{}"
+    x = _samples(mlp_bundle)
+    np.testing.assert_allclose(_exported(out, x),
+                               _reference(mlp_bundle, mlp_bundle / "params.npz", x), atol=1e-5)
+
+
 def test_errors(cli, tmp_path, mlp_bundle):
     r = cli("export-model", tmp_path / "nope", "--out", tmp_path / "m.onnx")
     assert r.returncode == 2
