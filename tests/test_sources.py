@@ -518,6 +518,13 @@ def test_image_folder_bad_files_counted(tmp_path, digit_folder):
     assert "2 bad rows skipped" in src.problems.summary()
     x, _ = src.take(np.arange(len(src)))
     assert np.isfinite(x["x"]).all()
+    # a folder with no image (a run written into the data folder, an empty class) is no class
+    (root / "run").mkdir()
+    (root / "run" / "metrics.jsonl").write_text("{}\n")
+    (root / "empty").mkdir()
+    again = open_images(root, GREY8, IMG_INPUT, _ce(3))
+    assert again.class_names == src.class_names and len(again) == len(src)
+    assert again.problems.ignored["folder without PNG/JPEG files"] == 2
 
 
 def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):

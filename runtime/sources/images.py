@@ -90,9 +90,14 @@ class ImageSource(Source):
                 classes.append(e.name)
             else:
                 self.problems.ignore("file outside the class folders", e.name)
+        empty = [c for c in classes if not self._has_images(c)]
+        for c in empty:  # e.g. a run folder written inside the data folder: not a class
+            self.problems.ignore("folder without PNG/JPEG files", c)
+        classes = [c for c in classes if c not in empty]
         if not classes:
-            raise UserError(f"image folder {self.root} has no class sub-folders; put the images "
-                            f"of each class in its own folder, e.g. {self.root}/cat/1.png")
+            raise UserError(f"image folder {self.root} has no class sub-folders with images; put "
+                            f"the images of each class in its own folder, e.g. "
+                            f"{self.root}/cat/1.png")
         for c in classes:
             labels.declare(c)
         for c in classes:
@@ -110,6 +115,23 @@ class ImageSource(Source):
                 offsets.append(len(blob))
                 max_pixels = max(max_pixels, pixels)
         return blob, offsets, rows, max_pixels
+
+    def _has_images(self, rel_dir: str) -> bool:
+        """Whether ``rel_dir`` holds a PNG/JPEG file at any depth (what :meth:`_walk` would
+        yield; nothing is recorded)."""
+        try:
+            entries = list(os.scandir(self.root / rel_dir))
+        except OSError:
+            return True  # _walk reports it
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                if self._has_images(f"{rel_dir}/{e.name}"):
+                    return True
+            elif e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file():
+                return True
+        return False
 
     def _walk(self, rel_dir: str) -> Iterator[str]:
         try:
