@@ -789,6 +789,9 @@ def test_open_source_dispatch_and_missing_specs(tmp_path, tokenizer_file, digit_
         open_source(csv_path, m, tmp_path)
     with pytest.raises(UserError, match="records no image input"):
         open_source(digit_folder.root, m, tmp_path)
+    mt = _manifest(TEXT_INPUTS, _ce(3), text=TEXT)
+    with pytest.raises(UserError, match="a text model trains on one .csv.*pass that file"):
+        open_source(tmp_path, mt, tmp_path)  # a folder (of CSVs) given to a text bundle
     mi = _manifest(IMG_INPUT, _ce(3), image=GREY8)
     assert isinstance(open_source(digit_folder.root, mi, tmp_path), sources.ImageSource)
     (tmp_path / "d.parquet").write_bytes(b"PAR1")

@@ -105,6 +105,9 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
                          text_column=text_column, label_column=label_column,
                          class_names=class_names)
     if manifest.image is None:
+        if manifest.text is not None:  # a text bundle given a folder: likely of .csv files
+            raise UserError(f"{path} is a folder; a text model trains on one .csv, .tsv or "
+                            ".jsonl file: pass that file as --data")
         raise UserError(f"{path} is an image folder, but the bundle records no image input "
                         "(manifest 'image': size and normalisation); export the model as an "
                         "image model or pass arrays in an .npz")
