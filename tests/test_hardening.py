@@ -146,6 +146,20 @@ def _(c):
     return _train(c)
 
 
+def _train_on_edited_forward(c: Ctx, model) -> list[str]:
+    """Save ``model`` as the bundle's vanilla forward with its hash updated in the manifest
+    (what a deliberate tamperer does); the train command that then runs it."""
+    import onnx
+
+    path = c.bundle / "vanilla.forward.onnx"
+    onnx.save(model, str(path))
+    m = c.manifest()
+    data = path.read_bytes()
+    m["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    c.write_manifest(m)
+    return _train(c, "--mode", "vanilla")
+
+
 @case("graph-with-an-endless-loop", "holds a Loop node", "re-export")
 def _(c):
     """A Loop of 2^62 iterations in the training forward (hashes updated): refused before
@@ -153,8 +167,7 @@ def _(c):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    path = c.bundle / "vanilla.forward.onnx"
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(c.bundle / "vanilla.forward.onnx"), load_external_data=False)
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
         [helper.make_tensor_value_info("i", TensorProto.INT64, []),
@@ -163,13 +176,7 @@ def _(c):
     model.graph.initializer.extend([numpy_helper.from_array(np.array(2 ** 62), "trips"),
                                     numpy_helper.from_array(np.array(True), "go")])
     model.graph.node.insert(0, helper.make_node("Loop", ["trips", "go"], [], body=body))
-    onnx.save(model, str(path))
-    m = c.manifest()
-    data = path.read_bytes()
-    m["files"]["vanilla.forward.onnx"] = {"bytes": len(data),
-                                          "sha256": hashlib.sha256(data).hexdigest()}
-    c.write_manifest(m)
-    return _train(c, "--mode", "vanilla")
+    return _train_on_edited_forward(c, model)
 
 
 @case("graph-asks-for-4-terabytes", "out of memory", "smaller --batch")
@@ -179,20 +186,13 @@ def _(c):
     import onnx
     from onnx import TensorProto, helper
 
-    path = c.bundle / "vanilla.forward.onnx"
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(c.bundle / "vanilla.forward.onnx"), load_external_data=False)
     model.graph.initializer.append(helper.make_tensor("bomb_shape", TensorProto.INT64, [2],
                                                       [1_000_000, 1_000_000]))
     model.graph.node.extend([helper.make_node("ConstantOfShape", ["bomb_shape"], ["bomb"]),
                              helper.make_node("ReduceSum", ["bomb"], ["bomb_sum"], keepdims=0)])
     model.graph.output.append(helper.make_tensor_value_info("bomb_sum", TensorProto.FLOAT, []))
-    onnx.save(model, str(path))
-    m = c.manifest()
-    data = path.read_bytes()
-    m["files"]["vanilla.forward.onnx"] = {"bytes": len(data),
-                                          "sha256": hashlib.sha256(data).hexdigest()}
-    c.write_manifest(m)
-    return _train(c, "--mode", "vanilla")
+    return _train_on_edited_forward(c, model)
 
 
 @case("pickled-params", "is of another shape", "expects float32")
