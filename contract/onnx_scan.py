@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ExternalRef", "OnnxScanError", "external_data_refs", "op_types"]
+__all__ = ["LOOP_OPS", "ExternalRef", "OnnxScanError", "external_data_refs", "op_types"]
+
+# ops that repeat a subgraph a data-given number of times: the exporter never writes one (and
+# refuses a model with one), the runtime refuses a bundle graph with one (a tampered graph
+# could run a step for ever)
+LOOP_OPS = frozenset({"Loop", "Scan", "SequenceMap"})
 
 # message type -> {field number: message type of that (length-delimited) field}
 _SCHEMA: dict[str, dict[int, str]] = {

@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from contract.errors import UserError
+from contract.onnx_scan import LOOP_OPS
 
 __all__ = ["Builder", "ExportError", "Shapes", "check_ops", "name_nodes", "reads",
            "static_shape"]
@@ -176,6 +177,6 @@ def check_ops(model: onnx.ModelProto, path: str) -> None:
             raise ExportError(f"ONNX model '{path}': node '{node.name or node.output[0]}' is "
                               f"'{node.op_type}', which is not an ONNX operator; export the "
                               "model again with standard ops")
-        if node.op_type in ("Loop", "Scan", "SequenceMap"):  # the runtime refuses loops
+        if node.op_type in LOOP_OPS:  # the runtime refuses loops
             raise ExportError(f"ONNX model '{path}': '{node.op_type}' node '{node.name}' (a loop "
                               "is not run); export the model with its loop unrolled")

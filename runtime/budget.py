@@ -599,7 +599,6 @@ class _Subset:
 def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
     """The plan's micro-batches, the memory breakdown and the per-layer ranks of the first
     calibration (when the trainer has bases)."""
-    from .accounting import format_table, layer_costs
 
     mb = 1e6
     log(f"plan for budget {plan.budget / mb:.0f} MB: micro-batch {plan.micro_batch}"
@@ -611,5 +610,5 @@ def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
     for k, v in plan.breakdown.items():
         log(f"  {k:<62} {v / mb:8.1f} MB")
     if trainer.bases:
-        log(format_table(layer_costs(trainer.bundle.layers, trainer.ranks(), trainer.rank_rows)))
+        log(trainer.cost_table())
 

@@ -530,7 +530,7 @@ def _cmd_plan(a) -> int:
             tr.use_plan(plan)
             tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))),
                          np.random.default_rng(0))
-            print(format_table(layer_costs(bundle.layers, tr.ranks(), tr.rank_rows)))
+            print(tr.cost_table())
         return 0
     ranks: dict = {}
     rows = 1

@@ -59,10 +59,8 @@ def _flops_per_rank(ly: LayerInfo, side: str, rows: int = 1) -> float:
     runs per sample: 2·(L·Cx + L·Cy + Cx·Cy). Over the channel axis the two products with the
     activations run per sample, 2·L·(Cx + Cy), and the Cx·Cy one (g_W's ·P, g_x's Q·W) once per
     micro-batch of ``rows`` samples (rules/linear.py; a 2-D [N, C] layer has L = 1)."""
-    pair = 2 * ly.cx * ly.cy
-    if (ly.x_axis if side == "x" else ly.g_axis) == "token":
-        return 2 * ly.tokens * (ly.cx + ly.cy) + pair
-    return 2 * ly.tokens * (ly.cx + ly.cy) + pair / max(1, rows)
+    once_per = 1 if (ly.x_axis if side == "x" else ly.g_axis) == "token" else max(1, rows)
+    return 2 * ly.tokens * (ly.cx + ly.cy) + 2 * ly.cx * ly.cy / once_per
 
 
 def gx_break_even(ly: LayerInfo, rows: int = 1) -> int:

@@ -28,7 +28,6 @@ from tqdm import tqdm
 
 from contract import UserError, atomic_write, write_text
 
-from .accounting import format_table, layer_costs
 from .calibrate import calibration_samples
 from .checkpoint import (
     Checkpointer,
@@ -106,7 +105,7 @@ class Summary:
                        + (f"; the arena cap lowered the micro-batch {self.guard_shrinks}x"
                           if self.guard_shrinks else ""))
         if self.mode == "instant" and trainer.bases:
-            out.append(format_table(layer_costs(trainer.bundle.layers, trainer.ranks(), trainer.rank_rows)))
+            out.append(trainer.cost_table())
         if self.out:
             out.append(f"trained weights: {self.out}")
         if self.checkpoint:

@@ -219,11 +219,6 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
                         "the bundle") from None
 
 
-# ops that repeat a subgraph a data-given number of times: a bundle graph never has one, and a
-# tampered graph with one could run a step for ever
-LOOP_OPS = {"Loop", "Scan", "SequenceMap"}
-
-
 def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
     """Every tensor of a graph with external data must be a frozen weight the manifest lists for
     that graph, at its listed place in weights.bin (the runtime supplies those itself): a graph
@@ -233,7 +228,7 @@ def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
     Raises:
         UserError: any other external reference, or bytes that are not an ONNX model.
     """
-    from contract.onnx_scan import OnnxScanError, external_data_refs, op_types
+    from contract.onnx_scan import LOOP_OPS, OnnxScanError, external_data_refs, op_types
 
     try:
         refs = external_data_refs(data)

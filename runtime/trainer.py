@@ -698,6 +698,12 @@ class Trainer:
     def ranks(self) -> dict[str, tuple[int, int]]:
         return {k: (p.rank, q.rank) for k, (p, q) in self.bases.items()}
 
+    def cost_table(self) -> str:
+        """The per-layer ranks, FLOPs and saved bytes at the current ranks (runtime/accounting)."""
+        from .accounting import format_table, layer_costs
+
+        return format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows))
+
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, data, batch: int | None = None,
                  trim: bool = True) -> tuple[float, float | None]:

@@ -22,10 +22,10 @@ def _mask(b, cond: str) -> str:
     return b.op("Cast", [cond], to=TensorProto.FLOAT)
 
 
-def _piecewise(b, g: str, pos: str, neg_slope: str) -> str:
-    """g · (1 where ``pos``, ``neg_slope`` elsewhere) = g · (neg + m·(1 − neg)), m = pos."""
+def _piecewise(b, g: str, pos: str, neg_slope: str, pos_slope: float = 1.0) -> str:
+    """g · (``pos_slope`` where ``pos``, ``neg_slope`` elsewhere) = g · (neg + m·(p − neg))."""
     m = _mask(b, pos)
-    d = b.op("Add", [neg_slope, b.op("Mul", [m, b.op("Sub", [b.const(1.0), neg_slope])])])
+    d = b.op("Add", [neg_slope, b.op("Mul", [m, b.op("Sub", [b.const(pos_slope), neg_slope])])])
     return b.op("Mul", [g, d])
 
 
@@ -69,10 +69,8 @@ def selu_grad(ctx, node, gy):
     alpha, gamma = float(a.get("alpha", 1.67326319217681884765625)), \
         float(a.get("gamma", 1.05070102214813232421875))
     b, y = ctx.bwd, node.output[0]
-    m = _mask(b, b.op("Greater", [y, b.const(0.0)]))
-    below = b.op("Add", [y, b.const(gamma * alpha)])
-    d = b.op("Add", [below, b.op("Mul", [m, b.op("Sub", [b.const(gamma), below])])])
-    return [b.op("Mul", [gy[0], d])]
+    return [_piecewise(b, gy[0], b.op("Greater", [y, b.const(0.0)]),
+                       b.op("Add", [y, b.const(gamma * alpha)]), gamma)]
 
 
 @RULES.gradient("Celu")

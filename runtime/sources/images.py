@@ -124,12 +124,9 @@ class ImageSource(Source):
         except OSError:
             return True  # _walk reports it
         for e in entries:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                if self._has_images(f"{rel_dir}/{e.name}"):
-                    return True
-            elif e.name.lower().endswith(IMAGE_SUFFIXES) and e.is_file():
+            kind = _entry_kind(e)
+            if kind == "image" or (kind == "folder"
+                                   and self._has_images(f"{rel_dir}/{e.name}")):
                 return True
         return False
 
@@ -141,16 +138,13 @@ class ImageSource(Source):
             return
         for e in entries:
             rel = f"{rel_dir}/{e.name}"
-            if e.name.startswith("."):
-                self.problems.ignore("hidden file or folder", rel)
-            elif e.is_dir():
+            kind = _entry_kind(e)
+            if kind == "folder":
                 yield from self._walk(rel)
-            elif not e.name.lower().endswith(IMAGE_SUFFIXES):
-                self.problems.ignore("not a PNG/JPEG file", rel)
-            elif not e.is_file():  # a FIFO or device named like an image would block a read
-                self.problems.ignore("not a regular file", rel)
-            else:
+            elif kind == "image":
                 yield rel
+            else:
+                self.problems.ignore(kind, rel)
 
     def _check(self, rel: str) -> tuple[tuple[str, str] | None, int]:
         """(bad reason and detail, or None; decoded pixels ``take`` will hold)."""
@@ -258,6 +252,19 @@ class ImageSource(Source):
         # (up to 4 bytes a pixel, 16-bit grey as float32 copies), one or two mode conversions,
         # the resized image and its float32 copy
         return (2 << 16) + 12 * self.max_pixels + 12 * self.h * self.w * max(self.c, 1)
+
+
+def _entry_kind(e: os.DirEntry) -> str:
+    """"folder", "image", or why the entry is ignored."""
+    if e.name.startswith("."):
+        return "hidden file or folder"
+    if e.is_dir():
+        return "folder"
+    if not e.name.lower().endswith(IMAGE_SUFFIXES):
+        return "not a PNG/JPEG file"
+    if not e.is_file():  # a FIFO or device named like an image would block a read
+        return "not a regular file"
+    return "image"
 
 
 def _per_channel(values: list[float], c: int) -> np.ndarray:
