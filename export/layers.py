@@ -11,6 +11,7 @@ both.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -171,13 +172,15 @@ def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer |
         w = node.input[1]
         ws = shapes.of(w)
         xs = shapes.of(node.input[0])
-        one = (len(ws) == 4 and ws[2:] == [1, 1] and attrs.get("group", 1) == 1
-               and all(s == 1 for s in attrs.get("strides", [1, 1]))
-               and all(p == 0 for p in attrs.get("pads", [0, 0, 0, 0]))
-               and len(xs) == 4 and all(isinstance(d, int) for d in xs[1:]))
+        # a pointwise Conv of any spatial rank (Conv1d, Conv2d, Conv3d): a Linear over channels
+        one = (len(ws) in (3, 4, 5) and all(d == 1 for d in ws[2:]) and len(xs) == len(ws)
+               and attrs.get("group", 1) == 1
+               and all(s == 1 for s in attrs.get("strides", []))
+               and all(p == 0 for p in attrs.get("pads", []))
+               and all(isinstance(d, int) for d in xs[1:]))
         if not one:
             return None
-        tokens = int(xs[2]) * int(xs[3])
+        tokens = math.prod(int(d) for d in xs[2:])
         cy, cx = int(ws[0]), int(ws[1])
         return CompressedLayer(
             name=layer_name(w, node.name, param_names), kind="conv1x1", node=node.name,

@@ -216,6 +216,43 @@ def test_export_and_train_a_factory_file(cli, tmp_path):
     assert s["acc"] > 2 * CHANCE
 
 
+TEMPORAL_FACTORY = """\
+from torch import nn
+
+
+def make():  # a temporal CNN over [N, 2, 64]: Conv1d k5 / k1 (INSTANT) / k3, pooling, a head
+    return nn.Sequential(
+        nn.Conv1d(2, 16, 5, padding=2), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(16, 32, 1), nn.ReLU(), nn.Conv1d(32, 32, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 3))
+"""
+
+
+def _sines(path: Path, n: int = 600, length: int = 64) -> Path:
+    """Noisy two-channel sines of 3 frequencies (the class), random phase: a sequence task."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    t = np.arange(length)
+    arg = np.array([2, 5, 9])[y, None] * 2 * np.pi / length * t + rng.uniform(0, 7, (n, 1))
+    x = np.stack([np.sin(arg), np.cos(arg)], 1) + 0.5 * rng.standard_normal((n, 2, length))
+    np.savez(path, x=x.astype(np.float32), y=y)
+    return path
+
+
+def test_a_temporal_cnn_with_conv1d_exports_and_trains(cli, tmp_path):
+    """Conv1d (any kernel) has its gradient rule, and a pointwise one is an INSTANT layer."""
+    factory = tmp_path / "tcn.py"
+    factory.write_text(TEMPORAL_FACTORY)
+    out = ok(cli("export", "--model", f"{factory}:make", "--out", tmp_path / "b",
+                 "--input-shape", "16,2,64"))
+    assert "1 INSTANT layers" in out, out  # the kernel-1 Conv1d (the head stays exact)
+    s = summary_of(ok(cli("train", tmp_path / "b", "--data", _sines(tmp_path / "seq.npz"),
+                          "--val-split", 0.2, "--batch", 16, "--steps", 80, "--lr", 3e-3,
+                          "--no-progress", "--out", tmp_path / "run")))
+    assert s["loss_last"] < 0.7 * s["loss_first"], s
+    assert s["acc"] > 0.6, s  # chance 1/3
+
+
 # -------------------------------------------------------------------------- bad input: data
 
 def _npz(path: Path, n: int = 40, shape=(64,), labels=None, nan: bool = False) -> Path:

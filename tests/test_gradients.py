@@ -333,6 +333,30 @@ _conv_case("1x1_nobias", (2, 3, 4, 4), (5, 3, 1, 1), bias=False)
 _conv_case("rect_kernel_asym_pads", (2, 3, 7, 6), (4, 3, 2, 3), strides=(2, 1),
            pads=(0, 1, 1, 0))
 
+
+def _conv_nd_case(name: str, x_shape, w_shape, *, strides, pads, dilations, group: int = 1):
+    """1-D and 3-D convolutions (Conv1d: temporal/audio models; Conv3d: video/volumes)."""
+    nsp = len(w_shape) - 2
+    conv = {1: F.conv1d, 3: F.conv3d}[nsp]
+    inputs = {"x": rnd(*x_shape), "w": rnd(*w_shape), "b": rnd(w_shape[0])}
+    ints = lambda v: "[" + ", ".join(map(str, v)) + "]"  # noqa: E731
+    body = (f"y = Conv <strides = {ints(strides)}, pads = {ints(pads)}, "
+            f"dilations = {ints(dilations)}, group = {group}> (x, w, b)")
+
+    def fn(x, w, b):  # ONNX pads [begin..., end...]; F.pad takes (last_begin, last_end, ...)
+        widths = [p for i in reversed(range(nsp)) for p in (pads[i], pads[nsp + i])]
+        return conv(F.pad(x, widths), w, b, stride=strides, dilation=dilations, groups=group)
+
+    case("Conv", name, body, fn, inputs, list(inputs))
+
+
+_conv_nd_case("1d_k3_pad1", (2, 3, 9), (4, 3, 3), strides=[1], pads=[1, 1], dilations=[1])
+_conv_nd_case("1d_stride2_dil2_asym", (2, 4, 11), (6, 2, 3), strides=[2], pads=[2, 1],
+              dilations=[2], group=2)
+_conv_nd_case("1d_k1", (2, 3, 7), (5, 3, 1), strides=[1], pads=[0, 0], dilations=[1])
+_conv_nd_case("3d_k3_stride2", (2, 2, 5, 4, 6), (3, 2, 3, 2, 3), strides=[2, 1, 2],
+              pads=[1, 0, 1, 1, 1, 0], dilations=[1, 1, 1])
+
 # ---------------------------------------------------------------------------- pooling
 
 case("MaxPool", "2x2_stride2", "y = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (x)",
@@ -350,6 +374,12 @@ case("AveragePool", "pad_exclude_pad",
      "y = AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x)",
      lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), {"x": rnd(2, 3, 4, 5)},
      ["x"], xfail="padding with count_include_pad=0 is not supported")
+case("MaxPool", "1d_k3_stride2_pad1", "y = MaxPool <kernel_shape = [3], strides = [2], pads = [1, 1]> (x)",
+     lambda x: F.max_pool1d(x, 3, 2, 1), {"x": rnd(2, 3, 9)}, ["x"])
+case("AveragePool", "1d_k2_stride2", "y = AveragePool <kernel_shape = [2], strides = [2]> (x)",
+     lambda x: F.avg_pool1d(x, 2, 2), {"x": rnd(2, 3, 8)}, ["x"])
+case("GlobalAveragePool", "1d", "y = GlobalAveragePool (x)",
+     lambda x: x.mean(-1, keepdim=True), {"x": rnd(2, 3, 7)}, ["x"])
 
 # ---------------------------------------------------------------------- normalisation
 

@@ -36,6 +36,12 @@ LAYERS = {
                         ("channel", "channel")),
     "conv1x1_mixed": ("y = Conv(x, w, b)", "conv", (2, 3, 2, 2), (6, 3, 1, 1),
                       ("channel", "token")),
+    # pointwise Conv1d / Conv3d: the same layer over [N, C, L] / [N, C, D, H, W]
+    "conv1d_k1_token": ("y = Conv(x, w, b)", "conv", (2, 6, 4), (5, 6, 1), ("token", "token")),
+    "conv1d_k1_channel": ("y = Conv(x, w, b)", "conv", (2, 3, 7), (4, 3, 1),
+                          ("channel", "channel")),
+    "conv3d_k1_mixed": ("y = Conv(x, w, b)", "conv", (2, 3, 1, 2, 2), (6, 3, 1, 1, 1),
+                        ("channel", "token")),
 }
 PARAMS = ["x", "w", "b"]
 
@@ -184,7 +190,8 @@ def test_reduced_rank_matches_numpy_formulas(case):
         assert np.abs(g - e).max() > 1e-2, f"'{name}' gradient is not compressed"
 
 
-@pytest.mark.parametrize("case", ["linear3d_token", "gemm2d", "conv1x1_channel"])
+@pytest.mark.parametrize("case", ["linear3d_token", "gemm2d", "conv1x1_channel",
+                                  "conv1d_k1_token"])
 def test_reduced_rank_first_layer(case):
     """The layer input is data (no g_x): only the weight and bias gradients, no Q needed."""
     model, ly, inputs = _instant_setup(case, trainable=["w", "b"])

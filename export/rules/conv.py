@@ -49,10 +49,10 @@ def conv_grad(ctx, node, gy):
         return [gx, gw, gbias][: len(node.input)]
     ws = ctx.shapes.of(w)
     k = [int(d) for d in ws[2:]]
-    if len(k) != 2:
-        raise ExportError(f"Conv '{node.name}': only 2-D convolutions have a gradient rule "
-                          f"(got {len(k)}-D); export a Conv1d as a Conv2d over [N, C, 1, L] "
-                          "(kernel 1 x k), or a kernel-1 Conv1d as a Linear over channels")
+    nsp = len(k)
+    if nsp not in (1, 2, 3):
+        raise ExportError(f"Conv '{node.name}': only 1-D, 2-D and 3-D convolutions have a "
+                          f"gradient rule (got {nsp}-D)")
     strides, dil, pads, group = _convattrs(node, k)
     gx = gw = None
     if needs(ctx, node, 0):
@@ -62,19 +62,20 @@ def conv_grad(ctx, node, gy):
     if needs(ctx, node, 1):
         cin = ctx.shapes.of(x)[1]
         cout = int(ws[0])
-        xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(node.output[0])[2:]
+        xs, ys = list(ctx.shapes.of(x)[2:]), list(ctx.shapes.of(node.output[0])[2:])
         cig, cog = int(cin) // group, cout // group
+        sp = list(range(3, 3 + nsp))
         # g_W[co, ci, k] = Σ_n Σ_o g[n,co,o] x[n,ci,o*s + k*d - p]: a convolution of x (batch =
         # input channel within the group) by g (as the kernel), strides and dilations swapped.
-        xg = b.op("Reshape", [x, b.ints([0, group, cig, xs[0], xs[1]])])
-        xg = b.op("Transpose", [xg], perm=[2, 1, 0, 3, 4])
-        xg = b.op("Reshape", [xg, b.ints([cig, -1, xs[0], xs[1]])])
-        kg = b.op("Reshape", [g, b.ints([0, group, cog, ys[0], ys[1]])])
-        kg = b.op("Transpose", [kg], perm=[1, 2, 0, 3, 4])
-        kg = b.op("Reshape", [kg, b.ints([cout, -1, ys[0], ys[1]])])
+        xg = b.op("Reshape", [x, b.ints([0, group, cig] + xs)])
+        xg = b.op("Transpose", [xg], perm=[2, 1, 0] + sp)
+        xg = b.op("Reshape", [xg, b.ints([cig, -1] + xs)])
+        kg = b.op("Reshape", [g, b.ints([0, group, cog] + ys)])
+        kg = b.op("Transpose", [kg], perm=[1, 2, 0] + sp)
+        kg = b.op("Reshape", [kg, b.ints([cout, -1] + ys)])
         full = b.op("Conv", [xg, kg], strides=dil, dilations=strides, pads=pads, group=group)
-        cut = b.op("Slice", [full, b.ints([0, 0]), b.ints(k), b.ints([2, 3])])
-        gw = b.op("Transpose", [cut], perm=[1, 0, 2, 3])
+        cut = b.op("Slice", [full, b.ints([0] * nsp), b.ints(k), b.ints(list(range(2, 2 + nsp)))])
+        gw = b.op("Transpose", [cut], perm=[1, 0] + list(range(2, 2 + nsp)))
     return [gx, gw, gbias][: len(node.input)]
 
 

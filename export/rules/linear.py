@@ -50,7 +50,7 @@ def _real_tokens(layer: CompressedLayer, t: str, builder) -> str:
 
 
 def _as_matrix(layer: CompressedLayer, t: str, builder) -> str:
-    """[N, C, H, W] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
+    """[N, C, *spatial] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
     if layer.kind == "conv1x1":
         return builder.op("Reshape", [t, builder.ints([0, layer.cx if t == layer.x else layer.cy,
                                                         -1])])
@@ -106,7 +106,7 @@ def _weight_canonical(b, layer: CompressedLayer) -> str:
 
 def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
     if layer.kind == "conv1x1":
-        return b.op("Reshape", [dw_c, b.ints([layer.cy, layer.cx, 1, 1])])
+        return b.op("Reshape", [dw_c, b.op("Shape", [layer.weight])])  # [Cy, Cx, 1, ...]
     if layer.weight_layout == "in_out":
         return b.op("Transpose", [dw_c], perm=[1, 0])
     return dw_c
