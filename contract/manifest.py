@@ -205,6 +205,9 @@ class LayerInfo:
     # zero in x before projecting it and before its Gram: a text model that ignores its padding
     # (export/any_length.py) gives them no gradient. Empty: no mask.
     token_mask: str = ""
+    # x is [L, N, C] (sequence first, as torch's MultiheadAttention runs its in_proj): the
+    # INSTANT graphs transpose it (and its gradients) to [N, L, C]
+    seq_first: bool = False
 
     def validate(self) -> tuple[str, str] | None:
         want_x = self.tokens if self.x_axis == "token" else self.cx

@@ -77,6 +77,8 @@ class CompressedLayer:
     # a [N, L] mask input of a text model that ignores its padding: its zero positions enter
     # no gradient, so x is zeroed there before the projection and the Gram (``rules/linear.py``)
     token_mask: str = ""
+    # a Linear over [L, N, C] (sequence first): the INSTANT graphs view it as [N, L, C]
+    seq_first: bool = False
 
     def __post_init__(self) -> None:
         self.p_input = self.p_input or names.basis_p(self.name)
@@ -142,7 +144,10 @@ def layer_name(weight: str, node_name: str, param_names: dict[str, str]) -> str:
         path = module_path(node_name)
         if path:
             return path
-    return name[: -len(".weight")] if name.endswith(".weight") else name
+    for suffix in (".weight", "_weight"):  # nn.MultiheadAttention's in_proj_weight
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer | None:
@@ -160,13 +165,15 @@ def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer |
         out_in = node.op_type == "Gemm" and attrs.get("transB", 0) == 1
         cy, cx = (ws[0], ws[1]) if out_in else (ws[1], ws[0])
         rank3 = len(xs) == 3
-        tokens = xs[1] if rank3 else 1
+        # [L, N, C]: sequence first (torch's MultiheadAttention runs its in_proj so)
+        seq_first = rank3 and isinstance(xs[0], int) and not isinstance(xs[1], int)
+        tokens = (xs[0] if seq_first else xs[1]) if rank3 else 1
         if not all(isinstance(v, int) for v in (cx, cy, tokens)):
             return None
         return CompressedLayer(
             name=layer_name(w, node.name, param_names), kind="linear", node=node.name, x=x,
             y=node.output[0], weight=w, weight_layout="out_in" if out_in else "in_out",
-            tokens=tokens, cx=cx, cy=cy, rank3=rank3,
+            tokens=tokens, cx=cx, cy=cy, rank3=rank3, seq_first=seq_first,
             x_axis=_axis_mode(tokens, cx, rank3), g_axis=_axis_mode(tokens, cy, rank3))
     if node.op_type == "Conv" and node.input[1] in trainable:
         w = node.input[1]
@@ -199,5 +206,5 @@ def mask_padding(layers: list[CompressedLayer], text, forward: onnx.ModelProto) 
     if text.mask_input not in {i.name for i in forward.graph.input}:
         return
     for ly in layers:
-        if ly.kind == "linear" and ly.rank3 and ly.tokens == text.seq_len:
+        if ly.kind == "linear" and ly.rank3 and not ly.seq_first and ly.tokens == text.seq_len:
             ly.token_mask = text.mask_input

@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .graph import ExportError, check_ops, name_nodes
+from .shape_fold import fold_shape_operands
 
 __all__ = ["Traced", "any_length", "at_length", "check_free_batch", "example_arrays", "load_model",
            "parse_input_shapes"]
@@ -112,7 +113,7 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
         ExportError: unknown model or output, unreadable file, bad example inputs.
     """
     if spec.endswith(".onnx"):
-        traced = _pick_output(_load_onnx(spec, example), output)  # no torch for an ONNX model
+        traced = _folded(_pick_output(_load_onnx(spec, example), output))  # no torch here
         traced.origin = ("onnx", spec, example, output)
         return traced
     import torch
@@ -135,8 +136,15 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
                           "expected a torch.nn.Module")
     if example is None:
         raise ExportError(f"model '{spec}' needs example inputs: pass --input-shape or an .npz")
-    traced = _pick_output(_trace_torch(module, example, spec), output)
+    traced = _folded(_pick_output(_trace_torch(module, example, spec), output))
     traced.origin = ("torch", module, example, output)
+    return traced
+
+
+def _folded(traced: Traced) -> Traced:
+    """Shape arithmetic folded where shape inference cannot follow it (``export/shape_fold.py``:
+    TorchScript's MultiheadAttention, ``nn.ZeroPad2d``)."""
+    fold_shape_operands(traced.model, traced.inputs)
     return traced
 
 
@@ -194,7 +202,7 @@ def at_length(traced: Traced, seq_inputs: list[str], length: int) -> Traced | No
                 return None
         else:
             again = _trace_torch(src, cut, traced.source)
-        return _pick_output(again, output)
+        return _folded(_pick_output(again, output))
     except Exception:  # noqa: BLE001 - any failure: no graphs at this length
         return None
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from helpers import make_trainer
 
 from export import export_bundle
-from export.graph import ExportError
 from runtime.bundle import open_bundle
 from runtime.calibrate import Basis
 from runtime.errors import UserError
@@ -108,6 +107,26 @@ MODELS = textwrap.dedent('''
             h = torch.clamp(self.bns[2](self.dw(h)), 0.0, 6.0)
             x = x + self.bns[3](self.project(h))
             return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+    class TorchEncoder(nn.Module):
+        """torch's own nn.TransformerEncoderLayer (batch first): TorchScript exports its
+        attention with Reshape targets computed from the batch size, and runs the fused
+        in_proj sequence first ([L, N, C])."""
+
+        def __init__(self, d=32, classes=3):
+            super().__init__()
+            self.emb = nn.Linear(8, d)
+            self.enc = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(d, classes)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x)).mean(1))
+
+
+    def torch_encoder():
+        torch.manual_seed(0)
+        return TorchEncoder()
 
 
     def bert():
@@ -246,6 +265,22 @@ def test_frozen_embedding_rows_are_read_by_the_runtime(models_file: Path, tmp_pa
         make_trainer(b, mode="vanilla").gradients(ArrayBatch(bad, labels))
 
 
+def test_torch_transformer_encoder_layer_gradients_match_torch(models_file: Path,
+                                                               tmp_path: Path):
+    """nn.TransformerEncoderLayer with a dynamic batch: its batch-size arithmetic is folded
+    (export/shape_fold.py), its sequence-first in_proj is an INSTANT layer, and both modes give
+    torch's gradients (INSTANT at full rank)."""
+    rng = np.random.default_rng(3)
+    x = {"x": rng.standard_normal((3, 10, 8)).astype(np.float32)}
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    bundle = export_bundle(f"{models_file}:torch_encoder", tmp_path / "bundle",
+                           input_shape="3,10,8")
+    layers = {ly.name: ly for ly in open_bundle(bundle).layers}
+    assert layers["enc.self_attn.in_proj"].seq_first, sorted(layers)
+    assert {"emb", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2"} <= set(layers)
+    check_bundle_grads(models_file, "torch_encoder", bundle, x, labels, ("vanilla", "instant"))
+
+
 def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Path):
     rng = np.random.default_rng(1)
     x = {"x": rng.standard_normal((3, 3, 16, 16)).astype(np.float32)}
@@ -254,12 +289,9 @@ def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Pa
     check_bundle_grads(models_file, "effnet", bundle, x, labels, ("vanilla", "instant"))
 
 
-@pytest.mark.xfail(raises=ExportError, strict=True,
-                   reason="nn.ZeroPad2d / F.pad exports its pads as an unfolded Constant-"
-                   "OfShape/Concat/Reshape/Slice/Transpose/Cast chain, so shape inference loses "
-                   "the spatial dims (Conv and GlobalAveragePool rules need them); needs constant "
-                   "folding in export/tracing.py")
 def test_efficientnet_like_with_zero_pad(models_file: Path, tmp_path: Path):
+    """nn.ZeroPad2d exports its pads through a ConstantOfShape/Concat/Reshape/Slice chain that
+    shape inference cannot follow; folded to constants (export/shape_fold.py)."""
     rng = np.random.default_rng(2)
     x = {"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
     labels = rng.integers(0, 4, 2).astype(np.int64)

@@ -49,6 +49,11 @@ def _real_tokens(layer: CompressedLayer, t: str, builder) -> str:
     return builder.op("Mul", [t, builder.op("Unsqueeze", [m, builder.ints([-1])])])
 
 
+def _batch_first(layer: CompressedLayer, t: str, builder) -> str:
+    """[L, N, C] -> [N, L, C] for a sequence-first layer (its own inverse); ``t`` otherwise."""
+    return builder.op("Transpose", [t], perm=[1, 0, 2]) if layer.seq_first else t
+
+
 def _as_matrix(layer: CompressedLayer, t: str, builder) -> str:
     """[N, C, *spatial] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
     if layer.kind == "conv1x1":
@@ -115,11 +120,12 @@ def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
 def linear_calib_grams(ctx: GradContext, layer: CompressedLayer, g: str) -> None:
     """Calibration: emit Σ_b X_b X_bᵀ (forward) and Σ_b G_b G_bᵀ (backward) for this layer."""
     rank = 3 if (layer.kind == "conv1x1" or layer.rank3) else 2
-    x = _as_matrix(layer, _real_tokens(layer, layer.x, ctx.fwd), ctx.fwd)
+    x = _as_matrix(layer, _batch_first(layer, _real_tokens(layer, layer.x, ctx.fwd), ctx.fwd),
+                   ctx.fwd)
     ctx.fwd_outputs.append(ctx.fwd.op("Identity", [_gram(ctx.fwd, x, _left(layer, "x"), rank)],
                                       out=f"{names.GRAM_X}{layer.name}"))
     gm = ctx.bwd.op("Reshape", [g, ctx.bwd.ints([0, layer.cy, -1])]) if layer.kind == "conv1x1" \
-        else g
+        else _batch_first(layer, g, ctx.bwd)
     ctx.bwd_outputs.append(ctx.bwd.op("Identity", [_gram(ctx.bwd, gm, _left(layer, "g"), rank)],
                                       out=f"{names.GRAM_G}{layer.name}"))
 
@@ -136,11 +142,12 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     f, b = ctx.fwd, ctx.bwd
     P, Q = layer.p_input, layer.q_input
     conv = layer.kind == "conv1x1"
-    gm = b.op("Reshape", [g, b.ints([0, layer.cy, -1])]) if conv else g
+    gm = b.op("Reshape", [g, b.ints([0, layer.cy, -1])]) if conv else _batch_first(layer, g, b)
     gx = gw = None
     if need_w:
         left = _left(layer, "x")
-        xhat = _project(f, P, _as_matrix(layer, _real_tokens(layer, layer.x, f), f), left)
+        xin = _batch_first(layer, _real_tokens(layer, layer.x, f), f)
+        xhat = _project(f, P, _as_matrix(layer, xin, f), left)
         if layer.x_itemsize == 1:  # int8 (the layer says so, and the manifest plans it so)
             xhat = int8_roundtrip(ctx, xhat, -1 if left else -2)
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
@@ -188,7 +195,7 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         gx = if_else(b, full_rank(b, Q, layer.g_dim), exact, compressed, "gx")
         # Qᵀ(…) spreads the gradient over every position, padding included, where the exact
         # one is zero; from there it would reach the other parameters' gradients
-        gx = _real_tokens(layer, gx, b)
+        gx = _batch_first(layer, _real_tokens(layer, gx, b), b)
         if conv:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw

@@ -1,0 +1,168 @@
+"""Fold shape arithmetic (Reshape targets, Pad widths, Slice bounds ...) into constants, where
+ONNX shape inference cannot follow it.
+
+TorchScript exports of ``nn.MultiheadAttention`` (and so ``nn.TransformerEncoderLayer``) with a
+dynamic batch compute each Reshape's target from ``Shape`` through ``Slice``/``Mod``/``Concat``;
+ONNX shape inference loses the rank there, and every gradient rule downstream needs it. Since
+only the batch is free, each such target is either the same at every batch size (a constant) or
+has exactly one entry that grows with the batch, which is then what Reshape's ``-1`` computes
+(the element count fixes it): the target becomes a constant with ``-1`` in that place. The same
+holds for any other computed operand that is equal at every batch size (``nn.ZeroPad2d``'s pads
+come through a ConstantOfShape/Concat/Reshape/Slice chain). Which is which is measured, not
+guessed: the model runs at three batch sizes with those values as outputs. Only done where shape
+inference leaves a tensor's shape unknown and every input dim except the batch is static; a value
+that fits neither form is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import Shapes
+
+# integer ops of a shape computation (from Shape to a Reshape's target)
+_SHAPE_OPS = {"Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Mul",
+              "Add", "Sub", "Div", "Mod", "Cast", "Reshape", "Identity", "Constant", "Floor",
+              "Ceil", "Max", "Min", "Neg", "Abs", "ReduceProd", "Expand", "ConstantOfShape",
+              "Range", "Equal", "Where", "Not", "Sqrt", "Transpose"}
+
+
+def _unknown_shapes(model: onnx.ModelProto) -> bool:
+    """Whether shape inference loses a tensor's rank, or more than one of its dims (one may be
+    the batch, or a product with it)."""
+    shapes = Shapes(model)
+    for n in model.graph.node:
+        for o in n.output:
+            dims = shapes.shape.get(o) if o else []
+            if dims is None or sum(not isinstance(d, int) for d in dims) > 1:
+                return True
+    return False
+
+
+def _free_dims_only_batch(model: onnx.ModelProto, inputs: list[str]) -> bool:
+    by_name = {vi.name: vi for vi in model.graph.input}
+    for name in inputs:
+        dims = by_name[name].type.tensor_type.shape.dim
+        if not dims or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims[1:]):
+            return False
+    return True
+
+
+def _shape_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed from shapes and constants only."""
+    known = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in _SHAPE_OPS:
+            continue
+        ins = [i for i in node.input if i]
+        if node.op_type in ("Shape", "Size", "Constant") or all(i in known for i in ins):
+            known.update(o for o in node.output if o)
+    return known - {i.name for i in model.graph.initializer}
+
+
+def _run(model: onnx.ModelProto, inputs: list[str], outputs: list[str], batch: int
+         ) -> list[np.ndarray] | None:
+    import onnxruntime as ort
+
+    m = copy.deepcopy(model)
+    feeds = {}
+    for vi in m.graph.input:
+        if vi.name not in inputs:
+            continue
+        t = vi.type.tensor_type
+        dims = [batch] + [d.dim_value for d in t.shape.dim[1:]]
+        feeds[vi.name] = np.ones(dims, helper.tensor_dtype_to_np_dtype(t.elem_type))
+    del m.graph.output[:]
+    m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outputs)
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(outputs, feeds)
+    except Exception:  # noqa: BLE001 - not runnable as given: the export's checks say why
+        return None
+
+
+def fold_shape_operands(model: onnx.ModelProto, inputs: list[str]) -> int:
+    """Replace computed shape operands (a Reshape's target, a Pad's pads, a Slice's bounds, an
+    Expand's shape ...) by constants as the module docstring says; returns how many were
+    replaced (0 where nothing needed it or nothing could be measured)."""
+    if not _free_dims_only_batch(model, inputs) or not _unknown_shapes(model):
+        return 0
+    computed = _shape_tensors(model)
+    # where a computed value enters the data path: an input of a node that is not itself part
+    # of the shape computation
+    uses = [(n, i) for n in model.graph.node for i, name in enumerate(n.input)
+            if name in computed and not all(o in computed for o in n.output if o)]
+    targets = sorted({n.input[i] for n, i in uses})
+    if not targets:
+        return 0
+    runs = [_run(model, inputs, targets, n) for n in (1, 2, 5)]
+    if any(r is None for r in runs):
+        return 0
+    reshape_only = {n.input[i] for n, i in uses} - {
+        n.input[i] for n, i in uses if not (n.op_type == "Reshape" and i == 1)}
+    fixed: dict[str, np.ndarray] = {}
+    for name, *vs in zip(targets, *runs, strict=True):
+        va = np.asarray(vs[1])
+        if (any(np.asarray(v).dtype != va.dtype or np.shape(v) != va.shape for v in vs)
+                or va.dtype.kind not in "iu" or va.size > 64):  # shapes, pads, bounds: few ints
+            continue
+        diff = np.flatnonzero(np.any([np.asarray(v) != va for v in vs], axis=0))
+        if len(diff) == 0:
+            fixed[name] = va
+        elif (name in reshape_only and len(diff) == 1 and va.ndim == 1
+              and not (va < 0).any()):
+            const = va.astype(np.int64)  # the one entry that grows with the batch: -1
+            const[diff] = -1
+            fixed[name] = const
+    if not fixed:
+        return 0
+    taken = {i.name for i in model.graph.initializer} | {
+        o for n in model.graph.node for o in n.output}
+    renamed: dict[str, str] = {}
+    for name, value in fixed.items():
+        k, new = 0, f"{name}.folded"
+        while new in taken:
+            k += 1
+            new = f"{name}.folded{k}"
+        taken.add(new)
+        renamed[name] = new
+        model.graph.initializer.append(numpy_helper.from_array(value, new))
+    for node, i in uses:
+        if node.input[i] in renamed:
+            node.input[i] = renamed[node.input[i]]
+    _drop_dead_nodes(model)
+    return len(fixed)
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """Remove nodes none of whose outputs is read (the shape arithmetic folded away)."""
+    while True:
+        used = {o.name for o in model.graph.output}
+        for node in model.graph.node:
+            used.update(node.input)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    used.update(_graph_reads(a.g))
+        keep = [n for n in model.graph.node if any(o in used for o in n.output if o)]
+        if len(keep) == len(model.graph.node):
+            return
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
+def _graph_reads(g: onnx.GraphProto) -> set[str]:
+    out = set()
+    for node in g.node:
+        out.update(node.input)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out |= _graph_reads(a.g)
+    return out
