@@ -8,8 +8,11 @@ BatchNorm keeps its own parameters (no Conv+BN folding) and uses running statist
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,8 +259,16 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     module.eval()
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
     names = _input_names(module, len(args))
-    with torch.no_grad():
-        n_out = len(module(*args)) if isinstance(module(*args), tuple | list) else 1
+    try:
+        with torch.no_grad():
+            result = module(*args)
+    except Exception as exc:  # noqa: BLE001 - the user's forward: any error is theirs to fix
+        shapes = "; ".join(f"{','.join(map(str, a.shape))}:{a.dtype}" for a in example)
+        raise ExportError(f"model '{source}' fails on example inputs {shapes}: "
+                          f"{_first_line(exc)}; pass --input-shape (or --npz) with the shapes "
+                          "and types its forward takes, batch first, e.g. 8,3,32,32 or "
+                          "8,64:int64 for token ids") from None
+    n_out = len(result) if isinstance(result, tuple | list) else 1
     outs = ["logits"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
     dyn = {n: {0: "N"} for n in names + outs}
     for i in seq_axes or []:
@@ -265,9 +276,15 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,
-                          training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
-                          output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
+        try:
+            with _output_discarded():  # torch's C++ side logs its IR graph on failure
+                torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,
+                                  training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
+                                  output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
+        except Exception as exc:  # noqa: BLE001 - torch's exporter refuses the model
+            raise ExportError(f"torch.onnx.export cannot export '{source}' at opset {OPSET}: "
+                              f"{_first_line(exc)}; change that part of the model, or export "
+                              "it to .onnx yourself and pass the file") from None
     model = onnx.load_from_string(buf.getvalue())
     _materialize_identity_initializers(model)
     torch_names = _name_initializers(model, module)
@@ -277,6 +294,38 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
         onnx_of = {tn: on for on, (tn, _) in torch_names.items()}
         children.append((cname, [onnx_of[p] for p in pnames if p in onnx_of]))
     return Traced(model, names, outs, source, torch_names, children, from_torch=True)
+
+
+@contextlib.contextmanager
+def _output_discarded():
+    """File descriptors 1 and 2 sent to /dev/null for the block: torch's C++ side logs its IR
+    graph there when an export fails (through C stdio, so flushed before they come back)."""
+    import ctypes
+
+    for f in (sys.stdout, sys.stderr):
+        f.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        try:
+            ctypes.CDLL(None).fflush(None)
+        except (OSError, AttributeError):
+            pass
+        for fd, dup in zip((1, 2), saved, strict=True):
+            os.dup2(dup, fd)
+            os.close(dup)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line (torch's carry URLs and graph dumps after it)."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    line = line.split(" Please feel free to request support")[0].split("  [Caused by")[0]
+    return line[:300]
 
 
 def _hoist(model: onnx.ModelProto, source) -> None:

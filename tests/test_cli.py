@@ -192,6 +192,41 @@ def test_export_bad_model(case, cli, tmp_path):
     assert not (tmp_path / "b" / "manifest.json").exists()
 
 
+FAILING_FACTORIES = """\
+from torch import nn
+
+
+def embed():
+    return nn.Sequential(nn.Embedding(100, 16), nn.Flatten(), nn.Linear(16 * 12, 4))
+
+
+def pooled():  # adaptive pooling to 2x2 of an odd size: torch's ONNX exporter refuses it
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d((2, 2)),
+                         nn.Flatten(), nn.Linear(32, 5))
+"""
+
+
+@pytest.mark.parametrize("factory, shape, fragments", [
+    ("make", "8,63", ["fails on example inputs 8,63:float32", "mat1 and mat2 shapes",
+                      "pass --input-shape"]),
+    ("embed", "8,12", ["fails on example inputs 8,12:float32", "indices",
+                       "8,64:int64 for token ids"]),
+    ("pooled", "8,3,13,13", ["torch.onnx.export cannot export", "adaptive_avg_pool2d",
+                             "export it to .onnx yourself"]),
+])
+def test_export_a_model_that_fails_under_torch_is_one_line(factory, shape, fragments, cli,
+                                                           tmp_path):
+    """The forward failing on the example inputs (wrong shape, float token ids) or torch's
+    exporter refusing an op: one line, no traceback, nothing of torch's IR dump on stdout."""
+    path = tmp_path / "model.py"
+    path.write_text(FACTORY + "\n\n" + FAILING_FACTORIES)
+    proc = cli("export", "--model", f"{path}:{factory}", "--out", tmp_path / "b",
+               "--input-shape", shape)
+    user_error(proc, *fragments)
+    assert proc.stdout == "", proc.stdout[:300]
+    assert not (tmp_path / "b" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("value, fragment", [
     ("32,x", "--lengths '32,x' is invalid"), ("0", "--lengths '0' is invalid"),
     ("64", "a shorter length must be 1 to 63"),
