@@ -10,6 +10,7 @@ then opened and checked). The format version lives here and only here.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +101,18 @@ class ParamSpec:
     shape: list[int]
     torch_name: str = ""
     transposed: bool = False
+    # the parameter's shape in torch where the graph holds it reshaped (GroupNorm's affine
+    # weights as [C, 1, 1]); empty: ``shape`` (transposed where ``transposed``)
+    torch_shape: list[int] = field(default_factory=list)
 
     def validate(self) -> tuple[str, str] | None:
         bad = _bad_dims(list(self.shape), allow_symbolic=False)
-        return ("shape", bad) if bad else None
+        if bad:
+            return "shape", bad
+        if self.torch_shape and (_bad_dims(list(self.torch_shape), allow_symbolic=False)
+                                 or math.prod(self.torch_shape) != math.prod(self.shape)):
+            return "torch_shape", f"{self.torch_shape} does not hold the {self.shape} values"
+        return None
 
     @property
     def numel(self) -> int:

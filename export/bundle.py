@@ -314,7 +314,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                   tokenizer: str | Path | None = None, image_mean: list[float] | None = None,
                   image_std: list[float] | None = None,
                   class_names: list[str] | None = None, saved_int8: bool = False,
-                  split: bool = True, lengths: list[int] | None = None) -> Path:
+                  split: bool = True, lengths: list[int] | None = None,
+                  notes: list[str] | None = None) -> Path:
     """Export ``model`` to a training bundle in ``out``; returns the bundle path.
 
     ``settings`` are the INSTANT defaults recorded in the bundle (ε, oversampling, calibration
@@ -328,6 +329,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     graphs whole (for comparisons).
     ``lengths``: for a text model that takes any length, the shorter token lengths the training
     graphs are also built at (``export/lengths.py``); None: L/2 and 3L/4; [] none.
+    ``notes``: where given, gets a line per thing the user should know about the bundle (the
+    torch parameters that have no tensor of their own in the graph, so stay frozen).
 
     Raises:
         ExportError: unknown model, unsupported op or option (one-line message).
@@ -339,6 +342,12 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     settings = settings or InstantSettings()
     traced = load_model(model, _example_inputs(input_shape, npz), output)
     check_free_batch(traced)
+    if traced.unmapped and notes is not None:
+        shown = ", ".join(traced.unmapped[:6]) + (" …" if len(traced.unmapped) > 6 else "")
+        notes.append(f"note: {len(traced.unmapped)} torch parameters have no tensor of their own "
+                     f"in the exported graph and stay frozen ({shown}): torch's exporter "
+                     "rearranged or folded them (an RNN's weights, values computed from "
+                     "several parameters)")
     if head is not None:
         add_head(traced, head, pool)
     elif pool != "mean":
@@ -467,7 +476,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                 for n in traced.inputs],
         output=output, loss=loss_spec,
         params=[ParamSpec(p, list(initial[p].shape), torch_names[p],
-                          traced.torch_names.get(p, (p, False))[1]) for p in params],
+                          traced.torch_names.get(p, (p, False))[1],
+                          traced.torch_shapes.get(torch_names[p], [])) for p in params],
         trainable=trainable, frozen_bytes=weights.size,
         # Frozen tensors in weights.bin, and which graph uses which: the runtime maps the file
         # once and hands the same buffers to every session (no per-session copy or mapping).

@@ -41,6 +41,11 @@ class Traced:
     # torch top-level children in order, with the ONNX names of their parameters
     children: list[tuple[str, list[str]]] = field(default_factory=list)
     from_torch: bool = False  # torch_names lists exactly the module's parameters
+    # torch name -> the parameter's torch shape, where the graph holds it reshaped
+    torch_shapes: dict[str, list[int]] = field(default_factory=dict)
+    # torch parameters with no tensor of their own in the graph (a GRU's weights, which the
+    # exporter rearranges; values folded into others): they cannot train
+    unmapped: list[str] = field(default_factory=list)
     # how to trace/load the same model again with a free sequence axis (any_length())
     origin: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -287,13 +292,40 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
                               "it to .onnx yourself and pass the file") from None
     model = onnx.load_from_string(buf.getvalue())
     _materialize_identity_initializers(model)
-    torch_names = _name_initializers(model, module)
+
+    def fingerprinted():
+        """The same export with distinct random values in every parameter (restored after)."""
+        real = {n: p.detach().clone() for n, p in module.named_parameters()}
+        gen = torch.Generator().manual_seed(20261202)
+        try:
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+                values = {n: p.detach().numpy().copy() for n, p in module.named_parameters()}
+            again = io.BytesIO()
+            with warnings.catch_warnings(), _output_discarded():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, args, again, dynamo=False, opset_version=OPSET,
+                                  training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
+                                  output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
+            m = onnx.load_from_string(again.getvalue())
+            _materialize_identity_initializers(m)
+            return m, values
+        except Exception:  # noqa: BLE001 - no second opinion: the first mapping stands
+            return None
+        finally:
+            with torch.no_grad():
+                for n, p in module.named_parameters():
+                    p.copy_(real[n])
+
+    torch_names, torch_shapes, frozen = _name_initializers(model, module, fingerprinted)
     children = []
     for cname, child in module.named_children():
         pnames = [f"{cname}.{p}" for p, _ in child.named_parameters()]
         onnx_of = {tn: on for on, (tn, _) in torch_names.items()}
         children.append((cname, [onnx_of[p] for p in pnames if p in onnx_of]))
-    return Traced(model, names, outs, source, torch_names, children, from_torch=True)
+    return Traced(model, names, outs, source, torch_names, children, from_torch=True,
+                  torch_shapes=torch_shapes, unmapped=frozen)
 
 
 @contextlib.contextmanager
@@ -353,24 +385,73 @@ def _materialize_identity_initializers(model: onnx.ModelProto) -> None:
     _hoist(model, lambda n: inits.get(n.input[0]) if n.op_type == "Identity" else None)
 
 
-def _name_initializers(model: onnx.ModelProto, module) -> dict[str, tuple[str, bool]]:
-    """Map ONNX initializers to torch parameter names (renaming folded ``onnx::MatMul_*``)."""
+def _as_param(arr: np.ndarray, val: np.ndarray) -> str | None:
+    """How initializer ``arr`` holds parameter value ``val``: "same", "T" (a 2-D weight stored
+    transposed, as MatMul reads it), "reshape" (the same values with unit axes added or
+    dropped, as GroupNorm's affine weights are folded to [C, 1, 1]), or None."""
+    if arr.shape == val.shape:
+        return "same" if np.array_equal(arr, val) else None
+    if arr.ndim == 2 and val.shape == arr.shape[::-1] and np.array_equal(val.T, arr):
+        return "T"
+    squeeze = lambda shape: [d for d in shape if d != 1]  # noqa: E731
+    if squeeze(arr.shape) == squeeze(val.shape) and np.array_equal(arr.reshape(val.shape), val):
+        return "reshape"
+    return None
+
+
+def _name_initializers(model: onnx.ModelProto, module, fingerprinted
+                       ) -> tuple[dict[str, tuple[str, bool]], dict[str, list[int]], list[str]]:
+    """Map ONNX initializers to torch parameter names, renaming those torch's exporter folded
+    (``onnx::MatMul_*``: transposed; ``onnx::Mul_*``: reshaped). Returns (initializer ->
+    (torch name, transposed), torch name -> torch shape for reshaped ones, the parameters that
+    have no initializer of their own: they cannot train).
+
+    A parameter is found by its values; where equal values leave it ambiguous (two fresh
+    GroupNorms), ``fingerprinted()`` exports the same module again with distinct random values
+    in every parameter (the graph and its initializers come out the same) and those decide.
+    """
     params = {n: p.detach().numpy() for n, p in module.named_parameters()}
     mapping: dict[str, tuple[str, bool]] = {}
+    shapes: dict[str, list[int]] = {}
     rename: dict[str, str] = {}
     taken = {i.name for i in model.graph.initializer}
     for init in model.graph.initializer:
         if init.name in params:
             mapping[init.name] = (init.name, False)
-            continue
+    open_params = [n for n in params if n not in mapping and n not in taken]
+    inits = [i for i in model.graph.initializer
+             if i.name not in params and i.data_type == TensorProto.FLOAT]
+
+    def claim(init: onnx.TensorProto, pname: str, how: str) -> None:
+        rename[init.name] = pname
+        mapping[pname] = (pname, how == "T")
+        if how == "reshape":
+            shapes[pname] = list(params[pname].shape)
+        open_params.remove(pname)
+
+    pending = []
+    for init in inits:
         arr = numpy_helper.to_array(init)
-        for pname, val in params.items():
-            if pname in taken or pname in rename.values():
-                continue
-            if arr.ndim == 2 and val.shape == arr.shape[::-1] and np.array_equal(val.T, arr):
-                rename[init.name] = pname
-                mapping[pname] = (pname, True)
-                break
+        hits = [(n, how) for n in open_params if (how := _as_param(arr, params[n])) is not None]
+        if len(hits) == 1:
+            claim(init, *hits[0])
+        elif hits:
+            pending.append(init)
+    if open_params and inits:
+        again = fingerprinted()
+        if again is not None:
+            fp_model, fp_values = again
+            fp_inits = {i.name: i for i in fp_model.graph.initializer}
+            for init in inits:
+                if init.name in rename or init.name not in fp_inits:
+                    continue
+                fp_arr = numpy_helper.to_array(fp_inits[init.name])
+                hits = [(n, how) for n in open_params
+                        if (how := _as_param(fp_arr, fp_values[n])) is not None]
+                # and the real initializer holds the real values the same way
+                if len(hits) == 1 and _as_param(numpy_helper.to_array(init),
+                                                params[hits[0][0]]) == hits[0][1]:
+                    claim(init, *hits[0])
     for init in model.graph.initializer:
         if init.name in rename:
             init.name = rename[init.name]
@@ -378,7 +459,7 @@ def _name_initializers(model: onnx.ModelProto, module) -> dict[str, tuple[str, b
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    return mapping
+    return mapping, shapes, open_params
 
 
 def _load_onnx(path: str, example: list[np.ndarray] | None = None,

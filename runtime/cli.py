@@ -368,6 +368,7 @@ def _cmd_export(a) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
+    notes: list[str] = []
     try:
         export_bundle(a.model, tmp, input_shape=a.input_shape, npz=a.npz,
                       trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
@@ -376,7 +377,7 @@ def _cmd_export(a) -> int:
                       image_std=floats(a.image_std, "--image-std"),
                       class_names=a.classes.split(",") if a.classes else None,
                       saved_int8=a.saved_int8, split=not a.no_prefix,
-                      lengths=lengths)
+                      lengths=lengths, notes=notes)
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read
@@ -398,7 +399,7 @@ def _cmd_export(a) -> int:
         prefix += f"; training graphs also at {', '.join(map(str, m.text.lengths))} tokens"
     print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
           f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
-    for line in _shared_params(path, m):
+    for line in notes + _shared_params(path, m):
         print(line)
     return 0
 

@@ -220,6 +220,8 @@ def torch_state(b: Bundle, params: dict[str, np.ndarray]) -> dict[str, np.ndarra
         v = params[p.name]
         if p.transposed:
             v = v.T
+        if p.torch_shape:
+            v = v.reshape(p.torch_shape)
         state.setdefault(p.torch_name or p.name, np.ascontiguousarray(v, np.float32))
     return state
 

@@ -227,6 +227,38 @@ def test_export_a_model_that_fails_under_torch_is_one_line(factory, shape, fragm
     assert not (tmp_path / "b" / "manifest.json").exists()
 
 
+GRU_FACTORY = """\
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(6, 16, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+def make():
+    return Net()
+"""
+
+
+def test_export_names_the_parameters_that_cannot_train(cli, tmp_path):
+    """torch's exporter rearranges a GRU's weights into tensors of its own layout: they cannot
+    train, and the export says so instead of leaving them out silently."""
+    path = tmp_path / "gru.py"
+    path.write_text(GRU_FACTORY)
+    out = ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b",
+                 "--input-shape", "8,10,6"))
+    assert "2 trainable tensors" in out, out
+    assert re.search(r"note: 4 torch parameters have no tensor of their own .* stay frozen "
+                     r"\(rnn\.weight_ih_l0, rnn\.weight_hh_l0, rnn\.bias_ih_l0, rnn\.bias_hh_l0\)",
+                     out), out
+
+
 @pytest.mark.parametrize("value, fragment", [
     ("32,x", "--lengths '32,x' is invalid"), ("0", "--lengths '0' is invalid"),
     ("64", "a shorter length must be 1 to 63"),

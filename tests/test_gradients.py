@@ -425,6 +425,12 @@ case("LayerNormalization", "mean_output_used",
      "y0, m, v = LayerNormalization (x, s, b)\n y = Add(y0, m)",
      lambda x, s, b: _ln(-1)(x, s, b) + x.mean(-1, keepdim=True),
      {"x": rnd(3, 5), "s": rnd(5), "b": rnd(5)}, ["s", "b"])
+case("InstanceNormalization", "4d", "y = InstanceNormalization <epsilon = 0.001> (x, s, b)",
+     lambda x, s, b: F.instance_norm(x, weight=s, bias=b, eps=1e-3),
+     {"x": rnd(2, 3, 4, 5), "s": rnd(3), "b": rnd(3)}, ["x", "s", "b"])
+case("InstanceNormalization", "3d_as_groupnorm", "y = InstanceNormalization (x, s, b)",
+     lambda x, s, b: F.instance_norm(x, weight=s, bias=b, eps=1e-5),
+     {"x": rnd(2, 4, 6), "s": rnd(4), "b": rnd(4)}, ["x"])
 
 
 # ------------------------------------------------------------------------------ tests

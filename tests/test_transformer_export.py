@@ -124,6 +124,33 @@ MODELS = textwrap.dedent('''
             return self.head(self.enc(self.emb(x)).mean(1))
 
 
+    class NormCNN(nn.Module):
+        """GroupNorm (exported as InstanceNormalization over [N, G, -1] and an affine Mul/Add
+        whose weights torch folds to [C, 1, 1]) twice with equal fresh weights, and an affine
+        InstanceNorm2d; a pointwise conv between them."""
+
+        def __init__(self, classes=3):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.g1 = nn.GroupNorm(2, 8)
+            self.c2 = nn.Conv2d(8, 8, 1)
+            self.g2 = nn.GroupNorm(4, 8)
+            self.c3 = nn.Conv2d(8, 6, 3, padding=1)
+            self.inorm = nn.InstanceNorm2d(6, affine=True)
+            self.head = nn.Linear(6, classes)
+
+        def forward(self, x):
+            x = F.relu(self.g1(self.c1(x)))
+            x = F.relu(self.g2(self.c2(x)))
+            x = F.relu(self.inorm(self.c3(x)))
+            return self.head(x.mean((2, 3)))
+
+
+    def norm_cnn():
+        torch.manual_seed(0)
+        return NormCNN()
+
+
     def torch_encoder():
         torch.manual_seed(0)
         return TorchEncoder()
@@ -180,8 +207,14 @@ def runtime_grads(bundle_path: Path, mode: str, x: dict[str, np.ndarray],
     out = {}
     for p in bundle.params:
         g = trainer._grads[p.name]
-        out[p.torch_name] = g.T if p.transposed else g
+        out[p.torch_name] = _torch_layout(p, g)
     return loss, out
+
+
+def _torch_layout(p, v: np.ndarray) -> np.ndarray:
+    """A bundle tensor in its torch parameter's layout."""
+    v = v.T if p.transposed else v
+    return v.reshape(p.torch_shape) if p.torch_shape else v
 
 
 def torch_grads(module: torch.nn.Module, x: dict[str, np.ndarray], labels: np.ndarray,
@@ -206,8 +239,7 @@ def check_bundle_grads(models_file: Path, factory: str, bundle: Path, x: dict[st
     initial = np.load(bundle / "params.npz")
     state = dict(module.named_parameters())
     for p in manifest_params:  # the bundle starts from the module's own weights
-        v = initial[p.name]
-        np.testing.assert_array_equal(v.T if p.transposed else v,
+        np.testing.assert_array_equal(_torch_layout(p, initial[p.name]),
                                       state[p.torch_name].detach().numpy())
     ref_loss, ref = torch_grads(module, x, labels, names)
     for mode in modes:
@@ -279,6 +311,27 @@ def test_torch_transformer_encoder_layer_gradients_match_torch(models_file: Path
     assert layers["enc.self_attn.in_proj"].seq_first, sorted(layers)
     assert {"emb", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2"} <= set(layers)
     check_bundle_grads(models_file, "torch_encoder", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_group_and_instance_norm_gradients_match_torch(models_file: Path, tmp_path: Path):
+    """Every parameter of GroupNorm / InstanceNorm2d trains under its torch name, the two
+    GroupNorms' equal fresh weights each under its own (told apart by a second export with
+    distinct values), and the gradients are torch's; export-model writes torch's shapes."""
+    rng = np.random.default_rng(4)
+    x = {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    bundle = export_bundle(f"{models_file}:norm_cnn", tmp_path / "bundle", input_shape="3,3,8,8")
+    module = _factory(models_file, "norm_cnn")
+    params = open_bundle(bundle).params
+    assert sorted(p.torch_name for p in params) == sorted(n for n, _ in
+                                                          module.named_parameters())
+    assert {p.torch_name: p.torch_shape for p in params}["g1.weight"] == [8]
+    check_bundle_grads(models_file, "norm_cnn", bundle, x, labels, ("vanilla", "instant"))
+    safetensors = pytest.importorskip("safetensors.numpy")
+    export_model(bundle, tmp_path / "model.onnx")
+    state = safetensors.load_file(str(tmp_path / "model.safetensors"))
+    for n, p in module.named_parameters():
+        np.testing.assert_array_equal(state[n], p.detach().numpy())
 
 
 def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Path):

@@ -75,3 +75,38 @@ def layernorm_grad(ctx, node, gy):
             gx = b.op("Mul", [b.op("Sub", [b.op("Sub", [gh, m1]), b.op("Mul", [xhat, m2])]),
                               invstd])
     return [gx, gs, gb][: len(node.input)]
+
+
+@RULES.gradient("InstanceNormalization")
+def instancenorm_grad(ctx, node, gy):
+    """y = x̂·scale_c + B_c, x̂ = (x - mean)·invstd over the spatial axes of each sample and
+    channel (torch's InstanceNorm, and GroupNorm over [N, G, -1]); the statistics are
+    recomputed from x in the backward, then the LayerNorm formula:
+    g_x = invstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) with ĝ = g·scale_c."""
+    x, scale = node.input[0], node.input[1]
+    g, b = gy[0], ctx.bwd
+    rank = ctx.shapes.rank(x)
+    if rank < 3:
+        raise ExportError(f"InstanceNormalization '{node.name}': input of rank {rank}; "
+                          "expected [N, C, spatial...]")
+    axes = list(range(2, rank))
+    c = ctx.shapes.of(x)[1]
+    bshape = b.ints([c] + [1] * (rank - 2))
+    eps = float(attrs(node).get("epsilon", 1e-5))
+    gx = gs = gb = None
+    if needs(ctx, node, 2):
+        gb = reduce_sum(ctx, g, [0] + axes, keepdims=0)
+    if needs(ctx, node, 0) or needs(ctx, node, 1):
+        xc = b.op("Sub", [x, mean_over(ctx, x, axes, x)])
+        var = mean_over(ctx, b.op("Mul", [xc, xc]), axes, x)
+        invstd = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [var, b.const(eps)])])])
+        xhat = b.op("Mul", [xc, invstd])
+        if needs(ctx, node, 1):
+            gs = reduce_sum(ctx, b.op("Mul", [g, xhat]), [0] + axes, keepdims=0)
+        if needs(ctx, node, 0):
+            gh = b.op("Mul", [g, b.op("Reshape", [scale, bshape])])
+            m1 = mean_over(ctx, gh, axes, x)
+            m2 = mean_over(ctx, b.op("Mul", [gh, xhat]), axes, x)
+            gx = b.op("Mul", [b.op("Sub", [b.op("Sub", [gh, m1]), b.op("Mul", [xhat, m2])]),
+                              invstd])
+    return [gx, gs, gb]
