@@ -121,6 +121,19 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
     return chosen
 
 
+def _selected_by(traced: Traced, spec: str, torch_name: str) -> bool:
+    """Whether --trainable ``spec`` covers torch parameter ``torch_name`` (one without a tensor
+    in the graph, so not among the candidates ``select_trainable`` chose from)."""
+    spec = spec.strip()
+    if spec == "all":
+        return True
+    if spec.startswith("last:") or spec.isdigit():
+        n = int(spec.split(":", 1)[-1])
+        last = [c for c, names in traced.children if names][-n:]
+        return torch_name.split(".", 1)[0] in last
+    return any(fnmatch.fnmatch(torch_name, p.strip()) for p in spec.split(",") if p.strip())
+
+
 def _example_inputs(input_shape: str | None,
                     npz: str | None) -> list[np.ndarray] | None:
     if npz:
@@ -342,12 +355,6 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     settings = settings or InstantSettings()
     traced = load_model(model, _example_inputs(input_shape, npz), output)
     check_free_batch(traced)
-    if traced.unmapped and notes is not None:
-        shown = ", ".join(traced.unmapped[:6]) + (" …" if len(traced.unmapped) > 6 else "")
-        notes.append(f"note: {len(traced.unmapped)} torch parameters have no tensor of their own "
-                     f"in the exported graph and stay frozen ({shown}): torch's exporter "
-                     "rearranged or folded them (an RNN's weights, values computed from "
-                     "several parameters)")
     if head is not None:
         add_head(traced, head, pool)
     elif pool != "mean":
@@ -358,6 +365,12 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     if builtin is not None and class_names is None:
         class_names = builtin.class_names
     params = select_trainable(traced, trainable)
+    frozen = [p for p in traced.unmapped if _selected_by(traced, trainable, p)]
+    if frozen and notes is not None:
+        shown = ", ".join(frozen[:6]) + (" …" if len(frozen) > 6 else "")
+        notes.append(f"note: {len(frozen)} torch parameters have no tensor of their own in the "
+                     f"exported graph and stay frozen ({shown}): torch's exporter rearranged or "
+                     "folded them (an RNN's weights, values computed from several parameters)")
     if head is not None:
         params += [p for p in ("head.weight", "head.bias") if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))

@@ -389,8 +389,8 @@ def _as_param(arr: np.ndarray, val: np.ndarray) -> str | None:
     """How initializer ``arr`` holds parameter value ``val``: "same", "T" (a 2-D weight stored
     transposed, as MatMul reads it), "reshape" (the same values with unit axes added or
     dropped, as GroupNorm's affine weights are folded to [C, 1, 1]), or None."""
-    if arr.shape == val.shape:
-        return "same" if np.array_equal(arr, val) else None
+    if arr.shape == val.shape and np.array_equal(arr, val):
+        return "same"
     if arr.ndim == 2 and val.shape == arr.shape[::-1] and np.array_equal(val.T, arr):
         return "T"
     squeeze = lambda shape: [d for d in shape if d != 1]  # noqa: E731
@@ -437,7 +437,7 @@ def _name_initializers(model: onnx.ModelProto, module, fingerprinted
             claim(init, *hits[0])
         elif hits:
             pending.append(init)
-    if open_params and inits:
+    if pending and open_params:  # equal values: only distinct ones tell them apart
         again = fingerprinted()
         if again is not None:
             fp_model, fp_values = again

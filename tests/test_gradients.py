@@ -209,6 +209,31 @@ case("Pad", "opset18_axes", "y = Pad(x, p, \"\", a)", lambda x: F.pad(x, (2, 1))
 case("Pad", "reflect", 'y = Pad <mode = "reflect"> (x, p)',
      lambda x: F.pad(x, (1, 1), mode="reflect"), {"x": rnd(2, 3, 4)}, ["x"],
      consts={"p": i64(0, 0, 1, 0, 0, 1)}, xfail="only constant-mode Pad is supported")
+case("CumSum", "axis1", "y = CumSum(x, a)", lambda x: torch.cumsum(x, 1), {"x": rnd(2, 5, 3)},
+     ["x"], consts={"a": i64(1)})
+case("CumSum", "reverse_exclusive", "y = CumSum <reverse = 1, exclusive = 1> (x, a)",
+     lambda x: torch.flip(torch.cumsum(torch.flip(x, [-1]), -1), [-1]) - x, {"x": rnd(2, 6)},
+     ["x"], consts={"a": i64(-1)})
+
+
+def _d2s_dcr(x, k=2):  # ONNX DepthToSpace, mode DCR (its default)
+    n, c, h, w = x.shape
+    t = x.reshape(n, k, k, c // (k * k), h, w).permute(0, 3, 4, 1, 5, 2)
+    return t.reshape(n, c // (k * k), h * k, w * k)
+
+
+def _s2d(x, k=2):  # ONNX SpaceToDepth
+    n, c, h, w = x.shape
+    t = x.reshape(n, c, h // k, k, w // k, k).permute(0, 3, 5, 1, 2, 4)
+    return t.reshape(n, c * k * k, h // k, w // k)
+
+
+case("DepthToSpace", "crd_pixel_shuffle", 'y = DepthToSpace <blocksize = 2, mode = "CRD"> (x)',
+     lambda x: F.pixel_shuffle(x, 2), {"x": rnd(2, 12, 3, 4)}, ["x"])
+case("DepthToSpace", "dcr", "y = DepthToSpace <blocksize = 2> (x)", _d2s_dcr,
+     {"x": rnd(2, 8, 3, 2)}, ["x"])
+case("SpaceToDepth", "k2", "y = SpaceToDepth <blocksize = 2> (x)", _s2d,
+     {"x": rnd(2, 3, 4, 6)}, ["x"])
 case("Split", "one_output_unused", "a, b, c = Split <axis = 1> (x, s)\n y = Add(a, c)",
      lambda x: x[:, :2] + x[:, 3:], {"x": rnd(2, 5, 3)}, ["x"], consts={"s": i64(2, 1, 2)})
 case("Split", "opset18_num_outputs", "a, b = Split <axis = -1, num_outputs = 2> (x)\n"
@@ -356,6 +381,31 @@ _conv_nd_case("1d_stride2_dil2_asym", (2, 4, 11), (6, 2, 3), strides=[2], pads=[
 _conv_nd_case("1d_k1", (2, 3, 7), (5, 3, 1), strides=[1], pads=[0, 0], dilations=[1])
 _conv_nd_case("3d_k3_stride2", (2, 2, 5, 4, 6), (3, 2, 3, 2, 3), strides=[2, 1, 2],
               pads=[1, 0, 1, 1, 1, 0], dilations=[1, 1, 1])
+
+
+
+def _convt_case(name: str, x_shape, w_shape, *, strides, pads, outpad, dilations, group=1):
+    """ConvTranspose (decoders, upsampling) against torch's conv_transpose with the same
+    symmetric padding."""
+    nsp = len(w_shape) - 2
+    conv_t = {1: F.conv_transpose1d, 2: F.conv_transpose2d}[nsp]
+    inputs = {"x": rnd(*x_shape), "w": rnd(*w_shape), "b": rnd(w_shape[1] * group)}
+    ints = lambda v: "[" + ", ".join(map(str, v)) + "]"  # noqa: E731
+    body = (f"y = ConvTranspose <strides = {ints(strides)}, pads = {ints(pads + pads)}, "
+            f"output_padding = {ints(outpad)}, dilations = {ints(dilations)}, group = {group}>"
+            " (x, w, b)")
+    case("ConvTranspose", name, body,
+         lambda x, w, b: conv_t(x, w, b, stride=strides, padding=pads, output_padding=outpad,
+                                groups=group, dilation=dilations),
+         inputs, list(inputs))
+
+
+_convt_case("2d_k4_s2_p1", (2, 3, 4, 5), (3, 4, 4, 4), strides=[2, 2], pads=[1, 1],
+            outpad=[0, 0], dilations=[1, 1])
+_convt_case("2d_k3_s2_outpad1_group2", (2, 4, 3, 3), (4, 3, 3, 3), strides=[2, 2], pads=[1, 1],
+            outpad=[1, 1], dilations=[1, 1], group=2)
+_convt_case("1d_k3_dil2_s3", (2, 3, 5), (3, 2, 3), strides=[3], pads=[2], outpad=[1],
+            dilations=[2])
 
 # ---------------------------------------------------------------------------- pooling
 

@@ -60,22 +60,62 @@ def conv_grad(ctx, node, gy):
         gx = b.op("ConvTranspose", [g, w], strides=strides, dilations=dil, pads=pads,
                   group=group, kernel_shape=k, output_padding=outpad)
     if needs(ctx, node, 1):
-        cin = ctx.shapes.of(x)[1]
-        cout = int(ws[0])
-        xs, ys = list(ctx.shapes.of(x)[2:]), list(ctx.shapes.of(node.output[0])[2:])
-        cig, cog = int(cin) // group, cout // group
-        sp = list(range(3, 3 + nsp))
-        # g_W[co, ci, k] = Σ_n Σ_o g[n,co,o] x[n,ci,o*s + k*d - p]: a convolution of x (batch =
-        # input channel within the group) by g (as the kernel), strides and dilations swapped.
-        xg = b.op("Reshape", [x, b.ints([0, group, cig] + xs)])
-        xg = b.op("Transpose", [xg], perm=[2, 1, 0] + sp)
-        xg = b.op("Reshape", [xg, b.ints([cig, -1] + xs)])
-        kg = b.op("Reshape", [g, b.ints([0, group, cog] + ys)])
-        kg = b.op("Transpose", [kg], perm=[1, 2, 0] + sp)
-        kg = b.op("Reshape", [kg, b.ints([cout, -1] + ys)])
-        full = b.op("Conv", [xg, kg], strides=dil, dilations=strides, pads=pads, group=group)
-        cut = b.op("Slice", [full, b.ints([0] * nsp), b.ints(k), b.ints(list(range(2, 2 + nsp)))])
-        gw = b.op("Transpose", [cut], perm=[1, 0] + list(range(2, 2 + nsp)))
+        gw = _weight_grad(b, x, g, ctx.shapes.of(x)[2:], ctx.shapes.of(node.output[0])[2:], k,
+                          strides, dil, pads, group, int(ctx.shapes.of(x)[1]), int(ws[0]))
+    return [gx, gw, gbias][: len(node.input)]
+
+
+def _weight_grad(b, x: str, g: str, xs, ys, k: list[int], strides, dil, pads, group: int,
+                 c_in: int, c_out: int) -> str:
+    """g_W of ``y = Conv(x, W)``, W [c_out, c_in/group, *k], from x and g = ∂L/∂y.
+
+    g_W[co, ci, k] = Σ_n Σ_o g[n,co,o] x[n,ci,o*s + k*d - p]: a convolution of x (batch = input
+    channel within the group) by g (as the kernel), strides and dilations swapped, cut to k."""
+    nsp = len(k)
+    xs, ys = [int(d) for d in xs], [int(d) for d in ys]
+    cig, cog = c_in // group, c_out // group
+    sp = list(range(3, 3 + nsp))
+    xg = b.op("Reshape", [x, b.ints([0, group, cig] + xs)])
+    xg = b.op("Transpose", [xg], perm=[2, 1, 0] + sp)
+    xg = b.op("Reshape", [xg, b.ints([cig, -1] + xs)])
+    kg = b.op("Reshape", [g, b.ints([0, group, cog] + ys)])
+    kg = b.op("Transpose", [kg], perm=[1, 2, 0] + sp)
+    kg = b.op("Reshape", [kg, b.ints([c_out, -1] + ys)])
+    full = b.op("Conv", [xg, kg], strides=dil, dilations=strides, pads=pads, group=group)
+    cut = b.op("Slice", [full, b.ints([0] * nsp), b.ints(k), b.ints(list(range(2, 2 + nsp)))])
+    return b.op("Transpose", [cut], perm=[1, 0] + list(range(2, 2 + nsp)))
+
+
+@RULES.gradient("ConvTranspose")
+def conv_transpose_grad(ctx, node, gy):
+    """y = ConvTranspose(x, W), W [C_in, C_out/group, *k]: the adjoint of a Conv with the same
+    attributes, so g_x = Conv(g, W) and g_W is a Conv's weight gradient with the roles of x and
+    g swapped (g the input of that Conv, x its output); output_padding only adds positions of g
+    that no x element reaches."""
+    x, w = node.input[0], node.input[1]
+    g, b = gy[0], ctx.bwd
+    ws = ctx.shapes.of(w)
+    k = [int(d) for d in ws[2:]]
+    if len(k) not in (1, 2, 3):
+        raise ExportError(f"ConvTranspose '{node.name}': only 1-D, 2-D and 3-D kernels have a "
+                          "gradient rule")
+    if "output_shape" in attrs(node):
+        raise ExportError(f"ConvTranspose '{node.name}': output_shape is not supported; export "
+                          "with explicit pads and output_padding")
+    strides, dil, pads, group = _convattrs(node, k)
+    xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(node.output[0])[2:]
+    if not all(isinstance(d, int) for d in list(xs) + list(ys)):
+        raise ExportError(f"ConvTranspose '{node.name}': spatial dims must be static")
+    gx = gw = gbias = None
+    if needs(ctx, node, 0):
+        gx = b.op("Conv", [g, w], strides=strides, dilations=dil, pads=pads, group=group,
+                  kernel_shape=k)
+    if needs(ctx, node, 1):
+        c_in = int(ctx.shapes.of(x)[1])
+        gw = _weight_grad(b, g, x, ys, xs, k, strides, dil, pads, group,
+                          c_in=int(ws[1]) * group, c_out=c_in)
+    if needs(ctx, node, 2):
+        gbias = reduce_sum(ctx, g, [0] + list(range(2, 2 + len(k))), keepdims=0)
     return [gx, gw, gbias][: len(node.input)]
 
 

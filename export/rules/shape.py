@@ -153,3 +153,55 @@ def gather_grad(ctx, node, gy):
     if axis:
         out = b.op("Transpose", [out], perm=[int(i) for i in np.argsort(front)])
     return [out, None]
+
+
+@RULES.gradient("CumSum")
+def cumsum_grad(ctx, node, gy):
+    """y_i = Σ_{j<=i} x_j along the axis: g_x_j = Σ_{i>=j} g_i, the cumulative sum the other
+    way round (``exclusive`` stays as it is: both exclude the element itself)."""
+    a = attrs(node)
+    return [ctx.bwd.op("CumSum", [gy[0], node.input[1]], exclusive=int(a.get("exclusive", 0)),
+                       reverse=1 - int(a.get("reverse", 0))), None]
+
+
+def _space_depth_perm(mode: str) -> list[int]:
+    """DepthToSpace's Transpose on [N, b, b, C, H, W] (DCR) or [N, C, b, b, H, W] (CRD)."""
+    return [0, 3, 4, 1, 5, 2] if mode == "DCR" else [0, 1, 4, 2, 5, 3]
+
+
+def _depth_space(ctx, node, g: str, to_depth: bool) -> str:
+    """The gradient of DepthToSpace (``to_depth``: gather the blocks back into channels) or of
+    SpaceToDepth, as Reshape/Transpose/Reshape: each op only moves elements, so its gradient
+    moves them back."""
+    a = attrs(node)
+    k = int(a["blocksize"])
+    mode = a.get("mode", "DCR") if node.op_type == "DepthToSpace" else "DCR"
+    dims = ctx.shapes.of(node.input[0])
+    if len(dims) != 4 or not all(isinstance(d, int) for d in dims[1:]):
+        raise ExportError(f"{node.op_type} '{node.name}' needs a 4-D input with static "
+                          "channels and spatial dims")
+    b = ctx.bwd
+    perm = _space_depth_perm(mode)
+    if to_depth:  # DepthToSpace: x [N, C·k·k, H, W] -> y [N, C, H·k, W·k]
+        _, ck, h, w = dims
+        c = ck // (k * k)
+        blocks = [0, k, k, c, h, w] if mode == "DCR" else [0, c, k, k, h, w]
+        moved = [blocks[p] for p in perm]  # the [N, C, H, k, W, k] view of y
+        t = b.op("Reshape", [g, b.ints(moved)])
+        t = b.op("Transpose", [t], perm=[int(i) for i in np.argsort(perm)])
+        return b.op("Reshape", [t, b.ints([0, ck, h, w])])
+    # SpaceToDepth (DCR): x [N, C, H, W] -> y [N, C·k·k, H/k, W/k], the inverse of DepthToSpace
+    _, c, h, w = dims
+    t = b.op("Reshape", [g, b.ints([0, k, k, c, h // k, w // k])])
+    t = b.op("Transpose", [t], perm=perm)
+    return b.op("Reshape", [t, b.ints([0, c, h, w])])
+
+
+@RULES.gradient("DepthToSpace")
+def depth_to_space_grad(ctx, node, gy):
+    return [_depth_space(ctx, node, gy[0], to_depth=True)]
+
+
+@RULES.gradient("SpaceToDepth")
+def space_to_depth_grad(ctx, node, gy):
+    return [_depth_space(ctx, node, gy[0], to_depth=False)]
