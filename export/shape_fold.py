@@ -24,6 +24,10 @@ from onnx import helper, numpy_helper
 
 from .graph import Shapes
 
+
+def attrs_of(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
 # integer ops of a shape computation (from Shape to a Reshape's target)
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Mul",
               "Add", "Sub", "Div", "Mod", "Cast", "Reshape", "Identity", "Constant", "Floor",
@@ -64,11 +68,12 @@ def _shape_tensors(model: onnx.ModelProto) -> set[str]:
     return known - {i.name for i in model.graph.initializer}
 
 
-def _run(model: onnx.ModelProto, inputs: list[str], outputs: list[str], batch: int
-         ) -> list[np.ndarray] | None:
+def _run(model: onnx.ModelProto, inputs: list[str], outputs: list[str], batch: int,
+         extra: list[onnx.NodeProto] = ()) -> list[np.ndarray] | None:
     import onnxruntime as ort
 
     m = copy.deepcopy(model)
+    m.graph.node.extend(extra)
     feeds = {}
     for vi in m.graph.input:
         if vi.name not in inputs:
@@ -103,24 +108,43 @@ def fold_shape_operands(model: onnx.ModelProto, inputs: list[str]) -> int:
     targets = sorted({n.input[i] for n, i in uses})
     if not targets:
         return 0
-    runs = [_run(model, inputs, targets, n) for n in (1, 2, 5)]
+    # a target read by Reshapes only, all of one data tensor: its shape is measured too, so an
+    # entry that always equals the data's own dim there can become 0 ("copy that dim")
+    readers: dict[str, set[str] | None] = {}
+    for n, i in uses:
+        plain = n.op_type == "Reshape" and i == 1 and not attrs_of(n).get("allowzero", 0)
+        prev = readers.get(n.input[i], set())
+        readers[n.input[i]] = prev | {n.input[0]} if plain and prev is not None else None
+    data_of = {t: next(iter(d)) for t, d in readers.items() if d is not None and len(d) == 1}
+    probes = [helper.make_node("Shape", [d], [f"{t}.fold_shape"]) for t, d in data_of.items()]
+    wanted = targets + [p.output[0] for p in probes]
+    runs = [_run(model, inputs, wanted, n, probes) for n in (1, 2, 5)]
     if any(r is None for r in runs):
         return 0
-    reshape_only = {n.input[i] for n, i in uses} - {
-        n.input[i] for n, i in uses if not (n.op_type == "Reshape" and i == 1)}
     fixed: dict[str, np.ndarray] = {}
-    for name, *vs in zip(targets, *runs, strict=True):
-        va = np.asarray(vs[1])
-        if (any(np.asarray(v).dtype != va.dtype or np.shape(v) != va.shape for v in vs)
+    for k, name in enumerate(targets):
+        vs = [np.asarray(r[k]) for r in runs]
+        va = vs[1]
+        if (any(v.dtype != va.dtype or v.shape != va.shape for v in vs)
                 or va.dtype.kind not in "iu" or va.size > 64):  # shapes, pads, bounds: few ints
             continue
-        diff = np.flatnonzero(np.any([np.asarray(v) != va for v in vs], axis=0))
+        diff = np.flatnonzero(np.any([v != va for v in vs], axis=0))
         if len(diff) == 0:
             fixed[name] = va
-        elif (name in reshape_only and len(diff) == 1 and va.ndim == 1
-              and not (va < 0).any()):
-            const = va.astype(np.int64)  # the one entry that grows with the batch: -1
-            const[diff] = -1
+            continue
+        if name not in readers or readers[name] is None or va.ndim != 1:
+            continue
+        const = va.astype(np.int64)
+        if name in data_of:  # entries equal to the data's own dim at that axis: 0
+            shapes = [np.asarray(r[len(targets) + list(data_of).index(name)]) for r in runs]
+            for j in list(diff):
+                if all(j < len(sh) and v[j] == sh[j] for v, sh in zip(vs, shapes, strict=True)):
+                    const[j] = 0
+                    diff = diff[diff != j]
+        if len(diff) == 1 and not (const < 0).any():
+            const[diff] = -1  # the one entry that grows with the batch: what -1 computes
+            diff = diff[:0]
+        if len(diff) == 0:
             fixed[name] = const
     if not fixed:
         return 0

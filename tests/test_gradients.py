@@ -407,6 +407,26 @@ _convt_case("2d_k3_s2_outpad1_group2", (2, 4, 3, 3), (4, 3, 3, 3), strides=[2, 2
 _convt_case("1d_k3_dil2_s3", (2, 3, 5), (3, 2, 3), strides=[3], pads=[2], outpad=[1],
             dilations=[2])
 
+# ----------------------------------------------------------------------------- Resize
+
+case("Resize", "nearest_x2", 'y = Resize <mode = "nearest", coordinate_transformation_mode = '
+     '"asymmetric", nearest_mode = "floor"> (x, "", s)',
+     lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), {"x": rnd(2, 3, 3, 4)}, ["x"],
+     consts={"s": np.array([1, 1, 2, 2], np.float32)})
+case("Resize", "bilinear_half_pixel", 'y = Resize <mode = "linear", '
+     'coordinate_transformation_mode = "pytorch_half_pixel"> (x, "", s)',
+     lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False),
+     {"x": rnd(2, 3, 3, 4)}, ["x"], consts={"s": np.array([1, 1, 2, 2], np.float32)})
+case("Resize", "bilinear_align_corners_sizes", 'y = Resize <mode = "linear", '
+     'coordinate_transformation_mode = "align_corners"> (x, "", "", z)',
+     lambda x: F.interpolate(x, size=(5, 7), mode="bilinear", align_corners=True),
+     {"x": rnd(2, 3, 3, 4)}, ["x"], consts={"z": i64(2, 3, 5, 7)})
+case("Resize", "linear_1d_downsample", 'y = Resize <mode = "linear", '
+     'coordinate_transformation_mode = "pytorch_half_pixel"> (x, "", s)',
+     lambda x: F.interpolate(x, scale_factor=0.5, mode="linear", align_corners=False),
+     {"x": rnd(2, 3, 8)}, ["x"], consts={"s": np.array([1, 1, 0.5], np.float32)})
+
+
 # ---------------------------------------------------------------------------- pooling
 
 case("MaxPool", "2x2_stride2", "y = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (x)",

@@ -146,6 +146,33 @@ MODELS = textwrap.dedent('''
             return self.head(x.mean((2, 3)))
 
 
+    class Decoder(nn.Module):
+        """Upsampling paths of decoders / U-Nets: ConvTranspose, nearest and bilinear
+        interpolation, PixelShuffle (DepthToSpace), and a Conv1d over the flattened rows."""
+
+        def __init__(self, classes=3):
+            super().__init__()
+            self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1)
+            self.mix = nn.Conv2d(8, 16, 1)
+            self.shuffle = nn.PixelShuffle(2)
+            self.row = nn.Conv1d(4, 4, 3, padding=1)
+            self.head = nn.Linear(4, classes)
+
+        def forward(self, x):
+            x = F.relu(self.up(F.relu(self.down(x))))                  # 8x8 -> 4x4 -> 8x8
+            x = F.interpolate(x, scale_factor=2, mode="nearest")        # 16x16
+            x = F.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False)
+            x = self.shuffle(self.mix(x))                               # [N, 4, 24, 24]
+            x = torch.cumsum(self.row(x.flatten(2)), -1)                # [N, 4, 576]
+            return self.head(x.mean(-1))
+
+
+    def decoder():
+        torch.manual_seed(0)
+        return Decoder()
+
+
     def norm_cnn():
         torch.manual_seed(0)
         return NormCNN()
@@ -332,6 +359,15 @@ def test_group_and_instance_norm_gradients_match_torch(models_file: Path, tmp_pa
     state = safetensors.load_file(str(tmp_path / "model.safetensors"))
     for n, p in module.named_parameters():
         np.testing.assert_array_equal(state[n], p.detach().numpy())
+
+
+def test_decoder_upsampling_gradients_match_torch(models_file: Path, tmp_path: Path):
+    rng = np.random.default_rng(5)
+    x = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    labels = rng.integers(0, 3, 2).astype(np.int64)
+    bundle = export_bundle(f"{models_file}:decoder", tmp_path / "bundle", input_shape="2,3,8,8")
+    assert [ly.name for ly in open_bundle(bundle).layers] == ["mix"]
+    check_bundle_grads(models_file, "decoder", bundle, x, labels, ("vanilla", "instant"))
 
 
 def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Path):

@@ -159,3 +159,65 @@ def avgpool_grad(ctx, node, gy):
     outpad = _output_padding(ctx, node, x, node.output[0], k, strides, [1] * len(k), pads)
     return [b.op("ConvTranspose", [gy[0], kern], strides=strides, pads=pads, group=c,
                  kernel_shape=k, output_padding=outpad)]
+
+
+def _resize_matrix(node, axis_in: int, axis_out: int, scale: float | None, opset: int
+                   ) -> np.ndarray:
+    """The [out, in] matrix of ``node``'s interpolation along one axis, measured by running the
+    same Resize (onnx's reference implementation) on the identity: Resize is separable in every
+    mode (nearest, linear, cubic; antialiased or not), so per axis it is a matrix."""
+    from onnx.reference import ReferenceEvaluator
+
+    a = {k: v for k, v in attrs(node).items() if k not in ("axes", "keep_aspect_ratio_policy")}
+    probe = np.eye(axis_in, dtype=np.float32).reshape(axis_in, 1, axis_in, 1)
+    probe = np.repeat(probe, 2, axis=3)  # a second column: no length-1 axis anywhere
+    if scale is not None:
+        extra = [np.array([], np.float32), np.array([1.0, 1.0, scale, 1.0], np.float32)]
+        names = ["x", "roi", "scales"]
+    else:
+        extra = [np.array([], np.float32), np.array([], np.float32),
+                 np.array([axis_in, 1, axis_out, 2], np.int64)]
+        names = ["x", "roi", "scales", "sizes"]
+    graph = helper.make_graph(
+        [helper.make_node("Resize", names, ["y"], **a)], "probe",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT if n != "sizes" else
+                                       TensorProto.INT64, None) for n in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    out = ReferenceEvaluator(model).run(None, dict(zip(names, [probe] + extra, strict=True)))[0]
+    if out.shape[2] != axis_out:
+        raise ExportError(f"Resize '{node.name}': its interpolation gives {out.shape[2]} "
+                          f"positions where the graph has {axis_out}")
+    return np.ascontiguousarray(out[:, 0, :, 0].T)  # [out, in]
+
+
+@RULES.gradient("Resize")
+def resize_grad(ctx, node, gy):
+    """Resize of the spatial axes of [N, C, *spatial] (nearest / linear / cubic upsampling or
+    downsampling): per sample and channel y = A_h x A_wᵀ (1-D: x A_lᵀ) with interpolation
+    matrices A measured at export (``_resize_matrix``), so g_x = A_hᵀ g A_w. Scales must be
+    constants (or sizes given: the output's static shape); N and C are never resized."""
+    x, y = node.input[0], node.output[0]
+    xs, ys = ctx.shapes.of(x), ctx.shapes.of(y)
+    a = attrs(node)
+    if len(xs) not in (3, 4) or not all(isinstance(d, int) for d in list(xs[1:]) + list(ys[1:])):
+        raise ExportError(f"Resize '{node.name}': needs a [N, C, L] or [N, C, H, W] input "
+                          "with static sizes")
+    if xs[1] != ys[1] or a.get("axes") is not None:
+        raise ExportError(f"Resize '{node.name}': only the spatial axes may be resized")
+    scales = None
+    if len(node.input) > 2 and node.input[2] and not (len(node.input) > 3 and node.input[3]):
+        scales = [float(s) for s in np.asarray(ctx.constant_value(node.input[2])).ravel()]
+        if len(scales) != len(xs) or scales[0] != 1.0 or scales[1] != 1.0:
+            raise ExportError(f"Resize '{node.name}': scales {scales} resize more than the "
+                              "spatial axes")
+    b, g = ctx.bwd, gy[0]
+    opset = max(ctx.opset, 19)  # the newest Resize reads every older attribute alike
+    mats = [_resize_matrix(node, int(xs[i]), int(ys[i]), None if scales is None else scales[i],
+                           opset) for i in range(2, len(xs))]
+    if len(xs) == 3:
+        gx = b.op("MatMul", [g, b.const(mats[0])])                       # g A_l
+    else:
+        t = b.op("MatMul", [b.const(np.ascontiguousarray(mats[0].T)), g])  # A_hᵀ g
+        gx = b.op("MatMul", [t, b.const(mats[1])])                       # (A_hᵀ g) A_w
+    return [gx] + [None] * (len(node.input) - 1)
