@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import json
 import time
 from pathlib import Path
@@ -51,7 +50,8 @@ from contract.schema import load as load_typed
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
 from .layers import CompressedLayer, find_compressible_layers, mask_padding
-from .tracing import Traced, check_free_batch, example_arrays, load_model
+from .tracing import check_free_batch, example_arrays, load_model
+from .trainable import select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -59,79 +59,6 @@ MIN_ORT = "1.17"
 LOSSES = ("cross_entropy", "mse")
 _EXTERNAL_MIN_BYTES = 1024
 LOOKUP_MIN_BYTES = 1 << 20  # frozen embedding tables this large are read by the runtime
-
-
-def _candidate_params(traced: Traced) -> list[str]:
-    g = traced.model.graph
-    used = []
-    bn_stats = {n.input[i] for n in g.node if n.op_type == "BatchNormalization"
-                for i in (3, 4) if len(n.input) > i}
-    order = {}
-    for k, n in enumerate(g.node):
-        for i in n.input:
-            order.setdefault(i, k)
-    for init in g.initializer:
-        if init.data_type != TensorProto.FLOAT or init.name in bn_stats:
-            continue
-        if traced.from_torch and init.name not in traced.torch_names:
-            continue  # a torch buffer or a folded constant, not a parameter
-        if not traced.from_torch and int(np.prod(init.dims)) < 2:
-            continue
-        if init.name in order:
-            used.append(init.name)
-    return sorted(used, key=lambda n: order[n])
-
-
-def select_trainable(traced: Traced, spec: str) -> list[str]:
-    """``all``, ``last:N`` (last N top-level children / layer groups) or comma-separated globs."""
-    cands = _candidate_params(traced)
-    spec = spec.strip()
-    if spec == "all":
-        chosen = cands
-    elif spec.startswith("last:") or spec.isdigit():
-        try:
-            n = int(spec.split(":", 1)[-1])
-        except ValueError:
-            raise ExportError(f"invalid --trainable '{spec}': expected last:N") from None
-        if traced.children:
-            groups = [names for _, names in traced.children if names]
-        else:
-            prefixes: dict[str, list[str]] = {}
-            for p in cands:
-                prefixes.setdefault(traced.display(p).rsplit(".", 1)[0], []).append(p)
-            groups = list(prefixes.values())
-        if n <= 0 or n > len(groups):
-            raise ExportError(f"invalid --trainable '{spec}': the model has {len(groups)} "
-                              "top-level parameterized children")
-        chosen = [p for grp in groups[-n:] for p in grp if p in cands]
-    else:
-        pats = [p.strip() for p in spec.split(",") if p.strip()]
-
-        def hit(c: str, p: str) -> bool:
-            return fnmatch.fnmatch(traced.display(c), p) or fnmatch.fnmatch(c, p)
-
-        chosen = [c for c in cands if any(hit(c, p) for p in pats)]
-        for p in pats:
-            if not any(hit(c, p) for c in cands):
-                shown = [traced.display(c) for c in cands]
-                raise ExportError(f"--trainable pattern '{p}' matches no parameter; parameters: "
-                                  f"{', '.join(shown[:12])}{' …' if len(shown) > 12 else ''}")
-    if not chosen:
-        raise ExportError(f"--trainable '{spec}' selects no parameter")
-    return chosen
-
-
-def _selected_by(traced: Traced, spec: str, torch_name: str) -> bool:
-    """Whether --trainable ``spec`` covers torch parameter ``torch_name`` (one without a tensor
-    in the graph, so not among the candidates ``select_trainable`` chose from)."""
-    spec = spec.strip()
-    if spec == "all":
-        return True
-    if spec.startswith("last:") or spec.isdigit():
-        n = int(spec.split(":", 1)[-1])
-        last = [c for c, names in traced.children if names][-n:]
-        return torch_name.split(".", 1)[0] in last
-    return any(fnmatch.fnmatch(torch_name, p.strip()) for p in spec.split(",") if p.strip())
 
 
 def _example_inputs(input_shape: str | None,
@@ -365,7 +292,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     if builtin is not None and class_names is None:
         class_names = builtin.class_names
     params = select_trainable(traced, trainable)
-    frozen = [p for p in traced.unmapped if _selected_by(traced, trainable, p)]
+    frozen = [p for p in traced.unmapped if selected_by(traced, trainable, p)]
     if frozen and notes is not None:
         shown = ", ".join(frozen[:6]) + (" …" if len(frozen) > 6 else "")
         notes.append(f"note: {len(frozen)} torch parameters have no tensor of their own in the "

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from .graph import ExportError, check_ops, name_nodes
+from .param_names import ROLE, fingerprinted_export, name_initializers, onnx_param_names
 from .shape_fold import fold_shape_operands
 
 __all__ = ["Traced", "any_length", "at_length", "check_free_batch", "example_arrays", "load_model",
@@ -278,47 +279,26 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     dyn = {n: {0: "N"} for n in names + outs}
     for i in seq_axes or []:
         dyn[names[i]] = {0: "N", 1: "L"}
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with _output_discarded():  # torch's C++ side logs its IR graph on failure
-                torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,
-                                  training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
-                                  output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
-        except Exception as exc:  # noqa: BLE001 - torch's exporter refuses the model
-            raise ExportError(f"torch.onnx.export cannot export '{source}' at opset {OPSET}: "
-                              f"{_first_line(exc)}; change that part of the model, or export "
-                              "it to .onnx yourself and pass the file") from None
-    model = onnx.load_from_string(buf.getvalue())
-    _materialize_identity_initializers(model)
 
-    def fingerprinted():
-        """The same export with distinct random values in every parameter (restored after)."""
-        real = {n: p.detach().clone() for n, p in module.named_parameters()}
-        gen = torch.Generator().manual_seed(20261202)
-        try:
-            with torch.no_grad():
-                for p in module.parameters():
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
-                values = {n: p.detach().numpy().copy() for n, p in module.named_parameters()}
-            again = io.BytesIO()
-            with warnings.catch_warnings(), _output_discarded():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, args, again, dynamo=False, opset_version=OPSET,
-                                  training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
-                                  output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
-            m = onnx.load_from_string(again.getvalue())
-            _materialize_identity_initializers(m)
-            return m, values
-        except Exception:  # noqa: BLE001 - no second opinion: the first mapping stands
-            return None
-        finally:
-            with torch.no_grad():
-                for n, p in module.named_parameters():
-                    p.copy_(real[n])
+    def export() -> onnx.ModelProto:
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), _output_discarded():  # torch's C++ side logs its IR
+            warnings.simplefilter("ignore")                   # graph on failure
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,
+                              training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
+                              output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
+        m = onnx.load_from_string(buf.getvalue())
+        _materialize_identity_initializers(m)
+        return m
 
-    torch_names, torch_shapes, frozen = _name_initializers(model, module, fingerprinted)
+    try:
+        model = export()
+    except Exception as exc:  # noqa: BLE001 - torch's exporter refuses the model
+        raise ExportError(f"torch.onnx.export cannot export '{source}' at opset {OPSET}: "
+                          f"{_first_line(exc)}; change that part of the model, or export "
+                          "it to .onnx yourself and pass the file") from None
+    fingerprinted = lambda: fingerprinted_export(module, export)  # noqa: E731
+    torch_names, torch_shapes, frozen = name_initializers(model, module, fingerprinted)
     children = []
     for cname, child in module.named_children():
         pnames = [f"{cname}.{p}" for p, _ in child.named_parameters()]
@@ -385,83 +365,6 @@ def _materialize_identity_initializers(model: onnx.ModelProto) -> None:
     _hoist(model, lambda n: inits.get(n.input[0]) if n.op_type == "Identity" else None)
 
 
-def _as_param(arr: np.ndarray, val: np.ndarray) -> str | None:
-    """How initializer ``arr`` holds parameter value ``val``: "same", "T" (a 2-D weight stored
-    transposed, as MatMul reads it), "reshape" (the same values with unit axes added or
-    dropped, as GroupNorm's affine weights are folded to [C, 1, 1]), or None."""
-    if arr.shape == val.shape and np.array_equal(arr, val):
-        return "same"
-    if arr.ndim == 2 and val.shape == arr.shape[::-1] and np.array_equal(val.T, arr):
-        return "T"
-    squeeze = lambda shape: [d for d in shape if d != 1]  # noqa: E731
-    if squeeze(arr.shape) == squeeze(val.shape) and np.array_equal(arr.reshape(val.shape), val):
-        return "reshape"
-    return None
-
-
-def _name_initializers(model: onnx.ModelProto, module, fingerprinted
-                       ) -> tuple[dict[str, tuple[str, bool]], dict[str, list[int]], list[str]]:
-    """Map ONNX initializers to torch parameter names, renaming those torch's exporter folded
-    (``onnx::MatMul_*``: transposed; ``onnx::Mul_*``: reshaped). Returns (initializer ->
-    (torch name, transposed), torch name -> torch shape for reshaped ones, the parameters that
-    have no initializer of their own: they cannot train).
-
-    A parameter is found by its values; where equal values leave it ambiguous (two fresh
-    GroupNorms), ``fingerprinted()`` exports the same module again with distinct random values
-    in every parameter (the graph and its initializers come out the same) and those decide.
-    """
-    params = {n: p.detach().numpy() for n, p in module.named_parameters()}
-    mapping: dict[str, tuple[str, bool]] = {}
-    shapes: dict[str, list[int]] = {}
-    rename: dict[str, str] = {}
-    taken = {i.name for i in model.graph.initializer}
-    for init in model.graph.initializer:
-        if init.name in params:
-            mapping[init.name] = (init.name, False)
-    open_params = [n for n in params if n not in mapping and n not in taken]
-    inits = [i for i in model.graph.initializer
-             if i.name not in params and i.data_type == TensorProto.FLOAT]
-
-    def claim(init: onnx.TensorProto, pname: str, how: str) -> None:
-        rename[init.name] = pname
-        mapping[pname] = (pname, how == "T")
-        if how == "reshape":
-            shapes[pname] = list(params[pname].shape)
-        open_params.remove(pname)
-
-    pending = []
-    for init in inits:
-        arr = numpy_helper.to_array(init)
-        hits = [(n, how) for n in open_params if (how := _as_param(arr, params[n])) is not None]
-        if len(hits) == 1:
-            claim(init, *hits[0])
-        elif hits:
-            pending.append(init)
-    if pending and open_params:  # equal values: only distinct ones tell them apart
-        again = fingerprinted()
-        if again is not None:
-            fp_model, fp_values = again
-            fp_inits = {i.name: i for i in fp_model.graph.initializer}
-            for init in inits:
-                if init.name in rename or init.name not in fp_inits:
-                    continue
-                fp_arr = numpy_helper.to_array(fp_inits[init.name])
-                hits = [(n, how) for n in open_params
-                        if (how := _as_param(fp_arr, fp_values[n])) is not None]
-                # and the real initializer holds the real values the same way
-                if len(hits) == 1 and _as_param(numpy_helper.to_array(init),
-                                                params[hits[0][0]]) == hits[0][1]:
-                    claim(init, *hits[0])
-    for init in model.graph.initializer:
-        if init.name in rename:
-            init.name = rename[init.name]
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    return mapping, shapes, open_params
-
-
 def _load_onnx(path: str, example: list[np.ndarray] | None = None,
                keep_free: dict[str, int] | None = None) -> Traced | None:
     """Load an ONNX file (``example`` fixes its declared input shapes). With ``keep_free``
@@ -501,7 +404,7 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     if example is not None:
         _fix_input_shapes(model, inputs, example, keep_free or {})
     outputs = [o.name for o in model.graph.output]
-    return Traced(model, inputs, outputs, f"onnx:{file.name}", _onnx_param_names(model))
+    return Traced(model, inputs, outputs, f"onnx:{file.name}", onnx_param_names(model))
 
 
 def check_free_batch(traced: Traced) -> None:
@@ -561,11 +464,11 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
     """Some tools store weights in ``Constant`` nodes instead of initializers; a float tensor of
     two or more elements there becomes an initializer of the same name (same values, same graph),
     so it can be selected for training and kept out of the graphs' bytes. Only where a parameter
-    goes (a MatMul/Gemm/Conv weight, a bias, a norm's scale: ``_ROLE``); scalars, and constants
+    goes (a MatMul/Gemm/Conv weight, a bias, a norm's scale: ``param_names.ROLE``); scalars, and constants
     such as a Resize's scales, stay."""
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
     as_param = {name for n in model.graph.node for i, name in enumerate(n.input)
-                if (n.op_type, i) in _ROLE}
+                if (n.op_type, i) in ROLE}
 
     def weight(node: onnx.NodeProto) -> onnx.TensorProto | None:
         value = next((a.t for a in node.attribute if a.name == "value"), None)
@@ -604,40 +507,3 @@ def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],
             d.dim_value = v
     for vi in list(model.graph.value_info):
         model.graph.value_info.remove(vi)  # stale shapes of the dynamic model
-
-
-_ROLE = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gemm", 2): "bias",
-         ("Conv", 1): "weight", ("Conv", 2): "bias", ("Add", 0): "bias", ("Add", 1): "bias",
-         ("LayerNormalization", 1): "weight", ("LayerNormalization", 2): "bias",
-         ("BatchNormalization", 1): "weight", ("BatchNormalization", 2): "bias",
-         ("Mul", 0): "weight", ("Mul", 1): "weight", ("Gather", 0): "weight"}
-
-
-def _onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
-    """Readable names for an ONNX file's float initializers: their own name, or, where it is
-    anonymous (``onnx::MatMul_470``), the consuming node's module path plus the role
-    (``encoder.layer.0.attention.self.query.weight``). MatMul weights are [in, out]: marked
-    transposed with respect to PyTorch's Linear ([out, in]), for ``export-model``'s safetensors."""
-    from .layers import is_anonymous, module_path
-
-    inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    names: dict[str, tuple[str, bool]] = {}
-    taken: set[str] = set(n for n in inits if not is_anonymous(n))
-    for node in model.graph.node:
-        for k, i in enumerate(node.input):
-            if i not in inits or i in names:
-                continue
-            transposed = node.op_type == "MatMul" and k == 1 and len(inits[i].dims) == 2
-            if not is_anonymous(i):
-                names[i] = (i, transposed)
-                continue
-            path = module_path(node.name)
-            role = _ROLE.get((node.op_type, k), f"param{k}")
-            base = f"{path}.{role}" if path else i
-            name, j = base, 1
-            while name in taken:
-                j += 1
-                name = f"{base}.{j}"
-            taken.add(name)
-            names[i] = (name, transposed)
-    return names

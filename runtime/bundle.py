@@ -12,6 +12,7 @@ verified ``weights.bin``. Never imports torch or onnx.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,32 @@ class Bundle:
                    for w in self.manifest.graph_weights.get(graph_file, []) if w not in tables)
 
 
+def _version(text: str) -> tuple[int, ...] | None:
+    """``1.17`` / ``1.20.1`` / ``1.21.0rc1`` as (1, 21, 0); None for anything else."""
+    m = re.fullmatch(r"(\d{1,4})\.(\d{1,4})(?:\.(\d{1,4}))?(?:[.+-]?\w*)?", text.strip())
+    return None if m is None else tuple(int(g) for g in m.groups() if g is not None)
+
+
+def _check_onnxruntime(root: Path, wanted: str) -> None:
+    """The bundle's graphs need onnxruntime ``wanted`` or newer (its manifest says which)."""
+    need = _version(wanted)
+    if need is None:
+        raise UserError(f"bundle '{root}': min_onnxruntime '{wanted[:40]}' in manifest.json is "
+                        "not a version such as 1.17; re-export the bundle")
+    from importlib import metadata
+
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            have_text = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        have = _version(have_text)
+        if have is not None and have[:len(need)] < need:
+            raise UserError(f"bundle '{root}' needs onnxruntime >= {wanted}, installed "
+                            f"{dist} {have_text}; upgrade it (pip install -U {dist})")
+        return
+
+
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read ``manifest.json`` and check every listed file is present, regular, complete and
     intact (SHA-256 unless ``verify`` is false).
@@ -181,6 +208,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise UserError(f"bundle '{root}' has no manifest.json (or it is not a regular file); "
                         "re-export it")
     manifest = read_manifest(mpath)
+    _check_onnxruntime(root, manifest.min_onnxruntime)
     for name, entry in manifest.files.items():
         os.close(open_listed(root, name, entry, verify=verify))
     b = Bundle(root, manifest)

@@ -111,6 +111,24 @@ def _(c):
     return ["export-model", str(c.bundle), "--out", str(c.tmp / "x.onnx")]
 
 
+@case("needs-a-newer-onnxruntime", "needs onnxruntime >= 99.1, installed onnxruntime",
+      "pip install -U onnxruntime")
+def _(c):
+    m = c.manifest()
+    m["min_onnxruntime"] = "99.1"
+    c.write_manifest(m)
+    return _train(c)
+
+
+@case("min-onnxruntime-not-a-version", "min_onnxruntime 'latest' in manifest.json is not a "
+      "version", "re-export")
+def _(c):
+    m = c.manifest()
+    m["min_onnxruntime"] = "latest"
+    c.write_manifest(m)
+    return _train(c)
+
+
 @case("files-entry-dotdot", "not a plain file name inside the bundle folder")
 def _(c):
     m = c.manifest()

@@ -153,6 +153,9 @@ def test_csv_columns_by_name_bom_and_crlf(tmp_path, tokenizer_file):
     with pytest.raises(UserError, match=r"no column 'text' .*--text-column") as e:
         _text(p, tokenizer_file)
     assert "\n" not in str(e.value)
+    # one column as both the text and the label: the model would be shown its answer
+    with pytest.raises(UserError, match=r"--text-column and --label-column are both 'category'"):
+        _text(p, tokenizer_file, text_column="category", label_column="category")
 
 
 @pytest.mark.parametrize("name, data, match", [

@@ -70,6 +70,10 @@ class TextSource(Source):
             raise UserError(f"{self.path}: text data must be .csv, .tsv or .jsonl (by suffix)")
         self.kind = "jsonl" if TEXT_SUFFIXES[suffix] is None else suffix[1:]
         self.delimiter = TEXT_SUFFIXES[suffix]
+        if text_column == label_column:
+            raise UserError(f"--text-column and --label-column are both '{text_column}': the "
+                            "model would read its answer; name the column with the text and "
+                            "the one with the label")
         self.text_column, self.label_column = text_column, label_column
         self.spec = text
         self.seq_len = int(text.seq_len)
