@@ -234,6 +234,22 @@ case("DepthToSpace", "dcr", "y = DepthToSpace <blocksize = 2> (x)", _d2s_dcr,
      {"x": rnd(2, 8, 3, 2)}, ["x"])
 case("SpaceToDepth", "k2", "y = SpaceToDepth <blocksize = 2> (x)", _s2d,
      {"x": rnd(2, 3, 4, 6)}, ["x"])
+case("Einsum", "matmul", 'y = Einsum <equation = "ij,jk->ik"> (a, b)',
+     lambda a, b: torch.einsum("ij,jk->ik", a, b), {"a": rnd(3, 4), "b": rnd(4, 5)}, ["a", "b"])
+case("Einsum", "attention_scores", 'y = Einsum <equation = "bhid,bhjd->bhij"> (q, k)',
+     lambda q, k: torch.einsum("bhid,bhjd->bhij", q, k),
+     {"q": rnd(2, 2, 3, 4), "k": rnd(2, 2, 5, 4)}, ["q", "k"])
+case("Einsum", "bilinear_three_operands", 'y = Einsum <equation = "bi,oij,bj->bo"> (x, w, z)',
+     lambda x, w, z: torch.einsum("bi,oij,bj->bo", x, w, z),
+     {"x": rnd(3, 4), "w": rnd(2, 4, 5), "z": rnd(3, 5)}, ["x", "w", "z"])
+case("Einsum", "summed_only_in_one", 'y = Einsum <equation = "ij,j->j"> (a, v)',
+     lambda a, v: torch.einsum("ij,j->j", a, v), {"a": rnd(3, 4), "v": rnd(4)}, ["a", "v"])
+case("Einsum", "implicit_ellipsis", 'y = Einsum <equation = "...ij,jk"> (a, b)',
+     lambda a, b: torch.einsum("...ij,jk", a, b), {"a": rnd(2, 3, 4), "b": rnd(4, 5)},
+     ["a", "b"])
+case("Einsum", "trace", 'y = Einsum <equation = "bii->b"> (a)',
+     lambda a: torch.einsum("bii->b", a), {"a": rnd(2, 3, 3)}, ["a"],
+     xfail="repeats an index within one term")
 case("Split", "one_output_unused", "a, b, c = Split <axis = 1> (x, s)\n y = Add(a, c)",
      lambda x: x[:, :2] + x[:, 3:], {"x": rnd(2, 5, 3)}, ["x"], consts={"s": i64(2, 1, 2)})
 case("Split", "opset18_num_outputs", "a, b = Split <axis = -1, num_outputs = 2> (x)\n"

@@ -205,3 +205,71 @@ def depth_to_space_grad(ctx, node, gy):
 @RULES.gradient("SpaceToDepth")
 def space_to_depth_grad(ctx, node, gy):
     return [_depth_space(ctx, node, gy[0], to_depth=False)]
+
+
+def _einsum_terms(node) -> tuple[list[list[str]], list[str]]:
+    """The equation's input terms and output term as lists of indices ('…' for an ellipsis);
+    implicit form: the output is every index used once, alphabetical, after an ellipsis."""
+    eq = str(attrs(node)["equation"]).replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+
+    def tokens(term: str) -> list[str]:
+        out = []
+        for part in term.split("..."):
+            out.extend(part)
+            out.append("…")
+        return out[:-1]
+
+    ins = [tokens(t) for t in lhs.split(",")]
+    if arrow:
+        out = tokens(rhs)
+    else:
+        flat = [t for term in ins for t in term if t != "…"]
+        out = (["…"] if any("…" in term for term in ins) else []) + sorted(
+            t for t in set(flat) if flat.count(t) == 1)
+    for term in ins + [out]:
+        if len(set(term)) != len(term):
+            raise ExportError(f"Einsum '{node.name}': equation '{eq}' repeats an index within "
+                              "one term (a diagonal or trace); it has no gradient rule")
+    return ins, out
+
+
+@RULES.gradient("Einsum")
+def einsum_grad(ctx, node, gy):
+    """y = einsum(terms -> out): the gradient of operand k is einsum(out, other terms -> term k)
+    over the same indices; an index only operand k has (summed away in y) comes back by
+    broadcasting (Unsqueeze + Expand to the operand's shape)."""
+    ins, out = _einsum_terms(node)
+    if len(ins) != len(node.input):
+        raise ExportError(f"Einsum '{node.name}': the equation has {len(ins)} terms for "
+                          f"{len(node.input)} inputs")
+    if any("…" in t for t in ins):
+        ranks = {len(ctx.shapes.of(i)) - (len(t) - 1) for i, t in zip(node.input, ins,
+                                                                      strict=True) if "…" in t}
+        if len(ranks) != 1:
+            raise ExportError(f"Einsum '{node.name}': operands broadcast inside the ellipsis; "
+                              "that has no gradient rule")
+    b = ctx.bwd
+    text = lambda t: "".join("..." if c == "…" else c for c in t)  # noqa: E731
+    grads = []
+    for k, (x, term) in enumerate(zip(node.input, ins, strict=True)):
+        if not ctx.needs_grad(x):
+            grads.append(None)
+            continue
+        others = [(i, t) for j, (i, t) in enumerate(zip(node.input, ins, strict=True)) if j != k]
+        seen = set(out).union(*[set(t) for _, t in others])
+        kept = [c for c in term if c in seen]
+        lead = ["…"] if "…" in seen and "…" not in term else []  # summed over below
+        eq = ",".join([text(out)] + [text(t) for _, t in others]) + "->" + text(lead + kept)
+        g = b.op("Einsum", [gy[0]] + [i for i, _ in others], equation=eq)
+        if lead:  # operand k is the same for every position of the ellipsis
+            n_ell = len(ctx.shapes.of(node.output[0])) - (len(out) - 1)
+            g = b.op("ReduceSum", [g, b.ints(list(range(n_ell)))], keepdims=0)
+        if kept != term:  # indices summed away in y only: broadcast back
+            axes = [p for p, c in enumerate(term) if c not in seen]
+            if "…" in term:
+                raise ExportError(f"Einsum '{node.name}': an index summed away next to an "
+                                  "ellipsis has no gradient rule")
+            g = b.op("Expand", [b.op("Unsqueeze", [g, b.ints(axes)]), ctx.shape(x)])
+        grads.append(g)
+    return grads
