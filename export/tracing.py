@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 
 from .graph import ExportError, check_ops, name_nodes
 from .param_names import ROLE, fingerprinted_export, name_initializers, onnx_param_names
+from .recurrent import lower_traced
 from .shape_fold import fold_shape_operands
 
 __all__ = ["Traced", "any_length", "at_length", "check_free_batch", "example_arrays", "load_model",
@@ -122,7 +123,7 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
         ExportError: unknown model or output, unreadable file, bad example inputs.
     """
     if spec.endswith(".onnx"):
-        traced = _folded(_pick_output(_load_onnx(spec, example), output))  # no torch here
+        traced = _folded(lower_traced(_pick_output(_load_onnx(spec, example), output)))  # no torch here
         traced.origin = ("onnx", spec, example, output)
         return traced
     import torch
@@ -145,7 +146,7 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
                           "expected a torch.nn.Module")
     if example is None:
         raise ExportError(f"model '{spec}' needs example inputs: pass --input-shape or an .npz")
-    traced = _folded(_pick_output(_trace_torch(module, example, spec), output))
+    traced = _folded(lower_traced(_pick_output(_trace_torch(module, example, spec), output)))
     traced.origin = ("torch", module, example, output)
     return traced
 
@@ -211,7 +212,7 @@ def at_length(traced: Traced, seq_inputs: list[str], length: int) -> Traced | No
                 return None
         else:
             again = _trace_torch(src, cut, traced.source)
-        return _folded(_pick_output(again, output))
+        return _folded(lower_traced(_pick_output(again, output)))
     except Exception:  # noqa: BLE001 - any failure: no graphs at this length
         return None
 

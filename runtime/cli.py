@@ -416,6 +416,8 @@ def _shared_params(path: Path, m) -> list[str]:
     params = {p.name for p in m.params}
     readers: dict[str, list[str]] = {}
     for node in g.node:
+        if node.op_type in ("Slice", "Split", "Gather", "Shape", "Size"):
+            continue  # reads a part, or only the shape (an unrolled GRU slices its B in two)
         for t in set(node.input) & params:
             readers.setdefault(t, []).append(node.op_type)
     out = []

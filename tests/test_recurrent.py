@@ -1,0 +1,172 @@
+"""GRU / LSTM train (export/recurrent.py unrolls them): torch's nn.GRU / nn.LSTM exported by
+TorchScript, one forward + backward on the runtime's sessions, loss and every gradient compared
+with torch autograd in float64 (the recurrent weights in ONNX's gate layout)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_trainer
+
+from export import export_bundle
+from runtime.bundle import open_bundle
+from runtime.trainer import ArrayBatch
+
+MODELS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self, kind, bidirectional, layers, batch_first):
+            super().__init__()
+            rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[kind]
+            self.rnn = rnn(6, 8, num_layers=layers, batch_first=batch_first,
+                           bidirectional=bidirectional)
+            self.fc = nn.Linear(16 if bidirectional else 8, 3)
+            self.batch_first = batch_first
+
+        def forward(self, x):
+            out = self.rnn(x if self.batch_first else x.transpose(0, 1))[0]
+            return self.fc((out if self.batch_first else out.transpose(0, 1)).mean(1))
+
+
+    def make(kind="gru", bidirectional=False, layers=1, batch_first=True):
+        torch.manual_seed(0)
+        return Net(kind, bidirectional, layers, batch_first).eval()
+
+
+    def gru_bi2():
+        return make("gru", True, 2)
+
+
+    def lstm():
+        return make("lstm")
+
+
+    def lstm_bi2_seq_first():
+        return make("lstm", True, 2, batch_first=False)
+''')
+
+# torch's gate blocks in ONNX's order (GRU: r z n -> z r h; LSTM: i f g o -> i o f c)
+GATES = {"gru": [1, 0, 2], "lstm": [0, 3, 1, 2]}
+
+
+def _onnx_layout(kind: str, module, value: str, layer: int, directions: int) -> dict:
+    """W, R, B of one ONNX node from torch's per-layer, per-direction tensors (``value``:
+    'data' for the parameters, 'grad' for their gradients)."""
+    def blocks(t: torch.Tensor) -> np.ndarray:
+        a = getattr(t, value).detach().numpy()
+        return np.concatenate([np.split(a, len(GATES[kind]))[i] for i in GATES[kind]])
+
+    p = dict(module.rnn.named_parameters())
+    out = {"W": [], "R": [], "B": []}
+    for d in range(directions):
+        sfx = f"_l{layer}" + ("_reverse" if d else "")
+        out["W"].append(blocks(p[f"weight_ih{sfx}"]))
+        out["R"].append(blocks(p[f"weight_hh{sfx}"]))
+        out["B"].append(np.concatenate([blocks(p[f"bias_ih{sfx}"]), blocks(p[f"bias_hh{sfx}"])]))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("factory, kind, directions, layers", [
+    ("make", "gru", 1, 1), ("gru_bi2", "gru", 2, 2), ("lstm", "lstm", 1, 1),
+    ("lstm_bi2_seq_first", "lstm", 2, 2),
+])
+def test_recurrent_gradients_match_torch(tmp_path, factory, kind, directions, layers):
+    path = tmp_path / "rnn.py"
+    path.write_text(MODELS)
+    bundle = open_bundle(export_bundle(f"{path}:{factory}", tmp_path / "b",
+                                       input_shape="4,7,6"))
+    node = "GRU" if kind == "gru" else "LSTM"
+    by_name = {p.torch_name: p.name for p in bundle.params}
+    assert set(by_name) == {f"rnn.{node}{'_' + str(i) if i else ''}.{r}" for i in range(layers)
+                            for r in "WRB"} | {"fc.weight", "fc.bias"}, sorted(by_name)
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rnn_models", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    module = getattr(mod, factory)().double()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 7, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 4).astype(np.int64)
+    trainer = make_trainer(bundle, mode="vanilla", threads=0)
+    loss, _ = trainer.gradients(ArrayBatch({"x": x}, y))
+    ref = F.cross_entropy(module(torch.from_numpy(x).double()), torch.from_numpy(y))
+    ref.backward()
+    np.testing.assert_allclose(loss, ref.item(), rtol=1e-4)
+    initial = np.load(bundle.path / "params.npz")
+    for layer in range(layers):
+        base = f"rnn.{node}{'_' + str(layer) if layer else ''}"
+        want_values = _onnx_layout(kind, module, "data", layer, directions)
+        want_grads = _onnx_layout(kind, module, "grad", layer, directions)
+        for role in "WRB":
+            name = by_name[f"{base}.{role}"]
+            np.testing.assert_allclose(initial[name], want_values[role], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(trainer._grads[name], want_grads[role], rtol=1e-3,
+                                       atol=1e-5, err_msg=f"gradient of {base}.{role}")
+    np.testing.assert_allclose(trainer._grads[by_name["fc.weight"]],
+                               module.fc.weight.grad.numpy(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("op, attrs, extra", [
+    ("GRU", {"linear_before_reset": 0, "direction": "reverse"}, []),
+    ("GRU", {"layout": 1, "direction": "bidirectional", "linear_before_reset": 1}, ["h0"]),
+    ("LSTM", {"layout": 1}, ["h0", "c0", "P"]),
+    ("LSTM", {"direction": "bidirectional"}, ["P"]),
+])
+def test_unrolled_steps_compute_what_onnxruntime_computes(op, attrs, extra):
+    """Variants torch never exports (ONNX layout 1, GRU with linear_before_reset=0, reverse,
+    LSTM peepholes and initial states): the unrolled graph, run by onnxruntime, gives the GRU/LSTM
+    outputs, as onnx's reference implementation computes them (the gradients then follow from
+    the ops' rules, checked against torch above)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.recurrent import lower_recurrent
+
+    rng = np.random.default_rng(1)
+    nd = 2 if attrs.get("direction") == "bidirectional" else 1
+    k, H, In, L, N = (3 if op == "GRU" else 4), 5, 4, 6, 3
+    layout = attrs.get("layout", 0)
+    inits = {"W": rng.standard_normal((nd, k * H, In)), "R": rng.standard_normal((nd, k * H, H)),
+             "B": rng.standard_normal((nd, 2 * k * H))}
+    state = [nd, N, H] if not layout else [N, nd, H]
+    if "h0" in extra:
+        inits["h0"] = rng.standard_normal(state)
+    if "c0" in extra:
+        inits["c0"] = rng.standard_normal(state)
+    if "P" in extra:
+        inits["P"] = rng.standard_normal((nd, 3 * H))
+    names = ["x", "W", "R", "B", "", inits.get("h0") is not None and "h0" or ""]
+    if op == "LSTM":
+        names += ["c0" if "c0" in inits else "", "P" if "P" in inits else ""]
+    outs = ["Y", "Y_h"] + (["Y_c"] if op == "LSTM" else [])
+    node = helper.make_node(op, names, outs, name=f"/rnn/{op}", hidden_size=H, **attrs)
+    xshape = [L, N, In] if not layout else [N, L, In]
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, xshape)],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+        [numpy_helper.from_array((0.5 * v).astype(np.float32), n) for n, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal(xshape).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    from onnx.reference import ReferenceEvaluator
+
+    want = ReferenceEvaluator(model).run(None, {"x": x})  # onnxruntime has no layout 1
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(model)
+    assert [n.name for n in lower_recurrent(lowered)] == [f"/rnn/{op}"]
+    assert op not in {n.op_type for n in lowered.graph.node}
+    for name, a, b in zip(outs, run(lowered), want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
