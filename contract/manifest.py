@@ -69,6 +69,10 @@ class TensorSpec:
     name: str = field(metadata=check(nonempty=True))
     shape: list[int | str] = field(metadata=check(nonempty=True))
     dtype: DType = "float32"
+    # integer ids that index an embedding table of this many rows (0: not an index): the data
+    # is checked to hold 0 .. index_bound - 1 (onnxruntime's Gather takes a negative id as
+    # counting from the end)
+    index_bound: int = field(default=0, metadata=check(ge=0))
 
     def validate(self) -> tuple[str, str] | None:
         bad = _bad_dims(self.shape)

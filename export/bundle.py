@@ -146,6 +146,24 @@ def _add_basis_inputs(model: onnx.ModelProto, layers: list[CompressedLayer]) -> 
 
 
 
+def _index_bounds(model: onnx.ModelProto, inputs: list[str]) -> dict[str, int]:
+    """Integer inputs that index an embedding table (``Gather`` axis 0 of an initializer, maybe
+    through a ``Cast``): the smallest table's rows."""
+    rows = {i.name: int(i.dims[0]) for i in model.graph.initializer if len(i.dims) >= 1}
+    origin = {i: i for i in inputs}
+    for node in model.graph.node:
+        if node.op_type == "Cast" and node.input[0] in origin:
+            origin[node.output[0]] = origin[node.input[0]]
+    out: dict[str, int] = {}
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (node.op_type == "Gather" and axis == 0 and len(node.input) > 1
+                and node.input[1] in origin and node.input[0] in rows):
+            src = origin[node.input[1]]
+            out[src] = min(out.get(src, rows[node.input[0]]), rows[node.input[0]])
+    return out
+
+
 def _split_lookups(model: onnx.ModelProto, data_inputs: set[str],
                    weights: _WeightFile) -> dict[str, dict]:
     """Take large frozen embedding lookups out of the graph: the runtime reads the rows.
@@ -303,6 +321,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
     output = traced.outputs[0]
 
+    bounds = _index_bounds(traced.model, traced.inputs)
     base = copy.deepcopy(traced.model)
     _dynamic_batch(base, traced.inputs + traced.outputs)
     initial = _params_as_inputs(base, params)
@@ -412,8 +431,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         format=FORMAT, format_version=FORMAT_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"), source=traced.source, opset=opset,
         ir_version=int(base.ir_version), min_onnxruntime=MIN_ORT,
-        inputs=[TensorSpec(n, ["N"] + list(in_shapes.of(n)[1:]), _np_dtype(in_shapes.dtype[n]))
-                for n in traced.inputs],
+        inputs=[TensorSpec(n, ["N"] + list(in_shapes.of(n)[1:]), _np_dtype(in_shapes.dtype[n]),
+                           bounds.get(n, 0)) for n in traced.inputs],
         output=output, loss=loss_spec,
         params=[ParamSpec(p, list(initial[p].shape), torch_names[p],
                           traced.torch_names.get(p, (p, False))[1],

@@ -227,6 +227,25 @@ def test_export_a_model_that_fails_under_torch_is_one_line(factory, shape, fragm
     assert not (tmp_path / "b" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("bad_id", [100, -1])
+def test_ids_outside_the_embedding_table_are_one_line(cli, tmp_path, bad_id):
+    """Token ids index an embedding table: one past its rows failed only at the first forward
+    pass, and a negative one trained silently (onnxruntime's Gather counts it from the end)."""
+    path = tmp_path / "model.py"
+    path.write_text(FACTORY + "\n\n" + FAILING_FACTORIES)
+    ok(cli("export", "--model", f"{path}:embed", "--out", tmp_path / "b", "--input-shape",
+           "8,12:int64"))
+    ids = np.random.default_rng(0).integers(0, 100, (40, 12))
+    np.savez(tmp_path / "good.npz", x=ids, y=np.arange(40) % 4)
+    ok(cli("train", tmp_path / "b", "--data", tmp_path / "good.npz", "--steps", 2, "--batch", 8,
+           "--no-progress", "--out", tmp_path / "run"))
+    ids[7, 3] = bad_id
+    np.savez(tmp_path / "bad.npz", x=ids, y=np.arange(40) % 4)
+    user_error(cli("train", tmp_path / "b", "--data", tmp_path / "bad.npz", "--steps", 2,
+                   "--batch", 8, "--no-progress", "--out", tmp_path / "run2"),
+               f"has id {bad_id} (row 7)", "100-row embedding table", "ids must be 0 to 99")
+
+
 FOLDED_FACTORY = """\
 import torch
 from torch import nn

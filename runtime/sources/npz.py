@@ -282,6 +282,14 @@ class NpzSource(Source):
                 raise UserError(f"{where} has absurdly large values (|x| up to "
                                 f"{float(flat.max()):.3g} in row {row}); scale the data or fix "
                                 "the file")
+        bound = self.specs[name].index_bound if name in self.specs else 0
+        if bound and a.dtype.kind in "iu" and (int(lo) < 0 or int(hi) >= bound):
+            v = int(lo) if int(lo) < 0 else int(hi)
+            flat = a.reshape(a.shape[0], -1)
+            row = int(idx[int(np.argmax(((flat < 0) | (flat >= bound)).any(axis=1)))])
+            raise UserError(f"{where} has id {v} (row {row}); model input '{name}' indexes a "
+                            f"{bound}-row embedding table, so ids must be 0 to {bound - 1}: "
+                            "encode the data with the model's own tokenizer or vocabulary")
         out = self.out_dtypes.get(name, self.label_dtype) if name != "y" else self.label_dtype
         if out.kind in "iu" and a.dtype.kind in "iu":
             info = np.iinfo(out)
