@@ -159,7 +159,7 @@ def ort_session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failing check run is an answer, not an error
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
