@@ -74,11 +74,14 @@ def test_third_party_minilm_onnx_on_rotten_tomatoes_csv(tmp_path):
     train, val = tmp_path / "train.csv", tmp_path / "val.csv"
     majority = max(float(np.mean(y[-n_test:])), 1 - float(np.mean(y[-n_test:])))
     out = _ok(_cli("train", bundle, "--data", train, "--val", val, "--text-column", "review",
-                   "--label-column", "verdict", "--steps", 80, "--batch", 32, "--optimizer", "sgd",
+                   "--label-column", "verdict", "--steps", 150, "--batch", 32, "--optimizer", "sgd",
                    "--lr", 0.05, "--budget", "256MB", "--threads", 2, "--no-progress",
                    "--out", tmp_path / "run"))
     acc = _accuracy(out)
-    # measured: 0.75 (majority class 0.51)
+    # measured at seed 0 (session 11): 0.763 after 150 steps. After the README's 80 steps the
+    # same plan gave 0.672 (exact training 0.759, INSTANT at full rank 0.757): under 256 MB the
+    # ranks keep 0.13x of the activation bytes and the reduced-rank gradients progress more
+    # slowly per SGD step, so the check that this path learns gives it the steps to do so.
     assert acc > majority + 0.15, (acc, majority, out)
 
 
