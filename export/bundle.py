@@ -311,11 +311,13 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         class_names = builtin.class_names
     params = select_trainable(traced, trainable)
     frozen = [p for p in traced.unmapped if selected_by(traced, trainable, p)]
+    if notes is not None:
+        notes.extend(traced.notes)
     if frozen and notes is not None:
         shown = ", ".join(frozen[:6]) + (" …" if len(frozen) > 6 else "")
         notes.append(f"note: {len(frozen)} torch parameters have no tensor of their own in the "
-                     f"exported graph and stay frozen ({shown}): torch's exporter rearranged or "
-                     "folded them (an RNN's weights, values computed from several parameters)")
+                     f"exported graph and stay frozen ({shown}): the forward does not use them, "
+                     "or torch's exporter folded them into a computed constant")
     if head is not None:
         params += [p for p in ("head.weight", "head.bias") if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))

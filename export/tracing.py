@@ -48,6 +48,7 @@ class Traced:
     # torch parameters with no tensor of their own in the graph (a GRU's weights, which the
     # exporter rearranges; values folded into others): they cannot train
     unmapped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the export prints after it
     # how to trace/load the same model again with a free sequence axis (any_length())
     origin: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -146,8 +147,13 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
                           "expected a torch.nn.Module")
     if example is None:
         raise ExportError(f"model '{spec}' needs example inputs: pass --input-shape or an .npz")
+    training = module.training and spec not in BUILTIN_MODELS
     traced = _folded(lower_traced(_pick_output(_trace_torch(module, example, spec), output)))
     traced.origin = ("torch", module, example, output)
+    if training and _has_train_behaviour(module):
+        traced.notes.append(f"note: the model from '{spec}' was in training mode; it is "
+                            "exported in eval mode (BatchNorm normalises with its running "
+                            "statistics, which stay fixed; Dropout is off)")
     return traced
 
 
@@ -245,6 +251,14 @@ def _pick_output(traced: Traced, output: str | None) -> Traced:
     g.initializer.extend(inits)
     traced.outputs = [output]
     return traced
+
+
+def _has_train_behaviour(module) -> bool:
+    """Whether eval mode changes what the module computes (batch norms, dropout)."""
+    import torch
+
+    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
+    return any(isinstance(m, kinds) for m in module.modules())
 
 
 def _input_names(module, n: int) -> list[str]:

@@ -19,6 +19,8 @@ def _candidate_params(traced: Traced) -> list[str]:
     used = []
     bn_stats = {n.input[i] for n in g.node if n.op_type == "BatchNormalization"
                 for i in (3, 4) if len(n.input) > i}
+    roles = {n.input[i] for n in g.node for i in range(len(n.input))
+             if (n.op_type, i) in (("Gemm", 2), ("Conv", 2), ("ConvTranspose", 2))}
     order = {}
     for k, n in enumerate(g.node):
         for i in n.input:
@@ -28,8 +30,8 @@ def _candidate_params(traced: Traced) -> list[str]:
             continue
         if traced.from_torch and init.name not in traced.torch_names:
             continue  # a torch buffer or a folded constant, not a parameter
-        if not traced.from_torch and int(np.prod(init.dims)) < 2:
-            continue
+        if not traced.from_torch and int(np.prod(init.dims)) < 2 and init.name not in roles:
+            continue  # a scalar constant (an epsilon, a scale), unless a layer's bias
         if init.name in order:
             used.append(init.name)
     return sorted(used, key=lambda n: order[n])

@@ -277,6 +277,17 @@ def test_export_names_the_parameters_that_cannot_train(cli, tmp_path):
     assert "2 trainable tensors" in out, out  # fc only
     assert re.search(r"note: 2 torch parameters have no tensor of their own .* stay frozen "
                      r"\(scale, weight\)", out), out
+    assert "training mode" not in out  # no BatchNorm or Dropout: eval mode changes nothing
+
+
+def test_export_says_a_model_in_training_mode_is_exported_in_eval_mode(cli, tmp_path):
+    path = tmp_path / "bn.py"
+    path.write_text("from torch import nn\n\n\ndef make():\n    return nn.Sequential("
+                    "nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))\n")
+    out = ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b",
+                 "--input-shape", "8,64"))
+    assert re.search(r"note: the model from '.*bn.py:make' was in training mode; it is exported "
+                     r"in eval mode \(BatchNorm normalises with its running statistics", out), out
 
 
 @pytest.mark.parametrize("value, fragment", [

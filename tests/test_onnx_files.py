@@ -104,6 +104,25 @@ def test_weights_stored_in_constant_nodes_become_trainable(tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
 
 
+def test_a_one_element_bias_trains(tmp_path):
+    """A regression head with one output has a one-element bias: a parameter (Gemm's C), not a
+    scalar constant, so it trains (it was left out as scalars are)."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="/head/Gemm", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(rng.standard_normal((1, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(1, np.float32), "b")])
+    onnx_file = tmp_path / "head.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(onnx_file))
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--loss", "mse",
+             "--input-shape", "4,8", "--trainable", "b")
+    assert r.returncode == 0, r.stderr
+    assert "1 trainable tensors" in r.stdout, r.stdout
+
+
 @pytest.mark.parametrize("domain", ["com.example.ops"])
 def test_a_custom_operator_is_refused_at_export(tmp_path, domain):
     onnx_file = tmp_path / "custom.onnx"
