@@ -79,6 +79,29 @@ case("Neg", "plain", "y = Neg(x)", lambda x: -x, {"x": rnd(2, 3)}, ["x"])
 case("Relu", "mask_saved", "y = Relu(x)", torch.relu, {"x": rnd(3, 4)}, ["x"])
 case("Relu", "output_reused", "r = Relu(x)\n y = Mul(r, r)", lambda x: torch.relu(x) ** 2,
      {"x": rnd(3, 4)}, ["x"])
+case("LogSoftmax", "last_axis", "y = LogSoftmax <axis = -1> (x)",
+     lambda x: torch.log_softmax(x, -1), {"x": rnd(3, 5)}, ["x"])
+case("LogSoftmax", "axis1", "y = LogSoftmax <axis = 1> (x)", lambda x: torch.log_softmax(x, 1),
+     {"x": rnd(2, 4, 3)}, ["x"])
+case("Abs", "basic", "y = Abs(x)", torch.abs, {"x": rnd(3, 4)}, ["x"])
+case("Reciprocal", "basic", "y = Reciprocal(x)", torch.reciprocal, {"x": pos(3, 4)}, ["x"])
+case("Sin", "basic", "y = Sin(x)", torch.sin, {"x": rnd(3, 4)}, ["x"])
+case("Cos", "basic", "y = Cos(x)", torch.cos, {"x": rnd(3, 4)}, ["x"])
+case("Sign", "times_x", "s = Sign(x)\n y = Mul(s, x)", lambda x: torch.sign(x) * x,
+     {"x": rnd(3, 4)}, ["x"])
+for _op, _fn in (("Floor", torch.floor), ("Ceil", torch.ceil), ("Round", torch.round)):
+    case(_op, "plus_x", f"r = {_op}(x)\n y = Add(r, x)", lambda x, f=_fn: f(x) + x,
+         {"x": rnd(3, 4)}, ["x"])
+case("Max", "broadcast", "y = Max(a, b)", lambda a, b: torch.maximum(a, b),
+     {"a": rnd(2, 3), "b": rnd(3)},
+     ["a", "b"])
+case("Max", "ties_three_inputs", "y = Max(a, b, c)",
+     lambda a, b, c: torch.stack(torch.broadcast_tensors(a, b, c)).amax(0),
+     {"a": np.array([1.0, 2.0, 0.0], np.float32), "b": np.array([1.0, 0.0, 0.0], np.float32),
+      "c": np.array([0.0, 2.0, 0.0], np.float32)}, ["a", "b", "c"])
+case("Min", "basic", "y = Min(a, b)", lambda a, b: torch.minimum(a, b),
+     {"a": rnd(2, 3), "b": rnd(2, 3)},
+     ["a", "b"])
 case("Softmax", "last_axis", "y = Softmax <axis = -1> (x)", lambda x: torch.softmax(x, -1),
      {"x": rnd(2, 3, 4)}, ["x"])
 case("Softmax", "axis1", "y = Softmax <axis = 1> (x)", lambda x: torch.softmax(x, 1),
@@ -194,8 +217,14 @@ case("Slice", "negative_start_computed",
      " y = Reshape(z, s)", lambda x: x[:, 2:4], {"x": rnd(2, 5, 3)}, ["x"],
      consts={"i2": i64(2), "i3": i64(3), "e": i64(4), "a": i64(1), "s": i64(2, 2, 3)})
 case("Slice", "step2", "y = Slice(x, s, e, a, t)", lambda x: x[:, ::2],
-     {"x": rnd(2, 4)}, ["x"], consts={"s": i64(0), "e": i64(4), "a": i64(1), "t": i64(2)},
-     xfail="only step 1 is supported")
+     {"x": rnd(2, 5)}, ["x"], consts={"s": i64(0), "e": i64(5), "a": i64(1), "t": i64(2)})
+case("Slice", "flip", "y = Slice(x, s, e, a, t)", lambda x: torch.flip(x, [1]),
+     {"x": rnd(2, 5)}, ["x"], consts={"s": i64(-1), "e": i64(-9223372036854775807), "a": i64(1),
+                                     "t": i64(-1)})
+case("Slice", "flip_and_step3", "y = Slice(x, s, e, a, t)",
+     lambda x: torch.flip(x, [2])[:, 1:, ::3], {"x": rnd(2, 4, 7)}, ["x"],
+     consts={"s": i64(-1, 1), "e": i64(-9223372036854775807, 4), "a": i64(2, 1),
+             "t": i64(-3, 1)})
 case("Pad", "constant_pads", "y = Pad(x, p)", lambda x: F.pad(x, (1, 2, 0, 1)),
      {"x": rnd(2, 3, 4, 5)}, ["x"], consts={"p": i64(0, 0, 0, 1, 0, 0, 1, 2)})
 case("Pad", "forward_pads_with_value",  # pads made in the forward reach the backward as saved
@@ -250,6 +279,16 @@ case("Einsum", "implicit_ellipsis", 'y = Einsum <equation = "...ij,jk"> (a, b)',
 case("Einsum", "trace", 'y = Einsum <equation = "bii->b"> (a)',
      lambda a: torch.einsum("bii->b", a), {"a": rnd(2, 3, 3)}, ["a"],
      xfail="repeats an index within one term")
+case("Tile", "axes12", "y = Tile(x, r)", lambda x: x.repeat(1, 2, 3), {"x": rnd(2, 3, 2)},
+     ["x"], consts={"r": i64(1, 2, 3)})
+case("Trilu", "lower_k1", "y = Trilu <upper = 0> (x, k)", lambda x: torch.tril(x, 1),
+     {"x": rnd(2, 4, 4)}, ["x"], consts={"k": np.array(1, np.int64)})
+case("GatherElements", "axis1", "y = GatherElements <axis = 1> (x, i)",
+     lambda x: torch.gather(x, 1, torch.tensor([[0, 2, 2], [1, 1, 0]])), {"x": rnd(2, 3)},
+     ["x"], consts={"i": np.array([[0, 2, 2], [1, 1, 0]], np.int64)})
+case("TopK", "largest_k2", "y, i = TopK <axis = -1> (x, k)",
+     lambda x: torch.topk(x, 2, -1).values, {"x": rnd(3, 5)}, ["x"],
+     consts={"k": i64(2)})
 case("Split", "one_output_unused", "a, b, c = Split <axis = 1> (x, s)\n y = Add(a, c)",
      lambda x: x[:, :2] + x[:, 3:], {"x": rnd(2, 5, 3)}, ["x"], consts={"s": i64(2, 1, 2)})
 case("Split", "opset18_num_outputs", "a, b = Split <axis = -1, num_outputs = 2> (x)\n"
@@ -277,6 +316,19 @@ case("ReduceMean", "keepdims1", "y = ReduceMean <axes = [-1], keepdims = 1> (x)"
      lambda x: x.mean(-1, keepdim=True), {"x": rnd(2, 3, 4)}, ["x"])
 case("ReduceMean", "opset18_axes_input", "y = ReduceMean <keepdims = 0> (x, a)",
      lambda x: x.mean(1), {"x": rnd(2, 3, 4)}, ["x"], consts={"a": i64(1)}, opset=18)
+case("ReduceMax", "axis1_keepdims0", "y = ReduceMax <axes = [1], keepdims = 0> (x)",
+     lambda x: x.amax(1), {"x": rnd(2, 5, 3)}, ["x"])
+case("ReduceMax", "ties_split", "y = ReduceMax <axes = [-1], keepdims = 1> (x)",
+     lambda x: x.amax(-1, keepdim=True), {"x": np.array([[1.0, 3.0, 3.0], [2.0, 0.5, 1.0]],
+                                                          np.float32)}, ["x"])
+case("ReduceMin", "all", "y = ReduceMin <keepdims = 0> (x)", lambda x: x.amin(),
+     {"x": rnd(3, 4)}, ["x"])
+case("ReduceL2", "last_axis", "y = ReduceL2 <axes = [-1], keepdims = 1> (x)",
+     lambda x: x.norm(dim=-1, keepdim=True), {"x": rnd(3, 4)}, ["x"])
+case("ReduceLogSumExp", "axis1", "y = ReduceLogSumExp <axes = [1], keepdims = 0> (x)",
+     lambda x: torch.logsumexp(x, 1), {"x": rnd(2, 5, 3)}, ["x"])
+case("ReduceSumSquare", "axis0", "y = ReduceSumSquare <axes = [0], keepdims = 0> (x)",
+     lambda x: (x * x).sum(0), {"x": rnd(3, 4)}, ["x"])
 case("GlobalAveragePool", "nchw", "y = GlobalAveragePool(x)",
      lambda x: x.mean((2, 3), keepdim=True), {"x": rnd(2, 3, 4, 5)}, ["x"])
 

@@ -196,3 +196,54 @@ def dropout_grad(ctx, node, gy):
         raise ExportError(f"Dropout '{node.name}' is in training mode; export the model in eval "
                           "mode (dropout is then the identity)")
     return [gy[0]] + [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("LogSoftmax")
+def logsoftmax_grad(ctx, node, gy):
+    """y = x - logΣexp(x): g_x = g - softmax(x)·Σg (softmax = exp(y))."""
+    b, axis = ctx.bwd, attrs(node).get("axis", -1)
+    s = b.op("ReduceSum", [gy[0], b.ints([axis])], keepdims=1)
+    return [b.op("Sub", [gy[0], b.op("Mul", [b.op("Exp", [node.output[0]]), s])])]
+
+
+@RULES.gradient("Abs")
+def abs_grad(ctx, node, gy):
+    return [ctx.bwd.op("Mul", [gy[0], ctx.bwd.op("Sign", [node.input[0]])])]
+
+
+@RULES.gradient("Reciprocal")
+def reciprocal_grad(ctx, node, gy):  # d(1/x) = -1/x² = -y²
+    b, y = ctx.bwd, node.output[0]
+    return [b.op("Neg", [b.op("Mul", [gy[0], b.op("Mul", [y, y])])])]
+
+
+@RULES.gradient("Sin")
+def sin_grad(ctx, node, gy):
+    return [ctx.bwd.op("Mul", [gy[0], ctx.bwd.op("Cos", [node.input[0]])])]
+
+
+@RULES.gradient("Cos")
+def cos_grad(ctx, node, gy):
+    b = ctx.bwd
+    return [b.op("Neg", [b.op("Mul", [gy[0], b.op("Sin", [node.input[0]])])])]
+
+
+for _op in ("Sign", "Floor", "Ceil", "Round"):  # piecewise constant: zero almost everywhere
+    RULES.gradient(_op)(lambda ctx, node, gy: [None])
+
+
+@RULES.gradient("Max")
+def max_grad(ctx, node, gy):
+    """Elementwise max/min of any number of inputs (broadcast): the gradient goes to the inputs
+    equal to the result, split evenly between ties (as torch.maximum does for two)."""
+    b, y = ctx.bwd, node.output[0]
+    hits = [b.op("Cast", [b.op("Equal", [x, y])], to=TensorProto.FLOAT) for x in node.input]
+    count = hits[0]
+    for h in hits[1:]:
+        count = b.op("Add", [count, h])
+    share = b.op("Div", [gy[0], count])
+    return [unbroadcast(ctx, b.op("Mul", [share, h]), y, x) if needs(ctx, node, i) else None
+            for i, (x, h) in enumerate(zip(node.input, hits, strict=True))]
+
+
+RULES.gradient("Min")(max_grad)

@@ -65,3 +65,48 @@ def gap_grad(ctx, node, gy):
         raise ExportError(f"GlobalAveragePool '{node.name}' needs static spatial dims")
     g = ctx.bwd.op("Div", [gy[0], ctx.bwd.const(float(hw))])
     return [_expand(ctx, g, node.input[0])]
+
+
+@RULES.gradient("ReduceMax")
+def reducemax_grad(ctx, node, gy):
+    """The gradient goes to the positions equal to the maximum (minimum), split evenly between
+    ties."""
+    b, x = ctx.bwd, node.input[0]
+    axes, keep = _reduce_axes(ctx, node)
+    y = node.output[0] if keep else b.op("Unsqueeze", [node.output[0], b.ints(axes)])
+    hit = b.op("Cast", [b.op("Equal", [x, y])], to=TensorProto.FLOAT)
+    count = b.op("ReduceSum", [hit, b.ints(axes)], keepdims=1)
+    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
+    return [b.op("Mul", [hit, b.op("Div", [g, count])])] + [None] * (len(node.input) - 1)
+
+
+RULES.gradient("ReduceMin")(reducemax_grad)
+
+
+@RULES.gradient("ReduceL2")
+def reducel2_grad(ctx, node, gy):
+    """y = sqrt(Σx²): g_x = g·x / y (0 where y is 0)."""
+    b, x = ctx.bwd, node.input[0]
+    axes, keep = _reduce_axes(ctx, node)
+    y = node.output[0] if keep else b.op("Unsqueeze", [node.output[0], b.ints(axes)])
+    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
+    safe = b.op("Max", [y, b.const(1e-30)])
+    return [b.op("Mul", [x, b.op("Div", [g, safe])])] + [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("ReduceLogSumExp")
+def reducelse_grad(ctx, node, gy):
+    """y = log Σ exp(x): g_x = g·exp(x - y)."""
+    b, x = ctx.bwd, node.input[0]
+    axes, keep = _reduce_axes(ctx, node)
+    y = node.output[0] if keep else b.op("Unsqueeze", [node.output[0], b.ints(axes)])
+    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
+    return [b.op("Mul", [g, b.op("Exp", [b.op("Sub", [x, y])])])] + [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("ReduceSumSquare")
+def reducesumsquare_grad(ctx, node, gy):
+    b, x = ctx.bwd, node.input[0]
+    axes, keep = _reduce_axes(ctx, node)
+    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
+    return [b.op("Mul", [x, b.op("Mul", [g, b.const(2.0)])])] + [None] * (len(node.input) - 1)

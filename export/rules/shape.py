@@ -65,10 +65,10 @@ def slice_grad(ctx, node, gy):
     n_axes = ctx.shapes.numel_static(node.input[1], [0])
     axes = opt[0] if opt and opt[0] is not None else list(range(n_axes or 0))
     steps = opt[1] if len(opt) > 1 and opt[1] is not None else [1] * len(axes)
-    if any(s != 1 for s in steps):
-        raise ExportError(f"Slice '{node.name}': only step 1 is supported, got steps {steps}")
     axes = [a % rank for a in axes]
     rest = [None] * (len(node.input) - 1)
+    if any(s != 1 for s in steps):
+        return [_strided_slice_grad(ctx, node, gy[0], axes, steps)] + rest
     if not all(i in ctx.constants for i in node.input[1:3]) or not all(
             isinstance(dims[a], int) for a in axes):
         return [ctx.bwd.op("Pad", [gy[0], _slice_pads(ctx, node, axes, rank)])] + rest
@@ -79,6 +79,30 @@ def slice_grad(ctx, node, gy):
         st, en = (min(max(v + d if v < 0 else v, 0), d) for v in (st, en))
         pads[ax], pads[rank + ax] = st, d - max(en, st)
     return [ctx.bwd.op("Pad", [gy[0], ctx.bwd.ints(pads)])] + rest
+
+
+def _strided_slice_grad(ctx, node, g: str, axes: list[int], steps: list[int]) -> str:
+    """Any steps (``x[:, ::2]``, ``torch.flip`` as step -1): per sliced axis, each input
+    position reads its element of g, or a zero appended to g where the slice skipped it (a
+    Gather of constant indices; constant bounds and static sizes)."""
+    dims = ctx.shapes.of(node.input[0])
+    if not all(i in ctx.constants for i in node.input[1:3]) or not all(
+            isinstance(dims[a], int) for a in axes):
+        raise ExportError(f"Slice '{node.name}': a step other than 1 needs constant bounds and "
+                          "static sizes")
+    b = ctx.bwd
+    starts, ends = (ctx.constant_value(i).tolist() for i in node.input[1:3])
+    for st, en, ax, step in zip(starts, ends, axes, steps, strict=True):
+        d = int(dims[ax])
+        picked = np.array(range(*slice(st, en, step).indices(d)), np.int64)  # as ONNX Slice
+        index = np.full(d, len(picked), np.int64)                       # the appended zero
+        index[picked] = np.arange(len(picked))
+        zero_shape = b.op("ScatterElements", [ctx.shape(node.output[0]) if ax == axes[0]
+                                              else b.op("Shape", [g]), b.ints([ax]),
+                                              b.ints([1])], axis=0)
+        g = b.op("Concat", [g, zeros(ctx, zero_shape)], axis=ax)
+        g = b.op("Gather", [g, b.const(index, np.int64)], axis=ax)
+    return g
 
 
 def _slice_pads(ctx: GradContext, node: onnx.NodeProto, axes: list[int], rank: int) -> str:
@@ -273,3 +297,55 @@ def einsum_grad(ctx, node, gy):
             g = b.op("Expand", [b.op("Unsqueeze", [g, b.ints(axes)]), ctx.shape(x)])
         grads.append(g)
     return grads
+
+
+@RULES.gradient("Tile")
+def tile_grad(ctx, node, gy):
+    """y = x repeated r_i times along each axis: g_x = Σ over the copies, as [r0, d0, r1, d1, …]
+    summed over the r axes (static shape and constant repeats)."""
+    x = node.input[0]
+    dims = ctx.shapes.of(x)
+    reps = [int(r) for r in np.asarray(ctx.constant_value(node.input[1])).ravel()]
+    if not all(isinstance(d, int) for d in dims[1:]):
+        raise ExportError(f"Tile '{node.name}' needs static sizes after the batch axis")
+    b = ctx.bwd
+    first = [reps[0], 0 if not isinstance(dims[0], int) else dims[0]]
+    view = first + [v for r, d in zip(reps[1:], dims[1:], strict=True) for v in (r, d)]
+    if not isinstance(dims[0], int) and reps[0] != 1:
+        raise ExportError(f"Tile '{node.name}': repeating the batch axis is not supported")
+    if first[1] == 0:  # batch: read from the gradient (repeats 1 there)
+        view[1] = -1
+    t = b.op("Reshape", [gy[0], b.ints(view)])
+    return [b.op("ReduceSum", [t, b.ints(list(range(0, 2 * len(dims), 2)))], keepdims=0),
+            None]
+
+
+@RULES.gradient("Trilu")
+def trilu_grad(ctx, node, gy):
+    """A triangle of x (the rest zero): the same triangle of g."""
+    return [ctx.bwd.op("Trilu", [gy[0]] + list(node.input[1:2]),
+                       upper=int(attrs(node).get("upper", 1)))] + [None] * (len(node.input) - 1)
+
+
+@RULES.gradient("GatherElements")
+def gather_elements_grad(ctx, node, gy):
+    """Scatter-add g back to the gathered positions (torch.gather)."""
+    b, x = ctx.bwd, node.input[0]
+    axis = int(attrs(node).get("axis", 0))
+    return [b.op("ScatterElements", [zeros(ctx, ctx.shape(x)), node.input[1], gy[0]],
+                 axis=axis, reduction="add"), None]
+
+
+@RULES.gradient("TopK")
+def topk_grad(ctx, node, gy):
+    """The values' gradient goes back to their positions (the indices output)."""
+    if gy[0] is None:
+        return [None, None]
+    b, x = ctx.bwd, node.input[0]
+    axis = int(attrs(node).get("axis", -1))
+    while len(node.output) < 2:
+        node.output.append("")
+    if not node.output[1]:
+        node.output[1] = f"{node.output[0]}.indices"
+    return [b.op("ScatterElements", [zeros(ctx, ctx.shape(x)), node.output[1], gy[0]],
+                 axis=axis, reduction="add"), None]
