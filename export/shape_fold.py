@@ -190,3 +190,34 @@ def _graph_reads(g: onnx.GraphProto) -> set[str]:
             if a.type == onnx.AttributeProto.GRAPH:
                 out |= _graph_reads(a.g)
     return out
+
+
+def annotate_measured_shapes(model: onnx.ModelProto, inputs: list[str]) -> int:
+    """Where shape inference still loses a shape (``cls.expand(x.shape[0], -1, -1)``: the
+    Expand's target is computed from the batch size), record the shapes measured by running the
+    model at batch sizes 2 and 3: a dim equal in both runs is static, one equal to the batch in
+    both is ``N``, any other stays symbolic. Returns how many tensors were annotated."""
+    if not _free_dims_only_batch(model, inputs) or not _unknown_shapes(model):
+        return 0
+    shapes = Shapes(model)
+    names = [o for n in model.graph.node for o in n.output if o and (
+        shapes.shape.get(o) is None or sum(not isinstance(d, int) for d in shapes.shape[o]) > 1)]
+    if not names:
+        return 0
+    runs = [_run(model, inputs, names, n) for n in (2, 3)]
+    if any(r is None for r in runs):
+        return 0
+    by_name = {vi.name: vi for vi in model.graph.value_info}
+    done = 0
+    for name, a, b in zip(names, *runs, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.ndim != b.ndim or a.dtype != b.dtype or a.dtype.kind not in "fiub":
+            continue
+        dims = [int(p) if p == q else "N" if (p, q) == (2, 3) else None
+                for p, q in zip(a.shape, b.shape, strict=True)]
+        vi = helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), dims)
+        if name in by_name:
+            model.graph.value_info.remove(by_name[name])
+        model.graph.value_info.append(vi)
+        done += 1
+    return done

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from .graph import ExportError, check_ops, name_nodes
 from .param_names import ROLE, fingerprinted_export, name_initializers, onnx_param_names
 from .recurrent import lower_traced
-from .shape_fold import fold_shape_operands
+from .shape_fold import annotate_measured_shapes, fold_shape_operands
 
 __all__ = ["Traced", "any_length", "at_length", "check_free_batch", "example_arrays", "load_model",
            "parse_input_shapes"]
@@ -161,6 +161,7 @@ def _folded(traced: Traced) -> Traced:
     """Shape arithmetic folded where shape inference cannot follow it (``export/shape_fold.py``:
     TorchScript's MultiheadAttention, ``nn.ZeroPad2d``)."""
     fold_shape_operands(traced.model, traced.inputs)
+    annotate_measured_shapes(traced.model, traced.inputs)
     return traced
 
 

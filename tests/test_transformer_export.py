@@ -178,6 +178,30 @@ MODELS = textwrap.dedent('''
         return NormCNN()
 
 
+    class TinyViT(nn.Module):
+        """Patch embedding, a class token by ``expand`` (its size along the tokens comes from a
+        shape computed from the batch size), pre-norm encoder layers, head on the class token."""
+
+        def __init__(self, d=32, classes=3):
+            super().__init__()
+            self.patch = nn.Conv2d(3, d, 4, stride=4)
+            self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+            self.pos = nn.Parameter(torch.randn(1, 5, d) * 0.02)
+            self.enc = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True,
+                                                  norm_first=True, activation="gelu")
+            self.head = nn.Linear(d, classes)
+
+        def forward(self, x):
+            x = self.patch(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+            return self.head(self.enc(x)[:, 0])
+
+
+    def vit():
+        torch.manual_seed(0)
+        return TinyViT()
+
+
     def torch_encoder():
         torch.manual_seed(0)
         return TorchEncoder()
@@ -368,6 +392,18 @@ def test_decoder_upsampling_gradients_match_torch(models_file: Path, tmp_path: P
     bundle = export_bundle(f"{models_file}:decoder", tmp_path / "bundle", input_shape="2,3,8,8")
     assert [ly.name for ly in open_bundle(bundle).layers] == ["mix"]
     check_bundle_grads(models_file, "decoder", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_vit_with_an_expanded_class_token_gradients_match_torch(models_file: Path,
+                                                                tmp_path: Path):
+    """Shape inference loses the class token's length (``expand`` to a computed shape); the
+    shapes measured at two batch sizes restore it (export/shape_fold.py)."""
+    rng = np.random.default_rng(6)
+    x = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    labels = rng.integers(0, 3, 2).astype(np.int64)
+    bundle = export_bundle(f"{models_file}:vit", tmp_path / "bundle", input_shape="2,3,8,8")
+    assert "enc.self_attn.in_proj" in {ly.name for ly in open_bundle(bundle).layers}
+    check_bundle_grads(models_file, "vit", bundle, x, labels, ("vanilla", "instant"))
 
 
 def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Path):
