@@ -43,6 +43,21 @@ def module_path(node_name: str) -> str | None:
     return ".".join(parts[:-1])
 
 
+def node_module_path(node: onnx.NodeProto) -> str | None:
+    """The module a node belongs to: from its name (TorchScript: ``/encoder/fc/MatMul``) or,
+    for torch's dynamo exporter, whose nodes are named ``node_MatMul_3``, from its
+    ``pkg.torch.onnx.name_scopes`` metadata (``['', 'enc', 'enc.1', 'linear']`` -> ``enc.1``)."""
+    path = module_path(node.name)
+    if path:
+        return path
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            scopes = re.findall(r"'([^']*)'", p.value)
+            mods = [x for x in scopes[:-1] if x]
+            return mods[-1] if mods else None
+    return None
+
+
 @dataclass
 class CompressedLayer:
     """A trainable Linear / 1x1 Conv whose backward INSTANT compresses.

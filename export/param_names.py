@@ -122,7 +122,7 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
     anonymous (``onnx::MatMul_470``), the consuming node's module path plus the role
     (``encoder.layer.0.attention.self.query.weight``). MatMul weights are [in, out]: marked
     transposed with respect to PyTorch's Linear ([out, in]), for ``export-model``'s safetensors."""
-    from .layers import is_anonymous, module_path
+    from .layers import is_anonymous, node_module_path
 
     inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     names: dict[str, tuple[str, bool]] = {}
@@ -135,7 +135,7 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
             if not is_anonymous(i):
                 names[i] = (i, transposed)
                 continue
-            path = module_path(node.name)
+            path = node_module_path(node)
             role = ROLE.get((node.op_type, k), f"param{k}")
             base = f"{path}.{role}" if path else i
             name, j = base, 1

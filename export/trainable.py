@@ -19,6 +19,8 @@ def _candidate_params(traced: Traced) -> list[str]:
     used = []
     bn_stats = {n.input[i] for n in g.node if n.op_type == "BatchNormalization"
                 for i in (3, 4) if len(n.input) > i}
+    inits = {i.name: i for i in g.initializer}
+    group_norm_consts = _group_norm_constants(g, inits)
     roles = {n.input[i] for n in g.node for i in range(len(n.input))
              if (n.op_type, i) in (("Gemm", 2), ("Conv", 2), ("ConvTranspose", 2))}
     order = {}
@@ -26,7 +28,7 @@ def _candidate_params(traced: Traced) -> list[str]:
         for i in n.input:
             order.setdefault(i, k)
     for init in g.initializer:
-        if init.data_type != TensorProto.FLOAT or init.name in bn_stats:
+        if init.data_type != TensorProto.FLOAT or init.name in bn_stats | group_norm_consts:
             continue
         if traced.from_torch and init.name not in traced.torch_names:
             continue  # a torch buffer or a folded constant, not a parameter
@@ -35,6 +37,23 @@ def _candidate_params(traced: Traced) -> list[str]:
         if init.name in order:
             used.append(init.name)
     return sorted(used, key=lambda n: order[n])
+
+
+def _group_norm_constants(g, inits) -> set[str]:
+    """The fixed ones/zeros scale and shift of an InstanceNormalization that normalises a
+    reshaped input: how exporters write GroupNorm (its own affine weights follow as Mul/Add),
+    constants of the decomposition, not parameters."""
+    from onnx import numpy_helper
+
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    out = set()
+    for n in g.node:
+        if n.op_type != "InstanceNormalization" or made_by.get(n.input[0]) != "Reshape":
+            continue
+        for name, want in zip(n.input[1:3], (1.0, 0.0), strict=False):
+            if name in inits and np.all(numpy_helper.to_array(inits[name]) == want):
+                out.add(name)
+    return out
 
 
 def select_trainable(traced: Traced, spec: str) -> list[str]:

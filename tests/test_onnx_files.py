@@ -123,6 +123,46 @@ def test_a_one_element_bias_trains(tmp_path):
     assert "1 trainable tensors" in r.stdout, r.stdout
 
 
+def test_dynamo_style_files_get_module_names_and_no_group_norm_constants():
+    """torch's dynamo exporter names nodes ``node_MatMul_3`` and pre-transposed weights
+    ``val_7``; the module path is in each node's ``pkg.torch.onnx.name_scopes``. The weight is
+    named after it (so ``--trainable 'enc.1.*'`` finds it), and the ones/zeros scale and shift
+    of the InstanceNormalization it writes for GroupNorm are constants, not parameters."""
+    from export.param_names import onnx_param_names
+    from export.tracing import Traced
+    from export.trainable import select_trainable
+
+    rng = np.random.default_rng(0)
+
+    def node(op, ins, outs, scopes, **kw):
+        n = helper.make_node(op, ins, outs, name=f"node_{op}_{len(outs[0])}", **kw)
+        p = n.metadata_props.add()
+        p.key, p.value = "pkg.torch.onnx.name_scopes", repr(["", *scopes, op.lower()])
+        return n
+
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "val_7"),
+             numpy_helper.from_array(np.array([1, 2, -1], np.int64), "val_4"),
+             numpy_helper.from_array(np.ones(2, np.float32), "val_8"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "val_11"),
+             numpy_helper.from_array(np.array([-1, 6], np.int64), "val_12"),
+             numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "val_20")]
+    graph = helper.make_graph(
+        [node("MatMul", ["x", "val_7"], ["mm"], ["enc", "enc.1"]),
+         node("Reshape", ["mm", "val_4"], ["r"], ["enc", "enc.1.norm"]),
+         node("InstanceNormalization", ["r", "val_8", "val_11"], ["inorm"],
+              ["enc", "enc.1.norm"]),
+         node("Reshape", ["inorm", "val_12"], ["back"], ["enc", "enc.1.norm"]),
+         node("Mul", ["back", "val_20"], ["y"], ["enc", "enc.1.norm"])], "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    traced = Traced(model, ["x"], ["y"], "onnx:dyn.onnx", onnx_param_names(model))
+    assert traced.display("val_7") == "enc.1.weight"
+    assert traced.display("val_20") == "enc.1.norm.weight"
+    assert select_trainable(traced, "all") == ["val_7", "val_20"]
+    assert select_trainable(traced, "enc.1.*") == ["val_7", "val_20"]
+
+
 @pytest.mark.parametrize("domain", ["com.example.ops"])
 def test_a_custom_operator_is_refused_at_export(tmp_path, domain):
     onnx_file = tmp_path / "custom.onnx"
