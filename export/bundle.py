@@ -50,7 +50,8 @@ from contract.schema import load as load_typed
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
 from .layers import CompressedLayer, find_compressible_layers, mask_padding
-from .tracing import check_free_batch, example_arrays, load_model
+from .shape_fold import check_free_batch
+from .tracing import example_arrays, load_model
 from .trainable import select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]

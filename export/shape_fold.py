@@ -17,12 +17,16 @@ that fits neither form is left as it was.
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import Shapes
+from .graph import ExportError, Shapes
+
+if TYPE_CHECKING:
+    from .tracing import Traced
 
 
 def attrs_of(node: onnx.NodeProto) -> dict:
@@ -221,3 +225,56 @@ def annotate_measured_shapes(model: onnx.ModelProto, inputs: list[str]) -> int:
         model.graph.value_info.append(vi)
         done += 1
     return done
+
+
+def check_free_batch(traced: Traced) -> None:
+    """An ONNX file must run at any batch size: the bundle trains at the user's micro-batch.
+    Files exported with a fixed batch (``torch.onnx.export(dynamo=True)`` without dynamic
+    shapes fixes the example's) fail inside their Reshapes at another; found here by running the
+    model at its example batch and one more.
+
+    Raises:
+        ExportError: the model runs at its own batch size only.
+    """
+    if traced.origin is None or traced.origin[0] != "onnx":
+        return
+    import copy
+
+    import onnxruntime as ort
+
+    model = copy.deepcopy(traced.model)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in traced.inputs:
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        if not dims or any(d <= 0 for d in dims[1:]):
+            return  # unknown sizes: nothing to run
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feeds[vi.name] = np.ones(dims, dtype)
+        t.shape.dim[0].ClearField("dim_value")
+        t.shape.dim[0].dim_param = "N"
+    for vi in model.graph.output:
+        if vi.type.tensor_type.shape.dim:
+            vi.type.tensor_type.shape.dim[0].ClearField("dim_value")
+            vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    del model.graph.value_info[:]
+    if int(sum(int(np.prod(v.shape)) * v.itemsize for v in feeds.values())) > 256 << 20:
+        return  # too large an example to run here
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+    except Exception:  # noqa: BLE001 - not runnable as given: other checks report that
+        return
+    n = next(iter(feeds.values())).shape[0]
+    try:
+        sess.run(None, {k: np.concatenate([v, v[:1]]) for k, v in feeds.items()})
+    except Exception:  # noqa: BLE001
+        raise ExportError(f"{traced.source}: the model runs at batch size {n} only (its graph "
+                          "fixes the batch, e.g. torch.onnx.export(dynamo=True) without "
+                          "dynamic_shapes); export it again with a dynamic batch axis "
+                          "(dynamic_shapes / dynamic_axes)") from None

@@ -511,7 +511,15 @@ case("AveragePool", "3x3_pad1_include_pad",
 case("AveragePool", "pad_exclude_pad",
      "y = AveragePool <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (x)",
      lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), {"x": rnd(2, 3, 4, 5)},
-     ["x"], xfail="padding with count_include_pad=0 is not supported")
+     ["x"])
+case("AveragePool", "ceil_mode_exclude_pad",  # ResNet-D's avg_down
+     "y = AveragePool <kernel_shape = [3, 2], strides = [2, 2], pads = [1, 0, 1, 0], "
+     "ceil_mode = 1> (x)",
+     lambda x: F.avg_pool2d(x, (3, 2), 2, (1, 0), ceil_mode=True, count_include_pad=False),
+     {"x": rnd(2, 3, 6, 5)}, ["x"])
+case("AveragePool", "1d_ceil_mode", "y = AveragePool <kernel_shape = [2], strides = [2], "
+     "ceil_mode = 1> (x)", lambda x: F.avg_pool1d(x, 2, 2, ceil_mode=True),
+     {"x": rnd(2, 3, 7)}, ["x"])
 case("MaxPool", "1d_k3_stride2_pad1", "y = MaxPool <kernel_shape = [3], strides = [2], pads = [1, 1]> (x)",
      lambda x: F.max_pool1d(x, 3, 2, 1), {"x": rnd(2, 3, 9)}, ["x"])
 case("AveragePool", "1d_k2_stride2", "y = AveragePool <kernel_shape = [2], strides = [2]> (x)",

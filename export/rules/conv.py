@@ -146,11 +146,9 @@ def avgpool_grad(ctx, node, gy):
     k = list(a["kernel_shape"])
     x = node.input[0]
     strides, dil, pads, _ = _convattrs(node, k)
-    if any(pads) and not a.get("count_include_pad", 0):
-        raise ExportError(f"AveragePool '{node.name}': padding with count_include_pad=0 is not "
-                          "supported")
-    if a.get("ceil_mode", 0):
-        raise ExportError(f"AveragePool '{node.name}': ceil_mode=1 is not supported")
+    if (any(pads) and not a.get("count_include_pad", 0)) or a.get("ceil_mode", 0) \
+            or any(d != 1 for d in dil):
+        return [_separable_pool_grad(ctx, node, gy[0], k, strides, dil, pads)]
     c = ctx.shapes.of(x)[1]
     if not isinstance(c, int):
         raise ExportError(f"AveragePool '{node.name}': the channel count must be static")
@@ -159,6 +157,45 @@ def avgpool_grad(ctx, node, gy):
     outpad = _output_padding(ctx, node, x, node.output[0], k, strides, [1] * len(k), pads)
     return [b.op("ConvTranspose", [gy[0], kern], strides=strides, pads=pads, group=c,
                  kernel_shape=k, output_padding=outpad)]
+
+
+def _separable_pool_grad(ctx, node, g: str, k, strides, dil, pads) -> str:
+    """AveragePool where each output divides by the elements its window really covers
+    (``count_include_pad=0`` with padding, ``ceil_mode``; torch's ``AvgPool2d(ceil_mode=True,
+    count_include_pad=False)``): a window is a rectangle, so per axis the pooling is a matrix
+    [out, in], measured by running the same pool along that axis alone (onnx's reference
+    implementation) on the identity; g_x = A_hᵀ g A_w (1-D: g A_l)."""
+    from onnx.reference import ReferenceEvaluator
+
+    x, y = node.input[0], node.output[0]
+    xs, ys = ctx.shapes.of(x), ctx.shapes.of(y)
+    n = len(k)
+    if n not in (1, 2) or not all(isinstance(d, int) for d in list(xs[2:]) + list(ys[2:])):
+        raise ExportError(f"AveragePool '{node.name}': this padding or ceil_mode needs a 1-D or "
+                          "2-D pool with static sizes")
+    a = attrs(node)
+    mats = []
+    for i in range(n):
+        size = int(xs[2 + i])
+        pool = helper.make_node(
+            "AveragePool", ["x"], ["y"], kernel_shape=[k[i]], strides=[strides[i]],
+            pads=[pads[i], pads[n + i]], dilations=[dil[i]], ceil_mode=int(a.get("ceil_mode", 0)),
+            count_include_pad=int(a.get("count_include_pad", 0)))
+        graph = helper.make_graph([pool], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+        probe = np.eye(size, dtype=np.float32).reshape(size, 1, size)
+        out = ReferenceEvaluator(model).run(None, {"x": probe})[0]         # [in, 1, out]
+        if out.shape[2] != ys[2 + i]:
+            raise ExportError(f"AveragePool '{node.name}': its pooling gives {out.shape[2]} "
+                              f"positions where the graph has {ys[2 + i]}")
+        mats.append(np.ascontiguousarray(out[:, 0, :].T))                  # [out, in]
+    b = ctx.bwd
+    if n == 1:
+        return b.op("MatMul", [g, b.const(mats[0])])
+    t = b.op("MatMul", [b.const(np.ascontiguousarray(mats[0].T)), g])
+    return b.op("MatMul", [t, b.const(mats[1])])
 
 
 def _resize_matrix(node, axis_in: int, axis_out: int, scale: float | None, opset: int
