@@ -27,6 +27,7 @@ __all__ = [
 
 LOSS = "loss"  # forward output: the scalar mean loss of the micro-batch
 LABELS = "labels"  # forward input: class ids (int64 [N]) or regression targets (float)
+IGNORE_LABEL = -100  # a class id per token ([N, L] labels): this one adds no loss (padding)
 LOSS_SCALE = "loss_scale"  # backward input: the seed dL/dloss (the micro-batch's share)
 GRAD_ACC = "grad_acc."  # backward inputs grad_acc.<param>: the gradient accumulated so far
 GRAD = "grad."  # backward outputs grad.<param> = grad_acc.<param> + this micro-batch's gradient

@@ -81,15 +81,24 @@ def _append_loss(model: onnx.ModelProto, output: str, loss: str,
     g = model.graph
     out_shape = shapes.of(output)
     if loss == "cross_entropy":
-        if len(out_shape) != 2 or not isinstance(out_shape[1], int):
-            raise ExportError(f"cross_entropy needs a [N, classes] output; '{output}' has shape "
-                              f"{out_shape}. Use --loss mse for other outputs")
-        g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.INT64, ["N"]))
-        g.node.append(helper.make_node("SoftmaxCrossEntropyLoss", [output, names.LABELS],
+        if len(out_shape) not in (2, 3) or not isinstance(out_shape[-1], int):
+            raise ExportError(f"cross_entropy needs a [N, classes] output, or [N, L, classes] "
+                              f"for a class per token; '{output}' has shape {out_shape}. Use "
+                              "--loss mse for other outputs")
+        scores, label_dims, extra = output, ["N"], {}
+        if len(out_shape) == 3:  # per token: labels [N, L], IGNORE_LABEL where there is none
+            scores = "loss/scores"
+            g.node.append(helper.make_node("Transpose", [output], [scores], perm=[0, 2, 1],
+                                           name="loss/Transpose"))
+            label_dims = ["N", out_shape[1] if isinstance(out_shape[1], int) else "L"]
+            extra = {"ignore_index": names.IGNORE_LABEL}
+        g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.INT64,
+                                                     label_dims))
+        g.node.append(helper.make_node("SoftmaxCrossEntropyLoss", [scores, names.LABELS],
                                        [names.LOSS], name="loss/SoftmaxCrossEntropyLoss",
-                                       reduction="mean"))
-        info = LossSpec("cross_entropy", TensorSpec(names.LABELS, ["N"], "int64"),
-                        int(out_shape[1]))
+                                       reduction="mean", **extra))
+        info = LossSpec("cross_entropy", TensorSpec(names.LABELS, label_dims, "int64"),
+                        int(out_shape[-1]))
     elif loss == "mse":
         dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
         g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.FLOAT, dims))

@@ -67,9 +67,11 @@ class Resident:
         tr.shared.release()
         fgrams = {layer: outs.pop(name).numpy() for layer, name in io.fwd_grams.items()}
         loss = float(outs[names.LOSS].numpy())
-        correct = 0
+        correct = (0, len(y))
         if tr.bundle.classification and tr.bundle.output in outs:
-            correct = int((outs[tr.bundle.output].numpy().argmax(-1) == y).sum())
+            from .trainer import hits
+
+            correct = hits(outs[tr.bundle.output].numpy(), y)
         outs[io.loss_scale] = ort.OrtValue.ortvalue_from_numpy(np.array(weight, np.float32))
         outs.update((io.grad_acc[p], self.grads[p]) for p in tr.params)
         bb = bwd.io_binding()

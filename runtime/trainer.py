@@ -86,6 +86,16 @@ class IndexBatch:
         return self.data.take(self.idx[start:stop])
 
 
+def hits(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
+    """(correct predictions, labels counted): one label per sample, or per token where the
+    labels are [N, L] (``names.IGNORE_LABEL`` positions not counted)."""
+    right = logits.argmax(-1) == y
+    if y.ndim < 2:
+        return int(right.sum()), int(y.shape[0])
+    keep = y != names.IGNORE_LABEL
+    return int((right & keep).sum()), int(keep.sum())
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -454,7 +464,7 @@ class Trainer:
             for g in self._grads.values():
                 g.fill(0.0)
         loss_sum = 0.0
-        correct = 0
+        correct = count = 0
         step = res.micro_step if res is not None else self._micro_step
         try:
             for s, e in chunks(n, micro):
@@ -466,13 +476,14 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001 - onnxruntime errors of the resident path
                     raise self._run_error(exc, "training") from None
                 loss_sum += loss * (e - s) / n
-                correct += c
+                correct, count = correct + c[0], count + c[1]
         except ArenaExhausted:
             if self.window is not None:
                 self.window.reset()
             raise
         finally:
             self.shared.release()
+        self.last_count = count  # labels counted: samples, or tokens with a label
         return loss_sum, correct
 
     def add_grams(self, weight: float, m: int, fwd: dict[str, np.ndarray],
@@ -515,9 +526,9 @@ class Trainer:
         del carried
         fgrams = {layer: extra.pop(name).numpy() for layer, name in io.fwd_grams.items()}
         loss = float(extra[names.LOSS].numpy())
-        correct = 0
+        correct = (0, len(y))
         if self.bundle.classification and self.bundle.output in extra:
-            correct = int((extra[self.bundle.output].numpy().argmax(-1) == y).sum())
+            correct = hits(extra[self.bundle.output].numpy(), y)
         extra[io.loss_scale] = _ov(np.array(weight, np.float32))
         extra.update((io.grad_acc[p], self._grad_ov[p]) for p in self.params)
         binding = bwd.io_binding()
@@ -578,7 +589,7 @@ class Trainer:
             self.calib_steps += 1  # a training step: its time counts as a step's
             if self.window.complete:
                 calibrated = self.finish_calibration()
-        return StepResult(loss_sum, correct, len(batch), time.perf_counter() - t0, finite,
+        return StepResult(loss_sum, correct, self.last_count, time.perf_counter() - t0, finite,
                           "recal" if calibrating else self.mode, calibrated)
 
     # ---------------------------------------------------------------------------- calibration
@@ -717,7 +728,7 @@ class Trainer:
         inputs = [i.name for i in sess.get_inputs()]
         out = self.bundle.output
         total = 0.0
-        correct = 0
+        correct = counted = 0
         n = len(data)
         micro = batch or self.plan.eval_micro_batch or 256
         if self.plan.eval_micro_batch:
@@ -743,13 +754,18 @@ class Trainer:
                 if ce:
                     z = logits - logits.max(-1, keepdims=True)
                     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-                    total += float(-logp[np.arange(len(y)), y].sum())
-                    correct += int((logits.argmax(-1) == y).sum())
+                    keep = y != names.IGNORE_LABEL if y.ndim > 1 else np.ones(y.shape, bool)
+                    picked = np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0]
+                    total += float(-(picked * keep).sum())
+                    c, k = hits(logits, y)
+                    correct, counted = correct + c, counted + k
                 else:
                     total += float(np.square(logits - y).mean(axis=tuple(range(1, y.ndim))).sum())
         finally:
             self.shared.release()
-        return total / max(n, 1), (correct / n if ce and n else None)
+        if ce:  # per label: per sample, or per token with a label
+            return total / max(counted, 1), (correct / counted if counted else None)
+        return total / max(n, 1), None
 
     def _lengths(self, data, micro: int) -> np.ndarray | None:
         """Each row's length up to its last unmasked token (at least 1), read ``micro`` rows at a

@@ -246,6 +246,53 @@ def test_ids_outside_the_embedding_table_are_one_line(cli, tmp_path, bad_id):
                f"has id {bad_id} (row 7)", "100-row embedding table", "ids must be 0 to 99")
 
 
+TAGGER_FACTORY = """\
+from torch import nn
+
+
+class Tagger(nn.Module):  # a class per token: [N, L] ids -> [N, L, 3] scores
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.mix = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, ids):
+        return self.out(self.mix(self.emb(ids)).relu())
+
+
+def make():
+    return Tagger()
+"""
+
+
+def test_a_class_per_token_trains_with_padding_labels_ignored(cli, tmp_path):
+    """--loss cross_entropy on an [N, L, classes] output: labels [N, L], -100 where a position
+    has none (padding); loss and accuracy count only the labelled tokens."""
+    path = tmp_path / "tagger.py"
+    path.write_text(TAGGER_FACTORY)
+    out = ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b",
+                 "--input-shape", "8,12:int64", "--loss", "cross_entropy"))
+    assert "2 INSTANT layers" in out or "1 INSTANT layers" in out, out
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (400, 12))
+    tags = ids % 3                                  # the tag is a function of the token
+    tags[:, 9:] = -100                              # the last positions have no label
+    ids[:, 9:] = 0                                  # (padding)
+    np.savez(tmp_path / "tags.npz", x=ids, y=tags)
+    s = summary_of(ok(cli("train", tmp_path / "b", "--data", tmp_path / "tags.npz",
+                          "--val-split", 0.25, "--steps", 60, "--batch", 16, "--lr", 1e-2,
+                          "--no-progress", "--out", tmp_path / "run")))
+    assert s["loss_last"] < 0.5 * s["loss_first"], s
+    assert 0.9 < s["acc"] <= 1.0, s  # per labelled token; chance 1/3
+    bad = tags.copy()
+    bad[5, 2] = 3
+    np.savez(tmp_path / "bad.npz", x=ids, y=bad)
+    user_error(cli("train", tmp_path / "b", "--data", tmp_path / "bad.npz", "--steps", 1,
+                   "--no-progress", "--out", tmp_path / "run2"),
+               "has class id 3 (row 5)", "[0, 2]", "-100: no label")
+
+
 FOLDED_FACTORY = """\
 import torch
 from torch import nn

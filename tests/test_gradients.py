@@ -343,7 +343,15 @@ case("SoftmaxCrossEntropyLoss", "sum", 'y = SoftmaxCrossEntropyLoss <reduction =
 case("SoftmaxCrossEntropyLoss", "ignore_index",
      "y = SoftmaxCrossEntropyLoss <ignore_index = 2> (s, labels)",
      lambda s, labels: F.cross_entropy(s, labels, ignore_index=2),
-     {"s": rnd(4, 5), "labels": _labels}, ["s"], xfail="ignore_index is not supported")
+     {"s": rnd(4, 5), "labels": _labels}, ["s"])
+case("SoftmaxCrossEntropyLoss", "per_token_ignore",  # a tagger: [N, C, L] scores, -100 padding
+     "y = SoftmaxCrossEntropyLoss <ignore_index = -100> (s, labels)",
+     lambda s, labels: F.cross_entropy(s, labels, ignore_index=-100),
+     {"s": rnd(2, 5, 3), "labels": np.array([[0, 4, -100], [2, -100, -100]], np.int64)}, ["s"])
+case("SoftmaxCrossEntropyLoss", "per_token_mean", "y = SoftmaxCrossEntropyLoss(s, labels)",
+     lambda s, labels: F.cross_entropy(s, labels), {"s": rnd(2, 5, 3),
+                                                   "labels": np.array([[0, 4, 1], [2, 3, 3]])},
+     ["s"])
 
 # ------------------------------------------------------------------------ MatMul / Gemm
 

@@ -14,21 +14,35 @@ RULES = RuleSet("loss")
 
 @RULES.gradient("SoftmaxCrossEntropyLoss")
 def softmax_ce_grad(ctx, node, gy):
+    """Scores [N, C] or [N, C, d1, …] (a class per position: a tagger, a language model),
+    labels [N] or [N, d1, …]; ``ignore_index`` labels add nothing, and the mean is over the
+    others. g = (softmax(s) - onehot(labels)) · keep / count."""
     a = attrs(node)
     scores, labels = node.input[0], node.input[1]
-    if len(node.input) > 2 or "ignore_index" in a or ctx.shapes.rank(scores) != 2:
-        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': only 2-D scores without "
-                          "weights or ignore_index are supported")
+    if len(node.input) > 2 and node.input[2]:
+        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': class weights are not "
+                          "supported")
     classes = ctx.shapes.of(scores)[1]
     if not isinstance(classes, int):
         raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': the class count must be static")
+    reduction = a.get("reduction", "mean")
+    if reduction not in ("mean", "sum"):
+        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': reduction must be mean or sum")
     b = ctx.bwd
     prob = b.op("Softmax", [scores], axis=1)
-    onehot = b.op("OneHot", [labels, b.const(classes, np.int64), b.const([0.0, 1.0])], axis=-1)
+    ids, keep = labels, None
+    if "ignore_index" in a:
+        kept = b.op("Not", [b.op("Equal", [labels, b.const(int(a["ignore_index"]), np.int64)])])
+        ids = b.op("Where", [kept, labels, b.const(0, np.int64)])
+        keep = b.op("Cast", [kept], to=TensorProto.FLOAT)
+    onehot = b.op("OneHot", [ids, b.const(classes, np.int64), b.const([0.0, 1.0])], axis=1)
     g = b.op("Mul", [b.op("Sub", [prob, onehot]), gy[0]])
-    if a.get("reduction", "mean") == "mean":
-        n = b.op("Slice", [ctx.shape(scores), b.ints([0]), b.ints([1])])
-        g = b.op("Div", [g, b.op("Cast", [n], to=TensorProto.FLOAT)])
-    elif a.get("reduction") != "sum":
-        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': reduction must be mean or sum")
+    if keep is not None:
+        g = b.op("Mul", [g, b.op("Unsqueeze", [keep, b.ints([1])])])
+    if reduction == "mean":
+        if keep is not None:
+            count = b.op("Max", [b.op("ReduceSum", [keep], keepdims=0), b.const(1.0)])
+        else:
+            count = b.op("Cast", [b.op("Size", [labels])], to=TensorProto.FLOAT)
+        g = b.op("Div", [g, count])
     return [g, None]

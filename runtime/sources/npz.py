@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contract import names
 from contract.errors import UserError
 from contract.manifest import LossSpec, TensorSpec
 
@@ -238,9 +239,13 @@ class NpzSource(Source):
                 raise UserError(f"{self._where(name)} has dtype {m.dtype}; model input "
                                 f"'{name}' is {spec.dtype}; save it as {spec.dtype}")
         if self.loss.kind == "cross_entropy":
-            if self.y.ndim != 1 or self.y.dtype.kind not in "iu":
-                raise UserError(f"{self._where('y')} must be a 1-D integer array of class ids; "
-                                f"got {self.y.dtype} shape {list(self.y.shape)}")
+            want = self.loss.labels.shape  # ["N"], or ["N", L] for a class per token
+            if (self.y.ndim != len(want) or self.y.dtype.kind not in "iu"
+                    or any(isinstance(w, int) and w != d
+                           for w, d in zip(want[1:], self.y.shape[1:], strict=True))):
+                shape = "1-D" if len(want) == 1 else f"[N, {want[1]}] (a class per token)"
+                raise UserError(f"{self._where('y')} must be a {shape} integer array of class "
+                                f"ids; got {self.y.dtype} shape {list(self.y.shape)}")
         else:
             want = self.loss.labels.sample_shape
             got = list(self.y.shape[1:])
@@ -302,12 +307,15 @@ class NpzSource(Source):
             return
         if self.loss.kind == "cross_entropy":
             k = int(self.loss.num_classes or 0)
+            if y.ndim > 1:  # per token: IGNORE_LABEL marks positions without a label
+                y = np.where(y == names.IGNORE_LABEL, 0, y)
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= k:
-                bad = idx[(y < 0) | (y >= k)]
+                bad = idx[((y < 0) | (y >= k)).reshape(len(y), -1).any(axis=1)]
                 raise UserError(f"{self._where('y')} has class id {lo if lo < 0 else hi} (row "
                                 f"{int(bad[0])}); labels must be in [0, {k - 1}] for this "
-                                f"{k}-class model")
+                                f"{k}-class model" + (f" ({names.IGNORE_LABEL}: no label)"
+                                                      if y.ndim > 1 else ""))
         else:
             self._check_values("y", y, idx)
 
