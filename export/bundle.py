@@ -256,6 +256,8 @@ class _WeightFile:
         """Move ``model``'s large initializers to weights.bin; returns their names."""
         names = []
         for t in model.graph.initializer:
+            if t.data_type != TensorProto.FLOAT:  # weights; index and shape constants (an
+                continue                          # unrolled GRU's 128 split sizes) stay inline
             raw = numpy_helper.to_array(t).tobytes()
             if len(raw) < _EXTERNAL_MIN_BYTES:
                 continue

@@ -78,12 +78,15 @@ def _run(model: onnx.ModelProto, inputs: list[str], outputs: list[str], batch: i
 
     m = copy.deepcopy(model)
     m.graph.node.extend(extra)
+    del m.graph.value_info[:]  # shapes recorded at the file's own batch size
     feeds = {}
     for vi in m.graph.input:
         if vi.name not in inputs:
             continue
         t = vi.type.tensor_type
         dims = [batch] + [d.dim_value for d in t.shape.dim[1:]]
+        t.shape.dim[0].Clear()
+        t.shape.dim[0].dim_param = "N"  # free, also where --input-shape fixed it
         feeds[vi.name] = np.ones(dims, helper.tensor_dtype_to_np_dtype(t.elem_type))
     del m.graph.output[:]
     m.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outputs)

@@ -103,17 +103,24 @@ def _load_factory(spec: str):
     mod_spec = importlib.util.spec_from_file_location(f"_user_model_{file.stem}", file)
     assert mod_spec is not None and mod_spec.loader is not None
     module = importlib.util.module_from_spec(mod_spec)
+    folder = str(file.resolve().parent)
+    sys.path.insert(0, folder)  # the file may import modules next to it, as python file.py would
     try:
-        mod_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - the user's file may raise anything
-        raise ExportError(f"cannot import model file '{path}': {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    factory = getattr(module, fn, None)
-    if not callable(factory):
-        avail = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
-        raise ExportError(f"'{fn}' is not a function in {path}; callables there: "
-                          f"{', '.join(avail) or 'none'}")
-    return factory()
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - the user's file may raise anything
+            raise ExportError(f"cannot import model file '{path}': {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        factory = getattr(module, fn, None)
+        if not callable(factory):
+            avail = [n for n in dir(module)
+                     if callable(getattr(module, n)) and not n.startswith("_")]
+            raise ExportError(f"'{fn}' is not a function in {path}; callables there: "
+                              f"{', '.join(avail) or 'none'}")
+        return factory()
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
 
 
 def load_model(spec: str, example: list[np.ndarray] | None, output: str | None = None) -> Traced:

@@ -349,6 +349,17 @@ def test_export_bad_lengths(value, fragment, cli, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_a_factory_file_imports_a_module_next_to_it(cli, tmp_path):
+    (tmp_path / "blocks.py").write_text("from torch import nn\n\n\ndef mlp():\n    return "
+                                        "nn.Sequential(nn.Linear(64, 32), nn.ReLU(), "
+                                        "nn.Linear(32, 10))\n")
+    (tmp_path / "model.py").write_text("from blocks import mlp\n\n\ndef make():\n"
+                                       "    return mlp()\n")
+    out = ok(cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--out", tmp_path / "b",
+                 "--input-shape", "8,64"))
+    assert "4 trainable tensors" in out, out
+
+
 def test_export_and_train_a_factory_file(cli, tmp_path):
     factory = tmp_path / "model.py"
     factory.write_text(FACTORY)

@@ -497,6 +497,14 @@ case("Resize", "bilinear_align_corners_sizes", 'y = Resize <mode = "linear", '
      'coordinate_transformation_mode = "align_corners"> (x, "", "", z)',
      lambda x: F.interpolate(x, size=(5, 7), mode="bilinear", align_corners=True),
      {"x": rnd(2, 3, 3, 4)}, ["x"], consts={"z": i64(2, 3, 5, 7)})
+case("Resize", "align_corners_scale_not_whole",  # onnx's reference differs from ORT/torch here
+     'y = Resize <mode = "linear", coordinate_transformation_mode = "align_corners"> (x, "", s)',
+     lambda x: F.interpolate(x, scale_factor=0.7, mode="bilinear", align_corners=True),
+     {"x": rnd(2, 3, 11, 9)}, ["x"], consts={"s": np.array([1, 1, 0.7, 0.7], np.float32)})
+case("Resize", "bicubic_align_corners_x1_5", 'y = Resize <mode = "cubic", cubic_coeff_a = -0.75, '
+     'coordinate_transformation_mode = "align_corners"> (x, "", s)',
+     lambda x: F.interpolate(x, scale_factor=1.5, mode="bicubic", align_corners=True),
+     {"x": rnd(2, 3, 7, 7)}, ["x"], consts={"s": np.array([1, 1, 1.5, 1.5], np.float32)})
 case("Resize", "linear_1d_downsample", 'y = Resize <mode = "linear", '
      'coordinate_transformation_mode = "pytorch_half_pixel"> (x, "", s)',
      lambda x: F.interpolate(x, scale_factor=0.5, mode="linear", align_corners=False),

@@ -170,3 +170,16 @@ def test_unrolled_steps_compute_what_onnxruntime_computes(op, attrs, extra):
     assert op not in {n.op_type for n in lowered.graph.node}
     for name, a, b in zip(outs, run(lowered), want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_a_long_sequence_exports_and_trains(tmp_path):
+    """128 steps: the unrolled Split's 128 sizes (1 KB of int64) went to weights.bin and the
+    training graphs did not load; index and shape constants now stay inside the graphs."""
+    path = tmp_path / "rnn.py"
+    path.write_text(MODELS)
+    bundle = open_bundle(export_bundle(f"{path}:make", tmp_path / "b", input_shape="2,128,6"))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 128, 6)).astype(np.float32)
+    loss, _ = make_trainer(bundle, mode="vanilla", threads=0).gradients(
+        ArrayBatch({"x": x}, np.array([0, 2], np.int64)))
+    assert np.isfinite(loss)

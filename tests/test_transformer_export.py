@@ -406,6 +406,18 @@ def test_vit_with_an_expanded_class_token_gradients_match_torch(models_file: Pat
     check_bundle_grads(models_file, "vit", bundle, x, labels, ("vanilla", "instant"))
 
 
+def test_vit_onnx_file_with_its_own_input_shape(models_file: Path, tmp_path: Path):
+    """The same ViT as a TorchScript ONNX file, given --input-shape (which fixes the file's
+    batch): the shapes are still measured at other batch sizes."""
+    module = _factory(models_file, "vit")
+    onnx_file = tmp_path / "vit.onnx"
+    torch.onnx.export(module, (torch.zeros(2, 3, 8, 8),), str(onnx_file), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    bundle = export_bundle(str(onnx_file), tmp_path / "bundle", input_shape="2,3,8,8")
+    assert len(open_bundle(bundle).layers) >= 4
+
+
 def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Path):
     rng = np.random.default_rng(1)
     x = {"x": rng.standard_normal((3, 3, 16, 16)).astype(np.float32)}

@@ -159,14 +159,24 @@ def avgpool_grad(ctx, node, gy):
                  kernel_shape=k, output_padding=outpad)]
 
 
+def _run_probe(model, feeds: dict) -> np.ndarray:
+    """Run a one-op probe with onnxruntime: the engine that runs the forward, so the matrix
+    measured is the forward's (onnx's reference Resize differs from onnxruntime and torch for
+    align_corners at scales whose output size is not a whole number)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
 def _separable_pool_grad(ctx, node, g: str, k, strides, dil, pads) -> str:
     """AveragePool where each output divides by the elements its window really covers
     (``count_include_pad=0`` with padding, ``ceil_mode``; torch's ``AvgPool2d(ceil_mode=True,
     count_include_pad=False)``): a window is a rectangle, so per axis the pooling is a matrix
-    [out, in], measured by running the same pool along that axis alone (onnx's reference
-    implementation) on the identity; g_x = A_hᵀ g A_w (1-D: g A_l)."""
-    from onnx.reference import ReferenceEvaluator
-
+    [out, in], measured by running the same pool along that axis alone (onnxruntime) on the
+    identity; g_x = A_hᵀ g A_w (1-D: g A_l)."""
     x, y = node.input[0], node.output[0]
     xs, ys = ctx.shapes.of(x), ctx.shapes.of(y)
     n = len(k)
@@ -186,7 +196,7 @@ def _separable_pool_grad(ctx, node, g: str, k, strides, dil, pads) -> str:
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
         probe = np.eye(size, dtype=np.float32).reshape(size, 1, size)
-        out = ReferenceEvaluator(model).run(None, {"x": probe})[0]         # [in, 1, out]
+        out = _run_probe(model, {"x": probe})                             # [in, 1, out]
         if out.shape[2] != ys[2 + i]:
             raise ExportError(f"AveragePool '{node.name}': its pooling gives {out.shape[2]} "
                               f"positions where the graph has {ys[2 + i]}")
@@ -201,10 +211,8 @@ def _separable_pool_grad(ctx, node, g: str, k, strides, dil, pads) -> str:
 def _resize_matrix(node, axis_in: int, axis_out: int, scale: float | None, opset: int
                    ) -> np.ndarray:
     """The [out, in] matrix of ``node``'s interpolation along one axis, measured by running the
-    same Resize (onnx's reference implementation) on the identity: Resize is separable in every
-    mode (nearest, linear, cubic; antialiased or not), so per axis it is a matrix."""
-    from onnx.reference import ReferenceEvaluator
-
+    same Resize (onnxruntime, ``_run_probe``) on the identity: Resize is separable in every mode
+    (nearest, linear, cubic; antialiased or not), so per axis it is a matrix."""
     a = {k: v for k, v in attrs(node).items() if k not in ("axes", "keep_aspect_ratio_policy")}
     probe = np.eye(axis_in, dtype=np.float32).reshape(axis_in, 1, axis_in, 1)
     probe = np.repeat(probe, 2, axis=3)  # a second column: no length-1 axis anywhere
@@ -221,7 +229,7 @@ def _resize_matrix(node, axis_in: int, axis_out: int, scale: float | None, opset
                                        TensorProto.INT64, None) for n in names],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    out = ReferenceEvaluator(model).run(None, dict(zip(names, [probe] + extra, strict=True)))[0]
+    out = _run_probe(model, dict(zip(names, [probe] + extra, strict=True)))
     if out.shape[2] != axis_out:
         raise ExportError(f"Resize '{node.name}': its interpolation gives {out.shape[2]} "
                           f"positions where the graph has {axis_out}")
