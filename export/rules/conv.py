@@ -201,8 +201,13 @@ def _separable_pool_grad(ctx, node, g: str, k, strides, dil, pads) -> str:
             raise ExportError(f"AveragePool '{node.name}': its pooling gives {out.shape[2]} "
                               f"positions where the graph has {ys[2 + i]}")
         mats.append(np.ascontiguousarray(out[:, 0, :].T))                  # [out, in]
-    b = ctx.bwd
-    if n == 1:
+    return _separable_adjoint(ctx.bwd, g, mats)
+
+
+def _separable_adjoint(b, g: str, mats: list[np.ndarray]) -> str:
+    """g_x of ``y = A_h x A_wᵀ`` per sample and channel (1-D: ``y = x A_lᵀ``), the [out, in]
+    matrices ``mats`` per spatial axis: A_hᵀ g A_w (1-D: g A_l)."""
+    if len(mats) == 1:
         return b.op("MatMul", [g, b.const(mats[0])])
     t = b.op("MatMul", [b.const(np.ascontiguousarray(mats[0].T)), g])
     return b.op("MatMul", [t, b.const(mats[1])])
@@ -260,9 +265,4 @@ def resize_grad(ctx, node, gy):
     opset = max(ctx.opset, 19)  # the newest Resize reads every older attribute alike
     mats = [_resize_matrix(node, int(xs[i]), int(ys[i]), None if scales is None else scales[i],
                            opset) for i in range(2, len(xs))]
-    if len(xs) == 3:
-        gx = b.op("MatMul", [g, b.const(mats[0])])                       # g A_l
-    else:
-        t = b.op("MatMul", [b.const(np.ascontiguousarray(mats[0].T)), g])  # A_hᵀ g
-        gx = b.op("MatMul", [t, b.const(mats[1])])                       # (A_hᵀ g) A_w
-    return [gx] + [None] * (len(node.input) - 1)
+    return [_separable_adjoint(b, g, mats)] + [None] * (len(node.input) - 1)

@@ -67,17 +67,28 @@ def gap_grad(ctx, node, gy):
     return [_expand(ctx, g, node.input[0])]
 
 
+def _kept(ctx, node, gy) -> tuple[list[int], str, str]:
+    """The reduced axes, and y and g with those axes kept (size 1), to broadcast against x."""
+    b = ctx.bwd
+    axes, keep = _reduce_axes(ctx, node)
+    if keep:
+        return axes, node.output[0], gy[0]
+    return axes, *(b.op("Unsqueeze", [t, b.ints(axes)]) for t in (node.output[0], gy[0]))
+
+
+def _only_x(ctx, node, gx: str) -> list[str | None]:
+    return [gx] + [None] * (len(node.input) - 1)
+
+
 @RULES.gradient("ReduceMax")
 def reducemax_grad(ctx, node, gy):
     """The gradient goes to the positions equal to the maximum (minimum), split evenly between
     ties."""
     b, x = ctx.bwd, node.input[0]
-    axes, keep = _reduce_axes(ctx, node)
-    y = node.output[0] if keep else b.op("Unsqueeze", [node.output[0], b.ints(axes)])
+    axes, y, g = _kept(ctx, node, gy)
     hit = b.op("Cast", [b.op("Equal", [x, y])], to=TensorProto.FLOAT)
     count = b.op("ReduceSum", [hit, b.ints(axes)], keepdims=1)
-    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
-    return [b.op("Mul", [hit, b.op("Div", [g, count])])] + [None] * (len(node.input) - 1)
+    return _only_x(ctx, node, b.op("Mul", [hit, b.op("Div", [g, count])]))
 
 
 RULES.gradient("ReduceMin")(reducemax_grad)
@@ -87,26 +98,21 @@ RULES.gradient("ReduceMin")(reducemax_grad)
 def reducel2_grad(ctx, node, gy):
     """y = sqrt(Σx²): g_x = g·x / y (0 where y is 0)."""
     b, x = ctx.bwd, node.input[0]
-    axes, keep = _reduce_axes(ctx, node)
-    y = node.output[0] if keep else b.op("Unsqueeze", [node.output[0], b.ints(axes)])
-    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
+    _, y, g = _kept(ctx, node, gy)
     safe = b.op("Max", [y, b.const(1e-30)])
-    return [b.op("Mul", [x, b.op("Div", [g, safe])])] + [None] * (len(node.input) - 1)
+    return _only_x(ctx, node, b.op("Mul", [x, b.op("Div", [g, safe])]))
 
 
 @RULES.gradient("ReduceLogSumExp")
 def reducelse_grad(ctx, node, gy):
     """y = log Σ exp(x): g_x = g·exp(x - y)."""
     b, x = ctx.bwd, node.input[0]
-    axes, keep = _reduce_axes(ctx, node)
-    y = node.output[0] if keep else b.op("Unsqueeze", [node.output[0], b.ints(axes)])
-    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
-    return [b.op("Mul", [g, b.op("Exp", [b.op("Sub", [x, y])])])] + [None] * (len(node.input) - 1)
+    _, y, g = _kept(ctx, node, gy)
+    return _only_x(ctx, node, b.op("Mul", [g, b.op("Exp", [b.op("Sub", [x, y])])]))
 
 
 @RULES.gradient("ReduceSumSquare")
 def reducesumsquare_grad(ctx, node, gy):
     b, x = ctx.bwd, node.input[0]
-    axes, keep = _reduce_axes(ctx, node)
-    g = gy[0] if keep else b.op("Unsqueeze", [gy[0], b.ints(axes)])
-    return [b.op("Mul", [x, b.op("Mul", [g, b.const(2.0)])])] + [None] * (len(node.input) - 1)
+    _, _, g = _kept(ctx, node, gy)
+    return _only_x(ctx, node, b.op("Mul", [x, b.op("Mul", [g, b.const(2.0)])]))
