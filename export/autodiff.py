@@ -116,6 +116,9 @@ class GradContext:
         self.compress_saved = compress_saved and mode in ("instant", "recal")
         self.opset = opset
         self.saved_cache: dict[str, str] = {}
+        # forward tensors built once for the layers that share an activation basis (the same x
+        # read the same way, export/layers.py: share_activation_bases): x̂ and its Gram
+        self.shared_x: dict[tuple[str, str, str], str] = {}
         self.graph_inputs: set[str] = set()
         self.fwd = fwd
         self.bwd = bwd

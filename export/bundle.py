@@ -49,7 +49,7 @@ from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
-from .layers import CompressedLayer, find_compressible_layers, mask_padding
+from .layers import CompressedLayer, find_compressible_layers, mask_padding, share_activation_bases
 from .shape_fold import check_free_batch
 from .tracing import example_arrays, load_model
 from .trainable import select_trainable, selected_by
@@ -148,9 +148,12 @@ def _prune_unused_inputs(model: onnx.ModelProto, keep: set[str]) -> None:
 
 
 def _add_basis_inputs(model: onnx.ModelProto, layers: list[CompressedLayer]) -> None:
+    shared: set[str] = set()
     for ly in layers:
-        model.graph.input.append(helper.make_tensor_value_info(
-            ly.p_input, TensorProto.FLOAT, [f"rank_x.{ly.name}", ly.x_dim]))
+        if ly.p_input not in shared:  # one input for the layers that share a basis
+            shared.add(ly.p_input)
+            model.graph.input.append(helper.make_tensor_value_info(
+                ly.p_input, TensorProto.FLOAT, [f"rank_x.{ly.name}", ly.x_dim]))
         model.graph.input.append(helper.make_tensor_value_info(
             ly.q_input, TensorProto.FLOAT, [f"rank_g.{ly.name}", ly.g_dim]))
 
@@ -377,12 +380,14 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     modes = ["vanilla"] + (["instant", "calib", "recal"] if layers else [])
     for ly in layers if saved_int8 else []:  # the runtime plans x̂ at this many bytes
         ly.x_itemsize = 1 if ly.int8_x_ok() else 4
+    share_activation_bases(layers)
     graph_weights: dict[str, list[str]] = {}
     shorter = []
     if text is not None and text.any_length and text.mask_input is not None:
         from .lengths import shorter_graphs
 
         mask_padding(layers, text, prefix.forward if prefix is not None else fwd)
+        share_activation_bases(layers)  # the masks are part of what a shared basis reads
 
         shorter = shorter_graphs(
             traced, text, lengths, head=(head, pool) if head is not None else None,

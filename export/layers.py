@@ -24,7 +24,7 @@ from contract import names
 from .graph import Shapes
 
 __all__ = ["CompressedLayer", "find_compressible_layers", "is_anonymous", "mask_padding",
-           "module_path"]
+           "module_path", "share_activation_bases"]
 
 _ANON = re.compile(r"^(onnx::|_?val_|initializer|Constant|const)|^[0-9]+$")
 
@@ -223,3 +223,18 @@ def mask_padding(layers: list[CompressedLayer], text, forward: onnx.ModelProto) 
     for ly in layers:
         if ly.kind == "linear" and ly.rank3 and not ly.seq_first and ly.tokens == text.seq_len:
             ly.token_mask = text.mask_input
+
+
+def share_activation_bases(layers: list[CompressedLayer]) -> None:
+    """Layers that read the same activation the same way (an attention block's query, key and
+    value; a gated MLP's gate and up projections) share one activation basis P: the instant
+    graphs then save x̂ = P·x once for all of them (rules/linear.py), and the runtime gives them
+    one activation rank (runtime/ranks.py). Their Grams of x are the same matrix, so each keeps
+    the basis it would have had alone; only the memory and the forward projection are shared.
+    Idempotent; the first layer's basis name is the group's."""
+    first: dict[tuple, CompressedLayer] = {}
+    for ly in layers:
+        key = (ly.x, ly.kind, ly.x_axis, ly.tokens, ly.cx, ly.rank3, ly.x_itemsize,
+               ly.token_mask, ly.seq_first)
+        lead = first.setdefault(key, ly)
+        ly.p_input = lead.p_input if lead is not ly else names.basis_p(ly.name)

@@ -31,19 +31,29 @@ class LayerCost:
     vanilla_bytes: int
     instant_bytes: int
     gx_exact: bool = False  # a full Ry: the graphs run the exact input gradient
+    shared: bool = False  # reads the x of a layer above: both modes save it once, counted there
 
 
 def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]], rows: int = 1
                 ) -> list[LayerCost]:
-    """Per-layer costs per sample at ``ranks``, in micro-batches of ``rows`` samples."""
+    """Per-layer costs per sample at ``ranks``, in micro-batches of ``rows`` samples. A layer
+    that reads the same x as one above it (an attention's key and value after its query) saves
+    nothing of its own in vanilla mode, nor in INSTANT mode where it shares that layer's basis
+    (export/layers.py: share_activation_bases)."""
     out = []
+    xs: set[str] = set()
+    bases: set[str] = set()
     for ly in layers:
         L, cx, cy = ly.tokens, ly.cx, ly.cy
         rx, ry = ranks.get(ly.name, (ly.x_dim, ly.g_dim))
+        van = 0 if ly.x in xs else 4 * L * cx
+        ins = 0 if ly.p_input in bases else x_bytes_per_rank(ly) * rx
+        xs.add(ly.x)
+        bases.add(ly.p_input)
         out.append(LayerCost(
             ly.name, f"{ly.x_axis[0]}/{ly.g_axis[0]}", rx, ry,
-            4 * L * cx * cy, layer_flops(ly, rx, ry, rows),
-            4 * L * cx, x_bytes_per_rank(ly) * rx, gx_exact(ly, ry)))
+            4 * L * cx * cy, layer_flops(ly, rx, ry, rows), van, ins, gx_exact(ly, ry),
+            shared=van == 0 and ins == 0))
     return out
 
 
@@ -53,9 +63,10 @@ def format_table(costs: list[LayerCost]) -> str:
     tv = ti = bv = bi = 0
     for c in costs:
         ry = "exact" if c.gx_exact else c.ry
+        kb = (f"{'shared':>13} {'shared':>13}" if c.shared else
+              f"{c.vanilla_bytes / 1e3:>13.2f} {c.instant_bytes / 1e3:>13.2f}")
         rows.append(f"{c.name:<24} {c.axes:>4} {c.rx:>5} {ry:>5} {c.vanilla_flops / 1e6:>14.3f} "
-                    f"{c.instant_flops / 1e6:>14.3f} {c.vanilla_bytes / 1e3:>13.2f} "
-                    f"{c.instant_bytes / 1e3:>13.2f}")
+                    f"{c.instant_flops / 1e6:>14.3f} {kb}")
         tv, ti = tv + c.vanilla_flops, ti + c.instant_flops
         bv, bi = bv + c.vanilla_bytes, bi + c.instant_bytes
     if costs:
@@ -63,6 +74,9 @@ def format_table(costs: list[LayerCost]) -> str:
                     f"{ti / 1e6:>14.3f} {bv / 1e3:>13.2f} {bi / 1e3:>13.2f}")
         rows.append(f"backward FLOP ratio instant/vanilla = {ti / tv:.3f}; "
                     f"saved-activation ratio = {bi / bv:.3f}")
+        if any(c.shared for c in costs):
+            rows.append("shared: the layer reads the same activation as the one above it, "
+                        "saved once for both (INSTANT: one basis, one x̂)")
         if any(c.gx_exact for c in costs):
             rows.append("Ry exact: the output gradient's projection would cost more than the "
                         "exact input gradient, which runs instead")

@@ -41,7 +41,7 @@ from devices.planner import BudgetError, MemoryModel, Plan, make_plan
 
 from .calibrate import Spectrum, basis
 from .memory import current_rss, physical_ram
-from .ranks import saved_bytes, x_bytes_per_rank
+from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
 from .trainer import ArenaExhausted, ArrayBatch, IndexBatch, Trainer
 
@@ -552,8 +552,9 @@ def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, g
         if cap is not None:
             ranks = {k: (min(a, cap), min(b, cap)) for k, (a, b) in ranks.items()}
         want = saved_bytes(layers, ranks)
-        min_ = sum(x_bytes_per_rank(ly) for ly in layers)
-        full = sum(x_bytes_per_rank(ly) * ly.x_dim for ly in layers)
+        leads = [g[0] for g in basis_groups(layers).values()]  # one x̂ per basis
+        min_ = sum(x_bytes_per_rank(ly) for ly in leads)
+        full = sum(x_bytes_per_rank(ly) * ly.x_dim for ly in leads)
     return MemoryModel(base=base, frozen=frozen, data_per_sample=per_sample,
                        arena_fixed=fixed, arena_per_sample=max(0.0, slope - saved_full),
                        calib_fixed=cfixed, calib_per_sample=cslope, grams=grams, margin=margin,

@@ -160,10 +160,18 @@ class GramWindow:
     def complete(self) -> bool:
         return self.done >= self.steps
 
-    def spectra(self) -> dict[str, tuple[Spectrum, Spectrum]]:
-        """Raises: DegenerateGram (non-finite Grams, e.g. after a divergence)."""
+    def spectra(self, same_x: dict[str, str] | None = None) -> dict[str, tuple[Spectrum, Spectrum]]:
+        """Each layer's activation and gradient spectra; a layer that ``same_x`` maps to another
+        (they share one basis: the same activation, the same Gram) reuses that one's.
+
+        Raises: DegenerateGram (non-finite Grams, e.g. after a divergence)."""
         n = max(1, self.samples)
-        return {k: (decompose(self.gx[k] / n), decompose(self.gg[k] / n)) for k in self.dims}
+        same_x = same_x or {}
+        xs: dict[str, Spectrum] = {}
+        for k in self.dims:
+            if same_x.get(k, k) == k:
+                xs[k] = decompose(self.gx[k] / n)
+        return {k: (xs[same_x.get(k, k)], decompose(self.gg[k] / n)) for k in self.dims}
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {f"gram/{k}/x": self.gx[k] for k in self.dims}

@@ -38,8 +38,8 @@ from contract.manifest import LayerInfo
 from .calibrate import Spectrum, rank_for_energy
 from .config import InstantConfig
 
-__all__ = ["choose_ranks", "gx_break_even", "gx_exact", "layer_flops", "saved_bytes",
-           "x_bytes_per_rank"]
+__all__ = ["basis_groups", "choose_ranks", "gx_break_even", "gx_exact", "layer_flops",
+           "saved_bytes", "x_bytes_per_rank"]
 
 
 def x_bytes_per_rank(ly: LayerInfo) -> int:
@@ -49,8 +49,19 @@ def x_bytes_per_rank(ly: LayerInfo) -> int:
     return 4 * n if ly.x_itemsize == 4 else n + 4
 
 
+def basis_groups(layers: list[LayerInfo]) -> dict[str, list[LayerInfo]]:
+    """Layers by activation basis: the layers that read the same x share one basis P, one saved
+    x̂ and one activation rank (export/layers.py: share_activation_bases); most have their own."""
+    groups: dict[str, list[LayerInfo]] = {}
+    for ly in layers:
+        groups.setdefault(ly.p_input, []).append(ly)
+    return groups
+
+
 def saved_bytes(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> int:
-    return sum(x_bytes_per_rank(ly) * ranks[ly.name][0] for ly in layers if ly.name in ranks)
+    """Bytes per sample of the compressed activations: one x̂ per basis."""
+    return sum(x_bytes_per_rank(g[0]) * ranks[g[0].name][0]
+               for g in basis_groups(layers).values() if g[0].name in ranks)
 
 
 def _flops_per_rank(ly: LayerInfo, side: str, rows: int = 1) -> float:
@@ -113,32 +124,46 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
         if cap is not None:
             rx, ry = min(rx, cap), min(ry, cap)
         ranks[ly.name] = (rx, ry)
+    _tie(layers, ranks)
     _snap_gradient_ranks(layers, ranks, cap, rows)
     if saved_budget is not None:
         ranks = _shrink_to(layers, spectra, ranks, saved_budget)
     return ranks
 
 
+def _tie(layers: list[LayerInfo], ranks: dict) -> None:
+    """Every layer's Rx set to its basis group's largest (the group shares one x̂)."""
+    for group in basis_groups(layers).values():
+        rx = max(ranks[ly.name][0] for ly in group)
+        for ly in group:
+            ranks[ly.name] = (rx, ranks[ly.name][1]) if isinstance(ranks[ly.name], tuple) \
+                else [rx, ranks[ly.name][1]]
+
+
 def _shrink_to(layers, spectra, ranks, budget: int) -> dict[str, tuple[int, int]]:
-    """Lower activation ranks, cheapest retained variance per byte first, until they fit."""
+    """Lower activation ranks, cheapest retained variance per byte first, until they fit (a
+    basis shared by k layers loses k times the variance for the bytes of one x̂)."""
     ranks = dict(ranks)
     over = saved_bytes(layers, ranks) - budget
     heap = []
-    for ly in layers:
-        rx = ranks[ly.name][0]
+    groups = basis_groups(layers)
+    for p, group in groups.items():
+        rx = ranks[group[0].name][0]
         if rx > 1:
-            var = spectra[ly.name][0].variance
-            heapq.heappush(heap, (float(var[rx - 1]) / x_bytes_per_rank(ly), ly.name))
-    by_name = {ly.name: ly for ly in layers}
+            var = spectra[group[0].name][0].variance
+            heapq.heappush(heap, (len(group) * float(var[rx - 1]) / x_bytes_per_rank(group[0]),
+                                  p))
     while over > 0 and heap:
-        _, name = heapq.heappop(heap)
-        ly = by_name[name]
-        rx, ry = ranks[name]
-        ranks[name] = (rx - 1, ry)
-        over -= x_bytes_per_rank(ly)
+        _, p = heapq.heappop(heap)
+        group = groups[p]
+        rx = ranks[group[0].name][0]
+        for ly in group:
+            ranks[ly.name] = (rx - 1, ranks[ly.name][1])
+        over -= x_bytes_per_rank(group[0])
         if rx - 1 > 1:
-            var = spectra[name][0].variance
-            heapq.heappush(heap, (float(var[rx - 2]) / x_bytes_per_rank(ly), name))
+            var = spectra[group[0].name][0].variance
+            heapq.heappush(heap, (len(group) * float(var[rx - 2])
+                                  / x_bytes_per_rank(group[0]), p))
     return ranks
 
 
@@ -159,7 +184,9 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
                 r = min(r, cfg.max_rank)
             pair.append(r)
         ranks[ly.name] = pair
+    _tie(layers, ranks)
     by_name = {ly.name: ly for ly in layers}
+    groups = {ly.name: g for g in basis_groups(layers).values() for ly in g}
 
     def flops() -> float:
         return sum(_flops_per_rank(by_name[n], "x", rows) * r[0]
@@ -167,13 +194,13 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
 
     if cfg.flop_ratio:  # 0 or None: no cap
         target = cfg.flop_ratio * sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
-        _lower(ranks, spectra, by_name,
-               lambda ly, w, r: (r - 1, _flops_per_rank(ly, "xg"[w], rows)),
+        _lower(ranks, spectra, groups,
+               lambda ly, w, r: (r - 1, sum(_flops_per_rank(m, "x", rows) for m in groups[ly.name])
+                                 if w == 0 else _flops_per_rank(ly, "g", rows)),
                (0, 1), lambda: flops() - target)
     if saved_budget is not None:
-        _lower(ranks, spectra, by_name, _byte_step, (0,),
-               lambda: sum(x_bytes_per_rank(by_name[n]) * r[0] for n, r in ranks.items())
-               - saved_budget)
+        _lower(ranks, spectra, groups, _byte_step, (0,),
+               lambda: saved_bytes(layers, ranks) - saved_budget)
     # after the FLOP cap, which counts every Ry at its compressed cost: measured on the token MLP,
     # letting the cap see the cheaper exact products instead spent them on activation ranks
     # (1.21x vanilla's time, peak 724 MB, against 0.99x and 512 MB this way)
@@ -185,18 +212,26 @@ def _byte_step(ly: LayerInfo, w: int, r: int) -> tuple[int, float]:
     return r - 1, float(x_bytes_per_rank(ly))
 
 
-def _lower(ranks, spectra, by_name, step, which: tuple[int, ...], excess) -> None:
+def _lower(ranks, spectra, groups, step, which: tuple[int, ...], excess) -> None:
     """Lower ranks (of the tensors in ``which``: 0 activation, 1 gradient) while ``excess()``
     is positive, each time the step that gives up the least variance per unit of cost it saves
-    (``step(layer, which, rank)`` -> (new rank, saving))."""
+    (``step(layer, which, rank)`` -> (new rank, saving)). An activation rank is one per basis
+    group (``groups``: layer name -> the layers sharing its basis, led by the first): lowering
+    it loses the variance of every member."""
     heap = []
 
     def push(name: str, w: int) -> None:
+        members = groups[name] if w == 0 else [None]
+        if w == 0 and members[0].name != name:
+            return  # the group's first layer stands for it
         r = ranks[name][w]
-        new, saving = step(by_name[name], w, r)
+        new, saving = step(groups[name][0] if w == 0 else _layer(name), w, r)
         if 1 <= new < r and saving > 0:
-            loss = float(np.sum(spectra[name][w].variance[new:r]))
+            loss = len(members) * float(np.sum(spectra[name][w].variance[new:r]))
             heapq.heappush(heap, (loss / saving, name, w, r, new))
+
+    def _layer(name: str):
+        return next(ly for ly in groups[name] if ly.name == name)
 
     for name in ranks:
         for w in which:
@@ -206,7 +241,8 @@ def _lower(ranks, spectra, by_name, step, which: tuple[int, ...], excess) -> Non
         _, name, w, r, new = heapq.heappop(heap)
         if ranks[name][w] != r:
             continue
-        ranks[name][w] = new
+        for m in (groups[name] if w == 0 else [_layer(name)]):
+            ranks[m.name][w] = new
         push(name, w)
         over = excess()
 

@@ -36,7 +36,7 @@ from .bundle import Bundle
 from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
 from .optim import make_optimizer
-from .ranks import choose_ranks, gx_break_even
+from .ranks import basis_groups, choose_ranks, gx_break_even
 from .sessions import (
     SharedWeights,
     is_out_of_memory,
@@ -605,7 +605,8 @@ class Trainer:
         t0 = time.perf_counter()
         w, self.window = self.window, None
         try:
-            spectra = w.spectra()
+            spectra = w.spectra({ly.name: g[0].name for g in basis_groups(self.bundle.layers)
+                                 .values() for ly in g})
         except DegenerateGram:
             self.calib_skipped += 1
             msg = (f"calibration at step {self.step_count} saw non-finite activations or "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from onnx import TensorProto, helper
 from reference import Runner, loss_weight, op_model, run_training
 
@@ -397,3 +398,53 @@ def test_int8_compressed_activation(case):
     err = np.abs(g8["w"] - g32["w"]).max() / np.abs(g32["w"]).max()
     assert 0 < err < 1e-2, err
     np.testing.assert_allclose(g8["x0"], g32["x0"], rtol=1e-5, atol=1e-6)
+
+
+def test_layers_reading_one_activation_share_its_basis_and_save_it_once():
+    """Three Linear layers over the same x (an attention's query, key and value): one basis P,
+    one saved x̂ in the forward, and each layer's gradients those of the formulas with that P
+    and its own Q; a layer over another tensor keeps a basis of its own."""
+    from export.layers import share_activation_bases
+
+    rng = np.random.default_rng(0)
+    inputs = {"x0": rng.standard_normal((2, 4, 6)).astype(np.float32),
+              **{w: rng.standard_normal((6, 5)).astype(np.float32) for w in ("wq", "wk", "wv")},
+              "wo": rng.standard_normal((5, 5)).astype(np.float32)}
+    body = ("x = Relu(x0)\n q = MatMul(x, wq)\n k = MatMul(x, wk)\n v = MatMul(x, wv)\n"
+            " s = Add(q, k)\n t = Mul(s, v)\n y = MatMul(t, wo)")
+    params = ["x0", "wq", "wk", "wv", "wo"]
+    model = op_model(body, inputs)
+    layers = find_compressible_layers(model, Shapes(model), set(params), {}, exclude=[])
+    assert len(layers) == 4
+    share_activation_bases(layers)
+    share_activation_bases(layers)  # idempotent
+    assert len({ly.p_input for ly in layers[:3]}) == 1 and layers[3].p_input != layers[0].p_input
+    assert len({ly.q_input for ly in layers}) == 4
+    for name, dim, rank in ([(layers[0].p_input, 4, "rank_x"), (layers[3].p_input, 4, "rank_x")]
+                            + [(ly.q_input, 4, f"rank_g{i}") for i, ly in enumerate(layers)]):
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                               [rank, dim]))
+    tg = build_training_graphs(model, "loss", params, "instant", layers, 17)
+    P = _orthonormal_rows(3, 4, 1.2, seed=1)
+    P2 = _orthonormal_rows(2, 4, 1.0, seed=5)
+    # the last layer's Q full: the exact input gradient, so q, k, v see torch's output gradient
+    Qs = [_orthonormal_rows(2 + i % 2, 4, 1.1, seed=10 + i) for i in range(3)]
+    Qs.append(np.eye(4, dtype=np.float32))
+    feeds = {**inputs, layers[0].p_input: P, layers[3].p_input: P2,
+             **{ly.q_input: q for ly, q in zip(layers, Qs, strict=True)}}
+    fwd_out, grads = Runner(tg)(feeds)
+    saved_xhat = [s for s in tg.saved if fwd_out[s].shape == (2, 3, 6)]
+    assert len(saved_xhat) == 1, tg.saved
+    assert "x" not in tg.saved
+    # each weight's gradient: the formulas with the shared P, against the exact output gradient
+    ex = {k: torch.from_numpy(v.astype(np.float64)).requires_grad_() for k, v in inputs.items()}
+    xt = torch.relu(ex["x0"])
+    q, k, v = xt @ ex["wq"], xt @ ex["wk"], xt @ ex["wv"]
+    y = ((q + k) * v) @ ex["wo"]
+    gq, gk, gv = torch.autograd.grad((y * torch.from_numpy(loss_weight(model).astype(np.float64)))
+                                     .sum(), (q, k, v))
+    for ly, g in zip(layers[:3], (gq, gk, gv), strict=True):
+        _, gw, _ = instant_reference("matmul", np.maximum(inputs["x0"], 0), inputs[ly.weight],
+                                     g.detach().numpy(), P, np.eye(4), "token", "token")
+        np.testing.assert_allclose(grads[ly.weight], gw, rtol=1e-4, atol=1e-5,
+                                   err_msg=ly.weight)

@@ -118,3 +118,27 @@ def test_a_channel_axis_layer_pays_its_cx_cy_product_once_per_micro_batch():
     assert layer_flops(ly, *ranks["fc"], 32) <= 4 * 64 * 128
     assert layer_flops(ly, 10, 5, 32) == 10 * (2 * 192 + 2 * 64 * 128 // 32) + \
         5 * (2 * 192 + 2 * 64 * 128 // 32)
+
+
+@pytest.mark.parametrize("policy", ["budget", "energy"])
+def test_layers_sharing_a_basis_get_one_activation_rank_counted_once(policy):
+    """Three layers over one x (one basis, one saved x̂) and one alone, all with the same
+    spectra: the three get one Rx whose bytes count once; under a budget for compressed
+    activations, the shared rank, whose every direction serves three layers' weight gradients,
+    falls last."""
+    from runtime.ranks import saved_bytes
+
+    group = [replace(_layer(n, tokens=64, cx=64, cy=64), p_input="qkv.P") for n in "qkv"]
+    alone = _layer("o", tokens=64, cx=64, cy=64)
+    layers = [*group, alone]
+    spectra = {ly.name: (_steep(64), _steep(64)) for ly in layers}
+    cfg = InstantConfig(rank_policy=policy, flop_ratio=None)
+    free = choose_ranks(layers, spectra, cfg, None)
+    assert len({free[n][0] for n in "qkv"}) == 1
+    rx = free["q"][0]
+    assert saved_bytes(layers, free) == 4 * 64 * (rx + free["o"][0])
+    budget = 4 * 64 * (rx + free["o"][0] - 4)  # four rank units too many
+    tight = choose_ranks(layers, spectra, cfg, budget)
+    assert len({tight[n][0] for n in "qkv"}) == 1
+    assert saved_bytes(layers, tight) <= budget
+    assert tight["q"][0] > tight["o"][0], tight

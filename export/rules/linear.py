@@ -38,15 +38,20 @@ def _left(layer: CompressedLayer, which: str) -> bool:
     return token if layer.kind == "linear" else not token
 
 
+def _token_weights(layer: CompressedLayer, builder) -> str:
+    """[N, L, 1]: 1 at the real tokens, 0 at the positions the layer's token mask marks as
+    padding (``CompressedLayer.token_mask``, whatever its type)."""
+    m = builder.op("Cast", [builder.op("Cast", [layer.token_mask], to=TensorProto.BOOL)],
+                   to=TensorProto.FLOAT)
+    return builder.op("Unsqueeze", [m, builder.ints([-1])])
+
+
 def _real_tokens(layer: CompressedLayer, t: str, builder) -> str:
-    """``t`` ([N, L, C], x or the input gradient) zero at the positions the layer's token mask
-    marks as padding, which enter no gradient (``CompressedLayer.token_mask``); ``t`` itself
-    where the layer has no mask."""
+    """``t`` ([N, L, C]) zero at the positions the layer's token mask marks as padding, which
+    enter no gradient; ``t`` itself where the layer has no mask."""
     if not layer.token_mask:
         return t
-    m = builder.op("Cast", [builder.op("Cast", [layer.token_mask], to=TensorProto.BOOL)],
-                   to=TensorProto.FLOAT)  # 1 wherever the mask is nonzero, whatever its type
-    return builder.op("Mul", [t, builder.op("Unsqueeze", [m, builder.ints([-1])])])
+    return builder.op("Mul", [t, _token_weights(layer, builder)])
 
 
 def _batch_first(layer: CompressedLayer, t: str, builder) -> str:
@@ -120,9 +125,12 @@ def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
 def linear_calib_grams(ctx: GradContext, layer: CompressedLayer, g: str) -> None:
     """Calibration: emit Σ_b X_b X_bᵀ (forward) and Σ_b G_b G_bᵀ (backward) for this layer."""
     rank = 3 if (layer.kind == "conv1x1" or layer.rank3) else 2
-    x = _as_matrix(layer, _batch_first(layer, _real_tokens(layer, layer.x, ctx.fwd), ctx.fwd),
-                   ctx.fwd)
-    ctx.fwd_outputs.append(ctx.fwd.op("Identity", [_gram(ctx.fwd, x, _left(layer, "x"), rank)],
+    key = ("gram", layer.p_input, layer.x)
+    if key not in ctx.shared_x:  # one Gram for the layers that share a basis
+        x = _as_matrix(layer, _batch_first(layer, _real_tokens(layer, layer.x, ctx.fwd),
+                                           ctx.fwd), ctx.fwd)
+        ctx.shared_x[key] = _gram(ctx.fwd, x, _left(layer, "x"), rank)
+    ctx.fwd_outputs.append(ctx.fwd.op("Identity", [ctx.shared_x[key]],
                                       out=f"{names.GRAM_X}{layer.name}"))
     gm = ctx.bwd.op("Reshape", [g, ctx.bwd.ints([0, layer.cy, -1])]) if layer.kind == "conv1x1" \
         else _batch_first(layer, g, ctx.bwd)
@@ -146,10 +154,14 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     gx = gw = None
     if need_w:
         left = _left(layer, "x")
-        xin = _batch_first(layer, _real_tokens(layer, layer.x, f), f)
-        xhat = _project(f, P, _as_matrix(layer, xin, f), left)
-        if layer.x_itemsize == 1:  # int8 (the layer says so, and the manifest plans it so)
-            xhat = int8_roundtrip(ctx, xhat, -1 if left else -2)
+        key = ("xhat", P, layer.x)
+        if key not in ctx.shared_x:  # saved once for the layers that share the basis P
+            xin = _batch_first(layer, _real_tokens(layer, layer.x, f), f)
+            xhat = _project(f, P, _as_matrix(layer, xin, f), left)
+            if layer.x_itemsize == 1:  # int8 (the layer says so, and the manifest plans it so)
+                xhat = int8_roundtrip(ctx, xhat, -1 if left else -2)
+            ctx.shared_x[key] = xhat
+        xhat = ctx.shared_x[key]
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
             ghat = b.op("MatMul", [P, gm])
             dw = b.op("Gemm", [b.op("Flatten", [ghat], axis=2), b.op("Flatten", [xhat], axis=2)],
@@ -175,7 +187,14 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         t = lambda s, m: s.op("Transpose", [m], perm=[1, 0])  # noqa: E731
         def compressed(s: Builder) -> str:
             if not conv and layer.g_axis == "token":  # Qᵀ((Q g) W)
-                return s.op("MatMul", [t(s, Q), s.op("MatMul", [s.op("MatMul", [Q, gm]), wc])])
+                qt = t(s, Q)
+                if layer.token_mask:
+                    # Qᵀ spreads the gradient over every position, padding included, where the
+                    # exact one is zero (from there it would reach other parameters' gradients):
+                    # its rows at the padding are zeroed per sample, [N, L, Ry], before the
+                    # product rather than on the [N, L, Cx] result (one full-size copy less)
+                    qt = s.op("Mul", [_token_weights(layer, s), qt])
+                return s.op("MatMul", [qt, s.op("MatMul", [s.op("MatMul", [Q, gm]), wc])])
             if not conv:                              # (g Qᵀ)(Q W)
                 return s.op("MatMul", [s.op("MatMul", [gm, t(s, Q)]), s.op("MatMul", [Q, wc])])
             if layer.g_axis == "token":               # conv, stored transposed: Wᵀ (g Qᵀ) Q
@@ -193,9 +212,8 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         # One If: split in two (project, then lift) the exact branch needs a copy, measured
         # 2.5 % slower on the token MLP for the same plans under a budget (docs/method.md).
         gx = if_else(b, full_rank(b, Q, layer.g_dim), exact, compressed, "gx")
-        # Qᵀ(…) spreads the gradient over every position, padding included, where the exact
-        # one is zero; from there it would reach the other parameters' gradients
-        gx = _batch_first(layer, _real_tokens(layer, gx, b), b)
+        # the exact g·W and the channel-axis (g Qᵀ)(Q W) keep g's zero rows at the padding
+        gx = _batch_first(layer, gx, b)
         if conv:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw
