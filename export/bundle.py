@@ -51,7 +51,7 @@ from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
 from .layers import CompressedLayer, find_compressible_layers, mask_padding, share_activation_bases
 from .shape_fold import check_free_batch
-from .tracing import example_arrays, load_model
+from .tracing import Traced, example_arrays, load_model
 from .trainable import select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]
@@ -138,6 +138,30 @@ def _dynamic_batch(model: onnx.ModelProto, names: list[str]) -> None:
             d = vi.type.tensor_type.shape.dim[0]
             d.ClearField("dim_value")
             d.dim_param = "N"
+
+
+def _check_derived(traced: Traced, params: list[str]) -> None:
+    """Refuse to train parameters that torch's exporter folded into a computed constant besides
+    their own tensor (``F.normalize(self.weight)``: the norm became a constant): their gradient
+    would miss that path, silently wrong (export/param_names.py finds those constants; a second
+    export with only the trainable parameters changed tells whether those are among theirs)."""
+    if not traced.derived or traced.derived_changes is None or not params:
+        return
+    trainable = [traced.display(p) for p in params]
+    hit = traced.derived_changes(set(trainable))
+    if not hit:
+        return  # computed from frozen parameters only: a true constant for this training
+    const = sorted(hit)[0]
+    culprits = trainable
+    if len(trainable) <= 8:  # small enough to ask parameter by parameter
+        culprits = [p for p in trainable if const in traced.derived_changes({p})] or trainable
+    where = f"module '{traced.derived[const]}'" if traced.derived[const] else "the model"
+    raise ExportError(
+        f"{where} computes a tensor from parameter(s) {', '.join(culprits[:4])}"
+        f"{' …' if len(culprits) > 4 else ''} that torch's exporter folds into the constant "
+        f"'{const}' (e.g. F.normalize(self.weight), weight norm), so their gradient would miss "
+        "that path; leave them out of --trainable, or export the model yourself with "
+        "torch.onnx.export(..., do_constant_folding=False) and pass the .onnx file")
 
 
 def _prune_unused_inputs(model: onnx.ModelProto, keep: set[str]) -> None:
@@ -325,6 +349,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     if builtin is not None and class_names is None:
         class_names = builtin.class_names
     params = select_trainable(traced, trainable)
+    _check_derived(traced, params)
     frozen = [p for p in traced.unmapped if selected_by(traced, trainable, p)]
     if notes is not None:
         notes.extend(traced.notes)

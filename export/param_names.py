@@ -6,23 +6,24 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["fingerprinted_export", "name_initializers", "onnx_param_names"]
+__all__ = ["derived_changes", "fingerprinted_export", "name_initializers", "onnx_param_names"]
 
 
-def fingerprinted_export(module, export):
+def fingerprinted_export(module, export, only: set[str] | None = None):
     """``export()`` (the module's ONNX graph) run again with distinct random values in every
-    parameter, and those values; the real ones are restored after. None where it fails: the
-    first mapping then stands."""
+    parameter (or in those named in ``only``), and those values; the real ones are restored
+    after. None where it fails: the first mapping then stands."""
     import torch
 
     real = {n: p.detach().clone() for n, p in module.named_parameters()}
     gen = torch.Generator().manual_seed(20261202)
     try:
         with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+            for n, p in module.named_parameters():
+                if only is None or n in only:
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
             values = {n: p.detach().numpy().copy() for n, p in module.named_parameters()}
         return export(), values
     except Exception:  # noqa: BLE001 - no second opinion
@@ -31,6 +32,22 @@ def fingerprinted_export(module, export):
         with torch.no_grad():
             for n, p in module.named_parameters():
                 p.copy_(real[n])
+
+
+def derived_changes(model: onnx.ModelProto, derived: dict[str, str], module, export):
+    """A function of a set of torch parameter names: which of the ``derived`` constants of
+    ``model`` change when only those parameters change (a second export)."""
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+              if i.name in derived}
+
+    def changes(names: set[str]) -> set[str]:
+        again = fingerprinted_export(module, export, only=names)
+        if again is None:
+            return set(values)  # no second opinion: assume the worst
+        got = {i.name: numpy_helper.to_array(i) for i in again[0].graph.initializer}
+        return {c for c, v in values.items()
+                if c not in got or got[c].shape != v.shape or not np.array_equal(got[c], v)}
+    return changes
 
 
 def _as_param(arr: np.ndarray, val: np.ndarray) -> str | None:
@@ -48,15 +65,24 @@ def _as_param(arr: np.ndarray, val: np.ndarray) -> str | None:
 
 
 def name_initializers(model: onnx.ModelProto, module, fingerprinted
-                       ) -> tuple[dict[str, tuple[str, bool]], dict[str, list[int]], list[str]]:
+                       ) -> tuple[dict[str, tuple[str, bool]], dict[str, list[int]], list[str],
+                                  dict[str, str]]:
     """Map ONNX initializers to torch parameter names, renaming those torch's exporter folded
     (``onnx::MatMul_*``: transposed; ``onnx::Mul_*``: reshaped). Returns (initializer ->
     (torch name, transposed), torch name -> torch shape for reshaped ones, the parameters that
-    have no initializer of their own: they cannot train).
+    have no initializer of their own: they cannot train, and the constants computed from
+    parameters: constant -> the module path of a node that reads it).
 
     A parameter is found by its values; where equal values leave it ambiguous (two fresh
     GroupNorms), ``fingerprinted()`` exports the same module again with distinct random values
     in every parameter (the graph and its initializers come out the same) and those decide.
+
+    The same second export shows which other constants depend on parameters: torch's exporter
+    folds any computation on parameters alone. A second copy of a parameter that has a tensor
+    of its own (a language model's output layer tied to its embedding: the table transposed)
+    is computed from it in the graph instead (Transpose / Reshape / Identity), so both uses
+    train one tensor; any other such constant (``F.normalize(self.weight)``'s norms, a weight
+    norm) would cut its parameters' gradient short and is returned for the caller to refuse.
     """
     params = {n: p.detach().numpy() for n, p in module.named_parameters()}
     mapping: dict[str, tuple[str, bool]] = {}
@@ -77,6 +103,13 @@ def name_initializers(model: onnx.ModelProto, module, fingerprinted
             shapes[pname] = list(params[pname].shape)
         open_params.remove(pname)
 
+    fp_cache: list = []
+
+    def second():
+        if not fp_cache:
+            fp_cache.append(fingerprinted())
+        return fp_cache[0]
+
     pending = []
     for init in inits:
         arr = numpy_helper.to_array(init)
@@ -86,7 +119,7 @@ def name_initializers(model: onnx.ModelProto, module, fingerprinted
         elif hits:
             pending.append(init)
     if pending and open_params:  # equal values: only distinct ones tell them apart
-        again = fingerprinted()
+        again = second()
         if again is not None:
             fp_model, fp_values = again
             fp_inits = {i.name: i for i in fp_model.graph.initializer}
@@ -100,6 +133,7 @@ def name_initializers(model: onnx.ModelProto, module, fingerprinted
                 if len(hits) == 1 and _as_param(numpy_helper.to_array(init),
                                                 params[hits[0][0]]) == hits[0][1]:
                     claim(init, *hits[0])
+    derived = _derived_constants(model, inits, rename, mapping, second) if inits else {}
     for init in model.graph.initializer:
         if init.name in rename:
             init.name = rename[init.name]
@@ -107,7 +141,65 @@ def name_initializers(model: onnx.ModelProto, module, fingerprinted
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    return mapping, shapes, open_params
+    return mapping, shapes, open_params, derived
+
+
+def _derived_constants(model: onnx.ModelProto, inits: list, rename: dict[str, str],
+                       mapping: dict[str, tuple[str, bool]], second) -> dict[str, str]:
+    """Float constants that may follow the parameters (see :func:`name_initializers`): copies
+    of a parameter with a tensor of its own become nodes reading it (in ``model``, before the
+    renaming); the others are returned, constant -> module path of a node reading it, for
+    :func:`derived_changes` to tell which do."""
+    from .layers import node_module_path
+
+    real = {i.name: i for i in model.graph.initializer}
+    # each parameter's own tensor (in the graph's layout) under its name before the renaming
+    own_name = {p: next((o for o, q in rename.items() if q == p), p) for p in mapping}
+    own = {p: numpy_helper.to_array(real[o]) for p, o in own_name.items() if o in real}
+    derived: dict[str, str] = {}
+    copies: list[onnx.NodeProto] = []
+    for init in inits:
+        if init.name in rename:
+            continue
+        a = numpy_helper.to_array(init)
+        # a copy of a parameter by its values, confirmed by the second export (equal values
+        # can be chance: a constant filled with zeros, a fresh LayerNorm's ones)
+        hits = [(p, how) for p, v in own.items() if (how := _as_param(a, v)) is not None]
+        if len(hits) == 1 and (again := second()) is not None:
+            fp = {i.name: i for i in again[0].graph.initializer}
+            p, how = hits[0]
+            src = own_name[p]
+            if not (init.name in fp and src in fp and _as_param(
+                    numpy_helper.to_array(fp[init.name]), numpy_helper.to_array(fp[src])) == how):
+                hits = []
+        if len(hits) != 1:
+            # maybe computed from parameters: the caller asks a second export when it matters
+            readers = [n for n in model.graph.node if init.name in n.input]
+            path = node_module_path(readers[0]) if readers else None
+            derived[init.name] = path or ""
+            continue
+        p, how = hits[0]
+        src = own_name[p]
+        if how == "T":
+            copies.append(helper.make_node("Transpose", [src], [init.name], perm=[1, 0],
+                                           name=f"tied/{init.name}"))
+        elif how == "reshape":
+            shape = numpy_helper.from_array(np.array(a.shape, np.int64), f"{init.name}.shape")
+            model.graph.initializer.append(shape)
+            copies.append(helper.make_node("Reshape", [src, shape.name], [init.name],
+                                           name=f"tied/{init.name}"))
+        else:
+            copies.append(helper.make_node("Identity", [src], [init.name],
+                                           name=f"tied/{init.name}"))
+    if copies:
+        gone = {n.output[0] for n in copies}
+        keep = [i for i in model.graph.initializer if i.name not in gone]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        nodes = copies + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return derived
 
 
 ROLE = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gemm", 2): "bias",

@@ -14,6 +14,7 @@ import io
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from .graph import ExportError, check_ops, name_nodes
-from .param_names import ROLE, fingerprinted_export, name_initializers, onnx_param_names
+from .param_names import (
+    ROLE,
+    derived_changes,
+    fingerprinted_export,
+    name_initializers,
+    onnx_param_names,
+)
 from .recurrent import lower_traced
 from .shape_fold import annotate_measured_shapes, fold_shape_operands
 
@@ -48,6 +55,12 @@ class Traced:
     # torch parameters with no tensor of their own in the graph (a GRU's weights, which the
     # exporter rearranges; values folded into others): they cannot train
     unmapped: list[str] = field(default_factory=list)
+    # constants torch's exporter computed from parameters (F.normalize(self.weight)): constant ->
+    # the module path of a node reading it (export/param_names.py); they cannot carry a gradient
+    derived: dict[str, str] = field(default_factory=dict)
+    # which of those change when only the given torch parameters do (a second export)
+    derived_changes: Callable[[set[str]], set[str]] | None = field(default=None, repr=False,
+                                                                  compare=False)
     notes: list[str] = field(default_factory=list)  # what the export prints after it
     # how to trace/load the same model again with a free sequence axis (any_length())
     origin: tuple | None = field(default=None, repr=False, compare=False)
@@ -321,14 +334,16 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
                           f"{_first_line(exc)}; change that part of the model, or export "
                           "it to .onnx yourself and pass the file") from None
     fingerprinted = lambda: fingerprinted_export(module, export)  # noqa: E731
-    torch_names, torch_shapes, frozen = name_initializers(model, module, fingerprinted)
+    torch_names, torch_shapes, frozen, derived = name_initializers(model, module, fingerprinted)
     children = []
     for cname, child in module.named_children():
         pnames = [f"{cname}.{p}" for p, _ in child.named_parameters()]
         onnx_of = {tn: on for on, (tn, _) in torch_names.items()}
         children.append((cname, [onnx_of[p] for p in pnames if p in onnx_of]))
     return Traced(model, names, outs, source, torch_names, children, from_torch=True,
-                  torch_shapes=torch_shapes, unmapped=frozen)
+                  torch_shapes=torch_shapes, unmapped=frozen, derived=derived,
+                  derived_changes=derived_changes(model, derived, module, export)
+                  if derived else None)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from helpers import make_trainer
 
 from export import export_bundle
+from export.graph import ExportError
 from runtime.bundle import open_bundle
 from runtime.calibrate import Basis
 from runtime.errors import UserError
@@ -220,6 +221,44 @@ MODELS = textwrap.dedent('''
     def effnet():
         torch.manual_seed(0)
         return TinyEfficientNet()
+
+
+    class TiedLM(nn.Module):
+        """The output layer shares the embedding's weight (torch's exporter folds the second
+        use into a transposed copy of the table)."""
+
+        def __init__(self, vocab=20, d=16):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.mix = nn.Linear(d, d)
+            self.head = nn.Linear(d, vocab, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            return self.head(torch.tanh(self.mix(h)).mean(1))
+
+
+    def tied_lm():
+        torch.manual_seed(0)
+        return TiedLM()
+
+
+    class Cosine(nn.Module):
+        """A cosine classifier: F.normalize on a weight (folded into a constant norm)."""
+
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(12, 16)
+            self.w = nn.Parameter(torch.randn(3, 16))
+
+        def forward(self, x):
+            return 10 * F.normalize(torch.relu(self.l1(x)), dim=-1) @ F.normalize(self.w, dim=-1).t()
+
+
+    def cosine():
+        torch.manual_seed(0)
+        return Cosine()
 
 
     def effnet_zero_pad():
@@ -435,3 +474,31 @@ def test_efficientnet_like_with_zero_pad(models_file: Path, tmp_path: Path):
     bundle = export_bundle(f"{models_file}:effnet_zero_pad", tmp_path / "bundle",
                            input_shape="2,3,16,16")
     check_bundle_grads(models_file, "effnet_zero_pad", bundle, x, labels, ("vanilla",))
+
+
+def test_a_tied_output_layer_trains_the_embedding_through_both_uses(models_file: Path,
+                                                                   tmp_path: Path):
+    """``head.weight = emb.weight``: torch's exporter writes the head's use as a constant copy
+    of the table (transposed); the bundle computes it from the table instead, so the one
+    tensor gets the gradient of both uses, as in torch."""
+    rng = np.random.default_rng(0)
+    x = {"ids": rng.integers(0, 20, (4, 8)).astype(np.int64)}
+    labels = rng.integers(0, 20, 4).astype(np.int64)
+    np.savez(tmp_path / "batch.npz", **x)
+    bundle = export_bundle(f"{models_file}:tied_lm", tmp_path / "bundle",
+                           npz=str(tmp_path / "batch.npz"))
+    names = [p.torch_name for p in open_bundle(bundle).params]
+    assert "emb.weight" in names and len(names) == len(set(names)), names
+    check_bundle_grads(models_file, "tied_lm", bundle, x, labels, ("vanilla",))
+
+
+def test_a_weight_normalised_in_forward_is_refused_not_trained_wrong(models_file: Path,
+                                                                     tmp_path: Path):
+    """``F.normalize(self.w)``: the exporter folds the norm of ``w`` into a constant, through
+    which no gradient passes: training ``w`` is refused in one line; frozen, the rest trains."""
+    np.savez(tmp_path / "batch.npz", x=np.ones((4, 12), np.float32))
+    with pytest.raises(ExportError, match=r"computes a tensor from parameter\(s\) w that"):
+        export_bundle(f"{models_file}:cosine", tmp_path / "b1", npz=str(tmp_path / "batch.npz"))
+    bundle = export_bundle(f"{models_file}:cosine", tmp_path / "b2",
+                           npz=str(tmp_path / "batch.npz"), trainable="l1.*")
+    assert [p.torch_name for p in open_bundle(bundle).params] == ["l1.weight", "l1.bias"]
