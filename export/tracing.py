@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,7 +24,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from contract.onnx_scan import LOOP_OPS
+
 from .graph import ExportError, check_ops, name_nodes
+from .layers import node_module_path
 from .param_names import (
     ROLE,
     derived_changes,
@@ -73,6 +78,9 @@ class Traced:
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
 
 
+EXAMPLE_MAX_BYTES = 4 << 30  # an example input larger than this is a typo, not a model
+
+
 def parse_input_shapes(text: str) -> list[tuple[tuple[int, ...], str]]:
     """``32,1,8,8`` or ``8,64:int64;8,64:int64`` (one shape per model input, batch first, with
     an optional dtype, default float32)."""
@@ -91,6 +99,11 @@ def parse_input_shapes(text: str) -> list[tuple[tuple[int, ...], str]]:
                               "inputs)") from None
         if not dims or any(d <= 0 for d in dims):
             raise ExportError(f"invalid --input-shape '{text}': dims must be positive")
+        if math.prod(dims) * np.dtype(dtype).itemsize > EXAMPLE_MAX_BYTES:
+            raise ExportError(f"invalid --input-shape '{text[:80]}': an example input of "
+                              f"{math.prod(dims):.3g} elements is too large (at most "
+                              f"{EXAMPLE_MAX_BYTES >> 30} GiB); the example batch can be small, "
+                              "e.g. 8")
         shapes.append((dims, dtype))
     return shapes
 
@@ -121,7 +134,7 @@ def _load_factory(spec: str):
     try:
         try:
             mod_spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's file may raise anything
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's file may raise anything
             raise ExportError(f"cannot import model file '{path}': {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         factory = getattr(module, fn, None)
@@ -130,7 +143,13 @@ def _load_factory(spec: str):
                      if callable(getattr(module, n)) and not n.startswith("_")]
             raise ExportError(f"'{fn}' is not a function in {path}; callables there: "
                               f"{', '.join(avail) or 'none'}")
-        return factory()
+        try:
+            return factory()
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's code may raise anything
+            what = "exits" if isinstance(exc, SystemExit) else "fails"
+            raise ExportError(f"factory '{fn}' in {path} {what}: {type(exc).__name__}: "
+                              f"{_first_line(exc)}; it must take no arguments and return the "
+                              "torch module") from None
     finally:
         if folder in sys.path:
             sys.path.remove(folder)
@@ -294,6 +313,22 @@ def _input_names(module, n: int) -> list[str]:
     return ["x"] if n == 1 else [f"x{i}" for i in range(n)]
 
 
+def _output_names(result, inputs: list[str]) -> list[str]:
+    """Names for the forward's outputs in the order torch's exporter flattens them: a dict's
+    keys (``{"aux": ..., "logits": ...}``: pick one with ``--output logits``), ``output0``,
+    ``output1``, ... for a tuple or list (or nested ones), ``logits`` for a single tensor."""
+    from torch.utils._pytree import tree_leaves
+
+    if isinstance(result, dict) and all(not isinstance(v, dict | tuple | list)
+                                        for v in result.values()):
+        keys = [re.sub(r"[^A-Za-z0-9_.]", "_", str(k)) or "output" for k in result]
+        if len(set(keys)) == len(keys) and not set(keys) & set(inputs):
+            return keys
+    n = len(tree_leaves(result))
+    return ["logits"] if n == 1 and not isinstance(result, dict) else \
+        [f"output{i}" for i in range(n)]
+
+
 def _trace_torch(module, example: list[np.ndarray], source: str,
                  seq_axes: list[int] | None = None) -> Traced:
     import torch
@@ -304,14 +339,13 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     try:
         with torch.no_grad():
             result = module(*args)
-    except Exception as exc:  # noqa: BLE001 - the user's forward: any error is theirs to fix
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's forward: theirs to fix
         shapes = "; ".join(f"{','.join(map(str, a.shape))}:{a.dtype}" for a in example)
         raise ExportError(f"model '{source}' fails on example inputs {shapes}: "
                           f"{_first_line(exc)}; pass --input-shape (or --npz) with the shapes "
                           "and types its forward takes, batch first, e.g. 8,3,32,32 or "
                           "8,64:int64 for token ids") from None
-    n_out = len(result) if isinstance(result, tuple | list) else 1
-    outs = ["logits"] if n_out == 1 else [f"output{i}" for i in range(n_out)]
+    outs = _output_names(result, names)
     dyn = {n: {0: "N"} for n in names + outs}
     for i in seq_axes or []:
         dyn[names[i]] = {0: "N", 1: "L"}
@@ -333,6 +367,15 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
         raise ExportError(f"torch.onnx.export cannot export '{source}' at opset {OPSET}: "
                           f"{_first_line(exc)}; change that part of the model, or export "
                           "it to .onnx yourself and pass the file") from None
+    for node in model.graph.node:
+        if node.op_type in LOOP_OPS:  # the runtime never runs a loop (a step must end)
+            where = node_module_path(node)
+            raise ExportError(
+                f"model '{source}'{f' (module {where!r})' if where else ''} exports to an ONNX "
+                f"{node.op_type} node, which the runtime does not run (nn.EmbeddingBag, or a "
+                "data-dependent loop in forward); write that part with plain tensor ops, e.g. "
+                "nn.Embedding followed by .mean(1)")
+    check_ops(model, source)
     fingerprinted = lambda: fingerprinted_export(module, export)  # noqa: E731
     torch_names, torch_shapes, frozen, derived = name_initializers(model, module, fingerprinted)
     children = []

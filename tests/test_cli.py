@@ -314,6 +314,75 @@ def make():
 """
 
 
+DICT_FACTORY = """\
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 16)
+        self.aux = nn.Linear(16, 2)
+        self.cls = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"aux": self.aux(h), "logits": self.cls(h)}
+
+
+def make():
+    return Net()
+"""
+
+
+def test_a_model_returning_a_dict_names_its_outputs_by_key(cli, tmp_path):
+    """A forward returning ``{"aux": ..., "logits": ...}``: the outputs are named by their keys
+    (was: the first one was called ``logits``, so ``--output logits`` trained the aux head),
+    the chosen one trains with the parameters that reach it, and it predicts the labels."""
+    path = tmp_path / "dict_out.py"
+    path.write_text(DICT_FACTORY)
+    user_error(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b0",
+                   "--input-shape", "8,6"), "2 outputs (aux, logits)")
+    ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b", "--input-shape", "8,6",
+           "--output", "logits"))
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["output"] == "logits"
+    assert sorted(p["torch_name"] for p in m["params"]) == ["body.bias", "body.weight",
+                                                            "cls.bias", "cls.weight"]
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("def make():\n    raise RuntimeError('no weights here')\n",
+     "factory 'make' in {path} fails: RuntimeError: no weights here"),
+    ("def make(size):\n    return None\n", "fails: TypeError"),
+    ("import sys\n\n\ndef make():\n    sys.exit(3)\n", "factory 'make' in {path} exits"),
+    ("import sys\nsys.exit(4)\n", "cannot import model file"),
+])
+def test_export_a_factory_that_fails_is_one_line(body, fragment, cli, tmp_path):
+    path = tmp_path / "bad_factory.py"
+    path.write_text(body)
+    user_error(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b",
+                   "--input-shape", "8,6"), fragment.format(path=path))
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_a_model_that_exports_to_a_loop_is_one_line(cli, tmp_path):
+    """nn.EmbeddingBag exports to an ONNX Loop, which the runtime refuses to run: the export
+    says so (was: 'bundle written', then every train failed on a 'tampered' bundle)."""
+    path = tmp_path / "bag.py"
+    path.write_text("from torch import nn\n\n\ndef make():\n    return nn.Sequential("
+                    "nn.EmbeddingBag(20, 8, mode='mean'), nn.Linear(8, 3))\n")
+    user_error(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b",
+                   "--input-shape", "8,6:int64"), "exports to an ONNX Loop node", "module '0'")
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_an_absurd_example_shape_is_one_line(cli, tmp_path):
+    user_error(cli("export", "--model", "mlp", "--out", tmp_path / "b",
+                   "--input-shape", "4,99999999999999999999"), "too large")
+
+
 def test_export_names_the_parameters_that_cannot_train(cli, tmp_path):
     """Parameters torch's exporter folds into a computed constant have no tensor to train: the
     export says so instead of leaving them out silently."""

@@ -451,6 +451,19 @@ def _conv_nd_case(name: str, x_shape, w_shape, *, strides, pads, dilations, grou
     case("Conv", name, body, fn, inputs, list(inputs))
 
 
+# auto_pad (torch's padding="same" written by other exporters): the explicit pads it stands for
+case("Conv", "auto_pad_same_upper_even_kernel",
+     'y = Conv <auto_pad = "SAME_UPPER", dilations = [1, 2]> (x, w, b)',
+     lambda x, w, b: F.conv2d(x, w, b, padding="same", dilation=(1, 2)),
+     {"x": rnd(2, 3, 6, 7), "w": rnd(4, 3, 4, 3), "b": rnd(4)}, ["x", "w", "b"])
+case("Conv", "auto_pad_same_lower_stride2",
+     'y = Conv <auto_pad = "SAME_LOWER", strides = [2, 2]> (x, w)',
+     lambda x, w: F.conv2d(F.pad(x, (1, 0, 1, 0)), w, stride=2),
+     {"x": rnd(2, 3, 7, 7), "w": rnd(4, 3, 2, 2)}, ["x", "w"])
+case("AveragePool", "auto_pad_valid",
+     'y = AveragePool <auto_pad = "VALID", kernel_shape = [2, 2], strides = [2, 2]> (x)',
+     lambda x: F.avg_pool2d(x, 2), {"x": rnd(2, 3, 5, 5)}, ["x"])
+
 _conv_nd_case("1d_k3_pad1", (2, 3, 9), (4, 3, 3), strides=[1], pads=[1, 1], dilations=[1])
 _conv_nd_case("1d_stride2_dil2_asym", (2, 4, 11), (6, 2, 3), strides=[2], pads=[2, 1],
               dilations=[2], group=2)

@@ -14,15 +14,33 @@ from .linear import compressed, linear_instant
 RULES = RuleSet("conv")
 
 
-def _convattrs(node, k: list[int]):
+def _convattrs(node, k: list[int], ctx=None):
+    """(strides, dilations, pads, group); an ``auto_pad`` (torch's ``padding="same"``) becomes
+    the explicit pads it stands for, written back into the forward node (needs ``ctx`` and
+    static spatial dims)."""
     a = attrs(node)
-    if a.get("auto_pad", "NOTSET") != "NOTSET":
-        raise ExportError(f"node '{node.name}': auto_pad is not supported; export with "
-                          "explicit pads")
     nsp = len(k)
     strides = list(a.get("strides", [1] * nsp))
     dil = list(a.get("dilations", [1] * nsp))
     pads = list(a.get("pads", [0] * 2 * nsp))
+    mode = a.get("auto_pad", "NOTSET")
+    if mode != "NOTSET":
+        xs = ctx.shapes.of(node.input[0])[2:] if ctx is not None else None
+        if xs is None or node.op_type == "ConvTranspose" or \
+                not all(isinstance(d, int) for d in xs):
+            raise ExportError(f"node '{node.name}': auto_pad {mode} needs static spatial dims "
+                              "(and is not supported on ConvTranspose); export with explicit "
+                              "pads")
+        pads = [0] * 2 * nsp
+        if mode != "VALID":  # SAME_UPPER / SAME_LOWER: output = ceil(input / stride)
+            for i, n in enumerate(xs):
+                total = max(0, (-(-n // strides[i]) - 1) * strides[i] + (k[i] - 1) * dil[i]
+                            + 1 - n)
+                small, big = total // 2, total - total // 2
+                pads[i], pads[nsp + i] = (small, big) if mode == "SAME_UPPER" else (big, small)
+        keep = [x for x in node.attribute if x.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(keep + [helper.make_attribute("pads", pads)])
     return strides, dil, pads, int(a.get("group", 1))
 
 
@@ -53,7 +71,7 @@ def conv_grad(ctx, node, gy):
     if nsp not in (1, 2, 3):
         raise ExportError(f"Conv '{node.name}': only 1-D, 2-D and 3-D convolutions have a "
                           f"gradient rule (got {nsp}-D)")
-    strides, dil, pads, group = _convattrs(node, k)
+    strides, dil, pads, group = _convattrs(node, k, ctx)
     gx = gw = None
     if needs(ctx, node, 0):
         outpad = _output_padding(ctx, node, x, node.output[0], k, strides, dil, pads)
@@ -145,7 +163,7 @@ def avgpool_grad(ctx, node, gy):
     a = attrs(node)
     k = list(a["kernel_shape"])
     x = node.input[0]
-    strides, dil, pads, _ = _convattrs(node, k)
+    strides, dil, pads, _ = _convattrs(node, k, ctx)
     if (any(pads) and not a.get("count_include_pad", 0)) or a.get("ceil_mode", 0) \
             or any(d != 1 for d in dil):
         return [_separable_pool_grad(ctx, node, gy[0], k, strides, dil, pads)]
