@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["derived_changes", "fingerprinted_export", "name_initializers", "onnx_param_names"]
+__all__ = ["derived_changes", "fingerprinted_export", "name_initializers", "onnx_param_names",
+           "tie_equal_initializers"]
 
 
 def fingerprinted_export(module, export, only: set[str] | None = None):
@@ -237,3 +238,57 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
             taken.add(name)
             names[i] = (name, transposed)
     return names
+
+
+TIE_MIN_ELEMENTS = 16  # below this, equal values can be chance (a small bias, a fresh norm)
+
+
+def tie_equal_initializers(model: onnx.ModelProto) -> list[str]:
+    """An ONNX file's float initializers that hold one tensor's values twice (a language model's
+    output layer tied to its embedding: exporters write the table and its transpose, or split
+    it into two tensors) become one: the later copy is computed from the first in the graph
+    (Transpose / Reshape / Identity), so training updates both uses together, as in the model
+    that was exported. Only tensors of at least ``TIE_MIN_ELEMENTS`` values that are not all
+    equal count (equal fresh weights are chance). Returns the notes to print."""
+    floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT
+              and int(np.prod(t.dims)) >= TIE_MIN_ELEMENTS]
+    seen: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    copies: list[onnx.NodeProto] = []
+    notes: list[str] = []
+    gone: set[str] = set()
+    for t in floats:
+        a = numpy_helper.to_array(t)
+        if float(a.max()) == float(a.min()):
+            continue
+        key = (a.size, float(a.astype(np.float64).sum()), float(np.abs(a).max()))
+        first = next(((n, v) for n, v in seen.get(key, []) if _as_param(a, v) is not None), None)
+        if first is None:
+            seen.setdefault(key, []).append((t.name, a))
+            continue
+        how = _as_param(a, first[1])
+        if how == "T":
+            copies.append(helper.make_node("Transpose", [first[0]], [t.name], perm=[1, 0],
+                                           name=f"tied/{t.name}"))
+        elif how == "reshape":
+            shape = numpy_helper.from_array(np.array(a.shape, np.int64), f"{t.name}.shape")
+            model.graph.initializer.append(shape)
+            copies.append(helper.make_node("Reshape", [first[0], shape.name], [t.name],
+                                           name=f"tied/{t.name}"))
+        else:
+            copies.append(helper.make_node("Identity", [first[0]], [t.name],
+                                           name=f"tied/{t.name}"))
+        gone.add(t.name)
+        notes.append(f"note: '{t.name}' holds the values of '{first[0]}'"
+                     f"{' transposed' if how == 'T' else ''}: trained as one tensor (tied "
+                     "weights)")
+    if copies:
+        keep = [i for i in model.graph.initializer if i.name not in gone]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        inputs = [i for i in model.graph.input if i.name not in gone]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+        nodes = copies + list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return notes

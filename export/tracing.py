@@ -34,6 +34,7 @@ from .param_names import (
     fingerprinted_export,
     name_initializers,
     onnx_param_names,
+    tie_equal_initializers,
 )
 from .recurrent import lower_traced
 from .shape_fold import annotate_measured_shapes, fold_shape_operands
@@ -485,7 +486,9 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     if example is not None:
         _fix_input_shapes(model, inputs, example, keep_free or {})
     outputs = [o.name for o in model.graph.output]
-    return Traced(model, inputs, outputs, f"onnx:{file.name}", onnx_param_names(model))
+    tied = tie_equal_initializers(model)
+    return Traced(model, inputs, outputs, f"onnx:{file.name}", onnx_param_names(model),
+                  notes=tied)
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:

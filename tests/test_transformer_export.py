@@ -502,3 +502,25 @@ def test_a_weight_normalised_in_forward_is_refused_not_trained_wrong(models_file
     bundle = export_bundle(f"{models_file}:cosine", tmp_path / "b2",
                            npz=str(tmp_path / "batch.npz"), trainable="l1.*")
     assert [p.torch_name for p in open_bundle(bundle).params] == ["l1.weight", "l1.bias"]
+
+
+def test_a_tied_output_layer_in_an_onnx_file_trains_one_tensor(models_file: Path,
+                                                               tmp_path: Path):
+    """The tied language model as an ONNX file: the exporter wrote the table and, for the
+    output layer, its transpose; the bundle trains them as one tensor (a note says so) and the
+    gradient is torch's for the tied weight."""
+    module = _factory(models_file, "tied_lm")
+    onnx_file = tmp_path / "tied.onnx"
+    torch.onnx.export(module, (torch.zeros(2, 8, dtype=torch.int64),), str(onnx_file),
+                      dynamo=False, opset_version=17, input_names=["ids"],
+                      output_names=["logits"],
+                      dynamic_axes={"ids": {0: "N"}, "logits": {0: "N"}})
+    rng = np.random.default_rng(0)
+    x = {"ids": rng.integers(0, 20, (4, 8)).astype(np.int64)}
+    labels = rng.integers(0, 20, 4).astype(np.int64)
+    notes: list[str] = []
+    bundle = export_bundle(str(onnx_file), tmp_path / "bundle", notes=notes)
+    assert any("trained as one tensor (tied weights)" in n for n in notes), notes
+    names = sorted(p.torch_name for p in open_bundle(bundle).params)
+    assert names == ["emb.weight", "mix.bias", "mix.weight"], names
+    check_bundle_grads(models_file, "tied_lm", bundle, x, labels, ("vanilla",))
