@@ -237,7 +237,16 @@ case("Pad", "opset18_axes", "y = Pad(x, p, \"\", a)", lambda x: F.pad(x, (2, 1))
      {"x": rnd(2, 3, 4)}, ["x"], consts={"p": i64(2, 1), "a": i64(-1)}, opset=18)
 case("Pad", "reflect", 'y = Pad <mode = "reflect"> (x, p)',
      lambda x: F.pad(x, (1, 1), mode="reflect"), {"x": rnd(2, 3, 4)}, ["x"],
-     consts={"p": i64(0, 0, 1, 0, 0, 1)}, xfail="only constant-mode Pad is supported")
+     consts={"p": i64(0, 0, 1, 0, 0, 1)})
+case("Pad", "reflect_2d_asymmetric", 'y = Pad <mode = "reflect"> (x, p)',
+     lambda x: F.pad(x, (2, 1, 0, 3), mode="reflect"), {"x": rnd(2, 3, 5, 4)}, ["x"],
+     consts={"p": i64(0, 0, 0, 2, 0, 0, 3, 1)})
+case("Pad", "edge_replicate", 'y = Pad <mode = "edge"> (x, p)',
+     lambda x: F.pad(x, (2, 2, 1, 0), mode="replicate"), {"x": rnd(2, 3, 4, 4)}, ["x"],
+     consts={"p": i64(0, 0, 1, 2, 0, 0, 0, 2)})
+case("Pad", "wrap_opset19", 'y = Pad <mode = "wrap"> (x, p)',
+     lambda x: F.pad(x, (1, 2), mode="circular"), {"x": rnd(2, 3, 5)}, ["x"],
+     consts={"p": i64(0, 0, 1, 0, 0, 2)}, opset=19)
 case("CumSum", "axis1", "y = CumSum(x, a)", lambda x: torch.cumsum(x, 1), {"x": rnd(2, 5, 3)},
      ["x"], consts={"a": i64(1)})
 case("CumSum", "reverse_exclusive", "y = CumSum <reverse = 1, exclusive = 1> (x, a)",

@@ -261,6 +261,14 @@ MODELS = textwrap.dedent('''
         return Cosine()
 
 
+    def padded_cnn():
+        """Reflect and replicate padding (padding_mode="reflect", nn.ReplicationPad2d)."""
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                             nn.ReplicationPad2d((2, 1, 0, 1)), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
     def effnet_zero_pad():
         torch.manual_seed(0)
         return TinyEfficientNet(zero_pad=True)
@@ -524,3 +532,11 @@ def test_a_tied_output_layer_in_an_onnx_file_trains_one_tensor(models_file: Path
     names = sorted(p.torch_name for p in open_bundle(bundle).params)
     assert names == ["emb.weight", "mix.bias", "mix.weight"], names
     check_bundle_grads(models_file, "tied_lm", bundle, x, labels, ("vanilla",))
+
+
+def test_reflect_and_replicate_padding_gradients_match_torch(models_file: Path, tmp_path: Path):
+    x = {"input": np.random.default_rng(0).standard_normal((4, 3, 9, 9)).astype(np.float32)}
+    labels = np.array([0, 1, 2, 1])
+    bundle = export_bundle(f"{models_file}:padded_cnn", tmp_path / "bundle",
+                           input_shape="4,3,9,9")
+    check_bundle_grads(models_file, "padded_cnn", bundle, x, labels, ("vanilla",))

@@ -126,12 +126,47 @@ def pad_grad(ctx, node, gy):
     crops; pads may be computed in the forward, as the TorchScript exporter writes F.pad)."""
     mode = attrs(node).get("mode", "constant")
     if mode != "constant":
-        raise ExportError(f"Pad '{node.name}': mode '{mode}' is not supported (constant only)")
+        return [_index_pad_grad(ctx, node, gy[0], mode)] + [None] * (len(node.input) - 1)
     b = ctx.bwd
     neg = b.op("Neg", [node.input[1]])
     axes = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
     return [b.op("Pad", [gy[0], neg, ""] + axes if axes else [gy[0], neg])] + \
         [None] * (len(node.input) - 1)
+
+
+def _index_pad_grad(ctx, node, g: str, mode: str) -> str:
+    """Reflect / edge / wrap Pad (torch's ReflectionPad, ReplicationPad): each output position
+    along a padded axis reads one input position (numpy's pad of the positions says which), so
+    per axis the gradient is gᵀ summed by a 0/1 matrix [out, in]: the positions read twice (the
+    border and its mirror) get both contributions. Constant pads and static sizes."""
+    dims = ctx.shapes.of(node.input[0])
+    rank = len(dims)
+    if mode not in ("reflect", "edge", "wrap"):
+        raise ExportError(f"Pad '{node.name}': mode '{mode}' has no gradient rule")
+    if node.input[1] not in ctx.constants or (len(node.input) > 3 and node.input[3]
+                                              and node.input[3] not in ctx.constants):
+        raise ExportError(f"Pad '{node.name}': a {mode} pad needs constant pads")
+    pads = [int(v) for v in ctx.constant_value(node.input[1]).tolist()]
+    axes = ([int(a) % rank for a in ctx.constant_value(node.input[3]).tolist()]
+            if len(node.input) > 3 and node.input[3] else list(range(rank)))
+    b = ctx.bwd
+    n = len(axes)
+    for i, ax in reversed(list(enumerate(axes))):
+        lo, hi = pads[i], pads[n + i]
+        if lo == 0 and hi == 0:
+            continue
+        d = dims[ax]
+        if not isinstance(d, int) or lo < 0 or hi < 0:
+            raise ExportError(f"Pad '{node.name}': a {mode} pad needs static sizes and "
+                              "non-negative pads")
+        src = np.pad(np.arange(d), (lo, hi), mode="wrap" if mode == "wrap" else mode)
+        m = np.zeros((len(src), d), np.float32)
+        m[np.arange(len(src)), src] = 1.0
+        perm = [a for a in range(rank) if a != ax] + [ax]
+        back = [perm.index(a) for a in range(rank)]
+        t = b.op("MatMul", [b.op("Transpose", [g], perm=perm), b.const(m)])
+        g = b.op("Transpose", [t], perm=back)
+    return g
 
 
 @RULES.gradient("Split")
