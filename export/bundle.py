@@ -140,6 +140,24 @@ def _dynamic_batch(model: onnx.ModelProto, names: list[str]) -> None:
             d.dim_param = "N"
 
 
+def _zero_grad_rows(tg, rows: dict[str, int], initial: dict[str, np.ndarray]) -> None:
+    """The gradient of an embedding's padding row (``nn.Embedding(padding_idx=k)``) stays zero,
+    as in torch: its backward output is multiplied by a mask with a 0 in that row."""
+    bw = tg.backward.graph
+    for p, row in rows.items():
+        out = tg.grads.get(p)
+        if out is None:
+            continue
+        prod = next(n for n in bw.node if out in n.output)
+        tmp = f"{out}.all_rows"
+        prod.output[list(prod.output).index(out)] = tmp
+        mask = np.ones([initial[p].shape[0]] + [1] * (initial[p].ndim - 1), np.float32)
+        mask[row] = 0.0
+        bw.initializer.append(numpy_helper.from_array(mask, f"{out}.row_mask"))
+        bw.node.append(helper.make_node("Mul", [tmp, f"{out}.row_mask"], [out],
+                                        name=f"{out}/padding_row"))
+
+
 def _check_derived(traced: Traced, params: list[str]) -> None:
     """Refuse to train parameters that torch's exporter folded into a computed constant besides
     their own tensor (``F.normalize(self.weight)``: the norm became a constant): their gradient
@@ -433,6 +451,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             _add_basis_inputs(src, mode_layers)
         tg = build_training_graphs(src, names.LOSS, params, mode, mode_layers, opset,
                                    compress_saved=saved_int8)
+        _zero_grad_rows(tg, {p: r for p, r in traced.zero_grad_rows.items() if p in initial},
+                        initial)
         files = {}
         for part, m in (("forward", tg.forward), ("backward", tg.backward)):
             _prune_unused_inputs(m, data_inputs if part == "forward" else set())

@@ -64,6 +64,9 @@ class Traced:
     # constants torch's exporter computed from parameters (F.normalize(self.weight)): constant ->
     # the module path of a node reading it (export/param_names.py); they cannot carry a gradient
     derived: dict[str, str] = field(default_factory=dict)
+    # parameter -> the row whose gradient stays zero (nn.Embedding's padding_idx; ONNX's Gather
+    # has none, so the bundle's backward zeroes it: export/bundle.py)
+    zero_grad_rows: dict[str, int] = field(default_factory=dict)
     # which of those change when only the given torch parameters do (a second export)
     derived_changes: Callable[[set[str]], set[str]] | None = field(default=None, repr=False,
                                                                   compare=False)
@@ -379,6 +382,13 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     check_ops(model, source)
     fingerprinted = lambda: fingerprinted_export(module, export)  # noqa: E731
     torch_names, torch_shapes, frozen, derived = name_initializers(model, module, fingerprinted)
+    onnx_of = {tn: on for on, (tn, tr) in torch_names.items() if not tr}
+    rows = {}
+    for mname, mod in module.named_modules():
+        if isinstance(mod, torch.nn.Embedding) and mod.padding_idx is not None:
+            pname = f"{mname}.weight" if mname else "weight"
+            if pname in onnx_of:
+                rows[onnx_of[pname]] = int(mod.padding_idx) % int(mod.num_embeddings)
     children = []
     for cname, child in module.named_children():
         pnames = [f"{cname}.{p}" for p, _ in child.named_parameters()]
@@ -386,6 +396,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
         children.append((cname, [onnx_of[p] for p in pnames if p in onnx_of]))
     return Traced(model, names, outs, source, torch_names, children, from_torch=True,
                   torch_shapes=torch_shapes, unmapped=frozen, derived=derived,
+                  zero_grad_rows=rows,
                   derived_changes=derived_changes(model, derived, module, export)
                   if derived else None)
 

@@ -261,6 +261,13 @@ MODELS = textwrap.dedent('''
         return Cosine()
 
 
+    def pad_emb():
+        """nn.Embedding(padding_idx=0): torch keeps that row's gradient zero."""
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(20, 16, padding_idx=0), nn.Flatten(),
+                             nn.Linear(16 * 6, 3))
+
+
     def padded_cnn():
         """Reflect and replicate padding (padding_mode="reflect", nn.ReplicationPad2d)."""
         torch.manual_seed(0)
@@ -540,3 +547,18 @@ def test_reflect_and_replicate_padding_gradients_match_torch(models_file: Path, 
     bundle = export_bundle(f"{models_file}:padded_cnn", tmp_path / "bundle",
                            input_shape="4,3,9,9")
     check_bundle_grads(models_file, "padded_cnn", bundle, x, labels, ("vanilla",))
+
+
+def test_an_embedding_padding_row_gets_no_gradient(models_file: Path, tmp_path: Path):
+    """ONNX's Gather has no padding_idx: the bundle's backward zeroes that row's gradient, as
+    torch does (was: the padding row trained like the others)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (4, 6)).astype(np.int64)
+    ids[:, 4:] = 0  # padding
+    np.savez(tmp_path / "batch.npz", input=ids)
+    bundle = export_bundle(f"{models_file}:pad_emb", tmp_path / "bundle",
+                           npz=str(tmp_path / "batch.npz"))
+    labels = np.array([0, 1, 2, 1])
+    check_bundle_grads(models_file, "pad_emb", bundle, {"input": ids}, labels, ("vanilla",))
+    _, got = runtime_grads(bundle, "vanilla", {"input": ids}, labels)
+    assert not got["0.weight"][0].any() and got["0.weight"][1:].any()
