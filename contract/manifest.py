@@ -5,6 +5,10 @@ runtime treats a bundle as untrusted data: :func:`read_manifest` validates every
 range once, when the bundle is opened, and every file name the manifest uses must be a plain name
 inside the bundle folder that is listed in ``files`` (see ``contract/files.py`` for how files are
 then opened and checked). The format version lives here and only here.
+
+Why one module (~590 lines): the document types, their ranges, the cross-field rules and the
+reading that enforces them (numbers bounded before any field is converted) are one contract that
+the exporter writes and the runtime trusts; split, a rule could be added on one side only.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ __all__ = [
 FORMAT = "instant-runtime-bundle"
 FORMAT_VERSION = 5
 MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few hundred KB; refuse absurd files up front
+# every number in a manifest (byte counts and offsets, FLOPs included) lies within +-MAX_NUMBER:
+# exact as a float64, so no arithmetic on it overflows or rounds; tensor dimensions and counts
+# are at most MAX_DIM, and shapes have at most MAX_RANK axes
+MAX_NUMBER = 1 << 53
+MAX_DIM = (1 << 31) - 1
+MAX_RANK = 32
+_MAX_MESSAGE = 600  # a longer error message is cut in the middle (no value is echoed in full)
 
 DType = Literal["float32", "float64", "float16", "int64", "int32", "int8", "uint8", "bool"]
 ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "int64": 8, "int32": 4, "int8": 1,
@@ -54,9 +65,11 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _bad_dims(shape: list[int | str], allow_symbolic: bool = True) -> str | None:
+    if len(shape) > MAX_RANK:
+        return f"has {len(shape)} axes, more than {MAX_RANK}"
     for i, d in enumerate(shape):
-        if isinstance(d, int) and d < 1:
-            return f"shape[{i}] must be >= 1, got {d}"
+        if isinstance(d, int) and not 1 <= d <= MAX_DIM:
+            return f"shape[{i}] must be from 1 to {MAX_DIM}, got {d}"
         if isinstance(d, str) and (not allow_symbolic or not d):
             return f"shape[{i}] must be a positive integer, got {d!r}"
     return None
@@ -72,7 +85,7 @@ class TensorSpec:
     # integer ids that index an embedding table of this many rows (0: not an index): the data
     # is checked to hold 0 .. index_bound - 1 (onnxruntime's Gather takes a negative id as
     # counting from the end)
-    index_bound: int = field(default=0, metadata=check(ge=0))
+    index_bound: int = field(default=0, metadata=check(ge=0, le=MAX_DIM))
 
     def validate(self) -> tuple[str, str] | None:
         bad = _bad_dims(self.shape)
@@ -94,6 +107,10 @@ class LossSpec:
             return "num_classes", "cross_entropy needs num_classes"
         if self.kind == "cross_entropy" and self.labels.dtype != "int64":
             return "labels.dtype", f"cross_entropy labels are int64, got {self.labels.dtype}"
+        if self.kind == "mse" and self.num_classes is not None:
+            return "num_classes", "mse has no classes (a cross_entropy loss has them)"
+        if self.kind == "mse" and not self.labels.dtype.startswith("float"):
+            return "labels.dtype", f"mse labels are float32, got {self.labels.dtype}"
         return None
 
 
@@ -197,16 +214,16 @@ class LayerInfo:
     y: str
     weight: str
     weight_layout: Literal["in_out", "out_in"]
-    tokens: int = field(metadata=check(ge=1))
-    cx: int = field(metadata=check(ge=1))
-    cy: int = field(metadata=check(ge=1))
+    tokens: int = field(metadata=check(ge=1, le=MAX_DIM))
+    cx: int = field(metadata=check(ge=1, le=MAX_DIM))
+    cy: int = field(metadata=check(ge=1, le=MAX_DIM))
     x_axis: Literal["token", "channel"]
     g_axis: Literal["token", "channel"]
     rank3: bool
     p_input: str
     q_input: str
-    x_dim: int = field(metadata=check(ge=1))
-    g_dim: int = field(metadata=check(ge=1))
+    x_dim: int = field(metadata=check(ge=1, le=MAX_DIM))
+    g_dim: int = field(metadata=check(ge=1, le=MAX_DIM))
     # bytes per element of the compressed activation x̂ the instant graphs save: 4 (float32) or
     # 1 (int8 with a float32 scale per rank direction and sample: ``export --saved-int8``)
     x_itemsize: Literal[1, 4] = 4
@@ -229,6 +246,8 @@ class LayerInfo:
             return "x_dim", f"must be {want_x} for the {self.x_axis} axis, got {self.x_dim}"
         if self.g_dim != want_g:
             return "g_dim", f"must be {want_g} for the {self.g_axis} axis, got {self.g_dim}"
+        if self.kind == "linear" and not self.rank3 and self.tokens != 1:
+            return "tokens", f"a linear layer on [N, C] has 1 token, got {self.tokens}"
         return None
 
 
@@ -439,6 +458,16 @@ class Manifest:
                 return f"lookups.{out}", f"indices '{lk.indices}' is not a model input"
         if len({p.name for p in self.params}) != len(self.params):
             return "params", "parameter names must be unique"
+        shapes = {p.name: list(p.shape) for p in self.params}
+        for i, ly in enumerate(self.layers):
+            shape = shapes.get(ly.weight)
+            want = [ly.cy, ly.cx] if ly.weight_layout == "out_in" else [ly.cx, ly.cy]
+            if shape is None or shape[:2] != want or math.prod(shape[2:]) != 1:
+                return f"instant.layers[{i}]", (f"cx {ly.cx} and cy {ly.cy} do not match the "
+                                                f"shape of its weight '{ly.weight}' in params")
+        for k, v in self.flops.items():
+            if v < 0:
+                return f"flops.{k}", f"must be >= 0, got {v}"
         if self.loss.kind == "cross_entropy" and self.class_names is not None and \
                 len(self.class_names) != self.loss.num_classes:
             return "class_names", (f"{len(self.class_names)} names for "
@@ -483,12 +512,57 @@ def manifest_json(m: Manifest) -> str:
     return json.dumps(dump(m), indent=1)
 
 
+class _BigNumber(str):
+    """A JSON number too long to convert (its digits, kept as text)."""
+
+
+def _parse_int(text: str) -> int | _BigNumber:
+    # Python refuses int() of more than 4300 digits with a ValueError; anything past 30 digits
+    # is out of range anyway: kept as text for _check_numbers to name its field
+    return _BigNumber(text) if len(text) > 30 else int(text)
+
+
+def _show(value: object) -> str:
+    text = str(value) if isinstance(value, _BigNumber) else repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
+
+
+def _check_numbers(raw: object, path: Path) -> None:
+    """Every number in the parsed manifest is finite and within +-MAX_NUMBER (see there).
+
+    Raises:
+        ManifestError: naming the first number out of range and its field.
+    """
+    stack: list[tuple[object, tuple]] = [(raw, ())]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, dict):  # pushed last to first: the first bad field is named
+            stack.extend((v, (*where, f".{k}")) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((value[i], (*where, f"[{i}]")) for i in reversed(range(len(value))))
+        elif isinstance(value, _BigNumber) or (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and not (math.isfinite(value) and abs(value) <= MAX_NUMBER)):
+            name = "".join(where).lstrip(".") or "(document)"
+            raise ManifestError(f"{path}: field '{name}': expected a finite number from "
+                                f"-2**53 to 2**53, got {_show(value)}; re-export the bundle")
+
+
+def _clip(message: str) -> str:
+    """A message of at most _MAX_MESSAGE characters: a long value in it is cut in the middle."""
+    if len(message) <= _MAX_MESSAGE:
+        return message
+    tail = _MAX_MESSAGE // 4
+    return f"{message[:_MAX_MESSAGE - tail - 5]} ... {message[-tail:]}"
+
+
 def read_manifest(path: Path) -> Manifest:
     """Read and validate ``manifest.json``.
 
     Raises:
-        ManifestError: unreadable, not JSON, another format or version, or any field that breaks
-            the schema (the message names the field).
+        ManifestError: unreadable, not JSON, another format or version, a number out of range
+            (see ``MAX_NUMBER``) or any field that breaks the schema (the message names the
+            field and shows at most the start and end of a long value).
     """
     path = Path(path)
     try:
@@ -496,7 +570,7 @@ def read_manifest(path: Path) -> Manifest:
         if size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{path} has {size} bytes, more than a manifest can have "
                                 f"({MAX_MANIFEST_BYTES}); it is not a bundle manifest")
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        raw = json.loads(path.read_bytes().decode("utf-8"), parse_int=_parse_int)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestError(f"{path} is unreadable or corrupt ({type(exc).__name__}: "
                             f"{str(exc)[:120]}); re-export the bundle") from None
@@ -504,12 +578,17 @@ def read_manifest(path: Path) -> Manifest:
         raise ManifestError(f"{path} is not an instant-runtime bundle manifest (no "
                             f"\"format\": \"{FORMAT}\"); pass a folder made by "
                             "`instant-runtime export`")
+    _check_numbers(raw, path)
     version = raw.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise ManifestError(f"{path}: field 'format_version': expected an integer, got "
-                            f"{version!r} ({type(version).__name__}); re-export the bundle")
+        raise ManifestError(_clip(f"{path}: field 'format_version': expected an integer, got "
+                                  f"{version!r} ({type(version).__name__}); re-export the "
+                                  "bundle"))
     if version != FORMAT_VERSION:
         raise ManifestError(f"bundle '{path.parent}' has format version {version}; this "
                             f"runtime reads version {FORMAT_VERSION}. Re-export it with the "
                             "matching exporter")
-    return load(Manifest, raw, str(path))
+    try:
+        return load(Manifest, raw, str(path))
+    except ManifestError as exc:
+        raise ManifestError(_clip(str(exc))) from None

@@ -4,8 +4,9 @@ file a graph could make onnxruntime read before it hands the graph over.
 
 The wire format is walked directly. Tensors can sit in a graph's initializers and sparse
 initializers, in node attributes (``t``, ``tensors``, sparse tensors: a ``Constant`` node), and
-in graphs nested in attributes (``If``, ``Loop``, ``Scan``) or in model-local functions; all are
-visited. Field numbers are ONNX's (``onnx/onnx.proto``).
+in graphs nested in attributes (``If``, ``Loop``, ``Scan``), in model-local functions (their
+nodes and their attributes' default values) and in the training-info graphs; all are visited.
+Field numbers are ONNX's (``onnx/onnx.proto``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ LOOP_OPS = frozenset({"Loop", "Scan", "SequenceMap"})
 
 # message type -> {field number: message type of that (length-delimited) field}
 _SCHEMA: dict[str, dict[int, str]] = {
-    "model": {7: "graph", 25: "function"},
-    "function": {7: "node"},
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},  # TrainingInfoProto: initialization, algorithm
+    "function": {7: "node", 11: "attribute"},  # 11: attribute_proto (default attribute values)
     "graph": {1: "node", 5: "tensor", 15: "sparse"},
     "node": {5: "attribute"},
     "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse",
@@ -103,11 +105,11 @@ def _tensor(buf: bytes, start: int, end: int) -> ExternalRef | None:
         return None
     location = entries.get("location")
 
-    def num(k: str) -> int | None:
-        try:
-            return int(entries[k]) if k in entries else None
-        except ValueError:
-            return -1
+    def num(k: str) -> int | None:  # plain decimal digits, as onnx writes them; else -1
+        if k not in entries:
+            return None
+        text = entries[k]
+        return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else -1
 
     return ExternalRef(name, location, num("offset") or 0, num("length"))
 

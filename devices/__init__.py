@@ -12,6 +12,7 @@ import dataclasses
 import os
 import platform
 import re
+import stat
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -35,6 +36,9 @@ __all__ = [
 
 PROFILES_DIR = Path(__file__).with_name("profiles")
 GENERIC = "generic-x86-64"
+MAX_PROFILE_BYTES = 1 << 20  # a profile is a few hundred bytes
+MAX_CORES = 1 << 16
+MIN_GFLOPS, MAX_GFLOPS = 1e-3, 1e9  # sustained GFLOP/s: a megaflop to an exaflop
 
 ARCHES = ("aarch64", "x86_64")
 EXECUTION_PROVIDERS = (
@@ -179,7 +183,7 @@ def _field(source: Path, field: str, value: Any, kind: str) -> Any:
     if not ok:
         raise ProfileError(
             f"{source}: field {field!r}: expected {_EXPECTED[kind]}, "
-            f"got {value!r} ({type(value).__name__})"
+            f"got {_show(value)} ({type(value).__name__})"
         )
     if kind == "size":
         try:
@@ -187,17 +191,27 @@ def _field(source: Path, field: str, value: Any, kind: str) -> Any:
         except ProfileError as exc:
             raise ProfileError(f"{source}: field {field!r}: {exc}") from None
     if kind == "float":
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ProfileError(f"{source}: field {field!r}: expected {_EXPECTED[kind]} in "
+                               f"range, got {_show(value)}") from None
     if kind == "list[str]":
         return tuple(value)
     return value
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut to its start and end when long (a profile is untrusted input)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...{text[-12:]}"
 
 
 def _check_keys(source: Path, raw: dict[str, Any], allowed: dict[str, str], prefix: str) -> None:
     for key in raw:
         if key not in allowed:
             names = ", ".join(prefix + k for k in allowed)
-            raise ProfileError(f"{source}: unknown field {prefix + key!r}; allowed: {names}")
+            raise ProfileError(f"{source}: unknown field {_show(prefix + key)}; allowed: {names}")
 
 
 def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profile:
@@ -217,7 +231,7 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
             values[field] = _field(source, field, raw[field], kind)
 
     def bad(field: str, why: str) -> ProfileError:
-        return ProfileError(f"{source}: field {field!r}: {why}, got {raw[field]!r}")
+        return ProfileError(f"{source}: field {field!r}: {why}, got {_show(raw[field])}")
 
     if builtin and values["name"] != source.stem:
         raise bad("name", f"must match the file name {source.stem!r}")
@@ -229,12 +243,12 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
         raise bad("execution_providers", f"unknown {unknown[0]!r}; allowed: {allowed}")
     if len(set(values["execution_providers"])) != len(values["execution_providers"]):
         raise bad("execution_providers", "duplicate entries")
-    if values["cores"] < 1:
-        raise bad("cores", "must be at least 1")
+    if not 1 <= values["cores"] <= MAX_CORES:
+        raise bad("cores", f"must be from 1 to {MAX_CORES}")
     if not 1 <= values["default_threads"] <= values["cores"]:
         raise bad("default_threads", f"must be between 1 and cores ({values['cores']})")
-    if values.get("gflops") is not None and values["gflops"] <= 0:
-        raise bad("gflops", "must be greater than zero")
+    if values.get("gflops") is not None and not MIN_GFLOPS <= values["gflops"] <= MAX_GFLOPS:
+        raise bad("gflops", f"must be a number from {MIN_GFLOPS:g} to {MAX_GFLOPS:g}")
     if values["default_budget"] > values["ram"]:
         raise bad("default_budget", f"must not exceed ram ({raw['ram']})")
 
@@ -246,16 +260,52 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
     return Profile(source=source, **values)
 
 
-def _read_profile(path: Path, *, builtin: bool) -> Profile:
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a profile file: a regular file (a symlink to one is fine) of at most
+    MAX_PROFILE_BYTES. Opened without blocking (a FIFO would wait for a writer for ever) and
+    checked on the open descriptor, then read up to one byte past the limit (``/dev/zero``
+    never ends)."""
     try:
-        with path.open("rb") as fh:
-            raw = tomllib.load(fh)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ProfileError(f"profile file not found: {path}") from None
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ProfileError(f"profile {path} is not a regular file; pass a .toml file "
+                               "(see devices/profiles/) or a built-in profile name")
+        if st.st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(f"profile {path} has {st.st_size} bytes, more than a profile can "
+                               f"have ({MAX_PROFILE_BYTES}); pass a small .toml file "
+                               "(see devices/profiles/)")
+        os.set_blocking(fd, True)
+        chunks, n = [], 0
+        while n <= MAX_PROFILE_BYTES:
+            chunk = os.read(fd, MAX_PROFILE_BYTES + 1 - n)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+        if n > MAX_PROFILE_BYTES:  # it grew while being read
+            raise ProfileError(f"profile {path} has more than {MAX_PROFILE_BYTES} bytes; pass "
+                               "a small .toml file (see devices/profiles/)")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_profile(path: Path, *, builtin: bool) -> Profile:
+    data = _read_bytes(path)
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: invalid TOML: {exc}") from None
+        raise ProfileError(f"{path}: invalid TOML: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: invalid TOML: nested too deeply") from None
     return _parse_profile(path, raw, builtin=builtin)
 
 

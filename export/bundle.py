@@ -51,8 +51,8 @@ from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
 from .layers import CompressedLayer, find_compressible_layers, mask_padding, share_activation_bases
 from .shape_fold import check_free_batch
-from .tracing import Traced, example_arrays, load_model
-from .trainable import select_trainable, selected_by
+from .tracing import example_arrays, load_model
+from .trainable import check_derived, select_trainable, selected_by, zero_grad_rows
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -138,48 +138,6 @@ def _dynamic_batch(model: onnx.ModelProto, names: list[str]) -> None:
             d = vi.type.tensor_type.shape.dim[0]
             d.ClearField("dim_value")
             d.dim_param = "N"
-
-
-def _zero_grad_rows(tg, rows: dict[str, int], initial: dict[str, np.ndarray]) -> None:
-    """The gradient of an embedding's padding row (``nn.Embedding(padding_idx=k)``) stays zero,
-    as in torch: its backward output is multiplied by a mask with a 0 in that row."""
-    bw = tg.backward.graph
-    for p, row in rows.items():
-        out = tg.grads.get(p)
-        if out is None:
-            continue
-        prod = next(n for n in bw.node if out in n.output)
-        tmp = f"{out}.all_rows"
-        prod.output[list(prod.output).index(out)] = tmp
-        mask = np.ones([initial[p].shape[0]] + [1] * (initial[p].ndim - 1), np.float32)
-        mask[row] = 0.0
-        bw.initializer.append(numpy_helper.from_array(mask, f"{out}.row_mask"))
-        bw.node.append(helper.make_node("Mul", [tmp, f"{out}.row_mask"], [out],
-                                        name=f"{out}/padding_row"))
-
-
-def _check_derived(traced: Traced, params: list[str]) -> None:
-    """Refuse to train parameters that torch's exporter folded into a computed constant besides
-    their own tensor (``F.normalize(self.weight)``: the norm became a constant): their gradient
-    would miss that path, silently wrong (export/param_names.py finds those constants; a second
-    export with only the trainable parameters changed tells whether those are among theirs)."""
-    if not traced.derived or traced.derived_changes is None or not params:
-        return
-    trainable = [traced.display(p) for p in params]
-    hit = traced.derived_changes(set(trainable))
-    if not hit:
-        return  # computed from frozen parameters only: a true constant for this training
-    const = sorted(hit)[0]
-    culprits = trainable
-    if len(trainable) <= 8:  # small enough to ask parameter by parameter
-        culprits = [p for p in trainable if const in traced.derived_changes({p})] or trainable
-    where = f"module '{traced.derived[const]}'" if traced.derived[const] else "the model"
-    raise ExportError(
-        f"{where} computes a tensor from parameter(s) {', '.join(culprits[:4])}"
-        f"{' …' if len(culprits) > 4 else ''} that torch's exporter folds into the constant "
-        f"'{const}' (e.g. F.normalize(self.weight), weight norm), so their gradient would miss "
-        "that path; leave them out of --trainable, or export the model yourself with "
-        "torch.onnx.export(..., do_constant_folding=False) and pass the .onnx file")
 
 
 def _prune_unused_inputs(model: onnx.ModelProto, keep: set[str]) -> None:
@@ -367,7 +325,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     if builtin is not None and class_names is None:
         class_names = builtin.class_names
     params = select_trainable(traced, trainable)
-    _check_derived(traced, params)
+    check_derived(traced, params)
     frozen = [p for p in traced.unmapped if selected_by(traced, trainable, p)]
     if notes is not None:
         notes.extend(traced.notes)
@@ -451,8 +409,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             _add_basis_inputs(src, mode_layers)
         tg = build_training_graphs(src, names.LOSS, params, mode, mode_layers, opset,
                                    compress_saved=saved_int8)
-        _zero_grad_rows(tg, {p: r for p, r in traced.zero_grad_rows.items() if p in initial},
-                        initial)
+        zero_grad_rows(tg, {p: r for p, r in traced.zero_grad_rows.items() if p in initial},
+                       initial)
         files = {}
         for part, m in (("forward", tg.forward), ("backward", tg.backward)):
             _prune_unused_inputs(m, data_inputs if part == "forward" else set())

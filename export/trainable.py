@@ -6,12 +6,12 @@ from __future__ import annotations
 import fnmatch
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 
 from .graph import ExportError
 from .tracing import Traced
 
-__all__ = ["select_trainable", "selected_by"]
+__all__ = ["check_derived", "select_trainable", "selected_by", "zero_grad_rows"]
 
 
 def _candidate_params(traced: Traced) -> list[str]:
@@ -106,3 +106,45 @@ def selected_by(traced: Traced, spec: str, torch_name: str) -> bool:
         last = [c for c, names in traced.children if names][-n:]
         return torch_name.split(".", 1)[0] in last
     return any(fnmatch.fnmatch(torch_name, p.strip()) for p in spec.split(",") if p.strip())
+
+
+def zero_grad_rows(tg, rows: dict[str, int], initial: dict[str, np.ndarray]) -> None:
+    """The gradient of an embedding's padding row (``nn.Embedding(padding_idx=k)``) stays zero,
+    as in torch: its backward output is multiplied by a mask with a 0 in that row."""
+    bw = tg.backward.graph
+    for p, row in rows.items():
+        out = tg.grads.get(p)
+        if out is None:
+            continue
+        prod = next(n for n in bw.node if out in n.output)
+        tmp = f"{out}.all_rows"
+        prod.output[list(prod.output).index(out)] = tmp
+        mask = np.ones([initial[p].shape[0]] + [1] * (initial[p].ndim - 1), np.float32)
+        mask[row] = 0.0
+        bw.initializer.append(numpy_helper.from_array(mask, f"{out}.row_mask"))
+        bw.node.append(helper.make_node("Mul", [tmp, f"{out}.row_mask"], [out],
+                                        name=f"{out}/padding_row"))
+
+
+def check_derived(traced: Traced, params: list[str]) -> None:
+    """Refuse to train parameters that torch's exporter folded into a computed constant besides
+    their own tensor (``F.normalize(self.weight)``: the norm became a constant): their gradient
+    would miss that path, silently wrong (export/param_names.py finds those constants; a second
+    export with only the trainable parameters changed tells whether those are among theirs)."""
+    if not traced.derived or traced.derived_changes is None or not params:
+        return
+    trainable = [traced.display(p) for p in params]
+    hit = traced.derived_changes(set(trainable))
+    if not hit:
+        return  # computed from frozen parameters only: a true constant for this training
+    const = sorted(hit)[0]
+    culprits = trainable
+    if len(trainable) <= 8:  # small enough to ask parameter by parameter
+        culprits = [p for p in trainable if const in traced.derived_changes({p})] or trainable
+    where = f"module '{traced.derived[const]}'" if traced.derived[const] else "the model"
+    raise ExportError(
+        f"{where} computes a tensor from parameter(s) {', '.join(culprits[:4])}"
+        f"{' …' if len(culprits) > 4 else ''} that torch's exporter folds into the constant "
+        f"'{const}' (e.g. F.normalize(self.weight), weight norm), so their gradient would miss "
+        "that path; leave them out of --trainable, or export the model yourself with "
+        "torch.onnx.export(..., do_constant_folding=False) and pass the .onnx file")

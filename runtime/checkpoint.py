@@ -10,18 +10,27 @@ Layout of ``RUN/checkpoints/``::
 Every file is written to a temporary name in the same folder, flushed, fsynced, renamed over its
 final name with ``os.replace`` and the folder fsynced, so a crash at any point leaves either the
 old or the new ``latest``, each naming complete files. Loading checks each listed file's SHA-256
-and falls back to the previous one (with a warning) when the newest is damaged.
+and falls back to the previous one (with a warning) when the newest is damaged (unreadable, not
+this format). Only regular files are opened: a FIFO or device in a checkpoint's place must not
+block the run.
+
+A checkpoint that reads back but whose content cannot be the run's state (a wrong type, shape or
+range, NaN weights: tampered, or written by another version) is not skipped silently: the
+restore checks everything first (``run._restore``, ``Trainer.load_state``, with the helpers
+below), raises :class:`DamagedCheckpoint`, and ``train`` turns it into one error naming the file
+and the earlier checkpoint to resume from.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
+import stat
 import sys
 import threading
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,8 +42,10 @@ from contract.files import fsync_dir
 
 from .bundle import Bundle
 
-__all__ = ["Checkpointer", "StopSignals", "TrainingInterrupted", "Writer", "atomic_write",
-           "bundle_sha256", "warn", "write_npz", "write_text"]
+__all__ = ["Checkpointer", "DamagedCheckpoint", "StartupInterrupted", "StopSignals",
+           "TrainingInterrupted", "Writer", "atomic_write", "bundle_sha256", "describe",
+           "meta_array", "meta_dict", "meta_float", "meta_int", "newest_checkpoint",
+           "pointer_entries", "read_regular", "warn", "write_npz", "write_text"]
 
 FORMAT = "instant-runtime-checkpoint"
 FORMAT_VERSION = 1
@@ -124,16 +135,22 @@ class Checkpointer:
 
     def entries(self) -> list[dict]:
         """The pointer's list (newest first), or [] when it is missing or unreadable."""
-        try:
-            data = json.loads((self.folder / POINTER).read_text())
-            entries = data["checkpoints"]
-            # only checkpoint names of this folder: a pointer never leads outside it
-            if not all(isinstance(e, dict) and isinstance(e.get("file"), str)
-                       and _NAME.match(e["file"]) for e in entries):
-                return []
-            return entries
-        except (OSError, ValueError, KeyError, TypeError):
-            return []
+        return pointer_entries(self.folder)
+
+    def damaged(self, exc: DamagedCheckpoint) -> UserError:
+        """The one error for the loaded checkpoint's content (``exc``): names the file, and the
+        way on (the checkpoint before it, or --overwrite)."""
+        path = self.loaded
+        step = int(_NAME.match(path.name)[1]) if path and _NAME.match(path.name) else None
+        earlier = sorted((f.name for f in self.folder.iterdir() if _NAME.match(f.name)
+                          and step is not None and int(_NAME.match(f.name)[1]) < step),
+                         reverse=True) if self.folder.is_dir() else []
+        way = (f"delete it to resume from {self.folder / earlier[0]}, or pass --overwrite "
+               "instead of --resume to start afresh" if earlier else
+               "no earlier checkpoint exists: pass --overwrite instead of --resume to start "
+               "afresh")
+        return UserError(f"checkpoint {path} cannot be resumed: {exc} (damaged, or written by "
+                         f"another version); {way}")
 
     # ---------------------------------------------------------------------------- reading
     def load(self) -> tuple[dict[str, np.ndarray], dict] | None:
@@ -160,12 +177,12 @@ class Checkpointer:
         for e in entries:
             path = self.folder / e["file"]
             try:
-                if "sha256" in e and file_sha256(path) != e["sha256"]:
-                    raise ValueError("SHA-256 differs from the pointer's (corrupt)")
-                arrays, meta = _read(path)
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-                problems.append(f"{path.name}: {exc}")
-                warn(f"checkpoint {path} is unusable ({exc}); trying the previous one")
+                arrays, meta = _read(path, e.get("sha256"))
+            # a damaged zip raises BadZipFile, zlib.error, EOFError, NotImplementedError, ...
+            except Exception as exc:  # noqa: BLE001
+                why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+                problems.append(f"{path.name}: {why}")
+                warn(f"checkpoint {path} is unusable ({why}); trying the previous one")
                 continue
             if meta.get("bundle_sha256") != self.bundle_sha:
                 raise UserError(f"checkpoint {path} was written for another bundle (manifest "
@@ -177,16 +194,145 @@ class Checkpointer:
             self.loaded = path
             return arrays, meta
         raise UserError(f"no intact checkpoint in {self.folder}: {'; '.join(problems)}; "
-                        "drop --resume to start afresh")
+                        "pass --overwrite instead of --resume to start afresh")
 
 
-def _read(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}  # reading each member checks its zip CRC
+def _open_regular(path: Path) -> int:
+    """An O_RDONLY descriptor of ``path``, which must be a regular file. O_NONBLOCK: opening a
+    FIFO in its place would otherwise wait for a writer forever (it is refused instead)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"'{path}' is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, a regular file (a FIFO, device or folder raises ValueError)."""
+    fd = _open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def pointer_entries(folder: Path) -> list[dict]:
+    """The ``latest`` pointer's list of ``folder`` (newest first), or [] when it is missing or
+    unreadable."""
+    try:
+        data = json.loads(read_regular(Path(folder) / POINTER))
+        entries = data["checkpoints"]
+        # only checkpoint names of this folder: a pointer never leads outside it
+        if not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                   and _NAME.match(e["file"]) for e in entries):
+            return []
+        return entries
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return []
+
+
+def newest_checkpoint(folder: Path) -> tuple[int, Path] | None:
+    """(step, path) of the newest checkpoint the pointer of ``folder`` names and that exists."""
+    for e in pointer_entries(folder):
+        path = Path(folder) / e["file"]
+        if path.is_file():
+            return int(_NAME.match(e["file"])[1]), path
+    return None
+
+
+def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays and metadata of one checkpoint file, checked against ``sha256`` when given.
+
+    Raises:
+        ValueError, OSError, zipfile.BadZipFile, ...: not a regular file, another checksum, not
+            a readable version-1 checkpoint (its metadata not a JSON object with a step).
+    """
+    with os.fdopen(_open_regular(path), "rb") as f:
+        if sha256 is not None and file_sha256(f.fileno()) != sha256:
+            raise ValueError("SHA-256 differs from the pointer's (corrupt)")
+        with np.load(f, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}  # reading each member checks its zip CRC
+    if _META not in arrays:
+        raise ValueError(f"no {_META} member: not a {FORMAT}")
     meta = json.loads(arrays.pop(_META).tobytes().decode())
+    if not isinstance(meta, dict):
+        raise ValueError(f"its metadata is a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"not a version-{FORMAT_VERSION} {FORMAT}")
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"its step is {describe(step)}, not a count")
     return arrays, meta
+
+
+# ------------------------------------------------------------------------- content checks
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that reads back but cannot be this run's state: a missing or malformed
+    value, an array of another shape or dtype, NaN or inf weights, a count out of range.
+    Raised before anything is restored; ``run.train`` names the file (Checkpointer.damaged)."""
+
+
+def describe(v) -> str:
+    """A short repr of a metadata value, for an error message."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _got(meta: dict, key: str) -> str:
+    return describe(meta[key]) if key in meta else "missing"
+
+
+def meta_dict(meta: dict, key: str, where: str) -> dict:
+    """``meta[key]``, which must be a JSON object."""
+    v = meta.get(key)
+    if not isinstance(v, dict):
+        raise DamagedCheckpoint(f"{where}.{key} is {_got(meta, key)}, expected an object")
+    return v
+
+
+def meta_int(meta: dict, key: str, where: str, lo: int = 0, hi: int | None = None,
+             none_ok: bool = False, default=...) -> int | None:
+    """``meta[key]``: an integer in [lo, hi] (None too with ``none_ok``; ``default`` when the
+    key is absent, if given)."""
+    if key not in meta and default is not ...:
+        return default
+    v = meta.get(key)
+    if v is None and none_ok and key in meta:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        want = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+        raise DamagedCheckpoint(f"{where}.{key} is {_got(meta, key)}, expected an integer {want}")
+    return v
+
+
+def meta_float(meta: dict, key: str, where: str, lo: float = 0.0, hi: float | None = None,
+               none_ok: bool = False) -> float | None:
+    """``meta[key]``: a finite number in [lo, hi] (None too with ``none_ok``)."""
+    v = meta.get(key)
+    if v is None and none_ok and key in meta:
+        return None
+    if (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            or v < lo or (hi is not None and v > hi)):
+        want = f"from {lo:g} to {hi:g}" if hi is not None else f">= {lo:g}"
+        raise DamagedCheckpoint(f"{where}.{key} is {_got(meta, key)}, expected a finite number "
+                                f"{want}")
+    return float(v)
+
+
+def meta_array(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
+               dtype) -> np.ndarray:
+    """``arrays[key]``: exactly ``dtype`` and ``shape`` (what ``state`` writes: a cast could
+    overflow to inf), with finite values when floating-point."""
+    a = arrays.get(key)
+    if a is None:
+        raise DamagedCheckpoint(f"array '{key}' is missing")
+    if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
+        raise DamagedCheckpoint(f"array '{key}' is {a.dtype} {list(a.shape)}, expected "
+                                f"{np.dtype(dtype)} {list(shape)}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise DamagedCheckpoint(f"array '{key}' holds NaN or inf values")
+    return a
 
 
 # -------------------------------------------------------------------------------- signals
@@ -200,6 +346,15 @@ class TrainingInterrupted(Exception):
                  else "no checkpoint (no --out)")
         super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; "
                          f"{where}")
+
+
+class StartupInterrupted(SystemExit):
+    """SIGINT/SIGTERM before training began (``run.RunFolder``): the run folder was put back as
+    it was and one line said so; the process exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
 
 
 class StopSignals:

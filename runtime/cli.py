@@ -85,9 +85,11 @@ def _resumed_class_names(out: Path) -> list[str] | None:
     """The label map a run folder recorded (``--resume`` keeps the same class ids)."""
     import json
 
-    try:
-        names = json.loads((out / "run.json").read_text()).get("class_names")
-    except (OSError, ValueError, AttributeError):
+    from .checkpoint import read_regular
+
+    try:  # a regular file only: a FIFO planted there must not block the run
+        names = json.loads(read_regular(out / "run.json")).get("class_names")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return names if isinstance(names, list) else None
 
@@ -446,7 +448,12 @@ def _cmd_train(a) -> int:
                         max_nonfinite=a.max_nonfinite, budget=budget, progress=not a.no_progress)
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof, optim)
-    out = Path(a.out) if a.out else bundle.path / "run"
+    if a.out is not None and not a.out.strip():  # '' is not "the default": it would be the cwd
+        from .errors import UserError
+
+        raise UserError("--out '' is empty; pass a folder for the run, or leave --out out for "
+                        "BUNDLE/run")
+    out = Path(a.out) if a.out is not None else bundle.path / "run"
     data = _load_data(a, bundle, class_names=_resumed_class_names(out) if a.resume else None)
     trainer = Trainer(bundle, cfg)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
@@ -481,8 +488,8 @@ def _cmd_eval(a) -> int:
     from .sessions import use_arena
     from .trainer import Trainer
 
-    if a.batch < 1:
-        raise UserError(f"--batch {a.batch} is invalid: must be at least 1")
+    if not 1 <= a.batch <= 1 << 24:  # as train's --batch
+        raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
     bundle = open_bundle(a.bundle)
     data = _load_data(a, bundle)
     weights = Path(a.weights) if a.weights else None
@@ -510,8 +517,8 @@ def _cmd_plan(a) -> int:
     from .errors import UserError
     from .trainer import Trainer
 
-    if a.batch < 1:
-        raise UserError(f"--batch {a.batch} is invalid: must be at least 1")
+    if not 1 <= a.batch <= 1 << 24:  # as train's --batch
+        raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
     budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof)

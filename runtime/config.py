@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -39,6 +40,20 @@ def _finite(option: str, value, lo: float | None = None, hi: float | None = None
         raise _bad(option, value, f"must be {'>' if lo_open else '>='} {lo:g}")
     if hi is not None and value > hi:
         raise _bad(option, value, f"must be <= {hi:g}")
+
+
+def _float32(option: str, value: float) -> None:
+    """The optimizers compute in float32: 1e39 is finite here but inf there (every weight NaN
+    after one update), 1e-50 is 0 there (nothing would train)."""
+    try:
+        f = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise _bad(option, value, "must be at most 3.4e+38 (the optimizer computes in float32)")
+    if value and not f:
+        raise _bad(option, value, "must be at least 1.4e-45 (smaller is 0 in float32, which the "
+                   "optimizer computes in)")
 
 
 def _int(option: str, value, lo: int, hi: int | None = None, none_ok: bool = False) -> None:
@@ -87,8 +102,10 @@ class OptimConfig:
         if self.name not in ("adamw", "sgd"):
             raise _bad("--optimizer", self.name, "choose adamw or sgd")
         _finite("--lr", self.lr, 0.0, lo_open=True)
+        _float32("--lr", self.lr)
         if self.weight_decay is not None:
             _finite("--weight-decay", self.weight_decay, 0.0)
+            _float32("--weight-decay", self.weight_decay)
         _finite("momentum", self.momentum, 0.0, 1.0)
 
     @property

@@ -106,22 +106,63 @@ def _read_weight(b: Bundle, fd: int | None, name: str) -> bytes:
     return data
 
 
+def _tensors_of_graph(g):
+    """Every TensorProto of a GraphProto: initializers, sparse initializers, node attributes and
+    the graphs nested in them."""
+    yield from g.initializer
+    for sp in g.sparse_initializer:
+        yield from (sp.values, sp.indices)
+    for node in g.node:
+        for a in node.attribute:
+            yield from _tensors_of_attribute(a)
+
+
+def _tensors_of_attribute(a):
+    if a.HasField("t"):
+        yield a.t
+    yield from a.tensors
+    for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+        yield from (sp.values, sp.indices)
+    for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+        yield from _tensors_of_graph(sub)
+
+
+def all_tensors(model):
+    """Every TensorProto of a ModelProto, wherever it sits (the places contract/onnx_scan.py
+    scans): the graph and its nested graphs, model-local functions (their nodes and default
+    attribute values) and the training-info graphs."""
+    yield from _tensors_of_graph(model.graph)
+    for f in model.functions:
+        for node in f.node:
+            for a in node.attribute:
+                yield from _tensors_of_attribute(a)
+        for a in f.attribute_proto:
+            yield from _tensors_of_attribute(a)
+    for info in model.training_info:
+        yield from _tensors_of_graph(info.initialization)
+        yield from _tensors_of_graph(info.algorithm)
+
+
 def _fill_external(b: Bundle, model, infer: str) -> None:
-    """Resolve the graph's external initializers from the verified weights.bin only: each must
-    name weights.bin at the offset and length the manifest lists for it."""
+    """Resolve the graph's external tensors (initializers, Constant nodes, nested graphs,
+    functions: all of them) from the verified weights.bin only: each must name weights.bin at
+    the offset and length the manifest lists for it (``check_external_data`` has checked the
+    bytes the model came from; checked again here on the parsed model)."""
     fd = b.open_weights()
     try:
-        for t in model.graph.initializer:
-            if t.data_location != 1:  # not EXTERNAL
+        for t in all_tensors(model):
+            if t.data_location != 1 and not t.external_data:  # not EXTERNAL
                 continue
             ext = {e.key: e.value for e in t.external_data}
             w = b.manifest.weights.get(t.name)
-            if (w is None or ext.get("location") != names.WEIGHTS_FILE
-                    or int(ext.get("offset", -1)) != w.offset
-                    or int(ext.get("length", -1)) != w.length):
-                raise UserError(f"{infer}: initializer '{t.name}' points at external data "
-                                f"{ext.get('location')!r} that the manifest does not list; "
-                                "the bundle is damaged or was tampered with; re-export it")
+            if (w is None or t.name not in b.manifest.graph_weights.get(infer, [])
+                    or ext.get("location") != names.WEIGHTS_FILE
+                    or _number(ext.get("offset", "0")) != w.offset
+                    or _number(ext.get("length", str(w.length))) != w.length):
+                where = str(ext.get("location"))[:80]
+                raise UserError(f"{infer}: tensor '{t.name[:80]}' points at external data "
+                                f"{where!r} that the manifest does not list; the bundle is "
+                                "damaged or was tampered with; re-export it")
             t.raw_data = _read_weight(b, fd, t.name)
             del t.external_data[:]
             t.data_location = 0
@@ -130,15 +171,23 @@ def _fill_external(b: Bundle, model, infer: str) -> None:
             os.close(fd)
 
 
+def _number(text: str) -> int | None:
+    """An external-data offset or length as ONNX writes it (decimal digits); None otherwise."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else None
+
+
 def _build_model(b: Bundle, params: dict[str, np.ndarray]):
     onnx, numpy_helper = _import_onnx()
     infer = b.graph_file(names.INFER)
+    from .sessions import check_external_data
+
+    data = b.graph_bytes(names.INFER)
+    check_external_data(b, infer, data)  # as training does: no file or byte range but listed ones
     try:
-        model = onnx.load_from_string(b.graph_bytes(names.INFER))
-    except UserError:
-        raise
+        model = onnx.load_from_string(data)
     except Exception as exc:  # noqa: BLE001  (protobuf errors: a damaged bundle)
         raise UserError(f"cannot read {infer}: {str(exc)[:160]}; re-export the bundle") from None
+    del data
     _fill_external(b, model, infer)
     g = model.graph
     inputs = {i.name for i in g.input}

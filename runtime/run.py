@@ -10,14 +10,18 @@ Files of a run folder (``--out``)::
     summary.json     the summary printed at the end
 
 A folder holding another run is never reused silently: ``--resume`` continues the same run,
-``--overwrite`` removes the old run's files first, anything else is refused before training.
+``--overwrite`` removes the old run's files first, anything else is refused before training; so
+is a folder holding other files (``--out /``, a home folder): a run goes into a new or empty
+folder, or one holding only run files. A resume that fails (a damaged checkpoint, other options)
+leaves the folder byte-identical: nothing is written before the checkpoint is restored.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
+import stat
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -31,20 +35,23 @@ from contract import UserError, atomic_write, write_text
 from .calibrate import calibration_samples
 from .checkpoint import (
     Checkpointer,
+    DamagedCheckpoint,
     StopSignals,
     TrainingInterrupted,
     Writer,
     bundle_sha256,
+    meta_array,
+    meta_dict,
+    meta_float,
+    meta_int,
     warn,
 )
 from .config import RunConfig
 from .memory import current_rss, peak_rss
+from .run_folder import RunFolder
 from .trainer import ArenaExhausted, IndexBatch, Trainer
 
 __all__ = ["Order", "RunFolder", "Summary", "train"]
-
-RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
-
 
 @dataclass
 class Summary:
@@ -131,90 +138,29 @@ class Order:
         return self.perm[s:s + self.batch]
 
 
-class RunFolder:
-    """The ``--out`` folder of one run: refuses to mix two runs, checked before training."""
-
-    def __init__(self, path: Path, identity: dict) -> None:
-        self.path = Path(path)
-        self.identity = identity
-        self._replaced: Path | None = None  # the old run's files while the new one runs
-
-    def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Create or check the folder and write ``run.json``.
-
-        Raises:
-            UserError: the path is a file or lies under one, is not writable, holds another
-                run (without --resume/--overwrite), or --resume names another bundle's run.
-        """
-        p = self.path
-        if (p / "manifest.json").exists():
-            raise UserError(f"--out '{p}' is a bundle folder: a run there would replace the "
-                            "bundle's own files; pass another --out (the default is BUNDLE/run)")
-        for parent in [p, *p.parents]:
-            if parent.exists() and not parent.is_dir():
-                raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "
-                                "another --out")
-        existing = [f for f in RUN_FILES if (p / f).exists()
-                    and not (f == "checkpoints" and not (p / f).is_dir())]
-        if existing and not (resume or overwrite):
-            raise UserError(f"--out '{p}' already holds a training run ({', '.join(existing)}); "
-                            "pass --resume to continue it, --overwrite to replace it, or "
-                            "another --out")
-        if resume and existing:
-            try:
-                theirs = json.loads((p / "run.json").read_text())
-            except (OSError, ValueError):
-                theirs = {}
-            if theirs.get("bundle_sha256") not in (None, self.identity["bundle_sha256"]):
-                raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
-                                "bundle, or pass another --out")
-        if overwrite and existing:
-            # set aside, not deleted: a run that fails (bad data found late, an impossible
-            # budget) puts the old one back (finish)
-            self._replaced = p / f".replaced.{os.getpid()}"
-            self._replaced.mkdir()
-            for f in existing:
-                os.replace(p / f, self._replaced / f)
-        for folder in (p, p / "checkpoints"):
-            if folder.exists() and not folder.is_dir():
-                raise UserError(f"cannot write checkpoints to '{folder}': it is a file; remove "
-                                "it or pass another --out")
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / f".write-test.{os.getpid()}"
-                probe.write_bytes(b"x")
-                probe.unlink()
-            except OSError as exc:
-                raise UserError(f"--out '{p}' is not writable ({exc.strerror or exc}); pass "
-                                "another --out") from None
-        if not (p / "run.json").exists():
-            text = json.dumps(self.identity, indent=1)
-            atomic_write(p / "run.json", lambda f: write_text(f, text))
-
-
-    def finish(self, ok: bool) -> None:
-        """After the run: drop the replaced run's files (``ok``), or remove what the failed run
-        wrote and put them back."""
-        old, self._replaced = self._replaced, None
-        if old is None:
-            return
-        if not ok:
-            for f in RUN_FILES:
-                q = self.path / f
-                if q.is_dir() and not q.is_symlink():
-                    shutil.rmtree(q)
-                elif q.exists() or q.is_symlink():
-                    q.unlink()
-            for q in old.iterdir():
-                os.replace(q, self.path / q.name)
-        shutil.rmtree(old, ignore_errors=True)
-
-
 class Metrics:
     """``metrics.jsonl``: one JSON object per event, appended and flushed as it happens."""
 
     def __init__(self, path: Path | None) -> None:
-        self._f = open(path, "a", buffering=1) if path is not None else None  # noqa: SIM115
+        self._f = None
+        if path is not None:
+            # O_NONBLOCK: a FIFO in the file's place must not block the open (without a reader
+            # it fails with ENXIO; with one, fstat tells)
+            not_file = UserError(f"'{path}' is not a regular file; remove it or pass another "
+                                 "--out")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK,
+                             0o644)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    raise not_file from None
+                raise UserError(f"cannot write '{path}': {exc.strerror or exc}; remove it or "
+                                "pass another --out") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise not_file
+            os.set_blocking(fd, True)
+            self._f = os.fdopen(fd, "a", buffering=1)
 
     def write(self, kind: str, **fields) -> None:
         if self._f is not None:
@@ -241,20 +187,80 @@ def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, ta
 
 def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, seed: int,
              arrays: dict, meta: dict) -> tuple[dict, list[float], list[float]]:
-    run = meta["run"]
+    """Restore :func:`_snapshot`'s state; returns (tally, losses, times). Every value is checked
+    before anything is restored (the run's here, the trainer's in ``load_state``, which checks
+    all of its own before changing any).
+
+    Raises:
+        UserError: the checkpoint was written with another seed, batch, data, mode or optimizer.
+        DamagedCheckpoint: anything else that cannot be this run's state.
+    """
+    run = meta_dict(meta, "run", "checkpoint")
+    tmeta = meta_dict(meta, "trainer", "checkpoint")
     mine = {"seed": seed, "batch": order.batch, "n": order.n}
-    theirs = {"seed": run["seed"], "batch": run["batch"], "n": run["n"]}
+    theirs = {k: meta_int(run, k, "run") for k in mine}
     if mine != theirs:
         diff = ", ".join(f"{k} {theirs[k]} (this run: {mine[k]})" for k in mine
                          if mine[k] != theirs[k])
         raise UserError(f"checkpoint was written with {diff}; resume with the same --seed, "
                         "--batch and --data, or drop --resume")
-    trainer.load_state(arrays, meta["trainer"])
+    steps = meta_int(tmeta, "step_count", "trainer")
+    if steps != meta["step"]:
+        raise DamagedCheckpoint(f"trainer.step_count {steps} differs from the file's step "
+                                f"{meta['step']}")
+    pos = meta_int(run, "pos", "run", hi=len(order.starts))
+    perm = arrays.get("run/perm")
+    if perm is not None and (perm.dtype.kind not in "iu" or perm.shape != (order.n,)
+                             or not np.array_equal(np.sort(perm), np.arange(order.n))):
+        raise DamagedCheckpoint(f"array 'run/perm' ({perm.dtype} {list(perm.shape)}) is not a "
+                                f"permutation of the {order.n} samples")
+    for key, gen in (("rng", order.rng), ("calib_rng", calib_rng)):
+        try:  # on a scratch generator: a bad state changes nothing
+            type(gen.bit_generator)().state = run.get(key)
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
+            raise DamagedCheckpoint(f"run.{key} is not a random generator state ({exc})") \
+                from None
+    tally = {"seed": seed, **{k: meta_int(run, k, "run")
+                              for k in ("correct", "count", "nonfinite")},
+             "acc_before": meta_float(run, "acc_before", "run", hi=1.0, none_ok=True)}
+    n_losses = arrays.get("run/losses", np.zeros(0)).shape[:1] or (0,)
+    losses = meta_array(arrays, "run/losses", n_losses, np.float64)
+    times = meta_array(arrays, "run/times", n_losses, np.float64)
+    if len(losses) > steps:
+        raise DamagedCheckpoint(f"array 'run/losses' holds {len(losses)} losses for {steps} "
+                                "steps")
+    trainer.load_state(arrays, tmeta)  # checks the trainer's part, then restores it
     calib_rng.bit_generator.state = run["calib_rng"]
     order.rng.bit_generator.state = run["rng"]
-    order.perm, order.pos = arrays.get("run/perm"), run["pos"]
-    tally = {k: run[k] for k in ("seed", "correct", "count", "acc_before", "nonfinite")}
-    return tally, arrays["run/losses"].tolist(), arrays["run/times"].tolist()
+    order.perm, order.pos = perm, pos
+    return tally, losses.tolist(), times.tolist()
+
+
+def _nonfinite_param(params: dict[str, np.ndarray]) -> str | None:
+    """The first parameter holding NaN or inf, or None. A sum per parameter, as the trainer
+    checks gradients: no temporary array, one read of the weights (a sum past float32's range
+    counts too: weights near 1e38 have diverged as surely)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return next((k for k, v in params.items() if not np.isfinite(v.sum())), None)
+
+
+def _check_weights(trainer: Trainer, arrays: dict[str, np.ndarray], last_ckpt: Path | None,
+                   bar=None) -> None:
+    """Never save non-finite weights (a checkpoint or params.npz): the device-resident path
+    checks here only, the host path after every update too."""
+    bad = _nonfinite_param({k[len("param/"):]: v for k, v in arrays.items()
+                            if k.startswith("param/")})
+    if bad is not None:
+        if bar is not None:
+            bar.close()
+        raise _diverged(bad, trainer.step_count, last_ckpt)
+
+
+def _diverged(name: str, step: int, last_ckpt: Path | None) -> UserError:
+    return UserError(f"non-finite parameters ('{name}' holds NaN or inf) at step {step}: "
+                     "training diverged; lower --lr"
+                     + (f" and --resume from the last good checkpoint {last_ckpt}" if last_ckpt
+                        else " (no checkpoint was written)"))
 
 
 class _Guard:
@@ -293,7 +299,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     """Train for ``cfg.steps`` steps (continuing from a checkpoint with ``cfg.resume``).
 
     Raises:
-        UserError: bad options, a folder that holds another run, repeated non-finite losses.
+        UserError: bad options, a folder that holds another run, a checkpoint that cannot be
+            resumed, repeated non-finite losses, non-finite weights after an update.
         TrainingInterrupted: SIGINT/SIGTERM (after a checkpoint).
     """
     seed = trainer.config.seed
@@ -310,11 +317,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
             raise UserError(f"cannot create --out '{out}': {exc.strerror or exc}; pass another "
                             "--out") from None
     ckpt = (Checkpointer(out / "checkpoints", bundle, writer=writer) if out is not None else None)
-    metrics = Metrics(out / "metrics.jsonl" if out is not None else None)
     plan = trainer.plan
-    metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
-                  micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
-                  saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)
     guard = _Guard(trainer, log)
     order = Order(len(data), batch, rng)
     times: list[float] = []
@@ -322,10 +325,18 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
     resumed = ckpt.load() if cfg.resume and ckpt is not None else None
     if resumed is not None:
-        tally, losses, times = _restore(trainer, order, calib_rng, seed, *resumed)
+        try:
+            tally, losses, times = _restore(trainer, order, calib_rng, seed, *resumed)
+        except DamagedCheckpoint as exc:
+            raise ckpt.damaged(exc) from None
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
+    # opened only now: a resume that fails above leaves the run folder as it was
+    metrics = Metrics(out / "metrics.jsonl" if out is not None else None)
+    metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
+                  micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
+                  saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)
     test = getattr(data, "test", None)
     if resumed is None and test is not None:
         _, tally["acc_before"] = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
@@ -350,7 +361,15 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                                                                      calib_rng),
                                            calibration=True)
             b = IndexBatch(data, order.next())
-            r = guard.run(lambda b=b: trainer.train_step(b))
+            # an overflowing update is caught below (non-finite weights), not warned about by
+            # numpy line by line
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                r = guard.run(lambda b=b: trainer.train_step(b))
+            if r.finite and not trainer.resident:  # (resident: checked when saved, below)
+                bad = _nonfinite_param(trainer.params)
+                if bad is not None:  # no undo: the last checkpoint is the last good state
+                    bar.close()
+                    raise _diverged(bad, trainer.step_count, last_ckpt)
             if r.calibrated is not None:
                 calibrated = r.calibrated
             if calibrated is not None:
@@ -387,8 +406,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 metrics.write("eval", step=trainer.step_count, split="val", loss=tl, accuracy=ta)
             every = cfg.checkpoint_every
             if ckpt is not None and (stop.signum or (every and trainer.step_count % every == 0)):
-                last_ckpt = ckpt.save(trainer.step_count,
-                                      *_snapshot(trainer, order, calib_rng, tally, losses, times))
+                state = _snapshot(trainer, order, calib_rng, tally, losses, times)
+                _check_weights(trainer, state[0], last_ckpt, bar)
+                last_ckpt = ckpt.save(trainer.step_count, *state)
                 saved = trainer.step_count
             if stop.signum:
                 bar.close()
@@ -396,8 +416,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 raise TrainingInterrupted(stop.signum, trainer.step_count, last_ckpt)
         bar.close()
         if ckpt is not None and saved != trainer.step_count:
-            last_ckpt = ckpt.save(trainer.step_count,
-                                  *_snapshot(trainer, order, calib_rng, tally, losses, times))
+            state = _snapshot(trainer, order, calib_rng, tally, losses, times)
+            _check_weights(trainer, state[0], last_ckpt)
+            last_ckpt = ckpt.save(trainer.step_count, *state)
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
     k = max(1, min(10, len(losses) // 5))  # steps averaged for the first and last loss
     s = Summary(
@@ -421,6 +442,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         metrics.write("eval", step=trainer.step_count, split="val", loss=s.test_loss,
                       accuracy=s.test_acc)
     if out is not None:
+        trainer.sync_to_host()
+        _check_weights(trainer, {f"param/{k}": v for k, v in trainer.params.items()}, last_ckpt)
         trainer.save_params(out / "params.npz")
         s.out = str(out / "params.npz")
     s.peak_rss = peak_rss()

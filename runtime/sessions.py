@@ -246,8 +246,9 @@ def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
         w = weights.get(ref.tensor)
         if (ref.tensor not in listed or w is None or ref.location != names.WEIGHTS_FILE
                 or ref.offset != w.offset or ref.length not in (None, w.length)):
-            raise UserError(f"{bundle.path / graph_file}: tensor '{ref.tensor}' points at "
-                            f"external data {ref.location!r} that the manifest does not list; "
+            where = None if ref.location is None else ref.location[:80]
+            raise UserError(f"{bundle.path / graph_file}: tensor '{ref.tensor[:80]}' points at "
+                            f"external data {where!r} that the manifest does not list; "
                             "the bundle is damaged or was tampered with; re-export it")
 
 

@@ -215,9 +215,25 @@ class Trainer:
     def session(self, mode: str, part: str = "forward") -> ort.InferenceSession:
         key = (mode, part)
         if key not in self._sessions:
-            self._sessions[key] = make_session(self.bundle, mode, part, self.config.session,
-                                               self.shared)
+            sess = make_session(self.bundle, mode, part, self.config.session, self.shared)
+            self._check_labels(sess, mode, part)
+            self._sessions[key] = sess
         return self._sessions[key]
+
+    def _check_labels(self, sess: ort.InferenceSession, mode: str, part: str) -> None:
+        """The graph's labels input has the manifest's dtype and rank (a manifest edited to
+        another loss would otherwise fail mid-run on a broadcast)."""
+        spec = self.bundle.manifest.loss.labels
+        got = next((i for i in sess.get_inputs() if i.name == names.LABELS), None)
+        if got is None:
+            return
+        ort_name = {"float32": "float", "float64": "double"}.get(spec.dtype, spec.dtype)
+        want = f"tensor({ort_name})"
+        if got.type != want or len(got.shape) != len(spec.shape):
+            raise UserError(f"{self.bundle.path / self.bundle.graph_file(mode, part)} takes "
+                            f"labels {got.type} of rank {len(got.shape)} where the manifest's "
+                            f"{self.bundle.manifest.loss.kind} loss says {spec.dtype} of rank "
+                            f"{len(spec.shape)}: the bundle was edited or damaged; re-export it")
 
     def open_sessions(self) -> None:
         """Create every session the run will use now (so their memory is in the idle RSS)."""
@@ -817,9 +833,18 @@ class Trainer:
         """Restore :meth:`state` in place (the sessions' inputs keep pointing at the same arrays).
         A smaller saved micro-batch (a guard lowered it) replaces the plan's.
 
+        Everything is checked before anything changes: a checkpoint is untrusted input (a copy
+        from elsewhere, a tampered or truncated-then-rewritten file), and a half-restored trainer
+        would train on a mix of two states.
+
         Raises:
-            UserError: the saved mode, optimizer or parameters differ from this trainer's.
+            UserError: the saved mode or optimizer differ from this trainer's.
+            DamagedCheckpoint: a missing or malformed value, an array of another shape or dtype
+                (parameters, optimizer moments, bases, Grams), NaN or inf in any of them, a
+                negative AdamW second moment, a count out of range.
         """
+        from .checkpoint import DamagedCheckpoint, describe, meta_array, meta_float, meta_int
+
         mine = {"mode": self.mode, "optimizer": self.config.optim.name}
         for key, want in mine.items():
             got = meta.get(key)
@@ -828,37 +853,81 @@ class Trainer:
             if got != want:
                 raise UserError(f"checkpoint was trained with {key} '{meta.get(key)}', this run "
                                 f"uses '{want}'; resume with the same --{key}")
+        # -- check
         for k, v in self.params.items():
-            a = arrays.get(f"param/{k}")
-            if a is None or a.shape != v.shape:
-                raise UserError(f"checkpoint parameter '{k}' is "
-                                f"{'missing' if a is None else f'of shape {list(a.shape)}'}; "
-                                f"the bundle expects {list(v.shape)}")
-            np.copyto(v, a)
+            meta_array(arrays, f"param/{k}", v.shape, v.dtype)
+        for k, st in self.optimizer.state.items():
+            for name, a in st.items():
+                got = meta_array(arrays, f"opt/{k}/{name}", a.shape, a.dtype)
+                if self.config.optim.name == "adamw" and name == "v" and (got < 0).any():
+                    raise DamagedCheckpoint(f"array 'opt/{k}/v' (AdamW's second moment) holds "
+                                            "negative values")
+        steps = meta_int(meta, "step_count", "trainer")
+        t = meta_int(meta, "optimizer_t", "trainer", hi=steps)  # one update per step at most
+        calibrations = meta_int(meta, "calibrations", "trainer")
+        calib_seconds = meta_float(meta, "calib_seconds", "trainer")
+        calib_steps = meta_int(meta, "calib_steps", "trainer", default=0)
+        saved = meta_int(meta, "micro_batch", "trainer", lo=1, none_ok=True, default=None)
+        saved_c = meta_int(meta, "calib_micro_batch", "trainer", lo=1, none_ok=True,
+                           default=None)
+        layers = {ly.name: ly for ly in self.bundle.layers}
+        bases = meta.get("bases")
+        if not isinstance(bases, dict) or (bases and (set(bases) != set(layers)
+                                                      or self.mode != "instant")):
+            want = "{}" if self.mode != "instant" else f"{{}} or one entry per layer {sorted(layers)}"
+            raise DamagedCheckpoint(f"trainer.bases is {describe(bases)}, expected {want}")
+        restored = {}
+        for layer, ranks in bases.items():
+            ly = layers[layer]
+            pair = []
+            for tag, dim in (("p", ly.x_dim), ("q", ly.g_dim)):
+                entry = ranks.get(tag) if isinstance(ranks, dict) else None
+                if not (isinstance(entry, list) and len(entry) == 2):
+                    raise DamagedCheckpoint(f"trainer.bases.{layer}.{tag} is {describe(entry)}, "
+                                            "expected [rank, retained]")
+                where = f"trainer.bases.{layer}.{tag}"
+                rank = meta_int({"rank": entry[0]}, "rank", where, lo=1, hi=dim)
+                kept = meta_float({"retained": entry[1]}, "retained", where, hi=1.0 + 1e-6)
+                m = meta_array(arrays, f"basis/{layer}/{tag}", (rank, dim), np.float32)
+                sp = meta_array(arrays, f"basis/{layer}/{tag}.spectrum", (dim,), np.float32)
+                pair.append(Basis(m, rank, kept, sp))
+            restored[layer] = pair
+        window = meta.get("window")
+        if window is not None:
+            if not isinstance(window, dict) or not bases:
+                raise DamagedCheckpoint(f"trainer.window is {describe(window)}, expected null "
+                                        "or an open calibration's state (with bases)")
+            for k in ("steps", "samples", "done"):
+                meta_int(window, k, "trainer.window", lo=1 if k == "steps" else 0)
+            meta_float(window, "seconds", "trainer.window")
+            for ly in self.bundle.layers:
+                meta_array(arrays, f"gram/{ly.name}/x", (ly.x_dim, ly.x_dim), np.float64)
+                meta_array(arrays, f"gram/{ly.name}/g", (ly.g_dim, ly.g_dim), np.float64)
+        # -- restore (nothing below can fail on the checked values)
+        for k, v in self.params.items():
+            np.copyto(v, arrays[f"param/{k}"])
         for k, st in self.optimizer.state.items():
             for name, a in st.items():
                 np.copyto(a, arrays[f"opt/{k}/{name}"])
-        self.optimizer.t = int(meta["optimizer_t"])
+        self.optimizer.t = t
         self.bases.clear()
         self._basis_ov.clear()
-        for layer, ranks in meta["bases"].items():
-            p, q = (Basis(arrays[f"basis/{layer}/{t}"], int(ranks[t][0]), float(ranks[t][1]),
-                          arrays[f"basis/{layer}/{t}.spectrum"]) for t in "pq")
+        for layer, (p, q) in restored.items():
             self.set_bases(layer, p, q)
-        self.step_count = int(meta["step_count"])
-        saved, now = meta.get("micro_batch"), self.plan.micro_batch
-        if saved is not None and (now is None or int(saved) < now):
-            self.plan = self.plan.with_micro_batch(int(saved))
-        saved_c, now_c = meta.get("calib_micro_batch"), self.plan.calib_micro_batch
-        if saved_c is not None and (now_c is None or int(saved_c) < now_c):
-            self.plan = replace(self.plan, calib_micro_batch=int(saved_c))
-        self.calibrations = int(meta["calibrations"])
-        self.calib_seconds = float(meta["calib_seconds"])
-        self.calib_steps = int(meta.get("calib_steps", 0))
+        self.step_count = steps
+        now = self.plan.micro_batch
+        if saved is not None and (now is None or saved < now):
+            self.plan = self.plan.with_micro_batch(saved)
+        now_c = self.plan.calib_micro_batch
+        if saved_c is not None and (now_c is None or saved_c < now_c):
+            self.plan = replace(self.plan, calib_micro_batch=saved_c)
+        self.calibrations = calibrations
+        self.calib_seconds = calib_seconds
+        self.calib_steps = calib_steps
         self.window = None
-        if meta.get("window") is not None:
+        if window is not None:
             self.begin_calibration()
-            self.window.load_state(arrays, meta["window"])
+            self.window.load_state(arrays, window)
         if self._resident is not None:
             self._resident.from_host()
 

@@ -1,30 +1,36 @@
 """Crash-safe training: SIGKILL at random points and ``--resume`` end bit-identical to an
-uninterrupted run (``--threads 1``); SIGINT/SIGTERM checkpoint and exit 130/143; a failed or
-corrupt checkpoint never costs the previous good one; non-finite losses are skipped, then stop."""
+uninterrupted run (``--threads 1``); SIGINT/SIGTERM checkpoint and exit 130/143 (before training
+began: the folder put back as it was); a failed or corrupt checkpoint never costs the previous
+good one, and a damaged one is one error naming it; non-finite losses are skipped, then stop;
+non-finite weights stop at once."""
 
 from __future__ import annotations
 
 import errno
 import io
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import make_trainer
 
+from contract import file_sha256
 from devices.planner import Plan
 from runtime.bundle import open_bundle
-from runtime.checkpoint import Checkpointer, write_npz
-from runtime.config import RunConfig
+from runtime.checkpoint import Checkpointer, bundle_sha256, write_npz
+from runtime.config import OptimConfig, RunConfig
 from runtime.data import Dataset, load_data
 from runtime.errors import UserError
-from runtime.run import train
+from runtime.run import Metrics, RunFolder, train
 from runtime.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,9 +147,9 @@ def _trainer(bundle: Path, mode: str = "vanilla", seed: int = 0) -> Trainer:
 
 
 def _train(bundle: Path, out: Path | None, steps: int, seed: int = 0, checkpoint_writer=None,
-           **cfg):
+           mode: str = "vanilla", **cfg):
     b = open_bundle(bundle)
-    tr = _trainer(bundle, seed=seed)
+    tr = _trainer(bundle, mode=mode, seed=seed)
     s = train(tr, load_data("digits", b), RunConfig(steps=steps, progress=False, **cfg), out,
               writer=checkpoint_writer)
     return tr, s
@@ -325,3 +331,307 @@ def test_pointer_never_leads_outside_the_folder(mlp_bundle, tmp_path):
     ck = Checkpointer(folder, open_bundle(mlp_bundle))
     assert ck.entries() == []
     assert ck.load() is None  # no checkpoint file of its own: nothing to resume
+
+
+# ------------------------------------------------------------------------- damaged content
+def rewrite_checkpoint(path: Path, change) -> None:
+    """``change(arrays, meta)`` applied to a checkpoint (it may return other metadata bytes),
+    and the pointer's SHA-256 updated: only the content check can catch it."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    blob = change(arrays, meta)
+    if not isinstance(blob, bytes):
+        blob = json.dumps(meta).encode()
+    write_npz(path, {**arrays, "__meta__": np.frombuffer(blob, np.uint8)})
+    pointer = path.parent / "latest"
+    data = json.loads(pointer.read_text())
+    for e in data["checkpoints"]:
+        if e["file"] == path.name:
+            e["sha256"], e["bytes"] = file_sha256(path), path.stat().st_size
+    pointer.write_text(json.dumps(data))
+
+
+def folder_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _first(arrays: dict, prefix: str, suffix: str = "") -> str:
+    return next(k for k in sorted(arrays) if k.startswith(prefix) and k.endswith(suffix))
+
+
+def _set(arrays: dict, key: str, value) -> None:
+    arrays[key] = value
+
+
+def _nan_weight(arrays: dict, meta: dict) -> None:
+    k = _first(arrays, "param/")
+    arrays[k] = arrays[k].copy()
+    arrays[k].flat[0] = np.nan
+
+
+# (mode, change, what the error says): each one used to end in a traceback (KeyError,
+# IndexError, TypeError, ValueError) or to train on from NaN weights / a negative count
+DAMAGE = {
+    "no-run-meta": ("vanilla", lambda a, m: m.pop("run"), "checkpoint.run is missing"),
+    "no-trainer-meta": ("vanilla", lambda a, m: m.pop("trainer"),
+                        "checkpoint.trainer is missing"),
+    "no-losses": ("vanilla", lambda a, m: a.pop("run/losses"), "array 'run/losses' is missing"),
+    "perm-out-of-range": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] + 10**6),
+                          "'run/perm' (int64 [1437]) is not a permutation of the 1437 samples"),
+    "perm-float": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] * 1.0),
+                   "'run/perm' (float64 [1437]) is not a permutation"),
+    "pos-a-string": ("vanilla", lambda a, m: m["run"].update(pos="x"),
+                     "run.pos is 'x', expected an integer from 0 to 44"),
+    "pos-negative": ("vanilla", lambda a, m: m["run"].update(pos=-1), "run.pos is -1"),
+    "rng-garbage": ("vanilla", lambda a, m: m["run"].update(rng={"bit_generator": "MT19937"}),
+                    "run.rng is not a random generator state"),
+    "moment-of-another-shape": ("vanilla", lambda a, m: _set(a, _first(a, "opt/", "/m"),
+                                                             np.zeros(3, np.float32)),
+                                "is float32 [3], expected float32 ["),
+    "nan-weights": ("vanilla", _nan_weight, "holds NaN or inf values"),
+    "negative-optimizer-t": ("vanilla", lambda a, m: m["trainer"].update(optimizer_t=-1),
+                             "trainer.optimizer_t is -1"),
+    "negative-second-moment": ("vanilla", lambda a, m: _set(a, _first(a, "opt/", "/v"),
+                                                            -np.ones_like(a[_first(a, "opt/",
+                                                                                   "/v")])),
+                               "(AdamW's second moment) holds negative values"),
+    "step-count-not-the-file's": ("vanilla", lambda a, m: m["trainer"].update(step_count=7),
+                                  "trainer.step_count 7 differs from the file's step 20"),
+    "basis-of-another-shape": ("instant", lambda a, m: _set(a, _first(a, "basis/", "/p"),
+                                                            a[_first(a, "basis/", "/p")][:1]),
+                               "array 'basis/"),
+    "bases-of-unknown-layers": ("instant", lambda a, m: m["trainer"].update(bases={"x": 1}),
+                                "trainer.bases is {'x': 1}"),
+}
+
+
+@pytest.fixture(scope="module")
+def damage_runs(mlp_bundle, tmp_path_factory) -> dict[str, Path]:
+    """A 20-step run per mode with checkpoints at steps 10 and 20 (copied by each case)."""
+    root = tmp_path_factory.mktemp("damage")
+    for mode in ("vanilla", "instant"):
+        _train(mlp_bundle, root / mode, 20, checkpoint_every=10, mode=mode)
+    return {m: root / m for m in ("vanilla", "instant")}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_checkpoint_is_one_error_naming_it_and_writes_nothing(case, damage_runs,
+                                                                      mlp_bundle, tmp_path):
+    mode, change, says = DAMAGE[case]
+    out = Path(shutil.copytree(damage_runs[mode], tmp_path / "run"))
+    rewrite_checkpoint(out / "checkpoints" / "ckpt-000020.npz", change)
+    before = folder_bytes(out)
+    with pytest.raises(UserError) as err:
+        _train(mlp_bundle, out, 30, checkpoint_every=10, resume=True, mode=mode)
+    msg = str(err.value)
+    assert "\n" not in msg and says in msg, msg
+    assert msg.startswith(f"checkpoint {out / 'checkpoints' / 'ckpt-000020.npz'} cannot be "
+                          "resumed: "), msg
+    assert msg.endswith(f"delete it to resume from {out / 'checkpoints' / 'ckpt-000010.npz'}, "
+                        "or pass --overwrite instead of --resume to start afresh"), msg
+    assert folder_bytes(out) == before  # not even a plan record in metrics.jsonl
+
+
+def test_damaged_checkpoint_way_out_works(damage_runs, mlp_bundle, tmp_path):
+    """The error's way out: delete the damaged checkpoint and resume from the one before; with
+    no earlier checkpoint, it says to start afresh with --overwrite."""
+    out = Path(shutil.copytree(damage_runs["vanilla"], tmp_path / "run"))
+    rewrite_checkpoint(out / "checkpoints" / "ckpt-000020.npz", DAMAGE["nan-weights"][1])
+    with pytest.raises(UserError):
+        _train(mlp_bundle, out, 30, checkpoint_every=10, resume=True)
+    (out / "checkpoints" / "ckpt-000020.npz").unlink()
+    _, s = _train(mlp_bundle, out, 30, checkpoint_every=10, resume=True)
+    assert s.resumed_from == 10
+    only = Path(shutil.copytree(damage_runs["vanilla"], tmp_path / "only"))
+    (only / "checkpoints" / "ckpt-000010.npz").unlink()
+    rewrite_checkpoint(only / "checkpoints" / "ckpt-000020.npz", DAMAGE["pos-negative"][1])
+    with pytest.raises(UserError, match="run.pos is -1.*; no earlier checkpoint exists: pass "
+                                        "--overwrite instead of --resume to start afresh$"):
+        _train(mlp_bundle, only, 30, checkpoint_every=10, resume=True)
+
+
+def test_damaged_checkpoint_resume_is_one_error_line_on_the_cli(cli, damage_runs, mlp_bundle,
+                                                                 tmp_path):
+    out = Path(shutil.copytree(damage_runs["vanilla"], tmp_path / "run"))
+    rewrite_checkpoint(out / "checkpoints" / "ckpt-000020.npz", DAMAGE["no-losses"][1])
+    before = folder_bytes(out)
+    proc = cli("train", mlp_bundle, "--out", out, *QUIET, "--mode", "vanilla", "--steps", 30,
+               "--resume")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), lines
+    assert "array 'run/losses' is missing" in lines[0]
+    assert folder_bytes(out) == before
+
+
+def test_metadata_that_is_not_an_object_is_an_unusable_checkpoint(damage_runs, mlp_bundle,
+                                                                   tmp_path, capsys):
+    out = Path(shutil.copytree(damage_runs["vanilla"], tmp_path / "run"))
+    rewrite_checkpoint(out / "checkpoints" / "ckpt-000020.npz", lambda a, m: b"[1, 2]")
+    _, meta = Checkpointer(out / "checkpoints", open_bundle(mlp_bundle)).load()
+    assert meta["step"] == 10
+    assert "ckpt-000020.npz is unusable (its metadata is a JSON list, not an object)" in \
+        capsys.readouterr().err
+    (out / "checkpoints" / "ckpt-000010.npz").unlink()
+    with pytest.raises(UserError, match="no intact checkpoint in .*pass --overwrite"):
+        Checkpointer(out / "checkpoints", open_bundle(mlp_bundle)).load()
+
+
+# ------------------------------------------------------------------------- the run folder
+@contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging (a FIFO opened for reading waits for a writer forever)."""
+    def fail(signum, frame):
+        raise AssertionError(f"blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _folder(bundle: Path, out: Path) -> RunFolder:
+    return RunFolder(out, {"format": "instant-runtime-run",
+                           "bundle_sha256": bundle_sha256(open_bundle(bundle))})
+
+
+def test_fifos_in_a_run_folder_never_block(damage_runs, mlp_bundle, tmp_path, capsys):
+    out = Path(shutil.copytree(damage_runs["vanilla"], tmp_path / "run"))
+    folder = out / "checkpoints"
+    b = open_bundle(mlp_bundle)
+    with deadline(20):
+        (folder / "ckpt-000020.npz").unlink()
+        os.mkfifo(folder / "ckpt-000020.npz")
+        _, meta = Checkpointer(folder, b).load()  # the previous one, with a warning
+        assert meta["step"] == 10
+        assert "ckpt-000020.npz' is not a regular file" in capsys.readouterr().err
+        (folder / "latest").unlink()
+        os.mkfifo(folder / "latest")  # an unreadable pointer: the newest file that loads
+        assert Checkpointer(folder, b).load()[1]["step"] == 10
+        (out / "metrics.jsonl").unlink()
+        os.mkfifo(out / "metrics.jsonl")
+        with pytest.raises(UserError, match="metrics.jsonl' is not a regular file"):
+            Metrics(out / "metrics.jsonl")
+        (out / "run.json").unlink(missing_ok=True)
+        os.mkfifo(out / "run.json")
+        with pytest.raises(UserError, match="run.json' is not a regular file; remove it, or "
+                                            "pass --overwrite"):
+            _folder(mlp_bundle, out).prepare(resume=True, overwrite=False)
+
+
+def test_run_json_that_is_not_an_object_is_ignored_on_resume(mlp_bundle, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("[1]")
+    rf = _folder(mlp_bundle, out)
+    rf.prepare(resume=True, overwrite=False)  # used to raise AttributeError
+    rf.finish(True)
+    assert (out / "run.json").read_text() == "[1]"
+
+
+def test_out_folder_holding_other_files_is_refused(mlp_bundle, tmp_path):
+    """``--out /`` or a home folder: never written into; a new, empty or run-only folder is."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    (home / "photos").mkdir()
+    with pytest.raises(UserError, match=r"--out '.*home' is a folder holding other files "
+                                        r"\(notes.txt, photos\) and no training run; pass a "
+                                        r"new or empty folder as --out"):
+        _folder(mlp_bundle, home).prepare(resume=False, overwrite=True)
+    assert sorted(f.name for f in home.iterdir()) == ["notes.txt", "photos"]
+    for name, leftovers in (("new", None), ("empty", []), ("leftovers", [".replaced.12"])):
+        out = tmp_path / name
+        if leftovers is not None:
+            out.mkdir()
+            for f in leftovers:
+                (out / f).mkdir()
+        rf = _folder(mlp_bundle, out)
+        rf.prepare(resume=False, overwrite=False)
+        rf.finish(True)
+        assert (out / "run.json").is_file()
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--out", ""), "--out '' is empty; pass a folder for the run"),
+    (("--out", "HOME"), "is a folder holding other files (notes.txt) and no training run"),
+    (("--out", "RUN", "--lr", "1e39"), "--lr 1e+39 is invalid: must be at most 3.4e+38"),
+], ids=["empty-out", "out-with-other-files", "lr-inf-in-float32"])
+def test_bad_out_or_lr_is_one_error_line(cli, mlp_bundle, tmp_path, args, says):
+    (tmp_path / "HOME").mkdir()
+    (tmp_path / "HOME" / "notes.txt").write_text("mine")
+    args = [str(tmp_path / a) if a in ("HOME", "RUN") else a for a in args]
+    before = folder_bytes(tmp_path)
+    proc = cli("train", mlp_bundle, *QUIET, "--steps", 2, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert folder_bytes(tmp_path) == before and not (tmp_path / "RUN").exists()
+
+
+def test_hyperparameters_must_be_finite_in_float32():
+    for kw in ({"lr": 1e39}, {"lr": 1e-50}, {"weight_decay": 1e40}):
+        with pytest.raises(UserError, match="float32"):
+            OptimConfig(**kw)
+    OptimConfig(lr=3e38, weight_decay=0.0)  # large, but float32 holds it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_start_up_puts_the_replaced_run_back(sig, mlp_bundle, tmp_path):
+    """SIGTERM/SIGINT while --overwrite plans the new run (budget probes): the old run is back,
+    byte-identical, one line says so, exit 128 + signal."""
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 10, checkpoint_every=5)
+    before = folder_bytes(out)
+    proc = start(mlp_bundle, out, "--mode", "vanilla", "--steps", 10**6, "--overwrite",
+                 "--budget", "300MB")
+    t0 = time.monotonic()
+    while not any(f.name.startswith(".replaced.") for f in out.iterdir()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < 60, "the old run was never set aside"
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    lines = stderr.strip().splitlines()
+    assert lines == [f"interrupted by {sig.name} before training began; the previous run in "
+                     f"'{out}' is back in place"], lines
+    assert folder_bytes(out) == before
+    assert sorted(f.name for f in out.iterdir()) == ["checkpoints", "metrics.jsonl",
+                                                      "params.npz", "summary.json"]
+
+
+# ------------------------------------------------------------------------- divergence
+class BlowUpAt(Dataset):
+    """Digits whose ``take`` call ``at`` (= step, vanilla mode without a test split) sets the
+    trainer's learning rate to inf in float32: that update makes every weight NaN."""
+
+    def __init__(self, base: Dataset, trainer: Trainer, at: int) -> None:
+        super().__init__("blow-up-digits", base.x, base.y)
+        self.trainer, self.at, self.calls = trainer, at, 0
+
+    def take(self, idx):
+        self.calls += 1
+        if self.calls == self.at:
+            self.trainer.optimizer.lr = 1e39
+        return super().take(idx)
+
+
+def test_update_that_makes_weights_non_finite_stops_and_keeps_the_last_good_checkpoint(
+        mlp_bundle, tmp_path):
+    b = open_bundle(mlp_bundle)
+    tr = _trainer(mlp_bundle)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"non-finite parameters \('.*' holds NaN or inf\) at "
+                                        r"step 5: training diverged; lower --lr and --resume from "
+                                        r"the last good checkpoint .*ckpt-000004\.npz$"):
+        train(tr, BlowUpAt(load_data("digits", b), tr, 5),
+              RunConfig(steps=12, checkpoint_every=2, progress=False), out)
+    assert latest_step(out) == 4 and not (out / "params.npz").exists()
+    arrays, _ = Checkpointer(out / "checkpoints", b).load()
+    assert all(np.isfinite(v).all() for v in arrays.values() if v.dtype.kind == "f")

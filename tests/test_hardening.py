@@ -27,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SECRET = b"TOP-SECRET-" + b"s3cr3t" * 700  # > 4 KB: stands out in any output
 TIMEOUT = 120
+MAX_ERROR_LINE = 1000  # an error line never echoes a giant value in full
 
 
 @dataclass
@@ -34,12 +35,13 @@ class Ctx:
     tmp: Path
     bundle: Path  # a private copy of the mlp bundle (tamper freely)
     secret: Path
+    full: Path  # a private copy of the mlp bundle with every layer trainable (INSTANT layers)
 
-    def manifest(self) -> dict:
-        return json.loads((self.bundle / "manifest.json").read_text())
+    def manifest(self, bundle: Path | None = None) -> dict:
+        return json.loads(((bundle or self.bundle) / "manifest.json").read_text())
 
-    def write_manifest(self, m: dict) -> None:
-        (self.bundle / "manifest.json").write_text(json.dumps(m))
+    def write_manifest(self, m: dict, bundle: Path | None = None) -> None:
+        ((bundle or self.bundle) / "manifest.json").write_text(json.dumps(m))
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -417,15 +419,237 @@ def _(c):
     return _train(c, "--calib-batches", "0")
 
 
+# --- device profiles are files of sane size ---------------------------------------------------
+@case("profile-fifo", "not a regular file", ".toml")
+def _(c):
+    """A FIFO as --profile: opening it for reading waited for a writer for ever."""
+    os.mkfifo(c.tmp / "fifo.toml")
+    return ["plan", str(c.bundle), "--profile", str(c.tmp / "fifo.toml")]
+
+
+@case("profile-over-a-megabyte", "more than a profile can have", ".toml")
+def _(c):
+    """A profile larger than any profile (/dev/zero, which never ends, is refused the same way,
+    as not a regular file): read whole, it grew the process without bound."""
+    (c.tmp / "huge.toml").write_bytes(b"#" * (1 << 20) + b"\nname = 'x'\n")
+    return ["plan", str(c.bundle), "--profile", str(c.tmp / "huge.toml")]
+
+
+def _profile(c: Ctx, gflops: str) -> list[str]:
+    (c.tmp / "dev.toml").write_text(
+        'name = "dev"\ndescription = "d"\narch = "x86_64"\nram = "4GB"\ncores = 4\n'
+        'execution_providers = ["CPUExecutionProvider"]\ndefault_threads = 1\n'
+        f'default_budget = "1GB"\ngflops = {gflops}\n')
+    return ["plan", str(c.bundle), "--profile", str(c.tmp / "dev.toml")]
+
+
+for _value in ["nan", "inf", "1" + "0" * 400, "1e-300"]:
+    case(f"profile-gflops={_value[:8]}", "field 'gflops'")(lambda c, v=_value: _profile(c, v))
+
+
+@case("plan-absurd-batch", "--batch 1000000000000", "must be 1 to")
+def _(c):
+    """``plan --batch`` of 300 digits printed an absurd step estimate; train caps it."""
+    return ["plan", str(c.bundle), "--profile", "rpi4-2gb", "--batch", "1" + "0" * 300]
+
+
+# --- fleet options: finite, in range, checked before anything starts ---------------------------
+def _fleet_client(c: Ctx, *extra: str) -> list[str]:
+    return ["fleet", "client", str(c.bundle), "--data", "digits", "--server", "127.0.0.1:1",
+            "--threads", "1", "--out", str(c.tmp / "client"), *extra]
+
+
+for _flag, _value in [("--connect-timeout", "nan"), ("--connect-timeout", "inf"),
+                      ("--connect-timeout", "1e300"), ("--connect-timeout", "-5")]:
+    case(f"fleet-client{_flag}={_value}", _flag, "seconds from 1 to")(
+        lambda c, f=_flag, v=_value: _fleet_client(c, f, v))
+
+for _flag, _value in [("--lr", "nan"), ("--weight-decay", "inf"), ("--micro-batch", "0"),
+                      ("--max-nonfinite", "0"), ("--checkpoint-every", "-1")]:
+    case(f"fleet-client{_flag}={_value}", _flag)(
+        lambda c, f=_flag, v=_value: _fleet_client(c, "--connect-timeout", "1", f, v))
+
+for _flag, _value in [("--wait", "nan"), ("--wait", "inf"), ("--wait", "1e300"),
+                      ("--round-timeout", "nan"), ("--round-timeout", "-1")]:
+    case(f"fleet-server{_flag}={_value}", _flag, "seconds from 1 to")(
+        lambda c, f=_flag, v=_value: ["fleet", "server", str(c.bundle), "--address",
+                                      "127.0.0.1:1", "--threads", "1", "--out",
+                                      str(c.tmp / "server"), f, v])
+
+
+# --- manifest numbers: bounded, and never echoed in full ---------------------------------------
+def _train_full(c: Ctx, *extra: str) -> list[str]:
+    return ["train", str(c.full), "--data", "digits", "--out", str(c.tmp / "run"), *TRAIN, *extra]
+
+
+def _edit_full(edit: Callable[[dict], None], argv: Callable[[Ctx], list[str]] = _train_full):
+    def setup(c: Ctx) -> list[str]:
+        m = c.manifest(c.full)
+        edit(m)
+        c.write_manifest(m, c.full)
+        return argv(c)
+    return setup
+
+
+def _layer(**values):
+    return lambda m: m["instant"]["layers"][0].update(values)
+
+
+for _name, _edit, _argv, _frags in [
+    # ValueError "Maximum allowed dimension exceeded" in calibration
+    ("layer-dims-astronomical", _layer(cx=10**400, x_dim=10**400), _train_full,
+     ["field 'instant.layers[0].cx'", "-2**53 to 2**53", "(401 characters)"]),
+    # OverflowError in the rank planning
+    ("layer-dims-astronomical-plan", _layer(cx=10**400, x_dim=10**400),
+     lambda c: ["plan", str(c.full)], ["field 'instant.layers[0].cx'"]),
+    ("layer-dims-beyond-int32", _layer(cx=2**31, x_dim=2**31), _train_full,
+     ["field 'instant.layers[0].cx'", "2147483647"]),
+    ("layer-dims-not-its-weight", _layer(cx=65, x_dim=65), _train_full,
+     ["instant.layers[0]", "do not match the shape of its weight"]),
+    ("layer-tokens-on-a-2d-linear", _layer(tokens=2**30), _train_full,
+     ["instant.layers[0].tokens", "1 token"]),
+    ("shape-beyond-int32", lambda m: m["params"][0]["shape"].__setitem__(0, 2**40), _train_full,
+     ["params[0].shape", "shape[0] must be from 1 to 2147483647"]),
+    # OverflowError in plan's step-time estimate
+    ("flops-astronomical", lambda m: m["flops"].update(forward=10**400),
+     lambda c: ["plan", str(c.full), "--profile", "rpi4-2gb"], ["field 'flops.forward'"]),
+    ("flops-negative", lambda m: m["flops"].update(forward=-1),
+     lambda c: ["plan", str(c.full), "--profile", "rpi4-2gb"], ["flops.forward", ">= 0"]),
+    # ValueError (broadcast) in evaluation: a classifier's loss said to be mse
+    ("mse-on-a-classifier", lambda m: m["loss"].update(kind="mse"), _train_full,
+     ["field 'loss.num_classes'", "mse has no classes"]),
+    ("mse-with-int-labels", lambda m: m["loss"].update(kind="mse", num_classes=None),
+     _train_full, ["field 'loss.labels.dtype'", "mse labels are float32"]),
+    # every manifest field consistent with mse: the graphs' labels input still says int64
+    ("mse-consistent-tamper", lambda m: (m["loss"].update(kind="mse", num_classes=None),
+                                         m["loss"]["labels"].update(dtype="float32")),
+     _train_full, ["takes labels tensor(int64)", "says float32", "re-export it"]),
+    ("giant-field-name", lambda m: m.update({"x" * 100_000: 1}), _train_full,
+     ["unknown field 'xxx", "re-export the bundle"]),
+    ("giant-shape", lambda m: m["params"][0].update(shape=[1] * 100_000), _train_full,
+     ["params[0].shape", "has 100000 axes"]),
+]:
+    case(f"manifest-{_name}", *_frags)(_edit_full(_edit, _argv))
+
+
+@case("manifest-number-of-5000-digits", "field 'instant.layers[0].cx'", "(5000 characters)")
+def _(c):
+    """Python refuses int() of more than 4300 digits: json.loads raised a bare ValueError."""
+    m = c.manifest(c.full)
+    m["instant"]["layers"][0]["cx"] = 123456789
+    text = json.dumps(m).replace("123456789", "9" * 5000)
+    (c.full / "manifest.json").write_text(text)
+    return _train_full(c)
+
+
+# --- export-model checks every external tensor, wherever it sits --------------------------------
+def _ext(name: str, location: str, offset: int | str, length: int = 16):
+    from onnx import TensorProto, numpy_helper
+
+    t = numpy_helper.from_array(np.zeros(length // 4, np.float32), name)
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def _save_graph(c: Ctx, name: str, model) -> None:
+    """Write ``model`` as the bundle's graph ``name`` with its hash updated in the manifest
+    (what a deliberate tamperer does)."""
+    import onnx
+
+    path = c.bundle / name
+    onnx.save(model, str(path))
+    m = c.manifest()
+    data = path.read_bytes()
+    m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    c.write_manifest(m)
+
+
+def _export_model(c: Ctx) -> list[str]:
+    return ["export-model", str(c.bundle), "--out", str(c.tmp / "x.onnx")]
+
+
+def _with_constant(c: Ctx, location: str, graph: str = "infer.onnx") -> None:
+    """A Constant node (an output of the graph) whose tensor keeps its data in ``location``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(c.bundle / graph), load_external_data=False)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["stolen"],
+                                                value=_ext("stolen", location, 0)))
+    model.graph.output.append(helper.make_tensor_value_info("stolen", TensorProto.FLOAT, [4]))
+    _save_graph(c, graph, model)
+
+
+@case("export-model-offset-not-a-number", "points at external data", "re-export")
+def _(c):
+    """ValueError from int("abc") in export-model."""
+    import onnx
+
+    model = onnx.load(str(c.bundle / "infer.onnx"), load_external_data=False)
+    t = next(t for t in model.graph.initializer if t.data_location == 1)
+    for e in t.external_data:
+        if e.key == "offset":
+            e.value = "abc"
+    _save_graph(c, "infer.onnx", model)
+    return _export_model(c)
+
+
+@case("export-model-constant-outside-absolute", "points at external data", "re-export")
+def _(c):
+    """export-model checked the initializers only: it exited 0 and its model kept the path."""
+    _with_constant(c, str(c.secret))
+    return _export_model(c)
+
+
+@case("export-model-constant-outside-relative", "points at external data", "re-export")
+def _(c):
+    _with_constant(c, os.path.relpath(c.secret, c.bundle))
+    return _export_model(c)
+
+
+def _with_function_default(c: Ctx, graph: str) -> None:
+    """A model-local function whose default tensor attribute keeps its data outside."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(c.bundle / graph), load_external_data=False)
+    default = helper.make_attribute("value", _ext("stolen", str(c.secret), 0))
+    fn = helper.make_function("evil", "Steal", [], ["out"],
+                              [helper.make_node("Constant", [], ["out"], value_float=1.0)],
+                              [helper.make_opsetid("", 17)], attributes=[])
+    fn.attribute_proto.append(default)
+    model.functions.append(fn)
+    model.opset_import.append(helper.make_opsetid("evil", 1))
+    _save_graph(c, graph, model)
+
+
+@case("export-model-function-default-outside", "points at external data", "re-export")
+def _(c):
+    _with_function_default(c, "infer.onnx")
+    return _export_model(c)
+
+
+@case("train-function-default-outside", "points at external data", "re-export")
+def _(c):
+    """contract/onnx_scan.py skipped FunctionProto.attribute_proto."""
+    _with_function_default(c, "vanilla.forward.onnx")
+    return _train(c, "--mode", "vanilla")
+
+
 # ------------------------------------------------------------------------------ the test
 @pytest.fixture
-def ctx(mlp_head_bundle, tmp_path) -> Ctx:
+def ctx(mlp_head_bundle, mlp_bundle, tmp_path) -> Ctx:
     """A private copy of the mlp bundle whose hidden layers are frozen (weights.bin holds
-    them), and a secret file outside it."""
+    them), one of the fully trainable mlp bundle, and a secret file outside them."""
     secret = tmp_path.parent / f"{tmp_path.name}-secret.txt"
     secret.write_bytes(SECRET)
     bundle = Path(shutil.copytree(mlp_head_bundle, tmp_path / "bundle"))
-    return Ctx(tmp_path, bundle, secret)
+    full = Path(shutil.copytree(mlp_bundle, tmp_path / "full"))
+    return Ctx(tmp_path, bundle, secret, full)
 
 
 @pytest.mark.parametrize("name, setup, fragments", CASES, ids=[c[0] for c in CASES])
@@ -437,6 +661,7 @@ def test_bad_input_is_one_line_error_and_changes_nothing(ctx, name, setup, fragm
     assert r.returncode not in (0, None), (r.returncode, r.stdout[-500:])
     lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert len(lines[0]) <= MAX_ERROR_LINE, f"{len(lines[0])} characters: {lines[0][:300]}"
     for f in fragments:
         assert f in lines[0], f"{f!r} not in {lines[0]!r}"
     after = _snapshot(ctx.tmp)
@@ -589,3 +814,58 @@ def test_a_run_writes_nothing_outside_its_folders(mlp_bundle, tmp_path):
                        text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-1500:]
     assert [str(p.relative_to(home)) for p in home.rglob("*")] == []
+
+
+def test_onnx_scan_finds_function_defaults_and_training_graphs():
+    """External data in a model-local function's default attribute values
+    (``FunctionProto.attribute_proto``) and in the training-info graphs is found too."""
+    from onnx import TensorProto, helper
+
+    from contract.onnx_scan import external_data_refs
+
+    fn = helper.make_function("d", "F", [], ["out"],
+                              [helper.make_node("Constant", [], ["out"], value_float=1.0)],
+                              [helper.make_opsetid("", 17)])
+    fn.attribute_proto.append(helper.make_attribute("value", _ext("default", "/etc/x", 0)))
+    g = helper.make_graph([], "g", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT,
+                                                                      [4])],
+                          initializer=[_ext("o", "weights.bin", 64)])
+    model = helper.make_model(g, functions=[fn])
+    init = helper.make_graph([], "init", [], [], initializer=[_ext("t", "../y", 8)])
+    model.training_info.add().initialization.CopyFrom(init)
+    refs = {(r.tensor, r.location, r.offset) for r in external_data_refs(
+        model.SerializeToString())}
+    assert refs == {("o", "weights.bin", 64), ("default", "/etc/x", 0), ("t", "../y", 8)}
+
+
+def test_export_model_embeds_every_listed_external_tensor(ctx):
+    """A Constant node whose tensor is a listed frozen weight at its place in weights.bin is
+    filled from the verified file like the initializers: the written model names no outside
+    file and runs alone."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    m = ctx.manifest()
+    name = next(w for w in m["graph_weights"]["infer.onnx"]
+                if m["weights"][w]["dtype"] == "float32")
+    w = m["weights"][name]
+    model = onnx.load(str(ctx.bundle / "infer.onnx"), load_external_data=False)
+    model.graph.node.insert(0, helper.make_node(
+        "Constant", [], ["copy"], value=_ext(name, "weights.bin", w["offset"], w["length"])))
+    model.graph.output.append(helper.make_tensor_value_info("copy", TensorProto.FLOAT,
+                                                            [w["length"] // 4]))
+    _save_graph(ctx, "infer.onnx", model)
+    out = ctx.tmp / "x.onnx"
+    r = _run(["export-model", str(ctx.bundle), "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-1500:]
+    written = onnx.load(str(out), load_external_data=False)
+    from runtime.export_model import all_tensors
+
+    assert not [t.name for t in all_tensors(written) if t.data_location == 1 or t.external_data]
+    raw = (ctx.bundle / "weights.bin").read_bytes()[w["offset"]:w["offset"] + w["length"]]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 2 for d in i.shape], np.float32)
+             for i in sess.get_inputs()}
+    copy = sess.run(["copy"], feeds)[0]
+    assert copy.tobytes() == raw

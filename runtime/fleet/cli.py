@@ -8,11 +8,13 @@ errors itself (one ``error:`` line, exit 2), so it behaves the same under either
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
-__all__ = ["FLWR_SUPPORTED", "add_fleet_parser", "cmd_fleet", "main", "parse_address"]
+__all__ = ["FLWR_SUPPORTED", "MAX_SECONDS", "add_fleet_parser", "check_seconds", "cmd_fleet",
+           "main", "parse_address"]
 
 FLWR_SUPPORTED = ("1.42",)  # Flower minor versions whose server and client internals we use
 
@@ -101,6 +103,26 @@ def parse_address(text: str, option: str) -> str:
     return text
 
 
+MAX_SECONDS = 7 * 24 * 3600  # the longest wait or timeout an option takes: a week
+
+
+def check_seconds(option: str, value: float) -> float:
+    """A time option (``--wait``, ``--round-timeout``, ``--connect-timeout``): a finite number
+    of seconds from 1 to ``MAX_SECONDS`` (gRPC and Flower turn it into deadlines and ints: NaN
+    waited for ever, inf and 1e300 overflowed).
+
+    Raises:
+        UserError: anything else, naming the option and the range.
+    """
+    from .local import UserError
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 1 <= value <= MAX_SECONDS:
+        raise UserError(f"{option} {value!r} is invalid: expected seconds from 1 to "
+                        f"{MAX_SECONDS} (a week)")
+    return float(value)
+
+
 def _flower(verbose: bool):
     """Import Flower (quietly, no telemetry) after checking it is installed and supported."""
     from importlib import metadata
@@ -130,13 +152,15 @@ def _server(a) -> int:
     address = parse_address(a.address, "--address")
     if a.rounds < 1 or a.min_clients < 1:
         raise UserError(f"--rounds ({a.rounds}) and --min-clients ({a.min_clients}) must be >= 1")
+    wait = check_seconds("--wait", a.wait)
+    round_timeout = check_seconds("--round-timeout", a.round_timeout)
     _flower(a.verbose)
     local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
     if a.data and local.data is not None and local.data.test is None:
         print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)
     out = Path(a.out) if a.out else local.bundle.path / "fleet"
     s = run_server(local, address, a.rounds, a.min_clients, out, evaluate_here=a.data is not None,
-                   wait_s=a.wait, round_timeout=a.round_timeout or None)
+                   wait_s=wait, round_timeout=round_timeout)
     hist = [h for h in s["history"] if h["accuracy"] is not None]
     what = "held-out" if a.data else "clients' held-out"
     acc = (f"; {what} accuracy {hist[0]['accuracy']:.3f} -> {hist[-1]['accuracy']:.3f}"
@@ -150,11 +174,21 @@ def _server(a) -> int:
 
 def _client(a) -> int:
     from .client import run_client
-    from .local import UserError, open_local, parse_partition, resolve_budget
+    from .local import (
+        UserError,
+        check_client_options,
+        open_local,
+        parse_partition,
+        resolve_budget,
+    )
 
     address = parse_address(a.server, "--server")
     if a.steps < 1 or a.batch < 1:
         raise UserError(f"--steps ({a.steps}) and --batch ({a.batch}) must be >= 1")
+    connect_timeout = check_seconds("--connect-timeout", a.connect_timeout)
+    check_client_options(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch,
+                         checkpoint_every=a.checkpoint_every, max_nonfinite=a.max_nonfinite,
+                         optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay)
     budget, threads = resolve_budget(a.budget, a.profile, a.threads)
     partition = parse_partition(a.partition)
     _flower(a.verbose)
@@ -173,7 +207,7 @@ def _client(a) -> int:
           + f", {a.steps} steps of {a.batch} per round"
           + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}",
           flush=True)
-    return run_client(local, address, a.steps, a.batch, connect_timeout=a.connect_timeout)
+    return run_client(local, address, a.steps, a.batch, connect_timeout=connect_timeout)
 
 
 # Message reserve, in trainable-tensor sizes: 3 MiniLM clients needed 3.1-4.4 x above the plan's

@@ -210,7 +210,8 @@ def run_client(local: Local, address: str, steps: int, batch: int,
             _retry_or_fail(address, connect_timeout)
             continue
         if sleep_s:
-            say(f"the fleet server asks to reconnect in {sleep_s} s")
+            sleep_s = min(max(sleep_s, 0), connect_timeout)  # a server's word, bounded
+            say(f"the fleet server asks to reconnect in {sleep_s:.0f} s")
             time.sleep(sleep_s)
             continue
         say(f"the fleet server ended the run; this client trained {local.rounds} round(s)"

@@ -26,8 +26,9 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["Local", "RoundResult", "UserError", "current_rss", "model_signature", "open_local",
-           "parse_partition", "release_memory", "resolve_budget", "save_run", "user_errors"]
+__all__ = ["Local", "RoundResult", "UserError", "check_client_options", "current_rss",
+           "model_signature", "open_local", "parse_partition", "release_memory", "resolve_budget",
+           "save_run", "user_errors"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -52,6 +53,23 @@ def resolve_budget(budget: str | None, profile: str | None,
         raise UserError(f"budget {value / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
                         f"of profile '{prof.name}'")
     return value, threads or (prof.default_threads if prof else 0)
+
+
+def check_client_options(*, steps: int, batch: int, micro_batch: int | None,
+                         checkpoint_every: int, max_nonfinite: int, optimizer: str, lr: float,
+                         weight_decay: float | None) -> None:
+    """The client's training options checked as ``train`` checks them (integers in range,
+    finite numbers), before anything is loaded: a bad one would otherwise surface only in the
+    first round, after the client joined the fleet.
+
+    Raises:
+        UserError: naming the option and what it accepts.
+    """
+    from ..config import OptimConfig, RunConfig
+
+    OptimConfig(name=optimizer, lr=lr, weight_decay=weight_decay)
+    RunConfig(steps=steps, batch=batch, micro_batch=micro_batch,
+              checkpoint_every=checkpoint_every, max_nonfinite=max_nonfinite)
 
 
 def parse_partition(text: str | None) -> tuple[int, int] | None:

@@ -1,0 +1,228 @@
+"""The ``--out`` folder of one training run (``runtime/run.py`` runs it): what it may hold, how
+``--resume`` / ``--overwrite`` treat an earlier run in it, and how a signal before training
+begins puts it back as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+import threading
+from pathlib import Path
+
+from contract import UserError, atomic_write, write_text
+
+from .checkpoint import StartupInterrupted, TrainingInterrupted, newest_checkpoint, read_regular
+
+__all__ = ["RUN_FILES", "RunFolder"]
+
+RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
+# what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
+# temporary file of an atomic write (``.NAME.tmpPID``)
+_RUN_LEFTOVER = re.compile(r"^\.(replaced\.\d+|write-test\.\d+|[\w.-]+\.tmp\d+)$")
+
+
+class RunFolder:
+    """The ``--out`` folder of one run: refuses to mix two runs, checked before training.
+
+    From :meth:`prepare` to :meth:`finish`, SIGINT/SIGTERM before the run's first checkpoint (the
+    planning probes, loading, the first evaluation) put the folder back as it was (the run that
+    ``--overwrite`` set aside, no stub of the new one), say so in one line and exit 128 + signal
+    (:class:`StartupInterrupted`); once a checkpoint exists they end like an interrupted training
+    (:class:`TrainingInterrupted`). Inside the training loop ``StopSignals`` takes them over.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, path: Path, identity: dict) -> None:
+        self.path = Path(path)
+        self.identity = identity
+        self._replaced: Path | None = None  # the old run's files while the new one runs
+        self._before: set[str] = set()  # the RUN_FILES the folder held before (kept on a stop)
+        self._made_folder = False  # prepare created the folder itself
+        self._handlers: dict[int, object] = {}  # the handlers replaced while start-up runs
+        self._identity_due = False  # run.json is written by finish(ok=True) (a resumed run)
+        self._pid = os.getpid()
+        self._busy = False  # moving files: a signal waits (``_pending``) until they are moved
+        self._pending: int | None = None
+
+    def prepare(self, resume: bool, overwrite: bool) -> None:
+        """Create or check the folder and write ``run.json``.
+
+        Raises:
+            UserError: the path is a file or lies under one, is not writable, holds another
+                run (without --resume/--overwrite) or other files, --resume names another
+                bundle's run or a run file that is not a regular file (a FIFO would hang).
+        """
+        p = self.path
+        if (p / "manifest.json").exists():
+            raise UserError(f"--out '{p}' is a bundle folder: a run there would replace the "
+                            "bundle's own files; pass another --out (the default is BUNDLE/run)")
+        for parent in [p, *p.parents]:
+            if parent.exists() and not parent.is_dir():
+                raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "
+                                "another --out")
+        existing = [f for f in RUN_FILES if (p / f).exists()
+                    and not (f == "checkpoints" and not (p / f).is_dir())]
+        if existing and not (resume or overwrite):
+            raise UserError(f"--out '{p}' already holds a training run ({', '.join(existing)}); "
+                            "pass --resume to continue it, --overwrite to replace it, or "
+                            "another --out")
+        if not existing:  # a run is written among its own files only (never into `/` or ~)
+            others = self._other_files()
+            if others:
+                raise UserError(f"--out '{p}' is a folder holding other files ("
+                                f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                                "and no training run; pass a new or empty folder as --out")
+        if resume and existing:
+            for f in existing:
+                kind = (p / f).stat().st_mode
+                if not (stat.S_ISDIR(kind) if f == "checkpoints" else stat.S_ISREG(kind)):
+                    raise UserError(f"--out '{p}': '{p / f}' is not a regular file; remove it, "
+                                    "or pass --overwrite instead of --resume to start afresh")
+            theirs = _json_object(p / "run.json")
+            if theirs.get("bundle_sha256") not in (None, self.identity["bundle_sha256"]):
+                raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
+                                "bundle, or pass another --out")
+        self._before = set(existing)
+        self._made_folder = not p.exists()
+        self._catch_signals()
+        try:
+            if overwrite and existing:
+                # set aside, not deleted: a run that fails (bad data found late, an impossible
+                # budget, a signal before its first checkpoint) puts the old one back (finish)
+                self._busy = True
+                self._replaced = p / f".replaced.{os.getpid()}"
+                self._replaced.mkdir()
+                for f in existing:
+                    os.replace(p / f, self._replaced / f)
+                self._before = set()
+                self._busy = False
+                if self._pending is not None:
+                    self._stop(self._pending)
+            for folder in (p, p / "checkpoints"):
+                if folder.exists() and not folder.is_dir():
+                    raise UserError(f"cannot write checkpoints to '{folder}': it is a file; "
+                                    "remove it or pass another --out")
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    probe = folder / f".write-test.{os.getpid()}"
+                    probe.write_bytes(b"x")
+                    probe.unlink()
+                except OSError as exc:
+                    raise UserError(f"--out '{p}' is not writable ({exc.strerror or exc}); "
+                                    "pass another --out") from None
+            # a resumed run without one gets it only once it ran (finish): a resume that fails
+            # (a damaged checkpoint) leaves the folder as it was
+            self._identity_due = not (p / "run.json").exists()
+            if self._identity_due and not (resume and existing):
+                self._write_identity()
+        except BaseException:
+            self.finish(False)  # the caller's finish never runs when prepare fails
+            raise
+
+    def _write_identity(self) -> None:
+        text = json.dumps(self.identity, indent=1)
+        atomic_write(self.path / "run.json", lambda f: write_text(f, text))
+        self._identity_due = False
+
+    def _other_files(self) -> list[str]:
+        """Names in the folder that no run writes (sorted), or [] when it is new or empty."""
+        try:
+            names = sorted(f.name for f in self.path.iterdir())
+        except OSError:  # not a folder yet, or not listable: the write probe will tell
+            return []
+        return [n for n in names if n not in RUN_FILES and not _RUN_LEFTOVER.match(n)]
+
+    def finish(self, ok: bool) -> None:
+        """After the run: drop the replaced run's files (``ok``), or remove what the failed run
+        wrote and put them back. Signals taken by :meth:`prepare` are given back."""
+        old, self._replaced = self._replaced, None
+        self._busy = True  # a signal now waits: a restore cut half way would lose files
+        try:
+            if ok and self._identity_due and self.path.is_dir():
+                self._write_identity()
+            if old is not None:
+                if not ok:
+                    self._remove_new(set())
+                    for q in old.iterdir():
+                        os.replace(q, self.path / q.name)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            self._busy = False
+            self._release_signals()
+        pending, self._pending = self._pending, None
+        if pending is not None:  # deliver it now, to the handler it was meant for
+            signal.raise_signal(pending)
+
+    def _remove_new(self, keep: set[str]) -> None:
+        """Remove the run files in the folder except ``keep``."""
+        for f in RUN_FILES:
+            q = self.path / f
+            if f in keep:
+                continue
+            if q.is_dir() and not q.is_symlink():
+                shutil.rmtree(q)
+            elif q.exists() or q.is_symlink():
+                q.unlink()
+
+    # ---------------------------------------------------------------------------- signals
+    def _catch_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._handlers:
+            return
+        for s in self.SIGNALS:
+            self._handlers[s] = signal.signal(s, self._on_signal)
+
+    def _release_signals(self) -> None:
+        for s, h in self._handlers.items():
+            signal.signal(s, h)
+        self._handlers.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child (a planning probe): end as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self._busy:  # files are being moved: prepare or finish acts on it when done
+            self._pending = signum
+            return
+        newest = newest_checkpoint(self.path / "checkpoints")
+        if newest is not None:  # a resumed run before its first step, or after the loop
+            raise TrainingInterrupted(signum, *newest)
+        self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        """Start-up interrupted: put the folder back as it was, say so, exit 128 + signal."""
+        self._pending = None
+        replaced = self._replaced is not None
+        if not replaced:  # the stub of the new run (run.json, an empty checkpoints folder)
+            self._busy = True
+            try:
+                self._remove_new(self._before)
+                if self._made_folder:
+                    try:
+                        self.path.rmdir()
+                    except OSError:
+                        pass  # someone put a file there meanwhile: leave the folder
+            finally:
+                self._busy = False
+        self.finish(False)
+        self._pending = None
+        kept = (f"the previous run in '{self.path}' is back in place" if replaced else
+                f"'{self.path}' is as it was")
+        print(f"interrupted by {signal.Signals(signum).name} before training began; {kept}",
+              file=sys.stderr)
+        raise StartupInterrupted(signum)
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(read_regular(path))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
