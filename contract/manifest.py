@@ -238,6 +238,9 @@ class LayerInfo:
     # x is [L, N, C] (sequence first, as torch's MultiheadAttention runs its in_proj): the
     # INSTANT graphs transpose it (and its gradients) to [N, L, C]
     seq_first: bool = False
+    # x is [N, *positions, C] with several position axes (channels-last [N, H, W, C]): the
+    # INSTANT graphs view it as [N, tokens, C]
+    flat: bool = False
 
     def validate(self) -> tuple[str, str] | None:
         want_x = self.tokens if self.x_axis == "token" else self.cx

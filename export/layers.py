@@ -94,6 +94,10 @@ class CompressedLayer:
     token_mask: str = ""
     # a Linear over [L, N, C] (sequence first): the INSTANT graphs view it as [N, L, C]
     seq_first: bool = False
+    # a Linear over [N, *positions, C] with several position axes (channels-last feature maps:
+    # ConvNeXt's and Swin's pointwise MLPs on [N, H, W, C]): the INSTANT graphs view it as
+    # [N, T, C], T the product of the position axes (``tokens``)
+    flat: bool = False
 
     def __post_init__(self) -> None:
         self.p_input = self.p_input or names.basis_p(self.name)
@@ -173,22 +177,26 @@ def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer |
         x, w = node.input[0], node.input[1]
         ws = shapes.of(w)
         xs = shapes.of(x)
-        if len(ws) != 2 or len(xs) not in (2, 3) or attrs.get("transA", 0):
+        if len(ws) != 2 or len(xs) < 2 or attrs.get("transA", 0):
             return None
         if node.op_type == "Gemm" and attrs.get("alpha", 1.0) != 1.0:
             return None
         out_in = node.op_type == "Gemm" and attrs.get("transB", 0) == 1
         cy, cx = (ws[0], ws[1]) if out_in else (ws[1], ws[0])
-        rank3 = len(xs) == 3
+        rank3 = len(xs) >= 3
+        flat = len(xs) > 3  # [N, H, W, C]: its positions flattened to [N, H·W, C]
+        if flat and not all(isinstance(d, int) for d in xs[1:-1]):
+            return None
         # [L, N, C]: sequence first (torch's MultiheadAttention runs its in_proj so)
-        seq_first = rank3 and isinstance(xs[0], int) and not isinstance(xs[1], int)
-        tokens = (xs[0] if seq_first else xs[1]) if rank3 else 1
+        seq_first = len(xs) == 3 and isinstance(xs[0], int) and not isinstance(xs[1], int)
+        tokens = (math.prod(xs[1:-1]) if flat else xs[0] if seq_first else xs[1]) \
+            if rank3 else 1
         if not all(isinstance(v, int) for v in (cx, cy, tokens)):
             return None
         return CompressedLayer(
             name=layer_name(w, node.name, param_names), kind="linear", node=node.name, x=x,
             y=node.output[0], weight=w, weight_layout="out_in" if out_in else "in_out",
-            tokens=tokens, cx=cx, cy=cy, rank3=rank3, seq_first=seq_first,
+            tokens=tokens, cx=cx, cy=cy, rank3=rank3, seq_first=seq_first, flat=flat,
             x_axis=_axis_mode(tokens, cx, rank3), g_axis=_axis_mode(tokens, cy, rank3))
     if node.op_type == "Conv" and node.input[1] in trainable:
         w = node.input[1]
@@ -221,7 +229,8 @@ def mask_padding(layers: list[CompressedLayer], text, forward: onnx.ModelProto) 
     if text.mask_input not in {i.name for i in forward.graph.input}:
         return
     for ly in layers:
-        if ly.kind == "linear" and ly.rank3 and not ly.seq_first and ly.tokens == text.seq_len:
+        if ly.kind == "linear" and ly.rank3 and not ly.seq_first and not ly.flat \
+                and ly.tokens == text.seq_len:
             ly.token_mask = text.mask_input
 
 
@@ -235,6 +244,6 @@ def share_activation_bases(layers: list[CompressedLayer]) -> None:
     first: dict[tuple, CompressedLayer] = {}
     for ly in layers:
         key = (ly.x, ly.kind, ly.x_axis, ly.tokens, ly.cx, ly.rank3, ly.x_itemsize,
-               ly.token_mask, ly.seq_first)
+               ly.token_mask, ly.seq_first, ly.flat)
         lead = first.setdefault(key, ly)
         ly.p_input = lead.p_input if lead is not ly else names.basis_p(ly.name)

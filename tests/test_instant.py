@@ -37,6 +37,11 @@ LAYERS = {
                         ("channel", "channel")),
     "conv1x1_mixed": ("y = Conv(x, w, b)", "conv", (2, 3, 2, 2), (6, 3, 1, 1),
                       ("channel", "token")),
+    # a Linear over a channels-last map [N, H, W, C] (ConvNeXt): positions flattened
+    "linear4d_token": ("h = MatMul(x, w)\n y = Add(h, b)", "matmul", (2, 2, 3, 8), (8, 5),
+                       ("token", "channel")),
+    "linear4d_channel": ("h = MatMul(x, w)\n y = Add(h, b)", "matmul", (2, 3, 3, 4), (4, 6),
+                         ("channel", "channel")),
     # pointwise Conv1d / Conv3d: the same layer over [N, C, L] / [N, C, D, H, W]
     "conv1d_k1_token": ("y = Conv(x, w, b)", "conv", (2, 6, 4), (5, 6, 1), ("token", "token")),
     "conv1d_k1_channel": ("y = Conv(x, w, b)", "conv", (2, 3, 7), (4, 3, 1),
@@ -89,12 +94,16 @@ def _rows(t: np.ndarray, kind: str) -> np.ndarray:
     if kind == "conv":
         n, c = t.shape[:2]
         return t.reshape(n, c, -1).transpose(0, 2, 1)
+    if t.ndim > 3:  # [N, H, W, C] -> [N, H·W, C]
+        return t.reshape(t.shape[0], -1, t.shape[-1])
     return t[:, None, :] if t.ndim == 2 else t
 
 
 def _unrows(m: np.ndarray, kind: str, shape) -> np.ndarray:
     if kind == "conv":
         return m.transpose(0, 2, 1).reshape(shape)
+    if len(shape) > 3:
+        return m.reshape(shape)
     return m[:, 0, :] if len(shape) == 2 else m
 
 

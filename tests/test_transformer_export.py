@@ -261,6 +261,30 @@ MODELS = textwrap.dedent('''
         return Cosine()
 
 
+    class ConvNeXtBlock(nn.Module):
+        """ConvNeXt: a depthwise conv, then LayerNorm and a pointwise MLP of Linear layers on
+        the channels-last [N, H, W, C] map, a layer scale, a residual."""
+
+        def __init__(self, c=8):
+            super().__init__()
+            self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+            self.norm = nn.LayerNorm(c)
+            self.pw1 = nn.Linear(c, 4 * c)
+            self.pw2 = nn.Linear(4 * c, c)
+            self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+        def forward(self, x):
+            h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+            h = self.gamma * self.pw2(F.gelu(self.pw1(h)))
+            return x + h.permute(0, 3, 1, 2)
+
+
+    def convnext():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), ConvNeXtBlock(), ConvNeXtBlock(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
     def pad_emb():
         """nn.Embedding(padding_idx=0): torch keeps that row's gradient zero."""
         torch.manual_seed(0)
@@ -562,3 +586,16 @@ def test_an_embedding_padding_row_gets_no_gradient(models_file: Path, tmp_path: 
     check_bundle_grads(models_file, "pad_emb", bundle, {"input": ids}, labels, ("vanilla",))
     _, got = runtime_grads(bundle, "vanilla", {"input": ids}, labels)
     assert not got["0.weight"][0].any() and got["0.weight"][1:].any()
+
+
+def test_convnext_pointwise_linears_on_channels_last_maps_are_instant_layers(
+        models_file: Path, tmp_path: Path):
+    """A Linear over [N, H, W, C] (ConvNeXt's and Swin's pointwise MLPs) is an INSTANT layer
+    (its positions flattened, ``LayerInfo.flat``); at full rank its gradients are torch's."""
+    x = {"input": np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    labels = np.array([0, 1, 2, 1])
+    bundle = export_bundle(f"{models_file}:convnext", tmp_path / "bundle",
+                           input_shape="4,3,8,8")
+    flat = [ly for ly in open_bundle(bundle).layers if ly.flat]
+    assert len(flat) == 4 and all(ly.tokens == 16 for ly in flat), flat
+    check_bundle_grads(models_file, "convnext", bundle, x, labels, ("vanilla", "instant"))

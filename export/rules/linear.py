@@ -60,11 +60,23 @@ def _batch_first(layer: CompressedLayer, t: str, builder) -> str:
 
 
 def _as_matrix(layer: CompressedLayer, t: str, builder) -> str:
-    """[N, C, *spatial] -> [N, C, L] for a 1x1 conv; a Linear's activation is already a matrix."""
+    """[N, C, *spatial] -> [N, C, L] for a 1x1 conv, [N, *positions, C] -> [N, T, C] for a
+    Linear over several position axes (``layer.flat``); a Linear's [N, L, C] is already one."""
+    c = layer.cx if t == layer.x else layer.cy
     if layer.kind == "conv1x1":
-        return builder.op("Reshape", [t, builder.ints([0, layer.cx if t == layer.x else layer.cy,
-                                                        -1])])
+        return builder.op("Reshape", [t, builder.ints([0, c, -1])])
+    if layer.flat:
+        return builder.op("Reshape", [t, builder.ints([0, -1, c])])
     return t
+
+
+def _g_matrix(layer: CompressedLayer, g: str, builder) -> str:
+    """The output gradient as the per-sample matrix the bases act on."""
+    if layer.kind == "conv1x1":
+        return builder.op("Reshape", [g, builder.ints([0, layer.cy, -1])])
+    if layer.flat:
+        return builder.op("Reshape", [g, builder.ints([0, -1, layer.cy])])
+    return _batch_first(layer, g, builder)
 
 
 def _project(b, basis: str, m: str, left: bool) -> str:
@@ -132,8 +144,7 @@ def linear_calib_grams(ctx: GradContext, layer: CompressedLayer, g: str) -> None
         ctx.shared_x[key] = _gram(ctx.fwd, x, _left(layer, "x"), rank)
     ctx.fwd_outputs.append(ctx.fwd.op("Identity", [ctx.shared_x[key]],
                                       out=f"{names.GRAM_X}{layer.name}"))
-    gm = ctx.bwd.op("Reshape", [g, ctx.bwd.ints([0, layer.cy, -1])]) if layer.kind == "conv1x1" \
-        else _batch_first(layer, g, ctx.bwd)
+    gm = _g_matrix(layer, g, ctx.bwd)
     ctx.bwd_outputs.append(ctx.bwd.op("Identity", [_gram(ctx.bwd, gm, _left(layer, "g"), rank)],
                                       out=f"{names.GRAM_G}{layer.name}"))
 
@@ -150,7 +161,7 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
     f, b = ctx.fwd, ctx.bwd
     P, Q = layer.p_input, layer.q_input
     conv = layer.kind == "conv1x1"
-    gm = b.op("Reshape", [g, b.ints([0, layer.cy, -1])]) if conv else _batch_first(layer, g, b)
+    gm = _g_matrix(layer, g, b)
     gx = gw = None
     if need_w:
         left = _left(layer, "x")
@@ -214,7 +225,7 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         gx = if_else(b, full_rank(b, Q, layer.g_dim), exact, compressed, "gx")
         # the exact g·W and the channel-axis (g Qᵀ)(Q W) keep g's zero rows at the padding
         gx = _batch_first(layer, gx, b)
-        if conv:
+        if conv or layer.flat:
             gx = b.op("Reshape", [gx, ctx.shape(layer.x)])
     return gx, gw
 
