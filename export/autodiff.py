@@ -108,8 +108,12 @@ class GradContext:
     def __init__(self, shapes: Shapes, mode: str, fwd: Builder, bwd: Builder,
                  requires_grad: set[str], params: set[str], param_grads: bool,
                  layers: dict[str, CompressedLayer], constants: dict[str, np.ndarray],
-                 compress_saved: bool = False, opset: int = 17) -> None:
+                 compress_saved: bool = False, opset: int = 17,
+                 padding_rows: dict[str, int] | None = None) -> None:
         self.shapes = shapes
+        # embedding table -> the row whose lookups carry no gradient (nn.Embedding's
+        # padding_idx; rules/shape.py: gather_grad)
+        self.padding_rows = padding_rows or {}
         self.mode = mode
         # the compressed variants of the rules that save activations (int8 with per-row
         # scales, ``rules/common.py: saved``): instant mode only, when the export asks for it
@@ -302,7 +306,8 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
                           mode: str, layers: list[CompressedLayer], opset: int,
                           registry: Registry | None = None,
                           passes: Sequence[Pass] | None = None,
-                          compress_saved: bool = False) -> TrainingGraphs:
+                          compress_saved: bool = False,
+                          padding_rows: dict[str, int] | None = None) -> TrainingGraphs:
     """Differentiate ``loss`` w.r.t. ``params`` and split into forward and backward graphs.
 
     ``registry`` defaults to every rule in ``export/rules``; ``passes`` to ``export.passes.PASSES``
@@ -329,7 +334,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     by_node = {ly.node: ly for ly in layers} if mode != "vanilla" else {}
     ctx = GradContext(shapes, mode, fwd, bwd, _requires_grad(g, shapes, param_set), param_set,
                       param_grads=(mode != "calib"), layers=by_node, constants=_constants(g),
-                      compress_saved=compress_saved, opset=opset)
+                      compress_saved=compress_saved, opset=opset, padding_rows=padding_rows)
     ctx.graph_inputs = {i.name for i in g.input}
 
     substitute: dict[str, onnx.NodeProto] = {}

@@ -52,7 +52,7 @@ from .graph import ExportError, Shapes, reads
 from .layers import CompressedLayer, find_compressible_layers, mask_padding, share_activation_bases
 from .shape_fold import check_free_batch
 from .tracing import example_arrays, load_model
-from .trainable import check_derived, select_trainable, selected_by, zero_grad_rows
+from .trainable import check_derived, select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -408,9 +408,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         if mode in ("instant", "recal"):
             _add_basis_inputs(src, mode_layers)
         tg = build_training_graphs(src, names.LOSS, params, mode, mode_layers, opset,
-                                   compress_saved=saved_int8)
-        zero_grad_rows(tg, {p: r for p, r in traced.zero_grad_rows.items() if p in initial},
-                       initial)
+                                   compress_saved=saved_int8, padding_rows=traced.padding_rows)
         files = {}
         for part, m in (("forward", tg.forward), ("backward", tg.backward)):
             _prune_unused_inputs(m, data_inputs if part == "forward" else set())

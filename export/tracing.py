@@ -63,9 +63,9 @@ class Traced:
     # constants torch's exporter computed from parameters (F.normalize(self.weight)): constant ->
     # the module path of a node reading it (export/param_names.py); they cannot carry a gradient
     derived: dict[str, str] = field(default_factory=dict)
-    # parameter -> the row whose gradient stays zero (nn.Embedding's padding_idx; ONNX's Gather
-    # has none, so the bundle's backward zeroes it: export/bundle.py)
-    zero_grad_rows: dict[str, int] = field(default_factory=dict)
+    # embedding table -> the row whose lookups carry no gradient (nn.Embedding's padding_idx;
+    # ONNX's Gather has none: rules/shape.py gather_grad drops those lookups' share)
+    padding_rows: dict[str, int] = field(default_factory=dict)
     # which of those change when only the given torch parameters do (a second export)
     derived_changes: Callable[[set[str]], set[str]] | None = field(default=None, repr=False,
                                                                   compare=False)
@@ -315,7 +315,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
         children.append((cname, [onnx_of[p] for p in pnames if p in onnx_of]))
     return Traced(model, names, outs, source, torch_names, children, from_torch=True,
                   torch_shapes=torch_shapes, unmapped=frozen, derived=derived,
-                  zero_grad_rows=rows,
+                  padding_rows=rows,
                   derived_changes=derived_changes(model, derived, module, export)
                   if derived else None)
 

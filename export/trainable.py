@@ -6,12 +6,12 @@ from __future__ import annotations
 import fnmatch
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from .graph import ExportError
 from .tracing import Traced
 
-__all__ = ["check_derived", "select_trainable", "selected_by", "zero_grad_rows"]
+__all__ = ["check_derived", "select_trainable", "selected_by"]
 
 
 def _candidate_params(traced: Traced) -> list[str]:
@@ -43,7 +43,6 @@ def _group_norm_constants(g, inits) -> set[str]:
     """The fixed ones/zeros scale and shift of an InstanceNormalization that normalises a
     reshaped input: how exporters write GroupNorm (its own affine weights follow as Mul/Add),
     constants of the decomposition, not parameters."""
-    from onnx import numpy_helper
 
     made_by = {o: n.op_type for n in g.node for o in n.output}
     out = set()
@@ -106,24 +105,6 @@ def selected_by(traced: Traced, spec: str, torch_name: str) -> bool:
         last = [c for c, names in traced.children if names][-n:]
         return torch_name.split(".", 1)[0] in last
     return any(fnmatch.fnmatch(torch_name, p.strip()) for p in spec.split(",") if p.strip())
-
-
-def zero_grad_rows(tg, rows: dict[str, int], initial: dict[str, np.ndarray]) -> None:
-    """The gradient of an embedding's padding row (``nn.Embedding(padding_idx=k)``) stays zero,
-    as in torch: its backward output is multiplied by a mask with a 0 in that row."""
-    bw = tg.backward.graph
-    for p, row in rows.items():
-        out = tg.grads.get(p)
-        if out is None:
-            continue
-        prod = next(n for n in bw.node if out in n.output)
-        tmp = f"{out}.all_rows"
-        prod.output[list(prod.output).index(out)] = tmp
-        mask = np.ones([initial[p].shape[0]] + [1] * (initial[p].ndim - 1), np.float32)
-        mask[row] = 0.0
-        bw.initializer.append(numpy_helper.from_array(mask, f"{out}.row_mask"))
-        bw.node.append(helper.make_node("Mul", [tmp, f"{out}.row_mask"], [out],
-                                        name=f"{out}/padding_row"))
 
 
 def check_derived(traced: Traced, params: list[str]) -> None:

@@ -111,7 +111,8 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
     for micro-batches of ``rows`` samples (channel-axis costs, :func:`_flops_per_rank`)."""
     cap = cfg.max_rank
     if cfg.saved_ratio is not None:
-        exact = sum(4 * ly.tokens * ly.cx for ly in layers)
+        # the exact saved bytes: each layer input once (q, k and v read one x)
+        exact = sum({ly.x: 4 * ly.tokens * ly.cx for ly in layers}.values())
         limit = int(cfg.saved_ratio * exact)
         saved_budget = limit if saved_budget is None else min(saved_budget, limit)
     if cfg.rank_policy == "budget":

@@ -142,3 +142,17 @@ def test_layers_sharing_a_basis_get_one_activation_rank_counted_once(policy):
     assert len({tight[n][0] for n in "qkv"}) == 1
     assert saved_bytes(layers, tight) <= budget
     assert tight["q"][0] > tight["o"][0], tight
+
+
+def test_saved_ratio_counts_a_shared_input_once():
+    """``--saved-ratio r``: compressed bytes at most r × the exact layer inputs, an input read
+    by three layers (one x) counted once on both sides."""
+    from runtime.ranks import saved_bytes
+
+    group = [replace(_layer(n, tokens=64, cx=64, cy=64), p_input="qkv.P", x="x") for n in "qkv"]
+    layers = [*group, _layer("o", tokens=64, cx=64, cy=64)]
+    spectra = {ly.name: (_flat(64), _flat(64)) for ly in layers}
+    ranks = choose_ranks(layers, spectra, InstantConfig(saved_ratio=0.25, flop_ratio=None), None)
+    exact = 2 * 4 * 64 * 64  # x and o's input
+    assert saved_bytes(layers, ranks) <= 0.25 * exact
+    assert saved_bytes(layers, ranks) >= 0.2 * exact  # the flat spectra use what they may

@@ -227,9 +227,9 @@ MODELS = textwrap.dedent('''
         """The output layer shares the embedding's weight (torch's exporter folds the second
         use into a transposed copy of the table)."""
 
-        def __init__(self, vocab=20, d=16):
+        def __init__(self, vocab=20, d=16, pad=None):
             super().__init__()
-            self.emb = nn.Embedding(vocab, d)
+            self.emb = nn.Embedding(vocab, d, padding_idx=pad)
             self.mix = nn.Linear(d, d)
             self.head = nn.Linear(d, vocab, bias=False)
             self.head.weight = self.emb.weight
@@ -242,6 +242,11 @@ MODELS = textwrap.dedent('''
     def tied_lm():
         torch.manual_seed(0)
         return TiedLM()
+
+
+    def tied_lm_pad():
+        torch.manual_seed(0)
+        return TiedLM(pad=0)
 
 
     class Cosine(nn.Module):
@@ -529,6 +534,14 @@ def test_a_tied_output_layer_trains_the_embedding_through_both_uses(models_file:
     names = [p.torch_name for p in open_bundle(bundle).params]
     assert "emb.weight" in names and len(names) == len(set(names)), names
     check_bundle_grads(models_file, "tied_lm", bundle, x, labels, ("vanilla",))
+    # with padding_idx: the lookups of the padding row add nothing, the output layer's use of
+    # that row keeps its gradient (masking the whole row's gradient lost it)
+    x["ids"][:, 5:] = 0
+    bundle = export_bundle(f"{models_file}:tied_lm_pad", tmp_path / "bundle_pad",
+                           npz=str(tmp_path / "batch.npz"))
+    check_bundle_grads(models_file, "tied_lm_pad", bundle, x, labels, ("vanilla",))
+    _, got = runtime_grads(bundle, "vanilla", x, labels)
+    assert got["emb.weight"][0].any()
 
 
 def test_a_weight_normalised_in_forward_is_refused_not_trained_wrong(models_file: Path,

@@ -126,6 +126,19 @@ def _weight_canonical(b, layer: CompressedLayer) -> str:
     return layer.weight
 
 
+def _times_w(b, layer: CompressedLayer, m: str) -> str:
+    """``m · W_c`` for a Linear ([..., Cy] -> [..., Cx]) without a transposed copy of the
+    weight: a MatMul for a [Cy, Cx] weight, a Gemm with ``transB`` over m's rows for a
+    [Cx, Cy] one (MatMul weights are stored so: a Transpose cost a weight-sized copy per layer
+    in every backward, all alive at its peak)."""
+    if layer.weight_layout == "out_in":
+        return b.op("MatMul", [m, layer.weight])
+    rows = b.op("Reshape", [m, b.ints([-1, layer.cy])])
+    out = b.op("Gemm", [rows, layer.weight], transB=1)                 # [rows, Cx]
+    lead = b.op("Slice", [b.op("Shape", [m]), b.ints([0]), b.ints([-1])])
+    return b.op("Reshape", [out, b.op("Concat", [lead, b.ints([layer.cx])], axis=0)])
+
+
 def _weight_from_canonical(b, layer: CompressedLayer, dw_c: str) -> str:
     if layer.kind == "conv1x1":
         return b.op("Reshape", [dw_c, b.op("Shape", [layer.weight])])  # [Cy, Cx, 1, ...]
@@ -173,15 +186,20 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
                 xhat = int8_roundtrip(ctx, xhat, -1 if left else -2)
             ctx.shared_x[key] = xhat
         xhat = ctx.shared_x[key]
+        # a Linear's g_W is built in its weight's own layout: [Cy, Cx] (out_in) or, by the
+        # same products with the operands swapped, [Cx, Cy] (in_out): no transposed copy
+        in_out = layer.weight_layout == "in_out"
         if not conv and layer.x_axis == "token":      # x̂ [N,Rx,Cx], ĝ = P g [N,Rx,Cy]
-            ghat = b.op("MatMul", [P, gm])
-            dw = b.op("Gemm", [b.op("Flatten", [ghat], axis=2), b.op("Flatten", [xhat], axis=2)],
-                      transA=1)                                        # [Cy, Cx]
+            gf = b.op("Flatten", [b.op("MatMul", [P, gm])], axis=2)
+            xf = b.op("Flatten", [xhat], axis=2)
+            dw = b.op("Gemm", [xf, gf] if in_out else [gf, xf], transA=1)  # x̂ᵀĝ or ĝᵀx̂
         elif not conv:                                # x̂ [.., L, Rx]: g_W = (gᵀ x̂) P
             ax = 2 if layer.rank3 else 1
-            t = b.op("Gemm", [b.op("Flatten", [gm], axis=ax), b.op("Flatten", [xhat], axis=ax)],
-                     transA=1)
-            dw = b.op("MatMul", [t, P])                                # [Cy, Cx]
+            gf, xf = b.op("Flatten", [gm], axis=ax), b.op("Flatten", [xhat], axis=ax)
+            if in_out:                                # Pᵀ (x̂ᵀ g)  [Cx, Cy]
+                dw = b.op("Gemm", [P, b.op("Gemm", [xf, gf], transA=1)], transA=1)
+            else:                                     # (gᵀ x̂) P   [Cy, Cx]
+                dw = b.op("MatMul", [b.op("Gemm", [gf, xf], transA=1), P])
         elif layer.x_axis == "token":                 # conv: x̂ [N,Cx,Rx], ĝ' = g Pᵀ [N,Cy,Rx]
             ghat = b.op("MatMul", [gm, b.op("Transpose", [P], perm=[1, 0])])
             gt = b.op("Reshape", [b.op("Transpose", [ghat], perm=[1, 0, 2]),
@@ -192,9 +210,8 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         else:                                         # conv: x̂ [N,Rx,L]: Σ_n g_n x̂_nᵀ · P
             t = b.op("MatMul", [gm, b.op("Transpose", [xhat], perm=[0, 2, 1])])
             dw = b.op("MatMul", [b.op("ReduceSum", [t, b.ints([0])], keepdims=0), P])
-        gw = _weight_from_canonical(b, layer, dw)
+        gw = dw if not conv else _weight_from_canonical(b, layer, dw)
     if need_x:
-        wc = _weight_canonical(b, layer)                               # [Cy, Cx]
         t = lambda s, m: s.op("Transpose", [m], perm=[1, 0])  # noqa: E731
         def compressed(s: Builder) -> str:
             if not conv and layer.g_axis == "token":  # Qᵀ((Q g) W)
@@ -205,9 +222,10 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
                     # its rows at the padding are zeroed per sample, [N, L, Ry], before the
                     # product rather than on the [N, L, Cx] result (one full-size copy less)
                     qt = s.op("Mul", [_token_weights(layer, s), qt])
-                return s.op("MatMul", [qt, s.op("MatMul", [s.op("MatMul", [Q, gm]), wc])])
+                return s.op("MatMul", [qt, _times_w(s, layer, s.op("MatMul", [Q, gm]))])
             if not conv:                              # (g Qᵀ)(Q W)
-                return s.op("MatMul", [s.op("MatMul", [gm, t(s, Q)]), s.op("MatMul", [Q, wc])])
+                return s.op("MatMul", [s.op("MatMul", [gm, t(s, Q)]), _times_w(s, layer, Q)])
+            wc = _weight_canonical(s, layer)                           # [Cy, Cx]
             if layer.g_axis == "token":               # conv, stored transposed: Wᵀ (g Qᵀ) Q
                 return s.op("MatMul", [s.op("MatMul", [t(s, wc), s.op("MatMul", [gm, t(s, Q)])]),
                                        Q])
@@ -215,7 +233,9 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
                                    s.op("MatMul", [Q, gm])])
 
         def exact(s: Builder) -> str:                  # g W (conv: Wᵀ g)
-            return s.op("MatMul", [t(s, wc), gm] if conv else [gm, wc])
+            if conv:
+                return s.op("MatMul", [t(s, _weight_canonical(s, layer)), gm])
+            return _times_w(s, layer, gm)
 
         # The output gradient is never saved, so projecting it only pays where it saves compute:
         # at a full-rank Q (the runtime's choice where Ry would cost more than the exact

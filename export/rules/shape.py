@@ -207,7 +207,15 @@ def gather_grad(ctx, node, gy):
         shape = b.op("Add", [shape, b.op("Mul", [n, b.ints([0])])])
     base = zeros(ctx, b.op("Gather", [shape, b.ints(front)]) if axis else shape)
     size = b.op("Gather", [shape, b.ints([axis])])
-    pos = b.op("Unsqueeze", [b.op("Mod", [idx, size]), b.ints([-1])])
+    row = b.op("Mod", [idx, size])
+    pad = ctx.padding_rows.get(data)
+    if pad is not None and axis == 0:
+        # nn.Embedding(padding_idx=k): the lookups of row k add nothing (torch's rule); other
+        # uses of the same table (a tied output layer) keep their share of its gradient
+        keep = b.op("Cast", [b.op("Not", [b.op("Equal", [row, b.ints([pad])])])],
+                    to=TensorProto.FLOAT)
+        g = b.op("Mul", [g, b.op("Unsqueeze", [keep, b.ints([-1])])])
+    pos = b.op("Unsqueeze", [row, b.ints([-1])])
     out = b.op("ScatterND", [base, pos, g], reduction="add")
     if axis:
         out = b.op("Transpose", [out], perm=[int(i) for i in np.argsort(front)])
