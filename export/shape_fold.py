@@ -36,7 +36,8 @@ def attrs_of(node: onnx.NodeProto) -> dict:
 _SHAPE_OPS = {"Shape", "Size", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Mul",
               "Add", "Sub", "Div", "Mod", "Cast", "Reshape", "Identity", "Constant", "Floor",
               "Ceil", "Max", "Min", "Neg", "Abs", "ReduceProd", "Expand", "ConstantOfShape",
-              "Range", "Equal", "Where", "Not", "Sqrt", "Transpose"}
+              "Range", "Equal", "Where", "Not", "Sqrt", "Transpose", "OneHot", "Tile", "CumSum",
+              "ReduceSum", "ReduceMax", "ReduceMin", "Less", "Greater", "And", "Or"}
 
 
 def _unknown_shapes(model: onnx.ModelProto) -> bool:

@@ -290,6 +290,34 @@ MODELS = textwrap.dedent('''
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
+    class GQA(nn.Module):
+        """Grouped-query attention: 4 query heads share 2 key/value heads, repeated with
+        repeat_interleave (exported through OneHot/Tile: repeats folded to a constant); q, k
+        and v read one x (one INSTANT basis)."""
+
+        def __init__(self, d=16, heads=4, kv=2):
+            super().__init__()
+            self.heads, self.kv = heads, kv
+            self.q, self.k = nn.Linear(d, d), nn.Linear(d, d * kv // heads)
+            self.v, self.o = nn.Linear(d, d * kv // heads), nn.Linear(d, d)
+            self.head = nn.Linear(d, 3)
+
+        def forward(self, x):
+            n, length, d = x.shape
+            dh = d // self.heads
+            q = self.q(x).reshape(n, length, self.heads, dh).transpose(1, 2)
+            k, v = (t.reshape(n, length, -1, dh).transpose(1, 2) for t in (self.k(x), self.v(x)))
+            r = self.heads // k.shape[1]  # traced from a shape: the repeats are computed
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+            a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v
+            return self.head((x + self.o(a.transpose(1, 2).reshape(n, length, d))).mean(1))
+
+
+    def gqa():
+        torch.manual_seed(0)
+        return GQA()
+
+
     def pad_emb():
         """nn.Embedding(padding_idx=0): torch keeps that row's gradient zero."""
         torch.manual_seed(0)
@@ -612,3 +640,14 @@ def test_convnext_pointwise_linears_on_channels_last_maps_are_instant_layers(
     flat = [ly for ly in open_bundle(bundle).layers if ly.flat]
     assert len(flat) == 4 and all(ly.tokens == 16 for ly in flat), flat
     check_bundle_grads(models_file, "convnext", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_grouped_query_attention_with_repeat_interleave(models_file: Path, tmp_path: Path):
+    """repeat_interleave's repeats come through OneHot/Tile (was: "must be a constant");
+    q, k and v share one basis; gradients are torch's."""
+    x = {"x": np.random.default_rng(0).standard_normal((4, 6, 16)).astype(np.float32)}
+    labels = np.array([0, 1, 2, 1])
+    bundle = export_bundle(f"{models_file}:gqa", tmp_path / "bundle", input_shape="4,6,16")
+    layers = open_bundle(bundle).layers
+    assert len({ly.p_input for ly in layers if ly.name in ("q", "k", "v")}) == 1, layers
+    check_bundle_grads(models_file, "gqa", bundle, x, labels, ("vanilla", "instant"))
