@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from contract import names as names_
 from contract.onnx_scan import LOOP_OPS
 
 from .graph import ExportError, check_ops, name_nodes
@@ -244,8 +245,12 @@ def _output_names(result, inputs: list[str]) -> list[str]:
 
     if isinstance(result, dict) and all(not isinstance(v, dict | tuple | list)
                                         for v in result.values()):
+        # a key that is no plain name, or that an input or the bundle's own tensors use
+        # (``loss``, ``labels``), gets ``_out`` (the --output error lists the names)
+        taken = set(inputs) | {names_.LOSS, names_.LABELS}
         keys = [re.sub(r"[^A-Za-z0-9_.]", "_", str(k)) or "output" for k in result]
-        if len(set(keys)) == len(keys) and not set(keys) & set(inputs):
+        keys = [f"{k}_out" if k in taken else k for k in keys]
+        if len(set(keys)) == len(keys):
             return keys
     n = len(tree_leaves(result))
     return ["logits"] if n == 1 and not isinstance(result, dict) else \

@@ -350,6 +350,12 @@ def test_a_model_returning_a_dict_names_its_outputs_by_key(cli, tmp_path):
     assert m["output"] == "logits"
     assert sorted(p["torch_name"] for p in m["params"]) == ["body.bias", "body.weight",
                                                             "cls.bias", "cls.weight"]
+    # keys an input or the bundle's own tensors use get "_out"
+    clash = tmp_path / "clash.py"
+    clash.write_text(DICT_FACTORY.replace('{"aux": self.aux(h), "logits": self.cls(h)}',
+                                          '{"x": self.aux(h), "loss": self.cls(h)}'))
+    user_error(cli("export", "--model", f"{clash}:make", "--out", tmp_path / "b1",
+                   "--input-shape", "8,6"), "2 outputs (x_out, loss_out)")
 
 
 @pytest.mark.parametrize("body, fragment", [
