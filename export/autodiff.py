@@ -134,6 +134,10 @@ class GradContext:
         self.constants = constants
         self.fwd_outputs: list[str] = []  # extra forward outputs (calibration Grams)
         self.bwd_outputs: list[str] = []  # extra backward outputs (calibration Grams)
+        # If output -> the one batch-major tensor its branches read, where running the If on two
+        # halves of that tensor's batch gives the two halves of its result (declared by the
+        # rule that built it: passes/half_batch_mask.py splits such an If per half-batch)
+        self.batch_separable: dict[str, str] = {}
 
     def constant_value(self, name: str) -> np.ndarray:
         if name not in self.constants:
@@ -388,6 +392,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
 
     draft = Draft(g, shapes, fwd, bwd, mode, opset, int(fwd_model.ir_version), extra)
     draft.protected = set(grads.values()) | set(ctx.bwd_outputs)
+    draft.notes["batch_separable"] = dict(ctx.batch_separable)
     for p in passes:
         if p.phase == "backward":
             p.run(draft)

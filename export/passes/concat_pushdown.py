@@ -50,7 +50,8 @@ def concat_pushdown(d: Draft) -> None:
 
 def _separable(d: Draft, shapes, n, out: str) -> bool:
     if n.op_type in ("MatMul", "If"):  # out is the batch-major operand, and only that one
-        return separable_operand(shapes, n) == out and list(n.input).count(out) <= 1
+        return (separable_operand(shapes, n, d.notes.get("batch_separable")) == out
+                and list(n.input).count(out) <= 1)
     if n.op_type == "ReduceSum" and n.input[0] == out and len(n.input) > 1:
         axes = d.bwd_constant(n.input[1])
         return axes is not None and 0 in axes.tolist()

@@ -46,16 +46,20 @@ def batch_operand(shapes: Shapes, inputs: list[str]) -> int | None:
     return None
 
 
-def separable_operand(shapes: Shapes, node: onnx.NodeProto) -> str | None:
+def separable_operand(shapes: Shapes, node: onnx.NodeProto,
+                      declared: dict[str, str] | None = None) -> str | None:
     """The batch-major tensor ``node`` reads, where running ``node`` on two halves of that
-    tensor's batch gives the two halves of its result: a MatMul by a matrix, or an ``If`` whose
-    branches only multiply that one batch-major tensor by matrices (MatMul, 2-D Transpose,
-    Identity); else None."""
+    tensor's batch gives the two halves of its result: a MatMul by a matrix, an ``If`` its rule
+    declared so (``declared``: ``GradContext.batch_separable``, e.g. INSTANT's input gradient,
+    whose branches reshape rows for a Gemm), or an ``If`` whose branches only multiply that one
+    batch-major tensor by matrices (MatMul, 2-D Transpose, Identity); else None."""
     if node.op_type == "MatMul":
         j = batch_operand(shapes, list(node.input))
         return None if j is None else node.input[j]
     if node.op_type != "If":
         return None
+    if declared and node.output[0] in declared:
+        return declared[node.output[0]]
     batch = []
     for t in sorted(set(reads(node)) - set(node.input)):
         dims = shapes.shape.get(t)
@@ -88,6 +92,9 @@ def on_half(b: Builder, node: onnx.NodeProto, z: str, z_half: str) -> str:
     for a in node.attribute:
         g = copy.deepcopy(a.g)
         rename = {o: f"{o}~{tag}" for n in g.node for o in n.output if o}
+        rename.update({t.name: f"{t.name}~{tag}" for t in g.initializer})
+        for t in g.initializer:
+            t.name = rename[t.name]
         rename[z] = z_half
         for n in g.node:
             n.input[:] = [rename.get(i, i) for i in n.input]
@@ -114,7 +121,7 @@ def half_batch_mask(d: Draft) -> None:
                     or len(d.bwd_consumers(g)) != 1 or len(d.bwd_consumers(m)) != 1):
                 continue
             shapes = shapes or d.backward_shapes()
-            z = separable_operand(shapes, mm)
+            z = separable_operand(shapes, mm, d.notes.get("batch_separable"))
             if z is None:
                 continue
             _split(d, mul, k, mm, z, bits[m]["packed"], halves)

@@ -243,6 +243,8 @@ def linear_instant(ctx: GradContext, layer: CompressedLayer, g: str, need_x: boo
         # One If: split in two (project, then lift) the exact branch needs a copy, measured
         # 2.5 % slower on the token MLP for the same plans under a budget (docs/method.md).
         gx = if_else(b, full_rank(b, Q, layer.g_dim), exact, compressed, "gx")
+        if not layer.token_mask:  # both branches act per sample on gm and nothing else batched
+            ctx.batch_separable[gx] = gm
         # the exact g·W and the channel-axis (g Qᵀ)(Q W) keep g's zero rows at the padding
         gx = _batch_first(layer, gx, b)
         if conv or layer.flat:
