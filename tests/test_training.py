@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import make_trainer
 
 from devices.planner import Plan
@@ -167,6 +168,37 @@ def test_relu_mask_rewrites_keep_exact_gradients(tmp_path: Path) -> None:
         assert abs(got - want) < 1e-5
         for k, g in exact._grads.items():
             np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("model,shape,halves", [("mlp", (64,), 1), ("cnn", (1, 8, 8), 0)])
+def test_full_rank_instant_equals_vanilla_through_the_split_backward(tmp_path: Path, model,
+                                                                       shape, halves) -> None:
+    """The backward passes split INSTANT's input gradient per half-batch wherever a ReLU mask
+    follows it, 2-D activations included (the rule declares its If separable; the CNN's 1x1
+    convs feed BatchNorm, no split): at full rank INSTANT must equal vanilla, for an odd batch
+    and a batch of one."""
+    import onnx
+
+    from export import export_bundle
+
+    b = open_bundle(export_bundle(model, tmp_path / model))
+    ops = [n.op_type for n in onnx.load_from_string(b.graph_bytes("instant", "backward")).graph.node]
+    halved = [n for n in ops if n == "If"]
+    assert ops.count("Concat") >= halves and (len(halved) >= 2 or not halves), ops
+    rng = np.random.default_rng(1)
+    exact = make_trainer(b, mode="vanilla")
+    inst = make_trainer(b, mode="instant")
+    for ly in b.layers:
+        inst.set_bases(ly.name, *[Basis(np.eye(d, dtype=np.float32), d, 1.0, np.full(d, 1.0 / d))
+                                  for d in (ly.x_dim, ly.g_dim)])
+    for n in (3, 1):
+        x = {b.manifest.inputs[0].name: rng.standard_normal((n, *shape)).astype(np.float32)}
+        y = rng.integers(0, 10, n).astype(np.int64)
+        want, _ = exact.gradients(ArrayBatch(x, y))
+        got, _ = inst.gradients(ArrayBatch(x, y))
+        assert abs(got - want) < 1e-5
+        for k, g in exact._grads.items():
+            np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=1e-5, err_msg=k)
 
 
 def test_fused_momentum_equals_sgd_with_a_gradient_buffer(mlp_bundle: Path) -> None:
