@@ -136,6 +136,25 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(cnn_bundle: Path) -
                 np.testing.assert_allclose(tr._grads[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+def _assert_full_rank_instant_is_exact(b, shape: tuple, seed: int, atol: float) -> None:
+    """With identity (full-rank) bases INSTANT is exact: its loss and gradients equal vanilla's,
+    for an odd batch and a batch of one (an empty first half-batch)."""
+    rng = np.random.default_rng(seed)
+    exact = make_trainer(b, mode="vanilla")
+    inst = make_trainer(b, mode="instant")
+    for ly in b.layers:
+        inst.set_bases(ly.name, *[Basis(np.eye(d, dtype=np.float32), d, 1.0, np.full(d, 1.0 / d))
+                                  for d in (ly.x_dim, ly.g_dim)])
+    for n in (3, 1):
+        x = {b.manifest.inputs[0].name: rng.standard_normal((n, *shape)).astype(np.float32)}
+        y = rng.integers(0, 10, n).astype(np.int64)
+        want, _ = exact.gradients(ArrayBatch(x, y))
+        got, _ = inst.gradients(ArrayBatch(x, y))
+        assert abs(got - want) < 1e-5
+        for k, g in exact._grads.items():
+            np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=atol, err_msg=k)
+
+
 def test_relu_mask_rewrites_keep_exact_gradients(tmp_path: Path) -> None:
     """token-mlp (Linear-ReLU stacks, mean pooling): INSTANT's backward broadcasts the pooled
     gradient into the first ReLU mask (no full-size Expand) and masks each g_x per half-batch.
@@ -154,20 +173,7 @@ def test_relu_mask_rewrites_keep_exact_gradients(tmp_path: Path) -> None:
     masked = {n.output[0] for n in nodes if n.op_type == "Mul"}
     joined = [n for n in nodes if n.op_type == "Concat" and masked & set(n.input)]
     assert len(joined) == 1, [n.name for n in joined]
-    rng = np.random.default_rng(0)
-    exact = make_trainer(b, mode="vanilla")
-    inst = make_trainer(b, mode="instant")
-    for ly in b.layers:
-        inst.set_bases(ly.name, *[Basis(np.eye(d, dtype=np.float32), d, 1.0, np.full(d, 1.0 / d))
-                                  for d in (ly.x_dim, ly.g_dim)])
-    for n in (3, 1):
-        x = {"x": rng.standard_normal((n, 128, 64)).astype(np.float32)}
-        y = rng.integers(0, 10, n).astype(np.int64)
-        want, _ = exact.gradients(ArrayBatch(x, y))
-        got, _ = inst.gradients(ArrayBatch(x, y))
-        assert abs(got - want) < 1e-5
-        for k, g in exact._grads.items():
-            np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=1e-6, err_msg=k)
+    _assert_full_rank_instant_is_exact(b, (128, 64), seed=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("model,shape,halves", [("mlp", (64,), 1), ("cnn", (1, 8, 8), 0)])
@@ -185,20 +191,7 @@ def test_full_rank_instant_equals_vanilla_through_the_split_backward(tmp_path: P
     ops = [n.op_type for n in onnx.load_from_string(b.graph_bytes("instant", "backward")).graph.node]
     halved = [n for n in ops if n == "If"]
     assert ops.count("Concat") >= halves and (len(halved) >= 2 or not halves), ops
-    rng = np.random.default_rng(1)
-    exact = make_trainer(b, mode="vanilla")
-    inst = make_trainer(b, mode="instant")
-    for ly in b.layers:
-        inst.set_bases(ly.name, *[Basis(np.eye(d, dtype=np.float32), d, 1.0, np.full(d, 1.0 / d))
-                                  for d in (ly.x_dim, ly.g_dim)])
-    for n in (3, 1):
-        x = {b.manifest.inputs[0].name: rng.standard_normal((n, *shape)).astype(np.float32)}
-        y = rng.integers(0, 10, n).astype(np.int64)
-        want, _ = exact.gradients(ArrayBatch(x, y))
-        got, _ = inst.gradients(ArrayBatch(x, y))
-        assert abs(got - want) < 1e-5
-        for k, g in exact._grads.items():
-            np.testing.assert_allclose(inst._grads[k], g, rtol=1e-3, atol=1e-5, err_msg=k)
+    _assert_full_rank_instant_is_exact(b, shape, seed=1, atol=1e-5)
 
 
 def test_fused_momentum_equals_sgd_with_a_gradient_buffer(mlp_bundle: Path) -> None:
