@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-__all__ = ["BudgetError", "MemoryModel", "Plan", "make_plan"]
+__all__ = ["BudgetError", "MemoryModel", "Plan", "balanced", "make_plan", "smaller_micro_batch"]
 
 
 class BudgetError(ValueError):
@@ -122,6 +122,25 @@ def _largest(fits, lo: int, hi: int) -> int | None:
     return lo
 
 
+def balanced(batch: int, m: int) -> int:
+    """The micro-batch a batch of ``batch`` really runs at when split at most ``m`` per part:
+    as many parts as ``m`` needs, all near-equal (runtime.trainer.chunks). 13 of 32 runs as
+    11, 11, 10, so its plan is the plan at 11 (a larger arena cap, more saved bytes per
+    sample)."""
+    m = max(1, min(m, batch))
+    parts = -(-batch // m)
+    return -(-batch // parts)
+
+
+def smaller_micro_batch(batch: int, m: int) -> int:
+    """The next micro-batch to try after ``m`` did not fit at its real size: one more part per
+    batch, and at least 20 % smaller (a step's peak grows about linearly in the micro-batch).
+    A fixed 0.7 × m skipped settings: 11 of 32 (3 parts) fell to 7 (5 parts), past 8 (4
+    parts), which costs fewer onnxruntime calls per step and fits where 7 does."""
+    parts = -(-batch // max(1, m))
+    return balanced(batch, max(1, min(-(-batch // (parts + 1)), int(m * 0.8))))
+
+
 def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Plan:
     """The largest micro-batch (≤ batch) at which the energy-rule ranks still fit, the largest
     calibration micro-batch that fits next to it, and the arena cap the budget leaves.
@@ -153,6 +172,7 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
             f"budget {budget / 1e6:.0f} MB is below the minimum {need / 1e6 + 1:.0f} MB for this "
             f"bundle ({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB",
             need=int(need), why=why)
+    m = balanced(batch, m)  # fits: it is no larger
     mc = calib_for(m)
     cap = model.cap_for(budget, m, mc)
     saved = model.saved_within(cap, m) if instant else None

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import numpy as np
 
 from contract import UserError, names
-from devices.planner import BudgetError, MemoryModel, Plan, make_plan
+from devices.planner import BudgetError, MemoryModel, Plan, make_plan, smaller_micro_batch
 
 from .calibrate import Spectrum, basis
 from .memory import current_rss, physical_ram
@@ -397,7 +397,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         plan = make_plan(model, budget, batch, instant)
     except BudgetError as exc:
         raise BudgetTooSmall(exc.why, exc.need) from None
-    for _ in range(6):
+    for _ in range(10):  # 32 of 32 reaches 1 at the 9th try (smaller_micro_batch)
         check = _fork(lambda p=plan: _validate(trainer, data, batch, p), limit=limit)
         if check["ok"] and check["peak"] <= budget:
             return Plan(**{**plan.__dict__, "breakdown": {
@@ -409,7 +409,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
             need = max(check["peak"], budget) + margin
             raise BudgetTooSmall(f"a step at micro-batch 1 did not fit at its real size (probe "
                                  f"peak {check['peak'] / 1e6:.0f} MB)", int(need))
-        smaller = max(1, int(plan.micro_batch * 0.7))
+        smaller = smaller_micro_batch(batch, plan.micro_batch)
         why = ("arena cap reached" if check["oom"] else
                f"peak {check['peak'] / 1e6:.1f} MB")
         log(f"budget: micro-batch {plan.micro_batch} did not fit at its real size ({why}); "

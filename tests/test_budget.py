@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devices.planner import BudgetError, MemoryModel, make_plan
+from devices.planner import BudgetError, MemoryModel, balanced, make_plan, smaller_micro_batch
 from runtime.memory import run_measured
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -132,12 +132,47 @@ def test_planner_picks_the_largest_micro_batch_whose_ranks_fit():
     plan = make_plan(model, 200 * MB, 128, instant=True)
     m, mc = plan.micro_batch, plan.calib_micro_batch
     assert model.peak(m, mc, model.saved_want) <= 200 * MB
-    assert m == 128 or model.peak(m + 1, min(mc, m + 1), model.saved_want) > 200 * MB
+    # as few parts per batch as fit, all near-equal: one part fewer does not fit
+    parts = -(-128 // m)
+    assert m == -(-128 // parts)
+    fewer = -(-128 // (parts - 1)) if parts > 1 else None
+    assert fewer is None or model.peak(fewer, min(mc, fewer), model.saved_want) > 200 * MB
     assert 1 <= mc <= m and model.arena_calib(mc) <= plan.arena_cap
     # the cap is what the budget leaves, and compressed activations get the rest of it
     assert plan.arena_cap == model.cap_for(200 * MB, m, mc)
     assert model.arena_step(m, plan.saved_budget) <= plan.arena_cap
     assert plan.saved_budget >= model.saved_want
+
+
+def test_planner_balances_the_micro_batch_and_retries_one_part_more():
+    assert [balanced(32, m) for m in (32, 17, 16, 13, 11, 9, 8, 7, 1, 40)] == \
+        [32, 16, 16, 11, 11, 8, 8, 7, 1, 32]
+    # after a micro-batch that did not fit: one more part per batch, at least 20 % smaller
+    assert smaller_micro_batch(32, 11) == 8
+    assert smaller_micro_batch(32, 16) == 11
+    assert smaller_micro_batch(1024, 11) == 8  # many parts: the 20 % decides
+    walk, m = [], 32
+    while m > 1:
+        m = smaller_micro_batch(32, m)
+        walk.append(m)
+    assert walk == [16, 11, 8, 6, 4, 3, 2, 1]
+    for batch in (1, 2, 5, 32, 100, 1000):
+        for m in range(2, min(batch, 64) + 1):
+            s = smaller_micro_batch(batch, m)
+            assert 1 <= s <= int(m * 0.8) or s == 1
+            assert s == balanced(batch, s)
+    # the plan at a budget that fits 13 of 32 per part is the plan at 11 (3 parts)
+    model = _model(saved_want=0, saved_min=0)
+
+    def largest(budget, batch):
+        try:
+            return make_plan(model, budget, batch, False).micro_batch
+        except BudgetError:
+            return 0
+
+    budget = next(b * MB // 10 for b in range(1000, 5000) if largest(b * MB // 10, 13) == 13)
+    assert make_plan(model, budget, 14, False).micro_batch == 7  # 13 fits, 14 not: 7 + 7
+    assert make_plan(model, budget, 32, False).micro_batch == 11
 
 
 def test_planner_lowers_the_memory_for_compressed_activations_only_at_micro_batch_one():
