@@ -387,7 +387,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     if text is not None and text.any_length and text.mask_input is not None:
         from .lengths import shorter_graphs
 
-        mask_padding(layers, text, prefix.forward if prefix is not None else fwd)
+        mask_padding(layers, text.mask_input, text.seq_len,
+                     prefix.forward if prefix is not None else fwd)
         share_activation_bases(layers)  # the masks are part of what a shared basis reads
 
         shorter = shorter_graphs(
@@ -399,6 +400,16 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             steps={"dynamic_batch": _dynamic_batch, "params_as_inputs": _params_as_inputs,
                    "split_lookups": _split_lookups, "append_loss": _append_loss})
         text = dataclasses.replace(text, lengths=[lg.length for lg in shorter])
+    elif layers:  # no tokenizer, or a model the tokenizer check left fixed-length
+        from .padding import padding_mask
+
+        found = padding_mask(traced, in_shapes0, bounds, _dynamic_batch)
+        if found is not None and mask_padding(layers, *found, fwd):
+            share_activation_bases(layers)
+            if notes is not None:
+                notes.append(f"note: input '{found[0]}' marks the padding (checked: the output "
+                             "ignores the tokens where it is 0); INSTANT layers over its "
+                             f"{found[1]} tokens project the real tokens only")
     runs = [(mode, mode, prefix.forward if prefix is not None else fwd, layers, "")
             for mode in modes]
     runs += [(f"{mode}@{lg.length}", mode, lg.forward, lg.layers, f".len{lg.length}")

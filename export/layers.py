@@ -219,19 +219,23 @@ def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer |
     return None
 
 
-def mask_padding(layers: list[CompressedLayer], text, forward: onnx.ModelProto) -> None:
-    """Give every Linear over the token axis ([N, L, C], L the text's length) the text's mask
-    (``text``: a ``contract.TextSpec`` of a model that ignores its padding, checked by
-    export/any_length.py): padded positions enter no gradient, and the INSTANT graphs zero them
-    in x before its projection and its Gram, and in the input gradient (rules/linear.py). The
-    projection then spends its rank on the real tokens only (docs/method.md "Padded
-    positions")."""
-    if text.mask_input not in {i.name for i in forward.graph.input}:
-        return
+def mask_padding(layers: list[CompressedLayer], mask: str, length: int,
+                 forward: onnx.ModelProto) -> int:
+    """Give every Linear over the token axis ([N, L, C], L = ``length``) the padding mask input
+    ``mask`` of a model that ignores its padding (checked by export/any_length.py with a
+    tokenizer, export/padding.py without): padded positions enter no gradient, and the INSTANT
+    graphs zero them in x before its projection and its Gram, and in the input gradient
+    (rules/linear.py). The projection then spends its rank on the real tokens only
+    (docs/method.md "Padded positions"). Returns how many layers got it."""
+    if mask not in {i.name for i in forward.graph.input}:
+        return 0
+    count = 0
     for ly in layers:
         if ly.kind == "linear" and ly.rank3 and not ly.seq_first and not ly.flat \
-                and ly.tokens == text.seq_len:
-            ly.token_mask = text.mask_input
+                and ly.tokens == length:
+            ly.token_mask = mask
+            count += 1
+    return count
 
 
 def share_activation_bases(layers: list[CompressedLayer]) -> None:

@@ -347,25 +347,32 @@ def test_padded_positions_enter_no_instant_gradient_nor_gram(whole_bundle, tmp_p
     """The model ignores its padding, so the tokens at padded positions change no gradient. In
     the whole graphs (no prefix) those tokens reach every layer's input x, and a token-axis
     projection P·x mixes positions: the INSTANT graphs zero x at padded positions before they
-    project it and before its calibration Gram (export/bundle.py: _mask_padding). So other
+    project it and before its calibration Gram (export/layers.py: mask_padding). So other
     tokens at the padded positions leave INSTANT's gradients, at reduced ranks, and the Grams'
     spectra unchanged, as they leave vanilla's gradients."""
-    from helpers import make_trainer
-
     from runtime.bundle import open_bundle
-    from runtime.calibrate import Basis
     from runtime.data import load_data
-    from runtime.trainer import ArrayBatch
 
     b = open_bundle(whole_bundle)
     assert b.manifest.prefix is None
-    assert all(ly.token_mask == "attention_mask" for ly in b.layers), b.layers
     rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 40, bad=False))))
     with open(tmp_path / "short.csv", "w", newline="") as f:
         csv.writer(f).writerows([rows[0]] + [[" ".join(t.split()[:1 + i % 5]), lab]
                                              for i, (t, lab) in enumerate(rows[1:])])
     ds = load_data(str(tmp_path / "short.csv"), b)
     x, y = ds.take(np.arange(12))
+    _padding_changes_no_gradient(b, x, y)
+
+
+def _padding_changes_no_gradient(b, x: dict, y: np.ndarray) -> None:
+    """Other tokens at the positions ``attention_mask`` marks 0 change neither vanilla's nor
+    INSTANT's gradients (reduced ranks) nor the calibration Grams' spectra."""
+    from helpers import make_trainer
+
+    from runtime.calibrate import Basis
+    from runtime.trainer import ArrayBatch
+
+    assert b.layers and all(ly.token_mask == "attention_mask" for ly in b.layers), b.layers
     pad = x["attention_mask"] == 0
     assert pad.any(1).all(), "every row is padded"
     other = {k: v.copy() for k, v in x.items()}
@@ -400,6 +407,51 @@ def test_padded_positions_enter_no_instant_gradient_nor_gram(whole_bundle, tmp_p
     for n in spectra[0]:
         np.testing.assert_allclose(spectra[0][n], spectra[1][n], rtol=1e-3, atol=1e-6,
                                    err_msg=n)
+
+
+def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_path):
+    """A text model exported without --tokenizer (trained from the user's arrays): its
+    ``attention_mask`` input is checked to mark the padding the model ignores
+    (export/padding.py), and its INSTANT layers project the real tokens only, as with a
+    tokenizer. A model that reads its padding keeps no mask."""
+    from runtime.bundle import open_bundle
+
+    out = _ok(_cli("export", "--model", encoder_bundle.parent / "encoder.onnx", "--out",
+                   tmp_path / "b", "--output", "token_embeddings", "--head", 2, "--pool", "mean",
+                   "--input-shape", "8,16:int64;8,16:int64", "--trainable", "*layers.1.*"))
+    assert "input 'attention_mask' marks the padding" in out, out
+    b = open_bundle(tmp_path / "b")
+    assert b.manifest.text is None
+    rng = np.random.default_rng(3)
+    keep = rng.integers(1, 16, 12)
+    mask = (np.arange(16)[None] < keep[:, None]).astype(np.int64)
+    x = {"input_ids": rng.integers(1000, 5000, (12, 16)), "attention_mask": mask}
+    _padding_changes_no_gradient(b, x, rng.integers(0, 2, 12))
+
+    # mean over every position, padding included: the output reads the padding
+    (tmp_path / "reads.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        class Reads(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.fc = nn.Embedding(100, 16), nn.Linear(16, 16)
+                self.out = nn.Linear(16, 2)
+
+            def forward(self, input_ids, attention_mask):
+                h = torch.relu(self.fc(self.emb(input_ids)))
+                return self.out(h.mean(1) + 0 * attention_mask.sum(1, keepdim=True))
+
+        def build():
+            torch.manual_seed(0)
+            return Reads()
+    '''))
+    out = _ok(_cli("export", "--model", f"{tmp_path / 'reads.py'}:build", "--out",
+                   tmp_path / "r", "--input-shape", "8,16:int64;8,16:int64"))
+    assert "marks the padding" not in out
+    r = open_bundle(tmp_path / "r")
+    assert r.layers and not any(ly.token_mask for ly in r.layers), r.layers
 
 
 def test_frozen_prefix_gives_the_same_grams_at_any_micro_batch(encoder_bundle, tmp_path):

@@ -1,0 +1,112 @@
+"""The padding mask of a token model exported without a tokenizer.
+
+With ``--tokenizer`` the exporter learns which input is the padding mask from the tokenizer and
+checks on its encodings that the model ignores its padding (export/any_length.py); its INSTANT
+layers over the token axis then project the real tokens only (docs/method.md "Padded
+positions"). A user who trains a text model from arrays (token ids and an attention mask in an
+``.npz``) has the same padding, and without the mask a reduced-rank projection spends its rank
+on padded positions and the lifted input gradient spreads into them.
+
+``padding_mask`` finds the input: ``[N, L]``, integer, boolean or float, named ``*mask*``, next
+to inputs that all carry the same token axis (``[N, L, ...]``). It keeps it only where the model
+demonstrably ignores the positions it marks 0: on random tokens, two runs that differ only at
+those positions give the same outputs (right padding of several lengths and one scattered
+pattern). A model that reads its padding, reads the mask the other way round (1 = padding), or
+that onnxruntime cannot run here keeps no mask: exact gradients at full rank either way, and
+the mask only changes what a reduced rank keeps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from onnx import TensorProto
+
+from .graph import Shapes
+from .tracing import Traced
+
+__all__ = ["padding_mask"]
+
+_NP = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
+       TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
+       TensorProto.FLOAT16: np.float16}
+_ROWS = 4
+
+
+def padding_mask(traced: Traced, shapes: Shapes, bounds: dict[str, int],
+                 dynamic_batch) -> tuple[str, int] | None:
+    """(mask input, token length L) where the check above holds, else None.
+
+    ``bounds``: rows of the embedding table each integer input indexes (exporter's
+    ``_index_bounds``); ``dynamic_batch`` the exporter's step that frees the batch axis."""
+    mask, length = _candidate(traced, shapes)
+    if mask is None:
+        return None
+    model = copy.deepcopy(traced.model)
+    dynamic_batch(model, traced.inputs + traced.outputs)
+    rng = np.random.default_rng(0)
+    real = _pattern(length)
+    feeds_a, feeds_b = {}, {}
+    for name in traced.inputs:
+        dims = [_ROWS, *shapes.of(name)[1:]]
+        dtype = _NP.get(shapes.dtype.get(name))
+        if dtype is None:
+            return None
+        if name == mask:
+            feeds_a[name] = feeds_b[name] = real.astype(dtype)
+            continue
+        a, b = _draw(rng, dims, dtype, bounds.get(name)), _draw(rng, dims, dtype, bounds.get(name))
+        pad = ~real.reshape(_ROWS, length, *([1] * (len(dims) - 2)))
+        b = np.where(pad, b, a)  # the same tokens where the mask says real, others elsewhere
+        feeds_a[name], feeds_b[name] = a, b
+    try:
+        from .any_length import ort_session
+
+        sess = ort_session(model)
+        out_a = sess.run(None, feeds_a)
+        out_b = sess.run(None, feeds_b)
+    except Exception:  # noqa: BLE001 - a model onnxruntime cannot run here keeps no mask
+        return None
+    for x, y in zip(out_a, out_b, strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+            return None
+        if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * (1.0 + float(np.abs(x).max(initial=0.0))):
+            return None
+    return mask, length
+
+
+def _candidate(traced: Traced, shapes: Shapes) -> tuple[str | None, int]:
+    """The ``*mask*`` input [N, L] (L static, ≥ 2) when every other input is [N, L, ...] with
+    static dims (the check feeds them random tokens)."""
+    for name in traced.inputs:
+        dims = shapes.of(name)
+        if "mask" in name.lower() and len(dims) == 2 and isinstance(dims[1], int) \
+                and dims[1] >= 2 and shapes.dtype.get(name) in _NP:
+            length = dims[1]
+            others = [shapes.of(n) for n in traced.inputs if n != name]
+            if others and all(len(d) >= 2 and d[1] == length
+                              and all(isinstance(k, int) for k in d[1:]) for d in others):
+                return name, length
+            return None, 0
+    return None, 0
+
+
+def _pattern(length: int) -> np.ndarray:
+    """[rows, L] booleans, True at real tokens: right padding at three lengths (one real token,
+    about half, all but one) and one scattered row; every row has a real and a padded place."""
+    real = np.zeros((_ROWS, length), bool)
+    for row, keep in enumerate((1, max(1, length // 2), length - 1)):
+        real[row, :keep] = True
+    real[3, ::2] = True
+    real[3, -1] = False
+    return real
+
+
+def _draw(rng: np.random.Generator, dims: list[int], dtype, bound: int | None) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, max(1, bound or 2), size=dims).astype(dtype)
+    if dtype == np.bool_:
+        return rng.random(dims) < 0.5
+    return rng.standard_normal(dims).astype(dtype)
