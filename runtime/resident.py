@@ -85,7 +85,7 @@ class Resident:
         bwd.run_with_iobinding(bb)
         if io.bwd_grams:
             got = bb.get_outputs()[len(tr.params):]
-            tr.add_grams(weight, len(y), fgrams,
+            tr.add_grams(weight, y, fgrams,
                          {layer: v.numpy() for layer, v in zip(io.bwd_grams, got, strict=True)})
         return loss, correct
 

@@ -482,16 +482,20 @@ class Trainer:
         loss_sum = 0.0
         correct = count = 0
         step = res.micro_step if res is not None else self._micro_step
+        parts = chunks(n, micro)
+        shares = self._shares(batch, parts)
         try:
-            for s, e in chunks(n, micro):
+            for (s, e), share in zip(parts, shares, strict=True):
+                if share is None:  # no labelled token here: nothing to add
+                    continue
                 x, y = batch.rows(s, e)
                 try:
-                    loss, c = step(mode, x, y, (e - s) / n)
+                    loss, c = step(mode, x, y, share)
                 except (ArenaExhausted, UserError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - onnxruntime errors of the resident path
                     raise self._run_error(exc, "training") from None
-                loss_sum += loss * (e - s) / n
+                loss_sum += loss * share
                 correct, count = correct + c[0], count + c[1]
         except ArenaExhausted:
             if self.window is not None:
@@ -502,14 +506,44 @@ class Trainer:
         self.last_count = count  # labels counted: samples, or tokens with a label
         return loss_sum, correct
 
-    def add_grams(self, weight: float, m: int, fwd: dict[str, np.ndarray],
+    def _per_token(self) -> bool:
+        spec = self.bundle.manifest.loss
+        return spec.kind == "cross_entropy" and len(spec.labels.shape) > 1
+
+    def _shares(self, batch: Batch, parts: list[tuple[int, int]]) -> list[float | None]:
+        """Each micro-batch's share of the step's loss, so that the step's gradient is the
+        whole batch's whatever the micro-batch: its share of the samples, or, where the loss is
+        a mean over labelled tokens (``[N, L]`` labels), its share of those (None: it has none;
+        a mean over none is not a number). Per sample, micro-batches of 3 and 5 rows holding
+        30 and 10 labelled tokens weighed the first's token mean 3/8 instead of 3/4."""
+        n = len(batch)
+        by_sample: list[float | None] = [(e - s) / n for s, e in parts]
+        if len(parts) < 2 or not self._per_token():
+            return by_sample
+        if isinstance(batch, ArrayBatch):
+            y = batch.y
+        elif isinstance(batch, IndexBatch) and hasattr(batch.data, "take_labels"):
+            y = batch.data.take_labels(batch.idx)
+        else:
+            y = np.concatenate([batch.rows(s, e)[1] for s, e in parts])
+        labelled = (np.asarray(y) != names.IGNORE_LABEL).reshape(n, -1).sum(1)
+        total = int(labelled.sum())
+        if total == 0:
+            return by_sample  # no label at all: the step's loss is not a number either way
+        counts = [int(labelled[s:e].sum()) for s, e in parts]
+        return [c / total if c else None for c in counts]
+
+    def add_grams(self, weight: float, y: np.ndarray, fwd: dict[str, np.ndarray],
                   bwd: dict[str, np.ndarray]) -> None:
         """Add one calibration micro-batch's Grams (by layer) to the window. The output-gradient
-        Grams carry the loss scale ``weight``/``m`` per sample: (m / weight)² undoes it."""
+        Grams carry the loss scale ``weight``/``k`` per loss term, k the micro-batch's samples
+        (or labelled tokens, ``[N, L]`` labels): (k / weight)² undoes it."""
         w = self.window
+        m = len(y)
         for layer, g in fwd.items():
             w.gx[layer] += g
-        scale = (m / weight) ** 2
+        k = max(1, int((y != names.IGNORE_LABEL).sum())) if self._per_token() else m
+        scale = (k / weight) ** 2
         for layer, g in bwd.items():
             w.gg[layer] += g * scale
         w.samples += m
@@ -561,7 +595,7 @@ class Trainer:
             raise self._run_error(exc, "backward") from None
         if io.bwd_grams:
             got = binding.get_outputs()[len(self.params):]
-            self.add_grams(weight, len(y), fgrams,
+            self.add_grams(weight, y, fgrams,
                            {layer: v.numpy() for layer, v in zip(io.bwd_grams, got, strict=True)})
         return loss, correct
 
@@ -700,9 +734,11 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "calibration backward") from None
         del feeds
-        m = len(y)
-        # the calib backward's seed is 1: per-sample output gradients carry 1/m (weight 1)
-        self.add_grams(1.0, m, fgrams, {ly: g.numpy() for ly, g in
+        # the calib backward's seed is 1: the output gradients carry 1/k (weight 1), k the
+        # samples or labelled tokens the loss averages over
+        if self._per_token() and not (y != names.IGNORE_LABEL).any():
+            return  # a mean over no labelled token is not a number
+        self.add_grams(1.0, y, fgrams, {ly: g.numpy() for ly, g in
                                         zip(io.bwd_grams, grams, strict=True)})
 
     def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]], rows: int = 1) -> None:

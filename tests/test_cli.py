@@ -293,6 +293,52 @@ def test_a_class_per_token_trains_with_padding_labels_ignored(cli, tmp_path):
                "has class id 3 (row 5)", "[0, 2]", "-100: no label")
 
 
+def test_micro_batches_weigh_a_class_per_token_loss_by_labelled_tokens(cli, tmp_path):
+    """The loss is a mean over labelled tokens, so a micro-batch weighs in by its share of
+    those, not of the samples: the step's gradient is the whole batch's whatever micro-batch
+    the plan picks, also where a micro-batch has no labelled token at all (skipped: a mean over
+    none is not a number). Read from the .npz source (labels read alone) and from arrays."""
+    from helpers import make_trainer
+
+    from runtime.data import load_data
+    from runtime.trainer import ArrayBatch, IndexBatch
+
+    path = tmp_path / "tagger.py"
+    path.write_text(TAGGER_FACTORY)
+    ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b",
+           "--input-shape", "8,12:int64", "--loss", "cross_entropy"))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (12, 12))
+    tags = ids % 3
+    keep = np.array([12, 1, 1, 1, 0, 0, 12, 12, 2, 3, 12, 6])  # labelled tokens per row
+    tags[np.arange(12)[None] >= keep[:, None]] = -100
+    np.savez(tmp_path / "tags.npz", x=ids, y=tags)
+
+    def grads(tr, batch):
+        loss, _ = tr.gradients(batch)
+        return loss, {p: g.copy() for p, g in tr._grads.items()}
+
+    for mode in ("vanilla", "instant"):
+        whole = make_trainer(tmp_path / "b", mode=mode)
+        if mode == "instant":
+            whole.calibrate_on([ArrayBatch({"ids": ids}, tags)])
+        ref_loss, ref = grads(whole, ArrayBatch({"ids": ids}, tags))
+        data = load_data(str(tmp_path / "tags.npz"), whole.bundle)
+        for micro in (2, 3, 5):
+            tr = make_trainer(tmp_path / "b", mode=mode, micro_batch=micro)
+            if mode == "instant":
+                for name, pair in whole.bases.items():
+                    tr.set_bases(name, *pair)
+            for batch in (ArrayBatch({"ids": ids}, tags), IndexBatch(data, np.arange(12))):
+                loss, got = grads(tr, batch)
+                assert np.isfinite(loss) and abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), \
+                    (mode, micro, loss, ref_loss)
+                for p in ref:
+                    np.testing.assert_allclose(got[p], ref[p], rtol=1e-4,
+                                               atol=1e-6 * float(np.abs(ref[p]).max()),
+                                               err_msg=f"{mode} micro-batch {micro} {p}")
+
+
 FOLDED_FACTORY = """\
 import torch
 from torch import nn

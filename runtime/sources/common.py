@@ -105,6 +105,11 @@ class Source:
     def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
         raise NotImplementedError
 
+    def take_labels(self, idx: np.ndarray) -> np.ndarray:
+        """The labels of those rows alone (the trainer weighs micro-batches by labelled tokens);
+        sources that can read them without the inputs do."""
+        return self.take(idx)[1]
+
     def bytes_per_sample(self) -> int:
         """Upper bound of the bytes ``take`` holds per row at its peak (rows read, outputs,
         casts): these grow with the micro-batch."""
@@ -167,6 +172,9 @@ class SourceView(Source):
 
     def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
         return self.base.take(self.rows[self._rows(idx)])
+
+    def take_labels(self, idx: np.ndarray) -> np.ndarray:
+        return self.base.take_labels(self.rows[self._rows(idx)])
 
     def bytes_per_sample(self) -> int:
         return self.base.bytes_per_sample()

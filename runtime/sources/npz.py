@@ -329,9 +329,15 @@ class NpzSource(Source):
             self._check_values(name, a, idx)
             x[name] = np.ascontiguousarray(a, dtype=self.out_dtypes[name])
             del a
+        return x, self.take_labels(idx)
+
+    def take_labels(self, idx: np.ndarray) -> np.ndarray:
+        idx = self._rows(idx)
+        f = self._npz.file
+        f.check()
         y = self.y.rows(f.fd, idx, self._where("y"))
         self._check_labels(y, idx)
-        return x, np.ascontiguousarray(y, dtype=self.label_dtype)
+        return np.ascontiguousarray(y, dtype=self.label_dtype)
 
     def bytes_per_sample(self) -> int:
         total = 0
