@@ -86,12 +86,20 @@ class Proc:
             assert time.monotonic() < end, f"{self.name}: no {pattern!r} in {timeout} s"
             time.sleep(0.05)
 
-    def finish(self, timeout: float = DEADLINE_S) -> int:
+    def finish(self, timeout: float = DEADLINE_S, peers: tuple[Proc, ...] = ()) -> int:
+        """Wait for the exit code; a peer (a client the server waits for) that fails ends the
+        wait at once (a server left waiting for clients that refused would sit out its --wait)."""
         end = time.monotonic() + timeout
         while self.rc is None:
             if self.p.poll() is not None:
                 self.rc = self.p.returncode
                 break
+            failed = [q for q in peers if q.p.poll() not in (None, 0)]
+            if failed:
+                self.kill()
+                q = failed[0]
+                pytest.fail(f"{q.name} exited {q.p.returncode} while {self.name} waited for it:"
+                            f"\n{q.stdout()}\n{q.stderr()}")
             if time.monotonic() > end:
                 self.kill()
                 pytest.fail(f"{self.name} did not exit within {timeout} s:\n{self.stdout()}\n"
@@ -336,7 +344,7 @@ def test_minilm_rotten_tomatoes_three_clients_within_budget(tmp_path, trainable,
                     "--lr", 0.05, "--threads", 1, "--out", tmp_path / f"client{k}")
                for k in range(3)]
     try:
-        out = server.finish(timeout=3600) == 0 and server.stdout()
+        out = server.finish(timeout=3600, peers=tuple(clients)) == 0 and server.stdout()
         assert out, f"server failed:\n{server.stdout()}\n{server.stderr()}"
         for c in clients:
             assert c.finish(timeout=120) == 0, f"{c.name}:\n{c.stdout()}\n{c.stderr()}"
