@@ -39,6 +39,17 @@ def _candidate_params(traced: Traced) -> list[str]:
     return sorted(used, key=lambda n: order[n])
 
 
+def _scalars(traced: Traced, cands: list[str]) -> list[str]:
+    """The float one-element initializers of an ONNX file that nodes read and that are not
+    parameters by role (see ``_candidate_params``)."""
+    if traced.from_torch:
+        return []
+    used = {i for n in traced.model.graph.node for i in n.input}
+    return [i.name for i in traced.model.graph.initializer
+            if i.data_type == TensorProto.FLOAT and int(np.prod(i.dims)) < 2
+            and i.name in used and i.name not in cands]
+
+
 def _group_norm_constants(g, inits) -> set[str]:
     """The fixed ones/zeros scale and shift of an InstanceNormalization that normalises a
     reshaped input: how exporters write GroupNorm (its own affine weights follow as Mul/Add),
@@ -83,9 +94,14 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
         def hit(c: str, p: str) -> bool:
             return fnmatch.fnmatch(traced.display(c), p) or fnmatch.fnmatch(c, p)
 
-        chosen = [c for c in cands if any(hit(c, p) for p in pats)]
+        # a scalar of an ONNX file (CLIP's logit_scale) is a constant unless a pattern names it
+        # exactly: a wildcard would also catch epsilons and fixed scales
+        named = [c for c in _scalars(traced, cands)
+                 if any(p in (c, traced.display(c)) for p in pats)]
+        chosen = [c for c in cands if any(hit(c, p) for p in pats)] + named
         for p in pats:
-            if not any(hit(c, p) for c in cands):
+            if not any(hit(c, p) for c in cands) and not any(p in (c, traced.display(c))
+                                                             for c in named):
                 shown = [traced.display(c) for c in cands]
                 raise ExportError(f"--trainable pattern '{p}' matches no parameter; parameters: "
                                   f"{', '.join(shown[:12])}{' …' if len(shown) > 12 else ''}")

@@ -223,3 +223,49 @@ def test_a_tensor_read_by_two_nodes_of_one_kind_is_named_at_export(tmp_path):
     r = _cli("train", tmp_path / "b", "--data", "digits", "--steps", 2, "--batch", 8,
              "--threads", 1, "--no-progress", "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_a_scalar_trains_only_when_named(tmp_path):
+    """A one-element float initializer of an ONNX file is a constant (an epsilon, a fixed
+    scale) unless ``--trainable`` names it exactly (CLIP's ``logit_scale``); a wildcard does not
+    catch it. Named, its gradient is the exact one (against numpy) and training moves it."""
+    from helpers import make_trainer
+
+    from runtime.trainer import ArrayBatch
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((10, 64)) * 0.1).astype(np.float32)
+    b = np.zeros(10, np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["z"], name="/head/Gemm", transB=1),
+         helper.make_node("Mul", ["z", "logit_scale"], ["logits"], name="/scale/Mul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+         numpy_helper.from_array(np.array(2.0, np.float32), "logit_scale")])
+    onnx_file = tmp_path / "clip_like.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(onnx_file))
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "wild", "--trainable", "*")
+    assert r.returncode == 0 and "2 trainable tensors" in r.stdout, (r.stdout, r.stderr)
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--trainable",
+             "w,b,logit_scale")
+    assert r.returncode == 0 and "3 trainable tensors" in r.stdout, (r.stdout, r.stderr)
+
+    tr = make_trainer(tmp_path / "b", mode="vanilla")
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    tr.gradients(ArrayBatch({"x": x}, y))
+    z = x @ w.T + b
+    p = np.exp(2.0 * z - (2.0 * z).max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(16), y] -= 1.0  # d loss / d logits × 16
+    want = float((p * z).sum() / 16)
+    got = float(np.asarray(tr._grads["logit_scale"]).reshape(-1)[0])
+    assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), (got, want)
+
+    r = _cli("train", tmp_path / "b", "--data", "digits", "--steps", 10, "--batch", 16,
+             "--lr", 0.05, "--threads", 1, "--no-progress", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-1500:]
+    scale = float(np.load(tmp_path / "run" / "params.npz")["logit_scale"])
+    assert np.isfinite(scale) and scale != 2.0, scale
