@@ -21,6 +21,7 @@ of them; the parts that stand alone live elsewhere (numpy calibration ``calibrat
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,6 +85,11 @@ class IndexBatch:
 
     def rows(self, start: int, stop: int):
         return self.data.take(self.idx[start:stop])
+
+
+def _labelled(y: np.ndarray, axis: int | None = None):
+    """How many labels count (``names.IGNORE_LABEL`` marks a token without one)."""
+    return (y != names.IGNORE_LABEL).sum(axis)
 
 
 def hits(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
@@ -506,7 +512,9 @@ class Trainer:
         self.last_count = count  # labels counted: samples, or tokens with a label
         return loss_sum, correct
 
+    @functools.cached_property
     def _per_token(self) -> bool:
+        """Labels [N, L]: the loss is a mean over the labelled tokens."""
         spec = self.bundle.manifest.loss
         return spec.kind == "cross_entropy" and len(spec.labels.shape) > 1
 
@@ -518,7 +526,7 @@ class Trainer:
         30 and 10 labelled tokens weighed the first's token mean 3/8 instead of 3/4."""
         n = len(batch)
         by_sample: list[float | None] = [(e - s) / n for s, e in parts]
-        if len(parts) < 2 or not self._per_token():
+        if len(parts) < 2 or not self._per_token:
             return by_sample
         if isinstance(batch, ArrayBatch):
             y = batch.y
@@ -526,7 +534,7 @@ class Trainer:
             y = batch.data.take_labels(batch.idx)
         else:
             y = np.concatenate([batch.rows(s, e)[1] for s, e in parts])
-        labelled = (np.asarray(y) != names.IGNORE_LABEL).reshape(n, -1).sum(1)
+        labelled = _labelled(np.asarray(y).reshape(n, -1), axis=1)
         total = int(labelled.sum())
         if total == 0:
             return by_sample  # no label at all: the step's loss is not a number either way
@@ -537,12 +545,15 @@ class Trainer:
                   bwd: dict[str, np.ndarray]) -> None:
         """Add one calibration micro-batch's Grams (by layer) to the window. The output-gradient
         Grams carry the loss scale ``weight``/``k`` per loss term, k the micro-batch's samples
-        (or labelled tokens, ``[N, L]`` labels): (k / weight)² undoes it."""
+        (or labelled tokens, ``[N, L]`` labels): (k / weight)² undoes it. A micro-batch with no
+        labelled token adds nothing (a mean over none is not a number)."""
         w = self.window
         m = len(y)
+        k = int(_labelled(y)) if self._per_token else m
+        if k == 0:
+            return
         for layer, g in fwd.items():
             w.gx[layer] += g
-        k = max(1, int((y != names.IGNORE_LABEL).sum())) if self._per_token() else m
         scale = (k / weight) ** 2
         for layer, g in bwd.items():
             w.gg[layer] += g * scale
@@ -736,8 +747,6 @@ class Trainer:
         del feeds
         # the calib backward's seed is 1: the output gradients carry 1/k (weight 1), k the
         # samples or labelled tokens the loss averages over
-        if self._per_token() and not (y != names.IGNORE_LABEL).any():
-            return  # a mean over no labelled token is not a number
         self.add_grams(1.0, y, fgrams, {ly: g.numpy() for ly, g in
                                         zip(io.bwd_grams, grams, strict=True)})
 

@@ -329,13 +329,16 @@ class NpzSource(Source):
             self._check_values(name, a, idx)
             x[name] = np.ascontiguousarray(a, dtype=self.out_dtypes[name])
             del a
-        return x, self.take_labels(idx)
+        return x, self._labels(f.fd, idx)
 
     def take_labels(self, idx: np.ndarray) -> np.ndarray:
         idx = self._rows(idx)
         f = self._npz.file
         f.check()
-        y = self.y.rows(f.fd, idx, self._where("y"))
+        return self._labels(f.fd, idx)
+
+    def _labels(self, fd: int, idx: np.ndarray) -> np.ndarray:
+        y = self.y.rows(fd, idx, self._where("y"))
         self._check_labels(y, idx)
         return np.ascontiguousarray(y, dtype=self.label_dtype)
 
