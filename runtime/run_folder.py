@@ -104,18 +104,14 @@ class RunFolder:
                 self._busy = False
                 if self._pending is not None:
                     self._stop(self._pending)
-            for folder in (p, p / "checkpoints"):
-                if folder.exists() and not folder.is_dir():
-                    raise UserError(f"cannot write checkpoints to '{folder}': it is a file; "
-                                    "remove it or pass another --out")
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    probe = folder / f".write-test.{os.getpid()}"
-                    probe.write_bytes(b"x")
-                    probe.unlink()
-                except OSError as exc:
-                    raise UserError(f"--out '{p}' is not writable ({exc.strerror or exc}); "
-                                    "pass another --out") from None
+            self._busy = True  # a signal waits: one between write and unlink left the probe
+            try:
+                for folder in (p, p / "checkpoints"):
+                    _check_writable(folder, p)
+            finally:
+                self._busy = False
+            if self._pending is not None:
+                self._stop(self._pending)
             # a resumed run without one gets it only once it ran (finish): a resume that fails
             # (a damaged checkpoint) leaves the folder as it was
             self._identity_due = not (p / "run.json").exists()
@@ -217,6 +213,21 @@ class RunFolder:
         print(f"interrupted by {signal.Signals(signum).name} before training began; {kept}",
               file=sys.stderr)
         raise StartupInterrupted(signum)
+
+
+def _check_writable(folder: Path, out: Path) -> None:
+    """Make ``folder`` and write and remove a probe file in it (UserError where that fails)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"cannot write checkpoints to '{folder}': it is a file; remove it or "
+                        "pass another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out '{out}' is not writable ({exc.strerror or exc}); pass another "
+                        "--out") from None
 
 
 def _json_object(path: Path) -> dict:
