@@ -98,19 +98,25 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class LossSpec:
-    kind: Literal["cross_entropy", "mse"]
+    # bce: binary cross-entropy on logits, a target in [0, 1] per output element (multi-label)
+    kind: Literal["cross_entropy", "mse", "bce"]
     labels: TensorSpec
     num_classes: int | None = field(default=None, metadata=check(ge=2, le=1 << 24))
+    # the output's class axis is 1 ([N, classes, d1, ...]: torch's dense-prediction layout,
+    # labels [N, d1, ...]) instead of the last one ([N, classes] or [N, L, classes])
+    classes_first: bool = False
 
     def validate(self) -> tuple[str, str] | None:
+        if self.classes_first and (self.kind != "cross_entropy" or len(self.labels.shape) < 2):
+            return "classes_first", "a class axis 1 needs cross_entropy labels [N, d1, ...]"
         if self.kind == "cross_entropy" and self.num_classes is None:
             return "num_classes", "cross_entropy needs num_classes"
         if self.kind == "cross_entropy" and self.labels.dtype != "int64":
             return "labels.dtype", f"cross_entropy labels are int64, got {self.labels.dtype}"
-        if self.kind == "mse" and self.num_classes is not None:
-            return "num_classes", "mse has no classes (a cross_entropy loss has them)"
-        if self.kind == "mse" and not self.labels.dtype.startswith("float"):
-            return "labels.dtype", f"mse labels are float32, got {self.labels.dtype}"
+        if self.kind != "cross_entropy" and self.num_classes is not None:
+            return "num_classes", f"{self.kind} has no classes (a cross_entropy loss has them)"
+        if self.kind != "cross_entropy" and not self.labels.dtype.startswith("float"):
+            return "labels.dtype", f"{self.kind} labels are float32, got {self.labels.dtype}"
         return None
 
 

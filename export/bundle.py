@@ -35,7 +35,6 @@ from contract import (
     InstantSpec,
     LayerInfo,
     Lookup,
-    LossSpec,
     Manifest,
     ParamSpec,
     PrefixSpec,
@@ -50,6 +49,7 @@ from contract.schema import load as load_typed
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
 from .layers import CompressedLayer, find_compressible_layers, mask_padding, share_activation_bases
+from .losses import append_loss
 from .shape_fold import check_free_batch
 from .tracing import example_arrays, load_model
 from .trainable import check_derived, select_trainable, selected_by
@@ -57,9 +57,20 @@ from .trainable import check_derived, select_trainable, selected_by
 __all__ = ["export_bundle", "select_trainable"]
 
 MIN_ORT = "1.17"
-LOSSES = ("cross_entropy", "mse")
 _EXTERNAL_MIN_BYTES = 1024
 LOOKUP_MIN_BYTES = 1 << 20  # frozen embedding tables this large are read by the runtime
+
+
+def _example_labels(npz: str | None) -> list[int] | None:
+    """The shape of the example ``.npz``'s ``y`` (None: no such array): tells a per-position
+    output's class axis (export/losses.py)."""
+    if not npz:
+        return None
+    try:
+        with np.load(npz, allow_pickle=False) as data:
+            return list(data["y"].shape) if "y" in data.files else None
+    except (OSError, ValueError):
+        return None  # _example_inputs says what is wrong with the file
 
 
 def _example_inputs(input_shape: str | None,
@@ -74,45 +85,6 @@ def _example_inputs(input_shape: str | None,
     if input_shape:
         return example_arrays(input_shape)
     return None
-
-
-def _append_loss(model: onnx.ModelProto, output: str, loss: str,
-                 shapes: Shapes) -> LossSpec:
-    g = model.graph
-    out_shape = shapes.of(output)
-    if loss == "cross_entropy":
-        if len(out_shape) not in (2, 3) or not isinstance(out_shape[-1], int):
-            raise ExportError(f"cross_entropy needs a [N, classes] output, or [N, L, classes] "
-                              f"for a class per token; '{output}' has shape {out_shape}. Use "
-                              "--loss mse for other outputs")
-        scores, label_dims, extra = output, ["N"], {}
-        if len(out_shape) == 3:  # per token: labels [N, L], IGNORE_LABEL where there is none
-            scores = "loss/scores"
-            g.node.append(helper.make_node("Transpose", [output], [scores], perm=[0, 2, 1],
-                                           name="loss/Transpose"))
-            label_dims = ["N", out_shape[1] if isinstance(out_shape[1], int) else "L"]
-            extra = {"ignore_index": names.IGNORE_LABEL}
-        g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.INT64,
-                                                     label_dims))
-        g.node.append(helper.make_node("SoftmaxCrossEntropyLoss", [scores, names.LABELS],
-                                       [names.LOSS], name="loss/SoftmaxCrossEntropyLoss",
-                                       reduction="mean", **extra))
-        info = LossSpec("cross_entropy", TensorSpec(names.LABELS, label_dims, "int64"),
-                        int(out_shape[-1]))
-    elif loss == "mse":
-        dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
-        g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.FLOAT, dims))
-        g.node.append(helper.make_node("Sub", [output, names.LABELS], ["loss/diff"],
-                                       name="loss/Sub"))
-        g.node.append(helper.make_node("Mul", ["loss/diff", "loss/diff"], ["loss/sq"],
-                                       name="loss/Mul"))
-        g.node.append(helper.make_node("ReduceMean", ["loss/sq"], [names.LOSS], name="loss/Mean",
-                                       keepdims=0))
-        info = LossSpec("mse", TensorSpec(names.LABELS, dims, "float32"))
-    else:
-        raise ExportError(f"unknown loss '{loss}'; supported: {', '.join(LOSSES)}")
-    g.output.insert(0, helper.make_tensor_value_info(names.LOSS, TensorProto.FLOAT, []))
-    return info
 
 
 def _params_as_inputs(model: onnx.ModelProto, params: list[str]) -> dict[str, np.ndarray]:
@@ -347,7 +319,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     lookups = _split_lookups(base, set(traced.inputs), weights)
     infer = copy.deepcopy(base)
     fwd = copy.deepcopy(base)
-    loss_spec = _append_loss(fwd, output, loss, Shapes(fwd))
+    loss_spec = append_loss(fwd, output, loss, Shapes(fwd), labels=_example_labels(npz))
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
@@ -398,7 +370,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             lookups=lookups, weights=weights, tokenizer=out / text.tokenizer,
             torch_names=torch_names, exclude=instant_exclude,
             steps={"dynamic_batch": _dynamic_batch, "params_as_inputs": _params_as_inputs,
-                   "split_lookups": _split_lookups, "append_loss": _append_loss})
+                   "split_lookups": _split_lookups, "append_loss": append_loss})
         text = dataclasses.replace(text, lengths=[lg.length for lg in shorter])
     elif layers:  # no tokenizer, or a model the tokenizer check left fixed-length
         from .padding import padding_mask

@@ -38,6 +38,7 @@ from .param_names import (
 )
 from .recurrent import lower_traced
 from .shape_fold import annotate_measured_shapes, fold_shape_operands
+from .symbolics import register as register_symbolics
 
 __all__ = ["Traced", "any_length", "at_length", "example_arrays", "load_model",
            "parse_input_shapes"]
@@ -280,6 +281,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
 
     def export() -> onnx.ModelProto:
         buf = io.BytesIO()
+        register_symbolics()  # ops torch refuses at opset 17 (RMSNorm, Threshold)
         with warnings.catch_warnings(), _output_discarded():  # torch's C++ side logs its IR
             warnings.simplefilter("ignore")                   # graph on failure
             torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,

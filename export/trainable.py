@@ -14,21 +14,40 @@ from .tracing import Traced
 __all__ = ["check_derived", "select_trainable", "selected_by"]
 
 
+# float inputs that are settings, not data: a tensor read only here is no parameter (a
+# dynamo file's Resize scales were a "trainable" 4-float tensor, and its export failed with
+# "must be a constant")
+_SETTINGS = {"Resize": {1, 2, 3}, "Upsample": {1}, "Clip": {1, 2}, "Dropout": {1, 2},
+             "Range": {0, 1, 2}, "ConstantOfShape": {0}}
+
+
+def _settings_only(g) -> set[str]:
+    """Tensors that every node reading them reads at a settings position (``_SETTINGS``)."""
+    setting, data = set(), set()
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            (setting if i in _SETTINGS.get(n.op_type, ()) else data).add(name)
+    return setting - data
+
+
 def _candidate_params(traced: Traced) -> list[str]:
     g = traced.model.graph
     used = []
+    settings = _settings_only(g)
     bn_stats = {n.input[i] for n in g.node if n.op_type == "BatchNormalization"
                 for i in (3, 4) if len(n.input) > i}
     inits = {i.name: i for i in g.initializer}
     group_norm_consts = _group_norm_constants(g, inits)
     roles = {n.input[i] for n in g.node for i in range(len(n.input))
-             if (n.op_type, i) in (("Gemm", 2), ("Conv", 2), ("ConvTranspose", 2))}
+             if (n.op_type, i) in (("Gemm", 2), ("Conv", 2), ("ConvTranspose", 2),
+                                   ("PRelu", 1))}  # a one-element slope is still a parameter
     order = {}
     for k, n in enumerate(g.node):
         for i in n.input:
             order.setdefault(i, k)
     for init in g.initializer:
-        if init.data_type != TensorProto.FLOAT or init.name in bn_stats | group_norm_consts:
+        if (init.data_type != TensorProto.FLOAT or init.name in bn_stats | group_norm_consts
+                or init.name in settings):
             continue
         if traced.from_torch and init.name not in traced.torch_names:
             continue  # a torch buffer or a folded constant, not a parameter

@@ -71,7 +71,9 @@ class Bundle:
 
     @property
     def classification(self) -> bool:
-        return self.manifest.loss.kind == "cross_entropy"
+        """Whether runs report an accuracy: a class per sample/token/pixel, or yes/no per
+        output element (``bce``)."""
+        return self.manifest.loss.kind in ("cross_entropy", "bce")
 
     def io(self, mode: str):
         return self.manifest.io[mode]

@@ -136,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--npz", help="example inputs from an .npz (one array per input)")
     e.add_argument("--trainable", default="all",
                    help="all | last:N (last N top-level children) | comma-separated globs")
-    e.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
+    e.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse", "bce"],
+                   help="cross_entropy: a class per sample, token or pixel; mse: regression; "
+                        "bce: binary cross-entropy on logits, a 0/1 target per output "
+                        "element (multi-label or one-logit binary classification)")
     e.add_argument("--instant-exclude", default=None,
                    help="comma-separated globs of layers INSTANT leaves exact (default: the "
                         "classifier head); 'none' compresses every eligible layer")

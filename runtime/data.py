@@ -268,6 +268,9 @@ def _check_labels(bundle: Bundle, y: np.ndarray, where: str) -> None:
                             f"found values from {y.min()} to {y.max()}")
     elif not np.isfinite(y).all():
         raise UserError(f"{where}: labels contain NaN or inf values")
+    elif loss.kind == "bce" and y.size and (y.min() < 0 or y.max() > 1):
+        raise UserError(f"{where}: binary cross-entropy (--loss bce) takes targets in [0, 1]; "
+                        f"found values from {y.min()} to {y.max()}")
 
 
 def _cast(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, inputs: bool = True):

@@ -69,9 +69,9 @@ class Resident:
         loss = float(outs[names.LOSS].numpy())
         correct = (0, len(y))
         if tr.bundle.classification and tr.bundle.output in outs:
-            from .trainer import hits
+            from .trainer import score
 
-            correct = hits(outs[tr.bundle.output].numpy(), y)
+            correct = score(outs[tr.bundle.output].numpy(), y, tr.bundle.manifest.loss)
         outs[io.loss_scale] = ort.OrtValue.ortvalue_from_numpy(np.array(weight, np.float32))
         outs.update((io.grad_acc[p], self.grads[p]) for p in tr.params)
         bb = bwd.io_binding()

@@ -92,14 +92,28 @@ def _labelled(y: np.ndarray, axis: int | None = None):
     return (y != names.IGNORE_LABEL).sum(axis)
 
 
+def classes_last(logits: np.ndarray, loss) -> np.ndarray:
+    """``logits`` with the class axis last (a ``classes_first`` output is [N, classes, ...])."""
+    return np.moveaxis(logits, 1, -1) if loss.classes_first else logits
+
+
 def hits(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
-    """(correct predictions, labels counted): one label per sample, or per token where the
-    labels are [N, L] (``names.IGNORE_LABEL`` positions not counted)."""
+    """(correct predictions, labels counted): one label per sample, or per token (pixel) where
+    the labels are [N, L] ([N, H, W]) (``names.IGNORE_LABEL`` positions not counted); the
+    class axis is the last (:func:`classes_last`)."""
     right = logits.argmax(-1) == y
     if y.ndim < 2:
         return int(right.sum()), int(y.shape[0])
     keep = y != names.IGNORE_LABEL
     return int((right & keep).sum()), int(keep.sum())
+
+
+def score(logits: np.ndarray, y: np.ndarray, loss) -> tuple[int, int]:
+    """(correct, counted) for a classification loss: :func:`hits` for cross-entropy; for
+    ``bce`` each output element is a yes/no prediction (logit > 0) of its target (>= 0.5)."""
+    if loss.kind == "bce":
+        return int(((logits > 0) == (y >= 0.5)).sum()), int(y.size)
+    return hits(classes_last(logits, loss), y)
 
 
 @dataclass
@@ -589,7 +603,7 @@ class Trainer:
         loss = float(extra[names.LOSS].numpy())
         correct = (0, len(y))
         if self.bundle.classification and self.bundle.output in extra:
-            correct = hits(extra[self.bundle.output].numpy(), y)
+            correct = score(extra[self.bundle.output].numpy(), y, self.bundle.manifest.loss)
         extra[io.loss_scale] = _ov(np.array(weight, np.float32))
         extra.update((io.grad_acc[p], self._grad_ov[p]) for p in self.params)
         binding = bwd.io_binding()
@@ -795,7 +809,8 @@ class Trainer:
         micro = batch or self.plan.eval_micro_batch or 256
         if self.plan.eval_micro_batch:
             micro = min(micro, self.plan.eval_micro_batch)
-        ce = self.bundle.classification
+        spec = self.bundle.manifest.loss
+        ce = spec.kind == "cross_entropy"
         text = self.bundle.manifest.text
         lengths = self._lengths(data, micro) if trim and text and text.any_length else None
         order = np.argsort(-lengths, kind="stable") if lengths is not None else None
@@ -813,7 +828,13 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001
                     raise self._run_error(exc, "evaluation") from None
                 logits = logits.astype(np.float64, copy=False)
-                if ce:
+                if spec.kind == "bce":  # softplus(z) - z·y, per sample the mean of its terms
+                    terms = np.logaddexp(0.0, logits) - logits * y
+                    total += float(terms.reshape(len(y), -1).mean(1).sum())
+                    c, k = score(logits, y, spec)
+                    correct, counted = correct + c, counted + k
+                elif ce:
+                    logits = classes_last(logits, spec)
                     z = logits - logits.max(-1, keepdims=True)
                     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
                     keep = y != names.IGNORE_LABEL if y.ndim > 1 else np.ones(y.shape, bool)
@@ -827,6 +848,8 @@ class Trainer:
             self.shared.release()
         if ce:  # per label: per sample, or per token with a label
             return total / max(counted, 1), (correct / counted if counted else None)
+        if spec.kind == "bce":
+            return total / max(n, 1), (correct / counted if counted else None)
         return total / max(n, 1), None
 
     def _lengths(self, data, micro: int) -> np.ndarray | None:

@@ -114,6 +114,8 @@ case("Erf", "gelu_erf", "s = Constant <value = float {1.4142135}> ()\n"
      lambda x: F.gelu(x), {"x": rnd(2, 3, 4)}, ["x"])
 case("Gelu", "opset20", "y = Gelu(x)", lambda x: F.gelu(x), {"x": rnd(2, 3, 4)}, ["x"],
      opset=20)
+case("Gelu", "tanh_opset20", "y = Gelu <approximate = \"tanh\"> (x)",
+     lambda x: F.gelu(x, approximate="tanh"), {"x": 3 * rnd(2, 3, 4)}, ["x"], opset=20)
 case("Sqrt", "positive", "y = Sqrt(x)", torch.sqrt, {"x": pos(2, 3)}, ["x"])
 case("Pow", "square_constant", "y = Pow(x, p)", lambda x: x ** 2, {"x": rnd(2, 3)}, ["x"],
      consts={"p": np.array(2.0, np.float32)})

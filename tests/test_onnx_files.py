@@ -269,3 +269,59 @@ def test_a_scalar_trains_only_when_named(tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     scale = float(np.load(tmp_path / "run" / "params.npz")["logit_scale"])
     assert np.isfinite(scale) and scale != 2.0, scale
+
+
+def test_settings_tensors_are_constants_and_a_scalar_slope_trains(tmp_path):
+    """In an ONNX file (dynamo writes these), a float tensor read only as a setting (Resize
+    scales) is no parameter (was: it "trained", and the export failed with "must be a
+    constant"), while PRelu's one-element slope is one by its role, with torch's gradient."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import make_trainer
+
+    from runtime.bundle import open_bundle
+    from runtime.trainer import ArrayBatch
+
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((4, 2, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((6, 4, 1, 1)) * 0.3).astype(np.float32)
+    wh = (rng.standard_normal((3, 6)) * 0.3).astype(np.float32)
+    inits = {"w1": w1, "slope": np.full((1, 1, 1), 0.25, np.float32),
+             "scales": np.array([1, 1, 2, 2], np.float32), "w2": w2, "wh": wh,
+             "bh": np.zeros(3, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="/c1/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("PRelu", ["c", "slope"], ["p"], name="/act/PRelu"),
+             helper.make_node("Resize", ["p", "", "scales"], ["r"], name="/up/Resize",
+                              mode="linear", coordinate_transformation_mode="half_pixel"),
+             helper.make_node("Conv", ["r", "w2"], ["c2"], name="/c2/Conv"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["g"], name="/pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="/flat"),
+             helper.make_node("Gemm", ["f", "wh", "bh"], ["logits"], name="/head/Gemm",
+                              transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx_file = tmp_path / "upsampler.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(onnx_file))
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in open_bundle(tmp_path / "b").params] == ["w1", "slope", "w2", "wh",
+                                                                    "bh"]
+
+    x = rng.standard_normal((5, 2, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 5)
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=k != "scales")
+         for k, v in inits.items()}
+    h = F.prelu(F.conv2d(torch.tensor(x, dtype=torch.float64), t["w1"], padding=1),
+                t["slope"].reshape(1))
+    h = F.conv2d(F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False), t["w2"])
+    loss = F.cross_entropy(h.mean((2, 3)) @ t["wh"].T + t["bh"], torch.tensor(y))
+    loss.backward()
+    tr = make_trainer(tmp_path / "b", mode="vanilla")
+    got, _ = tr.gradients(ArrayBatch({"x": x}, y))
+    assert abs(got - loss.item()) <= 1e-5, (got, loss.item())
+    for k in ("w1", "slope", "w2", "wh", "bh"):
+        np.testing.assert_allclose(tr._grads[k], t[k].grad.numpy(), rtol=1e-3, atol=1e-6,
+                                   err_msg=k)

@@ -10,6 +10,7 @@ exact one (STYLE.md 8).
 from __future__ import annotations
 
 import importlib.util
+import re
 import textwrap
 from pathlib import Path
 
@@ -336,6 +337,50 @@ MODELS = textwrap.dedent('''
     def effnet_zero_pad():
         torch.manual_seed(0)
         return TinyEfficientNet(zero_pad=True)
+
+
+    class LlamaBlock(nn.Module):
+        """LLaMA-style: RMSNorm (torch's exporter has no opset-17 translation: ours,
+        export/symbolics.py), causal SDPA, a SwiGLU MLP, and a Threshold before the head."""
+
+        def __init__(self, d=16, heads=2, ffn=24):
+            super().__init__()
+            self.heads = heads
+            self.n1, self.n2 = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d)  # default eps: None
+            self.qkv, self.o = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+            self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+            self.down = nn.Linear(ffn, d, bias=False)
+            self.thr = nn.Threshold(0.1, -0.5)
+            self.head = nn.Linear(d, 3)
+
+        def forward(self, x):
+            n, length, d = x.shape
+            q, k, v = (t.reshape(n, length, self.heads, -1).transpose(1, 2)
+                       for t in self.qkv(self.n1(x)).chunk(3, dim=-1))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.o(a.transpose(1, 2).reshape(n, length, d))
+            y = self.n2(x)
+            x = x + self.down(F.silu(self.gate(y)) * self.up(y))
+            return self.head(self.thr(F.rms_norm(x, (d,))).mean(1))
+
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaBlock()
+
+
+    def tagger1d():
+        """A class per time step from a Conv1d: [N, 3, L] logits (torch's layout)."""
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 1),
+                             nn.ReLU(), nn.Conv1d(8, 3, 1))
+
+
+    def segmenter():
+        """A class per pixel: [N, 3, H, W] logits (torch's dense layout)."""
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                             nn.ReLU(), nn.Conv2d(8, 3, 1))
 ''')
 
 
@@ -651,3 +696,94 @@ def test_grouped_query_attention_with_repeat_interleave(models_file: Path, tmp_p
     layers = open_bundle(bundle).layers
     assert len({ly.p_input for ly in layers if ly.name in ("q", "k", "v")}) == 1, layers
     check_bundle_grads(models_file, "gqa", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_rms_norm_and_threshold_export_and_match_torch(models_file: Path, tmp_path: Path):
+    """nn.RMSNorm (with and without a weight, eps given and default), F.rms_norm and
+    nn.Threshold export (torch has no opset-17 translation; was: "cannot export ... aten::
+    rms_norm") and both modes give torch's loss and gradients, weights of the norms included."""
+    rng = np.random.default_rng(1)
+    x = {"x": rng.standard_normal((4, 6, 16)).astype(np.float32)}
+    labels = np.array([0, 1, 2, 1])
+    bundle = export_bundle(f"{models_file}:llama", tmp_path / "bundle", input_shape="4,6,16")
+    b = open_bundle(bundle)
+    assert {"n1.weight", "n2.weight"} <= {p.torch_name for p in b.params}
+    assert {"qkv", "o", "gate", "up", "down"} <= {ly.name for ly in b.layers}
+    check_bundle_grads(models_file, "llama", bundle, x, labels, ("vanilla", "instant"))
+
+
+def _pixels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 1, 8, 8] images and [n, 8, 8] labels: each pixel's brightness third (learnable), a
+    few pixels without a label (-100, torch's ignore_index)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 1, 8, 8), dtype=np.float32)
+    y = np.digitize(x[:, 0], [1 / 3, 2 / 3]).astype(np.int64)
+    y[rng.random(y.shape) < 0.1] = -100
+    return x, y
+
+
+def test_a_class_per_pixel_trains_like_torch(models_file: Path, tmp_path: Path, cli):
+    """Cross-entropy on an [N, classes, H, W] output with [N, H, W] labels (was: "needs a
+    [N, classes] output"): torch's loss and gradients with ignored pixels, the same gradient
+    at any micro-batch (each weighs in by its labelled pixels), and a CLI run that learns,
+    with held-out accuracy per labelled pixel; labels of the wrong shape are one error."""
+    from helpers import make_trainer
+
+    x, y = _pixels(6, 0)
+    y[2] = -100  # an image without any label
+    bundle = export_bundle(f"{models_file}:segmenter", tmp_path / "bundle", input_shape="6,1,8,8")
+    loss = open_bundle(bundle).manifest.loss
+    assert (loss.classes_first, loss.num_classes, loss.labels.shape) == (True, 3, ["N", 8, 8])
+    check_bundle_grads(models_file, "segmenter", bundle, {"input": x}, y, ("vanilla", "instant"))
+    whole = make_trainer(bundle, mode="vanilla")
+    ref_loss, _ = whole.gradients(ArrayBatch({"input": x}, y))
+    ref = {p: g.copy() for p, g in whole._grads.items()}
+    for micro in (2, 4):
+        tr = make_trainer(bundle, mode="vanilla", micro_batch=micro)
+        got_loss, _ = tr.gradients(ArrayBatch({"input": x}, y))
+        assert abs(got_loss - ref_loss) <= 1e-5 * ref_loss, (micro, got_loss, ref_loss)
+        for p, g in ref.items():
+            np.testing.assert_allclose(tr._grads[p], g, rtol=1e-4, atol=1e-7, err_msg=p)
+
+    train, val = _pixels(256, 1), _pixels(128, 2)
+    np.savez(tmp_path / "train.npz", x=train[0], y=train[1])
+    np.savez(tmp_path / "val.npz", x=val[0], y=val[1])
+    out = cli("train", bundle, "--data", tmp_path / "train.npz", "--val", tmp_path / "val.npz",
+              "--steps", 60, "--batch", 32, "--micro-batch", 12, "--optimizer", "adamw",
+              "--lr", "0.02", "--no-progress", "--out", tmp_path / "run")
+    assert out.returncode == 0, out.stderr
+    m = re.search(r"^held-out accuracy (\S+) \(before (\S+)\)", out.stdout, re.MULTILINE)
+    assert m and float(m[1]) > 0.8 and float(m[1]) > float(m[2]) + 0.3, out.stdout
+    ev = cli("eval", bundle, "--data", tmp_path / "val.npz", "--weights",
+             tmp_path / "run" / "params.npz")
+    assert ev.returncode == 0 and f"accuracy {m[1]}" in ev.stdout, (ev.stdout, ev.stderr)
+
+    np.savez(tmp_path / "flat.npz", x=train[0], y=np.zeros(256, np.int64))
+    bad = cli("train", bundle, "--data", tmp_path / "flat.npz", "--steps", 1)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "must be a [N, 8, 8] (a class per pixel) integer array" in bad.stderr, bad.stderr
+    from PIL import Image
+    for c in "abc":  # an image folder has a class per image
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / c / "0.png")
+    bad = cli("train", bundle, "--data", tmp_path / "imgs", "--steps", 1)
+    assert bad.returncode == 2 and "one class per image" in bad.stderr, bad.stderr
+
+
+def test_a_class_per_time_step_of_a_conv1d_reads_the_class_axis_from_the_labels(
+        models_file: Path, tmp_path: Path):
+    """A rank-3 output is [N, L, classes] (a token tagger) unless the example .npz's labels say
+    [N, classes, L]: y [N, L] matching axis 2 (a Conv1d tagger); then torch's loss and
+    gradients, ignored steps included."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 2, 10)).astype(np.float32)
+    y = rng.integers(0, 3, (5, 10))
+    y[1, 4:] = -100
+    np.savez(tmp_path / "ex.npz", input=x, y=y)
+    bundle = export_bundle(f"{models_file}:tagger1d", tmp_path / "b", npz=str(tmp_path / "ex.npz"))
+    loss = open_bundle(bundle).manifest.loss
+    assert (loss.classes_first, loss.num_classes, loss.labels.shape) == (True, 3, ["N", 10])
+    check_bundle_grads(models_file, "tagger1d", bundle, {"input": x}, y, ("vanilla", "instant"))
+    plain = export_bundle(f"{models_file}:tagger1d", tmp_path / "p", input_shape="5,2,10")
+    loss = open_bundle(plain).manifest.loss  # no labels to tell: the token tagger's layout
+    assert (loss.classes_first, loss.num_classes, loss.labels.shape) == (False, 10, ["N", 3])

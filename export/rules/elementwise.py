@@ -93,11 +93,25 @@ def clip_grad(ctx, node, gy):
 @RULES.gradient("Gelu")
 def gelu_grad(ctx, node, gy):
     """Exact (erf) GELU: g · (Φ(x) + x·φ(x)), recomputed from the saved input alone. The rule of
-    the opset-20 Gelu op, and of torch's five-op form (see the ``gelu_fusion`` hint pass)."""
-    if attrs(node).get("approximate", "none") != "none":
-        raise ExportError(f"Gelu '{node.name}': only approximate='none' is supported")
+    the opset-20 Gelu op, and of torch's five-op form (see the ``gelu_fusion`` hint pass).
+    ``approximate='tanh'``: y = x/2 · (1 + tanh(u)), u = √(2/π)(x + 0.044715x³), so
+    dy/dx = (1 + t)/2 + x/2 · (1 − t²) · √(2/π)(1 + 3·0.044715x²), t = tanh(u)."""
+    approx = attrs(node).get("approximate", "none")
+    if approx not in ("none", "tanh"):
+        raise ExportError(f"Gelu '{node.name}': approximate='{approx}' is not an ONNX mode "
+                          "(none or tanh)")
     b = ctx.bwd
     x = saved(ctx, node.input[0])  # exact, or int8 in the compressed variant
+    if approx == "tanh":
+        k, c = float(np.sqrt(2.0 / np.pi)), 0.044715
+        x2 = b.op("Mul", [x, x])
+        t = b.op("Tanh", [b.op("Mul", [x, b.op("Mul", [b.op("Add", [b.op(
+            "Mul", [x2, b.const(c)]), b.const(1.0)]), b.const(k)])])])
+        du = b.op("Mul", [b.op("Add", [b.op("Mul", [x2, b.const(3 * c)]), b.const(1.0)]),
+                          b.const(k)])
+        one_t = b.op("Sub", [b.const(1.0), b.op("Mul", [t, t])])
+        d = b.op("Add", [b.op("Add", [t, b.const(1.0)]), b.op("Mul", [x, b.op("Mul", [one_t, du])])])
+        return [b.op("Mul", [gy[0], b.op("Mul", [d, b.const(0.5)])])]
     cdf = b.op("Mul", [b.op("Add", [b.op("Erf", [b.op("Div", [x, b.const(float(np.sqrt(2.0)))])]),
                                     b.const(1.0)]), b.const(0.5)])
     pdf = b.op("Mul", [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5)])]),

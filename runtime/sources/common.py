@@ -220,8 +220,9 @@ class _Labels:
     the stable order in :meth:`finish`; or ids from a given ``class_names`` list."""
 
     def __init__(self, where: str, column: str, class_names: list[str] | None,
-                 num_classes: int | None, regression: bool) -> None:
+                 num_classes: int | None, regression: bool, unit: bool = False) -> None:
         self.where, self.column = where, column
+        self.unit = unit  # targets of a binary cross-entropy: in [0, 1]
         self.num_classes, self.regression = num_classes, regression
         self.given: dict[str, int] | None = None
         if class_names is not None and not regression:
@@ -243,6 +244,8 @@ class _Labels:
                 return "label is not a number"
             if not math.isfinite(v) or abs(v) > ABSURD:
                 return "label is not finite"
+            if self.unit and not 0.0 <= v <= 1.0:
+                return "label is outside [0, 1] (binary cross-entropy)"
             self.ids.append(v)
             return None
         if self.given is not None:

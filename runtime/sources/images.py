@@ -46,6 +46,10 @@ class ImageSource(Source):
         if loss.kind != "cross_entropy":
             raise UserError(f"{self.root}: an image folder gives class labels (one sub-folder per "
                             f"class); this model's loss is {loss.kind}; use an .npz with targets")
+        if len(loss.labels.shape) > 1:
+            raise UserError(f"{self.root}: an image folder gives one class per image; this "
+                            f"model takes labels {loss.labels.shape} (a class per pixel or "
+                            "token); use an .npz with x and y of that shape")
         if image.channels not in _MODES:
             raise UserError(f"image models with {image.channels} channels are not supported")
         self.spec = image

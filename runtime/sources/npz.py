@@ -243,7 +243,8 @@ class NpzSource(Source):
             if (self.y.ndim != len(want) or self.y.dtype.kind not in "iu"
                     or any(isinstance(w, int) and w != d
                            for w, d in zip(want[1:], self.y.shape[1:], strict=True))):
-                shape = "1-D" if len(want) == 1 else f"[N, {want[1]}] (a class per token)"
+                shape = ("1-D" if len(want) == 1 else f"[N, {', '.join(map(str, want[1:]))}]"
+                         + (" (a class per token)" if len(want) == 2 else " (a class per pixel)"))
                 raise UserError(f"{self._where('y')} must be a {shape} integer array of class "
                                 f"ids; got {self.y.dtype} shape {list(self.y.shape)}")
         else:
@@ -252,7 +253,7 @@ class NpzSource(Source):
             if self.y.ndim != len(self.loss.labels.shape) or any(
                     isinstance(w, int) and w != g for w, g in zip(want, got, strict=True)):
                 raise UserError(f"{self._where('y')} has sample shape {got}; the model's targets "
-                                f"are {want}")
+                                f"are {want}: save y with shape {['N', *want]}")
             if self.y.dtype.kind not in "fiu":
                 raise UserError(f"{self._where('y')} has dtype {self.y.dtype}; targets must be "
                                 "numbers")
@@ -318,6 +319,11 @@ class NpzSource(Source):
                                                       if y.ndim > 1 else ""))
         else:
             self._check_values("y", y, idx)
+            if self.loss.kind == "bce" and ((y < 0) | (y > 1)).any():
+                bad = idx[((y < 0) | (y > 1)).reshape(len(y), -1).any(axis=1)]
+                raise UserError(f"{self._where('y')} has a target outside [0, 1] (row "
+                                f"{int(bad[0])}); binary cross-entropy (--loss bce) takes 0/1 "
+                                "targets or probabilities")
 
     def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
         idx = self._rows(idx)

@@ -90,7 +90,8 @@ class TextSource(Source):
         self._file = _File(self.path)
         self._col = 0  # text column index (csv/tsv)
         labels = _Labels(str(self.path), f"{'column' if self.kind != 'jsonl' else 'field'} "
-                         f"'{label_column}'", class_names, loss.num_classes, regression)
+                         f"'{label_column}'", class_names, loss.num_classes, regression,
+                         unit=loss.kind == "bce")
         starts, lengths, rows = self._index(labels)
         # views of the arrays the index pass filled (no copy: that would double the peak)
         self.offsets = np.frombuffer(starts, np.int64)

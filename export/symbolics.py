@@ -1,0 +1,55 @@
+"""ONNX translations for torch ops that the TorchScript exporter refuses at our opset.
+
+``torch.onnx.export(dynamo=False)`` at opset 17 has no translation for a few ops that small
+modern models use: ``nn.RMSNorm`` / ``F.rms_norm`` (LLaMA-style blocks; ONNX has no RMS op below
+opset 23) and ``nn.Threshold`` / ``F.threshold``. Rather than asking the user to rewrite the
+model, the exporter translates them into standard opset-17 ops that the autodiff
+(export/autodiff.py) already differentiates:
+
+- ``rms_norm(x, shape, w, eps)`` -> ``x / Sqrt(ReduceMean(x*x, last axes) + eps) * w`` (eps
+  None: the float32 machine epsilon, as torch does);
+- ``threshold(x, t, v)`` -> ``Where(x > t, x, v)``.
+
+The graphs then compute what torch computes (a test compares outputs and gradients). The
+registration is global to the exporting process and idempotent; the device side never imports
+this module.
+"""
+
+from __future__ import annotations
+
+__all__ = ["register"]
+
+_done = False
+
+
+def register() -> None:
+    """Register the translations with torch's TorchScript exporter (once per process)."""
+    global _done
+    if _done:
+        return
+    import torch
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx import symbolic_helper as sh
+
+    def const(g, value: float):
+        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
+
+    def rms_norm(g, x, normalized_shape, weight, eps):
+        # only how many trailing axes it names counts (a shape read from x.shape is traced)
+        dims = (sh._unpack_list(normalized_shape) if sh._is_packed_list(normalized_shape)
+                else sh._get_const(normalized_shape, "is", "normalized_shape"))
+        e = (torch.finfo(torch.float32).eps if sh._is_none(eps)
+             else float(sh._get_const(eps, "f", "eps")))
+        mean_sq = g.op("ReduceMean", g.op("Mul", x, x), axes_i=list(range(-len(dims), 0)),
+                       keepdims_i=1)
+        y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_sq, const(g, e))))
+        return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+    def threshold(g, x, limit, value):
+        t = float(sh._get_const(limit, "f", "threshold"))
+        v = float(sh._get_const(value, "f", "value"))
+        return g.op("Where", g.op("Greater", x, const(g, t)), x, const(g, v))
+
+    for name, fn in (("aten::rms_norm", rms_norm), ("aten::threshold", threshold)):
+        register_custom_op_symbolic(name, fn, 17)
+    _done = True
