@@ -211,10 +211,13 @@ def lower_recurrent(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def lower_traced(traced: Traced) -> Traced:
-    """GRU/LSTM nodes unrolled (``export/recurrent.py``); a torch model's recurrent weights
+    """GRU/LSTM nodes unrolled (``export/recurrent.py``), opset 23's ``Attention`` lowered
+    (``export/attention.py``); a torch model's recurrent weights
     then train in ONNX's layout as ``<module>.<node>.W`` / ``.R`` / ``.B`` / ``.P``."""
+    from .attention import lower_attention
     from .layers import module_path
 
+    lower_attention(traced.model)  # opset 23's Attention as MatMul/Softmax (export/attention.py)
     done = lower_recurrent(traced.model)
     if not done or not traced.from_torch:
         return traced

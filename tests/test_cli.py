@@ -723,6 +723,9 @@ def test_binary_cross_entropy_trains_multi_label_targets(cli, tmp_path):
     assert s["acc"] > 0.9 and s["acc"] > s["acc_before"] + 0.2, out
     assert s["test_loss"] < 0.3, out
 
+    np.savez(tmp_path / "yes_no.npz", x=train[0], y=train[1] > 0.5)  # bool targets are 0/1
+    ok(cli("train", tmp_path / "b", "--data", tmp_path / "yes_no.npz", "--steps", 2,
+           "--no-progress", "--out", tmp_path / "run_bool"))
     np.savez(tmp_path / "bad.npz", x=train[0], y=train[1] * 2)
     user_error(cli("train", tmp_path / "b", "--data", tmp_path / "bad.npz", "--steps", 1),
                "outside [0, 1]", "--loss bce")

@@ -114,6 +114,12 @@ case("Erf", "gelu_erf", "s = Constant <value = float {1.4142135}> ()\n"
      lambda x: F.gelu(x), {"x": rnd(2, 3, 4)}, ["x"])
 case("Gelu", "opset20", "y = Gelu(x)", lambda x: F.gelu(x), {"x": rnd(2, 3, 4)}, ["x"],
      opset=20)
+case("RMSNormalization", "opset23", "y = RMSNormalization <axis = -1, epsilon = 0.001> (x, s)",
+     lambda x, s: F.rms_norm(x, (4,), s, eps=1e-3), {"x": rnd(2, 3, 4), "s": rnd(4)}, ["x", "s"],
+     opset=23)
+case("RMSNormalization", "two_axes", "y = RMSNormalization <axis = 1> (x, s)",
+     lambda x, s: F.rms_norm(x, (3, 4), s, eps=1e-5), {"x": rnd(2, 3, 4), "s": rnd(3, 4)},
+     ["x", "s"], opset=23)
 case("Gelu", "tanh_opset20", "y = Gelu <approximate = \"tanh\"> (x)",
      lambda x: F.gelu(x, approximate="tanh"), {"x": 3 * rnd(2, 3, 4)}, ["x"], opset=20)
 case("Sqrt", "positive", "y = Sqrt(x)", torch.sqrt, {"x": pos(2, 3)}, ["x"])

@@ -325,3 +325,100 @@ def test_settings_tensors_are_constants_and_a_scalar_slope_trains(tmp_path):
     for k in ("w1", "slope", "w2", "wh", "bh"):
         np.testing.assert_allclose(tr._grads[k], t[k].grad.numpy(), rtol=1e-3, atol=1e-6,
                                    err_msg=k)
+
+
+def _attention_file(path: Path, rng, *, three_d: bool, **attn) -> dict[str, np.ndarray]:
+    """x [N, 6, 8] -> q, k, v projections -> opset-23 Attention -> mean over tokens -> 3
+    logits; 4 query heads of size 2 (3-D: ``kv_num_heads`` key/value heads, a bool mask)."""
+    kv = attn.get("kv_num_heads", 4)
+    w = {"wq": rng.standard_normal((8, 8)), "wk": rng.standard_normal((8, 2 * kv)),
+         "wv": rng.standard_normal((8, 2 * kv)), "wh": rng.standard_normal((8, 3))}
+    w = {k: (v * 0.5).astype(np.float32) for k, v in w.items()}
+    nodes = [helper.make_node("MatMul", ["x", f"w{c}"], [c], name=f"/{c}/MatMul")
+             for c in "qkv"]
+    ins = ["q", "k", "v"]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    if not three_d:  # [N, L, H·D] -> [N, H, L, D]
+        inits.append(numpy_helper.from_array(np.array([0, 0, 4, 2], np.int64), "split"))
+        for c in "qkv":
+            nodes += [helper.make_node("Reshape", [c, "split"], [f"{c}4"], name=f"/{c}/R"),
+                      helper.make_node("Transpose", [f"{c}4"], [f"{c}h"], name=f"/{c}/T",
+                                       perm=[0, 2, 1, 3])]
+        ins = ["qh", "kh", "vh"]
+    if "mask" in attn:
+        inits.append(numpy_helper.from_array(attn.pop("mask"), "mask"))
+        ins.append("mask")
+    nodes.append(helper.make_node("Attention", ins, ["a"], name="/attn/Attention", **attn))
+    if not three_d:
+        inits.append(numpy_helper.from_array(np.array([0, 0, 8], np.int64), "merge"))
+        nodes += [helper.make_node("Transpose", ["a"], ["at"], name="/attn/T", perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["at", "merge"], ["a3"], name="/attn/R")]
+    nodes += [helper.make_node("ReduceMean", ["a3" if not three_d else "a", "axes"], ["m"],
+                               name="/pool", keepdims=0),
+              helper.make_node("MatMul", ["m", "wh"], ["logits"], name="/head/MatMul")]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)],
+                                ir_version=10), str(path))
+    return w
+
+
+@pytest.mark.parametrize("case", ["causal_4d", "gqa_3d_mask_softcap_scale"])
+def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
+    """torch's dynamo exporter at opset 23 writes one ``Attention`` node per
+    scaled_dot_product_attention (was: "no gradient rule for op 'Attention'"); it is lowered
+    to MatMul/Softmax (export/attention.py): causal, grouped key/value heads of 3-D inputs, a
+    bool mask, softcap and an explicit scale give torch's loss and gradients; a KV cache in use
+    is one error."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import make_trainer
+
+    from runtime.trainer import ArrayBatch
+
+    rng = np.random.default_rng(4)
+    mask = np.tril(np.ones((6, 6), bool)) | (rng.random((6, 6)) < 0.3)
+    three_d = case != "causal_4d"
+    attn = ({"is_causal": 1} if not three_d else
+            {"q_num_heads": 4, "kv_num_heads": 2, "mask": mask, "softcap": 3.0, "scale": 0.4})
+    w = _attention_file(tmp_path / "a.onnx", rng, three_d=three_d, **dict(attn))
+    r = _cli("export", "--model", tmp_path / "a.onnx", "--out", tmp_path / "b",
+             "--instant-exclude", "none")
+    assert r.returncode == 0, r.stderr
+    x = rng.standard_normal((5, 6, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 5)
+
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in w.items()}
+    xt = torch.tensor(x, dtype=torch.float64)
+    kv = attn.get("kv_num_heads", 4)
+    q = (xt @ t["wq"]).reshape(5, 6, 4, 2).transpose(1, 2)
+    k, v = ((xt @ t[c]).reshape(5, 6, kv, 2).transpose(1, 2) for c in ("wk", "wv"))
+    k, v = k.repeat_interleave(4 // kv, 1), v.repeat_interleave(4 // kv, 1)
+    s = q @ k.transpose(-1, -2) * attn.get("scale", 2 ** -0.5)
+    if "softcap" in attn:
+        s = 3.0 * torch.tanh(s / 3.0)
+    if "mask" in attn:
+        s = s.masked_fill(~torch.from_numpy(mask), float("-inf"))
+    if attn.get("is_causal"):
+        s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    a = (s.softmax(-1) @ v).transpose(1, 2).reshape(5, 6, 8)
+    loss = F.cross_entropy(a.mean(1) @ t["wh"], torch.from_numpy(y))
+    loss.backward()
+    tr = make_trainer(tmp_path / "b", mode="vanilla")
+    got, _ = tr.gradients(ArrayBatch({"x": x}, y))
+    assert abs(got - loss.item()) <= 1e-5, (got, loss.item())
+    for name in w:
+        np.testing.assert_allclose(tr._grads[name], t[name].grad.numpy(), rtol=1e-3,
+                                   atol=1e-6, err_msg=name)
+    if three_d:
+        return
+    m = onnx.load(str(tmp_path / "a.onnx"))
+    att = next(n for n in m.graph.node if n.op_type == "Attention")
+    att.input.extend(["", "past_k", "past_v"])
+    m.graph.initializer.extend(numpy_helper.from_array(np.zeros((1, 4, 3, 2), np.float32), n)
+                               for n in ("past_k", "past_v"))
+    onnx.save(m, str(tmp_path / "cache.onnx"))
+    r = _cli("export", "--model", tmp_path / "cache.onnx", "--out", tmp_path / "c")
+    assert r.returncode == 2 and "KV cache" in r.stderr and "Traceback" not in r.stderr, r.stderr

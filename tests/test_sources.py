@@ -917,3 +917,20 @@ def test_streaming_peak_rss_far_below_file_size(tmp_path, tokenizer_file, kind):
           f"{time.perf_counter() - t0:.1f} s")
     assert size > 55e6
     assert above < 25e6, f"peak {above / 1e6:.1f} MB above baseline for a {size / 1e6:.0f} MB file"
+
+
+def test_channels_last_images_in_an_npz_get_the_transpose_named(cnn_bundle, tmp_path):
+    """[N, H, W, C] images for an [N, C, H, W] model: the error says which transpose fixes it
+    (a plain shape mismatch keeps the generic advice)."""
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+
+    b = open_bundle(cnn_bundle)
+    y = np.zeros(20, np.int64)
+    p = _npz(tmp_path / "hwc.npz", x=np.zeros((20, 8, 8, 1), np.float32), y=y)
+    with pytest.raises(UserError, match=r"sample shape \[8, 8, 1\].*channels-last: save "
+                                        r"x\.transpose\(0, 3, 1, 2\)"):
+        load_data(str(p), b)
+    p = _npz(tmp_path / "odd.npz", x=np.zeros((20, 1, 8, 7), np.float32), y=y)
+    with pytest.raises(UserError, match=r"reshape the array or re-export the model"):
+        load_data(str(p), b)

@@ -77,6 +77,28 @@ def layernorm_grad(ctx, node, gy):
     return [gx, gs, gb][: len(node.input)]
 
 
+@RULES.gradient("RMSNormalization")
+def rmsnorm_grad(ctx, node, gy):
+    """Opset 23: y = x̂·scale, x̂ = x·inv, inv = 1/√(mean(x²) + ε) over axes [axis, rank)
+    (LLaMA's RMSNorm); recomputed from x: g_scale = Σ g·x̂, g_x = inv·(ĝ − x̂·mean(ĝ·x̂)),
+    ĝ = g·scale."""
+    x, scale = node.input[0], node.input[1]
+    y, g, b = node.output[0], gy[0], ctx.bwd
+    rank = ctx.shapes.rank(x)
+    axes = list(range(attrs(node).get("axis", -1) % rank, rank))
+    eps = float(attrs(node).get("epsilon", 1e-5))
+    inv = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [
+        mean_over(ctx, b.op("Mul", [x, x]), axes, x), b.const(eps)])])])
+    xhat = b.op("Mul", [x, inv])
+    gs = unbroadcast(ctx, b.op("Mul", [g, xhat]), y, scale) if needs(ctx, node, 1) else None
+    gx = None
+    if needs(ctx, node, 0):
+        gh = b.op("Mul", [g, scale])
+        m = mean_over(ctx, b.op("Mul", [gh, xhat]), axes, x)
+        gx = b.op("Mul", [b.op("Sub", [gh, b.op("Mul", [xhat, m])]), inv])
+    return [gx, gs]
+
+
 @RULES.gradient("InstanceNormalization")
 def instancenorm_grad(ctx, node, gy):
     """y = x̂·scale_c + B_c, x̂ = (x - mean)·invstd over the spatial axes of each sample and

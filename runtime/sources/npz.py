@@ -227,9 +227,11 @@ class NpzSource(Source):
             got = list(m.shape[1:])
             if m.ndim != len(spec.shape) or any(isinstance(w, int) and w != g
                                                 for w, g in zip(want, got, strict=True)):
+                last = len(got) == 3 and got[-1:] + got[:-1] == want  # images [N, H, W, C]
+                fix = ("it looks channels-last: save x.transpose(0, 3, 1, 2)" if last
+                       else "reshape the array or re-export the model")
                 raise UserError(f"{self._where(name)} has sample shape {got}; model input "
-                                f"'{name}' expects {want} (batch first: {spec.shape}); "
-                                "reshape the array or re-export the model")
+                                f"'{name}' expects {want} (batch first: {spec.shape}); {fix}")
             if m.shape[0] != n:
                 raise UserError(f"{self._where(name)} has {m.shape[0]} rows but "
                                 f"'{self.y.key}' has {n}; every array needs one row per "
@@ -254,7 +256,7 @@ class NpzSource(Source):
                     isinstance(w, int) and w != g for w, g in zip(want, got, strict=True)):
                 raise UserError(f"{self._where('y')} has sample shape {got}; the model's targets "
                                 f"are {want}: save y with shape {['N', *want]}")
-            if self.y.dtype.kind not in "fiu":
+            if self.y.dtype.kind not in ("fiub" if self.loss.kind == "bce" else "fiu"):
                 raise UserError(f"{self._where('y')} has dtype {self.y.dtype}; targets must be "
                                 "numbers")
 
@@ -319,7 +321,7 @@ class NpzSource(Source):
                                                       if y.ndim > 1 else ""))
         else:
             self._check_values("y", y, idx)
-            if self.loss.kind == "bce" and ((y < 0) | (y > 1)).any():
+            if self.loss.kind == "bce" and y.dtype.kind != "b" and ((y < 0) | (y > 1)).any():
                 bad = idx[((y < 0) | (y > 1)).reshape(len(y), -1).any(axis=1)]
                 raise UserError(f"{self._where('y')} has a target outside [0, 1] (row "
                                 f"{int(bad[0])}); binary cross-entropy (--loss bce) takes 0/1 "
