@@ -9,9 +9,11 @@ torch's dynamo exporter at ``opset_version=23`` writes ``scaled_dot_product_atte
 
 with 3-D inputs ``[B, L, H·D]`` (``q_num_heads`` / ``kv_num_heads`` given) split into heads
 and merged back, and grouped key/value heads (fewer than the query heads) repeated as torch's
-``enable_gqa`` does. Refused with one error naming the node: a KV cache (``past_key`` /
+``enable_gqa`` does; a query row whose keys are all masked gives 0 (as torch and the ONNX
+reference do), not NaN. Refused with one error naming the node: a KV cache (``past_key`` /
 ``past_value`` inputs or ``present_*`` outputs in use), the ``qk_matmul_output`` output in
-use, and grouped heads where the graph does not say the head size.
+use, opset 24/25's ``nonpad_kv_seqlen`` and sliding windows, and 4-D inputs whose head counts
+the graph does not say.
 """
 
 from __future__ import annotations
@@ -71,12 +73,16 @@ def _lower(node: onnx.NodeProto, shapes: dict[str, list], types: dict[str, int],
            used: set[str]):
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     where = f"Attention '{node.name}'"
-    ins = list(node.input) + [""] * (6 - len(node.input))
-    q, k, v, mask, past_k, past_v = ins[:6]
+    ins = list(node.input) + [""] * (7 - len(node.input))
+    q, k, v, mask, past_k, past_v, nonpad = ins[:7]
     if past_k or past_v or any(o in used for o in node.output[1:] if o):
         raise ExportError(f"{where}: a KV cache (past/present key and value) or the "
                           "qk_matmul_output is not supported in training; export the model "
                           "without a cache")
+    if nonpad or len(ins) > 7 or any(int(a.get(w, -1)) != -1
+                                     for w in ("left_window_size", "right_window_size")):
+        raise ExportError(f"{where}: nonpad_kv_seqlen and sliding windows (opset 24+) are not "
+                          "supported; pass the padding as attn_mask, or export at opset 23")
     softcap = float(a.get("softcap", 0.0))
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -97,7 +103,8 @@ def _lower(node: onnx.NodeProto, shapes: dict[str, list], types: dict[str, int],
         inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    three_d = bool(a.get("q_num_heads")) or len(shapes.get(q) or [0] * 4) == 3
+    rank = len(shapes[q]) if shapes.get(q) is not None else None
+    three_d = rank == 3 if rank is not None else bool(a.get("q_num_heads"))
     hq, hk = int(a.get("q_num_heads", 0)), int(a.get("kv_num_heads", 0))
     if three_d:
         if not (hq and hk):
@@ -111,6 +118,10 @@ def _lower(node: onnx.NodeProto, shapes: dict[str, list], types: dict[str, int],
         sq, sk = shapes.get(q), shapes.get(k)
         hq = sq[1] if sq and len(sq) == 4 and sq[1] else 0
         hk = sk[1] if sk and len(sk) == 4 and sk[1] else 0
+        if not (hq and hk):  # grouped heads would need repeating: refuse rather than guess
+            raise ExportError(f"{where}: the graph does not say how many query and key/value "
+                              "heads it has (symbolic dim 1 of Q or K); export with static head "
+                              "counts")
     if hq and hk and hq != hk:  # grouped key/value heads: each serves hq/hk query heads
         if hq % hk:
             raise ExportError(f"{where}: {hq} query heads do not share {hk} key/value heads")
@@ -134,6 +145,10 @@ def _lower(node: onnx.NodeProto, shapes: dict[str, list], types: dict[str, int],
     s = op("MatMul", [qs, op("Transpose", [k], perm=[0, 1, 3, 2])])
     if softcap > 0:
         s = op("Mul", [op("Tanh", [op("Div", [s, const(softcap)])]), const(softcap)])
+    ms, ks = shapes.get(mask), shapes.get(ins[1])
+    if mask and ms and ks and ms[-1] and ks[-2] and ms[-1] != ks[-2]:
+        raise ExportError(f"{where}: attn_mask covers {ms[-1]} of {ks[-2]} keys; pass a mask "
+                          "over every key")
     if mask:  # bool: True takes part; float: added to the scores
         s = (op("Where", [mask, s, const(-np.inf)]) if types.get(mask) == TensorProto.BOOL
              else op("Add", [s, mask]))
@@ -144,7 +159,12 @@ def _lower(node: onnx.NodeProto, shapes: dict[str, list], types: dict[str, int],
         above = op("Cast", [op("Trilu", [ones, const(1, np.int64)], upper=1)],
                    to=TensorProto.BOOL)
         s = op("Where", [above, const(-np.inf), s])
-    y = op("MatMul", [op("Softmax", [s], axis=-1), v])
+    p = op("Softmax", [s], axis=-1)
+    if mask or a.get("is_causal", 0):  # a row with every key masked: 0 (torch, ONNX), not NaN
+        none = op("Equal", [op("ReduceMax", [s, const([-1], np.int64)], keepdims=1),
+                            const(-np.inf)])
+        p = op("Where", [none, const(0.0), p])
+    y = op("MatMul", [p, v])
     if three_d:  # [B, hq, L, Dv] -> [B, L, hq·Dv]
         y = op("Reshape", [op("Transpose", [y], perm=[0, 2, 1, 3]),
                            const([0, 0, -1], np.int64)])

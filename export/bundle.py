@@ -260,6 +260,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                   image_std: list[float] | None = None,
                   class_names: list[str] | None = None, saved_int8: bool = False,
                   split: bool = True, lengths: list[int] | None = None,
+                  class_axis: str = "auto",
                   notes: list[str] | None = None) -> Path:
     """Export ``model`` to a training bundle in ``out``; returns the bundle path.
 
@@ -319,7 +320,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     lookups = _split_lookups(base, set(traced.inputs), weights)
     infer = copy.deepcopy(base)
     fwd = copy.deepcopy(base)
-    loss_spec = append_loss(fwd, output, loss, Shapes(fwd), labels=_example_labels(npz))
+    loss_spec = append_loss(fwd, output, loss, Shapes(fwd), labels=_example_labels(npz),
+                            class_axis=class_axis)
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)

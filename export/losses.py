@@ -23,24 +23,40 @@ __all__ = ["LOSSES", "append_loss"]
 LOSSES = ("cross_entropy", "mse", "bce")
 
 
-def _classes_first(out_shape: list, labels: list[int] | None) -> bool:
-    """Whether a per-position output holds its classes on axis 1 (torch's layout): always at
-    rank 4 and up (``[N, classes, H, W]``); at rank 3 where example labels ``[N, L]`` match
-    axis 2 and not axis 1 (a Conv1d tagger's ``[N, classes, L]``), else ``[N, L, classes]``."""
-    if len(out_shape) >= 4:
-        return True
-    return (len(out_shape) == 3 and labels is not None and len(labels) == 2
-            and labels[1] == out_shape[2] and labels[1] != out_shape[1])
+def _classes_first(out_shape: list, labels: list[int] | None, class_axis: str) -> bool:
+    """Whether a per-position output ([N, ...] of rank 3 and up) holds its classes on axis 1
+    (torch's layout) rather than last. ``class_axis`` "1" / "last" says so; "auto" reads the
+    example labels ``[N, ...]``: matching ``out[2:]`` only -> axis 1, ``out[1:-1]`` only ->
+    last; without labels (or where both match: C == L) axis 1 at rank 4 and up (``[N, classes,
+    H, W]``), last at rank 3 (``[N, L, classes]``, a token tagger).
+
+    Raises:
+        ExportError: labels that match neither layout.
+    """
+    if class_axis != "auto":
+        return class_axis == "1"
+    if labels is not None and len(labels) == len(out_shape) - 1:
+        first = list(labels[1:]) == list(out_shape[2:])
+        last = list(labels[1:]) == list(out_shape[1:-1])
+        if first != last:
+            return first
+        if not first:
+            raise ExportError(f"the --npz example's y has shape {labels}, which fits neither "
+                              f"a class axis 1 nor a last class axis of the output "
+                              f"{out_shape}; save y with one class id per position")
+    return len(out_shape) >= 4
 
 
 def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
-                labels: list[int] | None = None) -> LossSpec:
-    """Append ``loss`` of ``output``; ``labels``: the example labels' shape, where known."""
+                labels: list[int] | None = None, class_axis: str = "auto") -> LossSpec:
+    """Append ``loss`` of ``output``; ``labels``: the example labels' shape, where known;
+    ``class_axis``: see :func:`_classes_first`."""
     g = model.graph
     out_shape = shapes.of(output)
     if loss == "cross_entropy":
-        first = _classes_first(out_shape, labels)  # torch's layout: [N, classes, H, W]
-        if len(out_shape) < 2 or not isinstance(out_shape[1 if first else -1], int):
+        rank = len(out_shape)
+        first = rank >= 3 and _classes_first(out_shape, labels, class_axis)
+        if rank < 2 or not isinstance(out_shape[1 if first else -1], int):
             raise ExportError(f"cross_entropy needs a [N, classes] output, [N, L, classes] "
                               f"for a class per token or [N, classes, H, W, ...] for a class per "
                               f"pixel; '{output}' has shape {out_shape}. Use --loss mse for "
@@ -49,11 +65,13 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
         if first:  # labels [N, H, W, ...]; SoftmaxCrossEntropyLoss reads this layout as it is
             label_dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[2:]]
             extra = {"ignore_index": names.IGNORE_LABEL}
-        elif len(out_shape) == 3:  # per token: labels [N, L], IGNORE_LABEL where there is none
+        elif rank >= 3:  # per token / pixel, classes last: moved to axis 1 for the loss op
             scores = "loss/scores"
-            g.node.append(helper.make_node("Transpose", [output], [scores], perm=[0, 2, 1],
+            g.node.append(helper.make_node("Transpose", [output], [scores],
+                                           perm=[0, rank - 1, *range(1, rank - 1)],
                                            name="loss/Transpose"))
-            label_dims = ["N", out_shape[1] if isinstance(out_shape[1], int) else "L"]
+            label_dims = ["N"] + [d if isinstance(d, int) else ("L" if rank == 3 else "?")
+                                  for d in out_shape[1:-1]]
             extra = {"ignore_index": names.IGNORE_LABEL}
         g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.INT64,
                                                      label_dims))

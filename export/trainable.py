@@ -47,7 +47,7 @@ def _candidate_params(traced: Traced) -> list[str]:
             order.setdefault(i, k)
     for init in g.initializer:
         if (init.data_type != TensorProto.FLOAT or init.name in bn_stats | group_norm_consts
-                or init.name in settings):
+                or (init.name in settings and not traced.from_torch)):  # torch: by its names
             continue
         if traced.from_torch and init.name not in traced.torch_names:
             continue  # a torch buffer or a folded constant, not a parameter

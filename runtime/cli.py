@@ -140,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="cross_entropy: a class per sample, token or pixel; mse: regression; "
                         "bce: binary cross-entropy on logits, a 0/1 target per output "
                         "element (multi-label or one-logit binary classification)")
+    e.add_argument("--class-axis", default="auto", choices=["auto", "1", "last"],
+                   help="where a per-token/pixel cross_entropy output holds its classes: 1 "
+                        "(torch's [N, classes, H, W]), last ([N, L, classes], [N, H, W, "
+                        "classes]) or auto (from the --npz example's y, else 1 at rank 4+ and "
+                        "last at rank 3)")
     e.add_argument("--instant-exclude", default=None,
                    help="comma-separated globs of layers INSTANT leaves exact (default: the "
                         "classifier head); 'none' compresses every eligible layer")
@@ -382,7 +387,7 @@ def _cmd_export(a) -> int:
                       image_std=floats(a.image_std, "--image-std"),
                       class_names=a.classes.split(",") if a.classes else None,
                       saved_int8=a.saved_int8, split=not a.no_prefix,
-                      lengths=lengths, notes=notes)
+                      lengths=lengths, notes=notes, class_axis=a.class_axis)
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read

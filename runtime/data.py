@@ -258,6 +258,15 @@ def check_arrays(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, where:
 def _check_labels(bundle: Bundle, y: np.ndarray, where: str) -> None:
     n = y.shape[0]
     loss = bundle.loss
+    want = loss.labels.sample_shape
+    fits = y.ndim - 1 == len(want) and all(not isinstance(w, int) or w == d
+                                           for w, d in zip(want, y.shape[1:], strict=True))
+    if not fits and not (want == [1] and y.ndim == 1):
+        kind = ("one class per example" if loss.kind == "cross_entropy" and y.ndim == 1
+                else f"labels of sample shape {list(y.shape[1:])}")
+        raise UserError(f"{where} has {kind}; this model takes labels {loss.labels.shape} "
+                        "(a class per token or pixel, or a target per output); train it on "
+                        "an .npz whose y has that shape")
     if loss.kind == "cross_entropy":
         if y.ndim != 1 or y.dtype.kind not in "iu":
             raise UserError(f"{where}: labels must be a 1-D integer array of class ids, got "
@@ -277,6 +286,8 @@ def _cast(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, inputs: bool 
     xs = {s.name: np.ascontiguousarray(x[s.name], dtype=np.dtype(s.dtype))
           for s in bundle.inputs} if inputs else {}
     ydt = np.int64 if bundle.loss.kind == "cross_entropy" else np.float32
+    if bundle.loss.labels.sample_shape == [1] and y.ndim == 1:  # one target per example
+        y = y[:, None]
     return xs, np.ascontiguousarray(y, dtype=ydt)
 
 

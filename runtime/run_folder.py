@@ -110,8 +110,8 @@ class RunFolder:
                     _check_writable(folder, p)
             finally:
                 self._busy = False
-            if self._pending is not None:
-                self._stop(self._pending)
+                if self._pending is not None:  # the signal first, whether the probe failed
+                    self._stop(self._pending)
             # a resumed run without one gets it only once it ran (finish): a resume that fails
             # (a damaged checkpoint) leaves the folder as it was
             self._identity_due = not (p / "run.json").exists()

@@ -729,3 +729,26 @@ def test_binary_cross_entropy_trains_multi_label_targets(cli, tmp_path):
     np.savez(tmp_path / "bad.npz", x=train[0], y=train[1] * 2)
     user_error(cli("train", tmp_path / "b", "--data", tmp_path / "bad.npz", "--steps", 1),
                "outside [0, 1]", "--loss bce")
+
+
+ONE_OUTPUT_FACTORY = """\
+from torch import nn
+
+
+def make():
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 1))
+"""
+
+
+def test_a_one_target_model_reads_a_builtin_dataset_label_as_its_target(cli, tmp_path):
+    """An [N, 1] output (mse here) on a built-in dataset, whose labels are [N]: each label is
+    the example's one target (was: onnxruntime's "Invalid rank for input: labels"; with bce an
+    accuracy of 127.8 from [N, 1] against [N] broadcast to [N, N])."""
+    path = tmp_path / "reg.py"
+    path.write_text(ONE_OUTPUT_FACTORY)
+    ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b", "--input-shape", "8,64",
+           "--loss", "mse"))
+    out = ok(cli("train", tmp_path / "b", "--data", "digits", "--steps", 40, "--batch", 32,
+                 "--lr", "0.01", "--no-progress", "--out", tmp_path / "run"))
+    m = re.search(r"^loss (\S+) -> (\S+) .*\nheld-out loss (\S+)", out, re.MULTILINE)
+    assert m and float(m[2]) < 0.5 * float(m[1]) and float(m[3]) < float(m[1]), out

@@ -380,6 +380,7 @@ def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
 
     rng = np.random.default_rng(4)
     mask = np.tril(np.ones((6, 6), bool)) | (rng.random((6, 6)) < 0.3)
+    mask[2] = False  # a query that sees no key: 0, as in torch's sdpa (not NaN)
     three_d = case != "causal_4d"
     attn = ({"is_causal": 1} if not three_d else
             {"q_num_heads": 4, "kv_num_heads": 2, "mask": mask, "softcap": 3.0, "scale": 0.4})
@@ -403,7 +404,7 @@ def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
         s = s.masked_fill(~torch.from_numpy(mask), float("-inf"))
     if attn.get("is_causal"):
         s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
-    a = (s.softmax(-1) @ v).transpose(1, 2).reshape(5, 6, 8)
+    a = (s.softmax(-1).nan_to_num(0.0) @ v).transpose(1, 2).reshape(5, 6, 8)
     loss = F.cross_entropy(a.mean(1) @ t["wh"], torch.from_numpy(y))
     loss.backward()
     tr = make_trainer(tmp_path / "b", mode="vanilla")
@@ -414,6 +415,13 @@ def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
                                    atol=1e-6, err_msg=name)
     if three_d:
         return
+    m = onnx.load(str(tmp_path / "a.onnx"))
+    att = next(n for n in m.graph.node if n.op_type == "Attention")
+    att.attribute.append(helper.make_attribute("left_window_size", 2))
+    m.opset_import[0].version = 25
+    onnx.save(m, str(tmp_path / "window.onnx"))
+    r = _cli("export", "--model", tmp_path / "window.onnx", "--out", tmp_path / "w")
+    assert r.returncode == 2 and "sliding windows" in r.stderr, r.stderr
     m = onnx.load(str(tmp_path / "a.onnx"))
     att = next(n for n in m.graph.node if n.op_type == "Attention")
     att.input.extend(["", "past_k", "past_v"])

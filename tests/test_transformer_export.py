@@ -376,6 +376,18 @@ MODELS = textwrap.dedent('''
                              nn.ReLU(), nn.Conv1d(8, 3, 1))
 
 
+    def segmenter_hwc():
+        """The segmenter with its classes last: [N, H, W, 3]."""
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1),
+                             Permute())
+
+
+    class Permute(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1)
+
+
     def segmenter():
         """A class per pixel: [N, 3, H, W] logits (torch's dense layout)."""
         torch.manual_seed(0)
@@ -762,6 +774,9 @@ def test_a_class_per_pixel_trains_like_torch(models_file: Path, tmp_path: Path, 
     bad = cli("train", bundle, "--data", tmp_path / "flat.npz", "--steps", 1)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
     assert "must be a [N, 8, 8] (a class per pixel) integer array" in bad.stderr, bad.stderr
+    bad = cli("train", bundle, "--data", "digits", "--steps", 1)  # a class per image
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "one class per example; this model takes labels ['N', 8, 8]" in bad.stderr, bad.stderr
     from PIL import Image
     for c in "abc":  # an image folder has a class per image
         (tmp_path / "imgs" / c).mkdir(parents=True)
@@ -787,3 +802,30 @@ def test_a_class_per_time_step_of_a_conv1d_reads_the_class_axis_from_the_labels(
     plain = export_bundle(f"{models_file}:tagger1d", tmp_path / "p", input_shape="5,2,10")
     loss = open_bundle(plain).manifest.loss  # no labels to tell: the token tagger's layout
     assert (loss.classes_first, loss.num_classes, loss.labels.shape) == (False, 10, ["N", 3])
+    told = export_bundle(f"{models_file}:tagger1d", tmp_path / "t", input_shape="5,2,10",
+                         class_axis="1")  # --class-axis 1: also where C == L leaves it open
+    assert open_bundle(told).manifest.loss.classes_first
+    np.savez(tmp_path / "bad.npz", input=x, y=y[:, :4])
+    with pytest.raises(ExportError, match=r"fits neither a class axis 1 nor a last class axis"):
+        export_bundle(f"{models_file}:tagger1d", tmp_path / "x", npz=str(tmp_path / "bad.npz"))
+
+
+def test_a_channels_last_dense_output_reads_its_classes_last(models_file: Path, tmp_path: Path):
+    """[N, H, W, classes] (a TF-style segmenter) with [N, H, W] example labels: classes last,
+    torch's loss and gradients (the output permuted for torch's cross-entropy)."""
+    import torch
+
+    x, y = _pixels(4, 5)
+    np.savez(tmp_path / "ex.npz", input=x, y=y)
+    bundle = export_bundle(f"{models_file}:segmenter_hwc", tmp_path / "b",
+                           npz=str(tmp_path / "ex.npz"))
+    loss = open_bundle(bundle).manifest.loss
+    assert (loss.classes_first, loss.num_classes, loss.labels.shape) == (False, 3, ["N", 8, 8])
+    module = _factory(models_file, "segmenter_hwc").double()
+    out = module(torch.from_numpy(x).double())
+    ref = F.cross_entropy(out.permute(0, 3, 1, 2), torch.from_numpy(y))
+    ref.backward()
+    got, grads = runtime_grads(bundle, "vanilla", {"input": x}, y)
+    assert abs(got - ref.item()) <= 1e-5, (got, ref.item())
+    for n, p in module.named_parameters():
+        np.testing.assert_allclose(grads[n], p.grad.numpy(), rtol=RTOL, atol=ATOL, err_msg=n)
