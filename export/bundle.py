@@ -61,30 +61,19 @@ _EXTERNAL_MIN_BYTES = 1024
 LOOKUP_MIN_BYTES = 1 << 20  # frozen embedding tables this large are read by the runtime
 
 
-def _example_labels(npz: str | None) -> list[int] | None:
-    """The shape of the example ``.npz``'s ``y`` (None: no such array): tells a per-position
-    output's class axis (export/losses.py)."""
-    if not npz:
-        return None
-    try:
-        with np.load(npz, allow_pickle=False) as data:
-            return list(data["y"].shape) if "y" in data.files else None
-    except (OSError, ValueError):
-        return None  # _example_inputs says what is wrong with the file
-
-
-def _example_inputs(input_shape: str | None,
-                    npz: str | None) -> list[np.ndarray] | None:
+def _examples(input_shape: str | None,
+              npz: str | None) -> tuple[list[np.ndarray] | None, list[int] | None]:
+    """(example inputs, the shape of the example ``.npz``'s ``y``): the labels' shape tells a
+    per-position output's class axis (export/losses.py); None where not given."""
     if npz:
         try:
             with np.load(npz, allow_pickle=False) as data:
-                return [np.asarray(data[k]) for k in data.files if k != "y"]
+                labels = list(data["y"].shape) if "y" in data.files else None
+                return [np.asarray(data[k]) for k in data.files if k != "y"], labels
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot read example inputs from --npz '{npz}': "
                               f"{str(exc)[:160]}") from None
-    if input_shape:
-        return example_arrays(input_shape)
-    return None
+    return (example_arrays(input_shape) if input_shape else None), None
 
 
 def _params_as_inputs(model: onnx.ModelProto, params: list[str]) -> dict[str, np.ndarray]:
@@ -286,7 +275,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
 
     out = Path(out)
     settings = settings or InstantSettings()
-    traced = load_model(model, _example_inputs(input_shape, npz), output)
+    example, example_labels = _examples(input_shape, npz)
+    traced = load_model(model, example, output)
     check_free_batch(traced)
     if head is not None:
         add_head(traced, head, pool)
@@ -320,7 +310,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     lookups = _split_lookups(base, set(traced.inputs), weights)
     infer = copy.deepcopy(base)
     fwd = copy.deepcopy(base)
-    loss_spec = append_loss(fwd, output, loss, Shapes(fwd), labels=_example_labels(npz),
+    loss_spec = append_loss(fwd, output, loss, Shapes(fwd), labels=example_labels,
                             class_axis=class_axis)
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}

@@ -80,29 +80,33 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
                                        reduction="mean", **extra))
         info = LossSpec("cross_entropy", TensorSpec(names.LABELS, label_dims, "int64"),
                         int(out_shape[1 if first else -1]), classes_first=first)
-    elif loss == "bce":  # mean of softplus(z) - z·y: log(1 + e^z) - z·y, stable in onnxruntime
+    elif loss in ("bce", "mse"):  # float targets of the output's shape
         dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
         g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.FLOAT, dims))
-        g.node.append(helper.make_node("Softplus", [output], ["loss/softplus"],
-                                       name="loss/Softplus"))
-        g.node.append(helper.make_node("Mul", [output, names.LABELS], ["loss/zy"],
-                                       name="loss/Mul"))
-        g.node.append(helper.make_node("Sub", ["loss/softplus", "loss/zy"], ["loss/terms"],
-                                       name="loss/Sub"))
-        g.node.append(helper.make_node("ReduceMean", ["loss/terms"], [names.LOSS],
-                                       name="loss/Mean", keepdims=0))
-        info = LossSpec("bce", TensorSpec(names.LABELS, dims, "float32"))
-    elif loss == "mse":
-        dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
-        g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.FLOAT, dims))
-        g.node.append(helper.make_node("Sub", [output, names.LABELS], ["loss/diff"],
-                                       name="loss/Sub"))
-        g.node.append(helper.make_node("Mul", ["loss/diff", "loss/diff"], ["loss/sq"],
-                                       name="loss/Mul"))
-        g.node.append(helper.make_node("ReduceMean", ["loss/sq"], [names.LOSS], name="loss/Mean",
-                                       keepdims=0))
-        info = LossSpec("mse", TensorSpec(names.LABELS, dims, "float32"))
+        (_bce if loss == "bce" else _mse)(g, output)
+        info = LossSpec(loss, TensorSpec(names.LABELS, dims, "float32"))
     else:
         raise ExportError(f"unknown loss '{loss}'; supported: {', '.join(LOSSES)}")
     g.output.insert(0, helper.make_tensor_value_info(names.LOSS, TensorProto.FLOAT, []))
     return info
+
+
+def _bce(g: onnx.GraphProto, output: str) -> None:
+    """The mean of softplus(z) - z·y = log(1 + e^z) - z·y (onnxruntime's Softplus is stable)."""
+    g.node.append(helper.make_node("Softplus", [output], ["loss/softplus"],
+                                   name="loss/Softplus"))
+    g.node.append(helper.make_node("Mul", [output, names.LABELS], ["loss/zy"], name="loss/Mul"))
+    g.node.append(helper.make_node("Sub", ["loss/softplus", "loss/zy"], ["loss/terms"],
+                                   name="loss/Sub"))
+    g.node.append(helper.make_node("ReduceMean", ["loss/terms"], [names.LOSS], name="loss/Mean",
+                                   keepdims=0))
+
+
+def _mse(g: onnx.GraphProto, output: str) -> None:
+    """The mean of (z - y)²."""
+    g.node.append(helper.make_node("Sub", [output, names.LABELS], ["loss/diff"],
+                                   name="loss/Sub"))
+    g.node.append(helper.make_node("Mul", ["loss/diff", "loss/diff"], ["loss/sq"],
+                                   name="loss/Mul"))
+    g.node.append(helper.make_node("ReduceMean", ["loss/sq"], [names.LOSS], name="loss/Mean",
+                                   keepdims=0))

@@ -268,8 +268,8 @@ def _check_labels(bundle: Bundle, y: np.ndarray, where: str) -> None:
                         "(a class per token or pixel, or a target per output); train it on "
                         "an .npz whose y has that shape")
     if loss.kind == "cross_entropy":
-        if y.ndim != 1 or y.dtype.kind not in "iu":
-            raise UserError(f"{where}: labels must be a 1-D integer array of class ids, got "
+        if y.dtype.kind not in "iu":  # the shape is checked above
+            raise UserError(f"{where}: labels must be an integer array of class ids, got "
                             f"dtype {y.dtype} shape {list(y.shape)}")
         k = loss.num_classes
         if n and (y.min() < 0 or y.max() >= k):

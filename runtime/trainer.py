@@ -846,11 +846,8 @@ class Trainer:
                     total += float(np.square(logits - y).mean(axis=tuple(range(1, y.ndim))).sum())
         finally:
             self.shared.release()
-        if ce:  # per label: per sample, or per token with a label
-            return total / max(counted, 1), (correct / counted if counted else None)
-        if spec.kind == "bce":
-            return total / max(n, 1), (correct / counted if counted else None)
-        return total / max(n, 1), None
+        accuracy = correct / counted if counted else None  # counted: classification only
+        return total / max(counted if ce else n, 1), accuracy  # ce: per label, else per sample
 
     def _lengths(self, data, micro: int) -> np.ndarray | None:
         """Each row's length up to its last unmasked token (at least 1), read ``micro`` rows at a
