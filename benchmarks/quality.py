@@ -68,8 +68,14 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "results" / "tmp" / "quality"))
     ap.add_argument("--threads", default="2")
     ap.add_argument("--out", default=None, help="write every run's figures here as JSON")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train this many steps instead of the model's default (80 / 100)")
     a = ap.parse_args()
-    m = MODELS[a.model]
+    m = dict(MODELS[a.model])
+    if a.steps is not None:
+        train = list(m["train"])
+        train[train.index("--steps") + 1] = str(a.steps)
+        m["train"] = train
     work = Path(a.work) / a.model
     seeds = [int(s) for s in a.seeds.split(",")]
     rows = {}
@@ -100,8 +106,9 @@ def main() -> int:
             print(f"{name} seed {seed}: acc {s['test_acc']:.3f} flop {flop:.3f} saved {saved:.3f} "
                   f"step {s['median_step_s'] * 1e3:.0f} ms calib {s['calib_s']:.1f} s", flush=True)
         rows[name] = runs
+    steps = "" if a.steps is None else f" --steps {a.steps}"
     print(f"\ncommand: python -m benchmarks.quality --model {a.model} --seeds {a.seeds} "
-          f"--configs {a.configs}")
+          f"--configs {a.configs}{steps}")
     print(f"| config | held-out acc (mean ± sd, {len(seeds)} seeds) | Δ vs exact, paired by "
           "seed (pts, mean ± sd) | saved bytes vs exact | bwd FLOPs vs exact | median step ms | "
           "amortised step ms (calibration included) |")

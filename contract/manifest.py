@@ -467,6 +467,22 @@ class Manifest:
                 return f"lookups.{out}", f"indices '{lk.indices}' is not a model input"
         if len({p.name for p in self.params}) != len(self.params):
             return "params", "parameter names must be unique"
+        layer_names = [ly.name for ly in self.layers]
+        if len(set(layer_names)) != len(layer_names):
+            return "instant.layers", "layer names must be unique"
+        for mode, io in self.io.items():  # a calibration's Grams: one per layer, by its name
+            for key, prefix, grams in (("fwd_grams", names.GRAM_X, io.fwd_grams),
+                                       ("bwd_grams", names.GRAM_G, io.bwd_grams)):
+                for layer, out in grams.items():
+                    if layer not in layer_names or out != prefix + layer:
+                        return f"io.{mode}.{key}", (f"'{layer}': '{out}' is not the Gram "
+                                                    f"'{prefix}<layer>' of one of instant.layers")
+                if key == "fwd_grams" and any(o not in io.forward_outputs
+                                              for o in grams.values()):
+                    return f"io.{mode}.{key}", "every Gram must be a forward output"
+                if (io.fwd_grams or io.bwd_grams) and len(grams) != len(layer_names):
+                    return f"io.{mode}.{key}", ("a calibration graph gives every one of "
+                                                "instant.layers its Gram")
         shapes = {p.name: list(p.shape) for p in self.params}
         for i, ly in enumerate(self.layers):
             shape = shapes.get(ly.weight)

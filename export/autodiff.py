@@ -286,10 +286,22 @@ class Pass:
     run: Callable
 
 
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs and the outer tensors its branches / bodies read (an If's branches read
+    the data they pass on by name, not as inputs)."""
+    out = list(node.input)
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sub in graphs:
+            for n in sub.node:
+                out.extend(_reads(n))
+    return out
+
+
 def _requires_grad(graph: onnx.GraphProto, shapes: Shapes, roots: set[str]) -> set[str]:
     req = set(roots)
     for node in graph.node:
-        if any(i in req for i in node.input if i):
+        if any(i in req for i in _reads(node) if i):
             for o in node.output:
                 if o and shapes.is_float(o):
                     req.add(o)
@@ -354,10 +366,17 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
         node = substitute.get(node.name, node)
         if not any(o in contrib for o in node.output):
             continue
-        if not any(ctx.needs_grad(i) for i in node.input if i) and not (
+        if not any(ctx.needs_grad(i) for i in _reads(node) if i) and not (
                 mode == "calib" and node.name in by_node):  # calib still wants its Grams
             continue
         rule = registry.get(node.op_type)
+        if rule is None and node.op_type in ("If", "Loop", "Scan"):
+            raise ExportError(
+                f"node '{node.name}' is an ONNX {node.op_type} (control flow that depends on "
+                "the data) between a trainable parameter and the loss, and the backward does "
+                "not differentiate control flow; freeze the layers up to and including it "
+                "(--trainable), or write that part of the model without a data-dependent "
+                "branch or loop")
         if rule is None:
             raise ExportError(
                 f"no gradient rule for op '{node.op_type}' at node '{node.name}'; supported: "

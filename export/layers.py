@@ -36,11 +36,21 @@ def is_anonymous(name: str) -> bool:
 
 def module_path(node_name: str) -> str | None:
     """``/encoder/layer.0/attention/self/query/MatMul`` -> ``encoder.layer.0.attention.self.query``
-    (the node's op name dropped); None when the node name has no path."""
+    (the node's op name dropped); None when the node name has no path.
+
+    TorchScript names a container's child after the container (``/mlp/mlp.0/MatMul`` for
+    ``mlp = nn.Sequential(...)``): a part that extends the one before it replaces it, giving
+    torch's ``mlp.0`` rather than ``mlp.mlp.0``."""
     parts = [p for p in node_name.strip("/").split("/") if p]
     if len(parts) < 2:
         return None
-    return ".".join(parts[:-1])
+    path: list[str] = []
+    for part in parts[:-1]:
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path)
 
 
 def node_module_path(node: onnx.NodeProto) -> str | None:

@@ -213,8 +213,10 @@ ROLE = {("MatMul", 1): "weight", ("Gemm", 1): "weight", ("Gemm", 2): "bias",
 def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
     """Readable names for an ONNX file's float initializers: their own name, or, where it is
     anonymous (``onnx::MatMul_470``), the consuming node's module path plus the role
-    (``encoder.layer.0.attention.self.query.weight``). MatMul weights are [in, out]: marked
-    transposed with respect to PyTorch's Linear ([out, in]), for ``export-model``'s safetensors."""
+    (``encoder.layer.0.attention.self.query.weight``). An anonymous MatMul weight is [in, out],
+    an exporter's transposed copy of PyTorch's Linear weight ([out, in]): marked transposed, for
+    ``export-model``'s safetensors. A named one is the tensor the model holds, in its own layout
+    (``x @ self.W``; was marked transposed too, and its safetensors did not load into torch)."""
     from .layers import is_anonymous, node_module_path
 
     inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
@@ -226,7 +228,7 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
                 continue
             transposed = node.op_type == "MatMul" and k == 1 and len(inits[i].dims) == 2
             if not is_anonymous(i):
-                names[i] = (i, transposed)
+                names[i] = (i, False)
                 continue
             path = node_module_path(node)
             role = ROLE.get((node.op_type, k), f"param{k}")

@@ -70,17 +70,24 @@ class Metrics:
         return None
 
 
+_LIMIT = 1e30  # no loss, accuracy, byte count or rank comes near; beyond it a tampered file
+
+
 def _num(v: object) -> float | None:
-    """A finite number, or None (missing, null, a string, a bool, NaN)."""
+    """A finite number within +-1e30, or None (missing, null, a string, a bool, NaN, a value
+    whose axis range matplotlib cannot compute: was a ValueError traceback at 1e308)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+    try:
+        v = float(v)
+    except OverflowError:  # an int of 400 digits
+        return None
+    return v if math.isfinite(v) and abs(v) <= _LIMIT else None
 
 
 def _step(rec: dict) -> int | None:
     s = rec.get("step")
-    return s if isinstance(s, int) and not isinstance(s, bool) else None
+    return s if isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= _LIMIT else None
 
 
 def read_metrics(run: str | os.PathLike) -> Metrics:

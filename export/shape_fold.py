@@ -134,8 +134,8 @@ def fold_shape_operands(model: onnx.ModelProto, inputs: list[str]) -> int:
         vs = [np.asarray(r[k]) for r in runs]
         va = vs[1]
         if (any(v.dtype != va.dtype or v.shape != va.shape for v in vs)
-                or va.dtype.kind not in "iu" or va.size > 64):  # shapes, pads, bounds: few ints
-            continue
+                or va.dtype.kind not in "iub" or va.size > 64):  # shapes, pads, bounds, an
+            continue                                                 # If's condition: few ints
         diff = np.flatnonzero(np.any([v != va for v in vs], axis=0))
         if len(diff) == 0:
             fixed[name] = va
@@ -170,8 +170,41 @@ def fold_shape_operands(model: onnx.ModelProto, inputs: list[str]) -> int:
     for node, i in uses:
         if node.input[i] in renamed:
             node.input[i] = renamed[node.input[i]]
+    inline_constant_ifs(model)
     _drop_dead_nodes(model)
     return len(fixed)
+
+
+def inline_constant_ifs(model: onnx.ModelProto) -> int:
+    """Replace each ``If`` whose condition is a constant by the nodes of the branch it takes
+    (TorchScript writes one for ``squeeze(dim)`` where it cannot tell the dim's size; the
+    condition folds to a constant above): the backward differentiates plain nodes, never a
+    branch. Returns how many were inlined; an If whose branch names clash is left as it was."""
+    g = model.graph
+    consts = {i.name: i for i in g.initializer}
+    taken = set(consts) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    nodes, done = [], 0
+    for node in g.node:
+        cond = consts.get(node.input[0]) if node.op_type == "If" and node.input else None
+        if cond is None or numpy_helper.to_array(cond).size != 1:
+            nodes.append(node)
+            continue
+        which = "then_branch" if bool(numpy_helper.to_array(cond).reshape(())) else "else_branch"
+        branch = next(a.g for a in node.attribute if a.name == which)
+        made = {o for n in branch.node for o in n.output} | {i.name for i in branch.initializer}
+        if made & taken or len(branch.output) != len(node.output):
+            nodes.append(node)
+            continue
+        taken |= made
+        g.initializer.extend(branch.initializer)
+        nodes.extend(branch.node)
+        nodes.extend(helper.make_node("Identity", [b.name], [o], name=f"{node.name}/{which}/{o}")
+                     for b, o in zip(branch.output, node.output, strict=True) if o)
+        done += 1
+    if done:
+        del g.node[:]
+        g.node.extend(nodes)
+    return done
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:

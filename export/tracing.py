@@ -72,6 +72,8 @@ class Traced:
     derived_changes: Callable[[set[str]], set[str]] | None = field(default=None, repr=False,
                                                                   compare=False)
     notes: list[str] = field(default_factory=list)  # what the export prints after it
+    # ONNX names of torch parameters the user froze (requires_grad_(False)): never trained
+    no_grad: set[str] = field(default_factory=set)
     # how to trace/load the same model again with a free sequence axis (any_length())
     origin: tuple | None = field(default=None, repr=False, compare=False)
 
@@ -315,6 +317,8 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
             pname = f"{mname}.weight" if mname else "weight"
             if pname in onnx_of:
                 rows[onnx_of[pname]] = int(mod.padding_idx) % int(mod.num_embeddings)
+    off = {n for n, p in module.named_parameters() if not p.requires_grad}
+    no_grad = {on for on, (tn, _) in torch_names.items() if tn in off}
     children = []
     for cname, child in module.named_children():
         pnames = [f"{cname}.{p}" for p, _ in child.named_parameters()]
@@ -322,7 +326,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
         children.append((cname, [onnx_of[p] for p in pnames if p in onnx_of]))
     return Traced(model, names, outs, source, torch_names, children, from_torch=True,
                   torch_shapes=torch_shapes, unmapped=frozen, derived=derived,
-                  padding_rows=rows,
+                  padding_rows=rows, no_grad=no_grad,
                   derived_changes=derived_changes(model, derived, module, export)
                   if derived else None)
 
@@ -399,6 +403,8 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     _constants_to_initializers(model)
     name_nodes(model)
     check_ops(model, path)
+    if keep_free is None:
+        _check_valid(model, file, path)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
     if any(vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
@@ -418,6 +424,30 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     tied = tie_equal_initializers(model)
     return Traced(model, inputs, outputs, f"onnx:{file.name}", onnx_param_names(model),
                   notes=tied)
+
+
+def _check_valid(model: onnx.ModelProto, file: Path, path: str) -> None:
+    """Refuse a file that is not valid ONNX (torch's dynamo exporter at opset 17 writes Split's
+    opset-18 ``num_outputs``): onnx's checker, and where it objects, onnxruntime decides (it
+    loads some files the checker is stricter about). Was: a bundle whose training failed to load
+    with "re-export the bundle", which could not help."""
+    try:
+        onnx.checker.check_model(model)
+        return
+    except Exception:  # noqa: BLE001 - the checker's verdict is only a first opinion
+        pass
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        why = _first_line(exc).split("] ", 1)[-1][:300]
+        raise ExportError(f"ONNX model '{path}' is not valid: onnxruntime cannot load it ({why});"
+                          " the file itself is broken, so export the model again (e.g. at a "
+                          "newer opset, or with another exporter)") from None
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:

@@ -53,6 +53,8 @@ def _candidate_params(traced: Traced) -> list[str]:
             continue  # a torch buffer or a folded constant, not a parameter
         if not traced.from_torch and int(np.prod(init.dims)) < 2 and init.name not in roles:
             continue  # a scalar constant (an epsilon, a scale), unless a layer's bias
+        if not traced.from_torch and not np.isfinite(numpy_helper.to_array(init)).all():
+            continue  # -inf in a folded causal mask: a constant, no weight can hold it
         if init.name in order:
             used.append(init.name)
     return sorted(used, key=lambda n: order[n])
@@ -124,9 +126,25 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
                 shown = [traced.display(c) for c in cands]
                 raise ExportError(f"--trainable pattern '{p}' matches no parameter; parameters: "
                                   f"{', '.join(shown[:12])}{' …' if len(shown) > 12 else ''}")
-    if not chosen:
-        raise ExportError(f"--trainable '{spec}' selects no parameter")
-    return chosen
+    return _without_no_grad(traced, spec, chosen)
+
+
+def _without_no_grad(traced: Traced, spec: str, chosen: list[str]) -> list[str]:
+    """``chosen`` less the parameters the user froze in torch (``requires_grad_(False)``): they
+    stay frozen, as in torch, with a note (an error where nothing else is left)."""
+    off = [c for c in chosen if c in traced.no_grad]
+    if not chosen or len(off) == len(chosen):
+        why = (f": {len(off)} parameter(s) it matches have requires_grad=False in torch "
+               f"({', '.join(traced.display(c) for c in off[:4])}{' …' if len(off) > 4 else ''});"
+               " call requires_grad_(True) on the ones to train in the model factory, or pick "
+               "others" if off else "")
+        raise ExportError(f"--trainable '{spec}' selects no parameter{why}")
+    if off:
+        shown = ", ".join(traced.display(c) for c in off[:6]) + (" …" if len(off) > 6 else "")
+        traced.notes.append(f"note: {len(off)} parameters have requires_grad=False in torch and "
+                            f"stay frozen ({shown}); call requires_grad_(True) on them in the "
+                            "model factory to train them")
+    return [c for c in chosen if c not in traced.no_grad]
 
 
 def selected_by(traced: Traced, spec: str, torch_name: str) -> bool:

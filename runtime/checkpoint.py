@@ -31,6 +31,7 @@ import signal
 import stat
 import sys
 import threading
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -251,6 +252,13 @@ def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray],
     with os.fdopen(_open_regular(path), "rb") as f:
         if sha256 is not None and file_sha256(f.fileno()) != sha256:
             raise ValueError("SHA-256 differs from the pointer's (corrupt)")
+        with zipfile.ZipFile(f) as zf:  # checkpoints are written stored (write_npz): a packed
+            packed = [i.filename for i in zf.infolist()  # member could unpack past any budget
+                      if i.compress_type != zipfile.ZIP_STORED]
+        if packed:
+            raise ValueError(f"its member '{packed[0][:40]}' is compressed, which checkpoints "
+                             "never are (damaged, or not written by this runtime)")
+        f.seek(0)
         with np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}  # reading each member checks its zip CRC
     if _META not in arrays:
@@ -337,15 +345,20 @@ def meta_array(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
 
 # -------------------------------------------------------------------------------- signals
 class TrainingInterrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after a checkpoint; ``exit_code`` is 128 + signal."""
+    """Training stopped on SIGINT/SIGTERM after a checkpoint; ``exit_code`` is 128 + signal.
+    ``abandoned``: the step after ``step`` did not finish in time and was dropped (the
+    checkpoint is the last one written, which may be older than ``step``)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path | None,
+                 abandoned: bool = False) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
         where = (f"checkpoint {checkpoint}; continue with --resume" if checkpoint
-                 else "no checkpoint (no --out)")
-        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}; "
-                         f"{where}")
+                 else "no checkpoint" + ("" if abandoned else " (no --out)"))
+        when = (f"during step {step + 1}, which was stopped and dropped (it did not finish "
+                f"within {StopSignals.GRACE_S:.0f} s of the signal, or a second signal came)"
+                if abandoned else f"after step {step}")
+        super().__init__(f"interrupted by {signal.Signals(signum).name} {when}; {where}")
 
 
 class StartupInterrupted(SystemExit):
@@ -359,13 +372,23 @@ class StartupInterrupted(SystemExit):
 
 class StopSignals:
     """Context manager: SIGINT/SIGTERM set ``signum`` instead of killing, so the loop can finish
-    its step and checkpoint; a second signal interrupts at once. No-op off the main thread."""
+    its step and checkpoint; a second signal interrupts at once. No-op off the main thread.
+
+    A Python handler runs only once onnxruntime returns, so a step that runs on (a tampered
+    graph, a much slower device) would hold the signal off for good: a watchdog thread reads
+    the signals from a wakeup pipe as they arrive and, ``GRACE_S`` after the first or at the
+    second, sets the terminate flag of the runs' RunOptions (``sessions.abort_runs``); the run
+    in progress then fails and the trainer raises ``StepAbandoned``."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    GRACE_S = 30.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, object] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_fd = -1
+        self._watch: threading.Thread | None = None
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
@@ -374,11 +397,49 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
+            from .sessions import abort_runs
+
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            self._pipe = (r, w)
+            self._watch = threading.Thread(target=self._watchdog, args=(r, abort_runs),
+                                           name="signal-watchdog", daemon=True)
+            self._watch.start()
             for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)
+            self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         return self
 
+    def _watchdog(self, r: int, abort: Callable[[], None]) -> None:
+        timer, seen = None, 0
+        try:
+            while True:
+                data = os.read(r, 64)
+                if not data or 0 in data:  # __exit__: done
+                    return
+                seen += sum(1 for b in data if b in self.SIGNALS)
+                if seen >= 2:
+                    abort()
+                elif seen == 1 and timer is None:
+                    timer = threading.Timer(self.GRACE_S, abort)
+                    timer.daemon = True
+                    timer.start()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
     def __exit__(self, *exc) -> None:
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_fd)
         for s, h in self._old.items():
             signal.signal(s, h)
         self._old.clear()
+        if self._pipe is not None:
+            r, w = self._pipe
+            os.set_blocking(w, True)
+            os.write(w, b"\0")
+            if self._watch is not None:
+                self._watch.join(timeout=5)
+            os.close(w)
+            os.close(r)
+            self._pipe = None

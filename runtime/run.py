@@ -18,9 +18,11 @@ leaves the folder byte-identical: nothing is written before the checkpoint is re
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import stat
 import statistics
 import time
@@ -49,7 +51,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .memory import current_rss, peak_rss
 from .run_folder import RunFolder
-from .trainer import ArenaExhausted, IndexBatch, Trainer
+from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
 
 __all__ = ["Order", "RunFolder", "Summary", "train"]
 
@@ -256,6 +258,19 @@ def _check_weights(trainer: Trainer, arrays: dict[str, np.ndarray], last_ckpt: P
         raise _diverged(bad, trainer.step_count, last_ckpt)
 
 
+@contextlib.contextmanager
+def _abandoned(stop: StopSignals, trainer: Trainer, bar, metrics, last_ckpt):
+    """A step the signal watchdog stopped (``StopSignals``) ends the run as an interruption:
+    that step is dropped, the last checkpoint written stands (``last_ckpt()``)."""
+    try:
+        yield
+    except StepAbandoned:
+        bar.close()
+        metrics.close()
+        raise TrainingInterrupted(stop.signum or signal.SIGTERM, trainer.step_count,
+                                  last_ckpt(), abandoned=True) from None
+
+
 def _diverged(name: str, step: int, last_ckpt: Path | None) -> UserError:
     return UserError(f"non-finite parameters ('{name}' holds NaN or inf) at step {step}: "
                      "training diverged; lower --lr"
@@ -350,7 +365,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     calib_batch = calibration_samples(trainer.bundle.layers, batch,
                                       trainer.config.instant.calib_samples,
                                       padded=trainer.bundle.manifest.text is not None)
-    with StopSignals() as stop:
+    with StopSignals() as stop, _abandoned(stop, trainer, bar, metrics, lambda: last_ckpt):
         for _ in bar:
             calibrated = None
             if trainer.needs_calibration():

@@ -252,6 +252,26 @@ def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
                             "the bundle is damaged or was tampered with; re-export it")
 
 
+_RUN: list[ort.RunOptions] = []
+
+
+def run_options() -> ort.RunOptions:
+    """The RunOptions every training and evaluation run takes: ``abort_runs`` (the signal
+    watchdog, ``checkpoint.StopSignals``) sets its terminate flag, which ends the run in progress
+    with an error, where a Python signal handler cannot run until onnxruntime returns."""
+    if not _RUN:
+        _RUN.append(ort.RunOptions())
+    return _RUN[0]
+
+
+def abort_runs() -> None:
+    run_options().terminate = True
+
+
+def runs_aborted() -> bool:
+    return bool(_RUN) and bool(_RUN[0].terminate)
+
+
 def shrink_arena(session: ort.InferenceSession, feeds: dict, output: str) -> None:
     """Run ``session`` once with arena shrinkage on: free arena regions no tensor uses (after
     planning probes or a calibration, whose shapes differ from a step's)."""

@@ -44,15 +44,28 @@ from .sessions import (
     make_session,
     providers_for,
     resolve_device,
+    run_options,
+    runs_aborted,
     shrink_arena,
 )
 
-__all__ = ["ArenaExhausted", "ArrayBatch", "Batch", "IndexBatch", "StepResult", "Trainer"]
+__all__ = ["ArenaExhausted", "ArrayBatch", "Batch", "IndexBatch", "StepAbandoned", "StepResult",
+           "Trainer"]
 
 
 class ArenaExhausted(RuntimeError):
     """onnxruntime could not allocate within the arena's cap (the budget): the caller lowers the
     micro-batch and repeats the step. Nothing was applied to the weights."""
+
+
+class StepAbandoned(Exception):
+    """The signal watchdog ended an onnxruntime run (a step that did not finish within
+    ``checkpoint.StopSignals.GRACE_S`` of SIGINT/SIGTERM, or a second signal): the step in
+    progress is dropped, the last checkpoint stands."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(f"the {phase} pass was stopped")
+        self.phase = phase
 
 
 class Batch(Protocol):
@@ -408,7 +421,8 @@ class Trainer:
         extra = self._resident.params if self._resident is not None else None
         try:
             got = sess.run_with_ort_values(
-                outs, self._feeds([i.name for i in sess.get_inputs()], x, y, extra))
+                outs, self._feeds([i.name for i in sess.get_inputs()], x, y, extra),
+                run_options())
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "prefix") from None
         self.shared.release()
@@ -591,7 +605,8 @@ class Trainer:
             x = _cut_tokens(x, set(self.bundle.manifest.text.token_inputs), length)
             carried.update(self._bases_at(length))
         try:
-            outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y, carried))
+            outs = fwd.run_with_ort_values(fout, self._feeds(io.forward_inputs, x, y, carried),
+                                           run_options())
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "forward") from None
         self.shared.release()  # frozen weights read by the forward leave the RSS again
@@ -615,7 +630,7 @@ class Trainer:
         for name in io.bwd_grams.values():
             binding.bind_output(name, "cpu")
         try:
-            bwd.run_with_iobinding(binding)
+            bwd.run_with_iobinding(binding, run_options())
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "backward") from None
         if io.bwd_grams:
@@ -625,6 +640,8 @@ class Trainer:
         return loss, correct
 
     def _run_error(self, exc: Exception, phase: str) -> Exception:
+        if runs_aborted():  # the signal watchdog ended the run (checkpoint.StopSignals)
+            return StepAbandoned(phase)
         if is_out_of_memory(exc):
             at = (f"micro-batch {self.plan.micro_batch}" if self.plan.micro_batch
                   else "the whole batch")
@@ -743,7 +760,7 @@ class Trainer:
         try:
             outs = cf.run_with_ort_values(io.forward_outputs,
                                           self._feeds(io.forward_inputs, x, y,
-                                                      {**params, **carried}))
+                                                      {**params, **carried}), run_options())
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "calibration forward") from None
         self.shared.release()
@@ -755,7 +772,7 @@ class Trainer:
         feeds = self._feeds(io.backward_inputs, x, y, {**params, **saved})
         del saved
         try:
-            grams = cb.run_with_ort_values(list(io.bwd_grams.values()), feeds)
+            grams = cb.run_with_ort_values(list(io.bwd_grams.values()), feeds, run_options())
         except Exception as exc:  # noqa: BLE001
             raise self._run_error(exc, "calibration backward") from None
         del feeds
@@ -824,7 +841,7 @@ class Trainer:
                 extra = self._resident.params if self._resident is not None else None
                 try:
                     logits = sess.run_with_ort_values(
-                        [out], self._feeds(inputs, x, y, extra))[0].numpy()
+                        [out], self._feeds(inputs, x, y, extra), run_options())[0].numpy()
                 except Exception as exc:  # noqa: BLE001
                     raise self._run_error(exc, "evaluation") from None
                 logits = logits.astype(np.float64, copy=False)

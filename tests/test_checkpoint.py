@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -252,6 +253,44 @@ def test_corrupt_latest_falls_back_to_the_previous_one(mlp_bundle, tmp_path, cap
     assert s.resumed_from == 20
     _train(mlp_bundle, tmp_path / "ref", 30, checkpoint_every=10)
     assert_same_params(out / "params.npz", tmp_path / "ref" / "params.npz")
+
+
+def test_a_packed_member_is_never_unpacked(mlp_bundle, tmp_path, capsys) -> None:
+    """A checkpoint member that unpacks to 256 MB from 0.25 MB (a zip bomb; the pointer's
+    SHA-256 updated to match) is refused before it is inflated (was: the whole member was read
+    into memory first, 1.6 GB under --budget 200MB in a probe), and the resume falls back to
+    the checkpoint before it."""
+    import tracemalloc
+
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 20, checkpoint_every=10)
+    newest = out / "checkpoints" / "ckpt-000020.npz"
+    bomb = io.BytesIO()
+    np.lib.format.write_array_header_1_0(bomb, {"descr": "|u1", "fortran_order": False,
+                                               "shape": (256 << 20,)})
+    with zipfile.ZipFile(newest, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("zzz.npy", "w", force_zip64=True) as f:
+            f.write(bomb.getvalue())
+            zeros = bytes(1 << 20)
+            for _ in range(256):
+                f.write(zeros)
+    pointer = out / "checkpoints" / "latest"
+    data = json.loads(pointer.read_text())
+    for e in data["checkpoints"]:
+        if e["file"] == newest.name:
+            e["sha256"], e["bytes"] = file_sha256(newest), newest.stat().st_size
+    pointer.write_text(json.dumps(data))
+    assert newest.stat().st_size < 2 << 20
+    capsys.readouterr()
+    tracemalloc.start()
+    try:
+        _, meta = Checkpointer(out / "checkpoints", open_bundle(mlp_bundle)).load()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert meta["step"] == 10
+    assert "member 'zzz.npy' is compressed" in capsys.readouterr().err
+    assert peak < 64 << 20, peak
 
 
 def test_unreadable_pointer_uses_the_newest_checkpoint_that_loads(mlp_bundle, tmp_path,

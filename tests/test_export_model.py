@@ -181,3 +181,40 @@ def test_missing_onnx_package_is_a_clear_error(mlp_bundle, tmp_path, monkeypatch
     with pytest.raises(UserError, match="needs the onnx package: pip install onnx"):
         em.export_model(mlp_bundle, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_of_a_torch_onnx_file_load_into_the_torch_module(cli, tmp_path):
+    """An ONNX file from torch's TorchScript exporter: a raw parameter read as ``x @ self.W``
+    keeps its own layout in the safetensors (was: stored transposed, a size mismatch in torch),
+    and a nested nn.Sequential's Linear weights (anonymous in the file) get torch's names
+    (``mlp.0.weight``, was ``mlp.mlp.0.weight``): the file loads strictly and gives torch's
+    output."""
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import load_file
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = torch.nn.Parameter(torch.randn(8, 16) * 0.3)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(),
+                                           torch.nn.Linear(16, 3))
+
+        def forward(self, x):  # [N, 6, 8]
+            return self.mlp(torch.relu(x @ self.W)).mean(1)
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(4, 6, 8)
+    torch.onnx.export(net, (x,), str(tmp_path / "net.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}})
+    r = cli("export", "--model", tmp_path / "net.onnx", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    r = cli("export-model", tmp_path / "b", "--out", tmp_path / "model.onnx")
+    assert r.returncode == 0, r.stderr
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert {k: list(v.shape) for k, v in tensors.items()} == \
+        {k: list(v.shape) for k, v in net.state_dict().items()}
+    fresh = Net().eval()
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(fresh(x).numpy(), net(x).numpy(), atol=1e-6)

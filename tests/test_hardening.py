@@ -528,6 +528,19 @@ for _name, _edit, _argv, _frags in [
      ["unknown field 'xxx", "re-export the bundle"]),
     ("giant-shape", lambda m: m["params"][0].update(shape=[1] * 100_000), _train_full,
      ["params[0].shape", "has 100000 axes"]),
+    # KeyError / a broadcast ValueError in the calibration (session 16 probe)
+    ("gram-of-no-layer", lambda m: m["io"]["calib"]["fwd_grams"].update({"7": "gram_x.7"}),
+     _train_full, ["field 'io.calib.fwd_grams'", "'7'", "of one of instant.layers"]),
+    ("grams-swapped", lambda m: m["io"]["recal"]["bwd_grams"].update(
+        dict(zip(m["io"]["recal"]["bwd_grams"],
+                 reversed(m["io"]["recal"]["bwd_grams"].values())))),
+     _train_full, ["field 'io.recal.bwd_grams'", "is not the Gram 'gram_g.<layer>'"]),
+    ("gram-missing", lambda m: m["io"]["calib"]["fwd_grams"].popitem(), _train_full,
+     ["field 'io.calib.fwd_grams'", "every one of instant.layers its Gram"]),
+    ("layer-renamed", _layer(name="zz"), _train_full, ["'io.calib.fwd_grams'"]),
+    ("layer-names-repeated", lambda m: m["instant"]["layers"][1].update(
+        name=m["instant"]["layers"][0]["name"]), _train_full,
+     ["field 'instant.layers'", "layer names must be unique"]),
 ]:
     case(f"manifest-{_name}", *_frags)(_edit_full(_edit, _argv))
 
@@ -869,3 +882,56 @@ def test_export_model_embeds_every_listed_external_tensor(ctx):
              for i in sess.get_inputs()}
     copy = sess.run(["copy"], feeds)[0]
     assert copy.tobytes() == raw
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_step_that_does_not_end_is_stopped_by_sigterm(ctx, signals):
+    """A tampered training forward (hashes updated) whose step runs for minutes: 600 chained
+    1500×1500 MatMuls on a tensor computed from the input (so nothing folds at load). A Python
+    signal handler runs only once onnxruntime returns: the step ignored SIGTERM (a probe
+    SIGKILLed it 58 s after the signal). Now the run in progress is stopped
+    ``StopSignals.GRACE_S`` after the signal, or at a second one; the run exits 143 with one
+    line, the step dropped, nothing written since the last checkpoint."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runtime.checkpoint import StopSignals
+
+    model = onnx.load(str(ctx.bundle / "vanilla.forward.onnx"), load_external_data=False)
+    made = {o: n for n in model.graph.node for o in n.output}
+    made["loss"].output[list(made["loss"].output).index("loss")] = "loss.real"
+    x = model.graph.input[0].name
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([1500, 1500], np.int64), "slow.shape"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "slow.zero")])
+    nodes = [helper.make_node("ReduceSum", [x], ["slow.sum"], keepdims=0),
+             helper.make_node("Mul", ["slow.sum", "slow.zero"], ["slow.s0"]),
+             helper.make_node("Expand", ["slow.s0", "slow.shape"], ["slow.0"])]
+    for k in range(600):
+        nodes.append(helper.make_node("MatMul", [f"slow.{k}", "slow.0"], [f"slow.{k + 1}"]))
+    nodes += [helper.make_node("ReduceSum", ["slow.600"], ["slow.total"], keepdims=0),
+              helper.make_node("Mul", ["slow.total", "slow.zero"], ["slow.nothing"]),
+              helper.make_node("Add", ["loss.real", "slow.nothing"], ["loss"])]
+    model.graph.node.extend(nodes)
+    argv = _train_on_edited_forward(ctx, model)
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", *argv], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)  # start-up done; the first step is in its forward
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=StopSignals.GRACE_S + 30)
+        waited = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    assert "interrupted by SIGTERM during step 1, which was stopped and dropped" in err, err
+    if signals == 2:
+        assert waited < 15, waited
+    else:
+        assert waited > StopSignals.GRACE_S - 5, waited  # the step had its grace period

@@ -430,3 +430,86 @@ def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
     onnx.save(m, str(tmp_path / "cache.onnx"))
     r = _cli("export", "--model", tmp_path / "cache.onnx", "--out", tmp_path / "c")
     assert r.returncode == 2 and "KV cache" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_causal_mask_is_a_constant_and_a_data_dependent_branch_is_refused(tmp_path):
+    """An initializer holding -inf (a causal mask torch's dynamo exporter folds) is a constant,
+    not a parameter (was: it "trained", and every run stopped with "params.npz holds NaN or
+    inf"); an If whose condition depends on the data, between a parameter and the loss, is one
+    error naming it (was: "'w' does not reach the loss")."""
+    rng = np.random.default_rng(0)
+    mask = np.triu(np.full((4, 4), -np.inf, np.float32), 1)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), "w"),
+             numpy_helper.from_array(mask, "causal"),
+             numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "wh")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/proj/MatMul"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="/t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["s"], name="/scores"),
+             helper.make_node("Add", ["s", "causal"], ["sm"], name="/mask"),
+             helper.make_node("Softmax", ["sm"], ["a"], name="/softmax", axis=-1),
+             helper.make_node("MatMul", ["a", "h"], ["o"], name="/attend"),
+             helper.make_node("ReduceMean", ["o"], ["p"], name="/pool", axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["p", "wh"], ["logits"], name="/head/MatMul")]
+
+    def save(nodes, name):
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                    ir_version=8), str(tmp_path / name))
+        return tmp_path / name
+
+    r = _cli("export", "--model", save(nodes, "causal.onnx"), "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "2 trainable tensors" in r.stdout, r.stdout
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 4, 6)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    r = _cli("train", tmp_path / "b", "--data", tmp_path / "d.npz", "--steps", 2, "--batch", 8,
+             "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+
+    def branch(op, name):
+        return helper.make_graph([helper.make_node(op, ["o"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
+
+    # the branch taken depends on the data: Neg(o) when sum(o) > 0, else o itself
+    branchy = nodes[:6] + [
+        helper.make_node("ReduceSum", ["o"], ["total"], name="/sum", keepdims=0),
+        helper.make_node("Greater", ["total", "zero"], ["cond"], name="/positive"),
+        helper.make_node("If", ["cond"], ["o2"], name="/flip/If",
+                         then_branch=branch("Neg", "neg"), else_branch=branch("Identity", "same")),
+        helper.make_node("ReduceMean", ["o2"], ["p"], name="/pool", axes=[1], keepdims=0),
+        nodes[-1]]
+    inits.append(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    r = _cli("export", "--model", save(branchy, "branchy.onnx"), "--out", tmp_path / "b2",
+             "--trainable", "w,wh")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "'/flip/If' is an ONNX If" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_invalid_file_is_refused_at_export(tmp_path):
+    """A file onnxruntime cannot load (Split's opset-18 ``num_outputs`` in an opset-17 file, as
+    torch's dynamo exporter writes at opset 17) is refused at export, naming the file (was: a
+    bundle whose training could not load, with "re-export the bundle")."""
+    rng = np.random.default_rng(0)
+
+    def save(opset):
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="/proj/MatMul"),
+                 helper.make_node("Split", ["h"], ["a", "b"], name="/split", axis=1,
+                                  num_outputs=2),
+                 helper.make_node("Mul", ["a", "b"], ["logits"], name="/gate")]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+            [numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), "w")])
+        path = tmp_path / f"split{opset}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                    ir_version=8), str(path))
+        return path
+
+    r = _cli("export", "--model", save(17), "--out", tmp_path / "b17")
+    assert r.returncode == 2 and "split17.onnx' is not valid" in r.stderr, r.stderr
+    assert "num_outputs" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "b17").exists()
+    r = _cli("export", "--model", save(18), "--out", tmp_path / "b18")
+    assert r.returncode == 0, r.stderr

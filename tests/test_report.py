@@ -95,6 +95,13 @@ def test_partial_metrics_draw_what_is_present(tmp_path):
     assert report.write_report(_write_run(tmp_path / "c", no_budget), tmp_path / "c.png")
     # the metrics file itself may be passed
     assert report.write_report(tmp_path / "a" / "metrics.jsonl", tmp_path / "d.png")
+    # values no run writes (a tampered file) are left out, not drawn (was: matplotlib's
+    # "arange: cannot compute length" traceback at +-1e308)
+    extreme = [{"kind": "step", "step": 1, "loss": 1.0}, {"kind": "step", "step": 2, "loss": 1e308},
+               {"kind": "step", "step": 3, "loss": -1e308}, {"kind": "step", "step": 10**400,
+                                                             "loss": 2.0},
+               {"kind": "step", "step": 4, "loss": 10**400}]
+    assert report.write_report(_write_run(tmp_path / "e", extreme), tmp_path / "e.png")
 
 
 def test_resumed_run_last_record_wins_and_torn_tail_skipped(tmp_path):

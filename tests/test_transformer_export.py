@@ -393,6 +393,27 @@ MODELS = textwrap.dedent('''
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1),
                              nn.ReLU(), nn.Conv2d(8, 3, 1))
+
+
+    class Lrn(nn.Module):
+        """A frozen backbone (requires_grad_(False)) and a squeeze torch writes as an ONNX If
+        (local_response_norm hides the axis' size from torch's exporter)."""
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Linear(8, 16)
+            self.backbone.requires_grad_(False)
+            self.mlp = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16))
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.mlp(torch.relu(self.backbone(x)))
+            return self.head(F.local_response_norm(h.unsqueeze(-1), 3).squeeze(-1))
+
+
+    def lrn():
+        torch.manual_seed(0)
+        return Lrn()
 ''')
 
 
@@ -829,3 +850,27 @@ def test_a_channels_last_dense_output_reads_its_classes_last(models_file: Path, 
     assert abs(got - ref.item()) <= 1e-5, (got, ref.item())
     for n, p in module.named_parameters():
         np.testing.assert_allclose(grads[n], p.grad.numpy(), rtol=RTOL, atol=ATOL, err_msg=n)
+
+
+def test_frozen_parameters_stay_frozen_and_a_constant_branch_is_inlined(models_file: Path,
+                                                                       tmp_path: Path):
+    """Parameters the factory froze (``requires_grad_(False)``) stay frozen, as in torch (they
+    trained before, silently), with a note; asked for by name they are one error. The If node
+    torch writes for ``squeeze(-1)`` (its condition folds to a constant) is replaced by its
+    branch (was: "'mlp.0.weight' does not reach the loss"); a nested nn.Sequential's weights
+    keep torch's names (``mlp.0.weight``, was ``mlp.mlp.0.weight``); torch's gradients."""
+    notes: list[str] = []
+    bundle = export_bundle(f"{models_file}:lrn", tmp_path / "b", input_shape="4,8", notes=notes)
+    b = open_bundle(bundle)
+    assert [p.torch_name for p in b.params] == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
+                                                "mlp.2.bias", "head.weight", "head.bias"]
+    assert any("requires_grad=False" in n and "backbone.weight" in n for n in notes), notes
+    assert {"mlp.0", "mlp.2"} <= {ly.name for ly in b.layers}
+    assert "If" not in {n.op_type for n in onnx.load(str(bundle / "infer.onnx")).graph.node}
+    rng = np.random.default_rng(0)
+    x = {"x": rng.standard_normal((4, 8)).astype(np.float32)}
+    check_bundle_grads(models_file, "lrn", bundle, x, np.array([0, 1, 2, 1]),
+                       ("vanilla", "instant"))
+    with pytest.raises(ExportError, match="requires_grad=False.*requires_grad_\\(True\\)"):
+        export_bundle(f"{models_file}:lrn", tmp_path / "b2", input_shape="4,8",
+                      trainable="backbone.*")

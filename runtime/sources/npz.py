@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import zipfile
@@ -125,9 +126,10 @@ class _NpzFile:
                     arr = np.lib.format.read_array(f, allow_pickle=False)
             except ValueError as exc:
                 raise UserError(_npy_error(where, exc)) from None
-            except (OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise UserError(f"{where} is unreadable ({exc}); write the file again with "
-                                "numpy.savez") from None
+            except Exception as exc:  # noqa: BLE001 - any decompressor's or parser's error
+                raise UserError(f"{where} is unreadable ({type(exc).__name__}: "  # (LZMA, an
+                                f"{str(exc)[:80]}); write the file again with "  # unknown
+                                "numpy.savez") from None                         # method)
             self.loaded.append(key)
             return _Member(key, arr.shape, arr.dtype, array=arr)
         fd = self.file.fd
@@ -139,18 +141,12 @@ class _NpzFile:
         start = info.header_offset + 30 + name_len + extra_len
         buf = io.BytesIO(os.pread(fd, min(info.file_size, 1 << 16), start))
         try:
-            version = np.lib.format.read_magic(buf)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-            else:
-                shape, fortran, dtype = np.lib.format._read_array_header(buf, version)
-        except ValueError as exc:
+            shape, fortran, dtype = _npy_header(buf)
+        except Exception as exc:  # noqa: BLE001 - an untrusted header: any parse error
             raise UserError(_npy_error(where, exc)) from None
         if dtype.hasobject:
             raise UserError(_npy_error(where, ValueError("Object arrays cannot be loaded")))
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a huge shape cannot overflow
         data = start + buf.tell()
         if buf.tell() + nbytes > info.file_size or data + nbytes > self.size:
             raise UserError(f"{where} is truncated ({info.file_size} bytes hold less than its "
@@ -169,6 +165,30 @@ class _NpzFile:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _npy_header(buf: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of a .npy header, versions 1.0, 2.0 and 3.0 (3.0 is 2.0
+    with a UTF-8 header, which numpy writes for non-Latin-1 field names; numpy has no public
+    reader for it)."""
+    version = np.lib.format.read_magic(buf)
+    if version == (3, 0):
+        size = struct.unpack("<I", buf.read(4))[0]
+        header = buf.read(size)
+        if len(header) != size:
+            raise ValueError("the header is cut short")
+        header = header.decode("utf-8").encode("latin-1", "replace")
+        buf = io.BytesIO(b"\x93NUMPY\x02\x00" + struct.pack("<I", len(header)) + header)
+        version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is unknown")
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise ValueError(f"its shape {shape} is not a shape")
+    return tuple(shape), fortran, dtype
 
 
 def _npy_error(where: str, exc: Exception) -> str:
