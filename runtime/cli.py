@@ -499,12 +499,16 @@ def _cmd_eval(a) -> int:
     if not 1 <= a.batch <= 1 << 24:  # as train's --batch
         raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
     bundle = open_bundle(a.bundle)
-    data = _load_data(a, bundle)
     weights = Path(a.weights) if a.weights else None
     if weights is None and (bundle.path / "run" / "params.npz").is_file():
         weights = bundle.path / "run" / "params.npz"
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' not found")
+    # the label map the weights were trained with (their run's run.json): labels read from the
+    # data alone would number a file's classes afresh (a file holding only class "2" read as
+    # class 0, its accuracy 0.000 for a model that is right)
+    data = _load_data(a, bundle, class_names=_resumed_class_names(weights.parent)
+                      if weights is not None else None)
     use_arena(None)
     trainer = Trainer(bundle, TrainConfig(mode="vanilla", session=_session_config(a, None)),
                       Plan(eval_micro_batch=a.batch), weights=weights)

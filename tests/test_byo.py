@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -154,6 +155,20 @@ def test_csv_text_trains_reports_bad_rows_and_exports_a_usable_model(encoder_bun
     assert np.mean([e["loss"] for e in steps[-10:]]) < np.mean([e["loss"] for e in steps[:10]])
     assert json.loads((run / "run.json").read_text())["class_names"] == ["fresh", "rotten"]
     assert "held-out accuracy" in out
+    # eval reads labels with the run's label map: a file holding one class only keeps its ids
+    # (was: numbered afresh, "rotten" read as class 0, the accuracy of the opposite answer)
+    rows = list(csv.reader(open(_reviews_csv(tmp_path / "all.csv", 200, bad=False))))
+    acc = {}
+    for part in ("fresh", "rotten", "all"):
+        with open(tmp_path / f"{part}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if part in ("all", r[1])])
+        line = _ok(_cli("eval", encoder_bundle, "--weights", run / "params.npz", "--data",
+                        tmp_path / f"{part}.csv"))
+        m = re.search(r"examples: (\d+), loss \S+, accuracy (\S+)", line)
+        assert m, line
+        acc[part] = (int(m[1]), float(m[2]))
+    (nf, af), (nr, ar), (n, a) = acc["fresh"], acc["rotten"], acc["all"]
+    assert nf + nr == n and nf * af + nr * ar == pytest.approx(n * a, abs=0.15), acc  # 3 decimals
     model = tmp_path / "export" / "model.onnx"
     _ok(_cli("export-model", run, "--out", model))
     assert json.loads(model.with_suffix(".labels.json").read_text()) == ["fresh", "rotten"]

@@ -251,6 +251,25 @@ def test_client_killed_mid_round_then_rejoins(mlp_bundle, non_iid, tmp_path):
     assert "fleet run done: 2 rounds" in out
 
 
+def test_a_client_stopped_by_sigterm_says_how_to_rejoin(mlp_bundle, non_iid, tmp_path):
+    """SIGTERM while a client trains: it checkpoints, exits 143 and says to run the same
+    command to rejoin (it said "continue with --resume", an option fleet client does not
+    have)."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1)
+    client = start_client(tmp_path, mlp_bundle, port, 0, non_iid[0], "--steps", 100_000)
+    try:
+        client.wait_for(r"^round 1: received")
+        time.sleep(0.5)
+        client.p.send_signal(signal.SIGTERM)
+        assert client.finish() == 128 + signal.SIGTERM
+    finally:
+        for p in (server, client):
+            p.kill()
+    err = client.stderr()
+    assert "run the same `fleet client` command to rejoin" in err and "--resume" not in err, err
+
+
 def test_mismatched_bundle_refused_in_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     """A client of another model refuses to train (one line, exit 2); round 1 counts it as a
     failure and round 2 goes on with a matching client."""
@@ -284,6 +303,21 @@ def test_user_errors_are_one_line(mlp_bundle, tmp_path):
         (("server", mlp_bundle, "--address", f"127.0.0.1:{port}", "--min-clients", 2,
           "--wait", 1, "--out", tmp_path / "s"), "only 0 of the 2 clients"),
     ]
+    # --out where a fleet run must not write, refused before anything runs (session 16 probe:
+    # the bundle's params.npz was replaced and the bundle failed its checksum; a train run's
+    # weights were replaced; a file as the server's --out failed after round 1)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "trainrun").mkdir()
+    (tmp_path / "trainrun" / "run.json").write_text("{}")
+    before = {p: p.read_bytes() for p in [*Path(mlp_bundle).rglob("*"), tmp_path / "afile",
+                                          tmp_path / "trainrun" / "run.json"] if p.is_file()}
+    for role in ("server", "client"):
+        where = ("--address", f"127.0.0.1:{port}") if role == "server" else (
+            "--data", "digits", "--server", f"127.0.0.1:{port}", "--connect-timeout", 1)
+        cases += [((role, mlp_bundle, *where, "--out", mlp_bundle), "is a bundle folder"),
+                  ((role, mlp_bundle, *where, "--out", tmp_path / "afile"), "is a file"),
+                  ((role, mlp_bundle, *where, "--out", tmp_path / "trainrun"),
+                   "holds a `train` run")]
     with socket.socket() as busy:  # a port already taken by someone else
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -293,6 +327,8 @@ def test_user_errors_are_one_line(mlp_bundle, tmp_path):
             p = Proc(tmp_path, f"case{k}", *args)
             rc = p.finish(timeout=60)
             one_error_line(p.stderr(), rc, fragment)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(x.name for x in (tmp_path / "trainrun").iterdir()) == ["run.json"]
 
 
 def test_server_config_checks():

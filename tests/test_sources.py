@@ -236,14 +236,17 @@ def test_jsonl_bad_rows_counted(tmp_path, tokenizer_file):
              '{"text": 5, "label": "neg"}',               # 8 text is not a string
              '{"text": "dull", "label": ["neg"]}',        # 9 label not a string or number
              '{"text": "dull", "label": null}',           # 10 missing label
-             '{"text": "fine", "label": "neg"}']          # 11 ok
+             '{"text": "fine", "label": "neg"}',          # 11 ok
+             '{"text": "odd \\udc80", "label": "pos"}',    # 12 lone surrogate (was: the
+             '{"text": "odd", "label": "\\ud800"}']        # 13 tokenizer failed the run)
     p.write_text("\n".join(lines) + "\n")
     src = _text(p, tokenizer_file)
     assert len(src) == 2 and src.class_names == ["neg", "pos"]
     assert src.problems.counts == {"missing label": 2, "empty text": 1, "missing text": 1,
                                    "not valid JSON": 1, "not a JSON object": 1,
                                    "text is not a string": 1,
-                                   "label is not a string or number": 1}
+                                   "label is not a string or number": 1,
+                                   "a lone surrogate escape (not Unicode text)": 2}
     assert src.problems.examples["missing label"] == ["line 2", "line 10"]
     assert src.problems.ignored == {"blank line": 1}
 
@@ -987,3 +990,13 @@ def test_npz_version_3_members_read_and_damaged_headers_are_one_line_errors(tmp_
     (tmp_path / "m99.npz").write_bytes(bytes(raw))
     with pytest.raises(UserError, match=r"unreadable \(NotImplementedError"):
         open_npz(tmp_path / "m99.npz", X_IN, _ce(3))
+
+
+def test_a_giant_header_is_not_echoed_in_full(tmp_path, tokenizer_file):
+    """A header naming no expected column is shown cut short (a 1 MB one-column header gave a
+    1,000,103-character error line)."""
+    p = tmp_path / "big.csv"
+    p.write_text("x" * 1_000_000 + "," + "y" * 100 + "\nabc,def\n")
+    with pytest.raises(UserError, match="has no column 'text'") as e:
+        _text(p, tokenizer_file)
+    assert len(str(e.value)) < 1000 and "\n" not in str(e.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def _flower(verbose: bool):
 
 
 def _server(a) -> int:
-    from .local import UserError, open_local
+    from .local import UserError, check_out, open_local
     from .server import run_server
 
     address = parse_address(a.address, "--address")
@@ -154,6 +155,7 @@ def _server(a) -> int:
         raise UserError(f"--rounds ({a.rounds}) and --min-clients ({a.min_clients}) must be >= 1")
     wait = check_seconds("--wait", a.wait)
     round_timeout = check_seconds("--round-timeout", a.round_timeout)
+    check_out(Path(a.out) if a.out else Path(a.bundle) / "fleet")
     _flower(a.verbose)
     local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
     if a.data and local.data is not None and local.data.test is None:
@@ -177,6 +179,7 @@ def _client(a) -> int:
     from .local import (
         UserError,
         check_client_options,
+        check_out,
         open_local,
         parse_partition,
         resolve_budget,
@@ -194,6 +197,7 @@ def _client(a) -> int:
     _flower(a.verbose)
     bundle = Path(a.bundle)
     out = Path(a.out) if a.out else bundle / "fleet-client"
+    check_out(out)
     local = open_local(bundle, a.data, budget, threads=threads, mode=a.mode,
                        optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                        out=out, checkpoint_every=a.checkpoint_every, partition=partition,
@@ -228,8 +232,11 @@ def cmd_fleet(a) -> int:
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as exc:
-        print(exc, file=sys.stderr)
+    except TrainingInterrupted as exc:  # a client: the next round starts from the server's
+        name = signal.Signals(exc.signum).name  # weights, so rejoining is the way on
+        print(f"interrupted by {name} after step {exc.step}; run the same `fleet client` "
+              "command to rejoin (each round starts from the server's weights)",
+              file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -297,6 +297,26 @@ class Local:
         self._lock = fd
 
 
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` a fleet run must not write into: a bundle folder (its params.npz would
+    be replaced and the bundle fail its checksum), a ``train`` run's folder (its weights and
+    metrics replaced), a path that is or lies under a file. Checked before anything runs.
+
+    Raises:
+        UserError: any of those.
+    """
+    if (out / "manifest.json").exists():
+        raise UserError(f"--out '{out}' is a bundle folder: a fleet run there would replace the "
+                        "bundle's own files; pass another --out")
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out '{out}' cannot be created: '{parent}' is a file; pass "
+                            "another --out")
+    if (out / "run.json").exists():
+        raise UserError(f"--out '{out}' holds a `train` run (run.json): a fleet run there would "
+                        "replace its weights and metrics; pass another --out")
+
+
 def open_local(bundle_path: str | Path, data_spec: str | None = None,
                budget: int | None = None, **kwargs) -> Local:
     """Open a bundle with this device's data (``data_spec``: built-in name or ``.npz``) and a

@@ -40,6 +40,16 @@ def _split_lines(raw: bytes, state: dict) -> Iterator[str]:
             yield line.decode("utf-8", "replace")
 
 
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is Unicode text: no lone surrogate, which a JSON ``\\udXXX`` escape can
+    write and no encoder or tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _CsvLimit:
     """csv's field size limit raised to the record limit while we parse (restored after)."""
 
@@ -176,6 +186,9 @@ class TextSource(Source):
             if label is None:
                 self.problems.bad("label is not a string or number", where)
                 continue
+            if not (_unicode(text) and _unicode(label)):  # "\udc80": JSON allows it; the
+                self.problems.bad("a lone surrogate escape (not Unicode text)", where)
+                continue  # tokenizer refuses it and failed the whole run
             self._keep(labels, label, where, start, len(raw), starts, lengths)
         return rows
 
@@ -218,8 +231,8 @@ class TextSource(Source):
         for flag, col in (("--text-column", self.text_column),
                           ("--label-column", self.label_column)):
             if col not in cols:
-                shown = ", ".join(repr(h) for h in header[:12]) + (", ..." if len(header) > 12
-                                                                   else "")
+                shown = ", ".join(repr(h) if len(h) <= 40 else repr(h[:40]) + "..."
+                                  for h in header[:12]) + (", ..." if len(header) > 12 else "")
                 raise UserError(f"{self.path} has no column '{col}' (its header: {shown}); "
                                 f"pass the right name with {flag}{_format_hint(self.path, header)}")
             if header.count(col) > 1:
