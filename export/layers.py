@@ -34,7 +34,7 @@ def is_anonymous(name: str) -> bool:
     return bool(_ANON.match(name))
 
 
-def module_path(node_name: str) -> str | None:
+def module_path(node_name: str, collapse: bool = True) -> str | None:
     """``/encoder/layer.0/attention/self/query/MatMul`` -> ``encoder.layer.0.attention.self.query``
     (the node's op name dropped); None when the node name has no path.
 
@@ -46,7 +46,7 @@ def module_path(node_name: str) -> str | None:
         return None
     path: list[str] = []
     for part in parts[:-1]:
-        if path and part.startswith(path[-1] + "."):
+        if collapse and path and part.startswith(path[-1] + "."):
             path[-1] = part
         else:
             path.append(part)

@@ -217,7 +217,7 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
     an exporter's transposed copy of PyTorch's Linear weight ([out, in]): marked transposed, for
     ``export-model``'s safetensors. A named one is the tensor the model holds, in its own layout
     (``x @ self.W``; was marked transposed too, and its safetensors did not load into torch)."""
-    from .layers import is_anonymous, node_module_path
+    from .layers import is_anonymous, module_path, node_module_path
 
     inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     names: dict[str, tuple[str, bool]] = {}
@@ -231,6 +231,10 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
                 names[i] = (i, False)
                 continue
             path = node_module_path(node)
+            raw = module_path(node.name, collapse=False)
+            if path and raw and raw != path and any(n.startswith(raw + ".") for n in taken) \
+                    and not any(n.startswith(path + ".") for n in taken):
+                path = raw  # a named sibling (the bias) says the scope was not a container's
             role = ROLE.get((node.op_type, k), f"param{k}")
             base = f"{path}.{role}" if path else i
             name, j = base, 1

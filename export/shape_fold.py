@@ -181,15 +181,20 @@ def inline_constant_ifs(model: onnx.ModelProto) -> int:
     condition folds to a constant above): the backward differentiates plain nodes, never a
     branch. Returns how many were inlined; an If whose branch names clash is left as it was."""
     g = model.graph
-    consts = {i.name: i for i in g.initializer}
-    taken = set(consts) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_type in (
+        onnx.TensorProto.BOOL, onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+    for n in g.node:  # a condition in a Constant node counts as well
+        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    taken = ({i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+             | {i.name for i in g.input})
     nodes, done = [], 0
     for node in g.node:
         cond = consts.get(node.input[0]) if node.op_type == "If" and node.input else None
-        if cond is None or numpy_helper.to_array(cond).size != 1:
+        if cond is None or cond.size != 1:
             nodes.append(node)
             continue
-        which = "then_branch" if bool(numpy_helper.to_array(cond).reshape(())) else "else_branch"
+        which = "then_branch" if bool(cond.reshape(())) else "else_branch"
         branch = next(a.g for a in node.attribute if a.name == which)
         made = {o for n in branch.node for o in n.output} | {i.name for i in branch.initializer}
         if made & taken or len(branch.output) != len(node.output):

@@ -37,7 +37,7 @@ from .param_names import (
     tie_equal_initializers,
 )
 from .recurrent import lower_traced
-from .shape_fold import annotate_measured_shapes, fold_shape_operands
+from .shape_fold import annotate_measured_shapes, fold_shape_operands, inline_constant_ifs
 from .symbolics import register as register_symbolics
 
 __all__ = ["Traced", "any_length", "at_length", "example_arrays", "load_model",
@@ -126,7 +126,8 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
 def _folded(traced: Traced) -> Traced:
     """Shape arithmetic folded where shape inference cannot follow it (``export/shape_fold.py``:
     TorchScript's MultiheadAttention, ``nn.ZeroPad2d``)."""
-    fold_shape_operands(traced.model, traced.inputs)
+    inline_constant_ifs(traced.model)  # a condition that is a constant already
+    fold_shape_operands(traced.model, traced.inputs)  # (and those it folds)
     annotate_measured_shapes(traced.model, traced.inputs)
     return traced
 

@@ -397,17 +397,22 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            from .sessions import abort_runs
+            from .sessions import abort_runs, run_options
 
+            run_options().terminate = False  # a run of this process stopped before: not now
             r, w = os.pipe()
             os.set_blocking(w, False)
             self._pipe = (r, w)
             self._watch = threading.Thread(target=self._watchdog, args=(r, abort_runs),
                                            name="signal-watchdog", daemon=True)
             self._watch.start()
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-            self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            try:
+                for s in self.SIGNALS:
+                    self._old[s] = signal.signal(s, self._handle)
+                self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            except BaseException:
+                self.__exit__()
+                raise
         return self
 
     def _watchdog(self, r: int, abort: Callable[[], None]) -> None:
@@ -427,19 +432,34 @@ class StopSignals:
         finally:
             if timer is not None:
                 timer.cancel()
+                timer.join()
 
     def __exit__(self, *exc) -> None:
-        if self._pipe is not None:
-            signal.set_wakeup_fd(self._old_fd)
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old.clear()
-        if self._pipe is not None:
-            r, w = self._pipe
-            os.set_blocking(w, True)
-            os.write(w, b"\0")
-            if self._watch is not None:
-                self._watch.join(timeout=5)
-            os.close(w)
-            os.close(r)
-            self._pipe = None
+        # signals wait while the handlers are put back (one now would find them half restored,
+        # a KeyboardInterrupt from _handle in the middle), then arrive at the restored ones
+        blocked = self._pipe is not None and hasattr(signal, "pthread_sigmask")
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            if self._pipe is not None:
+                signal.set_wakeup_fd(self._old_fd)
+            for s, h in self._old.items():
+                signal.signal(s, h)
+            self._old.clear()
+            if self._pipe is not None:
+                r, w = self._pipe
+                self._pipe = None
+                try:
+                    os.set_blocking(w, True)
+                    os.write(w, b"\0")
+                    if self._watch is not None:
+                        self._watch.join(timeout=5)
+                finally:
+                    os.close(w)
+                    os.close(r)
+                from .sessions import run_options
+
+                run_options().terminate = False  # later runs of this process (an evaluation)
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)

@@ -16,6 +16,8 @@ import onnxruntime as ort
 
 from contract import UserError, names
 
+from .sessions import run_options
+
 __all__ = ["Resident"]
 
 
@@ -59,7 +61,7 @@ class Resident:
         host = {names.LOSS, tr.bundle.output, *io.fwd_grams.values()}
         for name in io.forward_outputs:
             b.bind_output(name, "cpu" if name in host else self.device)
-        fwd.run_with_iobinding(b)
+        fwd.run_with_iobinding(b, run_options())
         outs = dict(zip(io.forward_outputs, b.get_outputs(), strict=True))
         del b
         outs.update(carried)
@@ -82,7 +84,7 @@ class Resident:
             bb.bind_ortvalue_output(io.grads[p], self.grads[p])
         for name in io.bwd_grams.values():  # calibration's small Grams come to the host
             bb.bind_output(name, "cpu")
-        bwd.run_with_iobinding(bb)
+        bwd.run_with_iobinding(bb, run_options())
         if io.bwd_grams:
             got = bb.get_outputs()[len(tr.params):]
             tr.add_grams(weight, y, fgrams,

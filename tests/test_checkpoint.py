@@ -674,3 +674,23 @@ def test_update_that_makes_weights_non_finite_stops_and_keeps_the_last_good_chec
     assert latest_step(out) == 4 and not (out / "params.npz").exists()
     arrays, _ = Checkpointer(out / "checkpoints", b).load()
     assert all(np.isfinite(v).all() for v in arrays.values() if v.dtype.kind == "f")
+
+
+def test_stop_signals_leave_no_stopped_runs_thread_or_handler_behind() -> None:
+    """The watchdog's terminate flag is process-wide (one RunOptions for every run): leaving
+    ``StopSignals`` clears it (else every later run of the process, a final evaluation or a
+    fleet client's next round, failed at once), ends its thread and puts the handlers back."""
+    import threading
+
+    from runtime.checkpoint import StopSignals
+    from runtime.sessions import abort_runs, runs_aborted
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals():
+        abort_runs()
+        assert runs_aborted()
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert not runs_aborted()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.set_wakeup_fd(-1) == -1  # no wakeup fd left set
+    assert not [t for t in threading.enumerate() if t.name == "signal-watchdog"]

@@ -183,7 +183,8 @@ def test_missing_onnx_package_is_a_clear_error(mlp_bundle, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
-def test_safetensors_of_a_torch_onnx_file_load_into_the_torch_module(cli, tmp_path):
+@pytest.mark.parametrize("inner", ["sequential", "modulelist-in-a-module-of-its-name"])
+def test_safetensors_of_a_torch_onnx_file_load_into_the_torch_module(cli, tmp_path, inner):
     """An ONNX file from torch's TorchScript exporter: a raw parameter read as ``x @ self.W``
     keeps its own layout in the safetensors (was: stored transposed, a size mismatch in torch),
     and a nested nn.Sequential's Linear weights (anonymous in the file) get torch's names
@@ -192,12 +193,21 @@ def test_safetensors_of_a_torch_onnx_file_load_into_the_torch_module(cli, tmp_pa
     torch = pytest.importorskip("torch")
     from safetensors.numpy import load_file
 
+    class Inner(torch.nn.Module):  # scoped /mlp/mlp.0/ by TorchScript, as a Sequential is
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.ModuleList([torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)])
+
+        def forward(self, h):
+            return self.mlp[1](torch.nn.functional.gelu(self.mlp[0](h)))
+
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.W = torch.nn.Parameter(torch.randn(8, 16) * 0.3)
             self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(),
-                                           torch.nn.Linear(16, 3))
+                                           torch.nn.Linear(16, 3)) if inner == "sequential" \
+                else Inner()
 
         def forward(self, x):  # [N, 6, 8]
             return self.mlp(torch.relu(x @ self.W)).mean(1)

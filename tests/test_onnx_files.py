@@ -485,6 +485,15 @@ def test_a_causal_mask_is_a_constant_and_a_data_dependent_branch_is_refused(tmp_
              "--trainable", "w,wh")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "'/flip/If' is an ONNX If" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the same If on a condition in a Constant node takes its branch at export and trains
+    fixed = [*branchy[:6], helper.make_node("Constant", [], ["cond"], name="/fixed",
+                                            value=numpy_helper.from_array(np.array(True))),
+             *branchy[8:]]
+    r = _cli("export", "--model", save(fixed, "fixed.onnx"), "--out", tmp_path / "b3",
+             "--trainable", "w,wh")
+    assert r.returncode == 0, r.stderr
+    assert "If" not in {n.op_type for n in onnx.load(str(tmp_path / "b3" / "infer.onnx"))
+                        .graph.node}
 
 
 def test_an_invalid_file_is_refused_at_export(tmp_path):

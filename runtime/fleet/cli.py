@@ -155,7 +155,8 @@ def _server(a) -> int:
         raise UserError(f"--rounds ({a.rounds}) and --min-clients ({a.min_clients}) must be >= 1")
     wait = check_seconds("--wait", a.wait)
     round_timeout = check_seconds("--round-timeout", a.round_timeout)
-    check_out(Path(a.out) if a.out else Path(a.bundle) / "fleet")
+    if a.out:  # (the default, inside the bundle folder, is checked with the bundle)
+        check_out(Path(a.out))
     _flower(a.verbose)
     local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
     if a.data and local.data is not None and local.data.test is None:
@@ -197,7 +198,8 @@ def _client(a) -> int:
     _flower(a.verbose)
     bundle = Path(a.bundle)
     out = Path(a.out) if a.out else bundle / "fleet-client"
-    check_out(out)
+    if a.out:
+        check_out(out)
     local = open_local(bundle, a.data, budget, threads=threads, mode=a.mode,
                        optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                        out=out, checkpoint_every=a.checkpoint_every, partition=partition,

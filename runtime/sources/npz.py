@@ -126,6 +126,8 @@ class _NpzFile:
                     arr = np.lib.format.read_array(f, allow_pickle=False)
             except ValueError as exc:
                 raise UserError(_npy_error(where, exc)) from None
+            except MemoryError:
+                raise  # the machine's limit, said as such by the CLI, not a damaged file
             except Exception as exc:  # noqa: BLE001 - any decompressor's or parser's error
                 raise UserError(f"{where} is unreadable ({type(exc).__name__}: "  # (LZMA, an
                                 f"{str(exc)[:80]}); write the file again with "  # unknown
