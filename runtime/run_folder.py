@@ -18,12 +18,28 @@ from contract import UserError, atomic_write, write_text
 
 from .checkpoint import StartupInterrupted, TrainingInterrupted, newest_checkpoint, read_regular
 
-__all__ = ["RUN_FILES", "RunFolder"]
+__all__ = ["RUN_FILES", "RunFolder", "check_out_path"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
 # temporary file of an atomic write (``.NAME.tmpPID``)
 _RUN_LEFTOVER = re.compile(r"^\.(replaced\.\d+|write-test\.\d+|[\w.-]+\.tmp\d+)$")
+
+
+def check_out_path(p: Path, what: str, default: str = "") -> None:
+    """Refuse an ``--out`` that is a bundle folder (``what`` there would replace the bundle's own
+    files) or that is, or lies under, a file.
+
+    Raises:
+        UserError: either.
+    """
+    if (p / "manifest.json").exists():
+        raise UserError(f"--out '{p}' is a bundle folder: {what} there would replace the "
+                        f"bundle's own files; pass another --out{default}")
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "
+                            "another --out")
 
 
 class RunFolder:
@@ -59,13 +75,7 @@ class RunFolder:
                 bundle's run or a run file that is not a regular file (a FIFO would hang).
         """
         p = self.path
-        if (p / "manifest.json").exists():
-            raise UserError(f"--out '{p}' is a bundle folder: a run there would replace the "
-                            "bundle's own files; pass another --out (the default is BUNDLE/run)")
-        for parent in [p, *p.parents]:
-            if parent.exists() and not parent.is_dir():
-                raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "
-                                "another --out")
+        check_out_path(p, "a run", " (the default is BUNDLE/run)")
         existing = [f for f in RUN_FILES if (p / f).exists()
                     and not (f == "checkpoints" and not (p / f).is_dir())]
         if existing and not (resume or overwrite):

@@ -305,13 +305,9 @@ def check_out(out: Path) -> None:
     Raises:
         UserError: any of those.
     """
-    if (out / "manifest.json").exists():
-        raise UserError(f"--out '{out}' is a bundle folder: a fleet run there would replace the "
-                        "bundle's own files; pass another --out")
-    for parent in [out, *out.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"--out '{out}' cannot be created: '{parent}' is a file; pass "
-                            "another --out")
+    from ..run_folder import check_out_path
+
+    check_out_path(out, "a fleet run")
     if (out / "run.json").exists():
         raise UserError(f"--out '{out}' holds a `train` run (run.json): a fleet run there would "
                         "replace its weights and metrics; pass another --out")
