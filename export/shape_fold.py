@@ -181,10 +181,13 @@ def inline_constant_ifs(model: onnx.ModelProto) -> int:
     condition folds to a constant above): the backward differentiates plain nodes, never a
     branch. Returns how many were inlined; an If whose branch names clash is left as it was."""
     g = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_type in (
-        onnx.TensorProto.BOOL, onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+    conds = {n.input[0] for n in g.node if n.op_type == "If" and n.input}
+    if not conds:
+        return 0
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.name in conds}
     for n in g.node:  # a condition in a Constant node counts as well
-        if n.op_type == "Constant" and len(n.attribute) == 1 and n.attribute[0].name == "value":
+        if (n.op_type == "Constant" and n.output[0] in conds and len(n.attribute) == 1
+                and n.attribute[0].name == "value"):
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     taken = ({i.name for i in g.initializer} | {o for n in g.node for o in n.output}
              | {i.name for i in g.input})

@@ -397,9 +397,9 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            from .sessions import abort_runs, run_options
+            from .sessions import abort_runs
 
-            run_options().terminate = False  # a run of this process stopped before: not now
+            abort_runs(False)  # a run of this process stopped before: not now
             r, w = os.pipe()
             os.set_blocking(w, False)
             self._pipe = (r, w)
@@ -457,9 +457,9 @@ class StopSignals:
                 finally:
                     os.close(w)
                     os.close(r)
-                from .sessions import run_options
+                from .sessions import abort_runs
 
-                run_options().terminate = False  # later runs of this process (an evaluation)
+                abort_runs(False)  # later runs of this process (an evaluation) go on
         finally:
             if blocked:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)

@@ -264,8 +264,9 @@ def run_options() -> ort.RunOptions:
     return _RUN[0]
 
 
-def abort_runs() -> None:
-    run_options().terminate = True
+def abort_runs(on: bool = True) -> None:
+    """Stop the run in progress and every later one (``on``), or let runs go on again."""
+    run_options().terminate = on
 
 
 def runs_aborted() -> bool:
