@@ -136,18 +136,18 @@ def _same_outputs(fixed: onnx.ModelProto, free: onnx.ModelProto, output: str, te
         return False
     try:
 
-        def run(model: onnx.ModelProto, x: dict[str, np.ndarray]) -> np.ndarray:
-            sess = ort_session(model)
+        def run(sess, x: dict[str, np.ndarray]) -> np.ndarray:
             want = {i.name: np.dtype(_np(i.type)) for i in sess.get_inputs()}
             return sess.run([output],
                             {k: v.astype(want[k]) for k, v in x.items()})[0]
 
-        padded = run(fixed, feeds)
+        padded = run(ort_session(fixed), feeds)
         keep = int(feeds[text.mask_input].sum(1).max())
-        trimmed = run(free, {k: np.ascontiguousarray(v[:, :keep]) for k, v in feeds.items()})
+        free_sess = ort_session(free)
+        trimmed = run(free_sess, {k: np.ascontiguousarray(v[:, :keep]) for k, v in feeds.items()})
         # the model must really take other lengths: a second, shorter one
         short = {k: np.ascontiguousarray(v[:1, :max(2, keep // 3)]) for k, v in feeds.items()}
-        run(free, short)
+        run(free_sess, short)
     except Exception:  # noqa: BLE001 - a graph onnxruntime cannot run keeps the fixed one
         return False
     scale = 1.0 + float(np.abs(padded).max())

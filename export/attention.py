@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import ExportError
+from .graph import ExportError, infer_shapes
 
 __all__ = ["lower_attention"]
 
@@ -52,7 +52,7 @@ def lower_attention(model: onnx.ModelProto) -> int:
 def _static_shapes(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, int]]:
     """Shapes (None for a symbolic dim) and element types the graph says or infers."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:  # noqa: BLE001 - shapes only help; without them fewer modes lower
         inferred = model
     shapes, types = {}, {}

@@ -334,6 +334,9 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
 
                 prefix = split_prefix(fwd, free, params, initial, lookups, weights.array, text,
                                       out / text.tokenizer, loss_spec, output)
+    if text is not None and (image_mean is not None or image_std is not None):
+        raise ExportError("--image-mean/--image-std apply to image models; this is a text "
+                          "model: leave them out")
     image = image_spec(traced, in_shapes0, image_mean, image_std) if text is None else None
     if class_names is not None and (loss_spec.kind != "cross_entropy"
                                     or len(class_names) != loss_spec.num_classes):

@@ -150,14 +150,19 @@ def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path)
 
 def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
                std: list[float] | None) -> ImageSpec | None:
-    """For a model with one float [N, C, H, W] input (C = 1 or 3): the size and normalisation
-    the runtime applies to image files (pixels / 255, resized, ``(x - mean) / std``)."""
-    if len(traced.inputs) != 1:
-        return None
-    name = traced.inputs[0]
-    dims = shapes.of(name)
+    """For a model with one float [N, C, H, W] input (C = 1 or 3), or [N, H, W] (grey): the
+    size and normalisation the runtime applies to image files (pixels / 255, resized,
+    ``(x - mean) / std``). ``--image-mean``/``--image-std`` for any other model are an error."""
+    dims = shapes.of(traced.inputs[0]) if len(traced.inputs) == 1 else []
+    name = traced.inputs[0] if traced.inputs else ""
+    if len(dims) == 3:  # [N, H, W]: one grey channel
+        dims = [dims[0], 1, *dims[1:]]
     if (len(dims) != 4 or shapes.dtype.get(name) != TensorProto.FLOAT
             or not all(isinstance(d, int) for d in dims[1:]) or dims[1] not in (1, 3)):
+        if mean is not None or std is not None:
+            raise ExportError("--image-mean/--image-std apply to a model whose one input is a "
+                              "float image, [N, 1 or 3, H, W] or [N, H, W] with a fixed size; "
+                              "this model has none: leave them out")
         return None
     c = int(dims[1])
     for flag, vals, positive in (("--image-mean", mean, False), ("--image-std", std, True)):

@@ -218,6 +218,14 @@ def _carried_bytes(trainer: Trainer) -> int:
     return 0 if prefix is None else 2 * prefix.bytes_per_sample
 
 
+def _data_fixed_bytes(data) -> int:
+    """The data source's transient bytes of a read that do not grow with its rows (decoding
+    the largest image of a folder: up to ~10 bytes a pixel for a 16-bit PNG). The probes read a
+    few random rows and would miss it."""
+    fixed = getattr(data, "bytes_fixed", None)
+    return int(fixed()) if callable(fixed) else 0
+
+
 def _grams_bytes(trainer: Trainer) -> int:
     layers = trainer.bundle.layers
     if trainer.mode != "instant" or not layers:
@@ -301,7 +309,9 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
                          f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
                          f"above it, e.g. to {hint / 1e6:.0f}MB (`instant-runtime plan` "
                          "without --budget estimates the minimum)")
-    need = max(exc.need * MIN_FACTOR, budget + 1_000_000)
+    # an estimate below the refused budget means the probes missed part of the need: ask for
+    # MIN_FACTOR x the budget rather than a step the user would have to repeat MB by MB
+    need = max(exc.need, budget) * MIN_FACTOR
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
                      f"raise --budget to at least {need / 1e6:.0f}MB")
 
@@ -340,6 +350,9 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     frozen = _frozen(trainer)
     per_sample = _data_bytes_per_sample(trainer, data)
     grams = _grams_bytes(trainer)
+    # decoding one row (the largest image) holds this besides a micro-batch's arrays, outside
+    # the arena and while the arena is full: planned like them
+    decode = _data_fixed_bytes(data)
     # 2 % of what the process may use: the budget, or the machine's RAM when that is smaller
     margin = max(MIN_MARGIN, int(0.02 * min(budget, physical_ram() or budget))) + int(reserve)
     batch = max(1, min(batch, len(data)))
@@ -366,16 +379,18 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
             if probe.get("over"):
                 return BudgetTooSmall(why, floor=floor)
             return UserError(f"a planning probe failed: {probe['error']}")
-        m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin)
+        m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin, decode)
         # the probes of a real run at micro-batch 1 (full-rank bases, under a cap that keeps
         # room for 8 samples of input and the Grams) must fit the stated minimum too
         need = max(m1.peak(1, 1 if instant else 0, m1.saved_min), warm["peak"] + margin,
-                   probe["peak"] + margin + 8 * per_sample + grams)
+                   probe["peak"] + margin + 8 * per_sample + grams + decode)
         return BudgetTooSmall(why, int(need))
 
-    cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams
+    cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams - decode
     if cap0 <= 0:
-        raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB",
+        what = (f", and decoding its largest image up to {decode / 1e6:.0f} MB"
+                if decode >= 1 << 20 else "")
+        raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",
                       budget - cap0)
     res = _fork(lambda: sessions_only(cap0), limit=limit)
     if not res["ok"]:
@@ -384,15 +399,15 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         raise UserError(f"cannot open the bundle's sessions: {res['error']}")
     base = base0 + int(res["overhead"])
     floor = base + frozen + margin
-    if floor + 2 * per_sample + grams >= budget:
+    if floor + 2 * per_sample + grams + decode >= budget:
         raise minimum(f"the runtime, its sessions and weights take {base / 1e6:.0f} MB")
     measured = _fork(lambda: _measure(trainer, data, batch, budget - floor - 8 * per_sample
-                                      - grams), limit=limit)
+                                      - grams - decode), limit=limit)
     if not measured["ok"]:
         if measured["oom"]:
             raise minimum("a probe at micro-batch 1 did not fit")
         raise ProbeError(f"a planning probe failed: {measured['error']}")
-    model = _model(trainer, measured, base, frozen, per_sample, grams, margin)
+    model = _model(trainer, measured, base, frozen, per_sample, grams, margin, decode)
     try:
         plan = make_plan(model, budget, batch, instant)
     except BudgetError as exc:
@@ -532,7 +547,7 @@ def _one_batch(cfg):
 
 
 def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, grams: int,
-           margin: int) -> MemoryModel:
+           margin: int, decode: int = 0) -> MemoryModel:
     def line(points: dict) -> tuple[int, float]:
         pts = {int(k): float(v) for k, v in points.items()}
         lo, hi = min(pts), max(pts)
@@ -558,6 +573,7 @@ def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, g
     return MemoryModel(base=base, frozen=frozen, data_per_sample=per_sample,
                        arena_fixed=fixed, arena_per_sample=max(0.0, slope - saved_full),
                        calib_fixed=cfixed, calib_per_sample=cslope, grams=grams, margin=margin,
+                       data_fixed=decode,
                        saved_min=min_, saved_want=want, saved_max=full)
 
 

@@ -152,6 +152,8 @@ class RunFolder:
         try:
             if ok and self._identity_due and self.path.is_dir():
                 self._write_identity()
+            if not ok and old is None:
+                self._remove_stub()
             if old is not None:
                 if not ok:
                     self._remove_new(set())
@@ -164,6 +166,25 @@ class RunFolder:
         pending, self._pending = self._pending, None
         if pending is not None:  # deliver it now, to the handler it was meant for
             signal.raise_signal(pending)
+
+    def _remove_stub(self) -> None:
+        """A run that failed before it wrote anything but its stub (run.json, an empty
+        checkpoints folder: e.g. refused by its budget) leaves the folder as it was, so that
+        the command its error suggests can run."""
+        new = {f for f in RUN_FILES if f not in self._before
+               and ((self.path / f).exists() or (self.path / f).is_symlink())}
+        ckpts = self.path / "checkpoints"
+        if not new or not new <= {"run.json", "checkpoints"}:
+            return
+        if "checkpoints" in new and (ckpts.is_symlink() or not ckpts.is_dir()
+                                     or any(ckpts.iterdir())):
+            return
+        self._remove_new(self._before)
+        if self._made_folder:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # someone put a file there meanwhile: leave the folder
 
     def _remove_new(self, keep: set[str]) -> None:
         """Remove the run files in the folder except ``keep``."""

@@ -83,12 +83,13 @@ def test_infeasible_budget_is_refused_with_a_minimum_that_then_works(workload, t
     # what they measured, or, when one sample alone passed it, a generous suggestion
     m = re.search(r"raise --budget (?:to at least|well above it, e\.g\. to) (\d+)MB", lines[0])
     assert m, lines[0]
-    assert not (tmp_path / "run" / "params.npz").exists()  # nothing trained, nothing written
+    # nothing trained, nothing left behind: the command the error suggests runs as it is
+    assert not (tmp_path / "run").exists(), sorted(p.name for p in (tmp_path / "run").iterdir())
     # wait4's maxrss covers the probe processes it reaped: they stayed inside the budget too
     if refused == 100:  # 20 MB is below what the interpreter and the data take to refuse
         assert r.peak <= refused * MB, r.peak
     stated = int(m[1])
-    r2, s2 = _train(bundle, data, tmp_path / "run2", "--steps", "2", "--budget", f"{stated}MB")
+    r2, s2 = _train(bundle, data, tmp_path / "run", "--steps", "2", "--budget", f"{stated}MB")
     assert r2.returncode == 0, (stated, r2.stderr)
     assert r2.peak <= stated * MB
 
@@ -244,3 +245,15 @@ def test_a_refused_budget_is_never_passed_by_the_planning_probes(tmp_path):
                       timeout=600, cwd=REPO)
     assert r2.returncode == 0, (stated, r2.stderr[-1500:])
     assert r2.peak <= stated * MB
+
+
+def test_a_refusal_whose_estimate_is_below_the_budget_asks_for_a_real_step_up():
+    """Probes that missed part of the need (their estimate is below the refused budget) gave
+    "raise --budget to at least budget + 1 MB", and the user walked up MB by MB."""
+    from runtime.budget import MIN_FACTOR, BudgetTooSmall, _stated_minimum
+
+    for need, budget in ((119 * MB, 120 * MB), (200 * MB, 120 * MB)):
+        msg = str(_stated_minimum(BudgetTooSmall("a probe at micro-batch 1 did not fit", need),
+                                  budget))
+        stated = int(re.search(r"at least (\d+)MB", msg)[1]) * MB
+        assert stated >= max(need, budget) * MIN_FACTOR - MB, msg

@@ -522,3 +522,44 @@ def test_an_invalid_file_is_refused_at_export(tmp_path):
     assert not (tmp_path / "b17").exists()
     r = _cli("export", "--model", save(18), "--out", tmp_path / "b18")
     assert r.returncode == 0, r.stderr
+
+
+def test_shape_inference_without_the_weights_gives_the_same_shapes():
+    """export.graph.infer_shapes hands large float weights to ONNX shape inference as typed
+    inputs (no copy of the weights per call); every shape must equal full inference's,
+    including shapes that small float and integer constants decide (Resize scales, Reshape)."""
+    from export.graph import Shapes, infer_shapes
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 96)).astype(np.float32), "w")
+    conv = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.1,
+                                   "conv")  # 216 elements: small, stays a constant
+    big_conv = numpy_helper.from_array(
+        rng.standard_normal((64, 8, 3, 3)).astype(np.float32), "big_conv")  # 4608: an input
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    shape = numpy_helper.from_array(np.array([-1, 64], np.int64), "shape")
+    nodes = [
+        helper.make_node("Conv", ["x", "conv"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "", "scales"], ["r"], mode="nearest"),
+        helper.make_node("Conv", ["r", "big_conv"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+        helper.make_node("Reshape", ["p", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [w, conv, big_conv, scales, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    full = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    light = infer_shapes(model, strict_mode=True, data_prop=True)
+    assert {t.name for t in light.graph.initializer} == {"conv", "scales", "shape"}
+
+    def shapes(m):
+        return {vi.name: str(vi.type) for vi in list(m.graph.value_info) + list(m.graph.output)}
+
+    assert shapes(light) == shapes(full)
+    got = Shapes(model)
+    assert got.shape["r"][1:] == [8, 32, 24] and got.shape["c2"][1:] == [64, 16, 12]
+    assert got.shape["y"][1:] == [96] and got.shape["w"] == [64, 96]

@@ -1000,3 +1000,27 @@ def test_a_giant_header_is_not_echoed_in_full(tmp_path, tokenizer_file):
     with pytest.raises(UserError, match="has no column 'text'") as e:
         _text(p, tokenizer_file)
     assert len(str(e.value)) < 1000 and "\n" not in str(e.value)
+
+
+def test_symlinked_folders_are_read_once(digit_folder, tmp_path):
+    """A symlink loop inside a class folder, a class folder that links to another class's and a
+    link to itself: every image is read once, under its own class, and each link is counted as
+    ignored (a loop gave an error line about 'Too many levels of symbolic links')."""
+    import shutil
+
+    root = tmp_path / "train"
+    shutil.copytree(digit_folder.root, root)
+    (root / "0" / "loop").symlink_to("..", target_is_directory=True)  # -> train/
+    (root / "1" / "self.png").symlink_to("self.png")  # ELOOP on stat
+    (root / "3").symlink_to("2", target_is_directory=True)  # a 4th "class": 2's images again
+    src = open_images(root, GREY8, IMG_INPUT, _ce(3))
+    files = digit_folder.files
+    assert len(src) == len(files), (len(src), src.problems.ignored)
+    assert [src.file(i).relative_to(root).as_posix() for i in range(len(src))] == \
+        [f for f, _, _ in files]
+    assert src.class_names == ["0", "1", "2"]
+    ignored = src.problems.ignored
+    assert ignored.get("folder reached a second time (a symlink loop or a second link to "
+                       "it)") == 1, ignored
+    assert ignored.get("class folder that links to another class's folder") == 1, ignored
+    assert any(k.startswith("unreadable entry") for k in ignored), ignored

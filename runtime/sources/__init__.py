@@ -109,8 +109,9 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
             raise UserError(f"{path} is a folder; a text model trains on one .csv, .tsv or "
                             ".jsonl file: pass that file as --data")
         raise UserError(f"{path} is an image folder, but the bundle records no image input "
-                        "(manifest 'image': size and normalisation); export the model as an "
-                        "image model or pass arrays in an .npz")
+                        "(manifest 'image': size and normalisation; a model whose one input is "
+                        "a float [N, 1 or 3, H, W] or [N, H, W] tensor of fixed size gets it at "
+                        "export); pass arrays in an .npz")
     return open_images(path, manifest.image, manifest.inputs, manifest.loss,
                        class_names=class_names)
 

@@ -86,14 +86,33 @@ class ImageSource(Source):
             top = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as exc:
             raise UserError(f"cannot list image folder {self.root}: {exc.strerror}") from None
-        classes = []
+        classes, keys = [], {}
         for e in top:
-            if e.name.startswith("."):
-                self.problems.ignore("hidden file or folder", e.name)
-            elif e.is_dir():
+            kind = _entry_kind(e)
+            if kind == "folder":
+                try:
+                    key = _folder_key(self.root / e.name)
+                except OSError as exc:
+                    self.problems.ignore(f"unreadable entry ({exc.strerror})", e.name)
+                    continue
+                keys.setdefault(key, []).append(e)
                 classes.append(e.name)
+            elif kind.startswith(("hidden", "unreadable")):
+                self.problems.ignore(kind, e.name)
             else:
                 self.problems.ignore("file outside the class folders", e.name)
+        for same in keys.values():  # class folders that are one folder: the real one is read
+            if len(same) > 1:
+                keep = next((e for e in same if not e.is_symlink()), same[0])
+                for e in same:
+                    if e is not keep:
+                        self.problems.ignore("class folder that links to another class's "
+                                             "folder", e.name)
+                        classes.remove(e.name)
+        # the data folder and its class folders are read from the top only, never through a
+        # link below them (a loop)
+        self._walked = set()
+        self._reserved = {_folder_key(self.root), *keys}
         empty = [c for c in classes if not self._has_images(c)]
         for c in empty:  # e.g. a run folder written inside the data folder: not a class
             self.problems.ignore("folder without PNG/JPEG files", c)
@@ -105,7 +124,7 @@ class ImageSource(Source):
         for c in classes:
             labels.declare(c)
         for c in classes:
-            for rel in self._walk(c):
+            for rel in self._walk(c, top=True):
                 rows += 1
                 reason, pixels = self._check(rel)
                 if reason is not None:
@@ -120,26 +139,40 @@ class ImageSource(Source):
                 max_pixels = max(max_pixels, pixels)
         return blob, offsets, rows, max_pixels
 
-    def _has_images(self, rel_dir: str) -> bool:
+    def _has_images(self, rel_dir: str, seen: set | None = None) -> bool:
         """Whether ``rel_dir`` holds a PNG/JPEG file at any depth (what :meth:`_walk` would
         yield; nothing is recorded)."""
+        seen = set() if seen is None else seen
         try:
+            key = _folder_key(self.root / rel_dir)
             entries = list(os.scandir(self.root / rel_dir))
         except OSError:
             return True  # _walk reports it
+        if key in seen:  # a symlink loop
+            return False
+        seen.add(key)
         for e in entries:
             kind = _entry_kind(e)
             if kind == "image" or (kind == "folder"
-                                   and self._has_images(f"{rel_dir}/{e.name}")):
+                                   and self._has_images(f"{rel_dir}/{e.name}", seen)):
                 return True
         return False
 
-    def _walk(self, rel_dir: str) -> Iterator[str]:
+    def _walk(self, rel_dir: str, top: bool = False) -> Iterator[str]:
+        """The images under ``rel_dir`` in name order. A folder reached a second time (a
+        symlink loop, or a link to a folder already read, or to the data folder or a class
+        folder) is ignored and counted, never read twice."""
         try:
+            key = _folder_key(self.root / rel_dir)
             entries = sorted(os.scandir(self.root / rel_dir), key=lambda e: e.name)
         except OSError as exc:
             self.problems.ignore("unreadable folder", f"{rel_dir} ({exc.strerror})")
             return
+        if key in self._walked or (not top and key in self._reserved):
+            self.problems.ignore("folder reached a second time (a symlink loop or a second "
+                                 "link to it)", rel_dir)
+            return
+        self._walked.add(key)
         for e in entries:
             rel = f"{rel_dir}/{e.name}"
             kind = _entry_kind(e)
@@ -258,16 +291,24 @@ class ImageSource(Source):
         return (2 << 16) + 12 * self.max_pixels + 12 * self.h * self.w * max(self.c, 1)
 
 
+def _folder_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _entry_kind(e: os.DirEntry) -> str:
     """"folder", "image", or why the entry is ignored."""
     if e.name.startswith("."):
         return "hidden file or folder"
-    if e.is_dir():
-        return "folder"
-    if not e.name.lower().endswith(IMAGE_SUFFIXES):
-        return "not a PNG/JPEG file"
-    if not e.is_file():  # a FIFO or device named like an image would block a read
-        return "not a regular file"
+    try:
+        if e.is_dir():
+            return "folder"
+        if not e.name.lower().endswith(IMAGE_SUFFIXES):
+            return "not a PNG/JPEG file"
+        if not e.is_file():  # a FIFO or device named like an image would block a read
+            return "not a regular file"
+    except OSError as exc:  # a link to itself, a vanished entry
+        return f"unreadable entry ({exc.strerror})"
     return "image"
 
 
