@@ -23,6 +23,7 @@ and the earlier checkpoint to resume from.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import stat
 import sys
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from contract.files import fsync_dir
 
 from .bundle import Bundle
 
-__all__ = ["Checkpointer", "DamagedCheckpoint", "StartupInterrupted", "StopSignals",
+__all__ = ["CheckpointWriteError", "Checkpointer", "DamagedCheckpoint", "StartupInterrupted", "StopSignals",
            "TrainingInterrupted", "Writer", "atomic_write", "bundle_sha256", "describe",
            "meta_array", "meta_dict", "meta_float", "meta_int", "newest_checkpoint",
            "pointer_entries", "read_regular", "warn", "write_npz", "write_text"]
@@ -112,14 +113,31 @@ class Checkpointer:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass  # the folder itself is unusable; nothing was written
-            prev = self.entries()
-            last = (f"the last good checkpoint {self.folder / prev[0]['file']} is intact"
-                    if prev else "no earlier checkpoint exists")
-            raise UserError(f"cannot write checkpoint {final}: "
-                            f"{exc.strerror or exc.__class__.__name__}; {last}; free space "
-                            "or pass another --out") from None
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {final}: {exc.strerror or exc.__class__.__name__}",
+                self._last_good(final),
+                "free space or pass another --out" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                else f"check what is in the way in '{self.folder}' (a folder where a file "
+                     "goes, permissions) or pass another --out") from None
         self._prune({e["file"] for e in kept})
         return final
+
+    def _last_good(self, failed: Path) -> str:
+        """Which checkpoint a failed write leaves to resume from: the pointer's newest that is
+        a regular file, else the newest checkpoint file in the folder (a damaged pointer)."""
+        for e in self.entries():
+            q = self.folder / e["file"]
+            if q != failed and q.is_file() and not q.is_symlink():
+                return f"the last good checkpoint {q} is intact"
+        try:
+            files = sorted((q for q in self.folder.iterdir() if _NAME.match(q.name)
+                            and q != failed and q.is_file() and not q.is_symlink()),
+                           key=lambda q: q.name, reverse=True)
+        except OSError:
+            files = []
+        if files:
+            return f"the newest checkpoint file is {files[0]} (the pointer does not name it)"
+        return "no earlier checkpoint exists"
 
     def _write_pointer(self, entries: list[dict]) -> None:
         text = json.dumps({"format": FORMAT, "checkpoints": entries}, indent=1)
@@ -260,10 +278,15 @@ def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray],
                              "never are (damaged, or not written by this runtime)")
         f.seek(0)
         with np.load(f, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}  # reading each member checks its zip CRC
-    if _META not in arrays:
-        raise ValueError(f"no {_META} member: not a {FORMAT}")
-    meta = json.loads(arrays.pop(_META).tobytes().decode())
+            # reading a member checks its zip CRC: all are read here, one at a time, so that a
+            # damaged file is found now; the arrays are read again when they are restored
+            for k in z.files:
+                z[k]
+            if _META not in z.files:
+                raise ValueError(f"no {_META} member: not a {FORMAT}")
+            meta_blob = z[_META]
+    arrays = _Members(path, [k for k in z.files if k != _META])
+    meta = json.loads(meta_blob.tobytes().decode())
     if not isinstance(meta, dict):
         raise ValueError(f"its metadata is a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -274,7 +297,40 @@ def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray],
     return arrays, meta
 
 
+class _Members(Mapping):
+    """A checkpoint's arrays, each read from the file when it is asked for (and checked by its
+    zip CRC again): a resume holds one array of the checkpoint at a time besides the run's own
+    state, never the whole file (a 154 MB checkpoint of a large embedding table stayed
+    resident through a resumed run and passed its budget). The file is opened without
+    following links, as for the first read."""
+
+    def __init__(self, path: Path, keys: list[str]) -> None:
+        self.path, self.keys_ = path, keys
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.keys_:
+            raise KeyError(key)
+        with os.fdopen(_open_regular(self.path), "rb") as f, \
+                np.load(f, allow_pickle=False) as z:
+            return z[key]
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
 # ------------------------------------------------------------------------- content checks
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written: ``what`` failed, ``last`` is what remains to resume
+    from, ``way`` the way out (joined, the one-line message)."""
+
+    def __init__(self, what: str, last: str, way: str) -> None:
+        super().__init__(f"{what}; {last}; {way}")
+        self.what, self.last, self.way = what, last, way
+
+
 class DamagedCheckpoint(ValueError):
     """A checkpoint that reads back but cannot be this run's state: a missing or malformed
     value, an array of another shape or dtype, NaN or inf weights, a count out of range.

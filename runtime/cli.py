@@ -332,6 +332,21 @@ def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log)
 
 
 # ------------------------------------------------------------------------------ commands
+def _not_bundle_files(folder: Path) -> list[str]:
+    """Names in a bundle folder that its manifest does not list (sorted): a run folder, a fleet
+    folder, anything of the user's. A manifest that cannot be read lists nothing."""
+    import json
+
+    try:
+        listed = json.loads((folder / "manifest.json").read_text()).get("files", {})
+        listed = {str(f).split("/")[0] for f in listed} if isinstance(listed, (dict, list)) \
+            else set()
+    except (OSError, ValueError, AttributeError, RecursionError):
+        listed = None  # a damaged bundle: its folders at least are not the bundle's files
+    return sorted(e.name for e in folder.iterdir() if e.name != "manifest.json"
+                  and (e.name not in listed if listed is not None else e.is_dir()))
+
+
 def _cmd_export(a) -> int:
     import shutil
     import tempfile
@@ -347,6 +362,12 @@ def _cmd_export(a) -> int:
         if not (out / "manifest.json").is_file():
             raise UserError(f"--out '{out}' exists and is not a bundle; refusing to replace it "
                             "(remove it yourself, or pass another --out)")
+        extra = _not_bundle_files(out)
+        if extra:  # BUNDLE/run is train's default --out: its checkpoints would be deleted
+            raise UserError(f"--out '{out}' holds more than a bundle ({', '.join(extra[:3])}"
+                            f"{', ...' if len(extra) > 3 else ''}: training runs or your files), "
+                            "which --overwrite would delete; move them out of it first, or "
+                            "pass another --out")
     exclude = None
     if a.instant_exclude is not None:
         exclude = [] if a.instant_exclude == "none" else a.instant_exclude.split(",")
@@ -443,8 +464,9 @@ def _shared_params(path: Path, m) -> list[str]:
 
 def _cmd_train(a) -> int:
     from .bundle import open_bundle
-    from .checkpoint import TrainingInterrupted
+    from .checkpoint import CheckpointWriteError, TrainingInterrupted
     from .config import OptimConfig, RunConfig
+    from .errors import UserError
     from .run import RunFolder, run_identity, train
     from .trainer import Trainer
 
@@ -480,6 +502,12 @@ def _cmd_train(a) -> int:
         ok = True
         print(exc, file=sys.stderr)
         return exc.exit_code
+    except CheckpointWriteError as exc:
+        folder.finish(False)
+        if folder.restored:  # the checkpoint it names was this run's, now removed
+            raise UserError(f"{exc.what}; this run's files were removed and the previous run "
+                            f"in '{out}' is back in place; {exc.way}") from None
+        raise
     finally:
         folder.finish(ok)  # a failed --overwrite run puts the old run back
     print("\n".join(summary.lines(trainer)))
@@ -650,6 +678,14 @@ def _on_sigint(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # probes fork; no Rust thread pool
     import signal
+
+    # a path or class name the terminal's encoding cannot show (LANG=C, an ASCII pipe, an
+    # undecodable byte) is printed escaped, never a UnicodeEncodeError after the run's work
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
 
     # Ctrl-C while a C extension initialises surfaces as that import's error (e.g. "ImportError:
     # initialization failed"): remember that SIGINT came, so any exception after it exits 130.

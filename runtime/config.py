@@ -205,6 +205,10 @@ class RunConfig:
         _int("--checkpoint-every", self.checkpoint_every, 0)
         _int("--max-nonfinite", self.max_nonfinite, 1)
         _int("--budget", self.budget, 1, none_ok=True)
+        if self.micro_batch is not None and self.micro_batch > self.batch:
+            raise UserError(f"--micro-batch {self.micro_batch} is larger than --batch "
+                            f"{self.batch}: a micro-batch is a part of a step's batch; pass "
+                            "--micro-batch at most --batch")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite contradict each other: --resume continues "
                             "the run in --out, --overwrite replaces it; pass one")

@@ -131,6 +131,7 @@ class Order:
         self.starts = range(0, n - batch + 1 if n >= batch else 1, batch)
         self.perm: np.ndarray | None = None
         self.pos = 0
+        self.data_id: str | None = None  # data_fingerprint, checked on resume
 
     def next(self) -> np.ndarray:
         if self.perm is None or self.pos >= len(self.starts):
@@ -173,6 +174,27 @@ class Metrics:
             self._f.close()
 
 
+def data_fingerprint(data) -> str:
+    """SHA-256 of the data a run reads, as far as a resume needs to tell: the row count, every
+    label (in chunks: no decoding of inputs where a source reads labels alone) and the inputs
+    of the first, middle and last rows. Another file of as many rows, the same rows reordered,
+    relabelled or edited at those rows, gives another value."""
+    import hashlib
+
+    h = hashlib.sha256()
+    n = len(data)
+    h.update(str(n).encode())
+    labels = getattr(data, "take_labels", None) or (lambda idx: data.take(idx)[1])
+    for a in range(0, n, 1 << 16):
+        h.update(np.ascontiguousarray(labels(np.arange(a, min(n, a + (1 << 16))))).tobytes())
+    if n:
+        x, _ = data.take(np.array(sorted({0, n // 2, n - 1}), np.int64))
+        for k in sorted(x):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(x[k]).tobytes())
+    return h.hexdigest()
+
+
 def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, tally: dict,
               losses: list[float], times: list[float]) -> tuple[dict, dict]:
     """Trainer state plus the run's data order, RNG states and running statistics."""
@@ -183,7 +205,7 @@ def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, ta
         arrays["run/perm"] = order.perm
     run = {"n": order.n, "batch": order.batch, "pos": order.pos,
            "rng": order.rng.bit_generator.state, "calib_rng": calib_rng.bit_generator.state,
-           **tally}
+           "data": order.data_id, **tally}
     return arrays, {"trainer": meta, "run": run}
 
 
@@ -206,6 +228,11 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
                          if mine[k] != theirs[k])
         raise UserError(f"checkpoint was written with {diff}; resume with the same --seed, "
                         "--batch and --data, or drop --resume")
+    # (checkpoints written before the fingerprint existed have none)
+    if run.get("data") is not None and run.get("data") != order.data_id:
+        raise UserError("checkpoint was written for other data: --data has as many rows, but "
+                        "its labels or inputs differ (another file, reordered, relabelled or "
+                        "edited); resume with the run's own --data, or drop --resume")
     steps = meta_int(tmeta, "step_count", "trainer")
     if steps != meta["step"]:
         raise DamagedCheckpoint(f"trainer.step_count {steps} differs from the file's step "
@@ -325,6 +352,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     batch = min(cfg.batch, len(data))
     if batch < 1:
         raise UserError(f"the training data '{getattr(data, 'name', '?')}' is empty")
+    if batch < cfg.batch:
+        warn(f"--batch {cfg.batch} is more than the {len(data)} training rows; each step "
+             f"takes all {batch}")
     if out is not None:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -335,13 +365,15 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     plan = trainer.plan
     guard = _Guard(trainer, log)
     order = Order(len(data), batch, rng)
+    order.data_id = data_fingerprint(data) if out is not None else None
     times: list[float] = []
     losses: list[float] = []
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
-    resumed = ckpt.load() if cfg.resume and ckpt is not None else None
-    if resumed is not None:
+    loaded = ckpt.load() if cfg.resume and ckpt is not None else None
+    resumed = loaded is not None
+    if loaded is not None:
         try:
-            tally, losses, times = _restore(trainer, order, calib_rng, seed, *resumed)
+            tally, losses, times = _restore(trainer, order, calib_rng, seed, *loaded)
         except DamagedCheckpoint as exc:
             raise ckpt.damaged(exc) from None
     elif cfg.resume:
@@ -353,7 +385,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                   micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
                   saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)
     test = getattr(data, "test", None)
-    if resumed is None and test is not None:
+    del loaded  # (its arrays are read from the file one at a time: nothing is held)
+    if not resumed and test is not None:
         _, tally["acc_before"] = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
     idle = current_rss()
     start = trainer.step_count
@@ -447,7 +480,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         calibrations=trainer.calibrations, calib_steps=trainer.calib_steps,
         calib_s=trainer.calib_seconds, idle_rss=idle,
         ranks={k: list(v) for k, v in trainer.ranks().items()},
-        resumed_from=start if resumed is not None else None, output=bundle.output,
+        resumed_from=start if resumed else None, output=bundle.output,
         budget=plan.budget, predicted_peak=plan.predicted_peak, guard_shrinks=guard.shrinks)
     s.checkpoint = str(last_ckpt) if last_ckpt else None
     s.examples_per_s = batch / s.median_step_s if s.median_step_s else 0.0

@@ -4,6 +4,7 @@ begins puts it back as it was."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -65,6 +66,9 @@ class RunFolder:
         self._pid = os.getpid()
         self._busy = False  # moving files: a signal waits (``_pending``) until they are moved
         self._pending: int | None = None
+        self._lock: int | None = None  # an fd of the folder, flock'ed while the run holds it
+        self.restored = False  # finish put back the run that --overwrite set aside
+        self._finished = False
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create or check the folder and write ``run.json``.
@@ -76,6 +80,64 @@ class RunFolder:
         """
         p = self.path
         check_out_path(p, "a run", " (the default is BUNDLE/run)")
+        self._made_folder = not p.exists()
+        self._take_lock()
+        try:
+            self._prepare(resume, overwrite)
+        except BaseException:
+            self.finish(False)  # the caller's finish never runs when prepare fails
+            raise
+
+    def _take_lock(self) -> None:
+        """Hold the folder for this run (``flock`` on the folder itself; the kernel drops it
+        when the process ends, however it ends): a second run into it is refused."""
+        p = self.path
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise UserError(f"cannot create --out '{p}': {exc.strerror or exc}; pass another "
+                            "--out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(f"--out '{p}' is in use by another training run of this machine; "
+                            "wait for it to end, or pass another --out") from None
+        self._lock = fd
+
+    def _recover_set_aside(self) -> None:
+        """A run that ``--overwrite`` set aside (``.replaced.PID``) whose replacement was killed
+        (SIGKILL, a power cut): put back where the replacement never wrote a checkpoint (its
+        stub is replaced; nothing else is deleted, so a recovery cut short can run again),
+        else dropped, as a finished replacement would have (one note either way)."""
+        p = self.path
+        for old in sorted(p.glob(".replaced.*")):
+            if old.is_symlink() or not old.is_dir() or not _RUN_LEFTOVER.match(old.name):
+                continue
+            if newest_checkpoint(p / "checkpoints") is not None:
+                shutil.rmtree(old, ignore_errors=True)
+                print(f"note: '{p}': removed the run that an interrupted --overwrite had set "
+                      f"aside ({old.name}); its replacement has checkpoints", file=sys.stderr)
+                continue
+            try:
+                for q in sorted(old.iterdir(), key=lambda q: q.name == "checkpoints"):
+                    target = p / q.name
+                    if q.is_dir() and target.is_dir() and not target.is_symlink():
+                        target.rmdir()  # the replacement's empty checkpoints folder
+                    os.replace(q, target)
+                old.rmdir()
+            except OSError as exc:
+                raise UserError(f"--out '{p}': cannot put back the run that an interrupted "
+                                f"--overwrite set aside in '{old}' ({exc.strerror or exc}); "
+                                "move its files back by hand, or pass another --out") from None
+            print(f"note: '{p}': put back the run that an interrupted --overwrite had set "
+                  f"aside ({old.name})", file=sys.stderr)
+
+    def _prepare(self, resume: bool, overwrite: bool) -> None:
+        p = self.path
+        self._recover_set_aside()
+        self._catch_signals()
         existing = [f for f in RUN_FILES if (p / f).exists()
                     and not (f == "checkpoints" and not (p / f).is_dir())]
         if existing and not (resume or overwrite):
@@ -99,37 +161,33 @@ class RunFolder:
                 raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
                                 "bundle, or pass another --out")
         self._before = set(existing)
-        self._made_folder = not p.exists()
-        self._catch_signals()
+        if overwrite and existing:
+            # set aside, not deleted: a run that fails (bad data found late, an impossible
+            # budget, a signal before its first checkpoint) puts the old one back (finish)
+            self._busy = True
+            self._replaced = p / f".replaced.{os.getpid()}"
+            self._replaced.mkdir()
+            for f in existing:
+                os.replace(p / f, self._replaced / f)
+            self._before = set()
+            self._busy = False
+            if self._pending is not None:
+                self._stop(self._pending)
+        self._busy = True  # a signal waits: one between write and unlink left the probe
         try:
-            if overwrite and existing:
-                # set aside, not deleted: a run that fails (bad data found late, an impossible
-                # budget, a signal before its first checkpoint) puts the old one back (finish)
-                self._busy = True
-                self._replaced = p / f".replaced.{os.getpid()}"
-                self._replaced.mkdir()
-                for f in existing:
-                    os.replace(p / f, self._replaced / f)
-                self._before = set()
-                self._busy = False
-                if self._pending is not None:
-                    self._stop(self._pending)
-            self._busy = True  # a signal waits: one between write and unlink left the probe
-            try:
-                for folder in (p, p / "checkpoints"):
-                    _check_writable(folder, p)
-            finally:
-                self._busy = False
-                if self._pending is not None:  # the signal first, whether the probe failed
-                    self._stop(self._pending)
-            # a resumed run without one gets it only once it ran (finish): a resume that fails
-            # (a damaged checkpoint) leaves the folder as it was
-            self._identity_due = not (p / "run.json").exists()
-            if self._identity_due and not (resume and existing):
-                self._write_identity()
-        except BaseException:
-            self.finish(False)  # the caller's finish never runs when prepare fails
-            raise
+            for folder in (p, p / "checkpoints"):
+                _check_writable(folder, p)
+        finally:
+            self._busy = False
+            if self._pending is not None:  # the signal first, whether the probe failed
+                self._stop(self._pending)
+        # a resumed run without one gets it only once it ran (finish): a resume that fails
+        # (a damaged checkpoint) leaves the folder as it was
+        # so does a resume that finds no checkpoint (it starts afresh, with these options)
+        self._identity_due = (not (p / "run.json").exists()
+                              or (resume and newest_checkpoint(p / "checkpoints") is None))
+        if self._identity_due and not (resume and existing):
+            self._write_identity()
 
     def _write_identity(self) -> None:
         text = json.dumps(self.identity, indent=1)
@@ -146,7 +204,11 @@ class RunFolder:
 
     def finish(self, ok: bool) -> None:
         """After the run: drop the replaced run's files (``ok``), or remove what the failed run
-        wrote and put them back. Signals taken by :meth:`prepare` are given back."""
+        wrote and put them back. Signals taken by :meth:`prepare` are given back. Once: a
+        second call does nothing."""
+        if self._finished:
+            return
+        self._finished = True
         old, self._replaced = self._replaced, None
         self._busy = True  # a signal now waits: a restore cut half way would lose files
         try:
@@ -159,10 +221,14 @@ class RunFolder:
                     self._remove_new(set())
                     for q in old.iterdir():
                         os.replace(q, self.path / q.name)
+                    self.restored = True
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             self._busy = False
             self._release_signals()
+            if self._lock is not None:
+                os.close(self._lock)  # the folder is free for the next run
+                self._lock = None
         pending, self._pending = self._pending, None
         if pending is not None:  # deliver it now, to the handler it was meant for
             signal.raise_signal(pending)
@@ -174,12 +240,13 @@ class RunFolder:
         new = {f for f in RUN_FILES if f not in self._before
                and ((self.path / f).exists() or (self.path / f).is_symlink())}
         ckpts = self.path / "checkpoints"
-        if not new or not new <= {"run.json", "checkpoints"}:
+        if not new <= {"run.json", "checkpoints"}:
             return
         if "checkpoints" in new and (ckpts.is_symlink() or not ckpts.is_dir()
                                      or any(ckpts.iterdir())):
             return
-        self._remove_new(self._before)
+        if new:
+            self._remove_new(self._before)
         if self._made_folder:
             try:
                 self.path.rmdir()

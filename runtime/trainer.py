@@ -36,7 +36,7 @@ from devices.planner import Plan
 from .bundle import Bundle
 from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
-from .optim import make_optimizer
+from .optim import make_optimizer, resident_zeros
 from .ranks import basis_groups, choose_ranks, gx_break_even
 from .sessions import (
     SharedWeights,
@@ -206,7 +206,7 @@ class Trainer:
         if self.fused:
             self._grads = {p: self.optimizer.state[p]["v"] for p in self.params}
         else:
-            self._grads = {p: np.zeros_like(v) for p, v in self.params.items()}
+            self._grads = {p: resident_zeros(v) for p, v in self.params.items()}
         self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
         self.shared = SharedWeights(bundle)
         # a frozen prefix graph (export/prefix.py) runs each micro-batch without its trailing
@@ -905,11 +905,28 @@ class Trainer:
                 "calibrations": self.calibrations, "calib_seconds": self.calib_seconds,
                 "calib_steps": self.calib_steps, "bases": bases,
                 "micro_batch": self.plan.micro_batch,
-                "calib_micro_batch": self.plan.calib_micro_batch, "window": None}
+                "calib_micro_batch": self.plan.calib_micro_batch, "window": None,
+                "settings": self.settings(), "rank_rows": self.rank_rows}
         if self.window is not None:  # a checkpoint inside a calibration keeps its Grams
             warrays, meta["window"] = self.window.state()
             arrays.update(warrays)
         return arrays, meta
+
+    # the options a resume must repeat to continue the same run (CLI flag: value)
+    def settings(self) -> dict:
+        import dataclasses
+
+        o = self.config.optim
+        out = {"--lr": o.lr, "--weight-decay": o.weight_decay}
+        if self.mode == "instant":
+            flags = {"energy": "--energy", "oversample": "--oversample",
+                     "calib_every": "--calib-every", "calib_batches": "--calib-batches",
+                     "max_rank": "--max-rank", "calib_samples": "--calib-samples",
+                     "rank_policy": "--rank-policy", "variance": "--variance",
+                     "saved_ratio": "--saved-ratio", "flop_ratio": "--flop-ratio"}
+            values = dataclasses.asdict(self.config.instant)
+            out.update({flag: values[k] for k, flag in flags.items() if k in values})
+        return out
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Restore :meth:`state` in place (the sessions' inputs keep pointing at the same arrays).
@@ -935,6 +952,14 @@ class Trainer:
             if got != want:
                 raise UserError(f"checkpoint was trained with {key} '{meta.get(key)}', this run "
                                 f"uses '{want}'; resume with the same --{key}")
+        theirs = meta.get("settings")  # (absent in checkpoints written before it existed)
+        if isinstance(theirs, dict):
+            diff = [f"{k} {theirs[k]} (this run: {v})" for k, v in self.settings().items()
+                    if k in theirs and theirs[k] != v]
+            if diff:
+                raise UserError(f"checkpoint was trained with {', '.join(diff[:4])}; resume "
+                                "with the same options to continue the same run, or drop "
+                                "--resume (or pass --overwrite) to start a new one")
         # -- check
         for k, v in self.params.items():
             meta_array(arrays, f"param/{k}", v.shape, v.dtype)
@@ -949,6 +974,9 @@ class Trainer:
         calibrations = meta_int(meta, "calibrations", "trainer")
         calib_seconds = meta_float(meta, "calib_seconds", "trainer")
         calib_steps = meta_int(meta, "calib_steps", "trainer", default=0)
+        # the micro-batch the saved ranks were chosen for (the FLOP table prices them there);
+        # checkpoints written before it was saved: the micro-batch they ran
+        rank_rows = meta_int(meta, "rank_rows", "trainer", lo=1, none_ok=True, default=None)
         saved = meta_int(meta, "micro_batch", "trainer", lo=1, none_ok=True, default=None)
         saved_c = meta_int(meta, "calib_micro_batch", "trainer", lo=1, none_ok=True,
                            default=None)
@@ -1003,6 +1031,7 @@ class Trainer:
         now_c = self.plan.calib_micro_batch
         if saved_c is not None and (now_c is None or saved_c < now_c):
             self.plan = replace(self.plan, calib_micro_batch=saved_c)
+        self.rank_rows = rank_rows or saved or self.plan.micro_batch or 1
         self.calibrations = calibrations
         self.calib_seconds = calib_seconds
         self.calib_steps = calib_steps

@@ -257,3 +257,54 @@ def test_a_refusal_whose_estimate_is_below_the_budget_asks_for_a_real_step_up():
                                   budget))
         stated = int(re.search(r"at least (\d+)MB", msg)[1]) * MB
         assert stated >= max(need, budget) * MIN_FACTOR - MB, msg
+
+
+WIDE_LINEAR = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 10))
+"""
+
+
+def test_large_trainable_tensors_and_a_resume_stay_inside_the_budget(tmp_path):
+    """A 67 MB trainable weight: its momentum and gradient buffers entered the RSS only at the
+    first update, after the probes had measured (352 MB under a 305 MB budget), and a resume
+    held the whole loaded checkpoint through the run (486 MB under 450 MB). Both runs, polled
+    from outside, stay inside the budget, or the run is refused in one line and the budget it
+    states holds both."""
+    (tmp_path / "wide.py").write_text(WIDE_LINEAR)
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
+                        f"{tmp_path / 'wide.py'}:make", "--input-shape", "8,4096", "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr[-1500:]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "wide.npz", x=rng.standard_normal((256, 4096)).astype(np.float32),
+             y=rng.integers(0, 10, 256))
+    def train(budget_mb, steps, *extra, out=tmp_path / "run"):
+        argv = [sys.executable, "-m", "runtime", "train", str(tmp_path / "b"), "--data",
+                str(tmp_path / "wide.npz"), "--batch", "32", "--steps", str(steps), "--mode",
+                "vanilla", "--optimizer", "sgd", "--checkpoint-every", "2", "--threads", "2",
+                "--no-progress", "--budget", f"{budget_mb}MB", "--out", str(out), *extra]
+        return run_measured(argv, timeout=600, cwd=REPO)
+
+    budget = 305
+    r = train(budget, 4)
+    if r.returncode != 0:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "below the minimum" in lines[0], \
+            r.stderr[-1500:]
+        budget = int(re.search(r"(?:at least|e\.g\. to) (\d+)MB", lines[0])[1])
+        r = train(budget, 4)
+    assert r.returncode == 0, (budget, r.stderr[-1500:])
+    assert r.peak_polled <= budget * MB, (budget, r.peak_polled)
+    # 450 MB: a fresh run peaks at ~352 MB; its resume held ~134 MB more (weights + momentum)
+    for extra in ((), ("--resume",)):
+        r = train(450, 4 if not extra else 8, *extra, out=tmp_path / "run2")
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert r.peak_polled <= 450 * MB, (extra, r.peak_polled)
+    assert "resumed from step 4" in r.stdout, r.stdout[-1500:]

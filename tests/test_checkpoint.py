@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import re
 import os
 import random
 import shutil
@@ -238,6 +239,61 @@ def test_full_disk_during_training_is_one_error_line(mlp_bundle, tmp_path) -> No
                checkpoint_writer=half_then_full_disk(1))
 
 
+def test_a_failed_write_names_what_is_left_and_the_right_way_out(mlp_bundle, tmp_path):
+    """A folder where the checkpoint file goes, or a pointer made a folder: the error named a
+    'last good checkpoint' that was that folder, or said none exists while four did, and told
+    to free space."""
+    b = open_bundle(mlp_bundle)
+    folder = tmp_path / "checkpoints"
+    ck = Checkpointer(folder, b)
+    tr = _trainer(mlp_bundle)
+    arrays, meta = tr.state()
+    ck.save(2, arrays, meta)
+    (folder / "ckpt-000004.npz").mkdir()  # in the way of the next one
+    with pytest.raises(UserError) as e:
+        ck.save(4, arrays, meta)
+    msg = str(e.value)
+    assert f"the last good checkpoint {folder / 'ckpt-000002.npz'} is intact" in msg, msg
+    assert "free space" not in msg and "check what is in the way" in msg, msg
+    (folder / "ckpt-000004.npz").rmdir()
+    (folder / "latest").unlink()
+    (folder / "latest").mkdir()  # the pointer cannot be read, nor written
+    with pytest.raises(UserError) as e:
+        ck.save(6, arrays, meta)
+    msg = str(e.value)
+    assert "the newest checkpoint file is" in msg and "no earlier checkpoint" not in msg, msg
+
+
+def test_a_full_disk_in_an_overwrite_says_the_previous_run_is_back(cli, mlp_bundle, tmp_path):
+    """The error named the new run's checkpoint as 'intact' after the failed --overwrite had
+    removed it and put the previous run back."""
+    out = tmp_path / "run"
+    first = cli("train", mlp_bundle, "--out", out, *QUIET, "--mode", "vanilla", "--steps", 4)
+    assert first.returncode == 0, first.stderr
+    before = (out / "params.npz").read_bytes()
+    code = (  # the second checkpoint write finds the disk full
+        "import errno, os, sys, runtime.checkpoint as c\n"
+        "calls, orig = [], c.write_npz\n"
+        "def write(p, arrays):\n"
+        "    calls.append(p)\n"
+        "    if len(calls) >= 2:\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "    return orig(p, arrays)\n"
+        "c.write_npz = write\n"
+        "from runtime.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "train", str(mlp_bundle), "--out", str(out),
+                        *map(str, QUIET), "--mode", "vanilla", "--steps", "20",
+                        "--checkpoint-every", "5", "--overwrite"],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "No space left on device; this run's files were removed and the previous run in" \
+        in lines[0] and "is intact" not in lines[0], lines[0]
+    assert (out / "params.npz").read_bytes() == before
+
+
 def test_corrupt_latest_falls_back_to_the_previous_one(mlp_bundle, tmp_path, capsys) -> None:
     out = tmp_path / "run"
     _train(mlp_bundle, out, 30, checkpoint_every=10)
@@ -318,6 +374,49 @@ def test_resume_with_another_seed_is_refused(mlp_bundle, tmp_path) -> None:
     _train(mlp_bundle, out, 10)
     with pytest.raises(UserError, match=r"seed 0 \(this run: 1\)"):
         _train(mlp_bundle, out, 20, seed=1, resume=True)
+
+
+def test_resume_with_other_data_or_options_is_refused(cli, mlp_bundle, tmp_path) -> None:
+    """A resume continues the same run or is refused in one line: another .npz of as many rows
+    (reversed, relabelled) and a changed --lr or INSTANT option were resumed silently, and the
+    losses then differed from the uninterrupted run's."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((200, 64)).astype(np.float32), rng.integers(0, 10, 200)
+    files = {"a": (x, y), "reversed": (x[::-1], y[::-1]), "relabelled": (x, y % 3)}
+    for name, (xs, ys) in files.items():
+        np.savez(tmp_path / f"{name}.npz", x=xs, y=ys)
+    out = tmp_path / "run"
+    base = ["--batch", 16, "--lr", 0.01, "--no-progress", "--threads", 1, "--out", out]
+    first = cli("train", mlp_bundle, "--data", tmp_path / "a.npz", "--steps", 4, *base)
+    assert first.returncode == 0, first.stderr
+    for data, extra, says in (
+            ("reversed", [], "checkpoint was written for other data"),
+            ("relabelled", [], "checkpoint was written for other data"),
+            ("a", ["--lr", 0.02], "--lr 0.01 (this run: 0.02)"),
+            ("a", ["--energy", 0.5], "--energy 0.95 (this run: 0.5)")):
+        before = sorted(p.name for p in (out / "checkpoints").iterdir())
+        r = cli("train", mlp_bundle, "--data", tmp_path / f"{data}.npz", "--steps", 6, *base,
+                *extra, "--resume")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (data, r.stderr)
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    r = cli("train", mlp_bundle, "--data", tmp_path / "a.npz", "--steps", 6, *base, "--resume")
+    assert r.returncode == 0 and "resumed from step 4" in r.stdout + r.stderr, r.stderr
+
+
+def test_a_resumed_run_prices_its_ranks_at_their_micro_batch(cli, mlp_bundle, tmp_path):
+    """The FLOP table after a resume with no calibration in it: the ranks were priced for one
+    sample (12.39 where the run itself printed 0.986)."""
+    out = tmp_path / "run"
+    base = ["--batch", 16, "--lr", 0.01, "--calib-every", 100, "--no-progress", "--threads", 1,
+            "--data", "digits", "--out", out]
+
+    def ratio(r):
+        assert r.returncode == 0, r.stderr[-1500:]
+        return re.search(r"backward FLOP ratio instant/vanilla = ([\d.]+)", r.stdout)[1]
+
+    first = ratio(cli("train", mlp_bundle, "--steps", 4, *base))
+    assert ratio(cli("train", mlp_bundle, "--steps", 6, *base, "--resume")) == first
 
 
 # ------------------------------------------------------------------------- non-finite losses
@@ -570,7 +669,56 @@ def test_run_json_that_is_not_an_object_is_ignored_on_resume(mlp_bundle, tmp_pat
     rf = _folder(mlp_bundle, out)
     rf.prepare(resume=True, overwrite=False)  # used to raise AttributeError
     rf.finish(True)
-    assert (out / "run.json").read_text() == "[1]"
+    # no checkpoint: the resume started afresh, and run.json says what ran (it kept the old)
+    assert json.loads((out / "run.json").read_text())["format"] == "instant-runtime-run"
+
+
+def test_a_second_run_into_a_held_folder_is_refused(mlp_bundle, tmp_path):
+    """Two trainers on one --out: the second (even with --overwrite) is refused while the
+    first holds the folder (before, it moved the running trainer's files aside)."""
+    out = tmp_path / "run"
+    first = _folder(mlp_bundle, out)
+    first.prepare(resume=False, overwrite=False)
+    before = sorted(f.name for f in out.iterdir())
+    for resume, overwrite in ((False, True), (True, False)):
+        with pytest.raises(UserError, match=r"--out '.*run' is in use by another training run"):
+            _folder(mlp_bundle, out).prepare(resume=resume, overwrite=overwrite)
+        assert sorted(f.name for f in out.iterdir()) == before
+    first.finish(True)
+    second = _folder(mlp_bundle, out)
+    second.prepare(resume=False, overwrite=True)  # free again
+    second.finish(True)
+
+
+def test_a_run_set_aside_by_a_killed_overwrite_is_put_back(mlp_bundle, tmp_path, capsys):
+    """SIGKILL while an --overwrite planned left the old run in .replaced.PID, and a --resume
+    then started from step 0. The next run into the folder puts it back (the replacement had
+    no checkpoint), or drops it (the replacement had one)."""
+    out = tmp_path / "run"
+    old = out / ".replaced.4242"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "ckpt-000002.npz").write_bytes(b"old")
+    (old / "checkpoints" / "latest").write_text('{"checkpoints": [{"file": "ckpt-000002.npz"}]}')
+    (old / "params.npz").write_bytes(b"old params")
+    (old / "run.json").write_text('{"format": "instant-runtime-run"}')
+    (out / "checkpoints").mkdir()  # the killed replacement's stub
+    (out / "run.json").write_text('{"format": "instant-runtime-run", "stub": 1}')
+    rf = _folder(mlp_bundle, out)
+    with pytest.raises(UserError, match="already holds a training run"):
+        rf.prepare(resume=False, overwrite=False)
+    assert "put back the run that an interrupted --overwrite had set aside" in \
+        capsys.readouterr().err
+    assert not old.exists() and (out / "params.npz").read_bytes() == b"old params"
+    assert (out / "checkpoints" / "ckpt-000002.npz").read_bytes() == b"old"
+    assert "stub" not in (out / "run.json").read_text()
+    # a replacement that checkpointed stands; the set-aside run goes
+    old.mkdir()
+    (old / "params.npz").write_bytes(b"older")
+    rf = _folder(mlp_bundle, out)
+    rf.prepare(resume=True, overwrite=False)
+    rf.finish(True)
+    assert not old.exists() and (out / "params.npz").read_bytes() == b"old params"
+    assert "its replacement has checkpoints" in capsys.readouterr().err
 
 
 def test_out_folder_holding_other_files_is_refused(mlp_bundle, tmp_path):

@@ -752,3 +752,21 @@ def test_a_one_target_model_reads_a_builtin_dataset_label_as_its_target(cli, tmp
                  "--lr", "0.01", "--no-progress", "--out", tmp_path / "run"))
     m = re.search(r"^loss (\S+) -> (\S+) .*\nheld-out loss (\S+)", out, re.MULTILINE)
     assert m and float(m[2]) < 0.5 * float(m[1]) and float(m[3]) < float(m[1]), out
+
+
+def test_a_path_the_terminal_cannot_encode_is_printed_escaped(mlp_bundle, tmp_path):
+    """stdout in ASCII (PYTHONIOENCODING, LANG=C pipes) and a non-ASCII --out: the run's summary
+    ended in a UnicodeEncodeError traceback after the run's work was done."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "runs ü"
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    r = subprocess.run([sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--data",
+                        "digits", "--steps", "2", "--batch", "8", "--no-progress", "--out",
+                        str(out)], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1], encoding="ascii",
+                       errors="strict")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "runs \\xfc" in r.stdout and (out / "params.npz").is_file(), r.stdout[-1000:]

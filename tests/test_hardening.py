@@ -336,6 +336,17 @@ def _(c):
     return ["export", "--model", "mlp", "--out", str(c.bundle)]
 
 
+@case("export-overwrite-of-a-bundle-holding-runs", "holds more than a bundle (run, sub",
+      "move them out")
+def _(c):
+    """BUNDLE/run is train's default --out: --overwrite deleted its checkpoints."""
+    for name in ("run", "sub"):
+        (c.bundle / name / "checkpoints").mkdir(parents=True)
+        (c.bundle / name / "run.json").write_text("{}")
+        (c.bundle / name / "checkpoints" / "ckpt-000002.npz").write_bytes(b"weights")
+    return ["export", "--model", "mlp", "--out", str(c.bundle), "--overwrite"]
+
+
 @case("export-over-a-non-bundle", "is not a bundle", "another --out")
 def _(c):
     d = c.tmp / "photos"

@@ -279,6 +279,9 @@ class ImageSource(Source):
             x = x.reshape(n, self.h, self.w)
         return {self.out_name: x}, self.labels[idx].astype(self.label_dtype)
 
+    def take_labels(self, idx: np.ndarray) -> np.ndarray:
+        return self.labels[self._rows(idx)].astype(self.label_dtype)
+
     def bytes_per_sample(self) -> int:
         px = self.c * self.h * self.w
         cast = px * self.out_dtype.itemsize if self.out_dtype != np.float32 else 0

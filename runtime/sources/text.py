@@ -309,6 +309,11 @@ class TextSource(Source):
             y = y.reshape(n, 1)
         return out, y
 
+    def take_labels(self, idx: np.ndarray) -> np.ndarray:
+        idx = self._rows(idx)
+        y = self.labels[idx].astype(self.label_dtype)
+        return y.reshape(idx.shape[0], 1) if self.label_shape == [1] else y
+
     def bytes_per_sample(self) -> int:
         # the stored row and its cast to the input dtype, labels (+ cast), index
         return self.tokens.bytes_per_row() + 2 * self.label_dtype.itemsize + 8
