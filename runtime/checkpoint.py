@@ -19,6 +19,11 @@ range, NaN weights: tampered, or written by another version) is not skipped sile
 restore checks everything first (``run._restore``, ``Trainer.load_state``, with the helpers
 below), raises :class:`DamagedCheckpoint`, and ``train`` turns it into one error naming the file
 and the earlier checkpoint to resume from.
+
+Why one module (~520 lines): the writer, the pointer, the reader and the content checks share one
+file format and its rules (checkpoint names, the pointer's entries, regular-file opens), and the
+stop signals decide when the last checkpoint is written and what an interrupted run says about
+it; split, each part would re-derive those rules.
 """
 
 from __future__ import annotations

@@ -56,6 +56,9 @@ class Dataset:
         x = {k: np.ascontiguousarray(v[idx]) for k, v in self.x.items()}
         return (self.transform(x) if self.transform else x), self.y[idx]
 
+    def take_labels(self, idx: np.ndarray) -> np.ndarray:
+        return self.y[idx]
+
 
 def _package_file(package: str, *parts: str) -> Path:
     spec = importlib.util.find_spec(package)

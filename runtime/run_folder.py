@@ -69,6 +69,7 @@ class RunFolder:
         self._lock: int | None = None  # an fd of the folder, flock'ed while the run holds it
         self.restored = False  # finish put back the run that --overwrite set aside
         self._finished = False
+        self._checked = False  # _before is known: what the folder held before this run
 
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Create or check the folder and write ``run.json``.
@@ -137,7 +138,6 @@ class RunFolder:
     def _prepare(self, resume: bool, overwrite: bool) -> None:
         p = self.path
         self._recover_set_aside()
-        self._catch_signals()
         existing = [f for f in RUN_FILES if (p / f).exists()
                     and not (f == "checkpoints" and not (p / f).is_dir())]
         if existing and not (resume or overwrite):
@@ -161,6 +161,8 @@ class RunFolder:
                 raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
                                 "bundle, or pass another --out")
         self._before = set(existing)
+        self._checked = True
+        self._catch_signals()  # (after _before: a stop removes only what this run made)
         if overwrite and existing:
             # set aside, not deleted: a run that fails (bad data found late, an impossible
             # budget, a signal before its first checkpoint) puts the old one back (finish)
@@ -237,7 +239,7 @@ class RunFolder:
         """A run that failed before it wrote anything but its stub (run.json, an empty
         checkpoints folder: e.g. refused by its budget) leaves the folder as it was, so that
         the command its error suggests can run."""
-        new = {f for f in RUN_FILES if f not in self._before
+        new = {f for f in RUN_FILES if f not in self._before and self._checked
                and ((self.path / f).exists() or (self.path / f).is_symlink())}
         ckpts = self.path / "checkpoints"
         if not new <= {"run.json", "checkpoints"}:
