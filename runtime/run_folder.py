@@ -19,7 +19,7 @@ from contract import UserError, atomic_write, write_text
 
 from .checkpoint import StartupInterrupted, TrainingInterrupted, newest_checkpoint, read_regular
 
-__all__ = ["RUN_FILES", "RunFolder", "check_out_path"]
+__all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
@@ -90,22 +90,10 @@ class RunFolder:
             raise
 
     def _take_lock(self) -> None:
-        """Hold the folder for this run (``flock`` on the folder itself; the kernel drops it
-        when the process ends, however it ends): a second run into it is refused."""
-        p = self.path
-        try:
-            p.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise UserError(f"cannot create --out '{p}': {exc.strerror or exc}; pass another "
-                            "--out") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise UserError(f"--out '{p}' is in use by another training run of this machine; "
-                            "wait for it to end, or pass another --out") from None
-        self._lock = fd
+        """Hold the folder for this run (``flock`` on the folder itself): a second run into it
+        is refused."""
+        self._lock = hold_folder(self.path, f"--out '{self.path}' is in use by another training "
+                                 "run of this machine; wait for it to end, or pass another --out")
 
     def _recover_set_aside(self) -> None:
         """A run that ``--overwrite`` set aside (``.replaced.PID``) whose replacement was killed
@@ -249,6 +237,9 @@ class RunFolder:
             return
         if new:
             self._remove_new(self._before)
+        self._remove_made_folder()
+
+    def _remove_made_folder(self) -> None:
         if self._made_folder:
             try:
                 self.path.rmdir()
@@ -299,11 +290,7 @@ class RunFolder:
             self._busy = True
             try:
                 self._remove_new(self._before)
-                if self._made_folder:
-                    try:
-                        self.path.rmdir()
-                    except OSError:
-                        pass  # someone put a file there meanwhile: leave the folder
+                self._remove_made_folder()
             finally:
                 self._busy = False
         self.finish(False)
@@ -313,6 +300,30 @@ class RunFolder:
         print(f"interrupted by {signal.Signals(signum).name} before training began; {kept}",
               file=sys.stderr)
         raise StartupInterrupted(signum)
+
+
+def hold_folder(folder: Path, busy: str, lock_file: str | None = None) -> int:
+    """Create ``folder`` and take an exclusive ``flock`` on it (or on its file ``lock_file``);
+    returns the fd, held while it is open. The kernel drops the lock when the process ends,
+    however it ends.
+
+    Raises:
+        UserError: the folder cannot be created or opened, or another process holds it
+            (``busy``, the message).
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = (os.open(folder / lock_file, os.O_RDWR | os.O_CREAT, 0o644) if lock_file
+              else os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as exc:
+        raise UserError(f"cannot write --out '{folder}': {exc.strerror or exc}; pass another "
+                        "--out") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(busy) from None
+    return fd
 
 
 def _check_writable(folder: Path, out: Path) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 import io
 import json
-import re
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess

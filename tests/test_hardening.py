@@ -544,7 +544,7 @@ for _name, _edit, _argv, _frags in [
      _train_full, ["field 'io.calib.fwd_grams'", "'7'", "of one of instant.layers"]),
     ("grams-swapped", lambda m: m["io"]["recal"]["bwd_grams"].update(
         dict(zip(m["io"]["recal"]["bwd_grams"],
-                 reversed(m["io"]["recal"]["bwd_grams"].values())))),
+                 reversed(m["io"]["recal"]["bwd_grams"].values()), strict=True))),
      _train_full, ["field 'io.recal.bwd_grams'", "is not the Gram 'gram_g.<layer>'"]),
     ("gram-missing", lambda m: m["io"]["calib"]["fwd_grams"].popitem(), _train_full,
      ["field 'io.calib.fwd_grams'", "every one of instant.layers its Gram"]),
@@ -904,7 +904,7 @@ def test_a_step_that_does_not_end_is_stopped_by_sigterm(ctx, signals):
     ``StopSignals.GRACE_S`` after the signal, or at a second one; the run exits 143 with one
     line, the step dropped, nothing written since the last checkpoint."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from runtime.checkpoint import StopSignals
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,19 +280,10 @@ class Local:
         """
         if self.out is None:
             return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.out / ".fleet-lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserError(f"cannot write output folder {self.out}: {exc.strerror}; pass "
-                            "another --out") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise UserError(f"output folder {self.out} is in use by another fleet client; give "
-                            "each client its own --out DIR") from None
-        self._lock = fd
+        from ..run_folder import hold_folder
+
+        self._lock = hold_folder(self.out, f"output folder {self.out} is in use by another fleet "
+                                 "client; give each client its own --out DIR", ".fleet-lock")
 
 
 def check_out(out: Path) -> None:
