@@ -21,7 +21,7 @@ from onnx import helper
 
 from contract import names
 
-from .graph import Shapes
+from .graph import ExportError, Shapes
 
 __all__ = ["CompressedLayer", "find_compressible_layers", "is_anonymous", "mask_padding",
            "module_path", "share_activation_bases"]
@@ -162,6 +162,14 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
     if exclude is None:
         return found[:-1]
     pats = list(exclude)
+    unmatched = [p for p in pats if not any(fnmatch.fnmatch(ly.name, p) for ly in found)]
+    if unmatched:  # a typo would leave the layer compressed without a word
+        known = [ly.name for ly in found]
+        raise ExportError(f"--instant-exclude '{unmatched[0]}' matches no Linear or 1x1-conv "
+                          "layer of this model ("
+                          + (", ".join(known[:6]) + (", ..." if len(known) > 6 else "")
+                             if known else "it has none")
+                          + "); check the name, or leave the pattern out")
     return [ly for ly in found if not any(fnmatch.fnmatch(ly.name, p) for p in pats)]
 
 

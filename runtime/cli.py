@@ -391,6 +391,11 @@ def _cmd_export(a) -> int:
             raise UserError(f"{flag} '{text}' is invalid: expected comma-separated numbers, "
                             "e.g. 0.485,0.456,0.406") from None
 
+    classes = a.classes.split(",") if a.classes else None
+    if classes is not None and (any(not c.strip() for c in classes)
+                                or len(set(classes)) != len(classes)):
+        raise UserError(f"--classes '{a.classes[:80]}' holds an empty or repeated name: give one "
+                        "distinct name per class, in class-id order, e.g. --classes neg,pos")
     lengths = _lengths_option(a.lengths)
     # written next to --out and moved in place once complete: a failed export (a bad option
     # found late, an unsupported op) leaves an existing bundle as it was
@@ -406,7 +411,7 @@ def _cmd_export(a) -> int:
                       settings=settings, output=a.output, head=a.head, pool=a.pool,
                       tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
                       image_std=floats(a.image_std, "--image-std"),
-                      class_names=a.classes.split(",") if a.classes else None,
+                      class_names=classes,
                       saved_int8=a.saved_int8, split=not a.no_prefix,
                       lengths=lengths, notes=notes, class_axis=a.class_axis)
         from contract import read_manifest

@@ -347,6 +347,19 @@ def _(c):
     return ["export", "--model", "mlp", "--out", str(c.bundle), "--overwrite"]
 
 
+@case("export-instant-exclude-matching-nothing", "--instant-exclude 'fc9*' matches no",
+      "check the name")
+def _(c):
+    """A typo left the layer compressed without a word (a --trainable typo was refused)."""
+    return ["export", "--model", "mlp", "--out", str(c.tmp / "b"), "--instant-exclude", "fc9*"]
+
+
+@case("export-empty-class-names", "--classes ',,,,,,,,,' holds an empty or repeated name",
+      "one distinct name per class")
+def _(c):
+    return ["export", "--model", "mlp", "--out", str(c.tmp / "b"), "--classes", ",,,,,,,,,"]
+
+
 @case("export-over-a-non-bundle", "is not a bundle", "another --out")
 def _(c):
     d = c.tmp / "photos"
