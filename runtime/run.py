@@ -126,12 +126,13 @@ class Summary:
 class Order:
     """Batch order: a fresh permutation of the data per epoch; its state resumes exactly."""
 
-    def __init__(self, n: int, batch: int, rng: np.random.Generator) -> None:
+    def __init__(self, n: int, batch: int, rng: np.random.Generator,
+                 data_id: str | None = None) -> None:
         self.n, self.batch, self.rng = n, batch, rng
         self.starts = range(0, n - batch + 1 if n >= batch else 1, batch)
         self.perm: np.ndarray | None = None
         self.pos = 0
-        self.data_id: str | None = None  # data_fingerprint, checked on resume
+        self.data_id = data_id  # data_fingerprint of the rows it orders, checked on resume
 
     def next(self) -> np.ndarray:
         if self.perm is None or self.pos >= len(self.starts):
@@ -364,8 +365,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     ckpt = (Checkpointer(out / "checkpoints", bundle, writer=writer) if out is not None else None)
     plan = trainer.plan
     guard = _Guard(trainer, log)
-    order = Order(len(data), batch, rng)
-    order.data_id = data_fingerprint(data) if out is not None else None
+    order = Order(len(data), batch, rng, data_fingerprint(data) if out is not None else None)
     times: list[float] = []
     losses: list[float] = []
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -912,20 +912,13 @@ class Trainer:
             arrays.update(warrays)
         return arrays, meta
 
-    # the options a resume must repeat to continue the same run (CLI flag: value)
     def settings(self) -> dict:
-        import dataclasses
-
+        """The options a resume must repeat to continue the same run (CLI flag: value)."""
         o = self.config.optim
         out = {"--lr": o.lr, "--weight-decay": o.weight_decay}
-        if self.mode == "instant":
-            flags = {"energy": "--energy", "oversample": "--oversample",
-                     "calib_every": "--calib-every", "calib_batches": "--calib-batches",
-                     "max_rank": "--max-rank", "calib_samples": "--calib-samples",
-                     "rank_policy": "--rank-policy", "variance": "--variance",
-                     "saved_ratio": "--saved-ratio", "flop_ratio": "--flop-ratio"}
-            values = dataclasses.asdict(self.config.instant)
-            out.update({flag: values[k] for k, flag in flags.items() if k in values})
+        if self.mode == "instant":  # every InstantConfig field is a flag of the same name
+            out.update({"--" + f.name.replace("_", "-"): getattr(self.config.instant, f.name)
+                        for f in fields(self.config.instant)})
         return out
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
