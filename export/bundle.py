@@ -311,14 +311,15 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     infer = copy.deepcopy(base)
     fwd = copy.deepcopy(base)
     loss_spec = append_loss(fwd, output, loss, Shapes(fwd), labels=example_labels,
-                            class_axis=class_axis)
+                            class_axis=class_axis, notes=notes)
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
 
     out.mkdir(parents=True, exist_ok=True)
     in_shapes0 = Shapes(traced.model)
-    text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out)
+    text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out,
+                     id_rows=bounds)
     prefix = None
     if text is not None:
         from .any_length import any_length_infer

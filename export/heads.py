@@ -113,7 +113,27 @@ def _opset(traced: Traced) -> int:
     return next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path) -> TextSpec | None:
+def _check_tokenizer(path: Path, json_text: str, ids: str, rows: int | None) -> None:
+    """The runtime must be able to read the tokenizer, and every id it can give must index the
+    model's embedding table (checked here, where re-exporting is the way out, not at the
+    first training step)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(json_text)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises Exception
+        raise ExportError(f"--tokenizer '{path}' cannot be read by the tokenizers library "
+                          f"({str(exc).splitlines()[0][:160]}); pass the tokenizer.json saved "
+                          "with the model") from None
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if rows is not None and vocab > rows:
+        raise ExportError(f"--tokenizer '{path}' has {vocab} tokens but the model's input "
+                          f"'{ids}' indexes a table of {rows} rows (ids {rows} and up would fail "
+                          "at training); pass the model's own tokenizer")
+
+
+def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path,
+              id_rows: dict[str, int] | None = None) -> TextSpec | None:
     """Copy the tokenizer into the bundle and record which inputs it fills (by name: ``*ids*``,
     ``*mask*``, ``*type*``; else the first integer input is the ids).
 
@@ -144,6 +164,7 @@ def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path)
     except (OSError, ValueError) as exc:
         raise ExportError(f"--tokenizer '{tokenizer}' is not a tokenizer.json "
                           f"({type(exc).__name__})") from None
+    _check_tokenizer(tokenizer, json_text, ids, (id_rows or {}).get(ids))
     shutil.copyfile(tokenizer, out / "tokenizer.json")
     return TextSpec("tokenizer.json", int(shapes.of(ids)[1]), ids, mask, types)
 

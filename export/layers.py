@@ -139,6 +139,30 @@ def _axis_mode(tokens: int, channels: int, rank3: bool) -> str:
     return "token" if tokens <= channels else "channel"
 
 
+def _head_node(model: onnx.ModelProto, trainable: set[str]) -> str | None:
+    """The classifier head: the last node (graph order) that multiplies by a trained weight,
+    whether or not INSTANT can compress it (a Gemm with alpha != 1 cannot, and then no other
+    layer is left out in its place)."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+
+    def weight(name: str) -> bool:  # a trained tensor, or one reshaped/cast/transposed from it
+        for _ in range(8):
+            if name in trainable:
+                return True
+            n = made_by.get(name)
+            if n is None or n.op_type not in ("Transpose", "Identity", "Cast", "Reshape",
+                                              "Unsqueeze", "Squeeze", "Flatten"):
+                return False
+            name = n.input[0]
+        return False
+
+    head = None
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv") and any(weight(i) for i in node.input):
+            head = node.name
+    return head
+
+
 def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: set[str],
                              param_names: dict[str, str], exclude: Iterable[str] | None = None,
                              ) -> list[CompressedLayer]:
@@ -160,7 +184,7 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
             layer.p_input, layer.q_input = names.basis_p(layer.name), names.basis_q(layer.name)
             found.append(layer)
     if exclude is None:
-        return found[:-1]
+        return found[:-1] if found and found[-1].node == _head_node(model, trainable) else found
     pats = list(exclude)
     unmatched = [p for p in pats if not any(fnmatch.fnmatch(ly.name, p) for ly in found)]
     if unmatched:  # a typo would leave the layer compressed without a word

@@ -47,10 +47,30 @@ def _classes_first(out_shape: list, labels: list[int] | None, class_axis: str) -
     return len(out_shape) >= 4
 
 
+def _logits(g: onnx.GraphProto, output: str, rank: int, first: bool,
+            notes: list[str] | None) -> str:
+    """What the cross-entropy reads: ``output``, or the input of the Softmax that makes it over
+    the class axis (files from many exporters end in one). Cross-entropy of probabilities
+    would apply a second softmax: a loss that barely moves."""
+    node = next((n for n in g.node if output in n.output), None)
+    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+        return output
+    axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    axis = axis + rank if axis < 0 else axis
+    if axis != (1 if first else rank - 1):
+        return output
+    if notes is not None:
+        notes.append(f"note: output '{output}' is a Softmax's probabilities; the cross-entropy "
+                     f"is computed from its input '{node.input[0]}' (the logits)")
+    return node.input[0]
+
+
 def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
-                labels: list[int] | None = None, class_axis: str = "auto") -> LossSpec:
+                labels: list[int] | None = None, class_axis: str = "auto",
+                notes: list[str] | None = None) -> LossSpec:
     """Append ``loss`` of ``output``; ``labels``: the example labels' shape, where known;
-    ``class_axis``: see :func:`_classes_first`."""
+    ``class_axis``: see :func:`_classes_first`; ``notes`` gets a line where the loss reads
+    another tensor than ``output`` (:func:`_logits`)."""
     g = model.graph
     out_shape = shapes.of(output)
     if loss == "cross_entropy":
@@ -61,15 +81,15 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
                               f"for a class per token or [N, classes, H, W, ...] for a class per "
                               f"pixel; '{output}' has shape {out_shape}. Use --loss mse for "
                               "other outputs")
-        scores, label_dims, extra = output, ["N"], {}
+        scores, label_dims, extra = _logits(g, output, rank, first, notes), ["N"], {}
         if first:  # labels [N, H, W, ...]; SoftmaxCrossEntropyLoss reads this layout as it is
             label_dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[2:]]
             extra = {"ignore_index": names.IGNORE_LABEL}
         elif rank >= 3:  # per token / pixel, classes last: moved to axis 1 for the loss op
-            scores = "loss/scores"
-            g.node.append(helper.make_node("Transpose", [output], [scores],
+            g.node.append(helper.make_node("Transpose", [scores], ["loss/scores"],
                                            perm=[0, rank - 1, *range(1, rank - 1)],
                                            name="loss/Transpose"))
+            scores = "loss/scores"
             label_dims = ["N"] + [d if isinstance(d, int) else ("L" if rank == 3 else "?")
                                   for d in out_shape[1:-1]]
             extra = {"ignore_index": names.IGNORE_LABEL}

@@ -360,6 +360,44 @@ def _(c):
     return ["export", "--model", "mlp", "--out", str(c.tmp / "b"), "--classes", ",,,,,,,,,"]
 
 
+def _text_model_and_tokenizer(c, tokens: int | None) -> list[str]:
+    """A 50-row embedding model, and a tokenizer.json of ``tokens`` words (None: one the
+    tokenizers library cannot read)."""
+    f = c.tmp / "text.py"
+    f.write_text("import torch.nn as nn\n"
+                 "class M(nn.Module):\n"
+                 "    def __init__(s):\n"
+                 "        super().__init__(); s.e = nn.Embedding(50, 8); s.h = nn.Linear(8, 2)\n"
+                 "    def forward(s, ids):\n"
+                 "        return s.h(s.e(ids).mean(1))\n"
+                 "def make():\n"
+                 "    return M()\n")
+    tok = c.tmp / "tokenizer.json"
+    if tokens is None:
+        tok.write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+    else:
+        from tokenizers import Tokenizer, models
+
+        Tokenizer(models.WordLevel({f"w{i}": i for i in range(tokens)}, unk_token="w0")
+                  ).save(str(tok))
+    return ["export", "--model", f"{f}:make", "--input-shape", "4,8:int64", "--tokenizer",
+            str(tok), "--out", str(c.tmp / "b")]
+
+
+@case("export-tokenizer-larger-than-the-embedding", "has 60 tokens but the model's input",
+      "pass the model's own tokenizer")
+def _(c):
+    """Ids past the table failed only at the first training step, whose advice (re-export)
+    could not help."""
+    return _text_model_and_tokenizer(c, 60)
+
+
+@case("export-unreadable-tokenizer", "cannot be read by the tokenizers library",
+      "saved with the model")
+def _(c):
+    return _text_model_and_tokenizer(c, None)
+
+
 @case("export-over-a-non-bundle", "is not a bundle", "another --out")
 def _(c):
     d = c.tmp / "photos"
