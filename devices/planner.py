@@ -45,7 +45,7 @@ class MemoryModel:
     calib_per_sample: float = 0.0
     grams: int = 0  # calibration's Gram accumulators and eigendecomposition workspace
     margin: int = 0
-    data_fixed: int = 0  # the data source's transient bytes per read (decoding one image)
+    data_fixed: int = 0  # the data's bytes besides its rows: batch order, decoding one image
     saved_min: int = 0  # bytes per sample of compressed activations at rank 1 everywhere
     saved_want: int = 0  # ... at the ranks the energy rule asks for (planning target)
     saved_max: int = 0  # ... at full rank everywhere (0: unknown); never planned above it
@@ -184,7 +184,7 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
         "runtime, sessions, weights, gradients, optimizer (measured)": model.base,
         "frozen weights read by a forward pass": model.frozen,
         f"inputs of a micro-batch (x{m}) / calibration Grams"
-        + (" / decoding the largest image" if model.data_fixed >= 1 << 20 else ""):
+        + (" / batch order, largest read" if model.data_fixed >= 1 << 20 else ""):
             model.numpy_peak(m, mc),
         f"onnxruntime arena, capped (step at x{m}"
         + (f", calibration at x{mc})" if instant else ")"): cap,

@@ -39,9 +39,10 @@ import numpy as np
 from contract import UserError, names
 from devices.planner import BudgetError, MemoryModel, Plan, make_plan, smaller_micro_batch
 
-from .calibrate import Spectrum, basis
+from .calibrate import Spectrum, basis, decompose_bytes, spectrum_width
 from .memory import current_rss, physical_ram
 from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
+from .run import order_bytes
 from .sessions import arena_cap, use_arena
 from .trainer import ArenaExhausted, ArrayBatch, IndexBatch, Trainer
 
@@ -219,20 +220,30 @@ def _carried_bytes(trainer: Trainer) -> int:
 
 
 def _data_fixed_bytes(data) -> int:
-    """The data source's transient bytes of a read that do not grow with its rows (decoding
-    the largest image of a folder: up to ~10 bytes a pixel for a 16-bit PNG). The probes read a
-    few random rows and would miss it."""
+    """The data's bytes that do not grow with the micro-batch: the batch order over its rows
+    (run.Order, made at the first step: 26 MB for 6.5 million rows), and the source's transient
+    bytes of a read (decoding the largest image of a folder: up to ~10 bytes a pixel for a
+    16-bit PNG). The probes read a few random rows and would miss both."""
     fixed = getattr(data, "bytes_fixed", None)
-    return int(fixed()) if callable(fixed) else 0
+    return order_bytes(len(data)) + (int(fixed()) if callable(fixed) else 0)
 
 
-def _grams_bytes(trainer: Trainer) -> int:
+def _grams_bytes(trainer: Trainer, batch: int) -> int:
+    """A calibration's numpy memory: the Gram accumulators, every spectrum kept until the
+    ranks are set, and the largest decomposition's workspace. A calibration sums at most
+    ``batch`` × ``--calib-batches`` samples, which bounds each Gram's rank (decompose)."""
     layers = trainer.bundle.layers
     if trainer.mode != "instant" or not layers:
         return 0
-    acc = sum(8 * (ly.x_dim ** 2 + ly.g_dim ** 2) for ly in layers)
-    d = max(max(ly.x_dim, ly.g_dim) for ly in layers)
-    return int(acc + 8 * 4 * d * d)  # accumulators + eigh's copy, vectors and workspace
+    rows = _calibration_rows(trainer, batch)
+    acc = kept = work = 0
+    for ly in layers:
+        for axis, dim, width in ((ly.x_axis, ly.x_dim, ly.cx), (ly.g_axis, ly.g_dim, ly.cy)):
+            held, temp = decompose_bytes(dim, rows * (width if axis == "token" else ly.tokens))
+            acc += 8 * dim * dim
+            kept += held
+            work = max(work, temp)
+    return int(acc + kept + work)
 
 
 def _frozen(trainer: Trainer) -> int:
@@ -249,17 +260,27 @@ def _batch(data, m: int, rng: np.random.Generator) -> IndexBatch:
     return IndexBatch(data, rng.choice(len(data), size=min(len(data), m), replace=False))
 
 
-def _full_rank_bases(trainer: Trainer) -> None:
-    """Identity bases: every compressed activation saved at full size (the most it can take).
-    A full-rank Q runs the exact input gradient (docs/method.md). Probing Q at the largest
-    rank that still runs compressed was tried: the step probe on MiniLM then grew 54 -> 76 MB at
-    micro-batch 8 (odd-sized tensors fragment the arena more than full-size ones, though they
-    are smaller) and the 256 MB plan fell from micro-batch 14 to 9; the arena cap and the
-    micro-batch halving keep the budget whatever the ranks, as before."""
+def _full_rank_bases(trainer: Trainer, batch: int) -> None:
+    """The largest bases a calibration can give: every compressed activation saved at full
+    size (the most it can take), or, for a Gram that sums fewer vectors than its width (a wide
+    [N, C] layer), at the most directions its calibration computes (calibrate.spectrum_width,
+    which also caps the chosen ranks). A full-rank Q runs the exact input gradient
+    (docs/method.md). Probing Q at the largest rank that still runs compressed was tried: the
+    step probe on MiniLM then grew 54 -> 76 MB at micro-batch 8 (odd-sized tensors fragment the
+    arena more than full-size ones, though they are smaller) and the 256 MB plan fell from
+    micro-batch 14 to 9; the arena cap and the micro-batch halving keep the budget whatever the
+    ranks, as before."""
+    rows = _calibration_rows(trainer, batch)
     for ly in trainer.bundle.layers:
-        sx = Spectrum(np.ones(ly.x_dim), np.eye(ly.x_dim))
+        rx = spectrum_width(ly.x_dim, rows * (ly.cx if ly.x_axis == "token" else ly.tokens))
+        sx = Spectrum(np.ones(rx), np.eye(ly.x_dim, rx))
         sg = Spectrum(np.ones(ly.g_dim), np.eye(ly.g_dim))
-        trainer.set_bases(ly.name, basis(sx, ly.x_dim), basis(sg, ly.g_dim))
+        trainer.set_bases(ly.name, basis(sx, rx), basis(sg, ly.g_dim))
+
+
+def _calibration_rows(trainer: Trainer, batch: int) -> int:
+    """The most samples one calibration sums: ``--calib-batches`` batches."""
+    return max(1, batch) * trainer.config.instant.calib_batches
 
 
 def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
@@ -349,7 +370,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     base0 = current_rss()
     frozen = _frozen(trainer)
     per_sample = _data_bytes_per_sample(trainer, data)
-    grams = _grams_bytes(trainer)
+    grams = _grams_bytes(trainer, batch)
     # decoding one row (the largest image) holds this besides a micro-batch's arrays, outside
     # the arena and while the arena is full: planned like them
     decode = _data_fixed_bytes(data)
@@ -508,7 +529,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
             out["ranks"] = _energy_ranks(trainer)
         if not out["calib"]:
             raise ArenaExhausted("calibration at micro-batch 1")
-        _full_rank_bases(trainer)
+        _full_rank_bases(trainer, batch)
         out["saved_full"] = saved_bytes(trainer.bundle.layers, trainer.ranks())
         trainer.shrink_arena(data)  # steps are measured from an arena without calibration's
         start = current_rss()

@@ -278,10 +278,12 @@ def _budget_and_profile(a):
 
 
 def _session_config(a, prof, log=None):
-    from .config import SessionConfig
+    from .config import SessionConfig, max_threads
     from .sessions import resolve_device
 
-    threads = a.threads if a.threads is not None else (prof.default_threads if prof else 0)
+    # a profile's threads are the device's; on a smaller machine they stop at what it takes
+    threads = (a.threads if a.threads is not None
+               else min(prof.default_threads, max_threads()) if prof else 0)
     cfg = SessionConfig(threads=threads, device=a.device,
                         profile_providers=tuple(prof.execution_providers) if prof else None)
     device, line = resolve_device(cfg)

@@ -126,10 +126,23 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
             rx, ry = min(rx, cap), min(ry, cap)
         ranks[ly.name] = (rx, ry)
     _tie(layers, ranks)
+    _within_spectra(layers, spectra, ranks)
     _snap_gradient_ranks(layers, ranks, cap, rows)
     if saved_budget is not None:
         ranks = _shrink_to(layers, spectra, ranks, saved_budget)
     return ranks
+
+
+def _within_spectra(layers: list[LayerInfo], spectra, ranks: dict) -> None:
+    """No rank above the directions a calibration computed (a wide Gram of few vectors:
+    calibrate.decompose): past them the data had no energy, and the budget's probes price the
+    ranks at that width (budget._full_rank_bases). Layers sharing a basis share the spectrum,
+    so a tie holds."""
+    for ly in layers:
+        sx, sg = spectra[ly.name]
+        r = ranks[ly.name]
+        new = (min(r[0], sx.vectors.shape[1]), min(r[1], sg.vectors.shape[1]))
+        ranks[ly.name] = new if isinstance(r, tuple) else list(new)
 
 
 def _tie(layers: list[LayerInfo], ranks: dict) -> None:
@@ -186,6 +199,7 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
             pair.append(r)
         ranks[ly.name] = pair
     _tie(layers, ranks)
+    _within_spectra(layers, spectra, ranks)
     by_name = {ly.name: ly for ly in layers}
     groups = {ly.name: g for g in basis_groups(layers).values() for ly in g}
 

@@ -225,12 +225,15 @@ class RunFolder:
 
     def _remove_stub(self) -> None:
         """A run that failed before it wrote anything but its stub (run.json, an empty
-        checkpoints folder: e.g. refused by its budget) leaves the folder as it was, so that
+        checkpoints folder, a metrics.jsonl without a step: e.g. refused by its budget, or
+        failed at its first step) leaves the folder as it was, so that
         the command its error suggests can run."""
         new = {f for f in RUN_FILES if f not in self._before and self._checked
                and ((self.path / f).exists() or (self.path / f).is_symlink())}
         ckpts = self.path / "checkpoints"
-        if not new <= {"run.json", "checkpoints"}:
+        if not new <= {"run.json", "checkpoints", "metrics.jsonl"}:
+            return
+        if "metrics.jsonl" in new and not self._no_steps(self.path / "metrics.jsonl"):
             return
         if "checkpoints" in new and (ckpts.is_symlink() or not ckpts.is_dir()
                                      or any(ckpts.iterdir())):
@@ -238,6 +241,19 @@ class RunFolder:
         if new:
             self._remove_new(self._before)
         self._remove_made_folder()
+
+    @staticmethod
+    def _no_steps(path: Path) -> bool:
+        """Whether a new metrics.jsonl holds no training step (only the plan: the run failed
+        at its first step, e.g. its data did not fit the model)."""
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 16:
+            return False
+        try:
+            kinds = [json.loads(line).get("kind") for line in path.read_text().splitlines()
+                     if line.strip()]
+        except (OSError, ValueError, AttributeError):
+            return False
+        return all(k == "plan" for k in kinds)
 
     def _remove_made_folder(self) -> None:
         if self._made_folder:

@@ -74,6 +74,13 @@ class Batch(Protocol):
     def rows(self, start: int, stop: int) -> tuple[dict[str, np.ndarray], np.ndarray]: ...
 
 
+def _add_scaled(acc: np.ndarray, g: np.ndarray, scale: float) -> None:
+    """``acc += g * scale`` a few rows at a time: no temporary the size of a (wide) Gram."""
+    step = max(1, (1 << 20) // max(1, acc[0].size))
+    for i in range(0, len(acc), step):
+        acc[i:i + step] += g[i:i + step] * scale
+
+
 class ArrayBatch:
     """A batch held as arrays (tests, probes)."""
 
@@ -584,7 +591,7 @@ class Trainer:
             w.gx[layer] += g
         scale = (k / weight) ** 2
         for layer, g in bwd.items():
-            w.gg[layer] += g * scale
+            _add_scaled(w.gg[layer], g, scale)
         w.samples += m
 
     def _micro_step(self, mode: str, x: dict[str, np.ndarray], y: np.ndarray,

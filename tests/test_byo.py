@@ -764,7 +764,7 @@ def test_one_large_image_among_small_ones_is_planned_for(cnn_bundle, tmp_path):
         r = train(budget)
         assert r.returncode == 0, (budget, r.stderr[-2000:])
     assert r.peak_polled <= budget * MB, (budget, r.peak_polled)
-    assert "decoding the largest image" in r.stdout, r.stdout
+    assert "batch order, largest read" in r.stdout, r.stdout
 
 
 def test_npz_larger_than_the_budget_trains_inside_it(tmp_path):

@@ -519,7 +519,7 @@ DAMAGE = {
                         "checkpoint.trainer is missing"),
     "no-losses": ("vanilla", lambda a, m: a.pop("run/losses"), "array 'run/losses' is missing"),
     "perm-out-of-range": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] + 10**6),
-                          "'run/perm' (int64 [1437]) is not a permutation of the 1437 samples"),
+                          "'run/perm' (int32 [1437]) is not a permutation of the 1437 samples"),
     "perm-float": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] * 1.0),
                    "'run/perm' (float64 [1437]) is not a permutation"),
     "pos-a-string": ("vanilla", lambda a, m: m["run"].update(pos="x"),

@@ -19,7 +19,8 @@ from reference import Runner, loss_weight, op_model, run_training
 from export.autodiff import build_training_graphs
 from export.graph import Shapes
 from export.layers import find_compressible_layers
-from runtime.calibrate import basis_from_gram, rank_for_energy
+from runtime.calibrate import (RANGE_OVERSAMPLE, DegenerateGram, basis, basis_from_gram,
+                               decompose, rank_for_energy)
 
 # name: (body, kind, x shape, w shape, expected (x_axis, g_axis))
 LAYERS = {
@@ -378,6 +379,37 @@ def test_basis_from_gram_of_real_activations_spans_them():
     B = basis.matrix.astype(np.float64) * np.sqrt(basis.retained)
     flat = x.reshape(-1, 6)
     np.testing.assert_allclose(flat @ B.T @ B, flat, atol=1e-4)
+
+
+def test_a_wide_gram_of_few_vectors_decomposes_like_eigh():
+    """A Gram summing fewer vectors than its width (a wide [N, C] layer seen by a few dozen
+    rows) goes through the range finder: the same eigenvalues, bases spanning the same
+    directions as a full eigh, a completed orthonormal basis when a rank above its range is
+    asked for, and DegenerateGram on non-finite entries like the full path."""
+    rng = np.random.default_rng(3)
+    d, n = 300, 40
+    x = rng.standard_normal((n, 6)) @ rng.standard_normal((6, d)) + 0.05 * rng.standard_normal((n, d))
+    gram = x.T @ x  # rank <= n, summed over n rows
+    full = decompose(gram, 1.0 / n)
+    fast = decompose(gram, 1.0 / n, rank_bound=n)
+    assert fast.vectors.shape == (d, n + RANGE_OVERSAMPLE)  # the range finder ran
+    assert full.vectors.shape == (d, d)
+    np.testing.assert_allclose(fast.values[:n], full.values[:n], rtol=1e-8, atol=1e-10)
+    assert np.all(fast.values[n:] < 1e-9 * fast.values[0])
+    for r in (1, 6, 20, n):
+        a, b = basis(full, r).matrix.astype(np.float64), basis(fast, r).matrix.astype(np.float64)
+        # the same subspace and compensation: each basis reproduces the other's projector
+        np.testing.assert_allclose(a.T @ a, b.T @ b, atol=2e-5)
+    # above the computed range: still an orthonormal basis, containing the whole range
+    big = basis(fast, 120).matrix.astype(np.float64)
+    np.testing.assert_allclose(big @ big.T, np.eye(120), atol=1e-5)
+    np.testing.assert_allclose(x @ big.T @ big, x, atol=1e-3 * np.abs(x).max())
+    bad = gram.copy()
+    bad[5, 7] = np.nan
+    with pytest.raises(DegenerateGram):
+        decompose(bad, 1.0 / n, rank_bound=n)
+    # a bound near the width keeps the full eigh
+    assert decompose(gram, 1.0 / n, rank_bound=d // 2).vectors.shape == (d, d)
 
 
 @pytest.mark.parametrize("case", ["linear3d_token", "linear3d_channel", "conv1x1_token",

@@ -168,6 +168,12 @@ def _server(a) -> int:
     what = "held-out" if a.data else "clients' held-out"
     acc = (f"; {what} accuracy {hist[0]['accuracy']:.3f} -> {hist[-1]['accuracy']:.3f}"
            if len(hist) > 1 else "")
+    if not s["trained_rounds"]:
+        print(f"error: no client finished any of the {s['rounds']} rounds, so the weights in "
+              f"{s['weights']} are the initial ones; see the clients' output (a client with "
+              "another bundle or unusable data stops with its reason) and start again",
+              file=sys.stderr, flush=True)
+        return 1
     print(f"fleet run done: {s['rounds']} rounds in {s['seconds']:.1f} s{acc}")
     print(f"aggregated weights: {s['weights']} (instant-runtime export-model {out} --out "
           "model.onnx" + ("" if out.parent == local.bundle.path else f" --bundle {a.bundle}")

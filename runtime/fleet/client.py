@@ -128,7 +128,9 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
     def evaluate(msg: Message, context: Context) -> Message:
         server_round, _ = receive(msg.content, recorddict_to_evaluateins)
         loss, acc, n = local.evaluate()
-        say(f"round {server_round}: evaluated the global weights on {n} local held-out examples"
+        what = ("held-out" if getattr(local, "evaluated_held_out", True)
+                else "training (the data has no held-out split: x_test, y_test)")
+        say(f"round {server_round}: evaluated the global weights on {n} local {what} examples"
             f": loss {loss:.4f}" + (f", accuracy {acc:.3f}" if acc is not None else ""))
         metrics = {"accuracy": float(acc)} if acc is not None else {}
         res = EvaluateRes(status=Status(code=Code.OK, message="Success"), loss=float(loss),

@@ -266,6 +266,7 @@ class Local:
             raise UserError("no data to evaluate on (--data)")
         self.prepare(64)
         target = data.test if getattr(data, "test", None) is not None else data
+        self.evaluated_held_out = target is not data
         batch = self.trainer.micro_batch or 64
         loss, acc = self.trainer.evaluate(target, batch)
         return loss, acc, len(target)

@@ -73,7 +73,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     say = say or say_to()
     names = list(local.names)
     history: list[dict] = []
-    state = {"fit": None, "round": 0, "saved": 0}
+    state = {"fit": None, "round": 0, "saved": 0, "trained": 0}
     t0 = time.perf_counter()
 
     def round_config(server_round: int) -> dict:
@@ -131,6 +131,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                             "examples": sum(r.num_examples for _, r in good),
                             "loss_last": float(metrics.get("loss_last", float("nan"))),
                             "peak_rss_max": metrics.get("peak_rss_max")}
+            state["trained"] += bool(good)
             if params is not None:
                 arrays = parameters_to_ndarrays(params)
                 save_run(out, dict(zip(names, arrays, strict=True)))
@@ -209,6 +210,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         grpc_server.stop(grace=1).wait(5)
     summary = {"rounds": rounds, "min_clients": min_clients, "address": address,
                "seconds": time.perf_counter() - t0, "history": history,
+               "trained_rounds": state["trained"],
                "weights": str(out / "params.npz"), "signature": local.signature}
     final = parameters_to_ndarrays(server.parameters)
     save_run(out, dict(zip(names, final, strict=True)), summary)

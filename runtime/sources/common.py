@@ -238,10 +238,9 @@ class _Labels:
     def add(self, raw: str) -> str | None:
         """Append the id of label ``raw`` (already stripped); returns a bad-row reason or None."""
         if self.regression:
-            try:
-                v = float(raw)
-            except ValueError:
+            if not _PLAIN_NUMBER.fullmatch(raw):  # float() also takes 1_000 and full-width digits
                 return "label is not a number"
+            v = float(raw)
             if not math.isfinite(v) or abs(v) > ABSURD:
                 return "label is not finite"
             if self.unit and not 0.0 <= v <= 1.0:
@@ -298,7 +297,8 @@ class _Labels:
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise UserError(f"{self.where}: {self.column} has {len(names)} distinct labels "
                             f"({shown}) but the model has {k} classes; use data with {k} "
-                            f"classes or export the model with {len(names)}")
+                            f"classes, or name all {k} at export (export --classes A,B,...) "
+                            "so that data holding some of them fits")
         return (remap[ids] if ids.size else ids), names
 
 
@@ -315,6 +315,11 @@ def _label_text(value: object) -> str | None:
     if isinstance(value, str):
         return value.strip()
     return None
+
+
+# a decimal number as written in data files: 12, -0.5, 1e-3, .5, inf/nan (refused as not finite)
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                           r"|[+-]?(?:inf|infinity|nan)", re.IGNORECASE | re.ASCII)
 
 
 def _nothing_usable(where: str, problems: Problems, rows: int, hint: str) -> UserError:

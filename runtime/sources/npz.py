@@ -419,7 +419,10 @@ def open_npz(path: str | Path, inputs: list[TensorSpec], loss: LossSpec, *,
                             f"has: {have}")
         keys[n] = k
     if "y" not in arrays:
-        raise UserError(f"data file {path} has no 'y' array (labels); it has: {have}")
+        alias = next((k for k in ("labels", "label", "targets", "target") if k in arrays), None)
+        raise UserError(f"data file {path} has no 'y' array (labels); it has: {have}; "
+                        + (f"save '{alias}' under the name 'y'" if alias else
+                           "save the labels under the name 'y' (np.savez(..., y=labels))"))
     test_keys = {n: key_for(n, "_test") for n in names}
     test_y = "y_test" if "y_test" in arrays else None
     present = [k for k in [*test_keys.values(), test_y] if k is not None]

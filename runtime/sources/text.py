@@ -108,8 +108,10 @@ class TextSource(Source):
         self.lengths = np.frombuffer(lengths, np.int32)
         if not self.offsets.size:
             cols = (f"--text-column '{text_column}' / --label-column '{label_column}'")
-            raise _nothing_usable(str(self.path), self.problems, rows,
-                                  f"check the file and {cols}")
+            hint = (f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {self.path.name}"
+                    f" > {self.path.stem}-utf8{self.path.suffix})"
+                    if "not valid UTF-8" in self.problems.counts else f"check the file and {cols}")
+            raise _nothing_usable(str(self.path), self.problems, rows, hint)
         self.labels, self.class_names = labels.finish()
         self.max_record = int(self.lengths.max())
         from .tokens import TokenCache
