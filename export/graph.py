@@ -170,7 +170,8 @@ class Shapes:
         s = self.shape.get(name)
         if s is None:
             raise ExportError(f"shape of tensor '{name}' is unknown after ONNX shape inference; "
-                              "export with static shapes except the batch dimension")
+                              "export with static shapes except the batch dimension, or give "
+                              "the inputs' shapes with --input-shape")
         return s
 
     def is_float(self, name: str) -> bool:

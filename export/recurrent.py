@@ -216,8 +216,10 @@ def lower_traced(traced: Traced) -> Traced:
     then train in ONNX's layout as ``<module>.<node>.W`` / ``.R`` / ``.B`` / ``.P``."""
     from .attention import lower_attention
     from .layers import module_path
+    from .passes.strided_pointwise import split_strided_pointwise
 
     lower_attention(traced.model)  # opset 23's Attention as MatMul/Softmax (export/attention.py)
+    split_strided_pointwise(traced.model)  # a stride-2 1x1 conv: Slice + a compressible conv
     done = lower_recurrent(traced.model)
     if not done or not traced.from_torch:
         return traced

@@ -401,6 +401,7 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
         raise ExportError(f"ONNX model '{path}' uses opset {opset}; opsets 13 to {newest} are "
                           "supported (re-export it, or convert with onnx.version_converter)")
     notes: list[str] = []
+    _sort_nodes(model)
     _initializers_not_inputs(model)
     _materialize_identity_initializers(model)
     _constants_to_initializers(model)
@@ -454,6 +455,39 @@ def _raise_opset(model: onnx.ModelProto, path: str) -> list[str]:
     model.CopyFrom(converted)
     return [f"note: the model's opset {opset} was converted to {MIN_BUNDLE_OPSET} (its "
             "gradients need opset 16's scatter-add); the computation is the same"]
+
+
+def _sort_nodes(model: onnx.ModelProto) -> None:
+    """Nodes in an order where each comes after the nodes making its inputs (ONNX asks for
+    it and onnxruntime does not; the gradient builder walks the graph in its order). Stable:
+    a sorted graph is left as it is; a cycle is left for the validity check to refuse."""
+    nodes = list(model.graph.node)
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+
+    def deps(i: int) -> set[int]:
+        n = nodes[i]
+        names = list(n.input)
+        for a in n.attribute:  # a subgraph's reads of the outer graph
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names += [x for m in sub.node for x in m.input]
+        return {made[x] for x in names if x in made and made[x] != i}
+
+    need = [deps(i) for i in range(len(nodes))]
+    if all(all(d < i for d in need[i]) for i in range(len(nodes))):
+        return
+    order, placed = [], set()
+    progress = True
+    while progress and len(order) < len(nodes):
+        progress = False
+        for i in range(len(nodes)):
+            if i not in placed and need[i] <= placed:
+                order.append(i)
+                placed.add(i)
+                progress = True
+    if len(order) < len(nodes):
+        return  # a cycle
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
 
 
 def _initializers_not_inputs(model: onnx.ModelProto) -> None:
@@ -561,6 +595,10 @@ def _fix_input_shapes(model: onnx.ModelProto, inputs: list[str],
         if np.dtype(want) != arr.dtype:
             raise ExportError(f"model input '{name}' is {np.dtype(want)}; --input-shape gives "
                               f"{arr.dtype} (write e.g. 8,64:{np.dtype(want)})")
+        if not t.HasField("shape"):  # no shape declared at all: --input-shape gives it
+            t.shape.dim.add().dim_param = "N"
+            for _ in range(arr.ndim - 1):
+                t.shape.dim.add()
         if len(t.shape.dim) != arr.ndim:
             raise ExportError(f"model input '{name}' has {len(t.shape.dim)} dims; "
                               f"--input-shape gives {arr.ndim}")

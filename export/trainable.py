@@ -129,6 +129,21 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
     return _without_no_grad(traced, spec, chosen)
 
 
+def _no_float32(traced: Traced) -> str:
+    """Why a model has no trainable tensor, where its weights are all in another float type."""
+    from onnx import TensorProto
+
+    kinds = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
+             TensorProto.DOUBLE: "float64"}
+    found = sorted({kinds[i.data_type] for i in traced.model.graph.initializer
+                    if i.data_type in kinds})
+    if not found:
+        return ""
+    return (f": the model's weights are {'/'.join(found)} and it computes in that type, while "
+            "training runs in float32; export the model in float32 (torch: model.float() "
+            "before exporting)")
+
+
 def _without_no_grad(traced: Traced, spec: str, chosen: list[str]) -> list[str]:
     """``chosen`` less the parameters the user froze in torch (``requires_grad_(False)``): they
     stay frozen, as in torch, with a note (an error where nothing else is left)."""
@@ -137,7 +152,7 @@ def _without_no_grad(traced: Traced, spec: str, chosen: list[str]) -> list[str]:
         why = (f": {len(off)} parameter(s) it matches have requires_grad=False in torch "
                f"({', '.join(traced.display(c) for c in off[:4])}{' …' if len(off) > 4 else ''});"
                " call requires_grad_(True) on the ones to train in the model factory, or pick "
-               "others" if off else "")
+               "others" if off else _no_float32(traced))
         raise ExportError(f"--trainable '{spec}' selects no parameter{why}")
     if off:
         shown = ", ".join(traced.display(c) for c in off[:6]) + (" …" if len(off) > 6 else "")

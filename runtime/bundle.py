@@ -129,6 +129,11 @@ class Bundle:
         try:
             values = read_npz(fd if fd is not None else src,
                               expect={p.name: tuple(p.shape) for p in self.params})
+            if fd is None and self.params and not any(p.name in values for p in self.params):
+                # a run's checkpoint (checkpoints/ckpt-*.npz) holds them as param/NAME
+                held = read_npz(src, expect={f"param/{p.name}": tuple(p.shape)
+                                             for p in self.params})
+                values = {k.removeprefix("param/"): v for k, v in held.items()} or values
         except (OSError, ValueError, KeyError, EOFError) as exc:
             why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             if "pickle" in why:

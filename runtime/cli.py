@@ -537,13 +537,20 @@ def _cmd_eval(a) -> int:
     weights = Path(a.weights) if a.weights else None
     if weights is None and (bundle.path / "run" / "params.npz").is_file():
         weights = bundle.path / "run" / "params.npz"
+    if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
+        if not (weights / "params.npz").is_file():
+            raise UserError(f"--weights '{weights}' is a folder without params.npz; pass a run "
+                            "folder, its params.npz, or one of its checkpoints")
+        weights = weights / "params.npz"
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' not found")
     # the label map the weights were trained with (their run's run.json): labels read from the
     # data alone would number a file's classes afresh (a file holding only class "2" read as
-    # class 0, its accuracy 0.000 for a model that is right)
-    data = _load_data(a, bundle, class_names=_resumed_class_names(weights.parent)
-                      if weights is not None else None)
+    # class 0, its accuracy 0.000 for a model that is right); a checkpoint's run is one up
+    run_dir = None if weights is None else (
+        weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent)
+    data = _load_data(a, bundle, class_names=_resumed_class_names(run_dir)
+                      if run_dir is not None else None)
     use_arena(None)
     trainer = Trainer(bundle, TrainConfig(mode="vanilla", session=_session_config(a, None)),
                       Plan(eval_micro_batch=a.batch), weights=weights)

@@ -99,6 +99,22 @@ def test_eval_reports_the_trained_accuracy(trained, cli):
     assert Path(m[3]) == s["weights"]
 
 
+def test_eval_reads_a_run_folder_or_its_last_checkpoint_as_weights(trained, cli):
+    """--weights takes the run folder (its params.npz) and a checkpoint of the run (its
+    param/ arrays, the label map from the run one folder up): the same figures as params.npz.
+    A folder without params.npz is one line."""
+    _, bundle, out = trained
+    s = summary_of(out)
+    run = bundle / "run"
+    last = sorted((run / "checkpoints").glob("ckpt-*.npz"))[-1]
+    for weights in (run, last):
+        line = ok(cli("eval", bundle, "--data", "digits", "--weights", weights)).strip()
+        m = re.match(r"held-out examples: 360, loss (\S+), accuracy (\S+)", line)
+        assert m and float(m[2]) == pytest.approx(s["acc"], abs=1e-3), (weights, line)
+    user_error(cli("eval", bundle, "--data", "digits", "--weights", run / "checkpoints"),
+               "is a folder without params.npz")
+
+
 def test_sgd_lowers_the_loss(cli, mlp_bundle, tmp_path):
     # measured: loss 2.29 -> 0.25, held-out accuracy 0.944
     s = summary_of(ok(cli("train", mlp_bundle, *TRAIN, "--steps", 100, "--lr", 0.05,

@@ -567,7 +567,7 @@ def test_shape_inference_without_the_weights_gives_the_same_shapes():
 
 def _other_exporter_mlp(path: Path, *, opset: int = 17, inits_as_inputs: bool = False,
                         fp16_head: bool = False, softmax: bool = False,
-                        scaled_head: bool = False) -> None:
+                        scaled_head: bool = False, reverse: bool = False) -> None:
     """A 64 -> 32 -> 32 -> 10 MLP for digits written the ways other exporters write one: an
     old opset whose first weight is gathered from a bigger table (its gradient is a
     scatter-add), every initializer also listed as an input, a head weight stored in float16
@@ -598,6 +598,8 @@ def _other_exporter_mlp(path: Path, *, opset: int = 17, inits_as_inputs: bool = 
                                   **({"alpha": 2.0} if scaled_head else {})))
     if softmax:
         nodes.append(helper.make_node("Softmax", ["z"], ["logits"], axis=-1))
+    if reverse:  # nodes out of order: onnxruntime loads such a file
+        nodes.reverse()
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])]
     if inits_as_inputs:
         inputs += [helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in inits]
@@ -625,12 +627,15 @@ def test_files_written_the_ways_other_exporters_write_them_train_like_a_plain_on
     step): the opset-13 file is converted to 16 (its Gather's gradient is a scatter-add that
     opset 13 lacks), initializers listed as inputs are read as weights, a float16 weight behind
     a Cast trains in float32 (its values are the plain file's rounded, hence loss equality is
-    approximate there), a Softmax output is trained through its logits."""
+    approximate there), a Softmax output is trained through its logits, nodes out of
+    topological order are sorted."""
     plain_out, plain = _export_and_train(tmp_path, "plain")
     # the gathered first weight has no INSTANT rule; W2 is compressed, the head left out
     assert "6 trainable tensors, 1 INSTANT layers" in plain_out, plain_out
     out, loss = _export_and_train(tmp_path, "op13", opset=13, inits_as_inputs=True)
     assert "opset 13 was converted to 16" in out and loss == plain, (out, loss, plain)
+    out, loss = _export_and_train(tmp_path, "reversed", reverse=True)
+    assert loss == plain, (out, loss, plain)
     out, loss = _export_and_train(tmp_path, "soft", softmax=True)
     assert "is a Softmax's probabilities" in out and loss == plain, (out, loss, plain)
     out, loss = _export_and_train(tmp_path, "half", fp16_head=True)

@@ -414,6 +414,28 @@ MODELS = textwrap.dedent('''
     def lrn():
         torch.manual_seed(0)
         return Lrn()
+
+
+    class ResBlock(nn.Module):
+        """A ResNet basic block that halves the map: its shortcut is a 1x1 conv at stride 2."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+            self.down = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            y = torch.relu(self.conv2(torch.relu(self.conv1(h))) + self.down(h))
+            return self.head(y.mean((2, 3)))
+
+
+    def resblock():
+        torch.manual_seed(0)
+        return ResBlock()
 ''')
 
 
@@ -613,6 +635,20 @@ def test_efficientnet_like_gradients_match_torch(models_file: Path, tmp_path: Pa
     labels = rng.integers(0, 4, 3).astype(np.int64)
     bundle = export_bundle(f"{models_file}:effnet", tmp_path / "bundle", input_shape="3,3,16,16")
     check_bundle_grads(models_file, "effnet", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_a_strided_pointwise_shortcut_is_an_instant_layer_with_torch_gradients(
+        models_file: Path, tmp_path: Path):
+    """ResNet's downsampling shortcut (1x1 conv, stride 2, odd map size) is rewritten as a
+    strided Slice and a unit-stride 1x1 conv (export/passes/strided_pointwise.py): INSTANT
+    compresses it, and both modes give torch's gradients (full-rank bases)."""
+    rng = np.random.default_rng(4)
+    x = {"x": rng.standard_normal((3, 3, 9, 9)).astype(np.float32)}
+    labels = rng.integers(0, 4, 3).astype(np.int64)
+    bundle = export_bundle(f"{models_file}:resblock", tmp_path / "bundle", input_shape="3,3,9,9")
+    layers = open_bundle(bundle).layers
+    assert [ly.name for ly in layers] == ["down"] and layers[0].tokens == 25, layers
+    check_bundle_grads(models_file, "resblock", bundle, x, labels, ("vanilla", "instant"))
 
 
 def test_efficientnet_like_with_zero_pad(models_file: Path, tmp_path: Path):
