@@ -71,7 +71,8 @@ _UNITS = {
 }
 _UNIT_NAMES = "B, kB, MB, GB, TB, KiB, MiB, GiB, TiB"
 _EXAMPLES = "examples: 256MB, 1.5GB, 512MiB"
-_SIZE_RE = re.compile(r"^\s*(?P<sign>[-+]?)(?P<num>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(?P<sign>[-+]?)(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,2})?)"
+                      r"\s*(?P<unit>[A-Za-z]*)\s*$")
 
 
 def parse_size(text: str) -> int:

@@ -327,8 +327,10 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
                     class_names=class_names)
     import sys
 
+    shown = set()  # a --val-split's held-out part shares its file's report: said once
     for part in (src, src.test):
-        if part is not None and part.problems.summary():
+        if part is not None and part.problems.summary() and id(part.problems) not in shown:
+            shown.add(id(part.problems))
             print(f"warning: {part.problems.summary()}", file=sys.stderr)
     return src
 

@@ -289,6 +289,41 @@ def test_mismatched_bundle_refused_in_one_line(mlp_bundle, mlp_head_bundle, tmp_
     assert re.search(r"^round 2: 1 clients trained \(0 failed\)", out, re.M), out
 
 
+def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregate(
+        mlp_bundle, mlp_head_bundle, tmp_path):
+    """Session 18 probe: a server whose only client had another model ended "fleet run done",
+    exit 0, with the initial weights; running the same server command again replaced the
+    previous aggregate. Now: one error line, exit 2; then a run, and a --resume that starts from
+    its aggregate (round 0's accuracy is the run's last)."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                          "--data", "digits")
+    wrong = Proc(tmp_path, "wrong", "client", mlp_head_bundle, "--data", "digits", "--server",
+                 f"127.0.0.1:{port}", "--steps", 2, "--threads", 1, "--out", tmp_path / "w")
+    try:
+        wrong.finish()
+        rc = server.finish()
+    finally:
+        server.kill()
+    one_error_line(server.stderr(), rc, "no client finished any of the 1 rounds")
+    accuracies = []
+    for k, extra in enumerate((("--overwrite",), ("--resume",))):
+        port = free_port()
+        server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                              "--data", "digits", *extra)
+        try:
+            good = start_client(tmp_path, mlp_bundle, port, k, "digits", "--steps", 5,
+                                "--mode", "vanilla")
+            out = server.ok()
+            good.ok()
+        finally:
+            server.kill()
+        accuracies.append([float(a) for a in re.findall(r"held-out accuracy (\d\.\d+),", out)])
+    assert "resuming from the aggregate" in out, out
+    assert accuracies[1][0] == accuracies[0][-1] and accuracies[0][0] != accuracies[0][-1], \
+        accuracies
+
+
 def test_user_errors_are_one_line(mlp_bundle, tmp_path):
     """Bad addresses, no server, a port in use and a server without clients: one ``error:``
     line, exit 2, no traceback, bounded time."""
@@ -318,6 +353,24 @@ def test_user_errors_are_one_line(mlp_bundle, tmp_path):
                   ((role, mlp_bundle, *where, "--out", tmp_path / "afile"), "is a file"),
                   ((role, mlp_bundle, *where, "--out", tmp_path / "trainrun"),
                    "holds a `train` run")]
+    # a server's aggregate and a client's folder (session 18 probe: a second server run, or a
+    # client pointed at the server's folder, replaced the aggregate without a word)
+    agg = tmp_path / "agg"
+    agg.mkdir()
+    (agg / "params.npz").write_bytes(b"weights")
+    (agg / "summary.json").write_text('{"rounds": 3, "min_clients": 2}')
+    (tmp_path / "cl" / "checkpoints").mkdir(parents=True)
+    before.update({agg / "params.npz": b"weights",
+                   agg / "summary.json": (agg / "summary.json").read_bytes()})
+    server = ("server", mlp_bundle, "--address", f"127.0.0.1:{port}")
+    cases += [((*server, "--out", agg), "holds the aggregate of an earlier fleet run"),
+              ((*server, "--out", tmp_path / "cl"), "holds a fleet client's files"),
+              ((*server, "--out", tmp_path / "none", "--resume"), "holds no aggregate"),
+              ((*server, "--out", agg, "--resume", "--overwrite"), "contradict"),
+              (("server", mlp_bundle, "--address", f"192.0.2.1:{port}", "--out",
+                tmp_path / "s3"), "is not an address of this machine"),  # TEST-NET-1
+              (("client", mlp_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
+                "--out", agg), "holds a fleet server's aggregate")]
     with socket.socket() as busy:  # a port already taken by someone else
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -19,8 +19,14 @@ from reference import Runner, loss_weight, op_model, run_training
 from export.autodiff import build_training_graphs
 from export.graph import Shapes
 from export.layers import find_compressible_layers
-from runtime.calibrate import (RANGE_OVERSAMPLE, DegenerateGram, basis, basis_from_gram,
-                               decompose, rank_for_energy)
+from runtime.calibrate import (
+    RANGE_OVERSAMPLE,
+    DegenerateGram,
+    basis,
+    basis_from_gram,
+    decompose,
+    rank_for_energy,
+)
 
 # name: (body, kind, x shape, w shape, expected (x_axis, g_axis))
 LAYERS = {

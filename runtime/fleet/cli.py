@@ -46,6 +46,10 @@ def _fill(f: argparse.ArgumentParser) -> None:
                         "own held-out splits")
     s.add_argument("--out", default=None,
                    help="run folder for the aggregated weights (default BUNDLE/fleet)")
+    s.add_argument("--resume", action="store_true",
+                   help="start from the aggregate an earlier run left in --out")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the aggregate an earlier run left in --out")
     s.add_argument("--wait", type=float, default=300.0,
                    help="seconds a round waits for --min-clients clients before giving up")
     s.add_argument("--round-timeout", type=float, default=3600.0,
@@ -147,7 +151,7 @@ def _flower(verbose: bool):
 
 
 def _server(a) -> int:
-    from .local import UserError, check_out, open_local
+    from .local import UserError, check_out, check_server_out, open_local
     from .server import run_server
 
     address = parse_address(a.address, "--address")
@@ -155,13 +159,18 @@ def _server(a) -> int:
         raise UserError(f"--rounds ({a.rounds}) and --min-clients ({a.min_clients}) must be >= 1")
     wait = check_seconds("--wait", a.wait)
     round_timeout = check_seconds("--round-timeout", a.round_timeout)
+    if a.resume and a.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one")
     if a.out:  # (the default, inside the bundle folder, is checked with the bundle)
         check_out(Path(a.out))
     _flower(a.verbose)
     local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
+    out = Path(a.out) if a.out else local.bundle.path / "fleet"
+    if check_server_out(out, a.resume, a.overwrite):
+        local.set_trainable(local.bundle.load_params(out / "params.npz"))
+        print(f"resuming from the aggregate in {out / 'params.npz'}", flush=True)
     if a.data and local.data is not None and local.data.test is None:
         print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)
-    out = Path(a.out) if a.out else local.bundle.path / "fleet"
     s = run_server(local, address, a.rounds, a.min_clients, out, evaluate_here=a.data is not None,
                    wait_s=wait, round_timeout=round_timeout)
     hist = [h for h in s["history"] if h["accuracy"] is not None]
@@ -173,7 +182,7 @@ def _server(a) -> int:
               f"{s['weights']} are the initial ones; see the clients' output (a client with "
               "another bundle or unusable data stops with its reason) and start again",
               file=sys.stderr, flush=True)
-        return 1
+        return 2
     print(f"fleet run done: {s['rounds']} rounds in {s['seconds']:.1f} s{acc}")
     print(f"aggregated weights: {s['weights']} (instant-runtime export-model {out} --out "
           "model.onnx" + ("" if out.parent == local.bundle.path else f" --bundle {a.bundle}")
@@ -187,6 +196,7 @@ def _client(a) -> int:
         UserError,
         check_client_options,
         check_out,
+        fleet_role,
         open_local,
         parse_partition,
         resolve_budget,
@@ -206,6 +216,9 @@ def _client(a) -> int:
     out = Path(a.out) if a.out else bundle / "fleet-client"
     if a.out:
         check_out(out)
+    if fleet_role(out) == "server":
+        raise UserError(f"--out '{out}' holds a fleet server's aggregate (summary.json); a "
+                        "client there would replace it: pass another --out")
     local = open_local(bundle, a.data, budget, threads=threads, mode=a.mode,
                        optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                        out=out, checkpoint_every=a.checkpoint_every, partition=partition,

@@ -26,7 +26,7 @@ from ..errors import UserError
 
 __all__ = ["Local", "RoundResult", "UserError", "check_client_options", "current_rss",
            "model_signature", "open_local", "parse_partition", "release_memory", "resolve_budget",
-           "save_run", "user_errors"]
+           "save_run", "user_errors", "check_server_out", "fleet_role"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -301,6 +301,48 @@ def check_out(out: Path) -> None:
     if (out / "run.json").exists():
         raise UserError(f"--out '{out}' holds a `train` run (run.json): a fleet run there would "
                         "replace its weights and metrics; pass another --out")
+
+
+def fleet_role(out: Path) -> str | None:
+    """Which fleet run left its files in ``out``: "server" (an aggregate: summary.json naming
+    the clients it waited for), "client" (checkpoints or a client's summary), or None."""
+    summary = out / "summary.json"
+    if summary.is_file() and not summary.is_symlink():
+        try:
+            meta = json.loads(summary.read_text()[:1 << 20])
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and "min_clients" in meta:
+            return "server"
+        return "client"
+    if (out / "checkpoints").is_dir():
+        return "client"
+    return None
+
+
+def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether the server starts from the aggregate in ``out`` (``--resume``).
+
+    Raises:
+        UserError: ``out`` holds a client's files, or an earlier aggregate without ``--resume``
+            or ``--overwrite`` (running the same command again replaced it without a word), or
+            ``--resume`` with no aggregate to resume.
+    """
+    role = fleet_role(out)
+    has = (out / "params.npz").is_file()
+    if role == "client":
+        raise UserError(f"--out '{out}' holds a fleet client's files; the server would replace "
+                        "its weights: pass another --out")
+    if resume:
+        if not (role == "server" and has):
+            raise UserError(f"--resume: '{out}' holds no aggregate of an earlier fleet run; "
+                            "drop --resume to start from the bundle's weights")
+        return True
+    if has and not overwrite:
+        raise UserError(f"--out '{out}' holds the aggregate of an earlier fleet run "
+                        "(params.npz); pass --resume to continue from it, --overwrite to start "
+                        "afresh, or another --out")
+    return False
 
 
 def open_local(bundle_path: str | Path, data_spec: str | None = None,

@@ -177,6 +177,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
 
     manager = BoundedClientManager()
     server = Server(client_manager=manager, strategy=strategy)
+    _check_local_address(address)
     try:
         grpc_server = start_grpc_server(client_manager=manager, server_address=address)
     except SystemExit as exc:  # Flower exits on a port in use
@@ -215,6 +216,35 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     final = parameters_to_ndarrays(server.parameters)
     save_run(out, dict(zip(names, final, strict=True)), summary)
     return summary
+
+
+def _check_local_address(address: str) -> None:
+    """An address that is not this machine's (Flower reports any failure to listen as a port
+    in use): one line that says so.
+
+    Raises:
+        UserError: the host is not an address of this machine.
+    """
+    import errno
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, ValueError):
+        return  # left to the server's own error
+    for family, kind, proto, _, where in infos[:1]:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(where)
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise UserError(f"cannot listen on {address}: {host} is not an address of "
+                                    f"this machine; use 0.0.0.0:{port} (every interface) or "
+                                    f"127.0.0.1:{port}") from None
 
 
 class FleetInterrupted(Exception):

@@ -107,7 +107,7 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
     if manifest.image is None:
         if manifest.text is not None:  # a text bundle given a folder: likely of .csv files
             raise UserError(f"{path} is a folder; a text model trains on one .csv, .tsv or "
-                            ".jsonl file: pass that file as --data")
+                            ".jsonl file: pass that file instead (--data or --val)")
         raise UserError(f"{path} is an image folder, but the bundle records no image input "
                         "(manifest 'image': size and normalisation; a model whose one input is "
                         "a float [N, 1 or 3, H, W] or [N, H, W] tensor of fixed size gets it at "

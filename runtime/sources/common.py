@@ -41,6 +41,7 @@ class Problems:
     counts: dict[str, int] = field(default_factory=dict)
     ignored: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    noted: dict[str, int] = field(default_factory=dict)  # used as they are, worth knowing
 
     def bad(self, reason: str, where: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -49,6 +50,10 @@ class Problems:
     def ignore(self, reason: str, where: str) -> None:
         self.ignored[reason] = self.ignored.get(reason, 0) + 1
         self._example(reason, where)
+
+    def note(self, what: str, where: str) -> None:
+        self.noted[what] = self.noted.get(what, 0) + 1
+        self._example(what, where)
 
     def _example(self, reason: str, where: str) -> None:
         ex = self.examples.setdefault(reason, [])
@@ -74,13 +79,15 @@ class Problems:
         if self.ignored:
             n = sum(self.ignored.values())
             parts.append(f"{n:,} ignored: " + self._part(self.ignored))
+        if self.noted:
+            parts.append("note: " + self._part(self.noted))
         return f"{self.source}: " + " | ".join(parts) if parts else None
 
     def as_dict(self) -> dict:
         """JSON-ready (for metrics.jsonl / summary.json)."""
         return {"source": self.source, "bad_rows": self.total, "counts": dict(self.counts),
-                "ignored": dict(self.ignored), "examples": {k: list(v) for k, v in
-                                                            self.examples.items()}}
+                "ignored": dict(self.ignored), "noted": dict(self.noted),
+                "examples": {k: list(v) for k, v in self.examples.items()}}
 
 
 # ---------------------------------------------------------------------------- the interface

@@ -226,8 +226,9 @@ class NpzSource(Source):
         self.problems = Problems(name)
         for m in [*x.values(), y]:
             if m.key in npz.loaded:
-                self.problems.ignore("array loaded into memory (compressed or Fortran order)",
-                                     m.key)
+                self.problems.note("array read into memory whole (compressed or Fortran "
+                                   "order; np.savez, uncompressed, lets rows be read from the "
+                                   "file)", m.key)
         self._check_static()
         self._check_sample()
 
