@@ -40,7 +40,7 @@ from contract import UserError, names
 from devices.planner import BudgetError, MemoryModel, Plan, make_plan, smaller_micro_batch
 
 from .calibrate import Spectrum, basis, decompose_bytes, spectrum_width
-from .memory import current_rss, physical_ram
+from .memory import WouldPassLimit, current_rss, physical_ram, set_limit
 from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
 from .run import order_bytes
 from .sessions import arena_cap, use_arena
@@ -138,8 +138,9 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _touch(pages)
+            set_limit(limit - PROBE_HEADROOM if limit else None)
             out = {"ok": True, **fn()}
-        except ArenaExhausted as exc:
+        except (ArenaExhausted, WouldPassLimit) as exc:
             out = {"ok": False, "oom": True, "error": str(exc)}
         except BaseException as exc:  # noqa: BLE001 - report anything to the parent
             out = {"ok": False, "oom": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -433,9 +434,12 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         plan = make_plan(model, budget, batch, instant)
     except BudgetError as exc:
         raise BudgetTooSmall(exc.why, exc.need) from None
+    steps_down = []  # said with the plan that validates; a refusal stays one line
     for _ in range(10):  # 32 of 32 reaches 1 at the 9th try (smaller_micro_batch)
         check = _fork(lambda p=plan: _validate(trainer, data, batch, p), limit=limit)
         if check["ok"] and check["peak"] <= budget:
+            for line in steps_down:
+                log(line)
             return Plan(**{**plan.__dict__, "breakdown": {
                 **plan.breakdown, "validated peak (probe at this plan, measured by wait4)":
                     check["peak"]}})
@@ -448,8 +452,8 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         smaller = smaller_micro_batch(batch, plan.micro_batch)
         why = ("arena cap reached" if check["oom"] else
                f"peak {check['peak'] / 1e6:.1f} MB")
-        log(f"budget: micro-batch {plan.micro_batch} did not fit at its real size ({why}); "
-            f"trying {smaller}")
+        steps_down.append(f"budget: micro-batch {plan.micro_batch} did not fit at its real "
+                          f"size ({why}); trying {smaller}")
         try:
             plan = make_plan(model, budget, smaller, instant)
         except BudgetError as exc:

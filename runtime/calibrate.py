@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .memory import reserve
+
 __all__ = ["Basis", "DegenerateGram", "GramWindow", "Spectrum", "basis_from_gram",
            "calibration_samples", "decompose", "decompose_bytes", "rank_for_energy",
            "spectrum_width"]
@@ -225,6 +227,7 @@ class GramWindow:
     def __init__(self, layers, steps: int) -> None:
         self.steps = max(1, int(steps))
         self.dims = {ly.name: (ly.x_dim, ly.g_dim) for ly in layers}
+        reserve(8 * sum(a * a + b * b for a, b in self.dims.values()), "the Gram accumulators")
         # vectors one sample adds to each Gram: its positions on the channel axis, its
         # channels on the token axis
         self.vectors = {ly.name: (_vectors(ly.x_axis, ly.tokens, ly.cx),
@@ -254,6 +257,9 @@ class GramWindow:
         Raises: DegenerateGram (non-finite Grams, e.g. after a divergence)."""
         scale = 1.0 / max(1, self.samples)
         same_x = same_x or {}
+        need = [decompose_bytes(d, self.samples * v) for k in self.dims
+                for d, v in zip(self.dims[k], self.vectors[k], strict=True)]
+        reserve(sum(h for h, _ in need) + max(t for _, t in need), "the Grams' decomposition")
         xs: dict[str, Spectrum] = {}
         for k in self.dims:
             if same_x.get(k, k) == k:

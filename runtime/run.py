@@ -146,7 +146,8 @@ class Order:
         """A new permutation of the rows in the one buffer (``rng.permutation(n)``'s values:
         the same draws on 0..n-1), 4 bytes a row below 2³¹ rows (order_bytes)."""
         dtype = _order_dtype(self.n)
-        if self.perm is None or len(self.perm) != self.n or self.perm.dtype != dtype:
+        if (self.perm is None or len(self.perm) != self.n or self.perm.dtype != dtype
+                or not self.perm.flags.writeable):
             self.perm = np.empty(self.n, dtype)
         for i in range(0, self.n, 1 << 20):
             self.perm[i:i + (1 << 20)] = np.arange(i, min(self.n, i + (1 << 20)))

@@ -244,8 +244,8 @@ class RunFolder:
 
     @staticmethod
     def _no_steps(path: Path) -> bool:
-        """Whether a new metrics.jsonl holds no training step (only the plan: the run failed
-        at its first step, e.g. its data did not fit the model)."""
+        """Whether a new metrics.jsonl holds no training step (the plan, a first calibration:
+        the run failed at its first step, e.g. its data did not fit the model)."""
         if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 16:
             return False
         try:
@@ -253,7 +253,7 @@ class RunFolder:
                      if line.strip()]
         except (OSError, ValueError, AttributeError):
             return False
-        return all(k == "plan" for k in kinds)
+        return all(k in ("plan", "calibration") for k in kinds)
 
     def _remove_made_folder(self) -> None:
         if self._made_folder:

@@ -329,3 +329,24 @@ def test_the_batch_order_is_counted_by_the_plan_and_resumes_as_before():
     assert _data_fixed_bytes(list(range(6_500_000))) == 26_000_000
     assert _is_permutation(np.array([2, 0, 1])) and not _is_permutation(np.array([0, 0, 2]))
     assert not _is_permutation(np.array([0, 1, 3])) and not _is_permutation(np.array([-1, 0, 1]))
+
+
+def test_a_probe_refuses_a_numpy_allocation_that_would_pass_its_stop_line():
+    """The parent polls a probe's RSS every 2 ms; a wide layer's Gram accumulators, written
+    at memory speed, took a probe 19 MB past --budget 520MB before it was stopped. Inside a
+    probe, GramWindow now checks its bytes against the stop line first (memory.reserve)."""
+    from types import SimpleNamespace
+
+    from runtime.calibrate import GramWindow
+    from runtime.memory import WouldPassLimit, current_rss, reserve, set_limit
+
+    wide = SimpleNamespace(name="w", x_dim=3500, g_dim=3500, x_axis="channel",
+                           g_axis="channel", tokens=1, cx=3500, cy=3500)
+    GramWindow([wide], 1)  # no probe: no limit
+    set_limit(current_rss() + (20 << 20))
+    try:
+        reserve(1 << 20, "a small array")
+        with pytest.raises(WouldPassLimit, match="Gram accumulators"):
+            GramWindow([wide], 1)  # 196 MB
+    finally:
+        set_limit(None)

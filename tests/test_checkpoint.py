@@ -846,3 +846,22 @@ def test_stop_signals_leave_no_stopped_runs_thread_or_handler_behind() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
     assert signal.set_wakeup_fd(-1) == -1  # no wakeup fd left set
     assert not [t for t in threading.enumerate() if t.name == "signal-watchdog"]
+
+
+def test_a_metrics_file_without_a_step_is_part_of_a_failed_runs_stub(tmp_path):
+    """A run that failed at its first step (session 18 probe: ids past the embedding) left
+    run.json, an empty checkpoints/ and a metrics.jsonl holding only its plan, and the same
+    command was then refused ("already holds a training run"). Such a metrics file now counts
+    as part of the stub that a failed run removes; one with a step does not."""
+    from runtime.run_folder import RunFolder
+
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"kind": "plan", "budget": null}\n{"kind": "calibration", "step": 0}\n')
+    assert RunFolder._no_steps(m)
+    m.write_text(m.read_text() + '{"kind": "step", "step": 1, "loss": 0.5}\n')
+    assert not RunFolder._no_steps(m)
+    m.write_text("not json\n")
+    assert not RunFolder._no_steps(m)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(m)
+    assert not RunFolder._no_steps(link)
