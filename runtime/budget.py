@@ -140,7 +140,9 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
             _touch(pages)
             set_limit(limit - PROBE_HEADROOM if limit else None)
             out = {"ok": True, **fn()}
-        except (ArenaExhausted, WouldPassLimit) as exc:
+        except WouldPassLimit as exc:  # as if stopped by the parent, before passing the line
+            out = {"ok": False, "oom": True, "over": True, "error": str(exc)}
+        except ArenaExhausted as exc:
             out = {"ok": False, "oom": True, "error": str(exc)}
         except BaseException as exc:  # noqa: BLE001 - report anything to the parent
             out = {"ok": False, "oom": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -301,14 +303,14 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         return _plan_for_budget(trainer, data, batch, budget, log, reserve)
     except BudgetTooSmall as exc:
         if not _has_shorter(trainer):
-            raise _stated_minimum(exc, budget) from None
+            raise _stated_minimum(exc, budget, trainer.mode) from None
     trainer.shorter = False
     log("budget: no plan with the graphs at shorter lengths as well; planning at the full "
         "length only")
     try:
         return _plan_for_budget(trainer, data, batch, budget, log, reserve)
     except BudgetTooSmall as exc:
-        raise _stated_minimum(exc, budget) from None
+        raise _stated_minimum(exc, budget, trainer.mode) from None
 
 
 def _has_shorter(trainer: Trainer) -> bool:
@@ -317,7 +319,7 @@ def _has_shorter(trainer: Trainer) -> bool:
     return bool(trainer.shorter and text is not None and text.lengths and not trainer.resident)
 
 
-def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
+def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla") -> UserError:
     """The refusal's way out. The estimate comes from probes that stayed inside ``budget``
     (a budget above it cannot be tried without passing it), so it extrapolates: measured on
     workloads refused at their first stated minimum, the budget that then worked was up to
@@ -330,12 +332,20 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int) -> UserError:
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
                          f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
                          f"above it, e.g. to {hint / 1e6:.0f}MB (`instant-runtime plan` "
-                         "without --budget estimates the minimum)")
+                         f"without --budget estimates the minimum){_or_vanilla(mode)}")
     # an estimate below the refused budget means the probes missed part of the need: ask for
     # MIN_FACTOR x the budget rather than a step the user would have to repeat MB by MB
     need = max(exc.need, budget) * MIN_FACTOR
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
-                     f"raise --budget to at least {need / 1e6:.0f}MB")
+                     f"raise --budget to at least {need / 1e6:.0f}MB{_or_vanilla(mode)}")
+
+
+def _or_vanilla(mode: str) -> str:
+    """INSTANT's calibration holds each layer's Grams (a wide [N, C] layer: D² each), which
+    exact training does not: a session-18 probe saw a 971 MB minimum for INSTANT where exact
+    training ran in 160 MB. The refusal names that way out too."""
+    return (", or train exactly with --mode vanilla (no calibration: its minimum may be lower; "
+            "`instant-runtime plan --mode vanilla` states it)" if mode == "instant" else "")
 
 
 def estimate_minimum(trainer: Trainer, data, batch: int, reserve: int = 0) -> int | None:

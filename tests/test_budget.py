@@ -350,3 +350,48 @@ def test_a_probe_refuses_a_numpy_allocation_that_would_pass_its_stop_line():
             GramWindow([wide], 1)  # 196 MB
     finally:
         set_limit(None)
+
+
+_TREE_PEAK = ("import resource, subprocess, sys\n"
+              "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+              "sys.stdout.write(r.stdout)\n"
+              "sys.stderr.write(r.stderr)\n"
+              "print('tree-peak-kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+              "sys.exit(r.returncode)\n")
+
+
+def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path):
+    """A wide [N, C] layer's Gram accumulators (3500 x 3500 per side) are written at memory
+    speed inside a planning probe: a session-18 probe measured a probe process at 539 MB under
+    --budget 520MB. The refusal is now one line that also names --mode vanilla, and the largest
+    process of the tree (the kernel's maximum RSS over the run and every probe it reaped,
+    read by a small launcher) stays inside the budget."""
+    factory = tmp_path / "wide.py"
+    factory.write_text("import torch.nn as nn\n"
+                       "def make():\n"
+                       "    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(),\n"
+                       "                         nn.Linear(512, 3500), nn.ReLU(),\n"
+                       "                         nn.Linear(3500, 256), nn.ReLU(),\n"
+                       "                         nn.Linear(256, 10))\n")
+    bundle, data = tmp_path / "b", tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((640, 256)).astype(np.float32),
+             y=rng.integers(0, 10, 640))
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model", f"{factory}:make",
+                        "--input-shape", "8,256", "--out", str(bundle)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # without the check before the allocation: 537 MB at 530 from a shell on this machine; it
+    # is a race with the parent's 2 ms reading that this test does not reproduce reliably
+    # (the mechanism itself: test_a_probe_refuses_a_numpy_allocation_that_would_pass_...)
+    for budget_mb in (300, 530):
+        argv = [sys.executable, "-m", "runtime", "train", str(bundle), "--data", str(data),
+                "--batch", "64", "--steps", "2", "--threads", "1", "--no-progress",
+                "--budget", f"{budget_mb}MB", "--out", str(tmp_path / f"run{budget_mb}")]
+        r = subprocess.run([sys.executable, "-c", _TREE_PEAK, *argv], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+        peak = int(re.search(r"tree-peak-kb (\d+)", r.stdout)[1]) * 1024
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert "below the minimum" in lines[0] and "--mode vanilla" in lines[0], lines[0]
+        assert peak <= budget_mb * MB, (budget_mb, peak / MB)
