@@ -116,10 +116,10 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
     training = module.training and spec not in BUILTIN_MODELS
     traced = _folded(lower_traced(_pick_output(_trace_torch(module, example, spec), output)))
     traced.origin = ("torch", module, example, output)
-    if training and _has_train_behaviour(module):
+    changes = _train_behaviour(module) if training else ""
+    if changes:
         traced.notes.append(f"note: the model from '{spec}' was in training mode; it is "
-                            "exported in eval mode (BatchNorm normalises with its running "
-                            "statistics, which stay fixed; Dropout is off)")
+                            f"exported in eval mode ({changes})")
     return traced
 
 
@@ -221,12 +221,18 @@ def _pick_output(traced: Traced, output: str | None) -> Traced:
     return traced
 
 
-def _has_train_behaviour(module) -> bool:
-    """Whether eval mode changes what the module computes (batch norms, dropout)."""
+def _train_behaviour(module) -> str:
+    """What eval mode changes in the module (batch norms, dropout), as the note says it; ""
+    where nothing does."""
     import torch
 
-    kinds = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)
-    return any(isinstance(m, kinds) for m in module.modules())
+    mods = list(module.modules())
+    said = []
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in mods):
+        said.append("BatchNorm normalises with its running statistics, which stay fixed")
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd | torch.nn.Dropout) for m in mods):
+        said.append("Dropout is off")
+    return "; ".join(said)
 
 
 def _input_names(module, n: int) -> list[str]:

@@ -255,25 +255,13 @@ def _budget_and_profile(a):
     """Parse --budget / --profile once. Returns (budget bytes or None, profile or None)."""
     from devices import parse_size, resolve_profile
 
-    from .errors import UserError
 
     prof = resolve_profile(a.profile) if a.profile else None
     budget = parse_size(a.budget) if a.budget is not None else (
         prof.default_budget if prof else None)
-    if budget is not None and budget < 1_000_000:
-        raise UserError(f"--budget {a.budget} is below 1 MB: no training process fits in it; "
-                        "pass e.g. 256MB (`instant-runtime plan` states the minimum)")
-    if prof is not None and budget is not None and budget > prof.ram:
-        raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
-                        f"of profile '{prof.name}'")
-    if budget is not None:
-        from .memory import physical_ram
+    from .memory import check_budget
 
-        ram = physical_ram()
-        if ram and budget > ram:
-            print(f"warning: --budget {budget / 1e6:.0f} MB exceeds this machine's RAM "
-                  f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
-                  file=sys.stderr)
+    check_budget(budget, a.budget, prof)
     return budget, prof
 
 

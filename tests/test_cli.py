@@ -472,6 +472,12 @@ def test_export_says_a_model_in_training_mode_is_exported_in_eval_mode(cli, tmp_
                  "--input-shape", "8,64"))
     assert re.search(r"note: the model from '.*bn.py:make' was in training mode; it is exported "
                      r"in eval mode \(BatchNorm normalises with its running statistics", out), out
+    assert "Dropout" not in out, out  # it has none (a ViT was told about BatchNorm it lacked)
+    path.write_text("from torch import nn\n\n\ndef make():\n    return nn.Sequential("
+                    "nn.Linear(64, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 10))\n")
+    out = ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b2",
+                 "--input-shape", "8,64"))
+    assert "exported in eval mode (Dropout is off)" in out, out
 
 
 @pytest.mark.parametrize("value, fragment", [

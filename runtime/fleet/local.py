@@ -45,12 +45,14 @@ def resolve_budget(budget: str | None, profile: str | None,
     """
     from devices import parse_size, resolve_profile
 
+    from ..config import max_threads
+    from ..memory import check_budget
+
     prof = resolve_profile(profile) if profile else None
     value = parse_size(budget) if budget else (prof.default_budget if prof else None)
-    if prof is not None and value is not None and value > prof.ram:
-        raise UserError(f"budget {value / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
-                        f"of profile '{prof.name}'")
-    return value, threads or (prof.default_threads if prof else 0)
+    check_budget(value, budget, prof)
+    # a profile's threads are the device's; on a smaller machine they stop at what it takes
+    return value, threads or (min(prof.default_threads, max_threads()) if prof else 0)
 
 
 def check_client_options(*, steps: int, batch: int, micro_batch: int | None,
