@@ -117,7 +117,9 @@ def decompose(gram: np.ndarray, scale: float = 1.0, rank_bound: int | None = Non
     """
     m = _range_size(int(gram.shape[0]), rank_bound)
     if m:
-        return _decompose_low_rank(gram, scale, m)
+        spec = _decompose_low_rank(gram, scale, m)
+        if spec is not None:
+            return spec
     g = np.asarray(gram, dtype=np.float64) * scale
     if not np.isfinite(g).all():
         raise DegenerateGram("the Gram matrix has NaN or inf entries")
@@ -154,10 +156,11 @@ def decompose_bytes(dim: int, rank_bound: int) -> tuple[int, int]:
     return 8 * (dim * dim + dim), 8 * 3 * dim * dim  # eigh: the scaled copy, its sum, workspace
 
 
-def _decompose_low_rank(gram: np.ndarray, scale: float, m: int) -> Spectrum:
+def _decompose_low_rank(gram: np.ndarray, scale: float, m: int) -> Spectrum | None:
     """:func:`decompose` of a Gram of rank < m: an orthonormal basis Q of its range (from
     ``gram`` times m random vectors; fixed seed, so the same Grams give the same bases), then
-    the eigenpairs of the m×m matrix Qᵀ·gram·Q, lifted back by Q. No D×D temporary."""
+    the eigenpairs of the m×m matrix Qᵀ·gram·Q, lifted back by Q. No D×D temporary. None
+    where the range misses more than 1e-6 of the Gram's trace (its rank was above m)."""
     d = int(gram.shape[0])
     omega = np.random.default_rng(0).standard_normal((d, m))
     y = gram @ omega
@@ -165,9 +168,15 @@ def _decompose_low_rank(gram: np.ndarray, scale: float, m: int) -> Spectrum:
         raise DegenerateGram("the Gram matrix has NaN or inf entries")
     q, _ = np.linalg.qr(y)
     b = q.T @ (gram @ q)
-    b = 0.5 * (b + b.T) * scale
     if not np.isfinite(b).all():
         raise DegenerateGram("the Gram matrix has NaN or inf entries")
+    # the bound comes from the layer's shapes (rows per sample); a layer whose rows are not
+    # what they say (an [N·L, C] input counted as N rows) has more directions than were drawn:
+    # the variance the range misses shows it, and the full eigh then runs
+    total = float(np.trace(gram))
+    if total > 0 and total - float(np.trace(b)) > 1e-6 * total:
+        return None
+    b = 0.5 * (b + b.T) * scale
     try:
         w, v = np.linalg.eigh(b)
     except np.linalg.LinAlgError as exc:  # pragma: no cover - finite symmetric input converges

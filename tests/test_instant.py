@@ -416,6 +416,11 @@ def test_a_wide_gram_of_few_vectors_decomposes_like_eigh():
         decompose(bad, 1.0 / n, rank_bound=n)
     # a bound near the width keeps the full eigh
     assert decompose(gram, 1.0 / n, rank_bound=d // 2).vectors.shape == (d, d)
+    # a bound below the true rank (a layer whose rows per sample are more than its shapes say:
+    # [N·L, C] counted as N rows) is caught by the variance the range misses: the full eigh
+    wrong = decompose(gram, 1.0 / n, rank_bound=10)
+    assert wrong.vectors.shape == (d, d)
+    np.testing.assert_allclose(wrong.values, full.values)
 
 
 @pytest.mark.parametrize("case", ["linear3d_token", "linear3d_channel", "conv1x1_token",
