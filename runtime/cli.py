@@ -677,6 +677,20 @@ def _on_sigint(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """``--budget -5MB`` as ``--budget=-5MB``: argparse reads a value that starts with '-' and
+    is not a plain number as the next option ("expected one argument"); attached, it reaches
+    the option's own check, whose message names the problem."""
+    out: list[str] = []
+    for arg in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1] and len(arg) > 1
+                and arg[0] == "-" and (arg[1].isdigit() or arg[1] == ".")):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # probes fork; no Rust thread pool
     import signal
@@ -694,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(_negative_values_attached(
+            sys.argv[1:] if argv is None else list(argv)))
         from contract import UserError
         from devices import ProfileError
 

@@ -318,6 +318,13 @@ def _(c):
     return _train(c)
 
 
+@case("train-negative-budget", "invalid size '-5MB'", "greater than zero")
+def _(c):
+    """argparse read '-5MB' as an option: "expected one argument", naming neither."""
+    return ["train", str(c.bundle), "--data", "digits", "--out", str(c.tmp / "run"),
+            "--budget", "-5MB", *TRAIN]
+
+
 @case("train-out-under-a-file", "is a file")
 def _(c):
     (c.tmp / "blocker").write_text("x")
