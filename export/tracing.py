@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from contract import names as names_
 from contract.onnx_scan import LOOP_OPS
@@ -28,6 +28,7 @@ from contract.onnx_scan import LOOP_OPS
 from .graph import ExportError, check_ops, name_nodes
 from .layers import node_module_path
 from .model_inputs import _first_line, _load_factory, example_arrays, parse_input_shapes
+from .onnx_import import float32_weights, initializers_not_inputs, raise_opset, sort_nodes
 from .param_names import (
     ROLE,
     derived_changes,
@@ -407,16 +408,16 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
         raise ExportError(f"ONNX model '{path}' uses opset {opset}; opsets 13 to {newest} are "
                           "supported (re-export it, or convert with onnx.version_converter)")
     notes: list[str] = []
-    _sort_nodes(model)
-    _initializers_not_inputs(model)
+    sort_nodes(model)
+    initializers_not_inputs(model)
     _materialize_identity_initializers(model)
     _constants_to_initializers(model)
-    notes += _float32_weights(model)
+    notes += float32_weights(model)
     name_nodes(model)
     check_ops(model, path)
     if keep_free is None:
         _check_valid(model, file, path)
-    notes += _raise_opset(model, path)
+    notes += raise_opset(model, path)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
     if any(vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
@@ -436,111 +437,6 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     notes += tie_equal_initializers(model)
     return Traced(model, inputs, outputs, f"onnx:{file.name}", onnx_param_names(model),
                   notes=notes)
-
-
-# The backward of a lookup (Gather) or of max pooling adds into a tensor with ScatterND /
-# ScatterElements reduction="add", which opset 16 introduced.
-MIN_BUNDLE_OPSET = 16
-
-
-def _raise_opset(model: onnx.ModelProto, path: str) -> list[str]:
-    """An opset-13 to 15 file is converted to opset 16 (onnx's version converter: same
-    computation) so the training graphs may use what their gradients need."""
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if opset >= MIN_BUNDLE_OPSET:
-        return []
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(model, MIN_BUNDLE_OPSET)
-        onnx.checker.check_model(converted)
-    except Exception as exc:  # noqa: BLE001 - the converter raises several types
-        raise ExportError(f"ONNX model '{path}' uses opset {opset} and onnx's version converter "
-                          f"cannot raise it to {MIN_BUNDLE_OPSET} ({_first_line(exc)[:200]}); "
-                          f"export the model at opset {MIN_BUNDLE_OPSET} or newer") from None
-    model.CopyFrom(converted)
-    return [f"note: the model's opset {opset} was converted to {MIN_BUNDLE_OPSET} (its "
-            "gradients need opset 16's scatter-add); the computation is the same"]
-
-
-def _sort_nodes(model: onnx.ModelProto) -> None:
-    """Nodes in an order where each comes after the nodes making its inputs (ONNX asks for
-    it and onnxruntime does not; the gradient builder walks the graph in its order). Stable:
-    a sorted graph is left as it is; a cycle is left for the validity check to refuse."""
-    nodes = list(model.graph.node)
-    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-
-    def deps(i: int) -> set[int]:
-        n = nodes[i]
-        names = list(n.input)
-        for a in n.attribute:  # a subgraph's reads of the outer graph
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names += [x for m in sub.node for x in m.input]
-        return {made[x] for x in names if x in made and made[x] != i}
-
-    need = [deps(i) for i in range(len(nodes))]
-    if all(all(d < i for d in need[i]) for i in range(len(nodes))):
-        return
-    order, placed = [], set()
-    progress = True
-    while progress and len(order) < len(nodes):
-        progress = False
-        for i in range(len(nodes)):
-            if i not in placed and need[i] <= placed:
-                order.append(i)
-                placed.add(i)
-                progress = True
-    if len(order) < len(nodes):
-        return  # a cycle
-    del model.graph.node[:]
-    model.graph.node.extend(nodes[i] for i in order)
-
-
-def _initializers_not_inputs(model: onnx.ModelProto) -> None:
-    """Older exporters (and torch's ``keep_initializers_as_inputs=True``) also list every
-    initializer as a graph input, a default a caller may override. The weights are the
-    model's, so they are read as plain initializers."""
-    inits = {i.name for i in model.graph.initializer}
-    listed = [vi for vi in model.graph.input if vi.name in inits]
-    for vi in listed:
-        model.graph.input.remove(vi)
-
-
-def _float32_weights(model: onnx.ModelProto) -> list[str]:
-    """A float16 / bfloat16 / float64 initializer that the graph only reads through a Cast to
-    float32 (weights stored small, computed in float32) becomes a float32 initializer of the
-    same name, the Cast removed: it can then be trained (in float32) like any weight."""
-    casts = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
-    inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
-    graph_outputs = {o.name for o in model.graph.output}
-    renamed: dict[str, str] = {}
-    for name, init in inits.items():
-        users = readers.get(name, [])
-        if (init.data_type not in casts or not users or name in graph_outputs
-                or any(u.op_type != "Cast" or u.domain not in ("", "ai.onnx")
-                       or next((a.i for a in u.attribute if a.name == "to"), None)
-                       != TensorProto.FLOAT or u.output[0] in graph_outputs for u in users)):
-            continue
-        as32 = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), name)
-        init.CopyFrom(as32)
-        for u in users:
-            renamed[u.output[0]] = name
-    if not renamed:
-        return []
-    keep = [n for n in model.graph.node if not (n.op_type == "Cast" and n.output[0] in renamed)]
-    for n in keep:
-        for i, name in enumerate(n.input):
-            if name in renamed:
-                n.input[i] = renamed[name]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    shown = sorted(set(renamed.values()))
-    return [f"note: {len(shown)} weights stored in float16/bfloat16/float64 and cast to float32 "
-            f"by the model train in float32 ({', '.join(shown[:6])}{' …' if len(shown) > 6 else ''})"]
 
 
 def _check_valid(model: onnx.ModelProto, file: Path, path: str) -> None:

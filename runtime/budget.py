@@ -41,8 +41,8 @@ from devices.planner import BudgetError, MemoryModel, Plan, make_plan, smaller_m
 
 from .calibrate import Spectrum, basis, decompose_bytes, spectrum_width
 from .memory import WouldPassLimit, current_rss, physical_ram, set_limit
+from .order import order_bytes
 from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
-from .run import order_bytes
 from .sessions import arena_cap, use_arena
 from .trainer import ArenaExhausted, ArrayBatch, IndexBatch, Trainer
 
@@ -224,7 +224,7 @@ def _carried_bytes(trainer: Trainer) -> int:
 
 def _data_fixed_bytes(data) -> int:
     """The data's bytes that do not grow with the micro-batch: the batch order over its rows
-    (run.Order, made at the first step: 26 MB for 6.5 million rows), and the source's transient
+    (order.Order, made at the first step: 26 MB for 6.5 million rows), and the source's transient
     bytes of a read (decoding the largest image of a folder: up to ~10 bytes a pixel for a
     16-bit PNG). The probes read a few random rows and would miss both."""
     fixed = getattr(data, "bytes_fixed", None)

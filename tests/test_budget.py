@@ -316,7 +316,8 @@ def test_the_batch_order_is_counted_by_the_plan_and_resumes_as_before():
     now 4 bytes a row, part of the plan's fixed data bytes, and gives the rows in the order
     ``rng.permutation`` gave, epoch after epoch (checkpoints of earlier runs resume alike)."""
     from runtime.budget import _data_fixed_bytes
-    from runtime.run import Order, _is_permutation, order_bytes
+    from runtime.order import Order, order_bytes
+    from runtime.order import is_permutation as _is_permutation
 
     order = Order(1000, 64, np.random.default_rng(3))
     ref = np.random.default_rng(3)

@@ -1,0 +1,123 @@
+"""ONNX files as other exporters write them, made into what the exporter expects (each a
+note where it changes what the user sees): nodes in topological order, initializers that are
+also listed as graph inputs read as weights, float16/bfloat16/float64 weights behind a Cast to
+float32 trained in float32, and an opset below 16 converted to 16 (the gradients of lookups and
+max pooling add with opset 16's scatter-add). ``tracing._load_onnx`` calls these in order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .graph import ExportError
+from .model_inputs import _first_line
+
+__all__ = ["MIN_BUNDLE_OPSET", "float32_weights", "initializers_not_inputs", "raise_opset",
+           "sort_nodes"]
+
+
+# The backward of a lookup (Gather) or of max pooling adds into a tensor with ScatterND /
+# ScatterElements reduction="add", which opset 16 introduced.
+MIN_BUNDLE_OPSET = 16
+
+
+def raise_opset(model: onnx.ModelProto, path: str) -> list[str]:
+    """An opset-13 to 15 file is converted to opset 16 (onnx's version converter: same
+    computation) so the training graphs may use what their gradients need."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= MIN_BUNDLE_OPSET:
+        return []
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, MIN_BUNDLE_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter raises several types
+        raise ExportError(f"ONNX model '{path}' uses opset {opset} and onnx's version converter "
+                          f"cannot raise it to {MIN_BUNDLE_OPSET} ({_first_line(exc)[:200]}); "
+                          f"export the model at opset {MIN_BUNDLE_OPSET} or newer") from None
+    model.CopyFrom(converted)
+    return [f"note: the model's opset {opset} was converted to {MIN_BUNDLE_OPSET} (its "
+            "gradients need opset 16's scatter-add); the computation is the same"]
+
+
+def sort_nodes(model: onnx.ModelProto) -> None:
+    """Nodes in an order where each comes after the nodes making its inputs (ONNX asks for
+    it and onnxruntime does not; the gradient builder walks the graph in its order). Stable:
+    a sorted graph is left as it is; a cycle is left for the validity check to refuse."""
+    nodes = list(model.graph.node)
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+
+    def deps(i: int) -> set[int]:
+        n = nodes[i]
+        names = list(n.input)
+        for a in n.attribute:  # a subgraph's reads of the outer graph
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names += [x for m in sub.node for x in m.input]
+        return {made[x] for x in names if x in made and made[x] != i}
+
+    need = [deps(i) for i in range(len(nodes))]
+    if all(all(d < i for d in need[i]) for i in range(len(nodes))):
+        return
+    order, placed = [], set()
+    progress = True
+    while progress and len(order) < len(nodes):
+        progress = False
+        for i in range(len(nodes)):
+            if i not in placed and need[i] <= placed:
+                order.append(i)
+                placed.add(i)
+                progress = True
+    if len(order) < len(nodes):
+        return  # a cycle
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+
+
+def initializers_not_inputs(model: onnx.ModelProto) -> None:
+    """Older exporters (and torch's ``keep_initializers_as_inputs=True``) also list every
+    initializer as a graph input, a default a caller may override. The weights are the
+    model's, so they are read as plain initializers."""
+    inits = {i.name for i in model.graph.initializer}
+    listed = [vi for vi in model.graph.input if vi.name in inits]
+    for vi in listed:
+        model.graph.input.remove(vi)
+
+
+def float32_weights(model: onnx.ModelProto) -> list[str]:
+    """A float16 / bfloat16 / float64 initializer that the graph only reads through a Cast to
+    float32 (weights stored small, computed in float32) becomes a float32 initializer of the
+    same name, the Cast removed: it can then be trained (in float32) like any weight."""
+    casts = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    renamed: dict[str, str] = {}
+    for name, init in inits.items():
+        users = readers.get(name, [])
+        if (init.data_type not in casts or not users or name in graph_outputs
+                or any(u.op_type != "Cast" or u.domain not in ("", "ai.onnx")
+                       or next((a.i for a in u.attribute if a.name == "to"), None)
+                       != TensorProto.FLOAT or u.output[0] in graph_outputs for u in users)):
+            continue
+        as32 = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), name)
+        init.CopyFrom(as32)
+        for u in users:
+            renamed[u.output[0]] = name
+    if not renamed:
+        return []
+    keep = [n for n in model.graph.node if not (n.op_type == "Cast" and n.output[0] in renamed)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in renamed:
+                n.input[i] = renamed[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    shown = sorted(set(renamed.values()))
+    return [f"note: {len(shown)} weights stored in float16/bfloat16/float64 and cast to float32 "
+            f"by the model train in float32 ({', '.join(shown[:6])}{' …' if len(shown) > 6 else ''})"]
