@@ -39,7 +39,7 @@ import numpy as np
 from contract import UserError, names
 from devices.planner import BudgetError, MemoryModel, Plan, make_plan, smaller_micro_batch
 
-from .calibrate import Spectrum, basis, decompose_bytes, spectrum_width
+from .calibrate import GramWindow, Spectrum, basis, decompose_bytes, gram_vectors, spectrum_width
 from .memory import WouldPassLimit, current_rss, physical_ram, set_limit
 from .order import order_bytes
 from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
@@ -239,14 +239,13 @@ def _grams_bytes(trainer: Trainer, batch: int) -> int:
     if trainer.mode != "instant" or not layers:
         return 0
     rows = _calibration_rows(trainer, batch)
-    acc = kept = work = 0
+    kept = work = 0
     for ly in layers:
-        for axis, dim, width in ((ly.x_axis, ly.x_dim, ly.cx), (ly.g_axis, ly.g_dim, ly.cy)):
-            held, temp = decompose_bytes(dim, rows * (width if axis == "token" else ly.tokens))
-            acc += 8 * dim * dim
+        for dim, vectors in zip((ly.x_dim, ly.g_dim), gram_vectors(ly), strict=True):
+            held, temp = decompose_bytes(dim, rows * vectors)
             kept += held
             work = max(work, temp)
-    return int(acc + kept + work)
+    return int(GramWindow.accumulator_bytes(layers) + kept + work)
 
 
 def _frozen(trainer: Trainer) -> int:
@@ -275,7 +274,7 @@ def _full_rank_bases(trainer: Trainer, batch: int) -> None:
     ranks, as before."""
     rows = _calibration_rows(trainer, batch)
     for ly in trainer.bundle.layers:
-        rx = spectrum_width(ly.x_dim, rows * (ly.cx if ly.x_axis == "token" else ly.tokens))
+        rx = spectrum_width(ly.x_dim, rows * gram_vectors(ly)[0])
         sx = Spectrum(np.ones(rx), np.eye(ly.x_dim, rx))
         sg = Spectrum(np.ones(ly.g_dim), np.eye(ly.g_dim))
         trainer.set_bases(ly.name, basis(sx, rx), basis(sg, ly.g_dim))

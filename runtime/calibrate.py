@@ -21,8 +21,8 @@ import numpy as np
 from .memory import reserve
 
 __all__ = ["Basis", "DegenerateGram", "GramWindow", "Spectrum", "basis_from_gram",
-           "calibration_samples", "decompose", "decompose_bytes", "rank_for_energy",
-           "spectrum_width"]
+           "calibration_samples", "decompose", "decompose_bytes", "gram_vectors",
+           "rank_for_energy", "spectrum_width"]
 
 # The first calibration (dedicated exact passes) reads at least this many samples per batch, and
 # enough that every Gram sums CALIB_VECTORS_PER_DIM times its dimension in vectors.
@@ -220,8 +220,12 @@ def basis_from_gram(gram: np.ndarray, energy: float = 0.95, oversample: int = 0,
     return basis(spec, r)
 
 
-def _vectors(axis: str, tokens: int, width: int) -> int:
-    return int(width if axis == "token" else tokens)
+def gram_vectors(ly) -> tuple[int, int]:
+    """Vectors one sample adds to each of a layer's Grams (x's, g's): its positions on the
+    channel axis, its channels on the token axis. Times the samples a calibration sums, they
+    bound the Grams' ranks (:func:`decompose`)."""
+    return (int(ly.cx if ly.x_axis == "token" else ly.tokens),
+            int(ly.cy if ly.g_axis == "token" else ly.tokens))
 
 
 class GramWindow:
@@ -236,16 +240,18 @@ class GramWindow:
     def __init__(self, layers, steps: int) -> None:
         self.steps = max(1, int(steps))
         self.dims = {ly.name: (ly.x_dim, ly.g_dim) for ly in layers}
-        reserve(8 * sum(a * a + b * b for a, b in self.dims.values()), "the Gram accumulators")
-        # vectors one sample adds to each Gram: its positions on the channel axis, its
-        # channels on the token axis
-        self.vectors = {ly.name: (_vectors(ly.x_axis, ly.tokens, ly.cx),
-                                  _vectors(ly.g_axis, ly.tokens, ly.cy)) for ly in layers}
+        reserve(self.accumulator_bytes(layers), "the Gram accumulators")
+        self.vectors = {ly.name: gram_vectors(ly) for ly in layers}
         self.gx = {k: np.zeros((d, d), np.float64) for k, (d, _) in self.dims.items()}
         self.gg = {k: np.zeros((d, d), np.float64) for k, (_, d) in self.dims.items()}
         self.samples = 0
         self.done = 0
         self.seconds = 0.0  # time of dedicated calibration passes (not of training steps)
+
+    @staticmethod
+    def accumulator_bytes(layers) -> int:
+        """Bytes of a window's float64 Grams, held through a calibration."""
+        return sum(8 * (ly.x_dim ** 2 + ly.g_dim ** 2) for ly in layers)
 
     def reset(self) -> None:
         """Start the window again (a step failed halfway: its Grams are partial)."""

@@ -255,23 +255,20 @@ def _budget_and_profile(a):
     """Parse --budget / --profile once. Returns (budget bytes or None, profile or None)."""
     from devices import parse_size, resolve_profile
 
+    from .config import check_budget
 
     prof = resolve_profile(a.profile) if a.profile else None
     budget = parse_size(a.budget) if a.budget is not None else (
         prof.default_budget if prof else None)
-    from .memory import check_budget
-
     check_budget(budget, a.budget, prof)
     return budget, prof
 
 
 def _session_config(a, prof, log=None):
-    from .config import SessionConfig, max_threads
+    from .config import SessionConfig, profile_threads
     from .sessions import resolve_device
 
-    # a profile's threads are the device's; on a smaller machine they stop at what it takes
-    threads = (a.threads if a.threads is not None
-               else min(prof.default_threads, max_threads()) if prof else 0)
+    threads = a.threads if a.threads is not None else profile_threads(prof)
     cfg = SessionConfig(threads=threads, device=a.device,
                         profile_providers=tuple(prof.execution_providers) if prof else None)
     device, line = resolve_device(cfg)

@@ -17,7 +17,7 @@ from typing import Literal
 from contract import InstantSettings, UserError
 
 __all__ = ["InstantConfig", "OptimConfig", "RunConfig", "SessionConfig", "TrainConfig",
-           "max_threads"]
+           "check_budget", "max_threads", "profile_threads"]
 
 RankPolicy = Literal["energy", "budget"]
 
@@ -26,6 +26,39 @@ def max_threads() -> int:
     """The most intra-op threads accepted: 4 per core (oversubscribing further only slows down;
     an absurd value used to hang onnxruntime while it spawned threads)."""
     return 4 * (os.cpu_count() or 1)
+
+
+def profile_threads(prof) -> int:
+    """A profile's threads: the device's, but on a smaller machine no more than it takes (a
+    Jetson profile's 12 on this 2-core machine was refused as "--threads 12 is invalid", an
+    option the user never passed). 0 (one per core) without a profile."""
+    return min(prof.default_threads, max_threads()) if prof is not None else 0
+
+
+def check_budget(budget: int | None, given: str | None, prof) -> None:
+    """A budget's checks shared by ``train``/``plan`` and ``fleet client``: at least 1 MB,
+    within the profile's RAM; a warning (stderr) where it exceeds this machine's RAM.
+
+    Raises:
+        UserError: below 1 MB, or above the profile's RAM.
+    """
+    import sys
+
+    from .memory import physical_ram
+
+    if budget is None:
+        return
+    if budget < 1_000_000:
+        raise UserError(f"--budget {given} is below 1 MB: no training process fits in it; "
+                        "pass e.g. 256MB (`instant-runtime plan` states the minimum)")
+    if prof is not None and budget > prof.ram:
+        raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
+                        f"of profile '{prof.name}'")
+    ram = physical_ram()
+    if ram and budget > ram:
+        print(f"warning: --budget {budget / 1e6:.0f} MB exceeds this machine's RAM "
+              f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
+              file=sys.stderr)
 
 
 def _bad(option: str, value, accepted: str) -> UserError:

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["PeakWatcher", "WouldPassLimit", "check_budget", "current_rss", "peak_rss", "physical_ram",
+__all__ = ["PeakWatcher", "WouldPassLimit", "current_rss", "peak_rss", "physical_ram",
            "proc_status", "reserve", "run_measured", "set_limit", "tune_malloc"]
 
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
@@ -24,32 +24,6 @@ _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork),
 
 class WouldPassLimit(MemoryError):
     """A planning probe was about to allocate past the line where it is stopped."""
-
-
-def check_budget(budget: int | None, given: str | None, prof) -> None:
-    """A budget's checks shared by ``train``/``plan`` and ``fleet client``: at least 1 MB,
-    within the profile's RAM; a warning (stderr) where it exceeds this machine's RAM.
-
-    Raises:
-        UserError: below 1 MB, or above the profile's RAM.
-    """
-    import sys
-
-    from .errors import UserError
-
-    if budget is None:
-        return
-    if budget < 1_000_000:
-        raise UserError(f"--budget {given} is below 1 MB: no training process fits in it; "
-                        "pass e.g. 256MB (`instant-runtime plan` states the minimum)")
-    if prof is not None and budget > prof.ram:
-        raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
-                        f"of profile '{prof.name}'")
-    ram = physical_ram()
-    if ram and budget > ram:
-        print(f"warning: --budget {budget / 1e6:.0f} MB exceeds this machine's RAM "
-              f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
-              file=sys.stderr)
 
 
 def set_limit(limit: int | None) -> None:

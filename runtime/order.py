@@ -27,7 +27,6 @@ class Order:
         self.pos += 1
         return self.perm[s:s + self.batch]
 
-
     def _shuffle(self) -> None:
         """A new permutation of the rows in the one buffer (``rng.permutation(n)``'s values:
         the same draws on 0..n-1), 4 bytes a row below 2³¹ rows (order_bytes)."""

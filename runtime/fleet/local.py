@@ -45,14 +45,12 @@ def resolve_budget(budget: str | None, profile: str | None,
     """
     from devices import parse_size, resolve_profile
 
-    from ..config import max_threads
-    from ..memory import check_budget
+    from ..config import check_budget, profile_threads
 
     prof = resolve_profile(profile) if profile else None
     value = parse_size(budget) if budget else (prof.default_budget if prof else None)
     check_budget(value, budget, prof)
-    # a profile's threads are the device's; on a smaller machine they stop at what it takes
-    return value, threads or (min(prof.default_threads, max_threads()) if prof else 0)
+    return value, threads or profile_threads(prof)
 
 
 def check_client_options(*, steps: int, batch: int, micro_batch: int | None,
