@@ -240,6 +240,31 @@ class _WeightFile:
                 f.write(c)
 
 
+# A calibration holds each INSTANT layer's two Grams (float64 accumulators plus onnxruntime's
+# float32 outputs: 12 bytes an entry) to save at most the layer's input (4 bytes a value) per
+# sample; past this many samples of break-even, and this many bytes, a note says so.
+VECTOR_NOTE_SAMPLES = 256
+VECTOR_NOTE_BYTES = 16_000_000
+
+
+def _vector_layers_note(layers: list[CompressedLayer]) -> list[str]:
+    """A note on INSTANT layers over one vector per sample ([N, C]: an MLP's Linears): their
+    Grams (D×D) cost more memory than projecting one vector per sample saves, until a
+    micro-batch of thousands of samples (docs/method.md "One vector per sample"). Grams under
+    ``VECTOR_NOTE_BYTES`` (a small MLP's) get no note: their memory does not matter."""
+    flat = [ly for ly in layers if ly.kind == "linear" and not ly.rank3]
+    grams = sum(12 * (ly.x_dim ** 2 + ly.g_dim ** 2) for ly in flat)
+    saved = sum(4 * ly.cx for ly in flat)
+    if not flat or grams <= max(VECTOR_NOTE_SAMPLES * saved, VECTOR_NOTE_BYTES):
+        return []
+    names_ = ", ".join(ly.name for ly in flat[:4]) + (", ..." if len(flat) > 4 else "")
+    return [f"note: {len(flat)} INSTANT layer(s) read one vector per sample ({names_}): a "
+            f"calibration holds their Grams ({grams / 1e6:.1f} MB) to save at most "
+            f"{saved / 1e3:.1f} KB of activations per sample, so exact training needs less "
+            "memory (`train --mode vanilla`, or export with --instant-exclude NAME); INSTANT "
+            "pays on layers over tokens or pixels"]
+
+
 def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
                   npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
                   instant_exclude: list[str] | None = None,
@@ -315,6 +340,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
+    if notes is not None:
+        notes.extend(_vector_layers_note(layers))
 
     out.mkdir(parents=True, exist_ok=True)
     in_shapes0 = Shapes(traced.model)

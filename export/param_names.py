@@ -255,13 +255,21 @@ def tie_equal_initializers(model: onnx.ModelProto) -> list[str]:
     it into two tensors) become one: the later copy is computed from the first in the graph
     (Transpose / Reshape / Identity), so training updates both uses together, as in the model
     that was exported. Only tensors of at least ``TIE_MIN_ELEMENTS`` values that are not all
-    equal count (equal fresh weights are chance). Returns the notes to print."""
+    equal count (equal fresh weights are chance), and only a transposed copy or one read by
+    other ops (an embedding's Gather and an output layer's Gemm): equal tensors read the same
+    way are copies of one layer (a deep-copied encoder layer before training) and stay apart.
+    Returns the notes to print."""
     floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT
               and int(np.prod(t.dims)) >= TIE_MIN_ELEMENTS]
+    uses: dict[str, set[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for k, i in enumerate(node.input):
+            uses.setdefault(i, set()).add((node.op_type, k))
     seen: dict[tuple, list[tuple[str, np.ndarray]]] = {}
     copies: list[onnx.NodeProto] = []
     notes: list[str] = []
     gone: set[str] = set()
+    apart: list[tuple[str, str]] = []
     for t in floats:
         a = numpy_helper.to_array(t)
         if float(a.max()) == float(a.min()):
@@ -272,6 +280,11 @@ def tie_equal_initializers(model: onnx.ModelProto) -> list[str]:
             seen.setdefault(key, []).append((t.name, a))
             continue
         how = _as_param(a, first[1])
+        if how != "T" and uses.get(t.name, set()) == uses.get(first[0], set()):
+            # the same values read the same way: copies of one layer (nn.TransformerEncoder and
+            # HF's clones deep-copy a layer, equal until trained), not one tensor used twice
+            apart.append((t.name, first[0]))
+            continue
         if how == "T":
             copies.append(helper.make_node("Transpose", [first[0]], [t.name], perm=[1, 0],
                                            name=f"tied/{t.name}"))
@@ -287,6 +300,12 @@ def tie_equal_initializers(model: onnx.ModelProto) -> list[str]:
         notes.append(f"note: '{t.name}' holds the values of '{first[0]}'"
                      f"{' transposed' if how == 'T' else ''}: trained as one tensor (tied "
                      "weights)")
+    if apart:
+        notes.append(f"note: {len(apart)} weight(s) hold the same values as another read the same "
+                     f"way ('{apart[0][0]}' = '{apart[0][1]}'): trained as separate tensors, "
+                     "copies of one layer as a model's deep-copied layers start out; a model "
+                     "that really ties them trains them as one when exported from PyTorch "
+                     "(--model file.py:factory)")
     if copies:
         keep = [i for i in model.graph.initializer if i.name not in gone]
         del model.graph.initializer[:]

@@ -94,6 +94,33 @@ def _resumed_class_names(out: Path) -> list[str] | None:
     return names if isinstance(names, list) else None
 
 
+def _check_resume_steps(out: Path, steps: int) -> None:
+    """``--resume`` of a run whose newest checkpoint is past ``--steps`` is refused (it trained
+    nothing and said "resumed"); at ``--steps`` exactly the resume runs, writing any final file
+    a kill left out. Changes nothing."""
+    from .checkpoint import newest_checkpoint
+    from .errors import UserError
+
+    newest = newest_checkpoint(out / "checkpoints")
+    if newest is not None and newest[0] > steps:
+        raise UserError(f"the run in '{out}' is already at step {newest[0]}, past --steps "
+                        f"{steps}: nothing to resume; pass --steps above {newest[0]} to train "
+                        "on, or evaluate it with `instant-runtime eval BUNDLE --weights RUN`")
+
+
+def _run_seed(out: Path) -> int:
+    """The ``--seed`` a run folder recorded (0 when it has none)."""
+    import json
+
+    from .checkpoint import read_regular
+
+    try:
+        seed = json.loads(read_regular(out / "run.json")).get("seed")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return 0
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+
 def _add_instant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
     p.add_argument("--energy", type=float, default=None,
@@ -214,15 +241,22 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("bundle")
     _add_data_args(v)
     v.add_argument("--weights", default=None,
-                   help="params .npz (default BUNDLE/run/params.npz if present, else initial)")
-    v.add_argument("--batch", type=int, default=256)
+                   help="a run folder (its params.npz, or its last checkpoint if it stopped "
+                        "early), a params .npz or a checkpoint (default BUNDLE/run if present, "
+                        "else the initial weights)")
+    v.add_argument("--batch", type=int, default=32,
+                   help="examples per pass (with --budget: at most this many)")
+    v.add_argument("--seed", type=int, default=None,
+                   help="--val-split's seed (default: the run's --seed, read from its run.json)")
     _add_session_args(v)
+    _add_budget_args(v)
 
     pl = sub.add_parser("plan", help="per-layer INSTANT ranks, saved bytes, backward FLOPs, and "
                                      "with --budget the memory plan")
     pl.add_argument("bundle")
     _add_data_args(pl, default=None)
     pl.add_argument("--batch", type=int, default=32)
+    pl.add_argument("--seed", type=int, default=0)
     _add_instant_args(pl)
     _add_session_args(pl)
     _add_budget_args(pl)
@@ -476,6 +510,8 @@ def _cmd_train(a) -> int:
         raise UserError("--out '' is empty; pass a folder for the run, or leave --out out for "
                         "BUNDLE/run")
     out = Path(a.out) if a.out is not None else bundle.path / "run"
+    if a.resume:
+        _check_resume_steps(out, a.steps)
     data = _load_data(a, bundle, class_names=_resumed_class_names(out) if a.resume else None)
     trainer = Trainer(bundle, cfg)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
@@ -516,31 +552,42 @@ def _cmd_eval(a) -> int:
     from .sessions import use_arena
     from .trainer import Trainer
 
+    from .export_model import run_weights
+
     if not 1 <= a.batch <= 1 << 24:  # as train's --batch
         raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
+    budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
     weights = Path(a.weights) if a.weights else None
-    if weights is None and (bundle.path / "run" / "params.npz").is_file():
-        weights = bundle.path / "run" / "params.npz"
+    if weights is None and (bundle.path / "run").is_dir():
+        weights = run_weights(bundle.path / "run")
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
-        if not (weights / "params.npz").is_file():
-            raise UserError(f"--weights '{weights}' is a folder without params.npz; pass a run "
-                            "folder, its params.npz, or one of its checkpoints")
-        weights = weights / "params.npz"
+        found = run_weights(weights)
+        if found is None:
+            raise UserError(f"--weights '{weights}' is a folder without params.npz or a "
+                            "checkpoint; pass a run folder, its params.npz, or one of its "
+                            "checkpoints")
+        weights = found
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' not found")
     # the label map the weights were trained with (their run's run.json): labels read from the
     # data alone would number a file's classes afresh (a file holding only class "2" read as
-    # class 0, its accuracy 0.000 for a model that is right); a checkpoint's run is one up
+    # class 0, its accuracy 0.000 for a model that is right); a checkpoint's run is one up.
+    # --val-split holds out the rows the run held out: its seed, unless --seed says otherwise
     run_dir = None if weights is None else (
         weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent)
+    if a.seed is None:
+        a.seed = _run_seed(run_dir) if run_dir is not None else 0
     data = _load_data(a, bundle, class_names=_resumed_class_names(run_dir)
                       if run_dir is not None else None)
-    use_arena(None)
-    trainer = Trainer(bundle, TrainConfig(mode="vanilla", session=_session_config(a, None)),
+    trainer = Trainer(bundle, TrainConfig(mode="vanilla", session=_session_config(a, prof)),
                       Plan(eval_micro_batch=a.batch), weights=weights)
     target = data.test if data.test is not None else data
-    loss, acc = trainer.evaluate(target, a.batch)
+    if budget is None:
+        use_arena(None)
+    else:  # planned as a training step (more than a pass of evaluation needs) under the budget
+        trainer.use_plan(_plan(trainer, data, a.batch, budget, None, print))
+    loss, acc = trainer.evaluate(target, trainer.plan.eval_micro_batch or a.batch)
     which = "held-out" if data.test is not None else "all"
     print(f"{which} examples: {len(target)}, loss {loss:.4f}"
           + (f", accuracy {acc:.3f}" if acc is not None else "")
@@ -625,16 +672,23 @@ def _cmd_profiles(a) -> int:
     here = platform.machine()
     print(f"this machine: {here}, {os.cpu_count()} cores, onnxruntime {ort.__version__} with "
           f"{', '.join(have)}")
+    from .config import profile_threads
+
     for p in list_profiles():
+        if p.name == "null":  # the tests' do-nothing profile: no device's
+            continue
         cfg = SessionConfig(device="auto", profile_providers=tuple(p.execution_providers))
         device, _ = resolve_device(cfg, have)
         speed = f"{p.gflops:g} GFLOP/s" if p.gflops else "no speed figure"
         note = "" if p.arch == {"amd64": "x86_64"}.get(here.lower(), here.lower()) else \
             f" (an {p.arch} board)"
+        here_threads = profile_threads(p)
+        threads = f"{p.default_threads:>2}" + (f" (here {here_threads})"
+                                              if here_threads != p.default_threads else "")
+        providers = "/".join(x.replace("ExecutionProvider", "") for x in p.execution_providers)
         print(f"{p.name:<18} RAM {format_size(p.ram):>10}  budget "
-              f"{format_size(p.default_budget):>10}  threads {p.default_threads:>2}  "
-              f"--device auto -> {device.upper():<4} lists {'/'.join(x.replace('ExecutionProvider', '') for x in p.execution_providers)}"
-              f"; {speed}{note}")
+              f"{format_size(p.default_budget):>10}  threads {threads}  "
+              f"--device auto -> {device.upper():<4} lists {providers}; {speed}{note}")
     return 0
 
 

@@ -31,8 +31,9 @@ def max_threads() -> int:
 def profile_threads(prof) -> int:
     """A profile's threads: the device's, but on a smaller machine no more than it takes (a
     Jetson profile's 12 on this 2-core machine was refused as "--threads 12 is invalid", an
-    option the user never passed). 0 (one per core) without a profile."""
-    return min(prof.default_threads, max_threads()) if prof is not None else 0
+    option the user never passed; its 8 ran 8 threads on 2 cores). At most one per core of
+    this machine; 0 (one per core) without a profile."""
+    return min(prof.default_threads, os.cpu_count() or 1) if prof is not None else 0
 
 
 def check_budget(budget: int | None, given: str | None, prof) -> None:

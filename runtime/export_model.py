@@ -49,26 +49,27 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         bdir = Path(bundle)
     elif (src / "manifest.json").is_file():
         bdir = src
-    elif (src / "params.npz").is_file():
+    elif run_weights(src) is not None:
         bdir = src.parent
-        recorded = _run_bundle(src)
-        if not (bdir / "manifest.json").is_file() and recorded is not None:
+        for recorded in _run_bundle(src):
+            if (bdir / "manifest.json").is_file():
+                break
             bdir = recorded
         if not (bdir / "manifest.json").is_file():
             raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
                             "--bundle DIR")
     else:
         raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
-                        "(no params.npz)")
+                        "(no params.npz or checkpoint)")
     b = open_bundle(bdir)
     if weights is not None:
         w = Path(weights)
         if not w.is_file():
             raise UserError(f"weights file '{w}' not found")
-    elif src != bdir and (src / "params.npz").is_file():
-        w = src / "params.npz"
-    elif (bdir / "run" / "params.npz").is_file():
-        w = bdir / "run" / "params.npz"
+    elif src != bdir and run_weights(src) is not None:
+        w = run_weights(src)
+    elif (bdir / "run").is_dir() and run_weights(bdir / "run") is not None:
+        w = run_weights(bdir / "run")
     elif (bdir / "params.npz").is_file():
         w = bdir / "params.npz"
     else:
@@ -77,13 +78,35 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     return b, w
 
 
-def _run_bundle(run: Path) -> Path | None:
-    """The bundle a run recorded in its run.json (written by ``train``), if any."""
+def run_weights(run: Path) -> Path | None:
+    """A run folder's trained weights: its ``params.npz``, or, for a run stopped before its
+    end (Ctrl-C, a crash), its newest checkpoint; None when it has neither."""
+    from .checkpoint import newest_checkpoint
+
+    if (run / "params.npz").is_file():
+        return run / "params.npz"
+    newest = newest_checkpoint(run / "checkpoints")
+    return newest[1] if newest is not None else None
+
+
+def _run_bundle(run: Path) -> list[Path]:
+    """Where the bundle a run recorded in its run.json (written by ``train``) may be: the path
+    as given to ``train`` (relative to its working directory) and, from run.json files since
+    session 19, the same bundle relative to the run folder (any working directory)."""
+    from .checkpoint import read_regular
+
     try:
-        path = json.loads((run / "run.json").read_text()).get("bundle")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Path(path) if isinstance(path, str) else None
+        meta = json.loads(read_regular(run / "run.json"))
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(meta, dict):
+        return []
+    out = []
+    if isinstance(meta.get("bundle_from_run"), str):
+        out.append(run / meta["bundle_from_run"])
+    if isinstance(meta.get("bundle"), str):
+        out.append(Path(meta["bundle"]))
+    return out
 
 
 def _import_onnx():
@@ -364,8 +387,12 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def _class_names(b: Bundle, weights: Path) -> list[str] | None:
-    """The run's label map (``run.json`` next to its params.npz), else the bundle's."""
-    run_json = Path(weights).parent / "run.json"
+    """The run's label map (``run.json`` next to its params.npz, or one folder up from a
+    checkpoint), else the bundle's."""
+    folder = Path(weights).parent
+    if folder.name == "checkpoints" and not (folder / "run.json").exists():
+        folder = folder.parent
+    run_json = folder / "run.json"
     try:
         names_ = json.loads(run_json.read_text()).get("class_names")
         if isinstance(names_, list) and all(isinstance(n, str) for n in names_):

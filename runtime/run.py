@@ -211,12 +211,14 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
         diff = ", ".join(f"{k} {theirs[k]} (this run: {mine[k]})" for k in mine
                          if mine[k] != theirs[k])
         raise UserError(f"checkpoint was written with {diff}; resume with the same --seed, "
-                        "--batch and --data, or drop --resume")
+                        "--batch and --data, or start a new run with --overwrite (in place of "
+                        "--resume) or another --out")
     # (checkpoints written before the fingerprint existed have none)
     if run.get("data") is not None and run.get("data") != order.data_id:
         raise UserError("checkpoint was written for other data: --data has as many rows, but "
                         "its labels or inputs differ (another file, reordered, relabelled or "
-                        "edited); resume with the run's own --data, or drop --resume")
+                        "edited); resume with the run's own --data, or start a new run with "
+                        "--overwrite (in place of --resume) or another --out")
     steps = meta_int(tmeta, "step_count", "trainer")
     if steps != meta["step"]:
         raise DamagedCheckpoint(f"trainer.step_count {steps} differs from the file's step "

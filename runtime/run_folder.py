@@ -180,7 +180,14 @@ class RunFolder:
             self._write_identity()
 
     def _write_identity(self) -> None:
-        text = json.dumps(self.identity, indent=1)
+        identity = dict(self.identity)
+        if isinstance(identity.get("bundle"), str):  # found again from any working directory
+            try:
+                identity["bundle_from_run"] = os.path.relpath(
+                    Path(identity["bundle"]).resolve(), self.path.resolve())
+            except (OSError, ValueError):
+                pass
+        text = json.dumps(identity, indent=1)
         atomic_write(self.path / "run.json", lambda f: write_text(f, text))
         self._identity_due = False
 

@@ -958,8 +958,8 @@ class Trainer:
                     if k in theirs and theirs[k] != v]
             if diff:
                 raise UserError(f"checkpoint was trained with {', '.join(diff[:4])}; resume "
-                                "with the same options to continue the same run, or drop "
-                                "--resume (or pass --overwrite) to start a new one")
+                                "with the same options to continue the same run, or start a new one "
+                                "with --overwrite (in place of --resume) or another --out")
         # -- check
         for k, v in self.params.items():
             meta_array(arrays, f"param/{k}", v.shape, v.dtype)

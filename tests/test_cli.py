@@ -115,6 +115,53 @@ def test_eval_reads_a_run_folder_or_its_last_checkpoint_as_weights(trained, cli)
                "is a folder without params.npz")
 
 
+def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_path):
+    """Found by a probe walking the README: ``eval --val-split`` split with seed 0 whatever the
+    run's --seed (its "held-out" rows were partly training rows); a run stopped before its end
+    (no params.npz) was "not a run" to eval and export-model; export-model found a run's
+    bundle only from the directory train ran in; a --resume past --steps trained nothing and
+    said "resumed". Now each reads the run as it was, and eval takes --budget."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((240, 64)).astype(np.float32),
+             y=rng.integers(0, 10, 240))
+    work = tmp_path / "work"
+    shutil.copytree(mlp_bundle, work / "bundle")
+
+    def runtime(*args, cwd=work):
+        return subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=cwd,
+                              capture_output=True, text=True, timeout=300)
+
+    s = summary_of(ok(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split",
+                              0.25, "--seed", 3, "--steps", 6, "--checkpoint-every", 3,
+                              "--batch", 16, "--no-progress", "--threads", 1, "--out", "run")))
+    line = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
+                  "--weights", work / "run"))
+    assert f"loss {s['test_loss']:.4f}" in line, (line, s)  # the run's own held-out rows
+    other = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
+                   "--weights", work / "run", "--seed", 0))
+    assert f"loss {s['test_loss']:.4f}" not in other, other
+    budgeted = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--val-split",
+                      0.25, "--weights", work / "run", "--budget", "150MB"))
+    assert "plan for budget 150 MB" in budgeted and f"loss {s['test_loss']:.4f}" in budgeted
+
+    shutil.copytree(work / "run", work / "stopped")
+    (work / "stopped" / "params.npz").unlink()  # as a Ctrl-C before the end leaves it
+    line = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz",
+                  "--weights", work / "stopped"))
+    assert "ckpt-000006.npz" in line, line
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = ok(runtime("export-model", work / "stopped", "--out", "m.onnx", cwd=elsewhere))
+    assert "ckpt-000006.npz" in out and (elsewhere / "m.onnx").is_file(), out
+
+    user_error(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
+                       "--seed", 3, "--steps", 3, "--batch", 16, "--no-progress", "--out", "run",
+                       "--resume"), "already at step 6, past --steps 3", "--steps above 6")
+
+
 def test_sgd_lowers_the_loss(cli, mlp_bundle, tmp_path):
     # measured: loss 2.29 -> 0.25, held-out accuracy 0.944
     s = summary_of(ok(cli("train", mlp_bundle, *TRAIN, "--steps", 100, "--lr", 0.05,

@@ -500,3 +500,26 @@ def test_layers_reading_one_activation_share_its_basis_and_save_it_once():
                                      g.detach().numpy(), P, np.eye(4), "token", "token")
         np.testing.assert_allclose(grads[ly.weight], gw, rtol=1e-4, atol=1e-5,
                                    err_msg=ly.weight)
+
+
+def test_the_export_notes_vector_layers_whose_grams_outweigh_what_they_save():
+    """A Linear over one vector per sample saves at most its input per sample while its Grams
+    are C×C: the export says so (with the ways out) where the Grams pass 256 samples' worth of
+    savings and 16 MB, and says nothing of layers over tokens or of small MLPs' cheap Grams."""
+    from export.bundle import _vector_layers_note
+    from export.layers import CompressedLayer
+
+    def linear(name, cx, cy, tokens=1):
+        return CompressedLayer(name=name, kind="linear", node=name, x="x", y="y", weight="w",
+                               weight_layout="out_in", tokens=tokens, cx=cx, cy=cy,
+                               x_axis="channel" if tokens == 1 else "token",
+                               g_axis="channel" if tokens == 1 else "token",
+                               rank3=tokens > 1)
+
+    wide = [linear("up", 256, 2048), linear("down", 2048, 256)]
+    (note,) = _vector_layers_note(wide)
+    assert "2 INSTANT layer(s) read one vector per sample (up, down)" in note, note
+    assert "--mode vanilla" in note and "--instant-exclude" in note, note
+    assert _vector_layers_note([linear("fc", 16, 16)]) == []  # 6 KB of Grams: no note
+    assert _vector_layers_note([linear("fc", 512, 512)]) == []  # 6.3 MB: small, no note
+    assert _vector_layers_note([linear("tok", 2048, 2048, tokens=64)]) == []

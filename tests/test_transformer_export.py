@@ -209,6 +209,25 @@ MODELS = textwrap.dedent('''
         return TorchEncoder()
 
 
+    class EncoderStack(nn.Module):
+        """nn.TransformerEncoder: two deep copies of one layer, equal until trained."""
+
+        def __init__(self, d=32, classes=3):
+            super().__init__()
+            self.emb = nn.Linear(8, d)
+            self.enc = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0), 2, enable_nested_tensor=False)
+            self.head = nn.Linear(d, classes)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x).transpose(0, 1)).transpose(0, 1).mean(1))
+
+
+    def encoder_stack():
+        torch.manual_seed(0)
+        return EncoderStack()
+
+
     def bert():
         torch.manual_seed(0)
         return TinyBert()
@@ -573,6 +592,34 @@ def test_torch_transformer_encoder_layer_gradients_match_torch(models_file: Path
     assert layers["enc.self_attn.in_proj"].seq_first, sorted(layers)
     assert {"emb", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2"} <= set(layers)
     check_bundle_grads(models_file, "torch_encoder", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_deep_copied_layers_in_an_onnx_file_train_apart(models_file: Path, tmp_path: Path):
+    """nn.TransformerEncoder deep-copies its layer: in an ONNX file the two layers' weights hold
+    equal values, read the same way. They are copies, not one tied tensor (a probe found them
+    trained as one, each update the sum of both layers' gradients): each trains on its own,
+    with torch's gradients, and a note says so."""
+    module = _factory(models_file, "encoder_stack")
+    onnx_file = tmp_path / "stack.onnx"
+    torch.onnx.export(module, (torch.zeros(3, 10, 8),), str(onnx_file), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    rng = np.random.default_rng(6)
+    x = {"x": rng.standard_normal((3, 10, 8)).astype(np.float32)}
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    notes: list[str] = []
+    bundle = export_bundle(str(onnx_file), tmp_path / "bundle", notes=notes)
+    assert not any("tied weights" in n for n in notes), notes
+    assert any("trained as separate tensors" in n for n in notes), notes
+    params = open_bundle(bundle).params
+    assert len(params) == len(list(module.named_parameters())), [p.torch_name for p in params]
+    names = ["enc.layers.0.linear1.bias", "enc.layers.1.linear1.bias",
+             "enc.layers.0.norm1.weight", "enc.layers.1.norm1.weight"]
+    ref_loss, ref = torch_grads(module, x, labels, names)
+    loss, got = runtime_grads(bundle, "vanilla", x, labels)
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=ATOL)
+    for n in names:
+        np.testing.assert_allclose(got[n], ref[n], rtol=RTOL, atol=ATOL, err_msg=n)
 
 
 def test_group_and_instance_norm_gradients_match_torch(models_file: Path, tmp_path: Path):
