@@ -348,6 +348,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out,
                      id_rows=bounds)
     prefix = None
+    pinned: dict[str, int] = {}  # input -> the token length its symbolic axis 1 trains at
     if text is not None:
         from .any_length import any_length_infer
 
@@ -399,6 +400,20 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         from .padding import padding_mask
 
         found = padding_mask(traced, in_shapes0, bounds, _dynamic_batch)
+        if found is not None:  # the training graphs run at that length only: say so in the
+            # manifest, so data of another length is one clear error instead of onnxruntime's
+            symbol = in_shapes0.of(found[0])[1]
+            if isinstance(symbol, str):
+                pinned.update({n: found[1] for n in traced.inputs
+                               if len(in_shapes0.of(n)) > 1 and in_shapes0.of(n)[1] == symbol})
+        if not pinned:  # token ids [N, seq] whose layers run at a fixed length T: a graph
+            # fixed inside (position embeddings of T rows) under a symbolic input axis
+            ts = {ly.tokens for ly in layers if ly.rank3 and not ly.flat and not ly.seq_first}
+            free = [n for n in traced.inputs if len(in_shapes0.of(n)) == 2
+                    and isinstance(in_shapes0.of(n)[1], str)]
+            if len(ts) == 1 and free and all(np.dtype(_np_dtype(in_shapes0.dtype[n])).kind
+                                             in "iu" for n in free):
+                pinned.update({n: next(iter(ts)) for n in free})
         if found is not None and mask_padding(layers, *found, fwd):
             share_activation_bases(layers)
             if notes is not None:
@@ -457,8 +472,10 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         format=FORMAT, format_version=FORMAT_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"), source=traced.source, opset=opset,
         ir_version=int(base.ir_version), min_onnxruntime=MIN_ORT,
-        inputs=[TensorSpec(n, ["N"] + list(in_shapes.of(n)[1:]), _np_dtype(in_shapes.dtype[n]),
-                           bounds.get(n, 0)) for n in traced.inputs],
+        inputs=[TensorSpec(n, ["N"] + ([pinned[n]] + list(in_shapes.of(n)[2:]) if n in pinned
+                                       else list(in_shapes.of(n)[1:])),
+                           _np_dtype(in_shapes.dtype[n]), bounds.get(n, 0))
+                for n in traced.inputs],
         output=output, loss=loss_spec,
         params=[ParamSpec(p, list(initial[p].shape), torch_names[p],
                           traced.torch_names.get(p, (p, False))[1],

@@ -193,7 +193,7 @@ def _check_onnxruntime(root: Path, wanted: str) -> None:
             continue
         have = _version(have_text)
         if have is not None and have[:len(need)] < need:
-            raise UserError(f"bundle '{root}' needs onnxruntime >= {wanted}, installed "
+            raise UserError(f"bundle '{root}' needs onnxruntime >= {wanted[:40]}, installed "
                             f"{dist} {have_text}; upgrade it (pip install -U {dist})")
         return
 

@@ -299,6 +299,9 @@ def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray],
     step = meta.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"its step is {describe(step)}, not a count")
+    named = _NAME.match(path.name)
+    if named is not None and int(named[1]) != step:  # ckpt-000030.npz holds step 30
+        raise ValueError(f"its step {describe(step)} is not the {int(named[1])} of its name")
     return arrays, meta
 
 

@@ -364,8 +364,16 @@ def _not_bundle_files(folder: Path) -> list[str]:
             else set()
     except (OSError, ValueError, AttributeError, RecursionError):
         listed = None  # a damaged bundle: its folders at least are not the bundle's files
+    def left_lock(e: Path) -> bool:  # a fleet client that never trained left only its lock
+        try:
+            return e.is_dir() and not e.is_symlink() and \
+                {c.name for c in e.iterdir()} <= {".fleet-lock"}
+        except OSError:
+            return False
+
     return sorted(e.name for e in folder.iterdir() if e.name != "manifest.json"
-                  and (e.name not in listed if listed is not None else e.is_dir()))
+                  and (e.name not in listed if listed is not None else e.is_dir())
+                  and not left_lock(e))
 
 
 def _cmd_export(a) -> int:
@@ -569,7 +577,9 @@ def _cmd_eval(a) -> int:
                             "checkpoints")
         weights = found
     if weights is not None and not weights.is_file():
-        raise UserError(f"weights file '{weights}' not found")
+        raise UserError(f"weights file '{weights}' "
+                            + ("is not a regular file; pass a .npz file or a run folder"
+                               if weights.exists() else "not found"))
     # the label map the weights were trained with (their run's run.json): labels read from the
     # data alone would number a file's classes afresh (a file holding only class "2" read as
     # class 0, its accuracy 0.000 for a model that is right); a checkpoint's run is one up.

@@ -45,27 +45,42 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     if not src.is_dir():
         raise UserError(f"'{src}' is not a directory; pass a bundle directory or a training run "
                         "directory (one holding params.npz)")
+    run_dir = None if (src / "manifest.json").is_file() else src
+    if weights is not None:  # the run of a checkpoint or params file given with --weights
+        wp = Path(weights)
+        run_dir = wp.parent.parent if wp.parent.name == "checkpoints" else wp.parent
+    meta = _run_meta(run_dir) if run_dir is not None else {}
+    want = meta.get("bundle_sha256") if isinstance(meta.get("bundle_sha256"), str) else None
     if bundle is not None:
         bdir = Path(bundle)
     elif (src / "manifest.json").is_file():
         bdir = src
     elif run_weights(src) is not None:
-        bdir = src.parent
-        for recorded in _run_bundle(src):
-            if (bdir / "manifest.json").is_file():
-                break
-            bdir = recorded
-        if not (bdir / "manifest.json").is_file():
+        found = [d for d in [src.parent, *_run_bundle(src)] if (d / "manifest.json").is_file()]
+        if not found:
             raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
                             "--bundle DIR")
+        # the bundle the run trained (its manifest's hash), not one of the same name
+        bdir = next((d for d in found if want is None or _manifest_sha(d) == want), found[0])
     else:
         raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
                         "(no params.npz or checkpoint)")
+    if want is not None and (bdir / "manifest.json").is_file() and _manifest_sha(bdir) != want:
+        why = (f"the run in '{run_dir}' was trained on another bundle than '{bdir}' (its "
+               "manifest's hash differs: re-exported or replaced)")
+        if bundle is None:
+            raise UserError(f"{why}; pass the run's own bundle with --bundle DIR (a bundle "
+                            "given so is used even when its hash differs)")
+        import sys
+
+        print(f"warning: {why}; its graphs are used as --bundle asks", file=sys.stderr)
     b = open_bundle(bdir)
     if weights is not None:
         w = Path(weights)
         if not w.is_file():
-            raise UserError(f"weights file '{w}' not found")
+            raise UserError(f"weights file '{w}' "
+                            + ("is not a regular file; pass a .npz file or a run folder"
+                               if w.exists() else "not found"))
     elif src != bdir and run_weights(src) is not None:
         w = run_weights(src)
     elif (bdir / "run").is_dir() and run_weights(bdir / "run") is not None:
@@ -89,18 +104,32 @@ def run_weights(run: Path) -> Path | None:
     return newest[1] if newest is not None else None
 
 
-def _run_bundle(run: Path) -> list[Path]:
-    """Where the bundle a run recorded in its run.json (written by ``train``) may be: the path
-    as given to ``train`` (relative to its working directory) and, from run.json files since
-    session 19, the same bundle relative to the run folder (any working directory)."""
+def _manifest_sha(bundle_dir: Path) -> str | None:
+    from contract import file_sha256
+
+    try:
+        return file_sha256(bundle_dir / "manifest.json")
+    except OSError:
+        return None
+
+
+def _run_meta(run: Path) -> dict:
+    """A run folder's run.json as a dict ({} when absent or unreadable); a regular file only
+    (a FIFO there must not block, /dev/zero not fill memory)."""
     from .checkpoint import read_regular
 
     try:
         meta = json.loads(read_regular(run / "run.json"))
     except (OSError, ValueError, RecursionError):
-        return []
-    if not isinstance(meta, dict):
-        return []
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _run_bundle(run: Path) -> list[Path]:
+    """Where the bundle a run recorded in its run.json (written by ``train``) may be: the path
+    as given to ``train`` (relative to its working directory) and, from run.json files since
+    session 19, the same bundle relative to the run folder (any working directory)."""
+    meta = _run_meta(run)
     out = []
     if isinstance(meta.get("bundle_from_run"), str):
         out.append(run / meta["bundle_from_run"])
@@ -392,11 +421,7 @@ def _class_names(b: Bundle, weights: Path) -> list[str] | None:
     folder = Path(weights).parent
     if folder.name == "checkpoints" and not (folder / "run.json").exists():
         folder = folder.parent
-    run_json = folder / "run.json"
-    try:
-        names_ = json.loads(run_json.read_text()).get("class_names")
-        if isinstance(names_, list) and all(isinstance(n, str) for n in names_):
-            return names_
-    except (OSError, ValueError, AttributeError):
-        pass
+    names_ = _run_meta(folder).get("class_names")
+    if isinstance(names_, list) and all(isinstance(n, str) for n in names_):
+        return names_
     return b.manifest.class_names

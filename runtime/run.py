@@ -244,6 +244,12 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
     if len(losses) > steps:
         raise DamagedCheckpoint(f"array 'run/losses' holds {len(losses)} losses for {steps} "
                                 "steps")
+    if tally["correct"] > tally["count"]:
+        raise DamagedCheckpoint(f"run.correct {tally['correct']} is more than run.count "
+                                f"{tally['count']}")
+    if len(times) and not (np.isfinite(times).all() and times.min() >= 0 and times.max() < 1e7):
+        raise DamagedCheckpoint("array 'run/times' holds step times that are not seconds "
+                                "(negative, huge or not finite)")
     trainer.load_state(arrays, tmeta)  # checks the trainer's part, then restores it
     calib_rng.bit_generator.state = run["calib_rng"]
     order.rng.bit_generator.state = run["rng"]

@@ -144,6 +144,12 @@ class RunFolder:
                 if not (stat.S_ISDIR(kind) if f == "checkpoints" else stat.S_ISREG(kind)):
                     raise UserError(f"--out '{p}': '{p / f}' is not a regular file; remove it, "
                                     "or pass --overwrite instead of --resume to start afresh")
+            if newest_checkpoint(p / "checkpoints") is None and (p / "params.npz").exists():
+                # starting afresh would replace a finished run's weights with no --overwrite
+                raise UserError(f"--out '{p}' holds a run's trained weights (params.npz) but "
+                                "no checkpoint to resume from; pass --overwrite instead of "
+                                "--resume to train it again from the start (the old run is "
+                                "put back if the new one fails), or another --out")
             theirs = _json_object(p / "run.json")
             if theirs.get("bundle_sha256") not in (None, self.identity["bundle_sha256"]):
                 raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "

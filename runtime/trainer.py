@@ -972,7 +972,7 @@ class Trainer:
         steps = meta_int(meta, "step_count", "trainer")
         t = meta_int(meta, "optimizer_t", "trainer", hi=steps)  # one update per step at most
         calibrations = meta_int(meta, "calibrations", "trainer")
-        calib_seconds = meta_float(meta, "calib_seconds", "trainer")
+        calib_seconds = meta_float(meta, "calib_seconds", "trainer", hi=1e9)
         calib_steps = meta_int(meta, "calib_steps", "trainer", default=0)
         # the micro-batch the saved ranks were chosen for (the FLOP table prices them there);
         # checkpoints written before it was saved: the micro-batch they ran

@@ -338,6 +338,52 @@ def _(c):
     return ["export-model", str(c.bundle), "--out", str(c.tmp / "m.onnx")]
 
 
+def _trained(c: Ctx, *extra: str) -> Path:
+    """c.tmp/run: a 2-step run of c.bundle with a checkpoint (the cases below tamper with it)."""
+    r = _run(_train(c, "--checkpoint-every", "1", *extra))
+    assert r.returncode == 0, r.stderr
+    return c.tmp / "run"
+
+
+@case("resume-a-finished-run-without-checkpoints", "no checkpoint to resume from",
+      "--overwrite instead of --resume")
+def _(c):
+    """A probe's: --resume found no checkpoint, started afresh and replaced the finished run's
+    params.npz (and summary) without --overwrite."""
+    run = _trained(c)
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").mkdir()
+    return _train(c, "--resume")
+
+
+@case("resume-a-checkpoint-whose-step-is-not-its-name", "no intact checkpoint",
+      "is not the 9 of its name")
+def _(c):
+    """A checkpoint claiming another step (a probe's 10^30) resumed "from" it and trained
+    nothing; its step must be the one its name and the pointer give."""
+    run = _trained(c)
+    folder = run / "checkpoints"
+    for f in folder.glob("ckpt-*.npz"):
+        f.unlink() if f.name != "ckpt-000002.npz" else f.rename(folder / "ckpt-000009.npz")
+    pointer = json.loads((folder / "latest").read_text())
+    pointer["checkpoints"] = [dict(e, file="ckpt-000009.npz", step=9)
+                              for e in pointer["checkpoints"] if e["file"] == "ckpt-000002.npz"]
+    (folder / "latest").write_text(json.dumps(pointer))
+    return _train(c, "--resume", "--steps", "12")
+
+
+@case("export-model-of-a-run-whose-bundle-was-replaced", "was trained on another bundle",
+      "--bundle DIR")
+def _(c):
+    """A probe's: export-model baked a run's weights into another bundle of the same name
+    (its run.json's manifest hash was recorded and never compared)."""
+    run = _trained(c)
+    m = c.manifest()
+    m["created"] = "2000-01-01T00:00:00"  # re-exported: another manifest
+    c.write_manifest(m)
+    return ["export-model", str(run), "--out", str(c.tmp / "m.onnx")]
+
+
 @case("export-over-a-bundle", "already exists", "--overwrite")
 def _(c):
     return ["export", "--model", "mlp", "--out", str(c.bundle)]
@@ -759,6 +805,19 @@ def test_bundle_never_unpickles(mlp_bundle):
     src = "\n".join(p.read_text() for p in (REPO / "runtime").rglob("*.py"))
     src += "\n".join(p.read_text() for p in (REPO / "contract").rglob("*.py"))
     assert "allow_pickle=True" not in src and "pickle.load" not in src
+
+
+def test_export_model_never_blocks_on_a_fifo_run_json(mlp_bundle, tmp_path):
+    """A probe's: export-model read the run's run.json (for its class names) with a plain read,
+    so a FIFO there hung it (and /dev/zero filled memory). It is skipped like any unreadable
+    run.json: the model is written from the params and the bundle given."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(mlp_bundle / "params.npz", run / "params.npz")
+    os.mkfifo(run / "run.json")
+    r = _run(["export-model", str(run), "--bundle", str(mlp_bundle), "--out",
+              str(tmp_path / "m.onnx")], timeout=60)
+    assert r.returncode == 0 and (tmp_path / "m.onnx").is_file(), r.stderr
 
 
 def test_budget_above_ram_warns(mlp_bundle, tmp_path):

@@ -646,3 +646,47 @@ def test_files_written_the_ways_other_exporters_write_them_train_like_a_plain_on
     # "the last compressible layer", so the hidden one was left out in its place: 0 layers)
     out, _ = _export_and_train(tmp_path, "scaled", scaled_head=True)
     assert "1 INSTANT layers" in out, out
+
+
+def test_a_file_fixed_inside_to_one_length_says_so_in_its_manifest(tmp_path):
+    """An encoder exported with a symbolic sequence axis whose graph adds position embeddings of
+    T rows runs at T tokens only. Its bundle's manifest said ['N', 'seq'], so data of another
+    length passed every check and failed in onnxruntime's broadcast (a README walk-through's
+    finding); now the manifest gives T, and such data is one error line naming it."""
+    import torch
+    from torch import nn
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.pos = nn.Parameter(torch.randn(12, 16) * 0.1)
+            self.fc = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.emb(ids) + self.pos)).mean(1))
+
+    torch.manual_seed(0)
+    torch.onnx.export(Enc().eval(), (torch.zeros(2, 12, dtype=torch.int64),),
+                      str(tmp_path / "enc.onnx"), dynamo=False, opset_version=17,
+                      input_names=["ids"], output_names=["logits"],
+                      dynamic_axes={"ids": {0: "N", 1: "seq"}, "logits": {0: "N"}})
+    r = _cli("export", "--model", tmp_path / "enc.onnx", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    inputs = json.loads((tmp_path / "b" / "manifest.json").read_text())["inputs"]
+    assert inputs[0]["shape"] == ["N", 12], inputs
+    rng = np.random.default_rng(0)
+    for length, ok in ((12, True), (6, False)):
+        np.savez(tmp_path / f"d{length}.npz", ids=rng.integers(0, 50, (40, length)),
+                 y=rng.integers(0, 3, 40))
+        r = _cli("train", tmp_path / "b", "--data", tmp_path / f"d{length}.npz", "--steps", 2,
+                 "--batch", 8, "--threads", 1, "--no-progress", "--out", tmp_path / f"r{length}")
+        if ok:
+            assert r.returncode == 0, r.stderr[-1500:]
+        else:
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1, r.stderr
+            assert "sample shape [6]" in lines[0] and "expects [12]" in lines[0], lines[0]

@@ -224,6 +224,33 @@ def test_csv_record_over_the_limit_is_named_as_such(tmp_path, tokenizer_file):
     assert src.problems.examples["record longer than 1 MiB"] == ["line 2"]
 
 
+def test_a_long_line_is_skipped_without_being_read_whole(tmp_path, tokenizer_file):
+    """A 40 MB line (CSV, JSONL) is refused as a bad record and read in bounded pieces (a probe's
+    300 MB line was read whole and passed the budget); a long file with lone-CR line ends is
+    one error line. Python's allocations while indexing stay far below the line's size."""
+    import tracemalloc
+
+    big = b"x" * 40_000_000
+    csv_file = tmp_path / "long.csv"
+    csv_file.write_bytes(b"text,label\n" + big + b",pos\nfine film,neg\ngood,pos\n")
+    jsonl_file = tmp_path / "long.jsonl"
+    jsonl_file.write_bytes(b'{"text": "' + big + b'", "label": "pos"}\n'
+                           b'{"text": "fine film", "label": "neg"}\n'
+                           b'{"text": "good", "label": "pos"}\n')
+    for p in (csv_file, jsonl_file):
+        tracemalloc.start()
+        src = _text(p, tokenizer_file)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(src) == 2 and src.problems.counts == {"record longer than 1 MiB": 1}, \
+            (p.name, src.problems.counts)
+        assert peak < 10_000_000, (p.name, peak)
+    cr = tmp_path / "cr.csv"
+    cr.write_bytes(b"text,label\r" + b"a good film,pos\r" * 100_000)
+    with pytest.raises(UserError, match="lone CR"):
+        _text(cr, tokenizer_file)
+
+
 def test_jsonl_bad_rows_counted(tmp_path, tokenizer_file):
     p = tmp_path / "bad.jsonl"
     lines = ['{"text": "a good film", "label": "pos"}',   # 1 ok

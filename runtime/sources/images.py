@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,7 +189,10 @@ class ImageSource(Source):
         Image = self._Image
         path = self.root / rel
         try:
-            with Image.open(path) as im:
+            with warnings.catch_warnings():  # a huge image: our own line says so, not Pillow's
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(path)
+            with im:
                 fmt, (w, h) = im.format, im.size
                 im.verify()
             if fmt not in ("PNG", "JPEG"):

@@ -134,6 +134,31 @@ class TextSource(Source):
                     rows = self._index_csv(f, labels, starts, lengths)
         return starts, lengths, rows
 
+    def _lines(self, f) -> Iterator[tuple[bytes | None, int]]:
+        """The file's lines as (bytes, size), a line longer than ``MAX_RECORD_BYTES`` as
+        (None, size): read in bounded pieces and skipped, never held whole (one 300 MB line
+        was read into memory and passed the budget). A first line that long holding a CR is a
+        file with old-Mac line ends: one error line, as the CSV reader gives for it."""
+        first = True
+        while True:
+            raw = f.readline(MAX_RECORD_BYTES + 2)
+            if not raw:
+                return
+            if len(raw) <= MAX_RECORD_BYTES or raw.endswith(b"\n"):
+                first = False
+                yield raw, len(raw)
+                continue
+            if first and b"\r" in raw:
+                raise UserError(f"{self.path}: its lines end in a lone CR (old Mac line ends); "
+                                "save it with LF or CRLF line ends")
+            first, size = False, len(raw)
+            while True:
+                piece = f.readline(1 << 20)
+                size += len(piece)
+                if not piece or piece.endswith(b"\n"):
+                    break
+            yield None, size
+
     def _keep(self, labels: _Labels, label: str, where: str, start: int, length: int,
               starts: array.array, lengths: array.array) -> None:
         reason = labels.add(label)
@@ -147,8 +172,13 @@ class TextSource(Source):
     def _index_jsonl(self, f, labels: _Labels, starts: array.array,
                      lengths: array.array) -> int:
         pos, rows, tcol, lcol = 0, 0, self.text_column, self.label_column
-        for lineno, raw in enumerate(f, 1):
-            start, pos = pos, pos + len(raw)
+        for lineno, (raw, size) in enumerate(self._lines(f), 1):
+            start, pos = pos, pos + size
+            if raw is None or size > MAX_RECORD_BYTES:
+                rows += 1
+                self.problems.bad(f"record longer than {MAX_RECORD_BYTES >> 20} MiB",
+                                  f"line {lineno}")
+                continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
                 start += 3
                 raw = raw[3:]
@@ -157,9 +187,6 @@ class TextSource(Source):
                 continue
             rows += 1
             where = f"line {lineno}"
-            if len(raw) > MAX_RECORD_BYTES:
-                self.problems.bad(f"record longer than {MAX_RECORD_BYTES >> 20} MiB", where)
-                continue
             try:
                 obj = json.loads(raw)
             except UnicodeDecodeError:
@@ -195,12 +222,16 @@ class TextSource(Source):
         return rows
 
     def _index_csv(self, f, labels: _Labels, starts: array.array, lengths: array.array) -> int:
-        state = {"pos": 0, "line": 0, "bad_utf8": False}
+        state = {"pos": 0, "line": 0, "bad_utf8": False, "long": False}
 
         def lines() -> Iterator[str]:
-            for raw in f:
+            for raw, size in self._lines(f):
                 state["line"] += 1
-                state["pos"] += len(raw)
+                state["pos"] += size
+                if raw is None:  # skipped unread: the record it is part of is refused below
+                    state["long"] = True
+                    yield "\n"
+                    continue
                 try:
                     yield raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -246,7 +277,7 @@ class TextSource(Source):
         rows = 0
         start, line = state["pos"], state["line"] + 1
         while True:
-            state["bad_utf8"] = False
+            state["bad_utf8"] = state["long"] = False
             try:
                 row = next(reader)
             except StopIteration:
@@ -264,6 +295,10 @@ class TextSource(Source):
             end = state["pos"]
             where = f"line {line}"
             rec_start, start, line = start, end, state["line"] + 1
+            if state["long"] or end - rec_start > MAX_RECORD_BYTES:
+                rows += 1
+                self.problems.bad(f"record longer than {MAX_RECORD_BYTES >> 20} MiB", where)
+                continue
             if not row or (len(row) == 1 and not row[0].strip() and ncols > 1):
                 self.problems.ignore("blank line", where)
                 continue
@@ -273,9 +308,6 @@ class TextSource(Source):
                 continue
             if len(row) != ncols:
                 self.problems.bad("wrong number of columns", f"{where}: {len(row)} of {ncols}")
-                continue
-            if end - rec_start > MAX_RECORD_BYTES:
-                self.problems.bad(f"record longer than {MAX_RECORD_BYTES >> 20} MiB", where)
                 continue
             if not row[ti].strip():
                 self.problems.bad("empty text", where)
