@@ -406,13 +406,16 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             if isinstance(symbol, str):
                 pinned.update({n: found[1] for n in traced.inputs
                                if len(in_shapes0.of(n)) > 1 and in_shapes0.of(n)[1] == symbol})
-        if not pinned:  # token ids [N, seq] whose layers run at a fixed length T: a graph
-            # fixed inside (position embeddings of T rows) under a symbolic input axis
+        if not pinned:  # token ids [N, seq] whose layers run at one length T: pinned where
+            # the model runs at T and not at another (a graph fixed inside to T tokens)
+            from .padding import fixed_length
+
             ts = {ly.tokens for ly in layers if ly.rank3 and not ly.flat and not ly.seq_first}
             free = [n for n in traced.inputs if len(in_shapes0.of(n)) == 2
                     and isinstance(in_shapes0.of(n)[1], str)]
             if len(ts) == 1 and free and all(np.dtype(_np_dtype(in_shapes0.dtype[n])).kind
-                                             in "iu" for n in free):
+                                             in "iu" for n in free) \
+                    and fixed_length(traced, in_shapes0, free, next(iter(ts)), _dynamic_batch):
                 pinned.update({n: next(iter(ts)) for n in free})
         if found is not None and mask_padding(layers, *found, fwd):
             share_activation_bases(layers)

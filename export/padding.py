@@ -26,7 +26,7 @@ from onnx import TensorProto
 from .graph import Shapes
 from .tracing import Traced
 
-__all__ = ["padding_mask"]
+__all__ = ["fixed_length", "padding_mask"]
 
 _NP = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
        TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
@@ -75,6 +75,43 @@ def padding_mask(traced: Traced, shapes: Shapes, bounds: dict[str, int],
         if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * (1.0 + float(np.abs(x).max(initial=0.0))):
             return None
     return mask, length
+
+
+def fixed_length(traced: Traced, shapes: Shapes, inputs: list[str], length: int,
+                 dynamic_batch) -> bool:
+    """True where the model runs with axis 1 of ``inputs`` (declared symbolic) at ``length``
+    and fails at another: a graph fixed inside to that many tokens (position embeddings of
+    ``length`` rows), whose bundle must say so in its manifest. False where it runs at both
+    (it takes any length), or where it cannot be run here (nothing is claimed)."""
+    model = copy.deepcopy(traced.model)
+    dynamic_batch(model, traced.inputs + traced.outputs)
+    try:
+        from .any_length import ort_session
+
+        sess = ort_session(model)
+    except Exception:  # noqa: BLE001 - a model onnxruntime cannot run here: no claim
+        return False
+
+    def runs(n: int) -> bool:
+        feeds = {}
+        for name in traced.inputs:
+            dims = [1, *shapes.of(name)[1:]]
+            if name in inputs:
+                dims[1] = n
+            dtype = _NP.get(shapes.dtype.get(name))
+            if dtype is None or not all(isinstance(d, int) for d in dims):
+                raise ValueError(name)
+            feeds[name] = np.ones(dims, dtype)  # token id 1, mask 1: valid for any table
+        try:
+            sess.run(None, feeds)
+        except Exception:  # noqa: BLE001 - onnxruntime raises several types
+            return False
+        return True
+
+    try:
+        return runs(length) and not runs(max(1, length // 2) if length > 1 else 2)
+    except ValueError:  # an input of unknown dtype or other free axes: no claim
+        return False
 
 
 def _candidate(traced: Traced, shapes: Shapes) -> tuple[str | None, int]:

@@ -51,8 +51,8 @@ from .bundle import Bundle
 
 __all__ = ["CheckpointWriteError", "Checkpointer", "DamagedCheckpoint", "StartupInterrupted", "StopSignals",
            "TrainingInterrupted", "Writer", "atomic_write", "bundle_sha256", "describe",
-           "meta_array", "meta_dict", "meta_float", "meta_int", "newest_checkpoint",
-           "pointer_entries", "read_regular", "warn", "write_npz", "write_text"]
+           "has_checkpoints", "meta_array", "meta_dict", "meta_float", "meta_int",
+           "newest_checkpoint", "pointer_entries", "read_regular", "warn", "write_npz", "write_text"]
 
 FORMAT = "instant-runtime-checkpoint"
 FORMAT_VERSION = 1
@@ -263,6 +263,17 @@ def newest_checkpoint(folder: Path) -> tuple[int, Path] | None:
         if path.is_file():
             return int(_NAME.match(e["file"])[1]), path
     return None
+
+
+def has_checkpoints(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint a resume would try: one its pointer names, or any
+    ``ckpt-*.npz`` (a resume scans them where the pointer is missing or unreadable)."""
+    if newest_checkpoint(folder) is not None:
+        return True
+    try:
+        return any(_NAME.match(f.name) for f in Path(folder).iterdir())
+    except OSError:
+        return False
 
 
 def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray], dict]:

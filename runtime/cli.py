@@ -94,20 +94,6 @@ def _resumed_class_names(out: Path) -> list[str] | None:
     return names if isinstance(names, list) else None
 
 
-def _check_resume_steps(out: Path, steps: int) -> None:
-    """``--resume`` of a run whose newest checkpoint is past ``--steps`` is refused (it trained
-    nothing and said "resumed"); at ``--steps`` exactly the resume runs, writing any final file
-    a kill left out. Changes nothing."""
-    from .checkpoint import newest_checkpoint
-    from .errors import UserError
-
-    newest = newest_checkpoint(out / "checkpoints")
-    if newest is not None and newest[0] > steps:
-        raise UserError(f"the run in '{out}' is already at step {newest[0]}, past --steps "
-                        f"{steps}: nothing to resume; pass --steps above {newest[0]} to train "
-                        "on, or evaluate it with `instant-runtime eval BUNDLE --weights RUN`")
-
-
 def _run_seed(out: Path) -> int:
     """The ``--seed`` a run folder recorded (0 when it has none)."""
     import json
@@ -518,8 +504,6 @@ def _cmd_train(a) -> int:
         raise UserError("--out '' is empty; pass a folder for the run, or leave --out out for "
                         "BUNDLE/run")
     out = Path(a.out) if a.out is not None else bundle.path / "run"
-    if a.resume:
-        _check_resume_steps(out, a.steps)
     data = _load_data(a, bundle, class_names=_resumed_class_names(out) if a.resume else None)
     trainer = Trainer(bundle, cfg)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,

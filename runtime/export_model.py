@@ -95,12 +95,20 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
 
 def run_weights(run: Path) -> Path | None:
     """A run folder's trained weights: its ``params.npz``, or, for a run stopped before its
-    end (Ctrl-C, a crash), its newest checkpoint; None when it has neither."""
+    end (Ctrl-C, a crash; also a finished run resumed for more steps and stopped: params.npz
+    is then older than its newest checkpoint), its newest checkpoint; None when it has
+    neither."""
     from .checkpoint import newest_checkpoint
 
-    if (run / "params.npz").is_file():
-        return run / "params.npz"
     newest = newest_checkpoint(run / "checkpoints")
+    params = run / "params.npz"
+    if params.is_file():
+        try:  # a finished run resumed for more steps and stopped: its checkpoint is newer
+            if newest is not None and newest[1].stat().st_mtime > params.stat().st_mtime:
+                return newest[1]
+        except OSError:
+            pass
+        return params
     return newest[1] if newest is not None else None
 
 

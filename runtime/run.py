@@ -370,6 +370,11 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
+    if resumed and trainer.step_count > cfg.steps:  # it trained nothing and said "resumed"
+        raise UserError(f"the run in '{out}' is already at step {trainer.step_count}, past "
+                        f"--steps {cfg.steps}: nothing to resume; pass --steps "
+                        f"{trainer.step_count} or more to continue it, or evaluate it with "
+                        "`instant-runtime eval BUNDLE --weights RUN`")
     # opened only now: a resume that fails above leaves the run folder as it was
     metrics = Metrics(out / "metrics.jsonl" if out is not None else None)
     metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,

@@ -17,7 +17,13 @@ from pathlib import Path
 
 from contract import UserError, atomic_write, write_text
 
-from .checkpoint import StartupInterrupted, TrainingInterrupted, newest_checkpoint, read_regular
+from .checkpoint import (
+    StartupInterrupted,
+    TrainingInterrupted,
+    has_checkpoints,
+    newest_checkpoint,
+    read_regular,
+)
 
 __all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder"]
 
@@ -144,7 +150,7 @@ class RunFolder:
                 if not (stat.S_ISDIR(kind) if f == "checkpoints" else stat.S_ISREG(kind)):
                     raise UserError(f"--out '{p}': '{p / f}' is not a regular file; remove it, "
                                     "or pass --overwrite instead of --resume to start afresh")
-            if newest_checkpoint(p / "checkpoints") is None and (p / "params.npz").exists():
+            if not has_checkpoints(p / "checkpoints") and (p / "params.npz").exists():
                 # starting afresh would replace a finished run's weights with no --overwrite
                 raise UserError(f"--out '{p}' holds a run's trained weights (params.npz) but "
                                 "no checkpoint to resume from; pass --overwrite instead of "

@@ -46,7 +46,7 @@ def _train(bundle, data, out, *extra, timeout=300):
     return r, summary
 
 
-@pytest.mark.parametrize("budget_mb", [200, 220])
+@pytest.mark.parametrize("budget_mb", [200, pytest.param(220, marks=pytest.mark.slow)])
 def test_peak_measured_from_outside_stays_within_budget(workload, tmp_path, budget_mb):
     bundle, data = workload
     r, s = _train(bundle, data, tmp_path / "run", "--steps", "10", "--budget", f"{budget_mb}MB")
@@ -363,9 +363,9 @@ _TREE_PEAK = ("import resource, subprocess, sys\n"
 
 @pytest.mark.parametrize("budget_mb", [
     300,
-    pytest.param(530, marks=pytest.mark.xfail(strict=False, reason=(
+    pytest.param(530, marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=(
         "known, not fixed: a fresh-clone CI run measured a probe at 539.4 MB under 530 MB even "
-        "with the Gram allocations checked first (another allocation outran the 2 ms reading)"))),
+        "with the Gram allocations checked first (another allocation outran the 2 ms reading)"))]),
 ])
 def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path, budget_mb):
     """A wide [N, C] layer's Gram accumulators (3500 x 3500 per side) are written at memory

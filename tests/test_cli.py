@@ -159,7 +159,7 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
 
     user_error(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
                        "--seed", 3, "--steps", 3, "--batch", 16, "--no-progress", "--out", "run",
-                       "--resume"), "already at step 6, past --steps 3", "--steps above 6")
+                       "--resume"), "already at step 6, past --steps 3", "--steps 6 or more")
 
 
 def test_sgd_lowers_the_loss(cli, mlp_bundle, tmp_path):

@@ -690,3 +690,27 @@ def test_a_file_fixed_inside_to_one_length_says_so_in_its_manifest(tmp_path):
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 2 and len(lines) == 1, r.stderr
             assert "sample shape [6]" in lines[0] and "expects [12]" in lines[0], lines[0]
+
+    class Latents(nn.Module):  # any length in, 4 fixed latent rows after a mean (a review's)
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.up = nn.Linear(16, 64)
+            self.fc = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, ids):
+            h = self.up(self.emb(ids).mean(1)).reshape(-1, 4, 16)
+            return self.head(torch.relu(self.fc(h)).mean(1))
+
+    torch.onnx.export(Latents().eval(), (torch.zeros(2, 12, dtype=torch.int64),),
+                      str(tmp_path / "lat.onnx"), dynamo=False, opset_version=17,
+                      input_names=["ids"], output_names=["logits"],
+                      dynamic_axes={"ids": {0: "N", 1: "seq"}, "logits": {0: "N"}})
+    r = _cli("export", "--model", tmp_path / "lat.onnx", "--out", tmp_path / "lat")
+    assert r.returncode == 0, r.stderr
+    inputs = json.loads((tmp_path / "lat" / "manifest.json").read_text())["inputs"]
+    assert inputs[0]["shape"] == ["N", "seq"], inputs  # it takes any length: nothing pinned
+    r = _cli("train", tmp_path / "lat", "--data", tmp_path / "d6.npz", "--steps", 2, "--batch", 8,
+             "--threads", 1, "--no-progress", "--out", tmp_path / "rlat")
+    assert r.returncode == 0, r.stderr[-1500:]

@@ -245,6 +245,11 @@ def test_a_long_line_is_skipped_without_being_read_whole(tmp_path, tokenizer_fil
         assert len(src) == 2 and src.problems.counts == {"record longer than 1 MiB": 1}, \
             (p.name, src.problems.counts)
         assert peak < 10_000_000, (p.name, peak)
+    quoted = tmp_path / "quoted.csv"  # the long line closes a quoted field (a review's case)
+    quoted.write_bytes(b'text,label\n"start\n' + big + b'",pos\nfine film,neg\ngood,pos\n')
+    src = _text(quoted, tokenizer_file)
+    assert len(src) == 2 and src.problems.counts == {"record longer than 1 MiB": 1}, \
+        src.problems.counts
     cr = tmp_path / "cr.csv"
     cr.write_bytes(b"text,label\r" + b"a good film,pos\r" * 100_000)
     with pytest.raises(UserError, match="lone CR"):

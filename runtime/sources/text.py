@@ -137,8 +137,10 @@ class TextSource(Source):
     def _lines(self, f) -> Iterator[tuple[bytes | None, int]]:
         """The file's lines as (bytes, size), a line longer than ``MAX_RECORD_BYTES`` as
         (None, size): read in bounded pieces and skipped, never held whole (one 300 MB line
-        was read into memory and passed the budget). A first line that long holding a CR is a
-        file with old-Mac line ends: one error line, as the CSV reader gives for it."""
+        was read into memory and passed the budget); ``self._odd_quotes`` then says whether it
+        held an odd number of '"' (it opened or closed a quoted CSV field). A first line that
+        long holding a CR is a file with old-Mac line ends: one error line, as the CSV reader
+        gives for it."""
         first = True
         while True:
             raw = f.readline(MAX_RECORD_BYTES + 2)
@@ -151,12 +153,14 @@ class TextSource(Source):
             if first and b"\r" in raw:
                 raise UserError(f"{self.path}: its lines end in a lone CR (old Mac line ends); "
                                 "save it with LF or CRLF line ends")
-            first, size = False, len(raw)
+            first, size, quotes = False, len(raw), raw.count(b'"')
             while True:
                 piece = f.readline(1 << 20)
                 size += len(piece)
+                quotes += piece.count(b'"')
                 if not piece or piece.endswith(b"\n"):
                     break
+            self._odd_quotes = quotes % 2 == 1
             yield None, size
 
     def _keep(self, labels: _Labels, label: str, where: str, start: int, length: int,
@@ -228,9 +232,9 @@ class TextSource(Source):
             for raw, size in self._lines(f):
                 state["line"] += 1
                 state["pos"] += size
-                if raw is None:  # skipped unread: the record it is part of is refused below
-                    state["long"] = True
-                    yield "\n"
+                if raw is None:  # skipped unread: the record it is part of is refused below;
+                    state["long"] = True  # a quote it opened or closed still does so
+                    yield '"\n' if self._odd_quotes else "\n"
                     continue
                 try:
                     yield raw.decode("utf-8")
