@@ -310,6 +310,14 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
     if val_split is not None and not (0.0 < val_split < 1.0):
         raise UserError(f"--val-split {val_split!r} is invalid: give a fraction between 0 and 1 "
                         "(e.g. 0.1)")
+    from .sources.common import TEXT_SUFFIXES
+
+    if (text_column, label_column) != ("text", "label") and \
+            Path(spec).suffix.lower() not in TEXT_SUFFIXES:
+        flag = "--text-column" if text_column != "text" else "--label-column"
+        raise UserError(f"{flag} applies to .csv/.tsv/.jsonl data; '{spec}' is "
+                        + ("a built-in dataset" if spec in BUILTIN_DATASETS else "not such a file")
+                        + f": leave {flag} out")
     if spec in BUILTIN_DATASETS:
         if val is not None or val_split is not None:
             raise UserError(f"built-in dataset '{spec}' has its own fixed held-out split; drop "

@@ -384,6 +384,13 @@ def _(c):
     return ["export-model", str(run), "--out", str(c.tmp / "m.onnx")]
 
 
+@case("train-text-column-with-a-built-in-dataset", "--text-column applies to .csv/.tsv/.jsonl",
+      "leave --text-column out")
+def _(c):
+    """A probe's: --text-column with digits (or an .npz) was ignored without a word."""
+    return _train(c, "--text-column", "review")
+
+
 @case("export-over-a-bundle", "already exists", "--overwrite")
 def _(c):
     return ["export", "--model", "mlp", "--out", str(c.bundle)]
