@@ -48,7 +48,13 @@ from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
 from .graph import ExportError, Shapes, reads
-from .layers import CompressedLayer, find_compressible_layers, mask_padding, share_activation_bases
+from .layers import (
+    CompressedLayer,
+    find_compressible_layers,
+    mask_padding,
+    share_activation_bases,
+    vector_layers_note,
+)
 from .losses import append_loss
 from .shape_fold import check_free_batch
 from .tracing import example_arrays, load_model
@@ -240,31 +246,6 @@ class _WeightFile:
                 f.write(c)
 
 
-# A calibration holds each INSTANT layer's two Grams (float64 accumulators plus onnxruntime's
-# float32 outputs: 12 bytes an entry) to save at most the layer's input (4 bytes a value) per
-# sample; past this many samples of break-even, and this many bytes, a note says so.
-VECTOR_NOTE_SAMPLES = 256
-VECTOR_NOTE_BYTES = 16_000_000
-
-
-def _vector_layers_note(layers: list[CompressedLayer]) -> list[str]:
-    """A note on INSTANT layers over one vector per sample ([N, C]: an MLP's Linears): their
-    Grams (D×D) cost more memory than projecting one vector per sample saves, until a
-    micro-batch of thousands of samples (docs/method.md "One vector per sample"). Grams under
-    ``VECTOR_NOTE_BYTES`` (a small MLP's) get no note: their memory does not matter."""
-    flat = [ly for ly in layers if ly.kind == "linear" and not ly.rank3]
-    grams = sum(12 * (ly.x_dim ** 2 + ly.g_dim ** 2) for ly in flat)
-    saved = sum(4 * ly.cx for ly in flat)
-    if not flat or grams <= max(VECTOR_NOTE_SAMPLES * saved, VECTOR_NOTE_BYTES):
-        return []
-    names_ = ", ".join(ly.name for ly in flat[:4]) + (", ..." if len(flat) > 4 else "")
-    return [f"note: {len(flat)} INSTANT layer(s) read one vector per sample ({names_}): a "
-            f"calibration holds their Grams ({grams / 1e6:.1f} MB) to save at most "
-            f"{saved / 1e3:.1f} KB of activations per sample, so exact training needs less "
-            "memory (`train --mode vanilla`, or export with --instant-exclude NAME); INSTANT "
-            "pays on layers over tokens or pixels"]
-
-
 def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
                   npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
                   instant_exclude: list[str] | None = None,
@@ -341,7 +322,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
     layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
     if notes is not None:
-        notes.extend(_vector_layers_note(layers))
+        notes.extend(vector_layers_note(layers))
 
     out.mkdir(parents=True, exist_ok=True)
     in_shapes0 = Shapes(traced.model)
@@ -397,26 +378,10 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                    "split_lookups": _split_lookups, "append_loss": append_loss})
         text = dataclasses.replace(text, lengths=[lg.length for lg in shorter])
     elif layers:  # no tokenizer, or a model the tokenizer check left fixed-length
-        from .padding import padding_mask
+        from .padding import padding_mask, pinned_lengths
 
         found = padding_mask(traced, in_shapes0, bounds, _dynamic_batch)
-        if found is not None:  # the training graphs run at that length only: say so in the
-            # manifest, so data of another length is one clear error instead of onnxruntime's
-            symbol = in_shapes0.of(found[0])[1]
-            if isinstance(symbol, str):
-                pinned.update({n: found[1] for n in traced.inputs
-                               if len(in_shapes0.of(n)) > 1 and in_shapes0.of(n)[1] == symbol})
-        if not pinned:  # token ids [N, seq] whose layers run at one length T: pinned where
-            # the model runs at T and not at another (a graph fixed inside to T tokens)
-            from .padding import fixed_length
-
-            ts = {ly.tokens for ly in layers if ly.rank3 and not ly.flat and not ly.seq_first}
-            free = [n for n in traced.inputs if len(in_shapes0.of(n)) == 2
-                    and isinstance(in_shapes0.of(n)[1], str)]
-            if len(ts) == 1 and free and all(np.dtype(_np_dtype(in_shapes0.dtype[n])).kind
-                                             in "iu" for n in free) \
-                    and fixed_length(traced, in_shapes0, free, next(iter(ts)), _dynamic_batch):
-                pinned.update({n: next(iter(ts)) for n in free})
+        pinned.update(pinned_lengths(traced, in_shapes0, layers, found, _dynamic_batch))
         if found is not None and mask_padding(layers, *found, fwd):
             share_activation_bases(layers)
             if notes is not None:

@@ -24,7 +24,7 @@ from contract import names
 from .graph import ExportError, Shapes
 
 __all__ = ["CompressedLayer", "find_compressible_layers", "is_anonymous", "mask_padding",
-           "module_path", "share_activation_bases"]
+           "module_path", "share_activation_bases", "vector_layers_note"]
 
 _ANON = re.compile(r"^(onnx::|_?val_|initializer|Constant|const)|^[0-9]+$")
 
@@ -293,3 +293,28 @@ def share_activation_bases(layers: list[CompressedLayer]) -> None:
                ly.token_mask, ly.seq_first, ly.flat)
         lead = first.setdefault(key, ly)
         ly.p_input = lead.p_input if lead is not ly else names.basis_p(ly.name)
+
+
+# A calibration holds each INSTANT layer's two Grams (float64 accumulators plus onnxruntime's
+# float32 outputs: 12 bytes an entry) to save at most the layer's input (4 bytes a value) per
+# sample; past this many samples of break-even, and this many bytes, a note says so.
+VECTOR_NOTE_SAMPLES = 256
+VECTOR_NOTE_BYTES = 16_000_000
+
+
+def vector_layers_note(layers: list[CompressedLayer]) -> list[str]:
+    """A note on INSTANT layers over one vector per sample ([N, C]: an MLP's Linears): their
+    Grams (D×D) cost more memory than projecting one vector per sample saves, until a
+    micro-batch of thousands of samples (docs/method.md "One vector per sample"). Grams under
+    ``VECTOR_NOTE_BYTES`` (a small MLP's) get no note: their memory does not matter."""
+    flat = [ly for ly in layers if ly.kind == "linear" and not ly.rank3]
+    grams = sum(12 * (ly.x_dim ** 2 + ly.g_dim ** 2) for ly in flat)
+    saved = sum(4 * ly.cx for ly in flat)
+    if not flat or grams <= max(VECTOR_NOTE_SAMPLES * saved, VECTOR_NOTE_BYTES):
+        return []
+    names_ = ", ".join(ly.name for ly in flat[:4]) + (", ..." if len(flat) > 4 else "")
+    return [f"note: {len(flat)} INSTANT layer(s) read one vector per sample ({names_}): a "
+            f"calibration holds their Grams ({grams / 1e6:.1f} MB) to save at most "
+            f"{saved / 1e3:.1f} KB of activations per sample, so exact training needs less "
+            "memory (`train --mode vanilla`, or export with --instant-exclude NAME); INSTANT "
+            "pays on layers over tokens or pixels"]

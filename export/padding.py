@@ -26,7 +26,7 @@ from onnx import TensorProto
 from .graph import Shapes
 from .tracing import Traced
 
-__all__ = ["fixed_length", "padding_mask"]
+__all__ = ["fixed_length", "padding_mask", "pinned_lengths"]
 
 _NP = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
        TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
@@ -75,6 +75,27 @@ def padding_mask(traced: Traced, shapes: Shapes, bounds: dict[str, int],
         if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * (1.0 + float(np.abs(x).max(initial=0.0))):
             return None
     return mask, length
+
+
+def pinned_lengths(traced: Traced, shapes: Shapes, layers, found: tuple[str, int] | None,
+                   dynamic_batch) -> dict[str, int]:
+    """Inputs whose symbolic token axis the training graphs take at one length only, with that
+    length, for the manifest (data of another length is then one clear error instead of
+    onnxruntime's): those sharing the padding mask's axis (``found``, from
+    :func:`padding_mask`), else token ids ``[N, seq]`` whose layers run at one length T where
+    the model runs at T and fails at another (:func:`fixed_length`)."""
+    if found is not None:
+        symbol = shapes.of(found[0])[1]
+        if isinstance(symbol, str):
+            return {n: found[1] for n in traced.inputs
+                    if len(shapes.of(n)) > 1 and shapes.of(n)[1] == symbol}
+    ts = {ly.tokens for ly in layers if ly.rank3 and not ly.flat and not ly.seq_first}
+    free = [n for n in traced.inputs if len(shapes.of(n)) == 2 and isinstance(shapes.of(n)[1], str)]
+    if len(ts) != 1 or not free or any(np.dtype(_NP.get(shapes.dtype.get(n), np.float32)).kind
+                                       not in "iu" for n in free):
+        return {}
+    t = next(iter(ts))
+    return {n: t for n in free} if fixed_length(traced, shapes, free, t, dynamic_batch) else {}
 
 
 def fixed_length(traced: Traced, shapes: Shapes, inputs: list[str], length: int,

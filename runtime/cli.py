@@ -540,11 +540,10 @@ def _cmd_eval(a) -> int:
     from .bundle import open_bundle
     from .config import TrainConfig
     from .errors import UserError
+    from .export_model import run_weights
     from .memory import peak_rss
     from .sessions import use_arena
     from .trainer import Trainer
-
-    from .export_model import run_weights
 
     if not 1 <= a.batch <= 1 << 24:  # as train's --batch
         raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")

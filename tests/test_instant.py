@@ -506,8 +506,7 @@ def test_the_export_notes_vector_layers_whose_grams_outweigh_what_they_save():
     """A Linear over one vector per sample saves at most its input per sample while its Grams
     are C×C: the export says so (with the ways out) where the Grams pass 256 samples' worth of
     savings and 16 MB, and says nothing of layers over tokens or of small MLPs' cheap Grams."""
-    from export.bundle import _vector_layers_note
-    from export.layers import CompressedLayer
+    from export.layers import CompressedLayer, vector_layers_note
 
     def linear(name, cx, cy, tokens=1):
         return CompressedLayer(name=name, kind="linear", node=name, x="x", y="y", weight="w",
@@ -517,9 +516,9 @@ def test_the_export_notes_vector_layers_whose_grams_outweigh_what_they_save():
                                rank3=tokens > 1)
 
     wide = [linear("up", 256, 2048), linear("down", 2048, 256)]
-    (note,) = _vector_layers_note(wide)
+    (note,) = vector_layers_note(wide)
     assert "2 INSTANT layer(s) read one vector per sample (up, down)" in note, note
     assert "--mode vanilla" in note and "--instant-exclude" in note, note
-    assert _vector_layers_note([linear("fc", 16, 16)]) == []  # 6 KB of Grams: no note
-    assert _vector_layers_note([linear("fc", 512, 512)]) == []  # 6.3 MB: small, no note
-    assert _vector_layers_note([linear("tok", 2048, 2048, tokens=64)]) == []
+    assert vector_layers_note([linear("fc", 16, 16)]) == []  # 6 KB of Grams: no note
+    assert vector_layers_note([linear("fc", 512, 512)]) == []  # 6.3 MB: small, no note
+    assert vector_layers_note([linear("tok", 2048, 2048, tokens=64)]) == []
