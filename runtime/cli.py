@@ -96,14 +96,9 @@ def _resumed_class_names(out: Path) -> list[str] | None:
 
 def _run_seed(out: Path) -> int:
     """The ``--seed`` a run folder recorded (0 when it has none)."""
-    import json
+    from .run_folder import json_object
 
-    from .checkpoint import read_regular
-
-    try:
-        seed = json.loads(read_regular(out / "run.json")).get("seed")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return 0
+    seed = json_object(out / "run.json").get("seed")
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
 
 

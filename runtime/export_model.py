@@ -20,6 +20,7 @@ import numpy as np
 from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
+from .run_folder import json_object
 
 __all__ = ["ExportResult", "export_model", "resolve_source"]
 
@@ -49,13 +50,14 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     if weights is not None:  # the run of a checkpoint or params file given with --weights
         wp = Path(weights)
         run_dir = wp.parent.parent if wp.parent.name == "checkpoints" else wp.parent
-    meta = _run_meta(run_dir) if run_dir is not None else {}
+    meta = json_object(run_dir / "run.json") if run_dir is not None else {}
+    src_weights = run_weights(src)
     want = meta.get("bundle_sha256") if isinstance(meta.get("bundle_sha256"), str) else None
     if bundle is not None:
         bdir = Path(bundle)
     elif (src / "manifest.json").is_file():
         bdir = src
-    elif run_weights(src) is not None:
+    elif src_weights is not None:
         found = [d for d in [src.parent, *_run_bundle(src)] if (d / "manifest.json").is_file()]
         if not found:
             raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
@@ -81,10 +83,10 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
             raise UserError(f"weights file '{w}' "
                             + ("is not a regular file; pass a .npz file or a run folder"
                                if w.exists() else "not found"))
-    elif src != bdir and run_weights(src) is not None:
-        w = run_weights(src)
-    elif (bdir / "run").is_dir() and run_weights(bdir / "run") is not None:
-        w = run_weights(bdir / "run")
+    elif src != bdir and src_weights is not None:
+        w = src_weights
+    elif (bdir / "run").is_dir() and (w := run_weights(bdir / "run")) is not None:
+        pass
     elif (bdir / "params.npz").is_file():
         w = bdir / "params.npz"
     else:
@@ -121,23 +123,11 @@ def _manifest_sha(bundle_dir: Path) -> str | None:
         return None
 
 
-def _run_meta(run: Path) -> dict:
-    """A run folder's run.json as a dict ({} when absent or unreadable); a regular file only
-    (a FIFO there must not block, /dev/zero not fill memory)."""
-    from .checkpoint import read_regular
-
-    try:
-        meta = json.loads(read_regular(run / "run.json"))
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _run_bundle(run: Path) -> list[Path]:
     """Where the bundle a run recorded in its run.json (written by ``train``) may be: the path
     as given to ``train`` (relative to its working directory) and, from run.json files since
     session 19, the same bundle relative to the run folder (any working directory)."""
-    meta = _run_meta(run)
+    meta = json_object(run / "run.json")
     out = []
     if isinstance(meta.get("bundle_from_run"), str):
         out.append(run / meta["bundle_from_run"])
@@ -429,7 +419,7 @@ def _class_names(b: Bundle, weights: Path) -> list[str] | None:
     folder = Path(weights).parent
     if folder.name == "checkpoints" and not (folder / "run.json").exists():
         folder = folder.parent
-    names_ = _run_meta(folder).get("class_names")
+    names_ = json_object(folder / "run.json").get("class_names")
     if isinstance(names_, list) and all(isinstance(n, str) for n in names_):
         return names_
     return b.manifest.class_names

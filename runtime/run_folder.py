@@ -25,7 +25,7 @@ from .checkpoint import (
     read_regular,
 )
 
-__all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder"]
+__all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder", "json_object"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
@@ -156,7 +156,7 @@ class RunFolder:
                                 "no checkpoint to resume from; pass --overwrite instead of "
                                 "--resume to train it again from the start (the old run is "
                                 "put back if the new one fails), or another --out")
-            theirs = _json_object(p / "run.json")
+            theirs = json_object(p / "run.json")
             if theirs.get("bundle_sha256") not in (None, self.identity["bundle_sha256"]):
                 raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
                                 "bundle, or pass another --out")
@@ -376,7 +376,7 @@ def _check_writable(folder: Path, out: Path) -> None:
                         "--out") from None
 
 
-def _json_object(path: Path) -> dict:
+def json_object(path: Path) -> dict:
     """The JSON object in ``path``; {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(read_regular(path))

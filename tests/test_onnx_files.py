@@ -667,16 +667,21 @@ def test_a_file_fixed_inside_to_one_length_says_so_in_its_manifest(tmp_path):
         def forward(self, ids):
             return self.head(torch.relu(self.fc(self.emb(ids) + self.pos)).mean(1))
 
-    torch.manual_seed(0)
-    torch.onnx.export(Enc().eval(), (torch.zeros(2, 12, dtype=torch.int64),),
-                      str(tmp_path / "enc.onnx"), dynamo=False, opset_version=17,
-                      input_names=["ids"], output_names=["logits"],
-                      dynamic_axes={"ids": {0: "N", 1: "seq"}, "logits": {0: "N"}})
-    r = _cli("export", "--model", tmp_path / "enc.onnx", "--out", tmp_path / "b")
-    assert r.returncode == 0, r.stderr
     import json
 
-    inputs = json.loads((tmp_path / "b" / "manifest.json").read_text())["inputs"]
+    def export(module, name: str) -> list:
+        """The module as an ONNX file with a symbolic sequence axis, exported to a bundle:
+        the manifest's inputs."""
+        torch.onnx.export(module.eval(), (torch.zeros(2, 12, dtype=torch.int64),),
+                          str(tmp_path / f"{name}.onnx"), dynamo=False, opset_version=17,
+                          input_names=["ids"], output_names=["logits"],
+                          dynamic_axes={"ids": {0: "N", 1: "seq"}, "logits": {0: "N"}})
+        r = _cli("export", "--model", tmp_path / f"{name}.onnx", "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        return json.loads((tmp_path / name / "manifest.json").read_text())["inputs"]
+
+    torch.manual_seed(0)
+    inputs = export(Enc(), "b")
     assert inputs[0]["shape"] == ["N", 12], inputs
     rng = np.random.default_rng(0)
     for length, ok in ((12, True), (6, False)):
@@ -703,13 +708,7 @@ def test_a_file_fixed_inside_to_one_length_says_so_in_its_manifest(tmp_path):
             h = self.up(self.emb(ids).mean(1)).reshape(-1, 4, 16)
             return self.head(torch.relu(self.fc(h)).mean(1))
 
-    torch.onnx.export(Latents().eval(), (torch.zeros(2, 12, dtype=torch.int64),),
-                      str(tmp_path / "lat.onnx"), dynamo=False, opset_version=17,
-                      input_names=["ids"], output_names=["logits"],
-                      dynamic_axes={"ids": {0: "N", 1: "seq"}, "logits": {0: "N"}})
-    r = _cli("export", "--model", tmp_path / "lat.onnx", "--out", tmp_path / "lat")
-    assert r.returncode == 0, r.stderr
-    inputs = json.loads((tmp_path / "lat" / "manifest.json").read_text())["inputs"]
+    inputs = export(Latents(), "lat")
     assert inputs[0]["shape"] == ["N", "seq"], inputs  # it takes any length: nothing pinned
     r = _cli("train", tmp_path / "lat", "--data", tmp_path / "d6.npz", "--steps", 2, "--batch", 8,
              "--threads", 1, "--no-progress", "--out", tmp_path / "rlat")
