@@ -83,14 +83,9 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
 
 def _resumed_class_names(out: Path) -> list[str] | None:
     """The label map a run folder recorded (``--resume`` keeps the same class ids)."""
-    import json
+    from .run_folder import json_object
 
-    from .checkpoint import read_regular
-
-    try:  # a regular file only: a FIFO planted there must not block the run
-        names = json.loads(read_regular(out / "run.json")).get("class_names")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return None
+    names = json_object(out / "run.json").get("class_names")
     return names if isinstance(names, list) else None
 
 
