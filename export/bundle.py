@@ -53,7 +53,6 @@ from .layers import (
     find_compressible_layers,
     mask_padding,
     share_activation_bases,
-    vector_layers_note,
 )
 from .losses import append_loss
 from .shape_fold import check_free_batch
@@ -320,9 +319,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                             class_axis=class_axis, notes=notes)
     shapes = Shapes(fwd)
     torch_names = {p: traced.torch_names.get(p, (p, False))[0] for p in params}
-    layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude)
-    if notes is not None:
-        notes.extend(vector_layers_note(layers))
+    layers = find_compressible_layers(fwd, shapes, set(params), torch_names, instant_exclude,
+                                      notes)
 
     out.mkdir(parents=True, exist_ok=True)
     in_shapes0 = Shapes(traced.model)

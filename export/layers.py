@@ -24,7 +24,8 @@ from contract import names
 from .graph import ExportError, Shapes
 
 __all__ = ["CompressedLayer", "find_compressible_layers", "is_anonymous", "mask_padding",
-           "module_path", "share_activation_bases", "vector_layers_note"]
+           "module_path", "share_activation_bases", "vector_layers_kept_exact",
+           "vector_layers_note"]
 
 _ANON = re.compile(r"^(onnx::|_?val_|initializer|Constant|const)|^[0-9]+$")
 
@@ -165,11 +166,13 @@ def _head_node(model: onnx.ModelProto, trainable: set[str]) -> str | None:
 
 def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: set[str],
                              param_names: dict[str, str], exclude: Iterable[str] | None = None,
-                             ) -> list[CompressedLayer]:
+                             notes: list[str] | None = None) -> list[CompressedLayer]:
     """Every trainable Linear (Gemm/MatMul with a 2-D weight) and 1x1 Conv, in graph order.
 
     ``exclude`` holds globs on layer names; ``None`` excludes the classifier head (the last such
-    layer before the loss), as the paper does.
+    layer before the loss), as the paper does, and the layers over one vector per sample whose
+    Grams outweigh what compressing them saves (:func:`vector_layers_kept_exact`; a note in
+    ``notes`` names them).
     """
     found: list[CompressedLayer] = []
     taken: set[str] = set()
@@ -184,7 +187,12 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
             layer.p_input, layer.q_input = names.basis_p(layer.name), names.basis_q(layer.name)
             found.append(layer)
     if exclude is None:
-        return found[:-1] if found and found[-1].node == _head_node(model, trainable) else found
+        if found and found[-1].node == _head_node(model, trainable):
+            found = found[:-1]
+        exact = vector_layers_kept_exact(found)
+        if exact and notes is not None:
+            notes.append(vector_layers_note(exact))
+        return [ly for ly in found if ly not in exact]
     pats = list(exclude)
     unmatched = [p for p in pats if not any(fnmatch.fnmatch(ly.name, p) for ly in found)]
     if unmatched:  # a typo would leave the layer compressed without a word
@@ -297,24 +305,34 @@ def share_activation_bases(layers: list[CompressedLayer]) -> None:
 
 # A calibration holds each INSTANT layer's two Grams (float64 accumulators plus onnxruntime's
 # float32 outputs: 12 bytes an entry) to save at most the layer's input (4 bytes a value) per
-# sample; past this many samples of break-even, and this many bytes, a note says so.
-VECTOR_NOTE_SAMPLES = 256
-VECTOR_NOTE_BYTES = 16_000_000
+# sample. Layers over one vector per sample that need more than this many samples to break even
+# train exactly by default, where their Grams together pass this many bytes.
+VECTOR_EXACT_SAMPLES = 256
+VECTOR_EXACT_BYTES = 16_000_000
 
 
-def vector_layers_note(layers: list[CompressedLayer]) -> list[str]:
-    """A note on INSTANT layers over one vector per sample ([N, C]: an MLP's Linears): their
-    Grams (D×D) cost more memory than projecting one vector per sample saves, until a
-    micro-batch of thousands of samples (docs/method.md "One vector per sample"). Grams under
-    ``VECTOR_NOTE_BYTES`` (a small MLP's) get no note: their memory does not matter."""
-    flat = [ly for ly in layers if ly.kind == "linear" and not ly.rank3]
-    grams = sum(12 * (ly.x_dim ** 2 + ly.g_dim ** 2) for ly in flat)
-    saved = sum(4 * ly.cx for ly in flat)
-    if not flat or grams <= max(VECTOR_NOTE_SAMPLES * saved, VECTOR_NOTE_BYTES):
-        return []
-    names_ = ", ".join(ly.name for ly in flat[:4]) + (", ..." if len(flat) > 4 else "")
-    return [f"note: {len(flat)} INSTANT layer(s) read one vector per sample ({names_}): a "
-            f"calibration holds their Grams ({grams / 1e6:.1f} MB) to save at most "
-            f"{saved / 1e3:.1f} KB of activations per sample, so exact training needs less "
-            "memory (`train --mode vanilla`, or export with --instant-exclude NAME); INSTANT "
-            "pays on layers over tokens or pixels"]
+def _gram_bytes(ly: CompressedLayer) -> int:
+    return 12 * (ly.x_dim ** 2 + ly.g_dim ** 2)
+
+
+def vector_layers_kept_exact(layers: list[CompressedLayer]) -> list[CompressedLayer]:
+    """The Linears over one vector per sample ([N, C]: an MLP's) that an export leaves exact by
+    default: their Grams (D×D) cost more memory than projecting one vector per sample saves
+    until a micro-batch of over ``VECTOR_EXACT_SAMPLES`` samples, and they total over
+    ``VECTOR_EXACT_BYTES`` (a small MLP's Grams do not matter and it stays compressed).
+    docs/method.md "One vector per sample"."""
+    flat = [ly for ly in layers if ly.kind == "linear" and not ly.rank3
+            and _gram_bytes(ly) > VECTOR_EXACT_SAMPLES * 4 * ly.cx]
+    return flat if sum(_gram_bytes(ly) for ly in flat) > VECTOR_EXACT_BYTES else []
+
+
+def vector_layers_note(exact: list[CompressedLayer]) -> str:
+    """The export's note on the layers :func:`vector_layers_kept_exact` left exact."""
+    grams = sum(_gram_bytes(ly) for ly in exact)
+    saved = sum(4 * ly.cx for ly in exact)
+    names_ = ", ".join(ly.name for ly in exact[:4]) + (", ..." if len(exact) > 4 else "")
+    return (f"note: {len(exact)} layer(s) read one vector per sample ({names_}) and train "
+            f"exactly: INSTANT would hold {grams / 1e6:.1f} MB of Grams in a calibration to "
+            f"save at most {saved / 1e3:.1f} KB of activations per sample (it pays on layers "
+            "over tokens or pixels); to compress them anyway, export with --instant-exclude "
+            "none, or with globs of the layers to leave exact")

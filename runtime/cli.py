@@ -150,7 +150,9 @@ def _parser() -> argparse.ArgumentParser:
                         "last at rank 3)")
     e.add_argument("--instant-exclude", default=None,
                    help="comma-separated globs of layers INSTANT leaves exact (default: the "
-                        "classifier head); 'none' compresses every eligible layer")
+                        "classifier head, and layers over one vector per sample whose Grams "
+                        "outweigh what they save: the export notes them); 'none' compresses "
+                        "every eligible layer")
     e.add_argument("--calib-every", type=int, default=None)
     e.add_argument("--calib-batches", type=int, default=None)
     e.add_argument("--energy", type=float, default=None)
@@ -630,7 +632,8 @@ def _cmd_plan(a) -> int:
         tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), np.random.default_rng(0))
         ranks, rows = tr.ranks(), tr.rank_rows
     if not bundle.layers:
-        print("no INSTANT layers in this bundle (no trainable Linear / 1x1 Conv besides the head)")
+        print("no INSTANT layers in this bundle: it has no trainable Linear / 1x1 Conv besides "
+              "the head, or the export left them exact (its notes say which and why)")
         return 0
     print(f"INSTANT layers of {bundle.path} "
           + ("(ranks from calibration on " + a.data + ")" if ranks else

@@ -502,11 +502,16 @@ def test_layers_reading_one_activation_share_its_basis_and_save_it_once():
                                    err_msg=ly.weight)
 
 
-def test_the_export_notes_vector_layers_whose_grams_outweigh_what_they_save():
+def test_vector_layers_whose_grams_outweigh_what_they_save_train_exactly(tmp_path):
     """A Linear over one vector per sample saves at most its input per sample while its Grams
-    are C×C: the export says so (with the ways out) where the Grams pass 256 samples' worth of
-    savings and 16 MB, and says nothing of layers over tokens or of small MLPs' cheap Grams."""
-    from export.layers import CompressedLayer, vector_layers_note
+    are C×C: a probe's residual MLP peaked at 240 MB with INSTANT against 101 MB exact. Such
+    layers (past 256 samples of break-even, their Grams over 16 MB together) now train exactly
+    by default, with a note naming the way back (--instant-exclude none); small MLPs' cheap
+    Grams and layers over tokens stay compressed."""
+    import json
+
+    from export.bundle import export_bundle
+    from export.layers import CompressedLayer, vector_layers_kept_exact
 
     def linear(name, cx, cy, tokens=1):
         return CompressedLayer(name=name, kind="linear", node=name, x="x", y="y", weight="w",
@@ -516,9 +521,30 @@ def test_the_export_notes_vector_layers_whose_grams_outweigh_what_they_save():
                                rank3=tokens > 1)
 
     wide = [linear("up", 256, 2048), linear("down", 2048, 256)]
-    (note,) = vector_layers_note(wide)
-    assert "2 INSTANT layer(s) read one vector per sample (up, down)" in note, note
-    assert "--mode vanilla" in note and "--instant-exclude" in note, note
-    assert vector_layers_note([linear("fc", 16, 16)]) == []  # 6 KB of Grams: no note
-    assert vector_layers_note([linear("fc", 512, 512)]) == []  # 6.3 MB: small, no note
-    assert vector_layers_note([linear("tok", 2048, 2048, tokens=64)]) == []
+    assert vector_layers_kept_exact(wide) == wide
+    assert vector_layers_kept_exact([linear("fc", 16, 16)]) == []  # 6 KB of Grams
+    assert vector_layers_kept_exact([linear("fc", 512, 512)]) == []  # 6.3 MB: small
+    tok = linear("tok", 2048, 2048, tokens=64)
+    assert vector_layers_kept_exact([tok, *wide]) == wide
+
+    (tmp_path / "wide.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 2048),\n"
+        "                         nn.ReLU(), nn.Linear(2048, 256), nn.ReLU(),\n"
+        "                         nn.Linear(256, 10))\n")
+
+    def export(out, exclude):
+        notes: list[str] = []
+        export_bundle(f"{tmp_path / 'wide.py'}:make", tmp_path / out, input_shape="8,64",
+                      instant_exclude=exclude, notes=notes)
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        return [ly["name"] for ly in manifest["instant"]["layers"]], notes
+
+    layers, notes = export("default", None)
+    assert layers == [], layers
+    (note,) = [n for n in notes if "one vector per sample" in n]
+    assert "3 layer(s)" in note and "train exactly" in note, note
+    assert "--instant-exclude none" in note, note
+    layers, notes = export("all", [])  # --instant-exclude none: every layer compressed
+    assert len(layers) == 4 and not any("one vector per sample" in n for n in notes), layers
