@@ -268,11 +268,13 @@ def _budget_and_profile(a):
     from devices import parse_size, resolve_profile
 
     from .config import check_budget
+    from .memory import set_budget
 
     prof = resolve_profile(a.profile) if a.profile else None
     budget = parse_size(a.budget) if a.budget is not None else (
         prof.default_budget if prof else None)
     check_budget(budget, a.budget, prof)
+    set_budget(budget)
     return budget, prof
 
 

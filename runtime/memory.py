@@ -16,10 +16,33 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["PeakWatcher", "WouldPassLimit", "current_rss", "peak_rss", "physical_ram",
-           "proc_status", "reserve", "run_measured", "set_limit", "tune_malloc"]
+__all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss", "peak_rss",
+           "physical_ram", "proc_status", "reserve", "run_measured", "set_budget", "set_limit",
+           "tune_malloc"]
 
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
+_BUDGET: int | None = None  # the command's --budget (or its profile's), for helper children
+
+
+def set_budget(budget: int | None) -> None:
+    """The command's memory budget in bytes (None: none given), read by :func:`child_limit`."""
+    global _BUDGET
+    _BUDGET = budget
+
+
+def budget_given() -> int | None:
+    """The command's budget (:func:`set_budget`), None where it has none."""
+    return _BUDGET
+
+
+def child_limit() -> int | None:
+    """The RSS past which a helper child (the tokenising one, ``sources/tokens.py``) is stopped:
+    the budget, or without one half of this machine's RAM (a child that needs more is a
+    tampered tokenizer's expansion, not data)."""
+    if _BUDGET is not None:
+        return _BUDGET
+    ram = physical_ram()
+    return ram // 2 if ram else None
 
 
 class WouldPassLimit(MemoryError):

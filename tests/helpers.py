@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from runtime.bundle import Bundle, open_bundle
 from runtime.config import InstantConfig, OptimConfig, SessionConfig, TrainConfig
 from runtime.trainer import Trainer
 
-__all__ = ["make_trainer", "need"]
+__all__ = ["make_trainer", "need", "run_tree_peak"]
 
 
 def need(*packages: str) -> None:
@@ -36,3 +39,21 @@ def make_trainer(bundle: Bundle | Path, mode: str = "instant", lr: float = 1e-3,
     plan = Plan(micro_batch=micro_batch, calib_micro_batch=micro_batch,
                 eval_micro_batch=micro_batch)
     return Trainer(b, cfg, plan, weights=weights)
+
+
+# a small launcher: the kernel's maximum RSS over the command and every process it reaped
+# (planning probes, the tokenising child), printed after the command's own output
+_TREE_PEAK = ("import resource, subprocess, sys\n"
+              "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+              "sys.stdout.write(r.stdout)\n"
+              "sys.stderr.write(r.stderr)\n"
+              "print('tree-peak-kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+              "sys.exit(r.returncode)\n")
+
+
+def run_tree_peak(argv: list[str], cwd, timeout: float = 600
+                  ) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``argv`` under the launcher: (its result, the largest process of its tree in bytes)."""
+    r = subprocess.run([sys.executable, "-c", _TREE_PEAK, *map(str, argv)], cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout)
+    return r, int(re.search(r"tree-peak-kb (\d+)", r.stdout)[1]) * 1024

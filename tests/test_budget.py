@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_tree_peak
 
 from devices.planner import BudgetError, MemoryModel, balanced, make_plan, smaller_micro_batch
 from runtime.memory import run_measured
@@ -353,14 +354,6 @@ def test_a_probe_refuses_a_numpy_allocation_that_would_pass_its_stop_line():
         set_limit(None)
 
 
-_TREE_PEAK = ("import resource, subprocess, sys\n"
-              "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-              "sys.stdout.write(r.stdout)\n"
-              "sys.stderr.write(r.stderr)\n"
-              "print('tree-peak-kb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-              "sys.exit(r.returncode)\n")
-
-
 @pytest.mark.parametrize("budget_mb", [
     300,
     pytest.param(530, marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=(
@@ -395,9 +388,7 @@ def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path, bu
     argv = [sys.executable, "-m", "runtime", "train", str(bundle), "--data", str(data),
             "--batch", "64", "--steps", "2", "--threads", "1", "--no-progress",
             "--budget", f"{budget_mb}MB", "--out", str(tmp_path / f"run{budget_mb}")]
-    r = subprocess.run([sys.executable, "-c", _TREE_PEAK, *argv], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
-    peak = int(re.search(r"tree-peak-kb (\d+)", r.stdout)[1]) * 1024
+    r, peak = run_tree_peak(argv, cwd=REPO)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "below the minimum" in lines[0] and "--mode vanilla" in lines[0], lines[0]

@@ -806,3 +806,33 @@ def test_the_tokenizer_is_read_once_from_its_verified_bytes(encoder_bundle, tmp_
     (bundle / "tokenizer.json").symlink_to(outside)
     with pytest.raises(UserError, match="symbolic link"):
         load_data(str(_reviews_csv(tmp_path / "r.csv", 50, bad=False)), b)
+
+
+def test_a_tokenizer_that_expands_text_is_stopped_at_the_budget(encoder_bundle, tmp_path):
+    """A bundle is untrusted, its tokenizer.json too: a normalizer that writes 10^5 characters
+    for every 'a' took the tokenising child to 1.75 GB under --budget 300MB (session-20 probe),
+    and nothing stopped it. The child is now stopped at the budget (read from outside every
+    few milliseconds) and the run ends in one line; the whole tree stays inside the budget."""
+    import hashlib
+    import shutil
+
+    from helpers import run_tree_peak
+
+    bundle = Path(shutil.copytree(encoder_bundle, tmp_path / "b"))
+    tok = json.loads((bundle / "tokenizer.json").read_text())
+    tok["normalizer"] = {"type": "Replace", "pattern": {"String": "a"}, "content": "a" * 100_000}
+    raw = json.dumps(tok).encode()
+    (bundle / "tokenizer.json").write_bytes(raw)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"]["tokenizer.json"] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    data = tmp_path / "a.csv"
+    data.write_text("text,label\n" + "".join(f"{'a' * 2000},{i % 2}\n" for i in range(40)))
+    budget = 250
+    argv = ["train", bundle, "--data", data, "--steps", 2, "--batch", 4, "--budget",
+            f"{budget}MB", "--no-progress", "--out", tmp_path / "run"]
+    r, peak = run_tree_peak([sys.executable, "-m", "runtime", *argv], cwd=REPO, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "tokenising the text data was stopped" in lines[0] and "250 MB" in lines[0], lines
+    assert peak <= budget * MB, peak / MB

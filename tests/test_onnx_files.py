@@ -713,3 +713,16 @@ def test_a_file_fixed_inside_to_one_length_says_so_in_its_manifest(tmp_path):
     r = _cli("train", tmp_path / "lat", "--data", tmp_path / "d6.npz", "--steps", 2, "--batch", 8,
              "--threads", 1, "--no-progress", "--out", tmp_path / "rlat")
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def test_an_example_npz_runs_through_the_model_by_its_first_rows(tmp_path):
+    """`export --npz` took every row of the file as the example batch: a training .npz of 3000
+    rows through a 16k-vocabulary LM asked for 24.6 GB of logits and the export was killed
+    (session-20 probe). The first rows tell the shapes and the labels' class axis."""
+    from export.bundle import EXAMPLE_ROWS, _examples
+
+    np.savez(tmp_path / "d.npz", ids=np.zeros((3000, 128), np.int64),
+             mask=np.ones((3000, 128), np.int64), y=np.zeros((3000, 128), np.int64))
+    arrays, labels = _examples(None, str(tmp_path / "d.npz"))
+    assert [a.shape for a in arrays] == [(EXAMPLE_ROWS, 128)] * 2
+    assert labels == [EXAMPLE_ROWS, 128]

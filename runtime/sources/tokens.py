@@ -11,16 +11,23 @@ The file costs disk, not memory: 64 tokens x 3 bytes per row (12,808 reviews: 2.
 from __future__ import annotations
 
 import os
+import select
+import signal
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from contract.errors import UserError
 
+from ..memory import budget_given, child_limit, proc_status
+
 __all__ = ["TokenCache"]
 
 _CHUNK = 1024  # rows tokenised per encode_batch call in the child
+STALL_S = 120.0  # the child is stopped where no chunk of rows is done in this many seconds
+_HEADROOM = 4 << 20  # it is stopped this far below its limit (RSS read every 5 ms)
 
 
 class TokenCache:
@@ -39,7 +46,14 @@ class TokenCache:
             off += n * seq_len * dt.itemsize
 
     def _fill(self, tokenizer_path, texts: Callable[[int], str], chars: int) -> None:
-        """Tokenise every row in a forked child (the tokenizer never enters this process)."""
+        """Tokenise every row in a forked child (the tokenizer never enters this process).
+
+        The tokenizer comes from the bundle, which is untrusted: a normalizer that writes 10^5
+        characters for each one took a child to 1.75 GB under --budget 300MB, and a pattern
+        that backtracks can run for ever. This process reads the child's RSS every few
+        milliseconds and stops it past :func:`memory.child_limit` (the budget), and stops it
+        where ``STALL_S`` pass without a chunk of rows done; either is one error line."""
+        limit = child_limit()
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
@@ -51,22 +65,45 @@ class TokenCache:
             os.close(null)
             msg = b"ok"
             try:
-                msg = self._child(tokenizer_path, texts, chars)
+                msg = self._child(tokenizer_path, texts, chars, w)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
                 msg = f"error: {type(exc).__name__}: {exc}".encode()[:2000]
             finally:
-                os.write(w, msg)
+                os.write(w, b"\n" + msg)
                 os._exit(0)
         os.close(w)
-        chunks = []
-        while True:
-            block = os.read(r, 4096)
-            if not block:
-                break
-            chunks.append(block)
-        os.close(r)
-        os.waitpid(pid, 0)
-        msg = b"".join(chunks).decode("utf-8", "replace")
+        chunks: list[bytes] = []
+        stopped = ""
+        last = time.monotonic()
+        try:
+            while True:
+                ready, _, _ = select.select([r], [], [], 0.005)
+                if limit is not None and proc_status(pid).get("VmRSS", 0) > limit - _HEADROOM:
+                    stopped = (f"it passed {limit / 1e6:.0f} MB"
+                               + (" (the --budget)" if limit == budget_given() else ""))
+                    break
+                if ready:
+                    block = os.read(r, 4096)
+                    if not block:
+                        break
+                    chunks.append(block)
+                    last = time.monotonic()
+                elif time.monotonic() - last > STALL_S:
+                    stopped = f"no rows were done in {STALL_S:.0f} s"
+                    break
+        finally:
+            if stopped:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os.close(r)
+            os.waitpid(pid, 0)
+        if stopped:
+            raise UserError(f"tokenising the text data was stopped: {stopped}; the bundle's "
+                            "tokenizer.json (its normalizer or pre-tokenizer) expands or "
+                            "backtracks on this text: re-export the bundle from its model")
+        msg = b"".join(chunks).decode("utf-8", "replace").partition("\n")[2]
         if msg.startswith("vocab "):
             if int(msg.split()[1]) < 65536:  # ids fit in uint16: rewritten smaller below
                 self._shrink_ids()
@@ -74,7 +111,8 @@ class TokenCache:
         raise UserError(f"tokenising the text data failed ({msg or 'the child process died'}); "
                         "check the bundle's tokenizer.json")
 
-    def _child(self, tokenizer_path, texts: Callable[[int], str], chars: int) -> bytes:
+    def _child(self, tokenizer_path, texts: Callable[[int], str], chars: int,
+               progress: int) -> bytes:
         from .text import load_tokenizer
 
         tok = load_tokenizer(tokenizer_path, self.seq_len)
@@ -91,6 +129,7 @@ class TokenCache:
                 dt = self.store[name]
                 block = np.asarray([getattr(e, attr) for e in encs], dtype=dt).reshape(-1, L)
                 os.pwrite(fd, block.tobytes(), offset[name] + start * L * dt.itemsize)
+            os.write(progress, b".")  # a chunk done: the parent's stall clock starts again
         return f"vocab {tok.get_vocab_size()}".encode()
 
     def _shrink_ids(self) -> None:
