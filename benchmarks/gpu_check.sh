@@ -19,7 +19,7 @@ BUNDLE=${1:-}
 WORK=$(mktemp -d)
 if [ -z "$BUNDLE" ]; then
   BUNDLE=$WORK/mlp
-  $PY -m runtime export --model mlp --out "$BUNDLE"
+  $PY -m runtime export --model mlp --instant-exclude 4 --out "$BUNDLE"  # hidden Linears INSTANT
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 $PY - "$BUNDLE" "$WORK" <<'PYEOF'

@@ -120,7 +120,8 @@ def _add_instant_args(p: argparse.ArgumentParser) -> None:
                         "(any policy; default: as the plan's memory allows)")
     p.add_argument("--flop-ratio", type=float, default=None,
                    help="budget policy: backward FLOPs of the compressed layers as a fraction of "
-                        "the exact backward (default 1.0: never more than exact; 0: no cap)")
+                        "the exact backward (default 1.0: never more than exact, where those "
+                        "layers' exact backward takes 1e8 FLOPs a micro-batch or more; 0: no cap)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -308,8 +309,9 @@ def _train_config(a, bundle, prof, optim=None):
     instant = InstantConfig.from_bundle(
         bundle.manifest.instant.settings, energy=a.energy, oversample=a.oversample,
         calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,
-        calib_samples=getattr(a, "calib_samples", None), rank_policy=policy, flop_ratio=a.flop_ratio, variance=a.variance,
-        saved_ratio=a.saved_ratio)
+        calib_samples=getattr(a, "calib_samples", None), rank_policy=policy,
+        flop_ratio=a.flop_ratio, variance=a.variance, saved_ratio=a.saved_ratio,
+        flop_cap_min=0.0 if a.flop_ratio is not None else None)  # an explicit cap always binds
     return TrainConfig(mode=a.mode, optim=optim or OptimConfig(), instant=instant,
                        session=_session_config(a, prof, log=print), seed=getattr(a, "seed", 0))
 

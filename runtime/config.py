@@ -174,6 +174,14 @@ class InstantConfig:
     # 0.5; a from-scratch CNN with 1x1 convs on digits (1000 steps, 6 seeds) lost 1.0 point at
     # 1.0 (+0.2 uncapped).
     flop_ratio: float | None = 1.0
+    # the default cap binds only where the compressed layers' exact backward takes at least this
+    # many FLOPs per micro-batch (an explicit --flop-ratio always binds: the CLI sets 0 here).
+    # Below it the cap's saving is a few milliseconds at most, and what it cost was accuracy: a
+    # 2-layer transformer over 16 tokens (34 MFLOP a micro-batch of 32), whose activations need
+    # near-full ranks for 0.99 of their variance, ended 3.4 points below exact training with the
+    # cap (5 seeds, ranks pushed to 1-4 of 16 on some layers) and within 1 point without it
+    # (session-20 probe); the CNN with 1x1 convs on digits: -1.0 capped, +0.2 uncapped.
+    flop_cap_min: float = 1e8
 
     def __post_init__(self) -> None:
         _finite("--energy", self.energy, 0.0, 1.0, lo_open=True)
@@ -186,6 +194,7 @@ class InstantConfig:
             raise _bad("--rank-policy", self.rank_policy, "choose energy or budget")
         if self.flop_ratio is not None:  # 0: no cap
             _finite("--flop-ratio", self.flop_ratio, 0.0, 4.0)
+        _finite("flop_cap_min", self.flop_cap_min, 0.0, 1e30)
         _finite("--variance", self.variance, 0.0, 1.0, lo_open=True)
         if self.saved_ratio is not None:
             _finite("--saved-ratio", self.saved_ratio, 0.0, 1.0, lo_open=True)

@@ -9,7 +9,8 @@ Two policies (``--rank-policy``):
 * ``budget`` (default): every tensor's rank keeps ``--variance`` (0.99) of its variance, i.e. the
   relative squared error of the projected activations (weight gradients, Rx) and output
   gradients (input gradients, Ry) is at most 1 %; then, while the backward FLOPs pass
-  ``--flop-ratio`` × the exact backward of those layers (default 1.0) or the compressed
+  ``--flop-ratio`` × the exact backward of those layers (default 1.0, where that backward takes
+  ``flop_cap_min`` FLOPs a micro-batch or more: config.py) or the compressed
   activations pass the plan's memory for them at the planned micro-batch, the rank whose last
   direction keeps the least variance per FLOP (per byte) falls. With memory to spare ranks stay where the error is
   small; under a tight budget they fall where the error grows least.
@@ -207,8 +208,9 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
         return sum(_flops_per_rank(by_name[n], "x", rows) * r[0]
                    + _flops_per_rank(by_name[n], "g", rows) * r[1] for n, r in ranks.items())
 
-    if cfg.flop_ratio:  # 0 or None: no cap
-        target = cfg.flop_ratio * sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
+    exact = sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
+    if cfg.flop_ratio and max(1, rows) * exact >= cfg.flop_cap_min:  # 0 or None: no cap
+        target = cfg.flop_ratio * exact
         _lower(ranks, spectra, groups,
                lambda ly, w, r: (r - 1, sum(_flops_per_rank(m, "x", rows) for m in groups[ly.name])
                                  if w == 0 else _flops_per_rank(ly, "g", rows)),

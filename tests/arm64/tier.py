@@ -78,7 +78,9 @@ CHANCE = 0.1  # 10 digit classes
 TRAIN = ["--data", "digits", "--batch", "32", "--mode", "instant", "--lr", "0.01",
          "--energy", "0.99", "--oversample", "4", "--threads", "1", "--seed", "0",
          "--checkpoint-every", "5", "--no-progress"]
-MODELS = {"mlp": ["--model", "mlp"], "cnn": ["--model", "cnn", "--trainable", "all"]}
+# the mlp's hidden Linears are kept INSTANT layers (the export leaves layers over one vector
+# per sample exact by default)
+MODELS = {"mlp": ["--model", "mlp", "--instant-exclude", "4"], "cnn": ["--model", "cnn", "--trainable", "all"]}
 ACC_ABOVE_CHANCE = {"mlp": True, "cnn": False}
 # aarch64 (NEON kernels, the aarch64 site's onnxruntime) vs x86 (AVX kernels, the venv's):
 # same math, different kernels and summation orders.
