@@ -187,7 +187,9 @@ def test_full_rank_instant_equals_vanilla_through_the_split_backward(tmp_path: P
 
     from export import export_bundle
 
-    b = open_bundle(export_bundle(model, tmp_path / model))
+    # the mlp's hidden Linears (one vector per sample) are INSTANT layers only when asked
+    exclude = ["4"] if model == "mlp" else None
+    b = open_bundle(export_bundle(model, tmp_path / model, instant_exclude=exclude))
     ops = [n.op_type for n in onnx.load_from_string(b.graph_bytes("instant", "backward")).graph.node]
     halved = [n for n in ops if n == "If"]
     assert ops.count("Concat") >= halves and (len(halved) >= 2 or not halves), ops
