@@ -187,11 +187,14 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
             layer.p_input, layer.q_input = names.basis_p(layer.name), names.basis_q(layer.name)
             found.append(layer)
     if exclude is None:
+        head = None
         if found and found[-1].node == _head_node(model, trainable):
-            found = found[:-1]
-        exact = vector_layers_kept_exact(found)
+            head, found = found[-1].name, found[:-1]
+        # one vector per sample: a 2-D input whose rows are the batch (a GPT-2-style Linear
+        # over x.view(-1, C) has N·L rows, tokens in all but shape, and stays compressed)
+        exact = vector_layers_kept_exact([ly for ly in found if shapes.of(ly.x)[:1] == ["N"]])
         if exact and notes is not None:
-            notes.append(vector_layers_note(exact))
+            notes.append(vector_layers_note(exact, head))
         return [ly for ly in found if ly not in exact]
     pats = list(exclude)
     unmatched = [p for p in pats if not any(fnmatch.fnmatch(ly.name, p) for ly in found)]
@@ -325,8 +328,9 @@ def vector_layers_kept_exact(layers: list[CompressedLayer]) -> list[CompressedLa
             and _gram_bytes(ly) > VECTOR_EXACT_SAMPLES * 4 * ly.cx]
 
 
-def vector_layers_note(exact: list[CompressedLayer]) -> str:
-    """The export's note on the layers :func:`vector_layers_kept_exact` left exact."""
+def vector_layers_note(exact: list[CompressedLayer], head: str | None = None) -> str:
+    """The export's note on the layers :func:`vector_layers_kept_exact` left exact (``head``:
+    the classifier head the default leaves exact too, which the way back names)."""
     grams = sum(_gram_bytes(ly) for ly in exact)
     saved = sum(4 * ly.cx for ly in exact)
     names_ = ", ".join(ly.name for ly in exact[:4]) + (", ..." if len(exact) > 4 else "")
@@ -334,4 +338,4 @@ def vector_layers_note(exact: list[CompressedLayer]) -> str:
             f"exactly: INSTANT would hold {grams / 1e6:.1f} MB of Grams in a calibration to "
             f"save at most {saved / 1e3:.1f} KB of activations per sample (it pays on layers "
             "over tokens or pixels); to compress them anyway, export with --instant-exclude "
-            "none, or with globs of the layers to leave exact")
+            + (f"'{head}' (this model's head: only it stays exact)" if head else "none"))

@@ -613,6 +613,7 @@ def _cmd_plan(a) -> int:
         plan = _plan(tr, data, min(a.batch, len(data)), budget, None, print)
         if tr.mode == "instant":
             tr.use_plan(plan)
+            tr.train_batch = min(a.batch, len(data))
             tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))),
                          np.random.default_rng(0))
             print(tr.cost_table())
@@ -633,6 +634,7 @@ def _cmd_plan(a) -> int:
 
         use_arena(None)
         tr = Trainer(bundle, cfg)
+        tr.train_batch = min(a.batch, len(data))
         tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), np.random.default_rng(0))
         ranks, rows = tr.ranks(), tr.rank_rows
     if not bundle.layers:

@@ -106,10 +106,12 @@ def _snap_gradient_ranks(layers: list[LayerInfo], ranks: dict, max_rank: int | N
 
 
 def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spectrum]],
-                 cfg: InstantConfig, saved_budget: int | None, rows: int = 1
-                 ) -> dict[str, tuple[int, int]]:
+                 cfg: InstantConfig, saved_budget: int | None, rows: int = 1,
+                 cap_rows: int | None = None) -> dict[str, tuple[int, int]]:
     """(Rx, Ry) per layer under ``cfg``'s policy and the per-sample ``saved_budget`` (bytes),
-    for micro-batches of ``rows`` samples (channel-axis costs, :func:`_flops_per_rank`)."""
+    for micro-batches of ``rows`` samples (channel-axis costs, :func:`_flops_per_rank`).
+    ``cap_rows`` (default ``rows``): the training micro-batch, at which the layers' exact
+    backward decides whether the default FLOP cap binds (``cfg.flop_cap_min``)."""
     cap = cfg.max_rank
     if cfg.saved_ratio is not None:
         # the exact saved bytes: each layer input once (q, k and v read one x)
@@ -117,7 +119,7 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
         limit = int(cfg.saved_ratio * exact)
         saved_budget = limit if saved_budget is None else min(saved_budget, limit)
     if cfg.rank_policy == "budget":
-        return _budget(layers, spectra, cfg, saved_budget, rows)
+        return _budget(layers, spectra, cfg, saved_budget, rows, cap_rows or rows)
     ranks = {}
     for ly in layers:
         sx, sg = spectra[ly.name]
@@ -182,8 +184,8 @@ def _shrink_to(layers, spectra, ranks, budget: int) -> dict[str, tuple[int, int]
     return ranks
 
 
-def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows: int
-            ) -> dict[str, tuple[int, int]]:
+def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows: int,
+            cap_rows: int) -> dict[str, tuple[int, int]]:
     """Each tensor's smallest rank that keeps ``cfg.variance`` of its variance (σ² of the data:
     1 - kept is the relative squared error of the projection), then, while the backward FLOPs
     pass ``flop_ratio`` × exact, or the compressed activations pass the plan's memory, lower the
@@ -209,7 +211,7 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
                    + _flops_per_rank(by_name[n], "g", rows) * r[1] for n, r in ranks.items())
 
     exact = sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
-    if cfg.flop_ratio and max(1, rows) * exact >= cfg.flop_cap_min:  # 0 or None: no cap
+    if cfg.flop_ratio and max(1, cap_rows) * exact >= cfg.flop_cap_min:  # 0 or None: no cap
         target = cfg.flop_ratio * exact
         _lower(ranks, spectra, groups,
                lambda ly, w, r: (r - 1, sum(_flops_per_rank(m, "x", rows) for m in groups[ly.name])

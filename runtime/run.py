@@ -391,6 +391,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                mininterval=0.5, initial=start, total=cfg.steps,
                unit="step", dynamic_ncols=True)
     lr = trainer.config.optim.lr
+    trainer.train_batch = batch
     calib_batch = calibration_samples(trainer.bundle.layers, batch,
                                       trainer.config.instant.calib_samples,
                                       padded=trainer.bundle.manifest.text is not None)

@@ -229,6 +229,9 @@ class Trainer:
         self.step_count = 0
         self.window: GramWindow | None = None  # an open calibration
         self.calibrations = 0
+        # the run's batch (set by run.train and plan): with the plan's micro-batch, what decides
+        # whether the default FLOP cap binds (set_ranks), whatever a calibration read
+        self.train_batch: int | None = None
         self.rank_rows = 1  # the micro-batch the ranks were chosen for (runtime/ranks.py)
         self.calib_steps = 0
         self.calib_seconds = 0.0
@@ -717,7 +720,8 @@ class Trainer:
                 raise UserError(msg) from None
             return False
         per_step = max(1, w.samples // w.steps)  # the batch; the plan may cut it smaller
-        self.set_ranks(spectra, min(self.plan.micro_batch or per_step, per_step))
+        self.set_ranks(spectra, min(self.plan.micro_batch or per_step, per_step),
+                       cap_rows=self.plan.micro_batch or self.train_batch or per_step)
         self.calibrations += 1
         self.calib_seconds += w.seconds + time.perf_counter() - t0
         return True
@@ -788,12 +792,15 @@ class Trainer:
         self.add_grams(1.0, y, fgrams, {ly: g.numpy() for ly, g in
                                         zip(io.bwd_grams, grams, strict=True)})
 
-    def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]], rows: int = 1) -> None:
+    def set_ranks(self, spectra: dict[str, tuple[Spectrum, Spectrum]], rows: int = 1,
+                  cap_rows: int | None = None) -> None:
         """Choose ranks from the spectra under the plan's budget, for micro-batches of ``rows``
-        samples (the channel-axis products that run once per micro-batch), and set the bases."""
+        samples (the channel-axis products that run once per micro-batch), and set the bases.
+        ``cap_rows``: the training micro-batch, which decides whether the default FLOP cap
+        binds (ranks.choose_ranks; a first calibration may read fewer samples than a step)."""
         self.rank_rows = rows
         ranks = choose_ranks(self.bundle.layers, spectra, self.config.instant,
-                             self.plan.saved_budget, rows)
+                             self.plan.saved_budget, rows, cap_rows=cap_rows)
         for ly in self.bundle.layers:
             sx, sg = spectra[ly.name]
             rx, ry = ranks[ly.name]
@@ -925,7 +932,8 @@ class Trainer:
         out = {"--lr": o.lr, "--weight-decay": o.weight_decay}
         if self.mode == "instant":  # every InstantConfig field is a flag of the same name
             out.update({"--" + f.name.replace("_", "-"): getattr(self.config.instant, f.name)
-                        for f in fields(self.config.instant)})
+                        for f in fields(self.config.instant)
+                        if f.name != "flop_cap_min"})  # not a flag: set by --flop-ratio's use
         return out
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:

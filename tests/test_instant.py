@@ -546,6 +546,28 @@ def test_vector_layers_whose_grams_outweigh_what_they_save_train_exactly(tmp_pat
     assert layers == [], layers
     (note,) = [n for n in notes if "one vector per sample" in n]
     assert "3 layer(s)" in note and "train exactly" in note, note
-    assert "--instant-exclude none" in note, note
+    assert "--instant-exclude '6' (this model's head" in note, note
     layers, notes = export("all", [])  # --instant-exclude none: every layer compressed
     assert len(layers) == 4 and not any("one vector per sample" in n for n in notes), layers
+    # a GPT-2-style Linear over x.view(-1, C): 2-D, but N·L rows, not one a sample
+    (tmp_path / "flat.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class C1(nn.Module):\n"
+        "    def __init__(s, i, o):\n"
+        "        super().__init__(); s.w = nn.Parameter(torch.randn(i, o) * 0.05)\n"
+        "    def forward(s, x):\n"
+        "        return (x.view(-1, x.size(-1)) @ s.w).view(*x.shape[:-1], s.w.shape[1])\n"
+        "class M(nn.Module):\n"
+        "    def __init__(s):\n"
+        "        super().__init__(); s.emb = nn.Embedding(100, 128)\n"
+        "        s.f1, s.f2, s.head = C1(128, 512), C1(512, 128), nn.Linear(128, 2)\n"
+        "    def forward(s, x):\n"
+        "        h = s.emb(x); h = h + s.f2(torch.relu(s.f1(h)))\n"
+        "        return s.head(h.mean(1))\n"
+        "def make():\n"
+        "    return M()\n")
+    notes = []
+    export_bundle(f"{tmp_path / 'flat.py'}:make", tmp_path / "flat", input_shape="8,32:int64",
+                  notes=notes)
+    manifest = json.loads((tmp_path / "flat" / "manifest.json").read_text())
+    assert len(manifest["instant"]["layers"]) == 2, notes

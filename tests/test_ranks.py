@@ -188,3 +188,13 @@ def test_the_default_flop_cap_binds_only_where_the_backward_is_large():
     for given, floor in ((None, 1e8), (1.0, 0.0)):
         cfg = _train_config(SimpleNamespace(**args, flop_ratio=given), bundle, None)
         assert cfg.instant.flop_cap_min == floor
+
+
+def test_the_cap_threshold_is_not_a_resume_setting(mlp_bundle):
+    """flop_cap_min follows from whether --flop-ratio was given; it is no flag, so a resume
+    that gives --flop-ratio where the run did not (or the reverse) is judged by --flop-ratio
+    alone, never by a flag that does not exist."""
+    from helpers import make_trainer
+
+    settings = make_trainer(mlp_bundle).settings()
+    assert "--flop-ratio" in settings and "--flop-cap-min" not in settings

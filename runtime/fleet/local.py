@@ -46,10 +46,12 @@ def resolve_budget(budget: str | None, profile: str | None,
     from devices import parse_size, resolve_profile
 
     from ..config import check_budget, profile_threads
+    from ..memory import set_budget
 
     prof = resolve_profile(profile) if profile else None
     value = parse_size(budget) if budget else (prof.default_budget if prof else None)
     check_budget(value, budget, prof)
+    set_budget(value)  # the tokenising child is held to it too (sources/tokens.py)
     return value, threads or profile_threads(prof)
 
 

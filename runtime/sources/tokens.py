@@ -27,7 +27,10 @@ __all__ = ["TokenCache"]
 
 _CHUNK = 1024  # rows tokenised per encode_batch call in the child
 STALL_S = 120.0  # the child is stopped where no chunk of rows is done in this many seconds
-_HEADROOM = 4 << 20  # it is stopped this far below its limit (RSS read every 5 ms)
+# it is stopped this far below its limit, its RSS read every millisecond: a tokenizer that
+# expands text writes fresh pages at a few GB/s (4 MB of headroom at 5 ms was passed by
+# 0.4 MB once), so 24 MB would take over 20 GB/s to pass
+_HEADROOM = 24 << 20
 
 
 class TokenCache:
@@ -51,7 +54,7 @@ class TokenCache:
         The tokenizer comes from the bundle, which is untrusted: a normalizer that writes 10^5
         characters for each one took a child to 1.75 GB under --budget 300MB, and a pattern
         that backtracks can run for ever. This process reads the child's RSS every few
-        milliseconds and stops it past :func:`memory.child_limit` (the budget), and stops it
+        millisecond and stops it past :func:`memory.child_limit` (the budget), and stops it
         where ``STALL_S`` pass without a chunk of rows done; either is one error line."""
         limit = child_limit()
         r, w = os.pipe()
@@ -69,22 +72,31 @@ class TokenCache:
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
                 msg = f"error: {type(exc).__name__}: {exc}".encode()[:2000]
             finally:
-                os.write(w, b"\n" + msg)
-                os._exit(0)
+                try:
+                    os.write(w, b"\n" + msg)
+                finally:  # a parent gone (Ctrl-C) breaks the pipe: exit all the same
+                    os._exit(0)
         os.close(w)
         chunks: list[bytes] = []
         stopped = ""
+        ended = False  # the child closed its end: it is exiting
+        start = proc_status(pid).get("VmRSS", 0)
         last = time.monotonic()
+        poller = select.poll()
+        poller.register(r, select.POLLIN | select.POLLHUP)
         try:
             while True:
-                ready, _, _ = select.select([r], [], [], 0.005)
-                if limit is not None and proc_status(pid).get("VmRSS", 0) > limit - _HEADROOM:
+                ready = poller.poll(1)
+                rss = proc_status(pid).get("VmRSS", 0)
+                if limit is not None and rss > limit - _HEADROOM:
                     stopped = (f"it passed {limit / 1e6:.0f} MB"
-                               + (" (the --budget)" if limit == budget_given() else ""))
+                               + (" (the budget)" if limit == budget_given() else "")
+                               + f", from {start / 1e6:.0f} MB when it started")
                     break
                 if ready:
                     block = os.read(r, 4096)
                     if not block:
+                        ended = True
                         break
                     chunks.append(block)
                     last = time.monotonic()
@@ -92,7 +104,7 @@ class TokenCache:
                     stopped = f"no rows were done in {STALL_S:.0f} s"
                     break
         finally:
-            if stopped:
+            if not ended:  # stopped here, or this process interrupted (Ctrl-C): never left behind
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
