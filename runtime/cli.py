@@ -534,7 +534,7 @@ def _cmd_eval(a) -> int:
     from devices.planner import Plan
 
     from .bundle import open_bundle
-    from .config import TrainConfig
+    from .config import OptimConfig, TrainConfig
     from .errors import UserError
     from .export_model import run_weights
     from .memory import peak_rss
@@ -569,7 +569,10 @@ def _cmd_eval(a) -> int:
         a.seed = _run_seed(run_dir) if run_dir is not None else 0
     data = _load_data(a, bundle, class_names=_resumed_class_names(run_dir)
                       if run_dir is not None else None)
-    trainer = Trainer(bundle, TrainConfig(mode="vanilla", session=_session_config(a, prof)),
+    # SGD with momentum: one buffer a tensor (the gradient adds into it), the least any
+    # optimizer allocates; evaluation never steps
+    trainer = Trainer(bundle, TrainConfig(mode="vanilla", optim=OptimConfig(name="sgd"),
+                                          session=_session_config(a, prof)),
                       Plan(eval_micro_batch=a.batch), weights=weights)
     target = data.test if data.test is not None else data
     if budget is None:

@@ -36,6 +36,7 @@ from devices.planner import Plan
 from .bundle import Bundle
 from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
+from .memory import budget_given, current_rss
 from .optim import make_optimizer, resident_zeros
 from .ranks import basis_groups, choose_ranks, gx_break_even
 from .sessions import (
@@ -201,11 +202,12 @@ class Trainer:
         self.io = bundle.io(mode)
         self.params = bundle.load_params(weights)
         self._param_ov = {k: _ov(v) for k, v in self.params.items()}
-        self.optimizer = make_optimizer(self.config.optim, self.params)
         device, _ = resolve_device(self.config.session)
         self.device = device
         self._resident = None  # runtime/resident.py, created with the sessions
         self.resident = device != "cpu" or self.config.session.resident
+        self._check_buffers_fit()
+        self.optimizer = make_optimizer(self.config.optim, self.params)
         # One gradient buffer per parameter, allocated now and kept: the backward adds each
         # micro-batch's gradient into it in place (output bound to the input). SGD with
         # momentum needs none: the backward adds into the momentum buffer (optim.SGD).
@@ -925,6 +927,32 @@ class Trainer:
             warrays, meta["window"] = self.window.state()
             arrays.update(warrays)
         return arrays, meta
+
+    def _check_buffers_fit(self) -> None:
+        """Under a budget (memory.budget_given), refuse before allocating the buffers every
+        trainable tensor gets for the whole run (AdamW's two moments and a gradient buffer,
+        SGD's momentum, which the gradient adds into) where they alone take the process past
+        the budget: a 61 MB embedding table under --budget 300MB reached 372 MB before the
+        plan's refusal (session-20 probe). A lower bound: sessions and activations come on top.
+
+        Raises:
+            UserError: the budget cannot hold them."""
+        budget = budget_given()
+        if budget is None:
+            return
+        o = self.config.optim
+        fused = not self.resident and o.name == "sgd" and o.momentum > 0
+        per_tensor = (2 if o.name == "adamw" else 1) + (0 if fused else 1)
+        size = sum(int(v.nbytes) for v in self.params.values())
+        need = current_rss() + per_tensor * size
+        if need > budget:
+            raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
+                            f"(its trainable tensors, {size / 1e6:.0f} MB, and their "
+                            f"{per_tensor} buffer(s) each take the process to "
+                            f"{need / 1e6:.0f} MB before any step); raise --budget well above "
+                            "that, or export with fewer trainable tensors (--trainable)"
+                            + (", or train with --optimizer sgd (one buffer a tensor)"
+                               if o.name == "adamw" else ""))
 
     def settings(self) -> dict:
         """The options a resume must repeat to continue the same run (CLI flag: value)."""

@@ -311,6 +311,32 @@ def test_large_trainable_tensors_and_a_resume_stay_inside_the_budget(tmp_path):
     assert "resumed from step 4" in r.stdout, r.stdout[-1500:]
 
 
+def test_buffers_that_cannot_fit_are_refused_before_they_are_allocated(tmp_path):
+    """A 67 MB trainable weight under AdamW gets three buffers (two moments, a gradient): a
+    session-20 probe's 61 MB embedding reached 372 MB under --budget 300MB before the plan's
+    probes refused it. The trainer now refuses before allocating them; polled from outside,
+    the process stays inside the budget and the refusal is one line naming the ways out."""
+    (tmp_path / "wide.py").write_text(WIDE_LINEAR)
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
+                        f"{tmp_path / 'wide.py'}:make", "--input-shape", "8,4096", "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr[-1500:]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "wide.npz", x=rng.standard_normal((64, 4096)).astype(np.float32),
+             y=rng.integers(0, 10, 64))
+    for cmd in ("train", "plan"):
+        argv = [sys.executable, "-m", "runtime", cmd, str(tmp_path / "b"), "--data",
+                str(tmp_path / "wide.npz"), "--batch", "32", "--budget", "300MB"] + (
+            ["--optimizer", "adamw", "--steps", "2", "--no-progress", "--out",
+             str(tmp_path / "run")] if cmd == "train" else [])  # plan: AdamW, the default
+        m = run_measured(argv, timeout=300, cwd=REPO)
+        lines = m.stderr.strip().splitlines()
+        assert m.returncode == 2 and len(lines) == 1, m.stderr[-1500:]
+        assert "below the minimum" in lines[0] and "--optimizer sgd" in lines[0], lines[0]
+        assert m.peak_polled <= 300 * MB, (cmd, m.peak_polled / MB)
+
+
 def test_the_batch_order_is_counted_by_the_plan_and_resumes_as_before():
     """The batch order over the rows (made at the first step, after the plan's probes) held
     8 bytes a row uncounted: 6.5 million rows of an .npz went 12 MB over --budget 120MB. It is
