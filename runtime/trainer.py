@@ -944,13 +944,17 @@ class Trainer:
         fused = not self.resident and o.name == "sgd" and o.momentum > 0
         per_tensor = (2 if o.name == "adamw" else 1) + (0 if fused else 1)
         size = sum(int(v.nbytes) for v in self.params.values())
-        need = current_rss() + per_tensor * size
-        if need > budget:
+        now = current_rss()
+        need = now + per_tensor * size
+        # a process already past the budget (the interpreter alone) is the plan's to refuse:
+        # its way out accounts for the sessions too
+        if now <= budget < need:
             raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
                             f"(its trainable tensors, {size / 1e6:.0f} MB, and their "
                             f"{per_tensor} buffer(s) each take the process to "
                             f"{need / 1e6:.0f} MB before any step); raise --budget well above "
-                            "that, or export with fewer trainable tensors (--trainable)"
+                            f"it, e.g. to {2 * need / 1e6:.0f}MB, or export with fewer "
+                            "trainable tensors (--trainable)"
                             + (", or train with --optimizer sgd (one buffer a tensor)"
                                if o.name == "adamw" else ""))
 
