@@ -271,12 +271,8 @@ def make():
 """
 
 
-def test_large_trainable_tensors_and_a_resume_stay_inside_the_budget(tmp_path):
-    """A 67 MB trainable weight: its momentum and gradient buffers entered the RSS only at the
-    first update, after the probes had measured (352 MB under a 305 MB budget), and a resume
-    held the whole loaded checkpoint through the run (486 MB under 450 MB). Both runs, polled
-    from outside, stay inside the budget, or the run is refused in one line and the budget it
-    states holds both."""
+def _wide_bundle(tmp_path, rows: int) -> None:
+    """WIDE_LINEAR exported to tmp_path/b, and ``rows`` random rows of its data in wide.npz."""
     (tmp_path / "wide.py").write_text(WIDE_LINEAR)
     r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
                         f"{tmp_path / 'wide.py'}:make", "--input-shape", "8,4096", "--out",
@@ -284,8 +280,17 @@ def test_large_trainable_tensors_and_a_resume_stay_inside_the_budget(tmp_path):
                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-1500:]
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "wide.npz", x=rng.standard_normal((256, 4096)).astype(np.float32),
-             y=rng.integers(0, 10, 256))
+    np.savez(tmp_path / "wide.npz", x=rng.standard_normal((rows, 4096)).astype(np.float32),
+             y=rng.integers(0, 10, rows))
+
+
+def test_large_trainable_tensors_and_a_resume_stay_inside_the_budget(tmp_path):
+    """A 67 MB trainable weight: its momentum and gradient buffers entered the RSS only at the
+    first update, after the probes had measured (352 MB under a 305 MB budget), and a resume
+    held the whole loaded checkpoint through the run (486 MB under 450 MB). Both runs, polled
+    from outside, stay inside the budget, or the run is refused in one line and the budget it
+    states holds both."""
+    _wide_bundle(tmp_path, 256)
     def train(budget_mb, steps, *extra, out=tmp_path / "run"):
         argv = [sys.executable, "-m", "runtime", "train", str(tmp_path / "b"), "--data",
                 str(tmp_path / "wide.npz"), "--batch", "32", "--steps", str(steps), "--mode",
@@ -316,15 +321,7 @@ def test_buffers_that_cannot_fit_are_refused_before_they_are_allocated(tmp_path)
     session-20 probe's 61 MB embedding reached 372 MB under --budget 300MB before the plan's
     probes refused it. The trainer now refuses before allocating them; polled from outside,
     the process stays inside the budget and the refusal is one line naming the ways out."""
-    (tmp_path / "wide.py").write_text(WIDE_LINEAR)
-    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
-                        f"{tmp_path / 'wide.py'}:make", "--input-shape", "8,4096", "--out",
-                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
-                       cwd=REPO)
-    assert r.returncode == 0, r.stderr[-1500:]
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "wide.npz", x=rng.standard_normal((64, 4096)).astype(np.float32),
-             y=rng.integers(0, 10, 64))
+    _wide_bundle(tmp_path, 64)
     for cmd in ("train", "plan"):
         argv = [sys.executable, "-m", "runtime", cmd, str(tmp_path / "b"), "--data",
                 str(tmp_path / "wide.npz"), "--batch", "32", "--budget", "300MB"] + (
