@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import OptimConfig
 
-__all__ = ["SGD", "AdamW", "make_optimizer"]
+__all__ = ["SGD", "AdamW", "fusable", "make_optimizer", "state_buffers"]
 
 
 def resident_zeros(like: np.ndarray | None = None, size: int = 0) -> np.ndarray:
@@ -60,13 +60,9 @@ class SGD:
             np.multiply(g, f(self.lr), out=s)
             p -= s
 
-    # Fused momentum: the backward accumulates the gradient straight into the momentum buffer
-    # (no gradient buffer: the parameters' size less memory). Same arithmetic as ``step``:
-    # v = μv + λp + g, then p -= lr·v.
-    @property
-    def fusable(self) -> bool:
-        return self.momentum > 0
-
+    # Fused momentum (:func:`fusable`): the backward accumulates the gradient straight into the
+    # momentum buffer (no gradient buffer: the parameters' size less memory). Same arithmetic
+    # as ``step``: v = μv + λp + g, then p -= lr·v.
     def begin_fused(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Scale the momentum (v *= μ, v += λp) before the backward adds g; returns the buffers
         the backward accumulates into."""
@@ -132,6 +128,16 @@ class AdamW:
             np.divide(m, s, out=s)
             s *= lr / c1
             p -= s
+
+
+def fusable(cfg: OptimConfig) -> bool:
+    """Whether the backward can add gradients into the optimizer's state (SGD's momentum)."""
+    return cfg.name == "sgd" and cfg.momentum > 0
+
+
+def state_buffers(cfg: OptimConfig) -> int:
+    """Arrays of a parameter's size the optimizer keeps per parameter (AdamW: m and v)."""
+    return 2 if cfg.name == "adamw" else 1
 
 
 def make_optimizer(cfg: OptimConfig, params: dict[str, np.ndarray]):

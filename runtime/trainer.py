@@ -37,7 +37,7 @@ from .bundle import Bundle
 from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
 from .memory import budget_given, current_rss
-from .optim import make_optimizer, resident_zeros
+from .optim import fusable, make_optimizer, resident_zeros, state_buffers
 from .ranks import basis_groups, choose_ranks, gx_break_even
 from .sessions import (
     SharedWeights,
@@ -206,12 +206,12 @@ class Trainer:
         self.device = device
         self._resident = None  # runtime/resident.py, created with the sessions
         self.resident = device != "cpu" or self.config.session.resident
-        self._check_buffers_fit()
-        self.optimizer = make_optimizer(self.config.optim, self.params)
         # One gradient buffer per parameter, allocated now and kept: the backward adds each
         # micro-batch's gradient into it in place (output bound to the input). SGD with
         # momentum needs none: the backward adds into the momentum buffer (optim.SGD).
-        self.fused = (not self.resident and getattr(self.optimizer, "fusable", False))
+        self.fused = not self.resident and fusable(self.config.optim)
+        self._check_buffers_fit()
+        self.optimizer = make_optimizer(self.config.optim, self.params)
         if self.fused:
             self._grads = {p: self.optimizer.state[p]["v"] for p in self.params}
         else:
@@ -941,8 +941,7 @@ class Trainer:
         if budget is None:
             return
         o = self.config.optim
-        fused = not self.resident and o.name == "sgd" and o.momentum > 0
-        per_tensor = (2 if o.name == "adamw" else 1) + (0 if fused else 1)
+        per_tensor = state_buffers(o) + (0 if self.fused else 1)
         size = sum(int(v.nbytes) for v in self.params.values())
         now = current_rss()
         need = now + per_tensor * size

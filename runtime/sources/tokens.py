@@ -53,8 +53,8 @@ class TokenCache:
 
         The tokenizer comes from the bundle, which is untrusted: a normalizer that writes 10^5
         characters for each one took a child to 1.75 GB under --budget 300MB, and a pattern
-        that backtracks can run for ever. This process reads the child's RSS every few
-        millisecond and stops it past :func:`memory.child_limit` (the budget), and stops it
+        that backtracks can run for ever. This process reads the child's RSS every
+        millisecond and stops it short of :func:`memory.child_limit` (the budget), and stops it
         where ``STALL_S`` pass without a chunk of rows done; either is one error line."""
         limit = child_limit()
         r, w = os.pipe()
