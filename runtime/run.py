@@ -126,10 +126,20 @@ class Summary:
 
 
 class Metrics:
-    """``metrics.jsonl``: one JSON object per event, appended and flushed as it happens."""
+    """``metrics.jsonl``: one JSON object per event, appended and flushed as it happens.
 
-    def __init__(self, path: Path | None) -> None:
+    ``resumed_at``: the step of the checkpoint a resume continues from. What the file holds past
+    it (events of steps that run again, after a kill or a full disk; a half-written last line)
+    is cut off first, so every step is in the file once and every line is whole. A line that
+    cannot be written (a full disk) ends the run with one error naming ``last_good()``, the
+    last checkpoint written."""
+
+    def __init__(self, path: Path | None, resumed_at: int | None = None,
+                 last_good=lambda: None) -> None:
         self._f = None
+        self.path, self.last_good = path, last_good
+        if path is not None and resumed_at is not None:
+            _cut_after(path, resumed_at)
         if path is not None:
             # O_NONBLOCK: a FIFO in the file's place must not block the open (without a reader
             # it fails with ENXIO; with one, fstat tells)
@@ -147,15 +157,49 @@ class Metrics:
                 os.close(fd)
                 raise not_file
             os.set_blocking(fd, True)
-            self._f = os.fdopen(fd, "a", buffering=1)
+            self._f = fd  # written unbuffered: a failed line is never retried at close
 
     def write(self, kind: str, **fields) -> None:
         if self._f is not None:
-            self._f.write(json.dumps({"kind": kind, **fields}) + "\n")
+            data = (json.dumps({"kind": kind, **fields}) + "\n").encode()
+            try:
+                while data:
+                    data = data[os.write(self._f, data):]
+            except OSError as exc:
+                ckpt = self.last_good()
+                raise UserError(f"cannot write '{self.path}': {exc.strerror or exc}; "
+                                + (f"the last good checkpoint {ckpt} is intact: free space and "
+                                   "--resume" if ckpt else "no checkpoint was written: free space "
+                                   "and run again (--overwrite)")) from None
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
+            os.close(self._f)
+            self._f = None
+
+
+def _cut_after(path: Path, step: int) -> None:
+    """Truncate ``path`` at its first line that is not a whole JSON object or belongs to a step
+    after ``step`` (everything after such a line was written after the checkpoint too)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # none yet (or unreadable: opening it for append says so)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    at = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                event = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:
+                event = None
+            s = event.get("step") if isinstance(event, dict) else None
+            if not isinstance(event, dict) or (isinstance(s, int) and s > step):
+                break
+            at += len(line)
+    if at < st.st_size:
+        os.truncate(path, at)
 
 
 def data_fingerprint(data) -> str:
@@ -376,7 +420,10 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                         f"{trainer.step_count} or more to continue it, or evaluate it with "
                         "`instant-runtime eval BUNDLE --weights RUN`")
     # opened only now: a resume that fails above leaves the run folder as it was
-    metrics = Metrics(out / "metrics.jsonl" if out is not None else None)
+    last_ckpt = ckpt.loaded if ckpt is not None and resumed else None
+    metrics = Metrics(out / "metrics.jsonl" if out is not None else None,
+                      resumed_at=trainer.step_count if resumed else None,
+                      last_good=lambda: last_ckpt)
     metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
                   micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
                   saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)
@@ -386,7 +433,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         _, tally["acc_before"] = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
     idle = current_rss()
     start = trainer.step_count
-    saved, last_ckpt = (start, ckpt.loaded) if ckpt is not None and resumed else (None, None)
+    saved = start if ckpt is not None and resumed else None
     bar = tqdm(range(start, cfg.steps), desc=f"train[{trainer.mode}]", disable=not cfg.progress,
                mininterval=0.5, initial=start, total=cfg.steps,
                unit="step", dynamic_ncols=True)

@@ -960,7 +960,7 @@ class Trainer:
     def settings(self) -> dict:
         """The options a resume must repeat to continue the same run (CLI flag: value)."""
         o = self.config.optim
-        out = {"--lr": o.lr, "--weight-decay": o.weight_decay}
+        out = {"--lr": o.lr, "--weight-decay": o.decay}  # the value used, given or default
         if self.mode == "instant":  # every InstantConfig field is a flag of the same name
             out.update({"--" + f.name.replace("_", "-"): getattr(self.config.instant, f.name)
                         for f in fields(self.config.instant)
@@ -993,6 +993,8 @@ class Trainer:
                                 f"uses '{want}'; resume with the same --{key}")
         theirs = meta.get("settings")  # (absent in checkpoints written before it existed)
         if isinstance(theirs, dict):
+            if theirs.get("--weight-decay", 0.0) is None:  # written as given (None: the default)
+                theirs = {**theirs, "--weight-decay": self.config.optim.decay}
             diff = [f"{k} {theirs[k]} (this run: {v})" for k, v in self.settings().items()
                     if k in theirs and theirs[k] != v]
             if diff:

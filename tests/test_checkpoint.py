@@ -193,6 +193,43 @@ def test_failed_write_keeps_the_last_good_checkpoint(mlp_bundle, tmp_path) -> No
     assert_same_params(out / "params.npz", tmp_path / "ref" / "params.npz")
 
 
+def test_a_full_disk_in_the_metrics_log_names_the_checkpoint_and_resume_logs_each_step_once(
+        mlp_bundle, tmp_path, monkeypatch) -> None:
+    """metrics.jsonl filling the disk ended the run with 'No space left on device' alone (no
+    file, no checkpoint); its half-written last line then had the resumed run's first line
+    written onto it (`report` refused the file), and the steps logged after the checkpoint
+    were logged twice (also after a SIGKILL)."""
+    import runtime.run
+
+    out = tmp_path / "run"
+    real_write, lines = os.write, [0]
+
+    def full_after_25_steps(fd: int, data: bytes) -> int:
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl"):
+            return real_write(fd, data)
+        lines[0] += 1
+        if b'"step"' in data and lines[0] > 26:  # the plan, 25 steps, then half a line
+            real_write(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(runtime.run.os, "write", full_after_25_steps)
+    with pytest.raises(UserError, match=r"cannot write '.*metrics\.jsonl': No space left on "
+                                        r"device; the last good checkpoint .*ckpt-000020\.npz is "
+                                        r"intact: free space and --resume"):
+        _train(mlp_bundle, out, 40, checkpoint_every=10)
+    monkeypatch.undo()
+    text = (out / "metrics.jsonl").read_bytes()
+    assert not text.endswith(b"\n")  # the half line a full disk leaves
+    _, s = _train(mlp_bundle, out, 40, checkpoint_every=10, resume=True)
+    assert s.resumed_from == 20
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["kind"] == "step"]
+    assert steps == list(range(1, 41)), steps
+    _train(mlp_bundle, tmp_path / "ref", 40, checkpoint_every=10)
+    assert_same_params(out / "params.npz", tmp_path / "ref" / "params.npz")
+
+
 def test_final_params_write_is_atomic(mlp_bundle, tmp_path, monkeypatch) -> None:
     out = tmp_path / "run"
     _train(mlp_bundle, out, 10)
@@ -393,14 +430,17 @@ def test_resume_with_other_data_or_options_is_refused(cli, mlp_bundle, tmp_path)
             ("reversed", [], "checkpoint was written for other data"),
             ("relabelled", [], "checkpoint was written for other data"),
             ("a", ["--lr", 0.02], "--lr 0.01 (this run: 0.02)"),
-            ("a", ["--energy", 0.5], "--energy 0.95 (this run: 0.5)")):
+            ("a", ["--energy", 0.5], "--energy 0.95 (this run: 0.5)"),
+            ("a", ["--weight-decay", 0.1], "--weight-decay 0.01 (this run: 0.1)")):
         before = sorted(p.name for p in (out / "checkpoints").iterdir())
         r = cli("train", mlp_bundle, "--data", tmp_path / f"{data}.npz", "--steps", 6, *base,
                 *extra, "--resume")
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and says in lines[0], (data, r.stderr)
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-    r = cli("train", mlp_bundle, "--data", tmp_path / "a.npz", "--steps", 6, *base, "--resume")
+    # AdamW's default decay given explicitly is the same run (it was refused as "None")
+    r = cli("train", mlp_bundle, "--data", tmp_path / "a.npz", "--steps", 6, *base, "--resume",
+            "--weight-decay", 0.01)
     assert r.returncode == 0 and "resumed from step 4" in r.stdout + r.stderr, r.stderr
 
 
