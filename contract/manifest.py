@@ -28,6 +28,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_VALUES",
     "FileEntry",
     "GraphFiles",
     "GraphIO",
@@ -49,7 +50,8 @@ __all__ = [
 
 FORMAT = "instant-runtime-bundle"
 FORMAT_VERSION = 5
-MAX_MANIFEST_BYTES = 64 << 20  # a manifest is a few hundred KB; refuse absurd files up front
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few hundred KB; refuse absurd files up front
+MAX_MANIFEST_VALUES = 1_000_000  # (commas and brackets): ~60 MB parsed at most
 # every number in a manifest (byte counts and offsets, FLOPs included) lies within +-MAX_NUMBER:
 # exact as a float64, so no arithmetic on it overflows or rounds; tensor dimensions and counts
 # are at most MAX_DIM, and shapes have at most MAX_RANK axes
@@ -558,17 +560,32 @@ def _check_numbers(raw: object, path: Path) -> None:
     Raises:
         ManifestError: naming the first number out of range and its field.
     """
-    stack: list[tuple[object, tuple]] = [(raw, ())]
+    def bad(value: object) -> bool:
+        return isinstance(value, _BigNumber) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            and not (math.isfinite(value) and abs(value) <= MAX_NUMBER))
+
+    # values alone on the stack (a path per value cost ~90 bytes of RSS a manifest byte: a
+    # 10 MB manifest of empty lists took the process to 936 MB); the path only for the error
+    stack: list[object] = [raw]
     while stack:
-        value, where = stack.pop()
+        value = stack.pop()
         if isinstance(value, dict):  # pushed last to first: the first bad field is named
-            stack.extend((v, (*where, f".{k}")) for k, v in reversed(value.items()))
+            stack.extend(reversed(value.values()))
         elif isinstance(value, list):
-            stack.extend((value[i], (*where, f"[{i}]")) for i in reversed(range(len(value))))
-        elif isinstance(value, _BigNumber) or (
-                isinstance(value, (int, float)) and not isinstance(value, bool)
-                and not (math.isfinite(value) and abs(value) <= MAX_NUMBER)):
-            name = "".join(where).lstrip(".") or "(document)"
+            stack.extend(reversed(value))
+        elif bad(value):
+            stack.clear()
+            where: list[tuple[object, tuple]] = [(raw, ())]
+            while where:
+                v, at = where.pop()
+                if isinstance(v, dict):
+                    where.extend((x, (*at, f".{k}")) for k, x in reversed(v.items()))
+                elif isinstance(v, list):
+                    where.extend((v[i], (*at, f"[{i}]")) for i in reversed(range(len(v))))
+                elif v is value:
+                    break
+            name = "".join(at).lstrip(".") or "(document)"
             raise ManifestError(f"{path}: field '{name}': expected a finite number from "
                                 f"-2**53 to 2**53, got {_show(value)}; re-export the bundle")
 
@@ -595,7 +612,16 @@ def read_manifest(path: Path) -> Manifest:
         if size > MAX_MANIFEST_BYTES:
             raise ManifestError(f"{path} has {size} bytes, more than a manifest can have "
                                 f"({MAX_MANIFEST_BYTES}); it is not a bundle manifest")
-        raw = json.loads(path.read_bytes().decode("utf-8"), parse_int=_parse_int)
+        data = path.read_bytes()
+        # a bound on the values before they are parsed: each costs 30-60 bytes parsed (a 64 MB
+        # manifest of empty lists would take 5 GB); MiniLM's has ~4,000
+        values = data.count(b",") + data.count(b"[") + data.count(b"{")
+        if values > MAX_MANIFEST_VALUES:
+            raise ManifestError(f"{path} holds over {values:,} JSON values, more than a "
+                                f"manifest can have ({MAX_MANIFEST_VALUES:,}); it is not a "
+                                "bundle manifest: re-export the bundle")
+        raw = json.loads(data.decode("utf-8"), parse_int=_parse_int)
+        del data
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestError(f"{path} is unreadable or corrupt ({type(exc).__name__}: "
                             f"{str(exc)[:120]}); re-export the bundle") from None

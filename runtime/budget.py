@@ -419,8 +419,10 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
 
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams - decode
     if cap0 <= 0:
-        what = (f", and decoding its largest image up to {decode / 1e6:.0f} MB"
-                if decode >= 1 << 20 else "")
+        largest = getattr(data, "largest_image", None)
+        what = (f", and decoding its largest image"
+                + (f" ({largest}: shrink or remove it)" if largest else "")
+                + f" up to {decode / 1e6:.0f} MB" if decode >= 1 << 20 else "")
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",
                       budget - cap0)
     res = _fork(lambda: sessions_only(cap0), limit=limit)

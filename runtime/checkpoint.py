@@ -58,6 +58,10 @@ FORMAT = "instant-runtime-checkpoint"
 FORMAT_VERSION = 1
 POINTER = "latest"
 _META = "__meta__"
+# a checkpoint's JSON metadata (settings, ranks, counters, RNG states) is a few KB to a few
+# hundred KB; past these it is not one (and parsing it would pass any budget)
+MAX_META_BYTES = 16 << 20
+MAX_META_VALUES = 1_000_000
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
 
 Writer = Callable[[Path, dict[str, np.ndarray]], None]
@@ -287,22 +291,39 @@ def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray],
         if sha256 is not None and file_sha256(f.fileno()) != sha256:
             raise ValueError("SHA-256 differs from the pointer's (corrupt)")
         with zipfile.ZipFile(f) as zf:  # checkpoints are written stored (write_npz): a packed
-            packed = [i.filename for i in zf.infolist()  # member could unpack past any budget
-                      if i.compress_type != zipfile.ZIP_STORED]
-        if packed:
-            raise ValueError(f"its member '{packed[0][:40]}' is compressed, which checkpoints "
-                             "never are (damaged, or not written by this runtime)")
+            infos = zf.infolist()  # member could unpack past any budget
+            packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise ValueError(f"its member '{packed[0][:40]}' is compressed, which "
+                                 "checkpoints never are (damaged, or not written by this "
+                                 "runtime)")
+            # every member's zip CRC is checked now (read to its end, 1 MB at a time: a member
+            # is never held whole here), so that a damaged file is found before anything is
+            # restored; the arrays are read again, one at a time, when they are restored
+            for info in infos:
+                with zf.open(info) as m:
+                    while m.read(1 << 20):
+                        pass
+            names = [i.filename[:-4] for i in infos if i.filename.endswith(".npy")]
+            meta_info = next((i for i in infos if i.filename == _META + ".npy"), None)
+            if meta_info is None:
+                raise ValueError(f"no {_META} member: not a {FORMAT}")
+            if meta_info.file_size > MAX_META_BYTES:
+                raise ValueError(f"its metadata has {meta_info.file_size:,} bytes, more than a "
+                                 f"checkpoint's can ({MAX_META_BYTES:,})")
         f.seek(0)
         with np.load(f, allow_pickle=False) as z:
-            # reading a member checks its zip CRC: all are read here, one at a time, so that a
-            # damaged file is found now; the arrays are read again when they are restored
-            for k in z.files:
-                z[k]
-            if _META not in z.files:
-                raise ValueError(f"no {_META} member: not a {FORMAT}")
             meta_blob = z[_META]
-    arrays = _Members(path, [k for k in z.files if k != _META])
-    meta = json.loads(meta_blob.tobytes().decode())
+    arrays = _Members(path, [k for k in names if k != _META])
+    text = meta_blob.tobytes()
+    del meta_blob
+    # bounded before it is parsed: each JSON value costs 30-60 bytes parsed (30 MB of empty
+    # lists took a resume to 836 MB under a 200 MB budget)
+    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if values > MAX_META_VALUES:
+        raise ValueError(f"its metadata holds over {values:,} JSON values, more than a "
+                         f"checkpoint's can ({MAX_META_VALUES:,})")
+    meta = json.loads(text.decode())
     if not isinstance(meta, dict):
         raise ValueError(f"its metadata is a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
@@ -332,6 +353,11 @@ class _Members(Mapping):
         with os.fdopen(_open_regular(self.path), "rb") as f, \
                 np.load(f, allow_pickle=False) as z:
             return z[key]
+
+    def nbytes(self, key: str) -> int:
+        """The stored size of member ``key`` (header included), without reading it."""
+        with os.fdopen(_open_regular(self.path), "rb") as f, zipfile.ZipFile(f) as zf:
+            return zf.getinfo(key + ".npy").file_size
 
     def __iter__(self):
         return iter(self.keys_)

@@ -335,12 +335,51 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
                     class_names=class_names)
     import sys
 
+    # what was read, in one line: rows and the label map (a misread label column shows here)
+    print("data: " + src.describe() + (f"; held out: {len(src.test):,} rows"
+                                       if src.test is not None else ""))
     shown = set()  # a --val-split's held-out part shares its file's report: said once
     for part in (src, src.test):
         if part is not None and part.problems.summary() and id(part.problems) not in shown:
             shown.add(id(part.problems))
             print(f"warning: {part.problems.summary()}", file=sys.stderr)
+    gap = _class_gap(bundle, src)
+    if gap:
+        print(f"note: {gap}")  # (stdout: a refusal that follows stays one line on stderr)
     return src
+
+
+def _class_gap(bundle: Bundle, src) -> str | None:
+    """Classes of a classifier that the training rows never show (a fine-tune on some of them
+    may mean it; a held-out class the training never saw scores 0 whatever the run does)."""
+    loss = bundle.loss
+    k = int(loss.num_classes or 0) if loss.kind == "cross_entropy" else 0
+    if k < 2 or len(loss.labels.shape) != 1:
+        return None
+
+    def seen(part) -> np.ndarray:
+        n, found = len(part), np.zeros(k, bool)
+        for a in range(0, n, 1 << 16):
+            y = np.asarray(part.take_labels(np.arange(a, min(n, a + (1 << 16)))))
+            found[y[(y >= 0) & (y < k)].astype(np.int64)] = True
+        return found
+
+    train = seen(src)
+    if train.all():
+        return None
+    names = src.class_names or [str(i) for i in range(k)]
+
+    def listed(mask) -> str:
+        ids = np.flatnonzero(mask)
+        return ", ".join(names[i] for i in ids[:6]) + (", ..." if ids.size > 6 else "")
+
+    out = (f"the training rows hold {int(train.sum())} of the model's {k} classes (none of: "
+           f"{listed(~train)}); the model cannot learn those")
+    if src.test is not None:
+        unseen = seen(src.test) & ~train
+        if unseen.any():
+            out += (f", and held-out rows of {listed(unseen)} will count as errors")
+    return out
 
 
 def _from_builtin(spec: str, bundle: Bundle) -> Dataset:

@@ -18,6 +18,7 @@ leaves the folder byte-identical: nothing is written before the checkpoint is re
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -223,23 +224,100 @@ def data_fingerprint(data) -> str:
     return h.hexdigest()
 
 
+class StepStats:
+    """What the summary reports of the steps that had a finite loss, in bounded memory: the
+    first and last ``KEEP`` losses, the last ``WINDOW`` step times (the median step is theirs),
+    the count and the sum of all times. A list of every loss and time grew by ~80 bytes a step
+    outside any plan (a run resumed at step 10^7 held 160 MB of them: 1.1 GB under a 200 MB
+    budget)."""
+
+    KEEP, WINDOW = 10, 4096
+    OLD_MOST = 1 << 20  # values of the old layout read (a real one: that many steps, 8 MB)
+
+    def __init__(self) -> None:
+        self.n, self.time_sum = 0, 0.0
+        self.first: list[float] = []
+        self.last: collections.deque = collections.deque(maxlen=self.KEEP)
+        self.times: collections.deque = collections.deque(maxlen=self.WINDOW)
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.n += 1
+        self.time_sum += seconds
+        if len(self.first) < self.KEEP:
+            self.first.append(loss)
+        self.last.append(loss)
+        self.times.append(seconds)
+
+    def window(self) -> int:
+        """Steps averaged for the first and last loss."""
+        return max(1, min(self.KEEP, self.n // 5))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"run/loss_first": np.asarray(self.first, np.float64),
+                "run/loss_last": np.asarray(self.last, np.float64),
+                "run/times": np.asarray(self.times, np.float64)}
+
+    @classmethod
+    def restore(cls, arrays: dict, run: dict, steps: int) -> StepStats:
+        """From a checkpoint (one written before these existed holds every loss and time).
+
+        Raises:
+            DamagedCheckpoint: more values than steps, times that are not seconds.
+        """
+        st = cls()
+
+        def vector(key: str, most: int) -> np.ndarray:
+            n = arrays.get(key, np.zeros(0)).shape[:1] or (0,)
+            a = meta_array(arrays, key, n, np.float64)
+            if len(a) > most:
+                raise DamagedCheckpoint(f"array '{key}' holds {len(a)} values for {most} "
+                                        "steps")
+            return a
+
+        if "run/losses" in arrays:  # the old layout: every loss and time
+            size = getattr(arrays, "nbytes", lambda k: 0)
+            if max(size("run/losses"), size("run/times")) > 8 * cls.OLD_MOST:
+                raise DamagedCheckpoint(f"arrays 'run/losses'/'run/times' hold over "
+                                        f"{cls.OLD_MOST:,} values (this version keeps "
+                                        f"{cls.KEEP + cls.KEEP} losses and {cls.WINDOW} times)")
+            losses = vector("run/losses", steps)
+            times = meta_array(arrays, "run/times", (len(losses),), np.float64)
+            first, last, n, total = losses[:cls.KEEP], losses[-cls.KEEP:], len(losses), \
+                float(times.sum())
+        else:
+            n = meta_int(run, "finite_steps", "run", hi=steps)
+            first, last = vector("run/loss_first", min(n, cls.KEEP)), \
+                vector("run/loss_last", min(n, cls.KEEP))
+            times = vector("run/times", min(n, cls.WINDOW))
+            total = meta_float(run, "time_sum", "run", hi=1e7 * max(n, 1))
+        if len(times) and not (np.isfinite(times).all() and times.min() >= 0
+                               and times.max() < 1e7):
+            raise DamagedCheckpoint("array 'run/times' holds step times that are not seconds "
+                                    "(negative, huge or not finite)")
+        st.n, st.time_sum = n, total
+        st.first = first.tolist()
+        st.last.extend(last.tolist())
+        st.times.extend(times.tolist())
+        return st
+
+
 def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, tally: dict,
-              losses: list[float], times: list[float]) -> tuple[dict, dict]:
+              stats: StepStats) -> tuple[dict, dict]:
     """Trainer state plus the run's data order, RNG states and running statistics."""
     arrays, meta = trainer.state()
-    arrays = {**arrays, "run/losses": np.asarray(losses, np.float64),
-              "run/times": np.asarray(times, np.float64)}
+    arrays = {**arrays, **stats.arrays()}
     if order.perm is not None:
         arrays["run/perm"] = order.perm
     run = {"n": order.n, "batch": order.batch, "pos": order.pos,
            "rng": order.rng.bit_generator.state, "calib_rng": calib_rng.bit_generator.state,
-           "data": order.data_id, **tally}
+           "data": order.data_id, "finite_steps": stats.n, "time_sum": stats.time_sum,
+           **tally}
     return arrays, {"trainer": meta, "run": run}
 
 
 def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, seed: int,
-             arrays: dict, meta: dict) -> tuple[dict, list[float], list[float]]:
-    """Restore :func:`_snapshot`'s state; returns (tally, losses, times). Every value is checked
+             arrays: dict, meta: dict) -> tuple[dict, StepStats]:
+    """Restore :func:`_snapshot`'s state; returns (tally, step statistics). Every value is checked
     before anything is restored (the run's here, the trainer's in ``load_state``, which checks
     all of its own before changing any).
 
@@ -282,23 +360,15 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
     tally = {"seed": seed, **{k: meta_int(run, k, "run")
                               for k in ("correct", "count", "nonfinite")},
              "acc_before": meta_float(run, "acc_before", "run", hi=1.0, none_ok=True)}
-    n_losses = arrays.get("run/losses", np.zeros(0)).shape[:1] or (0,)
-    losses = meta_array(arrays, "run/losses", n_losses, np.float64)
-    times = meta_array(arrays, "run/times", n_losses, np.float64)
-    if len(losses) > steps:
-        raise DamagedCheckpoint(f"array 'run/losses' holds {len(losses)} losses for {steps} "
-                                "steps")
+    stats = StepStats.restore(arrays, run, steps)
     if tally["correct"] > tally["count"]:
         raise DamagedCheckpoint(f"run.correct {tally['correct']} is more than run.count "
                                 f"{tally['count']}")
-    if len(times) and not (np.isfinite(times).all() and times.min() >= 0 and times.max() < 1e7):
-        raise DamagedCheckpoint("array 'run/times' holds step times that are not seconds "
-                                "(negative, huge or not finite)")
     trainer.load_state(arrays, tmeta)  # checks the trainer's part, then restores it
     calib_rng.bit_generator.state = run["calib_rng"]
     order.rng.bit_generator.state = run["rng"]
     order.perm, order.pos = perm, pos
-    return tally, losses.tolist(), times.tolist()
+    return tally, stats
 
 
 def _nonfinite_param(params: dict[str, np.ndarray]) -> str | None:
@@ -401,14 +471,13 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     plan = trainer.plan
     guard = _Guard(trainer, log)
     order = Order(len(data), batch, rng, data_fingerprint(data) if out is not None else None)
-    times: list[float] = []
-    losses: list[float] = []
+    stats = StepStats()
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
     loaded = ckpt.load() if cfg.resume and ckpt is not None else None
     resumed = loaded is not None
     if loaded is not None:
         try:
-            tally, losses, times = _restore(trainer, order, calib_rng, seed, *loaded)
+            tally, stats = _restore(trainer, order, calib_rng, seed, *loaded)
         except DamagedCheckpoint as exc:
             raise ckpt.damaged(exc) from None
     elif cfg.resume:
@@ -472,8 +541,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                               seconds=trainer.calib_seconds,
                               ranks={k: list(v) for k, v in trainer.ranks().items()})
             if r.finite:
-                times.append(r.seconds)
-                losses.append(r.loss)
+                stats.add(r.loss, r.seconds)
                 tally["correct"] += r.correct
                 tally["count"] += r.count
                 tally["nonfinite"] = 0
@@ -498,7 +566,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 metrics.write("eval", step=trainer.step_count, split="val", loss=tl, accuracy=ta)
             every = cfg.checkpoint_every
             if ckpt is not None and (stop.signum or (every and trainer.step_count % every == 0)):
-                state = _snapshot(trainer, order, calib_rng, tally, losses, times)
+                state = _snapshot(trainer, order, calib_rng, tally, stats)
                 _check_weights(trainer, state[0], last_ckpt, bar)
                 last_ckpt = ckpt.save(trainer.step_count, *state)
                 saved = trainer.step_count
@@ -508,19 +576,21 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 raise TrainingInterrupted(stop.signum, trainer.step_count, last_ckpt)
         bar.close()
         if ckpt is not None and saved != trainer.step_count:
-            state = _snapshot(trainer, order, calib_rng, tally, losses, times)
+            state = _snapshot(trainer, order, calib_rng, tally, stats)
             _check_weights(trainer, state[0], last_ckpt)
             last_ckpt = ckpt.save(trainer.step_count, *state)
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
-    k = max(1, min(10, len(losses) // 5))  # steps averaged for the first and last loss
+    k = stats.window()  # steps averaged for the first and last loss
     s = Summary(
         mode=trainer.mode, steps=cfg.steps, batch=batch,
         micro_batch=trainer.plan.micro_batch or batch,
-        loss_first=float(np.mean(losses[:k])) if losses else float("nan"),
-        loss_last=float(np.mean(losses[-k:])) if losses else float("nan"), loss_window=k,
+        loss_first=float(np.mean(stats.first[:k])) if stats.n else float("nan"),
+        loss_last=float(np.mean(list(stats.last)[-k:])) if stats.n else float("nan"),
+        loss_window=k,
         train_acc=(correct / count) if bundle.classification and count else None,
-        median_step_s=statistics.median(times) if times else 0.0,
-        amortised_step_s=((sum(times) + trainer.calib_seconds) / len(times)) if times else 0.0,
+        median_step_s=statistics.median(stats.times) if stats.n else 0.0,
+        amortised_step_s=((stats.time_sum + trainer.calib_seconds) / stats.n) if stats.n
+        else 0.0,
         calibrations=trainer.calibrations, calib_steps=trainer.calib_steps,
         calib_s=trainer.calib_seconds, idle_rss=idle,
         ranks={k: list(v) for k, v in trainer.ranks().items()},

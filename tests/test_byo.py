@@ -836,3 +836,23 @@ def test_a_tokenizer_that_expands_text_is_stopped_at_the_budget(encoder_bundle, 
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert "tokenising the text data was stopped" in lines[0] and "250 MB" in lines[0], lines
     assert peak <= budget * MB, peak / MB
+
+
+def test_a_run_says_what_it_read_and_which_classes_it_never_sees(cli, mlp_bundle, tmp_path):
+    """Session 21 probe: `train` never said how many rows and which labels it read (a header
+    row trained as a class went unnoticed), and a training file of one class (or a held-out
+    class the training never shows: accuracy 0 on it) trained without a word."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60, 64)).astype(np.float32)
+    y = np.r_[np.zeros(30, int), np.full(30, 4)]
+    np.savez(tmp_path / "two.npz", x=x, y=y, x_test=x[:10], y_test=np.full(10, 7))
+    r = cli("train", mlp_bundle, "--data", tmp_path / "two.npz", "--steps", 1, "--batch", 8,
+            "--no-progress", "--threads", 1, "--out", tmp_path / "r1")
+    assert r.returncode == 0, r.stderr
+    assert "data: two.npz: 60 rows; held out: 10 rows" in r.stdout, r.stdout
+    assert "the training rows hold 2 of the model's 10 classes (none of: 1, 2, 3, 5, 6, 7, ...)" \
+        in r.stdout and "held-out rows of 7 will count as errors" in r.stdout, r.stdout
+    np.savez(tmp_path / "all.npz", x=x, y=np.arange(60) % 10)
+    r = cli("train", mlp_bundle, "--data", tmp_path / "all.npz", "--steps", 1, "--batch", 8,
+            "--no-progress", "--threads", 1, "--out", tmp_path / "r2")
+    assert r.returncode == 0 and "classes" not in r.stdout + r.stderr, r.stdout

@@ -557,7 +557,16 @@ DAMAGE = {
     "no-run-meta": ("vanilla", lambda a, m: m.pop("run"), "checkpoint.run is missing"),
     "no-trainer-meta": ("vanilla", lambda a, m: m.pop("trainer"),
                         "checkpoint.trainer is missing"),
-    "no-losses": ("vanilla", lambda a, m: a.pop("run/losses"), "array 'run/losses' is missing"),
+    "no-losses": ("vanilla", lambda a, m: a.pop("run/loss_last"),
+                  "array 'run/loss_last' is missing"),
+    "times-past-steps": ("vanilla", lambda a, m: _set(a, "run/times", np.ones(10**4)),
+                         "array 'run/times' holds 10000 values for"),
+    "time-sum-huge": ("vanilla", lambda a, m: m["run"].update(time_sum=1e300), "time_sum"),
+    # every loss and time, as before session 21, of a forged run at step 2^21: (160 MB at step
+    # 10^7 took a resume to 1.1 GB under a 200 MB budget)
+    "old-layout-huge": ("vanilla", lambda a, m: a.update({"run/losses": np.zeros(1 << 21),
+                                                          "run/times": np.zeros(1 << 21)}),
+                        "hold over 1,048,576 values"),
     "perm-out-of-range": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] + 10**6),
                           "'run/perm' (int32 [1437]) is not a permutation of the 1437 samples"),
     "perm-float": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] * 1.0),
@@ -642,7 +651,7 @@ def test_damaged_checkpoint_resume_is_one_error_line_on_the_cli(cli, damage_runs
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), lines
-    assert "array 'run/losses' is missing" in lines[0]
+    assert "array 'run/loss_last' is missing" in lines[0]
     assert folder_bytes(out) == before
 
 
@@ -905,3 +914,60 @@ def test_a_metrics_file_without_a_step_is_part_of_a_failed_runs_stub(tmp_path):
     link = tmp_path / "link.jsonl"
     link.symlink_to(m)
     assert not RunFolder._no_steps(link)
+
+
+def test_step_statistics_stay_bounded_and_read_the_old_layout(mlp_bundle, tmp_path):
+    """Session 21 probe: every step's loss and time were kept in lists and checkpoints (~80
+    bytes a step, outside any plan: a run resumed at step 10^7 peaked at 1.1 GB under a 200 MB
+    budget). Now the summary's figures come from the first and last 10 losses, the last 4096
+    step times, the count and the sum of times; a checkpoint with every loss still resumes."""
+    from runtime.run import StepStats
+
+    st = StepStats()
+    rng = np.random.default_rng(0)
+    losses, times = rng.random(100_000), rng.random(100_000)
+    for lo, t in zip(losses, times, strict=True):
+        st.add(float(lo), float(t))
+    assert len(st.first) == 10 and len(st.last) == 10 and len(st.times) == 4096
+    assert st.n == 100_000 and st.time_sum == pytest.approx(times.sum())
+    assert list(st.last) == losses[-10:].tolist() and st.first == losses[:10].tolist()
+    # a run's summary is the same whether it ran straight or resumed from the old layout
+    out = tmp_path / "run"
+    _, straight = _train(mlp_bundle, tmp_path / "ref", 30, checkpoint_every=20)
+    _train(mlp_bundle, out, 20, checkpoint_every=20)
+    ref = tmp_path / "ref" / "checkpoints" / "ckpt-000020.npz"
+    with np.load(ref) as z:
+        old_losses = np.r_[z["run/loss_first"]]  # 20 steps: the first 10 ...
+        old_last = z["run/loss_last"]
+        old_times = z["run/times"]
+    every = np.r_[old_losses, old_last]  # ... and the last 10 are all 20
+
+    def old_layout(arrays, meta):
+        for k in ("run/loss_first", "run/loss_last", "run/times"):
+            arrays.pop(k)
+        arrays["run/losses"], arrays["run/times"] = every, old_times
+        meta["run"].pop("finite_steps")
+        meta["run"].pop("time_sum")
+
+    rewrite_checkpoint(out / "checkpoints" / "ckpt-000020.npz", old_layout)
+    _, resumed = _train(mlp_bundle, out, 30, checkpoint_every=20, resume=True)
+    assert resumed.resumed_from == 20
+    assert (resumed.loss_first, resumed.loss_last) == (straight.loss_first, straight.loss_last)
+    assert_same_params(out / "params.npz", tmp_path / "ref" / "params.npz")
+
+
+def test_metadata_of_millions_of_values_is_never_parsed(damage_runs, mlp_bundle, tmp_path,
+                                                         capsys):
+    """Session 21 probe: 30 MB of empty lists in a checkpoint's JSON metadata took a resume to
+    836 MB under a 200 MB budget. It is unusable now, before it is parsed: the one before it
+    resumes."""
+    out = Path(shutil.copytree(damage_runs["vanilla"], tmp_path / "run"))
+
+    def bloat(arrays, meta):
+        return json.dumps({**meta, "junk": "@@"}).replace(
+            '"@@"', "[" + "[]," * 1_100_000 + "[]]").encode()
+
+    rewrite_checkpoint(out / "checkpoints" / "ckpt-000020.npz", bloat)
+    _, s = _train(mlp_bundle, out, 30, checkpoint_every=10, resume=True)
+    assert s.resumed_from == 10
+    assert "JSON values, more than a checkpoint's can" in capsys.readouterr().err

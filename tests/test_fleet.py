@@ -270,34 +270,52 @@ def test_a_client_stopped_by_sigterm_says_how_to_rejoin(mlp_bundle, non_iid, tmp
     assert "run the same `fleet client` command to rejoin" in err and "--resume" not in err, err
 
 
-def test_mismatched_bundle_refused_in_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
-    """A client of another model refuses to train (one line, exit 2); round 1 counts it as a
-    failure and round 2 goes on with a matching client."""
+def test_a_client_of_another_model_is_refused_as_it_joins(mlp_bundle, mlp_head_bundle,
+                                                          tmp_path):
+    """A client of another model refuses to train (one line, exit 2). Session 21 probe: the
+    server had already picked it for the round, which then failed; with --rounds 1 the whole
+    run failed though a good client had joined. Now the server checks each client as it joins
+    (before a round picks it): the wrong one is dropped and the round trains the good one."""
     port = free_port()
-    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 1)
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1)
     wrong = Proc(tmp_path, "wrong", "client", mlp_head_bundle, "--data", "digits", "--server",
                  f"127.0.0.1:{port}", "--steps", 2, "--threads", 1, "--out", tmp_path / "w")
     try:
         rc = wrong.finish()
         one_error_line(wrong.stderr(), rc, "another model", "bundle")
+        server.wait_for(r"refused a client \(it has another model")
         good = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2)
         out = server.ok()
-        good.ok()
+        assert "trained 1 round(s)" in good.ok()
     finally:
         server.kill()
-    assert re.search(r"^round 1: no client finished \(1 failed\)", out, re.M), out
-    assert re.search(r"^round 2: 1 clients trained \(0 failed\)", out, re.M), out
+    assert re.search(r"^round 1: 1 clients trained \(0 failed\)", out, re.M), out
 
 
 def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregate(
         mlp_bundle, mlp_head_bundle, tmp_path):
-    """Session 18 probe: a server whose only client had another model ended "fleet run done",
+    """Session 18 probe: a server whose only client failed its round ended "fleet run done",
     exit 0, with the initial weights; running the same server command again replaced the
     previous aggregate. Now: one error line, exit 2; then a run, and a --resume that starts from
-    its aggregate (round 0's accuracy is the run's last)."""
+    its aggregate (round 0's accuracy is the run's last). A server whose only client was
+    refused at the join check says so when its --wait runs out."""
     port = free_port()
     server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
                           "--data", "digits")
+    victim = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 100_000,
+                          name="victim")
+    try:
+        victim.wait_for(r"^round 1: received")
+        time.sleep(0.5)
+        victim.p.send_signal(signal.SIGKILL)
+        rc = server.finish()
+    finally:
+        server.kill()
+        victim.kill()
+    one_error_line(server.stderr(), rc, "no client finished any of the 1 rounds")
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                          "--wait", 8, "--overwrite")
     wrong = Proc(tmp_path, "wrong", "client", mlp_head_bundle, "--data", "digits", "--server",
                  f"127.0.0.1:{port}", "--steps", 2, "--threads", 1, "--out", tmp_path / "w")
     try:
@@ -305,7 +323,7 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
         rc = server.finish()
     finally:
         server.kill()
-    one_error_line(server.stderr(), rc, "no client finished any of the 1 rounds")
+    one_error_line(server.stderr(), rc, "only 0 of the 1 clients", "1 refused at the join check")
     accuracies = []
     for k, extra in enumerate((("--overwrite",), ("--resume",))):
         port = free_port()
@@ -322,6 +340,28 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
     assert "resuming from the aggregate" in out, out
     assert accuracies[1][0] == accuracies[0][-1] and accuracies[0][0] != accuracies[0][-1], \
         accuracies
+
+
+def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
+    """Session 21 probe: a server that gave up waiting for --min-clients exited, and the client
+    that had connected went on reconnecting for 60 s before failing. Now the server tells it the
+    run ended before it stops."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2,
+                          "--wait", 6)
+    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2)
+    try:
+        client.wait_for(r"^connected to the fleet server")
+        rc = server.finish()
+        t0 = time.monotonic()
+        client_rc = client.finish(timeout=30)
+        waited = time.monotonic() - t0
+    finally:
+        server.kill()
+        client.kill()
+    one_error_line(server.stderr(), rc, "only 1 of the 2 clients")
+    assert client_rc == 0 and waited < 20, (client_rc, waited, client.stdout(), client.stderr())
+    assert "the fleet server ended the run; this client trained 0 round(s)" in client.stdout()
 
 
 def test_user_errors_are_one_line(mlp_bundle, tmp_path):

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -342,6 +343,27 @@ def test_too_many_distinct_labels(tmp_path, tokenizer_file):
     p.write_text("text,label\n" + "".join(f"film,{i}x\n" for i in range(sources.common.MAX_LABELS + 1)))
     with pytest.raises(UserError, match="more than 10,000 distinct values.*--label-column"):
         _text(p, tokenizer_file)
+    # a model of more classes than that reads as many labels (it was refused at 10,000)
+    k = sources.common.MAX_LABELS + 5
+    p.write_text("text,label\n" + "".join(f"film,{i}\n" for i in range(k)))
+    src = _text(p, tokenizer_file, k=k)
+    assert len(src.class_names) == k and src.labels[-1] == k - 1
+    p.write_text("text,label\n" + "".join(f"film,{i}x\n" for i in range(k + 1)))
+    with pytest.raises(UserError, match=f"more than {k:,} distinct labels but the model has"):
+        _text(p, tokenizer_file, k=k)
+
+
+def test_csv_as_users_make_them_joined_files_float_labels_and_latin1(tmp_path, tokenizer_file):
+    """Session 21 probe: `cat a.csv b.csv` trained the second header row as a class 'label'
+    (silently: a 3-class model took it); '1.0' and '1' were two classes (JSON read both as 1);
+    a file partly Latin-1 lost those rows with no word on how to keep them."""
+    p = tmp_path / "joined.csv"
+    p.write_bytes(b"text,label\na,1\nb,0.0\ntext,label\nc,1.0\nd,0\ncaf\xe9,1\n")
+    src = _text(p, tokenizer_file)
+    assert src.class_names == ["0", "1"] and list(src.labels) == [1, 0, 1, 0]
+    assert src.problems.examples["the header row repeated (files joined?)"] == ["line 4"]
+    line = src.problems.summary()
+    assert "not valid UTF-8 (line 7)" in line and "iconv -f cp1252 -t utf-8 joined.csv" in line
 
 
 def test_regression_targets_and_type_ids(tmp_path, tokenizer_file):
@@ -531,6 +553,33 @@ def test_image_modes_palette_alpha_16bit(tmp_path):
     np.testing.assert_allclose(x[1], 0.0)  # palette black (transparent)
     np.testing.assert_allclose(x[2, 0], 1.0)
     np.testing.assert_allclose(x[2, 1:], 0.0)  # alpha dropped
+
+
+def test_phone_photos_upright_and_at_full_size(tmp_path):
+    """Session 21 probe: a portrait photo (stored sideways, EXIF orientation 6) was trained
+    sideways, and any JPEG over 40 MP (a 48 MP phone photo, decoded at 1/8 scale: 0.75 MP)
+    was a bad row."""
+    from PIL import Image
+
+    d = tmp_path / "imgs" / "a"
+    d.mkdir(parents=True)
+    top_white = np.zeros((16, 8), np.uint8)  # 8 wide, 16 tall: the upper half white
+    top_white[:8] = 255
+    stored = Image.fromarray(top_white).transpose(Image.Transpose.ROTATE_90)  # 16 wide, 8 tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view"
+    stored.save(d / "portrait.jpg", quality=100, exif=exif)
+    Image.fromarray(top_white).save(d / "upright.png")
+    Image.new("L", (8000, 6000), 128).save(d / "phone48mp.jpg", quality=50)
+    spec = ImageSpec(input="x", channels=1, height=16, width=8, mean=[0.0], std=[1.0])
+    src = open_images(tmp_path / "imgs", spec, [TensorSpec("x", ["N", 1, 16, 8])], _ce(1))
+    names = [src.file(i).name for i in range(len(src))]
+    assert sorted(names) == ["phone48mp.jpg", "portrait.jpg", "upright.png"], src.problems.summary()
+    x = src.take(np.arange(len(src)))[0]["x"]
+    portrait, upright = x[names.index("portrait.jpg"), 0], x[names.index("upright.png"), 0]
+    assert np.abs(portrait - upright).max() < 0.1, portrait  # the same picture, upright
+    np.testing.assert_allclose(x[names.index("phone48mp.jpg")], 128 / 255, atol=0.02)
+    assert src.largest_image == "a/phone48mp.jpg"
 
 
 def test_image_folder_bad_files_counted(tmp_path, digit_folder):
@@ -726,11 +775,19 @@ def test_npz_bad_inputs_are_one_line_errors(tmp_path, case, match):
     assert "bad.npz" in str(e.value)
 
 
-def test_npz_values_checked_per_take(tmp_path):
+def test_npz_values_checked_per_take(tmp_path, monkeypatch):
     x, y = _xy(3000)
-    x[1500, 2, 1] = np.inf  # far from the rows checked at open
+    x[1500, 2, 1] = np.inf  # far from the rows a large file has checked at open
     y[2000] = 7
-    src = open_npz(_npz(tmp_path / "d.npz", x=x, y=y), X_IN, _ce(3))
+    p = _npz(tmp_path / "d.npz", x=x, y=y)
+    # a file of this size is checked row by row at open (session 21 probe: a NaN in row 4000
+    # of 5000 stopped a run at step 18, before any checkpoint)
+    with pytest.raises(UserError, match=r"NaN or inf values \(row 1500\).*checked at open"):
+        open_npz(p, X_IN, _ce(3))
+    import runtime.sources.npz
+
+    monkeypatch.setattr(runtime.sources.npz, "FULL_CHECK_BYTES", 1000)  # as a large file is
+    src = open_npz(p, X_IN, _ce(3))
     src.take(np.arange(100))
     with pytest.raises(UserError, match=r"NaN or inf values \(row 1500\)"):
         src.take(np.array([5, 1500, 6]))
@@ -1056,3 +1113,52 @@ def test_symlinked_folders_are_read_once(digit_folder, tmp_path):
                        "it)") == 1, ignored
     assert ignored.get("class folder that links to another class's folder") == 1, ignored
     assert any(k.startswith("unreadable entry") for k in ignored), ignored
+
+
+def test_token_ids_past_uint16_are_never_wrapped(tmp_path):
+    """Session 21 probe: the token cache stored ids as uint16 where the tokenizer's vocabulary
+    had under 65,536 entries; a tampered tokenizer.json with ids 70000+ in an 12-entry
+    vocabulary wrapped them (70000 -> 4464, inside the embedding table) and trained silently.
+    The stored width now follows the ids written; the true ids then meet the table check."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from runtime.sources.tokens import TokenCache
+
+    def cache(vocab: dict) -> TokenCache:
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        path = tmp_path / "tokenizer.json"
+        tok.save(str(path))
+        texts = ["good film", "zzz good"]
+        return TokenCache(2, 4, {"input_ids": ("ids", np.dtype(np.int64))}, path,
+                          lambda i: texts[i], 1000)
+
+    high = cache({"[PAD]": 0, "[UNK]": 70000, "good": 70001, "film": 70002})
+    assert high.store["input_ids"] == np.uint32
+    np.testing.assert_array_equal(high.rows([0, 1])["input_ids"][:, :2],
+                                  [[70001, 70002], [70000, 70001]])
+    low = cache({"[PAD]": 0, "[UNK]": 1, "good": 2, "film": 3})
+    assert low.store["input_ids"] == np.uint16  # (half the file where the ids fit)
+    np.testing.assert_array_equal(low.rows([0, 1])["input_ids"][:, :2], [[2, 3], [1, 2]])
+
+
+def test_a_long_tokenisation_says_how_far_it_is(tmp_path, monkeypatch, capsys):
+    """Session 21 probes: a 200 MB CSV (840k rows) was tokenised for minutes without a word,
+    and a bundle's tokenizer with a slow (backtracking) pattern just under the stall limit ran
+    for hours unseen. A tokenisation past PROGRESS_S now prints how far it is and how long is
+    left."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import runtime.sources.tokens as tokens
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "good": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(tokens, "PROGRESS_S", 0.0)
+    n = 3 * tokens._CHUNK + 5
+    cache = tokens.TokenCache(n, 4, {"input_ids": ("ids", np.dtype(np.int64))},
+                              tmp_path / "tokenizer.json", lambda i: "good film", 1000)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("data: tokenised")]
+    assert lines and re.fullmatch(r"data: tokenised [\d,]+ of 773 rows \([\d,]+ rows/s, about "
+                                  r"\d+ s left\)", lines[0]), lines
+    assert cache.rows([n - 1])["input_ids"][0, 0] == 2

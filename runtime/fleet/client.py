@@ -25,7 +25,7 @@ from .local import Local, UserError, release_memory
 
 __all__ = ["PROTOCOL", "check_server_config", "make_client_app", "run_client"]
 
-PROTOCOL = 1  # bumped when the config keys or the tensor order the two sides agree on change
+PROTOCOL = 2  # bumped when the config keys or the tensor order the two sides agree on change
 
 
 def check_server_config(config: dict, local_signature: str, flwr_version: str) -> int:
@@ -47,6 +47,15 @@ def check_server_config(config: dict, local_signature: str, flwr_version: str) -
                         "graph or frozen weights differ from this bundle's); give every client "
                         "a copy of the server's bundle")
     return int(config.get("round", 0))
+
+
+def _refusal(config: dict, local_signature: str, flwr_version: str) -> str | None:
+    """Why this client cannot join the server whose check sent ``config`` (None: it can)."""
+    try:
+        check_server_config(config, local_signature, flwr_version)
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def make_client_app(local: Local, steps: int, batch: int, say=None):
@@ -168,12 +177,14 @@ def run_client(local: Local, address: str, steps: int, batch: int,
     A lost connection is retried for ``connect_timeout`` seconds (the server may restart);
     after that, or when nothing answers at all, a ``UserError``.
     """
+    import flwr
     import grpc
     from flwr.app import Context, RecordDict
 
-    from .transport import Reconnect, connection
+    from .transport import Query, Reconnect, connection
 
     say = say or say_to()
+    version = flwr.__version__
     app = make_client_app(local, steps, batch, say)
     context = Context(run_id=0, node_id=-1, node_config={}, state=RecordDict(), run_config={})
     served = 0
@@ -181,9 +192,17 @@ def run_client(local: Local, address: str, steps: int, batch: int,
         _wait_ready(address, connect_timeout)
         say(f"connected to the fleet server at {address}")
         try:
-            with connection(address) as (receive, send, disconnect):
+            with connection(address) as (receive, send, disconnect, answer, flush):
                 while True:
                     message = receive()
+                    if isinstance(message, Query):  # the server's check as this client joins
+                        refusal = _refusal(message.config, local.signature, version)
+                        answer({"signature": local.signature, "fleet_protocol": PROTOCOL,
+                                "flwr_version": version, "refused": refusal or ""})
+                        if refusal:
+                            flush(2.0)  # the server hears why before the stream closes
+                            raise UserError(refusal)
+                        continue
                     if isinstance(message, Reconnect):  # the run ends (or: come back later)
                         disconnect(message)
                         sleep_s = message.seconds

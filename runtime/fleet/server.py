@@ -9,6 +9,8 @@ leave its threads waiting for clients and the process hanging), and without its 
 
 What is ours: the strategy's start (the bundle's initial trainable tensors), its round config
 (fleet protocol, Flower version, model signature: a client of another model refuses to train),
+the same check as a client joins (``get_properties`` before any round picks it: such a client is
+dropped and tells its user why, instead of failing a round),
 a check of every returned tensor before averaging (a bad reply counts as a failure instead of
 breaking the average), the held-out evaluation of each aggregate, the run folder written after
 every round, and a client manager that waits a bounded time for ``--min-clients``.
@@ -163,17 +165,46 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         fit_metrics_aggregation_fn=_weighted, evaluate_metrics_aggregation_fn=_weighted)
 
     class BoundedClientManager(SimpleClientManager):
-        """Flower's client manager, but a round waits ``wait_s`` for clients, not a day."""
+        """Flower's client manager, but a round waits ``wait_s`` for clients, not a day, and
+        counts only clients that passed the join check (:meth:`vet`)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.vetted: set[str] = set()
+            self.refused = 0
 
         def sample(self, num_clients, min_num_clients=None, criterion=None):
             need = min_num_clients or num_clients
-            if not self.wait_for(need, timeout=int(wait_s)):
-                raise NotEnoughClients(
-                    f"only {self.num_available()} of the {need} clients that round "
-                    f"{state['round']} needs connected within {wait_s:.0f} s; start more "
-                    "clients (`instant-runtime fleet client`), lower --min-clients or raise "
-                    "--wait")
-            return super().sample(num_clients, min_num_clients, criterion)
+            end = time.monotonic() + wait_s
+            while True:
+                left = end - time.monotonic()
+                if left <= 0 or not self.wait_for(need, timeout=max(1, int(left + 0.999))):
+                    refused = (f" ({self.refused} refused at the join check, above)"
+                               if self.refused else "")
+                    raise NotEnoughClients(
+                        f"only {self.num_available()} of the {need} clients that round "
+                        f"{state['round']} needs connected within {wait_s:.0f} s{refused}; "
+                        "start more clients (`instant-runtime fleet client`), lower "
+                        "--min-clients or raise --wait")
+                self.vet()
+                if self.num_available() >= need:
+                    return super().sample(num_clients, min_num_clients, criterion)
+
+        def vet(self) -> None:
+            """Ask every client that joined since the last round for its fleet protocol, Flower
+            version and model signature; one that differs (or does not answer) is dropped
+            before a round picks it (it wasted the round, and with one round the run)."""
+            for cid, proxy in list(self.all().items()):
+                if cid in self.vetted:
+                    continue
+                why = _join_check(proxy, round_config(state["round"]), local.signature,
+                                  flwr.__version__)
+                if why is None:
+                    self.vetted.add(cid)
+                    continue
+                self.refused += 1
+                say(f"before round {state['round']}: refused a client ({why})")
+                self.unregister(proxy)
 
     manager = BoundedClientManager()
     server = Server(client_manager=manager, strategy=strategy)
@@ -201,7 +232,11 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         for s in (signal.SIGINT, signal.SIGTERM):
             old[s] = signal.signal(s, on_signal)
     try:
-        run_fl(server, ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
+        try:
+            run_fl(server, ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
+        except NotEnoughClients:  # the clients that did connect hear that the run ended (they
+            server.disconnect_all_clients(timeout=5)  # went on retrying for a minute)
+            raise
     except KeyboardInterrupt:
         done = state["saved"]
         raise FleetInterrupted(stopped["signal"] or signal.SIGINT, done, out) from None
@@ -216,6 +251,33 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     final = parameters_to_ndarrays(server.parameters)
     save_run(out, dict(zip(names, final, strict=True)), summary)
     return summary
+
+
+def _join_check(proxy, config: dict, signature: str, flwr_version: str,
+                timeout: float = 60.0) -> str | None:
+    """Why the client behind ``proxy`` cannot take part (None: it can): its answer to the
+    server's ``get_properties`` carrying ``config``."""
+    from flwr.common import GetPropertiesIns
+
+    try:
+        res = proxy.get_properties(GetPropertiesIns(config=config), timeout=timeout,
+                                   group_id=None)
+        props = dict(res.properties)
+    except Exception as exc:  # noqa: BLE001 - gone, or not an instant-runtime client
+        return f"it did not answer the join check ({type(exc).__name__}): another program or " \
+               "an older instant-runtime"
+    if props.get("fleet_protocol") != PROTOCOL:
+        return f"it speaks fleet protocol {props.get('fleet_protocol')}, this server " \
+               f"{PROTOCOL}; install the same instant-runtime version on both sides"
+    theirs = str(props.get("flwr_version", "?"))
+    if theirs.split(".")[:2] != flwr_version.split(".")[:2]:
+        return f"it runs Flower {theirs}, this server {flwr_version}"
+    if props.get("signature") != signature:
+        return f"it has another model (signature {str(props.get('signature'))[:12]}, this " \
+               f"server's {signature[:12]}); give every client a copy of the server's bundle"
+    if props.get("refused"):
+        return str(props["refused"])
+    return None
 
 
 def _check_local_address(address: str) -> None:

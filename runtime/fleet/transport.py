@@ -3,7 +3,7 @@
 Same protocol, channel and messages as Flower's own client for this transport
 (``flwr.compat.client.grpc_client.connection``): one ``FlowerService/Join`` stream on a channel
 from Flower's ``create_channel``; ``ServerMessage`` in (``fit_ins``, ``evaluate_ins``,
-``reconnect_ins``), ``ClientMessage`` out, converted with Flower's ``serde`` and
+``get_properties_ins``, ``reconnect_ins``), ``ClientMessage`` out, converted with Flower's ``serde`` and
 ``recorddict_compat`` functions; the ``ClientApp`` sees the same ``Message`` objects. What
 differs is where the reply's tensors live on the way out, which is what sets a fleet client's
 peak (measured on MiniLM-L6 ``last:3``, 14.2 MB of trainable tensors, flwr 1.42, VmHWM reset
@@ -26,9 +26,17 @@ import uuid
 
 from .local import UserError
 
-__all__ = ["JOIN", "Reconnect", "connection"]
+__all__ = ["JOIN", "Query", "Reconnect", "connection"]
 
 JOIN = "/flwr.proto.FlowerService/Join"  # Flower's grpc-bidi method (its generated stub's path)
+
+
+@dataclasses.dataclass
+class Query:
+    """The server's ``get_properties_ins``: its check of a client that joins (``config``: the
+    fleet protocol, Flower version and model signature), answered before any round."""
+
+    config: dict
 
 
 @dataclasses.dataclass
@@ -55,11 +63,13 @@ class _Outgoing:
 
 @contextlib.contextmanager
 def connection(address: str):
-    """Yield ``(receive, send, disconnect)`` on a Join stream to the fleet server at ``address``.
+    """Yield ``(receive, send, disconnect, answer, flush)`` on a Join stream to the fleet server
+    at ``address``.
 
-    ``receive()`` returns a Flower ``Message`` (train or evaluate) or a :class:`Reconnect`;
-    ``send(reply)`` sends the ``ClientApp``'s reply; ``disconnect(reconnect)`` answers a
-    ``Reconnect``. gRPC errors propagate (``grpc.RpcError``, ``StopIteration`` when the server
+    ``receive()`` returns a Flower ``Message`` (train or evaluate), a :class:`Query` or a
+    :class:`Reconnect`; ``send(reply)`` sends the ``ClientApp``'s reply; ``answer(properties)``
+    answers a ``Query``; ``disconnect(reconnect)`` answers a ``Reconnect``; ``flush(timeout)``
+    waits until what was sent has left. gRPC errors propagate (``grpc.RpcError``, ``StopIteration`` when the server
     closes the stream).
     """
     from flwr.app import DEFAULT_TTL, Metadata
@@ -89,6 +99,8 @@ def connection(address: str):
             mtype = MessageType.EVALUATE
         elif kind == "reconnect_ins":
             return Reconnect(int(proto.reconnect_ins.seconds))
+        elif kind == "get_properties_ins":
+            return Query(dict(serde.get_properties_ins_from_proto(proto.get_properties_ins).config))
         else:
             raise UserError(f"the fleet server sent a '{kind}' instruction, which an "
                             "instant-runtime fleet client does not answer; run "
@@ -122,12 +134,28 @@ def connection(address: str):
             raise ValueError(f"cannot send a '{mtype}' reply over this transport")
         outbox.put(_Outgoing(out), block=False)
 
+    def answer(properties: dict) -> None:
+        """Reply to a :class:`Query`."""
+        from flwr.common import Code, GetPropertiesRes, Status
+
+        res = GetPropertiesRes(status=Status(code=Code.OK, message="Success"),
+                               properties=properties)
+        outbox.put(_Outgoing(ClientMessage(
+            get_properties_res=serde.get_properties_res_to_proto(res))), block=False)
+
+    def flush(timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until gRPC has taken what was sent."""
+        end = time.monotonic() + timeout
+        while not outbox.empty() and time.monotonic() < end:
+            time.sleep(0.02)
+        time.sleep(min(0.2, max(0.0, end - time.monotonic())))  # on its way out of the socket
+
     def disconnect(rec: Reconnect) -> None:
         reason = Reason.RECONNECT if rec.seconds else Reason.ACK
         msg = ClientMessage(disconnect_res=ClientMessage.DisconnectRes(reason=reason))
         outbox.put(_Outgoing(msg), block=False)
 
     try:
-        yield receive, send, disconnect
+        yield receive, send, disconnect, answer, flush
     finally:
         channel.close()

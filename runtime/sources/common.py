@@ -20,7 +20,7 @@ Arrays = dict[str, np.ndarray]
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_RECORD_BYTES = 1 << 20  # a longer text record is a bad row (it bounds take's transients)
-MAX_LABELS = 10_000  # more distinct values than this: not a label column
+MAX_LABELS = 10_000  # more distinct values than this (and than the model's classes): not labels
 MAX_IMAGE_PIXELS = 40_000_000  # a larger image is a bad row (decoding it would cost > 160 MB)
 CHARS_PER_TOKEN = 64  # texts are cut to 64 x seq_len characters before tokenising
 ABSURD = 1e30  # |value| above this in an .npz input is an error, not data
@@ -42,6 +42,7 @@ class Problems:
     ignored: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
     noted: dict[str, int] = field(default_factory=dict)  # used as they are, worth knowing
+    hints: list[str] = field(default_factory=list)  # how to keep the rows skipped
 
     def bad(self, reason: str, where: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -81,6 +82,7 @@ class Problems:
             parts.append(f"{n:,} ignored: " + self._part(self.ignored))
         if self.noted:
             parts.append("note: " + self._part(self.noted))
+        parts += self.hints
         return f"{self.source}: " + " | ".join(parts) if parts else None
 
     def as_dict(self) -> dict:
@@ -147,7 +149,7 @@ class Source:
             s += f", {len(self.class_names)} classes ({names})"
         bad = self.problems.total
         if bad:
-            s += f", {bad:,} bad rows skipped"
+            s += f", {bad:,} bad row{'s' if bad != 1 else ''} skipped"
         if self.problems.ignored:
             s += f", {sum(self.problems.ignored.values()):,} entries ignored"
         return s
@@ -189,6 +191,10 @@ class SourceView(Source):
     def bytes_fixed(self) -> int:
         return self.base.bytes_fixed()
 
+    @property
+    def largest_image(self) -> str | None:
+        return getattr(self.base, "largest_image", None)
+
     def release(self) -> None:
         self.base.release()
 
@@ -220,6 +226,7 @@ def split(source: Source, val_fraction: float, seed: int = 0) -> tuple[SourceVie
 
 # ---------------------------------------------------------------------------- labels
 _INT = re.compile(r"^[+-]?\d{1,18}$")
+_WHOLE_FLOAT = re.compile(r"[+-]?\d{1,18}\.0*", re.ASCII)  # 1.0, 2., -3.00
 
 
 class _Labels:
@@ -254,6 +261,8 @@ class _Labels:
                 return "label is outside [0, 1] (binary cross-entropy)"
             self.ids.append(v)
             return None
+        if _WHOLE_FLOAT.fullmatch(raw):  # 1.0 is the label 1 (as in JSON), not a class of its own
+            raw = str(int(float(raw)))
         if self.given is not None:
             i = self.given.get(raw)
             if i is None and _INT.match(raw):
@@ -264,7 +273,12 @@ class _Labels:
             return None
         i = self.seen.get(raw)
         if i is None:
-            if len(self.seen) >= MAX_LABELS:
+            if len(self.seen) >= max(MAX_LABELS, self.num_classes or 0):
+                if self.num_classes is not None and self.num_classes >= MAX_LABELS:
+                    raise UserError(f"{self.where}: {self.column} has more than "
+                                    f"{self.num_classes:,} distinct labels but the model has "
+                                    f"{self.num_classes:,} classes; pass the right column with "
+                                    "--label-column or use data of those classes")
                 raise UserError(f"{self.where}: {self.column} has more than {MAX_LABELS:,} "
                                 "distinct values, so it does not hold class labels; pass the "
                                 "right column with --label-column")

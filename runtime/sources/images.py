@@ -69,6 +69,7 @@ class ImageSource(Source):
             raise UserError(f"image folder {self.root} not found")
         labels = _Labels(str(self.root), "its class folders", class_names, loss.num_classes,
                          False)
+        self.largest_image: str | None = None  # (relative path; the budget refusal names it)
         blob, offsets, rows, self.max_pixels = self._index(labels)
         self.paths = np.frombuffer(bytes(blob), np.uint8)
         self.path_offsets = np.frombuffer(offsets, np.int64)
@@ -137,7 +138,8 @@ class ImageSource(Source):
                     continue
                 blob += os.fsencode(rel)
                 offsets.append(len(blob))
-                max_pixels = max(max_pixels, pixels)
+                if pixels > max_pixels:
+                    max_pixels, self.largest_image = pixels, rel
         return blob, offsets, rows, max_pixels
 
     def _has_images(self, rel_dir: str, seen: set | None = None) -> bool:
@@ -197,7 +199,9 @@ class ImageSource(Source):
                 im.verify()
             if fmt not in ("PNG", "JPEG"):
                 return ("not a PNG or JPEG image", f"format {fmt}"), 0
-            if w * h > MAX_IMAGE_PIXELS:
+            # what a read decodes (a JPEG at up to 1/8 scale: a 48 MP phone photo is 0.75 MP)
+            if self._decoded_pixels(fmt, w, h) > MAX_IMAGE_PIXELS or \
+                    w * h > 64 * MAX_IMAGE_PIXELS:
                 return ("image too large", f"{w}x{h}"), 0
             if fmt == "JPEG":  # verify() does not decode JPEG data: decode it at 1/8 scale
                 with Image.open(path) as im:
@@ -236,7 +240,7 @@ class ImageSource(Source):
                 if im.format == "JPEG":
                     im.draft(im.mode, self._draft_size())
                 im.load()
-                return self._convert(im)
+                return self._convert(im, _orientation(im))
         except UserError:
             raise
         except Exception as exc:
@@ -244,14 +248,22 @@ class ImageSource(Source):
                             f"{str(exc)[:80]}); it passed the check when the folder was indexed: "
                             "fix or remove it, do not modify data during a run") from None
 
-    def _convert(self, im) -> np.ndarray:
+    def _convert(self, im, orientation: int = 1) -> np.ndarray:
+        """``im`` in the bundle's channels and size, turned as its EXIF orientation says (a
+        phone's portrait photo is stored sideways with a tag; a viewer shows it upright):
+        resized first (to the turned size), so that the turn copies only the small image."""
         Image = self._Image
-        size = (self.w, self.h)
+        turn = _TURNS.get(orientation)
+        size = (self.h, self.w) if orientation in (5, 6, 7, 8) else (self.w, self.h)
+
+        def upright(img):
+            if img.size != size:
+                img = img.resize(size, Image.BILINEAR)
+            return img.transpose(getattr(Image.Transpose, turn)) if turn else img
+
         if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey
             scale = 1.0 if im.mode == "F" else 1.0 / 65535.0
-            f = Image.fromarray(np.asarray(im, dtype=np.float32) * np.float32(scale), "F")
-            if f.size != size:
-                f = f.resize(size, Image.BILINEAR)
+            f = upright(Image.fromarray(np.asarray(im, dtype=np.float32) * np.float32(scale), "F"))
             a = np.asarray(f, dtype=np.float32)
             return np.repeat(a[None], self.c, axis=0) if self.c > 1 else a[None]
         target = _MODES[self.c]
@@ -259,9 +271,7 @@ class ImageSource(Source):
             if im.mode in ("P", "PA") or (im.mode in ("LA", "La", "RGBa") and target != "LA"):
                 im = im.convert("RGBA")
             im = im.convert(target)
-        if im.size != size:
-            im = im.resize(size, Image.BILINEAR)
-        a = np.asarray(im)  # uint8 [H, W] or [H, W, C]
+        a = np.asarray(upright(im))  # uint8 [H, W] or [H, W, C]
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
     def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
@@ -296,6 +306,20 @@ class ImageSource(Source):
         # (up to 4 bytes a pixel, 16-bit grey as float32 copies), one or two mode conversions,
         # the resized image and its float32 copy
         return (2 << 16) + 12 * self.max_pixels + 12 * self.h * self.w * max(self.c, 1)
+
+
+# EXIF orientation -> the turn that shows the image upright (Pillow's Transpose names)
+_TURNS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+          6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _orientation(im) -> int:
+    """The image's EXIF orientation tag (1, upright, where it has none or it is unreadable)."""
+    try:
+        v = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels still decode
+        return 1
+    return v if isinstance(v, int) and v in _TURNS else 1
 
 
 def _folder_key(path: Path) -> tuple[int, int]:

@@ -108,10 +108,12 @@ class TextSource(Source):
         self.lengths = np.frombuffer(lengths, np.int32)
         if not self.offsets.size:
             cols = (f"--text-column '{text_column}' / --label-column '{label_column}'")
-            hint = (f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {self.path.name}"
-                    f" > {self.path.stem}-utf8{self.path.suffix})"
+            hint = (f"save the file as UTF-8 ({_to_utf8(self.path)})"
                     if "not valid UTF-8" in self.problems.counts else f"check the file and {cols}")
             raise _nothing_usable(str(self.path), self.problems, rows, hint)
+        if "not valid UTF-8" in self.problems.counts:  # part of the file: its rows are lost
+            self.problems.hints.append(f"to keep the rows that are not UTF-8, save the file "
+                                       f"as UTF-8 ({_to_utf8(self.path)})")
         self.labels, self.class_names = labels.finish()
         self.max_record = int(self.lengths.max())
         from .tokens import TokenCache
@@ -313,6 +315,9 @@ class TextSource(Source):
             if len(row) != ncols:
                 self.problems.bad("wrong number of columns", f"{where}: {len(row)} of {ncols}")
                 continue
+            if [c.strip() for c in row] == header:  # `cat a.csv b.csv`: not a class 'label'
+                self.problems.bad("the header row repeated (files joined?)", where)
+                continue
             if not row[ti].strip():
                 self.problems.bad("empty text", where)
                 continue
@@ -443,6 +448,11 @@ def open_text(path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: 
     """
     return TextSource(path, text, inputs, loss, tokenizer, text_column=text_column,
                       label_column=label_column, class_names=class_names)
+
+
+def _to_utf8(path: Path) -> str:
+    """How to convert a Windows-1252 (Excel on Windows; Latin-1 plus curly quotes) file."""
+    return f"e.g. iconv -f cp1252 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}"
 
 
 def _format_hint(path: Path, header: list[str]) -> str:

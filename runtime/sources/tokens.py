@@ -25,12 +25,21 @@ from ..memory import budget_given, child_limit, proc_status
 
 __all__ = ["TokenCache"]
 
-_CHUNK = 1024  # rows tokenised per encode_batch call in the child
+_CHUNK = 256  # rows tokenised per encode_batch call in the child (a "." to the parent each)
 STALL_S = 120.0  # the child is stopped where no chunk of rows is done in this many seconds
 # it is stopped this far below its limit, its RSS read every millisecond: a tokenizer that
 # expands text writes fresh pages at a few GB/s (4 MB of headroom at 5 ms was passed by
 # 0.4 MB once), so 24 MB would take over 20 GB/s to pass
 _HEADROOM = 24 << 20
+PROGRESS_S = 10.0  # a tokenisation that takes longer says how far it is this often
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class TokenCache:
@@ -81,7 +90,8 @@ class TokenCache:
         stopped = ""
         ended = False  # the child closed its end: it is exiting
         start = proc_status(pid).get("VmRSS", 0)
-        last = time.monotonic()
+        last = t0 = told = time.monotonic()
+        done, in_msg = 0, False  # chunks of rows done (a "." each), then the child's message
         poller = select.poll()
         poller.register(r, select.POLLIN | select.POLLHUP)
         try:
@@ -100,6 +110,18 @@ class TokenCache:
                         break
                     chunks.append(block)
                     last = time.monotonic()
+                    if not in_msg:
+                        head, nl, _ = block.partition(b"\n")
+                        done += head.count(b".")
+                        in_msg = bool(nl)
+                    if last - told >= PROGRESS_S and done and not in_msg:
+                        # a large file (or a slow pattern of the bundle's tokenizer): say how
+                        # far it is and how long it will take, so a user can judge and stop it
+                        told = last
+                        rows = min(self.n, done * _CHUNK)
+                        rate = rows / (last - t0)
+                        print(f"data: tokenised {rows:,} of {self.n:,} rows ({rate:,.0f} rows/s, "
+                              f"about {_duration((self.n - rows) / rate)} left)", flush=True)
                 elif time.monotonic() - last > STALL_S:
                     stopped = f"no rows were done in {STALL_S:.0f} s"
                     break
@@ -116,8 +138,11 @@ class TokenCache:
                             "tokenizer.json (its normalizer or pre-tokenizer) expands or "
                             "backtracks on this text: re-export the bundle from its model")
         msg = b"".join(chunks).decode("utf-8", "replace").partition("\n")[2]
-        if msg.startswith("vocab "):
-            if int(msg.split()[1]) < 65536:  # ids fit in uint16: rewritten smaller below
+        if msg.startswith("ids up to "):
+            # the ids written, not the vocabulary's size: a tampered tokenizer.json gives ids
+            # past its own vocabulary (70000 in a 11-entry one wrapped to 4464 as uint16 and
+            # trained silently); such an id is then refused against the embedding table
+            if int(msg.split()[3]) < 65536:  # they fit in uint16: rewritten smaller below
                 self._shrink_ids()
             return
         raise UserError(f"tokenising the text data failed ({msg or 'the child process died'}); "
@@ -134,15 +159,19 @@ class TokenCache:
             offset[name] = off
             off += self.n * L * dt.itemsize
         os.ftruncate(fd, off)
+        top = 0
         for start in range(0, self.n, _CHUNK):
             stop = min(self.n, start + _CHUNK)
             encs = tok.encode_batch([texts(i)[:chars] for i in range(start, stop)])
             for name, (attr, _) in self.fields.items():
                 dt = self.store[name]
+                # (a value past the stored dtype raises OverflowError: reported, never wrapped)
                 block = np.asarray([getattr(e, attr) for e in encs], dtype=dt).reshape(-1, L)
+                if attr == "ids" and block.size:
+                    top = max(top, int(block.max()))
                 os.pwrite(fd, block.tobytes(), offset[name] + start * L * dt.itemsize)
             os.write(progress, b".")  # a chunk done: the parent's stall clock starts again
-        return f"vocab {tok.get_vocab_size()}".encode()
+        return f"ids up to {top}".encode()
 
     def _shrink_ids(self) -> None:
         """Rewrite uint32 ids as uint16 (half the file) once the vocabulary is known."""
