@@ -1162,3 +1162,41 @@ def test_a_long_tokenisation_says_how_far_it_is(tmp_path, monkeypatch, capsys):
     assert lines and re.fullmatch(r"data: tokenised [\d,]+ of 773 rows \([\d,]+ rows/s, about "
                                   r"\d+ s left\)", lines[0]), lines
     assert cache.rows([n - 1])["input_ids"][0, 0] == 2
+
+
+def test_text_files_as_spreadsheets_and_scripts_write_them(tmp_path, tokenizer_file):
+    """Session 21 probe: Excel's `sep=,` first line was read as the header; a header `Text,Label`
+    was refused without pointing at the near miss; a .jsonl whose fields have other names did
+    not say which fields it has; a JSON array or pretty-printed JSON said only "not valid JSON"."""
+    p = tmp_path / "excel.csv"
+    p.write_text("sep=,\ntext,label\ngood film,pos\nbad film,neg\n")
+    assert len(_text(p, tokenizer_file)) == 2
+    p.write_text("Text,Label\ngood film,pos\n")
+    with pytest.raises(UserError, match=r"no column 'text'.*did you mean --text-column 'Text'"):
+        _text(p, tokenizer_file)
+    j = tmp_path / "r.jsonl"
+    j.write_text('{"review": "good film", "label": "pos"}\n{"review": "bad", "label": "neg"}\n')
+    with pytest.raises(UserError, match=r"its first object's fields: review, label"):
+        _text(j, tokenizer_file)
+    j.write_text(json.dumps([{"text": "good film", "label": "pos"}], indent=2))
+    with pytest.raises(UserError, match=r"one JSON object per line.*jq -c"):
+        _text(j, tokenizer_file)
+
+
+def test_npz_arrays_as_scripts_save_them_get_the_fix_named(tmp_path):
+    """Session 21 probe: raw uint8 pixels trained at 0-255 without a word (a loss of 4e15 for
+    8 steps); labels of shape [N, 1] or as floats were refused without the one-call fix."""
+    x, y = _xy(20)
+    src = open_npz(_npz(tmp_path / "u8.npz", x=(x * 255).astype(np.uint8), y=y), X_IN, _ce(3))
+    assert "uint8 values fed to float input 'x' as stored (0-255)" in src.problems.summary()
+    with pytest.raises(UserError, match=r"save y\.ravel\(\)"):
+        open_npz(_npz(tmp_path / "col.npz", x=x, y=y[:, None]), X_IN, _ce(3))
+    with pytest.raises(UserError, match=r"save y\.astype\(int\)"):
+        open_npz(_npz(tmp_path / "f.npz", x=x, y=y.astype(np.float32)), X_IN, _ce(3))
+
+
+def test_a_header_past_the_record_limit_is_not_called_empty(tmp_path, tokenizer_file):
+    p = tmp_path / "wide.csv"
+    p.write_text(",".join(f"c{i}" for i in range(300_000)) + ",text,label\n")
+    with pytest.raises(UserError, match="header row is longer than 1 MiB"):
+        _text(p, tokenizer_file)

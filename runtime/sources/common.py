@@ -316,7 +316,8 @@ class _Labels:
             remap = np.asarray([pos[s] for s in keys], np.int32)
         if k is not None and len(names) != k:
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise UserError(f"{self.where}: {self.column} has {len(names)} distinct labels "
+            has = "have" if self.column.endswith("folders") else "has"
+            raise UserError(f"{self.where}: {self.column} {has} {len(names)} distinct labels "
                             f"({shown}) but the model has {k} classes; use data with {k} "
                             f"classes, or name all {k} at export (export --classes A,B,...) "
                             "so that data holding some of them fits")

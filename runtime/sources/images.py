@@ -208,7 +208,8 @@ class ImageSource(Source):
                     im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
                     im.load()
         except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...)
-            return ("unreadable image", f"{type(exc).__name__}: {str(exc)[:60]}"), 0
+            why = str(exc).replace(str(path), path.name)  # (the row names the file already)
+            return ("unreadable image", f"{type(exc).__name__}: {why[:60]}"), 0
         return None, self._decoded_pixels(fmt, w, h)
 
     def _draft_size(self) -> tuple[int, int]:

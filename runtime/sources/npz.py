@@ -264,6 +264,10 @@ class NpzSource(Source):
             if m.dtype.kind not in ("fiub" if kind == "f" else "iub"):
                 raise UserError(f"{self._where(name)} has dtype {m.dtype}; model input "
                                 f"'{name}' is {spec.dtype}; save it as {spec.dtype}")
+            if kind == "f" and m.dtype == np.uint8:  # raw pixels: trained at 0-255 silently
+                self.problems.note(f"uint8 values fed to float input '{name}' as stored "
+                                   "(0-255); divide by 255 first if the model expects [0, 1]",
+                                   m.key)
         if self.loss.kind == "cross_entropy":
             want = self.loss.labels.shape  # ["N"], or ["N", L] for a class per token
             if (self.y.ndim != len(want) or self.y.dtype.kind not in "iu"
@@ -271,8 +275,13 @@ class NpzSource(Source):
                            for w, d in zip(want[1:], self.y.shape[1:], strict=True))):
                 shape = ("1-D" if len(want) == 1 else f"[N, {', '.join(map(str, want[1:]))}]"
                          + (" (a class per token)" if len(want) == 2 else " (a class per pixel)"))
+                fix = ""
+                if len(want) == 1 and self.y.ndim == 2 and self.y.shape[1] == 1:
+                    fix = "; save y.ravel()"
+                elif self.y.ndim == len(want) and self.y.dtype.kind in "fb":
+                    fix = "; save y.astype(int) (the class ids as integers)"
                 raise UserError(f"{self._where('y')} must be a {shape} integer array of class "
-                                f"ids; got {self.y.dtype} shape {list(self.y.shape)}")
+                                f"ids; got {self.y.dtype} shape {list(self.y.shape)}{fix}")
         else:
             want = self.loss.labels.sample_shape
             got = list(self.y.shape[1:])

@@ -99,6 +99,7 @@ class TextSource(Source):
             raise UserError(f"tokenizer file '{tokenizer}' not found; re-export the bundle")
         self._file = _File(self.path)
         self._col = 0  # text column index (csv/tsv)
+        self._first_keys: list[str] | None = None  # (jsonl) the first object's fields: advice
         labels = _Labels(str(self.path), f"{'column' if self.kind != 'jsonl' else 'field'} "
                          f"'{label_column}'", class_names, loss.num_classes, regression,
                          unit=loss.kind == "bce")
@@ -110,6 +111,13 @@ class TextSource(Source):
             cols = (f"--text-column '{text_column}' / --label-column '{label_column}'")
             hint = (f"save the file as UTF-8 ({_to_utf8(self.path)})"
                     if "not valid UTF-8" in self.problems.counts else f"check the file and {cols}")
+            if self._first_keys is not None and ("missing text" in self.problems.counts
+                                                 or "missing label" in self.problems.counts):
+                hint += f" (its first object's fields: {', '.join(self._first_keys)})"
+            elif self.kind == "jsonl" and "not valid JSON" in self.problems.counts:
+                hint = (f"a .jsonl file holds one JSON object per line; a JSON array or "
+                        f"pretty-printed JSON is not one (e.g. jq -c '.[]' {self.path.name} > "
+                        f"{self.path.stem}-lines.jsonl)")
             raise _nothing_usable(str(self.path), self.problems, rows, hint)
         if "not valid UTF-8" in self.problems.counts:  # part of the file: its rows are lost
             self.problems.hints.append(f"to keep the rows that are not UTF-8, save the file "
@@ -204,6 +212,8 @@ class TextSource(Source):
             if not isinstance(obj, dict):
                 self.problems.bad("not a JSON object", where)
                 continue
+            if self._first_keys is None:
+                self._first_keys = list(obj)[:12]
             text = obj.get(tcol)
             if text is None:
                 self.problems.bad("missing text", where)
@@ -250,9 +260,15 @@ class TextSource(Source):
             header = next(reader)
             if header and header[0].startswith("\ufeff"):
                 header[0] = header[0][1:]
-            while not any(h.strip() for h in header):  # blank lines before the header
-                header = next(reader)
+            while not any(h.strip() for h in header) or (  # blank lines before the header,
+                    len(header) <= 2 and header[0].strip().lower().startswith("sep=")):
+                header = next(reader)  # or Excel's "sep=," line
         except StopIteration:
+            if state["long"]:  # skipped unread: not empty (a 13 MB header was called so)
+                raise UserError(f"{self.path}: its header row is longer than "
+                                f"{MAX_RECORD_BYTES >> 20} MiB, which no {what} header of "
+                                f"columns '{self.text_column}' and '{self.label_column}' needs; "
+                                "check that it is the right file") from None
             raise UserError(f"{self.path} is empty; a {what} file needs a header row naming its "
                             f"columns ('{self.text_column}', '{self.label_column}') and then "
                             "one row per example") from None
@@ -272,8 +288,11 @@ class TextSource(Source):
             if col not in cols:
                 shown = ", ".join(repr(h) if len(h) <= 40 else repr(h[:40]) + "..."
                                   for h in header[:12]) + (", ..." if len(header) > 12 else "")
+                near = [h for h in header if h.lower() == col.lower()]
+                mean = f" (did you mean {flag} '{near[0]}'?)" if near else ""
                 raise UserError(f"{self.path} has no column '{col}' (its header: {shown}); "
-                                f"pass the right name with {flag}{_format_hint(self.path, header)}")
+                                f"pass the right name with {flag}{mean}"
+                                f"{_format_hint(self.path, header)}")
             if header.count(col) > 1:
                 raise UserError(f"{self.path} has {header.count(col)} columns named '{col}'; "
                                 "rename all but one in the header")
