@@ -420,7 +420,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams - decode
     if cap0 <= 0:
         largest = getattr(data, "largest_image", None)
-        what = (f", and decoding its largest image"
+        what = (", and decoding its largest image"
                 + (f" ({largest}: shrink or remove it)" if largest else "")
                 + f" up to {decode / 1e6:.0f} MB" if decode >= 1 << 20 else "")
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",

@@ -354,10 +354,48 @@ class _Members(Mapping):
                 np.load(f, allow_pickle=False) as z:
             return z[key]
 
+    def __contains__(self, key: object) -> bool:  # (Mapping's would read the member)
+        return key in self.keys_
+
     def nbytes(self, key: str) -> int:
-        """The stored size of member ``key`` (header included), without reading it."""
+        """The stored size of member ``key`` (header included; 0 where there is none), without
+        reading it."""
+        if key not in self.keys_:
+            return 0
         with os.fdopen(_open_regular(self.path), "rb") as f, zipfile.ZipFile(f) as zf:
             return zf.getinfo(key + ".npy").file_size
+
+    def chunks(self, key: str, dtype, rows: int = 1 << 16):
+        """The 1-D array ``key`` of exactly ``dtype``, ``rows`` values at a time, never held
+        whole (a forged 10^7-step run's losses).
+
+        Raises:
+            DamagedCheckpoint: missing, not 1-D of that dtype, cut short.
+        """
+        if key not in self.keys_:
+            raise DamagedCheckpoint(f"array '{key}' is missing")
+        with os.fdopen(_open_regular(self.path), "rb") as f, zipfile.ZipFile(f) as zf, \
+                zf.open(key + ".npy") as m:
+            fmt = np.lib.format
+            try:
+                version = fmt.read_magic(m)
+                read = fmt.read_array_header_1_0 if version == (1, 0) else \
+                    fmt.read_array_header_2_0
+                shape, fortran, dt = read(m)
+            except ValueError as exc:
+                raise DamagedCheckpoint(f"array '{key}' has no valid .npy header ({exc})") \
+                    from None
+            if dt != np.dtype(dtype) or len(shape) != 1:
+                raise DamagedCheckpoint(f"array '{key}' is {dt} {list(shape)}, expected "
+                                        f"{np.dtype(dtype)} [n]")
+            left = int(shape[0])
+            while left:
+                n = min(rows, left)
+                data = m.read(n * dt.itemsize)
+                if len(data) != n * dt.itemsize:
+                    raise DamagedCheckpoint(f"array '{key}' is cut short")
+                left -= n
+                yield np.frombuffer(data, dt)
 
     def __iter__(self):
         return iter(self.keys_)

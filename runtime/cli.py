@@ -73,12 +73,13 @@ def _lengths_option(text: str) -> list[int] | None:
     return out
 
 
-def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None = None):
+def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None = None,
+               training: bool = True):
     from .data import load_data
 
     return load_data(spec or a.data, bundle, text_column=a.text_column,
                      label_column=a.label_column, val=a.val, val_split=a.val_split,
-                     seed=getattr(a, "seed", 0), class_names=class_names)
+                     seed=getattr(a, "seed", 0), class_names=class_names, training=training)
 
 
 def _resumed_class_names(out: Path) -> list[str] | None:
@@ -568,7 +569,7 @@ def _cmd_eval(a) -> int:
     if a.seed is None:
         a.seed = _run_seed(run_dir) if run_dir is not None else 0
     data = _load_data(a, bundle, class_names=_resumed_class_names(run_dir)
-                      if run_dir is not None else None)
+                      if run_dir is not None else None, training=False)
     # SGD with momentum: one buffer a tensor (the gradient adds into it), the least any
     # optimizer allocates; evaluation never steps
     trainer = Trainer(bundle, TrainConfig(mode="vanilla", optim=OptimConfig(name="sgd"),

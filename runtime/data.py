@@ -299,7 +299,7 @@ def _cast(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, inputs: bool 
 def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
               label_column: str = "label", val: str | None = None,
               val_split: float | None = None, seed: int = 0,
-              class_names: list[str] | None = None):
+              class_names: list[str] | None = None, training: bool = True):
     """Train data with its held-out split in ``.test``: a built-in name, or the user's own file
     or folder (``runtime/sources.py``: ``.npz``, ``.csv``/``.tsv``/``.jsonl`` text, an image
     folder), streamed per micro-batch. Bad rows are reported as warnings.
@@ -343,7 +343,7 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
         if part is not None and part.problems.summary() and id(part.problems) not in shown:
             shown.add(id(part.problems))
             print(f"warning: {part.problems.summary()}", file=sys.stderr)
-    gap = _class_gap(bundle, src)
+    gap = _class_gap(bundle, src) if training else None
     if gap:
         print(f"note: {gap}")  # (stdout: a refusal that follows stays one line on stderr)
     return src

@@ -18,13 +18,9 @@ leaves the folder byte-identical: nothing is written before the checkpoint is re
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import errno
 import json
-import os
 import signal
-import stat
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +39,6 @@ from .checkpoint import (
     TrainingInterrupted,
     Writer,
     bundle_sha256,
-    meta_array,
     meta_dict,
     meta_float,
     meta_int,
@@ -53,9 +48,10 @@ from .config import RunConfig
 from .memory import current_rss, peak_rss
 from .order import Order, is_permutation
 from .run_folder import RunFolder
+from .run_log import Metrics, StepStats
 from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
 
-__all__ = ["Order", "RunFolder", "Summary", "train"]
+__all__ = ["Metrics", "Order", "RunFolder", "StepStats", "Summary", "train"]
 
 
 @dataclass
@@ -126,83 +122,6 @@ class Summary:
         return out
 
 
-class Metrics:
-    """``metrics.jsonl``: one JSON object per event, appended and flushed as it happens.
-
-    ``resumed_at``: the step of the checkpoint a resume continues from. What the file holds past
-    it (events of steps that run again, after a kill or a full disk; a half-written last line)
-    is cut off first, so every step is in the file once and every line is whole. A line that
-    cannot be written (a full disk) ends the run with one error naming ``last_good()``, the
-    last checkpoint written."""
-
-    def __init__(self, path: Path | None, resumed_at: int | None = None,
-                 last_good=lambda: None) -> None:
-        self._f = None
-        self.path, self.last_good = path, last_good
-        if path is not None and resumed_at is not None:
-            _cut_after(path, resumed_at)
-        if path is not None:
-            # O_NONBLOCK: a FIFO in the file's place must not block the open (without a reader
-            # it fails with ENXIO; with one, fstat tells)
-            not_file = UserError(f"'{path}' is not a regular file; remove it or pass another "
-                                 "--out")
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK,
-                             0o644)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    raise not_file from None
-                raise UserError(f"cannot write '{path}': {exc.strerror or exc}; remove it or "
-                                "pass another --out") from None
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.close(fd)
-                raise not_file
-            os.set_blocking(fd, True)
-            self._f = fd  # written unbuffered: a failed line is never retried at close
-
-    def write(self, kind: str, **fields) -> None:
-        if self._f is not None:
-            data = (json.dumps({"kind": kind, **fields}) + "\n").encode()
-            try:
-                while data:
-                    data = data[os.write(self._f, data):]
-            except OSError as exc:
-                ckpt = self.last_good()
-                raise UserError(f"cannot write '{self.path}': {exc.strerror or exc}; "
-                                + (f"the last good checkpoint {ckpt} is intact: free space and "
-                                   "--resume" if ckpt else "no checkpoint was written: free space "
-                                   "and run again (--overwrite)")) from None
-
-    def close(self) -> None:
-        if self._f is not None:
-            os.close(self._f)
-            self._f = None
-
-
-def _cut_after(path: Path, step: int) -> None:
-    """Truncate ``path`` at its first line that is not a whole JSON object or belongs to a step
-    after ``step`` (everything after such a line was written after the checkpoint too)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return  # none yet (or unreadable: opening it for append says so)
-    if not stat.S_ISREG(st.st_mode):
-        return
-    at = 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                event = json.loads(line) if line.endswith(b"\n") else None
-            except ValueError:
-                event = None
-            s = event.get("step") if isinstance(event, dict) else None
-            if not isinstance(event, dict) or (isinstance(s, int) and s > step):
-                break
-            at += len(line)
-    if at < st.st_size:
-        os.truncate(path, at)
-
-
 def data_fingerprint(data) -> str:
     """SHA-256 of the data a run reads, as far as a resume needs to tell: the row count, every
     label (in chunks: no decoding of inputs where a source reads labels alone) and the inputs
@@ -222,83 +141,6 @@ def data_fingerprint(data) -> str:
             h.update(k.encode())
             h.update(np.ascontiguousarray(x[k]).tobytes())
     return h.hexdigest()
-
-
-class StepStats:
-    """What the summary reports of the steps that had a finite loss, in bounded memory: the
-    first and last ``KEEP`` losses, the last ``WINDOW`` step times (the median step is theirs),
-    the count and the sum of all times. A list of every loss and time grew by ~80 bytes a step
-    outside any plan (a run resumed at step 10^7 held 160 MB of them: 1.1 GB under a 200 MB
-    budget)."""
-
-    KEEP, WINDOW = 10, 4096
-    OLD_MOST = 1 << 20  # values of the old layout read (a real one: that many steps, 8 MB)
-
-    def __init__(self) -> None:
-        self.n, self.time_sum = 0, 0.0
-        self.first: list[float] = []
-        self.last: collections.deque = collections.deque(maxlen=self.KEEP)
-        self.times: collections.deque = collections.deque(maxlen=self.WINDOW)
-
-    def add(self, loss: float, seconds: float) -> None:
-        self.n += 1
-        self.time_sum += seconds
-        if len(self.first) < self.KEEP:
-            self.first.append(loss)
-        self.last.append(loss)
-        self.times.append(seconds)
-
-    def window(self) -> int:
-        """Steps averaged for the first and last loss."""
-        return max(1, min(self.KEEP, self.n // 5))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"run/loss_first": np.asarray(self.first, np.float64),
-                "run/loss_last": np.asarray(self.last, np.float64),
-                "run/times": np.asarray(self.times, np.float64)}
-
-    @classmethod
-    def restore(cls, arrays: dict, run: dict, steps: int) -> StepStats:
-        """From a checkpoint (one written before these existed holds every loss and time).
-
-        Raises:
-            DamagedCheckpoint: more values than steps, times that are not seconds.
-        """
-        st = cls()
-
-        def vector(key: str, most: int) -> np.ndarray:
-            n = arrays.get(key, np.zeros(0)).shape[:1] or (0,)
-            a = meta_array(arrays, key, n, np.float64)
-            if len(a) > most:
-                raise DamagedCheckpoint(f"array '{key}' holds {len(a)} values for {most} "
-                                        "steps")
-            return a
-
-        if "run/losses" in arrays:  # the old layout: every loss and time
-            size = getattr(arrays, "nbytes", lambda k: 0)
-            if max(size("run/losses"), size("run/times")) > 8 * cls.OLD_MOST:
-                raise DamagedCheckpoint(f"arrays 'run/losses'/'run/times' hold over "
-                                        f"{cls.OLD_MOST:,} values (this version keeps "
-                                        f"{cls.KEEP + cls.KEEP} losses and {cls.WINDOW} times)")
-            losses = vector("run/losses", steps)
-            times = meta_array(arrays, "run/times", (len(losses),), np.float64)
-            first, last, n, total = losses[:cls.KEEP], losses[-cls.KEEP:], len(losses), \
-                float(times.sum())
-        else:
-            n = meta_int(run, "finite_steps", "run", hi=steps)
-            first, last = vector("run/loss_first", min(n, cls.KEEP)), \
-                vector("run/loss_last", min(n, cls.KEEP))
-            times = vector("run/times", min(n, cls.WINDOW))
-            total = meta_float(run, "time_sum", "run", hi=1e7 * max(n, 1))
-        if len(times) and not (np.isfinite(times).all() and times.min() >= 0
-                               and times.max() < 1e7):
-            raise DamagedCheckpoint("array 'run/times' holds step times that are not seconds "
-                                    "(negative, huge or not finite)")
-        st.n, st.time_sum = n, total
-        st.first = first.tolist()
-        st.last.extend(last.tolist())
-        st.times.extend(times.tolist())
-        return st
 
 
 def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, tally: dict,

@@ -993,8 +993,10 @@ class Trainer:
                                 f"uses '{want}'; resume with the same --{key}")
         theirs = meta.get("settings")  # (absent in checkpoints written before it existed)
         if isinstance(theirs, dict):
-            if theirs.get("--weight-decay", 0.0) is None:  # written as given (None: the default)
-                theirs = {**theirs, "--weight-decay": self.config.optim.decay}
+            if theirs.get("--weight-decay", 0.0) is None:  # written as given (None: the default
+                # of the optimizer, which is this run's: checked above)
+                theirs = {**theirs, "--weight-decay": replace(self.config.optim,
+                                                              weight_decay=None).decay}
             diff = [f"{k} {theirs[k]} (this run: {v})" for k, v in self.settings().items()
                     if k in theirs and theirs[k] != v]
             if diff:

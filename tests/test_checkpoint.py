@@ -199,7 +199,7 @@ def test_a_full_disk_in_the_metrics_log_names_the_checkpoint_and_resume_logs_eac
     file, no checkpoint); its half-written last line then had the resumed run's first line
     written onto it (`report` refused the file), and the steps logged after the checkpoint
     were logged twice (also after a SIGKILL)."""
-    import runtime.run
+    import runtime.run_log
 
     out = tmp_path / "run"
     real_write, lines = os.write, [0]
@@ -213,7 +213,7 @@ def test_a_full_disk_in_the_metrics_log_names_the_checkpoint_and_resume_logs_eac
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(runtime.run.os, "write", full_after_25_steps)
+    monkeypatch.setattr(runtime.run_log.os, "write", full_after_25_steps)
     with pytest.raises(UserError, match=r"cannot write '.*metrics\.jsonl': No space left on "
                                         r"device; the last good checkpoint .*ckpt-000020\.npz is "
                                         r"intact: free space and --resume"):
@@ -426,6 +426,11 @@ def test_resume_with_other_data_or_options_is_refused(cli, mlp_bundle, tmp_path)
     base = ["--batch", 16, "--lr", 0.01, "--no-progress", "--threads", 1, "--out", out]
     first = cli("train", mlp_bundle, "--data", tmp_path / "a.npz", "--steps", 4, *base)
     assert first.returncode == 0, first.stderr
+
+    def as_written_before(arrays, meta):  # the default decay was written as None
+        meta["trainer"]["settings"]["--weight-decay"] = None
+
+    rewrite_checkpoint(out / "checkpoints" / "ckpt-000004.npz", as_written_before)
     for data, extra, says in (
             ("reversed", [], "checkpoint was written for other data"),
             ("relabelled", [], "checkpoint was written for other data"),
@@ -560,13 +565,18 @@ DAMAGE = {
     "no-losses": ("vanilla", lambda a, m: a.pop("run/loss_last"),
                   "array 'run/loss_last' is missing"),
     "times-past-steps": ("vanilla", lambda a, m: _set(a, "run/times", np.ones(10**4)),
-                         "array 'run/times' holds 10000 values for"),
+                         "array 'run/times' is float64 [10000], expected float64 [20]"),
     "time-sum-huge": ("vanilla", lambda a, m: m["run"].update(time_sum=1e300), "time_sum"),
-    # every loss and time, as before session 21, of a forged run at step 2^21: (160 MB at step
-    # 10^7 took a resume to 1.1 GB under a 200 MB budget)
-    "old-layout-huge": ("vanilla", lambda a, m: a.update({"run/losses": np.zeros(1 << 21),
-                                                          "run/times": np.zeros(1 << 21)}),
-                        "hold over 1,048,576 values"),
+    # every loss and time, as before session 21, more than the steps (read a chunk at a time:
+    # 160 MB of them at step 10^7 took a resume to 1.1 GB under a 200 MB budget)
+    "old-layout-too-many": ("vanilla", lambda a, m: a.update({"run/losses": np.zeros(1 << 21),
+                                                              "run/times": np.zeros(1 << 21)}),
+                            "array 'run/losses' holds more losses than its 20 steps"),
+    "old-layout-times-short": ("vanilla", lambda a, m: a.update({"run/losses": np.zeros(20),
+                                                                 "run/times": np.zeros(19)}),
+                               "array 'run/times' holds 19 times for 20 losses"),
+    "times-short": ("vanilla", lambda a, m: _set(a, "run/times", np.zeros(3)),
+                    "array 'run/times' is float64 [3], expected float64 [20]"),
     "perm-out-of-range": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] + 10**6),
                           "'run/perm' (int32 [1437]) is not a permutation of the 1437 samples"),
     "perm-float": ("vanilla", lambda a, m: _set(a, "run/perm", a["run/perm"] * 1.0),

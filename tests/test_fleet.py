@@ -290,6 +290,23 @@ def test_a_client_of_another_model_is_refused_as_it_joins(mlp_bundle, mlp_head_b
     finally:
         server.kill()
     assert re.search(r"^round 1: 1 clients trained \(0 failed\)", out, re.M), out
+    # both connected before the round (started before the server; round 0 evaluates first):
+    # FedAvg counted the wrong one when it sized the round, and the round picked nobody
+    port = free_port()
+    wrong = Proc(tmp_path, "wrong2", "client", mlp_head_bundle, "--data", "digits", "--server",
+                 f"127.0.0.1:{port}", "--steps", 2, "--threads", 1, "--out", tmp_path / "w2")
+    good = start_client(tmp_path, mlp_bundle, port, 1, "digits", "--steps", 2)
+    time.sleep(1.0)
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                          "--data", "digits", "--overwrite")
+    try:
+        out = server.ok()
+        assert "trained 1 round(s)" in good.ok()
+        one_error_line(wrong.stderr(), wrong.finish(), "another model")
+    finally:
+        for p in (server, good, wrong):
+            p.kill()
+    assert re.search(r"^round 1: 1 clients trained \(0 failed\)", out, re.M), out
 
 
 def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregate(

@@ -358,12 +358,22 @@ def test_csv_as_users_make_them_joined_files_float_labels_and_latin1(tmp_path, t
     (silently: a 3-class model took it); '1.0' and '1' were two classes (JSON read both as 1);
     a file partly Latin-1 lost those rows with no word on how to keep them."""
     p = tmp_path / "joined.csv"
-    p.write_bytes(b"text,label\na,1\nb,0.0\ntext,label\nc,1.0\nd,0\ncaf\xe9,1\n")
+    p.write_bytes(b"text,label\na,1\nb,0.0\n\xef\xbb\xbftext,label\nc,1.0\nd,0\ncaf\xe9,1\n")
     src = _text(p, tokenizer_file)
     assert src.class_names == ["0", "1"] and list(src.labels) == [1, 0, 1, 0]
     assert src.problems.examples["the header row repeated (files joined?)"] == ["line 4"]
     line = src.problems.summary()
     assert "not valid UTF-8 (line 7)" in line and "iconv -f cp1252 -t utf-8 joined.csv" in line
+    # class names from a float column (0.0, 1.0) take the labels 0 and 1 too, and the other way
+    # round; a long whole number is read by its text, not rounded through a float
+    from runtime.sources.common import _Labels
+
+    lab = _Labels("f", "column 'label'", ["0.0", "1.0"], 2, False)
+    assert [lab.add(v) for v in ("1.0", "0", "1", "2")] == [None, None, None, "unknown label"]
+    assert list(lab.ids) == [1, 0, 1]
+    lab = _Labels("f", "column 'label'", None, None, False)
+    lab.add("123456789012345678.0")
+    assert list(lab.seen) == ["123456789012345678"]
 
 
 def test_regression_targets_and_type_ids(tmp_path, tokenizer_file):
@@ -580,6 +590,12 @@ def test_phone_photos_upright_and_at_full_size(tmp_path):
     assert np.abs(portrait - upright).max() < 0.1, portrait  # the same picture, upright
     np.testing.assert_allclose(x[names.index("phone48mp.jpg")], 128 / 255, atol=0.02)
     assert src.largest_image == "a/phone48mp.jpg"
+    # a progressive JPEG keeps its full-size coefficients at any draft scale: planned so (a
+    # 24 MP one decoded at 1/8 took 72 MB), and over 40 MP it is too large
+    Image.new("L", (2400, 2000), 7).save(d / "prog.jpg", progressive=True)
+    Image.new("L", (8000, 6000), 7).save(d / "prog48mp.jpg", progressive=True, quality=30)
+    src = open_images(tmp_path / "imgs", spec, [TensorSpec("x", ["N", 1, 16, 8])], _ce(1))
+    assert src.max_pixels == 1_200_000 and "a/prog48mp.jpg (8000x6000)" in src.problems.summary()
 
 
 def test_image_folder_bad_files_counted(tmp_path, digit_folder):

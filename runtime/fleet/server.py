@@ -18,6 +18,7 @@ every round, and a client manager that waits a bounded time for ``--min-clients`
 
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
@@ -174,37 +175,49 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             self.refused = 0
 
         def sample(self, num_clients, min_num_clients=None, criterion=None):
+            """Every connected client that passed the join check (FedAvg asks for all of
+            them: ``num_clients`` was counted before the check, so it may include clients the
+            check drops), at least ``min_num_clients``, waiting up to ``--wait`` for them."""
             need = min_num_clients or num_clients
             end = time.monotonic() + wait_s
             while True:
                 left = end - time.monotonic()
-                if left <= 0 or not self.wait_for(need, timeout=max(1, int(left + 0.999))):
-                    refused = (f" ({self.refused} refused at the join check, above)"
-                               if self.refused else "")
-                    raise NotEnoughClients(
-                        f"only {self.num_available()} of the {need} clients that round "
-                        f"{state['round']} needs connected within {wait_s:.0f} s{refused}; "
-                        "start more clients (`instant-runtime fleet client`), lower "
-                        "--min-clients or raise --wait")
-                self.vet()
-                if self.num_available() >= need:
-                    return super().sample(num_clients, min_num_clients, criterion)
+                if left > 0 and self.wait_for(need, timeout=max(1, int(left + 0.999))):
+                    checked = self.vet(end)
+                    if len(checked) >= need:
+                        take = max(need, min(num_clients, len(checked)))
+                        return random.sample(checked, take)
+                    if time.monotonic() < end:
+                        time.sleep(0.2)  # (refused ones are gone; others may still join)
+                        continue
+                refused = (f" ({self.refused} refused at the join check, above)"
+                           if self.refused else "")
+                raise NotEnoughClients(
+                    f"only {len(self.vet(end))} of the {need} clients that round "
+                    f"{state['round']} needs connected within {wait_s:.0f} s{refused}; "
+                    "start more clients (`instant-runtime fleet client`), lower "
+                    "--min-clients or raise --wait")
 
-        def vet(self) -> None:
-            """Ask every client that joined since the last round for its fleet protocol, Flower
-            version and model signature; one that differs (or does not answer) is dropped
-            before a round picks it (it wasted the round, and with one round the run)."""
-            for cid, proxy in list(self.all().items()):
-                if cid in self.vetted:
-                    continue
-                why = _join_check(proxy, round_config(state["round"]), local.signature,
-                                  flwr.__version__)
-                if why is None:
-                    self.vetted.add(cid)
-                    continue
-                self.refused += 1
-                say(f"before round {state['round']}: refused a client ({why})")
-                self.unregister(proxy)
+        def vet(self, end: float) -> list:
+            """Ask every client that joined since it last looked for its fleet protocol, Flower
+            version and model signature, until every connected one is checked; one that differs
+            (or does not answer by ``end``, at most 60 s) is dropped before a round picks it (it
+            wasted the round, and with one round the run). Returns the checked clients."""
+            while True:
+                new = [(cid, p) for cid, p in list(self.all().items()) if cid not in self.vetted]
+                if not new:
+                    return [p for cid, p in self.all().items() if cid in self.vetted]
+                for cid, proxy in new:
+                    why = _join_check(proxy, round_config(state["round"]), local.signature,
+                                      flwr.__version__,
+                                      timeout=max(1.0, min(60.0, end - time.monotonic())))
+                    if why is None:
+                        self.vetted.add(cid)
+                        continue
+                    if why != GONE:
+                        self.refused += 1
+                        say(f"before round {state['round']}: refused a client ({why})")
+                    self.unregister(proxy)
 
     manager = BoundedClientManager()
     server = Server(client_manager=manager, strategy=strategy)
@@ -253,6 +266,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     return summary
 
 
+GONE = "gone"  # _join_check: the client disconnected (not a refusal)
+
+
 def _join_check(proxy, config: dict, signature: str, flwr_version: str,
                 timeout: float = 60.0) -> str | None:
     """Why the client behind ``proxy`` cannot take part (None: it can): its answer to the
@@ -264,6 +280,8 @@ def _join_check(proxy, config: dict, signature: str, flwr_version: str,
                                    group_id=None)
         props = dict(res.properties)
     except Exception as exc:  # noqa: BLE001 - gone, or not an instant-runtime client
+        if type(exc).__name__ == "GrpcBridgeClosed":  # it left (or was cut off at the timeout)
+            return GONE
         return f"it did not answer the join check ({type(exc).__name__}): another program or " \
                "an older instant-runtime"
     if props.get("fleet_protocol") != PROTOCOL:

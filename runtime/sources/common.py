@@ -229,6 +229,11 @@ _INT = re.compile(r"^[+-]?\d{1,18}$")
 _WHOLE_FLOAT = re.compile(r"[+-]?\d{1,18}\.0*", re.ASCII)  # 1.0, 2., -3.00
 
 
+def _whole(raw: str) -> str:
+    """'1.0' -> '1', '-3.00' -> '-3' (by the text: no float rounding of long numbers)."""
+    return str(int(raw.split(".", 1)[0]))
+
+
 class _Labels:
     """Builds the label map during an index pass: provisional ids by first sight, remapped to
     the stable order in :meth:`finish`; or ids from a given ``class_names`` list."""
@@ -245,6 +250,8 @@ class _Labels:
                                 f"{num_classes}-class model; the label map must have exactly "
                                 f"{num_classes} names")
             self.given = {str(c): i for i, c in enumerate(class_names)}
+            self.given_whole = {_whole(c): i for c, i in self.given.items()
+                                if _WHOLE_FLOAT.fullmatch(c)}
             self.given_names = [str(c) for c in class_names]
         self.seen: dict[str, int] = {}
         self.ids = array.array("f" if regression else "i")
@@ -261,16 +268,20 @@ class _Labels:
                 return "label is outside [0, 1] (binary cross-entropy)"
             self.ids.append(v)
             return None
-        if _WHOLE_FLOAT.fullmatch(raw):  # 1.0 is the label 1 (as in JSON), not a class of its own
-            raw = str(int(float(raw)))
         if self.given is not None:
             i = self.given.get(raw)
+            if i is None and _WHOLE_FLOAT.fullmatch(raw):
+                i = self.given.get(_whole(raw))
             if i is None and _INT.match(raw):
                 i = self.given.get(str(int(raw)))
+                if i is None:  # class names written 0.0, 1.0 (a float column) and data 0, 1
+                    i = self.given_whole.get(str(int(raw)))
             if i is None:
                 return "unknown label"
             self.ids.append(i)
             return None
+        if _WHOLE_FLOAT.fullmatch(raw):  # 1.0 is the label 1 (as in JSON), not a class of its own
+            raw = _whole(raw)
         i = self.seen.get(raw)
         if i is None:
             if len(self.seen) >= max(MAX_LABELS, self.num_classes or 0):

@@ -334,7 +334,7 @@ class TextSource(Source):
             if len(row) != ncols:
                 self.problems.bad("wrong number of columns", f"{where}: {len(row)} of {ncols}")
                 continue
-            if [c.strip() for c in row] == header:  # `cat a.csv b.csv`: not a class 'label'
+            if [c.strip().lstrip("\ufeff") for c in row] == header:  # `cat a.csv b.csv`
                 self.problems.bad("the header row repeated (files joined?)", where)
                 continue
             if not row[ti].strip():
