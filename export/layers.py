@@ -159,7 +159,8 @@ def _head_node(model: onnx.ModelProto, trainable: set[str]) -> str | None:
 
     head = None
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "Conv") and any(weight(i) for i in node.input):
+        if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") and \
+                any(weight(i) for i in node.input):
             head = node.name
     return head
 

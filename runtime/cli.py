@@ -469,13 +469,17 @@ def _shared_params(path: Path, m) -> list[str]:
         for t in set(node.input) & params:
             readers.setdefault(t, []).append(node.op_type)
     out = []
+    # an ONNX file's exporter may have merged equal tensors; a PyTorch model was exported here
+    # (TorchScript), where a tensor read twice is the model's own sharing
+    from_file = str(m.source).lower().endswith(".onnx")
     for t, ops in sorted(readers.items()):
         for op in sorted(set(ops)):
             if ops.count(op) > 1:
                 out.append(f"note: trainable tensor '{t}' is read by {ops.count(op)} {op} nodes "
-                           "and trains as one shared tensor; if the model has separate "
-                           "parameters there, the exporter merged equal tensors (torch: "
-                           "export with dynamo=False)")
+                           "and trains as one shared tensor"
+                           + ("; if the model has separate parameters there, the exporter "
+                              "merged equal tensors (torch: export with dynamo=False)"
+                              if from_file else " (the model shares it)"))
     return out
 
 
@@ -700,6 +704,13 @@ def _cmd_export_model(a) -> int:
         print(f"tokenizer written to {r.tokenizer_path}")
     if r.safetensors_path:
         print(f"torch weights written to {r.safetensors_path}")
+        if r.from_onnx_file:  # (a probe loaded such a file into its torch module: BN twice)
+            print("note: this bundle came from an .onnx file, so the .safetensors holds that "
+                  "file's tensors under its names; an exporter may have changed them (torch "
+                  "folds BatchNorm into the conv before it, e.g. 'stem.weight' and a new "
+                  "'stem.bias'), so they load into the original torch module only where it "
+                  "kept them: check load_state_dict's missing and unexpected keys, or run the "
+                  ".onnx")
     else:
         print("note: safetensors is not installed; skipped the .safetensors file "
               "(pip install safetensors)")

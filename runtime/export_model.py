@@ -37,6 +37,7 @@ class ExportResult:
     params: int
     labels_path: Path | None = None
     tokenizer_path: Path | None = None
+    from_onnx_file: bool = False  # the bundle was exported from an .onnx file
 
 
 def resolve_source(source: str | Path, weights: str | Path | None = None,
@@ -385,7 +386,8 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     for t in targets:  # a replaced export's companion this model has none of (--overwrite)
         if t not in written and t.exists():
             t.unlink()
-    return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path)
+    return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path,
+                        str(b.manifest.source).lower().endswith(".onnx"))
 
 
 def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:

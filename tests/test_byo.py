@@ -856,3 +856,53 @@ def test_a_run_says_what_it_read_and_which_classes_it_never_sees(cli, mlp_bundle
     r = cli("train", mlp_bundle, "--data", tmp_path / "all.npz", "--steps", 1, "--batch", 8,
             "--no-progress", "--threads", 1, "--out", tmp_path / "r2")
     assert r.returncode == 0 and "classes" not in r.stdout + r.stderr, r.stdout
+
+
+AE_AND_SHARED = '''
+import torch
+from torch import nn
+
+
+class AE(nn.Module):  # a 1x1 conv in the middle, a transposed-conv decoder last
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.up = nn.ConvTranspose2d(8, 1, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.mix(torch.relu(self.down(x)))))
+
+
+class Shared(nn.Module):  # one Linear applied twice over tokens
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.shared(torch.relu(self.shared(x))).mean(1))
+
+
+def ae():
+    return AE()
+
+
+def shared():
+    return Shared()
+'''
+
+
+def test_models_users_bring_an_autoencoder_and_a_shared_layer(tmp_path):
+    """Session 21 probe: an autoencoder whose last trained layer is a ConvTranspose got 0
+    INSTANT layers without a note (its 1x1 conv was taken for the classifier head, which the
+    paper leaves exact); a layer the model itself applies twice got the advice meant for an
+    ONNX exporter that merges equal tensors (`export with dynamo=False`)."""
+    (tmp_path / "m.py").write_text(AE_AND_SHARED)
+    out = _ok(_cli("export", "--model", f"{tmp_path / 'm.py'}:ae", "--input-shape", "8,1,16,16",
+                   "--loss", "mse", "--out", tmp_path / "ae"))
+    layers = json.loads((tmp_path / "ae" / "manifest.json").read_text())["instant"]["layers"]
+    assert [la["name"] for la in layers] == ["mix"], out
+    out = _ok(_cli("export", "--model", f"{tmp_path / 'm.py'}:shared", "--input-shape",
+                   "8,16,32", "--out", tmp_path / "sh"))
+    assert "trains as one shared tensor (the model shares it)" in out and "dynamo" not in out, out
