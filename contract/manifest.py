@@ -51,7 +51,8 @@ __all__ = [
 FORMAT = "instant-runtime-bundle"
 FORMAT_VERSION = 5
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few hundred KB; refuse absurd files up front
-MAX_MANIFEST_VALUES = 1_000_000  # (commas and brackets): ~60 MB parsed at most
+MAX_MANIFEST_VALUES = 1_000_000
+MAX_ROWS_2D = 1 << 16  # rows a sample of a 2-D Linear input ([L·N, C]: L positions)  # (commas and brackets): ~60 MB parsed at most
 # every number in a manifest (byte counts and offsets, FLOPs included) lies within +-MAX_NUMBER:
 # exact as a float64, so no arithmetic on it overflows or rounds; tensor dimensions and counts
 # are at most MAX_DIM, and shapes have at most MAX_RANK axes
@@ -257,8 +258,14 @@ class LayerInfo:
             return "x_dim", f"must be {want_x} for the {self.x_axis} axis, got {self.x_dim}"
         if self.g_dim != want_g:
             return "g_dim", f"must be {want_g} for the {self.g_axis} axis, got {self.g_dim}"
-        if self.kind == "linear" and not self.rank3 and self.tokens != 1:
-            return "tokens", f"a linear layer on [N, C] has 1 token, got {self.tokens}"
+        # a 2-D input: its rows are samples ([N, C]: 1 a sample) or positions of samples
+        # ([L·N, C]: L, counted at export); either way only its channel axis can be projected
+        if self.kind == "linear" and not self.rank3 and "token" in (self.x_axis, self.g_axis):
+            return "x_axis", f"a linear layer on a 2-D input uses the channel axis, got " \
+                             f"{self.x_axis}/{self.g_axis}"
+        if self.kind == "linear" and not self.rank3 and self.tokens > MAX_ROWS_2D:
+            return "tokens", f"a linear layer on a 2-D input has at most {MAX_ROWS_2D} rows a " \
+                             f"sample, got {self.tokens}"
         return None
 
 

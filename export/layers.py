@@ -177,8 +177,13 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
     """
     found: list[CompressedLayer] = []
     taken: set[str] = set()
+    made_by = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         layer = _as_layer(node, shapes, trainable, param_names)
+        if layer is not None and not layer.rank3 and shapes.of(layer.x)[:1] != ["N"]:
+            rows = _rows_per_sample(made_by, shapes, layer.x, layer.cx)
+            if rows:  # [L·N, C] rows (MultiheadAttention's out_proj, x.view(-1, C)): L a sample
+                layer.tokens = rows
         if layer is not None:
             base, k = layer.name, 1
             while layer.name in taken:  # one weight used by two nodes: distinct layer names
@@ -207,6 +212,22 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
                              if known else "it has none")
                           + "); check the name, or leave the pattern out")
     return [ly for ly in found if not any(fnmatch.fnmatch(ly.name, p) for p in pats)]
+
+
+def _rows_per_sample(made_by: dict, shapes: Shapes, x: str, width: int) -> int | None:
+    """Rows a sample gives a 2-D ``x`` of ``width`` columns that a Reshape (or Flatten) made
+    from a tensor whose one free dimension is the batch: e.g. ``[L, N, C]`` viewed as
+    ``[L·N, C]`` gives L (shape inference names the rows only 'unk', and the layer was counted
+    as one row a sample: its memory, FLOPs and Gram bound L times low). None where not so."""
+    node = made_by.get(x)
+    if node is None or node.op_type not in ("Reshape", "Flatten"):
+        return None
+    src = shapes.of(node.input[0])
+    free = [d for d in src or [] if not isinstance(d, int)]  # the batch (in training graphs
+    if len(free) != 1:  # only it is free), as "N" or a name shape inference gave it
+        return None
+    per = math.prod(d for d in src if isinstance(d, int))
+    return per // width if width and per % width == 0 and per // width > 1 else None
 
 
 def layer_name(weight: str, node_name: str, param_names: dict[str, str]) -> str:

@@ -639,7 +639,7 @@ for _name, _edit, _argv, _frags in [
     ("layer-dims-not-its-weight", _layer(cx=65, x_dim=65), _train_full,
      ["instant.layers[0]", "do not match the shape of its weight"]),
     ("layer-tokens-on-a-2d-linear", _layer(tokens=2**30), _train_full,
-     ["instant.layers[0].tokens", "1 token"]),
+     ["instant.layers[0].tokens", "at most 65536 rows a sample"]),
     ("shape-beyond-int32", lambda m: m["params"][0]["shape"].__setitem__(0, 2**40), _train_full,
      ["params[0].shape", "shape[0] must be from 1 to 2147483647"]),
     # OverflowError in plan's step-time estimate

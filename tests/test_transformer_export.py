@@ -591,6 +591,9 @@ def test_torch_transformer_encoder_layer_gradients_match_torch(models_file: Path
     layers = {ly.name: ly for ly in open_bundle(bundle).layers}
     assert layers["enc.self_attn.in_proj"].seq_first, sorted(layers)
     assert {"emb", "enc.self_attn.out_proj", "enc.linear1", "enc.linear2"} <= set(layers)
+    # its out_proj reads [L·N, C]: 10 rows a sample (a model probe found it counted as one,
+    # its memory and FLOPs 17x low in the plan's table)
+    assert layers["enc.self_attn.out_proj"].tokens == 10, layers["enc.self_attn.out_proj"]
     check_bundle_grads(models_file, "torch_encoder", bundle, x, labels, ("vanilla", "instant"))
 
 
