@@ -1176,7 +1176,7 @@ def test_a_long_tokenisation_says_how_far_it_is(tmp_path, monkeypatch, capsys):
                               tmp_path / "tokenizer.json", lambda i: "good film", 1000)
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("data: tokenised")]
     assert lines and re.fullmatch(r"data: tokenised [\d,]+ of 773 rows \([\d,]+ rows/s, about "
-                                  r"\d+ s left\)", lines[0]), lines
+                                  r"[\d.]+ (s|min|h) left\)", lines[0]), lines
     assert cache.rows([n - 1])["input_ids"][0, 0] == 2
 
 

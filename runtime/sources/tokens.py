@@ -114,7 +114,7 @@ class TokenCache:
                         head, nl, _ = block.partition(b"\n")
                         done += head.count(b".")
                         in_msg = bool(nl)
-                    if last - told >= PROGRESS_S and done and not in_msg:
+                    if last - told >= PROGRESS_S and done:  # (also the last chunks' block)
                         # a large file (or a slow pattern of the bundle's tokenizer): say how
                         # far it is and how long it will take, so a user can judge and stop it
                         told = last
