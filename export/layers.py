@@ -140,11 +140,10 @@ def _axis_mode(tokens: int, channels: int, rank3: bool) -> str:
     return "token" if tokens <= channels else "channel"
 
 
-def _head_node(model: onnx.ModelProto, trainable: set[str]) -> str | None:
+def _head_node(model: onnx.ModelProto, trainable: set[str], made_by: dict) -> str | None:
     """The classifier head: the last node (graph order) that multiplies by a trained weight,
     whether or not INSTANT can compress it (a Gemm with alpha != 1 cannot, and then no other
-    layer is left out in its place)."""
-    made_by = {o: n for n in model.graph.node for o in n.output}
+    layer is left out in its place). ``made_by``: tensor -> the node that outputs it."""
 
     def weight(name: str) -> bool:  # a trained tensor, or one reshaped/cast/transposed from it
         for _ in range(8):
@@ -194,7 +193,7 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
             found.append(layer)
     if exclude is None:
         head = None
-        if found and found[-1].node == _head_node(model, trainable):
+        if found and found[-1].node == _head_node(model, trainable, made_by):
             head, found = found[-1].name, found[:-1]
         # one vector per sample: a 2-D input whose rows are the batch (a GPT-2-style Linear
         # over x.view(-1, C) has N·L rows, tokens in all but shape, and stays compressed)

@@ -357,14 +357,6 @@ class _Members(Mapping):
     def __contains__(self, key: object) -> bool:  # (Mapping's would read the member)
         return key in self.keys_
 
-    def nbytes(self, key: str) -> int:
-        """The stored size of member ``key`` (header included; 0 where there is none), without
-        reading it."""
-        if key not in self.keys_:
-            return 0
-        with os.fdopen(_open_regular(self.path), "rb") as f, zipfile.ZipFile(f) as zf:
-            return zf.getinfo(key + ".npy").file_size
-
     def chunks(self, key: str, dtype, rows: int = 1 << 16):
         """The 1-D array ``key`` of exactly ``dtype``, ``rows`` values at a time, never held
         whole (a forged 10^7-step run's losses).

@@ -176,14 +176,8 @@ class StepStats:
         return st
 
     def _restore_old(self, arrays, steps: int) -> None:
-        chunks = getattr(arrays, "chunks", None)
-        if chunks is None:  # a plain dict of arrays (tests)
-            n = arrays["run/losses"].shape[:1] or (0,)
-
-            def chunks(key, dtype):
-                yield meta_array(arrays, key, n, dtype)
-
-        for a in chunks("run/losses", np.float64):
+        """``arrays``: a checkpoint's members (checkpoint._Members), read a chunk at a time."""
+        for a in arrays.chunks("run/losses", np.float64):
             if not np.isfinite(a).all():
                 raise DamagedCheckpoint("array 'run/losses' holds NaN or inf values")
             self.n += len(a)
@@ -194,7 +188,7 @@ class StepStats:
                 self.first.extend(a[:self.KEEP - len(self.first)].tolist())
             self.last.extend(a[-self.KEEP:].tolist())
         count = 0
-        for a in chunks("run/times", np.float64):
+        for a in arrays.chunks("run/times", np.float64):
             _check_times(a)
             count += len(a)
             self.time_sum += float(a.sum())

@@ -23,7 +23,7 @@ import time
 
 from .local import Local, UserError, release_memory
 
-__all__ = ["PROTOCOL", "check_server_config", "make_client_app", "run_client"]
+__all__ = ["PROTOCOL", "check_server_config", "make_client_app", "mismatch", "run_client"]
 
 PROTOCOL = 2  # bumped when the config keys or the tensor order the two sides agree on change
 
@@ -34,19 +34,33 @@ def check_server_config(config: dict, local_signature: str, flwr_version: str) -
     Raises:
         UserError: another fleet protocol, another Flower minor version, another model.
     """
-    theirs = config.get("fleet_protocol")
-    if theirs != PROTOCOL:
-        raise UserError(f"the fleet server speaks fleet protocol {theirs}, this client "
-                        f"{PROTOCOL}; install the same instant-runtime version on both sides")
-    server_flwr = str(config.get("flwr_version", "?"))
-    if server_flwr.split(".")[:2] != flwr_version.split(".")[:2]:
+    differs = mismatch(config, local_signature, flwr_version)
+    if differs == "fleet_protocol":
+        raise UserError(f"the fleet server speaks fleet protocol {config.get('fleet_protocol')}, "
+                        f"this client {PROTOCOL}; install the same instant-runtime version on "
+                        "both sides")
+    if differs == "flwr_version":
+        server_flwr = str(config.get("flwr_version", "?"))
         raise UserError(f"the fleet server runs Flower {server_flwr}, this client {flwr_version}; "
                         f"install the same version on both (pip install 'flwr=={server_flwr}')")
-    if config.get("signature") != local_signature:
+    if differs == "signature":
         raise UserError("the fleet server trains another model (its bundle's trainable tensors, "
                         "graph or frozen weights differ from this bundle's); give every client "
                         "a copy of the server's bundle")
     return int(config.get("round", 0))
+
+
+def mismatch(theirs: dict, signature: str, flwr_version: str) -> str | None:
+    """The first of the things both sides must share where ``theirs`` (the other side's round
+    config or join-check answer) differs from this side: "fleet_protocol", "flwr_version" (the
+    minor version) or "signature" (the model); None where none does."""
+    if theirs.get("fleet_protocol") != PROTOCOL:
+        return "fleet_protocol"
+    if str(theirs.get("flwr_version", "?")).split(".")[:2] != flwr_version.split(".")[:2]:
+        return "flwr_version"
+    if theirs.get("signature") != signature:
+        return "signature"
+    return None
 
 
 def _refusal(config: dict, local_signature: str, flwr_version: str) -> str | None:

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from .client import PROTOCOL, say_to
+from .client import PROTOCOL, mismatch, say_to
 from .local import Local, UserError, save_run
 
 __all__ = ["NotEnoughClients", "run_server"]
@@ -284,13 +284,13 @@ def _join_check(proxy, config: dict, signature: str, flwr_version: str,
             return GONE
         return f"it did not answer the join check ({type(exc).__name__}): another program or " \
                "an older instant-runtime"
-    if props.get("fleet_protocol") != PROTOCOL:
+    differs = mismatch(props, signature, flwr_version)
+    if differs == "fleet_protocol":
         return f"it speaks fleet protocol {props.get('fleet_protocol')}, this server " \
                f"{PROTOCOL}; install the same instant-runtime version on both sides"
-    theirs = str(props.get("flwr_version", "?"))
-    if theirs.split(".")[:2] != flwr_version.split(".")[:2]:
-        return f"it runs Flower {theirs}, this server {flwr_version}"
-    if props.get("signature") != signature:
+    if differs == "flwr_version":
+        return f"it runs Flower {props.get('flwr_version', '?')}, this server {flwr_version}"
+    if differs == "signature":
         return f"it has another model (signature {str(props.get('signature'))[:12]}, this " \
                f"server's {signature[:12]}); give every client a copy of the server's bundle"
     if props.get("refused"):
