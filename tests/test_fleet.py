@@ -296,7 +296,9 @@ def test_a_client_of_another_model_is_refused_as_it_joins(mlp_bundle, mlp_head_b
     wrong = Proc(tmp_path, "wrong2", "client", mlp_head_bundle, "--data", "digits", "--server",
                  f"127.0.0.1:{port}", "--steps", 2, "--threads", 1, "--out", tmp_path / "w2")
     good = start_client(tmp_path, mlp_bundle, port, 1, "digits", "--steps", 2)
-    time.sleep(1.0)
+    for client in (wrong, good):  # both poll (each at least once a second) before it starts: a
+        client.wait_for("waiting up to")  # fresh-clone CI run's wrong client was in gRPC's
+    # default reconnect backoff while the whole run began and ended, and never reached it
     server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
                           "--data", "digits", "--overwrite")
     try:

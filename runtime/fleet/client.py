@@ -169,18 +169,34 @@ def _scalar(v):
     return float(v)
 
 
-def _wait_ready(address: str, timeout: float) -> None:
-    """Block until a gRPC connection to ``address`` is up; a clear error after ``timeout``."""
+# gRPC's own reconnect backoff grows to minutes (1 s, 1.6 s, 2.6 s, ... with jitter): a client
+# started a while before its server joined only many seconds after the server came up, and a
+# short run could end before it did. Polled at least once a second instead (one TCP connect).
+_POLL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                 ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def _wait_ready(address: str, timeout: float, say=None) -> None:
+    """Block until a gRPC connection to ``address`` is up; a clear error after ``timeout``.
+    Where it is not up at once, ``say`` hears that this client waits (and for how long)."""
     import grpc
 
-    channel = grpc.insecure_channel(address)
+    channel = grpc.insecure_channel(address, options=_POLL_OPTIONS)
+    ready = grpc.channel_ready_future(channel)
+    end = time.monotonic() + timeout
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
+        try:
+            ready.result(timeout=min(1.0, timeout))
+        except grpc.FutureTimeoutError:
+            if say is not None:
+                say(f"waiting up to {timeout:.0f} s for the fleet server at {address}")
+            ready.result(timeout=max(0.0, end - time.monotonic()))
     except grpc.FutureTimeoutError:
         raise UserError(f"cannot reach a fleet server at {address} within {timeout:.0f} s; start "
                         "`instant-runtime fleet server` there first, or check --server HOST:PORT"
                         ) from None
     finally:
+        ready.cancel()
         channel.close()
 
 
@@ -203,7 +219,7 @@ def run_client(local: Local, address: str, steps: int, batch: int,
     context = Context(run_id=0, node_id=-1, node_config={}, state=RecordDict(), run_config={})
     served = 0
     while True:
-        _wait_ready(address, connect_timeout)
+        _wait_ready(address, connect_timeout, say)
         say(f"connected to the fleet server at {address}")
         try:
             with connection(address) as (receive, send, disconnect, answer, flush):
