@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from contract import UserError, names
 
-from .sessions import run_options
+from .sessions import check_provider_started, run_options
 
 __all__ = ["Resident"]
 
@@ -41,6 +41,8 @@ class Resident:
         so.log_severity_level = 4
         self.optim = ort.InferenceSession(trainer.bundle.read_file(graph), so,
                                           providers=trainer._providers())
+        if device == "cuda":
+            check_provider_started(self.optim)
 
     def _put(self, a: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0)

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from helpers import make_trainer
+from onnx import TensorProto, helper
 
 from contract import UserError
 from runtime.config import OptimConfig, SessionConfig
@@ -114,3 +115,20 @@ def test_resident_step_matches_the_host_step(cnn_bundle: Path, optimizer: str):
         np.testing.assert_allclose(res.params[k], host.params[k], rtol=1e-4, atol=1e-5,
                                    err_msg=k)
     assert host.evaluate(data.test) == pytest.approx(res.evaluate(data.test), abs=1e-5)
+
+
+def test_a_cuda_provider_that_did_not_start_is_one_line():
+    """onnxruntime-gpu whose CUDA/cuDNN libraries do not load gives a session on the CPU (its
+    warning is below our log level): ``--device cuda`` must say so, not train on the CPU. (A
+    session of this CPU build stands in for the fallen-back one; on the H200 of session 22 the
+    real case was run, see the README's GPU section.)"""
+    from runtime.sessions import check_provider_started
+
+    graph = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="CUDA provider did not start") as info:
+        check_provider_started(session)
+    assert "\n" not in str(info.value) and "--device cpu" in str(info.value)

@@ -10,6 +10,8 @@ training through them):
 4. ``half_batch_mask``: a masked INSTANT input gradient (a MatMul, or the ``If`` choosing the
    exact or compressed product) computed per half-batch.
 5. ``concat_pushdown``: the half-batch results feed separable consumers without a full Concat.
+6. ``empty_half``: a basis times a batch-major tensor also runs on the empty half of a
+   micro-batch of 1 (onnxruntime up to 1.31 refused it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from ..autodiff import Pass
 from .broadcast_expand import broadcast_expand
 from .concat_pushdown import concat_pushdown
+from .empty_half import empty_half
 from .gelu_fusion import fuse_gelu
 from .half_batch_mask import half_batch_mask
 from .mask_bits import mask_bits
@@ -29,6 +32,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("mask_bits", "backward", mask_bits),
     Pass("half_batch_mask", "backward", half_batch_mask),
     Pass("concat_pushdown", "backward", concat_pushdown),
+    Pass("empty_half", "backward", empty_half),
 )
 
 
