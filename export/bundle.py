@@ -47,7 +47,7 @@ from contract import (
 from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
-from .graph import ExportError, Shapes, reads
+from .graph import ExportError, Shapes, lowest_ir_version, reads
 from .layers import (
     CompressedLayer,
     find_compressible_layers,
@@ -320,6 +320,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
 
     bounds = _index_bounds(traced.model, traced.inputs)
     base = copy.deepcopy(traced.model)
+    lowest_ir_version(base)  # every bundle graph takes its IR version from here
     _dynamic_batch(base, traced.inputs + traced.outputs)
     initial = _params_as_inputs(base, params)
     weights = _WeightFile()

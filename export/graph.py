@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from contract.errors import UserError
 from contract.onnx_scan import LOOP_OPS
 
-__all__ = ["Builder", "ExportError", "Shapes", "check_ops", "infer_shapes", "name_nodes",
-           "reads", "static_shape"]
+__all__ = ["Builder", "ExportError", "Shapes", "check_ops", "infer_shapes", "lowest_ir_version",
+           "name_nodes", "reads", "static_shape"]
 
 Dim = int | str | None
 
@@ -221,3 +221,16 @@ def check_ops(model: onnx.ModelProto, path: str) -> None:
         if node.op_type in LOOP_OPS:  # the runtime refuses loops
             raise ExportError(f"ONNX model '{path}': '{node.op_type}' node '{node.name}' (a loop "
                               "is not run); export the model with its loop unrolled")
+
+
+def lowest_ir_version(model: onnx.ModelProto) -> None:
+    """Set ``model``'s IR version to the lowest its opsets allow (opset 17: IR 8). An ONNX file
+    written by a new ``onnx`` package carries that package's IR version (14 with onnx 1.20):
+    onnxruntime 1.31 (the newest onnxruntime-gpu in 2026-12) and older refuse it ("Unsupported
+    model IR version: 14, max supported IR version: 13"), though its opsets are old. A bundle's
+    graphs use no IR feature beyond its opsets' (float32/int64/bool/uint8 tensors)."""
+    from onnx import helper
+
+    need = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    if need < model.ir_version:
+        model.ir_version = need

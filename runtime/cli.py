@@ -359,6 +359,32 @@ def _not_bundle_files(folder: Path) -> list[str]:
                   and not left_lock(e))
 
 
+def _check_export_out(out: Path, overwrite: bool) -> None:
+    """``export --out``: new or empty; with --overwrite, a bundle holding nothing but its own
+    files. Checked before the export and again just before the new bundle is moved in.
+
+    Raises:
+        UserError: anything else at ``out``.
+    """
+    from contract import UserError
+
+    if not (out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
+            or out.is_symlink()):
+        return
+    if not overwrite:
+        raise UserError(f"--out '{out}' already exists; pass --overwrite to replace it, or "
+                        "another --out")
+    if out.is_symlink() or not (out / "manifest.json").is_file():
+        raise UserError(f"--out '{out}' exists and is not a bundle; refusing to replace it "
+                        "(remove it yourself, or pass another --out)")
+    extra = _not_bundle_files(out)
+    if extra:  # BUNDLE/run is train's default --out: its checkpoints would be deleted
+        raise UserError(f"--out '{out}' holds more than a bundle ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''}: training runs or your files), "
+                        "which --overwrite would delete; move them out of it first, or "
+                        "pass another --out")
+
+
 def _cmd_export(a) -> int:
     import shutil
     import tempfile
@@ -367,19 +393,7 @@ def _cmd_export(a) -> int:
     from export import export_bundle
 
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
-        if not a.overwrite:
-            raise UserError(f"--out '{out}' already exists; pass --overwrite to replace it, or "
-                            "another --out")
-        if not (out / "manifest.json").is_file():
-            raise UserError(f"--out '{out}' exists and is not a bundle; refusing to replace it "
-                            "(remove it yourself, or pass another --out)")
-        extra = _not_bundle_files(out)
-        if extra:  # BUNDLE/run is train's default --out: its checkpoints would be deleted
-            raise UserError(f"--out '{out}' holds more than a bundle ({', '.join(extra[:3])}"
-                            f"{', ...' if len(extra) > 3 else ''}: training runs or your files), "
-                            "which --overwrite would delete; move them out of it first, or "
-                            "pass another --out")
+    _check_export_out(out, a.overwrite)
     exclude = None
     if a.instant_exclude is not None:
         exclude = [] if a.instant_exclude == "none" else a.instant_exclude.split(",")
@@ -413,7 +427,7 @@ def _cmd_export(a) -> int:
     # found late, an unsupported op) leaves an existing bundle as it was
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.export.", dir=out.parent))
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
     notes: list[str] = []
@@ -429,11 +443,22 @@ def _cmd_export(a) -> int:
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
+        # checked again: a folder made at --out while the export ran (a run that trained the
+        # old bundle into BUNDLE/run meanwhile, a file of the user's) is never replaced
+        _check_export_out(out, a.overwrite)
+        old = None
+        if out.exists() or out.is_symlink():  # set aside, replaced, then dropped: no moment
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.old.", dir=out.parent))
+            os.replace(out, old / "bundle")  # without a bundle at --out
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old / "bundle", out)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -286,31 +286,20 @@ def restore_lookups(b: Bundle, model, onnx) -> None:
 def _fresh_tmpdir(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.", dir=out.parent))
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
 
 
-def _write_onnx(onnx, model, out: Path) -> Path | None:
-    """Write atomically (temp dir in the same folder, then os.replace); returns the data file."""
-    if out.is_dir():
-        raise UserError(f"--out '{out}' is a directory; name the .onnx file to write")
-    tmp = _fresh_tmpdir(out)
-    data_name = out.name + ".data"
-    external = model.ByteSize() > MAX_INLINE_BYTES
-    try:
-        if external:
-            onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(tmp / data_name, out.parent / data_name)
-        else:
-            onnx.save_model(model, str(tmp / out.name))
-        os.replace(tmp / out.name, out)
-    except OSError as exc:
-        raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out.parent / data_name if external else None
+def _write_onnx(onnx, model, tmp: Path, name: str) -> str | None:
+    """Write the model as ``tmp/name``; returns the name of its external data file, if any."""
+    data_name = name + ".data"
+    if model.ByteSize() > MAX_INLINE_BYTES:
+        onnx.save_model(model, str(tmp / name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        return data_name
+    onnx.save_model(model, str(tmp / name))
+    return None
 
 
 def torch_state(b: Bundle, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -331,19 +320,38 @@ def _write_safetensors(b: Bundle, params: dict[str, np.ndarray], path: Path) -> 
         from safetensors.numpy import save_file
     except ImportError:
         return False
-    tmp = _fresh_tmpdir(path)
-    try:
-        save_file(torch_state(b, params), str(tmp / path.name),
-                  metadata={"producer": "instant-runtime export-model"})
-        umask = os.umask(0o022)  # safetensors writes 0600; give it the .onnx file's mode
-        os.umask(umask)
-        os.chmod(tmp / path.name, 0o666 & ~umask)
-        os.replace(tmp / path.name, path)
-    except OSError as exc:
-        raise UserError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_file(torch_state(b, params), str(path),
+              metadata={"producer": "instant-runtime export-model"})
+    umask = os.umask(0o022)  # safetensors writes 0600; give it the .onnx file's mode
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     return True
+
+
+def _check_not_a_source(targets: list[Path], b: Bundle, weights: Path) -> None:
+    """No file export-model writes may land in the bundle folder (its files are checked by
+    their sizes and checksums: the bundle would be unusable, and without torch it cannot be
+    re-exported) or on the run's own files (its weights, checkpoints, metrics).
+
+    Raises:
+        UserError: a target that does.
+    """
+    bundle_dir = b.path.resolve()
+    run_dir = weights.resolve().parent
+    if run_dir.name == "checkpoints":
+        run_dir = run_dir.parent
+    from .run_folder import RUN_FILES
+
+    for t in targets:
+        where = t.resolve()
+        if where.parent == bundle_dir:
+            raise UserError(f"--out '{targets[0]}' would write '{t.name}' into the bundle folder "
+                            f"{b.path}, whose files the bundle's manifest checks; pass an --out "
+                            "outside it")
+        if where == weights.resolve() or (where.parent == run_dir and where.name in RUN_FILES) \
+                or run_dir / "checkpoints" in where.parents:
+            raise UserError(f"--out '{targets[0]}' would replace the run's own file '{t}'; pass "
+                            "another --out")
 
 
 def export_model(source: str | Path, out: str | Path, weights: str | Path | None = None,
@@ -366,22 +374,46 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         raise UserError(f"{', '.join(taken)} already exist(s); pass --overwrite to replace, or "
                         "another --out")
     b, w = resolve_source(source, weights, bundle)
+    _check_not_a_source(targets, b, Path(w))
     params = b.load_params(None if w == b.path / names.PARAMS_FILE else w)
     onnx, model = _build_model(b, params)
-    data = _write_onnx(onnx, model, out)
-    st = out.with_suffix(".safetensors")
-    wrote = _write_safetensors(b, params, st)
     labels = _class_names(b, w)
-    labels_path = tok_path = None
-    if labels:
-        labels_path = out.with_suffix(".labels.json")
-        text = json.dumps(labels, indent=1)
-        atomic_write(labels_path, lambda p: write_text(p, text))
-    if b.manifest.text is not None:
-        tok_path = out.with_suffix(".tokenizer.json")
-        data_tok = _fixed_length_tokenizer(b.read_file(b.manifest.text.tokenizer),
-                                           b.manifest.text.seq_len)
-        atomic_write(tok_path, lambda p: _write_bytes(p, data_tok))
+    # every file is written into a folder beside --out first and moved in place once all are
+    # complete: a failure (a full disk) leaves what was at --out as it was
+    tmp = _fresh_tmpdir(out)
+    try:
+        try:
+            data_name = _write_onnx(onnx, model, tmp, out.name)
+            wrote = _write_safetensors(b, params, tmp / "model.safetensors")
+            if labels:
+                text = json.dumps(labels, indent=1)
+                atomic_write(tmp / "labels.json", lambda p: write_text(p, text))
+            if b.manifest.text is not None:
+                data_tok = _fixed_length_tokenizer(b.read_file(b.manifest.text.tokenizer),
+                                                   b.manifest.text.seq_len)
+                atomic_write(tmp / "tokenizer.json", lambda p: _write_bytes(p, data_tok))
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OSError, safetensors' own error
+            why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200] or \
+                type(exc).__name__
+            raise UserError(f"cannot write the model beside '{out}': {why}; nothing at --out "
+                            "was changed: free space or pass another --out") from None
+        st = out.with_suffix(".safetensors")
+        labels_path = out.with_suffix(".labels.json") if labels else None
+        tok_path = out.with_suffix(".tokenizer.json") if b.manifest.text is not None else None
+        data = out.parent / data_name if data_name else None
+        moves = [(data_name, data), ("model.safetensors", st if wrote else None),
+                 ("labels.json", labels_path), ("tokenizer.json", tok_path),
+                 (out.name, out)]  # the .onnx last: it names its data file
+        try:
+            for name, target in moves:
+                if target is not None:
+                    os.replace(tmp / name, target)
+        except OSError as exc:
+            raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     written = {out, data, st if wrote else None, labels_path, tok_path}
     for t in targets:  # a replaced export's companion this model has none of (--overwrite)
         if t not in written and t.exists():

@@ -25,12 +25,23 @@ from .checkpoint import (
     read_regular,
 )
 
-__all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder", "json_object"]
+__all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder", "json_object",
+           "not_run_files"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
 # temporary file of an atomic write (``.NAME.tmpPID``)
 _RUN_LEFTOVER = re.compile(r"^\.(replaced\.\d+|write-test\.\d+|[\w.-]+\.tmp\d+)$")
+
+
+def not_run_files(folder: Path, allowed: tuple[str, ...] = RUN_FILES) -> list[str]:
+    """Names in ``folder`` that no run writes (sorted; [] when it is new, empty or unlistable):
+    neither ``allowed`` nor a run's leftovers (``_RUN_LEFTOVER``)."""
+    try:
+        names = sorted(f.name for f in Path(folder).iterdir())
+    except OSError:  # not a folder yet, or not listable: the write probe will tell
+        return []
+    return [n for n in names if n not in allowed and not _RUN_LEFTOVER.match(n)]
 
 
 def check_out_path(p: Path, what: str, default: str = "") -> None:
@@ -110,7 +121,10 @@ class RunFolder:
         for old in sorted(p.glob(".replaced.*")):
             if old.is_symlink() or not old.is_dir() or not _RUN_LEFTOVER.match(old.name):
                 continue
-            if newest_checkpoint(p / "checkpoints") is not None:
+            # the replacement wrote its run.json before anything else: without one, the
+            # checkpoints there are the old run's own (a set-aside cut short)
+            if (newest_checkpoint(p / "checkpoints") is not None
+                    and (p / "run.json").exists()):
                 shutil.rmtree(old, ignore_errors=True)
                 print(f"note: '{p}': removed the run that an interrupted --overwrite had set "
                       f"aside ({old.name}); its replacement has checkpoints", file=sys.stderr)
@@ -134,12 +148,17 @@ class RunFolder:
         self._recover_set_aside()
         existing = [f for f in RUN_FILES if (p / f).exists()
                     and not (f == "checkpoints" and not (p / f).is_dir())]
+        if existing and not self._is_run():  # files named like a run's are not one: a user's
+            raise UserError(  # summary.json or checkpoints/ are never replaced or appended to
+                f"--out '{p}' holds {', '.join(existing)} but no training run (no run.json of "
+                "one and no checkpoint); nothing there is replaced: pass a new or empty folder "
+                "as --out")
         if existing and not (resume or overwrite):
             raise UserError(f"--out '{p}' already holds a training run ({', '.join(existing)}); "
                             "pass --resume to continue it, --overwrite to replace it, or "
                             "another --out")
         if not existing:  # a run is written among its own files only (never into `/` or ~)
-            others = self._other_files()
+            others = not_run_files(p)
             if others:
                 raise UserError(f"--out '{p}' is a folder holding other files ("
                                 f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
@@ -168,9 +187,21 @@ class RunFolder:
             # budget, a signal before its first checkpoint) puts the old one back (finish)
             self._busy = True
             self._replaced = p / f".replaced.{os.getpid()}"
-            self._replaced.mkdir()
-            for f in existing:
-                os.replace(p / f, self._replaced / f)
+            moved: list[str] = []
+            try:
+                self._replaced.mkdir()
+                for f in existing:
+                    os.replace(p / f, self._replaced / f)
+                    moved.append(f)
+            except OSError as exc:  # all or nothing: a run split in two would lose half
+                for f in moved:
+                    os.replace(self._replaced / f, p / f)
+                shutil.rmtree(self._replaced, ignore_errors=True)
+                self._replaced = None
+                self._busy = False
+                raise UserError(f"--overwrite: cannot set the old run in '{p}' aside ("
+                                f"{exc.filename or p}: {exc.strerror or exc}); it is left as it "
+                                "was: fix the permissions, or pass another --out") from None
             self._before = set()
             self._busy = False
             if self._pending is not None:
@@ -203,13 +234,12 @@ class RunFolder:
         atomic_write(self.path / "run.json", lambda f: write_text(f, text))
         self._identity_due = False
 
-    def _other_files(self) -> list[str]:
-        """Names in the folder that no run writes (sorted), or [] when it is new or empty."""
-        try:
-            names = sorted(f.name for f in self.path.iterdir())
-        except OSError:  # not a folder yet, or not listable: the write probe will tell
-            return []
-        return [n for n in names if n not in RUN_FILES and not _RUN_LEFTOVER.match(n)]
+    def _is_run(self) -> bool:
+        """Whether the folder holds a run of this runtime: its run.json (an object naming the
+        bundle's checksum) or a checkpoint a resume would try."""
+        identity = json_object(self.path / "run.json")
+        return ("bundle_sha256" in identity or identity.get("format") == "instant-runtime-run"
+                or has_checkpoints(self.path / "checkpoints"))
 
     def finish(self, ok: bool) -> None:
         """After the run: drop the replaced run's files (``ok``), or remove what the failed run

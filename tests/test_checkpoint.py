@@ -728,10 +728,11 @@ def test_run_json_that_is_not_an_object_is_ignored_on_resume(mlp_bundle, tmp_pat
     out.mkdir()
     (out / "run.json").write_text("[1]")
     rf = _folder(mlp_bundle, out)
-    rf.prepare(resume=True, overwrite=False)  # used to raise AttributeError
-    rf.finish(True)
-    # no checkpoint: the resume started afresh, and run.json says what ran (it kept the old)
-    assert json.loads((out / "run.json").read_text())["format"] == "instant-runtime-run"
+    # used to raise AttributeError; then it started afresh over it. A run.json that is not a
+    # run's, and no checkpoint: not a run (a file of the user's), left as it is
+    with pytest.raises(UserError, match="holds run.json but no training run"):
+        rf.prepare(resume=True, overwrite=False)
+    assert (out / "run.json").read_text() == "[1]"
 
 
 def test_a_second_run_into_a_held_folder_is_refused(mlp_bundle, tmp_path):

@@ -127,7 +127,9 @@ def test_a_cuda_provider_that_did_not_start_is_one_line():
     graph = helper.make_model(helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    graph.ir_version = 8  # (onnx's newest IR is more than onnxruntime <= 1.31 reads)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     with pytest.raises(UserError, match="CUDA provider did not start") as info:
         check_provider_started(session)

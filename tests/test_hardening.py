@@ -324,8 +324,22 @@ def _(c):
     out = c.tmp / "run"
     out.mkdir()
     (out / "params.npz").write_bytes(b"the other run's weights")
-    (out / "run.json").write_text("{}")
+    (out / "run.json").write_text('{"format": "instant-runtime-run", "bundle_sha256": "ab"}')
     return _train(c)
+
+
+for _flag in ("--overwrite", "--resume"):
+    @case(f"train{_flag}-into-files-named-like-a-run", "but no training run",
+          "new or empty folder")
+    def _(c, _flag=_flag):
+        """A probe's: a folder of the user's with summary.json and checkpoints/ (no run.json)
+        was taken for a run: --overwrite deleted them, --resume wrote over summary.json."""
+        out = c.tmp / "run"
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "checkpoints" / "model_epoch3.pt").write_bytes(b"the user's own checkpoint")
+        (out / "summary.json").write_text('{"my": 1}')
+        (out / "notes.txt").write_text("mine")
+        return _train(c, _flag)
 
 
 @case("train-negative-budget", "invalid size '-5MB'", "greater than zero")

@@ -102,6 +102,12 @@ def test_weights_stored_in_constant_nodes_become_trainable(tmp_path):
     r = _cli("train", tmp_path / "b", "--data", "digits", "--steps", 3, "--batch", 8,
              "--threads", 1, "--no-progress", "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-1500:]
+    # the file carries onnx's newest IR version (helper.make_model's default); the bundle's
+    # graphs the lowest their opsets allow: onnxruntime <= 1.31 refuses IR 14 (session 22)
+    assert onnx.load(str(onnx_file)).ir_version == onnx.IR_VERSION
+    for f in sorted((tmp_path / "b").glob("*.onnx")):
+        m = onnx.load(str(f), load_external_data=False)
+        assert m.ir_version == helper.find_min_ir_version_for(list(m.opset_import)), f.name
 
 
 def test_a_one_element_bias_trains(tmp_path):

@@ -183,6 +183,9 @@ def _run_probe(model, feeds: dict) -> np.ndarray:
     align_corners at scales whose output size is not a whole number)."""
     import onnxruntime as ort
 
+    from ..graph import lowest_ir_version
+
+    lowest_ir_version(model)  # (onnx's newest IR is more than an older onnxruntime reads)
     so = ort.SessionOptions()
     so.log_severity_level = 4
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

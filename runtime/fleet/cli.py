@@ -166,13 +166,20 @@ def _server(a) -> int:
     _flower(a.verbose)
     local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
     out = Path(a.out) if a.out else local.bundle.path / "fleet"
-    if check_server_out(out, a.resume, a.overwrite):
+    from ..run_folder import hold_folder
+
+    resume = check_server_out(out, a.resume, a.overwrite)
+    lock = hold_folder(out, f"--out '{out}' is in use by another fleet server of this machine "
+                       "(two would write one aggregate); wait for it to end, or pass another "
+                       "--out", ".fleet-lock")  # held until the process ends
+    if resume:
         local.set_trainable(local.bundle.load_params(out / "params.npz"))
         print(f"resuming from the aggregate in {out / 'params.npz'}", flush=True)
     if a.data and local.data is not None and local.data.test is None:
         print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)
     s = run_server(local, address, a.rounds, a.min_clients, out, evaluate_here=a.data is not None,
                    wait_s=wait, round_timeout=round_timeout)
+    os.close(lock)
     hist = [h for h in s["history"] if h["accuracy"] is not None]
     what = "held-out" if a.data else "clients' held-out"
     acc = (f"; {what} accuracy {hist[0]['accuracy']:.3f} -> {hist[-1]['accuracy']:.3f}"
@@ -216,9 +223,13 @@ def _client(a) -> int:
     out = Path(a.out) if a.out else bundle / "fleet-client"
     if a.out:
         check_out(out)
-    if fleet_role(out) == "server":
+    role = fleet_role(out)
+    if role == "server":
         raise UserError(f"--out '{out}' holds a fleet server's aggregate (summary.json); a "
                         "client there would replace it: pass another --out")
+    if role == "other" or ((out / "params.npz").exists() and role is None):
+        raise UserError(f"--out '{out}' holds a params.npz or summary.json that no fleet client "
+                        "wrote; nothing there is replaced: pass a new or empty folder as --out")
     local = open_local(bundle, a.data, budget, threads=threads, mode=a.mode,
                        optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                        out=out, checkpoint_every=a.checkpoint_every, partition=partition,

@@ -297,17 +297,27 @@ def check_out(out: Path) -> None:
     Raises:
         UserError: any of those.
     """
-    from ..run_folder import check_out_path
+    from ..run_folder import check_out_path, not_run_files
 
     check_out_path(out, "a fleet run")
     if (out / "run.json").exists():
         raise UserError(f"--out '{out}' holds a `train` run (run.json): a fleet run there would "
                         "replace its weights and metrics; pass another --out")
+    others = not_run_files(out, FLEET_FILES)
+    if others:  # a fleet run writes among its own files only (the user's are never replaced)
+        raise UserError(f"--out '{out}' is a folder holding other files ("
+                        f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and no "
+                        "fleet run; pass a new or empty folder as --out")
+
+
+# what a fleet server or client writes in its --out (a client: a training run's files)
+FLEET_FILES = ("params.npz", "summary.json", "metrics.jsonl", "checkpoints", ".fleet-lock")
 
 
 def fleet_role(out: Path) -> str | None:
     """Which fleet run left its files in ``out``: "server" (an aggregate: summary.json naming
-    the clients it waited for), "client" (checkpoints or a client's summary), or None."""
+    the clients it waited for), "client" (checkpoints or a client's summary), "other" (a
+    summary.json that neither writes), or None."""
     summary = out / "summary.json"
     if summary.is_file() and not summary.is_symlink():
         try:
@@ -316,7 +326,9 @@ def fleet_role(out: Path) -> str | None:
             meta = None
         if isinstance(meta, dict) and "min_clients" in meta:
             return "server"
-        return "client"
+        if isinstance(meta, dict) and "median_step_s" in meta:  # a training run's summary
+            return "client"
+        return "other"
     if (out / "checkpoints").is_dir():
         return "client"
     return None
@@ -331,7 +343,11 @@ def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
             ``--resume`` with no aggregate to resume.
     """
     role = fleet_role(out)
-    has = (out / "params.npz").is_file()
+    has = (out / "params.npz").is_file() or (out / "params.npz").is_symlink()
+    if role == "other" or (has and role != "server"):
+        raise UserError(f"--out '{out}' holds a params.npz or summary.json that no fleet server "
+                        "wrote (no aggregate's summary beside it); nothing there is replaced: "
+                        "pass a new or empty folder as --out")
     if role == "client":
         raise UserError(f"--out '{out}' holds a fleet client's files; the server would replace "
                         "its weights: pass another --out")

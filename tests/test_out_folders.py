@@ -1,0 +1,185 @@
+"""Output folders lose nothing (session 22's probe of --out): what appears at ``export --out``
+while an export runs, a set-aside that fails half way, ``export-model`` over its own sources or
+into a bundle, a full disk under ``export-model``, fleet folders holding a user's files and two
+fleet servers on one folder."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from contract import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest()
+                                       if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_line(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def test_what_appears_at_export_out_while_it_runs_is_never_replaced(cli, tmp_path):
+    """The --out check ran only at start-up and the move deleted whatever was at --out: a
+    folder the user made meanwhile (no --overwrite) and, with --overwrite, a run trained into
+    BUNDLE/run meanwhile. The model factory below makes such a folder during the export."""
+    out = tmp_path / "b"
+    for overwrite, what in ((False, "thesis.txt"), (True, "run")):
+        if overwrite:
+            assert cli("export", "--model", "mlp", "--out", out).returncode == 0
+        factory = tmp_path / f"model_{int(overwrite)}.py"
+        factory.write_text(textwrap.dedent(f"""
+            from pathlib import Path
+            import torch
+
+            def make():
+                out = Path({str(out)!r})
+                out.mkdir(exist_ok=True)
+                if {overwrite!r}:
+                    (out / "run").mkdir()
+                    (out / "run" / "params.npz").write_bytes(b"a run trained meanwhile")
+                else:
+                    (out / "thesis.txt").write_text("mine")
+                return torch.nn.Sequential(torch.nn.Linear(4, 2))
+            """))
+        args = ["export", "--model", f"{factory}:make", "--input-shape", "2,4", "--out", out]
+        r = cli(*args, *(["--overwrite"] if overwrite else []))
+        _one_line(r, str(out), "another --out")
+        assert (out / what).exists(), sorted(os.listdir(out))
+        assert not [p for p in tmp_path.iterdir() if ".export." in p.name or ".old." in p.name]
+        shutil.rmtree(out)
+
+
+def test_a_set_aside_that_fails_half_way_puts_the_run_back(mlp_bundle, tmp_path, monkeypatch):
+    """--overwrite moved the old run's files aside one by one: a move that failed (a
+    read-only checkpoints folder) left the run split in two, and the next resume deleted the
+    half it took for the replacement's."""
+    from test_checkpoint import _folder
+
+    out = tmp_path / "run"
+    first = _folder(mlp_bundle, out)
+    first.prepare(resume=False, overwrite=False)
+    first.finish(True)
+    (out / "checkpoints" / "ckpt-000002.npz").write_bytes(b"the old run's checkpoint")
+    (out / "params.npz").write_bytes(b"the old run's weights")
+    (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 1.0}\n')
+    before = _tree(out)
+    real = os.replace
+
+    def failing(src, dst, *args, **kw):
+        if Path(src).name == "checkpoints":
+            raise PermissionError(13, "Permission denied", str(src))
+        return real(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(UserError, match=r"cannot set the old run in .* aside .*left as it was"):
+        _folder(mlp_bundle, out).prepare(resume=False, overwrite=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert _tree(out) == before
+
+
+def test_export_model_never_writes_over_its_sources_or_into_a_bundle(cli, mlp_bundle, tmp_path):
+    """export-model --out R/params.npz replaced the run's weights and --out BUNDLE/infer.onnx a
+    bundle file (every later command refused the bundle; without torch it cannot be
+    re-exported)."""
+    bundle = Path(shutil.copytree(mlp_bundle, tmp_path / "mlp"))
+    run = tmp_path / "r"
+    assert cli("train", bundle, "--data", "digits", "--steps", 2, "--out", run,
+               "--no-progress").returncode == 0
+    before = _tree(tmp_path)
+    for out in (run / "params.npz", run / "summary.json", run / "checkpoints" / "m.onnx",
+                bundle / "infer.onnx", bundle / "model.onnx"):
+        r = cli("export-model", run, "--bundle", bundle, "--out", out, "--overwrite")
+        _one_line(r, "pass")
+        assert _tree(tmp_path) == before, out
+    assert cli("export-model", run, "--bundle", bundle, "--out", run / "model.onnx"
+               ).returncode == 0  # beside the run's files: fine
+
+
+def test_export_model_on_a_full_disk_leaves_nothing_half_written(cli, mlp_bundle, tmp_path):
+    """A full disk while the .safetensors was written: a traceback, a .onnx without its
+    companions, and a retry refused ("already exists"). A small tmpfs is the full disk."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (small / "filler").write_bytes(b"\0" * 200_000)
+        r = cli("export-model", mlp_bundle, "--out", small / "m.onnx")
+        _one_line(r, "nothing at --out was changed")
+        assert sorted(os.listdir(small)) == ["filler"]
+        (small / "filler").unlink()
+        assert cli("export-model", mlp_bundle, "--out", small / "m.onnx").returncode == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_fleet_folders_holding_a_users_files_are_refused(cli, mlp_bundle, tmp_path):
+    """A fleet client replaced a user's summary.json and wrote beside their notes with no flag;
+    a server wrote into a folder of theirs, and called their params.npz an earlier aggregate
+    that --overwrite would replace."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "params.npz").write_bytes(b"my own weights")
+    before = _tree(tmp_path)
+    runs = [("server", mlp_bundle, "--out", mine), ("client", mlp_bundle, "--data", "digits",
+                                                    "--server", "127.0.0.1:9", "--out", mine),
+            ("server", mlp_bundle, "--out", theirs, "--overwrite"),
+            ("client", mlp_bundle, "--data", "digits", "--server", "127.0.0.1:9", "--out",
+             theirs)]
+    for role, *args in runs:
+        r = subprocess.run([sys.executable, "-m", "runtime.fleet", role, *map(str, args)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        _one_line(r, "new or empty folder")
+        assert _tree(tmp_path) == before, (role, args)
+
+
+def test_a_second_fleet_server_on_one_folder_is_refused(mlp_bundle, tmp_path):
+    """Two servers into one --out both reported success and one aggregate was lost."""
+    import socket
+
+    out = tmp_path / "fleet"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ports = [s.getsockname()[1]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ports.append(s.getsockname()[1])
+    first = subprocess.Popen([sys.executable, "-m", "runtime.fleet", "server", str(mlp_bundle),
+                              "--out", str(out), "--address", f"127.0.0.1:{ports[0]}",
+                              "--min-clients",
+                              "1", "--wait", "30"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        line = first.stdout.readline()  # "fleet server on ..." once it holds the folder
+        assert "fleet server on" in line, (line, first.stderr.read() if first.poll() else "")
+        r = subprocess.run([sys.executable, "-m", "runtime.fleet", "server", str(mlp_bundle),
+                            "--out", str(out), "--address", f"127.0.0.1:{ports[1]}",
+                            "--overwrite"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        _one_line(r, "in use by another fleet server")
+    finally:
+        first.kill()
+        first.wait()
