@@ -92,6 +92,26 @@ def _examples(input_shape: str | None,
     return (example_arrays(input_shape) if input_shape else None), None
 
 
+def _mask_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
+    """Trainable tensors of an ONNX file that look like masks: every value 0 or 1 (both seen)
+    and an input of a Mul whose other input is another trainable tensor (a masked conv's
+    ``weight * mask``; a probe's PixelCNN trained its mask, silently)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    chosen = set(params)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        for k in (0, 1):
+            m, other = node.input[k], node.input[1 - k]
+            if m in chosen and other in chosen and m in inits and m not in found:
+                v = numpy_helper.to_array(inits[m])
+                if v.size > 1 and v.dtype.kind == "f" and np.isin(v, (0.0, 1.0)).all() \
+                        and (v == 0).any() and (v == 1).any():
+                    found.append(m)
+    return found
+
+
 def _params_as_inputs(model: onnx.ModelProto, params: list[str]) -> dict[str, np.ndarray]:
     g = model.graph
     values = {}
@@ -313,6 +333,12 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         notes.append(f"note: {len(frozen)} torch parameters have no tensor of their own in the "
                      f"exported graph and stay frozen ({shown}): the forward does not use them, "
                      "or torch's exporter folded them into a computed constant")
+    masks = _mask_like(traced.model, params) if not traced.from_torch else []
+    if masks and notes is not None:
+        notes.append(f"note: {', '.join(masks[:4])}{' …' if len(masks) > 4 else ''} hold(s) only "
+                     "0s and 1s and multiply another trainable tensor: a mask (a buffer in "
+                     "torch), which an .onnx file cannot tell from a weight; it trains unless "
+                     "left out: pass --trainable naming the weights only")
     if head is not None:
         params += [p for p in ("head.weight", "head.bias") if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))

@@ -141,13 +141,16 @@ def _axis_mode(tokens: int, channels: int, rank3: bool) -> str:
 
 
 def _head_node(model: onnx.ModelProto, trainable: set[str], made_by: dict) -> str | None:
-    """The classifier head: the last node (graph order) that multiplies by a trained weight,
-    whether or not INSTANT can compress it (a Gemm with alpha != 1 cannot, and then no other
-    layer is left out in its place). ``made_by``: tensor -> the node that outputs it."""
+    """The classifier head: the last node (graph order) that multiplies by a weight, trained
+    or frozen, whether or not INSTANT can compress it (a Gemm with alpha != 1 cannot, and then
+    no other layer is left out in its place). A frozen head (``--trainable`` naming body layers
+    only) is no candidate, so no trained layer is left out in its place (a probe's only trained
+    token layer stayed exact, with no note). ``made_by``: tensor -> the node that outputs it."""
+    weights = set(trainable) | {t.name for t in model.graph.initializer if len(t.dims) >= 2}
 
-    def weight(name: str) -> bool:  # a trained tensor, or one reshaped/cast/transposed from it
+    def weight(name: str) -> bool:  # a weight, or one reshaped/cast/transposed from it
         for _ in range(8):
-            if name in trainable:
+            if name in weights:
                 return True
             n = made_by.get(name)
             if n is None or n.op_type not in ("Transpose", "Identity", "Cast", "Reshape",

@@ -8,7 +8,9 @@ model, the exporter translates them into standard opset-17 ops that the autodiff
 
 - ``rms_norm(x, shape, w, eps)`` -> ``x / Sqrt(ReduceMean(x*x, last axes) + eps) * w`` (eps
   None: the float32 machine epsilon, as torch does);
-- ``threshold(x, t, v)`` -> ``Where(x > t, x, v)``.
+- ``threshold(x, t, v)`` -> ``Where(x > t, x, v)``;
+- ``softplus(x, beta, threshold)`` -> ``Where(beta x > threshold, x, Softplus(beta x) / beta)``
+  (torch's exporter has one, but it drops the threshold).
 
 The graphs then compute what torch computes (a test compares outputs and gradients). The
 registration is global to the exporting process and idempotent; the device side never imports
@@ -50,6 +52,17 @@ def register() -> None:
         v = float(sh._get_const(value, "f", "value"))
         return g.op("Where", g.op("Greater", x, const(g, t)), x, const(g, v))
 
-    for name, fn in (("aten::rms_norm", rms_norm), ("aten::threshold", threshold)):
+    def softplus(g, x, beta, threshold):
+        # torch's own translation writes Softplus(beta x) / beta and drops the threshold above
+        # which torch is linear (beta 2, threshold 3: 9e-3 apart, gradients 2e-2, session 22)
+        b = float(sh._get_const(beta, "f", "beta"))
+        t = float(sh._get_const(threshold, "f", "threshold"))
+        bx = x if b == 1.0 else g.op("Mul", x, const(g, b))
+        soft = g.op("Softplus", bx)
+        soft = soft if b == 1.0 else g.op("Div", soft, const(g, b))
+        return g.op("Where", g.op("Greater", bx, const(g, t)), x, soft)
+
+    for name, fn in (("aten::rms_norm", rms_norm), ("aten::threshold", threshold),
+                     ("aten::softplus", softplus)):
         register_custom_op_symbolic(name, fn, 17)
     _done = True

@@ -321,6 +321,16 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     onnx_of = {tn: on for on, (tn, tr) in torch_names.items() if not tr}
     rows = {}
     for mname, mod in module.named_modules():
+        if isinstance(mod, torch.nn.Embedding) and (mod.scale_grad_by_freq
+                                                    or mod.max_norm is not None):
+            what = ("scale_grad_by_freq=True (its gradient divides each row by how often the "
+                    "batch looks it up)" if mod.scale_grad_by_freq else
+                    f"max_norm={mod.max_norm} (its forward renormalises the rows it looks up, "
+                    "in place)")
+            raise ExportError(f"module '{mname or source}' is an nn.Embedding with {what}, "
+                              "which the exported graphs do not reproduce: training would "
+                              "silently differ from torch's; build it without that option "
+                              "(or renormalise the table yourself between runs)")
         if isinstance(mod, torch.nn.Embedding) and mod.padding_idx is not None:
             pname = f"{mname}.weight" if mname else "weight"
             if pname in onnx_of:

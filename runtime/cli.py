@@ -99,13 +99,19 @@ def _run_seed(out: Path) -> int:
 
 
 def _add_instant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
+    p.add_argument("--mode", default="instant", choices=["instant", "vanilla"],
+                   help="instant: INSTANT compressed backward; vanilla: exact (default instant)")
     p.add_argument("--energy", type=float, default=None,
-                   help="INSTANT energy threshold ε (default: the bundle's)")
-    p.add_argument("--oversample", type=int, default=None, help="INSTANT oversampling p")
+                   help="INSTANT energy threshold ε (default: the bundle's, 0.95 unless export "
+                        "set it)")
+    p.add_argument("--oversample", type=int, default=None,
+                   help="INSTANT oversampling p (default: the bundle's, 0 unless export set it)")
     p.add_argument("--calib-every", type=int, default=None,
-                   help="recalibrate every N steps (0: once)")
-    p.add_argument("--calib-batches", type=int, default=None)
+                   help="recalibrate every N steps (0: once; default: the bundle's, 50 unless "
+                        "export set it)")
+    p.add_argument("--calib-batches", type=int, default=None,
+                   help="batches each calibration collects Grams over (default: the bundle's, 2 "
+                        "unless export set it)")
     p.add_argument("--calib-samples", type=int, default=None,
                    help="samples per batch of the first calibration (default: the batch, or "
                         "fewer where fewer fill every Gram: at least 64)")
@@ -155,10 +161,17 @@ def _parser() -> argparse.ArgumentParser:
                         "classifier head, and layers over one vector per sample whose Grams "
                         "outweigh what they save: the export notes them); 'none' compresses "
                         "every eligible layer")
-    e.add_argument("--calib-every", type=int, default=None)
-    e.add_argument("--calib-batches", type=int, default=None)
-    e.add_argument("--energy", type=float, default=None)
-    e.add_argument("--oversample", type=int, default=None)
+    e.add_argument("--calib-every", type=int, default=None,
+                   help="INSTANT default recorded in the bundle: recalibrate every N steps "
+                        "(0: once; default 50)")
+    e.add_argument("--calib-batches", type=int, default=None,
+                   help="INSTANT default recorded in the bundle: batches per calibration "
+                        "(default 2)")
+    e.add_argument("--energy", type=float, default=None,
+                   help="INSTANT default recorded in the bundle: energy threshold ε (default "
+                        "0.95)")
+    e.add_argument("--oversample", type=int, default=None,
+                   help="INSTANT default recorded in the bundle: oversampling p (default 0)")
     e.add_argument("--output", default=None,
                    help="the model output to train (a model with several outputs)")
     e.add_argument("--head", type=int, default=None, metavar="CLASSES",
@@ -183,25 +196,29 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep the training graphs whole: no separate frozen-prefix graph run "
                         "without padding (export/prefix.py; for comparisons)")
     e.add_argument("--lengths", default="auto", metavar="auto|none|N,N",
-                   help="text models with a frozen prefix: also build the training graphs at "
-                        "these shorter token lengths, so micro-batches of short texts run "
-                        "there (export/lengths.py; auto: half and three quarters of the "
-                        "model's length)")
+                   help="text models that take any length and mask their padding (with or "
+                        "without --no-prefix): also build the training graphs at these shorter "
+                        "token lengths, so micro-batches of short texts run there "
+                        "(export/lengths.py; auto, the default: half and three quarters of the "
+                        "model's length; none: the full length only)")
     e.add_argument("--classes", default=None,
                    help="class names in id order, comma-separated (kept with the model)")
 
     t = sub.add_parser("train", help="train a bundle on the device (no torch)")
     t.add_argument("bundle")
     _add_data_args(t)
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    t.add_argument("--batch", type=int, default=32,
+                   help="examples per optimizer step (default 32)")
     t.add_argument("--micro-batch", type=int, default=None,
                    help="split each batch (gradient accumulation keeps the effective batch)")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     t.add_argument("--weight-decay", type=float, default=None)
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="default adamw")
     _add_instant_args(t)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0,
+                   help="random seed (default 0)")
     t.add_argument("--out", default=None, help="output folder (default BUNDLE/run)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (default: refuse to mix two runs)")
@@ -581,9 +598,11 @@ def _cmd_eval(a) -> int:
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
         found = run_weights(weights)
         if found is None:
+            from .run_folder import set_aside_hint
+
             raise UserError(f"--weights '{weights}' is a folder without params.npz or a "
                             "checkpoint; pass a run folder, its params.npz, or one of its "
-                            "checkpoints")
+                            f"checkpoints{set_aside_hint(weights)}")
         weights = found
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' "

@@ -66,8 +66,10 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         # the bundle the run trained (its manifest's hash), not one of the same name
         bdir = next((d for d in found if want is None or _manifest_sha(d) == want), found[0])
     else:
+        from .run_folder import set_aside_hint
+
         raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
-                        "(no params.npz or checkpoint)")
+                        f"(no params.npz or checkpoint){set_aside_hint(src)}")
     if want is not None and (bdir / "manifest.json").is_file() and _manifest_sha(bdir) != want:
         why = (f"the run in '{run_dir}' was trained on another bundle than '{bdir}' (its "
                "manifest's hash differs: re-exported or replaced)")

@@ -448,7 +448,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     if out is not None:
         trainer.sync_to_host()
         _check_weights(trainer, {f"param/{k}": v for k, v in trainer.params.items()}, last_ckpt)
-        trainer.save_params(out / "params.npz")
+        with _final_write(out / "params.npz", last_ckpt):
+            trainer.save_params(out / "params.npz")
         s.out = str(out / "params.npz")
     s.peak_rss = peak_rss()
     s.micro_batch = trainer.plan.micro_batch or batch
@@ -456,8 +457,22 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     metrics.close()
     if out is not None:
         text = json.dumps(asdict(s), indent=1)
-        atomic_write(out / "summary.json", lambda p: write_text(p, text))
+        with _final_write(out / "summary.json", last_ckpt):
+            atomic_write(out / "summary.json", lambda p: write_text(p, text))
     return s
+
+
+@contextlib.contextmanager
+def _final_write(path: Path, last_ckpt: Path | None):
+    """A failed write of the run's last files (a full disk, a folder made read-only) names the
+    file, not its temporary name, and the checkpoint a ``--resume`` finishes the run from."""
+    try:
+        yield
+    except OSError as exc:
+        then = (f"the last checkpoint {last_ckpt} is intact: free space or fix the permissions "
+                "and run the same command with --resume to finish" if last_ckpt else
+                "free space or fix the permissions and run it again")
+        raise UserError(f"cannot write '{path}' ({exc.strerror or exc}); {then}") from None
 
 
 def run_identity(trainer: Trainer, data_spec: str, cfg: RunConfig,

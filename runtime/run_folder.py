@@ -26,7 +26,7 @@ from .checkpoint import (
 )
 
 __all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder", "json_object",
-           "not_run_files"]
+           "not_run_files", "set_aside_hint"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
@@ -42,6 +42,20 @@ def not_run_files(folder: Path, allowed: tuple[str, ...] = RUN_FILES) -> list[st
     except OSError:  # not a folder yet, or not listable: the write probe will tell
         return []
     return [n for n in names if n not in allowed and not _RUN_LEFTOVER.match(n)]
+
+
+def set_aside_hint(folder: Path) -> str:
+    """Empty, or a sentence naming the run that an interrupted ``--overwrite`` set aside in
+    ``folder`` (``.replaced.PID``: its replacement was killed before it wrote a checkpoint):
+    eval and export-model called such a folder empty, and a user might delete it."""
+    try:
+        old = sorted(p.name for p in Path(folder).glob(".replaced.*") if p.is_dir())
+    except OSError:
+        return ""
+    if not old:
+        return ""
+    return (f"; it holds the earlier run that an interrupted --overwrite set aside ({old[0]}): "
+            "the next `train` with this --out puts it back (or move its files out yourself)")
 
 
 def check_out_path(p: Path, what: str, default: str = "") -> None:

@@ -906,3 +906,36 @@ def test_models_users_bring_an_autoencoder_and_a_shared_layer(tmp_path):
     out = _ok(_cli("export", "--model", f"{tmp_path / 'm.py'}:shared", "--input-shape",
                    "8,16,32", "--out", tmp_path / "sh"))
     assert "trains as one shared tensor (the model shares it)" in out and "dynamo" not in out, out
+
+
+TOKEN_HEAD = """
+import torch
+from torch import nn
+
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.lin, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.lin(torch.relu(self.a(x)))).mean(1))
+
+
+def make():
+    torch.manual_seed(0)
+    return M()
+"""
+
+
+def test_a_frozen_head_leaves_the_trained_layers_compressible(tmp_path):
+    """Session 22 probe: with --trainable 'lin.*' the head was taken to be the last *trained*
+    layer, so the only trained token layer stayed exact, without a note. The head is the last
+    weighted layer, trained or not: a frozen one leaves nothing out in its place."""
+    (tmp_path / "m.py").write_text(TOKEN_HEAD)
+    for trainable, want in (("lin.*", ["lin"]), ("all", ["a", "lin"])):
+        out = tmp_path / trainable.replace("*", "x")
+        _ok(_cli("export", "--model", f"{tmp_path / 'm.py'}:make", "--input-shape", "4,64,16",
+                 "--trainable", trainable, "--out", out))
+        layers = json.loads((out / "manifest.json").read_text())["instant"]["layers"]
+        assert [la["name"] for la in layers] == want, (trainable, layers)

@@ -237,7 +237,10 @@ def test_final_params_write_is_atomic(mlp_bundle, tmp_path, monkeypatch) -> None
     import runtime.trainer
 
     monkeypatch.setattr(runtime.trainer, "write_npz", half_then_full_disk(1))
-    with pytest.raises(OSError, match="No space left"):
+    # named: the file (not its temporary name) and the checkpoint a --resume finishes from
+    with pytest.raises(UserError, match=r"cannot write '.*run/params\.npz' \(No space left on "
+                                        r"device\); the last checkpoint .*ckpt-000020\.npz is "
+                                        r"intact: .* --resume to finish"):
         _train(mlp_bundle, out, 20)
     assert (out / "params.npz").read_bytes() == before  # the previous weights, untouched
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]

@@ -183,3 +183,21 @@ def test_a_second_fleet_server_on_one_folder_is_refused(mlp_bundle, tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_run_set_aside_by_an_interrupted_overwrite_is_named_not_called_empty(
+        cli, mlp_bundle, tmp_path):
+    """An --overwrite killed before its first checkpoint leaves the old run in .replaced.PID
+    (the next train puts it back); eval and export-model called the folder empty."""
+    run = tmp_path / "r"
+    assert cli("train", mlp_bundle, "--data", "digits", "--steps", 2, "--out", run,
+               "--no-progress").returncode == 0
+    aside = run / ".replaced.4242"
+    aside.mkdir()
+    for f in ("params.npz", "summary.json", "metrics.jsonl", "checkpoints"):
+        (run / f).rename(aside / f)
+    (run / "checkpoints").mkdir()  # the killed replacement's empty one
+    r = cli("eval", mlp_bundle, "--data", "digits", "--weights", run)
+    _one_line(r, ".replaced.4242", "puts it back")
+    r = cli("export-model", run, "--out", tmp_path / "m.onnx")
+    _one_line(r, ".replaced.4242", "puts it back")

@@ -388,6 +388,52 @@ MODELS = textwrap.dedent('''
         return LlamaBlock()
 
 
+    class SoftplusNet(nn.Module):
+        """Softplus with beta and threshold, as a module and as a call (torch's own export
+        dropped the threshold)."""
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+            self.act = nn.Softplus(beta=2.0, threshold=3.0)
+
+        def forward(self, x):
+            h = self.act(self.a(x) * 3)
+            h = F.softplus(self.b(h), beta=0.5, threshold=1.0)
+            return self.head(h.mean(1))
+
+
+    def softplus():
+        torch.manual_seed(0)
+        return SoftplusNet()
+
+
+    class WSlice(nn.Module):
+        """Two column slices of one weight (W[:, :6], W[:, 10:16])."""
+
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(12, 20) * 0.3)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(x @ self.W[:, :6]) + torch.tanh(x @ self.W[:, 10:16]))
+
+
+    def wslice():
+        torch.manual_seed(0)
+        return WSlice()
+
+
+    def embedding_max_norm():
+        return nn.Sequential(nn.Embedding(20, 8, max_norm=1.0), nn.Flatten(), nn.Linear(80, 3))
+
+
+    def embedding_by_freq():
+        return nn.Sequential(nn.Embedding(20, 8, scale_grad_by_freq=True), nn.Flatten(),
+                             nn.Linear(80, 3))
+
+
     def tagger1d():
         """A class per time step from a Conv1d: [N, 3, L] logits (torch's layout)."""
         torch.manual_seed(0)
@@ -829,6 +875,47 @@ def test_rms_norm_and_threshold_export_and_match_torch(models_file: Path, tmp_pa
     assert {"n1.weight", "n2.weight"} <= {p.torch_name for p in b.params}
     assert {"qkv", "o", "gate", "up", "down"} <= {ly.name for ly in b.layers}
     check_bundle_grads(models_file, "llama", bundle, x, labels, ("vanilla", "instant"))
+
+
+def test_softplus_with_beta_and_threshold_matches_torch(models_file: Path, tmp_path: Path):
+    """torch's exporter wrote Softplus(beta x) / beta and dropped the threshold (a probe's
+    Linear-softplus(beta 2, threshold 3)-Linear: loss 8e-4, gradients 2e-2 off torch's)."""
+    x = {"x": np.random.default_rng(2).standard_normal((4, 6, 16)).astype(np.float32)}
+    bundle = export_bundle(f"{models_file}:softplus", tmp_path / "bundle", input_shape="4,6,16")
+    check_bundle_grads(models_file, "softplus", bundle, x, np.array([0, 1, 2, 1]), ("vanilla",))
+
+
+def test_slices_of_a_weight_in_an_onnx_file_train(models_file: Path, tmp_path: Path):
+    """torch's exporter without constant folding writes W[:, :6]'s bounds as Unsqueeze of
+    Constants: "tensor '/Unsqueeze_4_output_0' must be a constant" (a probe's; the torch route
+    folds W into constants and freezes it, with a note). Integer arithmetic on constants is now
+    evaluated at export: W trains, with torch's gradient."""
+    module = _factory(models_file, "wslice")
+    onnx_file = tmp_path / "wslice.onnx"
+    torch.onnx.export(module, (torch.zeros(2, 12),), str(onnx_file), dynamo=False,
+                      do_constant_folding=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "N"}})
+    x = {"x": np.random.default_rng(3).standard_normal((4, 12)).astype(np.float32)}
+    labels = np.array([0, 1, 2, 1])
+    bundle = export_bundle(str(onnx_file), tmp_path / "bundle")
+    assert "W" in {p.name for p in open_bundle(bundle).params}
+    ref_loss, ref = torch_grads(module, x, labels, ["W", "head.weight"])
+    loss, got = runtime_grads(bundle, "vanilla", x, labels)
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=ATOL)
+    for n in ("W", "head.weight"):
+        np.testing.assert_allclose(got[n], ref[n], rtol=RTOL, atol=ATOL, err_msg=n)
+
+
+@pytest.mark.parametrize("name,what", [("embedding_max_norm", "max_norm=1.0"),
+                                       ("embedding_by_freq", "scale_grad_by_freq=True")])
+def test_embedding_options_the_graphs_cannot_reproduce_are_refused(models_file: Path,
+                                                                   tmp_path: Path, name, what):
+    """nn.Embedding(max_norm=...) renormalised rows in the traced forward only, and
+    scale_grad_by_freq scaled torch's gradient only: both trained silently unlike torch."""
+    from export.graph import ExportError
+
+    with pytest.raises(ExportError, match=f"nn.Embedding with {re.escape(what)}"):
+        export_bundle(f"{models_file}:{name}", tmp_path / "b", input_shape="2,10:int64")
 
 
 def _pixels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,12 +34,13 @@ def _fill(f: argparse.ArgumentParser) -> None:
 
     s = fs.add_parser("server", help="run FedAvg rounds over Flower's gRPC server")
     s.add_argument("bundle")
-    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     s.add_argument("--address", default="127.0.0.1:8080",
-                   help="HOST:PORT to listen on (0.0.0.0:PORT for a real fleet)")
+                   help="HOST:PORT to listen on (default 127.0.0.1:8080; 0.0.0.0:PORT for a real "
+                        "fleet)")
     s.add_argument("--min-clients", type=int, default=2,
                    help="clients each round waits for and trains (Flower's min_fit_clients and "
-                        "min_available_clients)")
+                        "min_available_clients; default 2)")
     s.add_argument("--data", default=None,
                    help="held-out data to evaluate each aggregate on (built-in name or .npz; "
                         "its test split if it has one). Without it the clients evaluate on their "
@@ -51,9 +52,11 @@ def _fill(f: argparse.ArgumentParser) -> None:
     s.add_argument("--overwrite", action="store_true",
                    help="replace the aggregate an earlier run left in --out")
     s.add_argument("--wait", type=float, default=300.0,
-                   help="seconds a round waits for --min-clients clients before giving up")
+                   help="seconds a round waits for --min-clients clients before giving up "
+                        "(default 300)")
     s.add_argument("--round-timeout", type=float, default=3600.0,
-                   help="seconds a client may take per round; later replies count as failures")
+                   help="seconds a client may take per round; later replies count as failures "
+                        "(default 3600)")
     s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (evaluation)")
     s.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
@@ -61,27 +64,34 @@ def _fill(f: argparse.ArgumentParser) -> None:
     c.add_argument("bundle")
     c.add_argument("--data", required=True, help="this device's data: built-in name or .npz")
     c.add_argument("--server", required=True, help="HOST:PORT of the fleet server")
-    c.add_argument("--steps", type=int, default=10, help="local optimizer steps per round")
-    c.add_argument("--batch", type=int, default=32)
+    c.add_argument("--steps", type=int, default=10,
+                   help="local optimizer steps per round (default 10)")
+    c.add_argument("--batch", type=int, default=32, help="examples per local step (default 32)")
     c.add_argument("--micro-batch", type=int, default=None,
                    help="split each batch (gradient accumulation); --budget plans its own")
     c.add_argument("--budget", default=None,
                    help="whole-process memory budget (Flower and gRPC included), e.g. 256MB")
     c.add_argument("--profile", default=None, help="device profile (as in `train`)")
-    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     c.add_argument("--weight-decay", type=float, default=None)
-    c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="default adamw (its state starts from zero each round)")
     c.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--partition", default=None,
                    help="I/N: keep every N-th training example from the I-th (a shard per device)")
     c.add_argument("--out", default=None,
                    help="folder for checkpoints and the local weights (default "
                         "BUNDLE/fleet-client; one per client)")
-    c.add_argument("--checkpoint-every", type=int, default=50)
-    c.add_argument("--max-nonfinite", type=int, default=5)
+    c.add_argument("--checkpoint-every", type=int, default=50,
+                   help="write checkpoints to --out every N local steps, counted across rounds "
+                        "(default 50; 0: only at the end of each round)")
+    c.add_argument("--max-nonfinite", type=int, default=5,
+                   help="stop after this many consecutive non-finite losses (each is skipped; "
+                        "default 5)")
     c.add_argument("--connect-timeout", type=float, default=60.0,
-                   help="seconds to wait for the server (at start and after a lost connection)")
+                   help="seconds to wait for the server (at start and after a lost connection; "
+                        "default 60)")
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
     c.add_argument("--progress", action="store_true", help="progress bar for local training")
     c.add_argument("--verbose", action="store_true", help="show Flower's own log")
