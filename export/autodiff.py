@@ -38,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from contract import names
 
+from .const_fold import graph_constants
 from .graph import Builder, ExportError, Shapes, reads
 from .layers import CompressedLayer
 
@@ -308,51 +309,6 @@ def _requires_grad(graph: onnx.GraphProto, shapes: Shapes, roots: set[str]) -> s
     return req
 
 
-# integer arithmetic of small constants that a rule may need as a value (a Slice's bounds
-# written as Unsqueeze(Constant) by torch's exporter without constant folding)
-_FOLDABLE = {"Unsqueeze", "Squeeze", "Concat", "Cast", "Add", "Sub", "Mul", "Div", "Gather",
-             "Slice", "Reshape", "Identity", "Neg", "Max", "Min", "Abs", "Mod", "Range",
-             "ConstantOfShape", "Expand", "Equal", "Where", "Not"}
-
-
-def _constants(g: onnx.GraphProto, opset: int = 17) -> dict[str, np.ndarray]:
-    """Values of the graph's constants: initializers, Constant nodes, and integer arithmetic
-    on small integer constants (evaluated here with onnx's reference implementation)."""
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-        elif (n.op_type in _FOLDABLE and n.input and all(i in consts for i in n.input if i)
-              and all(consts[i].dtype.kind in "iub" and consts[i].size <= 1024
-                      for i in n.input if i)):
-            try:
-                values = _evaluate(n, [consts[i] if i else None for i in n.input], opset)
-            except Exception:  # noqa: BLE001 - not foldable here: left to the graph
-                continue
-            for o, v in zip(n.output, values, strict=False):
-                if o and isinstance(v, np.ndarray) and v.dtype.kind in "iub":
-                    consts[o] = v
-    return consts
-
-
-def _evaluate(node: onnx.NodeProto, values: list, opset: int) -> list:
-    from onnx.reference import ReferenceEvaluator
-
-    names = [f"in{k}" if v is not None else "" for k, v in enumerate(values)]
-    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-              for n, v in zip(names, values, strict=True) if v is not None]
-    outs = [helper.make_tensor_value_info(f"out{k}", onnx.TensorProto.UNDEFINED, None)
-            for k in range(len(node.output))]
-    one = helper.make_node(node.op_type, names, [o.name for o in outs],
-                           **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-    model = helper.make_model(helper.make_graph([one], "fold", inputs, outs),
-                              opset_imports=[helper.make_opsetid("", opset)])
-    feeds = {n: v for n, v in zip(names, values, strict=True) if v is not None}
-    return ReferenceEvaluator(model).run(None, feeds)
-
-
 def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[str],
                           mode: str, layers: list[CompressedLayer], opset: int,
                           registry: Registry | None = None,
@@ -384,7 +340,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     fwd, bwd = Builder("fwd"), Builder("grad")
     by_node = {ly.node: ly for ly in layers} if mode != "vanilla" else {}
     ctx = GradContext(shapes, mode, fwd, bwd, _requires_grad(g, shapes, param_set), param_set,
-                      param_grads=(mode != "calib"), layers=by_node, constants=_constants(g, opset),
+                      param_grads=(mode != "calib"), layers=by_node, constants=graph_constants(g, opset),
                       compress_saved=compress_saved, opset=opset, padding_rows=padding_rows)
     ctx.graph_inputs = {i.name for i in g.input}
 

@@ -57,7 +57,7 @@ from .layers import (
 from .losses import append_loss
 from .shape_fold import check_free_batch
 from .tracing import example_arrays, load_model
-from .trainable import check_derived, select_trainable, selected_by
+from .trainable import check_derived, mask_like, select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -90,26 +90,6 @@ def _examples(input_shape: str | None,
             raise ExportError(f"cannot read example inputs from --npz '{npz}': "
                               f"{str(exc)[:160]}") from None
     return (example_arrays(input_shape) if input_shape else None), None
-
-
-def _mask_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
-    """Trainable tensors of an ONNX file that look like masks: every value 0 or 1 (both seen)
-    and an input of a Mul whose other input is another trainable tensor (a masked conv's
-    ``weight * mask``; a probe's PixelCNN trained its mask, silently)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    chosen = set(params)
-    found = []
-    for node in model.graph.node:
-        if node.op_type != "Mul" or len(node.input) != 2:
-            continue
-        for k in (0, 1):
-            m, other = node.input[k], node.input[1 - k]
-            if m in chosen and other in chosen and m in inits and m not in found:
-                v = numpy_helper.to_array(inits[m])
-                if v.size > 1 and v.dtype.kind == "f" and np.isin(v, (0.0, 1.0)).all() \
-                        and (v == 0).any() and (v == 1).any():
-                    found.append(m)
-    return found
 
 
 def _params_as_inputs(model: onnx.ModelProto, params: list[str]) -> dict[str, np.ndarray]:
@@ -333,7 +313,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         notes.append(f"note: {len(frozen)} torch parameters have no tensor of their own in the "
                      f"exported graph and stay frozen ({shown}): the forward does not use them, "
                      "or torch's exporter folded them into a computed constant")
-    masks = _mask_like(traced.model, params) if not traced.from_torch else []
+    masks = mask_like(traced.model, params) if not traced.from_torch else []
     if masks and notes is not None:
         notes.append(f"note: {', '.join(masks[:4])}{' …' if len(masks) > 4 else ''} hold(s) only "
                      "0s and 1s and multiply another trainable tensor: a mask (a buffer in "

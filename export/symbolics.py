@@ -19,7 +19,7 @@ this module.
 
 from __future__ import annotations
 
-__all__ = ["register"]
+__all__ = ["refuse_unreproducible", "register"]
 
 _done = False
 
@@ -66,3 +66,28 @@ def register() -> None:
                      ("aten::softplus", softplus)):
         register_custom_op_symbolic(name, fn, 17)
     _done = True
+
+
+def refuse_unreproducible(name: str, mod) -> None:
+    """Refuse a torch module whose training the exported graphs would silently not reproduce:
+    nn.Embedding with ``scale_grad_by_freq`` (only torch's gradient divides each row by how
+    often the batch looks it up) or ``max_norm`` (its forward renormalises the looked-up rows in
+    place; tracing did so to the weights once, and the graph does not).
+
+    Raises:
+        ExportError: such a module.
+    """
+    import torch
+
+    from .graph import ExportError
+
+    if not isinstance(mod, torch.nn.Embedding) or not (mod.scale_grad_by_freq
+                                                       or mod.max_norm is not None):
+        return
+    what = ("scale_grad_by_freq=True (its gradient divides each row by how often the batch "
+            "looks it up)" if mod.scale_grad_by_freq else
+            f"max_norm={mod.max_norm} (its forward renormalises the rows it looks up, in place)")
+    raise ExportError(f"module '{name}' is an nn.Embedding with {what}, which the exported "
+                      "graphs do not reproduce: training would silently differ from torch's; "
+                      "build it without that option (or renormalise the table yourself between "
+                      "runs)")

@@ -39,6 +39,7 @@ from .param_names import (
 )
 from .recurrent import lower_traced
 from .shape_fold import annotate_measured_shapes, fold_shape_operands, inline_constant_ifs
+from .symbolics import refuse_unreproducible
 from .symbolics import register as register_symbolics
 
 __all__ = ["Traced", "any_length", "at_length", "example_arrays", "load_model",
@@ -321,16 +322,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     onnx_of = {tn: on for on, (tn, tr) in torch_names.items() if not tr}
     rows = {}
     for mname, mod in module.named_modules():
-        if isinstance(mod, torch.nn.Embedding) and (mod.scale_grad_by_freq
-                                                    or mod.max_norm is not None):
-            what = ("scale_grad_by_freq=True (its gradient divides each row by how often the "
-                    "batch looks it up)" if mod.scale_grad_by_freq else
-                    f"max_norm={mod.max_norm} (its forward renormalises the rows it looks up, "
-                    "in place)")
-            raise ExportError(f"module '{mname or source}' is an nn.Embedding with {what}, "
-                              "which the exported graphs do not reproduce: training would "
-                              "silently differ from torch's; build it without that option "
-                              "(or renormalise the table yourself between runs)")
+        refuse_unreproducible(mname or str(source), mod)
         if isinstance(mod, torch.nn.Embedding) and mod.padding_idx is not None:
             pname = f"{mname}.weight" if mname else "weight"
             if pname in onnx_of:

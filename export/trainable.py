@@ -6,12 +6,13 @@ from __future__ import annotations
 import fnmatch
 
 import numpy as np
+import onnx
 from onnx import TensorProto, numpy_helper
 
 from .graph import ExportError
 from .tracing import Traced
 
-__all__ = ["check_derived", "select_trainable", "selected_by"]
+__all__ = ["check_derived", "mask_like", "select_trainable", "selected_by"]
 
 
 # float inputs that are settings, not data: a tensor read only here is no parameter (a
@@ -197,3 +198,23 @@ def check_derived(traced: Traced, params: list[str]) -> None:
         f"'{const}' (e.g. F.normalize(self.weight), weight norm), so their gradient would miss "
         "that path; leave them out of --trainable, or export the model yourself with "
         "torch.onnx.export(..., do_constant_folding=False) and pass the .onnx file")
+
+
+def mask_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
+    """Trainable tensors of an ONNX file that look like masks: every value 0 or 1 (both seen)
+    and an input of a Mul whose other input is another trainable tensor (a masked conv's
+    ``weight * mask``; a probe's PixelCNN trained its mask, silently)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    chosen = set(params)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        for k in (0, 1):
+            m, other = node.input[k], node.input[1 - k]
+            if m in chosen and other in chosen and m in inits and m not in found:
+                v = numpy_helper.to_array(inits[m])
+                if v.size > 1 and v.dtype.kind == "f" and np.isin(v, (0.0, 1.0)).all() \
+                        and (v == 0).any() and (v == 1).any():
+                    found.append(m)
+    return found
