@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["main"]
@@ -376,6 +378,25 @@ def _not_bundle_files(folder: Path) -> list[str]:
                   and not left_lock(e))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a command that cleans up on KeyboardInterrupt (exit 143)."""
+
+    signum = signal.SIGTERM
+
+
+def _term_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (the previous handler is returned, None off the main
+    thread): a command's ``finally`` runs, as for Ctrl-C (a probe's four killed exports left
+    four hidden half-written bundles beside --out)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def _check_export_out(out: Path, overwrite: bool) -> None:
     """``export --out``: new or empty; with --overwrite, a bundle holding nothing but its own
     files. Checked before the export and again just before the new bundle is moved in.
@@ -403,6 +424,15 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
 
 
 def _cmd_export(a) -> int:
+    old_term = _term_as_interrupt()  # a SIGTERM too removes the half-written bundle (finally)
+    try:
+        return _export(a)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _export(a) -> int:
     import shutil
     import tempfile
 
@@ -839,9 +869,9 @@ def main(argv: list[str] | None = None) -> int:
             print("error: an input file is nested too deeply to read (a JSON/TOML structure); "
                   "pass a flat file", file=sys.stderr)
             return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except BrokenPipeError:
         return 1
     except Exception:

@@ -201,3 +201,21 @@ def test_a_run_set_aside_by_an_interrupted_overwrite_is_named_not_called_empty(
     _one_line(r, ".replaced.4242", "puts it back")
     r = cli("export-model", run, "--out", tmp_path / "m.onnx")
     _one_line(r, ".replaced.4242", "puts it back")
+
+
+def test_an_export_stopped_by_sigterm_leaves_no_half_written_bundle(tmp_path):
+    """SIGTERM killed export without its clean-up: a probe's four stopped exports left four
+    hidden half-written bundles (.B.export.*) beside --out."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "runtime", "export", "--model", "token-mlp",
+                          "--out", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not list(tmp_path.glob(".B.export.*")) and p.poll() is None:
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    p.terminate()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and err.strip().splitlines()[-1:] == ["interrupted"], err
+    assert sorted(os.listdir(tmp_path)) == []
