@@ -18,11 +18,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
-# Pretrained MiniLM-L6 fine-tuned on Rotten Tomatoes under --budget 256MB (~2.5 min on 2 cores).
+# Pretrained MiniLM-L6 fine-tuned on Rotten Tomatoes under --budget 256MB (~2 min on 2 cores
+# after set-up, export included: 106 s in one run).
 demo: $(VENV)/.installed
 	$(PY) -m runtime.demo
 
-# The built-in CNN on scikit-learn digits, --mode vanilla and --mode instant (~30 s).
+# The built-in CNN on scikit-learn digits, --mode vanilla and --mode instant (~15 s).
 demo-cnn: $(VENV)/.installed
 	$(PY) -m runtime.demo cnn
 
