@@ -31,6 +31,8 @@ def graph_constants(g: onnx.GraphProto, opset: int = 17) -> dict[str, np.ndarray
         elif (n.op_type in _FOLDABLE and n.input and all(i in consts for i in n.input if i)
               and all(consts[i].dtype.kind in "iub" and consts[i].size <= 1024
                       for i in n.input if i)):
+            if not _small_result(n, consts):
+                continue
             try:
                 values = _evaluate(n, [consts[i] if i else None for i in n.input], opset)
             except Exception:  # noqa: BLE001 - not foldable here: left to the graph
@@ -55,3 +57,18 @@ def _evaluate(node: onnx.NodeProto, values: list, opset: int) -> list:
                               opset_imports=[helper.make_opsetid("", opset)])
     feeds = {n: v for n, v in zip(names, values, strict=True) if v is not None}
     return ReferenceEvaluator(model).run(None, feeds)
+
+
+def _small_result(n: onnx.NodeProto, consts: dict[str, np.ndarray]) -> bool:
+    """Whether ``n``'s result stays small (the ops whose output size their inputs' values set:
+    a Range to 10^8 or a ConstantOfShape of 20000 x 20000 would be computed and kept here)."""
+    try:
+        if n.op_type in ("ConstantOfShape", "Expand"):
+            shape = consts[n.input[-1] if n.op_type == "ConstantOfShape" else n.input[1]]
+            return int(np.prod(np.maximum(shape.astype(np.int64), 1))) <= 1024
+        if n.op_type == "Range":
+            start, limit, delta = (float(consts[i]) for i in n.input[:3])
+            return delta != 0 and abs((limit - start) / delta) <= 1024
+    except (KeyError, ValueError, TypeError, IndexError):
+        return False
+    return True

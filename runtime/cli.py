@@ -496,10 +496,14 @@ def _export(a) -> int:
         old = None
         if out.exists() or out.is_symlink():  # set aside, replaced, then dropped: no moment
             old = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.old.", dir=out.parent))
-            os.replace(out, old / "bundle")  # without a bundle at --out
+            try:  # without a bundle at --out
+                os.replace(out, old / "bundle")
+            except BaseException:
+                old.rmdir()
+                raise
         try:
             os.replace(tmp, out)
-        except OSError:
+        except BaseException:  # an error, or a signal between the two renames
             if old is not None:
                 os.replace(old / "bundle", out)
             raise

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from contract import UserError, names
 
-from .sessions import check_provider_started, run_options
+from .sessions import check_provider_started, cuda_options, run_options
 
 __all__ = ["Resident"]
 
@@ -39,8 +39,10 @@ class Resident:
                             "for --device cuda); re-export it with this version")
         so = ort.SessionOptions()
         so.log_severity_level = 4
+        providers = [("CUDAExecutionProvider", cuda_options()) if p == "CUDAExecutionProvider"
+                     else p for p in trainer._providers()]  # (as the step's sessions)
         self.optim = ort.InferenceSession(trainer.bundle.read_file(graph), so,
-                                          providers=trainer._providers())
+                                          providers=providers)
         if device == "cuda":
             check_provider_started(self.optim)
 

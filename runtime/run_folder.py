@@ -208,14 +208,22 @@ class RunFolder:
                     os.replace(p / f, self._replaced / f)
                     moved.append(f)
             except OSError as exc:  # all or nothing: a run split in two would lose half
+                aside, self._replaced = self._replaced, None  # (finish must not restore it)
+                stranded = []
                 for f in moved:
-                    os.replace(self._replaced / f, p / f)
-                shutil.rmtree(self._replaced, ignore_errors=True)
-                self._replaced = None
+                    try:
+                        os.replace(aside / f, p / f)
+                    except OSError:
+                        stranded.append(f)
+                if not stranded:
+                    shutil.rmtree(aside, ignore_errors=True)
                 self._busy = False
+                left = (f"; {', '.join(stranded)} could not be moved back and wait in "
+                        f"'{aside}' (the next run with this --out puts them back)"
+                        if stranded else "; it is left as it was")
                 raise UserError(f"--overwrite: cannot set the old run in '{p}' aside ("
-                                f"{exc.filename or p}: {exc.strerror or exc}); it is left as it "
-                                "was: fix the permissions, or pass another --out") from None
+                                f"{exc.filename or p}: {exc.strerror or exc}){left}: fix the "
+                                "permissions, or pass another --out") from None
             self._before = set()
             self._busy = False
             if self._pending is not None:

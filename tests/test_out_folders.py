@@ -219,3 +219,78 @@ def test_an_export_stopped_by_sigterm_leaves_no_half_written_bundle(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143 and err.strip().splitlines()[-1:] == ["interrupted"], err
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_fleet_server_stopped_after_a_round_can_use_its_folder_again(tmp_path):
+    """A server stopped after round 1 leaves the round's params.npz (and its lock), no summary:
+    it was refused as "no fleet server wrote" even with --overwrite or --resume (review)."""
+    import numpy as np
+
+    from runtime.fleet.local import check_server_out, save_run
+
+    out = tmp_path / "fleet"
+    save_run(out, {"w": np.zeros(2, np.float32)})
+    (out / ".fleet-lock").touch()
+    assert check_server_out(out, resume=True, overwrite=False) is True
+    assert check_server_out(out, resume=False, overwrite=True) is False
+    with pytest.raises(UserError, match="aggregate of an earlier fleet run"):
+        check_server_out(out, resume=False, overwrite=False)
+
+
+def test_a_signal_between_the_two_renames_of_an_export_keeps_the_old_bundle(
+        cli, tmp_path, monkeypatch):
+    """The swap's put-back ran on OSError only: a SIGTERM (Terminated) between setting the old
+    bundle aside and moving the new one in deleted both (review)."""
+    from runtime import cli as cli_module
+
+    out = tmp_path / "b"
+    assert cli("export", "--model", "mlp", "--out", out).returncode == 0
+    before = _tree(out)
+    real = os.replace
+
+    def signal_on_move_in(src, dst, *args, **kw):
+        if ".export." in Path(src).name:
+            raise cli_module.Terminated
+        return real(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", signal_on_move_in)
+    assert cli_module.main(["export", "--model", "mlp", "--out", str(out), "--overwrite"]) == 143
+    monkeypatch.setattr(os, "replace", real)
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_a_set_aside_whose_roll_back_fails_too_deletes_nothing(mlp_bundle, tmp_path,
+                                                               monkeypatch):
+    """The roll-back of a failed set-aside failing as well: finish() then took the old run for
+    set aside and deleted what was still in the folder (review)."""
+    from test_checkpoint import _folder
+
+    out = tmp_path / "run"
+    first = _folder(mlp_bundle, out)
+    first.prepare(resume=False, overwrite=False)
+    first.finish(True)
+    (out / "checkpoints" / "ckpt-000002.npz").write_bytes(b"the old run's checkpoint")
+    (out / "params.npz").write_bytes(b"the old run's weights")
+    files = {k: v for k, v in _tree(out).items() if v != "dir"}
+    real = os.replace
+
+    def failing(src, dst, *args, **kw):
+        if Path(src).name == "checkpoints" or (Path(src).name == "run.json"
+                                               and ".replaced." in str(src)):
+            raise PermissionError(13, "Permission denied", str(src))
+        return real(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(UserError, match=r"run\.json could not be moved back and wait in"):
+        _folder(mlp_bundle, out).prepare(resume=False, overwrite=True)
+    monkeypatch.setattr(os, "replace", real)
+    after = {}
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(out)
+            parts = rel.parts[1:] if rel.parts[0].startswith(".replaced.") else rel.parts
+            after[str(Path(*parts))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    assert after == files  # every file kept, run.json in the set-aside folder
+    _folder(mlp_bundle, out).prepare(resume=True, overwrite=False)  # the next run puts it back
+    assert (out / "run.json").is_file() and not list(out.glob(".replaced.*"))

@@ -331,6 +331,9 @@ def fleet_role(out: Path) -> str | None:
         return "other"
     if (out / "checkpoints").is_dir():
         return "client"
+    if (out / "params.npz").is_file() and (out / ".fleet-lock").is_file() \
+            and not (out / "metrics.jsonl").exists():
+        return "server"  # stopped after a round: the round's aggregate, its summary not yet
     return None
 
 
