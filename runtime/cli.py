@@ -392,9 +392,28 @@ def _term_as_interrupt():
         return None
 
     def raise_terminated(signum, frame):
-        raise Terminated
+        _TERM_SEEN.append(signum)  # (an exception raised inside an import's lock callback or a
+        raise Terminated  # finalizer is printed and dropped: ``check_terminated`` sees it)
 
+    previous = sys.unraisablehook
+
+    def quiet(unraisable) -> None:  # the dropped Terminated is not printed as a traceback
+        if not isinstance(unraisable.exc_value, Terminated):
+            previous(unraisable)
+
+    sys.unraisablehook = quiet
     return signal.signal(signal.SIGTERM, raise_terminated)
+
+
+_TERM_SEEN: list[int] = []
+
+
+def check_terminated() -> None:
+    """Raise :class:`Terminated` where a SIGTERM came whose exception Python dropped (a fresh
+    clone's test: SIGTERM during an import ended in "Exception ignored", the export went on and
+    exited 0)."""
+    if _TERM_SEEN:
+        raise Terminated
 
 
 def _check_export_out(out: Path, overwrite: bool) -> None:
@@ -490,6 +509,7 @@ def _export(a) -> int:
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read
+        check_terminated()
         # checked again: a folder made at --out while the export ran (a run that trained the
         # old bundle into BUNDLE/run meanwhile, a file of the user's) is never replaced
         _check_export_out(out, a.overwrite)
@@ -879,9 +899,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     except Exception:
-        if _INTERRUPTED:
+        if _INTERRUPTED or _TERM_SEEN:  # a signal's exception dropped, and what it broke failed
             print("interrupted", file=sys.stderr)
-            return 130
+            return 143 if _TERM_SEEN else 130
         raise
 
 

@@ -217,7 +217,9 @@ def test_an_export_stopped_by_sigterm_leaves_no_half_written_bundle(tmp_path):
         time.sleep(0.02)
     p.terminate()
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 143 and err.strip().splitlines()[-1:] == ["interrupted"], err
+    # (a fresh clone's run: the signal came inside an import's lock callback, where Python
+    # drops the exception; the export went on and exited 0)
+    assert p.returncode == 143 and err.strip().splitlines() == ["interrupted"], err
     assert sorted(os.listdir(tmp_path)) == []
 
 
