@@ -14,6 +14,7 @@ ranks are chosen (energy rule, or under a memory budget) is ``runtime/ranks.py``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,32 @@ def calibration_samples(layers, batch: int, override: int | None = None,
     return max(1, min(batch, need))
 
 
+@functools.cache
+def _blas():
+    """numpy's BLAS thread pools (threadpoolctl), or None where that is not installed."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - a dependency of the package
+        return None
+    return ThreadpoolController()
+
+
+def one_blas_thread(fn):
+    """Run ``fn`` with numpy's BLAS on one thread. The decompositions (``eigh``, ``qr``) are
+    the only BLAS work of a run, between onnxruntime's passes: OpenBLAS's default (a thread a
+    core, whatever ``--threads`` says) spends its time in its threads' barriers as soon as
+    anything else wants a core; measured in docs/measurements.md (a 256-wide ``eigh`` 1.0 s
+    on two threads beside one busy process, 9 ms on one)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctl = _blas()
+        if ctl is None:
+            return fn(*args, **kwargs)
+        with ctl.limit(limits=1, user_api="blas"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 class DegenerateGram(ValueError):
     """A Gram matrix with NaN or inf entries (a diverged pass): no basis can come from it."""
 
@@ -66,6 +93,7 @@ class Spectrum:
     values: np.ndarray  # [D] float64
     vectors: np.ndarray  # [D, m] float64, columns: m = D, or fewer when values[m:] are 0
 
+    @one_blas_thread
     def columns(self, r: int) -> np.ndarray:
         """The first ``r`` eigenvectors [D, r]. Past the computed ones (eigenvalue 0, a
         low-rank Gram) any orthonormal completion is right: drawn with a fixed seed."""
@@ -101,6 +129,7 @@ class Basis:
     spectrum: np.ndarray  # S² normalised to sum 1
 
 
+@one_blas_thread
 def decompose(gram: np.ndarray, scale: float = 1.0, rank_bound: int | None = None) -> Spectrum:
     """Eigen-decomposition of the symmetric PSD Gram matrix ``scale`` × ``gram``.
 

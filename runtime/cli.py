@@ -213,7 +213,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=32,
                    help="examples per optimizer step (default 32)")
     t.add_argument("--micro-batch", type=int, default=None,
-                   help="split each batch (gradient accumulation keeps the effective batch)")
+                   help="split each batch (gradient accumulation keeps the effective batch); "
+                        "with --budget, the largest micro-batch the plan may choose")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
@@ -351,6 +352,9 @@ def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log)
     plan = plan_for_budget(trainer, data, min(batch, micro or batch), budget, log=log)
     use_arena(plan.arena_cap)
     print_plan(plan, trainer, log=log)
+    if micro is not None and plan.micro_batch is not None and plan.micro_batch < micro:
+        log(f"--micro-batch {micro} does not fit under the budget: micro-batch "
+            f"{plan.micro_batch} (raise --budget for more)")
     return plan
 
 

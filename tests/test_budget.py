@@ -50,9 +50,14 @@ def _train(bundle, data, out, *extra, timeout=300):
 @pytest.mark.parametrize("budget_mb", [200, pytest.param(220, marks=pytest.mark.slow)])
 def test_peak_measured_from_outside_stays_within_budget(workload, tmp_path, budget_mb):
     bundle, data = workload
-    r, s = _train(bundle, data, tmp_path / "run", "--steps", "10", "--budget", f"{budget_mb}MB")
+    r, s = _train(bundle, data, tmp_path / "run", "--steps", "10", "--budget", f"{budget_mb}MB",
+                  "--micro-batch", BATCH)
     assert r.returncode == 0, r.stderr
     assert r.peak_polled <= budget_mb * MB, (r.peak_polled, r.stdout)
+    # --micro-batch is the most the plan may take; where it takes fewer, one line says so
+    planned = int(re.search(r"plan for budget \d+ MB: micro-batch (\d+)", r.stdout)[1])
+    told = f"--micro-batch {BATCH} does not fit under the budget: micro-batch {planned}"
+    assert (told in r.stdout) == (planned < BATCH), r.stdout
     # the runtime reports what an outside observer sees (its mark is never reset)
     assert abs(s["peak_rss"] - r.peak_polled) <= 2 * MB, (s["peak_rss"], r.peak_polled)
     assert s["budget"] == budget_mb * MB

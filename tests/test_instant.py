@@ -571,3 +571,33 @@ def test_vector_layers_whose_grams_outweigh_what_they_save_train_exactly(tmp_pat
                   notes=notes)
     manifest = json.loads((tmp_path / "flat" / "manifest.json").read_text())
     assert len(manifest["instant"]["layers"]) == 2, notes
+
+
+def test_the_decompositions_run_numpy_blas_on_one_thread(monkeypatch):
+    """OpenBLAS's default pool (a thread a core) made a calibration's eigh 20-100x slower as
+    soon as anything else wanted a core (session 23 speed probe: the budget probes' parent
+    polling beside them; a 256-wide eigh 1.0 s against 9 ms). Every eigh and qr of a
+    calibration runs with BLAS on one thread, and the process's setting is back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen = []
+
+    def recorder(fn):
+        def wrapped(*a, **k):
+            seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(np.linalg, "eigh", recorder(np.linalg.eigh))
+    monkeypatch.setattr(np.linalg, "qr", recorder(np.linalg.qr))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 64))
+    gram = x.T @ x
+    with threadpool_limits(limits=2, user_api="blas"):
+        full = decompose(gram)  # full eigh
+        fast = decompose(gram, rank_bound=10)  # range finder: qr + small eigh
+        basis(fast, 40)  # past the range: completed by qr
+        after = {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+    assert full.vectors.shape == (64, 64) and fast.vectors.shape[1] < 64
+    assert len(seen) >= 4 and all(s == {1} for s in seen), seen
+    assert after == {2}
