@@ -207,9 +207,20 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
             a file whose size or checksum differs from the manifest, a symlink.
     """
     root = Path(path)
+    if not str(path).strip():
+        raise UserError("the bundle argument is empty; pass the bundle's folder (made by "
+                        "`instant-runtime export`)")
     if not root.is_dir():
         raise UserError(f"bundle '{root}' is not a directory; create one with "
                         f"`instant-runtime export --model mlp --out {root}`")
+    try:  # onnxruntime is told the folder (sessions.py: external data resolves inside it)
+        str(root.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(root).decode("ascii", "backslashreplace")
+        raise UserError(f"bundle path '{shown}' is not valid UTF-8 (or not in this locale's "
+                        "encoding), which onnxruntime cannot take; rename the folder or move "
+                        "the bundle to a UTF-8 path (or run with a UTF-8 locale, e.g. "
+                        "LANG=C.UTF-8)") from None
     mpath = root / names.MANIFEST_FILE
     if mpath.is_symlink() or not mpath.is_file():
         raise UserError(f"bundle '{root}' has no manifest.json (or it is not a regular file); "

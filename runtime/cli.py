@@ -604,7 +604,9 @@ def _cmd_train(a) -> int:
 
         raise UserError("--out '' is empty; pass a folder for the run, or leave --out out for "
                         "BUNDLE/run")
-    out = Path(a.out) if a.out is not None else bundle.path / "run"
+    from .run_folder import bundle_run
+
+    out = Path(a.out) if a.out is not None else bundle_run(bundle.path)
     data = _load_data(a, bundle, class_names=_resumed_class_names(out) if a.resume else None)
     trainer = Trainer(bundle, cfg)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
@@ -651,7 +653,9 @@ def _cmd_eval(a) -> int:
     budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
     weights = Path(a.weights) if a.weights else None
-    if weights is None and (bundle.path / "run").is_dir():
+    from .run_folder import bundle_run
+
+    if weights is None and bundle_run(bundle.path).is_dir():
         weights = run_weights(bundle.path / "run")
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
         found = run_weights(weights)
@@ -851,6 +855,28 @@ def _negative_values_attached(argv: list[str]) -> list[str]:
     return out
 
 
+# options whose empty value means something (export's lists: nothing excluded, no names)
+_EMPTY_OK = {"instant_exclude", "classes", "trainable", "lengths", "output"}
+
+
+def check_not_empty(args: argparse.Namespace) -> None:
+    """An option given as '' (an unset shell variable, ``--weights "$RUN"``) is an error: it
+    was silently ignored (session 23 probe: ``eval --weights ''`` evaluated the initial
+    weights, exit 0) or read as the current folder."""
+    from contract import UserError
+
+    for dest, value in vars(args).items():
+        if dest == "out" and getattr(args, "cmd", "") == "train":
+            continue  # its own message (_cmd_train) says what the default is
+        if isinstance(value, str) and not value.strip() and dest not in _EMPTY_OK:
+            positional = dest in ("source", "run") or (
+                dest == "bundle" and getattr(args, "cmd", "") != "export-model")
+            if positional:
+                raise UserError(f"the {dest} argument is empty ('' was given); pass its path")
+            raise UserError(f"--{dest.replace('_', '-')} is empty ('' was given); pass a value, "
+                            "or leave the option out for its default")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # probes fork; no Rust thread pool
     import signal
@@ -877,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_malloc()
         try:
+            check_not_empty(args)
             handler = HANDLERS.get(args.cmd) or args.handler
             return handler(args)
         except (UserError, ProfileError) as exc:

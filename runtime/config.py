@@ -240,7 +240,7 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _int("--steps", self.steps, 1)
+        _int("--steps", self.steps, 1, 10**12)  # (an int64 in checkpoints; years of steps)
         _int("--batch", self.batch, 1, 1 << 24)
         _int("--micro-batch", self.micro_batch, 1, 1 << 24, none_ok=True)
         _int("--eval-every", self.eval_every, 0)

@@ -20,7 +20,7 @@ import numpy as np
 from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
-from .run_folder import json_object
+from .run_folder import bundle_run, json_object
 
 __all__ = ["ExportResult", "export_model", "resolve_source"]
 
@@ -88,7 +88,7 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
                                if w.exists() else "not found"))
     elif src != bdir and src_weights is not None:
         w = src_weights
-    elif (bdir / "run").is_dir() and (w := run_weights(bdir / "run")) is not None:
+    elif bundle_run(bdir).is_dir() and (w := run_weights(bdir / "run")) is not None:
         pass
     elif (bdir / "params.npz").is_file():
         w = bdir / "params.npz"
@@ -363,7 +363,15 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     Raises:
         UserError: a bad source or bundle, or output files that exist (without ``overwrite``).
     """
+    text = str(out)
     out = Path(out)
+    if not out.name or out.name in (".", "..") or out.name.startswith(".") and not out.suffix:
+        near = out.parent if out.name.startswith(".") and out.name != ".." else out
+        raise UserError(f"--out '{text}' names no file; name the .onnx file to write, e.g. "
+                        f"{near / 'model.onnx'}")
+    if text.endswith(("/", os.sep)):  # Path drops the slash: 'new/' would be written as a file
+        raise UserError(f"--out '{text}' ends in a slash (a folder); name the .onnx file to "
+                        f"write, e.g. {out / 'model.onnx'}")
     targets = [out, out.with_suffix(".safetensors"), out.parent / (out.name + ".data"),
                out.with_suffix(".labels.json"), out.with_suffix(".tokenizer.json")]
     if out.is_dir():

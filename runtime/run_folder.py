@@ -25,13 +25,39 @@ from .checkpoint import (
     read_regular,
 )
 
-__all__ = ["RUN_FILES", "RunFolder", "check_out_path", "hold_folder", "json_object",
-           "not_run_files", "set_aside_hint"]
+__all__ = ["RUN_FILES", "RunFolder", "bundle_run", "check_out_path", "hold_folder",
+           "json_object", "not_run_files", "set_aside_hint"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
 # temporary file of an atomic write (``.NAME.tmpPID``)
 _RUN_LEFTOVER = re.compile(r"^\.(replaced\.\d+|write-test\.\d+|[\w.-]+\.tmp\d+)$")
+
+
+def bundle_run(bundle_dir: Path, name: str = "run") -> Path:
+    """``BUNDLE/run``: train's default ``--out``, and where eval and export-model look for
+    trained weights when none are named (``fleet``, ``fleet-client``: the fleet's defaults). A
+    bundle is untrusted and may ship that folder: as a link to another place (session 23 probe:
+    ``train --overwrite`` replaced a run outside the bundle, eval read its weights), or holding
+    links. Any link there is refused, in one line."""
+    run = Path(bundle_dir) / name
+    found = [run] if run.is_symlink() else []
+    if not found and run.is_dir():
+        try:
+            for entry in run.iterdir():  # the run's files, and its checkpoints folder's
+                if entry.is_symlink():
+                    found.append(entry)
+                elif entry.name == "checkpoints" and entry.is_dir():
+                    found += [e for e in entry.iterdir() if e.is_symlink()][:1]
+                if found:
+                    break
+        except OSError:
+            pass
+    if found:
+        raise UserError(f"{found[0]} is a symbolic link: a run inside the bundle is never read "
+                        "or written through a link (it may lead outside the bundle); delete "
+                        "the link, or name the run with --out / --weights")
+    return run
 
 
 def not_run_files(folder: Path, allowed: tuple[str, ...] = RUN_FILES) -> list[str]:

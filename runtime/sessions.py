@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +213,7 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-        msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        msg = ort_message(exc, 300)
         raise UserError(f"onnxruntime cannot load {bundle.path / graph_file}: {msg}; re-export "
                         "the bundle") from None
     if providers[0] != "CPUExecutionProvider":
@@ -245,6 +246,21 @@ def check_provider_started(session: ort.InferenceSession) -> None:
                         "runtime, cuBLAS or cuDNN libraries that this onnxruntime-gpu build needs "
                         "did not load; see onnxruntime's CUDA requirements and LD_LIBRARY_PATH), "
                         "or use --device cpu")
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# a C++ source location and function signature: "/onnxruntime_src/.../x.h:46 void ns::f(...) "
+_ORT_WHERE = re.compile(r"(?:/|\b)[\w./-]+\.(?:h|cc|cpp|hpp|cu):\d+ [^()]*\([^()]*\)(?: const)? ?")
+
+
+def ort_message(exc: BaseException, limit: int = 240) -> str:
+    """onnxruntime's exception as one readable line: without its "[ONNXRuntimeError] : 1 :
+    FAIL :" prefix and the C++ source location and signature that often fill the first 300
+    characters (session 23 probe: an opset-999 graph's error was cut off inside the
+    signature, before its reason)."""
+    text = " ".join(str(exc).split())
+    text = _ORT_WHERE.sub("", _ORT_PREFIX.sub("", text)).strip()
+    return text[:limit] if text else type(exc).__name__
 
 
 def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:

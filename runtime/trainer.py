@@ -43,6 +43,7 @@ from .sessions import (
     SharedWeights,
     is_out_of_memory,
     make_session,
+    ort_message,
     providers_for,
     resolve_device,
     run_options,
@@ -660,7 +661,7 @@ class Trainer:
             return ArenaExhausted(f"{phase} at {at}: {str(exc).splitlines()[0][-160:]}")
         if isinstance(exc, UserError):
             return exc
-        first = str(exc).splitlines()[0][:240] if str(exc) else type(exc).__name__
+        first = ort_message(exc)
         return UserError(f"onnxruntime failed in the {phase} pass: {first}; check that the data "
                          "matches the bundle's inputs, or re-export the bundle")
 

@@ -190,6 +190,17 @@ def _train_on_edited_forward(c: Ctx, model) -> list[str]:
     return _train(c, "--mode", "vanilla")
 
 
+@case("graph-opset-999", "cannot load", "Opset 999", "re-export")
+def _(c):
+    """Session 23 probe: the error line was cut off inside onnxruntime's C++ function
+    signature, before the reason."""
+    import onnx
+
+    model = onnx.load(str(c.bundle / "vanilla.forward.onnx"), load_external_data=False)
+    model.opset_import[0].version = 999
+    return _train_on_edited_forward(c, model)
+
+
 @case("graph-with-an-endless-loop", "holds a Loop node", "re-export")
 def _(c):
     """A Loop of 2^62 iterations in the training forward (hashes updated): refused before
@@ -538,7 +549,7 @@ def _(c):
     return _train(c, data="")
 
 
-@case("budget-empty-string", "invalid size")
+@case("budget-empty-string", "--budget is empty")
 def _(c):
     return _train(c, "--budget", "")
 
@@ -799,6 +810,42 @@ def _(c):
     return _train(c, "--mode", "vanilla")
 
 
+# --- session 23 probe: paths and empty values ------------------------------------------------
+@case("bundle-path-not-utf8", "is not valid UTF-8", "rename the folder")
+def _(c):
+    """A Latin-1 folder name: onnxruntime was handed the path and a TypeError traceback came."""
+    odd = Path(shutil.copytree(c.bundle, c.tmp / os.fsdecode(b"lat\xfcn")))
+    return ["train", str(odd), "--data", "digits", "--out", str(c.tmp / "run"), *TRAIN]
+
+
+@case("eval-weights-empty", "--weights is empty", "leave the option out")
+def _(c):
+    """``--weights "$RUN"`` with RUN unset evaluated the initial weights, exit 0."""
+    return ["eval", str(c.bundle), "--data", "digits", "--weights", ""]
+
+
+@case("plan-data-empty", "--data is empty")
+def _(c):
+    return ["plan", str(c.bundle), "--data", ""]
+
+
+@case("train-bundle-empty", "the bundle argument is empty")
+def _(c):
+    return ["train", "", "--data", "digits", "--out", str(c.tmp / "run"), *TRAIN]
+
+
+@case("export-model-out-dot", "names no file", "model.onnx")
+def _(c):
+    """``--out .`` (or '' or '/'): a ValueError traceback from Path.with_suffix."""
+    return ["export-model", str(c.bundle), "--out", "."]
+
+
+@case("export-model-out-trailing-slash", "ends in a slash", "model.onnx")
+def _(c):
+    """``--out new/``: a FILE named 'new' was written, exit 0."""
+    return ["export-model", str(c.bundle), "--out", str(c.tmp / "new") + "/"]
+
+
 # ------------------------------------------------------------------------------ the test
 @pytest.fixture
 def ctx(mlp_head_bundle, mlp_bundle, tmp_path) -> Ctx:
@@ -871,6 +918,27 @@ def test_sigint_during_start_up_exits_130_quietly(mlp_bundle, tmp_path, delay):
     out, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
     assert proc.returncode == 130, (proc.returncode, err)
+
+
+def test_sigint_while_the_command_imports_is_quiet(mlp_bundle, tmp_path):
+    """Session 23 probe: the ``instant-runtime`` script imported runtime.cli before main()
+    installed the handler, so a Ctrl-C in its first ~0.1 s printed a KeyboardInterrupt
+    traceback. Its entry point (runtime/launch.py, also ``python -m runtime``'s) remembers a
+    signal that comes before the command's modules are loaded and exits 130, quietly. (A
+    Ctrl-C while the interpreter itself starts, importing ``site``, is Python's own.)"""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["instant-runtime"] == "runtime.launch:run"
+    code = ("import os, signal, sys; import runtime.launch as launch\n"
+            "assert 'runtime.cli' not in sys.modules\n"
+            "os.kill(os.getpid(), signal.SIGINT)  # before runtime.cli loads\n"
+            "launch.run()\n")
+    r = subprocess.run([sys.executable, "-c", code, "train", str(mlp_bundle), "--data",
+                        "digits", "--out", str(tmp_path / "run"), "--steps", "1000000"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in r.stderr and r.stderr.strip() == "interrupted", r.stderr
+    assert r.returncode == 130 and not (tmp_path / "run").exists()
 
 
 def test_outside_file_never_read_by_training(ctx):

@@ -296,3 +296,42 @@ def test_a_set_aside_whose_roll_back_fails_too_deletes_nothing(mlp_bundle, tmp_p
     assert after == files  # every file kept, run.json in the set-aside folder
     _folder(mlp_bundle, out).prepare(resume=True, overwrite=False)  # the next run puts it back
     assert (out / "run.json").is_file() and not list(out.glob(".replaced.*"))
+
+
+def test_a_bundle_cannot_lead_its_default_run_folders_elsewhere_by_a_link(cli, mlp_bundle,
+                                                                          tmp_path):
+    """Session 23 probe: a bundle shipping ``run`` as a link to someone's run made ``train
+    --overwrite`` (default --out BUNDLE/run) replace that run, a link to an empty folder got the
+    run written there, and eval read the weights through it. Every default folder inside the
+    bundle (run, fleet, fleet-client) is refused when it, or a file in it, is a link."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mlp_bundle, bundle)
+    elsewhere = tmp_path / "someones_run"
+    assert cli("train", mlp_bundle, "--data", "digits", "--steps", 2, "--no-progress",
+               "--out", elsewhere).returncode == 0
+    before = _tree(tmp_path / "someones_run")
+    (bundle / "run").symlink_to(elsewhere)
+    for args in (("train", bundle, "--data", "digits", "--steps", 2, "--no-progress",
+                  "--overwrite"),
+                 ("eval", bundle, "--data", "digits"),
+                 ("export-model", bundle, "--out", tmp_path / "m.onnx")):
+        _one_line(cli(*args), "bundle/run is a symbolic link", "--out")
+    assert _tree(elsewhere) == before and not (tmp_path / "m.onnx").exists()
+    # a real folder holding a link (its weights, its checkpoints)
+    (bundle / "run").unlink()
+    (bundle / "run" / "checkpoints").mkdir(parents=True)
+    (bundle / "run" / "params.npz").symlink_to(elsewhere / "params.npz")
+    _one_line(cli("eval", bundle, "--data", "digits"), "run/params.npz is a symbolic link")
+    (bundle / "run" / "params.npz").unlink()
+    ckpt = next((elsewhere / "checkpoints").glob("ckpt-*.npz"))
+    (bundle / "run" / "checkpoints" / ckpt.name).symlink_to(ckpt)
+    _one_line(cli("eval", bundle, "--data", "digits"), f"{ckpt.name} is a symbolic link")
+    # the fleet's defaults
+    for role, name, extra in (("server", "fleet", ()),
+                              ("client", "fleet-client", ("--data", "digits", "--server",
+                                                          "127.0.0.1:9"))):
+        (bundle / name).symlink_to(elsewhere)
+        r = subprocess.run([sys.executable, "-m", "runtime.fleet", role, str(bundle), *extra],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        _one_line(r, f"bundle/{name} is a symbolic link")
+    assert _tree(elsewhere) == before

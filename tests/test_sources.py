@@ -162,7 +162,7 @@ def test_csv_columns_by_name_bom_and_crlf(tmp_path, tokenizer_file):
 
 @pytest.mark.parametrize("name, data, match", [
     ("gzip", None, r"is gzip-compressed: decompress it first"),
-    ("utf16", "text,label\na good film,pos\n".encode("utf-16"), r"looks like UTF-16: save it"),
+    ("utf16", "text,label\na good film,pos\n".encode("utf-16"), r"is UTF-16 text; save it as UTF-8"),
     ("semicolons", b"text;label\na good film;pos\n", r"separated by ';': save it with commas"),
     ("tabs", b"text\tlabel\na good film\tpos\n", r"separated by a tab"),
     ("lone_cr", b"text,label\ra good film,pos\rbad,neg\r", r"lone CR: save it with LF"),
@@ -351,6 +351,22 @@ def test_too_many_distinct_labels(tmp_path, tokenizer_file):
     p.write_text("text,label\n" + "".join(f"film,{i}x\n" for i in range(k + 1)))
     with pytest.raises(UserError, match=f"more than {k:,} distinct labels but the model has"):
         _text(p, tokenizer_file, k=k)
+
+
+@pytest.mark.parametrize("enc", ["utf-16", "utf-16-le", "utf-32"])
+def test_a_utf16_or_utf32_text_file_is_named_as_such(tmp_path, tokenizer_file, enc):
+    """Session 23 probe: a UTF-16 .jsonl lost its first row, parsed the rest by accident, and
+    the advice was to convert from cp1252. (utf-16-le: no byte order mark.)"""
+    rows = "".join(json.dumps({"text": f"film {i}", "label": i % 2}) + "\n" for i in range(40))
+    for name, text in (("d.jsonl", rows), ("d.csv", "text,label\na,0\nb,1\n")):
+        p = tmp_path / name
+        p.write_bytes(text.encode(enc))
+        want = "UTF-32" if enc == "utf-32" else "UTF-16"
+        with pytest.raises(UserError, match=f"is {want} text; save it as UTF-8 "
+                                            f"\\(e.g. iconv -f {want} -t utf-8 {name}"):
+            _text(p, tokenizer_file)
+        p.write_text(text)  # the same rows in UTF-8 read
+        assert len(_text(p, tokenizer_file)) in (40, 2)
 
 
 def test_csv_as_users_make_them_joined_files_float_labels_and_latin1(tmp_path, tokenizer_file):

@@ -175,8 +175,9 @@ def _server(a) -> int:
         check_out(Path(a.out))
     _flower(a.verbose)
     local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
-    out = Path(a.out) if a.out else local.bundle.path / "fleet"
-    from ..run_folder import hold_folder
+    from ..run_folder import bundle_run, hold_folder
+
+    out = Path(a.out) if a.out else bundle_run(local.bundle.path, "fleet")
 
     resume = check_server_out(out, a.resume, a.overwrite)
     lock = hold_folder(out, f"--out '{out}' is in use by another fleet server of this machine "
@@ -230,7 +231,9 @@ def _client(a) -> int:
     partition = parse_partition(a.partition)
     _flower(a.verbose)
     bundle = Path(a.bundle)
-    out = Path(a.out) if a.out else bundle / "fleet-client"
+    from ..run_folder import bundle_run
+
+    out = Path(a.out) if a.out else bundle_run(bundle, "fleet-client")
     if a.out:
         check_out(out)
     role = fleet_role(out)
@@ -270,6 +273,9 @@ def cmd_fleet(a) -> int:
 
     tune_malloc()  # as `instant-runtime` does: `python -m runtime.fleet` enters here directly
     try:
+        from ..cli import check_not_empty
+
+        check_not_empty(a)
         return _server(a) if a.fleet_cmd == "server" else _client(a)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)

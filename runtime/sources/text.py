@@ -6,6 +6,7 @@ import array
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +99,7 @@ class TextSource(Source):
         if isinstance(tokenizer, str | Path) and not Path(tokenizer).is_file():
             raise UserError(f"tokenizer file '{tokenizer}' not found; re-export the bundle")
         self._file = _File(self.path)
+        _refuse_utf16(self._file.fd, self.path)
         self._col = 0  # text column index (csv/tsv)
         self._first_keys: list[str] | None = None  # (jsonl) the first object's fields: advice
         labels = _Labels(str(self.path), f"{'column' if self.kind != 'jsonl' else 'field'} "
@@ -467,6 +469,19 @@ def open_text(path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: 
     """
     return TextSource(path, text, inputs, loss, tokenizer, text_column=text_column,
                       label_column=label_column, class_names=class_names)
+
+
+def _refuse_utf16(fd: int, path: Path) -> None:
+    """A UTF-16/32 file (Windows "Unicode" text, PowerShell's ``>``) read as UTF-8 lost rows or
+    parsed by accident (session 23 probe) and was advised as Windows-1252: said as what it is."""
+    head = os.pread(fd, 4, 0)
+    enc = ("UTF-32" if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") else
+           "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None)
+    if enc is None and len(head) == 4 and (head[1] == head[3] == 0 or head[0] == head[2] == 0):
+        enc = "UTF-16"  # no byte order mark: ASCII text with a NUL byte beside every character
+    if enc is not None:
+        raise UserError(f"{path} is {enc} text; save it as UTF-8 (e.g. iconv -f {enc} -t utf-8 "
+                        f"{path.name} > {path.stem}-utf8{path.suffix})")
 
 
 def _to_utf8(path: Path) -> str:

@@ -1,0 +1,44 @@
+"""The ``instant-runtime`` command's entry point, and ``python -m runtime``'s.
+
+Importing it installs a SIGINT handler that only remembers the signal, before the command's
+modules load: a Ctrl-C in the first tenth of a second (while ``runtime.cli`` was importing)
+printed a KeyboardInterrupt traceback (session 23 probe). Once ``runtime.cli`` is loaded its own
+handler takes over, and a Ctrl-C that came meanwhile ends the command as interrupted (130).
+"""
+
+import os
+import signal
+import sys
+
+_SEEN: list[int] = []
+
+
+def _remember(signum, frame) -> None:
+    _SEEN.append(signum)
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _remember)
+
+
+def main() -> int:
+    from .cli import _on_sigint
+    from .cli import main as cli_main
+
+    if signal.getsignal(signal.SIGINT) is _remember:
+        signal.signal(signal.SIGINT, _on_sigint)
+    if _SEEN:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return cli_main()
+
+
+def run() -> None:
+    """Run the command and exit with its status; 130 when interrupted, even if the
+    interpreter saw the KeyboardInterrupt on its way out."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
