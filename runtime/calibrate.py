@@ -70,8 +70,10 @@ def one_blas_thread(fn):
     """Run ``fn`` with numpy's BLAS on one thread. The decompositions (``eigh``, ``qr``) are
     the only BLAS work of a run, between onnxruntime's passes: OpenBLAS's default (a thread a
     core, whatever ``--threads`` says) spends its time in its threads' barriers as soon as
-    anything else wants a core; measured in docs/measurements.md (a 256-wide ``eigh`` 1.0 s
-    on two threads beside one busy process, 9 ms on one)."""
+    anything else wants a core. ``python -m benchmarks.blas_threads`` (2 cores, README
+    "Speed"): beside one busy process the default pool took 1.1-50x as long (a 64-wide Gram
+    31 ms against 0.6, 1024-wide 446 against 237; under a load of 3, 256-wide 1.0 s against
+    9 ms); on a quiet machine the same up to 1024, 0.7x at 1536 (553 against 770 ms)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ctl = _blas()

@@ -574,10 +574,10 @@ def test_vector_layers_whose_grams_outweigh_what_they_save_train_exactly(tmp_pat
 
 
 def test_the_decompositions_run_numpy_blas_on_one_thread(monkeypatch):
-    """OpenBLAS's default pool (a thread a core) made a calibration's eigh 20-100x slower as
-    soon as anything else wanted a core (session 23 speed probe: the budget probes' parent
-    polling beside them; a 256-wide eigh 1.0 s against 9 ms). Every eigh and qr of a
-    calibration runs with BLAS on one thread, and the process's setting is back afterwards."""
+    """OpenBLAS's default pool (a thread a core) made a calibration's eigh up to 50x slower as
+    soon as anything else wanted a core (session 23 speed probe, under a load of 3: an
+    encoder's INSTANT plan 14.3 s against 5.3 s; benchmarks/blas_threads.py). Every eigh and qr
+    of a calibration runs with BLAS on one thread, and the process's setting is back after."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     seen = []
