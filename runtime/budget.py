@@ -480,6 +480,10 @@ def _warm_up(trainer: Trainer, data) -> None:
     rng = np.random.default_rng(999)
     cfg = trainer.config
     trainer.use_plan(Plan(micro_batch=1, calib_micro_batch=1, eval_micro_batch=1))
+    if trainer.eval_only:
+        trainer.evaluate(_Subset(data, 1), 1, trim=False)
+        trainer.shrink_arena(data)
+        return
     if trainer.mode == "instant":
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1))
         trainer.calibrate(data, 1, rng)
@@ -529,6 +533,17 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
     start = current_rss()
     out: dict = {"calib": {}, "step": {}}
     sizes = sorted({max(1, min(k, batch)) for k in (1, 2, 8)})
+    if trainer.eval_only:  # evaluation passes: what `eval` runs
+        for m in sizes:
+            trainer.use_plan(Plan(micro_batch=m, eval_micro_batch=m))
+            try:
+                trainer.evaluate(_Subset(data, min(len(data), 2 * m)), m, trim=False)
+            except ArenaExhausted:
+                break
+            out["step"][m] = current_rss() - start
+        if not out["step"]:
+            raise ArenaExhausted("an evaluation pass of one sample")
+        return out
     if trainer.mode == "instant":
         cfg = trainer.config
         for mc in sizes:
@@ -622,6 +637,10 @@ def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
     trainer.use_plan(plan)
     trainer.open_sessions()
     rng = np.random.default_rng(54321)
+    if trainer.eval_only:
+        sub = _Subset(data, min(len(data), 2 * plan.micro_batch))
+        trainer.evaluate(sub, plan.micro_batch, trim=False)
+        return {"rss": current_rss()}
     if trainer.mode == "instant":
         cfg = trainer.config
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1,

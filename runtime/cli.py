@@ -688,7 +688,9 @@ def _cmd_eval(a) -> int:
     target = data.test if data.test is not None else data
     if budget is None:
         use_arena(None)
-    else:  # planned as a training step (more than a pass of evaluation needs) under the budget
+    else:  # its probes run evaluation passes (a training step's plan took micro-batch 1 where
+        # evaluation fits 16: a session-23 probe's eval took 147 s under a budget, 22 s without)
+        trainer.eval_only = True
         trainer.use_plan(_plan(trainer, data, a.batch, budget, None, print))
     loss, acc = trainer.evaluate(target, trainer.plan.eval_micro_batch or a.batch)
     which = "held-out" if data.test is not None else "all"

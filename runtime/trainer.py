@@ -229,6 +229,9 @@ class Trainer:
         self.bases: dict[str, tuple[Basis, Basis]] = {}
         self._basis_ov: dict[str, ort.OrtValue] = {}
         self._cut_bases: dict[int, dict[str, ort.OrtValue]] = {}  # _bases_at, by length
+        # evaluation only (``eval``): the sessions are the inference graph's, and a budget plans
+        # its passes (runtime/budget.py), not a training step's
+        self.eval_only = False
         self.step_count = 0
         self.window: GramWindow | None = None  # an open calibration
         self.calibrations = 0
@@ -283,6 +286,9 @@ class Trainer:
 
     def open_sessions(self) -> None:
         """Create every session the run will use now (so their memory is in the idle RSS)."""
+        if self.eval_only:
+            self.session(names.INFER, "forward")
+            return
         self.session(self.mode, "forward")
         self.session(self.mode, "backward")
         text = self.bundle.manifest.text

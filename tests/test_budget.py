@@ -421,3 +421,29 @@ def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path, bu
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert "below the minimum" in lines[0] and "--mode vanilla" in lines[0], lines[0]
     assert peak <= budget_mb * MB, (budget_mb, peak / MB)
+
+
+def test_eval_under_a_budget_plans_evaluation_passes(workload, tmp_path):
+    """Session 23 probe: eval under --budget was planned as a training step (gradients,
+    optimizer), so it evaluated a CNN one row at a time (147 s against 22 s without a budget)
+    and refused budgets its passes fit. Its probes now run evaluation passes: a larger
+    micro-batch than training's at the same budget, measured from outside within it, the same
+    loss as without a budget."""
+    bundle, data = workload
+    # exact SGD: the training step that eval was planned as (its sessions, one buffer)
+    r, _ = _train(bundle, data, tmp_path / "run", "--steps", "2", "--budget", "200MB",
+                  "--mode", "vanilla", "--optimizer", "sgd")
+    assert r.returncode == 0, r.stderr
+    train_mb = int(re.search(r"plan for budget 200 MB: micro-batch (\d+)", r.stdout)[1])
+    argv = [sys.executable, "-m", "runtime", "eval", str(bundle), "--data", str(data),
+            "--weights", str(tmp_path / "run"), "--batch", str(BATCH), "--threads", "2"]
+    e = run_measured([*argv, "--budget", "200MB"], timeout=300, cwd=REPO)
+    assert e.returncode == 0, e.stderr
+    assert e.peak_polled <= 200 * MB, (e.peak_polled, e.stdout)
+    eval_mb = int(re.search(r"plan for budget 200 MB: micro-batch (\d+)", e.stdout)[1])
+    assert eval_mb > train_mb, (eval_mb, train_mb, e.stdout)
+    free = run_measured(argv, timeout=300, cwd=REPO)
+    assert free.returncode == 0, free.stderr
+    loss = re.compile(r"loss (\d+\.\d+), accuracy (\d\.\d+)")
+    assert loss.search(e.stdout).groups() == loss.search(free.stdout).groups(), (e.stdout,
+                                                                                 free.stdout)
