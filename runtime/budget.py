@@ -315,7 +315,8 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
 def _has_shorter(trainer: Trainer) -> bool:
     """Whether the run would use graphs at shorter lengths (and could do without them)."""
     text = trainer.bundle.manifest.text
-    return bool(trainer.shorter and text is not None and text.lengths and not trainer.resident)
+    return bool(trainer.shorter and text is not None and text.lengths and not trainer.resident
+                and not trainer.eval_only)  # evaluation runs the inference graph only
 
 
 def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla") -> UserError:

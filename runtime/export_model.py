@@ -365,13 +365,14 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     """
     text = str(out)
     out = Path(out)
-    if not out.name or out.name in (".", "..") or out.name.startswith(".") and not out.suffix:
-        near = out.parent if out.name.startswith(".") and out.name != ".." else out
-        raise UserError(f"--out '{text}' names no file; name the .onnx file to write, e.g. "
-                        f"{near / 'model.onnx'}")
-    if text.endswith(("/", os.sep)):  # Path drops the slash: 'new/' would be written as a file
+    last = os.path.basename(text)  # Path drops a trailing '/' or '/.': 'new/' named a file
+    if text.rstrip("/") and not last:
         raise UserError(f"--out '{text}' ends in a slash (a folder); name the .onnx file to "
                         f"write, e.g. {out / 'model.onnx'}")
+    if not last or last in (".", "..") or last.startswith(".") and not Path(last).suffix:
+        near = out.parent if last.startswith(".") and last not in (".", "..") else out
+        raise UserError(f"--out '{text}' names no file; name the .onnx file to write, e.g. "
+                        f"{near / 'model.onnx'}")
     targets = [out, out.with_suffix(".safetensors"), out.parent / (out.name + ".data"),
                out.with_suffix(".labels.json"), out.with_suffix(".tokenizer.json")]
     if out.is_dir():

@@ -1,9 +1,10 @@
 """The ``instant-runtime`` command's entry point, and ``python -m runtime``'s.
 
-Importing it installs a SIGINT handler that only remembers the signal, before the command's
-modules load: a Ctrl-C in the first tenth of a second (while ``runtime.cli`` was importing)
+:func:`run` first installs a SIGINT handler that only remembers the signal, then loads the
+command's modules: a Ctrl-C in the first tenth of a second (while ``runtime.cli`` was importing)
 printed a KeyboardInterrupt traceback (session 23 probe). Once ``runtime.cli`` is loaded its own
 handler takes over, and a Ctrl-C that came meanwhile ends the command as interrupted (130).
+Importing this module changes nothing.
 """
 
 import os
@@ -17,11 +18,9 @@ def _remember(signum, frame) -> None:
     _SEEN.append(signum)
 
 
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, _remember)
-
-
 def main() -> int:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _remember)
     from .cli import _on_sigint
     from .cli import main as cli_main
 

@@ -840,3 +840,20 @@ def test_a_path_the_terminal_cannot_encode_is_printed_escaped(mlp_bundle, tmp_pa
                        errors="strict")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "runs \\xfc" in r.stdout and (out / "params.npz").is_file(), r.stdout[-1000:]
+
+
+def test_val_that_is_the_data_file_itself_gets_a_note(cli, mlp_bundle, tmp_path):
+    """Session 23 probe: ``--val`` naming the ``--data`` file was accepted without a word, and
+    the held-out accuracy was on training rows."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 64)).astype(np.float32),
+             y=np.arange(40) % 10)
+    (tmp_path / "sub").mkdir()
+    same = ok(cli("train", mlp_bundle, "--data", tmp_path / "d.npz", "--val",
+                  tmp_path / "sub" / ".." / "d.npz", "--steps", 1, "--no-progress",
+                  "--out", tmp_path / "r1"))
+    assert "is the --data file itself" in same, same
+    shutil.copy(tmp_path / "d.npz", tmp_path / "v.npz")
+    other = ok(cli("train", mlp_bundle, "--data", tmp_path / "d.npz", "--val",
+                   tmp_path / "v.npz", "--steps", 1, "--no-progress", "--out", tmp_path / "r2"))
+    assert "is the --data file itself" not in other, other

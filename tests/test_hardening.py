@@ -846,6 +846,12 @@ def _(c):
     return ["export-model", str(c.bundle), "--out", str(c.tmp / "new") + "/"]
 
 
+@case("export-model-out-slash-dot", "names no file", "new/model.onnx")
+def _(c):
+    """``--out new/.``: Path reads it as 'new' (the review's case of the trailing slash)."""
+    return ["export-model", str(c.bundle), "--out", str(c.tmp / "new") + "/."]
+
+
 # ------------------------------------------------------------------------------ the test
 @pytest.fixture
 def ctx(mlp_head_bundle, mlp_bundle, tmp_path) -> Ctx:
@@ -930,9 +936,15 @@ def test_sigint_while_the_command_imports_is_quiet(mlp_bundle, tmp_path):
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["instant-runtime"] == "runtime.launch:run"
-    code = ("import os, signal, sys; import runtime.launch as launch\n"
+    code = ("import builtins, os, signal, sys; import runtime.launch as launch\n"
             "assert 'runtime.cli' not in sys.modules\n"
-            "os.kill(os.getpid(), signal.SIGINT)  # before runtime.cli loads\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # import: as is\n"
+            "orig = builtins.__import__\n"
+            "def imp(name, *a, **k):  # the signal comes as runtime.cli starts loading\n"
+            "    if name == 'cli' and 'runtime.cli' not in sys.modules:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return orig(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
             "launch.run()\n")
     r = subprocess.run([sys.executable, "-c", code, "train", str(mlp_bundle), "--data",
                         "digits", "--out", str(tmp_path / "run"), "--steps", "1000000"],

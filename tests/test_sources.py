@@ -353,20 +353,28 @@ def test_too_many_distinct_labels(tmp_path, tokenizer_file):
         _text(p, tokenizer_file, k=k)
 
 
-@pytest.mark.parametrize("enc", ["utf-16", "utf-16-le", "utf-32"])
-def test_a_utf16_or_utf32_text_file_is_named_as_such(tmp_path, tokenizer_file, enc):
+@pytest.mark.parametrize("enc, want", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16LE"),
+                                       ("utf-16-be", "UTF-16BE"), ("utf-32", "UTF-32"),
+                                       ("utf-32-le", "UTF-32LE")])
+def test_a_utf16_or_utf32_text_file_is_named_as_such(tmp_path, tokenizer_file, enc, want):
     """Session 23 probe: a UTF-16 .jsonl lost its first row, parsed the rest by accident, and
-    the advice was to convert from cp1252. (utf-16-le: no byte order mark.)"""
+    the advice was to convert from cp1252. (-le, -be: no byte order mark, the order named for
+    iconv, which assumes one; 4 NUL bytes are not called text.)"""
     rows = "".join(json.dumps({"text": f"film {i}", "label": i % 2}) + "\n" for i in range(40))
     for name, text in (("d.jsonl", rows), ("d.csv", "text,label\na,0\nb,1\n")):
         p = tmp_path / name
         p.write_bytes(text.encode(enc))
-        want = "UTF-32" if enc == "utf-32" else "UTF-16"
         with pytest.raises(UserError, match=f"is {want} text; save it as UTF-8 "
                                             f"\\(e.g. iconv -f {want} -t utf-8 {name}"):
             _text(p, tokenizer_file)
         p.write_text(text)  # the same rows in UTF-8 read
         assert len(_text(p, tokenizer_file)) in (40, 2)
+    from runtime.sources.text import _refuse_utf16
+
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b"\0\0\0\0text,label\n")
+    with open(nul, "rb") as f:
+        _refuse_utf16(f.fileno(), nul)  # not named UTF-16 (left to the reader's own checks)
 
 
 def test_csv_as_users_make_them_joined_files_float_labels_and_latin1(tmp_path, tokenizer_file):

@@ -477,8 +477,16 @@ def _refuse_utf16(fd: int, path: Path) -> None:
     head = os.pread(fd, 4, 0)
     enc = ("UTF-32" if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") else
            "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None)
-    if enc is None and len(head) == 4 and (head[1] == head[3] == 0 or head[0] == head[2] == 0):
-        enc = "UTF-16"  # no byte order mark: ASCII text with a NUL byte beside every character
+    if enc is None and len(head) == 4 and head != b"\0\0\0\0":  # no byte order mark: ASCII
+        # text with NUL bytes beside every character, its byte order from where they are
+        if head[1:] == b"\0\0\0":
+            enc = "UTF-32LE"
+        elif head[:3] == b"\0\0\0":
+            enc = "UTF-32BE"
+        elif head[1] == head[3] == 0:
+            enc = "UTF-16LE"
+        elif head[0] == head[2] == 0:
+            enc = "UTF-16BE"
     if enc is not None:
         raise UserError(f"{path} is {enc} text; save it as UTF-8 (e.g. iconv -f {enc} -t utf-8 "
                         f"{path.name} > {path.stem}-utf8{path.suffix})")
