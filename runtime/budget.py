@@ -302,14 +302,14 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         return _plan_for_budget(trainer, data, batch, budget, log, reserve)
     except BudgetTooSmall as exc:
         if not _has_shorter(trainer):
-            raise _stated_minimum(exc, budget, trainer.mode) from None
+            raise _stated_minimum(exc, budget, trainer.mode, trainer.eval_only) from None
     trainer.shorter = False
     log("budget: no plan with the graphs at shorter lengths as well; planning at the full "
         "length only")
     try:
         return _plan_for_budget(trainer, data, batch, budget, log, reserve)
     except BudgetTooSmall as exc:
-        raise _stated_minimum(exc, budget, trainer.mode) from None
+        raise _stated_minimum(exc, budget, trainer.mode, trainer.eval_only) from None
 
 
 def _has_shorter(trainer: Trainer) -> bool:
@@ -319,7 +319,8 @@ def _has_shorter(trainer: Trainer) -> bool:
                 and not trainer.eval_only)  # evaluation runs the inference graph only
 
 
-def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla") -> UserError:
+def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
+                    evaluating: bool = False) -> UserError:
     """The refusal's way out. The estimate comes from probes that stayed inside ``budget``
     (a budget above it cannot be tried without passing it), so it extrapolates: measured on
     workloads refused at their first stated minimum, the budget that then worked was up to
@@ -331,8 +332,10 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla") -> 
         hint = max(2 * budget, 2 * exc.floor)
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
                          f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
-                         f"above it, e.g. to {hint / 1e6:.0f}MB (`instant-runtime plan` "
-                         f"without --budget estimates the minimum){_or_vanilla(mode)}")
+                         f"above it, e.g. to {hint / 1e6:.0f}MB "
+                         + ("(or evaluate without --budget)" if evaluating else
+                            "(`instant-runtime plan` without --budget estimates the minimum)")
+                         + _or_vanilla(mode))
     # an estimate below the refused budget means the probes missed part of the need: ask for
     # MIN_FACTOR x the budget rather than a step the user would have to repeat MB by MB
     need = max(exc.need, budget) * MIN_FACTOR
@@ -429,7 +432,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     res = _fork(lambda: sessions_only(cap0), limit=limit)
     if not res["ok"]:
         if res["oom"]:
-            raise minimum("a step at micro-batch 1 did not fit")
+            raise minimum(f"{_pass(trainer)} at micro-batch 1 did not fit")
         raise UserError(f"cannot open the bundle's sessions: {res['error']}")
     base = base0 + int(res["overhead"])
     floor = base + frozen + margin
@@ -459,7 +462,8 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
             raise ProbeError(f"the validation probe failed: {check['error']}")
         if plan.micro_batch == 1:
             need = max(check["peak"], budget) + margin
-            raise BudgetTooSmall(f"a step at micro-batch 1 did not fit at its real size (probe "
+            raise BudgetTooSmall(f"{_pass(trainer)} at micro-batch 1 did not fit at its real "
+                                 f"size (probe "
                                  f"peak {check['peak'] / 1e6:.0f} MB)", int(need))
         smaller = smaller_micro_batch(batch, plan.micro_batch)
         why = ("arena cap reached" if check["oom"] else
@@ -669,9 +673,14 @@ class _Subset:
         return self.data.take(idx)
 
 
+def _pass(trainer: Trainer) -> str:
+    return "an evaluation pass" if trainer.eval_only else "a step"
+
+
 def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
     """The plan's micro-batches, the memory breakdown and the per-layer ranks of the first
-    calibration (when the trainer has bases)."""
+    calibration (when the trainer has bases). An evaluation's plan (``eval``) says what its
+    probes measured: evaluation passes, without gradients or an optimizer."""
 
     mb = 1e6
     log(f"plan for budget {plan.budget / mb:.0f} MB: micro-batch {plan.micro_batch}"
@@ -681,6 +690,9 @@ def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
         + (f", compressed activations up to {plan.saved_budget / 1e3:.1f} KB per sample"
            if plan.saved_budget is not None else ""))
     for k, v in plan.breakdown.items():
+        if trainer.eval_only:
+            k = (k.replace("weights, gradients, optimizer", "weights")
+                 .replace(" / calibration Grams", "").replace("(step at x", "(evaluation at x"))
         log(f"  {k:<62} {v / mb:8.1f} MB")
     if trainer.bases:
         log(trainer.cost_table())

@@ -441,6 +441,8 @@ def test_eval_under_a_budget_plans_evaluation_passes(workload, tmp_path):
     assert e.returncode == 0, e.stderr
     assert e.peak_polled <= 200 * MB, (e.peak_polled, e.stdout)
     eval_mb = int(re.search(r"plan for budget 200 MB: micro-batch (\d+)", e.stdout)[1])
+    # the plan says what its probes measured (a review: it read as a training step's)
+    assert f"(evaluation at x{eval_mb})" in e.stdout and "optimizer" not in e.stdout, e.stdout
     assert eval_mb > train_mb or train_mb == BATCH, (eval_mb, train_mb, e.stdout)  # (43 here)
     free = run_measured(argv, timeout=300, cwd=REPO)
     assert free.returncode == 0, free.stderr
