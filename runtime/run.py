@@ -48,7 +48,7 @@ from .config import RunConfig
 from .memory import current_rss, peak_rss
 from .order import Order, is_permutation
 from .run_folder import RunFolder
-from .run_log import Metrics, StepStats
+from .run_log import Metrics, StepStats, step_logged
 from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
 
 __all__ = ["Metrics", "Order", "RunFolder", "StepStats", "Summary", "train"]
@@ -397,11 +397,15 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                                     f"(up to step {trainer.step_count}); lower --lr or check the "
                                     "data" + (f"; last good checkpoint {last_ckpt}"
                                               if last_ckpt else ""))
-            metrics.write("step", step=trainer.step_count, time=round(time.time(), 4), loss=r.loss,
-                          accuracy=(r.correct / r.count if bundle.classification and r.count
-                                    else None),
-                          lr=lr, step_s=r.seconds, rss=current_rss(), peak_rss=peak_rss(),
-                          micro_batch=trainer.plan.micro_batch)
+            stride = step_logged(trainer.step_count)
+            if stride or not r.finite or trainer.step_count == cfg.steps:
+                metrics.write("step", step=trainer.step_count, time=round(time.time(), 4),
+                              loss=r.loss, accuracy=(r.correct / r.count
+                                                     if bundle.classification and r.count
+                                                     else None),
+                              lr=lr, step_s=r.seconds, rss=current_rss(), peak_rss=peak_rss(),
+                              micro_batch=trainer.plan.micro_batch,
+                              **({"logged_every": stride} if stride > 1 else {}))
             bar.set_postfix(loss=f"{r.loss:.4f}")
             if cfg.eval_every and test is not None and trainer.step_count % cfg.eval_every == 0:
                 tl, ta = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))

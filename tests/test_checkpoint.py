@@ -985,3 +985,29 @@ def test_metadata_of_millions_of_values_is_never_parsed(damage_runs, mlp_bundle,
     _, s = _train(mlp_bundle, out, 30, checkpoint_every=10, resume=True)
     assert s.resumed_from == 10
     assert "JSON values, more than a checkpoint's can" in capsys.readouterr().err
+
+
+def test_a_long_run_logs_fewer_step_lines_past_the_first_ten_thousand(mlp_bundle, tmp_path,
+                                                                      monkeypatch):
+    """Session 22 long-run probe: metrics.jsonl had no cap (~210 bytes a step; 1.6 GB for a
+    small model over 8 hours). Past FULL_LOG_STEPS steps one line in 10 is kept, past ten times
+    as many one in 100, and so on; the last step and a non-finite one always have their line,
+    and a resume keeps the pattern. (The threshold is lowered here: 10,000 steps take minutes.)"""
+    import runtime.run_log as run_log
+
+    assert [run_log.step_logged(s) for s in (1, 9_999, 10_000, 10_005, 10_010, 99_990,
+                                             100_000, 100_050, 1_000_000)] == \
+        [1, 1, 10, 0, 10, 10, 100, 0, 1000]
+    monkeypatch.setattr(run_log, "FULL_LOG_STEPS", 10)
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 57, checkpoint_every=20)
+    _train(mlp_bundle, out, 125, checkpoint_every=20, resume=True)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in steps if e["kind"] == "step"]
+    logged = [e["step"] for e in steps]
+    # 57: the first run's last step; the resume continues from its checkpoint
+    assert logged == [*range(1, 10), *range(10, 60, 10), 57, *range(60, 100, 10), 100, 125], \
+        logged
+    assert all(e.get("logged_every") == (10 if 10 <= e["step"] < 100 and e["step"] != 57
+                                         else 100 if e["step"] == 100 else None)
+               for e in steps), steps
