@@ -354,6 +354,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                                       trainer.config.instant.calib_samples,
                                       padded=trainer.bundle.manifest.text is not None)
     with StopSignals() as stop, _abandoned(stop, trainer, bar, metrics, lambda: last_ckpt):
+        calib_total = trainer.calib_seconds  # (each calibration event: its own seconds)
         for _ in bar:
             calibrated = None
             if trainer.needs_calibration():
@@ -380,8 +381,10 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                     warn(w)
                 trainer.warnings.clear()
                 metrics.write("calibration", step=trainer.step_count, ok=calibrated,
-                              seconds=trainer.calib_seconds,
+                              seconds=round(trainer.calib_seconds - calib_total, 4),
+                              seconds_total=round(trainer.calib_seconds, 4),
                               ranks={k: list(v) for k, v in trainer.ranks().items()})
+                calib_total = trainer.calib_seconds
             if r.finite:
                 stats.add(r.loss, r.seconds)
                 tally["correct"] += r.correct

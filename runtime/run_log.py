@@ -20,7 +20,7 @@ __all__ = ["FULL_LOG_STEPS", "Metrics", "StepStats", "step_logged"]
 
 # Every step has its line up to here; past it, one step in 10, then in 100 past ten times as
 # many, and so on: about 9,000 lines (~2 MB) a decade of steps. A line is ~210 bytes, and a small
-# model at 270 steps/s for 8 hours wrote 1.6 GB (session 22 long-run probe): a device's SD card.
+# model at 270 steps/s for 8 hours would write 1.6 GB (session 22 long-run probe): an SD card.
 FULL_LOG_STEPS = 10_000
 
 

@@ -1011,3 +1011,18 @@ def test_a_long_run_logs_fewer_step_lines_past_the_first_ten_thousand(mlp_bundle
     assert all(e.get("logged_every") == (10 if 10 <= e["step"] < 100 and e["step"] != 57
                                          else 100 if e["step"] == 100 else None)
                for e in steps), steps
+
+
+def test_each_calibration_event_has_its_own_seconds(mlp_bundle, tmp_path):
+    """Session 22 long-run probe: a calibration event's ``seconds`` was the run's running total
+    of calibration time. It is that calibration's now, the total beside it."""
+    out = tmp_path / "run"
+    b = open_bundle(mlp_bundle)
+    tr = make_trainer(mlp_bundle, mode="instant", lr=3e-3, calib_every=4)
+    train(tr, load_data("digits", b), RunConfig(steps=12, progress=False), out)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cal = [e for e in events if e["kind"] == "calibration"]
+    assert len(cal) >= 3, cal
+    assert sum(e["seconds"] for e in cal) == pytest.approx(cal[-1]["seconds_total"], abs=1e-3)
+    assert all(0 <= e["seconds"] <= e["seconds_total"] for e in cal)
+    assert cal[-1]["seconds"] < cal[-1]["seconds_total"]  # not the running total
