@@ -485,19 +485,16 @@ def _warm_up(trainer: Trainer, data) -> None:
     rng = np.random.default_rng(999)
     cfg = trainer.config
     trainer.use_plan(Plan(micro_batch=1, calib_micro_batch=1, eval_micro_batch=1))
-    if trainer.eval_only:
-        trainer.evaluate(_Subset(data, 1), 1, trim=False)
-        trainer.shrink_arena(data)
-        return
-    if trainer.mode == "instant":
+    if trainer.mode == "instant" and not trainer.eval_only:
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1))
         trainer.calibrate(data, 1, rng)
         trainer.begin_calibration()
         trainer.gradients(_batch(data, 1, rng))  # a recalibration pass
         trainer.window = None
         trainer.config = cfg
-    trainer.gradients(_batch(data, 1, rng))
-    _warm_up_lengths(trainer, data)
+    if not trainer.eval_only:  # (evaluation: the pass below is all it runs)
+        trainer.gradients(_batch(data, 1, rng))
+        _warm_up_lengths(trainer, data)
     trainer.evaluate(_Subset(data, 1), 1, trim=False)
     trainer.shrink_arena(data)
     trainer.bases.clear()
@@ -538,18 +535,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
     start = current_rss()
     out: dict = {"calib": {}, "step": {}}
     sizes = sorted({max(1, min(k, batch)) for k in (1, 2, 8)})
-    if trainer.eval_only:  # evaluation passes: what `eval` runs
-        for m in sizes:
-            trainer.use_plan(Plan(micro_batch=m, eval_micro_batch=m))
-            try:
-                trainer.evaluate(_Subset(data, min(len(data), 2 * m)), m, trim=False)
-            except ArenaExhausted:
-                break
-            out["step"][m] = current_rss() - start
-        if not out["step"]:
-            raise ArenaExhausted("an evaluation pass of one sample")
-        return out
-    if trainer.mode == "instant":
+    if trainer.mode == "instant" and not trainer.eval_only:
         cfg = trainer.config
         for mc in sizes:
             trainer.use_plan(Plan(micro_batch=mc, calib_micro_batch=mc))
@@ -568,15 +554,18 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
         out["saved_full"] = saved_bytes(trainer.bundle.layers, trainer.ranks())
         trainer.shrink_arena(data)  # steps are measured from an arena without calibration's
         start = current_rss()
-    for m in sizes:
-        trainer.use_plan(Plan(micro_batch=m))
+    for m in sizes:  # steps, or for `eval` evaluation passes (what it runs)
+        trainer.use_plan(Plan(micro_batch=m, eval_micro_batch=m))
         try:
-            trainer.gradients(_batch(data, 2 * m, rng))
+            if trainer.eval_only:
+                trainer.evaluate(_Subset(data, min(len(data), 2 * m)), m, trim=False)
+            else:
+                trainer.gradients(_batch(data, 2 * m, rng))
         except ArenaExhausted:
             break
         out["step"][m] = current_rss() - start
     if not out["step"]:
-        raise ArenaExhausted("a step at micro-batch 1")
+        raise ArenaExhausted(f"{_pass(trainer)} at micro-batch 1")
     return out
 
 
@@ -642,11 +631,7 @@ def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
     trainer.use_plan(plan)
     trainer.open_sessions()
     rng = np.random.default_rng(54321)
-    if trainer.eval_only:
-        sub = _Subset(data, min(len(data), 2 * plan.micro_batch))
-        trainer.evaluate(sub, plan.micro_batch, trim=False)
-        return {"rss": current_rss()}
-    if trainer.mode == "instant":
+    if trainer.mode == "instant" and not trainer.eval_only:
         cfg = trainer.config
         trainer.config = replace(cfg, instant=replace(cfg.instant, calib_batches=1,
                                                       rank_policy="budget", flop_ratio=None,
@@ -656,7 +641,8 @@ def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
         trainer.begin_calibration()  # a recalibration step: INSTANT plus the Grams
         trainer.gradients(_batch(data, batch, rng))
         trainer.window = None
-    trainer.gradients(_batch(data, batch, rng))
+    if not trainer.eval_only:  # (evaluation: the pass below, at the plan's micro-batch)
+        trainer.gradients(_batch(data, batch, rng))
     sub = _Subset(data, min(len(data), 2 * (plan.eval_micro_batch or batch)))
     trainer.evaluate(sub, plan.eval_micro_batch, trim=False)
     return {"rss": current_rss()}

@@ -5,6 +5,7 @@ fleet servers on one folder."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -24,6 +25,23 @@ def _tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest()
                                        if p.is_file() else "dir")
             for p in sorted(root.rglob("*"))}
+
+
+@contextlib.contextmanager
+def _replace_refused(monkeypatch, refused):
+    """``os.replace`` of a source that ``refused(src)`` fails with EACCES while in the block."""
+    real = os.replace
+
+    def failing(src, dst, *args, **kw):
+        if refused(src):
+            raise PermissionError(13, "Permission denied", str(src))
+        return real(src, dst, *args, **kw)
+
+    monkeypatch.setattr(os, "replace", failing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(os, "replace", real)
 
 
 def _one_line(r: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -80,17 +98,9 @@ def test_a_set_aside_that_fails_half_way_puts_the_run_back(mlp_bundle, tmp_path,
     (out / "params.npz").write_bytes(b"the old run's weights")
     (out / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 1.0}\n')
     before = _tree(out)
-    real = os.replace
-
-    def failing(src, dst, *args, **kw):
-        if Path(src).name == "checkpoints":
-            raise PermissionError(13, "Permission denied", str(src))
-        return real(src, dst, *args, **kw)
-
-    monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(UserError, match=r"cannot set the old run in .* aside .*left as it was"):
+    with _replace_refused(monkeypatch, lambda src: Path(src).name == "checkpoints"), \
+            pytest.raises(UserError, match=r"cannot set the old run in .* aside .*left as it was"):
         _folder(mlp_bundle, out).prepare(resume=False, overwrite=True)
-    monkeypatch.setattr(os, "replace", real)
     assert _tree(out) == before
 
 
@@ -275,18 +285,13 @@ def test_a_set_aside_whose_roll_back_fails_too_deletes_nothing(mlp_bundle, tmp_p
     (out / "checkpoints" / "ckpt-000002.npz").write_bytes(b"the old run's checkpoint")
     (out / "params.npz").write_bytes(b"the old run's weights")
     files = {k: v for k, v in _tree(out).items() if v != "dir"}
-    real = os.replace
+    def refused(src):
+        return Path(src).name == "checkpoints" or (Path(src).name == "run.json"
+                                                   and ".replaced." in str(src))
 
-    def failing(src, dst, *args, **kw):
-        if Path(src).name == "checkpoints" or (Path(src).name == "run.json"
-                                               and ".replaced." in str(src)):
-            raise PermissionError(13, "Permission denied", str(src))
-        return real(src, dst, *args, **kw)
-
-    monkeypatch.setattr(os, "replace", failing)
-    with pytest.raises(UserError, match=r"run\.json could not be moved back and wait in"):
+    with _replace_refused(monkeypatch, refused), \
+            pytest.raises(UserError, match=r"run\.json could not be moved back and wait in"):
         _folder(mlp_bundle, out).prepare(resume=False, overwrite=True)
-    monkeypatch.setattr(os, "replace", real)
     after = {}
     for p in sorted(out.rglob("*")):
         if p.is_file():

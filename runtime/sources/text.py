@@ -507,7 +507,7 @@ def _format_hint(path: Path, header: list[str]) -> str:
     first = header[0] if header else ""
     if head.startswith(b"\x1f\x8b"):
         return " (the file is gzip-compressed: decompress it first)"
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or "\x00" in first:
+    if "\x00" in first:  # (a byte order mark is refused before: _refuse_utf16)
         return " (the file looks like UTF-16: save it as UTF-8)"
     if len(header) == 1 and (";" in first or "\t" in first):
         sep = "';'" if ";" in first else "a tab"
