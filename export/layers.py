@@ -142,7 +142,7 @@ def _axis_mode(tokens: int, channels: int, rank3: bool) -> str:
 
 def _head_node(model: onnx.ModelProto, trainable: set[str], made_by: dict) -> str | None:
     """The classifier head: the last node (graph order) that multiplies by a weight, trained
-    or frozen, whether or not INSTANT can compress it (a Gemm with alpha != 1 cannot, and then
+    or frozen, whether or not INSTANT can compress it (a Gemm with transA cannot, and then
     no other layer is left out in its place). A frozen head (``--trainable`` naming body layers
     only) is no candidate, so no trained layer is left out in its place (a probe's only trained
     token layer stayed exact, with no note). ``made_by``: tensor -> the node that outputs it."""
@@ -255,8 +255,6 @@ def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer |
         ws = shapes.of(w)
         xs = shapes.of(x)
         if len(ws) != 2 or len(xs) < 2 or attrs.get("transA", 0):
-            return None
-        if node.op_type == "Gemm" and attrs.get("alpha", 1.0) != 1.0:
             return None
         out_in = node.op_type == "Gemm" and attrs.get("transB", 0) == 1
         cy, cx = (ws[0], ws[1]) if out_in else (ws[1], ws[0])

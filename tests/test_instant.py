@@ -207,6 +207,31 @@ def test_reduced_rank_matches_numpy_formulas(case):
         assert np.abs(g - e).max() > 1e-2, f"'{name}' gradient is not compressed"
 
 
+def test_a_scaled_gemm_is_compressed_with_its_alpha_and_beta():
+    """A Gemm with alpha != 1 (other exporters' scaled heads and layers) is an INSTANT layer:
+    x·W's output gradient is alpha·g, the bias's beta·g. At full rank the gradients are the
+    exact ones; at reduced rank they are the formulas' with alpha·g. (Before, such a layer was
+    left exact: its compressed rule dropped alpha.)"""
+    body = "y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (x, w, b)"
+    model, ly, inputs = _instant_setup("gemm2d", body)
+    feeds = {**inputs, ly.p_input: np.eye(ly.x_dim, dtype=np.float32),
+             ly.q_input: np.eye(ly.g_dim, dtype=np.float32)}
+    _, vanilla = run_training(model, PARAMS, feeds, "vanilla")
+    _, instant = run_training(model, PARAMS, feeds, "instant", [ly])
+    gy = loss_weight(model)
+    gx, gw, gb = exact_reference("gemm", inputs["x"], inputs["w"], gy)
+    want = [0.5 * gx, 0.5 * gw, 2.0 * gb]
+    _check(vanilla, want, rtol=1e-4, atol=1e-5)
+    _check(instant, want, rtol=1e-4, atol=1e-5)
+    P = _orthonormal_rows(ly.x_dim - 2, ly.x_dim, 1.25, seed=1)
+    Q = _orthonormal_rows(ly.g_dim - 1, ly.g_dim, 1.1, seed=2)
+    _, grads = run_training(model, PARAMS, {**inputs, ly.p_input: P, ly.q_input: Q},
+                            "instant", [ly])
+    gx, gw, _ = instant_reference("gemm", inputs["x"], inputs["w"], 0.5 * gy, P, Q,
+                                  ly.x_axis, ly.g_axis)
+    _check(grads, [gx, gw, 2.0 * gb], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["linear3d_token", "gemm2d", "conv1x1_channel",
                                   "conv1d_k1_token"])
 def test_reduced_rank_first_layer(case):

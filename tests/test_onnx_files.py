@@ -584,7 +584,7 @@ def _other_exporter_mlp(path: Path, *, opset: int = 17, inits_as_inputs: bool = 
     """A 64 -> 32 -> 32 -> 10 MLP for digits written the ways other exporters write one: an
     old opset whose first weight is gathered from a bigger table (its gradient is a
     scatter-add), every initializer also listed as an input, a head weight stored in float16
-    behind a Cast, a Softmax at the output, a head Gemm with alpha != 1 (no INSTANT rule)."""
+    behind a Cast, a Softmax at the output, a head Gemm with alpha != 1."""
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((80, 32)) * 0.15).astype(np.float32)
     w2 = (rng.standard_normal((32, 32)) * 0.15).astype(np.float32)
@@ -655,8 +655,7 @@ def test_files_written_the_ways_other_exporters_write_them_train_like_a_plain_on
     assert "6 trainable tensors" in out and "(W3)" in out, out
     a, b = (np.array(s.split()[1:4:2], float) for s in (loss, plain))
     np.testing.assert_allclose(a, b, atol=2e-3)
-    # a head INSTANT has no rule for: the hidden layer stays compressed (the head used to be
-    # "the last compressible layer", so the hidden one was left out in its place: 0 layers)
+    # a scaled head (alpha != 1) is still the head: left exact, the hidden layer compressed
     out, _ = _export_and_train(tmp_path, "scaled", scaled_head=True)
     assert "1 INSTANT layers" in out, out
 

@@ -329,9 +329,12 @@ def gemm_grad(ctx, node, gy):
     if needs(ctx, node, 2):
         gsc = g if beta == 1.0 else b.op("Mul", [g, b.const(beta)])
         gc = unbroadcast(ctx, gsc, node.output[0], node.input[2])
-    layer = compressed(ctx, node, g)
+    layer = None
+    if ctx.layer(node) is not None:  # Y = alpha·x·W + beta·C: x·W's output gradient is alpha·g
+        gl = g if alpha == 1.0 else b.op("Mul", [g, b.const(alpha)])
+        layer = compressed(ctx, node, gl)
     if layer is not None:
-        gx, gw = linear_instant(ctx, layer, g, needs(ctx, node, 0), needs(ctx, node, 1))
+        gx, gw = linear_instant(ctx, layer, gl, needs(ctx, node, 0), needs(ctx, node, 1))
         return [gx, gw, gc][: len(node.input)]
     ga = gb = None
     if needs(ctx, node, 0):
