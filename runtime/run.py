@@ -280,8 +280,10 @@ class _Guard:
                 tr.use_plan(replace(tr.plan, calib_micro_batch=m // 2) if calib
                             else tr.plan.with_micro_batch(m // 2))
                 self.shrinks += 1
+                restart = ("; SGD momentum restarts from zero (the interrupted step had "
+                           "added to it)" if not calib and tr.fused else "")
                 self.log(f"budget: the arena cap was reached at {'calibration ' if calib else ''}"
-                         f"micro-batch {m}; repeating at {m // 2}")
+                         f"micro-batch {m}; repeating at {m // 2}{restart}")
 
 
 def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,

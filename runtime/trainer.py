@@ -518,7 +518,8 @@ class Trainer:
         Raises:
             ArenaExhausted: a micro-batch did not fit the arena's cap (buffers are then
                 undefined: zero them by calling ``gradients`` again; an open calibration
-                window starts again).
+                window starts again; fused SGD momentum, which the finished micro-batches
+                had added to, is zeroed: the weights are untouched).
         """
         n = len(batch)
         batch = self._by_length(batch)
@@ -553,6 +554,8 @@ class Trainer:
         except ArenaExhausted:
             if self.window is not None:
                 self.window.reset()
+            if res is None and self.fused:  # v = μv + λp + a part of g: not to be repeated
+                self.optimizer.reset()
             raise
         finally:
             self.shared.release()

@@ -258,6 +258,51 @@ def test_resume_keeps_the_guard_shrunk_micro_batch(mlp_bundle, tmp_path) -> None
     assert (again.plan.micro_batch, again.plan.calib_micro_batch) == (8, 4)
 
 
+def test_a_step_repeated_after_the_arena_cap_restarts_sgd_momentum(mlp_bundle) -> None:
+    """SGD's momentum takes the gradients straight from the backward (v = μv + λp, then + g per
+    micro-batch). A step that ran into the arena's cap after one micro-batch, repeated at half
+    the micro-batch, scaled v twice and kept the first micro-batch's gradient in it (an outside
+    review's finding). The repeated step now starts from zeroed momentum, as after a
+    non-finite step: the weights equal those of a run whose momentum was reset before a clean
+    step at the smaller micro-batch."""
+    from runtime.run import _Guard
+    from runtime.trainer import ArenaExhausted, IndexBatch
+
+    b = open_bundle(mlp_bundle)
+    data = load_data("digits", b)
+    first, second = IndexBatch(data, np.arange(16)), IndexBatch(data, np.arange(16, 32))
+
+    def trainer() -> Trainer:
+        tr = make_trainer(mlp_bundle, mode="vanilla", lr=0.05, optimizer="sgd")
+        tr.use_plan(Plan(micro_batch=8, calib_micro_batch=8, eval_micro_batch=8,
+                         arena_cap=1 << 40))
+        tr.train_step(first)
+        return tr
+
+    hit = trainer()
+    assert hit.fused
+    real, calls = hit._micro_step, []
+
+    def exhausted_once(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the step's second micro-batch
+            raise ArenaExhausted("training at micro-batch 8: (the test's cap)")
+        return real(*args)
+
+    hit._micro_step = exhausted_once
+    lines = []
+    _Guard(hit, lines.append).run(lambda: hit.train_step(second))
+    assert hit.plan.micro_batch == 4 and len(calls) == 2 + 4, len(calls)
+    assert "SGD momentum restarts from zero" in lines[0], lines
+
+    ref = trainer()
+    ref.optimizer.reset()
+    ref.use_plan(ref.plan.with_micro_batch(4))
+    ref.train_step(second)
+    for k, p in ref.params.items():
+        np.testing.assert_allclose(hit.params[k], p, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
 def test_unwritable_checkpoint_folder_is_one_error_line(cli, mlp_bundle, tmp_path) -> None:
     out = tmp_path / "run"
     out.mkdir()
