@@ -700,12 +700,32 @@ def _cmd_eval(a) -> int:
         # evaluation fits 7: a session-23 probe's eval took 147 s under a budget, now 8.3 s)
         trainer.eval_only = True
         trainer.use_plan(_plan(trainer, data, a.batch, budget, None, print))
-    loss, acc = trainer.evaluate(target, trainer.plan.eval_micro_batch or a.batch)
+    loss, acc = _evaluate_shrinking(trainer, target, a.batch, budget is not None)
     which = "held-out" if data.test is not None else "all"
     print(f"{which} examples: {len(target)}, loss {loss:.4f}"
           + (f", accuracy {acc:.3f}" if acc is not None else "")
           + f" (weights: {weights or 'initial'}; peak RSS {peak_rss() / 1e6:.1f} MB)")
     return 0
+
+
+def _evaluate_shrinking(trainer, data, batch: int, budgeted: bool):
+    """``trainer.evaluate`` at the plan's evaluation micro-batch, repeated at half of it while a
+    pass runs into a budget's arena cap (as ``train`` repeats a step); without a budget the
+    machine itself ran out, which ends in the CLI's out-of-memory line."""
+    from dataclasses import replace
+
+    from .trainer import ArenaExhausted
+
+    while True:
+        m = trainer.plan.eval_micro_batch or batch
+        try:
+            return trainer.evaluate(data, m)
+        except ArenaExhausted as exc:
+            if not budgeted or m <= 1:
+                raise
+            trainer.use_plan(replace(trainer.plan, eval_micro_batch=m // 2))
+            print(f"budget: the arena cap was reached at evaluation micro-batch {m}; repeating "
+                  f"at {m // 2} ({exc})")
 
 
 def _cmd_plan(a) -> int:
@@ -736,10 +756,13 @@ def _cmd_plan(a) -> int:
         tr = Trainer(bundle, cfg)
         plan = _plan(tr, data, min(a.batch, len(data)), budget, None, print)
         if tr.mode == "instant":
+            from .run import ShrinkGuard
+
             tr.use_plan(plan)
             tr.train_batch = min(a.batch, len(data))
-            tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))),
-                         np.random.default_rng(0))
+            ShrinkGuard(tr, print).run(lambda: tr.calibrate(
+                data, _calib_batch(tr, min(a.batch, len(data))), np.random.default_rng(0)),
+                calibration=True)
             print(tr.cost_table())
         return 0
     ranks: dict = {}
@@ -929,8 +952,9 @@ def main(argv: list[str] | None = None) -> int:
                   "the free space", file=sys.stderr)
             return 2
         except MemoryError as exc:
-            print(f"error: out of memory ({str(exc)[:120] or 'an allocation failed'}); ask for "
-                  "smaller sizes (shapes, batch) or use --budget", file=sys.stderr)
+            print(f"error: out of memory ({str(exc)[:160] or 'an allocation failed'}); ask for "
+                  "smaller sizes (shapes, --batch, --micro-batch) or give a --budget (a larger "
+                  "one if you gave one)", file=sys.stderr)
             return 2
         except RecursionError:
             print("error: an input file is nested too deeply to read (a JSON/TOML structure); "

@@ -51,7 +51,7 @@ from .run_folder import RunFolder
 from .run_log import Metrics, StepStats, step_logged
 from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
 
-__all__ = ["Metrics", "Order", "RunFolder", "StepStats", "Summary", "train"]
+__all__ = ["Metrics", "Order", "RunFolder", "ShrinkGuard", "StepStats", "Summary", "train"]
 
 
 @dataclass
@@ -253,7 +253,7 @@ def _diverged(name: str, step: int, last_ckpt: Path | None) -> UserError:
                         else " (no checkpoint was written)"))
 
 
-class _Guard:
+class ShrinkGuard:
     """Repeats a step or calibration that ran into the arena's cap at half the micro-batch."""
 
     def __init__(self, trainer: Trainer, log) -> None:
@@ -313,7 +313,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                             "--out") from None
     ckpt = (Checkpointer(out / "checkpoints", bundle, writer=writer) if out is not None else None)
     plan = trainer.plan
-    guard = _Guard(trainer, log)
+    guard = ShrinkGuard(trainer, log)
     order = Order(len(data), batch, rng, data_fingerprint(data) if out is not None else None)
     stats = StepStats()
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}

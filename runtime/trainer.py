@@ -55,9 +55,10 @@ __all__ = ["ArenaExhausted", "ArrayBatch", "Batch", "IndexBatch", "StepAbandoned
            "Trainer"]
 
 
-class ArenaExhausted(RuntimeError):
-    """onnxruntime could not allocate within the arena's cap (the budget): the caller lowers the
-    micro-batch and repeats the step. Nothing was applied to the weights."""
+class ArenaExhausted(MemoryError):
+    """onnxruntime could not allocate within the arena's cap (the budget), or at all: the caller
+    lowers the micro-batch and repeats the step. Nothing was applied to the weights. A
+    ``MemoryError``, so a caller that cannot repeat ends in the CLI's one out-of-memory line."""
 
 
 class StepAbandoned(Exception):

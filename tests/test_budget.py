@@ -466,3 +466,38 @@ def test_a_micro_batch_the_data_limits_is_not_called_too_big_for_the_budget(mlp_
     assert r.returncode == 0, r.stderr
     assert "micro-batch 10" in r.stdout and "does not fit under the budget" not in r.stdout, \
         r.stdout
+
+
+# Runs the CLI in-process with evaluation passes over ``cap`` rows (the real run's passes: the
+# planning probes evaluate untrimmed) failing as onnxruntime's arena does when it is full.
+_EVAL_ARENA_CAP = (
+    "import sys, runtime.cli\n"
+    "from runtime.trainer import ArenaExhausted, Trainer\n"
+    "real, cap = Trainer.evaluate, int(sys.argv.pop(1))\n"
+    "def evaluate(self, data, batch=None, trim=True):\n"
+    "    if trim and batch > cap:\n"
+    "        raise ArenaExhausted(f'evaluation at micro-batch {batch}: the test cap')\n"
+    "    return real(self, data, batch, trim)\n"
+    "Trainer.evaluate = evaluate\n"
+    "sys.exit(runtime.cli.main(sys.argv[1:]))\n")
+
+
+def test_an_evaluation_that_runs_out_of_memory_repeats_smaller_or_says_so(mlp_bundle,
+                                                                         run_python):
+    """An outside review: an evaluation pass that ran into the arena (eval, plan, a fleet
+    client's evaluation) printed an ArenaExhausted traceback; only train repeated its passes
+    smaller. eval under --budget now repeats at half the micro-batch, as train does, with the
+    same result; without a budget (the machine itself ran out) it is one out-of-memory line."""
+    args = ["eval", mlp_bundle, "--data", "digits", "--threads", "1"]
+    free = run_python(_EVAL_ARENA_CAP, 10**9, *args)
+    assert free.returncode == 0, free.stderr
+    capped = run_python(_EVAL_ARENA_CAP, 8, *args, "--budget", "150MB")
+    assert capped.returncode == 0, capped.stderr
+    assert "the arena cap was reached at evaluation micro-batch" in capped.stdout, capped.stdout
+    assert re.search(r"repeating at [1-8] ", capped.stdout), capped.stdout
+    result = re.compile(r"loss (\d+\.\d+), accuracy (\d\.\d+)")
+    assert result.search(capped.stdout).groups() == result.search(free.stdout).groups()
+    r = run_python(_EVAL_ARENA_CAP, 8, *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: out of memory (evaluation at micro-batch"), lines

@@ -265,7 +265,7 @@ def test_a_step_repeated_after_the_arena_cap_restarts_sgd_momentum(mlp_bundle) -
     review's finding). The repeated step now starts from zeroed momentum, as after a
     non-finite step: the weights equal those of a run whose momentum was reset before a clean
     step at the smaller micro-batch."""
-    from runtime.run import _Guard
+    from runtime.run import ShrinkGuard
     from runtime.trainer import ArenaExhausted, IndexBatch
 
     b = open_bundle(mlp_bundle)
@@ -291,7 +291,7 @@ def test_a_step_repeated_after_the_arena_cap_restarts_sgd_momentum(mlp_bundle) -
 
     hit._micro_step = exhausted_once
     lines = []
-    _Guard(hit, lines.append).run(lambda: hit.train_step(second))
+    ShrinkGuard(hit, lines.append).run(lambda: hit.train_step(second))
     assert hit.plan.micro_batch == 4 and len(calls) == 2 + 4, len(calls)
     assert "SGD momentum restarts from zero" in lines[0], lines
 
