@@ -655,6 +655,58 @@ def test_image_folder_bad_files_counted(tmp_path, digit_folder):
     assert again.problems.ignored["folder without PNG/JPEG files"] == 2
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return (len(data).to_bytes(4, "big") + kind + data
+            + zlib.crc32(kind + data).to_bytes(4, "big"))
+
+
+def test_image_metadata_is_bounded_and_counted(tmp_path, digit_folder):
+    """A session-24 probe: 20 KB PNGs whose zTXt chunks expand to 64 MB (Pillow keeps an
+    image's text, up to 64 MiB) took a planning probe 14 MB past its budget, which counted
+    pixels only. An image's metadata (PNG chunks besides the pixels, compressed text as
+    Pillow expands it, text after the pixels included; JPEG segments before the scan) is
+    measured at indexing: too much of it is a bad row, named; the largest accepted image's
+    is in the budget's fixed bytes."""
+    import shutil
+    import zlib
+
+    from PIL import Image, PngImagePlugin
+
+    from runtime.sources import images as image_source
+
+    root = Path(shutil.copytree(digit_folder.root, tmp_path / "imgs"))
+    plain = open_images(root, GREY8, IMG_INPUT, _ce(3))
+    a = digit_folder.img[0]
+    info = PngImagePlugin.PngInfo()
+    for k in range(3):  # 1.5 MiB of text in 3 small zTXt chunks, before the pixels
+        info.add_text(f"note{k}", "a" * (512 << 10), zip=True)
+    Image.fromarray(a, "L").save(root / "0" / "ztxt.png", pnginfo=info)
+    buf = io.BytesIO()
+    Image.fromarray(a, "L").save(buf, "PNG")
+    png = buf.getvalue()
+    late = _png_chunk(b"zTXt", b"late\0\0" + zlib.compress(b"b" * (2 << 20)))
+    # one chunk expanding past 1 MiB after the pixels (Pillow reads it only when decoding)
+    (root / "1" / "late.png").write_bytes(png[:-12] + late + png[-12:])
+    jpg = next((root / "2").glob("*.JPG")).read_bytes()
+    app = b"\xff\xef" + (65535).to_bytes(2, "big") + bytes(65533)
+    (root / "2" / "app.jpg").write_bytes(jpg[:2] + app * 40 + jpg[2:])  # 2.6 MB of APP15
+    small = PngImagePlugin.PngInfo()
+    small.add_text("comment", "c" * 10_000)
+    Image.fromarray(a, "L").save(root / "0" / "small-text.png", pnginfo=small)
+    src = open_images(root, GREY8, IMG_INPUT, _ce(3))
+    assert src.problems.counts == {"too much metadata": 3}, src.problems.counts
+    assert sorted(e.split(" (")[0] for e in src.problems.examples["too much metadata"]) == [
+        "0/ztxt.png", "1/late.png", "2/app.jpg"]
+    assert len(src) == len(plain) + 1  # the image with 10 KB of text is a row
+    x, _ = src.take(np.arange(len(src)))  # nothing past the index check fails a read
+    assert np.isfinite(x["x"]).all()
+    assert 10_000 < src.max_metadata < 11_000, src.max_metadata
+    assert src.bytes_fixed() - plain.bytes_fixed() == 3 * (src.max_metadata - plain.max_metadata)
+    assert PngImagePlugin.MAX_TEXT_MEMORY == image_source.TEXT_MEMORY
+
+
 def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):
     with pytest.raises(UserError, match=r"3 distinct labels \(0, 1, 2\) but the model has 2"):
         open_images(digit_folder.root, GREY8, IMG_INPUT, _ce(2))

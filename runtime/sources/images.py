@@ -27,6 +27,103 @@ from .common import (
 # ---------------------------------------------------------------------------- images
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
+# Pillow keeps an image's metadata beside its pixels (PNG text, EXIF and ICC chunks, JPEG APP
+# segments), read whole, and expands compressed PNG text to 1 MiB a chunk, 64 MiB an image: a
+# probe's 20 KB PNGs of zTXt held 64 MB each while decoding, past a budget that counted pixels.
+# Each image's metadata is measured when the folder is indexed (expanded as Pillow expands it,
+# text after the pixels included, which Pillow reads only when it decodes them); more than
+# MAX_METADATA bytes of it, or PNG text past TEXT_CHUNK / TEXT_MEMORY, is a bad row, and the
+# budget counts the largest (``ImageSource.bytes_fixed``).
+MAX_METADATA = 2 << 20
+TEXT_CHUNK = 1 << 20  # Pillow's PngImagePlugin.MAX_TEXT_CHUNK (its default)
+TEXT_MEMORY = 1 << 20  # Pillow's PngImagePlugin.MAX_TEXT_MEMORY (its default 64 MiB)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_PIXELS = (b"IDAT", b"fdAT")
+_PNG_COMPRESSED = {b"zTXt": 1, b"iCCP": 1, b"iTXt": 2}  # bytes after the key's NUL before zlib
+_JPEG_BARE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length
+
+
+def _metadata(path: Path) -> tuple[int, str | None]:
+    """(Bytes of ``path``'s metadata as Pillow holds it: its PNG chunks or JPEG segments before
+    the first scan that are not pixel data, plus PNG text and ICC profiles expanded; the reason
+    it is too much, or None). 0 for other files (Pillow judges them)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head == _PNG_SIGNATURE:
+            return _png_metadata(f)
+        if head[:2] != b"\xff\xd8":
+            return 0, None
+        f.seek(2)
+        total, size = 0, os.fstat(f.fileno()).st_size
+        while f.read(1) == b"\xff" and total <= MAX_METADATA:
+            marker = f.read(1)
+            while marker == b"\xff":  # fill bytes
+                marker = f.read(1)
+            if not marker or marker[0] in (0xDA, 0xD9):  # start of scan, end of image
+                break
+            if marker[0] in _JPEG_BARE:
+                continue
+            length = f.read(2)
+            if len(length) < 2:
+                break
+            n = int.from_bytes(length, "big")
+            if f.tell() + n - 2 > size:
+                break  # cut short: Pillow's check names it
+            total += n
+            f.seek(n - 2, os.SEEK_CUR)
+        return total, (_TOO_MUCH if total > MAX_METADATA else None)
+
+
+_TOO_MUCH = f"over {MAX_METADATA >> 20} MiB besides the pixels"
+
+
+def _png_metadata(f) -> tuple[int, str | None]:
+    import zlib
+
+    raw = expanded = text = 0
+    size = os.fstat(f.fileno()).st_size
+    while len(chunk := f.read(8)) == 8 and chunk[4:] != b"IEND":
+        n, kind = int.from_bytes(chunk[:4], "big"), chunk[4:]
+        if not kind.isalpha() or f.tell() + n + 4 > size:
+            break  # not a chunk, or cut short: Pillow's check names it
+        if kind in _PNG_PIXELS:
+            f.seek(n + 4, os.SEEK_CUR)  # the data and its CRC
+            continue
+        raw += n
+        if raw > MAX_METADATA:
+            return raw, _TOO_MUCH
+        if kind not in _PNG_COMPRESSED:
+            text += n if kind == b"tEXt" else 0
+            f.seek(n + 4, os.SEEK_CUR)
+        else:
+            data = f.read(n)
+            f.seek(4, os.SEEK_CUR)
+            key, _, rest = data.partition(b"\0")
+            skip = _PNG_COMPRESSED[kind]
+            if kind == b"iTXt":  # flag, method, language NUL, translated key NUL, text
+                if rest[:1] != b"\x01":  # (not compressed: counted as it is)
+                    text += len(rest)
+                    continue
+                rest = rest[skip:].split(b"\0", 2)[-1]
+                skip = 0
+            try:
+                out = len(zlib.decompressobj().decompress(rest[skip:], TEXT_CHUNK + 1))
+            except zlib.error:
+                out = 0  # (Pillow keeps nothing of a chunk it cannot expand)
+            if out > TEXT_CHUNK:
+                return raw, f"a compressed PNG chunk expands past {TEXT_CHUNK >> 20} MiB"
+            expanded += out
+            text += out if kind != b"iCCP" else 0
+        if text > TEXT_MEMORY:
+            return raw, f"PNG text over {TEXT_MEMORY >> 20} MiB"
+    return raw + expanded, None
+
+
+def _bound_pillow_text(png_plugin) -> None:
+    """Pillow's PNG text limits at most ours (``_metadata`` refuses what would pass them)."""
+    png_plugin.MAX_TEXT_CHUNK = min(png_plugin.MAX_TEXT_CHUNK, TEXT_CHUNK)
+    png_plugin.MAX_TEXT_MEMORY = min(png_plugin.MAX_TEXT_MEMORY, TEXT_MEMORY)
+
 
 class ImageSource(Source):
     """A folder with one sub-folder per class of PNG/JPEG files, built to the ``ImageSpec``.
@@ -60,11 +157,13 @@ class ImageSource(Source):
         self.std = _per_channel(image.std, self.c)
         self.label_dtype = np.dtype(loss.labels.dtype)
         try:
-            from PIL import Image
+            from PIL import Image, PngImagePlugin
         except ImportError:
             raise UserError("image data needs Pillow; install it with `pip install pillow`") \
                 from None
         self._Image = Image
+        _bound_pillow_text(PngImagePlugin)
+        self.max_metadata = 0
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} not found")
         labels = _Labels(str(self.root), "its class folders", class_names, loss.num_classes,
@@ -191,27 +290,31 @@ class ImageSource(Source):
         Image = self._Image
         path = self.root / rel
         try:
+            meta, too_much = _metadata(path)
+            if too_much:
+                return ("too much metadata", too_much), 0
             with warnings.catch_warnings():  # a huge image: our own line says so, not Pillow's
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = Image.open(path)
-            with im:
-                fmt, (w, h) = im.format, im.size
-                progressive = bool(im.info.get("progressive") or im.info.get("progression"))
-                im.verify()
-            if fmt not in ("PNG", "JPEG"):
-                return ("not a PNG or JPEG image", f"format {fmt}"), 0
-            # what a read decodes (a JPEG at up to 1/8 scale: a 48 MP phone photo is 0.75 MP)
-            # (a progressive JPEG: its full-size coefficients, ~3 bytes a pixel, even here)
-            if self._decoded_pixels(fmt, w, h, progressive) > MAX_IMAGE_PIXELS or (
-                    progressive and w * h > MAX_IMAGE_PIXELS):
-                return ("image too large", f"{w}x{h}"), 0
-            if fmt == "JPEG":  # verify() does not decode JPEG data: decode it at 1/8 scale
-                with Image.open(path) as im:
-                    im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
-                    im.load()
+                with im:
+                    fmt, (w, h) = im.format, im.size
+                    progressive = bool(im.info.get("progressive") or im.info.get("progression"))
+                    im.verify()
+                if fmt not in ("PNG", "JPEG"):
+                    return ("not a PNG or JPEG image", f"format {fmt}"), 0
+                # what a read decodes (a JPEG at up to 1/8 scale: a 48 MP phone photo is
+                # 0.75 MP) (a progressive JPEG: its full-size coefficients, ~3 bytes a pixel)
+                if self._decoded_pixels(fmt, w, h, progressive) > MAX_IMAGE_PIXELS or (
+                        progressive and w * h > MAX_IMAGE_PIXELS):
+                    return ("image too large", f"{w}x{h}"), 0
+                if fmt == "JPEG":  # verify() does not decode JPEG data: decode it at 1/8 scale
+                    with Image.open(path) as im:
+                        im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
+                        im.load()
         except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...)
             why = str(exc).replace(str(path), path.name)  # (the row names the file already)
             return ("unreadable image", f"{type(exc).__name__}: {why[:60]}"), 0
+        self.max_metadata = max(self.max_metadata, meta)
         return None, self._decoded_pixels(fmt, w, h, progressive)
 
     def _draft_size(self) -> tuple[int, int]:
@@ -315,8 +418,10 @@ class ImageSource(Source):
     def bytes_fixed(self) -> int:
         # one image at a time: Pillow's file reads (64 KB decoder blocks), the decoded image
         # (up to 4 bytes a pixel, 16-bit grey as float32 copies), one or two mode conversions,
-        # the resized image and its float32 copy
-        return (2 << 16) + 12 * self.max_pixels + 12 * self.h * self.w * max(self.c, 1)
+        # the resized image and its float32 copy; its metadata (kept, a copy of it, the chunk
+        # being read, PNG text as Pillow expands it)
+        return ((2 << 16) + 12 * self.max_pixels + 12 * self.h * self.w * max(self.c, 1)
+                + 3 * self.max_metadata)
 
 
 # EXIF orientation -> the turn that shows the image upright (Pillow's Transpose names)
