@@ -114,8 +114,11 @@ class Bundle:
             return None
         return open_listed(self.path, names.WEIGHTS_FILE, entry, verify=False)
 
-    def load_params(self, path: Path | None = None) -> dict[str, np.ndarray]:
-        """Trainable parameters as writable float32 arrays (initial, or from ``path``).
+    def load_params(self, path: Path | None = None,
+                    way_out: str = "re-export the bundle or pass another --weights file"
+                    ) -> dict[str, np.ndarray]:
+        """Trainable parameters as writable float32 arrays (initial, or from ``path``);
+        ``way_out`` ends the message of a file that cannot be read.
 
         Raises:
             UserError: unreadable file, a missing parameter, a wrong shape, non-finite values.
@@ -138,11 +141,10 @@ class Bundle:
             why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             if "pickle" in why:
                 why = "not an .npz of plain arrays"
-            raise UserError(f"cannot read parameters from {src}: {why}; re-export "
-                            "the bundle or pass another --weights file") from None
+            raise UserError(f"cannot read parameters from {src}: {why}; {way_out}") from None
         except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile and friends
-            raise UserError(f"cannot read parameters from {src}: {type(exc).__name__}; re-export "
-                            "the bundle or pass another --weights file") from None
+            raise UserError(f"cannot read parameters from {src}: {type(exc).__name__}; "
+                            f"{way_out}") from None
         finally:
             if fd is not None:
                 os.close(fd)

@@ -538,11 +538,38 @@ def test_transport_speaks_flowers_join_and_drops_sent_messages():
     assert req.msg is None
 
 
-@pytest.mark.parametrize("payload", ["pickle", "garbage"])
-def test_weights_that_are_not_plain_arrays_are_refused(mlp_bundle, payload):
-    """A server (or anything in between) sending pickled or corrupt tensor bytes gets one
-    `UserError` naming the tensor; nothing is unpickled and no weight changes."""
+def _npy(a: np.ndarray) -> bytes:
     import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _huge_header() -> bytes:
+    """.npy bytes whose header declares 10^12 float32 elements (4 TB) and hold 8 bytes."""
+    head = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }"
+    head += " " * (117 - 10 - len(head)) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head.encode() + bytes(8)
+
+
+@pytest.mark.parametrize("payload,said", [
+    ("pickle", "of type object, not real numbers"),
+    ("garbage", "that are not a plain NumPy array"),
+    # a session-24 probe's server: each was a traceback, or an error blaming the user's
+    # --lr, --seed or memory
+    ("nan", "holds NaN or inf values"),
+    ("complex", "of type complex64, not real numbers"),
+    ("text", "of type <U1, not real numbers"),
+    ("huge header", "of shape [1000000000000], this bundle's is"),
+    ("round -5", "sent round -5, not a round number"),
+    ("round 'abc'", "sent round 'abc', not a round number"),
+])
+def test_weights_that_are_not_plain_arrays_are_refused(mlp_bundle, payload, said):
+    """A server (or anything in between) sending pickled, corrupt, non-finite or non-numeric
+    tensors, a header declaring terabytes, or a round that is no number gets one `UserError`
+    that says what the server sent; nothing is unpickled or allocated at the declared size, and
+    no weight changes."""
     import time
     import uuid
 
@@ -559,23 +586,168 @@ def test_weights_that_are_not_plain_arrays_are_refused(mlp_bundle, payload):
 
     local = open_local(mlp_bundle, "digits", mode="vanilla", threads=1)
     before = {k: v.copy() for k, v in local.get_trainable().items()}
-    if payload == "pickle":
-        buf = io.BytesIO()
-        np.save(buf, np.array([object()], dtype=object), allow_pickle=True)
-        raw = buf.getvalue()
-        assert np.load(io.BytesIO(raw), allow_pickle=True).dtype == object  # a real pickle
-    else:
-        raw = b"\x93NUMPY garbage"
+    first = before[local.names[0]]
+    raw = {"pickle": lambda: _npy(np.array([object()] * first.size, dtype=object)
+                                  .reshape(first.shape)),
+           "garbage": lambda: b"\x93NUMPY garbage",
+           "nan": lambda: _npy(np.full_like(first, np.nan)),
+           "complex": lambda: _npy(first.astype(np.complex64)),
+           "text": lambda: _npy(np.full(first.shape, "x")),
+           "huge header": _huge_header}.get(payload, lambda: _npy(first))()
+    round_ = {"round -5": -5, "round 'abc'": "abc"}.get(payload, 1)
     config = {"fleet_protocol": PROTOCOL, "flwr_version": flwr.__version__,
-              "signature": local.signature, "round": 1}
-    ins = FitIns(Parameters(tensors=[raw] * len(local.names), tensor_type="numpy.ndarray"),
-                 config)
+              "signature": local.signature, "round": round_}
+    ins = FitIns(Parameters(tensors=[raw] + [_npy(before[k]) for k in local.names[1:]],
+                            tensor_type="numpy.ndarray"), config)
     meta = Metadata(run_id=0, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=0,
                     reply_to_message_id="", group_id="", created_at=time.time(),
                     ttl=DEFAULT_TTL, message_type=MessageType.TRAIN)
     app = make_client_app(local, 1, 8, say=lambda *a, **k: None)
     context = Context(run_id=0, node_id=-1, node_config={}, state=RecordDict(), run_config={})
-    with pytest.raises(UserError, match=f"weights for '{local.names[0]}' that are not a plain"):
+    with pytest.raises(UserError) as e:
         app(make_message(meta, fitins_to_recorddict(ins, False)), context)
+    assert said in str(e.value) and "the fleet server sent" in str(e.value), str(e.value)
+    if payload.startswith(("pickle", "garbage", "nan", "complex", "text", "huge")):
+        assert f"'{local.names[0]}'" in str(e.value), str(e.value)
     for k, v in local.get_trainable().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+# A peer speaking Flower's grpc-bidi Join itself, as anything on the network can: argv is the
+# address, the role ("client": answer the join check, then reply to a round with what SCENARIO
+# says; "server": send one round whose first tensor has SCENARIO's size) and the bundle.
+_HOSTILE_PEER = r'''
+import io, queue, sys, time
+from concurrent import futures
+import grpc, numpy as np, flwr
+from flwr.proto.transport_pb2 import ClientMessage, ServerMessage
+from runtime.bundle import open_bundle
+from runtime.fleet.client import PROTOCOL
+from runtime.fleet.local import model_signature
+
+address, role, scenario, bundle = sys.argv[1:5]
+b = open_bundle(bundle)
+params = b.load_params()
+names = [p.name for p in b.params]
+
+
+def npy(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def put(scalar, v):
+    if isinstance(v, int):
+        scalar.sint64 = v
+    else:
+        scalar.string = v
+
+
+def reply(round_params):
+    arrays = [np.load(io.BytesIO(t)) for t in round_params.tensors]
+    m = ClientMessage()
+    fit = m.fit_res
+    fit.num_examples = {"no examples": 0, "negative examples": -1436}.get(scenario, 100)
+    if scenario == "nan":
+        arrays = [np.full_like(a, np.nan) for a in arrays]
+    fit.parameters.tensors.extend(npy(a) for a in arrays)
+    fit.parameters.tensor_type = "numpy.ndarray"
+    put(fit.metrics["loss_last"], "text")  # a metric that is no number (was a traceback)
+    return m
+
+
+limit = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+if role == "client":
+    channel = grpc.insecure_channel(address, options=limit)
+    out = queue.Queue()
+    join = channel.stream_stream("/flwr.proto.FlowerService/Join",
+                                 request_serializer=ClientMessage.SerializeToString,
+                                 response_deserializer=ServerMessage.FromString)
+    for msg in join(iter(out.get, None)):
+        kind = msg.WhichOneof("msg")
+        if kind == "get_properties_ins":
+            m = ClientMessage()
+            for k, v in {"signature": model_signature(b), "fleet_protocol": PROTOCOL,
+                         "flwr_version": flwr.__version__, "refused": ""}.items():
+                put(m.get_properties_res.properties[k], v)
+            out.put(m)
+        elif kind == "fit_ins":
+            out.put(reply(msg.fit_ins.parameters))
+        elif kind == "reconnect_ins":
+            break
+    out.put(None)
+else:
+    def serve(requests, context):
+        m = ServerMessage()
+        for k, v in {"round": 1, "fleet_protocol": PROTOCOL, "flwr_version": flwr.__version__,
+                     "signature": model_signature(b)}.items():
+            put(m.fit_ins.config[k], v)
+        big = np.zeros(int(scenario), np.float32)
+        m.fit_ins.parameters.tensors.extend([npy(big)] + [npy(params[n]) for n in names[1:]])
+        yield m
+        time.sleep(30)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=limit)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "flwr.proto.FlowerService", {"Join": grpc.stream_stream_rpc_method_handler(
+            serve, request_deserializer=ClientMessage.FromString,
+            response_serializer=ServerMessage.SerializeToString)}),))
+    server.add_insecure_port(address)
+    server.start()
+    server.wait_for_termination(timeout=90)
+'''
+
+
+def _hostile(tmp: Path, name: str, *args: object) -> subprocess.Popen:
+    log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen([sys.executable, "-c", _HOSTILE_PEER, *map(str, args)], cwd=REPO,
+                            stdout=log, stderr=log)
+
+
+def test_a_server_drops_replies_that_would_poison_the_average(mlp_bundle, tmp_path):
+    """A session-24 probe's clients: NaN weights were averaged in (params.npz replaced by NaN,
+    "fleet run done", exit 0); 0 examples and a text metric ended the server in a traceback; a
+    negative count scaled an honest client's update ~1400 times (held-out loss 400675). Each
+    such reply is dropped with a line; the round averages the honest client's alone."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 4,
+                          "--data", "digits", "--wait", 120)
+    server.wait_for(r"^fleet server on ")
+    peers = [_hostile(tmp_path, s.replace(" ", "-"), f"127.0.0.1:{port}", "client", s,
+                      mlp_bundle) for s in ("nan", "no examples", "negative examples")]
+    good = start_client(tmp_path, mlp_bundle, port, 0, "digits")
+    try:
+        out = server.ok()
+        assert good.finish(timeout=60) == 0, good.stderr()
+    finally:
+        for p in (server, good):
+            p.kill()
+        for p in peers:
+            p.kill()
+    dropped = re.findall(r"^round 1: dropped a reply \((.*)\)$", out, re.M)
+    assert sorted(dropped) == ["-1436 examples", "0 examples",
+                               "tensor '0.weight' holds NaN or inf values"], out
+    assert re.search(r"^round 1: 1 clients trained \(3 failed\)", out, re.M), out
+    with np.load(tmp_path / "fleet" / "params.npz") as agg:
+        assert all(np.isfinite(agg[k]).all() for k in agg.files)
+    loss = [float(x) for x in re.findall(r"held-out accuracy \S+, loss (\S+)", out)]
+    assert len(loss) == 2 and loss[1] < loss[0], out  # round 0, then the honest average
+
+
+def test_a_server_cannot_push_a_client_past_its_budget(mlp_bundle, tmp_path):
+    """A session-24 probe's server sent one 480 MB tensor to a client of a 0.1 MB model under
+    --budget 256MB: the client read it whole (1575 MB) before its shape check. gRPC now refuses
+    a message larger than the bundle's weights allow before reading it."""
+    port = free_port()
+    peer = _hostile(tmp_path, "server", f"127.0.0.1:{port}", "server", 30_000_000, mlp_bundle)
+    client = Proc(tmp_path, "client", "client", mlp_bundle, "--data", "digits", "--server",
+                  f"127.0.0.1:{port}", "--budget", "256MB", "--threads", 1,
+                  "--connect-timeout", 60, "--out", tmp_path / "client")
+    try:
+        rc = client.finish(timeout=120)
+    finally:
+        client.kill()
+        peer.kill()
+    one_error_line(client.stderr(), rc, "is larger than this bundle's weights allow")
+    assert 0 < client.peak_rss <= 256 * 10**6, client.peak_rss

@@ -161,12 +161,16 @@ def _flower(verbose: bool):
 
 
 def _server(a) -> int:
+    from .client import MAX_ROUNDS
     from .local import UserError, check_out, check_server_out, open_local
     from .server import run_server
 
     address = parse_address(a.address, "--address")
     if a.rounds < 1 or a.min_clients < 1:
         raise UserError(f"--rounds ({a.rounds}) and --min-clients ({a.min_clients}) must be >= 1")
+    if a.rounds > MAX_ROUNDS:
+        raise UserError(f"--rounds {str(a.rounds)[:24]} is more than {MAX_ROUNDS:,}; pass fewer "
+                        "(a later run continues with --resume)")
     wait = check_seconds("--wait", a.wait)
     round_timeout = check_seconds("--round-timeout", a.round_timeout)
     if a.resume and a.overwrite:
@@ -184,7 +188,8 @@ def _server(a) -> int:
                        "(two would write one aggregate); wait for it to end, or pass another "
                        "--out", ".fleet-lock")  # held until the process ends
     if resume:
-        local.set_trainable(local.bundle.load_params(out / "params.npz"))
+        local.set_trainable(local.bundle.load_params(
+            out / "params.npz", way_out="start afresh with --overwrite, or pass another --out"))
         print(f"resuming from the aggregate in {out / 'params.npz'}", flush=True)
     if a.data and local.data is not None and local.data.test is None:
         print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)

@@ -26,6 +26,7 @@ from .local import Local, UserError, release_memory
 __all__ = ["PROTOCOL", "check_server_config", "make_client_app", "mismatch", "run_client"]
 
 PROTOCOL = 2  # bumped when the config keys or the tensor order the two sides agree on change
+MAX_ROUNDS = 1_000_000  # as `fleet server --rounds`
 
 
 def check_server_config(config: dict, local_signature: str, flwr_version: str) -> int:
@@ -34,6 +35,10 @@ def check_server_config(config: dict, local_signature: str, flwr_version: str) -
     Raises:
         UserError: another fleet protocol, another Flower minor version, another model.
     """
+    r = config.get("round", 0)
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= MAX_ROUNDS:
+        raise UserError(f"the fleet server sent round {repr(r)[:24]}, not a round number; check "
+                        "that it runs `instant-runtime fleet server`")
     differs = mismatch(config, local_signature, flwr_version)
     if differs == "fleet_protocol":
         raise UserError(f"the fleet server speaks fleet protocol {config.get('fleet_protocol')}, "
@@ -47,7 +52,7 @@ def check_server_config(config: dict, local_signature: str, flwr_version: str) -
         raise UserError("the fleet server trains another model (its bundle's trainable tensors, "
                         "graph or frozen weights differ from this bundle's); give every client "
                         "a copy of the server's bundle")
-    return int(config.get("round", 0))
+    return r
 
 
 def mismatch(theirs: dict, signature: str, flwr_version: str) -> str | None:
@@ -110,13 +115,21 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
                             f"{len(local.names)}; give every client a copy of the server's bundle")
         for i, name in enumerate(local.names):
             raw, tensors[i] = tensors[i], b""
-            try:
-                value = bytes_to_ndarray(raw)  # allow_pickle=False inside
-            except (ValueError, OSError, EOFError):
-                raise UserError(f"the fleet server sent weights for '{name}' that are not a "
-                                "plain NumPy array (.npy bytes, no pickle); check that the server "
-                                "runs `instant-runtime fleet server` with this bundle") from None
+            why = _header_problem(raw, name, local)
+            if why is None:
+                try:
+                    value = bytes_to_ndarray(raw)  # allow_pickle=False inside
+                    why = local.problem(name, value)
+                except (ValueError, OSError, EOFError):
+                    why = f"weights for '{name}' that are not a plain NumPy array"
             del raw
+            if why is not None and why.endswith("NaN or inf values"):
+                raise UserError(f"the fleet server sent {why} (its average diverged, or a "
+                                "client sent them); nothing was trained on them: restart the "
+                                "server from a sound aggregate, with a lower client --lr")
+            if why is not None:
+                raise UserError(f"the fleet server sent {why}; check that it runs "
+                                "`instant-runtime fleet server` with this bundle")
             local.set_one(name, value)
             del value
         del tensors
@@ -161,6 +174,39 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
         return Message(evaluateres_to_recorddict(res), reply_to=msg)
 
     return app
+
+
+def _message_limit(local: Local) -> int:
+    """The largest gRPC message this client sends or takes: its trainable tensors as float32
+    ``.npy`` bytes, with room for their headers and the round's config and metrics. gRPC refuses
+    a larger one before reading it (a server had sent one 480 MB tensor for a 0.1 MB model and
+    taken a client under --budget 256MB to 1.57 GB)."""
+    tensors = local.get_trainable().values()
+    return sum(4 * v.size + 256 for v in tensors) + (1 << 20)
+
+
+def _header_problem(raw: bytes, name: str, local: Local) -> str | None:
+    """What the ``.npy`` header of ``raw`` says is wrong for tensor ``name`` (None: nothing),
+    read before the array itself: a header can declare any size (10^12 elements were an
+    out-of-memory error, reported as the user's)."""
+    import io
+
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(raw)
+    try:
+        major, _ = npy.read_magic(f)
+        shape, _, dtype = (npy.read_array_header_1_0 if major == 1
+                           else npy.read_array_header_2_0)(f)
+    except (ValueError, OSError, EOFError, SyntaxError):
+        return (f"weights for '{name}' that are not a plain NumPy array (.npy bytes, no "
+                "pickle)")
+    want = local.trainer.params[name].shape
+    if tuple(shape) != want:
+        return f"tensor '{name}' of shape {list(shape)}, this bundle's is {list(want)}"
+    if dtype.kind not in "fiub" or dtype.fields is not None:
+        return f"tensor '{name}' of type {dtype}, not real numbers"
+    return None
 
 
 def _scalar(v):
@@ -222,7 +268,8 @@ def run_client(local: Local, address: str, steps: int, batch: int,
         _wait_ready(address, connect_timeout, say)
         say(f"connected to the fleet server at {address}")
         try:
-            with connection(address) as (receive, send, disconnect, answer, flush):
+            with connection(address, _message_limit(local)) as (receive, send, disconnect,
+                                                                 answer, flush):
                 while True:
                     message = receive()
                     if isinstance(message, Query):  # the server's check as this client joins
@@ -248,9 +295,10 @@ def run_client(local: Local, address: str, steps: int, batch: int,
             if code == grpc.StatusCode.UNIMPLEMENTED:
                 raise UserError(f"{address} answers gRPC but is not a fleet server (no Flower "
                                 "service there); check --server HOST:PORT") from None
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise UserError(f"a message to or from {address} exceeds gRPC's size limit: "
-                                f"{_details(exc)}") from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # (refused before it is read)
+                raise UserError(f"a message from the fleet server at {address} is larger than "
+                                f"this bundle's weights allow ({_details(exc)}); check that it "
+                                "runs `instant-runtime fleet server` with this bundle") from None
             say(f"lost the connection to {address} ({code.name if code else exc}); "
                 f"reconnecting for up to {connect_timeout:.0f} s")
             _retry_or_fail(address, connect_timeout)
@@ -260,8 +308,11 @@ def run_client(local: Local, address: str, steps: int, batch: int,
                 f"{connect_timeout:.0f} s")
             _retry_or_fail(address, connect_timeout)
             continue
+        if sleep_s < 0:  # (it looped: "reconnect in 0 s", a thousand lines a minute)
+            raise UserError(f"the fleet server at {address} asked this client to reconnect in "
+                            f"{sleep_s} s; check that it runs `instant-runtime fleet server`")
         if sleep_s:
-            sleep_s = min(max(sleep_s, 0), connect_timeout)  # a server's word, bounded
+            sleep_s = min(sleep_s, connect_timeout)  # a server's word, bounded
             say(f"the fleet server asks to reconnect in {sleep_s:.0f} s")
             time.sleep(sleep_s)
             continue

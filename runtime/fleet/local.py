@@ -184,34 +184,55 @@ class Local:
         return {k: self.trainer.params[k] for k in self.names}
 
     def set_trainable(self, values: dict[str, np.ndarray]) -> None:
-        """Copy ``values`` into the trainer's arrays in place (names and shapes checked).
+        """Copy ``values`` into the trainer's arrays in place (names, shapes, types and values
+        checked).
 
         Raises:
-            UserError: a tensor is missing, extra, or of another shape.
+            UserError: a tensor is missing, extra, of another shape, not of real numbers, or
+                holds NaN or inf.
         """
         self.check_trainable(values)
         for k, v in values.items():
-            np.copyto(self.trainer.params[k], v, casting="same_kind")
+            np.copyto(self.trainer.params[k], v, casting="unsafe")
 
     def set_one(self, name: str, value: np.ndarray) -> None:
-        """One tensor, for callers that stream tensors in one at a time (lower peak)."""
+        """One tensor, for callers that stream tensors in one at a time (lower peak).
+
+        Raises:
+            UserError: as :meth:`set_trainable`, naming this tensor.
+        """
+        why = self.problem(name, value)
+        if why is not None:
+            raise UserError(f"{why}; use the same bundle on the server and on every client")
+        np.copyto(self.trainer.params[name], value, casting="unsafe")
+
+    def problem(self, name: str, value) -> str | None:
+        """What makes ``value`` unfit to be tensor ``name`` (None: it fits): another shape, a
+        type that is not real numbers (complex, text, records), NaN or inf (a diverged or
+        poisoned update would spread to every device)."""
         p = self.trainer.params.get(name)
-        if p is None or p.shape != value.shape:
-            raise UserError(f"weights for '{name}' have shape {list(value.shape)}; this bundle "
-                            f"expects {None if p is None else list(p.shape)}; use the same bundle "
-                            "on the server and on every client")
-        np.copyto(p, value, casting="same_kind")
+        shape = tuple(getattr(value, "shape", ()))
+        if p is None or shape != p.shape:
+            return (f"tensor '{name}' has shape {list(shape)}, this bundle expects "
+                    f"{None if p is None else list(p.shape)}")
+        dtype = getattr(value, "dtype", None)
+        if dtype is None or dtype.kind not in "fiub" or dtype.fields is not None:
+            return f"tensor '{name}' is of type {dtype}, not real numbers"
+        if not np.isfinite(value).all():
+            return f"tensor '{name}' holds NaN or inf values"
+        return None
 
     def check_trainable(self, values: dict[str, np.ndarray]) -> None:
+        """Raises ``UserError`` unless ``values`` are this bundle's trainable tensors, in its
+        order, each fit (:meth:`problem`)."""
         if list(values) != self.names:
             raise UserError(f"got {len(values)} tensors, this bundle trains {len(self.names)} "
                             f"({', '.join(self.names[:4])}{', ...' if len(self.names) > 4 else ''})"
                             "; use the same bundle on the server and on every client")
         for k, v in values.items():
-            want = self.trainer.params[k].shape
-            if tuple(np.shape(v)) != want:
-                raise UserError(f"tensor '{k}' has shape {list(np.shape(v))}, this bundle expects "
-                                f"{list(want)}; use the same bundle on the server and every client")
+            why = self.problem(k, v)
+            if why is not None:
+                raise UserError(f"{why}; use the same bundle on the server and every client")
 
     # ------------------------------------------------------------------------------ training
     def train_local(self, steps: int, batch: int, server_round: int) -> RoundResult:

@@ -18,11 +18,14 @@ every round, and a client manager that waits a bounded time for ``--min-clients`
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 from .client import PROTOCOL, mismatch, say_to
 from .local import Local, UserError, save_run
@@ -118,17 +121,19 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         def aggregate_fit(self, server_round, results, failures):
             good = []
             for proxy, res in results:
-                arrays = parameters_to_ndarrays(res.parameters)
-                try:
-                    if len(arrays) != len(names):
-                        raise UserError(f"{len(arrays)} tensors instead of {len(names)}")
-                    local.check_trainable(dict(zip(names, arrays, strict=True)))
-                except UserError as exc:
-                    say(f"round {server_round}: dropped a reply ({exc})")
+                why = _reply_problem(res, names, local, parameters_to_ndarrays,
+                                     ndarrays_to_parameters)
+                if why is not None:
+                    say(f"round {server_round}: dropped a reply ({why})")
                     failures = [*failures, (proxy, res)]
                     continue
                 good.append((proxy, res))
             params, metrics = super().aggregate_fit(server_round, good, failures)
+            if params is not None and not all(
+                    np.isfinite(a).all() for a in parameters_to_ndarrays(params)):
+                say(f"round {server_round}: the average of the replies is not finite (values "
+                    "too large to add); weights unchanged")
+                params = None
             state["fit"] = {"round": server_round, "clients": len(good),
                             "failures": len(failures),
                             "examples": sum(r.num_examples for _, r in good),
@@ -148,6 +153,17 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             return super().configure_fit(server_round, parameters, client_manager)
 
         def aggregate_evaluate(self, server_round, results, failures):
+            kept = []
+            for proxy, res in results:
+                why = _count_problem(res.num_examples) or (
+                    None if _finite_number(res.loss) else f"loss {str(res.loss)[:24]}")
+                if why is not None:
+                    say(f"round {server_round}: dropped an evaluation ({why})")
+                    failures = [*failures, (proxy, res)]
+                    continue
+                res.metrics = _numbers(res.metrics)
+                kept.append((proxy, res))
+            results = kept
             loss, metrics = super().aggregate_evaluate(server_round, results, failures)
             if loss is not None:
                 n = sum(r.num_examples for _, r in results)
@@ -203,14 +219,22 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             version and model signature, until every connected one is checked; one that differs
             (or does not answer by ``end``, at most 60 s) is dropped before a round picks it (it
             wasted the round, and with one round the run). Returns the checked clients."""
+            from concurrent.futures import ThreadPoolExecutor
+
             while True:
                 new = [(cid, p) for cid, p in list(self.all().items()) if cid not in self.vetted]
                 if not new:
                     return [p for cid, p in self.all().items() if cid in self.vetted]
-                for cid, proxy in new:
-                    why = _join_check(proxy, round_config(state["round"]), local.signature,
-                                      flwr.__version__,
-                                      timeout=max(1.0, min(60.0, end - time.monotonic())))
+                timeout = max(1.0, min(60.0, end - time.monotonic()))
+
+                def check(proxy, timeout=timeout):
+                    return _join_check(proxy, round_config(state["round"]), local.signature,
+                                       flwr.__version__, timeout=timeout)
+
+                # all at once: a silent peer held each good one up to 60 s (two: 98 s)
+                with ThreadPoolExecutor(max_workers=min(32, len(new))) as pool:
+                    answers = list(pool.map(check, [p for _, p in new]))
+                for (cid, proxy), why in zip(new, answers, strict=True):
                     if why is None:
                         self.vetted.add(cid)
                         continue
@@ -267,6 +291,47 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
 
 
 GONE = "gone"  # _join_check: the client disconnected (not a refusal)
+MAX_EXAMPLES = 1 << 40  # a reply's example count above this is not a device's data
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _numbers(metrics) -> dict:
+    """The finite numeric metrics of a reply (text, bytes, NaN dropped: the averages are of
+    numbers; a text metric was a traceback)."""
+    return {k: v for k, v in dict(metrics or {}).items() if _finite_number(v)}
+
+
+def _count_problem(n) -> str | None:
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_EXAMPLES:
+        return f"{str(n)[:24]} examples"
+    return None
+
+
+def _reply_problem(res, names: list[str], local: Local, to_arrays, to_parameters) -> str | None:
+    """Why a client's training reply cannot enter the average (None: it can). A reply that can
+    is rewritten in place as float32 tensors and numeric metrics. FedAvg weights each reply by
+    its example count: one below 1 or absurdly large (a negative one scaled the others' updates
+    ~1400 times) is refused; a count a client overstates within reason still weighs more."""
+    why = _count_problem(res.num_examples)
+    if why is not None:
+        return why
+    try:
+        arrays = to_arrays(res.parameters)  # (np.load without pickle)
+    except Exception as exc:  # noqa: BLE001 - any bytes may arrive
+        return f"tensors that are not plain NumPy arrays ({type(exc).__name__})"
+    if len(arrays) != len(names):
+        return f"{len(arrays)} tensors instead of {len(names)}"
+    for name, a in zip(names, arrays, strict=True):
+        why = local.problem(name, a)
+        if why is not None:
+            return why
+    res.parameters = to_parameters([np.asarray(a, dtype=np.float32) for a in arrays])
+    res.metrics = _numbers(res.metrics)
+    return None
+
 
 
 def _join_check(proxy, config: dict, signature: str, flwr_version: str,
@@ -275,12 +340,16 @@ def _join_check(proxy, config: dict, signature: str, flwr_version: str,
     server's ``get_properties`` carrying ``config``."""
     from flwr.common import GetPropertiesIns
 
+    t0 = time.monotonic()
     try:
         res = proxy.get_properties(GetPropertiesIns(config=config), timeout=timeout,
                                    group_id=None)
         props = dict(res.properties)
     except Exception as exc:  # noqa: BLE001 - gone, or not an instant-runtime client
-        if type(exc).__name__ == "GrpcBridgeClosed":  # it left (or was cut off at the timeout)
+        if type(exc).__name__ == "GrpcBridgeClosed":  # it left, or was cut off at the timeout
+            if time.monotonic() - t0 >= timeout - 0.5:
+                return (f"it did not answer the join check within {timeout:.0f} s: another "
+                        "program, or a device too busy to answer")
             return GONE
         return f"it did not answer the join check ({type(exc).__name__}): another program or " \
                "an older instant-runtime"
@@ -313,6 +382,10 @@ def _check_local_address(address: str) -> None:
     try:
         infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:  # (Flower said "port already in use")
+        raise UserError(f"cannot listen on {address}: the host '{host}' does not resolve "
+                        f"({exc.strerror}); use 0.0.0.0:{port} (every interface) or "
+                        f"127.0.0.1:{port}") from None
     except (OSError, ValueError):
         return  # left to the server's own error
     for family, kind, proto, _, where in infos[:1]:

@@ -62,9 +62,10 @@ class _Outgoing:
 
 
 @contextlib.contextmanager
-def connection(address: str):
+def connection(address: str, max_message: int | None = None):
     """Yield ``(receive, send, disconnect, answer, flush)`` on a Join stream to the fleet server
-    at ``address``.
+    at ``address``; gRPC refuses a message over ``max_message`` bytes (default: Flower's 512 MB)
+    before reading it.
 
     ``receive()`` returns a Flower ``Message`` (train or evaluate), a :class:`Query` or a
     :class:`Reconnect`; ``send(reply)`` sends the ``ClientApp``'s reply; ``answer(properties)``
@@ -81,7 +82,8 @@ def connection(address: str):
     from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH, create_channel
 
     channel = create_channel(server_address=address, insecure=True,
-                             max_message_length=GRPC_MAX_MESSAGE_LENGTH)
+                             max_message_length=min(max_message or GRPC_MAX_MESSAGE_LENGTH,
+                                                    GRPC_MAX_MESSAGE_LENGTH))
     outbox: queue.Queue = queue.Queue(maxsize=1)
     join = channel.stream_stream(JOIN, request_serializer=_Outgoing.serialize,
                                  response_deserializer=ServerMessage.FromString)
