@@ -78,9 +78,6 @@ class Bundle:
     def io(self, mode: str):
         return self.manifest.io[mode]
 
-    def has_mode(self, mode: str) -> bool:
-        return mode in self.manifest.graphs
-
     def graph_file(self, mode: str, part: str = "forward") -> str:
         """The file name of one graph (``part``: forward or backward)."""
         graphs = self.manifest.graphs

@@ -64,6 +64,12 @@ MAX_META_BYTES = 16 << 20
 MAX_META_VALUES = 1_000_000
 _NAME = re.compile(r"^ckpt-(\d+)\.npz$")
 
+
+def _step_of(name: str) -> int:
+    """The step in a checkpoint file's name (names are padded to 6 digits, so past step
+    999,999 their text order is not their step order)."""
+    return int(_NAME.match(name)[1])
+
 Writer = Callable[[Path, dict[str, np.ndarray]], None]
 
 
@@ -141,7 +147,7 @@ class Checkpointer:
         try:
             files = sorted((q for q in self.folder.iterdir() if _NAME.match(q.name)
                             and q != failed and q.is_file() and not q.is_symlink()),
-                           key=lambda q: q.name, reverse=True)
+                           key=lambda q: _step_of(q.name), reverse=True)
         except OSError:
             files = []
         if files:
@@ -171,8 +177,8 @@ class Checkpointer:
         path = self.loaded
         step = int(_NAME.match(path.name)[1]) if path and _NAME.match(path.name) else None
         earlier = sorted((f.name for f in self.folder.iterdir() if _NAME.match(f.name)
-                          and step is not None and int(_NAME.match(f.name)[1]) < step),
-                         reverse=True) if self.folder.is_dir() else []
+                          and step is not None and _step_of(f.name) < step),
+                         key=_step_of, reverse=True) if self.folder.is_dir() else []
         way = (f"delete it to resume from {self.folder / earlier[0]}, or pass --overwrite "
                "instead of --resume to start afresh" if earlier else
                "no earlier checkpoint exists: pass --overwrite instead of --resume to start "
@@ -193,7 +199,7 @@ class Checkpointer:
         verified = True
         if not entries:
             names = sorted((f.name for f in self.folder.iterdir() if _NAME.match(f.name)),
-                           reverse=True)
+                           key=_step_of, reverse=True)
             if not names:
                 return None
             if (self.folder / POINTER).exists():

@@ -264,7 +264,3 @@ def _lower(ranks, spectra, groups, step, which: tuple[int, ...], excess) -> None
             ranks[m.name][w] = new
         push(name, w)
         over = excess()
-
-
-def retained_variance(spec: Spectrum, r: int) -> float:
-    return float(np.sum(spec.variance[:r]))

@@ -119,9 +119,6 @@ class Resident:
                 b.bind_cpu_input(name, np.asarray(v, np.float32))
             self.optim.run_with_iobinding(b)
 
-    def loss_finite(self) -> bool:
-        return True  # the loss itself is checked by the caller; gradients stay on the device
-
     def to_host(self) -> None:
         """Copy parameters and optimizer state back into the trainer's numpy arrays."""
         tr = self.trainer

@@ -21,7 +21,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -325,7 +324,3 @@ def shrink_arena(session: ort.InferenceSession, feeds: dict, output: str) -> Non
     ro = ort.RunOptions()
     ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     session.run_with_ort_values([output], feeds, ro)
-
-
-def graph_path(bundle: Bundle, mode: str, part: str = "forward") -> Path:
-    return bundle.path / bundle.graph_file(mode, part)

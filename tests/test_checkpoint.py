@@ -445,6 +445,25 @@ def test_unreadable_pointer_uses_the_newest_checkpoint_that_loads(mlp_bundle, tm
     assert "pointer" in capsys.readouterr().err
 
 
+def test_without_a_pointer_the_newest_checkpoint_is_by_step_past_a_million(mlp_bundle,
+                                                                            tmp_path) -> None:
+    """Checkpoint names are padded to 6 digits: past step 999,999 their text order is not their
+    step order, and a resume with a damaged pointer took ckpt-999999 for the newest (an outside
+    review); as does the hint of a damaged checkpoint, which named a later one as earlier."""
+    b = open_bundle(mlp_bundle)
+    folder = tmp_path / "checkpoints"
+    arrays, meta = _trainer(mlp_bundle).state()
+    ck = Checkpointer(folder, b)
+    for step in (999_999, 1_000_000, 1_000_001):
+        ck.save(step, arrays, {**meta, "step": step})
+    (folder / "latest").write_text('{"checkpoints": [')
+    again = Checkpointer(folder, b)
+    _, loaded = again.load()
+    assert loaded["step"] == 1_000_001 and again.loaded.name == "ckpt-1000001.npz"
+    hint = str(again.damaged(ValueError("test")))
+    assert f"delete it to resume from {folder / 'ckpt-1000000.npz'}" in hint, hint
+
+
 def test_resume_with_another_bundle_is_refused(cli, mlp_bundle, cnn_bundle, tmp_path) -> None:
     out = tmp_path / "run"
     _train(mlp_bundle, out, 10)
