@@ -28,6 +28,7 @@ part would re-derive them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import signal
@@ -52,8 +53,18 @@ PROBE_TIMEOUT_S = 900
 MIN_MARGIN = 6 << 20  # bytes of slack for Python objects, logs, checkpoint buffers
 
 
-class ProbeError(RuntimeError):
-    """A probe process failed for a reason other than memory (a bug, not a budget problem)."""
+class ProbeError(UserError):
+    """A probe process failed for a reason other than memory: it ran past its time, or a bug
+    (one line all the same; an outside review found it a traceback)."""
+
+
+def _failed(res: dict, what: str) -> UserError:
+    """The error of a probe that failed for a reason other than memory: a ``UserError`` the
+    probe raised (bad data met while it ran) as it is, anything else as a ``ProbeError``."""
+    if res.get("user"):
+        return UserError(res["user"])
+    return ProbeError(f"{what}: {res['error'][:300]}; train without --budget to see it "
+                      "unplanned, and report it with the command")
 
 
 class BudgetTooSmall(UserError):
@@ -144,6 +155,8 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
             out = {"ok": False, "oom": True, "over": True, "error": str(exc)}
         except ArenaExhausted as exc:
             out = {"ok": False, "oom": True, "error": str(exc)}
+        except UserError as exc:  # bad data met by the probe: the parent says it as it is
+            out = {"ok": False, "oom": False, "user": str(exc), "error": str(exc)}
         except BaseException as exc:  # noqa: BLE001 - report anything to the parent
             out = {"ok": False, "oom": False, "error": f"{type(exc).__name__}: {exc}"}
         try:
@@ -161,7 +174,9 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
             left = deadline - time.monotonic()
             if left <= 0:
                 os.kill(pid, signal.SIGKILL)
-                raise ProbeError(f"a planning probe ran past {timeout:.0f} s")
+                raise ProbeError(f"a planning probe ran past {timeout:.0f} s (a step of this "
+                                 "bundle takes that long on this machine, or it is busy); "
+                                 "train with a smaller --batch, or without --budget")
             ready, _, _ = select.select([r], [], [], min(left, 0.002 if limit else 1.0))
             if limit and _rss(pid) > limit - PROBE_HEADROOM:
                 os.kill(pid, signal.SIGKILL)
@@ -332,7 +347,7 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
         hint = max(2 * budget, 2 * exc.floor)
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
                          f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
-                         f"above it, e.g. to {hint / 1e6:.0f}MB "
+                         f"above it, e.g. to {math.ceil(hint / 1e6)}MB "
                          + ("(or evaluate without --budget)" if evaluating else
                             "(`instant-runtime plan` without --budget estimates the minimum)")
                          + _or_vanilla(mode))
@@ -340,7 +355,7 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
     # MIN_FACTOR x the budget rather than a step the user would have to repeat MB by MB
     need = max(exc.need, budget) * MIN_FACTOR
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
-                     f"raise --budget to at least {need / 1e6:.0f}MB{_or_vanilla(mode)}")
+                     f"raise --budget to at least {math.ceil(need / 1e6)}MB{_or_vanilla(mode)}")
 
 
 def _or_vanilla(mode: str) -> str:
@@ -407,13 +422,13 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         if not warm["ok"]:
             if warm.get("over"):
                 return BudgetTooSmall(why, floor=floor)
-            return UserError(f"cannot open the bundle's sessions: {warm['error']}")
+            return _failed(warm, "cannot open the bundle's sessions")
         base1 = base0 + int(warm["overhead"])
         probe = _fork(lambda: _measure(trainer, data, 1, None), limit=limit)
         if not probe["ok"]:
             if probe.get("over"):
                 return BudgetTooSmall(why, floor=floor)
-            return UserError(f"a planning probe failed: {probe['error']}")
+            return _failed(probe, "a planning probe failed")
         m1 = _model(trainer, probe, base1, frozen, per_sample, grams, margin, decode)
         # the probes of a real run at micro-batch 1 (full-rank bases, under a cap that keeps
         # room for 8 samples of input and the Grams) must fit the stated minimum too
@@ -433,7 +448,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     if not res["ok"]:
         if res["oom"]:
             raise minimum(f"{_pass(trainer)} at micro-batch 1 did not fit")
-        raise UserError(f"cannot open the bundle's sessions: {res['error']}")
+        raise _failed(res, "cannot open the bundle's sessions")
     base = base0 + int(res["overhead"])
     floor = base + frozen + margin
     if floor + 2 * per_sample + grams + decode >= budget:
@@ -443,7 +458,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     if not measured["ok"]:
         if measured["oom"]:
             raise minimum("a probe at micro-batch 1 did not fit")
-        raise ProbeError(f"a planning probe failed: {measured['error']}")
+        raise _failed(measured, "a planning probe failed")
     model = _model(trainer, measured, base, frozen, per_sample, grams, margin, decode)
     try:
         plan = make_plan(model, budget, batch, instant)
@@ -459,7 +474,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
                 **plan.breakdown, "validated peak (probe at this plan, measured by wait4)":
                     check["peak"]}})
         if not check["ok"] and not check["oom"]:
-            raise ProbeError(f"the validation probe failed: {check['error']}")
+            raise _failed(check, "the validation probe failed")
         if plan.micro_batch == 1:
             need = max(check["peak"], budget) + margin
             raise BudgetTooSmall(f"{_pass(trainer)} at micro-batch 1 did not fit at its real "

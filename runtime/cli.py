@@ -12,6 +12,7 @@ live in ``runtime/fleet/cli.py``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -774,8 +775,8 @@ def _cmd_plan(a) -> int:
         need = estimate_minimum(Trainer(bundle, cfg), data, min(a.batch, len(data)))
         if need:
             print(f"smallest --budget for this run (batch {a.batch}, {cfg.mode}): about "
-                  f"{need / 1e6:.0f}MB (probes at micro-batch 1, x {MIN_FACTOR:g} for what they "
-                  "miss)")
+                  f"{math.ceil(need / 1e6)}MB (probes at micro-batch 1, x {MIN_FACTOR:g} for "
+                  "what they miss)")
     if a.data and bundle.layers:
         from .sessions import use_arena
 

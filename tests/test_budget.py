@@ -501,3 +501,33 @@ def test_an_evaluation_that_runs_out_of_memory_repeats_smaller_or_says_so(mlp_bu
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: out of memory (evaluation at micro-batch"), lines
+
+
+# Runs the CLI in-process with the data failing as a user's data can fail mid-run (an image
+# replaced after the folder was indexed), in the planning probes (forked children) only.
+_DATA_FAILS_IN_PROBES = (
+    "import os, sys, runtime.cli, runtime.data\n"
+    "from runtime.errors import UserError\n"
+    "parent, real = os.getpid(), runtime.data.load_data\n"
+    "def load_data(*a, **k):\n"
+    "    d = real(*a, **k)\n"
+    "    take = type(d).take\n"
+    "    def failing(self, idx):\n"
+    "        if os.getpid() != parent:\n"
+    "            raise UserError('image cat/1.png cannot be decoded (the test); fix or remove it')\n"
+    "        return take(self, idx)\n"
+    "    type(d).take = failing\n"
+    "    return d\n"
+    "runtime.data.load_data = load_data\n"
+    "sys.exit(runtime.cli.main(sys.argv[1:]))\n")
+
+
+def test_a_data_error_in_a_planning_probe_is_the_users_one_line(mlp_bundle, run_python,
+                                                                tmp_path):
+    """An outside review: a UserError met by a planning probe (a forked child) reached the
+    parent as text and was raised as a ProbeError, a traceback; it is now the data's own line."""
+    r = run_python(_DATA_FAILS_IN_PROBES, "train", mlp_bundle, "--data", "digits", "--steps", 1,
+                   "--budget", "150MB", "--no-progress", "--threads", 1, "--out", tmp_path / "r")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == "error: image cat/1.png cannot be decoded (the test); fix or remove it"
