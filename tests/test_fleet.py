@@ -555,13 +555,13 @@ def _huge_header() -> bytes:
 
 @pytest.mark.parametrize("payload,said", [
     ("pickle", "of type object, not real numbers"),
-    ("garbage", "that are not a plain NumPy array"),
+    ("garbage", "is not a plain NumPy array"),
     # a session-24 probe's server: each was a traceback, or an error blaming the user's
     # --lr, --seed or memory
     ("nan", "holds NaN or inf values"),
     ("complex", "of type complex64, not real numbers"),
     ("text", "of type <U1, not real numbers"),
-    ("huge header", "of shape [1000000000000], this bundle's is"),
+    ("huge header", "has shape [1000000000000], this bundle expects"),
     ("round -5", "sent round -5, not a round number"),
     ("round 'abc'", "sent round 'abc', not a round number"),
 ])

@@ -121,15 +121,16 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
                     value = bytes_to_ndarray(raw)  # allow_pickle=False inside
                     why = local.problem(name, value)
                 except (ValueError, OSError, EOFError):
-                    why = f"weights for '{name}' that are not a plain NumPy array"
+                    why = f"tensor '{name}' is not a plain NumPy array"
             del raw
             if why is not None and why.endswith("NaN or inf values"):
-                raise UserError(f"the fleet server sent {why} (its average diverged, or a "
-                                "client sent them); nothing was trained on them: restart the "
-                                "server from a sound aggregate, with a lower client --lr")
+                raise UserError(f"the fleet server sent unusable weights: {why} (its average "
+                                "diverged, or a client sent them); nothing was trained on them: "
+                                "restart the server from a sound aggregate, with a lower client "
+                                "--lr")
             if why is not None:
-                raise UserError(f"the fleet server sent {why}; check that it runs "
-                                "`instant-runtime fleet server` with this bundle")
+                raise UserError(f"the fleet server sent unusable weights: {why}; check that it "
+                                "runs `instant-runtime fleet server` with this bundle")
             local.set_one(name, value)
             del value
         del tensors
@@ -199,13 +200,12 @@ def _header_problem(raw: bytes, name: str, local: Local) -> str | None:
         shape, _, dtype = (npy.read_array_header_1_0 if major == 1
                            else npy.read_array_header_2_0)(f)
     except (ValueError, OSError, EOFError, SyntaxError):
-        return (f"weights for '{name}' that are not a plain NumPy array (.npy bytes, no "
-                "pickle)")
+        return f"tensor '{name}' is not a plain NumPy array (.npy bytes, no pickle)"
     want = local.trainer.params[name].shape
     if tuple(shape) != want:
-        return f"tensor '{name}' of shape {list(shape)}, this bundle's is {list(want)}"
+        return f"tensor '{name}' has shape {list(shape)}, this bundle expects {list(want)}"
     if dtype.kind not in "fiub" or dtype.fields is not None:
-        return f"tensor '{name}' of type {dtype}, not real numbers"
+        return f"tensor '{name}' is of type {dtype}, not real numbers"
     return None
 
 

@@ -92,8 +92,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             return f"round {r}"
         if not f["clients"]:
             return f"round {r}: no client finished ({f['failures']} failed), weights unchanged"
+        loss = f["loss_last"]
         return (f"round {r}: {f['clients']} clients trained ({f['failures']} failed), "
-                f"{f['examples']} examples, client loss {f['loss_last']:.4f}")
+                f"{f['examples']} examples"
+                + (f", client loss {loss:.4f}" if math.isfinite(loss) else ""))
 
     def record(r: int, loss: float, acc, n: int, where: str) -> None:
         if r == 0:
