@@ -384,15 +384,29 @@ def _pick_variant(candidates: list[Profile], mem_total: int | None) -> Profile:
     """Smallest variant whose nominal RAM (or ``detect.ram_max``) is >= MemTotal.
 
     MemTotal sits a little below the nominal size, so this picks the board's own variant. With
-    no MemTotal the smallest variant is the safe choice; above every variant, the largest.
+    no MemTotal the smallest variant is the safe choice; above every variant, the largest; well
+    below the variant picked, that variant scaled to the board (:func:`_scaled_to`).
     """
     by_size = sorted(candidates, key=lambda p: (p.detect_ram_max or p.ram, p.name))
     if mem_total is None:
         return by_size[0]
     for profile in by_size:
         if mem_total <= (profile.detect_ram_max or profile.ram):
-            return profile
+            return _scaled_to(profile, mem_total)
     return by_size[-1]
+
+
+def _scaled_to(profile: Profile, mem_total: int) -> Profile:
+    """``profile`` with its RAM and default budget scaled down to a board that has well under
+    its nominal RAM (a variant without a profile: a Pi 5 2GB matched rpi5-4gb, whose 2.25 GiB
+    default budget exceeds the board; a 32GB AGX Orin the 64GB profile's 40 GiB)."""
+    if mem_total >= profile.ram * 3 // 4:  # MemTotal of the board's own variant sits just below
+        return profile
+    return dataclasses.replace(
+        profile, ram=mem_total,
+        default_budget=profile.default_budget * mem_total // profile.ram,
+        description=f"{profile.description} (this board has {format_size(mem_total)} of RAM: "
+        "RAM and default budget scaled to it)")
 
 
 def _host_profile(mem_total: int | None, machine: str) -> Profile:

@@ -254,6 +254,21 @@ def test_detect_board(tmp_path, model, mem_kib, tegra, expected):
     assert detect_profile(str(root), machine="riscv64").name == expected  # arch only for fallback
 
 
+@pytest.mark.parametrize(("model", "mem_kib", "tegra", "family"), [
+    ("Raspberry Pi 5 Model B Rev 1.0", 2_011_712, False, "rpi5-4gb"),  # a Pi 5 2GB
+    ("Jetson AGX Orin", 31_000_000, True, "jetson-agx-orin"),  # the 32GB module
+])
+def test_a_board_with_less_ram_than_every_variant_gets_a_scaled_profile(
+        tmp_path, model, mem_kib, tegra, family):
+    """An outside review: a board below every variant's RAM took the smallest variant's RAM and
+    default budget (a Pi 5 2GB planned for 2.25 GiB of its 1.9). Both scale to MemTotal."""
+    p = detect_profile(fake_tree(tmp_path, model, mem_kib, tegra))
+    base = load_profile(family)
+    assert p.name == family and p.ram == mem_kib * 1024 < base.ram
+    assert p.default_budget == base.default_budget * p.ram // base.ram < p.ram
+    assert "scaled to it" in p.description
+
+
 def test_jetson_without_l4t_is_not_given_cuda(tmp_path):
     root = fake_tree(tmp_path, "NVIDIA Jetson Nano Developer Kit", 4_059_416, tegra=False)
     p = detect_profile(root, machine="aarch64")
