@@ -619,7 +619,7 @@ def _cmd_train(a) -> int:
     data = _load_data(a, bundle, class_names=_resumed_class_names(out) if a.resume else None)
     trainer = Trainer(bundle, cfg)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
-                                         getattr(data, "class_names", None)))
+                                         getattr(data, "class_names", None), a.val_split))
     folder.prepare(run_cfg.resume, run_cfg.overwrite)
     from tqdm import tqdm
 
@@ -695,6 +695,7 @@ def _cmd_eval(a) -> int:
                                           session=_session_config(a, prof)),
                       Plan(eval_micro_batch=a.batch), weights=weights)
     target = data.test if data.test is not None else data
+    _note_held_out(run_dir, a, data.test is not None)
     if budget is None:
         use_arena(None)
     else:  # its probes run evaluation passes (a training step's plan took micro-batch 1 where
@@ -707,6 +708,23 @@ def _cmd_eval(a) -> int:
           + (f", accuracy {acc:.3f}" if acc is not None else "")
           + f" (weights: {weights or 'initial'}; peak RSS {peak_rss() / 1e6:.1f} MB)")
     return 0
+
+
+def _note_held_out(run_dir: Path | None, a, split: bool) -> None:
+    """A line where ``eval`` scores all of the data a run held part of out with --val-split
+    (an outside probe read "all examples: 60, accuracy 1.000", its training rows included)."""
+    from .run_folder import json_object
+
+    if run_dir is None or split:
+        return
+    run = json_object(run_dir / "run.json")
+    frac = run.get("val_split")
+    same = isinstance(run.get("data"), str) and (
+        run["data"] == a.data or Path(run["data"]).resolve() == Path(a.data).resolve())
+    if isinstance(frac, float) and same and a.val is None:
+        print(f"note: the run in {run_dir} held out {frac:g} of {a.data} (--val-split {frac:g})"
+              f" and trained on the rest; these figures include those rows: pass --val-split "
+              f"{frac:g} to score the held-out rows only")
 
 
 def _evaluate_shrinking(trainer, data, batch: int, budgeted: bool):

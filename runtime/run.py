@@ -485,9 +485,11 @@ def _final_write(path: Path, last_ckpt: Path | None):
 
 
 def run_identity(trainer: Trainer, data_spec: str, cfg: RunConfig,
-                 class_names: list[str] | None) -> dict:
-    """What ``run.json`` records about a run (checked by --resume)."""
+                 class_names: list[str] | None, val_split: float | None = None) -> dict:
+    """What ``run.json`` records about a run (checked by --resume; ``val_split`` read by
+    ``eval``, which says when it scores rows the run trained on)."""
     return {"format": "instant-runtime-run", "bundle": str(trainer.bundle.path),
             "bundle_sha256": bundle_sha256(trainer.bundle), "mode": trainer.mode,
             "batch": cfg.batch, "seed": trainer.config.seed, "data": data_spec,
-            "class_names": class_names, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "val_split": val_split, "class_names": class_names,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -140,6 +140,13 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
     line = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
                   "--weights", work / "run"))
     assert f"loss {s['test_loss']:.4f}" in line, (line, s)  # the run's own held-out rows
+    assert "note:" not in line, line
+    # without --val-split all rows are scored, the run's training rows among them: said so
+    # (session 24: a probe read "all examples: 60, accuracy 1.000" as the run's quality)
+    whole = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--weights",
+                   work / "run"))
+    assert "all examples: 240" in whole and "pass --val-split 0.25 to score the held-out" \
+        in whole, whole
     other = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
                    "--weights", work / "run", "--seed", 0))
     assert f"loss {s['test_loss']:.4f}" not in other, other
