@@ -71,8 +71,9 @@ _UNITS = {
 }
 _UNIT_NAMES = "B, kB, MB, GB, TB, KiB, MiB, GiB, TiB"
 _EXAMPLES = "examples: 256MB, 1.5GB, 512MiB"
-_SIZE_RE = re.compile(r"^\s*(?P<sign>[-+]?)(?P<num>(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,2})?)"
-                      r"\s*(?P<unit>[A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(?P<sign>[-+]?)(?P<num>(?:\d+(?:\.\d*)?|\.\d+)"
+                      r"(?:[eE](?P<exp>[+-]?\d{1,9}))?)\s*(?P<unit>[A-Za-z]*)\s*$",
+                      re.ASCII)  # (ASCII digits: "１２８MB" was 128 MB)
 
 
 def parse_size(text: str) -> int:
@@ -102,6 +103,10 @@ def parse_size(text: str) -> int:
             f"invalid size {text!r}: unknown unit {unit!r}; accepted units: {_UNIT_NAMES}; "
             f"{_EXAMPLES}"
         )
+    if match["exp"] and abs(int(match["exp"])) > 40:  # (1e400MB was "not a number and unit")
+        raise ProfileError(f"invalid size {text!r}: "
+                           + ("larger than any machine's memory" if int(match["exp"]) > 0
+                              else "must be greater than zero") + f"; {_EXAMPLES}")
     try:
         nbytes = int(Decimal(match["num"]) * factor)
     except InvalidOperation:  # pragma: no cover - the regex only admits valid decimals

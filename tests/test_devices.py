@@ -61,6 +61,11 @@ def test_parse_size_good(text, nbytes):
         ("1.2.3MB", "expected a number"),
         ("", "expected a number"),
         ("MB", "expected a number"),
+        # session 24's budget probe: fullwidth digits were read as 128 MB, an exponent past 99
+        # was "expected a number and a unit"
+        ("\uff11\uff12\uff18MB", "expected a number"),
+        ("1e400MB", "larger than any machine's memory"),
+        ("1e-400GB", "greater than zero"),
     ],
 )
 def test_parse_size_bad(text, why):
