@@ -58,7 +58,8 @@ def elu_grad(ctx, node, gy):
     """y = x (x > 0), α(eˣ − 1) (x ≤ 0): the slope below is y + α."""
     alpha = float(attrs(node).get("alpha", 1.0))
     b, y = ctx.bwd, node.output[0]
-    pos = b.op("Greater", [y, b.const(0.0)])
+    # y > 0 exactly where x > 0 for α ≥ 0; with α < 0, α(eˣ − 1) > 0 below: read the input
+    pos = b.op("Greater", [y if alpha >= 0 else node.input[0], b.const(0.0)])
     return [_piecewise(b, gy[0], pos, b.op("Add", [y, b.const(alpha)]))]
 
 
@@ -69,7 +70,8 @@ def selu_grad(ctx, node, gy):
     alpha, gamma = float(a.get("alpha", 1.67326319217681884765625)), \
         float(a.get("gamma", 1.05070102214813232421875))
     b, y = ctx.bwd, node.output[0]
-    return [_piecewise(b, gy[0], b.op("Greater", [y, b.const(0.0)]),
+    t = y if gamma > 0 and alpha >= 0 else node.input[0]  # (y's sign is x's only then)
+    return [_piecewise(b, gy[0], b.op("Greater", [t, b.const(0.0)]),
                        b.op("Add", [y, b.const(gamma * alpha)]), gamma)]
 
 

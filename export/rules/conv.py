@@ -188,8 +188,15 @@ def _run_probe(model, feeds: dict) -> np.ndarray:
     lowest_ir_version(model)  # (onnx's newest IR is more than an older onnxruntime reads)
     so = ort.SessionOptions()
     so.log_severity_level = 4
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)[0]
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(None, feeds)[0]
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+        op = model.graph.node[0].op_type
+        raise ExportError(f"{op}: measuring its gradient failed in onnxruntime "
+                          f"({str(exc).splitlines()[0][:200]}); this form of {op} has no "
+                          "gradient rule") from None
 
 
 def _separable_pool_grad(ctx, node, g: str, k, strides, dil, pads) -> str:
@@ -276,6 +283,11 @@ def resize_grad(ctx, node, gy):
                           "with static sizes")
     if xs[1] != ys[1] or a.get("axes") is not None:
         raise ExportError(f"Resize '{node.name}': only the spatial axes may be resized")
+    mode = a.get("coordinate_transformation_mode", b"half_pixel")
+    if (mode.decode() if isinstance(mode, bytes) else mode) == "tf_crop_and_resize":
+        raise ExportError(f"Resize '{node.name}': coordinate_transformation_mode "
+                          "tf_crop_and_resize (a crop by its roi input) has no gradient rule; "
+                          "crop with Slice before a plain Resize")
     scales = None
     if len(node.input) > 2 and node.input[2] and not (len(node.input) > 3 and node.input[3]):
         scales = [float(s) for s in np.asarray(ctx.constant_value(node.input[2])).ravel()]

@@ -30,6 +30,9 @@ def softmax_ce_grad(ctx, node, gy):
         raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': reduction must be mean or sum")
     b = ctx.bwd
     prob = b.op("Softmax", [scores], axis=1)
+    g_lp = _log_prob_grad(b, prob, gy[1] if len(gy) > 1 else None)
+    if gy[0] is None:
+        return [g_lp, None]
     ids, keep = labels, None
     if "ignore_index" in a:
         kept = b.op("Not", [b.op("Equal", [labels, b.const(int(a["ignore_index"]), np.int64)])])
@@ -45,4 +48,13 @@ def softmax_ce_grad(ctx, node, gy):
         else:
             count = b.op("Cast", [b.op("Size", [labels])], to=TensorProto.FLOAT)
         g = b.op("Div", [g, count])
-    return [g, None]
+    return [g if g_lp is None else b.op("Add", [g, g_lp]), None]
+
+
+def _log_prob_grad(b, prob: str, g: str | None) -> str | None:
+    """What reaches the scores through the ``log_prob`` output (log-softmax over axis 1):
+    g − softmax·Σ_c g (an outside review found it dropped: every element wrong)."""
+    if g is None:
+        return None
+    total = b.op("ReduceSum", [g, b.ints([1])], keepdims=1)
+    return b.op("Sub", [g, b.op("Mul", [prob, total])])

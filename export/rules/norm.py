@@ -55,26 +55,57 @@ def _layernorm_stats(node: onnx.NodeProto) -> tuple[str, str]:
 @RULES.gradient("LayerNormalization")
 def layernorm_grad(ctx, node, gy):
     """y = x̂·scale + B, x̂ = (x - mean)·invstd over axes [axis, rank);
-    g_x = invstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) with ĝ = g·scale."""
+    g_x = invstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) with ĝ = g·scale. Where the model also reads the
+    Mean and InvStdDev outputs (C values normalised together): + g_mean/C and
+    - g_invstd·invstd²·x̂/C (an outside review: they were dropped, and a graph reading the
+    mean alone failed in a TypeError)."""
     x, scale = node.input[0], node.input[1]
     y, g, b = node.output[0], gy[0], ctx.bwd
+    g_stats = [gy[i] if len(gy) > i else None for i in (1, 2)]
     rank = ctx.shapes.rank(x)
     axes = list(range(attrs(node).get("axis", -1) % rank, rank))
     gx = gs = gb = None
-    if needs(ctx, node, 2):
+    if g is not None and needs(ctx, node, 2):
         gb = unbroadcast(ctx, g, y, node.input[2])
-    if needs(ctx, node, 0) or needs(ctx, node, 1):
+    if needs(ctx, node, 0) or (g is not None and needs(ctx, node, 1)):
         mean, invstd = _layernorm_stats(node)
         xhat = b.op("Mul", [b.op("Sub", [x, mean]), invstd])
-        if needs(ctx, node, 1):
+        if g is not None and needs(ctx, node, 1):
             gs = unbroadcast(ctx, b.op("Mul", [g, xhat]), y, scale)
-        if needs(ctx, node, 0):
+        if g is not None and needs(ctx, node, 0):
             gh = b.op("Mul", [g, scale])
             m1 = mean_over(ctx, gh, axes, x)
             m2 = mean_over(ctx, b.op("Mul", [gh, xhat]), axes, x)
             gx = b.op("Mul", [b.op("Sub", [b.op("Sub", [gh, m1]), b.op("Mul", [xhat, m2])]),
                               invstd])
+        if needs(ctx, node, 0) and any(t is not None for t in g_stats):
+            gx = _layernorm_stats_grad(ctx, node, x, axes, xhat, invstd, gx, *g_stats)
     return [gx, gs, gb][: len(node.input)]
+
+
+def _layernorm_stats_grad(ctx, node, x: str, axes: list[int], xhat: str, invstd: str,
+                          gx: str | None, g_mean: str | None, g_invstd: str | None) -> str:
+    """``gx`` plus what reaches x through LayerNormalization's Mean and InvStdDev outputs:
+    ∂mean/∂x = 1/C, ∂invstd/∂x = −invstd²·x̂/C."""
+    b = ctx.bwd
+    count = ctx.shapes.numel_static(x, axes)
+    if count is None:
+        raise ExportError(f"LayerNormalization '{node.name}': its Mean/InvStdDev outputs are "
+                          "used and its normalised axes have no fixed size; export with fixed "
+                          "sizes there")
+    terms = [] if gx is None else [gx]
+    if g_mean is not None:
+        terms.append(b.op("Mul", [g_mean, b.const(1.0 / count)]))
+    if g_invstd is not None:
+        inv2 = b.op("Mul", [invstd, invstd])
+        terms.append(b.op("Mul", [b.op("Mul", [g_invstd, inv2]),
+                                  b.op("Mul", [xhat, b.const(-1.0 / count)])]))
+    total = terms[0]
+    for t in terms[1:]:
+        total = b.op("Add", [total, t])
+    # (a Mean term alone has the statistics' shape: broadcast to x's)
+    return b.op("Expand", [total, b.op("Shape", [x])]) if gx is None and g_invstd is None \
+        else total
 
 
 @RULES.gradient("RMSNormalization")

@@ -338,8 +338,28 @@ def einsum_grad(ctx, node, gy):
                 raise ExportError(f"Einsum '{node.name}': an index summed away next to an "
                                   "ellipsis has no gradient rule")
             g = b.op("Expand", [b.op("Unsqueeze", [g, b.ints(axes)]), ctx.shape(x)])
+        elif "…" in term and "…" in out:
+            g = _einsum_unbroadcast(ctx, node, g, x, term, out)
         grads.append(g)
     return grads
+
+
+def _einsum_unbroadcast(ctx, node, g: str, x: str, term: list[str], out: list[str]) -> str:
+    """``g`` (operand ``x``'s layout, its ellipsis the output's) summed over the ellipsis axes
+    where ``x`` has size 1 and the output more: operands broadcast there (an outside review:
+    a [1, 4, 5] operand beside a [2, 3, 4] one got a [2, 4, 5] gradient)."""
+    xs, ys = ctx.shapes.of(x), ctx.shapes.of(node.output[0])
+    n = len(xs) - (len(term) - 1)
+    at_x, at_y = term.index("…"), out.index("…")
+    mine, theirs = xs[at_x:at_x + n], ys[at_y:at_y + n]  # (the operands' ellipses have one
+    # rank, checked above: the output's)
+    axes = [at_x + i for i, (a, c) in enumerate(zip(mine, theirs, strict=True)) if a != c]
+    if not axes:
+        return g
+    if not all(mine[i - at_x] == 1 and isinstance(theirs[i - at_x], int) for i in axes):
+        raise ExportError(f"Einsum '{node.name}': operands broadcast inside the ellipsis with "
+                          "sizes not known at export; export with fixed sizes there")
+    return ctx.bwd.op("ReduceSum", [g, ctx.bwd.ints(axes)], keepdims=1)
 
 
 @RULES.gradient("Tile")
