@@ -64,16 +64,36 @@ class RuleSet:
         self.name = name
         self.rules: dict[str, Rule] = {}
 
-    def gradient(self, *ops: str) -> Callable[[Rule], Rule]:
+    def gradient(self, *ops: str, outputs: int | None = 1) -> Callable[[Rule], Rule]:
+        """Register ``fn`` for ``ops``; it differentiates their first ``outputs`` outputs
+        (None: all). A float output past those that the model reads on the way to the loss is
+        an ``ExportError`` at export: its gradient would be dropped (LayerNormalization's
+        Mean and SoftmaxCrossEntropyLoss's log_prob were, before their rules took them)."""
         def register(fn: Rule) -> Rule:
             for op in ops:
                 if op in self.rules:
                     raise ValueError(f"gradient rule for op '{op}' registered twice in "
                                      f"{self.name} ({self.rules[op].__name__} and {fn.__name__})")
                 self.rules[op] = fn
+            fn.grad_outputs = outputs
             return fn
 
         return register
+
+
+def _check_outputs_covered(ctx, node: onnx.NodeProto, rule: Rule, gouts: list) -> None:
+    """Raises ``ExportError`` where a float output of ``node`` past those ``rule`` covers
+    (``RuleSet.gradient``'s ``outputs``) carries a gradient."""
+    covered = getattr(rule, "grad_outputs", 1)
+    if covered is None:
+        return
+    for i in range(covered, len(gouts)):
+        if gouts[i] is not None and ctx.shapes.is_float(node.output[i]):
+            raise ExportError(
+                f"node '{node.name}' ({node.op_type}): the model reads its output {i} "
+                f"('{node.output[i]}') on the way to the loss, and the gradient rule of "
+                f"{node.op_type} covers its first {covered} output(s) only; freeze the layers "
+                "up to this node (--trainable), or add the rule in export/rules/")
 
 
 class Registry:
@@ -374,6 +394,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
                 f"{', '.join(registry.ops())}. Freeze the layers up to and including this node "
                 "(--trainable) or add a rule in export/rules/")
         gouts = [_sum_grads(bwd, contrib.pop(o)) if o in contrib else None for o in node.output]
+        _check_outputs_covered(ctx, node, rule, gouts)
         fwd.anchor = node.name
         try:
             gins = rule(ctx, node, gouts)

@@ -120,6 +120,12 @@ case("RMSNormalization", "opset23", "y = RMSNormalization <axis = -1, epsilon = 
 case("RMSNormalization", "two_axes", "y = RMSNormalization <axis = 1> (x, s)",
      lambda x, s: F.rms_norm(x, (3, 4), s, eps=1e-5), {"x": rnd(2, 3, 4), "s": rnd(3, 4)},
      ["x", "s"], opset=23)
+# a second float output read on the way to the loss, which the rule does not cover: refused
+# at export (such gradients were dropped without a word; autodiff's _check_outputs_covered)
+case("RMSNormalization", "inv_std_dev_output_used",
+     "y0, inv = RMSNormalization <axis = -1> (x, s)\n y = Mul(y0, inv)",
+     lambda x, s: x, {"x": rnd(2, 3, 4), "s": rnd(4)}, ["x", "s"], opset=23,
+     xfail="covers its first 1 output(s) only")
 case("Gelu", "tanh_opset20", "y = Gelu <approximate = \"tanh\"> (x)",
      lambda x: F.gelu(x, approximate="tanh"), {"x": 3 * rnd(2, 3, 4)}, ["x"], opset=20)
 case("Sqrt", "positive", "y = Sqrt(x)", torch.sqrt, {"x": pos(2, 3)}, ["x"])

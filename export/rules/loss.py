@@ -12,7 +12,7 @@ from .common import attrs
 RULES = RuleSet("loss")
 
 
-@RULES.gradient("SoftmaxCrossEntropyLoss")
+@RULES.gradient("SoftmaxCrossEntropyLoss", outputs=2)
 def softmax_ce_grad(ctx, node, gy):
     """Scores [N, C] or [N, C, d1, …] (a class per position: a tagger, a language model),
     labels [N] or [N, d1, …]; ``ignore_index`` labels add nothing, and the mean is over the

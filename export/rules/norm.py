@@ -52,7 +52,7 @@ def _layernorm_stats(node: onnx.NodeProto) -> tuple[str, str]:
     return node.output[1], node.output[2]
 
 
-@RULES.gradient("LayerNormalization")
+@RULES.gradient("LayerNormalization", outputs=3)
 def layernorm_grad(ctx, node, gy):
     """y = x̂·scale + B, x̂ = (x - mean)·invstd over axes [axis, rank);
     g_x = invstd·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)) with ĝ = g·scale. Where the model also reads the

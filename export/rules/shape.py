@@ -169,7 +169,7 @@ def _index_pad_grad(ctx, node, g: str, mode: str) -> str:
     return g
 
 
-@RULES.gradient("Split")
+@RULES.gradient("Split", outputs=None)
 def split_grad(ctx, node, gy):
     """Concat the output gradients, zeros for outputs that do not reach the loss."""
     parts = [g if g is not None else zeros(ctx, ctx.shape(o))
