@@ -120,12 +120,6 @@ case("RMSNormalization", "opset23", "y = RMSNormalization <axis = -1, epsilon = 
 case("RMSNormalization", "two_axes", "y = RMSNormalization <axis = 1> (x, s)",
      lambda x, s: F.rms_norm(x, (3, 4), s, eps=1e-5), {"x": rnd(2, 3, 4), "s": rnd(3, 4)},
      ["x", "s"], opset=23)
-# a second float output read on the way to the loss, which the rule does not cover: refused
-# at export (such gradients were dropped without a word; autodiff's _check_outputs_covered)
-case("RMSNormalization", "inv_std_dev_output_used",
-     "y0, inv = RMSNormalization <axis = -1> (x, s)\n y = Mul(y0, inv)",
-     lambda x, s: x, {"x": rnd(2, 3, 4), "s": rnd(4)}, ["x", "s"], opset=23,
-     xfail="covers its first 1 output(s) only")
 case("Gelu", "tanh_opset20", "y = Gelu <approximate = \"tanh\"> (x)",
      lambda x: F.gelu(x, approximate="tanh"), {"x": 3 * rnd(2, 3, 4)}, ["x"], opset=20)
 case("Sqrt", "positive", "y = Sqrt(x)", torch.sqrt, {"x": pos(2, 3)}, ["x"])
@@ -826,3 +820,29 @@ def test_a_trainable_table_gradient_is_no_constant_of_the_backward_session(tmp_p
     model = onnx.load(str(tmp_path / "optimised.onnx"))
     sizes = [int(np.prod(t.dims)) for t in model.graph.initializer]
     assert max(sizes, default=0) < 6000 * 32, sorted(sizes)[-3:]
+
+
+def test_a_float_output_the_rule_does_not_cover_is_refused_at_export():
+    """A rule differentiates the outputs it declares (``RuleSet.gradient(outputs=...)``); a
+    float output past them that the model reads on the way to the loss is an ExportError, where
+    its gradient was dropped without a word (LayerNormalization's Mean, SoftmaxCrossEntropyLoss's
+    log_prob before their rules took them). Integer outputs (indices, masks) carry none."""
+    from types import SimpleNamespace
+
+    from onnx import helper
+
+    from export.autodiff import RuleSet, _check_outputs_covered
+
+    rules = RuleSet("test")
+
+    @rules.gradient("Two")
+    def two(ctx, node, gy):
+        return [gy[0]]
+
+    node = helper.make_node("Two", ["x"], ["a", "b"], name="n")
+    floats = SimpleNamespace(shapes=SimpleNamespace(is_float=lambda name: True))
+    _check_outputs_covered(floats, node, two, ["ga", None])
+    with pytest.raises(ExportError, match=r"reads its output 1 \('b'\).*first 1 output"):
+        _check_outputs_covered(floats, node, two, ["ga", "gb"])
+    ints = SimpleNamespace(shapes=SimpleNamespace(is_float=lambda name: name == "a"))
+    _check_outputs_covered(ints, node, two, ["ga", "gb"])
