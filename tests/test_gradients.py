@@ -387,6 +387,14 @@ case("SoftmaxCrossEntropyLoss", "log_prob_used",
      " y = Add(l, r)",
      lambda s, labels: F.cross_entropy(s, labels) + F.log_softmax(s, 1).sum(),
      {"s": rnd(4, 5), "labels": _labels}, ["s"])
+_none_w = rnd(2, 3)
+case("SoftmaxCrossEntropyLoss", "reduction_none",  # the model reduces it (was refused)
+     'l = SoftmaxCrossEntropyLoss <reduction = "none", ignore_index = 4> (s, labels)\n'
+     " y = Mul(l, w)",
+     lambda s, labels: F.cross_entropy(s, labels, reduction="none", ignore_index=4)
+     * torch.from_numpy(_none_w),
+     {"s": rnd(2, 5, 3), "labels": np.array([[0, 4, 1], [2, 3, 3]])}, ["s"],
+     consts={"w": _none_w})
 _lp_w = rnd(2, 5, 3)
 case("SoftmaxCrossEntropyLoss", "log_prob_alone",
      "l, lp = SoftmaxCrossEntropyLoss(s, labels)\n y = Mul(lp, w)",

@@ -16,7 +16,8 @@ RULES = RuleSet("loss")
 def softmax_ce_grad(ctx, node, gy):
     """Scores [N, C] or [N, C, d1, …] (a class per position: a tagger, a language model),
     labels [N] or [N, d1, …]; ``ignore_index`` labels add nothing, and the mean is over the
-    others. g = (softmax(s) - onehot(labels)) · keep / count."""
+    others. g = (softmax(s) - onehot(labels)) · keep / count; with ``reduction="none"`` (a loss
+    per position, reduced by the model after it) each position's output gradient instead."""
     a = attrs(node)
     scores, labels = node.input[0], node.input[1]
     if len(node.input) > 2 and node.input[2]:
@@ -26,8 +27,9 @@ def softmax_ce_grad(ctx, node, gy):
     if not isinstance(classes, int):
         raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': the class count must be static")
     reduction = a.get("reduction", "mean")
-    if reduction not in ("mean", "sum"):
-        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': reduction must be mean or sum")
+    if reduction not in ("mean", "sum", "none"):
+        raise ExportError(f"SoftmaxCrossEntropyLoss '{node.name}': reduction {reduction!r}; "
+                          "expected mean, sum or none")
     b = ctx.bwd
     prob = b.op("Softmax", [scores], axis=1)
     g_lp = _log_prob_grad(b, prob, gy[1] if len(gy) > 1 else None)
@@ -39,7 +41,9 @@ def softmax_ce_grad(ctx, node, gy):
         ids = b.op("Where", [kept, labels, b.const(0, np.int64)])
         keep = b.op("Cast", [kept], to=TensorProto.FLOAT)
     onehot = b.op("OneHot", [ids, b.const(classes, np.int64), b.const([0.0, 1.0])], axis=1)
-    g = b.op("Mul", [b.op("Sub", [prob, onehot]), gy[0]])
+    # reduction none: one loss per label position, its gradient beside the class axis
+    scale = gy[0] if reduction != "none" else b.op("Unsqueeze", [gy[0], b.ints([1])])
+    g = b.op("Mul", [b.op("Sub", [prob, onehot]), scale])
     if keep is not None:
         g = b.op("Mul", [g, b.op("Unsqueeze", [keep, b.ints([1])])])
     if reduction == "mean":
