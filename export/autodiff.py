@@ -24,6 +24,10 @@ Modes: ``vanilla`` (exact backward), ``instant`` (compressed rules for the layer
 first calibration, before any bases exist), ``recal`` (the ``instant`` step that also emits the
 Gram matrices of the full activations and output gradients: later calibrations run inside
 training steps, docs/method.md).
+
+Why one module (~540 lines): the rule registry, the context the rules see and the reverse
+sweep that calls them share one contract (which outputs a rule covers, what it may save, where
+its nodes go); split, each part would import the others' internals.
 """
 
 from __future__ import annotations
