@@ -597,7 +597,7 @@ def _cmd_train(a) -> int:
     from .checkpoint import CheckpointWriteError, TrainingInterrupted
     from .config import OptimConfig, RunConfig
     from .errors import UserError
-    from .run import RunFolder, run_identity, train
+    from .run import RunFinished, RunFolder, run_identity, train
     from .trainer import Trainer
 
     budget, prof = _budget_and_profile(a)
@@ -630,6 +630,10 @@ def _cmd_train(a) -> int:
         trainer.open_sessions()
         summary = train(trainer, data, run_cfg, out)
         ok = True
+    except RunFinished as exc:  # the folder as it was
+        ok = True
+        print(exc)
+        return 0
     except TrainingInterrupted as exc:  # checkpointed: the new run stands and can be resumed
         ok = True
         print(exc, file=sys.stderr)

@@ -51,7 +51,8 @@ from .run_folder import RunFolder
 from .run_log import Metrics, StepStats, step_logged
 from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
 
-__all__ = ["Metrics", "Order", "RunFolder", "ShrinkGuard", "StepStats", "Summary", "train"]
+__all__ = ["Metrics", "Order", "RunFinished", "RunFolder", "ShrinkGuard", "StepStats", "Summary",
+           "train"]
 
 
 @dataclass
@@ -253,6 +254,17 @@ def _diverged(name: str, step: int, last_ckpt: Path | None) -> UserError:
                         else " (no checkpoint was written)"))
 
 
+class RunFinished(Exception):
+    """``--resume`` of a run that already finished its ``--steps`` (its ``params.npz`` written):
+    nothing to do, and nothing is touched; the command succeeds (a retry loop around a resume
+    ends), saying so."""
+
+    def __init__(self, out: Path, steps: int) -> None:
+        super().__init__(f"the run in '{out}' already finished its {steps} steps "
+                         f"({out / 'params.npz'}); nothing to resume: pass a larger --steps to "
+                         "continue it")
+
+
 class ShrinkGuard:
     """Repeats a step or calibration that ran into the arena's cap at half the micro-batch."""
 
@@ -327,6 +339,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
+    if resumed and trainer.step_count == cfg.steps and out is not None \
+            and (out / "params.npz").is_file():  # (without it: the resume writes it)
+        raise RunFinished(out, cfg.steps)  # (it said "resumed", appended to the finished log)
     if resumed and trainer.step_count > cfg.steps:  # it trained nothing and said "resumed"
         raise UserError(f"the run in '{out}' is already at step {trainer.step_count}, past "
                         f"--steps {cfg.steps}: nothing to resume; pass --steps "
@@ -336,7 +351,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     last_ckpt = ckpt.loaded if ckpt is not None and resumed else None
     metrics = Metrics(out / "metrics.jsonl" if out is not None else None,
                       resumed_at=trainer.step_count if resumed else None,
-                      last_good=lambda: last_ckpt)
+                      last_good=lambda: last_ckpt, fresh=trainer.step_count == 0)
     metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
                   micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
                   saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)

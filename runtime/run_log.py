@@ -38,16 +38,19 @@ class Metrics:
 
     ``resumed_at``: the step of the checkpoint a resume continues from. What the file holds past
     it (events of steps that run again, after a kill or a full disk; a half-written last line)
-    is cut off first, so every step is in the file once and every line is whole. A line that
+    is cut off first, so every step is in the file once and every line is whole. ``fresh`` (a
+    run from step 0): the file starts empty. Neither (a fleet client's next round): appended. A line that
     cannot be written (a full disk) ends the run with one error naming ``last_good()``, the
     last checkpoint written."""
 
     def __init__(self, path: Path | None, resumed_at: int | None = None,
-                 last_good=lambda: None) -> None:
+                 last_good=lambda: None, fresh: bool = False) -> None:
         self._f = None
         self.path, self.last_good = path, last_good
         if path is not None and resumed_at is not None:
             _cut_after(path, resumed_at)
+        elif path is not None and fresh:  # a run from step 0: what an attempt before it wrote
+            _empty(path)  # goes (a --resume that found no checkpoint kept it: steps twice)
         if path is not None:
             # O_NONBLOCK: a FIFO in the file's place must not block the open (without a reader
             # it fails with ENXIO; with one, fstat tells)
@@ -84,6 +87,15 @@ class Metrics:
         if self._f is not None:
             os.close(self._f)
             self._f = None
+
+
+def _empty(path: Path) -> None:
+    """Truncate ``path`` to nothing where it is a regular file."""
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.truncate(path, 0)
+    except OSError:
+        pass  # none yet (or unwritable: opening it for append says so)
 
 
 def _cut_after(path: Path, step: int) -> None:

@@ -464,6 +464,20 @@ def test_without_a_pointer_the_newest_checkpoint_is_by_step_past_a_million(mlp_b
     assert f"delete it to resume from {folder / 'ckpt-1000000.npz'}" in hint, hint
 
 
+def test_a_resume_that_starts_afresh_starts_the_metrics_afresh(mlp_bundle, tmp_path) -> None:
+    """A session-24 probe: a run killed before its first checkpoint (or stopped by a full disk),
+    then --resume (no checkpoint: it starts from step 0), kept the first attempt's
+    metrics.jsonl: steps 1..N twice, and a torn half line glued to the new run's first line
+    that `report` refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    first = [json.dumps({"kind": "step", "step": k, "loss": 2.0}) for k in (1, 2, 3)]
+    (out / "metrics.jsonl").write_text("\n".join(first) + '\n{"kind": "step", "st')
+    _train(mlp_bundle, out, 5, resume=True)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3, 4, 5]
+
+
 def test_resume_with_another_bundle_is_refused(cli, mlp_bundle, cnn_bundle, tmp_path) -> None:
     out = tmp_path / "run"
     _train(mlp_bundle, out, 10)
