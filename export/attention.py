@@ -159,11 +159,16 @@ def _lower(node: onnx.NodeProto, shapes: dict[str, list], types: dict[str, int],
         above = op("Cast", [op("Trilu", [ones, const(1, np.int64)], upper=1)],
                    to=TensorProto.BOOL)
         s = op("Where", [above, const(-np.inf), s])
-    p = op("Softmax", [s], axis=-1)
     if mask or a.get("is_causal", 0):  # a row with every key masked: 0 (torch, ONNX), not NaN
         none = op("Equal", [op("ReduceMax", [s, const([-1], np.int64)], keepdims=1),
                             const(-np.inf)])
-        p = op("Where", [none, const(0.0), p])
+        # its softmax runs on zeros: the softmax of an all -inf row is NaN, which the Where
+        # after it hid in the forward but not in the backward (an outside review: a float
+        # mask's fully masked row made every key's gradient NaN)
+        s = op("Where", [none, const(0.0), s])
+        p = op("Where", [none, const(0.0), op("Softmax", [s], axis=-1)])
+    else:
+        p = op("Softmax", [s], axis=-1)
     y = op("MatMul", [p, v])
     if three_d:  # [B, hq, L, Dv] -> [B, L, hq·Dv]
         y = op("Reshape", [op("Transpose", [y], perm=[0, 2, 1, 3]),

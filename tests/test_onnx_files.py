@@ -378,13 +378,14 @@ def _attention_file(path: Path, rng, *, three_d: bool, **attn) -> dict[str, np.n
     return w
 
 
-@pytest.mark.parametrize("case", ["causal_4d", "gqa_3d_mask_softcap_scale"])
+@pytest.mark.parametrize("case", ["causal_4d", "gqa_3d_mask_softcap_scale", "float_mask_4d"])
 def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
     """torch's dynamo exporter at opset 23 writes one ``Attention`` node per
     scaled_dot_product_attention (was: "no gradient rule for op 'Attention'"); it is lowered
     to MatMul/Softmax (export/attention.py): causal, grouped key/value heads of 3-D inputs, a
     bool mask, softcap and an explicit scale give torch's loss and gradients; a KV cache in use
-    is one error."""
+    is one error. A float mask whose row is all -inf (a query that sees no key) made every
+    key weight's gradient NaN (an outside review of session 24)."""
     import torch
     import torch.nn.functional as F
     from helpers import make_trainer
@@ -394,9 +395,10 @@ def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
     rng = np.random.default_rng(4)
     mask = np.tril(np.ones((6, 6), bool)) | (rng.random((6, 6)) < 0.3)
     mask[2] = False  # a query that sees no key: 0, as in torch's sdpa (not NaN)
-    three_d = case != "causal_4d"
-    attn = ({"is_causal": 1} if not three_d else
-            {"q_num_heads": 4, "kv_num_heads": 2, "mask": mask, "softcap": 3.0, "scale": 0.4})
+    three_d = case.endswith("3d_mask_softcap_scale")
+    fmask = np.where(mask, rng.standard_normal((6, 6)) * 0.5, -np.inf).astype(np.float32)
+    attn = ({"q_num_heads": 4, "kv_num_heads": 2, "mask": mask, "softcap": 3.0, "scale": 0.4}
+            if three_d else {"mask": fmask} if case == "float_mask_4d" else {"is_causal": 1})
     w = _attention_file(tmp_path / "a.onnx", rng, three_d=three_d, **dict(attn))
     r = _cli("export", "--model", tmp_path / "a.onnx", "--out", tmp_path / "b",
              "--instant-exclude", "none")
@@ -414,19 +416,23 @@ def test_opset23_attention_is_lowered_with_torch_gradients(case, tmp_path):
     if "softcap" in attn:
         s = 3.0 * torch.tanh(s / 3.0)
     if "mask" in attn:
-        s = s.masked_fill(~torch.from_numpy(mask), float("-inf"))
+        s = (s + torch.from_numpy(fmask).double() if case == "float_mask_4d"
+             else s.masked_fill(~torch.from_numpy(mask), float("-inf")))
     if attn.get("is_causal"):
         s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
-    a = (s.softmax(-1).nan_to_num(0.0) @ v).transpose(1, 2).reshape(5, 6, 8)
+    none = torch.isneginf(s.amax(-1, keepdim=True))  # (ONNX's reference: such a row is 0)
+    p = s.masked_fill(none, 0.0).softmax(-1).masked_fill(none, 0.0)
+    a = (p @ v).transpose(1, 2).reshape(5, 6, 8)
     loss = F.cross_entropy(a.mean(1) @ t["wh"], torch.from_numpy(y))
     loss.backward()
     tr = make_trainer(tmp_path / "b", mode="vanilla")
     got, _ = tr.gradients(ArrayBatch({"x": x}, y))
     assert abs(got - loss.item()) <= 1e-5, (got, loss.item())
     for name in w:
+        assert np.isfinite(t[name].grad.numpy()).all(), name  # (no NaN equal to NaN)
         np.testing.assert_allclose(tr._grads[name], t[name].grad.numpy(), rtol=1e-3,
                                    atol=1e-6, err_msg=name)
-    if three_d:
+    if case != "causal_4d":
         return
     m = onnx.load(str(tmp_path / "a.onnx"))
     att = next(n for n in m.graph.node if n.op_type == "Attention")
