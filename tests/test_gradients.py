@@ -241,6 +241,19 @@ case("Slice", "flip_and_step3", "y = Slice(x, s, e, a, t)",
      lambda x: torch.flip(x, [2])[:, 1:, ::3], {"x": rnd(2, 4, 7)}, ["x"],
      consts={"s": i64(-1, 1), "e": i64(-9223372036854775807, 4), "a": i64(2, 1),
              "t": i64(-3, 1)})
+# trainable bounds and pad values (a learned clipping range): their gradients were dropped (an
+# outside review of session 24)
+_scalar_shape = np.zeros((0,), np.int64)
+case("Clip", "trainable_bounds",
+     "l = Reshape(a, e)\n h = Reshape(c, e)\n k = Clip(x, l, h)\n y = Div(k, h)",
+     lambda x, a, c: torch.clamp(x, min=a.reshape(()), max=c.reshape(())) / c.reshape(()),
+     {"x": rnd(3, 4), "a": np.array([-0.4], np.float32), "c": np.array([0.5], np.float32)},
+     ["x", "a", "c"], consts={"e": _scalar_shape})
+case("Pad", "trainable_value", "s = Reshape(v, e)\n q = Pad(x, p, s)\n y = Mul(q, s)",
+     lambda x, v: F.pad(x, (1, 0, 0, 1), value=0.0) * v.reshape(())
+     + F.pad(torch.zeros_like(x), (1, 0, 0, 1), value=1.0) * v.reshape(()) ** 2,
+     {"x": rnd(3, 4), "v": np.array([0.7], np.float32)}, ["x", "v"],
+     consts={"p": i64(0, 1, 1, 0), "e": _scalar_shape})
 case("Pad", "constant_pads", "y = Pad(x, p)", lambda x: F.pad(x, (1, 2, 0, 1)),
      {"x": rnd(2, 3, 4, 5)}, ["x"], consts={"p": i64(0, 0, 0, 1, 0, 0, 1, 2)})
 case("Pad", "forward_pads_with_value",  # pads made in the forward reach the backward as saved

@@ -87,7 +87,28 @@ def clip_grad(ctx, node, gy):
         return [gy[0]] + [None] * (len(node.input) - 1)
     mask = conds[0] if len(conds) == 1 else b.op("And", conds, hint="clip_mask")
     g = b.op("Mul", [gy[0], b.op("Cast", [mask], to=TensorProto.FLOAT)])
-    return [g] + [None] * (len(node.input) - 1)
+    return [g] + _clip_bound_grads(ctx, node, gy[0], lo, hi)
+
+
+def _clip_bound_grads(ctx, node, g: str, lo: str | None, hi: str | None) -> list:
+    """Gradients of trainable bounds (a learned clipping range, PACT): y = min(max(x, lo), hi)
+    is ``hi`` where max(x, lo) > hi and ``lo`` where x < lo ≤ hi (an outside review: they
+    were dropped)."""
+    out: list = [None] * (len(node.input) - 1)
+    b, x, y = ctx.bwd, node.input[0], node.output[0]
+
+    def part(cond: str, bound: str) -> str:
+        return unbroadcast(ctx, b.op("Mul", [g, b.op("Cast", [cond], to=TensorProto.FLOAT)]),
+                           y, bound)
+
+    if lo and needs(ctx, node, 1):
+        below = b.op("Less", [x, lo])
+        if hi:
+            below = b.op("And", [below, b.op("Not", [b.op("Greater", [lo, hi])])])
+        out[0] = part(below, lo)
+    if hi and needs(ctx, node, 2):
+        out[1] = part(b.op("Greater", [b.op("Max", [x, lo]) if lo else x, hi]), hi)
+    return out
 
 
 @RULES.gradient("Gelu")

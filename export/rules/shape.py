@@ -130,8 +130,13 @@ def pad_grad(ctx, node, gy):
     b = ctx.bwd
     neg = b.op("Neg", [node.input[1]])
     axes = [node.input[3]] if len(node.input) > 3 and node.input[3] else []
-    return [b.op("Pad", [gy[0], neg, ""] + axes if axes else [gy[0], neg])] + \
-        [None] * (len(node.input) - 1)
+    gx = b.op("Pad", [gy[0], neg, ""] + axes if axes else [gy[0], neg])
+    grads = [gx] + [None] * (len(node.input) - 1)
+    if len(node.input) > 2 and node.input[2] and needs(ctx, node, 2):
+        # a trainable pad value: every padded position is it (an outside review: dropped)
+        grads[2] = b.op("Sub", [b.op("ReduceSum", [gy[0]], keepdims=0),
+                                b.op("ReduceSum", [gx], keepdims=0)])
+    return grads
 
 
 def _index_pad_grad(ctx, node, g: str, mode: str) -> str:
