@@ -35,14 +35,12 @@ import os
 import re
 import signal
 import stat
-import sys
 import threading
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from contract import UserError, atomic_write, file_sha256, names, write_npz, write_text
 from contract.files import fsync_dir
@@ -79,8 +77,11 @@ def bundle_sha256(bundle: Bundle) -> str:
 
 
 def warn(msg: str) -> None:
-    """One ``warning:`` line on stderr (above a progress bar, if one is showing)."""
-    tqdm.write(f"warning: {msg}", file=sys.stderr)
+    """One ``warning:`` line on stderr (above a progress bar, if one is showing; never blocking
+    the run: ``runtime/console.py``)."""
+    from .console import say_err
+
+    say_err(f"warning: {msg}")
 
 
 class Checkpointer:
@@ -508,8 +509,9 @@ class StartupInterrupted(SystemExit):
 
 
 class StopSignals:
-    """Context manager: SIGINT/SIGTERM set ``signum`` instead of killing, so the loop can finish
-    its step and checkpoint; a second signal interrupts at once. No-op off the main thread.
+    """Context manager: SIGINT/SIGTERM/SIGHUP set ``signum`` instead of killing, so the loop can
+    finish its step and checkpoint; a second signal interrupts at once. No-op off the main
+    thread.
 
     A Python handler runs only once onnxruntime returns, so a step that runs on (a tampered
     graph, a much slower device) would hold the signal off for good: a watchdog thread reads
@@ -517,7 +519,7 @@ class StopSignals:
     second, sets the terminate flag of the runs' RunOptions (``sessions.abort_runs``); the run
     in progress then fails and the trainer raises ``StepAbandoned``."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # (HUP: a closed ssh session)
     GRACE_S = 30.0
 
     def __init__(self) -> None:

@@ -621,22 +621,22 @@ def _cmd_train(a) -> int:
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
                                          getattr(data, "class_names", None), a.val_split))
     folder.prepare(run_cfg.resume, run_cfg.overwrite)
-    from tqdm import tqdm
+    from .console import say, say_err
 
     ok = False
     try:
         trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch,
-                               tqdm.write))
+                               say))
         trainer.open_sessions()
         summary = train(trainer, data, run_cfg, out)
         ok = True
     except RunFinished as exc:  # the folder as it was
         ok = True
-        print(exc)
+        say(str(exc))
         return 0
     except TrainingInterrupted as exc:  # checkpointed: the new run stands and can be resumed
         ok = True
-        print(exc, file=sys.stderr)
+        say_err(str(exc))  # (never held by a stalled pipe: runtime/console.py)
         return exc.exit_code
     except CheckpointWriteError as exc:
         folder.finish(False)
@@ -646,7 +646,7 @@ def _cmd_train(a) -> int:
         raise
     finally:
         folder.finish(ok)  # a failed --overwrite run puts the old run back
-    print("\n".join(summary.lines(trainer)))
+    say("\n".join(summary.lines(trainer)))
     return 0
 
 
@@ -941,9 +941,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # a path or class name the terminal's encoding cannot show (LANG=C, an ASCII pipe, an
     # undecodable byte) is printed escaped, never a UnicodeEncodeError after the run's work
+    # lines leave at once (a line left in a buffer is written at exit, where a stalled pipe
+    # would hold the process: runtime/console.py)
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="backslashreplace", line_buffering=True)
         except (AttributeError, ValueError, OSError):
             pass
 

@@ -45,6 +45,7 @@ from .checkpoint import (
     warn,
 )
 from .config import RunConfig
+from .console import progress_stream, say
 from .memory import current_rss, peak_rss
 from .order import Order, is_permutation
 from .run_folder import RunFolder
@@ -299,7 +300,7 @@ class ShrinkGuard:
 
 
 def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
-          writer: Writer | None = None, log=tqdm.write) -> Summary:
+          writer: Writer | None = None, log=say) -> Summary:
     """Train for ``cfg.steps`` steps (continuing from a checkpoint with ``cfg.resume``).
 
     Raises:
@@ -364,7 +365,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     saved = start if ckpt is not None and resumed else None
     bar = tqdm(range(start, cfg.steps), desc=f"train[{trainer.mode}]", disable=not cfg.progress,
                mininterval=0.5, initial=start, total=cfg.steps,
-               unit="step", dynamic_ncols=True)
+               unit="step", dynamic_ncols=True, file=progress_stream())
     lr = trainer.config.optim.lr
     trainer.train_batch = batch
     calib_batch = calibration_samples(trainer.bundle.layers, batch,

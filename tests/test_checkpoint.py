@@ -6,6 +6,7 @@ non-finite weights stop at once."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -124,7 +125,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(mode, mlp_bundle,
         assert got["calibrations"] == 1 + (steps - 3) // 7  # every window that ended
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_checkpoints_after_the_step_and_exits_128_plus_signal(sig, mlp_bundle,
                                                                      tmp_path) -> None:
     out = tmp_path / "run"
@@ -141,6 +142,39 @@ def test_signal_checkpoints_after_the_step_and_exits_128_plus_signal(sig, mlp_bu
     b = open_bundle(mlp_bundle)
     _, meta = Checkpointer(out / "checkpoints", b).load()
     assert meta["step"] == step == meta["trainer"]["step_count"]
+
+
+def test_a_stalled_output_pipe_neither_holds_the_run_nor_its_stop(mlp_bundle, tmp_path) -> None:
+    """A session-24 probe (`train ... 2>&1 | sleep 60`): once the pipe was full the progress
+    bar's write blocked, the trainer sat in it through SIGTERM, SIGTERM and SIGINT, then died
+    of the broken pipe 178 steps after its last checkpoint. Output the pipe cannot take is now
+    dropped (runtime/console.py): the run trains on and stops on SIGTERM with a checkpoint."""
+    out = tmp_path / "run"
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--out",
+                             str(out), "--data", "digits", "--mode", "vanilla", "--threads", "1",
+                             "--steps", str(10**6), "--checkpoint-every", "50"],
+                            cwd=REPO, stdout=w, stderr=w)
+    try:
+        assert wait_for_checkpoint_after(proc, out, -1)
+        # nobody reads: fill what the pipe has left, through a descriptor of its own (O_NONBLOCK
+        # on w would be the trainer's too: they share one open file description)
+        fill = os.open(f"/proc/self/fd/{w}", os.O_WRONLY | os.O_NONBLOCK)
+        for size in (4096, 64, 1):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(fill, b"x" * size)
+        os.close(fill)
+        time.sleep(2.0)  # progress refreshes (every 0.5 s) meet the full pipe
+        assert wait_for_checkpoint_after(proc, out, latest_step(out), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        assert latest_step(out) > 100
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(r)
+        os.close(w)
 
 
 # ------------------------------------------------------------------------- Python API runs

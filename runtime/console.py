@@ -1,0 +1,86 @@
+"""What a run prints while it trains, written so that the output can never stop the training.
+
+A session-24 probe piped a trainer's output into a reader that stopped reading (`train ... 2>&1
+| sleep 60`): once the pipe was full the progress bar's next write blocked, the trainer sat in
+it through two SIGTERMs and a SIGINT (their handlers run, then the write goes on blocking), and
+when the reader exited the write's broken pipe ended the run without a checkpoint, 178 steps
+after the last one. A closed stderr (`2>&-`) failed the progress bar at its first line.
+
+:class:`Unblocking` wraps a text stream: a write the stream cannot take within ``wait``
+seconds is dropped (a progress refresh at once, a log line after a second), and a stream that
+is gone (closed, a broken pipe, a hung-up terminal) is left alone for the rest of the run. The
+run's own files (``metrics.jsonl``, checkpoints, ``summary.json``) keep what the lines said.
+"""
+
+from __future__ import annotations
+
+import select
+import sys
+
+from tqdm import tqdm
+
+__all__ = ["Unblocking", "progress_stream", "say", "say_err"]
+
+
+class Unblocking:
+    """A text stream whose writes never block for more than ``wait`` seconds (see above)."""
+
+    def __init__(self, stream, wait: float = 0.0) -> None:
+        self.stream, self.wait = stream, wait
+        self.gone = stream is None
+        try:
+            self.fd = stream.fileno() if stream is not None else None
+        except (AttributeError, OSError, ValueError):  # a StringIO: it never blocks
+            self.fd = None
+
+    def _ready(self) -> bool:
+        if self.fd is None:
+            return True
+        try:
+            return bool(select.select([], [self.fd], [], self.wait)[1])
+        except (OSError, ValueError):
+            return True  # (select cannot tell: the write itself will)
+
+    def write(self, text: str) -> int:
+        if self.gone or not self._ready():
+            return len(text)
+        try:
+            n = self.stream.write(text)
+            self.stream.flush()
+            return n
+        except (OSError, ValueError):  # broken pipe, hung-up terminal, closed file
+            self.gone = True
+            return len(text)
+
+    def flush(self) -> None:
+        pass  # (each write flushes what it wrote)
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and self.stream.isatty()
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        if self.fd is None:
+            raise OSError("no file descriptor")
+        return self.fd
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
+
+def progress_stream() -> Unblocking:
+    """The progress bar's stream: stderr, refreshes dropped while it cannot take them."""
+    return Unblocking(sys.stderr, 0.0)
+
+
+def say(line: str) -> None:
+    """One line on stdout, above a progress bar; dropped after 1 s of a stalled stdout."""
+    tqdm.write(line, file=Unblocking(sys.stdout, 1.0))
+
+
+def say_err(line: str) -> None:
+    """One line on stderr, as :func:`say`."""
+    tqdm.write(line, file=Unblocking(sys.stderr, 1.0))
