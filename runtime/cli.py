@@ -668,9 +668,12 @@ def _cmd_eval(a) -> int:
     weights = Path(a.weights) if a.weights else None
     from .run_folder import bundle_run
 
+    run_src = None  # the run folder the weights were picked from
     if weights is None and bundle_run(bundle.path).is_dir():
-        weights = run_weights(bundle.path / "run")
+        run_src = bundle.path / "run"
+        weights = run_weights(run_src)
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
+        run_src = weights
         found = run_weights(weights)
         if found is None:
             from .run_folder import set_aside_hint
@@ -695,9 +698,18 @@ def _cmd_eval(a) -> int:
                       if run_dir is not None else None, training=False)
     # SGD with momentum: one buffer a tensor (the gradient adds into it), the least any
     # optimizer allocates; evaluation never steps
-    trainer = Trainer(bundle, TrainConfig(mode="vanilla", optim=OptimConfig(name="sgd"),
-                                          session=_session_config(a, prof)),
-                      Plan(eval_micro_batch=a.batch), weights=weights)
+    for attempt in range(3):
+        try:
+            trainer = Trainer(bundle, TrainConfig(mode="vanilla", optim=OptimConfig(name="sgd"),
+                                                  session=_session_config(a, prof)),
+                              Plan(eval_micro_batch=a.batch), weights=weights)
+            break
+        except UserError:
+            # a run still training replaced that checkpoint with a newer one while this read
+            # it (a probe: 40 % of evals at --checkpoint-every 1 said "re-export the bundle")
+            if run_src is None or weights is None or weights.exists() or attempt == 2:
+                raise
+            weights = run_weights(run_src) or weights
     target = data.test if data.test is not None else data
     _note_held_out(run_dir, a, data.test is not None)
     if budget is None:

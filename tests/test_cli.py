@@ -872,3 +872,30 @@ def test_val_that_is_the_data_file_itself_gets_a_note(cli, mlp_bundle, tmp_path)
     other = ok(cli("train", mlp_bundle, "--data", tmp_path / "d.npz", "--val",
                    tmp_path / "v.npz", "--steps", 1, "--no-progress", "--out", tmp_path / "r2"))
     assert "is the --data file itself" not in other, other
+
+
+# eval in-process, the weights it picked from the run folder removed as it reads them (what a
+# run still training does when a newer checkpoint replaces the last one)
+_WEIGHTS_REPLACED = (
+    "import os, sys, runtime.cli, runtime.trainer\n"
+    "real, done = runtime.trainer.Trainer.__init__, []\n"
+    "def init(self, *a, weights=None, **k):\n"
+    "    if weights is not None and not done:\n"
+    "        done.append(weights)\n"
+    "        os.unlink(weights)\n"
+    "    real(self, *a, weights=weights, **k)\n"
+    "runtime.trainer.Trainer.__init__ = init\n"
+    "sys.exit(runtime.cli.main(sys.argv[1:]))\n")
+
+
+def test_eval_of_a_run_that_replaces_its_checkpoint_meanwhile_reads_the_new_one(
+        cli, run_python, mlp_bundle, tmp_path):
+    """A session-24 probe: eval of a run checkpointing every step failed 40 % of the time,
+    "cannot read parameters ...: No such file; re-export the bundle"; it now picks the run's
+    weights again."""
+    out = tmp_path / "run"
+    ok(cli("train", mlp_bundle, *TRAIN, "--steps", 20, "--checkpoint-every", 10,
+           "--mode", "vanilla", "--out", out))
+    r = run_python(_WEIGHTS_REPLACED, "eval", mlp_bundle, "--data", "digits", "--weights", out)
+    assert r.returncode == 0, r.stderr
+    assert "ckpt-000020.npz" in r.stdout, r.stdout  # params.npz gone: the newest checkpoint
