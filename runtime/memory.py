@@ -84,7 +84,13 @@ def current_rss() -> int:
         return v
     import psutil
 
-    return int(psutil.Process(os.getpid()).memory_info().rss)
+    try:
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except (psutil.Error, OSError):  # no /proc (a probe's masked mount): psutil reads it too
+        from contract import UserError
+
+        raise UserError("cannot read this process's memory: /proc is not mounted here; run "
+                        "where it is (the runtime measures its memory there)") from None
 
 
 def peak_rss() -> int:
