@@ -1174,3 +1174,20 @@ def test_a_step_that_does_not_end_is_stopped_by_sigterm(ctx, signals):
         assert waited < 15, waited
     else:
         assert waited > StopSignals.GRACE_S - 5, waited  # the step had its grace period
+
+
+def test_without_proc_the_memory_reading_is_one_line(monkeypatch):
+    """A session-24 probe masked /proc (unshare + tmpfs): `train` ended in psutil's
+    NoSuchProcess traceback."""
+    import psutil
+
+    from runtime import memory
+    from runtime.errors import UserError
+
+    def gone(*a, **k):
+        raise psutil.NoSuchProcess(0)
+
+    monkeypatch.setattr(memory, "proc_status", lambda *a, **k: {})
+    monkeypatch.setattr(psutil, "Process", gone)
+    with pytest.raises(UserError, match="/proc is not mounted"):
+        memory.current_rss()
