@@ -187,7 +187,7 @@ class RunFolder:
         p = self.path
         self._recover_set_aside()
         existing = [f for f in RUN_FILES if (p / f).exists()
-                    and not (f == "checkpoints" and not (p / f).is_dir())]
+                    and not (f == "checkpoints" and not _nonempty_dir(p / f))]
         if existing and not self._is_run():  # files named like a run's are not one: a user's
             raise UserError(  # summary.json or checkpoints/ are never replaced or appended to
                 f"--out '{p}' holds {', '.join(existing)} but no training run (no run.json of "
@@ -461,3 +461,12 @@ def json_object(path: Path) -> dict:
     except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _nonempty_dir(path: Path) -> bool:
+    """A folder with something in it (an empty ``checkpoints`` folder, left by a run that
+    failed before its first checkpoint, blocked the same command run again: a probe's)."""
+    try:
+        return path.is_dir() and any(path.iterdir())
+    except OSError:
+        return True  # (unreadable: let the checks that name it say so)

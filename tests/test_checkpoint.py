@@ -1138,3 +1138,14 @@ def test_each_calibration_event_has_its_own_seconds(mlp_bundle, tmp_path):
     assert sum(e["seconds"] for e in cal) == pytest.approx(cal[-1]["seconds_total"], abs=1e-3)
     assert all(0 <= e["seconds"] <= e["seconds_total"] for e in cal)
     assert cal[-1]["seconds"] < cal[-1]["seconds_total"]  # not the running total
+
+
+def test_an_empty_checkpoints_folder_does_not_block_the_run(cli, mlp_bundle, tmp_path) -> None:
+    """A run that failed before its first checkpoint (a probe: too few file descriptors) left
+    OUT/checkpoints empty, and the same command run again was refused: "holds checkpoints but
+    no training run"."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    proc = cli("train", mlp_bundle, "--out", out, *QUIET, "--mode", "vanilla", "--steps", 5)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "params.npz").is_file()
