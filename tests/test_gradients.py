@@ -129,6 +129,13 @@ case("Pow", "fractional_constant", "y = Pow(x, p)", lambda x: x ** 1.5, {"x": po
      ["x"], consts={"p": np.array(1.5, np.float32)})
 case("Pow", "exponent_trainable", "y = Pow(x, p)", lambda x, p: x ** p,
      {"x": pos(2, 3), "p": rnd(3)}, ["x", "p"])
+# at x = 0 (an outside review of session 24: x^0's slope and the exponent's were NaN there)
+_with_zero = pos(2, 3)
+_with_zero[0, 0] = 0.0  # (under p = 0)
+case("Pow", "zero_exponent_at_zero", "y = Pow(x, p)", lambda x: x ** torch.tensor([0.0, 2.0, 3.0],
+     dtype=x.dtype), {"x": _with_zero}, ["x"], consts={"p": np.array([0, 2, 3], np.float32)})
+case("Pow", "exponent_trainable_at_zero", "y = Pow(x, p)", lambda x, p: x ** p,
+     {"x": _with_zero, "p": np.array([1.5, 2.0, 2.5], np.float32)}, ["p"])
 case("Tanh", "plain", "y = Tanh(x)", torch.tanh, {"x": rnd(2, 3)}, ["x"])
 case("Sigmoid", "plain", "y = Sigmoid(x)", torch.sigmoid, {"x": rnd(2, 3)}, ["x"])
 case("Exp", "plain", "y = Exp(x)", torch.exp, {"x": rnd(2, 3)}, ["x"])

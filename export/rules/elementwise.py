@@ -175,11 +175,16 @@ def pow_grad(ctx, node, gy):
             pv = ctx.constant_value(p).astype(np.float32)
             d = (b.op("Mul", [x, b.const(pv)]) if np.all(pv == 2.0) else
                  b.op("Mul", [b.op("Pow", [x, b.const(pv - 1.0)]), b.const(pv)]))
-        else:
-            d = b.op("Mul", [b.op("Pow", [x, b.op("Sub", [p, b.const(1.0)])]), p])
+            if np.any(pv == 0.0):  # x^0 = 1: slope 0, also at x = 0 (0^-1 · 0 was NaN)
+                d = b.op("Where", [b.const(pv == 0.0, np.bool_), b.const(0.0), d])
+        else:  # (an integer exponent computed in the graph: a float one here)
+            pf = b.op("Cast", [p], to=TensorProto.FLOAT)
+            d = b.op("Mul", [b.op("Pow", [x, b.op("Sub", [pf, b.const(1.0)])]), pf])
         gx = unbroadcast(ctx, b.op("Mul", [gy[0], d]), y, x)
-    if needs(ctx, node, 1):  # d(x^p)/dp = y log x
-        gp = unbroadcast(ctx, b.op("Mul", [gy[0], b.op("Mul", [y, b.op("Log", [x])])]), y, p)
+    if needs(ctx, node, 1):  # d(x^p)/dp = y log x, 0 where x = 0 (y = 0 there; log x = -inf)
+        ylog = b.op("Mul", [y, b.op("Log", [x])])
+        ylog = b.op("Where", [b.op("Equal", [x, b.const(0.0)]), b.const(0.0), ylog])
+        gp = unbroadcast(ctx, b.op("Mul", [gy[0], ylog]), y, p)
     return [gx, gp]
 
 
