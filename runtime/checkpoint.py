@@ -547,6 +547,8 @@ class StopSignals:
             self._watch.start()
             try:
                 for s in self.SIGNALS:
+                    if s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN:
+                        continue  # nohup: a hang-up is meant to leave the run going
                     self._old[s] = signal.signal(s, self._handle)
                 self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             except BaseException:

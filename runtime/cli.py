@@ -605,7 +605,8 @@ def _cmd_train(a) -> int:
     run_cfg = RunConfig(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch,
                         eval_every=a.eval_every, checkpoint_every=a.checkpoint_every,
                         resume=a.resume, overwrite=a.overwrite,
-                        max_nonfinite=a.max_nonfinite, budget=budget, progress=not a.no_progress)
+                        max_nonfinite=a.max_nonfinite, budget=budget, progress=not a.no_progress,
+                        new_log=True)
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof, optim)
     if a.out is not None and not a.out.strip():  # '' is not "the default": it would be the cwd
@@ -947,6 +948,14 @@ def check_not_empty(args: argparse.Namespace) -> None:
                             "or leave the option out for its default")
 
 
+def _error_line(line: str) -> None:
+    """The command's one error line on stderr; a stalled pipe drops it after 1 s rather than
+    hold the process (runtime/console.py)."""
+    from .console import Unblocking
+
+    Unblocking(sys.stderr, 1.0).write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # probes fork; no Rust thread pool
     import signal
@@ -979,19 +988,19 @@ def main(argv: list[str] | None = None) -> int:
             handler = HANDLERS.get(args.cmd) or args.handler
             return handler(args)
         except (UserError, ProfileError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            _error_line(f"error: {exc}")
             return 2
         except BrokenPipeError:
             return 1
         except OSError as exc:  # a path the OS refuses (name too long, permissions, no space)
             where = f" '{exc.filename}'" if exc.filename else ""
-            print(f"error: {exc.strerror or exc}{where}; check the path, the permissions and "
-                  "the free space", file=sys.stderr)
+            _error_line(f"error: {exc.strerror or exc}{where}; check the path, the permissions "
+                        "and the free space")
             return 2
         except MemoryError as exc:
-            print(f"error: out of memory ({str(exc)[:160] or 'an allocation failed'}); ask for "
-                  "smaller sizes (shapes, --batch, --micro-batch) or give a --budget (a larger "
-                  "one if you gave one)", file=sys.stderr)
+            _error_line(f"error: out of memory ({str(exc)[:160] or 'an allocation failed'}); ask "
+                        "for smaller sizes (shapes, --batch, --micro-batch) or give a --budget "
+                        "(a larger one if you gave one)")
             return 2
         except RecursionError:
             print("error: an input file is nested too deeply to read (a JSON/TOML structure); "

@@ -238,6 +238,8 @@ class RunConfig:
     max_nonfinite: int = 5
     budget: int | None = None  # bytes: the whole-process peak RSS must stay below it
     progress: bool = True
+    new_log: bool = False  # a run from step 0 starts metrics.jsonl empty (train; not a fleet
+    # client's rounds, which append to one log across rounds and restarts)
 
     def __post_init__(self) -> None:
         _int("--steps", self.steps, 1, 10**12)  # (an int64 in checkpoints; years of steps)

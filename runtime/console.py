@@ -48,9 +48,19 @@ class Unblocking:
             n = self.stream.write(text)
             self.stream.flush()
             return n
+        except BlockingIOError:  # (a descriptor another process made non-blocking): this one
+            return len(text)
         except (OSError, ValueError):  # broken pipe, hung-up terminal, closed file
             self.gone = True
             return len(text)
+
+    # tqdm clears its bar before a line written to the bar's stream, or where both are the
+    # standard streams; it compares the streams with ==
+    def __eq__(self, other) -> bool:
+        return self.stream is getattr(other, "stream", other)
+
+    def __hash__(self) -> int:
+        return id(self.stream)
 
     def flush(self) -> None:
         pass  # (each write flushes what it wrote)

@@ -255,6 +255,17 @@ def _diverged(name: str, step: int, last_ckpt: Path | None) -> UserError:
                         else " (no checkpoint was written)"))
 
 
+def _params_current(out: Path | None, ckpt) -> bool:
+    """Whether ``out/params.npz`` holds the weights of the checkpoint just loaded (written
+    with or after it; a finished run resumed for more steps and stopped has an older one,
+    which the resume to its new end rewrites)."""
+    try:
+        return out is not None and ckpt is not None and ckpt.loaded is not None and \
+            (out / "params.npz").stat().st_mtime >= ckpt.loaded.stat().st_mtime
+    except OSError:
+        return False
+
+
 class RunFinished(Exception):
     """``--resume`` of a run that already finished its ``--steps`` (its ``params.npz`` written):
     nothing to do, and nothing is touched; the command succeeds (a retry loop around a resume
@@ -340,8 +351,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
-    if resumed and trainer.step_count == cfg.steps and out is not None \
-            and (out / "params.npz").is_file():  # (without it: the resume writes it)
+    if resumed and trainer.step_count == cfg.steps and _params_current(out, ckpt):
         raise RunFinished(out, cfg.steps)  # (it said "resumed", appended to the finished log)
     if resumed and trainer.step_count > cfg.steps:  # it trained nothing and said "resumed"
         raise UserError(f"the run in '{out}' is already at step {trainer.step_count}, past "
@@ -352,7 +362,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     last_ckpt = ckpt.loaded if ckpt is not None and resumed else None
     metrics = Metrics(out / "metrics.jsonl" if out is not None else None,
                       resumed_at=trainer.step_count if resumed else None,
-                      last_good=lambda: last_ckpt, fresh=trainer.step_count == 0)
+                      last_good=lambda: last_ckpt,
+                      fresh=cfg.new_log and trainer.step_count == 0)
     metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
                   micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
                   saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)

@@ -144,6 +144,28 @@ def test_signal_checkpoints_after_the_step_and_exits_128_plus_signal(sig, mlp_bu
     assert meta["step"] == step == meta["trainer"]["step_count"]
 
 
+def test_under_nohup_a_hang_up_leaves_the_run_going(mlp_bundle, tmp_path) -> None:
+    """SIGHUP stops a run with a checkpoint, unless it was started ignoring it (nohup: the
+    user asked for the run to outlive the terminal; a review of session 24)."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--out", str(out),
+            *map(str, QUIET), "--mode", "vanilla", "--steps", str(10**6),
+            "--checkpoint-every", "100"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP,
+                                                                        signal.SIG_IGN))
+    try:
+        assert wait_for_checkpoint_after(proc, out, -1)
+        proc.send_signal(signal.SIGHUP)
+        step = latest_step(out)
+        assert wait_for_checkpoint_after(proc, out, step + 200), proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_a_stalled_output_pipe_neither_holds_the_run_nor_its_stop(mlp_bundle, tmp_path) -> None:
     """A session-24 probe (`train ... 2>&1 | sleep 60`): once the pipe was full the progress
     bar's write blocked, the trainer sat in it through SIGTERM, SIGTERM and SIGINT, then died
@@ -507,7 +529,7 @@ def test_a_resume_that_starts_afresh_starts_the_metrics_afresh(mlp_bundle, tmp_p
     out.mkdir()
     first = [json.dumps({"kind": "step", "step": k, "loss": 2.0}) for k in (1, 2, 3)]
     (out / "metrics.jsonl").write_text("\n".join(first) + '\n{"kind": "step", "st')
-    _train(mlp_bundle, out, 5, resume=True)
+    _train(mlp_bundle, out, 5, resume=True, new_log=True)  # (as train's CLI runs it)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3, 4, 5]
 
@@ -1149,3 +1171,30 @@ def test_an_empty_checkpoints_folder_does_not_block_the_run(cli, mlp_bundle, tmp
     proc = cli("train", mlp_bundle, "--out", out, *QUIET, "--mode", "vanilla", "--steps", 5)
     assert proc.returncode == 0, proc.stderr
     assert (out / "params.npz").is_file()
+
+
+def test_a_resume_to_the_last_checkpoint_rewrites_an_older_params_file(mlp_bundle, tmp_path):
+    """--resume of a run at its --steps is "already finished" only where params.npz is that
+    checkpoint's; a finished run resumed for more steps and stopped keeps an older one, which
+    the resume to the stop's step rewrites (a review of session 24)."""
+    from runtime.run import RunFinished
+
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 10, checkpoint_every=5)
+    with pytest.raises(RunFinished):
+        _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
+    old = out / "params.npz"
+    os.utime(old, (1e9, 1e9))  # as if written before the newest checkpoint
+    _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
+    assert old.stat().st_mtime > 1e9
+
+
+def test_the_output_streams_compare_as_the_streams_they_wrap() -> None:
+    """tqdm clears its bar before a line only where the line's stream is the bar's or both are
+    the standard streams, comparing with ==: wrapped in runtime/console.Unblocking, log lines
+    were glued to the bar (a review of session 24)."""
+    from runtime.console import Unblocking
+
+    assert Unblocking(sys.stderr) == sys.stderr and Unblocking(sys.stdout) in (sys.stdout,
+                                                                               sys.stderr)
+    assert Unblocking(sys.stderr) == Unblocking(sys.stderr) != Unblocking(sys.stdout)

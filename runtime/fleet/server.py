@@ -55,9 +55,11 @@ def _parts():
 def _weighted(metrics: list[tuple[int, dict]]) -> dict:
     """Example-weighted mean of every numeric metric the clients report (Flower's
     ``MetricsAggregationFn`` signature)."""
-    total = sum(n for n, _ in metrics) or 1
     keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, (int, float))}
-    out = {k: sum(n * float(m.get(k, 0.0)) for n, m in metrics) / total for k in sorted(keys)}
+    out = {}
+    for k in sorted(keys):  # over the clients that reported k (a dropped NaN is not a 0)
+        have = [(n, float(m[k])) for n, m in metrics if isinstance(m.get(k), (int, float))]
+        out[k] = sum(n * v for n, v in have) / (sum(n for n, _ in have) or 1)
     if metrics:
         out["peak_rss_max"] = max(float(m.get("peak_rss", 0)) for _, m in metrics)
     return out

@@ -100,20 +100,19 @@ def _png_metadata(f) -> tuple[int, str | None]:
             f.seek(4, os.SEEK_CUR)
             key, _, rest = data.partition(b"\0")
             skip = _PNG_COMPRESSED[kind]
-            if kind == b"iTXt":  # flag, method, language NUL, translated key NUL, text
-                if rest[:1] != b"\x01":  # (not compressed: counted as it is)
-                    text += len(rest)
-                    continue
-                rest = rest[skip:].split(b"\0", 2)[-1]
-                skip = 0
-            try:
-                out = len(zlib.decompressobj().decompress(rest[skip:], TEXT_CHUNK + 1))
-            except zlib.error:
-                out = 0  # (Pillow keeps nothing of a chunk it cannot expand)
-            if out > TEXT_CHUNK:
-                return raw, f"a compressed PNG chunk expands past {TEXT_CHUNK >> 20} MiB"
-            expanded += out
-            text += out if kind != b"iCCP" else 0
+            if kind == b"iTXt" and rest[:1] != b"\x01":  # uncompressed: counted as it is
+                text += len(rest)
+            else:
+                if kind == b"iTXt":  # flag, method, language NUL, translated key NUL, text
+                    rest, skip = rest[skip:].split(b"\0", 2)[-1], 0
+                try:
+                    out = len(zlib.decompressobj().decompress(rest[skip:], TEXT_CHUNK + 1))
+                except zlib.error:
+                    out = 0  # (Pillow keeps nothing of a chunk it cannot expand)
+                if out > TEXT_CHUNK:
+                    return raw, f"a compressed PNG chunk expands past {TEXT_CHUNK >> 20} MiB"
+                expanded += out
+                text += out if kind != b"iCCP" else 0
         if text > TEXT_MEMORY:
             return raw, f"PNG text over {TEXT_MEMORY >> 20} MiB"
     return raw + expanded, None
