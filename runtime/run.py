@@ -14,6 +14,9 @@ A folder holding another run is never reused silently: ``--resume`` continues th
 is a folder holding other files (``--out /``, a home folder): a run goes into a new or empty
 folder, or one holding only run files. A resume that fails (a damaged checkpoint, other options)
 leaves the folder byte-identical: nothing is written before the checkpoint is restored.
+
+Why one module (~520 lines): the loop, its stop and resume paths and the summary share the
+run's state (step, order, tally, last checkpoint); split, each would pass all of it around.
 """
 
 from __future__ import annotations
