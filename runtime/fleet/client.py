@@ -201,12 +201,7 @@ def _header_problem(raw: bytes, name: str, local: Local) -> str | None:
                            else npy.read_array_header_2_0)(f)
     except (ValueError, OSError, EOFError, SyntaxError):
         return f"tensor '{name}' is not a plain NumPy array (.npy bytes, no pickle)"
-    want = local.trainer.params[name].shape
-    if tuple(shape) != want:
-        return f"tensor '{name}' has shape {list(shape)}, this bundle expects {list(want)}"
-    if dtype.kind not in "fiub" or dtype.fields is not None:
-        return f"tensor '{name}' is of type {dtype}, not real numbers"
-    return None
+    return local.form_problem(name, shape, dtype)
 
 
 def _scalar(v):

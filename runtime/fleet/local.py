@@ -210,16 +210,20 @@ class Local:
         """What makes ``value`` unfit to be tensor ``name`` (None: it fits): another shape, a
         type that is not real numbers (complex, text, records), NaN or inf (a diverged or
         poisoned update would spread to every device)."""
+        why = self.form_problem(name, getattr(value, "shape", ()), getattr(value, "dtype", None))
+        if why is None and not np.isfinite(value).all():
+            return f"tensor '{name}' holds NaN or inf values"
+        return why
+
+    def form_problem(self, name: str, shape, dtype) -> str | None:
+        """:meth:`problem` from a tensor's shape and type alone (what a ``.npy`` header
+        declares, read before the data)."""
         p = self.trainer.params.get(name)
-        shape = tuple(getattr(value, "shape", ()))
-        if p is None or shape != p.shape:
+        if p is None or tuple(shape) != p.shape:
             return (f"tensor '{name}' has shape {list(shape)}, this bundle expects "
                     f"{None if p is None else list(p.shape)}")
-        dtype = getattr(value, "dtype", None)
         if dtype is None or dtype.kind not in "fiub" or dtype.fields is not None:
             return f"tensor '{name}' is of type {dtype}, not real numbers"
-        if not np.isfinite(value).all():
-            return f"tensor '{name}' holds NaN or inf values"
         return None
 
     def check_trainable(self, values: dict[str, np.ndarray]) -> None:
