@@ -273,15 +273,16 @@ def annotate_measured_shapes(model: onnx.ModelProto, inputs: list[str]) -> int:
 
 
 def check_free_batch(traced: Traced) -> None:
-    """An ONNX file must run at any batch size: the bundle trains at the user's micro-batch.
+    """The bundle trains at the user's micro-batch, so the model must run at any batch size.
     Files exported with a fixed batch (``torch.onnx.export(dynamo=True)`` without dynamic
-    shapes fixes the example's) fail inside their Reshapes at another; found here by running the
-    model at its example batch and one more.
+    shapes fixes the example's) fail inside their Reshapes at another, as does a torch model
+    traced here whose forward turns the batch size into a Python number (``len(x)``); found
+    here by running the model at its example batch and one more.
 
     Raises:
         ExportError: the model runs at its own batch size only.
     """
-    if traced.origin is None or traced.origin[0] != "onnx":
+    if traced.origin is None or traced.origin[0] not in ("onnx", "torch"):
         return
     import copy
 
@@ -289,8 +290,13 @@ def check_free_batch(traced: Traced) -> None:
 
     model = copy.deepcopy(traced.model)
     feeds = {}
+    example = traced.origin[2]
+    if traced.origin[0] == "torch":  # traced with a free batch axis at the example's shapes
+        if example is None or len(example) != len(traced.inputs):
+            return
+        feeds = dict(zip(traced.inputs, example, strict=True))
     for vi in model.graph.input:
-        if vi.name not in traced.inputs:
+        if vi.name not in traced.inputs or traced.origin[0] == "torch":
             continue
         t = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
@@ -305,6 +311,8 @@ def check_free_batch(traced: Traced) -> None:
             vi.type.tensor_type.shape.dim[0].ClearField("dim_value")
             vi.type.tensor_type.shape.dim[0].dim_param = "N"
     del model.graph.value_info[:]
+    if not feeds or any(np.ndim(v) == 0 for v in feeds.values()):
+        return
     if int(sum(int(np.prod(v.shape)) * v.itemsize for v in feeds.values())) > 256 << 20:
         return  # too large an example to run here
     so = ort.SessionOptions()
@@ -319,6 +327,12 @@ def check_free_batch(traced: Traced) -> None:
     try:
         sess.run(None, {k: np.concatenate([v, v[:1]]) for k, v in feeds.items()})
     except Exception:  # noqa: BLE001
+        if traced.origin[0] == "torch":
+            raise ExportError(f"{traced.source}: the traced model runs at batch size {n} only "
+                              "(its forward turns the batch size into a Python number, e.g. "
+                              "len(x) or a size read into a list); write that part with "
+                              "x.flatten(1) or x.reshape(x.shape[0], -1), which trace with a "
+                              "free batch") from None
         raise ExportError(f"{traced.source}: the model runs at batch size {n} only (its graph "
                           "fixes the batch, e.g. torch.onnx.export(dynamo=True) without "
                           "dynamic_shapes); export it again with a dynamic batch axis "

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 from contract import names as names_
 from contract.onnx_scan import LOOP_OPS
 
-from .graph import ExportError, check_ops, name_nodes
+from .graph import ExportError, check_ops, name_nodes, reads
 from .layers import node_module_path
 from .model_inputs import _first_line, _load_factory, example_arrays, parse_input_shapes
 from .onnx_import import float32_weights, initializers_not_inputs, raise_opset, sort_nodes
@@ -213,7 +213,7 @@ def _pick_output(traced: Traced, output: str | None) -> Traced:
     for n in reversed(list(g.node)):
         if any(o in needed for o in n.output):
             nodes.append(n)
-            needed.update(i for i in n.input if i)
+            needed.update(reads(n))  # with the names an If's branches read from outside
     del g.node[:]
     g.node.extend(reversed(nodes))
     inits = [t for t in g.initializer if t.name in needed]

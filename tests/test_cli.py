@@ -281,6 +281,19 @@ def embed():
 def pooled():  # adaptive pooling to 2x2 of an odd size: torch's ONNX exporter refuses it
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d((2, 2)),
                          nn.Flatten(), nn.Linear(32, 5))
+
+
+class _ByLen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):  # len(x) is a Python int under tracing: the example's batch, fixed
+        return self.fc(x.reshape(len(x), -1))
+
+
+def by_len():
+    return _ByLen()
 """
 
 
@@ -291,6 +304,7 @@ def pooled():  # adaptive pooling to 2x2 of an odd size: torch's ONNX exporter r
                        "8,64:int64 for token ids"]),
     ("pooled", "8,3,13,13", ["torch.onnx.export cannot export", "adaptive_avg_pool2d",
                              "export it to .onnx yourself"]),
+    ("by_len", "8,3,4", ["runs at batch size 8 only", "len(x)", "x.flatten(1)"]),
 ])
 def test_export_a_model_that_fails_under_torch_is_one_line(factory, shape, fragments, cli,
                                                            tmp_path):

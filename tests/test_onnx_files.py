@@ -778,3 +778,43 @@ def test_a_mask_in_an_onnx_file_is_named_at_export(tmp_path):
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--input-shape",
              "2,1,4,4", "--trainable", "c.*,fc.*")
     assert r.returncode == 0 and "only 0s and 1s" not in r.stdout, r.stdout + r.stderr
+
+
+def test_output_keeps_what_an_if_branch_reads_from_outside(tmp_path):
+    """``--output`` prunes the graph to what that output needs, including the tensors an If's
+    branches read by name from the enclosing graph (was: the first layer was pruned away and the
+    export failed on an unknown shape)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 6)).astype(np.float32)
+    w2 = rng.standard_normal((3, 8)).astype(np.float32)
+
+    def branch(op, name):
+        return helper.make_graph([helper.make_node(op, ["hid"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["hid"], transB=1, name="/fc1/Gemm"),
+             helper.make_node("If", ["cond"], ["br"], name="/pick/If",
+                              then_branch=branch("Neg", "t"), else_branch=branch("Identity", "e")),
+             helper.make_node("Relu", ["br"], ["r"], name="/act/Relu"),
+             helper.make_node("Gemm", ["r", "w2"], ["logits"], transB=1, name="/fc2/Gemm"),
+             helper.make_node("Relu", ["x"], ["aux"], name="/aux/Relu")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(np.array(True), "cond")])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    r = _cli("export", "--model", path, "--output", "logits", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "2 trainable tensors" in r.stdout, r.stdout
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    want = ort.InferenceSession(str(path)).run(["logits"], {"x": x})[0]
+    r = _cli("export-model", tmp_path / "b", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
