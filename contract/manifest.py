@@ -108,8 +108,13 @@ class LossSpec:
     # the output's class axis is 1 ([N, classes, d1, ...]: torch's dense-prediction layout,
     # labels [N, d1, ...]) instead of the last one ([N, classes] or [N, L, classes])
     classes_first: bool = False
+    # bce on a model whose output is a Sigmoid's probabilities: the loss reads the Sigmoid's
+    # input (the logits) and an output element says yes at >= 0.5 (at a logit > 0 otherwise)
+    probabilities: bool = False
 
     def validate(self) -> tuple[str, str] | None:
+        if self.probabilities and self.kind != "bce":
+            return "probabilities", "only a bce loss reads a Sigmoid's input"
         if self.classes_first and (self.kind != "cross_entropy" or len(self.labels.shape) < 2):
             return "classes_first", "a class axis 1 needs cross_entropy labels [N, d1, ...]"
         if self.kind == "cross_entropy" and self.num_classes is None:

@@ -65,6 +65,19 @@ def _logits(g: onnx.GraphProto, output: str, rank: int, first: bool,
     return node.input[0]
 
 
+def _sigmoid_input(g: onnx.GraphProto, output: str, notes: list[str] | None) -> str | None:
+    """The input of the Sigmoid that makes ``output``, else None: binary cross-entropy on
+    logits of probabilities would apply a second sigmoid (a loss that cannot reach 0, and
+    gradients several times too small)."""
+    node = next((n for n in g.node if output in n.output), None)
+    if node is None or node.op_type != "Sigmoid" or node.domain not in ("", "ai.onnx"):
+        return None
+    if notes is not None:
+        notes.append(f"note: output '{output}' is a Sigmoid's probabilities; the binary "
+                     f"cross-entropy is computed from its input '{node.input[0]}' (the logits)")
+    return node.input[0]
+
+
 def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
                 labels: list[int] | None = None, class_axis: str = "auto",
                 notes: list[str] | None = None) -> LossSpec:
@@ -103,8 +116,13 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
     elif loss in ("bce", "mse"):  # float targets of the output's shape
         dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
         g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.FLOAT, dims))
-        (_bce if loss == "bce" else _mse)(g, output)
-        info = LossSpec(loss, TensorSpec(names.LABELS, dims, "float32"))
+        logits = _sigmoid_input(g, output, notes) if loss == "bce" else None
+        if logits is not None:
+            _bce(g, logits)
+        else:
+            (_bce if loss == "bce" else _mse)(g, output)
+        info = LossSpec(loss, TensorSpec(names.LABELS, dims, "float32"),
+                        probabilities=logits is not None)
     else:
         raise ExportError(f"unknown loss '{loss}'; supported: {', '.join(LOSSES)}")
     g.output.insert(0, helper.make_tensor_value_info(names.LOSS, TensorProto.FLOAT, []))

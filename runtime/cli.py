@@ -159,8 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="all | last:N (last N top-level children) | comma-separated globs")
     e.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse", "bce"],
                    help="cross_entropy: a class per sample, token or pixel; mse: regression; "
-                        "bce: binary cross-entropy on logits, a 0/1 target per output "
-                        "element (multi-label or one-logit binary classification)")
+                        "bce: binary cross-entropy on logits (an output made by a Sigmoid: "
+                        "on its input), a 0/1 target per output element (multi-label or "
+                        "one-logit binary classification)")
     e.add_argument("--class-axis", default="auto", choices=["auto", "1", "last"],
                    help="where a per-token/pixel cross_entropy output holds its classes: 1 "
                         "(torch's [N, classes, H, W]), last ([N, L, classes], [N, H, W, "

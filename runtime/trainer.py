@@ -133,9 +133,11 @@ def hits(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
 
 def score(logits: np.ndarray, y: np.ndarray, loss) -> tuple[int, int]:
     """(correct, counted) for a classification loss: :func:`hits` for cross-entropy; for
-    ``bce`` each output element is a yes/no prediction (logit > 0) of its target (>= 0.5)."""
+    ``bce`` each output element is a yes/no prediction (logit > 0, or probability >= 0.5 where
+    the output is a Sigmoid's) of its target (>= 0.5)."""
     if loss.kind == "bce":
-        return int(((logits > 0) == (y >= 0.5)).sum()), int(y.size)
+        yes = logits >= 0.5 if loss.probabilities else logits > 0
+        return int((yes == (y >= 0.5)).sum()), int(y.size)
     return hits(classes_last(logits, loss), y)
 
 

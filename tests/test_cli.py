@@ -830,6 +830,47 @@ def test_binary_cross_entropy_trains_multi_label_targets(cli, tmp_path):
                "outside [0, 1]", "--loss bce")
 
 
+def test_binary_cross_entropy_of_a_sigmoid_output_reads_its_logits(cli, tmp_path):
+    """A model that ends in a Sigmoid (probabilities, torch's ``BCELoss`` setup): the loss and
+    gradients are ``binary_cross_entropy`` of the probabilities (was: BCE-with-logits of the
+    probabilities, a second sigmoid: gradients 2-8x too small, a loss that cannot reach 0),
+    and accuracy counts a probability >= 0.5 as yes."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import make_trainer
+
+    from runtime.trainer import ArrayBatch
+
+    path = tmp_path / "tagger.py"
+    path.write_text(MULTI_LABEL_FACTORY.replace("nn.Linear(32, 4))", "nn.Linear(32, 4), "
+                                                "nn.Sigmoid())"))
+    out = ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b", "--input-shape",
+                 "8,8", "--loss", "bce"))
+    assert "is a Sigmoid's probabilities" in out, out
+    x, y = _tags(16, 0)
+    spec = importlib.util.spec_from_file_location("tagger", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.make().double()
+    loss = F.binary_cross_entropy(net(torch.from_numpy(x).double()), torch.from_numpy(y).double())
+    loss.backward()
+    tr = make_trainer(tmp_path / "b", mode="vanilla")
+    got, _ = tr.gradients(ArrayBatch({"input": x}, y))
+    assert abs(got - loss.item()) <= 1e-5, (got, loss.item())
+    for p in tr.bundle.params:
+        g = tr._grads[p.name]
+        np.testing.assert_allclose(g.T if p.transposed else g,
+                                   dict(net.named_parameters())[p.torch_name].grad.numpy(),
+                                   rtol=1e-3, atol=1e-6, err_msg=p.torch_name)
+    train, val = _tags(512, 1), _tags(256, 2)
+    np.savez(tmp_path / "train.npz", x=train[0], y=train[1])
+    np.savez(tmp_path / "val.npz", x=val[0], y=val[1])
+    s = summary_of(ok(cli("train", tmp_path / "b", "--data", tmp_path / "train.npz", "--val",
+                          tmp_path / "val.npz", "--steps", 150, "--batch", 32, "--optimizer",
+                          "adamw", "--lr", "0.01", "--no-progress", "--out", tmp_path / "run")))
+    assert s["acc"] > 0.9 and s["acc"] > s["acc_before"] + 0.2, s
+
+
 ONE_OUTPUT_FACTORY = """\
 from torch import nn
 
