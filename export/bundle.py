@@ -294,8 +294,19 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     example, example_labels = _examples(input_shape, npz)
     traced = load_model(model, example, output)
     check_free_batch(traced)
+    head_params, inverted = [], None  # the new classifier's weight and bias
     if head is not None:
-        add_head(traced, head, pool)
+        if pool == "mean":
+            from .padding import mask_marks_padding
+
+            inverted = mask_marks_padding(traced, Shapes(traced.model), _index_bounds(
+                traced.model, traced.inputs), _dynamic_batch)
+            if inverted is not None and notes is not None:
+                notes.append(f"note: input '{inverted}' marks the padding with 1 (checked: the "
+                             "outputs at the other positions ignore those tokens); --pool mean "
+                             "averages the tokens where it is 0")
+        prefix = add_head(traced, head, pool, inverted).split("/")[0]
+        head_params = [f"{prefix}.weight", f"{prefix}.bias"]
     elif pool != "mean":
         raise ExportError("--pool applies to a new classifier: pass --head CLASSES too")
     builtin = BUILTIN_MODELS.get(model)
@@ -319,8 +330,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                      "0s and 1s and multiply another trainable tensor: a mask (a buffer in "
                      "torch), which an .onnx file cannot tell from a weight; it trains unless "
                      "left out: pass --trainable naming the weights only")
-    if head is not None:
-        params += [p for p in ("head.weight", "head.bias") if p not in params]
+    params += [p for p in head_params if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
     output = traced.outputs[0]
 
@@ -350,7 +360,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         from .any_length import any_length_infer
 
         free = any_length_infer(traced, text, params, lookups,
-                                (head, pool) if head is not None else None,
+                                (head, pool, inverted) if head is not None else None,
                                 out / text.tokenizer, weights, _split_lookups, _params_as_inputs,
                                 _dynamic_batch)
         if free is not None:
@@ -385,7 +395,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         share_activation_bases(layers)  # the masks are part of what a shared basis reads
 
         shorter = shorter_graphs(
-            traced, text, lengths, head=(head, pool) if head is not None else None,
+            traced, text, lengths, head=(head, pool, inverted) if head is not None else None,
             params=params, loss=loss, loss_spec=loss_spec, layers=layers, prefix=prefix,
             full_forward=prefix.forward if prefix is not None else fwd, initial=initial,
             lookups=lookups, weights=weights, tokenizer=out / text.tokenizer,

@@ -23,10 +23,19 @@ from contract import ImageSpec, TextSpec
 from .graph import ExportError, Shapes
 from .tracing import Traced
 
-__all__ = ["HEAD_BIAS", "HEAD_WEIGHT", "POOLS", "add_head", "image_spec", "text_spec"]
+__all__ = ["POOLS", "add_head", "image_spec", "text_spec"]
 
 POOLS = ("mean", "cls", "none")
-HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
+
+
+def _free_prefix(g: onnx.GraphProto) -> str:
+    """``head``, or ``new_head``, ``new_head2``, ... where the model has a ``head`` of its own
+    (timm's classifiers are named so): the new tensors and nodes never take a name it uses."""
+    used = {t.name for t in g.initializer} | {i.name for i in g.input} | {
+        x for n in g.node for x in (*n.output, n.name)}
+    taken = {u.lstrip("/").replace("/", ".").split(".")[0] for u in used}
+    return next(p for p in ("head", "new_head", *(f"new_head{i}" for i in range(2, 10**6)))
+                if p not in taken)
 
 
 def _mask_input(traced: Traced, shapes: Shapes) -> str | None:
@@ -38,9 +47,12 @@ def _mask_input(traced: Traced, shapes: Shapes) -> str | None:
     return None
 
 
-def add_head(traced: Traced, classes: int, pool: str, seed: int = 0) -> str:
+def add_head(traced: Traced, classes: int, pool: str, padding_mask: str | None = None,
+             seed: int = 0) -> str:
     """Append pooling and a ``classes``-way linear classifier to the traced model's output;
-    returns the new output's name (the graph now ends in it).
+    returns the new output's name (the graph now ends in it). ``padding_mask``: an input that
+    marks the padding with 1 (export/padding.py ``mask_marks_padding``); ``--pool mean`` then
+    averages where it is 0, else where the ``*mask*`` input is 1.
 
     Raises:
         ExportError: a bad class count or pooling, or an output whose shape does not fit.
@@ -52,6 +64,7 @@ def add_head(traced: Traced, classes: int, pool: str, seed: int = 0) -> str:
     g = traced.model.graph
     out = traced.outputs[0]
     shapes = Shapes(traced.model)
+    prefix = _free_prefix(g)
     dims = shapes.of(out)
     if pool == "none":
         if len(dims) != 2:
@@ -62,7 +75,7 @@ def add_head(traced: Traced, classes: int, pool: str, seed: int = 0) -> str:
         if len(dims) != 3:
             raise ExportError(f"output '{out}' has shape {dims}; --pool {pool} needs [N, L, C] "
                               "(use --pool none for an [N, C] output)")
-        pooled = _pool(g, traced, shapes, out, pool)
+        pooled = _pool(g, traced, shapes, out, pool, prefix, padding_mask)
     width = dims[-1]
     if not isinstance(width, int):
         raise ExportError(f"output '{out}' has a symbolic width {width}; export with static "
@@ -71,42 +84,47 @@ def add_head(traced: Traced, classes: int, pool: str, seed: int = 0) -> str:
     bound = 1.0 / np.sqrt(width)
     w = rng.uniform(-bound, bound, (classes, width)).astype(np.float32)
     b = rng.uniform(-bound, bound, classes).astype(np.float32)
-    g.initializer.extend([numpy_helper.from_array(w, HEAD_WEIGHT),
-                          numpy_helper.from_array(b, HEAD_BIAS)])
-    logits = "head/logits"
-    g.node.append(helper.make_node("Gemm", [pooled, HEAD_WEIGHT, HEAD_BIAS], [logits],
-                                   name="/head/Gemm", transB=1))
+    weight, bias = f"{prefix}.weight", f"{prefix}.bias"
+    g.initializer.extend([numpy_helper.from_array(w, weight), numpy_helper.from_array(b, bias)])
+    logits = f"{prefix}/logits"
+    g.node.append(helper.make_node("Gemm", [pooled, weight, bias], [logits],
+                                   name=f"/{prefix}/Gemm", transB=1))
     del g.output[:]
     g.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", classes]))
     traced.outputs = [logits]
-    traced.torch_names[HEAD_WEIGHT] = (HEAD_WEIGHT, False)
-    traced.torch_names[HEAD_BIAS] = (HEAD_BIAS, False)
+    traced.torch_names[weight] = (weight, False)
+    traced.torch_names[bias] = (bias, False)
     return logits
 
 
-def _pool(g: onnx.GraphProto, traced: Traced, shapes: Shapes, out: str, pool: str) -> str:
+def _pool(g: onnx.GraphProto, traced: Traced, shapes: Shapes, out: str, pool: str,
+          prefix: str, padding_mask: str | None) -> str:
     def const(name: str, value, dtype=np.int64) -> str:
+        name = f"{prefix}/{name}"
         g.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def node(op: str, inputs: list[str], output: str, **attrs) -> str:
-        g.node.append(helper.make_node(op, inputs, [output], name=f"/head/{output}", **attrs))
+        output = f"{prefix}/{output}"
+        g.node.append(helper.make_node(op, inputs, [output], name=f"/{output}", **attrs))
         return output
 
     if pool == "cls":
-        return node("Gather", [out, const("head/zero", 0)], "head/cls", axis=1)
+        return node("Gather", [out, const("zero", 0)], "cls", axis=1)
     mask = _mask_input(traced, shapes)
     if mask is None:
-        return node("ReduceMean", [out], "head/mean", axes=[1], keepdims=0) if \
-            _opset(traced) < 18 else node("ReduceMean", [out, const("head/axis1", [1])],
-                                          "head/mean", keepdims=0)
-    m = node("Cast", [mask], "head/mask_f", to=TensorProto.FLOAT)
-    m3 = node("Unsqueeze", [m, const("head/axis2", [2])], "head/mask3")
-    summed = node("ReduceSum", [node("Mul", [out, m3], "head/masked"),
-                                const("head/axis1s", [1])], "head/sum", keepdims=0)
-    count = node("ReduceSum", [m3, const("head/axis1c", [1])], "head/count", keepdims=0)
-    count = node("Max", [count, const("head/eps", [1e-9], np.float32)], "head/count_safe")
-    return node("Div", [summed, count], "head/mean")
+        return node("ReduceMean", [out], "mean", axes=[1], keepdims=0) if \
+            _opset(traced) < 18 else node("ReduceMean", [out, const("axis1", [1])],
+                                          "mean", keepdims=0)
+    m = node("Cast", [mask], "mask_f", to=TensorProto.FLOAT)
+    if mask == padding_mask:  # 1 marks the padding: average where it is 0
+        m = node("Sub", [const("one", 1.0, np.float32), m], "real_f")
+    m3 = node("Unsqueeze", [m, const("axis2", [2])], "mask3")
+    summed = node("ReduceSum", [node("Mul", [out, m3], "masked"),
+                                const("axis1s", [1])], "sum", keepdims=0)
+    count = node("ReduceSum", [m3, const("axis1c", [1])], "count", keepdims=0)
+    count = node("Max", [count, const("eps", [1e-9], np.float32)], "count_safe")
+    return node("Div", [summed, count], "mean")
 
 
 def _opset(traced: Traced) -> int:

@@ -26,7 +26,7 @@ from onnx import TensorProto
 from .graph import Shapes
 from .tracing import Traced
 
-__all__ = ["fixed_length", "padding_mask", "pinned_lengths"]
+__all__ = ["fixed_length", "mask_marks_padding", "padding_mask", "pinned_lengths"]
 
 _NP = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
        TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
@@ -41,8 +41,35 @@ def padding_mask(traced: Traced, shapes: Shapes, bounds: dict[str, int],
     ``bounds``: rows of the embedding table each integer input indexes (exporter's
     ``_index_bounds``); ``dynamic_batch`` the exporter's step that frees the batch axis."""
     mask, length = _candidate(traced, shapes)
+    if mask is None or not _ignores(traced, shapes, bounds, dynamic_batch, mask, length):
+        return None
+    return mask, length
+
+
+def mask_marks_padding(traced: Traced, shapes: Shapes, bounds: dict[str, int],
+                       dynamic_batch) -> str | None:
+    """The ``*mask*`` input of a per-token output ``[N, L, C]`` where it demonstrably marks the
+    padding with 1 (torch's ``src_key_padding_mask``): the outputs at the positions it marks 0
+    ignore the tokens it marks 1, and not the other way round. ``--pool mean`` then averages
+    where it is 0; elsewhere (the attention-mask convention, or nothing checkable) where it is 1.
+    """
+    mask, length = _candidate(traced, shapes)
     if mask is None:
         return None
+    if _ignores(traced, shapes, bounds, dynamic_batch, mask, length, ones_real=True,
+                per_token=True):
+        return None
+    if _ignores(traced, shapes, bounds, dynamic_batch, mask, length, ones_real=False,
+                per_token=True):
+        return mask
+    return None
+
+
+def _ignores(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch, mask: str,
+             length: int, ones_real: bool = True, per_token: bool = False) -> bool:
+    """Whether two runs that differ only at the positions ``mask`` marks as padding (0 where
+    ``ones_real``, else 1) give the same outputs (``per_token``: the same outputs at the real
+    positions of a [N, L, ...] output)."""
     model = copy.deepcopy(traced.model)
     dynamic_batch(model, traced.inputs + traced.outputs)
     rng = np.random.default_rng(0)
@@ -52,9 +79,9 @@ def padding_mask(traced: Traced, shapes: Shapes, bounds: dict[str, int],
         dims = [_ROWS, *shapes.of(name)[1:]]
         dtype = _NP.get(shapes.dtype.get(name))
         if dtype is None:
-            return None
+            return False
         if name == mask:
-            feeds_a[name] = feeds_b[name] = real.astype(dtype)
+            feeds_a[name] = feeds_b[name] = (real if ones_real else ~real).astype(dtype)
             continue
         a, b = _draw(rng, dims, dtype, bounds.get(name)), _draw(rng, dims, dtype, bounds.get(name))
         pad = ~real.reshape(_ROWS, length, *([1] * (len(dims) - 2)))
@@ -67,14 +94,18 @@ def padding_mask(traced: Traced, shapes: Shapes, bounds: dict[str, int],
         out_a = sess.run(None, feeds_a)
         out_b = sess.run(None, feeds_b)
     except Exception:  # noqa: BLE001 - a model onnxruntime cannot run here keeps no mask
-        return None
+        return False
     for x, y in zip(out_a, out_b, strict=True):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if per_token:
+            if x.shape[:2] != real.shape:
+                return False
+            x, y = x[real], y[real]
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-            return None
+            return False
         if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * (1.0 + float(np.abs(x).max(initial=0.0))):
-            return None
-    return mask, length
+            return False
+    return True
 
 
 def pinned_lengths(traced: Traced, shapes: Shapes, layers, found: tuple[str, int] | None,

@@ -939,3 +939,60 @@ def test_a_frozen_head_leaves_the_trained_layers_compressible(tmp_path):
                  "--trainable", trainable, "--out", out))
         layers = json.loads((out / "manifest.json").read_text())["instant"]["layers"]
         assert [la["name"] for la in layers] == want, (trainable, layers)
+
+
+PADDING_FIRST = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):  # torch's convention: padding_mask is True where a token is padding
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(
+                16, 2, 32, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False)
+            self.head = nn.Linear(16, 16)  # a module of its own named as the new classifier
+
+        def forward(self, input_ids, padding_mask):
+            return self.head(self.enc(self.emb(input_ids), src_key_padding_mask=padding_mask))
+
+    def make():
+        torch.manual_seed(0)
+        return Encoder().eval()
+''')
+
+
+def test_a_new_head_pools_the_real_tokens_of_a_padding_mask_and_takes_free_names(tmp_path):
+    """``--head 2 --pool mean`` on an encoder whose ``padding_mask`` is 1 at the padding (torch's
+    ``src_key_padding_mask``): checked at export, the mean runs over the tokens it marks 0 (was:
+    over the padding, and a row without padding pooled nothing); the model's own ``head``
+    module keeps its name and trains beside the new ``new_head`` (was: a refusal)."""
+    import onnxruntime as ort
+    import torch
+
+    (tmp_path / "enc.py").write_text(PADDING_FIRST)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 50, (4, 10)).astype(np.int64)
+    pad = np.zeros((4, 10), bool)
+    for i, k in enumerate((3, 6, 10, 8)):
+        pad[i, k:] = True
+    np.savez(tmp_path / "ex.npz", input_ids=ids, padding_mask=pad)
+    out = _ok(_cli("export", "--model", f"{tmp_path / 'enc.py'}:make", "--npz",
+                   tmp_path / "ex.npz", "--head", 2, "--pool", "mean", "--out", tmp_path / "b"))
+    assert "input 'padding_mask' marks the padding with 1" in out, out
+    names = [p["name"] for p in json.loads((tmp_path / "b" / "manifest.json").read_text())
+             ["params"]]
+    assert {"head.weight", "new_head.weight", "new_head.bias"} <= set(names), names
+    _ok(_cli("export-model", tmp_path / "b", "--out", tmp_path / "m.onnx"))
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(
+        None, {"input_ids": ids, "padding_mask": pad})[0]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import enc
+    finally:
+        sys.path.remove(str(tmp_path))
+    h = enc.make()(torch.from_numpy(ids), torch.from_numpy(pad)).detach().numpy()
+    p = np.load(tmp_path / "b" / "params.npz")
+    real = (~pad).astype(np.float32)[..., None]
+    want = (h * real).sum(1) / real.sum(1) @ p["new_head.weight"].T + p["new_head.bias"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
