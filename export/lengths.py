@@ -147,8 +147,9 @@ def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokeni
                   lookups, tables, loss_spec, output) -> bool:
     """Whether the forward at ``length`` gives the full-length forward's loss and output on the
     tokenizer's encodings of the sentences that fit ``length`` (padded positions zero, as the
-    runtime feeds them)."""
-    from .any_length import _encodings
+    runtime feeds them), at the initial weights and at weights moved as training could move
+    them (any_length.py ``moved``)."""
+    from .any_length import _encodings, moved
     from .any_length import ort_session as session
     from .prefix import run_graph
 
@@ -163,29 +164,32 @@ def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokeni
     mask = feeds[text.mask_input]
     n = len(rows)
     keep = int(mask.sum(1).max())
-
-    def run(sess, x, outs):
-        return run_graph(sess, x, outs, n, lookups, tables, initial, loss_spec)
-
     tokens = set(text.token_inputs)
     trimmed = {k: (np.ascontiguousarray(v[:, :keep]) if k in tokens else v)
                for k, v in feeds.items()}
-    pre = run(session(prefix_graph), trimmed, list(carried)) if carried else []
-    got = []
-    for size in (text.seq_len, length):
-        x = {k: (np.ascontiguousarray(v[:, :size]) if k in tokens else v)
-             for k, v in feeds.items()}
-        for (t, axis), a in zip(carried.items(), pre, strict=True):
-            if axis >= 0:
-                pad = [(0, 0)] * a.ndim
-                pad[axis] = (0, size - a.shape[axis])
-                a = np.pad(a, pad) * (mask[:, :size] != 0).reshape(
-                    [n] + [size if i == axis else 1 for i in range(1, a.ndim)])
-            x[t] = a
-        got.append(run(session(full_forward if size == text.seq_len else cut), x,
-                       [names.LOSS, output]))
-    for a, b in zip(*got, strict=True):
-        scale = 1.0 + float(np.abs(a).max())
-        if a.shape != b.shape or float(np.abs(a - b).max()) > 1e-4 * scale:
-            return False
+    sessions = {size: session(full_forward if size == text.seq_len else cut)
+                for size in (text.seq_len, length)}
+    pre_sess = session(prefix_graph) if carried else None
+    for values in (initial, moved(initial)):
+
+        def run(sess, x, outs, values=values):
+            return run_graph(sess, x, outs, n, lookups, tables, values, loss_spec)
+
+        pre = run(pre_sess, trimmed, list(carried)) if carried else []
+        got = []
+        for size, sess in sessions.items():
+            x = {k: (np.ascontiguousarray(v[:, :size]) if k in tokens else v)
+                 for k, v in feeds.items()}
+            for (t, axis), a in zip(carried.items(), pre, strict=True):
+                if axis >= 0:
+                    pad = [(0, 0)] * a.ndim
+                    pad[axis] = (0, size - a.shape[axis])
+                    a = np.pad(a, pad) * (mask[:, :size] != 0).reshape(
+                        [n] + [size if i == axis else 1 for i in range(1, a.ndim)])
+                x[t] = a
+            got.append(run(sess, x, [names.LOSS, output]))
+        for a, b in zip(*got, strict=True):
+            scale = 1.0 + float(np.abs(a).max())
+            if a.shape != b.shape or float(np.abs(a - b).max()) > 1e-4 * scale:
+                return False
     return True

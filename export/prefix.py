@@ -226,49 +226,51 @@ def run_graph(sess, x: dict[str, np.ndarray], outs: list[str], n: int, lookups: 
 def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, loss,
            output) -> dict[str, int] | None:
     """Token axis of each carried tensor, or None when the cut forward fed from the trimmed
-    prefix does not give the uncut forward's outputs on padded text."""
-    from .any_length import _encodings
+    prefix does not give the uncut forward's outputs on padded text, at the initial weights
+    and at weights moved as training could move them (any_length.py ``moved``)."""
+    from .any_length import _encodings, moved
     from .any_length import ort_session as session
 
     feeds = _encodings(text, tokenizer)
     if feeds is None:
         return None
     n = len(next(iter(feeds.values())))
-
-    def run(sess, x, outs):
-        return run_graph(sess, x, outs, n, lookups, tables, initial, loss)
-
-    whole = run(session(fwd), feeds, [output])[0]
+    sessions = session(fwd), session(graph), session(cut)
     keep = int(feeds[text.mask_input].sum(1).max())
     trimmed = {k: (np.ascontiguousarray(v[:, :keep]) if k in text.token_inputs else v)
                for k, v in feeds.items()}
-    psess = session(graph)
-    pre = run(psess, trimmed, carried)
     shorter = {k: (np.ascontiguousarray(v[:, :max(2, keep // 2)]) if k in text.token_inputs
                    else v) for k, v in feeds.items()}
-    pre2 = run(psess, shorter, carried)
-    axes = {}
-    padded = dict(feeds)
     mask = feeds[text.mask_input] != 0
-    for t, a, b in zip(carried, pre, pre2, strict=True):
-        if a.ndim != b.ndim or a.ndim < 1 or a.shape[0] != n:
-            return None  # the runtime pads along axis 1+ of tensors with a batch axis 0
-        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
-        if len(diff) > 1 or diff == [0]:
-            return None
-        axis = diff[0] if diff else -1
-        if axis >= 0:
-            if a.shape[axis] != keep:
+    axes = {}
+    for values in (initial, moved(initial)):
+
+        def run(sess, x, outs, values=values):
+            return run_graph(sess, x, outs, n, lookups, tables, values, loss)
+
+        whole = run(sessions[0], feeds, [output])[0]
+        pre = run(sessions[1], trimmed, carried)
+        pre2 = run(sessions[1], shorter, carried)
+        padded = dict(feeds)
+        for t, a, b in zip(carried, pre, pre2, strict=True):
+            if a.ndim != b.ndim or a.ndim < 1 or a.shape[0] != n:
+                return None  # the runtime pads along axis 1+ of tensors with a batch axis 0
+            diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
+            if len(diff) > 1 or diff == [0]:
                 return None
-            pad = [(0, 0)] * a.ndim
-            pad[axis] = (0, text.seq_len - keep)
-            # as the runtime feeds it: zero at every masked position, not only past ``keep``
-            a = np.pad(a, pad) * mask.reshape(
-                [n] + [text.seq_len if i == axis else 1 for i in range(1, a.ndim)])
-        axes[t] = axis
-        padded[t] = a
-    got = run(session(cut), padded, [output])[0]
-    scale = 1.0 + float(np.abs(whole).max())
-    if got.shape != whole.shape or float(np.abs(got - whole).max()) > 1e-4 * scale:
-        return None
+            axis = diff[0] if diff else -1
+            if axis >= 0:
+                if a.shape[axis] != keep:
+                    return None
+                pad = [(0, 0)] * a.ndim
+                pad[axis] = (0, text.seq_len - keep)
+                # as the runtime feeds it: zero at every masked position, not only past ``keep``
+                a = np.pad(a, pad) * mask.reshape(
+                    [n] + [text.seq_len if i == axis else 1 for i in range(1, a.ndim)])
+            axes[t] = axis
+            padded[t] = a
+        got = run(sessions[2], padded, [output])[0]
+        scale = 1.0 + float(np.abs(whole).max())
+        if got.shape != whole.shape or float(np.abs(got - whole).max()) > 1e-4 * scale:
+            return None
     return axes

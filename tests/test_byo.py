@@ -996,3 +996,65 @@ def test_a_new_head_pools_the_real_tokens_of_a_padding_mask_and_takes_free_names
     real = (~pad).astype(np.float32)[..., None]
     want = (h * real).sum(1) / real.sum(1) @ p["new_head.weight"].T + p["new_head.bias"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+GATED = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Gated(nn.Module):  # a masked mean, plus a zero-initialised gate on an unmasked mean
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30522, 16)
+            self.lin = nn.Linear(16, 16)
+            self.gate = nn.Parameter(torch.zeros(16))
+            self.fc = nn.Linear(16, 2)
+
+        def forward(self, input_ids, attention_mask):
+            h = torch.relu(self.lin(self.emb(input_ids)))
+            m = attention_mask.unsqueeze(-1).float()
+            return self.fc((h * m).sum(1) / m.sum(1) + self.gate * h.mean(1))
+
+    def make():
+        torch.manual_seed(0)
+        return Gated().eval()
+''')
+
+
+def test_a_model_that_ignores_its_padding_only_at_its_initial_weights_stays_padded(tmp_path):
+    """The gate is 0 at export, so the output ignores the padding there, but not once it
+    trains: the padding checks also run at moved weights, so the bundle keeps no frozen
+    prefix, no shorter graphs and no any-length graph (was: all three, and the gate's gradient
+    came from a mean over each micro-batch's cut length, one entry with the wrong sign)."""
+    import torch
+    from helpers import make_trainer
+    from tokenizers import Tokenizer
+
+    from runtime.trainer import ArrayBatch
+
+    (tmp_path / "gated.py").write_text(GATED)
+    _ok(_cli("export", "--model", f"{tmp_path / 'gated.py'}:make", "--tokenizer", _tokenizer(),
+             "--input-shape", "8,32:int64;8,32:int64", "--trainable", "gate,fc.*", "--out",
+             tmp_path / "b"))
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m.get("prefix") is None and not m["text"]["lengths"], (m.get("prefix"), m["text"])
+    assert m["text"]["any_length"] is False
+    tok = Tokenizer.from_file(str(_tokenizer()))
+    tok.enable_truncation(max_length=32)
+    tok.enable_padding(length=32)
+    enc = tok.encode_batch(["a good film", "bad", "one of the worst things i have seen this "
+                            "year, truly", "fine", "it was okay i guess", "great"])
+    ids = np.array([e.ids for e in enc], np.int64)
+    mask = np.array([e.attention_mask for e in enc], np.int64)
+    y = np.array([1, 0, 0, 1, 1, 1], np.int64)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import gated
+    finally:
+        sys.path.remove(str(tmp_path))
+    net = gated.make()
+    torch.nn.functional.cross_entropy(net(torch.from_numpy(ids), torch.from_numpy(mask)),
+                                      torch.from_numpy(y)).backward()
+    tr = make_trainer(tmp_path / "b", mode="vanilla", micro_batch=3)
+    tr.gradients(ArrayBatch({"input_ids": ids, "attention_mask": mask}, y))
+    np.testing.assert_allclose(tr._grads["gate"], net.gate.grad.numpy(), rtol=1e-3, atol=1e-7)
