@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
-# Pretrained MiniLM-L6 fine-tuned on Rotten Tomatoes under --budget 256MB (~2 min on 2 cores
-# after set-up, export included: 106 s in one run).
+# Pretrained MiniLM-L6 fine-tuned on Rotten Tomatoes under --budget 256MB (~1-1.5 min on 2 cores
+# after set-up, export included: 58.2-77.5 s in fresh clones of sessions 21-24, 67.0 s in
+# session 24, up to 106.2 s on a slow hour of session 16; docs/measurements.md).
 demo: $(VENV)/.installed
 	$(PY) -m runtime.demo
 
