@@ -234,8 +234,9 @@ class Checkpointer:
 
 def _open_regular(path: Path) -> int:
     """An O_RDONLY descriptor of ``path``, which must be a regular file. O_NONBLOCK: opening a
-    FIFO in its place would otherwise wait for a writer forever (it is refused instead)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    FIFO in its place would otherwise wait for a writer forever (it is refused instead);
+    O_NOFOLLOW: a run's file is never read through a link (OSError ELOOP)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"'{path}' is not a regular file")

@@ -92,25 +92,38 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
                      seed=getattr(a, "seed", 0), class_names=class_names, training=training)
 
 
-def _resumed_class_names(out: Path) -> list[str] | None:
+def _resumed_class_names(out: Path, bundle) -> list[str] | None:
     """The label map a run folder recorded (``--resume`` keeps the same class ids)."""
-    from .run_folder import json_object
+    from .run_folder import run_class_names
 
-    names = json_object(out / "run.json").get("class_names")
-    return names if isinstance(names, list) else None
+    return run_class_names(out, bundle)
 
 
 def _run_seed(out: Path) -> int:
-    """The ``--seed`` a run folder recorded (0 when it has none)."""
+    """The ``--seed`` a run folder recorded (0 when it has none).
+
+    Raises:
+        UserError: a seed that is not one ``train --seed`` takes (a tampered run.json).
+    """
+    import json
+
+    from .config import TrainConfig
+    from .errors import UserError
     from .run_folder import json_object
 
-    seed = json_object(out / "run.json").get("seed")
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+    seed = json_object(out / "run.json").get("seed", 0)
+    try:
+        TrainConfig(seed=seed)  # train's own check
+    except UserError:
+        raise UserError(f"{out / 'run.json'}: seed {json.dumps(seed)[:40]} is not a non-negative "
+                        "integer; pass --seed N, or put back the run's own run.json") from None
+    return seed
 
 
 def _add_instant_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="instant", choices=["instant", "vanilla"],
-                   help="instant: INSTANT compressed backward; vanilla: exact (default instant)")
+    p.add_argument("--mode", default=None, choices=["instant", "vanilla"],
+                   help="instant: INSTANT compressed backward; vanilla: exact (default instant, "
+                        "vanilla for a bundle without INSTANT layers)")
     p.add_argument("--energy", type=float, default=None,
                    help="INSTANT energy threshold ε (default: the bundle's, 0.95 unless export "
                         "set it)")
@@ -342,7 +355,13 @@ def _train_config(a, bundle, prof, optim=None):
         calib_samples=getattr(a, "calib_samples", None), rank_policy=policy,
         flop_ratio=a.flop_ratio, variance=a.variance, saved_ratio=a.saved_ratio,
         flop_cap_min=0.0 if a.flop_ratio is not None else None)  # an explicit cap always binds
-    return TrainConfig(mode=a.mode, optim=optim or OptimConfig(), instant=instant,
+    if a.mode == "instant" and not bundle.layers:  # (the default trains it exactly)
+        from .errors import UserError
+
+        raise UserError(f"--mode instant: bundle '{bundle.path}' has no INSTANT layer (modes: "
+                        f"{', '.join(bundle.modes)}); pass --mode vanilla or leave --mode out, "
+                        "or re-export it with layers to compress (export --instant-exclude)")
+    return TrainConfig(mode=a.mode or "instant", optim=optim or OptimConfig(), instant=instant,
                        session=_session_config(a, prof, log=print), seed=getattr(a, "seed", 0))
 
 
@@ -618,7 +637,8 @@ def _cmd_train(a) -> int:
     from .run_folder import bundle_run
 
     out = Path(a.out) if a.out is not None else bundle_run(bundle.path)
-    data = _load_data(a, bundle, class_names=_resumed_class_names(out) if a.resume else None)
+    data = _load_data(a, bundle, class_names=_resumed_class_names(out, bundle) if a.resume
+                      else None)
     trainer = Trainer(bundle, cfg)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
                                          getattr(data, "class_names", None), a.val_split))
@@ -658,7 +678,7 @@ def _cmd_eval(a) -> int:
     from .bundle import open_bundle
     from .config import OptimConfig, TrainConfig
     from .errors import UserError
-    from .export_model import run_weights
+    from .export_model import run_weights, trained_weights
     from .memory import peak_rss
     from .sessions import use_arena
     from .trainer import Trainer
@@ -668,7 +688,7 @@ def _cmd_eval(a) -> int:
     budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
     weights = Path(a.weights) if a.weights else None
-    from .run_folder import bundle_run
+    from .run_folder import bundle_run, check_run_links
 
     run_src = None  # the run folder the weights were picked from
     if weights is None and bundle_run(bundle.path).is_dir():
@@ -676,14 +696,7 @@ def _cmd_eval(a) -> int:
         weights = run_weights(run_src)
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
         run_src = weights
-        found = run_weights(weights)
-        if found is None:
-            from .run_folder import set_aside_hint
-
-            raise UserError(f"--weights '{weights}' is a folder without params.npz or a "
-                            "checkpoint; pass a run folder, its params.npz, or one of its "
-                            f"checkpoints{set_aside_hint(weights)}")
-        weights = found
+        weights = trained_weights(weights, "--weights")
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' "
                             + ("is not a regular file; pass a .npz file or a run folder"
@@ -694,9 +707,12 @@ def _cmd_eval(a) -> int:
     # --val-split holds out the rows the run held out: its seed, unless --seed says otherwise
     run_dir = None if weights is None else (
         weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent)
-    if a.seed is None:
-        a.seed = _run_seed(run_dir) if run_dir is not None else 0
-    data = _load_data(a, bundle, class_names=_resumed_class_names(run_dir)
+    if run_dir is not None:
+        check_run_links(run_dir)
+    if a.seed is None:  # (the seed only draws a --val-split)
+        a.seed = _run_seed(run_dir) if run_dir is not None and a.val_split is not None else 0
+    TrainConfig(seed=a.seed)  # as train's --seed
+    data = _load_data(a, bundle, class_names=_resumed_class_names(run_dir, bundle)
                       if run_dir is not None else None, training=False)
     # SGD with momentum: one buffer a tensor (the gradient adds into it), the least any
     # optimizer allocates; evaluation never steps
@@ -874,6 +890,9 @@ def _cmd_export_model(a) -> int:
     r = export_model(a.source, a.out, weights=a.weights, bundle=a.bundle, overwrite=a.overwrite)
     print(f"model written to {r.onnx_path} ({r.params} trained tensors from {r.weights})"
           + (f", external data {r.external_data}" if r.external_data else ""))
+    if r.bundle_from_run:  # (a run folder from elsewhere may name any bundle)
+        print(f"bundle: {os.path.normpath(r.bundle_from_run)}, as "
+              f"{Path(a.source) / 'run.json'} names it (--bundle DIR picks another)")
     if r.labels_path:
         print(f"class names written to {r.labels_path}")
     if r.tokenizer_path:

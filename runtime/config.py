@@ -49,6 +49,9 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
 
     if budget is None:
         return
+    if budget < 1_000_000 and given is None:  # the profile's own
+        raise UserError(f"{prof.source}: default_budget {budget:,} bytes is below 1 MB: no "
+                        "training process fits in it; set e.g. 256MB there, or pass --budget")
     if budget < 1_000_000:
         raise UserError(f"--budget {given} is below 1 MB: no training process fits in it; "
                         "pass e.g. 256MB (`instant-runtime plan` states the minimum)")

@@ -20,7 +20,7 @@ import numpy as np
 from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
-from .run_folder import bundle_run, json_object
+from .run_folder import bundle_run, check_run_links, json_object, run_class_names
 
 __all__ = ["ExportResult", "export_model", "resolve_source"]
 
@@ -38,6 +38,7 @@ class ExportResult:
     labels_path: Path | None = None
     tokenizer_path: Path | None = None
     from_onnx_file: bool = False  # the bundle was exported from an .onnx file
+    bundle_from_run: Path | None = None  # the bundle, where the run's run.json named it
 
 
 def resolve_source(source: str | Path, weights: str | Path | None = None,
@@ -51,6 +52,7 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     if weights is not None:  # the run of a checkpoint or params file given with --weights
         wp = Path(weights)
         run_dir = wp.parent.parent if wp.parent.name == "checkpoints" else wp.parent
+        check_run_links(run_dir)
     meta = json_object(run_dir / "run.json") if run_dir is not None else {}
     src_weights = run_weights(src)
     want = meta.get("bundle_sha256") if isinstance(meta.get("bundle_sha256"), str) else None
@@ -86,8 +88,8 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
             raise UserError(f"weights file '{w}' "
                             + ("is not a regular file; pass a .npz file or a run folder"
                                if w.exists() else "not found"))
-    elif src != bdir and src_weights is not None:
-        w = src_weights
+    elif run_dir is not None:  # a run's trained weights, never the bundle's initial ones
+        w = trained_weights(src, "run")
     elif bundle_run(bdir).is_dir() and (w := run_weights(bdir / "run")) is not None:
         pass
     elif (bdir / "params.npz").is_file():
@@ -98,13 +100,35 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     return b, w
 
 
+def trained_weights(run: Path, what: str) -> Path:
+    """:func:`run_weights` of a folder given as a run (``what``: the option that named it).
+
+    Raises:
+        UserError: it holds neither params.npz nor a checkpoint (a probe's export-model wrote
+            the bundle's initial weights, saying "6 trained tensors").
+    """
+    found = run_weights(run)
+    if found is None:
+        from .run_folder import set_aside_hint
+
+        raise UserError(f"{what} '{run}' is a folder without params.npz or a checkpoint; pass a "
+                        "run folder, its params.npz, or one of its checkpoints"
+                        f"{set_aside_hint(run)}")
+    return found
+
+
 def run_weights(run: Path) -> Path | None:
     """A run folder's trained weights: its ``params.npz``, or, for a run stopped before its
     end (Ctrl-C, a crash; also a finished run resumed for more steps and stopped: params.npz
     is then older than its newest checkpoint), its newest checkpoint; None when it has
-    neither."""
+    neither.
+
+    Raises:
+        UserError: a symbolic link among the run's files (``check_run_links``).
+    """
     from .checkpoint import newest_checkpoint
 
+    check_run_links(run)
     newest = newest_checkpoint(run / "checkpoints")
     params = run / "params.npz"
     if params.is_file():
@@ -429,8 +453,10 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     for t in targets:  # a replaced export's companion this model has none of (--overwrite)
         if t not in written and t.exists():
             t.unlink()
+    src = Path(source)
     return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path,
-                        str(b.manifest.source).lower().endswith(".onnx"))
+                        str(b.manifest.source).lower().endswith(".onnx"),
+                        None if bundle is not None or b.path in (src, src.parent) else b.path)
 
 
 def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:
@@ -464,7 +490,5 @@ def _class_names(b: Bundle, weights: Path) -> list[str] | None:
     folder = Path(weights).parent
     if folder.name == "checkpoints" and not (folder / "run.json").exists():
         folder = folder.parent
-    names_ = json_object(folder / "run.json").get("class_names")
-    if isinstance(names_, list) and all(isinstance(n, str) for n in names_):
-        return names_
-    return b.manifest.class_names
+    names_ = run_class_names(folder, b)
+    return names_ if names_ is not None else b.manifest.class_names

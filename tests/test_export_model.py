@@ -228,3 +228,19 @@ def test_safetensors_of_a_torch_onnx_file_load_into_the_torch_module(cli, tmp_pa
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
     with torch.no_grad():
         np.testing.assert_allclose(fresh(x).numpy(), net(x).numpy(), atol=1e-6)
+
+
+def test_the_bundle_a_run_json_names_is_said(mlp_head_bundle, cli, tmp_path):
+    """A run folder may come from elsewhere and its run.json name any bundle (a probe's: the
+    path was followed without a word); the bundle found through it is named on its own line."""
+    run = tmp_path / "elsewhere" / "run1"
+    r = cli("train", mlp_head_bundle, "--data", "digits", "--steps", 2, "--out", run,
+            "--no-progress", "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    r = cli("export-model", run, "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    said = [ln for ln in r.stdout.splitlines() if ln.startswith("bundle: ")]
+    assert said == [f"bundle: {mlp_head_bundle}, as {run / 'run.json'} names it (--bundle DIR "
+                    "picks another)"], r.stdout
+    r = cli("export-model", run, "--bundle", mlp_head_bundle, "--out", tmp_path / "n.onnx")
+    assert r.returncode == 0 and "bundle: " not in r.stdout, r.stdout

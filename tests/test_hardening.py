@@ -852,6 +852,128 @@ def _(c):
     return ["export-model", str(c.bundle), "--out", str(c.tmp / "new") + "/."]
 
 
+# --- a run folder is untrusted data, as a bundle is -------------------------------------------
+def _run_of(c: Ctx, **meta) -> Path:
+    """c.tmp/run: the bundle's params.npz and a run.json of ``meta`` (no training)."""
+    run = c.tmp / "run"
+    run.mkdir()
+    shutil.copy(c.bundle / "params.npz", run / "params.npz")
+    (run / "run.json").write_text(json.dumps({"format": "instant-runtime-run", **meta}))
+    return run
+
+
+def _export_run(run: Path, c: Ctx) -> list[str]:
+    return ["export-model", str(run), "--bundle", str(c.bundle), "--out", str(c.tmp / "m.onnx")]
+
+
+def _eval_run(c: Ctx, weights: Path, *extra: str) -> list[str]:
+    return ["eval", str(c.bundle), "--data", "digits", "--weights", str(weights), "--threads",
+            "1", *extra]
+
+
+# a probe's run.json of 5,000,000 class names (75 MB): eval under --budget 120MB peaked at 487 MB,
+# export-model wrote them all into a labels.json for a 10-class model
+for _cmd in ("eval", "export-model", "resume"):
+    case(f"{_cmd}-of-a-run-json-over-a-megabyte", "run.json has", "more than a run's run.json "
+         "can have", "put back the run's own run.json")(
+        lambda c, cmd=_cmd: _tampered_run(c, cmd, class_names=["x" * 10] * 100_000))
+    case(f"{_cmd}-of-a-run-json-with-11-class-names", "class_names holds 11 names for a "
+         "10-class model", "put back the run's own run.json")(
+        lambda c, cmd=_cmd: _tampered_run(c, cmd, class_names=[str(i) for i in range(11)]))
+
+
+def _tampered_run(c: Ctx, cmd: str, **fields) -> list[str]:
+    run = _trained(c) if cmd == "resume" else _run_of(c)
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, **fields}))
+    return {"eval": _eval_run(c, run, "--budget", "120MB"), "export-model": _export_run(run, c),
+            "resume": _train(c, "--resume", "--steps", "4")}[cmd]
+
+
+@case("export-model-of-a-run-folder-without-weights", "'", "is a folder without params.npz "
+      "or a checkpoint", "pass a run folder, its params.npz")
+def _(c):
+    """A probe's: a run folder holding only run.json exported the bundle's initial weights,
+    saying "6 trained tensors from BUNDLE/params.npz" (eval refused it)."""
+    (_run_of(c) / "params.npz").unlink()
+    return _export_run(c.tmp / "run", c)
+
+
+@case("export-model-of-a-run-folder-with-a-checkpoint-without-pointer",
+      "is a folder without params.npz or a checkpoint")
+def _(c):
+    run = _run_of(c)
+    (run / "params.npz").unlink()
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-000030.npz").write_bytes(b"PK\x03\x04 cut short")
+    return _export_run(run, c)
+
+
+@case("eval-negative-seed", "--seed -1 is invalid", "at least 0")
+def _(c):
+    """A probe's: ValueError traceback from numpy's generator."""
+    return ["eval", str(c.bundle), "--data", str(_digits_npz(c.tmp / "d.npz")), "--val-split",
+            "0.5", "--seed", "-1", "--threads", "1"]
+
+
+for _seed in (-1, 1.5, "7", None):  # -1: a traceback; the others: silently seed 0
+    case(f"eval-run-json-seed-{_seed}", "run.json: seed", "is not a non-negative integer",
+         "pass --seed N")(lambda c, v=_seed: [
+             *_eval_run(c, _run_of(c, seed=v)), "--data", str(_digits_npz(c.tmp / "d.npz")),
+             "--val-split", "0.5"])
+
+
+def _linked_run(c: Ctx, name: str) -> Path:
+    """A trained run whose file ``name`` (a checkpoint, the checkpoints folder, params.npz,
+    run.json, metrics.jsonl) is a link to a copy of itself outside the run folder."""
+    run = _trained(c)
+    if name.startswith("checkpoints/ckpt") or name == "checkpoints":
+        (run / "params.npz").unlink()  # the checkpoint is what eval and export-model read
+    if name.startswith("checkpoints/ckpt"):
+        name = f"checkpoints/{sorted((run / 'checkpoints').glob('ckpt-*.npz'))[-1].name}"
+    outside = c.tmp / "elsewhere"
+    outside.mkdir()
+    target = outside / Path(name).name
+    shutil.move(str(run / name), target)
+    (run / name).symlink_to(target.resolve())
+    return run
+
+
+for _name, _cmds in [("checkpoints/ckpt", ("eval", "export-model")),
+                     ("checkpoints", ("eval", "export-model")),
+                     ("params.npz", ("eval", "export-model", "eval-file")),
+                     ("run.json", ("eval", "export-model", "resume")),
+                     ("metrics.jsonl", ("resume",))]:
+    for _cmd in _cmds:  # a probe's: eval read, and export-model copied out, a linked checkpoint
+        case(f"{_cmd}-of-a-run-whose-{_name.replace('/', '-')}-is-a-link", "is a symbolic link",
+             "never read through a link", "cp -L")(
+            lambda c, n=_name, cmd=_cmd: _read_linked_run(c, n, cmd))
+
+
+def _read_linked_run(c: Ctx, name: str, cmd: str) -> list[str]:
+    run = _linked_run(c, name)
+    return {"eval": _eval_run(c, run), "eval-file": _eval_run(c, run / "params.npz"),
+            "export-model": _export_run(run, c),
+            "resume": _train(c, "--resume", "--steps", "4")}[cmd]
+
+
+@case("profile-default-budget-below-1mb", "dev.toml: default_budget 100,000 bytes is below 1 MB",
+      "or pass --budget")
+def _(c):
+    """A probe's: "--budget None is below 1 MB", an option never given."""
+    _profile(c, "10")
+    p = c.tmp / "dev.toml"
+    p.write_text(p.read_text().replace('default_budget = "1GB"', 'default_budget = "0.1MB"'))
+    return [*_train(c), "--profile", str(p)]
+
+
+for _cmd in ("train", "plan"):  # a probe's: trained vanilla, and plan said "instant"
+    case(f"{_cmd}-mode-instant-on-a-bundle-without-instant-layers", "--mode instant: bundle",
+         "has no INSTANT layer", "pass --mode vanilla or leave --mode out")(
+        lambda c, cmd=_cmd: [*(_train(c) if cmd == "train" else ["plan", str(c.bundle)]),
+                             "--mode", "instant"])
+
+
 # ------------------------------------------------------------------------------ the test
 @pytest.fixture
 def ctx(mlp_head_bundle, mlp_bundle, tmp_path) -> Ctx:
@@ -1191,3 +1313,15 @@ def test_without_proc_the_memory_reading_is_one_line(monkeypatch):
     monkeypatch.setattr(psutil, "Process", gone)
     with pytest.raises(UserError, match="/proc is not mounted"):
         memory.current_rss()
+
+
+def test_run_json_is_never_read_through_a_link(tmp_path):
+    """Whoever reads a run's run.json (eval, export-model, a resume) gets a refusal for a link,
+    never the file it points to nor a silent {} (checked before any other file of the run)."""
+    from runtime.errors import UserError
+    from runtime.run_folder import json_object
+
+    (tmp_path / "elsewhere.json").write_text('{"seed": 3}')
+    (tmp_path / "run.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(UserError, match="run.json is a symbolic link"):
+        json_object(tmp_path / "run.json")
