@@ -807,6 +807,7 @@ def _cmd_plan(a) -> int:
                             "you will train on)")
         data = _load_data(a, bundle)
         tr = Trainer(bundle, cfg)
+        from . import run  # noqa: F401 - train's code loaded: the plan measures train's base
         plan = _plan(tr, data, min(a.batch, len(data)), budget, None, print)
         if tr.mode == "instant":
             from .run import ShrinkGuard

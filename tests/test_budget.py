@@ -531,3 +531,33 @@ def test_a_data_error_in_a_planning_probe_is_the_users_one_line(mlp_bundle, run_
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0] == "error: image cat/1.png cannot be decoded (the test); fix or remove it"
+
+
+_MODULES_AT_PLAN = """
+import json, sys
+import runtime.budget as budget
+real = budget._probe_plan
+def probe_plan(*args, **kw):
+    json.dump(sorted(sys.modules), open(sys.argv[1], "w"))
+    return real(*args, **kw)
+budget._probe_plan = probe_plan
+from runtime.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_plan_measures_the_process_train_plans_in(mlp_bundle, tmp_path):
+    """``plan --budget`` holds the code ``train`` holds when the plan measures the process's
+    base (was: 1.3 MB less, and on a probe's token model plan said micro-batch 32 and ranks
+    11/1/1 where train then ran micro-batch 22 at ranks 126/101/2)."""
+    common = [str(mlp_bundle), "--data", "digits", "--budget", "200MB", "--batch", "32"]
+    mods = {}
+    for cmd, extra in (("plan", []), ("train", ["--steps", "1", "--no-progress", "--out",
+                                                str(tmp_path / "run")])):
+        r = subprocess.run([sys.executable, "-c", _MODULES_AT_PLAN, str(tmp_path / cmd), cmd,
+                            *common, *extra], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        mods[cmd] = set(json.loads((tmp_path / cmd).read_text()))
+    assert "runtime.run" in mods["train"]
+    assert not mods["train"] - mods["plan"], sorted(mods["train"] - mods["plan"])
