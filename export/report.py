@@ -50,7 +50,8 @@ class Metrics:
     evals: list[dict] = field(default_factory=list)  # sorted by step
     calibrations: list[dict] = field(default_factory=list)  # sorted by step
     plan: dict | None = None  # the last plan record
-    summary: dict | None = None  # summary.json
+    summary: dict | None = None  # summary.json (None where it is of another step)
+    stale_summary: object = None  # that summary's step count, where it was left out
     torn_last_line: bool = False
 
     @property
@@ -105,6 +106,10 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
     if not path.is_file():
         raise UserError(f"{run} has no {METRICS_FILE}; pass the --out folder of a `train` run "
                         "(every run writes RUN/metrics.jsonl)")
+    for f in (path, folder / SUMMARY_FILE):
+        if f.is_symlink():  # (a run from elsewhere: the link may lead anywhere)
+            raise UserError(f"{f} is a symbolic link: a run's files are never read through a "
+                            "link; replace it with the file itself (cp -L), or pass another run")
     try:
         size = path.stat().st_size
         if size > MAX_METRICS_BYTES:
@@ -153,13 +158,22 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
     spath = folder / SUMMARY_FILE
     if spath.is_file():
         try:
+            if spath.stat().st_size > 1 << 20:  # a run's holds ~1 KB
+                raise UserError(f"{spath} has more than 1 MiB: it is not a run's summary; delete "
+                                "it to draw the metrics alone")
             summary = json.loads(spath.read_bytes())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise UserError(f"{spath} is unreadable or corrupt ({str(exc)[:60]}); delete it to "
                             "draw the metrics alone") from None
         if not isinstance(summary, dict):
             raise UserError(f"{spath} is not a JSON object; delete it to draw the metrics alone")
-        m.summary = summary
+        # a run resumed after it finished and stopped early logs past its summary: the
+        # summary's figures (first/last loss, held-out accuracy, peak) are of another step
+        last = _step(m.steps[-1]) if m.steps else None
+        if last is None or summary.get("steps") == last:
+            m.summary = summary
+        else:
+            m.stale_summary = summary.get("steps")
     return m
 
 
@@ -378,6 +392,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             what = f"means of the first and last {k} steps" if k > 1 else "first and last step"
             line += f" ({len(m.steps)} steps, loss {first:.4f} -> {last:.4f}, {what})"
     print(line)
+    if m.stale_summary is not None:
+        print(f"note: summary.json is of step {str(m.stale_summary)[:20]} but metrics.jsonl goes "
+              f"to step {_step(m.steps[-1])} (a resumed run that stopped early); it is left out")
     if m.torn_last_line:
         print("note: the last line of metrics.jsonl was cut short (the run was killed while "
               "writing it) and is left out")

@@ -116,6 +116,22 @@ def test_resumed_run_last_record_wins_and_torn_tail_skipped(tmp_path):
     assert report.write_report(run).is_file()
 
 
+def test_a_summary_of_another_step_is_left_out(tmp_path, capsys):
+    """A finished run resumed for more steps and stopped early: metrics.jsonl goes past the
+    summary.json of its first end, whose figures (first and last loss, held-out accuracy, peak)
+    are of another step: left out and said (was: printed and drawn as the run's)."""
+    run = _write_run(tmp_path / "run", _records(60), {**SUMMARY, "loss_first": 2.0,
+                                                      "loss_last": 0.9, "loss_window": 4})
+    m = report.read_metrics(run)
+    assert m.summary is None and m.stale_summary == 40
+    assert report.cmd_report(argparse.Namespace(run=str(run), out=None, overwrite=False)) == 0
+    out = capsys.readouterr().out
+    assert "60 steps, loss 2.0000 -> 0.5856" in out and "0.9000" not in out, out
+    assert "summary.json is of step 40 but metrics.jsonl goes to step 60" in out, out
+    _write_run(tmp_path / "whole", _records(40), SUMMARY)
+    assert report.read_metrics(tmp_path / "whole").summary == SUMMARY
+
+
 @pytest.mark.parametrize("case,match", [
     ("no_run", r"run '.*' not found"),
     ("no_metrics", r"has no metrics.jsonl; pass the --out folder"),
@@ -124,6 +140,9 @@ def test_resumed_run_last_record_wins_and_torn_tail_skipped(tmp_path):
     ("not_object", r"line 1 is not a JSON object"),
     ("nothing_to_draw", r"no step, evaluation or calibration records"),
     ("bad_summary", r"summary.json is unreadable or corrupt"),
+    ("linked_metrics", r"metrics.jsonl is a symbolic link"),
+    ("linked_summary", r"summary.json is a symbolic link"),
+    ("huge_summary", r"summary.json has more than 1 MiB"),
 ])
 def test_bad_runs_are_one_line_errors(tmp_path, case, match):
     run = tmp_path / "run"
@@ -140,6 +159,17 @@ def test_bad_runs_are_one_line_errors(tmp_path, case, match):
     elif case == "bad_summary":
         _write_run(run, _records(3))
         (run / "summary.json").write_text("{not json")
+    elif case == "linked_metrics":  # a run from elsewhere: the link may lead anywhere
+        _write_run(tmp_path / "elsewhere", _records(3))
+        run.mkdir()
+        (run / "metrics.jsonl").symlink_to(tmp_path / "elsewhere" / "metrics.jsonl")
+    elif case == "linked_summary":
+        _write_run(tmp_path / "elsewhere", _records(3), SUMMARY)
+        _write_run(run, _records(3))
+        (run / "summary.json").symlink_to(tmp_path / "elsewhere" / "summary.json")
+    elif case == "huge_summary":
+        _write_run(run, _records(3))
+        (run / "summary.json").write_text(json.dumps({"class_names": ["x" * 10] * 200_000}))
     with pytest.raises(UserError, match=match) as e:
         report.write_report(run, tmp_path / "r.png")
     assert "\n" not in str(e.value)
