@@ -155,14 +155,15 @@ def check_out_path(p: Path, what: str, default: str = "") -> None:
 class RunFolder:
     """The ``--out`` folder of one run: refuses to mix two runs, checked before training.
 
-    From :meth:`prepare` to :meth:`finish`, SIGINT/SIGTERM before the run's first checkpoint (the
+    From :meth:`prepare` to :meth:`finish`, SIGINT/SIGTERM/SIGHUP (not where the process
+    ignores SIGHUP: ``nohup``) before the run's first checkpoint (the
     planning probes, loading, the first evaluation) put the folder back as it was (the run that
     ``--overwrite`` set aside, no stub of the new one), say so in one line and exit 128 + signal
     (:class:`StartupInterrupted`); once a checkpoint exists they end like an interrupted training
     (:class:`TrainingInterrupted`). Inside the training loop ``StopSignals`` takes them over.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # (HUP: a closed ssh session)
 
     def __init__(self, path: Path, identity: dict) -> None:
         self.path = Path(path)
@@ -428,6 +429,8 @@ class RunFolder:
         if threading.current_thread() is not threading.main_thread() or self._handlers:
             return
         for s in self.SIGNALS:
+            if s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN:
+                continue  # nohup: the user asked the run to outlive the terminal
             self._handlers[s] = signal.signal(s, self._on_signal)
 
     def _release_signals(self) -> None:
