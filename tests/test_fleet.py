@@ -392,7 +392,7 @@ def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
     assert "the fleet server ended the run; this client trained 0 round(s)" in client.stdout()
 
 
-def test_user_errors_are_one_line(mlp_bundle, tmp_path):
+def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     """Bad addresses, no server, a port in use and a server without clients: one ``error:``
     line, exit 2, no traceback, bounded time."""
     port = free_port()
@@ -405,6 +405,9 @@ def test_user_errors_are_one_line(mlp_bundle, tmp_path):
           "--connect-timeout", 1, "--out", tmp_path / "c"), "cannot reach a fleet server"),
         (("server", mlp_bundle, "--address", f"127.0.0.1:{port}", "--min-clients", 2,
           "--wait", 1, "--out", tmp_path / "s"), "only 0 of the 2 clients"),
+        # a bundle without INSTANT layers: an explicit --mode instant trained it exactly
+        (("client", mlp_head_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
+          "--mode", "instant", "--out", tmp_path / "c2"), "--mode instant: bundle"),
     ]
     # --out where a fleet run must not write, refused before anything runs (session 16 probe:
     # the bundle's params.npz was replaced and the bundle failed its checksum; a train run's

@@ -76,7 +76,8 @@ def _fill(f: argparse.ArgumentParser) -> None:
     c.add_argument("--weight-decay", type=float, default=None)
     c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="default adamw (its state starts from zero each round)")
-    c.add_argument("--mode", default="instant", choices=["instant", "vanilla"])
+    c.add_argument("--mode", default=None, choices=["instant", "vanilla"],
+                   help="default instant, vanilla for a bundle without INSTANT layers")
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--partition", default=None,
                    help="I/N: keep every N-th training example from the I-th (a shard per device)")

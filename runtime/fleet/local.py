@@ -116,7 +116,7 @@ class Local:
     """A bundle, this device's data and a trainer; see :func:`open_local`."""
 
     def __init__(self, bundle_path: str | Path, data_spec: str | None, *,
-                 budget: int | None = None, threads: int = 0, mode: str = "instant",
+                 budget: int | None = None, threads: int = 0, mode: str | None = None,
                  optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float | None = None,
                  seed: int = 0, out: str | Path | None = None, checkpoint_every: int = 0,
                  partition: tuple[int, int] | None = None, progress: bool = False,
@@ -136,7 +136,10 @@ class Local:
         self.checkpoint_every, self.max_nonfinite = checkpoint_every, max_nonfinite
         self.micro_batch = micro_batch
         self.out = Path(out) if out is not None else None
-        cfg = TrainConfig(mode=mode, optim=OptimConfig(name=optimizer, lr=lr,
+        if mode == "instant" and not self.bundle.layers:  # (the default trains it exactly)
+            raise UserError(f"--mode instant: bundle '{self.bundle.path}' has no INSTANT layer; "
+                            "pass --mode vanilla or leave --mode out")
+        cfg = TrainConfig(mode=mode or "instant", optim=OptimConfig(name=optimizer, lr=lr,
                                                        weight_decay=weight_decay),
                           instant=InstantConfig.from_bundle(self.bundle.manifest.instant.settings),
                           session=SessionConfig(threads=threads), seed=seed)
