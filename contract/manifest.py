@@ -27,6 +27,7 @@ from .schema import check, dump, load
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "IMAGE_STD_MIN",
     "MAX_MANIFEST_BYTES",
     "MAX_MANIFEST_VALUES",
     "FileEntry",
@@ -359,6 +360,10 @@ class PrefixSpec:
         return None
 
 
+# the smallest std an image input takes: 1/std scales every pixel (1e-45 made each inf or NaN)
+IMAGE_STD_MIN = 1e-6
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     """An image model's input as the export recorded it: pixels in [0, 1] (after /255) are
@@ -374,8 +379,8 @@ class ImageSpec:
     def validate(self) -> tuple[str, str] | None:
         if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
             return "mean", f"mean and std need 1 or {self.channels} values"
-        if any(s <= 0 for s in self.std):
-            return "std", "must be positive"
+        if any(s < IMAGE_STD_MIN for s in self.std):
+            return "std", f"must be at least {IMAGE_STD_MIN:g}"
         return None
 
 

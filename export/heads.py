@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from contract import ImageSpec, TextSpec
+from contract.manifest import IMAGE_STD_MIN, MAX_NUMBER
 
 from .graph import ExportError, Shapes
 from .tracing import Traced
@@ -210,8 +211,10 @@ def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
         if len(vals) not in (1, c):
             raise ExportError(f"{flag} gives {len(vals)} values; the model's image input has {c} "
                               "channel(s): give 1 or one per channel")
-        if not all(math.isfinite(v) and (v > 0 or not positive) for v in vals):
-            raise ExportError(f"{flag} {','.join(map(str, vals))} is invalid: values must be "
-                              "finite" + (" and positive" if positive else ""))
+        lo = IMAGE_STD_MIN if positive else -MAX_NUMBER  # (the manifest's bound: 2**53)
+        if not all(math.isfinite(v) and lo <= v <= MAX_NUMBER for v in vals):
+            raise ExportError(f"{flag} {','.join(map(str, vals))} is out of range: values must be "
+                              + (f"positive numbers from {lo:g} to 2**53 (1/std scales every "
+                                 "pixel)" if positive else "finite numbers from -2**53 to 2**53"))
     return ImageSpec(name, c, int(dims[2]), int(dims[3]), list(mean or [0.0]),
                      list(std or [1.0]))

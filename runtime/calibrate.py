@@ -308,12 +308,13 @@ class GramWindow:
                 for d, v in zip(self.dims[k], self.vectors[k], strict=True)]
         reserve(sum(h for h, _ in need) + max(t for _, t in need), "the Grams' decomposition")
         xs: dict[str, Spectrum] = {}
-        for k in self.dims:
-            if same_x.get(k, k) == k:
-                xs[k] = decompose(self.gx[k], scale, self.samples * self.vectors[k][0])
-        return {k: (xs[same_x.get(k, k)],
-                    decompose(self.gg[k], scale, self.samples * self.vectors[k][1]))
-                for k in self.dims}
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite: DegenerateGram says
+            for k in self.dims:
+                if same_x.get(k, k) == k:
+                    xs[k] = decompose(self.gx[k], scale, self.samples * self.vectors[k][0])
+            return {k: (xs[same_x.get(k, k)],
+                        decompose(self.gg[k], scale, self.samples * self.vectors[k][1]))
+                    for k in self.dims}
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {f"gram/{k}/x": self.gx[k] for k in self.dims}

@@ -37,6 +37,7 @@ from contract import UserError, atomic_write, write_text
 from .calibrate import calibration_samples
 from .checkpoint import (
     Checkpointer,
+    CheckpointWriteError,
     DamagedCheckpoint,
     StopSignals,
     TrainingInterrupted,
@@ -88,11 +89,14 @@ class Summary:
     predicted_peak: int | None = None
     guard_shrinks: int = 0
     output: str = ""
+    skipped: int = 0  # steps whose loss or gradient was not finite: no update
 
     def lines(self, trainer: Trainer) -> list[str]:
         mb = 1e6
         out = [f"mode {self.mode}: {self.steps} steps, batch {self.batch} "
-               f"(micro-batch {self.micro_batch})",
+               f"(micro-batch {self.micro_batch})"
+               + (f"; {self.skipped} of them skipped (non-finite loss or gradient: no update)"
+                  if self.skipped else ""),
                f"loss {self.loss_first:.4f} -> {self.loss_last:.4f} (means of the first and last "
                f"{self.loss_window} steps)"
                + (f", train accuracy {self.train_acc:.3f} (output '{self.output}')"
@@ -235,7 +239,8 @@ def _check_weights(trainer: Trainer, arrays: dict[str, np.ndarray], last_ckpt: P
     if bad is not None:
         if bar is not None:
             bar.close()
-        raise _diverged(bad, trainer.step_count, last_ckpt)
+        raise _diverged(trainer, f"non-finite parameters ('{bad}' holds NaN or inf) at step "
+                        f"{trainer.step_count}: training diverged", last_ckpt)
 
 
 @contextlib.contextmanager
@@ -251,11 +256,20 @@ def _abandoned(stop: StopSignals, trainer: Trainer, bar, metrics, last_ckpt):
                                   last_ckpt(), abandoned=True) from None
 
 
-def _diverged(name: str, step: int, last_ckpt: Path | None) -> UserError:
-    return UserError(f"non-finite parameters ('{name}' holds NaN or inf) at step {step}: "
-                     "training diverged; lower --lr"
-                     + (f" and --resume from the last good checkpoint {last_ckpt}" if last_ckpt
-                        else " (no checkpoint was written)"))
+class RunDiverged(CheckpointWriteError):
+    """Training diverged: ``what``, the last checkpoint written before it (a resume cannot
+    change --lr), the way out. A CheckpointWriteError so that ``train`` (runtime/cli.py), when it
+    puts back the run an ``--overwrite`` set aside, says so in place of that checkpoint (gone)."""
+
+
+def _diverged(trainer: Trainer, what: str, good: Path | None,
+              streak: bool = False) -> RunDiverged:
+    """``good``: the last checkpoint written before the non-finite steps began (or None)."""
+    opts = "--lr" + (" or --weight-decay" if trainer.config.optim.weight_decay else "")
+    return RunDiverged(what, f"the last good checkpoint is {good}" if good else
+                       f"no checkpoint was written before {'them' if streak else 'it'}",
+                       f"lower {opts}{' (or check the data)' if streak else ''} and start again "
+                       "with --overwrite")
 
 
 def _params_current(out: Path | None, ckpt) -> bool:
@@ -363,6 +377,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                         "`instant-runtime eval BUNDLE --weights RUN`")
     # opened only now: a resume that fails above leaves the run folder as it was
     last_ckpt = ckpt.loaded if ckpt is not None and resumed else None
+    good_ckpt = None if tally["nonfinite"] else last_ckpt  # written before any non-finite streak
     metrics = Metrics(out / "metrics.jsonl" if out is not None else None,
                       resumed_at=trainer.step_count if resumed else None,
                       last_good=lambda: last_ckpt,
@@ -405,7 +420,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 bad = _nonfinite_param(trainer.params)
                 if bad is not None:  # no undo: the last checkpoint is the last good state
                     bar.close()
-                    raise _diverged(bad, trainer.step_count, last_ckpt)
+                    raise _diverged(trainer, f"non-finite parameters ('{bad}' holds NaN or inf) "
+                                    f"at step {trainer.step_count}: training diverged", good_ckpt)
             if r.calibrated is not None:
                 calibrated = r.calibrated
             if calibrated is not None:
@@ -424,14 +440,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 tally["nonfinite"] = 0
             else:
                 tally["nonfinite"] += 1
-                warn(f"non-finite loss or gradient ({r.loss}) at step {trainer.step_count}; "
-                     "skipped the update")
-                if tally["nonfinite"] >= cfg.max_nonfinite:
-                    bar.close()
-                    raise UserError(f"non-finite loss for {tally['nonfinite']} consecutive steps "
-                                    f"(up to step {trainer.step_count}); lower --lr or check the "
-                                    "data" + (f"; last good checkpoint {last_ckpt}"
-                                              if last_ckpt else ""))
+                warn(f"non-finite loss ({r.loss}) at step {trainer.step_count}; skipped the update"
+                     if not np.isfinite(r.loss) else f"non-finite gradient (loss {r.loss:.4f}) at "
+                     f"step {trainer.step_count}; skipped the update")
             stride = step_logged(trainer.step_count)
             if stride or not r.finite or trainer.step_count == cfg.steps:
                 metrics.write("step", step=trainer.step_count, time=round(time.time(), 4),
@@ -441,16 +452,25 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                               lr=lr, step_s=r.seconds, rss=current_rss(), peak_rss=peak_rss(),
                               micro_batch=trainer.plan.micro_batch,
                               **({"logged_every": stride} if stride > 1 else {}))
+            if tally["nonfinite"] >= cfg.max_nonfinite:  # (after its metrics line)
+                bar.close()
+                raise _diverged(trainer, f"non-finite loss or gradient for {tally['nonfinite']} "
+                                f"consecutive steps (up to step {trainer.step_count})", good_ckpt,
+                                streak=True)
             bar.set_postfix(loss=f"{r.loss:.4f}")
             if cfg.eval_every and test is not None and trainer.step_count % cfg.eval_every == 0:
                 tl, ta = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
                 metrics.write("eval", step=trainer.step_count, split="val", loss=tl, accuracy=ta)
             every = cfg.checkpoint_every
-            if ckpt is not None and (stop.signum or (every and trainer.step_count % every == 0)):
+            # none during a non-finite streak (its weights may have diverged: the next periodic
+            # one after it), except on a stop (the resume point)
+            if ckpt is not None and (stop.signum or (every and trainer.step_count % every == 0
+                                                     and not tally["nonfinite"])):
                 state = _snapshot(trainer, order, calib_rng, tally, stats)
-                _check_weights(trainer, state[0], last_ckpt, bar)
+                _check_weights(trainer, state[0], good_ckpt, bar)
                 last_ckpt = ckpt.save(trainer.step_count, *state)
                 saved = trainer.step_count
+                good_ckpt = good_ckpt if tally["nonfinite"] else last_ckpt
             if stop.signum:
                 bar.close()
                 metrics.close()
@@ -458,7 +478,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         bar.close()
         if ckpt is not None and saved != trainer.step_count:
             state = _snapshot(trainer, order, calib_rng, tally, stats)
-            _check_weights(trainer, state[0], last_ckpt)
+            _check_weights(trainer, state[0], good_ckpt)
             last_ckpt = ckpt.save(trainer.step_count, *state)
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
     k = stats.window()  # steps averaged for the first and last loss
@@ -476,7 +496,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         calib_s=trainer.calib_seconds, idle_rss=idle,
         ranks={k: list(v) for k, v in trainer.ranks().items()},
         resumed_from=start if resumed else None, output=bundle.output,
-        budget=plan.budget, predicted_peak=plan.predicted_peak, guard_shrinks=guard.shrinks)
+        budget=plan.budget, predicted_peak=plan.predicted_peak, guard_shrinks=guard.shrinks,
+        skipped=trainer.step_count - (0 if resumed else start) - stats.n)
     s.checkpoint = str(last_ckpt) if last_ckpt else None
     s.examples_per_s = batch / s.median_step_s if s.median_step_s else 0.0
     if test is not None:
@@ -486,7 +507,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                       accuracy=s.test_acc)
     if out is not None:
         trainer.sync_to_host()
-        _check_weights(trainer, {f"param/{k}": v for k, v in trainer.params.items()}, last_ckpt)
+        _check_weights(trainer, {f"param/{k}": v for k, v in trainer.params.items()}, good_ckpt)
         with _final_write(out / "params.npz", last_ckpt):
             trainer.save_params(out / "params.npz")
         s.out = str(out / "params.npz")

@@ -605,11 +605,12 @@ class Trainer:
         k = int(_labelled(y)) if self._per_token else m
         if k == 0:
             return
-        for layer, g in fwd.items():
-            w.gx[layer] += g
-        scale = (k / weight) ** 2
-        for layer, g in bwd.items():
-            _add_scaled(w.gg[layer], g, scale)
+        with np.errstate(over="ignore", invalid="ignore"):  # inf Grams: finish_calibration says
+            for layer, g in fwd.items():
+                w.gx[layer] += g
+            scale = (k / weight) ** 2
+            for layer, g in bwd.items():
+                _add_scaled(w.gg[layer], g, scale)
         w.samples += m
 
     def _micro_step(self, mode: str, x: dict[str, np.ndarray], y: np.ndarray,
@@ -729,7 +730,10 @@ class Trainer:
             msg = (f"calibration at step {self.step_count} saw non-finite activations or "
                    "gradients; kept the previous bases" if self.bases else
                    "calibration saw non-finite activations or gradients (diverged or extreme "
-                   "inputs); lower --lr or check the data")
+                   "inputs); lower --lr or check the data" if self.step_count else
+                   "calibration saw non-finite activations or gradients before any update: the "
+                   "data's values are too large for INSTANT's float32 statistics (Gram matrices); "
+                   "scale the inputs (or targets) down, or pass --mode vanilla")
             self.warnings.append(msg)
             if not self.bases:
                 raise UserError(msg) from None

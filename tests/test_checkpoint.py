@@ -20,6 +20,7 @@ import sys
 import time
 import zipfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -627,7 +628,7 @@ def test_non_finite_loss_skips_the_update_and_warns(mlp_bundle, capsys) -> None:
               RunConfig(steps=12, progress=False))
     err = capsys.readouterr().err.splitlines()
     assert [ln for ln in err if "non-finite" in ln] == [
-        f"warning: non-finite loss or gradient (nan) at step {i}; skipped the update"
+        f"warning: non-finite loss (nan) at step {i}; skipped the update"
         for i in (3, 4, 9)]
     assert tr.step_count == 12 and tr.optimizer.t == 9
     assert all(np.isfinite(v).all() for v in tr.params.values())
@@ -636,9 +637,77 @@ def test_non_finite_loss_skips_the_update_and_warns(mlp_bundle, capsys) -> None:
 
 def test_persistent_non_finite_loss_stops(mlp_bundle) -> None:
     b = open_bundle(mlp_bundle)
-    with pytest.raises(UserError, match=r"non-finite loss for 5 consecutive steps \(up to step 9\)"):
+    with pytest.raises(UserError, match=r"non-finite loss or gradient for 5 consecutive steps "
+                                        r"\(up to step 9\)"):
         train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(5, 100))),
               RunConfig(steps=50, progress=False))
+
+
+def test_a_non_finite_streak_writes_no_checkpoint_and_names_the_one_before_it(mlp_bundle,
+                                                                               tmp_path):
+    """Checkpoints written during a non-finite streak (weights ~1e30 after --lr 1e30: finite,
+    but every loss NaN) were named "last good" and resumed or exported as a NaN model, and the
+    way out (resume with a lower --lr) is refused by the resume. None is written during a
+    streak; the error names the one before it and says to start again; the streak's last step
+    has its metrics line."""
+    b = open_bundle(mlp_bundle)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^non-finite loss or gradient for 5 consecutive steps "
+                                        r"\(up to step 9\); the last good checkpoint is "
+                                        r".*ckpt-000004\.npz; lower --lr \(or check the data\) "
+                                        r"and start again with --overwrite$"):
+        train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(5, 100))),
+              RunConfig(steps=50, checkpoint_every=2, progress=False), out)
+    assert latest_step(out) == 4
+    steps = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if e["kind"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 10)) and np.isnan(steps[-1]["loss"])
+
+
+def test_skipped_steps_are_reported_in_the_summary(mlp_bundle, tmp_path, capsys):
+    """--max-nonfinite 100 with 9 of 10 steps skipped ended "loss 2.3050 -> 2.3050", rc 0, as
+    if it had trained: the summary line and summary.json give the count."""
+    b = open_bundle(mlp_bundle)
+    tr = _trainer(mlp_bundle)
+    s = train(tr, NaNBatches(load_data("digits", b), {3, 4, 9}),
+              RunConfig(steps=12, progress=False), tmp_path / "run")
+    assert s.skipped == 3
+    assert s.lines(tr)[0].endswith("; 3 of them skipped (non-finite loss or gradient: no update)")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped"] == 3
+    capsys.readouterr()
+
+
+def test_a_non_finite_gradient_is_named_and_weight_decay_in_the_way_out(mlp_bundle, capsys):
+    """--weight-decay 1e38 (SGD) overflows the gradient while the loss is finite: the warning
+    said "non-finite loss or gradient (2.31)" and the error blamed --lr alone."""
+    b = open_bundle(mlp_bundle)
+    tr = Trainer(b, replace(_trainer(mlp_bundle).config,
+                            optim=OptimConfig(name="sgd", lr=1e-3, weight_decay=1e38)), Plan())
+    with pytest.raises(UserError, match=r"; no checkpoint was written before them; lower --lr or "
+                                        r"--weight-decay \(or check the data\) and start again"):
+        train(tr, load_data("digits", b), RunConfig(steps=10, max_nonfinite=2, progress=False))
+    err = capsys.readouterr().err
+    assert re.search(r"^warning: non-finite gradient \(loss \d+\.\d{4}\) at step 1; skipped the "
+                     r"update$", err, re.M), err
+
+
+def test_a_failed_overwrite_names_the_restored_run_not_its_own_checkpoint(mlp_bundle, tmp_path,
+                                                                          cli):
+    """A run that diverged after --overwrite is removed and the old run put back; its error
+    named its own checkpoint, gone with it. It says the previous run is back, and its way out
+    (a lower --lr, --overwrite) runs."""
+    out = tmp_path / "run"
+    args = ("train", mlp_bundle, "--out", out, *QUIET, "--steps", 6, "--checkpoint-every", 2)
+    assert cli(*args).returncode == 0
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    r = cli(*args, "--overwrite", "--lr", "1e30", "--max-nonfinite", 2)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert errors[0].endswith(f"this run's files were removed and the previous run in '{out}' is "
+                              "back in place; lower --lr (or check the data) and start again "
+                              "with --overwrite"), errors[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    assert cli(*args, "--overwrite", "--lr", "1e-3").returncode == 0
 
 
 def test_pointer_never_leads_outside_the_folder(mlp_bundle, tmp_path):
@@ -967,10 +1036,11 @@ def test_hyperparameters_must_be_finite_in_float32():
     OptimConfig(lr=3e38, weight_decay=0.0)  # large, but float32 holds it
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_during_start_up_puts_the_replaced_run_back(sig, mlp_bundle, tmp_path):
-    """SIGTERM/SIGINT while --overwrite plans the new run (budget probes): the old run is back,
-    byte-identical, one line says so, exit 128 + signal."""
+    """SIGTERM/SIGINT/SIGHUP while --overwrite plans the new run (budget probes): the old run
+    is back, byte-identical, one line says so, exit 128 + signal (SIGHUP killed the process
+    there, leaving the old run set aside under .replaced.*)."""
     out = tmp_path / "run"
     _train(mlp_bundle, out, 10, checkpoint_every=5)
     before = folder_bytes(out)
@@ -1016,8 +1086,9 @@ def test_update_that_makes_weights_non_finite_stops_and_keeps_the_last_good_chec
     tr = _trainer(mlp_bundle)
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"non-finite parameters \('.*' holds NaN or inf\) at "
-                                        r"step 5: training diverged; lower --lr and --resume from "
-                                        r"the last good checkpoint .*ckpt-000004\.npz$"):
+                                        r"step 5: training diverged; the last good checkpoint is "
+                                        r".*ckpt-000004\.npz; lower --lr and start again with "
+                                        r"--overwrite$"):
         train(tr, BlowUpAt(load_data("digits", b), tr, 5),
               RunConfig(steps=12, checkpoint_every=2, progress=False), out)
     assert latest_step(out) == 4 and not (out / "params.npz").exists()
@@ -1198,3 +1269,16 @@ def test_the_output_streams_compare_as_the_streams_they_wrap() -> None:
     assert Unblocking(sys.stderr) == sys.stderr and Unblocking(sys.stdout) in (sys.stdout,
                                                                                sys.stderr)
     assert Unblocking(sys.stderr) == Unblocking(sys.stderr) != Unblocking(sys.stdout)
+
+
+def test_a_run_file_is_never_opened_through_a_link(tmp_path):
+    """A run folder is untrusted: its files (checkpoints, the pointer, run.json) are opened
+    without following a link, whatever checked the folder before (a probe's linked
+    checkpoint was read by eval and copied out by export-model)."""
+    from runtime.checkpoint import pointer_entries, read_regular
+
+    (tmp_path / "real").write_bytes(b'{"checkpoints": []}')
+    (tmp_path / "latest").symlink_to(tmp_path / "real")
+    with pytest.raises(OSError):
+        read_regular(tmp_path / "latest")
+    assert pointer_entries(tmp_path) == []

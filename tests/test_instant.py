@@ -626,3 +626,24 @@ def test_the_decompositions_run_numpy_blas_on_one_thread(monkeypatch):
     assert full.vectors.shape == (64, 64) and fast.vectors.shape[1] < 64
     assert len(seen) >= 4 and all(s == {1} for s in seen), seen
     assert after == {2}
+
+
+def test_inputs_too_large_for_float32_grams_are_named_before_any_update(mlp_bundle, recwarn):
+    """Features ~1e19 overflow INSTANT's float32 Grams (vanilla trains on them): the first
+    calibration printed numpy RuntimeWarning lines and blamed --lr, before any update. One
+    error names the cause and the ways out (scale the data, --mode vanilla), no warning."""
+    from helpers import make_trainer
+
+    from runtime.data import Dataset, load_data
+    from runtime.errors import UserError
+
+    tr = make_trainer(mlp_bundle)
+    d = load_data("digits", tr.bundle)
+    rng = np.random.default_rng(0)  # signed features: inf and -inf Grams, NaN where they add
+    big = Dataset("big", {k: (rng.standard_normal(v.shape) * 1e19).astype(np.float32)
+                          for k, v in d.x.items()}, d.y)
+    with pytest.raises(UserError, match=r"^calibration saw non-finite activations or gradients "
+                                        r"before any update: .* float32 statistics .*; scale the "
+                                        r"inputs \(or targets\) down, or pass --mode vanilla$"):
+        tr.calibrate(big, 8, np.random.default_rng(0))  # (8: the range finder, calibrate.py)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

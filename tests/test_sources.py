@@ -735,6 +735,27 @@ def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):
         open_images(digit_folder.root, GREY8, IMG_INPUT, _mse())
 
 
+def test_a_tiny_image_std_is_refused_at_export_and_in_a_bundle(tmp_path, digit_folder, recwarn):
+    """--image-std 1e-45 was accepted and made every pixel inf/NaN (RuntimeWarning lines, then
+    an error blaming --lr); --image-mean 1e30 failed on the manifest naming a temporary folder.
+    Both are refused at the option, in one line naming its range; a bundle holding such a std
+    (exported before) is refused when its images are read, naming the export option."""
+    from export import export_bundle
+    from export.graph import ExportError
+
+    for kw, match in ((dict(image_std=[1e-45]), r"^--image-std 1e-45 is out of range: values "
+                       r"must be positive numbers from 1e-06 to 2\*\*53"),
+                      (dict(image_mean=[1e30]), r"^--image-mean 1e\+30 is out of range: values "
+                       r"must be finite numbers from -2\*\*53 to 2\*\*53$")):
+        with pytest.raises(ExportError, match=match):
+            export_bundle("cnn", tmp_path / "b", input_shape="4,1,8,8", **kw)
+    tiny = ImageSpec(input="x", channels=1, height=8, width=8, mean=[0.0], std=[1e-45])
+    with pytest.raises(UserError, match=r"^the bundle's image std 1e-45 is below 1e-06: .*export "
+                                        r"the bundle again with --image-std of at least 1e-06$"):
+        open_images(digit_folder.root, tiny, IMG_INPUT, _ce(3)).take(np.arange(2))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 # ---------------------------------------------------------------------------- .npz
 X_IN = [TensorSpec("x", ["N", 4, 3], "float32")]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import UserError
-from contract.manifest import ImageSpec, LossSpec, TensorSpec
+from contract.manifest import IMAGE_STD_MIN, ImageSpec, LossSpec, TensorSpec
 
 from .common import (
     IMAGE_SUFFIXES,
@@ -152,6 +152,10 @@ class ImageSource(Source):
         self.spec = image
         self.c, self.h, self.w = int(image.channels), int(image.height), int(image.width)
         self.out_name, self.out_dtype, self.grey3d = _image_output(image, inputs)
+        if min(image.std) < IMAGE_STD_MIN:  # (a manifest takes any positive std)
+            raise UserError(f"the bundle's image std {min(image.std):g} is below "
+                            f"{IMAGE_STD_MIN:g}: every pixel would become inf or NaN; export the "
+                            f"bundle again with --image-std of at least {IMAGE_STD_MIN:g}")
         self.mean = _per_channel(image.mean, self.c)
         self.std = _per_channel(image.std, self.c)
         self.label_dtype = np.dtype(loss.labels.dtype)
