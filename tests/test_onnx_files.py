@@ -818,3 +818,39 @@ def test_output_keeps_what_an_if_branch_reads_from_outside(tmp_path):
     assert r.returncode == 0, r.stderr
     got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int32_token_ids_train_a_lookup_table(tmp_path):
+    """An embedding lookup whose ids are int32 (tf2onnx and some other exporters write them):
+    the table's gradient matches torch (was: every backward session failed to load, "Mod bound
+    to different types", at train time)."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import make_trainer
+
+    from runtime.trainer import ArrayBatch
+
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((30, 16)) * 0.3).astype(np.float32)
+    head = (rng.standard_normal((16, 3)) * 0.3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["e"], name="/emb/Gather"),
+         helper.make_node("ReduceMean", ["e"], ["p"], axes=[1], keepdims=0, name="/pool"),
+         helper.make_node("MatMul", ["p", "H"], ["logits"], name="/head/MatMul")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(head, "H")])
+    path = tmp_path / "ids32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    r = _cli("export", "--model", path, "--out", tmp_path / "b", "--trainable", "all")
+    assert r.returncode == 0, r.stderr
+    ids = rng.integers(0, 30, (4, 8)).astype(np.int32)
+    y = rng.integers(0, 3, 4)
+    e, h = torch.tensor(table, requires_grad=True), torch.tensor(head, requires_grad=True)
+    want = F.cross_entropy(e[torch.tensor(ids).long()].mean(1) @ h, torch.tensor(y))
+    want.backward()
+    tr = make_trainer(tmp_path / "b", mode="vanilla")
+    got, _ = tr.gradients(ArrayBatch({"ids": ids}, y))
+    assert abs(got - want.item()) < 1e-5
+    np.testing.assert_allclose(tr._grads["E"], e.grad.numpy(), atol=1e-6)

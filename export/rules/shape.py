@@ -212,6 +212,8 @@ def gather_grad(ctx, node, gy):
         shape = b.op("Add", [shape, b.op("Mul", [n, b.ints([0])])])
     base = zeros(ctx, b.op("Gather", [shape, b.ints(front)]) if axis else shape)
     size = b.op("Gather", [shape, b.ints([axis])])
+    if ctx.shapes.dtype.get(idx, TensorProto.INT64) != TensorProto.INT64:  # int32 ids (tf2onnx)
+        idx = b.op("Cast", [idx], to=TensorProto.INT64)
     row = b.op("Mod", [idx, size])
     pad = ctx.padding_rows.get(data)
     if pad is not None and axis == 0:
