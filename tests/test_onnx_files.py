@@ -854,3 +854,33 @@ def test_int32_token_ids_train_a_lookup_table(tmp_path):
     got, _ = tr.gradients(ArrayBatch({"ids": ids}, y))
     assert abs(got - want.item()) < 1e-5
     np.testing.assert_allclose(tr._grads["E"], e.grad.numpy(), atol=1e-6)
+
+
+def test_a_strided_slice_gradient_picks_what_onnxruntime_slices():
+    """The positions a Slice with a step picks (its gradient scatters back to them) are
+    onnxruntime's for any bounds: a start below -dim with a negative step picks the first
+    element (Python's slice picked nothing: a wrong gradient), an INT64_MAX end with a negative
+    step runs to the first element."""
+    import onnxruntime as ort
+
+    from export.rules.shape import _slice_positions
+
+    big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    for d in (1, 5):
+        for start in (-100, -5, -1, 0, 2, 5, 100, small, big):
+            for end in (-100, -6, -1, 0, 3, 5, 100, small, big):
+                for step in (-2, -1, 1, 3):
+                    inits = [numpy_helper.from_array(np.array([v], np.int64), n)
+                             for v, n in ((start, "s"), (end, "e"), (0, "a"), (step, "t"))]
+                    graph = helper.make_graph(
+                        [helper.make_node("Slice", ["x", "s", "e", "a", "t"], ["y"])], "g",
+                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [d])],
+                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                              ir_version=8)
+                    got = ort.InferenceSession(model.SerializeToString(), so).run(
+                        None, {"x": np.arange(d, dtype=np.float32)})[0]
+                    assert list(_slice_positions(int(start), int(end), step, d)) == \
+                        got.astype(int).tolist(), (d, start, end, step)

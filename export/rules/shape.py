@@ -81,6 +81,19 @@ def slice_grad(ctx, node, gy):
     return [ctx.bwd.op("Pad", [gy[0], ctx.bwd.ints(pads)])] + rest
 
 
+def _slice_positions(start: int, end: int, step: int, d: int) -> range:
+    """The positions ONNX's Slice picks on an axis of size ``d``: negative bounds count from
+    the end, then clamp to [0, d] (step > 0), or the start to [0, d - 1] and the end to
+    [-1, d - 1] (step < 0; Python's slice puts a start below -d at -1 there: nothing picked).
+    As onnxruntime runs it, an end of INT64_MAX with step < 0 runs to the first element."""
+    if step < 0 and end == np.iinfo(np.int64).max:
+        end = -1 - d
+    start, end = (v + d if v < 0 else v for v in (start, end))
+    if step > 0:
+        return range(min(max(start, 0), d), min(max(end, 0), d), step)
+    return range(min(max(start, 0), d - 1), min(max(end, -1), d - 1), step)
+
+
 def _strided_slice_grad(ctx, node, g: str, axes: list[int], steps: list[int]) -> str:
     """Any steps (``x[:, ::2]``, ``torch.flip`` as step -1): per sliced axis, each input
     position reads its element of g, or a zero appended to g where the slice skipped it (a
@@ -94,7 +107,7 @@ def _strided_slice_grad(ctx, node, g: str, axes: list[int], steps: list[int]) ->
     starts, ends = (ctx.constant_value(i).tolist() for i in node.input[1:3])
     for st, en, ax, step in zip(starts, ends, axes, steps, strict=True):
         d = int(dims[ax])
-        picked = np.array(range(*slice(st, en, step).indices(d)), np.int64)  # as ONNX Slice
+        picked = np.array(_slice_positions(st, en, step, d), np.int64)
         index = np.full(d, len(picked), np.int64)                       # the appended zero
         index[picked] = np.arange(len(picked))
         zero_shape = b.op("ScatterElements", [ctx.shape(node.output[0]) if ax == axes[0]
