@@ -255,9 +255,10 @@ def tie_equal_initializers(model: onnx.ModelProto) -> list[str]:
     it into two tensors) become one: the later copy is computed from the first in the graph
     (Transpose / Reshape / Identity), so training updates both uses together, as in the model
     that was exported. Only tensors of at least ``TIE_MIN_ELEMENTS`` values that are not all
-    equal count (equal fresh weights are chance), and only a transposed copy or one read by
-    other ops (an embedding's Gather and an output layer's Gemm): equal tensors read the same
-    way are copies of one layer (a deep-copied encoder layer before training) and stay apart.
+    equal count (equal fresh weights are chance), and only a lookup table (a Gather's data)
+    with a copy that other ops read (an output layer's MatMul / Gemm, the table or its
+    transpose): equal tensors otherwise are copies of one layer (a deep-copied layer before
+    training, read the same way or one by a MatMul and the other by a Gemm) and stay apart.
     Returns the notes to print."""
     floats = [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT
               and int(np.prod(t.dims)) >= TIE_MIN_ELEMENTS]
@@ -280,9 +281,11 @@ def tie_equal_initializers(model: onnx.ModelProto) -> list[str]:
             seen.setdefault(key, []).append((t.name, a))
             continue
         how = _as_param(a, first[1])
-        if how != "T" and uses.get(t.name, set()) == uses.get(first[0], set()):
-            # the same values read the same way: copies of one layer (nn.TransformerEncoder and
-            # HF's clones deep-copy a layer, equal until trained), not one tensor used twice
+        looked_up = [("Gather", 0) in uses.get(n, set()) for n in (t.name, first[0])]
+        if looked_up[0] == looked_up[1]:
+            # the same values, not a table and its output layer: copies of one layer
+            # (nn.TransformerEncoder and HF's clones deep-copy a layer, equal until trained;
+            # a copy may be read by a MatMul, transposed, and the original by a Gemm)
             apart.append((t.name, first[0]))
             continue
         if how == "T":
@@ -301,8 +304,8 @@ def tie_equal_initializers(model: onnx.ModelProto) -> list[str]:
                      f"{' transposed' if how == 'T' else ''}: trained as one tensor (tied "
                      "weights)")
     if apart:
-        notes.append(f"note: {len(apart)} weight(s) hold the same values as another read the same "
-                     f"way ('{apart[0][0]}' = '{apart[0][1]}'): trained as separate tensors, "
+        notes.append(f"note: {len(apart)} weight(s) hold the same values as another "
+                     f"('{apart[0][0]}' = '{apart[0][1]}'): trained as separate tensors, "
                      "copies of one layer as a model's deep-copied layers start out; a model "
                      "that really ties them trains them as one when exported from PyTorch "
                      "(--model file.py:factory)")

@@ -228,6 +228,28 @@ MODELS = textwrap.dedent('''
         return EncoderStack()
 
 
+    class CopiedLinear(nn.Module):
+        """A deep copy of a Linear, one used over tokens (a MatMul of the transposed weight in
+        an ONNX file) and one on the pooled vector (a Gemm): two parameters, equal at first."""
+
+        def __init__(self):
+            super().__init__()
+            import copy
+
+            self.inp, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+            self.a = nn.Linear(16, 16)
+            self.b = copy.deepcopy(self.a)
+
+        def forward(self, x):
+            h = torch.relu(self.a(torch.relu(self.inp(x))))
+            return self.head(torch.relu(self.b(h.mean(1))))
+
+
+    def copied_linear():
+        torch.manual_seed(0)
+        return CopiedLinear()
+
+
     def bert():
         torch.manual_seed(0)
         return TinyBert()
@@ -669,6 +691,32 @@ def test_deep_copied_layers_in_an_onnx_file_train_apart(models_file: Path, tmp_p
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=ATOL)
     for n in names:
         np.testing.assert_allclose(got[n], ref[n], rtol=RTOL, atol=ATOL, err_msg=n)
+
+
+def test_a_copied_layer_read_by_another_op_trains_apart(models_file: Path, tmp_path: Path):
+    """Equal weights that are not a lookup table and its output layer stay apart, though torch
+    wrote one as a transposed MatMul weight and the other as a Gemm's (an outside probe found
+    them tied: b's gradient was a's plus b's)."""
+    module = _factory(models_file, "copied_linear")
+    onnx_file = tmp_path / "copied.onnx"
+    torch.onnx.export(module, (torch.zeros(3, 5, 8),), str(onnx_file), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    rng = np.random.default_rng(2)
+    x = {"x": rng.standard_normal((3, 5, 8)).astype(np.float32)}
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    notes: list[str] = []
+    bundle = export_bundle(str(onnx_file), tmp_path / "bundle", notes=notes)
+    assert not any("tied weights" in n for n in notes), notes
+    assert any("trained as separate tensors" in n for n in notes), notes
+    names = ["a.weight", "a.bias", "b.weight", "b.bias"]
+    ref_loss, ref = torch_grads(module, x, labels, names)
+    loss, got = runtime_grads(bundle, "vanilla", x, labels)
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, atol=ATOL)
+    for n in names:  # (the file's transposed weight has an anonymous name: found by value)
+        assert any(v.shape == ref[n].shape and np.allclose(v, ref[n], rtol=RTOL, atol=ATOL)
+                   for v in got.values()), (n, sorted(got))
+    assert len(got) == 8, sorted(got)  # inp, a, b, head: nothing merged
 
 
 def test_group_and_instance_norm_gradients_match_torch(models_file: Path, tmp_path: Path):
