@@ -353,7 +353,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     in_shapes0 = Shapes(traced.model)
     text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out,
-                     id_rows=bounds)
+                     id_rows=bounds, first_token=head is not None and pool == "cls")
     prefix = None
     pinned: dict[str, int] = {}  # input -> the token length its symbolic axis 1 trains at
     if text is not None:

@@ -132,10 +132,11 @@ def _opset(traced: Traced) -> int:
     return next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _check_tokenizer(path: Path, json_text: str, ids: str, rows: int | None) -> None:
+def _check_tokenizer(path: Path, json_text: str, ids: str, rows: int | None,
+                     first_token: bool = False) -> None:
     """The runtime must be able to read the tokenizer, and every id it can give must index the
     model's embedding table (checked here, where re-exporting is the way out, not at the
-    first training step)."""
+    first training step); ``first_token`` (``--pool cls``): it must pad on the right."""
     from tokenizers import Tokenizer
 
     try:
@@ -149,12 +150,18 @@ def _check_tokenizer(path: Path, json_text: str, ids: str, rows: int | None) -> 
         raise ExportError(f"--tokenizer '{path}' has {vocab} tokens but the model's input "
                           f"'{ids}' indexes a table of {rows} rows (ids {rows} and up would fail "
                           "at training); pass the model's own tokenizer")
+    if first_token and (tok.padding or {}).get("direction") == "left":
+        raise ExportError(f"--pool cls reads each text's first position, but --tokenizer "
+                          f"'{path}' pads on the left: a short text's first position is "
+                          "padding; use --pool mean, or a tokenizer that pads on the right")
 
 
 def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path,
-              id_rows: dict[str, int] | None = None) -> TextSpec | None:
+              id_rows: dict[str, int] | None = None, first_token: bool = False
+              ) -> TextSpec | None:
     """Copy the tokenizer into the bundle and record which inputs it fills (by name: ``*ids*``,
-    ``*mask*``, ``*type*``; else the first integer input is the ids).
+    ``*mask*``, ``*type*``; else the first integer input is the ids). ``first_token``: a new
+    head pools the first position (``--pool cls``).
 
     Raises:
         ExportError: the file is missing, or the model has no integer [N, L] input.
@@ -183,7 +190,7 @@ def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path,
     except (OSError, ValueError) as exc:
         raise ExportError(f"--tokenizer '{tokenizer}' is not a tokenizer.json "
                           f"({type(exc).__name__})") from None
-    _check_tokenizer(tokenizer, json_text, ids, (id_rows or {}).get(ids))
+    _check_tokenizer(tokenizer, json_text, ids, (id_rows or {}).get(ids), first_token)
     shutil.copyfile(tokenizer, out / "tokenizer.json")
     return TextSpec("tokenizer.json", int(shapes.of(ids)[1]), ids, mask, types)
 

@@ -1058,3 +1058,39 @@ def test_a_model_that_ignores_its_padding_only_at_its_initial_weights_stays_padd
     tr = make_trainer(tmp_path / "b", mode="vanilla", micro_batch=3)
     tr.gradients(ArrayBatch({"input_ids": ids, "attention_mask": mask}, y))
     np.testing.assert_allclose(tr._grads["gate"], net.gate.grad.numpy(), rtol=1e-3, atol=1e-7)
+
+
+TOKEN_STATES = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class States(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(30522, 16), nn.Linear(16, 16)
+
+        def forward(self, input_ids, attention_mask):
+            return self.lin(self.emb(input_ids)) * attention_mask.unsqueeze(-1)
+
+    def make():
+        torch.manual_seed(0)
+        return States().eval()
+''')
+
+
+def test_cls_pooling_with_a_left_padding_tokenizer_is_refused(tmp_path):
+    """``--pool cls`` reads position 0, which a tokenizer that pads on the left fills with
+    padding for every short text: refused at export in one line (was: trained on padding)."""
+    from tokenizers import Tokenizer
+
+    (tmp_path / "states.py").write_text(TOKEN_STATES)
+    tok = Tokenizer.from_file(str(_tokenizer()))
+    tok.enable_padding(direction="left")
+    tok.save(str(tmp_path / "left.json"))
+    common = ["export", "--model", f"{tmp_path / 'states.py'}:make", "--input-shape",
+              "8,32:int64;8,32:int64", "--head", 2, "--pool", "cls"]
+    r = _cli(*common, "--tokenizer", tmp_path / "left.json", "--out", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "pads on the left" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "b").exists()
+    _ok(_cli(*common, "--tokenizer", _tokenizer(), "--out", tmp_path / "b"))
