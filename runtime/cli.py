@@ -531,14 +531,23 @@ def _export(a) -> int:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
     notes: list[str] = []
     try:
-        export_bundle(a.model, tmp, input_shape=a.input_shape, npz=a.npz,
-                      trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
-                      settings=settings, output=a.output, head=a.head, pool=a.pool,
-                      tokenizer=a.tokenizer, image_mean=floats(a.image_mean, "--image-mean"),
-                      image_std=floats(a.image_std, "--image-std"),
-                      class_names=classes,
-                      saved_int8=a.saved_int8, split=not a.no_prefix,
-                      lengths=lengths, notes=notes, class_axis=a.class_axis)
+        try:
+            export_bundle(a.model, tmp, input_shape=a.input_shape, npz=a.npz,
+                          trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
+                          settings=settings, output=a.output, head=a.head, pool=a.pool,
+                          tokenizer=a.tokenizer,
+                          image_mean=floats(a.image_mean, "--image-mean"),
+                          image_std=floats(a.image_std, "--image-std"),
+                          class_names=classes,
+                          saved_int8=a.saved_int8, split=not a.no_prefix,
+                          lengths=lengths, notes=notes, class_axis=a.class_axis)
+        except OSError as exc:
+            import errno
+
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"cannot write the bundle to '{out}': {exc.strerror}; free space "
+                            "there or pass another --out (nothing was replaced)") from None
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read

@@ -372,8 +372,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         raise RunFinished(out, cfg.steps)  # (it said "resumed", appended to the finished log)
     if resumed and trainer.step_count > cfg.steps:  # it trained nothing and said "resumed"
         raise UserError(f"the run in '{out}' is already at step {trainer.step_count}, past "
-                        f"--steps {cfg.steps}: nothing to resume; pass --steps "
-                        f"{trainer.step_count} or more to continue it, or evaluate it with "
+                        f"--steps {cfg.steps}: nothing to resume; pass a --steps above "
+                        f"{trainer.step_count} to train it further, or evaluate it with "
                         "`instant-runtime eval BUNDLE --weights RUN`")
     # opened only now: a resume that fails above leaves the run folder as it was
     last_ckpt = ckpt.loaded if ckpt is not None and resumed else None

@@ -166,7 +166,7 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
 
     user_error(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
                        "--seed", 3, "--steps", 3, "--batch", 16, "--no-progress", "--out", "run",
-                       "--resume"), "already at step 6, past --steps 3", "--steps 6 or more")
+                       "--resume"), "already at step 6, past --steps 3", "a --steps above 6")
     # a resume of the finished run at its own --steps: nothing to do, nothing touched, exit 0
     # (session 24: it said "resumed from step 6" and appended a second summary to its log)
     files = {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()}

@@ -143,6 +143,28 @@ def test_export_model_on_a_full_disk_leaves_nothing_half_written(cli, mlp_bundle
         subprocess.run(["umount", str(small)], check=False)
 
 
+def test_an_export_on_a_full_disk_names_its_out_and_keeps_the_old_bundle(cli, tmp_path):
+    """A full disk while the bundle was written: the error named no path ("No space left on
+    device; check the path ..."); it names --out, and the bundle already there stays."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        assert cli("export", "--model", "mlp", "--out", small / "b").returncode == 0
+        st = os.statvfs(small)
+        (small / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 40_000))
+        before = _tree(small)
+        r = cli("export", "--model", "cnn", "--out", small / "b", "--overwrite")
+        _one_line(r, f"cannot write the bundle to '{small / 'b'}': No space left on device")
+        assert _tree(small) == before
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 def test_fleet_folders_holding_a_users_files_are_refused(cli, mlp_bundle, tmp_path):
     """A fleet client replaced a user's summary.json and wrote beside their notes with no flag;
     a server wrote into a folder of theirs, and called their params.npz an earlier aggregate
