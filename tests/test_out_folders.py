@@ -44,6 +44,22 @@ def _replace_refused(monkeypatch, refused):
         monkeypatch.setattr(os, "replace", real)
 
 
+@contextlib.contextmanager
+def _small_disk(tmp_path: Path, size: str):
+    """A tmpfs of ``size`` mounted for the block: a disk that fills up (root only)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 def _one_line(r: subprocess.CompletedProcess, *fragments: str) -> str:
     assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
@@ -125,35 +141,19 @@ def test_export_model_never_writes_over_its_sources_or_into_a_bundle(cli, mlp_bu
 def test_export_model_on_a_full_disk_leaves_nothing_half_written(cli, mlp_bundle, tmp_path):
     """A full disk while the .safetensors was written: a traceback, a .onnx without its
     companions, and a retry refused ("already exists"). A small tmpfs is the full disk."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a tmpfs")
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(small)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with _small_disk(tmp_path, "300k") as small:
         (small / "filler").write_bytes(b"\0" * 200_000)
         r = cli("export-model", mlp_bundle, "--out", small / "m.onnx")
         _one_line(r, "nothing at --out was changed")
         assert sorted(os.listdir(small)) == ["filler"]
         (small / "filler").unlink()
         assert cli("export-model", mlp_bundle, "--out", small / "m.onnx").returncode == 0
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_an_export_on_a_full_disk_names_its_out_and_keeps_the_old_bundle(cli, tmp_path):
     """A full disk while the bundle was written: the error named no path ("No space left on
     device; check the path ..."); it names --out, and the bundle already there stays."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root to mount a tmpfs")
-    small = tmp_path / "small"
-    small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(small)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with _small_disk(tmp_path, "400k") as small:
         assert cli("export", "--model", "mlp", "--out", small / "b").returncode == 0
         st = os.statvfs(small)
         (small / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 40_000))
@@ -161,8 +161,6 @@ def test_an_export_on_a_full_disk_names_its_out_and_keeps_the_old_bundle(cli, tm
         r = cli("export", "--model", "cnn", "--out", small / "b", "--overwrite")
         _one_line(r, f"cannot write the bundle to '{small / 'b'}': No space left on device")
         assert _tree(small) == before
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
 
 
 def test_fleet_folders_holding_a_users_files_are_refused(cli, mlp_bundle, tmp_path):

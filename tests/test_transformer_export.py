@@ -665,23 +665,32 @@ def test_torch_transformer_encoder_layer_gradients_match_torch(models_file: Path
     check_bundle_grads(models_file, "torch_encoder", bundle, x, labels, ("vanilla", "instant"))
 
 
+def _copies_apart(models_file: Path, factory: str, shape: tuple[int, ...], seed: int,
+                  tmp_path: Path):
+    """The factory's model written to an ONNX file by torch's exporter and exported from it,
+    its equal weights noted as trained apart, none tied; (module, bundle, x, labels)."""
+    module = _factory(models_file, factory)
+    onnx_file = tmp_path / "model.onnx"
+    torch.onnx.export(module, (torch.zeros(*shape),), str(onnx_file), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    rng = np.random.default_rng(seed)
+    x = {"x": rng.standard_normal(shape).astype(np.float32)}
+    labels = rng.integers(0, 3, shape[0]).astype(np.int64)
+    notes: list[str] = []
+    bundle = export_bundle(str(onnx_file), tmp_path / "bundle", notes=notes)
+    assert not any("tied weights" in n for n in notes), notes
+    assert any("trained as separate tensors" in n for n in notes), notes
+    return module, bundle, x, labels
+
+
 def test_deep_copied_layers_in_an_onnx_file_train_apart(models_file: Path, tmp_path: Path):
     """nn.TransformerEncoder deep-copies its layer: in an ONNX file the two layers' weights hold
     equal values, read the same way. They are copies, not one tied tensor (a probe found them
     trained as one, each update the sum of both layers' gradients): each trains on its own,
     with torch's gradients, and a note says so."""
-    module = _factory(models_file, "encoder_stack")
-    onnx_file = tmp_path / "stack.onnx"
-    torch.onnx.export(module, (torch.zeros(3, 10, 8),), str(onnx_file), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
-    rng = np.random.default_rng(6)
-    x = {"x": rng.standard_normal((3, 10, 8)).astype(np.float32)}
-    labels = rng.integers(0, 3, 3).astype(np.int64)
-    notes: list[str] = []
-    bundle = export_bundle(str(onnx_file), tmp_path / "bundle", notes=notes)
-    assert not any("tied weights" in n for n in notes), notes
-    assert any("trained as separate tensors" in n for n in notes), notes
+    module, bundle, x, labels = _copies_apart(models_file, "encoder_stack", (3, 10, 8), 6,
+                                              tmp_path)
     params = open_bundle(bundle).params
     assert len(params) == len(list(module.named_parameters())), [p.torch_name for p in params]
     names = ["enc.layers.0.linear1.bias", "enc.layers.1.linear1.bias",
@@ -697,18 +706,8 @@ def test_a_copied_layer_read_by_another_op_trains_apart(models_file: Path, tmp_p
     """Equal weights that are not a lookup table and its output layer stay apart, though torch
     wrote one as a transposed MatMul weight and the other as a Gemm's (an outside probe found
     them tied: b's gradient was a's plus b's)."""
-    module = _factory(models_file, "copied_linear")
-    onnx_file = tmp_path / "copied.onnx"
-    torch.onnx.export(module, (torch.zeros(3, 5, 8),), str(onnx_file), dynamo=False,
-                      opset_version=17, input_names=["x"], output_names=["logits"],
-                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
-    rng = np.random.default_rng(2)
-    x = {"x": rng.standard_normal((3, 5, 8)).astype(np.float32)}
-    labels = rng.integers(0, 3, 3).astype(np.int64)
-    notes: list[str] = []
-    bundle = export_bundle(str(onnx_file), tmp_path / "bundle", notes=notes)
-    assert not any("tied weights" in n for n in notes), notes
-    assert any("trained as separate tensors" in n for n in notes), notes
+    module, bundle, x, labels = _copies_apart(models_file, "copied_linear", (3, 5, 8), 2,
+                                              tmp_path)
     names = ["a.weight", "a.bias", "b.weight", "b.bias"]
     ref_loss, ref = torch_grads(module, x, labels, names)
     loss, got = runtime_grads(bundle, "vanilla", x, labels)
