@@ -111,7 +111,7 @@ class LossSpec:
     classes_first: bool = False
     # bce on a model whose output is a Sigmoid's probabilities: the loss reads the Sigmoid's
     # input (the logits) and an output element says yes at >= 0.5 (at a logit > 0 otherwise)
-    probabilities: bool = False
+    probabilities: bool = field(default=False, metadata={"omit_default": True})
 
     def validate(self) -> tuple[str, str] | None:
         if self.probabilities and self.kind != "bce":

@@ -193,8 +193,10 @@ def load(cls: type, value: Any, source: str) -> Any:
 
 def dump(obj: Any) -> Any:
     """A document as JSON-able data (the inverse of :func:`load`)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: dump(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if dataclasses.is_dataclass(obj):  # (a field marked omit_default: left out at its default,
+        return {f.name: dump(getattr(obj, f.name))  # so runtimes older than it read the rest)
+                for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, list | tuple):
         return [dump(v) for v in obj]
     if isinstance(obj, dict):

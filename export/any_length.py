@@ -76,7 +76,8 @@ def any_length_infer(traced: Traced, text: TextSpec, params: list[str], lookups:
     dynamic_batch(free_m, free.inputs + free.outputs)
     if not _same_outputs(fixed_m, free_m, traced.outputs[0], text, tokenizer):
         return None
-    trained = moved({p: numpy_helper.to_array(fixed_inits[p]) for p in params})
+    trained = moved({p: numpy_helper.to_array(fixed_inits[p]) for p in params},
+                    traced.padding_rows)
     for m in (fixed_m, free_m):  # the same check at weights training could reach
         for t in m.graph.initializer:
             if t.name in trained:
@@ -161,17 +162,23 @@ def _same_outputs(fixed: onnx.ModelProto, free: onnx.ModelProto, output: str, te
     return padded.shape == trimmed.shape and float(np.abs(padded - trimmed).max()) <= 1e-4 * scale
 
 
-def moved(values: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+def moved(values: dict[str, np.ndarray], keep_rows: dict[str, int] | None = None,
+          seed: int = 0) -> dict[str, np.ndarray]:
     """``values`` (trainable parameters) moved at random by their own spread (at least 0.1):
     the padding checks also run here, as training will move the weights. A model that ignores
     its padding only at its initial weights (a zero-initialised gate on an unmasked mean)
-    passes at those and fails here."""
+    passes at those and fails here. ``keep_rows``: a lookup table's padding row (torch's
+    ``padding_idx``), which training never moves (its gradient is zero), stays."""
     rng = np.random.default_rng(seed)
     out = {}
     for k, v in values.items():
         if np.issubdtype(v.dtype, np.floating):
             spread = max(float(np.std(v, dtype=np.float64)) if v.size else 0.0, 0.1)
-            v = (v + spread * rng.standard_normal(v.shape)).astype(v.dtype)
+            new = (v + spread * rng.standard_normal(v.shape)).astype(v.dtype)
+            row = (keep_rows or {}).get(k)
+            if row is not None and v.ndim >= 1 and -v.shape[0] <= row < v.shape[0]:
+                new[row] = v[row]
+            v = new
         out[k] = v
     return out
 

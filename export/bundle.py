@@ -369,7 +369,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                 from .prefix import split_prefix
 
                 prefix = split_prefix(fwd, free, params, initial, lookups, weights.array, text,
-                                      out / text.tokenizer, loss_spec, output)
+                                      out / text.tokenizer, loss_spec, output,
+                                      traced.padding_rows)
     if text is not None and (image_mean is not None or image_std is not None):
         raise ExportError("--image-mean/--image-std apply to image models; this is a text "
                           "model: leave them out")

@@ -121,7 +121,8 @@ def length_graphs(traced: Traced, text: TextSpec, length: int, *, head: tuple[in
         rename_differing(cut, {t.name: t for t in full_forward.graph.initializer},
                          RENAMED.format(length))
         if not _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokenizer,
-                             initial, lookups, weights.array, loss_spec, again.outputs[0]):
+                             initial, lookups, weights.array, loss_spec, again.outputs[0],
+                             traced.padding_rows):
             return None
     except Exception:  # noqa: BLE001 - any failure: no graphs at this length
         return None
@@ -144,7 +145,7 @@ def _same_layers(found: list[CompressedLayer], layers: list[CompressedLayer], se
 
 
 def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokenizer, initial,
-                  lookups, tables, loss_spec, output) -> bool:
+                  lookups, tables, loss_spec, output, keep_rows=None) -> bool:
     """Whether the forward at ``length`` gives the full-length forward's loss and output on the
     tokenizer's encodings of the sentences that fit ``length`` (padded positions zero, as the
     runtime feeds them), at the initial weights and at weights moved as training could move
@@ -170,7 +171,7 @@ def _same_outputs(cut, full_forward, prefix_graph, carried, length, text, tokeni
     sessions = {size: session(full_forward if size == text.seq_len else cut)
                 for size in (text.seq_len, length)}
     pre_sess = session(prefix_graph) if carried else None
-    for values in (initial, moved(initial)):
+    for values in (initial, moved(initial, keep_rows)):
 
         def run(sess, x, outs, values=values):
             return run_graph(sess, x, outs, n, lookups, tables, values, loss_spec)

@@ -168,7 +168,7 @@ def _prefix_graph(free: onnx.ModelProto, carried: list[str], params: list[str],
 def split_prefix(fwd: onnx.ModelProto, free: onnx.ModelProto, params: list[str],
                  initial: dict[str, np.ndarray], lookups: dict[str, dict], tables,
                  text: TextSpec, tokenizer: Path, loss: LossSpec,
-                 output: str) -> Prefix | None:
+                 output: str, keep_rows: dict[str, int] | None = None) -> Prefix | None:
     """Cut ``fwd`` (the training forward with its loss) after its frozen prefix, or None (keep
     it whole): nothing expensive is frozen, the any-length graph ``free`` lacks a carried
     tensor, or the cut changes the outputs on real text (checked with onnxruntime).
@@ -184,7 +184,7 @@ def split_prefix(fwd: onnx.ModelProto, free: onnx.ModelProto, params: list[str],
         return None
     try:
         axes = _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, loss,
-                      output)
+                      output, keep_rows)
     except Exception:  # noqa: BLE001 - any failure keeps the graphs whole
         return None
     if axes is None:
@@ -224,7 +224,7 @@ def run_graph(sess, x: dict[str, np.ndarray], outs: list[str], n: int, lookups: 
 
 
 def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, loss,
-           output) -> dict[str, int] | None:
+           output, keep_rows=None) -> dict[str, int] | None:
     """Token axis of each carried tensor, or None when the cut forward fed from the trimmed
     prefix does not give the uncut forward's outputs on padded text, at the initial weights
     and at weights moved as training could move them (any_length.py ``moved``)."""
@@ -243,7 +243,7 @@ def _check(fwd, cut, graph, carried, initial, lookups, tables, text, tokenizer, 
                    else v) for k, v in feeds.items()}
     mask = feeds[text.mask_input] != 0
     axes = {}
-    for values in (initial, moved(initial)):
+    for values in (initial, moved(initial, keep_rows)):
 
         def run(sess, x, outs, values=values):
             return run_graph(sess, x, outs, n, lookups, tables, values, loss)

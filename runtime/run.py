@@ -262,14 +262,17 @@ class RunDiverged(CheckpointWriteError):
     puts back the run an ``--overwrite`` set aside, says so in place of that checkpoint (gone)."""
 
 
-def _diverged(trainer: Trainer, what: str, good: Path | None,
-              streak: bool = False) -> RunDiverged:
-    """``good``: the last checkpoint written before the non-finite steps began (or None)."""
+def _diverged(trainer: Trainer, what: str, good: Path | None, streak: bool = False,
+              before_resume: bool = False) -> RunDiverged:
+    """``good``: the last checkpoint written before the non-finite steps began (or None;
+    ``before_resume``: they began before this run resumed, its older checkpoints are kept)."""
     opts = "--lr" + (" or --weight-decay" if trainer.config.optim.weight_decay else "")
-    return RunDiverged(what, f"the last good checkpoint is {good}" if good else
-                       f"no checkpoint was written before {'them' if streak else 'it'}",
-                       f"lower {opts}{' (or check the data)' if streak else ''} and start again "
-                       "with --overwrite")
+    where = (f"the last good checkpoint is {good}" if good else
+             "the steps before this resume were non-finite too; its older checkpoints are "
+             "kept" if before_resume else
+             f"no checkpoint was written before {'them' if streak else 'it'}")
+    return RunDiverged(what, where, f"lower {opts}{' (or check the data)' if streak else ''} "
+                       "and start again with --overwrite")
 
 
 def _params_current(out: Path | None, ckpt) -> bool:
@@ -378,6 +381,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     # opened only now: a resume that fails above leaves the run folder as it was
     last_ckpt = ckpt.loaded if ckpt is not None and resumed else None
     good_ckpt = None if tally["nonfinite"] else last_ckpt  # written before any non-finite streak
+    streak_resumed = bool(resumed and tally["nonfinite"])
     metrics = Metrics(out / "metrics.jsonl" if out is not None else None,
                       resumed_at=trainer.step_count if resumed else None,
                       last_good=lambda: last_ckpt,
@@ -421,7 +425,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 if bad is not None:  # no undo: the last checkpoint is the last good state
                     bar.close()
                     raise _diverged(trainer, f"non-finite parameters ('{bad}' holds NaN or inf) "
-                                    f"at step {trainer.step_count}: training diverged", good_ckpt)
+                                    f"at step {trainer.step_count}: training diverged", good_ckpt,
+                                    before_resume=streak_resumed)
             if r.calibrated is not None:
                 calibrated = r.calibrated
             if calibrated is not None:
@@ -456,7 +461,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 bar.close()
                 raise _diverged(trainer, f"non-finite loss or gradient for {tally['nonfinite']} "
                                 f"consecutive steps (up to step {trainer.step_count})", good_ckpt,
-                                streak=True)
+                                streak=True, before_resume=streak_resumed and good_ckpt is None)
             bar.set_postfix(loss=f"{r.loss:.4f}")
             if cfg.eval_every and test is not None and trainer.step_count % cfg.eval_every == 0:
                 tl, ta = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))

@@ -333,13 +333,20 @@ class RunFolder:
             except (OSError, ValueError):
                 pass
         text = json.dumps(identity, indent=1)
+        if len(text.encode()) > MAX_RUN_JSON_BYTES:  # (what eval and --resume would refuse)
+            raise UserError(f"the run's class names take {len(text.encode()):,} bytes in "
+                            f"run.json, more than it may hold ({MAX_RUN_JSON_BYTES:,}): use "
+                            "shorter labels (or name the classes with --classes at export)")
         atomic_write(self.path / "run.json", lambda f: write_text(f, text))
         self._identity_due = False
 
     def _is_run(self) -> bool:
         """Whether the folder holds a run of this runtime: its run.json (an object naming the
         bundle's checksum) or a checkpoint a resume would try."""
-        identity = json_object(self.path / "run.json")
+        try:
+            identity = json_object(self.path / "run.json")
+        except UserError:  # a run.json too large (or a link) is a run's file all the same
+            return True
         return ("bundle_sha256" in identity or identity.get("format") == "instant-runtime-run"
                 or has_checkpoints(self.path / "checkpoints"))
 

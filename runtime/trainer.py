@@ -878,7 +878,14 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001
                     raise self._run_error(exc, "evaluation") from None
                 logits = logits.astype(np.float64, copy=False)
-                if spec.kind == "bce":  # softplus(z) - z·y, per sample the mean of its terms
+                if spec.kind == "bce" and spec.probabilities:  # a Sigmoid's output p
+                    with np.errstate(divide="ignore"):  # log 0: clamped at -100, as torch
+                        terms = -(y * np.maximum(np.log(logits), -100.0)
+                                  + (1 - y) * np.maximum(np.log1p(-logits), -100.0))
+                    total += float(terms.reshape(len(y), -1).mean(1).sum())
+                    c, k = score(logits, y, spec)
+                    correct, counted = correct + c, counted + k
+                elif spec.kind == "bce":  # softplus(z) - z·y, per sample the mean of its terms
                     terms = np.logaddexp(0.0, logits) - logits * y
                     total += float(terms.reshape(len(y), -1).mean(1).sum())
                     c, k = score(logits, y, spec)

@@ -65,8 +65,10 @@ def latest_step(out: Path) -> int:
 def start(bundle: Path, out: Path, *args: object) -> subprocess.Popen:
     argv = [sys.executable, "-m", "runtime", "train", str(bundle), "--out", str(out),
             *map(str, QUIET), *map(str, args)]
+    # SIGHUP as a terminal gives it (the tests send it), whether or not the tests run under nohup
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGHUP,
+                                                                        signal.SIG_DFL))
 
 
 def wait_for_checkpoint_after(proc: subprocess.Popen, out: Path, step: int,
@@ -1282,3 +1284,26 @@ def test_a_run_file_is_never_opened_through_a_link(tmp_path):
     with pytest.raises(OSError):
         read_regular(tmp_path / "latest")
     assert pointer_entries(tmp_path) == []
+
+
+def test_a_run_json_too_large_to_read_back_is_never_written(mlp_bundle, tmp_path):
+    """Class names that would make run.json larger than eval, export-model and --resume read
+    (1 MiB) are refused before the run starts (a reviewer: 10,000 long names wrote 1.1 MB, and
+    the run's own --resume and --overwrite then refused it); a folder already holding such a
+    run.json is a run that --overwrite replaces."""
+    from runtime.run_folder import MAX_RUN_JSON_BYTES
+
+    out = tmp_path / "run"
+    rf = _folder(mlp_bundle, out)
+    rf.identity = {**rf.identity, "class_names": ["x" * 1000] * 1100}
+    with pytest.raises(UserError, match=r"class names take [\d,]+ bytes in run.json, more than "
+                                        r"it may hold"):
+        rf.prepare(resume=False, overwrite=False)
+    assert not (out / "run.json").exists()
+    out.mkdir(exist_ok=True)
+    (out / "run.json").write_text('{"bundle_sha256": "x", "pad": "' + "y" * MAX_RUN_JSON_BYTES
+                                  + '"}')
+    rf = _folder(mlp_bundle, out)
+    rf.prepare(resume=False, overwrite=True)
+    rf.finish(True)
+    assert (out / "run.json").stat().st_size < MAX_RUN_JSON_BYTES

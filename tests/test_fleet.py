@@ -455,6 +455,19 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     assert sorted(x.name for x in (tmp_path / "trainrun").iterdir()) == ["run.json"]
 
 
+def test_a_client_that_diverges_says_how_to_start_it_again(mlp_bundle, tmp_path):
+    """A round whose steps all go non-finite ends the client in one line whose way out is a
+    client's (train's, "start again with --overwrite", is no fleet client option; a reviewer)."""
+    from runtime.fleet.local import UserError, open_local
+
+    local = open_local(mlp_bundle, "digits", mode="vanilla", threads=1, lr=1e30,
+                       out=tmp_path / "c", checkpoint_every=2)
+    with pytest.raises(UserError, match=r"^non-finite .* in round 3, trained from the server's "
+                                        r"weights; lower --lr \(or check this device's data\) "
+                                        r"and start the client again$"):
+        local.train_local(20, 32, 3)
+
+
 def test_server_config_checks():
     """The round config a client checks before it trains: protocol, Flower version, model."""
     from runtime.errors import UserError

@@ -884,3 +884,39 @@ def test_a_strided_slice_gradient_picks_what_onnxruntime_slices():
                         None, {"x": np.arange(d, dtype=np.float32)})[0]
                     assert list(_slice_positions(int(start), int(end), step, d)) == \
                         got.astype(int).tolist(), (d, start, end, step)
+
+
+def test_an_int32_scalar_index_picks_a_token_with_torch_gradients(tmp_path):
+    """A CLS pick written as Gather(h, int32 scalar 0, axis=1): its gradient (a reviewer found
+    the int32 cast missed for a scalar index: the backward failed to load)."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import make_trainer
+
+    from runtime.trainer import ArrayBatch
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((8, 16)) * 0.3).astype(np.float32)
+    h = (rng.standard_normal((16, 3)) * 0.3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["t"], name="/l1/MatMul"),
+         helper.make_node("Gather", ["t", "i0"], ["c"], axis=1, name="/cls/Gather"),
+         helper.make_node("MatMul", ["c", "H"], ["logits"], name="/head/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(h, "H"),
+         numpy_helper.from_array(np.array(0, np.int32), "i0")])
+    path = tmp_path / "cls32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    r = _cli("export", "--model", path, "--out", tmp_path / "b", "--trainable", "all")
+    assert r.returncode == 0, r.stderr
+    x = rng.standard_normal((4, 5, 8)).astype(np.float32)
+    y = rng.integers(0, 3, 4)
+    tw = torch.tensor(w, requires_grad=True)
+    want = F.cross_entropy((torch.tensor(x) @ tw)[:, 0] @ torch.tensor(h), torch.tensor(y))
+    want.backward()
+    tr = make_trainer(tmp_path / "b", mode="vanilla")
+    got, _ = tr.gradients(ArrayBatch({"x": x}, y))
+    assert abs(got - want.item()) < 1e-5
+    np.testing.assert_allclose(tr._grads["W"], tw.grad.numpy(), atol=1e-6)

@@ -210,6 +210,8 @@ def gather_grad(ctx, node, gy):
     rank = ctx.shapes.rank(data)
     axis = attrs(node).get("axis", 0) % rank
     g, ri = gy[0], ctx.shapes.rank(idx)
+    if ctx.shapes.dtype.get(idx, TensorProto.INT64) != TensorProto.INT64:  # int32 ids (tf2onnx)
+        idx = b.op("Cast", [idx], to=TensorProto.INT64)
     if ri == 0:  # a scalar index drops the axis: put it back
         idx, g, ri = b.op("Reshape", [idx, b.ints([1])]), b.op("Unsqueeze", [g, b.ints([axis])]), 1
     front = [axis] + [a for a in range(rank) if a != axis]  # data axes, gathered axis first
@@ -225,8 +227,6 @@ def gather_grad(ctx, node, gy):
         shape = b.op("Add", [shape, b.op("Mul", [n, b.ints([0])])])
     base = zeros(ctx, b.op("Gather", [shape, b.ints(front)]) if axis else shape)
     size = b.op("Gather", [shape, b.ints([axis])])
-    if ctx.shapes.dtype.get(idx, TensorProto.INT64) != TensorProto.INT64:  # int32 ids (tf2onnx)
-        idx = b.op("Cast", [idx], to=TensorProto.INT64)
     row = b.op("Mod", [idx, size])
     pad = ctx.padding_rows.get(data)
     if pad is not None and axis == 0:

@@ -249,7 +249,7 @@ class Local:
         round from zero state (FedAvg's local training); the step counter runs on across rounds.
         """
         from ..config import RunConfig
-        from ..run import train
+        from ..run import RunDiverged, train
 
         if self.data is None:
             raise UserError("this device has no training data (--data)")
@@ -267,7 +267,13 @@ class Local:
         train_only = _TrainOnly(self.data)  # held-out evaluation: evaluate()
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
-            s = train(tr, train_only, cfg, self.out, log=lambda line: captured.write(line + "\n"))
+            try:
+                s = train(tr, train_only, cfg, self.out,
+                          log=lambda line: captured.write(line + "\n"))
+            except RunDiverged as exc:  # (train's way out, --overwrite, is not a client's)
+                raise UserError(f"{exc.what} in round {server_round}, trained from the "
+                                "server's weights; lower --lr (or check this device's data) "
+                                "and start the client again") from None
         self.rounds += 1
         metrics: dict[str, float | int | str] = {
             "loss_first": s.loss_first, "loss_last": s.loss_last, "steps": steps,
