@@ -905,6 +905,9 @@ def _cmd_export_model(a) -> int:
               f"{Path(a.source) / 'run.json'} names it (--bundle DIR picks another)")
     if r.labels_path:
         print(f"class names written to {r.labels_path}")
+    if r.preprocess_path:
+        print(f"image preprocessing written to {r.preprocess_path} (the model takes normalised "
+              "pixels: docs/examples/classify_image.py shows the steps)")
     if r.tokenizer_path:
         print(f"tokenizer written to {r.tokenizer_path}")
     if r.safetensors_path:

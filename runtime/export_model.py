@@ -39,6 +39,7 @@ class ExportResult:
     tokenizer_path: Path | None = None
     from_onnx_file: bool = False  # the bundle was exported from an .onnx file
     bundle_from_run: Path | None = None  # the bundle, where the run's run.json named it
+    preprocess_path: Path | None = None  # an image model's preprocessing (runtime/sources)
 
 
 def resolve_source(source: str | Path, weights: str | Path | None = None,
@@ -398,7 +399,8 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         raise UserError(f"--out '{text}' names no file; name the .onnx file to write, e.g. "
                         f"{near / 'model.onnx'}")
     targets = [out, out.with_suffix(".safetensors"), out.parent / (out.name + ".data"),
-               out.with_suffix(".labels.json"), out.with_suffix(".tokenizer.json")]
+               out.with_suffix(".labels.json"), out.with_suffix(".tokenizer.json"),
+               out.with_suffix(".preprocess.json")]
     if out.is_dir():
         raise UserError(f"--out '{out}' is a directory; name the .onnx file to write")
     if out in targets[1:]:
@@ -427,6 +429,9 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
                 data_tok = _fixed_length_tokenizer(b.read_file(b.manifest.text.tokenizer),
                                                    b.manifest.text.seq_len)
                 atomic_write(tmp / "tokenizer.json", lambda p: _write_bytes(p, data_tok))
+            if b.manifest.image is not None:
+                prep = json.dumps(_preprocess(b.manifest.image, b.manifest.inputs), indent=1)
+                atomic_write(tmp / "preprocess.json", lambda p: write_text(p, prep))
         except UserError:
             raise
         except Exception as exc:  # noqa: BLE001 - OSError, safetensors' own error
@@ -437,9 +442,11 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         st = out.with_suffix(".safetensors")
         labels_path = out.with_suffix(".labels.json") if labels else None
         tok_path = out.with_suffix(".tokenizer.json") if b.manifest.text is not None else None
+        prep_path = out.with_suffix(".preprocess.json") if b.manifest.image is not None else None
         data = out.parent / data_name if data_name else None
         moves = [(data_name, data), ("model.safetensors", st if wrote else None),
                  ("labels.json", labels_path), ("tokenizer.json", tok_path),
+                 ("preprocess.json", prep_path),
                  (out.name, out)]  # the .onnx last: it names its data file
         try:
             for name, target in moves:
@@ -449,14 +456,39 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
             raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    written = {out, data, st if wrote else None, labels_path, tok_path}
+    written = {out, data, st if wrote else None, labels_path, tok_path, prep_path}
     for t in targets:  # a replaced export's companion this model has none of (--overwrite)
         if t not in written and t.exists():
             t.unlink()
     src = Path(source)
     return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path,
                         str(b.manifest.source).lower().endswith(".onnx"),
-                        None if bundle is not None or b.path in (src, src.parent) else b.path)
+                        None if bundle is not None or b.path in (src, src.parent) else b.path,
+                        prep_path)
+
+
+def _preprocess(image, inputs) -> dict:
+    """How training turned an image file into the model's input (runtime/sources/images.py),
+    for a program that feeds the standalone model (docs/examples/classify_image.py): the
+    model holds none of it, and pixels scaled to [0, 1] alone score lower, silently, where the
+    export set a mean and std."""
+    c = int(image.channels)
+    mean, std = list(image.mean), list(image.std)
+    spec = next((t for t in inputs if t.name == image.input), None)
+    dtype = spec.dtype if spec is not None else "float32"
+    grey3d = spec is not None and len(spec.shape) == 3  # [N, H, W]: no channel axis
+    return {"input": image.input, "layout": "NHW" if grey3d else "NCHW", "dtype": dtype,
+            "channels": c,
+            "height": int(image.height), "width": int(image.width),
+            "mode": {1: "L", 3: "RGB"}.get(c, "RGBA" if c == 4 else "LA"),
+            "resize": "bilinear", "scale": "1/255 (16-bit grey: 1/65535)",
+            "mean": mean * c if len(mean) == 1 else mean,
+            "std": std * c if len(std) == 1 else std,
+            "steps": ["turn the image upright as its EXIF orientation says",
+                      "convert it to 'mode' (Pillow's Image.convert)",
+                      "resize it bilinearly to width x height",
+                      "scale its pixels to [0, 1]",
+                      "x = (x - mean) / std per channel, stacked as 'layout' in 'dtype'"]}
 
 
 def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:
