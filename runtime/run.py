@@ -99,7 +99,8 @@ class Summary:
                   if self.skipped else ""),
                f"loss {self.loss_first:.4f} -> {self.loss_last:.4f} (means of the first and last "
                f"{self.loss_window} steps)"
-               + (f", train accuracy {self.train_acc:.3f} (output '{self.output}')"
+               + (f", train accuracy {self.train_acc:.3f} over all its steps (output "
+                  f"'{self.output}')"
                   if self.train_acc is not None else "")]
         if self.test_acc is not None:
             before = (f" (before {self.test_acc_before:.3f})"
@@ -181,10 +182,12 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
     mine = {"seed": seed, "batch": order.batch, "n": order.n}
     theirs = {k: meta_int(run, k, "run") for k in mine}
     if mine != theirs:
-        diff = ", ".join(f"{k} {theirs[k]} (this run: {mine[k]})" for k in mine
+        said = {"n": "training rows"}  # (a --val-split or a data option left out changes them)
+        diff = ", ".join(f"{said.get(k, k)} {theirs[k]} (this run: {mine[k]})" for k in mine
                          if mine[k] != theirs[k])
-        raise UserError(f"checkpoint was written with {diff}; resume with the same --seed, "
-                        "--batch and --data, or start a new run with --overwrite (in place of "
+        raise UserError(f"checkpoint was written with {diff}; resume with the run's own --seed, "
+                        "--batch, --data and --val-split (and its --text-column / "
+                        "--label-column), or start a new run with --overwrite (in place of "
                         "--resume) or another --out")
     # (checkpoints written before the fingerprint existed have none)
     if run.get("data") is not None and run.get("data") != order.data_id:

@@ -553,6 +553,22 @@ def test_resume_with_another_seed_is_refused(mlp_bundle, tmp_path) -> None:
         _train(mlp_bundle, out, 20, seed=1, resume=True)
 
 
+def test_a_resume_without_the_runs_val_split_names_it(cli, mlp_bundle, tmp_path) -> None:
+    """A run trained with --val-split resumed without it: the error named "n 160 (this run:
+    200)" and the way out left --val-split unsaid (a first-time user's probe)."""
+    out, data = tmp_path / "run", tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((200, 64)).astype(np.float32),
+             y=rng.integers(0, 10, 200))
+    common = ("train", mlp_bundle, "--out", out, "--data", data, "--no-progress", "--threads", 1)
+    assert cli(*common, "--steps", 2, "--val-split", 0.2).returncode == 0
+    proc = cli(*common, "--steps", 4, "--resume")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training rows 160 (this run: 200)" in lines[0], lines
+    assert "--val-split" in lines[0], lines
+
+
 def test_resume_with_other_data_or_options_is_refused(cli, mlp_bundle, tmp_path) -> None:
     """A resume continues the same run or is refused in one line: another .npz of as many rows
     (reversed, relabelled) and a changed --lr or INSTANT option were resumed silently, and the

@@ -1139,7 +1139,8 @@ def test_channels_last_images_in_an_npz_get_the_transpose_named(cnn_bundle, tmp_
                                         r"x\.transpose\(0, 3, 1, 2\)"):
         load_data(str(p), b)
     p = _npz(tmp_path / "odd.npz", x=np.zeros((20, 1, 8, 7), np.float32), y=y)
-    with pytest.raises(UserError, match=r"reshape the array or re-export the model"):
+    with pytest.raises(UserError, match=r"reshape the array \(a transpose where its axes are in "
+                                        r"another order\) or re-export the model"):
         load_data(str(p), b)
 
 

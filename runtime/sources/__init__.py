@@ -95,9 +95,10 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
         return open_npz(path, manifest.inputs, manifest.loss, class_names=class_names)
     if kind == "text":
         if manifest.text is None:
-            raise UserError(f"{path} is text, but the bundle records no tokenizer (manifest "
-                            "'text'); export the model as a text model (with its tokenizer) or "
-                            "pass token ids in an .npz")
+            raise UserError(f"{path} is read as text (a CSV, TSV or JSONL file is), but the "
+                            "bundle records no tokenizer: for numeric columns save the features "
+                            "as x and the targets as y in an .npz (docs/data.md); for text, "
+                            "export the model with its tokenizer (--tokenizer)")
         # the verified bytes themselves: the tokenising child never opens the bundle's file
         tok = tokenizer if tokenizer is not None else read_listed(
             Path(bundle_dir), manifest.text.tokenizer, manifest.files)

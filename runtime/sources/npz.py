@@ -251,9 +251,13 @@ class NpzSource(Source):
             got = list(m.shape[1:])
             if m.ndim != len(spec.shape) or any(isinstance(w, int) and w != g
                                                 for w, g in zip(want, got, strict=True)):
-                last = len(got) == 3 and got[-1:] + got[:-1] == want  # images [N, H, W, C]
-                fix = ("it looks channels-last: save x.transpose(0, 3, 1, 2)" if last
-                       else "reshape the array or re-export the model")
+                # channels last (images [N, H, W, C], sensor series [N, T, C]): a transpose, a
+                # reshape would scramble the values and train on them without an error
+                last = len(got) >= 2 and got[-1:] + got[:-1] == want
+                axes = ", ".join(map(str, [0, len(got), *range(1, len(got))]))
+                fix = (f"it looks channels-last: save {m.key}.transpose({axes})" if last
+                       else "reshape the array (a transpose where its axes are in another "
+                       "order) or re-export the model")
                 raise UserError(f"{self._where(name)} has sample shape {got}; model input "
                                 f"'{name}' expects {want} (batch first: {spec.shape}); {fix}")
             if m.shape[0] != n:
