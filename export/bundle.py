@@ -47,7 +47,7 @@ from contract import (
 from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
-from .graph import ExportError, Shapes, lowest_ir_version, reads
+from .graph import ExportError, Shapes, forward_flops, lowest_ir_version, reads
 from .layers import (
     CompressedLayer,
     find_compressible_layers,
@@ -484,41 +484,13 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         instant=InstantSpec([load_typed(LayerInfo, ly.to_json(), "layer") for ly in layers],
                             settings, saved_int8=bool(saved_int8 and layers)),
         files=files, class_names=class_names, text=text, image=image, optimizers=optimizers,
-        flops=dict(zip(("forward", "trainable_forward"), _flops(fwd, shapes, set(params)),
+        flops=dict(zip(("forward", "trainable_forward"), forward_flops(fwd, shapes, set(params)),
                        strict=True)),
         prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample) if prefix is not None else None)
     text = manifest_json(manifest)
     load_typed(Manifest, json.loads(text), str(out / names.MANIFEST_FILE))  # what the runtime reads
     (out / names.MANIFEST_FILE).write_text(text)
     return out
-
-
-def _flops(model: onnx.ModelProto, shapes: Shapes, params: set[str]) -> tuple[int, int]:
-    """(forward FLOPs per sample of MatMul/Gemm/Conv nodes, the part in nodes whose output
-    depends on a trainable parameter): what ``plan`` turns into a step-time estimate with a
-    profile's GFLOP/s."""
-    from .autodiff import _requires_grad
-
-    req = _requires_grad(model.graph, shapes, params)
-    total = trainable = 0
-    for n in model.graph.node:
-        try:
-            if n.op_type in ("MatMul", "Gemm"):
-                out = shapes.of(n.output[0])
-                k = shapes.of(n.input[0])[-1] if n.op_type == "MatMul" or not any(
-                    a.name == "transA" and a.i for a in n.attribute) else shapes.of(n.input[0])[0]
-                f = 2 * int(np.prod([d for d in out[1:] if isinstance(d, int)])) * int(k)
-            elif n.op_type == "Conv":
-                out, w = shapes.of(n.output[0]), shapes.of(n.input[1])
-                f = 2 * int(np.prod(out[1:])) * int(np.prod(w[1:]))
-            else:
-                continue
-        except (ExportError, TypeError, ValueError):
-            continue
-        total += f
-        if n.output[0] in req:
-            trainable += f
-    return total, trainable
 
 
 def _np_dtype(t: int) -> str:

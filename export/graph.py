@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from contract.errors import UserError
 from contract.onnx_scan import LOOP_OPS
 
-__all__ = ["Builder", "ExportError", "Shapes", "check_ops", "infer_shapes", "lowest_ir_version",
-           "name_nodes", "reads", "static_shape"]
+__all__ = ["Builder", "ExportError", "Shapes", "check_ops", "forward_flops", "infer_shapes",
+           "lowest_ir_version", "name_nodes", "reads", "static_shape"]
 
 Dim = int | str | None
 
@@ -234,3 +234,31 @@ def lowest_ir_version(model: onnx.ModelProto) -> None:
     need = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     if need < model.ir_version:
         model.ir_version = need
+
+
+def forward_flops(model: onnx.ModelProto, shapes: Shapes, params: set[str]) -> tuple[int, int]:
+    """(forward FLOPs per sample of MatMul/Gemm/Conv nodes, the part in nodes whose output
+    depends on a trainable parameter): what ``plan`` turns into a step-time estimate with a
+    profile's GFLOP/s."""
+    from .autodiff import _requires_grad
+
+    req = _requires_grad(model.graph, shapes, params)
+    total = trainable = 0
+    for n in model.graph.node:
+        try:
+            if n.op_type in ("MatMul", "Gemm"):
+                out = shapes.of(n.output[0])
+                k = shapes.of(n.input[0])[-1] if n.op_type == "MatMul" or not any(
+                    a.name == "transA" and a.i for a in n.attribute) else shapes.of(n.input[0])[0]
+                f = 2 * int(np.prod([d for d in out[1:] if isinstance(d, int)])) * int(k)
+            elif n.op_type == "Conv":
+                out, w = shapes.of(n.output[0]), shapes.of(n.input[1])
+                f = 2 * int(np.prod(out[1:])) * int(np.prod(w[1:]))
+            else:
+                continue
+        except (ExportError, TypeError, ValueError):
+            continue
+        total += f
+        if n.output[0] in req:
+            trainable += f
+    return total, trainable

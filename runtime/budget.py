@@ -41,7 +41,7 @@ from contract import UserError, names
 from devices.planner import BudgetError, MemoryModel, Plan, make_plan, smaller_micro_batch
 
 from .calibrate import GramWindow, Spectrum, basis, decompose_bytes, gram_vectors, spectrum_width
-from .memory import WouldPassLimit, current_rss, physical_ram, set_limit
+from .memory import WouldPassLimit, current_rss, forked_child, physical_ram, set_limit
 from .order import order_bytes
 from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
@@ -143,9 +143,11 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     process's."""
     pages = resident_file_pages()
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child
         os.close(r)
+        forked_child(parent)
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _touch(pages)

@@ -430,7 +430,9 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
                                                    b.manifest.text.seq_len)
                 atomic_write(tmp / "tokenizer.json", lambda p: _write_bytes(p, data_tok))
             if b.manifest.image is not None:
-                prep = json.dumps(_preprocess(b.manifest.image, b.manifest.inputs), indent=1)
+                from .sources import preprocessing
+
+                prep = json.dumps(preprocessing(b.manifest.image, b.manifest.inputs), indent=1)
                 atomic_write(tmp / "preprocess.json", lambda p: write_text(p, prep))
         except UserError:
             raise
@@ -465,30 +467,6 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
                         str(b.manifest.source).lower().endswith(".onnx"),
                         None if bundle is not None or b.path in (src, src.parent) else b.path,
                         prep_path)
-
-
-def _preprocess(image, inputs) -> dict:
-    """How training turned an image file into the model's input (runtime/sources/images.py),
-    for a program that feeds the standalone model (docs/examples/classify_image.py): the
-    model holds none of it, and pixels scaled to [0, 1] alone score lower, silently, where the
-    export set a mean and std."""
-    c = int(image.channels)
-    mean, std = list(image.mean), list(image.std)
-    spec = next((t for t in inputs if t.name == image.input), None)
-    dtype = spec.dtype if spec is not None else "float32"
-    grey3d = spec is not None and len(spec.shape) == 3  # [N, H, W]: no channel axis
-    return {"input": image.input, "layout": "NHW" if grey3d else "NCHW", "dtype": dtype,
-            "channels": c,
-            "height": int(image.height), "width": int(image.width),
-            "mode": {1: "L", 3: "RGB"}.get(c, "RGBA" if c == 4 else "LA"),
-            "resize": "bilinear", "scale": "1/255 (16-bit grey: 1/65535)",
-            "mean": mean * c if len(mean) == 1 else mean,
-            "std": std * c if len(std) == 1 else std,
-            "steps": ["turn the image upright as its EXIF orientation says",
-                      "convert it to 'mode' (Pillow's Image.convert)",
-                      "resize it bilinearly to width x height",
-                      "scale its pixels to [0, 1]",
-                      "x = (x - mean) / std per channel, stacked as 'layout' in 'dtype'"]}
 
 
 def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:

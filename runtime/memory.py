@@ -16,12 +16,42 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss", "peak_rss",
-           "physical_ram", "proc_status", "reserve", "run_measured", "set_budget", "set_limit",
-           "tune_malloc"]
+__all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss",
+           "forked_child", "held_lock", "peak_rss", "physical_ram", "proc_status", "reserve",
+           "run_measured", "set_budget", "set_limit", "tune_malloc"]
 
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
 _BUDGET: int | None = None  # the command's --budget (or its profile's), for helper children
+
+
+_LOCKS: set[int] = set()  # flock'ed descriptors (a run folder's): never a forked child's
+
+
+def held_lock(fd: int, held: bool = True) -> None:
+    """Register (``held``) or forget ``fd``, a descriptor holding a folder's ``flock``."""
+    (_LOCKS.add if held else _LOCKS.discard)(fd)
+
+
+def forked_child(parent: int) -> None:
+    """First thing in a forked helper (a planning probe, the tokenising child): it dies with
+    ``parent`` (``PR_SET_PDEATHSIG``: a SIGKILLed trainer's probe ran on for 10 s, up to
+    470 MB) and lets go of the run folder's lock (its copy of the descriptor kept the folder
+    "in use by another training run" after the trainer was gone)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's own checks remain
+        pass
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+    for fd in list(_LOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCKS.clear()
 
 
 def set_budget(budget: int | None) -> None:

@@ -4,7 +4,6 @@ begins puts it back as it was."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -21,15 +20,22 @@ from contract import UserError, atomic_write, write_text
 from .checkpoint import (
     StartupInterrupted,
     TrainingInterrupted,
-    _open_regular,
     has_checkpoints,
     newest_checkpoint,
+)
+from .memory import held_lock
+from .run_files import (
+    MAX_RUN_JSON_BYTES,
+    RUN_FILES,
+    _first_link,
+    check_run_links,
+    json_object,
+    run_class_names,
 )
 
 __all__ = ["RUN_FILES", "RunFolder", "bundle_run", "check_out_path", "check_run_links",
            "hold_folder", "json_object", "not_run_files", "run_class_names", "set_aside_hint"]
 
-RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
 # temporary file of an atomic write (``.NAME.tmpPID``)
 _RUN_LEFTOVER = re.compile(r"^\.(replaced\.\d+|write-test\.\d+|[\w.-]+\.tmp\d+)$")
@@ -48,68 +54,6 @@ def bundle_run(bundle_dir: Path, name: str = "run") -> Path:
                         "or written through a link (it may lead outside the bundle); delete "
                         "the link, or name the run with --out / --weights")
     return run
-
-
-def _first_link(run: Path, only: tuple[str, ...] | None = None) -> Path | None:
-    """The first symbolic link among the entries of ``run`` (those named ``only``, when
-    given) and of its ``checkpoints`` folder; None when there is none."""
-    try:
-        for entry in run.iterdir():
-            if only is not None and entry.name not in only:
-                continue
-            if entry.is_symlink():
-                return entry
-            if entry.name == "checkpoints" and entry.is_dir():
-                link = next((e for e in entry.iterdir() if e.is_symlink()), None)
-                if link is not None:
-                    return link
-    except OSError:
-        pass
-    return None
-
-
-def _link_error(link: Path) -> UserError:
-    return UserError(f"{link} is a symbolic link: a run's files are never read through a link "
-                     "(it may lead outside the run folder); replace it with the file itself "
-                     "(cp -L), or pass another run")
-
-
-def check_run_links(run: Path) -> None:
-    """Refuse a run folder (eval's and export-model's weights, a resumed run) whose files
-    (``RUN_FILES``, the checkpoints) include a symbolic link: a run is untrusted data, as a
-    bundle is, and its links may lead anywhere (a probe's ``checkpoints/ckpt-000030.npz`` to a
-    file outside: export-model copied its bytes out).
-
-    Raises:
-        UserError: a link, named.
-    """
-    link = _first_link(Path(run), RUN_FILES)
-    if link is not None:
-        raise _link_error(link)
-
-
-def run_class_names(run: Path, bundle) -> list[str] | None:
-    """The label map ``run`` recorded in its run.json (None when it has none), one name per
-    class of ``bundle``'s model (a probe's 5,000,000 names for a 10-class model went into
-    export-model's labels.json).
-
-    Raises:
-        UserError: as :func:`json_object`, or class names that do not fit the model.
-    """
-    path = Path(run) / "run.json"
-    names = json_object(path).get("class_names")
-    if names is None:
-        return None
-    loss = bundle.loss
-    k = loss.num_classes if loss.kind == "cross_entropy" else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        why = "is not a list of names"
-    elif k is not None and len(names) != k:
-        why = f"holds {len(names):,} names for a {k}-class model"
-    else:
-        return names
-    raise UserError(f"{path}: class_names {why}; put back the run's own run.json (or delete "
-                    "its class_names), or pass another run")
 
 
 def not_run_files(folder: Path, allowed: tuple[str, ...] = RUN_FILES) -> list[str]:
@@ -375,6 +319,7 @@ class RunFolder:
             self._busy = False
             self._release_signals()
             if self._lock is not None:
+                held_lock(self._lock, False)
                 os.close(self._lock)  # the folder is free for the next run
                 self._lock = None
         pending, self._pending = self._pending, None
@@ -499,6 +444,7 @@ def hold_folder(folder: Path, busy: str, lock_file: str | None = None) -> int:
     except OSError:
         os.close(fd)
         raise UserError(busy) from None
+    held_lock(fd)  # a forked helper closes its copy (memory.forked_child)
     return fd
 
 
@@ -515,39 +461,6 @@ def _check_writable(folder: Path, out: Path) -> None:
     except OSError as exc:
         raise UserError(f"--out '{out}' is not writable ({exc.strerror or exc}); pass another "
                         "--out") from None
-
-
-# a run.json holds ~1 KB and the class names (60,000 names of 12 characters fit); parsed, a
-# larger one could take any memory past a --budget (a probe's 75 MB: 490 MB under 120 MB)
-MAX_RUN_JSON_BYTES = 1 << 20
-
-
-def json_object(path: Path) -> dict:
-    """The JSON object in ``path`` (a run's run.json); {} when it is missing, unreadable or not
-    an object.
-
-    Raises:
-        UserError: a symbolic link, or more than ``MAX_RUN_JSON_BYTES``.
-    """
-    try:
-        fd = _open_regular(path)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _link_error(path) from None
-        return {}
-    except ValueError:
-        return {}
-    with os.fdopen(fd, "rb") as f:
-        size = os.fstat(fd).st_size
-        if size > MAX_RUN_JSON_BYTES:
-            raise UserError(f"{path} has {size:,} bytes, more than a run's run.json can have "
-                            f"({MAX_RUN_JSON_BYTES:,}); put back the run's own run.json, or "
-                            "pass another run")
-        try:
-            data = json.loads(f.read(MAX_RUN_JSON_BYTES + 1))
-        except (OSError, ValueError, RecursionError):
-            return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _nonempty_dir(path: Path) -> bool:

@@ -561,3 +561,47 @@ def test_plan_measures_the_process_train_plans_in(mlp_bundle, tmp_path):
         mods[cmd] = set(json.loads((tmp_path / cmd).read_text()))
     assert "runtime.run" in mods["train"]
     assert not mods["train"] - mods["plan"], sorted(mods["train"] - mods["plan"])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_a_killed_trainers_probes_die_with_it_and_free_its_folder(workload, tmp_path):
+    """SIGKILL of a trainer while a planning probe runs: the probe dies with it and holds no
+    lock on --out (a concurrency probe: an orphaned probe ran on for 10 s up to 470 MB, and
+    the same command run again was refused as "in use by another training run")."""
+    import os
+    import signal
+    import time
+
+    bundle, data = workload
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "runtime", "train", str(bundle), "--data", str(data),
+            "--batch", str(BATCH), "--threads", "1", "--no-progress", "--out", str(out),
+            "--budget", "400MB", "--steps", "2"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        t0, probes = time.monotonic(), []
+        while not probes:  # a forked planning probe
+            assert proc.poll() is None and time.monotonic() - t0 < 120, "no probe was seen"
+            probes = _children(proc.pid)
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        time.sleep(0.1)  # (a probe runs for seconds: an orphan would still be at work)
+        alive = [p for p in probes if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().split()[2] not in "ZX"]
+        assert not alive, alive
+    finally:
+        proc.kill()
+        for p in _children(proc.pid):
+            os.kill(p, signal.SIGKILL)
+    r = subprocess.run([*argv[:-4], "--steps", "1", "--resume"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert "in use by another training run" not in r.stderr, r.stderr
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -181,7 +181,8 @@ def test_the_default_flop_cap_binds_only_where_the_backward_is_large():
     assert layer_flops(big[0], *ranks["b"], 32) <= _exact_flops(big)
     # the CLI: an explicit --flop-ratio binds at any size
     settings = SimpleNamespace(energy=0.95, oversample=0, calib_every=50, calib_batches=2)
-    bundle = SimpleNamespace(manifest=SimpleNamespace(instant=SimpleNamespace(settings=settings)))
+    bundle = SimpleNamespace(manifest=SimpleNamespace(instant=SimpleNamespace(settings=settings)),
+                             layers=big)
     args = dict(rank_policy=None, energy=None, oversample=None, calib_every=None,
                 calib_batches=None, max_rank=None, variance=None, saved_ratio=None,
                 mode="instant", threads=1, device="cpu")

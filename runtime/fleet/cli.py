@@ -196,6 +196,9 @@ def _server(a) -> int:
         print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)
     s = run_server(local, address, a.rounds, a.min_clients, out, evaluate_here=a.data is not None,
                    wait_s=wait, round_timeout=round_timeout)
+    from ..memory import held_lock
+
+    held_lock(lock, False)
     os.close(lock)
     hist = [h for h in s["history"] if h["accuracy"] is not None]
     what = "held-out" if a.data else "clients' held-out"

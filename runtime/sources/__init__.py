@@ -30,7 +30,7 @@ from pathlib import Path
 
 from contract.errors import UserError
 from contract.files import read_listed
-from contract.manifest import Manifest
+from contract.manifest import ImageSpec, Manifest, TensorSpec
 
 from .common import IMAGE_SUFFIXES, TEXT_SUFFIXES, Problems, Source, SourceView, split
 from .images import ImageSource, open_images
@@ -51,6 +51,7 @@ __all__ = [
     "open_npz",
     "open_source",
     "open_text",
+    "preprocessing",
     "split",
 ]
 
@@ -155,3 +156,27 @@ def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
         tr.test = va
         return tr
     return train
+
+
+def preprocessing(image: ImageSpec, inputs: list[TensorSpec]) -> dict:
+    """How an image file becomes the model's input here (:class:`ImageSource`, sources/images.py), for a program
+    that feeds the standalone model of ``export-model`` (docs/examples/classify_image.py): the
+    model holds none of it, and pixels scaled to [0, 1] alone score lower, silently, where the
+    export set a mean and std."""
+    c = int(image.channels)
+    mean, std = list(image.mean), list(image.std)
+    spec = next((t for t in inputs if t.name == image.input), None)
+    dtype = spec.dtype if spec is not None else "float32"
+    grey3d = spec is not None and len(spec.shape) == 3  # [N, H, W]: no channel axis
+    return {"input": image.input, "layout": "NHW" if grey3d else "NCHW", "dtype": dtype,
+            "channels": c,
+            "height": int(image.height), "width": int(image.width),
+            "mode": {1: "L", 3: "RGB"}.get(c, "RGBA" if c == 4 else "LA"),
+            "resize": "bilinear", "scale": "1/255 (16-bit grey: 1/65535)",
+            "mean": mean * c if len(mean) == 1 else mean,
+            "std": std * c if len(std) == 1 else std,
+            "steps": ["turn the image upright as its EXIF orientation says",
+                      "convert it to 'mode' (Pillow's Image.convert)",
+                      "resize it bilinearly to width x height",
+                      "scale its pixels to [0, 1]",
+                      "x = (x - mean) / std per channel, stacked as 'layout' in 'dtype'"]}

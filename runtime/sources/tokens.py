@@ -21,7 +21,7 @@ import numpy as np
 
 from contract.errors import UserError
 
-from ..memory import budget_given, child_limit, proc_status
+from ..memory import budget_given, child_limit, forked_child, proc_status
 
 __all__ = ["TokenCache"]
 
@@ -67,9 +67,11 @@ class TokenCache:
         where ``STALL_S`` pass without a chunk of rows done; either is one error line."""
         limit = child_limit()
         r, w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
+            forked_child(parent)
             # the tokenizer's Rust panics print to stderr before they surface as exceptions;
             # the parent reports the failure in one line, so the child's stderr goes nowhere
             null = os.open(os.devnull, os.O_WRONLY)

@@ -1,0 +1,115 @@
+"""A run folder's own files read as untrusted data (``eval --weights``, ``export-model``,
+``report``, ``train --resume``): never through a symbolic link, ``run.json`` bounded in size
+and its class names checked against the model (a run folder may come from anywhere, as a
+bundle may)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+from contract import UserError
+
+from .checkpoint import _open_regular
+
+__all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "json_object",
+           "run_class_names"]
+
+RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
+
+
+# a run.json holds ~1 KB and the class names (60,000 names of 12 characters fit); parsed, a
+# larger one could take any memory past a --budget (a probe's 75 MB: 490 MB under 120 MB)
+MAX_RUN_JSON_BYTES = 1 << 20
+
+
+def json_object(path: Path) -> dict:
+    """The JSON object in ``path`` (a run's run.json); {} when it is missing, unreadable or not
+    an object.
+
+    Raises:
+        UserError: a symbolic link, or more than ``MAX_RUN_JSON_BYTES``.
+    """
+    try:
+        fd = _open_regular(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _link_error(path) from None
+        return {}
+    except ValueError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > MAX_RUN_JSON_BYTES:
+            raise UserError(f"{path} has {size:,} bytes, more than a run's run.json can have "
+                            f"({MAX_RUN_JSON_BYTES:,}); put back the run's own run.json, or "
+                            "pass another run")
+        try:
+            data = json.loads(f.read(MAX_RUN_JSON_BYTES + 1))
+        except (OSError, ValueError, RecursionError):
+            return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _first_link(run: Path, only: tuple[str, ...] | None = None) -> Path | None:
+    """The first symbolic link among the entries of ``run`` (those named ``only``, when
+    given) and of its ``checkpoints`` folder; None when there is none."""
+    try:
+        for entry in run.iterdir():
+            if only is not None and entry.name not in only:
+                continue
+            if entry.is_symlink():
+                return entry
+            if entry.name == "checkpoints" and entry.is_dir():
+                link = next((e for e in entry.iterdir() if e.is_symlink()), None)
+                if link is not None:
+                    return link
+    except OSError:
+        pass
+    return None
+
+
+def _link_error(link: Path) -> UserError:
+    return UserError(f"{link} is a symbolic link: a run's files are never read through a link "
+                     "(it may lead outside the run folder); replace it with the file itself "
+                     "(cp -L), or pass another run")
+
+
+def check_run_links(run: Path) -> None:
+    """Refuse a run folder (eval's and export-model's weights, a resumed run) whose files
+    (``RUN_FILES``, the checkpoints) include a symbolic link: a run is untrusted data, as a
+    bundle is, and its links may lead anywhere (a probe's ``checkpoints/ckpt-000030.npz`` to a
+    file outside: export-model copied its bytes out).
+
+    Raises:
+        UserError: a link, named.
+    """
+    link = _first_link(Path(run), RUN_FILES)
+    if link is not None:
+        raise _link_error(link)
+
+
+def run_class_names(run: Path, bundle) -> list[str] | None:
+    """The label map ``run`` recorded in its run.json (None when it has none), one name per
+    class of ``bundle``'s model (a probe's 5,000,000 names for a 10-class model went into
+    export-model's labels.json).
+
+    Raises:
+        UserError: as :func:`json_object`, or class names that do not fit the model.
+    """
+    path = Path(run) / "run.json"
+    names = json_object(path).get("class_names")
+    if names is None:
+        return None
+    loss = bundle.loss
+    k = loss.num_classes if loss.kind == "cross_entropy" else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        why = "is not a list of names"
+    elif k is not None and len(names) != k:
+        why = f"holds {len(names):,} names for a {k}-class model"
+    else:
+        return names
+    raise UserError(f"{path}: class_names {why}; put back the run's own run.json (or delete "
+                    "its class_names), or pass another run")
