@@ -190,6 +190,13 @@ class RunFolder:
                 f"--out '{p}' holds {', '.join(existing)} but no training run (no run.json of "
                 "one and no checkpoint); nothing there is replaced: pass a new or empty folder "
                 "as --out")
+        if existing == ["run.json"] and not (resume or overwrite) and self._is_run():
+            # the stub of a run killed before its first step (SIGKILL while the plan's probes
+            # ran): no weights, checkpoint or log to lose; the same command starts afresh
+            print(f"note: '{p}' held only the run.json of a run that never trained a step (its "
+                  "process was killed); starting afresh", file=sys.stderr)
+            (p / "run.json").unlink()
+            existing = []
         if existing and not (resume or overwrite):
             raise UserError(f"--out '{p}' already holds a training run ({', '.join(existing)}); "
                             "pass --resume to continue it, --overwrite to replace it, or "

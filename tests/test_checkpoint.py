@@ -1323,3 +1323,20 @@ def test_a_run_json_too_large_to_read_back_is_never_written(mlp_bundle, tmp_path
     rf.prepare(resume=False, overwrite=True)
     rf.finish(True)
     assert (out / "run.json").stat().st_size < MAX_RUN_JSON_BYTES
+
+
+def test_the_stub_of_a_run_killed_before_its_first_step_is_started_afresh(mlp_bundle, tmp_path,
+                                                                         capsys):
+    """SIGKILL while the plan's probes ran left run.json and an empty checkpoints folder: the
+    same command was refused ("already holds a training run"; a concurrency probe). Nothing
+    of value is there: it starts afresh, with a note."""
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    rf = _folder(mlp_bundle, out)
+    (out / "run.json").write_text(json.dumps(rf.identity))
+    rf.prepare(resume=False, overwrite=False)
+    rf.finish(True)
+    assert "held only the run.json of a run that never trained a step" in capsys.readouterr().err
+    (out / "params.npz").write_bytes(b"weights")  # a run with something to lose: refused
+    with pytest.raises(UserError, match="already holds a training run"):
+        _folder(mlp_bundle, out).prepare(resume=False, overwrite=False)
