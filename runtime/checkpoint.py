@@ -545,7 +545,14 @@ class StopSignals:
             self._pipe = (r, w)
             self._watch = threading.Thread(target=self._watchdog, args=(r, abort_runs),
                                            name="signal-watchdog", daemon=True)
-            self._watch.start()
+            try:
+                self._watch.start()
+            except RuntimeError:  # "can't start new thread": the process limit (ulimit -u)
+                self._watch = None
+                self.__exit__()
+                raise UserError("cannot start a thread: this user's process and thread limit "
+                                "(ulimit -u) is reached; raise it, or train with --threads 1 "
+                                "and fewer other processes") from None
             try:
                 for s in self.SIGNALS:
                     if s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN:

@@ -1340,3 +1340,23 @@ def test_the_stub_of_a_run_killed_before_its_first_step_is_started_afresh(mlp_bu
     (out / "params.npz").write_bytes(b"weights")  # a run with something to lose: refused
     with pytest.raises(UserError, match="already holds a training run"):
         _folder(mlp_bundle, out).prepare(resume=False, overwrite=False)
+
+
+def test_no_thread_left_for_the_signal_watchdog_is_one_error(monkeypatch):
+    """Under a low ``ulimit -u`` the watchdog thread cannot start: one error naming the limit
+    (a concurrency probe got "can't start new thread" and "cannot join thread before it is
+    started" tracebacks), the signal handlers as they were."""
+    import threading
+
+    from runtime.checkpoint import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(UserError, match=r"cannot start a thread: .*\(ulimit -u\) is reached"):
+        with StopSignals():
+            pass
+    assert signal.getsignal(signal.SIGTERM) is before
