@@ -475,6 +475,33 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
                         "pass another --out")
 
 
+def _drop_dead_staging(out: Path) -> None:
+    """Remove the staging folders (``.NAME.export.PID.*``) of exports to ``out`` whose process
+    is gone: one SIGKILLed (the OOM killer) left its half-written bundle there for good."""
+    import re
+    import shutil
+
+    def dead(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # (another user's: alive)
+            pass
+        return False
+
+    pattern = re.compile(rf"^\.{re.escape(out.name[:100])}\.export\.(\d+)\.")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for e in entries:
+        m = pattern.match(e.name)
+        if m and int(m.group(1)) != os.getpid() and dead(int(m.group(1))) and e.is_dir() \
+                and not e.is_symlink():
+            shutil.rmtree(e, ignore_errors=True)
+
+
 def _cmd_export(a) -> int:
     old_term = _term_as_interrupt()  # a SIGTERM too removes the half-written bundle (finally)
     try:
@@ -526,7 +553,9 @@ def _export(a) -> int:
     # found late, an unsupported op) leaves an existing bundle as it was
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.export.", dir=out.parent))
+        _drop_dead_staging(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.export.{os.getpid()}.",
+                                    dir=out.parent))
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
     notes: list[str] = []

@@ -253,6 +253,30 @@ def test_an_export_stopped_by_sigterm_leaves_no_half_written_bundle(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_the_next_export_drops_what_a_killed_one_left(tmp_path):
+    """SIGKILL (the OOM killer) leaves no clean-up at all: a concurrency probe's killed exports
+    left their hidden half-written bundles beside --out for good. The next export to that
+    --out removes those whose process is gone, and no other hidden folder."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "runtime", "export", "--model", "token-mlp",
+                          "--out", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 120
+    while not list(tmp_path.glob(".B.export.*")) and p.poll() is None:
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    assert list(tmp_path.glob(".B.export.*")), "the export had finished before the kill"
+    (tmp_path / ".B.export.keep").mkdir()  # no process id in its name: not an export's
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model", "mlp", "--out",
+                        str(tmp_path / "B")], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == [".B.export.keep", "B"]
+
+
 def test_a_fleet_server_stopped_after_a_round_can_use_its_folder_again(tmp_path):
     """A server stopped after round 1 leaves the round's params.npz (and its lock), no summary:
     it was refused as "no fleet server wrote" even with --overwrite or --resume (review)."""
