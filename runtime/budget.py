@@ -147,8 +147,8 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     pid = os.fork()
     if pid == 0:  # child
         os.close(r)
-        forked_child(parent)
         try:
+            forked_child(parent)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _touch(pages)
             set_limit(limit - PROBE_HEADROOM if limit else None)

@@ -477,7 +477,9 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
 
 def _drop_dead_staging(out: Path) -> None:
     """Remove the staging folders (``.NAME.export.PID.*``) of exports to ``out`` whose process
-    is gone: one SIGKILLed (the OOM killer) left its half-written bundle there for good."""
+    is gone: one SIGKILLed (the OOM killer) left its half-written bundle there for good. (The
+    process is looked up on this machine: two machines exporting into one shared folder at
+    once are not told apart.)"""
     import re
     import shutil
 
@@ -490,7 +492,9 @@ def _drop_dead_staging(out: Path) -> None:
             pass
         return False
 
-    pattern = re.compile(rf"^\.{re.escape(out.name[:100])}\.export\.(\d+)\.")
+    # exactly what mkdtemp makes below (its random part has no dot): another --out's folder,
+    # say 'B.export.4000000', never matches one of B's
+    pattern = re.compile(rf"^\.{re.escape(out.name[:100])}\.export\.(\d{{1,9}})\.[A-Za-z0-9_]+$")
     try:
         entries = list(out.parent.iterdir())
     except OSError:

@@ -190,12 +190,17 @@ class RunFolder:
                 f"--out '{p}' holds {', '.join(existing)} but no training run (no run.json of "
                 "one and no checkpoint); nothing there is replaced: pass a new or empty folder "
                 "as --out")
-        if existing == ["run.json"] and not (resume or overwrite) and self._is_run():
+        stub = set(existing) <= {"run.json", "metrics.jsonl"} and (
+            "metrics.jsonl" not in existing or self._no_steps(p / "metrics.jsonl"))
+        if existing and stub and not (resume or overwrite) and not not_run_files(p) \
+                and self._is_run():
             # the stub of a run killed before its first step (SIGKILL while the plan's probes
-            # ran): no weights, checkpoint or log to lose; the same command starts afresh
-            print(f"note: '{p}' held only the run.json of a run that never trained a step (its "
+            # or the first evaluation ran): no weights, checkpoint or step to lose; the same
+            # command starts afresh
+            print(f"note: '{p}' held only the start of a run that never trained a step (its "
                   "process was killed); starting afresh", file=sys.stderr)
-            (p / "run.json").unlink()
+            for f in existing:
+                (p / f).unlink()
             existing = []
         if existing and not (resume or overwrite):
             raise UserError(f"--out '{p}' already holds a training run ({', '.join(existing)}); "

@@ -1336,10 +1336,22 @@ def test_the_stub_of_a_run_killed_before_its_first_step_is_started_afresh(mlp_bu
     (out / "run.json").write_text(json.dumps(rf.identity))
     rf.prepare(resume=False, overwrite=False)
     rf.finish(True)
-    assert "held only the run.json of a run that never trained a step" in capsys.readouterr().err
+    assert "held only the start of a run that never trained a step" in capsys.readouterr().err
     (out / "params.npz").write_bytes(b"weights")  # a run with something to lose: refused
     with pytest.raises(UserError, match="already holds a training run"):
         _folder(mlp_bundle, out).prepare(resume=False, overwrite=False)
+    # killed during the first evaluation: its metrics.jsonl holds the plan only
+    (out / "params.npz").unlink()
+    (out / "metrics.jsonl").write_text('{"kind": "plan", "micro_batch": 8}\n')
+    rf = _folder(mlp_bundle, out)
+    rf.prepare(resume=False, overwrite=False)
+    rf.finish(True)
+    # a file of the user's beside the stub: refused, the stub left as it was (a reviewer: it
+    # was deleted, then the run refused)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError):
+        _folder(mlp_bundle, out).prepare(resume=False, overwrite=False)
+    assert (out / "run.json").is_file()
 
 
 def test_no_thread_left_for_the_signal_watchdog_is_one_error(monkeypatch):

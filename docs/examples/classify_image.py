@@ -1,5 +1,6 @@
-"""python classify_image.py MODEL IMAGE ...  (MODEL.onnx/.labels.json/.preprocess.json: export-model)"""
+"""python classify_image.py MODEL IMAGE ...  (MODEL.onnx/.preprocess.json[/.labels.json]: export-model)"""
 import json
+import os
 import sys
 
 import numpy as np
@@ -8,14 +9,20 @@ from PIL import Image, ImageOps
 
 model, files = sys.argv[1], sys.argv[2:]
 prep = json.load(open(f"{model}.preprocess.json"))  # what training did to each image file
-labels, sess = json.load(open(f"{model}.labels.json")), ort.InferenceSession(f"{model}.onnx")
+labels = json.load(open(f"{model}.labels.json")) if os.path.exists(f"{model}.labels.json") else None
+sess = ort.InferenceSession(f"{model}.onnx")
+size, c = (prep["width"], prep["height"]), prep["channels"]
 mean = np.array(prep["mean"], np.float32)[:, None, None]
 std = np.array(prep["std"], np.float32)[:, None, None]
 for f in files:
-    im = ImageOps.exif_transpose(Image.open(f)).convert(prep["mode"])
-    im = im.resize((prep["width"], prep["height"]), Image.BILINEAR)
-    x = np.asarray(im, np.float32) / 255.0
-    x = (x[None] if x.ndim == 2 else x.transpose(2, 0, 1)) - mean
-    x = (x / std)[None] if prep["layout"] == "NCHW" else (x / std)[:1]
-    logits = sess.run(None, {prep["input"]: x.astype(prep["dtype"])})[0][0]
-    print(f"{labels[logits.argmax()]:>10}  {f}")
+    im = ImageOps.exif_transpose(Image.open(f))
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey: scaled, then resized
+        a = np.asarray(im, np.float32) * (1.0 if im.mode == "F" else 1 / 65535)
+        x = np.repeat(np.asarray(Image.fromarray(a, "F").resize(size, Image.BILINEAR))[None], c, 0)
+    else:
+        x = np.asarray(im.convert(prep["mode"]).resize(size, Image.BILINEAR), np.float32) / 255.0
+        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    x = (x - mean) / std  # [channels, height, width]
+    x = x[None] if prep["layout"] == "NCHW" else x[:1]  # NHW: a grey model without channel axis
+    k = int(sess.run(None, {prep["input"]: x.astype(prep["dtype"])})[0][0].argmax())
+    print(f"{labels[k] if labels else k:>10}  {f}")

@@ -159,10 +159,10 @@ def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
 
 
 def preprocessing(image: ImageSpec, inputs: list[TensorSpec]) -> dict:
-    """How an image file becomes the model's input here (:class:`ImageSource`, sources/images.py), for a program
-    that feeds the standalone model of ``export-model`` (docs/examples/classify_image.py): the
-    model holds none of it, and pixels scaled to [0, 1] alone score lower, silently, where the
-    export set a mean and std."""
+    """How an image file becomes the model's input here (:class:`ImageSource`,
+    sources/images.py), for a program that feeds the standalone model of ``export-model``
+    (docs/examples/classify_image.py): the model holds none of it, and pixels scaled to [0, 1]
+    alone score lower, silently, where the export set a mean and std."""
     c = int(image.channels)
     mean, std = list(image.mean), list(image.std)
     spec = next((t for t in inputs if t.name == image.input), None)

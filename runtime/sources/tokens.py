@@ -71,14 +71,15 @@ class TokenCache:
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
-            forked_child(parent)
-            # the tokenizer's Rust panics print to stderr before they surface as exceptions;
-            # the parent reports the failure in one line, so the child's stderr goes nowhere
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 2)
-            os.close(null)
             msg = b"ok"
             try:
+                forked_child(parent)
+                # the tokenizer's Rust panics print to stderr before they surface as
+                # exceptions; the parent reports the failure in one line, so the child's
+                # stderr goes nowhere
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
                 msg = self._child(tokenizer_path, texts, chars, w)
             except BaseException as exc:  # noqa: BLE001 - reported to the parent
                 msg = f"error: {type(exc).__name__}: {exc}".encode()[:2000]
