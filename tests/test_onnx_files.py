@@ -21,6 +21,15 @@ def _cli(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+def _saved(path: Path, nodes, x: tuple, y: tuple, inits) -> Path:
+    """A one-input, one-output opset-17 file: ``x`` / ``y`` (name, element type, dims)."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(*x)],
+                              [helper.make_tensor_value_info(*y)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    return path
+
+
 def _torch_static(path: Path, flatten_by_batch: bool) -> None:
     """A legacy TorchScript export without dynamic axes: every shape in the file says batch 4;
     ``flatten_by_batch`` also bakes 4 into a Reshape (x.reshape(x.shape[0], -1))."""
@@ -833,16 +842,13 @@ def test_int32_token_ids_train_a_lookup_table(tmp_path):
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((30, 16)) * 0.3).astype(np.float32)
     head = (rng.standard_normal((16, 3)) * 0.3).astype(np.float32)
-    graph = helper.make_graph(
+    path = _saved(
+        tmp_path / "ids32.onnx",
         [helper.make_node("Gather", ["E", "ids"], ["e"], name="/emb/Gather"),
          helper.make_node("ReduceMean", ["e"], ["p"], axes=[1], keepdims=0, name="/pool"),
-         helper.make_node("MatMul", ["p", "H"], ["logits"], name="/head/MatMul")], "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT32, ["N", 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+         helper.make_node("MatMul", ["p", "H"], ["logits"], name="/head/MatMul")],
+        ("ids", TensorProto.INT32, ["N", 8]), ("logits", TensorProto.FLOAT, ["N", 3]),
         [numpy_helper.from_array(table, "E"), numpy_helper.from_array(head, "H")])
-    path = tmp_path / "ids32.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                                ir_version=8), str(path))
     r = _cli("export", "--model", path, "--out", tmp_path / "b", "--trainable", "all")
     assert r.returncode == 0, r.stderr
     ids = rng.integers(0, 30, (4, 8)).astype(np.int32)
@@ -898,17 +904,14 @@ def test_an_int32_scalar_index_picks_a_token_with_torch_gradients(tmp_path):
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((8, 16)) * 0.3).astype(np.float32)
     h = (rng.standard_normal((16, 3)) * 0.3).astype(np.float32)
-    graph = helper.make_graph(
+    path = _saved(
+        tmp_path / "cls32.onnx",
         [helper.make_node("MatMul", ["x", "W"], ["t"], name="/l1/MatMul"),
          helper.make_node("Gather", ["t", "i0"], ["c"], axis=1, name="/cls/Gather"),
-         helper.make_node("MatMul", ["c", "H"], ["logits"], name="/head/MatMul")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+         helper.make_node("MatMul", ["c", "H"], ["logits"], name="/head/MatMul")],
+        ("x", TensorProto.FLOAT, ["N", 5, 8]), ("logits", TensorProto.FLOAT, ["N", 3]),
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(h, "H"),
          numpy_helper.from_array(np.array(0, np.int32), "i0")])
-    path = tmp_path / "cls32.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                                ir_version=8), str(path))
     r = _cli("export", "--model", path, "--out", tmp_path / "b", "--trainable", "all")
     assert r.returncode == 0, r.stderr
     x = rng.standard_normal((4, 5, 8)).astype(np.float32)
