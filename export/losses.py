@@ -47,13 +47,20 @@ def _classes_first(out_shape: list, labels: list[int] | None, class_axis: str) -
     return len(out_shape) >= 4
 
 
+def _made_by(g: onnx.GraphProto, output: str, op: str) -> onnx.NodeProto | None:
+    """The standard-domain ``op`` node that makes ``output``, else None."""
+    node = next((n for n in g.node if output in n.output), None)
+    return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") \
+        else None
+
+
 def _logits(g: onnx.GraphProto, output: str, rank: int, first: bool,
             notes: list[str] | None) -> str:
     """What the cross-entropy reads: ``output``, or the input of the Softmax that makes it over
     the class axis (files from many exporters end in one). Cross-entropy of probabilities
     would apply a second softmax: a loss that barely moves."""
-    node = next((n for n in g.node if output in n.output), None)
-    if node is None or node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+    node = _made_by(g, output, "Softmax")
+    if node is None:
         return output
     axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
     axis = axis + rank if axis < 0 else axis
@@ -69,8 +76,8 @@ def _sigmoid_input(g: onnx.GraphProto, output: str, notes: list[str] | None) -> 
     """The input of the Sigmoid that makes ``output``, else None: binary cross-entropy on
     logits of probabilities would apply a second sigmoid (a loss that cannot reach 0, and
     gradients several times too small)."""
-    node = next((n for n in g.node if output in n.output), None)
-    if node is None or node.op_type != "Sigmoid" or node.domain not in ("", "ai.onnx"):
+    node = _made_by(g, output, "Sigmoid")
+    if node is None:
         return None
     if notes is not None:
         notes.append(f"note: output '{output}' is a Sigmoid's probabilities; the binary "

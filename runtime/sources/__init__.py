@@ -33,7 +33,7 @@ from contract.files import read_listed
 from contract.manifest import ImageSpec, Manifest, TensorSpec
 
 from .common import IMAGE_SUFFIXES, TEXT_SUFFIXES, Problems, Source, SourceView, split
-from .images import ImageSource, open_images
+from .images import _MODES, ImageSource, open_images
 from .npz import NpzSource, open_npz
 from .text import TextSource, open_text
 
@@ -171,7 +171,7 @@ def preprocessing(image: ImageSpec, inputs: list[TensorSpec]) -> dict:
     return {"input": image.input, "layout": "NHW" if grey3d else "NCHW", "dtype": dtype,
             "channels": c,
             "height": int(image.height), "width": int(image.width),
-            "mode": {1: "L", 3: "RGB"}.get(c, "RGBA" if c == 4 else "LA"),
+            "mode": _MODES[c],
             "resize": "bilinear", "scale": "1/255 (16-bit grey: 1/65535)",
             "mean": mean * c if len(mean) == 1 else mean,
             "std": std * c if len(std) == 1 else std,
