@@ -354,6 +354,17 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     in_shapes0 = Shapes(traced.model)
     text = text_spec(traced, in_shapes0, Path(tokenizer) if tokenizer else None, out,
                      id_rows=bounds, first_token=head is not None and pool == "cls")
+    if text is not None and text.mask_input is not None:
+        from .padding import tokenizer_mask_inverted
+
+        flipped = inverted or tokenizer_mask_inverted(traced, in_shapes0, bounds, _dynamic_batch)
+        if flipped == text.mask_input:
+            raise ExportError(
+                f"input '{flipped}' marks the padding with 1 (checked: the outputs ignore the "
+                "tokens it marks 1), but --tokenizer fills it with an attention mask, 1 on real "
+                "tokens: training would attend to the padding alone; give the model an "
+                f"attention_mask input ({flipped} = attention_mask == 0 inside), or leave out "
+                "--tokenizer and train from an .npz holding your own mask")
     prefix = None
     pinned: dict[str, int] = {}  # input -> the token length its symbolic axis 1 trains at
     if text is not None:

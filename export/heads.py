@@ -182,6 +182,19 @@ def text_spec(traced: Traced, shapes: Shapes, tokenizer: Path | None, out: Path,
     ids = next((n for n in two_d if "ids" in n.lower() and "type" not in n.lower()), two_d[0])
     mask = next((n for n in two_d if "mask" in n.lower()), None)
     types = next((n for n in two_d if "type" in n.lower()), None)
+    others = [n for n in traced.inputs if n not in (ids, mask, types)]
+    typed = [n for n in others if any(k in n.lower() for k in ("ids", "mask", "type"))]
+    if typed:  # named as the tokenizer's, but a float or bool mask, or not [N, L] (a reviewer)
+        raise ExportError(f"--tokenizer fills integer [N, L] inputs (L fixed); input(s) "
+                          f"{', '.join(typed)} are not: give the model int64 token inputs "
+                          "(a bool or float mask made inside it), or leave out --tokenizer "
+                          "and train from an .npz with one array per input")
+    if others:  # (a probe's `valid` mask exported, then `train` refused it: text gives none)
+        raise ExportError(f"--tokenizer fills the inputs named *ids* (token ids), *mask* "
+                          f"(attention mask, 1 on real tokens) and *type* (token types); "
+                          f"input(s) {', '.join(others)} match none: rename them (e.g. "
+                          "attention_mask), or leave out --tokenizer and train from an .npz "
+                          "with one array per input")
     try:
         json_text = tokenizer.read_text(encoding="utf-8")
         import json

@@ -26,7 +26,8 @@ from onnx import TensorProto
 from .graph import Shapes
 from .tracing import Traced
 
-__all__ = ["fixed_length", "mask_marks_padding", "padding_mask", "pinned_lengths"]
+__all__ = ["fixed_length", "mask_marks_padding", "padding_mask", "pinned_lengths",
+           "tokenizer_mask_inverted"]
 
 _NP = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
        TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
@@ -47,22 +48,34 @@ def padding_mask(traced: Traced, shapes: Shapes, bounds: dict[str, int],
 
 
 def mask_marks_padding(traced: Traced, shapes: Shapes, bounds: dict[str, int],
-                       dynamic_batch) -> str | None:
-    """The ``*mask*`` input of a per-token output ``[N, L, C]`` where it demonstrably marks the
-    padding with 1 (torch's ``src_key_padding_mask``): the outputs at the positions it marks 0
-    ignore the tokens it marks 1, and not the other way round. ``--pool mean`` then averages
-    where it is 0; elsewhere (the attention-mask convention, or nothing checkable) where it is 1.
-    """
+                       dynamic_batch, per_token: bool = True) -> str | None:
+    """The ``*mask*`` input where it demonstrably marks the padding with 1 (torch's
+    ``src_key_padding_mask``): the outputs (``per_token``: of a per-token output ``[N, L, C]``,
+    at the positions it marks 0) ignore the tokens it marks 1, and not the other way round.
+    ``--pool mean`` then averages where it is 0; elsewhere (the attention-mask convention, or
+    nothing checkable) where it is 1."""
     mask, length = _candidate(traced, shapes)
     if mask is None:
         return None
-    if _ignores(traced, shapes, bounds, dynamic_batch, mask, length, ones_real=True,
-                per_token=True):
-        return None
-    if _ignores(traced, shapes, bounds, dynamic_batch, mask, length, ones_real=False,
-                per_token=True):
-        return mask
+    for ones_real in (True, False):
+        if _ignores(traced, shapes, bounds, dynamic_batch, mask, length, ones_real=ones_real,
+                    per_token=per_token):
+            return None if ones_real else mask
     return None
+
+
+def tokenizer_mask_inverted(traced: Traced, shapes: Shapes, bounds: dict[str, int],
+                            dynamic_batch) -> str | None:
+    """The ``*mask*`` input that a tokenizer would fill, where it marks the padding with 1
+    (:func:`mask_marks_padding` on the model's first output). A tokenizer's ``attention_mask``
+    has 1 on real tokens: fed as it is, such a model attends to the padding alone (session 26
+    probe: losses and evaluations silently wrong)."""
+    mask, length = _candidate(traced, shapes)
+    if mask is None or not traced.outputs:
+        return None
+    out = shapes.of(traced.outputs[0])
+    return mask_marks_padding(traced, shapes, bounds, dynamic_batch,
+                              per_token=len(out) >= 3 and out[1] == length)
 
 
 def _ignores(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch, mask: str,

@@ -220,7 +220,10 @@ def _decompose_low_rank(gram: np.ndarray, scale: float, m: int) -> Spectrum | No
 
 
 def rank_for_energy(s: np.ndarray, energy: float, oversample: int) -> int:
-    """Rank from the singular values ``s`` (decreasing) of a Gram matrix."""
+    """Rank from the singular values ``s`` (decreasing) of a Gram matrix; ε = 1 keeps every
+    direction (full rank, exact), not only those the calibration's data reached."""
+    if energy >= 1.0:
+        return max(1, len(s))
     e = np.square(s.astype(np.float64))
     total = float(e.sum())
     if total <= 0.0 or not np.isfinite(total):

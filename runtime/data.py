@@ -28,7 +28,8 @@ from contract import TensorSpec, UserError
 
 from .bundle import Bundle
 
-__all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "resize_bilinear", "rotten_tomatoes"]
+__all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "relabelled", "resize_bilinear",
+           "rotten_tomatoes"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -322,7 +323,9 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
         if val is not None or val_split is not None:
             raise UserError(f"built-in dataset '{spec}' has its own fixed held-out split; drop "
                             "--val / --val-split")
-        return _from_builtin(spec, bundle)
+        # a run's label map (eval, --resume) numbers a built-in's classes as the run did: a run
+        # on a CSV of fresh/rotten (fresh 0) had scored the built-in reviews (rotten 0) inverted
+        return relabelled(_from_builtin(spec, bundle), class_names, "the run's classes")
     path = Path(spec)
     if not path.exists():
         raise UserError(f"unknown dataset '{spec}': not a built-in "
@@ -333,6 +336,7 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
     src = open_data(spec, bundle.manifest, bundle.path, text_column=text_column,
                     label_column=label_column, val=val, val_split=val_split, seed=seed,
                     class_names=class_names)
+    src = relabelled(src, class_names, "the run's classes")  # an .npz naming its own classes
     import sys
 
     # what was read, in one line: rows and the label map (a misread label column shows here)
@@ -400,3 +404,66 @@ def _from_builtin(spec: str, bundle: Bundle) -> Dataset:
             parts.append(ds)
     parts[0].test = parts[1]
     return parts[0]
+
+
+def ids_only(names: list[str] | None) -> bool:
+    """Names that are the class ids themselves ("0", "1", ...): numbered labels, no map."""
+    return names is None or names == [str(i) for i in range(len(names))]
+
+
+class _Relabelled:
+    """A data set whose labels are renumbered by ``perm`` (own id -> the given map's id)."""
+
+    def __init__(self, data, perm: np.ndarray, names: list[str]) -> None:
+        from .sources.common import Problems
+
+        self.data, self.perm, self.class_names = data, perm, list(names)
+        self.name = getattr(data, "name", "data")
+        self.test = None
+        # (a built-in Dataset has none: a view of this one, a fleet shard, read it; a reviewer)
+        self.problems = getattr(data, "problems", None) or Problems(self.name)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _map(self, y) -> np.ndarray:
+        y = np.asarray(y)
+        out = y.copy()
+        ok = (y >= 0) & (y < self.perm.size)  # an ignored label (-100) stays as it is
+        out[ok] = self.perm[y[ok].astype(np.int64)]
+        return out
+
+    def take(self, idx):
+        x, y = self.data.take(idx)
+        return x, self._map(y)
+
+    def take_labels(self, idx) -> np.ndarray:
+        return self._map(self.data.take_labels(idx))
+
+    def __getattr__(self, name: str):
+        return getattr(self.data, name)
+
+
+def relabelled(data, names: list[str] | None, whose: str):
+    """``data`` with its class ids those of the label map ``names`` (``whose``: the run's, the
+    fleet's), where the data names its classes and numbers them otherwise (a CSV numbers its
+    labels in sorted order, the built-in reviews rotten 0 / fresh 1). Unchanged where either
+    side has numbered labels only or both agree.
+
+    Raises:
+        UserError: a class of the data that ``names`` lacks.
+    """
+    own = getattr(data, "class_names", None)
+    if names is None or ids_only(own) or ids_only(names) or list(own) == list(names):
+        return data
+    where = {str(c): i for i, c in enumerate(names)}
+    extra = [c for c in own if str(c) not in where]
+    if extra:
+        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise UserError(f"{getattr(data, 'name', 'the data')} has classes {whose} lack ({shown}; "
+                        f"theirs: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); "
+                        "use data of those classes")
+    out = _Relabelled(data, np.asarray([where[str(c)] for c in own], np.int64), names)
+    test = getattr(data, "test", None)
+    out.test = relabelled(test, names, whose) if test is not None else None
+    return out

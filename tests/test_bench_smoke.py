@@ -34,3 +34,20 @@ def test_quick_bench_cnn(tmp_path):
     except ImportError:
         return
     assert (out / "chart.png").stat().st_size > 0
+
+
+def test_profile_step_rows_per_graph(mlp_bundle):
+    """benchmarks/profile_step.py: one row per graph the run used, with runs counted from the
+    profiler (3 steps of 2 micro-batches: 6 forward and 6 backward runs of the INSTANT graphs)."""
+    p = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", str(mlp_bundle),
+                        "--data", "digits", "--micro-batch", "16", "--batch", "32", "--steps",
+                        "3", "--threads", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {ln.split("|")[1].strip(): ln.split("|")[2:-1] for ln in p.stdout.splitlines()
+            if ln.startswith("| ") and not ln.startswith("| graph")}
+    assert set(rows) >= {"instant.forward.onnx", "instant.backward.onnx", "infer.onnx"}, p.stdout
+    assert int(rows["instant.forward.onnx"][0]) == int(rows["instant.backward.onnx"][0]) == 6
+    assert float(rows["instant.backward.onnx"][1]) > 0
+    assert rows["infer.onnx"][2].strip() == "run"
+    assert "median step" in p.stdout

@@ -132,6 +132,42 @@ def encoder_bundle(tmp_path_factory) -> Path:
     return bundle
 
 
+def test_a_fleet_client_reads_a_csv_with_its_own_column_names(encoder_bundle, tmp_path):
+    """Session 26 probe: a fleet client on a CSV whose columns are not `text` and `label` was
+    told to pass --text-column, which `fleet client` did not take (nor --label-column, --val,
+    --val-split). Now it takes `train`'s data options."""
+    if importlib.util.find_spec("flwr") is None:
+        pytest.skip("flwr is not installed")
+    import socket
+
+    plain = _reviews_csv(tmp_path / "plain.csv", 120, bad=False)
+    rows = list(csv.reader(plain.open()))
+    data = tmp_path / "reviews.csv"
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([["verdict", "review"], *[[lab, t] for t, lab in rows[1:]]])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fleet = [sys.executable, "-m", "runtime.fleet"]
+    server = subprocess.Popen([*fleet, "server", str(encoder_bundle), "--rounds", "1",
+                               "--min-clients", "1", "--address", f"127.0.0.1:{port}",
+                               "--threads", "1", "--out", str(tmp_path / "fleet")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = subprocess.run(
+            [*fleet, "client", str(encoder_bundle), "--data", str(data), "--text-column",
+             "review", "--label-column", "verdict", "--val-split", "0.25", "--server",
+             f"127.0.0.1:{port}", "--steps", "2", "--batch", "8", "--threads", "1", "--out",
+             str(tmp_path / "client")], cwd=REPO, capture_output=True, text=True, timeout=300)
+        out, err = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert client.returncode == 0, client.stderr[-1500:]
+    assert "evaluated the global weights on 30 local held-out examples" in client.stdout, \
+        client.stdout
+    assert server.returncode == 0 and "1 clients' own held-out" in out, out + err
+
+
 def test_third_party_onnx_gets_instant_on_every_trained_linear(encoder_bundle):
     m = json.loads((encoder_bundle / "manifest.json").read_text())
     layers = sorted(ly["name"] for ly in m["instant"]["layers"])
@@ -1125,6 +1161,42 @@ def test_a_standalone_image_model_scores_as_eval_with_its_preprocessing(tmp_path
     said = [line.split()[0] for line in r.stdout.splitlines()]
     hits = sum(s == f.parent.name for s, f in zip(said, files, strict=True))
     assert abs(hits / len(files) - acc) < 6e-4, (hits, len(files), acc, out)  # eval: 3 places
+
+
+def test_the_example_preprocessing_is_trainings_on_large_jpegs(tmp_path):
+    """Session 26 probe: training decodes a JPEG at a reduced scale (Pillow's draft) where it
+    is several times the model's input; MODEL.preprocess.json did not say so and the example
+    decoded at full size: 5 of 300 predictions differed from `eval`'s. Now it records the draft
+    and the example's `load` gives training's input array for every file."""
+    import importlib.util as iu
+
+    from PIL import Image
+
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+    from runtime.sources import preprocessing
+
+    rng = np.random.default_rng(0)
+    for k, size in enumerate((40, 150, 333, 16)):
+        for c in "01":
+            folder = tmp_path / "jpegs" / c
+            folder.mkdir(parents=True, exist_ok=True)
+            noise = rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(folder / f"{k}.jpg", quality=90)
+    _ok(_cli("export", "--model", "cnn", "--input-shape", "32,1,8,8", "--image-mean", 0.3,
+             "--image-std", 0.2, "--out", tmp_path / "b"))
+    b = open_bundle(tmp_path / "b")
+    prep = preprocessing(b.manifest.image, b.manifest.inputs)
+    spec = iu.spec_from_file_location("classify_image",
+                                      REPO / "docs" / "examples" / "classify_image.py")
+    example = iu.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    data = load_data(str(tmp_path / "jpegs"), b)
+    for i in range(len(data)):
+        want = data.take(np.array([i]))[0][b.manifest.image.input]
+        got = example.load(data.file(i), prep)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6, err_msg=str(data.file(i)))
 
 
 PADDING_ROW = textwrap.dedent('''

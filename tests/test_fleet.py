@@ -8,6 +8,7 @@ Needs ``flwr`` (``pip install 'instant-runtime[fleet]'``; ``make test`` installs
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import signal
 import socket
@@ -353,10 +354,12 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
         server.kill()
     one_error_line(server.stderr(), rc, "only 0 of the 1 clients", "1 refused at the join check")
     accuracies = []
-    for k, extra in enumerate((("--overwrite",), ("--resume",))):
+    # session 26 probe: a resumed server ran all its --rounds again from "round 1" and its
+    # summary lost the earlier rounds; now it goes on to --rounds, counting the rounds done
+    for k, (rounds, extra) in enumerate(((1, "--overwrite"), (3, "--resume"))):
         port = free_port()
-        server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
-                              "--data", "digits", *extra)
+        server = start_server(tmp_path, mlp_bundle, port, "--rounds", rounds, "--min-clients", 1,
+                              "--data", "digits", extra)
         try:
             good = start_client(tmp_path, mlp_bundle, port, k, "digits", "--steps", 5,
                                 "--mode", "vanilla")
@@ -365,9 +368,20 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
         finally:
             server.kill()
         accuracies.append([float(a) for a in re.findall(r"held-out accuracy (\d\.\d+),", out)])
-    assert "resuming from the aggregate" in out, out
+    assert "resuming from the aggregate" in out and "after round 1, up to round 3" in out, out
+    assert re.search(r"^round 1 \(the resumed aggregate\)", out, re.M), out
+    assert re.search(r"^round 3: 1 clients trained", out, re.M), out
     assert accuracies[1][0] == accuracies[0][-1] and accuracies[0][0] != accuracies[0][-1], \
         accuracies
+    summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())
+    assert [h["round"] for h in summary["history"]] == [0, 1, 2, 3], summary["history"]
+    assert [h["fit"]["round"] for h in summary["history"] if "fit" in h] == [1, 2, 3], summary
+    assert summary["rounds_done"] == 3 and summary["trained_rounds"] == 3, summary
+    again = subprocess.run([sys.executable, "-m", "runtime.fleet", "server", str(mlp_bundle),
+                            "--rounds", "3", "--resume", "--address", f"127.0.0.1:{free_port()}",
+                            "--out", str(tmp_path / "fleet")],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert again.returncode == 0 and "already did 3 of --rounds 3" in again.stdout, again
 
 
 def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
@@ -453,6 +467,9 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
             one_error_line(p.stderr(), rc, fragment)
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(x.name for x in (tmp_path / "trainrun").iterdir()) == ["run.json"]
+    # session 26 probe: a client that could not reach its server left a folder holding only
+    # its lock file behind
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_client_that_diverges_says_how_to_start_it_again(mlp_bundle, tmp_path):
@@ -767,3 +784,108 @@ def test_a_server_cannot_push_a_client_past_its_budget(mlp_bundle, tmp_path):
         peer.kill()
     one_error_line(client.stderr(), rc, "is larger than this bundle's weights allow")
     assert 0 < client.peak_rss <= 256 * 10**6, client.peak_rss
+
+
+def test_clients_that_number_their_classes_otherwise_are_renumbered_as_the_fleets(
+        mlp_bundle, tmp_path):
+    """Session 26 probe: clients on CSVs of fresh/rotten (numbered in sorted order: fresh 0)
+    and a server evaluating on the built-in reviews (rotten 0) were averaged as they came: the
+    server's accuracy fell every round (0.578 -> 0.336). The fleet's class names (the bundle's,
+    else the server's --data's, else the first client's) now go with every round, a client whose
+    data names its classes in another order renumbers its labels, and one with a class the
+    fleet lacks is refused in one line. Here client B holds client A's digits with the names
+    reversed (its label 9 - y): renumbered, both train the same task."""
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+
+    d = load_data("digits", open_bundle(mlp_bundle))
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    paths = {}
+    for k, (order, f) in {"a": (names, lambda y: y), "b": (names[::-1], lambda y: 9 - y),
+                          "c": ([*names[:9], "ten"], lambda y: y)}.items():
+        paths[k] = tmp_path / f"{k}.npz"
+        np.savez(paths[k], x=d.x["input"], y=f(d.y), x_test=d.test.x["input"],
+                 y_test=f(d.test.y), class_names=np.array(order))
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 2,
+                          "--data", paths["a"])
+    clients = [start_client(tmp_path, mlp_bundle, port, k, paths[n], "--steps", 30,
+                            "--lr", "1e-2") for k, n in enumerate("abc")]
+    try:
+        out = server.ok()
+        a, b = clients[0].ok(), clients[1].ok()
+        rc = clients[2].finish()
+    finally:
+        server.kill()
+        for c in clients:
+            c.kill()
+    one_error_line(clients[2].stderr(), rc, "has classes the fleet's classes lack (ten;")
+    assert "numbered as the fleet's classes (zero 0, one 1," in b and "numbered" not in a, b
+    acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]
+    assert len(acc) == 3 and acc[-1] > 0.8, (acc, out)
+    summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())
+    assert summary["class_names"] == names, summary
+    # the aggregate is scored alike on either numbering (eval takes the fleet's names)
+    scores = []
+    for k in "ab":
+        r = subprocess.run([sys.executable, "-m", "runtime", "eval", str(mlp_bundle), "--weights",
+                            str(tmp_path / "fleet"), "--data", str(paths[k])], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        scores.append(re.findall(r"accuracy (\d\.\d+)", r.stdout))
+    assert scores[0] == scores[1] and scores[0], scores
+
+
+def test_a_server_says_which_evaluated_examples_are_training_rows(mlp_bundle, tmp_path):
+    """Session 26 probe: without --data the server averaged its clients' evaluations and called
+    them all held-out, where a client without a held-out split had evaluated its training
+    rows. Now it says how many examples were training rows."""
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+
+    d = load_data("digits", open_bundle(mlp_bundle))
+    bare = tmp_path / "bare.npz"
+    np.savez(bare, x=d.x["input"][:300], y=d.y[:300])  # no x_test / y_test
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2)
+    clients = [start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 3),
+               start_client(tmp_path, mlp_bundle, port, 1, bare, "--steps", 3)]
+    try:
+        out = server.ok()
+        for c in clients:
+            c.ok()
+    finally:
+        server.kill()
+        for c in clients:
+            c.kill()
+    held = len(d.test)
+    assert re.search(rf"^round 1: 2 clients' own data \(300 of the {held + 300} examples are "
+                     r"training rows of clients without a held-out split\)", out, re.M), out
+
+
+def test_a_shard_of_renumbered_data_trains(tmp_path):
+    """A reviewer: data renumbered to the bundle's class names (export --classes) and then
+    split with --partition failed with an AttributeError (the shard wrapped the renumbered view
+    of a built-in data set). The shard is taken first now."""
+    from export import export_bundle
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+    from runtime.fleet.local import open_local
+
+    names = [f"c{i}" for i in range(10)]
+    bundle = export_bundle("mlp", tmp_path / "b", class_names=names)
+    d = load_data("digits", open_bundle(bundle))
+    data = tmp_path / "d.npz"
+    np.savez(data, x=d.x["input"], y=9 - d.y, class_names=np.array(names[::-1]))
+    local = open_local(bundle, str(data), threads=1, partition=(1, 2))
+    idx = np.arange(len(local.data))
+    np.testing.assert_array_equal(local.data.take_labels(idx), d.y[1::2])
+    assert local.own_classes() == names
+    # a built-in data set's renumbered view can be sharded too (rotten-tomatoes' case)
+    from runtime.data import Dataset, relabelled
+    from runtime.fleet.local import _shard
+
+    words = Dataset("w", {"input": d.x["input"][:6]}, np.array([0, 1, 1, 0, 1, 0]),
+                    class_names=["rotten", "fresh"])
+    shard = _shard(relabelled(words, ["fresh", "rotten"], "the fleet's classes"), 0, 2)
+    np.testing.assert_array_equal(shard.take_labels(np.arange(3)), [1, 0, 0])

@@ -1058,7 +1058,10 @@ def test_sigint_while_the_command_imports_is_quiet(mlp_bundle, tmp_path):
 
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["instant-runtime"] == "runtime.launch:run"
-    code = ("import builtins, os, signal, sys; import runtime.launch as launch\n"
+    # (SIGINT set to its default first: a CI job started in the background inherits it ignored)
+    code = ("import builtins, os, signal, sys\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "import runtime.launch as launch\n"
             "assert 'runtime.cli' not in sys.modules\n"
             "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # import: as is\n"
             "orig = builtins.__import__\n"

@@ -282,7 +282,8 @@ def test_a_fleet_server_stopped_after_a_round_can_use_its_folder_again(tmp_path)
     it was refused as "no fleet server wrote" even with --overwrite or --resume (review)."""
     import numpy as np
 
-    from runtime.fleet.local import check_server_out, save_run
+    from runtime.fleet.folders import check_server_out
+    from runtime.fleet.local import save_run
 
     out = tmp_path / "fleet"
     save_run(out, {"w": np.zeros(2, np.float32)})

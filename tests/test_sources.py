@@ -112,6 +112,30 @@ def _write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def test_a_tokenizer_keeps_its_own_side_of_truncation(tmp_path, tokenizer_file):
+    """Session 26 probe: a tokenizer saved to cut long texts on the left (a causal model's,
+    keeping the end) was reset to cut on the right: training saw the starts of long texts. Its
+    side of truncation is now kept, as its side of padding is; export-model's copy too."""
+    from tokenizers import Tokenizer
+
+    from runtime.export_model import _fixed_length_tokenizer
+    from runtime.sources.text import load_tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    # (only_second, a pair strategy, kept as saved made every single text fail: a reviewer)
+    tok.enable_truncation(max_length=64, direction="left", strategy="only_second")
+    left = tmp_path / "left.json"
+    tok.save(str(left))
+    text = "the story was dull and the plot was not very good"
+    ids = load_tokenizer(left, 6).encode(text).ids
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab()
+    assert ids == [2] + [vocab[w] for w in "was not very good".split()] + [3], ids  # the end
+    assert load_tokenizer(tokenizer_file, 6).encode(text).ids[:3] == \
+        [2, vocab["the"], vocab["story"]]  # the default still cuts on the right
+    again = Tokenizer.from_str(_fixed_length_tokenizer(left.read_bytes(), 6).decode())
+    assert again.truncation["direction"] == "left" and again.encode(text).ids == ids
+
+
 def test_csv_quoted_newlines_take_exact(tmp_path, tokenizer_file):
     src = _text(_write_csv(tmp_path / "d.csv", ROWS), tokenizer_file)
     assert len(src) == len(ROWS) and src.problems.total == 0 and not src.problems.ignored

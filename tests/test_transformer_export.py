@@ -1094,3 +1094,68 @@ def test_frozen_parameters_stay_frozen_and_a_constant_branch_is_inlined(models_f
     with pytest.raises(ExportError, match="requires_grad=False.*requires_grad_\\(True\\)"):
         export_bundle(f"{models_file}:lrn", tmp_path / "b2", input_shape="4,8",
                       trainable="backbone.*")
+
+
+TOKEN_MASKS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class Pooled(nn.Module):
+        """Masked mean of token embeddings, then a classifier; ``flip``: the mask input marks
+        the padding with 1 (torch's key_padding_mask)."""
+
+        def __init__(self, flip):
+            super().__init__()
+            self.flip = flip
+            self.emb = nn.Embedding(40, 8)
+            self.fc = nn.Linear(8, 2)
+
+        def pooled(self, ids, mask):
+            keep = (1 - mask if self.flip else mask).unsqueeze(-1).float()
+            return self.fc((self.emb(ids) * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+    class KeyPadding(Pooled):
+        def __init__(self):
+            super().__init__(True)
+
+        def forward(self, input_ids, key_padding_mask):
+            return self.pooled(input_ids, key_padding_mask)
+
+
+    class Valid(Pooled):
+        def __init__(self):
+            super().__init__(False)
+
+        def forward(self, input_ids, valid):
+            return self.pooled(input_ids, valid)
+
+
+    class FloatMask(Pooled):
+        def __init__(self):
+            super().__init__(False)
+
+        def forward(self, input_ids, attention_mask):
+            return self.pooled(input_ids, attention_mask)
+''')
+
+
+@pytest.mark.parametrize("factory,match", [
+    ("KeyPadding", r"input 'key_padding_mask' marks the padding with 1 .* give the model an "
+                   r"attention_mask input"),
+    ("Valid", r"input\(s\) valid match none: rename them"),
+    ("FloatMask", r"input\(s\) attention_mask are not: give the model int64 token inputs")])
+def test_a_tokenizer_is_refused_for_mask_inputs_it_cannot_fill(tmp_path, factory, match):
+    """Session 26 probe: a model whose mask input marks the padding with 1 was fed the
+    tokenizer's attention mask (1 on real tokens) unchanged: it attended to the padding alone,
+    losses and evaluations silently wrong. A mask input not named *mask* exported, then `train`
+    refused text data pointing to an .npz. Both are refused at export now, in one line."""
+    from test_sources import _write_tokenizer
+
+    (tmp_path / "masks.py").write_text(TOKEN_MASKS)
+    tok = _write_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(ExportError, match=match):
+        export_bundle(f"{tmp_path / 'masks.py'}:{factory}", tmp_path / "b",
+                      input_shape="4,12:int64;4,12:" + ("float32" if "Float" in factory
+                                                         else "int64"), tokenizer=tok)

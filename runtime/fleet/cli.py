@@ -8,6 +8,7 @@ errors itself (one ``error:`` line, exit 2), so it behaves the same under either
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -62,7 +63,16 @@ def _fill(f: argparse.ArgumentParser) -> None:
 
     c = fs.add_parser("client", help="train this device's data in the fleet (no torch)")
     c.add_argument("bundle")
-    c.add_argument("--data", required=True, help="this device's data: built-in name or .npz")
+    c.add_argument("--data", required=True,
+                   help="this device's data: a built-in name, an .npz, a .csv/.tsv/.jsonl text "
+                        "file or an image folder (as `train`)")
+    c.add_argument("--text-column", default="text", help="text files: the text column/field")
+    c.add_argument("--label-column", default="label",
+                   help="text files: the label column/field")
+    c.add_argument("--val", default=None,
+                   help="held-out data each round's evaluation reads (like --data, same labels)")
+    c.add_argument("--val-split", type=float, default=None,
+                   help="hold out this fraction of --data for the evaluation (seeded by --seed)")
     c.add_argument("--server", required=True, help="HOST:PORT of the fleet server")
     c.add_argument("--steps", type=int, default=10,
                    help="local optimizer steps per round (default 10)")
@@ -163,7 +173,8 @@ def _flower(verbose: bool):
 
 def _server(a) -> int:
     from .client import MAX_ROUNDS
-    from .local import UserError, check_out, check_server_out, open_local
+    from .folders import check_out, check_server_out
+    from .local import UserError, open_local
     from .server import run_server
 
     address = parse_address(a.address, "--address")
@@ -188,14 +199,24 @@ def _server(a) -> int:
     lock = hold_folder(out, f"--out '{out}' is in use by another fleet server of this machine "
                        "(two would write one aggregate); wait for it to end, or pass another "
                        "--out", ".fleet-lock")  # held until the process ends
+    earlier = None
     if resume:
+        earlier = _earlier_rounds(out)
+        if earlier is not None and earlier["rounds_done"] >= a.rounds:
+            print(f"the fleet run in '{out}' already did {earlier['rounds_done']} of "
+                  f"--rounds {a.rounds}; nothing to resume: pass a larger --rounds to continue "
+                  "it", flush=True)
+            return 0
         local.set_trainable(local.bundle.load_params(
             out / "params.npz", way_out="start afresh with --overwrite, or pass another --out"))
-        print(f"resuming from the aggregate in {out / 'params.npz'}", flush=True)
+        done = earlier["rounds_done"] if earlier else 0
+        print(f"resuming from the aggregate in {out / 'params.npz'}"
+              + (f" after round {done}, up to round {a.rounds}" if done else
+                 " (its round count was not recorded: running --rounds more)"), flush=True)
     if a.data and local.data is not None and local.data.test is None:
         print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)
     s = run_server(local, address, a.rounds, a.min_clients, out, evaluate_here=a.data is not None,
-                   wait_s=wait, round_timeout=round_timeout)
+                   wait_s=wait, round_timeout=round_timeout, earlier=earlier)
     from ..memory import held_lock
 
     held_lock(lock, False)
@@ -217,13 +238,30 @@ def _server(a) -> int:
     return 0
 
 
+def _earlier_rounds(out: Path) -> dict | None:
+    """The summary a resumed server left after its last round (None: none, or one that says
+    nothing of its rounds: a run of an earlier version, stopped before its end)."""
+    from ..run_folder import json_object
+
+    earlier = json_object(out / "summary.json")
+    done = earlier.get("rounds_done")
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        return None
+    hist = earlier.get("history")
+    earlier["history"] = [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
+    for key in ("trained_rounds", "seconds"):
+        v = earlier.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e12:
+            earlier[key] = 0
+    return earlier
+
+
 def _client(a) -> int:
     from .client import run_client
+    from .folders import check_out, fleet_role
     from .local import (
         UserError,
         check_client_options,
-        check_out,
-        fleet_role,
         open_local,
         parse_partition,
         resolve_budget,
@@ -256,16 +294,27 @@ def _client(a) -> int:
                        optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                        out=out, checkpoint_every=a.checkpoint_every, partition=partition,
                        progress=a.progress, max_nonfinite=a.max_nonfinite,
-                       micro_batch=a.micro_batch)
+                       micro_batch=a.micro_batch,
+                       data_options={"text_column": a.text_column, "label_column": a.label_column,
+                                     "val": a.val, "val_split": a.val_split})
+    fresh = not out.exists()
     local.claim_out()
-    tensors = sum(v.nbytes for v in local.get_trainable().values())
-    local.prepare(a.batch, reserve=TRANSFER_FACTOR * tensors)  # the budget plan, once
-    print(f"fleet client: {len(local.data)} training examples"
-          + (f" (partition {a.partition})" if partition else "")
-          + f", {a.steps} steps of {a.batch} per round"
-          + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}",
-          flush=True)
-    return run_client(local, address, a.steps, a.batch, connect_timeout=connect_timeout)
+    try:
+        tensors = sum(v.nbytes for v in local.get_trainable().values())
+        local.prepare(a.batch, reserve=TRANSFER_FACTOR * tensors)  # the budget plan, once
+        print(f"fleet client: {len(local.data)} training examples"
+              + (f" (partition {a.partition})" if partition else "")
+              + f", {a.steps} steps of {a.batch} per round"
+              + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}",
+              flush=True)
+        return run_client(local, address, a.steps, a.batch, connect_timeout=connect_timeout)
+    except UserError:
+        # a client that never trained leaves no folder of its own behind (a probe's did)
+        with contextlib.suppress(OSError):
+            if fresh and [p.name for p in out.iterdir()] == [".fleet-lock"]:
+                (out / ".fleet-lock").unlink()
+                out.rmdir()
+        raise
 
 
 # Message reserve, in trainable-tensor sizes: 3 MiniLM clients needed 3.1-4.4 x above the plan's

@@ -18,14 +18,15 @@ installer, SQL node state and object store that ``start_client`` imports (38 MB 
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
-from .local import Local, UserError, release_memory
+from .local import Local, UserError, names_from_json, release_memory
 
 __all__ = ["PROTOCOL", "check_server_config", "make_client_app", "mismatch", "run_client"]
 
-PROTOCOL = 2  # bumped when the config keys or the tensor order the two sides agree on change
+PROTOCOL = 3  # bumped when the config keys or the tensor order the two sides agree on change
 MAX_ROUNDS = 1_000_000  # as `fleet server --rounds`
 
 
@@ -68,6 +69,11 @@ def mismatch(theirs: dict, signature: str, flwr_version: str) -> str | None:
     return None
 
 
+def _fleet_names(config: dict) -> list[str] | None:
+    """The fleet's class names in a server's config (None: it has none)."""
+    return names_from_json(config.get("classes"))
+
+
 def _refusal(config: dict, local_signature: str, flwr_version: str) -> str | None:
     """Why this client cannot join the server whose check sent ``config`` (None: it can)."""
     try:
@@ -108,6 +114,9 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
         ins = to_ins(content, keep_input=False)  # empties the message's records as it reads
         config = dict(ins.config)
         server_round = check_server_config(config, local.signature, version)
+        line = local.agree_classes(_fleet_names(config))
+        if line:
+            say(line)
         tensors = ins.parameters.tensors
         del ins
         if len(tensors) != len(local.names):
@@ -170,6 +179,7 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
         say(f"round {server_round}: evaluated the global weights on {n} local {what} examples"
             f": loss {loss:.4f}" + (f", accuracy {acc:.3f}" if acc is not None else ""))
         metrics = {"accuracy": float(acc)} if acc is not None else {}
+        metrics["held_out"] = int(getattr(local, "evaluated_held_out", True))
         res = EvaluateRes(status=Status(code=Code.OK, message="Success"), loss=float(loss),
                           num_examples=int(n), metrics=metrics)
         return Message(evaluateres_to_recorddict(res), reply_to=msg)
@@ -269,8 +279,18 @@ def run_client(local: Local, address: str, steps: int, batch: int,
                     message = receive()
                     if isinstance(message, Query):  # the server's check as this client joins
                         refusal = _refusal(message.config, local.signature, version)
+                        if refusal is None:
+                            try:
+                                line = local.agree_classes(_fleet_names(message.config))
+                            except UserError as exc:
+                                refusal = str(exc)
+                            else:
+                                if line:
+                                    say(line)
+                        own = local.own_classes()
                         answer({"signature": local.signature, "fleet_protocol": PROTOCOL,
-                                "flwr_version": version, "refused": refusal or ""})
+                                "flwr_version": version, "refused": refusal or "",
+                                "classes": json.dumps(own) if own else ""})
                         if refusal:
                             flush(2.0)  # the server hears why before the stream closes
                             raise UserError(refusal)

@@ -24,9 +24,9 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["Local", "RoundResult", "UserError", "check_client_options", "current_rss",
-           "model_signature", "open_local", "parse_partition", "release_memory", "resolve_budget",
-           "save_run", "user_errors", "check_server_out", "fleet_role"]
+__all__ = ["Local", "RoundResult", "UserError", "check_client_options", "class_names",
+           "current_rss", "model_signature", "names_from_json", "open_local", "parse_partition",
+           "release_memory", "resolve_budget", "save_run", "user_errors"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -120,18 +120,23 @@ class Local:
                  optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float | None = None,
                  seed: int = 0, out: str | Path | None = None, checkpoint_every: int = 0,
                  partition: tuple[int, int] | None = None, progress: bool = False,
-                 max_nonfinite: int = 5, micro_batch: int | None = None) -> None:
+                 max_nonfinite: int = 5, micro_batch: int | None = None,
+                 data_options: dict | None = None) -> None:
         from ..bundle import open_bundle
         from ..config import InstantConfig, OptimConfig, SessionConfig, TrainConfig
-        from ..data import load_data
+        from ..data import load_data, relabelled
         from ..trainer import Trainer
 
         self.bundle = open_bundle(bundle_path)
         self.signature = model_signature(self.bundle)
         self.names = [p.name for p in self.bundle.params]
-        self.data = load_data(data_spec, self.bundle) if data_spec else None
+        self.data = load_data(data_spec, self.bundle, seed=seed,
+                              **(data_options or {})) if data_spec else None
         if self.data is not None and partition is not None:
             self.data = _shard(self.data, *partition)
+        if self.data is not None:  # an exported label map numbers every device's classes
+            self.data = relabelled(self.data, self.bundle.manifest.class_names,
+                                   "the bundle's classes (export --classes)")
         self.budget, self.seed, self.progress = budget, seed, progress
         self.checkpoint_every, self.max_nonfinite = checkpoint_every, max_nonfinite
         self.micro_batch = micro_batch
@@ -148,6 +153,32 @@ class Local:
         self.plan_lines: list[str] = []
         self._lock: int | None = None
         self._ready = False
+
+    def own_classes(self) -> list[str] | None:
+        """This device's class names (None: numbered labels, or no data)."""
+        from ..data import ids_only
+
+        names = getattr(self.data, "class_names", None)
+        return None if ids_only(names) else list(names)
+
+    def agree_classes(self, fleet: list[str] | None) -> str | None:
+        """Number this device's labels as the fleet's class names ``fleet`` do (a CSV numbers
+        its labels in sorted order, a built-in or another device's data otherwise: averaged
+        unmatched, a fleet trained fresh reviews as rotten). Returns a line to say where the
+        labels were renumbered.
+
+        Raises:
+            UserError: a class of this device's data that the fleet does not have.
+        """
+        from ..data import relabelled
+
+        own = self.own_classes()
+        if not fleet or own is None or own == list(fleet):
+            return None
+        self.data = relabelled(self.data, list(fleet), "the fleet's classes")
+        return ("this device's labels are numbered as the fleet's classes ("
+                + ", ".join(f"{c} {i}" for i, c in enumerate(fleet[:8]))
+                + (", ..." if len(fleet) > 8 else "") + ")")
 
     def prepare(self, batch: int, reserve: int = 0) -> None:
         """Plan the memory (once: before any onnxruntime session exists, after Flower is
@@ -323,83 +354,6 @@ class Local:
                                  "client; give each client its own --out DIR", ".fleet-lock")
 
 
-def check_out(out: Path) -> None:
-    """Refuse an ``--out`` a fleet run must not write into: a bundle folder (its params.npz would
-    be replaced and the bundle fail its checksum), a ``train`` run's folder (its weights and
-    metrics replaced), a path that is or lies under a file. Checked before anything runs.
-
-    Raises:
-        UserError: any of those.
-    """
-    from ..run_folder import check_out_path, not_run_files
-
-    check_out_path(out, "a fleet run")
-    if (out / "run.json").exists():
-        raise UserError(f"--out '{out}' holds a `train` run (run.json): a fleet run there would "
-                        "replace its weights and metrics; pass another --out")
-    others = not_run_files(out, FLEET_FILES)
-    if others:  # a fleet run writes among its own files only (the user's are never replaced)
-        raise UserError(f"--out '{out}' is a folder holding other files ("
-                        f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and no "
-                        "fleet run; pass a new or empty folder as --out")
-
-
-# what a fleet server or client writes in its --out (a client: a training run's files)
-FLEET_FILES = ("params.npz", "summary.json", "metrics.jsonl", "checkpoints", ".fleet-lock")
-
-
-def fleet_role(out: Path) -> str | None:
-    """Which fleet run left its files in ``out``: "server" (an aggregate: summary.json naming
-    the clients it waited for), "client" (checkpoints or a client's summary), "other" (a
-    summary.json that neither writes), or None."""
-    summary = out / "summary.json"
-    if summary.is_file() and not summary.is_symlink():
-        try:
-            meta = json.loads(summary.read_text()[:1 << 20])
-        except (OSError, ValueError):
-            meta = None
-        if isinstance(meta, dict) and "min_clients" in meta:
-            return "server"
-        if isinstance(meta, dict) and "median_step_s" in meta:  # a training run's summary
-            return "client"
-        return "other"
-    if (out / "checkpoints").is_dir():
-        return "client"
-    if (out / "params.npz").is_file() and (out / ".fleet-lock").is_file() \
-            and not (out / "metrics.jsonl").exists():
-        return "server"  # stopped after a round: the round's aggregate, its summary not yet
-    return None
-
-
-def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Whether the server starts from the aggregate in ``out`` (``--resume``).
-
-    Raises:
-        UserError: ``out`` holds a client's files, or an earlier aggregate without ``--resume``
-            or ``--overwrite`` (running the same command again replaced it without a word), or
-            ``--resume`` with no aggregate to resume.
-    """
-    role = fleet_role(out)
-    has = (out / "params.npz").is_file() or (out / "params.npz").is_symlink()
-    if role == "other" or (has and role != "server"):
-        raise UserError(f"--out '{out}' holds a params.npz or summary.json that no fleet server "
-                        "wrote (no aggregate's summary beside it); nothing there is replaced: "
-                        "pass a new or empty folder as --out")
-    if role == "client":
-        raise UserError(f"--out '{out}' holds a fleet client's files; the server would replace "
-                        "its weights: pass another --out")
-    if resume:
-        if not (role == "server" and has):
-            raise UserError(f"--resume: '{out}' holds no aggregate of an earlier fleet run; "
-                            "drop --resume to start from the bundle's weights")
-        return True
-    if has and not overwrite:
-        raise UserError(f"--out '{out}' holds the aggregate of an earlier fleet run "
-                        "(params.npz); pass --resume to continue from it, --overwrite to start "
-                        "afresh, or another --out")
-    return False
-
-
 def open_local(bundle_path: str | Path, data_spec: str | None = None,
                budget: int | None = None, **kwargs) -> Local:
     """Open a bundle with this device's data (``data_spec``: built-in name or ``.npz``) and a
@@ -412,9 +366,24 @@ def open_local(bundle_path: str | Path, data_spec: str | None = None,
     return Local(bundle_path, data_spec, budget=budget, **kwargs)
 
 
-def save_run(out_dir: str | Path, params: dict[str, np.ndarray], summary: dict | None = None,
-             ) -> Path:
-    """Write ``params`` as ``OUT/params.npz`` (and ``summary`` as ``OUT/summary.json``), each
+def names_from_json(text) -> list[str] | None:
+    """A class-name list sent as JSON text (None: none, or not a list of names)."""
+    try:
+        return class_names(json.loads(text) if isinstance(text, str) and text else None)
+    except (ValueError, RecursionError):
+        return None
+
+
+def class_names(value) -> list[str] | None:
+    """``value`` where it is a non-empty list of names (None otherwise)."""
+    ok = isinstance(value, list) and value and all(isinstance(n, str) for n in value)
+    return value if ok else None
+
+
+def save_run(out_dir: str | Path, params: dict[str, np.ndarray] | None,
+             summary: dict | None = None) -> Path:
+    """Write ``params`` (unless None) as ``OUT/params.npz`` (and ``summary`` as
+    ``OUT/summary.json``), each
     atomically: a run folder that ``instant-runtime export-model`` and ``eval --weights`` read.
     Inside the bundle folder, ``export-model OUT`` finds the bundle by itself.
 
@@ -426,7 +395,8 @@ def save_run(out_dir: str | Path, params: dict[str, np.ndarray], summary: dict |
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "params.npz", lambda p: write_npz(p, params))
+        if params is not None:
+            atomic_write(out / "params.npz", lambda p: write_npz(p, params))
         if summary is not None:
             text = json.dumps(summary, indent=1, default=float)
             atomic_write(out / "summary.json", lambda p: write_text(p, text))

@@ -18,6 +18,7 @@ every round, and a client manager that waits a bounded time for ``--min-clients`
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .client import PROTOCOL, mismatch, say_to
-from .local import Local, UserError, save_run
+from .local import Local, UserError, class_names, names_from_json, save_run
 
 __all__ = ["NotEnoughClients", "run_server"]
 
@@ -67,8 +68,10 @@ def _weighted(metrics: list[tuple[int, dict]]) -> dict:
 
 def run_server(local: Local, address: str, rounds: int, min_clients: int, out: Path,
                evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
-               say=None) -> dict:
-    """Run ``rounds`` rounds of FedAvg; returns the run summary (also in ``OUT/summary.json``).
+               say=None, earlier: dict | None = None) -> dict:
+    """Run FedAvg up to round ``rounds``; returns the run summary (also in ``OUT/summary.json``,
+    written after every round). ``earlier``: the summary of the run this one resumes (its
+    rounds count, its history is kept).
 
     Raises:
         UserError: cannot listen on ``address``; fewer than ``min_clients`` clients within
@@ -80,38 +83,57 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
      run_fl, FedAvg, start_grpc_server) = _parts()
     say = say or say_to()
     names = list(local.names)
-    history: list[dict] = []
-    state = {"fit": None, "round": 0, "saved": 0, "trained": 0}
-    t0 = time.perf_counter()
+    earlier = earlier or {}
+    history: list[dict] = list(earlier.get("history", []))
+    done = int(earlier.get("rounds_done", 0))  # rounds of the resumed run: Flower counts from 1
+    state = {"fit": None, "round": 0, "saved": 0, "trained": int(earlier.get("trained_rounds", 0)),
+             "ended": 0,
+             # a resumed run keeps the class order it numbered its clients by
+             "classes": fleet_classes(local) or class_names(earlier.get("class_names"))}
+    t0 = time.perf_counter() - float(earlier.get("seconds", 0.0))
 
     def round_config(server_round: int) -> dict:
-        return {"round": server_round, "fleet_protocol": PROTOCOL,
-                "flwr_version": flwr.__version__, "signature": local.signature}
+        return {"round": server_round + done, "fleet_protocol": PROTOCOL,
+                "flwr_version": flwr.__version__, "signature": local.signature,
+                "classes": json.dumps(state["classes"]) if state["classes"] else ""}
+
+    def summary(finished: bool) -> dict:
+        return {"rounds": rounds, "min_clients": min_clients, "address": address,
+                "seconds": time.perf_counter() - t0, "history": history,
+                "trained_rounds": state["trained"], "rounds_done": done + state["ended"],
+                "finished": finished, "class_names": state["classes"],
+                "weights": str(out / "params.npz"), "signature": local.signature}
 
     def fit_part(r: int) -> str:
         f = state["fit"]
         if f is None or f["round"] != r:
-            return f"round {r}"
+            return f"round {r + done}"
         if not f["clients"]:
-            return f"round {r}: no client finished ({f['failures']} failed), weights unchanged"
+            return (f"round {r + done}: no client finished ({f['failures']} failed), weights "
+                    "unchanged")
         loss = f["loss_last"]
-        return (f"round {r}: {f['clients']} clients trained ({f['failures']} failed), "
+        return (f"round {r + done}: {f['clients']} clients trained ({f['failures']} failed), "
                 f"{f['examples']} examples"
                 + (f", client loss {loss:.4f}" if math.isfinite(loss) else ""))
 
     def record(r: int, loss: float, acc, n: int, where: str) -> None:
         if r == 0:
-            head = "round 0 (initial weights); "
+            head = (f"round {done} (the resumed aggregate); " if done
+                    else "round 0 (initial weights); ")
         else:
-            head = f"{fit_part(r)}; " if evaluate_here else f"round {r}: "
+            head = f"{fit_part(r)}; " if evaluate_here else f"round {r + done}: "
         line = f"{head}{where} " + (f"accuracy {acc:.3f}, " if acc is not None else "") + \
             f"loss {loss:.4f} ({n} examples)"
         say(line)
-        entry = {"round": r, "loss": loss, "accuracy": acc, "examples": n, "where": where,
-                 "seconds": time.perf_counter() - t0}
+        if r == 0 and done:  # (the resumed run's history has its round already)
+            return
+        entry = {"round": r + done if r else 0, "loss": loss, "accuracy": acc, "examples": n,
+                 "where": where, "seconds": time.perf_counter() - t0}
         if state["fit"] is not None and state["fit"]["round"] == r:
-            entry["fit"] = state["fit"]
+            entry["fit"] = {**state["fit"], "round": r + done}
         history.append(entry)
+        if r:  # the summary so far, beside the round's aggregate (a stopped run keeps it)
+            save_run(out, None, summary(False))
 
     def evaluate_fn(server_round: int, ndarrays, config):
         local.set_trainable(dict(zip(names, ndarrays, strict=True)))
@@ -128,16 +150,17 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 why = _reply_problem(res, names, local, parameters_to_ndarrays,
                                      ndarrays_to_parameters)
                 if why is not None:
-                    say(f"round {server_round}: dropped a reply ({why})")
+                    say(f"round {server_round + done}: dropped a reply ({why})")
                     failures = [*failures, (proxy, res)]
                     continue
                 good.append((proxy, res))
             params, metrics = super().aggregate_fit(server_round, good, failures)
             if params is not None and not all(
                     np.isfinite(a).all() for a in parameters_to_ndarrays(params)):
-                say(f"round {server_round}: the average of the replies is not finite (values "
-                    "too large to add); weights unchanged")
+                say(f"round {server_round + done}: the average of the replies is not finite "
+                    "(values too large to add); weights unchanged")
                 params = None
+            state["ended"] = server_round
             state["fit"] = {"round": server_round, "clients": len(good),
                             "failures": len(failures),
                             "examples": sum(r.num_examples for _, r in good),
@@ -146,8 +169,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             state["trained"] += bool(good)
             if params is not None:
                 arrays = parameters_to_ndarrays(params)
-                save_run(out, dict(zip(names, arrays, strict=True)))
                 state["saved"] = server_round
+                # the summary beside it counts this round (a kill before its evaluation, or
+                # a round nobody evaluated, would have a resume train it again)
+                save_run(out, dict(zip(names, arrays, strict=True)), summary(False))
             if not evaluate_here:
                 say(fit_part(server_round))
             return params, metrics
@@ -162,7 +187,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 why = _count_problem(res.num_examples) or (
                     None if _finite_number(res.loss) else f"loss {str(res.loss)[:24]}")
                 if why is not None:
-                    say(f"round {server_round}: dropped an evaluation ({why})")
+                    say(f"round {server_round + done}: dropped an evaluation ({why})")
                     failures = [*failures, (proxy, res)]
                     continue
                 res.metrics = _numbers(res.metrics)
@@ -171,8 +196,14 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             loss, metrics = super().aggregate_evaluate(server_round, results, failures)
             if loss is not None:
                 n = sum(r.num_examples for _, r in results)
-                record(server_round, loss, metrics.get("accuracy"), n,
-                       f"{len(results)} clients' own held-out")
+                # a client without a held-out split evaluates on its training rows (it says so)
+                seen = sum(r.num_examples for _, r in results
+                           if r.metrics.get("held_out", 1) == 0)
+                where = f"{len(results)} clients' own held-out"
+                if seen:
+                    where = (f"{len(results)} clients' own data ({seen} of the {n} examples are "
+                             "training rows of clients without a held-out split)")
+                record(server_round, loss, metrics.get("accuracy"), n, where)
             return loss, metrics
 
     initial = ndarrays_to_parameters([local.get_trainable()[k] for k in names])
@@ -214,7 +245,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                            if self.refused else "")
                 raise NotEnoughClients(
                     f"only {len(self.vet(end))} of the {need} clients that round "
-                    f"{state['round']} needs connected within {wait_s:.0f} s{refused}; "
+                    f"{state['round'] + done} needs connected within {wait_s:.0f} s{refused}; "
                     "start more clients (`instant-runtime fleet client`), lower "
                     "--min-clients or raise --wait")
 
@@ -231,20 +262,29 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                     return [p for cid, p in self.all().items() if cid in self.vetted]
                 timeout = max(1.0, min(60.0, end - time.monotonic()))
 
-                def check(proxy, timeout=timeout):
+                heard: list = []
+
+                def check(proxy, timeout=timeout, heard=heard):
                     return _join_check(proxy, round_config(state["round"]), local.signature,
-                                       flwr.__version__, timeout=timeout)
+                                       flwr.__version__, timeout=timeout, heard=heard)
 
                 # all at once: a silent peer held each good one up to 60 s (two: 98 s)
                 with ThreadPoolExecutor(max_workers=min(32, len(new))) as pool:
                     answers = list(pool.map(check, [p for _, p in new]))
+                if state["classes"] is None:  # the first client's names number the fleet's
+                    named = [c for c in heard if c]
+                    if named:
+                        state["classes"] = named[0]
+                        say(f"before round {state['round'] + done}: the fleet's classes are "
+                            f"{', '.join(named[0][:8])}{', ...' if len(named[0]) > 8 else ''} "
+                            "(the first client's; every client's labels are numbered so)")
                 for (cid, proxy), why in zip(new, answers, strict=True):
                     if why is None:
                         self.vetted.add(cid)
                         continue
                     if why != GONE:
                         self.refused += 1
-                        say(f"before round {state['round']}: refused a client ({why})")
+                        say(f"before round {state['round'] + done}: refused a client ({why})")
                     self.unregister(proxy)
 
     manager = BoundedClientManager()
@@ -274,24 +314,22 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             old[s] = signal.signal(s, on_signal)
     try:
         try:
-            run_fl(server, ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
+            run_fl(server, ServerConfig(num_rounds=rounds - done, round_timeout=round_timeout))
         except NotEnoughClients:  # the clients that did connect hear that the run ended (they
             server.disconnect_all_clients(timeout=5)  # went on retrying for a minute)
             raise
     except KeyboardInterrupt:
-        done = state["saved"]
-        raise FleetInterrupted(stopped["signal"] or signal.SIGINT, done, out) from None
+        raise FleetInterrupted(stopped["signal"] or signal.SIGINT,
+                               done + state["saved"], out) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         grpc_server.stop(grace=1).wait(5)
-    summary = {"rounds": rounds, "min_clients": min_clients, "address": address,
-               "seconds": time.perf_counter() - t0, "history": history,
-               "trained_rounds": state["trained"],
-               "weights": str(out / "params.npz"), "signature": local.signature}
+    state["ended"] = rounds - done
     final = parameters_to_ndarrays(server.parameters)
-    save_run(out, dict(zip(names, final, strict=True)), summary)
-    return summary
+    result = summary(True)
+    save_run(out, dict(zip(names, final, strict=True)), result)
+    return result
 
 
 GONE = "gone"  # _join_check: the client disconnected (not a refusal)
@@ -339,9 +377,10 @@ def _reply_problem(res, names: list[str], local: Local, to_arrays, to_parameters
 
 
 def _join_check(proxy, config: dict, signature: str, flwr_version: str,
-                timeout: float = 60.0) -> str | None:
+                timeout: float = 60.0, heard: list | None = None) -> str | None:
     """Why the client behind ``proxy`` cannot take part (None: it can): its answer to the
-    server's ``get_properties`` carrying ``config``."""
+    server's ``get_properties`` carrying ``config``. The class names it answers with go to
+    ``heard`` (None where it has none)."""
     from flwr.common import GetPropertiesIns
 
     t0 = time.monotonic()
@@ -368,6 +407,21 @@ def _join_check(proxy, config: dict, signature: str, flwr_version: str,
                f"server's {signature[:12]}); give every client a copy of the server's bundle"
     if props.get("refused"):
         return str(props["refused"])
+    if heard is not None:
+        heard.append(names_from_json(props.get("classes")))
+    return None
+
+
+def fleet_classes(local: Local) -> list[str] | None:
+    """The fleet's label map where the server knows one: the bundle's class names (``export
+    --classes``), else those of the server's own ``--data`` (both relabelled to it)."""
+    from ..data import ids_only
+
+    names = local.bundle.manifest.class_names
+    data = getattr(local.data, "class_names", None)
+    for c in (names, data):
+        if not ids_only(c):
+            return list(c)
     return None
 
 

@@ -320,7 +320,7 @@ class ImageSource(Source):
         self.max_metadata = max(self.max_metadata, meta)
         return None, self._decoded_pixels(fmt, w, h, progressive)
 
-    def _draft_size(self) -> tuple[int, int]:
+    def _draft_size(self) -> tuple[int, int]:  # (preprocessing's "jpeg_draft" says the same)
         return 2 * self.w, 2 * self.h
 
     def _decoded_pixels(self, fmt: str, w: int, h: int, progressive: bool = False) -> int:

@@ -456,7 +456,7 @@ def open_npz(path: str | Path, inputs: list[TensorSpec], loss: LossSpec, *,
         raise UserError(f"data file {path} has {', '.join(repr(k) for k in present)} but not "
                         f"{', '.join(missing)}; a held-out split needs both its inputs and its "
                         "labels (add the missing arrays or remove the _test ones)")
-    if class_names is None and "class_names" in arrays:
+    if "class_names" in arrays:  # its own names (a given map renumbers them: data.relabelled)
         cn = arrays["class_names"]
         if cn.ndim != 1 or cn.dtype.kind not in "US" or cn.shape[0] > MAX_LABELS:
             raise UserError(f"{path}: array 'class_names' must be a 1-D array of at most "

@@ -453,7 +453,10 @@ def load_tokenizer(tokenizer: str | Path | bytes | object, seq_len: int):
             if i is not None:
                 pad_id, pad_token = i, t
                 break
-    tok.enable_truncation(max_length=seq_len)
+    # its own side of truncation too (a causal model's tokenizer keeps the end of a long text:
+    # enable_truncation alone resets it to the right, and a probe's run trained on the starts)
+    cut = tok.truncation or {}
+    tok.enable_truncation(max_length=seq_len, direction=cut.get("direction", "right"))
     tok.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token,
                        direction=pad.get("direction", "right"))
     return tok

@@ -1,0 +1,88 @@
+"""A fleet run's ``--out`` folder: what a server or a client may write there, and which of the
+two left the files it holds (checked before anything runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+__all__ = ["FLEET_FILES", "check_out", "check_server_out", "fleet_role"]
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` a fleet run must not write into: a bundle folder (its params.npz would
+    be replaced and the bundle fail its checksum), a ``train`` run's folder (its weights and
+    metrics replaced), a path that is or lies under a file. Checked before anything runs.
+
+    Raises:
+        UserError: any of those.
+    """
+    from ..run_folder import check_out_path, not_run_files
+
+    check_out_path(out, "a fleet run")
+    if (out / "run.json").exists():
+        raise UserError(f"--out '{out}' holds a `train` run (run.json): a fleet run there would "
+                        "replace its weights and metrics; pass another --out")
+    others = not_run_files(out, FLEET_FILES)
+    if others:  # a fleet run writes among its own files only (the user's are never replaced)
+        raise UserError(f"--out '{out}' is a folder holding other files ("
+                        f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and no "
+                        "fleet run; pass a new or empty folder as --out")
+
+
+# what a fleet server or client writes in its --out (a client: a training run's files)
+FLEET_FILES = ("params.npz", "summary.json", "metrics.jsonl", "checkpoints", ".fleet-lock")
+
+
+def fleet_role(out: Path) -> str | None:
+    """Which fleet run left its files in ``out``: "server" (an aggregate: summary.json naming
+    the clients it waited for), "client" (checkpoints or a client's summary), "other" (a
+    summary.json that neither writes), or None."""
+    summary = out / "summary.json"
+    if summary.is_file() and not summary.is_symlink():
+        try:
+            meta = json.loads(summary.read_text()[:1 << 20])
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and "min_clients" in meta:
+            return "server"
+        if isinstance(meta, dict) and "median_step_s" in meta:  # a training run's summary
+            return "client"
+        return "other"
+    if (out / "checkpoints").is_dir():
+        return "client"
+    if (out / "params.npz").is_file() and (out / ".fleet-lock").is_file() \
+            and not (out / "metrics.jsonl").exists():
+        return "server"  # stopped after a round: the round's aggregate, its summary not yet
+    return None
+
+
+def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Whether the server starts from the aggregate in ``out`` (``--resume``).
+
+    Raises:
+        UserError: ``out`` holds a client's files, or an earlier aggregate without ``--resume``
+            or ``--overwrite`` (running the same command again replaced it without a word), or
+            ``--resume`` with no aggregate to resume.
+    """
+    role = fleet_role(out)
+    has = (out / "params.npz").is_file() or (out / "params.npz").is_symlink()
+    if role == "other" or (has and role != "server"):
+        raise UserError(f"--out '{out}' holds a params.npz or summary.json that no fleet server "
+                        "wrote (no aggregate's summary beside it); nothing there is replaced: "
+                        "pass a new or empty folder as --out")
+    if role == "client":
+        raise UserError(f"--out '{out}' holds a fleet client's files; the server would replace "
+                        "its weights: pass another --out")
+    if resume:
+        if not (role == "server" and has):
+            raise UserError(f"--resume: '{out}' holds no aggregate of an earlier fleet run; "
+                            "drop --resume to start from the bundle's weights")
+        return True
+    if has and not overwrite:
+        raise UserError(f"--out '{out}' holds the aggregate of an earlier fleet run "
+                        "(params.npz); pass --resume to continue from it, --overwrite to start "
+                        "afresh, or another --out")
+    return False
