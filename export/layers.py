@@ -180,8 +180,13 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
     found: list[CompressedLayer] = []
     taken: set[str] = set()
     made_by = {o: n for n in model.graph.node for o in n.output}
+    other: list[str] = []  # trainable channel-mixing weights INSTANT's rules do not cover
     for node in model.graph.node:
         layer = _as_layer(node, shapes, trainable, param_names)
+        why = _not_covered(node, shapes, trainable) if layer is None else None
+        if why:
+            w = next(i for i in node.input if i in trainable)
+            other.append(f"{layer_name(w, node.name, param_names)} ({why})")
         if layer is not None and not layer.rank3 and shapes.of(layer.x)[:1] != ["N"]:
             rows = _rows_per_sample(made_by, shapes, layer.x, layer.cx)
             if rows:  # [L·N, C] rows (MultiheadAttention's out_proj, x.view(-1, C)): L a sample
@@ -194,6 +199,10 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
             taken.add(layer.name)
             layer.p_input, layer.q_input = names.basis_p(layer.name), names.basis_q(layer.name)
             found.append(layer)
+    if other and notes is not None:  # (a session-27 probe's grouped conv and einsum: silent)
+        notes.append(f"note: {len(other)} trainable layer(s) train exactly, outside INSTANT's "
+                     f"rules (a Linear x·W or an ungrouped, unstrided 1x1 conv): "
+                     + ", ".join(other[:4]) + (", ..." if len(other) > 4 else ""))
     if exclude is None:
         head = None
         if found and found[-1].node == _head_node(model, trainable, made_by):
@@ -214,6 +223,26 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
                              if known else "it has none")
                           + "); check the name, or leave the pattern out")
     return [ly for ly in found if not any(fnmatch.fnmatch(ly.name, p) for p in pats)]
+
+
+def _not_covered(node, shapes: Shapes, trainable) -> str | None:
+    """Why a node that mixes channels with a trainable weight is not an INSTANT layer (a
+    grouped or strided 1x1 conv, an Einsum, a weight on the left of a MatMul); None for other
+    nodes (a kxk conv is exact by the method, not worth a note)."""
+    if node.op_type == "Einsum" and any(i in trainable for i in node.input):
+        return "an Einsum"
+    if node.op_type == "MatMul" and node.input and node.input[0] in trainable \
+            and node.input[1:2] and node.input[1] not in trainable:
+        return "a weight on the left, W·x"
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in trainable:
+        return None
+    ws = shapes.of(node.input[1])
+    if len(ws) < 3 or any(d != 1 for d in ws[2:]):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (f"a 1x1 conv in {attrs['group']} groups" if attrs.get("group", 1) != 1 else
+            "a strided 1x1 conv" if any(v != 1 for v in attrs.get("strides", [])) else
+            "a padded 1x1 conv" if any(v != 0 for v in attrs.get("pads", [])) else None)
 
 
 def _rows_per_sample(made_by: dict, shapes: Shapes, x: str, width: int) -> int | None:

@@ -101,6 +101,7 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
                               f"for a class per token or [N, classes, H, W, ...] for a class per "
                               f"pixel; '{output}' has shape {out_shape}. Use --loss mse for "
                               "other outputs")
+        _check_classes(output, out_shape, first)
         scores, label_dims, extra = _logits(g, output, rank, first, notes), ["N"], {}
         if first:  # labels [N, H, W, ...]; SoftmaxCrossEntropyLoss reads this layout as it is
             label_dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[2:]]
@@ -134,6 +135,26 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
         raise ExportError(f"unknown loss '{loss}'; supported: {', '.join(LOSSES)}")
     g.output.insert(0, helper.make_tensor_value_info(names.LOSS, TensorProto.FLOAT, []))
     return info
+
+
+def _check_classes(output: str, out_shape: list, first: bool) -> None:
+    """A class axis of size 1 (e.g. a ``[N, K, 1]`` output read with its classes last) is
+    refused with the way out: the other class axis, or a loss for one score per example.
+
+    Raises:
+        ExportError: fewer than 2 classes on the chosen class axis.
+    """
+    axis = 1 if first else len(out_shape) - 1
+    if out_shape[axis] >= 2:
+        return
+    other = len(out_shape) - 1 if first else 1
+    way = (f"pass --class-axis {'last' if first else '1'} if its classes are on axis {other} "
+           f"(size {out_shape[other]}), or " if len(out_shape) >= 3
+           and isinstance(out_shape[other], int) and out_shape[other] >= 2 else "")
+    raise ExportError(f"cross_entropy needs at least 2 classes, but output '{output}' of shape "
+                      f"{out_shape} has {out_shape[axis]} on its class axis "
+                      f"({'1' if first else 'last'}); {way}use --loss bce for one logit per "
+                      "example or --loss mse for a regression")
 
 
 def _bce(g: onnx.GraphProto, output: str) -> None:

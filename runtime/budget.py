@@ -357,7 +357,9 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
     # MIN_FACTOR x the budget rather than a step the user would have to repeat MB by MB
     need = max(exc.need, budget) * MIN_FACTOR
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
-                     f"raise --budget to at least {math.ceil(need / 1e6)}MB{_or_vanilla(mode)}")
+                     f"raise --budget to {math.ceil(need / 1e6)}MB (the probes' estimate with "
+                     f"{MIN_FACTOR - 1:.0%} headroom: one between the two may fit too)"
+                     + _or_vanilla(mode))
 
 
 def _or_vanilla(mode: str) -> str:

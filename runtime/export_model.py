@@ -21,6 +21,7 @@ from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
 from .run_folder import bundle_run, check_run_links, json_object, run_class_names
+from .sources.common import TEXT_SUFFIXES
 
 __all__ = ["ExportResult", "export_model", "resolve_source"]
 
@@ -415,6 +416,7 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     params = b.load_params(None if w == b.path / names.PARAMS_FILE else w)
     onnx, model = _build_model(b, params)
     labels = _class_names(b, w)
+    images = b.manifest.image is not None and not _trained_on_arrays(w)
     # every file is written into a folder beside --out first and moved in place once all are
     # complete: a failure (a full disk) leaves what was at --out as it was
     tmp = _fresh_tmpdir(out)
@@ -429,7 +431,7 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
                 data_tok = _fixed_length_tokenizer(b.read_file(b.manifest.text.tokenizer),
                                                    b.manifest.text.seq_len)
                 atomic_write(tmp / "tokenizer.json", lambda p: _write_bytes(p, data_tok))
-            if b.manifest.image is not None:
+            if images:
                 from .sources import preprocessing
 
                 prep = json.dumps(preprocessing(b.manifest.image, b.manifest.inputs), indent=1)
@@ -444,7 +446,7 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         st = out.with_suffix(".safetensors")
         labels_path = out.with_suffix(".labels.json") if labels else None
         tok_path = out.with_suffix(".tokenizer.json") if b.manifest.text is not None else None
-        prep_path = out.with_suffix(".preprocess.json") if b.manifest.image is not None else None
+        prep_path = out.with_suffix(".preprocess.json") if images else None
         data = out.parent / data_name if data_name else None
         moves = [(data_name, data), ("model.safetensors", st if wrote else None),
                  ("labels.json", labels_path), ("tokenizer.json", tok_path),
@@ -494,11 +496,23 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _run_of(weights: Path) -> Path:
+    """The run folder of ``weights``: its params.npz's, or one folder up from a checkpoint."""
+    folder = Path(weights).parent
+    return folder.parent if folder.name == "checkpoints" and not (
+        folder / "run.json").exists() else folder
+
+
+def _trained_on_arrays(weights: Path) -> bool:
+    """Whether the run recorded arrays or text rows as its data (an .npz, .csv, ...): a float
+    [N, A, B] input that could be a grey image (session 27 probe: a Conv1d sensor model) then
+    gets no image preprocessing. Unknown (no run.json, a built-in, a folder): images."""
+    data = json_object(_run_of(weights) / "run.json").get("data")
+    return isinstance(data, str) and Path(data).suffix.lower() in (".npz", *TEXT_SUFFIXES)
+
+
 def _class_names(b: Bundle, weights: Path) -> list[str] | None:
     """The run's label map (``run.json`` next to its params.npz, or one folder up from a
     checkpoint), else the bundle's."""
-    folder = Path(weights).parent
-    if folder.name == "checkpoints" and not (folder / "run.json").exists():
-        folder = folder.parent
-    names_ = run_class_names(folder, b)
+    names_ = run_class_names(_run_of(weights), b)
     return names_ if names_ is not None else b.manifest.class_names

@@ -245,3 +245,19 @@ def test_the_bundle_a_run_json_names_is_said(mlp_head_bundle, cli, tmp_path):
                     "picks another)"], r.stdout
     r = cli("export-model", run, "--bundle", mlp_head_bundle, "--out", tmp_path / "n.onnx")
     assert r.returncode == 0 and "bundle: " not in r.stdout, r.stdout
+
+
+def test_a_model_trained_on_arrays_gets_no_image_preprocessing(cnn_bundle, cli, tmp_path):
+    """Session 27 probe: a Conv1d sensor model (float [N, 8, 20] input, trained on an .npz)
+    got MODEL.preprocess.json telling users to decode, grey and resize an image. The run that
+    trained on arrays now writes none; one on a built-in image set (or without a run) does."""
+    data = load_data("digits", open_bundle(cnn_bundle))
+    np.savez(tmp_path / "d.npz", y=data.y[:200], **{k: v[:200] for k, v in data.x.items()})
+    for src, run in ((tmp_path / "d.npz", "arrays"), ("digits", "images")):
+        r = cli("train", cnn_bundle, "--data", src, "--steps", 2, "--out", tmp_path / run,
+                "--mode", "vanilla", "--no-progress")
+        assert r.returncode == 0, r.stderr
+        r = cli("export-model", tmp_path / run, "--out", tmp_path / run / "m.onnx")
+        assert r.returncode == 0, r.stderr
+        wrote = (tmp_path / run / "m.preprocess.json").exists()
+        assert wrote == (run == "images") == ("image preprocessing" in r.stdout), r.stdout

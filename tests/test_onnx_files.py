@@ -138,6 +138,49 @@ def test_a_one_element_bias_trains(tmp_path):
     assert "1 trainable tensors" in r.stdout, r.stdout
 
 
+def test_a_size_one_class_axis_is_refused_with_the_other_axis_named(tmp_path):
+    """Session 27 probe: a [N, K, 1] output (out(x).unsqueeze(-1)) read with its classes last
+    failed inside export with "field 'loss.num_classes' ... re-export the bundle", naming a
+    staging file. Now: the class axis and the way out (--class-axis 1) are named; that trains."""
+    rng = np.random.default_rng(0)
+    onnx_file = _saved(tmp_path / "k1.onnx", [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="/out/MatMul"),
+        helper.make_node("Unsqueeze", ["h", "axes"], ["y"], name="/Unsqueeze")],
+        ("x", TensorProto.FLOAT, ["N", 16]), ("y", TensorProto.FLOAT, ["N", 4, 1]),
+        [numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--input-shape", "8,16")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "has 1 on its class axis (last); pass --class-axis 1" in r.stderr, r.stderr
+    assert "manifest" not in r.stderr and not (tmp_path / "b").exists(), r.stderr
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--input-shape", "8,16",
+             "--class-axis", "1")
+    assert r.returncode == 0, r.stderr
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 16)).astype(np.float32),
+             y=rng.integers(0, 4, (40, 1)))
+    r = _cli("train", tmp_path / "b", "--data", tmp_path / "d.npz", "--steps", "2", "--batch",
+             "8", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+
+
+def test_trainable_layers_outside_instants_rules_are_named_at_export(tmp_path):
+    """Session 27 probe: a grouped 1x1 Conv1d and an einsum with a trainable weight got
+    "0 INSTANT layers" without a word on why. Now a note names each and what it is."""
+    rng = np.random.default_rng(0)
+    onnx_file = _saved(tmp_path / "pw.onnx", [
+        helper.make_node("Conv", ["x", "g.weight"], ["h"], name="/g/Conv", group=2),
+        helper.make_node("Einsum", ["h", "E"], ["e"], name="/Einsum", equation="ncl,oc->nol"),
+        helper.make_node("ReduceMean", ["e"], ["y"], name="/mean", axes=[2], keepdims=0)],
+        ("x", TensorProto.FLOAT, ["N", 4, 6]), ("y", TensorProto.FLOAT, ["N", 8]),
+        [numpy_helper.from_array(rng.standard_normal((8, 2, 1)).astype(np.float32),
+                                 "g.weight"),
+         numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "E")])
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--input-shape", "8,4,6")
+    assert r.returncode == 0, r.stderr
+    assert "0 INSTANT layers" in r.stdout and "2 trainable layer(s) train exactly" in r.stdout \
+        and "g (a 1x1 conv in 2 groups), E (an Einsum)" in r.stdout, r.stdout
+
+
 def test_dynamo_style_files_get_module_names_and_no_group_norm_constants():
     """torch's dynamo exporter names nodes ``node_MatMul_3`` and pre-transposed weights
     ``val_7``; the module path is in each node's ``pkg.torch.onnx.name_scopes``. The weight is

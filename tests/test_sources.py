@@ -1332,6 +1332,9 @@ def test_npz_arrays_as_scripts_save_them_get_the_fix_named(tmp_path):
         open_npz(_npz(tmp_path / "col.npz", x=x, y=y[:, None]), X_IN, _ce(3))
     with pytest.raises(UserError, match=r"save y\.astype\(int\)"):
         open_npz(_npz(tmp_path / "f.npz", x=x, y=y.astype(np.float32)), X_IN, _ce(3))
+    # session 27 probe: string labels were refused without the way to ids
+    with pytest.raises(UserError, match=r"np\.unique\(labels, return_inverse=True\)"):
+        open_npz(_npz(tmp_path / "s.npz", x=x, y=np.array(["a", "b", "c"])[y]), X_IN, _ce(3))
 
 
 def test_a_header_past_the_record_limit_is_not_called_empty(tmp_path, tokenizer_file):

@@ -284,6 +284,9 @@ class NpzSource(Source):
                     fix = "; save y.ravel()"
                 elif self.y.ndim == len(want) and self.y.dtype.kind in "fb":
                     fix = "; save y.astype(int) (the class ids as integers)"
+                elif self.y.dtype.kind in "USO":  # (a probe's string labels: no way out said)
+                    fix = ("; save ids instead: names, y = np.unique(labels, "
+                           "return_inverse=True) (the names in that order)")
                 raise UserError(f"{self._where('y')} must be a {shape} integer array of class "
                                 f"ids; got {self.y.dtype} shape {list(self.y.shape)}{fix}")
         else:
