@@ -319,14 +319,16 @@ def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         return _plan_for_budget(trainer, data, batch, budget, log, reserve)
     except BudgetTooSmall as exc:
         if not _has_shorter(trainer):
-            raise _stated_minimum(exc, budget, trainer.mode, trainer.eval_only) from None
+            raise _stated_minimum(exc, budget, trainer.mode, trainer.eval_only,
+                                  trainer.resuming) from None
     trainer.shorter = False
     log("budget: no plan with the graphs at shorter lengths as well; planning at the full "
         "length only")
     try:
         return _plan_for_budget(trainer, data, batch, budget, log, reserve)
     except BudgetTooSmall as exc:
-        raise _stated_minimum(exc, budget, trainer.mode, trainer.eval_only) from None
+        raise _stated_minimum(exc, budget, trainer.mode, trainer.eval_only,
+                                  trainer.resuming) from None
 
 
 def _has_shorter(trainer: Trainer) -> bool:
@@ -337,7 +339,7 @@ def _has_shorter(trainer: Trainer) -> bool:
 
 
 def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
-                    evaluating: bool = False) -> UserError:
+                    evaluating: bool = False, resuming: bool = False) -> UserError:
     """The refusal's way out. The estimate comes from probes that stayed inside ``budget``
     (a budget above it cannot be tried without passing it), so it extrapolates: measured on
     workloads refused at their first stated minimum, the budget that then worked was up to
@@ -352,22 +354,27 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
                          f"above it, e.g. to {math.ceil(hint / 1e6)}MB "
                          + ("(or evaluate without --budget)" if evaluating else
                             "(`instant-runtime plan` without --budget estimates the minimum)")
-                         + _or_vanilla(mode))
+                         + _or_vanilla(mode, resuming))
     # an estimate below the refused budget means the probes missed part of the need: ask for
     # MIN_FACTOR x the budget rather than a step the user would have to repeat MB by MB
     need = max(exc.need, budget) * MIN_FACTOR
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
                      f"raise --budget to {math.ceil(need / 1e6)}MB (the probes' estimate with "
                      f"{MIN_FACTOR - 1:.0%} headroom: one between the two may fit too)"
-                     + _or_vanilla(mode))
+                     + _or_vanilla(mode, resuming))
 
 
-def _or_vanilla(mode: str) -> str:
+def _or_vanilla(mode: str, resuming: bool = False) -> str:
     """INSTANT's calibration holds each layer's Grams (a wide [N, C] layer: D² each), which
     exact training does not: a session-18 probe saw a 971 MB minimum for INSTANT where exact
-    training ran in 160 MB. The refusal names that way out too."""
-    return (", or train exactly with --mode vanilla (no calibration: its minimum may be lower; "
-            "`instant-runtime plan --mode vanilla` states it)" if mode == "instant" else "")
+    training ran in 160 MB. The refusal names that way out too; a resumed run keeps its mode
+    (session 27 probe: the resume then refused the --mode vanilla the refusal advised)."""
+    if mode != "instant":
+        return ""
+    return (", or train exactly with --mode vanilla " + (
+        "as a new run (another --out: a resumed run keeps its mode; "
+        if resuming else "(") + "no calibration: its minimum may be lower; "
+        "`instant-runtime plan --mode vanilla` states it)")
 
 
 def estimate_minimum(trainer: Trainer, data, batch: int, reserve: int = 0) -> int | None:

@@ -682,6 +682,7 @@ def _cmd_train(a) -> int:
     data = _load_data(a, bundle, class_names=_resumed_class_names(out, bundle) if a.resume
                       else None)
     trainer = Trainer(bundle, cfg)
+    trainer.resuming = bool(run_cfg.resume)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
                                          getattr(data, "class_names", None), a.val_split))
     folder.prepare(run_cfg.resume, run_cfg.overwrite)

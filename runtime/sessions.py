@@ -249,7 +249,8 @@ def check_provider_started(session: ort.InferenceSession) -> None:
 
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
 # a C++ source location and function signature: "/onnxruntime_src/.../x.h:46 void ns::f(...) "
-_ORT_WHERE = re.compile(r"(?:/|\b)[\w./-]+\.(?:h|cc|cpp|hpp|cu):\d+ [^()]*\([^()]*\)(?: const)? ?")
+_ORT_WHERE = re.compile(r"(?:/|\b)[\w./-]+\.(?:h|cc|cpp|hpp|cu):\d+ (?:[^()]*\([^()]*\)"
+                        r"(?: const)? ?|(?=[A-Z][a-z]*\b))")  # or a bare location (session 27)
 
 
 def ort_message(exc: BaseException, limit: int = 240) -> str:

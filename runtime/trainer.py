@@ -235,6 +235,7 @@ class Trainer:
         # evaluation only (``eval``): the sessions are the inference graph's, and a budget plans
         # its passes (runtime/budget.py), not a training step's
         self.eval_only = False
+        self.resuming = False  # a run resumed from its checkpoint: its mode is fixed
         self.step_count = 0
         self.window: GramWindow | None = None  # an open calibration
         self.calibrations = 0
@@ -666,6 +667,10 @@ class Trainer:
         return loss, correct
 
     def _run_error(self, exc: Exception, phase: str) -> Exception:
+        from .checkpoint import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):  # raised by a signal handler as the run
+            return exc  # returned (session 27 probe: Ctrl-C in the final evaluation, exit 2)
         if runs_aborted():  # the signal watchdog ended the run (checkpoint.StopSignals)
             return StepAbandoned(phase)
         if is_out_of_memory(exc):

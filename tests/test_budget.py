@@ -265,6 +265,20 @@ def test_a_refusal_whose_estimate_is_below_the_budget_asks_for_a_real_step_up():
         assert stated >= max(need, budget) * MIN_FACTOR - MB, msg
 
 
+
+def test_a_resumed_instant_run_is_not_told_to_switch_its_mode():
+    """Session 27 probe: a budget refusal on --resume advised "--mode vanilla", which the
+    resume then refused (a checkpoint keeps its mode): now the advice is a new run."""
+    from runtime.budget import BudgetTooSmall, _stated_minimum
+
+    why = BudgetTooSmall("a probe at micro-batch 1 did not fit", 119 * MB)
+    for need in (why, BudgetTooSmall("a probe at micro-batch 1 alone passed it")):
+        fresh = str(_stated_minimum(need, 100 * MB, "instant"))
+        resumed = str(_stated_minimum(need, 100 * MB, "instant", resuming=True))
+        assert "--mode vanilla (no calibration" in fresh, fresh
+        assert "--mode vanilla as a new run (another --out" in resumed, resumed
+        assert "--mode vanilla" not in str(_stated_minimum(need, 100 * MB, "vanilla"))
+
 WIDE_LINEAR = """
 import torch
 from torch import nn

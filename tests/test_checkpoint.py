@@ -1372,3 +1372,30 @@ def test_no_thread_left_for_the_signal_watchdog_is_one_error(monkeypatch):
         with StopSignals():
             pass
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_signal_in_the_final_evaluation_exits_as_an_interrupt(tmp_path) -> None:
+    """Session 27 probe: SIGINT during the held-out evaluation after the last step exited 2
+    with "onnxruntime failed in the evaluation pass: interrupted by SIGINT ...; check that the
+    data matches the bundle's inputs, or re-export the bundle" (the handler's exception was
+    taken for onnxruntime's). Now exit 130 and the interrupt's own line."""
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model", "token-mlp",
+                        "--out", str(tmp_path / "b")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 64), ("val", 1500)):  # the evaluation: seconds at 1 thread
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((n, 128, 64), np.float32),
+                 y=rng.integers(0, 10, n))
+    out = tmp_path / "run"
+    proc = start(tmp_path / "b", out, "--data", tmp_path / "train.npz", "--val",
+                 tmp_path / "val.npz", "--eval-every", 0, "--steps", 1, "--checkpoint-every", 1,
+                 "--mode", "vanilla")
+    assert wait_for_checkpoint_after(proc, out, 0, timeout=120)  # the loop is over
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == [
+        f"interrupted by SIGINT after step 1; checkpoint {out / 'checkpoints' / 'ckpt-000001.npz'}"
+        "; continue with --resume"], stderr

@@ -1328,3 +1328,20 @@ def test_run_json_is_never_read_through_a_link(tmp_path):
     (tmp_path / "run.json").symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(UserError, match="run.json is a symbolic link"):
         json_object(tmp_path / "run.json")
+
+
+def test_onnxruntime_errors_lose_their_cxx_source_locations():
+    """Session 23: a signature filled the line before the reason; session 27 probe: a bare
+    location ("tensor_external_data_info.cc:62 Create model format error! ...", a bundle whose
+    external data named 'location' twice) reached the user."""
+    from runtime.sessions import ort_message
+
+    for raw, reason in (
+            ("[ONNXRuntimeError] : 1 : FAIL : tensor_external_data_info.cc:62 Create model "
+             "format error! TensorProto external data has duplicate 'location' entries",
+             "Create model format error! TensorProto external data has duplicate 'location'"),
+            ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:"
+             "180 onnxruntime::Model::Model(onnx::ModelProto&&, const PathString&, const "
+             "logging::Logger&) Unsupported model IR version: 99",
+             "Unsupported model IR version: 99")):
+        assert ort_message(RuntimeError(raw)).startswith(reason), ort_message(RuntimeError(raw))
