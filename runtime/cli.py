@@ -347,8 +347,18 @@ def _train_config(a, bundle, prof, optim=None):
     from .config import InstantConfig, OptimConfig, TrainConfig
 
     policy = a.rank_policy
-    if policy is None and (a.energy is not None or a.oversample is not None):
+    eps = "--energy" if a.energy is not None else "--oversample" if a.oversample is not None \
+        else None
+    if policy is None and eps:
         policy = "energy"  # an explicit ε or p asks for the energy rule
+    if (policy == "energy" and a.variance is not None) or (policy == "budget" and eps):
+        from .errors import UserError  # (session 27 probe: the other policy's option ignored)
+
+        raise UserError(f"{'--variance' if policy == 'energy' else eps} sets the "
+                        f"{'budget' if policy == 'energy' else 'energy'} rank policy's ranks, "
+                        f"and this run uses the {policy} policy"
+                        + (f" ({eps} asks for it)" if a.rank_policy is None else "")
+                        + "; leave one of them out")
     instant = InstantConfig.from_bundle(
         bundle.manifest.instant.settings, energy=a.energy, oversample=a.oversample,
         calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,

@@ -468,8 +468,10 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(x.name for x in (tmp_path / "trainrun").iterdir()) == ["run.json"]
     # session 26 probe: a client that could not reach its server left a folder holding only
-    # its lock file behind
-    assert not (tmp_path / "c").exists()
+    # its lock file behind; session 27 probe: so did a server whose clients never came, and
+    # one that could not listen
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
+    assert not (tmp_path / "s2").exists()
 
 
 def test_a_client_that_diverges_says_how_to_start_it_again(mlp_bundle, tmp_path):

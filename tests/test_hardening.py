@@ -295,6 +295,14 @@ for _flag, _value, _frag in [
         lambda c, f=_flag, v=_value: _train(c, f, v))
 
 
+# session 27 probe: one rank policy's option with the other policy was silently ignored
+for _opts, _frag in [(("--rank-policy", "energy", "--variance", "0.5"), "uses the energy policy"),
+                     (("--energy", "0.9", "--variance", "0.5"), "(--energy asks for it)"),
+                     (("--rank-policy", "budget", "--oversample", "3"), "--oversample sets the")]:
+    case(f"options{'='.join(_opts)}", _frag, "leave one of them out")(
+        lambda c, o=_opts: _train(c, *o))
+
+
 @case("eval-batch-zero", "--batch")
 def _(c):
     return ["eval", str(c.bundle), "--data", "digits", "--batch", "0"]

@@ -8,7 +8,6 @@ errors itself (one ``error:`` line, exit 2), so it behaves the same under either
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -173,7 +172,7 @@ def _flower(verbose: bool):
 
 def _server(a) -> int:
     from .client import MAX_ROUNDS
-    from .folders import check_out, check_server_out
+    from .folders import check_out, check_server_out, drop_lock_only
     from .local import UserError, open_local
     from .server import run_server
 
@@ -196,6 +195,7 @@ def _server(a) -> int:
     out = Path(a.out) if a.out else bundle_run(local.bundle.path, "fleet")
 
     resume = check_server_out(out, a.resume, a.overwrite)
+    fresh = not out.exists()
     lock = hold_folder(out, f"--out '{out}' is in use by another fleet server of this machine "
                        "(two would write one aggregate); wait for it to end, or pass another "
                        "--out", ".fleet-lock")  # held until the process ends
@@ -215,8 +215,13 @@ def _server(a) -> int:
                  " (its round count was not recorded: running --rounds more)"), flush=True)
     if a.data and local.data is not None and local.data.test is None:
         print(f"note: {a.data} has no held-out split; evaluating on all of it", flush=True)
-    s = run_server(local, address, a.rounds, a.min_clients, out, evaluate_here=a.data is not None,
-                   wait_s=wait, round_timeout=round_timeout, earlier=earlier)
+    try:
+        s = run_server(local, address, a.rounds, a.min_clients, out,
+                       evaluate_here=a.data is not None, wait_s=wait,
+                       round_timeout=round_timeout, earlier=earlier)
+    except UserError:
+        drop_lock_only(out, fresh)  # no client came: no folder left behind (session 27 probe)
+        raise
     from ..memory import held_lock
 
     held_lock(lock, False)
@@ -258,7 +263,7 @@ def _earlier_rounds(out: Path) -> dict | None:
 
 def _client(a) -> int:
     from .client import run_client
-    from .folders import check_out, fleet_role
+    from .folders import check_out, drop_lock_only, fleet_role
     from .local import (
         UserError,
         check_client_options,
@@ -309,11 +314,7 @@ def _client(a) -> int:
               flush=True)
         return run_client(local, address, a.steps, a.batch, connect_timeout=connect_timeout)
     except UserError:
-        # a client that never trained leaves no folder of its own behind (a probe's did)
-        with contextlib.suppress(OSError):
-            if fresh and [p.name for p in out.iterdir()] == [".fleet-lock"]:
-                (out / ".fleet-lock").unlink()
-                out.rmdir()
+        drop_lock_only(out, fresh)  # a client that never trained leaves no folder behind
         raise
 
 

@@ -3,6 +3,7 @@ two left the files it holds (checked before anything runs)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -86,3 +87,13 @@ def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
                         "(params.npz); pass --resume to continue from it, --overwrite to start "
                         "afresh, or another --out")
     return False
+
+
+def drop_lock_only(out: Path, fresh: bool) -> None:
+    """Remove ``out`` where this process made it (``fresh``) and it holds only the lock: a
+    fleet process that ended before doing anything leaves no folder behind (probes of sessions
+    26 and 27: a client that never trained, a server whose clients never came)."""
+    with contextlib.suppress(OSError):
+        if fresh and [p.name for p in out.iterdir()] == [".fleet-lock"]:
+            (out / ".fleet-lock").unlink()
+            out.rmdir()
