@@ -1033,6 +1033,24 @@ def _error_line(line: str) -> None:
     Unblocking(sys.stderr, 1.0).write(line + "\n")
 
 
+def _interrupted(args) -> str:
+    """The line a run stopped at once ends with (a second signal, or one outside the loop):
+    for ``train``, the run folder's newest checkpoint and how to go on (session 27 probe: a
+    bare "interrupted" after a double Ctrl-C)."""
+    newest = None
+    if getattr(args, "cmd", None) == "train":
+        try:
+            from .checkpoint import newest_checkpoint
+            from .run_folder import bundle_run
+
+            out = Path(args.out) if args.out else bundle_run(Path(args.bundle))
+            newest = newest_checkpoint(out / "checkpoints")
+        except Exception:  # noqa: BLE001 - the line comes out whatever the folder holds
+            newest = None
+    return (f"interrupted; the run's newest checkpoint is {newest[1]}: continue from it with "
+            "--resume" if newest else "interrupted")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # probes fork; no Rust thread pool
     import signal
@@ -1051,6 +1069,7 @@ def main(argv: list[str] | None = None) -> int:
     # initialization failed"): remember that SIGINT came, so any exception after it exits 130.
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+    args = None
     try:
         args = _parser().parse_args(_negative_values_attached(
             sys.argv[1:] if argv is None else list(argv)))
@@ -1084,13 +1103,13 @@ def main(argv: list[str] | None = None) -> int:
                   "pass a flat file", file=sys.stderr)
             return 2
     except KeyboardInterrupt as exc:
-        print("interrupted", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except BrokenPipeError:
         return 1
     except Exception:
         if _INTERRUPTED or _TERM_SEEN:  # a signal's exception dropped, and what it broke failed
-            print("interrupted", file=sys.stderr)
+            print(_interrupted(args), file=sys.stderr)
             return 143 if _TERM_SEEN else 130
         raise
 

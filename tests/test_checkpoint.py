@@ -1399,3 +1399,26 @@ def test_a_signal_in_the_final_evaluation_exits_as_an_interrupt(tmp_path) -> Non
     assert stderr.strip().splitlines() == [
         f"interrupted by SIGINT after step 1; checkpoint {out / 'checkpoints' / 'ckpt-000001.npz'}"
         "; continue with --resume"], stderr
+
+
+def test_a_run_stopped_at_once_names_its_newest_checkpoint(mlp_bundle, tmp_path) -> None:
+    """Session 27 probe: a second Ctrl-C (stop at once) ended a run with a bare "interrupted";
+    the line now names the run folder's newest checkpoint and --resume (another command, or a
+    run without a checkpoint, still says "interrupted")."""
+    from argparse import Namespace
+
+    from runtime.cli import _interrupted
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--out",
+                        str(out), *map(str, QUIET), "--steps", "3", "--checkpoint-every", "2",
+                        "--mode", "vanilla"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    line = _interrupted(Namespace(cmd="train", out=str(out), bundle=str(mlp_bundle)))
+    assert line == (f"interrupted; the run's newest checkpoint is "
+                    f"{out / 'checkpoints' / 'ckpt-000003.npz'}: continue from it with --resume")
+    assert _interrupted(Namespace(cmd="train", out=str(tmp_path / "none"),
+                                  bundle=str(mlp_bundle))) == "interrupted"
+    assert _interrupted(Namespace(cmd="export", out=str(out))) == "interrupted"
+    assert _interrupted(None) == "interrupted"
