@@ -454,16 +454,24 @@ def relabelled(data, names: list[str] | None, whose: str):
         UserError: a class of the data that ``names`` lacks.
     """
     own = getattr(data, "class_names", None)
-    if names is None or ids_only(own) or ids_only(names) or list(own) == list(names):
+    if names is None or own is None or list(own) == list(names):
         return data
     where = {str(c): i for i, c in enumerate(names)}
+    # numbered labels ("0", "1", ...) on one side follow the other's numbering, unless they
+    # are among its names (session 27 probe: digits named "9".."0" against the built-in's
+    # "0".."9" trained and scored every digit as another)
+    if (ids_only(own) or ids_only(names)) and not all(str(c) in where for c in own):
+        return data
     extra = [c for c in own if str(c) not in where]
     if extra:
         shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
         raise UserError(f"{getattr(data, 'name', 'the data')} has classes {whose} lack ({shown}; "
                         f"theirs: {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}); "
                         "use data of those classes")
-    out = _Relabelled(data, np.asarray([where[str(c)] for c in own], np.int64), names)
+    perm = np.asarray([where[str(c)] for c in own], np.int64)
+    if np.array_equal(perm, np.arange(perm.size)) and len(own) == len(names):
+        return data
+    out = _Relabelled(data, perm, names)
     test = getattr(data, "test", None)
     out.test = relabelled(test, names, whose) if test is not None else None
     return out

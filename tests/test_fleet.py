@@ -447,8 +447,19 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     (tmp_path / "cl" / "checkpoints").mkdir(parents=True)
     before.update({agg / "params.npz": b"weights",
                    agg / "summary.json": (agg / "summary.json").read_bytes()})
+    # session 27 probe: a --resume with another bundle replaced the aggregate with 2 of its 6
+    # tensors; refused by the summary's signature, or by the tensors where it has none
+    other, other2 = tmp_path / "other", tmp_path / "other2"
+    for folder, signature in ((other, "0" * 64), (other2, None)):
+        folder.mkdir()
+        np.savez(folder / "params.npz", **{"4.weight": np.zeros((10, 64), np.float32)})
+        (folder / "summary.json").write_text(json.dumps(
+            {"rounds": 1, "min_clients": 1, "rounds_done": 1, "signature": signature}))
+        before.update({folder / "params.npz": (folder / "params.npz").read_bytes()})
     server = ("server", mlp_bundle, "--address", f"127.0.0.1:{port}")
-    cases += [((*server, "--out", agg), "holds the aggregate of an earlier fleet run"),
+    cases += [((*server, "--out", other, "--resume"), "signature 000000000000, this bundle's"),
+              ((*server, "--out", other2, "--resume"), "(other trainable tensors)"),
+              ((*server, "--out", agg), "holds the aggregate of an earlier fleet run"),
               ((*server, "--out", tmp_path / "cl"), "holds a fleet client's files"),
               ((*server, "--out", tmp_path / "none", "--resume"), "holds no aggregate"),
               ((*server, "--out", agg, "--resume", "--overwrite"), "contradict"),
@@ -836,6 +847,41 @@ def test_clients_that_number_their_classes_otherwise_are_renumbered_as_the_fleet
         assert r.returncode == 0, r.stderr
         scores.append(re.findall(r"accuracy (\d\.\d+)", r.stdout))
     assert scores[0] == scores[1] and scores[0], scores
+
+
+def test_classes_named_by_digits_in_another_order_are_renumbered(mlp_bundle, tmp_path):
+    """Session 27 probe: names that are digits ("0".."9", the built-in digits') counted as
+    numbered labels, so a client naming its classes "9".."0" set the fleet's classes while the
+    server scored its own --data digits unrenumbered (0.053 -> 0.008; `eval` of the same
+    weights: 0.908), and `train` on such a file then `eval` on digits scored 0.044. Digit names
+    among the other side's names now renumber like words."""
+    from runtime.bundle import open_bundle
+    from runtime.data import Dataset, load_data, relabelled
+
+    rev = [str(9 - i) for i in range(10)]
+    d = load_data("digits", open_bundle(mlp_bundle))
+    assert d.class_names == [str(i) for i in range(10)]
+    mine = relabelled(d, rev, "the run's classes")
+    np.testing.assert_array_equal(mine.take_labels(np.arange(50)), 9 - d.y[:50])
+    assert relabelled(d, [f"c{i}" for i in range(10)], "x") is d  # numbered: follows theirs
+    few = Dataset("f", {"input": d.x["input"][:4]}, np.array([0, 1, 1, 0]), class_names=["0", "1"])
+    assert relabelled(few, ["1", "0", "2"], "x").take_labels(np.arange(4)).tolist() == [1, 0, 0, 1]
+    data = tmp_path / "rev.npz"
+    np.savez(data, x=d.x["input"], y=9 - d.y, class_names=np.array(rev))
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 1,
+                          "--data", "digits")
+    client = start_client(tmp_path, mlp_bundle, port, 0, data, "--steps", 30, "--lr", "1e-2")
+    try:
+        out = server.ok()
+        client.ok()
+    finally:
+        server.kill()
+        client.kill()
+    assert "the fleet's classes are 9, 8, 7" in out, out
+    assert "the server's --data: its labels are numbered as the fleet's classes (9 0," in out, out
+    acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]
+    assert len(acc) == 3 and acc[-1] > 0.8, (acc, out)
 
 
 def test_a_server_says_which_evaluated_examples_are_training_rows(mlp_bundle, tmp_path):

@@ -201,6 +201,7 @@ def _server(a) -> int:
                        "--out", ".fleet-lock")  # held until the process ends
     earlier = None
     if resume:
+        _same_model(out, local)
         earlier = _earlier_rounds(out)
         if earlier is not None and earlier["rounds_done"] >= a.rounds:
             print(f"the fleet run in '{out}' already did {earlier['rounds_done']} of "
@@ -241,6 +242,34 @@ def _server(a) -> int:
           "model.onnx" + ("" if out.parent == local.bundle.path else f" --bundle {a.bundle}")
           + ")", flush=True)
     return 0
+
+
+def _same_model(out: Path, local) -> None:
+    """A resumed aggregate must be this bundle's model: its summary's signature, and exactly
+    the bundle's trainable tensors (session 27 probe: a --resume with another bundle kept 2 of
+    the 6 tensors, replaced params.npz and mixed the two models' histories).
+
+    Raises:
+        UserError: another model's aggregate.
+    """
+    import numpy as np
+
+    from ..run_folder import json_object
+    from .local import UserError
+
+    theirs = json_object(out / "summary.json").get("signature")
+    try:
+        with np.load(out / "params.npz", allow_pickle=False) as z:
+            names = set(z.files)
+    except (OSError, ValueError):
+        names = None  # (load_params words a damaged file)
+    if (isinstance(theirs, str) and theirs != local.signature) or (
+            names is not None and names != set(local.names)):
+        raise UserError(f"--resume: '{out}' holds the aggregate of another model than bundle "
+                        f"'{local.bundle.path}' (" + (f"signature {theirs[:12]}, this bundle's "
+                        f"{local.signature[:12]}" if isinstance(theirs, str)
+                        and theirs != local.signature else "other trainable tensors")
+                        + "); resume with the bundle it was trained with, or pass another --out")
 
 
 def _earlier_rounds(out: Path) -> dict | None:

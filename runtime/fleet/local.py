@@ -172,10 +172,12 @@ class Local:
         """
         from ..data import relabelled
 
-        own = self.own_classes()
-        if not fleet or own is None or own == list(fleet):
+        before = self.data
+        if not fleet or before is None:
             return None
-        self.data = relabelled(self.data, list(fleet), "the fleet's classes")
+        self.data = relabelled(before, list(fleet), "the fleet's classes")
+        if self.data is before:  # (the same names, or numbered labels that follow the fleet's)
+            return None
         return ("this device's labels are numbered as the fleet's classes ("
                 + ", ".join(f"{c} {i}" for i, c in enumerate(fleet[:8]))
                 + (", ..." if len(fleet) > 8 else "") + ")")
