@@ -456,6 +456,13 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
         (folder / "summary.json").write_text(json.dumps(
             {"rounds": 1, "min_clients": 1, "rounds_done": 1, "signature": signature}))
         before.update({folder / "params.npz": (folder / "params.npz").read_bytes()})
+    # ... and a client's --out holding another model's client run (its weights were replaced)
+    theirs = tmp_path / "their_client"
+    (theirs / "checkpoints").mkdir(parents=True)
+    (theirs / "params.npz").write_bytes((other / "params.npz").read_bytes())
+    before[theirs / "params.npz"] = (other / "params.npz").read_bytes()
+    cases.append((("client", mlp_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
+                   "--out", theirs), "holds a fleet client's run of another model"))
     server = ("server", mlp_bundle, "--address", f"127.0.0.1:{port}")
     cases += [((*server, "--out", other, "--resume"), "signature 000000000000, this bundle's"),
               ((*server, "--out", other2, "--resume"), "(other trainable tensors)"),

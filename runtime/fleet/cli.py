@@ -201,7 +201,7 @@ def _server(a) -> int:
                        "--out", ".fleet-lock")  # held until the process ends
     earlier = None
     if resume:
-        _same_model(out, local)
+        _same_model(out, local, f"--resume: '{out}' holds the aggregate")
         earlier = _earlier_rounds(out)
         if earlier is not None and earlier["rounds_done"] >= a.rounds:
             print(f"the fleet run in '{out}' already did {earlier['rounds_done']} of "
@@ -244,10 +244,12 @@ def _server(a) -> int:
     return 0
 
 
-def _same_model(out: Path, local) -> None:
-    """A resumed aggregate must be this bundle's model: its summary's signature, and exactly
-    the bundle's trainable tensors (session 27 probe: a --resume with another bundle kept 2 of
-    the 6 tensors, replaced params.npz and mixed the two models' histories).
+def _same_model(out: Path, local, what: str) -> None:
+    """A resumed aggregate, or a client's earlier run in its --out (``what`` it is), must be
+    this bundle's model: its summary's signature where it has one, and exactly the bundle's
+    trainable tensors (session 27 probe: a --resume with another bundle kept 2 of the 6
+    tensors, replaced params.npz and mixed the two models' histories; a client replaced another
+    model's weights and mixed its checkpoints in).
 
     Raises:
         UserError: another model's aggregate.
@@ -265,11 +267,11 @@ def _same_model(out: Path, local) -> None:
         names = None  # (load_params words a damaged file)
     if (isinstance(theirs, str) and theirs != local.signature) or (
             names is not None and names != set(local.names)):
-        raise UserError(f"--resume: '{out}' holds the aggregate of another model than bundle "
-                        f"'{local.bundle.path}' (" + (f"signature {theirs[:12]}, this bundle's "
-                        f"{local.signature[:12]}" if isinstance(theirs, str)
-                        and theirs != local.signature else "other trainable tensors")
-                        + "); resume with the bundle it was trained with, or pass another --out")
+        raise UserError(f"{what} of another model than bundle '{local.bundle.path}' ("
+                        + (f"signature {theirs[:12]}, this bundle's {local.signature[:12]}"
+                           if isinstance(theirs, str) and theirs != local.signature
+                           else "other trainable tensors")
+                        + "); use the bundle it was trained with, or pass another --out")
 
 
 def _earlier_rounds(out: Path) -> dict | None:
@@ -331,6 +333,8 @@ def _client(a) -> int:
                        micro_batch=a.micro_batch,
                        data_options={"text_column": a.text_column, "label_column": a.label_column,
                                      "val": a.val, "val_split": a.val_split})
+    if role == "client" and (out / "params.npz").is_file():
+        _same_model(out, local, f"--out '{out}' holds a fleet client's run")
     fresh = not out.exists()
     local.claim_out()
     try:
