@@ -891,6 +891,24 @@ def test_classes_named_by_digits_in_another_order_are_renumbered(mlp_bundle, tmp
     assert len(acc) == 3 and acc[-1] > 0.8, (acc, out)
 
 
+def test_a_round_cut_off_at_the_round_timeout_is_named(mlp_bundle, tmp_path):
+    """Session 27 probe: a client slower than --round-timeout counted as "1 failed", and the
+    run ended with "see the clients' output (a client with another bundle or unusable data
+    ...)"; the timeout was never named. Now the round and the final error name it."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                          "--round-timeout", 1)
+    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 8000)
+    try:
+        rc = server.finish()
+    finally:
+        server.kill()
+        client.kill()
+    out = server.stdout()
+    assert "no client finished (1 failed; 1 cut off at --round-timeout 1 s: raise it" in out, out
+    one_error_line(server.stderr(), rc, "1 client round(s) were cut off at --round-timeout 1 s")
+
+
 def test_a_server_says_which_evaluated_examples_are_training_rows(mlp_bundle, tmp_path):
     """Session 26 probe: without --data the server averaged its clients' evaluations and called
     them all held-out, where a client without a held-out split had evaluated its training

@@ -233,8 +233,12 @@ def _server(a) -> int:
            if len(hist) > 1 else "")
     if not s["trained_rounds"]:
         print(f"error: no client finished any of the {s['rounds']} rounds, so the weights in "
-              f"{s['weights']} are the initial ones; see the clients' output (a client with "
-              "another bundle or unusable data stops with its reason) and start again",
+              f"{s['weights']} are the initial ones; "
+              + (f"{s['cut_off_at_round_timeout']} client round(s) were cut off at "
+                 f"--round-timeout {a.round_timeout:g} s: raise it, or lower the clients' "
+                 "--steps" if s.get("cut_off_at_round_timeout") else
+                 "see the clients' output (a client with another bundle or unusable data stops "
+                 "with its reason) and start again"),
               file=sys.stderr, flush=True)
         return 2
     print(f"fleet run done: {s['rounds']} rounds in {s['seconds']:.1f} s{acc}")

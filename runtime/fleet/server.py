@@ -87,7 +87,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     history: list[dict] = list(earlier.get("history", []))
     done = int(earlier.get("rounds_done", 0))  # rounds of the resumed run: Flower counts from 1
     state = {"fit": None, "round": 0, "saved": 0, "trained": int(earlier.get("trained_rounds", 0)),
-             "ended": 0,
+             "ended": 0, "fit_t0": time.monotonic(), "late": 0,
              # a resumed run keeps the class order it numbered its clients by
              "classes": fleet_classes(local) or class_names(earlier.get("class_names"))}
     t0 = time.perf_counter() - float(earlier.get("seconds", 0.0))
@@ -104,17 +104,20 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 "seconds": time.perf_counter() - t0, "history": history,
                 "trained_rounds": state["trained"], "rounds_done": done + state["ended"],
                 "finished": finished, "class_names": state["classes"],
+                "cut_off_at_round_timeout": state["late"],
                 "weights": str(out / "params.npz"), "signature": local.signature}
 
     def fit_part(r: int) -> str:
         f = state["fit"]
         if f is None or f["round"] != r:
             return f"round {r + done}"
+        late = (f"; {f['late']} cut off at --round-timeout {round_timeout:.0f} s: raise it, or "
+                "lower the clients' --steps" if f.get("late") else "")
         if not f["clients"]:
-            return (f"round {r + done}: no client finished ({f['failures']} failed), weights "
-                    "unchanged")
+            return (f"round {r + done}: no client finished ({f['failures']} failed{late}), "
+                    "weights unchanged")
         loss = f["loss_last"]
-        return (f"round {r + done}: {f['clients']} clients trained ({f['failures']} failed), "
+        return (f"round {r + done}: {f['clients']} clients trained ({f['failures']} failed{late}), "
                 f"{f['examples']} examples"
                 + (f", client loss {loss:.4f}" if math.isfinite(loss) else ""))
 
@@ -163,7 +166,14 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                     "(values too large to add); weights unchanged")
                 params = None
             state["ended"] = server_round
+            # a reply past --round-timeout reads as a client that left (its stream is cut):
+            # told apart by the round's time (session 27 probe: the timeout was never named)
+            late = round_timeout is not None and \
+                time.monotonic() - state["fit_t0"] >= round_timeout - 0.5
+            state["late"] += late * sum(type(f).__name__ == "GrpcBridgeClosed" for f in failures)
             state["fit"] = {"round": server_round, "clients": len(good),
+                            "late": late * sum(type(f).__name__ == "GrpcBridgeClosed"
+                                               for f in failures),
                             "failures": len(failures),
                             "examples": sum(r.num_examples for _, r in good),
                             "loss_last": float(metrics.get("loss_last", float("nan"))),
@@ -181,6 +191,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
 
         def configure_fit(self, server_round, parameters, client_manager):
             state["round"] = server_round
+            state["fit_t0"] = time.monotonic()
             return super().configure_fit(server_round, parameters, client_manager)
 
         def aggregate_evaluate(self, server_round, results, failures):
