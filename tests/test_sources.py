@@ -1011,6 +1011,21 @@ def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
     assert list(open_data(train, mb, bundle).labels) == [1, 0, 2]
 
 
+def test_a_val_npz_naming_the_classes_in_another_order_is_renumbered(tmp_path):
+    """Session 27 probe: an .npz --val with the training file's class names in another order
+    was refused ("has other classes ...; use the same labels"); it is renumbered as --data is.
+    A class the training data lacks is still refused."""
+    x, y = _xy(30)
+    m = _manifest(X_IN, _ce(3))
+    train = _npz(tmp_path / "t.npz", x=x, y=y, class_names=np.array(["a", "b", "c"]))
+    val = _npz(tmp_path / "v.npz", x=x, y=2 - y, class_names=np.array(["c", "b", "a"]))
+    d = open_data(train, m, tmp_path, val=val)
+    np.testing.assert_array_equal(d.test.take(np.arange(30))[1], y)
+    other = _npz(tmp_path / "o.npz", x=x, y=y, class_names=np.array(["a", "b", "z"]))
+    with pytest.raises(UserError, match=r"o\.npz has classes .*t\.npz's classes lack \(z;"):
+        open_data(train, m, tmp_path, val=other)
+
+
 def test_open_source_dispatch_and_missing_specs(tmp_path, tokenizer_file, digit_folder):
     x, y = _xy()
     npz = _npz(tmp_path / "d.npz", x=x, y=y, x_test=x, y_test=y)

@@ -146,8 +146,11 @@ def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
             raise UserError(f"--val {val} has _test arrays of its own; pass a file with just the "
                             "held-out rows (x, y)")
         if train.class_names is not None and held.class_names is not None and \
-                held.class_names != train.class_names:
-            raise UserError(f"--val {val} has other classes than {data}; use the same labels")
+                held.class_names != train.class_names:  # numbered as the training data's
+            from ..data import relabelled  # (session 27 probe: the same names in another
+
+            held = relabelled(held, list(train.class_names),  # order were refused)
+                              f"{data}'s classes")
         held.name = f"{held.name} (val)"
         train.test = held
         return train
