@@ -156,7 +156,11 @@ class Bundle:
                     f"{v.dtype} {list(v.shape)}"
                 raise UserError(f"{src}: parameter '{p.name}' is {got}, the bundle expects "
                                 f"float32 {p.shape}")
-            arr = np.array(v, dtype=np.float32)
+            # the array read is used as it is where it can be (a copy of every tensor had
+            # doubled the process's peak while loading: +77 MB for a 79 MB model, session 27)
+            arr = v if v.dtype == np.float32 and v.flags.writeable and v.flags.c_contiguous \
+                else np.array(v, dtype=np.float32)
+            values[p.name] = None
             if not np.isfinite(arr).all():
                 raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values; use the "
                                 "weights of a healthy run")

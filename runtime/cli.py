@@ -773,7 +773,7 @@ def _cmd_eval(a) -> int:
         try:
             trainer = Trainer(bundle, TrainConfig(mode="vanilla", optim=OptimConfig(name="sgd"),
                                                   session=_session_config(a, prof)),
-                              Plan(eval_micro_batch=a.batch), weights=weights)
+                              Plan(eval_micro_batch=a.batch), weights=weights, evaluating=True)
             break
         except UserError:
             # a run still training replaced that checkpoint with a newer one while this read

@@ -22,6 +22,7 @@ of them; the parts that stand alone live elsewhere (numpy calibration ``calibrat
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -195,8 +196,10 @@ class Trainer:
     """Trains the bundle's parameters in ``config.mode`` (``instant`` or ``vanilla``)."""
 
     def __init__(self, bundle: Bundle, config: TrainConfig | None = None,
-                 plan: Plan | None = None, weights: Path | None = None) -> None:
+                 plan: Plan | None = None, weights: Path | None = None,
+                 evaluating: bool = False) -> None:
         self.bundle = bundle
+        self._evaluating = evaluating  # ``eval``: no optimizer state, no gradient buffers
         self.config = config or TrainConfig()
         mode = self.config.mode
         if mode == "instant" and not bundle.layers:
@@ -204,8 +207,6 @@ class Trainer:
         self.mode = mode
         self.plan = plan or Plan()
         self.io = bundle.io(mode)
-        self.params = bundle.load_params(weights)
-        self._param_ov = {k: _ov(v) for k, v in self.params.items()}
         device, _ = resolve_device(self.config.session)
         self.device = device
         self._resident = None  # runtime/resident.py, created with the sessions
@@ -215,8 +216,13 @@ class Trainer:
         # momentum needs none: the backward adds into the momentum buffer (optim.SGD).
         self.fused = not self.resident and fusable(self.config.optim)
         self._check_buffers_fit()
-        self.optimizer = make_optimizer(self.config.optim, self.params)
-        if self.fused:
+        self.params = bundle.load_params(weights)
+        self._param_ov = {k: _ov(v) for k, v in self.params.items()}
+        # (``eval`` had them, 1.5x its weights written for nothing: session 27 probe)
+        self.optimizer = None if evaluating else make_optimizer(self.config.optim, self.params)
+        if evaluating:
+            self._grads = {}
+        elif self.fused:
             self._grads = {p: self.optimizer.state[p]["v"] for p in self.params}
         else:
             self._grads = {p: resident_zeros(v) for p, v in self.params.items()}
@@ -970,17 +976,25 @@ class Trainer:
         if budget is None:
             return
         o = self.config.optim
-        per_tensor = state_buffers(o) + (0 if self.fused else 1)
-        size = sum(int(v.nbytes) for v in self.params.values())
+        per_tensor = 0 if self._evaluating else state_buffers(o) + (0 if self.fused else 1)
+        sizes = [4 * math.prod(int(d) for d in p.shape) for p in self.bundle.params]
+        size = sum(sizes)
+        if self._evaluating:
+            sizes = [0]
         now = current_rss()
-        need = now + per_tensor * size
+        # checked before the tensors are read (float32 from the manifest's shapes), so that
+        # reading them cannot pass the budget either; + the optimizer's scratch (the largest
+        # tensor): a probe's 79 MB model under --budget 400MB reached 414 MB before the
+        # plan's refusal, where this check had counted 375 (session 27)
+        need = now + (1 + per_tensor) * size + max(sizes, default=0)
         # a process already past the budget (the interpreter alone) is the plan's to refuse:
         # its way out accounts for the sessions too
         if now <= budget < need:
             raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
-                            f"(its trainable tensors, {size / 1e6:.0f} MB, and their "
-                            f"{per_tensor} buffer(s) each take the process to "
-                            f"{need / 1e6:.0f} MB before any step); raise --budget well above "
+                            f"(its trainable tensors, {size / 1e6:.0f} MB, "
+                            + (f"and their {per_tensor} buffer(s) each " if per_tensor else "")
+                            + f"take the process to {need / 1e6:.0f} MB before any "
+                            f"{'pass' if self._evaluating else 'step'}); raise --budget well above "
                             f"it, e.g. to {2 * need / 1e6:.0f}MB, or export with fewer "
                             "trainable tensors (--trainable)"
                             + (", or train with --optimizer sgd (one buffer a tensor)"

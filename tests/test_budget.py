@@ -353,6 +353,28 @@ def test_buffers_that_cannot_fit_are_refused_before_they_are_allocated(tmp_path)
         assert m.peak_polled <= 300 * MB, (cmd, m.peak_polled / MB)
 
 
+def test_reading_the_weights_and_the_optimizers_scratch_are_counted_before_they_exist(tmp_path):
+    """Session 27 probe: a 79 MB model under AdamW reached 414 MB under --budget 400MB before
+    the plan's refusal: the check counted its three buffers a tensor (375 MB) but not the
+    optimizer's scratch (the largest tensor), and reading params.npz copied every tensor
+    (+77 MB of peak). Here a 67 MB weight at 360 MB (inside the old count, below the real
+    need): refused, the process polled from outside inside the budget. And `eval` holds no
+    optimizer state or gradient buffers (1.5x its weights written for nothing): its budget run
+    peaks below the weights' 67 MB x 2 over the interpreter."""
+    _wide_bundle(tmp_path, 64)
+    argv = [sys.executable, "-m", "runtime", "train", str(tmp_path / "b"), "--data",
+            str(tmp_path / "wide.npz"), "--batch", "32", "--budget", "360MB", "--steps", "2",
+            "--no-progress", "--out", str(tmp_path / "run")]
+    m = run_measured(argv, timeout=300, cwd=REPO)
+    assert m.returncode == 2 and "below the minimum" in m.stderr, m.stderr[-1500:]
+    assert m.peak_polled <= 360 * MB, m.peak_polled / MB
+    argv = [sys.executable, "-m", "runtime", "eval", str(tmp_path / "b"), "--data",
+            str(tmp_path / "wide.npz"), "--batch", "32", "--budget", "300MB"]
+    m = run_measured(argv, timeout=300, cwd=REPO)
+    assert m.returncode == 0, m.stderr[-1500:]
+    assert m.peak_polled <= 200 * MB, m.peak_polled / MB  # (was 260 MB: momentum + scratch)
+
+
 def test_the_batch_order_is_counted_by_the_plan_and_resumes_as_before():
     """The batch order over the rows (made at the first step, after the plan's probes) held
     8 bytes a row uncounted: 6.5 million rows of an .npz went 12 MB over --budget 120MB. It is
