@@ -450,8 +450,8 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams - decode
     if cap0 <= 0:
         largest = getattr(data, "largest_image", None)
-        what = (", and decoding its largest image"
-                + (f" ({largest}: shrink or remove it)" if largest else "")
+        what = ((", and decoding its largest image" + (f" ({largest}: shrink or remove it)")
+                 if largest else ", and the order of its rows")  # (an .npz has no image)
                 + f" up to {decode / 1e6:.0f} MB" if decode >= 1 << 20 else "")
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",
                       budget - cap0)
