@@ -158,7 +158,7 @@ def _planned_minimum(bundle: Path, data: Path, w: Workload) -> int | None:
 
 
 def _stated_minimum(text: str) -> int | None:
-    m = re.search(r"raise --budget (?:to at least|well above it, e\.g\. to) (\d+)MB", text)
+    m = re.search(r"raise --budget (?:to at least|to|well above it, e\.g\. to) (\d+)MB", text)
     return int(m[1]) * MB if m else None
 
 

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         for b in args.budgets.split(","):
             row(f"INSTANT, --budget {b}MB", "--budget", f"{b}MB")
         err = row(f"INSTANT, --budget {args.impossible}MB", "--budget", f"{args.impossible}MB")
-        m = re.search(r"(?:at least|e\.g\. to) (\d+)MB", err or "")
+        m = re.search(r"(?:at least|--budget to|e\.g\. to) (\d+)MB", err or "")
         if m:
             row(f"INSTANT, --budget {m[1]}MB (the stated way out)", "--budget", f"{m[1]}MB")
         # `plan` without --budget estimates the smallest budget (its probes are unlimited)

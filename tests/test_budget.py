@@ -246,7 +246,7 @@ def test_a_refused_budget_is_never_passed_by_the_planning_probes(tmp_path):
                      cwd=REPO)
     assert r.returncode == 2 and "below the minimum" in r.stderr, r.stderr[-1500:]
     assert r.peak <= 150 * MB, r.peak  # wait4: the CLI and every probe it reaped
-    stated = int(re.search(r"(?:at least|e\.g\. to) (\d+)MB", r.stderr)[1])
+    stated = int(re.search(r"(?:at least|--budget to|e\.g\. to) (\d+)MB", r.stderr)[1])
     r2 = run_measured([*argv, "--budget", f"{stated}MB", "--out", str(tmp_path / "r2")],
                       timeout=600, cwd=REPO)
     assert r2.returncode == 0, (stated, r2.stderr[-1500:])
@@ -323,7 +323,7 @@ def test_large_trainable_tensors_and_a_resume_stay_inside_the_budget(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "below the minimum" in lines[0], \
             r.stderr[-1500:]
-        budget = int(re.search(r"(?:at least|e\.g\. to) (\d+)MB", lines[0])[1])
+        budget = int(re.search(r"(?:at least|--budget to|e\.g\. to) (\d+)MB", lines[0])[1])
         r = train(budget, 4)
     assert r.returncode == 0, (budget, r.stderr[-1500:])
     assert r.peak_polled <= budget * MB, (budget, r.peak_polled)

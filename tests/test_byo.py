@@ -801,7 +801,7 @@ def test_one_large_image_among_small_ones_is_planned_for(cnn_bundle, tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and "below the minimum" in lines[0], \
             r.stderr[-2000:]
         assert not out.exists(), sorted(p.name for p in out.iterdir())
-        budget = int(re.search(r"(?:at least|e\.g\. to) (\d+)MB", lines[0])[1])
+        budget = int(re.search(r"(?:at least|--budget to|e\.g\. to) (\d+)MB", lines[0])[1])
         r = train(budget)
         assert r.returncode == 0, (budget, r.stderr[-2000:])
     assert r.peak_polled <= budget * MB, (budget, r.peak_polled)
