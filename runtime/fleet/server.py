@@ -170,10 +170,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             # told apart by the round's time (session 27 probe: the timeout was never named)
             late = round_timeout is not None and \
                 time.monotonic() - state["fit_t0"] >= round_timeout - 0.5
-            state["late"] += late * sum(type(f).__name__ == "GrpcBridgeClosed" for f in failures)
-            state["fit"] = {"round": server_round, "clients": len(good),
-                            "late": late * sum(type(f).__name__ == "GrpcBridgeClosed"
-                                               for f in failures),
+            cut = late * sum(type(f).__name__ == "GrpcBridgeClosed" for f in failures)
+            state["late"] += cut
+            state["fit"] = {"round": server_round, "clients": len(good), "late": cut,
                             "failures": len(failures),
                             "examples": sum(r.num_examples for _, r in good),
                             "loss_last": float(metrics.get("loss_last", float("nan"))),
