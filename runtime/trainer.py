@@ -979,14 +979,13 @@ class Trainer:
         per_tensor = 0 if self._evaluating else state_buffers(o) + (0 if self.fused else 1)
         sizes = [4 * math.prod(int(d) for d in p.shape) for p in self.bundle.params]
         size = sum(sizes)
-        if self._evaluating:
-            sizes = [0]
+        scratch = 0 if self._evaluating else max(sizes, default=0)  # the optimizer's
         now = current_rss()
         # checked before the tensors are read (float32 from the manifest's shapes), so that
         # reading them cannot pass the budget either; + the optimizer's scratch (the largest
         # tensor): a probe's 79 MB model under --budget 400MB reached 414 MB before the
         # plan's refusal, where this check had counted 375 (session 27)
-        need = now + (1 + per_tensor) * size + max(sizes, default=0)
+        need = now + (1 + per_tensor) * size + scratch
         # a process already past the budget (the interpreter alone) is the plan's to refuse:
         # its way out accounts for the sessions too
         if now <= budget < need:

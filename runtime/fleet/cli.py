@@ -264,17 +264,16 @@ def _same_model(out: Path, local, what: str) -> None:
     from .local import UserError
 
     theirs = json_object(out / "summary.json").get("signature")
+    signed = isinstance(theirs, str) and theirs != local.signature
     try:
         with np.load(out / "params.npz", allow_pickle=False) as z:
             names = set(z.files)
     except (OSError, ValueError):
         names = None  # (load_params words a damaged file)
-    if (isinstance(theirs, str) and theirs != local.signature) or (
-            names is not None and names != set(local.names)):
+    if signed or (names is not None and names != set(local.names)):
         raise UserError(f"{what} of another model than bundle '{local.bundle.path}' ("
                         + (f"signature {theirs[:12]}, this bundle's {local.signature[:12]}"
-                           if isinstance(theirs, str) and theirs != local.signature
-                           else "other trainable tensors")
+                           if signed else "other trainable tensors")
                         + "); use the bundle it was trained with, or pass another --out")
 
 
