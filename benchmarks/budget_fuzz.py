@@ -1,6 +1,7 @@
 """Budget fuzzing: random workloads, each trained in its own process under a random budget
 between the stated minimum and the exact (vanilla, unplanned) peak; the peak is read from
-outside. A run either stays within its budget or is refused up front with a minimum that then
+outside: the larger of the process's VmHWM and the summed PSS of it and its planning probes (a
+page the fork shares counted once: what a container's limit charges). A run either stays within its budget or is refused up front with a minimum that then
 works.
 
     python -m benchmarks.budget_fuzz --workloads 50 --seed 0      # the README figures
@@ -143,8 +144,9 @@ def _train(bundle: Path, data: Path, w: Workload, out: Path, budget: int | None,
         argv += ["--eval-every", "3"]
     if budget is not None:
         argv += ["--budget", f"{budget // 1000}kB"]
-    r = run_measured(argv, timeout=900, cwd=ROOT)
-    return r.returncode, r.peak_polled, r.stderr + r.stdout
+    # the process's VmHWM, or its tree's summed PSS with the planning probes, the larger
+    r = run_measured(argv, timeout=900, cwd=ROOT, tree=True)
+    return r.returncode, max(r.peak_polled, r.peak_tree), r.stderr + r.stdout
 
 
 def _planned_minimum(bundle: Path, data: Path, w: Workload) -> int | None:

@@ -27,6 +27,7 @@ part would re-derive them.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -129,7 +130,7 @@ def _rss(pid: int) -> int:
 
 
 def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
-          limit: int | None = None) -> dict:
+          limit: int | None = None, prepare: Callable[[], None] | None = None) -> dict:
     """Run ``fn`` in a forked child; its JSON result plus ``peak`` (the child's maximum RSS
     from ``wait4``, read by this process) and ``oom`` (the arena's cap was reached).
 
@@ -140,11 +141,18 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     A fork copies the page tables of private memory but not of file mappings: the child starts
     with far fewer library pages resident than this process. It first touches every
     file-backed page resident here, so its RSS, and every difference it measures, is this
-    process's."""
+    process's. ``prepare`` runs in the child first: it makes the buffers the child will write,
+    which this process freed (Trainer.release_written_buffers), so that the tree holds them
+    once."""
     pages = resident_file_pages()
     r, w = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
+    gc.freeze()  # the child's collections leave this process's objects (and their pages) alone
+    try:
+        pid = os.fork()
+    except BaseException:
+        gc.unfreeze()
+        raise
     if pid == 0:  # child
         os.close(r)
         try:
@@ -152,6 +160,8 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _touch(pages)
             set_limit(limit - PROBE_HEADROOM if limit else None)
+            if prepare is not None:
+                prepare()
             out = {"ok": True, **fn()}
         except WouldPassLimit as exc:  # as if stopped by the parent, before passing the line
             out = {"ok": False, "oom": True, "over": True, "error": str(exc)}
@@ -167,6 +177,7 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
                 data = data[os.write(w, data):]
         finally:
             os._exit(0)
+    gc.unfreeze()
     os.close(w)
     chunks = []
     deadline = time.monotonic() + timeout
@@ -397,17 +408,22 @@ def _plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
         raise RuntimeError("plan_for_budget must run before any onnxruntime session exists")
     # the probes (forked from here) run the frozen prefix at the full length: the worst case
     trainer.trim = False
+    base0 = current_rss()  # with the buffers the probes write: the run holds them
+    trainer.release_written_buffers()
     try:
-        return _probe_plan(trainer, data, batch, budget, log, reserve, limit_probes)
+        return _probe_plan(trainer, data, batch, budget, log, reserve, limit_probes, base0)
     finally:
         trainer.trim = True
+        trainer.renew_written_buffers()
 
 
 def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[str], None],
-                reserve: int, limit_probes: bool) -> Plan:
+                reserve: int, limit_probes: bool, base0: int) -> Plan:
     instant = trainer.mode == "instant"
     limit = budget if limit_probes else None
-    base0 = current_rss()
+
+    def forked(fn: Callable[[], dict]) -> dict:  # a probe makes the buffers it writes
+        return _fork(fn, limit=limit, prepare=trainer.renew_written_buffers)
     frozen = _frozen(trainer)
     per_sample = _data_bytes_per_sample(trainer, data)
     grams = _grams_bytes(trainer, batch)
@@ -429,13 +445,13 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         """The smallest budget: probes at micro-batch 1 with no arena cap (stopped at the
         budget: then the estimate is unknown) measure what one sample needs; planned like any
         budget (``_stated_minimum`` words the refusal)."""
-        warm = _fork(lambda: sessions_only(None), limit=limit)
+        warm = forked(lambda: sessions_only(None))
         if not warm["ok"]:
             if warm.get("over"):
                 return BudgetTooSmall(why, floor=floor)
             return _failed(warm, "cannot open the bundle's sessions")
         base1 = base0 + int(warm["overhead"])
-        probe = _fork(lambda: _measure(trainer, data, 1, None), limit=limit)
+        probe = forked(lambda: _measure(trainer, data, 1, None))
         if not probe["ok"]:
             if probe.get("over"):
                 return BudgetTooSmall(why, floor=floor)
@@ -455,7 +471,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
                 + f" up to {decode / 1e6:.0f} MB" if decode >= 1 << 20 else "")
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",
                       budget - cap0)
-    res = _fork(lambda: sessions_only(cap0), limit=limit)
+    res = forked(lambda: sessions_only(cap0))
     if not res["ok"]:
         if res["oom"]:
             raise minimum(f"{_pass(trainer)} at micro-batch 1 did not fit")
@@ -464,8 +480,8 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     floor = base + frozen + margin
     if floor + 2 * per_sample + grams + decode >= budget:
         raise minimum(f"the runtime, its sessions and weights take {base / 1e6:.0f} MB")
-    measured = _fork(lambda: _measure(trainer, data, batch, budget - floor - 8 * per_sample
-                                      - grams - decode), limit=limit)
+    measured = forked(lambda: _measure(trainer, data, batch, budget - floor - 8 * per_sample
+                                      - grams - decode))
     if not measured["ok"]:
         if measured["oom"]:
             raise minimum("a probe at micro-batch 1 did not fit")
@@ -477,7 +493,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         raise BudgetTooSmall(exc.why, exc.need) from None
     steps_down = []  # said with the plan that validates; a refusal stays one line
     for _ in range(10):  # 32 of 32 reaches 1 at the 9th try (smaller_micro_batch)
-        check = _fork(lambda p=plan: _validate(trainer, data, batch, p), limit=limit)
+        check = forked(lambda p=plan: _validate(trainer, data, batch, p))
         if check["ok"] and check["peak"] <= budget:
             for line in steps_down:
                 log(line)

@@ -279,6 +279,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(pl, default=None)
     pl.add_argument("--batch", type=int, default=32)
     pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                    help="the optimizer train will use (its state is part of the memory "
+                         "planned; default adamw, as train's)")
     _add_instant_args(pl)
     _add_session_args(pl)
     _add_budget_args(pl)
@@ -839,6 +842,7 @@ def _cmd_plan(a) -> int:
 
     from .accounting import format_table, layer_costs
     from .bundle import open_bundle
+    from .config import OptimConfig
     from .errors import UserError
     from .trainer import Trainer
 
@@ -846,7 +850,7 @@ def _cmd_plan(a) -> int:
         raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
     budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
-    cfg = _train_config(a, bundle, prof)
+    cfg = _train_config(a, bundle, prof, OptimConfig(name=a.optimizer))
     fl = bundle.manifest.flops
     if prof is not None and prof.gflops and fl.get("forward"):
         exact = a.batch * (fl["forward"] + 2 * fl.get("trainable_forward", 0))

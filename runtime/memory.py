@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 __all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss",
            "forked_child", "held_lock", "peak_rss", "physical_ram", "proc_status", "reserve",
-           "run_measured", "set_budget", "set_limit", "tune_malloc"]
+           "run_measured", "set_budget", "set_limit", "tree_pss", "tune_malloc"]
 
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
 _BUDGET: int | None = None  # the command's --budget (or its profile's), for helper children
@@ -107,6 +107,27 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
+def tree_pss(pid: int) -> int:
+    """The memory ``pid`` and its descendants hold together, in bytes: their proportional set
+    sizes (``/proc/PID/smaps_rollup``) summed, which counts a page shared by a fork once (what
+    a container's memory limit charges). 0 when the process is gone."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue  # ended between two reads
+    return total
+
+
 def current_rss() -> int:
     """Resident set size of this process now, in bytes."""
     v = proc_status().get("VmRSS")
@@ -164,22 +185,28 @@ def tune_malloc(mmap_threshold: int = 1 << 16) -> bool:
 
 class PeakWatcher:
     """Polls another process's ``VmHWM``/``VmRSS`` every ``interval`` seconds (a thread), as a
-    user or a fleet manager would; ``peak`` is the highest mark seen."""
+    user or a fleet manager would; ``peak`` is the highest mark seen. With ``tree``, also the
+    summed PSS of the process and its children (``tree_pss``, read every 4th poll: it costs a
+    walk of their page tables), ``tree_peak`` the highest seen (a sample, not a sticky mark)."""
 
-    def __init__(self, pid: int, interval: float = 0.005) -> None:
-        self.pid, self.interval = pid, interval
-        self.peak = 0
+    def __init__(self, pid: int, interval: float = 0.005, tree: bool = False) -> None:
+        self.pid, self.interval, self.tree = pid, interval, tree
+        self.peak = self.tree_peak = 0
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         t0 = time.monotonic()
+        n = 0
         while not self._stop.is_set():
             st = proc_status(self.pid)
             if not st:
                 break
             self.peak = max(self.peak, st.get("VmHWM", 0))
+            if self.tree and n % 4 == 0:
+                self.tree_peak = max(self.tree_peak, tree_pss(self.pid))
+            n += 1
             self.samples.append((time.monotonic() - t0, st.get("VmRSS", 0)))
             time.sleep(self.interval)
 
@@ -210,6 +237,7 @@ class Measured:
     seconds: float
     user_s: float = 0.0  # CPU time in user mode and in the kernel (wait4's rusage)
     sys_s: float = 0.0
+    peak_tree: int = 0  # run_measured(tree=True): the highest summed PSS of its process tree
 
     @property
     def peak(self) -> int:
@@ -217,9 +245,10 @@ class Measured:
 
 
 def run_measured(argv: list[str], timeout: float | None = None, cwd=None, env=None,
-                 interval: float = 0.005) -> Measured:
+                 interval: float = 0.005, tree: bool = False) -> Measured:
     """Run ``argv`` and measure its memory from outside: poll ``VmHWM`` while it runs and take
-    the kernel's ``ru_maxrss`` from ``wait4`` when it ends.
+    the kernel's ``ru_maxrss`` from ``wait4`` when it ends; with ``tree``, also the summed PSS
+    of it and its children (the planning probes: ``PeakWatcher``).
 
     Raises:
         subprocess.TimeoutExpired: it ran past ``timeout`` (it is killed first).
@@ -236,7 +265,7 @@ def run_measured(argv: list[str], timeout: float | None = None, cwd=None, env=No
                for k, s in (("stdout", proc.stdout), ("stderr", proc.stderr))]
     for r in readers:
         r.start()
-    watcher = PeakWatcher(proc.pid, interval)
+    watcher = PeakWatcher(proc.pid, interval, tree)
     with watcher:
         deadline = None if timeout is None else t0 + timeout
         while True:
@@ -253,4 +282,4 @@ def run_measured(argv: list[str], timeout: float | None = None, cwd=None, env=No
         r.join()
     return Measured(proc.returncode, out.get("stdout", ""), out.get("stderr", ""),
                     watcher.peak, usage.ru_maxrss * 1024, time.monotonic() - t0,
-                    usage.ru_utime, usage.ru_stime)
+                    usage.ru_utime, usage.ru_stime, watcher.tree_peak)

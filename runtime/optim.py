@@ -26,11 +26,20 @@ def resident_zeros(like: np.ndarray | None = None, size: int = 0) -> np.ndarray:
 
 class _Scratch:
     def __init__(self, params: dict[str, np.ndarray]) -> None:
-        size = max((p.size for p in params.values()), default=0)
-        self.buf = resident_zeros(size=size)
+        self.size = max((p.size for p in params.values()), default=0)
+        self.buf: np.ndarray | None = resident_zeros(size=self.size)
 
     def like(self, p: np.ndarray) -> np.ndarray:
         return self.buf[:p.size].reshape(p.shape)
+
+    def release(self) -> None:
+        """Free the buffer (its contents are never kept between updates); :meth:`renew`
+        makes it again."""
+        self.buf = None
+
+    def renew(self) -> None:
+        if self.buf is None:
+            self.buf = resident_zeros(size=self.size)
 
 
 class SGD:
@@ -40,6 +49,7 @@ class SGD:
                  weight_decay: float = 0.0) -> None:
         self.lr, self.momentum, self.wd = lr, momentum, weight_decay
         self.state = {k: {"v": resident_zeros(p)} for k, p in params.items()}
+        self._shapes = {k: p.shape for k, p in params.items()}  # (renew_fused)
         self.t = 0
         self._s = _Scratch(params)
 
@@ -75,6 +85,24 @@ class SGD:
                 np.multiply(p, f(self.wd), out=s)
                 v += s
         return {k: self.state[k]["v"] for k in params}
+
+    def release_fused(self) -> bool:
+        """Free the momentum buffers while they hold zeros (no step yet) and the scratch: the
+        buffers :meth:`begin_fused` and the backward write (runtime/budget.py: the probes).
+        Returns whether they were freed; :meth:`renew_fused` makes them again."""
+        if any(st["v"] is None or st["v"].any() for st in self.state.values()):
+            return False
+        for st in self.state.values():
+            st["v"] = None
+        self._s.release()
+        return True
+
+    def renew_fused(self) -> None:
+        for k, st in self.state.items():
+            if st["v"] is None:
+                shape = self._shapes[k]
+                st["v"] = resident_zeros(size=int(np.prod(shape))).reshape(shape)
+        self._s.renew()
 
     def finish_fused(self, params: dict[str, np.ndarray]) -> None:
         self.t += 1

@@ -227,6 +227,7 @@ class Trainer:
         else:
             self._grads = {p: resident_zeros(v) for p, v in self.params.items()}
         self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
+        self._grads_freed = False  # (release_written_buffers: while the budget's probes run)
         self.shared = SharedWeights(bundle)
         # a frozen prefix graph (export/prefix.py) runs each micro-batch without its trailing
         # padding when the model takes any length; the budget probes set False (worst case)
@@ -962,6 +963,40 @@ class Trainer:
             warrays, meta["window"] = self.window.state()
             arrays.update(warrays)
         return arrays, meta
+
+    def release_written_buffers(self) -> bool:
+        """Before the budget's probes fork: free the buffers a probe writes (the gradient
+        buffers, which are SGD's momentum where fused, and its scratch) while they hold zeros.
+        A fork shares this process's pages until the child writes one; the kernel then copies
+        it, and the process tree held those buffers twice: 265 MB under --budget 256MB on the
+        demo (each process within it; session 28, PSS summed over the tree from outside). Each
+        probe makes its own (:meth:`renew_written_buffers`, counted in its RSS), as this process
+        does after the plan. Returns whether they were freed (not after a step: they stay)."""
+        if self._evaluating or self._grads_freed:
+            return self._grads_freed
+        if self.fused:
+            if not self.optimizer.release_fused():
+                return False
+            self._grads = {}
+        else:
+            if any(g.any() for g in self._grads.values()):
+                return False
+            self._grads = {p: None for p in self._grads}
+        self._grad_ov = {}
+        self._grads_freed = True
+        return True
+
+    def renew_written_buffers(self) -> None:
+        """Make the buffers :meth:`release_written_buffers` freed (zeros, pages written)."""
+        if not self._grads_freed:
+            return
+        if self.fused:
+            self.optimizer.renew_fused()
+            self._grads = {p: self.optimizer.state[p]["v"] for p in self.params}
+        else:
+            self._grads = {p: resident_zeros(v) for p, v in self.params.items()}
+        self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
+        self._grads_freed = False
 
     def _check_buffers_fit(self) -> None:
         """Under a budget (memory.budget_given), refuse before allocating the buffers every
