@@ -33,6 +33,23 @@ from contract.manifest import ITEMSIZE, LayerInfo, TensorSpec
 __all__ = ["Bundle", "open_bundle"]
 
 
+def _refuse_packed(fd: int, src: Path) -> None:
+    """A bundle's params.npz is stored, never compressed (the exporter's ``np.savez``): its
+    listed size then bounds the memory its tensors take. A 1.6 MB file of deflated members with
+    a manifest edited to match had inflated to 1.6 GB, and the buffers made for it took a run
+    to 7.9 GB (session 28 probe)."""
+    import zipfile
+
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as zf:
+            packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return  # (read_npz words an unreadable file)
+    if packed:
+        raise UserError(f"{src}: member '{packed[0][:40]}' is compressed, which an exported "
+                        "bundle's never is: the bundle was edited or damaged; re-export it")
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -124,6 +141,11 @@ class Bundle:
             entry = self.manifest.files[names.PARAMS_FILE]
             fd = open_listed(self.path, names.PARAMS_FILE, entry, verify=True)
             src: str | Path = self.path / names.PARAMS_FILE
+            try:
+                _refuse_packed(fd, src)
+            except UserError:
+                os.close(fd)
+                raise
         else:
             fd, src = None, Path(path)
         try:

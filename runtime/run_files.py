@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from pathlib import Path
 
 from contract import UserError
@@ -54,16 +55,18 @@ def json_object(path: Path) -> dict:
 
 
 def _first_link(run: Path, only: tuple[str, ...] | None = None) -> Path | None:
-    """The first symbolic link among the entries of ``run`` (those named ``only``, when
-    given) and of its ``checkpoints`` folder; None when there is none."""
+    """The first link among the entries of ``run`` (those named ``only``, when given) and of
+    its ``checkpoints`` folder: a symbolic link, or a file with other names (a hard link: a
+    resume appends to metrics.jsonl in place, and a probe's hard link to a file outside the
+    bundle had it truncated and rewritten; session 28). None when there is none."""
     try:
         for entry in run.iterdir():
             if only is not None and entry.name not in only:
                 continue
-            if entry.is_symlink():
+            if _is_link(entry):
                 return entry
             if entry.name == "checkpoints" and entry.is_dir():
-                link = next((e for e in entry.iterdir() if e.is_symlink()), None)
+                link = next((e for e in entry.iterdir() if _is_link(e)), None)
                 if link is not None:
                     return link
     except OSError:
@@ -71,10 +74,25 @@ def _first_link(run: Path, only: tuple[str, ...] | None = None) -> Path | None:
     return None
 
 
+def _is_link(p: Path) -> bool:
+    try:
+        st = p.lstat()
+    except OSError:
+        return False
+    return stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1)
+
+
+def link_kind(p: Path) -> str:
+    """How ``p`` (found by ``_first_link``) is a link, for a message."""
+    return ("a symbolic link" if p.is_symlink() else
+            "a hard link (the file has other names, which may be outside)")
+
+
 def _link_error(link: Path) -> UserError:
-    return UserError(f"{link} is a symbolic link: a run's files are never read through a link "
-                     "(it may lead outside the run folder); replace it with the file itself "
-                     "(cp -L), or pass another run")
+    return UserError(f"{link} is {link_kind(link)}: a run's files are never read or written "
+                     "through a link (it may lead outside the run folder); replace it with a "
+                     "copy of the file (cp -L it to a new name, then mv that over it), or pass "
+                     "another run")
 
 
 def check_run_links(run: Path) -> None:

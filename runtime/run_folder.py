@@ -30,6 +30,7 @@ from .run_files import (
     _first_link,
     check_run_links,
     json_object,
+    link_kind,
     run_class_names,
 )
 
@@ -50,9 +51,9 @@ def bundle_run(bundle_dir: Path, name: str = "run") -> Path:
     run = Path(bundle_dir) / name
     found = run if run.is_symlink() else _first_link(run) if run.is_dir() else None
     if found is not None:
-        raise UserError(f"{found} is a symbolic link: a run inside the bundle is never read "
-                        "or written through a link (it may lead outside the bundle); delete "
-                        "the link, or name the run with --out / --weights")
+        raise UserError(f"{found} is {link_kind(found)}: a run inside the bundle is never "
+                        "read or written through a link (it may lead outside the bundle); "
+                        "delete the link, or name the run with --out / --weights")
     return run
 
 

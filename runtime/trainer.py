@@ -277,6 +277,7 @@ class Trainer:
         if key not in self._sessions:
             sess = make_session(self.bundle, mode, part, self.config.session, self.shared)
             self._check_labels(sess, mode, part)
+            self._check_param_shapes(sess, mode, part)
             self._sessions[key] = sess
         return self._sessions[key]
 
@@ -294,6 +295,23 @@ class Trainer:
                             f"labels {got.type} of rank {len(got.shape)} where the manifest's "
                             f"{self.bundle.manifest.loss.kind} loss says {spec.dtype} of rank "
                             f"{len(spec.shape)}: the bundle was edited or damaged; re-export it")
+
+    def _check_param_shapes(self, sess: ort.InferenceSession, mode: str, part: str) -> None:
+        """The trainable tensors have the shapes the graph takes: a manifest and params.npz
+        edited together to another shape ([20000, 20000] for a [10, 64] weight) had been read,
+        given optimizer buffers and fed to onnxruntime, whose refusal then blamed the data
+        (session 28 probe: 7.9 GB before the error)."""
+        shapes = {p.name: tuple(p.shape) for p in self.bundle.params}
+        for i in sess.get_inputs():
+            want = shapes.get(i.name)
+            if want is None:
+                continue
+            if len(i.shape) != len(want) or any(
+                    isinstance(d, int) and d != w for d, w in zip(i.shape, want, strict=False)):
+                raise UserError(f"{self.bundle.path / self.bundle.graph_file(mode, part)} takes "
+                                f"trainable tensor '{i.name[:80]}' of shape "
+                                f"{list(i.shape)} where the manifest says {list(want)}: the "
+                                "bundle was edited or damaged; re-export it")
 
     def open_sessions(self) -> None:
         """Create every session the run will use now (so their memory is in the idle RSS)."""

@@ -348,6 +348,27 @@ def test_a_set_aside_whose_roll_back_fails_too_deletes_nothing(mlp_bundle, tmp_p
     assert (out / "run.json").is_file() and not list(out.glob(".replaced.*"))
 
 
+def test_a_hard_link_in_a_run_is_never_written_through(cli, mlp_bundle, tmp_path):
+    """Session 28 probe: a bundle's run folder shipping metrics.jsonl as a hard link to a file
+    outside made ``train --resume`` truncate that file and write the run's lines into it (a
+    resume cuts metrics.jsonl back and appends in place). A file with other names is refused
+    as a symbolic link is: in the bundle's run and in a run the user names, before anything is
+    written."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(mlp_bundle, bundle)
+    outside = tmp_path / "precious.txt"
+    for out in (bundle / "run", tmp_path / "own"):
+        assert cli("train", bundle, "--data", "digits", "--steps", 2, "--no-progress",
+                   "--checkpoint-every", 2, "--out", out).returncode == 0
+        outside.write_text("precious\n")
+        (out / "metrics.jsonl").unlink()
+        os.link(outside, out / "metrics.jsonl")
+        _one_line(cli("train", bundle, "--data", "digits", "--steps", 4, "--no-progress",
+                      "--resume", "--out", out), "metrics.jsonl is a hard link")
+        assert outside.read_text() == "precious\n"
+        (out / "metrics.jsonl").unlink()
+
+
 def test_a_bundle_cannot_lead_its_default_run_folders_elsewhere_by_a_link(cli, mlp_bundle,
                                                                           tmp_path):
     """Session 23 probe: a bundle shipping ``run`` as a link to someone's run made ``train
