@@ -98,8 +98,8 @@ def _convert(ctx: _Ctx, tp: Any, value: Any, path: str, meta: dict | None) -> An
         kt, vt = get_args(tp)
         out = {}
         for k, v in value.items():
-            if not isinstance(k, str):
-                raise ctx.fail(path, "string keys", k)
+            if not isinstance(k, str) or _CONTROL.search(k):
+                raise ctx.fail(path, "string keys without control characters", k)
             out[k] = _convert(ctx, vt, v, f"{path}.{k}" if path else k, None)
         _bounds(ctx, path, out, meta)
         return out
@@ -123,11 +123,18 @@ def _convert(ctx: _Ctx, tp: Any, value: Any, path: str, meta: dict | None) -> An
     if tp is str:
         if not isinstance(value, str):
             raise ctx.fail(path, "a string", value)
+        if _CONTROL.search(value):  # a name printed in a message would split or drive it
+            raise ctx.fail(path, "a string without control characters", value)
         _bounds(ctx, path, value, meta)
         return value
     if tp is Any:
         return value
     raise TypeError(f"schema: unsupported annotation {tp!r} at {path}")  # a bug in a schema
+
+
+# C0 control characters but tab, DEL and C1: a manifest string never holds them (session 28
+# probe: a parameter name with a newline forged a second "error:" line)
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def _bounds(ctx: _Ctx, path: str, value: Any, meta: dict | None) -> None:

@@ -93,6 +93,13 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
     another tensor than ``output`` (:func:`_logits`)."""
     g = model.graph
     out_shape = shapes.of(output)
+    kind = shapes.dtype.get(output, TensorProto.FLOAT)
+    if kind not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+                    TensorProto.BFLOAT16):  # (a probe's argmax: told --loss mse, a dead end)
+        raise ExportError(f"output '{output}' holds {TensorProto.DataType.Name(kind).lower()} "
+                          "values (class ids, e.g. an argmax), which no gradient passes: return "
+                          "the scores (logits) from forward, and take the argmax after the "
+                          "model")
     if loss == "cross_entropy":
         rank = len(out_shape)
         first = rank >= 3 and _classes_first(out_shape, labels, class_axis)

@@ -206,6 +206,7 @@ def _pick_output(traced: Traced, output: str | None) -> Traced:
                           f"{', '.join(traced.outputs)}")
     g = traced.model.graph
     keep_out = [o for o in g.output if o.name == output]
+    others = [o.name for o in g.output if o.name != output]
     del g.output[:]
     g.output.extend(keep_out)
     needed = {output}
@@ -217,9 +218,16 @@ def _pick_output(traced: Traced, output: str | None) -> Traced:
     del g.node[:]
     g.node.extend(reversed(nodes))
     inits = [t for t in g.initializer if t.name in needed]
+    dropped = len(g.initializer) - len(inits)
     del g.initializer[:]
     g.initializer.extend(inits)
     traced.outputs = [output]
+    if others:  # (a probe's second head vanished from the bundle and export-model unsaid)
+        traced.notes.append(
+            f"note: only output '{output}' is trained and exported; the model's other "
+            f"output(s) ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''})"
+            + (f" and the {dropped} tensor(s) only they use" if dropped else "")
+            + " are left out of the bundle and of export-model's files")
     return traced
 
 
@@ -281,6 +289,13 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
             result = module(*args)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's forward: theirs to fix
         shapes = "; ".join(f"{','.join(map(str, a.shape))}:{a.dtype}" for a in example)
+        kinds = {p.dtype for p in module.parameters()}
+        if kinds and torch.float32 not in kinds and all(k.is_floating_point for k in kinds):
+            # (a probe's model.double(): told to change --input-shape's types, then, with
+            # float64 inputs, that training runs in float32: two errors for one way out)
+            raise ExportError(f"model '{source}' has {'/'.join(sorted(map(str, kinds)))} "
+                              "weights; training runs in float32: export the model in float32 "
+                              "(torch: model.float() before exporting)") from None
         raise ExportError(f"model '{source}' fails on example inputs {shapes}: "
                           f"{_first_line(exc)}; pass --input-shape (or --npz) with the shapes "
                           "and types its forward takes, batch first, e.g. 8,3,32,32 or "

@@ -532,7 +532,9 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            exc = KeyboardInterrupt()
+            exc.signum = signum  # the exit code says which (a second SIGTERM had exited 130)
+            raise exc
         self.signum = signum
 
     def __enter__(self) -> StopSignals:

@@ -26,7 +26,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``error: ...``, exit 2) instead of usage dumps."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+        from .console import one_line
+
+        self.exit(2, one_line(f"error: {message}; see `{self.prog} --help`") + "\n")
 
 
 def _add_session_args(p: argparse.ArgumentParser) -> None:
@@ -713,8 +715,14 @@ def _cmd_train(a) -> int:
         say(str(exc))
         return 0
     except TrainingInterrupted as exc:  # checkpointed: the new run stands and can be resumed
-        ok = True
-        say_err(str(exc))  # (never held by a stalled pipe: runtime/console.py)
+        # without a checkpoint of its own it has nothing to resume from: it is undone like a
+        # failed run, and an --overwrite puts the previous run back (session 28 probe: a second
+        # SIGTERM in the first step deleted the run it replaced)
+        ok = exc.checkpoint is not None
+        if not ok:
+            folder.finish(False)
+        say_err(str(exc) + (f"; the previous run in '{out}' is back in place"
+                            if folder.restored else ""))
         return exc.exit_code
     except CheckpointWriteError as exc:
         folder.finish(False)
@@ -724,6 +732,8 @@ def _cmd_train(a) -> int:
         raise
     finally:
         folder.finish(ok)  # a failed --overwrite run puts the old run back
+        if folder.restored:  # (an interrupt's line must not offer its checkpoints as this run's)
+            _RESTORED.append(out)
     say("\n".join(summary.lines(trainer)))
     return 0
 
@@ -960,6 +970,12 @@ def _cmd_export_model(a) -> int:
         print(f"tokenizer written to {r.tokenizer_path}")
     if r.safetensors_path:
         print(f"torch weights written to {r.safetensors_path}")
+        if r.packed:
+            print(f"note: {len(r.packed)} of its tensors ({', '.join(r.packed[:3])}"
+                  f"{', ...' if len(r.packed) > 3 else ''}) are a recurrent layer's weights in "
+                  "ONNX's packed layout (W, R, B over the directions, ONNX's gate order), not "
+                  "torch's weight_ih_l0 & co.: load_state_dict skips them; reorder them by "
+                  "hand, or run the .onnx")
         if r.from_onnx_file:  # (a probe loaded such a file into its torch module: BN twice)
             print("note: this bundle came from an .onnx file, so the .safetensors holds that "
                   "file's tensors under its names; an exporter may have changed them (torch "
@@ -984,6 +1000,7 @@ HANDLERS = {"export": _cmd_export, "train": _cmd_train, "eval": _cmd_eval, "plan
 
 
 _INTERRUPTED: list[bool] = []
+_RESTORED: list[Path] = []  # train --overwrite put the previous run back (_interrupted says so)
 
 
 def _on_sigint(signum, frame) -> None:
@@ -1032,9 +1049,9 @@ def check_not_empty(args: argparse.Namespace) -> None:
 def _error_line(line: str) -> None:
     """The command's one error line on stderr; a stalled pipe drops it after 1 s rather than
     hold the process (runtime/console.py)."""
-    from .console import Unblocking
+    from .console import Unblocking, one_line
 
-    Unblocking(sys.stderr, 1.0).write(line + "\n")
+    Unblocking(sys.stderr, 1.0).write(one_line(line) + "\n")
 
 
 def _interrupted(args) -> str:
@@ -1042,6 +1059,10 @@ def _interrupted(args) -> str:
     for ``train``, the run folder's newest checkpoint and how to go on (session 27 probe: a
     bare "interrupted" after a double Ctrl-C)."""
     newest = None
+    if _RESTORED:
+        return (f"interrupted; this run was undone and the previous run in "
+                f"'{_RESTORED[-1]}' is back in place (--overwrite replaces it only once the "
+                "new run ends or checkpoints and stops on one signal)")
     if getattr(args, "cmd", None) == "train":
         try:
             from .checkpoint import newest_checkpoint

@@ -19,7 +19,19 @@ import sys
 
 from tqdm import tqdm
 
-__all__ = ["Unblocking", "progress_stream", "say", "say_err"]
+__all__ = ["Unblocking", "one_line", "progress_stream", "say", "say_err"]
+
+# control characters (C0 but tab, DEL, C1) written as escapes: a name from an untrusted bundle
+# or data folder (or a user's path) holding a newline split an error into lines, one that could
+# forge an "error:" line, and an ESC sequence reached the terminal (session 28 probe)
+_ESCAPES = {c: (f"\\x{c:02x}" if c not in (10, 13) else ("\\n" if c == 10 else "\\r"))
+            for c in [*range(0, 9), *range(10, 32), *range(127, 160)]}
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): one line, nothing
+    a terminal acts on."""
+    return text.translate(_ESCAPES)
 
 
 class Unblocking:
@@ -87,10 +99,12 @@ def progress_stream() -> Unblocking:
 
 
 def say(line: str) -> None:
-    """One line on stdout, above a progress bar; dropped after 1 s of a stalled stdout."""
-    tqdm.write(line, file=Unblocking(sys.stdout, 1.0))
+    """Lines on stdout, above a progress bar; dropped after 1 s of a stalled stdout. Each line's
+    control characters are escaped (:func:`one_line`): names from data and bundles reach it."""
+    tqdm.write("\n".join(one_line(part) for part in line.split("\n")),
+               file=Unblocking(sys.stdout, 1.0))
 
 
 def say_err(line: str) -> None:
-    """One line on stderr, as :func:`say`."""
-    tqdm.write(line, file=Unblocking(sys.stderr, 1.0))
+    """One line on stderr, as :func:`say` (control characters escaped: :func:`one_line`)."""
+    tqdm.write(one_line(line), file=Unblocking(sys.stderr, 1.0))

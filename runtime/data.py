@@ -27,6 +27,7 @@ import numpy as np
 from contract import TensorSpec, UserError
 
 from .bundle import Bundle
+from .console import one_line
 
 __all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "relabelled", "resize_bilinear",
            "rotten_tomatoes"]
@@ -346,7 +347,7 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
     for part in (src, src.test):
         if part is not None and part.problems.summary() and id(part.problems) not in shown:
             shown.add(id(part.problems))
-            print(f"warning: {part.problems.summary()}", file=sys.stderr)
+            print(one_line(f"warning: {part.problems.summary()}"), file=sys.stderr)
     gap = _class_gap(bundle, src) if training else None
     if gap:
         print(f"note: {gap}")  # (stdout: a refusal that follows stays one line on stderr)

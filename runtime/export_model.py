@@ -22,6 +22,7 @@ from contract import UserError, atomic_write, names, write_text
 from .bundle import Bundle, open_bundle
 from .run_folder import bundle_run, check_run_links, json_object, run_class_names
 from .sources.common import TEXT_SUFFIXES
+from .torch_weights import packed_recurrent, write_safetensors
 
 __all__ = ["ExportResult", "export_model", "resolve_source"]
 
@@ -41,6 +42,7 @@ class ExportResult:
     from_onnx_file: bool = False  # the bundle was exported from an .onnx file
     bundle_from_run: Path | None = None  # the bundle, where the run's run.json named it
     preprocess_path: Path | None = None  # an image model's preprocessing (runtime/sources)
+    packed: list[str] | None = None  # .safetensors keys in ONNX's recurrent layout
 
 
 def resolve_source(source: str | Path, weights: str | Path | None = None,
@@ -330,32 +332,6 @@ def _write_onnx(onnx, model, tmp: Path, name: str) -> str | None:
     return None
 
 
-def torch_state(b: Bundle, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Trainable parameters under their torch names, in torch layout."""
-    state: dict[str, np.ndarray] = {}
-    for p in b.params:
-        v = params[p.name]
-        if p.transposed:
-            v = v.T
-        if p.torch_shape:
-            v = v.reshape(p.torch_shape)
-        state.setdefault(p.torch_name or p.name, np.ascontiguousarray(v, np.float32))
-    return state
-
-
-def _write_safetensors(b: Bundle, params: dict[str, np.ndarray], path: Path) -> bool:
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        return False
-    save_file(torch_state(b, params), str(path),
-              metadata={"producer": "instant-runtime export-model"})
-    umask = os.umask(0o022)  # safetensors writes 0600; give it the .onnx file's mode
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return True
-
-
 def _check_not_a_source(targets: list[Path], b: Bundle, weights: Path) -> None:
     """No file export-model writes may land in the bundle folder (its files are checked by
     their sizes and checksums: the bundle would be unusable, and without torch it cannot be
@@ -423,7 +399,7 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     try:
         try:
             data_name = _write_onnx(onnx, model, tmp, out.name)
-            wrote = _write_safetensors(b, params, tmp / "model.safetensors")
+            wrote = write_safetensors(b, params, tmp / "model.safetensors")
             if labels:
                 text = json.dumps(labels, indent=1)
                 atomic_write(tmp / "labels.json", lambda p: write_text(p, text))
@@ -468,7 +444,7 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path,
                         str(b.manifest.source).lower().endswith(".onnx"),
                         None if bundle is not None or b.path in (src, src.parent) else b.path,
-                        prep_path)
+                        prep_path, packed_recurrent(b) if wrote else None)
 
 
 def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:

@@ -1080,6 +1080,41 @@ def test_signal_during_start_up_puts_the_replaced_run_back(sig, mlp_bundle, tmp_
                                                       "params.npz", "summary.json"]
 
 
+def test_two_signals_in_the_first_step_of_an_overwrite_lose_nothing(cnn_bundle, tmp_path):
+    """Session 28 probe: a second SIGTERM in the first steps of ``train --overwrite`` (the step
+    dropped, no checkpoint yet) deleted the run it replaced and left a run with nothing to
+    resume (3 of 3 tries). Now the previous run is back, byte-identical, and one line says so;
+    or, where the new run did write a checkpoint first, that line names it. Never neither."""
+    out = tmp_path / "run"
+    _train(cnn_bundle, out, 10, checkpoint_every=5)
+    before = folder_bytes(out)
+    proc = start(cnn_bundle, out, "--steps", 10**6, "--overwrite", "--batch", 1024,
+                 "--checkpoint-every", 1000)
+    t0 = time.monotonic()
+    metrics = out / "metrics.jsonl"  # (the new run's, once the old one is set aside)
+    while not (any(f.name.startswith(".replaced.") for f in out.iterdir())
+               and metrics.is_file() and b'"kind": "plan"' in metrics.read_bytes()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < 60, "the run never started"
+        time.sleep(0.002)
+    time.sleep(0.1)  # in the first step (the probe's timing: 3 of 3)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    lines = stderr.strip().splitlines()
+    if proc.returncode == -signal.SIGTERM:  # the second came before training began, once the
+        # first had put the old run back and given the signals back: it ends the process
+        assert folder_bytes(out) == before, (lines, sorted(p.name for p in out.iterdir()))
+        return
+    assert proc.returncode == 143 and len(lines) == 1, (proc.returncode, stderr)
+    if "back in place" in lines[0]:
+        assert folder_bytes(out) == before, lines
+    else:  # the new run stands: it checkpointed, and the line names that checkpoint
+        ckpt = re.search(r"checkpoint (\S+ckpt-\d+\.npz)", lines[0])
+        assert ckpt and Path(ckpt[1]).is_file(), lines
+
+
 # ------------------------------------------------------------------------- divergence
 class BlowUpAt(Dataset):
     """Digits whose ``take`` call ``at`` (= step, vanilla mode without a test split) sets the

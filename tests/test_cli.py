@@ -482,8 +482,12 @@ def test_a_model_returning_a_dict_names_its_outputs_by_key(cli, tmp_path):
     path.write_text(DICT_FACTORY)
     user_error(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b0",
                    "--input-shape", "8,6"), "2 outputs (aux, logits)")
-    ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b", "--input-shape", "8,6",
-           "--output", "logits"))
+    r = cli("export", "--model", f"{path}:make", "--out", tmp_path / "b", "--input-shape", "8,6",
+            "--output", "logits")
+    ok(r)
+    # the head left out is said (session 28 probe: it vanished from the bundle unsaid)
+    assert ("only output 'logits' is trained and exported; the model's other output(s) (aux) "
+            "and the 2 tensor(s) only they use are left out") in r.stdout + r.stderr, r.stdout
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert m["output"] == "logits"
     assert sorted(p["torch_name"] for p in m["params"]) == ["body.bias", "body.weight",
@@ -502,6 +506,14 @@ def test_a_model_returning_a_dict_names_its_outputs_by_key(cli, tmp_path):
     ("def make(size):\n    return None\n", "fails: TypeError"),
     ("import sys\n\n\ndef make():\n    sys.exit(3)\n", "factory 'make' in {path} exits"),
     ("import sys\nsys.exit(4)\n", "cannot import model file"),
+    # session 28 probe: each was first sent the wrong way (--input-shape's types; --loss mse)
+    ("from torch import nn\n\n\ndef make():\n    return nn.Linear(6, 3).double()\n",
+     "has torch.float64 weights; training runs in float32: export the model in float32"),
+    ("from torch import nn\n\n\nclass M(nn.Module):\n    def __init__(self):\n"
+     "        super().__init__()\n        self.fc = nn.Linear(6, 3)\n\n"
+     "    def forward(self, x):\n        return self.fc(x).argmax(-1)\n\n\n"
+     "def make():\n    return M()\n",
+     "output 'logits' holds int64 values (class ids, e.g. an argmax)"),
 ])
 def test_export_a_factory_that_fails_is_one_line(body, fragment, cli, tmp_path):
     path = tmp_path / "bad_factory.py"

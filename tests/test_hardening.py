@@ -280,6 +280,22 @@ def _(c):  # a small file that inflates to far more than its listed size
     return _train(c)
 
 
+@case("param-name-forging-an-error-line", "params[0].name", "without control characters",
+      "re-export")
+def _(c):  # session 28 probe: a second line "error: injected" in the refusal
+    m = c.manifest()
+    m["params"][0]["name"] += "\nerror: injected \x1b[31m"
+    c.write_manifest(m)
+    return _train(c)
+
+
+@case("out-path-with-a-newline", "\\nline", "cannot be created")
+def _(c):  # a user's path (a file where a folder is asked for): its newline stays escaped
+    (c.tmp / "afile").write_text("x")
+    return [*_train(c)[:-len(TRAIN) - 2], "--out", str(c.tmp / "afile" / "new\nline"),
+            *TRAIN]
+
+
 # --- manifest fields ------------------------------------------------------------------------
 def _field(path: list, value):
     def edit(c: Ctx) -> list[str]:
@@ -987,7 +1003,7 @@ for _name, _cmds in [("checkpoints/ckpt", ("eval", "export-model")),
                      ("metrics.jsonl", ("resume",))]:
     for _cmd in _cmds:  # a probe's: eval read, and export-model copied out, a linked checkpoint
         case(f"{_cmd}-of-a-run-whose-{_name.replace('/', '-')}-is-a-link", "is a symbolic link",
-             "never read through a link", "cp -L")(
+             "never read or written through a link", "cp -L")(
             lambda c, n=_name, cmd=_cmd: _read_linked_run(c, n, cmd))
 
 
@@ -1039,6 +1055,7 @@ def test_bad_input_is_one_line_error_and_changes_nothing(ctx, name, setup, fragm
     assert len(lines[0]) <= MAX_ERROR_LINE, f"{len(lines[0])} characters: {lines[0][:300]}"
     for f in fragments:
         assert f in lines[0], f"{f!r} not in {lines[0]!r}"
+    assert not any(ch < " " and ch != "\t" for ch in lines[0]), repr(lines[0])  # escaped
     after = _snapshot(ctx.tmp)
     changed = [p for p, h in before.items() if after.get(p) != h]
     assert not changed, f"pre-existing files changed: {changed}"

@@ -5,6 +5,7 @@ with torch autograd in float64 (the recurrent weights in ONNX's gate layout)."""
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,30 @@ def test_a_long_sequence_exports_and_trains(tmp_path):
     loss, _ = make_trainer(bundle, mode="vanilla", threads=0).gradients(
         ArrayBatch({"x": x}, np.array([0, 2], np.int64)))
     assert np.isfinite(loss)
+
+
+def test_export_model_names_the_weights_it_keeps_in_onnx_layout(tmp_path):
+    """Session 28 probe: export-model's .safetensors holds a GRU's weights as ``rnn.GRU.W``,
+    ``.R``, ``.B`` in ONNX's layout, which torch's ``load_state_dict(strict=False)`` skipped
+    without a word. Those keys (both layers of a 2-layer GRU) are named, and the run's line
+    says so; a bundle without a recurrent layer has none."""
+    import subprocess
+    import sys
+
+    from runtime.torch_weights import packed_recurrent, torch_state
+
+    path = tmp_path / "rnn.py"
+    path.write_text(MODELS)
+    b = open_bundle(export_bundle(f"{path}:gru_bi2", tmp_path / "b", input_shape="2,5,6"))
+    keys = packed_recurrent(b)
+    state = torch_state(b, b.load_params())
+    assert set(keys) <= set(state) and len(keys) == 6, (keys, sorted(state))
+    assert {k.rsplit(".", 1)[1] for k in keys} == {"W", "R", "B"}, keys
+    assert not any(k.startswith("fc.") for k in keys)
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "runtime", "export-model", str(tmp_path / "b"),
+                        "--out", str(tmp_path / "m.onnx")], cwd=repo, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "note: 6 of its tensors" in r.stdout and "packed layout" in r.stdout, r.stdout
+    assert packed_recurrent(open_bundle(export_bundle("mlp", tmp_path / "mlp"))) == []

@@ -1049,6 +1049,14 @@ def test_a_class_per_time_step_of_a_conv1d_reads_the_class_axis_from_the_labels(
     np.savez(tmp_path / "bad.npz", input=x, y=y[:, :4])
     with pytest.raises(ExportError, match=r"fits neither a class axis 1 nor a last class axis"):
         export_bundle(f"{models_file}:tagger1d", tmp_path / "x", npz=str(tmp_path / "bad.npz"))
+    # the plain export's training names the way out (session 28 probe: it was told to reshape
+    # its right [N, L] labels into [N, 3])
+    np.savez(tmp_path / "train.npz", input=x, y=np.maximum(y, 0))
+    from runtime.data import load_data
+
+    with pytest.raises(UserError, match=r"got int64 shape \[5, 10\].*re-export it with "
+                                        r"--class-axis 1"):
+        load_data(str(tmp_path / "train.npz"), open_bundle(plain))
 
 
 def test_a_channels_last_dense_output_reads_its_classes_last(models_file: Path, tmp_path: Path):

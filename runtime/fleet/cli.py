@@ -373,7 +373,9 @@ def cmd_fleet(a) -> int:
         check_not_empty(a)
         return _server(a) if a.fleet_cmd == "server" else _client(a)
     except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from ..console import one_line
+
+        print(one_line(f"error: {exc}"), file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:  # a client: the next round starts from the server's
         name = signal.Signals(exc.signum).name  # weights, so rejoining is the way on

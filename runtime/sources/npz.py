@@ -284,6 +284,12 @@ class NpzSource(Source):
                     fix = "; save y.ravel()"
                 elif self.y.ndim == len(want) and self.y.dtype.kind in "fb":
                     fix = "; save y.astype(int) (the class ids as integers)"
+                elif (len(want) == 2 and self.y.ndim == 2
+                      and self.y.shape[1] == self.loss.num_classes):
+                    # a [N, C, L] output (a Conv1d tagger's) read as [N, L, C] at export: the
+                    # labels were right, the export was not (session 28 probe)
+                    fix = (f"; if the model's {want[1]} classes are on axis 1 of its output "
+                           f"([N, C, L], as a Conv1d's), re-export it with --class-axis 1")
                 elif self.y.dtype.kind in "USO":  # (a probe's string labels: no way out said)
                     fix = ("; save ids instead: names, y = np.unique(labels, "
                            "return_inverse=True) (the names in that order)")
