@@ -104,6 +104,9 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
     if not run.exists():
         raise UserError(f"run '{run}' not found; pass the --out folder of a `train` run")
     if not path.is_file():
+        if path.exists() or path.is_symlink():  # (a probe's FIFO: "has no metrics.jsonl")
+            raise UserError(f"{path} is not a regular file; pass the --out folder of a `train` "
+                            "run (every run writes RUN/metrics.jsonl as a file)")
         raise UserError(f"{run} has no {METRICS_FILE}; pass the --out folder of a `train` run "
                         "(every run writes RUN/metrics.jsonl)")
     for f in (path, folder / SUMMARY_FILE):
@@ -150,8 +153,11 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
         elif kind == "calibration" and step is not None:
             calibs[step] = rec
         # other kinds (newer runtimes) are skipped
-    if not records:
-        raise UserError(f"{path} holds no records (empty file); the run wrote no metrics")
+    if not records:  # (empty, or a torn single line: a probe's 67 MB without a newline)
+        raise UserError(f"{path} holds no records ("
+                        + ("empty file" if not raw.strip() else
+                           f"{len(raw)} bytes without one complete JSON line")
+                        + "); the run wrote no metrics, or this is not a run's metrics file")
     m.steps = [steps[k] for k in sorted(steps)]
     m.evals = [evals[k] for k in sorted(evals)]
     m.calibrations = [calibs[k] for k in sorted(calibs)]

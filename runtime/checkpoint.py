@@ -76,6 +76,9 @@ def bundle_sha256(bundle: Bundle) -> str:
     return file_sha256(bundle.path / names.MANIFEST_FILE)
 
 
+SAID = 3  # unusable checkpoints named one by one; the rest are counted
+
+
 def warn(msg: str) -> None:
     """One ``warning:`` line on stderr (above a progress bar, if one is showing; never blocking
     the run: ``runtime/console.py``)."""
@@ -129,8 +132,13 @@ class Checkpointer:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass  # the folder itself is unusable; nothing was written
+            # the path that failed: the pointer, where that is what is in the way (a session-28
+            # probe's folder named 'latest' was reported as the checkpoint failing)
+            at = exc.filename2 or exc.filename
+            where = f" ({at})" if at and Path(at).name != final.name else ""
             raise CheckpointWriteError(
-                f"cannot write checkpoint {final}: {exc.strerror or exc.__class__.__name__}",
+                f"cannot write checkpoint {final}: {exc.strerror or exc.__class__.__name__}"
+                f"{where}",
                 self._last_good(final),
                 "free space or pass another --out" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
                 else f"check what is in the way in '{self.folder}' (a folder where a file "
@@ -217,19 +225,24 @@ class Checkpointer:
             except Exception as exc:  # noqa: BLE001
                 why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
                 problems.append(f"{path.name}: {why}")
-                warn(f"checkpoint {path} is unusable ({why}); trying the previous one")
+                if len(problems) <= SAID:  # (a probe's 20,000 bad files: 20,000 lines)
+                    warn(f"checkpoint {path} is unusable ({why}); trying the previous one")
                 continue
             if meta.get("bundle_sha256") != self.bundle_sha:
                 raise UserError(f"checkpoint {path} was written for another bundle (manifest "
                                 f"sha256 {str(meta.get('bundle_sha256'))[:12]}…, this bundle "
                                 f"{self.bundle_sha[:12]}…); resume with that bundle, or drop "
                                 "--resume / pass another --out to start afresh")
+            if len(problems) > SAID:
+                warn(f"{len(problems) - SAID} more checkpoints were unusable")
             if problems or not verified:
                 warn(f"resuming from {path} (step {meta['step']})")
             self.loaded = path
             return arrays, meta
-        raise UserError(f"no intact checkpoint in {self.folder}: {'; '.join(problems)}; "
-                        "pass --overwrite instead of --resume to start afresh")
+        more = f"; {len(problems) - SAID} more" if len(problems) > SAID else ""
+        raise UserError(f"no intact checkpoint in {self.folder}: "
+                        f"{'; '.join(problems[:SAID])}{more}; pass --overwrite instead of "
+                        "--resume to start afresh")
 
 
 def _open_regular(path: Path) -> int:

@@ -902,6 +902,41 @@ def test_metadata_that_is_not_an_object_is_an_unusable_checkpoint(damage_runs, m
         Checkpointer(out / "checkpoints", open_bundle(mlp_bundle)).load()
 
 
+def test_many_unusable_checkpoints_are_counted_not_listed(damage_runs, mlp_bundle, tmp_path,
+                                                          capsys):
+    """Session 28 probe: 20,000 bogus ``ckpt-*.npz`` gave a resume 20,002 warning lines (and a
+    refusal would have named each on its one line). Three are named, the rest counted."""
+    out = Path(shutil.copytree(damage_runs["vanilla"], tmp_path / "run"))
+    ckpts = out / "checkpoints"
+    (ckpts / "latest").unlink()  # (no pointer: every file is tried, newest first)
+    for step in range(21, 29):
+        (ckpts / f"ckpt-{step:06d}.npz").write_bytes(b"")
+    _, meta = Checkpointer(ckpts, open_bundle(mlp_bundle)).load()
+    err = capsys.readouterr().err
+    assert meta["step"] == 20
+    assert err.count("is unusable") == 3 and "5 more checkpoints were unusable" in err, err
+    for f in ckpts.glob("ckpt-0000[12]0.npz"):
+        f.unlink()
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*; 5 more; pass --overwrite"):
+        Checkpointer(ckpts, open_bundle(mlp_bundle)).load()
+
+
+def test_a_pointer_in_the_way_is_named(cli, mlp_bundle, tmp_path):
+    """Session 28 probe: a folder named ``checkpoints/latest`` failed a resume with "cannot
+    write checkpoint ckpt-000004.npz: Is a directory", naming the checkpoint, which was
+    written; the path in the way is named now."""
+    out = tmp_path / "run"
+    assert cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 2, "--checkpoint-every",
+               2).returncode == 0
+    (out / "checkpoints" / "latest").unlink()
+    (out / "checkpoints" / "latest").mkdir()
+    r = cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 4, "--checkpoint-every", 2,
+            "--resume")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: cannot write checkpoint"), lines
+    assert f"Is a directory ({out / 'checkpoints' / 'latest'})" in lines[-1], lines
+
+
 # ------------------------------------------------------------------------- the run folder
 @contextmanager
 def deadline(seconds: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,9 @@ def test_a_summary_of_another_step_is_left_out(tmp_path, capsys):
     ("linked_metrics", r"metrics.jsonl is a symbolic link"),
     ("linked_summary", r"summary.json is a symbolic link"),
     ("huge_summary", r"summary.json has more than 1 MiB"),
+    # session 28 probe: "has no metrics.jsonl" and "(empty file)" for these
+    ("fifo_metrics", r"metrics.jsonl is not a regular file"),
+    ("one_garbage_line", r"holds no records \(5000 bytes without one complete JSON line\)"),
 ])
 def test_bad_runs_are_one_line_errors(tmp_path, case, match):
     run = tmp_path / "run"
@@ -170,6 +174,12 @@ def test_bad_runs_are_one_line_errors(tmp_path, case, match):
     elif case == "huge_summary":
         _write_run(run, _records(3))
         (run / "summary.json").write_text(json.dumps({"class_names": ["x" * 10] * 200_000}))
+    elif case == "fifo_metrics":
+        run.mkdir()
+        os.mkfifo(run / "metrics.jsonl")
+    elif case == "one_garbage_line":
+        run.mkdir()
+        (run / "metrics.jsonl").write_bytes(b"x" * 5000)
     with pytest.raises(UserError, match=match) as e:
         report.write_report(run, tmp_path / "r.png")
     assert "\n" not in str(e.value)
