@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,13 +21,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from contract import names as names_
 from contract.onnx_scan import LOOP_OPS
 
-from .graph import ExportError, check_ops, name_nodes, reads
+from .graph import ExportError, check_ops, name_nodes
 from .layers import node_module_path
 from .model_inputs import _first_line, _load_factory, example_arrays, parse_input_shapes
 from .onnx_import import float32_weights, initializers_not_inputs, raise_opset, sort_nodes
+from .outputs import input_names as _input_names
+from .outputs import output_names as _output_names
+from .outputs import pick_output as _pick_output
 from .param_names import (
     ROLE,
     derived_changes,
@@ -193,44 +194,6 @@ def at_length(traced: Traced, seq_inputs: list[str], length: int) -> Traced | No
         return None
 
 
-def _pick_output(traced: Traced, output: str | None) -> Traced:
-    """Keep only the chosen output (the graph is pruned to what it needs)."""
-    if output is None:
-        if len(traced.outputs) != 1:
-            raise ExportError(f"model has {len(traced.outputs)} outputs "
-                              f"({', '.join(traced.outputs)}); pick the one to train with "
-                              "--output NAME (add --head CLASSES to put a classifier on it)")
-        return traced
-    if output not in traced.outputs:
-        raise ExportError(f"--output '{output}' is not an output of the model; outputs: "
-                          f"{', '.join(traced.outputs)}")
-    g = traced.model.graph
-    keep_out = [o for o in g.output if o.name == output]
-    others = [o.name for o in g.output if o.name != output]
-    del g.output[:]
-    g.output.extend(keep_out)
-    needed = {output}
-    nodes = []
-    for n in reversed(list(g.node)):
-        if any(o in needed for o in n.output):
-            nodes.append(n)
-            needed.update(reads(n))  # with the names an If's branches read from outside
-    del g.node[:]
-    g.node.extend(reversed(nodes))
-    inits = [t for t in g.initializer if t.name in needed]
-    dropped = len(g.initializer) - len(inits)
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    traced.outputs = [output]
-    if others:  # (a probe's second head vanished from the bundle and export-model unsaid)
-        traced.notes.append(
-            f"note: only output '{output}' is trained and exported; the model's other "
-            f"output(s) ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''})"
-            + (f" and the {dropped} tensor(s) only they use" if dropped else "")
-            + " are left out of the bundle and of export-model's files")
-    return traced
-
-
 def _train_behaviour(module) -> str:
     """What eval mode changes in the module (batch norms, dropout), as the note says it; ""
     where nothing does."""
@@ -243,38 +206,6 @@ def _train_behaviour(module) -> str:
     if any(isinstance(m, torch.nn.modules.dropout._DropoutNd | torch.nn.Dropout) for m in mods):
         said.append("Dropout is off")
     return "; ".join(said)
-
-
-def _input_names(module, n: int) -> list[str]:
-    import inspect
-
-    try:
-        names = [p for p in inspect.signature(module.forward).parameters if p != "self"]
-    except (TypeError, ValueError):
-        names = []
-    if len(names) >= n:
-        return names[:n]
-    return ["x"] if n == 1 else [f"x{i}" for i in range(n)]
-
-
-def _output_names(result, inputs: list[str]) -> list[str]:
-    """Names for the forward's outputs in the order torch's exporter flattens them: a dict's
-    keys (``{"aux": ..., "logits": ...}``: pick one with ``--output logits``), ``output0``,
-    ``output1``, ... for a tuple or list (or nested ones), ``logits`` for a single tensor."""
-    from torch.utils._pytree import tree_leaves
-
-    if isinstance(result, dict) and all(not isinstance(v, dict | tuple | list)
-                                        for v in result.values()):
-        # a key that is no plain name, or that an input or the bundle's own tensors use
-        # (``loss``, ``labels``), gets ``_out`` (the --output error lists the names)
-        taken = set(inputs) | {names_.LOSS, names_.LABELS}
-        keys = [re.sub(r"[^A-Za-z0-9_.]", "_", str(k)) or "output" for k in result]
-        keys = [f"{k}_out" if k in taken else k for k in keys]
-        if len(set(keys)) == len(keys):
-            return keys
-    n = len(tree_leaves(result))
-    return ["logits"] if n == 1 and not isinstance(result, dict) else \
-        [f"output{i}" for i in range(n)]
 
 
 def _trace_torch(module, example: list[np.ndarray], source: str,

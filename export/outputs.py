@@ -1,0 +1,87 @@
+"""A traced model's outputs: their names (a dict's keys, ``output0``, ... or ``logits``) and
+the one ``--output`` picks, the graph pruned to it (split from export/tracing.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from contract import names as names_
+
+from .graph import ExportError, reads
+
+if TYPE_CHECKING:
+    from .tracing import Traced
+
+__all__ = ["input_names", "output_names", "pick_output"]
+
+
+def pick_output(traced: Traced, output: str | None) -> Traced:
+    """Keep only the chosen output (the graph is pruned to what it needs)."""
+    if output is None:
+        if len(traced.outputs) != 1:
+            raise ExportError(f"model has {len(traced.outputs)} outputs "
+                              f"({', '.join(traced.outputs)}); pick the one to train with "
+                              "--output NAME (add --head CLASSES to put a classifier on it)")
+        return traced
+    if output not in traced.outputs:
+        raise ExportError(f"--output '{output}' is not an output of the model; outputs: "
+                          f"{', '.join(traced.outputs)}")
+    g = traced.model.graph
+    keep_out = [o for o in g.output if o.name == output]
+    others = [o.name for o in g.output if o.name != output]
+    del g.output[:]
+    g.output.extend(keep_out)
+    needed = {output}
+    nodes = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            nodes.append(n)
+            needed.update(reads(n))  # with the names an If's branches read from outside
+    del g.node[:]
+    g.node.extend(reversed(nodes))
+    inits = [t for t in g.initializer if t.name in needed]
+    dropped = len(g.initializer) - len(inits)
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    traced.outputs = [output]
+    if others:  # (a probe's second head vanished from the bundle and export-model unsaid)
+        traced.notes.append(
+            f"note: only output '{output}' is trained and exported; the model's other "
+            f"output(s) ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''})"
+            + (f" and the {dropped} tensor(s) only they use" if dropped else "")
+            + " are left out of the bundle and of export-model's files")
+    return traced
+
+
+def input_names(module, n: int) -> list[str]:
+    import inspect
+
+    try:
+        names = [p for p in inspect.signature(module.forward).parameters if p != "self"]
+    except (TypeError, ValueError):
+        names = []
+    if len(names) >= n:
+        return names[:n]
+    return ["x"] if n == 1 else [f"x{i}" for i in range(n)]
+
+
+def output_names(result, inputs: list[str]) -> list[str]:
+    """Names for the forward's outputs in the order torch's exporter flattens them: a dict's
+    keys (``{"aux": ..., "logits": ...}``: pick one with ``--output logits``), ``output0``,
+    ``output1``, ... for a tuple or list (or nested ones), ``logits`` for a single tensor."""
+    from torch.utils._pytree import tree_leaves
+
+    if isinstance(result, dict) and all(not isinstance(v, dict | tuple | list)
+                                        for v in result.values()):
+        # a key that is no plain name, or that an input or the bundle's own tensors use
+        # (``loss``, ``labels``), gets ``_out`` (the --output error lists the names)
+        taken = set(inputs) | {names_.LOSS, names_.LABELS}
+        keys = [re.sub(r"[^A-Za-z0-9_.]", "_", str(k)) or "output" for k in result]
+        keys = [f"{k}_out" if k in taken else k for k in keys]
+        if len(set(keys)) == len(keys):
+            return keys
+    n = len(tree_leaves(result))
+    return ["logits"] if n == 1 and not isinstance(result, dict) else \
+        [f"output{i}" for i in range(n)]
