@@ -1125,18 +1125,23 @@ def test_two_signals_in_the_first_step_of_an_overwrite_lose_nothing(cnn_bundle, 
     before = folder_bytes(out)
     proc = start(cnn_bundle, out, "--steps", 10**6, "--overwrite", "--batch", 1024,
                  "--checkpoint-every", 1000)
-    t0 = time.monotonic()
-    metrics = out / "metrics.jsonl"  # (the new run's, once the old one is set aside)
-    while not (any(f.name.startswith(".replaced.") for f in out.iterdir())
-               and metrics.is_file() and b'"kind": "plan"' in metrics.read_bytes()):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - t0 < 60, "the run never started"
-        time.sleep(0.002)
-    time.sleep(0.1)  # in the first step (the probe's timing: 3 of 3)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    try:  # (a failed wait must not leave a run of 10^6 steps behind)
+        t0 = time.monotonic()
+        metrics = out / "metrics.jsonl"  # (the new run's, once the old one is set aside)
+        while not (any(f.name.startswith(".replaced.") for f in out.iterdir())
+                   and metrics.is_file() and b'"kind": "plan"' in metrics.read_bytes()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 60, "the run never started"
+            time.sleep(0.002)
+        time.sleep(0.1)  # in the first step (the probe's timing: 3 of 3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     lines = stderr.strip().splitlines()
     if proc.returncode == -signal.SIGTERM:  # the second came before training began, once the
         # first had put the old run back and given the signals back: it ends the process
