@@ -69,19 +69,34 @@ def input_names(module, n: int) -> list[str]:
 
 def output_names(result, inputs: list[str]) -> list[str]:
     """Names for the forward's outputs in the order torch's exporter flattens them: a dict's
-    keys (``{"aux": ..., "logits": ...}``: pick one with ``--output logits``), ``output0``,
-    ``output1``, ... for a tuple or list (or nested ones), ``logits`` for a single tensor."""
+    keys (``{"aux": ..., "logits": ...}``: pick one with ``--output logits``), a nested value's
+    key and place (``{"logits": ..., "extra": (a, b)}``: ``logits``, ``extra.0``, ``extra.1``;
+    a session-28 probe's were ``output0..2``, and ``--output logits`` was refused),
+    ``output0``, ``output1``, ... for a tuple or list (or nested ones), ``logits`` for a single
+    tensor."""
     from torch.utils._pytree import tree_leaves
 
-    if isinstance(result, dict) and all(not isinstance(v, dict | tuple | list)
-                                        for v in result.values()):
+    n = len(tree_leaves(result))
+    if isinstance(result, dict):
+        paths = list(_paths(result, ""))
         # a key that is no plain name, or that an input or the bundle's own tensors use
         # (``loss``, ``labels``), gets ``_out`` (the --output error lists the names)
         taken = set(inputs) | {names_.LOSS, names_.LABELS}
-        keys = [re.sub(r"[^A-Za-z0-9_.]", "_", str(k)) or "output" for k in result]
+        keys = [re.sub(r"[^A-Za-z0-9_.]", "_", k) or "output" for k in paths]
         keys = [f"{k}_out" if k in taken else k for k in keys]
-        if len(set(keys)) == len(keys):
+        if len(keys) == n and len(set(keys)) == len(keys):  # (else as torch counts them)
             return keys
-    n = len(tree_leaves(result))
     return ["logits"] if n == 1 and not isinstance(result, dict) else \
         [f"output{i}" for i in range(n)]
+
+
+def _paths(value, prefix: str):
+    """Each tensor's place in a nest of dicts, tuples and lists, in flattening order."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, tuple | list):
+        for i, v in enumerate(value):
+            yield from _paths(v, f"{prefix}.{i}" if prefix else str(i))
+    else:
+        yield prefix

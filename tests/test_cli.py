@@ -498,6 +498,18 @@ def test_a_model_returning_a_dict_names_its_outputs_by_key(cli, tmp_path):
                                           '{"x": self.aux(h), "loss": self.cls(h)}'))
     user_error(cli("export", "--model", f"{clash}:make", "--out", tmp_path / "b1",
                    "--input-shape", "8,6"), "2 outputs (x_out, loss_out)")
+    # a nested value: its key and place (session 28 probe: output0..2, --output logits refused)
+    nested = tmp_path / "nested.py"
+    nested.write_text(DICT_FACTORY.replace('{"aux": self.aux(h), "logits": self.cls(h)}',
+                                           '{"logits": self.cls(h), "extra": (self.aux(h), h)}'))
+    user_error(cli("export", "--model", f"{nested}:make", "--out", tmp_path / "b2",
+                   "--input-shape", "8,6"), "3 outputs (logits, extra.0, extra.1)")
+    ok(cli("export", "--model", f"{nested}:make", "--out", tmp_path / "b3", "--input-shape",
+           "8,6", "--output", "logits"))
+    m = json.loads((tmp_path / "b3" / "manifest.json").read_text())
+    assert m["output"] == "logits"
+    assert sorted(p["torch_name"] for p in m["params"]) == ["body.bias", "body.weight",
+                                                            "cls.bias", "cls.weight"]
 
 
 @pytest.mark.parametrize("body, fragment", [
