@@ -447,11 +447,13 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     # output to the acc input's own buffer, so a step holds one gradient buffer per parameter, not
     # two, and each fresh gradient dies as soon as it is added.
     outs: dict[str, str] = {}
+    made = {o: n for n in bwd.nodes for o in n.output}
+    read = {i for n in bwd.nodes for i in reads(n)}
     for p, gp in grads.items():
         acc, out = f"{names.GRAD_ACC}{p}", f"{names.GRAD}{p}"
         dtype = shapes.dtype.get(p, onnx.TensorProto.FLOAT)
         extra[acc] = helper.make_tensor_value_info(acc, dtype, list(shapes.shape[p]))
-        if not _scatter_into(bwd, gp, acc, out):
+        if not _scatter_into(made, read, gp, acc, out):
             bwd.nodes.append(helper.make_node("Add", [acc, gp], [out], name=f"grad_out_{p}"))
         outs[p] = out
     draft.protected = set(outs.values()) | set(ctx.bwd_outputs)
@@ -459,13 +461,14 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     return _split(fwd_model, fwd, bwd, ctx, outs, opset, mode, extra)
 
 
-def _scatter_into(bwd: Builder, gp: str, acc: str, out: str) -> bool:
+def _scatter_into(made: dict[str, onnx.NodeProto], read: set[str], gp: str, acc: str,
+                  out: str) -> bool:
     """A gradient that is ScatterND(add) of rows into zeros (an embedding table's: the Gather
     rule) scatters them into the accumulator itself: ``out = ScatterND(acc, rows, g)``. Adding
     it to ``acc`` held two table-sized arena buffers in every backward pass, the zeros and the
     scattered copy (a 102 MB table: the step's arena 393 MB at micro-batch 32; session 28).
-    Returns whether ``gp``'s node was rewritten (then nothing else may read ``gp``)."""
-    made = {o: n for n in bwd.nodes for o in n.output}
+    ``made``: the backward's nodes by output, ``read``: the names its nodes read. Returns
+    whether ``gp``'s node was rewritten (then nothing else may read ``gp``)."""
     node = made.get(gp)
     if node is None or node.op_type != "ScatterND" or next(
             (a.s for a in node.attribute if a.name == "reduction"), b"none") != b"add":
@@ -474,7 +477,7 @@ def _scatter_into(bwd: Builder, gp: str, acc: str, out: str) -> bool:
     if base is None or base.op_type != "ConstantOfShape" or any(
             a.name == "value" and numpy_helper.to_array(a.t).any() for a in base.attribute):
         return False  # (ConstantOfShape without a value makes float zeros)
-    if any(gp in reads(n) for n in bwd.nodes):
+    if gp in read:
         return False
     node.input[0] = acc
     node.output[0] = out

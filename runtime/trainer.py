@@ -220,13 +220,7 @@ class Trainer:
         self._param_ov = {k: _ov(v) for k, v in self.params.items()}
         # (``eval`` had them, 1.5x its weights written for nothing: session 27 probe)
         self.optimizer = None if evaluating else make_optimizer(self.config.optim, self.params)
-        if evaluating:
-            self._grads = {}
-        elif self.fused:
-            self._grads = {p: self.optimizer.state[p]["v"] for p in self.params}
-        else:
-            self._grads = {p: resident_zeros(v) for p, v in self.params.items()}
-        self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
+        self._make_grads()
         self._grads_freed = False  # (release_written_buffers: while the budget's probes run)
         self.shared = SharedWeights(bundle)
         # a frozen prefix graph (export/prefix.py) runs each micro-batch without its trailing
@@ -992,15 +986,10 @@ class Trainer:
         does after the plan. Returns whether they were freed (not after a step: they stay)."""
         if self._evaluating or self._grads_freed:
             return self._grads_freed
-        if self.fused:
-            if not self.optimizer.release_fused():
-                return False
-            self._grads = {}
-        else:
-            if any(g.any() for g in self._grads.values()):
-                return False
-            self._grads = {p: None for p in self._grads}
-        self._grad_ov = {}
+        if self.fused and not self.optimizer.release_fused() \
+                or not self.fused and any(g.any() for g in self._grads.values()):
+            return False
+        self._grads, self._grad_ov = {}, {}
         self._grads_freed = True
         return True
 
@@ -1010,11 +999,19 @@ class Trainer:
             return
         if self.fused:
             self.optimizer.renew_fused()
+        self._make_grads()
+        self._grads_freed = False
+
+    def _make_grads(self) -> None:
+        """The gradient buffers and their OrtValues: none for ``eval``, SGD's momentum where
+        the backward adds into it (fused), else zeros written now (optim.resident_zeros)."""
+        if self._evaluating:
+            self._grads = {}
+        elif self.fused:
             self._grads = {p: self.optimizer.state[p]["v"] for p in self.params}
         else:
             self._grads = {p: resident_zeros(v) for p, v in self.params.items()}
         self._grad_ov = {p: _ov(g) for p, g in self._grads.items()}
-        self._grads_freed = False
 
     def _check_buffers_fit(self) -> None:
         """Under a budget (memory.budget_given), refuse before allocating the buffers every
