@@ -7,6 +7,7 @@ from .errors import ManifestError, UserError
 from .files import (
                     atomic_write,
                     file_sha256,
+                    json_text,
                     open_listed,
                     read_listed,
                     read_npz,
@@ -39,6 +40,6 @@ __all__ = [
     "FORMAT", "FORMAT_VERSION", "FileEntry", "GraphFiles", "GraphIO", "ImageSpec",
     "InstantSettings", "InstantSpec", "LayerInfo", "LossSpec", "Lookup", "Manifest",
     "ManifestError", "ParamSpec", "PrefixSpec", "TensorSpec", "TextSpec", "UserError", "WeightEntry",
-    "atomic_write", "file_sha256", "manifest_json", "names", "open_listed", "read_listed", "read_npz",
+    "atomic_write", "file_sha256", "json_text", "manifest_json", "names", "open_listed", "read_listed", "read_npz",
     "read_manifest", "write_npz", "write_text",
 ]

@@ -9,6 +9,8 @@ match the manifest before anything else reads it.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import stat
 import zipfile
@@ -20,8 +22,8 @@ import numpy as np
 from .errors import ManifestError
 from .schema import is_safe_filename
 
-__all__ = ["atomic_write", "file_sha256", "fsync_dir", "open_listed", "read_listed", "read_npz",
-           "write_npz", "write_text"]
+__all__ = ["atomic_write", "file_sha256", "fsync_dir", "json_text", "open_listed", "read_listed",
+           "read_npz", "write_npz", "write_text"]
 
 _BLOCK = 1 << 20
 
@@ -133,6 +135,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def json_text(value: object, indent: int | None = None) -> str:
+    """``value`` as strict JSON: a NaN or infinite number becomes ``null`` (Python's ``NaN`` /
+    ``Infinity`` are not JSON: a diverged loss had made a fleet's summary.json unreadable to
+    strict parsers), NumPy scalars become numbers."""
+
+    def finite(v):
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        if isinstance(v, (float, np.floating)):
+            v = float(v)
+            return v if math.isfinite(v) else None
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    return json.dumps(finite(value), indent=indent, allow_nan=False, default=float)
 
 
 def write_text(path: Path, text: str) -> None:

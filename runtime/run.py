@@ -22,7 +22,6 @@ run's state (step, order, tally, last checkpoint); split, each would pass all of
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import statistics
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from contract import UserError, atomic_write, write_text
+from contract import UserError, atomic_write, json_text, write_text
 
 from .calibrate import calibration_samples
 from .checkpoint import (
@@ -524,7 +523,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     metrics.write("summary", peak_rss=s.peak_rss, budget=s.budget)
     metrics.close()
     if out is not None:
-        text = json.dumps(asdict(s), indent=1)
+        text = json_text(asdict(s), indent=1)
         with _final_write(out / "summary.json", last_ckpt):
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
     return s

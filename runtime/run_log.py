@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import UserError
+from contract import UserError, json_text
 
 from .checkpoint import DamagedCheckpoint, meta_array, meta_float, meta_int
 
@@ -72,7 +72,7 @@ class Metrics:
 
     def write(self, kind: str, **fields) -> None:
         if self._f is not None:
-            data = (json.dumps({"kind": kind, **fields}) + "\n").encode()
+            data = (json_text({"kind": kind, **fields}) + "\n").encode()
             try:
                 while data:
                     data = data[os.write(self._f, data):]

@@ -229,6 +229,8 @@ def _server(a) -> int:
     os.close(lock)
     hist = [h for h in s["history"] if h["accuracy"] is not None]
     what = "held-out" if a.data else "clients' held-out"
+    if not a.data and any("training rows" in str(h.get("where", "")) for h in hist):
+        what = "clients' own-data"  # (some clients have no held-out split: their training rows)
     acc = (f"; {what} accuracy {hist[0]['accuracy']:.3f} -> {hist[-1]['accuracy']:.3f}"
            if len(hist) > 1 else "")
     if not s["trained_rounds"]:

@@ -19,6 +19,7 @@ installer, SQL node state and object store that ``start_client`` imports (38 MB 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -83,11 +84,15 @@ def _refusal(config: dict, local_signature: str, flwr_version: str) -> str | Non
     return None
 
 
-def make_client_app(local: Local, steps: int, batch: int, say=None):
+def make_client_app(local: Local, steps: int, batch: int, say=None, seen: dict | None = None):
     """A Flower ``ClientApp``: ``train`` runs ``steps`` local steps of ``batch`` examples on the
     received weights and replies with the updated trainable tensors, the number of training
     examples and the round's metrics; ``evaluate`` reports loss and accuracy of the received
-    weights on this device's held-out split. Frozen weights never leave the bundle."""
+    weights on this device's held-out split. Frozen weights never leave the bundle.
+
+    ``seen`` (where given) hears of each training round: its number, the server's
+    ``round_timeout`` (0: none or not sent) and ``late``, whether the round's training alone
+    outlasted it (the server then cut this client off: its reply is lost)."""
     import flwr
     from flwr.app import Context, Message
     from flwr.client import ClientApp
@@ -148,7 +153,13 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        server_round, _ = receive(msg.content, recorddict_to_fitins)
+        t0 = time.monotonic()
+        server_round, config = receive(msg.content, recorddict_to_fitins)
+        timeout = config.get("round_timeout", 0)
+        timeout = float(timeout) if isinstance(timeout, (int, float)) and \
+            not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0 else 0.0
+        if seen is not None:
+            seen.update(round=server_round, round_timeout=timeout, late=False, seconds=0.0)
         say(f"round {server_round}: received the global weights ({len(local.names)} tensors); "
             f"training {steps} steps")
         res = local.train_local(steps, batch, server_round)
@@ -168,6 +179,9 @@ def make_client_app(local: Local, steps: int, batch: int, say=None):
                      num_examples=int(res.num_examples),
                      metrics={k: _scalar(v) for k, v in m.items()})
         del params
+        if seen is not None:
+            seen["seconds"] = time.monotonic() - t0
+            seen["late"] = bool(timeout) and seen["seconds"] >= timeout - 0.5
         return Message(fitres_to_recorddict(fit, keep_input=False), reply_to=msg)
 
     @app.evaluate()
@@ -256,7 +270,8 @@ def run_client(local: Local, address: str, steps: int, batch: int,
     """Serve the fleet server at ``address`` until it ends the run (returns 0).
 
     A lost connection is retried for ``connect_timeout`` seconds (the server may restart);
-    after that, or when nothing answers at all, a ``UserError``.
+    after that, or when nothing answers at all, a ``UserError``; also where the server ends the
+    run before this client answered a single training or evaluation request.
     """
     import flwr
     import grpc
@@ -266,7 +281,8 @@ def run_client(local: Local, address: str, steps: int, batch: int,
 
     say = say or say_to()
     version = flwr.__version__
-    app = make_client_app(local, steps, batch, say)
+    seen: dict = {}
+    app = make_client_app(local, steps, batch, say, seen)
     context = Context(run_id=0, node_id=-1, node_config={}, state=RecordDict(), run_config={})
     served = 0
     while True:
@@ -314,8 +330,16 @@ def run_client(local: Local, address: str, steps: int, batch: int,
                 raise UserError(f"a message from the fleet server at {address} is larger than "
                                 f"this bundle's weights allow ({_details(exc)}); check that it "
                                 "runs `instant-runtime fleet server` with this bundle") from None
-            say(f"lost the connection to {address} ({code.name if code else exc}); "
-                f"reconnecting for up to {connect_timeout:.0f} s")
+            if seen.get("late"):  # the server's round ended before this client's training did
+                say(f"the fleet server cut this client off at its --round-timeout of "
+                    f"{seen['round_timeout']:.0f} s: round {seen['round']}'s training took "
+                    f"{seen['seconds']:.0f} s and its update is lost; give the server a longer "
+                    f"--round-timeout or this client fewer --steps; reconnecting for up to "
+                    f"{connect_timeout:.0f} s")
+                seen["late"] = False
+            else:
+                say(f"lost the connection to {address} ({code.name if code else exc}); "
+                    f"reconnecting for up to {connect_timeout:.0f} s")
             _retry_or_fail(address, connect_timeout)
             continue
         except StopIteration:
@@ -331,6 +355,10 @@ def run_client(local: Local, address: str, steps: int, batch: int,
             say(f"the fleet server asks to reconnect in {sleep_s:.0f} s")
             time.sleep(sleep_s)
             continue
+        if not served:  # (the server gave up, or its rounds were done before this client joined)
+            raise UserError(f"the fleet server at {address} ended the run before this client "
+                            "trained or evaluated anything; see the server's output (too few "
+                            "clients within its --wait, or its rounds were already done)")
         say(f"the fleet server ended the run; this client trained {local.rounds} round(s)"
             f" and answered {served} request(s)")
         return 0

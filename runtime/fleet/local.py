@@ -392,7 +392,7 @@ def save_run(out_dir: str | Path, params: dict[str, np.ndarray] | None,
     Raises:
         UserError: the folder cannot be written.
     """
-    from contract import atomic_write, write_npz, write_text
+    from contract import atomic_write, json_text, write_npz, write_text
 
     out = Path(out_dir)
     try:
@@ -400,7 +400,7 @@ def save_run(out_dir: str | Path, params: dict[str, np.ndarray] | None,
         if params is not None:
             atomic_write(out / "params.npz", lambda p: write_npz(p, params))
         if summary is not None:
-            text = json.dumps(summary, indent=1, default=float)
+            text = json_text(summary, indent=1)
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}; pass another --out") from None

@@ -97,7 +97,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     def round_config(server_round: int) -> dict:
         return {"round": server_round + done, "fleet_protocol": PROTOCOL,
                 "flwr_version": flwr.__version__, "signature": local.signature,
-                "classes": json.dumps(state["classes"]) if state["classes"] else ""}
+                "classes": json.dumps(state["classes"]) if state["classes"] else "",
+                # a client whose training outlasts it can say so (its stream is cut then)
+                "round_timeout": float(round_timeout or 0.0)}
 
     def summary(finished: bool) -> dict:
         return {"rounds": rounds, "min_clients": min_clients, "address": address,
