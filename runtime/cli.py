@@ -973,9 +973,8 @@ def _cmd_export_model(a) -> int:
         if r.packed:
             print(f"note: {len(r.packed)} of its tensors ({', '.join(r.packed[:3])}"
                   f"{', ...' if len(r.packed) > 3 else ''}) are a recurrent layer's weights in "
-                  "ONNX's packed layout (W, R, B over the directions, ONNX's gate order), not "
-                  "torch's weight_ih_l0 & co.: load_state_dict skips them; reorder them by "
-                  "hand, or run the .onnx")
+                  "ONNX's packed layout (peepholes, or shapes torch's GRU/LSTM do not have), "
+                  "not torch's weight_ih_l0 & co.: load_state_dict skips them; run the .onnx")
         if r.from_onnx_file:  # (a probe loaded such a file into its torch module: BN twice)
             print("note: this bundle came from an .onnx file, so the .safetensors holds that "
                   "file's tensors under its names; an exporter may have changed them (torch "

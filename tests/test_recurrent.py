@@ -186,28 +186,74 @@ def test_a_long_sequence_exports_and_trains(tmp_path):
     assert np.isfinite(loss)
 
 
-def test_export_model_names_the_weights_it_keeps_in_onnx_layout(tmp_path):
-    """Session 28 probe: export-model's .safetensors holds a GRU's weights as ``rnn.GRU.W``,
+@pytest.mark.parametrize("model", ["gru_bi2", "lstm_bi2_seq_first"])
+def test_export_model_gives_recurrent_weights_in_torchs_layout(model, tmp_path):
+    """Session 28 probe: export-model's .safetensors held a GRU's weights as ``rnn.GRU.W``,
     ``.R``, ``.B`` in ONNX's layout, which torch's ``load_state_dict(strict=False)`` skipped
-    without a word. Those keys (both layers of a 2-layer GRU) are named, and the run's line
-    says so; a bundle without a recurrent layer has none."""
+    without a word (session 28 named them in a note). Now they are torch's own tensors
+    (``rnn.weight_ih_l1_reverse`` & co., torch's gate order): after training, the file loads
+    into the torch module with ``strict=True`` (fc's tensors and the layers' together) and the
+    module then gives export-model's .onnx outputs. A peephole tensor (not torch's) would stay
+    packed and be named."""
+    import importlib.util
     import subprocess
     import sys
 
-    from runtime.torch_weights import packed_recurrent, torch_state
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+
+    from runtime.torch_weights import packed_recurrent
 
     path = tmp_path / "rnn.py"
     path.write_text(MODELS)
-    b = open_bundle(export_bundle(f"{path}:gru_bi2", tmp_path / "b", input_shape="2,5,6"))
-    keys = packed_recurrent(b)
-    state = torch_state(b, b.load_params())
-    assert set(keys) <= set(state) and len(keys) == 6, (keys, sorted(state))
-    assert {k.rsplit(".", 1)[1] for k in keys} == {"W", "R", "B"}, keys
-    assert not any(k.startswith("fc.") for k in keys)
+    b = open_bundle(export_bundle(f"{path}:{model}", tmp_path / "b", input_shape="2,5,6"))
+    assert packed_recurrent(b) == []
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 5, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=rng.integers(0, 3, 64))
     repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "runtime", "export-model", str(tmp_path / "b"),
-                        "--out", str(tmp_path / "m.onnx")], cwd=repo, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "note: 6 of its tensors" in r.stdout and "packed layout" in r.stdout, r.stdout
-    assert packed_recurrent(open_bundle(export_bundle("mlp", tmp_path / "mlp"))) == []
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=repo,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    cli("train", tmp_path / "b", "--data", tmp_path / "d.npz", "--steps", 5, "--lr", 0.5,
+        "--optimizer", "sgd", "--mode", "vanilla", "--threads", 1, "--out", tmp_path / "r")
+    out = cli("export-model", tmp_path / "r", "--out", tmp_path / "m.onnx")
+    assert "packed layout" not in out, out
+    spec = importlib.util.spec_from_file_location("rnn_models", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = getattr(mod, model)()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in
+                         load_file(str(tmp_path / "m.safetensors")).items()}, strict=True)
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("weight_hh_l1" in k for k in changed), changed  # trained, and given back
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {sess.get_inputs()[0].name: x[:2]})[0]
+    with torch.no_grad():
+        got = net(torch.from_numpy(x[:2])).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_peephole_and_foreign_recurrent_tensors_stay_packed_and_named():
+    """The conversion's edges, on names and shapes alone: a peephole ``P`` and a tensor whose
+    shape torch's layer does not give stay as they are (and are named); layer numbers come
+    from the node's suffix, the second direction is ``_reverse``, gates in torch's order."""
+    from runtime.torch_weights import _torch_recurrent
+
+    w = np.arange(2 * 12 * 3, dtype=np.float32).reshape(2, 12, 3)  # GRU: 3 gates, H 4
+    parts = _torch_recurrent("enc.rnn.GRU_2.W", w)
+    assert sorted(parts) == ["enc.rnn.weight_ih_l2", "enc.rnn.weight_ih_l2_reverse"]
+    np.testing.assert_array_equal(parts["enc.rnn.weight_ih_l2"][:4], w[0, 4:8])  # r from z r h
+    np.testing.assert_array_equal(parts["enc.rnn.weight_ih_l2_reverse"][8:], w[1, 8:])
+    bias = _torch_recurrent("LSTM.B", np.arange(32, dtype=np.float32)[None])  # H 4: Wb | Rb
+    np.testing.assert_array_equal(bias["bias_hh_l0"], [16, 17, 18, 19, 24, 25, 26, 27,
+                                                       28, 29, 30, 31, 20, 21, 22, 23])
+    assert _torch_recurrent("rnn.LSTM.P", np.zeros((1, 12), np.float32)) is None
+    assert _torch_recurrent("rnn.GRU.W", np.zeros((1, 10, 3), np.float32)) is None  # not 3·H
+    assert _torch_recurrent("rnn.GRU.B", np.zeros((1, 2, 6), np.float32)) is None
+    assert _torch_recurrent("fc.weight", np.zeros((3, 4), np.float32)) is None
