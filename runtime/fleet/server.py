@@ -68,7 +68,7 @@ def _weighted(metrics: list[tuple[int, dict]]) -> dict:
 
 def run_server(local: Local, address: str, rounds: int, min_clients: int, out: Path,
                evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
-               say=None, earlier: dict | None = None) -> dict:
+               say=None, earlier: dict | None = None, evaluated_on: str = "") -> dict:
     """Run FedAvg up to round ``rounds``; returns the run summary (also in ``OUT/summary.json``,
     written after every round). ``earlier``: the summary of the run this one resumes (its
     rounds count, its history is kept).
@@ -88,8 +88,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     done = int(earlier.get("rounds_done", 0))  # rounds of the resumed run: Flower counts from 1
     state = {"fit": None, "round": 0, "saved": 0, "trained": int(earlier.get("trained_rounds", 0)),
              "ended": 0, "fit_t0": time.monotonic(), "late": 0,
-             # a resumed run keeps the class order it numbered its clients by
-             "classes": fleet_classes(local) or class_names(earlier.get("class_names"))}
+             # a resumed run keeps the class order its aggregate was trained in (session 29
+             # probe: the server's --data's own order replaced it, and the resumed aggregate
+             # was read with its classes swapped: 0.997 -> 0.370)
+             "classes": _resumed_classes(local, earlier) or fleet_classes(local)}
     t0 = time.perf_counter() - float(earlier.get("seconds", 0.0))
     if state["classes"]:  # (a resumed run's classes may be its first client's)
         _agree_here(local, state["classes"], say)
@@ -107,7 +109,11 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 "trained_rounds": state["trained"], "rounds_done": done + state["ended"],
                 "finished": finished, "class_names": state["classes"],
                 "cut_off_at_round_timeout": state["late"],
-                "weights": str(out / "params.npz"), "signature": local.signature}
+                # (none where no round's aggregate was written: session 29 probe, it named a
+                # params.npz that did not exist)
+                "weights": str(out / "params.npz") if finished or state["saved"] or done
+                else None,
+                "signature": local.signature}
 
     def fit_part(r: int) -> str:
         f = state["fit"]
@@ -135,7 +141,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         if r == 0 and done:  # (the resumed run's history has its round already)
             return
         entry = {"round": r + done if r else 0, "loss": loss, "accuracy": acc, "examples": n,
-                 "where": where, "seconds": time.perf_counter() - t0}
+                 "where": where, "evaluated_on": evaluated_on,
+                 "seconds": time.perf_counter() - t0}
         if state["fit"] is not None and state["fit"]["round"] == r:
             entry["fit"] = {**state["fit"], "round": r + done}
         history.append(entry)
@@ -193,7 +200,12 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         def configure_fit(self, server_round, parameters, client_manager):
             state["round"] = server_round
             state["fit_t0"] = time.monotonic()
-            return super().configure_fit(server_round, parameters, client_manager)
+            return _classes_now(super().configure_fit(server_round, parameters,
+                                                      client_manager))
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return _classes_now(super().configure_evaluate(server_round, parameters,
+                                                           client_manager))
 
         def aggregate_evaluate(self, server_round, results, failures):
             kept = []
@@ -219,6 +231,15 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                              "training rows of clients without a held-out split)")
                 record(server_round, loss, metrics.get("accuracy"), n, where)
             return loss, metrics
+
+    def _classes_now(instructions):
+        """FedAvg reads the round's config before it picks the clients, and the first client's
+        join check, inside the pick, may name the fleet's classes: the config then said none,
+        and round 1 trained in each client's own numbering (session 29 probe: the round's
+        aggregate scored 0.395 where the same rows numbered alike scored 0.997)."""
+        for _, ins in instructions:
+            ins.config["classes"] = json.dumps(state["classes"]) if state["classes"] else ""
+        return instructions
 
     initial = ndarrays_to_parameters([local.get_trainable()[k] for k in names])
     strategy = FleetFedAvg(
@@ -439,6 +460,26 @@ def _agree_here(local: Local, classes: list[str], say) -> None:
         return
     if line:
         say("the server's --data: " + line.replace("this device's labels", "its labels"))
+
+
+def _resumed_classes(local: Local, earlier: dict) -> list[str] | None:
+    """The class order of the aggregate a resumed run goes on from (None: none recorded).
+
+    Raises:
+        UserError: the bundle names its classes in another order (its outputs would be read
+            as other classes than the aggregate was trained for).
+    """
+    from ..data import ids_only
+
+    names = class_names(earlier.get("class_names"))
+    own = local.bundle.manifest.class_names
+    if names and not ids_only(own) and list(own) != names:
+        raise UserError(f"--resume: the aggregate was trained with the classes numbered "
+                        f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}; this "
+                        f"bundle numbers them {', '.join(list(own)[:6])}"
+                        f"{', ...' if len(own) > 6 else ''}; resume with the bundle the run "
+                        "started with, or start afresh with --overwrite")
+    return names
 
 
 def fleet_classes(local: Local) -> list[str] | None:
