@@ -1073,7 +1073,15 @@ class Trainer:
                 (parameters, optimizer moments, bases, Grams), NaN or inf in any of them, a
                 negative AdamW second moment, a count out of range.
         """
-        from .checkpoint import DamagedCheckpoint, describe, meta_array, meta_float, meta_int
+        from .checkpoint import (
+            DamagedCheckpoint,
+            check_array,
+            describe,
+            meta_array,
+            meta_float,
+            meta_int,
+            restore_array,
+        )
 
         mine = {"mode": self.mode, "optimizer": self.config.optim.name}
         for key, want in mine.items():
@@ -1096,14 +1104,14 @@ class Trainer:
                                 "with the same options to continue the same run, or start a new one "
                                 "with --overwrite (in place of --resume) or another --out")
         # -- check
+        # (a piece at a time: a resume held two AdamW moments of a 51 MB table at once)
         for k, v in self.params.items():
-            meta_array(arrays, f"param/{k}", v.shape, v.dtype)
+            check_array(arrays, f"param/{k}", v.shape, v.dtype)
         for k, st in self.optimizer.state.items():
             for name, a in st.items():
-                got = meta_array(arrays, f"opt/{k}/{name}", a.shape, a.dtype)
-                if self.config.optim.name == "adamw" and name == "v" and (got < 0).any():
-                    raise DamagedCheckpoint(f"array 'opt/{k}/v' (AdamW's second moment) holds "
-                                            "negative values")
+                second = self.config.optim.name == "adamw" and name == "v"
+                check_array(arrays, f"opt/{k}/{name}", a.shape, a.dtype,
+                            "AdamW's second moment" if second else "")
         steps = meta_int(meta, "step_count", "trainer")
         t = meta_int(meta, "optimizer_t", "trainer", hi=steps)  # one update per step at most
         calibrations = meta_int(meta, "calibrations", "trainer")
@@ -1150,10 +1158,10 @@ class Trainer:
                 meta_array(arrays, f"gram/{ly.name}/g", (ly.g_dim, ly.g_dim), np.float64)
         # -- restore (nothing below can fail on the checked values)
         for k, v in self.params.items():
-            np.copyto(v, arrays[f"param/{k}"])
+            restore_array(arrays, f"param/{k}", v)
         for k, st in self.optimizer.state.items():
             for name, a in st.items():
-                np.copyto(a, arrays[f"opt/{k}/{name}"])
+                restore_array(arrays, f"opt/{k}/{name}", a)
         self.optimizer.t = t
         self.bases.clear()
         self._basis_ov.clear()

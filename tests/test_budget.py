@@ -341,6 +341,59 @@ def test_large_trainable_tensors_and_a_resume_stay_inside_the_budget(tmp_path):
     assert "resumed from step 4" in r.stdout, r.stdout[-1500:]
 
 
+TABLE_ENCODER = """
+import torch
+from torch import nn
+
+
+class Enc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50000, 256)
+        self.enc = nn.TransformerEncoderLayer(256, 4, 512, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(256, 4)
+
+    def forward(self, ids):
+        return self.head(self.enc(self.emb(ids)).mean(1))
+
+
+def make():
+    return Enc()
+"""
+
+
+def test_a_resume_under_adamw_reads_its_checkpoint_a_piece_at_a_time(tmp_path):
+    """Session 29 probe: a trainable 50000x256 table (51 MB) under AdamW resumed at 477 MB under
+    --budget 400MB (its fresh run: 386 MB), exit 0: the restore's checks held one moment while
+    reading the next, plus a finite-check mask. The checkpoint's arrays are now checked and
+    restored a piece at a time; the resume stays inside the budget, polled from outside (the
+    process and the tree)."""
+    (tmp_path / "enc.py").write_text(TABLE_ENCODER)
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
+                        f"{tmp_path / 'enc.py'}:make", "--input-shape", "8,64:int64", "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr[-1500:]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tok.npz", x=rng.integers(0, 50000, (256, 64)), y=rng.integers(0, 4, 256))
+    budget = 400
+
+    def train(steps, *extra):
+        argv = [sys.executable, "-m", "runtime", "train", str(tmp_path / "b"), "--data",
+                str(tmp_path / "tok.npz"), "--batch", "64", "--steps", str(steps),
+                "--checkpoint-every", "2", "--threads", "1", "--no-progress", "--budget",
+                f"{budget}MB", "--out", str(tmp_path / "run"), *extra]
+        return run_measured(argv, timeout=600, cwd=REPO, tree=True)
+
+    for steps, extra in ((2, ()), (4, ("--resume",))):
+        r = train(steps, *extra)
+        assert r.returncode == 0, r.stderr[-1500:]
+        assert r.peak_polled <= budget * MB, (extra, r.peak_polled / MB)
+        assert r.peak_tree <= budget * MB, (extra, r.peak_tree / MB)
+    assert "resumed from step 2" in r.stdout, r.stdout[-1500:]
+
+
 def test_plan_plans_for_the_optimizer_train_will_use(tmp_path):
     """``plan --optimizer sgd`` measures SGD's one buffer a tensor, as ``train --optimizer sgd``
     does; it had no --optimizer and planned AdamW's three (134 MB more for a 67 MB weight)."""
