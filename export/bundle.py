@@ -47,6 +47,7 @@ from contract import (
 from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
+from .grad_stops import check_gradient_stops
 from .graph import ExportError, Shapes, forward_flops, lowest_ir_version, reads
 from .layers import (
     CompressedLayer,
@@ -57,7 +58,7 @@ from .layers import (
 from .losses import append_loss
 from .shape_fold import check_free_batch
 from .tracing import example_arrays, load_model
-from .trainable import check_derived, mask_like, select_trainable, selected_by
+from .trainable import buffer_like, check_derived, mask_like, select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -316,6 +317,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         class_names = builtin.class_names
     params = select_trainable(traced, trainable)
     check_derived(traced, params)
+    check_gradient_stops(traced, params)
     frozen = [p for p in traced.unmapped if selected_by(traced, trainable, p)]
     if notes is not None:
         notes.extend(traced.notes)
@@ -330,6 +332,12 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                      "0s and 1s and multiply another trainable tensor: a mask (a buffer in "
                      "torch), which an .onnx file cannot tell from a weight; it trains unless "
                      "left out: pass --trainable naming the weights only")
+    buffers = buffer_like(traced.model, params) if not traced.from_torch else []
+    if buffers and notes is not None:
+        notes.append(f"note: {', '.join(buffers[:4])}{' …' if len(buffers) > 4 else ''} look(s) "
+                     "like buffers (read only by Sub/Div, or a table added to an input): an "
+                     ".onnx file cannot tell them from weights, so they train unless left out: "
+                     "pass --trainable naming the weights only")
     params += [p for p in head_params if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
     output = traced.outputs[0]

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from contract.onnx_scan import LOOP_OPS
 
+from .grad_stops import gradient_stops
 from .graph import ExportError, check_ops, name_nodes
 from .layers import node_module_path
 from .model_inputs import _first_line, _load_factory, example_arrays, parse_input_shapes
@@ -79,6 +80,10 @@ class Traced:
     no_grad: set[str] = field(default_factory=set)
     # how to trace/load the same model again with a free sequence axis (any_length())
     origin: tuple | None = field(default=None, repr=False, compare=False)
+    # where the forward stops or replaces the gradient of the given trainable torch parameters
+    # (export/grad_stops.py): detach, no_grad, a custom autograd.Function
+    grad_stops: Callable[[set[str]], list[str]] | None = field(default=None, repr=False,
+                                                               compare=False)
 
     def display(self, name: str) -> str:
         """The name a user sees and matches with --trainable (the torch / module-path name)."""
@@ -283,6 +288,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     return Traced(model, names, outs, source, torch_names, children, from_torch=True,
                   torch_shapes=torch_shapes, unmapped=frozen, derived=derived,
                   padding_rows=rows, no_grad=no_grad,
+                  grad_stops=lambda names: gradient_stops(module, args, names),
                   derived_changes=derived_changes(model, derived, module, export)
                   if derived else None)
 
@@ -415,17 +421,24 @@ def _constants_to_initializers(model: onnx.ModelProto) -> None:
     """Some tools store weights in ``Constant`` nodes instead of initializers; a float tensor of
     two or more elements there becomes an initializer of the same name (same values, same graph),
     so it can be selected for training and kept out of the graphs' bytes. Only where a parameter
-    goes (a MatMul/Gemm/Conv weight, a bias, a norm's scale: ``param_names.ROLE``); scalars, and constants
-    such as a Resize's scales, stay."""
+    goes (a MatMul/Gemm/Conv weight, a bias, a norm's scale: ``param_names.ROLE``); scalars,
+    a tensor of one value throughout in a file whose weights are initializers (a fill), and
+    constants such as a Resize's scales, stay."""
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
     as_param = {name for n in model.graph.node for i, name in enumerate(n.input)
                 if (n.op_type, i) in ROLE}
+    has_weights = any(t.data_type in floats and int(np.prod(t.dims)) >= 2
+                      for t in model.graph.initializer)
 
     def weight(node: onnx.NodeProto) -> onnx.TensorProto | None:
         value = next((a.t for a in node.attribute if a.name == "value"), None)
         ok = (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None
               and len(node.attribute) == 1 and value.data_type in floats
               and int(np.prod(value.dims)) >= 2 and node.output[0] in as_param)
+        if ok and has_weights and np.unique(numpy_helper.to_array(value)).size == 1:
+            # one value throughout, in a file that keeps its weights as initializers (torch's
+            # zero bias of LayerNorm(bias=False)): a constant (session 29 probe: it trained)
+            ok = False
         return value if ok else None
 
     _hoist(model, weight)

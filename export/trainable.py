@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 from .graph import ExportError
 from .tracing import Traced
 
-__all__ = ["check_derived", "mask_like", "select_trainable", "selected_by"]
+__all__ = ["buffer_like", "check_derived", "mask_like", "select_trainable", "selected_by"]
 
 
 # float inputs that are settings, not data: a tensor read only here is no parameter (a
@@ -217,4 +217,30 @@ def mask_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
                 if v.size > 1 and v.dtype.kind == "f" and np.isin(v, (0.0, 1.0)).all() \
                         and (v == 0).any() and (v == 1).any():
                     found.append(m)
+    return found
+
+
+def buffer_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
+    """Trainable tensors of an ONNX file that look like buffers: read only by ``Sub`` / ``Div``
+    (an input normalisation's mean and std), or only added (rank 2 or more) to a value no
+    MatMul / Gemm / Conv made (a position table; a bias is added to a product). torch's exporter
+    writes buffers as initializers like weights (session 29 probe: an exported model's
+    ``mean``, ``std`` and sinusoidal ``pe`` trained, and export-model shipped them changed)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    uses: dict[str, list[tuple[str, str]]] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name in inits:
+                other = node.input[1 - k] if len(node.input) == 2 and k < 2 else ""
+                uses.setdefault(name, []).append((node.op_type, made_by.get(other, "")))
+    found = []
+    for p in params:
+        seen = uses.get(p, [])
+        if not seen or p not in inits:
+            continue
+        if all(op in ("Sub", "Div") for op, _ in seen) or (
+                len(inits[p].dims) >= 2 and all(
+                    op == "Add" and src not in ("MatMul", "Gemm", "Conv", "") for op, src in seen)):
+            found.append(p)
     return found

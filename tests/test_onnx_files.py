@@ -966,3 +966,55 @@ def test_an_int32_scalar_index_picks_a_token_with_torch_gradients(tmp_path):
     got, _ = tr.gradients(ArrayBatch({"x": x}, y))
     assert abs(got - want.item()) < 1e-5
     np.testing.assert_allclose(tr._grads["W"], tw.grad.numpy(), atol=1e-6)
+
+
+def test_buffers_of_a_torch_file_are_named_and_a_constant_fill_never_trains(tmp_path):
+    """Session 29 probe: a torch model's buffers exported to .onnx (an input normalisation's
+    ``mean`` / ``std``, a sinusoidal position table ``pe``) trained like weights, and so did the
+    zero bias torch writes as a Constant node for ``LayerNorm(bias=False)``; export-model then
+    shipped them changed. The fill stays a constant; the buffers are named at export with the
+    way to leave them out."""
+    code = """
+import math, sys, torch
+from torch import nn
+
+class Bufs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        pe = torch.zeros(16, 16)
+        pos = torch.arange(16)[:, None]
+        div = torch.exp(torch.arange(0, 16, 2) * (-math.log(1e4) / 16))
+        pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        self.register_buffer("pe", pe)
+        self.ln = nn.LayerNorm(16, bias=False)
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pe
+        return self.head(torch.relu(self.fc(self.ln(t))).mean(1))
+
+torch.manual_seed(0)
+torch.onnx.export(Bufs().eval(), (torch.randn(2, 3, 16, 16),), sys.argv[1], dynamo=False,
+                  opset_version=17, input_names=["x"], output_names=["logits"],
+                  dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+"""
+    onnx_file = tmp_path / "bufs.onnx"
+    r = subprocess.run([sys.executable, "-c", code, str(onnx_file)], capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "b" / "params.npz") as z:
+        trained = set(z.files)
+    assert not any("Constant" in name for name in trained), trained
+    note = [line for line in r.stdout.splitlines() if "look(s) like buffers" in line]
+    assert len(note) == 1 and note[0].startswith("note: mean, std, pe look(s)"), r.stdout
+    assert not {"patch.weight", "fc.bias", "ln.weight"} & set(note[0].split(": ", 1)[1]
+                                                             .split(" look")[0].split(", "))
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--trainable",
+             "patch.*,ln.*,fc.*,head.*,onnx::*")
+    assert r.returncode == 0 and "like buffers" not in r.stdout, r.stdout + r.stderr
