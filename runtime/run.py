@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from contract import UserError, atomic_write, json_text, write_text
+from contract import UserError, atomic_write, json_text, names, write_text
 
 from .calibrate import calibration_samples
 from .checkpoint import (
@@ -89,13 +89,14 @@ class Summary:
     guard_shrinks: int = 0
     output: str = ""
     skipped: int = 0  # steps whose loss or gradient was not finite: no update
+    unlabelled: int = 0  # of those, steps whose batch had no labelled position
 
     def lines(self, trainer: Trainer) -> list[str]:
         mb = 1e6
         out = [f"mode {self.mode}: {self.steps} steps, batch {self.batch} "
                f"(micro-batch {self.micro_batch})"
-               + (f"; {self.skipped} of them skipped (non-finite loss or gradient: no update)"
-                  if self.skipped else ""),
+               + (f"; {self.skipped} of them skipped ({_skipped(self.skipped, self.unlabelled)}"
+                  ": no update)" if self.skipped else ""),
                f"loss {self.loss_first:.4f} -> {self.loss_last:.4f} (means of the first and last "
                f"{self.loss_window} steps)"
                + (f", train accuracy {self.train_acc:.3f} over all its steps (output "
@@ -445,6 +446,16 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 tally["correct"] += r.correct
                 tally["count"] += r.count
                 tally["nonfinite"] = 0
+            elif bundle.classification and not r.count:
+                # every label of the batch is IGNORE_LABEL (sentences without a tag): a mean over
+                # no label, not a divergence (session 29 probe: five such batches in a row
+                # stopped a valid run with "lower --lr")
+                tally["unlabelled"] = tally.get("unlabelled", 0) + 1
+                if tally["unlabelled"] <= 3:
+                    warn(f"step {trainer.step_count}'s batch has no labelled position (every "
+                         f"label is {names.IGNORE_LABEL}); skipped the update"
+                         + (" (further such steps are counted in the summary)"
+                            if tally["unlabelled"] == 3 else ""))
             else:
                 tally["nonfinite"] += 1
                 warn(f"non-finite loss ({r.loss}) at step {trainer.step_count}; skipped the update"
@@ -487,6 +498,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
             state = _snapshot(trainer, order, calib_rng, tally, stats)
             _check_weights(trainer, state[0], good_ckpt)
             last_ckpt = ckpt.save(trainer.step_count, *state)
+    if not stats.n and tally.get("unlabelled"):
+        raise UserError(f"no batch of the run had a labelled position (every label drawn was "
+                        f"{names.IGNORE_LABEL}): nothing was trained; check the data's labels")
     correct, count, acc_before = tally["correct"], tally["count"], tally["acc_before"]
     k = stats.window()  # steps averaged for the first and last loss
     s = Summary(
@@ -504,7 +518,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         ranks={k: list(v) for k, v in trainer.ranks().items()},
         resumed_from=start if resumed else None, output=bundle.output,
         budget=plan.budget, predicted_peak=plan.predicted_peak, guard_shrinks=guard.shrinks,
-        skipped=trainer.step_count - (0 if resumed else start) - stats.n)
+        skipped=trainer.step_count - (0 if resumed else start) - stats.n,
+        unlabelled=tally.get("unlabelled", 0))
     s.checkpoint = str(last_ckpt) if last_ckpt else None
     s.examples_per_s = batch / s.median_step_s if s.median_step_s else 0.0
     if test is not None:
@@ -527,6 +542,16 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         with _final_write(out / "summary.json", last_ckpt):
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
     return s
+
+
+def _skipped(skipped: int, unlabelled: int) -> str:
+    """Why ``skipped`` steps made no update, ``unlabelled`` of them for want of a label."""
+    if unlabelled >= skipped:
+        return "no labelled position in the batch"
+    if unlabelled:
+        return (f"{unlabelled} with no labelled position, {skipped - unlabelled} with a "
+                "non-finite loss or gradient")
+    return "non-finite loss or gradient"
 
 
 @contextlib.contextmanager

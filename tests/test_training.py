@@ -325,3 +325,60 @@ def test_first_calibration_reads_as_many_samples_as_every_gram_needs(mlp_bundle,
     tr.calibrate = spy
     train(tr, data, RunConfig(steps=2, batch=600, progress=False))
     assert seen == [calibration_samples(flat.layers, 600)] and seen[0] < 600, seen
+
+
+TAGGER = '''
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.l1, self.out = nn.Embedding(30, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.l1(self.emb(ids))))
+
+
+def make():
+    return Tagger()
+'''
+
+
+def test_batches_without_a_labelled_position_are_skipped_not_counted_as_divergence(tmp_path):
+    """Session 29 probe: a tagger's batch whose labels are all -100 (a sentence without a tag)
+    read as a non-finite loss, and five in a row stopped a valid run with "lower --lr"; data
+    without any label trained nothing and exited 0 with "loss nan -> nan". Such steps are now
+    skipped as unlabelled (not a divergence), and a run that met no label is one error."""
+    import subprocess
+    import sys
+
+    from export import export_bundle
+
+    (tmp_path / "tagger.py").write_text(TAGGER)
+    export_bundle(f"{tmp_path / 'tagger.py'}:make", tmp_path / "b", input_shape="8,10:int64")
+    rng = np.random.default_rng(2)
+    ids, y = rng.integers(0, 30, (16, 10)), rng.integers(0, 4, (16, 10))
+    y[:12] = -100  # 12 of 16 rows without a label: batches of 1 meet runs of them
+    np.savez(tmp_path / "some.npz", ids=ids, y=y)
+    np.savez(tmp_path / "none.npz", ids=ids, y=np.full_like(y, -100))
+    repo = Path(__file__).resolve().parents[1]
+
+    def train_on(data, batch):
+        return subprocess.run([sys.executable, "-m", "runtime", "train", str(tmp_path / "b"),
+                               "--data", str(tmp_path / data), "--steps", "16", "--batch",
+                               str(batch), "--threads", "1", "--no-progress", "--mode",
+                               "vanilla", "--out", str(tmp_path / f"run_{data}")], cwd=repo,
+                              capture_output=True, text=True, timeout=300)
+
+    r = train_on("some.npz", 1)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "batch has no labelled position (every label is -100); skipped the update" in r.stderr
+    assert "non-finite" not in r.stderr, r.stderr
+    assert "of them skipped (no labelled position in the batch: no update)" in r.stdout, r.stdout
+    r = train_on("none.npz", 8)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: no batch of the run had a labelled position (every label drawn was -100): "
+        "nothing was trained; check the data's labels"), r.stderr
