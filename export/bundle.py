@@ -58,7 +58,7 @@ from .layers import (
 from .losses import append_loss
 from .shape_fold import check_free_batch
 from .tracing import example_arrays, load_model
-from .trainable import buffer_like, check_derived, mask_like, select_trainable, selected_by
+from .trainable import buffer_note, check_derived, mask_like, select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -332,12 +332,9 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                      "0s and 1s and multiply another trainable tensor: a mask (a buffer in "
                      "torch), which an .onnx file cannot tell from a weight; it trains unless "
                      "left out: pass --trainable naming the weights only")
-    buffers = buffer_like(traced.model, params) if not traced.from_torch else []
-    if buffers and notes is not None:
-        notes.append(f"note: {', '.join(buffers[:4])}{' …' if len(buffers) > 4 else ''} look(s) "
-                     "like buffers (read only by Sub/Div, or a table added to an input): an "
-                     ".onnx file cannot tell them from weights, so they train unless left out: "
-                     "pass --trainable naming the weights only")
+    said = buffer_note(traced.model, params) if not traced.from_torch else None
+    if said and notes is not None:
+        notes.append(said)
     params += [p for p in head_params if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
     output = traced.outputs[0]
@@ -394,8 +391,11 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         raise ExportError("--image-mean/--image-std apply to image models; this is a text "
                           "model: leave them out")
     image = image_spec(traced, in_shapes0, image_mean, image_std) if text is None else None
-    if class_names is not None and (loss_spec.kind != "cross_entropy"
-                                    or len(class_names) != loss_spec.num_classes):
+    if class_names is not None and loss_spec.kind != "cross_entropy":
+        raise ExportError(f"--classes names the classes of a classifier trained with "
+                          f"cross-entropy; this model trains with --loss {loss_spec.kind} "
+                          "(targets, not class ids): leave --classes out")
+    if class_names is not None and len(class_names) != loss_spec.num_classes:
         raise ExportError(f"{len(class_names)} class names for a model with "
                           f"{loss_spec.num_classes} classes")
     data_inputs = set(traced.inputs) | {names.LABELS}
@@ -407,7 +407,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     share_activation_bases(layers)
     graph_weights: dict[str, list[str]] = {}
     shorter = []
-    if text is not None and text.any_length and text.mask_input is not None:
+    any_len = text is not None and text.any_length and text.mask_input is not None
+    if any_len:
         from .lengths import shorter_graphs
 
         mask_padding(layers, text.mask_input, text.seq_len,
@@ -423,7 +424,10 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
             steps={"dynamic_batch": _dynamic_batch, "params_as_inputs": _params_as_inputs,
                    "split_lookups": _split_lookups, "append_loss": append_loss})
         text = dataclasses.replace(text, lengths=[lg.length for lg in shorter])
-    elif layers:  # no tokenizer, or a model the tokenizer check left fixed-length
+    elif lengths and notes is not None:  # (session 29 probe: left out without a word)
+        notes.append(f"note: --lengths {','.join(map(str, lengths))} left out: shorter graphs "
+                     "are built for a text model found to take any token length; not this one")
+    if layers and not any_len:  # no tokenizer, or a model the tokenizer check left fixed-length
         from .padding import padding_mask, pinned_lengths
 
         found = padding_mask(traced, in_shapes0, bounds, _dynamic_batch)

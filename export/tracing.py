@@ -374,6 +374,13 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     notes += raise_opset(model, path)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
+    weights = [t for t in model.graph.initializer if int(np.prod(t.dims)) >= 2]
+    unset = [n for n in inputs if n.startswith("onnx::") or n.endswith((".weight", ".bias"))]
+    if not weights and unset:  # (session 29 probe: blamed on a fixed batch size)
+        raise ExportError(f"ONNX model '{path}' holds no weights: its parameters ("
+                          f"{', '.join(unset[:3])}{', ...' if len(unset) > 3 else ''}) are graph "
+                          "inputs without values (torch.onnx.export(..., export_params=False)); "
+                          "export it again with export_params=True")
     if any(vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].HasField("dim_value")
            for vi in model.graph.input if vi.name in inputs):
         # exported with a fixed batch: the file's intermediate shapes carry it too, while the

@@ -12,7 +12,7 @@ from onnx import TensorProto, numpy_helper
 from .graph import ExportError
 from .tracing import Traced
 
-__all__ = ["buffer_like", "check_derived", "mask_like", "select_trainable", "selected_by"]
+__all__ = ["buffer_like", "buffer_note", "check_derived", "mask_like", "select_trainable", "selected_by"]
 
 
 # float inputs that are settings, not data: a tensor read only here is no parameter (a
@@ -244,3 +244,14 @@ def buffer_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
                     op == "Add" and src not in ("MatMul", "Gemm", "Conv", "") for op, src in seen)):
             found.append(p)
     return found
+
+
+def buffer_note(model: onnx.ModelProto, params: list[str]) -> str | None:
+    """The export's note on :func:`buffer_like` tensors (None: there are none)."""
+    found = buffer_like(model, params)
+    if not found:
+        return None
+    return (f"note: {', '.join(found[:4])}{' …' if len(found) > 4 else ''} look(s) like buffers "
+            "(read only by Sub/Div, or a table added to an input): an .onnx file cannot tell "
+            "them from weights, so they train unless left out: pass --trainable naming the "
+            "weights only")

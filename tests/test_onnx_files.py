@@ -1018,3 +1018,31 @@ torch.onnx.export(Bufs().eval(), (torch.randn(2, 3, 16, 16),), sys.argv[1], dyna
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--trainable",
              "patch.*,ln.*,fc.*,head.*,onnx::*")
     assert r.returncode == 0 and "like buffers" not in r.stdout, r.stdout + r.stderr
+
+
+def test_export_names_missing_weights_a_classes_misuse_and_ignored_lengths(tmp_path):
+    """Session 29 probe: a file saved with ``export_params=False`` (its weights graph inputs
+    without values) was blamed on a fixed batch size; ``--classes`` with ``--loss mse`` said
+    "6 class names for a model with None classes"; ``--lengths`` on a model without any-length
+    graphs was dropped without a word."""
+    from export import ExportError, export_bundle
+
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "fc.weight", "fc.bias"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("fc.weight", TensorProto.FLOAT, [3, 8]),
+         helper.make_tensor_value_info("fc.bias", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(tmp_path / "bare.onnx"))
+    r = _cli("export", "--model", tmp_path / "bare.onnx", "--out", tmp_path / "b")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: ONNX model '{tmp_path / 'bare.onnx'}' holds no weights: its parameters "
+        "(fc.weight, fc.bias) are graph inputs without values (torch.onnx.export(..., "
+        "export_params=False)); export it again with export_params=True"], r.stderr
+    with pytest.raises(ExportError, match=r"^--classes names the classes of a classifier "
+                       r"trained with cross-entropy; this model trains with --loss mse"):
+        export_bundle("mlp", tmp_path / "m", loss="mse", class_names=["a", "b"])
+    notes: list[str] = []
+    export_bundle("mlp", tmp_path / "m2", lengths=[4, 6], notes=notes)
+    assert any(n.startswith("note: --lengths 4,6 left out") for n in notes), notes

@@ -47,7 +47,8 @@ def _convattrs(node, k: list[int], ctx=None):
 def _output_padding(ctx, node, x: str, y: str, k, strides, dil, pads) -> list[int]:
     xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(y)[2:]
     if not all(isinstance(d, int) for d in list(xs) + list(ys)):
-        raise ExportError(f"node '{node.name}': spatial dims must be static")
+        raise ExportError(f"node '{node.name}': spatial dims must be static; pass --input-shape "
+                          "with the image size, e.g. 8,3,64,64")
     n = len(k)
     return [xs[i] - ((ys[i] - 1) * strides[i] - pads[i] - pads[n + i] + dil[i] * (k[i] - 1) + 1)
             for i in range(n)]
@@ -123,7 +124,8 @@ def conv_transpose_grad(ctx, node, gy):
     strides, dil, pads, group = _convattrs(node, k)
     xs, ys = ctx.shapes.of(x)[2:], ctx.shapes.of(node.output[0])[2:]
     if not all(isinstance(d, int) for d in list(xs) + list(ys)):
-        raise ExportError(f"ConvTranspose '{node.name}': spatial dims must be static")
+        raise ExportError(f"ConvTranspose '{node.name}': spatial dims must be static; pass "
+                          "--input-shape with the image size, e.g. 8,3,64,64")
     gx = gw = gbias = None
     if needs(ctx, node, 0):
         gx = b.op("Conv", [g, w], strides=strides, dilations=dil, pads=pads, group=group,
