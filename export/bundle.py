@@ -430,7 +430,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     if layers and not any_len:  # no tokenizer, or a model the tokenizer check left fixed-length
         from .padding import padding_mask, pinned_lengths
 
-        found = padding_mask(traced, in_shapes0, bounds, _dynamic_batch)
+        found = padding_mask(traced, in_shapes0, bounds, _dynamic_batch, params)
         pinned.update(pinned_lengths(traced, in_shapes0, layers, found, _dynamic_batch))
         if found is not None and mask_padding(layers, *found, fwd):
             share_activation_bases(layers)

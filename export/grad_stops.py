@@ -7,11 +7,11 @@ a stop-gradient head, a teacher run under ``no_grad`` or a gradient-reversal lay
 other gradients than torch's, silently (session 29 probe: weights torch leaves alone moved,
 and the other way round).
 
-One trace with autograd on, the parameters that will train marked ``requires_grad`` and the
-others not, shows each such place: an op with an input that needs a gradient and a
-floating-point output that has none (``detach``, an op under ``no_grad``), or a custom
-``Function`` (``prim::PythonOp``) with such an input, on the way to an output. Ops whose
-output does not depend on their input's values (``zeros_like`` & co.) are not stops.
+With the parameters that will train marked ``requires_grad`` (the others not): a trace
+shows each ``detach`` and custom ``Function`` (``prim::PythonOp``) that a trainable
+parameter's value reaches on its way to an output, and a second forward under a
+``TorchFunctionMode`` sees each torch call made with autograd off (``no_grad``) on a tensor
+that needs a gradient.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ import re
 
 __all__ = ["check_gradient_stops", "gradient_stops"]
 
-# outputs made from an input's shape or dtype only: no gradient to stop
-_VALUE_FREE = {"aten::zeros_like", "aten::ones_like", "aten::full_like", "aten::empty_like",
-               "aten::rand_like", "aten::randn_like", "aten::randint_like", "aten::new_zeros",
-               "aten::new_ones", "aten::new_full", "aten::new_empty", "aten::bernoulli",
-               "aten::size", "aten::numel"}
 _FLOATS = {"Float", "Double", "Half", "BFloat16"}
 _FRAME = re.compile(r"^(.*)\((\d+)\): (\S+)$")
 
@@ -53,38 +48,93 @@ def check_gradient_stops(traced, params: list[str]) -> None:
 
 def gradient_stops(module, args: tuple, trainable: set[str]) -> list[str]:
     """Where ``module``'s forward on ``args`` stops or replaces the gradient of one of the
-    ``trainable`` parameters (torch names), as ``"x.detach() or torch.no_grad() (aten::detach
-    at model.py:8)"`` strings; empty where it does not, or where the model cannot be traced
-    this way (the check is then skipped)."""
+    ``trainable`` parameters (torch names), as ``"x.detach() (aten::detach at model.py:8)"``
+    strings; empty where it does not, or where the model cannot be traced this way (the check
+    is then skipped)."""
     import torch
 
     params = dict(module.named_parameters())
     before = {n: p.requires_grad for n, p in params.items()}
+    found: list[str] = []
     try:
         for n, p in params.items():
             p.requires_grad_(n in trainable)
         with torch.enable_grad():
             graph, _ = torch.jit._get_trace_graph(module, args)
-    except Exception:  # noqa: BLE001 - a model this trace cannot take: nothing is claimed
-        return []
+            found += _traced_stops(graph)
+            with _NoGradWatch() as watch:
+                module(*args)
+            found += watch.found
+    except Exception:  # noqa: BLE001 - a model this check cannot run: nothing more is claimed
+        return found
     finally:
         for n, p in params.items():
             p.requires_grad_(before[n])
-    needed = _feeding_outputs(graph)
-    found = []
+    return found
+
+
+def _traced_stops(graph) -> list[str]:
+    """``detach`` and custom ``Function`` nodes of a traced graph on a trainable parameter's
+    way to an output. Which values depend on a trainable parameter is followed from the
+    graph's inputs (the traced types' own ``requires_grad`` is not kept for every op: a
+    convolution's output read False)."""
+    dep = {v.unique() for v in graph.inputs() if _needs_grad(v)}
+    stops = []
     for node in graph.nodes():
-        if not any(_needs_grad(v) for v in node.inputs()):
-            continue
-        if not any(o.unique() in needed for o in node.outputs()):
+        if not any(v.unique() in dep for v in node.inputs()):
             continue
         kind = node.kind()
-        if kind == "prim::PythonOp":
-            found.append(f"custom autograd.Function {node.pyname()} ({_where(node)})")
-        elif kind not in _VALUE_FREE and any(_is_float(o) and not _needs_grad(o)
-                                             for o in node.outputs()):
-            what = "x.detach()" if kind == "aten::detach" else "torch.no_grad()"
-            found.append(f"{what} ({kind} at {_where(node)})")
-    return found
+        if kind in ("aten::detach", "prim::PythonOp"):
+            stops.append(node)
+        if kind != "aten::detach":
+            dep.update(o.unique() for o in node.outputs() if _is_float(o))
+    needed = _feeding_outputs(graph)
+    return [(f"custom autograd.Function {n.pyname()} ({_where(n.sourceRange())})"
+             if n.kind() == "prim::PythonOp" else
+             f"x.detach() (aten::detach at {_where(n.sourceRange())})")
+            for n in stops if any(o.unique() in needed for o in n.outputs())]
+
+
+class _NoGradWatch:
+    """Records each torch call made with autograd off on a tensor that needs a gradient (a
+    trainable weight, or a value computed from one): a ``torch.no_grad()`` block."""
+
+    def __init__(self) -> None:
+        from torch.overrides import TorchFunctionMode
+
+        watch = self
+        self.found: list[str] = []
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                import torch
+                from torch.utils._pytree import tree_flatten
+
+                kwargs = kwargs or {}
+                if not torch.is_grad_enabled() and len(watch.found) < 8 and any(
+                        isinstance(t, torch.Tensor) and t.requires_grad
+                        for t in tree_flatten((args, kwargs))[0]) and not _in_function():
+                    name = getattr(func, "__name__", str(func))
+                    watch.found.append(f"torch.no_grad() ({name} at {_where(None)})")
+                return func(*args, **kwargs)
+
+        self._mode = Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def _in_function() -> bool:
+    """Whether a custom ``autograd.Function``'s forward is running (autograd is off there by
+    design; the trace names the Function itself)."""
+    import traceback
+
+    return any(f.filename.replace("\\", "/").endswith("torch/autograd/function.py")
+               for f in traceback.extract_stack())
 
 
 def _feeding_outputs(graph) -> set[int]:
@@ -114,10 +164,18 @@ def _is_float(v) -> bool:
     return isinstance(t, torch._C.TensorType) and t.scalarType() in _FLOATS
 
 
-def _where(node) -> str:
-    """The first frame of the node's source outside torch itself, as ``file.py:LINE``."""
-    frames = [_FRAME.match(line.strip()) for line in node.sourceRange().splitlines()]
-    for m in frames:
-        if m and "/torch/" not in m[1].replace("\\", "/"):
-            return f"{m[1].replace(chr(92), '/').rsplit('/', 1)[-1]}:{m[2]}"
+def _where(source: str | None) -> str:
+    """The first frame outside torch and this module, as ``file.py:LINE``: of a traced node's
+    ``source`` (its ``sourceRange()``), or of the running stack where None."""
+    if source is None:
+        import traceback
+
+        frames = [(f.filename, f.lineno) for f in reversed(traceback.extract_stack())]
+    else:
+        frames = [(m[1], int(m[2])) for m in map(_FRAME.match, (line.strip() for line in
+                                                               source.splitlines())) if m]
+    for file, line in frames:
+        file = file.replace("\\", "/")
+        if "/torch/" not in file and not file.endswith("export/grad_stops.py"):
+            return f"{file.rsplit('/', 1)[-1]}:{line}"
     return "a line inside torch"

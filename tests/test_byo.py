@@ -501,6 +501,33 @@ def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_
     out = _ok(_cli("export", "--model", f"{tmp_path / 'reads.py'}:build", "--out",
                    tmp_path / "r", "--input-shape", "8,16:int64;8,16:int64"))
     assert "marks the padding" not in out
+    # session 29 probe: a zero-initialised gate mixing each token with the next ignores the
+    # padding only at its initial weights; once it trained, INSTANT (even at full rank) dropped
+    # the padded rows' share of the Linear's gradient. Checked at moved weights too: no mask
+    (tmp_path / "gated.py").write_text(textwrap.dedent('''
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class Gated(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.lin = nn.Embedding(50, 16), nn.Linear(16, 16)
+                self.g, self.head = nn.Parameter(torch.zeros(16)), nn.Linear(16, 3)
+
+            def forward(self, input_ids, attention_mask):
+                h = self.lin(self.emb(input_ids))
+                z = torch.relu(h + self.g * F.pad(h[:, 1:], (0, 0, 0, 1)))
+                m = attention_mask[..., None].float()
+                return self.head((z * m).sum(1) / m.sum(1))
+
+        def build():
+            torch.manual_seed(0)
+            return Gated()
+    '''))
+    out = _ok(_cli("export", "--model", f"{tmp_path / 'gated.py'}:build", "--out",
+                   tmp_path / "g", "--input-shape", "8,12:int64;8,12:int64"))
+    assert "marks the padding" not in out, out
     r = open_bundle(tmp_path / "r")
     assert r.layers and not any(ly.token_mask for ly in r.layers), r.layers
 
