@@ -17,6 +17,7 @@ that needs a gradient.
 from __future__ import annotations
 
 import re
+import warnings
 
 __all__ = ["check_gradient_stops", "gradient_stops"]
 
@@ -59,7 +60,8 @@ def gradient_stops(module, args: tuple, trainable: set[str]) -> list[str]:
     try:
         for n, p in params.items():
             p.requires_grad_(n in trainable)
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the tracer's TracerWarnings: export says its own)
             graph, _ = torch.jit._get_trace_graph(module, args)
             found += _traced_stops(graph)
             with _NoGradWatch() as watch:

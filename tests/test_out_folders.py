@@ -209,7 +209,7 @@ def test_a_second_fleet_server_on_one_folder_is_refused(mlp_bundle, tmp_path):
                             "--out", str(out), "--address", f"127.0.0.1:{ports[1]}",
                             "--overwrite"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
-        _one_line(r, "in use by another fleet server")
+        _one_line(r, "in use by another fleet process of this machine")
     finally:
         first.kill()
         first.wait()

@@ -196,7 +196,7 @@ def _server(a) -> int:
 
     resume = check_server_out(out, a.resume, a.overwrite)
     fresh = not out.exists()
-    lock = hold_folder(out, f"--out '{out}' is in use by another fleet server of this machine "
+    lock = hold_folder(out, f"--out '{out}' is in use by another fleet process of this machine "
                        "(two would write one aggregate); wait for it to end, or pass another "
                        "--out", ".fleet-lock")  # held until the process ends
     earlier = None

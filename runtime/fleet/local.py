@@ -353,7 +353,8 @@ class Local:
         from ..run_folder import hold_folder
 
         self._lock = hold_folder(self.out, f"output folder {self.out} is in use by another fleet "
-                                 "client; give each client its own --out DIR", ".fleet-lock")
+                                 "process of this machine (a client or a server); give each its "
+                                 "own --out DIR", ".fleet-lock")
 
 
 def open_local(bundle_path: str | Path, data_spec: str | None = None,
