@@ -397,15 +397,7 @@ class _Members(Mapping):
             if got_dt != dt or tuple(got) != tuple(shape) or (fortran and len(shape) > 1):
                 raise DamagedCheckpoint(f"array '{key}' is {got_dt} {list(got)}, expected "
                                         f"{dt} {list(shape)}")
-            left = math.prod(shape)
-            rows = max(1, block // max(1, dt.itemsize))
-            while left:
-                n = min(rows, left)
-                data = m.read(n * dt.itemsize)
-                if len(data) != n * dt.itemsize:
-                    raise DamagedCheckpoint(f"array '{key}' is cut short")
-                left -= n
-                yield np.frombuffer(data, dt)
+            yield from _pieces(m, key, dt, math.prod(shape), max(1, block // max(1, dt.itemsize)))
 
     def chunks(self, key: str, dtype, rows: int = 1 << 16):
         """The 1-D array ``key`` of exactly ``dtype``, ``rows`` values at a time, never held
@@ -422,20 +414,28 @@ class _Members(Mapping):
             if dt != np.dtype(dtype) or len(shape) != 1:
                 raise DamagedCheckpoint(f"array '{key}' is {dt} {list(shape)}, expected "
                                         f"{np.dtype(dtype)} [n]")
-            left = int(shape[0])
-            while left:
-                n = min(rows, left)
-                data = m.read(n * dt.itemsize)
-                if len(data) != n * dt.itemsize:
-                    raise DamagedCheckpoint(f"array '{key}' is cut short")
-                left -= n
-                yield np.frombuffer(data, dt)
+            yield from _pieces(m, key, dt, int(shape[0]), rows)
 
     def __iter__(self):
         return iter(self.keys_)
 
     def __len__(self) -> int:
         return len(self.keys_)
+
+
+def _pieces(m, key: str, dt: np.dtype, left: int, rows: int):
+    """The next ``left`` values of member ``m`` (past its header), ``rows`` at a time.
+
+    Raises:
+        DamagedCheckpoint: the member ends before them.
+    """
+    while left:
+        n = min(rows, left)
+        data = m.read(n * dt.itemsize)
+        if len(data) != n * dt.itemsize:
+            raise DamagedCheckpoint(f"array '{key}' is cut short")
+        left -= n
+        yield np.frombuffer(data, dt)
 
 
 def _header(m, key: str):

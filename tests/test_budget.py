@@ -290,14 +290,19 @@ def make():
 """
 
 
-def _wide_bundle(tmp_path, rows: int) -> None:
-    """WIDE_LINEAR exported to tmp_path/b, and ``rows`` random rows of its data in wide.npz."""
-    (tmp_path / "wide.py").write_text(WIDE_LINEAR)
+def _export_code(tmp_path, code: str, input_shape: str) -> None:
+    """``code`` (a module with ``make()``) exported by the CLI to tmp_path/b."""
+    (tmp_path / "model.py").write_text(code)
     r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
-                        f"{tmp_path / 'wide.py'}:make", "--input-shape", "8,4096", "--out",
+                        f"{tmp_path / 'model.py'}:make", "--input-shape", input_shape, "--out",
                         str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def _wide_bundle(tmp_path, rows: int) -> None:
+    """WIDE_LINEAR exported to tmp_path/b, and ``rows`` random rows of its data in wide.npz."""
+    _export_code(tmp_path, WIDE_LINEAR, "8,4096")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "wide.npz", x=rng.standard_normal((rows, 4096)).astype(np.float32),
              y=rng.integers(0, 10, rows))
@@ -369,12 +374,7 @@ def test_a_resume_under_adamw_reads_its_checkpoint_a_piece_at_a_time(tmp_path):
     reading the next, plus a finite-check mask. The checkpoint's arrays are now checked and
     restored a piece at a time; the resume stays inside the budget, polled from outside (the
     process and the tree)."""
-    (tmp_path / "enc.py").write_text(TABLE_ENCODER)
-    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
-                        f"{tmp_path / 'enc.py'}:make", "--input-shape", "8,64:int64", "--out",
-                        str(tmp_path / "b")], capture_output=True, text=True, timeout=300,
-                       cwd=REPO)
-    assert r.returncode == 0, r.stderr[-1500:]
+    _export_code(tmp_path, TABLE_ENCODER, "8,64:int64")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "tok.npz", x=rng.integers(0, 50000, (256, 64)), y=rng.integers(0, 4, 256))
     budget = 400

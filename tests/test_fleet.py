@@ -121,6 +121,17 @@ class Proc:
         return self.stdout()
 
 
+def _ok_both(server: Proc, client: Proc) -> str:
+    """The server's stdout once both ended with exit 0 (both killed whatever happens)."""
+    try:
+        out = server.ok()
+        client.ok()
+    finally:
+        server.kill()
+        client.kill()
+    return out
+
+
 def one_error_line(stderr: str, rc: int, *fragments: str) -> str:
     assert "Traceback" not in stderr, stderr
     assert rc == 2, f"exit {rc}\n{stderr}"
@@ -562,20 +573,20 @@ def test_a_resume_keeps_its_class_order_and_refuses_a_bundle_that_numbers_them_o
     from types import SimpleNamespace
 
     from runtime.errors import UserError
-    from runtime.fleet.server import _resumed_classes
+    from runtime.fleet.classes import resumed_classes
 
     def local(names):
         return SimpleNamespace(bundle=SimpleNamespace(manifest=SimpleNamespace(class_names=names)))
 
     earlier = {"class_names": ["cat", "bee", "ant"]}
-    assert _resumed_classes(local(None), earlier) == ["cat", "bee", "ant"]
-    assert _resumed_classes(local(["cat", "bee", "ant"]), earlier) == ["cat", "bee", "ant"]
-    assert _resumed_classes(local(["0", "1", "2"]), earlier) == ["cat", "bee", "ant"]
-    assert _resumed_classes(local(["ant"]), {}) is None
+    assert resumed_classes(local(None), earlier) == ["cat", "bee", "ant"]
+    assert resumed_classes(local(["cat", "bee", "ant"]), earlier) == ["cat", "bee", "ant"]
+    assert resumed_classes(local(["0", "1", "2"]), earlier) == ["cat", "bee", "ant"]
+    assert resumed_classes(local(["ant"]), {}) is None
     with pytest.raises(UserError, match=r"^--resume: the aggregate was trained with the classes "
                        r"numbered cat, bee, ant; this bundle numbers them ant, bee, cat; resume "
                        r"with the bundle the run started with, or start afresh with --overwrite$"):
-        _resumed_classes(local(["ant", "bee", "cat"]), earlier)
+        resumed_classes(local(["ant", "bee", "cat"]), earlier)
 
 
 def test_server_config_checks():
@@ -971,12 +982,7 @@ def test_round_one_trains_in_the_first_clients_numbering(mlp_bundle, tmp_path):
                           "--data", other, "--resume")
     client = start_client(tmp_path, mlp_bundle, port, 0, paths[1 - paths.index(other)],
                           "--steps", 1, "--lr", "1e-4")
-    try:
-        out = server.ok()
-        client.ok()
-    finally:
-        server.kill()
-        client.kill()
+    out = _ok_both(server, client)
     resumed = re.search(r"^round 1 \(the resumed aggregate\); held-out accuracy (\d\.\d+)", out,
                         re.M)
     assert resumed and float(resumed[1]) > 0.8, out
@@ -1010,12 +1016,7 @@ def test_classes_named_by_digits_in_another_order_are_renumbered(mlp_bundle, tmp
     server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 1,
                           "--data", "digits")
     client = start_client(tmp_path, mlp_bundle, port, 0, data, "--steps", 30, "--lr", "1e-2")
-    try:
-        out = server.ok()
-        client.ok()
-    finally:
-        server.kill()
-        client.kill()
+    out = _ok_both(server, client)
     assert "the fleet's classes are 9, 8, 7" in out, out
     assert "the server's --data: its labels are numbered as the fleet's classes (9 0," in out, out
     acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]

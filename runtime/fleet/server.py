@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .classes import agree_here, fleet_classes, resumed_classes
 from .client import PROTOCOL, mismatch, say_to
-from .local import Local, UserError, class_names, names_from_json, save_run
+from .local import Local, UserError, names_from_json, save_run
 
 __all__ = ["NotEnoughClients", "run_server"]
 
@@ -91,10 +92,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
              # a resumed run keeps the class order its aggregate was trained in (session 29
              # probe: the server's --data's own order replaced it, and the resumed aggregate
              # was read with its classes swapped: 0.997 -> 0.370)
-             "classes": _resumed_classes(local, earlier) or fleet_classes(local)}
+             "classes": resumed_classes(local, earlier) or fleet_classes(local)}
     t0 = time.perf_counter() - float(earlier.get("seconds", 0.0))
     if state["classes"]:  # (a resumed run's classes may be its first client's)
-        _agree_here(local, state["classes"], say)
+        agree_here(local, state["classes"], say)
 
     def round_config(server_round: int) -> dict:
         return {"round": server_round + done, "fleet_protocol": PROTOCOL,
@@ -313,7 +314,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                         say(f"before round {state['round'] + done}: the fleet's classes are "
                             f"{', '.join(named[0][:8])}{', ...' if len(named[0]) > 8 else ''} "
                             "(the first client's; every client's labels are numbered so)")
-                        _agree_here(local, named[0], say)
+                        agree_here(local, named[0], say)
                 for (cid, proxy), why in zip(new, answers, strict=True):
                     if why is None:
                         self.vetted.add(cid)
@@ -445,53 +446,6 @@ def _join_check(proxy, config: dict, signature: str, flwr_version: str,
         return str(props["refused"])
     if heard is not None:
         heard.append(names_from_json(props.get("classes")))
-    return None
-
-
-def _agree_here(local: Local, classes: list[str], say) -> None:
-    """Number the server's own ``--data`` as the fleet's ``classes`` (session 27 probe: the
-    built-in digits, "0".."9", scored a fleet named "9".."0" by its first client at 0.008
-    where `eval` with the same weights said 0.908)."""
-    try:
-        line = local.agree_classes(classes)
-    except UserError as exc:
-        say(f"note: the server's --data cannot be numbered as the fleet's classes ({exc}); its "
-            "held-out figures use its own numbering")
-        return
-    if line:
-        say("the server's --data: " + line.replace("this device's labels", "its labels"))
-
-
-def _resumed_classes(local: Local, earlier: dict) -> list[str] | None:
-    """The class order of the aggregate a resumed run goes on from (None: none recorded).
-
-    Raises:
-        UserError: the bundle names its classes in another order (its outputs would be read
-            as other classes than the aggregate was trained for).
-    """
-    from ..data import ids_only
-
-    names = class_names(earlier.get("class_names"))
-    own = local.bundle.manifest.class_names
-    if names and not ids_only(own) and list(own) != names:
-        raise UserError(f"--resume: the aggregate was trained with the classes numbered "
-                        f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}; this "
-                        f"bundle numbers them {', '.join(list(own)[:6])}"
-                        f"{', ...' if len(own) > 6 else ''}; resume with the bundle the run "
-                        "started with, or start afresh with --overwrite")
-    return names
-
-
-def fleet_classes(local: Local) -> list[str] | None:
-    """The fleet's label map where the server knows one: the bundle's class names (``export
-    --classes``), else those of the server's own ``--data`` (both relabelled to it)."""
-    from ..data import ids_only
-
-    names = local.bundle.manifest.class_names
-    data = getattr(local.data, "class_names", None)
-    for c in (names, data):
-        if not ids_only(c):
-            return list(c)
     return None
 
 
