@@ -129,24 +129,6 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _private_bytes() -> int:
-    """This process's pages that no other process maps (``Private_Clean`` + ``Private_Dirty``
-    of ``/proc/self/smaps_rollup``; 0 where unreadable). While a probe runs, they are this
-    process's pages that the forked probe has written its own copy of: the process tree holds
-    those twice, so the probe's RSS plus these is what the tree holds (a session-29 probe saw
-    the tree's summed PSS 0.3-2.5 MB past budgets that were being refused, each process
-    inside them)."""
-    total = 0
-    try:
-        with open("/proc/self/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith((b"Private_Clean:", b"Private_Dirty:")):
-                    total += int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return 0
-    return total
-
-
 def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
           limit: int | None = None, prepare: Callable[[], None] | None = None) -> dict:
     """Run ``fn`` in a forked child; its JSON result plus ``peak`` (the child's maximum RSS
@@ -200,7 +182,6 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     chunks = []
     deadline = time.monotonic() + timeout
     over = False
-    mine, mine_at = 0, 0.0  # this process's pages the probe has copied (_private_bytes)
     try:
         while True:
             left = deadline - time.monotonic()
@@ -210,9 +191,7 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
                                  "bundle takes that long on this machine, or it is busy); "
                                  "train with a smaller --batch, or without --budget")
             ready, _, _ = select.select([r], [], [], min(left, 0.002 if limit else 1.0))
-            if limit and time.monotonic() >= mine_at:  # (0.7 ms a read: every 10 ms)
-                mine, mine_at = _private_bytes(), time.monotonic() + 0.01
-            if limit and _rss(pid) + mine > limit - PROBE_HEADROOM:
+            if limit and _rss(pid) > limit - PROBE_HEADROOM:
                 os.kill(pid, signal.SIGKILL)
                 over = True
                 break
