@@ -322,6 +322,10 @@ def test_a_client_of_another_model_is_refused_as_it_joins(mlp_bundle, mlp_head_b
             # the server to come back: told so, in one line (a shorter --connect-timeout made it
             # give up before a loaded machine's server had started at all)
             one_error_line(wrong.stderr(), rc, "may also have finished its rounds")
+        elif rc == 2 and "cannot reach a fleet server" in wrong.stderr():
+            # its polls missed the whole short run (session 29's fresh-clone run): told so
+            one_error_line(wrong.stderr(), rc, "within 60 s; start `instant-runtime fleet "
+                           "server` there first")
         elif rc == 2:
             one_error_line(wrong.stderr(), rc, "another model")
         else:  # on a loaded machine it may join only after the round began: told the run ended
