@@ -64,9 +64,7 @@ def gradient_stops(module, args: tuple, trainable: set[str]) -> list[str]:
             warnings.simplefilter("ignore")  # (the tracer's TracerWarnings: export says its own)
             graph, _ = torch.jit._get_trace_graph(module, args)
             found += _traced_stops(graph)
-            with _NoGradWatch() as watch:
-                module(*args)
-            found += watch.found
+            found += _no_grad_calls(module, args)
     except Exception:  # noqa: BLE001 - a model this check cannot run: nothing more is claimed
         return found
     finally:
@@ -97,37 +95,28 @@ def _traced_stops(graph) -> list[str]:
             for n in stops if any(o.unique() in needed for o in n.outputs())]
 
 
-class _NoGradWatch:
-    """Records each torch call made with autograd off on a tensor that needs a gradient (a
-    trainable weight, or a value computed from one): a ``torch.no_grad()`` block."""
+def _no_grad_calls(module, args: tuple) -> list[str]:
+    """Each torch call of one forward made with autograd off on a tensor that needs a gradient
+    (a trainable weight, or a value computed from one): a ``torch.no_grad()`` block."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_flatten
 
-    def __init__(self) -> None:
-        from torch.overrides import TorchFunctionMode
+    found: list[str] = []
 
-        watch = self
-        self.found: list[str] = []
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if not torch.is_grad_enabled() and len(found) < 8 and any(
+                    isinstance(t, torch.Tensor) and t.requires_grad
+                    for t in tree_flatten((args, kwargs))[0]) and not _in_function():
+                found.append(f"torch.no_grad() ({getattr(func, '__name__', func)} at "
+                             f"{_where(None)})")
+            return func(*args, **kwargs)
 
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                import torch
-                from torch.utils._pytree import tree_flatten
-
-                kwargs = kwargs or {}
-                if not torch.is_grad_enabled() and len(watch.found) < 8 and any(
-                        isinstance(t, torch.Tensor) and t.requires_grad
-                        for t in tree_flatten((args, kwargs))[0]) and not _in_function():
-                    name = getattr(func, "__name__", str(func))
-                    watch.found.append(f"torch.no_grad() ({name} at {_where(None)})")
-                return func(*args, **kwargs)
-
-        self._mode = Mode()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
+    with Watch():
+        module(*args)
+    return found
 
 
 def _in_function() -> bool:
