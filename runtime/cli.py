@@ -896,9 +896,10 @@ def _cmd_plan(a) -> int:
         from .budget import MIN_FACTOR, estimate_minimum
 
         data = _load_data(a, bundle)
-        need = estimate_minimum(Trainer(bundle, cfg), data, min(a.batch, len(data)))
+        probe_tr = Trainer(bundle, cfg)  # (its mode: vanilla where no layer is INSTANT's)
+        need = estimate_minimum(probe_tr, data, min(a.batch, len(data)))
         if need:
-            print(f"smallest --budget for this run (batch {a.batch}, {cfg.mode}): about "
+            print(f"smallest --budget for this run (batch {a.batch}, {probe_tr.mode}): about "
                   f"{math.ceil(need / 1e6)}MB (probes at micro-batch 1, x {MIN_FACTOR:g} for "
                   "what they miss)")
     if a.data and bundle.layers:

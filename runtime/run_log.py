@@ -16,7 +16,7 @@ from contract import UserError, json_text
 
 from .checkpoint import DamagedCheckpoint, meta_array, meta_float, meta_int
 
-__all__ = ["FULL_LOG_STEPS", "Metrics", "StepStats", "step_logged"]
+__all__ = ["FULL_LOG_STEPS", "Metrics", "StepStats", "last_logged_step", "step_logged"]
 
 # Every step has its line up to here; past it, one step in 10, then in 100 past ten times as
 # many, and so on: about 9,000 lines (~2 MB) a decade of steps. A line is ~210 bytes, and a small
@@ -96,6 +96,27 @@ def _empty(path: Path) -> None:
             os.truncate(path, 0)
     except OSError:
         pass  # none yet (or unwritable: opening it for append says so)
+
+
+def last_logged_step(path: Path) -> int:
+    """The step of the last whole event in ``path`` that names one (0: none, no file, not a
+    regular file). Steps only grow along the file, so its last MiB is enough."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return 0
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 20)))
+            tail = f.read()
+    except OSError:
+        return 0
+    for line in reversed(tail.split(b"\n")):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a half-written or cut line
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            return step
+    return 0
 
 
 def _cut_after(path: Path, step: int) -> None:

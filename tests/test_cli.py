@@ -721,6 +721,15 @@ def test_train_missing_bundle(cli, tmp_path):
 
 # -------------------------------------------------------------------------- plan, profiles
 
+def test_plan_names_the_mode_a_bundle_without_instant_layers_trains_in(cli, mlp_head_bundle):
+    """Session 29 probe: `plan` of a bundle with no INSTANT layer stated its minimum for an
+    "(instant)" run; such a bundle trains with the exact backward (vanilla)."""
+    assert not json.loads((mlp_head_bundle / "manifest.json").read_text())["instant"]["layers"]
+    out = ok(cli("plan", mlp_head_bundle, "--data", "digits"))
+    assert re.match(r"smallest --budget for this run \(batch \d+, vanilla\): about \d+MB",
+                    out.splitlines()[0]), out
+
+
 def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
     out = ok(cli("plan", mlp_bundle, "--data", "digits"))
     assert "ranks from calibration on digits" in out

@@ -249,11 +249,15 @@ def test_client_killed_mid_round_then_rejoins(mlp_bundle, non_iid, tmp_path):
         time.sleep(0.5)
         victim.p.send_signal(signal.SIGKILL)
         assert victim.finish() == -signal.SIGKILL
+        killed_at = _logged_steps(tmp_path / "client2")
+        assert killed_at, "the victim logged no step before the kill"
         server.wait_for(r"^round 1: 2 clients trained \(1 failed\)")
         rejoined = start_client(tmp_path, mlp_bundle, port, 2, non_iid[2], name="rejoined")
         procs.append(rejoined)
         out = server.ok()
-        assert "trained 1 round(s)" in rejoined.ok()
+        said = rejoined.ok()
+        assert "trained 1 round(s)" in said
+        assert f"trained {killed_at[-1]} steps, counted on from there" in said, said
         for c in healthy:
             assert "trained 2 round(s)" in c.ok()
     finally:
@@ -261,6 +265,15 @@ def test_client_killed_mid_round_then_rejoins(mlp_bundle, non_iid, tmp_path):
             p.kill()
     assert re.search(r"^round 2: 3 clients trained \(0 failed\)", out, re.M), out
     assert "fleet run done: 2 rounds" in out
+    # the restarted client counted on (session 29 probe: from 1 again, its log held 1..n twice)
+    steps = _logged_steps(tmp_path / "client2")
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == len(killed_at) + STEPS
+
+
+def _logged_steps(out: Path) -> list[int]:
+    """The steps of a run folder's ``metrics.jsonl`` "step" events, in file order."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [e["step"] for e in map(json.loads, lines) if e["kind"] == "step"]
 
 
 def test_a_client_stopped_by_sigterm_says_how_to_rejoin(mlp_bundle, non_iid, tmp_path):
@@ -280,6 +293,39 @@ def test_a_client_stopped_by_sigterm_says_how_to_rejoin(mlp_bundle, non_iid, tmp
             p.kill()
     err = client.stderr()
     assert "run the same `fleet client` command to rejoin" in err and "--resume" not in err, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_fleet_process_stopped_before_any_round_leaves_no_folder(mlp_bundle, tmp_path, sig):
+    """Session 29 probe: a client stopped by SIGTERM while it waited for the server printed
+    nothing and left a --out holding only the lock (SIGINT: the lock-only folder too); a server
+    stopped before round 1 left one as well. Now each says so in one line and exits 128 +
+    signal, with no folder left behind."""
+    port = free_port()
+    client = Proc(tmp_path, "client", "client", mlp_bundle, "--data", "digits", "--server",
+                  f"127.0.0.1:{port}", "--threads", 1, "--connect-timeout", 120,
+                  "--out", tmp_path / "c")
+    server = None
+    try:
+        client.wait_for(r"^fleet client: ")
+        time.sleep(1.0)  # (waiting for a server that is not there)
+        client.p.send_signal(sig)
+        assert client.finish() == 128 + sig
+        server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2)
+        server.wait_for(r"^fleet server on ")
+        server.p.send_signal(sig)
+        assert server.finish() == 128 + sig
+    finally:
+        for p in (client, server):
+            if p is not None:
+                p.kill()
+    err = client.stderr().strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"interrupted by {signal.Signals(sig).name} before this client trained a step" \
+        in err and "rejoin" in err, err
+    assert "nothing was written" in server.stderr(), server.stderr()
+    assert not (tmp_path / "c").exists() and not (tmp_path / "fleet").exists(), \
+        sorted(p.name for p in tmp_path.rglob("*"))
 
 
 def test_a_client_of_another_model_is_refused_as_it_joins(mlp_bundle, mlp_head_bundle,
@@ -1076,6 +1122,16 @@ def test_a_server_says_which_evaluated_examples_are_training_rows(mlp_bundle, tm
                      r"training rows of clients without a held-out split\)", out, re.M), out
     # and the run's last line (session 27 probe: "clients' held-out accuracy" there)
     assert "clients' own-data accuracy" in out and "held-out accuracy" not in out, out
+    # each client's folder keeps its evaluations of the global weights (session 29 probe:
+    # printed, then its summary said test_acc null and its log held none)
+    for k, (n, held_out) in enumerate([(held, True), (300, False)]):
+        folder = tmp_path / f"client{k}"
+        evals = [e for e in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                 if e["kind"] == "eval"]
+        assert [(e["round"], e["split"], e["examples"], e["held_out"]) for e in evals] == \
+            [(1, "global", n, held_out), (2, "global", n, held_out)], evals
+        last = json.loads((folder / "summary.json").read_text())["global_evaluation"]
+        assert last == {k: evals[-1][k] for k in last} and 0 <= last["accuracy"] <= 1, last
 
 
 def test_a_shard_of_renumbered_data_trains(tmp_path):

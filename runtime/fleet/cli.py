@@ -8,10 +8,12 @@ errors itself (one ``error:`` line, exit 2), so it behaves the same under either
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["FLWR_SUPPORTED", "MAX_SECONDS", "add_fleet_parser", "check_seconds", "cmd_fleet",
@@ -229,8 +231,8 @@ def _server(a) -> int:
         s = run_server(local, address, a.rounds, a.min_clients, out,
                        evaluate_here=a.data is not None, wait_s=wait,
                        round_timeout=round_timeout, earlier=earlier, evaluated_on=on)
-    except UserError:
-        drop_lock_only(out, fresh)  # no client came: no folder left behind (session 27 probe)
+    except BaseException:  # (no client came, or a signal before round 1: FleetInterrupted)
+        drop_lock_only(out, fresh)  # no folder left behind (session 27 probe)
         raise
     from ..memory import held_lock
 
@@ -311,7 +313,7 @@ def _earlier_rounds(out: Path) -> dict | None:
 
 def _client(a) -> int:
     from .client import run_client
-    from .folders import check_out, drop_lock_only, fleet_role
+    from .folders import check_out, drop_lock_only, earlier_steps, fleet_role
     from .local import (
         UserError,
         check_client_options,
@@ -352,6 +354,7 @@ def _client(a) -> int:
                                      "val": a.val, "val_split": a.val_split})
     if role == "client" and (out / "params.npz").is_file():
         _same_model(out, local, f"--out '{out}' holds a fleet client's run")
+    local.trainer.step_count = earlier_steps(out)  # (the weights come from the server)
     fresh = not out.exists()
     local.claim_out()
     try:
@@ -360,12 +363,35 @@ def _client(a) -> int:
         print(f"fleet client: {len(local.data)} training examples"
               + (f" (partition {a.partition})" if partition else "")
               + f", {a.steps} steps of {a.batch} per round"
-              + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}",
-              flush=True)
-        return run_client(local, address, a.steps, a.batch, connect_timeout=connect_timeout)
-    except UserError:
+              + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}"
+              + (f"; its earlier run in {out} trained {local.trainer.step_count} steps, counted "
+                 "on from there" if local.trainer.step_count else ""), flush=True)
+        with _signals_stop(local):
+            return run_client(local, address, a.steps, a.batch,
+                              connect_timeout=connect_timeout)
+    except BaseException:  # (an error, or a signal while it waited for the server)
         drop_lock_only(out, fresh)  # a client that never trained leaves no folder behind
         raise
+
+
+@contextlib.contextmanager
+def _signals_stop(local):
+    """SIGINT/SIGTERM/SIGHUP outside a round's training (waiting for the server, between
+    rounds) end the client as a signal during training does: one line, exit 128 + signal
+    (session 29 probe: SIGTERM while it waited said nothing and left a folder holding only the
+    lock). During training, ``run.train``'s own handlers checkpoint first."""
+    from ..checkpoint import StopSignals, TrainingInterrupted
+
+    def stop(signum, frame):
+        raise TrainingInterrupted(signum, local.trainer.step_count, None)
+
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, stop) for s in StopSignals.SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 # Message reserve, in trainable-tensor sizes: 3 MiniLM clients needed 3.1-4.4 x above the plan's
@@ -393,9 +419,10 @@ def cmd_fleet(a) -> int:
         return 2
     except TrainingInterrupted as exc:  # a client: the next round starts from the server's
         name = signal.Signals(exc.signum).name  # weights, so rejoining is the way on
-        print(f"interrupted by {name} after step {exc.step}; run the same `fleet client` "
-              "command to rejoin (each round starts from the server's weights)",
-              file=sys.stderr)
+        print(f"interrupted by {name} "
+              + (f"after step {exc.step}" if exc.step else "before this client trained a step")
+              + "; run the same `fleet client` command to rejoin (each round starts from the "
+              "server's weights)", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

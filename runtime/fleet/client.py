@@ -188,6 +188,7 @@ def make_client_app(local: Local, steps: int, batch: int, say=None, seen: dict |
     def evaluate(msg: Message, context: Context) -> Message:
         server_round, _ = receive(msg.content, recorddict_to_evaluateins)
         loss, acc, n = local.evaluate()
+        local.record_evaluation(server_round, loss, acc, n)
         what = ("held-out" if getattr(local, "evaluated_held_out", True)
                 else "training (the data has no held-out split: x_test, y_test)")
         say(f"round {server_round}: evaluated the global weights on {n} local {what} examples"

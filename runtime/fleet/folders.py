@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-__all__ = ["FLEET_FILES", "check_out", "check_server_out", "fleet_role"]
+__all__ = ["FLEET_FILES", "check_out", "check_server_out", "earlier_steps", "fleet_role"]
 
 
 def check_out(out: Path) -> None:
@@ -87,6 +87,18 @@ def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
                         "(params.npz); pass --resume to continue from it, --overwrite to start "
                         "afresh, or another --out")
     return False
+
+
+def earlier_steps(out: Path) -> int:
+    """The steps a client's earlier run in ``out`` trained (its newest checkpoint's or its
+    log's last step, whichever is later; 0 for none): a client started again into its folder
+    counts on from there (session 29 probe: it counted from 1 again, its metrics.jsonl held
+    steps 1..527 then 1..600 and its checkpoint of step 527 was pruned as the oldest)."""
+    from ..checkpoint import newest_checkpoint
+    from ..run_log import last_logged_step
+
+    newest = newest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
+    return max(newest[0] if newest else 0, last_logged_step(out / "metrics.jsonl"))
 
 
 def drop_lock_only(out: Path, fresh: bool) -> None:

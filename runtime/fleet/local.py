@@ -340,6 +340,30 @@ class Local:
         loss, acc = self.trainer.evaluate(target, batch)
         return loss, acc, len(target)
 
+    def record_evaluation(self, server_round: int, loss: float, acc: float | None,
+                          examples: int) -> None:
+        """Keep an evaluation of the global weights in ``out``: an "eval" event in
+        ``metrics.jsonl`` and ``global_evaluation`` in ``summary.json`` (session 29 probe: the
+        client printed its evaluations, its folder kept none of them and its summary's
+        ``test_acc`` stayed null). ``test_acc`` stays that of the folder's own ``params.npz``,
+        which are this device's weights after its round, not the global ones."""
+        from ..run_files import json_object
+        from ..run_log import Metrics
+
+        if self.out is None:
+            return
+        entry = {"round": server_round, "loss": float(loss),
+                 "accuracy": None if acc is None else float(acc), "examples": int(examples),
+                 "held_out": bool(getattr(self, "evaluated_held_out", True))}
+        log = Metrics(self.out / "metrics.jsonl")
+        try:
+            log.write("eval", step=self.trainer.step_count, split="global", **entry)
+        finally:
+            log.close()
+        summary = json_object(self.out / "summary.json")
+        if summary:
+            save_run(self.out, None, {**summary, "global_evaluation": entry})
+
     # ------------------------------------------------------------------------------ output
     def claim_out(self) -> None:
         """Lock ``out`` for this process (two clients writing one checkpoint folder would mix
