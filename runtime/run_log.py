@@ -44,11 +44,12 @@ class Metrics:
     last checkpoint written."""
 
     def __init__(self, path: Path | None, resumed_at: int | None = None,
-                 last_good=lambda: None, fresh: bool = False) -> None:
+                 last_good=lambda: None, fresh: bool = False, key: str = "step",
+                 way_out=None) -> None:
         self._f = None
-        self.path, self.last_good = path, last_good
+        self.path, self.last_good, self.way_out = path, last_good, way_out
         if path is not None and resumed_at is not None:
-            _cut_after(path, resumed_at)
+            _cut_after(path, resumed_at, key)
         elif path is not None and fresh:  # a run from step 0: what an attempt before it wrote
             _empty(path)  # goes (a --resume that found no checkpoint kept it: steps twice)
         if path is not None:
@@ -78,6 +79,9 @@ class Metrics:
                     data = data[os.write(self._f, data):]
             except OSError as exc:
                 ckpt = self.last_good()
+                if self.way_out is not None:  # (a fleet server's rounds.jsonl)
+                    raise UserError(f"cannot write '{self.path}': {exc.strerror or exc}; "
+                                    f"{self.way_out()}") from None
                 raise UserError(f"cannot write '{self.path}': {exc.strerror or exc}; "
                                 + (f"the last good checkpoint {ckpt} is intact: free space and "
                                    "--resume" if ckpt else "no checkpoint was written: free space "
@@ -119,8 +123,9 @@ def last_logged_step(path: Path) -> int:
     return 0
 
 
-def _cut_after(path: Path, step: int) -> None:
-    """Truncate ``path`` after its last whole event of ``step`` or before (or of no step),
+def _cut_after(path: Path, step: int, key: str = "step") -> None:
+    """Truncate ``path`` after its last whole event of ``step`` or before (or of no step; its
+    ``key`` field: a fleet server's rounds.jsonl counts rounds),
     read from the end: what follows it (events of later steps, a half line, a tail of NULs a
     crash left) was written after the checkpoint. Steps only grow along the file, so the scan
     stops at the first such event from the end; a 10^7-step log is not parsed line by line."""
@@ -141,7 +146,7 @@ def _cut_after(path: Path, step: int) -> None:
                     event = json.loads(line) if line.endswith(b"\n") else None
                 except ValueError:
                     event = None
-                s = event.get("step") if isinstance(event, dict) else None
+                s = event.get(key) if isinstance(event, dict) else None
                 if isinstance(event, dict) and not (isinstance(s, int) and s > step):
                     break
             keep = start

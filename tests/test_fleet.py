@@ -441,6 +441,14 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
     assert [h["round"] for h in summary["history"]] == [0, 1, 2, 3], summary["history"]
     assert [h["fit"]["round"] for h in summary["history"] if "fit" in h] == [1, 2, 3], summary
     assert summary["rounds_done"] == 3 and summary["trained_rounds"] == 3, summary
+    logged = [json.loads(ln) for ln in (tmp_path / "fleet" / "rounds.jsonl").read_text()
+              .splitlines()]  # every round once, the resumed run's appended
+    assert [h["round"] for h in logged] == [0, 1, 2, 3] and logged[1:] == [
+        {"kind": "round", **h} for h in summary["history"][1:]], logged
+    ev = summary["evaluations"][str(Path("digits").resolve()) if Path("digits").exists()
+                                else "digits"]
+    assert (round(ev["first"], 3), round(ev["last"], 3), ev["accuracies"]) == \
+        (accuracies[0][0], accuracies[1][-1], 4), ev
     again = subprocess.run([sys.executable, "-m", "runtime.fleet", "server", str(mlp_bundle),
                             "--rounds", "3", "--resume", "--address", f"127.0.0.1:{free_port()}",
                             "--out", str(tmp_path / "fleet")],
@@ -615,6 +623,62 @@ def test_summaries_and_metrics_are_strict_json(tmp_path):
     log.close()
     assert strict((tmp_path / "metrics.jsonl").read_text()) == \
         {"kind": "step", "step": 1, "loss": None, "lr": 0.1}
+
+
+def test_a_long_fleet_run_keeps_a_bounded_summary_and_every_round_in_its_log(tmp_path):
+    """Session 29 probe: the server's summary.json held every round's entry, rewritten after
+    each: past ~3,500 rounds it outgrew the 1 MiB a resume reads, and the resume was refused as
+    a summary "that no fleet server wrote". Now it lists the last KEPT rounds and what the last
+    line compares; rounds.jsonl has them all, and a resume cuts it back to its rounds_done."""
+    from runtime.fleet.folders import fleet_role
+    from runtime.fleet.history import KEPT, RoundHistory, earlier_evaluations
+    from runtime.fleet.local import save_run
+
+    def entry(r):
+        return {"round": r, "loss": 1.0 / (r + 1), "accuracy": r / 5000, "examples": 9,
+                "where": "held-out", "evaluated_on": "digits", "fit": {"clients": 3} if r else {}}
+
+    h = RoundHistory(tmp_path, None)
+    for r in range(5001):
+        h.add(entry(r))
+        if r % 1000 == 0 or r == 5000:  # (as the server: after each round)
+            save_run(tmp_path, None, {"rounds": 10_000, "min_clients": 1, "rounds_done": r,
+                                      **h.fields()})
+    h.add(entry(5001))  # logged, then the server was killed before its summary
+    h.close()
+    text = (tmp_path / "summary.json").read_text()
+    assert len(text) < 100_000, len(text)
+    summary = json.loads(text)
+    assert [e["round"] for e in summary["history"]] == list(range(5001 - KEPT, 5001))
+    assert summary["evaluations"] == {"digits": {"first": 0.0, "last": 1.0, "accuracies": 5001,
+                                                 "own_data": False}}, summary["evaluations"]
+    assert fleet_role(tmp_path) == "server"  # (a resume reads it)
+    again = RoundHistory(tmp_path, summary)
+    again.add(entry(5001))
+    again.close()
+    rounds = [json.loads(ln)["round"] for ln in (tmp_path / "rounds.jsonl").open()]
+    assert rounds == list(range(5002)), (len(rounds), rounds[-3:])
+    assert earlier_evaluations({"history": [entry(0), entry(5)]})["digits"]["last"] == 0.001
+
+
+def test_a_server_that_cannot_write_its_folder_says_the_aggregate_is_kept(tmp_path):
+    """Session 29 probe: a server whose --out became read-only mid-run said only "pass another
+    --out", where a --resume once the folder is writable keeps the rounds done. Its writes (the
+    aggregate and summary, the round log) now name the aggregate kept and the --resume."""
+    import os
+
+    from runtime.fleet.history import RoundHistory
+    from runtime.fleet.local import UserError, save_run
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match=r"cannot write .*afile/out: Not a directory; KEPT$"):
+        save_run(tmp_path / "afile" / "out", None, {"rounds": 1}, "KEPT")
+    h = RoundHistory(tmp_path, None, lambda: "the aggregate of round 3 is kept")
+    h.add({"round": 1})
+    os.dup2(os.open(os.devnull, os.O_RDONLY), h._log._f)  # (a write that fails)
+    with pytest.raises(UserError, match=r"rounds.jsonl': .*; the aggregate of round 3 is kept$"):
+        h.add({"round": 2})
+    h.close()
 
 
 def test_a_resume_keeps_its_class_order_and_refuses_a_bundle_that_numbers_them_otherwise():

@@ -175,6 +175,7 @@ def _flower(verbose: bool):
 def _server(a) -> int:
     from .client import MAX_ROUNDS
     from .folders import check_out, check_server_out, drop_lock_only
+    from .history import earlier_evaluations
     from .local import UserError, open_local
     from .server import run_server
 
@@ -218,9 +219,7 @@ def _server(a) -> int:
                  " (its round count was not recorded: running --rounds more)"), flush=True)
     on = "the clients' own data" if not a.data else \
         str(Path(a.data).resolve()) if Path(a.data).exists() else str(a.data)
-    before = {str(h.get("evaluated_on") or "unrecorded data")
-              for h in (earlier or {}).get("history", [])
-              if h.get("accuracy") is not None or h.get("loss") is not None}
+    before = set(earlier_evaluations(earlier))
     if before and before != {on}:  # (session 29 probe: 0.106 on digits -> 0.276 on mnist5k)
         print(f"note: the earlier rounds were evaluated on {', '.join(sorted(before))[:80]}, "
               f"these on {on}: their figures are not comparable (the last line compares this "
@@ -238,12 +237,12 @@ def _server(a) -> int:
 
     held_lock(lock, False)
     os.close(lock)
-    hist = [h for h in s["history"] if h["accuracy"] is not None and h.get("evaluated_on") == on]
+    ev = s["evaluations"].get(on) or {"accuracies": 0, "own_data": False}
     what = "held-out" if a.data else "clients' held-out"
-    if not a.data and any("training rows" in str(h.get("where", "")) for h in hist):
+    if not a.data and ev["own_data"]:
         what = "clients' own-data"  # (some clients have no held-out split: their training rows)
-    acc = (f"; {what} accuracy {hist[0]['accuracy']:.3f} -> {hist[-1]['accuracy']:.3f}"
-           if len(hist) > 1 else "")
+    acc = (f"; {what} accuracy {ev['first']:.3f} -> {ev['last']:.3f}"
+           if ev["accuracies"] > 1 else "")
     if not s["trained_rounds"]:
         print(f"error: no client finished any of the {s['rounds']} rounds, so the weights in "
               f"{s['weights']} are " + ("still the resumed aggregate; " if earlier else

@@ -34,7 +34,8 @@ def check_out(out: Path) -> None:
 
 
 # what a fleet server or client writes in its --out (a client: a training run's files)
-FLEET_FILES = ("params.npz", "summary.json", "metrics.jsonl", "checkpoints", ".fleet-lock")
+FLEET_FILES = ("params.npz", "summary.json", "metrics.jsonl", "checkpoints", ".fleet-lock",
+               "rounds.jsonl")
 
 
 def fleet_role(out: Path) -> str | None:

@@ -408,7 +408,7 @@ def class_names(value) -> list[str] | None:
 
 
 def save_run(out_dir: str | Path, params: dict[str, np.ndarray] | None,
-             summary: dict | None = None) -> Path:
+             summary: dict | None = None, way_out: str = "pass another --out") -> Path:
     """Write ``params`` (unless None) as ``OUT/params.npz`` (and ``summary`` as
     ``OUT/summary.json``), each
     atomically: a run folder that ``instant-runtime export-model`` and ``eval --weights`` read.
@@ -428,7 +428,7 @@ def save_run(out_dir: str | Path, params: dict[str, np.ndarray] | None,
             text = json_text(summary, indent=1)
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
     except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}; pass another --out") from None
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}; {way_out}") from None
     return out / "params.npz"
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from .classes import agree_here, fleet_classes, resumed_classes
 from .client import PROTOCOL, mismatch, say_to
+from .history import RoundHistory
 from .local import Local, UserError, names_from_json, save_run
 
 __all__ = ["NotEnoughClients", "run_server"]
@@ -71,8 +72,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
                say=None, earlier: dict | None = None, evaluated_on: str = "") -> dict:
     """Run FedAvg up to round ``rounds``; returns the run summary (also in ``OUT/summary.json``,
-    written after every round). ``earlier``: the summary of the run this one resumes (its
-    rounds count, its history is kept).
+    written after every round; every round's entry in ``OUT/rounds.jsonl``). ``earlier``: the
+    summary of the run this one resumes (its rounds count, its history is kept).
 
     Raises:
         UserError: cannot listen on ``address``; fewer than ``min_clients`` clients within
@@ -85,7 +86,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     say = say or say_to()
     names = list(local.names)
     earlier = earlier or {}
-    history: list[dict] = list(earlier.get("history", []))
+    history = RoundHistory(out, earlier or None, lambda: way_out())
     done = int(earlier.get("rounds_done", 0))  # rounds of the resumed run: Flower counts from 1
     state = {"fit": None, "round": 0, "saved": 0, "trained": int(earlier.get("trained_rounds", 0)),
              "ended": 0, "fit_t0": time.monotonic(), "late": 0,
@@ -106,7 +107,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
 
     def summary(finished: bool) -> dict:
         return {"rounds": rounds, "min_clients": min_clients, "address": address,
-                "seconds": time.perf_counter() - t0, "history": history,
+                "seconds": time.perf_counter() - t0, **history.fields(),
                 "trained_rounds": state["trained"], "rounds_done": done + state["ended"],
                 "finished": finished, "class_names": state["classes"],
                 "cut_off_at_round_timeout": state["late"],
@@ -115,6 +116,16 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 "weights": str(out / "params.npz") if finished or state["saved"] or done
                 else None,
                 "signature": local.signature}
+
+    def way_out() -> str:
+        """What a folder that cannot be written leaves (session 29 probe: "pass another --out"
+        alone, where a --resume after freeing the disk keeps the rounds done)."""
+        if not (state["saved"] or done):
+            return "no aggregate was written: free space or make it writable and run again, " \
+                "or pass another --out"
+        return (f"the aggregate of round {done + state['saved']} is in {out / 'params.npz'}: "
+                "free space or make the folder writable and run the same command with "
+                "--resume, or pass another --out")
 
     def fit_part(r: int) -> str:
         f = state["fit"]
@@ -146,9 +157,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                  "seconds": time.perf_counter() - t0}
         if state["fit"] is not None and state["fit"]["round"] == r:
             entry["fit"] = {**state["fit"], "round": r + done}
-        history.append(entry)
+        history.add(entry)
         if r:  # the summary so far, beside the round's aggregate (a stopped run keeps it)
-            save_run(out, None, summary(False))
+            save_run(out, None, summary(False), way_out())
 
     def evaluate_fn(server_round: int, ndarrays, config):
         local.set_trainable(dict(zip(names, ndarrays, strict=True)))
@@ -190,10 +201,11 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             state["trained"] += bool(good)
             if params is not None:
                 arrays = parameters_to_ndarrays(params)
+                failed = way_out()  # (the aggregate before this one stays where this fails)
                 state["saved"] = server_round
                 # the summary beside it counts this round (a kill before its evaluation, or
                 # a round nobody evaluated, would have a resume train it again)
-                save_run(out, dict(zip(names, arrays, strict=True)), summary(False))
+                save_run(out, dict(zip(names, arrays, strict=True)), summary(False), failed)
             if not evaluate_here:
                 say(fit_part(server_round))
             return params, metrics
@@ -362,10 +374,11 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         for s, h in old.items():
             signal.signal(s, h)
         grpc_server.stop(grace=1).wait(5)
+        history.close()
     state["ended"] = rounds - done
     final = parameters_to_ndarrays(server.parameters)
     result = summary(True)
-    save_run(out, dict(zip(names, final, strict=True)), result)
+    save_run(out, dict(zip(names, final, strict=True)), result, way_out())
     return result
 
 

@@ -1,0 +1,99 @@
+"""A fleet server's round history in bounded memory and a bounded ``summary.json``.
+
+Every round's evaluation (and its training figures) is appended to ``OUT/rounds.jsonl`` as it
+happens; ``summary.json`` lists the last ``KEPT`` of them and, per evaluation data, what the
+run's last line compares (the first and last accuracy). Until session 30 the summary held the
+whole history, rewritten after every round: past ~3,500 rounds it outgrew the 1 MiB a resume
+reads (the resume was then refused as "a summary.json that no fleet server wrote"), and the
+server's memory and each round's write grew with every round up to ``--rounds``' 10^6.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+
+__all__ = ["KEPT", "ROUNDS_FILE", "RoundHistory", "earlier_evaluations"]
+
+ROUNDS_FILE = "rounds.jsonl"
+KEPT = 100  # the rounds summary.json lists (all of them are in rounds.jsonl)
+
+
+def _number(v) -> float | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def earlier_evaluations(earlier: dict | None) -> dict[str, dict]:
+    """Per evaluation data (a path, or the clients' own data), what the earlier rounds of a
+    resumed run measured: ``first`` and ``last`` accuracy, ``accuracies`` (how many rounds had
+    one), ``own_data`` (some were clients' training rows). A summary written before session 30
+    has none of it: it is counted from its history, which then held every round."""
+    earlier = earlier or {}
+    kept = earlier.get("evaluations")
+    out: dict[str, dict] = {}
+    if isinstance(kept, dict):
+        for on, e in kept.items():
+            if isinstance(on, str) and isinstance(e, dict):
+                n = e.get("accuracies")
+                out[on] = {"first": _number(e.get("first")), "last": _number(e.get("last")),
+                           "accuracies": n if isinstance(n, int) and not isinstance(n, bool)
+                           and n >= 0 else 0, "own_data": e.get("own_data") is True}
+        return out
+    for h in earlier.get("history", []):
+        _count(out, h)
+    return out
+
+
+def _count(out: dict[str, dict], h: dict) -> None:
+    if h.get("accuracy") is None and h.get("loss") is None:
+        return
+    on = str(h.get("evaluated_on") or "unrecorded data")
+    e = out.setdefault(on, {"first": None, "last": None, "accuracies": 0, "own_data": False})
+    acc = _number(h.get("accuracy"))
+    if acc is not None:
+        e["first"] = acc if e["first"] is None else e["first"]
+        e["last"] = acc
+        e["accuracies"] += 1
+    e["own_data"] = e["own_data"] or "training rows" in str(h.get("where", ""))
+
+
+class RoundHistory:
+    """The rounds' entries of one server run (``add``), kept in ``out / ROUNDS_FILE`` and, the
+    last ``KEPT``, in memory for ``summary.json`` (``fields``). ``earlier``: the summary of the
+    run this one resumes (None: a fresh run, whose file starts empty); the file is cut back to
+    its ``rounds_done`` (a round logged before a kill, and trained again, is in it once)."""
+
+    def __init__(self, out: Path, earlier: dict | None, way_out=None) -> None:
+        self.path = Path(out) / ROUNDS_FILE
+        self.way_out = way_out
+        self.earlier = earlier
+        hist = list((earlier or {}).get("history", []))
+        self.recent: collections.deque = collections.deque(hist, maxlen=KEPT)
+        self.evaluations = earlier_evaluations(earlier)
+        self._log = None
+        # a run of an earlier version kept every round in its summary only: they open the file
+        self._seed = hist if earlier is not None and not self.path.exists() else []
+
+    def add(self, entry: dict) -> None:
+        if self._log is None:  # opened at the first round (no round: no file, no folder left)
+            from ..run_log import Metrics
+
+            done = (self.earlier or {}).get("rounds_done")
+            self._log = Metrics(self.path, resumed_at=done if self.earlier is not None else None,
+                                fresh=self.earlier is None, key="round",
+                                way_out=self.way_out)
+            for h in self._seed:
+                self._log.write("round", **h)
+        self._log.write("round", **entry)
+        self.recent.append(entry)
+        _count(self.evaluations, entry)
+
+    def fields(self) -> dict:
+        return {"history": list(self.recent), "history_file": ROUNDS_FILE,
+                "evaluations": self.evaluations}
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
