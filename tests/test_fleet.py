@@ -1025,13 +1025,14 @@ def test_clients_that_number_their_classes_otherwise_are_renumbered_as_the_fleet
         np.savez(paths[k], x=d.x["input"], y=f(d.y), x_test=d.test.x["input"],
                  y_test=f(d.test.y), class_names=np.array(order))
     port = free_port()
-    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 2,
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 3,
                           "--data", paths["a"])
-    clients = [start_client(tmp_path, mlp_bundle, port, k, paths[n], "--steps", 30,
-                            "--lr", "1e-2") for k, n in enumerate("abc")]
+    # d: the built-in digits, numbered labels (session 27 probe: joined without a word)
+    clients = [start_client(tmp_path, mlp_bundle, port, k, paths.get(n, "digits"), "--steps",
+                            30, "--lr", "1e-2") for k, n in enumerate("abcd")]
     try:
         out = server.ok()
-        a, b = clients[0].ok(), clients[1].ok()
+        a, b, numbered = clients[0].ok(), clients[1].ok(), clients[3].ok()
         rc = clients[2].finish()
     finally:
         server.kill()
@@ -1039,6 +1040,8 @@ def test_clients_that_number_their_classes_otherwise_are_renumbered_as_the_fleet
             c.kill()
     one_error_line(clients[2].stderr(), rc, "has classes the fleet's classes lack (ten;")
     assert "numbered as the fleet's classes (zero 0, one 1," in b and "numbered" not in a, b
+    assert "note: this device's labels are numbers, read as the fleet's classes in its order " \
+        "(0 zero, 1 one," in numbered and "labels are numbers" not in a + b, numbered
     acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]
     assert len(acc) == 3 and acc[-1] > 0.8, (acc, out)
     summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())

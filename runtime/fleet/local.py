@@ -170,12 +170,19 @@ class Local:
         Raises:
             UserError: a class of this device's data that the fleet does not have.
         """
-        from ..data import relabelled
+        from ..data import ids_only, relabelled
 
         before = self.data
         if not fleet or before is None:
             return None
         self.data = relabelled(before, list(fleet), "the fleet's classes")
+        if self.data is before and self.own_classes() is None and not ids_only(fleet):
+            # numbered labels are read in the fleet's order: said, as the fleet's names are
+            # known (session 27 probe: a numbered client joined a named fleet without a word)
+            return ("note: this device's labels are numbers, read as the fleet's classes in "
+                    "its order (" + ", ".join(f"{i} {c}" for i, c in enumerate(fleet[:8]))
+                    + (", ..." if len(fleet) > 8 else "") + "); name them in the data if they "
+                    "are numbered otherwise")
         if self.data is before:  # (the same names, or numbered labels that follow the fleet's)
             return None
         return ("this device's labels are numbered as the fleet's classes ("
