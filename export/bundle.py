@@ -428,16 +428,13 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         notes.append(f"note: --lengths {','.join(map(str, lengths))} left out: shorter graphs "
                      "are built for a text model found to take any token length; not this one")
     if layers and not any_len:  # no tokenizer, or a model the tokenizer check left fixed-length
-        from .padding import padding_mask, pinned_lengths
+        from .padding import mask_checked, padding_mask, pinned_lengths
 
         found = padding_mask(traced, in_shapes0, bounds, _dynamic_batch, params)
         pinned.update(pinned_lengths(traced, in_shapes0, layers, found, _dynamic_batch))
-        if found is not None and mask_padding(layers, *found, fwd):
+        if found is not None and mask_checked(traced, in_shapes0, bounds, _dynamic_batch,
+                                              found, layers, params, fwd, notes):
             share_activation_bases(layers)
-            if notes is not None:
-                notes.append(f"note: input '{found[0]}' marks the padding (checked: the output "
-                             "ignores the tokens where it is 0); INSTANT layers over its "
-                             f"{found[1]} tokens project the real tokens only")
     runs = [(mode, mode, prefix.forward if prefix is not None else fwd, layers, "")
             for mode in modes]
     runs += [(f"{mode}@{lg.length}", mode, lg.forward, lg.layers, f".len{lg.length}")

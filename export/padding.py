@@ -26,8 +26,8 @@ from onnx import TensorProto
 from .graph import Shapes
 from .tracing import Traced
 
-__all__ = ["fixed_length", "mask_marks_padding", "padding_mask", "pinned_lengths",
-           "tokenizer_mask_inverted"]
+__all__ = ["fixed_length", "layers_ignoring_padding", "mask_marks_padding", "padding_mask",
+           "pinned_lengths", "tokenizer_mask_inverted"]
 
 _NP = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
        TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
@@ -91,6 +91,26 @@ def _ignores(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_bat
     ``ones_real``, else 1) give the same outputs (``per_token``: the same outputs at the real
     positions of a [N, L, ...] output); with ``moved_params``, at those trainable tensors
     moved as training could move them (any_length.moved)."""
+    model = _model(traced, dynamic_batch, moved_params)
+    real = _pattern(length)
+    feeds = _feeds(traced, shapes, bounds, mask, length, ones_real)
+    if feeds is None:
+        return False
+    feeds_a, feeds_b = feeds
+    try:
+        from .any_length import ort_session
+
+        sess = ort_session(model)
+        out_a = sess.run(None, feeds_a)
+        out_b = sess.run(None, feeds_b)
+    except Exception:  # noqa: BLE001 - a model onnxruntime cannot run here keeps no mask
+        return False
+    return _same(out_a, out_b, real if per_token else None)
+
+
+def _model(traced: Traced, dynamic_batch, moved_params: list[str] | None = None):
+    """A copy of the traced model with a free batch axis (``moved_params``: those trainable
+    tensors moved as training could move them, any_length.moved)."""
     model = copy.deepcopy(traced.model)
     dynamic_batch(model, traced.inputs + traced.outputs)
     if moved_params:
@@ -103,6 +123,13 @@ def _ignores(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_bat
                     traced.padding_rows)
         for k, t in inits.items():
             t.CopyFrom(numpy_helper.from_array(new[k], k))
+    return model
+
+
+def _feeds(traced: Traced, shapes: Shapes, bounds: dict[str, int], mask: str, length: int,
+           ones_real: bool = True) -> tuple[dict, dict] | None:
+    """Two feeds of random tokens with the mask of :func:`_pattern` that differ only at the
+    padded positions (None: an input of a dtype the check cannot draw)."""
     rng = np.random.default_rng(0)
     real = _pattern(length)
     feeds_a, feeds_b = {}, {}
@@ -110,7 +137,7 @@ def _ignores(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_bat
         dims = [_ROWS, *shapes.of(name)[1:]]
         dtype = _NP.get(shapes.dtype.get(name))
         if dtype is None:
-            return False
+            return None
         if name == mask:
             feeds_a[name] = feeds_b[name] = (real if ones_real else ~real).astype(dtype)
             continue
@@ -118,17 +145,14 @@ def _ignores(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_bat
         pad = ~real.reshape(_ROWS, length, *([1] * (len(dims) - 2)))
         b = np.where(pad, b, a)  # the same tokens where the mask says real, others elsewhere
         feeds_a[name], feeds_b[name] = a, b
-    try:
-        from .any_length import ort_session
+    return feeds_a, feeds_b
 
-        sess = ort_session(model)
-        out_a = sess.run(None, feeds_a)
-        out_b = sess.run(None, feeds_b)
-    except Exception:  # noqa: BLE001 - a model onnxruntime cannot run here keeps no mask
-        return False
+
+def _same(out_a, out_b, real: np.ndarray | None = None) -> bool:
+    """Whether two runs' outputs agree (``real``: at those positions of [N, L, ...] outputs)."""
     for x, y in zip(out_a, out_b, strict=True):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        if per_token:
+        if real is not None:
             if x.shape[:2] != real.shape:
                 return False
             x, y = x[real], y[real]
@@ -137,6 +161,102 @@ def _ignores(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_bat
         if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * (1.0 + float(np.abs(x).max(initial=0.0))):
             return False
     return True
+
+
+def mask_checked(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch,
+                 found: tuple[str, int], layers, params: list[str] | None, forward,
+                 notes: list[str] | None) -> int:
+    """Give the padding mask ``found`` (:func:`padding_mask`) to the layers over its tokens
+    whose padded rows reach no output (:func:`layers_ignoring_padding`), with a note on what
+    was and was not masked. Returns how many layers got it."""
+    from .layers import mask_padding
+
+    mask, length = found
+    keep = layers_ignoring_padding(traced, shapes, bounds, dynamic_batch, mask, length, layers,
+                                   params)
+    over = [ly for ly in layers if ly.kind == "linear" and ly.rank3 and not ly.seq_first
+            and not ly.flat and ly.tokens == length]
+    count = mask_padding([ly for ly in layers if ly.name in keep], mask, length, forward)
+    if notes is not None and count:
+        notes.append(f"note: input '{mask}' marks the padding (checked: the output ignores the "
+                     f"tokens where it is 0, and the outputs of {count} INSTANT layer(s) over "
+                     f"its {length} tokens there); those project the real tokens only")
+    left = [ly.name for ly in over if ly.name not in keep]
+    if notes is not None and left:
+        notes.append(f"note: input '{mask}' marks the padding, but the outputs of "
+                     f"{len(left)} INSTANT layer(s) at padded positions reach the model's "
+                     f"outputs ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}: e.g. "
+                     "attention without a key mask reads them); they project every position")
+    return count
+
+
+def layers_ignoring_padding(traced: Traced, shapes: Shapes, bounds: dict[str, int],
+                            dynamic_batch, mask: str, length: int, layers,
+                            params: list[str] | None = None) -> set[str]:
+    """The names of ``layers`` (over the token axis) whose outputs at the positions ``mask``
+    marks 0 reach none of the model's outputs, at the initial and at moved trainable tensors:
+    for those, dropping the padded rows from the weight gradient and the input gradient is
+    exact. The model-level check (:func:`padding_mask`) varies the tokens at padded positions
+    only; a session-30 probe's model zeroed its padded embeddings and added a position
+    parameter, so the padded positions held the same values whatever the tokens, and its
+    attention (no key mask) read them: it passed, and INSTANT dropped their share of the
+    q/k/v weight gradient (102 % error at full rank). Each layer's output gets noise at the
+    padded positions (an Add on a graph input) and the outputs must not move."""
+    cand = [ly for ly in layers if ly.kind == "linear" and ly.rank3 and not ly.seq_first
+            and not ly.flat and ly.tokens == length]
+    if not cand:
+        return set()
+    feeds = _feeds(traced, shapes, bounds, mask, length)
+    if feeds is None:
+        return set()
+    pad = ~_pattern(length)
+    keep = {ly.name for ly in cand}
+    for moved_params in [None] + ([params] if params else []):
+        if not keep:
+            break
+        model = _model(traced, dynamic_batch, moved_params)
+        deltas = _add_deltas(model, [ly for ly in cand if ly.name in keep])
+        keep &= {name for name, _ in deltas.values()}
+        try:
+            from .any_length import ort_session
+
+            sess = ort_session(model)
+            zero = {d: np.zeros((_ROWS, length, cy), np.float32) for d, (_, cy) in deltas.items()}
+            base = sess.run(None, {**feeds[0], **zero})
+            rng = np.random.default_rng(1)
+            for d, (name, cy) in deltas.items():
+                noise = rng.standard_normal((_ROWS, length, cy)).astype(np.float32)
+                got = sess.run(None, {**feeds[0], **zero, d: noise * pad[..., None]})
+                if not _same(base, got):
+                    keep.discard(name)
+        except Exception:  # noqa: BLE001 - a model onnxruntime cannot run so: nothing checked
+            return set()
+    return keep
+
+
+def _add_deltas(model, layers) -> dict[str, tuple[str, int]]:
+    """Route each layer's output ``y`` through ``y + delta`` (a new float input [N, L, Cy]);
+    returns {delta input: (layer name, Cy)}. A layer whose output is a graph output, or is not
+    produced by a node here, gets none (its padded rows are then not shown to be ignored)."""
+    from onnx import helper
+
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    out = {}
+    for k, ly in enumerate(layers):
+        at = next((i for i, n in enumerate(g.node) if ly.y in n.output), None)
+        if at is None or ly.y in outputs:
+            continue
+        delta, moved_y = f"__pad_delta_{k}", f"{ly.y}__pad_delta_{k}"
+        for n in g.node:
+            for j, name in enumerate(n.input):
+                if name == ly.y:
+                    n.input[j] = moved_y
+        g.node.insert(at + 1, helper.make_node("Add", [ly.y, delta], [moved_y],
+                                               name=f"{delta}_add"))
+        g.input.append(helper.make_tensor_value_info(delta, TensorProto.FLOAT, None))
+        out[delta] = (ly.name, ly.cy)
+    return out
 
 
 def pinned_lengths(traced: Traced, shapes: Shapes, layers, found: tuple[str, int] | None,

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -495,6 +496,34 @@ def test_a_probe_refuses_a_numpy_allocation_that_would_pass_its_stop_line():
             GramWindow([wide], 1)  # 196 MB
     finally:
         set_limit(None)
+
+
+def test_a_probe_is_stopped_on_the_pages_it_copies_from_the_trainer_too():
+    """The tree of a trainer and its probe holds the probe's RSS plus the trainer's pages the
+    probe no longer maps: the originals of pages it wrote (copy-on-write). A session-29 probe
+    measured the tree 0.3-2.5 MB past budgets being refused; the probe's RSS alone never
+    showed it. Here the probe writes a 32 MB buffer of the trainer's: its RSS stays under the
+    limit, the tree does not, and it is stopped; a probe that only reads the buffer is not."""
+    from runtime.budget import PROBE_HEADROOM, _fork
+    from runtime.memory import current_rss
+
+    held = np.ones(32 << 18, np.float32)  # 32 MB, resident here
+
+    def probe(write: bool):
+        def fn():
+            if write:
+                held[::1024] = 2.0  # one write a page: every page copied
+            else:
+                float(held[::1024].sum())
+            time.sleep(0.5)
+            return {}
+        return fn
+
+    limit = current_rss() + PROBE_HEADROOM + (16 << 20)  # room for 16 MB more, not 32
+    assert _fork(probe(False), limit=limit)["ok"]
+    got = _fork(probe(True), limit=limit)
+    assert not got["ok"] and got.get("over"), got
+    del held
 
 
 @pytest.mark.parametrize("budget_mb", [

@@ -530,6 +530,67 @@ def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_
     assert "marks the padding" not in out, out
     r = open_bundle(tmp_path / "r")
     assert r.layers and not any(ly.token_mask for ly in r.layers), r.layers
+    # session 30 probe: padded embeddings zeroed, then a position parameter added, and
+    # attention without a key mask: the output ignores the tokens at padded positions, but the
+    # padded positions (the position vectors) are read. The mask had gone to every layer and
+    # INSTANT at full rank dropped 102 % of qkv's weight gradient; now only the layers whose
+    # padded outputs reach no output get it (o: its padded rows are pooled away; qkv: its keys
+    # and values there are attended to)
+    (tmp_path / "att.py").write_text(textwrap.dedent('''
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        class Att(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.pos = nn.Embedding(50, 32), nn.Parameter(torch.randn(1, 12, 32))
+                self.qkv, self.o, self.head = nn.Linear(32, 96), nn.Linear(32, 32), nn.Linear(32, 3)
+
+            def forward(self, input_ids, attention_mask):
+                m = attention_mask.unsqueeze(-1).float()
+                x = self.emb(input_ids) * m + self.pos
+                q, k, v = self.qkv(x).chunk(3, -1)
+                h = x + self.o(F.scaled_dot_product_attention(q, k, v))
+                return self.head((h * m).sum(1) / m.sum(1))
+
+        def build():
+            torch.manual_seed(0)
+            return Att()
+    '''))
+    out = _ok(_cli("export", "--model", f"{tmp_path / 'att.py'}:build", "--out",
+                   tmp_path / "a", "--input-shape", "8,12:int64;8,12:int64"))
+    masked = {ly.name: bool(ly.token_mask) for ly in open_bundle(tmp_path / "a").layers}
+    assert masked == {"qkv": False, "o": True}, (masked, out)
+    assert "the outputs of 1 INSTANT layer(s) at padded positions reach the model's outputs " \
+        "(qkv" in out, out
+    rng = np.random.default_rng(5)
+    keep = rng.integers(1, 12, 12)
+    mask = (np.arange(12)[None] < keep[:, None]).astype(np.int64)
+    x = {"input_ids": rng.integers(0, 50, (12, 12)), "attention_mask": mask}
+    _full_rank_instant_is_exact(open_bundle(tmp_path / "a"), x, rng.integers(0, 3, 12))
+
+
+def _full_rank_instant_is_exact(b, x, y) -> None:
+    """INSTANT's gradients with identity bases (full rank) equal vanilla's on the batch x, y."""
+    from helpers import make_trainer
+
+    from runtime.calibrate import Basis
+    from runtime.trainer import ArrayBatch
+
+    grads = {}
+    for mode in ("vanilla", "instant"):
+        tr = make_trainer(b, mode=mode, micro_batch=len(y))
+        for ly in b.layers if mode == "instant" else []:
+            eye = [Basis(np.eye(d, dtype=np.float32), d, 1.0, np.full(d, 1 / d, np.float32))
+                   for d in (ly.x_dim, ly.g_dim)]
+            tr.set_bases(ly.name, *eye)
+        tr.trim = False
+        tr.gradients(ArrayBatch(x, y))
+        grads[mode] = {p: g.copy() for p, g in tr._grads.items()}
+    for p, g in grads["vanilla"].items():
+        err = float(np.abs(grads["instant"][p] - g).max()) / (float(np.abs(g).max()) + 1e-12)
+        assert err <= 1e-4, (p, err)
 
 
 def test_frozen_prefix_gives_the_same_grams_at_any_micro_batch(encoder_bundle, tmp_path):
