@@ -247,11 +247,29 @@ def buffer_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
 
 
 def buffer_note(model: onnx.ModelProto, params: list[str]) -> str | None:
-    """The export's note on :func:`buffer_like` tensors (None: there are none)."""
+    """The export's notes (lines) on :func:`buffer_like` tensors and on named one-value tensors
+    that stay constant (None: neither)."""
     found = buffer_like(model, params)
-    if not found:
-        return None
-    return (f"note: {', '.join(found[:4])}{' …' if len(found) > 4 else ''} look(s) like buffers "
-            "(read only by Sub/Div, or a table added to an input): an .onnx file cannot tell "
-            "them from weights, so they train unless left out: pass --trainable naming the "
-            "weights only")
+    lines = [f"note: {', '.join(found[:4])}{' …' if len(found) > 4 else ''} look(s) like "
+             "buffers (read only by Sub/Div, or a table added to an input): an .onnx file "
+             "cannot tell them from weights, so they train unless left out: pass --trainable "
+             "naming the weights only"] if found else []
+    scalars = named_scalars(model, params)
+    if scalars:  # (session 30 probe: a torch Parameter(2.0) stayed 2.0 without a word)
+        lines.append(f"note: {', '.join(scalars[:4])}{' …' if len(scalars) > 4 else ''}: "
+                     "one-value tensor(s) that stay constant (an .onnx file holds epsilons and "
+                     "fixed scales so too); a learned one (a temperature, a scale) trains when "
+                     "--trainable names it exactly")
+    return "\n".join(lines) or None
+
+
+def named_scalars(model: onnx.ModelProto, params: list[str]) -> list[str]:
+    """Float one-value initializers that nodes read, that are not among ``params`` and whose
+    names an exporter did not make up (``onnx::Mul_12``, ``/layer/Constant_output_0``,
+    ``_val_3``): a module's own scalar, a parameter or a buffer."""
+    used = {i for n in model.graph.node for i in n.input}
+    made_up = ("onnx::", "/", "_val", "val_", "Constant", "const")
+    return [i.name for i in model.graph.initializer
+            if i.data_type == onnx.TensorProto.FLOAT and int(np.prod(i.dims)) < 2
+            and i.name in used and i.name not in params
+            and not any(m in i.name for m in made_up) and not i.name.startswith("_")]

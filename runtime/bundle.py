@@ -30,6 +30,8 @@ from contract import (
 )
 from contract.manifest import ITEMSIZE, LayerInfo, TensorSpec
 
+from .memory import all_finite
+
 __all__ = ["Bundle", "open_bundle"]
 
 
@@ -183,7 +185,7 @@ class Bundle:
             arr = v if v.dtype == np.float32 and v.flags.writeable and v.flags.c_contiguous \
                 else np.array(v, dtype=np.float32)
             values[p.name] = None
-            if not np.isfinite(arr).all():
+            if not all_finite(arr):
                 raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values; use the "
                                 "weights of a healthy run")
             out[p.name] = arr

@@ -46,6 +46,7 @@ from contract import UserError, atomic_write, file_sha256, names, write_npz, wri
 from contract.files import fsync_dir
 
 from .bundle import Bundle
+from .memory import all_finite
 
 __all__ = ["CheckpointWriteError", "Checkpointer", "DamagedCheckpoint", "StartupInterrupted", "StopSignals",
            "TrainingInterrupted", "Writer", "atomic_write", "bundle_sha256", "describe",
@@ -552,7 +553,7 @@ def meta_array(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
     if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
         raise DamagedCheckpoint(f"array '{key}' is {a.dtype} {list(a.shape)}, expected "
                                 f"{np.dtype(dtype)} {list(shape)}")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
+    if a.dtype.kind == "f" and not all_finite(a):
         raise DamagedCheckpoint(f"array '{key}' holds NaN or inf values")
     return a
 

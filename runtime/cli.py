@@ -811,6 +811,12 @@ def _cmd_eval(a) -> int:
     print(f"{which} examples: {len(target)}, loss {loss:.4f}"
           + (f", accuracy {acc:.3f}" if acc is not None else "")
           + f" (weights: {weights or 'initial'}; peak RSS {peak_rss() / 1e6:.1f} MB)")
+    if budget is not None and peak_rss() > budget:  # (as train says it: session 30 probe)
+        from .console import say_err
+
+        say_err(f"warning: this evaluation passed its budget: peak {peak_rss() / 1e6:.1f} MB "
+                f"over --budget {budget / 1e6:.0f} MB; please report it with the bundle and the "
+                "command")
     return 0
 
 
@@ -1108,7 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
         from .memory import tune_malloc
 
         tune_malloc()
-        try:
+        if args.cmd in ("train", "eval", "plan"):  # (until a run folder or the training loop
+            _term_as_interrupt()  # takes the signals over: SIGTERM while the data was read or
+        try:                      # tokenised ended the process without a word, session 30 probe)
             check_not_empty(args)
             handler = HANDLERS.get(args.cmd) or args.handler
             return handler(args)
@@ -1130,6 +1138,12 @@ def main(argv: list[str] | None = None) -> int:
         except RecursionError:
             print("error: an input file is nested too deeply to read (a JSON/TOML structure); "
                   "pass a flat file", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # Python 3.11's Path.resolve() on a symbolic link loop
+            if not str(exc).startswith("Symlink loop"):
+                raise
+            _error_line(f"error: {exc}: a symbolic link that leads back to itself; remove it or "
+                        "pass another path")
             return 2
     except KeyboardInterrupt as exc:
         print(_interrupted(args), file=sys.stderr)

@@ -28,6 +28,7 @@ from contract import TensorSpec, UserError
 
 from .bundle import Bundle
 from .console import one_line
+from .memory import all_finite
 
 __all__ = ["BUILTIN_DATASETS", "Dataset", "load_data", "relabelled", "resize_bilinear",
            "rotten_tomatoes"]
@@ -254,7 +255,7 @@ def check_arrays(bundle: Bundle, x: dict[str, np.ndarray], y: np.ndarray, where:
             if arr.dtype.kind not in "fiu":
                 raise UserError(f"{where}: input '{spec.name}' has dtype {arr.dtype}, "
                                 f"expected {spec.dtype}")
-            if not np.isfinite(arr).all():
+            if not all_finite(arr):
                 raise UserError(f"{where}: input '{spec.name}' contains NaN or inf values")
         elif arr.dtype.kind not in "iu":
             raise UserError(f"{where}: input '{spec.name}' has dtype {arr.dtype}, expected "

@@ -94,6 +94,19 @@ def reserve(nbytes: int, what: str) -> None:
         raise WouldPassLimit(f"{what} ({int(nbytes) / 1e6:.0f} MB) would pass the probe's limit")
 
 
+def all_finite(a, block: int = 1 << 18) -> bool:
+    """``np.isfinite(a).all()`` a piece of about ``block`` values at a time: its mask of one
+    byte a value was a transient past the budget (session 30 probe: a 134 MB weight's 34 MB
+    mask took `eval --budget 230MB` to 236 MB while the weights were read)."""
+    import numpy as np
+
+    a = np.asarray(a)
+    if a.ndim == 0 or a.size <= block:
+        return bool(np.isfinite(a).all())
+    rows = max(1, block // max(1, a[0].size))
+    return all(bool(np.isfinite(a[i:i + rows]).all()) for i in range(0, a.shape[0], rows))
+
+
 def proc_status(pid: int | str = "self") -> dict[str, int]:
     """``VmRSS`` and ``VmHWM`` of a process in bytes ({} when it is gone)."""
     out: dict[str, int] = {}

@@ -567,6 +567,30 @@ def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path, bu
     assert peak <= budget_mb * MB, (budget_mb, peak / MB)
 
 
+def test_eval_reads_a_large_weight_inside_its_budget(tmp_path):
+    """Session 30 probe: `eval --budget 230MB` of a model with one 134 MB weight peaked at 236 MB
+    (exit 0): the finiteness check of each weight read held a mask of one byte a value. The
+    check now runs a piece at a time (memory.all_finite); the process stays inside."""
+    factory = tmp_path / "wide.py"
+    factory.write_text("import torch.nn as nn\n"
+                       "def make():\n"
+                       "    return nn.Sequential(nn.Linear(512, 4096), nn.ReLU(),\n"
+                       "                         nn.Linear(4096, 8192), nn.ReLU(),\n"
+                       "                         nn.Linear(8192, 10))\n")
+    bundle, data = tmp_path / "b", tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((256, 512)).astype(np.float32),
+             y=rng.integers(0, 10, 256))
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model", f"{factory}:make",
+                        "--input-shape", "8,512", "--out", str(bundle)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r, peak = run_tree_peak([sys.executable, "-m", "runtime", "eval", str(bundle), "--data",
+                             str(data), "--threads", "1", "--budget", "230MB"], cwd=REPO)
+    assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr
+    assert peak <= 230 * MB, peak / MB
+
+
 def test_eval_under_a_budget_plans_evaluation_passes(workload, tmp_path):
     """Session 23 probe: eval under --budget was planned as a training step (gradients,
     optimizer), so it evaluated a CNN one row at a time (147 s against 22 s without a budget)

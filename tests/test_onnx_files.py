@@ -1018,6 +1018,41 @@ torch.onnx.export(Bufs().eval(), (torch.randn(2, 3, 16, 16),), sys.argv[1], dyna
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--trainable",
              "patch.*,ln.*,fc.*,head.*,onnx::*")
     assert r.returncode == 0 and "like buffers" not in r.stdout, r.stdout + r.stderr
+    assert "one-value tensor" not in r.stdout, r.stdout  # (none here: no word of them)
+
+
+def test_a_named_scalar_of_an_onnx_file_that_stays_constant_is_named(tmp_path):
+    """Session 30 probe: a torch ``Parameter(2.0)`` exported to .onnx stayed 2.0 where torch
+    trained it, without a word (a one-value tensor of a file is a constant unless --trainable
+    names it exactly). Now a note names it, and naming it trains it."""
+    code = """
+import sys, torch
+from torch import nn
+
+class Scal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.t = nn.Linear(16, 4), nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.l(x) * self.t
+
+torch.manual_seed(0)
+torch.onnx.export(Scal().eval(), (torch.randn(2, 16),), sys.argv[1], dynamo=False,
+                  opset_version=17, input_names=["x"], output_names=["y"],
+                  do_constant_folding=False, dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+"""
+    onnx_file = tmp_path / "scal.onnx"
+    r = subprocess.run([sys.executable, "-c", code, str(onnx_file)], capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "note: t: one-value tensor(s) that stay constant" in r.stdout, r.stdout
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--trainable", "l.*,t")
+    assert r.returncode == 0 and "one-value" not in r.stdout, r.stdout + r.stderr
+    with np.load(tmp_path / "b2" / "params.npz") as z:
+        assert "t" in z.files, z.files
 
 
 def test_export_names_missing_weights_a_classes_misuse_and_ignored_lengths(tmp_path):

@@ -253,6 +253,49 @@ def test_an_export_stopped_by_sigterm_leaves_no_half_written_bundle(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_a_train_stopped_while_it_reads_its_data_says_so(mlp_bundle, tmp_path):
+    """Session 30 probe: SIGTERM while `train` read and tokenised its data (before its run
+    folder takes the signals over) ended the process without a word. It now says
+    "interrupted" in one line and exits 143, and --out was never made."""
+    import time
+
+    code = textwrap.dedent("""
+        import sys, time
+        from runtime import cli
+
+        def slow(*args, **kw):
+            print("reading", flush=True)
+            time.sleep(60)
+
+        cli._load_data = slow
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code, "train", str(mlp_bundle), "--data",
+                          "digits", "--steps", "2", "--out", str(tmp_path / "run")], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "reading"
+        time.sleep(0.2)
+        p.terminate()
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 143 and err.strip().splitlines() == ["interrupted"], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_symbolic_link_loop_as_a_path_is_one_error_line(cli, mlp_bundle, tmp_path):
+    """Session 30 probe: `export-model --out` (and `eval` of a run whose recorded data path had
+    become one) through a symbolic link loop ended in Python 3.11's RuntimeError traceback
+    from Path.resolve(); now one line naming it (exit 2)."""
+    r = cli("train", mlp_bundle, "--data", "digits", "--steps", "2", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    r = cli("export-model", tmp_path / "r", "--out", tmp_path / "loopA" / "q.onnx")
+    _one_line(r, "a symbolic link that leads back to itself", "loopA")
+
+
 def test_the_next_export_drops_what_a_killed_one_left(tmp_path):
     """SIGKILL (the OOM killer) leaves no clean-up at all: a concurrency probe's killed exports
     left their hidden half-written bundles beside --out for good. The next export to that

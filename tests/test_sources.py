@@ -698,7 +698,7 @@ def test_image_metadata_is_bounded_and_counted(tmp_path, digit_folder):
 
     from PIL import Image, PngImagePlugin
 
-    from runtime.sources import images as image_source
+    from runtime.sources import image_meta as image_source
 
     root = Path(shutil.copytree(digit_folder.root, tmp_path / "imgs"))
     plain = open_images(root, GREY8, IMG_INPUT, _ce(3))
@@ -757,6 +757,57 @@ def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):
         open_images(tmp_path / "nope", GREY8, IMG_INPUT, _ce(2))
     with pytest.raises(UserError, match="loss is mse"):
         open_images(digit_folder.root, GREY8, IMG_INPUT, _mse())
+
+
+def test_an_image_replaced_during_a_run_is_judged_again(tmp_path):
+    """Session 30 probe: an image swapped mid-run for a FIFO blocked the run in open() (one
+    SIGTERM did not end it); one swapped for a 6200x6200 PNG took a 120 MB run to 277 MB
+    without a word. Each read now opens the file without blocking, needs a regular file, and
+    no more pixels than the largest image the index (and so the memory plan) counted. A folder
+    nested past MAX_DEPTH levels is ignored and counted (it ran out of Python's recursion)."""
+    import os
+    import threading
+
+    from PIL import Image
+
+    from runtime.sources.images import MAX_DEPTH
+
+    root = tmp_path / "imgs"
+    for c in ("0", "1"):
+        (root / c).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.full((8, 8), 40 * k, np.uint8), "L").save(root / c / f"{k}.png")
+    deep = root / "1"
+    for _ in range(MAX_DEPTH + 5):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(deep / "deep.png")
+    src = open_images(root, GREY8, IMG_INPUT, _ce(2))
+    assert len(src) == 6 and src.problems.ignored == {
+        f"folder nested more than {MAX_DEPTH} levels deep": 1}, src.problems.ignored
+    Image.new("L", (400, 400), 7).save(root / "0" / "1.png")  # (a 1 KB file)
+    with pytest.raises(UserError, match=r"0/1.png changed since the folder was indexed \(now "
+                                        r"400x400, larger than any image the memory plan"):
+        src.take(np.array([1]))
+    os.unlink(root / "1" / "0.png")
+    os.mkfifo(root / "1" / "0.png")
+    got: list = []
+
+    def read():
+        try:
+            src.take(np.array([3]))
+        except UserError as exc:
+            got.append(str(exc))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # (let the blocked open() go, so the test process can end)
+        with open(root / "1" / "0.png", "wb"):
+            pass
+        pytest.fail("a read of a FIFO in an image's place blocked")
+    assert got and "changed since the folder was indexed (now not a regular file)" in got[0], got
+    assert len(src.take(np.array([0, 2, 4, 5]))[1]) == 4  # the others read as before
 
 
 def test_a_tiny_image_std_is_refused_at_export_and_in_a_bundle(tmp_path, digit_folder, recwarn):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,105 +24,11 @@ from .common import (
     _Labels,
     _nothing_usable,
 )
+from .image_meta import bound_pillow_text, metadata
 
 # ---------------------------------------------------------------------------- images
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-
-# Pillow keeps an image's metadata beside its pixels (PNG text, EXIF and ICC chunks, JPEG APP
-# segments), read whole, and expands compressed PNG text to 1 MiB a chunk, 64 MiB an image: a
-# probe's 20 KB PNGs of zTXt held 64 MB each while decoding, past a budget that counted pixels.
-# Each image's metadata is measured when the folder is indexed (expanded as Pillow expands it,
-# text after the pixels included, which Pillow reads only when it decodes them); more than
-# MAX_METADATA bytes of it, or PNG text past TEXT_CHUNK / TEXT_MEMORY, is a bad row, and the
-# budget counts the largest (``ImageSource.bytes_fixed``).
-MAX_METADATA = 2 << 20
-TEXT_CHUNK = 1 << 20  # Pillow's PngImagePlugin.MAX_TEXT_CHUNK (its default)
-TEXT_MEMORY = 1 << 20  # Pillow's PngImagePlugin.MAX_TEXT_MEMORY (its default 64 MiB)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_PIXELS = (b"IDAT", b"fdAT")
-_PNG_COMPRESSED = {b"zTXt": 1, b"iCCP": 1, b"iTXt": 2}  # bytes after the key's NUL before zlib
-_JPEG_BARE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length
-
-
-def _metadata(path: Path) -> tuple[int, str | None]:
-    """(Bytes of ``path``'s metadata as Pillow holds it: its PNG chunks or JPEG segments before
-    the first scan that are not pixel data, plus PNG text and ICC profiles expanded; the reason
-    it is too much, or None). 0 for other files (Pillow judges them)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head == _PNG_SIGNATURE:
-            return _png_metadata(f)
-        if head[:2] != b"\xff\xd8":
-            return 0, None
-        f.seek(2)
-        total, size = 0, os.fstat(f.fileno()).st_size
-        while f.read(1) == b"\xff" and total <= MAX_METADATA:
-            marker = f.read(1)
-            while marker == b"\xff":  # fill bytes
-                marker = f.read(1)
-            if not marker or marker[0] in (0xDA, 0xD9):  # start of scan, end of image
-                break
-            if marker[0] in _JPEG_BARE:
-                continue
-            length = f.read(2)
-            if len(length) < 2:
-                break
-            n = int.from_bytes(length, "big")
-            if f.tell() + n - 2 > size:
-                break  # cut short: Pillow's check names it
-            total += n
-            f.seek(n - 2, os.SEEK_CUR)
-        return total, (_TOO_MUCH if total > MAX_METADATA else None)
-
-
-_TOO_MUCH = f"over {MAX_METADATA >> 20} MiB besides the pixels"
-
-
-def _png_metadata(f) -> tuple[int, str | None]:
-    import zlib
-
-    raw = expanded = text = 0
-    size = os.fstat(f.fileno()).st_size
-    while len(chunk := f.read(8)) == 8 and chunk[4:] != b"IEND":
-        n, kind = int.from_bytes(chunk[:4], "big"), chunk[4:]
-        if not kind.isalpha() or f.tell() + n + 4 > size:
-            break  # not a chunk, or cut short: Pillow's check names it
-        if kind in _PNG_PIXELS:
-            f.seek(n + 4, os.SEEK_CUR)  # the data and its CRC
-            continue
-        raw += n
-        if raw > MAX_METADATA:
-            return raw, _TOO_MUCH
-        if kind not in _PNG_COMPRESSED:
-            text += n if kind == b"tEXt" else 0
-            f.seek(n + 4, os.SEEK_CUR)
-        else:
-            data = f.read(n)
-            f.seek(4, os.SEEK_CUR)
-            key, _, rest = data.partition(b"\0")
-            skip = _PNG_COMPRESSED[kind]
-            if kind == b"iTXt" and rest[:1] != b"\x01":  # uncompressed: counted as it is
-                text += len(rest)
-            else:
-                if kind == b"iTXt":  # flag, method, language NUL, translated key NUL, text
-                    rest, skip = rest[skip:].split(b"\0", 2)[-1], 0
-                try:
-                    out = len(zlib.decompressobj().decompress(rest[skip:], TEXT_CHUNK + 1))
-                except zlib.error:
-                    out = 0  # (Pillow keeps nothing of a chunk it cannot expand)
-                if out > TEXT_CHUNK:
-                    return raw, f"a compressed PNG chunk expands past {TEXT_CHUNK >> 20} MiB"
-                expanded += out
-                text += out if kind != b"iCCP" else 0
-        if text > TEXT_MEMORY:
-            return raw, f"PNG text over {TEXT_MEMORY >> 20} MiB"
-    return raw + expanded, None
-
-
-def _bound_pillow_text(png_plugin) -> None:
-    """Pillow's PNG text limits at most ours (``_metadata`` refuses what would pass them)."""
-    png_plugin.MAX_TEXT_CHUNK = min(png_plugin.MAX_TEXT_CHUNK, TEXT_CHUNK)
-    png_plugin.MAX_TEXT_MEMORY = min(png_plugin.MAX_TEXT_MEMORY, TEXT_MEMORY)
+MAX_DEPTH = 64  # folders nested deeper under a class folder are ignored (and counted)
 
 
 class ImageSource(Source):
@@ -165,7 +72,7 @@ class ImageSource(Source):
             raise UserError("image data needs Pillow; install it with `pip install pillow`") \
                 from None
         self._Image = Image
-        _bound_pillow_text(PngImagePlugin)
+        bound_pillow_text(PngImagePlugin)
         self.max_metadata = 0
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} not found")
@@ -263,10 +170,15 @@ class ImageSource(Source):
                 return True
         return False
 
-    def _walk(self, rel_dir: str, top: bool = False) -> Iterator[str]:
+    def _walk(self, rel_dir: str, top: bool = False, depth: int = 0) -> Iterator[str]:
         """The images under ``rel_dir`` in name order. A folder reached a second time (a
         symlink loop, or a link to a folder already read, or to the data folder or a class
-        folder) is ignored and counted, never read twice."""
+        folder) is ignored and counted, never read twice; so is one nested more than
+        ``MAX_DEPTH`` levels (session 30 probe: 1200 levels ran out of Python's recursion and
+        were called "a JSON/TOML structure")."""
+        if depth > MAX_DEPTH:
+            self.problems.ignore(f"folder nested more than {MAX_DEPTH} levels deep", rel_dir)
+            return
         try:
             key = _folder_key(self.root / rel_dir)
             entries = sorted(os.scandir(self.root / rel_dir), key=lambda e: e.name)
@@ -282,7 +194,7 @@ class ImageSource(Source):
             rel = f"{rel_dir}/{e.name}"
             kind = _entry_kind(e)
             if kind == "folder":
-                yield from self._walk(rel)
+                yield from self._walk(rel, depth=depth + 1)
             elif kind == "image":
                 yield rel
             else:
@@ -293,7 +205,7 @@ class ImageSource(Source):
         Image = self._Image
         path = self.root / rel
         try:
-            meta, too_much = _metadata(path)
+            meta, too_much = metadata(path)
             if too_much:
                 return ("too much metadata", too_much), 0
             with warnings.catch_warnings():  # a huge image: our own line says so, not Pillow's
@@ -347,23 +259,42 @@ class ImageSource(Source):
         return self.root / os.fsdecode(self.paths[a:b].tobytes())
 
     def _load(self, path: Path) -> np.ndarray:
-        """One image as float32 [C, H, W] in [0, 1]... or uint8 [H, W, C] for the common case."""
+        """One image as float32 [C, H, W] in [0, 1]... or uint8 [H, W, C] for the common case:
+        a regular file (opened without blocking) of no more pixels than the plan counted
+        (session 30 probe: an image swapped mid-run for a FIFO blocked the run beyond a
+        SIGTERM; one swapped for a 6200x6200 PNG took a 120 MB run to 277 MB)."""
         Image = self._Image
+        changed = (f"image {path} changed since the folder was indexed ({{}}); do not modify "
+                   "data during a run: restore it or remove it, and run again")
         try:
-            with warnings.catch_warnings():  # (sizes were judged when the folder was indexed)
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(path)
-            with im:
-                if im.format == "JPEG":
-                    im.draft(im.mode, self._draft_size())
-                im.load()
-                return self._convert(im, _orientation(im))
-        except UserError:
-            raise
-        except Exception as exc:
-            raise UserError(f"image {path} cannot be decoded ({type(exc).__name__}: "
-                            f"{str(exc)[:80]}); it passed the check when the folder was indexed: "
-                            "fix or remove it, do not modify data during a run") from None
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise UserError(changed.format(exc.strerror or exc)) from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UserError(changed.format("now not a regular file"))
+            os.set_blocking(fd, True)
+            try:
+                with warnings.catch_warnings():  # (a huge one: our own line says so below)
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    im = Image.open(f)
+                with im:
+                    w, h = im.size
+                    progressive = bool(im.info.get("progressive") or im.info.get("progression"))
+                    if self._decoded_pixels(im.format, w, h, progressive) > self.max_pixels:
+                        raise UserError(changed.format(
+                            f"now {w}x{h}, larger than any image the memory plan counted"))
+                    if im.format == "JPEG":
+                        im.draft(im.mode, self._draft_size())
+                    im.load()
+                    return self._convert(im, _orientation(im))
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Pillow raises many types
+                raise UserError(f"image {path} cannot be decoded ({type(exc).__name__}: "
+                                f"{str(exc)[:80]}); it passed the check when the folder was "
+                                "indexed: fix or remove it, do not modify data during a run") \
+                    from None
 
     def _convert(self, im, orientation: int = 1) -> np.ndarray:
         """``im`` in the bundle's channels and size, turned as its EXIF orientation says (a
