@@ -705,6 +705,8 @@ def _cmd_train(a) -> int:
 
     ok = False
     try:
+        if run_cfg.resume:  # (a finished run's resume ran every planning probe first)
+            _finished_already(out, run_cfg.steps)
         trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch,
                                say))
         trainer.open_sessions()
@@ -740,6 +742,24 @@ def _cmd_train(a) -> int:
                 f"over --budget {summary.budget / 1e6:.0f} MB; its results are kept; please "
                 "report it with the bundle and the command")  # summary's middle, exit 0)
     return 0
+
+
+def _finished_already(out: Path, steps: int) -> None:
+    """Raise ``RunFinished`` where ``out``'s newest checkpoint is of step ``steps`` and its
+    ``params.npz`` was written with or after it (session 30 probe: such a resume ran the budget's
+    probes, up to 823 MB of the tree, before it said the run had finished; ``train`` checks the
+    loaded checkpoint the same way, run.py)."""
+    from .checkpoint import newest_checkpoint
+    from .run import RunFinished
+
+    newest = newest_checkpoint(out / "checkpoints")
+    try:
+        done = newest is not None and newest[0] == steps and \
+            (out / "params.npz").stat().st_mtime >= newest[1].stat().st_mtime
+    except OSError:
+        done = False
+    if done:
+        raise RunFinished(out, steps)
 
 
 def _cmd_eval(a) -> int:

@@ -175,6 +175,12 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
                       "--resume"))
     assert "already finished its 6 steps" in done and "resumed" not in done, done
     assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
+    # under a budget, before any planning probe (session 30 probe: they ran first, 823 MB)
+    done = ok(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
+                      "--seed", 3, "--steps", 6, "--batch", 16, "--no-progress", "--out", "run",
+                      "--resume", "--budget", "300MB"))
+    assert "already finished its 6 steps" in done and "plan for budget" not in done, done
+    assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
 
 
 def test_sgd_lowers_the_loss(cli, mlp_bundle, tmp_path):
