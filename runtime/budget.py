@@ -119,6 +119,19 @@ def _touch(addresses: np.ndarray) -> None:
         ctypes.string_at(a, 1)
 
 
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's ``malloc_trim``): a probe reusing
+    them copied them from this process, and with the tree counted a budget that fits one
+    process was refused (session 30 review: 60 MB of freed small objects stopped a probe whose
+    own RSS never grew)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _private_dirty() -> int:
     """This process's ``Private_Dirty`` bytes (``/proc/self/smaps_rollup``; 0 where unreadable):
     after a fork, its pages that no child maps (the originals of pages a probe wrote, which the
@@ -160,6 +173,7 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     which this process freed (Trainer.release_written_buffers), so that the tree holds them
     once."""
     pages = resident_file_pages()
+    _trim_heap()  # freed heap pages the probe would reuse: copied, they count for the tree
     r, w = os.pipe()
     parent = os.getpid()
     gc.freeze()  # the child's collections leave this process's objects (and their pages) alone

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import subprocess
 import threading
 import time
@@ -39,13 +40,15 @@ def forked_child(parent: int) -> None:
     "in use by another training run" after the trainer was gone)."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PDEATHSIG
     except Exception:  # noqa: BLE001 - not Linux, no ctypes: the parent's own checks remain
         pass
     if os.getppid() != parent:  # it died before the line above
         os._exit(1)
+    # a SIGTERM sent to the child alone (an OOM killer's helper) ends it as before, not as the
+    # parent's "interrupted" exception reported as the probe's error (session 30 review)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for fd in list(_LOCKS):
         try:
             os.close(fd)

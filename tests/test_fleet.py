@@ -311,8 +311,11 @@ def test_a_fleet_process_stopped_before_any_round_leaves_no_folder(mlp_bundle, t
         time.sleep(1.0)  # (waiting for a server that is not there)
         client.p.send_signal(sig)
         assert client.finish() == 128 + sig
-        server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2)
-        server.wait_for(r"^fleet server on ")
+        # (--data: round 0 is evaluated before any client comes; its entry wrote the round
+        # log at once and the folder stayed: session 30 review)
+        server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2,
+                              "--data", "digits")
+        server.wait_for(r"^round 0 \(initial weights\)")
         server.p.send_signal(sig)
         assert server.finish() == 128 + sig
     finally:
@@ -659,6 +662,8 @@ def test_a_long_fleet_run_keeps_a_bounded_summary_and_every_round_in_its_log(tmp
     rounds = [json.loads(ln)["round"] for ln in (tmp_path / "rounds.jsonl").open()]
     assert rounds == list(range(5002)), (len(rounds), rounds[-3:])
     assert earlier_evaluations({"history": [entry(0), entry(5)]})["digits"]["last"] == 0.001
+    damaged = {"evaluations": {"d": {"first": None, "last": 0.5, "accuracies": 3}}}
+    assert earlier_evaluations(damaged)["d"]["accuracies"] == 0  # (the last line then has none)
 
 
 def test_a_server_that_cannot_write_its_folder_says_the_aggregate_is_kept(tmp_path):

@@ -782,6 +782,19 @@ def test_an_image_replaced_during_a_run_is_judged_again(tmp_path):
         deep = deep / "d"
     deep.mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(deep / "deep.png")
+    only_deep = tmp_path / "only_deep"  # (a class folder whose one image is that deep: the
+    (only_deep / "0").mkdir(parents=True)  # check for class folders recursed without a bound)
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(only_deep / "0" / "a.png")
+    deep1 = only_deep / "2"
+    deep1.mkdir()
+    for _ in range(MAX_DEPTH + 5):  # (not 1200: pytest's clean-up of old tmp folders
+        deep1 = deep1 / "d"        # recurses too)
+        deep1.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(deep1 / "deep.png")
+    shallow = open_images(only_deep, GREY8, IMG_INPUT, _ce(3))
+    # class folder "2" holds no image within MAX_DEPTH levels: not a class folder
+    assert len(shallow) == 1 and shallow.problems.ignored == {
+        "folder without PNG/JPEG files": 1}, shallow.problems.ignored
     src = open_images(root, GREY8, IMG_INPUT, _ce(2))
     assert len(src) == 6 and src.problems.ignored == {
         f"folder nested more than {MAX_DEPTH} levels deep": 1}, src.problems.ignored

@@ -229,7 +229,8 @@ def _server(a) -> int:
     try:
         s = run_server(local, address, a.rounds, a.min_clients, out,
                        evaluate_here=a.data is not None, wait_s=wait,
-                       round_timeout=round_timeout, earlier=earlier, evaluated_on=on)
+                       round_timeout=round_timeout, earlier=earlier, evaluated_on=on,
+                       resumed=resume)
     except BaseException:  # (no client came, or a signal before round 1: FleetInterrupted)
         drop_lock_only(out, fresh)  # no folder left behind (session 27 probe)
         raise
@@ -357,8 +358,9 @@ def _client(a) -> int:
     fresh = not out.exists()
     local.claim_out()
     try:
-        tensors = sum(v.nbytes for v in local.get_trainable().values())
-        local.prepare(a.batch, reserve=TRANSFER_FACTOR * tensors)  # the budget plan, once
+        with _signals_stop(local):  # (the budget's probes too: session 30 review)
+            tensors = sum(v.nbytes for v in local.get_trainable().values())
+            local.prepare(a.batch, reserve=TRANSFER_FACTOR * tensors)  # the budget plan, once
         print(f"fleet client: {len(local.data)} training examples"
               + (f" (partition {a.partition})" if partition else "")
               + f", {a.steps} steps of {a.batch} per round"

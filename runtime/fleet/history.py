@@ -37,9 +37,11 @@ def earlier_evaluations(earlier: dict | None) -> dict[str, dict]:
         for on, e in kept.items():
             if isinstance(on, str) and isinstance(e, dict):
                 n = e.get("accuracies")
-                out[on] = {"first": _number(e.get("first")), "last": _number(e.get("last")),
-                           "accuracies": n if isinstance(n, int) and not isinstance(n, bool)
-                           and n >= 0 else 0, "own_data": e.get("own_data") is True}
+                first, last = _number(e.get("first")), _number(e.get("last"))
+                ok = isinstance(n, int) and not isinstance(n, bool) and n >= 0 and \
+                    first is not None and last is not None  # (a damaged one: none counted)
+                out[on] = {"first": first, "last": last, "accuracies": n if ok else 0,
+                           "own_data": e.get("own_data") is True}
         return out
     for h in earlier.get("history", []):
         _count(out, h)
@@ -65,30 +67,35 @@ class RoundHistory:
     run this one resumes (None: a fresh run, whose file starts empty); the file is cut back to
     its ``rounds_done`` (a round logged before a kill, and trained again, is in it once)."""
 
-    def __init__(self, out: Path, earlier: dict | None, way_out=None) -> None:
+    def __init__(self, out: Path, earlier: dict | None, way_out=None,
+                 resumed: bool = False) -> None:
         self.path = Path(out) / ROUNDS_FILE
         self.way_out = way_out
-        self.earlier = earlier
+        self.earlier, self.resumed = earlier, resumed or earlier is not None
         hist = list((earlier or {}).get("history", []))
         self.recent: collections.deque = collections.deque(hist, maxlen=KEPT)
         self.evaluations = earlier_evaluations(earlier)
         self._log = None
         # a run of an earlier version kept every round in its summary only: they open the file
-        self._seed = hist if earlier is not None and not self.path.exists() else []
+        legacy = earlier is not None and "history_file" not in earlier
+        self._pending = hist if legacy and not self.path.exists() else []
 
     def add(self, entry: dict) -> None:
-        if self._log is None:  # opened at the first round (no round: no file, no folder left)
+        self.recent.append(entry)
+        _count(self.evaluations, entry)
+        if self._log is None and not entry.get("round"):
+            self._pending.append(entry)  # round 0: written with round 1 (a server that ends
+            return  # before it, no client having come, leaves no folder: session 27 probe)
+        if self._log is None:
             from ..run_log import Metrics
 
             done = (self.earlier or {}).get("rounds_done")
             self._log = Metrics(self.path, resumed_at=done if self.earlier is not None else None,
-                                fresh=self.earlier is None, key="round",
-                                way_out=self.way_out)
-            for h in self._seed:
+                                fresh=not self.resumed, key="round", way_out=self.way_out)
+            for h in self._pending:
                 self._log.write("round", **h)
+            self._pending = []
         self._log.write("round", **entry)
-        self.recent.append(entry)
-        _count(self.evaluations, entry)
 
     def fields(self) -> dict:
         return {"history": list(self.recent), "history_file": ROUNDS_FILE,

@@ -362,7 +362,8 @@ class Local:
         entry = {"round": server_round, "loss": float(loss),
                  "accuracy": None if acc is None else float(acc), "examples": int(examples),
                  "held_out": bool(getattr(self, "evaluated_held_out", True))}
-        log = Metrics(self.out / "metrics.jsonl")
+        log = Metrics(self.out / "metrics.jsonl", way_out=lambda: "free space, or pass another "
+                      "--out, and start the client again")
         try:
             log.write("eval", step=self.trainer.step_count, split="global", **entry)
         finally:

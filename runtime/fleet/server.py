@@ -70,7 +70,8 @@ def _weighted(metrics: list[tuple[int, dict]]) -> dict:
 
 def run_server(local: Local, address: str, rounds: int, min_clients: int, out: Path,
                evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
-               say=None, earlier: dict | None = None, evaluated_on: str = "") -> dict:
+               say=None, earlier: dict | None = None, evaluated_on: str = "",
+               resumed: bool = False) -> dict:
     """Run FedAvg up to round ``rounds``; returns the run summary (also in ``OUT/summary.json``,
     written after every round; every round's entry in ``OUT/rounds.jsonl``). ``earlier``: the
     summary of the run this one resumes (its rounds count, its history is kept).
@@ -86,7 +87,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     say = say or say_to()
     names = list(local.names)
     earlier = earlier or {}
-    history = RoundHistory(out, earlier or None, lambda: way_out())
+    history = RoundHistory(out, earlier or None, lambda: way_out(), resumed)
     done = int(earlier.get("rounds_done", 0))  # rounds of the resumed run: Flower counts from 1
     state = {"fit": None, "round": 0, "saved": 0, "trained": int(earlier.get("trained_rounds", 0)),
              "ended": 0, "fit_t0": time.monotonic(), "late": 0,

@@ -151,10 +151,12 @@ class ImageSource(Source):
                     max_pixels, self.largest_image = pixels, rel
         return blob, offsets, rows, max_pixels
 
-    def _has_images(self, rel_dir: str, seen: set | None = None) -> bool:
-        """Whether ``rel_dir`` holds a PNG/JPEG file at any depth (what :meth:`_walk` would
-        yield; nothing is recorded)."""
+    def _has_images(self, rel_dir: str, seen: set | None = None, depth: int = 0) -> bool:
+        """Whether ``rel_dir`` holds a PNG/JPEG file within ``MAX_DEPTH`` levels (what
+        :meth:`_walk` would yield; nothing is recorded)."""
         seen = set() if seen is None else seen
+        if depth > MAX_DEPTH:
+            return False
         try:
             key = _folder_key(self.root / rel_dir)
             entries = list(os.scandir(self.root / rel_dir))
@@ -165,8 +167,8 @@ class ImageSource(Source):
         seen.add(key)
         for e in entries:
             kind = _entry_kind(e)
-            if kind == "image" or (kind == "folder"
-                                   and self._has_images(f"{rel_dir}/{e.name}", seen)):
+            if kind == "image" or (kind == "folder" and self._has_images(
+                    f"{rel_dir}/{e.name}", seen, depth + 1)):
                 return True
         return False
 
