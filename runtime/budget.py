@@ -136,21 +136,19 @@ def _private_dirty() -> int:
     """This process's ``Private_Dirty`` bytes (``/proc/self/smaps_rollup``; 0 where unreadable):
     after a fork, its pages that no child maps (the originals of pages a probe wrote, which the
     probe's RSS counts only as its copies)."""
-    try:
-        with open("/proc/self/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Private_Dirty:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _proc_kb("/proc/self/smaps_rollup", b"Private_Dirty:")
 
 
 def _rss(pid: int) -> int:
+    return _proc_kb(f"/proc/{pid}/status", b"VmRSS:")
+
+
+def _proc_kb(path: str, key: bytes) -> int:
+    """Bytes of the ``key`` line (in kB) of a /proc file; 0 where unreadable or gone."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if line.startswith(b"VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass

@@ -551,22 +551,8 @@ def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path, bu
     --budget 520MB. The refusal is now one line that also names --mode vanilla, and the largest
     process of the tree (the kernel's maximum RSS over the run and every probe it reaped,
     read by a small launcher) stays inside the budget."""
-    factory = tmp_path / "wide.py"
-    factory.write_text("import torch.nn as nn\n"
-                       "def make():\n"
-                       "    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(),\n"
-                       "                         nn.Linear(512, 3500), nn.ReLU(),\n"
-                       "                         nn.Linear(3500, 256), nn.ReLU(),\n"
-                       "                         nn.Linear(256, 10))\n")
-    bundle, data = tmp_path / "b", tmp_path / "d.npz"
-    rng = np.random.default_rng(0)
-    np.savez(data, x=rng.standard_normal((640, 256)).astype(np.float32),
-             y=rng.integers(0, 10, 640))
-    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model", f"{factory}:make",
-                        "--input-shape", "8,256", "--instant-exclude", "none",
-                        "--out", str(bundle)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    bundle, data = _linear_bundle(tmp_path, [256, 512, 3500, 256, 10], 640,
+                                  "--instant-exclude", "none")
     # without the check before the allocation: 537 MB at 530 from a shell on this machine; it
     # is a race with the parent's 2 ms reading that this test does not reproduce reliably
     # (the mechanism itself: test_a_probe_refuses_a_numpy_allocation_that_would_pass_...)
@@ -580,24 +566,28 @@ def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path, bu
     assert peak <= budget_mb * MB, (budget_mb, peak / MB)
 
 
+def _linear_bundle(tmp_path: Path, widths: list[int], rows: int, *export_args: str):
+    """(bundle, data): an MLP of Linears of ``widths`` with ReLUs between, exported with
+    ``export_args``, and ``rows`` random rows of 10 classes."""
+    layers = ", nn.ReLU(), ".join(f"nn.Linear({a}, {b})" for a, b in zip(widths, widths[1:], strict=False))
+    factory = tmp_path / "mlp.py"
+    factory.write_text(f"import torch.nn as nn\ndef make():\n    return nn.Sequential({layers})\n")
+    bundle, data = tmp_path / "b", tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.standard_normal((rows, widths[0])).astype(np.float32),
+             y=rng.integers(0, 10, rows))
+    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model", f"{factory}:make",
+                        "--input-shape", f"8,{widths[0]}", *export_args, "--out", str(bundle)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return bundle, data
+
+
 def test_eval_reads_a_large_weight_inside_its_budget(tmp_path):
     """Session 30 probe: `eval --budget 230MB` of a model with one 134 MB weight peaked at 236 MB
     (exit 0): the finiteness check of each weight read held a mask of one byte a value. The
     check now runs a piece at a time (memory.all_finite); the process stays inside."""
-    factory = tmp_path / "wide.py"
-    factory.write_text("import torch.nn as nn\n"
-                       "def make():\n"
-                       "    return nn.Sequential(nn.Linear(512, 4096), nn.ReLU(),\n"
-                       "                         nn.Linear(4096, 8192), nn.ReLU(),\n"
-                       "                         nn.Linear(8192, 10))\n")
-    bundle, data = tmp_path / "b", tmp_path / "d.npz"
-    rng = np.random.default_rng(0)
-    np.savez(data, x=rng.standard_normal((256, 512)).astype(np.float32),
-             y=rng.integers(0, 10, 256))
-    r = subprocess.run([sys.executable, "-m", "runtime", "export", "--model", f"{factory}:make",
-                        "--input-shape", "8,512", "--out", str(bundle)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    bundle, data = _linear_bundle(tmp_path, [512, 4096, 8192, 10], 256)
     r, peak = run_tree_peak([sys.executable, "-m", "runtime", "eval", str(bundle), "--data",
                              str(data), "--threads", "1", "--budget", "230MB"], cwd=REPO)
     assert r.returncode in (0, 2) and "Traceback" not in r.stderr, r.stderr

@@ -460,27 +460,7 @@ def _padding_changes_no_gradient(b, x: dict, y: np.ndarray) -> None:
                                    err_msg=n)
 
 
-def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_path):
-    """A text model exported without --tokenizer (trained from the user's arrays): its
-    ``attention_mask`` input is checked to mark the padding the model ignores
-    (export/padding.py), and its INSTANT layers project the real tokens only, as with a
-    tokenizer. A model that reads its padding keeps no mask."""
-    from runtime.bundle import open_bundle
-
-    out = _ok(_cli("export", "--model", encoder_bundle.parent / "encoder.onnx", "--out",
-                   tmp_path / "b", "--output", "token_embeddings", "--head", 2, "--pool", "mean",
-                   "--input-shape", "8,16:int64;8,16:int64", "--trainable", "*layers.1.*"))
-    assert "input 'attention_mask' marks the padding" in out, out
-    b = open_bundle(tmp_path / "b")
-    assert b.manifest.text is None
-    rng = np.random.default_rng(3)
-    keep = rng.integers(1, 16, 12)
-    mask = (np.arange(16)[None] < keep[:, None]).astype(np.int64)
-    x = {"input_ids": rng.integers(1000, 5000, (12, 16)), "attention_mask": mask}
-    _padding_changes_no_gradient(b, x, rng.integers(0, 2, 12))
-
-    # mean over every position, padding included: the output reads the padding
-    (tmp_path / "reads.py").write_text(textwrap.dedent('''
+READS_MODEL = '''
         import torch
         from torch import nn
 
@@ -497,14 +477,10 @@ def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_
         def build():
             torch.manual_seed(0)
             return Reads()
-    '''))
-    out = _ok(_cli("export", "--model", f"{tmp_path / 'reads.py'}:build", "--out",
-                   tmp_path / "r", "--input-shape", "8,16:int64;8,16:int64"))
-    assert "marks the padding" not in out
-    # session 29 probe: a zero-initialised gate mixing each token with the next ignores the
-    # padding only at its initial weights; once it trained, INSTANT (even at full rank) dropped
-    # the padded rows' share of the Linear's gradient. Checked at moved weights too: no mask
-    (tmp_path / "gated.py").write_text(textwrap.dedent('''
+'''
+
+
+GATED_MODEL = '''
         import torch
         import torch.nn.functional as F
         from torch import nn
@@ -524,19 +500,10 @@ def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_
         def build():
             torch.manual_seed(0)
             return Gated()
-    '''))
-    out = _ok(_cli("export", "--model", f"{tmp_path / 'gated.py'}:build", "--out",
-                   tmp_path / "g", "--input-shape", "8,12:int64;8,12:int64"))
-    assert "marks the padding" not in out, out
-    r = open_bundle(tmp_path / "r")
-    assert r.layers and not any(ly.token_mask for ly in r.layers), r.layers
-    # session 30 probe: padded embeddings zeroed, then a position parameter added, and
-    # attention without a key mask: the output ignores the tokens at padded positions, but the
-    # padded positions (the position vectors) are read. The mask had gone to every layer and
-    # INSTANT at full rank dropped 102 % of qkv's weight gradient; now only the layers whose
-    # padded outputs reach no output get it (o: its padded rows are pooled away; qkv: its keys
-    # and values there are attended to)
-    (tmp_path / "att.py").write_text(textwrap.dedent('''
+'''
+
+
+ATT_MODEL = '''
         import torch
         import torch.nn.functional as F
         from torch import nn
@@ -557,9 +524,53 @@ def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_
         def build():
             torch.manual_seed(0)
             return Att()
-    '''))
-    out = _ok(_cli("export", "--model", f"{tmp_path / 'att.py'}:build", "--out",
-                   tmp_path / "a", "--input-shape", "8,12:int64;8,12:int64"))
+'''
+
+
+def _export_mask_model(tmp_path: Path, name: str, source: str, out: str, length: int) -> str:
+    """Export the model ``source`` (its ``build()``: token ids and a mask of ``length``) to
+    ``tmp_path / out``; returns what export printed."""
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    return _ok(_cli("export", "--model", f"{tmp_path / name}.py:build", "--out", tmp_path / out,
+                    "--input-shape", f"8,{length}:int64;8,{length}:int64"))
+
+
+def test_a_mask_input_marks_the_padding_without_a_tokenizer(encoder_bundle, tmp_path):
+    """A text model exported without --tokenizer (trained from the user's arrays): its
+    ``attention_mask`` input is checked to mark the padding the model ignores
+    (export/padding.py), and its INSTANT layers project the real tokens only, as with a
+    tokenizer. A model that reads its padding keeps no mask."""
+    from runtime.bundle import open_bundle
+
+    out = _ok(_cli("export", "--model", encoder_bundle.parent / "encoder.onnx", "--out",
+                   tmp_path / "b", "--output", "token_embeddings", "--head", 2, "--pool", "mean",
+                   "--input-shape", "8,16:int64;8,16:int64", "--trainable", "*layers.1.*"))
+    assert "input 'attention_mask' marks the padding" in out, out
+    b = open_bundle(tmp_path / "b")
+    assert b.manifest.text is None
+    rng = np.random.default_rng(3)
+    keep = rng.integers(1, 16, 12)
+    mask = (np.arange(16)[None] < keep[:, None]).astype(np.int64)
+    x = {"input_ids": rng.integers(1000, 5000, (12, 16)), "attention_mask": mask}
+    _padding_changes_no_gradient(b, x, rng.integers(0, 2, 12))
+
+    # mean over every position, padding included: the output reads the padding
+    out = _export_mask_model(tmp_path, "reads", READS_MODEL, "r", 16)
+    assert "marks the padding" not in out
+    # session 29 probe: a zero-initialised gate mixing each token with the next ignores the
+    # padding only at its initial weights; once it trained, INSTANT (even at full rank) dropped
+    # the padded rows' share of the Linear's gradient. Checked at moved weights too: no mask
+    out = _export_mask_model(tmp_path, "gated", GATED_MODEL, "g", 12)
+    assert "marks the padding" not in out, out
+    r = open_bundle(tmp_path / "r")
+    assert r.layers and not any(ly.token_mask for ly in r.layers), r.layers
+    # session 30 probe: padded embeddings zeroed, then a position parameter added, and
+    # attention without a key mask: the output ignores the tokens at padded positions, but the
+    # padded positions (the position vectors) are read. The mask had gone to every layer and
+    # INSTANT at full rank dropped 102 % of qkv's weight gradient; now only the layers whose
+    # padded outputs reach no output get it (o: its padded rows are pooled away; qkv: its keys
+    # and values there are attended to)
+    out = _export_mask_model(tmp_path, "att", ATT_MODEL, "a", 12)
     masked = {ly.name: bool(ly.token_mask) for ly in open_bundle(tmp_path / "a").layers}
     assert masked == {"qkv": False, "o": True}, (masked, out)
     assert "the outputs of 1 INSTANT layer(s) at padded positions reach the model's outputs " \

@@ -1002,10 +1002,7 @@ torch.onnx.export(Bufs().eval(), (torch.randn(2, 3, 16, 16),), sys.argv[1], dyna
                   opset_version=17, input_names=["x"], output_names=["logits"],
                   dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
 """
-    onnx_file = tmp_path / "bufs.onnx"
-    r = subprocess.run([sys.executable, "-c", code, str(onnx_file)], capture_output=True,
-                       text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr[-1500:]
+    onnx_file = _torch_onnx(code, tmp_path / "bufs.onnx")
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "b" / "params.npz") as z:
@@ -1019,6 +1016,14 @@ torch.onnx.export(Bufs().eval(), (torch.randn(2, 3, 16, 16),), sys.argv[1], dyna
              "patch.*,ln.*,fc.*,head.*,onnx::*")
     assert r.returncode == 0 and "like buffers" not in r.stdout, r.stdout + r.stderr
     assert "one-value tensor" not in r.stdout, r.stdout  # (none here: no word of them)
+
+
+def _torch_onnx(code: str, path: Path) -> Path:
+    """``path``, written by ``python -c code path`` (a torch model exported to .onnx)."""
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-1500:]
+    return path
 
 
 def test_a_named_scalar_of_an_onnx_file_that_stays_constant_is_named(tmp_path):
@@ -1042,10 +1047,7 @@ torch.onnx.export(Scal().eval(), (torch.randn(2, 16),), sys.argv[1], dynamo=Fals
                   opset_version=17, input_names=["x"], output_names=["y"],
                   do_constant_folding=False, dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
 """
-    onnx_file = tmp_path / "scal.onnx"
-    r = subprocess.run([sys.executable, "-c", code, str(onnx_file)], capture_output=True,
-                       text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr[-1500:]
+    onnx_file = _torch_onnx(code, tmp_path / "scal.onnx")
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr
     assert "note: t: one-value tensor(s) that stay constant" in r.stdout, r.stdout
