@@ -121,9 +121,7 @@ def _touch(addresses: np.ndarray) -> None:
 
 def _trim_heap() -> None:
     """Give the heap's free pages back to the OS (glibc's ``malloc_trim``): a probe reusing
-    them copied them from this process, and with the tree counted a budget that fits one
-    process was refused (session 30 review: 60 MB of freed small objects stopped a probe whose
-    own RSS never grew)."""
+    them would copy them from this process, and the tree would hold both copies."""
     try:
         import ctypes
 
@@ -132,23 +130,11 @@ def _trim_heap() -> None:
         pass
 
 
-def _private_dirty() -> int:
-    """This process's ``Private_Dirty`` bytes (``/proc/self/smaps_rollup``; 0 where unreadable):
-    after a fork, its pages that no child maps (the originals of pages a probe wrote, which the
-    probe's RSS counts only as its copies)."""
-    return _proc_kb("/proc/self/smaps_rollup", b"Private_Dirty:")
-
-
 def _rss(pid: int) -> int:
-    return _proc_kb(f"/proc/{pid}/status", b"VmRSS:")
-
-
-def _proc_kb(path: str, key: bytes) -> int:
-    """Bytes of the ``key`` line (in kB) of a /proc file; 0 where unreadable or gone."""
     try:
-        with open(path, "rb") as f:
+        with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith(key):
+                if line.startswith(b"VmRSS:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -209,14 +195,6 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     chunks = []
     deadline = time.monotonic() + timeout
     over = False
-    # The tree holds the probe's RSS and this process's pages the probe does not map: the
-    # originals of pages it wrote (copy-on-write) are this process's alone again, so its
-    # Private_Dirty grows by them (session 29 probe: the tree 0.3-2.5 MB past budgets being
-    # refused). Counted as the growth since the fork, read every 5th poll; Private_Clean is
-    # not (file pages the probe has not yet touched are in it at first: counting them stopped
-    # probes of budgets that work, session 29).
-    base = _private_dirty() if limit else 0
-    margin, polls = 0, 0
     try:
         while True:
             left = deadline - time.monotonic()
@@ -226,10 +204,7 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
                                  "bundle takes that long on this machine, or it is busy); "
                                  "train with a smaller --batch, or without --budget")
             ready, _, _ = select.select([r], [], [], min(left, 0.002 if limit else 1.0))
-            if limit and polls % 5 == 0:
-                margin = max(0, _private_dirty() - base)
-            polls += 1
-            if limit and _rss(pid) + margin > limit - PROBE_HEADROOM:
+            if limit and _rss(pid) > limit - PROBE_HEADROOM:
                 os.kill(pid, signal.SIGKILL)
                 over = True
                 break

@@ -498,47 +498,6 @@ def test_a_probe_refuses_a_numpy_allocation_that_would_pass_its_stop_line():
         set_limit(None)
 
 
-def test_a_probe_is_stopped_on_the_pages_it_copies_from_the_trainer_too():
-    """The tree of a trainer and its probe holds the probe's RSS plus the trainer's pages the
-    probe no longer maps: the originals of pages it wrote (copy-on-write). A session-29 probe
-    measured the tree 0.3-2.5 MB past budgets being refused; the probe's RSS alone never
-    showed it. Here the probe writes a 32 MB buffer of the trainer's: its RSS stays under the
-    limit, the tree does not, and it is stopped; a probe that only reads the buffer is not."""
-    from runtime.budget import PROBE_HEADROOM, _fork
-    from runtime.memory import current_rss
-
-    held = np.ones(32 << 18, np.float32)  # 32 MB, resident here
-
-    def probe(write: bool):
-        def fn():
-            if write:
-                held[::1024] = 2.0  # one write a page: every page copied
-            else:
-                float(held[::1024].sum())
-            time.sleep(0.5)
-            return {}
-        return fn
-
-    limit = current_rss() + PROBE_HEADROOM + (16 << 20)  # room for 16 MB more, not 32
-    assert _fork(probe(False), limit=limit)["ok"]
-    got = _fork(probe(True), limit=limit)
-    assert not got["ok"] and got.get("over"), got
-    # freed small objects still resident in the trainer's heap, which the probe's allocations
-    # reuse, are not copied (the heap is trimmed first): a probe whose RSS does not grow is
-    # not stopped (session 30 review: it was, with 60 MB of them)
-    freed = [bytearray(4000) for _ in range(15000)]  # 60 MB of heap, written
-    pin = bytearray(4000)  # (keeps the heap's top from being given back on its own)
-    del freed
-
-    def reuse():
-        again = [bytearray(4000) for _ in range(15000)]
-        time.sleep(0.3)
-        return {"n": len(again)}
-
-    assert _fork(reuse, limit=current_rss() + PROBE_HEADROOM + (16 << 20))["ok"]
-    del pin
-
-
 @pytest.mark.parametrize("budget_mb", [
     300,
     pytest.param(530, marks=[pytest.mark.slow, pytest.mark.xfail(strict=False, reason=(
@@ -747,7 +706,6 @@ def test_a_killed_trainers_probes_die_with_it_and_free_its_folder(workload, tmp_
     the same command run again was refused as "in use by another training run")."""
     import os
     import signal
-    import time
 
     bundle, data = workload
     out = tmp_path / "run"
