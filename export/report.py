@@ -25,6 +25,7 @@ matplotlib's Agg canvas is used (no pyplot, no display); the device never import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -298,8 +299,10 @@ def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {out}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):  # (a read-only folder refuses the unlink too)
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}; pass another --out") \
+            from None
     return out
 
 

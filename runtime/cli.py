@@ -576,7 +576,8 @@ def _export(a) -> int:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.export.{os.getpid()}.",
                                     dir=out.parent))
     except OSError as exc:
-        raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
+        raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}; pass another "
+                        "--out") from None
     notes: list[str] = []
     try:
         try:
@@ -787,6 +788,14 @@ def _cmd_eval(a) -> int:
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
         run_src = weights
         weights = trained_weights(weights, "--weights")
+    elif weights is not None and weights.name == "latest" and weights.parent.name == "checkpoints":
+        from .checkpoint import newest_checkpoint  # the pointer names the newest checkpoint
+
+        newest = newest_checkpoint(weights.parent)  # (session 30 probe: "re-export the bundle")
+        if newest is None:
+            raise UserError(f"'{weights}' names no checkpoint that exists; pass the run folder "
+                            "or one of its checkpoints/ckpt-*.npz as --weights")
+        weights = newest[1]
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' "
                             + ("is not a regular file; pass a .npz file or a run folder"

@@ -318,7 +318,8 @@ def _fresh_tmpdir(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.", dir=out.parent))
     except OSError as exc:
-        raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}") from None
+        raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}; pass another "
+                        "--out") from None
 
 
 def _write_onnx(onnx, model, tmp: Path, name: str) -> str | None:

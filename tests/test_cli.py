@@ -159,6 +159,12 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
     line = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz",
                   "--weights", work / "stopped"))
     assert "ckpt-000006.npz" in line, line
+    # the checkpoints' pointer file as --weights: the checkpoint it names (session 30 probe:
+    # read as weights, it said "re-export the bundle")
+    pointer = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz",
+                     "--weights", work / "stopped" / "checkpoints" / "latest"))
+    same = [t.splitlines()[-1].split("; peak RSS")[0] for t in (pointer, line)]
+    assert same[0] == same[1] and "ckpt-000006.npz" in same[0], (pointer, line)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = ok(runtime("export-model", work / "stopped", "--out", "m.onnx", cwd=elsewhere))

@@ -45,14 +45,15 @@ def _replace_refused(monkeypatch, refused):
 
 
 @contextlib.contextmanager
-def _small_disk(tmp_path: Path, size: str):
-    """A tmpfs of ``size`` mounted for the block: a disk that fills up (root only)."""
+def _small_disk(tmp_path: Path, size: str, options: str = ""):
+    """A tmpfs of ``size`` mounted for the block: a disk that fills up (root only;
+    ``options``: more mount options, e.g. "ro,")."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root to mount a tmpfs")
     small = tmp_path / "small"
     small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)],
-                      capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size={size}", "tmpfs",
+                       str(small)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield small
@@ -294,6 +295,19 @@ def test_a_symbolic_link_loop_as_a_path_is_one_error_line(cli, mlp_bundle, tmp_p
     (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
     r = cli("export-model", tmp_path / "r", "--out", tmp_path / "loopA" / "q.onnx")
     _one_line(r, "a symbolic link that leads back to itself", "loopA")
+
+
+def test_a_read_only_out_names_another_out_as_the_way(cli, mlp_bundle, tmp_path):
+    """Session 30 probe: on a read-only mount, `export`, `export-model` and `report` named the
+    problem but no way out (`report` through the generic "check the path" line: its clean-up
+    of the temporary file failed too)."""
+    r = cli("train", mlp_bundle, "--data", "digits", "--steps", "2", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    with _small_disk(tmp_path, "1m", "ro,") as ro:
+        for argv in (("export", "--model", "mlp", "--out", ro / "b"),
+                     ("export-model", tmp_path / "r", "--out", ro / "m.onnx"),
+                     ("report", tmp_path / "r", "--out", ro / "r.png")):
+            _one_line(cli(*argv), "Read-only file system", "pass another --out")
 
 
 def test_the_next_export_drops_what_a_killed_one_left(tmp_path):
