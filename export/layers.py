@@ -334,12 +334,17 @@ def mask_padding(layers: list[CompressedLayer], mask: str, length: int,
     if mask not in {i.name for i in forward.graph.input}:
         return 0
     count = 0
-    for ly in layers:
-        if ly.kind == "linear" and ly.rank3 and not ly.seq_first and not ly.flat \
-                and ly.tokens == length:
-            ly.token_mask = mask
-            count += 1
+    for ly in over_tokens(layers, length):
+        ly.token_mask = mask
+        count += 1
     return count
+
+
+def over_tokens(layers: list[CompressedLayer], length: int) -> list[CompressedLayer]:
+    """The Linears of ``layers`` over a token axis of ``length`` ([N, L, C]): those a padding
+    mask of that length can apply to."""
+    return [ly for ly in layers if ly.kind == "linear" and ly.rank3 and not ly.seq_first
+            and not ly.flat and ly.tokens == length]
 
 
 def share_activation_bases(layers: list[CompressedLayer]) -> None:

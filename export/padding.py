@@ -169,19 +169,17 @@ def mask_checked(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic
     """Give the padding mask ``found`` (:func:`padding_mask`) to the layers over its tokens
     whose padded rows reach no output (:func:`layers_ignoring_padding`), with a note on what
     was and was not masked. Returns how many layers got it."""
-    from .layers import mask_padding
+    from .layers import mask_padding, over_tokens
 
     mask, length = found
     keep = layers_ignoring_padding(traced, shapes, bounds, dynamic_batch, mask, length, layers,
                                    params)
-    over = [ly for ly in layers if ly.kind == "linear" and ly.rank3 and not ly.seq_first
-            and not ly.flat and ly.tokens == length]
     count = mask_padding([ly for ly in layers if ly.name in keep], mask, length, forward)
     if notes is not None and count:
         notes.append(f"note: input '{mask}' marks the padding (checked: the output ignores the "
                      f"tokens where it is 0, and the outputs of {count} INSTANT layer(s) over "
                      f"its {length} tokens there); those project the real tokens only")
-    left = [ly.name for ly in over if ly.name not in keep]
+    left = [ly.name for ly in over_tokens(layers, length) if ly.name not in keep]
     if notes is not None and left:
         notes.append(f"note: input '{mask}' marks the padding, but the outputs of "
                      f"{len(left)} INSTANT layer(s) at padded positions reach the model's "
@@ -202,8 +200,9 @@ def layers_ignoring_padding(traced: Traced, shapes: Shapes, bounds: dict[str, in
     attention (no key mask) read them: it passed, and INSTANT dropped their share of the
     q/k/v weight gradient (102 % error at full rank). Each layer's output gets noise at the
     padded positions (an Add on a graph input) and the outputs must not move."""
-    cand = [ly for ly in layers if ly.kind == "linear" and ly.rank3 and not ly.seq_first
-            and not ly.flat and ly.tokens == length]
+    from .layers import over_tokens
+
+    cand = over_tokens(layers, length)
     if not cand:
         return set()
     feeds = _feeds(traced, shapes, bounds, mask, length)

@@ -64,12 +64,15 @@ def _candidate_params(traced: Traced) -> list[str]:
 def _scalars(traced: Traced, cands: list[str]) -> list[str]:
     """The float one-element initializers of an ONNX file that nodes read and that are not
     parameters by role (see ``_candidate_params``)."""
-    if traced.from_torch:
-        return []
-    used = {i for n in traced.model.graph.node for i in n.input}
-    return [i.name for i in traced.model.graph.initializer
+    return [] if traced.from_torch else _one_value(traced.model, set(cands))
+
+
+def _one_value(model: onnx.ModelProto, exclude: set[str]) -> list[str]:
+    """The float one-element initializers of ``model`` that nodes read, but for ``exclude``."""
+    used = {i for n in model.graph.node for i in n.input}
+    return [i.name for i in model.graph.initializer
             if i.data_type == TensorProto.FLOAT and int(np.prod(i.dims)) < 2
-            and i.name in used and i.name not in cands]
+            and i.name in used and i.name not in exclude]
 
 
 def _group_norm_constants(g, inits) -> set[str]:
@@ -267,9 +270,6 @@ def named_scalars(model: onnx.ModelProto, params: list[str]) -> list[str]:
     """Float one-value initializers that nodes read, that are not among ``params`` and whose
     names an exporter did not make up (``onnx::Mul_12``, ``/layer/Constant_output_0``,
     ``_val_3``): a module's own scalar, a parameter or a buffer."""
-    used = {i for n in model.graph.node for i in n.input}
     made_up = ("onnx::", "/", "_val", "val_", "Constant", "const")
-    return [i.name for i in model.graph.initializer
-            if i.data_type == onnx.TensorProto.FLOAT and int(np.prod(i.dims)) < 2
-            and i.name in used and i.name not in params
-            and not any(m in i.name for m in made_up) and not i.name.startswith("_")]
+    return [n for n in _one_value(model, set(params))
+            if not any(m in n for m in made_up) and not n.startswith("_")]

@@ -675,7 +675,7 @@ def _cmd_train(a) -> int:
     from .checkpoint import CheckpointWriteError, TrainingInterrupted
     from .config import OptimConfig, RunConfig
     from .errors import UserError
-    from .run import RunFinished, RunFolder, run_identity, train
+    from .run import RunFinished, RunFolder, finished_already, run_identity, train
     from .trainer import Trainer
 
     budget, prof = _budget_and_profile(a)
@@ -707,7 +707,7 @@ def _cmd_train(a) -> int:
     ok = False
     try:
         if run_cfg.resume:  # (a finished run's resume ran every planning probe first)
-            _finished_already(out, run_cfg.steps)
+            finished_already(out, run_cfg.steps)
         trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch,
                                say))
         trainer.open_sessions()
@@ -743,24 +743,6 @@ def _cmd_train(a) -> int:
                 f"over --budget {summary.budget / 1e6:.0f} MB; its results are kept; please "
                 "report it with the bundle and the command")  # summary's middle, exit 0)
     return 0
-
-
-def _finished_already(out: Path, steps: int) -> None:
-    """Raise ``RunFinished`` where ``out``'s newest checkpoint is of step ``steps`` and its
-    ``params.npz`` was written with or after it (session 30 probe: such a resume ran the budget's
-    probes, up to 823 MB of the tree, before it said the run had finished; ``train`` checks the
-    loaded checkpoint the same way, run.py)."""
-    from .checkpoint import newest_checkpoint
-    from .run import RunFinished
-
-    newest = newest_checkpoint(out / "checkpoints")
-    try:
-        done = newest is not None and newest[0] == steps and \
-            (out / "params.npz").stat().st_mtime >= newest[1].stat().st_mtime
-    except OSError:
-        done = False
-    if done:
-        raise RunFinished(out, steps)
 
 
 def _cmd_eval(a) -> int:
@@ -840,10 +822,11 @@ def _cmd_eval(a) -> int:
     print(f"{which} examples: {len(target)}, loss {loss:.4f}"
           + (f", accuracy {acc:.3f}" if acc is not None else "")
           + f" (weights: {weights or 'initial'}; peak RSS {peak_rss() / 1e6:.1f} MB)")
-    if budget is not None and peak_rss() > budget:  # (as train says it: session 30 probe)
+    peak = peak_rss()
+    if budget is not None and peak > budget:  # (as train says it: session 30 probe)
         from .console import say_err
 
-        say_err(f"warning: this evaluation passed its budget: peak {peak_rss() / 1e6:.1f} MB "
+        say_err(f"warning: this evaluation passed its budget: peak {peak / 1e6:.1f} MB "
                 f"over --budget {budget / 1e6:.0f} MB; please report it with the bundle and the "
                 "command")
     return 0

@@ -56,7 +56,7 @@ from .run_log import Metrics, StepStats, step_logged
 from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
 
 __all__ = ["Metrics", "Order", "RunFinished", "RunFolder", "ShrinkGuard", "StepStats", "Summary",
-           "train"]
+           "finished_already", "train"]
 
 
 @dataclass
@@ -278,15 +278,27 @@ def _diverged(trainer: Trainer, what: str, good: Path | None, streak: bool = Fal
                        "and start again with --overwrite")
 
 
-def _params_current(out: Path | None, ckpt) -> bool:
-    """Whether ``out/params.npz`` holds the weights of the checkpoint just loaded (written
-    with or after it; a finished run resumed for more steps and stopped has an older one,
-    which the resume to its new end rewrites)."""
+def _params_current(out: Path | None, checkpoint: Path | None) -> bool:
+    """Whether ``out/params.npz`` holds the weights of ``checkpoint`` (written with or after
+    it; a finished run resumed for more steps and stopped has an older one, which the resume
+    to its new end rewrites)."""
     try:
-        return out is not None and ckpt is not None and ckpt.loaded is not None and \
-            (out / "params.npz").stat().st_mtime >= ckpt.loaded.stat().st_mtime
+        return out is not None and checkpoint is not None and \
+            (out / "params.npz").stat().st_mtime >= checkpoint.stat().st_mtime
     except OSError:
         return False
+
+
+def finished_already(out: Path, steps: int) -> None:
+    """Before planning: raise ``RunFinished`` where ``out``'s newest checkpoint is of step
+    ``steps`` and its ``params.npz`` holds its weights, as ``train`` finds once it has loaded
+    that checkpoint (session 30 probe: such a resume ran the budget's probes, up to 823 MB of
+    the tree, before it said the run had finished)."""
+    from .checkpoint import newest_checkpoint
+
+    newest = newest_checkpoint(out / "checkpoints")
+    if newest is not None and newest[0] == steps and _params_current(out, newest[1]):
+        raise RunFinished(out, steps)
 
 
 class RunFinished(Exception):
@@ -374,7 +386,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
-    if resumed and trainer.step_count == cfg.steps and _params_current(out, ckpt):
+    if resumed and trainer.step_count == cfg.steps and _params_current(
+            out, ckpt.loaded if ckpt is not None else None):
         raise RunFinished(out, cfg.steps)  # (it said "resumed", appended to the finished log)
     if resumed and trainer.step_count > cfg.steps:  # it trained nothing and said "resumed"
         raise UserError(f"the run in '{out}' is already at step {trainer.step_count}, past "

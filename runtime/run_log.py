@@ -103,23 +103,26 @@ def _empty(path: Path) -> None:
 
 
 def last_logged_step(path: Path) -> int:
-    """The step of the last whole event in ``path`` that names one (0: none, no file, not a
-    regular file). Steps only grow along the file, so its last MiB is enough."""
+    """The step of the last event in ``path`` that names one (0: none, no file, not a regular
+    file), read from the end as :func:`_cut_after` reads it (steps only grow along the file)."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return 0
         with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 20)))
-            tail = f.read()
+            end = f.seek(0, os.SEEK_END)
+            while end > 0:
+                start = _line_start(f, end)
+                if end - start <= MAX_EVENT_BYTES:
+                    f.seek(start)
+                    try:
+                        step = json.loads(f.read(end - start)).get("step")
+                    except (ValueError, AttributeError):
+                        step = None  # a half-written or cut line, or not an event
+                    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+                        return step
+                end = start
     except OSError:
         return 0
-    for line in reversed(tail.split(b"\n")):
-        try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            continue  # a half-written or cut line
-        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
-            return step
     return 0
 
 

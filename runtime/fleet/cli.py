@@ -361,13 +361,12 @@ def _client(a) -> int:
         with _signals_stop(local):  # (the budget's probes too: session 30 review)
             tensors = sum(v.nbytes for v in local.get_trainable().values())
             local.prepare(a.batch, reserve=TRANSFER_FACTOR * tensors)  # the budget plan, once
-        print(f"fleet client: {len(local.data)} training examples"
-              + (f" (partition {a.partition})" if partition else "")
-              + f", {a.steps} steps of {a.batch} per round"
-              + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}"
-              + (f"; its earlier run in {out} trained {local.trainer.step_count} steps, counted "
-                 "on from there" if local.trainer.step_count else ""), flush=True)
-        with _signals_stop(local):
+            print(f"fleet client: {len(local.data)} training examples"
+                  + (f" (partition {a.partition})" if partition else "")
+                  + f", {a.steps} steps of {a.batch} per round"
+                  + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}"
+                  + (f"; its earlier run in {out} trained {local.trainer.step_count} steps, "
+                     "counted on from there" if local.trainer.step_count else ""), flush=True)
             return run_client(local, address, a.steps, a.batch,
                               connect_timeout=connect_timeout)
     except BaseException:  # (an error, or a signal while it waited for the server)
