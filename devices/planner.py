@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-__all__ = ["BudgetError", "MemoryModel", "Plan", "balanced", "make_plan", "smaller_micro_batch"]
+__all__ = ["BudgetError", "MemoryModel", "Plan", "balanced", "larger_micro_batch", "make_plan",
+           "plan_at", "smaller_micro_batch"]
 
 
 class BudgetError(ValueError):
@@ -143,6 +144,19 @@ def smaller_micro_batch(batch: int, m: int) -> int:
     return balanced(batch, max(1, min(-(-batch // (parts + 1)), int(m * 0.8))))
 
 
+def _calib_for(model: MemoryModel, budget: int, m: int, instant: bool) -> int:
+    """The largest calibration micro-batch that fits next to micro-batch ``m`` (0: none)."""
+    if not instant:
+        return 0
+    return _largest(lambda c: model.arena_calib(c) <= model.cap_for(budget, m, c), 1, m) or 0
+
+
+def larger_micro_batch(batch: int, m: int) -> int:
+    """The next micro-batch to try above ``m`` when ``m`` fitted at its real size with room to
+    spare: about twice as many samples per part (balanced), at most the batch."""
+    return balanced(batch, min(batch, 2 * max(1, m)))
+
+
 def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Plan:
     """The largest micro-batch (≤ batch) at which the energy-rule ranks still fit, the largest
     calibration micro-batch that fits next to it, and the arena cap the budget leaves.
@@ -150,14 +164,8 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
     Raises:
         BudgetError: not even micro-batch 1 at rank 1 fits; the message states the minimum.
     """
-    def calib_for(m: int) -> int:
-        if not instant:
-            return 0
-        ok = _largest(lambda c: model.arena_calib(c) <= model.cap_for(budget, m, c), 1, m)
-        return ok or 0
-
     def fits(m: int, saved: int) -> bool:
-        mc = calib_for(m)
+        mc = _calib_for(model, budget, m, instant)
         if instant and mc == 0:
             return False
         return model.arena_step(m, saved) <= model.cap_for(budget, m, mc)
@@ -174,10 +182,21 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
             f"budget {budget / 1e6:.0f} MB is below the minimum {need / 1e6 + 1:.0f} MB for this "
             f"bundle ({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB",
             need=int(need), why=why)
-    m = balanced(batch, m)  # fits: it is no larger
-    mc = calib_for(m)
+    return plan_at(model, budget, balanced(batch, m), instant)  # fits: it is no larger
+
+
+def plan_at(model: MemoryModel, budget: int, m: int, instant: bool,
+            saved_floor: int = 0) -> Plan:
+    """The plan at micro-batch ``m``: the largest calibration micro-batch that fits next to it
+    (1 where none does), the arena cap the budget leaves and the compressed-activation bytes
+    per sample that cap leaves, no fewer than ``saved_floor`` (a plan above what the model
+    says fits, for a probe at its real size to decide: ``runtime.budget``)."""
+    mc = (_calib_for(model, budget, m, instant) or 1) if instant else 0
     cap = model.cap_for(budget, m, mc)
-    saved = model.saved_within(cap, m) if instant else None
+    saved = None
+    if instant:
+        saved = max(model.saved_within(cap, m), saved_floor)
+        saved = min(saved, model.saved_max) if model.saved_max else saved
     # expected at the energy-rule ranks; the arena cap bounds every other case
     peak = model.peak(m, mc, min(saved, model.saved_want) if saved is not None else 0)
     breakdown = {

@@ -8,6 +8,7 @@ compares to 1e-6. Shapes are left open, so one graph serves every parameter.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
@@ -40,7 +41,8 @@ def adamw_graph(opset: int = 17) -> onnx.ModelProto:
         n("Sub", ["one", "b2"], ["omb2"]),
         n("Mul", ["g", "g"], ["g2"]),
         n("Mul", ["g2", "omb2"], ["g2_b"]),
-        n("Add", ["v_b", "g2_b"], ["v_out"]),
+        n("Add", ["v_b", "g2_b"], ["v_sum"]),
+        n("Min", ["v_sum", "fmax"], ["v_out"]),  # an overflowed g² stays finite (runtime/optim.py)
         n("Mul", ["lr", "wd"], ["lrwd"]),
         n("Sub", ["one", "lrwd"], ["decay"]),
         n("Mul", ["p", "decay"], ["p_d"]),
@@ -55,6 +57,8 @@ def adamw_graph(opset: int = 17) -> onnx.ModelProto:
     m = _model(nodes, ["p", "g", "m", "v"], ["lr", "b1", "b2", "eps", "wd", "c1", "c2"],
                ["p_out", "m_out", "v_out"], "adamw_step", opset)
     m.graph.initializer.append(helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]))
+    m.graph.initializer.append(helper.make_tensor("fmax", TensorProto.FLOAT, [],
+                                                  [float(np.finfo(np.float32).max)]))
     return m
 
 

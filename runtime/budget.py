@@ -35,11 +35,20 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
 from contract import UserError, names
-from devices.planner import BudgetError, MemoryModel, Plan, make_plan, smaller_micro_batch
+from devices.planner import (
+    BudgetError,
+    MemoryModel,
+    Plan,
+    larger_micro_batch,
+    make_plan,
+    plan_at,
+    smaller_micro_batch,
+)
 
 from .calibrate import GramWindow, Spectrum, basis, decompose_bytes, gram_vectors, spectrum_width
 from .memory import WouldPassLimit, current_rss, forked_child, physical_ram, set_limit
@@ -82,6 +91,8 @@ class BudgetTooSmall(UserError):
 # (2 ms apart) stays inside the limit (measured overshoot 0.3-3 MB; session 30 probe: with 4 MB
 # a probe writing a 120 MB weight's gradient reached 500.1 and 502.8 MB under 500, 2 of 13)
 PROBE_HEADROOM = 8 << 20
+STEP_UP_ROOM = 0.10  # of the budget left unused by a validated plan: probe a larger micro-batch
+STEP_UP_TRIES = 3
 MIN_FACTOR = 1.25  # stated minimum / estimated need (see _stated_minimum)
 
 
@@ -267,9 +278,20 @@ def _data_fixed_bytes(data) -> int:
     """The data's bytes that do not grow with the micro-batch: the batch order over its rows
     (order.Order, made at the first step: 26 MB for 6.5 million rows), and the source's transient
     bytes of a read (decoding the largest image of a folder: up to ~10 bytes a pixel for a
-    16-bit PNG). The probes read a few random rows and would miss both."""
-    fixed = getattr(data, "bytes_fixed", None)
-    return order_bytes(len(data)) + (int(fixed()) if callable(fixed) else 0)
+    16-bit PNG). The probes read a few random rows and would miss both. A held-out source
+    (``--val``) is read by the same process between steps: its largest read counts too (session
+    31 probe: a 6000x6000 image in --val took a run planned at 92 MB to 265 MB)."""
+    return order_bytes(len(data)) + _largest_read(data)[0]
+
+
+def _largest_read(data) -> tuple[int, str | None]:
+    """(bytes, the image's name) of the largest read of the training or held-out source."""
+    reads = []
+    for d, where in ((data, ""), (getattr(data, "test", None), " of the held-out data")):
+        f, name = getattr(d, "bytes_fixed", None), getattr(d, "largest_image", None)
+        if callable(f):
+            reads.append((int(f()), name and name + where))
+    return max(reads, key=lambda r: r[0], default=(0, None))
 
 
 def _grams_bytes(trainer: Trainer, batch: int) -> int:
@@ -322,8 +344,11 @@ def _full_rank_bases(trainer: Trainer, batch: int) -> None:
 
 
 def _calibration_rows(trainer: Trainer, batch: int) -> int:
-    """The most samples one calibration sums: ``--calib-batches`` batches."""
-    return max(1, batch) * trainer.config.instant.calib_batches
+    """The most samples one calibration sums: ``--calib-batches`` batches of the run's batch
+    (``trainer.train_batch``, where set: planned at a --micro-batch cap, the rows had been 4 × 2
+    for a batch of 600, and 1200 vectors took the 1536-wide Grams from a 292 MB validated plan
+    to 444 MB under --budget 350MB: session 31 probe)."""
+    return max(1, batch, trainer.train_batch or 0) * trainer.config.instant.calib_batches
 
 
 def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
@@ -478,7 +503,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
 
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams - decode
     if cap0 <= 0:
-        largest = getattr(data, "largest_image", None)
+        largest = _largest_read(data)[1]
         what = ((", and decoding its largest image" + (f" ({largest}: shrink or remove it)")
                  if largest else ", and the order of its rows")  # (an .npz has no image)
                 + f" up to {decode / 1e6:.0f} MB" if decode >= 1 << 20 else "")
@@ -510,9 +535,10 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         if check["ok"] and check["peak"] <= budget:
             for line in steps_down:
                 log(line)
-            return Plan(**{**plan.__dict__, "breakdown": {
-                **plan.breakdown, "validated peak (probe at this plan, measured by wait4)":
-                    check["peak"]}})
+            if not steps_down:
+                plan, check = _step_up(plan, check, batch, budget - int(reserve), forked,
+                                       lambda p: _validate(trainer, data, batch, p), log)
+            return _validated(plan, check["peak"])
         if not check["ok"] and not check["oom"]:
             raise _failed(check, "the validation probe failed")
         if plan.micro_batch == 1:
@@ -532,11 +558,44 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     raise BudgetTooSmall("no micro-batch validated at its real size", budget + margin)
 
 
+def _validated(plan: Plan, peak: int) -> Plan:
+    return Plan(**{**plan.__dict__, "breakdown": {
+        **plan.breakdown, "validated peak (probe at this plan, measured by wait4)": peak}})
+
+
+def _step_up(plan: Plan, check: dict, batch: int, limit: int, forked, validate,
+             log: Callable[[str], None]) -> tuple[Plan, dict]:
+    """A larger micro-batch where the plan's probe left more than ``STEP_UP_ROOM`` of the
+    budget unused (``limit``: the budget less what the caller keeps free). The memory model is
+    a line through probes at micro-batches 1, 2 and 8; a pass whose working memory jumps once
+    instead of growing with the micro-batch makes it predict too much for every larger one
+    (session 31: onnxruntime took a weight's size, 139 MB, more at micro-batch 8 than at 2 for
+    a 4096×8192 Linear, cause not traced; a run that fitted at micro-batch 32 under 1000 MB
+    was planned at 6 under 1040, 2.2× slower a step). Each larger micro-batch is probed at its
+    real size under its own cap, keeping the compressed-activation bytes the energy rule asks
+    for; the first that does not fit ends the search."""
+    model, planned = plan.model, plan.micro_batch
+    for _ in range(STEP_UP_TRIES):
+        m = plan.micro_batch or batch
+        if m >= batch or model is None or limit - check["peak"] < STEP_UP_ROOM * plan.budget:
+            break
+        up = plan_at(model, plan.budget, larger_micro_batch(batch, m),
+                     plan.saved_budget is not None, saved_floor=model.saved_want)
+        if up.arena_cap <= 0:
+            break
+        got = forked(lambda p=up: validate(p))
+        if not (got["ok"] and got["peak"] <= limit):
+            break
+        plan, check = replace(up, predicted_peak=got["peak"]), got
+    if plan.micro_batch != planned:
+        log(f"budget: micro-batch {plan.micro_batch} fits at its real size (probe peak "
+            f"{check['peak'] / 1e6:.1f} MB), above the memory model's {planned}")
+    return plan, check
+
+
 def _warm_up(trainer: Trainer, data) -> None:
     """One pass of every kind at micro-batch 1 (code pages fault in, kernels initialise), then
     the arena is shrunk back: what remains is the run's fixed cost."""
-    from dataclasses import replace
-
     rng = np.random.default_rng(999)
     cfg = trainer.config
     trainer.use_plan(Plan(micro_batch=1, calib_micro_batch=1, eval_micro_batch=1))
@@ -641,8 +700,6 @@ def _energy_ranks(trainer: Trainer) -> dict[str, list[int]]:
 
 
 def _one_batch(cfg):
-    from dataclasses import replace
-
     return replace(cfg, instant=replace(cfg.instant, calib_batches=1))
 
 
@@ -680,8 +737,6 @@ def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, g
 def _validate(trainer: Trainer, data, batch: int, plan: Plan) -> dict:
     """(In a probe process.) The plan at its real size under its own cap: a calibration whose
     ranks fill the planned memory, a full step, an evaluation pass."""
-    from dataclasses import replace
-
     use_arena(plan.arena_cap)
     trainer.use_plan(plan)
     trainer.open_sessions()

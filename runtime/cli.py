@@ -392,6 +392,7 @@ def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log)
         use_arena(None)
         m = micro
         return Plan(micro_batch=m, calib_micro_batch=m, eval_micro_batch=m)
+    trainer.train_batch = min(batch, len(data))  # (a calibration sums whole batches)
     plan = plan_for_budget(trainer, data, min(batch, micro or batch), budget, log=log)
     use_arena(plan.arena_cap)
     print_plan(plan, trainer, log=log)

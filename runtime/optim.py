@@ -118,6 +118,9 @@ class SGD:
             st["v"].fill(0.0)
 
 
+_MAX = np.float32(np.finfo(np.float32).max)
+
+
 class AdamW:
     """AdamW (decoupled weight decay, bias-corrected moments; PyTorch defaults)."""
 
@@ -148,6 +151,8 @@ class AdamW:
             np.multiply(g, g, out=s)
             s *= one - b2
             v += s
+            np.minimum(v, _MAX, out=v)  # g² of a finite |g| > 1.8e19 overflows (the step:
+            # m/√v → 0 either way); an inf moment made every checkpoint unresumable
             if self.wd:
                 p *= one - lr * f(self.wd)
             np.divide(v, c2, out=s)

@@ -266,14 +266,23 @@ class RunDiverged(CheckpointWriteError):
 
 
 def _diverged(trainer: Trainer, what: str, good: Path | None, streak: bool = False,
-              before_resume: bool = False) -> RunDiverged:
+              before_resume: bool = False, untrained: bool = False) -> RunDiverged:
     """``good``: the last checkpoint written before the non-finite steps began (or None;
-    ``before_resume``: they began before this run resumed, its older checkpoints are kept)."""
+    ``before_resume``: they began before this run resumed, its older checkpoints are kept;
+    ``untrained``: no update was ever applied, so the learning rate cannot be the cause)."""
     opts = "--lr" + (" or --weight-decay" if trainer.config.optim.weight_decay else "")
     where = (f"the last good checkpoint is {good}" if good else
              "the steps before this resume were non-finite too; its older checkpoints are "
              "kept" if before_resume else
              f"no checkpoint was written before {'them' if streak else 'it'}")
+    if untrained:  # (session 31 probe: targets of 1e20 were told to lower --lr, 1e-30 included)
+        optim = trainer.config.optim
+        return RunDiverged(what, where, "no update was applied, so --lr is not the cause: " + (
+            "lower --weight-decay (SGD adds it to the gradient) or scale the data's values "
+            "(inputs or targets) down" if optim.name == "sgd" and optim.weight_decay else
+            "the data's values (inputs or targets) are too large for float32 in the loss or "
+            "its gradient; scale them down or check the data") + ", and start again with "
+            "--overwrite")
     return RunDiverged(what, where, f"lower {opts}{' (or check the data)' if streak else ''} "
                        "and start again with --overwrite")
 
@@ -420,6 +429,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     calib_batch = calibration_samples(trainer.bundle.layers, batch,
                                       trainer.config.instant.calib_samples,
                                       padded=trainer.bundle.manifest.text is not None)
+    last_eval: tuple = (None, None, None)  # (step, loss, accuracy) of --eval-every's last
     with StopSignals() as stop, _abandoned(stop, trainer, bar, metrics, lambda: last_ckpt):
         calib_total = trainer.calib_seconds  # (each calibration event: its own seconds)
         for _ in bar:
@@ -487,11 +497,13 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 bar.close()
                 raise _diverged(trainer, f"non-finite loss or gradient for {tally['nonfinite']} "
                                 f"consecutive steps (up to step {trainer.step_count})", good_ckpt,
-                                streak=True, before_resume=streak_resumed and good_ckpt is None)
+                                streak=True, before_resume=streak_resumed and good_ckpt is None,
+                                untrained=not stats.n and not start)
             bar.set_postfix(loss=f"{r.loss:.4f}")
             if cfg.eval_every and test is not None and trainer.step_count % cfg.eval_every == 0:
                 tl, ta = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
                 metrics.write("eval", step=trainer.step_count, split="val", loss=tl, accuracy=ta)
+                last_eval = (trainer.step_count, tl, ta)
             every = cfg.checkpoint_every
             # none during a non-finite streak (its weights may have diverged: the next periodic
             # one after it), except on a stop (the resume point)
@@ -507,6 +519,14 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 metrics.close()
                 raise TrainingInterrupted(stop.signum, trainer.step_count, last_ckpt)
         bar.close()
+        ran = trainer.step_count - start
+        if ran and not stats.n and tally.get("unlabelled", 0) < ran:
+            # fewer than --max-nonfinite steps, none finite: the run trained nothing (a fleet
+            # round too: its unchanged weights would be averaged in as if it had trained)
+            raise _diverged(trainer, f"every step of this run ({ran}) had a non-finite loss or "
+                            "gradient: no update was applied", good_ckpt, streak=True,
+                            before_resume=streak_resumed and good_ckpt is None,
+                            untrained=not start)
         if ckpt is not None and saved != trainer.step_count:
             state = _snapshot(trainer, order, calib_rng, tally, stats)
             _check_weights(trainer, state[0], good_ckpt)
@@ -536,10 +556,13 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     s.checkpoint = str(last_ckpt) if last_ckpt else None
     s.examples_per_s = batch / s.median_step_s if s.median_step_s else 0.0
     if test is not None:
-        s.test_loss, s.test_acc = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
         s.test_acc_before = acc_before
-        metrics.write("eval", step=trainer.step_count, split="val", loss=s.test_loss,
-                      accuracy=s.test_acc)
+        if last_eval[0] == trainer.step_count:  # --eval-every's pass was at the last step
+            s.test_loss, s.test_acc = last_eval[1:]
+        else:
+            s.test_loss, s.test_acc = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
+            metrics.write("eval", step=trainer.step_count, split="val", loss=s.test_loss,
+                          accuracy=s.test_acc)
     if out is not None:
         trainer.sync_to_host()
         _check_weights(trainer, {f"param/{k}": v for k, v in trainer.params.items()}, good_ckpt)

@@ -125,7 +125,9 @@ def hits(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
     """(correct predictions, labels counted): one label per sample, or per token (pixel) where
     the labels are [N, L] ([N, H, W]) (``names.IGNORE_LABEL`` positions not counted); the
     class axis is the last (:func:`classes_last`)."""
-    right = logits.argmax(-1) == y
+    # a row with a NaN or inf logit predicts nothing (argmax would call it class 0, and
+    # a diverged model scored the data's share of class 0: session 31 probe)
+    right = (logits.argmax(-1) == y) & np.isfinite(logits).all(-1)
     if y.ndim < 2:
         return int(right.sum()), int(y.shape[0])
     keep = y != names.IGNORE_LABEL
@@ -138,7 +140,7 @@ def score(logits: np.ndarray, y: np.ndarray, loss) -> tuple[int, int]:
     the output is a Sigmoid's) of its target (>= 0.5)."""
     if loss.kind == "bce":
         yes = logits >= 0.5 if loss.probabilities else logits > 0
-        return int((yes == (y >= 0.5)).sum()), int(y.size)
+        return int(((yes == (y >= 0.5)) & np.isfinite(logits)).sum()), int(y.size)
     return hits(classes_last(logits, loss), y)
 
 

@@ -525,6 +525,23 @@ def test_a_refused_wide_layer_keeps_every_process_inside_the_budget(tmp_path, bu
     assert peak <= budget_mb * MB, (budget_mb, peak / MB)
 
 
+def test_a_micro_batch_cap_plans_the_calibration_of_the_whole_batch(tmp_path):
+    """Session 31 probe: under --micro-batch 4 the plan counted a calibration's Grams as summing
+    4 × --calib-batches rows, though a calibration sums whole batches (600 here): the 1536-wide
+    Grams' decomposition then took a run planned at 305 MB to 444 MB under --budget 350MB (exit
+    0), where the same run without --micro-batch was refused. It is refused with it too, and
+    the tree stays inside the budget."""
+    bundle, data = _linear_bundle(tmp_path, [1536, 1536, 1536, 10], 1300,
+                                  "--instant-exclude", "none")
+    argv = [sys.executable, "-m", "runtime", "train", str(bundle), "--data", str(data),
+            "--batch", "600", "--micro-batch", "4", "--steps", "2", "--optimizer", "sgd",
+            "--threads", "1", "--no-progress", "--budget", "350MB", "--out", str(tmp_path / "r")]
+    r, peak = run_tree_peak(argv, cwd=REPO, timeout=600)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "below the minimum" in lines[0], r.stderr
+    assert peak <= 350 * MB, peak / MB
+
+
 def _linear_bundle(tmp_path: Path, widths: list[int], rows: int, *export_args: str):
     """(bundle, data): an MLP of Linears of ``widths`` with ReLUs between, exported with
     ``export_args``, and ``rows`` random rows of 10 classes."""
@@ -734,3 +751,38 @@ def test_a_killed_trainers_probes_die_with_it_and_free_its_folder(workload, tmp_
                        capture_output=True, text=True, timeout=300)
     assert "in use by another training run" not in r.stderr, r.stderr
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# Runs the CLI in-process with a memory model that predicts ``sys.argv[1]`` bytes more per sample
+# than the probes measured: a model misled as a pass whose working memory jumps once (not with the
+# micro-batch) misleads it (session 31: onnxruntime took 139 MB more at micro-batch 8 than at 2
+# for a 4096x8192 Linear, and a run that fitted at 32 under 1000 MB was planned at 6 under 1040).
+_OVERESTIMATED = (
+    "import sys, runtime.budget as budget\n"
+    "from dataclasses import replace\n"
+    "real, extra = budget._model, float(sys.argv.pop(1))\n"
+    "def model(*a, **k):\n"
+    "    m = real(*a, **k)\n"
+    "    return replace(m, arena_per_sample=m.arena_per_sample + extra)\n"
+    "budget._model = model\n"
+    "from runtime.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.parametrize("mode", ["instant", "vanilla"])
+def test_a_plan_with_room_to_spare_probes_a_larger_micro_batch(mlp_bundle, tmp_path, mode):
+    """Where the validated plan leaves more than a tenth of the budget unused, larger
+    micro-batches are probed at their real size (the energy rule's compressed bytes kept) and
+    the largest that fits is run; the peak, polled from outside, stays inside the budget."""
+    r = run_measured([sys.executable, "-c", _OVERESTIMATED, str(4 * MB), "train",
+                      str(mlp_bundle), "--data", "digits", "--batch", "32", "--steps", "3",
+                      "--budget", "200MB", "--mode", mode, "--no-progress", "--threads", "1",
+                      "--out", str(tmp_path / "run")], timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    planned = int(re.search(r"plan for budget 200 MB: micro-batch (\d+)", r.stdout)[1])
+    assert planned == 32, r.stdout
+    model = re.search(r"budget: micro-batch 32 fits at its real size \(probe peak [\d.]+ MB\), "
+                      r"above the memory model's (\d+)\n", r.stdout)
+    assert model and int(model[1]) < 32, r.stdout
+    assert "(micro-batch 32)" in r.stdout, r.stdout
+    assert r.peak_polled <= 200 * MB, r.peak_polled

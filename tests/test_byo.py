@@ -866,29 +866,33 @@ def test_a_grey_model_without_a_channel_axis_trains_on_an_image_folder(tmp_path)
         in r.stderr and not (tmp_path / "b2").exists(), r.stderr
 
 
-def test_one_large_image_among_small_ones_is_planned_for(cnn_bundle, tmp_path):
+@pytest.mark.parametrize("where", ["data", "val"])
+def test_one_large_image_among_small_ones_is_planned_for(cnn_bundle, tmp_path, where):
     """A 12-megapixel 16-bit PNG among 8x8 digits: decoding it takes ~115 MB, and the planning
     probes read a few random rows only. The plan counts the largest image's decoding: a run
     under the budget reads every image and its peak, polled from outside, stays inside it; or
     the run is refused in one line, leaves no run folder behind, and the budget it names works
-    in the same --out (before: 139-236 MB measured under budgets of 120-125 MB, exit 0)."""
+    in the same --out (before: 139-236 MB measured under budgets of 120-125 MB, exit 0). In
+    the held-out folder (--val) too (session 31 probe: 265 MB under 120 MB, not planned)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    root = tmp_path / "imgs"
-    for c in range(10):
-        (root / str(c)).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
-                root / str(c) / f"{i}.png")
+    root, val = tmp_path / "imgs", tmp_path / "val"
+    for folder in (root, val):
+        for c in range(10):
+            (folder / str(c)).mkdir(parents=True)
+            for i in range(4 if folder == root else 1):
+                Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(
+                    folder / str(c) / f"{i}.png")
     big = (np.arange(3000 * 4000, dtype=np.uint32) % 65536).astype(np.uint16)
-    Image.fromarray(big.reshape(3000, 4000)).save(root / "3" / "scan.png")
-    assert Image.open(root / "3" / "scan.png").mode.startswith("I;16")
+    scan = (root if where == "data" else val) / "3" / "scan.png"
+    Image.fromarray(big.reshape(3000, 4000)).save(scan)
+    assert Image.open(scan).mode.startswith("I;16")
     out = tmp_path / "run"
 
-    def train(budget_mb: int):  # 6 steps of 8 read all 41 images
-        argv = ["train", cnn_bundle, "--data", root, "--steps", 6, "--batch", 8, "--budget",
-                f"{budget_mb}MB", "--no-progress", "--out", out, "--threads", 1,
+    def train(budget_mb: int):  # 6 steps of 8 read all 41 images (the held-out ones twice)
+        argv = ["train", cnn_bundle, "--data", root, "--val", val, "--steps", 6, "--batch", 8,
+                "--budget", f"{budget_mb}MB", "--no-progress", "--out", out, "--threads", 1,
                 "--mode", "vanilla"]
         return run_measured([sys.executable, "-m", "runtime", *map(str, argv)], timeout=600,
                             cwd=REPO)
@@ -900,11 +904,41 @@ def test_one_large_image_among_small_ones_is_planned_for(cnn_bundle, tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and "below the minimum" in lines[0], \
             r.stderr[-2000:]
         assert not out.exists(), sorted(p.name for p in out.iterdir())
+        assert ("3/scan.png of the held-out data" in lines[0]) == (where == "val"), lines[0]
         budget = int(re.search(r"(?:at least|--budget to|e\.g\. to) (\d+)MB", lines[0])[1])
         r = train(budget)
         assert r.returncode == 0, (budget, r.stderr[-2000:])
     assert r.peak_polled <= budget * MB, (budget, r.peak_polled)
     assert "batch order, largest read" in r.stdout, r.stdout
+
+
+def test_a_progressive_jpeg_too_large_for_the_budget_is_refused_before_its_decoding(
+        cnn_bundle, tmp_path):
+    """Session 31 probe: the index decodes a JPEG at 1/8 scale to check it, and a progressive
+    one keeps every DCT coefficient whatever the scale (CMYK: 8 bytes a pixel); a 6000x6000
+    one took the process to 352 MB before the plan refused --budget 248MB. It is refused
+    before its decoding, in one line, inside the budget."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8), 9 * c, np.uint8)).save(root / str(c) / "0.png")
+    gradient = np.linspace(0, 255, 2500).astype(np.uint8)
+    cmyk = np.stack([np.tile(gradient, (2500, 1)), np.tile(gradient[:, None], (1, 2500)),
+                     np.full((2500, 2500), 90, np.uint8), np.full((2500, 2500), 20, np.uint8)],
+                    -1)
+    Image.fromarray(cmyk, "CMYK").save(root / "3" / "print.jpg", progressive=True, quality=90)
+    argv = ["train", cnn_bundle, "--data", root, "--steps", 2, "--batch", 8, "--budget",
+            "100MB", "--no-progress", "--out", tmp_path / "run", "--threads", 1]
+    r = run_measured([sys.executable, "-m", "runtime", *map(str, argv)], timeout=300, cwd=REPO)
+    assert r.peak_polled <= 100 * MB, r.peak_polled
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert re.match(r"error: image .*3/print\.jpg \(2500x2500\) takes about 5\d MB to decode "
+                    r"\(a progressive JPEG keeps every coefficient\), more than --budget 100MB "
+                    r"leaves beside the \d+ MB already in use; shrink or remove it, or raise "
+                    r"--budget$", lines[0]), lines[0]
 
 
 def test_npz_larger_than_the_budget_trains_inside_it(tmp_path):

@@ -682,6 +682,55 @@ def test_a_non_finite_streak_writes_no_checkpoint_and_names_the_one_before_it(ml
     assert [e["step"] for e in steps] == list(range(1, 10)) and steps[-1]["loss"] is None
 
 
+def test_a_run_whose_every_step_was_skipped_fails_and_blames_the_data(mlp_bundle, tmp_path):
+    """Session 31 probe: 4 steps, all non-finite (fewer than --max-nonfinite), ended exit 0 with
+    "trained weights" holding the bundle's own, and a fleet round of them was averaged in as if
+    it had trained; a streak from the first step, before any update, was told to lower --lr
+    (1e-30 too). Both now stop; the way out names the data, not --lr."""
+    b = open_bundle(mlp_bundle)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^every step of this run \(4\) had a non-finite loss or "
+                                        r"gradient: no update was applied; no checkpoint was "
+                                        r"written before them; no update was applied, so --lr is "
+                                        r"not the cause: the data's values \(inputs or targets\) "
+                                        r"are too large"):
+        train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(1, 100))),
+              RunConfig(steps=4, progress=False), out)
+    assert not (out / "params.npz").exists()
+    with pytest.raises(UserError, match=r"^non-finite loss or gradient for 5 consecutive steps "
+                                        r"\(up to step 5\); no checkpoint was written before them; "
+                                        r"no update was applied, so --lr is not the cause"):
+        train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(1, 100))),
+              RunConfig(steps=9, progress=False))
+    # after finite steps a streak is the learning rate's, as before
+    with pytest.raises(UserError, match=r"\(up to step 6\); no checkpoint was written before "
+                                        r"them; lower --lr \(or check the data\)"):
+        train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(2, 100))),
+              RunConfig(steps=9, progress=False))
+
+
+def test_adamw_moments_of_a_gradient_past_float32s_square_root_resume(mlp_bundle, tmp_path,
+                                                                      cli):
+    """Session 31 probe: inputs of 1e20 (accepted data) gave finite gradients whose squares
+    overflowed AdamW's second moment to inf; the run finished, but every checkpoint held the
+    inf and each --resume refused them all as damaged. The moment now stops at float32's
+    largest value (the update, m/√v, is ~0 either way)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "big.npz", x=rng.normal(size=(200, 64)).astype(np.float32) * 1e20,
+             y=rng.integers(0, 10, 200))
+    args = ("train", mlp_bundle, "--data", tmp_path / "big.npz", "--batch", 16,
+            "--optimizer", "adamw", "--mode", "vanilla", "--checkpoint-every", 3,
+            "--out", tmp_path / "run", "--no-progress", "--threads", 1)
+    r = cli(*args, "--steps", 6)
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "run" / "checkpoints" / "ckpt-000006.npz") as z:
+        moments = [k for k in z.files if k.endswith("/v")]
+        assert moments and all(np.isfinite(z[k]).all() for k in moments)
+        assert max(float(z[k].max()) for k in moments) > 1e38  # the case: g² overflowed
+    r = cli(*args, "--steps", 9, "--resume")
+    assert r.returncode == 0, r.stderr
+
+
 def test_skipped_steps_are_reported_in_the_summary(mlp_bundle, tmp_path, capsys):
     """--max-nonfinite 100 with 9 of 10 steps skipped ended "loss 2.3050 -> 2.3050", rc 0, as
     if it had trained: the summary line and summary.json give the count."""
@@ -701,8 +750,10 @@ def test_a_non_finite_gradient_is_named_and_weight_decay_in_the_way_out(mlp_bund
     b = open_bundle(mlp_bundle)
     tr = Trainer(b, replace(_trainer(mlp_bundle).config,
                             optim=OptimConfig(name="sgd", lr=1e-3, weight_decay=1e38)), Plan())
-    with pytest.raises(UserError, match=r"; no checkpoint was written before them; lower --lr or "
-                                        r"--weight-decay \(or check the data\) and start again"):
+    with pytest.raises(UserError, match=r"; no checkpoint was written before them; no update "
+                                        r"was applied, so --lr is not the cause: lower "
+                                        r"--weight-decay \(SGD adds it to the gradient\) or "
+                                        r"scale the data's values"):
         train(tr, load_data("digits", b), RunConfig(steps=10, max_nonfinite=2, progress=False))
     err = capsys.readouterr().err
     assert re.search(r"^warning: non-finite gradient \(loss \d+\.\d{4}\) at step 1; skipped the "

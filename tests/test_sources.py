@@ -638,12 +638,23 @@ def test_phone_photos_upright_and_at_full_size(tmp_path):
     assert np.abs(portrait - upright).max() < 0.1, portrait  # the same picture, upright
     np.testing.assert_allclose(x[names.index("phone48mp.jpg")], 128 / 255, atol=0.02)
     assert src.largest_image == "a/phone48mp.jpg"
-    # a progressive JPEG keeps its full-size coefficients at any draft scale: planned so (a
-    # 24 MP one decoded at 1/8 took 72 MB), and over 40 MP it is too large
+    # a progressive JPEG keeps its full-size coefficients at any draft scale, 2 bytes each, as
+    # many a pixel as its components at their sampling (grey 1, 4:2:0 colour 1.5, 4:4:4 colour
+    # 3, CMYK 4): planned so (a 24 MP 4:2:0 one decoded at 1/8 took 72 MB; session 31 probe:
+    # 4:4:4 and CMYK took 6 and 8 bytes a pixel, counted at 3), and over 40 MP it is too large
     Image.new("L", (2400, 2000), 7).save(d / "prog.jpg", progressive=True)
     Image.new("L", (8000, 6000), 7).save(d / "prog48mp.jpg", progressive=True, quality=30)
     src = open_images(tmp_path / "imgs", spec, [TensorSpec("x", ["N", 1, 16, 8])], _ce(1))
-    assert src.max_pixels == 1_200_000 and "a/prog48mp.jpg (8000x6000)" in src.problems.summary()
+    assert src.max_pixels == 800_000 and "a/prog48mp.jpg (8000x6000)" in src.problems.summary()
+    Image.new("RGB", (2000, 1800), 7).save(d / "p420.jpg", progressive=True, subsampling=2)
+    src = open_images(tmp_path / "imgs", spec, [TensorSpec("x", ["N", 1, 16, 8])], _ce(1))
+    assert src.max_pixels == 900_000 and src.largest_image == "a/p420.jpg"
+    Image.new("RGB", (2000, 1800), 7).save(d / "p444.jpg", progressive=True, subsampling=0)
+    src = open_images(tmp_path / "imgs", spec, [TensorSpec("x", ["N", 1, 16, 8])], _ce(1))
+    assert src.max_pixels == 1_800_000 and src.largest_image == "a/p444.jpg"
+    Image.new("CMYK", (1800, 1800), (1, 2, 3, 4)).save(d / "cmyk.jpg", progressive=True)
+    src = open_images(tmp_path / "imgs", spec, [TensorSpec("x", ["N", 1, 16, 8])], _ce(1))
+    assert src.max_pixels == 2_160_000 and src.largest_image == "a/cmyk.jpg"
 
 
 def test_image_folder_bad_files_counted(tmp_path, digit_folder):

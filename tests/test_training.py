@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -382,3 +383,31 @@ def test_batches_without_a_labelled_position_are_skipped_not_counted_as_divergen
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: no batch of the run had a labelled position (every label drawn was -100): "
         "nothing was trained; check the data's labels"), r.stderr
+
+
+def test_a_row_with_non_finite_logits_is_never_a_correct_prediction(mlp_bundle: Path,
+                                                                    tmp_path: Path) -> None:
+    """Session 31 probe: a diverged model's NaN logits were argmax'd to class 0, and its
+    accuracy was the data's share of class 0 (0.105 for "all examples: loss nan"); a bce output
+    of NaN read as "no". --eval-every at the last step also ran and logged the final held-out
+    pass twice."""
+    from runtime.trainer import hits, score
+
+    logits = np.array([[np.nan, 0.0], [1.0, 0.0], [np.inf, 0.0], [0.0, 1.0]], np.float32)
+    y = np.array([0, 0, 0, 1])
+    assert hits(logits, y) == (2, 4)
+    tags = np.stack([logits, logits])  # per-token labels, one ignored
+    assert hits(tags, np.array([[0, 0, -100, 1], [0, 0, 0, 1]])) == (4, 7)
+    bce = type("Loss", (), {"kind": "bce", "probabilities": False, "classes_first": False})()
+    assert score(np.array([[np.nan], [-1.0]], np.float32), np.array([[0.0], [0.0]]), bce) == (1, 2)
+
+    b = open_bundle(mlp_bundle)
+    tr = make_trainer(mlp_bundle, mode="vanilla", lr=3e-3)
+    out = tmp_path / "run"
+    train(tr, load_data("digits", b), RunConfig(steps=4, eval_every=2, progress=False), out)
+    evals = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4], evals
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["test_loss"], summary["test_acc"]) == (evals[-1]["loss"],
+                                                           evals[-1]["accuracy"])

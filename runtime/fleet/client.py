@@ -114,6 +114,7 @@ def make_client_app(local: Local, steps: int, batch: int, say=None, seen: dict |
     say = say or say_to()
     app = ClientApp()
     version = flwr.__version__
+    seen_over: list[int] = []  # the round whose peak passed the budget (warned once)
 
     def receive(content, to_ins) -> tuple[int, dict]:
         ins = to_ins(content, keep_input=False)  # empties the message's records as it reads
@@ -174,6 +175,11 @@ def make_client_app(local: Local, steps: int, batch: int, say=None, seen: dict |
             + f", micro-batch {m['micro_batch']}; RSS {int(m['rss_at_start']) / 1e6:.1f} MB "
             f"before training, peak {int(m['peak_rss']) / 1e6:.1f} MB so far"
             + (f" (budget {local.budget / 1e6:.0f} MB)" if local.budget else ""))
+        if local.budget and m["peak_rss"] > local.budget and not seen_over:
+            seen_over.append(server_round)  # once: the peak is the process's, it only grows
+            say(f"warning: this client passed its budget in round {server_round}: peak "
+                f"{int(m['peak_rss']) / 1e6:.1f} MB over --budget {local.budget / 1e6:.0f} MB; "
+                "it goes on; please report it with the bundle and the command", err=True)
         params = ndarrays_to_parameters(list(local.get_trainable().values()))
         fit = FitRes(status=Status(code=Code.OK, message="Success"), parameters=params,
                      num_examples=int(res.num_examples),

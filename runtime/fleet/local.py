@@ -209,6 +209,7 @@ class Local:
             if self.data is None:
                 raise UserError("a budget needs this device's data to plan (--data)")
             m = min(batch, self.micro_batch or batch)
+            tr.train_batch = min(batch, len(self.data))  # (a calibration sums whole batches)
             plan = plan_for_budget(tr, self.data, m, self.budget, log=self.plan_lines.append,
                                    reserve=reserve)
             use_arena(plan.arena_cap)

@@ -15,6 +15,7 @@ import numpy as np
 from contract.errors import UserError
 from contract.manifest import IMAGE_STD_MIN, ImageSpec, LossSpec, TensorSpec
 
+from ..memory import budget_given, current_rss
 from .common import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
@@ -215,34 +216,41 @@ class ImageSource(Source):
                 im = Image.open(path)
                 with im:
                     fmt, (w, h) = im.format, im.size
-                    progressive = bool(im.info.get("progressive") or im.info.get("progression"))
+                    coefficients = _coefficients(im)
                     im.verify()
                 if fmt not in ("PNG", "JPEG"):
                     return ("not a PNG or JPEG image", f"format {fmt}"), 0
                 # what a read decodes (a JPEG at up to 1/8 scale: a 48 MP phone photo is
-                # 0.75 MP) (a progressive JPEG: its full-size coefficients, ~3 bytes a pixel)
-                if self._decoded_pixels(fmt, w, h, progressive) > MAX_IMAGE_PIXELS or (
-                        progressive and w * h > MAX_IMAGE_PIXELS):
+                # 0.75 MP) (a progressive JPEG: its full-size coefficients, 2-8 bytes a pixel)
+                if self._decoded_pixels(fmt, w, h, coefficients) > MAX_IMAGE_PIXELS or (
+                        coefficients and w * h > MAX_IMAGE_PIXELS):
                     return ("image too large", f"{w}x{h}"), 0
                 if fmt == "JPEG":  # verify() does not decode JPEG data: decode it at 1/8 scale
+                    _check_fits(path, w, h, 12 * self._decoded_pixels(fmt, w, h, coefficients),
+                                bool(coefficients))
                     with Image.open(path) as im:
                         im.draft(im.mode, (max(1, w // 8), max(1, h // 8)))
                         im.load()
+        except UserError:  # (_check_fits: the budget's, not the image's fault)
+            raise
         except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...)
             why = str(exc).replace(str(path), path.name)  # (the row names the file already)
             return ("unreadable image", f"{type(exc).__name__}: {why[:60]}"), 0
         self.max_metadata = max(self.max_metadata, meta)
-        return None, self._decoded_pixels(fmt, w, h, progressive)
+        return None, self._decoded_pixels(fmt, w, h, coefficients)
 
     def _draft_size(self) -> tuple[int, int]:  # (preprocessing's "jpeg_draft" says the same)
         return 2 * self.w, 2 * self.h
 
-    def _decoded_pixels(self, fmt: str, w: int, h: int, progressive: bool = False) -> int:
+    def _decoded_pixels(self, fmt: str, w: int, h: int, coefficients: float = 0.0) -> int:
         """What a read of the image holds, in pixels of the decoded image (12 bytes each in
         ``bytes_fixed``). A progressive JPEG keeps its full-size coefficients whatever the
-        draft scale (~3 bytes a pixel: a 24 MP one at 1/8 scale took 72 MB): a quarter."""
-        if fmt == "JPEG" and progressive:
-            return max(self._decoded_pixels(fmt, w, h), -(-w * h // 4))
+        draft scale, 2 bytes each, ``coefficients`` a pixel (:func:`_coefficients`: 4:2:0
+        colour 1.5, a 24 MP one at 1/8 scale took 72 MB; 4:4:4 colour 3, CMYK 4: session 31
+        probe, 6 and 8 bytes a pixel measured, 303 and 375 MB under a 248 MB budget when
+        every progressive file was counted at 3)."""
+        if fmt == "JPEG" and coefficients:
+            return max(self._decoded_pixels(fmt, w, h), math.ceil(w * h * coefficients / 6))
         if fmt == "JPEG":  # Pillow's JPEG draft: the largest of 8, 4, 2, 1 the size allows
             dw, dh = self._draft_size()
             scale = min(w // dw, h // dh)
@@ -282,8 +290,7 @@ class ImageSource(Source):
                     im = Image.open(f)
                 with im:
                     w, h = im.size
-                    progressive = bool(im.info.get("progressive") or im.info.get("progression"))
-                    if self._decoded_pixels(im.format, w, h, progressive) > self.max_pixels:
+                    if self._decoded_pixels(im.format, w, h, _coefficients(im)) > self.max_pixels:
                         raise UserError(changed.format(
                             f"now {w}x{h}, larger than any image the memory plan counted"))
                     if im.format == "JPEG":
@@ -363,6 +370,33 @@ class ImageSource(Source):
 # EXIF orientation -> the turn that shows the image upright (Pillow's Transpose names)
 _TURNS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
           6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _check_fits(rel: Path, w: int, h: int, need: int, progressive: bool) -> None:
+    """Refuse, before decoding it, an image whose check would take the process past the
+    command's --budget (session 31 probe: indexing a 6000x6000 progressive 4:4:4 / CMYK JPEG
+    took the process to 280 / 352 MB before the plan refused --budget 248MB)."""
+    budget = budget_given()
+    if budget is not None and current_rss() + need > budget:
+        raise UserError(f"image {rel} ({w}x{h}) takes about {math.ceil(need / 1e6)} MB to decode"
+                        + (" (a progressive JPEG keeps every coefficient)" if progressive else "")
+                        + f", more than --budget "
+                        f"{budget / 1e6:.0f}MB leaves beside the {current_rss() / 1e6:.0f} MB "
+                        "already in use; shrink or remove it, or raise --budget")
+
+
+def _coefficients(im) -> float:
+    """DCT coefficients a progressive JPEG's decoder keeps per pixel, whatever the draft scale:
+    its components at their sampling factors (the header's), 0 for any other image; 4 (CMYK's)
+    where the header does not say."""
+    if not (im.info.get("progressive") or im.info.get("progression")):
+        return 0.0
+    try:
+        layers = [(int(c[1]), int(c[2])) for c in im.layer]
+        hmax, vmax = max(h for h, _ in layers), max(v for _, v in layers)
+        return sum(h * v for h, v in layers) / (hmax * vmax)
+    except (AttributeError, TypeError, ValueError, IndexError, ZeroDivisionError):
+        return 4.0
 
 
 def _orientation(im) -> int:
