@@ -101,24 +101,25 @@ def _resumed_class_names(out: Path, bundle) -> list[str] | None:
     return run_class_names(out, bundle)
 
 
-def _run_seed(out: Path) -> int:
-    """The ``--seed`` a run folder recorded (0 when it has none).
+def _run_seed(record: dict, where: Path) -> int:
+    """The ``--seed`` the weights' run recorded (``record``: ``weights_record``, its run.json or
+    a checkpoint's own; 0 when it has none).
 
     Raises:
-        UserError: a seed that is not one ``train --seed`` takes (a tampered run.json).
+        UserError: a seed that is not one ``train --seed`` takes (a tampered ``where``).
     """
     import json
 
     from .config import TrainConfig
     from .errors import UserError
-    from .run_folder import json_object
 
-    seed = json_object(out / "run.json").get("seed", 0)
+    seed = record.get("seed", 0)
     try:
         TrainConfig(seed=seed)  # train's own check
     except UserError:
-        raise UserError(f"{out / 'run.json'}: seed {json.dumps(seed)[:40]} is not a non-negative "
-                        "integer; pass --seed N, or put back the run's own run.json") from None
+        raise UserError(f"{where}: seed {json.dumps(seed)[:40]} is not a non-negative "
+                        f"integer; pass --seed N, or put back the run's own {where.name}") \
+            from None
     return seed
 
 
@@ -762,7 +763,8 @@ def _cmd_eval(a) -> int:
     budget, prof = _budget_and_profile(a)
     bundle = open_bundle(a.bundle)
     weights = Path(a.weights) if a.weights else None
-    from .run_folder import bundle_run, check_run_links
+    from .run_files import weights_record
+    from .run_folder import bundle_run, check_run_links, json_object
 
     run_src = None  # the run folder the weights were picked from
     if weights is None and bundle_run(bundle.path).is_dir():
@@ -791,8 +793,13 @@ def _cmd_eval(a) -> int:
         weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent)
     if run_dir is not None:
         check_run_links(run_dir)
+    # what the run recorded (a checkpoint copied out of its run folder: its own seed and hash)
+    record = {} if weights is None else weights_record(weights, run_dir)
+    _check_trained_bundle(record, bundle.path, run_dir, weights)
     if a.seed is None:  # (the seed only draws a --val-split)
-        a.seed = _run_seed(run_dir) if run_dir is not None and a.val_split is not None else 0
+        a.seed = 0 if run_dir is None or a.val_split is None else _run_seed(
+            record, run_dir / "run.json" if "seed" in json_object(run_dir / "run.json")
+            else weights)
     TrainConfig(seed=a.seed)  # as train's --seed
     data = _load_data(a, bundle, class_names=_resumed_class_names(run_dir, bundle)
                       if run_dir is not None else None, training=False)
@@ -833,21 +840,63 @@ def _cmd_eval(a) -> int:
     return 0
 
 
+def _check_trained_bundle(record: dict, bundle: Path, run_dir: Path | None,
+                          weights: Path | None) -> None:
+    """Refuse weights trained on another bundle, as ``export-model`` does (an outside probe:
+    ``eval`` loaded the tensors whose names matched and scored a re-exported bundle, or a
+    bundle training fewer tensors, without a word).
+
+    Raises:
+        UserError: the manifest's hash the run (or the checkpoint) recorded is not this one's.
+    """
+    from .errors import UserError
+    from .export_model import other_bundle, own_bundle
+
+    want = record.get("bundle_sha256")
+    if run_dir is None or not isinstance(want, str) or (why := other_bundle(bundle, want)) is None:
+        return
+    what = (f"the run in '{run_dir}'" if (run_dir / "run.json").is_file()
+            else f"checkpoint '{weights}'")
+    own = own_bundle(run_dir, want)
+    raise UserError(f"{what} was {why}; evaluate it with "
+                    + (f"its own bundle, '{own}'" if own else "the bundle it was trained on")
+                    + ", or train a run of this one")
+
+
 def _note_held_out(run_dir: Path | None, a, split: bool) -> None:
-    """A line where ``eval`` scores all of the data a run held part of out with --val-split
-    (an outside probe read "all examples: 60, accuracy 1.000", its training rows included)."""
+    """A line where ``eval`` scores rows a run trained on as if held out: all of the data a run
+    held part of out with --val-split (an outside probe read "all examples: 60, accuracy
+    1.000", its training rows included), or a --val-split other than the run's own (another
+    fraction or seed; a run that held out a --val file, or nothing, trained on all of it)."""
     from .run_folder import json_object
 
-    if run_dir is None or split:
+    if run_dir is None or a.val is not None or (split and a.val_split is None):
         return
     run = json_object(run_dir / "run.json")
-    frac = run.get("val_split")
+    frac, seed = run.get("val_split"), run.get("seed")
     same = isinstance(run.get("data"), str) and (
         run["data"] == a.data or Path(run["data"]).resolve() == Path(a.data).resolve())
-    if isinstance(frac, float) and same and a.val is None:
+    if not same or split and isinstance(frac, float) and (frac, seed) == (a.val_split, a.seed):
+        return
+    if not split and isinstance(frac, float):
         print(f"note: the run in {run_dir} held out {frac:g} of {a.data} (--val-split {frac:g})"
               f" and trained on the rest; these figures include those rows: pass --val-split "
               f"{frac:g} to score the held-out rows only")
+    elif split and isinstance(frac, float):
+        print(f"note: the run in {run_dir} held out --val-split {frac:g} --seed {seed} of "
+              f"{a.data}, not --val-split {a.val_split:g} --seed {a.seed}: some of these "
+              f"held-out rows were trained on; pass --val-split {frac:g} and leave --seed out "
+              "to score the run's held-out rows only")
+    elif split:
+        summary = json_object(run_dir / "summary.json")  # (none yet: a run stopped early)
+        val = summary.get("test_loss") is not None
+        print(f"note: the run in {run_dir} trained on all of {a.data} (it held out "
+              + ("a --val file" if val else "none of it" if summary else "a --val file or none")
+              + f"): the rows --val-split {a.val_split:g} holds out here were trained on; "
+              + ("pass that file with --val in place of --val-split to score the run's "
+                 "held-out rows" if val else "score it on "
+                 + ("" if summary else "its --val file, if it had one, or on ")
+                 + "data it never saw (--val FILE in place of --val-split)"))
 
 
 def _evaluate_shrinking(trainer, data, batch: int, budgeted: bool):

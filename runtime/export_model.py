@@ -24,7 +24,7 @@ from .run_folder import bundle_run, check_run_links, json_object, run_class_name
 from .sources.common import TEXT_SUFFIXES
 from .torch_weights import packed_recurrent, write_safetensors
 
-__all__ = ["ExportResult", "export_model", "resolve_source"]
+__all__ = ["ExportResult", "export_model", "other_bundle", "own_bundle", "resolve_source"]
 
 # protobuf's hard limit is 2 GiB; stay clear of it and spill tensors to external data above this.
 MAX_INLINE_BYTES = int(1.8e9)
@@ -76,9 +76,8 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
 
         raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
                         f"(no params.npz or checkpoint){set_aside_hint(src)}")
-    if want is not None and (bdir / "manifest.json").is_file() and _manifest_sha(bdir) != want:
-        why = (f"the run in '{run_dir}' was trained on another bundle than '{bdir}' (its "
-               "manifest's hash differs: re-exported or replaced)")
+    if (other := other_bundle(bdir, want)) is not None:
+        why = f"the run in '{run_dir}' was {other}"
         if bundle is None:
             raise UserError(f"{why}; pass the run's own bundle with --bundle DIR (a bundle "
                             "given so is used even when its hash differs)")
@@ -152,6 +151,22 @@ def _manifest_sha(bundle_dir: Path) -> str | None:
         return file_sha256(bundle_dir / "manifest.json")
     except OSError:
         return None
+
+
+def other_bundle(bdir: Path, want: str | None) -> str | None:
+    """Why ``bdir`` is not the bundle a run was trained on (``want``: the hash of its manifest
+    that the run recorded), or None: it is, or nothing was recorded (a plain .npz of weights).
+    ``export-model`` and ``eval`` both refuse it (``train --resume`` does, in its checkpoint)."""
+    if want is None or not (bdir / "manifest.json").is_file() or _manifest_sha(bdir) == want:
+        return None
+    return (f"trained on another bundle than '{bdir}' (its manifest's hash differs: re-exported "
+            "or replaced)")
+
+
+def own_bundle(run: Path, want: str) -> Path | None:
+    """The bundle the run's run.json names, where its manifest's hash is still ``want``."""
+    return next((Path(os.path.normpath(d)) for d in _run_bundle(run)
+                 if _manifest_sha(d) == want), None)
 
 
 def _run_bundle(run: Path) -> list[Path]:

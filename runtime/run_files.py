@@ -16,7 +16,7 @@ from contract import UserError
 from .checkpoint import _open_regular
 
 __all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "json_object",
-           "run_class_names"]
+           "run_class_names", "weights_record"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 
@@ -52,6 +52,38 @@ def json_object(path: Path) -> dict:
         except (OSError, ValueError, RecursionError):
             return {}
     return data if isinstance(data, dict) else {}
+
+
+def weights_record(weights: Path, run: Path) -> dict:
+    """What trained ``weights`` recorded of their run: the run folder's run.json, with a
+    checkpoint's own ``bundle_sha256`` over it, and its ``seed`` where the run.json has none (a
+    checkpoint copied out of its run); {} for a plain .npz of weights (a bundle's params.npz,
+    a user's file)."""
+    import zipfile
+
+    import numpy as np
+
+    from .checkpoint import _META, MAX_META_BYTES, MAX_META_VALUES
+
+    out = json_object(run / "run.json")
+    try:  # the metadata member alone, bounded as a resume reads it (the arrays stay unread)
+        with os.fdopen(_open_regular(weights), "rb") as f, zipfile.ZipFile(f) as zf:
+            info = zf.getinfo(_META + ".npy")
+            if info.file_size > MAX_META_BYTES:
+                return out
+            with zf.open(info) as m:
+                text = np.lib.format.read_array(m, allow_pickle=False).tobytes()
+        if text.count(b",") + text.count(b"[") + text.count(b"{") > MAX_META_VALUES:
+            return out
+        meta = json.loads(text.decode())
+    except Exception:  # noqa: BLE001 - no metadata (KeyError), not a zip, damaged: as before
+        return out
+    run_meta = meta.get("run") if isinstance(meta, dict) else None
+    if isinstance(run_meta, dict) and "seed" in run_meta:
+        out.setdefault("seed", run_meta["seed"])
+    if isinstance(meta, dict) and isinstance(meta.get("bundle_sha256"), str):
+        out["bundle_sha256"] = meta["bundle_sha256"]
+    return out
 
 
 def _first_link(run: Path, only: tuple[str, ...] | None = None) -> Path | None:

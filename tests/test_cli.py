@@ -1008,3 +1008,69 @@ def test_eval_of_a_run_that_replaces_its_checkpoint_meanwhile_reads_the_new_one(
     r = run_python(_WEIGHTS_REPLACED, "eval", mlp_bundle, "--data", "digits", "--weights", out)
     assert r.returncode == 0, r.stderr
     assert "ckpt-000020.npz" in r.stdout, r.stdout  # params.npz gone: the newest checkpoint
+
+
+def test_eval_refuses_the_weights_of_a_run_of_another_bundle(cli, mlp_bundle, mlp_head_bundle,
+                                                              tmp_path):
+    """An outside probe: ``eval BUNDLE --weights RUN`` loaded the tensors whose names matched
+    and scored a re-exported bundle (or one training fewer tensors) with a run of another, exit
+    0; export-model refused it. Now eval refuses as export-model does: the hash of the manifest
+    the run (or its checkpoint, copied out of the run) recorded. A plain .npz has none."""
+    run = tmp_path / "run"
+    ok(cli("train", mlp_bundle, "--data", "digits", "--steps", 2, "--batch", 8, "--no-progress",
+           "--threads", 1, "--checkpoint-every", 2, "--out", run))
+    ckpt = run / "checkpoints" / "ckpt-000002.npz"
+    (tmp_path / "loose").mkdir()
+    loose = Path(shutil.copy(ckpt, tmp_path / "loose"))
+    for weights in (run, ckpt):  # a bundle training a subset of the run's tensors
+        user_error(cli("eval", mlp_head_bundle, "--data", "digits", "--weights", weights,
+                       "--threads", 1), f"the run in '{run}' was trained on another bundle than",
+                   f"its own bundle, '{mlp_bundle}'")
+    user_error(cli("eval", mlp_head_bundle, "--data", "digits", "--weights", loose, "--threads",
+                   1), f"checkpoint '{loose}' was trained on another bundle",
+               "evaluate it with the bundle it was trained on, or train a run of this one")
+    redone = Path(shutil.copytree(mlp_bundle, tmp_path / "redone"))  # as if re-exported
+    (redone / "manifest.json").write_text((redone / "manifest.json").read_text() + "\n")
+    user_error(cli("eval", redone, "--data", "digits", "--weights", run, "--threads", 1),
+               "its manifest's hash differs")
+    plain = Path(shutil.copy(run / "params.npz", tmp_path / "mine.npz"))  # no hash: as before
+    assert "held-out examples: 360" in ok(cli("eval", mlp_head_bundle, "--data", "digits",
+                                              "--weights", plain, "--threads", 1))
+
+
+def test_eval_notes_a_val_split_that_is_not_the_runs_held_out_rows(cli, mlp_bundle, tmp_path):
+    """An outside probe: ``eval --val-split`` scored rows the run trained on as held-out without
+    a word: another fraction or --seed than the run's, a run that held out a --val file, and a
+    checkpoint copied out of its run (split with seed 0, not the run's seed its __meta__
+    holds)."""
+    rng = np.random.default_rng(0)
+    for name, n in (("d", 120), ("v", 20)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((n, 64)).astype(np.float32),
+                 y=rng.integers(0, 10, n))
+    data, run = tmp_path / "d.npz", tmp_path / "run"
+    common = ("--data", data, "--batch", 16, "--no-progress", "--threads", 1)
+    ok(cli("train", mlp_bundle, *common, "--val-split", 0.25, "--seed", 3, "--steps", 2,
+           "--checkpoint-every", 2, "--out", run))
+    (tmp_path / "loose").mkdir()
+    loose = shutil.copy(run / "checkpoints" / "ckpt-000002.npz", tmp_path / "loose")
+
+    def evaluate(weights, *args):
+        out = ok(cli("eval", mlp_bundle, "--data", data, "--threads", 1, "--weights", weights,
+                     *args))
+        return out, re.search(r"held-out examples: \d+, loss \S+", out)[0]
+
+    own, scored = evaluate(run, "--val-split", 0.25)
+    assert "note:" not in own, own
+    assert "weights: initial" in ok(cli("eval", mlp_bundle, "--data", data, "--val-split", 0.25,
+                                        "--threads", 1))  # no run: seed 0, no note
+    assert evaluate(loose, "--val-split", 0.25)[1] == scored  # the run's seed, 3: its own rows
+    for args, asked in ((("--val-split", 0.5), "not --val-split 0.5 --seed 3"),
+                        (("--val-split", 0.25, "--seed", 0), "not --val-split 0.25 --seed 0")):
+        out = evaluate(run, *args)[0]
+        assert f"held out --val-split 0.25 --seed 3 of {data}, {asked}: some of these held-out " \
+               "rows were trained on; pass --val-split 0.25 and leave --seed out" in out, out
+    ok(cli("train", mlp_bundle, *common, "--val", tmp_path / "v.npz", "--steps", 1, "--out",
+           tmp_path / "val_run"))
+    out = evaluate(tmp_path / "val_run", "--val-split", 0.25)[0]
+    assert f"trained on all of {data} (it held out a --val file)" in out \
+        and "pass that file with --val in place of --val-split" in out, out
