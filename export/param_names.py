@@ -222,6 +222,10 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
     inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     names: dict[str, tuple[str, bool]] = {}
     taken: set[str] = set(n for n in inits if not is_anonymous(n))
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
     for node in model.graph.node:
         for k, i in enumerate(node.input):
             if i not in inits or i in names:
@@ -229,6 +233,11 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
             transposed = node.op_type == "MatMul" and k == 1 and len(inits[i].dims) == 2
             if not is_anonymous(i):
                 names[i] = (i, False)
+                continue
+            paired = _bias_paired(node, k, readers, inits, taken)
+            if paired is not None:
+                taken.add(paired)
+                names[i] = (paired, transposed)
                 continue
             path = node_module_path(node)
             raw = module_path(node.name, collapse=False)
@@ -244,6 +253,29 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
             taken.add(name)
             names[i] = (name, transposed)
     return names
+
+
+def _bias_paired(node, k: int, readers, inits, taken: set[str]) -> str | None:
+    """The torch name of an anonymous MatMul / Gemm weight whose product its module adds a
+    named bias to: that bias's name with ``weight`` for ``bias``
+    (``enc.self_attn.in_proj_bias`` -> ``enc.self_attn.in_proj_weight``; the guess from the
+    node, ``enc.self_attn.weight``, is no name nn.MultiheadAttention has). None without one."""
+    from .layers import is_anonymous, node_module_path
+
+    if (node.op_type, k) not in (("MatMul", 1), ("Gemm", 1)):
+        return None
+    if node.op_type == "Gemm":
+        bias = [node.input[2]] if len(node.input) > 2 else []
+    else:
+        scope = node_module_path(node)
+        bias = [b for n in readers.get(node.output[0], []) if n.op_type == "Add"
+                and scope is not None and node_module_path(n) == scope
+                for b in n.input if b in inits]
+    bias = [b for b in bias if not is_anonymous(b) and b.endswith(("_bias", ".bias"))]
+    if len(bias) != 1:
+        return None
+    name = bias[0][:-len("bias")] + "weight"
+    return None if name in taken else name
 
 
 TIE_MIN_ELEMENTS = 16  # below this, equal values can be chance (a small bias, a fresh norm)

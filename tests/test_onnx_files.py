@@ -221,6 +221,32 @@ def test_dynamo_style_files_get_module_names_and_no_group_norm_constants():
     assert select_trainable(traced, "enc.1.*") == ["val_7", "val_20"]
 
 
+def test_an_anonymous_weight_is_named_after_the_bias_its_module_adds():
+    """TorchScript writes nn.MultiheadAttention's packed q/k/v weight as ``onnx::MatMul_194``
+    under ``/enc/self_attn/MatMul`` and adds the named ``enc.self_attn.in_proj_bias``: the
+    weight is torch's ``enc.self_attn.in_proj_weight`` (outside probe: ``enc.self_attn.weight``,
+    a name the module lacks, so its safetensors left torch's weight untrained). A bias another
+    module adds names nothing."""
+    from export.param_names import onnx_param_names
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("onnx::MatMul_194", (4, 12)), ("enc.self_attn.in_proj_bias", (12,)),
+              ("onnx::MatMul_202", (12, 3)), ("enc.other.bias", (3,))]]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "onnx::MatMul_194"], ["qkv"],
+                          name="/enc/self_attn/MatMul"),
+         helper.make_node("Add", ["enc.self_attn.in_proj_bias", "qkv"], ["h"],
+                          name="/enc/self_attn/Add"),
+         helper.make_node("MatMul", ["h", "onnx::MatMul_202"], ["m"], name="/enc/lin/MatMul"),
+         helper.make_node("Add", ["m", "enc.other.bias"], ["y"], name="/enc/other/Add")],
+        "attn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    names = onnx_param_names(helper.make_model(graph))
+    assert names["onnx::MatMul_194"] == ("enc.self_attn.in_proj_weight", True)
+    assert names["onnx::MatMul_202"] == ("enc.lin.weight", True)
+
+
 @pytest.mark.parametrize("domain", ["com.example.ops"])
 def test_a_custom_operator_is_refused_at_export(tmp_path, domain):
     onnx_file = tmp_path / "custom.onnx"

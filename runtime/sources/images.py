@@ -78,7 +78,7 @@ class ImageSource(Source):
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} not found")
         labels = _Labels(str(self.root), "its class folders", class_names, loss.num_classes,
-                         False)
+                         False, problems=self.problems)
         self.largest_image: str | None = None  # (relative path; the budget refusal names it)
         blob, offsets, rows, self.max_pixels = self._index(labels)
         self.paths = np.frombuffer(bytes(blob), np.uint8)

@@ -104,7 +104,7 @@ class TextSource(Source):
         self._first_keys: list[str] | None = None  # (jsonl) the first object's fields: advice
         labels = _Labels(str(self.path), f"{'column' if self.kind != 'jsonl' else 'field'} "
                          f"'{label_column}'", class_names, loss.num_classes, regression,
-                         unit=loss.kind == "bce")
+                         unit=loss.kind == "bce", problems=self.problems)
         starts, lengths, rows = self._index(labels)
         # views of the arrays the index pass filled (no copy: that would double the peak)
         self.offsets = np.frombuffer(starts, np.int64)
