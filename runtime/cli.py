@@ -919,9 +919,16 @@ def _evaluate_shrinking(trainer, data, batch: int, budgeted: bool):
                   f"at {m // 2} ({exc})")
 
 
-def _cmd_plan(a) -> int:
+def _calib_rng(seed: int):
+    """The generator a run's first calibration draws its batches from (``run.train``'s
+    ``calib_rng``): ``plan`` prints the ranks that run's first calibration chooses (an outside
+    probe: plan drew from seed 0 and printed Ry 15 where the run's calibration chose 32)."""
     import numpy as np
 
+    return np.random.default_rng(seed + 1)
+
+
+def _cmd_plan(a) -> int:
     from .accounting import format_table, layer_costs
     from .bundle import open_bundle
     from .config import OptimConfig
@@ -954,7 +961,7 @@ def _cmd_plan(a) -> int:
             tr.use_plan(plan)
             tr.train_batch = min(a.batch, len(data))
             ShrinkGuard(tr, print).run(lambda: tr.calibrate(
-                data, _calib_batch(tr, min(a.batch, len(data))), np.random.default_rng(0)),
+                data, _calib_batch(tr, min(a.batch, len(data))), _calib_rng(a.seed)),
                 calibration=True)
             print(tr.cost_table())
         return 0
@@ -976,7 +983,7 @@ def _cmd_plan(a) -> int:
         use_arena(None)
         tr = Trainer(bundle, cfg)
         tr.train_batch = min(a.batch, len(data))
-        tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), np.random.default_rng(0))
+        tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), _calib_rng(a.seed))
         ranks, rows = tr.ranks(), tr.rank_rows
     if not bundle.layers:
         print("no INSTANT layers in this bundle: it has no trainable Linear / 1x1 Conv besides "

@@ -1074,3 +1074,54 @@ def test_eval_notes_a_val_split_that_is_not_the_runs_held_out_rows(cli, mlp_bund
     out = evaluate(tmp_path / "val_run", "--val-split", 0.25)[0]
     assert f"trained on all of {data} (it held out a --val file)" in out \
         and "pass that file with --val in place of --val-split" in out, out
+
+
+ENCODER_FACTORY = """\
+import torch
+from torch import nn
+
+
+class Tx(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.pos = nn.Parameter(torch.randn(1, 16, 32) * 0.02)
+        self.enc = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x) + self.pos).mean(1))
+
+
+def make():
+    torch.manual_seed(0)
+    return Tx().eval()
+"""
+
+
+def test_plan_prints_the_ranks_of_the_runs_first_calibration(cli, tmp_path):
+    """Session 31 probe: plan calibrated on batches drawn with seed 0 whatever --seed said, and
+    printed out_proj's Ry 15 where the run's first calibration (at --seed 5) chose 32 (exact);
+    it draws them as the run does."""
+    (tmp_path / "tx.py").write_text(ENCODER_FACTORY)
+    rng = np.random.default_rng(1)
+    x = rng.integers(1, 50, (600, 16))
+    np.savez(tmp_path / "tok.npz", x=x, y=(x[:, :4] % 3).sum(1) % 3)
+    r = cli("export", "--model", f"{tmp_path / 'tx.py'}:make", "--input-shape", "8,16:int64",
+            "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    common = ("--data", tmp_path / "tok.npz", "--batch", 32, "--threads", 1, "--seed", 5)
+    r = cli("plan", tmp_path / "b", *common)
+    assert r.returncode == 0, r.stderr
+    planned = {ln.split()[0]: ln.split()[2:4] for ln in r.stdout.splitlines()
+               if ln.startswith("enc.")}
+    r = cli("train", tmp_path / "b", *common, "--steps", 1, "--no-progress", "--out",
+            tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    first = next(e for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text()
+                                .splitlines()) if e["kind"] == "calibration")
+    ranks = first["ranks"]
+    assert {k: v[0] for k, v in planned.items()} == {k: str(v[0]) for k, v in ranks.items()}
+    # (exact: the full 32 channels, or the break-even where the exact g·W runs)
+    assert planned["enc.self_attn.out_proj"][1] == "exact" and \
+        ranks["enc.self_attn.out_proj"][1] == 32, (planned, ranks)
