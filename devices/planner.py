@@ -186,12 +186,13 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
 
 
 def plan_at(model: MemoryModel, budget: int, m: int, instant: bool,
-            saved_floor: int = 0) -> Plan:
+            saved_floor: int = 0, calib_floor: int = 0) -> Plan:
     """The plan at micro-batch ``m``: the largest calibration micro-batch that fits next to it
-    (1 where none does), the arena cap the budget leaves and the compressed-activation bytes
-    per sample that cap leaves, no fewer than ``saved_floor`` (a plan above what the model
-    says fits, for a probe at its real size to decide: ``runtime.budget``)."""
-    mc = (_calib_for(model, budget, m, instant) or 1) if instant else 0
+    (no fewer than ``calib_floor``, at most ``m``; 1 where none does), the arena cap the budget
+    leaves and the compressed-activation bytes per sample that cap leaves, no fewer than
+    ``saved_floor`` (the floors: a plan above what the model says fits, for a probe at its real
+    size to decide: ``runtime.budget``)."""
+    mc = max(_calib_for(model, budget, m, instant), min(calib_floor, m), 1) if instant else 0
     cap = model.cap_for(budget, m, mc)
     saved = None
     if instant:

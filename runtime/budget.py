@@ -536,7 +536,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
             for line in steps_down:
                 log(line)
             if not steps_down:
-                plan, check = _step_up(plan, check, batch, budget - int(reserve), forked,
+                plan, check = _step_up(plan, check, batch, forked,
                                        lambda p: _validate(trainer, data, batch, p), log)
             return _validated(plan, check["peak"])
         if not check["ok"] and not check["oom"]:
@@ -563,24 +563,30 @@ def _validated(plan: Plan, peak: int) -> Plan:
         **plan.breakdown, "validated peak (probe at this plan, measured by wait4)": peak}})
 
 
-def _step_up(plan: Plan, check: dict, batch: int, limit: int, forked, validate,
+def _step_up(plan: Plan, check: dict, batch: int, forked, validate,
              log: Callable[[str], None]) -> tuple[Plan, dict]:
     """A larger micro-batch where the plan's probe left more than ``STEP_UP_ROOM`` of the
-    budget unused (``limit``: the budget less what the caller keeps free). The memory model is
+    budget unused, besides the model's margin (which holds what the caller keeps free, a
+    fleet client's message buffers). The memory model is
     a line through probes at micro-batches 1, 2 and 8; a pass whose working memory jumps once
     instead of growing with the micro-batch makes it predict too much for every larger one
     (session 31: onnxruntime took a weight's size, 139 MB, more at micro-batch 8 than at 2 for
     a 4096×8192 Linear, cause not traced; a run that fitted at micro-batch 32 under 1000 MB
     was planned at 6 under 1040, 2.2× slower a step). Each larger micro-batch is probed at its
     real size under its own cap, keeping the compressed-activation bytes the energy rule asks
-    for; the first that does not fit ends the search."""
+    for and the calibration micro-batch already validated, and must leave the margin free; the
+    first that does not fit ends the search."""
     model, planned = plan.model, plan.micro_batch
+    if model is None or plan.budget is None:
+        return plan, check
+    limit = plan.budget - model.margin
     for _ in range(STEP_UP_TRIES):
         m = plan.micro_batch or batch
-        if m >= batch or model is None or limit - check["peak"] < STEP_UP_ROOM * plan.budget:
+        if m >= batch or limit - check["peak"] < STEP_UP_ROOM * plan.budget:
             break
         up = plan_at(model, plan.budget, larger_micro_batch(batch, m),
-                     plan.saved_budget is not None, saved_floor=model.saved_want)
+                     plan.saved_budget is not None, saved_floor=model.saved_want,
+                     calib_floor=plan.calib_micro_batch or 0)
         if up.arena_cap <= 0:
             break
         got = forked(lambda p=up: validate(p))

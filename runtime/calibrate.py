@@ -22,7 +22,7 @@ import numpy as np
 from .memory import reserve
 
 __all__ = ["Basis", "DegenerateGram", "GramWindow", "Spectrum", "basis_from_gram",
-           "calibration_samples", "decompose", "decompose_bytes", "gram_vectors",
+           "calibration_rng", "calibration_samples", "decompose", "decompose_bytes", "gram_vectors",
            "rank_for_energy", "spectrum_width"]
 
 # The first calibration (dedicated exact passes) reads at least this many samples per batch, and
@@ -331,3 +331,9 @@ class GramWindow:
             np.copyto(self.gg[k], arrays[f"gram/{k}/g"])
         self.steps, self.samples = int(meta["steps"]), int(meta["samples"])
         self.done, self.seconds = int(meta["done"]), float(meta["seconds"])
+
+
+def calibration_rng(seed: int) -> np.random.Generator:
+    """The generator a run's dedicated calibrations draw their batches from (``run.train``;
+    ``plan`` draws the same, so the ranks it prints are the run's first calibration's)."""
+    return np.random.default_rng(seed + 1)

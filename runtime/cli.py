@@ -795,7 +795,7 @@ def _cmd_eval(a) -> int:
         check_run_links(run_dir)
     # what the run recorded (a checkpoint copied out of its run folder: its own seed and hash)
     record = {} if weights is None else weights_record(weights, run_dir)
-    _check_trained_bundle(record, bundle.path, run_dir, weights)
+    _check_trained_bundle(record, bundle, run_dir, weights)
     if a.seed is None:  # (the seed only draws a --val-split)
         a.seed = 0 if run_dir is None or a.val_split is None else _run_seed(
             record, run_dir / "run.json" if "seed" in json_object(run_dir / "run.json")
@@ -840,27 +840,45 @@ def _cmd_eval(a) -> int:
     return 0
 
 
-def _check_trained_bundle(record: dict, bundle: Path, run_dir: Path | None,
+def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
                           weights: Path | None) -> None:
-    """Refuse weights trained on another bundle, as ``export-model`` does (an outside probe:
-    ``eval`` loaded the tensors whose names matched and scored a re-exported bundle, or a
-    bundle training fewer tensors, without a word).
+    """Weights trained on another bundle (an outside probe: ``eval`` loaded the tensors whose
+    names matched and scored a re-exported bundle, or a bundle training fewer tensors, without
+    a word): refused where the weights do not hold exactly this bundle's trained tensors; said
+    in a warning where they do (an export of the same model again differs in its manifest's
+    time stamp alone; ``export-model --bundle`` takes such a bundle too).
 
     Raises:
-        UserError: the manifest's hash the run (or the checkpoint) recorded is not this one's.
+        UserError: another bundle's tensors.
     """
+    import zipfile
+
+    from .console import say_err
     from .errors import UserError
     from .export_model import other_bundle, own_bundle
 
     want = record.get("bundle_sha256")
-    if run_dir is None or not isinstance(want, str) or (why := other_bundle(bundle, want)) is None:
+    if run_dir is None or not isinstance(want, str) or (
+            why := other_bundle(bundle.path, want)) is None:
         return
     what = (f"the run in '{run_dir}'" if (run_dir / "run.json").is_file()
             else f"checkpoint '{weights}'")
     own = own_bundle(run_dir, want)
-    raise UserError(f"{what} was {why}; evaluate it with "
-                    + (f"its own bundle, '{own}'" if own else "the bundle it was trained on")
-                    + ", or train a run of this one")
+    own_text = f"its own bundle, '{own}'" if own else "the bundle it was trained on"
+    try:
+        with zipfile.ZipFile(weights) as zf:
+            held = {n.removesuffix(".npy") for n in zf.namelist()}
+    except (OSError, zipfile.BadZipFile, ValueError):
+        held = set()
+    if any(n.startswith("param/") for n in held):  # a checkpoint: param/NAME, opt/..., meta
+        held = {n.removeprefix("param/") for n in held if n.startswith("param/")}
+    if held == {p.name for p in bundle.params}:
+        say_err(f"warning: {what} was {why}; its trained tensors fit this bundle and are scored "
+                f"with this bundle's frozen weights, which may not be the run's: evaluate it "
+                f"with {own_text}, to score the run as it trained")
+        return
+    raise UserError(f"{what} was {why}, and its trained tensors are not this bundle's; evaluate "
+                    f"it with {own_text}, or train a run of this one")
 
 
 def _note_held_out(run_dir: Path | None, a, split: bool) -> None:
@@ -876,6 +894,8 @@ def _note_held_out(run_dir: Path | None, a, split: bool) -> None:
     frac, seed = run.get("val_split"), run.get("seed")
     same = isinstance(run.get("data"), str) and (
         run["data"] == a.data or Path(run["data"]).resolve() == Path(a.data).resolve())
+    if seed is None:  # (an older run.json: the seed eval resolved, a checkpoint's or 0)
+        seed = a.seed
     if not same or split and isinstance(frac, float) and (frac, seed) == (a.val_split, a.seed):
         return
     if not split and isinstance(frac, float):
@@ -919,18 +939,10 @@ def _evaluate_shrinking(trainer, data, batch: int, budgeted: bool):
                   f"at {m // 2} ({exc})")
 
 
-def _calib_rng(seed: int):
-    """The generator a run's first calibration draws its batches from (``run.train``'s
-    ``calib_rng``): ``plan`` prints the ranks that run's first calibration chooses (an outside
-    probe: plan drew from seed 0 and printed Ry 15 where the run's calibration chose 32)."""
-    import numpy as np
-
-    return np.random.default_rng(seed + 1)
-
-
 def _cmd_plan(a) -> int:
     from .accounting import format_table, layer_costs
     from .bundle import open_bundle
+    from .calibrate import calibration_rng
     from .config import OptimConfig
     from .errors import UserError
     from .trainer import Trainer
@@ -961,7 +973,7 @@ def _cmd_plan(a) -> int:
             tr.use_plan(plan)
             tr.train_batch = min(a.batch, len(data))
             ShrinkGuard(tr, print).run(lambda: tr.calibrate(
-                data, _calib_batch(tr, min(a.batch, len(data))), _calib_rng(a.seed)),
+                data, _calib_batch(tr, min(a.batch, len(data))), calibration_rng(a.seed)),
                 calibration=True)
             print(tr.cost_table())
         return 0
@@ -983,7 +995,7 @@ def _cmd_plan(a) -> int:
         use_arena(None)
         tr = Trainer(bundle, cfg)
         tr.train_batch = min(a.batch, len(data))
-        tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), _calib_rng(a.seed))
+        tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), calibration_rng(a.seed))
         ranks, rows = tr.ranks(), tr.rank_rows
     if not bundle.layers:
         print("no INSTANT layers in this bundle: it has no trainable Linear / 1x1 Conv besides "

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from contract import UserError, atomic_write, json_text, names, write_text
 
-from .calibrate import calibration_samples
+from .calibrate import calibration_rng, calibration_samples
 from .checkpoint import (
     Checkpointer,
     CheckpointWriteError,
@@ -366,7 +366,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     seed = trainer.config.seed
     bundle = trainer.bundle
     rng = np.random.default_rng(seed)
-    calib_rng = np.random.default_rng(seed + 1)  # the batches of dedicated calibrations
+    calib_rng = calibration_rng(seed)
     batch = min(cfg.batch, len(data))
     if batch < 1:
         raise UserError(f"the training data '{getattr(data, 'name', '?')}' is empty")
@@ -520,11 +520,14 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                 raise TrainingInterrupted(stop.signum, trainer.step_count, last_ckpt)
         bar.close()
         ran = trainer.step_count - start
-        if ran and not stats.n and tally.get("unlabelled", 0) < ran:
+        labelled = ran - tally.get("unlabelled", 0)  # (the others had no label to learn from)
+        if ran and not stats.n and labelled > 0:
             # fewer than --max-nonfinite steps, none finite: the run trained nothing (a fleet
             # round too: its unchanged weights would be averaged in as if it had trained)
-            raise _diverged(trainer, f"every step of this run ({ran}) had a non-finite loss or "
-                            "gradient: no update was applied", good_ckpt, streak=True,
+            raise _diverged(trainer, f"every step of this run ({labelled}"
+                            + (f" of {ran} with a labelled position" if labelled < ran else "")
+                            + ") had a non-finite loss or gradient: no update was applied",
+                            good_ckpt, streak=True,
                             before_resume=streak_resumed and good_ckpt is None,
                             untrained=not start)
         if ckpt is not None and saved != trainer.step_count:

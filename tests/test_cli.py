@@ -1014,8 +1014,9 @@ def test_eval_refuses_the_weights_of_a_run_of_another_bundle(cli, mlp_bundle, ml
                                                               tmp_path):
     """An outside probe: ``eval BUNDLE --weights RUN`` loaded the tensors whose names matched
     and scored a re-exported bundle (or one training fewer tensors) with a run of another, exit
-    0; export-model refused it. Now eval refuses as export-model does: the hash of the manifest
-    the run (or its checkpoint, copied out of the run) recorded. A plain .npz has none."""
+    0; export-model refused it. Now eval compares the hash of the manifest the run (or its
+    checkpoint, copied out of the run) recorded, and refuses another bundle's tensors; where the
+    tensors are this bundle's, it warns. A plain .npz records no bundle."""
     run = tmp_path / "run"
     ok(cli("train", mlp_bundle, "--data", "digits", "--steps", 2, "--batch", 8, "--no-progress",
            "--threads", 1, "--checkpoint-every", 2, "--out", run))
@@ -1029,10 +1030,17 @@ def test_eval_refuses_the_weights_of_a_run_of_another_bundle(cli, mlp_bundle, ml
     user_error(cli("eval", mlp_head_bundle, "--data", "digits", "--weights", loose, "--threads",
                    1), f"checkpoint '{loose}' was trained on another bundle",
                "evaluate it with the bundle it was trained on, or train a run of this one")
-    redone = Path(shutil.copytree(mlp_bundle, tmp_path / "redone"))  # as if re-exported
+    # the same model exported again (its manifest's time stamp differs; review of session 31:
+    # refused, with no way past it) or with other frozen weights: said, and scored
+    redone = Path(shutil.copytree(mlp_bundle, tmp_path / "redone"))
     (redone / "manifest.json").write_text((redone / "manifest.json").read_text() + "\n")
-    user_error(cli("eval", redone, "--data", "digits", "--weights", run, "--threads", 1),
-               "its manifest's hash differs")
+    r = cli("eval", redone, "--data", "digits", "--weights", run, "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: the run in '{run}' was trained on another bundle than '{redone}' (its " \
+           "manifest's hash differs: re-exported or replaced); its trained tensors fit this " \
+           "bundle and are scored with this bundle's frozen weights, which may not be the " \
+           f"run's: evaluate it with its own bundle, '{mlp_bundle}', to score the run as it " \
+           "trained" in r.stderr, r.stderr
     plain = Path(shutil.copy(run / "params.npz", tmp_path / "mine.npz"))  # no hash: as before
     assert "held-out examples: 360" in ok(cli("eval", mlp_head_bundle, "--data", "digits",
                                               "--weights", plain, "--threads", 1))

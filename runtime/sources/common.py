@@ -8,7 +8,6 @@ import math
 import os
 import re
 import stat
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,10 +236,7 @@ def _whole(raw: str) -> str:
 
 class _Labels:
     """Builds the label map during an index pass: provisional ids by first sight, remapped to
-    the stable order in :meth:`finish`; or ids from a given ``class_names`` list. Two labels
-    that are one number written differently ("01" and "1", "007" and "7") stay two classes
-    (once merged silently by value); "1.0" is the label 1 (as in JSON: a float column), and a
-    file holding both is told so. ``problems`` gets those notes."""
+    the stable order in :meth:`finish`; or ids from a given ``class_names`` list."""
 
     def __init__(self, where: str, column: str, class_names: list[str] | None,
                  num_classes: int | None, regression: bool, unit: bool = False,
@@ -258,11 +254,6 @@ class _Labels:
             self.given_whole = {_whole(c): i for c, i in self.given.items()
                                 if _WHOLE_FLOAT.fullmatch(c)}
             self.given_names = [str(c) for c in class_names]
-            # a number the names write twice ("01", "1") is matched by its exact spelling only
-            counts = Counter(int(c) for c in self.given if _INT.match(c))
-            self.given_twice = {v for v, n in counts.items() if n > 1}
-            self.respelled: dict[str, int] = {}  # a label matched by its number -> class id
-            self.respelled_rows: dict[int, int] = {}
         self.seen: dict[str, int] = {}
         self.ids = array.array("f" if regression else "i")
 
@@ -280,14 +271,18 @@ class _Labels:
             return None
         if self.given is not None:
             i = self.given.get(raw)
+            if i is None and _WHOLE_FLOAT.fullmatch(raw):
+                i = self.given.get(_whole(raw))
+            if i is None and _INT.match(raw):
+                i = self.given.get(str(int(raw)))
+                if i is None:  # class names written 0.0, 1.0 (a float column) and data 0, 1
+                    i = self.given_whole.get(str(int(raw)))
             if i is None:
-                i = self._by_number(raw)
-                if i is None:
-                    return "unknown label"
-                self.respelled.setdefault(raw, i)
-                self.respelled_rows[i] = self.respelled_rows.get(i, 0) + 1
+                return "unknown label"
             self.ids.append(i)
             return None
+        if _WHOLE_FLOAT.fullmatch(raw):  # 1.0 is the label 1 (as in JSON), not a class of its own
+            raw = _whole(raw)
         i = self.seen.get(raw)
         if i is None:
             if len(self.seen) >= max(MAX_LABELS, self.num_classes or 0):
@@ -303,23 +298,11 @@ class _Labels:
         self.ids.append(i)
         return None
 
-    def _by_number(self, raw: str) -> int | None:
-        """The given class that ``raw`` names by its number ("1.0", "01" -> "1"), or None
-        (not a number, none, or one the names write twice)."""
+    def declare(self, raw: str) -> None:
+        """A class that exists even without rows (an empty class folder), read as ``add``
+        reads it (a folder '1.0' beside '1' had made an empty class '1.0' of its own)."""
         if _WHOLE_FLOAT.fullmatch(raw):
             raw = _whole(raw)
-        elif not _INT.match(raw):
-            return None
-        v = int(raw)
-        if v in self.given_twice:
-            return None
-        i = self.given.get(str(v))
-        if i is None:  # class names written 0.0, 1.0 (a float column) and data 0, 1
-            i = self.given_whole.get(str(v))
-        return i
-
-    def declare(self, raw: str) -> None:
-        """A class that exists even without rows (an empty class folder)."""
         if self.given is None and not self.regression and raw not in self.seen:
             self.seen[raw] = len(self.seen)
 
@@ -329,38 +312,17 @@ class _Labels:
             return np.frombuffer(self.ids, np.float32), None
         ids = np.frombuffer(self.ids, np.int32)
         if self.given is not None:
-            self._note_merged(ids)
             return ids, list(self.given_names)
-        # 1.0 is the label 1 (as in JSON), not a class of its own
-        spelled = [_whole(s) if _WHOLE_FLOAT.fullmatch(s) else s for s in self.seen]
-        keys = list(dict.fromkeys(spelled))
-        at = {s: j for j, s in enumerate(keys)}
-        first = np.asarray([at[s] for s in spelled], np.int32)  # provisional id -> key
-        if len(keys) < len(spelled):
-            forms: dict[str, list[str]] = {}
-            for r, w in zip(self.seen, spelled, strict=True):
-                forms.setdefault(w, []).append(r)
-            for s, fs in forms.items():
-                if len(fs) > 1:
-                    self._note("number(s) written in different ways, read as one class",
-                               f"{' and '.join(fs)} as {s}")
+        keys = list(self.seen)
         k = self.num_classes
-        twice: list[list[str]] = []
         if keys and all(_INT.match(s) for s in keys):
             values = [int(s) for s in keys]
-            if len(set(values)) < len(values):  # "01" and "1": two labels, kept apart
-                names = sorted(keys, key=lambda s: (int(s), s))
-                groups: dict[int, list[str]] = {}
-                for s in names:
-                    groups.setdefault(int(s), []).append(s)
-                twice = [g for g in groups.values() if len(g) > 1]
-                pos = {s: i for i, s in enumerate(names)}
-                remap = np.asarray([pos[s] for s in keys], np.int32)
-            elif k is not None and all(0 <= v < k for v in values):
+            self._note_spellings(keys, values)
+            if k is not None and all(0 <= v < k for v in values):
                 names = [str(i) for i in range(k)]  # an integer label is its own class id
                 remap = np.asarray(values, np.int32)
             else:
-                uniq = sorted(values)
+                uniq = sorted(set(values))
                 pos = {v: i for i, v in enumerate(uniq)}
                 names = [str(v) for v in uniq]
                 remap = np.asarray([pos[v] for v in values], np.int32)
@@ -368,43 +330,28 @@ class _Labels:
             names = sorted(keys)
             pos = {s: i for i, s in enumerate(names)}
             remap = np.asarray([pos[s] for s in keys], np.int32)
-        apart = "; ".join(" and ".join(g) for g in twice[:3]) + ("; ..." if len(twice) > 3
-                                                                 else "")
         if k is not None and len(names) != k:
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             has = "have" if self.column.endswith("folders") else "has"
-            why = (f"; {apart} are one number written in different ways, kept as distinct "
-                   "classes (write each number one way to merge them)") if twice else ""
             raise UserError(f"{self.where}: {self.column} {has} {len(names)} distinct labels "
-                            f"({shown}) but the model has {k} classes{why}; use data with {k} "
+                            f"({shown}) but the model has {k} classes; use data with {k} "
                             f"classes, or name all {k} at export (export --classes A,B,...) "
                             "so that data holding some of them fits")
-        for g in twice:
-            self._note("number(s) written in different ways, kept as distinct classes",
-                       " and ".join(g))
-        remap = remap[first]
         return (remap[ids] if ids.size else ids), names
 
-    def _note_merged(self, ids: np.ndarray) -> None:
-        """Notes the given classes that labels written in different ways were read as."""
-        if not self.respelled:
-            return
-        rows = np.bincount(ids, minlength=len(self.given_names))
-        by_class: dict[int, list[str]] = {}
-        for r, j in self.respelled.items():
-            by_class.setdefault(j, []).append(r)
-        for i, n in self.respelled_rows.items():
-            forms = sorted(by_class[i])
-            if rows[i] > n:  # rows with the name itself too
-                forms.append(self.given_names[i])
-            if len(forms) > 1:
-                self._note("number(s) written in different ways, read as one class",
-                           f"{' and '.join(forms[:4])}{' ...' if len(forms) > 4 else ''} as "
-                           f"{self.given_names[i]}")
 
-    def _note(self, what: str, where: str) -> None:
-        if self.problems is not None:
-            self.problems.note(what, where)
+    def _note_spellings(self, keys: list[str], values: list[int]) -> None:
+        """Labels that are one number written in different ways (01 and 1, 007 and 7) are one
+        class, the number (an integer label is its own class id): said, naming them (session
+        31 probe: class folders 0 1 01 2 trained as 3 classes without a word)."""
+        spellings: dict[int, list[str]] = {}
+        for s, v in zip(keys, values, strict=True):
+            spellings.setdefault(v, []).append(s)
+        for v, written in sorted(spellings.items()):
+            if len(written) > 1 and self.problems is not None:
+                self.problems.note("number(s) written in different ways and read as one class, "
+                                   "the number: name them as text (e.g. c01) to keep them apart",
+                                   " and ".join(sorted(written)) + f" as {v}")
 
 
 def _label_text(value: object) -> str | None:
