@@ -20,6 +20,7 @@ import numpy as np
 from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
+from .run_files import weights_record
 from .run_folder import bundle_run, check_run_links, json_object, run_class_names
 from .sources.common import TEXT_SUFFIXES
 from .torch_weights import packed_recurrent, write_safetensors
@@ -57,7 +58,10 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         wp = Path(weights)
         run_dir = wp.parent.parent if wp.parent.name == "checkpoints" else wp.parent
         check_run_links(run_dir)
-    meta = json_object(run_dir / "run.json") if run_dir is not None else {}
+    # what the run recorded; a checkpoint given with --weights records its own bundle's hash
+    # (one copied out of its run folder was not checked: session 31 probe)
+    meta = ({} if run_dir is None else json_object(run_dir / "run.json") if weights is None
+            else weights_record(Path(weights), run_dir))
     src_weights = run_weights(src)
     want = meta.get("bundle_sha256") if isinstance(meta.get("bundle_sha256"), str) else None
     if bundle is not None:
@@ -77,7 +81,8 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
                         f"(no params.npz or checkpoint){set_aside_hint(src)}")
     if (other := other_bundle(bdir, want)) is not None:
-        why = f"the run in '{run_dir}' was {other}"
+        why = (f"the run in '{run_dir}'" if weights is None or (run_dir / "run.json").is_file()
+               else f"checkpoint '{weights}'") + f" was {other}"
         if bundle is None:
             raise UserError(f"{why}; pass the run's own bundle with --bundle DIR (a bundle "
                             "given so is used even when its hash differs)")

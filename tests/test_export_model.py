@@ -113,6 +113,27 @@ def test_explicit_weights_and_initial_fallback(mlp_bundle, cli, tmp_path):
                                _reference(mlp_bundle, mlp_bundle / "params.npz", x), atol=1e-5)
 
 
+def test_a_checkpoint_copied_out_of_its_run_is_checked_against_the_bundle(
+        mlp_bundle, mlp_head_bundle, cli, tmp_path):
+    """Session 31 probe: export-model read the bundle's hash from run.json only, so a
+    checkpoint copied out of its run folder was exported into any bundle whose tensor names
+    matched; its own __meta__ records the hash, as --resume and eval read it."""
+    import shutil
+
+    run = tmp_path / "run"
+    r = cli("train", mlp_bundle, "--data", "digits", "--steps", 2, "--batch", 8, "--threads", 1,
+            "--no-progress", "--checkpoint-every", 2, "--out", run)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "loose").mkdir()
+    loose = shutil.copy(run / "checkpoints" / "ckpt-000002.npz", tmp_path / "loose")
+    r = cli("export-model", mlp_head_bundle, "--weights", loose, "--out", tmp_path / "o.onnx")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: checkpoint '{loose}' was trained on another bundle than "
+                               f"'{mlp_head_bundle}'"), r.stderr
+    r = cli("export-model", mlp_bundle, "--weights", loose, "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+
+
 def test_overwrite_leaves_no_companion_of_the_replaced_export(mlp_bundle, cli, tmp_path):
     """A text model's tokenizer and labels beside model.onnx belong to the export it replaces:
     an --overwrite by a model without them removes them (they once stayed, describing another

@@ -475,6 +475,29 @@ def test_regression_targets_and_type_ids(tmp_path, tokenizer_file):
                   _ce(2), tokenizer_file)
 
 
+def test_targets_whose_square_passes_float32_and_bool_ids_are_refused(tmp_path,
+                                                                      tokenizer_file):
+    """Session 31 probe: a CSV regression target of 2e19 (accepted up to float32's largest)
+    made every batch holding it a skipped non-finite step, each epoch, the row never named; in
+    an .npz, targets of 1e20 ended every step skipped. Bool token ids were read as ids 0/1."""
+    p = _write_csv(tmp_path / "r.csv", [("good", "0.5"), ("outlier", "2e19"), ("ok", "1e18")])
+    src = _text(p, tokenizer_file, loss=_mse())
+    assert len(src) == 2 and src.problems.counts == {
+        "label is above 1e18 (its square passes float32 in the loss: scale down)": 1}
+    x = np.zeros((6, 4, 3), np.float32)
+    y = np.zeros(6, np.float32)
+    y[4] = -3e19
+    with pytest.raises(UserError, match=r"'y' has a target of 3e\+19 \(row 4\): above 1e18 its "
+                                        r"square passes float32 in the MSE loss; scale the "
+                                        r"targets down"):
+        open_npz(_npz(tmp_path / "y.npz", x=x, y=y), X_IN, _mse())
+    ids = [TensorSpec("ids", ["N", 5], "int64", index_bound=50)]
+    with pytest.raises(UserError, match=r"holds bools; model input 'ids' takes ids into a "
+                                        r"50-row embedding table: store the ids as integers"):
+        open_npz(_npz(tmp_path / "b.npz", ids=np.ones((6, 5), bool), y=np.zeros(6, int)), ids,
+                 _ce(2))
+
+
 def test_long_text_cut_before_tokenising_keeps_the_tokens(tmp_path, tokenizer_file):
     long = " ".join(WORDS[i % len(WORDS)] for i in range(20_000))  # ~100 KB of text
     src = _text(_write_jsonl(tmp_path / "l.jsonl", [(long, "pos"), ("good", "neg")]),

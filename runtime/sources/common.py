@@ -24,6 +24,9 @@ MAX_LABELS = 10_000  # more distinct values than this (and than the model's clas
 MAX_IMAGE_PIXELS = 40_000_000  # a larger image is a bad row (decoding it would cost > 160 MB)
 CHARS_PER_TOKEN = 64  # texts are cut to 64 x seq_len characters before tokenising
 ABSURD = 1e30  # |value| above this in an .npz input is an error, not data
+# |target| above this under MSE: its square, summed over a batch, passes float32 (every batch
+# holding the row is skipped as non-finite; session 31 probe: a CSV target of 2e19)
+SQUARE_SAFE = 1e18
 COMPRESSED_LOAD_LIMIT = 16 << 20  # a compressed .npz member up to this size is loaded whole
 _EXAMPLES = 3  # examples kept per reason
 _SAMPLE_ROWS = 256  # rows of an .npz checked at open time
@@ -267,6 +270,8 @@ class _Labels:
                 return "label is not finite"
             if self.unit and not 0.0 <= v <= 1.0:
                 return "label is outside [0, 1] (binary cross-entropy)"
+            if abs(v) > SQUARE_SAFE:
+                return "label is above 1e18 (its square passes float32 in the loss: scale down)"
             self.ids.append(v)
             return None
         if self.given is not None:

@@ -21,6 +21,7 @@ from .common import (
     ABSURD,
     COMPRESSED_LOAD_LIMIT,
     MAX_LABELS,
+    SQUARE_SAFE,
     Arrays,
     Problems,
     Source,
@@ -329,6 +330,10 @@ class NpzSource(Source):
     def _check_values(self, name: str, a: np.ndarray, idx: np.ndarray) -> None:
         """Finite and not absurd (floats), fitting the model's dtype (integers): min and max
         only, no temporaries but on the error path."""
+        bound = self.specs[name].index_bound if name in self.specs else 0
+        if bound and a.dtype.kind == "b":  # (a bool mask input is fine; ids are not bools)
+            raise UserError(f"{self._where(name)} holds bools; model input '{name}' takes "
+                            f"ids into a {bound}-row embedding table: store the ids as integers")
         if not a.size or a.dtype.kind == "b":
             return
         lo, hi = a.min(), a.max()
@@ -345,7 +350,6 @@ class NpzSource(Source):
                 raise UserError(f"{where} has absurdly large values (|x| up to "
                                 f"{float(flat.max()):.3g} in row {row}); scale the data or fix "
                                 "the file")
-        bound = self.specs[name].index_bound if name in self.specs else 0
         if bound and a.dtype.kind in "iu" and (int(lo) < 0 or int(hi) >= bound):
             v = int(lo) if int(lo) < 0 else int(hi)
             flat = a.reshape(a.shape[0], -1)
@@ -376,6 +380,11 @@ class NpzSource(Source):
                                                       if y.ndim > 1 else ""))
         else:
             self._check_values("y", y, idx)
+            if self.loss.kind == "mse" and y.size and float(np.abs(y).max()) > SQUARE_SAFE:
+                flat = np.abs(y.reshape(len(y), -1)).max(axis=1)
+                raise UserError(f"{self._where('y')} has a target of {float(flat.max()):.3g} "
+                                f"(row {int(idx[int(np.argmax(flat))])}): above 1e18 its square "
+                                "passes float32 in the MSE loss; scale the targets down")
             if self.loss.kind == "bce" and y.dtype.kind != "b" and ((y < 0) | (y > 1)).any():
                 bad = idx[((y < 0) | (y > 1)).reshape(len(y), -1).any(axis=1)]
                 raise UserError(f"{self._where('y')} has a target outside [0, 1] (row "
