@@ -73,6 +73,23 @@ def _step_of(name: str) -> int:
 Writer = Callable[[Path, dict[str, np.ndarray]], None]
 
 
+def parse_meta(text: bytes) -> dict:
+    """A checkpoint's ``__meta__`` JSON, bounded before it is parsed: each JSON value costs
+    30-60 bytes parsed (30 MB of empty lists took a resume to 836 MB under a 200 MB budget).
+
+    Raises:
+        ValueError: too many values, not JSON, not an object.
+    """
+    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if values > MAX_META_VALUES:
+        raise ValueError(f"its metadata holds over {values:,} JSON values, more than a "
+                         f"checkpoint's can ({MAX_META_VALUES:,})")
+    meta = json.loads(text.decode())
+    if not isinstance(meta, dict):
+        raise ValueError(f"its metadata is a JSON {type(meta).__name__}, not an object")
+    return meta
+
+
 def bundle_sha256(bundle: Bundle) -> str:
     """Identity of a bundle: the SHA-256 of its manifest (which holds every file's checksum)."""
     return file_sha256(bundle.path / names.MANIFEST_FILE)
@@ -338,17 +355,8 @@ def _read(path: Path, sha256: str | None = None) -> tuple[dict[str, np.ndarray],
         with np.load(f, allow_pickle=False) as z:
             meta_blob = z[_META]
     arrays = _Members(path, [k for k in names if k != _META])
-    text = meta_blob.tobytes()
+    meta = parse_meta(meta_blob.tobytes())
     del meta_blob
-    # bounded before it is parsed: each JSON value costs 30-60 bytes parsed (30 MB of empty
-    # lists took a resume to 836 MB under a 200 MB budget)
-    values = text.count(b",") + text.count(b"[") + text.count(b"{")
-    if values > MAX_META_VALUES:
-        raise ValueError(f"its metadata holds over {values:,} JSON values, more than a "
-                         f"checkpoint's can ({MAX_META_VALUES:,})")
-    meta = json.loads(text.decode())
-    if not isinstance(meta, dict):
-        raise ValueError(f"its metadata is a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"not a version-{FORMAT_VERSION} {FORMAT}")
     step = meta.get("step")

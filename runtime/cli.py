@@ -859,10 +859,8 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
 
     want = record.get("bundle_sha256")
     if run_dir is None or not isinstance(want, str) or (
-            why := other_bundle(bundle.path, want)) is None:
+            why := other_bundle(bundle.path, want, run_dir, weights)) is None:
         return
-    what = (f"the run in '{run_dir}'" if (run_dir / "run.json").is_file()
-            else f"checkpoint '{weights}'")
     own = own_bundle(run_dir, want)
     own_text = f"its own bundle, '{own}'" if own else "the bundle it was trained on"
     try:
@@ -873,11 +871,11 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
     if any(n.startswith("param/") for n in held):  # a checkpoint: param/NAME, opt/..., meta
         held = {n.removeprefix("param/") for n in held if n.startswith("param/")}
     if held == {p.name for p in bundle.params}:
-        say_err(f"warning: {what} was {why}; its trained tensors fit this bundle and are scored "
+        say_err(f"warning: {why}; its trained tensors fit this bundle and are scored "
                 f"with this bundle's frozen weights, which may not be the run's: evaluate it "
                 f"with {own_text}, to score the run as it trained")
         return
-    raise UserError(f"{what} was {why}, and its trained tensors are not this bundle's; evaluate "
+    raise UserError(f"{why}, and its trained tensors are not this bundle's; evaluate "
                     f"it with {own_text}, or train a run of this one")
 
 

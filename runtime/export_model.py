@@ -80,9 +80,7 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
 
         raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
                         f"(no params.npz or checkpoint){set_aside_hint(src)}")
-    if (other := other_bundle(bdir, want)) is not None:
-        why = (f"the run in '{run_dir}'" if weights is None or (run_dir / "run.json").is_file()
-               else f"checkpoint '{weights}'") + f" was {other}"
+    if (why := other_bundle(bdir, want, run_dir, weights)) is not None:
         if bundle is None:
             raise UserError(f"{why}; pass the run's own bundle with --bundle DIR (a bundle "
                             "given so is used even when its hash differs)")
@@ -158,14 +156,18 @@ def _manifest_sha(bundle_dir: Path) -> str | None:
         return None
 
 
-def other_bundle(bdir: Path, want: str | None) -> str | None:
+def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,
+                 weights: Path | None = None) -> str | None:
     """Why ``bdir`` is not the bundle a run was trained on (``want``: the hash of its manifest
-    that the run recorded), or None: it is, or nothing was recorded (a plain .npz of weights).
-    ``export-model`` and ``eval`` both refuse it (``train --resume`` does, in its checkpoint)."""
+    that the run, or the ``weights`` checkpoint copied out of it, recorded), or None: it is, or
+    nothing was recorded (a plain .npz of weights). ``export-model`` and ``eval`` both say it
+    (``train --resume`` does, in its checkpoint)."""
     if want is None or not (bdir / "manifest.json").is_file() or _manifest_sha(bdir) == want:
         return None
-    return (f"trained on another bundle than '{bdir}' (its manifest's hash differs: re-exported "
-            "or replaced)")
+    what = (f"the run in '{run_dir}'" if weights is None or (run_dir / "run.json").is_file()
+            else f"checkpoint '{weights}'")
+    return (f"{what} was trained on another bundle than '{bdir}' (its manifest's hash differs: "
+            "re-exported or replaced)")
 
 
 def own_bundle(run: Path, want: str) -> Path | None:

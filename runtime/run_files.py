@@ -63,7 +63,7 @@ def weights_record(weights: Path, run: Path) -> dict:
 
     import numpy as np
 
-    from .checkpoint import _META, MAX_META_BYTES, MAX_META_VALUES
+    from .checkpoint import _META, MAX_META_BYTES, parse_meta
 
     out = json_object(run / "run.json")
     try:  # the metadata member alone, bounded as a resume reads it (the arrays stay unread)
@@ -72,16 +72,13 @@ def weights_record(weights: Path, run: Path) -> dict:
             if info.file_size > MAX_META_BYTES:
                 return out
             with zf.open(info) as m:
-                text = np.lib.format.read_array(m, allow_pickle=False).tobytes()
-        if text.count(b",") + text.count(b"[") + text.count(b"{") > MAX_META_VALUES:
-            return out
-        meta = json.loads(text.decode())
+                meta = parse_meta(np.lib.format.read_array(m, allow_pickle=False).tobytes())
     except Exception:  # noqa: BLE001 - no metadata (KeyError), not a zip, damaged: as before
         return out
-    run_meta = meta.get("run") if isinstance(meta, dict) else None
+    run_meta = meta.get("run")
     if isinstance(run_meta, dict) and "seed" in run_meta:
         out.setdefault("seed", run_meta["seed"])
-    if isinstance(meta, dict) and isinstance(meta.get("bundle_sha256"), str):
+    if isinstance(meta.get("bundle_sha256"), str):
         out["bundle_sha256"] = meta["bundle_sha256"]
     return out
 
