@@ -973,6 +973,7 @@ def _cmd_plan(a) -> int:
             ShrinkGuard(tr, print).run(lambda: tr.calibrate(
                 data, _calib_batch(tr, min(a.batch, len(data))), calibration_rng(a.seed)),
                 calibration=True)
+            _warn_all(tr)
             print(tr.cost_table())
         return 0
     ranks: dict = {}
@@ -994,6 +995,7 @@ def _cmd_plan(a) -> int:
         tr = Trainer(bundle, cfg)
         tr.train_batch = min(a.batch, len(data))
         tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), calibration_rng(a.seed))
+        _warn_all(tr)
         ranks, rows = tr.ranks(), tr.rank_rows
     if not bundle.layers:
         print("no INSTANT layers in this bundle: it has no trainable Linear / 1x1 Conv besides "
@@ -1004,6 +1006,16 @@ def _cmd_plan(a) -> int:
              "(full rank: pass --data to calibrate)"))
     print(format_table(layer_costs(bundle.layers, ranks, rows)))
     return 0
+
+
+def _warn_all(tr) -> None:
+    """The warnings of ``tr``'s calibration (e.g. an unreachable --saved-ratio), as train says
+    them."""
+    from .checkpoint import warn
+
+    for w in tr.warnings:
+        warn(w)
+    tr.warnings.clear()
 
 
 def _cmd_profiles(a) -> int:

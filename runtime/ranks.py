@@ -65,6 +65,26 @@ def saved_bytes(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]]) -> i
                for g in basis_groups(layers).values() if g[0].name in ranks)
 
 
+def exact_saved_bytes(layers: list[LayerInfo]) -> int:
+    """Bytes per sample that exact training saves of the layers' inputs: each input once (q, k
+    and v read one x); ``--saved-ratio`` is a fraction of it."""
+    return sum({ly.x: 4 * ly.tokens * ly.cx for ly in layers}.values())
+
+
+def unreached_saved_ratio(layers: list[LayerInfo], ranks: dict, ratio: float | None) -> str | None:
+    """A warning when ranks of 1 (the least a basis keeps) still save more than ``ratio`` of
+    the exact bytes: ``--saved-ratio`` asked for less than INSTANT can store."""
+    if ratio is None:
+        return None
+    exact = exact_saved_bytes(layers)
+    got = saved_bytes(layers, ranks)
+    if got <= ratio * exact or any(r[0] > 1 for r in ranks.values()):
+        return None
+    return (f"--saved-ratio {ratio:g} is below what ranks of 1 store ({got / exact:.3g} of the "
+            "exact saved bytes), the least INSTANT keeps; the layers run at rank 1: give "
+            f"--saved-ratio {got / exact:.3g} or more to say what is kept")
+
+
 def _flops_per_rank(ly: LayerInfo, side: str, rows: int = 1) -> float:
     """Backward FLOPs per sample of one unit of rank on ``side`` ("x": the weight gradient and
     the forward projection of x, "g": the input gradient). Over the token axis every product
@@ -114,9 +134,7 @@ def choose_ranks(layers: list[LayerInfo], spectra: dict[str, tuple[Spectrum, Spe
     backward decides whether the default FLOP cap binds (``cfg.flop_cap_min``)."""
     cap = cfg.max_rank
     if cfg.saved_ratio is not None:
-        # the exact saved bytes: each layer input once (q, k and v read one x)
-        exact = sum({ly.x: 4 * ly.tokens * ly.cx for ly in layers}.values())
-        limit = int(cfg.saved_ratio * exact)
+        limit = int(cfg.saved_ratio * exact_saved_bytes(layers))
         saved_budget = limit if saved_budget is None else min(saved_budget, limit)
     if cfg.rank_policy == "budget":
         return _budget(layers, spectra, cfg, saved_budget, rows, cap_rows or rows)

@@ -39,7 +39,7 @@ from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
 from .memory import budget_given, current_rss
 from .optim import fusable, make_optimizer, resident_zeros, state_buffers
-from .ranks import basis_groups, choose_ranks, gx_break_even
+from .ranks import basis_groups, choose_ranks, gx_break_even, unreached_saved_ratio
 from .sessions import (
     SharedWeights,
     is_out_of_memory,
@@ -847,6 +847,9 @@ class Trainer:
         self.rank_rows = rows
         ranks = choose_ranks(self.bundle.layers, spectra, self.config.instant,
                              self.plan.saved_budget, rows, cap_rows=cap_rows)
+        low = unreached_saved_ratio(self.bundle.layers, ranks, self.config.instant.saved_ratio)
+        if low and not self.calibrations:  # (once: the first calibration)
+            self.warnings.append(low)
         for ly in self.bundle.layers:
             sx, sg = spectra[ly.name]
             rx, ry = ranks[ly.name]

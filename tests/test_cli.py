@@ -742,6 +742,21 @@ def test_plan_names_the_mode_a_bundle_without_instant_layers_trains_in(cli, mlp_
                     out.splitlines()[0]), out
 
 
+def test_an_unreachable_saved_ratio_is_said_by_plan_and_train(cli, mlp_bundle, tmp_path):
+    """``--saved-ratio`` below what ranks of 1 store trained at rank 1 without a word (session
+    31's left-alone list); plan and train now warn once, and a reachable ratio stays silent."""
+    out = cli("plan", mlp_bundle, "--data", "digits", "--saved-ratio", "1e-6")
+    ok(out)
+    assert out.stderr.count("warning: --saved-ratio 1e-06 is below what ranks of 1 store") == 1, \
+        out.stderr
+    run = cli("train", mlp_bundle, "--data", "digits", "--steps", 3, "--saved-ratio", "1e-6",
+              "--calib-every", 1, "--out", tmp_path / "r", "--no-progress", "--threads", 1)
+    ok(run)
+    assert run.stderr.count("below what ranks of 1 store") == 1, run.stderr
+    fine = cli("plan", mlp_bundle, "--data", "digits", "--saved-ratio", "0.5")
+    assert "below what ranks of 1 store" not in ok(fine) + fine.stderr
+
+
 def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
     out = ok(cli("plan", mlp_bundle, "--data", "digits"))
     assert "ranks from calibration on digits" in out
