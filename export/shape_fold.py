@@ -272,6 +272,35 @@ def annotate_measured_shapes(model: onnx.ModelProto, inputs: list[str]) -> int:
     return done
 
 
+def _refuse_example_batch(traced: Traced, n: int, exc: Exception) -> None:
+    """An ONNX file that fails at the example's shapes (an outside probe: a file fixing batch 4
+    exported at an example of 8 gave a bundle that every train and eval refused, blaming the
+    data): its declared batch where the file fixes one, else onnxruntime's reason.
+
+    Raises:
+        ExportError: always.
+    """
+    path = traced.origin[1]
+    fixed = None
+    try:
+        declared = onnx.load(path, load_external_data=False).graph
+        inits = {i.name for i in declared.initializer}
+        fixed = {vi.type.tensor_type.shape.dim[0].dim_value for vi in declared.input
+                 if vi.name not in inits and vi.type.tensor_type.shape.dim
+                 and vi.type.tensor_type.shape.dim[0].HasField("dim_value")}
+    except Exception:  # noqa: BLE001 - (it loaded before: read as "not known")
+        pass
+    if fixed and len(fixed) == 1 and n not in fixed:
+        raise ExportError(f"{traced.source}: the model runs at batch size {fixed.pop()} only (its "
+                          f"graph fixes the batch; the example has {n} rows): export it again "
+                          "with a dynamic batch axis (dynamic_shapes / dynamic_axes)") from None
+    why = " ".join(str(exc).split())
+    why = why.split("] ", 1)[-1][:160]
+    raise ExportError(f"{traced.source}: the model does not run at the example's shapes (batch "
+                      f"{n}): onnxruntime: {why}; give --input-shape (or an .npz) with the "
+                      "shapes the model takes") from None
+
+
 def check_free_batch(traced: Traced) -> None:
     """The bundle trains at the user's micro-batch, so the model must run at any batch size.
     Files exported with a fixed batch (``torch.onnx.export(dynamo=True)`` without dynamic
@@ -317,13 +346,15 @@ def check_free_batch(traced: Traced) -> None:
         return  # too large an example to run here
     so = ort.SessionOptions()
     so.log_severity_level = 4
+    n = next(iter(feeds.values())).shape[0]
     try:
         sess = ort.InferenceSession(model.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
-    except Exception:  # noqa: BLE001 - not runnable as given: other checks report that
-        return
-    n = next(iter(feeds.values())).shape[0]
+    except Exception as exc:  # noqa: BLE001
+        if traced.origin[0] == "onnx" and example is not None:
+            _refuse_example_batch(traced, n, exc)
+        return  # not runnable as given at sizes of 1 for the file's unnamed dimensions
     try:
         sess.run(None, {k: np.concatenate([v, v[:1]]) for k, v in feeds.items()})
     except Exception:  # noqa: BLE001
