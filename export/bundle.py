@@ -56,7 +56,7 @@ from .layers import (
     share_activation_bases,
 )
 from .losses import append_loss
-from .shape_fold import check_free_batch
+from .shape_fold import annotate_measured_shapes, check_free_batch
 from .tracing import example_arrays, load_model
 from .trainable import buffer_note, check_derived, mask_like, select_trainable, selected_by
 
@@ -343,6 +343,10 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     base = copy.deepcopy(traced.model)
     lowest_ir_version(base)  # every bundle graph takes its IR version from here
     _dynamic_batch(base, traced.inputs + traced.outputs)
+    # an ONNX file's computed Reshape target (TorchScript's x.reshape(x.shape[0], -1, C)) loses
+    # the shape once the example's batch is freed: a Linear over those tokens was left exact
+    # without a word (an outside probe); measured as load_model measures a traced model's
+    annotate_measured_shapes(base, traced.inputs)
     initial = _params_as_inputs(base, params)
     weights = _WeightFile()
     lookups = _split_lookups(base, set(traced.inputs), weights)

@@ -84,6 +84,44 @@ def test_a_file_whose_ops_fix_the_batch_is_refused_at_export(tmp_path, example):
     assert "dynamic batch axis" in lines[0] and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("example", [[], ["--input-shape", "8,3,8"]])
+def test_a_linear_after_a_computed_reshape_is_an_instant_layer(tmp_path, example):
+    """TorchScript writes ``x.reshape(x.shape[0], -1, 8)`` as a target computed from Shape(x);
+    with the example's batch freed shape inference lost the token axis and the Linear over it
+    stayed exact without a note (an outside probe: 0 INSTANT layers at --input-shape). Its
+    shape is measured now, as for a traced model; it trains."""
+    code = """
+import sys, torch
+from torch import nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.fc = nn.Linear(8, 8), nn.Linear(24, 3)
+    def forward(self, x):
+        h = self.l(x.reshape(x.shape[0], -1, 8))
+        return self.fc(torch.relu(h).reshape(x.shape[0], 24))
+torch.onnx.export(Net().eval(), (torch.randn(4, 3, 8),), sys.argv[1], dynamo=False,
+                  opset_version=17, input_names=["x"], output_names=["logits"],
+                  dynamic_axes={"x": {0: "N"}})
+"""
+    f = tmp_path / "reshape.onnx"
+    r = subprocess.run([sys.executable, "-c", code, str(f)], capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-1500:]
+    r = _cli("export", "--model", f, "--out", tmp_path / "b", *example)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    layers = json.loads((tmp_path / "b" / "manifest.json").read_text())["instant"]["layers"]
+    assert [(ly["name"], ly["tokens"]) for ly in layers] == [("l", 3)], layers
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 3, 8)).astype(np.float32),
+             y=rng.integers(0, 3, 32))
+    r = _cli("train", tmp_path / "b", "--data", tmp_path / "d.npz", "--steps", 3, "--batch", 16,
+             "--threads", 1, "--no-progress", "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 def test_a_file_that_fails_at_the_examples_shapes_is_refused_at_export(tmp_path):
     """A free feature axis given a size its weights do not take: refused with onnxruntime's
     reason at export, not written as a bundle that fails in every run."""
