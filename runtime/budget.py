@@ -351,6 +351,27 @@ def _calibration_rows(trainer: Trainer, batch: int) -> int:
     return max(1, batch, trainer.train_batch or 0) * trainer.config.instant.calib_batches
 
 
+def run_plan(trainer: Trainer, data, batch: int, budget: int | None, micro: int | None,
+             log: Callable[[str], None] = print, reserve: int = 0) -> Plan:
+    """A run's plan, for ``train``, ``eval``, ``plan`` and a fleet client: measured and
+    validated under ``budget`` (``reserve`` bytes kept free), else unbounded at ``micro``.
+    Registers the process arena (capped at the plan's cap) before any session exists, and
+    says where ``micro`` (--micro-batch) did not fit."""
+    if budget is None:
+        use_arena(None)
+        return Plan(micro_batch=micro, calib_micro_batch=micro, eval_micro_batch=micro)
+    trainer.train_batch = min(batch, len(data))  # (a calibration sums whole batches)
+    plan = plan_for_budget(trainer, data, min(batch, micro or batch), budget, log=log,
+                           reserve=reserve)
+    use_arena(plan.arena_cap)
+    print_plan(plan, trainer, log=log)
+    if (micro is not None and plan.micro_batch is not None
+            and plan.micro_batch < min(micro, batch, len(data))):  # (not where the data is less)
+        log(f"--micro-batch {micro} does not fit under the budget: micro-batch "
+            f"{plan.micro_batch} (raise --budget for more)")
+    return plan
+
+
 def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,
                     log: Callable[[str], None] = print, reserve: int = 0) -> Plan:
     """Measure, plan and validate; returns the plan (the caller registers its arena cap and

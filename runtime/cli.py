@@ -382,26 +382,10 @@ def _train_config(a, bundle, prof, optim=None):
 
 
 def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log):
-    """The run's plan: measured and validated under ``budget``, else unbounded. Registers the
-    process arena (capped at the plan's cap) before any session exists."""
-    from devices.planner import Plan
+    """The run's plan (``budget.run_plan``)."""
+    from .budget import run_plan
 
-    from .budget import plan_for_budget, print_plan
-    from .sessions import use_arena
-
-    if budget is None:
-        use_arena(None)
-        m = micro
-        return Plan(micro_batch=m, calib_micro_batch=m, eval_micro_batch=m)
-    trainer.train_batch = min(batch, len(data))  # (a calibration sums whole batches)
-    plan = plan_for_budget(trainer, data, min(batch, micro or batch), budget, log=log)
-    use_arena(plan.arena_cap)
-    print_plan(plan, trainer, log=log)
-    if (micro is not None and plan.micro_batch is not None
-            and plan.micro_batch < min(micro, batch, len(data))):  # (not where the data is less)
-        log(f"--micro-batch {micro} does not fit under the budget: micro-batch "
-            f"{plan.micro_batch} (raise --budget for more)")
-    return plan
+    return run_plan(trainer, data, batch, budget, micro, log)
 
 
 # ------------------------------------------------------------------------------ commands

@@ -148,10 +148,9 @@ def run_class_names(run: Path, bundle) -> list[str] | None:
     """
     path = Path(run) / "run.json"
     names = json_object(path).get("class_names")
-    if names is None and not path.exists():  # a fleet server's aggregate: its summary's names
+    if names is None and not path.exists():  # a fleet run (server or client): its summary's
         path = Path(run) / "summary.json"
-        fleet = json_object(path)
-        names = fleet.get("class_names") if "min_clients" in fleet else None
+        names = json_object(path).get("class_names")
     if names is None:
         return None
     loss = bundle.loss

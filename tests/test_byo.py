@@ -178,6 +178,29 @@ def test_third_party_onnx_gets_instant_on_every_trained_linear(encoder_bundle):
     assert (encoder_bundle / "tokenizer.json").is_file() and "tokenizer.json" in m["files"]
 
 
+def test_a_fleet_server_reads_a_csv_by_its_column_names(encoder_bundle, tmp_path):
+    """``fleet server --data`` takes --text-column / --label-column as a client does (an outside
+    probe: a CSV its clients read could not be the server's held-out data unless its columns
+    were named text and label). No client comes: the server gets as far as waiting."""
+    import socket
+
+    pytest.importorskip("flwr")
+    rows = list(csv.reader(open(_reviews_csv(tmp_path / "r.csv", 60, bad=False))))
+    with open(tmp_path / "cols.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["review", "sentiment"], *rows[1:]])
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    common = ["fleet", "server", encoder_bundle, "--data", tmp_path / "cols.csv", "--rounds", 1,
+              "--min-clients", 1, "--wait", 1, "--address", f"127.0.0.1:{port}", "--threads", 1]
+    r = _cli(*common, "--out", tmp_path / "a")
+    assert r.returncode == 2 and "'text'" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _cli(*common, "--out", tmp_path / "b", "--text-column", "review", "--label-column",
+             "sentiment")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "column" not in r.stderr and "client" in r.stderr, r.stderr
+
+
 def test_csv_text_trains_reports_bad_rows_and_exports_a_usable_model(encoder_bundle, tmp_path):
     data = _reviews_csv(tmp_path / "reviews.csv", 800)
     run = tmp_path / "run"

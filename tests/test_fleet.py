@@ -199,6 +199,14 @@ def test_loopback_fedavg_beats_every_local_only_model(mlp_bundle, non_iid, tmp_p
             p.kill()
     for r in range(1, ROUNDS + 1):
         assert re.search(rf"^round {r}: 3 clients trained \(0 failed\)", out, re.M), out
+    # a client's summary keeps its first loss over the rounds (an outside probe: each round's
+    # summary had that round's, and `report` printed round 3's first loss as the run's)
+    summary = json.loads((tmp_path / "client0" / "summary.json").read_text())
+    losses = [json.loads(ln)["loss"] for ln in (tmp_path / "client0" / "metrics.jsonl")
+              .read_text().splitlines() if json.loads(ln).get("kind") == "step"]
+    assert len(losses) == ROUNDS * STEPS, len(losses)
+    k = summary["loss_window"]
+    assert summary["loss_first"] == pytest.approx(float(np.mean(losses[:k])), rel=1e-6), summary
     accs = [float(a) for a in re.findall(r"held-out accuracy (\S+),", out)]
     assert len(accs) == ROUNDS + 1, out
     fleet_acc = accs[-1]
@@ -1051,15 +1059,21 @@ def test_clients_that_number_their_classes_otherwise_are_renumbered_as_the_fleet
     assert len(acc) == 3 and acc[-1] > 0.8, (acc, out)
     summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())
     assert summary["class_names"] == names, summary
-    # the aggregate is scored alike on either numbering (eval takes the fleet's names)
+    # the aggregate is scored alike on either numbering (eval takes the fleet's names), and so
+    # is a client's own folder, whose labels were numbered as the fleet's (an outside probe:
+    # eval of client b's weights read b's own order: 0.006 where the aggregate scored 0.883)
+    for client in ("client1", "client3"):
+        summary = json.loads((tmp_path / client / "summary.json").read_text())
+        assert summary["class_names"] == names, summary
     scores = []
-    for k in "ab":
+    for weights, k in (("fleet", "a"), ("fleet", "b"), ("client1", "a"), ("client1", "b")):
         r = subprocess.run([sys.executable, "-m", "runtime", "eval", str(mlp_bundle), "--weights",
-                            str(tmp_path / "fleet"), "--data", str(paths[k])], cwd=REPO,
+                            str(tmp_path / weights), "--data", str(paths[k])], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         scores.append(re.findall(r"accuracy (\d\.\d+)", r.stdout))
     assert scores[0] == scores[1] and scores[0], scores
+    assert scores[2] == scores[3] and float(scores[2][0]) > 0.5, scores
 
 
 def test_round_one_trains_in_the_first_clients_numbering(mlp_bundle, tmp_path):

@@ -44,9 +44,12 @@ def _fill(f: argparse.ArgumentParser) -> None:
                    help="clients each round waits for and trains (Flower's min_fit_clients and "
                         "min_available_clients; default 2)")
     s.add_argument("--data", default=None,
-                   help="held-out data to evaluate each aggregate on (built-in name or .npz; "
+                   help="held-out data to evaluate each aggregate on (as a client's --data; "
                         "its test split if it has one). Without it the clients evaluate on their "
                         "own held-out splits")
+    s.add_argument("--text-column", default="text", help="text files: the text column/field")
+    s.add_argument("--label-column", default="label",
+                   help="text files: the label column/field")
     s.add_argument("--out", default=None,
                    help="run folder for the aggregated weights (default BUNDLE/fleet)")
     s.add_argument("--resume", action="store_true",
@@ -192,7 +195,9 @@ def _server(a) -> int:
     if a.out:  # (the default, inside the bundle folder, is checked with the bundle)
         check_out(Path(a.out))
     _flower(a.verbose)
-    local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads)
+    local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads,
+                       data_options={"text_column": a.text_column,
+                                     "label_column": a.label_column})
     from ..run_folder import bundle_run, hold_folder
 
     out = Path(a.out) if a.out else bundle_run(local.bundle.path, "fleet")

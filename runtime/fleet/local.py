@@ -150,6 +150,8 @@ class Local:
                           session=SessionConfig(threads=threads), seed=seed)
         self.trainer = Trainer(self.bundle, cfg)
         self.rounds = 0
+        self.classes = self.own_classes() if self.data is not None else None  # (the fleet's,
+        # once agree_classes numbered this device's labels by them)
         self.plan_lines: list[str] = []
         self._lock: int | None = None
         self._ready = False
@@ -175,6 +177,8 @@ class Local:
         before = self.data
         if not fleet or before is None:
             return None
+        if not ids_only(fleet):
+            self.classes = list(fleet)
         self.data = relabelled(before, list(fleet), "the fleet's classes")
         if self.data is before and self.own_classes() is None and not ids_only(fleet):
             # numbered labels are read in the fleet's order: said, as the fleet's names are
@@ -197,27 +201,15 @@ class Local:
         Raises:
             UserError: the budget cannot hold this client (the message states the minimum).
         """
-        from devices.planner import Plan
-
-        from ..budget import plan_for_budget, print_plan
-        from ..sessions import use_arena
+        from ..budget import run_plan
 
         if self._ready:
             return
         tr = self.trainer
-        if self.budget is not None:
-            if self.data is None:
-                raise UserError("a budget needs this device's data to plan (--data)")
-            m = min(batch, self.micro_batch or batch)
-            tr.train_batch = min(batch, len(self.data))  # (a calibration sums whole batches)
-            plan = plan_for_budget(tr, self.data, m, self.budget, log=self.plan_lines.append,
-                                   reserve=reserve)
-            use_arena(plan.arena_cap)
-            print_plan(plan, tr, log=self.plan_lines.append)
-        else:
-            use_arena(None)
-            m = self.micro_batch
-            plan = Plan(micro_batch=m, calib_micro_batch=m, eval_micro_batch=m)
+        if self.budget is not None and self.data is None:
+            raise UserError("a budget needs this device's data to plan (--data)")
+        plan = run_plan(tr, self.data, batch, self.budget, self.micro_batch,
+                        log=self.plan_lines.append, reserve=reserve)
         tr.use_plan(plan)
         tr.open_sessions()
         self._ready = True
@@ -306,6 +298,7 @@ class Local:
                         max_nonfinite=self.max_nonfinite)
         start_rss = current_rss()
         train_only = _TrainOnly(self.data)  # held-out evaluation: evaluate()
+        earlier = self._summary()
         captured = io.StringIO()
         with contextlib.redirect_stdout(captured):
             try:
@@ -315,6 +308,7 @@ class Local:
                 raise UserError(f"{exc.what} in round {server_round}, trained from the "
                                 "server's weights; lower --lr (or check this device's data) "
                                 "and start the client again") from None
+        self._record_run(earlier)
         self.rounds += 1
         metrics: dict[str, float | int | str] = {
             "loss_first": s.loss_first, "loss_last": s.loss_last, "steps": steps,
@@ -347,6 +341,26 @@ class Local:
         batch = self.trainer.micro_batch or 64
         loss, acc = self.trainer.evaluate(target, batch)
         return loss, acc, len(target)
+
+    def _summary(self) -> dict:
+        from ..run_files import json_object
+
+        return json_object(self.out / "summary.json") if self.out is not None else {}
+
+    def _record_run(self, earlier: dict) -> None:
+        """What a round's ``train`` left out of the client's summary.json: the class names its
+        labels were numbered by (the fleet's: an outside probe's ``eval`` of a client's weights
+        read the device's own order, 0.006 where the server's identical weights scored 0.883),
+        and the run's first loss (each round's summary had its own round's)."""
+        summary = self._summary()
+        if not summary:
+            return
+        if self.classes:
+            summary["class_names"] = self.classes
+        if earlier.get("loss_window") == summary.get("loss_window") \
+                and earlier.get("loss_first") is not None:
+            summary["loss_first"] = earlier["loss_first"]
+        save_run(self.out, None, summary)
 
     def record_evaluation(self, server_round: int, loss: float, acc: float | None,
                           examples: int) -> None:
