@@ -567,10 +567,15 @@ def meta_array(arrays: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
 
 
 # -------------------------------------------------------------------------------- signals
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(BaseException):
     """Training stopped on SIGINT/SIGTERM after a checkpoint; ``exit_code`` is 128 + signal.
     ``abandoned``: the step after ``step`` did not finish in time and was dropped (the
-    checkpoint is the last one written, which may be older than ``step``)."""
+    checkpoint is the last one written, which may be older than ``step``).
+
+    A BaseException, as KeyboardInterrupt: a signal handler raises it wherever the run is, and
+    no ``except Exception`` may read it as that code's own failure (an outside probe: SIGTERM
+    while a resumed run loaded its graphs said "onnxruntime cannot load ...; re-export the
+    bundle", exit 2, of a sound bundle)."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None,
                  abandoned: bool = False) -> None:

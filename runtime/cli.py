@@ -687,11 +687,11 @@ def _cmd_train(a) -> int:
     trainer.resuming = bool(run_cfg.resume)
     folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
                                          getattr(data, "class_names", None), a.val_split))
-    folder.prepare(run_cfg.resume, run_cfg.overwrite)
     from .console import say, say_err
 
     ok = False
-    try:
+    folder.prepare(run_cfg.resume, run_cfg.overwrite)
+    try:  # (nothing between: a signal here raises TrainingInterrupted once a checkpoint exists)
         if run_cfg.resume:  # (a finished run's resume ran every planning probe first)
             finished_already(out, run_cfg.steps)
         trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch,
@@ -1230,6 +1230,13 @@ def main(argv: list[str] | None = None) -> int:
             print(_interrupted(args), file=sys.stderr)
             return 143 if _TERM_SEEN else 130
         raise
+    except BaseException as exc:  # a stop signal's TrainingInterrupted where no command took it
+        from .checkpoint import TrainingInterrupted
+
+        if not isinstance(exc, TrainingInterrupted):
+            raise
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -288,12 +288,15 @@ def _diverged(trainer: Trainer, what: str, good: Path | None, streak: bool = Fal
 
 
 def _params_current(out: Path | None, checkpoint: Path | None) -> bool:
-    """Whether ``out/params.npz`` holds the weights of ``checkpoint`` (written with or after
-    it; a finished run resumed for more steps and stopped has an older one, which the resume
-    to its new end rewrites)."""
+    """Whether ``out/params.npz`` holds the weights of ``checkpoint`` and ``summary.json`` its
+    figures (written with or after it; a finished run resumed for more steps and stopped has
+    older ones, which the resume to its new end rewrites; a disk that filled up between the
+    two left no summary, which a resume writes: an outside probe's resume said "already
+    finished" and the summary never came)."""
     try:
-        return out is not None and checkpoint is not None and \
-            (out / "params.npz").stat().st_mtime >= checkpoint.stat().st_mtime
+        return out is not None and checkpoint is not None and all(
+            (out / f).stat().st_mtime >= checkpoint.stat().st_mtime
+            for f in ("params.npz", "summary.json"))
     except OSError:
         return False
 

@@ -1402,6 +1402,15 @@ def test_a_resume_to_the_last_checkpoint_rewrites_an_older_params_file(mlp_bundl
     os.utime(old, (1e9, 1e9))  # as if written before the newest checkpoint
     _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
     assert old.stat().st_mtime > 1e9
+    # a disk that filled up after params.npz left no summary.json (an outside probe: the
+    # resume said "already finished", and the summary never came): the resume writes it
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").unlink()
+    _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
+    again = json.loads((out / "summary.json").read_text())
+    assert again["steps"] == 10 and again["loss_last"] == summary["loss_last"], again
+    with pytest.raises(RunFinished):
+        _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
 
 
 def test_the_output_streams_compare_as_the_streams_they_wrap() -> None:
@@ -1548,3 +1557,26 @@ def test_a_run_stopped_at_once_names_its_newest_checkpoint(mlp_bundle, tmp_path)
                                   bundle=str(mlp_bundle))) == "interrupted"
     assert _interrupted(Namespace(cmd="export", out=str(out))) == "interrupted"
     assert _interrupted(None) == "interrupted"
+
+
+def test_a_stop_signal_while_a_graph_loads_is_an_interruption_not_a_damaged_bundle(
+        mlp_bundle, monkeypatch):
+    """An outside probe: SIGTERM while a resumed run loaded its graphs (the signal handler
+    raises TrainingInterrupted once a checkpoint exists) came out as "onnxruntime cannot load
+    ...; re-export the bundle", exit 2, of a sound bundle. TrainingInterrupted is a
+    BaseException now: no ``except Exception`` reads it as its own failure."""
+    import signal
+
+    from helpers import make_trainer
+
+    from runtime import sessions
+    from runtime.checkpoint import TrainingInterrupted
+
+    def stopped(*args, **kwargs):
+        raise TrainingInterrupted(signal.SIGTERM, 275, None)
+
+    tr = make_trainer(mlp_bundle)
+    monkeypatch.setattr(sessions.ort, "InferenceSession", stopped)
+    with pytest.raises(TrainingInterrupted) as got:
+        tr.open_sessions()
+    assert got.value.exit_code == 128 + signal.SIGTERM
