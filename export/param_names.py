@@ -4,6 +4,8 @@ reshaped to [C, 1, 1]) and rearranges others (an RNN's gates) beyond recognition
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -244,7 +246,7 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
             if path and raw and raw != path and any(n.startswith(raw + ".") for n in taken) \
                     and not any(n.startswith(path + ".") for n in taken):
                 path = raw  # a named sibling (the bias) says the scope was not a container's
-            role = ROLE.get((node.op_type, k), f"param{k}")
+            role = _recurrent_role(node, k) or ROLE.get((node.op_type, k), f"param{k}")
             base = f"{path}.{role}" if path else i
             name, j = base, 1
             while name in taken:
@@ -253,6 +255,22 @@ def onnx_param_names(model: onnx.ModelProto) -> dict[str, tuple[str, bool]]:
             taken.add(name)
             names[i] = (name, transposed)
     return names
+
+
+_RECURRENT = {1: "W", 2: "R", 3: "B", 7: "P"}  # ONNX GRU / LSTM inputs holding weights
+
+
+def _recurrent_role(node, k: int) -> str | None:
+    """A GRU / LSTM weight's role as the exporter names a traced torch layer's
+    (``GRU_1.W``: layer 1 of the module, from TorchScript's node name ``/r/GRU_1``), which
+    ``export-model`` turns into torch's ``weight_ih_l1`` & co. (an outside probe: an ONNX
+    file's were ``r.param1``..3, in ONNX's packed layout, and ``load_state_dict(strict=False)``
+    skipped the whole layer). A node not named so gets ``GRU.W`` (layer 0)."""
+    if node.op_type not in ("GRU", "LSTM") or k not in _RECURRENT:
+        return None
+    last = node.name.rstrip("/").rsplit("/", 1)[-1]
+    op = last if re.fullmatch(rf"{node.op_type}(_\d+)?", last) else node.op_type
+    return f"{op}.{_RECURRENT[k]}"
 
 
 def _bias_paired(node, k: int, readers, inits, taken: set[str]) -> str | None:

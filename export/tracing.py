@@ -364,9 +364,11 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     notes: list[str] = []
     sort_nodes(model)
     initializers_not_inputs(model)
-    _materialize_identity_initializers(model)
     _constants_to_initializers(model)
     notes += float32_weights(model)
+    # after the Casts go: an Identity of a float16 weight's float32 value (a deduplicated copy,
+    # as of a float32 one) had trained as one tensor for both layers (an outside probe)
+    _materialize_identity_initializers(model)
     name_nodes(model)
     check_ops(model, path)
     if keep_free is None:

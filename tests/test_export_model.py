@@ -206,7 +206,7 @@ def test_missing_onnx_package_is_a_clear_error(mlp_bundle, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("inner", ["sequential", "modulelist-in-a-module-of-its-name",
-                                   "attention"])
+                                   "attention", "gru", "lstm"])
 def test_safetensors_of_a_torch_onnx_file_load_into_the_torch_module(cli, tmp_path, inner):
     """An ONNX file from torch's TorchScript exporter: a raw parameter read as ``x @ self.W``
     keeps its own layout in the safetensors (was: stored transposed, a size mismatch in torch),
@@ -235,13 +235,25 @@ def test_safetensors_of_a_torch_onnx_file_load_into_the_torch_module(cli, tmp_pa
         def forward(self, h):
             return self.head(self.enc(h))
 
+    class Recurrent(torch.nn.Module):  # an ONNX file's GRU / LSTM (an outside probe: its
+        # tensors were r.param1..3, in ONNX's packed layout, and strict=False skipped them)
+        def __init__(self):
+            super().__init__()
+            self.r = (torch.nn.GRU(16, 12, batch_first=True) if inner == "gru" else
+                      torch.nn.LSTM(16, 12, num_layers=2, bidirectional=True, batch_first=True))
+            self.head = torch.nn.Linear(12 if inner == "gru" else 24, 3)
+
+        def forward(self, h):
+            return self.head(self.r(h)[0])
+
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.W = torch.nn.Parameter(torch.randn(8, 16) * 0.3)
             self.mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(),
                                            torch.nn.Linear(16, 3)) if inner == "sequential" \
-                else Attention() if inner == "attention" else Inner()
+                else Attention() if inner == "attention" else \
+                Recurrent() if inner in ("gru", "lstm") else Inner()
 
         def forward(self, x):  # [N, 6, 8]
             return self.mlp(torch.relu(x @ self.W)).mean(1)

@@ -122,6 +122,33 @@ torch.onnx.export(Net().eval(), (torch.randn(4, 3, 8),), sys.argv[1], dynamo=Fal
     assert r.returncode == 0, r.stderr[-1500:]
 
 
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_a_deduplicated_copy_of_a_float16_weight_trains_apart(tmp_path, dtype):
+    """TorchScript writes a deep-copied layer as Identity(first layer's weight); copies train
+    apart (a note says so). Stored in float16 behind a Cast, the Identity read the Cast's
+    output, and both layers had trained as one tensor, their gradients summed (an outside
+    probe: logits 4e-4 off torch's after one step)."""
+    import json
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 16)).astype(np.float32) / 4
+    stored = w.astype(np.float16) if dtype == TensorProto.FLOAT16 else w
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("Identity", ["W"], ["W2"]),
+             helper.make_node("MatMul", ["a", "W2"], ["y"])]
+    inits = [numpy_helper.from_array(stored, "W_h" if dtype == TensorProto.FLOAT16 else "W")]
+    if dtype == TensorProto.FLOAT16:
+        nodes.insert(0, helper.make_node("Cast", ["W_h"], ["W"], to=TensorProto.FLOAT))
+    f = _saved(tmp_path / "copy.onnx", nodes, ("x", TensorProto.FLOAT, ["N", 16]),
+               ("y", TensorProto.FLOAT, ["N", 16]), inits)
+    r = _cli("export", "--model", f, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    params = json.loads((tmp_path / "b" / "manifest.json").read_text())["params"]
+    assert len([p for p in params if p.get("trainable", True)]) == 2, params
+    assert "hold the same values as another" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_a_file_that_fails_at_the_examples_shapes_is_refused_at_export(tmp_path):
     """A free feature axis given a size its weights do not take: refused with onnxruntime's
     reason at export, not written as a bundle that fails in every run."""
