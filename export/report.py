@@ -38,6 +38,7 @@ __all__ = ["Metrics", "add_report_parser", "cmd_report", "read_metrics", "write_
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+ROUNDS_FILE = "rounds.jsonl"  # a fleet server's
 MAX_METRICS_BYTES = 1 << 30  # a metrics file is KBs to MBs; refuse absurd ones
 _MB = 1e6
 
@@ -54,6 +55,7 @@ class Metrics:
     summary: dict | None = None  # summary.json (None where it is of another step)
     stale_summary: object = None  # that summary's step count, where it was left out
     torn_last_line: bool = False
+    unit: str = "step"  # "round": a fleet server's rounds.jsonl, drawn round by round
 
     @property
     def budget(self) -> float | None:
@@ -101,6 +103,8 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
     """
     run = Path(run)
     path = run if run.is_file() else run / METRICS_FILE
+    if not run.is_file() and not path.exists() and (run / ROUNDS_FILE).is_file():
+        path = run / ROUNDS_FILE  # a fleet server's folder (an outside probe: "has no metrics")
     folder = path.parent
     if not run.exists():
         raise UserError(f"run '{run}' not found; pass the --out folder of a `train` run")
@@ -109,7 +113,7 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
             raise UserError(f"{path} is not a regular file; pass the --out folder of a `train` "
                             "run (every run writes RUN/metrics.jsonl as a file)")
         raise UserError(f"{run} has no {METRICS_FILE}; pass the --out folder of a `train` run "
-                        "(every run writes RUN/metrics.jsonl)")
+                        "(every run writes RUN/metrics.jsonl) or of a fleet server (rounds.jsonl)")
     for f in (path, folder / SUMMARY_FILE):
         if f.is_symlink():  # (a run from elsewhere: the link may lead anywhere)
             raise UserError(f"{f} is a symbolic link: a run's files are never read through a "
@@ -122,7 +126,7 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
         raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
-    m = Metrics(path)
+    m = Metrics(path, unit="round" if path.name == ROUNDS_FILE else "step")
     steps: dict[int, dict] = {}
     evals: dict[tuple[int, str], dict] = {}
     calibs: dict[int, dict] = {}
@@ -145,7 +149,9 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
                             "metrics")
         records += 1
         kind, step = rec.get("kind"), _step(rec)
-        if kind == "plan":
+        if kind == "round" and m.unit == "round":  # the aggregate's evaluation, the clients' fit
+            _round(rec, steps, evals)
+        elif kind == "plan":
             m.plan = rec
         elif kind == "step" and step is not None:
             steps[step] = rec
@@ -177,11 +183,23 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
         # a run resumed after it finished and stopped early logs past its summary: the
         # summary's figures (first/last loss, held-out accuracy, peak) are of another step
         last = _step(m.steps[-1]) if m.steps else None
-        if last is None or summary.get("steps") == last:
+        if last is None or summary.get("steps") == last or m.unit == "round":
             m.summary = summary
         else:
             m.stale_summary = summary.get("steps")
     return m
+
+
+def _round(rec: dict, steps: dict, evals: dict) -> None:
+    """A fleet server's round record as an evaluation (the aggregate's held-out loss and
+    accuracy) and a step (the clients' mean last loss and their largest peak)."""
+    r = rec.get("round")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= _LIMIT:
+        return
+    evals[(r, "val")] = {"step": r, "loss": rec.get("loss"), "accuracy": rec.get("accuracy")}
+    fit = rec.get("fit")
+    if isinstance(fit, dict):
+        steps[r] = {"step": r, "loss": fit.get("loss_last"), "peak_rss": fit.get("peak_rss_max")}
 
 
 def _series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
@@ -222,7 +240,7 @@ def _title(m: Metrics, run_name: str) -> str:
     if isinstance(s.get("mode"), str):
         parts.append(f"mode {s['mode']}")
     if m.steps:
-        parts.append(f"{len(m.steps)} steps")
+        parts.append(f"{len(m.steps)} {m.unit}s")
     acc, before = _num(s.get("test_acc")), _num(s.get("test_acc_before"))
     if acc is not None:
         parts.append(f"held-out acc {before:.3f} → {acc:.3f}" if before is not None
@@ -287,12 +305,17 @@ def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
     for ax, panel in zip(axes, panels, strict=True):
         ax.grid(alpha=0.3)
         if panel == "loss":
-            _draw_loss(ax, loss, acc, ev_loss, ev_acc)
+            _draw_loss(ax, loss, acc, ev_loss, ev_acc, "clients' last loss (mean)"
+                       if m.unit == "round" else "train loss")
         elif panel == "memory":
             _draw_memory(ax, m, rss, peak)
         else:
             _draw_ranks(ax, ranks, max((r["step"] for r in m.steps), default=0))
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel(m.unit)
+    if m.unit == "round":
+        from matplotlib.ticker import MaxNLocator
+
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
     try:
@@ -306,10 +329,10 @@ def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
     return out
 
 
-def _draw_loss(ax, loss, acc, ev_loss, ev_acc) -> None:
+def _draw_loss(ax, loss, acc, ev_loss, ev_acc, train_label: str = "train loss") -> None:
     handles = []
     if loss[0]:
-        handles += ax.plot(*loss, color="tab:blue", lw=1.2, label="train loss")
+        handles += ax.plot(*loss, color="tab:blue", lw=1.2, label=train_label)
     if ev_loss[0]:
         handles += ax.plot(*ev_loss, "o", color="tab:blue", mfc="white", label="held-out loss")
     ax.set_ylabel("loss")
@@ -331,7 +354,8 @@ def _draw_memory(ax, m: Metrics, rss, peak) -> None:
     if rss[0]:
         ax.plot(*rss, color="tab:purple", lw=1.0, label="RSS after step")
     if peak[0]:
-        ax.plot(*peak, color="tab:purple", lw=1.4, ls="--", label="peak RSS (running)")
+        ax.plot(*peak, color="tab:purple", lw=1.4, ls="--", label="largest client peak RSS"
+                if m.unit == "round" else "peak RSS (running)")
     budget, predicted = m.budget, m.predicted_peak
     if budget is not None:
         ax.axhline(budget / _MB, color="tab:red", lw=1.5, label=f"budget {budget / _MB:.0f} MB")
@@ -398,8 +422,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         if first is None or last is None or not isinstance(k, int):  # no summary: a stopped run
             first, last, k = _num(m.steps[0].get("loss")), _num(m.steps[-1].get("loss")), 1
         if first is not None and last is not None:
-            what = f"means of the first and last {k} steps" if k > 1 else "first and last step"
-            line += f" ({len(m.steps)} steps, loss {first:.4f} -> {last:.4f}, {what})"
+            what = f"means of the first and last {k} steps" if k > 1 else \
+                f"first and last {m.unit}" + (" (the clients' mean last loss)"
+                                              if m.unit == "round" else "")
+            line += f" ({len(m.steps)} {m.unit}s, loss {first:.4f} -> {last:.4f}, {what})"
     print(line)
     if m.stale_summary is not None:
         print(f"note: summary.json is of step {str(m.stale_summary)[:20]} but metrics.jsonl goes "

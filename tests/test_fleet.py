@@ -207,6 +207,16 @@ def test_loopback_fedavg_beats_every_local_only_model(mlp_bundle, non_iid, tmp_p
     assert len(losses) == ROUNDS * STEPS, len(losses)
     k = summary["loss_window"]
     assert summary["loss_first"] == pytest.approx(float(np.mean(losses[:k])), rel=1e-6), summary
+    # `report` draws the server's rounds (an outside probe: "has no metrics.jsonl")
+    r = subprocess.run([sys.executable, "-m", "runtime", "report", tmp_path / "fleet"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"({ROUNDS} rounds, loss " in r.stdout, r.stdout + r.stderr
+    assert (tmp_path / "fleet" / "report.png").stat().st_size > 10_000
+    r = subprocess.run([sys.executable, "-m", "runtime", "fleet", "server", mlp_bundle, "--rounds",
+                        str(ROUNDS), "--resume", "--out", tmp_path / "fleet", "--address",
+                        f"127.0.0.1:{free_port()}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)  # (the report's PNG was "other files" to the next start)
+    assert r.returncode == 0 and "nothing to resume" in r.stdout, r.stdout + r.stderr
     accs = [float(a) for a in re.findall(r"held-out accuracy (\S+),", out)]
     assert len(accs) == ROUNDS + 1, out
     fleet_acc = accs[-1]
@@ -465,6 +475,28 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
                             "--out", str(tmp_path / "fleet")],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert again.returncode == 0 and "already did 3 of --rounds 3" in again.stdout, again
+    # resumed on other held-out data: the resumed aggregate's score there is that data's first
+    # (an outside probe: it was printed, then left out of the summary's evaluations)
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+
+    test = load_data("digits", open_bundle(mlp_bundle)).test
+    other = tmp_path / "other.npz"
+    np.savez(other, x=test.x["input"][:200], y=test.y[:200])
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 4, "--min-clients", 1,
+                          "--data", other, "--resume")
+    try:
+        good = start_client(tmp_path, mlp_bundle, port, 2, "digits", "--steps", 5,
+                            "--mode", "vanilla")
+        out = server.ok()
+        good.ok()
+    finally:
+        server.kill()
+    resumed = float(re.search(r"^round 3 \(the resumed aggregate\); held-out accuracy "
+                              r"(\d\.\d+)", out, re.M)[1])
+    ev = json.loads((tmp_path / "fleet" / "summary.json").read_text())["evaluations"][str(other)]
+    assert ev["accuracies"] == 2 and round(ev["first"], 3) == resumed, (ev, out)
 
 
 def test_a_summary_names_no_weights_file_before_one_is_written(mlp_bundle, tmp_path):

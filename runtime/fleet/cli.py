@@ -168,6 +168,9 @@ def _flower(verbose: bool):
         raise UserError(f"fleet training needs Flower {' or '.join(FLWR_SUPPORTED)}.x, found "
                         f"{version}; install it with pip install 'instant-runtime[fleet]'")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if not verbose:  # gRPC's own C-core lines ("chttp2_transport.cc:1403] ... Got goaway",
+        # seen by an outside probe as a server stopped mid-round) are Flower's log too
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     import logging
 
     import flwr  # noqa: F401

@@ -33,9 +33,10 @@ def check_out(out: Path) -> None:
                         "fleet run; pass a new or empty folder as --out")
 
 
-# what a fleet server or client writes in its --out (a client: a training run's files)
+# what a fleet server or client writes in its --out (a client: a training run's files), and
+# `report`'s default PNG of it (was refused as "other files" by the next start into the folder)
 FLEET_FILES = ("params.npz", "summary.json", "metrics.jsonl", "checkpoints", ".fleet-lock",
-               "rounds.jsonl")
+               "rounds.jsonl", "report.png")
 
 
 def fleet_role(out: Path) -> str | None:

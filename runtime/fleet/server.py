@@ -30,7 +30,7 @@ import numpy as np
 
 from .classes import agree_here, fleet_classes, resumed_classes
 from .client import PROTOCOL, mismatch, say_to
-from .history import RoundHistory
+from .history import RoundHistory, earlier_evaluations
 from .local import Local, UserError, names_from_json, save_run
 
 __all__ = ["NotEnoughClients", "run_server"]
@@ -89,6 +89,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     earlier = earlier or {}
     history = RoundHistory(out, earlier or None, lambda: way_out(), resumed)
     done = int(earlier.get("rounds_done", 0))  # rounds of the resumed run: Flower counts from 1
+    scored = set(earlier_evaluations(earlier)) if done else set()  # the data it was scored on
     state = {"fit": None, "round": 0, "saved": 0, "trained": int(earlier.get("trained_rounds", 0)),
              "ended": 0, "fit_t0": time.monotonic(), "late": 0,
              # a resumed run keeps the class order its aggregate was trained in (session 29
@@ -151,8 +152,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         line = f"{head}{where} " + (f"accuracy {acc:.3f}, " if acc is not None else "") + \
             f"loss {loss:.4f} ({n} examples)"
         say(line)
-        if r == 0 and done:  # (the resumed run's history has its round already)
-            return
+        if r == 0 and done and evaluated_on in scored:  # (its history has this round already;
+            return  # on other data its score is new, and the summary's comparison starts there)
         entry = {"round": r + done if r else 0, "loss": loss, "accuracy": acc, "examples": n,
                  "where": where, "evaluated_on": evaluated_on,
                  "seconds": time.perf_counter() - t0}
