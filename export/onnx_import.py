@@ -121,3 +121,25 @@ def float32_weights(model: onnx.ModelProto) -> list[str]:
     shown = sorted(set(renamed.values()))
     return [f"note: {len(shown)} weights stored in float16/bfloat16/float64 and cast to float32 "
             f"by the model train in float32 ({', '.join(shown[:6])}{' …' if len(shown) > 6 else ''})"]
+
+
+def zero_padding_rows(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
+    """Lookup tables (a Gather's float data) of an ONNX file with exactly one all-zero row, the
+    others not: the row ``nn.Embedding(padding_idx=k)`` keeps at zero, which ONNX's Gather does
+    not record. Its lookups then carry no gradient, as in torch (an outside probe: the row
+    trained, 8 % off torch's table after one step). Returns table -> row, and a note."""
+    readers = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
+    rows: dict[str, int] = {}
+    for t in model.graph.initializer:
+        if t.name not in readers or t.data_type != TensorProto.FLOAT or len(t.dims) != 2 \
+                or t.dims[0] < 3:
+            continue
+        zero = np.flatnonzero(~numpy_helper.to_array(t).any(axis=1))
+        if zero.size == 1:
+            rows[t.name] = int(zero[0])
+    if not rows:
+        return rows, []
+    shown = ", ".join(f"{k} row {v}" for k, v in list(rows.items())[:3])
+    return rows, [f"note: lookup table(s) with one all-zero row ({shown}) read as nn.Embedding's "
+                  "padding_idx, which an .onnx file does not keep: that row's lookups carry no "
+                  "gradient and it stays zero, as in torch"]

@@ -27,7 +27,8 @@ from .grad_stops import gradient_stops
 from .graph import ExportError, check_ops, name_nodes
 from .layers import node_module_path
 from .model_inputs import _first_line, _load_factory, example_arrays, parse_input_shapes
-from .onnx_import import float32_weights, initializers_not_inputs, raise_opset, sort_nodes
+from .onnx_import import (float32_weights, initializers_not_inputs, raise_opset, sort_nodes,
+                          zero_padding_rows)
 from .outputs import input_names as _input_names
 from .outputs import output_names as _output_names
 from .outputs import pick_output as _pick_output
@@ -100,6 +101,8 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
     if spec.endswith(".onnx"):
         traced = _folded(lower_traced(_pick_output(_load_onnx(spec, example), output)))  # no torch here
         traced.origin = ("onnx", spec, example, output)
+        traced.padding_rows, said = zero_padding_rows(traced.model)
+        traced.notes += said
         return traced
     import torch
 

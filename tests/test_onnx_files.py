@@ -1015,6 +1015,44 @@ def test_int32_token_ids_train_a_lookup_table(tmp_path):
     np.testing.assert_allclose(tr._grads["E"], e.grad.numpy(), atol=1e-6)
 
 
+def test_a_tables_one_all_zero_row_is_read_as_its_padding_idx(tmp_path):
+    """nn.Embedding(padding_idx=0) in an .onnx file: Gather keeps no padding_idx, and row 0
+    trained (an outside probe: 8 % off torch's table after one step). A table with exactly one
+    all-zero row is read as padding: its lookups carry no gradient, as torch's, with a note."""
+    import torch
+    import torch.nn.functional as F
+    from helpers import make_trainer
+
+    from runtime.trainer import ArrayBatch
+
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((30, 16)) * 0.3).astype(np.float32)
+    table[0] = 0.0
+    head = (rng.standard_normal((16, 3)) * 0.3).astype(np.float32)
+    path = _saved(
+        tmp_path / "pad.onnx",
+        [helper.make_node("Gather", ["E", "ids"], ["e"], name="/emb/Gather"),
+         helper.make_node("ReduceMean", ["e"], ["p"], axes=[1], keepdims=0, name="/pool"),
+         helper.make_node("MatMul", ["p", "H"], ["logits"], name="/head/MatMul")],
+        ("ids", TensorProto.INT64, ["N", 8]), ("logits", TensorProto.FLOAT, ["N", 3]),
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(head, "H")])
+    r = _cli("export", "--model", path, "--out", tmp_path / "b", "--trainable", "all")
+    assert r.returncode == 0, r.stderr
+    assert "(E row 0) read as nn.Embedding's padding_idx" in r.stdout + r.stderr, r.stdout
+    ids = rng.integers(0, 30, (4, 8))
+    ids[:, -3:] = 0  # padded
+    y = rng.integers(0, 3, 4)
+    e, h = torch.tensor(table, requires_grad=True), torch.tensor(head, requires_grad=True)
+    want = F.cross_entropy(F.embedding(torch.tensor(ids), e, padding_idx=0).mean(1) @ h,
+                           torch.tensor(y))
+    want.backward()
+    tr = make_trainer(tmp_path / "b", mode="vanilla")
+    got, _ = tr.gradients(ArrayBatch({"ids": ids}, y))
+    assert abs(got - want.item()) < 1e-5
+    np.testing.assert_allclose(tr._grads["E"], e.grad.numpy(), atol=1e-6)
+    assert not tr._grads["E"][0].any()
+
+
 def test_a_strided_slice_gradient_picks_what_onnxruntime_slices():
     """The positions a Slice with a step picks (its gradient scatters back to them) are
     onnxruntime's for any bounds: a start below -dim with a negative step picks the first
