@@ -12,6 +12,7 @@ live in ``runtime/fleet/cli.py``.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -992,6 +993,47 @@ def _cmd_plan(a) -> int:
     return 0
 
 
+OPEN_FILES = 1024  # asked for, up to the hard limit: sessions, mapped weights, probes' pipes
+OPEN_FILES_MIN = 16  # below it a command fails somewhere (a probe: at 6-8; runs at 10 or more)
+
+
+def _enough_open_files() -> None:
+    """Raise the soft limit on open files toward ``OPEN_FILES`` (as far as the hard limit
+    allows); refuse where even the hard limit is below ``OPEN_FILES_MIN`` (an outside probe under
+    ``ulimit -n 6`` to ``8``: errors that blamed the bundle or the path, and an empty
+    ``checkpoints`` folder left behind).
+
+    Raises:
+        UserError: too few open files allowed.
+    """
+    import resource
+
+    from .errors import UserError
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < OPEN_FILES_MIN:
+        raise UserError(f"this process may open only {soft} files at once (ulimit -n), too "
+                        f"few for a command (fewer than {OPEN_FILES_MIN}): raise it (ulimit -n "
+                        f"{OPEN_FILES}) and run the command again")
+
+
+def _open_files_way() -> str:
+    """The way out of EMFILE (an outside probe under ``ulimit -n 7``: "check the path, the
+    permissions and the free space")."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (f"this process may open {soft} files at once (ulimit -n), too few for this "
+            f"command: raise it (ulimit -n {OPEN_FILES}) and run the command again")
+
+
 def _warn_all(tr) -> None:
     """The warnings of ``tr``'s calibration (e.g. an unreachable --saved-ratio), as train says
     them."""
@@ -1192,6 +1234,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd in ("train", "eval", "plan"):  # (until a run folder or the training loop
             _term_as_interrupt()  # takes the signals over: SIGTERM while the data was read or
         try:                      # tokenised ended the process without a word, session 30 probe)
+            _enough_open_files()
             check_not_empty(args)
             handler = HANDLERS.get(args.cmd) or args.handler
             return handler(args)
@@ -1202,8 +1245,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         except OSError as exc:  # a path the OS refuses (name too long, permissions, no space)
             where = f" '{exc.filename}'" if exc.filename else ""
-            _error_line(f"error: {exc.strerror or exc}{where}; check the path, the permissions "
-                        "and the free space")
+            _error_line(f"error: {exc.strerror or exc}{where}; " + (
+                _open_files_way() if exc.errno == errno.EMFILE else
+                "check the path, the permissions and the free space"))
             return 2
         except MemoryError as exc:
             _error_line(f"error: out of memory ({str(exc)[:160] or 'an allocation failed'}); ask "

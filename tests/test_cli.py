@@ -1148,3 +1148,28 @@ def test_plan_prints_the_ranks_of_the_runs_first_calibration(cli, tmp_path):
     # (exact: the full 32 channels, or the break-even where the exact g·W runs)
     assert planned["enc.self_attn.out_proj"][1] == "exact" and \
         ranks["enc.self_attn.out_proj"][1] == 32, (planned, ranks)
+
+
+@pytest.mark.parametrize("soft,hard", [(8, 8), (8, 4096)])
+def test_a_low_open_files_limit_is_raised_or_refused_in_one_line(mlp_bundle, tmp_path, soft, hard):
+    """An outside probe under ``ulimit -n 6`` to ``8``: errors that blamed the bundle ("re-export
+    it") or the path, and an empty checkpoints folder left behind. The soft limit is raised as
+    far as the hard one allows; below 16 the command is refused before it does anything."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--data",
+                        "digits", "--steps", "2", "--threads", "1", "--no-progress", "--out",
+                        str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=300, preexec_fn=limit)
+    if hard < 16:
+        user_error(r, "may open only 8 files at once (ulimit -n)", "ulimit -n 1024")
+        assert not out.exists()
+    else:
+        ok(r)
+        assert (out / "params.npz").is_file()
