@@ -56,6 +56,7 @@ from .layers import (
     share_activation_bases,
 )
 from .losses import append_loss
+from .onnx_import import padding_rows_note
 from .shape_fold import annotate_measured_shapes, check_free_batch
 from .tracing import example_arrays, load_model
 from .trainable import buffer_note, check_derived, mask_like, select_trainable, selected_by
@@ -332,9 +333,10 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                      "0s and 1s and multiply another trainable tensor: a mask (a buffer in "
                      "torch), which an .onnx file cannot tell from a weight; it trains unless "
                      "left out: pass --trainable naming the weights only")
-    said = buffer_note(traced.model, params) if not traced.from_torch else None
-    if said and notes is not None:
-        notes.append(said)
+    for said in ((buffer_note(traced.model, params),
+                  padding_rows_note(traced.padding_rows, params)) if not traced.from_torch else ()):
+        if said and notes is not None:
+            notes.append(said)
     params += [p for p in head_params if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
     output = traced.outputs[0]

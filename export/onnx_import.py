@@ -123,12 +123,13 @@ def float32_weights(model: onnx.ModelProto) -> list[str]:
             f"by the model train in float32 ({', '.join(shown[:6])}{' …' if len(shown) > 6 else ''})"]
 
 
-def zero_padding_rows(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]]:
-    """Lookup tables (a Gather's float data) of an ONNX file with exactly one all-zero row, the
-    others not: the row ``nn.Embedding(padding_idx=k)`` keeps at zero, which ONNX's Gather does
-    not record. Its lookups then carry no gradient, as in torch (an outside probe: the row
-    trained, 8 % off torch's table after one step). Returns table -> row, and a note."""
-    readers = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input}
+def zero_padding_rows(model: onnx.ModelProto) -> dict[str, int]:
+    """Lookup tables (a Gather's float data, axis 0) of an ONNX file with exactly one all-zero
+    row, the others not: the row ``nn.Embedding(padding_idx=k)`` keeps at zero, which ONNX's
+    Gather does not record. Its lookups then carry no gradient, as in torch (an outside probe:
+    the row trained, 8 % off torch's table after one step). Returns table -> row."""
+    readers = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input
+               and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0}
     rows: dict[str, int] = {}
     for t in model.graph.initializer:
         if t.name not in readers or t.data_type != TensorProto.FLOAT or len(t.dims) != 2 \
@@ -137,9 +138,15 @@ def zero_padding_rows(model: onnx.ModelProto) -> tuple[dict[str, int], list[str]
         zero = np.flatnonzero(~numpy_helper.to_array(t).any(axis=1))
         if zero.size == 1:
             rows[t.name] = int(zero[0])
-    if not rows:
-        return rows, []
-    shown = ", ".join(f"{k} row {v}" for k, v in list(rows.items())[:3])
-    return rows, [f"note: lookup table(s) with one all-zero row ({shown}) read as nn.Embedding's "
-                  "padding_idx, which an .onnx file does not keep: that row's lookups carry no "
-                  "gradient and it stays zero, as in torch"]
+    return rows
+
+
+def padding_rows_note(rows: dict[str, int], trainable: list[str]) -> str | None:
+    """The note for the tables of :func:`zero_padding_rows` that train (None: none does)."""
+    shown = [f"{k} row {v}" for k, v in rows.items() if k in trainable]
+    if not shown:
+        return None
+    return (f"note: lookup table(s) with one all-zero row ({', '.join(shown[:3])}) read as "
+            "nn.Embedding's padding_idx, which an .onnx file does not keep: that row's lookups "
+            "carry no gradient and it stays zero, as in torch (a token of its own there needs "
+            "a non-zero row in the file)")

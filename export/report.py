@@ -56,6 +56,7 @@ class Metrics:
     stale_summary: object = None  # that summary's step count, where it was left out
     torn_last_line: bool = False
     unit: str = "step"  # "round": a fleet server's rounds.jsonl, drawn round by round
+    other_data: int = 0  # rounds evaluated on other data than the last (left out)
 
     @property
     def budget(self) -> float | None:
@@ -130,6 +131,7 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
     steps: dict[int, dict] = {}
     evals: dict[tuple[int, str], dict] = {}
     calibs: dict[int, dict] = {}
+    rounds: list[dict] = []
     lines = raw.split(b"\n")
     last = len(lines) - 1  # after a final "\n" the last element is empty
     records = 0
@@ -150,7 +152,7 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
         records += 1
         kind, step = rec.get("kind"), _step(rec)
         if kind == "round" and m.unit == "round":  # the aggregate's evaluation, the clients' fit
-            _round(rec, steps, evals)
+            rounds.append(rec)
         elif kind == "plan":
             m.plan = rec
         elif kind == "step" and step is not None:
@@ -165,6 +167,11 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
                         + ("empty file" if not raw.strip() else
                            f"{len(raw)} bytes without one complete JSON line")
                         + "); the run wrote no metrics, or this is not a run's metrics file")
+    on = rounds[-1].get("evaluated_on") if rounds else None
+    for rec in rounds:  # (a server resumed on other --data: one data's curve, the last one's)
+        same = rec.get("evaluated_on") == on
+        _round(rec, steps, evals if same else None)
+        m.other_data += not same
     m.steps = [steps[k] for k in sorted(steps)]
     m.evals = [evals[k] for k in sorted(evals)]
     m.calibrations = [calibs[k] for k in sorted(calibs)]
@@ -190,13 +197,15 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
     return m
 
 
-def _round(rec: dict, steps: dict, evals: dict) -> None:
+def _round(rec: dict, steps: dict, evals: dict | None) -> None:
     """A fleet server's round record as an evaluation (the aggregate's held-out loss and
-    accuracy) and a step (the clients' mean last loss and their largest peak)."""
+    accuracy; not where ``evals`` is None) and a step (the clients' mean last loss and their
+    largest peak)."""
     r = rec.get("round")
     if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= _LIMIT:
         return
-    evals[(r, "val")] = {"step": r, "loss": rec.get("loss"), "accuracy": rec.get("accuracy")}
+    if evals is not None:
+        evals[(r, "val")] = {"step": r, "loss": rec.get("loss"), "accuracy": rec.get("accuracy")}
     fit = rec.get("fit")
     if isinstance(fit, dict):
         steps[r] = {"step": r, "loss": fit.get("loss_last"), "peak_rss": fit.get("peak_rss_max")}
@@ -432,9 +441,12 @@ def cmd_report(args: argparse.Namespace) -> int:
               f"to step {_step(m.steps[-1])} (a resumed run that stopped early); it is left out")
     lost = [r["step"] for r in m.steps if r.get("loss") is not None and _num(r["loss"]) is None]
     if lost:
-        print(f"note: {len(lost)} step(s) logged a loss that is not a number within +-1e30 (NaN, "
+        print(f"note: {len(lost)} {m.unit}(s) logged a loss that is not a number within +-1e30 (NaN, "
               f"inf or an overflow; the first at step {lost[0]}) and are left out of the loss "
               "curve")
+    if m.other_data:
+        print(f"note: {m.other_data} earlier round evaluation(s) were on other data than the "
+              "last rounds' (a server resumed with another --data) and are left out")
     if m.torn_last_line:
         print("note: the last line of metrics.jsonl was cut short (the run was killed while "
               "writing it) and is left out")

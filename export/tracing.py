@@ -27,8 +27,13 @@ from .grad_stops import gradient_stops
 from .graph import ExportError, check_ops, name_nodes
 from .layers import node_module_path
 from .model_inputs import _first_line, _load_factory, example_arrays, parse_input_shapes
-from .onnx_import import (float32_weights, initializers_not_inputs, raise_opset, sort_nodes,
-                          zero_padding_rows)
+from .onnx_import import (
+    float32_weights,
+    initializers_not_inputs,
+    raise_opset,
+    sort_nodes,
+    zero_padding_rows,
+)
 from .outputs import input_names as _input_names
 from .outputs import output_names as _output_names
 from .outputs import pick_output as _pick_output
@@ -101,8 +106,7 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
     if spec.endswith(".onnx"):
         traced = _folded(lower_traced(_pick_output(_load_onnx(spec, example), output)))  # no torch here
         traced.origin = ("onnx", spec, example, output)
-        traced.padding_rows, said = zero_padding_rows(traced.model)
-        traced.notes += said
+        traced.padding_rows = zero_padding_rows(traced.model)  # (noted at export, if trained)
         return traced
     import torch
 
@@ -367,10 +371,11 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     notes: list[str] = []
     sort_nodes(model)
     initializers_not_inputs(model)
+    _materialize_identity_initializers(model)  # (an Identity of a float16 weight read as is)
     _constants_to_initializers(model)
     notes += float32_weights(model)
-    # after the Casts go: an Identity of a float16 weight's float32 value (a deduplicated copy,
-    # as of a float32 one) had trained as one tensor for both layers (an outside probe)
+    # again once the Casts are gone: an Identity of a float16 weight's float32 value (a
+    # deduplicated copy, as of a float32 one) had trained as one tensor for both layers
     _materialize_identity_initializers(model)
     name_nodes(model)
     check_ops(model, path)

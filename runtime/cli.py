@@ -383,8 +383,7 @@ def _train_config(a, bundle, prof, optim=None):
 
 
 def _plan(trainer, data, batch: int, budget: int | None, micro: int | None, log):
-    """The run's plan (``budget.run_plan``)."""
-    from .budget import run_plan
+    from .budget import run_plan  # (imported when a command plans: numpy, onnxruntime)
 
     return run_plan(trainer, data, batch, budget, micro, log)
 
@@ -1019,9 +1018,11 @@ def _enough_open_files() -> None:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < OPEN_FILES_MIN:
-        raise UserError(f"this process may open only {soft} files at once (ulimit -n), too "
-                        f"few for a command (fewer than {OPEN_FILES_MIN}): raise it (ulimit -n "
-                        f"{OPEN_FILES}) and run the command again")
+        raise UserError(f"this process may open only {soft} files at once (its hard limit, "
+                        f"ulimit -Hn, is {hard}), too few for a command (fewer than "
+                        f"{OPEN_FILES_MIN}): raise the hard limit where the command is started "
+                        f"(the shell's ulimit -n {OPEN_FILES}, the container's or service's "
+                        "settings) and run it again")
 
 
 def _open_files_way() -> str:
@@ -1029,9 +1030,12 @@ def _open_files_way() -> str:
     permissions and the free space")."""
     import resource
 
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return (f"this process may open {soft} files at once (ulimit -n), too few for this "
-            f"command: raise it (ulimit -n {OPEN_FILES}) and run the command again")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    more = 2 * soft if hard == resource.RLIM_INFINITY else min(2 * soft, hard)
+    return (f"this process may open {soft} files at once, too few for this command: "
+            + (f"run it with more (ulimit -n {more})" if more > soft else
+               "that is its hard limit (ulimit -Hn); raise it where the command is started")
+            + " and run the command again")
 
 
 def _warn_all(tr) -> None:

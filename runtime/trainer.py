@@ -689,10 +689,8 @@ class Trainer:
         return loss, correct
 
     def _run_error(self, exc: Exception, phase: str) -> Exception:
-        from .checkpoint import TrainingInterrupted
-
-        if isinstance(exc, TrainingInterrupted):  # raised by a signal handler as the run
-            return exc  # returned (session 27 probe: Ctrl-C in the final evaluation, exit 2)
+        # (a signal handler's TrainingInterrupted is a BaseException: never seen here; session
+        # 27 probe: Ctrl-C in the final evaluation had exited 2 as onnxruntime's failure)
         if runs_aborted():  # the signal watchdog ended the run (checkpoint.StopSignals)
             return StepAbandoned(phase)
         if is_out_of_memory(exc):

@@ -1168,7 +1168,8 @@ def test_a_low_open_files_limit_is_raised_or_refused_in_one_line(mlp_bundle, tmp
                         str(out)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                        text=True, timeout=300, preexec_fn=limit)
     if hard < 16:
-        user_error(r, "may open only 8 files at once (ulimit -n)", "ulimit -n 1024")
+        user_error(r, "may open only 8 files at once (its hard limit, ulimit -Hn, is 8)",
+                   "ulimit -n 1024")
         assert not out.exists()
     else:
         ok(r)

@@ -497,6 +497,14 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
                               r"(\d\.\d+)", out, re.M)[1])
     ev = json.loads((tmp_path / "fleet" / "summary.json").read_text())["evaluations"][str(other)]
     assert ev["accuracies"] == 2 and round(ev["first"], 3) == resumed, (ev, out)
+    logged = [json.loads(ln) for ln in (tmp_path / "fleet" / "rounds.jsonl").read_text()
+              .splitlines()]  # the resumed aggregate's new score is its round's, 3 (not 0)
+    assert [(h["round"], h["evaluated_on"] == str(other)) for h in logged] == \
+        [(0, False), (1, False), (2, False), (3, False), (3, True), (4, True)], logged
+    r = subprocess.run([sys.executable, "-m", "runtime", "report", tmp_path / "fleet"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)  # one data's curve
+    assert r.returncode == 0 and "4 earlier round evaluation(s) were on other data" in r.stdout, \
+        r.stdout + r.stderr
 
 
 def test_a_summary_names_no_weights_file_before_one_is_written(mlp_bundle, tmp_path):

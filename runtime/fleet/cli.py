@@ -170,7 +170,7 @@ def _flower(verbose: bool):
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if not verbose:  # gRPC's own C-core lines ("chttp2_transport.cc:1403] ... Got goaway",
         # seen by an outside probe as a server stopped mid-round) are Flower's log too
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     import logging
 
     import flwr  # noqa: F401

@@ -154,7 +154,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         say(line)
         if r == 0 and done and evaluated_on in scored:  # (its history has this round already;
             return  # on other data its score is new, and the summary's comparison starts there)
-        entry = {"round": r + done if r else 0, "loss": loss, "accuracy": acc, "examples": n,
+        entry = {"round": r + done, "loss": loss, "accuracy": acc, "examples": n,
                  "where": where, "evaluated_on": evaluated_on,
                  "seconds": time.perf_counter() - t0}
         if state["fit"] is not None and state["fit"]["round"] == r:
