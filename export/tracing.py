@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import linecache
 import os
 import sys
 import warnings
@@ -248,20 +249,24 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     for i in seq_axes or []:
         dyn[names[i]] = {0: "N", 1: "L"}
 
+    fixed: list[str] = []  # where the tracer fixed a value computed from the inputs
+
     def export() -> onnx.ModelProto:
         buf = io.BytesIO()
         register_symbolics()  # ops torch refuses at opset 17 (RMSNorm, Threshold)
-        with warnings.catch_warnings(), _output_discarded():  # torch's C++ side logs its IR
-            warnings.simplefilter("ignore")                   # graph on failure
+        with warnings.catch_warnings(record=True) as seen, _output_discarded():  # torch's C++
+            warnings.simplefilter("always")  # side logs its IR graph on failure
             torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,
                               training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
                               output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
+        fixed[:] = _fixed_by_tracer(seen)
         m = onnx.load_from_string(buf.getvalue())
         _materialize_identity_initializers(m)
         return m
 
     try:
         model = export()
+        said = list(fixed)  # (the first export's: later ones re-run it with other weights)
     except Exception as exc:  # noqa: BLE001 - torch's exporter refuses the model
         raise ExportError(f"torch.onnx.export cannot export '{source}' at opset {OPSET}: "
                           f"{_first_line(exc)}; change that part of the model, or export "
@@ -297,7 +302,36 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
                   padding_rows=rows, no_grad=no_grad,
                   grad_stops=lambda names: gradient_stops(module, args, names),
                   derived_changes=derived_changes(model, derived, module, export)
-                  if derived else None)
+                  if derived else None, notes=said)
+
+
+def _fixed_by_tracer(seen: list) -> list[str]:
+    """A note naming the lines of the model's own code where torch's tracer turned a tensor
+    computed from the inputs into a Python number or bool (an ``if`` on the data, ``.item()``,
+    ``int(mask.sum(1).max())``): the bundle then computes what the example rows gave, for every
+    row (an outside probe: a padding trim read 5 of 10 tokens of every row, and an ``if`` took
+    one branch for all; the tracer's warnings had been silenced). Library code's are left out
+    (transformers' benign checks), as are the built-in models' (their fixed length)."""
+    import torch
+
+    where = []
+    for w in seen:
+        if not issubclass(w.category, torch.jit.TracerWarning):
+            continue
+        f = str(w.filename)
+        if "site-packages" in f or "dist-packages" in f or f.startswith(sys.prefix) \
+                or Path(f).parent == Path(__file__).parent:  # (the built-ins fix their length)
+            continue
+        line = linecache.getline(f, w.lineno).strip()
+        at = f"{Path(f).name}:{w.lineno}" + (f" ({line[:60]})" if line else "")
+        if at not in where:
+            where.append(at)
+    if not where:
+        return []
+    return [f"note: the trace fixed {len(where)} value(s) computed from the inputs at what the "
+            f"example gave, for every row ({'; '.join(where[:3])}{'; ...' if len(where) > 3 else ''}"
+            "): a Python number or bool from a tensor (int(), .item(), an if on the data); "
+            "write that part with tensor ops (torch.where, masks) for the bundle to follow the data"]
 
 
 @contextlib.contextmanager

@@ -615,6 +615,30 @@ def test_a_factory_file_imports_a_module_next_to_it(cli, tmp_path):
     assert "4 trainable tensors" in out, out
 
 
+def test_values_the_trace_fixes_from_the_data_are_named_at_export(cli, tmp_path):
+    """An outside probe: ``int(mask.sum(1).max())`` (a padding trim), ``.item()`` and an ``if``
+    on the data were fixed at the example's values, for every row, without a word (the
+    tracer's warnings were silenced). The note names the lines; a model without them gets none."""
+    (tmp_path / "model.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)\n\n"
+        "    def forward(self, x):\n"
+        "        x = x / x.abs().max().item()\n"
+        "        if x.sum() > 0:\n            return self.a(x)\n"
+        "        return self.b(x)\n\n\ndef make():\n    return Net()\n\n\n"
+        "def plain():\n    return nn.Sequential(nn.Linear(8, 4))\n")
+    r = cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--out", tmp_path / "b",
+            "--input-shape", "8,8")
+    said = ok(r) + r.stderr
+    assert "the trace fixed 2 value(s) computed from the inputs" in said, said
+    assert "model.py:11 (x = x / x.abs().max().item())" in said, said
+    assert "model.py:12 (if x.sum() > 0:)" in said, said
+    r = cli("export", "--model", f"{tmp_path / 'model.py'}:plain", "--out", tmp_path / "c",
+            "--input-shape", "8,8")
+    assert "the trace fixed" not in ok(r) + r.stderr
+
+
 def test_export_and_train_a_factory_file(cli, tmp_path):
     factory = tmp_path / "model.py"
     factory.write_text(FACTORY)
