@@ -76,8 +76,9 @@ def output_names(result, inputs: list[str]) -> list[str]:
     tensor."""
     from torch.utils._pytree import tree_leaves
 
-    n = len(tree_leaves(result))
-    if isinstance(result, dict):
+    n = sum(v is not None for v in tree_leaves(result))  # torch's exporter drops None outputs
+    named = isinstance(result, dict) or _is_namedtuple(result)  # (an outside probe: a dict
+    if named:  # with "loss": None was "2 output names for 1 output", a NamedTuple's output0..)
         paths = list(_paths(result, ""))
         # a key that is no plain name, or that an input or the bundle's own tensors use
         # (``loss``, ``labels``), gets ``_out`` (the --output error lists the names)
@@ -86,14 +87,22 @@ def output_names(result, inputs: list[str]) -> list[str]:
         keys = [f"{k}_out" if k in taken else k for k in keys]
         if len(keys) == n and len(set(keys)) == len(keys):  # (else as torch counts them)
             return keys
-    return ["logits"] if n == 1 and not isinstance(result, dict) else \
-        [f"output{i}" for i in range(n)]
+    return ["logits"] if n == 1 and not named else [f"output{i}" for i in range(n)]
+
+
+def _is_namedtuple(value) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
 
 
 def _paths(value, prefix: str):
-    """Each tensor's place in a nest of dicts, tuples and lists, in flattening order."""
-    if isinstance(value, dict):
-        for k, v in value.items():
+    """Each tensor's place in a nest of dicts, NamedTuples, tuples and lists, in flattening
+    order (None, which torch's exporter drops, has none)."""
+    if value is None:
+        return
+    if isinstance(value, dict) or _is_namedtuple(value):
+        items = value.items() if isinstance(value, dict) else zip(value._fields, value,
+                                                                  strict=True)
+        for k, v in items:
             yield from _paths(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(value, tuple | list):
         for i, v in enumerate(value):

@@ -639,6 +639,59 @@ def test_values_the_trace_fixes_from_the_data_are_named_at_export(cli, tmp_path)
     assert "the trace fixed" not in ok(r) + r.stderr
 
 
+OUTPUTS_FACTORY = """\
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class Out(NamedTuple):
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Net(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form, self.a, self.h = form, nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x, labels=None):
+        z = torch.relu(self.a(x))
+        logits = self.h(z)
+        if self.form == "dict":  # a Hugging Face model's output without labels
+            return {"loss": None, "logits": logits, "hidden": z}
+        if self.form == "tuple":
+            return (None, logits)
+        return Out(hidden=z, logits=logits)
+
+
+def make_dict():
+    return Net("dict")
+
+
+def make_tuple():
+    return Net("tuple")
+
+
+def make_named():
+    return Net("named")
+"""
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple", "named"])
+def test_outputs_holding_none_or_named_fields_export(cli, tmp_path, form):
+    """An outside probe: ``{"loss": None, "logits": ...}`` and ``(None, logits)`` were refused
+    ("number of output names provided (2) exceeded number of outputs (1)"; torch's exporter
+    drops None), and a NamedTuple's outputs were output0 / output1, not its fields."""
+    (tmp_path / "model.py").write_text(OUTPUTS_FACTORY)
+    args = ["--output", "logits"] if form != "tuple" else []
+    out = ok(cli("export", "--model", f"{tmp_path / 'model.py'}:make_{form}", "--out",
+                 tmp_path / "b", "--input-shape", "8,8", *args))
+    assert "bundle written" in out, out
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["output"] == "logits"
+
+
 def test_export_and_train_a_factory_file(cli, tmp_path):
     factory = tmp_path / "model.py"
     factory.write_text(FACTORY)
