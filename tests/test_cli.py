@@ -348,6 +348,11 @@ def test_ids_outside_the_embedding_table_are_one_line(cli, tmp_path, bad_id):
     user_error(cli("train", tmp_path / "b", "--data", tmp_path / "bad.npz", "--steps", 2,
                    "--batch", 8, "--no-progress", "--out", tmp_path / "run2"),
                f"has id {bad_id} (row 7)", "100-row embedding table", "ids must be 0 to 99")
+    ids[20, 0] = 3 * bad_id  # the row named holds the id named (an outside probe: it was the
+    np.savez(tmp_path / "bad.npz", x=ids, y=np.arange(40) % 4)  # first bad row, here 7)
+    user_error(cli("train", tmp_path / "b", "--data", tmp_path / "bad.npz", "--steps", 2,
+                   "--batch", 8, "--no-progress", "--out", tmp_path / "run2"),
+               f"has id {3 * bad_id} (row 20)")
 
 
 TAGGER_FACTORY = """\

@@ -352,8 +352,8 @@ class NpzSource(Source):
                                 "the file")
         if bound and a.dtype.kind in "iu" and (int(lo) < 0 or int(hi) >= bound):
             v = int(lo) if int(lo) < 0 else int(hi)
-            flat = a.reshape(a.shape[0], -1)
-            row = int(idx[int(np.argmax(((flat < 0) | (flat >= bound)).any(axis=1)))])
+            flat = a.reshape(a.shape[0], -1)  # the row holding the id named (an outside
+            row = int(idx[int(np.argmax((flat == v).any(axis=1)))])  # probe: the first bad one)
             raise UserError(f"{where} has id {v} (row {row}); model input '{name}' indexes a "
                             f"{bound}-row embedding table, so ids must be 0 to {bound - 1}: "
                             "encode the data with the model's own tokenizer or vocabulary")
