@@ -75,10 +75,11 @@ def _first_rows(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[:EXAMPLE_ROWS]) if a.ndim else np.asarray(a)
 
 
-def _examples(input_shape: str | None,
-              npz: str | None) -> tuple[list[np.ndarray] | None, list[int] | None]:
-    """(example inputs, the shape of the example ``.npz``'s ``y``): the labels' shape tells a
-    per-position output's class axis (export/losses.py); None where not given."""
+def _examples(input_shape: str | None, npz: str | None
+              ) -> tuple[list[np.ndarray] | None, list[int] | None, list[str] | None]:
+    """(example inputs, the shape of the example ``.npz``'s ``y``, the .npz's names of the
+    inputs): the labels' shape tells a per-position output's class axis (export/losses.py);
+    None where not given."""
     if npz:
         try:
             with np.load(npz, allow_pickle=False) as data:
@@ -87,11 +88,12 @@ def _examples(input_shape: str | None,
                     labels[0] = min(labels[0], EXAMPLE_ROWS)
                 # the first rows only: a training .npz of 3000 rows ran through a 16k-vocab
                 # model at once asked for 24.6 GB of logits (probe, session 20)
-                return [_first_rows(data[k]) for k in data.files if k != "y"], labels
+                names = [k for k in data.files if k != "y"]
+                return [_first_rows(data[k]) for k in names], labels, names
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot read example inputs from --npz '{npz}': "
                               f"{str(exc)[:160]}") from None
-    return (example_arrays(input_shape) if input_shape else None), None
+    return (example_arrays(input_shape) if input_shape else None), None, None
 
 
 def _params_as_inputs(model: onnx.ModelProto, params: list[str]) -> dict[str, np.ndarray]:
@@ -293,8 +295,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
 
     out = Path(out)
     settings = settings or InstantSettings()
-    example, example_labels = _examples(input_shape, npz)
-    traced = load_model(model, example, output)
+    example, example_labels, example_names = _examples(input_shape, npz)
+    traced = load_model(model, example, output, example_names)
     check_free_batch(traced)
     head_params, inverted = [], None  # the new classifier's weight and bias
     if head is not None:

@@ -1,9 +1,11 @@
 """What the export takes from the user before any tracing: ``--input-shape`` parsed into example
-arrays, and the ``file.py:factory`` that builds the torch module (its errors one line each)."""
+arrays, an .npz's named arrays put in the model's input order, the ``file.py:factory`` that
+builds the torch module (its errors one line each); and what the trace fixed from them."""
 
 from __future__ import annotations
 
 import importlib.util
+import linecache
 import math
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 
 from .graph import ExportError
 
-__all__ = ["DTYPES", "example_arrays", "parse_input_shapes"]
+__all__ = ["DTYPES", "by_name", "example_arrays", "fixed_by_tracer", "parse_input_shapes"]
 
 
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
@@ -101,3 +103,57 @@ def _first_line(exc: BaseException) -> str:
     line = text[0] if text else type(exc).__name__
     line = line.split(" Please feel free to request support")[0].split("  [Caused by")[0]
     return line[:300]
+
+
+def fixed_by_tracer(seen: list) -> list[str]:
+    """A note naming the lines of the model's own code where torch's tracer turned a tensor
+    computed from the inputs into a Python number or bool (an ``if`` on the data, ``.item()``,
+    ``int(mask.sum(1).max())``): the bundle then computes what the example rows gave, for every
+    row (an outside probe: a padding trim read 5 of 10 tokens of every row, and an ``if`` took
+    one branch for all; the tracer's warnings had been silenced). Library code's are left out
+    (transformers' benign checks), as are the built-in models' (their fixed length)."""
+    import torch
+
+    where = []
+    for w in seen:
+        if not issubclass(w.category, torch.jit.TracerWarning):
+            continue
+        f = str(w.filename)
+        if "site-packages" in f or "dist-packages" in f or f.startswith(sys.prefix) \
+                or Path(f).parent == Path(__file__).parent:  # (the built-ins fix their length)
+            continue
+        line = linecache.getline(f, w.lineno).strip()
+        at = f"{Path(f).name}:{w.lineno}" + (f" ({line[:60]})" if line else "")
+        if at not in where:
+            where.append(at)
+    if not where:
+        return []
+    return [f"note: the trace fixed {len(where)} value(s) computed from the inputs at what the "
+            f"example gave, for every row ({'; '.join(where[:3])}{'; ...' if len(where) > 3 else ''}"
+            "): a Python number or bool from a tensor (int(), .item(), an if on the data); "
+            "write that part with tensor ops (torch.where, masks) for the bundle to follow the data"]
+
+
+def by_name(example: list | None, names: list[str] | None, inputs) -> list | None:
+    """``example``'s arrays in the model's input order (``inputs()``: its input names) where the
+    .npz named them as the model's inputs (an outside probe: arrays went by their order in the
+    file, and a forward(input_ids, attention_mask=None, token_type_ids=None) fed {input_ids,
+    token_type_ids} traced the token types as the attention mask); as given otherwise.
+
+    Raises:
+        ExportError: the names are inputs of the model but leave out one before the last.
+    """
+    if not example or not names or len(names) != len(example):
+        return example
+    params = list(inputs())
+    if not set(names) <= set(params):
+        return example  # (other names: by position, as before)
+    last = max(params.index(n) for n in names)
+    missing = [p for p in params[:last + 1] if p not in names]
+    if missing:
+        raise ExportError(f"the example .npz holds {', '.join(names)}, inputs the model takes in "
+                          f"the order {', '.join(params[:last + 1])}: "
+                          f"{', '.join(missing)} would be missing before them; save every input "
+                          f"up to '{params[last]}' in the .npz (e.g. an all-ones "
+                          f"'{missing[0]}'), or leave the later ones out")
+    return [example[names.index(p)] for p in params[:last + 1]]

@@ -150,3 +150,14 @@ def padding_rows_note(rows: dict[str, int], trainable: list[str]) -> str | None:
             "nn.Embedding's padding_idx, which an .onnx file does not keep: that row's lookups "
             "carry no gradient and it stays zero, as in torch (a token of its own there needs "
             "a non-zero row in the file)")
+
+
+def onnx_inputs(path: str) -> list[str]:
+    """An ONNX file's graph inputs that are no initializer ([] where it cannot be read: loading
+    it says why)."""
+    try:
+        g = onnx.load(path, load_external_data=False).graph
+    except Exception:  # noqa: BLE001
+        return []
+    inits = {i.name for i in g.initializer}
+    return [i.name for i in g.input if i.name not in inits]

@@ -55,13 +55,18 @@ def pick_output(traced: Traced, output: str | None) -> Traced:
     return traced
 
 
-def input_names(module, n: int) -> list[str]:
+def forward_params(module) -> list[str]:
+    """The names of ``module.forward``'s parameters ([] where they cannot be read)."""
     import inspect
 
     try:
-        names = [p for p in inspect.signature(module.forward).parameters if p != "self"]
+        return [p for p in inspect.signature(module.forward).parameters if p != "self"]
     except (TypeError, ValueError):
-        names = []
+        return []
+
+
+def input_names(module, n: int) -> list[str]:
+    names = forward_params(module)
     if len(names) >= n:
         return names[:n]
     return ["x"] if n == 1 else [f"x{i}" for i in range(n)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import linecache
 import os
 import sys
 import warnings
@@ -27,14 +26,23 @@ from contract.onnx_scan import LOOP_OPS
 from .grad_stops import gradient_stops
 from .graph import ExportError, check_ops, name_nodes
 from .layers import node_module_path
-from .model_inputs import _first_line, _load_factory, example_arrays, parse_input_shapes
+from .model_inputs import (
+    _first_line,
+    _load_factory,
+    by_name,
+    example_arrays,
+    fixed_by_tracer,
+    parse_input_shapes,
+)
 from .onnx_import import (
     float32_weights,
     initializers_not_inputs,
+    onnx_inputs,
     raise_opset,
     sort_nodes,
     zero_padding_rows,
 )
+from .outputs import forward_params
 from .outputs import input_names as _input_names
 from .outputs import output_names as _output_names
 from .outputs import pick_output as _pick_output
@@ -97,14 +105,18 @@ class Traced:
         return self.torch_names.get(name, (name, False))[0]
 
 
-def load_model(spec: str, example: list[np.ndarray] | None, output: str | None = None) -> Traced:
+def load_model(spec: str, example: list[np.ndarray] | None, output: str | None = None,
+               example_names: list[str] | None = None) -> Traced:
     """Trace or load ``spec``; ``example`` gives one array per input (batch first; for an ONNX
-    file it fixes the declared shapes); ``output`` picks one of several model outputs.
+    file it fixes the declared shapes), named ``example_names`` where an .npz named them (put
+    in the model's order where those are its inputs' names); ``output`` picks one of several
+    model outputs.
 
     Raises:
         ExportError: unknown model or output, unreadable file, bad example inputs.
     """
     if spec.endswith(".onnx"):
+        example = by_name(example, example_names, lambda: onnx_inputs(spec))
         traced = _folded(lower_traced(_pick_output(_load_onnx(spec, example), output)))  # no torch here
         traced.origin = ("onnx", spec, example, output)
         traced.padding_rows = zero_padding_rows(traced.model)  # (noted at export, if trained)
@@ -129,6 +141,7 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
                           "expected a torch.nn.Module")
     if example is None:
         raise ExportError(f"model '{spec}' needs example inputs: pass --input-shape or an .npz")
+    example = by_name(example, example_names, lambda: forward_params(module))
     training = module.training and spec not in BUILTIN_MODELS
     traced = _folded(lower_traced(_pick_output(_trace_torch(module, example, spec), output)))
     traced.origin = ("torch", module, example, output)
@@ -259,7 +272,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
             torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,
                               training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
                               output_names=outs, dynamic_axes=dyn, do_constant_folding=True)
-        fixed[:] = _fixed_by_tracer(seen)
+        fixed[:] = fixed_by_tracer(seen)
         m = onnx.load_from_string(buf.getvalue())
         _materialize_identity_initializers(m)
         return m
@@ -304,34 +317,6 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
                   derived_changes=derived_changes(model, derived, module, export)
                   if derived else None, notes=said)
 
-
-def _fixed_by_tracer(seen: list) -> list[str]:
-    """A note naming the lines of the model's own code where torch's tracer turned a tensor
-    computed from the inputs into a Python number or bool (an ``if`` on the data, ``.item()``,
-    ``int(mask.sum(1).max())``): the bundle then computes what the example rows gave, for every
-    row (an outside probe: a padding trim read 5 of 10 tokens of every row, and an ``if`` took
-    one branch for all; the tracer's warnings had been silenced). Library code's are left out
-    (transformers' benign checks), as are the built-in models' (their fixed length)."""
-    import torch
-
-    where = []
-    for w in seen:
-        if not issubclass(w.category, torch.jit.TracerWarning):
-            continue
-        f = str(w.filename)
-        if "site-packages" in f or "dist-packages" in f or f.startswith(sys.prefix) \
-                or Path(f).parent == Path(__file__).parent:  # (the built-ins fix their length)
-            continue
-        line = linecache.getline(f, w.lineno).strip()
-        at = f"{Path(f).name}:{w.lineno}" + (f" ({line[:60]})" if line else "")
-        if at not in where:
-            where.append(at)
-    if not where:
-        return []
-    return [f"note: the trace fixed {len(where)} value(s) computed from the inputs at what the "
-            f"example gave, for every row ({'; '.join(where[:3])}{'; ...' if len(where) > 3 else ''}"
-            "): a Python number or bool from a tensor (int(), .item(), an if on the data); "
-            "write that part with tensor ops (torch.where, masks) for the bundle to follow the data"]
 
 
 @contextlib.contextmanager

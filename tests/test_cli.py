@@ -697,6 +697,51 @@ def test_outputs_holding_none_or_named_fields_export(cli, tmp_path, form):
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["output"] == "logits"
 
 
+NAMED_INPUTS_FACTORY = """\
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.tt, self.f = nn.Embedding(30, 8), nn.Embedding(2, 8), nn.Linear(5, 8)
+        self.h = nn.Linear(8, 3)
+
+    def forward(self, ids, feats, attention_mask=None, token_type_ids=None):
+        e = self.emb(ids) + (self.tt(token_type_ids) if token_type_ids is not None else 0)
+        if attention_mask is not None:
+            e = e * attention_mask[..., None].float()
+        return self.h(e.mean(1) + self.f(feats))
+
+
+def make():
+    return Net()
+"""
+
+
+def test_an_example_npz_is_read_by_its_names(cli, tmp_path):
+    """An outside probe: the example .npz's arrays went to forward by their order in the file
+    (saved as feats, ids: "Expected tensor for argument #1 'indices'"), and {ids, feats,
+    token_type_ids} traced the token types as the attention mask. Named as forward's
+    parameters, they are put in its order; one left out before the last is refused."""
+    (tmp_path / "model.py").write_text(NAMED_INPUTS_FACTORY)
+    rng = np.random.default_rng(0)
+    ids, feats = rng.integers(0, 30, (16, 6)), rng.standard_normal((16, 5)).astype(np.float32)
+    np.savez(tmp_path / "swap.npz", feats=feats, ids=ids, y=rng.integers(0, 3, 16))
+    ok(cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--npz", tmp_path / "swap.npz",
+           "--out", tmp_path / "b"))
+    ok(cli("train", tmp_path / "b", "--data", tmp_path / "swap.npz", "--steps", 2, "--batch", 8,
+           "--no-progress", "--threads", 1, "--out", tmp_path / "run"))
+    np.savez(tmp_path / "gap.npz", ids=ids, feats=feats, token_type_ids=np.zeros_like(ids),
+             y=rng.integers(0, 3, 16))
+    user_error(cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--npz",
+                   tmp_path / "gap.npz", "--out", tmp_path / "c"),
+               "the example .npz holds ids, feats, token_type_ids",
+               "attention_mask would be missing before them")
+    assert not (tmp_path / "c").exists()
+
+
 def test_export_and_train_a_factory_file(cli, tmp_path):
     factory = tmp_path / "model.py"
     factory.write_text(FACTORY)

@@ -893,7 +893,7 @@ def test_an_example_npz_runs_through_the_model_by_its_first_rows(tmp_path):
 
     np.savez(tmp_path / "d.npz", ids=np.zeros((3000, 128), np.int64),
              mask=np.ones((3000, 128), np.int64), y=np.zeros((3000, 128), np.int64))
-    arrays, labels = _examples(None, str(tmp_path / "d.npz"))
+    arrays, labels, _ = _examples(None, str(tmp_path / "d.npz"))
     assert [a.shape for a in arrays] == [(EXAMPLE_ROWS, 128)] * 2
     assert labels == [EXAMPLE_ROWS, 128]
 
