@@ -478,7 +478,7 @@ def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:
         from tokenizers import Tokenizer
     except ImportError:
         return data
-    from .sources.text import load_tokenizer
+    from .sources.tokens import load_tokenizer
 
     try:
         tok = Tokenizer.from_str(data.decode("utf-8"))

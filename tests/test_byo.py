@@ -1035,6 +1035,20 @@ def test_a_tokenizer_that_expands_text_is_stopped_at_the_budget(encoder_bundle, 
     assert peak <= budget * MB, peak / MB
 
 
+@pytest.mark.parametrize("budget", ["40MB", "70MB"])
+def test_a_budget_too_small_to_tokenise_is_named_as_the_budget(encoder_bundle, tmp_path, budget):
+    """An outside probe: any --budget up to ~75 MB stopped the tokenising child and blamed the
+    bundle's tokenizer ("re-export the bundle"); with less than the tokenizer needs above the
+    process, the budget is named, and the way out is a larger one."""
+    data = _reviews_csv(tmp_path / "r.csv", 60, bad=False)
+    r = _cli("train", encoder_bundle, "--data", data, "--steps", 2, "--batch", 4, "--budget",
+             budget, "--no-progress", "--threads", 1, "--out", tmp_path / "run")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"--budget {budget[:-2]} MB leaves" in lines[0] and "raise --budget" in lines[0], lines
+    assert "re-export" not in lines[0] and not (tmp_path / "run").exists()
+
+
 def test_a_run_says_what_it_read_and_which_classes_it_never_sees(cli, mlp_bundle, tmp_path):
     """Session 21 probe: `train` never said how many rows and which labels it read (a header
     row trained as a class went unnoticed), and a training file of one class (or a held-out

@@ -306,6 +306,19 @@ class _ByLen(nn.Module):
 
 def by_len():
     return _ByLen()
+
+
+class _McDrop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):  # Monte Carlo dropout: training=True in eval mode too
+        return self.fc(nn.functional.dropout(x, 0.2, training=True))
+
+
+def mc_drop():
+    return _McDrop()
 """
 
 
@@ -317,6 +330,8 @@ def by_len():
     ("pooled", "8,3,13,13", ["torch.onnx.export cannot export", "adaptive_avg_pool2d",
                              "export it to .onnx yourself"]),
     ("by_len", "8,3,4", ["runs at batch size 8 only", "len(x)", "x.flatten(1)"]),
+    # an outside probe: "export the model in eval mode", which it was
+    ("mc_drop", "8,12", ["is in training mode", "training=self.training"]),
 ])
 def test_export_a_model_that_fails_under_torch_is_one_line(factory, shape, fragments, cli,
                                                            tmp_path):

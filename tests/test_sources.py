@@ -119,7 +119,7 @@ def test_a_tokenizer_keeps_its_own_side_of_truncation(tmp_path, tokenizer_file):
     from tokenizers import Tokenizer
 
     from runtime.export_model import _fixed_length_tokenizer
-    from runtime.sources.text import load_tokenizer
+    from runtime.sources.tokens import load_tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     # (only_second, a pair strategy, kept as saved made every single text fail: a reviewer)
@@ -233,11 +233,41 @@ def test_csv_bad_rows_counted_with_line_numbers(tmp_path, tokenizer_file):
     assert pr.examples["wrong number of columns"] == ["line 6: 3 of 2"]
     assert pr.examples["not valid UTF-8"] == ["line 9"]
     assert pr.examples["unparsable CSV record"] == ["line 10"]
-    assert pr.examples["unterminated quoted field"] == ["line 13"]
+    assert pr.examples["unterminated quoted field"] == ["lines 13-14"]
     line = pr.summary()
     assert "\n" not in line and "7 bad rows skipped" in line and "2 missing label (line 3" in line
     assert pr.as_dict()["bad_rows"] == 7
     assert "3 rows" in src.describe() and "7 bad rows" in src.describe()
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv"])
+def test_a_quote_that_swallows_the_file_is_refused(tmp_path, tokenizer_file, kind):
+    """An outside probe: one stray quote at a field's start took the 979 lines after it into
+    one record, reported as "1 bad row", and training went on with 20 of 1,000 rows; a stray
+    pair took the lines between them, counted as one bad row at its first line. Now: refused
+    where a quote never closes and takes more than QUOTE_SWALLOWS lines; a record's span is
+    named."""
+    sep = "," if kind == "csv" else "\t"
+    rows = [f"film {i}{sep}{'neg' if i % 2 else 'pos'}" for i in range(200)]
+    p = tmp_path / f"q.{kind}"
+    p.write_text(f"text{sep}label\n" + "\n".join(rows[:20] + [f'"Unclosed quote{sep}neg']
+                                                 + rows[20:]) + "\n")
+    with pytest.raises(UserError, match=r"line 22 opens a quoted field that never closes: the "
+                                        r"181 lines from there would be one row's text") as e:
+        _text(p, tokenizer_file)
+    assert "\n" not in str(e.value)
+    p.write_text(f"text{sep}label\n" + "\n".join(rows[:20] + [f'"stray{sep}neg'] + rows[20:25]
+                                                 + [f'a 12" pizza{sep}pos'] + rows[25:]) + "\n")
+    src = _text(p, tokenizer_file)
+    bad = [w for ws in src.problems.examples.values() for w in ws]
+    assert bad == ["lines 22-28"] and len(src) == 195, (bad, len(src))
+    # a quoted cell of many lines past the field limit: the reader went on inside the quote
+    # (5,616 "bad rows", the good rows after it lost, a class made of the cell's leftovers)
+    p.write_text(f"text{sep}label\n" + "\n".join(rows[:20]) + '\n"'
+                 + "a long pasted document line, with a comma\n" * 30_000 + f'"{sep}pos\n'
+                 + "\n".join(rows[20:]) + "\n")
+    with pytest.raises(UserError, match=r"line 22 opens a quoted field that runs past 1 MiB"):
+        _text(p, tokenizer_file)
 
 
 def test_csv_record_over_the_limit_is_named_as_such(tmp_path, tokenizer_file):

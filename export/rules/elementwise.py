@@ -234,7 +234,9 @@ def cast_grad(ctx, node, gy):
 def dropout_grad(ctx, node, gy):
     if len(node.input) > 2 and node.input[2] and ctx.constant_value(node.input[2]).item():
         raise ExportError(f"Dropout '{node.name}' is in training mode; export the model in eval "
-                          "mode (dropout is then the identity)")
+                          "mode (dropout is then the identity), and where the forward asks for "
+                          "it itself (F.dropout(x, p, training=True), Monte Carlo dropout) pass "
+                          "training=self.training")
     return [gy[0]] + [None] * (len(node.input) - 1)
 
 

@@ -51,6 +51,16 @@ def _unicode(text: str) -> bool:
     return True
 
 
+
+QUOTE_SWALLOWS = 10  # lines an unclosed quote may take with it to the end as one bad row
+
+
+def _lines_at(first: int, last: int) -> str:
+    """Where a record is: its line, or the lines it spans (quoted newlines, or a stray quote
+    that took the lines after it into one record: each was counted as one bad row at its
+    first line, the rest unsaid)."""
+    return f"line {first}" if last <= first else f"lines {first}-{last}"
+
 class _CsvLimit:
     """csv's field size limit raised to the record limit while we parse (restored after)."""
 
@@ -311,16 +321,30 @@ class TextSource(Source):
                 break
             except csv.Error as exc:
                 rows += 1
-                msg = str(exc)
+                msg, span = str(exc), state["line"] - line + 1
+                if span > 1 and "field larger" in msg or span > QUOTE_SWALLOWS \
+                        and "end of data" in msg:
+                    # a quote that never closes swallows every line after it (an outside probe:
+                    # 979 of 1,000 rows went as "1 bad row"), and past the field limit the
+                    # reader goes on inside the quote (a 1 MiB cell: 5,616 "bad rows", a
+                    # class made of a cell's leftovers): never trained on
+                    raise UserError(
+                        f"{self.path}: line {line} opens a quoted field that " + (
+                            f"never closes: the {span:,} lines from there would be one row's "
+                            "text; close or remove that quote" if "end of data" in msg else
+                            f"runs past {MAX_RECORD_BYTES >> 20} MiB ({span:,} lines), longer "
+                            "than any training text: shorten that text, or close its quote")
+                        + f' (a {what} field that starts with " is quoted; a literal one is '
+                        'written "")') from None
                 reason = ("unterminated quoted field" if "end of data" in msg
                           else f"record longer than {MAX_RECORD_BYTES >> 20} MiB"
                           if "field larger than field limit" in msg
                           else f"unparsable {what} record")
-                self.problems.bad(reason, f"line {line}")
+                self.problems.bad(reason, _lines_at(line, state["line"]))
                 start, line = state["pos"], state["line"] + 1
                 continue
             end = state["pos"]
-            where = f"line {line}"
+            where = _lines_at(line, state["line"])
             rec_start, start, line = start, end, state["line"] + 1
             if state["long"] or end - rec_start > MAX_RECORD_BYTES:
                 rows += 1
@@ -415,51 +439,6 @@ def _text_outputs(text: TextSpec, inputs: list[TensorSpec]) -> dict[str, tuple[s
                             f"integer tokens [N, {text.seq_len}]; re-export the bundle")
         out[name] = (attr, dt)
     return out
-
-
-def load_tokenizer(tokenizer: str | Path | bytes | object, seq_len: int):
-    """A ``tokenizers.Tokenizer`` (from a tokenizer.json path or its bytes, or the object) that
-    truncates and pads every text to ``seq_len`` (its own pad token and side when it has one)."""
-    if isinstance(tokenizer, bytes):  # a tokenizer.json's verified bytes
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise UserError("text data needs the 'tokenizers' package; install it with "
-                            "`pip install tokenizers`") from None
-        try:
-            tok = Tokenizer.from_str(tokenizer.decode("utf-8"))
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
-            raise UserError(f"cannot read the bundle's tokenizer: {str(exc)[:120]}; re-export "
-                            "the bundle") from None
-    elif not isinstance(tokenizer, str | Path):
-        tok = tokenizer
-    else:
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise UserError("text data needs the 'tokenizers' package; install it with "
-                            "`pip install tokenizers`") from None
-        try:
-            tok = Tokenizer.from_file(str(tokenizer))
-        except Exception as exc:  # tokenizers raises plain Exception for a bad file
-            raise UserError(f"cannot read tokenizer {tokenizer}: {str(exc)[:120]}; re-export "
-                            "the bundle") from None
-    pad = tok.padding or {}
-    pad_id, pad_token = pad.get("pad_id"), pad.get("pad_token")
-    if pad_id is None:
-        pad_id, pad_token = 0, "[PAD]"
-        for t in ("[PAD]", "<pad>", "<|pad|>", "<PAD>"):
-            i = tok.token_to_id(t)
-            if i is not None:
-                pad_id, pad_token = i, t
-                break
-    # its own side of truncation too (a causal model's tokenizer keeps the end of a long text:
-    # enable_truncation alone resets it to the right, and a probe's run trained on the starts)
-    cut = tok.truncation or {}
-    tok.enable_truncation(max_length=seq_len, direction=cut.get("direction", "right"))
-    tok.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token,
-                       direction=pad.get("direction", "right"))
-    return tok
 
 
 def open_text(path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: LossSpec,

@@ -16,6 +16,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +32,9 @@ STALL_S = 120.0  # the child is stopped where no chunk of rows is done in this m
 # expands text writes fresh pages at a few GB/s (4 MB of headroom at 5 ms was passed by
 # 0.4 MB once), so 24 MB would take over 20 GB/s to pass
 _HEADROOM = 24 << 20
+# a budget that leaves less above the process than this when tokenising starts is named as
+# too small (a tokenizer that expands the text passes any budget: it is named at larger ones)
+TOKENIZER_ROOM = 128 << 20
 PROGRESS_S = 10.0  # a tokenisation that takes longer says how far it is this often
 
 
@@ -102,6 +106,12 @@ class TokenCache:
                 ready = poller.poll(1)
                 rss = proc_status(pid).get("VmRSS", 0)
                 if limit is not None and rss > limit - _HEADROOM:
+                    if limit - start < TOKENIZER_ROOM and limit == budget_given():
+                        raise UserError(  # (an outside probe: budgets up to 75 MB blamed
+                            f"--budget {limit / 1e6:.0f} MB leaves {max(0, limit - start) / 1e6:.0f}"
+                            f" MB above the {start / 1e6:.0f} MB this process held when the text"
+                            " data began tokenising, too little for the tokenizer: raise "
+                            "--budget (`plan --budget` says what this run needs)")  # the bundle)
                     stopped = (f"it passed {limit / 1e6:.0f} MB"
                                + (" (the budget)" if limit == budget_given() else "")
                                + f", from {start / 1e6:.0f} MB when it started")
@@ -153,8 +163,6 @@ class TokenCache:
 
     def _child(self, tokenizer_path, texts: Callable[[int], str], chars: int,
                progress: int) -> bytes:
-        from .text import load_tokenizer
-
         tok = load_tokenizer(tokenizer_path, self.seq_len)
         fd, L = self._f.fileno(), self.seq_len
         offset, off = {}, 0
@@ -217,3 +225,48 @@ class TokenCache:
 
     def close(self) -> None:
         self._f.close()
+
+
+def load_tokenizer(tokenizer: str | Path | bytes | object, seq_len: int):
+    """A ``tokenizers.Tokenizer`` (from a tokenizer.json path or its bytes, or the object) that
+    truncates and pads every text to ``seq_len`` (its own pad token and side when it has one)."""
+    if isinstance(tokenizer, bytes):  # a tokenizer.json's verified bytes
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError("text data needs the 'tokenizers' package; install it with "
+                            "`pip install tokenizers`") from None
+        try:
+            tok = Tokenizer.from_str(tokenizer.decode("utf-8"))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise UserError(f"cannot read the bundle's tokenizer: {str(exc)[:120]}; re-export "
+                            "the bundle") from None
+    elif not isinstance(tokenizer, str | Path):
+        tok = tokenizer
+    else:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError("text data needs the 'tokenizers' package; install it with "
+                            "`pip install tokenizers`") from None
+        try:
+            tok = Tokenizer.from_file(str(tokenizer))
+        except Exception as exc:  # tokenizers raises plain Exception for a bad file
+            raise UserError(f"cannot read tokenizer {tokenizer}: {str(exc)[:120]}; re-export "
+                            "the bundle") from None
+    pad = tok.padding or {}
+    pad_id, pad_token = pad.get("pad_id"), pad.get("pad_token")
+    if pad_id is None:
+        pad_id, pad_token = 0, "[PAD]"
+        for t in ("[PAD]", "<pad>", "<|pad|>", "<PAD>"):
+            i = tok.token_to_id(t)
+            if i is not None:
+                pad_id, pad_token = i, t
+                break
+    # its own side of truncation too (a causal model's tokenizer keeps the end of a long text:
+    # enable_truncation alone resets it to the right, and a probe's run trained on the starts)
+    cut = tok.truncation or {}
+    tok.enable_truncation(max_length=seq_len, direction=cut.get("direction", "right"))
+    tok.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad_token,
+                       direction=pad.get("direction", "right"))
+    return tok
