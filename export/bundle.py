@@ -405,7 +405,9 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                           "(targets, not class ids): leave --classes out")
     if class_names is not None and len(class_names) != loss_spec.num_classes:
         raise ExportError(f"{len(class_names)} class names for a model with "
-                          f"{loss_spec.num_classes} classes")
+                          f"{loss_spec.num_classes} classes: name {loss_spec.num_classes}, or "
+                          f"export a model of {len(class_names)} classes (--head "
+                          f"{len(class_names)} on a model that returns its features)")
     data_inputs = set(traced.inputs) | {names.LABELS}
     graphs: dict[str, GraphFiles] = {}
     io: dict[str, GraphIO] = {}

@@ -73,9 +73,13 @@ def add_head(traced: Traced, classes: int, pool: str, padding_mask: str | None =
                               "(use --pool mean or cls for a [N, L, C] output)")
         pooled = out
     else:
-        if len(dims) != 3:
-            raise ExportError(f"output '{out}' has shape {dims}; --pool {pool} needs [N, L, C] "
-                              "(use --pool none for an [N, C] output)")
+        if len(dims) != 3:  # (an outside probe: minilm-l6 --head 61 was told about --pool)
+            raise ExportError(f"output '{out}' has shape {dims}; --pool {pool} (the default) "
+                              "needs [N, L, C] token features: an [N, C] output takes --pool "
+                              "none, and one that is a classifier's already (the built-in "
+                              "minilm-l6's 2 classes) keeps its classes: for another count, "
+                              "export a model that returns its features (README: your own "
+                              "model) with --head")
         pooled = _pool(g, traced, shapes, out, pool, prefix, padding_mask)
     width = dims[-1]
     if not isinstance(width, int):

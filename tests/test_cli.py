@@ -1316,3 +1316,17 @@ def test_a_low_open_files_limit_is_raised_or_refused_in_one_line(mlp_bundle, tmp
     else:
         ok(r)
         assert (out / "params.npz").is_file()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--head", "3"], ["--pool mean (the default) needs [N, L, C]", "keeps its classes",
+                       "returns its features"]),
+    (["--classes", "a,b,c"], ["3 class names for a model with 10 classes: name 10",
+                              "--head 3 on a model that returns its features"]),
+])
+def test_a_class_count_the_model_does_not_have_says_how_to_get_it(cli, tmp_path, args,
+                                                                  fragments):
+    """An outside probe: the built-in minilm-l6 with --head 61 was told about --pool, which it
+    never passed, and 61 --classes for its 2 got no way out."""
+    user_error(cli("export", "--model", "mlp", "--out", tmp_path / "b", *args), *fragments)
+    assert not (tmp_path / "b").exists()

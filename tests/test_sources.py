@@ -185,7 +185,8 @@ def test_csv_columns_by_name_bom_and_crlf(tmp_path, tokenizer_file):
 
 
 @pytest.mark.parametrize("name, data, match", [
-    ("gzip", None, r"is gzip-compressed: decompress it first"),
+    ("gzip", None, r"is gzip-compressed: decompress it first \(gunzip\), then pass the text "
+                   r"file$"),  # (its binary header is not shown: an outside probe)
     ("utf16", "text,label\na good film,pos\n".encode("utf-16"), r"is UTF-16 text; save it as UTF-8"),
     ("semicolons", b"text;label\na good film;pos\n", r"separated by ';': save it with commas"),
     ("tabs", b"text\tlabel\na good film\tpos\n", r"separated by a tab"),
@@ -1164,6 +1165,13 @@ def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
     # the bundle's class names fix the map
     mb = _manifest(TEXT_INPUTS, _ce(3), text=TEXT, class_names=["c", "b", "a"], bundle=bundle)
     assert list(open_data(train, mb, bundle).labels) == [1, 0, 2]
+    # a --val with other column names: the column flags name both files' (an outside probe
+    # was told to pass --text-column, which would then miss in --data)
+    (tmp_path / "cols.csv").write_text("review,label\nx,c\n")
+    with pytest.raises(UserError, match=r"cols\.csv has no column 'text' .*; --text-column and "
+                                        r"--label-column name the columns of --data and --val "
+                                        r"alike: give --val the column names of .*train\.csv$"):
+        open_data(train, m, bundle, val=tmp_path / "cols.csv")
 
 
 def test_a_val_npz_naming_the_classes_in_another_order_is_renumbered(tmp_path):
@@ -1201,6 +1209,9 @@ def test_open_source_dispatch_and_missing_specs(tmp_path, tokenizer_file, digit_
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     with pytest.raises(UserError, match="cannot tell the format"):
         open_source(tmp_path / "d.parquet", m, tmp_path)
+    (tmp_path / "d.csv.gz").write_bytes(b"\x1f\x8b")  # (an outside probe: no hint)
+    with pytest.raises(UserError, match=r"it is compressed \(\.gz\): decompress it first"):
+        open_source(tmp_path / "d.csv.gz", m, tmp_path)
     with pytest.raises(UserError, match="not found"):
         open_source(tmp_path / "nope.csv", m, tmp_path)
 

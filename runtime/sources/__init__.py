@@ -65,8 +65,12 @@ def _kind(path: Path) -> str:
         return "text"
     if suffix == ".npz":
         return "npz"
-    raise UserError(f"cannot tell the format of data '{path}': use a .csv, .tsv or .jsonl file "
-                    "(text), a folder with one sub-folder per class (images), or an .npz")
+    packed = suffix in (".gz", ".bz2", ".xz", ".zip", ".zst")  # (an outside probe: no hint)
+    raise UserError(f"cannot tell the format of data '{path}': "
+                    + (f"it is compressed ({suffix}): decompress it first, then pass " if packed
+                       else "use ")
+                    + "a .csv, .tsv or .jsonl file (text), a folder with one sub-folder per "
+                    "class (images), or an .npz")
 
 
 def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
@@ -141,7 +145,14 @@ def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
                         "remove the _test arrays from the file")
     if val is not None:
         names = train.class_names if train.class_names is not None else class_names
-        held = open_source(val, manifest, bundle_dir, class_names=names, **opts)
+        try:
+            held = open_source(val, manifest, bundle_dir, class_names=names, **opts)
+        except UserError as exc:  # (an outside probe: told to pass --text-column, which
+            if " has no column " not in str(exc):  # would then miss in --data)
+                raise
+            raise UserError(f"{str(exc).split('; pass the right name')[0]}; --text-column and "
+                            "--label-column name the columns of --data and --val alike: give "
+                            f"--val the column names of {data}") from None
         if held.test is not None:
             raise UserError(f"--val {val} has _test arrays of its own; pass a file with just the "
                             "held-out rows (x, y)")

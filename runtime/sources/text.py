@@ -298,6 +298,9 @@ class TextSource(Source):
         for flag, col in (("--text-column", self.text_column),
                           ("--label-column", self.label_column)):
             if col not in cols:
+                if _format_hint(self.path, []).startswith(" (the file is gzip"):  # (its binary
+                    raise UserError(f"{self.path} is gzip-compressed: decompress it first "
+                                    "(gunzip), then pass the text file")  # header: no help)
                 shown = ", ".join(repr(h) if len(h) <= 40 else repr(h[:40]) + "..."
                                   for h in header[:12]) + (", ..." if len(header) > 12 else "")
                 near = [h for h in header if h.lower() == col.lower()]
