@@ -4,6 +4,7 @@ builds the torch module (its errors one line each); and what the trace fixed fro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import linecache
 import math
@@ -14,7 +15,8 @@ import numpy as np
 
 from .graph import ExportError
 
-__all__ = ["DTYPES", "by_name", "example_arrays", "fixed_by_tracer", "parse_input_shapes"]
+__all__ = ["DTYPES", "by_name", "example_arrays", "fixed_by_tracer", "parse_input_shapes",
+           "same_buffers"]
 
 
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
@@ -157,3 +159,20 @@ def by_name(example: list | None, names: list[str] | None, inputs) -> list | Non
                           f"up to '{params[last]}' in the .npz (e.g. an all-ones "
                           f"'{missing[0]}'), or leave the later ones out")
     return [example[names.index(p)] for p in params[:last + 1]]
+
+
+@contextlib.contextmanager
+def same_buffers(module):
+    """``module``'s buffers put back as they were after the block: each export then starts from
+    the same ones (an outside probe: a forward that changes one, ``self.n += 1``, gave every
+    second export other constants, which were read as computed from the parameters)."""
+    import torch
+
+    kept = {n: b.detach().clone() for n, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, b in module.named_buffers():
+                if n in kept and b.shape == kept[n].shape:
+                    b.copy_(kept[n])

@@ -33,6 +33,7 @@ from .model_inputs import (
     example_arrays,
     fixed_by_tracer,
     parse_input_shapes,
+    same_buffers,
 )
 from .onnx_import import (
     float32_weights,
@@ -267,8 +268,9 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     def export() -> onnx.ModelProto:
         buf = io.BytesIO()
         register_symbolics()  # ops torch refuses at opset 17 (RMSNorm, Threshold)
-        with warnings.catch_warnings(record=True) as seen, _output_discarded():  # torch's C++
-            warnings.simplefilter("always")  # side logs its IR graph on failure
+        with warnings.catch_warnings(record=True) as seen, _output_discarded(), \
+                same_buffers(module):  # torch's C++ side logs its IR graph on failure
+            warnings.simplefilter("always")
             torch.onnx.export(module, args, buf, dynamo=False, opset_version=OPSET,
                               training=torch.onnx.TrainingMode.PRESERVE, input_names=names,
                               output_names=outs, dynamic_axes=dyn, do_constant_folding=True)

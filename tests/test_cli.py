@@ -1330,3 +1330,19 @@ def test_a_class_count_the_model_does_not_have_says_how_to_get_it(cli, tmp_path,
     never passed, and 61 --classes for its 2 got no way out."""
     user_error(cli("export", "--model", "mlp", "--out", tmp_path / "b", *args), *fragments)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_forward_that_changes_a_buffer_exports(cli, tmp_path):
+    """An outside probe: ``self.n += 1`` in forward made every export see other constants, and
+    the export refused the model for a tensor "computed from parameter(s) a.weight, a.bias",
+    telling the user to leave them out of --trainable. Each export starts from the same
+    buffers now."""
+    (tmp_path / "model.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Counter(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.a = nn.Linear(8, 4)\n"
+        "        self.register_buffer('n', torch.zeros(()))\n\n    def forward(self, x):\n"
+        "        self.n += 1\n        return self.a(x) + self.n\n\n\ndef make():\n"
+        "    return Counter()\n")
+    out = ok(cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--out", tmp_path / "b",
+                 "--input-shape", "16,8"))
+    assert "2 trainable tensors" in out, out
