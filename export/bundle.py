@@ -88,7 +88,8 @@ def _examples(input_shape: str | None, npz: str | None
                     labels[0] = min(labels[0], EXAMPLE_ROWS)
                 # the first rows only: a training .npz of 3000 rows ran through a 16k-vocab
                 # model at once asked for 24.6 GB of logits (probe, session 20)
-                names = [k for k in data.files if k != "y"]
+                names = [k for k in data.files  # (a training .npz's held-out arrays and
+                         if k not in ("y", "class_names") and not k.endswith("_test")]  # names)
                 return [_first_rows(data[k]) for k in names], labels, names
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot read example inputs from --npz '{npz}': "

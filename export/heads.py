@@ -74,12 +74,15 @@ def add_head(traced: Traced, classes: int, pool: str, padding_mask: str | None =
         pooled = out
     else:
         if len(dims) != 3:  # (an outside probe: minilm-l6 --head 61 was told about --pool)
-            raise ExportError(f"output '{out}' has shape {dims}; --pool {pool} (the default) "
-                              "needs [N, L, C] token features: an [N, C] output takes --pool "
-                              "none, and one that is a classifier's already (the built-in "
-                              "minilm-l6's 2 classes) keeps its classes: for another count, "
-                              "export a model that returns its features (README: your own "
-                              "model) with --head")
+            default = " (the default)" if pool == "mean" else ""
+            raise ExportError(
+                f"output '{out}' has shape {dims}; --pool {pool}{default} needs [N, L, C] token "
+                "features: " + ("an [N, C] output takes --pool none, and one that is already a "
+                                f"classifier's ({dims[-1]} outputs) keeps its classes: for "
+                                "another count, export a model that returns its features "
+                                "(README: your own model) with --head" if len(dims) == 2 else
+                                "pool a feature map to [N, C] in the model (e.g. "
+                                "AdaptiveAvgPool2d(1) and flatten) and pass --pool none"))
         pooled = _pool(g, traced, shapes, out, pool, prefix, padding_mask)
     width = dims[-1]
     if not isinstance(width, int):

@@ -118,7 +118,8 @@ def fixed_by_tracer(seen: list) -> list[str]:
 
     where = []
     for w in seen:
-        if not issubclass(w.category, torch.jit.TracerWarning):
+        if not issubclass(w.category, torch.jit.TracerWarning) \
+                or "registered as constants" in str(w.message):  # (torch.tensor([...]) in forward)
             continue
         f = str(w.filename)
         if "site-packages" in f or "dist-packages" in f or f.startswith(sys.prefix) \
@@ -130,10 +131,11 @@ def fixed_by_tracer(seen: list) -> list[str]:
             where.append(at)
     if not where:
         return []
-    return [f"note: the trace fixed {len(where)} value(s) computed from the inputs at what the "
-            f"example gave, for every row ({'; '.join(where[:3])}{'; ...' if len(where) > 3 else ''}"
-            "): a Python number or bool from a tensor (int(), .item(), an if on the data); "
-            "write that part with tensor ops (torch.where, masks) for the bundle to follow the data"]
+    return [f"note: the trace fixed {len(where)} value(s) computed from tensors at what the "
+            f"example gave ({'; '.join(where[:3])}{'; ...' if len(where) > 3 else ''}): a Python "
+            "number or bool from a tensor (int(), float(), .item(), an if); where it depends on "
+            "the data, not only on shapes, the bundle computes the example's value for every "
+            "row: write that part with tensor ops (torch.where, masks)"]
 
 
 def by_name(example: list | None, names: list[str] | None, inputs) -> list | None:
@@ -157,7 +159,7 @@ def by_name(example: list | None, names: list[str] | None, inputs) -> list | Non
                           f"the order {', '.join(params[:last + 1])}: "
                           f"{', '.join(missing)} would be missing before them; save every input "
                           f"up to '{params[last]}' in the .npz (e.g. an all-ones "
-                          f"'{missing[0]}'), or leave the later ones out")
+                          f"'{missing[0]}')")
     return [example[names.index(p)] for p in params[:last + 1]]
 
 

@@ -243,7 +243,7 @@ def _trace_torch(module, example: list[np.ndarray], source: str,
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
     names = _input_names(module, len(args))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), same_buffers(module):
             warnings.simplefilter("ignore")  # (torch's own: an error after them is one line)
             result = module(*args)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's forward: theirs to fix

@@ -644,15 +644,16 @@ def test_values_the_trace_fixes_from_the_data_are_named_at_export(cli, tmp_path)
         "    def __init__(self):\n        super().__init__()\n"
         "        self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)\n\n"
         "    def forward(self, x):\n"
-        "        x = x / x.abs().max().item()\n"
+        "        x = x / x.abs().max().item() + torch.tensor([0.5] * 8)\n"
         "        if x.sum() > 0:\n            return self.a(x)\n"
         "        return self.b(x)\n\n\ndef make():\n    return Net()\n\n\n"
         "def plain():\n    return nn.Sequential(nn.Linear(8, 4))\n")
     r = cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--out", tmp_path / "b",
             "--input-shape", "8,8")
     said = ok(r) + r.stderr
-    assert "the trace fixed 2 value(s) computed from the inputs" in said, said
-    assert "model.py:11 (x = x / x.abs().max().item())" in said, said
+    assert "the trace fixed 2 value(s) computed from tensors" in said, said
+    assert "model.py:11 (x = x / x.abs().max().item() + torch.tensor([0.5] * 8))" in said, said
+    assert "where it depends on the data, not only on shapes" in said, said
     assert "model.py:12 (if x.sum() > 0:)" in said, said
     r = cli("export", "--model", f"{tmp_path / 'model.py'}:plain", "--out", tmp_path / "c",
             "--input-shape", "8,8")
@@ -709,7 +710,8 @@ def test_outputs_holding_none_or_named_fields_export(cli, tmp_path, form):
     out = ok(cli("export", "--model", f"{tmp_path / 'model.py'}:make_{form}", "--out",
                  tmp_path / "b", "--input-shape", "8,8", *args))
     assert "bundle written" in out, out
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["output"] == "logits"
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["output"] == "logits" and m["loss"]["num_classes"] == 3, m["loss"]
 
 
 NAMED_INPUTS_FACTORY = """\
@@ -743,7 +745,9 @@ def test_an_example_npz_is_read_by_its_names(cli, tmp_path):
     (tmp_path / "model.py").write_text(NAMED_INPUTS_FACTORY)
     rng = np.random.default_rng(0)
     ids, feats = rng.integers(0, 30, (16, 6)), rng.standard_normal((16, 5)).astype(np.float32)
-    np.savez(tmp_path / "swap.npz", feats=feats, ids=ids, y=rng.integers(0, 3, 16))
+    np.savez(tmp_path / "swap.npz", feats=feats, ids=ids, y=rng.integers(0, 3, 16),
+             feats_test=feats[:4], ids_test=ids[:4], y_test=np.arange(4) % 3,
+             class_names=np.array(["a", "b", "c"]))  # (a training .npz: read as its inputs)
     ok(cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--npz", tmp_path / "swap.npz",
            "--out", tmp_path / "b"))
     ok(cli("train", tmp_path / "b", "--data", tmp_path / "swap.npz", "--steps", 2, "--batch", 8,

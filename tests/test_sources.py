@@ -262,6 +262,12 @@ def test_a_quote_that_swallows_the_file_is_refused(tmp_path, tokenizer_file, kin
     src = _text(p, tokenizer_file)
     bad = [w for ws in src.problems.examples.values() for w in ws]
     assert bad == ["lines 22-28"] and len(src) == 195, (bad, len(src))
+    p.write_text(f"text{sep}label\n" + "\n".join(rows[:20] + [f'"stray{sep}neg'] + rows[20:120]
+                                                 + [f'he said "hi" twice{sep}pos'] + rows[120:])
+                 + "\n")  # (a reviewer: a stray pair 100 lines apart took them as one bad row)
+    with pytest.raises(UserError, match=r"line 22 opens a quoted field that ends in a stray "
+                                        r"quote: the 102 lines from there"):
+        _text(p, tokenizer_file)
     # a quoted cell of many lines past the field limit: the reader went on inside the quote
     # (5,616 "bad rows", the good rows after it lost, a class made of the cell's leftovers)
     p.write_text(f"text{sep}label\n" + "\n".join(rows[:20]) + '\n"'
@@ -1172,6 +1178,9 @@ def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
                                         r"--label-column name the columns of --data and --val "
                                         r"alike: give --val the column names of .*train\.csv$"):
         open_data(train, m, bundle, val=tmp_path / "cols.csv")
+    (tmp_path / "semi.csv").write_text("text;label\nx;c\n")  # its format is the fix: kept
+    with pytest.raises(UserError, match=r"semi\.csv has no column 'text'.*separated by ';'"):
+        open_data(train, m, bundle, val=tmp_path / "semi.csv")
 
 
 def test_a_val_npz_naming_the_classes_in_another_order_is_renumbered(tmp_path):

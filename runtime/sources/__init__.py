@@ -35,7 +35,7 @@ from contract.manifest import ImageSpec, Manifest, TensorSpec
 from .common import IMAGE_SUFFIXES, TEXT_SUFFIXES, Problems, Source, SourceView, split
 from .images import _MODES, ImageSource, open_images
 from .npz import NpzSource, open_npz
-from .text import TextSource, open_text
+from .text import MissingColumn, TextSource, open_text
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -147,12 +147,12 @@ def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
         names = train.class_names if train.class_names is not None else class_names
         try:
             held = open_source(val, manifest, bundle_dir, class_names=names, **opts)
-        except UserError as exc:  # (an outside probe: told to pass --text-column, which
-            if " has no column " not in str(exc):  # would then miss in --data)
+        except MissingColumn as exc:  # (an outside probe: told to pass --text-column, which
+            if exc.hinted:  # would then miss in --data; a format hint is the fix itself)
                 raise
-            raise UserError(f"{str(exc).split('; pass the right name')[0]}; --text-column and "
-                            "--label-column name the columns of --data and --val alike: give "
-                            f"--val the column names of {data}") from None
+            raise UserError(f"{exc.what}; --text-column and --label-column name the columns of "
+                            f"--data and --val alike: give --val the column names of {data}"
+                            ) from None
         if held.test is not None:
             raise UserError(f"--val {val} has _test arrays of its own; pass a file with just the "
                             "held-out rows (x, y)")

@@ -298,16 +298,18 @@ class TextSource(Source):
         for flag, col in (("--text-column", self.text_column),
                           ("--label-column", self.label_column)):
             if col not in cols:
-                if _format_hint(self.path, []).startswith(" (the file is gzip"):  # (its binary
+                if _is_gzip(self.path):  # (its binary header: no help)
                     raise UserError(f"{self.path} is gzip-compressed: decompress it first "
-                                    "(gunzip), then pass the text file")  # header: no help)
+                                    "(gunzip), then pass the text file")
                 shown = ", ".join(repr(h) if len(h) <= 40 else repr(h[:40]) + "..."
                                   for h in header[:12]) + (", ..." if len(header) > 12 else "")
                 near = [h for h in header if h.lower() == col.lower()]
                 mean = f" (did you mean {flag} '{near[0]}'?)" if near else ""
-                raise UserError(f"{self.path} has no column '{col}' (its header: {shown}); "
-                                f"pass the right name with {flag}{mean}"
-                                f"{_format_hint(self.path, header)}")
+                hint = _format_hint(self.path, header)
+                raise MissingColumn(f"{self.path} has no column '{col}' (its header: {shown}); "
+                                    f"pass the right name with {flag}{mean}{hint}",
+                                    f"{self.path} has no column '{col}' (its header: {shown})",
+                                    bool(hint))
             if header.count(col) > 1:
                 raise UserError(f"{self.path} has {header.count(col)} columns named '{col}'; "
                                 "rename all but one in the header")
@@ -325,18 +327,19 @@ class TextSource(Source):
             except csv.Error as exc:
                 rows += 1
                 msg, span = str(exc), state["line"] - line + 1
-                if span > 1 and "field larger" in msg or span > QUOTE_SWALLOWS \
-                        and "end of data" in msg:
+                if (span > 1 and "field larger" in msg) or span > QUOTE_SWALLOWS:
                     # a quote that never closes swallows every line after it (an outside probe:
                     # 979 of 1,000 rows went as "1 bad row"), and past the field limit the
                     # reader goes on inside the quote (a 1 MiB cell: 5,616 "bad rows", a
                     # class made of a cell's leftovers): never trained on
                     raise UserError(
                         f"{self.path}: line {line} opens a quoted field that " + (
-                            f"never closes: the {span:,} lines from there would be one row's "
-                            "text; close or remove that quote" if "end of data" in msg else
                             f"runs past {MAX_RECORD_BYTES >> 20} MiB ({span:,} lines), longer "
-                            "than any training text: shorten that text, or close its quote")
+                            "than any training text: shorten that text, or close its quote"
+                            if "field larger" in msg else
+                            f"{'never closes' if 'end of data' in msg else 'ends in a stray quote'}"
+                            f": the {span:,} lines from there would be one row's text; close or "
+                            "remove that quote")
                         + f' (a {what} field that starts with " is quoted; a literal one is '
                         'written "")') from None
                 reason = ("unterminated quoted field" if "end of data" in msg
@@ -482,16 +485,26 @@ def _to_utf8(path: Path) -> str:
     return f"e.g. iconv -f cp1252 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}"
 
 
-def _format_hint(path: Path, header: list[str]) -> str:
-    """What a file whose header names no expected column looks like, as advice."""
+class MissingColumn(UserError):
+    """A CSV/TSV header without the asked-for column: ``what`` says so without the way out
+    (which ``--val`` words otherwise), ``hinted`` where the file's format is the likely fix."""
+
+    def __init__(self, message: str, what: str, hinted: bool) -> None:
+        super().__init__(message)
+        self.what, self.hinted = what, hinted
+
+
+def _is_gzip(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            return f.read(2) == b"\x1f\x8b"
     except OSError:
-        head = b""
+        return False
+
+
+def _format_hint(path: Path, header: list[str]) -> str:
+    """What a file whose header names no expected column looks like, as advice."""
     first = header[0] if header else ""
-    if head.startswith(b"\x1f\x8b"):
-        return " (the file is gzip-compressed: decompress it first)"
     if "\x00" in first:  # (a byte order mark is refused before: _refuse_utf16)
         return " (the file looks like UTF-16: save it as UTF-8)"
     if len(header) == 1 and (";" in first or "\t" in first):

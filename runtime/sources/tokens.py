@@ -24,7 +24,7 @@ from contract.errors import UserError
 
 from ..memory import budget_given, child_limit, forked_child, proc_status
 
-__all__ = ["TokenCache"]
+__all__ = ["TokenCache", "load_tokenizer"]
 
 _CHUNK = 256  # rows tokenised per encode_batch call in the child (a "." to the parent each)
 STALL_S = 120.0  # the child is stopped where no chunk of rows is done in this many seconds
