@@ -56,9 +56,10 @@ from .layers import (
     share_activation_bases,
 )
 from .losses import append_loss
+from .model_inputs import examples as _examples
 from .onnx_import import padding_rows_note
 from .shape_fold import annotate_measured_shapes, check_free_batch
-from .tracing import example_arrays, load_model
+from .tracing import load_model
 from .trainable import buffer_note, check_derived, mask_like, select_trainable, selected_by
 
 __all__ = ["export_bundle", "select_trainable"]
@@ -66,35 +67,6 @@ __all__ = ["export_bundle", "select_trainable"]
 MIN_ORT = "1.17"
 _EXTERNAL_MIN_BYTES = 1024
 LOOKUP_MIN_BYTES = 1 << 20  # frozen embedding tables this large are read by the runtime
-
-
-EXAMPLE_ROWS = 8  # rows of an --npz that the export runs through the model
-
-
-def _first_rows(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a[:EXAMPLE_ROWS]) if a.ndim else np.asarray(a)
-
-
-def _examples(input_shape: str | None, npz: str | None
-              ) -> tuple[list[np.ndarray] | None, list[int] | None, list[str] | None]:
-    """(example inputs, the shape of the example ``.npz``'s ``y``, the .npz's names of the
-    inputs): the labels' shape tells a per-position output's class axis (export/losses.py);
-    None where not given."""
-    if npz:
-        try:
-            with np.load(npz, allow_pickle=False) as data:
-                labels = list(data["y"].shape) if "y" in data.files else None
-                if labels:
-                    labels[0] = min(labels[0], EXAMPLE_ROWS)
-                # the first rows only: a training .npz of 3000 rows ran through a 16k-vocab
-                # model at once asked for 24.6 GB of logits (probe, session 20)
-                names = [k for k in data.files  # (a training .npz's held-out arrays and
-                         if k not in ("y", "class_names") and not k.endswith("_test")]  # names)
-                return [_first_rows(data[k]) for k in names], labels, names
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot read example inputs from --npz '{npz}': "
-                              f"{str(exc)[:160]}") from None
-    return (example_arrays(input_shape) if input_shape else None), None, None
 
 
 def _params_as_inputs(model: onnx.ModelProto, params: list[str]) -> dict[str, np.ndarray]:

@@ -15,8 +15,8 @@ import numpy as np
 
 from .graph import ExportError
 
-__all__ = ["DTYPES", "by_name", "example_arrays", "fixed_by_tracer", "parse_input_shapes",
-           "same_buffers"]
+__all__ = ["DTYPES", "EXAMPLE_ROWS", "by_name", "example_arrays", "examples", "fixed_by_tracer",
+           "parse_input_shapes", "same_buffers"]
 
 
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
@@ -178,3 +178,32 @@ def same_buffers(module):
             for n, b in module.named_buffers():
                 if n in kept and b.shape == kept[n].shape:
                     b.copy_(kept[n])
+
+
+EXAMPLE_ROWS = 8  # rows of an --npz that the export runs through the model
+
+
+def _first_rows(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a[:EXAMPLE_ROWS]) if a.ndim else np.asarray(a)
+
+
+def examples(input_shape: str | None, npz: str | None
+              ) -> tuple[list[np.ndarray] | None, list[int] | None, list[str] | None]:
+    """(example inputs, the shape of the example ``.npz``'s ``y``, the .npz's names of the
+    inputs): the labels' shape tells a per-position output's class axis (export/losses.py);
+    None where not given."""
+    if npz:
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                labels = list(data["y"].shape) if "y" in data.files else None
+                if labels:
+                    labels[0] = min(labels[0], EXAMPLE_ROWS)
+                # the first rows only: a training .npz of 3000 rows ran through a 16k-vocab
+                # model at once asked for 24.6 GB of logits (probe, session 20)
+                names = [k for k in data.files  # (a training .npz's held-out arrays and
+                         if k not in ("y", "class_names") and not k.endswith("_test")]  # names)
+                return [_first_rows(data[k]) for k in names], labels, names
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"cannot read example inputs from --npz '{npz}': "
+                              f"{str(exc)[:160]}") from None
+    return (example_arrays(input_shape) if input_shape else None), None, None

@@ -889,7 +889,8 @@ def test_an_example_npz_runs_through_the_model_by_its_first_rows(tmp_path):
     """`export --npz` took every row of the file as the example batch: a training .npz of 3000
     rows through a 16k-vocabulary LM asked for 24.6 GB of logits and the export was killed
     (session-20 probe). The first rows tell the shapes and the labels' class axis."""
-    from export.bundle import EXAMPLE_ROWS, _examples
+    from export.model_inputs import EXAMPLE_ROWS
+    from export.model_inputs import examples as _examples
 
     np.savez(tmp_path / "d.npz", ids=np.zeros((3000, 128), np.int64),
              mask=np.ones((3000, 128), np.int64), y=np.zeros((3000, 128), np.int64))
