@@ -106,6 +106,13 @@ def warn(msg: str) -> None:
     say_err(f"warning: {msg}")
 
 
+def warn_kept(trainer) -> None:
+    """Say the warnings ``trainer`` kept (a calibration's) once each, then drop them."""
+    for msg in trainer.warnings:
+        warn(msg)
+    trainer.warnings.clear()
+
+
 class Checkpointer:
     """Writes and reads the checkpoints of one run folder for one bundle.
 

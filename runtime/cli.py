@@ -925,6 +925,7 @@ def _cmd_plan(a) -> int:
     from .accounting import format_table, layer_costs
     from .bundle import open_bundle
     from .calibrate import calibration_rng
+    from .checkpoint import warn_kept
     from .config import OptimConfig
     from .errors import UserError
     from .trainer import Trainer
@@ -957,7 +958,7 @@ def _cmd_plan(a) -> int:
             ShrinkGuard(tr, print).run(lambda: tr.calibrate(
                 data, _calib_batch(tr, min(a.batch, len(data))), calibration_rng(a.seed)),
                 calibration=True)
-            _warn_all(tr)
+            warn_kept(tr)
             print(tr.cost_table())
         return 0
     ranks: dict = {}
@@ -979,7 +980,7 @@ def _cmd_plan(a) -> int:
         tr = Trainer(bundle, cfg)
         tr.train_batch = min(a.batch, len(data))
         tr.calibrate(data, _calib_batch(tr, min(a.batch, len(data))), calibration_rng(a.seed))
-        _warn_all(tr)
+        warn_kept(tr)
         ranks, rows = tr.ranks(), tr.rank_rows
     if not bundle.layers:
         print("no INSTANT layers in this bundle: it has no trainable Linear / 1x1 Conv besides "
@@ -1036,16 +1037,6 @@ def _open_files_way() -> str:
             + (f"run it with more (ulimit -n {more})" if more > soft else
                "that is its hard limit (ulimit -Hn); raise it where the command is started")
             + " and run the command again")
-
-
-def _warn_all(tr) -> None:
-    """The warnings of ``tr``'s calibration (e.g. an unreachable --saved-ratio), as train says
-    them."""
-    from .checkpoint import warn
-
-    for w in tr.warnings:
-        warn(w)
-    tr.warnings.clear()
 
 
 def _cmd_profiles(a) -> int:

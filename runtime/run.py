@@ -46,6 +46,7 @@ from .checkpoint import (
     meta_float,
     meta_int,
     warn,
+    warn_kept,
 )
 from .config import RunConfig
 from .console import progress_stream, say
@@ -459,9 +460,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
             if r.calibrated is not None:
                 calibrated = r.calibrated
             if calibrated is not None:
-                for w in trainer.warnings:
-                    warn(w)
-                trainer.warnings.clear()
+                warn_kept(trainer)
                 metrics.write("calibration", step=trainer.step_count, ok=calibrated,
                               seconds=round(trainer.calib_seconds - calib_total, 4),
                               seconds_total=round(trainer.calib_seconds, 4),

@@ -973,6 +973,17 @@ def test_output_keeps_what_an_if_branch_reads_from_outside(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _lookup_file(path: Path, ids_type: int, table: np.ndarray, head: np.ndarray) -> Path:
+    """ids [N, 8] -> an embedding table E -> mean over the tokens -> a head H: logits [N, 3]."""
+    return _saved(
+        path,
+        [helper.make_node("Gather", ["E", "ids"], ["e"], name="/emb/Gather"),
+         helper.make_node("ReduceMean", ["e"], ["p"], axes=[1], keepdims=0, name="/pool"),
+         helper.make_node("MatMul", ["p", "H"], ["logits"], name="/head/MatMul")],
+        ("ids", ids_type, ["N", 8]), ("logits", TensorProto.FLOAT, ["N", 3]),
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(head, "H")])
+
+
 def test_int32_token_ids_train_a_lookup_table(tmp_path):
     """An embedding lookup whose ids are int32 (tf2onnx and some other exporters write them):
     the table's gradient matches torch (was: every backward session failed to load, "Mod bound
@@ -986,13 +997,7 @@ def test_int32_token_ids_train_a_lookup_table(tmp_path):
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((30, 16)) * 0.3).astype(np.float32)
     head = (rng.standard_normal((16, 3)) * 0.3).astype(np.float32)
-    path = _saved(
-        tmp_path / "ids32.onnx",
-        [helper.make_node("Gather", ["E", "ids"], ["e"], name="/emb/Gather"),
-         helper.make_node("ReduceMean", ["e"], ["p"], axes=[1], keepdims=0, name="/pool"),
-         helper.make_node("MatMul", ["p", "H"], ["logits"], name="/head/MatMul")],
-        ("ids", TensorProto.INT32, ["N", 8]), ("logits", TensorProto.FLOAT, ["N", 3]),
-        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(head, "H")])
+    path = _lookup_file(tmp_path / "ids32.onnx", TensorProto.INT32, table, head)
     r = _cli("export", "--model", path, "--out", tmp_path / "b", "--trainable", "all")
     assert r.returncode == 0, r.stderr
     ids = rng.integers(0, 30, (4, 8)).astype(np.int32)
@@ -1020,13 +1025,7 @@ def test_a_tables_one_all_zero_row_is_read_as_its_padding_idx(tmp_path):
     table = (rng.standard_normal((30, 16)) * 0.3).astype(np.float32)
     table[0] = 0.0
     head = (rng.standard_normal((16, 3)) * 0.3).astype(np.float32)
-    path = _saved(
-        tmp_path / "pad.onnx",
-        [helper.make_node("Gather", ["E", "ids"], ["e"], name="/emb/Gather"),
-         helper.make_node("ReduceMean", ["e"], ["p"], axes=[1], keepdims=0, name="/pool"),
-         helper.make_node("MatMul", ["p", "H"], ["logits"], name="/head/MatMul")],
-        ("ids", TensorProto.INT64, ["N", 8]), ("logits", TensorProto.FLOAT, ["N", 3]),
-        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(head, "H")])
+    path = _lookup_file(tmp_path / "pad.onnx", TensorProto.INT64, table, head)
     r = _cli("export", "--model", path, "--out", tmp_path / "b", "--trainable", "all")
     assert r.returncode == 0, r.stderr
     assert "(E row 0) read as nn.Embedding's padding_idx" in r.stdout + r.stderr, r.stdout
