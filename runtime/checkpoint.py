@@ -585,13 +585,14 @@ class TrainingInterrupted(BaseException):
     bundle", exit 2, of a sound bundle)."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None,
-                 abandoned: bool = False) -> None:
+                 abandoned: bool = False, grace_s: float | None = None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
         where = (f"checkpoint {checkpoint}; continue with --resume" if checkpoint
                  else "no checkpoint" + ("" if abandoned else " (no --out)"))
         when = (f"during step {step + 1}, which was stopped and dropped (it did not finish "
-                f"within {StopSignals.GRACE_S:.0f} s of the signal, or a second signal came)"
+                f"within {grace_s or StopSignals.GRACE_S:g} s of the signal, or a second signal "
+                "came)"
                 if abandoned else f"after step {step}")
         super().__init__(f"interrupted by {signal.Signals(signum).name} {when}; {where}")
 
@@ -612,14 +613,16 @@ class StopSignals:
 
     A Python handler runs only once onnxruntime returns, so a step that runs on (a tampered
     graph, a much slower device) would hold the signal off for good: a watchdog thread reads
-    the signals from a wakeup pipe as they arrive and, ``GRACE_S`` after the first or at the
-    second, sets the terminate flag of the runs' RunOptions (``sessions.abort_runs``); the run
-    in progress then fails and the trainer raises ``StepAbandoned``."""
+    the signals from a wakeup pipe as they arrive and, ``grace_s`` (``train --stop-grace``,
+    default ``GRACE_S``) after the first or at the second, sets the terminate flag of the runs'
+    RunOptions (``sessions.abort_runs``); the run in progress then fails and the trainer raises
+    ``StepAbandoned``."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # (HUP: a closed ssh session)
     GRACE_S = 30.0
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = GRACE_S) -> None:
+        self.grace_s = grace_s
         self.signum: int | None = None
         self._old: dict[int, object] = {}
         self._pipe: tuple[int, int] | None = None
@@ -673,7 +676,7 @@ class StopSignals:
                 if seen >= 2:
                     abort()
                 elif seen == 1 and timer is None:
-                    timer = threading.Timer(self.GRACE_S, abort)
+                    timer = threading.Timer(self.grace_s, abort)
                     timer.daemon = True
                     timer.start()
         finally:

@@ -256,6 +256,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="evaluate the held-out split every N steps (0: before and after)")
     t.add_argument("--checkpoint-every", type=int, default=50,
                    help="write OUT/checkpoints/ every N steps (0: only at the end)")
+    t.add_argument("--stop-grace", type=float, default=30.0, metavar="SECONDS",
+                   help="after SIGINT/SIGTERM/SIGHUP the step in progress has this long to end "
+                        "(then a checkpoint, exit 128+signal); past it, or at a second signal, "
+                        "the step is stopped and dropped (default 30; keep it below the kill "
+                        "timeout of what stops the run, e.g. Kubernetes' "
+                        "terminationGracePeriodSeconds)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest good checkpoint in OUT")
     t.add_argument("--max-nonfinite", type=int, default=5,
@@ -670,7 +676,7 @@ def _cmd_train(a) -> int:
                         eval_every=a.eval_every, checkpoint_every=a.checkpoint_every,
                         resume=a.resume, overwrite=a.overwrite,
                         max_nonfinite=a.max_nonfinite, budget=budget, progress=not a.no_progress,
-                        new_log=True)
+                        new_log=True, stop_grace=a.stop_grace)
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof, optim)
     if a.out is not None and not a.out.strip():  # '' is not "the default": it would be the cwd

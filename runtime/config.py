@@ -243,6 +243,7 @@ class RunConfig:
     progress: bool = True
     new_log: bool = False  # a run from step 0 starts metrics.jsonl empty (train; not a fleet
     # client's rounds, which append to one log across rounds and restarts)
+    stop_grace: float = 30.0  # seconds a step in progress has to end after SIGINT/SIGTERM/SIGHUP
 
     def __post_init__(self) -> None:
         _int("--steps", self.steps, 1, 10**12)  # (an int64 in checkpoints; years of steps)
@@ -253,6 +254,11 @@ class RunConfig:
         _int("--checkpoint-every", self.checkpoint_every, 0)
         _int("--max-nonfinite", self.max_nonfinite, 1)
         _int("--budget", self.budget, 1, none_ok=True)
+        if isinstance(self.stop_grace, bool) or not isinstance(self.stop_grace, int | float) \
+                or not math.isfinite(self.stop_grace) or not 1 <= self.stop_grace <= 86400:
+            raise _bad("--stop-grace", self.stop_grace, "expected seconds from 1 to 86400 (a "
+                       "day); set it below the kill timeout of what stops the run (systemd's "
+                       "TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds)")
         if self.micro_batch is not None and self.micro_batch > self.batch:
             raise UserError(f"--micro-batch {self.micro_batch} is larger than --batch "
                             f"{self.batch}: a micro-batch is a part of a step's batch; pass "

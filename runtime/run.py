@@ -257,7 +257,7 @@ def _abandoned(stop: StopSignals, trainer: Trainer, bar, metrics, last_ckpt):
         bar.close()
         metrics.close()
         raise TrainingInterrupted(stop.signum or signal.SIGTERM, trainer.step_count,
-                                  last_ckpt(), abandoned=True) from None
+                                  last_ckpt(), abandoned=True, grace_s=stop.grace_s) from None
 
 
 class RunDiverged(CheckpointWriteError):
@@ -434,7 +434,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                                       trainer.config.instant.calib_samples,
                                       padded=trainer.bundle.manifest.text is not None)
     last_eval: tuple = (None, None, None)  # (step, loss, accuracy) of --eval-every's last
-    with StopSignals() as stop, _abandoned(stop, trainer, bar, metrics, lambda: last_ckpt):
+    with StopSignals(cfg.stop_grace) as stop, _abandoned(stop, trainer, bar, metrics, lambda: last_ckpt):
         calib_total = trainer.calib_seconds  # (each calibration event: its own seconds)
         for _ in bar:
             calibrated = None

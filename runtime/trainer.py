@@ -64,8 +64,8 @@ class ArenaExhausted(MemoryError):
 
 class StepAbandoned(Exception):
     """The signal watchdog ended an onnxruntime run (a step that did not finish within
-    ``checkpoint.StopSignals.GRACE_S`` of SIGINT/SIGTERM, or a second signal): the step in
-    progress is dropped, the last checkpoint stands."""
+    ``train --stop-grace`` (``StopSignals.grace_s``) of SIGINT/SIGTERM, or a second signal):
+    the step in progress is dropped, the last checkpoint stands."""
 
     def __init__(self, phase: str) -> None:
         super().__init__(f"the {phase} pass was stopped")
