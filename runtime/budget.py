@@ -51,7 +51,7 @@ from devices.planner import (
 )
 
 from .calibrate import GramWindow, Spectrum, basis, decompose_bytes, gram_vectors, spectrum_width
-from .memory import WouldPassLimit, current_rss, forked_child, physical_ram, set_limit
+from .memory import WouldPassLimit, current_rss, fork_held, forked_child, physical_ram, set_limit
 from .order import order_bytes
 from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
@@ -173,15 +173,15 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     parent = os.getpid()
     gc.freeze()  # the child's collections leave this process's objects (and their pages) alone
     try:
-        pid = os.fork()
+        pid = fork_held()
     except BaseException:
         gc.unfreeze()
         raise
     if pid == 0:  # child
         os.close(r)
         try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # (before forked_child lets it in)
             forked_child(parent)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
             _touch(pages)
             set_limit(limit - PROBE_HEADROOM if limit else None)
             if prepare is not None:

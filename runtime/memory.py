@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 __all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss",
-           "forked_child", "held_lock", "peak_rss", "physical_ram", "proc_status", "reserve",
+           "fork_held", "forked_child", "held_lock", "peak_rss", "physical_ram", "proc_status", "reserve",
            "run_measured", "set_budget", "set_limit", "tree_pss", "tune_malloc"]
 
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
@@ -31,6 +31,29 @@ _LOCKS: set[int] = set()  # flock'ed descriptors (a run folder's): never a forke
 def held_lock(fd: int, held: bool = True) -> None:
     """Register (``held``) or forget ``fd``, a descriptor holding a folder's ``flock``."""
     (_LOCKS.add if held else _LOCKS.discard)(fd)
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def fork_held() -> int:
+    """``os.fork()`` with SIGINT/SIGTERM/SIGHUP held off across it; the child calls
+    :func:`forked_child`, which lets them through again.
+
+    ``os.fork`` runs its at-fork hooks as Python code (logging takes its module lock before the
+    fork and releases it after). A signal whose Python handler ran inside one of them, and
+    raised to stop the run, was swallowed ("Exception ignored in: _releaseLock"): the run went
+    on with logging's lock held and hung at exit (session 33, the SIGINT start-up test under
+    load). Held off, a signal is delivered in the parent once the fork has returned."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return pid
 
 
 def forked_child(parent: int) -> None:
@@ -55,6 +78,7 @@ def forked_child(parent: int) -> None:
         except OSError:
             pass
     _LOCKS.clear()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # held off by fork_held
 
 
 def set_budget(budget: int | None) -> None:

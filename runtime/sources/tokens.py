@@ -22,7 +22,7 @@ import numpy as np
 
 from contract.errors import UserError
 
-from ..memory import budget_given, child_limit, forked_child, proc_status
+from ..memory import budget_given, child_limit, fork_held, forked_child, proc_status
 
 __all__ = ["TokenCache", "load_tokenizer"]
 
@@ -72,7 +72,7 @@ class TokenCache:
         limit = child_limit()
         r, w = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        pid = fork_held()
         if pid == 0:  # child
             os.close(r)
             msg = b"ok"
