@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import run_tree_peak
 
 from contract.errors import UserError
 from contract.manifest import ImageSpec, LossSpec, TensorSpec, TextSpec
@@ -828,6 +829,90 @@ def test_image_metadata_is_bounded_and_counted(tmp_path, digit_folder):
     assert 10_000 < src.max_metadata < 11_000, src.max_metadata
     assert src.bytes_fixed() - plain.bytes_fixed() == 3 * (src.max_metadata - plain.max_metadata)
     assert PngImagePlugin.MAX_TEXT_MEMORY == image_source.TEXT_MEMORY
+
+
+def _many_scans(jpeg: bytes, extra: int) -> bytes:
+    """``jpeg`` (progressive) with its smallest scan after the first repeated ``extra`` times."""
+    i, scans, head = 2, [], b""
+    while jpeg[i + 1] != 0xD9:
+        n = int.from_bytes(jpeg[i + 2:i + 4], "big")
+        start, i = i, i + 2 + n
+        if jpeg[start + 1] == 0xDA:  # the entropy-coded data runs to the next real marker
+            while not (jpeg[i] == 0xFF and jpeg[i + 1] not in (0, *range(0xD0, 0xD8))):
+                i += 1
+            scans.append(jpeg[start:i])
+        elif not scans:
+            head += jpeg[start:i]
+    return jpeg[:2] + head + b"".join(scans) + min(scans[1:], key=len) * extra + b"\xff\xd9"
+
+
+def test_phone_pictures_and_damaged_or_slow_images_are_judged_at_indexing(tmp_path,
+                                                                         digit_folder):
+    """Session 33 probe of users' photo folders: a multi-picture JPEG (MPO, as phones write)
+    was refused as "not a PNG or JPEG"; a PNG whose pixel-data chunk declared 1 GB took the
+    index to 2 GB under --budget 150MB (Pillow's verify reads a chunk whole); a PNG with
+    scrambled pixel data under valid checksums passed the index and ended the run at its first
+    read; a JPEG of 100,000 scans took minutes a decode. Now: the MPO is its first picture; the
+    others are bad rows, named; the index reads PNG chunks in blocks (its peak measured from
+    outside by wait4); every row that passed reads."""
+    import shutil
+    import zlib
+
+    from PIL import Image
+
+    root = Path(shutil.copytree(digit_folder.root, tmp_path / "imgs"))
+    base = len(open_images(root, GREY8, IMG_INPUT, _ce(3)))
+    a = digit_folder.img[0]
+    first = Image.fromarray(a, "L").convert("RGB").resize((64, 64), Image.NEAREST)
+    first.save(root / "0" / "phone.jpg", "MPO", save_all=True, quality=95,
+               append_images=[Image.new("RGB", (64, 64), (255, 0, 0))])
+    assert Image.open(root / "0" / "phone.jpg").format == "MPO"
+    buf = io.BytesIO()
+    Image.fromarray(a, "L").save(buf, "PNG")
+    png = buf.getvalue()
+    ihdr, end = png[:33], png[-12:]
+    with open(root / "1" / "huge-chunk.png", "wb") as f:  # sparse: 1 GB declared, none written
+        f.write(ihdr + (1 << 30).to_bytes(4, "big") + b"IDAT")
+        f.truncate(f.tell() + (1 << 30))
+        f.seek(0, 2)
+        f.write(bytes(4) + end)
+    raw = b"".join(b"\0" + row.tobytes() for row in a)
+    scrambled = bytearray(zlib.compress(raw))
+    scrambled[4:-4] = bytes(reversed(scrambled[4:-4]))
+    (root / "1" / "scrambled.png").write_bytes(ihdr + _png_chunk(b"IDAT", bytes(scrambled)) + end)
+    bad_filter = b"".join(b"\x09" + row.tobytes() for row in a)
+    (root / "2" / "filter.png").write_bytes(ihdr + _png_chunk(b"IDAT", zlib.compress(bad_filter))
+                                            + end)
+    (root / "2" / "good-raw.png").write_bytes(ihdr + _png_chunk(b"IDAT", zlib.compress(raw)) + end)
+    prog = io.BytesIO()
+    first.save(prog, "JPEG", progressive=True, quality=90)
+    (root / "2" / "progressive.jpg").write_bytes(prog.getvalue())
+    (root / "2" / "scans.jpg").write_bytes(_many_scans(prog.getvalue(), 300))
+    assert Image.open(root / "2" / "scans.jpg").size == (64, 64)
+    code = ("import json, sys\n"
+            "from contract.manifest import ImageSpec, LossSpec, TensorSpec\n"
+            "from runtime.sources import open_images\n"
+            "s = open_images(sys.argv[1], ImageSpec('x', 1, 8, 8, [0.0], [1.0]),\n"
+            "    [TensorSpec('x', ['N', 1, 8, 8], 'float32')],\n"
+            "    LossSpec('cross_entropy', TensorSpec('labels', ['N'], 'int64'), num_classes=3))\n"
+            "print(json.dumps([len(s), s.problems.counts, s.problems.examples]))\n")
+    r, peak = run_tree_peak([sys.executable, "-c", code, root], cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert peak < 400e6, peak  # (2 GB when Pillow's verify read the 1 GB chunk)
+    n, counts, examples = json.loads(r.stdout.splitlines()[0])
+    assert n == base + 3, (n, base)  # the MPO, the good PNG, the progressive JPEG
+    assert counts == {"unreadable image": 3, "too many JPEG scans": 1}, counts
+    said = " ".join(examples["unreadable image"])
+    assert "1/huge-chunk.png" in said and "1/scrambled.png (its pixel data does not inflate" \
+        in said and "2/filter.png (its pixel data starts a row with filter 9)" in said, said
+    assert examples["too many JPEG scans"] == [
+        "2/scans.jpg (over 256 scans, each a pass of the decoder over the whole image)"]
+    src = open_images(root, GREY8, IMG_INPUT, _ce(3))
+    x, _ = src.take(np.arange(len(src)))  # every row that passed the index reads
+    assert np.isfinite(x["x"]).all()
+    row = [src.file(i).name for i in range(len(src))].index("phone.jpg")
+    got = x["x"][row, 0].ravel()  # the first picture (the digit), not the plain red one
+    assert np.corrcoef(got, a.ravel().astype(np.float32))[0, 1] > 0.9, got
 
 
 def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):

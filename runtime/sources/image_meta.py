@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["MAX_METADATA", "TEXT_CHUNK", "TEXT_MEMORY", "bound_pillow_text", "metadata"]
+__all__ = ["MAX_METADATA", "MAX_SCANS", "TEXT_CHUNK", "TEXT_MEMORY", "TOO_MANY_SCANS",
+           "bound_pillow_text", "metadata", "png_pixels"]
 
 # Pillow keeps an image's metadata beside its pixels (PNG text, EXIF and ICC chunks, JPEG APP
 # segments), read whole, and expands compressed PNG text to 1 MiB a chunk, 64 MiB an image: a
@@ -22,6 +23,11 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_PIXELS = (b"IDAT", b"fdAT")
 _PNG_COMPRESSED = {b"zTXt": 1, b"iCCP": 1, b"iTXt": 2}  # bytes after the key's NUL before zlib
 _JPEG_BARE = {0x01, 0xD8, *range(0xD0, 0xD8)}  # markers without a length
+# A progressive JPEG's decoder goes over every coefficient once a scan: a usual file has up to
+# about 20 scans; a 2.5 MB file of 100,000 scans took minutes a decode (session 33 probe), and it
+# is decoded at indexing and at every read. More is a bad row.
+MAX_SCANS = 256
+_SOS = b"\xff\xda"  # (in the entropy-coded data a 0xFF byte is always followed by 0x00)
 
 
 def metadata(path: Path) -> tuple[int, str | None]:
@@ -40,7 +46,9 @@ def metadata(path: Path) -> tuple[int, str | None]:
             marker = f.read(1)
             while marker == b"\xff":  # fill bytes
                 marker = f.read(1)
-            if not marker or marker[0] in (0xDA, 0xD9):  # start of scan, end of image
+            if marker[:1] == b"\xda":  # the first scan: count the others
+                return total, (_TOO_MUCH if total > MAX_METADATA else _scans(f))
+            if not marker or marker[0] == 0xD9:  # end of image
                 break
             if marker[0] in _JPEG_BARE:
                 continue
@@ -56,6 +64,19 @@ def metadata(path: Path) -> tuple[int, str | None]:
 
 
 _TOO_MUCH = f"over {MAX_METADATA >> 20} MiB besides the pixels"
+TOO_MANY_SCANS = f"over {MAX_SCANS} scans, each a pass of the decoder over the whole image"
+
+
+def _scans(f) -> str | None:
+    """Why the JPEG whose first scan ``f`` has just reached has too many scans, or None."""
+    n, tail = 1, b""
+    while block := f.read(1 << 20):
+        data = tail + block
+        n += data.count(_SOS)
+        if n > MAX_SCANS:
+            return TOO_MANY_SCANS
+        tail = data[-1:] if data[-1:] == b"\xff" else b""
+    return None
 
 
 def _png_metadata(f) -> tuple[int, str | None]:
@@ -103,3 +124,82 @@ def bound_pillow_text(png_plugin) -> None:
     """Pillow's PNG text limits at most ours (``metadata`` refuses what would pass them)."""
     png_plugin.MAX_TEXT_CHUNK = min(png_plugin.MAX_TEXT_CHUNK, TEXT_CHUNK)
     png_plugin.MAX_TEXT_MEMORY = min(png_plugin.MAX_TEXT_MEMORY, TEXT_MEMORY)
+
+
+_BLOCK = 1 << 20
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+
+
+def png_pixels(path: Path) -> str | None:
+    """What is wrong with the PNG ``path``'s chunks and pixel data, or None; read in 1 MiB
+    blocks, never a whole chunk (Pillow's ``verify`` reads each chunk whole: one pixel-data
+    chunk declared 1 GB took an index under --budget 150MB to 2 GB, session 33 probe).
+
+    Each chunk's checksum (as ``verify``), and the pixel data inflated as a decode inflates
+    it, the output dropped: a stream that fails, ends short of the image, or (not interlaced)
+    starts a row with a filter other than 0-4 was found only when a step read the image, and
+    that ended the run (session 33 probe: scrambled data under valid checksums)."""
+    import zlib
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return "not a PNG file"
+        inflate, total, need, stride = zlib.decompressobj(), 0, None, 0
+        while len(head := f.read(8)) == 8:
+            n, kind = int.from_bytes(head[:4], "big"), head[4:]
+            name = kind.decode("latin-1")
+            crc, left, first = zlib.crc32(kind), n, b""
+            while left:
+                block = f.read(min(left, _BLOCK))
+                if not block:
+                    return f"cut short inside its {name!r} chunk"
+                left -= len(block)
+                crc = zlib.crc32(block, crc)
+                first = first or (block if kind == b"IHDR" else b"")
+                data = block if kind == b"IDAT" and need is not None else b""
+                while data and total < need:
+                    try:
+                        out = inflate.decompress(data, _BLOCK)
+                    except zlib.error as exc:
+                        return f"its pixel data does not inflate: {str(exc).split(': ')[-1]}"
+                    data = inflate.unconsumed_tail
+                    if stride:  # the byte that starts each row names its filter: 0 to 4
+                        starts = np.frombuffer(out, np.uint8, count=min(len(out), need - total))
+                        starts = starts[(-total) % stride::stride]
+                        if starts.size and int(starts.max()) > 4:
+                            return f"its pixel data starts a row with filter {int(starts.max())}"
+                    total += len(out)
+                    if not out:
+                        break
+            if f.read(4) != crc.to_bytes(4, "big"):
+                return f"its {name!r} chunk fails its checksum"
+            if kind == b"IHDR" and len(first) >= 13:
+                need, stride = _png_raw_bytes(first)
+            if kind == b"IEND":
+                break
+        else:
+            return "no IEND chunk (cut short)"
+        if need is not None and total < need:
+            return f"its pixel data ends after {total} of the {need} bytes the image needs"
+        return None
+
+
+def _png_raw_bytes(ihdr: bytes) -> tuple[int | None, int]:
+    """(Inflated bytes of the image ``ihdr`` describes, its row stride where it is not
+    interlaced, else 0); (None, 0) where the header is not one Pillow opens (it judges it)."""
+    w, h = int.from_bytes(ihdr[:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    depth, colour, interlace = ihdr[8], ihdr[9], ihdr[12]
+    if colour not in _PNG_CHANNELS or not w or not h:
+        return None, 0
+    bits = _PNG_CHANNELS[colour] * depth
+
+    def size(pw: int, ph: int) -> int:
+        return ph * (1 + (pw * bits + 7) // 8) if pw > 0 and ph > 0 else 0
+
+    if not interlace:
+        return size(w, h), 1 + (w * bits + 7) // 8
+    return sum(size(-(-(w - x0) // dx), -(-(h - y0) // dy)) for x0, y0, dx, dy in _ADAM7), 0

@@ -25,7 +25,7 @@ from .common import (
     _Labels,
     _nothing_usable,
 )
-from .image_meta import bound_pillow_text, metadata
+from .image_meta import TOO_MANY_SCANS, bound_pillow_text, metadata, png_pixels
 
 # ---------------------------------------------------------------------------- images
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -210,16 +210,20 @@ class ImageSource(Source):
         try:
             meta, too_much = metadata(path)
             if too_much:
-                return ("too much metadata", too_much), 0
+                return ("too many JPEG scans" if too_much == TOO_MANY_SCANS else
+                        "too much metadata", too_much), 0
             with warnings.catch_warnings():  # a huge image: our own line says so, not Pillow's
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 im = Image.open(path)
                 with im:
-                    fmt, (w, h) = im.format, im.size
+                    fmt, (w, h) = _format(im), im.size
                     coefficients = _coefficients(im)
-                    im.verify()
+                    if fmt != "PNG":  # (a PNG: png_pixels, in blocks, not whole chunks)
+                        im.verify()
                 if fmt not in ("PNG", "JPEG"):
                     return ("not a PNG or JPEG image", f"format {fmt}"), 0
+                if fmt == "PNG" and (damaged := png_pixels(path)):
+                    return ("unreadable image", damaged), 0
                 # what a read decodes (a JPEG at up to 1/8 scale: a 48 MP phone photo is
                 # 0.75 MP) (a progressive JPEG: its full-size coefficients, 2-8 bytes a pixel)
                 if self._decoded_pixels(fmt, w, h, coefficients) > MAX_IMAGE_PIXELS or (
@@ -290,10 +294,11 @@ class ImageSource(Source):
                     im = Image.open(f)
                 with im:
                     w, h = im.size
-                    if self._decoded_pixels(im.format, w, h, _coefficients(im)) > self.max_pixels:
+                    fmt = _format(im)
+                    if self._decoded_pixels(fmt, w, h, _coefficients(im)) > self.max_pixels:
                         raise UserError(changed.format(
                             f"now {w}x{h}, larger than any image the memory plan counted"))
-                    if im.format == "JPEG":
+                    if fmt == "JPEG":
                         im.draft(im.mode, self._draft_size())
                     im.load()
                     return self._convert(im, _orientation(im))
@@ -383,6 +388,13 @@ def _check_fits(rel: Path, w: int, h: int, need: int, progressive: bool) -> None
                         + f", more than --budget "
                         f"{budget / 1e6:.0f}MB leaves beside the {current_rss() / 1e6:.0f} MB "
                         "already in use; shrink or remove it, or raise --budget")
+
+
+def _format(im) -> str:
+    """Pillow's format name, a multi-picture JPEG's (MPO: what many phones and cameras write as
+    .jpg, a second picture after the first) read as the JPEG it starts with (session 33 probe:
+    refused as "not a PNG or JPEG image")."""
+    return "JPEG" if im.format == "MPO" else im.format
 
 
 def _coefficients(im) -> float:
