@@ -127,32 +127,39 @@ def last_logged_step(path: Path) -> int:
 
 
 def _cut_after(path: Path, step: int, key: str = "step") -> None:
-    """Truncate ``path`` after its last whole event of ``step`` or before (or of no step; its
-    ``key`` field: a fleet server's rounds.jsonl counts rounds),
-    read from the end: what follows it (events of later steps, a half line, a tail of NULs a
-    crash left) was written after the checkpoint. Steps only grow along the file, so the scan
-    stops at the first such event from the end; a 10^7-step log is not parsed line by line."""
+    """Truncate ``path`` after its last whole event of ``step`` or before (its ``key`` field: a
+    fleet server's rounds.jsonl counts rounds), read from the end: what follows it (events of
+    later steps and the events of no step after them, a half line, a tail of NULs a crash left)
+    was written after the checkpoint. Steps only grow along the file, so the scan stops at the
+    first event of ``step`` or before from the end; a 10^7-step log is not parsed line by
+    line."""
     try:
         st = os.lstat(path)
     except OSError:
         return  # none yet (or unreadable: opening it for append says so)
     if not stat.S_ISREG(st.st_mode):
         return
-    keep = st.st_size
+    keep = end = st.st_size
     with open(path, "rb") as f:
-        while keep > 0:
-            start = _line_start(f, keep)
-            if keep - start <= MAX_EVENT_BYTES:
+        while end > 0:
+            start = _line_start(f, end)
+            event = None
+            if end - start <= MAX_EVENT_BYTES:
                 f.seek(start)
-                line = f.read(keep - start)
+                line = f.read(end - start)
                 try:
                     event = json.loads(line) if line.endswith(b"\n") else None
                 except ValueError:
-                    event = None
-                s = event.get(key) if isinstance(event, dict) else None
-                if isinstance(event, dict) and not (isinstance(s, int) and s > step):
-                    break
-            keep = start
+                    pass
+            s = event.get(key) if isinstance(event, dict) else None
+            if not isinstance(event, dict) or (isinstance(s, int) and s > step):
+                keep = start  # a later step's event, or not an event (a half line, NULs)
+            elif isinstance(s, int):
+                break
+            # else an event of no step (a run's summary, its plan): it goes with the events
+            # after it (session 33 probe: a finished run resumed from an older checkpoint kept
+            # its later steps twice, the scan stopping at its summary line)
+            end = start
     if keep < st.st_size:
         os.truncate(path, keep)
 

@@ -537,6 +537,25 @@ def test_a_resume_that_starts_afresh_starts_the_metrics_afresh(mlp_bundle, tmp_p
     assert [e["step"] for e in events if e["kind"] == "step"] == [1, 2, 3, 4, 5]
 
 
+def test_a_finished_run_resumed_from_an_older_checkpoint_logs_each_step_once(cli, mlp_bundle,
+                                                                              tmp_path):
+    """Session 33 probe: a finished run whose last checkpoint was gone resumed (rightly) from
+    an older one, but metrics.jsonl kept the steps after it twice, and the first run's final
+    evaluation and summary in the middle: the cut scanned back from the end and stopped at the
+    summary line (no step). Events of no step now go with the steps around them."""
+    out = tmp_path / "run"
+    first = cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 30,
+                "--checkpoint-every", 10)
+    assert first.returncode == 0, first.stderr
+    (out / "checkpoints" / "ckpt-000030.npz").unlink()
+    again = cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 50, "--resume")
+    assert again.returncode == 0, again.stderr
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "step"] == list(range(1, 51))
+    assert [e["kind"] for e in events].count("summary") == 1 and events[-1]["kind"] == "summary"
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [50], events
+
+
 def test_resume_with_another_bundle_is_refused(cli, mlp_bundle, cnn_bundle, tmp_path) -> None:
     out = tmp_path / "run"
     _train(mlp_bundle, out, 10)
