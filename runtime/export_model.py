@@ -20,7 +20,7 @@ import numpy as np
 from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
-from .run_files import weights_record
+from .run_files import params_step, weights_record
 from .run_folder import bundle_run, check_run_links, json_object, run_class_names
 from .sources.common import TEXT_SUFFIXES
 from .torch_weights import packed_recurrent, write_safetensors
@@ -138,11 +138,9 @@ def run_weights(run: Path) -> Path | None:
     newest = newest_checkpoint(run / "checkpoints")
     params = run / "params.npz"
     if params.is_file():
-        try:  # a finished run resumed for more steps and stopped: its checkpoint is newer
-            if newest is not None and newest[1].stat().st_mtime > params.stat().st_mtime:
-                return newest[1]
-        except OSError:
-            pass
+        done = params_step(run)  # a finished run resumed for more steps and stopped: its
+        if newest is not None and (done is None or done < newest[0]):  # checkpoint is newer
+            return newest[1]
         return params
     return newest[1] if newest is not None else None
 

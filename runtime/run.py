@@ -52,6 +52,7 @@ from .config import RunConfig
 from .console import progress_stream, say
 from .memory import current_rss, peak_rss
 from .order import Order, is_permutation
+from .run_files import params_step
 from .run_folder import RunFolder
 from .run_log import Metrics, StepStats, step_logged
 from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
@@ -288,18 +289,13 @@ def _diverged(trainer: Trainer, what: str, good: Path | None, streak: bool = Fal
                        "and start again with --overwrite")
 
 
-def _params_current(out: Path | None, checkpoint: Path | None) -> bool:
-    """Whether ``out/params.npz`` holds the weights of ``checkpoint`` and ``summary.json`` its
-    figures (written with or after it; a finished run resumed for more steps and stopped has
-    older ones, which the resume to its new end rewrites; a disk that filled up between the
-    two left no summary, which a resume writes: an outside probe's resume said "already
-    finished" and the summary never came)."""
-    try:
-        return out is not None and checkpoint is not None and all(
-            (out / f).stat().st_mtime >= checkpoint.stat().st_mtime
-            for f in ("params.npz", "summary.json"))
-    except OSError:
-        return False
+def _params_current(out: Path | None, step: int) -> bool:
+    """Whether ``out/params.npz`` holds the weights of ``step`` and ``summary.json`` its figures
+    (``run_files.params_step``; a finished run resumed for more steps and stopped has older
+    ones, which the resume to its new end rewrites; a disk that filled up between the two
+    left no summary, which a resume writes: an outside probe's resume said "already finished"
+    and the summary never came)."""
+    return out is not None and params_step(out) == step
 
 
 def finished_already(out: Path, steps: int) -> None:
@@ -310,7 +306,7 @@ def finished_already(out: Path, steps: int) -> None:
     from .checkpoint import newest_checkpoint
 
     newest = newest_checkpoint(out / "checkpoints")
-    if newest is not None and newest[0] == steps and _params_current(out, newest[1]):
+    if newest is not None and newest[0] == steps and _params_current(out, steps):
         raise RunFinished(out, steps)
 
 
@@ -399,8 +395,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     elif cfg.resume:
         warn(f"no checkpoint in {ckpt.folder if ckpt else '(no output folder)'}; "
              "starting from step 0")
-    if resumed and trainer.step_count == cfg.steps and _params_current(
-            out, ckpt.loaded if ckpt is not None else None):
+    if resumed and trainer.step_count == cfg.steps and _params_current(out, cfg.steps):
         raise RunFinished(out, cfg.steps)  # (it said "resumed", appended to the finished log)
     if resumed and trainer.step_count > cfg.steps:  # it trained nothing and said "resumed"
         raise UserError(f"the run in '{out}' is already at step {trainer.step_count}, past "

@@ -15,7 +15,7 @@ from contract import UserError
 
 from .checkpoint import _open_regular
 
-__all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "json_object",
+__all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "json_object", "params_step",
            "run_class_names", "weights_record"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
@@ -52,6 +52,24 @@ def json_object(path: Path) -> dict:
         except (OSError, ValueError, RecursionError):
             return {}
     return data if isinstance(data, dict) else {}
+
+
+def params_step(run: Path) -> int | None:
+    """The step whose weights ``run/params.npz`` holds: the ``steps`` of its summary.json
+    (written after it, at the end of a run); None where either is missing or unreadable.
+
+    Which of params.npz and the newest checkpoint is the newer is decided by step, not by file
+    time (session 33 probe: after a ``cp -r`` or an ``scp`` of a finished run resumed for more
+    steps and stopped, eval and export-model took its older params.npz, and --resume of a
+    finished run whose checkpoint was touched trained again)."""
+    if not (run / "params.npz").is_file():
+        return None
+    try:
+        steps = json_object(run / "summary.json").get("steps")
+    except UserError:
+        return None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0 \
+        else None
 
 
 def weights_record(weights: Path, run: Path) -> dict:

@@ -1410,17 +1410,29 @@ def test_an_empty_checkpoints_folder_does_not_block_the_run(cli, mlp_bundle, tmp
 def test_a_resume_to_the_last_checkpoint_rewrites_an_older_params_file(mlp_bundle, tmp_path):
     """--resume of a run at its --steps is "already finished" only where params.npz is that
     checkpoint's; a finished run resumed for more steps and stopped keeps an older one, which
-    the resume to the stop's step rewrites (a review of session 24)."""
+    the resume to the stop's step rewrites (a review of session 24). Which is which is read
+    from summary.json's steps, not from file times (session 33 probe: a copy's times made a
+    finished run train again, and eval and export-model score an older params.npz)."""
+    from runtime.export_model import run_weights
     from runtime.run import RunFinished
 
     out = tmp_path / "run"
     _train(mlp_bundle, out, 10, checkpoint_every=5)
     with pytest.raises(RunFinished):
         _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
+    newest = out / "checkpoints" / "ckpt-000010.npz"
     old = out / "params.npz"
-    os.utime(old, (1e9, 1e9))  # as if written before the newest checkpoint
+    os.utime(newest, (4e9, 4e9))  # a copy's times: the checkpoint "newer" than params.npz
+    with pytest.raises(RunFinished):
+        _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
+    assert run_weights(out) == old
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps({**summary, "steps": 5}))  # params.npz of an
+    os.utime(old, (5e9, 5e9))  # older end (resumed for more steps and stopped), however new
+    assert run_weights(out) == newest
     _train(mlp_bundle, out, 10, checkpoint_every=5, resume=True)
-    assert old.stat().st_mtime > 1e9
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert run_weights(out) == old
     # a disk that filled up after params.npz left no summary.json (an outside probe: the
     # resume said "already finished", and the summary never came): the resume writes it
     summary = json.loads((out / "summary.json").read_text())
