@@ -1398,3 +1398,39 @@ def test_a_padding_row_training_never_moves_keeps_the_shorter_graphs(tmp_path):
              "--input-shape", "8,32:int64;8,32:int64", "--out", tmp_path / "b"))
     text = json.loads((tmp_path / "b" / "manifest.json").read_text())["text"]
     assert text["any_length"] is True and text["lengths"], text
+
+
+WIDE_LABELS = """
+from torch import nn
+
+
+def make():
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 2000))
+"""
+
+
+def test_labels_of_many_values_a_row_are_read_inside_the_budget(tmp_path):
+    """Session 33 probe: multi-label targets (2,000 a row; also per-pixel masks, per-token
+    labels) took a 100 MB run to 396 MB, exit 0 with a warning: the resume fingerprint read the
+    labels 65,536 rows at a time, whatever a row held, and copied them. It reads about 1 MiB at
+    a time now; the peak is polled from outside."""
+    (tmp_path / "wide.py").write_text(WIDE_LABELS)
+    rng = np.random.default_rng(0)
+    n = 8000  # y: 64 MB of float32
+    np.savez(tmp_path / "ex.npz", x=np.zeros((4, 16), np.float32),
+             y=np.zeros((4, 2000), np.float32))
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((n, 16), dtype=np.float32),
+             y=(rng.random((n, 2000), dtype=np.float32) < 0.05).astype(np.float32))
+    made = subprocess.run([sys.executable, "-m", "runtime", "export", "--model",
+                           f"{tmp_path / 'wide.py'}:make", "--npz", tmp_path / "ex.npz", "--loss",
+                           "bce", "--out", tmp_path / "b"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    budget = 100
+    argv = ["train", tmp_path / "b", "--data", tmp_path / "data.npz", "--steps", 3, "--batch",
+            32, "--budget", f"{budget}MB", "--no-progress", "--out", tmp_path / "run",
+            "--threads", 1]
+    r = run_measured([sys.executable, "-m", "runtime", *map(str, argv)], timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "passed its budget" not in r.stderr, r.stderr
+    assert r.peak_polled <= budget * MB, r.peak_polled
