@@ -49,7 +49,7 @@ from .bundle import Bundle
 from .memory import all_finite
 
 __all__ = ["CheckpointWriteError", "Checkpointer", "DamagedCheckpoint", "StartupInterrupted", "StopSignals",
-           "TrainingInterrupted", "Writer", "atomic_write", "bundle_sha256", "describe",
+           "TrainingInterrupted", "Writer", "atomic_write", "bundle_ids", "bundle_sha256", "describe",
            "check_array", "has_checkpoints", "meta_array", "meta_dict", "meta_float", "meta_int",
            "newest_checkpoint", "pointer_entries", "read_regular", "restore_array", "warn",
            "write_npz", "write_text"]
@@ -90,9 +90,41 @@ def parse_meta(text: bytes) -> dict:
     return meta
 
 
+_DESCRIPTIVE = ("created", "source")  # when and from what the export ran: not what trains
+
+
+def bundle_ids(bundle_dir: Path) -> tuple[str, ...]:
+    """The hashes a run may have recorded for the bundle in ``bundle_dir``: its identity
+    (:func:`bundle_sha256`), then its manifest file's SHA-256 (what runs recorded before
+    session 33); () where the manifest cannot be read.
+
+    The identity is the SHA-256 of the manifest (which holds every file's checksum) without
+    its export time and source: the same model exported again is the same bundle (session 33
+    probe: a re-export, every graph and weight byte-identical, left its runs impossible to
+    resume, "a run of another bundle")."""
+    import hashlib
+
+    from contract.manifest import MAX_MANIFEST_BYTES
+
+    path = bundle_dir / names.MANIFEST_FILE
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        manifest = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
+        return ()
+    ids = (hashlib.sha256(raw).hexdigest(),)
+    if isinstance(manifest, dict) and len(raw) <= MAX_MANIFEST_BYTES:
+        kept = {k: v for k, v in manifest.items() if k not in _DESCRIPTIVE}
+        text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        ids = (hashlib.sha256(text.encode()).hexdigest(), *ids)
+    return ids
+
+
 def bundle_sha256(bundle: Bundle) -> str:
-    """Identity of a bundle: the SHA-256 of its manifest (which holds every file's checksum)."""
-    return file_sha256(bundle.path / names.MANIFEST_FILE)
+    """Identity of a bundle, as runs and checkpoints record it (:func:`bundle_ids`)."""
+    ids = bundle_ids(bundle.path)
+    return ids[0] if ids else file_sha256(bundle.path / names.MANIFEST_FILE)
 
 
 SAID = 3  # unusable checkpoints named one by one; the rest are counted
@@ -126,6 +158,7 @@ class Checkpointer:
             raise UserError(f"keep must be at least 1 checkpoint, got {keep}")
         self.folder = Path(folder)
         self.bundle_sha = bundle_sha256(bundle)
+        self.bundle_ids = bundle_ids(bundle.path) or (self.bundle_sha,)
         self.writer = writer or write_npz
         self.keep = keep
         self.loaded: Path | None = None  # the checkpoint load() returned
@@ -254,7 +287,7 @@ class Checkpointer:
                 if len(problems) <= SAID:  # (a probe's 20,000 bad files: 20,000 lines)
                     warn(f"checkpoint {path} is unusable ({why}); trying the previous one")
                 continue
-            if meta.get("bundle_sha256") != self.bundle_sha:
+            if meta.get("bundle_sha256") not in self.bundle_ids:
                 raise UserError(f"checkpoint {path} was written for another bundle (manifest "
                                 f"sha256 {str(meta.get('bundle_sha256'))[:12]}…, this bundle "
                                 f"{self.bundle_sha[:12]}…); resume with that bundle, or drop "

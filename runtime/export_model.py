@@ -74,7 +74,7 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
             raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
                             "--bundle DIR")
         # the bundle the run trained (its manifest's hash), not one of the same name
-        bdir = next((d for d in found if want is None or _manifest_sha(d) == want), found[0])
+        bdir = next((d for d in found if want is None or want in _manifest_ids(d)), found[0])
     else:
         from .run_folder import set_aside_hint
 
@@ -145,13 +145,11 @@ def run_weights(run: Path) -> Path | None:
     return newest[1] if newest is not None else None
 
 
-def _manifest_sha(bundle_dir: Path) -> str | None:
-    from contract import file_sha256
+def _manifest_ids(bundle_dir: Path) -> tuple[str, ...]:
+    """The hashes a run may have recorded for ``bundle_dir`` (``checkpoint.bundle_ids``)."""
+    from .checkpoint import bundle_ids
 
-    try:
-        return file_sha256(bundle_dir / "manifest.json")
-    except OSError:
-        return None
+    return bundle_ids(bundle_dir)
 
 
 def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,
@@ -160,7 +158,7 @@ def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,
     that the run, or the ``weights`` checkpoint copied out of it, recorded), or None: it is, or
     nothing was recorded (a plain .npz of weights). ``export-model`` and ``eval`` both say it
     (``train --resume`` does, in its checkpoint)."""
-    if want is None or not (bdir / "manifest.json").is_file() or _manifest_sha(bdir) == want:
+    if want is None or not (bdir / "manifest.json").is_file() or want in _manifest_ids(bdir):
         return None
     what = (f"the run in '{run_dir}'" if weights is None or (run_dir / "run.json").is_file()
             else f"checkpoint '{weights}'")
@@ -171,7 +169,7 @@ def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,
 def own_bundle(run: Path, want: str) -> Path | None:
     """The bundle the run's run.json names, where its manifest's hash is still ``want``."""
     return next((Path(os.path.normpath(d)) for d in _run_bundle(run)
-                 if _manifest_sha(d) == want), None)
+                 if want in _manifest_ids(d)), None)
 
 
 def _run_bundle(run: Path) -> list[Path]:

@@ -227,9 +227,16 @@ class RunFolder:
                                 "--resume to train it again from the start (the old run is "
                                 "put back if the new one fails), or another --out")
             theirs = json_object(p / "run.json")
-            if theirs.get("bundle_sha256") not in (None, self.identity["bundle_sha256"]):
-                raise UserError(f"--out '{p}' holds a run of another bundle; resume it with that "
-                                "bundle, or pass another --out")
+            if theirs.get("bundle_sha256") not in (None, *self._bundle_ids()):
+                was, here = theirs.get("bundle"), self.identity.get("bundle")
+                same = isinstance(was, str) and isinstance(here, str) and \
+                    os.path.realpath(was) == os.path.realpath(here)
+                raise UserError(
+                    f"--out '{p}' holds a run of another bundle"
+                    + (" (this bundle folder was exported again since, with other graphs, "
+                       "weights or settings)" if same else f" ('{was[:200]}')"
+                       if isinstance(was, str) else "")
+                    + "; resume it with that bundle, or pass another --out")
         self._before = set(existing)
         self._checked = True
         self._catch_signals()  # (after _before: a stop removes only what this run made)
@@ -370,6 +377,14 @@ class RunFolder:
         except (OSError, ValueError, AttributeError):
             return False
         return all(k in ("plan", "calibration") for k in kinds)
+
+    def _bundle_ids(self) -> tuple[str, ...]:
+        """The hashes a run of this bundle may have recorded (``checkpoint.bundle_ids``)."""
+        from .checkpoint import bundle_ids
+
+        where = self.identity.get("bundle")
+        return (self.identity["bundle_sha256"],
+                *(bundle_ids(Path(where)) if isinstance(where, str) else ()))
 
     def _remove_made_folder(self) -> None:
         if self._made_folder:

@@ -556,6 +556,35 @@ def test_a_finished_run_resumed_from_an_older_checkpoint_logs_each_step_once(cli
     assert [e["step"] for e in events if e["kind"] == "eval"] == [50], events
 
 
+def test_a_run_resumes_on_the_same_model_exported_again(cli, tmp_path) -> None:
+    """Session 33 probe: exporting the same model again into the bundle folder (graphs and
+    weights byte-identical, only the manifest's export time new) left its run impossible to
+    resume: "a run of another bundle", with no way out. The identity leaves out when and from
+    what the export ran; a bundle exported again with other settings is still refused, and
+    the message says the folder was exported again. eval and export-model accept the run."""
+    bundle, out = tmp_path / "b", tmp_path / "run"
+
+    def export(*extra) -> None:
+        r = cli("export", "--model", "mlp", "--out", bundle, "--overwrite", *extra)
+        assert r.returncode == 0, r.stderr
+
+    export()
+    assert cli("train", bundle, "--out", out, *QUIET, "--steps", 4).returncode == 0
+    before = json.loads((bundle / "manifest.json").read_text())
+    time.sleep(1.1)  # (the manifest's export time is to the second)
+    export()
+    assert json.loads((bundle / "manifest.json").read_text())["created"] != before["created"]
+    again = cli("train", bundle, "--out", out, *QUIET, "--steps", 8, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resum" in again.stdout + again.stderr and "another bundle" not in again.stderr
+    scored = cli("eval", bundle, "--weights", out, "--data", "digits", "--threads", 1)
+    assert scored.returncode == 0 and "another bundle" not in scored.stderr, scored.stderr
+    export("--instant-exclude", "4")  # other settings, other graphs: another bundle
+    other = cli("train", bundle, "--out", out, *QUIET, "--steps", 12, "--resume")
+    assert other.returncode == 2, other.stderr
+    assert "this bundle folder was exported again since" in other.stderr, other.stderr
+
+
 def test_resume_with_another_bundle_is_refused(cli, mlp_bundle, cnn_bundle, tmp_path) -> None:
     out = tmp_path / "run"
     _train(mlp_bundle, out, 10)
