@@ -1101,8 +1101,11 @@ class Trainer:
                 # of the optimizer, which is this run's: checked above)
                 theirs = {**theirs, "--weight-decay": replace(self.config.optim,
                                                               weight_decay=None).decay}
-            diff = [f"{k} {theirs[k]} (this run: {v})" for k, v in self.settings().items()
-                    if k in theirs and theirs[k] != v]
+            def said(v) -> str:  # (None: the option was left to its default)
+                return "its default" if v is None else str(v)
+
+            diff = [f"{k} {said(theirs[k])} (this run: {said(v)})"
+                    for k, v in self.settings().items() if k in theirs and theirs[k] != v]
             if diff:
                 raise UserError(f"checkpoint was trained with {', '.join(diff[:4])}; resume "
                                 "with the same options to continue the same run, or start a new one "

@@ -640,7 +640,9 @@ def test_resume_with_other_data_or_options_is_refused(cli, mlp_bundle, tmp_path)
             ("relabelled", [], "checkpoint was written for other data"),
             ("a", ["--lr", 0.02], "--lr 0.01 (this run: 0.02)"),
             ("a", ["--energy", 0.5], "--energy 0.95 (this run: 0.5)"),
-            ("a", ["--weight-decay", 0.1], "--weight-decay 0.01 (this run: 0.1)")):
+            ("a", ["--weight-decay", 0.1], "--weight-decay 0.01 (this run: 0.1)"),
+            # (session 33 probe: an option left to its default was said as Python's None)
+            ("a", ["--max-rank", 4], "--max-rank its default (this run: 4)")):
         before = sorted(p.name for p in (out / "checkpoints").iterdir())
         r = cli("train", mlp_bundle, "--data", tmp_path / f"{data}.npz", "--steps", 6, *base,
                 *extra, "--resume")
