@@ -915,6 +915,54 @@ def test_phone_pictures_and_damaged_or_slow_images_are_judged_at_indexing(tmp_pa
     assert np.corrcoef(got, a.ravel().astype(np.float32))[0, 1] > 0.9, got
 
 
+def test_what_a_photo_folder_holds_besides_classes_is_told_apart(tmp_path, digit_folder):
+    """Session 33 probe of users' folders: a run folder inside the data folder became a class
+    once `report` drew report.png into it; a dataset's train/ and val/ folders became the
+    classes "train" and "val"; folders of .heic/.webp photos were told to put "the images of
+    each class in its own folder"; the names of 300,000 sidecar files in one class folder were
+    held as DirEntry objects (165 MB under --budget 100MB). Now the run folder is ignored and
+    counted, the splits are refused with the --data/--val to pass, other formats are named,
+    and the files that are no images are counted as they are listed."""
+    import shutil
+
+    from PIL import Image
+
+    root = Path(shutil.copytree(digit_folder.root, tmp_path / "imgs"))
+    plain = open_images(root, GREY8, IMG_INPUT, _ce(3))
+    run = root / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("{}\n")
+    Image.new("RGB", (64, 48)).save(run / "report.png")
+    for k in range(50_000):  # sidecars, as a photo export writes them
+        (root / "0" / f"IMG_{k:05d}.json").touch()
+    tracemalloc.start()
+    try:
+        src = open_images(root, GREY8, IMG_INPUT, _ce(3))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert src.class_names == plain.class_names and len(src) == len(plain)
+    assert src.problems.ignored["run or bundle folder"] == 1
+    assert src.problems.ignored["not a PNG/JPEG file"] == 50_000
+    assert peak < 3 << 20, peak  # (about 9 MB of DirEntry objects before)
+    splits = tmp_path / "kaggle"
+    shutil.copytree(digit_folder.root, splits / "train")
+    shutil.copytree(digit_folder.root, splits / "val")
+    with pytest.raises(UserError, match=re.escape(
+            f"pass --data {splits / 'train'} --val {splits / 'val'}")):
+        open_images(splits, GREY8, IMG_INPUT, _ce(3))
+    heic = tmp_path / "heic"
+    for c in ("cat", "dog"):
+        (heic / c).mkdir(parents=True)
+        for k in range(3):
+            (heic / c / f"{k}.HEIC").write_bytes(b"not decoded")
+        Image.new("RGB", (8, 8)).save(heic / c / "x.webp")
+    with pytest.raises(UserError, match=r"no PNG/JPEG images in them \(6 \.heic, 2 \.webp "
+                       r"files\); the runtime reads PNG and JPEG: convert them"):
+        open_images(heic, GREY8, IMG_INPUT, _ce(3))
+
+
 def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):
     with pytest.raises(UserError, match=r"3 distinct labels \(0, 1, 2\) but the model has 2"):
         open_images(digit_folder.root, GREY8, IMG_INPUT, _ce(2))
