@@ -180,8 +180,8 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     if pid == 0:  # child
         os.close(r)
         try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # (before forked_child lets it in)
             forked_child(parent)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             _touch(pages)
             set_limit(limit - PROBE_HEADROOM if limit else None)
             if prepare is not None:

@@ -37,22 +37,38 @@ _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def fork_held() -> int:
-    """``os.fork()`` with SIGINT/SIGTERM/SIGHUP held off across it; the child calls
-    :func:`forked_child`, which lets them through again.
+    """``os.fork()`` with the Python handlers of SIGINT/SIGTERM/SIGHUP held off across it: a
+    signal that comes meanwhile is only noted, and raised again in the parent once the fork
+    has returned (the child gets its handlers back as they were).
 
     ``os.fork`` runs its at-fork hooks as Python code (logging takes its module lock before the
     fork and releases it after). A signal whose Python handler ran inside one of them, and
     raised to stop the run, was swallowed ("Exception ignored in: _releaseLock"): the run went
     on with logging's lock held and hung at exit (session 33, the SIGINT start-up test under
-    load). Held off, a signal is delivered in the parent once the fork has returned."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    load). The handlers are swapped, not the signal mask: a mask is one thread's, and
+    onnxruntime's threads would take the signal. Where the signal raised again stops the
+    parent, the child is killed and reaped first (it would run on unwatched)."""
+    if threading.current_thread() is not threading.main_thread():
+        return os.fork()
+    noted: list[int] = []
+    old = {s: h for s in _STOPS if callable(h := signal.getsignal(s))}
+    for s in old:
+        signal.signal(s, lambda signum, frame: noted.append(signum))
+    pid = -1
     try:
         pid = os.fork()
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        raise
-    if pid:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if pid != 0:  # the parent (or a fork that failed): the signals noted, now
+            try:
+                for s in dict.fromkeys(noted):
+                    signal.raise_signal(s)
+            except BaseException:
+                if pid > 0:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                raise
     return pid
 
 
@@ -78,7 +94,6 @@ def forked_child(parent: int) -> None:
         except OSError:
             pass
     _LOCKS.clear()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # held off by fork_held
 
 
 def set_budget(budget: int | None) -> None:

@@ -888,6 +888,8 @@ def test_phone_pictures_and_damaged_or_slow_images_are_judged_at_indexing(tmp_pa
     first.save(prog, "JPEG", progressive=True, quality=90)
     (root / "2" / "progressive.jpg").write_bytes(prog.getvalue())
     (root / "2" / "scans.jpg").write_bytes(_many_scans(prog.getvalue(), 300))
+    # a motion photo: a video after the end of the image, whose bytes are not scans (review)
+    (root / "2" / "motion.jpg").write_bytes(prog.getvalue() + b"ftypmp42" + b"\xff\xda" * 400)
     assert Image.open(root / "2" / "scans.jpg").size == (64, 64)
     code = ("import json, sys\n"
             "from contract.manifest import ImageSpec, LossSpec, TensorSpec\n"
@@ -900,7 +902,7 @@ def test_phone_pictures_and_damaged_or_slow_images_are_judged_at_indexing(tmp_pa
     assert r.returncode == 0, r.stderr
     assert peak < 400e6, peak  # (2 GB when Pillow's verify read the 1 GB chunk)
     n, counts, examples = json.loads(r.stdout.splitlines()[0])
-    assert n == base + 3, (n, base)  # the MPO, the good PNG, the progressive JPEG
+    assert n == base + 4, (n, base)  # the MPO, the good PNG, the progressive JPEGs
     assert counts == {"unreadable image": 3, "too many JPEG scans": 1}, counts
     said = " ".join(examples["unreadable image"])
     assert "1/huge-chunk.png" in said and "1/scrambled.png (its pixel data does not inflate" \
@@ -949,6 +951,7 @@ def test_what_a_photo_folder_holds_besides_classes_is_told_apart(tmp_path, digit
     splits = tmp_path / "kaggle"
     shutil.copytree(digit_folder.root, splits / "train")
     shutil.copytree(digit_folder.root, splits / "val")
+    shutil.copytree(digit_folder.root, splits / "test")  # (sorted first: not the --val named)
     with pytest.raises(UserError, match=re.escape(
             f"pass --data {splits / 'train'} --val {splits / 'val'}")):
         open_images(splits, GREY8, IMG_INPUT, _ce(3))

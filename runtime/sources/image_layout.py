@@ -61,7 +61,8 @@ def refuse_splits(root: Path, classes: list[str]) -> None:
         except OSError:
             return
     train = next((c for c in classes if c.lower() in ("train", "training")), classes[0])
-    held = next((c for c in classes if c != train), None)
+    held = next((c for c in classes if c.lower() in ("val", "valid", "validation", "dev")),
+                next((c for c in classes if c != train), None))
     raise UserError(f"image folder {root} holds the splits of a dataset ({', '.join(classes)}, "
                     f"each with its class folders), not classes: pass --data {root / train}"
                     + (f" --val {root / held}" if held else ""))

@@ -235,13 +235,13 @@ class ImageSource(Source):
                         im.verify()
                 if fmt not in ("PNG", "JPEG"):
                     return ("not a PNG or JPEG image", f"format {fmt}"), 0
-                if fmt == "PNG" and (damaged := png_pixels(path)):
-                    return ("unreadable image", damaged), 0
                 # what a read decodes (a JPEG at up to 1/8 scale: a 48 MP phone photo is
                 # 0.75 MP) (a progressive JPEG: its full-size coefficients, 2-8 bytes a pixel)
                 if self._decoded_pixels(fmt, w, h, coefficients) > MAX_IMAGE_PIXELS or (
                         coefficients and w * h > MAX_IMAGE_PIXELS):
                     return ("image too large", f"{w}x{h}"), 0
+                if fmt == "PNG" and (damaged := png_pixels(path)):  # (after the size: a huge
+                    return ("unreadable image", damaged), 0  # one is not inflated for nothing)
                 if fmt == "JPEG":  # verify() does not decode JPEG data: decode it at 1/8 scale
                     _check_fits(path, w, h, 12 * self._decoded_pixels(fmt, w, h, coefficients),
                                 bool(coefficients))
