@@ -964,6 +964,9 @@ def test_what_a_photo_folder_holds_besides_classes_is_told_apart(tmp_path, digit
     with pytest.raises(UserError, match=r"no PNG/JPEG images in them \(6 \.heic, 2 \.webp "
                        r"files\); the runtime reads PNG and JPEG: convert them"):
         open_images(heic, GREY8, IMG_INPUT, _ce(3))
+    one = root / "1"  # one class's folder passed as --data: its parent is named
+    with pytest.raises(UserError, match=re.escape(f"if '1' is one class, pass its parent ({root})")):
+        open_images(one, GREY8, IMG_INPUT, _ce(3))
 
 
 def test_image_folder_errors_and_label_maps(tmp_path, digit_folder):

@@ -24,7 +24,7 @@ def written_by_us(folder: Path) -> bool:
         (folder / "manifest.json").is_file() and (folder / "weights.bin").exists())
 
 
-def no_classes(root: Path, folders: list[str]) -> str:
+def no_classes(root: Path, folders: list[str], loose: int = 0) -> str:
     """The refusal of an image folder with no class folder holding a PNG/JPEG: where its
     sub-folders hold images of other formats, it says so (session 33 probe: folders of .heic
     photos were told to put "the images of each class in its own folder")."""
@@ -43,6 +43,11 @@ def no_classes(root: Path, folders: list[str]) -> str:
         return (f"image folder {root} has class sub-folders but no PNG/JPEG images in them "
                 f"({seen} files); the runtime reads PNG and JPEG: convert them (e.g. `mogrify "
                 "-format jpg *.heic` with ImageMagick), or pass another --data")
+    if loose:  # (session 33 probe: --data photos/cat was told of photos/cat/cat/1.png)
+        return (f"image folder {root} holds {loose} image(s) but no class sub-folders with "
+                "images: --data is the folder whose sub-folders are the classes; if "
+                f"'{root.name}' is one class, pass its parent ({root.parent}), else put the "
+                f"images of each class in its own folder, e.g. {root}/cat/1.png")
     return (f"image folder {root} has no class sub-folders with images; put the images of each "
             f"class in its own folder, e.g. {root}/cat/1.png")
 

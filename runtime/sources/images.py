@@ -17,6 +17,7 @@ from contract.manifest import IMAGE_STD_MIN, ImageSpec, LossSpec, TensorSpec
 
 from ..memory import budget_given, current_rss
 from .common import (
+    IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
     Arrays,
     Problems,
@@ -98,7 +99,7 @@ class ImageSource(Source):
             top = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as exc:
             raise UserError(f"cannot list image folder {self.root}: {exc.strerror}") from None
-        classes, keys = [], {}
+        classes, keys, loose = [], {}, 0
         for e in top:
             kind = entry_kind(e)
             if kind == "folder":
@@ -113,6 +114,7 @@ class ImageSource(Source):
                 self.problems.ignore(kind, e.name)
             else:
                 self.problems.ignore("file outside the class folders", e.name)
+                loose += e.name.lower().endswith(IMAGE_SUFFIXES)
         for same in keys.values():  # class folders that are one folder: the real one is read
             if len(same) > 1:
                 keep = next((e for e in same if not e.is_symlink()), same[0])
@@ -134,7 +136,7 @@ class ImageSource(Source):
             self.problems.ignore("folder without PNG/JPEG files", c)
         classes = [c for c in classes if c not in empty and c not in ours]
         if not classes:
-            raise UserError(no_classes(self.root, empty))
+            raise UserError(no_classes(self.root, empty, loose))
         refuse_splits(self.root, classes)
         for c in classes:
             labels.declare(c)
