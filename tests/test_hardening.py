@@ -474,8 +474,8 @@ def _(c):
     (its run.json's manifest hash was recorded and never compared)."""
     run = _trained(c)
     m = c.manifest()
-    m["created"] = "2000-01-01T00:00:00"  # re-exported: another manifest
-    c.write_manifest(m)
+    m["flops"] = {**m["flops"], "forward": m["flops"]["forward"] + 1}  # re-exported otherwise:
+    c.write_manifest(m)  # another manifest (its export time alone is not: session 33)
     return ["export-model", str(run), "--out", str(c.tmp / "m.onnx")]
 
 
