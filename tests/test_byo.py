@@ -1426,7 +1426,8 @@ def test_labels_of_many_values_a_row_are_read_inside_the_budget(tmp_path):
                            "bce", "--out", tmp_path / "b"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert made.returncode == 0, made.stderr
-    budget = 100
+    budget = 150  # (a fresh clone's new venv idles 12 MB above an older one: 100 MB was refused
+    # there as too small; 203 MB before the fix)
     argv = ["train", tmp_path / "b", "--data", tmp_path / "data.npz", "--steps", 3, "--batch",
             32, "--budget", f"{budget}MB", "--no-progress", "--out", tmp_path / "run",
             "--threads", 1]
