@@ -49,8 +49,8 @@ from .bundle import Bundle
 from .memory import all_finite
 
 __all__ = ["CheckpointWriteError", "Checkpointer", "DamagedCheckpoint", "StartupInterrupted", "StopSignals",
-           "TrainingInterrupted", "Writer", "atomic_write", "bundle_ids", "bundle_sha256", "describe",
-           "check_array", "has_checkpoints", "meta_array", "meta_dict", "meta_float", "meta_int",
+           "TrainingInterrupted", "Writer", "atomic_write", "bundle_ids", "bundle_sha256",
+           "describe", "check_array", "has_checkpoints", "meta_array", "meta_dict", "meta_float", "meta_int",
            "newest_checkpoint", "pointer_entries", "read_regular", "restore_array", "warn",
            "write_npz", "write_text"]
 
@@ -110,10 +110,13 @@ def bundle_ids(bundle_dir: Path) -> tuple[str, ...]:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
-        manifest = json.loads(raw)
-    except (OSError, ValueError, RecursionError):
+    except OSError:
         return ()
     ids = (hashlib.sha256(raw).hexdigest(),)
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, RecursionError):
+        return ids
     if isinstance(manifest, dict) and len(raw) <= MAX_MANIFEST_BYTES:
         kept = {k: v for k, v in manifest.items() if k not in _DESCRIPTIVE}
         text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -157,8 +160,8 @@ class Checkpointer:
         if keep < 1:
             raise UserError(f"keep must be at least 1 checkpoint, got {keep}")
         self.folder = Path(folder)
-        self.bundle_sha = bundle_sha256(bundle)
-        self.bundle_ids = bundle_ids(bundle.path) or (self.bundle_sha,)
+        self.bundle_ids = bundle_ids(bundle.path) or (bundle_sha256(bundle),)
+        self.bundle_sha = self.bundle_ids[0]  # (what this run's checkpoints record)
         self.writer = writer or write_npz
         self.keep = keep
         self.loaded: Path | None = None  # the checkpoint load() returned

@@ -20,6 +20,7 @@ import numpy as np
 from contract import UserError, atomic_write, names, write_text
 
 from .bundle import Bundle, open_bundle
+from .checkpoint import bundle_ids
 from .run_files import params_step, weights_record
 from .run_folder import bundle_run, check_run_links, json_object, run_class_names
 from .sources.common import TEXT_SUFFIXES
@@ -74,7 +75,7 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
             raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
                             "--bundle DIR")
         # the bundle the run trained (its manifest's hash), not one of the same name
-        bdir = next((d for d in found if want is None or want in _manifest_ids(d)), found[0])
+        bdir = next((d for d in found if want is None or want in bundle_ids(d)), found[0])
     else:
         from .run_folder import set_aside_hint
 
@@ -145,20 +146,13 @@ def run_weights(run: Path) -> Path | None:
     return newest[1] if newest is not None else None
 
 
-def _manifest_ids(bundle_dir: Path) -> tuple[str, ...]:
-    """The hashes a run may have recorded for ``bundle_dir`` (``checkpoint.bundle_ids``)."""
-    from .checkpoint import bundle_ids
-
-    return bundle_ids(bundle_dir)
-
-
 def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,
                  weights: Path | None = None) -> str | None:
     """Why ``bdir`` is not the bundle a run was trained on (``want``: the hash of its manifest
     that the run, or the ``weights`` checkpoint copied out of it, recorded), or None: it is, or
     nothing was recorded (a plain .npz of weights). ``export-model`` and ``eval`` both say it
     (``train --resume`` does, in its checkpoint)."""
-    if want is None or not (bdir / "manifest.json").is_file() or want in _manifest_ids(bdir):
+    if want is None or not (bdir / "manifest.json").is_file() or want in bundle_ids(bdir):
         return None
     what = (f"the run in '{run_dir}'" if weights is None or (run_dir / "run.json").is_file()
             else f"checkpoint '{weights}'")
@@ -169,7 +163,7 @@ def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,
 def own_bundle(run: Path, want: str) -> Path | None:
     """The bundle the run's run.json names, where its manifest's hash is still ``want``."""
     return next((Path(os.path.normpath(d)) for d in _run_bundle(run)
-                 if want in _manifest_ids(d)), None)
+                 if want in bundle_ids(d)), None)
 
 
 def _run_bundle(run: Path) -> list[Path]:

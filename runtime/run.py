@@ -434,7 +434,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                                       trainer.config.instant.calib_samples,
                                       padded=trainer.bundle.manifest.text is not None)
     last_eval: tuple = (None, None, None)  # (step, loss, accuracy) of --eval-every's last
-    with StopSignals(cfg.stop_grace) as stop, _abandoned(stop, trainer, bar, metrics, lambda: last_ckpt):
+    with StopSignals(cfg.stop_grace) as stop, \
+            _abandoned(stop, trainer, bar, metrics, lambda: last_ckpt):
         calib_total = trainer.calib_seconds  # (each calibration event: its own seconds)
         for _ in bar:
             calibrated = None
