@@ -242,14 +242,13 @@ def test_csv_bad_rows_counted_with_line_numbers(tmp_path, tokenizer_file):
     assert "3 rows" in src.describe() and "7 bad rows" in src.describe()
 
 
-@pytest.mark.parametrize("kind", ["csv", "tsv"])
-def test_a_quote_that_swallows_the_file_is_refused(tmp_path, tokenizer_file, kind):
+def test_a_quote_that_swallows_the_file_is_refused(tmp_path, tokenizer_file):
     """An outside probe: one stray quote at a field's start took the 979 lines after it into
     one record, reported as "1 bad row", and training went on with 20 of 1,000 rows; a stray
     pair took the lines between them, counted as one bad row at its first line. Now: refused
     where a quote never closes and takes more than QUOTE_SWALLOWS lines; a record's span is
-    named."""
-    sep = "," if kind == "csv" else "\t"
+    named. (A TSV file reads such quotes as text: the next test.)"""
+    sep, kind = ",", "csv"
     rows = [f"film {i}{sep}{'neg' if i % 2 else 'pos'}" for i in range(200)]
     p = tmp_path / f"q.{kind}"
     p.write_text(f"text{sep}label\n" + "\n".join(rows[:20] + [f'"Unclosed quote{sep}neg']
@@ -276,6 +275,95 @@ def test_a_quote_that_swallows_the_file_is_refused(tmp_path, tokenizer_file, kin
                  + "\n".join(rows[20:]) + "\n")
     with pytest.raises(UserError, match=r"line 22 opens a quoted field that runs past 1 MiB"):
         _text(p, tokenizer_file)
+
+
+def test_tsv_quotes_are_read_as_the_lines_around_them_say(tmp_path, tokenizer_file):
+    """An outside probe (session 34): a plain TSV (never quoted, as COPY, MySQL or GLUE write
+    it) with a text starting with '"' merged the lines up to the next quote into one row under
+    the last line's label, two rows gone without a word; a text like '"Great" movie' was an
+    unparsable row. A line that is a row by itself is now read as it stands; quoted fields as
+    pandas writes them (doubled quotes, texts of several lines, text first or last) still
+    read exactly; a quote that never closes on a line short of fields is still refused."""
+    rows = [("fine film", "pos"), ('"Meh. Not for me.', "neg"), ("loved it", "pos"),
+            ('watched it on my 65" TV', "pos"), ('"Great" movie', "pos"), ("awful", "neg"),
+            ('ends in a quote"', "neg"), ('"', "neg")]
+    p = tmp_path / "plain.tsv"
+    p.write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows) + '"last\tpos\n')
+    src = _text(p, tokenizer_file)
+    want = rows + [('"last', "pos")]
+    assert src.problems.total == 0 and len(src) == len(want), src.problems.counts
+    assert [src.text(i) for i in range(len(src))] == [t for t, _ in want]
+    assert [src.class_names[i] for i in src.labels] == [lab for _, lab in want]
+    # pandas / Python csv quoting, with the label first and last
+    quoted = [("pos", 'he said "hi"'), ("neg", "a text\nof three\nlines"),
+              ("pos", "tab\there"), ("neg", 'multi\n"quoted"\nlines'), ("pos", "plain")]
+    for order in (0, 1):
+        q = _write_csv(tmp_path / f"q{order}.tsv", [r[::-1] if order else r for r in quoted],
+                       header=("label", "text")[::-1] if order else ("label", "text"),
+                       delimiter="\t")
+        src = _text(q, tokenizer_file)
+        assert src.problems.total == 0 and [src.text(i) for i in range(len(src))] == \
+            [t for _, t in quoted], (order, src.problems.counts)
+        assert [src.class_names[i] for i in src.labels] == [lab for lab, _ in quoted]
+    # a quote that opens on a line short of fields and never closes: refused as before
+    lines = [f"film {i}\t{'neg' if i % 2 else 'pos'}" for i in range(40)]
+    p.write_text("text\tlabel\n" + "\n".join(lines[:5] + ['"Unclosed quote'] + lines[5:]) + "\n")
+    with pytest.raises(UserError, match=r"line 7 opens a quoted field that never closes"):
+        _text(p, tokenizer_file)
+    # a quoted cell of many lines past the field limit
+    p.write_text("text\tlabel\n" + "\n".join(lines[:5]) + '\n"'
+                 + "a long pasted document line\n" * 50_000 + '"\tpos\n' + "\n".join(lines[5:]))
+    with pytest.raises(UserError, match=r"line 7 opens a quoted field that runs past 1 MiB"):
+        _text(p, tokenizer_file)
+
+
+def test_text_files_as_users_have_them_are_read_or_told(tmp_path, tokenizer_file):
+    """An outside probe's files (session 34), each read, or refused in one line naming the
+    problem and the way out."""
+    data = [(f"film number {i}", "neg" if i % 2 else "pos") for i in range(30)]
+    # a byte order mark before a quoted header (PowerShell's Export-Csv, pandas' QUOTE_ALL)
+    for sep, ext in ((",", "csv"), ("\t", "tsv")):
+        p = tmp_path / f"bom.{ext}"
+        p.write_bytes(("\ufeff" + f'"text"{sep}"label"\r\n' + "".join(
+            f'"{t}"{sep}"{lab}"\r\n' for t, lab in data)).encode())
+        src = _text(p, tokenizer_file)
+        assert len(src) == 30 and src.text(0) == "film number 0", src.problems.counts
+    # labels that are not UTF-8 (Windows-1252) left a class out: the refusal says why
+    p = tmp_path / "cp1252.csv"
+    names = {"neg": "n\xe9gatif", "pos": "positif"}
+    p.write_bytes(b"text,label\n" + b"".join(f"{t},{names[lab]}\n".encode("cp1252")
+                                            for t, lab in data))
+    with pytest.raises(UserError, match=r"1 distinct labels \(positif\).*\(15 rows that are not "
+                                        r"valid UTF-8 were left out: save the file as UTF-8, "
+                                        r"e\.g\. iconv -f cp1252") as e:
+        _text(p, tokenizer_file)
+    assert "\n" not in str(e.value)
+    # a JSON array saved as .jsonl (json.dump of a list)
+    p = tmp_path / "array.jsonl"
+    p.write_text(json.dumps([{"text": t, "label": lab} for t, lab in data]))
+    with pytest.raises(UserError, match=r"jq -c '\.\[\]' array\.jsonl"):
+        _text(p, tokenizer_file)
+    # fields inside another object, named with a dot: not read, said so
+    p = tmp_path / "nested.jsonl"
+    p.write_text("".join(json.dumps({"data": {"text": t}, "label": lab}) + "\n" for t, lab in data))
+    with pytest.raises(UserError, match=r"fields: data, label; a field inside another, as "
+                                        r"'data\.text' names, is not read: flatten"):
+        _text(p, tokenizer_file, text_column="data.text")
+    # held-out labels written otherwise than the run's classes: the classes are named
+    p = _write_csv(tmp_path / "other.csv", [(t, "1" if lab == "pos" else "0") for t, lab in data])
+    with pytest.raises(UserError, match=r"its labels must be the run's classes \(neg, pos\)"):
+        _text(p, tokenizer_file, class_names=["neg", "pos"])
+    # the columns swapped: a label a row
+    p = _write_csv(tmp_path / "swap.csv", data)
+    with pytest.raises(UserError, match=r"30 distinct values in 30 rows .* is it the label "
+                                        r"column\? pass the right one with --label-column"):
+        _text(p, tokenizer_file, text_column="label", label_column="text")
+    # one NUL byte in the header is not UTF-16
+    p = tmp_path / "nul.csv"
+    p.write_bytes(b"te\x00xt,label\n" + b"".join(f"{t},{lab}\n".encode() for t, lab in data))
+    with pytest.raises(UserError, match=r"its header holds a NUL byte") as e:
+        _text(p, tokenizer_file)
+    assert "UTF-16" not in str(e.value)
 
 
 def test_csv_record_over_the_limit_is_named_as_such(tmp_path, tokenizer_file):

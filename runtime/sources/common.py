@@ -338,6 +338,10 @@ class _Labels:
         if k is not None and len(names) != k:
             shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             has = "have" if self.column.endswith("folders") else "has"
+            if len(names) > k and ids.size >= 20 and 2 * len(names) > ids.size and has == "has":
+                raise UserError(f"{self.where}: {self.column} has {len(names)} distinct values "
+                                f"in {ids.size} rows ({shown}), not labels of {k} classes; is "
+                                "it the label column? pass the right one with --label-column")
             raise UserError(f"{self.where}: {self.column} {has} {len(names)} distinct labels "
                             f"({shown}) but the model has {k} classes; use data with {k} "
                             f"classes, or name all {k} at export (export --classes A,B,...) "

@@ -6,7 +6,6 @@ import array
 import csv
 import io
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from .common import (
     _nothing_usable,
     _pread_exact,
 )
+from .text_hints import _format_hint, _is_gzip, _refuse_utf16, _to_utf8
+from .tsv import TsvReader, record_row
 
 
 # ---------------------------------------------------------------------------- text
@@ -125,8 +126,17 @@ class TextSource(Source):
                     if "not valid UTF-8" in self.problems.counts else f"check the file and {cols}")
             if self._first_keys is not None and ("missing text" in self.problems.counts
                                                  or "missing label" in self.problems.counts):
-                hint += f" (its first object's fields: {', '.join(self._first_keys)})"
-            elif self.kind == "jsonl" and "not valid JSON" in self.problems.counts:
+                hint += f" (its first object's fields: {', '.join(self._first_keys)}"
+                dotted = [c for c in (text_column, label_column) if "." in c]
+                hint += (f"; a field inside another, as '{dotted[0]}' names, is not read: "
+                         "flatten the file first, e.g. with jq)" if dotted else ")")
+            elif "unknown label" in self.problems.counts and labels.given is not None:
+                shown = ", ".join(labels.given_names[:8])
+                hint = (f"its labels must be the run's classes ({shown}"
+                        f"{', ...' if len(labels.given_names) > 8 else ''}), written as in "
+                        f"its training data; check the file and {cols}")
+            elif self.kind == "jsonl" and ("not valid JSON" in self.problems.counts
+                                           or "not a JSON object" in self.problems.counts):
                 hint = (f"a .jsonl file holds one JSON object per line; a JSON array or "
                         f"pretty-printed JSON is not one (e.g. jq -c '.[]' {self.path.name} > "
                         f"{self.path.stem}-lines.jsonl)")
@@ -134,7 +144,14 @@ class TextSource(Source):
         if "not valid UTF-8" in self.problems.counts:  # part of the file: its rows are lost
             self.problems.hints.append(f"to keep the rows that are not UTF-8, save the file "
                                        f"as UTF-8 ({_to_utf8(self.path)})")
-        self.labels, self.class_names = labels.finish()
+        try:
+            self.labels, self.class_names = labels.finish()
+        except UserError as exc:  # rows left out as not UTF-8 may hold the missing classes
+            if "not valid UTF-8" not in self.problems.counts:
+                raise
+            raise UserError(f"{exc} ({self.problems.counts['not valid UTF-8']:,} rows that are "
+                            f"not valid UTF-8 were left out: save the file as UTF-8, "
+                            f"{_to_utf8(self.path)})") from None
         self.max_record = int(self.lengths.max())
         from .tokens import TokenCache
 
@@ -261,17 +278,19 @@ class TextSource(Source):
                     yield '"\n' if self._odd_quotes else "\n"
                     continue
                 try:
-                    yield raw.decode("utf-8")
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     state["bad_utf8"] = True
-                    yield raw.decode("utf-8", "replace")
+                    line = raw.decode("utf-8", "replace")
+                # a byte order mark goes before the parser reads the header: seen by it, a
+                # quoted first name ('\ufeff"text"', as PowerShell writes) was not one
+                yield line[1:] if state["line"] == 1 and line.startswith("\ufeff") else line
 
-        reader = csv.reader(lines(), delimiter=self.delimiter, strict=True)
+        tsv = TsvReader(lines(), state) if self.kind == "tsv" else None
+        reader = tsv or csv.reader(lines(), delimiter=self.delimiter, strict=True)
         what = "CSV" if self.kind == "csv" else "TSV"
         try:
             header = next(reader)
-            if header and header[0].startswith("\ufeff"):
-                header[0] = header[0][1:]
             while not any(h.strip() for h in header) or (  # blank lines before the header,
                     len(header) <= 2 and header[0].strip().lower().startswith("sep=")):
                 header = next(reader)  # or Excel's "sep=," line
@@ -289,8 +308,6 @@ class TextSource(Source):
                 if "new-line character" in str(exc) else ""
             raise UserError(f"{self.path}: the header row is not valid {what} ({exc}); the "
                             f"first row must name the columns{cr}") from None
-        if header and header[0].startswith("\ufeff"):
-            header[0] = header[0][1:]
         header = [h.strip() for h in header]
         cols = {}
         for i, h in enumerate(header):
@@ -316,6 +333,8 @@ class TextSource(Source):
         self._col = ti = cols[self.text_column]
         li = cols[self.label_column]
         ncols = len(header)
+        if tsv is not None:
+            tsv.ncols = ncols
         rows = 0
         start, line = state["pos"], state["line"] + 1
         while True:
@@ -391,7 +410,10 @@ class TextSource(Source):
             obj = json.loads(raw)
             return obj[self.text_column]
         with _CsvLimit():
-            row = next(csv.reader(_split_lines(raw, {}), delimiter=self.delimiter))
+            if self.kind == "tsv":
+                row = record_row(list(_split_lines(raw, {})))
+            else:
+                row = next(csv.reader(_split_lines(raw, {}), delimiter=self.delimiter))
         return row[self._col]
 
     def take(self, idx: np.ndarray) -> tuple[Arrays, np.ndarray]:
@@ -459,32 +481,6 @@ def open_text(path: str | Path, text: TextSpec, inputs: list[TensorSpec], loss: 
                       label_column=label_column, class_names=class_names)
 
 
-def _refuse_utf16(fd: int, path: Path) -> None:
-    """A UTF-16/32 file (Windows "Unicode" text, PowerShell's ``>``) read as UTF-8 lost rows or
-    parsed by accident (session 23 probe) and was advised as Windows-1252: said as what it is."""
-    head = os.pread(fd, 4, 0)
-    enc = ("UTF-32" if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff") else
-           "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None)
-    if enc is None and len(head) == 4 and head != b"\0\0\0\0":  # no byte order mark: ASCII
-        # text with NUL bytes beside every character, its byte order from where they are
-        if head[1:] == b"\0\0\0":
-            enc = "UTF-32LE"
-        elif head[:3] == b"\0\0\0":
-            enc = "UTF-32BE"
-        elif head[1] == head[3] == 0:
-            enc = "UTF-16LE"
-        elif head[0] == head[2] == 0:
-            enc = "UTF-16BE"
-    if enc is not None:
-        raise UserError(f"{path} is {enc} text; save it as UTF-8 (e.g. iconv -f {enc} -t utf-8 "
-                        f"{path.name} > {path.stem}-utf8{path.suffix})")
-
-
-def _to_utf8(path: Path) -> str:
-    """How to convert a Windows-1252 (Excel on Windows; Latin-1 plus curly quotes) file."""
-    return f"e.g. iconv -f cp1252 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}"
-
-
 class MissingColumn(UserError):
     """A CSV/TSV header without the asked-for column: ``what`` says so without the way out
     (which ``--val`` words otherwise), ``hinted`` where the file's format is the likely fix."""
@@ -492,23 +488,3 @@ class MissingColumn(UserError):
     def __init__(self, message: str, what: str, hinted: bool) -> None:
         super().__init__(message)
         self.what, self.hinted = what, hinted
-
-
-def _is_gzip(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(2) == b"\x1f\x8b"
-    except OSError:
-        return False
-
-
-def _format_hint(path: Path, header: list[str]) -> str:
-    """What a file whose header names no expected column looks like, as advice."""
-    first = header[0] if header else ""
-    if "\x00" in first:  # (a byte order mark is refused before: _refuse_utf16)
-        return " (the file looks like UTF-16: save it as UTF-8)"
-    if len(header) == 1 and (";" in first or "\t" in first):
-        sep = "';'" if ";" in first else "a tab"
-        return (f" (its columns look separated by {sep}: save it with commas, or as .tsv "
-                "for tabs)")
-    return ""
