@@ -183,10 +183,9 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
     other: list[str] = []  # trainable channel-mixing weights INSTANT's rules do not cover
     for node in model.graph.node:
         layer = _as_layer(node, shapes, trainable, param_names)
-        why = _not_covered(node, shapes, trainable) if layer is None else None
+        why = _not_covered(node, shapes, trainable, made_by) if layer is None else None
         if why:
-            w = next(i for i in node.input if i in trainable)
-            other.append(f"{layer_name(w, node.name, param_names)} ({why})")
+            other.append(f"{layer_name(why[1], node.name, param_names)} ({why[0]})")
         if layer is not None and not layer.rank3 and shapes.of(layer.x)[:1] != ["N"]:
             rows = _rows_per_sample(made_by, shapes, layer.x, layer.cx)
             if rows:  # [L·N, C] rows (MultiheadAttention's out_proj, x.view(-1, C)): L a sample
@@ -225,24 +224,34 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
     return [ly for ly in found if not any(fnmatch.fnmatch(ly.name, p) for p in pats)]
 
 
-def _not_covered(node, shapes: Shapes, trainable) -> str | None:
-    """Why a node that mixes channels with a trainable weight is not an INSTANT layer (a
-    grouped or strided 1x1 conv, an Einsum, a weight on the left of a MatMul); None for other
-    nodes (a kxk conv is exact by the method, not worth a note)."""
-    if node.op_type == "Einsum" and any(i in trainable for i in node.input):
-        return "an Einsum"
-    if node.op_type == "MatMul" and node.input and node.input[0] in trainable \
-            and node.input[1:2] and node.input[1] not in trainable:
-        return "a weight on the left, W·x"
-    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in trainable:
+def _not_covered(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, str] | None:
+    """(why, its weight) for a node that mixes channels with a trainable weight and is not an
+    INSTANT layer (a grouped or strided 1x1 conv, an Einsum, a weight on the left of a MatMul or
+    Gemm, a Gemm with transA, a weight that reaches a MatMul through a Transpose); None for
+    other nodes (a kxk conv is exact by the method, not worth a note)."""
+    ins = list(node.input)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Einsum":
+        w = next((i for i in ins if i in trainable), None)
+        return None if w is None else ("an Einsum", w)
+    if node.op_type in ("MatMul", "Gemm") and len(ins) >= 2:
+        if ins[0] in trainable and ins[1] not in trainable:
+            return "a weight on the left, W·x", ins[0]
+        if node.op_type == "Gemm" and ins[1] in trainable and attrs.get("transA", 0):
+            return "a Gemm with transA=1", ins[1]
+        via = made_by.get(ins[1])  # (session 34 probe: weights stored [out, in], transposed
+        if via is not None and via.op_type == "Transpose" and via.input[0] in trainable:
+            return "a weight through a Transpose node", via.input[0]  # in the graph: silent)
         return None
-    ws = shapes.of(node.input[1])
+    if node.op_type != "Conv" or len(ins) < 2 or ins[1] not in trainable:
+        return None
+    ws = shapes.of(ins[1])
     if len(ws) < 3 or any(d != 1 for d in ws[2:]):
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return (f"a 1x1 conv in {attrs['group']} groups" if attrs.get("group", 1) != 1 else
-            "a strided 1x1 conv" if any(v != 1 for v in attrs.get("strides", [])) else
-            "a padded 1x1 conv" if any(v != 0 for v in attrs.get("pads", [])) else None)
+    why = (f"a 1x1 conv in {attrs['group']} groups" if attrs.get("group", 1) != 1 else
+           "a strided 1x1 conv" if any(v != 1 for v in attrs.get("strides", [])) else
+           "a padded 1x1 conv" if any(v != 0 for v in attrs.get("pads", [])) else None)
+    return None if why is None else (why, ins[1])
 
 
 def _rows_per_sample(made_by: dict, shapes: Shapes, x: str, width: int) -> int | None:

@@ -14,8 +14,8 @@ from onnx import TensorProto, numpy_helper
 from .graph import ExportError
 from .model_inputs import _first_line
 
-__all__ = ["MIN_BUNDLE_OPSET", "float32_weights", "initializers_not_inputs", "raise_opset",
-           "sort_nodes"]
+__all__ = ["MIN_BUNDLE_OPSET", "float32_weights", "identity_weights", "initializers_not_inputs",
+           "raise_opset", "sort_nodes"]
 
 
 # The backward of a lookup (Gather) or of max pooling adds into a tensor with ScatterND /
@@ -84,6 +84,37 @@ def initializers_not_inputs(model: onnx.ModelProto) -> None:
     listed = [vi for vi in model.graph.input if vi.name in inits]
     for vi in listed:
         model.graph.input.remove(vi)
+
+
+def identity_weights(model: onnx.ModelProto) -> None:
+    """A weight that the graph reads only through one Identity (some converters write one) is
+    read directly, the Identity removed: it keeps its name (session 34 probe: ``proj.weight``
+    trained as the Identity's output ``wi``, with a note of a copy that did not exist, and
+    ``--trainable 'proj.*'`` froze it). An initializer that other nodes read too is a shared
+    value, copied per reader (``tracing._materialize_identity_initializers``)."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for n in g.node for a in n.attribute):
+        return  # (a subgraph may read the Identity's output by name)
+    inits = {i.name for i in g.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    outputs = {o.name for o in g.output}
+    alias = {}
+    for name in inits - outputs:
+        users = readers.get(name, [])
+        if len(users) == 1 and users[0].op_type == "Identity" and users[0].output[0] not in outputs:
+            alias[users[0].output[0]] = name
+    if not alias:
+        return
+    keep = [n for n in g.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            n.input[i] = alias.get(name, name)
+    del g.node[:]
+    g.node.extend(keep)
 
 
 def float32_weights(model: onnx.ModelProto) -> list[str]:

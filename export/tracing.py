@@ -37,6 +37,7 @@ from .model_inputs import (
 )
 from .onnx_import import (
     float32_weights,
+    identity_weights,
     initializers_not_inputs,
     onnx_inputs,
     raise_opset,
@@ -393,6 +394,7 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     notes: list[str] = []
     sort_nodes(model)
     initializers_not_inputs(model)
+    identity_weights(model)
     _materialize_identity_initializers(model)  # (an Identity of a float16 weight read as is)
     _constants_to_initializers(model)
     notes += float32_weights(model)

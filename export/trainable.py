@@ -94,6 +94,12 @@ def _group_norm_constants(g, inits) -> set[str]:
 def select_trainable(traced: Traced, spec: str) -> list[str]:
     """``all``, ``last:N`` (last N top-level children / layer groups) or comma-separated globs."""
     cands = _candidate_params(traced)
+    quantized = _quantized(traced)
+    if quantized:  # (session 34 probe: a QDQ model's weights froze without a word)
+        traced.notes.append(f"note: {len(quantized)} weight(s) are stored quantized (integers "
+                            f"read through DequantizeLinear: {', '.join(quantized[:4])}"
+                            f"{' …' if len(quantized) > 4 else ''}) and stay frozen; to train "
+                            "them, export the model before quantizing it")
     spec = spec.strip()
     if spec == "all":
         chosen = cands
@@ -128,20 +134,37 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
             if not any(hit(c, p) for c in cands) and not any(p in (c, traced.display(c))
                                                              for c in named):
                 shown = [traced.display(c) for c in cands]
-                raise ExportError(f"--trainable pattern '{p}' matches no parameter; parameters: "
-                                  f"{', '.join(shown[:12])}{' …' if len(shown) > 12 else ''}")
+                q = [c for c in quantized if fnmatch.fnmatch(c, p)]
+                raise ExportError(f"--trainable pattern '{p}' matches no parameter" + (
+                    f" (it names quantized weight(s), {', '.join(q[:3])}, which cannot train: "
+                    "export the model before quantizing it)" if q else "") + "; parameters: "
+                    f"{', '.join(shown[:12])}{' …' if len(shown) > 12 else ''}")
     return _without_no_grad(traced, spec, chosen)
 
 
-def _no_float32(traced: Traced) -> str:
-    """Why a model has no trainable tensor, where its weights are all in another float type."""
-    from onnx import TensorProto
+def _quantized(traced: Traced) -> list[str]:
+    """Integer initializers that a DequantizeLinear reads as its data (a QDQ model's weights)."""
+    read = {n.input[0] for n in traced.model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input}
+    return [i.name for i in traced.model.graph.initializer
+            if i.name in read and i.data_type != TensorProto.FLOAT]
 
+
+def _no_float32(traced: Traced) -> str:
+    """Why a model has no trainable tensor, where its weights are all in another float type,
+    quantized, or none at all."""
     kinds = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
              TensorProto.DOUBLE: "float64"}
     found = sorted({kinds[i.data_type] for i in traced.model.graph.initializer
                     if i.data_type in kinds})
     if not found:
+        if _quantized(traced):
+            return (": its weights are quantized (integers read through DequantizeLinear); "
+                    "export the model before quantizing it")
+        if not any(i.data_type == TensorProto.FLOAT and int(np.prod(i.dims)) >= 2
+                   for i in traced.model.graph.initializer):
+            return (": the model holds no float weights (nothing to train); export a model "
+                    "with its parameters")
         return ""
     return (f": the model's weights are {'/'.join(found)} and it computes in that type, while "
             "training runs in float32; export the model in float32 (torch: model.float() "

@@ -19,7 +19,7 @@ real size, then train with onnxruntime's arena capped at what the budget leaves.
 Every probe is stopped before its RSS passes the budget (read from this process every 2 ms), and
 a refusal states the probes' estimate × ``MIN_FACTOR`` (``_stated_minimum``).
 
-Why one module (~550 lines): the probes, the plan they feed and the refusal's wording share one
+Why one module (~870 lines): the probes, the plan they feed and the refusal's wording share one
 set of measured quantities (base, frozen bytes, per-sample data, Gram bytes, margin) and one
 process discipline (no onnxruntime session in this process until the plan is made); split, each
 part would re-derive them.
@@ -94,6 +94,16 @@ PROBE_HEADROOM = 8 << 20
 STEP_UP_ROOM = 0.10  # of the budget left unused by a validated plan: probe a larger micro-batch
 STEP_UP_TRIES = 3
 MIN_FACTOR = 1.25  # stated minimum / estimated need (see _stated_minimum)
+_PROGRESS_FD: int | None = None  # (in a probe) where _progress writes what it measured so far
+
+
+def _progress(partial: dict) -> None:
+    """(In a probe.) Send what is measured so far: a probe stopped at a larger micro-batch
+    keeps the smaller ones (``_fork`` returns the last as ``partial``)."""
+    if _PROGRESS_FD is not None:
+        data = (json.dumps({"partial": partial}) + "\n").encode()
+        while data:
+            data = data[os.write(_PROGRESS_FD, data):]
 
 
 def resident_file_pages() -> np.ndarray:
@@ -179,6 +189,8 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
         raise
     if pid == 0:  # child
         os.close(r)
+        global _PROGRESS_FD
+        _PROGRESS_FD = w
         try:
             forked_child(parent)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -196,7 +208,7 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
         except BaseException as exc:  # noqa: BLE001 - report anything to the parent
             out = {"ok": False, "oom": False, "error": f"{type(exc).__name__}: {exc}"}
         try:
-            data = json.dumps(out).encode()
+            data = (json.dumps(out) + "\n").encode()
             while data:
                 data = data[os.write(w, data):]
         finally:
@@ -218,6 +230,8 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
             if limit and _rss(pid) > limit - PROBE_HEADROOM:
                 os.kill(pid, signal.SIGKILL)
                 over = True
+                while block := os.read(r, 1 << 20):  # what it sent before: its progress
+                    chunks.append(block)
                 break
             if ready:
                 block = os.read(r, 1 << 20)
@@ -234,13 +248,21 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
     finally:
         os.close(r)
     _, status, usage = os.wait4(pid, 0)
+    res, partial = {}, None
+    for line in b"".join(chunks).split(b"\n"):  # progress lines, then the result
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue  # (a line cut by the kill)
+        if isinstance(doc, dict) and "partial" in doc:
+            partial = doc["partial"]
+        elif isinstance(doc, dict):
+            res = doc
     if over:
-        return {"ok": False, "oom": True, "over": True, "peak": usage.ru_maxrss * 1024,
-                "error": f"a planning probe passed {limit / 1e6:.0f} MB and was stopped"}
-    try:
-        res = json.loads(b"".join(chunks).decode() or "{}")
-    except ValueError:
-        res = {}
+        res = {"ok": False, "oom": True, "over": True,
+               "error": f"a planning probe passed {limit / 1e6:.0f} MB and was stopped"}
+    if partial is not None and not res.get("ok"):
+        res["partial"] = partial
     if not res:
         res = {"ok": False, "oom": False,
                "error": f"probe process ended with status {os.waitstatus_to_exitcode(status)}"}
@@ -425,9 +447,13 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
                          + ("(or evaluate without --budget)" if evaluating else
                             "(`instant-runtime plan` without --budget estimates the minimum)")
                          + _or_vanilla(mode, resuming))
-    # an estimate below the refused budget means the probes missed part of the need: ask for
-    # MIN_FACTOR x the budget rather than a step the user would have to repeat MB by MB
-    need = max(exc.need, budget) * MIN_FACTOR
+    # the estimate with headroom, whatever budget was tried (session 34 probe: stated as
+    # MIN_FACTOR x the refused budget, each refusal at the stated figure asked 25 % more);
+    # only an estimate that this budget already passes, which says the probes missed part of
+    # the need, asks for MIN_FACTOR x the budget rather than a step to repeat MB by MB
+    need = exc.need * MIN_FACTOR
+    if need <= budget:
+        need = budget * MIN_FACTOR
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
                      f"raise --budget to {math.ceil(need / 1e6)}MB (the probes' estimate with "
                      f"{MIN_FACTOR - 1:.0%} headroom: one between the two may fit too)"
@@ -539,8 +565,12 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     floor = base + frozen + margin
     if floor + 2 * per_sample + grams + decode >= budget:
         raise minimum(f"the runtime, its sessions and weights take {base / 1e6:.0f} MB")
-    measured = forked(lambda: _measure(trainer, data, batch, budget - floor - 8 * per_sample
-                                      - grams - decode))
+    # its arena filling the cap can take the probe past the line where it is stopped
+    # (PROBE_HEADROOM under the budget, above the margin): it keeps the micro-batches measured
+    # before (_measured; session 34 probe: the refusal said micro-batch 1 did not fit, at 113
+    # MB where 112 and 115 trained). A cap kept under that line instead raised the minimum.
+    cap = budget - floor - 8 * per_sample - grams - decode
+    measured = _measured(lambda n: forked(lambda: _measure(trainer, data, batch, cap, n)))
     if not measured["ok"]:
         if measured["oom"]:
             raise minimum("a probe at micro-batch 1 did not fit")
@@ -577,6 +607,24 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         except BudgetError as exc:
             raise BudgetTooSmall(exc.why, exc.need) from None
     raise BudgetTooSmall("no micro-batch validated at its real size", budget + margin)
+
+
+def _measured(measure: Callable[[int], dict]) -> dict:
+    """The measuring probe's result (``measure(largest micro-batch)``); one stopped at a larger
+    micro-batch keeps the smaller ones it measured (their steps; stopped in calibration, it is
+    measured again up to the largest calibration that passed). Stopped at micro-batch 1, it
+    is returned as it came (a refusal)."""
+    largest = 8
+    res = measure(largest)
+    while True:
+        part = (res.get("partial") or {}) if not res["ok"] and res.get("over") else {}
+        if part.get("step"):
+            return {**part, "ok": True, "peak": res["peak"]}
+        done = max((int(k) for k in part.get("calib", {})), default=0)
+        if not 0 < done < largest:  # (stopped at its first step: no smaller one to keep)
+            return res
+        largest = done
+        res = measure(largest)
 
 
 def _validated(plan: Plan, peak: int) -> Plan:
@@ -665,17 +713,18 @@ def _warm_up_lengths(trainer: Trainer, data) -> None:
         trainer.trim = trim
 
 
-def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
+def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int = 8) -> dict:
     """(In a probe process.) Arena growth of calibration and gradient passes at micro-batches
-    1, 2 and 8 (as many as fit under ``cap``; the arena keeps its largest size, so each reading
-    is the need of the largest pass so far), and the energy-rule ranks."""
+    1, 2 and 8 (as many as fit under ``cap``, none above ``largest``; the arena keeps its
+    largest size, so each reading is the need of the largest pass so far), and the energy-rule
+    ranks; sent after each pass (``_progress``)."""
     use_arena(None if cap is None else max(cap, 1 << 20))
     trainer.open_sessions()
     _warm_up(trainer, data)
     rng = np.random.default_rng(12345)
     start = current_rss()
     out: dict = {"calib": {}, "step": {}}
-    sizes = sorted({max(1, min(k, batch)) for k in (1, 2, 8)})
+    sizes = sorted({max(1, min(k, batch, largest)) for k in (1, 2, 8)})
     if trainer.mode == "instant" and not trainer.eval_only:
         cfg = trainer.config
         for mc in sizes:
@@ -689,6 +738,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
                 trainer.config = cfg
             out["calib"][mc] = current_rss() - start
             out["ranks"] = _energy_ranks(trainer)
+            _progress(out)
         if not out["calib"]:
             raise ArenaExhausted("calibration at micro-batch 1")
         _full_rank_bases(trainer, batch)
@@ -705,6 +755,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None) -> dict:
         except ArenaExhausted:
             break
         out["step"][m] = current_rss() - start
+        _progress(out)
     if not out["step"]:
         raise ArenaExhausted(f"{_pass(trainer)} at micro-batch 1")
     return out

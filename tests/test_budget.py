@@ -264,6 +264,46 @@ def test_a_refusal_whose_estimate_is_below_the_budget_asks_for_a_real_step_up():
                                   budget))
         stated = int(re.search(r"raise --budget to (\d+)MB", msg)[1]) * MB
         assert stated >= max(need, budget) * MIN_FACTOR - MB, msg
+    # the figure is the estimate's, whatever budget was tried below it (session 34 probe:
+    # refused at 101, 106, 109, 113 MB it said 127, 133, 137, 142 MB; 112 MB trained)
+    said = {budget: re.search(r"raise --budget to (\d+)MB", str(_stated_minimum(
+        BudgetTooSmall("x", 91 * MB), budget * MB)))[1] for budget in (60, 101, 106, 113)}
+    assert set(said.values()) == {"114"}, said
+
+
+def test_a_probe_stopped_at_a_larger_micro_batch_keeps_the_smaller_ones():
+    """Session 34 probe: the measuring probe, stopped at micro-batch 8 as it neared the budget,
+    lost its measurements at 1 and 2 with it, and the run was refused as "a probe at
+    micro-batch 1 did not fit" at 113 MB where 112 and 115 trained. A probe now sends what it
+    measured after each pass; stopped, it keeps them."""
+    from runtime.budget import _fork, _measured, _progress
+    from runtime.memory import current_rss
+
+    def grows() -> dict:
+        _progress({"step": {"1": 5}})
+        _progress({"step": {"1": 5, "2": 9}})
+        hold = np.ones(400 * MB // 8)  # past the limit: stopped from outside
+        return {"never": int(hold[0])}
+
+    res = _fork(grows, limit=current_rss() + 200 * MB)
+    assert not res["ok"] and res["over"], res
+    assert res["partial"] == {"step": {"1": 5, "2": 9}}, res
+    asked = []
+
+    def measure(largest, results):
+        asked.append(largest)
+        return results.pop(0)
+
+    stopped = {"ok": False, "oom": True, "over": True, "peak": 1}
+    kept = _measured(lambda n: measure(n, [{**stopped, "partial": {"step": {"1": 5}}}]))
+    assert kept["ok"] and kept["step"] == {"1": 5} and asked == [8]
+    asked.clear()  # stopped in calibration at 8: measured again up to 2
+    again = {"ok": True, "step": {"1": 5, "2": 9}, "calib": {"1": 3, "2": 4}, "peak": 1}
+    results = [{**stopped, "partial": {"calib": {"1": 3, "2": 4}}}, again]
+    got = _measured(lambda n: measure(n, results))
+    assert got is again and asked == [8, 2], asked
+    asked.clear()  # stopped at micro-batch 1: refused as before
+    assert _measured(lambda n: measure(n, [dict(stopped)])) == stopped and asked == [8]
 
 
 

@@ -255,6 +255,62 @@ def test_trainable_layers_outside_instants_rules_are_named_at_export(tmp_path):
         and "g (a 1x1 conv in 2 groups), E (an Einsum)" in r.stdout, r.stdout
 
 
+def test_third_party_weight_forms_are_trained_or_named_at_export(tmp_path):
+    """Session 34 probe, on files other converters write: a Gemm with transA=1, a weight as a
+    Gemm's A and a weight stored [out, in] behind a Transpose were left exact without the note
+    other such layers get; a weight behind an Identity trained under the Identity's output name
+    (with a note of a copy that did not exist; ``--trainable 'proj.*'`` froze it); a quantized
+    weight (int8 through DequantizeLinear) froze without a word; a file without weights was
+    told only "selects no parameter"."""
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape, dtype=np.float32):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(dtype), name)
+
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+             helper.make_node("Gemm", ["xt", "a.weight"], ["h1"], name="/a/Gemm", transA=1),
+             helper.make_node("Transpose", ["b.weight"], ["bt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h1", "bt"], ["h2"], name="/b/MatMul"),
+             helper.make_node("Gemm", ["c.weight", "h2"], ["h3t"], name="/c/Gemm", transB=1),
+             helper.make_node("Transpose", ["h3t"], ["h3"], perm=[1, 0]),
+             helper.make_node("Identity", ["proj.weight"], ["wi"]),
+             helper.make_node("MatMul", ["h3", "wi"], ["h4"], name="/proj/MatMul"),
+             helper.make_node("DequantizeLinear", ["q.wq", "q.ws"], ["wd"]),
+             helper.make_node("MatMul", ["h4", "wd"], ["h5"], name="/q/MatMul"),
+             helper.make_node("Relu", ["h5"], ["r"]),
+             helper.make_node("Gemm", ["r", "head.weight"], ["y"], name="/head/Gemm")]
+    inits = [w("a.weight", 16, 12), w("b.weight", 12, 12), w("c.weight", 8, 12),
+             w("proj.weight", 8, 8), numpy_helper.from_array(
+                 rng.integers(-100, 100, (8, 8)).astype(np.int8), "q.wq"),
+             numpy_helper.from_array(np.float32(0.01), "q.ws"), w("head.weight", 8, 3)]
+    f = _saved(tmp_path / "forms.onnx", nodes, ("x", TensorProto.FLOAT, ["N", 16]),
+               ("y", TensorProto.FLOAT, ["N", 3]), inits)
+    r = _cli("export", "--model", f, "--out", tmp_path / "b", "--input-shape", "8,16")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "1 INSTANT layers" in out and "same values" not in out, out
+    assert "3 trainable layer(s) train exactly" in out and ("a (a Gemm with transA=1), b (a "
+                                                           "weight through a Transpose node), "
+                                                           "c (a weight on the left, W·x)") in out, out
+    assert "1 weight(s) are stored quantized (integers read through DequantizeLinear: q.wq)" \
+        in out, out
+    import json
+
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    params = [p["name"] for p in manifest["params"]]
+    assert "proj.weight" in params and "wi" not in params, params
+    assert [ly["weight"] for ly in manifest["instant"]["layers"]] == ["proj.weight"]
+    r = _cli("export", "--model", f, "--out", tmp_path / "b2", "--input-shape", "8,16",
+             "--trainable", "q.wq")
+    assert r.returncode != 0 and "it names quantized weight(s), q.wq, which cannot train" in \
+        r.stderr and "Traceback" not in r.stderr, r.stderr
+    bare = _saved(tmp_path / "bare.onnx", [helper.make_node("Relu", ["x"], ["y"])],
+                  ("x", TensorProto.FLOAT, ["N", 3]), ("y", TensorProto.FLOAT, ["N", 3]), [])
+    r = _cli("export", "--model", bare, "--out", tmp_path / "b3", "--input-shape", "8,3")
+    assert r.returncode != 0 and "holds no float weights" in r.stderr \
+        and "Traceback" not in r.stderr, r.stderr
+
+
 def test_dynamo_style_files_get_module_names_and_no_group_norm_constants():
     """torch's dynamo exporter names nodes ``node_MatMul_3`` and pre-transposed weights
     ``val_7``; the module path is in each node's ``pkg.torch.onnx.name_scopes``. The weight is
