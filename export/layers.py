@@ -182,7 +182,7 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
     made_by = {o: n for n in model.graph.node for o in n.output}
     other: list[str] = []  # trainable channel-mixing weights INSTANT's rules do not cover
     for node in model.graph.node:
-        layer = _as_layer(node, shapes, trainable, param_names)
+        layer = _as_layer(node, shapes, trainable, param_names, made_by)
         why = _not_covered(node, shapes, trainable, made_by) if layer is None else None
         if why:
             other.append(f"{layer_name(why[1], node.name, param_names)} ({why[0]})")
@@ -284,12 +284,15 @@ def layer_name(weight: str, node_name: str, param_names: dict[str, str]) -> str:
     return name
 
 
-def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer | None:
+def _as_layer(node, shapes: Shapes, trainable, param_names,
+              made_by: dict | None = None) -> CompressedLayer | None:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type in ("Gemm", "MatMul"):
-        if len(node.input) < 2 or node.input[1] not in trainable:
+        if len(node.input) < 2:
             return None
-        x, w = node.input[0], node.input[1]
+        x, w = node.input[0], _tied(node.input[1], made_by or {})
+        if w not in trainable:
+            return None
         ws = shapes.of(w)
         xs = shapes.of(x)
         if len(ws) != 2 or len(xs) < 2 or attrs.get("transA", 0):
@@ -330,6 +333,16 @@ def _as_layer(node, shapes: Shapes, trainable, param_names) -> CompressedLayer |
             x=node.input[0], y=node.output[0], weight=w, weight_layout="out_in", tokens=tokens,
             cx=cx, cy=cy, x_axis=_axis_mode(tokens, cx, True), g_axis=_axis_mode(tokens, cy, True))
     return None
+
+
+def _tied(name: str, made_by: dict) -> str:
+    """The weight that ``name`` is an Identity copy of (a weight applied again: torch writes a
+    later use of a shared Linear, ALBERT's layers or a loop over one module, as a copy that
+    the export ties back with an Identity), else ``name``. The layer is then compressed at each
+    use under the weight's name: its rule's g_W goes to the copy and reaches the weight through
+    the Identity (session 34 probe: only the first use was compressed, without a note)."""
+    node = made_by.get(name)
+    return node.input[0] if node is not None and node.op_type == "Identity" else name
 
 
 def mask_padding(layers: list[CompressedLayer], mask: str, length: int,

@@ -48,11 +48,17 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
                         ".toml file (sets threads, and the budget when --budget is not given)")
 
 
+class _DefaultData(str):
+    """``--data`` left out: the built-in digits, told apart from ``--data digits`` (session 34
+    probe: an image run's eval without --data was told digits did not fit, a dataset it never
+    named)."""
+
+
 def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
-    p.add_argument("--data", default=default,
+    p.add_argument("--data", default=None if default is None else _DefaultData(default),
                    help="built-in dataset (digits, mnist5k, rotten-tomatoes), an .npz, a "
                         ".csv/.tsv/.jsonl text file, or an image folder with one sub-folder "
-                        "per class")
+                        "per class" + (f" (default: the built-in {default})" if default else ""))
     p.add_argument("--text-column", default="text", help="text files: the text column/field")
     p.add_argument("--label-column", default="label", help="text files: the label column/field")
     p.add_argument("--val", default=None,
@@ -82,6 +88,7 @@ def _lengths_option(text: str) -> list[int] | None:
 def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None = None,
                training: bool = True):
     from .data import load_data
+    from .errors import UserError
 
     try:  # (a session-23 probe: accepted without a word)
         same = bool(a.val) and os.path.samefile(a.val, spec or a.data)
@@ -90,9 +97,16 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
     if same:
         print(f"note: --val {a.val} is the --data file itself: the held-out figures are on "
               "training rows", flush=True)
-    return load_data(spec or a.data, bundle, text_column=a.text_column,
-                     label_column=a.label_column, val=a.val, val_split=a.val_split,
-                     seed=getattr(a, "seed", 0), class_names=class_names, training=training)
+    try:
+        return load_data(spec or a.data, bundle, text_column=a.text_column,
+                         label_column=a.label_column, val=a.val, val_split=a.val_split,
+                         seed=getattr(a, "seed", 0), class_names=class_names, training=training)
+    except UserError as exc:
+        if spec is None and isinstance(a.data, _DefaultData):
+            raise UserError(f"no --data given, and the default, the built-in '{a.data}' "
+                            f"dataset, does not fit this bundle ({exc}); pass --data with the "
+                            "model's data (an .npz, a text file or an image folder)") from None
+        raise
 
 
 def _resumed_class_names(out: Path, bundle) -> list[str] | None:
@@ -699,7 +713,7 @@ def _cmd_train(a) -> int:
     folder.prepare(run_cfg.resume, run_cfg.overwrite)
     try:  # (nothing between: a signal here raises TrainingInterrupted once a checkpoint exists)
         if run_cfg.resume:  # (a finished run's resume ran every planning probe first)
-            finished_already(out, run_cfg.steps)
+            finished_already(out, run_cfg.steps, trainer)
         trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch,
                                say))
         trainer.open_sessions()

@@ -365,8 +365,11 @@ def _check_not_a_source(targets: list[Path], b: Bundle, weights: Path) -> None:
             raise UserError(f"--out '{targets[0]}' would write '{t.name}' into the bundle folder "
                             f"{b.path}, whose files the bundle's manifest checks; pass an --out "
                             "outside it")
-        if where == weights.resolve() or (where.parent == run_dir and where.name in RUN_FILES) \
-                or run_dir / "checkpoints" in where.parents:
+        if run_dir / "checkpoints" in where.parents:  # (said as a file it would replace: a
+            raise UserError(f"--out '{targets[0]}' would write '{t.name}' into the run's "
+                            "checkpoints folder, which the run keeps for itself; pass an --out "
+                            "outside it")  # session 34 probe found no such file there)
+        if where == weights.resolve() or (where.parent == run_dir and where.name in RUN_FILES):
             raise UserError(f"--out '{targets[0]}' would replace the run's own file '{t}'; pass "
                             "another --out")
 

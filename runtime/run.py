@@ -303,15 +303,24 @@ def _params_current(out: Path | None, step: int) -> bool:
     return out is not None and params_step(out) == step
 
 
-def finished_already(out: Path, steps: int) -> None:
+def finished_already(out: Path, steps: int, trainer: Trainer | None = None) -> None:
     """Before planning: raise ``RunFinished`` where ``out``'s newest checkpoint is of step
     ``steps`` and its ``params.npz`` holds its weights, as ``train`` finds once it has loaded
     that checkpoint (session 30 probe: such a resume ran the budget's probes, up to 823 MB of
-    the tree, before it said the run had finished)."""
-    from .checkpoint import newest_checkpoint
+    the tree, before it said the run had finished). With ``trainer``, a checkpoint of other
+    options is refused as ``train`` refuses it (``Trainer.check_same_run``), not called finished
+    (a checkpoint it cannot read is left to ``train`` to say so)."""
+    from .checkpoint import _read, newest_checkpoint
 
     newest = newest_checkpoint(out / "checkpoints")
     if newest is not None and newest[0] == steps and _params_current(out, steps):
+        if trainer is not None:
+            try:
+                meta = _read(newest[1])[1].get("trainer")
+            except Exception:  # noqa: BLE001 - damaged: train says so as it loads it
+                return
+            if isinstance(meta, dict):
+                trainer.check_same_run(meta)
         raise RunFinished(out, steps)
 
 

@@ -1077,16 +1077,15 @@ class Trainer:
                 (parameters, optimizer moments, bases, Grams), NaN or inf in any of them, a
                 negative AdamW second moment, a count out of range.
         """
-        from .checkpoint import (
-            DamagedCheckpoint,
-            check_array,
-            describe,
-            meta_array,
-            meta_float,
-            meta_int,
-            restore_array,
-        )
+        self.check_same_run(meta)
+        # (a piece at a time: a resume held two AdamW moments of a 51 MB table at once)
+        self._load_checked(arrays, meta)
 
+    def check_same_run(self, meta: dict) -> None:
+        """Raise ``UserError`` where a checkpoint's mode, optimizer or recorded options differ
+        from this run's (``finished_already`` asks before it says a run has finished: session
+        34 probe, a finished run "resumed" with another --mode was told to pass a larger
+        --steps, which was then refused)."""
         mine = {"mode": self.mode, "optimizer": self.config.optim.name}
         for key, want in mine.items():
             got = meta.get(key)
@@ -1110,8 +1109,19 @@ class Trainer:
                 raise UserError(f"checkpoint was trained with {', '.join(diff[:4])}; resume "
                                 "with the same options to continue the same run, or start a new one "
                                 "with --overwrite (in place of --resume) or another --out")
-        # -- check
-        # (a piece at a time: a resume held two AdamW moments of a 51 MB table at once)
+
+    def _load_checked(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """``load_state`` past the options' check: every array checked, then restored."""
+        from .checkpoint import (
+            DamagedCheckpoint,
+            check_array,
+            describe,
+            meta_array,
+            meta_float,
+            meta_int,
+            restore_array,
+        )
+
         for k, v in self.params.items():
             check_array(arrays, f"param/{k}", v.shape, v.dtype)
         for k, st in self.optimizer.state.items():

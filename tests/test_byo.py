@@ -962,6 +962,16 @@ def test_a_progressive_jpeg_too_large_for_the_budget_is_refused_before_its_decod
                     r"\(a progressive JPEG keeps every coefficient\), more than --budget 100MB "
                     r"leaves beside the \d+ MB already in use; shrink or remove it, or raise "
                     r"--budget$", lines[0]), lines[0]
+    # a budget below what the process takes at start is the budget's fault, not an image's
+    # (session 34 probe: --budget 40MB blamed a 31x54 JPEG of 1 MB)
+    Image.fromarray(cmyk[:54, :31, :3].copy(), "RGB").save(root / "3" / "print.jpg")
+    argv[argv.index("100MB")] = "40MB"
+    r = subprocess.run([sys.executable, "-m", "runtime", *map(str, argv)], capture_output=True,
+                       text=True, timeout=300, cwd=REPO)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and re.match(
+        r"error: budget 40 MB is below the minimum for this bundle \(the runtime already takes "
+        r"\d+ MB as it reads the image folder\); raise --budget", lines[0]), r.stderr[-2000:]
 
 
 def test_npz_larger_than_the_budget_trains_inside_it(tmp_path):
@@ -1117,6 +1127,37 @@ def test_models_users_bring_an_autoencoder_and_a_shared_layer(tmp_path):
     out = _ok(_cli("export", "--model", f"{tmp_path / 'm.py'}:shared", "--input-shape",
                    "8,16,32", "--out", tmp_path / "sh"))
     assert "trains as one shared tensor (the model shares it)" in out and "dynamo" not in out, out
+    # session 34 probe (ALBERT, a loop over one module): only the first use was compressed, the
+    # later ones saved their inputs whole without a note; each use is an INSTANT layer, and at
+    # full rank the shared weight's update is the exact one
+    layers = json.loads((tmp_path / "sh" / "manifest.json").read_text())["instant"]["layers"]
+    assert [(la["name"], la["weight"]) for la in layers] == [
+        ("shared", "shared.weight"), ("shared#2", "shared.weight")], layers
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "sh.npz", x=rng.standard_normal((8, 16, 32)).astype(np.float32),
+             y=rng.integers(0, 4, 8))
+    got = {}
+    for mode, extra in (("vanilla", []), ("instant", ["--energy", "1", "--rank-policy",
+                                                      "energy"])):
+        _ok(_cli("train", tmp_path / "sh", "--data", tmp_path / "sh.npz", "--mode", mode,
+                 *extra, "--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "0", "--steps",
+                 "1", "--batch", "8", "--no-progress", "--out", tmp_path / f"run_{mode}"))
+        got[mode] = np.load(tmp_path / f"run_{mode}" / "params.npz")["shared.weight"]
+    start = np.load(tmp_path / "sh" / "params.npz")["shared.weight"]
+    assert np.abs(got["vanilla"] - start).max() > 1e-4
+    np.testing.assert_allclose(got["instant"] - start, got["vanilla"] - start, rtol=1e-3,
+                               atol=1e-6)
+    # no --data: the default, named as such (session 34 probe: "dataset 'digits' has samples
+    # of shape [64] ... pass --data file.npz", for a dataset the user never named)
+    for cmd in (["train", tmp_path / "sh", "--steps", "1"],
+                ["eval", tmp_path / "sh", "--weights", tmp_path / "run_vanilla"]):
+        r = _cli(*cmd)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+            "error: no --data given, and the default, the built-in 'digits' dataset, does not "
+            "fit this bundle (") and lines[0].endswith("pass --data with the model's data (an "
+                                                      ".npz, a text file or an image folder)"), \
+            r.stderr
 
 
 TOKEN_HEAD = """

@@ -187,6 +187,13 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
                       "--resume", "--budget", "300MB"))
     assert "already finished its 6 steps" in done and "plan for budget" not in done, done
     assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
+    # with other options: refused as a longer --steps is refused, not "finished" with advice
+    # to pass a larger --steps (session 34 probe)
+    user_error(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
+                       "--seed", 3, "--steps", 6, "--batch", 16, "--no-progress", "--out", "run",
+                       "--resume", "--mode", "vanilla"),
+               "checkpoint was trained with mode 'instant', this run uses 'vanilla'")
+    assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
 
 
 def test_sgd_lowers_the_loss(cli, mlp_bundle, tmp_path):

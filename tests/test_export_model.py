@@ -76,6 +76,12 @@ def test_export_from_run_dir_with_frozen_weights(mlp_head_bundle, cli, tmp_path)
     r = cli("export-model", run, "--out", tmp_path / "n.onnx")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "--bundle" in r.stderr
     assert not (tmp_path / "n.onnx").exists()
+    # into the run's checkpoints folder: refused as that, not as a file it would replace
+    # (session 34 probe: "would replace the run's own file 'checkpoints/m.onnx'", none there)
+    (run / "checkpoints").mkdir(exist_ok=True)
+    r = cli("export-model", run, "--bundle", mlp_head_bundle, "--out", run / "checkpoints" / "m.onnx")
+    assert r.returncode == 2 and "would write 'm.onnx' into the run's checkpoints folder" in \
+        r.stderr and not (run / "checkpoints" / "m.onnx").exists(), r.stderr
 
 
 def test_safetensors_loads_into_torch_model(mlp_bundle, copy_bundle, cli, tmp_path):
