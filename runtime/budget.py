@@ -449,8 +449,8 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
                          + _or_vanilla(mode, resuming))
     # the estimate with headroom, whatever budget was tried (session 34 probe: stated as
     # MIN_FACTOR x the refused budget, each refusal at the stated figure asked 25 % more);
-    # only an estimate that this budget already passes, which says the probes missed part of
-    # the need, asks for MIN_FACTOR x the budget rather than a step to repeat MB by MB
+    # only where that is not above this budget (the probes missed part of the need) it asks
+    # for MIN_FACTOR x the budget rather than a step to repeat MB by MB
     need = exc.need * MIN_FACTOR
     if need <= budget:
         need = budget * MIN_FACTOR
@@ -570,7 +570,8 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     # before (_measured; session 34 probe: the refusal said micro-batch 1 did not fit, at 113
     # MB where 112 and 115 trained). A cap kept under that line instead raised the minimum.
     cap = budget - floor - 8 * per_sample - grams - decode
-    measured = _measured(lambda n: forked(lambda: _measure(trainer, data, batch, cap, n)))
+    measured = _measured(lambda n: forked(lambda: _measure(trainer, data, batch, cap, n)),
+                         min(8, batch))
     if not measured["ok"]:
         if measured["oom"]:
             raise minimum("a probe at micro-batch 1 did not fit")
@@ -609,12 +610,11 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     raise BudgetTooSmall("no micro-batch validated at its real size", budget + margin)
 
 
-def _measured(measure: Callable[[int], dict]) -> dict:
+def _measured(measure: Callable[[int], dict], largest: int = 8) -> dict:
     """The measuring probe's result (``measure(largest micro-batch)``); one stopped at a larger
     micro-batch keeps the smaller ones it measured (their steps; stopped in calibration, it is
     measured again up to the largest calibration that passed). Stopped at micro-batch 1, it
     is returned as it came (a refusal)."""
-    largest = 8
     res = measure(largest)
     while True:
         part = (res.get("partial") or {}) if not res["ok"] and res.get("over") else {}

@@ -102,7 +102,8 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
                          label_column=a.label_column, val=a.val, val_split=a.val_split,
                          seed=getattr(a, "seed", 0), class_names=class_names, training=training)
     except UserError as exc:
-        if spec is None and isinstance(a.data, _DefaultData):
+        if spec is None and isinstance(a.data, _DefaultData) and a.val is None \
+                and a.val_split is None:  # (then the default's own fit: a --val error is not)
             raise UserError(f"no --data given, and the default, the built-in '{a.data}' "
                             f"dataset, does not fit this bundle ({exc}); pass --data with the "
                             "model's data (an .npz, a text file or an image folder)") from None

@@ -196,6 +196,13 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
     assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
 
 
+def test_an_error_of_the_held_out_options_is_not_blamed_on_the_default_data(cli, mlp_bundle):
+    """A review (session 34): with --data left out, every data error was worded as the default
+    dataset not fitting the bundle, --val-split 1.5 too."""
+    line = user_error(cli("train", mlp_bundle, "--val-split", 1.5, "--steps", 1), "1.5")
+    assert "no --data given" not in line, line
+
+
 def test_sgd_lowers_the_loss(cli, mlp_bundle, tmp_path):
     # measured: loss 2.29 -> 0.25, held-out accuracy 0.944
     s = summary_of(ok(cli("train", mlp_bundle, *TRAIN, "--steps", 100, "--lr", 0.05,

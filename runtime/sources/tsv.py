@@ -92,6 +92,7 @@ class TsvReader:
         self.lines, self.state = lines, state
         self.ahead: deque[tuple[str, tuple]] = deque()
         self.ncols: int | None = None
+        self.read_to = (state["line"], state["pos"])  # the last line read from the file
 
     def __iter__(self) -> TsvReader:
         return self
@@ -99,9 +100,11 @@ class TsvReader:
     def _line(self) -> tuple[str, tuple]:
         if self.ahead:
             return self.ahead.popleft()
-        st = self.state
-        st["bad_utf8"] = st["long"] = False
+        st = self.state  # counted on from the file's last line, not from a line given back
+        st["line"], st["pos"] = self.read_to  # (a review: rows after two given back had the
+        st["bad_utf8"] = st["long"] = False  # byte ranges of others, or none)
         text = next(self.lines)  # StopIteration: the file's end
+        self.read_to = (st["line"], st["pos"])
         return text, (st["line"], st["pos"], st["bad_utf8"], st["long"])
 
     def __next__(self) -> list[str]:
@@ -120,7 +123,9 @@ class TsvReader:
             return [""]
         try:
             row = quoted([line])
-        except csv.Error:
+        except csv.Error as exc:
+            if "new-line character" in str(exc):  # lone CR line ends: said as such (text.py)
+                raise
             return plain(line)
         if row is not None or self.ncols is None:
             return row if row is not None else plain(line)
@@ -141,7 +146,12 @@ class TsvReader:
             if size > MAX_RECORD_BYTES:
                 raise csv.Error("field larger than field limit")
             if '"' in nxt[0] and _closes(nxt[0]):
-                row = quoted([t for t, _ in taken])
+                try:
+                    row = quoted([t for t, _ in taken])
+                except csv.Error:
+                    if not whole:
+                        raise
+                    return self._as_it_stands(line, taken)  # (a full row is never lost)
                 if row is not None:
                     return row
 
