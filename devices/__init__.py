@@ -241,6 +241,8 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
 
     if builtin and values["name"] != source.stem:
         raise bad("name", f"must match the file name {source.stem!r}")
+    if not values["name"].isprintable() or not values["name"].strip():  # (printed in plans:
+        raise bad("name", "must be printable text")  # session 34 probe, raw escape codes)
     if values["arch"] not in ARCHES:
         raise bad("arch", f"expected one of {', '.join(ARCHES)}")
     unknown = [ep for ep in values["execution_providers"] if ep not in EXECUTION_PROVIDERS]
@@ -309,7 +311,13 @@ def _read_profile(path: Path, *, builtin: bool) -> Profile:
     try:
         raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path}: invalid TOML: {str(exc)[:200]}") from None
+        first = data.lstrip()[:1]
+        why = (" (the file starts with a byte order mark: save it as UTF-8 without one)"
+               if data.startswith(b"\xef\xbb\xbf") else " (it looks like JSON: a profile is "
+               "TOML, written as the files in devices/profiles/)" if first in (b"{", b"[")
+               and b"=" not in data.split(b"\n", 1)[0] else "; see devices/profiles/ for the "
+               "form")
+        raise ProfileError(f"{path}: invalid TOML: {str(exc)[:200]}{why}") from None
     except RecursionError:
         raise ProfileError(f"{path}: invalid TOML: nested too deeply") from None
     return _parse_profile(path, raw, builtin=builtin)

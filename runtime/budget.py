@@ -51,7 +51,15 @@ from devices.planner import (
 )
 
 from .calibrate import GramWindow, Spectrum, basis, decompose_bytes, gram_vectors, spectrum_width
-from .memory import WouldPassLimit, current_rss, fork_held, forked_child, physical_ram, set_limit
+from .memory import (
+    WouldPassLimit,
+    current_rss,
+    device_given,
+    fork_held,
+    forked_child,
+    physical_ram,
+    set_limit,
+)
 from .order import order_bytes
 from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
@@ -437,6 +445,14 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
     workloads refused at their first stated minimum, the budget that then worked was up to
     1.21× that estimate; the stated minimum is the estimate × ``MIN_FACTOR``."""
     why = f" ({exc.why})"
+    device = device_given()
+
+    def beyond(stated: float) -> str:  # a way out past the device's RAM is none (session 34)
+        if device is None or stated <= device[1]:
+            return ""
+        return (f"; that is more than the {device[1] / 1e6:.0f} MB of RAM of profile "
+                f"'{device[0]}': on that device, train fewer layers (export --trainable) or "
+                "with a smaller --batch")
     if not exc.need:  # a probe at micro-batch 1 alone passed the budget
         # twice what is known to be taken before any step (the first probe's own need: sessions
         # and activations come on top; MiniLM: 73 MB known, 116 MB needed)
@@ -446,7 +462,7 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
                          f"above it, e.g. to {math.ceil(hint / 1e6)}MB "
                          + ("(or evaluate without --budget)" if evaluating else
                             "(`instant-runtime plan` without --budget estimates the minimum)")
-                         + _or_vanilla(mode, resuming))
+                         + beyond(hint) + _or_vanilla(mode, resuming))
     # the estimate with headroom, whatever budget was tried (session 34 probe: stated as
     # MIN_FACTOR x the refused budget, each refusal at the stated figure asked 25 % more);
     # only where that is not above this budget (the probes missed part of the need) it asks
@@ -457,7 +473,7 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
     return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
                      f"raise --budget to {math.ceil(need / 1e6)}MB (the probes' estimate with "
                      f"{MIN_FACTOR - 1:.0%} headroom: one between the two may fit too)"
-                     + _or_vanilla(mode, resuming))
+                     + beyond(need) + _or_vanilla(mode, resuming))
 
 
 def _or_vanilla(mode: str, resuming: bool = False) -> str:

@@ -346,7 +346,7 @@ def _budget_and_profile(a):
     budget = parse_size(a.budget) if a.budget is not None else (
         prof.default_budget if prof else None)
     check_budget(budget, a.budget, prof)
-    set_budget(budget)
+    set_budget(budget, (prof.name, prof.ram) if prof is not None else None)
     return budget, prof
 
 
@@ -813,7 +813,8 @@ def _cmd_eval(a) -> int:
     for attempt in range(3):
         try:
             trainer = Trainer(bundle, TrainConfig(mode="vanilla", optim=OptimConfig(name="sgd"),
-                                                  session=_session_config(a, prof)),
+                                                  session=_session_config(a, prof,
+                                                                          log=print)),
                               Plan(eval_micro_batch=a.batch), weights=weights, evaluating=True)
             break
         except UserError:
@@ -962,8 +963,11 @@ def _cmd_plan(a) -> int:
         print(f"estimated step on {prof.name} at batch {a.batch}: {exact / (prof.gflops * 1e9):.2f}"
               f" s with an exact backward ({exact / 1e9:.1f} GFLOP at its {prof.gflops:g} GFLOP/s;"
               " INSTANT's backward is cheaper, calibration not counted)")
+    if budget is not None and not a.data and a.budget is None and prof is not None:
+        print(f"note: profile '{prof.name}' gives a budget of {budget / 1e6:.0f} MB: pass "
+              "--data (the data you will train on) to plan the run under it")
+        return 0
     if budget is not None:
-
         if not a.data:
             raise UserError("plan with a budget measures the run itself: pass --data (the data "
                             "you will train on)")

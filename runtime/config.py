@@ -57,10 +57,12 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
                         "pass e.g. 256MB (`instant-runtime plan` states the minimum)")
     if prof is not None and budget > prof.ram:
         raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
-                        f"of profile '{prof.name}'")
+                        f"of profile '{prof.name}'; pass a --budget below it, or the profile of "
+                        "a device with more RAM")
     ram = physical_ram()
     if ram and budget > ram:
-        print(f"warning: --budget {budget / 1e6:.0f} MB exceeds this machine's RAM "
+        said = "--budget" if given is not None else f"profile '{prof.name}''s budget of"
+        print(f"warning: {said} {budget / 1e6:.0f} MB exceeds this machine's RAM "
               f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
               file=sys.stderr)
 

@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass
 
 __all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss",
-           "fork_held", "forked_child", "held_lock", "peak_rss", "physical_ram", "proc_status",
+           "device_given", "fork_held", "forked_child", "held_lock", "peak_rss", "physical_ram",
+           "proc_status",
            "reserve", "run_measured", "set_budget", "set_limit", "tree_pss", "tune_malloc"]
 
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
 _BUDGET: int | None = None  # the command's --budget (or its profile's), for helper children
+_DEVICE: tuple[str, int] | None = None  # the command's device profile: (name, RAM bytes)
 
 
 _LOCKS: set[int] = set()  # flock'ed descriptors (a run folder's): never a forked child's
@@ -96,10 +98,17 @@ def forked_child(parent: int) -> None:
     _LOCKS.clear()
 
 
-def set_budget(budget: int | None) -> None:
-    """The command's memory budget in bytes (None: none given), read by :func:`child_limit`."""
-    global _BUDGET
-    _BUDGET = budget
+def set_budget(budget: int | None, device: tuple[str, int] | None = None) -> None:
+    """The command's memory budget in bytes (None: none given), read by :func:`child_limit`;
+    ``device``: (profile name, its RAM in bytes) where a profile was named (a refusal's way out
+    must fit it: :func:`device_given`)."""
+    global _BUDGET, _DEVICE
+    _BUDGET, _DEVICE = budget, device
+
+
+def device_given() -> tuple[str, int] | None:
+    """The command's device profile (name, RAM) from :func:`set_budget`, None without one."""
+    return _DEVICE
 
 
 def budget_given() -> int | None:

@@ -1043,12 +1043,24 @@ class Trainer:
         # a process already past the budget (the interpreter alone) is the plan's to refuse:
         # its way out accounts for the sessions too
         if now <= budget < need:
+            from .memory import device_given
+
+            device = device_given()  # (session 34 probe: a way out past the profile's RAM)
+            if device is not None and need > device[1]:
+                raise UserError(f"this bundle does not fit profile '{device[0]}': its trainable "
+                                f"tensors, {size / 1e6:.0f} MB, take the process to "
+                                f"{need / 1e6:.0f} MB before any step, more than its "
+                                f"{device[1] / 1e6:.0f} MB of RAM; export with fewer trainable "
+                                "tensors (--trainable)" + (", or train with --optimizer sgd "
+                                                          "(one buffer a tensor)"
+                                                          if o.name == "adamw" else ""))
+            hint = 2 * need if device is None else min(2 * need, device[1] // 1_000_000 * 1e6)
             raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
                             f"(its trainable tensors, {size / 1e6:.0f} MB, "
                             + (f"and their {per_tensor} buffer(s) each " if per_tensor else "")
                             + f"take the process to {need / 1e6:.0f} MB before any "
                             f"{'pass' if self._evaluating else 'step'}); raise --budget well above "
-                            f"it, e.g. to {2 * need / 1e6:.0f}MB, or export with fewer "
+                            f"it, e.g. to {hint / 1e6:.0f}MB, or export with fewer "
                             "trainable tensors (--trainable)"
                             + (", or train with --optimizer sgd (one buffer a tensor)"
                                if o.name == "adamw" else ""))

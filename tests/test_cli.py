@@ -945,6 +945,20 @@ def test_profiles_lists_devices(cli):
     assert "null" not in names  # the tests' do-nothing profile is no device's
 
 
+def test_plan_with_a_profile_alone_estimates_and_says_how_to_plan(cli, mlp_bundle, tmp_path):
+    """Session 34 probe: the README's `plan BUNDLE --profile NAME` printed the estimate, then
+    "plan with a budget measures the run itself: pass --data" and exit 2 (the profile's budget
+    counted as one given); `eval --device auto` said nothing of its device."""
+    out = ok(cli("plan", mlp_bundle, "--profile", "rpi4-1gb"))
+    assert "estimated step on rpi4-1gb at batch 32" in out and "note: profile 'rpi4-1gb' " \
+        "gives a budget of 470 MB: pass --data" in out, out
+    run = tmp_path / "run"
+    ok(cli("train", mlp_bundle, *TRAIN, "--steps", 1, "--out", run))
+    out = ok(cli("eval", mlp_bundle, "--weights", run, "--profile", "jetson-nano", "--device",
+                 "auto"))
+    assert "device auto: " in out, out
+
+
 # -------------------------------------------------------------------------- --trainable last:1
 
 def test_last_layer_only_trains_and_learns(cli, mlp_head_bundle, tmp_path):

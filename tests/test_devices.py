@@ -192,6 +192,7 @@ def test_custom_profile_loads(tmp_path):
         ({}, '[detect]\nram_min = "1GB"\n', "unknown field 'detect.ram_min'; allowed"),
         ({}, '[detect]\nmodel_contains = "Pi"\n', "field 'detect.model_contains': expected a"),
         ({"name": "="}, "", "invalid TOML"),
+        ({"name": '"\\u001b[31mRED"'}, "", "field 'name': must be printable text"),
     ],
 )  # fmt: skip
 def test_malformed_custom_profile(tmp_path, change, tail, expected):
@@ -202,6 +203,43 @@ def test_malformed_custom_profile(tmp_path, change, tail, expected):
         load_profile(path)
     assert str(path) in str(exc.value)
     assert expected in str(exc.value)
+
+
+def test_what_a_device_user_is_told(tmp_path, capsys):
+    """Session 34 probe of the device profiles: a profile in JSON or with a byte order mark got
+    "Invalid statement" alone; a budget above a profile's RAM named no way out; the warning of
+    a profile's own budget above this machine's RAM said "--budget", which was not given; a
+    refusal's way out could be past the profile's RAM (1478 MB on a 537 MB board)."""
+    from runtime.budget import BudgetTooSmall, _stated_minimum
+    from runtime.config import check_budget
+    from runtime.errors import UserError
+    from runtime.memory import set_budget
+
+    js = tmp_path / "board.toml"
+    js.write_text('{"name": "x", "ram": "2GB"}\n')
+    with pytest.raises(ProfileError, match="it looks like JSON: a profile is TOML"):
+        load_profile(js)
+    bom = write_profile(tmp_path, VALID)
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
+    with pytest.raises(ProfileError, match="starts with a byte order mark"):
+        load_profile(bom)
+    prof = load_profile(write_profile(tmp_path, VALID))
+    with pytest.raises(UserError, match=r"exceeds the 2000 MB of RAM of profile 'my-board'; pass "
+                                        r"a --budget below it, or the profile of a device"):
+        check_budget(3 * 10**9, "3GB", prof)
+    big = prof.__class__(**{**prof.__dict__, "ram": 10**15, "default_budget": 10**14})
+    check_budget(10**14, None, big)
+    assert "profile 'my-board''s budget of 100000000 MB exceeds this machine's RAM" in \
+        capsys.readouterr().err
+    set_budget(100 * 10**6, ("my-board", 500 * 10**6))
+    try:
+        said = str(_stated_minimum(BudgetTooSmall("x", 600 * 10**6), 100 * 10**6))
+        assert "raise --budget to 750MB" in said and "that is more than the 500 MB of RAM of " \
+            "profile 'my-board': on that device, train fewer layers" in said, said
+        said = str(_stated_minimum(BudgetTooSmall("x", 300 * 10**6), 100 * 10**6))
+        assert "RAM of profile" not in said, said
+    finally:
+        set_budget(None)
 
 
 def test_missing_custom_file(tmp_path):
