@@ -456,9 +456,16 @@ def relabelled(data, names: list[str] | None, whose: str):
         UserError: a class of the data that ``names`` lacks.
     """
     own = getattr(data, "class_names", None)
-    if names is None or own is None or list(own) == list(names):
+    if names is None:
         return data
     where = {str(c): i for i, c in enumerate(names)}
+    if own is None and not ids_only(names) and all(str(i) in where for i in range(len(names))):
+        # labels numbered without names, against names that are those numbers in another
+        # order: the numbers are those names too (session 34 probe: a client of digits 0-4
+        # joined a fleet named "9".."0" and trained its 0s as class "9", 0.503 -> 0.089)
+        own = [str(i) for i in range(len(names))]
+    if own is None or list(own) == list(names):
+        return data
     # numbered labels ("0", "1", ...) on one side follow the other's numbering, unless they
     # are among its names (session 27 probe: digits named "9".."0" against the built-in's
     # "0".."9" trained and scored every digit as another)

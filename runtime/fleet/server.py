@@ -139,7 +139,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             return (f"round {r + done}: no client finished ({f['failures']} failed{late}), "
                     "weights unchanged")
         loss = f["loss_last"]
-        return (f"round {r + done}: {f['clients']} clients trained ({f['failures']} failed{late}), "
+        return (f"round {r + done}: {f['clients']} client{'' if f['clients'] == 1 else 's'} "
+                f"trained ({f['failures']} failed{late}), "
                 f"{f['examples']} examples"
                 + (f", client loss {loss:.4f}" if math.isfinite(loss) else ""))
 
@@ -503,5 +504,6 @@ class FleetInterrupted(Exception):
     def __init__(self, signum: int, saved_round: int, out: Path) -> None:
         self.exit_code = 128 + int(signum)
         where = (f"the aggregate of round {saved_round} is in {out}/params.npz" if saved_round
-                 else "no round finished, nothing was written")
+                 else "no round finished, so there is no aggregate to resume from (start "
+                 "the server again without --resume)")  # (its log and summary exist: a probe)
         super().__init__(f"interrupted by {signal.Signals(signum).name}; {where}")
