@@ -269,7 +269,11 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     out = Path(out)
     settings = settings or InstantSettings()
     example, example_labels, example_names = _examples(input_shape, npz)
-    traced = load_model(model, example, output, example_names)
+    # a built-in model gets a head of as many classes as --classes names (session 34 probe:
+    # minilm-l6 was 2 classes only, and --head 10 on it classified its 2 logits)
+    traced = load_model(model, example, output, example_names,
+                        len(class_names) if class_names and head is None
+                        and model in BUILTIN_MODELS and loss == "cross_entropy" else None)
     check_free_batch(traced)
     head_params, inverted = [], None  # the new classifier's weight and bias
     if head is not None:
@@ -282,6 +286,9 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                 notes.append(f"note: input '{inverted}' marks the padding with 1 (checked: the "
                              "outputs at the other positions ignore those tokens); --pool mean "
                              "averages the tokens where it is 0")
+        if head == 1 and loss == "cross_entropy":
+            raise ExportError("--head 1: a classifier needs at least 2 classes; a head of one "
+                              "output is a regressor (--loss mse) or a binary one (--loss bce)")
         prefix = add_head(traced, head, pool, inverted).split("/")[0]
         head_params = [f"{prefix}.weight", f"{prefix}.bias"]
     elif pool != "mean":

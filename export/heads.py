@@ -58,8 +58,8 @@ def add_head(traced: Traced, classes: int, pool: str, padding_mask: str | None =
     Raises:
         ExportError: a bad class count or pooling, or an output whose shape does not fit.
     """
-    if classes < 2:
-        raise ExportError(f"--head {classes}: a classifier needs at least 2 classes")
+    if classes < 1:  # (one output: a regressor or a binary classifier, export_bundle's check)
+        raise ExportError(f"--head {classes}: a head needs at least 1 output")
     if pool not in POOLS:
         raise ExportError(f"--pool '{pool}' is unknown; choose {', '.join(POOLS)}")
     g = traced.model.graph

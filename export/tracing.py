@@ -108,7 +108,7 @@ class Traced:
 
 
 def load_model(spec: str, example: list[np.ndarray] | None, output: str | None = None,
-               example_names: list[str] | None = None) -> Traced:
+               example_names: list[str] | None = None, classes: int | None = None) -> Traced:
     """Trace or load ``spec``; ``example`` gives one array per input (batch first; for an ONNX
     file it fixes the declared shapes), named ``example_names`` where an .npz named them (put
     in the model's order where those are its inputs' names); ``output`` picks one of several
@@ -129,8 +129,8 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
 
     if spec in BUILTIN_MODELS:
         entry = BUILTIN_MODELS[spec]
-        torch.manual_seed(0)
-        module = entry.factory()
+        torch.manual_seed(0)  # ``classes`` (export --classes): a built-in's head of that many
+        module = entry.factory(**({"classes": classes} if classes else {}))
         if example is None:
             example = entry.example_inputs()
     elif ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):

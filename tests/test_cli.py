@@ -1360,8 +1360,8 @@ def test_a_low_open_files_limit_is_raised_or_refused_in_one_line(mlp_bundle, tmp
 @pytest.mark.parametrize("args, fragments", [
     (["--head", "3"], ["--pool mean (the default) needs [N, L, C]", "keeps its classes",
                        "returns its features"]),
-    (["--classes", "a,b,c"], ["3 class names for a model with 10 classes: name 10",
-                              "--head 3 on a model that returns its features"]),
+    (["--head", "1", "--pool", "none"], ["--head 1: a classifier needs at least 2 classes; a "
+                                         "head of one output is a regressor (--loss mse)"]),
 ])
 def test_a_class_count_the_model_does_not_have_says_how_to_get_it(cli, tmp_path, args,
                                                                   fragments):
@@ -1369,6 +1369,20 @@ def test_a_class_count_the_model_does_not_have_says_how_to_get_it(cli, tmp_path,
     never passed, and 61 --classes for its 2 got no way out."""
     user_error(cli("export", "--model", "mlp", "--out", tmp_path / "b", *args), *fragments)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_builtin_gets_the_classes_named_and_a_head_of_one_output_regresses(cli, tmp_path):
+    """Session 34 probe: the built-in minilm-l6 had 2 classes whatever --classes named (the
+    advice, --head 10, classified its 2 logits), and --head 1 --loss mse on an encoder was
+    refused as "a classifier needs at least 2 classes"."""
+    ok(cli("export", "--model", "mlp", "--classes", "a,b,c", "--out", tmp_path / "b"))
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["class_names"] == ["a", "b", "c"] and m["loss"]["num_classes"] == 3, m["loss"]
+    assert [p["shape"] for p in m["params"] if p["name"].endswith("weight")][-1][0] == 3
+    ok(cli("export", "--model", "mlp", "--head", "1", "--pool", "none", "--loss", "mse",
+           "--out", tmp_path / "reg"))
+    m = json.loads((tmp_path / "reg" / "manifest.json").read_text())
+    assert m["loss"]["kind"] == "mse" and m["params"][-2]["shape"][0] == 1, m["params"][-2:]
 
 
 def test_a_forward_that_changes_a_buffer_exports(cli, tmp_path):
