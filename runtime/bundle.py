@@ -250,6 +250,13 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
                         "LANG=C.UTF-8)") from None
     mpath = root / names.MANIFEST_FILE
     if mpath.is_symlink() or not mpath.is_file():
+        if not mpath.exists() and ((root / "params.npz").is_file()
+                                   or (root / "summary.json").is_file()):
+            # a run's or a fleet's folder given as the bundle (session 34 probe: `eval
+            # FLEET_FOLDER` was told to re-export it)
+            raise UserError(f"'{root}' is a run's folder (its params.npz or summary.json), not "
+                            "a bundle; pass the bundle it was trained from (`eval` takes the "
+                            f"run as --weights {root})")
         raise UserError(f"bundle '{root}' has no manifest.json (or it is not a regular file); "
                         "re-export it")
     manifest = read_manifest(mpath)

@@ -296,6 +296,12 @@ def test_the_bundle_a_run_json_names_is_said(mlp_head_bundle, cli, tmp_path):
                     "picks another)"], r.stdout
     r = cli("export-model", run, "--bundle", mlp_head_bundle, "--out", tmp_path / "n.onnx")
     assert r.returncode == 0 and "bundle: " not in r.stdout, r.stdout
+    # the run's folder where a bundle belongs (session 34 probe: "has no manifest.json ...;
+    # re-export it", for a fleet's or a run's folder given to eval)
+    r = cli("eval", run, "--data", "digits")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: '{run}' is a run's folder (its params.npz or summary.json), not a bundle; pass "
+        f"the bundle it was trained from (`eval` takes the run as --weights {run})"), r.stderr
 
 
 def test_a_model_trained_on_arrays_gets_no_image_preprocessing(cnn_bundle, cli, tmp_path):
