@@ -107,14 +107,20 @@ def identity_weights(model: onnx.ModelProto) -> None:
         users = readers.get(name, [])
         if len(users) == 1 and users[0].op_type == "Identity" and users[0].output[0] not in outputs:
             alias[users[0].output[0]] = name
-    if not alias:
+    _read_directly(model, alias, "Identity")
+
+
+def _read_directly(model: onnx.ModelProto, renamed: dict[str, str], op: str) -> None:
+    """Remove the ``op`` nodes whose outputs ``renamed`` maps to an initializer, their readers
+    reading that initializer instead."""
+    if not renamed:
         return
-    keep = [n for n in g.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    keep = [n for n in model.graph.node if not (n.op_type == op and n.output[0] in renamed)]
     for n in keep:
         for i, name in enumerate(n.input):
-            n.input[i] = alias.get(name, name)
-    del g.node[:]
-    g.node.extend(keep)
+            n.input[i] = renamed.get(name, name)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def float32_weights(model: onnx.ModelProto) -> list[str]:
@@ -142,13 +148,7 @@ def float32_weights(model: onnx.ModelProto) -> list[str]:
             renamed[u.output[0]] = name
     if not renamed:
         return []
-    keep = [n for n in model.graph.node if not (n.op_type == "Cast" and n.output[0] in renamed)]
-    for n in keep:
-        for i, name in enumerate(n.input):
-            if name in renamed:
-                n.input[i] = renamed[name]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
+    _read_directly(model, renamed, "Cast")
     shown = sorted(set(renamed.values()))
     return [f"note: {len(shown)} weights stored in float16/bfloat16/float64 and cast to float32 "
             f"by the model train in float32 ({', '.join(shown[:6])}{' …' if len(shown) > 6 else ''})"]

@@ -109,9 +109,14 @@ def _progress(partial: dict) -> None:
     """(In a probe.) Send what is measured so far: a probe stopped at a larger micro-batch
     keeps the smaller ones (``_fork`` returns the last as ``partial``)."""
     if _PROGRESS_FD is not None:
-        data = (json.dumps({"partial": partial}) + "\n").encode()
-        while data:
-            data = data[os.write(_PROGRESS_FD, data):]
+        _send(_PROGRESS_FD, {"partial": partial})
+
+
+def _send(fd: int, doc: dict) -> None:
+    """(In a probe.) One JSON line to the parent."""
+    data = (json.dumps(doc) + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def resident_file_pages() -> np.ndarray:
@@ -216,9 +221,7 @@ def _fork(fn: Callable[[], dict], timeout: float = PROBE_TIMEOUT_S,
         except BaseException as exc:  # noqa: BLE001 - report anything to the parent
             out = {"ok": False, "oom": False, "error": f"{type(exc).__name__}: {exc}"}
         try:
-            data = (json.dumps(out) + "\n").encode()
-            while data:
-                data = data[os.write(w, data):]
+            _send(w, out)
         finally:
             os._exit(0)
     gc.unfreeze()

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 __all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss",
            "device_given", "fork_held", "forked_child", "held_lock", "peak_rss", "physical_ram",
-           "proc_status",
-           "reserve", "run_measured", "set_budget", "set_limit", "tree_pss", "tune_malloc"]
+           "proc_status", "reserve", "run_measured", "set_budget", "set_limit", "tree_pss",
+           "tune_malloc"]
 
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
 _BUDGET: int | None = None  # the command's --budget (or its profile's), for helper children

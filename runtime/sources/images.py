@@ -398,7 +398,9 @@ def _check_fits(rel: Path, w: int, h: int, need: int, progressive: bool) -> None
     took the process to 280 / 352 MB before the plan refused --budget 248MB)."""
     budget = budget_given()
     rss = current_rss()
-    if budget is not None and rss + need > budget and (rss >= budget or 4 * need <= budget):
+    if budget is None or rss + need <= budget:
+        return
+    if rss >= budget or 4 * need <= budget:
         # a small image: the budget is the problem (session 34 probe: --budget 40MB was
         # blamed on a 31x54 JPEG of 1 MB beside the 62 MB the process took at start)
         raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
@@ -406,12 +408,10 @@ def _check_fits(rel: Path, w: int, h: int, need: int, progressive: bool) -> None
                         f"folder); raise --budget well above it, e.g. to "
                         f"{math.ceil(2 * rss / 1e6)}MB (`instant-runtime plan` without --budget "
                         "estimates the minimum)")
-    if budget is not None and rss + need > budget:
-        raise UserError(f"image {rel} ({w}x{h}) takes about {math.ceil(need / 1e6)} MB to decode"
-                        + (" (a progressive JPEG keeps every coefficient)" if progressive else "")
-                        + f", more than --budget "
-                        f"{budget / 1e6:.0f}MB leaves beside the {current_rss() / 1e6:.0f} MB "
-                        "already in use; shrink or remove it, or raise --budget")
+    raise UserError(f"image {rel} ({w}x{h}) takes about {math.ceil(need / 1e6)} MB to decode"
+                    + (" (a progressive JPEG keeps every coefficient)" if progressive else "")
+                    + f", more than --budget {budget / 1e6:.0f}MB leaves beside the "
+                    f"{rss / 1e6:.0f} MB already in use; shrink or remove it, or raise --budget")
 
 
 def _format(im) -> str:
