@@ -377,6 +377,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     # micro-batch's share of the batch (m / n), so gradients arrive already weighted.
     seed = names.LOSS_SCALE if mode != "calib" else bwd.const(1.0)
     contrib: dict[str, list[str]] = {loss: [seed]}
+    narrow: str | None = None
     for node in reversed(list(g.node)):
         node = substitute.get(node.name, node)
         if not any(o in contrib for o in node.output):
@@ -384,6 +385,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
         if not any(ctx.needs_grad(i) for i in _reads(node) if i) and not (
                 mode == "calib" and node.name in by_node):  # calib still wants its Grams
             continue
+        narrow = narrow or _narrow_at(ctx, node)
         rule = registry.get(node.op_type)
         if rule is None and node.op_type in ("If", "Loop", "Scan"):
             raise ExportError(
@@ -458,7 +460,47 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
         outs[p] = out
     draft.protected = set(outs.values()) | set(ctx.bwd_outputs)
     draft.drop_dead_bwd()
-    return _split(fwd_model, fwd, bwd, ctx, outs, opset, mode, extra)
+    tg = _split(fwd_model, fwd, bwd, ctx, outs, opset, mode, extra)
+    if narrow is not None:
+        _check_narrow(tg, narrow)
+    return tg
+
+
+_NARROW = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+           onnx.TensorProto.DOUBLE: "float64"}
+
+
+def _narrow_at(ctx: GradContext, node: onnx.NodeProto) -> str | None:
+    """Where a node other than a Cast computes in float16/bfloat16/float64 between a trainable
+    parameter and the loss: what to say if the graphs built for it do not load (None if not)."""
+    if node.op_type == "Cast":
+        return None
+    for name in _reads(node):
+        kind = _NARROW.get(ctx.shapes.dtype.get(name, onnx.TensorProto.FLOAT)) if name else None
+        if kind and ctx.needs_grad(name):
+            return (f"the model computes in {kind} between a trainable parameter and the loss "
+                    f"(at node '{node.name}', {node.op_type}, and maybe others), and the backward "
+                    "built for it in float32 does not load")
+    return None
+
+
+def _check_narrow(tg: TrainingGraphs, narrow: str) -> None:
+    """The backward is built in float32: a rule whose backward mixes float32 constants with a
+    float16 tensor (Relu's, Tanh's: ``.half()`` or autocast inside forward) makes graphs
+    onnxruntime refuses, found at the first step after an export that said nothing (session 35
+    probe). Loaded here where a node computes in another float type (a Mul or MatMul in
+    float64 builds graphs that load and train: kept)."""
+    from .any_length import ort_session
+
+    for m in (tg.forward, tg.backward):
+        try:
+            ort_session(m)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal, named below
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ExportError(f"{narrow} (onnxruntime: {first}); export the model in float32 "
+                              "(torch: model.float(), no .half() or autocast inside forward), "
+                              "or freeze the layers up to and including that node "
+                              "(--trainable)") from None
 
 
 def _scatter_into(made: dict[str, onnx.NodeProto], read: set[str], gp: str, acc: str,

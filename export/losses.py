@@ -100,6 +100,12 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
                           "values (class ids, e.g. an argmax), which no gradient passes: return "
                           "the scores (logits) from forward, and take the argmax after the "
                           "model")
+    if kind != TensorProto.FLOAT:  # (an outside probe: a final .half() exported, then no step
+        # ever ran: onnxruntime refused the loss of float16 scores)
+        raise ExportError(f"output '{output}' holds "
+                          f"{TensorProto.DataType.Name(kind).lower().replace('double', 'float64')}"
+                          " values and the loss is computed in float32: make the model return "
+                          "float32 (torch: end forward with .float(), not .half())")
     if loss == "cross_entropy":
         rank = len(out_shape)
         first = rank >= 3 and _classes_first(out_shape, labels, class_axis)

@@ -19,7 +19,7 @@ __all__ = ["DTYPES", "EXAMPLE_ROWS", "by_name", "example_arrays", "examples", "f
            "parse_input_shapes", "same_buffers"]
 
 
-DTYPES = ("float32", "float64", "float16", "int64", "int32", "bool")
+DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8", "int8", "bool")
 
 
 EXAMPLE_MAX_BYTES = 4 << 30  # an example input larger than this is a typo, not a model

@@ -324,27 +324,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-class _ZeroPadFn(torch.autograd.Function):
-    """Zero padding that the TorchScript ONNX exporter writes as one Pad with constant pads (its
-    own ``F.pad`` export computes the pads with a ConstantOfShape/Slice/Transpose subgraph)."""
-
-    @staticmethod
-    def forward(ctx, x, pad):
-        ctx.pad = pad
-        return nn.functional.pad(x, pad)
-
-    @staticmethod
-    def backward(ctx, g):
-        left, right, top, bottom = ctx.pad
-        return g[:, :, top:g.shape[2] - bottom, left:g.shape[3] - right], None
-
-    @staticmethod
-    def symbolic(g, x, pad):
-        left, right, top, bottom = pad
-        pads = torch.tensor([0, 0, top, left, 0, 0, bottom, right], dtype=torch.int64)
-        return g.op("Pad", x, g.op("Constant", value_t=pads), mode_s="constant")
-
-
 class _ZeroPad(nn.Module):
     """TF 'SAME' asymmetric zero padding (left, right, top, bottom) for the stride-2 convs."""
 
@@ -353,7 +332,10 @@ class _ZeroPad(nn.Module):
         self.pad = tuple(int(p) for p in pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ZeroPadFn.apply(x, self.pad)
+        # (a custom autograd.Function until session 35, for a Pad with constant pads: since
+        # session 29 the export refused it as a gradient stop; export's constant folding now
+        # makes F.pad's computed pads that constant)
+        return nn.functional.pad(x, self.pad)
 
 
 def _plain_convs(net: nn.Module) -> None:

@@ -27,7 +27,8 @@ def fingerprinted_export(module, export, only: set[str] | None = None):
             for n, p in module.named_parameters():
                 if only is None or n in only:
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
-            values = {n: p.detach().numpy().copy() for n, p in module.named_parameters()}
+            values = {n: (p.detach().float() if p.is_floating_point() else p.detach())
+                      .numpy().copy() for n, p in module.named_parameters()}  # (as below)
         return export(), values
     except Exception:  # noqa: BLE001 - no second opinion
         return None
@@ -87,7 +88,10 @@ def name_initializers(model: onnx.ModelProto, module, fingerprinted
     train one tensor; any other such constant (``F.normalize(self.weight)``'s norms, a weight
     norm) would cut its parameters' gradient short and is returned for the caller to refuse.
     """
-    params = {n: p.detach().numpy() for n, p in module.named_parameters()}
+    # float32 values: a float64 or bfloat16 parameter used through .float() is found as the
+    # float32 tensor the exporter made of it (bfloat16 has no numpy type: it was a traceback)
+    params = {n: (p.detach().float() if p.is_floating_point() else p.detach()).numpy()
+              for n, p in module.named_parameters()}
     mapping: dict[str, tuple[str, bool]] = {}
     shapes: dict[str, list[int]] = {}
     rename: dict[str, str] = {}

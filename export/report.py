@@ -439,7 +439,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if m.stale_summary is not None:
         print(f"note: summary.json is of step {str(m.stale_summary)[:20]} but metrics.jsonl goes "
               f"to step {_step(m.steps[-1])} (a resumed run that stopped early); it is left out")
-    lost = [r["step"] for r in m.steps if r.get("loss") is not None and _num(r["loss"]) is None]
+    # (null is how the runtime writes a NaN or inf: a session 35 probe saw no note for it)
+    lost = [r["step"] for r in m.steps if "loss" in r and _num(r["loss"]) is None
+            and not r.get("unlabelled")]  # (a batch without a labelled position: no loss)
     if lost:
         print(f"note: {len(lost)} {m.unit}(s) logged a loss that is not a number within +-1e30 (NaN, "
               f"inf or an overflow; the first at step {lost[0]}) and are left out of the loss "

@@ -100,6 +100,12 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
                             f"read through DequantizeLinear: {', '.join(quantized[:4])}"
                             f"{' …' if len(quantized) > 4 else ''}) and stay frozen; to train "
                             "them, export the model before quantizing it")
+    narrow = _narrow(traced)
+    if narrow and cands:  # (an outside probe: a float16 head of a float32 model froze silently)
+        traced.notes.append(f"note: {len(narrow)} weight(s) are float16/bfloat16/float64 and "
+                            f"the model computes with them in that type ({', '.join(narrow[:4])}"
+                            f"{' …' if len(narrow) > 4 else ''}); they stay frozen (training "
+                            "runs in float32): export the model in float32 to train them")
     spec = spec.strip()
     if spec == "all":
         chosen = cands
@@ -135,9 +141,13 @@ def select_trainable(traced: Traced, spec: str) -> list[str]:
                                                              for c in named):
                 shown = [traced.display(c) for c in cands]
                 q = [c for c in quantized if fnmatch.fnmatch(c, p)]
+                h = [c for c in narrow if fnmatch.fnmatch(c, p)]
                 raise ExportError(f"--trainable pattern '{p}' matches no parameter" + (
                     f" (it names quantized weight(s), {', '.join(q[:3])}, which cannot train: "
-                    "export the model before quantizing it)" if q else "") + "; parameters: "
+                    "export the model before quantizing it)" if q else "") + (
+                    f" (it names weight(s) computed in float16/bfloat16/float64, "
+                    f"{', '.join(h[:3])}; training runs in float32: export the model in "
+                    "float32)" if h else "") + "; parameters: "
                     f"{', '.join(shown[:12])}{' …' if len(shown) > 12 else ''}")
     return _without_no_grad(traced, spec, chosen)
 
@@ -148,6 +158,16 @@ def _quantized(traced: Traced) -> list[str]:
             if n.op_type == "DequantizeLinear" and n.input}
     return [i.name for i in traced.model.graph.initializer
             if i.name in read and i.data_type != TensorProto.FLOAT]
+
+
+def _narrow(traced: Traced) -> list[str]:
+    """Weights (two or more values) stored in float16/bfloat16/float64 that nodes read as they
+    are: those behind a Cast to float32 were made float32 at import (``float32_weights``)."""
+    kinds = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    read = {i for n in traced.model.graph.node for i in n.input}
+    return [i.name for i in traced.model.graph.initializer
+            if i.data_type in kinds and i.name in read and int(np.prod(i.dims)) >= 2
+            and (not traced.from_torch or i.name in traced.torch_names)]  # (not buffers)
 
 
 def _no_float32(traced: Traced) -> str:

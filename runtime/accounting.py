@@ -58,19 +58,20 @@ def layer_costs(layers: list[LayerInfo], ranks: dict[str, tuple[int, int]], rows
 
 
 def format_table(costs: list[LayerCost]) -> str:
-    rows = [f"{'layer':<24} {'axes':>4} {'Rx':>5} {'Ry':>5} {'bwd MFLOP van':>14} "
+    w = max([24, *(len(c.name) for c in costs)])  # (a file's m.layer4.attention.output: 25)
+    rows = [f"{'layer':<{w}} {'axes':>4} {'Rx':>5} {'Ry':>5} {'bwd MFLOP van':>14} "
             f"{'bwd MFLOP ins':>14} {'saved KB van':>13} {'saved KB ins':>13}"]
     tv = ti = bv = bi = 0
     for c in costs:
         ry = "exact" if c.gx_exact else c.ry
         kb = (f"{'shared':>13} {'shared':>13}" if c.shared else
               f"{c.vanilla_bytes / 1e3:>13.2f} {c.instant_bytes / 1e3:>13.2f}")
-        rows.append(f"{c.name:<24} {c.axes:>4} {c.rx:>5} {ry:>5} {c.vanilla_flops / 1e6:>14.3f} "
+        rows.append(f"{c.name:<{w}} {c.axes:>4} {c.rx:>5} {ry:>5} {c.vanilla_flops / 1e6:>14.3f} "
                     f"{c.instant_flops / 1e6:>14.3f} {kb}")
         tv, ti = tv + c.vanilla_flops, ti + c.instant_flops
         bv, bi = bv + c.vanilla_bytes, bi + c.instant_bytes
     if costs:
-        rows.append(f"{'total (per sample)':<24} {'':>4} {'':>5} {'':>5} {tv / 1e6:>14.3f} "
+        rows.append(f"{'total (per sample)':<{w}} {'':>4} {'':>5} {'':>5} {tv / 1e6:>14.3f} "
                     f"{ti / 1e6:>14.3f} {bv / 1e3:>13.2f} {bi / 1e3:>13.2f}")
         rows.append(f"backward FLOP ratio instant/vanilla = {ti / tv:.3f}; "
                     f"saved-activation ratio = {bi / bv:.3f}")

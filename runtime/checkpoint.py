@@ -179,12 +179,14 @@ class Checkpointer:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
                 "bundle_sha256": self.bundle_sha, **meta}
         blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        placed = False
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.writer(tmp, {**arrays, _META: blob})
             entry = {"file": final.name, "sha256": file_sha256(tmp),
                      "bytes": tmp.stat().st_size, "step": step}
             os.replace(tmp, final)
+            placed = True
             fsync_dir(self.folder)
             kept = [entry] + [e for e in self.entries() if e["file"] != final.name]
             kept = kept[:self.keep]
@@ -198,6 +200,16 @@ class Checkpointer:
             # probe's folder named 'latest' was reported as the checkpoint failing)
             at = exc.filename2 or exc.filename
             where = f" ({at})" if at and Path(at).name != final.name else ""
+            if placed and final.is_file() and not self.entries():  # (a session 35 probe: the
+                # pointer failed, and the line said no checkpoint existed; with no readable
+                # pointer a --resume finds the newest file; with one, the pointer's below)
+                raise CheckpointWriteError(
+                    f"cannot write the checkpoint pointer {self.folder / POINTER}: "
+                    f"{exc.strerror or exc.__class__.__name__}",
+                    f"the checkpoint {final} itself was written (a --resume finds it)",
+                    "free space or pass another --out" if exc.errno in (errno.ENOSPC,
+                                                                         errno.EDQUOT)
+                    else f"check what is in the way in '{self.folder}'") from None
             raise CheckpointWriteError(
                 f"cannot write checkpoint {final}: {exc.strerror or exc.__class__.__name__}"
                 f"{where}",

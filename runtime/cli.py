@@ -545,6 +545,8 @@ def _export(a) -> int:
     from export import export_bundle
 
     out = Path(a.out)
+    if out.is_symlink():  # written through the link, as train's --out is (a session 35 probe:
+        out = Path(os.path.realpath(out))  # the link was replaced by a folder of its own)
     _check_export_out(out, a.overwrite)
     exclude = None
     if a.instant_exclude is not None:
@@ -607,6 +609,9 @@ def _export(a) -> int:
         from contract import read_manifest
 
         read_manifest(tmp / "manifest.json")  # what the runtime will read
+        mask = os.umask(0o22)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # (mkdtemp's 0700: other accounts could not read it)
         check_terminated()
         # checked again: a folder made at --out while the export ran (a run that trained the
         # old bundle into BUNDLE/run meanwhile, a file of the user's) is never replaced
@@ -682,7 +687,7 @@ def _cmd_train(a) -> int:
     from .checkpoint import CheckpointWriteError, TrainingInterrupted
     from .config import OptimConfig, RunConfig
     from .errors import UserError
-    from .run import RunFinished, RunFolder, finished_already, run_identity, train
+    from .run import FinalWriteError, RunFinished, RunFolder, finished_already, run_identity, train
     from .trainer import Trainer
 
     budget, prof = _budget_and_profile(a)
@@ -734,6 +739,10 @@ def _cmd_train(a) -> int:
         say_err(str(exc) + (f"; the previous run in '{out}' is back in place"
                             if folder.restored else ""))
         return exc.exit_code
+    except FinalWriteError as exc:  # (a session 35 probe: an --overwrite put the old run back
+        # and the line sent the user to this run's removed checkpoint)
+        ok = exc.checkpoint is not None  # all its steps are in it: the new run stands
+        raise
     except CheckpointWriteError as exc:
         folder.finish(False)
         if folder.restored:  # the checkpoint it names was this run's, now removed
@@ -1104,7 +1113,11 @@ def _cmd_export_model(a) -> int:
     from .export_model import export_model
 
     r = export_model(a.source, a.out, weights=a.weights, bundle=a.bundle, overwrite=a.overwrite)
-    print(f"model written to {r.onnx_path} ({r.params} trained tensors from {r.weights})"
+    untrained = r.weights.name == "params.npz" and (r.weights.parent / "manifest.json").is_file()
+    print(f"model written to {r.onnx_path} ({r.params} "  # (a session 35 probe: "trained")
+          + (f"untrained tensors: the bundle's initial weights, {r.weights}" if untrained
+             else f"trained tensors from {r.weights}")
+          + ")"
           + (f", external data {r.external_data}" if r.external_data else ""))
     if r.bundle_from_run:  # (a run folder from elsewhere may name any bundle)
         print(f"bundle: {os.path.normpath(r.bundle_from_run)}, as "

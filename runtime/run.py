@@ -57,8 +57,8 @@ from .run_folder import RunFolder
 from .run_log import Metrics, StepStats, step_logged
 from .trainer import ArenaExhausted, IndexBatch, StepAbandoned, Trainer
 
-__all__ = ["Metrics", "Order", "RunFinished", "RunFolder", "ShrinkGuard", "StepStats", "Summary",
-           "finished_already", "train"]
+__all__ = ["FinalWriteError", "Metrics", "Order", "RunFinished", "RunFolder", "ShrinkGuard",
+           "StepStats", "Summary", "finished_already", "train"]
 
 
 @dataclass
@@ -504,7 +504,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                                                      else None),
                               lr=lr, step_s=r.seconds, rss=current_rss(), peak_rss=peak_rss(),
                               micro_batch=trainer.plan.micro_batch,
-                              **({"logged_every": stride} if stride > 1 else {}))
+                              **({"logged_every": stride} if stride > 1 else {}),
+                              **({"unlabelled": True} if bundle.classification and not r.count
+                                 else {}))  # (its null loss is no divergence: report)
             if tally["nonfinite"] >= cfg.max_nonfinite:  # (after its metrics line)
                 bar.close()
                 raise _diverged(trainer, f"non-finite loss or gradient for {tally['nonfinite']} "
@@ -605,6 +607,16 @@ def _skipped(skipped: int, unlabelled: int) -> str:
     return "non-finite loss or gradient"
 
 
+class FinalWriteError(UserError):
+    """The run's last files could not be written; ``checkpoint``, where not None, holds all
+    its steps: the run stands (an --overwrite does not put the old run back) and a --resume
+    finishes it."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
 @contextlib.contextmanager
 def _final_write(path: Path, last_ckpt: Path | None):
     """A failed write of the run's last files (a full disk, a folder made read-only) names the
@@ -615,7 +627,8 @@ def _final_write(path: Path, last_ckpt: Path | None):
         then = (f"the last checkpoint {last_ckpt} is intact: free space or fix the permissions "
                 "and run the same command with --resume to finish" if last_ckpt else
                 "free space or fix the permissions and run it again")
-        raise UserError(f"cannot write '{path}' ({exc.strerror or exc}); {then}") from None
+        raise FinalWriteError(f"cannot write '{path}' ({exc.strerror or exc}); {then}",
+                              last_ckpt) from None
 
 
 def run_identity(trainer: Trainer, data_spec: str, cfg: RunConfig,

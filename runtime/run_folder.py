@@ -40,6 +40,7 @@ __all__ = ["RUN_FILES", "RunFolder", "bundle_run", "check_out_path", "check_run_
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
 # temporary file of an atomic write (``.NAME.tmpPID``)
 _RUN_LEFTOVER = re.compile(r"^\.(replaced\.\d+|write-test\.\d+|[\w.-]+\.tmp\d+)$")
+_CKPT = re.compile(r"^(ckpt-\d+\.npz|latest)$")  # what a checkpoints folder holds
 
 
 def bundle_run(bundle_dir: Path, name: str = "run") -> Path:
@@ -183,6 +184,10 @@ class RunFolder:
 
     def _prepare(self, resume: bool, overwrite: bool) -> None:
         p = self.path
+        if p.parent.name == "checkpoints" and (p.parent.parent / "run.json").is_file():
+            raise UserError(f"--out '{p}' is inside the checkpoints folder of the run in "
+                            f"'{p.parent.parent}', which that run prunes and --overwrite "
+                            "replaces; pass a folder outside it")
         self._recover_set_aside()
         existing = [f for f in RUN_FILES if (p / f).exists()
                     and not (f == "checkpoints" and not _nonempty_dir(p / f))]
@@ -203,6 +208,14 @@ class RunFolder:
             for f in existing:
                 (p / f).unlink()
             existing = []
+        if overwrite and "checkpoints" in existing:  # (session 35 probe: a user's files there,
+            # a run written into it, went with the old run without a word)
+            others = [n for n in not_run_files(p / "checkpoints", ()) if not _CKPT.match(n)]
+            if others:
+                raise UserError(f"--out '{p}': its checkpoints folder also holds files that "
+                                f"are not checkpoints ({', '.join(others[:3])}"
+                                f"{', ...' if len(others) > 3 else ''}), which would go with the "
+                                "old run; move them out of it, or pass another --out")
         if existing and not (resume or overwrite):
             raise UserError(f"--out '{p}' already holds a training run ({', '.join(existing)}); "
                             "pass --resume to continue it, --overwrite to replace it, or "
@@ -484,8 +497,10 @@ def _check_writable(folder: Path, out: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"x")
+        finally:  # (a full disk left it behind: a session 35 probe)
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise UserError(f"--out '{out}' is not writable ({exc.strerror or exc}); pass another "
                         "--out") from None

@@ -62,11 +62,11 @@ def test_third_party_minilm_onnx_on_rotten_tomatoes_csv(tmp_path):
     out = _ok(_cli("export", "--model", onnx_file, "--out", bundle, "--output",
                    "token_embeddings", "--head", 2, "--pool", "mean", "--tokenizer",
                    tmp_path / "tokenizer.json", "--input-shape", "8,64:int64;8,64:int64",
-                   "--trainable", "layer4.*,layer5.*"))
-    assert "12 INSTANT layers" in out, out
+                   "--trainable", "m.layer4.*,m.layer5.*"))
+    assert "12 INSTANT layers" in out and "34 trainable tensors" in out, out
     layers = {ly["name"] for ly in json.loads((bundle / "manifest.json").read_text())
               ["instant"]["layers"]}
-    assert layers == {f"layer{i}.{k}" for i in (4, 5) for k in (
+    assert layers == {f"m.layer{i}.{k}" for i in (4, 5) for k in (
         "attention.query", "attention.key", "attention.value", "attention.output",
         "intermediate", "output")}, layers
 

@@ -405,7 +405,8 @@ def test_a_failed_write_names_what_is_left_and_the_right_way_out(mlp_bundle, tmp
     with pytest.raises(UserError) as e:
         ck.save(6, arrays, meta)
     msg = str(e.value)
-    assert "the newest checkpoint file is" in msg and "no earlier checkpoint" not in msg, msg
+    assert f"the checkpoint {folder / 'ckpt-000006.npz'} itself was written" in msg \
+        and "no earlier checkpoint" not in msg, msg  # (it was: the newest file, step 2)
 
 
 def test_a_full_disk_in_an_overwrite_says_the_previous_run_is_back(cli, mlp_bundle, tmp_path):
@@ -1025,7 +1026,8 @@ def test_many_unusable_checkpoints_are_counted_not_listed(damage_runs, mlp_bundl
 def test_a_pointer_in_the_way_is_named(cli, mlp_bundle, tmp_path):
     """Session 28 probe: a folder named ``checkpoints/latest`` failed a resume with "cannot
     write checkpoint ckpt-000004.npz: Is a directory", naming the checkpoint, which was
-    written; the path in the way is named now."""
+    written; the path in the way is named now (session 35 probe: and the checkpoint, written,
+    was said not to exist: "no earlier checkpoint exists")."""
     out = tmp_path / "run"
     assert cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 2, "--checkpoint-every",
                2).returncode == 0
@@ -1034,8 +1036,12 @@ def test_a_pointer_in_the_way_is_named(cli, mlp_bundle, tmp_path):
     r = cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 4, "--checkpoint-every", 2,
             "--resume")
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and lines[-1].startswith("error: cannot write checkpoint"), lines
-    assert f"Is a directory ({out / 'checkpoints' / 'latest'})" in lines[-1], lines
+    assert r.returncode == 2 and lines[-1].startswith(
+        f"error: cannot write the checkpoint pointer {out / 'checkpoints' / 'latest'}: Is a "
+        "directory"), lines
+    assert f"the checkpoint {out / 'checkpoints' / 'ckpt-000004.npz'} itself was written (a " \
+        "--resume finds it)" in lines[-1], lines
+    assert (out / "checkpoints" / "ckpt-000004.npz").is_file()
 
 
 # ------------------------------------------------------------------------- the run folder

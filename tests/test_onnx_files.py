@@ -1277,3 +1277,108 @@ def test_export_names_missing_weights_a_classes_misuse_and_ignored_lengths(tmp_p
     notes: list[str] = []
     export_bundle("mlp", tmp_path / "m2", lengths=[4, 6], notes=notes)
     assert any(n.startswith("note: --lengths 4,6 left out") for n in notes), notes
+
+
+def test_float16_computation_is_refused_at_export_and_its_frozen_weights_named(tmp_path):
+    """Session 35 probe: a float16 layer inside a float32 file (fc1 → Cast → float16 fc2 →
+    Cast) exported with "2 trainable tensors" and trained with fc2 frozen without a word; a
+    final Cast to float16 exported, then every step failed in onnxruntime ("re-export the
+    bundle"), as did float16 compute through a Relu (its backward compares with a float32 0).
+    The frozen layer gets a note, the others one line at export; a computation in float64 or
+    float16 whose backward loads (a LogSoftmax, a MatMul) still trains (the reviewer's)."""
+    from export.bundle import export_bundle
+    from export.graph import ExportError
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape, dtype=np.float32):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(dtype), name)
+
+    def file(name, nodes, inits, out=TensorProto.FLOAT):
+        return str(_saved(tmp_path / f"{name}.onnx", nodes, ("x", TensorProto.FLOAT, ["N", 8]),
+                          ("y", out, ["N", 3]), inits))
+
+    def params(b):
+        import json
+
+        return [p["name"] for p in json.loads((b / "manifest.json").read_text())["params"]]
+
+    to16, to64, to32 = TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.FLOAT
+    head16 = file("head16", [
+        helper.make_node("MatMul", ["x", "fc1.w"], ["h"], name="fc1/MatMul"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Cast", ["r"], ["r16"], to=to16),
+        helper.make_node("MatMul", ["r16", "fc2.w"], ["y16"], name="fc2/MatMul"),
+        helper.make_node("Cast", ["y16"], ["y"], to=to32)],
+        [w("fc1.w", 8, 6), w("fc2.w", 6, 3, dtype=np.float16)])
+    notes: list[str] = []
+    assert params(export_bundle(head16, tmp_path / "b1", input_shape="8,8", notes=notes)) \
+        == ["fc1.w"]
+    assert any("1 weight(s) are float16/bfloat16/float64 and the model computes with them in "
+               "that type (fc2.w); they stay frozen" in n for n in notes), notes
+    with pytest.raises(ExportError, match=r"it names weight\(s\) computed in float16/bfloat16/"
+                       r"float64, fc2.w"):
+        export_bundle(head16, tmp_path / "b2", input_shape="8,8", trainable="fc2.*")
+    relu16 = file("relu16", [
+        helper.make_node("MatMul", ["x", "fc1.w"], ["h"], name="fc1/MatMul"),
+        helper.make_node("Cast", ["h"], ["h16"], to=to16),
+        helper.make_node("Relu", ["h16"], ["r16"], name="act/Relu"),
+        helper.make_node("Cast", ["r16"], ["y"], to=to32)], [w("fc1.w", 8, 3)])
+    with pytest.raises(ExportError, match=r"computes in float16 between a trainable parameter "
+                       r"and the loss \(at node 'act/Relu'.*onnxruntime: .*model.float\(\)"):
+        export_bundle(relu16, tmp_path / "b3", input_shape="8,8")
+    out16 = file("out16", [helper.make_node("MatMul", ["x", "fc1.w"], ["h"], name="fc1/MatMul"),
+                           helper.make_node("Cast", ["h"], ["y"], to=to16)],
+                 [w("fc1.w", 8, 3)], out=to16)
+    with pytest.raises(ExportError, match=r"output 'y' holds float16 values and the loss is "
+                       r"computed in float32.*\.float\(\)"):
+        export_bundle(out16, tmp_path / "b4", input_shape="8,8")
+    soft64 = file("soft64", [
+        helper.make_node("MatMul", ["x", "fc1.w"], ["h"], name="fc1/MatMul"),
+        helper.make_node("Cast", ["h"], ["h64"], to=to64),
+        helper.make_node("LogSoftmax", ["h64"], ["s64"], axis=-1),
+        helper.make_node("Cast", ["s64"], ["y"], to=to32)], [w("fc1.w", 8, 3)])
+    assert params(export_bundle(soft64, tmp_path / "b5", input_shape="8,8")) == ["fc1.w"]
+
+
+def test_bfloat16_and_float64_parameters_used_through_float_train(tmp_path):
+    """Session 35 probe: a bfloat16 parameter of a float32 torch model (``x @ w.float()``) ended
+    export in a traceback (numpy has no bfloat16), and a float64 one was left frozen with a
+    note of a folded constant (its float32 copy never matched the float64 values). Both train
+    now, with torch's gradient of the model as it computes (the parameter rounded to float32)."""
+    import torch
+    from helpers import make_trainer
+
+    from export.bundle import export_bundle
+    from runtime.trainer import ArrayBatch
+
+    (tmp_path / "m.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, dtype):\n"
+        "        super().__init__()\n"
+        "        g = torch.Generator().manual_seed(0)\n"
+        "        self.w = nn.Parameter((torch.randn(6, 3, generator=g) * 0.5).to(dtype))\n"
+        "        self.b = nn.Parameter(torch.randn(3, generator=g).to(dtype))\n"
+        "    def forward(self, x):\n"
+        "        return x @ self.w.float() + self.b.float()\n\n"
+        "def bf16():\n    return Net(torch.bfloat16)\n\n"
+        "def f64():\n    return Net(torch.float64)\n")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    for fn, dtype in (("bf16", torch.bfloat16), ("f64", torch.float64)):
+        b = export_bundle(f"{tmp_path / 'm.py'}:{fn}", tmp_path / fn, input_shape="8,6")
+        tr = make_trainer(b, mode="vanilla", micro_batch=8)
+        names = sorted(tr._grads)
+        assert names == ["b", "w"], (fn, names)
+        tr.gradients(ArrayBatch({"x": x}, y))
+        g = torch.Generator().manual_seed(0)
+        w = (torch.randn(6, 3, generator=g) * 0.5).to(dtype).float().requires_grad_(True)
+        bias = torch.randn(3, generator=g).to(dtype).float().requires_grad_(True)
+        torch.nn.functional.cross_entropy(torch.from_numpy(x) @ w + bias,
+                                          torch.from_numpy(y)).backward()
+        for name, ref in (("w", w.grad), ("b", bias.grad)):
+            got = tr._grads[name].reshape(ref.shape) if tr._grads[name].shape == ref.shape \
+                else tr._grads[name].T
+            assert np.allclose(got, ref.numpy(), atol=1e-6), (fn, name, got, ref)

@@ -463,3 +463,66 @@ def test_a_bundle_cannot_lead_its_default_run_folders_elsewhere_by_a_link(cli, m
                            cwd=REPO, capture_output=True, text=True, timeout=120)
         _one_line(r, f"bundle/{name} is a symbolic link")
     assert _tree(elsewhere) == before
+
+
+SAVE_FAILS = """
+import errno, sys
+from runtime.trainer import Trainer
+def full(self, path):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+Trainer.save_params = full
+from runtime.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_overwrite_whose_last_files_fail_keeps_the_new_run_it_names(cli, run_python,
+                                                                      mlp_bundle, tmp_path):
+    """Session 35 probe: an --overwrite run whose params.npz met a full disk after its last
+    checkpoint put the old run back, while its line named that (removed) checkpoint and a
+    --resume, which then found the old run. The new run stands now, and the resume finishes
+    it; a run whose checkpoints folder holds a user's files (or a run written into it) is not
+    replaced with them, and a full disk leaves no write probe behind."""
+    run = tmp_path / "r"
+    common = ["train", mlp_bundle, "--data", "digits", "--no-progress", "--out", run]
+    assert cli(*common, "--steps", 4).returncode == 0
+    r = run_python(SAVE_FAILS, *common, "--steps", 6, "--checkpoint-every", 0, "--overwrite")
+    _one_line(r, "cannot write", "params.npz' (No space left on device); the last checkpoint",
+              "ckpt-000006.npz is intact", "--resume")
+    assert sorted(os.listdir(run / "checkpoints")) == ["ckpt-000006.npz", "latest"], r.stderr
+    assert not [n for n in os.listdir(run) if n.startswith(".")], os.listdir(run)
+    r = cli(*common, "--steps", 6, "--checkpoint-every", 0, "--resume")
+    assert r.returncode == 0 and (run / "params.npz").is_file(), r.stderr
+
+    (run / "checkpoints" / "NOTES.txt").write_text("mine")
+    before = _tree(run)
+    _one_line(cli(*common, "--steps", 2, "--overwrite"), "its checkpoints folder also holds "
+              "files that are not checkpoints (NOTES.txt)", "move them out of it")
+    _one_line(cli(*common[:-1], run / "checkpoints" / "sub", "--steps", 2),
+              "is inside the checkpoints folder of the run in")
+    assert _tree(run) == before
+    with _small_disk(tmp_path, "200k") as small:
+        st = os.statvfs(small)
+        (small / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize))
+        r = cli(*common[:-1], small / "r2", "--steps", 2)
+        assert r.returncode == 2 and "No space left on device" in r.stderr, r.stderr
+        left = [str(p) for p in small.rglob(".write-test*")]
+        assert not left, left
+
+
+def test_an_export_through_a_link_writes_where_it_leads_readable_by_all(cli, tmp_path):
+    """Session 35 probe: ``export --out LINK`` replaced the link by a folder of its own (the
+    bundle meant for the folder it leads to, say an SD card, stayed on the local disk), and a
+    bundle folder was 0700 whatever the umask (mkdtemp's), so another account could not train
+    it; ``export-model`` of a bundle without a run called its initial weights "trained"."""
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "bundle").symlink_to("sd")
+    r = cli("export", "--model", "mlp", "--out", tmp_path / "bundle")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bundle").is_symlink() and (tmp_path / "sd" / "manifest.json").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "sd").stat().st_mode & 0o777 == 0o777 & ~mask
+    r = cli("export-model", tmp_path / "sd", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0 and "untrained tensors: the bundle's initial weights" in r.stdout \
+        and " trained tensors" not in r.stdout, r.stdout

@@ -134,16 +134,20 @@ def test_a_summary_of_another_step_is_left_out(tmp_path, capsys):
 
 
 def test_losses_left_out_of_the_curve_are_said(tmp_path, capsys):
-    """A diverged run logs NaN, inf or 1e300 losses (json writes NaN / Infinity): the curve
-    leaves them out, and the report says how many and from which step (was: silently)."""
+    """A diverged run logs NaN, inf or 1e300 losses (the runtime writes null for NaN and inf;
+    a session 35 probe: no note for those; json writes NaN / Infinity): the curve leaves them
+    out, and the report says how many and from which step (was: silently)."""
     recs = _records(20)
     for r in recs:
-        if r.get("kind") == "step" and r["step"] in (7, 9, 12):
-            r["loss"] = {7: float("nan"), 9: float("inf"), 12: 1e300}[r["step"]]
+        if r.get("kind") == "step" and r["step"] in (7, 9, 12, 14, 16):
+            r["loss"] = {7: float("nan"), 9: float("inf"), 12: 1e300, 14: None,
+                         16: None}[r["step"]]
+            if r["step"] == 16:  # a batch without a labelled position: skipped, not diverged
+                r["unlabelled"] = True
     run = _write_run(tmp_path / "run", recs)
     assert report.cmd_report(argparse.Namespace(run=str(run), out=None, overwrite=False)) == 0
     out = capsys.readouterr().out
-    assert "3 step(s) logged a loss that is not a number within +-1e30" in out, out
+    assert "4 step(s) logged a loss that is not a number within +-1e30" in out, out
     assert "the first at step 7" in out, out
     _write_run(tmp_path / "fine", _records(20))
     assert report.cmd_report(argparse.Namespace(run=str(tmp_path / "fine"), out=None,

@@ -641,6 +641,18 @@ def test_targets_whose_square_passes_float32_and_bool_ids_are_refused(tmp_path,
                                         r"50-row embedding table: store the ids as integers"):
         open_npz(_npz(tmp_path / "b.npz", ids=np.ones((6, 5), bool), y=np.zeros(6, int)), ids,
                  _ce(2))
+    # session 35 probe: float32 data past float16's 65504 into a float16 input became inf, its
+    # steps skipped and float32 blamed; integers past it too
+    half = [TensorSpec("x", ["N", 3], "float16")]
+    for big in (np.float32(7e4), np.int32(70_000)):
+        x = np.ones((6, 3), big.dtype)
+        x[3, 1] = big
+        with pytest.raises(UserError, match=r"'x' has \|x\| up to 7e\+04 \(row 3\), beyond "
+                                            r"65504, the largest value of the model's float16 "
+                                            r"input 'x'; scale the data down"):
+            open_npz(_npz(tmp_path / "h.npz", x=x, y=np.zeros(6, int)), half, _ce(2))
+    x[3, 1] = 6e4
+    assert len(open_npz(_npz(tmp_path / "h.npz", x=x, y=np.zeros(6, int)), half, _ce(2))) == 6
 
 
 def test_long_text_cut_before_tokenising_keeps_the_tokens(tmp_path, tokenizer_file):
@@ -1778,3 +1790,40 @@ def test_a_header_past_the_record_limit_is_not_called_empty(tmp_path, tokenizer_
     p.write_text(",".join(f"c{i}" for i in range(300_000)) + ",text,label\n")
     with pytest.raises(UserError, match="header row is longer than 1 MiB"):
         _text(p, tokenizer_file)
+
+
+def test_labels_of_another_kind_than_the_loss_are_refused_not_trained_on_a_few(
+        tmp_path, tokenizer_file):
+    """Session 35 probe: 1-5 star ratings into a one-logit bce model trained on the 1-star rows
+    alone (2,171 of 2,500 skipped as bad rows; every target 1) and scored 1.000 held out; class
+    names into it were told to check the columns; JSON true/false were "not a number"."""
+    bce = LossSpec("bce", TensorSpec("labels", ["N"], "float32"))
+    stars = [(w, str(1 + i % 5)) for i, w in enumerate(WORDS * 4)]
+    with pytest.raises(UserError, match=r"rows have a label this model cannot take \(label is "
+                                        r"outside \[0, 1\].*binary cross-entropy \(--loss bce\) "
+                                        r"takes labels 0/1.*--loss cross_entropy"):
+        _text(_write_csv(tmp_path / "stars.csv", stars), tokenizer_file, loss=bce)
+    names = [(w, ("fresh", "rotten")[i % 2]) for i, w in enumerate(WORDS)]
+    with pytest.raises(UserError, match=r"none usable.*label is not a number.*a regression "
+                                        r"\(--loss mse\) takes a number a row: for labels that "
+                                        r"name classes"):
+        _text(_write_csv(tmp_path / "names.csv", names), tokenizer_file, loss=_mse())
+    yes_no = [(w, i % 2 == 0) for i, w in enumerate(WORDS)]
+    src = _text(_write_jsonl(tmp_path / "b.jsonl", yes_no), tokenizer_file, loss=bce)
+    _, y = src.take(np.arange(len(src)))
+    assert len(src) == len(WORDS) and y.ravel().tolist() == [float(i % 2 == 0)
+                                                               for i in range(len(WORDS))]
+    # -1/+1 labels, +1 the majority: the usable rows hold one value (the reviewer's)
+    signs = [(w, "1" if i % 3 else "-1") for i, w in enumerate(WORDS)]
+    with pytest.raises(UserError, match="rows have a label this model cannot take"):
+        _text(_write_csv(tmp_path / "signs.csv", signs), tokenizer_file, loss=bce)
+    # a regression's rows without a number ("NA") stay bad rows while some have one
+    na = [(w, "NA" if i % 3 else str(i)) for i, w in enumerate(WORDS)]
+    src = _text(_write_csv(tmp_path / "na.csv", na), tokenizer_file, loss=_mse())
+    assert len(src) == (len(WORDS) + 2) // 3 and src.problems.counts == {
+        "label is not a number": len(WORDS) - len(src)}
+    # a few bad ratings among good ones stay bad rows, counted
+    few = [(w, str(i % 2) if i % 10 else "3") for i, w in enumerate(WORDS * 2)]
+    src = _text(_write_csv(tmp_path / "few.csv", few), tokenizer_file, loss=bce)
+    assert src.problems.counts == {"label is outside [0, 1] (binary cross-entropy)":
+                                   len(WORDS * 2) // 10 + (len(WORDS * 2) % 10 > 0)}

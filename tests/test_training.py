@@ -379,6 +379,17 @@ def test_batches_without_a_labelled_position_are_skipped_not_counted_as_divergen
     assert "batch has no labelled position (every label is -100); skipped the update" in r.stderr
     assert "non-finite" not in r.stderr, r.stderr
     assert "of them skipped (no labelled position in the batch: no update)" in r.stdout, r.stdout
+    # its steps are marked so: report does not count their null loss as a divergence
+    import json
+
+    steps = [json.loads(line) for line in (tmp_path / "run_some.npz" / "metrics.jsonl")
+             .read_text().splitlines() if '"kind": "step"' in line]
+    assert any(s.get("unlabelled") and s["loss"] is None for s in steps), steps[:3]
+    assert all(s["loss"] is not None for s in steps if not s.get("unlabelled")), steps
+    r = subprocess.run([sys.executable, "-m", "runtime", "report", str(tmp_path / "run_some.npz"),
+                        "--out", str(tmp_path / "r.png")], cwd=repo, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "not a number" not in r.stdout, r.stdout
     r = train_on("none.npz", 8)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: no batch of the run had a labelled position (every label drawn was -100): "

@@ -263,6 +263,8 @@ class _Labels:
     def add(self, raw: str) -> str | None:
         """Append the id of label ``raw`` (already stripped); returns a bad-row reason or None."""
         if self.regression:
+            if self.unit and raw.lower() in ("true", "false"):  # (JSON's true/false: yes / no)
+                raw = "1" if raw.lower() == "true" else "0"
             if not _PLAIN_NUMBER.fullmatch(raw):  # float() also takes 1_000 and full-width digits
                 return "label is not a number"
             v = float(raw)

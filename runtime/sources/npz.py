@@ -338,6 +338,7 @@ class NpzSource(Source):
             return
         lo, hi = a.min(), a.max()
         where = self._where(name)
+        out = self.out_dtypes.get(name, self.label_dtype) if name != "y" else self.label_dtype
         if a.dtype.kind == "f":
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 bad = idx[~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)]
@@ -350,6 +351,14 @@ class NpzSource(Source):
                 raise UserError(f"{where} has absurdly large values (|x| up to "
                                 f"{float(flat.max()):.3g} in row {row}); scale the data or fix "
                                 "the file")
+        big = max(abs(float(lo)), abs(float(hi)))
+        if out.kind == "f" and big > float(np.finfo(out).max):  # (an outside probe: float16
+            flat = np.abs(a.reshape(a.shape[0], -1)).max(axis=1)  # input made inf, steps were
+            row = int(idx[int(np.argmax(flat))])  # skipped, float32 blamed)
+            raise UserError(f"{where} has |x| up to {big:.3g} (row {row}), beyond "
+                            f"{float(np.finfo(out).max):g}, the largest value of the model's "
+                            f"{out} input '{name}'; scale the data down, or export the model "
+                            "with a float32 input")
         if bound and a.dtype.kind in "iu" and (int(lo) < 0 or int(hi) >= bound):
             v = int(lo) if int(lo) < 0 else int(hi)
             flat = a.reshape(a.shape[0], -1)  # the row holding the id named (an outside
@@ -357,7 +366,6 @@ class NpzSource(Source):
             raise UserError(f"{where} has id {v} (row {row}); model input '{name}' indexes a "
                             f"{bound}-row embedding table, so ids must be 0 to {bound - 1}: "
                             "encode the data with the model's own tokenizer or vocabulary")
-        out = self.out_dtypes.get(name, self.label_dtype) if name != "y" else self.label_dtype
         if out.kind in "iu" and a.dtype.kind in "iu":
             info = np.iinfo(out)
             if int(lo) < info.min or int(hi) > info.max:

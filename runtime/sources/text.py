@@ -27,7 +27,7 @@ from .common import (
     _nothing_usable,
     _pread_exact,
 )
-from .text_hints import _format_hint, _is_gzip, _refuse_utf16, _to_utf8
+from .text_hints import _format_hint, _is_gzip, _refuse_utf16, _to_utf8, label_misfit
 from .tsv import TsvReader, record_row
 
 
@@ -130,6 +130,9 @@ class TextSource(Source):
                 dotted = [c for c in (text_column, label_column) if "." in c]
                 hint += (f"; a field inside another, as '{dotted[0]}' names, is not read: "
                          "flatten the file first, e.g. with jq)" if dotted else ")")
+            elif (misfit := label_misfit(self.problems.counts, 0, loss.kind,
+                                         label_column)) is not None:
+                hint = misfit.split("; ", 1)[1]
             elif "unknown label" in self.problems.counts and labels.given is not None:
                 shown = ", ".join(labels.given_names[:8])
                 hint = (f"its labels must be the run's classes ({shown}"
@@ -141,6 +144,12 @@ class TextSource(Source):
                         f"pretty-printed JSON is not one (e.g. jq -c '.[]' {self.path.name} > "
                         f"{self.path.stem}-lines.jsonl)")
             raise _nothing_usable(str(self.path), self.problems, rows, hint)
+        ids = np.frombuffer(labels.ids, np.float32) if loss.kind == "bce" else None
+        misfit = label_misfit(self.problems.counts, int(self.offsets.size), loss.kind,
+                              label_column, ids is not None and bool(ids.size)
+                              and float(ids.min()) == float(ids.max()))
+        if misfit is not None:
+            raise UserError(f"{self.path}: {misfit}")
         if "not valid UTF-8" in self.problems.counts:  # part of the file: its rows are lost
             self.problems.hints.append(f"to keep the rows that are not UTF-8, save the file "
                                        f"as UTF-8 ({_to_utf8(self.path)})")

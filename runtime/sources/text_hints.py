@@ -55,3 +55,29 @@ def _format_hint(path: Path, header: list[str]) -> str:
         return (f" (its columns look separated by {sep}: save it with commas, or as .tsv "
                 "for tabs)")
     return ""
+
+
+# bad-row reasons that say the label column is of another kind than the model's loss takes
+_MISFIT = ("label is not a number", "label is not a string or number",
+           "label is outside [0, 1] (binary cross-entropy)")
+
+
+def label_misfit(counts: dict[str, int], usable: int, kind: str, column: str,
+                 one_value: bool = False) -> str | None:
+    """Where no row has a label a --loss bce / mse model can take, or (bce) more rows have
+    labels outside [0, 1] than rows it can, or those it can all hold one value (a session 35
+    probe: 1-5 star ratings into a bce model trained on the 1-star rows alone, all targets 1,
+    and scored 1.000 held out; -1/+1 labels alike), what to say; None otherwise. A regression's
+    rows without a number ("NA") stay bad rows while some have one."""
+    bad = {r: n for r, n in counts.items() if r in _MISFIT}
+    outside = counts.get(_MISFIT[2], 0)
+    if kind == "cross_entropy" or not bad or (usable and not (
+            kind == "bce" and outside and (outside > usable or one_value))):
+        return None
+    top = max(bad, key=lambda r: bad[r])
+    way = ("binary cross-entropy (--loss bce) takes labels 0/1, true/false or probabilities"
+           if kind == "bce" else "a regression (--loss mse) takes a number a row")
+    return (f"{sum(bad.values()):,} rows have a label this model cannot take ({top}: "
+            f"{bad[top]:,}), {usable:,} one it can; {way}: for labels that name classes, export "
+            f"the model with a head of one output per class and --loss cross_entropy, or check "
+            f"--label-column '{column}'")
