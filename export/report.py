@@ -435,8 +435,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 f"first and last {m.unit}" + (" (the clients' mean last loss)"
                                               if m.unit == "round" else "")
             line += f" ({len(m.steps)} {m.unit}s, loss {first:.4f} -> {last:.4f}, {what})"
-    print(line)
-    if m.stale_summary is not None:
+    print(line.translate({c: f"\\x{c:02x}" for c in [*range(9), *range(10, 32)]}))  # (a path's
+    if m.stale_summary is not None:  # control characters escaped, as the runtime's lines)
         print(f"note: summary.json is of step {str(m.stale_summary)[:20]} but metrics.jsonl goes "
               f"to step {_step(m.steps[-1])} (a resumed run that stopped early); it is left out")
     # (null is how the runtime writes a NaN or inf: a session 35 probe saw no note for it)

@@ -471,6 +471,14 @@ def check_terminated() -> None:
         raise Terminated
 
 
+def _print_line(line: str) -> None:
+    """A success line on stdout, its control characters escaped (a session 35 probe: a path
+    with an escape sequence reached the terminal, one with a newline split the line)."""
+    from .console import one_line
+
+    print(one_line(line))
+
+
 def _check_export_out(out: Path, overwrite: bool) -> None:
     """``export --out``: new or empty; with --overwrite, a bundle holding nothing but its own
     files. Checked before the export and again just before the new bundle is moved in.
@@ -644,8 +652,8 @@ def _export(a) -> int:
                   f"{', runs without padding' if m.text and m.text.any_length else ''})")
     if m.text is not None and m.text.lengths:
         prefix += f"; training graphs also at {', '.join(map(str, m.text.lengths))} tokens"
-    print(f"bundle written to {path}: {len(m.params)} trainable tensors, "
-          f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
+    _print_line(f"bundle written to {path}: {len(m.params)} trainable tensors, "
+                f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
     for line in notes + _shared_params(path, m):
         print(line)
     return 0
@@ -1114,23 +1122,23 @@ def _cmd_export_model(a) -> int:
 
     r = export_model(a.source, a.out, weights=a.weights, bundle=a.bundle, overwrite=a.overwrite)
     untrained = r.weights.name == "params.npz" and (r.weights.parent / "manifest.json").is_file()
-    print(f"model written to {r.onnx_path} ({r.params} "  # (a session 35 probe: "trained")
-          + (f"untrained tensors: the bundle's initial weights, {r.weights}" if untrained
-             else f"trained tensors from {r.weights}")
-          + ")"
-          + (f", external data {r.external_data}" if r.external_data else ""))
+    _print_line(f"model written to {r.onnx_path} ({r.params} "  # (a session 35 probe: "trained")
+                + (f"untrained tensors: the bundle's initial weights, {r.weights}" if untrained
+                   else f"trained tensors from {r.weights}")
+                + ")"
+                + (f", external data {r.external_data}" if r.external_data else ""))
     if r.bundle_from_run:  # (a run folder from elsewhere may name any bundle)
-        print(f"bundle: {os.path.normpath(r.bundle_from_run)}, as "
-              f"{Path(a.source) / 'run.json'} names it (--bundle DIR picks another)")
+        _print_line(f"bundle: {os.path.normpath(r.bundle_from_run)}, as "
+                    f"{Path(a.source) / 'run.json'} names it (--bundle DIR picks another)")
     if r.labels_path:
-        print(f"class names written to {r.labels_path}")
+        _print_line(f"class names written to {r.labels_path}")
     if r.preprocess_path:
-        print(f"image preprocessing written to {r.preprocess_path} (the model takes normalised "
-              "pixels: docs/examples/classify_image.py shows the steps)")
+        _print_line(f"image preprocessing written to {r.preprocess_path} (the model takes "
+                    "normalised pixels: docs/examples/classify_image.py shows the steps)")
     if r.tokenizer_path:
-        print(f"tokenizer written to {r.tokenizer_path}")
+        _print_line(f"tokenizer written to {r.tokenizer_path}")
     if r.safetensors_path:
-        print(f"torch weights written to {r.safetensors_path}")
+        _print_line(f"torch weights written to {r.safetensors_path}")
         if r.packed:
             print(f"note: {len(r.packed)} of its tensors ({', '.join(r.packed[:3])}"
                   f"{', ...' if len(r.packed) > 3 else ''}) are a recurrent layer's weights in "

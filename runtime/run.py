@@ -49,7 +49,7 @@ from .checkpoint import (
     warn_kept,
 )
 from .config import RunConfig
-from .console import progress_stream, say
+from .console import one_line, progress_stream, say
 from .memory import current_rss, peak_rss
 from .order import Order, is_permutation
 from .run_files import params_step
@@ -127,9 +127,10 @@ class Summary:
         if self.mode == "instant" and trainer.bases:
             out.append(trainer.cost_table())
         if self.out:
-            out.append(f"trained weights: {self.out}")
+            out.append(f"trained weights: {one_line(str(self.out))}")  # (a newline in a path
+            # split the line: a session 35 probe)
         if self.checkpoint:
-            out.append(f"checkpoint: {self.checkpoint}" + (f" (resumed from step "
+            out.append(f"checkpoint: {one_line(str(self.checkpoint))}" + (f" (resumed from step "
                        f"{self.resumed_from})" if self.resumed_from is not None else ""))
         return out
 

@@ -526,3 +526,7 @@ def test_an_export_through_a_link_writes_where_it_leads_readable_by_all(cli, tmp
     r = cli("export-model", tmp_path / "sd", "--out", tmp_path / "m.onnx")
     assert r.returncode == 0 and "untrained tensors: the bundle's initial weights" in r.stdout \
         and " trained tensors" not in r.stdout, r.stdout
+    # a path's control characters are escaped in success lines too (they reached the terminal)
+    r = cli("export-model", tmp_path / "sd", "--out", tmp_path / "red\x1b[31m.onnx")
+    assert r.returncode == 0 and "\x1b" not in r.stdout and "red\\x1b[31m.onnx" in r.stdout, \
+        r.stdout
