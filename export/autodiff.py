@@ -43,7 +43,7 @@ from onnx import helper, numpy_helper
 from contract import names
 
 from .const_fold import graph_constants
-from .graph import Builder, ExportError, Shapes, reads
+from .graph import NARROW_FLOATS, Builder, ExportError, Shapes, reads
 from .layers import CompressedLayer
 
 __all__ = [
@@ -466,17 +466,13 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     return tg
 
 
-_NARROW = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
-           onnx.TensorProto.DOUBLE: "float64"}
-
-
 def _narrow_at(ctx: GradContext, node: onnx.NodeProto) -> str | None:
     """Where a node other than a Cast computes in float16/bfloat16/float64 between a trainable
     parameter and the loss: what to say if the graphs built for it do not load (None if not)."""
     if node.op_type == "Cast":
         return None
     for name in _reads(node):
-        kind = _NARROW.get(ctx.shapes.dtype.get(name, onnx.TensorProto.FLOAT)) if name else None
+        kind = name and NARROW_FLOATS.get(ctx.shapes.dtype.get(name, onnx.TensorProto.FLOAT))
         if kind and ctx.needs_grad(name):
             return (f"the model computes in {kind} between a trainable parameter and the loss "
                     f"(at node '{node.name}', {node.op_type}, and maybe others), and the backward "
@@ -496,7 +492,7 @@ def _check_narrow(tg: TrainingGraphs, narrow: str) -> None:
         try:
             ort_session(m)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal, named below
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ExportError(f"{narrow} (onnxruntime: {first}); export the model in float32 "
                               "(torch: model.float(), no .half() or autocast inside forward), "
                               "or freeze the layers up to and including that node "

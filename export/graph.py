@@ -14,8 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 from contract.errors import UserError
 from contract.onnx_scan import LOOP_OPS
 
-__all__ = ["Builder", "ExportError", "Shapes", "check_ops", "forward_flops", "infer_shapes",
-           "lowest_ir_version", "name_nodes", "reads", "static_shape"]
+__all__ = ["NARROW_FLOATS", "Builder", "ExportError", "Shapes", "check_ops", "forward_flops",
+           "infer_shapes", "lowest_ir_version", "name_nodes", "reads", "static_shape"]
+
+# float types other than float32, by name: weights stored so train in float32 behind a Cast;
+# computed in them, the backward (built in float32) may not load
+NARROW_FLOATS = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
+                 TensorProto.DOUBLE: "float64"}
 
 Dim = int | str | None
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .graph import ExportError
+from .graph import NARROW_FLOATS, ExportError
 from .model_inputs import _first_line
 
 __all__ = ["MIN_BUNDLE_OPSET", "float32_weights", "identity_weights", "initializers_not_inputs",
@@ -127,7 +127,6 @@ def float32_weights(model: onnx.ModelProto) -> list[str]:
     """A float16 / bfloat16 / float64 initializer that the graph only reads through a Cast to
     float32 (weights stored small, computed in float32) becomes a float32 initializer of the
     same name, the Cast removed: it can then be trained (in float32) like any weight."""
-    casts = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
     inits = {i.name: i for i in model.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in model.graph.node:
@@ -137,7 +136,7 @@ def float32_weights(model: onnx.ModelProto) -> list[str]:
     renamed: dict[str, str] = {}
     for name, init in inits.items():
         users = readers.get(name, [])
-        if (init.data_type not in casts or not users or name in graph_outputs
+        if (init.data_type not in NARROW_FLOATS or not users or name in graph_outputs
                 or any(u.op_type != "Cast" or u.domain not in ("", "ai.onnx")
                        or next((a.i for a in u.attribute if a.name == "to"), None)
                        != TensorProto.FLOAT or u.output[0] in graph_outputs for u in users)):

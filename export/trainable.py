@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from .graph import ExportError
+from .graph import NARROW_FLOATS, ExportError
 from .tracing import Traced
 
 __all__ = ["buffer_like", "buffer_note", "check_derived", "mask_like", "select_trainable", "selected_by"]
@@ -163,20 +163,17 @@ def _quantized(traced: Traced) -> list[str]:
 def _narrow(traced: Traced) -> list[str]:
     """Weights (two or more values) stored in float16/bfloat16/float64 that nodes read as they
     are: those behind a Cast to float32 were made float32 at import (``float32_weights``)."""
-    kinds = (TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
     read = {i for n in traced.model.graph.node for i in n.input}
     return [i.name for i in traced.model.graph.initializer
-            if i.data_type in kinds and i.name in read and int(np.prod(i.dims)) >= 2
+            if i.data_type in NARROW_FLOATS and i.name in read and int(np.prod(i.dims)) >= 2
             and (not traced.from_torch or i.name in traced.torch_names)]  # (not buffers)
 
 
 def _no_float32(traced: Traced) -> str:
     """Why a model has no trainable tensor, where its weights are all in another float type,
     quantized, or none at all."""
-    kinds = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
-             TensorProto.DOUBLE: "float64"}
-    found = sorted({kinds[i.data_type] for i in traced.model.graph.initializer
-                    if i.data_type in kinds})
+    found = sorted({NARROW_FLOATS[i.data_type] for i in traced.model.graph.initializer
+                    if i.data_type in NARROW_FLOATS})
     if not found:
         if _quantized(traced):
             return (": its weights are quantized (integers read through DequantizeLinear); "

@@ -339,19 +339,19 @@ class NpzSource(Source):
         lo, hi = a.min(), a.max()
         where = self._where(name)
         out = self.out_dtypes.get(name, self.label_dtype) if name != "y" else self.label_dtype
+        big = max(abs(float(lo)), abs(float(hi)))
         if a.dtype.kind == "f":
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 bad = idx[~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)]
                 more = f" and {bad.size - 1} more in this batch" if bad.size > 1 else ""
                 raise UserError(f"{where} has NaN or inf values (row {int(bad[0])}{more}); "
                                 "clean them (e.g. numpy.nan_to_num) or drop those rows")
-            if max(abs(float(lo)), abs(float(hi))) > ABSURD:
+            if big > ABSURD:
                 flat = np.abs(a.reshape(a.shape[0], -1)).max(axis=1)
                 row = int(idx[int(np.argmax(flat))])
                 raise UserError(f"{where} has absurdly large values (|x| up to "
                                 f"{float(flat.max()):.3g} in row {row}); scale the data or fix "
                                 "the file")
-        big = max(abs(float(lo)), abs(float(hi)))
         if out.kind == "f" and big > float(np.finfo(out).max):  # (an outside probe: float16
             flat = np.abs(a.reshape(a.shape[0], -1)).max(axis=1)  # input made inf, steps were
             row = int(idx[int(np.argmax(flat))])  # skipped, float32 blamed)

@@ -27,7 +27,7 @@ from .common import (
     _nothing_usable,
     _pread_exact,
 )
-from .text_hints import _format_hint, _is_gzip, _refuse_utf16, _to_utf8, label_misfit
+from .text_hints import _format_hint, _is_gzip, _refuse_utf16, _to_utf8, label_misfit, misfit_way
 from .tsv import TsvReader, record_row
 
 
@@ -130,9 +130,8 @@ class TextSource(Source):
                 dotted = [c for c in (text_column, label_column) if "." in c]
                 hint += (f"; a field inside another, as '{dotted[0]}' names, is not read: "
                          "flatten the file first, e.g. with jq)" if dotted else ")")
-            elif (misfit := label_misfit(self.problems.counts, 0, loss.kind,
-                                         label_column)) is not None:
-                hint = misfit.split("; ", 1)[1]
+            elif label_misfit(self.problems.counts, 0, loss.kind, label_column) is not None:
+                hint = misfit_way(loss.kind, label_column)
             elif "unknown label" in self.problems.counts and labels.given is not None:
                 shown = ", ".join(labels.given_names[:8])
                 hint = (f"its labels must be the run's classes ({shown}"

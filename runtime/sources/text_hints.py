@@ -75,9 +75,13 @@ def label_misfit(counts: dict[str, int], usable: int, kind: str, column: str,
             kind == "bce" and outside and (outside > usable or one_value))):
         return None
     top = max(bad, key=lambda r: bad[r])
+    return (f"{sum(bad.values()):,} rows have a label this model cannot take ({top}: "
+            f"{bad[top]:,}), {usable:,} one it can; {misfit_way(kind, column)}")
+
+
+def misfit_way(kind: str, column: str) -> str:
+    """The way out of :func:`label_misfit` (also the hint where no row is usable)."""
     way = ("binary cross-entropy (--loss bce) takes labels 0/1, true/false or probabilities"
            if kind == "bce" else "a regression (--loss mse) takes a number a row")
-    return (f"{sum(bad.values()):,} rows have a label this model cannot take ({top}: "
-            f"{bad[top]:,}), {usable:,} one it can; {way}: for labels that name classes, export "
-            f"the model with a head of one output per class and --loss cross_entropy, or check "
-            f"--label-column '{column}'")
+    return (f"{way}: for labels that name classes, export the model with a head of one output "
+            f"per class and --loss cross_entropy, or check --label-column '{column}'")
