@@ -8,6 +8,7 @@ match the manifest before anything else reads it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -22,8 +23,8 @@ import numpy as np
 from .errors import ManifestError
 from .schema import is_safe_filename
 
-__all__ = ["atomic_write", "file_sha256", "fsync_dir", "json_text", "open_listed", "read_listed",
-           "read_npz", "write_npz", "write_text"]
+__all__ = ["atomic_write", "deferred_signals", "drop_dead_staging", "file_sha256", "fsync_dir", "json_text",
+           "open_listed", "read_listed", "read_npz", "write_npz", "write_text"]
 
 _BLOCK = 1 << 20
 
@@ -112,6 +113,60 @@ def read_listed(root: Path, name: str, files: Mapping) -> bytes:
         raise ManifestError(f"bundle file '{root / name}' fails its checksum (corrupt or "
                             "modified); re-export the bundle")
     return data
+
+
+def drop_dead_staging(out: Path, kind: str, suffix: str = r"\.[A-Za-z0-9_]+") -> None:
+    """Remove what writers of ``out`` left beside it, named ``.NAME.`` + KIND + PID + ``suffix``
+    (mkdtemp's random part by default), where process PID is gone: a SIGKILLed (OOM-killed)
+    export, export-model or report left its staging folder or file there for good. Looked up
+    on this machine: two machines writing into one shared folder at once are not told apart.
+    Another name's entries never match (``B.export.4000000`` is not one of B's)."""
+    import re
+    import shutil
+
+    pattern = re.compile(rf"^\.{re.escape(out.name[:100])}\.{re.escape(kind)}(\d{{1,9}}){suffix}$")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for e in entries:
+        m = pattern.match(e.name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except OSError:  # (another user's: alive)
+            continue
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e, ignore_errors=True)
+        elif e.is_file() and not e.is_symlink():
+            e.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGINT, SIGTERM and SIGHUP wait until the block ends, then each arrives once: for a few
+    renames that must all happen (a mask would not do: another thread, onnxruntime's or BLAS's,
+    takes a signal the main thread blocks). Outside the main thread it holds nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    held = {s: signal.signal(s, lambda n, _f: got.append(n))
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in held.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        for s in sorted(dict.fromkeys(got), key=lambda s: s == signal.SIGINT):  # (the stops
+            signal.raise_signal(s)  # first: KeyboardInterrupt would end the loop)
 
 
 def fsync_dir(folder: Path) -> None:

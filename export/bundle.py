@@ -47,6 +47,7 @@ from contract import (
 from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
+from .fold_frozen import fold_frozen_batchnorm
 from .grad_stops import check_gradient_stops
 from .graph import ExportError, Shapes, forward_flops, lowest_ir_version, reads
 from .layers import (
@@ -60,7 +61,14 @@ from .model_inputs import examples as _examples
 from .onnx_import import padding_rows_note
 from .shape_fold import annotate_measured_shapes, check_free_batch
 from .tracing import load_model
-from .trainable import buffer_note, check_derived, mask_like, select_trainable, selected_by
+from .trainable import (
+    buffer_note,
+    check_derived,
+    fresh_norms_note,
+    mask_like,
+    select_trainable,
+    selected_by,
+)
 
 __all__ = ["export_bundle", "select_trainable"]
 
@@ -319,6 +327,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                   padding_rows_note(traced.padding_rows, params)) if not traced.from_torch else ()):
         if said and notes is not None:
             notes.append(said)
+    if notes is not None and (said := fresh_norms_note(traced.model)):
+        notes.append(said)
     params += [p for p in head_params if p not in params]
     opset = next(o.version for o in traced.model.opset_import if o.domain in ("", "ai.onnx"))
     output = traced.outputs[0]
@@ -332,6 +342,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     # without a word (an outside probe); measured as load_model measures a traced model's
     annotate_measured_shapes(base, traced.inputs)
     initial = _params_as_inputs(base, params)
+    fold_frozen_batchnorm(base)  # (after: only frozen weights are initializers now)
     weights = _WeightFile()
     lookups = _split_lookups(base, set(traced.inputs), weights)
     infer = copy.deepcopy(base)

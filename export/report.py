@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.errors import UserError
+from contract.files import drop_dead_staging
 
 __all__ = ["Metrics", "add_report_parser", "cmd_report", "read_metrics", "write_report"]
 
@@ -93,6 +94,13 @@ def _num(v: object) -> float | None:
 def _step(rec: dict) -> int | None:
     s = rec.get("step")
     return s if isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= _LIMIT else None
+
+
+def _count(m: Metrics) -> int:
+    """Steps (rounds) of the run: the last one's number, where metrics.jsonl keeps one line in
+    10, 100, ... past 10,000 steps (a session 36 probe's 17,000-step run was "10700 steps")."""
+    last = _step(m.steps[-1])
+    return max(last, len(m.steps)) if last is not None else len(m.steps)
 
 
 def read_metrics(run: str | os.PathLike) -> Metrics:
@@ -249,7 +257,7 @@ def _title(m: Metrics, run_name: str) -> str:
     if isinstance(s.get("mode"), str):
         parts.append(f"mode {s['mode']}")
     if m.steps:
-        parts.append(f"{len(m.steps)} {m.unit}s")
+        parts.append(f"{_count(m)} {m.unit}s")
     acc, before = _num(s.get("test_acc")), _num(s.get("test_acc_before"))
     if acc is not None:
         parts.append(f"held-out acc {before:.3f} → {acc:.3f}" if before is not None
@@ -326,7 +334,8 @@ def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
 
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.png")
+    drop_dead_staging(out, "tmp", r"\.png")  # (a SIGKILLed report's: session 36 probe)
+    tmp = out.with_name(f".{out.name[:100]}.tmp{os.getpid()}.png")  # (as drop_dead_staging)
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, out)
@@ -434,7 +443,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             what = f"means of the first and last {k} steps" if k > 1 else \
                 f"first and last {m.unit}" + (" (the clients' mean last loss)"
                                               if m.unit == "round" else "")
-            line += f" ({len(m.steps)} {m.unit}s, loss {first:.4f} -> {last:.4f}, {what})"
+            line += f" ({_count(m)} {m.unit}s, loss {first:.4f} -> {last:.4f}, {what})"
     print(line.translate({c: f"\\x{c:02x}" for c in [*range(9), *range(10, 32)]}))  # (a path's
     if m.stale_summary is not None:  # control characters escaped, as the runtime's lines)
         print(f"note: summary.json is of step {str(m.stale_summary)[:20]} but metrics.jsonl goes "

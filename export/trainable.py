@@ -313,3 +313,27 @@ def named_scalars(model: onnx.ModelProto, params: list[str]) -> list[str]:
     made_up = ("onnx::", "/", "_val", "val_", "Constant", "const")
     return [n for n in _one_value(model, set(params))
             if not any(m in n for m in made_up) and not n.startswith("_")]
+
+
+def fresh_norms_note(model: onnx.ModelProto) -> str | None:
+    """The export's note on BatchNormalization nodes whose running statistics are those of a
+    norm that has seen no data (mean 0, variance 1 in every channel): in eval mode they do not
+    normalise, and training keeps them so (a session 36 probe: a from-scratch keyword-spotting
+    CNN reached 0.61 held-out after 300 steps where torch's training mode reached 0.89)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    fresh = []
+    for n in model.graph.node:
+        if n.op_type != "BatchNormalization" or len(n.input) < 5 or \
+                not all(i in inits for i in n.input[3:5]):
+            continue
+        mean, var = (numpy_helper.to_array(inits[i]) for i in n.input[3:5])
+        if mean.size and not mean.any() and np.all(var == 1):
+            fresh.append(n.input[1].removesuffix(".weight") if n.input[1] else n.name)
+    if not fresh:
+        return None
+    return (f"note: {len(fresh)} BatchNorm layer(s) ({', '.join(fresh[:4])}"
+            f"{' …' if len(fresh) > 4 else ''}) hold the statistics of a norm that has seen no "
+            "data (mean 0, variance 1): they do not normalise, and training keeps their "
+            "statistics fixed, so a model trained from scratch learns more slowly than in "
+            "torch's training mode; run it in train mode over some of your data before "
+            "exporting (torch then sets the statistics), or use LayerNorm/GroupNorm")

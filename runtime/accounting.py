@@ -75,6 +75,10 @@ def format_table(costs: list[LayerCost]) -> str:
                     f"{ti / 1e6:>14.3f} {bv / 1e3:>13.2f} {bi / 1e3:>13.2f}")
         rows.append(f"backward FLOP ratio instant/vanilla = {ti / tv:.3f}; "
                     f"saved-activation ratio = {bi / bv:.3f}")
+        if ti > tv:  # (a session 36 probe: a d=32 ViT, 1.14x, with no word)
+            rows.append("INSTANT's backward costs more than the exact one here: these layers are "
+                        "too small for the projections to pay; --mode vanilla trains exactly for "
+                        f"less compute, at {bv / max(bi, 1):.2f}x INSTANT's saved activations")
         if any(c.shared for c in costs):
             rows.append("shared: the layer reads the same activation as the one above it, "
                         "saved once for both (INSTANT: one basis, one x̂)")

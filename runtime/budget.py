@@ -461,10 +461,11 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
         # and activations come on top; MiniLM: 73 MB known, 116 MB needed)
         hint = max(2 * budget, 2 * exc.floor)
         return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
-                         f"{why}: a probe at micro-batch 1 alone passed it; raise --budget well "
-                         f"above it, e.g. to {math.ceil(hint / 1e6)}MB "
-                         + ("(or evaluate without --budget)" if evaluating else
-                            "(`instant-runtime plan` without --budget estimates the minimum)")
+                         f"{why}: a planning probe alone passed it; raise --budget well "
+                         f"above it, e.g. to {math.ceil(hint / 1e6)}MB, a generous guess (the "
+                         "probes stop at the budget, so how far was not measured; "
+                         + ("or evaluate without --budget)" if evaluating else
+                            "`instant-runtime plan` without --budget estimates the minimum)")
                          + beyond(hint) + _or_vanilla(mode, resuming))
     # the estimate with headroom, whatever budget was tried (session 34 probe: stated as
     # MIN_FACTOR x the refused budget, each refusal at the stated figure asked 25 % more);

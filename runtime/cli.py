@@ -279,6 +279,10 @@ def _parser() -> argparse.ArgumentParser:
                         "terminationGracePeriodSeconds)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the latest good checkpoint in OUT")
+    t.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="start a new run from trained weights (a run or fleet folder, a params "
+                        ".npz or a checkpoint of this bundle), e.g. to go on training on new "
+                        "data; the optimizer and learning-rate schedule start afresh")
     t.add_argument("--max-nonfinite", type=int, default=5,
                    help="stop after this many consecutive non-finite losses (each is skipped)")
     _add_session_args(t)
@@ -505,37 +509,6 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
                         "pass another --out")
 
 
-def _drop_dead_staging(out: Path) -> None:
-    """Remove the staging folders (``.NAME.export.PID.*``) of exports to ``out`` whose process
-    is gone: one SIGKILLed (the OOM killer) left its half-written bundle there for good. (The
-    process is looked up on this machine: two machines exporting into one shared folder at
-    once are not told apart.)"""
-    import re
-    import shutil
-
-    def dead(pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:  # (another user's: alive)
-            pass
-        return False
-
-    # exactly what mkdtemp makes below (its random part has no dot): another --out's folder,
-    # say 'B.export.4000000', never matches one of B's
-    pattern = re.compile(rf"^\.{re.escape(out.name[:100])}\.export\.(\d{{1,9}})\.[A-Za-z0-9_]+$")
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return
-    for e in entries:
-        m = pattern.match(e.name)
-        if m and int(m.group(1)) != os.getpid() and dead(int(m.group(1))) and e.is_dir() \
-                and not e.is_symlink():
-            shutil.rmtree(e, ignore_errors=True)
-
-
 def _cmd_export(a) -> int:
     old_term = _term_as_interrupt()  # a SIGTERM too removes the half-written bundle (finally)
     try:
@@ -549,7 +522,7 @@ def _export(a) -> int:
     import shutil
     import tempfile
 
-    from contract import InstantSettings, UserError
+    from contract import InstantSettings, UserError, drop_dead_staging
     from export import export_bundle
 
     out = Path(a.out)
@@ -589,7 +562,7 @@ def _export(a) -> int:
     # found late, an unsupported op) leaves an existing bundle as it was
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _drop_dead_staging(out)
+        drop_dead_staging(out, "export.")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.export.{os.getpid()}.",
                                     dir=out.parent))
     except OSError as exc:
@@ -690,6 +663,43 @@ def _shared_params(path: Path, m) -> list[str]:
     return out
 
 
+def _init_from(a, bundle, out: Path) -> tuple[Path | None, Path | None, str | None]:
+    """``train --init-from``: (the weights file to start from, its run folder, what run.json
+    records: the path given, resolved). A ``--resume`` of a run with a checkpoint reads none
+    (the checkpoint holds its weights; the source run may have gone on or gone since); one
+    without (killed before its first checkpoint) starts again from the same --init-from.
+
+    Raises:
+        UserError: an empty or unreadable --init-from, or one that is not the run's own.
+    """
+    from .checkpoint import has_checkpoints
+    from .errors import UserError
+    from .run_folder import json_object
+
+    ran = a.resume and (out / "run.json").is_file()
+    was = json_object(out / "run.json").get("init_from") if ran else None
+    was = was if isinstance(was, str) else None
+    if ran and has_checkpoints(out / "checkpoints"):
+        if a.init_from is not None:
+            print(f"note: --init-from is not read: the run in '{out}' resumes from its "
+                  "checkpoint")
+        return None, None, was
+    if a.init_from is not None and not a.init_from.strip():
+        raise UserError("--init-from '' is empty; pass a run folder, a params .npz or a "
+                        "checkpoint of this bundle")
+    given = os.path.realpath(a.init_from) if a.init_from is not None else None
+    if ran and given != was:  # (started again: from the weights it started from)
+        raise UserError(f"--out '{out}' holds a run that started from "
+                        + (f"'{was[:300]}' (--init-from)" if was else
+                           "the bundle's initial weights") + "; resume it with "
+                        + ("that --init-from" if was else "no --init-from")
+                        + ", or start a new run with another --out")
+    if given is None:
+        return None, None, None
+    init, _, init_dir, _ = _trained_source(bundle, Path(a.init_from), "--init-from")
+    return init, init_dir, given
+
+
 def _cmd_train(a) -> int:
     from .bundle import open_bundle
     from .checkpoint import CheckpointWriteError, TrainingInterrupted
@@ -715,12 +725,18 @@ def _cmd_train(a) -> int:
     from .run_folder import bundle_run
 
     out = Path(a.out) if a.out is not None else bundle_run(bundle.path)
-    data = _load_data(a, bundle, class_names=_resumed_class_names(out, bundle) if a.resume
-                      else None)
-    trainer = Trainer(bundle, cfg)
+    init, init_dir, started = _init_from(a, bundle, out)
+    names_of = out if a.resume and (out / "run.json").is_file() else init_dir  # the numbering
+    data = _load_data(a, bundle, class_names=_resumed_class_names(names_of, bundle)  # the
+                      if names_of is not None else None)  # weights were trained in
+    trainer = Trainer(bundle, cfg, weights=init,
+                      way_out="pass another --init-from (a run folder or its params.npz)")
     trainer.resuming = bool(run_cfg.resume)
-    folder = RunFolder(out, run_identity(trainer, a.data, run_cfg,
-                                         getattr(data, "class_names", None), a.val_split))
+    identity = run_identity(trainer, a.data, run_cfg, getattr(data, "class_names", None),
+                            a.val_split, _split_rows(data, a.val_split))
+    if started is not None:
+        identity["init_from"] = started
+    folder = RunFolder(out, identity)
     from .console import say, say_err
 
     ok = False
@@ -769,39 +785,31 @@ def _cmd_train(a) -> int:
     return 0
 
 
-def _cmd_eval(a) -> int:
-    from devices.planner import Plan
+def _trained_source(bundle, weights: Path | None, flag: str):
+    """(weights file, run folder it was picked from, its run's folder, what the run recorded)
+    for ``flag`` (``eval --weights``, ``train --init-from``): a run's or a fleet's folder (its
+    params.npz, or its last checkpoint where it stopped early), a checkpoints/latest pointer,
+    a params .npz or a checkpoint.
 
-    from .bundle import open_bundle
-    from .config import OptimConfig, TrainConfig
+    Raises:
+        UserError: nothing readable there, or another bundle's tensors.
+    """
     from .errors import UserError
-    from .export_model import run_weights, trained_weights
-    from .memory import peak_rss
-    from .sessions import use_arena
-    from .trainer import Trainer
-
-    if not 1 <= a.batch <= 1 << 24:  # as train's --batch
-        raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
-    budget, prof = _budget_and_profile(a)
-    bundle = open_bundle(a.bundle)
-    weights = Path(a.weights) if a.weights else None
+    from .export_model import trained_weights
     from .run_files import weights_record
-    from .run_folder import bundle_run, check_run_links, json_object
+    from .run_folder import check_run_links
 
-    run_src = None  # the run folder the weights were picked from
-    if weights is None and bundle_run(bundle.path).is_dir():
-        run_src = bundle.path / "run"
-        weights = run_weights(run_src)
+    run_src = None
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
         run_src = weights
-        weights = trained_weights(weights, "--weights")
+        weights = trained_weights(weights, flag)
     elif weights is not None and weights.name == "latest" and weights.parent.name == "checkpoints":
         from .checkpoint import newest_checkpoint  # the pointer names the newest checkpoint
 
         newest = newest_checkpoint(weights.parent)  # (session 30 probe: "re-export the bundle")
         if newest is None:
             raise UserError(f"'{weights}' names no checkpoint that exists; pass the run folder "
-                            "or one of its checkpoints/ckpt-*.npz as --weights")
+                            f"or one of its checkpoints/ckpt-*.npz as {flag}")
         weights = newest[1]
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' "
@@ -809,15 +817,41 @@ def _cmd_eval(a) -> int:
                                if weights.exists() else "not found"))
     # the label map the weights were trained with (their run's run.json): labels read from the
     # data alone would number a file's classes afresh (a file holding only class "2" read as
-    # class 0, its accuracy 0.000 for a model that is right); a checkpoint's run is one up.
-    # --val-split holds out the rows the run held out: its seed, unless --seed says otherwise
+    # class 0, its accuracy 0.000 for a model that is right); a checkpoint's run is one up
     run_dir = None if weights is None else (
         weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent)
     if run_dir is not None:
         check_run_links(run_dir)
     # what the run recorded (a checkpoint copied out of its run folder: its own seed and hash)
     record = {} if weights is None else weights_record(weights, run_dir)
-    _check_trained_bundle(record, bundle, run_dir, weights)
+    _check_trained_bundle(record, bundle, run_dir, weights, flag)
+    return weights, run_src, run_dir, record
+
+
+def _cmd_eval(a) -> int:
+    from devices.planner import Plan
+
+    from .bundle import open_bundle
+    from .config import OptimConfig, TrainConfig
+    from .errors import UserError
+    from .export_model import run_weights
+    from .memory import peak_rss
+    from .run_folder import bundle_run, json_object
+    from .sessions import use_arena
+    from .trainer import Trainer
+
+    if not 1 <= a.batch <= 1 << 24:  # as train's --batch
+        raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
+    budget, prof = _budget_and_profile(a)
+    bundle = open_bundle(a.bundle)
+    run_src = None  # the run folder the weights were picked from
+    weights = Path(a.weights) if a.weights else None
+    if weights is None and bundle_run(bundle.path).is_dir():
+        run_src = bundle.path / "run"
+        weights = run_weights(run_src)
+    weights, src, run_dir, record = _trained_source(bundle, weights, "--weights")
+    run_src = src or run_src
+    # --val-split holds out the rows the run held out: its seed, unless --seed says otherwise
     if a.seed is None:  # (the seed only draws a --val-split)
         a.seed = 0 if run_dir is None or a.val_split is None else _run_seed(
             record, run_dir / "run.json" if "seed" in json_object(run_dir / "run.json")
@@ -841,7 +875,7 @@ def _cmd_eval(a) -> int:
                 raise
             weights = run_weights(run_src) or weights
     target = data.test if data.test is not None else data
-    _note_held_out(run_dir, a, data.test is not None)
+    _note_held_out(run_dir, a, data.test is not None, _split_rows(data, a.val_split))
     if budget is None:
         use_arena(None)
     else:  # its probes run evaluation passes (a training step's plan took micro-batch 1 where
@@ -864,7 +898,7 @@ def _cmd_eval(a) -> int:
 
 
 def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
-                          weights: Path | None) -> None:
+                          weights: Path | None, flag: str = "--weights") -> None:
     """Weights trained on another bundle (an outside probe: ``eval`` loaded the tensors whose
     names matched and scored a re-exported bundle, or a bundle training fewer tensors, without
     a word): refused where the weights do not hold exactly this bundle's trained tensors; said
@@ -893,20 +927,32 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
         held = set()
     if any(n.startswith("param/") for n in held):  # a checkpoint: param/NAME, opt/..., meta
         held = {n.removeprefix("param/") for n in held if n.startswith("param/")}
+    scoring = flag == "--weights"
+    verb = "evaluate it" if scoring else "go on from it"  # (train --init-from)
     if held == {p.name for p in bundle.params}:
-        say_err(f"warning: {why}; its trained tensors fit this bundle and are scored "
-                f"with this bundle's frozen weights, which may not be the run's: evaluate it "
-                f"with {own_text}, to score the run as it trained")
+        say_err(f"warning: {why}; its trained tensors fit this bundle and are "
+                + ("scored" if scoring else "trained on") + " with this bundle's frozen "
+                f"weights, which may not be the run's: {verb} with {own_text}, to "
+                + ("score the run as it trained" if scoring else "keep the run's model"))
         return
-    raise UserError(f"{why}, and its trained tensors are not this bundle's; evaluate "
-                    f"it with {own_text}, or train a run of this one")
+    raise UserError(f"{why}, and its trained tensors are not this bundle's; {verb} with "
+                    f"{own_text}, or train a run of this one")
 
 
-def _note_held_out(run_dir: Path | None, a, split: bool) -> None:
+def _split_rows(data, val_split: float | None) -> int:
+    """The rows of --data: its training rows, and those a --val-split held out of it (a
+    --val file's are not counted: only a split's draw depends on them)."""
+    return len(data) + (len(data.test) if data.test is not None and val_split is not None
+                        else 0)
+
+
+def _note_held_out(run_dir: Path | None, a, split: bool, rows: int) -> None:
     """A line where ``eval`` scores rows a run trained on as if held out: all of the data a run
     held part of out with --val-split (an outside probe read "all examples: 60, accuracy
-    1.000", its training rows included), or a --val-split other than the run's own (another
-    fraction or seed; a run that held out a --val file, or nothing, trained on all of it)."""
+    1.000", its training rows included), a --val-split other than the run's own (another
+    fraction or seed; a run that held out a --val file, or nothing, trained on all of it), or
+    the run's own --val-split of a file that has since gained or lost rows (a session-36 probe:
+    60 rows appended, 74 of 167 "held-out" rows had been trained on)."""
     from .run_folder import json_object
 
     if run_dir is None or a.val is not None or (split and a.val_split is None):
@@ -917,6 +963,14 @@ def _note_held_out(run_dir: Path | None, a, split: bool) -> None:
         run["data"] == a.data or Path(run["data"]).resolve() == Path(a.data).resolve())
     if seed is None:  # (an older run.json: the seed eval resolved, a checkpoint's or 0)
         seed = a.seed
+    was = run.get("rows")
+    if (same and split and isinstance(frac, float) and (frac, seed) == (a.val_split, a.seed)
+            and isinstance(was, int) and was != rows):
+        print(f"note: the run in {run_dir} held out --val-split {frac:g} of {a.data} when it "
+              f"held {was} rows; it holds {rows} now, so the rows held out here are another "
+              "draw, some of them trained on: score the run on rows it never saw (--val FILE "
+              "in place of --val-split)")
+        return
     if not same or split and isinstance(frac, float) and (frac, seed) == (a.val_split, a.seed):
         return
     if not split and isinstance(frac, float):

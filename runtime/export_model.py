@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import UserError, atomic_write, names, write_text
+from contract import UserError, atomic_write, deferred_signals, drop_dead_staging, names, write_text
 
 from .bundle import Bundle, open_bundle
 from .checkpoint import bundle_ids
@@ -328,7 +328,9 @@ def restore_lookups(b: Bundle, model, onnx) -> None:
 def _fresh_tmpdir(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.", dir=out.parent))
+        drop_dead_staging(out, "export-model.")  # (a SIGKILLed export-model's: session 36)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name[:100]}.export-model.{os.getpid()}.",
+                                     dir=out.parent))
     except OSError as exc:
         raise UserError(f"cannot write to '{out.parent}': {exc.strerror or exc}; pass another "
                         "--out") from None
@@ -444,18 +446,21 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
                  ("labels.json", labels_path), ("tokenizer.json", tok_path),
                  ("preprocess.json", prep_path),
                  (out.name, out)]  # the .onnx last: it names its data file
+        # a stop signal waits until every file is in place (session 36 probe: Ctrl-C between
+        # two moves of an --overwrite left one model's .onnx beside another's .safetensors)
+        written = {out, data, st if wrote else None, labels_path, tok_path, prep_path}
         try:
-            for name, target in moves:
-                if target is not None:
-                    os.replace(tmp / name, target)
+            with deferred_signals():
+                for name, target in moves:
+                    if target is not None:
+                        os.replace(tmp / name, target)
+                for t in targets:  # a replaced export's companion this model lacks
+                    if t not in written and t.exists():
+                        t.unlink()
         except OSError as exc:
             raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    written = {out, data, st if wrote else None, labels_path, tok_path, prep_path}
-    for t in targets:  # a replaced export's companion this model has none of (--overwrite)
-        if t not in written and t.exists():
-            t.unlink()
     src = Path(source)
     return ExportResult(out, data, st if wrote else None, w, len(params), labels_path, tok_path,
                         str(b.manifest.source).lower().endswith(".onnx"),

@@ -135,6 +135,12 @@ class Summary:
         return out
 
 
+# the ways out of a resume on other data: --overwrite alone would discard the trained weights
+# (a session 36 probe took that way out to go on training on new data, and lost them)
+_NEW_RUN = ("go on from this run's trained weights as a new run (--init-from OUT --out NEW, "
+            "in place of --resume), or start afresh with --overwrite (discards them)")
+
+
 def data_fingerprint(data) -> str:
     """SHA-256 of the data a run reads, as far as a resume needs to tell: the row count, every
     label (in chunks: no decoding of inputs where a source reads labels alone) and the inputs
@@ -195,14 +201,12 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
                          if mine[k] != theirs[k])
         raise UserError(f"checkpoint was written with {diff}; resume with the run's own --seed, "
                         "--batch, --data and --val-split (and its --text-column / "
-                        "--label-column), or start a new run with --overwrite (in place of "
-                        "--resume) or another --out")
+                        f"--label-column), or {_NEW_RUN}")
     # (checkpoints written before the fingerprint existed have none)
     if run.get("data") is not None and run.get("data") != order.data_id:
         raise UserError("checkpoint was written for other data: --data has as many rows, but "
                         "its labels or inputs differ (another file, reordered, relabelled or "
-                        "edited); resume with the run's own --data, or start a new run with "
-                        "--overwrite (in place of --resume) or another --out")
+                        f"edited); resume with the run's own --data, or {_NEW_RUN}")
     steps = meta_int(tmeta, "step_count", "trainer")
     if steps != meta["step"]:
         raise DamagedCheckpoint(f"trainer.step_count {steps} differs from the file's step "
@@ -633,11 +637,13 @@ def _final_write(path: Path, last_ckpt: Path | None):
 
 
 def run_identity(trainer: Trainer, data_spec: str, cfg: RunConfig,
-                 class_names: list[str] | None, val_split: float | None = None) -> dict:
-    """What ``run.json`` records about a run (checked by --resume; ``val_split`` read by
-    ``eval``, which says when it scores rows the run trained on)."""
+                 class_names: list[str] | None, val_split: float | None = None,
+                 rows: int | None = None) -> dict:
+    """What ``run.json`` records about a run (checked by --resume; ``val_split`` and ``rows``,
+    the rows of --data a split was drawn from, read by ``eval``, which says when it scores rows
+    the run trained on)."""
     return {"format": "instant-runtime-run", "bundle": str(trainer.bundle.path),
             "bundle_sha256": bundle_sha256(trainer.bundle), "mode": trainer.mode,
             "batch": cfg.batch, "seed": trainer.config.seed, "data": data_spec,
-            "val_split": val_split, "class_names": class_names,
+            "val_split": val_split, "rows": rows, "class_names": class_names,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

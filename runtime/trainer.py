@@ -200,7 +200,7 @@ class Trainer:
 
     def __init__(self, bundle: Bundle, config: TrainConfig | None = None,
                  plan: Plan | None = None, weights: Path | None = None,
-                 evaluating: bool = False) -> None:
+                 evaluating: bool = False, way_out: str | None = None) -> None:
         self.bundle = bundle
         self._evaluating = evaluating  # ``eval``: no optimizer state, no gradient buffers
         self.config = config or TrainConfig()
@@ -219,7 +219,8 @@ class Trainer:
         # momentum needs none: the backward adds into the momentum buffer (optim.SGD).
         self.fused = not self.resident and fusable(self.config.optim)
         self._check_buffers_fit()
-        self.params = bundle.load_params(weights)
+        self.params = (bundle.load_params(weights, way_out) if way_out
+                       else bundle.load_params(weights))  # (way_out: of an unreadable file)
         self._param_ov = {k: _ov(v) for k, v in self.params.items()}
         # (``eval`` had them, 1.5x its weights written for nothing: session 27 probe)
         self.optimizer = None if evaluating else make_optimizer(self.config.optim, self.params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -619,6 +620,17 @@ def test_export_says_a_model_in_training_mode_is_exported_in_eval_mode(cli, tmp_
     assert re.search(r"note: the model from '.*bn.py:make' was in training mode; it is exported "
                      r"in eval mode \(BatchNorm normalises with its running statistics", out), out
     assert "Dropout" not in out, out  # it has none (a ViT was told about BatchNorm it lacked)
+    # its BatchNorm has seen no data: it does not normalise, and training keeps it so (a
+    # session 36 probe's from-scratch CNN learnt far more slowly than in torch's training mode)
+    assert "note: 1 BatchNorm layer(s) (1) hold the statistics of a norm that has seen no data" \
+        in out and "run it in train mode over some of your data before exporting" in out, out
+    path.write_text("import torch\nfrom torch import nn\n\n\ndef make():\n    m = nn.Sequential("
+                    "nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))\n"
+                    "    m(torch.randn(16, 64) * 3)  # (train mode: the statistics move)\n"
+                    "    return m\n")
+    out = ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b1",
+                 "--input-shape", "8,64"))
+    assert "seen no data" not in out and "exported in eval mode" in out, out
     path.write_text("from torch import nn\n\n\ndef make():\n    return nn.Sequential("
                     "nn.Linear(64, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 10))\n")
     out = ok(cli("export", "--model", f"{path}:make", "--out", tmp_path / "b2",
@@ -1278,6 +1290,66 @@ def test_eval_notes_a_val_split_that_is_not_the_runs_held_out_rows(cli, mlp_bund
     out = evaluate(tmp_path / "val_run", "--val-split", 0.25)[0]
     assert f"trained on all of {data} (it held out a --val file)" in out \
         and "pass that file with --val in place of --val-split" in out, out
+    # the run's own split of a file that has gained rows since (a device appending its data):
+    # another draw, some of it trained on (session 36 probe)
+    np.savez(data, x=rng.standard_normal((150, 64)).astype(np.float32),
+             y=rng.integers(0, 10, 150))
+    out = evaluate(run, "--val-split", 0.25)[0]
+    assert f"held out --val-split 0.25 of {data} when it held 120 rows; it holds 150 now" in out \
+        and "(--val FILE in place of --val-split)" in out, out
+
+
+def test_a_run_goes_on_from_another_runs_weights_on_new_data(cli, mlp_bundle, tmp_path):
+    """Personalisation on data that changed (a session 36 probe): ``--resume`` on other data is
+    refused and its way out names ``--init-from`` (it named only ``--overwrite``, which
+    discarded the trained weights); ``train --init-from RUN`` starts a new run from the run's
+    trained weights, the class numbering the run's; a resume of it needs the same
+    ``--init-from``."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    d1, d2 = tmp_path / "d1.npz", tmp_path / "d2.npz"
+    np.savez(d1, x=x[:600], y=y[:600], x_test=x[1400:], y_test=y[1400:])
+    np.savez(d2, x=x[600:1200], y=y[600:1200], x_test=x[1400:], y_test=y[1400:])
+    common = ("--batch", 32, "--no-progress", "--threads", 1, "--lr", 3e-3)
+    ok(cli("train", mlp_bundle, "--data", d1, "--steps", 30, *common, "--out", tmp_path / "r1"))
+    user_error(cli("train", mlp_bundle, "--data", d2, "--steps", 60, *common, "--out",
+                   tmp_path / "r1", "--resume"), "other data", "--init-from OUT --out NEW")
+    first = json.loads((tmp_path / "r1" / "summary.json").read_text())
+    out = ok(cli("train", mlp_bundle, "--data", d2, "--steps", 20, *common, "--out",
+                 tmp_path / "r2", "--init-from", tmp_path / "r1"))
+    second = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    # the same held-out rows scored with r1's weights before r2 trained: r1's last figure
+    assert second["test_acc_before"] == pytest.approx(first["test_acc"], abs=1e-9), out
+    assert first["test_acc"] > 0.5  # (trained: not the initial weights' ~0.1)
+    run = json.loads((tmp_path / "r2" / "run.json").read_text())
+    assert run["init_from"] == os.path.realpath(tmp_path / "r1"), run
+    moved = np.load(tmp_path / "r2" / "params.npz")
+    assert any(not np.array_equal(moved[k], v) for k, v in np.load(tmp_path / "r1" /
+                                                                      "params.npz").items())
+    # a resume reads its checkpoint, not --init-from: the source run may have gone since (the
+    # session's review: a source run that went on made its resume impossible)
+    shutil.rmtree(tmp_path / "r1" / "checkpoints")
+    (tmp_path / "r1" / "params.npz").unlink()
+    ok(cli("train", mlp_bundle, "--data", d2, "--steps", 30, *common, "--out", tmp_path / "r2",
+           "--resume"))
+    # one killed before its first checkpoint starts again, from the weights it started from
+    ok(cli("train", mlp_bundle, "--data", d2, "--steps", 5, *common, "--out", tmp_path / "r3",
+           "--init-from", tmp_path / "r2"))
+    for f in os.listdir(tmp_path / "r3"):
+        if f != "run.json":
+            shutil.rmtree(tmp_path / "r3" / f) if f == "checkpoints" else \
+                (tmp_path / "r3" / f).unlink()
+    user_error(cli("train", mlp_bundle, "--data", d2, "--steps", 5, *common, "--out",
+                   tmp_path / "r3", "--resume"), "started from", "resume it with that --init-from")
+    out = ok(cli("train", mlp_bundle, "--data", d2, "--steps", 5, *common, "--out",
+                 tmp_path / "r3", "--resume", "--init-from", tmp_path / "r2"))
+    third = json.loads((tmp_path / "r3" / "summary.json").read_text())
+    assert third["test_acc_before"] == pytest.approx(json.loads(
+        (tmp_path / "r2" / "summary.json").read_text())["test_acc"], abs=1e-9), out
+    user_error(cli("train", mlp_bundle, "--data", d2, "--steps", 5, *common, "--out",
+                   tmp_path / "r4", "--init-from", tmp_path / "nothing"), "not found")
 
 
 ENCODER_FACTORY = """\

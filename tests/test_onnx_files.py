@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -1382,3 +1383,55 @@ def test_bfloat16_and_float64_parameters_used_through_float_train(tmp_path):
             got = tr._grads[name].reshape(ref.shape) if tr._grads[name].shape == ref.shape \
                 else tr._grads[name].T
             assert np.allclose(got, ref.numpy(), atol=1e-6), (fn, name, got, ref)
+
+
+def test_only_wholly_frozen_conv_norm_pairs_are_folded():
+    """export/fold_frozen.py folds a Conv -> BatchNormalization pair only where both are frozen
+    (initializers), the norm is the conv's only reader and runs in inference mode; the graph
+    computes what it did (onnxruntime, before and after). A weight two convs share is folded
+    into a copy for each and dropped once neither reads it."""
+    from export.fold_frozen import fold_frozen_batchnorm
+
+    rng = np.random.default_rng(0)
+
+    def t(name, *shape, positive=False):
+        v = rng.uniform(0.5, 2.0, shape) if positive else rng.standard_normal(shape)
+        return numpy_helper.from_array(v.astype(np.float32), name)
+
+    def norm(i, x, y):
+        return helper.make_node("BatchNormalization", [x, f"g{i}", f"b{i}", f"m{i}", f"v{i}"],
+                                [y], epsilon=1e-3)
+
+    stats = [t(f"{k}{i}", 4, positive=k in "gv") for i in range(4) for k in "gbmv"]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c0"]), norm(0, "c0", "n0"),  # folded
+             helper.make_node("Conv", ["x", "W"], ["c1"]), norm(1, "c1", "n1"),  # tied W: folded
+             helper.make_node("Conv", ["x", "W2"], ["c2"]), norm(2, "c2", "n2"),  # c2 read twice
+             helper.make_node("Conv", ["x", "Wt"], ["c3"]), norm(3, "c3", "n3"),  # Wt trains
+             helper.make_node("Sum", ["n0", "n1", "n2", "c2", "n3"], ["y"])]
+    g = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 5]),
+                     helper.make_tensor_value_info("Wt", TensorProto.FLOAT, [4, 3, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 5, 5])],
+        [t("W", 4, 3, 1, 1), t("B", 4), t("W2", 4, 3, 1, 1)] + stats)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32),
+             "Wt": rng.standard_normal((4, 3, 1, 1)).astype(np.float32)}
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"],
+                                    sess_options=_unoptimised()).run(None, feeds)[0]
+
+    want = run(model)
+    assert fold_frozen_batchnorm(model) == 2
+    onnx.checker.check_model(model)
+    norms = [n.input[0] for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert norms == ["c2", "c3"], norms
+    names = {i.name for i in model.graph.initializer}
+    assert "W" not in names and "B" not in names and "W2" in names, names  # W: read by none
+    np.testing.assert_allclose(run(model), want, rtol=1e-5, atol=1e-5)
+
+
+def _unoptimised():
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # (no own fusion)
+    return so

@@ -334,6 +334,64 @@ def test_the_next_export_drops_what_a_killed_one_left(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".B.export.keep", "B"]
 
 
+def test_export_model_and_report_drop_what_killed_ones_left(tmp_path, cli, mlp_bundle):
+    """A SIGKILLed export-model left its hidden staging folder (a whole model) beside --out,
+    and a SIGKILLed report its temporary PNG in the run folder, for good (session 36 probe: 10
+    kills, 10 model copies). The next one removes those whose process is gone, not a live
+    process's, not another name's."""
+    r = cli("train", mlp_bundle, "--data", "digits", "--steps", 2, "--batch", 8, "--threads", 1,
+            "--no-progress", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    dead, alive = 999_999_999, os.getpid()  # (above any pid_max: gone; this test's: running)
+    left = [tmp_path / f".m.onnx.export-model.{dead}.ab_1", tmp_path / f".r.png.tmp{dead}.png"]
+    kept = [tmp_path / f".m.onnx.export-model.{alive}.cd_2", tmp_path / f".r.png.tmp{alive}.png",
+            tmp_path / f".n.onnx.export-model.{dead}.ef_3"]
+    for p in left + kept:
+        p.mkdir() if p.name.endswith(("_1", "_2", "_3")) else p.write_bytes(b"x")
+    assert cli("export-model", tmp_path / "r", "--out", tmp_path / "m.onnx").returncode == 0
+    assert cli("report", tmp_path / "r", "--out", tmp_path / "r.png").returncode == 0
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+_INTERRUPTED_MOVE = """
+import os, signal, sys
+from runtime.export_model import export_model
+real, moved = os.replace, []
+def replace(src, dst):  # Ctrl-C as the second file moves in place
+    if ".export-model." in str(src) and os.path.dirname(dst) == os.path.dirname(sys.argv[2]):
+        moved.append(dst)
+        if len(moved) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    return real(src, dst)
+os.replace = replace
+try:
+    export_model(sys.argv[1], sys.argv[2], overwrite=True)
+except KeyboardInterrupt:
+    print("interrupted after", len(moved))
+"""
+
+
+def test_an_interrupted_export_model_never_mixes_two_models(tmp_path, cli, mlp_bundle):
+    """Ctrl-C between the moves of an ``export-model --overwrite`` left the old model's .onnx
+    beside the new one's .safetensors (session 36 probe, up to 0.35 apart): a stop signal now
+    waits until every file is in place."""
+    for run, steps in (("a", 1), ("b", 3)):
+        r = cli("train", mlp_bundle, "--data", "digits", "--steps", steps, "--batch", 8,
+                "--threads", 1, "--no-progress", "--out", tmp_path / run)
+        assert r.returncode == 0, r.stderr
+    (tmp_path / "m").mkdir()
+    (tmp_path / "clean").mkdir()
+    assert cli("export-model", tmp_path / "a", "--out", tmp_path / "m" / "m.onnx").returncode == 0
+    assert cli("export-model", tmp_path / "b", "--out", tmp_path / "clean" / "m.onnx"
+               ).returncode == 0
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_MOVE, str(tmp_path / "b"),
+                        str(tmp_path / "m" / "m.onnx")], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert "interrupted after" in r.stdout, r.stdout + r.stderr
+    for f in os.listdir(tmp_path / "clean"):
+        assert (tmp_path / "m" / f).read_bytes() == (tmp_path / "clean" / f).read_bytes(), f
+
+
 def test_a_fleet_server_stopped_after_a_round_can_use_its_folder_again(tmp_path):
     """A server stopped after round 1 leaves the round's params.npz (and its lock), no summary:
     it was refused as "no fleet server wrote" even with --overwrite or --resume (review)."""

@@ -245,3 +245,16 @@ def test_the_budget_policy_keeps_a_quarter_of_the_directions_where_memory_allows
     assert rx == 16 and ry >= 16, (rx, ry)  # (Ry 16 is past this small layer's break-even)
     tight = choose_ranks([ly], {"a": (peaked, peaked)}, cfg, 4 * 32 * 4)  # bytes of rank 4
     assert tight["a"][0] <= 4, tight
+
+
+def test_the_table_says_where_instant_costs_more_compute_than_exact():
+    """Layers too small for INSTANT's projections to pay (a session 36 probe: a d=32 ViT, 1.14x
+    the exact backward FLOPs, said nothing): the table says so and names --mode vanilla."""
+    from runtime.accounting import LayerCost, format_table
+
+    cheap = [LayerCost("fc", "t/t", 8, 8, 1_000_000, 600_000, 4000, 1000)]
+    dear = [LayerCost("fc", "t/t", 30, 30, 1_000_000, 1_140_000, 4000, 3000)]
+    assert "--mode vanilla" not in format_table(cheap)
+    table = format_table(dear)
+    assert "INSTANT's backward costs more than the exact one here" in table \
+        and "at 1.33x INSTANT's saved activations" in table, table

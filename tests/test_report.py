@@ -155,6 +155,21 @@ def test_losses_left_out_of_the_curve_are_said(tmp_path, capsys):
     assert "not a number" not in capsys.readouterr().out
 
 
+def test_a_long_runs_thinned_log_counts_its_steps(tmp_path, capsys):
+    """Past 10,000 steps metrics.jsonl keeps one step line in 10 (runtime/run_log.py): the
+    report counts the run's steps, not its lines (a session 36 probe's 17,000-step run was
+    "10700 steps")."""
+    from runtime.run_log import step_logged
+
+    recs = [{"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 17_001)
+            if step_logged(s)]
+    assert len(recs) == 10_700
+    run = _write_run(tmp_path / "run", recs)
+    assert report.cmd_report(argparse.Namespace(run=str(run), out=None, overwrite=False)) == 0
+    assert "(17000 steps, loss" in capsys.readouterr().out
+    assert report._title(report.read_metrics(run), "run").count("17000 steps") == 1
+
+
 @pytest.mark.parametrize("case,match", [
     ("no_run", r"run '.*' not found"),
     ("no_metrics", r"has no metrics.jsonl; pass the --out folder"),
