@@ -1305,10 +1305,10 @@ def test_a_run_goes_on_from_another_runs_weights_on_new_data(cli, mlp_bundle, tm
     discarded the trained weights); ``train --init-from RUN`` starts a new run from the run's
     trained weights, the class numbering the run's; a resume of it needs the same
     ``--init-from``."""
-    from sklearn.datasets import load_digits
+    from runtime.data import _digits  # (not sklearn: its scipy BLAS would stay loaded in this
+    # process, and test_instant's one-thread check reads every BLAS the process holds)
 
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
+    x, y, _ = _digits()
     d1, d2 = tmp_path / "d1.npz", tmp_path / "d2.npz"
     np.savez(d1, x=x[:600], y=y[:600], x_test=x[1400:], y_test=y[1400:])
     np.savez(d2, x=x[600:1200], y=y[600:1200], x_test=x[1400:], y_test=y[1400:])
