@@ -8,8 +8,8 @@ calibration and recalibration graphs, inference) held its own fused copy of the 
 weights, besides the memory-mapped ``weights.bin`` every session shares. On EfficientNet-Lite0
 ``last:3`` at 224 px a forward session took ~4.7 MB (~1.9 MB with the fold), and INSTANT opens
 four forward sessions to vanilla's two: part of why INSTANT needed more whole-process memory than
-vanilla there (session 35 probe). Folded here, the fused weights are the ones in ``weights.bin``: mapped once, shared by
-every session, nothing left for onnxruntime to copy.
+vanilla there (session 35 probe). Folded here, the fused weights are the ones in ``weights.bin``:
+mapped once, shared by every session, nothing left for onnxruntime to copy.
 
 Text models' any-length inference graph and shorter-length training graphs are built again from
 the traced model and keep their pairs unfolded (onnxruntime fuses those per session, as before).
@@ -45,8 +45,8 @@ def fold_frozen_batchnorm(model: onnx.ModelProto) -> int:
     exposed = {o.name for o in g.output} | {i.name for i in g.input}  # (fed: not constant)
     producer = {o: n for n in g.node for o in n.output}
     taken = {t.name for t in g.initializer} | {i.name for i in g.input} | set(producer)
-    drop: list[onnx.NodeProto] = []
-    folded = 0
+    drop: set[int] = set()  # the folded norms (by id), and the conv outputs they read
+    gone: set[str] = set()
     for bn in g.node:
         conv = _foldable(bn, producer, inits, readers, exposed)
         if conv is None:
@@ -68,22 +68,18 @@ def fold_frozen_batchnorm(model: onnx.ModelProto) -> int:
         for i in list(conv.input[1:3]) + list(bn.input[1:5]):
             if i:
                 readers[i] -= 1
-        old_out = conv.output[0]
+        gone.add(conv.output[0])
         conv.input[1:] = [w_name, b_name]
         conv.output[0] = bn.output[0]
-        drop.append(bn)
-        _forget_value_info(g, old_out)
-        folded += 1
-    if not folded:
+        drop.add(id(bn))
+    if not drop:
         return 0
-    for n in drop:
-        g.node.remove(n)
     unused = {name for name, count in readers.items()
               if count <= 0 and name in inits and name not in exposed}
-    keep = [t for t in g.initializer if t.name not in unused]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    return folded
+    _keep(g.node, lambda n: id(n) not in drop)  # (one pass each: not a removal per pair)
+    _keep(g.value_info, lambda v: v.name not in gone)
+    _keep(g.initializer, lambda t: t.name not in unused)
+    return len(drop)
 
 
 def _foldable(bn: onnx.NodeProto, producer: dict, inits: dict, readers: dict,
@@ -120,9 +116,10 @@ def _fresh(name: str, taken: set[str]) -> str:
     return out
 
 
-def _forget_value_info(g: onnx.GraphProto, name: str) -> None:
-    keep = [v for v in g.value_info if v.name != name]
-    if len(keep) != len(g.value_info):
-        del g.value_info[:]
-        g.value_info.extend(keep)
+def _keep(field, wanted) -> None:
+    """Keep the entries of a repeated protobuf field for which ``wanted`` holds, in order."""
+    kept = [e for e in field if wanted(e)]
+    if len(kept) != len(field):
+        del field[:]
+        field.extend(kept)
 
