@@ -163,7 +163,9 @@ def _add_instant_args(p: argparse.ArgumentParser) -> None:
                         "plan's memory and --flop-ratio; energy: the paper's ε rule (the default "
                         "when --energy or --oversample is given)")
     p.add_argument("--variance", type=float, default=None,
-                   help="budget policy: the variance each compressed tensor keeps (default 0.99)")
+                   help="budget policy: the variance each compressed tensor keeps (default "
+                        "0.99; layers below the FLOP cap's size start at exact ranks unless it "
+                        "is given)")
     p.add_argument("--saved-ratio", type=float, default=None,
                    help="compressed activations at most this fraction of the exact ones' bytes "
                         "(any policy; default: as the plan's memory allows)")
@@ -1085,7 +1087,7 @@ def _cmd_plan(a) -> int:
     print(f"INSTANT layers of {bundle.path} "
           + ("(ranks from calibration on " + a.data + ")" if ranks else
              "(full rank: pass --data to calibrate)"))
-    print(format_table(layer_costs(bundle.layers, ranks, rows)))
+    print(tr.cost_table() if ranks else format_table(layer_costs(bundle.layers, ranks, rows)))
     return 0
 
 

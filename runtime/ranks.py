@@ -13,7 +13,9 @@ Two policies (``--rank-policy``):
   ``flop_cap_min`` FLOPs a micro-batch or more: config.py) or the compressed
   activations pass the plan's memory for them at the planned micro-batch, the rank whose last
   direction keeps the least variance per FLOP (per byte) falls. With memory to spare ranks stay where the error is
-  small; under a tight budget they fall where the error grows least.
+  small; under a tight budget they fall where the error grows least. Layers below that size
+  (the default cap in force and not binding) start every rank at exact instead, lowered only by
+  the plan's memory (:func:`starts_exact`; config.py ``exact_when_small``).
 
 Both policies give a gradient rank its full value g_dim wherever the compressed input gradient
 would cost at least the exact one (Ry ≥ :func:`gx_break_even`): the output gradient is never
@@ -40,7 +42,7 @@ from .calibrate import Spectrum, rank_for_energy
 from .config import InstantConfig
 
 __all__ = ["basis_groups", "choose_ranks", "gx_break_even", "gx_exact", "layer_flops",
-           "saved_bytes", "x_bytes_per_rank"]
+           "saved_bytes", "starts_exact", "x_bytes_per_rank"]
 
 
 def x_bytes_per_rank(ly: LayerInfo) -> int:
@@ -202,6 +204,20 @@ def _shrink_to(layers, spectra, ranks, budget: int) -> dict[str, tuple[int, int]
     return ranks
 
 
+def _exact_flops(layers: list[LayerInfo]) -> int:
+    return sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
+
+
+def starts_exact(layers: list[LayerInfo], cfg: InstantConfig, cap_rows: int) -> bool:
+    """Whether the budget policy starts every rank at exact (``cfg.exact_when_small``, and the
+    variance at its default: a config built with another one asks for the rule): the default
+    FLOP cap is in force and does not bind, the layers' exact backward taking fewer than
+    ``flop_cap_min`` FLOPs a micro-batch of ``cap_rows``."""
+    return (cfg.rank_policy == "budget" and cfg.exact_when_small
+            and cfg.variance == InstantConfig.variance and bool(cfg.flop_ratio)
+            and max(1, cap_rows) * _exact_flops(layers) < cfg.flop_cap_min)
+
+
 MIN_RANK_DIV = 4  # the budget policy's first pick keeps at least 1/4 of a tensor's directions
 
 
@@ -211,12 +227,17 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
     1 - kept is the relative squared error of the projection), then, while the backward FLOPs
     pass ``flop_ratio`` × exact, or the compressed activations pass the plan's memory, lower the
     rank that costs the least kept variance per FLOP (or per byte)."""
+    exact = _exact_flops(layers)
+    small = starts_exact(layers, cfg, cap_rows)
+    capped = bool(cfg.flop_ratio) and max(1, cap_rows) * exact >= cfg.flop_cap_min
     ranks: dict[str, list[int]] = {}
     for ly in layers:
         pair = []
         for spec in spectra[ly.name]:
             cum = np.cumsum(spec.variance)
             r = int(np.searchsorted(cum, cfg.variance - 1e-12)) + 1
+            if small:
+                r = spec.values.size  # exact until the plan's memory lowers it (config.py)
             # at least a quarter of the directions before the FLOP cap and the memory lower
             # them: a from-scratch CNN's ReLU outputs put 99 % of their variance in 1-3
             # directions (their mean) and its output gradients too, early in training; those
@@ -236,8 +257,7 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
         return sum(_flops_per_rank(by_name[n], "x", rows) * r[0]
                    + _flops_per_rank(by_name[n], "g", rows) * r[1] for n, r in ranks.items())
 
-    exact = sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
-    if cfg.flop_ratio and max(1, cap_rows) * exact >= cfg.flop_cap_min:  # 0 or None: no cap
+    if capped:  # flop_ratio 0 or None: no cap
         target = cfg.flop_ratio * exact
         _lower(ranks, spectra, groups,
                lambda ly, w, r: (r - 1, sum(_flops_per_rank(m, "x", rows) for m in groups[ly.name])

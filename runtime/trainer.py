@@ -39,7 +39,7 @@ from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
 from .memory import budget_given, current_rss
 from .optim import fusable, make_optimizer, resident_zeros, state_buffers
-from .ranks import basis_groups, choose_ranks, gx_break_even, unreached_saved_ratio
+from .ranks import basis_groups, choose_ranks, gx_break_even, starts_exact, unreached_saved_ratio
 from .sessions import (
     SharedWeights,
     is_out_of_memory,
@@ -248,6 +248,7 @@ class Trainer:
         # whether the default FLOP cap binds (set_ranks), whatever a calibration read
         self.train_batch: int | None = None
         self.rank_rows = 1  # the micro-batch the ranks were chosen for (runtime/ranks.py)
+        self.exact_start = False  # whether they started at exact (ranks.starts_exact)
         self.calib_steps = 0
         self.calib_seconds = 0.0
         self.calib_skipped = 0
@@ -844,6 +845,7 @@ class Trainer:
         ``cap_rows``: the training micro-batch, which decides whether the default FLOP cap
         binds (ranks.choose_ranks; a first calibration may read fewer samples than a step)."""
         self.rank_rows = rows
+        self.exact_start = starts_exact(self.bundle.layers, self.config.instant, cap_rows or rows)
         ranks = choose_ranks(self.bundle.layers, spectra, self.config.instant,
                              self.plan.saved_budget, rows, cap_rows=cap_rows)
         low = unreached_saved_ratio(self.bundle.layers, ranks, self.config.instant.saved_ratio)
@@ -868,7 +870,14 @@ class Trainer:
         """The per-layer ranks, FLOPs and saved bytes at the current ranks (runtime/accounting)."""
         from .accounting import format_table, layer_costs
 
-        return format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows))
+        table = format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows))
+        if self.exact_start and self.mode == "instant":
+            table += ("\nranks start at exact: these layers' exact backward is small (below "
+                      f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a micro-batch), so "
+                      "compressing them saves little, and from scratch it cost accuracy; a "
+                      "--budget's memory or --saved-ratio lowers them, --variance 0.99 "
+                      "compresses by the variance rule")
+        return table
 
     # ---------------------------------------------------------------------------- evaluation
     def evaluate(self, data, batch: int | None = None,
@@ -975,7 +984,9 @@ class Trainer:
                 "calib_steps": self.calib_steps, "bases": bases,
                 "micro_batch": self.plan.micro_batch,
                 "calib_micro_batch": self.plan.calib_micro_batch, "window": None,
-                "settings": self.settings(), "rank_rows": self.rank_rows}
+                "settings": self.settings(), "rank_rows": self.rank_rows,
+                "exact_when_small": self.config.instant.exact_when_small,
+                "exact_start": self.exact_start}
         if self.window is not None:  # a checkpoint inside a calibration keeps its Grams
             warrays, meta["window"] = self.window.state()
             arrays.update(warrays)
@@ -1073,7 +1084,9 @@ class Trainer:
         if self.mode == "instant":  # every InstantConfig field is a flag of the same name
             out.update({"--" + f.name.replace("_", "-"): getattr(self.config.instant, f.name)
                         for f in fields(self.config.instant)
-                        if f.name != "flop_cap_min"})  # not a flag: set by --flop-ratio's use
+                        if f.name not in ("flop_cap_min", "exact_when_small")})  # no flags:
+            # set by --flop-ratio's and --variance's use (the latter: checkpoint meta
+            # "exact_when_small", which checkpoints before session 37 lack)
         return out
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -1118,6 +1131,11 @@ class Trainer:
 
             diff = [f"{k} {said(theirs[k])} (this run: {said(v)})"
                     for k, v in self.settings().items() if k in theirs and theirs[k] != v]
+            ews = meta.get("exact_when_small")  # (absent before session 37)
+            if self.mode == "instant" and isinstance(ews, bool) \
+                    and ews != self.config.instant.exact_when_small:
+                diff.append("--variance left out (this run gives it)" if ews else
+                            f"--variance {theirs.get('--variance')} (this run: left out)")
             if diff:
                 raise UserError(f"checkpoint was trained with {', '.join(diff[:4])}; resume "
                                 "with the same options to continue the same run, or start a new one "
@@ -1205,6 +1223,7 @@ class Trainer:
         if saved_c is not None and (now_c is None or saved_c < now_c):
             self.plan = replace(self.plan, calib_micro_batch=saved_c)
         self.rank_rows = rank_rows or saved or self.plan.micro_batch or 1
+        self.exact_start = meta.get("exact_start") is True  # what chose the saved ranks
         self.calibrations = calibrations
         self.calib_seconds = calib_seconds
         self.calib_steps = calib_steps

@@ -658,10 +658,10 @@ def test_resume_with_other_data_or_options_is_refused(cli, mlp_bundle, tmp_path)
 
 def test_a_resumed_run_prices_its_ranks_at_their_micro_batch(cli, mlp_bundle, tmp_path):
     """The FLOP table after a resume with no calibration in it: the ranks were priced for one
-    sample (12.39 where the run itself printed 0.986)."""
+    sample (12.39 where the run itself printed 0.986; compressed ranks: --variance)."""
     out = tmp_path / "run"
     base = ["--batch", 16, "--lr", 0.01, "--calib-every", 100, "--no-progress", "--threads", 1,
-            "--data", "digits", "--out", out]
+            "--data", "digits", "--out", out, "--variance", 0.99]
 
     def ratio(r):
         assert r.returncode == 0, r.stderr[-1500:]
@@ -669,6 +669,29 @@ def test_a_resumed_run_prices_its_ranks_at_their_micro_batch(cli, mlp_bundle, tm
 
     first = ratio(cli("train", mlp_bundle, "--steps", 4, *base))
     assert ratio(cli("train", mlp_bundle, "--steps", 6, *base, "--resume")) == first
+
+
+def test_a_resume_repeats_whether_variance_was_given(cli, mlp_bundle, tmp_path):
+    """A given --variance turns off the exact start of small layers (runtime/ranks.py:
+    starts_exact), so adding or dropping it on a resume is another run, refused in one line,
+    even at the default value; a checkpoint written before the exact start existed (no such
+    record) resumes as it did."""
+    base = ["--data", "digits", "--batch", 16, "--no-progress", "--threads", 1]
+    for first, then, says in (([], ["--variance", 0.99], "--variance left out (this run gives it)"),
+                              (["--variance", 0.99], [], "--variance 0.99 (this run: left out)")):
+        out = tmp_path / f"run{len(first)}"
+        ok = cli("train", mlp_bundle, "--steps", 2, *base, *first, "--out", out)
+        assert ok.returncode == 0, ok.stderr
+        r = cli("train", mlp_bundle, "--steps", 3, *base, *then, "--out", out, "--resume")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr
+
+    def as_written_before(arrays, meta):
+        del meta["trainer"]["exact_when_small"], meta["trainer"]["exact_start"]
+
+    rewrite_checkpoint(tmp_path / "run0" / "checkpoints" / "ckpt-000002.npz", as_written_before)
+    r = cli("train", mlp_bundle, "--steps", 3, *base, "--out", tmp_path / "run0", "--resume")
+    assert r.returncode == 0 and "resumed from step 2" in r.stdout + r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------------- non-finite losses

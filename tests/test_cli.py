@@ -930,10 +930,17 @@ def test_an_unreachable_saved_ratio_is_said_by_plan_and_train(cli, mlp_bundle, t
 
 
 def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
-    out = ok(cli("plan", mlp_bundle, "--data", "digits"))
-    assert "ranks from calibration on digits" in out
+    """The MLP's layers are small (below the FLOP cap's threshold): at the defaults their ranks
+    start at exact and the table says why; ``--variance 0.99`` chooses by the variance rule."""
+    default = ok(cli("plan", mlp_bundle, "--data", "digits"))
+    assert "ranks start at exact: these layers' exact backward is small" in default, default
     layers = json.loads((mlp_bundle / "manifest.json").read_text())["instant"]["layers"]
     assert layers, "the mlp has INSTANT layers"
+    rows = {ln.split()[0]: ln.split() for ln in default.splitlines() if ln.strip()}
+    assert all(rows[ly["name"]][2] == str(ly["x_dim"]) for ly in layers), default
+    out = ok(cli("plan", mlp_bundle, "--data", "digits", "--variance", "0.99"))
+    assert "ranks start at exact" not in out
+    assert "ranks from calibration on digits" in out
     lines = out.splitlines()
     assert re.match(r"smallest --budget for this run \(batch \d+, instant\): about \d+MB", lines[0])
     head = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))

@@ -199,6 +199,8 @@ def test_the_cap_threshold_is_not_a_resume_setting(mlp_bundle):
 
     settings = make_trainer(mlp_bundle).settings()
     assert "--flop-ratio" in settings and "--flop-cap-min" not in settings
+    # nor is the exact start of small layers (the checkpoint records it apart)
+    assert "--exact-when-small" not in settings and settings["--variance"] == 0.99
 
 
 def test_energy_one_is_full_rank_up_to_the_computed_directions():
@@ -240,7 +242,7 @@ def test_the_budget_policy_keeps_a_quarter_of_the_directions_where_memory_allows
     pick keeps at least a quarter of the directions; a memory budget still lowers it."""
     ly = _layer("a", tokens=64, cx=32, cy=32)
     peaked = _spectrum(np.r_[1.0, np.full(63, 1e-5)])  # 99.9 % in one direction
-    cfg = replace(InstantConfig(), rank_policy="budget")
+    cfg = replace(InstantConfig(), rank_policy="budget", exact_when_small=False)  # (--variance)
     rx, ry = choose_ranks([ly], {"a": (peaked, peaked)}, cfg, None)["a"]
     assert rx == 16 and ry >= 16, (rx, ry)  # (Ry 16 is past this small layer's break-even)
     tight = choose_ranks([ly], {"a": (peaked, peaked)}, cfg, 4 * 32 * 4)  # bytes of rank 4
@@ -258,3 +260,38 @@ def test_the_table_says_where_instant_costs_more_compute_than_exact():
     table = format_table(dear)
     assert "INSTANT's backward costs more than the exact one here" in table \
         and "at 1.33x INSTANT's saved activations" in table, table
+
+
+def test_small_layers_start_at_exact_ranks_until_memory_or_the_variance_rule_lowers_them():
+    """Session 37 probe: a from-scratch DS-CNN (two 32-wide 1x1 convs, 600 steps, 3 seeds) ended
+    8.9 points below exact training at the variance rule's ranks (8-21 of 32), and 0.9 above
+    with exact ones, which cost 18 KB a sample more. Where the default FLOP cap does not bind
+    (the layers' exact backward below flop_cap_min a micro-batch), ranks start at exact; the
+    plan's memory still lowers them, --variance (from_bundle) restores the variance rule, and a
+    layer large enough for the cap keeps it."""
+    from runtime.ranks import saved_bytes, starts_exact
+
+    small = _layer("s", tokens=64, cx=32, cy=32)
+    peaked = _spectrum(np.r_[1.0, np.full(63, 1e-5)])
+    cfg = InstantConfig()
+    assert starts_exact([small], cfg, 32)
+    assert choose_ranks([small], {"s": (peaked, peaked)}, cfg, None, rows=32)["s"] == (64, 64)
+    tight = choose_ranks([small], {"s": (peaked, peaked)}, cfg, 4 * 32 * 4, rows=32)
+    assert saved_bytes([small], tight) <= 4 * 32 * 4, tight
+    half = choose_ranks([small], {"s": (peaked, peaked)}, cfg, 32 * 32 * 4, rows=32)
+    assert half["s"][0] == 32, half  # as many as the memory holds
+    # an explicit --variance asks for the variance rule (its quarter floor: 16 of 64)
+    from contract.manifest import InstantSettings
+
+    given = InstantConfig.from_bundle(InstantSettings(), variance=0.99)
+    assert not given.exact_when_small and InstantConfig.from_bundle(InstantSettings()).exact_when_small
+    assert not starts_exact([small], given, 32)
+    assert choose_ranks([small], {"s": (peaked, peaked)}, given, None, rows=32)["s"][0] == 16
+    # neither where the cap binds (a large layer, an explicit --flop-ratio) nor without a cap
+    big = _layer("b", tokens=128, cx=512, cy=512)
+    assert not starts_exact([big], cfg, 32)
+    assert choose_ranks([big], {"b": (_steep(128), _steep(128))}, cfg, None, rows=32)["b"][0] < 64
+    assert not starts_exact([small], replace(cfg, flop_cap_min=0), 32)
+    assert not starts_exact([small], replace(cfg, flop_ratio=None), 32)
+    assert not starts_exact([small], replace(cfg, rank_policy="energy"), 32)
+    assert not starts_exact([small], replace(cfg, variance=0.9), 32)  # (the API's --variance)
