@@ -208,14 +208,19 @@ def _exact_flops(layers: list[LayerInfo]) -> int:
     return sum(4 * ly.tokens * ly.cx * ly.cy for ly in layers)
 
 
+def _cap_binds(layers: list[LayerInfo], cfg: InstantConfig, cap_rows: int) -> bool:
+    """The FLOP cap binds: a ratio is set (0 or None: no cap) and the layers' exact backward
+    takes at least ``flop_cap_min`` FLOPs a micro-batch of ``cap_rows``."""
+    return bool(cfg.flop_ratio) and max(1, cap_rows) * _exact_flops(layers) >= cfg.flop_cap_min
+
+
 def starts_exact(layers: list[LayerInfo], cfg: InstantConfig, cap_rows: int) -> bool:
     """Whether the budget policy starts every rank at exact (``cfg.exact_when_small``, and the
     variance at its default: a config built with another one asks for the rule): the default
-    FLOP cap is in force and does not bind, the layers' exact backward taking fewer than
-    ``flop_cap_min`` FLOPs a micro-batch of ``cap_rows``."""
+    FLOP cap is in force and does not bind (:func:`_cap_binds`)."""
     return (cfg.rank_policy == "budget" and cfg.exact_when_small
             and cfg.variance == InstantConfig.variance and bool(cfg.flop_ratio)
-            and max(1, cap_rows) * _exact_flops(layers) < cfg.flop_cap_min)
+            and not _cap_binds(layers, cfg, cap_rows))
 
 
 MIN_RANK_DIV = 4  # the budget policy's first pick keeps at least 1/4 of a tensor's directions
@@ -227,17 +232,15 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
     1 - kept is the relative squared error of the projection), then, while the backward FLOPs
     pass ``flop_ratio`` × exact, or the compressed activations pass the plan's memory, lower the
     rank that costs the least kept variance per FLOP (or per byte)."""
-    exact = _exact_flops(layers)
     small = starts_exact(layers, cfg, cap_rows)
-    capped = bool(cfg.flop_ratio) and max(1, cap_rows) * exact >= cfg.flop_cap_min
     ranks: dict[str, list[int]] = {}
     for ly in layers:
         pair = []
         for spec in spectra[ly.name]:
-            cum = np.cumsum(spec.variance)
-            r = int(np.searchsorted(cum, cfg.variance - 1e-12)) + 1
-            if small:
-                r = spec.values.size  # exact until the plan's memory lowers it (config.py)
+            if small:  # exact until the plan's memory lowers it (config.py)
+                r = spec.values.size
+            else:
+                r = int(np.searchsorted(np.cumsum(spec.variance), cfg.variance - 1e-12)) + 1
             # at least a quarter of the directions before the FLOP cap and the memory lower
             # them: a from-scratch CNN's ReLU outputs put 99 % of their variance in 1-3
             # directions (their mean) and its output gradients too, early in training; those
@@ -257,8 +260,8 @@ def _budget(layers, spectra, cfg: InstantConfig, saved_budget: int | None, rows:
         return sum(_flops_per_rank(by_name[n], "x", rows) * r[0]
                    + _flops_per_rank(by_name[n], "g", rows) * r[1] for n, r in ranks.items())
 
-    if capped:  # flop_ratio 0 or None: no cap
-        target = cfg.flop_ratio * exact
+    if _cap_binds(layers, cfg, cap_rows):
+        target = cfg.flop_ratio * _exact_flops(layers)
         _lower(ranks, spectra, groups,
                lambda ly, w, r: (r - 1, sum(_flops_per_rank(m, "x", rows) for m in groups[ly.name])
                                  if w == 0 else _flops_per_rank(ly, "g", rows)),

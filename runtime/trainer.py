@@ -871,7 +871,7 @@ class Trainer:
         from .accounting import format_table, layer_costs
 
         table = format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows))
-        if self.exact_start and self.mode == "instant":
+        if self.exact_start:
             table += ("\nranks start at exact: these layers' exact backward is small (below "
                       f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a micro-batch), so "
                       "compressing them saves little, and from scratch it cost accuracy; a "
