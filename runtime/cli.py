@@ -139,7 +139,9 @@ def _run_seed(record: dict, where: Path) -> int:
     return seed
 
 
-def _add_instant_args(p: argparse.ArgumentParser) -> None:
+def add_instant_args(p: argparse.ArgumentParser) -> None:
+    """--mode and the INSTANT options of ``train`` and ``plan`` (``fleet client`` too): read
+    back by :func:`instant_overrides`."""
     p.add_argument("--mode", default=None, choices=["instant", "vanilla"],
                    help="instant: INSTANT compressed backward; vanilla: exact (default instant, "
                         "vanilla for a bundle without INSTANT layers)")
@@ -262,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=None)
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="default adamw")
-    _add_instant_args(t)
+    add_instant_args(t)
     t.add_argument("--seed", type=int, default=0,
                    help="random seed (default 0)")
     t.add_argument("--out", default=None, help="output folder (default BUNDLE/run)")
@@ -313,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                     help="the optimizer train will use (its state is part of the memory "
                          "planned; default adamw, as train's)")
-    _add_instant_args(pl)
+    add_instant_args(pl)
     _add_session_args(pl)
     _add_budget_args(pl)
 
@@ -377,9 +379,13 @@ def _calib_batch(tr, batch: int) -> int:
                                padded=tr.bundle.manifest.text is not None)
 
 
-def _train_config(a, bundle, prof, optim=None):
-    from .config import InstantConfig, OptimConfig, TrainConfig
+def instant_overrides(a) -> dict:
+    """``InstantConfig.from_bundle``'s keyword arguments from the options of
+    :func:`add_instant_args`, once they are known to ask for one rank policy.
 
+    Raises:
+        UserError: an option of one policy with the other policy asked for.
+    """
     policy = a.rank_policy
     eps = "--energy" if a.energy is not None else "--oversample" if a.oversample is not None \
         else None
@@ -393,12 +399,17 @@ def _train_config(a, bundle, prof, optim=None):
                         f"and this run uses the {policy} policy"
                         + (f" ({eps} asks for it)" if a.rank_policy is None else "")
                         + "; leave one of them out")
-    instant = InstantConfig.from_bundle(
-        bundle.manifest.instant.settings, energy=a.energy, oversample=a.oversample,
-        calib_every=a.calib_every, calib_batches=a.calib_batches, max_rank=a.max_rank,
-        calib_samples=getattr(a, "calib_samples", None), rank_policy=policy,
-        flop_ratio=a.flop_ratio, variance=a.variance, saved_ratio=a.saved_ratio,
-        flop_cap_min=0.0 if a.flop_ratio is not None else None)  # an explicit cap always binds
+    return dict(energy=a.energy, oversample=a.oversample, calib_every=a.calib_every,
+                calib_batches=a.calib_batches, max_rank=a.max_rank,
+                calib_samples=getattr(a, "calib_samples", None), rank_policy=policy,
+                flop_ratio=a.flop_ratio, variance=a.variance, saved_ratio=a.saved_ratio,
+                flop_cap_min=0.0 if a.flop_ratio is not None else None)  # an explicit cap binds
+
+
+def _train_config(a, bundle, prof, optim=None):
+    from .config import InstantConfig, OptimConfig, TrainConfig
+
+    instant = InstantConfig.from_bundle(bundle.manifest.instant.settings, **instant_overrides(a))
     if a.mode == "instant" and not bundle.layers:  # (the default trains it exactly)
         from .errors import UserError
 
@@ -698,7 +709,7 @@ def _init_from(a, bundle, out: Path) -> tuple[Path | None, Path | None, str | No
                         + ", or start a new run with another --out")
     if given is None:
         return None, None, None
-    init, _, init_dir, _ = _trained_source(bundle, Path(a.init_from), "--init-from")
+    init, _, init_dir, _ = trained_source(bundle, Path(a.init_from), "--init-from")
     return init, init_dir, given
 
 
@@ -787,7 +798,7 @@ def _cmd_train(a) -> int:
     return 0
 
 
-def _trained_source(bundle, weights: Path | None, flag: str):
+def trained_source(bundle, weights: Path | None, flag: str):
     """(weights file, run folder it was picked from, its run's folder, what the run recorded)
     for ``flag`` (``eval --weights``, ``train --init-from``): a run's or a fleet's folder (its
     params.npz, or its last checkpoint where it stopped early), a checkpoints/latest pointer,
@@ -851,7 +862,7 @@ def _cmd_eval(a) -> int:
     if weights is None and bundle_run(bundle.path).is_dir():
         run_src = bundle.path / "run"
         weights = run_weights(run_src)
-    weights, src, run_dir, record = _trained_source(bundle, weights, "--weights")
+    weights, src, run_dir, record = trained_source(bundle, weights, "--weights")
     run_src = src or run_src
     # --val-split holds out the rows the run held out: its seed, unless --seed says otherwise
     if a.seed is None:  # (the seed only draws a --val-split)

@@ -571,6 +571,19 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
         # a bundle without INSTANT layers: an explicit --mode instant trained it exactly
         (("client", mlp_head_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
           "--mode", "instant", "--out", tmp_path / "c2"), "--mode instant: bundle"),
+        # train's INSTANT options, checked as train checks them, before the client joins
+        (("client", mlp_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
+          "--variance", 2, "--out", tmp_path / "c3"), "--variance 2.0 is invalid: must be <= 1"),
+        (("client", mlp_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
+          "--energy", 0.9, "--variance", 0.99, "--out", tmp_path / "c4"),
+         "--variance sets the budget rank policy's ranks"),
+        (("server", mlp_bundle, "--address", f"127.0.0.1:{port}", "--init-from", " ",
+          "--out", tmp_path / "s4"), "--init-from is empty"),
+        (("server", mlp_bundle, "--address", f"127.0.0.1:{port}", "--init-from",
+          tmp_path / "nothing.npz", "--out", tmp_path / "s5"), "not found"),
+        (("server", mlp_bundle, "--address", f"127.0.0.1:{port}", "--init-from",
+          mlp_head_bundle / "params.npz", "--out", tmp_path / "s6"),
+         "lacks parameter '0.weight'; pass the params.npz of a run of this bundle"),
     ]
     # --out where a fleet run must not write, refused before anything runs (session 16 probe:
     # the bundle's params.npz was replaced and the bundle failed its checksum; a train run's
@@ -642,6 +655,33 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     # one that could not listen
     assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
     assert not (tmp_path / "s2").exists()
+
+
+def test_a_client_trains_with_the_instant_options_it_is_given(mlp_bundle, tmp_path):
+    """``fleet client`` takes train's INSTANT options (session 37: it had none, and every client
+    ran the bundle's defaults): parsed by the client's own parser, they set the local trainer's
+    ranks."""
+    import argparse
+
+    from runtime.cli import instant_overrides
+    from runtime.fleet.cli import _fill
+    from runtime.fleet.local import open_local
+
+    ap = argparse.ArgumentParser()
+    _fill(ap)
+    ranks = {}
+    for k, extra in enumerate(([], ["--variance", "0.99"], ["--variance", "0.99", "--max-rank",
+                                                             "2"])):
+        a = ap.parse_args(["client", str(mlp_bundle), "--data", "digits", "--server",
+                           "127.0.0.1:1", *extra])
+        local = open_local(mlp_bundle, "digits", threads=1, out=tmp_path / f"c{k}",
+                           instant=instant_overrides(a))
+        local.train_local(2, 32, server_round=1)
+        ranks[k] = (local.trainer.exact_start, local.trainer.ranks())
+    full = {ly.name: (ly.x_dim, ly.g_dim) for ly in local.trainer.bundle.layers}
+    assert ranks[0] == (True, full), ranks[0]  # the default: this small MLP at exact ranks
+    assert ranks[1][0] is False and ranks[1][1] != full, ranks[1]  # the variance rule
+    assert all(max(r) <= 2 for r in ranks[2][1].values()), ranks[2]
 
 
 def test_a_client_that_diverges_says_how_to_start_it_again(mlp_bundle, tmp_path):
@@ -1117,6 +1157,45 @@ def test_clients_that_number_their_classes_otherwise_are_renumbered_as_the_fleet
         scores.append(re.findall(r"accuracy (\d\.\d+)", r.stdout))
     assert scores[0] == scores[1] and scores[0], scores
     assert scores[2] == scores[3] and float(scores[2][0]) > 0.5, scores
+
+
+def test_a_server_starts_from_a_trained_run_in_its_class_order(mlp_bundle, tmp_path):
+    """``fleet server --init-from RUN``: round 1 starts from that run's weights, numbered as the
+    run numbered its classes (session 38: a fleet could only start from the bundle's initial
+    weights). The run here names the digits in reverse order, the server's --data in order: its
+    first figure (before round 1) is the run's own held-out accuracy."""
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+
+    d = load_data("digits", open_bundle(mlp_bundle))
+    names = [str(k) for k in range(10)][::-1]
+    rev = tmp_path / "rev.npz"
+    np.savez(rev, x=d.x["input"], y=9 - d.y, x_test=d.test.x["input"], y_test=9 - d.test.y,
+             class_names=np.array(names))
+    r = subprocess.run([sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--data",
+                        str(rev), "--steps", "60", "--lr", "1e-2", "--mode", "vanilla",
+                        "--threads", "1", "--no-progress", "--out", str(tmp_path / "run")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    trained = json.loads((tmp_path / "run" / "summary.json").read_text())["test_acc"]
+    assert trained > 0.8, trained
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                          "--data", "digits", "--init-from", tmp_path / "run")
+    client = start_client(tmp_path, mlp_bundle, port, 0, rev, "--steps", 1, "--lr", "1e-9",
+                          "--mode", "vanilla")
+    out = _ok_both(server, client)
+    assert f"round 1 starts from the weights in {tmp_path / 'run' / 'params.npz'}" in out, out
+    acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]
+    assert acc[0] == pytest.approx(trained, abs=2e-3) and acc[-1] > 0.8, (acc, trained, out)
+    assert json.loads((tmp_path / "fleet" / "summary.json").read_text())["class_names"] == names
+    # a --resume goes on from its aggregate, not from --init-from
+    r = subprocess.run([sys.executable, "-m", "runtime", "fleet", "server", str(mlp_bundle),
+                        "--rounds", "1", "--resume", "--init-from", str(tmp_path / "run"),
+                        "--out", str(tmp_path / "fleet"), "--address",
+                        f"127.0.0.1:{free_port()}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "note: --init-from is not read" in r.stdout, r.stdout + r.stderr
 
 
 def test_round_one_trains_in_the_first_clients_numbering(mlp_bundle, tmp_path):

@@ -54,6 +54,10 @@ def _fill(f: argparse.ArgumentParser) -> None:
                    help="run folder for the aggregated weights (default BUNDLE/fleet)")
     s.add_argument("--resume", action="store_true",
                    help="start from the aggregate an earlier run left in --out")
+    s.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="start round 1 from trained weights of this bundle: a `train` run's or "
+                        "a fleet's folder, its params.npz or a checkpoint (default: the "
+                        "bundle's initial weights; a --resume goes on from its aggregate)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace the aggregate an earlier run left in --out")
     s.add_argument("--wait", type=float, default=300.0,
@@ -90,8 +94,9 @@ def _fill(f: argparse.ArgumentParser) -> None:
     c.add_argument("--weight-decay", type=float, default=None)
     c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="default adamw (its state starts from zero each round)")
-    c.add_argument("--mode", default=None, choices=["instant", "vanilla"],
-                   help="default instant, vanilla for a bundle without INSTANT layers")
+    from ..cli import add_instant_args
+
+    add_instant_args(c)  # --mode and the INSTANT options, as `train` has them
     c.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     c.add_argument("--partition", default=None,
                    help="I/N: keep every N-th training example from the I-th (a shard per device)")
@@ -210,7 +215,12 @@ def _server(a) -> int:
     lock = hold_folder(out, f"--out '{out}' is in use by another fleet process of this machine "
                        "(two would write one aggregate); wait for it to end, or pass another "
                        "--out", ".fleet-lock")  # held until the process ends
-    earlier = None
+    earlier, classes = None, None
+    if a.init_from is not None and resume:
+        print(f"note: --init-from is not read: the fleet run in '{out}' resumes from its "
+              "aggregate", flush=True)
+    elif a.init_from is not None:
+        classes = _init_from(a.init_from, local)
     if resume:
         _same_model(out, local, f"--resume: '{out}' holds the aggregate")
         earlier = _earlier_rounds(out)
@@ -238,7 +248,7 @@ def _server(a) -> int:
         s = run_server(local, address, a.rounds, a.min_clients, out,
                        evaluate_here=a.data is not None, wait_s=wait,
                        round_timeout=round_timeout, earlier=earlier, evaluated_on=on,
-                       resumed=resume)
+                       resumed=resume, classes=classes)
     except BaseException:  # (no client came, or a signal before round 1: FleetInterrupted)
         drop_lock_only(out, fresh)  # no folder left behind (session 27 probe)
         raise
@@ -268,6 +278,24 @@ def _server(a) -> int:
           "model.onnx" + ("" if out.parent == local.bundle.path else f" --bundle {a.bundle}")
           + ")", flush=True)
     return 0
+
+
+def _init_from(given: str, local) -> list[str] | None:
+    """``fleet server --init-from``: round 1 starts from a trained run's weights of this bundle
+    (session 38: a fleet could only start from the bundle's initial weights). Returns the class
+    order they were trained in (None: none recorded), which the fleet then numbers by.
+
+    Raises:
+        UserError: an unreadable --init-from, or another bundle's weights.
+    """
+    from ..cli import trained_source
+    from ..run_files import run_class_names
+
+    weights, _, run_dir, _ = trained_source(local.bundle, Path(given), "--init-from")
+    local.set_trainable(local.bundle.load_params(
+        weights, way_out="pass another --init-from (a run folder or its params.npz)"))
+    print(f"round 1 starts from the weights in {weights} (--init-from)", flush=True)
+    return run_class_names(run_dir, local.bundle) if run_dir is not None else None
 
 
 def _same_model(out: Path, local, what: str) -> None:
@@ -353,7 +381,10 @@ def _client(a) -> int:
     if role == "other" or ((out / "params.npz").exists() and role is None):
         raise UserError(f"--out '{out}' holds a params.npz or summary.json that no fleet client "
                         "wrote; nothing there is replaced: pass a new or empty folder as --out")
+    from ..cli import instant_overrides
+
     local = open_local(bundle, a.data, budget, threads=threads, mode=a.mode,
+                       instant=instant_overrides(a),
                        optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                        out=out, checkpoint_every=a.checkpoint_every, partition=partition,
                        progress=a.progress, max_nonfinite=a.max_nonfinite,

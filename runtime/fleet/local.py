@@ -121,7 +121,7 @@ class Local:
                  seed: int = 0, out: str | Path | None = None, checkpoint_every: int = 0,
                  partition: tuple[int, int] | None = None, progress: bool = False,
                  max_nonfinite: int = 5, micro_batch: int | None = None,
-                 data_options: dict | None = None) -> None:
+                 data_options: dict | None = None, instant: dict | None = None) -> None:
         from ..bundle import open_bundle
         from ..config import InstantConfig, OptimConfig, SessionConfig, TrainConfig
         from ..data import load_data, relabelled
@@ -146,7 +146,8 @@ class Local:
                             "pass --mode vanilla or leave --mode out")
         cfg = TrainConfig(mode=mode or "instant", optim=OptimConfig(name=optimizer, lr=lr,
                                                        weight_decay=weight_decay),
-                          instant=InstantConfig.from_bundle(self.bundle.manifest.instant.settings),
+                          instant=InstantConfig.from_bundle(self.bundle.manifest.instant.settings,
+                                                            **(instant or {})),
                           session=SessionConfig(threads=threads), seed=seed)
         self.trainer = Trainer(self.bundle, cfg)
         self.rounds = 0
@@ -408,7 +409,8 @@ def open_local(bundle_path: str | Path, data_spec: str | None = None,
                budget: int | None = None, **kwargs) -> Local:
     """Open a bundle with this device's data (``data_spec``: built-in name or ``.npz``) and a
     trainer. ``kwargs``: threads, mode, optimizer, lr, weight_decay, seed, out,
-    checkpoint_every, partition, progress, max_nonfinite, micro_batch.
+    checkpoint_every, partition, progress, max_nonfinite, micro_batch, instant (overrides of
+    the bundle's INSTANT settings: ``runtime.cli.instant_overrides``).
 
     Raises:
         UserError: bad bundle, data that does not fit it, bad option.

@@ -71,10 +71,11 @@ def _weighted(metrics: list[tuple[int, dict]]) -> dict:
 def run_server(local: Local, address: str, rounds: int, min_clients: int, out: Path,
                evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
                say=None, earlier: dict | None = None, evaluated_on: str = "",
-               resumed: bool = False) -> dict:
+               resumed: bool = False, classes: list[str] | None = None) -> dict:
     """Run FedAvg up to round ``rounds``; returns the run summary (also in ``OUT/summary.json``,
     written after every round; every round's entry in ``OUT/rounds.jsonl``). ``earlier``: the
-    summary of the run this one resumes (its rounds count, its history is kept).
+    summary of the run this one resumes (its rounds count, its history is kept); ``classes``:
+    the class order of the weights round 1 starts from (``--init-from``).
 
     Raises:
         UserError: cannot listen on ``address``; fewer than ``min_clients`` clients within
@@ -95,7 +96,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
              # a resumed run keeps the class order its aggregate was trained in (session 29
              # probe: the server's --data's own order replaced it, and the resumed aggregate
              # was read with its classes swapped: 0.997 -> 0.370)
-             "classes": resumed_classes(local, earlier) or fleet_classes(local)}
+             "classes": resumed_classes(local, earlier) or classes or fleet_classes(local)}
     t0 = time.perf_counter() - float(earlier.get("seconds", 0.0))
     if state["classes"]:  # (a resumed run's classes may be its first client's)
         agree_here(local, state["classes"], say)
