@@ -516,9 +516,18 @@ class Manifest:
                 len(self.class_names) != self.loss.num_classes:
             return "class_names", (f"{len(self.class_names)} names for "
                                    f"{self.loss.num_classes} classes")
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            seen = set()  # (session 38 probe: ["a", "a", "b"] trained; export refuses it)
+            twice = next(n for n in self.class_names if n in seen or seen.add(n))
+            return "class_names", f"repeats the name '{twice[:40]}'"
         if self.text is not None:
             if self.text.tokenizer not in self.files:
                 return "text.tokenizer", f"'{self.text.tokenizer}' is not listed in files"
+            if not self.text.tokenizer.endswith(".json") or self.text.tokenizer in (
+                    names.WEIGHTS_FILE, names.PARAMS_FILE, *self.optimizers.values()):
+                # (session 38 probe: weights.bin named as the tokenizer, 83 MB read as text)
+                return "text.tokenizer", (f"'{self.text.tokenizer}' is no tokenizer .json file "
+                                          "of the bundle")
             for n in (self.text.ids_input, self.text.mask_input, self.text.type_ids_input):
                 if n is not None and n not in input_names:
                     return "text", f"'{n}' is not a model input"

@@ -57,11 +57,19 @@ def _check(node: onnx.NodeProto, a: dict, shapes: Shapes) -> tuple[int, int]:
     if _input(node, 4):
         raise ExportError(f"{op} '{node.name}': sequence_lens is not supported; pad the "
                           "sequences and export without lengths")
-    xs = shapes.of(node.input[0])
+    xs = list(shapes.of(node.input[0]))
+    ws = shapes.of(node.input[1])  # W: [directions, gates·hidden, input size]
+    if len(xs) == 3 and not isinstance(xs[2], int) and len(ws) == 3 and isinstance(ws[2], int):
+        # (a stacked GRU/LSTM from torch's dynamo exporter: the reshape between two layers
+        # leaves the input size unknown to shape inference, while W states it; session 38
+        # probe: the model was refused)
+        xs[2] = ws[2]
     length = xs[1] if a.get("layout", 0) else xs[0]
     if len(xs) != 3 or not isinstance(length, int) or not isinstance(xs[2], int):
         raise ExportError(f"{op} '{node.name}': the sequence length and input size must be "
-                          f"static, got {xs}")
+                          f"static, got {xs}; export with a fixed sequence length "
+                          "(--input-shape N,L,C), or export the ONNX file with "
+                          "torch.onnx.export(..., dynamo=False)")
     return length, nd
 
 

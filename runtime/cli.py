@@ -379,6 +379,10 @@ def _calib_batch(tr, batch: int) -> int:
                                padded=tr.bundle.manifest.text is not None)
 
 
+_INSTANT_OPTIONS = ("energy", "oversample", "calib_every", "calib_batches", "calib_samples",
+                    "max_rank", "rank_policy", "variance", "saved_ratio", "flop_ratio")
+
+
 def instant_overrides(a) -> dict:
     """``InstantConfig.from_bundle``'s keyword arguments from the options of
     :func:`add_instant_args`, once they are known to ask for one rank policy.
@@ -391,14 +395,22 @@ def instant_overrides(a) -> dict:
         else None
     if policy is None and eps:
         policy = "energy"  # an explicit ε or p asks for the energy rule
-    if (policy == "energy" and a.variance is not None) or (policy == "budget" and eps):
-        from .errors import UserError  # (session 27 probe: the other policy's option ignored)
+    # (session 27 probe: the other policy's option ignored; session 38: --flop-ratio too)
+    budget_only = next((f for f, v in (("--variance", a.variance),
+                                       ("--flop-ratio", a.flop_ratio)) if v is not None), None)
+    if (policy == "energy" and budget_only) or (policy == "budget" and eps):
+        from .errors import UserError
 
-        raise UserError(f"{'--variance' if policy == 'energy' else eps} sets the "
+        raise UserError(f"{budget_only if policy == 'energy' else eps} sets the "
                         f"{'budget' if policy == 'energy' else 'energy'} rank policy's ranks, "
                         f"and this run uses the {policy} policy"
                         + (f" ({eps} asks for it)" if a.rank_policy is None else "")
                         + "; leave one of them out")
+    given = [f"--{k.replace('_', '-')}" for k in _INSTANT_OPTIONS if getattr(a, k, None)
+             is not None]
+    if a.mode == "vanilla" and given:  # (session 38 probe: taken without a word)
+        print(f"note: --mode vanilla trains exactly; {', '.join(given)} "
+              f"{'is' if len(given) == 1 else 'are'} not used", flush=True)
     return dict(energy=a.energy, oversample=a.oversample, calib_every=a.calib_every,
                 calib_batches=a.calib_batches, max_rank=a.max_rank,
                 calib_samples=getattr(a, "calib_samples", None), rank_policy=policy,

@@ -348,7 +348,11 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
     for part in (src, src.test):
         if part is not None and part.problems.summary() and id(part.problems) not in shown:
             shown.add(id(part.problems))
-            print(one_line(f"warning: {part.problems.summary()}"), file=sys.stderr)
+            said = part.problems.summary()  # (notes alone: a note, not "warning: ..: note:")
+            only_notes = not (part.problems.counts or part.problems.ignored
+                              or part.problems.hints)
+            print(one_line(f"note: {said.replace(': note: ', ': ', 1)}" if only_notes
+                           else f"warning: {said}"), file=sys.stderr)
     gap = _class_gap(bundle, src) if training else None
     if gap:
         print(f"note: {gap}")  # (stdout: a refusal that follows stays one line on stderr)

@@ -42,7 +42,7 @@ from .calibrate import Spectrum, rank_for_energy
 from .config import InstantConfig
 
 __all__ = ["basis_groups", "choose_ranks", "gx_break_even", "gx_exact", "layer_flops",
-           "saved_bytes", "starts_exact", "x_bytes_per_rank"]
+           "saved_bytes", "starts_exact", "unreached_flop_ratio", "x_bytes_per_rank"]
 
 
 def x_bytes_per_rank(ly: LayerInfo) -> int:
@@ -85,6 +85,24 @@ def unreached_saved_ratio(layers: list[LayerInfo], ranks: dict, ratio: float | N
     return (f"--saved-ratio {ratio:g} is below what ranks of 1 store ({got / exact:.3g} of the "
             "exact saved bytes), the least INSTANT keeps; the layers run at rank 1: give "
             f"--saved-ratio {got / exact:.3g} or more to say what is kept")
+
+
+def unreached_flop_ratio(layers: list[LayerInfo], ranks: dict, cfg: InstantConfig,
+                         rows: int = 1) -> str | None:
+    """A warning when the budget policy's ranks of 1 still compute more than ``--flop-ratio``
+    × the exact backward (session 38 probe: 0.05 asked, 0.103 run, no word)."""
+    ratio = cfg.flop_ratio
+    if cfg.rank_policy != "budget" or not ratio or not layers:
+        return None
+    if any(ranks[ly.name][0] > 1 or (ranks[ly.name][1] > 1 and not gx_exact(ly, ranks[ly.name][1]))
+           for ly in layers):
+        return None
+    got = sum(layer_flops(ly, *ranks[ly.name], rows) for ly in layers) / _exact_flops(layers)
+    if got <= ratio:
+        return None
+    return (f"--flop-ratio {ratio:g} is below what ranks of 1 compute ({got:.3g} of the exact "
+            "backward), the least INSTANT keeps; the layers run at rank 1: give --flop-ratio "
+            f"{got:.3g} or more to say what is computed")
 
 
 def _flops_per_rank(ly: LayerInfo, side: str, rows: int = 1) -> float:

@@ -110,10 +110,11 @@ class Summary:
             out.append(f"held-out accuracy {self.test_acc:.3f}{before}, loss {self.test_loss:.4f}")
         elif self.test_loss is not None:
             out.append(f"held-out loss {self.test_loss:.4f}")
+        k = self.calibrations
         out.append(f"median step {self.median_step_s * 1e3:.1f} ms, "
                    f"{self.examples_per_s:.0f} examples/s"
-                   + (f"; {self.calibrations} calibrations ({self.calib_s:.2f} s outside the "
-                      f"steps, {self.calib_steps} steps collected Grams): amortised step "
+                   + (f"; {k} calibration{'' if k == 1 else 's'} ({self.calib_s:.2f} s outside "
+                      f"the steps, {self.calib_steps} steps collected Grams): amortised step "
                       f"{self.amortised_step_s * 1e3:.1f} ms" if self.calibrations else ""))
         out.append(f"peak RSS {self.peak_rss / mb:.1f} MB (idle after load {self.idle_rss / mb:.1f}"
                    f" MB, above idle {(self.peak_rss - self.idle_rss) / mb:.1f} MB)")

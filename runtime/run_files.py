@@ -177,6 +177,8 @@ def run_class_names(run: Path, bundle) -> list[str] | None:
         why = "is not a list of names"
     elif k is not None and len(names) != k:
         why = f"holds {len(names):,} names for a {k}-class model"
+    elif len(set(names)) != len(names):  # (session 38 probe: ["x", "x", "z"] accepted)
+        why = "repeats a name"
     else:
         return names
     raise UserError(f"{path}: class_names {why}; put back the run's own run.json (or delete "

@@ -91,8 +91,10 @@ def resolve_device(cfg: SessionConfig, available: list[str] | None = None) -> tu
     if any(p in wanted for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
         if "CUDAExecutionProvider" in have:
             return "cuda", "device auto: CUDA (this onnxruntime build has it)"
-        return "cpu", ("device auto: the profile lists a GPU provider, but this onnxruntime "
-                       "build has only " + ", ".join(have) + "; using CPU")
+        # (session 38 probe: "the profile lists" where no profile was given)
+        who = "the profile lists" if cfg.profile_providers else "no --profile: trying"
+        return "cpu", (f"device auto: {who} a GPU provider, but this onnxruntime build has "
+                       "only " + ", ".join(have) + "; using CPU")
     return "cpu", "device auto: CPU (the profile lists no GPU provider)"
 
 

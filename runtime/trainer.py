@@ -39,7 +39,14 @@ from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
 from .config import TrainConfig
 from .memory import budget_given, current_rss
 from .optim import fusable, make_optimizer, resident_zeros, state_buffers
-from .ranks import basis_groups, choose_ranks, gx_break_even, starts_exact, unreached_saved_ratio
+from .ranks import (
+    basis_groups,
+    choose_ranks,
+    gx_break_even,
+    starts_exact,
+    unreached_flop_ratio,
+    unreached_saved_ratio,
+)
 from .sessions import (
     SharedWeights,
     is_out_of_memory,
@@ -848,9 +855,13 @@ class Trainer:
         self.exact_start = starts_exact(self.bundle.layers, self.config.instant, cap_rows or rows)
         ranks = choose_ranks(self.bundle.layers, spectra, self.config.instant,
                              self.plan.saved_budget, rows, cap_rows=cap_rows)
-        low = unreached_saved_ratio(self.bundle.layers, ranks, self.config.instant.saved_ratio)
-        if low and not self.calibrations:  # (once: the first calibration)
-            self.warnings.append(low)
+        if not self.calibrations:  # (once: the first calibration)
+            for low in (unreached_saved_ratio(self.bundle.layers, ranks,
+                                              self.config.instant.saved_ratio),
+                        unreached_flop_ratio(self.bundle.layers, ranks, self.config.instant,
+                                             rows)):
+                if low:
+                    self.warnings.append(low)
         for ly in self.bundle.layers:
             sx, sg = spectra[ly.name]
             rx, ry = ranks[ly.name]
@@ -871,12 +882,19 @@ class Trainer:
         from .accounting import format_table, layer_costs
 
         table = format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows))
-        if self.exact_start:
+        mflop = f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a micro-batch"
+        lowered = any(p.rank < ly.x_dim or q.rank < ly.g_dim
+                      for ly in self.bundle.layers for p, q in [self.bases[ly.name]])
+        if self.exact_start and lowered:  # (session 38 probe: "start at exact" at ranks of 1)
+            table += (f"\nranks started at exact (these layers' exact backward is below "
+                      f"{mflop}); those below it were lowered by a --budget's memory, "
+                      "--saved-ratio or --max-rank, or the calibration data had no more "
+                      "directions")
+        elif self.exact_start:
             table += ("\nranks start at exact: these layers' exact backward is small (below "
-                      f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a micro-batch), so "
-                      "compressing them saves little, and from scratch it cost accuracy; a "
-                      "--budget's memory or --saved-ratio lowers them, --variance 0.99 "
-                      "compresses by the variance rule")
+                      f"{mflop}), so compressing them saves little, and from scratch it cost "
+                      "accuracy; a --budget's memory or --saved-ratio lowers them, --variance "
+                      "0.99 compresses by the variance rule")
         return table
 
     # ---------------------------------------------------------------------------- evaluation

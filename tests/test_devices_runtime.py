@@ -32,6 +32,11 @@ def test_device_selection_and_fallback():
     device, line = resolve_device(SessionConfig(device="auto", profile_providers=jetson),
                                   cpu_only)
     assert device == "cpu" and "using CPU" in line and "\n" not in line
+    assert line.startswith("device auto: the profile lists a GPU provider"), line
+    # without --profile no profile is named (session 38 probe: "the profile lists a GPU")
+    line = resolve_device(SessionConfig(device="auto"), cpu_only)[1]
+    assert line.startswith("device auto: no --profile: trying a GPU provider, but this "
+                           "onnxruntime build has only CPUExecutionProvider; using CPU"), line
     pi = ("CPUExecutionProvider",)
     assert resolve_device(SessionConfig(device="auto", profile_providers=pi), with_cuda)[0] == \
         "cpu"

@@ -658,7 +658,7 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
 
 
 def test_a_client_trains_with_the_instant_options_it_is_given(mlp_bundle, tmp_path):
-    """``fleet client`` takes train's INSTANT options (session 37: it had none, and every client
+    """``fleet client`` takes train's INSTANT options (before session 38 it had none: every client
     ran the bundle's defaults): parsed by the client's own parser, they set the local trainer's
     ranks."""
     import argparse
@@ -1186,6 +1186,7 @@ def test_a_server_starts_from_a_trained_run_in_its_class_order(mlp_bundle, tmp_p
                           "--mode", "vanilla")
     out = _ok_both(server, client)
     assert f"round 1 starts from the weights in {tmp_path / 'run' / 'params.npz'}" in out, out
+    assert "round 0 (--init-from weights); held-out accuracy" in out, out
     acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]
     assert acc[0] == pytest.approx(trained, abs=2e-3) and acc[-1] > 0.8, (acc, trained, out)
     assert json.loads((tmp_path / "fleet" / "summary.json").read_text())["class_names"] == names

@@ -123,6 +123,16 @@ def _(c):
     return _train(c)
 
 
+@case("manifest-class-names-repeated", "class_names", "repeats the name 'a'", "re-export")
+def _(c):
+    """Session 38 probe: a manifest naming its classes ["a", "a", "b", ...] trained, and
+    export-model wrote those labels (export --classes refuses a repeated name)."""
+    m = c.manifest()
+    m["class_names"] = ["a", "a", *"bcdefghi"]
+    c.write_manifest(m)
+    return _train(c)
+
+
 @case("min-onnxruntime-not-a-version", "min_onnxruntime 'latest' in manifest.json is not a "
       "version", "re-export")
 def _(c):
@@ -940,6 +950,10 @@ for _cmd in ("eval", "export-model", "resume"):
     case(f"{_cmd}-of-a-run-json-with-11-class-names", "class_names holds 11 names for a "
          "10-class model", "put back the run's own run.json")(
         lambda c, cmd=_cmd: _tampered_run(c, cmd, class_names=[str(i) for i in range(11)]))
+    case(f"{_cmd}-of-a-run-json-repeating-a-class-name", "class_names repeats a name",
+         "put back the run's own run.json")(  # (session 38 probe: accepted)
+        lambda c, cmd=_cmd: _tampered_run(c, cmd, class_names=["x", *map(str, range(9))][:9]
+                                          + ["x"]))
 
 
 def _tampered_run(c: Ctx, cmd: str, **fields) -> list[str]:

@@ -257,3 +257,51 @@ def test_peephole_and_foreign_recurrent_tensors_stay_packed_and_named():
     assert _torch_recurrent("rnn.GRU.W", np.zeros((1, 10, 3), np.float32)) is None  # not 3·H
     assert _torch_recurrent("rnn.GRU.B", np.zeros((1, 2, 6), np.float32)) is None
     assert _torch_recurrent("fc.weight", np.zeros((3, 4), np.float32)) is None
+
+
+def test_a_stacked_layer_whose_input_size_only_its_weights_state_exports(tmp_path):
+    """Torch's dynamo exporter reshapes a stacked GRU/LSTM's output before the next layer so
+    that shape inference leaves the next layer's input size unknown; W states it (session 38
+    probe: a 2-layer LSTM from dynamo was refused, "the sequence length and input size must be
+    static"). The same reshape put into a TorchScript file here: it exports and gives torch's
+    loss."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = tmp_path / "rnn.py"
+    path.write_text(MODELS)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rnn_models", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.make("lstm", False, 2, batch_first=False)
+    x = torch.randn(4, 10, 6)
+    torch.onnx.export(net, (x,), tmp_path / "m.onnx", input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}}, dynamo=False)
+    m = onnx.load(tmp_path / "m.onnx")
+    second = [n for n in m.graph.node if n.op_type == "LSTM"][1]
+    for name, v in (("lo", [0]), ("mid", [2]), ("hi", [3]), ("ax", [0])):
+        m.graph.initializer.append(numpy_helper.from_array(np.array(v, np.int64), name))
+    src = second.input[0]  # its shape [L, N, C] with C as a product: [L, N, prod(C)]
+    at = list(m.graph.node).index(second)
+    for k, node in enumerate([
+            helper.make_node("Shape", [src], ["s"]),
+            helper.make_node("Slice", ["s", "lo", "mid"], ["s01"]),
+            helper.make_node("Slice", ["s", "mid", "hi"], ["s2"]),
+            helper.make_node("ReduceProd", ["s2"], ["c"], keepdims=1),
+            helper.make_node("Concat", ["s01", "c"], ["flat"], axis=0),
+            helper.make_node("Reshape", [src, "flat"], ["flat_out"], name="/flatten")]):
+        m.graph.node.insert(at + k, node)
+    second.input[0] = "flat_out"
+    del m.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    dims = next(v for v in inferred.graph.value_info if v.name == "flat_out").type.tensor_type.shape.dim
+    assert not dims[2].HasField("dim_value")  # the input size is unknown to shape inference
+    onnx.save(m, tmp_path / "flat.onnx")
+    bundle = open_bundle(export_bundle(str(tmp_path / "flat.onnx"), tmp_path / "b"))
+    y = np.array([0, 2, 1, 2], np.int64)
+    loss, _ = make_trainer(bundle, mode="vanilla", threads=0).gradients(
+        ArrayBatch({"x": x.numpy()}, y))
+    want = F.cross_entropy(net(x), torch.from_numpy(y)).item()
+    assert loss == pytest.approx(want, rel=1e-5, abs=1e-6)

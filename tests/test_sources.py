@@ -591,9 +591,23 @@ def test_labels_that_are_one_number_written_two_ways_are_said_to_be_one_class(
         Image.fromarray(digit_folder.img[0], "L").save(tmp_path / "img" / name / "a.png")
     img = open_images(tmp_path / "img", GREY8, IMG_INPUT, _ce(3))
     assert img.class_names == ["0", "1", "2"] and sorted(img.labels.tolist()) == [0, 1, 1, 2, 2]
-    assert img.problems.summary().endswith("note: 1 number(s) written in different ways and "
+    assert img.problems.summary().endswith("note: number(s) written in different ways and "
                                            "read as one class, the number: name them as text "
                                            "(e.g. c01) to keep them apart (01 and 1 as 1)")
+
+
+def test_an_image_folder_of_other_classes_names_the_models(tmp_path, digit_folder):
+    """Session 38 probe: class folders none of which is a bundle's class were refused with "put
+    PNG/JPEG files in one sub-folder per class, e.g. .../cat/1.png", as they already were; the
+    way out names the classes the folders must be."""
+    from PIL import Image
+
+    for name in ("circle", "square"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        Image.fromarray(digit_folder.img[0], "L").save(tmp_path / "img" / name / "a.png")
+    with pytest.raises(UserError, match=r"its class folders must be named as the classes "
+                                        r"\(x, y, z\), one per class$"):
+        open_images(tmp_path / "img", GREY8, IMG_INPUT, _ce(3), class_names=["x", "y", "z"])
 
 
 def test_regression_targets_and_type_ids(tmp_path, tokenizer_file):
@@ -1411,6 +1425,46 @@ def _manifest(inputs, loss, text=None, image=None, class_names=None,
                            class_names=class_names, files=files)
 
 
+def test_a_tokenizer_past_the_budget_is_refused_before_it_is_read(tmp_path, tokenizer_file,
+                                                                 mlp_head_bundle):
+    """Session 38 probe: a tampered bundle's 83 MB "tokenizer" was read (twice over, chunks and
+    their join) and the budget blamed afterwards, 27 MB past it. Its listed size is now weighed
+    against the budget first; a manifest naming a weights file as its tokenizer is refused."""
+    from contract.errors import ManifestError
+    from contract.manifest import read_manifest
+    from runtime.memory import proc_status, set_budget
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    os.link(tokenizer_file, bundle / "tokenizer.json")
+    m = _manifest(TEXT_INPUTS, _ce(3), text=TEXT, bundle=bundle)
+    train = _write_csv(tmp_path / "train.csv", [("a", "b"), ("b", "c"), ("c", "a")])
+    held = proc_status(os.getpid())["VmRSS"]
+    try:
+        set_budget(held + 24 * 2**20 + m.files["tokenizer.json"].bytes // 2)
+        with pytest.raises(UserError, match=r"^the bundle's tokenizer 'tokenizer\.json' is \d+ "
+                                            r"MB; reading it would take this process .* past "
+                                            r"--budget \d+ MB: raise --budget"):
+            open_data(train, m, bundle)
+        set_budget(held + 200 * 2**20)
+        assert len(open_data(train, m, bundle)) == 3
+    finally:
+        set_budget(None)
+    # the manifest check: a real bundle's manifest whose text section names its weights file
+    raw = json.loads((mlp_head_bundle / "manifest.json").read_text())
+    assert "weights.bin" in raw["files"]
+    raw["text"] = {"tokenizer": "weights.bin", "seq_len": 8,
+                   "ids_input": raw["inputs"][0]["name"]}
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"text\.tokenizer.*'weights\.bin' is no tokenizer "
+                                            r"\.json file of the bundle"):
+        read_manifest(tmp_path / "manifest.json")
+    raw["text"]["tokenizer"] = "params.npz"
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=r"'params\.npz' is no tokenizer \.json file"):
+        read_manifest(tmp_path / "manifest.json")
+
+
 def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -1783,6 +1837,12 @@ def test_npz_arrays_as_scripts_save_them_get_the_fix_named(tmp_path):
     # session 27 probe: string labels were refused without the way to ids
     with pytest.raises(UserError, match=r"np\.unique\(labels, return_inverse=True\)"):
         open_npz(_npz(tmp_path / "s.npz", x=x, y=np.array(["a", "b", "c"])[y]), X_IN, _ce(3))
+    # session 38 probe: one-hot labels and labels numbered from 1 named no fix
+    with pytest.raises(UserError, match=r"if y is one-hot \(or scores per class\), save "
+                                        r"y\.argmax\(1\)"):
+        open_npz(_npz(tmp_path / "1h.npz", x=x, y=np.eye(3, dtype=np.float32)[y]), X_IN, _ce(3))
+    with pytest.raises(UserError, match=r"they look numbered from 1 \(1 to 3\): save y - 1"):
+        open_npz(_npz(tmp_path / "1b.npz", x=x, y=y + 1), X_IN, _ce(3))
 
 
 def test_a_header_past_the_record_limit_is_not_called_empty(tmp_path, tokenizer_file):

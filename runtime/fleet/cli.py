@@ -248,7 +248,9 @@ def _server(a) -> int:
         s = run_server(local, address, a.rounds, a.min_clients, out,
                        evaluate_here=a.data is not None, wait_s=wait,
                        round_timeout=round_timeout, earlier=earlier, evaluated_on=on,
-                       resumed=resume, classes=classes)
+                       resumed=resume, classes=classes,
+                       start="--init-from weights" if a.init_from and not resume else
+                       "initial weights")
     except BaseException:  # (no client came, or a signal before round 1: FleetInterrupted)
         drop_lock_only(out, fresh)  # no folder left behind (session 27 probe)
         raise

@@ -71,11 +71,12 @@ def _weighted(metrics: list[tuple[int, dict]]) -> dict:
 def run_server(local: Local, address: str, rounds: int, min_clients: int, out: Path,
                evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
                say=None, earlier: dict | None = None, evaluated_on: str = "",
-               resumed: bool = False, classes: list[str] | None = None) -> dict:
+               resumed: bool = False, classes: list[str] | None = None,
+               start: str = "initial weights") -> dict:
     """Run FedAvg up to round ``rounds``; returns the run summary (also in ``OUT/summary.json``,
     written after every round; every round's entry in ``OUT/rounds.jsonl``). ``earlier``: the
     summary of the run this one resumes (its rounds count, its history is kept); ``classes``:
-    the class order of the weights round 1 starts from (``--init-from``).
+    the class order of the weights round 1 starts from, ``start`` what they are (``--init-from``).
 
     Raises:
         UserError: cannot listen on ``address``; fewer than ``min_clients`` clients within
@@ -148,7 +149,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     def record(r: int, loss: float, acc, n: int, where: str) -> None:
         if r == 0:
             head = (f"round {done} (the resumed aggregate); " if done
-                    else "round 0 (initial weights); ")
+                    else f"round 0 ({start}); ")
         else:
             head = f"{fit_part(r)}; " if evaluate_here else f"round {r + done}: "
         line = f"{head}{where} " + (f"accuracy {acc:.3f}, " if acc is not None else "") + \

@@ -83,8 +83,9 @@ class Problems:
         if self.ignored:
             n = sum(self.ignored.values())
             parts.append(f"{n:,} ignored: " + self._part(self.ignored))
-        if self.noted:
-            parts.append("note: " + self._part(self.noted))
+        if self.noted:  # (counted where they occur: an array, not each value; session 38)
+            parts.append("note: " + "; ".join(f"{reason} ({', '.join(self.examples[reason])})"
+                                              for reason in self.noted))
         parts += self.hints
         return f"{self.source}: " + " | ".join(parts) if parts else None
 
@@ -154,7 +155,8 @@ class Source:
         if bad:
             s += f", {bad:,} bad row{'s' if bad != 1 else ''} skipped"
         if self.problems.ignored:
-            s += f", {sum(self.problems.ignored.values()):,} entries ignored"
+            n = sum(self.problems.ignored.values())
+            s += f", {n:,} entr{'y' if n == 1 else 'ies'} ignored"
         return s
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:

@@ -86,9 +86,13 @@ class ImageSource(Source):
         self.path_offsets = np.frombuffer(offsets, np.int64)
         del blob
         if self.path_offsets.size <= 1:
-            raise _nothing_usable(str(self.root), self.problems, rows,
-                                  "put PNG/JPEG files in one sub-folder per class, e.g. "
-                                  f"{self.root}/cat/1.png")
+            way = ("put PNG/JPEG files in one sub-folder per class, e.g. "
+                   f"{self.root}/cat/1.png")
+            if "unknown label" in self.problems.counts and labels.given is not None:
+                shown = ", ".join(labels.given_names[:8])  # (session 38 probe: "e.g. cat"
+                way = (f"its class folders must be named as the classes ({shown}"  # only)
+                       f"{', ...' if len(labels.given_names) > 8 else ''}), one per class")
+            raise _nothing_usable(str(self.root), self.problems, rows, way)
         self.labels, self.class_names = labels.finish()
 
     # ------------------------------------------------------------------ index pass

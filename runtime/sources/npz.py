@@ -291,6 +291,9 @@ class NpzSource(Source):
                     # labels were right, the export was not (session 28 probe)
                     fix = (f"; if the model's {want[1]} classes are on axis 1 of its output "
                            f"([N, C, L], as a Conv1d's), re-export it with --class-axis 1")
+                elif (len(want) == 1 and self.y.ndim == 2
+                      and self.y.shape[1] == self.loss.num_classes):  # (session 38 probe)
+                    fix = "; if y is one-hot (or scores per class), save y.argmax(1)"
                 elif self.y.dtype.kind in "USO":  # (a probe's string labels: no way out said)
                     fix = ("; save ids instead: names, y = np.unique(labels, "
                            "return_inverse=True) (the names in that order)")
@@ -385,7 +388,9 @@ class NpzSource(Source):
                 raise UserError(f"{self._where('y')} has class id {lo if lo < 0 else hi} (row "
                                 f"{int(bad[0])}); labels must be in [0, {k - 1}] for this "
                                 f"{k}-class model" + (f" ({names.IGNORE_LABEL}: no label)"
-                                                      if y.ndim > 1 else ""))
+                                                      if y.ndim > 1 else "")
+                                + (f"; they look numbered from 1 ({lo} to {hi}): save y - 1"
+                                   if lo == 1 and hi == k else ""))  # (session 38 probe)
         else:
             self._check_values("y", y, idx)
             if self.loss.kind == "mse" and y.size and float(np.abs(y).max()) > SQUARE_SAFE:

@@ -24,7 +24,7 @@ from contract.errors import UserError
 
 from ..memory import budget_given, child_limit, fork_held, forked_child, proc_status
 
-__all__ = ["TokenCache", "load_tokenizer"]
+__all__ = ["TokenCache", "check_tokenizer_room", "load_tokenizer"]
 
 _CHUNK = 256  # rows tokenised per encode_batch call in the child (a "." to the parent each)
 STALL_S = 120.0  # the child is stopped where no chunk of rows is done in this many seconds
@@ -225,6 +225,23 @@ class TokenCache:
 
     def close(self) -> None:
         self._f.close()
+
+
+def check_tokenizer_room(nbytes: int, name: str) -> None:
+    """Refuse, before reading it, a tokenizer file whose bytes would take this process past
+    ``--budget`` (session 38 probe: a tampered bundle's 83 MB "tokenizer" was read first and
+    the budget blamed after).
+
+    Raises:
+        UserError: naming the file's size and the ways out.
+    """
+    limit = budget_given()
+    held = proc_status(os.getpid()).get("VmRSS", 0) if limit is not None else 0
+    if limit is not None and held + nbytes > limit - _HEADROOM:
+        raise UserError(f"the bundle's tokenizer '{name}' is {nbytes / 1e6:.0f} MB; reading it "
+                        f"would take this process ({held / 1e6:.0f} MB) past --budget "
+                        f"{limit / 1e6:.0f} MB: raise --budget, or re-export the bundle if that "
+                        "file is not its tokenizer")
 
 
 def load_tokenizer(tokenizer: str | Path | bytes | object, seq_len: int):
