@@ -195,7 +195,8 @@ def minilm(a) -> list[str]:
         f"- step / forward at batch 32: 256 MB run {_ratios(ours, fwd)}, INSTANT at micro-batch "
         f"{m} {_ratios(ins, fwd)}, PyTorch {_ratios(torch, fwd)}",
         f"- kernel (sys) share of the 256 MB run's CPU time: {100 * ours['sys_share']:.1f} % "
-        f"(median of runs); {ours['calibrations']} calibrations ({ours['calib_steps']} steps "
+        f"(median of runs); {ours['calibrations']} calibration"
+        f"{'' if ours['calibrations'] == 1 else 's'} ({ours['calib_steps']} steps "
         "collected Grams)",
         f"- commands: `{ours['cmd']}`; the others add `--mode vanilla --micro-batch {m}` / "
         f"`--micro-batch {m}` instead of `--budget`",

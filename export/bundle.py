@@ -394,6 +394,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         raise ExportError(f"--classes names the classes of a classifier trained with "
                           f"cross-entropy; this model trains with --loss {loss_spec.kind} "
                           "(targets, not class ids): leave --classes out")
+    if class_names is not None and len(set(class_names)) != len(class_names):
+        raise ExportError("class names repeat a name; give each class its own name")
     if class_names is not None and len(class_names) != loss_spec.num_classes:
         raise ExportError(f"{len(class_names)} class names for a model with "
                           f"{loss_spec.num_classes} classes: name {loss_spec.num_classes}, or "

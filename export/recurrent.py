@@ -58,7 +58,7 @@ def _check(node: onnx.NodeProto, a: dict, shapes: Shapes) -> tuple[int, int]:
         raise ExportError(f"{op} '{node.name}': sequence_lens is not supported; pad the "
                           "sequences and export without lengths")
     xs = list(shapes.of(node.input[0]))
-    ws = shapes.of(node.input[1])  # W: [directions, gates·hidden, input size]
+    ws = shapes.shape.get(node.input[1]) or []  # W: [directions, gates·hidden, input size]
     if len(xs) == 3 and not isinstance(xs[2], int) and len(ws) == 3 and isinstance(ws[2], int):
         # (a stacked GRU/LSTM from torch's dynamo exporter: the reshape between two layers
         # leaves the input size unknown to shape inference, while W states it; session 38

@@ -395,13 +395,14 @@ def instant_overrides(a) -> dict:
         else None
     if policy is None and eps:
         policy = "energy"  # an explicit ε or p asks for the energy rule
-    # (session 27 probe: the other policy's option ignored; session 38: --flop-ratio too)
-    budget_only = next((f for f, v in (("--variance", a.variance),
-                                       ("--flop-ratio", a.flop_ratio)) if v is not None), None)
-    if (policy == "energy" and budget_only) or (policy == "budget" and eps):
-        from .errors import UserError
+    if policy == "energy" and a.flop_ratio is not None:  # (session 38 probe: taken silently;
+        # a note, not a refusal: runs that gave it resume with it, as their checkpoints record)
+        print("note: --flop-ratio caps the budget rank policy's ranks; this run uses the energy "
+              "policy, which does not read it", flush=True)
+    if (policy == "energy" and a.variance is not None) or (policy == "budget" and eps):
+        from .errors import UserError  # (session 27 probe: the other policy's option ignored)
 
-        raise UserError(f"{budget_only if policy == 'energy' else eps} sets the "
+        raise UserError(f"{'--variance' if policy == 'energy' else eps} sets the "
                         f"{'budget' if policy == 'energy' else 'energy'} rank policy's ranks, "
                         f"and this run uses the {policy} policy"
                         + (f" ({eps} asks for it)" if a.rank_policy is None else "")

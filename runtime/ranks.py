@@ -92,7 +92,8 @@ def unreached_flop_ratio(layers: list[LayerInfo], ranks: dict, cfg: InstantConfi
     """A warning when the budget policy's ranks of 1 still compute more than ``--flop-ratio``
     × the exact backward (session 38 probe: 0.05 asked, 0.103 run, no word)."""
     ratio = cfg.flop_ratio
-    if cfg.rank_policy != "budget" or not ratio or not layers:
+    if cfg.rank_policy != "budget" or not ratio or not layers or \
+            not _cap_binds(layers, cfg, rows):  # (the default cap on small layers: no cap)
         return None
     if any(ranks[ly.name][0] > 1 or (ranks[ly.name][1] > 1 and not gx_exact(ly, ranks[ly.name][1]))
            for ly in layers):

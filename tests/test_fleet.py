@@ -655,6 +655,8 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     # one that could not listen
     assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
     assert not (tmp_path / "s2").exists()
+    # (a reviewer: an --init-from refused after the server's lock left its folder)
+    assert not (tmp_path / "s5").exists() and not (tmp_path / "s6").exists()
 
 
 def test_a_client_trains_with_the_instant_options_it_is_given(mlp_bundle, tmp_path):

@@ -1841,7 +1841,7 @@ def test_npz_arrays_as_scripts_save_them_get_the_fix_named(tmp_path):
     with pytest.raises(UserError, match=r"if y is one-hot \(or scores per class\), save "
                                         r"y\.argmax\(1\)"):
         open_npz(_npz(tmp_path / "1h.npz", x=x, y=np.eye(3, dtype=np.float32)[y]), X_IN, _ce(3))
-    with pytest.raises(UserError, match=r"they look numbered from 1 \(1 to 3\): save y - 1"):
+    with pytest.raises(UserError, match=r"if they are numbered from 1 \(1 to 3 here\), save y - 1"):
         open_npz(_npz(tmp_path / "1b.npz", x=x, y=y + 1), X_IN, _ce(3))
 
 

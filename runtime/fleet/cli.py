@@ -211,16 +211,17 @@ def _server(a) -> int:
     out = Path(a.out) if a.out else bundle_run(local.bundle.path, "fleet")
 
     resume = check_server_out(out, a.resume, a.overwrite)
+    classes = None
+    if a.init_from is not None and resume:
+        print(f"note: --init-from is not read: the fleet run in '{out}' resumes from its "
+              "aggregate", flush=True)
+    elif a.init_from is not None:  # (before the lock: a refusal leaves no folder behind)
+        classes = _init_from(a.init_from, local)
     fresh = not out.exists()
     lock = hold_folder(out, f"--out '{out}' is in use by another fleet process of this machine "
                        "(two would write one aggregate); wait for it to end, or pass another "
                        "--out", ".fleet-lock")  # held until the process ends
-    earlier, classes = None, None
-    if a.init_from is not None and resume:
-        print(f"note: --init-from is not read: the fleet run in '{out}' resumes from its "
-              "aggregate", flush=True)
-    elif a.init_from is not None:
-        classes = _init_from(a.init_from, local)
+    earlier = None
     if resume:
         _same_model(out, local, f"--resume: '{out}' holds the aggregate")
         earlier = _earlier_rounds(out)
@@ -267,7 +268,8 @@ def _server(a) -> int:
     if not s["trained_rounds"]:
         print(f"error: no client finished any of the {s['rounds']} rounds, so the weights in "
               f"{s['weights']} are " + ("still the resumed aggregate; " if earlier else
-                                        "the initial ones; ")
+                                        "the --init-from ones; " if classes is not None
+                                        or a.init_from else "the initial ones; ")
               + (f"{s['cut_off_at_round_timeout']} client round(s) were cut off at "
                  f"--round-timeout {a.round_timeout:g} s: raise it, or lower the clients' "
                  "--steps" if s.get("cut_off_at_round_timeout") else

@@ -84,8 +84,10 @@ class Problems:
             n = sum(self.ignored.values())
             parts.append(f"{n:,} ignored: " + self._part(self.ignored))
         if self.noted:  # (counted where they occur: an array, not each value; session 38)
-            parts.append("note: " + "; ".join(f"{reason} ({', '.join(self.examples[reason])})"
-                                              for reason in self.noted))
+            parts.append("note: " + "; ".join(
+                f"{reason} ({', '.join(self.examples[reason])}"
+                f"{', ...' if n > len(self.examples[reason]) else ''})"
+                for reason, n in self.noted.items()))
         parts += self.hints
         return f"{self.source}: " + " | ".join(parts) if parts else None
 

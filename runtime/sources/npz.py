@@ -389,8 +389,8 @@ class NpzSource(Source):
                                 f"{int(bad[0])}); labels must be in [0, {k - 1}] for this "
                                 f"{k}-class model" + (f" ({names.IGNORE_LABEL}: no label)"
                                                       if y.ndim > 1 else "")
-                                + (f"; they look numbered from 1 ({lo} to {hi}): save y - 1"
-                                   if lo == 1 and hi == k else ""))  # (session 38 probe)
+                                + (f"; if they are numbered from 1 ({lo} to {hi} here), save "
+                                   "y - 1" if lo == 1 and hi == k else ""))  # (session 38)
         else:
             self._check_values("y", y, idx)
             if self.loss.kind == "mse" and y.size and float(np.abs(y).max()) > SQUARE_SAFE:
