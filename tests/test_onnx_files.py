@@ -1275,6 +1275,11 @@ def test_export_names_missing_weights_a_classes_misuse_and_ignored_lengths(tmp_p
     with pytest.raises(ExportError, match=r"^--classes names the classes of a classifier "
                        r"trained with cross-entropy; this model trains with --loss mse"):
         export_bundle("mlp", tmp_path / "m", loss="mse", class_names=["a", "b"])
+    # the API's class names as the CLI's --classes (a reviewer, session 38: a repeat failed only
+    # at the manifest check, saying "re-export the bundle", which failed again)
+    with pytest.raises(ExportError, match=r"^class names repeat a name; give each class its "
+                                          r"own name$"):
+        export_bundle("mlp", tmp_path / "m", class_names=["a", "a", *"bcdefghi"])
     notes: list[str] = []
     export_bundle("mlp", tmp_path / "m2", lengths=[4, 6], notes=notes)
     assert any(n.startswith("note: --lengths 4,6 left out") for n in notes), notes
