@@ -1439,15 +1439,24 @@ def test_a_tokenizer_past_the_budget_is_refused_before_it_is_read(tmp_path, toke
     os.link(tokenizer_file, bundle / "tokenizer.json")
     m = _manifest(TEXT_INPUTS, _ce(3), text=TEXT, bundle=bundle)
     train = _write_csv(tmp_path / "train.csv", [("a", "b"), ("b", "c"), ("c", "a")])
+    from contract import FileEntry
+
+    real = m.files["tokenizer.json"]
     held = proc_status(os.getpid())["VmRSS"]
     try:
-        set_budget(held + 24 * 2**20 + m.files["tokenizer.json"].bytes // 2)
-        with pytest.raises(UserError, match=r"^the bundle's tokenizer 'tokenizer\.json' is \d+ "
+        set_budget(held + 200 * 2**20)  # room for a tokenizer, not for a listed 500 MB one
+        m.files["tokenizer.json"] = FileEntry(bytes=500_000_000, sha256=real.sha256)
+        with pytest.raises(UserError, match=r"^the bundle's tokenizer 'tokenizer\.json' is 500 "
                                             r"MB; reading it would take this process .* past "
                                             r"--budget \d+ MB: raise --budget"):
             open_data(train, m, bundle)
-        set_budget(held + 200 * 2**20)
+        m.files["tokenizer.json"] = real
         assert len(open_data(train, m, bundle)) == 3
+        set_budget(held + 24 * 2**20 + real.bytes // 2)  # too little room: the budget named
+        with pytest.raises(UserError, match=r"^--budget \d+ MB leaves \d+ MB above the \d+ MB "
+                                            r"this process held .* too little for the "
+                                            r"tokenizer: raise --budget"):
+            open_data(train, m, bundle)
     finally:
         set_budget(None)
     # the manifest check: a real bundle's manifest whose text section names its weights file

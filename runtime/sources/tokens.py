@@ -107,11 +107,8 @@ class TokenCache:
                 rss = proc_status(pid).get("VmRSS", 0)
                 if limit is not None and rss > limit - _HEADROOM:
                     if limit - start < TOKENIZER_ROOM and limit == budget_given():
-                        raise UserError(  # (an outside probe: budgets up to 75 MB blamed
-                            f"--budget {limit / 1e6:.0f} MB leaves {max(0, limit - start) / 1e6:.0f}"
-                            f" MB above the {start / 1e6:.0f} MB this process held when the text"
-                            " data began tokenising, too little for the tokenizer: raise "
-                            "--budget (`plan --budget` says what this run needs)")  # the bundle)
+                        # (an outside probe: budgets up to 75 MB blamed the bundle)
+                        raise UserError(_too_little(limit, start))
                     stopped = (f"it passed {limit / 1e6:.0f} MB"
                                + (" (the budget)" if limit == budget_given() else "")
                                + f", from {start / 1e6:.0f} MB when it started")
@@ -227,6 +224,12 @@ class TokenCache:
         self._f.close()
 
 
+def _too_little(limit: int, start: int) -> str:
+    return (f"--budget {limit / 1e6:.0f} MB leaves {max(0, limit - start) / 1e6:.0f} MB above the "
+            f"{start / 1e6:.0f} MB this process held when the text data began tokenising, too "
+            "little for the tokenizer: raise --budget (`plan --budget` says what this run needs)")
+
+
 def check_tokenizer_room(nbytes: int, name: str) -> None:
     """Refuse, before reading it, a tokenizer file whose bytes would take this process past
     ``--budget`` (session 38 probe: a tampered bundle's 83 MB "tokenizer" was read first and
@@ -238,6 +241,8 @@ def check_tokenizer_room(nbytes: int, name: str) -> None:
     limit = budget_given()
     held = proc_status(os.getpid()).get("VmRSS", 0) if limit is not None else 0
     if limit is not None and held + nbytes > limit - _HEADROOM:
+        if limit - held < TOKENIZER_ROOM:  # the budget is what is short, as when tokenising
+            raise UserError(_too_little(limit, held))
         raise UserError(f"the bundle's tokenizer '{name}' is {nbytes / 1e6:.0f} MB; reading it "
                         f"would take this process ({held / 1e6:.0f} MB) past --budget "
                         f"{limit / 1e6:.0f} MB: raise --budget, or re-export the bundle if that "
