@@ -516,10 +516,11 @@ class Manifest:
                 len(self.class_names) != self.loss.num_classes:
             return "class_names", (f"{len(self.class_names)} names for "
                                    f"{self.loss.num_classes} classes")
-        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
-            seen = set()  # (session 38 probe: ["a", "a", "b"] trained; export refuses it)
-            twice = next(n for n in self.class_names if n in seen or seen.add(n))
-            return "class_names", f"repeats the name '{twice[:40]}'"
+        seen: set[str] = set()  # (session 38 probe: ["a", "a", "b"] trained; export refuses it)
+        for name in self.class_names or ():
+            if name in seen:
+                return "class_names", f"repeats the name '{name[:40]}'"
+            seen.add(name)
         if self.text is not None:
             if self.text.tokenizer not in self.files:
                 return "text.tokenizer", f"'{self.text.tokenizer}' is not listed in files"

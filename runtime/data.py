@@ -346,13 +346,13 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
                                        if src.test is not None else ""))
     shown = set()  # a --val-split's held-out part shares its file's report: said once
     for part in (src, src.test):
-        if part is not None and part.problems.summary() and id(part.problems) not in shown:
+        said = part.problems.summary() if part is not None else None
+        if said and id(part.problems) not in shown:
             shown.add(id(part.problems))
-            said = part.problems.summary()  # (notes alone: a note, not "warning: ..: note:")
-            only_notes = not (part.problems.counts or part.problems.ignored
-                              or part.problems.hints)
-            print(one_line(f"note: {said.replace(': note: ', ': ', 1)}" if only_notes
-                           else f"warning: {said}"), file=sys.stderr)
+            p = part.problems  # (notes alone: a note, not "warning: ..: note:")
+            print(one_line(f"note: {said.replace(': note: ', ': ', 1)}"
+                           if not (p.counts or p.ignored or p.hints) else f"warning: {said}"),
+                  file=sys.stderr)
     gap = _class_gap(bundle, src) if training else None
     if gap:
         print(f"note: {gap}")  # (stdout: a refusal that follows stays one line on stderr)

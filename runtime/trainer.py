@@ -882,15 +882,16 @@ class Trainer:
         from .accounting import format_table, layer_costs
 
         table = format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows))
+        if not self.exact_start:
+            return table
         mflop = f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a micro-batch"
-        lowered = any(p.rank < ly.x_dim or q.rank < ly.g_dim
-                      for ly in self.bundle.layers for p, q in [self.bases[ly.name]])
-        if self.exact_start and lowered:  # (session 38 probe: "start at exact" at ranks of 1)
+        if any(p.rank < ly.x_dim or q.rank < ly.g_dim  # (session 38 probe: "start at exact"
+               for ly in self.bundle.layers for p, q in [self.bases[ly.name]]):  # at ranks of 1)
             table += (f"\nranks started at exact (these layers' exact backward is below "
                       f"{mflop}); those below it were lowered by a --budget's memory, "
                       "--saved-ratio or --max-rank, or the calibration data had no more "
                       "directions")
-        elif self.exact_start:
+        else:
             table += ("\nranks start at exact: these layers' exact backward is small (below "
                       f"{mflop}), so compressing them saves little, and from scratch it cost "
                       "accuracy; a --budget's memory or --saved-ratio lowers them, --variance "

@@ -211,11 +211,11 @@ def _server(a) -> int:
     out = Path(a.out) if a.out else bundle_run(local.bundle.path, "fleet")
 
     resume = check_server_out(out, a.resume, a.overwrite)
-    classes = None
+    classes, init = None, a.init_from is not None and not resume
     if a.init_from is not None and resume:
         print(f"note: --init-from is not read: the fleet run in '{out}' resumes from its "
               "aggregate", flush=True)
-    elif a.init_from is not None:  # (before the lock: a refusal leaves no folder behind)
+    elif init:  # (before the lock: a refusal leaves no folder behind)
         classes = _init_from(a.init_from, local)
     fresh = not out.exists()
     lock = hold_folder(out, f"--out '{out}' is in use by another fleet process of this machine "
@@ -250,8 +250,7 @@ def _server(a) -> int:
                        evaluate_here=a.data is not None, wait_s=wait,
                        round_timeout=round_timeout, earlier=earlier, evaluated_on=on,
                        resumed=resume, classes=classes,
-                       start="--init-from weights" if a.init_from and not resume else
-                       "initial weights")
+                       start="--init-from weights" if init else "initial weights")
     except BaseException:  # (no client came, or a signal before round 1: FleetInterrupted)
         drop_lock_only(out, fresh)  # no folder left behind (session 27 probe)
         raise
@@ -268,8 +267,8 @@ def _server(a) -> int:
     if not s["trained_rounds"]:
         print(f"error: no client finished any of the {s['rounds']} rounds, so the weights in "
               f"{s['weights']} are " + ("still the resumed aggregate; " if earlier else
-                                        "the --init-from ones; " if classes is not None
-                                        or a.init_from else "the initial ones; ")
+                                        "the --init-from ones; " if init else
+                                        "the initial ones; ")
               + (f"{s['cut_off_at_round_timeout']} client round(s) were cut off at "
                  f"--round-timeout {a.round_timeout:g} s: raise it, or lower the clients' "
                  "--steps" if s.get("cut_off_at_round_timeout") else

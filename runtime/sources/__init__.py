@@ -105,13 +105,13 @@ def open_source(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
                             "as x and the targets as y in an .npz (docs/data.md); for text, "
                             "export the model with its tokenizer (--tokenizer)")
         # the verified bytes themselves: the tokenising child never opens the bundle's file
-        if tokenizer is None:
+        tok = tokenizer
+        if tok is None:
             from .tokens import check_tokenizer_room
 
             name = manifest.text.tokenizer
-            check_tokenizer_room(manifest.files[name].bytes, name)
-        tok = tokenizer if tokenizer is not None else read_listed(
-            Path(bundle_dir), manifest.text.tokenizer, manifest.files)
+            check_tokenizer_room(manifest.files[name].bytes, name)  # before it is read
+            tok = read_listed(Path(bundle_dir), name, manifest.files)
         return open_text(path, manifest.text, manifest.inputs, manifest.loss, tok,
                          text_column=text_column, label_column=label_column,
                          class_names=class_names)
