@@ -610,6 +610,31 @@ def test_an_image_folder_of_other_classes_names_the_models(tmp_path, digit_folde
         open_images(tmp_path / "img", GREY8, IMG_INPUT, _ce(3), class_names=["x", "y", "z"])
 
 
+def test_labels_that_look_like_a_missing_class_are_named_with_it(tmp_path, digit_folder,
+                                                                 tokenizer_file):
+    """Session 39: a class folder `dgo` of a bundle whose classes are cat and dog was skipped
+    as "unknown label 'dgo'" and the run trained one class; labels that look like a class no
+    row holds (a typo, another case) are named with it. A class some rows hold is no match."""
+    from PIL import Image
+
+    for name in ("cat", "dgo"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        Image.fromarray(digit_folder.img[0], "L").save(tmp_path / "img" / name / "a.png")
+    img = open_images(tmp_path / "img", GREY8, IMG_INPUT, _ce(2), class_names=["cat", "dog"])
+    assert img.problems.summary().endswith(
+        "| 'dgo' may be 'dog': labels must match the class names exactly; rename them to "
+        "keep those rows")
+    rows = [("a", "Bird"), ("b", "cat"), ("c", "Cat"), ("d", "zebra"), ("e", "Bird")]
+    src = _text(_write_csv(tmp_path / "l.csv", rows), tokenizer_file, k=3,
+                class_names=["bird", "cat", "dog"])
+    assert src.problems.hints == ["'Bird' may be 'bird': labels must match the class names "
+                                  "exactly; rename them to keep those rows"]
+    rows = [("a", "cat"), ("b", "dog"), ("c", "dgo")]
+    src = _text(_write_csv(tmp_path / "m.csv", rows), tokenizer_file, k=2,
+                class_names=["cat", "dog"])
+    assert src.problems.counts == {"unknown label": 1} and not src.problems.hints
+
+
 def test_regression_targets_and_type_ids(tmp_path, tokenizer_file):
     p = _write_csv(tmp_path / "r.csv", [("good", "0.5"), ("bad", "-1.25"), ("meh", "n/a"),
                                         ("ok", "inf")])

@@ -262,6 +262,7 @@ class _Labels:
                                 if _WHOLE_FLOAT.fullmatch(c)}
             self.given_names = [str(c) for c in class_names]
         self.seen: dict[str, int] = {}
+        self.unknown: dict[str, int] = {}  # labels not among the given names (a few hundred)
         self.ids = array.array("f" if regression else "i")
 
     def add(self, raw: str) -> str | None:
@@ -289,6 +290,8 @@ class _Labels:
                 if i is None:  # class names written 0.0, 1.0 (a float column) and data 0, 1
                     i = self.given_whole.get(str(int(raw)))
             if i is None:
+                if raw in self.unknown or len(self.unknown) < 256:
+                    self.unknown[raw] = self.unknown.get(raw, 0) + 1
                 return "unknown label"
             self.ids.append(i)
             return None
@@ -323,6 +326,7 @@ class _Labels:
             return np.frombuffer(self.ids, np.float32), None
         ids = np.frombuffer(self.ids, np.int32)
         if self.given is not None:
+            self._hint_misspelt(ids)
             return ids, list(self.given_names)
         keys = list(self.seen)
         k = self.num_classes
@@ -354,6 +358,26 @@ class _Labels:
                             "so that data holding some of them fits")
         return (remap[ids] if ids.size else ids), names
 
+
+    def _hint_misspelt(self, ids: np.ndarray) -> None:
+        """Unknown labels that look like a class no row holds (another case, a typo: a class
+        folder `dgo` of the class `dog`) are named with it (session 39: half the data was
+        skipped with only "unknown label 'dgo'" and the run trained one class)."""
+        if not self.unknown or self.problems is None:
+            return
+        import difflib
+
+        held = set(np.unique(ids).tolist()) if ids.size else set()
+        missing = {n.lower(): n for i, n in enumerate(self.given_names) if i not in held}
+        pairs = []
+        for raw in sorted(self.unknown, key=lambda r: -self.unknown[r]):
+            near = difflib.get_close_matches(raw.lower(), list(missing), n=1, cutoff=0.6)
+            if near:
+                pairs.append(f"{raw!r} may be {missing.pop(near[0])!r}")
+        if pairs:
+            shown = ", ".join(pairs[:4]) + (", ..." if len(pairs) > 4 else "")
+            self.problems.hints.append(f"{shown}: labels must match the class names exactly; "
+                                       "rename them to keep those rows")
 
     def _note_spellings(self, keys: list[str], values: list[int]) -> None:
         """Labels that are one number written in different ways (01 and 1, 007 and 7) are one
