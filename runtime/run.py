@@ -95,12 +95,12 @@ class Summary:
 
     def lines(self, trainer: Trainer) -> list[str]:
         mb = 1e6
-        out = [f"mode {self.mode}: {self.steps} steps, batch {self.batch} "
+        out = [f"mode {self.mode}: {_count(self.steps, 'step')}, batch {self.batch} "
                f"(micro-batch {self.micro_batch})"
                + (f"; {self.skipped} of them skipped ({_skipped(self.skipped, self.unlabelled)}"
                   ": no update)" if self.skipped else ""),
                f"loss {self.loss_first:.4f} -> {self.loss_last:.4f} (means of the first and last "
-               f"{self.loss_window} steps)"
+               f"{_count(self.loss_window, 'step')})"
                + (f", train accuracy {self.train_acc:.3f} over all its steps (output "
                   f"'{self.output}')"
                   if self.train_acc is not None else "")]
@@ -114,7 +114,8 @@ class Summary:
         out.append(f"median step {self.median_step_s * 1e3:.1f} ms, "
                    f"{self.examples_per_s:.0f} examples/s"
                    + (f"; {k} calibration{'' if k == 1 else 's'} ({self.calib_s:.2f} s outside "
-                      f"the steps, {self.calib_steps} steps collected Grams): amortised step "
+                      f"the steps, {_count(self.calib_steps, 'step')} collected Grams): amortised "
+                      "step "
                       f"{self.amortised_step_s * 1e3:.1f} ms" if self.calibrations else ""))
         out.append(f"peak RSS {self.peak_rss / mb:.1f} MB (idle after load {self.idle_rss / mb:.1f}"
                    f" MB, above idle {(self.peak_rss - self.idle_rss) / mb:.1f} MB)")
@@ -601,6 +602,11 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         with _final_write(out / "summary.json", last_ckpt):
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
     return s
+
+
+def _count(n: int, word: str) -> str:
+    """``1 step``, ``5 steps``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _skipped(skipped: int, unlabelled: int) -> str:
