@@ -630,7 +630,11 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
               ((*server, "--out", other2, "--resume"), "(other trainable tensors)"),
               ((*server, "--out", agg), "holds the aggregate of an earlier fleet run"),
               ((*server, "--out", tmp_path / "cl"), "holds a fleet client's files"),
-              ((*server, "--out", tmp_path / "none", "--resume"), "holds no aggregate"),
+              ((*server, "--out", tmp_path / "none", "--resume"),
+               "holds no aggregate of an earlier fleet run; drop --resume to start from the "
+               "bundle's weights"),
+              ((*server, "--out", tmp_path / "none", "--resume", "--init-from", agg),
+               "drop --resume to start from the --init-from weights"),
               ((*server, "--out", agg, "--resume", "--overwrite"), "contradict"),
               # session 29 probe: a cut or empty params.npz there was a traceback
               ((*server, "--out", agg, "--resume", "--rounds", 5),

@@ -210,7 +210,7 @@ def _server(a) -> int:
 
     out = Path(a.out) if a.out else bundle_run(local.bundle.path, "fleet")
 
-    resume = check_server_out(out, a.resume, a.overwrite)
+    resume = check_server_out(out, a.resume, a.overwrite, init_from=a.init_from is not None)
     classes, init = None, a.init_from is not None and not resume
     if a.init_from is not None and resume:
         print(f"note: --init-from is not read: the fleet run in '{out}' resumes from its "

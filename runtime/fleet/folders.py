@@ -62,7 +62,7 @@ def fleet_role(out: Path) -> str | None:
     return None
 
 
-def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
+def check_server_out(out: Path, resume: bool, overwrite: bool, init_from: bool = False) -> bool:
     """Whether the server starts from the aggregate in ``out`` (``--resume``).
 
     Raises:
@@ -82,7 +82,8 @@ def check_server_out(out: Path, resume: bool, overwrite: bool) -> bool:
     if resume:
         if not (role == "server" and has):
             raise UserError(f"--resume: '{out}' holds no aggregate of an earlier fleet run; "
-                            "drop --resume to start from the bundle's weights")
+                            "drop --resume to start from "
+                            + ("the --init-from weights" if init_from else "the bundle's weights"))
         return True
     if has and not overwrite:
         raise UserError(f"--out '{out}' holds the aggregate of an earlier fleet run "
