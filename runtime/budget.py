@@ -886,8 +886,8 @@ def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
     for k, v in plan.breakdown.items():
         if trainer.eval_only:
             k = (k.replace("weights, gradients, optimizer", "weights")
-                 .replace(" / calibration Grams", "").replace("(step at x", "(evaluation at x"))
-        log(f"  {k:<62} {v / mb:8.1f} MB")
+                 .replace(" / calibration Grams", "").replace("(step x", "(evaluation x"))
+        log(f"  {k:<64} {v / mb:8.1f} MB")
     if trainer.bases:
         log(trainer.cost_table())
 

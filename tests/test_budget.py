@@ -150,6 +150,13 @@ def test_planner_picks_the_largest_micro_batch_whose_ranks_fit():
     assert plan.arena_cap == model.cap_for(200 * MB, m, mc)
     assert model.arena_step(m, plan.saved_budget) <= plan.arena_cap
     assert plan.saved_budget >= model.saved_want
+    # the breakdown's lines sum to the predicted peak, the arena's cap named on its line
+    # (session 39: a budget far above the need showed the cap as the arena's share)
+    for budget in (200 * MB, 64_000 * MB):
+        p = make_plan(model, budget, 128, instant=True)
+        assert sum(p.breakdown.values()) == pytest.approx(p.predicted_peak, abs=4)
+        assert any(f"cap {p.arena_cap / 1e6:.1f} MB" in k for k in p.breakdown)
+        assert p.predicted_peak <= budget
 
 
 def test_planner_balances_the_micro_batch_and_retries_one_part_more():
@@ -629,7 +636,7 @@ def test_eval_under_a_budget_plans_evaluation_passes(workload, tmp_path):
     assert e.peak_polled <= 200 * MB, (e.peak_polled, e.stdout)
     eval_mb = int(re.search(r"plan for budget 200 MB: micro-batch (\d+)", e.stdout)[1])
     # the plan says what its probes measured (a review: it read as a training step's)
-    assert f"(evaluation at x{eval_mb})" in e.stdout and "optimizer" not in e.stdout, e.stdout
+    assert f"(evaluation x{eval_mb}; cap " in e.stdout and "optimizer" not in e.stdout, e.stdout
     assert eval_mb > train_mb or train_mb == BATCH, (eval_mb, train_mb, e.stdout)  # (43 here)
     free = run_measured(argv, timeout=300, cwd=REPO)
     assert free.returncode == 0, free.stderr
