@@ -1092,9 +1092,11 @@ def _cmd_plan(a) -> int:
         probe_tr = Trainer(bundle, cfg)  # (its mode: vanilla where no layer is INSTANT's)
         need = estimate_minimum(probe_tr, data, min(a.batch, len(data)))
         if need:
-            print(f"smallest --budget for this run (batch {a.batch}, {probe_tr.mode}): about "
-                  f"{math.ceil(need / 1e6)}MB (probes at micro-batch 1, x {MIN_FACTOR:g} for "
-                  "what they miss)")
+            print(f"smallest --budget for this run (batch {min(a.batch, len(data))}, "
+                  f"{probe_tr.mode}): about "
+                  f"{math.ceil(need / 1e6)}MB (probes at micro-batch 1 measured "
+                  f"{need / MIN_FACTOR / 1e6:.0f} MB, x {MIN_FACTOR:g} for what they may miss: "
+                  "a budget between the two may fit, a refusal says so)")
     if a.data and bundle.layers:
         from .sessions import use_arena
 
