@@ -316,18 +316,26 @@ def finished_already(out: Path, steps: int, trainer: Trainer | None = None) -> N
     that checkpoint (session 30 probe: such a resume ran the budget's probes, up to 823 MB of
     the tree, before it said the run had finished). With ``trainer``, a checkpoint of other
     options is refused as ``train`` refuses it (``Trainer.check_same_run``), not called finished
-    (a checkpoint it cannot read is left to ``train`` to say so)."""
-    from .checkpoint import _read, newest_checkpoint
+    (a checkpoint it cannot read is left to ``train`` to say so). That check is made on any
+    resume, finished or not (session 39: a resume with another --variance was refused only
+    after the planning probes, seconds later)."""
+    from .checkpoint import _read, bundle_ids, bundle_sha256, newest_checkpoint
 
     newest = newest_checkpoint(out / "checkpoints")
-    if newest is not None and newest[0] == steps and _params_current(out, steps):
-        if trainer is not None:
-            try:
-                meta = _read(newest[1])[1].get("trainer")
-            except Exception:  # noqa: BLE001 - damaged: train says so as it loads it
-                return
-            if isinstance(meta, dict):
-                trainer.check_same_run(meta)
+    if newest is None:
+        return
+    if trainer is not None:
+        try:
+            whole = _read(newest[1])[1]
+        except Exception:  # noqa: BLE001 - damaged: train says so as it loads it
+            return
+        ours = bundle_ids(trainer.bundle.path) or (bundle_sha256(trainer.bundle),)
+        if whole.get("bundle_sha256") not in ours:
+            return  # another bundle's: train says so as it loads it
+        meta = whole.get("trainer")
+        if isinstance(meta, dict):
+            trainer.check_same_run(meta)
+    if newest[0] == steps and _params_current(out, steps):
         raise RunFinished(out, steps)
 
 

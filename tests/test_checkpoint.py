@@ -1006,7 +1006,7 @@ def test_damaged_checkpoint_resume_is_one_error_line_on_the_cli(cli, damage_runs
     rewrite_checkpoint(out / "checkpoints" / "ckpt-000020.npz", DAMAGE["no-losses"][1])
     before = folder_bytes(out)
     proc = cli("train", mlp_bundle, "--out", out, *QUIET, "--mode", "vanilla", "--steps", 30,
-               "--resume")
+               "--resume", "--lr", 3e-3)  # (the run's options: other ones are refused first)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint "), lines

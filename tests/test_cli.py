@@ -195,6 +195,14 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
                        "--resume", "--mode", "vanilla"),
                "checkpoint was trained with mode 'instant', this run uses 'vanilla'")
     assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
+    # a resume with other options to train further: refused before the planning probes
+    # (session 39: they ran first, seconds on a large model, and printed a plan)
+    r = runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25, "--seed",
+                3, "--steps", 9, "--batch", 16, "--no-progress", "--out", "run", "--resume",
+                "--lr", 0.5, "--budget", "300MB")
+    user_error(r, "(this run: 0.5)")
+    assert "plan for budget" not in r.stdout, r.stdout
+    assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
 
 
 def test_an_error_of_the_held_out_options_is_not_blamed_on_the_default_data(cli, mlp_bundle):
