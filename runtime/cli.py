@@ -250,6 +250,10 @@ def _parser() -> argparse.ArgumentParser:
                         "model's length; none: the full length only)")
     e.add_argument("--classes", default=None,
                    help="class names in id order, comma-separated (kept with the model)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="seeds torch before a model factory (path/file.py:factory) runs: "
+                        "weights it draws at random are the same at each export (default 0; "
+                        "built-in models are drawn with seed 0)")
 
     t = sub.add_parser("train", help="train a bundle on the device (no torch)")
     t.add_argument("bundle")
@@ -596,6 +600,10 @@ def _export(a) -> int:
                         "--out") from None
     notes: list[str] = []
     try:
+        if not a.model.lower().endswith(".onnx"):  # (session 39: each export of a factory's
+            import torch  # model drew other initial weights)
+
+            torch.manual_seed(a.seed)
         try:
             export_bundle(a.model, tmp, input_shape=a.input_shape, npz=a.npz,
                           trainable=a.trainable, loss=a.loss, instant_exclude=exclude,

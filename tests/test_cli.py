@@ -805,6 +805,15 @@ def test_export_and_train_a_factory_file(cli, tmp_path):
                           "--out", tmp_path / "run")))
     assert s["loss_last"] < s["loss_first"]
     assert s["acc"] > 2 * CHANCE
+    # the factory's random initial weights are the same at each export, --seed draws others
+    # (session 39: every export drew other ones, so no two runs could be compared)
+    ok(cli("export", "--model", f"{factory}:make", "--out", tmp_path / "b2",
+           "--input-shape", "16,64"))
+    ok(cli("export", "--model", f"{factory}:make", "--out", tmp_path / "b3",
+           "--input-shape", "16,64", "--seed", 7))
+    w = [dict(np.load(tmp_path / b / "params.npz")) for b in ("b", "b2", "b3")]
+    assert all(np.array_equal(w[0][k], w[1][k]) for k in w[0])
+    assert not all(np.array_equal(w[0][k], w[2][k]) for k in w[0])
 
 
 TEMPORAL_FACTORY = """\
