@@ -222,8 +222,8 @@ def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
     ``(x - mean) / std``). ``--image-mean``/``--image-std`` for any other model are an error."""
     dims = shapes.of(traced.inputs[0]) if len(traced.inputs) == 1 else []
     name = traced.inputs[0] if traced.inputs else ""
-    if len(dims) == 3:  # [N, H, W]: one grey channel
-        dims = [dims[0], 1, *dims[1:]]
+    if len(dims) == 3 and not _read_as_sequence(traced, name, shapes):  # [N, H, W]: one grey
+        dims = [dims[0], 1, *dims[1:]]  # channel
     if (len(dims) != 4 or shapes.dtype.get(name) != TensorProto.FLOAT
             or not all(isinstance(d, int) for d in dims[1:]) or dims[1] not in (1, 3)):
         if mean is not None or std is not None:
@@ -245,3 +245,23 @@ def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
                                  "pixel)" if positive else "finite numbers from -2**53 to 2**53"))
     return ImageSpec(name, c, int(dims[2]), int(dims[3]), list(mean or [0.0]),
                      list(std or [1.0]))
+
+
+# ops that read a float [N, A, B] input as a sequence of A vectors (or B steps of A channels)
+_SEQUENCE_READERS = ("MatMul", "Gemm", "LSTM", "GRU", "RNN", "LayerNormalization", "Transpose",
+                     "Einsum")
+
+
+def _read_as_sequence(traced: Traced, name: str, shapes: Shapes) -> bool:
+    """Whether the model reads its [N, A, B] input as a sequence rather than a grey image: a
+    Conv1d, a Linear over its last axis, a recurrent layer, a norm or a transpose takes it
+    directly (session 39 probe: a Conv1d sensor model and a token-feature model got image
+    preprocessing from export-model; an image model flattens or unsqueezes it first)."""
+    for node in traced.model.graph.node:
+        if name not in node.input:
+            continue
+        if node.op_type in _SEQUENCE_READERS:
+            return True
+        if node.op_type == "Conv" and len(node.input) > 1 and len(shapes.of(node.input[1])) == 3:
+            return True
+    return False

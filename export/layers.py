@@ -181,11 +181,15 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
     taken: set[str] = set()
     made_by = {o: n for n in model.graph.node for o in n.output}
     other: list[str] = []  # trainable channel-mixing weights INSTANT's rules do not cover
+    symbolic: list[tuple[str, list]] = []  # ... that they would, at a fixed length or size
     for node in model.graph.node:
         layer = _as_layer(node, shapes, trainable, param_names, made_by)
         why = _not_covered(node, shapes, trainable, made_by) if layer is None else None
         if why:
             other.append(f"{layer_name(why[1], node.name, param_names)} ({why[0]})")
+        free = _symbolic_extent(node, shapes, trainable, made_by) if layer is None else None
+        if free:
+            symbolic.append((layer_name(free[0], node.name, param_names), free[1]))
         if layer is not None and not layer.rank3 and shapes.of(layer.x)[:1] != ["N"]:
             rows = _rows_per_sample(made_by, shapes, layer.x, layer.cx)
             if rows:  # [L·N, C] rows (MultiheadAttention's out_proj, x.view(-1, C)): L a sample
@@ -202,6 +206,13 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
         notes.append(f"note: {len(other)} trainable layer(s) train exactly, outside INSTANT's "
                      f"rules (a Linear x·W or an ungrouped, unstrided 1x1 conv): "
                      + ", ".join(other[:4]) + (", ..." if len(other) > 4 else ""))
+    if symbolic and notes is not None:  # (session 39 probe: an ONNX file with a symbolic
+        # sequence length exported with 0 INSTANT layers and no word)
+        shown = ", ".join(f"{n} (input {d})" for n, d in symbolic[:4])
+        notes.append(f"note: {len(symbolic)} trainable layer(s) run over a length the model "
+                     f"leaves symbolic and train exactly (INSTANT needs it fixed): {shown}"
+                     f"{', ...' if len(symbolic) > 4 else ''}; export with --input-shape "
+                     "(batch first, e.g. 8,128:int64 for token ids) or --npz to fix it")
     if exclude is None:
         head = None
         if found and found[-1].node == _head_node(model, trainable, made_by):
@@ -252,6 +263,20 @@ def _not_covered(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, s
            "a strided 1x1 conv" if any(v != 1 for v in attrs.get("strides", [])) else
            "a padded 1x1 conv" if any(v != 0 for v in attrs.get("pads", [])) else None)
     return None if why is None else (why, ins[1])
+
+
+def _symbolic_extent(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, list] | None:
+    """(weight, input shape) of a Linear over tokens that INSTANT would compress but for a
+    symbolic length in its input; None otherwise."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in ("Gemm", "MatMul") and len(node.input) >= 2:
+        w = _tied(node.input[1], made_by)
+        xs, ws = shapes.of(node.input[0]) or [], shapes.of(w) or []
+        if w in trainable and len(ws) == 2 and len(xs) >= 3 and not attrs.get("transA", 0) \
+                and sum(not isinstance(d, int) for d in xs[:-1]) > 1:
+            return w, list(xs)
+    return None  # (a conv over a symbolic size is refused at export: "spatial dims must be
+    # static")
 
 
 def _rows_per_sample(made_by: dict, shapes: Shapes, x: str, width: int) -> int | None:

@@ -761,6 +761,12 @@ def _cmd_train(a) -> int:
     out = Path(a.out) if a.out is not None else bundle_run(bundle.path)
     init, init_dir, started = _init_from(a, bundle, out)
     names_of = out if a.resume and (out / "run.json").is_file() else init_dir  # the numbering
+    if names_of is out:
+        from .checkpoint import bundle_ids, bundle_sha256
+        from .run_folder import check_same_bundle
+
+        check_same_bundle(out, (bundle_sha256(bundle), *bundle_ids(bundle.path)),
+                          str(bundle.path))
     data = _load_data(a, bundle, class_names=_resumed_class_names(names_of, bundle)  # the
                       if names_of is not None else None)  # weights were trained in
     trainer = Trainer(bundle, cfg, weights=init,
@@ -1312,6 +1318,30 @@ def _error_line(line: str) -> None:
     Unblocking(sys.stderr, 1.0).write(one_line(line) + "\n")
 
 
+def _finished_run(args) -> bool:
+    """Whether a ``train`` that a signal stopped had already finished: its newest checkpoint is
+    of its last step and its params.npz and summary.json are written (session 39 probe: a
+    Ctrl-C as a finished run exited said "interrupted ... continue with --resume", which then
+    said there was nothing to resume). Says so in one line; the command succeeded."""
+    if getattr(args, "cmd", None) != "train" or _RESTORED:
+        return False
+    try:
+        from .checkpoint import newest_checkpoint
+        from .run import _params_current
+        from .run_folder import bundle_run
+
+        out = Path(args.out) if args.out else bundle_run(Path(args.bundle))
+        newest = newest_checkpoint(out / "checkpoints")
+        done = newest is not None and newest[0] == args.steps and _params_current(out,
+                                                                                  args.steps)
+    except Exception:  # noqa: BLE001 - not known: the interrupted line
+        return False
+    if done:
+        print(f"a stop signal came as the run ended; it had finished its {args.steps} steps "
+              f"(weights: {out / 'params.npz'})", file=sys.stderr)
+    return done
+
+
 def _interrupted(args) -> str:
     """The line a run stopped at once ends with (a second signal, or one outside the loop):
     for ``train``, the run folder's newest checkpoint and how to go on (session 27 probe: a
@@ -1396,12 +1426,16 @@ def main(argv: list[str] | None = None) -> int:
                         "pass another path")
             return 2
     except KeyboardInterrupt as exc:
+        if _finished_run(args):
+            return 0
         print(_interrupted(args), file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except BrokenPipeError:
         return 1
     except Exception:
         if _INTERRUPTED or _TERM_SEEN:  # a signal's exception dropped, and what it broke failed
+            if _finished_run(args):
+                return 0
             print(_interrupted(args), file=sys.stderr)
             return 143 if _TERM_SEEN else 130
         raise

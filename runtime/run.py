@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from contract import UserError, atomic_write, json_text, names, write_text
+from devices.planner import smaller_micro_batch
 
 from .calibrate import calibration_rng, calibration_samples
 from .checkpoint import (
@@ -334,7 +335,7 @@ def finished_already(out: Path, steps: int, trainer: Trainer | None = None) -> N
             return  # another bundle's: train says so as it loads it
         meta = whole.get("trainer")
         if isinstance(meta, dict):
-            trainer.check_same_run(meta)
+            trainer.check_same_run(meta, out)
     if newest[0] == steps and _params_current(out, steps):
         raise RunFinished(out, steps)
 
@@ -351,14 +352,15 @@ class RunFinished(Exception):
 
 
 class ShrinkGuard:
-    """Repeats a step or calibration that ran into the arena's cap at half the micro-batch."""
+    """Repeats a step or calibration that ran into the arena's cap at a smaller micro-batch."""
 
     def __init__(self, trainer: Trainer, log) -> None:
         self.trainer, self.log = trainer, log
         self.shrinks = 0
 
     def run(self, fn, calibration: bool = False):
-        """``fn()``, repeated at half the micro-batch while it runs into the arena's cap
+        """``fn()``, repeated at a smaller micro-batch (one part more per batch; half without a
+        run's batch) while it runs into the arena's cap
         (``calibration``: the calibration micro-batch of dedicated calibration passes)."""
         while True:
             try:
@@ -374,13 +376,17 @@ class ShrinkGuard:
                 if not m or m <= 1:
                     raise UserError(f"the budget cannot hold even micro-batch 1 ({exc}); raise "
                                     "--budget") from None
-                tr.use_plan(replace(tr.plan, calib_micro_batch=m // 2) if calib
-                            else tr.plan.with_micro_batch(m // 2))
+                # one part more per batch (session 39 probe: a plan validated at 11 of 32
+                # reached the cap at its first step and the run went on at 5, where 8 fits)
+                batch = tr.train_batch or 0
+                less = smaller_micro_batch(batch, m) if batch >= m else m // 2
+                tr.use_plan(replace(tr.plan, calib_micro_batch=less) if calib
+                            else tr.plan.with_micro_batch(less))
                 self.shrinks += 1
                 restart = ("; SGD momentum restarts from zero (the interrupted step had "
                            "added to it)" if not calib and tr.fused else "")
                 self.log(f"budget: the arena cap was reached at {'calibration ' if calib else ''}"
-                         f"micro-batch {m}; repeating at {m // 2}{restart}")
+                         f"micro-batch {m}; repeating at {less}{restart}")
 
 
 def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,

@@ -35,7 +35,8 @@ from .run_files import (
 )
 
 __all__ = ["RUN_FILES", "RunFolder", "bundle_run", "check_out_path", "check_run_links",
-           "hold_folder", "json_object", "not_run_files", "run_class_names", "set_aside_hint"]
+           "check_same_bundle", "hold_folder", "json_object", "not_run_files", "run_class_names",
+           "set_aside_hint"]
 
 # what a run leaves besides RUN_FILES: an old run set aside (--overwrite), a write probe, a
 # temporary file of an atomic write (``.NAME.tmpPID``)
@@ -96,6 +97,20 @@ def check_out_path(p: Path, what: str, default: str = "") -> None:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "
                             "another --out")
+
+
+def check_same_bundle(p: Path, ours: tuple[str, ...], here) -> None:
+    """``UserError`` where the run in ``p`` is another bundle's (``--resume``, before its data is
+    read: session 39 probe, such a resume was told its run.json's class names were wrong)."""
+    theirs = json_object(p / "run.json")
+    if theirs.get("bundle_sha256") in (None, *ours):
+        return
+    was = theirs.get("bundle")
+    same = isinstance(was, str) and os.path.realpath(was) == os.path.realpath(str(here))
+    raise UserError(f"--out '{p}' holds a run of another bundle" + (
+        " (this bundle folder was exported again since, with other graphs, weights or settings)"
+        if same else f" ('{was[:200]}')" if isinstance(was, str) else "")
+        + "; resume it with that bundle, or pass another --out")
 
 
 class RunFolder:
@@ -239,17 +254,7 @@ class RunFolder:
                                 "no checkpoint to resume from; pass --overwrite instead of "
                                 "--resume to train it again from the start (the old run is "
                                 "put back if the new one fails), or another --out")
-            theirs = json_object(p / "run.json")
-            if theirs.get("bundle_sha256") not in (None, *self._bundle_ids()):
-                was, here = theirs.get("bundle"), self.identity.get("bundle")
-                same = isinstance(was, str) and isinstance(here, str) and \
-                    os.path.realpath(was) == os.path.realpath(here)
-                raise UserError(
-                    f"--out '{p}' holds a run of another bundle"
-                    + (" (this bundle folder was exported again since, with other graphs, "
-                       "weights or settings)" if same else f" ('{was[:200]}')"
-                       if isinstance(was, str) else "")
-                    + "; resume it with that bundle, or pass another --out")
+            check_same_bundle(p, self._bundle_ids(), self.identity.get("bundle"))
         self._before = set(existing)
         self._checked = True
         self._catch_signals()  # (after _before: a stop removes only what this run made)

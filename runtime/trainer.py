@@ -1126,7 +1126,7 @@ class Trainer:
         # (a piece at a time: a resume held two AdamW moments of a 51 MB table at once)
         self._load_checked(arrays, meta)
 
-    def check_same_run(self, meta: dict) -> None:
+    def check_same_run(self, meta: dict, run: Path | None = None) -> None:
         """Raise ``UserError`` where a checkpoint's mode, optimizer or recorded options differ
         from this run's (``finished_already`` asks before it says a run has finished: session
         34 probe, a finished run "resumed" with another --mode was told to pass a larger
@@ -1157,8 +1157,10 @@ class Trainer:
                             f"--variance {theirs.get('--variance')} (this run: left out)")
             if diff:
                 raise UserError(f"checkpoint was trained with {', '.join(diff[:4])}; resume "
-                                "with the same options to continue the same run, or start a new one "
-                                "with --overwrite (in place of --resume) or another --out")
+                                "with the same options to continue the same run, or train on "
+                                "from its weights with the new ones as a new run: --init-from "
+                                f"{run or 'RUN_FOLDER'} with another --out (--overwrite in place "
+                                "of --resume starts afresh)")
 
     def _load_checked(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """``load_state`` past the options' check: every array checked, then restored."""

@@ -360,6 +360,16 @@ def test_a_step_repeated_after_the_arena_cap_restarts_sgd_momentum(mlp_bundle) -
     ref.train_step(second)
     for k, p in ref.params.items():
         np.testing.assert_allclose(hit.params[k], p, rtol=1e-5, atol=1e-6, err_msg=k)
+    # a run's trainer (its batch known) repeats at one part more per batch, not half
+    # (session 39 probe: 11 of 32 went on at 5 where 8 fits)
+    run = trainer()
+    run.train_batch = 16
+    calls.clear()
+    real = run._micro_step
+    run._micro_step = exhausted_once
+    lines.clear()
+    ShrinkGuard(run, lines.append).run(lambda: run.train_step(second))
+    assert run.plan.micro_batch == 6 and "repeating at 6;" in lines[0], lines
 
 
 def test_unwritable_checkpoint_folder_is_one_error_line(cli, mlp_bundle, tmp_path) -> None:
@@ -593,6 +603,20 @@ def test_resume_with_another_bundle_is_refused(cli, mlp_bundle, cnn_bundle, tmp_
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "was written for another bundle" in lines[0], lines
+    # a CLI run (its run.json) resumed with another bundle whose classes differ: refused as
+    # another bundle's run before its data is read (session 39 probe: "run.json: class_names
+    # holds 3 names for a 10-class model; put back the run's own run.json")
+    cli_run = tmp_path / "cli_run"
+    r = cli("train", mlp_bundle, "--out", cli_run, *QUIET, "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    run_json = json.loads((cli_run / "run.json").read_text())
+    run_json["class_names"] = ["a", "b", "c"]  # (as a 3-class model's run records them)
+    (cli_run / "run.json").write_text(json.dumps(run_json))
+    proc = cli("train", cnn_bundle, "--out", cli_run, *QUIET, "--steps", 4, "--resume")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == [
+        f"error: --out '{cli_run}' holds a run of another bundle ('{mlp_bundle}'); resume it "
+        "with that bundle, or pass another --out"], lines
 
 
 def test_resume_with_another_seed_is_refused(mlp_bundle, tmp_path) -> None:
@@ -1648,6 +1672,32 @@ def test_a_run_stopped_at_once_names_its_newest_checkpoint(mlp_bundle, tmp_path)
                                   bundle=str(mlp_bundle))) == "interrupted"
     assert _interrupted(Namespace(cmd="export", out=str(out))) == "interrupted"
     assert _interrupted(None) == "interrupted"
+    # a run whose --steps are done (weights and summary written) when the signal came: it
+    # finished, said in one line, exit 0 (session 39 probe: "continue from it with --resume",
+    # which then said there was nothing to resume)
+    from runtime.cli import _finished_run
+
+    assert _finished_run(Namespace(cmd="train", out=str(out), bundle=str(mlp_bundle), steps=3))
+    assert not _finished_run(Namespace(cmd="train", out=str(out), bundle=str(mlp_bundle),
+                                       steps=5))
+
+
+def test_a_stop_signal_after_the_command_ended_keeps_its_exit_status(tmp_path) -> None:
+    """Session 39 probe: a Ctrl-C while the interpreter cleaned up after a finished run printed
+    a KeyboardInterrupt traceback from a destructor (exit 0). Once the command has its exit
+    status, a stop signal ends the process with that status, without a word."""
+    code = ("import atexit, os, signal, runtime.launch as launch\n"
+            "import runtime.cli\n"
+            "def main():\n"
+            "    signal.signal(signal.SIGINT, runtime.cli._on_sigint)\n"
+            "    atexit.register(lambda: os.kill(os.getpid(), signal.{sig}))\n"
+            "    return {rc}\n"
+            "launch.main = main\n"
+            "launch.run()\n")
+    for sig, rc in (("SIGINT", 0), ("SIGTERM", 2)):
+        r = subprocess.run([sys.executable, "-c", code.format(sig=sig, rc=rc)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == rc and r.stderr == "", (r.returncode, r.stderr)
 
 
 def test_a_stop_signal_while_a_graph_loads_is_an_interruption_not_a_damaged_bundle(

@@ -200,7 +200,7 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
     r = runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25, "--seed",
                 3, "--steps", 9, "--batch", 16, "--no-progress", "--out", "run", "--resume",
                 "--lr", 0.5, "--budget", "300MB")
-    user_error(r, "(this run: 0.5)")
+    user_error(r, "(this run: 0.5)", "as a new run: --init-from run with another --out")
     assert "plan for budget" not in r.stdout, r.stdout
     assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
 

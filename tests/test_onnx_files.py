@@ -256,6 +256,33 @@ def test_trainable_layers_outside_instants_rules_are_named_at_export(tmp_path):
         and "g (a 1x1 conv in 2 groups), E (an Einsum)" in r.stdout, r.stdout
 
 
+def test_layers_over_a_symbolic_length_are_named_with_the_fix(tmp_path):
+    """Session 39 probe: a file whose sequence length is symbolic exported with 0 INSTANT layers
+    and no word; a note names the layers and --input-shape, which makes them INSTANT layers."""
+    rng = np.random.default_rng(0)
+    onnx_file = _saved(tmp_path / "dyn.onnx", [
+        helper.make_node("MatMul", ["x", "l.weight"], ["h"], name="/l/MatMul"),
+        helper.make_node("Relu", ["h"], ["r"], name="/relu"),
+        helper.make_node("MatMul", ["r", "m.weight"], ["c"], name="/m/MatMul"),
+        helper.make_node("ReduceMean", ["c"], ["y"], name="/mean", axes=[1], keepdims=0)],
+        ("x", TensorProto.FLOAT, ["N", "L", 6]), ("y", TensorProto.FLOAT, ["N", 8]),
+        [numpy_helper.from_array(rng.standard_normal((6, 16)).astype(np.float32),
+                                 "l.weight"),
+         numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32),
+                                 "m.weight")])
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--instant-exclude",
+             "none")
+    assert r.returncode == 0, r.stderr
+    assert "0 INSTANT layers" in r.stdout and (
+        "note: 2 trainable layer(s) run over a length the model leaves symbolic and train "
+        "exactly (INSTANT needs it fixed): l (input ['N', 'L', 6]), m (input ['N', 'L', 16])"
+        ) in r.stdout and "export with --input-shape" in r.stdout, r.stdout
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--instant-exclude",
+             "none", "--input-shape", "4,12,6")
+    assert r.returncode == 0, r.stderr
+    assert "2 INSTANT layers" in r.stdout and "leaves symbolic" not in r.stdout, r.stdout
+
+
 def test_third_party_weight_forms_are_trained_or_named_at_export(tmp_path):
     """Session 34 probe, on files other converters write: a Gemm with transA=1, a weight as a
     Gemm's A and a weight stored [out, in] behind a Transpose were left exact without the note
