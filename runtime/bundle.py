@@ -238,8 +238,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise UserError("the bundle argument is empty; pass the bundle's folder (made by "
                         "`instant-runtime export`)")
     if not root.is_dir():
-        raise UserError(f"bundle '{root}' is not a directory; create one with "
-                        f"`instant-runtime export --model mlp --out {root}`")
+        raise UserError(f"bundle '{root}' is not a directory; " + _near_bundles(root))
     try:  # onnxruntime is told the folder (sessions.py: external data resolves inside it)
         str(root.resolve()).encode("utf-8")
     except UnicodeEncodeError:
@@ -268,3 +267,21 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
         if w.dtype not in ITEMSIZE:  # pragma: no cover - the schema already restricts dtypes
             raise ManifestError(f"weight '{name}' has an unsupported dtype {w.dtype}")
     return b
+
+
+def _near_bundles(root: Path) -> str:
+    """The way out for a bundle path that is no folder: a bundle beside it of a similar name (a
+    typo: session 39 probe, `b/cnnx` was told to export an MLP there), else how to make one."""
+    import difflib
+    import itertools
+
+    try:
+        with os.scandir(root.parent) as entries:  # (a few thousand entries at most)
+            beside = [e.name for e in itertools.islice(entries, 5000)
+                      if e.is_dir() and (Path(e.path) / "manifest.json").is_file()]
+    except OSError:
+        beside = []
+    near = difflib.get_close_matches(root.name, beside, n=1, cutoff=0.6)
+    if near:
+        return f"did you mean '{root.parent / near[0]}'?"
+    return f"check the path, or create one with `instant-runtime export --model ... --out {root}`"

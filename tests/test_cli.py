@@ -914,10 +914,15 @@ def test_train_damaged_bundle(case, cli, mlp_head_bundle, copy_bundle):
     user_error(cli("train", bundle, *TRAIN, "--steps", 2), *fragments)
 
 
-def test_train_missing_bundle(cli, tmp_path):
+def test_train_missing_bundle(cli, mlp_bundle, tmp_path):
     user_error(cli("train", tmp_path / "nowhere", *TRAIN, "--steps", 2),
                f"bundle '{tmp_path / 'nowhere'}' is not a directory",
                f"--out {tmp_path / 'nowhere'}")
+    # a typo of a bundle beside it names that one (session 39 probe: `b/cnnx` was told to
+    # export an MLP there)
+    shutil.copytree(mlp_bundle, tmp_path / "digits-mlp")
+    user_error(cli("train", tmp_path / "digits-mpl", *TRAIN, "--steps", 2),
+               f"is not a directory; did you mean '{tmp_path / 'digits-mlp'}'?")
 
 
 # -------------------------------------------------------------------------- plan, profiles
