@@ -853,8 +853,8 @@ def trained_source(bundle, weights: Path | None, flag: str):
         weights = newest[1]
     if weights is not None and not weights.is_file():
         raise UserError(f"weights file '{weights}' "
-                            + ("is not a regular file; pass a .npz file or a run folder"
-                               if weights.exists() else "not found"))
+                        + ("is not a regular file; pass a .npz file or a run folder"
+                           if weights.exists() else "not found; " + _weights_way(weights, flag)))
     # the label map the weights were trained with (their run's run.json): labels read from the
     # data alone would number a file's classes afresh (a file holding only class "2" read as
     # class 0, its accuracy 0.000 for a model that is right); a checkpoint's run is one up
@@ -1316,6 +1316,19 @@ def _error_line(line: str) -> None:
     from .console import Unblocking, one_line
 
     Unblocking(sys.stderr, 1.0).write(one_line(line) + "\n")
+
+
+def _weights_way(weights: Path, flag: str) -> str:
+    """The way out for weights that do not exist: a checkpoint a run no longer keeps (it keeps
+    its newest few) names those it has; else what the option takes (session 39 probe: a bare
+    "not found")."""
+    kept = []
+    if weights.parent.name == "checkpoints" and weights.parent.is_dir():
+        kept = sorted(p.name for p in weights.parent.glob("ckpt-*.npz"))[-3:]
+    if kept:
+        return (f"the run keeps only its newest checkpoints ({', '.join(kept)}); pass one of "
+                f"them, or the run folder, as {flag}")
+    return f"pass a run folder, its params.npz or one of its checkpoints as {flag}"
 
 
 def _finished_run(args) -> bool:

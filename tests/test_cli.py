@@ -114,6 +114,14 @@ def test_eval_reads_a_run_folder_or_its_last_checkpoint_as_weights(trained, cli)
         assert m and float(m[2]) == pytest.approx(s["acc"], abs=1e-3), (weights, line)
     user_error(cli("eval", bundle, "--data", "digits", "--weights", run / "checkpoints"),
                "is a folder without params.npz")
+    # weights that do not exist: what --weights takes; a checkpoint the run no longer keeps,
+    # the ones it does (session 39 probe: a bare "not found")
+    user_error(cli("eval", bundle, "--data", "digits", "--weights", run / "nope.npz"),
+               "not found; pass a run folder, its params.npz or one of its checkpoints as "
+               "--weights")
+    user_error(cli("eval", bundle, "--data", "digits", "--weights",
+                   run / "checkpoints" / "ckpt-000000.npz"),
+               "not found; the run keeps only its newest checkpoints (", last.name)
 
 
 def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_path):
