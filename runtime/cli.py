@@ -1250,6 +1250,9 @@ def _cmd_export_model(a) -> int:
     else:
         print("note: safetensors is not installed; skipped the .safetensors file "
               "(pip install safetensors)")
+    if r.onnx_path.suffix.lower() != ".onnx":  # (session 39 probe: the examples and most
+        print(f"note: '{r.onnx_path.name}' has no .onnx suffix; docs/examples and most tools "
+              "look for MODEL.onnx: pass --out NAME.onnx")  # tools look for it)
     return 0
 
 

@@ -82,9 +82,10 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         raise UserError(f"'{src}' is neither a bundle (no manifest.json) nor a training run "
                         f"(no params.npz or checkpoint){set_aside_hint(src)}")
     if (why := other_bundle(bdir, want, run_dir, weights)) is not None:
-        if bundle is None:
-            raise UserError(f"{why}; pass the run's own bundle with --bundle DIR (a bundle "
-                            "given so is used even when its hash differs)")
+        if bundle is None:  # (named where its run.json says: session 39 probe)
+            own = own_bundle(run_dir, want) if run_dir is not None and want else None
+            raise UserError(f"{why}; pass the run's own bundle with --bundle {own or 'DIR'} (a "
+                            "bundle given so is used even when its hash differs)")
         import sys
 
         print(f"warning: {why}; its graphs are used as --bundle asks", file=sys.stderr)

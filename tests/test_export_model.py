@@ -138,6 +138,15 @@ def test_a_checkpoint_copied_out_of_its_run_is_checked_against_the_bundle(
                                f"'{mlp_head_bundle}'"), r.stderr
     r = cli("export-model", mlp_bundle, "--weights", loose, "--out", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr
+    # the run's own weights given to another bundle: the way out names the run's bundle
+    # (session 39 probe: "--bundle DIR", while eval named it)
+    r = cli("export-model", mlp_head_bundle, "--weights", run / "params.npz", "--out",
+            tmp_path / "p.onnx")
+    assert r.returncode == 2 and f"pass the run's own bundle with --bundle {mlp_bundle} (" \
+        in r.stderr, r.stderr
+    r = cli("export-model", run, "--out", tmp_path / "noext")  # (written; the name is noted)
+    assert r.returncode == 0 and (tmp_path / "noext").is_file(), r.stderr
+    assert "note: 'noext' has no .onnx suffix" in r.stdout, r.stdout
 
 
 def test_overwrite_leaves_no_companion_of_the_replaced_export(mlp_bundle, cli, tmp_path):
