@@ -573,7 +573,9 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
         largest = _largest_read(data)[1]
         what = ((", and decoding its largest image" + (f" ({largest}: shrink or remove it)")
                  if largest else ", and the order of its rows")  # (an .npz has no image)
-                + f" up to {decode / 1e6:.0f} MB" if decode >= 1 << 20 else "")
+                + f" up to {decode / 1e6:.0f} MB" if decode >= max(1 << 20, budget // 20)
+                else "")  # (named where it is a real part: session 39 probe, "shrink or
+        # remove it" for 1 MB of a 120 MB budget)
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",
                       budget - cap0)
     res = forked(lambda: sessions_only(cap0))

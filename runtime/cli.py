@@ -1362,7 +1362,7 @@ def _interrupted(args) -> str:
     """The line a run stopped at once ends with (a second signal, or one outside the loop):
     for ``train``, the run folder's newest checkpoint and how to go on (session 27 probe: a
     bare "interrupted" after a double Ctrl-C)."""
-    newest = None
+    newest, began = None, False
     if _RESTORED:
         return (f"interrupted; this run was undone and the previous run in "
                 f"'{_RESTORED[-1]}' is back in place (--overwrite replaces it only once the "
@@ -1374,10 +1374,15 @@ def _interrupted(args) -> str:
 
             out = Path(args.out) if args.out else bundle_run(Path(args.bundle))
             newest = newest_checkpoint(out / "checkpoints")
+            began = out.is_dir()  # (no folder yet: stopped before the run began)
         except Exception:  # noqa: BLE001 - the line comes out whatever the folder holds
             newest = None
-    return (f"interrupted; the run's newest checkpoint is {newest[1]}: continue from it with "
-            "--resume" if newest else "interrupted")
+    if newest:
+        return (f"interrupted; the run's newest checkpoint is {newest[1]}: continue from it "
+                "with --resume")
+    return ("interrupted before the run's first checkpoint, so nothing of it can be resumed "
+            "(one Ctrl-C lets the step in progress end and checkpoints it)" if began
+            else "interrupted")  # (session 39 probe: a bare "interrupted", 9 steps lost)
 
 
 def main(argv: list[str] | None = None) -> int:

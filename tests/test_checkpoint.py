@@ -1670,6 +1670,11 @@ def test_a_run_stopped_at_once_names_its_newest_checkpoint(mlp_bundle, tmp_path)
                     f"{out / 'checkpoints' / 'ckpt-000003.npz'}: continue from it with --resume")
     assert _interrupted(Namespace(cmd="train", out=str(tmp_path / "none"),
                                   bundle=str(mlp_bundle))) == "interrupted"
+    (tmp_path / "begun").mkdir()  # a run folder without a checkpoint (session 39 probe)
+    assert _interrupted(Namespace(cmd="train", out=str(tmp_path / "begun"),
+                                  bundle=str(mlp_bundle))) == (
+        "interrupted before the run's first checkpoint, so nothing of it can be resumed (one "
+        "Ctrl-C lets the step in progress end and checkpoints it)")
     assert _interrupted(Namespace(cmd="export", out=str(out))) == "interrupted"
     assert _interrupted(None) == "interrupted"
     # a run whose --steps are done (weights and summary written) when the signal came: it
