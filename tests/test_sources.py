@@ -1702,6 +1702,12 @@ def test_channels_last_images_in_an_npz_get_the_transpose_named(cnn_bundle, tmp_
     with pytest.raises(UserError, match=r"reshape the array \(a transpose where its axes are in "
                                         r"another order\) or re-export the model"):
         load_data(str(p), b)
+    # token ids of another length: padding them names the fix (session 39 probe: "reshape")
+    ids = [TensorSpec("ids", ["N", 12], "int64", index_bound=50)]
+    with pytest.raises(UserError, match=r"expects \[12\] .*; pad \(or cut\) every row to 12 ids "
+                                        r"with the tokenizer's padding id, or export the model "
+                                        r"again at this length$"):
+        open_npz(_npz(tmp_path / "ids.npz", ids=np.ones((6, 8), np.int64), y=y[:6]), ids, _ce(2))
 
 
 def _npy_bytes(arr: np.ndarray, version=(1, 0)) -> bytes:

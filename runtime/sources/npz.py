@@ -256,7 +256,11 @@ class NpzSource(Source):
                 # reshape would scramble the values and train on them without an error
                 last = len(got) >= 2 and got[-1:] + got[:-1] == want
                 axes = ", ".join(map(str, [0, len(got), *range(1, len(got))]))
+                ids = (self.out_dtypes[name].kind in "iu" and len(got) == len(want) == 1
+                       and isinstance(want[0], int))  # token ids of another length
                 fix = (f"it looks channels-last: save {m.key}.transpose({axes})" if last
+                       else f"pad (or cut) every row to {want[0]} ids with the tokenizer's "
+                       "padding id, or export the model again at this length" if ids
                        else "reshape the array (a transpose where its axes are in another "
                        "order) or re-export the model")
                 raise UserError(f"{self._where(name)} has sample shape {got}; model input "
