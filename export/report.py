@@ -262,7 +262,10 @@ def _title(m: Metrics, run_name: str) -> str:
     if acc is not None:
         parts.append(f"held-out acc {before:.3f} → {acc:.3f}" if before is not None
                      else f"held-out acc {acc:.3f}")
-    peak = _num(s.get("peak_rss"))
+    # the largest of the run's processes (session 39 probe: after a resume, the summary's is the
+    # resumed process's alone, below the plotted peak before it)
+    peaks = [v for v in (_num(r.get("peak_rss")) for r in [*m.steps, s]) if v is not None]
+    peak = max(peaks) if peaks else None
     if peak is not None:
         budget = m.budget
         parts.append(f"peak {peak / _MB:.1f} MB" + (f" / budget {budget / _MB:.0f} MB"

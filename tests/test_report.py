@@ -115,6 +115,11 @@ def test_resumed_run_last_record_wins_and_torn_tail_skipped(tmp_path):
     assert [r["loss"] for r in m.steps] == [1.0] * 5 + [0.5] * 7
     assert m.torn_last_line and m.budget is None and m.predicted_peak == 9e7
     assert report.write_report(run).is_file()
+    # the title's peak is the run's largest, not the resumed process's alone (session 39 probe)
+    recs = [{"kind": "step", "step": s, "loss": 1.0, "peak_rss": 175_600_000} for s in (1, 2)]
+    recs += [{"kind": "step", "step": s, "loss": 0.5, "peak_rss": 170_000_000} for s in (3, 4)]
+    run = _write_run(tmp_path / "run2", recs, summary={"steps": 4, "peak_rss": 174_200_000})
+    assert "peak 175.6 MB" in report._title(report.read_metrics(run), "run2")
 
 
 def test_a_summary_of_another_step_is_left_out(tmp_path, capsys):
