@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import math
 import os
 import stat
 from pathlib import Path
@@ -124,6 +125,30 @@ def last_logged_step(path: Path) -> int:
     except OSError:
         return 0
     return 0
+
+
+def logged_first_loss(path: Path, window: int) -> float | None:
+    """The mean loss of steps 1..``window`` as ``path`` logged them (the first record of each),
+    None unless every one is there and finite: the first loss of a fleet client started again
+    into its folder, whose earlier process's steps are only in its log (session 39 probe: its
+    summary gave the restarted process's first loss, 0.31 where the run began at 2.31)."""
+    found: dict[int, float] = {}
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line) if len(line) <= MAX_EVENT_BYTES else None
+                except ValueError:
+                    continue
+                if not isinstance(rec, dict) or rec.get("kind") != "step":
+                    continue
+                step, loss = rec.get("step"), rec.get("loss")
+                if isinstance(step, int) and 1 <= step <= window and isinstance(loss, float) \
+                        and math.isfinite(loss):
+                    found.setdefault(step, loss)
+    except OSError:
+        return None
+    return sum(found.values()) / window if window and len(found) == window else None
 
 
 def _cut_after(path: Path, step: int, key: str = "step") -> None:

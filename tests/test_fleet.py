@@ -286,6 +286,27 @@ def test_client_killed_mid_round_then_rejoins(mlp_bundle, non_iid, tmp_path):
     # the restarted client counted on (session 29 probe: from 1 again, its log held 1..n twice)
     steps = _logged_steps(tmp_path / "client2")
     assert steps == list(range(1, len(steps) + 1)) and len(steps) == len(killed_at) + STEPS
+    # ... and its summary's first loss is the run's, from the killed process's steps in the log
+    # (session 39 probe: the restarted process's own first loss, 0.31 where the run began at 2.31)
+    summary = json.loads((tmp_path / "client2" / "summary.json").read_text())
+    k = summary["loss_window"]
+    losses = [e["loss"] for e in map(json.loads, (tmp_path / "client2" / "metrics.jsonl")
+                                      .read_text().splitlines()) if e["kind"] == "step"]
+    if len(killed_at) >= k:
+        assert summary["loss_first"] == pytest.approx(float(np.mean(losses[:k])), rel=1e-9)
+
+
+def test_the_first_logged_losses_are_read_back(tmp_path):
+    """``logged_first_loss``: steps 1..k as first logged, None unless all are there, finite."""
+    from runtime.run_log import logged_first_loss
+
+    log = tmp_path / "metrics.jsonl"
+    events = [{"kind": "plan"}, *({"kind": "step", "step": s, "loss": float(s)}
+                                  for s in (1, 2, 3)),
+              {"kind": "step", "step": 2, "loss": 9.0}, {"kind": "step", "step": 4, "loss": None}]
+    log.write_text("".join(json.dumps(e) + "\n" for e in events) + '{"kind": "st')
+    assert logged_first_loss(log, 3) == 2.0
+    assert logged_first_loss(log, 4) is None and logged_first_loss(tmp_path / "no", 3) is None
 
 
 def _logged_steps(out: Path) -> list[int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..run_log import logged_first_loss
 
 __all__ = ["Local", "RoundResult", "UserError", "check_client_options", "class_names",
            "current_rss", "model_signature", "names_from_json", "open_local", "parse_partition",
@@ -349,10 +350,9 @@ class Local:
         return json_object(self.out / "summary.json") if self.out is not None else {}
 
     def _record_run(self, earlier: dict) -> None:
-        """What a round's ``train`` left out of the client's summary.json: the class names its
-        labels were numbered by (the fleet's: an outside probe's ``eval`` of a client's weights
-        read the device's own order, 0.006 where the server's identical weights scored 0.883),
-        and the run's first loss (each round's summary had its own round's)."""
+        """What a round's ``train`` left out of the client's summary.json: the fleet's class names
+        (an outside probe's ``eval`` of a client's weights read the device's own order, 0.006
+        where the server's scored 0.883), and the run's first loss (not its round's)."""
         summary = self._summary()
         if not summary:
             return
@@ -361,6 +361,9 @@ class Local:
         if earlier.get("loss_window") == summary.get("loss_window") \
                 and earlier.get("loss_first") is not None:
             summary["loss_first"] = earlier["loss_first"]
+        elif not earlier and (first := logged_first_loss(  # (started again into its folder:
+                self.out / "metrics.jsonl", summary.get("loss_window") or 0)) is not None:
+            summary["loss_first"] = first  # its earlier process's steps are in the log)
         save_run(self.out, None, summary)
 
     def record_evaluation(self, server_round: int, loss: float, acc: float | None,
