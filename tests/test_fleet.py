@@ -7,6 +7,7 @@ Needs ``flwr`` (``pip install 'instant-runtime[fleet]'``; ``make test`` installs
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import re
@@ -839,6 +840,26 @@ def test_server_config_checks():
         check_server_config({**good, "fleet_protocol": PROTOCOL + 1}, "abc", "1.42.0")
     with pytest.raises(UserError, match="another model"):
         check_server_config(good, "xyz", "1.42.0")
+
+
+def test_partition_and_progress_options_read_as_a_user_writes_them():
+    """Session 39 probe: `--partition 3/2` and `1/0` said "need 0 <= I < N" (no example, no N
+    >= 1); `fleet client --no-progress`, as train takes it, was an unknown argument."""
+    from runtime.errors import UserError
+    from runtime.fleet.cli import add_fleet_parser
+    from runtime.fleet.local import parse_partition
+
+    assert parse_partition("1/2") == (1, 2) and parse_partition(None) is None
+    for text, example in (("3/2", "1/2"), ("1/0", "0/1"), ("-1/3", "2/3")):
+        with pytest.raises(UserError, match=rf"numbered from 0 \(N at least 1\), e\.g\. "
+                                            rf"{example}$"):
+            parse_partition(text)
+    p = argparse.ArgumentParser()
+    add_fleet_parser(p.add_subparsers(dest="cmd"))
+    client = ["fleet", "client", "b", "--data", "digits", "--server", "127.0.0.1:1"]
+    assert p.parse_args([*client, "--no-progress"]).progress is False
+    assert p.parse_args([*client, "--progress"]).progress is True
+    assert p.parse_args(client).progress is False  # (the default: no bar)
 
 
 def test_fleet_package_imports_neither_flower_nor_torch():

@@ -114,6 +114,8 @@ def _fill(f: argparse.ArgumentParser) -> None:
                         "default 60)")
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
     c.add_argument("--progress", action="store_true", help="progress bar for local training")
+    c.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (the default; as train takes it)")
     c.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
 

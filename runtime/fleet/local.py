@@ -6,7 +6,6 @@ trainable numpy arrays, updated in place), ``budget.plan_for_budget`` (measured 
 session exists, with Flower already imported so its memory is part of what is measured, and a
 reserve for a round's message buffers), ``run.train`` (INSTANT calibration, the arena cap's
 guard, checkpoints). ``client.py``, ``server.py`` and ``cli.py`` only use what is defined here.
-
 No Flower and no torch in this module.
 """
 
@@ -81,8 +80,9 @@ def parse_partition(text: str | None) -> tuple[int, int] | None:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
         raise UserError(f"bad --partition '{text}': expected I/N, e.g. 0/3") from None
-    if not 0 <= i < n:
-        raise UserError(f"bad --partition '{text}': need 0 <= I < N")
+    if not 0 <= i < n:  # (session 39 probe: "need 0 <= I < N", no N >= 1 and no example)
+        raise UserError(f"bad --partition '{text}': I/N is part I of N parts, numbered from 0 "
+                        f"(N at least 1), e.g. {max(n - 1, 0)}/{max(n, 1)}")
     return i, n
 
 
