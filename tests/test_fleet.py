@@ -572,6 +572,9 @@ def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
         server.kill()
         client.kill()
     one_error_line(server.stderr(), rc, "only 1 of the 2 clients")
+    # while it waited it said so (session 39 probe: 300 s without a word)
+    assert re.search(r"^round 1: waiting for clients, 1 of 2 connected \(\d+ s of --wait left\)",
+                     server.stdout(), re.M), server.stdout()
     assert waited < 20, (client_rc, waited, client.stdout(), client.stderr())
     one_error_line(client.stderr(), client_rc, "ended the run before this client trained or "
                    "evaluated anything", "see the server's output")

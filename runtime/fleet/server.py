@@ -283,10 +283,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             them: ``num_clients`` was counted before the check, so it may include clients the
             check drops), at least ``min_num_clients``, waiting up to ``--wait`` for them."""
             need = min_num_clients or num_clients
-            end = time.monotonic() + wait_s
+            end, every = time.monotonic() + wait_s, min(30, max(2, wait_s // 3))  # (said)
             while True:
                 left = end - time.monotonic()
-                if left > 0 and self.wait_for(need, timeout=max(1, int(left + 0.999))):
+                if left > 0 and self.wait_for(need, timeout=max(1, int(min(left, every) + 0.999))):
                     checked = self.vet(end)
                     if len(checked) >= need:
                         take = max(need, min(num_clients, len(checked)))
@@ -294,6 +294,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                     if time.monotonic() < end:
                         time.sleep(0.2)  # (refused ones are gone; others may still join)
                         continue
+                elif time.monotonic() < end - 1:  # (session 39 probe: 300 s without a word)
+                    say(f"round {state['round'] + done}: waiting for clients, {len(self.all())} "
+                        f"of {need} connected ({end - time.monotonic():.0f} s of --wait left)")
+                    continue
                 refused = (f" ({self.refused} refused at the join check, above)"
                            if self.refused else "")
                 raise NotEnoughClients(
