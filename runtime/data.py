@@ -143,18 +143,23 @@ def _image_transform(name: str, spec: TensorSpec) -> Callable[[Arrays], Arrays]:
     return transform
 
 
+# a built-in dataset that does not fit the bundle (session 39 probe: named no way out)
+_OTHER = ("; it does not fit this model: pass data of the model's inputs with --data (an .npz, "
+          "a CSV/JSONL file or an image folder: README, bring your own data)")
+
+
 def _text_inputs(name: str, inputs: list[TensorSpec]) -> tuple[dict, dict]:
     """The bundle's (token ids, attention mask) inputs: by name, else the first two in order."""
     if len(inputs) != 2:
         raise UserError(f"dataset '{name}' gives input_ids and attention_mask; the bundle has "
-                        f"{len(inputs)} input(s): {', '.join(s.name for s in inputs)}")
+                        f"{len(inputs)} input(s): {', '.join(s.name for s in inputs)}" + _OTHER)
     by_name = {s.name: s for s in inputs}
     ids, mask = by_name.get("input_ids", inputs[0]), by_name.get("attention_mask", inputs[1])
     for s in (ids, mask):
         if len(s.shape) != 2 or not isinstance(s.shape[1], int) or \
                 np.dtype(s.dtype).kind not in "iu":
             raise UserError(f"dataset '{name}' gives integer tokens [N, L]; bundle input "
-                            f"'{s.name}' is {s.dtype} {s.shape}")
+                            f"'{s.name}' is {s.dtype} {s.shape}" + _OTHER)
     if ids.shape[1] != mask.shape[1]:
         raise UserError(f"bundle inputs '{ids.name}' and '{mask.name}' have different "
                         f"sequence lengths ({ids.shape[1]} vs {mask.shape[1]})")
@@ -172,7 +177,8 @@ class _Builtin:
 
 def _single_input(name: str, inputs: list[TensorSpec]) -> dict:
     if len(inputs) != 1:
-        raise UserError(f"dataset '{name}' has one input; the bundle has {len(inputs)}")
+        raise UserError(f"dataset '{name}' has one input; the bundle has {len(inputs)} ("
+                        f"{', '.join(s.name for s in inputs)})" + _OTHER)
     return inputs[0]
 
 

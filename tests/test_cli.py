@@ -933,6 +933,14 @@ def test_train_missing_bundle(cli, mlp_bundle, tmp_path):
                f"is not a directory; did you mean '{tmp_path / 'digits-mlp'}'?")
 
 
+def test_a_builtin_dataset_of_other_inputs_names_the_way_out(cli, mlp_bundle):
+    """Session 39 probe: `--data rotten-tomatoes` for an image or vector model named the
+    mismatch and no way out."""
+    user_error(cli("train", mlp_bundle, "--data", "rotten-tomatoes", "--steps", 1),
+               "dataset 'rotten-tomatoes' gives input_ids and attention_mask; the bundle has 1",
+               "it does not fit this model: pass data of the model's inputs with --data")
+
+
 # -------------------------------------------------------------------------- plan, profiles
 
 def test_plan_names_the_mode_a_bundle_without_instant_layers_trains_in(cli, mlp_head_bundle):
