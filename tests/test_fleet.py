@@ -452,6 +452,27 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
         victim.kill()
     one_error_line(server.stderr(), rc, "no client finished any of the 1 rounds, so the "
                    "weights in", "are the initial ones")
+    # a server without data (its clients evaluate): the failed round is not evaluated, so it
+    # ends at once with the same line (session 39 probe: it waited --wait for clients to
+    # evaluate, then said "only 0 of the 1 clients ... connected")
+    port, alone = free_port(), tmp_path / "nodata"
+    alone.mkdir()
+    server = start_server(alone, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                          "--wait", 40)
+    victim = start_client(alone, mlp_bundle, port, 0, "digits", "--steps", 100_000,
+                          name="victim")
+    try:
+        victim.wait_for(r"^round 1: received")
+        time.sleep(0.5)
+        victim.p.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        rc = server.finish()
+        took = time.monotonic() - t0
+    finally:
+        server.kill()
+        victim.kill()
+    one_error_line(server.stderr(), rc, "no client finished any of the 1 rounds")
+    assert took < 30, took
     port = free_port()
     server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
                           "--wait", 8, "--overwrite")

@@ -222,6 +222,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                                                       client_manager))
 
         def configure_evaluate(self, server_round, parameters, client_manager):
+            f = state["fit"]  # a round no client finished left nothing new to evaluate (a probe:
+            if f is not None and f["round"] == server_round and not f["clients"]:  # its clients
+                return []  # were waited for --wait, then "only 0 of the 1 connected")
             return _classes_now(super().configure_evaluate(server_round, parameters,
                                                            client_manager))
 
