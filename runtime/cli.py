@@ -1343,13 +1343,13 @@ def _finished_run(args) -> bool:
         return False
     try:
         from .checkpoint import newest_checkpoint
-        from .run import _params_current
+        from .run import FINISHED, _params_current
         from .run_folder import bundle_run
 
         out = Path(args.out) if args.out else bundle_run(Path(args.bundle))
         newest = newest_checkpoint(out / "checkpoints")
-        done = newest is not None and newest[0] == args.steps and _params_current(out,
-                                                                                  args.steps)
+        done = os.path.realpath(out) in FINISHED and newest is not None and \
+            newest[0] == args.steps and _params_current(out, args.steps)
     except Exception:  # noqa: BLE001 - not known: the interrupted line
         return False
     if done:

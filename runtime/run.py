@@ -22,6 +22,7 @@ run's state (step, order, tally, last checkpoint); split, each would pass all of
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import statistics
 import time
@@ -615,7 +616,14 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
         text = json_text(asdict(s), indent=1)
         with _final_write(out / "summary.json", last_ckpt):
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
+        FINISHED.append(os.path.realpath(out))
     return s
+
+
+# the run folders this process finished (its weights and summary written): a stop signal after
+# that is no interruption (``cli._finished_run``; files alone cannot tell a run that finished
+# here from an earlier one that an --overwrite, stopped before it moved it, left in place)
+FINISHED: list[str] = []
 
 
 def _count(n: int, word: str) -> str:

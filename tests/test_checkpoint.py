@@ -1680,11 +1680,21 @@ def test_a_run_stopped_at_once_names_its_newest_checkpoint(mlp_bundle, tmp_path)
     # a run whose --steps are done (weights and summary written) when the signal came: it
     # finished, said in one line, exit 0 (session 39 probe: "continue from it with --resume",
     # which then said there was nothing to resume)
-    from runtime.cli import _finished_run
+    import os
 
-    assert _finished_run(Namespace(cmd="train", out=str(out), bundle=str(mlp_bundle), steps=3))
-    assert not _finished_run(Namespace(cmd="train", out=str(out), bundle=str(mlp_bundle),
-                                       steps=5))
+    from runtime.cli import _finished_run
+    from runtime.run import FINISHED
+
+    args = Namespace(cmd="train", out=str(out), bundle=str(mlp_bundle), steps=3)
+    # files alone are an earlier run's (an --overwrite stopped before it moved them): no
+    assert not _finished_run(args)
+    FINISHED.append(os.path.realpath(out))  # as train() records a run it finished
+    try:
+        assert _finished_run(args)
+        assert not _finished_run(Namespace(cmd="train", out=str(out), bundle=str(mlp_bundle),
+                                           steps=5))
+    finally:
+        FINISHED.remove(os.path.realpath(out))
 
 
 def test_a_stop_signal_after_the_command_ended_keeps_its_exit_status(tmp_path) -> None:
