@@ -222,8 +222,9 @@ def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
     ``(x - mean) / std``). ``--image-mean``/``--image-std`` for any other model are an error."""
     dims = shapes.of(traced.inputs[0]) if len(traced.inputs) == 1 else []
     name = traced.inputs[0] if traced.inputs else ""
-    if len(dims) == 3 and not _read_as_sequence(traced, name, shapes):  # [N, H, W]: one grey
-        dims = [dims[0], 1, *dims[1:]]  # channel
+    if len(dims) == 3 and (mean is not None or std is not None  # [N, H, W]: one grey channel
+                           or not _read_as_sequence(traced, name, shapes)):
+        dims = [dims[0], 1, *dims[1:]]
     if (len(dims) != 4 or shapes.dtype.get(name) != TensorProto.FLOAT
             or not all(isinstance(d, int) for d in dims[1:]) or dims[1] not in (1, 3)):
         if mean is not None or std is not None:
@@ -247,21 +248,11 @@ def image_spec(traced: Traced, shapes: Shapes, mean: list[float] | None,
                      list(std or [1.0]))
 
 
-# ops that read a float [N, A, B] input as a sequence of A vectors (or B steps of A channels)
-_SEQUENCE_READERS = ("MatMul", "Gemm", "LSTM", "GRU", "RNN", "LayerNormalization", "Transpose",
-                     "Einsum")
-
-
 def _read_as_sequence(traced: Traced, name: str, shapes: Shapes) -> bool:
-    """Whether the model reads its [N, A, B] input as a sequence rather than a grey image: a
-    Conv1d, a Linear over its last axis, a recurrent layer, a norm or a transpose takes it
-    directly (session 39 probe: a Conv1d sensor model and a token-feature model got image
-    preprocessing from export-model; an image model flattens or unsqueezes it first)."""
-    for node in traced.model.graph.node:
-        if name not in node.input:
-            continue
-        if node.op_type in _SEQUENCE_READERS:
-            return True
-        if node.op_type == "Conv" and len(node.input) > 1 and len(shapes.of(node.input[1])) == 3:
-            return True
-    return False
+    """Whether the model reads its [N, A, B] input as A channels of a sequence: a Conv1d takes it
+    directly (session 39 probe: a Conv1d sensor model got image preprocessing from
+    export-model). A Linear, a norm or a recurrent layer over its rows may be reading an image
+    row by row (an LSTM over MNIST rows): those keep the image input, as --image-mean or
+    --image-std given does for any model."""
+    return any(name in node.input and node.op_type == "Conv" and len(node.input) > 1
+               and len(shapes.of(node.input[1])) == 3 for node in traced.model.graph.node)

@@ -1370,11 +1370,12 @@ def _interrupted(args) -> str:
     if getattr(args, "cmd", None) == "train":
         try:
             from .checkpoint import newest_checkpoint
+            from .run import STARTED
             from .run_folder import bundle_run
 
             out = Path(args.out) if args.out else bundle_run(Path(args.bundle))
             newest = newest_checkpoint(out / "checkpoints")
-            began = out.is_dir()  # (no folder yet: stopped before the run began)
+            began = os.path.realpath(out) in STARTED  # (stopped once its steps had begun)
         except Exception:  # noqa: BLE001 - the line comes out whatever the folder holds
             newest = None
     if newest:

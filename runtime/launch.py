@@ -39,10 +39,10 @@ def run() -> None:
     # the command's outcome stands: a stop signal from here on ends the process with it at
     # once (session 39 probe: a Ctrl-C during the interpreter's clean-up printed a
     # KeyboardInterrupt traceback from a destructor, and the exit status stayed 0)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (before the flushes, which a
+        signal.signal(s, lambda *_: os._exit(code))  # paused pipe can hold: a reviewer)
     sys.stdout.flush()
     sys.stderr.flush()
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, lambda *_: os._exit(code))
     if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -446,6 +446,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                       resumed_at=trainer.step_count if resumed else None,
                       last_good=lambda: last_ckpt,
                       fresh=cfg.new_log and trainer.step_count == 0)
+    if out is not None:
+        STARTED.append(os.path.realpath(out))  # (cli._interrupted: its steps began)
     metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
                   micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
                   saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)
@@ -624,6 +626,7 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
 # that is no interruption (``cli._finished_run``; files alone cannot tell a run that finished
 # here from an earlier one that an --overwrite, stopped before it moved it, left in place)
 FINISHED: list[str] = []
+STARTED: list[str] = []  # ... and those whose training loop it began
 
 
 def _count(n: int, word: str) -> str:

@@ -138,7 +138,7 @@ def logged_first_loss(path: Path, window: int) -> float | None:
             for line in f:
                 try:
                     rec = json.loads(line) if len(line) <= MAX_EVENT_BYTES else None
-                except ValueError:
+                except (ValueError, RecursionError):  # (a damaged or tampered line)
                     continue
                 if not isinstance(rec, dict) or rec.get("kind") != "step":
                     continue

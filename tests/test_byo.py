@@ -863,7 +863,7 @@ def sensor():  # takes [N, 8, 8] as 8 channels of 8 steps (Conv1d): no image
     return nn.Sequential(nn.Conv1d(8, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 3))
 
 
-def tokens():  # takes [N, 8, 8] as 8 vectors of 8 features (a Linear over each): no image
+def tokens():  # takes [N, 8, 8] through a Linear over each row (an image read row by row?)
     return nn.Sequential(nn.Linear(8, 4), nn.Flatten(), nn.Linear(32, 3))
 """
 
@@ -895,15 +895,19 @@ def test_a_grey_model_without_a_channel_axis_trains_on_an_image_folder(tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "--image-mean/--image-std apply to a model whose one input is a float image" \
         in r.stderr and not (tmp_path / "b2").exists(), r.stderr
-    # an [N, A, B] input that a Conv1d or a Linear reads first is a sequence, no grey image:
-    # no image spec, so export-model writes no image preprocessing (session 39 probe)
-    for factory in ("sensor", "tokens"):
+    # an [N, A, B] input that a Conv1d reads first is a sequence, no grey image: no image spec,
+    # so export-model writes no image preprocessing (session 39 probe); a Linear over its rows
+    # may read an image row by row (a reviewer: an MLP over MNIST rows lost its image input),
+    # and --image-mean keeps a Conv1d's too
+    for factory, extra, image in (("sensor", (), False), ("tokens", (), True),
+                                  ("sensor", ("--image-mean", "0.5"), True)):
+        out_dir = tmp_path / f"{factory}{len(extra)}"
         _ok(_cli("export", "--model", f"{tmp_path / 'm.py'}:{factory}", "--input-shape",
-                 "4,8,8", "--out", tmp_path / factory))
-        assert json.loads((tmp_path / factory / "manifest.json").read_text())["image"] is None
-        out = _ok(_cli("export-model", tmp_path / factory, "--out", tmp_path / f"{factory}.onnx"))
-        assert "image preprocessing" not in out, out
-        assert not (tmp_path / f"{factory}.preprocess.json").exists()
+                 "4,8,8", *extra, "--out", out_dir))
+        spec = json.loads((out_dir / "manifest.json").read_text())["image"]
+        assert (spec is not None) == image, (factory, extra, spec)
+        out = _ok(_cli("export-model", out_dir, "--out", tmp_path / f"{out_dir.name}.onnx"))
+        assert ("image preprocessing" in out) == image, out
 
 
 @pytest.mark.parametrize("where", ["data", "val"])

@@ -1670,18 +1670,25 @@ def test_a_run_stopped_at_once_names_its_newest_checkpoint(mlp_bundle, tmp_path)
                     f"{out / 'checkpoints' / 'ckpt-000003.npz'}: continue from it with --resume")
     assert _interrupted(Namespace(cmd="train", out=str(tmp_path / "none"),
                                   bundle=str(mlp_bundle))) == "interrupted"
-    (tmp_path / "begun").mkdir()  # a run folder without a checkpoint (session 39 probe)
-    assert _interrupted(Namespace(cmd="train", out=str(tmp_path / "begun"),
-                                  bundle=str(mlp_bundle))) == (
-        "interrupted before the run's first checkpoint, so nothing of it can be resumed (one "
-        "Ctrl-C lets the step in progress end and checkpoints it)")
+    import os
+
+    from runtime.run import STARTED
+
+    (tmp_path / "begun").mkdir()  # a folder whose run began, without a checkpoint (session 39
+    begun = Namespace(cmd="train", out=str(tmp_path / "begun"), bundle=str(mlp_bundle))  # probe)
+    assert _interrupted(begun) == "interrupted"  # (only made: its steps had not begun)
+    STARTED.append(os.path.realpath(tmp_path / "begun"))  # as train() records it
+    try:
+        assert _interrupted(begun) == (
+            "interrupted before the run's first checkpoint, so nothing of it can be resumed (one "
+            "Ctrl-C lets the step in progress end and checkpoints it)")
+    finally:
+        STARTED.clear()
     assert _interrupted(Namespace(cmd="export", out=str(out))) == "interrupted"
     assert _interrupted(None) == "interrupted"
     # a run whose --steps are done (weights and summary written) when the signal came: it
     # finished, said in one line, exit 0 (session 39 probe: "continue from it with --resume",
     # which then said there was nothing to resume)
-    import os
-
     from runtime.cli import _finished_run
     from runtime.run import FINISHED
 

@@ -633,6 +633,13 @@ def test_labels_that_look_like_a_missing_class_are_named_with_it(tmp_path, digit
     src = _text(_write_csv(tmp_path / "m.csv", rows), tokenizer_file, k=2,
                 class_names=["cat", "dog"])
     assert src.problems.counts == {"unknown label": 1} and not src.problems.hints
+    # numbers are no typos of each other ('-1' of '1': a reviewer); a short name in another
+    # case is named
+    rows = [("a", "0"), ("b", "-1"), ("c", "10"), ("d", "NO")]
+    src = _text(_write_csv(tmp_path / "n.csv", rows), tokenizer_file, k=3,
+                class_names=["0", "1", "no"])
+    assert src.problems.hints == ["'NO' may be 'no': labels must match the class names "
+                                  "exactly; rename them to keep those rows"]
 
 
 def test_regression_targets_and_type_ids(tmp_path, tokenizer_file):

@@ -371,7 +371,9 @@ class _Labels:
         missing = {n.lower(): n for i, n in enumerate(self.given_names) if i not in held}
         pairs = []
         for raw in sorted(self.unknown, key=lambda r: -self.unknown[r]):
-            near = difflib.get_close_matches(raw.lower(), list(missing), n=1, cutoff=0.6)
+            near = [raw.lower()] if raw.lower() in missing else [] if (
+                len(raw) < 3 or raw.lstrip("+-").isdigit()) else (  # ('-1' is no typo of '1':
+                difflib.get_close_matches(raw.lower(), list(missing), n=1, cutoff=0.6))  # a review)
             if near:
                 pairs.append(f"{raw!r} may be {missing.pop(near[0])!r}")
         if pairs:
