@@ -430,6 +430,24 @@ def test_a_client_of_another_model_is_refused_as_it_joins(mlp_bundle, mlp_head_b
     assert re.search(r"^round 1: 1 client trained \(0 failed\)", out, re.M), out
 
 
+def _only_client_killed(tmp: Path, bundle: Path, *server_args) -> tuple[Proc, int, float]:
+    """A one-round fleet whose only client is killed in its round: (server, its exit code,
+    seconds it took to end after the kill)."""
+    port = free_port()
+    server = start_server(tmp, bundle, port, "--rounds", 1, "--min-clients", 1, *server_args)
+    victim = start_client(tmp, bundle, port, 0, "digits", "--steps", 100_000, name="victim")
+    try:
+        victim.wait_for(r"^round 1: received")
+        time.sleep(0.5)
+        victim.p.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        rc = server.finish()
+        return server, rc, time.monotonic() - t0
+    finally:
+        server.kill()
+        victim.kill()
+
+
 def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregate(
         mlp_bundle, mlp_head_bundle, tmp_path):
     """Session 18 probe: a server whose only client failed its round ended "fleet run done",
@@ -437,40 +455,14 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
     previous aggregate. Now: one error line, exit 2; then a run, and a --resume that starts from
     its aggregate (round 0's accuracy is the run's last). A server whose only client was
     refused at the join check says so when its --wait runs out."""
-    port = free_port()
-    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
-                          "--data", "digits")
-    victim = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 100_000,
-                          name="victim")
-    try:
-        victim.wait_for(r"^round 1: received")
-        time.sleep(0.5)
-        victim.p.send_signal(signal.SIGKILL)
-        rc = server.finish()
-    finally:
-        server.kill()
-        victim.kill()
+    server, rc, _ = _only_client_killed(tmp_path, mlp_bundle, "--data", "digits")
     one_error_line(server.stderr(), rc, "no client finished any of the 1 rounds, so the "
                    "weights in", "are the initial ones")
     # a server without data (its clients evaluate): the failed round is not evaluated, so it
     # ends at once with the same line (session 39 probe: it waited --wait for clients to
     # evaluate, then said "only 0 of the 1 clients ... connected")
-    port, alone = free_port(), tmp_path / "nodata"
-    alone.mkdir()
-    server = start_server(alone, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
-                          "--wait", 40)
-    victim = start_client(alone, mlp_bundle, port, 0, "digits", "--steps", 100_000,
-                          name="victim")
-    try:
-        victim.wait_for(r"^round 1: received")
-        time.sleep(0.5)
-        victim.p.send_signal(signal.SIGKILL)
-        t0 = time.monotonic()
-        rc = server.finish()
-        took = time.monotonic() - t0
-    finally:
-        server.kill()
-        victim.kill()
+    (tmp_path / "nodata").mkdir()
+    server, rc, took = _only_client_killed(tmp_path / "nodata", mlp_bundle, "--wait", 40)
     one_error_line(server.stderr(), rc, "no client finished any of the 1 rounds")
     assert took < 30, took
     port = free_port()
