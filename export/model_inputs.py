@@ -16,7 +16,7 @@ import numpy as np
 from .graph import ExportError
 
 __all__ = ["DTYPES", "EXAMPLE_ROWS", "by_name", "example_arrays", "examples", "fixed_by_tracer",
-           "parse_input_shapes", "same_buffers"]
+           "parse_input_shapes", "same_buffers", "seed_factories"]
 
 
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8", "int8", "bool")
@@ -65,7 +65,18 @@ def example_arrays(text: str) -> list[np.ndarray]:
     return out
 
 
+_FACTORY_SEED = [0]  # export --seed: torch's seed before a factory file runs
+
+
+def seed_factories(seed: int) -> None:
+    """Seed torch with ``seed`` before each model factory file is imported and called, so the
+    weights it draws at random are the same at each export (session 39: they differed)."""
+    _FACTORY_SEED[0] = int(seed)
+
+
 def _load_factory(spec: str):
+    import torch
+
     path, _, fn = spec.rpartition(":")
     file = Path(path)
     if not file.is_file():
@@ -75,6 +86,7 @@ def _load_factory(spec: str):
     module = importlib.util.module_from_spec(mod_spec)
     folder = str(file.resolve().parent)
     sys.path.insert(0, folder)  # the file may import modules next to it, as python file.py would
+    torch.manual_seed(_FACTORY_SEED[0])
     try:
         try:
             mod_spec.loader.exec_module(module)

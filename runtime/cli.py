@@ -600,10 +600,9 @@ def _export(a) -> int:
                         "--out") from None
     notes: list[str] = []
     try:
-        if not a.model.lower().endswith(".onnx"):  # (session 39: each export of a factory's
-            import torch  # model drew other initial weights)
+        from export.model_inputs import seed_factories
 
-            torch.manual_seed(a.seed)
+        seed_factories(a.seed)  # (session 39: each export of a factory drew other weights)
         try:
             export_bundle(a.model, tmp, input_shape=a.input_shape, npz=a.npz,
                           trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
