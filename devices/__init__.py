@@ -9,6 +9,7 @@ Pure standard library: this package never imports torch, onnx or onnxruntime.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import platform
 import re
@@ -351,8 +352,11 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
         return _read_profile(Path(text), builtin=False)
     names = _builtin_names()
     if text not in names:
+        shown = [n for n in names if n != "null"]  # the tests' do-nothing profile: no device's
+        near = difflib.get_close_matches(text.lower(), shown, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}? " if near else ""
         raise ProfileError(
-            f"unknown device profile {text!r}; available: {', '.join(names)}; "
+            f"unknown device profile {text!r}; {hint}available: {', '.join(shown)}; "
             "or pass 'auto' or a path to a .toml file"
         )
     return _read_profile(PROFILES_DIR / f"{text}.toml", builtin=True)

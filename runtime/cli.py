@@ -34,7 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: the profile's, else one per core)")
+                   help="onnxruntime intra-op threads (default: the profile's, else one per "
+                        "core; 0: one per core)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="execution provider: cpu, cuda, or auto (the profile's providers that "
                         "this onnxruntime offers, else CPU)")

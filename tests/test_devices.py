@@ -127,6 +127,9 @@ def test_builtin_facts():
 def test_unknown_builtin_lists_available():
     with pytest.raises(ProfileError, match=r"unknown device profile 'rpi3'; available: .*rpi4-1gb"):
         load_profile("rpi3")
+    with pytest.raises(ProfileError) as err:  # a near name is offered; the tests' profile is not
+        load_profile("rpi4-4G")
+    assert "did you mean 'rpi4-4gb'?" in str(err.value) and "null" not in str(err.value)
 
 
 def test_resolve_profile():
