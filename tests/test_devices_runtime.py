@@ -143,3 +143,43 @@ def test_a_cuda_provider_that_did_not_start_is_one_line():
     with pytest.raises(UserError, match="CUDA provider did not start") as info:
         check_provider_started(session)
     assert "\n" not in str(info.value) and "--device cpu" in str(info.value)
+
+
+def test_a_tampered_optimizer_graph_reads_nothing_outside_the_bundle(mlp_bundle, tmp_path):
+    """The device-resident step's optimizer graph is untrusted as the step's graphs are: an
+    external-data initializer naming a file outside the bundle (relative, '..' up to the root:
+    onnxruntime resolved it against the current folder) is refused before a session loads it
+    (session 40 probe: the file's bytes reached the trained weights)."""
+    import hashlib
+    import json
+    import shutil
+
+    import onnx
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP-SECRET-" * 4)
+    bundle = tmp_path / "b"
+    shutil.copytree(mlp_bundle, bundle)
+    model = onnx.load(str(bundle / "optim.adamw.onnx"))
+    leak = TensorProto(name="leak", data_type=TensorProto.UINT8, dims=[16],
+                       data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "../" * 30 + str(secret).lstrip("/")), ("offset", "0"),
+                       ("length", "16")):
+        entry = leak.external_data.add()
+        entry.key, entry.value = key, value
+    model.graph.initializer.append(leak)
+    model.graph.node.append(helper.make_node("Cast", ["leak"], ["leak_f"], to=TensorProto.FLOAT))
+    model.graph.output.append(helper.make_tensor_value_info("leak_f", TensorProto.FLOAT, [16]))
+    data = model.SerializeToString()
+    (bundle / "optim.adamw.onnx").write_bytes(data)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"]["optim.adamw.onnx"] = {"bytes": len(data),
+                                      "sha256": hashlib.sha256(data).hexdigest()}
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    tr = make_trainer(bundle, mode="vanilla", optimizer="adamw")
+    tr.config = replace(tr.config, session=replace(tr.config.session, resident=True))
+    tr.resident = True
+    data_set = load_data("digits", tr.bundle)
+    with pytest.raises(UserError, match="optim.adamw.onnx: tensor 'leak' points at external "
+                                        "data .* re-export it"):
+        tr.train_step(IndexBatch(data_set, np.arange(8)))
