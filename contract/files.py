@@ -17,6 +17,7 @@ import stat
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -256,6 +257,13 @@ def _npy_header(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class Declared(NamedTuple):
+    """An ``.npz`` member's header where it declared another shape or dtype than expected."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
 def read_npz(path: str | os.PathLike | int,
              expect: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` (never unpickled: object arrays are refused).
@@ -263,8 +271,8 @@ def read_npz(path: str | os.PathLike | int,
     With ``expect`` (name -> shape), only those members are read, and each only after its
     header declares that shape: an extra member, or one that would decompress to more than its
     shape's bytes, is never inflated (a bundle's ``params.npz`` is untrusted). A listed member
-    with another shape comes back as an empty array of the declared shape's rank + 1, for the
-    caller's shape check to name it.
+    with another shape or a dtype that is not a float comes back as a :class:`Declared` (its
+    header's shape and dtype, never read), for the caller to name it.
 
     Raises:
         OSError, ValueError, zipfile.BadZipFile: unreadable or not an npz of plain arrays.
@@ -290,7 +298,7 @@ def _members(z, expect: dict[str, tuple[int, ...]] | None) -> dict[str, np.ndarr
             header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                       else np.lib.format.read_array_header_2_0)(f)
         if tuple(header[0]) != tuple(shape) or header[2].kind != "f" or header[2].itemsize > 8:
-            out[k] = np.zeros((0,) * (len(shape) + 1), np.float32)  # a wrong shape, not read
+            out[k] = Declared(tuple(header[0]), str(header[2]))  # not read
             continue
         out[k] = z[k]
     return out

@@ -463,6 +463,11 @@ class Manifest:
             return "io", "must describe exactly the training graphs' modes"
         if names.PARAMS_FILE not in self.files:
             return "files", f"must list {names.PARAMS_FILE}"
+        values = sum(math.prod(p.shape) for p in self.params)  # (plain .npy members, at least
+        held = self.files[names.PARAMS_FILE].bytes  # 2 bytes a value: compressed are refused)
+        if 2 * values > held:  # (session 40 probe: `plan` advised an 18 EB budget for them)
+            return "params", (f"their shapes hold {values} values, more than "
+                              f"{names.PARAMS_FILE}'s {held} bytes can")
         if self.weights:
             wb = self.files.get(names.WEIGHTS_FILE)
             if wb is None:

@@ -28,6 +28,7 @@ from contract import (
     read_manifest,
     read_npz,
 )
+from contract.files import Declared
 from contract.manifest import ITEMSIZE, LayerInfo, TensorSpec
 
 from .memory import all_finite
@@ -139,7 +140,8 @@ class Bundle:
         Raises:
             UserError: unreadable file, a missing parameter, a wrong shape, non-finite values.
         """
-        if path is None:
+        if path is None:  # (the bundle's own: no option of the command's can mend it)
+            way_out = "re-export the bundle"
             entry = self.manifest.files[names.PARAMS_FILE]
             fd = open_listed(self.path, names.PARAMS_FILE, entry, verify=True)
             src: str | Path = self.path / names.PARAMS_FILE
@@ -175,11 +177,11 @@ class Bundle:
             if v is None:
                 raise UserError(f"{src} lacks parameter '{p.name}'; pass the params.npz of a run "
                                 "of this bundle")
-            if list(v.shape) != list(p.shape) or v.dtype.kind != "f":
-                got = "of another shape" if v.size == 0 and v.ndim == len(p.shape) + 1 else \
-                    f"{v.dtype} {list(v.shape)}"
-                raise UserError(f"{src}: parameter '{p.name}' is {got}, the bundle expects "
-                                f"float32 {p.shape}")
+            if isinstance(v, Declared) or list(v.shape) != list(p.shape) or v.dtype.kind != "f":
+                shape = [int(d) for d in v.shape[:8]]
+                raise UserError(f"{src}: parameter '{p.name}' is {str(v.dtype)[:40]} {shape}"
+                                f"{'...' if len(v.shape) > 8 else ''}, the bundle expects "
+                                f"float32 {p.shape}; {way_out}")
             # the array read is used as it is where it can be (a copy of every tensor had
             # doubled the process's peak while loading: +77 MB for a 79 MB model, session 27)
             arr = v if v.dtype == np.float32 and v.flags.writeable and v.flags.c_contiguous \

@@ -247,7 +247,7 @@ def _(c):
     return _train_on_edited_forward(c, model)
 
 
-@case("pickled-params", "is of another shape", "expects float32")
+@case("pickled-params", "is object [1], the bundle expects float32", "re-export the bundle")
 def _(c):
     p = c.bundle / "params.npz"
     m = c.manifest()
@@ -255,6 +255,19 @@ def _(c):
     data = p.read_bytes()
     m["files"]["params.npz"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     c.write_manifest(m)
+    return _train(c)
+
+
+@case("params-of-integers", "is int64 [", "the bundle expects float32", "re-export the bundle")
+def _(c):  # session 40 probe: the right shape in int64 was called "of another shape"
+    arrays = {k: v.astype(np.int64) for k, v in _params_now(c).items()}
+    _params_edited(c, arrays)
+    return _train(c)
+
+
+@case("params-empty-file", "cannot read parameters", "; re-export the bundle")
+def _(c):  # session 40 probe: the way out was "pass another --init-from", never passed
+    _params_edited(c, _params_now(c), lambda p, **a: Path(p).write_bytes(b""))
     return _train(c)
 
 
@@ -283,6 +296,15 @@ def _(c):  # session 28 probe: [20000, 20000] took 7.9 GB before onnxruntime ref
     arrays[next(iter(arrays))] = np.zeros((300, 300), np.float32)
     _params_edited(c, arrays)
     return _train(c)
+
+
+@case("params-declared-beyond-their-file", "field 'params': their shapes hold",
+      "more than params.npz's", "re-export the bundle")
+def _(c):  # session 40 probe: `plan` advised an 18 EB budget for [2^31-1, 2^31-1]
+    m = c.manifest()
+    m["params"][0]["shape"] = [2**31 - 1, 2**31 - 1]
+    c.write_manifest(m)
+    return ["plan", str(c.bundle), "--data", "digits", "--budget", "300MB", "--threads", "1"]
 
 
 @case("params-deflated", "is compressed", "re-export")
