@@ -16,8 +16,13 @@ import onnxruntime as ort
 
 from contract import UserError, names
 
-from .sessions import (check_external_data, check_provider_started, cuda_options, ort_message,
-                       run_options)
+from .sessions import (
+    check_external_data,
+    check_provider_started,
+    cuda_options,
+    ort_message,
+    run_options,
+)
 
 __all__ = ["Resident"]
 
