@@ -17,6 +17,7 @@ that fits neither form is left as it was.
 from __future__ import annotations
 
 import copy
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -301,8 +302,23 @@ def _refuse_fixed_batch(traced: Traced, sess, feeds: dict, n: int) -> None:
     except Exception:  # noqa: BLE001 - not the batch, or not only: other checks report it
         return
     raise ExportError(f"{traced.source}: the model runs at batch size {b} only (its graph fixes "
-                      f"the batch; the example has {n} rows): export it again with a dynamic "
-                      "batch axis (dynamic_shapes / dynamic_axes)") from None
+                      "the batch, and a bundle trains at any micro-batch, so exporting at that "
+                      "batch cannot help): export it again with a dynamic batch axis "
+                      "(dynamic_shapes / dynamic_axes)") from None
+
+
+def _refuse_broken(traced: Traced, feeds: dict, exc: Exception) -> None:
+    """Refuse an ONNX file that onnxruntime loads but cannot run at the example's shapes.
+
+    Raises:
+        ExportError: always, naming onnxruntime's reason.
+    """
+    why = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))[:300]
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in list(feeds.items())[:4])
+    raise ExportError(f"{traced.source}: the model fails on an example of its input shapes "
+                      f"({shapes}): onnxruntime: {why}; the file is broken (export the model to "
+                      "ONNX again) or takes other shapes (--input-shape or --npz, batch first)"
+                      ) from None
 
 
 def check_free_batch(traced: Traced) -> None:
@@ -324,19 +340,24 @@ def check_free_batch(traced: Traced) -> None:
     model = copy.deepcopy(traced.model)
     feeds = {}
     example = traced.origin[2]
+    guessed = False  # (sizes of 1 for the file's unnamed dims: a failure proves little)
     if traced.origin[0] == "torch":  # traced with a free batch axis at the example's shapes
         if example is None or len(example) != len(traced.inputs):
             return
         feeds = dict(zip(traced.inputs, example, strict=True))
+    given = dict(zip(traced.inputs, example or [], strict=False))
     for vi in model.graph.input:
         if vi.name not in traced.inputs or traced.origin[0] == "torch":
             continue
         t = vi.type.tensor_type
+        guessed |= not all(d.HasField("dim_value") for d in t.shape.dim[1:])
         dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
         if not dims or any(d <= 0 for d in dims[1:]):
             return  # unknown sizes: nothing to run
         dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
-        feeds[vi.name] = np.ones(dims, dtype)
+        mine = given.get(vi.name)  # the user's rows (--npz) where they fit, else ones
+        feeds[vi.name] = (mine.astype(dtype) if mine is not None and list(mine.shape) == dims
+                          else np.ones(dims, dtype))
         t.shape.dim[0].ClearField("dim_value")
         t.shape.dim[0].dim_param = "N"
     for vi in model.graph.output:
@@ -358,10 +379,13 @@ def check_free_batch(traced: Traced) -> None:
         return
     try:
         sess.run(None, feeds)
-    except Exception:  # noqa: BLE001 - not runnable as given (ones for ids, sizes of 1 for the
-        if traced.origin[0] == "onnx" and example is not None:  # file's unnamed dims)
-            _refuse_fixed_batch(traced, sess, feeds, n)
-        return
+    except Exception as exc:  # noqa: BLE001 - not runnable as given (ones for ids, sizes of 1
+        if traced.origin[0] == "onnx":  # for the file's unnamed dims)
+            if example is not None:
+                _refuse_fixed_batch(traced, sess, feeds, n)
+            if not guessed:  # every size known: the file cannot run at all (session 40 probe:
+                _refuse_broken(traced, feeds, exc)  # a channel mismatch exported, then every
+        return                                      # train said "re-export the bundle")
     try:
         sess.run(None, {k: np.concatenate([v, v[:1]]) for k, v in feeds.items()})
     except Exception:  # noqa: BLE001

@@ -85,6 +85,30 @@ def test_a_file_whose_ops_fix_the_batch_is_refused_at_export(tmp_path, example):
     assert "dynamic batch axis" in lines[0] and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("example", [[], ["--input-shape", "4,8,8,8"]])
+def test_a_file_that_cannot_run_at_its_shapes_is_refused_at_export(tmp_path, example):
+    """onnx's checker passes and onnxruntime loads a file whose 1x1 conv takes 4 channels where
+    its input has 8; it fails only when run (session 40 probe: the bundle was written, then train
+    said "re-export the bundle" and eval blamed the data). Given every size, export runs it
+    once and refuses (the file's own sizes, at batch 1, where no --input-shape is given)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("c1", (8, 4, 1, 1)), ("wf", (8, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["a"]),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "wf"], ["logits"])]
+    onnx_file = _saved(tmp_path / "broken.onnx", nodes, ("x", TensorProto.FLOAT, ["n", 8, 8, 8]),
+                       ("logits", TensorProto.FLOAT, ["n", 3]), inits)
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", *example)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    rows = 4 if example else 1
+    assert f"the model fails on an example of its input shapes (x [{rows}, 8, 8, 8])" in lines[0]
+    assert "Input channels C is not equal to kernel channels" in lines[0], lines[0]
+    assert "export the model to ONNX again" in lines[0] and not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("example", [[], ["--input-shape", "8,3,8"]])
 def test_a_linear_after_a_computed_reshape_is_an_instant_layer(tmp_path, example):
     """TorchScript writes ``x.reshape(x.shape[0], -1, 8)`` as a target computed from Shape(x);
