@@ -791,6 +791,9 @@ def _cmd_train(a) -> int:
         ok = True
     except RunFinished as exc:  # the folder as it was
         ok = True
+        from .run import FINISHED
+
+        FINISHED.append(os.path.realpath(out))  # (a signal now: "it had finished", not --resume)
         say(str(exc))
         return 0
     except TrainingInterrupted as exc:  # checkpointed: the new run stands and can be resumed
