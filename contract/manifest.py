@@ -467,7 +467,7 @@ class Manifest:
         held = self.files[names.PARAMS_FILE].bytes  # 2 bytes a value: compressed are refused)
         if 2 * values > held:  # (session 40 probe: `plan` advised an 18 EB budget for them)
             return "params", (f"their shapes hold {values} values, more than "
-                              f"{names.PARAMS_FILE}'s {held} bytes can")
+                              f"{names.PARAMS_FILE}'s {held} bytes can hold")
         if self.weights:
             wb = self.files.get(names.WEIGHTS_FILE)
             if wb is None:

@@ -175,8 +175,8 @@ class Bundle:
         for p in self.params:
             v = values.get(p.name)
             if v is None:
-                raise UserError(f"{src} lacks parameter '{p.name}'; pass the params.npz of a run "
-                                "of this bundle")
+                raise UserError(f"{src} lacks parameter '{p.name}'; " + (
+                    way_out if path is None else "pass the params.npz of a run of this bundle"))
             if isinstance(v, Declared) or list(v.shape) != list(p.shape) or v.dtype.kind != "f":
                 shape = [int(d) for d in v.shape[:8]]
                 raise UserError(f"{src}: parameter '{p.name}' is {str(v.dtype)[:40]} {shape}"
@@ -188,8 +188,8 @@ class Bundle:
                 else np.array(v, dtype=np.float32)
             values[p.name] = None
             if not all_finite(arr):
-                raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values; use the "
-                                "weights of a healthy run")
+                raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values; " + (
+                    way_out if path is None else "use the weights of a healthy run"))
             out[p.name] = arr
         return out
 

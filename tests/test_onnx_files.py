@@ -109,6 +109,22 @@ def test_a_file_that_cannot_run_at_its_shapes_is_refused_at_export(tmp_path, exa
     assert "export the model to ONNX again" in lines[0] and not (tmp_path / "b").exists()
 
 
+def test_a_file_whose_ids_cannot_all_be_one_still_exports(tmp_path):
+    """The run above feeds ones where the user gave no rows: an id input of a one-row table
+    (RoBERTa's token types) fails on them while the file is sound, so ids are never taken as
+    proof of a broken file (the session 40 reviewer's case)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("types", (1, 4)), ("w", (4, 3)))]
+    nodes = [helper.make_node("Gather", ["types", "ids"], ["e"]),
+             helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["m", "w"], ["logits"])]
+    onnx_file = _saved(tmp_path / "ids.onnx", nodes, ("ids", TensorProto.INT64, ["n", 8]),
+                       ("logits", TensorProto.FLOAT, ["n", 3]), inits)
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 @pytest.mark.parametrize("example", [[], ["--input-shape", "8,3,8"]])
 def test_a_linear_after_a_computed_reshape_is_an_instant_layer(tmp_path, example):
     """TorchScript writes ``x.reshape(x.shape[0], -1, 8)`` as a target computed from Shape(x);
