@@ -316,7 +316,7 @@ def _refuse_broken(traced: Traced, model: onnx.ModelProto, feeds: dict) -> None:
     """
     import onnxruntime as ort
 
-    from runtime.sessions import ort_message
+    from contract.errors import ort_message
 
     so = ort.SessionOptions()
     so.log_severity_level = 4

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 
 import numpy as np
 import onnxruntime as ort
 
 from contract import UserError, names
+from contract.errors import ort_message
 
 from .bundle import Bundle
 from .config import SessionConfig
@@ -249,20 +249,6 @@ def check_provider_started(session: ort.InferenceSession) -> None:
                         "or use --device cpu")
 
 
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
-# a C++ source location and function signature: "/onnxruntime_src/.../x.h:46 void ns::f(...) "
-_ORT_WHERE = re.compile(r"(?:/|\b)[\w./-]+\.(?:h|cc|cpp|hpp|cu):\d+ (?:[^()]*\([^()]*\)"
-                        r"(?: const)? ?|(?=[A-Z][a-z]*\b))")  # or a bare location (session 27)
-
-
-def ort_message(exc: BaseException, limit: int = 240) -> str:
-    """onnxruntime's exception as one readable line: without its "[ONNXRuntimeError] : 1 :
-    FAIL :" prefix and the C++ source location and signature that often fill the first 300
-    characters (session 23 probe: an opset-999 graph's error was cut off inside the
-    signature, before its reason)."""
-    text = " ".join(str(exc).split())
-    text = _ORT_WHERE.sub("", _ORT_PREFIX.sub("", text)).strip()
-    return text[:limit] if text else type(exc).__name__
 
 
 def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
