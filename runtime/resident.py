@@ -16,13 +16,7 @@ import onnxruntime as ort
 
 from contract import UserError, names
 
-from .sessions import (
-    check_external_data,
-    check_provider_started,
-    cuda_options,
-    ort_message,
-    run_options,
-)
+from .sessions import check_provider_started, cuda_options, load_graph, run_options
 
 __all__ = ["Resident"]
 
@@ -43,23 +37,11 @@ class Resident:
         if graph is None:
             raise UserError(f"bundle {trainer.bundle.path} has no '{opt}' optimizer graph (needed "
                             "for --device cuda); re-export it with this version")
-        data = trainer.bundle.read_file(graph)
-        # (untrusted as the step's graphs: no external data but the manifest's, no loop; a
-        # graph given as bytes otherwise resolved a relative external-data location against the
-        # current folder, '..' allowed: a tampered optimizer graph read a file outside the
-        # bundle into the weights, session 40 probe)
-        check_external_data(trainer.bundle, graph, data)
         so = ort.SessionOptions()
         so.log_severity_level = 4
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                    str(trainer.bundle.path.resolve()))
         providers = [("CUDAExecutionProvider", cuda_options()) if p == "CUDAExecutionProvider"
                      else p for p in trainer._providers()]  # (as the step's sessions)
-        try:
-            self.optim = ort.InferenceSession(data, so, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-            raise UserError(f"onnxruntime cannot load {trainer.bundle.path / graph}: "
-                            f"{ort_message(exc, 300)}; re-export the bundle") from None
+        self.optim = load_graph(trainer.bundle, graph, so, providers)  # (untrusted as they are)
         if device == "cuda":
             check_provider_started(self.optim)
 

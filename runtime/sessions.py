@@ -178,15 +178,9 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
         UserError: onnxruntime cannot load the graph (a damaged or incompatible bundle).
     """
     graph_file = bundle.graph_file(mode, part)
-    data = bundle.graph_bytes(mode, part)
-    check_external_data(bundle, graph_file, data)
     so = ort.SessionOptions()
     for name, value in shared.for_graph(graph_file).items():
         so.add_initializer(name, value)
-    # External data of a graph given as bytes resolves inside the bundle folder only
-    # (onnxruntime >= 1.19 checks the resolved path, symlinks included, stays inside it).
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                str(bundle.path.resolve()))
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     so.enable_mem_pattern = False
     if "cap" in _ARENA:
@@ -209,17 +203,34 @@ def make_session(bundle: Bundle, mode: str, part: str, cfg: SessionConfig,
     providers: list = providers_for(cfg)
     if providers[0] == "CUDAExecutionProvider":
         providers[0] = ("CUDAExecutionProvider", cuda_options())
-    try:
-        session = ort.InferenceSession(data, so, providers=providers)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-        msg = ort_message(exc, 300)
-        raise UserError(f"onnxruntime cannot load {bundle.path / graph_file}: {msg}; re-export "
-                        "the bundle") from None
+    session = load_graph(bundle, graph_file, so, providers)
     if providers[0] != "CPUExecutionProvider":
         check_provider_started(session)
     return session
+
+
+def load_graph(bundle: Bundle, graph_file: str, so: ort.SessionOptions,
+               providers: list) -> ort.InferenceSession:
+    """A session of one of the bundle's graphs (a step's or the optimizer's), from its verified
+    bytes, after ``check_external_data``; its external data resolves inside the bundle folder
+    only (onnxruntime >= 1.19 checks the resolved path, symlinks included, stays inside it; a
+    graph given as bytes otherwise resolved a relative location against the current folder,
+    '..' allowed: session 40 probe, a tampered optimizer graph read a file outside the bundle).
+
+    Raises:
+        UserError: an unsafe graph, or one onnxruntime cannot load (a damaged bundle).
+    """
+    data = bundle.read_file(graph_file)
+    check_external_data(bundle, graph_file, data)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                str(bundle.path.resolve()))
+    try:
+        return ort.InferenceSession(data, so, providers=providers)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
+        raise UserError(f"onnxruntime cannot load {bundle.path / graph_file}: "
+                        f"{ort_message(exc, 300)}; re-export the bundle") from None
 
 
 def cuda_options() -> dict[str, str]:
