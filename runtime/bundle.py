@@ -11,6 +11,7 @@ verified ``weights.bin``. Never imports torch or onnx.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,11 +30,11 @@ from contract import (
     read_npz,
 )
 from contract.files import Declared
-from contract.manifest import ITEMSIZE, LayerInfo, TensorSpec
+from contract.manifest import FORMAT, ITEMSIZE, LayerInfo, TensorSpec
 
 from .memory import all_finite
 
-__all__ = ["Bundle", "open_bundle"]
+__all__ = ["Bundle", "is_bundle", "open_bundle"]
 
 
 def _refuse_packed(fd: int, src: Path) -> None:
@@ -287,3 +288,16 @@ def _near_bundles(root: Path) -> str:
     if near:
         return f"did you mean '{root.parent / near[0]}'?"
     return f"check the path, or create one with `instant-runtime export --model ... --out {root}`"
+
+
+def is_bundle(folder: Path) -> bool:
+    """A bundle's folder: its manifest.json says so, or cannot be read (a damaged bundle; a web
+    app's manifest.json is another format: session 41 review)."""
+    try:
+        with open(folder / "manifest.json", "rb") as f:
+            raw = json.loads(f.read(1 << 20))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, RecursionError):
+        return (folder / "manifest.json").is_file()
+    return not isinstance(raw, dict) or raw.get("format") == FORMAT

@@ -364,6 +364,43 @@ def newest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     return None
 
 
+def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
+    """(step, path) of the newest checkpoint in ``folder`` past step ``after`` that reads whole
+    (zip CRCs; the pointer's SHA-256 where it names the file), each one that does not named in
+    a warning: what ``eval`` and ``export-model`` use of a stopped run. Where the pointer is
+    missing or unreadable, the ``ckpt-*.npz`` files by step, as a resume does (session 41
+    probe: both said "a folder without params.npz or a checkpoint", or "re-export the bundle"
+    of a damaged newest checkpoint, where ``--resume`` used the one before)."""
+    entries = pointer_entries(folder)
+    if not entries:
+        try:
+            entries = [{"file": f.name} for f in Path(folder).iterdir() if _NAME.match(f.name)]
+        except OSError:
+            return None
+        entries.sort(key=lambda e: _step_of(e["file"]), reverse=True)
+    skipped = 0
+    for e in entries:
+        path, step = Path(folder) / e["file"], _step_of(e["file"])
+        if step <= after:
+            break
+        try:
+            _read(path, e.get("sha256"))
+        except FileNotFoundError:  # (pruned by a run going on meanwhile, or never there)
+            continue
+        except Exception as exc:  # noqa: BLE001  (as in Checkpointer.load)
+            skipped += 1
+            if skipped <= SAID:
+                why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+                warn(f"checkpoint {path} is unusable ({why}); skipped")
+            continue
+        if skipped > SAID:
+            warn(f"{skipped - SAID} more checkpoints were unusable")
+        return step, path
+    if skipped > SAID:
+        warn(f"{skipped - SAID} more checkpoints were unusable")
+    return None
+
+
 def has_checkpoints(folder: Path) -> bool:
     """Whether ``folder`` holds a checkpoint a resume would try: one its pointer names, or any
     ``ckpt-*.npz`` (a resume scans them where the pointer is missing or unreadable)."""

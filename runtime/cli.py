@@ -316,6 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("bundle")
     _add_data_args(pl, default=None)
     pl.add_argument("--batch", type=int, default=32)
+    pl.add_argument("--micro-batch", type=int, default=None,  # (session 41 probe: refused)
+                    help="with --budget, the largest micro-batch the plan may choose (as train's)")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                     help="the optimizer train will use (its state is part of the memory "
@@ -388,7 +390,7 @@ _INSTANT_OPTIONS = ("energy", "oversample", "calib_every", "calib_batches", "cal
                     "max_rank", "rank_policy", "variance", "saved_ratio", "flop_ratio")
 
 
-def instant_overrides(a) -> dict:
+def instant_overrides(a, layers: bool = True) -> dict:
     """``InstantConfig.from_bundle``'s keyword arguments from the options of
     :func:`add_instant_args`, once they are known to ask for one rank policy.
 
@@ -414,9 +416,16 @@ def instant_overrides(a) -> dict:
                         + "; leave one of them out")
     given = [f"--{k.replace('_', '-')}" for k in _INSTANT_OPTIONS if getattr(a, k, None)
              is not None]
-    if a.mode == "vanilla" and given:  # (session 38 probe: taken without a word)
-        print(f"note: --mode vanilla trains exactly; {', '.join(given)} "
-              f"{'is' if len(given) == 1 else 'are'} not used", flush=True)
+    many, batch = getattr(a, "calib_samples", None), getattr(a, "batch", None)
+    if many and batch and many > batch and a.mode != "vanilla" and layers:  # (session 41:
+        print(f"note: --calib-samples {many} is more than --batch {batch}: a calibration "
+              f"batch holds the {batch} samples of a batch (calibrate.calibration_samples)",
+              flush=True)  # probe: taken silently)
+    if given and (a.mode == "vanilla" or a.mode is None and not layers):  # (session 38 probe:
+        why = ("--mode vanilla trains exactly" if a.mode else  # taken without a word; session
+               "the bundle has no INSTANT layer, so it trains exactly")  # 41: such a bundle)
+        print(f"note: {why}; {', '.join(given)} {'is' if len(given) == 1 else 'are'} not used",
+              flush=True)
     return dict(energy=a.energy, oversample=a.oversample, calib_every=a.calib_every,
                 calib_batches=a.calib_batches, max_rank=a.max_rank,
                 calib_samples=getattr(a, "calib_samples", None), rank_policy=policy,
@@ -427,7 +436,8 @@ def instant_overrides(a) -> dict:
 def _train_config(a, bundle, prof, optim=None):
     from .config import InstantConfig, OptimConfig, TrainConfig
 
-    instant = InstantConfig.from_bundle(bundle.manifest.instant.settings, **instant_overrides(a))
+    instant = InstantConfig.from_bundle(bundle.manifest.instant.settings,
+                                        **instant_overrides(a, bool(bundle.layers)))
     if a.mode == "instant" and not bundle.layers:  # (the default trains it exactly)
         from .errors import UserError
 
@@ -769,11 +779,21 @@ def _cmd_train(a) -> int:
                           str(bundle.path))
     data = _load_data(a, bundle, class_names=_resumed_class_names(names_of, bundle)  # the
                       if names_of is not None else None)  # weights were trained in
+    if a.eval_every and getattr(data, "test", None) is None:  # (session 41 probe: silent)
+        print(f"note: --eval-every {a.eval_every}: '{a.data}' has no held-out rows to evaluate; "
+              "pass --val FILE or --val-split F", flush=True)
     trainer = Trainer(bundle, cfg, weights=init,
                       way_out="pass another --init-from (a run folder or its params.npz)")
     trainer.resuming = bool(run_cfg.resume)
-    identity = run_identity(trainer, a.data, run_cfg, getattr(data, "class_names", None),
-                            a.val_split, _split_rows(data, a.val_split))
+    from .data import ids_only
+
+    names = getattr(data, "class_names", None)
+    own = bundle.manifest.class_names  # (export --classes; session 41 probe: numbered labels
+    if ids_only(names) and own and not ids_only(own) and len(own) == len(names or own) \
+            and not any(str(n) in own for n in names or ()):  # ("9".."0": relabelled's rule)
+        names = list(own)  # made the run's label map "0".."9" and its labels file said so)
+    identity = run_identity(trainer, a.data, run_cfg, names, a.val_split,
+                            _split_rows(data, a.val_split))
     if started is not None:
         identity["init_from"] = started
     folder = RunFolder(out, identity)
@@ -847,9 +867,9 @@ def trained_source(bundle, weights: Path | None, flag: str):
         run_src = weights
         weights = trained_weights(weights, flag)
     elif weights is not None and weights.name == "latest" and weights.parent.name == "checkpoints":
-        from .checkpoint import newest_checkpoint  # the pointer names the newest checkpoint
+        from .checkpoint import newest_intact  # the newest checkpoint that reads whole
 
-        newest = newest_checkpoint(weights.parent)  # (session 30 probe: "re-export the bundle")
+        newest = newest_intact(weights.parent)  # (session 30 probe: "re-export the bundle")
         if newest is None:
             raise UserError(f"'{weights}' names no checkpoint that exists; pass the run folder "
                             f"or one of its checkpoints/ckpt-*.npz as {flag}")
@@ -998,9 +1018,14 @@ def _note_held_out(run_dir: Path | None, a, split: bool, rows: int) -> None:
     60 rows appended, 74 of 167 "held-out" rows had been trained on)."""
     from .run_folder import json_object
 
+    run = json_object(run_dir / "run.json") if run_dir is not None else {}
+    if isinstance(a.data, _DefaultData) and isinstance(run.get("data"), str) \
+            and run["data"] != a.data:  # (session 41 probe: scored digits, without a word)
+        print(f"note: the run in {run_dir} trained on '{run['data'][:300]}'; without --data "
+              f"these figures are of the built-in {a.data}: pass --data (and the run's --val "
+              "or --val-split) to score it on its own data", flush=True)
     if run_dir is None or a.val is not None or (split and a.val_split is None):
         return
-    run = json_object(run_dir / "run.json")
     frac, seed = run.get("val_split"), run.get("seed")
     same = isinstance(run.get("data"), str) and (
         run["data"] == a.data or Path(run["data"]).resolve() == Path(a.data).resolve())
@@ -1068,7 +1093,13 @@ def _cmd_plan(a) -> int:
 
     if not 1 <= a.batch <= 1 << 24:  # as train's --batch
         raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
+    from .config import RunConfig
+
+    RunConfig(batch=a.batch, micro_batch=a.micro_batch)  # --micro-batch checked as train's
     budget, prof = _budget_and_profile(a)
+    if a.micro_batch is not None and budget is None:
+        print("note: --micro-batch caps the micro-batch a --budget's plan chooses; without a "
+              "budget it changes nothing here", flush=True)
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof, OptimConfig(name=a.optimizer))
     fl = bundle.manifest.flops
@@ -1088,7 +1119,7 @@ def _cmd_plan(a) -> int:
         data = _load_data(a, bundle)
         tr = Trainer(bundle, cfg)
         from . import run  # noqa: F401 - train's code loaded: the plan measures train's base
-        plan = _plan(tr, data, min(a.batch, len(data)), budget, None, print)
+        plan = _plan(tr, data, min(a.batch, len(data)), budget, a.micro_batch, print)
         if tr.mode == "instant":
             from .run import ShrinkGuard
 

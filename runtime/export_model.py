@@ -97,7 +97,7 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
                             + ("is not a regular file; pass a .npz file or a run folder"
                                if w.exists() else "not found"))
     elif run_dir is not None:  # a run's trained weights, never the bundle's initial ones
-        w = trained_weights(src, "run")
+        w = trained_weights(src, "run", src_weights)  # (found once: its warnings said once)
     elif bundle_run(bdir).is_dir() and (w := run_weights(bdir / "run")) is not None:
         pass
     elif (bdir / "params.npz").is_file():
@@ -108,14 +108,14 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     return b, w
 
 
-def trained_weights(run: Path, what: str) -> Path:
+def trained_weights(run: Path, what: str, found: Path | None = None) -> Path:
     """:func:`run_weights` of a folder given as a run (``what``: the option that named it).
 
     Raises:
         UserError: it holds neither params.npz nor a checkpoint (a probe's export-model wrote
             the bundle's initial weights, saying "6 trained tensors").
     """
-    found = run_weights(run)
+    found = found or run_weights(run)
     if found is None:
         from .run_folder import set_aside_hint
 
@@ -134,17 +134,13 @@ def run_weights(run: Path) -> Path | None:
     Raises:
         UserError: a symbolic link among the run's files (``check_run_links``).
     """
-    from .checkpoint import newest_checkpoint
+    from .checkpoint import newest_intact
 
     check_run_links(run)
-    newest = newest_checkpoint(run / "checkpoints")
     params = run / "params.npz"
-    if params.is_file():
-        done = params_step(run)  # a finished run resumed for more steps and stopped: its
-        if newest is not None and (done is None or done < newest[0]):  # checkpoint is newer
-            return newest[1]
-        return params
-    return newest[1] if newest is not None else None
+    done = params_step(run) if params.is_file() else None  # a finished run resumed for more
+    newest = newest_intact(run / "checkpoints", -1 if done is None else done)  # steps and
+    return newest[1] if newest is not None else params if params.is_file() else None  # stopped
 
 
 def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,
@@ -349,30 +345,37 @@ def _write_onnx(onnx, model, tmp: Path, name: str) -> str | None:
 
 
 def _check_not_a_source(targets: list[Path], b: Bundle, weights: Path) -> None:
-    """No file export-model writes may land in the bundle folder (its files are checked by
-    their sizes and checksums: the bundle would be unusable, and without torch it cannot be
-    re-exported) or on the run's own files (its weights, checkpoints, metrics).
+    """No file export-model writes may land in a bundle folder (its files are checked by their
+    sizes and checksums, and without torch it cannot be re-exported) or on a run's own files
+    (weights, checkpoints, metrics; a fleet's aggregate): the source's or any other's (session
+    41 probe: ``--out OTHER_RUN/params.npz --overwrite`` replaced another run's weights).
 
     Raises:
         UserError: a target that does.
     """
-    bundle_dir = b.path.resolve()
+    from .bundle import is_bundle
+    from .fleet.folders import FLEET_FILES, fleet_role
+    from .run_files import RUN_FILES, is_run
+
     run_dir = weights.resolve().parent
     if run_dir.name == "checkpoints":
         run_dir = run_dir.parent
-    from .run_folder import RUN_FILES
-
     for t in targets:
-        where = t.resolve()
-        if where.parent == bundle_dir:
+        folder = t.parent.resolve()  # (the name itself unresolved: a link there is replaced)
+        where = folder / t.name
+        if folder == b.path.resolve() or is_bundle(folder):
             raise UserError(f"--out '{targets[0]}' would write '{t.name}' into the bundle folder "
-                            f"{b.path}, whose files the bundle's manifest checks; pass an --out "
+                            f"{folder}, whose files the bundle's manifest checks; pass an --out "
                             "outside it")
-        if run_dir / "checkpoints" in where.parents:  # (said as a file it would replace: a
-            raise UserError(f"--out '{targets[0]}' would write '{t.name}' into the run's "
-                            "checkpoints folder, which the run keeps for itself; pass an --out "
-                            "outside it")  # session 34 probe found no such file there)
-        if where == weights.resolve() or (where.parent == run_dir and where.name in RUN_FILES):
+        owner = next((p.parent for p in where.parents if p.name == "checkpoints"
+                      and (p.parent == run_dir or is_run(p.parent))), None)
+        if owner is not None:
+            raise UserError(f"--out '{targets[0]}' would write '{t.name}' into the checkpoints "
+                            f"folder of the run {owner}, which keeps it for itself; pass "
+                            "an --out outside it")  # (not as a file it would replace: session 34)
+        fleet = t.name in FLEET_FILES and fleet_role(folder) is not None
+        if where == weights.resolve() or fleet or t.name in RUN_FILES and (
+                folder == run_dir or is_run(folder)):
             raise UserError(f"--out '{targets[0]}' would replace the run's own file '{t}'; pass "
                             "another --out")
 

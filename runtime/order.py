@@ -13,12 +13,13 @@ class Order:
     """Batch order: a fresh permutation of the data per epoch; its state resumes exactly."""
 
     def __init__(self, n: int, batch: int, rng: np.random.Generator,
-                 data_id: str | None = None) -> None:
+                 data_id: str | None = None, val_id: str | None = None) -> None:
         self.n, self.batch, self.rng = n, batch, rng
         self.starts = range(0, n - batch + 1 if n >= batch else 1, batch)
         self.perm: np.ndarray | None = None
         self.pos = 0
         self.data_id = data_id  # data_fingerprint of the rows it orders, checked on resume
+        self.val_id = val_id  # and of the held-out rows ("" where there are none)
 
     def next(self) -> np.ndarray:
         if self.perm is None or self.pos >= len(self.starts):

@@ -180,7 +180,8 @@ def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, ta
         arrays["run/perm"] = order.perm
     run = {"n": order.n, "batch": order.batch, "pos": order.pos,
            "rng": order.rng.bit_generator.state, "calib_rng": calib_rng.bit_generator.state,
-           "data": order.data_id, "finite_steps": stats.n, "time_sum": stats.time_sum,
+           "data": order.data_id, "val": order.val_id, "finite_steps": stats.n,
+           "time_sum": stats.time_sum,
            **tally}
     return arrays, {"trainer": meta, "run": run}
 
@@ -211,6 +212,12 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
         raise UserError("checkpoint was written for other data: --data has as many rows, but "
                         "its labels or inputs differ (another file, reordered, relabelled or "
                         f"edited); resume with the run's own --data, or {_NEW_RUN}")
+    if run.get("val") is not None and run.get("val") != order.val_id:  # (session 41 probe:
+        # "held-out accuracy 0.200 (before 0.100)", the two of other rows, or none at all)
+        raise UserError("checkpoint was written with other held-out data (--val or "
+                        "--val-split: another file, other rows, or none): the run's accuracy "
+                        "before training was measured on those; resume with the run's own "
+                        f"--val, or {_NEW_RUN}")
     steps = meta_int(tmeta, "step_count", "trainer")
     if steps != meta["step"]:
         raise DamagedCheckpoint(f"trainer.step_count {steps} differs from the file's step "
@@ -418,7 +425,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     ckpt = (Checkpointer(out / "checkpoints", bundle, writer=writer) if out is not None else None)
     plan = trainer.plan
     guard = ShrinkGuard(trainer, log)
-    order = Order(len(data), batch, rng, data_fingerprint(data) if out is not None else None)
+    test = getattr(data, "test", None)
+    order = Order(len(data), batch, rng, *(None, None) if out is None else (
+        data_fingerprint(data), "" if test is None else data_fingerprint(test)))
     stats = StepStats()
     tally = {"seed": seed, "correct": 0, "count": 0, "acc_before": None, "nonfinite": 0}
     loaded = ckpt.load() if cfg.resume and ckpt is not None else None
@@ -451,7 +460,6 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,
                   micro_batch=plan.micro_batch, calib_micro_batch=plan.calib_micro_batch,
                   saved_budget=plan.saved_budget, arena_cap=plan.arena_cap)
-    test = getattr(data, "test", None)
     del loaded  # (its arrays are read from the file one at a time: nothing is held)
     if not resumed and test is not None:
         _, tally["acc_before"] = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))

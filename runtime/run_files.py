@@ -15,10 +15,15 @@ from contract import UserError
 
 from .checkpoint import _open_regular
 
-__all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "json_object", "params_step",
-           "run_class_names", "weights_record"]
+__all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "is_run", "json_object",
+           "params_step", "run_class_names", "weights_record"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
+
+
+def is_run(folder: Path) -> bool:
+    """A training run's folder (the CLI's run.json, or the log every run writes)."""
+    return (folder / "run.json").is_file() or (folder / "metrics.jsonl").is_file()
 
 
 # a run.json holds ~1 KB and the class names (60,000 names of 12 characters fit); parsed, a

@@ -642,6 +642,28 @@ def test_a_resume_without_the_runs_val_split_names_it(cli, mlp_bundle, tmp_path)
     assert "--val-split" in lines[0], lines
 
 
+def test_a_resume_with_other_held_out_data_is_refused(cli, mlp_bundle, tmp_path) -> None:
+    """Session 41 probe: a run started with --val A resumed with --val B printed "held-out
+    accuracy 0.200 (before 0.100)", the two measured on different rows, and resumed without
+    --val it evaluated nothing; both are another run's figures, refused in one line."""
+    rng = np.random.default_rng(0)
+    for name, rows in (("train", 200), ("a", 40), ("b", 10)):
+        np.savez(tmp_path / f"{name}.npz", x=rng.standard_normal((rows, 64)).astype(np.float32),
+                 y=rng.integers(0, 10, rows))
+    out = tmp_path / "run"
+    base = ["--data", tmp_path / "train.npz", "--batch", 16, "--no-progress", "--threads", 1,
+            "--out", out]
+    first = cli("train", mlp_bundle, *base, "--val", tmp_path / "a.npz", "--steps", 4)
+    assert first.returncode == 0, first.stderr
+    for val in (["--val", tmp_path / "b.npz"], []):
+        r = cli("train", mlp_bundle, *base, *val, "--steps", 6, "--resume")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and \
+            "checkpoint was written with other held-out data" in lines[0], (val, r.stderr)
+    r = cli("train", mlp_bundle, *base, "--val", tmp_path / "a.npz", "--steps", 6, "--resume")
+    assert r.returncode == 0 and "resumed from step 4" in r.stdout + r.stderr, r.stderr
+
+
 def test_resume_with_other_data_or_options_is_refused(cli, mlp_bundle, tmp_path) -> None:
     """A resume continues the same run or is refused in one line: another .npz of as many rows
     (reversed, relabelled) and a changed --lr or INSTANT option were resumed silently, and the

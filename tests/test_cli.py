@@ -970,7 +970,7 @@ def test_an_unreachable_saved_ratio_is_said_by_plan_and_train(cli, mlp_bundle, t
     assert "below what ranks of 1 store" not in ok(fine) + fine.stderr
 
 
-def test_a_flop_ratio_that_cannot_bind_or_apply_is_said(cli, mlp_bundle):
+def test_a_flop_ratio_that_cannot_bind_or_apply_is_said(cli, mlp_bundle, mlp_head_bundle):
     """Session 38 probe: ``--flop-ratio`` below what ranks of 1 compute ran at 0.103 of the
     exact backward where 0.05 was asked, without a word (``--saved-ratio`` warns); under the
     energy policy it was ignored without a word; INSTANT options with ``--mode
@@ -988,12 +988,57 @@ def test_a_flop_ratio_that_cannot_bind_or_apply_is_said(cli, mlp_bundle):
     plain = ok(cli("plan", mlp_bundle, "--data", "digits", "--mode", "vanilla", "--max-rank", 3,
                    "--variance", "0.9"))
     assert "note: --mode vanilla trains exactly; --max-rank, --variance are not used" in plain
+    # a bundle without INSTANT layers trains exactly at the default mode (session 41 probe)
+    bare = ok(cli("plan", mlp_head_bundle, "--data", "digits", "--max-rank", 3))
+    assert "note: the bundle has no INSTANT layer, so it trains exactly; --max-rank is not " \
+        "used" in bare, bare
     r = cli("plan", mlp_bundle, "--data", "digits", "--max-rank", 2)
     capped = ok(r)
     assert "--flop-ratio" not in r.stderr, r.stderr  # (no cap on these small layers: no word)
     assert "ranks start at exact" not in capped, capped
     assert "ranks started at exact (these layers' exact backward is below 100 MFLOP a " \
         "micro-batch); those below it were lowered by" in capped, capped
+
+
+def test_options_and_defaults_that_would_do_nothing_are_said(cli, mlp_bundle, tmp_path):
+    """Session 41 probe, each taken without a word: --eval-every with data that has no
+    held-out rows, --calib-samples above --batch (a calibration batch is a batch), and an eval
+    without --data of a run trained on a file (it scored the built-in digits)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((100, 64)).astype(np.float32),
+             y=rng.integers(0, 10, 100))
+    out = tmp_path / "run"
+    r = ok(cli("train", mlp_bundle, "--data", data, "--steps", 2, "--batch", 8, "--eval-every",
+               1, "--calib-samples", 50, "--threads", 1, "--no-progress", "--out", out))
+    assert f"note: --eval-every 1: '{data}' has no held-out rows to evaluate; pass --val FILE " \
+        "or --val-split F" in r, r
+    assert "note: --calib-samples 50 is more than --batch 8: a calibration batch holds the 8 " \
+        "samples of a batch" in r, r
+    quiet = ok(cli("train", mlp_bundle, "--steps", 1, "--batch", 8, "--eval-every", 1,
+                   "--calib-samples", 4, "--threads", 1, "--no-progress", "--out",
+                   tmp_path / "r2"))  # (digits has held-out rows)
+    assert "--eval-every" not in quiet and "--calib-samples" not in quiet, quiet
+    said = ok(cli("eval", mlp_bundle, "--weights", out, "--threads", 1))
+    assert f"note: the run in {out} trained on '{data}'; without --data these figures are of " \
+        "the built-in digits" in said, said
+    assert "trained on" not in ok(cli("eval", mlp_bundle, "--weights", out, "--data", data,
+                                      "--threads", 1))
+
+
+def test_plan_takes_trains_micro_batch_cap(cli, mlp_bundle):
+    """Session 41 probe: ``plan --micro-batch`` was an unknown argument, so plan could not
+    predict a ``train --budget --micro-batch`` run; it caps the plan's micro-batch as train's
+    does, and is checked as train's."""
+    capped = ok(cli("plan", mlp_bundle, "--data", "digits", "--budget", "300MB",
+                    "--micro-batch", 4, "--threads", 1))
+    assert "micro-batch 4;" in capped, capped
+    for bad, says in (("0", "--micro-batch 0 is invalid"), ("64", "is larger than --batch 32")):
+        r = cli("plan", mlp_bundle, "--data", "digits", "--micro-batch", bad)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.splitlines()) == 1, \
+            r.stderr
+    assert "without a budget it changes nothing here" in ok(
+        cli("plan", mlp_bundle, "--data", "digits", "--micro-batch", 4, "--threads", 1))
 
 
 def test_plan_shows_calibrated_ranks(cli, mlp_bundle):

@@ -80,8 +80,117 @@ def test_export_from_run_dir_with_frozen_weights(mlp_head_bundle, cli, tmp_path)
     # (session 34 probe: "would replace the run's own file 'checkpoints/m.onnx'", none there)
     (run / "checkpoints").mkdir(exist_ok=True)
     r = cli("export-model", run, "--bundle", mlp_head_bundle, "--out", run / "checkpoints" / "m.onnx")
-    assert r.returncode == 2 and "would write 'm.onnx' into the run's checkpoints folder" in \
+    assert r.returncode == 2 and "would write 'm.onnx' into the checkpoints folder of the run" in \
         r.stderr and not (run / "checkpoints" / "m.onnx").exists(), r.stderr
+
+
+def test_export_model_never_writes_over_another_run_or_bundle(mlp_bundle, cnn_bundle, copy_bundle,
+                                                            cli, tmp_path):
+    """Session 41 probe: with --overwrite, ``--out`` at another run's params.npz or newest
+    checkpoint, or at another bundle's manifest.json, replaced them with the model's bytes
+    (only the source run's and source bundle's files were guarded)."""
+    source = tmp_path / "source"
+    _train(mlp_bundle, source)
+    victim = tmp_path / "victim"
+    _train(mlp_bundle, victim)
+    (victim / "checkpoints").mkdir(exist_ok=True)
+    (victim / "checkpoints" / "ckpt-000020.npz").write_bytes(b"kept")
+    other = copy_bundle(cnn_bundle)
+    before = {p: p.read_bytes() for p in (victim / "params.npz", other / "manifest.json",
+                                          victim / "checkpoints" / "ckpt-000020.npz")}
+    for out, said in ((victim / "params.npz", "would replace the run's own file"),
+                      (victim / "checkpoints" / "ckpt-000020.npz",
+                       f"into the checkpoints folder of the run {victim.resolve()}"),
+                      (victim / "checkpoints" / "new.onnx", "into the checkpoints folder"),
+                      (other / "manifest.json", "into the bundle folder"),
+                      (other / "m.onnx", "into the bundle folder")):
+        r = cli("export-model", source, "--bundle", mlp_bundle, "--out", out, "--overwrite")
+        assert r.returncode == 2 and said in r.stderr and len(r.stderr.splitlines()) == 1, \
+            (out, r.stderr)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (victim / "checkpoints" / "new.onnx").exists() and not (other / "m.onnx").exists()
+    fleet = tmp_path / "fleet"  # a fleet server's aggregate (no run.json, no metrics.jsonl)
+    fleet.mkdir()
+    (fleet / "summary.json").write_text('{"min_clients": 2, "rounds": 1}')
+    (fleet / "params.npz").write_bytes(b"aggregate")
+    r = cli("export-model", source, "--bundle", mlp_bundle, "--out", fleet / "params.npz",
+            "--overwrite")
+    assert r.returncode == 2 and "would replace the run's own file" in r.stderr, r.stderr
+    assert (fleet / "params.npz").read_bytes() == b"aggregate"
+    # a plain folder beside them (or inside a run folder, not at its own files) is fine, and so
+    # is a web app's folder, whose manifest.json is not a bundle's (session 41 review)
+    web = tmp_path / "webapp"
+    web.mkdir()
+    (web / "manifest.json").write_text('{"name": "app", "start_url": "/"}')
+    for out in (tmp_path / "models" / "m.onnx", victim / "exported" / "m.onnx",
+                web / "m.onnx"):
+        r = cli("export-model", source, "--bundle", mlp_bundle, "--out", out)
+        assert r.returncode == 0 and out.is_file(), r.stderr
+
+
+def test_a_stopped_run_with_a_lost_pointer_or_a_damaged_checkpoint_is_still_read(mlp_bundle,
+                                                                                 cli, tmp_path):
+    """Session 41 probe: a stopped run (no params.npz) whose checkpoints/latest was missing or
+    unreadable was "a folder without params.npz or a checkpoint" to eval and export-model, and
+    a damaged newest checkpoint ended them with "re-export the bundle"; --resume used the
+    checkpoint before it in both cases, and now they do too, with a warning."""
+    run = tmp_path / "run"
+    b = open_bundle(mlp_bundle)
+    train(make_trainer(b, mode="vanilla", lr=1e-2), load_data("digits", b),
+          RunConfig(steps=30, checkpoint_every=10, progress=False), run)
+    ckpts = run / "checkpoints"
+    assert {p.name for p in ckpts.glob("ckpt-*.npz")} >= {"ckpt-000020.npz", "ckpt-000030.npz"}
+    (run / "params.npz").unlink()
+    (run / "summary.json").unlink()
+    for damage in ("no pointer", "junk pointer", "truncated newest"):
+        if damage == "no pointer":
+            (ckpts / "latest").unlink()
+        elif damage == "junk pointer":
+            (ckpts / "latest").write_text("junk")
+        else:
+            with open(ckpts / "ckpt-000030.npz", "r+b") as f:
+                f.truncate(100)
+        want = "ckpt-000020.npz" if damage == "truncated newest" else "ckpt-000030.npz"
+        said = 1 if damage == "truncated newest" else 0  # (a warning once, not per lookup)
+        r = cli("eval", mlp_bundle, "--weights", run, "--threads", "1")
+        assert r.returncode == 0 and r.stderr.count("is unusable") == said, (damage, r.stderr)
+        out = tmp_path / f"{damage.replace(' ', '_')}.onnx"
+        r = cli("export-model", run, "--bundle", mlp_bundle, "--out", out)
+        assert r.returncode == 0 and want in r.stdout, (damage, r.stdout, r.stderr)
+        assert r.stderr.count("is unusable") == said, r.stderr
+    # through the pointer's name too (eval --weights RUN/checkpoints/latest)
+    (ckpts / "latest").write_text("junk")
+    r = cli("eval", mlp_bundle, "--weights", ckpts / "latest", "--threads", "1")
+    assert r.returncode == 0 and "ckpt-000020.npz" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_classes_named_at_export_are_the_runs_where_the_data_numbers_its_labels(cli,
+                                                                                   tmp_path):
+    """Session 41 probe: a bundle exported with --classes zero,...,nine trained on data with
+    numbered labels (the built-in digits) got the label map "0".."9" in run.json and in
+    export-model's labels file; the numbers are the bundle's classes, so its names stand."""
+    import json
+
+    from export import export_bundle
+
+    names = "zero one two three four five six seven eight nine".split()
+    bundle = export_bundle("mlp", tmp_path / "b", class_names=names)
+    run = tmp_path / "run"
+    r = cli("train", bundle, "--steps", 2, "--threads", 1, "--no-progress", "--out", run)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "run.json").read_text())["class_names"] == names
+    r = cli("export-model", run, "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "m.labels.json").read_text()) == names
+    r = cli("eval", bundle, "--weights", run, "--threads", 1)  # (digits scored as numbered)
+    assert r.returncode == 0 and "held-out examples: 360" in r.stdout, r.stderr
+    # names that are the data's numbers in another order are not taken over: training read
+    # label "0" as class id 0, so the map stays the data's (as data.relabelled decides)
+    rev = export_bundle("mlp", tmp_path / "rev", class_names=[str(9 - i) for i in range(10)])
+    r = cli("train", rev, "--steps", 1, "--threads", 1, "--no-progress", "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["class_names"] == \
+        [str(i) for i in range(10)]
 
 
 def test_safetensors_loads_into_torch_model(mlp_bundle, copy_bundle, cli, tmp_path):

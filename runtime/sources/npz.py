@@ -504,6 +504,11 @@ def open_npz(path: str | Path, inputs: list[TensorSpec], loss: LossSpec, *,
                             f"{k}-class model; fix it or remove it")
     train = NpzSource(npz, {n: arrays[keys[n]] for n in names}, arrays["y"], inputs, loss,
                       path.name, class_names)
+    read = {*keys.values(), "y", *present, "class_names"}
+    for k in sorted(set(arrays) - read):  # (session 41 probe: x_val / y_val, unsaid)
+        train.problems.note("array not read (only the inputs' arrays or 'x', 'y', their "
+                            "'_test' pairs and 'class_names' are; a held-out split is "
+                            "'x_test'/'y_test')", k)
     if present:
         train.test = NpzSource(npz, {n: arrays[test_keys[n]] for n in names}, arrays["y_test"],
                                inputs, loss, path.name + ":test", class_names)

@@ -3,14 +3,20 @@
 The training process never loads the tokenizer: ``tokenizers`` with BERT's ``tokenizer.json``
 costs ~20 MB of resident memory (its library and vocabulary structures, measured), a tenth of a
 256 MB budget. At open time a child process tokenises every row, truncated and padded to the
-bundle's sequence length, into an unnamed temporary file (ids as uint16 when the vocabulary
-fits, masks and type ids as uint8); ``take`` reads the rows of a micro-batch with ``pread``.
-The file costs disk, not memory: 64 tokens x 3 bytes per row (12,808 reviews: 2.5 MB).
+bundle's sequence length, into an unnamed temporary file (ids as uint32, then uint16 where the
+vocabulary fits; masks and type ids as uint8); ``take`` reads the rows of a micro-batch with
+``pread``. The file costs disk, not memory: up to 64 tokens x 5 bytes per row with a mask
+(12,808 reviews: 4.1 MB), as long as its folder is on a disk: where the temporary folder is memory-backed (tmpfs: /tmp on Debian 13,
+Fedora, Arch and many containers) the file is RAM that no process's RSS shows, so a budget
+run measured within its budget used more (a session 41 probe: 72 MB more for a 20 MB CSV).
+The file goes to the first of $TMPDIR (or /tmp) and /var/tmp on a disk; where neither is, a
+note says how large it is and how to move it (:func:`_cache_folder`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import tempfile
@@ -46,15 +52,60 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _in_memory(folder: str) -> bool:
+    """Whether ``folder`` is on a memory-backed file system (tmpfs, ramfs): the mount that
+    holds it in /proc/self/mountinfo (Linux; elsewhere False)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            return _memory_backed(f.read(), os.path.realpath(folder))
+    except OSError:
+        return False
+
+
+def _memory_backed(mountinfo: str, where: str) -> bool:
+    """``where``'s file system in ``mountinfo`` (/proc/self/mountinfo's text) is tmpfs or ramfs:
+    the longest mount point that holds it, the last one listed where mounts are stacked (the
+    one on top), its name unescaped (a space is written \\040)."""
+    best, fstype = -1, ""
+    for line in mountinfo.splitlines():
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest.split():
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), parts[4])
+        if (where == point or where.startswith(point.rstrip("/") + "/")) \
+                and len(point) >= best:
+            best, fstype = len(point), rest.split()[0]
+    return fstype in ("tmpfs", "ramfs")
+
+
+def _cache_folder(size: int) -> str | None:
+    """Where the token file goes: the first of the temporary folder and /var/tmp that is
+    writable and on a disk; else the temporary folder, with a note where the file is large
+    enough to matter (1 MB)."""
+    first = tempfile.gettempdir()
+    for folder in dict.fromkeys((first, "/var/tmp")):
+        if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK) \
+                and not _in_memory(folder):
+            return folder
+    if size >= 1 << 20:
+        print(f"note: the tokenised text ({size / 1e6:.0f} MB) is kept in {first}, which is "
+              "memory-backed (tmpfs): that is RAM outside the process's measured memory and "
+              "its --budget; set TMPDIR to a folder on a disk", flush=True)
+    return None
+
+
 class TokenCache:
     """``fields``: model input -> (``tokenizers.Encoding`` attribute, dtype of the input)."""
 
     def __init__(self, n: int, seq_len: int, fields: dict[str, tuple[str, np.dtype]],
                  tokenizer_path, texts: Callable[[int], str], chars: int) -> None:
         self.n, self.seq_len, self.fields = n, seq_len, dict(fields)
-        self._f = tempfile.TemporaryFile(prefix="instant-runtime-tokens-")
         self.store = {name: (np.dtype(np.uint8) if attr != "ids" else np.dtype(np.uint32))
                       for name, (attr, _) in self.fields.items()}
+        size = n * seq_len * sum(dt.itemsize for dt in self.store.values())
+        self._dir = _cache_folder(size)
+        self._f = tempfile.TemporaryFile(prefix="instant-runtime-tokens-", dir=self._dir)
         self._fill(tokenizer_path, texts, chars)
         self.offset, off = {}, 0
         for name, dt in self.store.items():
@@ -191,7 +242,7 @@ class TokenCache:
             src_off[name], dst_off[name] = so, do
             so += self.n * L * old[name].itemsize
             do += self.n * L * new[name].itemsize
-        tmp = tempfile.TemporaryFile(prefix="instant-runtime-tokens-")
+        tmp = tempfile.TemporaryFile(prefix="instant-runtime-tokens-", dir=self._dir)
         for name in old:
             for s in range(0, self.n, 4096):
                 e = min(self.n, s + 4096)
