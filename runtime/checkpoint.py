@@ -281,14 +281,12 @@ class Checkpointer:
         entries = self.entries()
         verified = True
         if not entries:
-            names = sorted((f.name for f in self.folder.iterdir() if _NAME.match(f.name)),
-                           key=_step_of, reverse=True)
-            if not names:
+            entries = _by_step(self.folder)
+            if not entries:
                 return None
             if (self.folder / POINTER).exists():
                 warn(f"checkpoint pointer {self.folder / POINTER} is unreadable; "
                       "using the newest checkpoint that loads")
-            entries = [{"file": n} for n in names]
             verified = False
         problems = []
         for e in entries:
@@ -371,14 +369,11 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
     missing or unreadable, the ``ckpt-*.npz`` files by step, as a resume does (session 41
     probe: both said "a folder without params.npz or a checkpoint", or "re-export the bundle"
     of a damaged newest checkpoint, where ``--resume`` used the one before)."""
-    entries = pointer_entries(folder)
-    if not entries:
-        try:
-            entries = [{"file": f.name} for f in Path(folder).iterdir() if _NAME.match(f.name)]
-        except OSError:
-            return None
-        entries.sort(key=lambda e: _step_of(e["file"]), reverse=True)
-    skipped = 0
+    try:
+        entries = pointer_entries(folder) or _by_step(folder)
+    except OSError:
+        return None
+    skipped, found = 0, None
     for e in entries:
         path, step = Path(folder) / e["file"], _step_of(e["file"])
         if step <= after:
@@ -393,12 +388,18 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
                 why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
                 warn(f"checkpoint {path} is unusable ({why}); skipped")
             continue
-        if skipped > SAID:
-            warn(f"{skipped - SAID} more checkpoints were unusable")
-        return step, path
+        found = step, path
+        break
     if skipped > SAID:
         warn(f"{skipped - SAID} more checkpoints were unusable")
-    return None
+    return found
+
+
+def _by_step(folder: Path) -> list[dict]:
+    """The ``ckpt-*.npz`` files of ``folder``, newest first, as pointer entries without a
+    checksum (where the pointer is missing or unreadable)."""
+    names = [f.name for f in Path(folder).iterdir() if _NAME.match(f.name)]
+    return [{"file": n} for n in sorted(names, key=_step_of, reverse=True)]
 
 
 def has_checkpoints(folder: Path) -> bool:

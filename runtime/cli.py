@@ -785,14 +785,9 @@ def _cmd_train(a) -> int:
     trainer = Trainer(bundle, cfg, weights=init,
                       way_out="pass another --init-from (a run folder or its params.npz)")
     trainer.resuming = bool(run_cfg.resume)
-    from .data import ids_only
+    from .data import label_map
 
-    names = getattr(data, "class_names", None)
-    own = bundle.manifest.class_names  # (export --classes; session 41 probe: numbered labels
-    if ids_only(names) and own and not ids_only(own) and len(own) == len(names or own) \
-            and not any(str(n) in own for n in names or ()):  # ("9".."0": relabelled's rule)
-        names = list(own)  # made the run's label map "0".."9" and its labels file said so)
-    identity = run_identity(trainer, a.data, run_cfg, names, a.val_split,
+    identity = run_identity(trainer, a.data, run_cfg, label_map(data, bundle), a.val_split,
                             _split_rows(data, a.val_split))
     if started is not None:
         identity["init_from"] = started

@@ -423,6 +423,20 @@ def ids_only(names: list[str] | None) -> bool:
     return names is None or names == [str(i) for i in range(len(names))]
 
 
+def label_map(data, bundle: Bundle) -> list[str] | None:
+    """The class names a run records for ``data``: the data's own, or the bundle's (export
+    --classes) where the data numbers its labels and none of those numbers is a name of the
+    bundle's (session 41 probe: the run's map, and its labels file, said "0".."9"; names that
+    are the numbers in another order, "9".."0", stay the data's, as :func:`relabelled` reads
+    them)."""
+    names = getattr(data, "class_names", None)
+    own = bundle.manifest.class_names
+    if ids_only(names) and own and not ids_only(own) and len(own) == len(names or own) \
+            and not any(str(n) in own for n in names or ()):
+        return list(own)
+    return names
+
+
 class _Relabelled:
     """A data set whose labels are renumbered by ``perm`` (own id -> the given map's id)."""
 

@@ -138,9 +138,10 @@ def run_weights(run: Path) -> Path | None:
 
     check_run_links(run)
     params = run / "params.npz"
-    done = params_step(run) if params.is_file() else None  # a finished run resumed for more
-    newest = newest_intact(run / "checkpoints", -1 if done is None else done)  # steps and
-    return newest[1] if newest is not None else params if params.is_file() else None  # stopped
+    has = params.is_file()
+    done = params_step(run) if has else None  # a finished run resumed for more steps and
+    newest = newest_intact(run / "checkpoints", -1 if done is None else done)  # stopped
+    return newest[1] if newest is not None else params if has else None
 
 
 def other_bundle(bdir: Path, want: str | None, run_dir: Path | None,

@@ -6,9 +6,10 @@ costs ~20 MB of resident memory (its library and vocabulary structures, measured
 bundle's sequence length, into an unnamed temporary file (ids as uint32, then uint16 where the
 vocabulary fits; masks and type ids as uint8); ``take`` reads the rows of a micro-batch with
 ``pread``. The file costs disk, not memory: up to 64 tokens x 5 bytes per row with a mask
-(12,808 reviews: 4.1 MB), as long as its folder is on a disk: where the temporary folder is memory-backed (tmpfs: /tmp on Debian 13,
-Fedora, Arch and many containers) the file is RAM that no process's RSS shows, so a budget
-run measured within its budget used more (a session 41 probe: 72 MB more for a 20 MB CSV).
+(12,808 reviews: 4.1 MB), as long as its folder is on a disk: where the temporary folder is
+memory-backed (tmpfs: /tmp on Debian 13, Fedora, Arch and many containers) the file is RAM
+that no process's RSS shows, so a budget run measured within its budget used more (a session
+41 probe: 72 MB more for a 20 MB CSV).
 The file goes to the first of $TMPDIR (or /tmp) and /var/tmp on a disk; where neither is, a
 note says how large it is and how to move it (:func:`_cache_folder`).
 """
