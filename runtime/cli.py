@@ -798,7 +798,7 @@ def _cmd_train(a) -> int:
     folder.prepare(run_cfg.resume, run_cfg.overwrite)
     try:  # (nothing between: a signal here raises TrainingInterrupted once a checkpoint exists)
         if run_cfg.resume:  # (a finished run's resume ran every planning probe first)
-            finished_already(out, run_cfg.steps, trainer)
+            finished_already(out, run_cfg.steps, trainer, data, run_cfg.batch)
         trainer.use_plan(_plan(trainer, data, run_cfg.batch, budget, run_cfg.micro_batch,
                                say))
         trainer.open_sessions()

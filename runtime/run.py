@@ -186,6 +186,37 @@ def _snapshot(trainer: Trainer, order: Order, calib_rng: np.random.Generator, ta
     return arrays, {"trainer": meta, "run": run}
 
 
+def _check_same_data(run: dict, seed: int, batch: int, n: int, ids) -> None:
+    """Refuse (``UserError``) a checkpoint's ``run`` record written with another seed, batch,
+    number of training rows, data or held-out data; ``ids()`` gives this run's fingerprints of
+    the two (``data_fingerprint``), asked for only where the record has one to compare.
+
+    Raises:
+        DamagedCheckpoint: a field that is not a number."""
+    mine = {"seed": seed, "batch": batch, "n": n}
+    theirs = {k: meta_int(run, k, "run") for k in mine}
+    if mine != theirs:
+        said = {"n": "training rows"}  # (a --val-split or a data option left out changes them)
+        diff = ", ".join(f"{said.get(k, k)} {theirs[k]} (this run: {mine[k]})" for k in mine
+                         if mine[k] != theirs[k])
+        raise UserError(f"checkpoint was written with {diff}; resume with the run's own --seed, "
+                        "--batch, --data and --val-split (and its --text-column / "
+                        f"--label-column), or {_NEW_RUN}")
+    if run.get("data") is None and run.get("val") is None:
+        return  # (checkpoints written before the fingerprints existed have none)
+    data_id, val_id = ids()
+    if run.get("data") is not None and run.get("data") != data_id:
+        raise UserError("checkpoint was written for other data: --data has as many rows, but "
+                        "its labels or inputs differ (another file, reordered, relabelled or "
+                        f"edited); resume with the run's own --data, or {_NEW_RUN}")
+    if run.get("val") is not None and run.get("val") != val_id:  # (session 41 probe:
+        # "held-out accuracy 0.200 (before 0.100)", the two of other rows, or none at all)
+        raise UserError("checkpoint was written with other held-out data (--val or "
+                        "--val-split: another file, other rows, or none): the run's accuracy "
+                        "before training was measured on those; resume with the run's own "
+                        f"--val, or {_NEW_RUN}")
+
+
 def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, seed: int,
              arrays: dict, meta: dict) -> tuple[dict, StepStats]:
     """Restore :func:`_snapshot`'s state; returns (tally, step statistics). Every value is checked
@@ -198,26 +229,7 @@ def _restore(trainer: Trainer, order: Order, calib_rng: np.random.Generator, see
     """
     run = meta_dict(meta, "run", "checkpoint")
     tmeta = meta_dict(meta, "trainer", "checkpoint")
-    mine = {"seed": seed, "batch": order.batch, "n": order.n}
-    theirs = {k: meta_int(run, k, "run") for k in mine}
-    if mine != theirs:
-        said = {"n": "training rows"}  # (a --val-split or a data option left out changes them)
-        diff = ", ".join(f"{said.get(k, k)} {theirs[k]} (this run: {mine[k]})" for k in mine
-                         if mine[k] != theirs[k])
-        raise UserError(f"checkpoint was written with {diff}; resume with the run's own --seed, "
-                        "--batch, --data and --val-split (and its --text-column / "
-                        f"--label-column), or {_NEW_RUN}")
-    # (checkpoints written before the fingerprint existed have none)
-    if run.get("data") is not None and run.get("data") != order.data_id:
-        raise UserError("checkpoint was written for other data: --data has as many rows, but "
-                        "its labels or inputs differ (another file, reordered, relabelled or "
-                        f"edited); resume with the run's own --data, or {_NEW_RUN}")
-    if run.get("val") is not None and run.get("val") != order.val_id:  # (session 41 probe:
-        # "held-out accuracy 0.200 (before 0.100)", the two of other rows, or none at all)
-        raise UserError("checkpoint was written with other held-out data (--val or "
-                        "--val-split: another file, other rows, or none): the run's accuracy "
-                        "before training was measured on those; resume with the run's own "
-                        f"--val, or {_NEW_RUN}")
+    _check_same_data(run, seed, order.batch, order.n, lambda: (order.data_id, order.val_id))
     steps = meta_int(tmeta, "step_count", "trainer")
     if steps != meta["step"]:
         raise DamagedCheckpoint(f"trainer.step_count {steps} differs from the file's step "
@@ -319,7 +331,8 @@ def _params_current(out: Path | None, step: int) -> bool:
     return out is not None and params_step(out) == step
 
 
-def finished_already(out: Path, steps: int, trainer: Trainer | None = None) -> None:
+def finished_already(out: Path, steps: int, trainer: Trainer | None = None, data=None,
+                     batch: int = 0) -> None:
     """Before planning: raise ``RunFinished`` where ``out``'s newest checkpoint is of step
     ``steps`` and its ``params.npz`` holds its weights, as ``train`` finds once it has loaded
     that checkpoint (session 30 probe: such a resume ran the budget's probes, up to 823 MB of
@@ -327,7 +340,8 @@ def finished_already(out: Path, steps: int, trainer: Trainer | None = None) -> N
     options is refused as ``train`` refuses it (``Trainer.check_same_run``), not called finished
     (a checkpoint it cannot read is left to ``train`` to say so). That check is made on any
     resume, finished or not (session 39: a resume with another --variance was refused only
-    after the planning probes, seconds later)."""
+    after the planning probes, seconds later); with ``data`` (and the run's ``batch``) too a
+    checkpoint of another seed, batch or data (``_check_same_data``)."""
     from .checkpoint import _read, bundle_ids, bundle_sha256, newest_checkpoint
 
     newest = newest_checkpoint(out / "checkpoints")
@@ -344,6 +358,15 @@ def finished_already(out: Path, steps: int, trainer: Trainer | None = None) -> N
         meta = whole.get("trainer")
         if isinstance(meta, dict):
             trainer.check_same_run(meta, out)
+        run = whole.get("run")
+        if data is not None and isinstance(run, dict) and len(data):
+            test = getattr(data, "test", None)
+            try:  # (session 41: other held-out data was refused only after the probes)
+                _check_same_data(run, trainer.config.seed, min(batch, len(data)), len(data),
+                                 lambda: (data_fingerprint(data), "" if test is None
+                                          else data_fingerprint(test)))
+            except DamagedCheckpoint:
+                return  # train says so as it loads it
     if newest[0] == steps and _params_current(out, steps):
         raise RunFinished(out, steps)
 

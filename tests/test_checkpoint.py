@@ -660,6 +660,13 @@ def test_a_resume_with_other_held_out_data_is_refused(cli, mlp_bundle, tmp_path)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and \
             "checkpoint was written with other held-out data" in lines[0], (val, r.stderr)
+    # refused before the budget's planning probes, as other options are (session 42)
+    for data, val, says in (("train", "b", "other held-out data"),
+                            ("b", "a", "training rows 200 (this run: 10)")):
+        r = cli("train", mlp_bundle, *base, "--data", tmp_path / f"{data}.npz", "--val",
+                tmp_path / f"{val}.npz", "--steps", 6, "--resume", "--budget", "300MB")
+        assert r.returncode == 2 and says in r.stderr and "plan for budget" not in r.stdout, \
+            (data, val, r.stdout, r.stderr)
     r = cli("train", mlp_bundle, *base, "--val", tmp_path / "a.npz", "--steps", 6, "--resume")
     assert r.returncode == 0 and "resumed from step 4" in r.stdout + r.stderr, r.stderr
 
