@@ -29,7 +29,7 @@ demo-cnn: $(VENV)/.installed
 	$(PY) -m runtime.demo cnn
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

@@ -335,12 +335,13 @@ def test_a_client_stopped_by_sigterm_says_how_to_rejoin(mlp_bundle, non_iid, tmp
     assert "run the same `fleet client` command to rejoin" in err and "--resume" not in err, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_fleet_process_stopped_before_any_round_leaves_no_folder(mlp_bundle, tmp_path, sig):
     """Session 29 probe: a client stopped by SIGTERM while it waited for the server printed
     nothing and left a --out holding only the lock (SIGINT: the lock-only folder too); a server
     stopped before round 1 left one as well. Now each says so in one line and exits 128 +
-    signal, with no folder left behind."""
+    signal, with no folder left behind (SIGHUP, a closed terminal: the server ended without a
+    word and left its lock, session 42 probe)."""
     port = free_port()
     client = Proc(tmp_path, "client", "client", mlp_bundle, "--data", "digits", "--server",
                   f"127.0.0.1:{port}", "--threads", 1, "--connect-timeout", 120,
@@ -561,9 +562,32 @@ def test_a_summary_names_no_weights_file_before_one_is_written(mlp_bundle, tmp_p
         server.kill()
         victim.kill()
     one_error_line(server.stderr(), rc, "only 0 of the 1 clients that round 2 needs")
+    assert "is kept" not in server.stderr(), server.stderr()  # (no aggregate was written)
     summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())
     assert summary["weights"] is None and summary["rounds_done"] == 1, summary
     assert not (tmp_path / "fleet" / "params.npz").exists()
+
+
+def test_a_server_that_runs_out_of_clients_after_a_round_says_how_to_go_on(mlp_bundle,
+                                                                           tmp_path):
+    """Session 42 probe: a client lost after round 1 and --wait ran out: the error said "start
+    more clients ... or raise --wait", and the same command with more --wait was refused (the
+    folder held round 1's aggregate). It says the aggregate is kept and --resume goes on."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 3, "--min-clients", 1,
+                          "--data", "digits", "--wait", 3)
+    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2)
+    try:
+        server.wait_for(r"^round 1: 1 client trained")
+        client.p.send_signal(signal.SIGKILL)
+        rc = server.finish()
+    finally:
+        server.kill()
+        client.kill()
+    one_error_line(server.stderr(), rc, "only 0 of the 1 clients that round ",  # (2 or 3:
+                   # killed before or after round 2 reached it; round 2 then failed)
+                   "the aggregate of round 1 is kept: add --resume to go on from it")
+    assert (tmp_path / "fleet" / "params.npz").is_file()
 
 
 def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
@@ -681,6 +705,18 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
                 tmp_path / "s3"), "is not an address of this machine"),  # TEST-NET-1
               (("client", mlp_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
                 "--out", agg), "holds a fleet server's aggregate")]
+    # session 42 probe: a run's --out inside another run's folder was accepted, and the outer
+    # fleet run could then be neither resumed nor overwritten ("other files ... no fleet run")
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    for name in ("params.npz", "summary.json"):
+        (crowded / name).write_bytes((agg / name).read_bytes())
+    (crowded / "sub").mkdir()
+    cases += [((*server, "--out", agg / "sub"), f"lies inside the run in '{agg}'"),
+              (("client", mlp_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
+                "--out", tmp_path / "trainrun" / "c"), "lies inside the run in"),
+              ((*server, "--out", crowded, "--resume"),
+               "holds a fleet run and other files (sub)")]
     with socket.socket() as busy:  # a port already taken by someone else
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -696,7 +732,7 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     # its lock file behind; session 27 probe: so did a server whose clients never came, and
     # one that could not listen
     assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
-    assert not (tmp_path / "s2").exists()
+    assert not (tmp_path / "s2").exists() and not (agg / "sub").exists()
     # (a reviewer: an --init-from refused after the server's lock left its folder)
     assert not (tmp_path / "s5").exists() and not (tmp_path / "s6").exists()
 
@@ -870,6 +906,13 @@ def test_partition_and_progress_options_read_as_a_user_writes_them():
         with pytest.raises(UserError, match=rf"numbered from 0 \(N at least 1\), e\.g\. "
                                             rf"{example}$"):
             parse_partition(text)
+    from runtime.data import Dataset
+    from runtime.fleet.local import _shard
+
+    three = Dataset("d", {"input": np.zeros((3, 2), np.float32)}, np.array([0, 1, 0]))
+    with pytest.raises(UserError, match=r"--partition 5/8 leaves no examples of the 3; use at "
+                                        r"most 3 parts$"):  # (session 42 probe: no way out)
+        _shard(three, 5, 8)
     p = argparse.ArgumentParser()
     add_fleet_parser(p.add_subparsers(dest="cmd"))
     client = ["fleet", "client", "b", "--data", "digits", "--server", "127.0.0.1:1"]
@@ -1352,6 +1395,40 @@ def test_classes_named_by_digits_in_another_order_are_renumbered(mlp_bundle, tmp
     assert "the server's --data: its labels are numbered as the fleet's classes (9 0," in out, out
     acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]
     assert len(acc) == 3 and acc[-1] > 0.8, (acc, out)
+
+
+def test_weights_trained_on_numbered_labels_keep_that_numbering(mlp_bundle, tmp_path):
+    """Session 42 probe: a digits fleet (numbered labels, no class names) resumed, then joined
+    by a client naming its classes "9".."0": that client's order became the fleet's and the
+    aggregate was read with its classes swapped (held-out 0.975 -> 0.006 with no real
+    training). Weights trained already keep the numbers they were trained on; the named
+    client is renumbered by them."""
+    from runtime.bundle import open_bundle
+    from runtime.data import load_data
+
+    d = load_data("digits", open_bundle(mlp_bundle))
+    rev = tmp_path / "rev.npz"
+    np.savez(rev, x=d.x["input"], y=9 - d.y, class_names=np.array([str(9 - i) for i in
+                                                                   range(10)]))
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1,
+                          "--data", "digits")
+    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 60, "--lr",
+                          "1e-2", "--mode", "vanilla")
+    _ok_both(server, client)
+    assert json.loads((tmp_path / "fleet" / "summary.json").read_text())["class_names"] is None
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 1,
+                          "--data", "digits", "--resume")
+    client = start_client(tmp_path, mlp_bundle, port, 1, rev, "--steps", 1, "--lr", "1e-9",
+                          "--mode", "vanilla")
+    out = _ok_both(server, client)
+    assert "the fleet's classes are 0, 1, 2" in out and "the numbers its weights" in out, out
+    acc = [float(v) for v in re.findall(r"held-out accuracy (\d\.\d+),", out)]
+    assert len(acc) == 2 and acc[0] > 0.8 and acc[1] == pytest.approx(acc[0], abs=0.02), out
+    said = client.stdout()  # its rows read as the weights' classes: it scores them as trained
+    train_acc = re.search(r"train accuracy (\d\.\d+)", said)
+    assert "numbered as the fleet's classes" in said and float(train_acc[1]) > 0.8, said
 
 
 def test_a_round_cut_off_at_the_round_timeout_is_named(mlp_bundle, tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .local import Local, UserError, class_names
 
-__all__ = ["agree_here", "fleet_classes", "resumed_classes"]
+__all__ = ["agree_here", "fleet_classes", "numbered_classes", "resumed_classes"]
 
 
 def agree_here(local: Local, classes: list[str], say) -> None:
@@ -54,3 +54,13 @@ def fleet_classes(local: Local) -> list[str] | None:
         if not ids_only(c):
             return list(c)
     return None
+
+
+def numbered_classes(local: Local, trained: bool) -> list[str] | None:
+    """Where the fleet has no class names and its weights were ``trained`` already (on numbered
+    labels): those numbers as its names, "0", "1", ..., so that a client naming its classes is
+    numbered by them; None otherwise (its first client's names may number the fleet)."""
+    loss = local.bundle.loss
+    if not trained or loss.kind != "cross_entropy" or not loss.num_classes:
+        return None
+    return [str(i) for i in range(loss.num_classes)]

@@ -190,7 +190,7 @@ def _server(a) -> int:
     from .folders import check_out, check_server_out, drop_lock_only
     from .history import earlier_evaluations
     from .local import UserError, open_local
-    from .server import run_server
+    from .server import INITIAL, run_server
 
     address = parse_address(a.address, "--address")
     if a.rounds < 1 or a.min_clients < 1:
@@ -252,7 +252,7 @@ def _server(a) -> int:
                        evaluate_here=a.data is not None, wait_s=wait,
                        round_timeout=round_timeout, earlier=earlier, evaluated_on=on,
                        resumed=resume, classes=classes,
-                       start="--init-from weights" if init else "initial weights")
+                       start="--init-from weights" if init else INITIAL)
     except BaseException:  # (no client came, or a signal before round 1: FleetInterrupted)
         drop_lock_only(out, fresh)  # no folder left behind (session 27 probe)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -26,10 +27,20 @@ def check_out(out: Path) -> None:
     if (out / "run.json").exists():
         raise UserError(f"--out '{out}' holds a `train` run (run.json): a fleet run there would "
                         "replace its weights and metrics; pass another --out")
+    for parent in Path(os.path.abspath(out)).parents:  # (session 42 probe: a server's --out inside another fleet
+        # run's folder was accepted, and the outer run could then be neither resumed nor
+        # overwritten: its folder held "other files")
+        if fleet_role(parent) is not None or (parent / "run.json").is_file():
+            raise UserError(f"--out '{out}' lies inside the run in '{parent}', whose folder "
+                            "holds that run's files only; pass an --out outside it")
     others = not_run_files(out, FLEET_FILES)
     if others:  # a fleet run writes among its own files only (the user's are never replaced)
-        raise UserError(f"--out '{out}' is a folder holding other files ("
-                        f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and no "
+        listed = f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}"
+        if fleet_role(out) is not None:
+            raise UserError(f"--out '{out}' holds a fleet run and other files ({listed}); a "
+                            "fleet run writes among its own files only: move those out to go "
+                            "on with it, or pass another --out")
+        raise UserError(f"--out '{out}' is a folder holding other files ({listed}) and no "
                         "fleet run; pass a new or empty folder as --out")
 
 

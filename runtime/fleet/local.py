@@ -477,7 +477,6 @@ def release_memory() -> None:
 
 def current_rss() -> int:
     from ..memory import current_rss as rss
-
     return rss()
 
 
@@ -510,7 +509,8 @@ def _shard(data, i: int, n: int):
     """Every n-th training example from i (the held-out split is kept whole)."""
     idx = np.arange(i, len(data), n)
     if idx.size == 0:
-        raise UserError(f"--partition {i}/{n} leaves no examples of the {len(data)}")
+        raise UserError(f"--partition {i}/{n} leaves no examples of the {len(data)}; use at "
+                        f"most {len(data)} parts")
     if hasattr(data, "x") and hasattr(data, "y") and dataclasses.is_dataclass(data):
         return dataclasses.replace(data, x={k: v[idx] for k, v in data.x.items()}, y=data.y[idx])
     from ..sources import SourceView

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import agree_here, fleet_classes, resumed_classes
+from .classes import agree_here, fleet_classes, numbered_classes, resumed_classes
 from .client import PROTOCOL, mismatch, say_to
 from .history import RoundHistory, earlier_evaluations
 from .local import Local, UserError, names_from_json, save_run
 
-__all__ = ["NotEnoughClients", "run_server"]
+__all__ = ["INITIAL", "NotEnoughClients", "run_server"]
+
+INITIAL = "initial weights"  # run_server's ``start`` where round 1 starts from the bundle's
 
 
 class NotEnoughClients(UserError):
@@ -72,7 +74,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                evaluate_here: bool, wait_s: float = 300.0, round_timeout: float | None = 3600.0,
                say=None, earlier: dict | None = None, evaluated_on: str = "",
                resumed: bool = False, classes: list[str] | None = None,
-               start: str = "initial weights") -> dict:
+               start: str = INITIAL) -> dict:
     """Run FedAvg up to round ``rounds``; returns the run summary (also in ``OUT/summary.json``,
     written after every round; every round's entry in ``OUT/rounds.jsonl``). ``earlier``: the
     summary of the run this one resumes (its rounds count, its history is kept); ``classes``:
@@ -101,6 +103,13 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     t0 = time.perf_counter() - float(earlier.get("seconds", 0.0))
     if state["classes"]:  # (a resumed run's classes may be its first client's)
         agree_here(local, state["classes"], say)
+
+    def trained() -> bool:
+        """Whether the weights a round sends were trained already (a resumed run's aggregate,
+        --init-from weights, a round done): with no class names they were trained on numbered
+        labels, so a client that joins naming its classes cannot renumber them (session 42
+        probe: a resumed digits fleet took a "9".."0" client's order, 0.975 -> 0.006)."""
+        return bool(done or state["trained"] or start != INITIAL)
 
     def round_config(server_round: int) -> dict:
         return {"round": server_round + done, "fleet_protocol": PROTOCOL,
@@ -307,7 +316,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                     f"only {len(self.vet(end))} of the {need} clients that round "
                     f"{state['round'] + done} needs connected within {wait_s:.0f} s{refused}; "
                     "start more clients (`instant-runtime fleet client`), lower "
-                    "--min-clients or raise --wait")
+                    "--min-clients or raise --wait" + (
+                        f"; the aggregate of round {done + state['saved']} is kept: add "
+                        "--resume to go on from it" if done + state["saved"] else ""))
 
         def vet(self, end: float) -> list:
             """Ask every client that joined since it last looked for its fleet protocol, Flower
@@ -334,11 +345,14 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 if state["classes"] is None:  # the first client's names number the fleet's
                     named = [c for c in heard if c]
                     if named:
-                        state["classes"] = named[0]
+                        state["classes"] = numbered_classes(local, trained()) or named[0]
+                        said = state["classes"]
                         say(f"before round {state['round'] + done}: the fleet's classes are "
-                            f"{', '.join(named[0][:8])}{', ...' if len(named[0]) > 8 else ''} "
-                            "(the first client's; every client's labels are numbered so)")
-                        agree_here(local, named[0], say)
+                            f"{', '.join(said[:8])}{', ...' if len(said) > 8 else ''} " + (
+                                "(the first client's; every client's labels are numbered so)"
+                                if said is named[0] else "(the numbers its weights were "
+                                "trained on; a client's named labels are numbered so)"))
+                        agree_here(local, said, say)
                 for (cid, proxy), why in zip(new, answers, strict=True):
                     if why is None:
                         self.vetted.add(cid)
@@ -369,9 +383,11 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         grpc_server.stop(grace=0)  # clients' pending replies fail now: rounds cannot hang
         raise KeyboardInterrupt
 
+    from ..checkpoint import StopSignals
+
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in StopSignals.SIGNALS:  # (HUP: a closed terminal or ssh session)
             old[s] = signal.signal(s, on_signal)
     try:
         try:
@@ -508,7 +524,7 @@ def _check_local_address(address: str) -> None:
 
 
 class FleetInterrupted(Exception):
-    """SIGINT/SIGTERM: the server stopped; the last aggregate is in ``out``."""
+    """SIGINT/SIGTERM/SIGHUP: the server stopped; the last aggregate is in ``out``."""
 
     def __init__(self, signum: int, saved_round: int, out: Path) -> None:
         self.exit_code = 128 + int(signum)
