@@ -415,6 +415,9 @@ class Manifest:
     # that depends on trainable parameters (plan's step-time estimate with a profile's GFLOP/s)
     flops: dict[str, int] = field(default_factory=dict)
     prefix: PrefixSpec | None = None
+    # the model's output for a row depends on the batch's other rows (export/batch_rows.py):
+    # trained on whole batches only
+    mixes_rows: bool = field(default=False, metadata={"omit_default": True})
 
     # ------------------------------------------------------------------ cross-field checks
     def validate(self) -> tuple[str, str] | None:  # noqa: C901 - one list of rules

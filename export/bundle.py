@@ -11,6 +11,9 @@ Layout of a bundle directory (``contract.FORMAT_VERSION``; the manifest's schema
     instant.{forward,backward}.onnx   INSTANT compressed backward (bases are inputs)
     calib.{forward,backward}.onnx     exact pass emitting Gram matrices (first calibration)
     recal.{forward,backward}.onnx     INSTANT step that also emits Gram matrices (recalibration)
+
+Why one module (~520 lines): ``export_bundle`` runs the export's steps in order on one traced
+model, its shapes, index bounds, layers and notes; its graph helpers are the ones it calls.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from contract import (
 from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
+from .batch_rows import mixes_rows
 from .fold_frozen import fold_frozen_batchnorm
 from .grad_stops import check_gradient_stops
 from .graph import ExportError, Shapes, forward_flops, lowest_ir_version, reads
@@ -438,6 +442,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         if found is not None and mask_checked(traced, in_shapes0, bounds, _dynamic_batch,
                                               found, layers, params, fwd, notes):
             share_activation_bases(layers)
+    mixes = mixes_rows(traced, in_shapes0, bounds, _dynamic_batch, notes)
     runs = [(mode, mode, prefix.forward if prefix is not None else fwd, layers, "")
             for mode in modes]
     runs += [(f"{mode}@{lg.length}", mode, lg.forward, lg.layers, f".len{lg.length}")
@@ -509,7 +514,8 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         files=files, class_names=class_names, text=text, image=image, optimizers=optimizers,
         flops=dict(zip(("forward", "trainable_forward"), forward_flops(fwd, shapes, set(params)),
                        strict=True)),
-        prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample) if prefix is not None else None)
+        prefix=PrefixSpec(prefix.axes, prefix.bytes_per_sample) if prefix is not None else None,
+        mixes_rows=mixes)
     text = manifest_json(manifest)
     load_typed(Manifest, json.loads(text), str(out / names.MANIFEST_FILE))  # what the runtime reads
     (out / names.MANIFEST_FILE).write_text(text)

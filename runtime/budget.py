@@ -390,9 +390,14 @@ def run_plan(trainer: Trainer, data, batch: int, budget: int | None, micro: int 
     validated under ``budget`` (``reserve`` bytes kept free), else unbounded at ``micro``.
     Registers the process arena (capped at the plan's cap) before any session exists, and
     says where ``micro`` (--micro-batch) did not fit."""
+    whole = min(batch, len(data))
     if budget is None:
+        _whole_batches(trainer, micro, whole, f"--micro-batch {micro}",
+                       f"drop --micro-batch, or pass --batch {micro}")
         use_arena(None)
         return Plan(micro_batch=micro, calib_micro_batch=micro, eval_micro_batch=micro)
+    _whole_batches(trainer, micro, whole, f"--micro-batch {micro}",  # (before the probes,
+                   f"drop --micro-batch, or pass --batch {micro}", enforce=False)  # which split)
     trainer.train_batch = min(batch, len(data))  # (a calibration sums whole batches)
     plan = plan_for_budget(trainer, data, min(batch, micro or batch), budget, log=log,
                            reserve=reserve)
@@ -402,7 +407,25 @@ def run_plan(trainer: Trainer, data, batch: int, budget: int | None, micro: int 
             and plan.micro_batch < min(micro, batch, len(data))):  # (not where the data is less)
         log(f"--micro-batch {micro} does not fit under the budget: micro-batch "
             f"{plan.micro_batch} (raise --budget for more)")
+    _whole_batches(trainer, plan.micro_batch, whole, f"the budget holds micro-batch "
+                   f"{plan.micro_batch}, which", f"raise --budget, or pass --batch "
+                   f"{plan.micro_batch}")
     return plan
+
+
+def _whole_batches(trainer: Trainer, micro: int | None, batch: int, what: str,
+                   way: str, enforce: bool = True) -> None:
+    """A bundle whose model mixes the rows of its batch (manifest ``mixes_rows``) trains on
+    whole batches only: ``UserError`` where ``micro`` would split ``batch``; otherwise, with
+    ``enforce``, the trainer refuses any split batch from here on (``Trainer.gradients``: a
+    micro-batch the budget guard would shrink to; not the planning probes, which split)."""
+    if not trainer.bundle.manifest.mixes_rows or trainer.eval_only:
+        return
+    if micro is not None and micro < batch:
+        raise UserError(f"{what} splits the batch of {batch}, and this model's output for a row "
+                        "depends on the other rows of its batch (the export's note): a "
+                        f"micro-batch would train another function; {way}")
+    trainer.whole_batches = enforce
 
 
 def plan_for_budget(trainer: Trainer, data, batch: int, budget: int,

@@ -254,6 +254,7 @@ class Trainer:
         # the run's batch (set by run.train and plan): with the plan's micro-batch, what decides
         # whether the default FLOP cap binds (set_ranks), whatever a calibration read
         self.train_batch: int | None = None
+        self.whole_batches = False  # (budget._whole_batches: a model that mixes its rows)
         self.rank_rows = 1  # the micro-batch the ranks were chosen for (runtime/ranks.py)
         self.exact_start = False  # whether they started at exact (ranks.starts_exact)
         self.calib_steps = 0
@@ -572,6 +573,10 @@ class Trainer:
         correct = count = 0
         step = res.micro_step if res is not None else self._micro_step
         parts = chunks(n, micro)
+        if self.whole_batches and len(parts) > 1:
+            raise UserError(f"micro-batch {micro} would split the batch of {n}, and this "
+                            "model's output for a row depends on the other rows of its batch "
+                            f"(the export's note): raise --budget, or pass --batch {micro}")
         shares = self._shares(batch, parts)
         try:
             for (s, e), share in zip(parts, shares, strict=True):

@@ -430,3 +430,82 @@ def test_a_row_with_non_finite_logits_is_never_a_correct_prediction(mlp_bundle: 
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["test_loss"], summary["test_acc"]) == (evals[-1]["loss"],
                                                            evals[-1]["accuracy"])
+
+
+ROW_MIXING = """
+import torch
+import torch.nn as nn
+
+
+class InBatchAttention(nn.Module):  # each row attends to every row of its batch
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(torch.softmax(h @ h.T, -1) @ h)
+
+
+class PerRow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def mixing():
+    return InBatchAttention()
+
+
+def per_row():
+    return PerRow()
+"""
+
+
+def test_a_model_that_mixes_its_rows_trains_on_whole_batches_only(cli, tmp_path: Path) -> None:
+    """Session 42 probe: a model whose output for a row depends on the batch's other rows
+    (in-batch attention, a batch statistic) exported without a word, and a micro-batch (given,
+    or the budget's) silently trained another function: 39 % gradient error at 4 of 16. The
+    export finds it (manifest ``mixes_rows``) and says so; a micro-batch that splits its batch
+    is refused in one line, before training and in the trainer itself; a per-row model is
+    neither marked nor refused."""
+    (tmp_path / "m.py").write_text(ROW_MIXING)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 6)).astype(np.float32),
+             y=rng.integers(0, 3, 16))
+    said = {}
+    for name in ("mixing", "per_row"):
+        r = cli("export", "--model", f"{tmp_path / 'm.py'}:{name}", "--input-shape", "16,6",
+                "--npz", tmp_path / "d.npz", "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+        said[name] = r.stdout + r.stderr
+    assert "depends on the other rows of its batch" in said["mixing"], said["mixing"]
+    assert "other rows" not in said["per_row"], said["per_row"]
+    assert json.loads((tmp_path / "mixing" / "manifest.json").read_text())["mixes_rows"] is True
+    assert "mixes_rows" not in json.loads((tmp_path / "per_row" / "manifest.json").read_text())
+    base = ["--data", tmp_path / "d.npz", "--batch", 16, "--steps", 1, "--mode", "vanilla",
+            "--threads", 1, "--no-progress"]
+    r = cli("train", tmp_path / "mixing", *base, "--micro-batch", 4, "--out", tmp_path / "r1")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--micro-batch 4 splits the batch of 16" \
+        in lines[0] and "pass --batch 4" in lines[0], r.stderr
+    r = cli("train", tmp_path / "per_row", *base, "--micro-batch", 4, "--out", tmp_path / "r2")
+    assert r.returncode == 0, r.stderr
+    r = cli("train", tmp_path / "mixing", *base, "--out", tmp_path / "r3")
+    assert r.returncode == 0, r.stderr
+    # the trainer's own refusal (a micro-batch the budget guard would shrink to)
+    from runtime.budget import _whole_batches
+    from runtime.errors import UserError
+
+    b = open_bundle(tmp_path / "mixing")
+    tr = make_trainer(b, mode="vanilla")
+    _whole_batches(tr, None, 16, "", "")
+    x = {"x": rng.standard_normal((16, 6)).astype(np.float32)}
+    y = rng.integers(0, 3, 16)
+    tr.gradients(ArrayBatch(x, y))  # whole: trains
+    tr.use_plan(Plan(micro_batch=4))
+    with pytest.raises(UserError, match="micro-batch 4 would split the batch of 16"):
+        tr.gradients(ArrayBatch(x, y))

@@ -1,0 +1,73 @@
+"""Whether a model's output for one row of its batch depends on the batch's other rows.
+
+Training splits a batch into micro-batches (``--micro-batch``, or the one the budget planner
+picks) and sums their gradients: exact for a model that computes each row on its own. A model
+that takes a statistic over the batch axis (standardising by the batch's mean, in-batch
+attention, contrastive scores against the other rows) computes another function on a
+micro-batch than on the whole batch, so it would silently train something else (session 42
+probe: 39 % gradient error at micro-batch 4 of 16, and NaN where a 4-row standard deviation
+vanished, blamed on the data). The check runs the forward model on random rows, then again with
+row 0 drawn anew: where another row's output moves, the bundle records it (manifest
+``mixes_rows``) and the runtime trains it on whole batches only (runtime/budget.py
+``run_plan``, and ``Trainer.gradients`` refuses a split batch). BatchNorm in eval form, as the
+exporter traces it, mixes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import Shapes
+from .tracing import Traced
+
+__all__ = ["mixes_rows"]
+
+
+def mixes_rows(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch,
+               notes: list[str] | None = None) -> bool:
+    """True where another row's output changes when row 0's inputs do (False where the check
+    cannot run: an input it cannot draw, an output that is not finite, a model onnxruntime
+    cannot run here); with ``notes``, says so there."""
+    mixes = _mixes(traced, shapes, bounds, dynamic_batch)
+    if mixes and notes is not None:
+        notes.append("note: the model's output for a row depends on the other rows of its "
+                     "batch (a statistic or attention over the batch axis): it trains on whole "
+                     "batches only (no --micro-batch below --batch; a --budget must hold the "
+                     "whole batch), and its scores depend on how many rows are scored together")
+    return mixes
+
+
+def _mixes(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch) -> bool:
+    from .any_length import ort_session
+    from .padding import _NP, _ROWS, _draw, _model
+
+    rng = np.random.default_rng(0)
+    feeds_a, feeds_b = {}, {}
+    for name in traced.inputs:
+        dtype = _NP.get(shapes.dtype.get(name))
+        dims = [_ROWS, *shapes.of(name)[1:]]
+        if dtype is None or not all(isinstance(d, int) and d > 0 for d in dims):
+            return False
+        if "mask" in name.lower():  # an attention mask: every position real in both runs
+            feeds_a[name] = feeds_b[name] = np.ones(dims, dtype)
+            continue
+        a = _draw(rng, dims, dtype, bounds.get(name))
+        b = a.copy()
+        b[0] = _draw(rng, dims, dtype, bounds.get(name))[0]
+        feeds_a[name], feeds_b[name] = a, b
+    try:
+        sess = ort_session(_model(traced, dynamic_batch))
+        out_a, out_b = sess.run(None, feeds_a), sess.run(None, feeds_b)
+    except Exception:  # noqa: BLE001 - a model onnxruntime cannot run here: not known to mix
+        return False
+    for x, y in zip(out_a, out_b, strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if x.ndim == 0 or x.shape[0] != _ROWS or x.shape != y.shape:
+            continue  # (no batch axis to compare along)
+        x, y = x[1:], y[1:]
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+            return False
+        if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * (1.0 + float(np.abs(x).max(
+                initial=0.0))):
+            return True
+    return False
