@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 
 import numpy as np
 import onnx
@@ -270,7 +271,15 @@ def buffer_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
     writes buffers as initializers like weights (session 29 probe: an exported model's
     ``mean``, ``std`` and sinusoidal ``pe`` trained, and export-model shipped them changed)."""
     inits = {t.name: t for t in model.graph.initializer}
-    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    trained = set(params)
+
+    def maker(n) -> str:  # a scale by a trained tensor (a norm's affine: GroupNorm's Mul
+        # then Add, session 42 probe) makes a product its bias is added to, as MatMul does (not
+        # a fixed one-value scale: x * sqrt(d) + a position table)
+        scaled = n.op_type == "Mul" and any(
+            i in inits and i in trained and math.prod(inits[i].dims) > 1 for i in n.input)
+        return "MatMul" if scaled else n.op_type
+    made_by = {o: maker(n) for n in model.graph.node for o in n.output}
     uses: dict[str, list[tuple[str, str]]] = {}
     for node in model.graph.node:
         for k, name in enumerate(node.input):

@@ -1253,10 +1253,11 @@ class Bufs(nn.Module):
         self.register_buffer("pe", pe)
         self.ln = nn.LayerNorm(16, bias=False)
         self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.gn = nn.GroupNorm(2, 16)  # its bias is added to its scaled output: a weight
 
     def forward(self, x):
         x = (x - self.mean) / self.std
-        t = self.patch(x).flatten(2).transpose(1, 2) + self.pe
+        t = self.gn(self.patch(x)).flatten(2).transpose(1, 2) + self.pe
         return self.head(torch.relu(self.fc(self.ln(t))).mean(1))
 
 torch.manual_seed(0)
@@ -1275,7 +1276,7 @@ torch.onnx.export(Bufs().eval(), (torch.randn(2, 3, 16, 16),), sys.argv[1], dyna
     assert not {"patch.weight", "fc.bias", "ln.weight"} & set(note[0].split(": ", 1)[1]
                                                              .split(" look")[0].split(", "))
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--trainable",
-             "patch.*,ln.*,fc.*,head.*,onnx::*")
+             "patch.*,ln.*,fc.*,head.*,gn.*,onnx::*")
     assert r.returncode == 0 and "like buffers" not in r.stdout, r.stdout + r.stderr
     assert "one-value tensor" not in r.stdout, r.stdout  # (none here: no word of them)
 
