@@ -833,3 +833,31 @@ def test_a_plan_with_room_to_spare_probes_a_larger_micro_batch(mlp_bundle, tmp_p
     assert model and int(model[1]) < 32, r.stdout
     assert "(micro-batch 32)" in r.stdout, r.stdout
     assert r.peak_polled <= 200 * MB, r.peak_polled
+
+
+def test_holding_out_rows_of_a_long_file_stays_inside_the_budget(tmp_path):
+    """Session 42 probe: --val-split on a file of 10 million rows built the split with a
+    permutation, two sorted copies and int64 views (16 bytes a row) before any budget was
+    planned: 239 MB under --budget 222MB and 230MB (exit 0, "OVER budget"), and 239 MB before
+    the refusal of 140MB. The split now takes about 5 bytes a row at the most."""
+    (tmp_path / "tiny.py").write_text("import torch.nn as nn\n\n\ndef tiny():\n    return "
+                                      "nn.Sequential(nn.Linear(4, 16), nn.ReLU(), "
+                                      "nn.Linear(16, 3))\n")
+    from export import export_bundle
+
+    bundle = export_bundle(f"{tmp_path / 'tiny.py'}:tiny", tmp_path / "b", input_shape="8,4")
+    rng = np.random.default_rng(2)
+    n = 10_000_000
+    np.savez(tmp_path / "rows.npz", x=rng.random((n, 4), dtype=np.float32),
+             y=rng.integers(0, 3, n).astype(np.int8))
+    argv = [sys.executable, "-m", "runtime", "train", str(bundle), "--data",
+            str(tmp_path / "rows.npz"), "--val-split", "0.02", "--batch", "32", "--steps", "2",
+            "--threads", "1", "--no-progress"]
+    for budget_mb in (140, 200):
+        r = run_measured([*argv, "--budget", f"{budget_mb}MB", "--out",
+                          str(tmp_path / f"r{budget_mb}")], timeout=300, cwd=REPO)
+        assert r.returncode in (0, 2), r.stderr[-1500:]
+        assert r.peak <= budget_mb * MB and r.peak_polled <= budget_mb * MB, \
+            (budget_mb, r.peak, r.peak_polled, r.stdout[-800:], r.stderr[-800:])
+        assert r.returncode == 0 or "below the minimum" in r.stderr, r.stderr[-800:]
+    assert r.returncode == 0, r.stderr[-800:]  # 200 MB holds it (175 MB measured)
