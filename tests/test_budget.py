@@ -861,3 +861,22 @@ def test_holding_out_rows_of_a_long_file_stays_inside_the_budget(tmp_path):
             (budget_mb, r.peak, r.peak_polled, r.stdout[-800:], r.stderr[-800:])
         assert r.returncode == 0 or "below the minimum" in r.stderr, r.stderr[-800:]
     assert r.returncode == 0, r.stderr[-800:]  # 200 MB holds it (175 MB measured)
+
+
+def test_a_plan_stepped_up_at_its_real_size_lists_lines_that_add_up():
+    """Session 42 probe: a micro-batch the memory model overpredicted, taken because a probe at
+    its real size fitted, printed the model's lines (603 MB in all, an arena line above the cap
+    it named) under the probe's 505.6 MB peak. The arena's line is now what the probe left
+    beside the others, marked measured."""
+    from runtime.budget import _step_up
+
+    model = _model()
+    plan = make_plan(model, 200 * MB, 128, instant=True)
+    assert plan.micro_batch < 128
+    measured = model.base + model.frozen + 10 * MB  # the real size needs far less
+    up, check = _step_up(plan, {"ok": True, "peak": measured}, 128,
+                         lambda fn: fn(), lambda p: {"ok": True, "peak": measured}, print)
+    assert up.micro_batch > plan.micro_batch and check["peak"] == measured
+    assert sum(up.breakdown.values()) == pytest.approx(up.predicted_peak, abs=4)
+    arena = [(k, v) for k, v in up.breakdown.items() if k.startswith("onnxruntime arena")]
+    assert len(arena) == 1 and "measured" in arena[0][0] and arena[0][1] <= up.arena_cap, arena
