@@ -590,6 +590,34 @@ def test_a_server_that_runs_out_of_clients_after_a_round_says_how_to_go_on(mlp_b
     assert (tmp_path / "fleet" / "params.npz").is_file()
 
 
+def test_a_client_whose_server_stops_answering_says_so(mlp_bundle, tmp_path):
+    """Session 42 probe: a server host that stopped (SIGSTOP here; a dropped network alike)
+    kept the connection open and the client waited without a word for ever. Its pings go
+    unanswered now: a lost connection, retried for --connect-timeout, then one line. A server
+    that answers takes pings a second apart without dropping the client (it waits, here)."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2,
+                          "--wait", 120)
+    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2,
+                          "--keepalive", 1, "--connect-timeout", 3)
+    try:
+        client.wait_for(r"^connected to the fleet server")
+        time.sleep(4.0)  # pings answered: still connected
+        assert client.p.poll() is None, client.stderr()
+        server.p.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        rc = client.finish(timeout=90)
+        waited = time.monotonic() - t0
+    finally:
+        server.p.send_signal(signal.SIGKILL)
+        server.kill()
+        client.kill()
+    assert "lost the connection to" in client.stdout(), client.stdout()
+    one_error_line(client.stderr(), rc, "lost the connection to the fleet server",
+                   "did not come back within 3 s")
+    assert waited < 60, waited
+
+
 def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
     """Session 21 probe: a server that gave up waiting for --min-clients exited, and the client
     that had connected went on reconnecting for 60 s before failing. Now the server tells it the

@@ -112,6 +112,10 @@ def _fill(f: argparse.ArgumentParser) -> None:
     c.add_argument("--connect-timeout", type=float, default=60.0,
                    help="seconds to wait for the server (at start and after a lost connection; "
                         "default 60)")
+    c.add_argument("--keepalive", type=float, default=30.0,
+                   help="seconds between pings of a silent server: one that answers none within "
+                        "20 s (its host stopped, the network dropped) is a lost connection "
+                        "(default 30)")
     c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
     c.add_argument("--progress", action="store_true", help="progress bar for local training")
     c.add_argument("--no-progress", dest="progress", action="store_false",
@@ -367,6 +371,7 @@ def _client(a) -> int:
     if a.steps < 1 or a.batch < 1:
         raise UserError(f"--steps ({a.steps}) and --batch ({a.batch}) must be >= 1")
     connect_timeout = check_seconds("--connect-timeout", a.connect_timeout)
+    keepalive = check_seconds("--keepalive", a.keepalive)
     check_client_options(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch,
                          checkpoint_every=a.checkpoint_every, max_nonfinite=a.max_nonfinite,
                          optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay)
@@ -412,7 +417,7 @@ def _client(a) -> int:
                   + (f"; its earlier run in {out} trained {local.trainer.step_count} steps, "
                      "counted on from there" if local.trainer.step_count else ""), flush=True)
             return run_client(local, address, a.steps, a.batch,
-                              connect_timeout=connect_timeout)
+                              connect_timeout=connect_timeout, keepalive=keepalive)
     except BaseException:  # (an error, or a signal while it waited for the server)
         drop_lock_only(out, fresh)  # a client that never trained leaves no folder behind
         raise

@@ -273,10 +273,11 @@ def _wait_ready(address: str, timeout: float, say=None) -> None:
 
 
 def run_client(local: Local, address: str, steps: int, batch: int,
-               connect_timeout: float = 60.0, say=None) -> int:
+               connect_timeout: float = 60.0, say=None, keepalive: float = 30.0) -> int:
     """Serve the fleet server at ``address`` until it ends the run (returns 0).
 
-    A lost connection is retried for ``connect_timeout`` seconds (the server may restart);
+    A lost connection (a server silent to pings ``keepalive`` seconds apart included) is
+    retried for ``connect_timeout`` seconds (the server may restart);
     after that, or when nothing answers at all, a ``UserError``; also where the server ends the
     run before this client answered a single training or evaluation request.
     """
@@ -296,8 +297,8 @@ def run_client(local: Local, address: str, steps: int, batch: int,
         _wait_ready(address, connect_timeout, say)
         say(f"connected to the fleet server at {address}")
         try:
-            with connection(address, _message_limit(local)) as (receive, send, disconnect,
-                                                                 answer, flush):
+            with connection(address, _message_limit(local), keepalive) as (
+                    receive, send, disconnect, answer, flush):
                 while True:
                     message = receive()
                     if isinstance(message, Query):  # the server's check as this client joins

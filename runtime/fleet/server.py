@@ -51,10 +51,11 @@ def _parts():
     from flwr.server import Server, ServerConfig, SimpleClientManager
     from flwr.server.server import run_fl
     from flwr.server.strategy import FedAvg
-    from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
+
+    from .transport import start_server
 
     return (ndarrays_to_parameters, parameters_to_ndarrays, Server, ServerConfig,
-            SimpleClientManager, run_fl, FedAvg, start_grpc_server)
+            SimpleClientManager, run_fl, FedAvg, start_server)
 
 
 def _weighted(metrics: list[tuple[int, dict]]) -> dict:
@@ -366,7 +367,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     server = Server(client_manager=manager, strategy=strategy)
     _check_local_address(address)
     try:
-        grpc_server = start_grpc_server(client_manager=manager, server_address=address)
+        grpc_server = start_grpc_server(manager, address)
     except SystemExit as exc:  # Flower exits on a port in use
         why = str(exc.code).rstrip(".")
         raise UserError(f"cannot listen on {address}: {why}; pick another port") from None

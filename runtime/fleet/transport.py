@@ -14,6 +14,13 @@ tensors) above the RSS before it. Here the reply's tensors move into the ``Clien
 a time (each serialized tensor freed as soon as it is copied), and the request object gives up
 its message as soon as gRPC has serialized it. With 3 such clients the peaks from outside fell
 from 335 to 292 MB (``last:3`` at 352 MB) and from 234 to 223 MB (``last:2`` at 256 MB).
+
+The channel pings a silent server (HTTP/2 keepalive, ``fleet client --keepalive``): a server
+host that stopped, or a network that dropped without closing the connection, is taken as a lost
+connection within about the keepalive and ``KEEPALIVE_TIMEOUT_S`` (session 42 probe: a client
+waited silently for ever on a stopped server). The server (:func:`start_server`, Flower's
+servicer with its options) accepts pings down to ``MIN_PING_S`` apart; Flower's own server
+answers pings more often than every 5 min without data with GOAWAY.
 """
 
 from __future__ import annotations
@@ -26,9 +33,50 @@ import uuid
 
 from .local import UserError
 
-__all__ = ["JOIN", "Query", "Reconnect", "connection"]
+__all__ = ["JOIN", "KEEPALIVE_S", "Query", "Reconnect", "connection", "start_server"]
 
 JOIN = "/flwr.proto.FlowerService/Join"  # Flower's grpc-bidi method (its generated stub's path)
+KEEPALIVE_S = 30.0  # a client's pings of a silent server (fleet client --keepalive)
+KEEPALIVE_TIMEOUT_S = 20.0  # no answer to a ping this long: the connection is lost
+MIN_PING_S = 1.0  # the server accepts a client's pings this far apart
+
+
+def start_server(client_manager, address: str):
+    """Flower's gRPC bidirectional-stream server (its ``start_grpc_server``, the same servicer
+    and options) that also accepts its clients' keepalive pings (``MIN_PING_S``), started.
+
+    Raises:
+        SystemExit: the port is in use (as Flower's does).
+        RuntimeError: gRPC cannot bind ``address``.
+    """
+    import concurrent.futures
+    import sys
+
+    import grpc
+    from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
+    from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import (
+        FlowerServiceServicer,
+    )
+    from flwr.supercore.address import is_port_in_use
+    from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
+
+    if is_port_in_use(address):
+        sys.exit(f"Port in server address {address} is already in use.")
+    workers = 1000
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=workers),
+                         maximum_concurrent_rpcs=workers, options=[
+                             ("grpc.max_concurrent_streams", workers),
+                             ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_LENGTH),
+                             ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_LENGTH),
+                             ("grpc.keepalive_time_ms", 210_000),  # (Flower's: its pings)
+                             ("grpc.http2.max_pings_without_data", 0),
+                             ("grpc.keepalive_permit_without_calls", 0),
+                             ("grpc.http2.min_ping_interval_without_data_ms",
+                              int(MIN_PING_S * 1000))])
+    add_FlowerServiceServicer_to_server(FlowerServiceServicer(client_manager), server)
+    server.add_insecure_port(address)
+    server.start()
+    return server
 
 
 @dataclasses.dataclass
@@ -62,7 +110,7 @@ class _Outgoing:
 
 
 @contextlib.contextmanager
-def connection(address: str, max_message: int | None = None):
+def connection(address: str, max_message: int | None = None, keepalive_s: float = KEEPALIVE_S):
     """Yield ``(receive, send, disconnect, answer, flush)`` on a Join stream to the fleet server
     at ``address``; gRPC refuses a message over ``max_message`` bytes (default: Flower's 512 MB)
     before reading it.
@@ -71,19 +119,25 @@ def connection(address: str, max_message: int | None = None):
     :class:`Reconnect`; ``send(reply)`` sends the ``ClientApp``'s reply; ``answer(properties)``
     answers a ``Query``; ``disconnect(reconnect)`` answers a ``Reconnect``; ``flush(timeout)``
     waits until what was sent has left. gRPC errors propagate (``grpc.RpcError``, ``StopIteration`` when the server
-    closes the stream).
+    closes the stream; UNAVAILABLE where a ping ``keepalive_s`` after the server was last heard
+    went unanswered).
     """
+    import grpc
     from flwr.app import DEFAULT_TTL, Metadata
     from flwr.app.message import make_message
     from flwr.app.message_type import MessageType
     from flwr.common import serde
     from flwr.compat.common import recorddict_compat as compat
     from flwr.proto.transport_pb2 import ClientMessage, Reason, ServerMessage
-    from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH, create_channel
+    from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 
-    channel = create_channel(server_address=address, insecure=True,
-                             max_message_length=min(max_message or GRPC_MAX_MESSAGE_LENGTH,
-                                                    GRPC_MAX_MESSAGE_LENGTH))
+    limit = min(max_message or GRPC_MAX_MESSAGE_LENGTH, GRPC_MAX_MESSAGE_LENGTH)
+    channel = grpc.insecure_channel(address, options=[  # (Flower's create_channel's, and pings)
+        ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),  # (else 60 s here)
+        ("grpc.http2.max_pings_without_data", 0)])
     outbox: queue.Queue = queue.Queue(maxsize=1)
     join = channel.stream_stream(JOIN, request_serializer=_Outgoing.serialize,
                                  response_deserializer=ServerMessage.FromString)
