@@ -720,7 +720,7 @@ def _at_measured_peak(plan: Plan, peak: int) -> Plan:
     arena line above the cap it named)."""
     arena = next(k for k in plan.breakdown if k.startswith("onnxruntime arena"))
     rest = sum(v for k, v in plan.breakdown.items() if k != arena)
-    lines = {(k.replace("onnxruntime arena (", "onnxruntime arena (measured; ") if k == arena
+    lines = {(k.replace("onnxruntime arena (", "onnxruntime arena, measured (") if k == arena
               else k): (max(0, peak - rest) if k == arena else v)
              for k, v in plan.breakdown.items()}
     return replace(plan, predicted_peak=max(peak, rest), breakdown=lines)
