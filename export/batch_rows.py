@@ -18,17 +18,22 @@ from __future__ import annotations
 import numpy as np
 
 from .graph import Shapes
+from .padding import _NP, _ROWS, _draw, _model
 from .tracing import Traced
 
 __all__ = ["mixes_rows"]
 
 
 def mixes_rows(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch,
-               notes: list[str] | None = None) -> bool:
+               notes: list[str] | None = None, params: list[str] | None = None) -> bool:
     """True where another row's output changes when row 0's inputs do (False where the check
     cannot run: an input it cannot draw, an output that is not finite, a model onnxruntime
-    cannot run here); with ``notes``, says so there."""
-    mixes = _mixes(traced, shapes, bounds, dynamic_batch)
+    cannot run here, a model whose outputs differ between two runs of the same rows: random
+    ops); with ``notes``, says so there. Checked at the initial weights and at the trainable
+    ``params`` moved as training could move them (a mixing branch behind a gate that starts at
+    0 mixes nothing at first: padding.py's reason for the same)."""
+    mixes = any(_mixes(traced, shapes, bounds, dynamic_batch, moved)
+                for moved in (None, params) if moved is None or moved)
     if mixes and notes is not None:
         notes.append("note: the model's output for a row depends on the other rows of its "
                      "batch (a statistic or attention over the batch axis): it trains on whole "
@@ -37,9 +42,9 @@ def mixes_rows(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_b
     return mixes
 
 
-def _mixes(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch) -> bool:
+def _mixes(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch,
+           moved: list[str] | None) -> bool:
     from .any_length import ort_session
-    from .padding import _NP, _ROWS, _draw, _model
 
     rng = np.random.default_rng(0)
     feeds_a, feeds_b = {}, {}
@@ -56,17 +61,24 @@ def _mixes(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch
         b[0] = _draw(rng, dims, dtype, bounds.get(name))[0]
         feeds_a[name], feeds_b[name] = a, b
     try:
-        sess = ort_session(_model(traced, dynamic_batch))
-        out_a, out_b = sess.run(None, feeds_a), sess.run(None, feeds_b)
+        sess = ort_session(_model(traced, dynamic_batch, moved))
+        out_a, again, out_b = (sess.run(None, f) for f in (feeds_a, feeds_a, feeds_b))
     except Exception:  # noqa: BLE001 - a model onnxruntime cannot run here: not known to mix
         return False
+    if _differ(out_a, again):  # random ops: the comparison tells nothing (a review)
+        return False
+    return _differ(out_a, out_b)
+
+
+def _differ(out_a, out_b) -> bool:
+    """Whether rows 1.. of the two runs' outputs (those with the batch axis first) differ."""
     for x, y in zip(out_a, out_b, strict=True):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         if x.ndim == 0 or x.shape[0] != _ROWS or x.shape != y.shape:
             continue  # (no batch axis to compare along)
         x, y = x[1:], y[1:]
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-            return False
+            return False  # (not known to mix)
         if float(np.abs(x - y).max(initial=0.0)) > 1e-4 * (1.0 + float(np.abs(x).max(
                 initial=0.0))):
             return True

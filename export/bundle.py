@@ -442,7 +442,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
         if found is not None and mask_checked(traced, in_shapes0, bounds, _dynamic_batch,
                                               found, layers, params, fwd, notes):
             share_activation_bases(layers)
-    mixes = mixes_rows(traced, in_shapes0, bounds, _dynamic_batch, notes)
+    mixes = mixes_rows(traced, in_shapes0, bounds, _dynamic_batch, notes, params)
     runs = [(mode, mode, prefix.forward if prefix is not None else fwd, layers, "")
             for mode in modes]
     runs += [(f"{mode}@{lg.length}", mode, lg.forward, lg.layers, f".len{lg.length}")

@@ -273,10 +273,18 @@ def buffer_like(model: onnx.ModelProto, params: list[str]) -> list[str]:
     inits = {t.name: t for t in model.graph.initializer}
     trained = set(params)
 
-    def maker(n) -> str:  # a scale by a trained tensor (a norm's affine: GroupNorm's Mul
-        # then Add, session 42 probe) makes a product its bias is added to, as MatMul does (not
-        # a fixed one-value scale: x * sqrt(d) + a position table)
-        scaled = n.op_type == "Mul" and any(
+    nodes = {o: n for n in model.graph.node for o in n.output}
+
+    def normalised(name: str) -> bool:  # a normalisation's output (through a Reshape)
+        n = nodes.get(name)
+        while n is not None and n.op_type == "Reshape":
+            n = nodes.get(n.input[0])
+        return n is not None and n.op_type in ("InstanceNormalization", "LayerNormalization")
+
+    def maker(n) -> str:  # a norm's scale by a trained tensor (GroupNorm's Mul then Add,
+        # session 42 probe) makes a product its bias is added to, as MatMul does; not any Mul
+        # (a buffer's x * scale + shift stays a buffer's, a review)
+        scaled = n.op_type == "Mul" and any(normalised(i) for i in n.input) and any(
             i in inits and i in trained and math.prod(inits[i].dims) > 1 for i in n.input)
         return "MatMul" if scaled else n.op_type
     made_by = {o: maker(n) for n in model.graph.node for o in n.output}

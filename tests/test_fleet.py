@@ -742,7 +742,7 @@ def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     (crowded / "sub").mkdir()
     cases += [((*server, "--out", agg / "sub"), f"lies inside the run in '{agg}'"),
               (("client", mlp_bundle, "--data", "digits", "--server", f"127.0.0.1:{port}",
-                "--out", tmp_path / "trainrun" / "c"), "lies inside the run in"),
+                "--out", agg / "c"), "lies inside the run in"),
               ((*server, "--out", crowded, "--resume"),
                "holds a fleet run and other files (sub)")]
     with socket.socket() as busy:  # a port already taken by someone else
@@ -938,8 +938,8 @@ def test_partition_and_progress_options_read_as_a_user_writes_them():
     from runtime.fleet.local import _shard
 
     three = Dataset("d", {"input": np.zeros((3, 2), np.float32)}, np.array([0, 1, 0]))
-    with pytest.raises(UserError, match=r"--partition 5/8 leaves no examples of the 3; use at "
-                                        r"most 3 parts$"):  # (session 42 probe: no way out)
+    with pytest.raises(UserError, match=r"--partition 5/8 leaves no examples of the 3; pass "
+                                        r"I/N with I < N <= 3$"):  # (session 42 probe)
         _shard(three, 5, 8)
     p = argparse.ArgumentParser()
     add_fleet_parser(p.add_subparsers(dest="cmd"))
@@ -947,6 +947,25 @@ def test_partition_and_progress_options_read_as_a_user_writes_them():
     assert p.parse_args([*client, "--no-progress"]).progress is False
     assert p.parse_args([*client, "--progress"]).progress is True
     assert p.parse_args(client).progress is False  # (the default: no bar)
+
+
+def test_an_out_inside_a_run_is_refused_but_not_inside_any_project_folder(tmp_path):
+    """A review of session 42's check: it refused an --out under any folder holding a
+    ``checkpoints/`` or ``summary.json`` (a torch project's, a home folder's). Only a fleet run
+    (its lock) or a train run (run.json and metrics.jsonl) holds its folder."""
+    from runtime.errors import UserError
+    from runtime.fleet.folders import check_out
+
+    (tmp_path / "proj" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "proj" / "summary.json").write_text("{}")
+    (tmp_path / "proj" / "run.json").write_text("{}")
+    check_out(tmp_path / "proj" / "fleet1")  # accepted
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / ".fleet-lock").write_text("")
+    (tmp_path / "proj" / "metrics.jsonl").write_text("")
+    for out in (tmp_path / "fleet" / "c1", tmp_path / "proj" / "deeper" / "c2"):
+        with pytest.raises(UserError, match="lies inside the run in"):
+            check_out(out)
 
 
 def test_fleet_package_imports_neither_flower_nor_torch():

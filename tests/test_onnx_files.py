@@ -1254,9 +1254,11 @@ class Bufs(nn.Module):
         self.ln = nn.LayerNorm(16, bias=False)
         self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
         self.gn = nn.GroupNorm(2, 16)  # its bias is added to its scaled output: a weight
+        self.register_buffer("scale", torch.full((1, 3, 1, 1), 2.0))
+        self.register_buffer("shift", torch.full((1, 3, 1, 1), 0.5))  # a buffer still
 
     def forward(self, x):
-        x = (x - self.mean) / self.std
+        x = (x - self.mean) / self.std * self.scale + self.shift
         t = self.gn(self.patch(x)).flatten(2).transpose(1, 2) + self.pe
         return self.head(torch.relu(self.fc(self.ln(t))).mean(1))
 
@@ -1272,11 +1274,12 @@ torch.onnx.export(Bufs().eval(), (torch.randn(2, 3, 16, 16),), sys.argv[1], dyna
         trained = set(z.files)
     assert not any("Constant" in name for name in trained), trained
     note = [line for line in r.stdout.splitlines() if "look(s) like buffers" in line]
-    assert len(note) == 1 and note[0].startswith("note: mean, std, pe look(s)"), r.stdout
+    named = set(note[0].split(": ", 1)[1].split(" look")[0].split(", ")) if note else set()
+    assert len(note) == 1 and named == {"mean", "std", "shift", "pe"}, r.stdout
     assert not {"patch.weight", "fc.bias", "ln.weight"} & set(note[0].split(": ", 1)[1]
                                                              .split(" look")[0].split(", "))
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b2", "--trainable",
-             "patch.*,ln.*,fc.*,head.*,gn.*,onnx::*")
+             "patch.*,ln.*,fc.*,head.*,gn.*,scale,onnx::*")
     assert r.returncode == 0 and "like buffers" not in r.stdout, r.stdout + r.stderr
     assert "one-value tensor" not in r.stdout, r.stdout  # (none here: no word of them)
 

@@ -435,7 +435,8 @@ def _signals_stop(local):
         raise TrainingInterrupted(signum, local.trainer.step_count, None)
 
     main = threading.current_thread() is threading.main_thread()
-    old = {s: signal.signal(s, stop) for s in StopSignals.SIGNALS} if main else {}
+    old = {s: signal.signal(s, stop) for s in StopSignals.SIGNALS  # (not SIGHUP under nohup)
+           if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN} if main else {}
     try:
         yield
     finally:

@@ -27,7 +27,8 @@ from .local import Local, UserError, names_from_json, release_memory
 
 __all__ = ["PROTOCOL", "check_server_config", "make_client_app", "mismatch", "run_client"]
 
-PROTOCOL = 3  # bumped when the config keys or the tensor order the two sides agree on change
+PROTOCOL = 4  # bumped when the config keys or the tensor order the two sides agree on change
+# (4: clients ping every --keepalive s, which a server of 3 answered with GOAWAY, session 42)
 MAX_ROUNDS = 1_000_000  # as `fleet server --rounds`
 
 

@@ -30,7 +30,10 @@ def check_out(out: Path) -> None:
     for parent in Path(os.path.abspath(out)).parents:  # (session 42 probe: a server's --out inside another fleet
         # run's folder was accepted, and the outer run could then be neither resumed nor
         # overwritten: its folder held "other files")
-        if fleet_role(parent) is not None or (parent / "run.json").is_file():
+        if (parent / ".fleet-lock").is_file() or fleet_role(parent) == "server" or all(
+                (parent / f).is_file() for f in ("run.json", "metrics.jsonl")):  # (a fleet
+            # run's lock or aggregate, a train run's files: not any folder with a checkpoints/
+            # or a summary.json, a review)
             raise UserError(f"--out '{out}' lies inside the run in '{parent}', whose folder "
                             "holds that run's files only; pass an --out outside it")
     others = not_run_files(out, FLEET_FILES)

@@ -509,8 +509,8 @@ def _shard(data, i: int, n: int):
     """Every n-th training example from i (the held-out split is kept whole)."""
     idx = np.arange(i, len(data), n)
     if idx.size == 0:
-        raise UserError(f"--partition {i}/{n} leaves no examples of the {len(data)}; use at "
-                        f"most {len(data)} parts")
+        raise UserError(f"--partition {i}/{n} leaves no examples of the {len(data)}; pass "
+                        f"I/N with I < N <= {len(data)}")
     if hasattr(data, "x") and hasattr(data, "y") and dataclasses.is_dataclass(data):
         return dataclasses.replace(data, x={k: v[idx] for k, v in data.x.items()}, y=data.y[idx])
     from ..sources import SourceView

@@ -110,7 +110,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         --init-from weights, a round done): with no class names they were trained on numbered
         labels, so a client that joins naming its classes cannot renumber them (session 42
         probe: a resumed digits fleet took a "9".."0" client's order, 0.975 -> 0.006)."""
-        return bool(done or state["trained"] or start != INITIAL)
+        before = earlier.get("trained_rounds", done)  # (rounds that all failed trained none)
+        return bool(before or state["trained"] or start != INITIAL)
 
     def round_config(server_round: int) -> dict:
         return {"round": server_round + done, "fleet_protocol": PROTOCOL,
@@ -388,8 +389,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
 
     old = {}
     if threading.current_thread() is threading.main_thread():
-        for s in StopSignals.SIGNALS:  # (HUP: a closed terminal or ssh session)
-            old[s] = signal.signal(s, on_signal)
+        for s in StopSignals.SIGNALS:  # (HUP: a closed terminal or ssh session; not under
+            if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN:  # nohup)
+                old[s] = signal.signal(s, on_signal)
     try:
         try:
             run_fl(server, ServerConfig(num_rounds=rounds - done, round_timeout=round_timeout))

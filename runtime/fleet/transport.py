@@ -38,7 +38,7 @@ __all__ = ["JOIN", "KEEPALIVE_S", "Query", "Reconnect", "connection", "start_ser
 JOIN = "/flwr.proto.FlowerService/Join"  # Flower's grpc-bidi method (its generated stub's path)
 KEEPALIVE_S = 30.0  # a client's pings of a silent server (fleet client --keepalive)
 KEEPALIVE_TIMEOUT_S = 20.0  # no answer to a ping this long: the connection is lost
-MIN_PING_S = 1.0  # the server accepts a client's pings this far apart
+MIN_PING_S = 0.5  # the server accepts a client's pings this far apart (--keepalive >= 1 s)
 
 
 def start_server(client_manager, address: str):

@@ -239,15 +239,20 @@ def split(source: Source, val_fraction: float, seed: int = 0) -> tuple[SourceVie
     held = np.zeros(n, np.bool_)
     held[perm[:n_val]] = True
     del perm
-    val = np.flatnonzero(held).astype(kind)
-    train = np.empty(n - n_val, kind)
-    at, chunk = 0, 1 << 16  # (its temporaries stay small)
-    for a in range(0, n, chunk):
-        rows = np.flatnonzero(~held[a:a + chunk])
-        train[at:at + rows.size] = rows + a
-        at += rows.size
+    train, val = _rows_where(~held, n - n_val, kind), _rows_where(held, n_val, kind)
     return (SourceView(source, train, f"{source.name}:train"),
             SourceView(source, val, f"{source.name}:val"))
+
+
+def _rows_where(mask: np.ndarray, count: int, kind) -> np.ndarray:
+    """``np.flatnonzero(mask)`` as ``kind``, built in chunks: no int64 copy of all of it."""
+    out = np.empty(count, kind)
+    at, chunk = 0, 1 << 16
+    for a in range(0, mask.size, chunk):
+        rows = np.flatnonzero(mask[a:a + chunk])
+        out[at:at + rows.size] = rows + a
+        at += rows.size
+    return out
 
 
 # ---------------------------------------------------------------------------- labels
