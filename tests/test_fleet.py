@@ -546,21 +546,29 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
         r.stdout + r.stderr
 
 
-def test_a_summary_names_no_weights_file_before_one_is_written(mlp_bundle, tmp_path):
-    """Session 29 probe: round 1's only client was killed, round 2 found no client within
-    --wait, and the folder's summary.json named a params.npz that was never written."""
+def _lose_the_only_client(tmp_path, bundle, rounds: int, steps: int, watch: str,
+                          pattern: str) -> tuple[Proc, int]:
+    """A server waiting 3 s for its one client, which is SIGKILLed once ``watch`` ("client" or
+    "server") prints ``pattern``: (the server, its exit code)."""
     port = free_port()
-    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 1,
+    server = start_server(tmp_path, bundle, port, "--rounds", rounds, "--min-clients", 1,
                           "--data", "digits", "--wait", 3)
-    victim = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 100_000,
+    victim = start_client(tmp_path, bundle, port, 0, "digits", "--steps", steps,
                           name="victim")
     try:
-        victim.wait_for(r"^round 1: received")
+        (victim if watch == "client" else server).wait_for(pattern)
         victim.p.send_signal(signal.SIGKILL)
-        rc = server.finish()
+        return server, server.finish()
     finally:
         server.kill()
         victim.kill()
+
+
+def test_a_summary_names_no_weights_file_before_one_is_written(mlp_bundle, tmp_path):
+    """Session 29 probe: round 1's only client was killed, round 2 found no client within
+    --wait, and the folder's summary.json named a params.npz that was never written."""
+    server, rc = _lose_the_only_client(tmp_path, mlp_bundle, 2, 100_000, "client",
+                                       r"^round 1: received")
     one_error_line(server.stderr(), rc, "only 0 of the 1 clients that round 2 needs")
     assert "is kept" not in server.stderr(), server.stderr()  # (no aggregate was written)
     summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())
@@ -573,17 +581,8 @@ def test_a_server_that_runs_out_of_clients_after_a_round_says_how_to_go_on(mlp_b
     """Session 42 probe: a client lost after round 1 and --wait ran out: the error said "start
     more clients ... or raise --wait", and the same command with more --wait was refused (the
     folder held round 1's aggregate). It says the aggregate is kept and --resume goes on."""
-    port = free_port()
-    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 3, "--min-clients", 1,
-                          "--data", "digits", "--wait", 3)
-    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2)
-    try:
-        server.wait_for(r"^round 1: 1 client trained")
-        client.p.send_signal(signal.SIGKILL)
-        rc = server.finish()
-    finally:
-        server.kill()
-        client.kill()
+    server, rc = _lose_the_only_client(tmp_path, mlp_bundle, 3, 2, "server",
+                                       r"^round 1: 1 client trained")
     one_error_line(server.stderr(), rc, "only 0 of the 1 clients that round ",  # (2 or 3:
                    # killed before or after round 2 reached it; round 2 then failed)
                    "the aggregate of round 1 is kept: add --resume to go on from it")
