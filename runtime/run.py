@@ -149,9 +149,13 @@ def data_fingerprint(data) -> str:
     """SHA-256 of the data a run reads, as far as a resume needs to tell: the row count, every
     label (in chunks: no decoding of inputs where a source reads labels alone) and the inputs
     of the first, middle and last rows. Another file of as many rows, the same rows reordered,
-    relabelled or edited at those rows, gives another value."""
+    relabelled or edited at those rows, gives another value. Kept on ``data`` where it takes
+    an attribute (a resume asks before planning and again in ``train``)."""
     import hashlib
 
+    known = getattr(data, "__dict__", {}).get("_run_fingerprint")  # (its own: not one a
+    if isinstance(known, str):  # wrapper's __getattr__ finds on the data it relabels)
+        return known
     h = hashlib.sha256()
     n = len(data)
     h.update(str(n).encode())
@@ -168,6 +172,8 @@ def data_fingerprint(data) -> str:
         for k in sorted(x):
             h.update(k.encode())
             h.update(np.ascontiguousarray(x[k]).tobytes())
+    with contextlib.suppress(AttributeError, TypeError):  # (frozen or slotted: computed again)
+        object.__setattr__(data, "_run_fingerprint", h.hexdigest())
     return h.hexdigest()
 
 
