@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -456,8 +457,18 @@ class PerRow(nn.Module):
         return self.l2(torch.relu(self.l1(x)))
 
 
+class WideAttention(InBatchAttention):  # saturates on inputs of scale 1: found at 0.1
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(20000, 64), nn.Linear(64, 3)
+
+
 def mixing():
     return InBatchAttention()
+
+
+def wide():
+    return WideAttention()
 
 
 def per_row():
@@ -496,6 +507,19 @@ def test_a_model_that_mixes_its_rows_trains_on_whole_batches_only(cli, tmp_path:
     assert r.returncode == 0, r.stderr
     r = cli("train", tmp_path / "mixing", *base, "--out", tmp_path / "r3")
     assert r.returncode == 0, r.stderr
+    # a budget that holds only part of the batch: refused after planning, naming what fits
+    np.savez(tmp_path / "w.npz", x=rng.standard_normal((512, 20000)).astype(np.float32),
+             y=rng.integers(0, 3, 512))
+    r = cli("export", "--model", f"{tmp_path / 'm.py'}:wide", "--input-shape", "4,20000",
+            "--out", tmp_path / "wide")
+    assert r.returncode == 0 and "other rows of its batch" in r.stdout + r.stderr, r.stderr
+    r = cli("train", tmp_path / "wide", "--data", tmp_path / "w.npz", "--batch", 512, "--budget",
+            "170MB", "--steps", 1, "--threads", 1, "--no-progress", "--out", tmp_path / "r4")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and re.search(
+        r"the budget holds micro-batch (\d+), which splits the batch of 512.*pass --batch \1$",
+        lines[0]), r.stdout + r.stderr
+    assert not (tmp_path / "r4").exists()
     # the trainer's own refusal (a micro-batch the budget guard would shrink to)
     from runtime.budget import _whole_batches
     from runtime.errors import UserError
