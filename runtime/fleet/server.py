@@ -1,7 +1,8 @@
 """The fleet server: Flower's FedAvg over Flower's gRPC server, evaluated by our runtime.
 
 Built from Flower's own parts, exactly as ``flwr.server.start_server`` assembles them:
-``start_grpc_server`` (the gRPC bidirectional-stream Fleet API), ``Server`` with a
+its gRPC bidirectional-stream Fleet API servicer (started by ``transport.start_server`` with
+Flower's options, accepting the clients' keepalive pings), ``Server`` with a
 ``SimpleClientManager``, the ``FedAvg`` strategy and ``run_fl`` (rounds, then a disconnect
 message to every client). Assembled here rather than through ``start_server`` so that the gRPC
 server is stopped on every way out (an error or a signal in the middle of a round would otherwise
@@ -14,6 +15,10 @@ dropped and tells its user why, instead of failing a round),
 a check of every returned tensor before averaging (a bad reply counts as a failure instead of
 breaking the average), the held-out evaluation of each aggregate, the run folder written after
 every round, and a client manager that waits a bounded time for ``--min-clients``.
+
+Why one module (~540 lines): ``run_server``'s strategy, client manager and summary are closures
+over one run's state (rounds done, the fleet's classes, the last aggregate); the reply and join
+checks beside it are what they call.
 """
 
 from __future__ import annotations
