@@ -589,6 +589,31 @@ def test_a_server_that_runs_out_of_clients_after_a_round_says_how_to_go_on(mlp_b
     assert (tmp_path / "fleet" / "params.npz").is_file()
 
 
+def test_a_client_of_a_fleet_run_that_failed_says_so(mlp_bundle, tmp_path):
+    """Session 42 probe: two clients, one lost after round 1, and the server failed (exit 2,
+    too few clients): the other client said "the fleet server ended the run; this client
+    trained 1 round(s)" and exited 0, a success to a fleet manager. It hears why the run
+    failed: one error line, exit 2."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 3, "--min-clients", 2,
+                          "--wait", 3)
+    victim = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2,
+                          name="victim")
+    other = start_client(tmp_path, mlp_bundle, port, 1, "digits", "--steps", 2)
+    try:
+        server.wait_for(r"^round 1: 2 clients trained")
+        victim.p.send_signal(signal.SIGKILL)
+        rc = server.finish()
+        other_rc = other.finish(timeout=30)
+    finally:
+        for p in (server, victim, other):
+            p.kill()
+    one_error_line(server.stderr(), rc, "only 1 of the 2 clients")
+    one_error_line(other.stderr(), other_rc, "stopped the run in failure after this client "
+                   "trained ", "the server said: only 1 of the 2 clients")
+    assert "the fleet server ended the run;" not in other.stdout(), other.stdout()
+
+
 def test_a_client_whose_server_stops_answering_says_so(mlp_bundle, tmp_path):
     """Session 42 probe: a server host that stopped (SIGSTOP here; a dropped network alike)
     kept the connection open and the client waited without a word for ever. Its pings go
@@ -641,7 +666,7 @@ def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
                      server.stdout(), re.M), server.stdout()
     assert waited < 20, (client_rc, waited, client.stdout(), client.stderr())
     one_error_line(client.stderr(), client_rc, "ended the run before this client trained or "
-                   "evaluated anything", "see the server's output")
+                   "evaluated anything", "the server said: only 1 of the 2 clients")
 
 
 def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):

@@ -302,6 +302,15 @@ def run_client(local: Local, address: str, steps: int, batch: int,
                     receive, send, disconnect, answer, flush):
                 while True:
                     message = receive()
+                    if isinstance(message, Query) and "fleet_failed" in message.config:
+                        answer({})  # (server.py _tell_ended: the run failed, after this
+                        flush(2.0)  # client's rounds, if any)
+                        raise UserError((
+                            f"the fleet server at {address} ended the run before this client "
+                            "trained or evaluated anything" if not served else
+                            f"the fleet server at {address} stopped the run in failure after "
+                            f"this client trained {local.rounds} round(s)") + "; the server "
+                            f"said: {message.config['fleet_failed']}")
                     if isinstance(message, Query):  # the server's check as this client joins
                         refusal = _refusal(message.config, local.signature, version)
                         if refusal is None:

@@ -400,9 +400,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     try:
         try:
             run_fl(server, ServerConfig(num_rounds=rounds - done, round_timeout=round_timeout))
-        except NotEnoughClients:  # the clients that did connect hear that the run ended (they
-            server.disconnect_all_clients(timeout=5)  # went on retrying for a minute)
-            raise
+        except UserError as exc:  # the clients that did connect hear that the run failed and
+            _tell_ended(manager, str(exc))  # why (session 42 probe: one that had trained a
+            server.disconnect_all_clients(timeout=5)  # round exited 0), then that it ended
+            raise  # (they went on retrying for a minute)
     except KeyboardInterrupt:
         raise FleetInterrupted(stopped["signal"] or signal.SIGINT,
                                done + state["saved"], out) from None
@@ -460,6 +461,26 @@ def _reply_problem(res, names: list[str], local: Local, to_arrays, to_parameters
     res.metrics = _numbers(res.metrics)
     return None
 
+
+
+def _tell_ended(manager, why: str) -> None:
+    """Tell every connected client that the run failed, and ``why`` (a ``get_properties``
+    carrying ``fleet_failed``; a client that does not answer within 5 s is not waited for)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flwr.common import GetPropertiesIns
+
+    def tell(proxy) -> None:
+        try:
+            proxy.get_properties(GetPropertiesIns(config={"fleet_failed": why}), timeout=5,
+                                 group_id=None)
+        except Exception:  # noqa: BLE001 - gone already: nothing to tell
+            pass
+
+    proxies = list(manager.all().values())
+    if proxies:
+        with ThreadPoolExecutor(max_workers=min(32, len(proxies))) as pool:
+            list(pool.map(tell, proxies))
 
 
 def _join_check(proxy, config: dict, signature: str, flwr_version: str,
