@@ -18,11 +18,12 @@ __all__ = ["broadcast_expand"]
 
 
 def broadcast_expand(d: Draft) -> None:
+    producers = d.bwd_producers()  # (kept current: the pass only removes Expands)
     for mul in list(d.bwd.nodes):
         if mul.op_type != "Mul" or len(mul.input) != 2:
             continue
         for k in (0, 1):
-            e = d.bwd_producer(mul.input[k])
+            e = producers.get(mul.input[k])
             if e is None or e.op_type != "Expand" or e.output[0] in d.protected:
                 continue
             if len(d.bwd_consumers(e.output[0])) != 1:
@@ -32,4 +33,5 @@ def broadcast_expand(d: Draft) -> None:
                 continue
             mul.input[k] = e.input[0]
             d.bwd.nodes.remove(e)
+            del producers[e.output[0]]
             break

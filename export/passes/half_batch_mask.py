@@ -111,13 +111,16 @@ def half_batch_mask(d: Draft) -> None:
     bits = d.notes.get("mask_bits", {})
     halves = d.notes.setdefault("half_concat", {})
     shapes = None
+    producers = d.bwd_producers()  # (looked up again after each split, which rewires)
     for mul in list(d.bwd.nodes):
         if mul.op_type != "Mul" or len(mul.input) != 2 or mul.output[0] in d.protected:
             continue
         for k in (0, 1):
             g, m = mul.input[k], mul.input[1 - k]
-            mm = d.bwd_producer(g)
-            if (m not in bits or mm is None or mm.op_type not in ("MatMul", "If")
+            if m not in bits:
+                continue
+            mm = producers.get(g)
+            if (mm is None or mm.op_type not in ("MatMul", "If")
                     or len(d.bwd_consumers(g)) != 1 or len(d.bwd_consumers(m)) != 1):
                 continue
             shapes = shapes or d.backward_shapes()
@@ -125,6 +128,7 @@ def half_batch_mask(d: Draft) -> None:
             if z is None:
                 continue
             _split(d, mul, k, mm, z, bits[m]["packed"], halves)
+            producers = d.bwd_producers()
             break
 
 
