@@ -348,8 +348,9 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
     import sys
 
     # what was read, in one line: rows and the label map (a misread label column shows here)
-    print("data: " + src.describe() + (f"; held out: {len(src.test):,} rows"
-                                       if src.test is not None else ""))
+    print(one_line("data: " + src.describe() + (  # (a path's or class's newline, escape codes)
+        f"; held out: {len(src.test):,} row{'s' if len(src.test) != 1 else ''}"
+        if src.test is not None else "")))
     shown = set()  # a --val-split's held-out part shares its file's report: said once
     for part in (src, src.test):
         said = part.problems.summary() if part is not None else None

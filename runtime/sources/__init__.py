@@ -161,6 +161,7 @@ def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
         if held.test is not None:
             raise UserError(f"--val {val} has _test arrays of its own; pass a file with just the "
                             "held-out rows (x, y)")
+        _note_shared_folders(train, held, val)
         if train.class_names is not None and held.class_names is not None and \
                 held.class_names != train.class_names:  # numbered as the training data's
             from ..data import relabelled  # (session 27 probe: the same names in another
@@ -175,6 +176,19 @@ def open_data(data: str | Path, manifest: Manifest, bundle_dir: str | Path, *,
         tr.test = va
         return tr
     return train
+
+
+def _note_shared_folders(train: Source, held: Source, val) -> None:
+    """Image folders read both for training and as held out (a link in one leads into the
+    other) are noted: the held-out figures then include training rows (session 43 probe: a link
+    in a class folder to the --val folder trained every held-out image, under that class's
+    label, without a word; the "--val is --data itself" note compares the two paths only)."""
+    shared = getattr(train, "_walked", set()) & getattr(held, "_walked", set())
+    if shared:
+        train.problems.note(f"folders read both as training images and as --val {val}'s (a "
+                            "link leads from one into the other): the held-out figures include "
+                            "training rows, and a link's images take its class folder's label",
+                            f"{len(shared)} folder{'s' if len(shared) > 1 else ''}")
 
 
 def preprocessing(image: ImageSpec, inputs: list[TensorSpec]) -> dict:

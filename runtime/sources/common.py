@@ -15,6 +15,8 @@ import numpy as np
 
 from contract.errors import UserError
 
+from .text_hints import shown_label
+
 Arrays = dict[str, np.ndarray]
 
 TEXT_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}
@@ -148,7 +150,7 @@ class Source:
     def describe(self) -> str:
         """One line: rows, classes, bad rows."""
         n = len(self)
-        s = f"{self.name}: {n:,} rows"
+        s = f"{self.name}: {n:,} row{'s' if n != 1 else ''}"
         if self.class_names is not None:
             names = ", ".join(self.class_names[:8]) + (", ..." if len(self.class_names) > 8
                                                         else "")
@@ -286,6 +288,9 @@ class _Labels:
                                 if _WHOLE_FLOAT.fullmatch(c)}
             self.given_names = [str(c) for c in class_names]
         self.seen: dict[str, int] = {}
+        self.skipped: list[str] = []  # class folders left out (no images): named in errors
+        self.forms: dict[str, set[str]] = {}  # '1' -> {'1.0', '1.00'}: whole floats read as 1
+        self.plain: set[str] = set()  # labels seen as written (beside forms: '1' and '1.0')
         self.unknown: dict[str, int] = {}  # labels not among the given names (a few hundred)
         self.ids = array.array("f" if regression else "i")
 
@@ -320,9 +325,17 @@ class _Labels:
             self.ids.append(i)
             return None
         if _WHOLE_FLOAT.fullmatch(raw):  # 1.0 is the label 1 (as in JSON), not a class of its own
-            raw = _whole(raw)
+            whole = _whole(raw)
+            forms = self.forms.setdefault(whole, set())
+            if len(forms) < 4:  # (named in the note: a few suffice)
+                forms.add(raw)
+            raw = whole
+        elif self.forms:
+            self.plain.add(raw)
         i = self.seen.get(raw)
         if i is None:
+            if raw not in self.forms:  # (a first sight before any whole float was)
+                self.plain.add(raw)
             if len(self.seen) >= max(MAX_LABELS, self.num_classes or 0):
                 if self.num_classes is not None and self.num_classes >= MAX_LABELS:
                     raise UserError(f"{self.where}: {self.column} has more than "
@@ -370,7 +383,11 @@ class _Labels:
             pos = {s: i for i, s in enumerate(names)}
             remap = np.asarray([pos[s] for s in keys], np.int32)
         if k is not None and len(names) != k:
-            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            shown = ", ".join(shown_label(n) for n in names[:6]) + (", ..." if len(names) > 6
+                                                                else "")
+            if self.skipped:  # (session 43 probe: an empty class folder went unnamed here)
+                shown += ("; left out, holding no PNG/JPEG files: "
+                          + ", ".join(shown_label(n) for n in self.skipped[:6]))
             has = "have" if self.column.endswith("folders") else "has"
             if len(names) > k and ids.size >= 20 and 2 * len(names) > ids.size and has == "has":
                 raise UserError(f"{self.where}: {self.column} has {len(names)} distinct values "
@@ -393,12 +410,16 @@ class _Labels:
 
         held = set(np.unique(ids).tolist()) if ids.size else set()
         missing = {n.lower(): n for i, n in enumerate(self.given_names) if i not in held}
-        pairs = []
+        cased = {n.lower(): n for n in self.given_names}  # (another case of any class: 'RED'
+        pairs = []  # on every other row of a --classes red run, a probe in session 43)
         for raw in sorted(self.unknown, key=lambda r: -self.unknown[r]):
-            near = [raw.lower()] if raw.lower() in missing else [] if (
-                len(raw) < 3 or raw.lstrip("+-").isdigit()) else (  # ('-1' is no typo of '1':
-                difflib.get_close_matches(raw.lower(), list(missing), n=1, cutoff=0.6))  # a review)
-            if near:
+            if raw.lower() in cased:
+                pairs.append(f"{raw!r} may be {cased[raw.lower()]!r}")
+                missing.pop(raw.lower(), None)
+                continue
+            near = [] if (len(raw) < 3 or raw.lstrip("+-").isdigit()) else (  # ('-1' is no
+                difflib.get_close_matches(raw.lower(), list(missing), n=1, cutoff=0.6))  # typo
+            if near:  # of '1': a review)
                 pairs.append(f"{raw!r} may be {missing.pop(near[0])!r}")
         if pairs:
             shown = ", ".join(pairs[:4]) + (", ..." if len(pairs) > 4 else "")
@@ -410,8 +431,10 @@ class _Labels:
         class, the number (an integer label is its own class id): said, naming them (session
         31 probe: class folders 0 1 01 2 trained as 3 classes without a word)."""
         spellings: dict[int, list[str]] = {}
-        for s, v in zip(keys, values, strict=True):
-            spellings.setdefault(v, []).append(s)
+        for s, v in zip(keys, values, strict=True):  # (1.0 beside 1: a probe, session 43)
+            forms = sorted(self.forms.get(s, ()))
+            spellings.setdefault(v, []).extend(([s] if s in self.plain or not forms else [])
+                                               + forms)
         for v, written in sorted(spellings.items()):
             if len(written) > 1 and self.problems is not None:
                 self.problems.note("number(s) written in different ways and read as one class, "

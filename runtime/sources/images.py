@@ -139,6 +139,7 @@ class ImageSource(Source):
         for c in empty:  # e.g. an empty class folder
             self.problems.ignore("folder without PNG/JPEG files", c)
         classes = [c for c in classes if c not in empty and c not in ours]
+        labels.skipped = empty
         if not classes:
             raise UserError(no_classes(self.root, empty, loose))
         refuse_splits(self.root, classes)

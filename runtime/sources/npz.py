@@ -474,8 +474,13 @@ def open_npz(path: str | Path, inputs: list[TensorSpec], loss: LossSpec, *,
         k = key_for(n, "")
         if k is None:
             want = f"'{n}'" + (" (or 'x')" if len(names) == 1 and n != "x" else "")
+            near = next((a for a in arrays if a.lower() == n.lower() or (
+                len(names) == 1 and a.lower() == "x")), None)  # ('X': a session 43 probe)
             raise UserError(f"data file {path} lacks array {want} for model input '{n}'; it "
-                            f"has: {have}")
+                            f"has: {have}; " + (f"save '{near}' under the name '{n}'" if near
+                                                else f"save the inputs under the name '{n}'" + (
+                                                    f" (np.savez(..., {n}=inputs, y=labels))"
+                                                    if n.isidentifier() else "")))
         keys[n] = k
     if "y" not in arrays:
         alias = next((k for k in ("labels", "label", "targets", "target") if k in arrays), None)

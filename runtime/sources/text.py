@@ -27,7 +27,15 @@ from .common import (
     _nothing_usable,
     _pread_exact,
 )
-from .text_hints import _format_hint, _is_gzip, _refuse_utf16, _to_utf8, label_misfit, misfit_way
+from .text_hints import (
+    _format_hint,
+    _is_gzip,
+    _refuse_utf16,
+    label_misfit,
+    misfit_way,
+    swallows,
+    utf8_way,
+)
 from .tsv import TsvReader, record_row
 
 
@@ -122,7 +130,7 @@ class TextSource(Source):
         self.lengths = np.frombuffer(lengths, np.int32)
         if not self.offsets.size:
             cols = (f"--text-column '{text_column}' / --label-column '{label_column}'")
-            hint = (f"save the file as UTF-8 ({_to_utf8(self.path)})"
+            hint = (f"save the file as UTF-8 ({utf8_way(self.path, self._wide)})"
                     if "not valid UTF-8" in self.problems.counts else f"check the file and {cols}")
             if self._first_keys is not None and ("missing text" in self.problems.counts
                                                  or "missing label" in self.problems.counts):
@@ -151,7 +159,7 @@ class TextSource(Source):
             raise UserError(f"{self.path}: {misfit}")
         if "not valid UTF-8" in self.problems.counts:  # part of the file: its rows are lost
             self.problems.hints.append(f"to keep the rows that are not UTF-8, save the file "
-                                       f"as UTF-8 ({_to_utf8(self.path)})")
+                                       f"as UTF-8 ({utf8_way(self.path, self._wide)})")
         try:
             self.labels, self.class_names = labels.finish()
         except UserError as exc:  # rows left out as not UTF-8 may hold the missing classes
@@ -159,7 +167,7 @@ class TextSource(Source):
                 raise
             raise UserError(f"{exc} ({self.problems.counts['not valid UTF-8']:,} rows that are "
                             f"not valid UTF-8 were left out: save the file as UTF-8, "
-                            f"{_to_utf8(self.path)})") from None
+                            f"{utf8_way(self.path, self._wide)})") from None
         self.max_record = int(self.lengths.max())
         from .tokens import TokenCache
 
@@ -169,6 +177,7 @@ class TextSource(Source):
     # ------------------------------------------------------------------ index pass
     def _index(self, labels: _Labels) -> tuple[array.array, array.array, int]:
         starts, lengths = array.array("q"), array.array("i")
+        self._wide = False  # a row read as UTF-8 holds more than ASCII (utf8_way)
         try:
             f = open(self._file.path, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
@@ -180,6 +189,7 @@ class TextSource(Source):
                 with _CsvLimit():
                     rows = self._index_csv(f, labels, starts, lengths)
         return starts, lengths, rows
+
 
     def _lines(self, f) -> Iterator[tuple[bytes | None, int]]:
         """The file's lines as (bytes, size), a line longer than ``MAX_RECORD_BYTES`` as
@@ -246,6 +256,7 @@ class TextSource(Source):
             except (json.JSONDecodeError, RecursionError, ValueError):
                 self.problems.bad("not valid JSON", where)
                 continue
+            self._wide = self._wide or not raw.isascii()
             if not isinstance(obj, dict):
                 self.problems.bad("not a JSON object", where)
                 continue
@@ -290,6 +301,9 @@ class TextSource(Source):
                 except UnicodeDecodeError:
                     state["bad_utf8"] = True
                     line = raw.decode("utf-8", "replace")
+                else:
+                    if not self._wide and not raw.removeprefix(b"\xef\xbb\xbf").isascii():
+                        self._wide = True
                 # a byte order mark goes before the parser reads the header: seen by it, a
                 # quoted first name ('\ufeff"text"', as PowerShell writes) was not one
                 yield line[1:] if state["line"] == 1 and line.startswith("\ufeff") else line
@@ -341,6 +355,9 @@ class TextSource(Source):
         self._col = ti = cols[self.text_column]
         li = cols[self.label_column]
         ncols = len(header)
+        named = ncols  # a header ending in a comma (`text,label,`) names no last column: rows
+        while named > 1 and not header[named - 1]:  # without that empty cell are whole (a
+            named -= 1  # session 43 probe: 300 of 300 rows "wrong number of columns")
         if tsv is not None:
             tsv.ncols = ncols
         rows = 0
@@ -378,6 +395,11 @@ class TextSource(Source):
                 continue
             end = state["pos"]
             where = _lines_at(line, state["line"])
+            if state["line"] > line and tsv is None and swallows(
+                    row, ncols, li, labels.seen if labels.given is None else labels.given,
+                    self.delimiter):
+                self.problems.note("a quoted field holds lines that read as whole rows (a stray "
+                                   "quote? a field that starts with \" is quoted)", where)
             rec_start, start, line = start, end, state["line"] + 1
             if state["long"] or end - rec_start > MAX_RECORD_BYTES:
                 rows += 1
@@ -390,10 +412,10 @@ class TextSource(Source):
             if state["bad_utf8"]:
                 self.problems.bad("not valid UTF-8", where)
                 continue
-            if len(row) != ncols:
+            if len(row) != ncols and not named <= len(row) < ncols:
                 self.problems.bad("wrong number of columns", f"{where}: {len(row)} of {ncols}")
                 continue
-            if [c.strip().lstrip("\ufeff") for c in row] == header:  # `cat a.csv b.csv`
+            if [c.strip().lstrip("\ufeff") for c in row] == header[:len(row)]:  # `cat a.csv b.csv`
                 self.problems.bad("the header row repeated (files joined?)", where)
                 continue
             if not row[ti].strip():
