@@ -816,10 +816,13 @@ def _cmd_train(a) -> int:
         # failed run, and an --overwrite puts the previous run back (session 28 probe: a second
         # SIGTERM in the first step deleted the run it replaced)
         ok = exc.checkpoint is not None
-        if not ok:
-            folder.finish(False)
+        folder.finish(ok, keep_aside=True)  # (session 43 probe: SIGTERM after step 1 of an
+        # --overwrite dropped the finished run it replaced without a word)
         say_err(str(exc) + (f"; the previous run in '{out}' is back in place"
-                            if folder.restored else ""))
+                            if folder.restored else
+                            f"; the run it replaces stays in '{folder.kept_aside}' until this "
+                            "one is resumed (move its files back instead to keep it)"
+                            if folder.kept_aside is not None else ""))
         return exc.exit_code
     except FinalWriteError as exc:  # (a session 35 probe: an --overwrite put the old run back
         # and the line sent the user to this run's removed checkpoint)

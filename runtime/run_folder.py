@@ -1,6 +1,10 @@
 """The ``--out`` folder of one training run (``runtime/run.py`` runs it): what it may hold, how
 ``--resume`` / ``--overwrite`` treat an earlier run in it, and how a signal before training
-begins puts it back as it was."""
+begins puts it back as it was.
+
+Why one module (530 lines): :class:`RunFolder`'s prepare, finish and signal handler share one
+state (what the folder held, the run set aside, a signal waiting while files move); split, each
+part would reach into the others' fields."""
 
 from __future__ import annotations
 
@@ -130,6 +134,9 @@ class RunFolder:
         self.path = Path(path)
         self.identity = identity
         self._replaced: Path | None = None  # the old run's files while the new one runs
+        self._stale: list[Path] = []  # set aside by an interrupted --overwrite whose
+        # replacement checkpointed: dropped once this run stands (finish(ok)), kept otherwise
+        self.kept_aside: Path | None = None  # finish(keep_aside=True) left the old run there
         self._before: set[str] = set()  # the RUN_FILES the folder held before (kept on a stop)
         self._made_folder = False  # prepare created the folder itself
         self._handlers: dict[int, object] = {}  # the handlers replaced while start-up runs
@@ -179,10 +186,8 @@ class RunFolder:
             # checkpoints there are the old run's own (a set-aside cut short)
             if (newest_checkpoint(p / "checkpoints") is not None
                     and (p / "run.json").exists()):
-                shutil.rmtree(old, ignore_errors=True)
-                print(f"note: '{p}': removed the run that an interrupted --overwrite had set "
-                      f"aside ({old.name}); its replacement has checkpoints", file=sys.stderr)
-                continue
+                self._stale.append(old)  # (dropped by finish once this run stands: a session
+                continue  # 43 probe's resume refused for its --lr had deleted it first)
             try:
                 for q in sorted(old.iterdir(), key=lambda q: q.name == "checkpoints"):
                     target = p / q.name
@@ -332,14 +337,23 @@ class RunFolder:
         return ("bundle_sha256" in identity or identity.get("format") == "instant-runtime-run"
                 or has_checkpoints(self.path / "checkpoints"))
 
-    def finish(self, ok: bool) -> None:
+    def finish(self, ok: bool, keep_aside: bool = False) -> None:
         """After the run: drop the replaced run's files (``ok``), or remove what the failed run
-        wrote and put them back. Signals taken by :meth:`prepare` are given back. Once: a
-        second call does nothing."""
+        wrote and put them back; ``keep_aside`` (a run interrupted after its first checkpoint:
+        it stands, to be resumed) leaves them set aside (``kept_aside``) for the run that
+        resumes it to drop, or the user to move back. Signals taken by :meth:`prepare` are
+        given back. Once: a second call does nothing."""
         if self._finished:
             return
         self._finished = True
         old, self._replaced = self._replaced, None
+        if ok and not keep_aside:
+            for stale in self._stale:  # this run stands: the older run's replacement went on
+                shutil.rmtree(stale, ignore_errors=True)
+                print(f"note: '{self.path}': removed the run that an interrupted --overwrite "
+                      f"had set aside ({stale.name}); its replacement went on", file=sys.stderr)
+        if ok and keep_aside and old is not None:
+            self.kept_aside, old = old, None
         self._busy = True  # a signal now waits: a restore cut half way would lose files
         try:
             if ok and self._identity_due and self.path.is_dir():

@@ -1215,14 +1215,19 @@ def test_a_run_set_aside_by_a_killed_overwrite_is_put_back(mlp_bundle, tmp_path,
     assert not old.exists() and (out / "params.npz").read_bytes() == b"old params"
     assert (out / "checkpoints" / "ckpt-000002.npz").read_bytes() == b"old"
     assert "stub" not in (out / "run.json").read_text()
-    # a replacement that checkpointed stands; the set-aside run goes
+    # a replacement that checkpointed stands; the set-aside run goes once a run goes on from
+    # it, not before (session 43 probe: a resume then refused for its --lr had deleted it)
     old.mkdir()
     (old / "params.npz").write_bytes(b"older")
     rf = _folder(mlp_bundle, out)
     rf.prepare(resume=True, overwrite=False)
+    rf.finish(False)  # refused after the folder's checks
+    assert (old / "params.npz").read_bytes() == b"older"
+    rf = _folder(mlp_bundle, out)
+    rf.prepare(resume=True, overwrite=False)
     rf.finish(True)
     assert not old.exists() and (out / "params.npz").read_bytes() == b"old params"
-    assert "its replacement has checkpoints" in capsys.readouterr().err
+    assert "its replacement went on" in capsys.readouterr().err
 
 
 def test_out_folder_holding_other_files_is_refused(mlp_bundle, tmp_path):
@@ -1296,6 +1301,50 @@ def test_signal_during_start_up_puts_the_replaced_run_back(sig, mlp_bundle, tmp_
     assert folder_bytes(out) == before
     assert sorted(f.name for f in out.iterdir()) == ["checkpoints", "metrics.jsonl",
                                                       "params.npz", "summary.json"]
+
+
+def test_a_signal_after_an_overwrites_first_checkpoint_keeps_the_run_it_replaces(
+        mlp_bundle, tmp_path):
+    """Session 43 probe: SIGTERM after step 1 of an --overwrite ended it as an interrupted run
+    to resume, and the finished run it replaced was deleted without a word. It stays set aside
+    (the line says where) until the new run is resumed; a resume refused for its options keeps
+    it too; the resume that goes on drops it, with a note."""
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 10, checkpoint_every=5)
+    before = folder_bytes(out)
+    opts = ("--mode", "vanilla", "--overwrite", "--checkpoint-every", 1, "--lr", 0.01)
+    proc = start(mlp_bundle, out, "--steps", 10**6, *opts)
+    try:
+        t0 = time.monotonic()
+        while latest_step(out) < 1 or not any(f.name.startswith(".replaced.")
+                                              for f in out.iterdir()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 60, "the new run never checkpointed"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    aside = next(f for f in out.iterdir() if f.name.startswith(".replaced."))
+    assert f"the run it replaces stays in '{aside}' until this one is resumed" in stderr, stderr
+    assert folder_bytes(aside) == before
+    step = latest_step(out)
+    resume = ("--resume", "--steps", step + 2, "--mode", "vanilla", "--checkpoint-every", 1)
+    r = run_cli(mlp_bundle, out, *resume, "--lr", 5)  # refused: another --lr
+    assert r.returncode == 2 and "--lr" in r.stderr, r.stderr
+    assert folder_bytes(aside) == before
+    r = run_cli(mlp_bundle, out, *resume, "--lr", 0.01)
+    assert r.returncode == 0, r.stderr
+    assert not aside.exists() and "its replacement went on" in r.stderr, r.stderr
+
+
+def run_cli(bundle: Path, out: Path, *args: object) -> subprocess.CompletedProcess:
+    p = start(bundle, out, *args)
+    stdout, stderr = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
 
 
 def test_two_signals_in_the_first_step_of_an_overwrite_lose_nothing(cnn_bundle, tmp_path):
