@@ -207,14 +207,14 @@ class Checkpointer:
                     f"cannot write the checkpoint pointer {self.folder / POINTER}: "
                     f"{exc.strerror or exc.__class__.__name__}",
                     f"the checkpoint {final} itself was written (a --resume finds it)",
-                    "free space or pass another --out" if exc.errno in (errno.ENOSPC,
+                    "free space, then --resume" if exc.errno in (errno.ENOSPC,
                                                                          errno.EDQUOT)
                     else f"check what is in the way in '{self.folder}'") from None
             raise CheckpointWriteError(
                 f"cannot write checkpoint {final}: {exc.strerror or exc.__class__.__name__}"
                 f"{where}",
                 self._last_good(final),
-                "free space or pass another --out" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                "free space, then --resume" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
                 else f"check what is in the way in '{self.folder}' (a folder where a file "
                      "goes, permissions) or pass another --out") from None
         self._prune({e["file"] for e in kept})

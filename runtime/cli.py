@@ -831,8 +831,10 @@ def _cmd_train(a) -> int:
     except CheckpointWriteError as exc:
         folder.finish(False)
         if folder.restored:  # the checkpoint it names was this run's, now removed
+            way = ("free space, then run the same command again"
+                   if exc.way == "free space, then --resume" else exc.way)  # (nothing to resume)
             raise UserError(f"{exc.what}; this run's files were removed and the previous run "
-                            f"in '{out}' is back in place; {exc.way}") from None
+                            f"in '{out}' is back in place; {way}") from None
         raise
     finally:
         folder.finish(ok)  # a failed --overwrite run puts the old run back

@@ -72,8 +72,10 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     elif src_weights is not None:
         found = [d for d in [src.parent, *_run_bundle(src)] if (d / "manifest.json").is_file()]
         if not found:
-            raise UserError(f"run directory '{src}' is not inside a bundle; pass the bundle with "
-                            "--bundle DIR")
+            damaged = (src / "run.json").is_file() and not json_object(src / "run.json")
+            raise UserError(f"run directory '{src}' is not inside a bundle" + (
+                " and its run.json, which names the bundle, is unreadable" if damaged else "")
+                + "; pass the bundle with --bundle DIR")
         # the bundle the run trained (its manifest's hash), not one of the same name
         bdir = next((d for d in found if want is None or want in bundle_ids(d)), found[0])
     else:

@@ -639,8 +639,10 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
             s.test_loss, s.test_acc = last_eval[1:]
         else:
             s.test_loss, s.test_acc = guard.run(lambda: trainer.evaluate(test, cfg.eval_batch))
-            metrics.write("eval", step=trainer.step_count, split="val", loss=s.test_loss,
-                          accuracy=s.test_acc)
+            kept = metrics.kept_last or {}  # (resumed at the last step, whose --eval-every
+            if not (kept.get("kind") == "eval" and kept.get("step") == trainer.step_count):
+                metrics.write("eval", step=trainer.step_count, split="val", loss=s.test_loss,
+                              accuracy=s.test_acc, final=True)  # line is kept: once)
     if out is not None:
         trainer.sync_to_host()
         _check_weights(trainer, {f"param/{k}": v for k, v in trainer.params.items()}, good_ckpt)

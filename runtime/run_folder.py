@@ -298,7 +298,7 @@ class RunFolder:
         self._busy = True  # a signal waits: one between write and unlink left the probe
         try:
             for folder in (p, p / "checkpoints"):
-                _check_writable(folder, p)
+                _check_writable(folder, p, resume and bool(existing))
         finally:
             self._busy = False
             if self._pending is not None:  # the signal first, whether the probe failed
@@ -308,6 +308,11 @@ class RunFolder:
         # so does a resume that finds no checkpoint (it starts afresh, with these options)
         self._identity_due = (not (p / "run.json").exists()
                               or (resume and newest_checkpoint(p / "checkpoints") is None))
+        if resume and existing and not self._identity_due and not json_object(p / "run.json"):
+            print(f"warning: '{p / 'run.json'}' is unreadable (not a JSON object); this resume "
+                  "writes it again from its options once it has run", file=sys.stderr)
+            self._identity_due = True  # (session 43 probe: it stayed damaged, and export-model
+            # then called the run "not inside a bundle")
         if self._identity_due and not (resume and existing):
             self._write_identity()
 
@@ -508,8 +513,10 @@ def hold_folder(folder: Path, busy: str, lock_file: str | None = None) -> int:
     return fd
 
 
-def _check_writable(folder: Path, out: Path) -> None:
-    """Make ``folder`` and write and remove a probe file in it (UserError where that fails)."""
+def _check_writable(folder: Path, out: Path, resuming: bool = False) -> None:
+    """Make ``folder`` and write and remove a probe file in it (UserError where that fails;
+    ``resuming`` a run there, the way out is to make room, not another --out, which would
+    start from step 0: a session 43 probe)."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"cannot write checkpoints to '{folder}': it is a file; remove it or "
                         "pass another --out")
@@ -521,8 +528,9 @@ def _check_writable(folder: Path, out: Path) -> None:
         finally:  # (a full disk left it behind: a session 35 probe)
             probe.unlink(missing_ok=True)
     except OSError as exc:
-        raise UserError(f"--out '{out}' is not writable ({exc.strerror or exc}); pass another "
-                        "--out") from None
+        raise UserError(f"--out '{out}' is not writable ({exc.strerror or exc}); " + (
+            "free space or make it writable, then --resume again (another --out would start "
+            "from step 0)" if resuming else "pass another --out")) from None
 
 
 def _nonempty_dir(path: Path) -> bool:

@@ -49,8 +49,9 @@ class Metrics:
                  way_out=None) -> None:
         self._f = None
         self.path, self.last_good, self.way_out = path, last_good, way_out
+        self.kept_last: dict | None = None  # the last event with a step the resume kept
         if path is not None and resumed_at is not None:
-            _cut_after(path, resumed_at, key)
+            self.kept_last = _cut_after(path, resumed_at, key)
         elif path is not None and fresh:  # a run from step 0: what an attempt before it wrote
             _empty(path)  # goes (a --resume that found no checkpoint kept it: steps twice)
         if path is not None:
@@ -151,7 +152,7 @@ def logged_first_loss(path: Path, window: int) -> float | None:
     return sum(found.values()) / window if window and len(found) == window else None
 
 
-def _cut_after(path: Path, step: int, key: str = "step") -> None:
+def _cut_after(path: Path, step: int, key: str = "step") -> dict | None:
     """Truncate ``path`` after its last whole event of ``step`` or before (its ``key`` field: a
     fleet server's rounds.jsonl counts rounds), read from the end: what follows it (events of
     later steps and the events of no step after them, a half line, a tail of NULs a crash left)
@@ -161,10 +162,11 @@ def _cut_after(path: Path, step: int, key: str = "step") -> None:
     try:
         st = os.lstat(path)
     except OSError:
-        return  # none yet (or unreadable: opening it for append says so)
+        return None  # none yet (or unreadable: opening it for append says so)
     if not stat.S_ISREG(st.st_mode):
-        return
+        return None
     keep = end = st.st_size
+    last = None  # the last event kept that has a step: returned
     with open(path, "rb") as f:
         while end > 0:
             start = _line_start(f, end)
@@ -177,9 +179,14 @@ def _cut_after(path: Path, step: int, key: str = "step") -> None:
                 except ValueError:
                     pass
             s = event.get(key) if isinstance(event, dict) else None
-            if not isinstance(event, dict) or (isinstance(s, int) and s > step):
-                keep = start  # a later step's event, or not an event (a half line, NULs)
+            if not isinstance(event, dict) or (isinstance(s, int) and s > step) or (
+                    s == step and event.get("final") is True) or event.get("kind") == "summary":
+                keep = start  # a later step's event, or not an event (a half line, NULs), or
+                # the final evaluation after the checkpoint and the run's summary, which the
+                # resume writes again (a session 43 probe: a kill before summary.json, then
+                # two eval lines of step 300)
             elif isinstance(s, int):
+                last = event
                 break
             # else an event of no step (a run's summary, its plan): it goes with the events
             # after it (session 33 probe: a finished run resumed from an older checkpoint kept
@@ -187,6 +194,7 @@ def _cut_after(path: Path, step: int, key: str = "step") -> None:
             end = start
     if keep < st.st_size:
         os.truncate(path, keep)
+    return last
 
 
 MAX_EVENT_BYTES = 1 << 20  # a longer "line" is not an event (the ranks of 10^4 layers: ~1 MB)

@@ -446,7 +446,16 @@ def test_a_full_disk_in_an_overwrite_says_the_previous_run_is_back(cli, mlp_bund
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert "No space left on device; this run's files were removed and the previous run in" \
         in lines[0] and "is intact" not in lines[0], lines[0]
+    assert lines[0].endswith("free space, then run the same command again"), lines[0]
     assert (out / "params.npz").read_bytes() == before
+    # without an --overwrite the way out is to make room and resume (session 43 probe: "pass
+    # another --out" started from step 0)
+    r = subprocess.run([sys.executable, "-c", code, "train", str(mlp_bundle), "--out",
+                        str(tmp_path / "new"), *map(str, QUIET), "--mode", "vanilla", "--steps",
+                        "20", "--checkpoint-every", "5"], capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and r.stderr.strip().endswith("free space, then --resume"), \
+        r.stderr[-2000:]
 
 
 def test_corrupt_latest_falls_back_to_the_previous_one(mlp_bundle, tmp_path, capsys) -> None:
@@ -1821,3 +1830,66 @@ def test_a_stop_signal_while_a_graph_loads_is_an_interruption_not_a_damaged_bund
     with pytest.raises(TrainingInterrupted) as got:
         tr.open_sessions()
     assert got.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_a_resume_into_a_full_disk_says_to_make_room_not_another_out(mlp_bundle, tmp_path,
+                                                                      monkeypatch):
+    """Session 43 probe: a --resume into a full (or read-only) --out was told "pass another
+    --out", and that resume started from step 0. A resume is told to make room and resume;
+    a new run still to pass another --out."""
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 4, checkpoint_every=2)
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name.startswith(".write-test."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(UserError, match=r"not writable \(No space left on device\); free space "
+                                        r"or make it writable, then --resume again"):
+        _folder(mlp_bundle, out).prepare(resume=True, overwrite=False)
+    with pytest.raises(UserError, match=r"not writable \(No space left on device\); pass "
+                                        r"another --out"):
+        _folder(mlp_bundle, tmp_path / "new").prepare(resume=False, overwrite=False)
+
+
+def test_a_damaged_run_json_is_said_and_written_again_by_a_resume(mlp_bundle, tmp_path, capsys):
+    """Session 43 probe: a run.json reading `{bad` was resumed without a word and left damaged;
+    export-model then called the run "not inside a bundle"."""
+    from runtime.export_model import resolve_source
+
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 4, checkpoint_every=2)
+    (out / "run.json").write_text("{bad")
+    with pytest.raises(UserError, match=r"not inside a bundle and its run.json, which names the "
+                                        r"bundle, is unreadable; pass the bundle with --bundle"):
+        resolve_source(out)
+    rf = _folder(mlp_bundle, out)
+    rf.prepare(resume=True, overwrite=False)
+    assert "run.json' is unreadable (not a JSON object); this resume writes it again" in \
+        capsys.readouterr().err
+    rf.finish(True)
+    assert json.loads((out / "run.json").read_text())["bundle_sha256"]
+
+
+def test_a_run_killed_before_its_summary_logs_its_final_evaluation_once(mlp_bundle, tmp_path):
+    """Session 43 probe: a kill after params.npz, before summary.json, then --resume: the
+    resumed run evaluated again and metrics.jsonl held two eval lines of the last step (an
+    unbroken run has one). The final evaluation's line is cut back with what follows the
+    checkpoint; a periodic one at that step stays."""
+    def evals(out: Path) -> list[dict]:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [e for e in map(json.loads, lines) if e.get("kind") == "eval"]
+
+    for every in (0, 10):
+        out = tmp_path / f"run{every}"
+        _train(mlp_bundle, out, 10, checkpoint_every=5, eval_every=every)
+        whole = evals(out)
+        (out / "summary.json").unlink()  # killed before it was written
+        _, s = _train(mlp_bundle, out, 10, checkpoint_every=5, eval_every=every, resume=True)
+        assert s.resumed_from == 10
+        again = evals(out)
+        assert [e["step"] for e in again] == [e["step"] for e in whole] == [10], again
+        assert again[0]["loss"] == whole[0]["loss"]
