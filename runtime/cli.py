@@ -866,6 +866,11 @@ def trained_source(bundle, weights: Path | None, flag: str):
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
         run_src = weights
         weights = trained_weights(weights, flag)
+        if (run_src / "manifest.json").is_file() and weights.name == "params.npz" and \
+                weights.parent == run_src:  # (session 43 probe: taken without a word)
+            print(f"note: {flag} '{run_src}' is a bundle folder: its own weights are the "
+                  "initial, untrained ones; pass a run folder (or its params.npz) for trained "
+                  "weights", file=sys.stderr)
     elif weights is not None and weights.name == "latest" and weights.parent.name == "checkpoints":
         from .checkpoint import newest_intact  # the newest checkpoint that reads whole
 

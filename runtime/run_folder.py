@@ -97,6 +97,9 @@ def check_out_path(p: Path, what: str, default: str = "") -> None:
     if (p / "manifest.json").exists():
         raise UserError(f"--out '{p}' is a bundle folder: {what} there would replace the "
                         f"bundle's own files; pass another --out{default}")
+    if p.is_symlink() and not p.exists():  # (session 43 probe: "File exists")
+        raise UserError(f"--out '{p}' is a symbolic link to '{os.readlink(p)}', which does not "
+                        "exist; create that folder, or pass another --out")
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
             raise UserError(f"--out '{p}' cannot be created: '{parent}' is a file; pass "

@@ -1893,3 +1893,20 @@ def test_a_run_killed_before_its_summary_logs_its_final_evaluation_once(mlp_bund
         again = evals(out)
         assert [e["step"] for e in again] == [e["step"] for e in whole] == [10], again
         assert again[0]["loss"] == whole[0]["loss"]
+
+
+def test_a_dangling_link_as_out_and_a_bundle_as_init_from_are_said(mlp_bundle, tmp_path, capsys):
+    """Session 43 probe: `--out` a symbolic link to a missing place was refused as "File
+    exists"; `--init-from BUNDLE` started from the bundle's untrained weights without a word."""
+    from runtime.bundle import open_bundle
+    from runtime.cli import trained_source
+
+    link = tmp_path / "L"
+    link.symlink_to(tmp_path / "nowhere" / "x")
+    with pytest.raises(UserError, match=r"is a symbolic link to '.*nowhere/x', which does not "
+                                        r"exist; create that folder, or pass another --out"):
+        _folder(mlp_bundle, link).prepare(resume=False, overwrite=False)
+    weights, *_ = trained_source(open_bundle(mlp_bundle), mlp_bundle, "--init-from")
+    assert weights == mlp_bundle / "params.npz"
+    assert "is a bundle folder: its own weights are the initial, untrained ones" in \
+        capsys.readouterr().err
