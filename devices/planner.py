@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-__all__ = ["BudgetError", "MemoryModel", "Plan", "balanced", "larger_micro_batch", "make_plan",
+__all__ = ["BudgetError", "MemoryModel", "Plan", "balanced", "budget_mb", "larger_micro_batch",
+           "make_plan",
            "plan_at", "smaller_micro_batch"]
 
 
@@ -112,6 +113,12 @@ class Plan:
                        eval_micro_batch=min(self.eval_micro_batch or m, m), saved_budget=saved)
 
 
+def budget_mb(n: int | float) -> str:
+    """A budget in MB as given: whole where it is (256), else to the kB (85.9; session 43 probe:
+    "budget 86 MB is below the minimum" of --budget 85.9MB, where 86MB trained)."""
+    return f"{n / 1e6:.3f}".rstrip("0").rstrip(".")
+
+
 def _largest(fits, lo: int, hi: int) -> int | None:
     """Largest m in [lo, hi] with fits(m) true, assuming fits is monotone (true then false)."""
     if hi < lo or not fits(lo):
@@ -179,7 +186,7 @@ def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Pla
                f"frozen weights read {model.frozen / 1e6:.0f} MB, onnxruntime working memory "
                f"{max(model.arena_step(1, model.saved_min), model.arena_calib(1)) / 1e6:.0f} MB")
         raise BudgetError(
-            f"budget {budget / 1e6:.0f} MB is below the minimum {need / 1e6 + 1:.0f} MB for this "
+            f"budget {budget_mb(budget)} MB is below the minimum {need / 1e6 + 1:.0f} MB for this "
             f"bundle ({why}); raise --budget to at least {need / 1e6 + 1:.0f}MB",
             need=int(need), why=why)
     return plan_at(model, budget, balanced(batch, m), instant)  # fits: it is no larger

@@ -44,6 +44,7 @@ from devices.planner import (
     BudgetError,
     MemoryModel,
     Plan,
+    budget_mb,
     larger_micro_batch,
     make_plan,
     plan_at,
@@ -473,23 +474,26 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
     why = f" ({exc.why})"
     device = device_given()
 
-    def beyond(stated: float) -> str:  # a way out past the device's RAM is none (session 34)
-        if device is None or stated <= device[1]:
+    def beyond(stated: float, guess: bool = False) -> str:  # a way out past the device's RAM
+        if device is None or stated <= device[1]:  # is none (session 34)
             return ""
+        if guess:  # (session 43 probe: a guess called the device too small; 320 MB then ran)
+            return (f"; that guess is more than the {device[1] / 1e6:.0f} MB of RAM of profile "
+                    f"'{device[0]}', and a budget below it may do: if none does, train fewer "
+                    "layers on that device (export --trainable)")
         return (f"; that is more than the {device[1] / 1e6:.0f} MB of RAM of profile "
-                f"'{device[0]}': on that device, train fewer layers (export --trainable) or "
-                "with a smaller --batch")
+                f"'{device[0]}': on that device, train fewer layers (export --trainable)")
     if not exc.need:  # a probe at micro-batch 1 alone passed the budget
         # twice what is known to be taken before any step (the first probe's own need: sessions
         # and activations come on top; MiniLM: 73 MB known, 116 MB needed)
         hint = max(2 * budget, 2 * exc.floor)
-        return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle"
+        return UserError(f"budget {budget_mb(budget)} MB is below the minimum for this bundle"
                          f"{why}: a planning probe alone passed it; raise --budget well "
                          f"above it, e.g. to {math.ceil(hint / 1e6)}MB, a generous guess (the "
                          "probes stop at the budget, so how far was not measured; "
                          + ("or evaluate without --budget)" if evaluating else
                             "`instant-runtime plan` without --budget estimates the minimum)")
-                         + beyond(hint) + _or_vanilla(mode, resuming))
+                         + beyond(hint, guess=True) + _or_vanilla(mode, resuming))
     # the estimate with headroom, whatever budget was tried (session 34 probe: stated as
     # MIN_FACTOR x the refused budget, each refusal at the stated figure asked 25 % more);
     # only where that is not above this budget (the probes missed part of the need) it asks
@@ -497,7 +501,7 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
     need = exc.need * MIN_FACTOR
     if need <= budget:
         need = budget * MIN_FACTOR
-    return UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle{why}; "
+    return UserError(f"budget {budget_mb(budget)} MB is below the minimum for this bundle{why}; "
                      f"raise --budget to {math.ceil(need / 1e6)}MB (the probes' estimate with "
                      f"{MIN_FACTOR - 1:.0%} headroom: one between the two may fit too)"
                      + beyond(need) + _or_vanilla(mode, resuming))
@@ -687,9 +691,12 @@ def _step_up(plan: Plan, check: dict, batch: int, forked, validate,
     (session 31: onnxruntime took a weight's size, 139 MB, more at micro-batch 8 than at 2 for
     a 4096×8192 Linear, cause not traced; a run that fitted at micro-batch 32 under 1000 MB
     was planned at 6 under 1040, 2.2× slower a step). Each larger micro-batch is probed at its
-    real size under its own cap, keeping the compressed-activation bytes the energy rule asks
-    for and the calibration micro-batch already validated, and must leave the margin free; the
-    first that does not fit ends the search."""
+    real size under its own cap, keeping the compressed-activation bytes a sample the plan
+    already had (no fewer than the energy rule asks for: a session 43 probe's step-up from
+    micro-batch 1 at exact ranks to 2 at the energy rule's 16 KB gave rank 1 under 103 MB where
+    102 MB had trained at exact ranks; a larger micro-batch is speed, not at the cost of the
+    gradients) and the calibration micro-batch already validated, and must leave the margin
+    free; the first that does not fit ends the search."""
     model, planned = plan.model, plan.micro_batch
     if model is None or plan.budget is None:
         return plan, check
@@ -699,7 +706,8 @@ def _step_up(plan: Plan, check: dict, batch: int, forked, validate,
         if m >= batch or limit - check["peak"] < STEP_UP_ROOM * plan.budget:
             break
         up = plan_at(model, plan.budget, larger_micro_batch(batch, m),
-                     plan.saved_budget is not None, saved_floor=model.saved_want,
+                     plan.saved_budget is not None,  # no fewer bytes a sample than the
+                     saved_floor=max(model.saved_want, plan.saved_budget or 0),  # plan had
                      calib_floor=plan.calib_micro_batch or 0)
         if up.arena_cap <= 0:
             break
@@ -915,7 +923,7 @@ def print_plan(plan: Plan, trainer: Trainer, log=print) -> None:
     probes measured: evaluation passes, without gradients or an optimizer."""
 
     mb = 1e6
-    log(f"plan for budget {plan.budget / mb:.0f} MB: micro-batch {plan.micro_batch}"
+    log(f"plan for budget {budget_mb(plan.budget)} MB: micro-batch {plan.micro_batch}"
         + (f", calibration micro-batch {plan.calib_micro_batch}" if plan.calib_micro_batch
            else "")
         + f"; predicted peak {(plan.predicted_peak or 0) / mb:.1f} MB"

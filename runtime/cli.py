@@ -20,6 +20,8 @@ import sys
 import threading
 from pathlib import Path
 
+from devices.planner import budget_mb
+
 __all__ = ["main"]
 
 
@@ -843,7 +845,7 @@ def _cmd_train(a) -> int:
     say("\n".join(summary.lines(trainer)))
     if summary.budget and summary.peak_rss > summary.budget:  # (a probe saw it only in the
         say_err(f"warning: this run passed its budget: peak {summary.peak_rss / 1e6:.1f} MB "
-                f"over --budget {summary.budget / 1e6:.0f} MB; its results are kept; please "
+                f"over --budget {budget_mb(summary.budget)} MB; its results are kept; please "
                 "report it with the bundle and the command")  # summary's middle, exit 0)
     return 0
 
@@ -960,7 +962,7 @@ def _cmd_eval(a) -> int:
         from .console import say_err
 
         say_err(f"warning: this evaluation passed its budget: peak {peak / 1e6:.1f} MB "
-                f"over --budget {budget / 1e6:.0f} MB; please report it with the bundle and the "
+                f"over --budget {budget_mb(budget)} MB; please report it with the bundle and the "
                 "command")
     return 0
 
@@ -1114,7 +1116,7 @@ def _cmd_plan(a) -> int:
               f" s with an exact backward ({exact / 1e9:.1f} GFLOP at its {prof.gflops:g} GFLOP/s;"
               " INSTANT's backward is cheaper, calibration not counted)")
     if budget is not None and not a.data and a.budget is None and prof is not None:
-        print(f"note: profile '{prof.name}' gives a budget of {budget / 1e6:.0f} MB: pass "
+        print(f"note: profile '{prof.name}' gives a budget of {budget_mb(budget)} MB: pass "
               "--data (the data you will train on) to plan the run under it")
         return 0
     if budget is not None:

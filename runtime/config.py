@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from contract import InstantSettings, UserError
+from devices.planner import budget_mb
 
 __all__ = ["InstantConfig", "OptimConfig", "RunConfig", "SessionConfig", "TrainConfig",
            "check_budget", "max_threads", "profile_threads"]
@@ -56,13 +57,13 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
         raise UserError(f"--budget {given} is below 1 MB: no training process fits in it; "
                         "pass e.g. 256MB (`instant-runtime plan` states the minimum)")
     if prof is not None and budget > prof.ram:
-        raise UserError(f"budget {budget / 1e6:.0f} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
+        raise UserError(f"budget {budget_mb(budget)} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
                         f"of profile '{prof.name}'; pass a --budget below it, or the profile of "
                         "a device with more RAM")
     ram = physical_ram()
     if ram and budget > ram:
         said = "--budget" if given is not None else f"profile '{prof.name}''s budget of"
-        print(f"warning: {said} {budget / 1e6:.0f} MB exceeds this machine's RAM "
+        print(f"warning: {said} {budget_mb(budget)} MB exceeds this machine's RAM "
               f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
               file=sys.stderr)
 

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from contract import UserError, atomic_write, json_text, names, write_text
-from devices.planner import smaller_micro_batch
+from devices.planner import budget_mb, smaller_micro_batch
 
 from .calibrate import calibration_rng, calibration_samples
 from .checkpoint import (
@@ -123,7 +123,7 @@ class Summary:
                    f" MB, above idle {(self.peak_rss - self.idle_rss) / mb:.1f} MB)")
         if self.budget is not None:
             ok = "within" if self.peak_rss <= self.budget else "OVER"
-            out.append(f"budget {self.budget / mb:.0f} MB: predicted peak "
+            out.append(f"budget {budget_mb(self.budget)} MB: predicted peak "
                        f"{(self.predicted_peak or 0) / mb:.1f} MB, measured {self.peak_rss / mb:.1f}"
                        f" MB ({ok} budget)"
                        + (f"; the arena cap lowered the micro-batch {self.guard_shrinks}x"

@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from contract import UserError, atomic_write, names, write_npz
-from devices.planner import Plan
+from devices.planner import Plan, budget_mb
 
 from .bundle import Bundle
 from .calibrate import Basis, DegenerateGram, GramWindow, Spectrum, basis
@@ -1090,14 +1090,18 @@ class Trainer:
                                 "tensors (--trainable)" + (", or train with --optimizer sgd "
                                                           "(one buffer a tensor)"
                                                           if o.name == "adamw" else ""))
-            hint = 2 * need if device is None else min(2 * need, device[1] // 1_000_000 * 1e6)
-            raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
+            beyond = device is not None and 2 * need > device[1]  # (session 43 probe: the
+            # guess was cut to the device's RAM without a word, then refused there)
+            raise UserError(f"budget {budget_mb(budget)} MB is below the minimum for this bundle "
                             f"(its trainable tensors, {size / 1e6:.0f} MB, "
                             + (f"and their {per_tensor} buffer(s) each " if per_tensor else "")
                             + f"take the process to {need / 1e6:.0f} MB before any "
                             f"{'pass' if self._evaluating else 'step'}); raise --budget well above "
-                            f"it, e.g. to {hint / 1e6:.0f}MB, or export with fewer "
-                            "trainable tensors (--trainable)"
+                            + (f"it, e.g. to {2 * need / 1e6:.0f}MB, or" if not beyond else
+                               f"it (twice it, {2 * need / 1e6:.0f} MB, a generous guess, is more "
+                               f"than the {device[1] / 1e6:.0f} MB of RAM of profile "
+                               f"'{device[0]}': it may not fit that device), or")
+                            + " export with fewer trainable tensors (--trainable)"
                             + (", or train with --optimizer sgd (one buffer a tensor)"
                                if o.name == "adamw" else ""))
 

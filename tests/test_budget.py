@@ -880,3 +880,7 @@ def test_a_plan_stepped_up_at_its_real_size_lists_lines_that_add_up():
     assert sum(up.breakdown.values()) == pytest.approx(up.predicted_peak, abs=4)
     arena = [(k, v) for k, v in up.breakdown.items() if k.startswith("onnxruntime arena")]
     assert len(arena) == 1 and "measured" in arena[0][0] and arena[0][1] <= up.arena_cap, arena
+    # session 43 probe: a step-up kept only the energy rule's bytes a sample (rank 1 where the
+    # plan it stepped from had exact ranks, under a larger budget than one that trained exact)
+    assert plan.saved_budget > model.saved_want
+    assert up.saved_budget >= plan.saved_budget, (up.saved_budget, plan.saved_budget)

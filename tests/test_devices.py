@@ -241,6 +241,12 @@ def test_what_a_device_user_is_told(tmp_path, capsys):
             "profile 'my-board': on that device, train fewer layers" in said, said
         said = str(_stated_minimum(BudgetTooSmall("x", 300 * 10**6), 100 * 10**6))
         assert "RAM of profile" not in said, said
+        # a probe alone passed 290 MB: twice it is a guess, not the device's verdict (session
+        # 43 probe: "train fewer layers" on a device where 320 MB then trained)
+        said = str(_stated_minimum(BudgetTooSmall("x", None, 100 * 10**6), 290 * 10**6))
+        assert "e.g. to 580MB, a generous guess" in said and "that guess is more than the 500 " \
+            "MB of RAM of profile 'my-board', and a budget below it may do" in said, said
+        assert "smaller --batch" not in said, said
     finally:
         set_budget(None)
 
@@ -360,3 +366,37 @@ def test_detect_ram_max_overrides_nominal(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(devices, "list_profiles", lambda: [big, load_profile(patched)])
     assert detect_profile(root).name == "my-board"
+
+
+def test_a_guess_past_the_devices_ram_is_said_not_cut_to_it(mlp_bundle):
+    """Session 43 probe: the weights' refusal under a profile suggested "e.g. to 150MB", twice
+    the need cut to the profile's RAM without a word, and that budget was refused again. The
+    guess is named with the RAM it passes."""
+    from helpers import make_trainer
+
+    from contract.errors import UserError
+    from runtime.memory import current_rss, set_budget
+
+    tr = make_trainer(mlp_bundle, mode="vanilla")
+    now = current_rss()
+    set_budget(now + 1000, ("tiny", int(1.5 * now)))
+    try:
+        with pytest.raises(UserError) as exc:
+            tr._check_buffers_fit()
+    finally:
+        set_budget(None)
+    said = str(exc.value)
+    assert "a generous guess, is more than the" in said and "RAM of profile 'tiny': it may " \
+        "not fit that device), or export with fewer trainable tensors" in said, said
+
+
+def test_a_budget_is_said_as_it_was_given():
+    """Session 43 probe: --budget 85.9MB was refused as "budget 86 MB is below the minimum",
+    and 86MB then trained; a profile's 1.5MB read "budget 2 MB"."""
+    from devices.planner import budget_mb
+    from runtime.budget import BudgetTooSmall, _stated_minimum
+
+    assert [budget_mb(b) for b in (256_000_000, 85_900_000, 1_500_000, 85_550_000)] == \
+        ["256", "85.9", "1.5", "85.55"]
+    said = str(_stated_minimum(BudgetTooSmall("x", 80 * 10**6), 85_900_000))
+    assert said.startswith("budget 85.9 MB is below the minimum"), said

@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+from devices.planner import budget_mb
+
 __all__ = ["FLWR_SUPPORTED", "MAX_SECONDS", "add_fleet_parser", "check_seconds", "cmd_fleet",
            "main", "parse_address"]
 
@@ -413,7 +415,7 @@ def _client(a) -> int:
             print(f"fleet client: {len(local.data)} training examples"
                   + (f" (partition {a.partition})" if partition else "")
                   + f", {a.steps} steps of {a.batch} per round"
-                  + (f", budget {budget / 1e6:.0f} MB" if budget else "") + f"; server {address}"
+                  + (f", budget {budget_mb(budget)} MB" if budget else "") + f"; server {address}"
                   + (f"; its earlier run in {out} trained {local.trainer.step_count} steps, "
                      "counted on from there" if local.trainer.step_count else ""), flush=True)
             return run_client(local, address, a.steps, a.batch,

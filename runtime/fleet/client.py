@@ -23,6 +23,8 @@ import math
 import sys
 import time
 
+from devices.planner import budget_mb
+
 from .local import Local, UserError, names_from_json, release_memory
 
 __all__ = ["PROTOCOL", "check_server_config", "make_client_app", "mismatch", "run_client"]
@@ -175,11 +177,11 @@ def make_client_app(local: Local, steps: int, batch: int, say=None, seen: dict |
             + (f", train accuracy {m['train_accuracy']:.3f}" if "train_accuracy" in m else "")
             + f", micro-batch {m['micro_batch']}; RSS {int(m['rss_at_start']) / 1e6:.1f} MB "
             f"before training, peak {int(m['peak_rss']) / 1e6:.1f} MB so far"
-            + (f" (budget {local.budget / 1e6:.0f} MB)" if local.budget else ""))
+            + (f" (budget {budget_mb(local.budget)} MB)" if local.budget else ""))
         if local.budget and m["peak_rss"] > local.budget and not seen_over:
             seen_over.append(server_round)  # once: the peak is the process's, it only grows
             say(f"warning: this client passed its budget in round {server_round}: peak "
-                f"{int(m['peak_rss']) / 1e6:.1f} MB over --budget {local.budget / 1e6:.0f} MB; "
+                f"{int(m['peak_rss']) / 1e6:.1f} MB over --budget {budget_mb(local.budget)} MB; "
                 "it goes on; please report it with the bundle and the command", err=True)
         params = ndarrays_to_parameters(list(local.get_trainable().values()))
         fit = FitRes(status=Status(code=Code.OK, message="Success"), parameters=params,

@@ -14,6 +14,7 @@ import numpy as np
 
 from contract.errors import UserError
 from contract.manifest import IMAGE_STD_MIN, ImageSpec, LossSpec, TensorSpec
+from devices.planner import budget_mb
 
 from ..memory import budget_given, current_rss
 from .common import (
@@ -408,14 +409,14 @@ def _check_fits(rel: Path, w: int, h: int, need: int, progressive: bool) -> None
     if rss >= budget or 4 * need <= budget:
         # a small image: the budget is the problem (session 34 probe: --budget 40MB was
         # blamed on a 31x54 JPEG of 1 MB beside the 62 MB the process took at start)
-        raise UserError(f"budget {budget / 1e6:.0f} MB is below the minimum for this bundle "
+        raise UserError(f"budget {budget_mb(budget)} MB is below the minimum for this bundle "
                         f"(the runtime already takes {rss / 1e6:.0f} MB as it reads the image "
                         f"folder); raise --budget well above it, e.g. to "
                         f"{math.ceil(2 * rss / 1e6)}MB (`instant-runtime plan` without --budget "
                         "estimates the minimum)")
     raise UserError(f"image {rel} ({w}x{h}) takes about {math.ceil(need / 1e6)} MB to decode"
                     + (" (a progressive JPEG keeps every coefficient)" if progressive else "")
-                    + f", more than --budget {budget / 1e6:.0f}MB leaves beside the "
+                    + f", more than --budget {budget_mb(budget)}MB leaves beside the "
                     f"{rss / 1e6:.0f} MB already in use; shrink or remove it, or raise --budget")
 
 
