@@ -93,6 +93,12 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
     from .data import load_data
     from .errors import UserError
 
+    # (session 43 probe: --val without --data was told the built-in digits' split is fixed)
+    without = _without_data(a) if spec is None and isinstance(a.data, _DefaultData) else None
+    if without:
+        raise UserError(f"{without} was given without --data, which it applies to (without "
+                        f"--data the run reads the built-in '{a.data}'); pass --data with the "
+                        f"model's data, or leave {without} out")
     try:  # (a session-23 probe: accepted without a word)
         same = bool(a.val) and os.path.samefile(a.val, spec or a.data)
     except (OSError, TypeError, ValueError):
@@ -111,6 +117,17 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
                             f"dataset, does not fit this bundle ({exc}); pass --data with the "
                             "model's data (an .npz, a text file or an image folder)") from None
         raise
+
+
+def _without_data(a) -> str | None:
+    """The first data option given that only applies to a --data file (None: none)."""
+    for flag, value, default in (("--val", getattr(a, "val", None), None),
+                                 ("--val-split", getattr(a, "val_split", None), None),
+                                 ("--text-column", getattr(a, "text_column", "text"), "text"),
+                                 ("--label-column", getattr(a, "label_column", "label"), "label")):
+        if value != default:
+            return flag
+    return None
 
 
 def _resumed_class_names(out: Path, bundle) -> list[str] | None:
@@ -595,6 +612,12 @@ def _export(a) -> int:
             raise UserError(f"{flag} '{text}' is invalid: expected comma-separated numbers, "
                             "e.g. 0.485,0.456,0.406") from None
 
+    if a.input_shape is not None and a.npz is not None:  # (session 43 probe: --input-shape
+        raise UserError("--input-shape and --npz both give the example inputs; pass one of "  # was
+                        "them")  # dropped without a word)
+    for flag, value in (("--classes", a.classes), ("--lengths", a.lengths)):
+        if value is not None and not value.strip():  # (accepted as "none given": a probe's)
+            raise UserError(f"{flag} '' is empty; give its values, or leave {flag} out")
     classes = a.classes.split(",") if a.classes else None
     if classes is not None and (any(not c.strip() for c in classes)
                                 or len(set(classes)) != len(classes)):
@@ -1115,6 +1138,9 @@ def _cmd_plan(a) -> int:
         print(f"estimated step on {prof.name} at batch {a.batch}: {exact / (prof.gflops * 1e9):.2f}"
               f" s with an exact backward ({exact / 1e9:.1f} GFLOP at its {prof.gflops:g} GFLOP/s;"
               " INSTANT's backward is cheaper, calibration not counted)")
+    if not a.data and _without_data(a):
+        print(f"note: {_without_data(a)} is not read without --data (the data it applies to)",
+              flush=True)
     if budget is not None and not a.data and a.budget is None and prof is not None:
         print(f"note: profile '{prof.name}' gives a budget of {budget_mb(budget)} MB: pass "
               "--data (the data you will train on) to plan the run under it")
@@ -1152,8 +1178,8 @@ def _cmd_plan(a) -> int:
                   f"{math.ceil(need / 1e6)}MB (probes at micro-batch 1 measured "
                   f"{need / MIN_FACTOR / 1e6:.0f} MB, x {MIN_FACTOR:g} for what they may miss: "
                   "a budget between the two may fit, a refusal says so)")
-    if a.data and bundle.layers:
-        from .sessions import use_arena
+    if a.data and bundle.layers and cfg.mode == "instant":  # (session 43 probe: --mode vanilla
+        from .sessions import use_arena  # --energy 0.9 said --energy unused, then ranked by it)
 
         use_arena(None)
         tr = Trainer(bundle, cfg)
@@ -1167,6 +1193,7 @@ def _cmd_plan(a) -> int:
         return 0
     print(f"INSTANT layers of {bundle.path} "
           + ("(ranks from calibration on " + a.data + ")" if ranks else
+             "(--mode vanilla: trained exactly, at full rank)" if cfg.mode == "vanilla" else
              "(full rank: pass --data to calibrate)"))
     print(tr.cost_table() if ranks else format_table(layer_costs(bundle.layers, ranks, rows)))
     return 0
@@ -1350,8 +1377,12 @@ def check_not_empty(args: argparse.Namespace) -> None:
                 dest == "bundle" and getattr(args, "cmd", "") != "export-model")
             if positional:
                 raise UserError(f"the {dest} argument is empty ('' was given); pass its path")
-            raise UserError(f"--{dest.replace('_', '-')} is empty ('' was given); pass a value, "
-                            "or leave the option out for its default")
+            # a required option has no default to fall back on (a session 43 probe)
+            required = dest in ("model", "server") or (
+                dest == "data" and getattr(args, "fleet_cmd", "") == "client") or (
+                dest == "out" and getattr(args, "cmd", "") in ("export", "export-model"))
+            raise UserError(f"--{dest.replace('_', '-')} is empty ('' was given); pass a value"
+                            + ("" if required else ", or leave the option out for its default"))
 
 
 def _error_line(line: str) -> None:

@@ -55,6 +55,8 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         raise UserError(f"'{src}' is not a directory; pass a bundle directory or a training run "
                         "directory (one holding params.npz)")
     run_dir = None if (src / "manifest.json").is_file() else src
+    if weights is not None and Path(weights).is_dir():  # a run's folder, as eval --weights
+        weights = trained_weights(Path(weights), "--weights")  # takes (a session 43 probe)
     if weights is not None:  # the run of a checkpoint or params file given with --weights
         wp = Path(weights)
         run_dir = wp.parent.parent if wp.parent.name == "checkpoints" else wp.parent

@@ -558,7 +558,9 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                      if not np.isfinite(r.loss) else f"non-finite gradient (loss {r.loss:.4f}) at "
                      f"step {trainer.step_count}; skipped the update")
             stride = step_logged(trainer.step_count)
-            if stride or not r.finite or trainer.step_count == cfg.steps:
+            if stride or not r.finite or trainer.step_count == cfg.steps or stop.signum:
+                # (a stop's last step too: a session 43 probe's report of a run stopped after
+                # step 16494 counted 16490, the line of one step in 10 past 10,000)
                 metrics.write("step", step=trainer.step_count, time=round(time.time(), 4),
                               loss=r.loss, accuracy=(r.correct / r.count
                                                      if bundle.classification and r.count
@@ -605,6 +607,14 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
                             good_ckpt, streak=True,
                             before_resume=streak_resumed and good_ckpt is None,
                             untrained=not start)
+        if tally["nonfinite"] >= 2:  # (session 43 probe: --lr 1e30, step 1's update made
+            # every weight 1e30, steps 2-5 were skipped as NaN, and the run exited 0 with those
+            # weights as "trained weights"; one step more and --max-nonfinite ended it in error)
+            raise _diverged(trainer, f"the run ended inside {tally['nonfinite']} consecutive "
+                            f"steps with a non-finite loss or gradient (up to step "
+                            f"{trainer.step_count}): its weights do not train", good_ckpt,
+                            streak=True, before_resume=streak_resumed and good_ckpt is None,
+                            untrained=not stats.n and not start)
         if ckpt is not None and saved != trainer.step_count:
             state = _snapshot(trainer, order, calib_rng, tally, stats)
             _check_weights(trainer, state[0], good_ckpt)

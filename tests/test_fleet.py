@@ -514,6 +514,12 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
                             "--out", str(tmp_path / "fleet")],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert again.returncode == 0 and "already did 3 of --rounds 3" in again.stdout, again
+    fewer = subprocess.run([sys.executable, "-m", "runtime.fleet", "server", str(mlp_bundle),
+                            "--rounds", "2", "--resume", "--address", f"127.0.0.1:{free_port()}",
+                            "--out", str(tmp_path / "fleet")],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    one_error_line(fewer.stderr, fewer.returncode, "already did 3 rounds, more than --rounds 2;"
+                   " pass a larger --rounds")  # (as train's --steps: it had exited 0)
     # resumed on other held-out data: the resumed aggregate's score there is that data's first
     # (an outside probe: it was printed, then left out of the summary's evaluations)
     from runtime.bundle import open_bundle

@@ -199,8 +199,9 @@ def _server(a) -> int:
     from .server import INITIAL, run_server
 
     address = parse_address(a.address, "--address")
-    if a.rounds < 1 or a.min_clients < 1:
-        raise UserError(f"--rounds ({a.rounds}) and --min-clients ({a.min_clients}) must be >= 1")
+    for flag, value in (("--rounds", a.rounds), ("--min-clients", a.min_clients)):
+        if value < 1:  # (named alone, with a way out: a session 43 probe)
+            raise UserError(f"{flag} {value} is invalid: must be at least 1")
     if a.rounds > MAX_ROUNDS:
         raise UserError(f"--rounds {str(a.rounds)[:24]} is more than {MAX_ROUNDS:,}; pass fewer "
                         "(a later run continues with --resume)")
@@ -233,7 +234,13 @@ def _server(a) -> int:
     if resume:
         _same_model(out, local, f"--resume: '{out}' holds the aggregate")
         earlier = _earlier_rounds(out)
-        if earlier is not None and earlier["rounds_done"] >= a.rounds:
+        # fewer --rounds than were done is refused, as train's --steps below its step is
+        # (session 43 probe: exit 0, "nothing to resume")
+        if earlier is not None and earlier["rounds_done"] > a.rounds:
+            raise UserError(f"--resume: the fleet run in '{out}' already did "
+                            f"{earlier['rounds_done']} rounds, more than --rounds {a.rounds}; "
+                            "pass a larger --rounds to continue it")
+        if earlier is not None and earlier["rounds_done"] == a.rounds:
             print(f"the fleet run in '{out}' already did {earlier['rounds_done']} of "
                   f"--rounds {a.rounds}; nothing to resume: pass a larger --rounds to continue "
                   "it", flush=True)
@@ -370,8 +377,9 @@ def _client(a) -> int:
     )
 
     address = parse_address(a.server, "--server")
-    if a.steps < 1 or a.batch < 1:
-        raise UserError(f"--steps ({a.steps}) and --batch ({a.batch}) must be >= 1")
+    for flag, value in (("--steps", a.steps), ("--batch", a.batch)):
+        if value < 1:
+            raise UserError(f"{flag} {value} is invalid: must be at least 1")
     connect_timeout = check_seconds("--connect-timeout", a.connect_timeout)
     keepalive = check_seconds("--keepalive", a.keepalive)
     check_client_options(steps=a.steps, batch=a.batch, micro_batch=a.micro_batch,

@@ -1,0 +1,118 @@
+"""Option combinations and less-travelled flags (a session 43 probe of about 230 commands):
+each does what it says, or is one error line naming the way out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+from test_checkpoint import _trainer
+from test_cli import ok, user_error
+
+from runtime import run_log
+from runtime.bundle import open_bundle
+from runtime.checkpoint import TrainingInterrupted
+from runtime.config import RunConfig
+from runtime.data import Dataset, load_data
+from runtime.run import train
+
+QUIET = ("--no-progress", "--threads", 1)
+
+
+def test_a_run_that_ends_inside_a_non_finite_streak_fails(cli, mlp_bundle, tmp_path):
+    """--lr 1e30: step 1's update made every weight 1e30, steps 2-5 were skipped as NaN, and
+    the run exited 0 saving those weights as "trained weights" (6 steps ended in the error)."""
+    r = cli("train", mlp_bundle, "--steps", 5, "--lr", 1e30, "--out", tmp_path / "r", *QUIET)
+    last = r.stderr.strip().splitlines()[-1]  # (after a warning a skipped step)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("error: the run ended inside 4 consecutive steps with a non-finite "
+                           "loss or gradient") and "lower --lr" in last, r.stderr
+    assert not (tmp_path / "r" / "params.npz").exists()
+
+
+def test_export_model_takes_a_run_folder_as_weights(cli, mlp_bundle, tmp_path):
+    """`export-model BUNDLE --weights RUN` was refused: "'RUN' is not a regular file; pass a
+    .npz file or a run folder"."""
+    ok(cli("train", mlp_bundle, "--steps", 3, "--out", tmp_path / "r", *QUIET))
+    ok(cli("export-model", mlp_bundle, "--weights", tmp_path / "r", "--out", tmp_path / "m.onnx"))
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_contradicting_or_empty_export_options_are_refused(cli, tmp_path):
+    np.savez(tmp_path / "ex.npz", x=np.zeros((4, 64), np.float32))
+    user_error(cli("export", "--model", "mlp", "--input-shape", "8,64", "--npz",
+                   tmp_path / "ex.npz", "--out", tmp_path / "b"),
+               "--input-shape and --npz both give the example inputs; pass one of them")
+    for flag in ("--classes", "--lengths"):
+        user_error(cli("export", "--model", "mlp", f"{flag}=", "--out", tmp_path / "b"),
+                   f"{flag} '' is empty")
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("cmd, extra", [
+    ("train", ("--val-split", 0.2, "--steps", 2)),
+    ("eval", ("--val", "VAL")),
+    ("train", ("--text-column", "review", "--steps", 2)),
+], ids=["train-val-split", "eval-val", "train-text-column"])
+def test_data_options_without_data_are_named(cli, mlp_bundle, tmp_path, cmd, extra):
+    """--val / --val-split without --data blamed the built-in digits ("has its own fixed
+    held-out split"); --text-column said digits did not fit the bundle."""
+    np.savez(tmp_path / "val.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    extra = [tmp_path / "val.npz" if e == "VAL" else e for e in extra]
+    r = cli(cmd, mlp_bundle, *extra, "--out" if cmd == "train" else "--threads",
+            tmp_path / "r" if cmd == "train" else 1)
+    user_error(r, f"{extra[0]} was given without --data, which it applies to",
+               "pass --data with the model's data")
+
+
+def test_plan_in_vanilla_mode_does_not_rank_by_unused_options(cli, cnn_bundle):
+    """`plan --mode vanilla --energy 0.9` said --energy was not used, then printed ranks from
+    it (Rx 1)."""
+    out = ok(cli("plan", cnn_bundle, "--data", "digits", "--mode", "vanilla", "--energy", 0.9,
+                 "--threads", 1))
+    assert "--energy is not used" in out and "(--mode vanilla: trained exactly" in out, out
+    assert "ranks from calibration" not in out, out
+
+
+class StopAt(Dataset):
+    """Digits whose ``take`` call ``at`` (= step) sends this process SIGINT."""
+
+    def __init__(self, base: Dataset, at: int) -> None:
+        super().__init__("stop-digits", base.x, base.y)
+        self.at, self.calls = at, 0
+
+    def take(self, idx):
+        if len(idx) <= 3:  # the run's data fingerprint, not a step
+            return super().take(idx)
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().take(idx)
+
+
+def test_a_stopped_run_logs_its_last_step(mlp_bundle, tmp_path, monkeypatch):
+    """Past 10,000 steps metrics.jsonl keeps one step in 10, and a run stopped after step
+    16494 had 16490 as its last line (`report` said 16490 steps). The stop's step is logged."""
+    monkeypatch.setattr(run_log, "FULL_LOG_STEPS", 5)
+    b = open_bundle(mlp_bundle)
+    tr = _trainer(mlp_bundle)
+    with pytest.raises(TrainingInterrupted) as exc:
+        train(tr, StopAt(load_data("digits", b), 17),
+              RunConfig(steps=100, checkpoint_every=50, progress=False), tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [e["step"] for e in map(json.loads, lines) if e.get("kind") == "step"]
+    assert exc.value.step == 17 and steps[-1] == 17 and 16 not in steps, steps
+
+
+def test_fleet_counts_are_named_one_at_a_time(cli, mlp_bundle, tmp_path):
+    user_error(cli("fleet", "server", mlp_bundle, "--rounds", 0, "--out", tmp_path / "f"),
+               "--rounds 0 is invalid: must be at least 1")
+    user_error(cli("fleet", "client", mlp_bundle, "--data", "digits", "--server",
+                   "127.0.0.1:9", "--batch", 0, "--out", tmp_path / "c"),
+               "--batch 0 is invalid: must be at least 1")
+    r = user_error(cli("fleet", "client", mlp_bundle, "--data", "digits", "--server=",
+                       "--out", tmp_path / "c"), "--server is empty ('' was given); pass a value")
+    assert "default" not in r, r
