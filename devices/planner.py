@@ -114,9 +114,10 @@ class Plan:
 
 
 def budget_mb(n: int | float) -> str:
-    """A budget in MB as given: whole where it is (256), else to the kB (85.9; session 43 probe:
+    """A budget in MB as given: whole where it is (256), else to 10 kB (85.9, 8589.93 for 8GiB;
+    session 43 probe:
     "budget 86 MB is below the minimum" of --budget 85.9MB, where 86MB trained)."""
-    return f"{n / 1e6:.3f}".rstrip("0").rstrip(".")
+    return f"{n / 1e6:.2f}".rstrip("0").rstrip(".")
 
 
 def _largest(fits, lo: int, hi: int) -> int | None:

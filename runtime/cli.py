@@ -893,9 +893,9 @@ def trained_source(bundle, weights: Path | None, flag: str):
         weights = trained_weights(weights, flag)
         if (run_src / "manifest.json").is_file() and weights.name == "params.npz" and \
                 weights.parent == run_src:  # (session 43 probe: taken without a word)
-            print(f"note: {flag} '{run_src}' is a bundle folder: its own weights are the "
-                  "initial, untrained ones; pass a run folder (or its params.npz) for trained "
-                  "weights", file=sys.stderr)
+            print(f"note: {flag} '{run_src}' is a bundle folder: its weights are those it "
+                  "was exported with, not trained by this runtime; pass a run folder (or its "
+                  "params.npz) for trained weights", file=sys.stderr)
     elif weights is not None and weights.name == "latest" and weights.parent.name == "checkpoints":
         from .checkpoint import newest_intact  # the newest checkpoint that reads whole
 

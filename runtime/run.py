@@ -483,7 +483,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     metrics = Metrics(out / "metrics.jsonl" if out is not None else None,
                       resumed_at=trainer.step_count if resumed else None,
                       last_good=lambda: last_ckpt,
-                      fresh=cfg.new_log and trainer.step_count == 0)
+                      fresh=cfg.new_log and trainer.step_count == 0,
+                      redo_end=bool(resumed) and trainer.step_count >= cfg.steps)
     if out is not None:
         STARTED.append(os.path.realpath(out))  # (cli._interrupted: its steps began)
     metrics.write("plan", budget=plan.budget, predicted_peak=plan.predicted_peak,

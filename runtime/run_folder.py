@@ -271,6 +271,10 @@ class RunFolder:
             # budget, a signal before its first checkpoint) puts the old one back (finish)
             self._busy = True
             self._replaced = p / f".replaced.{os.getpid()}"
+            n = 0  # (one kept aside by an earlier run of the same PID, a container's 1: a
+            while self._replaced.exists() or self._replaced.is_symlink():  # review's)
+                n += 1
+                self._replaced = p / f".replaced.{os.getpid()}{n:03d}"
             moved: list[str] = []
             try:
                 self._replaced.mkdir()
@@ -312,7 +316,7 @@ class RunFolder:
         self._identity_due = (not (p / "run.json").exists()
                               or (resume and newest_checkpoint(p / "checkpoints") is None))
         if resume and existing and not self._identity_due and not json_object(p / "run.json"):
-            print(f"warning: '{p / 'run.json'}' is unreadable (not a JSON object); this resume "
+            print(f"warning: '{p / 'run.json'}' is unreadable or empty; this resume "
                   "writes it again from its options once it has run", file=sys.stderr)
             self._identity_due = True  # (session 43 probe: it stayed damaged, and export-model
             # then called the run "not inside a bundle")

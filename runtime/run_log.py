@@ -46,12 +46,12 @@ class Metrics:
 
     def __init__(self, path: Path | None, resumed_at: int | None = None,
                  last_good=lambda: None, fresh: bool = False, key: str = "step",
-                 way_out=None) -> None:
+                 way_out=None, redo_end: bool = False) -> None:
         self._f = None
         self.path, self.last_good, self.way_out = path, last_good, way_out
         self.kept_last: dict | None = None  # the last event with a step the resume kept
         if path is not None and resumed_at is not None:
-            self.kept_last = _cut_after(path, resumed_at, key)
+            self.kept_last = _cut_after(path, resumed_at, key, redo_end)
         elif path is not None and fresh:  # a run from step 0: what an attempt before it wrote
             _empty(path)  # goes (a --resume that found no checkpoint kept it: steps twice)
         if path is not None:
@@ -152,7 +152,7 @@ def logged_first_loss(path: Path, window: int) -> float | None:
     return sum(found.values()) / window if window and len(found) == window else None
 
 
-def _cut_after(path: Path, step: int, key: str = "step") -> dict | None:
+def _cut_after(path: Path, step: int, key: str = "step", redo_end: bool = False) -> dict | None:
     """Truncate ``path`` after its last whole event of ``step`` or before (its ``key`` field: a
     fleet server's rounds.jsonl counts rounds), read from the end: what follows it (events of
     later steps and the events of no step after them, a half line, a tail of NULs a crash left)
@@ -179,12 +179,13 @@ def _cut_after(path: Path, step: int, key: str = "step") -> dict | None:
                 except ValueError:
                     pass
             s = event.get(key) if isinstance(event, dict) else None
-            if not isinstance(event, dict) or (isinstance(s, int) and s > step) or (
-                    s == step and event.get("final") is True) or event.get("kind") == "summary":
+            if not isinstance(event, dict) or (isinstance(s, int) and s > step) or (redo_end and (
+                    (s == step and event.get("final") is True) or event.get("kind") == "summary")):
                 keep = start  # a later step's event, or not an event (a half line, NULs), or
-                # the final evaluation after the checkpoint and the run's summary, which the
-                # resume writes again (a session 43 probe: a kill before summary.json, then
-                # two eval lines of step 300)
+                # with ``redo_end`` (a resume at the run's last step, which ends it again) the
+                # final evaluation after the checkpoint and the run's summary (a session 43
+                # probe: a kill before summary.json, then two eval lines of step 300; a run
+                # resumed for more steps keeps them: that run did end there)
             elif isinstance(s, int):
                 last = event
                 break

@@ -1239,6 +1239,26 @@ def test_a_run_set_aside_by_a_killed_overwrite_is_put_back(mlp_bundle, tmp_path,
     assert "its replacement went on" in capsys.readouterr().err
 
 
+def test_an_overwrite_sets_aside_beside_a_run_kept_aside_under_its_own_pid(mlp_bundle,
+                                                                         tmp_path, capsys):
+    """A review: a run kept aside as `.replaced.PID` by an interrupted --overwrite, and a later
+    --overwrite of the same PID (a container's entrypoint is always 1), failed "File exists"
+    ("fix the permissions"). It sets aside under another name; both go once it stands."""
+    out = tmp_path / "run"
+    _train(mlp_bundle, out, 4, checkpoint_every=2)
+    (out / "run.json").write_text('{"format": "instant-runtime-run"}')
+    kept = out / f".replaced.{os.getpid()}"
+    kept.mkdir()
+    (kept / "params.npz").write_bytes(b"older")
+    rf = _folder(mlp_bundle, out)
+    rf.prepare(resume=False, overwrite=True)
+    assert (kept / "params.npz").read_bytes() == b"older"
+    assert len([f for f in out.iterdir() if f.name.startswith(".replaced.")]) == 2
+    rf.finish(True)
+    assert not [f for f in out.iterdir() if f.name.startswith(".replaced.")]
+    assert "its replacement went on" in capsys.readouterr().err
+
+
 def test_out_folder_holding_other_files_is_refused(mlp_bundle, tmp_path):
     """``--out /`` or a home folder: never written into; a new, empty or run-only folder is."""
     home = tmp_path / "home"
@@ -1868,7 +1888,7 @@ def test_a_damaged_run_json_is_said_and_written_again_by_a_resume(mlp_bundle, tm
         resolve_source(out)
     rf = _folder(mlp_bundle, out)
     rf.prepare(resume=True, overwrite=False)
-    assert "run.json' is unreadable (not a JSON object); this resume writes it again" in \
+    assert "run.json' is unreadable or empty; this resume writes it again" in \
         capsys.readouterr().err
     rf.finish(True)
     assert json.loads((out / "run.json").read_text())["bundle_sha256"]
@@ -1893,6 +1913,9 @@ def test_a_run_killed_before_its_summary_logs_its_final_evaluation_once(mlp_bund
         again = evals(out)
         assert [e["step"] for e in again] == [e["step"] for e in whole] == [10], again
         assert again[0]["loss"] == whole[0]["loss"]
+    # a finished run resumed for more steps keeps the end it had (a review: it was cut)
+    _train(mlp_bundle, out, 15, checkpoint_every=5, eval_every=every, resume=True)
+    assert [e["step"] for e in evals(out)] == [10, 15], evals(out)
 
 
 def test_a_dangling_link_as_out_and_a_bundle_as_init_from_are_said(mlp_bundle, tmp_path, capsys):
@@ -1908,5 +1931,5 @@ def test_a_dangling_link_as_out_and_a_bundle_as_init_from_are_said(mlp_bundle, t
         _folder(mlp_bundle, link).prepare(resume=False, overwrite=False)
     weights, *_ = trained_source(open_bundle(mlp_bundle), mlp_bundle, "--init-from")
     assert weights == mlp_bundle / "params.npz"
-    assert "is a bundle folder: its own weights are the initial, untrained ones" in \
+    assert "is a bundle folder: its weights are those it was exported with, not trained" in \
         capsys.readouterr().err

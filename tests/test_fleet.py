@@ -616,7 +616,7 @@ def test_a_client_of_a_fleet_run_that_failed_says_so(mlp_bundle, tmp_path):
             p.kill()
     one_error_line(server.stderr(), rc, "only 1 of the 2 clients")
     one_error_line(other.stderr(), other_rc, "stopped the run in failure after this client "
-                   "trained ", "the server said: only 1 of the 2 clients")
+                   "answered ", "the server said: only 1 of the 2 clients")
     assert "the fleet server ended the run;" not in other.stdout(), other.stdout()
 
 

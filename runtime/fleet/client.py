@@ -311,7 +311,8 @@ def run_client(local: Local, address: str, steps: int, batch: int,
                             f"the fleet server at {address} ended the run before this client "
                             "trained or evaluated anything" if not served else
                             f"the fleet server at {address} stopped the run in failure after "
-                            f"this client trained {local.rounds} round(s)") + "; the server "
+                            f"this client answered {served} request(s) ({local.rounds} "
+                            "trained round(s))") + "; the server "
                             f"said: {message.config['fleet_failed']}")
                     if isinstance(message, Query):  # the server's check as this client joins
                         refusal = _refusal(message.config, local.signature, version)

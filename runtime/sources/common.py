@@ -290,6 +290,7 @@ class _Labels:
         self.seen: dict[str, int] = {}
         self.skipped: list[str] = []  # class folders left out (no images): named in errors
         self.forms: dict[str, set[str]] = {}  # '1' -> {'1.0', '1.00'}: whole floats read as 1
+        self._wholes: dict[str, str] = {}  # '1.0' -> '1', once parsed
         self.plain: set[str] = set()  # labels seen as written (beside forms: '1' and '1.0')
         self.unknown: dict[str, int] = {}  # labels not among the given names (a few hundred)
         self.ids = array.array("f" if regression else "i")
@@ -324,11 +325,15 @@ class _Labels:
                 return "unknown label"
             self.ids.append(i)
             return None
-        if _WHOLE_FLOAT.fullmatch(raw):  # 1.0 is the label 1 (as in JSON), not a class of its own
+        whole = self._wholes.get(raw)  # 1.0 is the label 1 (as in JSON), not a class of its own
+        if whole is None and _WHOLE_FLOAT.fullmatch(raw):
             whole = _whole(raw)
+            if len(self._wholes) < 4096:  # (a label's spellings are few; rows are many)
+                self._wholes[raw] = whole
             forms = self.forms.setdefault(whole, set())
             if len(forms) < 4:  # (named in the note: a few suffice)
                 forms.add(raw)
+        if whole is not None:
             raw = whole
         elif self.forms:
             self.plain.add(raw)

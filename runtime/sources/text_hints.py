@@ -3,6 +3,7 @@ separator, NUL bytes (the index pass's error messages)."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def utf8_way(path: Path, wide: bool) -> str:
     if not wide:
         return _to_utf8(path)
     return ("the file mixes encodings: its other rows are UTF-8 beyond ASCII, which converting "
-            "the whole file would garble; re-save only the lines named")
+            "the whole file would garble; convert only the lines that are not UTF-8 (each line "
+            "read as UTF-8, else as cp1252)")
 
 
 def swallows(row: list[str], ncols: int, li: int, known, delimiter: str) -> bool:
@@ -51,10 +53,12 @@ def swallows(row: list[str], ncols: int, li: int, known, delimiter: str) -> bool
     a row of its own with a ``known`` label (session 43 probe: a stray quote on line 21 and
     another on line 25 made five rows one, trained as one label, without a word; the TSV reader
     keeps such lines apart, RFC CSV cannot)."""
-    import csv
-
     for cell in row:
-        for inner in cell.split("\n")[1:-1]:
+        if "\n" not in cell:
+            continue
+        for inner in cell.split("\n")[:-1]:  # (the first too: a quote opened before a row)
+            if inner.count(delimiter) < ncols - 1:  # (cheap: most text lines are not rows)
+                continue
             try:
                 parts = next(csv.reader([inner], delimiter=delimiter))
             except (csv.Error, StopIteration):
