@@ -4,6 +4,10 @@ Writes ``OUT.onnx`` (the bundle's ``infer.onnx`` with the trainable parameters b
 initializers and the frozen weights embedded, so the file runs alone in plain onnxruntime) and,
 when ``safetensors`` is installed, ``OUT.safetensors`` with the trainable weights under their torch
 names (transposed back where the ONNX graph stores them transposed). Needs ``onnx``, never torch.
+
+Why one module (~525 lines): one pipeline, each step reading the last one's result: which
+weights of which bundle (a run, a checkpoint, a fleet folder), baked into the graph, then the
+side files a user runs it with (labels, tokenizer, preprocessing, safetensors).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class ExportResult:
     packed: list[str] | None = None  # .safetensors keys in ONNX's recurrent layout
 
 
+_BAD = " and its run.json, which names the bundle, is unreadable"
+
 def resolve_source(source: str | Path, weights: str | Path | None = None,
                    bundle: str | Path | None = None) -> tuple[Bundle, Path]:
     """``(bundle, params file)`` for a bundle directory or a training run directory."""
@@ -73,11 +79,10 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         bdir = src
     elif src_weights is not None:
         found = [d for d in [src.parent, *_run_bundle(src)] if (d / "manifest.json").is_file()]
-        if not found:
-            damaged = (src / "run.json").is_file() and not json_object(src / "run.json")
-            raise UserError(f"run directory '{src}' is not inside a bundle" + (
-                " and its run.json, which names the bundle, is unreadable" if damaged else "")
-                + "; pass the bundle with --bundle DIR")
+        if not found:  # (its run.json named if damaged: a session 43 probe)
+            bad = (src / "run.json").is_file() and not json_object(src / "run.json")
+            raise UserError(f"run directory '{src}' is not inside a bundle{_BAD * bad}; pass the "
+                            "bundle with --bundle DIR")
         # the bundle the run trained (its manifest's hash), not one of the same name
         bdir = next((d for d in found if want is None or want in bundle_ids(d)), found[0])
     else:
