@@ -95,6 +95,8 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
 
     # (session 43 probe: --val without --data was told the built-in digits' split is fixed)
     without = _without_data(a) if spec is None and isinstance(a.data, _DefaultData) else None
+    if without == "--val-split" and not 0 < a.val_split < 1:
+        without = None  # (its own value's error first: load_data's)
     if without:
         raise UserError(f"{without} was given without --data, which it applies to (without "
                         f"--data the run reads the built-in '{a.data}'); pass --data with the "
@@ -1142,7 +1144,7 @@ def _cmd_plan(a) -> int:
         print(f"note: {_without_data(a)} is not read without --data (the data it applies to)",
               flush=True)
     if budget is not None and not a.data and a.budget is None and prof is not None:
-        print(f"note: profile '{prof.name}' gives a budget of {budget_mb(budget)} MB: pass "
+        print(f"note: profile '{prof.name}' gives a budget of {budget / 1e6:.0f} MB: pass "
               "--data (the data you will train on) to plan the run under it")
         return 0
     if budget is not None:

@@ -648,7 +648,9 @@ def test_labels_that_look_like_a_missing_class_are_named_with_it(tmp_path, digit
                                                                  tokenizer_file):
     """Session 39: a class folder `dgo` of a bundle whose classes are cat and dog was skipped
     as "unknown label 'dgo'" and the run trained one class; labels that look like a class no
-    row holds (a typo, another case) are named with it. A class some rows hold is no match."""
+    row holds (a typo, another case) are named with it. A class some rows hold is no match
+    for a typo; another case of it is (session 43 probe: `RED` on half the rows of a --classes
+    red run was skipped with no hint)."""
     from PIL import Image
 
     for name in ("cat", "dgo"):
@@ -661,8 +663,8 @@ def test_labels_that_look_like_a_missing_class_are_named_with_it(tmp_path, digit
     rows = [("a", "Bird"), ("b", "cat"), ("c", "Cat"), ("d", "zebra"), ("e", "Bird")]
     src = _text(_write_csv(tmp_path / "l.csv", rows), tokenizer_file, k=3,
                 class_names=["bird", "cat", "dog"])
-    assert src.problems.hints == ["'Bird' may be 'bird': labels must match the class names "
-                                  "exactly; rename them to keep those rows"]
+    assert src.problems.hints == ["'Bird' may be 'bird', 'Cat' may be 'cat': labels must match "
+                                  "the class names exactly; rename them to keep those rows"]
     rows = [("a", "cat"), ("b", "dog"), ("c", "dgo")]
     src = _text(_write_csv(tmp_path / "m.csv", rows), tokenizer_file, k=2,
                 class_names=["cat", "dog"])
