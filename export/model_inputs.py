@@ -214,8 +214,16 @@ def examples(input_shape: str | None, npz: str | None
                 # model at once asked for 24.6 GB of logits (probe, session 20)
                 names = [k for k in data.files  # (a training .npz's held-out arrays and
                          if k not in ("y", "class_names") and not k.endswith("_test")]  # names)
-                return [_first_rows(data[k]) for k in names], labels, names
+                arrays = [_first_rows(data[k]) for k in names]
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot read example inputs from --npz '{npz}': "
                               f"{str(exc)[:160]}") from None
+        if input_shape:  # both: they must agree (session 43 probe: --input-shape 8,64 was
+            rows = [(list(a.shape[1:]), a.dtype.kind) for a in arrays]  # dropped for the .npz's
+            asked = [(list(a.shape[1:]), a.dtype.kind) for a in example_arrays(input_shape)]
+            if rows != asked:  # [300, 128, 64] without a word)
+                raise ExportError(f"--input-shape {input_shape} and --npz '{npz}' give other "
+                                  f"example inputs (a row of {', '.join(names)}: "
+                                  f"{'; '.join(str(r[0]) for r in rows)}); pass one of them")
+        return arrays, labels, names
     return (example_arrays(input_shape) if input_shape else None), None, None

@@ -614,9 +614,6 @@ def _export(a) -> int:
             raise UserError(f"{flag} '{text}' is invalid: expected comma-separated numbers, "
                             "e.g. 0.485,0.456,0.406") from None
 
-    if a.input_shape is not None and a.npz is not None:  # (session 43 probe: --input-shape
-        raise UserError("--input-shape and --npz both give the example inputs; pass one of "  # was
-                        "them")  # dropped without a word)
     for flag, value in (("--classes", a.classes), ("--lengths", a.lengths)):
         if value is not None and not value.strip():  # (accepted as "none given": a probe's)
             raise UserError(f"{flag} '' is empty; give its values, or leave {flag} out")

@@ -42,10 +42,11 @@ def test_export_model_takes_a_run_folder_as_weights(cli, mlp_bundle, tmp_path):
 
 
 def test_contradicting_or_empty_export_options_are_refused(cli, tmp_path):
-    np.savez(tmp_path / "ex.npz", x=np.zeros((4, 64), np.float32))
+    np.savez(tmp_path / "ex.npz", x=np.zeros((4, 2, 64), np.float32))
     user_error(cli("export", "--model", "mlp", "--input-shape", "8,64", "--npz",
                    tmp_path / "ex.npz", "--out", tmp_path / "b"),
-               "--input-shape and --npz both give the example inputs; pass one of them")
+               "--input-shape 8,64 and --npz", "give other example inputs (a row of x: [2, 64])",
+               "pass one of them")  # (where they agree both are taken: test_training's)
     for flag in ("--classes", "--lengths"):
         user_error(cli("export", "--model", "mlp", f"{flag}=", "--out", tmp_path / "b"),
                    f"{flag} '' is empty")
