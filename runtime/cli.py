@@ -1137,8 +1137,8 @@ def _cmd_plan(a) -> int:
         print(f"estimated step on {prof.name} at batch {a.batch}: {exact / (prof.gflops * 1e9):.2f}"
               f" s with an exact backward ({exact / 1e9:.1f} GFLOP at its {prof.gflops:g} GFLOP/s;"
               " INSTANT's backward is cheaper, calibration not counted)")
-    if not a.data and _without_data(a):
-        print(f"note: {_without_data(a)} is not read without --data (the data it applies to)",
+    if not a.data and (unread := _without_data(a)):
+        print(f"note: {unread} is not read without --data (the data it applies to)",
               flush=True)
     if budget is not None and not a.data and a.budget is None and prof is not None:
         print(f"note: profile '{prof.name}' gives a budget of {budget / 1e6:.0f} MB: pass "

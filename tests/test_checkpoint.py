@@ -1344,12 +1344,10 @@ def test_a_signal_after_an_overwrites_first_checkpoint_keeps_the_run_it_replaces
     opts = ("--mode", "vanilla", "--overwrite", "--checkpoint-every", 1, "--lr", 0.01)
     proc = start(mlp_bundle, out, "--steps", 10**6, *opts)
     try:
-        t0 = time.monotonic()
-        while latest_step(out) < 1 or not any(f.name.startswith(".replaced.")
-                                              for f in out.iterdir()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - t0 < 60, "the new run never checkpointed"
-            time.sleep(0.005)
+        _wait_until(proc, lambda: any((f / "checkpoints").is_dir() for f in out.iterdir()
+                                      if f.name.startswith(".replaced."))
+                    and latest_step(out) >= 1,  # (the old run's pointer moved aside first: it
+                    "the new run never checkpointed")  # had read as the new run's, 1 in 4)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -1370,6 +1368,15 @@ def test_a_signal_after_an_overwrites_first_checkpoint_keeps_the_run_it_replaces
     assert not aside.exists() and "its replacement went on" in r.stderr, r.stderr
 
 
+def _wait_until(proc: subprocess.Popen, ready, what: str, poll_s: float = 0.005) -> None:
+    """Poll ``ready()`` until true; fails with ``what`` after 60 s, or if ``proc`` exits."""
+    t0 = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < 60, what
+        time.sleep(poll_s)
+
+
 def run_cli(bundle: Path, out: Path, *args: object) -> subprocess.CompletedProcess:
     p = start(bundle, out, *args)
     stdout, stderr = p.communicate(timeout=300)
@@ -1387,13 +1394,10 @@ def test_two_signals_in_the_first_step_of_an_overwrite_lose_nothing(cnn_bundle, 
     proc = start(cnn_bundle, out, "--steps", 10**6, "--overwrite", "--batch", 1024,
                  "--checkpoint-every", 1000)
     try:  # (a failed wait must not leave a run of 10^6 steps behind)
-        t0 = time.monotonic()
         metrics = out / "metrics.jsonl"  # (the new run's, once the old one is set aside)
-        while not (any(f.name.startswith(".replaced.") for f in out.iterdir())
-                   and metrics.is_file() and b'"kind": "plan"' in metrics.read_bytes()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - t0 < 60, "the run never started"
-            time.sleep(0.002)
+        _wait_until(proc, lambda: any(f.name.startswith(".replaced.") for f in out.iterdir())
+                    and metrics.is_file() and b'"kind": "plan"' in metrics.read_bytes(),
+                    "the run never started", poll_s=0.002)
         time.sleep(0.1)  # in the first step (the probe's timing: 3 of 3)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.02)
