@@ -390,6 +390,42 @@ def _mem_total(root: Path) -> int | None:
     return int(match[1]) * 1024 if match else None
 
 
+def _cgroup_limit(root: Path) -> int | None:
+    """The tightest memory limit of this process's cgroup and its parents under ``root`` (v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``), in bytes; None where none is set. A
+    container's ``--memory`` limit is one: MemTotal there is the host's (a session 43 probe)."""
+    base = root / "sys" / "fs" / "cgroup"
+    own = _read_text(root / "proc" / "self" / "cgroup") or ""
+    folders = []  # (v2 first: a v1 memory hierarchy, where mounted, is named by its line)
+    for line in own.splitlines():
+        ids, _, rest = line.partition(":")
+        kinds, _, path = rest.partition(":")
+        if ids == "0" and not kinds:
+            folders.append((base, path, "memory.max"))
+        elif "memory" in kinds.split(","):
+            folders.append((base / "memory", path, "memory.limit_in_bytes"))
+    folders += [(base, "/", "memory.max"), (base / "memory", "/", "memory.limit_in_bytes")]
+    limits = []
+    for top, path, name in folders:
+        parts = [p for p in path.split("/") if p and p not in (".", "..")]
+        for depth in range(len(parts), -1, -1):  # the cgroup, then each parent
+            text = (_read_text(top.joinpath(*parts[:depth], name)) or "").strip()
+            if text.isdigit() and 0 < int(text) < 1 << 60:  # (v1 "unlimited": ~2**63)
+                limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def _within_cgroup(profile: Profile, limit: int | None) -> Profile:
+    """``profile`` with its RAM and default budget scaled down to a cgroup memory ``limit``
+    below its RAM (a container started with a memory limit)."""
+    if limit is None or limit >= profile.ram:
+        return profile
+    return dataclasses.replace(
+        profile, ram=limit, default_budget=profile.default_budget * limit // profile.ram,
+        description=f"{profile.description} (this process's cgroup allows "
+        f"{format_size(limit)} of memory: RAM and default budget scaled to it)")
+
+
 def _host_ram() -> int | None:
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -455,7 +491,9 @@ def detect_profile(root: str | os.PathLike[str] = "/", *, machine: str | None = 
 
     Reads ``proc/device-tree/model`` (matched against each profile's ``detect.model_contains``),
     ``etc/nv_tegra_release`` (Jetson userspace: required before a profile with CUDA or TensorRT
-    is chosen) and ``proc/meminfo`` MemTotal (picks the RAM variant). Without a match it returns
+    is chosen) and ``proc/meminfo`` MemTotal (picks the RAM variant); a cgroup memory limit
+    below the profile's RAM (``proc/self/cgroup``, ``sys/fs/cgroup``) scales its RAM and
+    default budget down to it. Without a match it returns
     a host profile: generic-x86-64 values with this host's cores (``os.cpu_count()``), RAM and
     arch (``machine``, default ``platform.machine()``), named ``generic-aarch64`` on ARM.
 
@@ -474,5 +512,6 @@ def detect_profile(root: str | os.PathLike[str] = "/", *, machine: str | None = 
         and (tegra or not GPU_PROVIDERS.intersection(p.execution_providers))
     ]
     if candidates:
-        return _pick_variant(candidates, mem_total)
-    return _host_profile(mem_total, machine if machine is not None else platform.machine())
+        return _within_cgroup(_pick_variant(candidates, mem_total), _cgroup_limit(root))
+    return _within_cgroup(_host_profile(mem_total, machine if machine is not None
+                                        else platform.machine()), _cgroup_limit(root))

@@ -249,7 +249,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                   npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
                   instant_exclude: list[str] | None = None,
                   settings: InstantSettings | None = None, output: str | None = None,
-                  head: int | None = None, pool: str = "mean",
+                  head: int | None = None, pool: str | None = None,
                   tokenizer: str | Path | None = None, image_mean: list[float] | None = None,
                   image_std: list[float] | None = None,
                   class_names: list[str] | None = None, saved_int8: bool = False,
@@ -261,7 +261,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     ``settings`` are the INSTANT defaults recorded in the bundle (ε, oversampling, calibration
     schedule); None: ``contract.InstantSettings()``. ``output`` picks one of several model
     outputs; ``head`` appends a new ``head``-class classifier after ``pool``ing it
-    (``export/heads.py``); ``tokenizer`` (a tokenizer.json) is copied into the bundle for text
+    (``export/heads.py``; mean, cls or none, default mean); ``tokenizer`` (a tokenizer.json) is copied into the bundle for text
     models (automatic for the built-in text models); ``image_mean``/``image_std`` record how
     image files are normalised for an image model.
     ``split`` (default True): a text model whose frozen prefix takes any length gets it as a
@@ -289,6 +289,7 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
     check_free_batch(traced)
     head_params, inverted = [], None  # the new classifier's weight and bias
     if head is not None:
+        pool = pool or "mean"
         if pool == "mean":
             from .padding import mask_marks_padding
 
@@ -303,8 +304,9 @@ def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None
                               "output is a regressor (--loss mse) or a binary one (--loss bce)")
         prefix = add_head(traced, head, pool, inverted).split("/")[0]
         head_params = [f"{prefix}.weight", f"{prefix}.bias"]
-    elif pool != "mean":
-        raise ExportError("--pool applies to a new classifier: pass --head CLASSES too")
+    elif pool is not None:
+        raise ExportError(f"--pool {pool} applies to a new classifier: pass --head CLASSES too, "
+                          "or leave --pool out")
     builtin = BUILTIN_MODELS.get(model)
     if tokenizer is None and builtin is not None and builtin.tokenizer is not None:
         tokenizer = builtin.tokenizer()

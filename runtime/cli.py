@@ -245,9 +245,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the model output to train (a model with several outputs)")
     e.add_argument("--head", type=int, default=None, metavar="CLASSES",
                    help="append a new trainable classifier with this many classes")
-    e.add_argument("--pool", default="mean", choices=["mean", "cls", "none"],
-                   help="with --head: pool an [N, L, C] output over its tokens (mean respects "
-                        "an attention-mask input) or take the first; none for an [N, C] output")
+    e.add_argument("--pool", default=None, choices=["mean", "cls", "none"],
+                   help="with --head: pool an [N, L, C] output over its tokens (mean, the "
+                        "default, respects an attention-mask input) or take the first; none for "
+                        "an [N, C] output")
     e.add_argument("--tokenizer", default=None,
                    help="tokenizer.json of a text model, copied into the bundle (automatic for "
                         "the built-in text models)")
@@ -272,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
                         "model's length; none: the full length only)")
     e.add_argument("--classes", default=None,
                    help="class names in id order, comma-separated (kept with the model)")
-    e.add_argument("--seed", type=int, default=0,
+    e.add_argument("--seed", type=int, default=None,
                    help="seeds torch before a model factory (path/file.py:factory) runs: "
                         "weights it draws at random are the same at each export (default 0; "
                         "built-in models are drawn with seed 0)")
@@ -411,6 +412,19 @@ _INSTANT_OPTIONS = ("energy", "oversample", "calib_every", "calib_batches", "cal
                     "max_rank", "rank_policy", "variance", "saved_ratio", "flop_ratio")
 
 
+def note_unused_instant(a, layers: bool) -> None:
+    """Say which INSTANT options given are not read: ``--mode vanilla``, or a bundle without
+    an INSTANT layer (``layers`` False) that trains exactly (session 38 and 41 probes: taken
+    without a word)."""
+    given = [f"--{k.replace('_', '-')}" for k in _INSTANT_OPTIONS if getattr(a, k, None)
+             is not None]
+    if given and (a.mode == "vanilla" or a.mode is None and not layers):
+        why = ("--mode vanilla trains exactly" if a.mode else
+               "the bundle has no INSTANT layer, so it trains exactly")
+        print(f"note: {why}; {', '.join(given)} {'is' if len(given) == 1 else 'are'} not used",
+              flush=True)
+
+
 def instant_overrides(a, layers: bool = True) -> dict:
     """``InstantConfig.from_bundle``'s keyword arguments from the options of
     :func:`add_instant_args`, once they are known to ask for one rank policy.
@@ -435,18 +449,12 @@ def instant_overrides(a, layers: bool = True) -> dict:
                         f"and this run uses the {policy} policy"
                         + (f" ({eps} asks for it)" if a.rank_policy is None else "")
                         + "; leave one of them out")
-    given = [f"--{k.replace('_', '-')}" for k in _INSTANT_OPTIONS if getattr(a, k, None)
-             is not None]
     many, batch = getattr(a, "calib_samples", None), getattr(a, "batch", None)
     if many and batch and many > batch and a.mode != "vanilla" and layers:  # (session 41:
         print(f"note: --calib-samples {many} is more than --batch {batch}: a calibration "
               f"batch holds the {batch} samples of a batch (calibrate.calibration_samples)",
               flush=True)  # probe: taken silently)
-    if given and (a.mode == "vanilla" or a.mode is None and not layers):  # (session 38 probe:
-        why = ("--mode vanilla trains exactly" if a.mode else  # taken without a word; session
-               "the bundle has no INSTANT layer, so it trains exactly")  # 41: such a bundle)
-        print(f"note: {why}; {', '.join(given)} {'is' if len(given) == 1 else 'are'} not used",
-              flush=True)
+    note_unused_instant(a, layers)
     return dict(energy=a.energy, oversample=a.oversample, calib_every=a.calib_every,
                 calib_batches=a.calib_batches, max_rank=a.max_rank,
                 calib_samples=getattr(a, "calib_samples", None), rank_policy=policy,
@@ -637,7 +645,7 @@ def _export(a) -> int:
     try:
         from export.model_inputs import seed_factories
 
-        seed_factories(a.seed)  # (session 39: each export of a factory drew other weights)
+        seed_factories(a.seed or 0)  # (session 39: each export of a factory drew other weights)
         try:
             export_bundle(a.model, tmp, input_shape=a.input_shape, npz=a.npz,
                           trainable=a.trainable, loss=a.loss, instant_exclude=exclude,
@@ -695,9 +703,23 @@ def _export(a) -> int:
         prefix += f"; training graphs also at {', '.join(map(str, m.text.lengths))} tokens"
     _print_line(f"bundle written to {path}: {len(m.params)} trainable tensors, "
                 f"{len(m.instant.layers)} INSTANT layers, modes {', '.join(m.modes)}{prefix}")
-    for line in notes + _shared_params(path, m):
+    for line in notes + _unused_export_options(a, m) + _shared_params(path, m):
         print(line)
     return 0
+
+
+def _unused_export_options(a, m) -> list[str]:
+    """A note per export option given that this export did not read (a session 43 probe: taken
+    without a word)."""
+    lines = []
+    factory = ":" in a.model and a.model.rsplit(":", 1)[0].endswith(".py")
+    if a.seed is not None and not factory:
+        lines.append(f"note: --seed seeds a model factory (path/file.py:factory) before it draws "
+                     f"its weights; '{a.model}' is not one, so it is not used")
+    if a.saved_int8 and not m.instant.layers:
+        lines.append("note: --saved-int8 stores INSTANT layers' saved activations as int8; this "
+                     "bundle has no INSTANT layer, so it is not used")
+    return lines
 
 
 def _shared_params(path: Path, m) -> list[str]:
@@ -944,6 +966,9 @@ def _cmd_eval(a) -> int:
     weights, src, run_dir, record = trained_source(bundle, weights, "--weights")
     run_src = src or run_src
     # --val-split holds out the rows the run held out: its seed, unless --seed says otherwise
+    if a.seed is not None and a.val_split is None:  # (a session 43 probe: taken silently)
+        print("note: --seed draws --val-split's held-out rows; without --val-split it is not "
+              "used", flush=True)
     if a.seed is None:  # (the seed only draws a --val-split)
         a.seed = 0 if run_dir is None or a.val_split is None else _run_seed(
             record, run_dir / "run.json" if "seed" in json_object(run_dir / "run.json")

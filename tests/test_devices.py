@@ -295,6 +295,9 @@ def fake_tree(root: Path, model: str | None = None, mem_kib: int | None = None,
         ("Raspberry Pi 5 Model B Rev 1.0", 8_245_328, False, "rpi5-8gb"),
         ("Raspberry Pi 5 Model B Rev 1.0", 4_122_000, False, "rpi5-4gb"),
         ("Raspberry Pi Zero 2 W Rev 1.0", 439_000, False, "rpi-zero-2w"),
+        ("Raspberry Pi 400 Rev 1.0", 3_880_000, False, "rpi4-4gb"),  # one SoC: session 44
+        ("Raspberry Pi Compute Module 4 Rev 1.1", 1_890_000, False, "rpi4-2gb"),
+        ("Raspberry Pi Compute Module 5 Rev 1.0", 8_245_328, False, "rpi5-8gb"),
         ("NVIDIA Jetson Nano Developer Kit", 4_059_416, True, "jetson-nano"),
         ("NVIDIA Jetson Orin Nano Developer Kit", 7_620_000, True, "jetson-orin-nano"),
         ("Jetson AGX Orin", 64_300_000, True, "jetson-agx-orin"),
@@ -319,6 +322,35 @@ def test_a_board_with_less_ram_than_every_variant_gets_a_scaled_profile(
     assert p.name == family and p.ram == mem_kib * 1024 < base.ram
     assert p.default_budget == base.default_budget * p.ram // base.ram < p.ram
     assert "scaled to it" in p.description
+
+
+@pytest.mark.parametrize(("cgroup", "files", "limit"), [
+    ("0::/box/run\n", {"box/memory.max": "1073741824", "box/run/memory.max": "max"}, 1 << 30),
+    ("4:memory:/docker/abc\n0::/\n", {"memory/docker/abc/memory.limit_in_bytes": "536870912",
+                                        "memory/memory.limit_in_bytes": "9223372036854771712"},
+     512 << 20),
+    ("0::/\n", {"memory.max": "max"}, None),
+    ("0::/box\n", {"box/memory.max": "17179869184"}, None),  # above the board's RAM
+], ids=["v2-parent", "v1", "unlimited", "above-ram"])
+def test_a_cgroup_memory_limit_scales_the_profile(tmp_path, cgroup, files, limit):
+    """A container's memory limit: MemTotal there is the host's, and `auto` planned for RAM the
+    process could not have (a session 43 probe, from reading)."""
+    for model, family in (("Raspberry Pi 4 Model B Rev 1.4", "rpi4-4gb"), (None, None)):
+        root = fake_tree(tmp_path / str(family), model or "Some Other Board", 3_880_000)
+        (root / "proc/self").mkdir(parents=True)
+        (root / "proc/self/cgroup").write_text(cgroup)
+        for name, text in files.items():
+            (root / "sys/fs/cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / "sys/fs/cgroup" / name).write_text(text + "\n")
+        p = detect_profile(root, machine="aarch64")
+        base = load_profile(family) if family else detect_profile(
+            fake_tree(tmp_path / "plain", "Some Other Board", 3_880_000), machine="aarch64")
+        assert p.name == base.name
+        if limit is None:
+            assert (p.ram, p.default_budget) == (base.ram, base.default_budget)
+        else:
+            assert p.ram == limit and p.default_budget == base.default_budget * limit // base.ram
+            assert "cgroup allows" in p.description
 
 
 def test_jetson_without_l4t_is_not_given_cuda(tmp_path):

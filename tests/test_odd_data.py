@@ -54,6 +54,12 @@ def test_a_stray_quote_pair_that_makes_rows_one_is_noted(tmp_path, tok):
     assert "lines 4-7" in said, said  # (the quotes' lines)
     ok = _write_csv(tmp_path / "ok.csv", GOOD + [("a film\nwith a plot\nthat was fine", "pos")])
     assert _text(ok, tok).problems.summary() is None
+    # labels written 1.0 / 0.0 (the label map reads them as 1 and 0: a session 43 review)
+    floats = ["text,label"] + [f"{t},{'1.0' if lab == 'pos' else '0.0'}" for t, lab in GOOD]
+    floats[3], floats[6] = '"' + floats[3], floats[6].replace(",", '",', 1)
+    (tmp_path / "f.csv").write_text("\n".join(floats) + "\n")
+    said = _text(tmp_path / "f.csv", tok).problems.summary()
+    assert said and "a quoted field holds lines that read as whole rows" in said, said
 
 
 def test_rows_not_utf8_in_a_file_of_utf8_text_are_not_told_to_convert_it_all(

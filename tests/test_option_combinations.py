@@ -117,3 +117,38 @@ def test_fleet_counts_are_named_one_at_a_time(cli, mlp_bundle, tmp_path):
     r = user_error(cli("fleet", "client", mlp_bundle, "--data", "digits", "--server=",
                        "--out", tmp_path / "c"), "--server is empty ('' was given); pass a value")
     assert "default" not in r, r
+
+
+def test_export_options_it_does_not_read_are_noted(cli, tmp_path):
+    """--pool mean (the default) without --head, --seed on a built-in and --saved-int8 on a
+    bundle without an INSTANT layer were taken without a word (a session 43 probe)."""
+    user_error(cli("export", "--model", "mlp", "--pool", "mean", "--out", tmp_path / "b"),
+               "--pool mean applies to a new classifier: pass --head CLASSES too, or leave "
+               "--pool out")
+    out = ok(cli("export", "--model", "mlp", "--seed", 3, "--saved-int8",
+                 "--instant-exclude", "*", "--out", tmp_path / "b"))
+    assert "0 INSTANT layers" in out, out
+    assert "note: --seed seeds a model factory (path/file.py:factory) before it draws its " \
+        "weights; 'mlp' is not one, so it is not used" in out, out
+    assert "note: --saved-int8 stores INSTANT layers' saved activations as int8; this bundle " \
+        "has no INSTANT layer, so it is not used" in out, out
+    plain = ok(cli("export", "--model", "mlp", "--out", tmp_path / "c"))
+    assert "note: --" not in plain, plain
+
+
+def test_options_a_fleet_or_eval_does_not_read_are_named(cli, mlp_bundle, mlp_head_bundle,
+                                                        tmp_path):
+    """`fleet server --text-column` without --data, `fleet client` INSTANT options on a bundle
+    without INSTANT layers and `eval --seed` without --val-split were taken silently (a session
+    43 probe)."""
+    user_error(cli("fleet", "server", mlp_bundle, "--text-column", "review", "--out",
+                   tmp_path / "f"), "--text-column was given without --data",
+               "pass --data, or leave --text-column out")
+    r = cli("fleet", "client", mlp_head_bundle, "--data", "digits", "--server", "127.0.0.1:9",
+            "--max-rank", 3, "--connect-timeout", 1, "--out", tmp_path / "c")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "note: the bundle has no INSTANT layer, so it trains exactly; --max-rank is not " \
+        "used" in r.stdout, r.stdout
+    out = ok(cli("eval", mlp_bundle, "--seed", 3, "--threads", 1))
+    assert "note: --seed draws --val-split's held-out rows; without --val-split it is not " \
+        "used" in out, out

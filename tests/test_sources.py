@@ -225,6 +225,7 @@ def test_csv_columns_by_name_bom_and_crlf(tmp_path, tokenizer_file):
     ("utf16", "text,label\na good film,pos\n".encode("utf-16"), r"is UTF-16 text; save it as UTF-8"),
     ("semicolons", b"text;label\na good film;pos\n", r"separated by ';': save it with commas"),
     ("tabs", b"text\tlabel\na good film\tpos\n", r"separated by a tab"),
+    ("pipes", b"text|label\na good film|pos\n", r"separated by '\|': save it with commas"),
     ("lone_cr", b"text,label\ra good film,pos\rbad,neg\r", r"lone CR: save it with LF"),
     ("duplicate", b"text,label,text\n1,pos,a good film\n", r"2 columns named 'text'; rename"),
 ])

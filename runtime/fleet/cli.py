@@ -209,6 +209,11 @@ def _server(a) -> int:
     round_timeout = check_seconds("--round-timeout", a.round_timeout)
     if a.resume and a.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
+    for flag, value, default in (("--text-column", a.text_column, "text"),
+                                 ("--label-column", a.label_column, "label")):
+        if a.data is None and value != default:  # (a session 43 probe: taken silently)
+            raise UserError(f"{flag} was given without --data, the server's held-out file "
+                            f"whose columns it names; pass --data, or leave {flag} out")
     if a.out:  # (the default, inside the bundle folder, is checked with the bundle)
         check_out(Path(a.out))
     _flower(a.verbose)
@@ -401,7 +406,7 @@ def _client(a) -> int:
     if role == "other" or ((out / "params.npz").exists() and role is None):
         raise UserError(f"--out '{out}' holds a params.npz or summary.json that no fleet client "
                         "wrote; nothing there is replaced: pass a new or empty folder as --out")
-    from ..cli import instant_overrides
+    from ..cli import instant_overrides, note_unused_instant
 
     local = open_local(bundle, a.data, budget, threads=threads, mode=a.mode,
                        instant=instant_overrides(a),
@@ -411,6 +416,8 @@ def _client(a) -> int:
                        micro_batch=a.micro_batch,
                        data_options={"text_column": a.text_column, "label_column": a.label_column,
                                      "val": a.val, "val_split": a.val_split})
+    if a.mode is None and not local.bundle.layers:  # (a session 43 probe: taken silently)
+        note_unused_instant(a, False)
     if role == "client" and (out / "params.npz").is_file():
         _same_model(out, local, f"--out '{out}' holds a fleet client's run")
     local.trainer.step_count = earlier_steps(out)  # (the weights come from the server)
