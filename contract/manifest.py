@@ -110,12 +110,15 @@ class LossSpec:
     # labels [N, d1, ...]) instead of the last one ([N, classes] or [N, L, classes])
     classes_first: bool = False
     # bce on a model whose output is a Sigmoid's probabilities: the loss reads the Sigmoid's
-    # input (the logits) and an output element says yes at >= 0.5 (at a logit > 0 otherwise)
+    # input (the logits) and an output element says yes at >= 0.5 (at a logit > 0 otherwise);
+    # cross_entropy on a Softmax's probabilities: the loss reads its input, and a held-out
+    # loss is -log p[y] of the output (a second softmax over probabilities: a session 44 probe)
     probabilities: bool = field(default=False, metadata={"omit_default": True})
 
     def validate(self) -> tuple[str, str] | None:
-        if self.probabilities and self.kind != "bce":
-            return "probabilities", "only a bce loss reads a Sigmoid's input"
+        if self.probabilities and self.kind == "mse":
+            return "probabilities", "only a bce or cross_entropy loss reads a Sigmoid's or " \
+                "Softmax's input"
         if self.classes_first and (self.kind != "cross_entropy" or len(self.labels.shape) < 2):
             return "classes_first", "a class axis 1 needs cross_entropy labels [N, d1, ...]"
         if self.kind == "cross_entropy" and self.num_classes is None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LOOP_OPS", "ExternalRef", "OnnxScanError", "external_data_refs", "op_types"]
+__all__ = ["LOOP_OPS", "ExternalRef", "Graph", "OnnxScanError", "external_data_refs",
+           "main_graph", "op_types", "sized_by_values"]
 
 # ops that repeat a subgraph a data-given number of times: the exporter never writes one (and
 # refuses a model with one), the runtime refuses a bundle graph with one (a tampered graph
@@ -152,3 +153,122 @@ def op_types(model: bytes) -> set[str]:
     ops: set[str] = set()
     _walk(model, 0, len(model), "model", 0, [], ops)
     return ops
+
+
+# Value-sized tensors (a session 44 probe): the inputs of each op whose *values* set the size of
+# what it makes (or, for If, which branch runs); None: every input. A bundle's graphs size their
+# tensors by the data's shapes only; a graph that sized one by the trainable weights' values
+# passed the planning probes at the initial weights, then grew past any budget once they moved
+# (a Unique's working memory is outside onnxruntime's capped arena).
+SIZED_BY: dict[str, tuple[int, ...] | None] = {
+    "Range": None, "ConstantOfShape": (0,), "Expand": (1,), "Tile": (1,), "Reshape": (1,),
+    "Slice": (1, 2, 3, 4), "Pad": (1,), "Resize": (2, 3), "Upsample": (1,), "OneHot": (1,),
+    "TopK": (1,), "NonZero": (0,), "Unique": (0,), "Compress": (1,), "Split": (1,),
+    "CenterCropPad": (1,), "NonMaxSuppression": None, "If": (0,), "Loop": None, "Scan": None}
+_SHAPE_ONLY = frozenset({"Shape", "Size"})  # their outputs do not depend on values
+
+
+@dataclass
+class Node:
+    op: str
+    domain: str
+    inputs: list[str]
+    outputs: list[str]
+    graphs: list[Graph]
+
+
+@dataclass
+class Graph:
+    inputs: list[str]
+    outputs: list[str]
+    nodes: list[Node]
+    functions: dict[tuple[str, str], list[Node]] | None = None  # (domain, name): body
+
+
+def _text(buf: bytes, value: tuple[int, int]) -> str:
+    return buf[value[0]:value[1]].decode("utf-8", "replace")
+
+
+def _node(buf: bytes, start: int, end: int, depth: int) -> Node:
+    node = Node("", "", [], [], [])
+    for field, wire, value in _fields(buf, start, end):
+        if wire != 2:
+            continue
+        if field in (1, 2):
+            (node.inputs if field == 1 else node.outputs).append(_text(buf, value))
+        elif field in (4, 7):
+            setattr(node, "op" if field == 4 else "domain", _text(buf, value))
+        elif field == 5:  # an attribute: its graphs (g, graphs)
+            node.graphs += [_graph(buf, *v, depth + 1) for f, w, v in _fields(buf, *value)
+                            if w == 2 and f in (6, 11)]
+    return node
+
+
+def _graph(buf: bytes, start: int, end: int, depth: int) -> Graph:
+    if depth > _MAX_DEPTH:
+        raise OnnxScanError("graphs nested too deeply")
+    g = Graph([], [], [])
+    for field, wire, value in _fields(buf, start, end):
+        if wire == 2 and field == 1:
+            g.nodes.append(_node(buf, *value, depth + 1))
+        elif wire == 2 and field in (11, 12):  # a ValueInfoProto: its name
+            names = [_text(buf, v) for f, w, v in _fields(buf, *value) if f == 1 and w == 2]
+            (g.inputs if field == 11 else g.outputs).append(names[0] if names else "")
+    return g
+
+
+def main_graph(model: bytes) -> Graph:
+    """The serialized ``model``'s graph: its inputs, outputs and nodes (with their nested
+    graphs), and its model-local functions' bodies.
+
+    Raises:
+        OnnxScanError: the bytes are not a well-formed ONNX model.
+    """
+    g, functions = Graph([], [], []), {}
+    for field, wire, value in _fields(model, 0, len(model)):
+        if wire == 2 and field == 7:
+            g = _graph(model, *value, 1)
+        elif wire == 2 and field == 25:  # a FunctionProto: name 1, nodes 7, domain 10
+            name, domain, body = "", "", []
+            for f, w, v in _fields(model, *value):
+                if w == 2 and f in (1, 10):
+                    name, domain = (_text(model, v), domain) if f == 1 else (name, _text(model, v))
+                elif w == 2 and f == 7:
+                    body.append(_node(model, *v, 2))
+            functions[(domain, name)] = body
+    g.functions = functions
+    return g
+
+
+def sized_by_values(graph: Graph, changing: set[str]) -> tuple[str, str] | None:
+    """The first node of ``graph`` (nested graphs and called local functions included) that
+    sizes a tensor by, or picks a branch on, values derived from the tensors ``changing``, as
+    (op type, input name); None where none does. ``changing`` grows by every tensor derived
+    from it (:data:`SIZED_BY`; Shape and Size outputs derive from shapes only)."""
+    functions = graph.functions or {}
+
+    def walk(nodes: list[Node], seen: frozenset) -> tuple[str, str] | None:
+        for n in nodes:
+            pick = SIZED_BY.get(n.op, ())
+            for i in range(len(n.inputs)) if pick is None else pick:
+                if i < len(n.inputs) and n.inputs[i] in changing:
+                    return n.op, n.inputs[i]
+            if n.op in _SHAPE_ONLY:
+                continue
+            derived = any(i in changing for i in n.inputs if i)
+            for sub in n.graphs:  # (a branch reads outer names; its outputs become the node's)
+                hit = walk(sub.nodes, seen)
+                if hit is not None:
+                    return hit
+                derived = derived or any(o in changing for o in sub.outputs)
+            body = functions.get((n.domain, n.op))
+            if body is not None and derived and (n.domain, n.op) not in seen:
+                changing.update(i for b in body for i in b.inputs if i)  # (a body's values:
+                hit = walk(body, seen | {(n.domain, n.op)})  # taken as all changing)
+                if hit is not None:
+                    return hit
+            if derived:
+                changing.update(o for o in n.outputs if o)
+        return None
+
+    return walk(graph.nodes, frozenset())

@@ -116,6 +116,7 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
                               "other outputs")
         _check_classes(output, out_shape, first)
         scores, label_dims, extra = _logits(g, output, rank, first, notes), ["N"], {}
+        probs = scores != output  # (a Softmax's output: its input is read)
         if first:  # labels [N, H, W, ...]; SoftmaxCrossEntropyLoss reads this layout as it is
             label_dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[2:]]
             extra = {"ignore_index": names.IGNORE_LABEL}
@@ -133,7 +134,8 @@ def append_loss(model: onnx.ModelProto, output: str, loss: str, shapes: Shapes,
                                        [names.LOSS], name="loss/SoftmaxCrossEntropyLoss",
                                        reduction="mean", **extra))
         info = LossSpec("cross_entropy", TensorSpec(names.LABELS, label_dims, "int64"),
-                        int(out_shape[1 if first else -1]), classes_first=first)
+                        int(out_shape[1 if first else -1]), classes_first=first,
+                        probabilities=probs)
     elif loss in ("bce", "mse"):  # float targets of the output's shape
         dims = ["N"] + [d if isinstance(d, int) else "?" for d in out_shape[1:]]
         g.input.append(helper.make_tensor_value_info(names.LABELS, TensorProto.FLOAT, dims))

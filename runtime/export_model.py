@@ -5,7 +5,7 @@ initializers and the frozen weights embedded, so the file runs alone in plain on
 when ``safetensors`` is installed, ``OUT.safetensors`` with the trainable weights under their torch
 names (transposed back where the ONNX graph stores them transposed). Needs ``onnx``, never torch.
 
-Why one module (~525 lines): one pipeline, each step reading the last one's result: which
+Why one module (~550 lines): one pipeline, each step reading the last one's result: which
 weights of which bundle (a run, a checkpoint, a fleet folder), baked into the graph, then the
 side files a user runs it with (labels, tokenizer, preprocessing, safetensors).
 """
@@ -463,14 +463,24 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
         # a stop signal waits until every file is in place (session 36 probe: Ctrl-C between
         # two moves of an --overwrite left one model's .onnx beside another's .safetensors)
         written = {out, data, st if wrote else None, labels_path, tok_path, prep_path}
+        placed: list[Path] = []
         try:
             with deferred_signals():
                 for name, target in moves:
-                    if target is not None:
+                    if target is not None and overwrite:
                         os.replace(tmp / name, target)
+                    elif target is not None:
+                        _place_new(tmp / name, target)
+                        placed.append(target)
                 for t in targets:  # a replaced export's companion this model lacks
-                    if t not in written and t.exists():
+                    if overwrite and t not in written and t.exists():
                         t.unlink()
+        except FileExistsError as exc:  # (a session 44 probe: two at once both said written)
+            for t in placed:  # this command's own files, just made: nothing of it is left
+                t.unlink(missing_ok=True)
+            raise UserError(f"'{exc.filename}' was written meanwhile (another export-model to "
+                            "this --out?) and is kept; pass --overwrite to replace it, or "
+                            "another --out") from None
         except OSError as exc:
             raise UserError(f"cannot write '{out}': {exc.strerror or exc}") from None
     finally:
@@ -480,6 +490,27 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
                         str(b.manifest.source).lower().endswith(".onnx"),
                         None if bundle is not None or b.path in (src, src.parent) else b.path,
                         prep_path, packed_recurrent(b) if wrote else None)
+
+
+def _place_new(src: Path, target: Path) -> None:
+    """Move ``src`` to ``target`` where no file is there, else ``FileExistsError``: a hard
+    link then an unlink, so a file another command wrote meanwhile is never replaced (a file
+    system without hard links, FAT on an SD card: checked, then renamed)."""
+    import errno
+
+    try:
+        os.link(src, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
+                             errno.EMLINK, errno.ENOSYS):
+            raise
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+        os.rename(src, target)
+        return
+    os.unlink(src)
 
 
 def _fixed_length_tokenizer(data: bytes, seq_len: int) -> bytes:

@@ -7,11 +7,14 @@ handler takes over, and a Ctrl-C that came meanwhile ends the command as interru
 Importing this module changes nothing.
 """
 
+import atexit
 import os
 import signal
 import sys
 
 _SEEN: list[int] = []
+_RETURNED: list[int] = []  # the command's exit status, once it returned
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _remember(signum, frame) -> None:
@@ -29,18 +32,40 @@ def main() -> int:
     if _SEEN:
         print("interrupted", file=sys.stderr)
         return 130
-    return cli_main()
+    code = cli_main()
+    _RETURNED.append(code)
+    return code
+
+
+def _ignore_stops() -> None:
+    """Registered first, so run last at exit: the interpreter's clean-up after it puts every
+    signal a Python handler took back to its default, which kills (a session 44 probe: a
+    SIGTERM as a finished run exited ended it killed, status 143, without a word)."""
+    for s in _STOPS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def run() -> None:
     """Run the command and exit with its status; 130 when interrupted, even if the
     interpreter saw the KeyboardInterrupt on its way out."""
-    code = main()
-    # the command's outcome stands: a stop signal from here on ends the process with it at
-    # once (session 39 probe: a Ctrl-C during the interpreter's clean-up printed a
-    # KeyboardInterrupt traceback from a destructor, and the exit status stayed 0)
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # (before the flushes, which a
-        signal.signal(s, lambda *_: os._exit(code))  # paused pipe can hold: a reviewer)
+    atexit.register(_ignore_stops)
+    code = None
+    while True:
+        try:
+            if code is None:
+                code = main()
+            # the command's outcome stands: a stop signal from here on ends the process with
+            # it at once (session 39 probe: a Ctrl-C during the interpreter's clean-up printed
+            # a KeyboardInterrupt traceback from a destructor, and the exit status stayed 0)
+            for s in _STOPS:  # (before the flushes, which a paused pipe can hold: a reviewer)
+                signal.signal(s, lambda *_, code=code: os._exit(code))
+            break
+        except KeyboardInterrupt as exc:  # a signal as the command returned, at its handler
+            if code is None:  # (a session 44 probe: a traceback of runtime.cli.Terminated)
+                code = _RETURNED[-1] if _RETURNED else \
+                    128 + int(getattr(exc, "signum", signal.SIGINT))
+                if not _RETURNED:
+                    print("interrupted", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     if code == 130:

@@ -410,9 +410,15 @@ class ShrinkGuard:
                     raise UserError(f"out of memory ({exc}); train with a smaller --batch or "
                                     "--micro-batch, or give a --budget so the run is planned "
                                     "to fit") from None
-                if not m or m <= 1:
-                    raise UserError(f"the budget cannot hold even micro-batch 1 ({exc}); raise "
-                                    "--budget") from None
+                if not m or m <= 1:  # (a need that grew as the weights trained: a session
+                    # 44 probe's tampered graph, told to raise --budget)
+                    grew = (f"; this run's need grew as it trained (its first {tr.step_count} "
+                            "step(s) ran at larger micro-batches): its graphs may size tensors "
+                            "by the weights' values, so re-export the bundle from its model, "
+                            "or raise --budget") if self.shrinks and tr.step_count else \
+                        "; raise --budget"
+                    raise UserError(f"the budget cannot hold even micro-batch 1 ({exc}){grew}"
+                                    ) from None
                 # one part more per batch (session 39 probe: a plan validated at 11 of 32
                 # reached the cap at its first step and the run went on at 5, where 8 fits)
                 batch = tr.train_batch or 0

@@ -283,6 +283,7 @@ def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
         raise UserError(f"{bundle.path / graph_file} holds a {loops[0]} node, which no bundle "
                         "graph has; the bundle was tampered with or is not from instant-runtime's "
                         "exporter: re-export it")
+    check_value_sizes(bundle, graph_file, data)
     listed = set(bundle.manifest.graph_weights.get(graph_file, []))
     weights = bundle.manifest.weights
     for ref in refs:
@@ -293,6 +294,51 @@ def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
             raise UserError(f"{bundle.path / graph_file}: tensor '{ref.tensor[:80]}' points at "
                             f"external data {where!r} that the manifest does not list; "
                             "the bundle is damaged or was tampered with; re-export it")
+
+
+# (bundle, forward graph): its outputs, and the tensors it derives from values that change
+_CHANGING: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+
+
+def check_value_sizes(bundle: Bundle, graph_file: str, data: bytes) -> None:
+    """No graph may size a tensor by values that change as the run trains: the trainable
+    weights, the optimizer's state, INSTANT's bases (every graph input but the data, the labels
+    and the frozen prefix's outputs), and in a backward graph the tensors its forward graph
+    derived from those. The planning probes measure a step at the initial weights, so such a
+    graph passes them and then grows past the budget (a session 44 probe: a tampered forward
+    graph's Unique over a Range of the weights' distance from their start took 390 MB under
+    --budget 256MB; onnxruntime's arena cap does not hold a Unique's working memory).
+
+    Raises:
+        UserError: a graph that does, or bytes that are not an ONNX model.
+    """
+    from contract.onnx_scan import OnnxScanError, main_graph, sized_by_values
+
+    m = bundle.manifest
+    fixed = {i.name for i in m.inputs} | {m.loss.labels.name, names.LOSS_SCALE}
+    fixed |= set(m.prefix.outputs) if m.prefix is not None else set()
+    forward = next((g.forward for g in m.graphs.values() if g.backward == graph_file), None)
+    try:
+        graph = main_graph(data)
+        changing = {i for i in graph.inputs if i not in fixed}
+        if forward is not None:  # the forward's outputs change only where derived from those
+            key = (str(bundle.path), forward)
+            if key not in _CHANGING:
+                fwd = main_graph(bundle.read_file(forward))
+                derived = {i for i in fwd.inputs if i not in fixed}
+                sized_by_values(fwd, derived)  # (its own check comes as it loads)
+                _CHANGING[key] = (set(fwd.outputs), derived)
+            outputs, derived = _CHANGING[key]
+            changing = {i for i in changing if i not in outputs or i in derived}
+        hit = sized_by_values(graph, changing)
+    except OnnxScanError as exc:
+        raise UserError(f"{bundle.path / graph_file} is not a valid ONNX model ({exc}); "
+                        "re-export the bundle") from None
+    if hit is not None:
+        raise UserError(f"{bundle.path / graph_file}: its {hit[0]} node sizes a tensor by "
+                        f"values that change as the run trains ('{hit[1][:80]}'), which no "
+                        "memory plan can bound; no bundle graph does: the bundle was tampered "
+                        "with or is not from instant-runtime's exporter: re-export it")
 
 
 _RUN: list[ort.RunOptions] = []

@@ -710,7 +710,7 @@ class Trainer:
         if is_out_of_memory(exc):
             at = (f"micro-batch {self.plan.micro_batch}" if self.plan.micro_batch
                   else "the whole batch")
-            return ArenaExhausted(f"{phase} at {at}: {str(exc).splitlines()[0][-160:]}")
+            return ArenaExhausted(f"{phase} at {at}: {ort_message(exc, 400)[-160:]}")
         if isinstance(exc, UserError):
             return exc
         first = ort_message(exc)
@@ -954,8 +954,12 @@ class Trainer:
                     correct, counted = correct + c, counted + k
                 elif ce:
                     logits = classes_last(logits, spec)
-                    z = logits - logits.max(-1, keepdims=True)
-                    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+                    if spec.probabilities:  # a Softmax's output p: log p, clamped as torch's
+                        with np.errstate(divide="ignore"):  # binary one (log 0 -> -100)
+                            logp = np.maximum(np.log(logits), -100.0)
+                    else:
+                        z = logits - logits.max(-1, keepdims=True)
+                        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
                     keep = y != names.IGNORE_LABEL if y.ndim > 1 else np.ones(y.shape, bool)
                     picked = np.take_along_axis(logp, np.where(keep, y, 0)[..., None], -1)[..., 0]
                     total += float(-(picked * keep).sum())

@@ -436,3 +436,27 @@ def test_a_model_trained_on_arrays_gets_no_image_preprocessing(cnn_bundle, cli, 
         assert r.returncode == 0, r.stderr
         wrote = (tmp_path / run / "m.preprocess.json").exists()
         assert wrote == (run == "images") == ("image preprocessing" in r.stdout), r.stdout
+
+
+def test_a_model_written_meanwhile_at_out_is_kept(mlp_bundle, tmp_path, monkeypatch):
+    """Two export-models to one new --out at once both said "model written" and the last one
+    replaced the other's files without a word (a session 44 probe, 6 of 6 races). The one that
+    finds a file written meanwhile keeps it, leaves nothing of its own, and says so."""
+    from contract import UserError
+    from runtime import export_model as em
+
+    out = tmp_path / "m.onnx"
+    write = em.write_safetensors
+
+    def and_another_command_writes(b, params, path):  # the other export-model, meanwhile
+        (tmp_path / "m.onnx").write_bytes(b"the other model")
+        return write(b, params, path)
+
+    monkeypatch.setattr(em, "write_safetensors", and_another_command_writes)
+    with pytest.raises(UserError, match=r"m\.onnx' was written meanwhile \(another "
+                       r"export-model to this --out\?\) and is kept; pass --overwrite"):
+        em.export_model(mlp_bundle, out)
+    assert out.read_bytes() == b"the other model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # (its .safetensors too)
+    em.export_model(mlp_bundle, out, overwrite=True)  # --overwrite replaces it
+    assert out.read_bytes() != b"the other model" and out.with_suffix(".safetensors").exists()

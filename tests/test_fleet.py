@@ -675,6 +675,32 @@ def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
                    "evaluated anything", "the server said: only 1 of the 2 clients")
 
 
+def test_clients_hear_that_a_server_was_stopped(mlp_bundle, tmp_path):
+    """A server stopped by SIGTERM (or Ctrl-C) left its connected clients reconnecting for
+    --connect-timeout (60 s), then blaming the connection (a session 44 probe). A client that
+    can answer hears it at once."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2,
+                          "--wait", 120)
+    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2)
+    try:
+        client.wait_for(r"^connected to the fleet server")
+        server.wait_for(r"1 of 2 connected")
+        server.p.send_signal(signal.SIGTERM)
+        rc = server.finish()
+        t0 = time.monotonic()
+        client_rc = client.finish(timeout=40)
+        waited = time.monotonic() - t0
+    finally:
+        server.kill()
+        client.kill()
+    assert rc == 143 and "interrupted by SIGTERM" in server.stderr(), (rc, server.stderr())
+    assert waited < 20, (client_rc, waited, client.stdout(), client.stderr())
+    one_error_line(client.stderr(), client_rc, "was stopped before this client trained or "
+                   "evaluated anything", "the server said: it was stopped by SIGTERM",
+                   "start this client again once the server runs again")
+
+
 def test_user_errors_are_one_line(mlp_bundle, mlp_head_bundle, tmp_path):
     """Bad addresses, no server, a port in use and a server without clients: one ``error:``
     line, exit 2, no traceback, bounded time."""
@@ -1528,6 +1554,25 @@ def test_a_round_cut_off_at_the_round_timeout_is_named(mlp_bundle, tmp_path):
     out = server.stdout()
     assert "no client finished (1 failed; 1 cut off at --round-timeout 1 s: raise it" in out, out
     one_error_line(server.stderr(), rc, "1 client round(s) were cut off at --round-timeout 1 s")
+
+
+def test_a_round_that_waits_for_clients_cut_off_before_names_the_cut(mlp_bundle, tmp_path):
+    """Session 44 probe: every client cut off at --round-timeout was still training that round
+    when the next one waited, and the run ended in "only 0 of the 2 clients ... connected;
+    start more clients", blaming clients that were there all along."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 2, "--min-clients", 1,
+                          "--round-timeout", 1, "--wait", 3)
+    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 100000)
+    try:
+        rc = server.finish()
+    finally:
+        server.kill()
+        client.kill()
+    line = one_error_line(server.stderr(), rc, "only 0 of the 1 clients that round 2 needs",
+                          "the 1 client(s) cut off at --round-timeout 1 s in round 1 may still "
+                          "be training it: raise --round-timeout or --wait")
+    assert "start more clients" not in line, line
 
 
 def test_a_server_says_which_evaluated_examples_are_training_rows(mlp_bundle, tmp_path):

@@ -231,6 +231,29 @@ def _(c):
     return _train_on_edited_forward(c, model)
 
 
+@case("graph-sized-by-the-weights", "its Range node sizes a tensor by values that change as "
+      "the run trains", "re-export")
+def _(c):
+    """Session 44 probe: a forward graph whose Unique ran over a Range as long as the weights'
+    distance from their start (0 at the initial weights the planning probes see) took the run
+    to 390 MB under --budget 256MB; refused before onnxruntime sees it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(c.bundle / "vanilla.forward.onnx"), load_external_data=False)
+    w = c.manifest()["params"][0]["name"]
+    model.graph.initializer.extend([numpy_helper.from_array(np.float32(0), "r0"),
+                                    numpy_helper.from_array(np.float32(1), "r1")])
+    model.graph.node.extend([
+        helper.make_node("Abs", [w], ["w_abs"]),
+        helper.make_node("ReduceSum", ["w_abs"], ["w_sum"], keepdims=0),
+        helper.make_node("Range", ["r0", "w_sum", "r1"], ["spread"]),
+        helper.make_node("Unique", ["spread"], ["spread_unique"])])
+    model.graph.output.append(helper.make_tensor_value_info("spread_unique", TensorProto.FLOAT,
+                                                            None))
+    return _train_on_edited_forward(c, model)
+
+
 @case("graph-asks-for-4-terabytes", "out of memory", "smaller --batch")
 def _(c):
     """Without a budget, an allocation onnxruntime cannot make is the machine's limit, not a

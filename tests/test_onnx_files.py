@@ -922,8 +922,9 @@ def test_files_written_the_ways_other_exporters_write_them_train_like_a_plain_on
     step): the opset-13 file is converted to 16 (its Gather's gradient is a scatter-add that
     opset 13 lacks), initializers listed as inputs are read as weights, a float16 weight behind
     a Cast trains in float32 (its values are the plain file's rounded, hence loss equality is
-    approximate there), a Softmax output is trained through its logits, nodes out of
-    topological order are sorted."""
+    approximate there), a Softmax output is trained and evaluated through its logits (its
+    held-out loss was a second softmax over the probabilities: a session 44 probe), nodes out
+    of topological order are sorted."""
     plain_out, plain = _export_and_train(tmp_path, "plain")
     # the gathered first weight has no INSTANT rule; W2 is compressed, the head left out
     assert "6 trainable tensors, 1 INSTANT layers" in plain_out, plain_out
@@ -933,6 +934,9 @@ def test_files_written_the_ways_other_exporters_write_them_train_like_a_plain_on
     assert loss == plain, (out, loss, plain)
     out, loss = _export_and_train(tmp_path, "soft", softmax=True)
     assert "is a Softmax's probabilities" in out and loss == plain, (out, loss, plain)
+    held = [_cli("eval", tmp_path / n, "--weights", tmp_path / f"{n}-run", "--threads", 1)
+            .stdout.strip().splitlines()[-1].split(" (weights")[0] for n in ("plain", "soft")]
+    assert held[0] == held[1], held  # (the held-out loss was a softmax of the probabilities)
     out, loss = _export_and_train(tmp_path, "half", fp16_head=True)
     assert "6 trainable tensors" in out and "(W3)" in out, out
     a, b = (np.array(s.split()[1:4:2], float) for s in (loss, plain))

@@ -307,13 +307,18 @@ def run_client(local: Local, address: str, steps: int, batch: int,
                     if isinstance(message, Query) and "fleet_failed" in message.config:
                         answer({})  # (server.py _tell_ended: the run failed, after this
                         flush(2.0)  # client's rounds, if any)
+                        stop = bool(message.config.get("fleet_stopped"))
                         raise UserError((
-                            f"the fleet server at {address} ended the run before this client "
+                            f"the fleet server at {address} "
+                            f"{'was stopped' if stop else 'ended the run'} before this client "
                             "trained or evaluated anything" if not served else
-                            f"the fleet server at {address} stopped the run in failure after "
+                            f"the fleet server at {address} "
+                            f"{'was stopped' if stop else 'stopped the run in failure'} after "
                             f"this client answered {served} request(s) ({local.rounds} "
                             "trained round(s))") + "; the server "
-                            f"said: {message.config['fleet_failed']}")
+                            f"said: {message.config['fleet_failed']}" + (
+                                "; start this client again once the server runs again"
+                                if stop else ""))
                     if isinstance(message, Query):  # the server's check as this client joins
                         refusal = _refusal(message.config, local.signature, version)
                         if refusal is None:

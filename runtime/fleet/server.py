@@ -319,11 +319,16 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                     continue
                 refused = (f" ({self.refused} refused at the join check, above)"
                            if self.refused else "")
+                cut = state["fit"] or {}  # (a session 44 probe: clients cut off at the round
+                cut = (f"the {cut['late']} client(s) cut off at --round-timeout "  # timeout
+                       f"{round_timeout:.0f} s in round {cut['round'] + done} may still be "
+                       "training it: raise --round-timeout or --wait, or lower the clients' "
+                       "--steps") if cut.get("late") else ""  # were blamed as never started)
                 raise NotEnoughClients(
                     f"only {len(self.vet(end))} of the {need} clients that round "
                     f"{state['round'] + done} needs connected within {wait_s:.0f} s{refused}; "
-                    "start more clients (`instant-runtime fleet client`), lower "
-                    "--min-clients or raise --wait" + (
+                    + (cut or "start more clients (`instant-runtime fleet client`), lower "
+                       "--min-clients or raise --wait") + (
                         f"; the aggregate of round {done + state['saved']} is kept: add "
                         "--resume to go on from it" if done + state["saved"] else ""))
 
@@ -386,6 +391,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     stopped = {"signal": None}
 
     def on_signal(signum, frame):
+        if stopped["signal"] is None:  # connected clients that can answer hear it at once (a
+            _tell_ended(manager, f"it was stopped by {signal.Signals(signum).name}",  # probe:
+                        timeout=2.0, stopped=True)  # they waited a minute, then blamed the net)
         stopped["signal"] = signum
         grpc_server.stop(grace=0)  # clients' pending replies fail now: rounds cannot hang
         raise KeyboardInterrupt
@@ -463,17 +471,18 @@ def _reply_problem(res, names: list[str], local: Local, to_arrays, to_parameters
 
 
 
-def _tell_ended(manager, why: str) -> None:
-    """Tell every connected client that the run failed, and ``why`` (a ``get_properties``
-    carrying ``fleet_failed``; a client that does not answer within 5 s is not waited for)."""
+def _tell_ended(manager, why: str, timeout: float = 5.0, stopped: bool = False) -> None:
+    """Tell every connected client that the run failed (``stopped``: was stopped by a signal),
+    and ``why`` (a ``get_properties`` carrying ``fleet_failed``; a client that does not answer
+    within ``timeout`` seconds, one busy training, is not waited for)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from flwr.common import GetPropertiesIns
 
     def tell(proxy) -> None:
         try:
-            proxy.get_properties(GetPropertiesIns(config={"fleet_failed": why}), timeout=5,
-                                 group_id=None)
+            proxy.get_properties(GetPropertiesIns(config={"fleet_failed": why, **(
+                {"fleet_stopped": 1} if stopped else {})}), timeout=timeout, group_id=None)
         except Exception:  # noqa: BLE001 - gone already: nothing to tell
             pass
 
