@@ -85,6 +85,14 @@ class RuleSet:
         return register
 
 
+
+# integer-quantized arithmetic (dynamic or QOperator quantization): no gradient passes it
+_QUANTIZED_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                            "QLinearMatMul", "QLinearConv", "QuantizeLinear",
+                            "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+                            "QLinearAdd", "QLinearMul"})
+
+
 def _check_outputs_covered(ctx, node: onnx.NodeProto, rule: Rule, gouts: list) -> None:
     """Raises ``ExportError`` where a float output of ``node`` past those ``rule`` covers
     (``RuleSet.gradient``'s ``outputs``) carries a gradient."""
@@ -400,6 +408,11 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
                 "not differentiate control flow; freeze the layers up to and including it "
                 "(--trainable), or write that part of the model without a data-dependent "
                 "branch or loop")
+        if rule is None and node.op_type in _QUANTIZED_OPS:  # (a session 44 probe: told
+            raise ExportError(  # to freeze the layers; quantize_dynamic's file)
+                f"node '{node.name}' is an ONNX {node.op_type}: the model was quantized "
+                "(e.g. by onnxruntime's quantize_dynamic), and quantized integer arithmetic has "
+                "no gradient; export the model before quantizing it")
         if rule is None:
             raise ExportError(
                 f"no gradient rule for op '{node.op_type}' at node '{node.name}'; supported: "

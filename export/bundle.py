@@ -12,7 +12,7 @@ Layout of a bundle directory (``contract.FORMAT_VERSION``; the manifest's schema
     calib.{forward,backward}.onnx     exact pass emitting Gram matrices (first calibration)
     recal.{forward,backward}.onnx     INSTANT step that also emits Gram matrices (recalibration)
 
-Why one module (~520 lines): ``export_bundle`` runs the export's steps in order on one traced
+Why one module (~550 lines): ``export_bundle`` runs the export's steps in order on one traced
 model, its shapes, index bounds, layers and notes; its graph helpers are the ones it calls.
 """
 
@@ -245,7 +245,37 @@ class _WeightFile:
                 f.write(c)
 
 
-def export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
+def export_bundle(model: str, out: str | Path, **options) -> Path:
+    """Export ``model`` to a training bundle in ``out`` (:func:`_export_bundle`); an ONNX file
+    whose shapes ONNX cannot infer and that onnxruntime cannot load either is refused with
+    onnxruntime's reason (a session 44 probe: a Gather of float indices was told to pass
+    --input-shape, which it had).
+
+    Raises:
+        ExportError: unknown model, unsupported op or option (one-line message).
+    """
+    try:
+        return _export_bundle(model, out, **options)
+    except ExportError as exc:
+        if "unknown after ONNX shape inference" not in str(exc) or \
+                not str(model).endswith(".onnx"):
+            raise
+        import onnxruntime as ort
+
+        from contract.errors import ort_message
+
+        try:
+            so = ort.SessionOptions()
+            so.log_severity_level = 4
+            ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        except Exception as bad:  # noqa: BLE001 - onnxruntime raises several types
+            raise ExportError(f"onnxruntime cannot load '{model}' either: "
+                              f"{ort_message(bad, 300)}; the file is not a valid ONNX model: "
+                              "export the model to ONNX again") from None
+        raise
+
+
+def _export_bundle(model: str, out: str | Path, *, input_shape: str | None = None,
                   npz: str | None = None, trainable: str = "all", loss: str = "cross_entropy",
                   instant_exclude: list[str] | None = None,
                   settings: InstantSettings | None = None, output: str | None = None,

@@ -260,8 +260,8 @@ def _not_covered(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, s
     if len(ws) < 3 or any(d != 1 for d in ws[2:]):
         return None
     why = (f"a 1x1 conv in {attrs['group']} groups" if attrs.get("group", 1) != 1 else
-           "a strided 1x1 conv" if any(v != 1 for v in attrs.get("strides", [])) else
-           "a padded 1x1 conv" if any(v != 0 for v in attrs.get("pads", [])) else None)
+           "a padded 1x1 conv" if any(v != 0 for v in attrs.get("pads", [])) else
+           "a strided 1x1 conv" if any(v != 1 for v in attrs.get("strides", [])) else None)
     return None if why is None else (why, ins[1])
 
 

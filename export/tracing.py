@@ -382,7 +382,9 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     try:
         model = onnx.load(str(file))
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
-        raise ExportError(f"cannot read ONNX model '{path}': {str(exc)[:200]}") from None
+        raise ExportError(f"cannot read ONNX model '{path}': {str(exc)[:200]}; it is not an "
+                          "ONNX file, or a damaged or cut-short one: export the model to ONNX "
+                          "again (or copy the file again)") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise ExportError(f"'{path}' declares no ONNX opset: an empty file or not an ONNX model; "

@@ -115,10 +115,28 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
     except UserError as exc:
         if spec is None and isinstance(a.data, _DefaultData) and a.val is None \
                 and a.val_split is None:  # (then the default's own fit: a --val error is not)
+            trained = _run_data(a, bundle) if getattr(a, "resume", False) else None
+            if trained:  # (a session 44 probe: a resume was told about the digits)
+                raise UserError(f"no --data given, and --resume reads the data from --data "
+                                f"as the run did: it trained on '{trained}'; pass --data "
+                                f"{trained} (the same data)") from None
             raise UserError(f"no --data given, and the default, the built-in '{a.data}' "
                             f"dataset, does not fit this bundle ({exc}); pass --data with the "
                             "model's data (an .npz, a text file or an image folder)") from None
         raise
+
+
+def _run_data(a, bundle) -> str | None:
+    """The --data the run in ``--out`` recorded in its run.json (None: none readable)."""
+    from .console import one_line
+    from .run_folder import bundle_run, json_object
+
+    try:
+        out = Path(a.out) if a.out else bundle_run(bundle.path)
+        data = json_object(out / "run.json").get("data")
+    except Exception:  # noqa: BLE001 - a damaged run.json: the plain error
+        return None
+    return one_line(data)[:300] if isinstance(data, str) and data else None
 
 
 def _without_data(a) -> str | None:
@@ -957,6 +975,15 @@ def _cmd_eval(a) -> int:
     if not 1 <= a.batch <= 1 << 24:  # as train's --batch
         raise UserError(f"--batch {str(a.batch)[:20]} is invalid: must be 1 to {1 << 24}")
     budget, prof = _budget_and_profile(a)
+    src = Path(a.bundle)
+    if a.weights is None and src.is_dir() and not (src / "manifest.json").exists() and any(
+            (src / f).exists() for f in ("params.npz", "summary.json", "checkpoints")):
+        from .export_model import resolve_source  # a run's folder, as export-model takes it
+
+        found, _ = resolve_source(src)  # (a session 44 probe: refused, "pass the bundle")
+        print(f"note: '{src}' is a run's folder: evaluating its weights with its bundle "
+              f"{found.path.resolve()}", flush=True)
+        a.weights, a.bundle = str(src), str(found.path)
     bundle = open_bundle(a.bundle)
     run_src = None  # the run folder the weights were picked from
     weights = Path(a.weights) if a.weights else None

@@ -416,10 +416,16 @@ def test_the_bundle_a_run_json_names_is_said(mlp_head_bundle, cli, tmp_path):
     assert r.returncode == 0 and "bundle: " not in r.stdout, r.stdout
     # the run's folder where a bundle belongs (session 34 probe: "has no manifest.json ...;
     # re-export it", for a fleet's or a run's folder given to eval)
-    r = cli("eval", run, "--data", "digits")
+    r = cli("plan", run, "--data", "digits")
     assert r.returncode == 2 and r.stderr.strip() == (
         f"error: '{run}' is a run's folder (its params.npz or summary.json), not a bundle; pass "
         f"the bundle it was trained from (`eval` takes the run as --weights {run})"), r.stderr
+    # eval takes it as export-model does (a session 44 probe: refused, "pass the bundle")
+    r = cli("eval", run, "--data", "digits", "--threads", 1)
+    assert r.returncode == 0 and f"note: '{run}' is a run's folder: evaluating its weights " \
+        f"with its bundle {mlp_head_bundle}" in r.stdout, (r.stdout, r.stderr)
+    same = cli("eval", mlp_head_bundle, "--weights", run, "--data", "digits", "--threads", 1)
+    assert r.stdout.splitlines()[-1] == same.stdout.splitlines()[-1], (r.stdout, same.stdout)
 
 
 def test_a_model_trained_on_arrays_gets_no_image_preprocessing(cnn_bundle, cli, tmp_path):

@@ -1515,3 +1515,91 @@ def _unoptimised():
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # (no own fusion)
     return so
+
+
+def test_a_file_that_is_not_onnx_or_was_quantized_gets_its_way_out(tmp_path):
+    """A non-ONNX (or cut-short) file gave protobuf's "Error parsing message" alone; a model
+    from onnxruntime's quantize_dynamic was told to freeze the layers up to its first
+    DynamicQuantizeLinear, which left the head's bias alone to train (a session 44 probe)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    bad = tmp_path / "notes.onnx"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    r = _cli("export", "--model", bad, "--out", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is not an ONNX file, or a damaged or cut-short one: export the model to ONNX " \
+        "again" in r.stderr, r.stderr
+    plain = tmp_path / "plain.onnx"
+    _other_exporter_mlp(plain)
+    quantize_dynamic(str(plain), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    r = _cli("export", "--model", tmp_path / "q.onnx", "--out", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is an ONNX DynamicQuantizeLinear: the model was quantized" in r.stderr, r.stderr
+    assert "export the model before quantizing it" in r.stderr, r.stderr
+
+
+def test_a_file_onnxruntime_cannot_load_gets_its_reason(tmp_path):
+    """A Gather whose indices are the float table (ids and table swapped) passes onnx's checker
+    but not onnxruntime; export said a shape was unknown and to pass --input-shape, which it
+    had (a session 44 probe). onnxruntime's reason is said instead."""
+    rng = np.random.default_rng(0)
+    inits = {"emb": (50, 32), "l1.w": (32, 64), "l1.b": (64,), "fc.w": (64, 4), "fc.b": (4,)}
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["ids", "emb"], ["e"]),
+         helper.make_node("MatMul", ["e", "l1.w"], ["m"]),
+         helper.make_node("Add", ["m", "l1.b"], ["m1"]), helper.make_node("Relu", ["m1"], ["m2"]),
+         helper.make_node("ReduceMean", ["m2", "ax"], ["p"], keepdims=0),
+         helper.make_node("MatMul", ["p", "fc.w"], ["q"]),
+         helper.make_node("Add", ["q", "fc.b"], ["logits"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), k)
+         for k, s in inits.items()] + [numpy_helper.from_array(np.array([1], np.int64), "ax")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+              str(tmp_path / "bad.onnx"))
+    r = _cli("export", "--model", tmp_path / "bad.onnx", "--input-shape", "8,16:int64",
+             "--out", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "onnxruntime cannot load" in r.stderr and "export the model to ONNX again" \
+        in r.stderr and "--input-shape" not in r.stderr, r.stderr
+
+
+def _pointwise_file(path: Path, **conv) -> None:
+    rng = np.random.default_rng(1)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "pw"], ["c"], kernel_shape=[1, 1], **conv),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Gemm", ["f", "fc", "fc_b"], ["logits"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.normal(size=(8, 3, 1, 1)).astype(np.float32), "pw"),
+         numpy_helper.from_array(rng.normal(size=(4, 8)).astype(np.float32), "fc"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "fc_b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_strided_pointwise_conv_written_with_auto_pad_same_is_an_instant_layer(tmp_path):
+    """A 1x1 conv at stride 2 written with auto_pad SAME_UPPER (which pads a 1x1 kernel by
+    nothing) was left exact with the note "a strided 1x1 conv", which the README says is
+    compressed; a padded strided one was told "strided" instead of "padded" (a session 44
+    probe). It trains exactly as the file without auto_pad does."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(64, 3, 9, 9)).astype(np.float32),
+             y=rng.integers(0, 4, 64))
+    losses = []
+    for name, conv in (("plain", {"strides": [2, 2]}),
+                       ("same", {"strides": [2, 2], "auto_pad": "SAME_UPPER"})):
+        _pointwise_file(tmp_path / f"{name}.onnx", **conv)
+        r = _cli("export", "--model", tmp_path / f"{name}.onnx", "--out", tmp_path / name)
+        assert r.returncode == 0 and "1 INSTANT layers" in r.stdout, (r.stdout, r.stderr)
+        t = _cli("train", tmp_path / name, "--data", tmp_path / "d.npz", "--steps", 3,
+                 "--batch", 16, "--mode", "vanilla", "--threads", 1, "--no-progress", "--out",
+                 tmp_path / f"{name}-run")
+        assert t.returncode == 0, t.stderr
+        losses.append(next(ln for ln in t.stdout.splitlines() if ln.startswith("loss ")))
+    assert losses[0] == losses[1], losses
+    _pointwise_file(tmp_path / "padded.onnx", strides=[2, 2], pads=[0, 0, 1, 1])
+    r = _cli("export", "--model", tmp_path / "padded.onnx", "--out", tmp_path / "padded")
+    assert r.returncode == 0 and "pw (a padded 1x1 conv)" in r.stdout, r.stdout

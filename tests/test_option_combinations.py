@@ -152,3 +152,28 @@ def test_options_a_fleet_or_eval_does_not_read_are_named(cli, mlp_bundle, mlp_he
     out = ok(cli("eval", mlp_bundle, "--seed", 3, "--threads", 1))
     assert "note: --seed draws --val-split's held-out rows; without --val-split it is not " \
         "used" in out, out
+
+
+def test_a_resume_without_data_names_the_data_the_run_trained_on(cli, tmp_path):
+    """`train --resume` without --data blamed the built-in digits ("does not fit this bundle")
+    where the run had trained on the user's file (a session 44 probe)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(rng.normal(size=(4, 16)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(64, 16)).astype(np.float32),
+             y=rng.integers(0, 4, 64))
+    ok(cli("export", "--model", tmp_path / "m.onnx", "--out", tmp_path / "b"))
+    ok(cli("train", tmp_path / "b", "--data", tmp_path / "d.npz", "--steps", 2, "--out",
+           tmp_path / "r", *QUIET))
+    user_error(cli("train", tmp_path / "b", "--resume", "--steps", 4, "--out", tmp_path / "r",
+                   *QUIET), "no --data given, and --resume reads the data from --data as the "
+               f"run did: it trained on '{tmp_path / 'd.npz'}'; pass --data")

@@ -17,7 +17,8 @@ __all__ = ["split_strided_pointwise"]
 
 def split_strided_pointwise(model: onnx.ModelProto) -> int:
     """Rewrite every strided 1×1 Conv (group 1, no padding) as Slice + unit-stride Conv in
-    place; returns how many."""
+    place; returns how many. An ``auto_pad`` SAME_UPPER/SAME_LOWER pads a 1×1 kernel by
+    nothing (its output, ceil(H / s), is VALID's): taken as unpadded (a session 44 probe)."""
     g = model.graph
     dims = {i.name: list(i.dims) for i in g.initializer}
     out, done = [], 0
@@ -29,7 +30,8 @@ def split_strided_pointwise(model: onnx.ModelProto) -> int:
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         if (w is None or node.domain not in ("", "ai.onnx") or len(w) < 3
                 or any(d != 1 for d in w[2:]) or attrs.get("group", 1) != 1
-                or any(p != 0 for p in attrs.get("pads", [])) or auto_pad not in ("NOTSET", "VALID")
+                or any(p != 0 for p in attrs.get("pads", []))
+                or auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
                 or len(strides) != len(w) - 2 or all(s == 1 for s in strides)):
             out.append(node)
             continue
