@@ -164,7 +164,10 @@ SIZED_BY: dict[str, tuple[int, ...] | None] = {
     "Range": None, "ConstantOfShape": (0,), "Expand": (1,), "Tile": (1,), "Reshape": (1,),
     "Slice": (1, 2, 3, 4), "Pad": (1,), "Resize": (2, 3), "Upsample": (1,), "OneHot": (1,),
     "TopK": (1,), "NonZero": (0,), "Unique": (0,), "Compress": (1,), "Split": (1,),
-    "CenterCropPad": (1,), "NonMaxSuppression": None, "If": (0,), "Loop": None, "Scan": None}
+    "CenterCropPad": (1,), "NonMaxSuppression": None, "If": (0,), "Loop": None, "Scan": None,
+    "HannWindow": (0,), "HammingWindow": (0,), "BlackmanWindow": (0,), "Col2Im": (1, 2),
+    "MaxUnpool": (2,), "AffineGrid": (1,), "DFT": (1, 2), "STFT": (1, 2, 3),
+    "MelWeightMatrix": None, "SplitToSequence": (1,), "StringSplit": None}
 _SHAPE_ONLY = frozenset({"Shape", "Size"})  # their outputs do not depend on values
 
 
@@ -175,6 +178,7 @@ class Node:
     inputs: list[str]
     outputs: list[str]
     graphs: list[Graph]
+    overload: str = ""  # (IR 10: a local function's overload)
 
 
 @dataclass
@@ -182,7 +186,8 @@ class Graph:
     inputs: list[str]
     outputs: list[str]
     nodes: list[Node]
-    functions: dict[tuple[str, str], list[Node]] | None = None  # (domain, name): body
+    functions: dict[tuple[str, str, str], list[Node]] | None = None  # (domain, name,
+    # overload): body
 
 
 def _text(buf: bytes, value: tuple[int, int]) -> str:
@@ -196,8 +201,8 @@ def _node(buf: bytes, start: int, end: int, depth: int) -> Node:
             continue
         if field in (1, 2):
             (node.inputs if field == 1 else node.outputs).append(_text(buf, value))
-        elif field in (4, 7):
-            setattr(node, "op" if field == 4 else "domain", _text(buf, value))
+        elif field in (4, 7, 8):
+            setattr(node, {4: "op", 7: "domain", 8: "overload"}[field], _text(buf, value))
         elif field == 5:  # an attribute: its graphs (g, graphs)
             node.graphs += [_graph(buf, *v, depth + 1) for f, w, v in _fields(buf, *value)
                             if w == 2 and f in (6, 11)]
@@ -228,14 +233,14 @@ def main_graph(model: bytes) -> Graph:
     for field, wire, value in _fields(model, 0, len(model)):
         if wire == 2 and field == 7:
             g = _graph(model, *value, 1)
-        elif wire == 2 and field == 25:  # a FunctionProto: name 1, nodes 7, domain 10
-            name, domain, body = "", "", []
+        elif wire == 2 and field == 25:  # a FunctionProto: name 1, nodes 7, domain 10,
+            key, body = {1: "", 10: "", 13: ""}, []  # overload 13
             for f, w, v in _fields(model, *value):
-                if w == 2 and f in (1, 10):
-                    name, domain = (_text(model, v), domain) if f == 1 else (name, _text(model, v))
+                if w == 2 and f in key:
+                    key[f] = _text(model, v)
                 elif w == 2 and f == 7:
                     body.append(_node(model, *v, 2))
-            functions[(domain, name)] = body
+            functions[(key[10], key[1], key[13])] = body
     g.functions = functions
     return g
 
@@ -244,12 +249,16 @@ def sized_by_values(graph: Graph, changing: set[str]) -> tuple[str, str] | None:
     """The first node of ``graph`` (nested graphs and called local functions included) that
     sizes a tensor by, or picks a branch on, values derived from the tensors ``changing``, as
     (op type, input name); None where none does. ``changing`` grows by every tensor derived
-    from it (:data:`SIZED_BY`; Shape and Size outputs derive from shapes only)."""
+    from it (:data:`SIZED_BY`; Shape and Size outputs derive from shapes only), over as many
+    passes as it grows: nodes out of topological order, which onnxruntime sorts, are followed
+    (a session 44 review: a Range listed before the nodes making its limit passed)."""
     functions = graph.functions or {}
 
     def walk(nodes: list[Node], seen: frozenset) -> tuple[str, str] | None:
         for n in nodes:
             pick = SIZED_BY.get(n.op, ())
+            if n.domain not in ("", "ai.onnx") and (n.domain, n.op, n.overload) not in functions:
+                pick = None  # (another domain's op: the exporter writes none; any input may)
             for i in range(len(n.inputs)) if pick is None else pick:
                 if i < len(n.inputs) and n.inputs[i] in changing:
                     return n.op, n.inputs[i]
@@ -261,14 +270,19 @@ def sized_by_values(graph: Graph, changing: set[str]) -> tuple[str, str] | None:
                 if hit is not None:
                     return hit
                 derived = derived or any(o in changing for o in sub.outputs)
-            body = functions.get((n.domain, n.op))
-            if body is not None and derived and (n.domain, n.op) not in seen:
+            key = (n.domain, n.op, n.overload)
+            body = functions.get(key)
+            if body is not None and derived and key not in seen:
                 changing.update(i for b in body for i in b.inputs if i)  # (a body's values:
-                hit = walk(body, seen | {(n.domain, n.op)})  # taken as all changing)
+                hit = walk(body, seen | {key})  # taken as all changing)
                 if hit is not None:
                     return hit
             if derived:
                 changing.update(o for o in n.outputs if o)
         return None
 
-    return walk(graph.nodes, frozenset())
+    while True:
+        before = len(changing)
+        hit = walk(graph.nodes, frozenset())
+        if hit is not None or len(changing) == before:
+            return hit

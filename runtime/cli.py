@@ -117,9 +117,11 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
                 and a.val_split is None:  # (then the default's own fit: a --val error is not)
             trained = _run_data(a, bundle) if getattr(a, "resume", False) else None
             if trained:  # (a session 44 probe: a resume was told about the digits)
+                import shlex
+
                 raise UserError(f"no --data given, and --resume reads the data from --data "
                                 f"as the run did: it trained on '{trained}'; pass --data "
-                                f"{trained} (the same data)") from None
+                                f"{shlex.quote(trained)} (the same data)") from None
             raise UserError(f"no --data given, and the default, the built-in '{a.data}' "
                             f"dataset, does not fit this bundle ({exc}); pass --data with the "
                             "model's data (an .npz, a text file or an image folder)") from None

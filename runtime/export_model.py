@@ -500,12 +500,12 @@ def _place_new(src: Path, target: Path) -> None:
 
     try:
         os.link(src, target)
-    except FileExistsError:
-        raise
+    except FileExistsError:  # (its filename is the staging file's: the target is named)
+        raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV,
-                             errno.EMLINK, errno.ENOSYS):
+        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
             raise
+        # no hard links here (EPERM, ENOTSUP, EXDEV; EACCES on some CIFS/FUSE mounts)
         if target.exists() or target.is_symlink():
             raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
         os.rename(src, target)

@@ -40,7 +40,8 @@ def main() -> int:
 def _ignore_stops() -> None:
     """Registered first, so run last at exit: the interpreter's clean-up after it puts every
     signal a Python handler took back to its default, which kills (a session 44 probe: a
-    SIGTERM as a finished run exited ended it killed, status 143, without a word)."""
+    SIGTERM as a finished run exited ended it killed, status 143, without a word). The cost:
+    a destructor that hung in that last clean-up would need SIGKILL (none is known to)."""
     for s in _STOPS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -64,6 +65,8 @@ def run() -> None:
             if code is None:  # (a session 44 probe: a traceback of runtime.cli.Terminated)
                 code = _RETURNED[-1] if _RETURNED else \
                     128 + int(getattr(exc, "signum", signal.SIGINT))
+                for s in _STOPS:  # (first: another signal now ends the process at once)
+                    signal.signal(s, lambda *_, code=code: os._exit(code))
                 if not _RETURNED:
                     print("interrupted", file=sys.stderr)
     sys.stdout.flush()

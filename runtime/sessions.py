@@ -296,8 +296,9 @@ def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
                             "the bundle is damaged or was tampered with; re-export it")
 
 
-# (bundle, forward graph): its outputs, and the tensors it derives from values that change
-_CHANGING: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+# (bundle, forward graph, its sha256): its outputs, and the tensors it derives from values
+# that change
+_CHANGING: dict[tuple[str, str, str], tuple[set[str], set[str]]] = {}
 
 
 def check_value_sizes(bundle: Bundle, graph_file: str, data: bytes) -> None:
@@ -322,7 +323,8 @@ def check_value_sizes(bundle: Bundle, graph_file: str, data: bytes) -> None:
         graph = main_graph(data)
         changing = {i for i in graph.inputs if i not in fixed}
         if forward is not None:  # the forward's outputs change only where derived from those
-            key = (str(bundle.path), forward)
+            entry = m.files.get(forward)  # (its hash: a bundle re-exported in place)
+            key = (str(bundle.path), forward, getattr(entry, "sha256", ""))
             if key not in _CHANGING:
                 fwd = main_graph(bundle.read_file(forward))
                 derived = {i for i in fwd.inputs if i not in fixed}

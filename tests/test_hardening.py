@@ -236,7 +236,9 @@ def _(c):
 def _(c):
     """Session 44 probe: a forward graph whose Unique ran over a Range as long as the weights'
     distance from their start (0 at the initial weights the planning probes see) took the run
-    to 390 MB under --budget 256MB; refused before onnxruntime sees it."""
+    to 390 MB under --budget 256MB; refused before onnxruntime sees it. Here the Range's
+    length is the weights' sum of magnitudes, and its nodes come before those that make it
+    (onnxruntime sorts them; a review: a one-pass scan in file order missed it)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -245,10 +247,10 @@ def _(c):
     model.graph.initializer.extend([numpy_helper.from_array(np.float32(0), "r0"),
                                     numpy_helper.from_array(np.float32(1), "r1")])
     model.graph.node.extend([
-        helper.make_node("Abs", [w], ["w_abs"]),
-        helper.make_node("ReduceSum", ["w_abs"], ["w_sum"], keepdims=0),
         helper.make_node("Range", ["r0", "w_sum", "r1"], ["spread"]),
-        helper.make_node("Unique", ["spread"], ["spread_unique"])])
+        helper.make_node("Unique", ["spread"], ["spread_unique"]),
+        helper.make_node("ReduceSum", ["w_abs"], ["w_sum"], keepdims=0),
+        helper.make_node("Abs", [w], ["w_abs"])])
     model.graph.output.append(helper.make_tensor_value_info("spread_unique", TensorProto.FLOAT,
                                                             None))
     return _train_on_edited_forward(c, model)
@@ -1524,3 +1526,27 @@ def test_onnxruntime_errors_lose_their_cxx_source_locations():
              "logging::Logger&) Unsupported model IR version: 99",
              "Unsupported model IR version: 99")):
         assert ort_message(RuntimeError(raw)).startswith(reason), ort_message(RuntimeError(raw))
+
+
+@pytest.mark.parametrize("op, domain, extra", [
+    ("HannWindow", "", {}), ("Tile", "", {}), ("FusedThing", "com.microsoft", {}),
+    ("Relu", "", {}),
+], ids=["window", "tile", "other-domain", "elementwise"])
+def test_the_value_size_scan_follows_every_op_that_sizes_by_values(op, domain, extra):
+    """A review of the scan (session 44): ops outside its first table (a HannWindow of the
+    weights' sum) and other domains' ops passed; an elementwise op is not sizing."""
+    from onnx import TensorProto, helper
+
+    from contract.onnx_scan import main_graph, sized_by_values
+
+    ins = ["w_n"] if op == "HannWindow" else ["x", "w_n"]
+    g = helper.make_graph([
+        helper.make_node("ReduceSum", ["w"], ["w_s"], keepdims=0),
+        helper.make_node("Cast", ["w_s"], ["w_n"], to=TensorProto.INT64),
+        helper.make_node(op, ins if op != "Relu" else ["w"], ["y"], domain=domain, **extra)],
+        "g", [helper.make_tensor_value_info("w", TensorProto.FLOAT, [4]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    hit = sized_by_values(main_graph(model.SerializeToString()), {"w"})
+    assert hit == (None if op == "Relu" else (op, "w_n")), hit

@@ -327,8 +327,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 raise NotEnoughClients(
                     f"only {len(self.vet(end))} of the {need} clients that round "
                     f"{state['round'] + done} needs connected within {wait_s:.0f} s{refused}; "
-                    + (cut or "start more clients (`instant-runtime fleet client`), lower "
-                       "--min-clients or raise --wait") + (
+                    + (f"{cut}; otherwise " if cut else "")
+                    + "start more clients (`instant-runtime fleet client`), lower "
+                    "--min-clients or raise --wait" + (
                         f"; the aggregate of round {done + state['saved']} is kept: add "
                         "--resume to go on from it" if done + state["saved"] else ""))
 
@@ -389,13 +390,26 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
         f"client(s) per round; model {local.signature[:12]}, {len(names)} trainable tensors "
         f"({sum(v.nbytes for v in local.get_trainable().values()) / 1e6:.2f} MB)")
     stopped = {"signal": None}
+    # connected clients that can answer hear why at once (a session 44 probe: they waited a
+    # minute, then blamed the network): told from a thread started now, which a signal wakes
+    # (a handler that takes locks could wait for one its own thread holds: a review)
+    wake, told = threading.Event(), threading.Event()
+
+    def tell_then_stop() -> None:
+        wake.wait()
+        if stopped["signal"] is not None:
+            _tell_ended(manager, f"it was stopped by {signal.Signals(stopped['signal']).name}",
+                        timeout=2.0, stopped=True)
+            grpc_server.stop(grace=0)  # clients' pending replies fail now: rounds cannot hang
+        told.set()
+
+    threading.Thread(target=tell_then_stop, name="fleet-stop", daemon=True).start()
 
     def on_signal(signum, frame):
-        if stopped["signal"] is None:  # connected clients that can answer hear it at once (a
-            _tell_ended(manager, f"it was stopped by {signal.Signals(signum).name}",  # probe:
-                        timeout=2.0, stopped=True)  # they waited a minute, then blamed the net)
+        if stopped["signal"] is not None:  # a second one: stop at once
+            grpc_server.stop(grace=0)
         stopped["signal"] = signum
-        grpc_server.stop(grace=0)  # clients' pending replies fail now: rounds cannot hang
+        wake.set()
         raise KeyboardInterrupt
 
     from ..checkpoint import StopSignals
@@ -413,9 +427,11 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             server.disconnect_all_clients(timeout=5)  # round exited 0), then that it ended
             raise  # (they went on retrying for a minute)
     except KeyboardInterrupt:
+        told.wait(5)  # (the clients told, within 2 s each, at once)
         raise FleetInterrupted(stopped["signal"] or signal.SIGINT,
                                done + state["saved"], out) from None
     finally:
+        wake.set()  # (the teller ends: without a signal it tells nobody)
         for s, h in old.items():
             signal.signal(s, h)
         grpc_server.stop(grace=1).wait(5)
