@@ -1646,12 +1646,12 @@ def test_a_client_started_again_says_which_steps_its_fleet_never_received(tmp_pa
     """A client killed in a round and started again into its folder said "trained 342 steps,
     counted on from there" where its last round ended at step 300; steps 301-342 were of the
     round the server dropped (a session 44 probe)."""
-    from runtime.fleet.cli import _unsent
+    from runtime.fleet.folders import unsent_steps
 
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 300}))
     (tmp_path / "metrics.jsonl").write_text("".join(
         json.dumps({"kind": "step", "step": s, "loss": 1.0}) + "\n" for s in range(290, 343)))
-    assert _unsent(tmp_path) == (" (steps 301-342 were of a round it did not finish: the "
+    assert unsent_steps(tmp_path) == (" (steps 301-342 were of a round it did not finish: the "
                                  "fleet never received them)")
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 342}))
-    assert _unsent(tmp_path) == ""
+    assert unsent_steps(tmp_path) == ""

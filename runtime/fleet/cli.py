@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import signal
@@ -124,23 +123,6 @@ def _fill(f: argparse.ArgumentParser) -> None:
     c.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (the default; as train takes it)")
     c.add_argument("--verbose", action="store_true", help="show Flower's own log")
-
-
-def _unsent(out: Path) -> str:
-    """Where a client's log runs past its last round's weights (it was stopped in a round): the
-    steps of that round, which its server never received (a session 44 probe: counted without
-    a word)."""
-    from ..run_log import last_logged_step
-
-    try:
-        done = json.loads((out / "summary.json").read_text()).get("steps")
-    except (OSError, ValueError, AttributeError):
-        return ""
-    logged = last_logged_step(out / "metrics.jsonl")
-    if not isinstance(done, int) or logged <= done:
-        return ""
-    return (f" (steps {done + 1}-{logged} were of a round it did not finish: the fleet never "
-            "received them)")
 
 
 def parse_address(text: str, option: str) -> str:
@@ -390,7 +372,7 @@ def _earlier_rounds(out: Path) -> dict | None:
 
 def _client(a) -> int:
     from .client import run_client
-    from .folders import check_out, drop_lock_only, earlier_steps, fleet_role
+    from .folders import check_out, drop_lock_only, earlier_steps, fleet_role, unsent_steps
     from .local import (
         UserError,
         check_client_options,
@@ -450,7 +432,7 @@ def _client(a) -> int:
                   + f", {a.steps} steps of {a.batch} per round"
                   + (f", budget {budget_mb(budget)} MB" if budget else "") + f"; server {address}"
                   + (f"; its earlier run in {out} trained {local.trainer.step_count} steps, "
-                     "counted on from there" + _unsent(out) if local.trainer.step_count
+                     "counted on from there" + unsent_steps(out) if local.trainer.step_count
                      else ""), flush=True)
             return run_client(local, address, a.steps, a.batch,
                               connect_timeout=connect_timeout, keepalive=keepalive)

@@ -118,6 +118,25 @@ def earlier_steps(out: Path) -> int:
     return max(newest[0] if newest else 0, last_logged_step(out / "metrics.jsonl"))
 
 
+def unsent_steps(out: Path) -> str:
+    """Where a client's log runs past its last round's weights (it was stopped in a round): the
+    steps of that round, which its server never received (a session 44 probe: counted without
+    a word)."""
+    import json
+
+    from ..run_log import last_logged_step
+
+    try:
+        done = json.loads((out / "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    logged = last_logged_step(out / "metrics.jsonl")
+    if not isinstance(done, int) or logged <= done:
+        return ""
+    return (f" (steps {done + 1}-{logged} were of a round it did not finish: the fleet never "
+            "received them)")
+
+
 def drop_lock_only(out: Path, fresh: bool) -> None:
     """Remove ``out`` where this process made it (``fresh``) and it holds only the lock: a
     fleet process that ended before doing anything leaves no folder behind (probes of sessions
