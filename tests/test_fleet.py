@@ -648,24 +648,35 @@ def test_a_client_whose_server_stops_answering_says_so(mlp_bundle, tmp_path):
     assert waited < 60, waited
 
 
+def _one_client_of_two(bundle, tmp_path, wait: int, stop: int | None = None):
+    """A server of --min-clients 2 and --wait ``wait`` with one client connected, sent ``stop``
+    once it waits (None: it gives up by itself): (server, client, server's exit, client's exit,
+    seconds the client took after the server ended)."""
+    port = free_port()
+    server = start_server(tmp_path, bundle, port, "--rounds", 1, "--min-clients", 2,
+                          "--wait", wait)
+    client = start_client(tmp_path, bundle, port, 0, "digits", "--steps", 2)
+    try:
+        client.wait_for(r"^connected to the fleet server")
+        if stop is not None:
+            server.wait_for(r"1 of 2 connected")
+            server.p.send_signal(stop)
+        rc = server.finish()
+        t0 = time.monotonic()
+        client_rc = client.finish(timeout=40)
+        waited = time.monotonic() - t0
+    finally:
+        server.kill()
+        client.kill()
+    return server, client, rc, client_rc, waited
+
+
 def test_clients_hear_that_a_server_gave_up_waiting(mlp_bundle, tmp_path):
     """Session 21 probe: a server that gave up waiting for --min-clients exited, and the client
     that had connected went on reconnecting for 60 s before failing. Now the server tells it the
     run ended before it stops. Session 27 probe: the client then exited 0 having trained
     nothing (a fleet manager read success); now one error line and exit 2."""
-    port = free_port()
-    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2,
-                          "--wait", 6)
-    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2)
-    try:
-        client.wait_for(r"^connected to the fleet server")
-        rc = server.finish()
-        t0 = time.monotonic()
-        client_rc = client.finish(timeout=30)
-        waited = time.monotonic() - t0
-    finally:
-        server.kill()
-        client.kill()
+    server, client, rc, client_rc, waited = _one_client_of_two(mlp_bundle, tmp_path, 6)
     one_error_line(server.stderr(), rc, "only 1 of the 2 clients")
     # while it waited it said so (session 39 probe: 300 s without a word)
     assert re.search(r"^round 1: waiting for clients, 1 of 2 connected \(\d+ s of --wait left\)",
@@ -679,21 +690,8 @@ def test_clients_hear_that_a_server_was_stopped(mlp_bundle, tmp_path):
     """A server stopped by SIGTERM (or Ctrl-C) left its connected clients reconnecting for
     --connect-timeout (60 s), then blaming the connection (a session 44 probe). A client that
     can answer hears it at once."""
-    port = free_port()
-    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2,
-                          "--wait", 120)
-    client = start_client(tmp_path, mlp_bundle, port, 0, "digits", "--steps", 2)
-    try:
-        client.wait_for(r"^connected to the fleet server")
-        server.wait_for(r"1 of 2 connected")
-        server.p.send_signal(signal.SIGTERM)
-        rc = server.finish()
-        t0 = time.monotonic()
-        client_rc = client.finish(timeout=40)
-        waited = time.monotonic() - t0
-    finally:
-        server.kill()
-        client.kill()
+    server, client, rc, client_rc, waited = _one_client_of_two(mlp_bundle, tmp_path, 120,
+                                                               signal.SIGTERM)
     assert rc == 143 and "interrupted by SIGTERM" in server.stderr(), (rc, server.stderr())
     assert waited < 20, (client_rc, waited, client.stdout(), client.stderr())
     one_error_line(client.stderr(), client_rc, "was stopped before this client trained or "
