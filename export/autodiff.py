@@ -25,7 +25,7 @@ first calibration, before any bases exist), ``recal`` (the ``instant`` step that
 Gram matrices of the full activations and output gradients: later calibrations run inside
 training steps, docs/method.md).
 
-Why one module (~540 lines): the rule registry, the context the rules see and the reverse
+Why one module (~640 lines): the rule registry, the context the rules see and the reverse
 sweep that calls them share one contract (which outputs a rule covers, what it may save, where
 its nodes go); split, each part would import the others' internals.
 """
@@ -91,6 +91,8 @@ _QUANTIZED_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteg
                             "QLinearMatMul", "QLinearConv", "QuantizeLinear",
                             "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
                             "QLinearAdd", "QLinearMul"})
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
+                         "RandomUniformLike", "Multinomial", "Bernoulli"})
 
 
 def _check_outputs_covered(ctx, node: onnx.NodeProto, rule: Rule, gouts: list) -> None:
@@ -413,6 +415,13 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
                 f"node '{node.name}' is an ONNX {node.op_type}: the model was quantized "
                 "(e.g. by onnxruntime's quantize_dynamic), and quantized integer arithmetic has "
                 "no gradient; export the model before quantizing it")
+        if rule is None and node.op_type in _RANDOM_OPS:  # (a session 45 probe's randn_like
+            raise ExportError(  # was told to freeze layers or add a rule)
+                f"node '{node.name}' is an ONNX {node.op_type}: the model draws random numbers "
+                "in its forward (torch.randn_like, rand, bernoulli, ...), which a training "
+                "bundle does not replay (its backward and a resumed run would see other draws); "
+                "take the randomness out of the model (e.g. add the noise to the data), or "
+                "freeze the layers up to and including it (--trainable)")
         if rule is None:
             raise ExportError(
                 f"no gradient rule for op '{node.op_type}' at node '{node.name}'; supported: "

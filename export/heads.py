@@ -88,6 +88,11 @@ def add_head(traced: Traced, classes: int, pool: str, padding_mask: str | None =
     if not isinstance(width, int):
         raise ExportError(f"output '{out}' has a symbolic width {width}; export with static "
                           "shapes except the batch dimension")
+    if classes * (width + 1) * 4 > 2**31:  # (a session 45 probe: --head 99999999999 was "out of
+        raise ExportError(  # memory ... give a --budget", which export has none of)
+            f"--head {classes}: a head of {classes:,} outputs over {width} features takes "
+            f"{classes * (width + 1) * 4 / 1e9:,.0f} GB of weights, more than 2 GB, which no "
+            "classifier's head needs; pass the number of classes")
     rng = np.random.default_rng(seed)
     bound = 1.0 / np.sqrt(width)
     w = rng.uniform(-bound, bound, (classes, width)).astype(np.float32)

@@ -111,6 +111,9 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
             last one) that is not a JSON object, a corrupt summary.json.
     """
     run = Path(run)
+    if run.is_file() and run.suffix.lower() != ".jsonl":  # (a session 45 probe: params.npz was
+        raise UserError(f"{run} is a file, not a run folder; pass the --out folder of a `train` "
+                        "run (or its metrics.jsonl)")  # read as metrics: "delete that line")
     path = run if run.is_file() else run / METRICS_FILE
     if not run.is_file() and not path.exists() and (run / ROUNDS_FILE).is_file():
         path = run / ROUNDS_FILE  # a fleet server's folder (an outside probe: "has no metrics")
@@ -290,6 +293,9 @@ def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
         raise UserError(f"--out {out}: the report is a PNG image; give a path ending in .png")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the path of a .png file")
+    if (out.parent / "manifest.json").exists():  # (a session 45 probe: the PNG then blocked
+        raise UserError(f"--out {out} is in a bundle folder, which holds the bundle's own "
+                        "files only; give a path elsewhere (the default is RUN/report.png)")
     if out.exists() and not overwrite and out.resolve() != (folder / "report.png").resolve():
         raise UserError(f"--out {out} exists; pass --overwrite to replace it, or choose another "
                         "path")

@@ -15,6 +15,7 @@ import argparse
 import errno
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -307,10 +308,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--micro-batch", type=int, default=None,
                    help="split each batch (gradient accumulation keeps the effective batch); "
                         "with --budget, the largest micro-batch the plan may choose")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    t.add_argument("--weight-decay", type=float, default=None)
+    t.add_argument("--lr", type=float, default=1e-3,
+                   help="learning rate, constant for the run (default 1e-3)")
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="decay of every trainable tensor, biases and norms too (default 0.01 "
+                        "for adamw, decoupled; 0 for sgd, added to the gradient)")
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
-                   help="default adamw")
+                   help="adamw (betas 0.9, 0.999, eps 1e-8) or sgd (momentum 0.9, as "
+                        "torch.optim.SGD); default adamw")
     add_instant_args(t)
     t.add_argument("--seed", type=int, default=0,
                    help="random seed (default 0)")
@@ -333,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", default=None, metavar="WEIGHTS",
                    help="start a new run from trained weights (a run or fleet folder, a params "
                         ".npz or a checkpoint of this bundle), e.g. to go on training on new "
-                        "data; the optimizer and learning-rate schedule start afresh")
+                        "data; the optimizer's state starts afresh")
     t.add_argument("--max-nonfinite", type=int, default=5,
                    help="stop after this many consecutive non-finite losses (each is skipped)")
     _add_session_args(t)
@@ -631,8 +636,11 @@ def _export(a) -> int:
            "calib_batches": base.calib_batches if a.calib_batches is None else a.calib_batches}
     try:
         settings = load_typed(InstantSettings, raw, "export options")
-    except UserError as exc:
-        raise UserError(str(exc).replace("; re-export the bundle", "")) from None
+    except UserError as exc:  # (said as the option: a session 45 probe read "field 'energy'")
+        said = re.sub(r"export options: field '(\w+)': (.*), got (.*) \(\w+\)",
+                      lambda m: f"--{m[1].replace('_', '-')} {m[3]} is invalid: {m[2]}", str(exc))
+        raise UserError(said.replace("; re-export the bundle", "")) from None
+
     def floats(text: str | None, flag: str) -> list[float] | None:
         if text is None:
             return None

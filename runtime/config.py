@@ -42,11 +42,11 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
     within the profile's RAM; a warning (stderr) where it exceeds this machine's RAM.
 
     Raises:
-        UserError: below 1 MB, or above the profile's RAM.
+        UserError: below 1 MB, below what the process already took, or above the profile's RAM.
     """
     import sys
 
-    from .memory import physical_ram
+    from .memory import peak_rss, physical_ram
 
     if budget is None:
         return
@@ -60,6 +60,15 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
         raise UserError(f"budget {budget_mb(budget)} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
                         f"of profile '{prof.name}'; pass a --budget below it, or the profile of "
                         "a device with more RAM")
+    taken = peak_rss()  # (a session 45 probe: a budget below this passed on to the sessions
+    if taken >= budget:  # and the plan's probes, 76 MB under --budget 40MB before its refusal)
+        said = f"--budget {budget_mb(budget)} MB" if given is not None else \
+            f"profile '{prof.name}''s budget of {budget_mb(budget)} MB"
+        raise UserError(f"{said} is below what the runtime already takes before it reads the "
+                        f"bundle ({taken / 1e6:.0f} MB: Python and its libraries); raise "
+                        "--budget well above it (`instant-runtime plan` without --budget states "
+                        "the minimum)" + ("" if given is not None else ", or pass the profile "
+                                          "of a device with more RAM"))
     ram = physical_ram()
     if ram and budget > ram:
         said = "--budget" if given is not None else f"profile '{prof.name}''s budget of"

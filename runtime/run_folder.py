@@ -2,12 +2,13 @@
 ``--resume`` / ``--overwrite`` treat an earlier run in it, and how a signal before training
 begins puts it back as it was.
 
-Why one module (530 lines): :class:`RunFolder`'s prepare, finish and signal handler share one
+Why one module (556 lines): :class:`RunFolder`'s prepare, finish and signal handler share one
 state (what the folder held, the run set aside, a signal waiting while files move); split, each
 part would reach into the others' fields."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -98,6 +99,12 @@ def check_out_path(p: Path, what: str, default: str = "") -> None:
         raise UserError(f"--out '{p}' is a bundle folder: {what} there would replace the "
                         f"bundle's own files; pass another --out{default}")
     if p.is_symlink() and not p.exists():  # (session 43 probe: "File exists")
+        try:
+            os.stat(p)
+        except OSError as exc:  # (session 45 probe: a link to itself was told "create that
+            if exc.errno == errno.ELOOP:  # folder")
+                raise UserError(f"--out '{p}' is a symbolic link that leads back to itself; "
+                                "remove it, or pass another --out") from None
         raise UserError(f"--out '{p}' is a symbolic link to '{os.readlink(p)}', which does not "
                         "exist; create that folder, or pass another --out")
     for parent in [p, *p.parents]:

@@ -1933,6 +1933,11 @@ def test_a_dangling_link_as_out_and_a_bundle_as_init_from_are_said(mlp_bundle, t
     with pytest.raises(UserError, match=r"is a symbolic link to '.*nowhere/x', which does not "
                                         r"exist; create that folder, or pass another --out"):
         _folder(mlp_bundle, link).prepare(resume=False, overwrite=False)
+    loop = tmp_path / "loop"  # (session 45 probe: a link to itself was told "create that folder")
+    loop.symlink_to("loop")
+    with pytest.raises(UserError, match=r"is a symbolic link that leads back to itself; remove "
+                                        r"it, or pass another --out"):
+        _folder(mlp_bundle, loop).prepare(resume=False, overwrite=False)
     weights, *_ = trained_source(open_bundle(mlp_bundle), mlp_bundle, "--init-from")
     assert weights == mlp_bundle / "params.npz"
     assert "is a bundle folder: its weights are those it was exported with, not trained" in \

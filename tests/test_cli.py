@@ -350,6 +350,22 @@ class _McDrop(nn.Module):
 
 def mc_drop():
     return _McDrop()
+
+
+class _Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Linear(12, 12), nn.Linear(12, 4)
+
+    def forward(self, x):  # noise drawn in the forward, whatever the mode
+        import torch
+
+        h = self.a(x)
+        return self.fc(h * (1 + 0.1 * torch.randn_like(h)))
+
+
+def noisy():
+    return _Noisy()
 """
 
 
@@ -363,6 +379,9 @@ def mc_drop():
     ("by_len", "8,3,4", ["runs at batch size 8 only", "len(x)", "x.flatten(1)"]),
     # an outside probe: "export the model in eval mode", which it was
     ("mc_drop", "8,12", ["is in training mode", "training=self.training"]),
+    # session 45 probe: "no gradient rule for op 'RandomNormalLike'", ~80 ops, "add a rule"
+    ("noisy", "8,12", ["the model draws random numbers in its forward",
+                       "take the randomness out of the model"]),
 ])
 def test_export_a_model_that_fails_under_torch_is_one_line(factory, shape, fragments, cli,
                                                            tmp_path):

@@ -8,6 +8,7 @@ Needs ``flwr`` (``pip install 'instant-runtime[fleet]'``; ``make test`` installs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import re
@@ -976,6 +977,52 @@ def test_server_config_checks():
         check_server_config(good, "xyz", "1.42.0")
 
 
+def test_a_bundle_with_another_tokenizer_or_pixels_is_another_model(mlp_bundle, tmp_path):
+    """A session 45 probe: a client whose bundle tokenised with another tokenizer.json (the
+    same words, ids in another order) joined the fleet (the same signature) and its updates
+    took the held-out accuracy from 0.883 to 0.380 without a word. The signature now covers
+    the tokenizer's checksum and an image model's pixel size and normalisation."""
+    from types import SimpleNamespace
+
+    from contract import FileEntry
+    from contract.manifest import ImageSpec, TextSpec
+    from runtime.bundle import open_bundle
+    from runtime.fleet.local import model_signature
+
+    m = open_bundle(mlp_bundle).manifest
+
+    def sig(**changes) -> str:
+        return model_signature(SimpleNamespace(manifest=dataclasses.replace(m, **changes)))
+
+    text = TextSpec(tokenizer="tokenizer.json", seq_len=8, ids_input=m.inputs[0].name)
+    files = {**m.files, "tokenizer.json": FileEntry(bytes=10, sha256="a" * 64)}
+    other = {**m.files, "tokenizer.json": FileEntry(bytes=10, sha256="b" * 64)}
+    assert sig(text=text, files=files) == sig(text=text, files=dict(files))
+    assert sig(text=text, files=files) != sig(text=text, files=other) != sig()
+    image = ImageSpec(input=m.inputs[0].name, channels=1, height=8, width=8, mean=[0.5],
+                      std=[0.5])
+    assert sig(image=image) != sig(image=dataclasses.replace(image, std=[0.25])) != sig()
+    # a run folder written before recorded the signature without them: its resume still
+    # matches (the reviewer: "of another model than bundle X", with that same bundle)
+    earlier = model_signature(SimpleNamespace(manifest=dataclasses.replace(m, text=text,
+                                                                           files=files)), True)
+    assert earlier == sig() != sig(text=text, files=files)
+    from runtime.fleet.cli import _same_model
+    from runtime.fleet.local import UserError
+
+    params = open_bundle(mlp_bundle).load_params()
+    np.savez(tmp_path / "params.npz", **params)
+    local = SimpleNamespace(signature=sig(text=text, files=files), earlier_signature=earlier,
+                            names=list(params), bundle=SimpleNamespace(path=mlp_bundle))
+    for recorded in (local.signature, earlier):
+        (tmp_path / "summary.json").write_text(json.dumps({"signature": recorded}))
+        _same_model(tmp_path, local, "--resume")
+    (tmp_path / "summary.json").write_text(json.dumps({"signature": sig(text=text,
+                                                                        files=other)}))
+    with pytest.raises(UserError, match="of another model than bundle"):
+        _same_model(tmp_path, local, "--resume")
+
+
 def test_partition_and_progress_options_read_as_a_user_writes_them():
     """Session 39 probe: `--partition 3/2` and `1/0` said "need 0 <= I < N" (no example, no N
     >= 1); `fleet client --no-progress`, as train takes it, was an unknown argument."""
@@ -1638,6 +1685,34 @@ def test_a_shard_of_renumbered_data_trains(tmp_path):
                     class_names=["rotten", "fresh"])
     shard = _shard(relabelled(words, ["fresh", "rotten"], "the fleet's classes"), 0, 2)
     np.testing.assert_array_equal(shard.take_labels(np.arange(3)), [1, 0, 0])
+
+
+def test_a_client_with_a_class_the_bundles_classes_lack_is_refused(tmp_path):
+    """A session 45 probe: a client on a bundle exported with --classes apple,banana,cherry and
+    data of apple and durian skipped its 109 durian rows as bad rows and joined the fleet; the
+    README says a client with a class the fleet lacks is refused in one line."""
+    from PIL import Image
+
+    from export import export_bundle
+    from runtime.fleet.local import UserError, open_local
+
+    bundle = export_bundle("cnn", tmp_path / "b", class_names=[f"c{i}" for i in range(10)])
+    rng = np.random.default_rng(0)
+    for c in ("c0", "c1", "durian"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8)).save(
+                tmp_path / "imgs" / c / f"{k}.png")
+    with pytest.raises(UserError, match=r"^imgs: 3 rows hold labels that are not among the "
+                                        r"fleet's classes \(the bundle's: c0, c1, c2, c3, c4, "
+                                        r"c5, \.\.\.\), e\.g\. durian/0\.png: 'durian', .*; remove "
+                                        r"those rows, or give every device a bundle exported "
+                                        r"with --classes naming them too$"):
+        open_local(bundle, str(tmp_path / "imgs"), threads=1)
+    import shutil
+
+    shutil.rmtree(tmp_path / "imgs" / "durian")  # the classes it has: it joins
+    assert len(open_local(bundle, str(tmp_path / "imgs"), threads=1).data) == 6
 
 
 def test_a_client_started_again_says_which_steps_its_fleet_never_received(tmp_path):

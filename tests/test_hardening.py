@@ -625,11 +625,11 @@ def _(c):
             *TRAIN]
 
 
-@case("train-overwrite-that-fails-keeps-the-old-run", "budget")
+@case("train-overwrite-that-fails-keeps-the-old-run", "non-finite", "lower --lr")
 def _(c):
-    r = _run(_train(c))  # a finished run in tmp/run; its replacement fails after start-up
-    assert r.returncode == 0, r.stderr[-800:]
-    return _train(c, "--overwrite", "--budget", "5MB")
+    r = _run(_train(c))  # a finished run in tmp/run; its replacement fails once it trains (a
+    assert r.returncode == 0, r.stderr[-800:]  # --budget under the start-up is refused first)
+    return _train(c, "--overwrite", "--lr", "1e30", "--steps", "5")
 
 
 @case("export-overwrite-with-a-bad-option-keeps-the-bundle", "--image-std", "positive")

@@ -50,6 +50,15 @@ def test_contradicting_or_empty_export_options_are_refused(cli, tmp_path):
     for flag in ("--classes", "--lengths"):
         user_error(cli("export", "--model", "mlp", f"{flag}=", "--out", tmp_path / "b"),
                    f"{flag} '' is empty")
+    # (session 45 probe: said as "export options: field 'calib_every'", not as the option)
+    for flag, value, said in (("--calib-every", -1, "expected a number >= 0"),
+                              ("--energy", "nan", "expected a finite number")):
+        user_error(cli("export", "--model", "mlp", flag, value, "--out", tmp_path / "b"),
+                   f"error: {flag} {value} is invalid: {said}")
+    # (session 45 probe: "out of memory (Unable to allocate 7.28 TiB ...); give a --budget")
+    user_error(cli("export", "--model", "mlp", "--pool", "none", "--head", 99999999999, "--out",
+                   tmp_path / "b"), "--head 99999999999: a head of 99,999,999,999 outputs over "
+               "10 features", "more than 2 GB, which no classifier's head needs; pass the number of classes")
     assert not (tmp_path / "b").exists()
 
 
@@ -177,3 +186,16 @@ def test_a_resume_without_data_names_the_data_the_run_trained_on(cli, tmp_path):
     user_error(cli("train", tmp_path / "b", "--resume", "--steps", 4, "--out", tmp_path / "r",
                    *QUIET), "no --data given, and --resume reads the data from --data as the "
                f"run did: it trained on '{tmp_path / 'd.npz'}'; pass --data")
+
+
+def test_a_budget_below_what_the_runtime_takes_at_start_is_refused_at_once(cli, mlp_bundle,
+                                                                          tmp_path):
+    """A session 45 probe: --budget 40MB (below the ~60 MB Python and the runtime's libraries
+    take before a bundle is read) went on to load sessions and planning probes, 76 MB before
+    the plan's refusal, which blamed "a planning probe alone"."""
+    for cmd in ("train", "plan"):
+        extra = ("--out", tmp_path / "r", "--no-progress") if cmd == "train" else ()
+        user_error(cli(cmd, mlp_bundle, "--budget", "30MB", *extra),
+                   "--budget 30 MB is below what the runtime already takes before it reads the "
+                   "bundle", "MB: Python and its libraries); raise --budget well above it")
+    assert not (tmp_path / "r").exists()

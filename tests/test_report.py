@@ -189,6 +189,8 @@ def test_a_long_runs_thinned_log_counts_its_steps(tmp_path, capsys):
     # session 28 probe: "has no metrics.jsonl" and "(empty file)" for these
     ("fifo_metrics", r"metrics.jsonl is not a regular file"),
     ("one_garbage_line", r"holds no records \(5000 bytes without one complete JSON line\)"),
+    # session 45 probe: a run's params.npz was read as its metrics ("delete that line")
+    ("weights_file", r"params.npz is a file, not a run folder; pass the --out folder"),
 ])
 def test_bad_runs_are_one_line_errors(tmp_path, case, match):
     run = tmp_path / "run"
@@ -222,6 +224,10 @@ def test_bad_runs_are_one_line_errors(tmp_path, case, match):
     elif case == "one_garbage_line":
         run.mkdir()
         (run / "metrics.jsonl").write_bytes(b"x" * 5000)
+    elif case == "weights_file":
+        _write_run(tmp_path / "trained", _records(3))
+        run = tmp_path / "trained" / "params.npz"
+        run.write_bytes(b"PK\x03\x04 weights")
     with pytest.raises(UserError, match=match) as e:
         report.write_report(run, tmp_path / "r.png")
     assert "\n" not in str(e.value)
@@ -249,6 +255,12 @@ def test_the_report_replaces_no_other_file(tmp_path):
     assert _png_size(tmp_path / "old.png")
     assert report.write_report(run) == run / "report.png"
     assert report.write_report(run, run / "report.png") == run / "report.png"
+    bundle = tmp_path / "bundle"  # (session 45 probe: a PNG there blocked `export --overwrite`)
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    with pytest.raises(UserError, match="is in a bundle folder.*give a path elsewhere"):
+        report.write_report(run, bundle / "report.png")
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json"]
 
 
 def test_cli_helper(tmp_path, capsys):

@@ -1499,6 +1499,36 @@ def _manifest(inputs, loss, text=None, image=None, class_names=None,
                            class_names=class_names, files=files)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_an_index_that_would_pass_the_budget_is_refused_as_it_grows(tmp_path, tokenizer_file,
+                                                                   suffix):
+    """A session 45 probe: a 210 MB CSV of 2.62 M rows under --budget 110MB indexed to 101.8
+    MB, then its labels and split took the process to 112.9 MB before a refusal blamed the
+    tokenizer. The index pass weighs the rows read so far (and what each keeps after it)
+    against the budget every 65,536 rows; without a budget the same file reads."""
+    from runtime.memory import current_rss, set_budget
+
+    rows = 300_000
+    path = tmp_path / f"many{suffix}"
+    with open(path, "w") as f:
+        if suffix == ".csv":
+            f.write("text,label\n" + "a good film,pos\n" * rows)
+        else:
+            f.write('{"text": "a good film", "label": "pos"}\n' * rows)
+    try:  # room for the first 65,536 rows (17 bytes each + 4 MB, and 3 MB the process may
+        # grow by meanwhile), not for 262,144: refused by then, whatever the growth
+        set_budget(current_rss() + (4 << 20) + 65_536 * 17 + (3 << 20))
+        with pytest.raises(UserError, match=rf"^{path}: its index of over \d[\d,]* rows "
+                                            r"takes this process to \d+ MB, too close to the budget "
+                                            r"of \d+ MB .*raise --budget, or train on part of the "
+                                            r"file"):
+            _text(path, tokenizer_file, class_names=["neg", "pos"])
+    finally:
+        set_budget(None)
+    if suffix == ".csv":  # (one read of all the rows is enough: each takes ~10 s to tokenise)
+        assert len(_text(path, tokenizer_file, class_names=["neg", "pos"])) == rows
+
+
 def test_a_tokenizer_past_the_budget_is_refused_before_it_is_read(tmp_path, tokenizer_file,
                                                                  mlp_head_bundle):
     """Session 38 probe: a tampered bundle's 83 MB "tokenizer" was read (twice over, chunks and

@@ -339,7 +339,8 @@ def _same_model(out: Path, local, what: str) -> None:
     from .local import UserError
 
     theirs = json_object(out / "summary.json").get("signature")
-    signed = isinstance(theirs, str) and theirs != local.signature
+    signed = isinstance(theirs, str) and theirs not in (local.signature,  # (or as recorded
+                                                        local.earlier_signature)  # before 45)
     try:
         with np.load(out / "params.npz", allow_pickle=False) as z:
             names = set(z.files)

@@ -29,8 +29,9 @@ from .local import Local, UserError, names_from_json, release_memory
 
 __all__ = ["PROTOCOL", "check_server_config", "make_client_app", "mismatch", "run_client"]
 
-PROTOCOL = 4  # bumped when the config keys or the tensor order the two sides agree on change
-# (4: clients ping every --keepalive s, which a server of 3 answered with GOAWAY, session 42)
+PROTOCOL = 5  # bumped when the config keys or the tensor order the two sides agree on change
+# (4: clients ping every --keepalive s, which a server of 3 answered with GOAWAY, session 42;
+# 5: the model's signature covers the tokenizer and image preprocessing, session 45)
 MAX_ROUNDS = 1_000_000  # as `fleet server --rounds`
 
 
@@ -55,8 +56,8 @@ def check_server_config(config: dict, local_signature: str, flwr_version: str) -
                         f"install the same version on both (pip install 'flwr=={server_flwr}')")
     if differs == "signature":
         raise UserError("the fleet server trains another model (its bundle's trainable tensors, "
-                        "graph or frozen weights differ from this bundle's); give every client "
-                        "a copy of the server's bundle")
+                        "graph, frozen weights, tokenizer or image preprocessing differ from "
+                        "this bundle's); give every client a copy of the server's bundle")
     return r
 
 

@@ -31,6 +31,8 @@ from .text_hints import (
     _format_hint,
     _is_gzip,
     _refuse_utf16,
+    _unicode,
+    check_index_room,
     label_misfit,
     misfit_way,
     swallows,
@@ -48,17 +50,6 @@ def _split_lines(raw: bytes, state: dict) -> Iterator[str]:
         except UnicodeDecodeError:
             state["bad_utf8"] = True
             yield line.decode("utf-8", "replace")
-
-
-def _unicode(text: str) -> bool:
-    """Whether ``text`` is Unicode text: no lone surrogate, which a JSON ``\\udXXX`` escape can
-    write and no encoder or tokenizer takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
 
 
 QUOTE_SWALLOWS = 10  # lines an unclosed quote may take with it to the end as one bad row
@@ -229,6 +220,8 @@ class TextSource(Source):
             return
         starts.append(start)
         lengths.append(length)
+        if not len(starts) & 0xFFFF:  # (every 65,536 rows: the index grows with the file)
+            check_index_room(self.path, len(starts))
 
     def _index_jsonl(self, f, labels: _Labels, starts: array.array,
                      lengths: array.array) -> int:

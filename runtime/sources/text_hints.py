@@ -1,5 +1,5 @@
 """Advice on text files that are not what they seem: UTF-16/32, Windows-1252, gzip, another
-separator, NUL bytes (the index pass's error messages)."""
+separator, NUL bytes (the index pass's error messages), and the index pass's budget check."""
 
 from __future__ import annotations
 
@@ -8,6 +8,43 @@ import os
 from pathlib import Path
 
 from contract.errors import UserError
+
+from ..memory import budget_given, current_rss
+
+# bytes a row of the index takes once it is read, beyond its offset and length (12 bytes) and
+# label (4) that grow as it reads: the run's order (int32), a held-out split's ~5 and room for
+# a relabelled copy of the labels; a session 45 probe's 2.62 M-row CSV took the process from
+# 101.8 to 112.9 MB after its index pass, past --budget 110MB, before any refusal
+AFTER_INDEX = 16
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is Unicode text: no lone surrogate, which a JSON ``\\udXXX`` escape can
+    write and no encoder or tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_index_room(path: Path, rows: int) -> None:
+    """Refuse, as the index pass reads it, a text file whose index of ``rows`` rows so far
+    (16 bytes each, its arrays growing by a sixteenth at a time), ``AFTER_INDEX`` bytes a row
+    after it and 4 MB take the process past the budget.
+
+    Raises:
+        UserError: naming the rows, the memory and the ways out.
+    """
+    budget = budget_given()
+    if budget is None:
+        return
+    rss = current_rss()
+    if rss + rows * (16 // 16 + AFTER_INDEX) + (4 << 20) > budget:
+        raise UserError(f"{path}: its index of over {rows:,} rows takes this process to "
+                        f"{rss / 1e6:.0f} MB, too close to the budget of {budget / 1e6:.0f} MB "
+                        f"to read the rest (each row keeps ~{16 + AFTER_INDEX} bytes); raise "
+                        "--budget, or train on part of the file (e.g. split it)")
 
 
 def _refuse_utf16(fd: int, path: Path) -> None:
