@@ -1012,8 +1012,9 @@ def test_a_bundle_with_another_tokenizer_or_pixels_is_another_model(mlp_bundle, 
 
     params = open_bundle(mlp_bundle).load_params()
     np.savez(tmp_path / "params.npz", **params)
-    local = SimpleNamespace(signature=sig(text=text, files=files), earlier_signature=earlier,
-                            names=list(params), bundle=SimpleNamespace(path=mlp_bundle))
+    local = SimpleNamespace(signature=sig(text=text, files=files), names=list(params),
+                            bundle=SimpleNamespace(path=mlp_bundle, manifest=dataclasses.replace(
+                                m, text=text, files=files)))
     for recorded in (local.signature, earlier):
         (tmp_path / "summary.json").write_text(json.dumps({"signature": recorded}))
         _same_model(tmp_path, local, "--resume")

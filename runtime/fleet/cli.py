@@ -336,11 +336,11 @@ def _same_model(out: Path, local, what: str) -> None:
     import numpy as np
 
     from ..run_folder import json_object
-    from .local import UserError
+    from .local import UserError, model_signature
 
     theirs = json_object(out / "summary.json").get("signature")
-    signed = isinstance(theirs, str) and theirs not in (local.signature,  # (or as recorded
-                                                        local.earlier_signature)  # before 45)
+    signed = isinstance(theirs, str) and theirs not in (  # (or as recorded before session 45)
+        local.signature, model_signature(local.bundle, before_45=True))
     try:
         with np.load(out / "params.npz", allow_pickle=False) as z:
             names = set(z.files)

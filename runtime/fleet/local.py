@@ -159,7 +159,6 @@ class Local:
 
         self.bundle = open_bundle(bundle_path)
         self.signature = model_signature(self.bundle)
-        self.earlier_signature = model_signature(self.bundle, before_45=True)
         self.names = [p.name for p in self.bundle.params]
         self.data = load_data(data_spec, self.bundle, seed=seed,
                               **(data_options or {})) if data_spec else None

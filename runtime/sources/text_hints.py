@@ -40,7 +40,7 @@ def check_index_room(path: Path, rows: int) -> None:
     if budget is None:
         return
     rss = current_rss()
-    if rss + rows * (16 // 16 + AFTER_INDEX) + (4 << 20) > budget:
+    if rss + rows * (1 + AFTER_INDEX) + (4 << 20) > budget:  # (1: the arrays' next growth)
         raise UserError(f"{path}: its index of over {rows:,} rows takes this process to "
                         f"{rss / 1e6:.0f} MB, too close to the budget of {budget / 1e6:.0f} MB "
                         f"to read the rest (each row keeps ~{16 + AFTER_INDEX} bytes); raise "
