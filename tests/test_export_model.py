@@ -425,7 +425,11 @@ def test_the_bundle_a_run_json_names_is_said(mlp_head_bundle, cli, tmp_path):
     assert r.returncode == 0 and f"note: '{run}' is a run's folder: evaluating its weights " \
         f"with its bundle {mlp_head_bundle}" in r.stdout, (r.stdout, r.stderr)
     same = cli("eval", mlp_head_bundle, "--weights", run, "--data", "digits", "--threads", 1)
-    assert r.stdout.splitlines()[-1] == same.stdout.splitlines()[-1], (r.stdout, same.stdout)
+    # the figures are equal; the peak RSS at the end of the line is the process's own and may
+    # differ by a fraction of a megabyte between two runs (stop 56's CI: 89.0 vs 89.1 MB)
+    figures = [out.stdout.splitlines()[-1].split("; peak RSS")[0] for out in (r, same)]
+    assert figures[0] == figures[1] and "; peak RSS" in r.stdout.splitlines()[-1], \
+        (r.stdout, same.stdout)
 
 
 def test_a_model_trained_on_arrays_gets_no_image_preprocessing(cnn_bundle, cli, tmp_path):
