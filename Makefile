@@ -38,7 +38,7 @@ test-slow: $(VENV)/.installed
 # of the device dependencies, cached in .cache/arm64/, run under qemu-user (-cpu cortex-a72);
 # bundles are exported on the host. Train/eval/resume in INSTANT mode must match x86, plus the
 # aarch64 wheel matrix for Python 3.10-3.13. Needs root once (apt-get, debootstrap).
-# ~1 min cold build + ~3 min per run on 2 cores. See docs/arm64.md.
+# A cold run ~3 min (its build 43-83 s), a warm one 2-2.5 min, on 2 cores. See docs/arm64.md.
 test-arm64: $(VENV)/.installed
 	$(PY) tests/arm64/tier.py
 

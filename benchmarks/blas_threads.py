@@ -64,7 +64,7 @@ def _table(repeats: int, busy: bool) -> list[str]:
         for n in WIDTHS:
             a = _time_decompose(n, True, repeats)
             b = _time_decompose(n, False, repeats)
-            rows.append(f"| {n} | {'beside 1 busy process' if busy else 'quiet'} | "
+            rows.append(f"| {n} | {'beside 1 busy process' if busy else 'no process of ours beside'} | "
                         f"{a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.1f} |")
         return rows
     finally:

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=32, help="channels of the 1x1 convs")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", default="0.003", help="AdamW learning rate (the CLI's default: 1e-3)")
+    ap.add_argument("--lr", default="0.003", help="AdamW learning rate (default 0.003 here; the CLI's own default is 1e-3)")
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args(argv)
     import torch

@@ -6,9 +6,11 @@ from . import names
 from .errors import ManifestError, UserError
 from .files import (
                     atomic_write,
+                    bundle_in_use,
                     deferred_signals,
                     drop_dead_staging,
                     file_sha256,
+                    hold_bundle,
                     json_text,
                     open_listed,
                     read_listed,
@@ -42,6 +44,6 @@ __all__ = [
     "FORMAT", "FORMAT_VERSION", "FileEntry", "GraphFiles", "GraphIO", "ImageSpec",
     "InstantSettings", "InstantSpec", "LayerInfo", "LossSpec", "Lookup", "Manifest",
     "ManifestError", "ParamSpec", "PrefixSpec", "TensorSpec", "TextSpec", "UserError", "WeightEntry",
-    "atomic_write", "deferred_signals", "drop_dead_staging", "file_sha256", "json_text", "manifest_json", "names", "open_listed", "read_listed", "read_npz",
+    "atomic_write", "bundle_in_use", "deferred_signals", "drop_dead_staging", "file_sha256", "hold_bundle", "json_text", "manifest_json", "names", "open_listed", "read_listed", "read_npz",
     "read_manifest", "write_npz", "write_text",
 ]

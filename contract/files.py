@@ -24,7 +24,8 @@ import numpy as np
 from .errors import ManifestError
 from .schema import is_safe_filename
 
-__all__ = ["atomic_write", "deferred_signals", "drop_dead_staging", "file_sha256", "fsync_dir", "json_text",
+__all__ = ["atomic_write", "bundle_in_use", "deferred_signals", "drop_dead_staging", "file_sha256",
+           "fsync_dir", "hold_bundle", "json_text",
            "open_listed", "read_listed", "read_npz", "write_npz", "write_text"]
 
 _BLOCK = 1 << 20
@@ -172,6 +173,47 @@ def deferred_signals():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
         for s in sorted(dict.fromkeys(got), key=lambda s: s == signal.SIGINT):  # (the stops
             signal.raise_signal(s)  # first: KeyboardInterrupt would end the loop)
+
+
+_HELD: list[int] = []  # descriptors of the bundle folders this process reads (held to its end)
+
+
+def hold_bundle(folder: Path) -> None:
+    """A shared lock on the bundle ``folder`` for the rest of the process (``train``, ``eval``,
+    fleet processes): an ``export --overwrite`` of it meanwhile is refused (session 46 probe: it
+    replaced the bundle a run was training, and the finished run could then be neither
+    evaluated nor resumed). Best effort: a file system without locks holds nothing."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # an export replacing it holds it: the bundle read next says what it finds
+        os.close(fd)
+        return
+    _HELD.append(fd)
+
+
+def bundle_in_use(folder: Path) -> int | None:
+    """None where a process of this machine holds ``folder`` (:func:`hold_bundle`); else a
+    descriptor of it with an exclusive lock, for the caller to keep while it replaces it."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return -1  # nothing to lock: not a folder (the caller's checks say what it is)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:  # no locks on this file system
+        pass
+    return fd
 
 
 def fsync_dir(folder: Path) -> None:

@@ -581,6 +581,21 @@ class _BigNumber(str):
     """A JSON number too long to convert (its digits, kept as text)."""
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    """A JSON object; one naming a key twice is refused (session 46 probe: the last of two
+    "output" values won silently, and the run failed later in onnxruntime)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _RepeatedKey(f"the key {key[:60]!r} appears twice in one object")
+    return out
+
+
 def _parse_int(text: str) -> int | _BigNumber:
     # Python refuses int() of more than 4300 digits with a ValueError; anything past 30 digits
     # is out of range anyway: kept as text for _check_numbers to name its field
@@ -658,8 +673,11 @@ def read_manifest(path: Path) -> Manifest:
             raise ManifestError(f"{path} holds over {values:,} JSON values, more than a "
                                 f"manifest can have ({MAX_MANIFEST_VALUES:,}); it is not a "
                                 "bundle manifest: re-export the bundle")
-        raw = json.loads(data.decode("utf-8"), parse_int=_parse_int)
+        raw = json.loads(data.decode("utf-8"), parse_int=_parse_int,
+                         object_pairs_hook=_no_repeated_keys)
         del data
+    except _RepeatedKey as exc:
+        raise ManifestError(f"{path} is corrupt: {exc}; re-export the bundle") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ManifestError(f"{path} is unreadable or corrupt ({type(exc).__name__}: "
                             f"{str(exc)[:120]}); re-export the bundle") from None

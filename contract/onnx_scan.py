@@ -68,6 +68,8 @@ def _fields(buf: bytes, start: int, end: int):
     while pos < end:
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
+        if field == 0:  # illegal in protobuf (a session 46 probe hid an ORT model's header so)
+            raise OnnxScanError("field number 0")
         if wire == 0:
             value, pos = _varint(buf, pos)
             yield field, wire, value

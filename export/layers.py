@@ -238,7 +238,8 @@ def find_compressible_layers(model: onnx.ModelProto, shapes: Shapes, trainable: 
 def _not_covered(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, str] | None:
     """(why, its weight) for a node that mixes channels with a trainable weight and is not an
     INSTANT layer (a grouped or strided 1x1 conv, an Einsum, a weight on the left of a MatMul or
-    Gemm, a Gemm with transA, a weight that reaches a MatMul through a Transpose); None for
+    Gemm, a Gemm with transA, a weight that reaches a MatMul through a Transpose or Reshape, a
+    weight of other than 2 axes); None for
     other nodes (a kxk conv is exact by the method, not worth a note)."""
     ins = list(node.input)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -251,8 +252,11 @@ def _not_covered(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, s
         if node.op_type == "Gemm" and ins[1] in trainable and attrs.get("transA", 0):
             return "a Gemm with transA=1", ins[1]
         via = made_by.get(ins[1])  # (session 34 probe: weights stored [out, in], transposed
-        if via is not None and via.op_type == "Transpose" and via.input[0] in trainable:
-            return "a weight through a Transpose node", via.input[0]  # in the graph: silent)
+        if via is not None and via.op_type in ("Transpose", "Reshape") \
+                and via.input[0] in trainable:  # in the graph: silent; session 46: reshaped)
+            return f"a weight through a {via.op_type} node", via.input[0]
+        if ins[1] in trainable and len(shapes.of(ins[1]) or []) != 2:  # (session 46 probe)
+            return f"a {len(shapes.of(ins[1]) or [])}-axis weight; the rule takes 2-D ones", ins[1]
         return None
     if node.op_type != "Conv" or len(ins) < 2 or ins[1] not in trainable:
         return None

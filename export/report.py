@@ -273,7 +273,9 @@ def _title(m: Metrics, run_name: str) -> str:
         budget = m.budget
         parts.append(f"peak {peak / _MB:.1f} MB" + (f" / budget {budget / _MB:.0f} MB"
                                                     if budget is not None else ""))
-    return " · ".join(parts)
+    # a folder name that is not UTF-8 (or a summary's lone surrogate) escaped: matplotlib's font
+    # code refused it (session 46 probe: a traceback for a run in 'lat\xe9n')
+    return " · ".join(parts).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None,

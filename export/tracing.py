@@ -36,6 +36,8 @@ from .model_inputs import (
     same_buffers,
 )
 from .onnx_import import (
+    check_valid,
+    drop_doc_strings,
     float32_weights,
     identity_weights,
     initializers_not_inputs,
@@ -394,6 +396,7 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
         raise ExportError(f"ONNX model '{path}' uses opset {opset}; opsets 13 to {newest} are "
                           "supported (re-export it, or convert with onnx.version_converter)")
     notes: list[str] = []
+    drop_doc_strings(model)
     sort_nodes(model)
     initializers_not_inputs(model)
     identity_weights(model)
@@ -406,7 +409,7 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     name_nodes(model)
     check_ops(model, path)
     if keep_free is None:
-        _check_valid(model, file, path)
+        check_valid(model, file, path)
     notes += raise_opset(model, path)
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in init_names]
@@ -434,30 +437,6 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     notes += tie_equal_initializers(model)
     return Traced(model, inputs, outputs, f"onnx:{file.name}", onnx_param_names(model),
                   notes=notes)
-
-
-def _check_valid(model: onnx.ModelProto, file: Path, path: str) -> None:
-    """Refuse a file that is not valid ONNX (torch's dynamo exporter at opset 17 writes Split's
-    opset-18 ``num_outputs``): onnx's checker, and where it objects, onnxruntime decides (it
-    loads some files the checker is stricter about). Was: a bundle whose training failed to load
-    with "re-export the bundle", which could not help."""
-    try:
-        onnx.checker.check_model(model)
-        return
-    except Exception:  # noqa: BLE001 - the checker's verdict is only a first opinion
-        pass
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        ort.InferenceSession(str(file), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
-        why = _first_line(exc).split("] ", 1)[-1][:300]
-        raise ExportError(f"ONNX model '{path}' is not valid: onnxruntime cannot load it ({why});"
-                          " the file itself is broken, so export the model again (e.g. at a "
-                          "newer opset, or with another exporter)") from None
 
 
 def _constants_to_initializers(model: onnx.ModelProto) -> None:

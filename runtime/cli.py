@@ -63,8 +63,10 @@ def _add_data_args(p: argparse.ArgumentParser, default: str | None = "digits") -
                    help="built-in dataset (digits, mnist5k, rotten-tomatoes), an .npz, a "
                         ".csv/.tsv/.jsonl text file, or an image folder with one sub-folder "
                         "per class" + (f" (default: the built-in {default})" if default else ""))
-    p.add_argument("--text-column", default="text", help="text files: the text column/field")
-    p.add_argument("--label-column", default="label", help="text files: the label column/field")
+    p.add_argument("--text-column", default="text",
+                   help="text files: the text column/field (default text)")
+    p.add_argument("--label-column", default="label",
+                   help="text files: the label column/field (default label)")
     p.add_argument("--val", default=None,
                    help="held-out data (a file or folder like --data, same labels)")
     p.add_argument("--val-split", type=float, default=None,
@@ -322,11 +324,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="output folder (default BUNDLE/run)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (default: refuse to mix two runs)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (default: a bar on stderr)")
     t.add_argument("--eval-every", type=int, default=0,
-                   help="evaluate the held-out split every N steps (0: before and after)")
+                   help="evaluate the held-out split every N steps (default 0: before and after)")
     t.add_argument("--checkpoint-every", type=int, default=50,
-                   help="write OUT/checkpoints/ every N steps (0: only at the end)")
+                   help="write OUT/checkpoints/ every N steps (default 50; 0: only at the end)")
     t.add_argument("--stop-grace", type=float, default=30.0, metavar="SECONDS",
                    help="after SIGINT/SIGTERM/SIGHUP the step in progress has this long to end "
                         "(then a checkpoint, exit 128+signal); past it, or at a second signal, "
@@ -340,7 +343,8 @@ def _parser() -> argparse.ArgumentParser:
                         ".npz or a checkpoint of this bundle), e.g. to go on training on new "
                         "data; the optimizer's state starts afresh")
     t.add_argument("--max-nonfinite", type=int, default=5,
-                   help="stop after this many consecutive non-finite losses (each is skipped)")
+                   help="stop after this many consecutive non-finite losses (each is skipped; "
+                        "default 5)")
     _add_session_args(t)
     _add_budget_args(t)
 
@@ -362,10 +366,13 @@ def _parser() -> argparse.ArgumentParser:
                                      "with --budget the memory plan")
     pl.add_argument("bundle")
     _add_data_args(pl, default=None)
-    pl.add_argument("--batch", type=int, default=32)
+    pl.add_argument("--batch", type=int, default=32,
+                    help="examples per optimizer step, as train's (default 32)")
     pl.add_argument("--micro-batch", type=int, default=None,  # (session 41 probe: refused)
                     help="with --budget, the largest micro-batch the plan may choose (as train's)")
-    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--seed", type=int, default=0,
+                    help="the seed train will use: it draws the calibration rows and a "
+                         "--val-split (default 0)")
     pl.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                     help="the optimizer train will use (its state is part of the memory "
                          "planned; default adamw, as train's)")
@@ -585,7 +592,7 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
     Raises:
         UserError: anything else at ``out``.
     """
-    from contract import UserError
+    from contract import UserError, bundle_in_use
 
     if not (out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
             or out.is_symlink()):
@@ -596,6 +603,14 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
     if out.is_symlink() or not (out / "manifest.json").is_file():
         raise UserError(f"--out '{out}' exists and is not a bundle; refusing to replace it "
                         "(remove it yourself, or pass another --out)")
+    held = bundle_in_use(out)
+    if held is None:  # (session 46 probe: replaced under a run, which then could not be used)
+        raise UserError(f"--out '{out}' is a bundle that a running train, eval or fleet process "
+                        "of this machine reads; --overwrite would replace it under that run "
+                        "(which could then be neither evaluated nor resumed): wait for it to "
+                        "end, or pass another --out")
+    if held >= 0:
+        os.close(held)
     extra = _not_bundle_files(out)
     if extra:  # BUNDLE/run is train's default --out: its checkpoints would be deleted
         raise UserError(f"--out '{out}' holds more than a bundle ({', '.join(extra[:3])}"
@@ -819,6 +834,8 @@ def _init_from(a, bundle, out: Path) -> tuple[Path | None, Path | None, str | No
 
 
 def _cmd_train(a) -> int:
+    from contract import hold_bundle
+
     from .bundle import open_bundle
     from .checkpoint import CheckpointWriteError, TrainingInterrupted
     from .config import OptimConfig, RunConfig
@@ -834,6 +851,7 @@ def _cmd_train(a) -> int:
                         max_nonfinite=a.max_nonfinite, budget=budget, progress=not a.no_progress,
                         new_log=True, stop_grace=a.stop_grace)
     bundle = open_bundle(a.bundle)
+    hold_bundle(bundle.path)  # (an export --overwrite of it is refused while this runs)
     cfg = _train_config(a, bundle, prof, optim)
     if a.out is not None and not a.out.strip():  # '' is not "the default": it would be the cwd
         from .errors import UserError
@@ -971,6 +989,7 @@ def trained_source(bundle, weights: Path | None, flag: str):
 
 
 def _cmd_eval(a) -> int:
+    from contract import hold_bundle
     from devices.planner import Plan
 
     from .bundle import open_bundle
@@ -995,6 +1014,7 @@ def _cmd_eval(a) -> int:
               f"{found.path.resolve()}", flush=True)
         a.weights, a.bundle = str(src), str(found.path)
     bundle = open_bundle(a.bundle)
+    hold_bundle(bundle.path)
     run_src = None  # the run folder the weights were picked from
     weights = Path(a.weights) if a.weights else None
     if weights is None and bundle_run(bundle.path).is_dir():
@@ -1228,17 +1248,22 @@ def _cmd_plan(a) -> int:
     ranks: dict = {}
     rows = 1
     if a.data:
-        from .budget import MIN_FACTOR, estimate_minimum
+        from .budget import MIN_FACTOR, _largest_read, estimate_minimum
 
         data = _load_data(a, bundle)
         probe_tr = Trainer(bundle, cfg)  # (its mode: vanilla where no layer is INSTANT's)
         need = estimate_minimum(probe_tr, data, min(a.batch, len(data)))
         if need:
+            # reading the largest image is planned, not measured (session 46 probe: "measured
+            # 313 MB" where no process passed 163 MB, 192 MB of it for a 4000x4000 PNG)
+            read, at_one = _largest_read(data)[0], f"{need / MIN_FACTOR / 1e6:.0f} MB"
+            said = (f"{at_one} at micro-batch 1: {read / 1e6:.0f} MB planned for reading the "
+                    "largest image, the rest measured by probes" if read >= 1e6 else
+                    f"probes at micro-batch 1 measured {at_one}")
             print(f"smallest --budget for this run (batch {min(a.batch, len(data))}, "
-                  f"{probe_tr.mode}): about "
-                  f"{math.ceil(need / 1e6)}MB (probes at micro-batch 1 measured "
-                  f"{need / MIN_FACTOR / 1e6:.0f} MB, x {MIN_FACTOR:g} for what they may miss: "
-                  "a budget between the two may fit, a refusal says so)")
+                  f"{probe_tr.mode}): about {math.ceil(need / 1e6)}MB ({said}, x "
+                  f"{MIN_FACTOR:g} for what they may miss: a budget between the two may fit, a "
+                  "refusal says so)")
     if a.data and bundle.layers and cfg.mode == "instant":  # (session 43 probe: --mode vanilla
         from .sessions import use_arena  # --energy 0.9 said --energy unused, then ranked by it)
 
@@ -1511,6 +1536,9 @@ def _interrupted(args) -> str:
             began = os.path.realpath(out) in STARTED  # (stopped once its steps had begun)
         except Exception:  # noqa: BLE001 - the line comes out whatever the folder holds
             newest = None
+    if newest and getattr(args, "overwrite", False) and not began:  # (session 46 probe: the
+        # old run's checkpoint was offered, and --resume then refused its other options)
+        return f"interrupted before training began; '{out}' is as it was"
     if newest:
         return (f"interrupted; the run's newest checkpoint is {newest[1]}: continue from it "
                 "with --resume")

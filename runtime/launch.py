@@ -46,9 +46,29 @@ def _ignore_stops() -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def _fill_closed_std_fds() -> None:
+    """A command started with stdin, stdout or stderr closed (``>&-``, a supervisor's daemon):
+    /dev/null in its place, so that no file the run opens takes descriptor 1 or 2, where a
+    library's message would land in it. Python has made ``sys.stdout`` / ``sys.stderr`` None
+    for a closed one: lines to it are dropped (session 46 probe: the final flush raised, so a
+    finished run exited 1 with a traceback)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+
+
 def run() -> None:
     """Run the command and exit with its status; 130 when interrupted, even if the
     interpreter saw the KeyboardInterrupt on its way out."""
+    _fill_closed_std_fds()
     atexit.register(_ignore_stops)
     code = None
     while True:
@@ -69,10 +89,8 @@ def run() -> None:
                     signal.signal(s, lambda *_, code=code: os._exit(code))
                 if not _RETURNED:
                     print("interrupted", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush()
     if code == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush()
         os._exit(130)
     sys.exit(code)

@@ -224,6 +224,10 @@ def load_graph(bundle: Bundle, graph_file: str, so: ort.SessionOptions,
     check_external_data(bundle, graph_file, data)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                 str(bundle.path.resolve()))
+    # read as ONNX whatever the bytes say: onnxruntime reads its own flatbuffer (ORT) format
+    # where bytes 4-7 are "ORTM", and the checks above read protobuf (session 46 probe: bytes
+    # that are both hid a Loop from them)
+    so.add_session_config_entry("session.load_model_format", "ONNX")
     try:
         return ort.InferenceSession(data, so, providers=providers)
     except UserError:
@@ -273,6 +277,10 @@ def check_external_data(bundle: Bundle, graph_file: str, data: bytes) -> None:
     """
     from contract.onnx_scan import LOOP_OPS, OnnxScanError, external_data_refs, op_types
 
+    if data[4:8] == b"ORTM":  # (a clear line: the session, told to read ONNX, would fail on it)
+        raise UserError(f"{bundle.path / graph_file} is in onnxruntime's ORT format, which no "
+                        "bundle graph is; the bundle was tampered with or is not from "
+                        "instant-runtime's exporter: re-export it")
     try:
         refs = external_data_refs(data)
         loops = sorted(op_types(data) & LOOP_OPS)

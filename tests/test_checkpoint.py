@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,43 @@ def test_a_stalled_output_pipe_neither_holds_the_run_nor_its_stop(mlp_bundle, tm
         proc.wait()
         os.close(r)
         os.close(w)
+
+
+def test_a_run_with_stdout_and_stderr_closed_exits_as_it_ended(mlp_bundle, tmp_path) -> None:
+    """Session 46 probe: with stdout or stderr closed (`>&-`, as a supervisor may start it) the
+    run trained, then its final flush raised: exit 1 and a traceback (and a refusal exited 1,
+    not 2)."""
+    base = (f"{shlex.quote(sys.executable)} -m runtime train {shlex.quote(str(mlp_bundle))} "
+            "--data digits --steps 3 --no-progress --threads 1 --out ")
+    for extra, code in (("", 0), (" --lr -5", 2)):
+        out = tmp_path / f"run{code}"
+        r = subprocess.run(["sh", "-c", f"{base}{shlex.quote(str(out))}{extra} >&- 2>&-"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == code and (out / "params.npz").exists() == (code == 0), r
+    r = subprocess.run(["sh", "-c", f"{sys.executable} -m runtime eval {mlp_bundle} --weights "
+                        f"{tmp_path / 'run0'} --data digits >&-"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r
+
+
+def test_a_stop_before_an_overwrite_began_does_not_offer_the_old_runs_checkpoint(
+        mlp_bundle, tmp_path) -> None:
+    """Session 46 probe: `train --overwrite` stopped while its data loaded said "the run's newest
+    checkpoint is ...: continue from it with --resume" of the old run, which it had not touched
+    (and a --resume with the new options was then refused)."""
+    from types import SimpleNamespace
+
+    from runtime.cli import _interrupted
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "runtime", "train", str(mlp_bundle), "--data",
+                        "digits", "--steps", "5", "--no-progress", "--threads", "1", "--out",
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    args = SimpleNamespace(cmd="train", out=str(out), bundle=str(mlp_bundle), overwrite=True)
+    assert _interrupted(args) == f"interrupted before training began; '{out}' is as it was"
+    args.overwrite = False  # (a run of its own stopped: its checkpoint is the way on)
+    assert "ckpt-000005.npz: continue from it with --resume" in _interrupted(args)
 
 
 # ------------------------------------------------------------------------- Python API runs

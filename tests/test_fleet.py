@@ -496,6 +496,8 @@ def test_a_fleet_where_no_client_trained_fails_and_a_server_resumes_its_aggregat
     assert "resuming from the aggregate" in out and "after round 1, up to round 3" in out, out
     assert re.search(r"^round 1 \(the resumed aggregate\)", out, re.M), out
     assert re.search(r"^round 3: 1 client trained", out, re.M), out
+    # (session 46 probe: "fleet run done: 3 rounds" where this run did rounds 2 and 3)
+    assert re.search(r"^fleet run done: rounds 2-3 in ", out, re.M), out
     assert accuracies[1][0] == accuracies[0][-1] and accuracies[0][0] != accuracies[0][-1], \
         accuracies
     summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())

@@ -231,6 +231,66 @@ def _(c):
     return _train_on_edited_forward(c, model)
 
 
+@case("graph-in-ort-format-that-also-parses-as-onnx", "in onnxruntime's ORT format",
+      "re-export")
+def _(c):
+    """Session 46 probe: onnxruntime reads its own flatbuffer format where bytes 4-7 are "ORTM";
+    bytes laid out to be both that and a protobuf with no nodes hid an endless Loop from every
+    check, and the step ran for good, deaf to SIGTERM. Here the ORT model's body moves to
+    offset 65536 (the root offset's bytes 00 00 01 00 then read as protobuf field-0 pairs that
+    swallow "ORTM"), wrapped in one opaque field 2."""
+    import struct
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = c.bundle / "vanilla.forward.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["go_in"], ["go_out"]),
+         helper.make_node("Identity", ["n_in"], ["n_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("n_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("n_out", TensorProto.FLOAT, [])])
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(2 ** 62), "trips"),
+                                    numpy_helper.from_array(np.array(True), "go"),
+                                    numpy_helper.from_array(np.float32(0), "n")])
+    model.graph.node.append(helper.make_node("Loop", ["trips", "go", "n"], ["spun"], body=body))
+    model.graph.output.append(helper.make_tensor_value_info("spun", TensorProto.FLOAT, []))
+    for k in range(8):  # a doc string that puts the root table 8-aligned (moved, it stays)
+        model.doc_string = "d" * k
+        argv = _train_on_edited_forward(c, model)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.optimized_model_filepath = str(c.tmp / "loop.ort")
+        so.add_session_config_entry("session.save_model_format", "ORT")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        flat = (c.tmp / "loop.ort").read_bytes()
+        root = struct.unpack("<I", flat[:4])[0]
+        if root % 8 == 0:
+            break
+    assert flat[4:8] == b"ORTM" and root % 8 == 0, flat[:8]
+    start = 8 + 65536 - root  # where flat[8:] goes
+    rest = start + len(flat) - 8 - 17  # field 2's key at 13, a 3-byte length, data from 17
+    assert 1 << 14 <= rest < 1 << 21, rest
+    head = bytearray(start)
+    head[:8] = struct.pack("<I", 65536) + b"ORTM"
+    head[13:17] = bytes([0x12, 0x80 | rest & 0x7F, 0x80 | rest >> 7 & 0x7F, rest >> 14])
+    data = bytes(head) + flat[8:]
+    # onnxruntime, left to tell the format by the bytes, loads the model with its Loop
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == \
+        [o.name for o in ort.InferenceSession(str(path)).get_outputs()]
+    path.write_bytes(data)
+    m = c.manifest()
+    m["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    c.write_manifest(m)
+    return argv
+
+
 @case("graph-sized-by-the-weights", "its Range node sizes a tensor by values that change as "
       "the run trains", "re-export")
 def _(c):
@@ -385,6 +445,16 @@ def _(c):
     m = c.manifest()
     m["surprise"] = 1
     c.write_manifest(m)
+    return _train(c)
+
+
+@case("manifest-with-a-repeated-key", "the key 'format_version' appears twice", "re-export")
+def _(c):
+    """Session 46 probe: of a key written twice the last value won without a word (two
+    "output" values: the run failed later, in onnxruntime's evaluation pass)."""
+    text = (c.bundle / "manifest.json").read_text()
+    assert text.startswith("{")
+    (c.bundle / "manifest.json").write_text('{"format_version": 999, ' + text[1:])
     return _train(c)
 
 

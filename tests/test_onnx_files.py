@@ -109,6 +109,72 @@ def test_a_file_that_cannot_run_at_its_shapes_is_refused_at_export(tmp_path, exa
     assert "export the model to ONNX again" in lines[0] and not (tmp_path / "b").exists()
 
 
+def test_a_pooled_image_of_dynamic_size_names_input_shape_as_the_way_out(tmp_path):
+    """Session 46 probe: an image model exported with dynamic height and width was refused with
+    "GlobalAveragePool ... needs static spatial dims" and no way out; --input-shape is it."""
+    rng = np.random.default_rng(0)
+    onnx_file = _saved(tmp_path / "gap.onnx", [
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "h"], ["logits"], transB=1)],
+        ("x", TensorProto.FLOAT, ["N", 3, "height", "width"]), ("logits", TensorProto.FLOAT,
+                                                                ["N", 2]),
+        [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.normal(size=(2, 4)).astype(np.float32), "h")])
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 2 and "needs static spatial dims" in r.stderr \
+        and "--input-shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--input-shape", "4,3,6,6")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_files_doc_strings_are_not_copied_into_the_bundle(tmp_path):
+    """Session 46 probe: a 300 KB model doc string and 50 KB a node were copied into every
+    bundle graph (1.8 MB for 1 KB of weights) and into export-model's file."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1, doc_string="n" * 50_000),
+             helper.make_node("Relu", ["h"], ["r"], doc_string="r" * 50_000),
+             helper.make_node("Gemm", ["r", "w2"], ["logits"], transB=1)]
+    onnx_file = _saved(tmp_path / "doc.onnx", nodes, ("x", TensorProto.FLOAT, ["N", 6]),
+                       ("logits", TensorProto.FLOAT, ["N", 3]),
+                       [numpy_helper.from_array(rng.normal(size=(8, 6)).astype(np.float32), "w1"),
+                        numpy_helper.from_array(rng.normal(size=(3, 8)).astype(np.float32), "w2")])
+    model = onnx.load(str(onnx_file))
+    model.doc_string, model.graph.doc_string = "m" * 300_000, "g" * 100_000
+    onnx.save(model, str(onnx_file))
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "b").glob("*.onnx")}
+    assert sizes and max(sizes.values()) < 40_000, sizes
+    r = _cli("export-model", tmp_path / "b", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0 and (tmp_path / "m.onnx").stat().st_size < 40_000, r.stderr
+
+
+@pytest.mark.parametrize("form", ["3-axis", "reshaped"])
+def test_a_token_weight_instant_does_not_take_is_named(tmp_path, form):
+    """Session 46 probe: a MatMul weight stored [1, D, H], or flat behind a Reshape, trained
+    exactly with "0 INSTANT layers" and no note, where every other such form is named."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w3"], ["h"]), helper.make_node("Relu", ["h"], ["q"]),
+             helper.make_node("ReduceMean", ["q"], ["p"], axes=[1], keepdims=0),
+             helper.make_node("Gemm", ["p", "w2"], ["logits"], transB=1)]
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 16)).astype(np.float32), "w2")]
+    if form == "3-axis":
+        inits.append(numpy_helper.from_array(w[None], "w3"))
+    else:
+        nodes.insert(0, helper.make_node("Reshape", ["wf", "shape"], ["w3"]))
+        inits += [numpy_helper.from_array(w.ravel(), "wf"),
+                  numpy_helper.from_array(np.array([6, 16]), "shape")]
+    onnx_file = _saved(tmp_path / "m.onnx", nodes, ("x", TensorProto.FLOAT, ["N", 5, 6]),
+                       ("logits", TensorProto.FLOAT, ["N", 3]), inits)
+    r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b", "--input-shape", "8,5,6")
+    assert r.returncode == 0, r.stderr
+    said = {"3-axis": "3-axis weight", "reshaped": "a weight through a Reshape node"}[form]
+    assert "0 INSTANT layers" in r.stdout and said in r.stdout, r.stdout
+
+
 def test_a_file_whose_ids_cannot_all_be_one_still_exports(tmp_path):
     """The run above feeds ones where the user gave no rows: an id input of a one-row table
     (RoBERTa's token types) fails on them while the file is sound, so ids are never taken as

@@ -216,6 +216,33 @@ def test_a_second_fleet_server_on_one_folder_is_refused(mlp_bundle, tmp_path):
         first.wait()
 
 
+def test_an_export_overwrite_of_a_bundle_a_run_trains_is_refused(cli, tmp_path):
+    """Session 46 probe: `export --overwrite` replaced the bundle a running `train` read; the
+    run ended "trained weights: ..." and could then be neither evaluated nor resumed (its bundle
+    was gone). The run holds its bundle (a shared lock); the export is refused while it runs."""
+    import time
+
+    bundle, run = tmp_path / "b", tmp_path / "run"
+    assert cli("export", "--model", "mlp", "--out", bundle).returncode == 0
+    before = _tree(bundle)
+    train = subprocess.Popen([sys.executable, "-m", "runtime", "train", str(bundle), "--data",
+                              "digits", "--steps", str(10 ** 7), "--checkpoint-every", "20",
+                              "--threads", "1", "--no-progress", "--out", str(run)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints").is_dir() and time.monotonic() < deadline:
+            assert train.poll() is None
+            time.sleep(0.2)
+        r = cli("export", "--model", "mlp", "--out", bundle, "--overwrite")
+        _one_line(r, str(bundle), "a running train", "another --out")
+        assert _tree(bundle) == before
+    finally:
+        train.kill()
+        train.wait()
+    assert cli("export", "--model", "mlp", "--out", bundle, "--overwrite").returncode == 0
+
+
 def test_a_run_set_aside_by_an_interrupted_overwrite_is_named_not_called_empty(
         cli, mlp_bundle, tmp_path):
     """An --overwrite killed before its first checkpoint leaves the old run in .replaced.PID

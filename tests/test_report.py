@@ -84,6 +84,17 @@ def test_full_report_three_panels(tmp_path):
     assert report.write_report(run) == run / "report.png" and (run / "report.png").is_file()
 
 
+def test_a_run_folder_named_in_no_utf_8_is_drawn(tmp_path):
+    """Session 46 probe: a run in 'lat\\xe9n' (Latin-1 bytes) ended `report` in a traceback from
+    matplotlib's font code; the name and a summary's lone surrogate are drawn escaped."""
+    run = _write_run(tmp_path / os.fsdecode(b"lat\xe9n"), _records(),
+                     {**SUMMARY, "mode": "inst\udce9nt"})
+    assert report._title(report.read_metrics(run), run.name).startswith("lat\\udce9n · mode "
+                                                                         "inst\\udce9nt")
+    w, _ = _png_size(report.write_report(run, tmp_path / "out.png"))
+    assert w > 800
+
+
 def test_partial_metrics_draw_what_is_present(tmp_path):
     only_loss = [{"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 6)]
     out = report.write_report(_write_run(tmp_path / "a", only_loss), tmp_path / "a.png")

@@ -6,6 +6,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+if len(sys.argv) < 3:
+    sys.exit(__doc__)
 model, texts = sys.argv[1], sys.argv[2:]
 tok = Tokenizer.from_file(f"{model}.tokenizer.json")  # pads and truncates as in training
 labels, sess = json.load(open(f"{model}.labels.json")), ort.InferenceSession(f"{model}.onnx")

@@ -4,7 +4,11 @@ import os
 import sys
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+# EXIF orientation -> the turn that shows the image upright
+TURNS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+         6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 
 
 def load(path, prep):
@@ -13,12 +17,22 @@ def load(path, prep):
     im = Image.open(path)
     if im.format == "JPEG" and "jpeg_draft" in prep:  # decoded at a reduced scale, as in training
         im.draft(im.mode, tuple(prep["jpeg_draft"]))
-    im = ImageOps.exif_transpose(im)
+    # turned upright by its EXIF orientation after the resize (to the size the turn makes the
+    # input's), as training does: turning first then resizing rounds some pixels 1/255 apart
+    orientation = im.getexif().get(0x0112, 1)
+    if orientation in (5, 6, 7, 8):
+        size = size[::-1]
+
+    def upright(img):
+        img = img.resize(size, Image.BILINEAR)
+        turn = TURNS.get(orientation)
+        return img.transpose(getattr(Image.Transpose, turn)) if turn else img
+
     if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit grey: scaled, then resized
         a = np.asarray(im, np.float32) * (1.0 if im.mode == "F" else 1 / 65535)
-        x = np.repeat(np.asarray(Image.fromarray(a, "F").resize(size, Image.BILINEAR))[None], c, 0)
+        x = np.repeat(np.asarray(upright(Image.fromarray(a, "F")))[None], c, 0)
     else:
-        x = np.asarray(im.convert(prep["mode"]).resize(size, Image.BILINEAR), np.float32) / 255.0
+        x = np.asarray(upright(im.convert(prep["mode"])), np.float32) / 255.0
         x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
     mean = np.array(prep["mean"], np.float32)[:, None, None]
     std = np.array(prep["std"], np.float32)[:, None, None]

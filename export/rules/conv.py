@@ -29,8 +29,9 @@ def _convattrs(node, k: list[int], ctx=None):
         if xs is None or node.op_type == "ConvTranspose" or \
                 not all(isinstance(d, int) for d in xs):
             raise ExportError(f"node '{node.name}': auto_pad {mode} needs static spatial dims "
-                              "(and is not supported on ConvTranspose); export with explicit "
-                              "pads")
+                              "(and is not supported on ConvTranspose); give the input's size "
+                              "with --input-shape where the file leaves it dynamic, or export "
+                              "the model with explicit pads")
         pads = [0] * 2 * nsp
         if mode != "VALID":  # SAME_UPPER / SAME_LOWER: output = ceil(input / stride)
             for i, n in enumerate(xs):

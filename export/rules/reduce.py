@@ -62,7 +62,9 @@ def gap_grad(ctx, node, gy):
     dims = ctx.shapes.of(node.input[0])
     hw = ctx.shapes.numel_static(node.input[0], list(range(2, len(dims))))
     if hw is None:
-        raise ExportError(f"GlobalAveragePool '{node.name}' needs static spatial dims")
+        raise ExportError(f"GlobalAveragePool '{node.name}' needs static spatial dims; give "
+                          "the input's size with --input-shape (e.g. 8,3,64,64 for an image: "
+                          "the file leaves it dynamic)")
     g = ctx.bwd.op("Div", [gy[0], ctx.bwd.const(float(hw))])
     return [_expand(ctx, g, node.input[0])]
 

@@ -176,7 +176,8 @@ def _index_pad_grad(ctx, node, g: str, mode: str) -> str:
         d = dims[ax]
         if not isinstance(d, int) or lo < 0 or hi < 0:
             raise ExportError(f"Pad '{node.name}': a {mode} pad needs static sizes and "
-                              "non-negative pads")
+                              "non-negative pads; where the file leaves a size dynamic, give "
+                              "the input's size with --input-shape")
         src = np.pad(np.arange(d), (lo, hi), mode="wrap" if mode == "wrap" else mode)
         m = np.zeros((len(src), d), np.float32)
         m[np.arange(len(src)), src] = 1.0
@@ -390,7 +391,9 @@ def tile_grad(ctx, node, gy):
     dims = ctx.shapes.of(x)
     reps = [int(r) for r in np.asarray(ctx.constant_value(node.input[1])).ravel()]
     if not all(isinstance(d, int) for d in dims[1:]):
-        raise ExportError(f"Tile '{node.name}' needs static sizes after the batch axis")
+        raise ExportError(f"Tile '{node.name}' needs static sizes after the batch axis; where "
+                          "the file leaves them dynamic, give the input's size with "
+                          "--input-shape")
     b = ctx.bwd
     first = [reps[0], 0 if not isinstance(dims[0], int) else dims[0]]
     view = first + [v for r, d in zip(reps[1:], dims[1:], strict=True) for v in (r, d)]

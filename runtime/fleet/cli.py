@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+from contract import hold_bundle
 from devices.planner import budget_mb
 
 __all__ = ["FLWR_SUPPORTED", "MAX_SECONDS", "add_fleet_parser", "check_seconds", "cmd_fleet",
@@ -49,9 +50,10 @@ def _fill(f: argparse.ArgumentParser) -> None:
                    help="held-out data to evaluate each aggregate on (as a client's --data; "
                         "its test split if it has one). Without it the clients evaluate on their "
                         "own held-out splits")
-    s.add_argument("--text-column", default="text", help="text files: the text column/field")
+    s.add_argument("--text-column", default="text",
+                   help="text files: the text column/field (default text)")
     s.add_argument("--label-column", default="label",
-                   help="text files: the label column/field")
+                   help="text files: the label column/field (default label)")
     s.add_argument("--out", default=None,
                    help="run folder for the aggregated weights (default BUNDLE/fleet)")
     s.add_argument("--resume", action="store_true",
@@ -76,9 +78,10 @@ def _fill(f: argparse.ArgumentParser) -> None:
     c.add_argument("--data", required=True,
                    help="this device's data: a built-in name, an .npz, a .csv/.tsv/.jsonl text "
                         "file or an image folder (as `train`)")
-    c.add_argument("--text-column", default="text", help="text files: the text column/field")
+    c.add_argument("--text-column", default="text",
+                   help="text files: the text column/field (default text)")
     c.add_argument("--label-column", default="label",
-                   help="text files: the label column/field")
+                   help="text files: the label column/field (default label)")
     c.add_argument("--val", default=None,
                    help="held-out data each round's evaluation reads (like --data, same labels)")
     c.add_argument("--val-split", type=float, default=None,
@@ -93,7 +96,8 @@ def _fill(f: argparse.ArgumentParser) -> None:
                    help="whole-process memory budget (Flower and gRPC included), e.g. 256MB")
     c.add_argument("--profile", default=None, help="device profile (as in `train`)")
     c.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    c.add_argument("--weight-decay", type=float, default=None)
+    c.add_argument("--weight-decay", type=float, default=None,
+                   help="as train's (default 0.01 for adamw, 0 for sgd)")
     c.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
                    help="default adamw (its state starts from zero each round)")
     from ..cli import add_instant_args
@@ -220,6 +224,7 @@ def _server(a) -> int:
     local = open_local(a.bundle, a.data, mode="vanilla", threads=a.threads,
                        data_options={"text_column": a.text_column,
                                      "label_column": a.label_column})
+    hold_bundle(local.bundle.path)  # (an export --overwrite of it is refused meanwhile)
     from ..run_folder import bundle_run, hold_folder
 
     out = Path(a.out) if a.out else bundle_run(local.bundle.path, "fleet")
@@ -296,7 +301,10 @@ def _server(a) -> int:
                  "with its reason) and start again"),
               file=sys.stderr, flush=True)
         return 2
-    print(f"fleet run done: {s['rounds']} rounds in {s['seconds']:.1f} s{acc}")
+    done, n = (earlier.get("rounds_done", 0) if earlier else 0), s["rounds"]
+    ran = (f"{n} round" + "s" * (n != 1) if not done else f"round {n}" if n == done + 1
+           else f"rounds {done + 1}-{n}")  # (session 46 probe: "4 rounds" on a resume)
+    print(f"fleet run done: {ran} in {s['seconds']:.1f} s{acc}")
     print(f"aggregated weights: {s['weights']} (instant-runtime export-model {out} --out "
           "model.onnx" + ("" if out.parent == local.bundle.path else f" --bundle {a.bundle}")
           + ")", flush=True)
@@ -417,6 +425,7 @@ def _client(a) -> int:
                        micro_batch=a.micro_batch,
                        data_options={"text_column": a.text_column, "label_column": a.label_column,
                                      "val": a.val, "val_split": a.val_split})
+    hold_bundle(local.bundle.path)  # (an export --overwrite of it is refused meanwhile)
     if a.mode is None and not local.bundle.layers:  # (a session 43 probe: taken silently)
         note_unused_instant(a, False)
     if role == "client" and (out / "params.npz").is_file():

@@ -262,9 +262,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 # a client without a held-out split evaluates on its training rows (it says so)
                 seen = sum(r.num_examples for _, r in results
                            if r.metrics.get("held_out", 1) == 0)
-                where = f"{len(results)} clients' own held-out"
+                whose = f"{len(results)} " + ("client's" if len(results) == 1 else "clients'")
+                where = f"{whose} own held-out"
                 if seen:
-                    where = (f"{len(results)} clients' own data ({seen} of the {n} examples are "
+                    where = (f"{whose} own data ({seen} of the {n} examples are "
                              "training rows of clients without a held-out split)")
                 record(server_round, loss, metrics.get("accuracy"), n, where)
             return loss, metrics
@@ -583,6 +584,6 @@ class FleetInterrupted(Exception):
     def __init__(self, signum: int, saved_round: int, out: Path) -> None:
         self.exit_code = 128 + int(signum)
         where = (f"the aggregate of round {saved_round} is in {out}/params.npz" if saved_round
-                 else "no round finished, so there is no aggregate to resume from (start "
-                 "the server again without --resume)")  # (its log and summary exist: a probe)
+                 else "no round finished, so there is no aggregate to resume from: start "
+                 "the server again as before (not with --resume)")  # (its log and summary exist)
         super().__init__(f"interrupted by {signal.Signals(signum).name}; {where}")
