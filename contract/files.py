@@ -25,7 +25,7 @@ from .errors import ManifestError
 from .schema import is_safe_filename
 
 __all__ = ["atomic_write", "bundle_in_use", "deferred_signals", "drop_dead_staging", "file_sha256",
-           "fsync_dir", "hold_bundle", "json_text",
+           "fsync_dir", "hold_bundle", "json_text", "release_bundles",
            "open_listed", "read_listed", "read_npz", "write_npz", "write_text"]
 
 _BLOCK = 1 << 20
@@ -175,45 +175,56 @@ def deferred_signals():
             signal.raise_signal(s)  # first: KeyboardInterrupt would end the loop)
 
 
-_HELD: list[int] = []  # descriptors of the bundle folders this process reads (held to its end)
+_HELD: dict[str, int] = {}  # the bundle folders this command reads -> a descriptor holding them
 
 
 def hold_bundle(folder: Path) -> None:
-    """A shared lock on the bundle ``folder`` for the rest of the process (``train``, ``eval``,
-    fleet processes): an ``export --overwrite`` of it meanwhile is refused (session 46 probe: it
-    replaced the bundle a run was training, and the finished run could then be neither
-    evaluated nor resumed). Best effort: a file system without locks holds nothing."""
+    """A shared lock on the bundle ``folder`` until :func:`release_bundles` (``train``, ``eval``
+    and fleet commands, to their end): an ``export --overwrite`` of it meanwhile is refused
+    (session 46 probe: it replaced the bundle a run was training, and the finished run could
+    then be neither evaluated nor resumed). It waits out an export's check of the folder (a
+    moment); a file system without locks holds nothing."""
     import fcntl
 
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        return
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:  # an export replacing it holds it: the bundle read next says what it finds
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:  # no locks here (NFS without them): nothing held
         os.close(fd)
         return
-    _HELD.append(fd)
+    _HELD[key] = fd
 
 
-def bundle_in_use(folder: Path) -> int | None:
-    """None where a process of this machine holds ``folder`` (:func:`hold_bundle`); else a
-    descriptor of it with an exclusive lock, for the caller to keep while it replaces it."""
+def release_bundles() -> None:
+    """Drop what :func:`hold_bundle` holds (a command's end, for a process that runs another)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
+def bundle_in_use(folder: Path) -> bool:
+    """Whether a command of this machine holds the bundle ``folder`` (:func:`hold_bundle`). A
+    folder that cannot be opened or locked here is not (the caller's checks say what it is)."""
     import fcntl
 
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return -1  # nothing to lock: not a folder (the caller's checks say what it is)
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        return None
+        return True
     except OSError:  # no locks on this file system
-        pass
-    return fd
+        return False
+    finally:
+        os.close(fd)  # (the lock, if taken, goes with it)
+    return False
 
 
 def fsync_dir(folder: Path) -> None:

@@ -588,11 +588,11 @@ class _RepeatedKey(ValueError):
 def _no_repeated_keys(pairs: list) -> dict:
     """A JSON object; one naming a key twice is refused (session 46 probe: the last of two
     "output" values won silently, and the run failed later in onnxruntime)."""
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _RepeatedKey(f"the key {key[:60]!r} appears twice in one object")
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(f"the key {key[:60]!r} appears twice in one object")
+        out[key] = value
     return out
 
 

@@ -239,8 +239,8 @@ def _not_covered(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, s
     """(why, its weight) for a node that mixes channels with a trainable weight and is not an
     INSTANT layer (a grouped or strided 1x1 conv, an Einsum, a weight on the left of a MatMul or
     Gemm, a Gemm with transA, a weight that reaches a MatMul through a Transpose or Reshape, a
-    weight of other than 2 axes); None for
-    other nodes (a kxk conv is exact by the method, not worth a note)."""
+    weight of other than 2 axes); None for other nodes (a kxk conv is exact by the method, not
+    worth a note)."""
     ins = list(node.input)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Einsum":

@@ -273,9 +273,16 @@ def _title(m: Metrics, run_name: str) -> str:
         budget = m.budget
         parts.append(f"peak {peak / _MB:.1f} MB" + (f" / budget {budget / _MB:.0f} MB"
                                                     if budget is not None else ""))
-    # a folder name that is not UTF-8 (or a summary's lone surrogate) escaped: matplotlib's font
-    # code refused it (session 46 probe: a traceback for a run in 'lat\xe9n')
-    return " · ".join(parts).encode("utf-8", "backslashreplace").decode("utf-8")
+    # a folder name that is not UTF-8 shown by its bytes, a summary's lone surrogate escaped:
+    # matplotlib's font code refused them (session 46 probe: a traceback for a run in 'lat\xe9n')
+    return " · ".join(map(_shown, parts))
+
+
+def _shown(text: str) -> str:
+    try:  # a file name's undecodable bytes as \xNN
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # any other lone surrogate as \udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None,

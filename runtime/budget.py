@@ -66,7 +66,7 @@ from .ranks import basis_groups, saved_bytes, x_bytes_per_rank
 from .sessions import arena_cap, use_arena
 from .trainer import ArenaExhausted, ArrayBatch, IndexBatch, Trainer
 
-__all__ = ["MIN_FACTOR", "ProbeError", "estimate_minimum", "plan_for_budget", "print_plan"]
+__all__ = ["MIN_FACTOR", "ProbeError", "estimate_minimum", "largest_read", "plan_for_budget", "print_plan"]
 
 PROBE_TIMEOUT_S = 900
 MIN_MARGIN = 6 << 20  # bytes of slack for Python objects, logs, checkpoint buffers
@@ -315,10 +315,10 @@ def _data_fixed_bytes(data) -> int:
     16-bit PNG). The probes read a few random rows and would miss both. A held-out source
     (``--val``) is read by the same process between steps: its largest read counts too (session
     31 probe: a 6000x6000 image in --val took a run planned at 92 MB to 265 MB)."""
-    return order_bytes(len(data)) + _largest_read(data)[0]
+    return order_bytes(len(data)) + largest_read(data)[0]
 
 
-def _largest_read(data) -> tuple[int, str | None]:
+def largest_read(data) -> tuple[int, str | None]:
     """(bytes, the image's name) of the largest read of the training or held-out source."""
     reads = []
     for d, where in ((data, ""), (getattr(data, "test", None), " of the held-out data")):
@@ -597,7 +597,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
 
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams - decode
     if cap0 <= 0:
-        largest = _largest_read(data)[1]
+        largest = largest_read(data)[1]
         what = ((", and decoding its largest image" + (f" ({largest}: shrink or remove it)")
                  if largest else ", and the order of its rows")  # (an .npz has no image)
                 + f" up to {decode / 1e6:.0f} MB" if decode >= max(1 << 20, budget // 20)

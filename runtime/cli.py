@@ -603,14 +603,11 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
     if out.is_symlink() or not (out / "manifest.json").is_file():
         raise UserError(f"--out '{out}' exists and is not a bundle; refusing to replace it "
                         "(remove it yourself, or pass another --out)")
-    held = bundle_in_use(out)
-    if held is None:  # (session 46 probe: replaced under a run, which then could not be used)
+    if bundle_in_use(out):  # (session 46 probe: replaced under a run, which then could not be used)
         raise UserError(f"--out '{out}' is a bundle that a running train, eval or fleet process "
                         "of this machine reads; --overwrite would replace it under that run "
                         "(which could then be neither evaluated nor resumed): wait for it to "
                         "end, or pass another --out")
-    if held >= 0:
-        os.close(held)
     extra = _not_bundle_files(out)
     if extra:  # BUNDLE/run is train's default --out: its checkpoints would be deleted
         raise UserError(f"--out '{out}' holds more than a bundle ({', '.join(extra[:3])}"
@@ -1248,7 +1245,7 @@ def _cmd_plan(a) -> int:
     ranks: dict = {}
     rows = 1
     if a.data:
-        from .budget import MIN_FACTOR, _largest_read, estimate_minimum
+        from .budget import MIN_FACTOR, estimate_minimum, largest_read
 
         data = _load_data(a, bundle)
         probe_tr = Trainer(bundle, cfg)  # (its mode: vanilla where no layer is INSTANT's)
@@ -1256,7 +1253,7 @@ def _cmd_plan(a) -> int:
         if need:
             # reading the largest image is planned, not measured (session 46 probe: "measured
             # 313 MB" where no process passed 163 MB, 192 MB of it for a 4000x4000 PNG)
-            read, at_one = _largest_read(data)[0], f"{need / MIN_FACTOR / 1e6:.0f} MB"
+            read, at_one = largest_read(data)[0], f"{need / MIN_FACTOR / 1e6:.0f} MB"
             said = (f"{at_one} at micro-batch 1: {read / 1e6:.0f} MB planned for reading the "
                     "largest image, the rest measured by probes" if read >= 1e6 else
                     f"probes at micro-batch 1 measured {at_one}")
@@ -1608,6 +1605,10 @@ def main(argv: list[str] | None = None) -> int:
             _error_line(f"error: {exc}: a symbolic link that leads back to itself; remove it or "
                         "pass another path")
             return 2
+        finally:  # the command's bundle is free for an export once it ends (a process may go on)
+            from contract import release_bundles
+
+            release_bundles()
     except KeyboardInterrupt as exc:
         if _finished_run(args):
             return 0

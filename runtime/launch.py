@@ -56,7 +56,7 @@ def _fill_closed_std_fds() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)  # the lowest free: this
 
 
 def _flush() -> None:

@@ -1465,6 +1465,33 @@ def test_onnx_scan_finds_function_defaults_and_training_graphs():
     assert refs == {("o", "weights.bin", 64), ("default", "/etc/x", 0), ("t", "../y", 8)}
 
 
+def test_graph_bytes_onnxruntime_could_read_otherwise_are_refused(ctx, monkeypatch):
+    """Session 46 probe (an ORT-format file that was also a protobuf): the defences behind the
+    "ORTM" check hold alone too. Field number 0, illegal in protobuf and how the probe hid the
+    ORT header, fails our scan; and a session reads a graph's bytes as ONNX only, so a real
+    ORT-format graph that passed every check would still not load."""
+    import onnxruntime as ort
+
+    from contract.onnx_scan import OnnxScanError, op_types
+    from runtime import sessions
+    from runtime.bundle import open_bundle
+
+    with pytest.raises(OnnxScanError, match="field number 0"):
+        op_types(b"\x00\x00")
+    b = open_bundle(ctx.full)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(ctx.tmp / "infer.ort")
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(ctx.full / "infer.onnx"), so, providers=["CPUExecutionProvider"])
+    flat = (ctx.tmp / "infer.ort").read_bytes()
+    assert flat[4:8] == b"ORTM"
+    ort.InferenceSession(flat, providers=["CPUExecutionProvider"])  # a model onnxruntime runs
+    monkeypatch.setattr(sessions, "check_external_data", lambda *a: None)  # every check passed
+    monkeypatch.setattr(b, "read_file", lambda name: flat)
+    with pytest.raises(sessions.UserError, match="onnxruntime cannot load"):
+        sessions.load_graph(b, "infer.onnx", ort.SessionOptions(), ["CPUExecutionProvider"])
+
+
 def test_export_model_embeds_every_listed_external_tensor(ctx):
     """A Constant node whose tensor is a listed frozen weight at its place in weights.bin is
     filled from the verified file like the initializers: the written model names no outside

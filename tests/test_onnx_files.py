@@ -142,6 +142,8 @@ def test_a_files_doc_strings_are_not_copied_into_the_bundle(tmp_path):
                         numpy_helper.from_array(rng.normal(size=(3, 8)).astype(np.float32), "w2")])
     model = onnx.load(str(onnx_file))
     model.doc_string, model.graph.doc_string = "m" * 300_000, "g" * 100_000
+    model.graph.input[0].doc_string = model.graph.output[0].doc_string = "v" * 100_000
+    model.graph.initializer[0].doc_string = "i" * 100_000
     onnx.save(model, str(onnx_file))
     r = _cli("export", "--model", onnx_file, "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr

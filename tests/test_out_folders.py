@@ -241,6 +241,14 @@ def test_an_export_overwrite_of_a_bundle_a_run_trains_is_refused(cli, tmp_path):
         train.kill()
         train.wait()
     assert cli("export", "--model", "mlp", "--out", bundle, "--overwrite").returncode == 0
+    # a command's hold ends with the command, not with its process (a review: a notebook that
+    # ran `main(["train", ...])` could never export over the bundle again)
+    from contract import bundle_in_use, hold_bundle, release_bundles
+
+    hold_bundle(bundle)
+    assert bundle_in_use(bundle)
+    release_bundles()
+    assert not bundle_in_use(bundle)
 
 
 def test_a_run_set_aside_by_an_interrupted_overwrite_is_named_not_called_empty(

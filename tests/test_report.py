@@ -86,11 +86,11 @@ def test_full_report_three_panels(tmp_path):
 
 def test_a_run_folder_named_in_no_utf_8_is_drawn(tmp_path):
     """Session 46 probe: a run in 'lat\\xe9n' (Latin-1 bytes) ended `report` in a traceback from
-    matplotlib's font code; the name and a summary's lone surrogate are drawn escaped."""
+    matplotlib's font code; the name is drawn by its bytes, a summary's lone surrogate escaped."""
     run = _write_run(tmp_path / os.fsdecode(b"lat\xe9n"), _records(),
-                     {**SUMMARY, "mode": "inst\udce9nt"})
-    assert report._title(report.read_metrics(run), run.name).startswith("lat\\udce9n · mode "
-                                                                         "inst\\udce9nt")
+                     {**SUMMARY, "mode": "inst\ud800nt"})
+    assert report._title(report.read_metrics(run), run.name).startswith("lat\\xe9n · mode "
+                                                                         "inst\\ud800nt")
     w, _ = _png_size(report.write_report(run, tmp_path / "out.png"))
     assert w > 800
 

@@ -19,7 +19,10 @@ def load(path, prep):
         im.draft(im.mode, tuple(prep["jpeg_draft"]))
     # turned upright by its EXIF orientation after the resize (to the size the turn makes the
     # input's), as training does: turning first then resizing rounds some pixels 1/255 apart
-    orientation = im.getexif().get(0x0112, 1)
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: taken as upright, as training does
+        orientation = 1
     if orientation in (5, 6, 7, 8):
         size = size[::-1]
 

@@ -213,8 +213,10 @@ def preprocessing(image: ImageSpec, inputs: list[TensorSpec]) -> dict:
             "jpeg_draft": [2 * int(image.width), 2 * int(image.height)],
             "steps": ["decode a JPEG at the smallest scale Pillow's Image.draft gives that keeps "
                       "it at least 'jpeg_draft' (width, height)",
-                      "turn the image upright as its EXIF orientation says",
                       "convert it to 'mode' (Pillow's Image.convert)",
-                      "resize it bilinearly to width x height",
+                      "resize it bilinearly to width x height, or to height x width where its "
+                      "EXIF orientation (5-8) turns it by 90 degrees",
+                      "turn it upright as its EXIF orientation says (after the resize: the "
+                      "other order rounds some pixels 1/255 apart)",
                       "scale its pixels to [0, 1]",
                       "x = (x - mean) / std per channel, stacked as 'layout' in 'dtype'"]}
