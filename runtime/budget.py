@@ -603,6 +603,10 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
                 + f" up to {decode / 1e6:.0f} MB" if decode >= max(1 << 20, budget // 20)
                 else "")  # (named where it is a real part: session 39 probe, "shrink or
         # remove it" for 1 MB of a 120 MB budget)
+        # (session 46 probe: "already take 333 MB" refused 600 MB, its 300 MB of Grams unsaid)
+        more = frozen + grams
+        what += (f", and its frozen weights and calibration Grams {more / 1e6:.0f} MB more"
+                 if more >= max(1 << 20, budget // 20) else "")
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",
                       budget - cap0)
     res = forked(lambda: sessions_only(cap0))

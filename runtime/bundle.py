@@ -153,10 +153,13 @@ class Bundle:
                 raise
         else:
             fd, src = None, Path(path)
+        unread: list[str] = []
         try:
             values = read_npz(fd if fd is not None else src,
                               expect={p.name: tuple(p.shape) for p in self.params})
+            unread = getattr(values, "unread", [])
             if fd is None and self.params and not any(p.name in values for p in self.params):
+                unread = []  # (a checkpoint's optimizer state, read as param/NAME below)
                 # a run's checkpoint (checkpoints/ckpt-*.npz) holds them as param/NAME
                 held = read_npz(src, expect={f"param/{p.name}": tuple(p.shape)
                                              for p in self.params})
@@ -185,13 +188,24 @@ class Bundle:
                                 f"float32 {p.shape}; {way_out}")
             # the array read is used as it is where it can be (a copy of every tensor had
             # doubled the process's peak while loading: +77 MB for a 79 MB model, session 27)
-            arr = v if v.dtype == np.float32 and v.flags.writeable and v.flags.c_contiguous \
-                else np.array(v, dtype=np.float32)
+            with np.errstate(over="ignore"):  # (float64 past float32's range: inf, said below)
+                arr = v if v.dtype == np.float32 and v.flags.writeable and v.flags.c_contiguous \
+                    else np.array(v, dtype=np.float32)
             values[p.name] = None
             if not all_finite(arr):
-                raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values; " + (
+                raise UserError(f"{src}: parameter '{p.name}' holds NaN or inf values (or values "
+                                "beyond float32's range); " + (
                     way_out if path is None else "use the weights of a healthy run"))
             out[p.name] = arr
+        if unread:  # (session 46 probe: a run's 6 tensors read into a bundle training 2 of them,
+            # the 4 frozen there left at their initial values without a word; 0.164 for 0.808)
+            from .console import say
+
+            say(f"note: {src} holds {len(unread)} tensor(s) this bundle does not train, not "
+                    f"read ({', '.join(k[:40] for k in unread[:4])}"
+                    f"{', ...' if len(unread) > 4 else ''}): the bundle's own values stand for "
+                    "them; weights of another export of the model (another --trainable or "
+                    "--head) go with that bundle")
         return out
 
     def frozen_bytes_touched(self, graph_file: str) -> int:

@@ -272,6 +272,29 @@ def test_a_refused_budget_is_never_passed_by_the_planning_probes(tmp_path):
     assert r2.peak <= stated * MB
 
 
+def test_a_refusal_names_the_grams_that_leave_no_room(tmp_path):
+    """Session 46 probe: a wide model (3584-wide Linears, every one INSTANT) under 600 MB was
+    refused as "the runtime and its data already take 333 MB", which is below 600: the
+    calibration Grams, hundreds of MB at that width, were the unsaid rest."""
+    from export import export_bundle
+
+    (tmp_path / "wide.py").write_text("from torch import nn\n\n\ndef wide():\n    return "
+                                      "nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), "
+                                      "nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))\n")
+    rng = np.random.default_rng(0)
+    data = tmp_path / "wide.npz"
+    np.savez(data, x=rng.standard_normal((64, 64)).astype(np.float32), y=rng.integers(0, 10, 64))
+    bundle = export_bundle(f"{tmp_path / 'wide.py'}:wide", tmp_path / "b", npz=str(data),
+                           trainable="all", instant_exclude=[])
+    r = subprocess.run([sys.executable, "-m", "runtime", "train", str(bundle), "--data",
+                        str(data), "--budget", "200MB", "--steps", "1", "--threads", "1",
+                        "--no-progress", "--out", str(tmp_path / "r")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    m = re.search(r"already take (\d+) MB, and its frozen weights and calibration Grams (\d+) "
+                  r"MB more\)", r.stderr)
+    assert r.returncode == 2 and m and int(m[1]) + int(m[2]) > 200, r.stderr
+
+
 def test_a_refusal_whose_estimate_is_below_the_budget_asks_for_a_real_step_up():
     """Probes that missed part of the need (their estimate is below the refused budget) gave
     "raise --budget to at least budget + 1 MB", and the user walked up MB by MB."""

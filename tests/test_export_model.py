@@ -432,6 +432,28 @@ def test_the_bundle_a_run_json_names_is_said(mlp_head_bundle, cli, tmp_path):
         (r.stdout, same.stdout)
 
 
+def test_weights_a_bundle_does_not_train_are_said_not_read(mlp_bundle, mlp_head_bundle, cli,
+                                                          tmp_path):
+    """Session 46 probe: a run's params.npz of the whole mlp (6 tensors), copied out of its
+    folder, evaluated or exported with a bundle that trains only the last layer: the 4 hidden
+    tensors, frozen there, kept the bundle's initial values without a word (0.164 against
+    0.808). Each command now names the tensors it did not read."""
+    r = cli("train", mlp_bundle, "--data", "digits", "--steps", 2, "--out", tmp_path / "run",
+            "--no-progress", "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    loose = tmp_path / "loose.npz"
+    loose.write_bytes((tmp_path / "run" / "params.npz").read_bytes())
+    said = (f"note: {loose} holds 4 tensor(s) this bundle does not train, not read (0.weight, "
+            "0.bias, 2.weight, 2.bias): the bundle's own values stand for them")
+    for argv in (("eval", mlp_head_bundle, "--weights", loose, "--data", "digits"),
+                 ("export-model", mlp_head_bundle, "--weights", loose, "--out",
+                  tmp_path / "m.onnx")):
+        r = cli(*argv)
+        assert r.returncode == 0 and said in r.stdout, (r.stdout, r.stderr)
+    r = cli("eval", mlp_bundle, "--weights", loose, "--data", "digits")  # all of them read
+    assert r.returncode == 0 and "not read" not in r.stdout, r.stdout
+
+
 def test_a_model_trained_on_arrays_gets_no_image_preprocessing(cnn_bundle, cli, tmp_path):
     """Session 27 probe: a Conv1d sensor model (float [N, 8, 20] input, trained on an .npz)
     got MODEL.preprocess.json telling users to decode, grey and resize an image. The run that

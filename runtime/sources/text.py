@@ -133,11 +133,14 @@ class TextSource(Source):
                 hint = misfit_way(loss.kind, label_column)
             elif "unknown label" in self.problems.counts and labels.given is not None:
                 shown = ", ".join(labels.given_names[:8])
-                hint = (f"its labels must be the run's classes ({shown}"
-                        f"{', ...' if len(labels.given_names) > 8 else ''}), written as in "
-                        f"its training data; check the file and {cols}")
-            elif self.kind == "jsonl" and ("not valid JSON" in self.problems.counts
-                                           or "not a JSON object" in self.problems.counts):
+                hint = (f"its labels must be the model's classes ({shown}"
+                        f"{', ...' if len(labels.given_names) > 8 else ''}), written as the "
+                        f"bundle's --classes or the run's training data name them; check the "
+                        f"file and {cols}")
+            elif self.kind == "jsonl" and 2 * sum(self.problems.counts.get(k, 0) for k in (
+                    "not valid JSON", "not a JSON object")) >= sum(self.problems.counts.values()):
+                # (most lines: an array or pretty-printed JSON; session 46 probe: 1 line of 101
+                # was enough, and the hint for a wrong --text-column was lost)
                 hint = (f"a .jsonl file holds one JSON object per line; a JSON array or "
                         f"pretty-printed JSON is not one (e.g. jq -c '.[]' {self.path.name} > "
                         f"{self.path.stem}-lines.jsonl)")
@@ -304,6 +307,9 @@ class TextSource(Source):
         tsv = TsvReader(lines(), state) if self.kind == "tsv" else None
         reader = tsv or csv.reader(lines(), delimiter=self.delimiter, strict=True)
         what = "CSV" if self.kind == "csv" else "TSV"
+        if _is_gzip(self.path):  # first: its binary header may read as a broken row instead
+            raise UserError(f"{self.path} is gzip-compressed: decompress it first (gunzip), "
+                            "then pass the text file")  # (a lone CR in a gzip's header time)
         try:
             header = next(reader)
             while not any(h.strip() for h in header) or (  # blank lines before the header,
@@ -330,9 +336,6 @@ class TextSource(Source):
         for flag, col in (("--text-column", self.text_column),
                           ("--label-column", self.label_column)):
             if col not in cols:
-                if _is_gzip(self.path):  # (its binary header: no help)
-                    raise UserError(f"{self.path} is gzip-compressed: decompress it first "
-                                    "(gunzip), then pass the text file")
                 shown = ", ".join(repr(h) if len(h) <= 40 else repr(h[:40]) + "..."
                                   for h in header[:12]) + (", ..." if len(header) > 12 else "")
                 near = [h for h in header if h.lower() == col.lower()]
