@@ -1006,7 +1006,12 @@ def _cmd_eval(a) -> int:
             (src / f).exists() for f in ("params.npz", "summary.json", "checkpoints")):
         from .export_model import resolve_source  # a run's folder, as export-model takes it
 
-        found, _ = resolve_source(src)  # (a session 44 probe: refused, "pass the bundle")
+        try:  # (a session 44 probe: refused, "pass the bundle")
+            found, _ = resolve_source(src)
+        except UserError as exc:  # eval takes no --bundle (session 46 probe: "unrecognized")
+            raise UserError(re.sub(r"(pass|with) (the (run's own )?bundle )?with --bundle (\S+)",
+                                   lambda m: f"pass its bundle: `instant-runtime eval "
+                                   f"{m[4]} --weights {src}`", str(exc))) from None
         print(f"note: '{src}' is a run's folder: evaluating its weights with its bundle "
               f"{found.path.resolve()}", flush=True)
         a.weights, a.bundle = str(src), str(found.path)

@@ -432,6 +432,22 @@ def test_the_bundle_a_run_json_names_is_said(mlp_head_bundle, cli, tmp_path):
         (r.stdout, same.stdout)
 
 
+def test_eval_of_a_run_whose_bundle_moved_names_a_way_eval_takes(copy_bundle, mlp_bundle, cli,
+                                                                  tmp_path):
+    """Session 46 probe: `eval RUN` of a run whose bundle had moved said "pass the bundle with
+    --bundle DIR", an option eval does not have ("unrecognized arguments")."""
+    bundle, run = copy_bundle(mlp_bundle), tmp_path / "run"
+    r = cli("train", bundle, "--data", "digits", "--steps", 2, "--out", run, "--no-progress",
+            "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    bundle.rename(bundle.with_name("moved"))
+    r = cli("eval", run, "--data", "digits")
+    assert r.returncode == 2 and f"`instant-runtime eval DIR --weights {run}`" in r.stderr \
+        and "--bundle" not in r.stderr, r.stderr
+    r = cli("eval", bundle.with_name("moved"), "--weights", run, "--data", "digits")
+    assert r.returncode == 0, r.stderr
+
+
 def test_weights_a_bundle_does_not_train_are_said_not_read(mlp_bundle, mlp_head_bundle, cli,
                                                           tmp_path):
     """Session 46 probe: a run's params.npz of the whole mlp (6 tensors), copied out of its
