@@ -1091,6 +1091,17 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
     from .export_model import other_bundle, own_bundle
 
     want = record.get("bundle_sha256")
+    if run_dir is not None and not isinstance(want, str):  # a fleet server's folder: its model
+        from .fleet.local import model_signature  # signature (session 46 probe: a fleet of the
+        from .run_folder import json_object  # whole mlp read into a bundle training one layer)
+
+        sig = json_object(run_dir / "summary.json").get("signature")
+        if isinstance(sig, str) and sig not in (model_signature(bundle),
+                                                model_signature(bundle, before_45=True)):
+            raise UserError(f"'{run_dir}' holds a fleet's weights for another model than "
+                            f"'{bundle.path}' (other trainable tensors, inputs, loss, frozen "
+                            f"weights or tokenizer); pass the bundle the fleet trained, or "
+                            f"another {flag}")
     if run_dir is None or not isinstance(want, str) or (
             why := other_bundle(bundle.path, want, run_dir, weights)) is None:
         return

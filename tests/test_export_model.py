@@ -468,6 +468,23 @@ def test_weights_a_bundle_does_not_train_are_said_not_read(mlp_bundle, mlp_head_
         assert r.returncode == 0 and said in r.stdout, (r.stdout, r.stderr)
     r = cli("eval", mlp_bundle, "--weights", loose, "--data", "digits")  # all of them read
     assert r.returncode == 0 and "not read" not in r.stdout, r.stdout
+    # a fleet server's folder records its model's signature: another bundle's is refused, as
+    # a run folder of another bundle is (the probe's fleet of the whole mlp)
+    import json
+
+    from runtime.bundle import open_bundle
+    from runtime.fleet.local import model_signature
+
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    (fleet / "params.npz").write_bytes(loose.read_bytes())
+    (fleet / "summary.json").write_text(json.dumps(
+        {"rounds": 2, "rounds_done": 2, "signature": model_signature(open_bundle(mlp_bundle))}))
+    r = cli("eval", mlp_head_bundle, "--weights", fleet, "--data", "digits")
+    assert r.returncode == 2 and "holds a fleet's weights for another model" in r.stderr, \
+        r.stderr
+    r = cli("eval", mlp_bundle, "--weights", fleet, "--data", "digits")
+    assert r.returncode == 0, r.stderr
 
 
 def test_a_model_trained_on_arrays_gets_no_image_preprocessing(cnn_bundle, cli, tmp_path):
