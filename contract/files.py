@@ -342,14 +342,15 @@ def read_npz(path: str | os.PathLike | int,
 class Arrays(dict):
     """``read_npz``'s arrays; ``unread``: the file's members ``expect`` did not name."""
 
-    unread: list[str] = []
+    def __init__(self, unread: list[str]) -> None:
+        super().__init__()
+        self.unread = unread
 
 
 def _members(z, expect: dict[str, tuple[int, ...]] | None) -> dict[str, np.ndarray]:
     if expect is None:
         return {k: z[k] for k in z.files}
-    out = Arrays()
-    out.unread = [k for k in z.files if k not in expect]
+    out = Arrays([k for k in z.files if k not in expect])
     for k, shape in expect.items():
         if k not in z.files:
             continue

@@ -255,8 +255,9 @@ def _not_covered(node, shapes: Shapes, trainable, made_by: dict) -> tuple[str, s
         if via is not None and via.op_type in ("Transpose", "Reshape") \
                 and via.input[0] in trainable:  # in the graph: silent; session 46: reshaped)
             return f"a weight through a {via.op_type} node", via.input[0]
-        if ins[1] in trainable and len(shapes.of(ins[1]) or []) != 2:  # (session 46 probe)
-            return f"a {len(shapes.of(ins[1]) or [])}-axis weight; the rule takes 2-D ones", ins[1]
+        axes = len(shapes.of(ins[1]) or [])
+        if ins[1] in trainable and axes != 2:  # (session 46 probe)
+            return f"a {axes}-axis weight; the rule takes 2-D ones", ins[1]
         return None
     if node.op_type != "Conv" or len(ins) < 2 or ins[1] not in trainable:
         return None

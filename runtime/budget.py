@@ -598,15 +598,15 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
     cap0 = budget - base0 - frozen - margin - 2 * per_sample - grams - decode
     if cap0 <= 0:
         largest = largest_read(data)[1]
+        part = max(1 << 20, budget // 20)  # named where it is a real part (session 39 probe,
+        # "shrink or remove it" for 1 MB of a 120 MB budget)
         what = ((", and decoding its largest image" + (f" ({largest}: shrink or remove it)")
                  if largest else ", and the order of its rows")  # (an .npz has no image)
-                + f" up to {decode / 1e6:.0f} MB" if decode >= max(1 << 20, budget // 20)
-                else "")  # (named where it is a real part: session 39 probe, "shrink or
-        # remove it" for 1 MB of a 120 MB budget)
+                + f" up to {decode / 1e6:.0f} MB" if decode >= part else "")
         # (session 46 probe: "already take 333 MB" refused 600 MB, its 300 MB of Grams unsaid)
         more = frozen + grams
         what += (f", and its frozen weights and calibration Grams {more / 1e6:.0f} MB more"
-                 if more >= max(1 << 20, budget // 20) else "")
+                 if more >= part else "")
         raise minimum(f"the runtime and its data already take {base0 / 1e6:.0f} MB{what}",
                       budget - cap0)
     res = forked(lambda: sessions_only(cap0))

@@ -1006,12 +1006,9 @@ def _cmd_eval(a) -> int:
             (src / f).exists() for f in ("params.npz", "summary.json", "checkpoints")):
         from .export_model import resolve_source  # a run's folder, as export-model takes it
 
-        try:  # (a session 44 probe: refused, "pass the bundle")
-            found, _ = resolve_source(src)
-        except UserError as exc:  # eval takes no --bundle (session 46 probe: "unrecognized")
-            raise UserError(re.sub(r"(pass|with) (the (run's own )?bundle )?with --bundle (\S+)",
-                                   lambda m: f"pass its bundle: `instant-runtime eval "
-                                   f"{m[4]} --weights {src}`", str(exc))) from None
+        # (a session 44 probe: refused, "pass the bundle"; session 46: eval has no --bundle)
+        found, _ = resolve_source(src, way=lambda own: f"pass its bundle: `instant-runtime eval "
+                                  f"{own} --weights {src}`")
         print(f"note: '{src}' is a run's folder: evaluating its weights with its bundle "
               f"{found.path.resolve()}", flush=True)
         a.weights, a.bundle = str(src), str(found.path)
@@ -1091,9 +1088,11 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
     from .export_model import other_bundle, own_bundle
 
     want = record.get("bundle_sha256")
-    if run_dir is not None and not isinstance(want, str):  # a fleet server's folder: its model
-        from .fleet.local import model_signature  # signature (session 46 probe: a fleet of the
-        from .run_folder import json_object  # whole mlp read into a bundle training one layer)
+    if run_dir is not None and not isinstance(want, str):
+        # a fleet server's folder records its model's signature (session 46 probe: a fleet of
+        # the whole mlp was read into a bundle training one layer)
+        from .fleet.local import model_signature
+        from .run_folder import json_object
 
         sig = json_object(run_dir / "summary.json").get("signature")
         if isinstance(sig, str) and sig not in (model_signature(bundle),

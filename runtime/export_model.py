@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,11 @@ class ExportResult:
 _BAD = " and its run.json, which names the bundle, is unreadable"
 
 def resolve_source(source: str | Path, weights: str | Path | None = None,
-                   bundle: str | Path | None = None) -> tuple[Bundle, Path]:
-    """``(bundle, params file)`` for a bundle directory or a training run directory."""
+                   bundle: str | Path | None = None,
+                   way: Callable[[str], str] | None = None) -> tuple[Bundle, Path]:
+    """``(bundle, params file)`` for a bundle directory or a training run directory. ``way``:
+    how the calling command is given a run's bundle (``eval`` has no ``--bundle``), from the
+    bundle's path or ``DIR``."""
     src = Path(source)
     if not src.is_dir():
         raise UserError(f"'{src}' is not a directory; pass a bundle directory or a training run "
@@ -81,8 +85,8 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
         found = [d for d in [src.parent, *_run_bundle(src)] if (d / "manifest.json").is_file()]
         if not found:  # (its run.json named if damaged: a session 43 probe)
             bad = (src / "run.json").is_file() and not json_object(src / "run.json")
-            raise UserError(f"run directory '{src}' is not inside a bundle{_BAD * bad}; pass the "
-                            "bundle with --bundle DIR")
+            raise UserError(f"run directory '{src}' is not inside a bundle{_BAD * bad}; "
+                            + (way("DIR") if way else "pass the bundle with --bundle DIR"))
         # the bundle the run trained (its manifest's hash), not one of the same name
         bdir = next((d for d in found if want is None or want in bundle_ids(d)), found[0])
     else:
@@ -93,8 +97,9 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     if (why := other_bundle(bdir, want, run_dir, weights)) is not None:
         if bundle is None:  # (named where its run.json says: session 39 probe)
             own = own_bundle(run_dir, want) if run_dir is not None and want else None
-            raise UserError(f"{why}; pass the run's own bundle with --bundle {own or 'DIR'} (a "
-                            "bundle given so is used even when its hash differs)")
+            raise UserError(f"{why}; " + (way(own or "DIR") if way else "pass the run's own "
+                                          f"bundle with --bundle {own or 'DIR'}")
+                            + " (a bundle given so is used even when its hash differs)")
         import sys
 
         print(f"warning: {why}; its graphs are used as --bundle asks", file=sys.stderr)
