@@ -26,7 +26,7 @@ from .schema import is_safe_filename
 
 __all__ = ["atomic_write", "bundle_in_use", "deferred_signals", "drop_dead_staging", "file_sha256",
            "fsync_dir", "hold_bundle", "json_text", "release_bundles",
-           "open_listed", "read_listed", "read_npz", "write_npz", "write_text"]
+           "open_listed", "read_listed", "read_npz", "refuse_special", "write_npz", "write_text"]
 
 _BLOCK = 1 << 20
 
@@ -225,6 +225,23 @@ def bundle_in_use(folder: Path) -> bool:
     finally:
         os.close(fd)  # (the lock, if taken, goes with it)
     return False
+
+
+def refuse_special(path: Path, flag: str = "--out") -> None:
+    """Refuse (``UserError``) an output path that is a device, FIFO or socket, or a link to one:
+    --overwrite replaced such a node with a plain file (session 47 probe: a copy of /dev/null,
+    as root), and a FIFO would block the write."""
+    from .errors import UserError
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    kind = ("a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a FIFO"
+            if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else None)
+    if kind:
+        raise UserError(f"{flag} '{path}' is {kind}, not a file; name a file to write (nothing "
+                        "there is replaced, --overwrite or not)")
 
 
 def fsync_dir(folder: Path) -> None:

@@ -59,17 +59,8 @@ class ProfileError(ValueError):
 
 # ---------------------------------------------------------------------------------------- sizes
 
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _UNIT_NAMES = "B, kB, MB, GB, TB, KiB, MiB, GiB, TiB"
 _EXAMPLES = "examples: 256MB, 1.5GB, 512MiB"
 _SIZE_RE = re.compile(r"^\s*(?P<sign>[-+]?)(?P<num>(?:\d+(?:\.\d*)?|\.\d+)"
@@ -77,7 +68,16 @@ _SIZE_RE = re.compile(r"^\s*(?P<sign>[-+]?)(?P<num>(?:\d+(?:\.\d*)?|\.\d+)"
                       re.ASCII)  # (ASCII digits: "１２８MB" was 128 MB)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str | None = None) -> int:
+    """:func:`_parse_size`, its error led by ``flag`` (the option the size was given to) where
+    one is named (session 47 probe: "invalid size '0'" named no option)."""
+    try:
+        return _parse_size(text)
+    except ProfileError as exc:
+        raise ProfileError(f"{flag}: {exc}" if flag else str(exc)) from None
+
+
+def _parse_size(text: str) -> int:
     """Parse a size such as ``256MB``, ``1.5GB``, ``512MiB`` or ``100 kB`` into bytes.
 
     Units are case-insensitive; decimal units (kB, MB, GB, TB) are powers of 1000 and binary
@@ -113,7 +113,9 @@ def parse_size(text: str) -> int:
     except InvalidOperation:  # pragma: no cover - the regex only admits valid decimals
         raise ProfileError(f"invalid size {text!r}: not a number; {_EXAMPLES}") from None
     if match["sign"] == "-" or nbytes <= 0:
-        raise ProfileError(f"invalid size {text!r}: must be greater than zero; {_EXAMPLES}")
+        raise ProfileError(f"invalid size {text!r}: must be greater than zero"
+                           + ("" if match["sign"] == "-" or not Decimal(match["num"]) else
+                              " (it is less than one byte)") + f"; {_EXAMPLES}")
     if nbytes > 1 << 60:
         raise ProfileError(f"invalid size {text!r}: larger than any machine's memory; "
                            f"{_EXAMPLES}")

@@ -9,6 +9,7 @@ import importlib.util
 import linecache
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from .graph import ExportError
 
 __all__ = ["DTYPES", "EXAMPLE_ROWS", "by_name", "example_arrays", "examples", "fixed_by_tracer",
-           "parse_input_shapes", "same_buffers", "seed_factories"]
+           "parse_input_shapes", "same_buffers", "seed_factories", "buffers_written"]
 
 
 DTYPES = ("float32", "float64", "float16", "int64", "int32", "uint8", "int8", "bool")
@@ -179,17 +180,56 @@ def by_name(example: list | None, names: list[str] | None, inputs) -> list | Non
 def same_buffers(module):
     """``module``'s buffers put back as they were after the block: each export then starts from
     the same ones (an outside probe: a forward that changes one, ``self.n += 1``, gave every
-    second export other constants, which were read as computed from the parameters)."""
+    second export other constants, which were read as computed from the parameters). Yields
+    the set that the names of the buffers a forward changed are put into."""
     import torch
 
     kept = {n: b.detach().clone() for n, b in module.named_buffers()}
-    try:
-        yield
-    finally:
+    changed: set[str] = set()
+
+    def put_back(*_) -> None:
         with torch.no_grad():
             for n, b in module.named_buffers():
                 if n in kept and b.shape == kept[n].shape:
-                    b.copy_(kept[n])
+                    if not torch.equal(b, kept[n]):
+                        changed.add(n)
+                    b.data = kept[n].clone()  # (not an op a trace records)
+
+    # after each forward too: torch.onnx.export reads a buffer's value for the graph after its
+    # traced forward ran, and a forward that updates one in place (a running mean) had its
+    # update counted twice (session 47 probe: the bundle's constant was 0.5*mean(x), not 0)
+    hook = module.register_forward_hook(put_back)
+    try:
+        yield changed
+    finally:
+        hook.remove()
+        put_back()
+
+
+def buffers_written(module, example: list[np.ndarray]) -> list[str]:
+    """The buffers a forward of ``module`` on ``example`` changes, in its own mode and in eval
+    mode, a batch norm's running statistics aside (their note is the training-mode one); each
+    put back. The bundle keeps them as the factory made them (session 47 probe: a running mean
+    that forward updated stayed 0 in training, without a word)."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    norms = {f"{m}.{b}" if m else b for m, mod in module.named_modules()
+             if isinstance(mod, _BatchNorm) for b, _ in mod.named_buffers(recurse=False)}
+    args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
+    was, out = module.training, set()
+    try:
+        for mode in dict.fromkeys((was, False)):
+            module.train(mode)
+            with torch.no_grad(), warnings.catch_warnings(), same_buffers(module) as changed:
+                warnings.simplefilter("ignore")
+                module(*args)
+            out |= changed
+    except Exception:  # noqa: BLE001 - the user's forward: the trace says what fails
+        pass
+    finally:
+        module.train(was)
+    return sorted(out - norms)
 
 
 EXAMPLE_ROWS = 8  # rows of an --npz that the export runs through the model

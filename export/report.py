@@ -29,11 +29,12 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.errors import UserError
-from contract.files import drop_dead_staging
+from contract.files import drop_dead_staging, refuse_special
 
 __all__ = ["Metrics", "add_report_parser", "cmd_report", "read_metrics", "write_report"]
 
@@ -302,6 +303,7 @@ def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
         raise UserError(f"--out {out}: the report is a PNG image; give a path ending in .png")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the path of a .png file")
+    refuse_special(out)
     if (out.parent / "manifest.json").exists():  # (a session 45 probe: the PNG then blocked
         raise UserError(f"--out {out} is in a bundle folder, which holds the bundle's own "
                         "files only; give a path elsewhere (the default is RUN/report.png)")
@@ -355,7 +357,9 @@ def write_report(run_dir: str | os.PathLike, out_png: str | os.PathLike | None =
     drop_dead_staging(out, "tmp", r"\.png")  # (a SIGKILLed report's: session 36 probe)
     tmp = out.with_name(f".{out.name[:100]}.tmp{os.getpid()}.png")  # (as drop_dead_staging)
     try:
-        fig.savefig(tmp, dpi=110)
+        with warnings.catch_warnings():  # (a CJK or emoji run name: "Glyph 23383 missing
+            warnings.filterwarnings("ignore", r"Glyph \d+", UserWarning)  # from font", session
+            fig.savefig(tmp, dpi=110)  # 47 probe; the title shows a box for it)
         os.replace(tmp, out)
     except OSError as exc:
         with contextlib.suppress(OSError):  # (a read-only folder refuses the unlink too)

@@ -29,6 +29,7 @@ from .layers import node_module_path
 from .model_inputs import (
     _first_line,
     _load_factory,
+    buffers_written,
     by_name,
     example_arrays,
     fixed_by_tracer,
@@ -147,12 +148,17 @@ def load_model(spec: str, example: list[np.ndarray] | None, output: str | None =
         raise ExportError(f"model '{spec}' needs example inputs: pass --input-shape or an .npz")
     example = by_name(example, example_names, lambda: forward_params(module))
     training = module.training and spec not in BUILTIN_MODELS
+    written = buffers_written(module, example) if spec not in BUILTIN_MODELS else []
     traced = _folded(lower_traced(_pick_output(_trace_torch(module, example, spec), output)))
     traced.origin = ("torch", module, example, output)
     changes = _train_behaviour(module) if training else ""
     if changes:
         traced.notes.append(f"note: the model from '{spec}' was in training mode; it is "
                             f"exported in eval mode ({changes})")
+    if written:
+        traced.notes.append(f"note: the model's forward changes buffer(s) {', '.join(written[:4])}"
+                            "; the bundle keeps them as the factory made them (no forward of "
+                            "training updates them)")
     return traced
 
 

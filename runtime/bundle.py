@@ -153,6 +153,10 @@ class Bundle:
                 raise
         else:
             fd, src = None, Path(path)
+            if src.name == names.PARAMS_FILE and any(src.parent.glob("checkpoints/ckpt-*.npz")):
+                way_out = (f"its run's checkpoints may hold them: pass "  # (session 47 probe:
+                           f"{src.parent / 'checkpoints' / 'latest'} in its place, or another "
+                           "weights file")  # told to re-export, a checkpoint of its step there)
         unread: list[str] = []
         try:
             values = read_npz(fd if fd is not None else src,

@@ -362,6 +362,9 @@ def newest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     return None
 
 
+_SKIPPED_SAID: set[tuple[str, str]] = set()  # the unusable checkpoints newest_intact named
+
+
 def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
     """(step, path) of the newest checkpoint in ``folder`` past step ``after`` that reads whole
     (zip CRCs; the pointer's SHA-256 where it names the file), each one that does not named in
@@ -384,8 +387,10 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
             continue
         except Exception as exc:  # noqa: BLE001  (as in Checkpointer.load)
             skipped += 1
-            if skipped <= SAID:
-                why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+            why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+            said = (str(path), why)
+            if skipped <= SAID and said not in _SKIPPED_SAID:  # (once a process: `eval RUN`
+                _SKIPPED_SAID.add(said)  # looks twice, and said it twice: session 47 probe)
                 warn(f"checkpoint {path} is unusable ({why}); skipped")
             continue
         found = step, path

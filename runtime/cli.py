@@ -34,6 +34,21 @@ class _Parser(argparse.ArgumentParser):
 
         self.exit(2, one_line(f"error: {message}; see `{self.prog} --help`") + "\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, an unknown option's error pointing to its command's --help (session
+        47 probe: `eval --steps 3` was sent to `instant-runtime --help`)."""
+        args = list(sys.argv[1:] if args is None else args)
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self
+            for word in args:  # the leading command words: train, fleet client, ...
+                subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+                if not subs or word not in subs[0].choices:
+                    break
+                parser = subs[0].choices[word]
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
 
 def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
@@ -104,6 +119,10 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
         raise UserError(f"{without} was given without --data, which it applies to (without "
                         f"--data the run reads the built-in '{a.data}'); pass --data with the "
                         f"model's data, or leave {without} out")
+    trained = _run_data(a, bundle) if spec is None and isinstance(a.data, _DefaultData) \
+        and getattr(a, "resume", False) else None
+    if trained and trained != a.data:  # (session 47 probe: "training rows 1438 (this run: 1437)")
+        raise UserError(_resume_without_data(trained))
     try:  # (a session-23 probe: accepted without a word)
         same = bool(a.val) and os.path.samefile(a.val, spec or a.data)
     except (OSError, TypeError, ValueError):
@@ -120,15 +139,19 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
                 and a.val_split is None:  # (then the default's own fit: a --val error is not)
             trained = _run_data(a, bundle) if getattr(a, "resume", False) else None
             if trained:  # (a session 44 probe: a resume was told about the digits)
-                import shlex
-
-                raise UserError(f"no --data given, and --resume reads the data from --data "
-                                f"as the run did: it trained on '{trained}'; pass --data "
-                                f"{shlex.quote(trained)} (the same data)") from None
+                raise UserError(_resume_without_data(trained)) from None
             raise UserError(f"no --data given, and the default, the built-in '{a.data}' "
                             f"dataset, does not fit this bundle ({exc}); pass --data with the "
                             "model's data (an .npz, a text file or an image folder)") from None
         raise
+
+
+def _resume_without_data(trained: str) -> str:
+    import shlex
+
+    return (f"no --data given, and --resume reads the data from --data as the run did: it "
+            f"trained on '{trained}'; pass --data {shlex.quote(trained)} (the same data, with "
+            "the run's --val-split or --val)")
 
 
 def _run_data(a, bundle) -> str | None:
@@ -223,8 +246,15 @@ def add_instant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     ap = _Parser(prog="instant-runtime", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    try:
+        ours = version("instant-runtime")
+    except PackageNotFoundError:  # (run from a checkout that was never installed)
+        ours = "(not installed)"
+    ap.add_argument("--version", action="version", version=f"instant-runtime {ours}")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
 
     e = sub.add_parser("export", help="trace a model into a training bundle (needs torch)")
     e.add_argument("--model", required=True,
@@ -412,7 +442,7 @@ def _budget_and_profile(a):
     from .memory import set_budget
 
     prof = resolve_profile(a.profile) if a.profile else None
-    budget = parse_size(a.budget) if a.budget is not None else (
+    budget = parse_size(a.budget, "--budget") if a.budget is not None else (
         prof.default_budget if prof else None)
     check_budget(budget, a.budget, prof)
     set_budget(budget, (prof.name, prof.ram) if prof is not None else None)
@@ -646,6 +676,10 @@ def _export(a) -> int:
            "oversample": base.oversample if a.oversample is None else a.oversample,
            "calib_every": base.calib_every if a.calib_every is None else a.calib_every,
            "calib_batches": base.calib_batches if a.calib_batches is None else a.calib_batches}
+    for key, value in raw.items():  # (a manifest holds no larger number: session 47 probe,
+        if isinstance(value, int) and abs(value) > 2**53:  # refused after the whole export)
+            raise UserError(f"--{key.replace('_', '-')} {value} is invalid: at most 2**53; a "
+                            "count that large means never: pass e.g. 1000000000")
     try:
         settings = load_typed(InstantSettings, raw, "export options")
     except UserError as exc:  # (said as the option: a session 45 probe read "field 'energy'")
@@ -827,6 +861,7 @@ def _init_from(a, bundle, out: Path) -> tuple[Path | None, Path | None, str | No
     if given is None:
         return None, None, None
     init, _, init_dir, _ = trained_source(bundle, Path(a.init_from), "--init-from")
+    print(f"starting from the weights in '{init}' (--init-from)", flush=True)  # (else unsaid)
     return init, init_dir, given
 
 
@@ -880,6 +915,10 @@ def _cmd_train(a) -> int:
                             _split_rows(data, a.val_split))
     if started is not None:
         identity["init_from"] = started
+    from .data import BUILTIN_DATASETS
+
+    if a.data not in BUILTIN_DATASETS and os.path.exists(a.data):  # (eval run elsewhere, or
+        identity["data_path"] = os.path.realpath(a.data)  # the path written otherwise)
     folder = RunFolder(out, identity)
     from .console import say, say_err
 
@@ -1009,8 +1048,8 @@ def _cmd_eval(a) -> int:
         # (a session 44 probe: refused, "pass the bundle"; session 46: eval has no --bundle)
         found, _ = resolve_source(src, way=lambda own: f"pass its bundle: `instant-runtime eval "
                                   f"{own} --weights {src}`")
-        print(f"note: '{src}' is a run's folder: evaluating its weights with its bundle "
-              f"{found.path.resolve()}", flush=True)
+        print(f"note: '{_shown(src)}' is a run's folder: evaluating its weights with its "
+              f"bundle {_shown(found.path.resolve())}", flush=True)
         a.weights, a.bundle = str(src), str(found.path)
     bundle = open_bundle(a.bundle)
     hold_bundle(bundle.path)
@@ -1048,7 +1087,7 @@ def _cmd_eval(a) -> int:
                 raise
             weights = run_weights(run_src) or weights
     target = data.test if data.test is not None else data
-    _note_held_out(run_dir, a, data.test is not None, _split_rows(data, a.val_split))
+    _note_held_out(run_dir, a, data.test is not None, _split_rows(data, a.val_split), data.test)
     if budget is None:
         use_arena(None)
     else:  # its probes run evaluation passes (a training step's plan took micro-batch 1 where
@@ -1059,7 +1098,7 @@ def _cmd_eval(a) -> int:
     which = "held-out" if data.test is not None else "all"
     print(f"{which} examples: {len(target)}, loss {loss:.4f}"
           + (f", accuracy {acc:.3f}" if acc is not None else "")
-          + f" (weights: {weights or 'initial'}; peak RSS {peak_rss() / 1e6:.1f} MB)")
+          + f" (weights: {_shown(weights or 'initial')}; peak RSS {peak_rss() / 1e6:.1f} MB)")
     peak = peak_rss()
     if budget is not None and peak > budget:  # (as train says it: session 30 probe)
         from .console import say_err
@@ -1081,8 +1120,6 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
     Raises:
         UserError: another bundle's tensors.
     """
-    import zipfile
-
     from .console import say_err
     from .errors import UserError
     from .export_model import other_bundle, own_bundle
@@ -1106,16 +1143,20 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
         return
     own = own_bundle(run_dir, want)
     own_text = f"its own bundle, '{own}'" if own else "the bundle it was trained on"
-    try:
-        with zipfile.ZipFile(weights) as zf:
-            held = {n.removesuffix(".npy") for n in zf.namelist()}
-    except (OSError, zipfile.BadZipFile, ValueError):
-        held = set()
+    held = _npz_shapes(weights)
     if any(n.startswith("param/") for n in held):  # a checkpoint: param/NAME, opt/..., meta
-        held = {n.removeprefix("param/") for n in held if n.startswith("param/")}
+        held = {n.removeprefix("param/"): v for n, v in held.items() if n.startswith("param/")}
     scoring = flag == "--weights"
     verb = "evaluate it" if scoring else "go on from it"  # (train --init-from)
-    if held == {p.name for p in bundle.params}:
+    other = [f"'{p.name}' {list(held[p.name])} there, {list(p.shape)} here"
+             for p in bundle.params if p.name in held and held[p.name] is not None
+             and tuple(held[p.name]) != tuple(p.shape)]
+    if other:  # (session 46 probe: a bundle exported again with another --head "fit", then
+        # its run.json's class_names were blamed)
+        raise UserError(f"{why}, and its trained tensors have other shapes ({other[0]}: "
+                        f"exported again with another --head or --classes?); {verb} with "
+                        f"{own_text}, or train a run of this one")
+    if set(held) == {p.name for p in bundle.params}:
         say_err(f"warning: {why}; its trained tensors fit this bundle and are "
                 + ("scored" if scoring else "trained on") + " with this bundle's frozen "
                 f"weights, which may not be the run's: {verb} with {own_text}, to "
@@ -1125,6 +1166,30 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
                     f"{own_text}, or train a run of this one")
 
 
+def _npz_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
+    """Member name (less .npy) -> its array's shape from the .npy header (None where it has
+    none), read without loading an array; {} for a file that is no zip."""
+    import zipfile
+
+    import numpy as np
+
+    out: dict[str, tuple[int, ...] | None] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for n in zf.namelist():
+                try:
+                    with zf.open(n) as m:
+                        version = np.lib.format.read_magic(m)
+                        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0)
+                        out[n.removesuffix(".npy")] = tuple(read(m)[0])
+                except (ValueError, OSError, zipfile.BadZipFile, NotImplementedError):
+                    out[n.removesuffix(".npy")] = None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return {}
+    return out
+
+
 def _split_rows(data, val_split: float | None) -> int:
     """The rows of --data: its training rows, and those a --val-split held out of it (a
     --val file's are not counted: only a split's draw depends on them)."""
@@ -1132,7 +1197,7 @@ def _split_rows(data, val_split: float | None) -> int:
                         else 0)
 
 
-def _note_held_out(run_dir: Path | None, a, split: bool, rows: int) -> None:
+def _note_held_out(run_dir: Path | None, a, split: bool, rows: int, test=None) -> None:
     """A line where ``eval`` scores rows a run trained on as if held out: all of the data a run
     held part of out with --val-split (an outside probe read "all examples: 60, accuracy
     1.000", its training rows included), a --val-split other than the run's own (another
@@ -1142,47 +1207,80 @@ def _note_held_out(run_dir: Path | None, a, split: bool, rows: int) -> None:
     from .run_folder import json_object
 
     run = json_object(run_dir / "run.json") if run_dir is not None else {}
+    if run_dir is not None and not run and not (run_dir / "run.json").exists():
+        run = json_object(run_dir / "summary.json")  # a fleet client's records its data too
+        run = run if "data" in run else {}
     if isinstance(a.data, _DefaultData) and isinstance(run.get("data"), str) \
             and run["data"] != a.data:  # (session 41 probe: scored digits, without a word)
-        print(f"note: the run in {run_dir} trained on '{run['data'][:300]}'; without --data "
-              f"these figures are of the built-in {a.data}: pass --data (and the run's --val "
+        print(f"note: the run in {_shown(run_dir)} trained on '{_shown(run['data'][:300])}'; without --data "
+              f"these figures are of the built-in {_shown(a.data)}: pass --data (and the run's --val "
               "or --val-split) to score it on its own data", flush=True)
     if run_dir is None or a.val is not None or (split and a.val_split is None):
         return
     frac, seed = run.get("val_split"), run.get("seed")
     same = isinstance(run.get("data"), str) and (
         run["data"] == a.data or Path(run["data"]).resolve() == Path(a.data).resolve())
+    if isinstance(run.get("data_path"), str) and os.path.exists(a.data):  # (session 47 probe:
+        same = run["data_path"] == os.path.realpath(a.data)  # eval in another folder: silent)
     if seed is None:  # (an older run.json: the seed eval resolved, a checkpoint's or 0)
         seed = a.seed
     was = run.get("rows")
     if (same and split and isinstance(frac, float) and (frac, seed) == (a.val_split, a.seed)
             and isinstance(was, int) and was != rows):
-        print(f"note: the run in {run_dir} held out --val-split {frac:g} of {a.data} when it "
+        print(f"note: the run in {_shown(run_dir)} held out --val-split {frac:g} of {_shown(a.data)} when it "
               f"held {was} rows; it holds {rows} now, so the rows held out here are another "
               "draw, some of them trained on: score the run on rows it never saw (--val FILE "
               "in place of --val-split)")
         return
+    if (same and split and isinstance(frac, float) and (frac, seed) == (a.val_split, a.seed)
+            and test is not None and _other_held_out(run_dir, test)):
+        print(f"note: the run in {_shown(run_dir)} held out --val-split {frac:g} of {_shown(a.data)}, and the "
+              "rows held out here are not those (the file changed since: other rows, labels or "
+              "order), so some of them were trained on: score the run on rows it never saw "
+              "(--val FILE in place of --val-split)")  # (session 47 probe: the rows shuffled
+        return  # in place, 0.977 "held-out" for 0.961, without a word)
     if not same or split and isinstance(frac, float) and (frac, seed) == (a.val_split, a.seed):
         return
     if not split and isinstance(frac, float):
-        print(f"note: the run in {run_dir} held out {frac:g} of {a.data} (--val-split {frac:g})"
+        print(f"note: the run in {_shown(run_dir)} held out {frac:g} of {_shown(a.data)} (--val-split {frac:g})"
               f" and trained on the rest; these figures include those rows: pass --val-split "
               f"{frac:g} to score the held-out rows only")
     elif split and isinstance(frac, float):
-        print(f"note: the run in {run_dir} held out --val-split {frac:g} --seed {seed} of "
-              f"{a.data}, not --val-split {a.val_split:g} --seed {a.seed}: some of these "
+        print(f"note: the run in {_shown(run_dir)} held out --val-split {frac:g} --seed {seed} of "
+              f"{_shown(a.data)}, not --val-split {a.val_split:g} --seed {a.seed}: some of these "
               f"held-out rows were trained on; pass --val-split {frac:g} and leave --seed out "
               "to score the run's held-out rows only")
     elif split:
         summary = json_object(run_dir / "summary.json")  # (none yet: a run stopped early)
         val = summary.get("test_loss") is not None
-        print(f"note: the run in {run_dir} trained on all of {a.data} (it held out "
+        print(f"note: the run in {_shown(run_dir)} trained on all of {_shown(a.data)} (it held out "
               + ("a --val file" if val else "none of it" if summary else "a --val file or none")
               + f"): the rows --val-split {a.val_split:g} holds out here were trained on; "
               + ("pass that file with --val in place of --val-split to score the run's "
                  "held-out rows" if val else "score it on "
                  + ("" if summary else "its --val file, if it had one, or on ")
                  + "data it never saw (--val FILE in place of --val-split)"))
+
+
+def _shown(value) -> str:
+    """A path or name as a line shows it: control characters escaped (session 47 probe: eval
+    printed a run folder's newline and ESC raw, as train does not)."""
+    from .console import one_line
+
+    return one_line(str(value))
+
+
+def _other_held_out(run_dir: Path, test) -> bool:
+    """Whether the held-out rows ``test`` differ from those the run in ``run_dir`` held out, by
+    the fingerprint its newest checkpoint recorded (False where it recorded none)."""
+    from .checkpoint import newest_checkpoint
+    from .run import data_fingerprint
+    from .run_files import checkpoint_meta
+
+    newest = newest_checkpoint(run_dir / "checkpoints")
+    run = checkpoint_meta(newest[1]).get("run") if newest is not None else None
+    val = run.get("val") if isinstance(run, dict) else None
+    return isinstance(val, str) and bool(val) and val != data_fingerprint(test)
 
 
 def _evaluate_shrinking(trainer, data, batch: int, budgeted: bool):
@@ -1228,9 +1326,12 @@ def _cmd_plan(a) -> int:
     fl = bundle.manifest.flops
     if prof is not None and prof.gflops and fl.get("forward"):
         exact = a.batch * (fl["forward"] + 2 * fl.get("trainable_forward", 0))
-        print(f"estimated step on {prof.name} at batch {a.batch}: {exact / (prof.gflops * 1e9):.2f}"
-              f" s with an exact backward ({exact / 1e9:.1f} GFLOP at its {prof.gflops:g} GFLOP/s;"
-              " INSTANT's backward is cheaper, calibration not counted)")
+        secs = exact / (prof.gflops * 1e9)  # (session 47 probe: "0.00 s" for 6 GFLOP, and
+        shown = f"{secs:.2f} s" if secs >= 0.01 else f"{secs * 1e3:.2g} ms"  # INSTANT said to
+        print(f"estimated step on {prof.name} at batch {a.batch}: {shown} with an exact "  # be
+              f"backward ({exact / 1e9:.2g} GFLOP at its {prof.gflops:g} GFLOP/s"  # cheaper
+              + ("; INSTANT's compressed backward and its calibrations are not estimated)"
+                 if bundle.layers else ")"))  # always)
     if not a.data and (unread := _without_data(a)):
         print(f"note: {unread} is not read without --data (the data it applies to)",
               flush=True)
@@ -1600,9 +1701,14 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:
             return 1
         except OSError as exc:  # a path the OS refuses (name too long, permissions, no space)
-            where = f" '{exc.filename}'" if exc.filename else ""
+            name = str(exc.filename) if exc.filename else ""
+            where = f" '{name}'" if name else ""
+            if len(name) > 200:  # (session 47 probe: a 5,000-character path said whole)
+                where = f" '{name[:80]}...{name[-80:]}' ({len(name):,} characters)"
             _error_line(f"error: {exc.strerror or exc}{where}; " + (
                 _open_files_way() if exc.errno == errno.EMFILE else
+                "a file or folder name takes at most 255 bytes and a whole path 4,096: pass a "
+                "shorter path" if exc.errno == errno.ENAMETOOLONG else
                 "check the path, the permissions and the free space"))
             return 2
         except MemoryError as exc:

@@ -63,15 +63,20 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
     taken = peak_rss()  # (a session 45 probe: a budget below this passed on to the sessions
     if taken >= budget:  # and the plan's probes, 76 MB under --budget 40MB before its refusal)
         said = f"--budget {budget_mb(budget)} MB" if given is not None else \
-            f"profile '{prof.name}''s budget of {budget_mb(budget)} MB"
+            f"the budget of profile '{prof.name}', {budget_mb(budget)} MB,"
         raise UserError(f"{said} is below what the runtime already takes before it reads the "
                         f"bundle ({taken / 1e6:.0f} MB: Python and its libraries); raise "
                         "--budget well above it (`instant-runtime plan` without --budget states "
                         "the minimum)" + ("" if given is not None else ", or pass the profile "
                                           "of a device with more RAM"))
+    if prof is not None and given is not None and budget > prof.default_budget:
+        gives = budget_mb(prof.default_budget)  # (session 47 probe: 530 MB, Pi Zero, silent)
+        print(f"warning: --budget {budget_mb(budget)} MB is above the {gives} MB that profile "
+              f"'{prof.name}' gives a run (its RAM less what the system there takes): the OS "
+              "may stop a run that uses it all on that device", file=sys.stderr)
     ram = physical_ram()
     if ram and budget > ram:
-        said = "--budget" if given is not None else f"profile '{prof.name}''s budget of"
+        said = "--budget" if given is not None else f"the budget of profile '{prof.name}',"
         print(f"warning: {said} {budget_mb(budget)} MB exceeds this machine's RAM "
               f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
               file=sys.stderr)

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import UserError, atomic_write, deferred_signals, drop_dead_staging, names, write_text
+from contract import (
+    UserError,
+    atomic_write,
+    deferred_signals,
+    drop_dead_staging,
+    names,
+    refuse_special,
+    write_text,
+)
 
 from .bundle import Bundle, open_bundle
 from .checkpoint import bundle_ids
@@ -420,12 +428,14 @@ def export_model(source: str | Path, out: str | Path, weights: str | Path | None
     if out in targets[1:]:
         raise UserError(f"--out '{out}' is the name of a file written beside the model; name "
                         f"the .onnx file, e.g. {out.with_suffix('.onnx')}")
+    for t in targets:
+        refuse_special(t)
+    b, w = resolve_source(source, weights, bundle)
+    _check_not_a_source(targets, b, Path(w))  # (first: --overwrite would not help there)
     taken = [str(t) for t in targets if t.exists()]
     if taken and not overwrite:
         raise UserError(f"{', '.join(taken)} already exist(s); pass --overwrite to replace, or "
                         "another --out")
-    b, w = resolve_source(source, weights, bundle)
-    _check_not_a_source(targets, b, Path(w))
     params = b.load_params(None if w == b.path / names.PARAMS_FILE else w)
     onnx, model = _build_model(b, params)
     labels = _class_names(b, w)

@@ -16,7 +16,7 @@ from contract import UserError
 from .checkpoint import _open_regular
 
 __all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "is_run", "json_object",
-           "params_step", "run_class_names", "weights_record"]
+           "params_step", "run_class_names", "weights_record", "checkpoint_meta"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 
@@ -77,27 +77,33 @@ def params_step(run: Path) -> int | None:
         else None
 
 
-def weights_record(weights: Path, run: Path) -> dict:
-    """What trained ``weights`` recorded of their run: the run folder's run.json, with a
-    checkpoint's own ``bundle_sha256`` over it, and its ``seed`` where the run.json has none (a
-    checkpoint copied out of its run); {} for a plain .npz of weights (a bundle's params.npz,
-    a user's file)."""
+def checkpoint_meta(path: Path) -> dict:
+    """A checkpoint's metadata member alone, bounded as a resume reads it (the arrays stay
+    unread); {} where there is none (a plain .npz, not a zip, damaged)."""
     import zipfile
 
     import numpy as np
 
     from .checkpoint import _META, MAX_META_BYTES, parse_meta
 
-    out = json_object(run / "run.json")
-    try:  # the metadata member alone, bounded as a resume reads it (the arrays stay unread)
-        with os.fdopen(_open_regular(weights), "rb") as f, zipfile.ZipFile(f) as zf:
+    try:
+        with os.fdopen(_open_regular(path), "rb") as f, zipfile.ZipFile(f) as zf:
             info = zf.getinfo(_META + ".npy")
             if info.file_size > MAX_META_BYTES:
-                return out
+                return {}
             with zf.open(info) as m:
-                meta = parse_meta(np.lib.format.read_array(m, allow_pickle=False).tobytes())
-    except Exception:  # noqa: BLE001 - no metadata (KeyError), not a zip, damaged: as before
-        return out
+                return parse_meta(np.lib.format.read_array(m, allow_pickle=False).tobytes())
+    except Exception:  # noqa: BLE001 - no metadata (KeyError), not a zip, damaged
+        return {}
+
+
+def weights_record(weights: Path, run: Path) -> dict:
+    """What trained ``weights`` recorded of their run: the run folder's run.json, with a
+    checkpoint's own ``bundle_sha256`` over it, and its ``seed`` where the run.json has none (a
+    checkpoint copied out of its run); {} for a plain .npz of weights (a bundle's params.npz,
+    a user's file)."""
+    out = json_object(run / "run.json")
+    meta = checkpoint_meta(weights)
     run_meta = meta.get("run")
     if isinstance(run_meta, dict) and "seed" in run_meta:
         out.setdefault("seed", run_meta["seed"])
@@ -181,7 +187,8 @@ def run_class_names(run: Path, bundle) -> list[str] | None:
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         why = "is not a list of names"
     elif k is not None and len(names) != k:
-        why = f"holds {len(names):,} names for a {k}-class model"
+        why = (f"holds {len(names):,} names for a {k}-class model (a run of another export "
+               "of the model? then use the bundle it was trained on)")
     elif len(set(names)) != len(names):  # (session 38 probe: ["x", "x", "z"] accepted)
         why = "repeats a name"
     else:

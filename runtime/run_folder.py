@@ -321,7 +321,9 @@ class RunFolder:
         # (a damaged checkpoint) leaves the folder as it was
         # so does a resume that finds no checkpoint (it starts afresh, with these options)
         self._identity_due = (not (p / "run.json").exists()
-                              or (resume and newest_checkpoint(p / "checkpoints") is None))
+                              or (resume and not has_checkpoints(p / "checkpoints")))
+        # (has_checkpoints: ckpt-*.npz without their pointer are resumed too, and the run's own
+        # run.json stays: session 47 probe, it was written again from the command line)
         if resume and existing and not self._identity_due and not json_object(p / "run.json"):
             print(f"warning: '{p / 'run.json'}' is unreadable or empty; this resume "
                   "writes it again from its options once it has run", file=sys.stderr)

@@ -1144,6 +1144,9 @@ class Trainer:
         from this run's (``finished_already`` asks before it says a run has finished: session
         34 probe, a finished run "resumed" with another --mode was told to pass a larger
         --steps, which was then refused)."""
+        new_run = ("train on from its weights with the new ones as a new run: --init-from "
+                   f"{run or 'RUN_FOLDER'} with another --out (--overwrite in place of --resume "
+                   "starts afresh)")  # (session 46 probe: --mode/--optimizer named no way on)
         mine = {"mode": self.mode, "optimizer": self.config.optim.name}
         for key, want in mine.items():
             got = meta.get(key)
@@ -1151,7 +1154,7 @@ class Trainer:
                 got = got.lower()
             if got != want:
                 raise UserError(f"checkpoint was trained with {key} '{meta.get(key)}', this run "
-                                f"uses '{want}'; resume with the same --{key}")
+                                f"uses '{want}'; resume with the same --{key}, or {new_run}")
         theirs = meta.get("settings")  # (absent in checkpoints written before it existed)
         if isinstance(theirs, dict):
             if theirs.get("--weight-decay", 0.0) is None:  # written as given (None: the default
@@ -1170,10 +1173,7 @@ class Trainer:
                             f"--variance {theirs.get('--variance')} (this run: left out)")
             if diff:
                 raise UserError(f"checkpoint was trained with {', '.join(diff[:4])}; resume "
-                                "with the same options to continue the same run, or train on "
-                                "from its weights with the new ones as a new run: --init-from "
-                                f"{run or 'RUN_FOLDER'} with another --out (--overwrite in place "
-                                "of --resume starts afresh)")
+                                f"with the same options to continue the same run, or {new_run}")
 
     def _load_checked(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """``load_state`` past the options' check: every array checked, then restored."""

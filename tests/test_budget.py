@@ -116,7 +116,7 @@ def test_budget_syntax_errors(workload, tmp_path):
     bundle, data = workload
     for bad in ("256", "256XB", "-1MB"):
         r, _ = _train(bundle, data, tmp_path / "run", "--steps", "1", f"--budget={bad}")
-        assert r.returncode == 2 and "invalid size" in r.stderr, (bad, r.stderr)
+        assert r.returncode == 2 and f"--budget: invalid size {bad!r}" in r.stderr, (bad, r.stderr)
 
 
 def test_custom_profile_supplies_the_budget(workload, tmp_path):

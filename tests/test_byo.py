@@ -1506,3 +1506,37 @@ def test_labels_of_many_values_a_row_are_read_inside_the_budget(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "passed its budget" not in r.stderr, r.stderr
     assert r.peak_polled <= budget * MB, r.peak_polled
+
+
+def test_a_run_of_the_bundle_exported_again_with_another_head_is_refused_by_shape(tmp_path):
+    """Session 46 probe: an encoder exported with --head 10, trained, exported again into the
+    same folder with --head 5: ``eval --weights RUN`` warned that the run's tensors "fit this
+    bundle" (by name) and then blamed the run's run.json for its 10 class names; ``train
+    --init-from RUN`` likewise. Both now name the tensor whose shape differs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, .1, (64, 32))
+                                .astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["feat"])],
+        "enc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["n", 32])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "enc.onnx")
+    bundle, run = tmp_path / "b", tmp_path / "run"
+    export = ("export", "--model", tmp_path / "enc.onnx", "--output", "feat", "--pool", "none",
+              "--out", bundle, "--overwrite", "--head")
+    _ok(_cli(*export, 10))
+    _ok(_cli("train", bundle, "--data", "digits", "--steps", 3, "--no-progress", "--out", run))
+    _ok(_cli(*export, 5))
+    for args, verb in ((("eval", bundle, "--weights", run, "--data", "digits"), "evaluate it"),
+                       (("train", bundle, "--data", "digits", "--steps", 3, "--no-progress",
+                         "--out", tmp_path / "run2", "--init-from", run), "go on from it")):
+        r = _cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        line = r.stderr.strip().splitlines()[-1]
+        assert "trained on another bundle" in line and "other shapes ('head.weight' [10, 32] " \
+            "there, [5, 32] here" in line and f"{verb} with the bundle it was trained on" in \
+            line and "run.json" not in line, line
+    assert not (tmp_path / "run2" / "params.npz").exists()

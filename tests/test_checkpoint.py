@@ -2001,3 +2001,52 @@ def test_a_stop_signal_as_a_finished_run_exits_leaves_its_status_0(mlp_bundle, t
         assert proc.wait(timeout=60) == 0 and "Traceback" not in err, (trial, proc.returncode,
                                                                        err)
         assert (out / "params.npz").is_file()
+
+
+def test_a_resume_without_the_checkpoint_pointer_keeps_the_runs_run_json(cli, mlp_bundle,
+                                                                         tmp_path):
+    """Session 47 probe: with checkpoints/latest gone, the resume went on from the newest
+    ckpt-*.npz (as it should) but wrote run.json again from its command line (its "created",
+    and the seed of a checkpoint copied in): the folder's record of the run changed."""
+    out = tmp_path / "run"
+    r = cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 4, "--checkpoint-every", 2)
+    assert r.returncode == 0, r.stderr
+    (out / "params.npz").unlink()  # (a run stopped after its checkpoint at step 4)
+    (out / "summary.json").unlink()
+    before = (out / "run.json").read_bytes()
+    (out / "checkpoints" / "latest").unlink()
+    time.sleep(1.1)  # ("created" is to the second)
+    r = cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 6, "--checkpoint-every", 2,
+            "--resume")
+    assert r.returncode == 0 and "resumed from step 4" in r.stdout, r.stdout + r.stderr
+    assert (out / "run.json").read_bytes() == before
+
+
+def test_a_damaged_params_file_of_a_run_points_to_its_checkpoints(cli, mlp_bundle, tmp_path):
+    """Session 47 probe: `eval RUN` of a run whose params.npz was cut short said "re-export the
+    bundle or pass another --weights file", a checkpoint of the same step beside it."""
+    out = tmp_path / "run"
+    assert cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 2).returncode == 0
+    with open(out / "params.npz", "r+b") as f:
+        f.truncate(5000)
+    r = cli("eval", mlp_bundle, "--weights", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"its run's checkpoints may hold them: pass {out / 'checkpoints' / 'latest'} in its " \
+        "place" in r.stderr and "re-export" not in r.stderr, r.stderr
+    r = cli("eval", mlp_bundle, "--weights", out / "checkpoints" / "latest")
+    assert r.returncode == 0, r.stderr
+
+
+def test_eval_of_a_run_folder_names_a_damaged_checkpoint_once(cli, mlp_bundle, tmp_path):
+    """Session 47 probe: `eval RUN` of a stopped run whose newest checkpoint is damaged said
+    its warning twice (the folder was looked into twice)."""
+    out = tmp_path / "run"
+    assert cli("train", mlp_bundle, "--out", out, *QUIET, "--steps", 2, "--checkpoint-every",
+               1).returncode == 0
+    (out / "params.npz").unlink()
+    with open(out / "checkpoints" / "ckpt-000002.npz", "r+b") as f:
+        f.truncate(3000)
+    r = cli("eval", out)
+    assert r.returncode == 0 and "ckpt-000001.npz" in r.stdout, r.stdout + r.stderr
+    said = [ln for ln in r.stderr.splitlines() if "is unusable" in ln]
+    assert len(said) == 1 and "ckpt-000002.npz" in said[0], r.stderr

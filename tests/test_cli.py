@@ -201,7 +201,9 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
     user_error(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
                        "--seed", 3, "--steps", 6, "--batch", 16, "--no-progress", "--out", "run",
                        "--resume", "--mode", "vanilla"),
-               "checkpoint was trained with mode 'instant', this run uses 'vanilla'")
+               "checkpoint was trained with mode 'instant', this run uses 'vanilla'; resume "
+               "with the same --mode, or train on from its weights with the new ones as a new "
+               "run: --init-from run with another --out")
     assert {p.name: p.read_bytes() for p in (work / "run").iterdir() if p.is_file()} == files
     # a resume with other options to train further: refused before the planning probes
     # (session 39: they ran first, seconds on a large model, and printed a plan)
@@ -1100,7 +1102,8 @@ def test_plan_with_a_profile_alone_estimates_and_says_how_to_plan(cli, mlp_bundl
     "plan with a budget measures the run itself: pass --data" and exit 2 (the profile's budget
     counted as one given); `eval --device auto` said nothing of its device."""
     out = ok(cli("plan", mlp_bundle, "--profile", "rpi4-1gb"))
-    assert "estimated step on rpi4-1gb at batch 32" in out and "note: profile 'rpi4-1gb' " \
+    assert "estimated step on rpi4-1gb at batch 32: 0.33 ms" in out \
+        and "INSTANT's compressed backward and its calibrations are not estimated" in out and "note: profile 'rpi4-1gb' " \
         "gives a budget of 470 MB: pass --data" in out, out
     run = tmp_path / "run"
     ok(cli("train", mlp_bundle, *TRAIN, "--steps", 1, "--out", run))
@@ -1428,6 +1431,17 @@ def test_eval_notes_a_val_split_that_is_not_the_runs_held_out_rows(cli, mlp_bund
     out = evaluate(tmp_path / "val_run", "--val-split", 0.25)[0]
     assert f"trained on all of {data} (it held out a --val file)" in out \
         and "pass that file with --val in place of --val-split" in out, out
+    # the run's own split of the same rows shuffled in place: other held-out rows, as many
+    # (session 47 probe: no note)
+    with np.load(data) as z:
+        x, y = z["x"], z["y"]
+    perm = np.random.default_rng(5).permutation(len(y))
+    np.savez(data, x=x[perm], y=y[perm])
+    out = evaluate(run, "--val-split", 0.25)[0]
+    assert f"held out --val-split 0.25 of {data}, and the rows held out here are not those" \
+        in out, out
+    np.savez(data, x=x, y=y)
+    assert "note:" not in evaluate(run, "--val-split", 0.25)[0]  # (as it was: its own rows)
     # the run's own split of a file that has gained rows since (a device appending its data):
     # another draw, some of it trained on (session 36 probe)
     np.savez(data, x=rng.standard_normal((150, 64)).astype(np.float32),
@@ -1435,6 +1449,40 @@ def test_eval_notes_a_val_split_that_is_not_the_runs_held_out_rows(cli, mlp_bund
     out = evaluate(run, "--val-split", 0.25)[0]
     assert f"held out --val-split 0.25 of {data} when it held 120 rows; it holds 150 now" in out \
         and "(--val FILE in place of --val-split)" in out, out
+
+
+def test_eval_from_another_folder_knows_the_runs_data(mlp_bundle, tmp_path):
+    """Session 47 probe: a run trained with ``--data ../d.npz --val-split 0.2`` from one folder
+    and evaluated from another as ``--data d.npz`` scored its training rows as held-out without
+    the note (the recorded path was compared as written); and a path written alike from another
+    folder, naming another file, must not take the note."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    for where in (tmp_path, tmp_path / "other"):
+        where.mkdir(exist_ok=True)
+        np.savez(where / "d.npz", x=rng.standard_normal((60, 64)).astype(np.float32),
+                 y=rng.integers(0, 10, 60))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "other" / "sub").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def cli_in(cwd, *args):
+        r = subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=cwd, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        return r.stdout
+
+    cli_in(tmp_path / "sub", "train", mlp_bundle, "--data", "../d.npz", "--val-split", 0.2,
+           "--steps", 2, "--batch", 16, "--no-progress", "--threads", 1, "--out", "../run")
+    run = str(tmp_path / "run")
+    out = cli_in(tmp_path, "eval", mlp_bundle, "--weights", run, "--data", "d.npz",
+                 "--threads", 1)
+    assert "held out 0.2 of d.npz (--val-split 0.2) and trained on the rest" in out, out
+    out = cli_in(tmp_path / "other" / "sub", "eval", mlp_bundle, "--weights", run, "--data",
+                 "../d.npz", "--threads", 1)  # (another file, written as the run wrote its own)
+    assert "note:" not in out, out
 
 
 def test_a_run_goes_on_from_another_runs_weights_on_new_data(cli, mlp_bundle, tmp_path):
@@ -1458,6 +1506,9 @@ def test_a_run_goes_on_from_another_runs_weights_on_new_data(cli, mlp_bundle, tm
     out = ok(cli("train", mlp_bundle, "--data", d2, "--steps", 20, *common, "--out",
                  tmp_path / "r2", "--init-from", tmp_path / "r1"))
     second = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    # the weights it starts from are said (session 46 probe: not a word)
+    assert f"starting from the weights in '{tmp_path / 'r1' / 'params.npz'}' (--init-from)" \
+        in out, out
     # the same held-out rows scored with r1's weights before r2 trained: r1's last figure
     assert second["test_acc_before"] == pytest.approx(first["test_acc"], abs=1e-9), out
     assert first["test_acc"] > 0.5  # (trained: not the initial weights' ~0.1)
@@ -1609,3 +1660,28 @@ def test_a_forward_that_changes_a_buffer_exports(cli, tmp_path):
     out = ok(cli("export", "--model", f"{tmp_path / 'model.py'}:make", "--out", tmp_path / "b",
                  "--input-shape", "16,8"))
     assert "2 trainable tensors" in out, out
+    assert "note: the model's forward changes buffer(s) n; the bundle keeps them as the " \
+        "factory made them" in out, out
+    # a running mean updated in training mode only, beside a batch norm (whose statistics
+    # have their own note): named too, the norm's buffers not
+    (tmp_path / "running.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Running(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.a = nn.Linear(8, 4)\n"
+        "        self.bn = nn.BatchNorm1d(4)\n"
+        "        self.register_buffer('mu', torch.zeros(8))\n\n    def forward(self, x):\n"
+        "        if self.training:\n            with torch.no_grad():\n"
+        "                self.mu.mul_(0.9).add_(0.1 * x.mean(0))\n"
+        "        return self.bn(self.a(x - self.mu))\n\n\ndef make():\n    return Running()\n")
+    out = ok(cli("export", "--model", f"{tmp_path / 'running.py'}:make", "--out",
+                 tmp_path / "r", "--input-shape", "16,8"))
+    assert "changes buffer(s) mu;" in out and "BatchNorm normalises" in out, out
+    # and the bundle computes the model's first forward, n = 1: torch.onnx.export read the
+    # buffer after its traced forward had added 1, so it counted 2 (session 47 probe)
+    import onnxruntime as ort
+
+    p = np.load(tmp_path / "b" / "params.npz")
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "b" / "infer.onnx"))
+    feed = {i.name: p[i.name] if i.name in p else x for i in sess.get_inputs()}
+    got = sess.run(None, feed)[0]
+    np.testing.assert_allclose(got, x @ p["a.weight"].T + p["a.bias"] + 1.0, atol=1e-5)

@@ -232,8 +232,16 @@ def test_what_a_device_user_is_told(tmp_path, capsys):
         check_budget(3 * 10**9, "3GB", prof)
     big = prof.__class__(**{**prof.__dict__, "ram": 10**15, "default_budget": 10**14})
     check_budget(10**14, None, big)
-    assert "profile 'my-board''s budget of 100000000 MB exceeds this machine's RAM" in \
+    assert "the budget of profile 'my-board', 100000000 MB exceeds this machine's RAM" in \
         capsys.readouterr().err
+    # a --budget above what the profile gives a run, within its RAM: a warning (session 47
+    # probe: 530 MB on a Pi Zero 2 W, whose profile gives 201 MB, without a word)
+    capsys.readouterr()
+    check_budget(1500 * 10**6, "1500MB", prof)
+    assert "warning: --budget 1500 MB is above the 900 MB that profile 'my-board' gives a run" \
+        in capsys.readouterr().err
+    check_budget(800 * 10**6, "800MB", prof)
+    assert "warning" not in capsys.readouterr().err
     set_budget(100 * 10**6, ("my-board", 500 * 10**6))
     try:
         said = str(_stated_minimum(BudgetTooSmall("x", 600 * 10**6), 100 * 10**6))

@@ -1731,3 +1731,29 @@ def test_a_client_started_again_says_which_steps_its_fleet_never_received(tmp_pa
                                  "fleet never received them)")
     (tmp_path / "summary.json").write_text(json.dumps({"steps": 342}))
     assert unsent_steps(tmp_path) == ""
+
+
+def test_eval_of_a_clients_folder_notes_the_rows_it_trained_on(mlp_bundle, tmp_path):
+    """Session 47 probe: a client that held out --val-split 0.25 of its file left no record of
+    it, so ``eval --weights CLIENT --data FILE`` scored its training rows as held-out with no
+    note (a run folder's run.json gives one)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((80, 64)).astype(np.float32), y=rng.integers(0, 10, 80))
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1)
+    client = start_client(tmp_path, mlp_bundle, port, 0, data, "--val-split", 0.25)
+    try:
+        server.ok()
+        client.ok()
+    finally:
+        server.kill()
+        client.kill()
+    summary = json.loads((tmp_path / "client0" / "summary.json").read_text())
+    assert summary["val_split"] == 0.25 and summary["rows"] == 80, summary
+    r = subprocess.run([sys.executable, "-m", "runtime", "eval", str(mlp_bundle), "--weights",
+                        str(tmp_path / "client0"), "--data", str(data), "--threads", "1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "held out 0.25 of" in r.stdout and "these figures include those rows" in r.stdout, \
+        r.stdout

@@ -541,7 +541,7 @@ for _flag in ("--overwrite", "--resume"):
         return _train(c, _flag)
 
 
-@case("train-negative-budget", "invalid size '-5MB'", "greater than zero")
+@case("train-negative-budget", "--budget: invalid size '-5MB'", "greater than zero")
 def _(c):
     """argparse read '-5MB' as an option: "expected one argument", naming neither."""
     return ["train", str(c.bundle), "--data", "digits", "--out", str(c.tmp / "run"),
@@ -628,6 +628,34 @@ def _(c):
         (c.bundle / name / "run.json").write_text("{}")
         (c.bundle / name / "checkpoints" / "ckpt-000002.npz").write_bytes(b"weights")
     return ["export", "--model", "mlp", "--out", str(c.bundle), "--overwrite"]
+
+
+@case("export-calib-every-past-2-53", "--calib-every 99999999999999999999 is invalid: at "
+      "most 2**53", "pass e.g. 1000000000")
+def _(c):
+    """Session 47 probe: exported whole, then refused naming a staging folder's manifest.json
+    and "re-export the bundle"."""
+    return ["export", "--model", "mlp", "--out", str(c.tmp / "b"), "--calib-every",
+            "99999999999999999999"]
+
+
+@case("train-budget-of-no-unit", "--budget: invalid size '256': a unit is required")
+def _(c):
+    """Session 47 probe: "invalid size '256'" named no option."""
+    return ["train", str(c.bundle), "--out", str(c.tmp / "run"), "--budget", "256", *TRAIN]
+
+
+@case("eval-given-a-train-option", "unrecognized arguments: --steps 3",
+      "see `instant-runtime eval --help`")
+def _(c):
+    """Session 47 probe: an option of another command was sent to `instant-runtime --help`."""
+    return ["eval", str(c.bundle), "--steps", "3"]
+
+
+@case("train-data-that-is-the-bundle-folder", "--data", "is a bundle folder, not data")
+def _(c):
+    """Session 47 probe: "is an image folder, but the bundle records no image input"."""
+    return ["train", str(c.bundle), "--data", str(c.bundle), "--out", str(c.tmp / "run"), *TRAIN]
 
 
 @case("export-instant-exclude-matching-nothing", "--instant-exclude 'fc9*' matches no",
@@ -727,9 +755,15 @@ def _(c):
     return _train(c, data=str(c.tmp / "data.csv"))
 
 
-@case("out-name-too-long", "too long")
+@case("out-name-too-long", "too long", "a file or folder name takes at most 255 bytes")
 def _(c):
     return ["train", str(c.bundle), "--data", "digits", "--out", str(c.tmp / ("a" * 300)), *TRAIN]
+
+
+@case("out-path-of-5000-characters", "characters); a file or folder name takes at most 255")
+def _(c):
+    """Session 47 probe: the 5,094-character line said the whole path."""
+    return ["train", str(c.bundle), "--data", "digits", "--out", "9" * 5000, *TRAIN]
 
 
 @case("data-empty-string", "--data is empty")

@@ -188,6 +188,20 @@ def test_a_resume_without_data_names_the_data_the_run_trained_on(cli, tmp_path):
                f"run did: it trained on '{tmp_path / 'd.npz'}'; pass --data")
 
 
+def test_a_resume_without_data_names_the_runs_data_where_the_default_fits(cli, mlp_bundle,
+                                                                          tmp_path):
+    """Session 47 probe: a run of an .npz that the built-in digits also fit, resumed without
+    --data, was told "checkpoint was written with training rows 1438 (this run: 1437)"."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(80, 64)).astype(np.float32),
+             y=rng.integers(0, 10, 80))
+    ok(cli("train", mlp_bundle, "--data", tmp_path / "d.npz", "--val-split", 0.2, "--steps", 2,
+           "--out", tmp_path / "r", *QUIET))
+    user_error(cli("train", mlp_bundle, "--resume", "--steps", 4, "--out", tmp_path / "r",
+                   *QUIET), f"it trained on '{tmp_path / 'd.npz'}'; pass --data",
+               "with the run's --val-split or --val")
+
+
 def test_a_budget_below_what_the_runtime_takes_at_start_is_refused_at_once(cli, mlp_bundle,
                                                                           tmp_path):
     """A session 45 probe: --budget 40MB (below the ~60 MB Python and the runtime's libraries

@@ -135,6 +135,22 @@ def test_export_model_never_writes_over_its_sources_or_into_a_bundle(cli, mlp_bu
         r = cli("export-model", run, "--bundle", bundle, "--out", out, "--overwrite")
         _one_line(r, "pass")
         assert _tree(tmp_path) == before, out
+    # an existing --out in the bundle folder: told it is the bundle's folder, not to pass
+    # --overwrite (which was then refused for the folder: session 47 probe)
+    r = cli("export-model", run, "--bundle", bundle, "--out", bundle / "infer.onnx")
+    _one_line(r, "into the bundle folder")
+    # a FIFO (or a device, or a link to one) is no file to write: --overwrite replaced it with
+    # one (session 47 probe: a copy of /dev/null); report alike
+    os.mkfifo(tmp_path / "pipe.onnx")
+    os.mkfifo(tmp_path / "pipe.png")
+    os.symlink(tmp_path / "pipe.png", tmp_path / "link.png")
+    before = _tree(tmp_path)
+    for args in (("export-model", run, "--bundle", bundle, "--out", tmp_path / "pipe.onnx"),
+                 ("report", run, "--out", tmp_path / "pipe.png"),
+                 ("report", run, "--out", tmp_path / "link.png")):
+        _one_line(cli(*args, "--overwrite"), "is a FIFO, not a file")
+        assert _tree(tmp_path) == before, args
+    assert (tmp_path / "pipe.onnx").is_fifo() and (tmp_path / "pipe.png").is_fifo()
     assert cli("export-model", run, "--bundle", bundle, "--out", run / "model.onnx"
                ).returncode == 0  # beside the run's files: fine
 
@@ -623,3 +639,14 @@ def test_an_export_through_a_link_writes_where_it_leads_readable_by_all(cli, tmp
     r = cli("export-model", tmp_path / "sd", "--out", tmp_path / "red\x1b[31m.onnx")
     assert r.returncode == 0 and "\x1b" not in r.stdout and "red\\x1b[31m.onnx" in r.stdout, \
         r.stdout
+
+
+def test_eval_shows_a_run_folders_control_characters_escaped(cli, mlp_bundle, tmp_path):
+    """Session 47 probe: `eval RUN` of a run folder named with a newline and an ESC printed them
+    raw (its note and result lines split, the terminal turned red), as train does not."""
+    run = tmp_path / "r\nnl\x1b[31m"
+    assert cli("train", mlp_bundle, "--steps", 1, "--out", run, "--no-progress").returncode == 0
+    for args in ((run,), (mlp_bundle, "--weights", run)):
+        r = cli("eval", *args)
+        assert r.returncode == 0 and "\x1b" not in r.stdout, r.stdout
+        assert "r\\nnl\\x1b[31m" in r.stdout and "\nnl" not in r.stdout, r.stdout

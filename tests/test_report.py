@@ -95,6 +95,15 @@ def test_a_run_folder_named_in_no_utf_8_is_drawn(tmp_path):
     assert w > 800
 
 
+def test_a_run_named_in_glyphs_the_font_lacks_is_drawn_without_warnings(tmp_path, recwarn):
+    """Session 47 probe: a run named 漢字 or with an emoji printed matplotlib's two-line "Glyph
+    23383 missing from font(s) DejaVu Sans" warning with our report's source line."""
+    run = _write_run(tmp_path / "漢字😀", _records(), SUMMARY)
+    assert _png_size(report.write_report(run, tmp_path / "out.png"))[0] > 800
+    assert not [w for w in recwarn if "Glyph" in str(w.message)], [str(w.message)
+                                                                  for w in recwarn]
+
+
 def test_partial_metrics_draw_what_is_present(tmp_path):
     only_loss = [{"kind": "step", "step": s, "loss": 1.0 / s} for s in range(1, 6)]
     out = report.write_report(_write_run(tmp_path / "a", only_loss), tmp_path / "a.png")

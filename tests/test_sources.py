@@ -607,7 +607,7 @@ def test_csv_as_users_make_them_joined_files_float_labels_and_latin1(tmp_path, t
     assert "not valid UTF-8 (line 7)" in line and "iconv -f cp1252 -t utf-8 joined.csv" in line
     # class names from a float column (0.0, 1.0) take the labels 0 and 1 too, and the other way
     # round; a long whole number is read by its text, not rounded through a float
-    from runtime.sources.common import _Labels
+    from runtime.sources.labels import _Labels
 
     lab = _Labels("f", "column 'label'", ["0.0", "1.0"], 2, False)
     assert [lab.add(v) for v in ("1.0", "0", "1", "2")] == [None, None, None, "unknown label"]
@@ -615,6 +615,19 @@ def test_csv_as_users_make_them_joined_files_float_labels_and_latin1(tmp_path, t
     lab = _Labels("f", "column 'label'", None, None, False)
     lab.add("123456789012345678.0")
     assert list(lab.seen) == ["123456789012345678"]
+
+
+def test_labels_one_class_in_two_cases_are_named_when_there_are_too_many(
+        tmp_path, tokenizer_file):
+    """Session 46 probe: a file labelled 'pos', 'Pos' and 'neg' for a 2-class model was refused
+    as "3 distinct labels", with no word that two of them are one class written two ways."""
+    rows = [("a", "pos"), ("b", "Pos"), ("c", "neg"), ("d", "pos ")]
+    with pytest.raises(UserError, match=r"3 distinct labels .*Pos and pos differ only in "
+                                        r"case or spaces.*write each class one way"):
+        _text(_write_csv(tmp_path / "cased.csv", rows), tokenizer_file, k=2)
+    # labels as many as the classes, however written, are not the matter of this hint
+    src = _text(_write_csv(tmp_path / "three.csv", rows), tokenizer_file, k=3)
+    assert src.class_names == ["Pos", "neg", "pos"]
 
 
 def test_labels_that_are_one_number_written_two_ways_are_said_to_be_one_class(

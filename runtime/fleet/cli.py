@@ -35,7 +35,7 @@ def add_fleet_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _fill(f: argparse.ArgumentParser) -> None:
-    fs = f.add_subparsers(dest="fleet_cmd", required=True)
+    fs = f.add_subparsers(dest="fleet_cmd", required=True, metavar="{server,client}")
 
     s = fs.add_parser("server", help="run FedAvg rounds over Flower's gRPC server")
     s.add_argument("bundle")

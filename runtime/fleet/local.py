@@ -50,7 +50,7 @@ def resolve_budget(budget: str | None, profile: str | None,
     from ..memory import set_budget
 
     prof = resolve_profile(profile) if profile else None
-    value = parse_size(budget) if budget else (prof.default_budget if prof else None)
+    value = parse_size(budget, "--budget") if budget else (prof.default_budget if prof else None)
     check_budget(value, budget, prof)
     set_budget(value)  # the tokenising child is held to it too (sources/tokens.py)
     return value, threads or profile_threads(prof)
@@ -182,6 +182,8 @@ class Local:
                           session=SessionConfig(threads=threads), seed=seed)
         self.trainer = Trainer(self.bundle, cfg)
         self.rounds = 0
+        self.data_record = _data_record(data_spec, data_options or {}, seed, self.data) \
+            if partition is None else {}  # (eval's note on rows a client trained on)
         self.classes = self.own_classes() if self.data is not None else None  # (the fleet's,
         # once agree_classes numbered this device's labels by them)
         self.plan_lines: list[str] = []
@@ -388,6 +390,7 @@ class Local:
             return
         if self.classes:
             summary["class_names"] = self.classes
+        summary.update(self.data_record)
         if earlier.get("loss_window") == summary.get("loss_window") \
                 and earlier.get("loss_first") is not None:
             summary["loss_first"] = earlier["loss_first"]
@@ -548,3 +551,22 @@ def _shard(data, i: int, n: int):
     view = SourceView(data, idx, f"{data.name} [{i}/{n}]")
     view.test = data.test
     return view
+
+
+def _data_record(spec: str | None, options: dict, seed: int, data) -> dict:
+    """What a client's summary.json records of its data, as a run's run.json does: ``eval``
+    of the client's folder says when it scores rows the client trained on (session 47 probe:
+    a client's --val-split rows and the rest scored as one, without a word)."""
+    import os
+
+    from ..data import BUILTIN_DATASETS
+
+    if not spec or data is None or options.get("val") is not None:
+        return {}
+    split = options.get("val_split")
+    test = getattr(data, "test", None)
+    out = {"data": str(spec), "val_split": split, "seed": seed,
+           "rows": len(data) + (len(test) if split is not None and test is not None else 0)}
+    if spec not in BUILTIN_DATASETS and os.path.exists(spec):
+        out["data_path"] = os.path.realpath(spec)
+    return out

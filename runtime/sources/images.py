@@ -23,11 +23,11 @@ from .common import (
     Arrays,
     Problems,
     Source,
-    _Labels,
     _nothing_usable,
 )
 from .image_layout import entry_kind, folder_key, no_classes, refuse_splits, written_by_us
 from .image_meta import TOO_MANY_SCANS, bound_pillow_text, metadata, png_pixels
+from .labels import _Labels
 
 # ---------------------------------------------------------------------------- images
 _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}

@@ -22,11 +22,10 @@ from .common import (
     Problems,
     Source,
     _File,
-    _label_text,
-    _Labels,
     _nothing_usable,
     _pread_exact,
 )
+from .labels import _label_text, _Labels
 from .text_hints import (
     _format_hint,
     _is_gzip,

@@ -108,7 +108,7 @@ def swallows(row: list[str], ncols: int, li: int, known, delimiter: str) -> bool
 def _known(label: str, known) -> bool:
     """``label`` is in ``known`` as written, or as the whole number it spells (``1.0``: the
     label 1, as the label map reads it; a session 43 review: such labels were missed)."""
-    from .common import _WHOLE_FLOAT, _whole
+    from .labels import _WHOLE_FLOAT, _whole
 
     return label in known or bool(_WHOLE_FLOAT.fullmatch(label)) and _whole(label) in known
 
