@@ -190,45 +190,52 @@ def same_buffers(module):
     def put_back(*_) -> None:
         with torch.no_grad():
             for n, b in module.named_buffers():
-                if n in kept and b.shape == kept[n].shape:
-                    if not torch.equal(b, kept[n]):
-                        changed.add(n)
-                    b.data = kept[n].clone()  # (not an op a trace records)
+                if n in kept and b.shape == kept[n].shape and not torch.equal(b, kept[n]):
+                    changed.add(n)  # (only those: an unchanged buffer keeps its storage,
+                    b.data = kept[n].clone()  # shared or not; .data is no op a trace records)
 
     # after each forward too: torch.onnx.export reads a buffer's value for the graph after its
     # traced forward ran, and a forward that updates one in place (a running mean) had its
     # update counted twice (session 47 probe: the bundle's constant was 0.5*mean(x), not 0)
-    hook = module.register_forward_hook(put_back)
+    try:
+        hook = module.register_forward_hook(put_back)
+    except RuntimeError:  # a ScriptModule takes no hooks (torch.jit.script): the end alone
+        hook = None
     try:
         yield changed
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         put_back()
 
 
 def buffers_written(module, example: list[np.ndarray]) -> list[str]:
     """The buffers a forward of ``module`` on ``example`` changes, in its own mode and in eval
-    mode, a batch norm's running statistics aside (their note is the training-mode one); each
-    put back. The bundle keeps them as the factory made them (session 47 probe: a running mean
+    mode, a norm's running statistics aside (their note is the training-mode one), run on a
+    copy of it. The bundle keeps them as the factory made them (session 47 probe: a running mean
     that forward updated stayed 0 in training, without a word)."""
-    import torch
-    from torch.nn.modules.batchnorm import _BatchNorm
+    import copy
 
-    norms = {f"{m}.{b}" if m else b for m, mod in module.named_modules()
-             if isinstance(mod, _BatchNorm) for b, _ in mod.named_buffers(recurse=False)}
+    import torch
+    from torch.nn.modules.batchnorm import _NormBase
+
+    try:  # (on a copy: a forward in training mode may change more than buffers, e.g. a
+        twin = copy.deepcopy(module)  # max-norm on a weight or a Python counter: a review)
+    except Exception:  # noqa: BLE001 - a module that cannot be copied: not checked
+        return []
+    norms = {f"{m}.{b}" if m else b for m, mod in twin.named_modules()
+             if isinstance(mod, _NormBase) for b, _ in mod.named_buffers(recurse=False)}
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
-    was, out = module.training, set()
-    try:
-        for mode in dict.fromkeys((was, False)):
-            module.train(mode)
-            with torch.no_grad(), warnings.catch_warnings(), same_buffers(module) as changed:
+    out: set[str] = set()
+    for mode in dict.fromkeys((module.training, False)):
+        try:
+            twin.train(mode)
+            with torch.no_grad(), warnings.catch_warnings(), same_buffers(twin) as changed:
                 warnings.simplefilter("ignore")
-                module(*args)
+                twin(*args)
             out |= changed
-    except Exception:  # noqa: BLE001 - the user's forward: the trace says what fails
-        pass
-    finally:
-        module.train(was)
+        except Exception:  # noqa: BLE001 - the user's forward: the trace says what fails
+            pass
     return sorted(out - norms)
 
 

@@ -153,10 +153,12 @@ class Bundle:
                 raise
         else:
             fd, src = None, Path(path)
-            if src.name == names.PARAMS_FILE and any(src.parent.glob("checkpoints/ckpt-*.npz")):
-                way_out = (f"its run's checkpoints may hold them: pass "  # (session 47 probe:
-                           f"{src.parent / 'checkpoints' / 'latest'} in its place, or another "
-                           "weights file")  # told to re-export, a checkpoint of its step there)
+        unreadable = way_out  # (a run's params.npz: session 47 probe, told to re-export with
+        if fd is None and src.name == names.PARAMS_FILE and any(  # a checkpoint of its step
+                src.parent.glob("checkpoints/ckpt-*.npz")):  # beside it)
+            unreadable = (f"its run's checkpoints may hold them: pass "
+                          f"{src.parent / 'checkpoints' / 'latest'} in its place, or another "
+                          "weights file")
         unread: list[str] = []
         try:
             values = read_npz(fd if fd is not None else src,
@@ -172,10 +174,10 @@ class Bundle:
             why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             if "pickle" in why:
                 why = "not an .npz of plain arrays"
-            raise UserError(f"cannot read parameters from {src}: {why}; {way_out}") from None
+            raise UserError(f"cannot read parameters from {src}: {why}; {unreadable}") from None
         except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile and friends
             raise UserError(f"cannot read parameters from {src}: {type(exc).__name__}; "
-                            f"{way_out}") from None
+                            f"{unreadable}") from None
         finally:
             if fd is not None:
                 os.close(fd)

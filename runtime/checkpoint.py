@@ -395,7 +395,8 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
             continue
         found = step, path
         break
-    if skipped > SAID:
+    if skipped > SAID and (str(folder), str(skipped)) not in _SKIPPED_SAID:
+        _SKIPPED_SAID.add((str(folder), str(skipped)))
         warn(f"{skipped - SAID} more checkpoints were unusable")
     return found
 

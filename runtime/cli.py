@@ -149,9 +149,11 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
 def _resume_without_data(trained: str) -> str:
     import shlex
 
+    from .data import BUILTIN_DATASETS
+
     return (f"no --data given, and --resume reads the data from --data as the run did: it "
-            f"trained on '{trained}'; pass --data {shlex.quote(trained)} (the same data, with "
-            "the run's --val-split or --val)")
+            f"trained on '{trained}'; pass --data {shlex.quote(trained)} (the same data"
+            + (")" if trained in BUILTIN_DATASETS else ", with the run's --val-split or --val)"))
 
 
 def _run_data(a, bundle) -> str | None:
@@ -245,15 +247,24 @@ def add_instant_args(p: argparse.ArgumentParser) -> None:
                         "layers' exact backward takes 1e8 FLOPs a micro-batch or more; 0: no cap)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from importlib.metadata import PackageNotFoundError, version
+class _Version(argparse.Action):
+    """``--version``, the installed package's (read only when asked: importlib.metadata costs
+    ~2 MB at every start, a review)."""
 
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("instant-runtime")
+        except PackageNotFoundError:  # (a checkout that was never installed)
+            ours = "(not installed)"
+        print(f"instant-runtime {ours}")
+        parser.exit(0)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="instant-runtime", description=__doc__.splitlines()[0])
-    try:
-        ours = version("instant-runtime")
-    except PackageNotFoundError:  # (run from a checkout that was never installed)
-        ours = "(not installed)"
-    ap.add_argument("--version", action="version", version=f"instant-runtime {ours}")
+    ap.add_argument("--version", action=_Version, nargs=0, help="print the version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
 
     e = sub.add_parser("export", help="trace a model into a training bundle (needs torch)")
@@ -677,9 +688,10 @@ def _export(a) -> int:
            "calib_every": base.calib_every if a.calib_every is None else a.calib_every,
            "calib_batches": base.calib_batches if a.calib_batches is None else a.calib_batches}
     for key, value in raw.items():  # (a manifest holds no larger number: session 47 probe,
-        if isinstance(value, int) and abs(value) > 2**53:  # refused after the whole export)
-            raise UserError(f"--{key.replace('_', '-')} {value} is invalid: at most 2**53; a "
-                            "count that large means never: pass e.g. 1000000000")
+        if isinstance(value, int) and value > 2**53:  # refused after the whole export)
+            raise UserError(f"--{key.replace('_', '-')} {value} is invalid: at most 2**53"
+                            + ("; a count that large means never: pass e.g. 1000000000"
+                               if key == "calib_every" else ""))
     try:
         settings = load_typed(InstantSettings, raw, "export options")
     except UserError as exc:  # (said as the option: a session 45 probe read "field 'energy'")
@@ -861,7 +873,8 @@ def _init_from(a, bundle, out: Path) -> tuple[Path | None, Path | None, str | No
     if given is None:
         return None, None, None
     init, _, init_dir, _ = trained_source(bundle, Path(a.init_from), "--init-from")
-    print(f"starting from the weights in '{init}' (--init-from)", flush=True)  # (else unsaid)
+    print(f"starting from the weights in '{_shown(init)}' (--init-from)", flush=True)  # (was
+    # not said)
     return init, init_dir, given
 
 
@@ -1183,7 +1196,7 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
                         read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                                 else np.lib.format.read_array_header_2_0)
                         out[n.removesuffix(".npy")] = tuple(read(m)[0])
-                except (ValueError, OSError, zipfile.BadZipFile, NotImplementedError):
+                except Exception:  # noqa: BLE001 - zlib.error, an encrypted member: unknown
                     out[n.removesuffix(".npy")] = None
     except (OSError, zipfile.BadZipFile, ValueError):
         return {}
@@ -1220,8 +1233,10 @@ def _note_held_out(run_dir: Path | None, a, split: bool, rows: int, test=None) -
     frac, seed = run.get("val_split"), run.get("seed")
     same = isinstance(run.get("data"), str) and (
         run["data"] == a.data or Path(run["data"]).resolve() == Path(a.data).resolve())
-    if isinstance(run.get("data_path"), str) and os.path.exists(a.data):  # (session 47 probe:
-        same = run["data_path"] == os.path.realpath(a.data)  # eval in another folder: silent)
+    if isinstance(run.get("data_path"), str) and os.path.exists(a.data) \
+            and os.path.exists(run["data_path"]):  # (session 47 probe: eval from another
+        same = run["data_path"] == os.path.realpath(a.data)  # folder was silent; a run moved
+        # with its data, the path gone, is told apart by the name as before: a review)
     if seed is None:  # (an older run.json: the seed eval resolved, a checkpoint's or 0)
         seed = a.seed
     was = run.get("rows")
@@ -1329,7 +1344,7 @@ def _cmd_plan(a) -> int:
         secs = exact / (prof.gflops * 1e9)  # (session 47 probe: "0.00 s" for 6 GFLOP, and
         shown = f"{secs:.2f} s" if secs >= 0.01 else f"{secs * 1e3:.2g} ms"  # INSTANT said to
         print(f"estimated step on {prof.name} at batch {a.batch}: {shown} with an exact "  # be
-              f"backward ({exact / 1e9:.2g} GFLOP at its {prof.gflops:g} GFLOP/s"  # cheaper
+              f"backward ({exact / 1e9:.3g} GFLOP at its {prof.gflops:g} GFLOP/s"  # cheaper
               + ("; INSTANT's compressed backward and its calibrations are not estimated)"
                  if bundle.layers else ")"))  # always)
     if not a.data and (unread := _without_data(a)):
@@ -1574,13 +1589,16 @@ def check_not_empty(args: argparse.Namespace) -> None:
         if isinstance(value, str) and not value.strip() and dest not in _EMPTY_OK:
             positional = dest in ("source", "run") or (
                 dest == "bundle" and getattr(args, "cmd", "") != "export-model")
+            given = repr(value)[:20]  # (' ' said as '': session 47 probe)
             if positional:
-                raise UserError(f"the {dest} argument is empty ('' was given); pass its path")
+                raise UserError(f"the {dest} argument is empty ({given} was given); pass its "
+                                "path")
             # a required option has no default to fall back on (a session 43 probe)
             required = dest in ("model", "server") or (
                 dest == "data" and getattr(args, "fleet_cmd", "") == "client") or (
                 dest == "out" and getattr(args, "cmd", "") in ("export", "export-model"))
-            raise UserError(f"--{dest.replace('_', '-')} is empty ('' was given); pass a value"
+            raise UserError(f"--{dest.replace('_', '-')} is empty ({given} was given); pass a "
+                            "value"
                             + ("" if required else ", or leave the option out for its default"))
 
 

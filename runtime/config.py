@@ -76,7 +76,7 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
               "may stop a run that uses it all on that device", file=sys.stderr)
     ram = physical_ram()
     if ram and budget > ram:
-        said = "--budget" if given is not None else f"the budget of profile '{prof.name}',"
+        said = "--budget" if given is not None else f"the budget of profile '{prof.name}':"
         print(f"warning: {said} {budget_mb(budget)} MB exceeds this machine's RAM "
               f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
               file=sys.stderr)

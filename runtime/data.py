@@ -339,10 +339,10 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
         raise UserError(f"unknown dataset '{spec}': not a built-in "
                         f"({', '.join(BUILTIN_DATASETS)}) and no such file or folder; pass an "
                         ".npz, .csv, .tsv, .jsonl file or an image folder")
-    if path.is_dir() and ((path / "manifest.json").is_file() or (path / "run.json").is_file()):
-        # (session 47 probe: a bundle's folder was "an image folder, but the bundle records no
-        # image input")
-        what = "a bundle" if (path / "manifest.json").is_file() else "a run's"
+    from .run_files import our_folder
+
+    what = our_folder(path)  # (session 47 probe: a bundle's folder was "an image folder,
+    if what:  # but the bundle records no image input")
         raise UserError(f"--data '{spec}' is {what} folder, not data; pass the data: an .npz, "
                         "a .csv/.tsv/.jsonl file or an image folder")
     from .sources import open_data

@@ -16,7 +16,8 @@ from contract import UserError
 from .checkpoint import _open_regular
 
 __all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "is_run", "json_object",
-           "params_step", "run_class_names", "weights_record", "checkpoint_meta"]
+           "params_step", "run_class_names", "weights_record", "checkpoint_meta",
+           "our_folder"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 
@@ -103,6 +104,10 @@ def weights_record(weights: Path, run: Path) -> dict:
     checkpoint copied out of its run); {} for a plain .npz of weights (a bundle's params.npz,
     a user's file)."""
     out = json_object(run / "run.json")
+    if not out and not (run / "run.json").exists():  # a fleet client's folder: the seed its
+        summary = json_object(run / "summary.json")  # --val-split was drawn with (a review)
+        if "data" in summary and type(summary.get("seed")) is int:
+            out = {"seed": summary["seed"]}
     meta = checkpoint_meta(weights)
     run_meta = meta.get("run")
     if isinstance(run_meta, dict) and "seed" in run_meta:
@@ -195,3 +200,19 @@ def run_class_names(run: Path, bundle) -> list[str] | None:
         return names
     raise UserError(f"{path}: class_names {why}; put back the run's own run.json (or delete "
                     "its class_names), or pass another run")
+
+
+def our_folder(path: Path) -> str | None:
+    """"a bundle" or "a run's" where ``path`` is such a folder (by its manifest's or run.json's
+    format: a data set's own manifest.json is no bundle's), else None."""
+    from .bundle import is_bundle
+
+    if not path.is_dir():
+        return None
+    if (path / "manifest.json").is_file() and is_bundle(path):
+        return "a bundle"
+    try:
+        return "a run's" if json_object(path / "run.json").get("format") == \
+            "instant-runtime-run" else None
+    except Exception:  # noqa: BLE001 - an unreadable run.json: not ours to say
+        return None

@@ -1483,6 +1483,16 @@ def test_eval_from_another_folder_knows_the_runs_data(mlp_bundle, tmp_path):
     out = cli_in(tmp_path / "other" / "sub", "eval", mlp_bundle, "--weights", run, "--data",
                  "../d.npz", "--threads", 1)  # (another file, written as the run wrote its own)
     assert "note:" not in out, out
+    # a run moved with its data (a folder renamed): its recorded path is gone, and the name
+    # as written tells it, as before (a review)
+    (tmp_path / "mv").mkdir()
+    shutil.copy(tmp_path / "d.npz", tmp_path / "mv" / "d.npz")
+    cli_in(tmp_path / "mv", "train", mlp_bundle, "--data", "d.npz", "--val-split", 0.2,
+           "--steps", 2, "--batch", 16, "--no-progress", "--threads", 1, "--out", "run")
+    (tmp_path / "mv").rename(tmp_path / "mv2")
+    out = cli_in(tmp_path / "mv2", "eval", mlp_bundle, "--weights", "run", "--data", "d.npz",
+                 "--threads", 1)
+    assert "held out 0.2 of d.npz (--val-split 0.2) and trained on the rest" in out, out
 
 
 def test_a_run_goes_on_from_another_runs_weights_on_new_data(cli, mlp_bundle, tmp_path):
@@ -1675,6 +1685,27 @@ def test_a_forward_that_changes_a_buffer_exports(cli, tmp_path):
     out = ok(cli("export", "--model", f"{tmp_path / 'running.py'}:make", "--out",
                  tmp_path / "r", "--input-shape", "16,8"))
     assert "changes buffer(s) mu;" in out and "BatchNorm normalises" in out, out
+    # the check runs on a copy: a training-mode forward that scales a weight (a max-norm) leaves
+    # the exported weights as the factory made them; a scripted model (no hooks) still exports
+    (tmp_path / "scaled.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Scaled(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.a = nn.Linear(8, 4)\n"
+        "\n    def forward(self, x):\n        if self.training:\n"
+        "            with torch.no_grad():\n                self.a.weight.mul_(0.5)\n"
+        "        return self.a(x)\n\n\ndef make():\n    return Scaled()\n\n\n"
+        "def scripted():\n    return torch.jit.script(Scaled().eval())\n")
+    ok(cli("export", "--model", f"{tmp_path / 'scaled.py'}:make", "--out", tmp_path / "s",
+           "--input-shape", "16,8"))
+    import torch
+
+    torch.manual_seed(0)  # (export seeds torch with --seed, 0, before the factory)
+    spec = importlib.util.spec_from_file_location("scaled", tmp_path / "scaled.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    np.testing.assert_array_equal(np.load(tmp_path / "s" / "params.npz")["a.weight"],
+                                  mod.make().a.weight.detach().numpy())
+    ok(cli("export", "--model", f"{tmp_path / 'scaled.py'}:scripted", "--out", tmp_path / "j",
+           "--input-shape", "16,8"))
     # and the bundle computes the model's first forward, n = 1: torch.onnx.export read the
     # buffer after its traced forward had added 1, so it counted 2 (session 47 probe)
     import onnxruntime as ort
@@ -1685,3 +1716,13 @@ def test_a_forward_that_changes_a_buffer_exports(cli, tmp_path):
     feed = {i.name: p[i.name] if i.name in p else x for i in sess.get_inputs()}
     got = sess.run(None, feed)[0]
     np.testing.assert_allclose(got, x @ p["a.weight"].T + p["a.bias"] + 1.0, atol=1e-5)
+
+
+def test_version_is_printed_and_exits_0(cli):
+    """Session 47 probe: `--version` was "the following arguments are required: cmd"."""
+    from importlib.metadata import version
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout == f"instant-runtime {version('instant-runtime')}\n", \
+        (r.stdout, r.stderr)
+

@@ -232,7 +232,7 @@ def test_what_a_device_user_is_told(tmp_path, capsys):
         check_budget(3 * 10**9, "3GB", prof)
     big = prof.__class__(**{**prof.__dict__, "ram": 10**15, "default_budget": 10**14})
     check_budget(10**14, None, big)
-    assert "the budget of profile 'my-board', 100000000 MB exceeds this machine's RAM" in \
+    assert "the budget of profile 'my-board': 100000000 MB exceeds this machine's RAM" in \
         capsys.readouterr().err
     # a --budget above what the profile gives a run, within its RAM: a warning (session 47
     # probe: 530 MB on a Pi Zero 2 W, whose profile gives 201 MB, without a word)

@@ -1742,7 +1742,7 @@ def test_eval_of_a_clients_folder_notes_the_rows_it_trained_on(mlp_bundle, tmp_p
     np.savez(data, x=rng.standard_normal((80, 64)).astype(np.float32), y=rng.integers(0, 10, 80))
     port = free_port()
     server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 1)
-    client = start_client(tmp_path, mlp_bundle, port, 0, data, "--val-split", 0.25)
+    client = start_client(tmp_path, mlp_bundle, port, 0, data, "--val-split", 0.25, "--seed", 3)
     try:
         server.ok()
         client.ok()
@@ -1757,3 +1757,10 @@ def test_eval_of_a_clients_folder_notes_the_rows_it_trained_on(mlp_bundle, tmp_p
     assert r.returncode == 0, r.stderr
     assert "held out 0.25 of" in r.stdout and "these figures include those rows" in r.stdout, \
         r.stdout
+    # its own held-out rows, drawn with its --seed (3, which eval reads from its summary): no
+    # note (a review: told "leave --seed out", which it had)
+    r = subprocess.run([sys.executable, "-m", "runtime", "eval", str(mlp_bundle), "--weights",
+                        str(tmp_path / "client0"), "--data", str(data), "--val-split", "0.25",
+                        "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "note:" not in r.stdout and "held-out examples: 20" in r.stdout, \
+        r.stdout + r.stderr

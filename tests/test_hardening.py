@@ -658,6 +658,12 @@ def _(c):
     return ["train", str(c.bundle), "--data", str(c.bundle), "--out", str(c.tmp / "run"), *TRAIN]
 
 
+@case("no-command", "the following arguments are required: COMMAND",
+      "see `instant-runtime --help`")
+def _(c):  # (session 47 probe: "required: cmd", an internal name)
+    return []
+
+
 @case("export-instant-exclude-matching-nothing", "--instant-exclude 'fc9*' matches no",
       "check the name")
 def _(c):
@@ -774,6 +780,11 @@ def _(c):
 @case("budget-empty-string", "--budget is empty")
 def _(c):
     return _train(c, "--budget", "")
+
+
+@case("data-blank-string", "--data is empty (' ' was given)")
+def _(c):  # (session 47 probe: said "('' was given)")
+    return _train(c, data=" ")
 
 
 @case("budget-below-a-megabyte", "below 1 MB")

@@ -387,7 +387,8 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
     except RuntimeError as exc:
         raise UserError(f"cannot listen on {address}: {exc}; check --address HOST:PORT"
                         ) from None
-    say(f"fleet server on {address}: FedAvg, {rounds} rounds, waiting for {min_clients} "
+    say(f"fleet server on {address}: FedAvg, {rounds} round{'s' * (rounds != 1)}, waiting for "
+        f"{min_clients} "
         f"client(s) per round; model {local.signature[:12]}, {len(names)} trainable tensors "
         f"({sum(v.nbytes for v in local.get_trainable().values()) / 1e6:.2f} MB)")
     stopped = {"signal": None}

@@ -25,17 +25,18 @@ def _whole(raw: str) -> str:
 
 
 def _one_spelling(names: list[str]) -> str:
-    """Labels that differ only in case or outer spaces ('Pos' and 'pos'), named: each is a
-    class of its own, which is why there are too many (session 46 probe: no word of it)."""
+    """Labels that differ only in case ('Pos' and 'pos'; outer spaces are dropped as a label
+    is read), named: each is a class of its own, which is why there are too many (session 46
+    probe: no word of it)."""
     groups: dict[str, list[str]] = {}
     for n in names:
-        groups.setdefault(n.strip().casefold(), []).append(n)
+        groups.setdefault(n.casefold(), []).append(n)
     twins = [g for g in groups.values() if len(g) > 1]
     if not twins:
         return ""
     shown = "; ".join(" and ".join(shown_label(n) for n in g[:3]) for g in twins[:3])
-    return (f"; {shown} differ only in case or spaces, and labels are compared exactly: write "
-            "each class one way")
+    return (f"; {shown} differ only in case, and labels are compared exactly: write each "
+            "class one way")
 
 
 class _Labels:
