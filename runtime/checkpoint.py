@@ -395,8 +395,8 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
             continue
         found = step, path
         break
-    if skipped > SAID and (str(folder), str(skipped)) not in _SKIPPED_SAID:
-        _SKIPPED_SAID.add((str(folder), str(skipped)))
+    if skipped > SAID and (str(folder), f"{skipped} more") not in _SKIPPED_SAID:
+        _SKIPPED_SAID.add((str(folder), f"{skipped} more"))
         warn(f"{skipped - SAID} more checkpoints were unusable")
     return found
 

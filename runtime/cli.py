@@ -136,10 +136,8 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
                          seed=getattr(a, "seed", 0), class_names=class_names, training=training)
     except UserError as exc:
         if spec is None and isinstance(a.data, _DefaultData) and a.val is None \
-                and a.val_split is None:  # (then the default's own fit: a --val error is not)
-            trained = _run_data(a, bundle) if getattr(a, "resume", False) else None
-            if trained:  # (a session 44 probe: a resume was told about the digits)
-                raise UserError(_resume_without_data(trained)) from None
+                and a.val_split is None:  # (then the default's own fit: a --val error is not;
+            # a resume of a run of other data was refused above: session 44 probe)
             raise UserError(f"no --data given, and the default, the built-in '{a.data}' "
                             f"dataset, does not fit this bundle ({exc}); pass --data with the "
                             "model's data (an .npz, a text file or an image folder)") from None
@@ -928,10 +926,10 @@ def _cmd_train(a) -> int:
                             _split_rows(data, a.val_split))
     if started is not None:
         identity["init_from"] = started
-    from .data import BUILTIN_DATASETS
+    from .run_files import data_realpath
 
-    if a.data not in BUILTIN_DATASETS and os.path.exists(a.data):  # (eval run elsewhere, or
-        identity["data_path"] = os.path.realpath(a.data)  # the path written otherwise)
+    if (path := data_realpath(a.data)) is not None:  # (eval run elsewhere, or the path
+        identity["data_path"] = path  # written otherwise)
     folder = RunFolder(out, identity)
     from .console import say, say_err
 
@@ -1184,7 +1182,7 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
     none), read without loading an array; {} for a file that is no zip."""
     import zipfile
 
-    import numpy as np
+    from .checkpoint import _header
 
     out: dict[str, tuple[int, ...] | None] = {}
     try:
@@ -1192,10 +1190,7 @@ def _npz_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
             for n in zf.namelist():
                 try:
                     with zf.open(n) as m:
-                        version = np.lib.format.read_magic(m)
-                        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                                else np.lib.format.read_array_header_2_0)
-                        out[n.removesuffix(".npy")] = tuple(read(m)[0])
+                        out[n.removesuffix(".npy")] = tuple(_header(m, n)[0])
                 except Exception:  # noqa: BLE001 - zlib.error, an encrypted member: unknown
                     out[n.removesuffix(".npy")] = None
     except (OSError, zipfile.BadZipFile, ValueError):

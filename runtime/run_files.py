@@ -17,7 +17,7 @@ from .checkpoint import _open_regular
 
 __all__ = ["MAX_RUN_JSON_BYTES", "RUN_FILES", "check_run_links", "is_run", "json_object",
            "params_step", "run_class_names", "weights_record", "checkpoint_meta",
-           "our_folder"]
+           "data_realpath", "our_folder"]
 
 RUN_FILES = ("run.json", "metrics.jsonl", "params.npz", "summary.json", "checkpoints")
 
@@ -216,3 +216,13 @@ def our_folder(path: Path) -> str | None:
             "instant-runtime-run" else None
     except Exception:  # noqa: BLE001 - an unreadable run.json: not ours to say
         return None
+
+
+def data_realpath(spec: str | None) -> str | None:
+    """The real path of a --data that names a file or folder (None for a built-in data set or
+    nothing there): what run.json and a fleet client's summary.json record as ``data_path``."""
+    from .data import BUILTIN_DATASETS
+
+    if not spec or spec in BUILTIN_DATASETS or not os.path.exists(spec):
+        return None
+    return os.path.realpath(spec)

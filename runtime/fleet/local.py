@@ -557,9 +557,7 @@ def _data_record(spec: str | None, options: dict, seed: int, data) -> dict:
     """What a client's summary.json records of its data, as a run's run.json does: ``eval``
     of the client's folder says when it scores rows the client trained on (session 47 probe:
     a client's --val-split rows and the rest scored as one, without a word)."""
-    import os
-
-    from ..data import BUILTIN_DATASETS
+    from ..run_files import data_realpath
 
     if not spec or data is None or options.get("val") is not None:
         return {}
@@ -567,6 +565,6 @@ def _data_record(spec: str | None, options: dict, seed: int, data) -> dict:
     test = getattr(data, "test", None)
     out = {"data": str(spec), "val_split": split, "seed": seed,
            "rows": len(data) + (len(test) if split is not None and test is not None else 0)}
-    if spec not in BUILTIN_DATASETS and os.path.exists(spec):
-        out["data_path"] = os.path.realpath(spec)
+    if (path := data_realpath(spec)) is not None:
+        out["data_path"] = path
     return out
