@@ -53,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_session_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="onnxruntime intra-op threads (default: the profile's, else one per "
-                        "core; 0: one per core)")
+                        "core; 0: one per core; at most 4 per core)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="execution provider: cpu, cuda, or auto (the profile's providers that "
                         "this onnxruntime offers, else CPU)")
@@ -242,7 +242,8 @@ def add_instant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flop-ratio", type=float, default=None,
                    help="budget policy: backward FLOPs of the compressed layers as a fraction of "
                         "the exact backward (default 1.0: never more than exact, where those "
-                        "layers' exact backward takes 1e8 FLOPs a micro-batch or more; 0: no cap)")
+                        "layers' exact backward takes 1e8 FLOPs a micro-batch or more; 0: no cap; "
+                        "at most 4)")
 
 
 class _Version(argparse.Action):

@@ -187,10 +187,11 @@ def own_bundle(run: Path, want: str) -> Path | None:
 
 
 def _run_bundle(run: Path) -> list[Path]:
-    """Where the bundle a run recorded in its run.json (written by ``train``) may be: the path
-    as given to ``train`` (relative to its working directory) and, from run.json files since
-    session 19, the same bundle relative to the run folder (any working directory)."""
-    meta = json_object(run / "run.json")
+    """Where the bundle a run recorded in its run.json (written by ``train``; a fleet folder's
+    summary.json, since session 48) may be: the path as given (relative to its working
+    directory) and, since session 19, the same bundle relative to the run folder (any working
+    directory)."""
+    meta = json_object(run / "run.json") or json_object(run / "summary.json")
     out = []
     if isinstance(meta.get("bundle_from_run"), str):
         out.append(run / meta["bundle_from_run"])

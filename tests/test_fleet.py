@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import signal
 import socket
@@ -1764,3 +1765,12 @@ def test_eval_of_a_clients_folder_notes_the_rows_it_trained_on(mlp_bundle, tmp_p
                         "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "note:" not in r.stdout and "held-out examples: 20" in r.stdout, \
         r.stdout + r.stderr
+    # the folders alone, from another working directory: their summaries name the bundle
+    # (session 47 probe: a fleet folder kept outside its bundle was "not inside a bundle")
+    for folder, extra in [("client0", ["--data", str(data)]), ("fleet", ["--data", str(data)])]:
+        r = subprocess.run([sys.executable, "-m", "runtime", "eval", str(tmp_path / folder),
+                            *extra, "--threads", "1"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and "is a run's folder" in r.stdout \
+            and str(mlp_bundle.resolve()) in r.stdout, (folder, r.stdout, r.stderr)

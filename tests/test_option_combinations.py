@@ -213,3 +213,26 @@ def test_a_budget_below_what_the_runtime_takes_at_start_is_refused_at_once(cli, 
                    "--budget 30 MB is below what the runtime already takes before it reads the "
                    "bundle", "MB: Python and its libraries); raise --budget well above it")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_help_states_the_limits_the_options_are_checked_against():
+    """Session 47 probe: --threads and --flop-ratio were refused above a maximum the help did
+    not state. The help's figures are the validators' own."""
+    from contract.errors import UserError
+    from runtime.cli import _parser as build_parser
+    from runtime.config import InstantConfig, SessionConfig, max_threads
+
+    helps = {}
+    for name in ("train", "plan", "eval"):
+        sub = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices
+               and name in a.choices][0].choices[name]
+        helps[name] = " ".join(sub.format_help().split())
+    assert all("at most 4 per core" in h for h in helps.values())
+    assert "no cap; at most 4)" in helps["train"]
+    assert max_threads() == 4 * (os.cpu_count() or 1)
+    SessionConfig(threads=max_threads())
+    with pytest.raises(UserError, match="--threads"):
+        SessionConfig(threads=max_threads() + 1)
+    InstantConfig(flop_ratio=4.0)
+    with pytest.raises(UserError, match="--flop-ratio"):
+        InstantConfig(flop_ratio=4.000001)

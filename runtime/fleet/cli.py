@@ -41,8 +41,7 @@ def _fill(f: argparse.ArgumentParser) -> None:
     s.add_argument("bundle")
     s.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     s.add_argument("--address", default="127.0.0.1:8080",
-                   help="HOST:PORT to listen on (default 127.0.0.1:8080; 0.0.0.0:PORT for a real "
-                        "fleet)")
+                   help="HOST:PORT to listen on (default 127.0.0.1:8080; 0.0.0.0:PORT: a fleet)")
     s.add_argument("--min-clients", type=int, default=2,
                    help="clients each round waits for and trains (Flower's min_fit_clients and "
                         "min_available_clients; default 2)")
@@ -70,7 +69,8 @@ def _fill(f: argparse.ArgumentParser) -> None:
     s.add_argument("--round-timeout", type=float, default=3600.0,
                    help="seconds a client may take per round; later replies count as failures "
                         "(default 3600)")
-    s.add_argument("--threads", type=int, default=0, help="onnxruntime threads (evaluation)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime threads (evaluation; at most 4 per core)")
     s.add_argument("--verbose", action="store_true", help="show Flower's own log")
 
     c = fs.add_parser("client", help="train this device's data in the fleet (no torch)")
@@ -122,7 +122,7 @@ def _fill(f: argparse.ArgumentParser) -> None:
                    help="seconds between pings of a silent server: one that answers none within "
                         "20 s (its host stopped, the network dropped) is a lost connection "
                         "(default 30)")
-    c.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+    c.add_argument("--threads", type=int, default=0, help="intra-op threads (at most 4 per core)")
     c.add_argument("--progress", action="store_true", help="progress bar for local training")
     c.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (the default; as train takes it)")

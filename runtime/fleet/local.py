@@ -6,7 +6,7 @@ trainable numpy arrays, updated in place), ``budget.plan_for_budget`` (measured 
 session exists, with Flower already imported so its memory is part of what is measured, and a
 reserve for a round's message buffers), ``run.train`` (INSTANT calibration, the arena cap's
 guard, checkpoints). ``client.py``, ``server.py`` and ``cli.py`` only use what is defined here.
-No Flower and no torch in this module. Why one module (~550 lines): it is that one door; split,
+No Flower and no torch in this module. Why one module (~585 lines): it is that one door; split,
 the fleet would call the runtime from two places.
 """
 
@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -391,6 +392,7 @@ class Local:
         if self.classes:
             summary["class_names"] = self.classes
         summary.update(self.data_record)
+        summary["bundle"] = str(self.bundle.path)  # (eval finds it from any folder)
         if earlier.get("loss_window") == summary.get("loss_window") \
                 and earlier.get("loss_first") is not None:
             summary["loss_first"] = earlier["loss_first"]
@@ -486,11 +488,24 @@ def save_run(out_dir: str | Path, params: dict[str, np.ndarray] | None,
         if params is not None:
             atomic_write(out / "params.npz", lambda p: write_npz(p, params))
         if summary is not None:
-            text = json_text(summary, indent=1)
+            text = json_text(_with_bundle_from_run(summary, out), indent=1)
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}; {way_out}") from None
     return out / "params.npz"
+
+
+def _with_bundle_from_run(summary: dict, out: Path) -> dict:
+    """The summary with its bundle's path relative to the folder (as a run's run.json has it):
+    ``eval FOLDER`` finds the bundle of a fleet folder kept outside it from any working
+    directory (session 47 probe: a server's --out elsewhere was "not inside a bundle")."""
+    if not isinstance(summary.get("bundle"), str):
+        return summary
+    try:
+        rel = os.path.relpath(Path(summary["bundle"]).resolve(), out.resolve())
+    except (OSError, ValueError):
+        return summary
+    return {**summary, "bundle_from_run": rel}
 
 
 def release_memory() -> None:

@@ -135,7 +135,7 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                 # params.npz that did not exist)
                 "weights": str(out / "params.npz") if finished or state["saved"] or done
                 else None,
-                "signature": local.signature}
+                "signature": local.signature, "bundle": str(local.bundle.path)}
 
     def way_out() -> str:
         """What a folder that cannot be written leaves (session 29 probe: "pass another --out"
