@@ -386,8 +386,11 @@ def run_client(local: Local, address: str, steps: int, batch: int,
             raise UserError(f"the fleet server at {address} ended the run before this client "
                             "trained or evaluated anything; see the server's output (too few "
                             "clients within its --wait, or its rounds were already done)")
+        again = local.rounds - len(local.round_numbers)  # (session 47 probe: "trained 6
+        # rounds" of a 5-round fleet, one of them twice after its server started again)
         say(f"the fleet server ended the run; this client trained {local.rounds} round(s)"
-            f" and answered {served} request(s)")
+            + (f" ({again} of them again: its server started again and repeated them)"
+               if again > 0 else "") + f" and answered {served} request(s)")
         return 0
 
 

@@ -183,6 +183,7 @@ class Local:
                           session=SessionConfig(threads=threads), seed=seed)
         self.trainer = Trainer(self.bundle, cfg)
         self.rounds = 0
+        self.round_numbers: set[int] = set()  # (a server started again asks for some again)
         self.data_record = _data_record(data_spec, data_options or {}, seed, self.data) \
             if partition is None else {}  # (eval's note on rows a client trained on)
         self.classes = self.own_classes() if self.data is not None else None  # (the fleet's,
@@ -345,6 +346,7 @@ class Local:
                                 "and start the client again") from None
         self._record_run(earlier)
         self.rounds += 1
+        self.round_numbers.add(server_round)
         metrics: dict[str, float | int | str] = {
             "loss_first": s.loss_first, "loss_last": s.loss_last, "steps": steps,
             "micro_batch": s.micro_batch, "peak_rss": s.peak_rss,
