@@ -25,7 +25,7 @@ first calibration, before any bases exist), ``recal`` (the ``instant`` step that
 Gram matrices of the full activations and output gradients: later calibrations run inside
 training steps, docs/method.md).
 
-Why one module (~640 lines): the rule registry, the context the rules see and the reverse
+Why one module (~660 lines): the rule registry, the context the rules see and the reverse
 sweep that calls them share one contract (which outputs a rule covers, what it may save, where
 its nodes go); split, each part would import the others' internals.
 """
@@ -91,8 +91,23 @@ _QUANTIZED_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteg
                             "QLinearMatMul", "QLinearConv", "QuantizeLinear",
                             "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
                             "QLinearAdd", "QLinearMul"})
+# piecewise-constant ops: their rules pass no gradient (zero almost everywhere)
+_ZERO_GRADIENT = frozenset({"Sign", "Floor", "Ceil", "Round"})
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
                          "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def _upstream(g: onnx.GraphProto, node: onnx.NodeProto) -> set[str]:
+    """The tensors ``node`` reads, directly or through the nodes that make them."""
+    made = {o: n for n in g.node for o in n.output}
+    seen: set[str] = set()
+    todo = [i for i in node.input if i]
+    while todo:
+        t = todo.pop()
+        if t not in seen:
+            seen.add(t)
+            todo.extend(i for i in (made[t].input if t in made else ()) if i)
+    return seen
 
 
 def _check_outputs_covered(ctx, node: onnx.NodeProto, rule: Rule, gouts: list) -> None:
@@ -393,6 +408,7 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
     # micro-batch's share of the batch (m / n), so gradients arrive already weighted.
     seed = names.LOSS_SCALE if mode != "calib" else bwd.const(1.0)
     contrib: dict[str, list[str]] = {loss: [seed]}
+    stopped: list[onnx.NodeProto] = []  # nodes whose rule passes no gradient to an input
     narrow: str | None = None
     for node in reversed(list(g.node)):
         node = substitute.get(node.name, node)
@@ -447,6 +463,8 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
         for inp, gi in zip(node.input, gins, strict=True):
             if gi is not None and ctx.needs_grad(inp):
                 contrib.setdefault(inp, []).append(gi)
+            elif gi is None and ctx.needs_grad(inp) and node.op_type in _ZERO_GRADIENT:
+                stopped.append(node)
 
     extra: dict[str, onnx.ValueInfoProto] = {}
     grads: dict[str, str] = {}
@@ -454,9 +472,16 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
         extra[names.LOSS_SCALE] = helper.make_tensor_value_info(names.LOSS_SCALE,
                                                                 onnx.TensorProto.FLOAT, [])
         for p in params:
-            if p not in contrib:
-                raise ExportError(f"trainable parameter '{p}' does not reach the loss; "
-                                  "remove it from --trainable")
+            if p not in contrib:  # (a session 48 probe: "remove it from --trainable", not
+                # given, where a Round between it and the loss passes no gradient)
+                stop = next((n for n in stopped if p in _upstream(g, n)), None)
+                why = "" if stop is None else (
+                    f": its gradient stops at {stop.op_type} node '{stop.name}', whose "
+                    "derivative is zero; replace that op by a differentiable one (e.g. a "
+                    "straight-through estimator), or")
+                raise ExportError(f"trainable parameter '{p}' does not reach the loss{why or ';'}"
+                                  " leave it out of --trainable (all | last:N | globs of the "
+                                  "parameters to train)")
             grads[p] = _sum_grads(bwd, contrib.pop(p))
     for ly in layers:
         if mode in ("instant", "recal"):

@@ -16,8 +16,9 @@ from onnx import TensorProto, numpy_helper
 from .graph import NARROW_FLOATS, ExportError
 from .model_inputs import _first_line
 
-__all__ = ["MIN_BUNDLE_OPSET", "check_valid", "drop_doc_strings", "float32_weights", "identity_weights", "initializers_not_inputs",
-           "raise_opset", "sort_nodes"]
+__all__ = ["MIN_BUNDLE_OPSET", "check_valid", "drop_doc_strings", "float32_weights",
+           "folded_norm_notes", "identity_weights", "initializers_not_inputs", "raise_opset",
+           "sort_nodes"]
 
 
 # The backward of a lookup (Gather) or of max pooling adds into a tensor with ScatterND /
@@ -242,3 +243,29 @@ def onnx_inputs(path: str) -> list[str]:
         return []
     inits = {i.name for i in g.initializer}
     return [i.name for i in g.input if i.name not in inits]
+
+
+# onnxscript's rewriter (torch.onnx.export(..., dynamo=True) optimizes with it) tags each node
+# it rewrote with the rule's name
+_REWRITE_RULE = "pkg.onnxscript.rewriter.rule_name"
+
+
+def folded_norm_notes(model: onnx.ModelProto) -> list[str]:
+    """A note per node into which the exporter folded a BatchNorm: its weight and bias keep the
+    convolution's (torch's) names but hold values scaled by the norm's, and the norm's own
+    parameters are gone (session 48 probe: such a file trained, correct for its function, and
+    export-model wrote the folded values under torch's names without a word)."""
+    inits = {t.name for t in model.graph.initializer}
+    notes = []
+    for node in model.graph.node:
+        rule = next((p.value for p in node.metadata_props if p.key == _REWRITE_RULE), "")
+        if not rule.startswith("FuseBatchNorm"):
+            continue
+        held = [i for i in node.input[1:] if i in inits]
+        notes.append(
+            f"note: the exporter folded a BatchNorm into {node.op_type} node '{node.name}' "
+            f"({rule}): {', '.join(repr(h) for h in held) or 'its weights'} hold the layer's "
+            "values scaled by the norm's, under the layer's names, and the norm has no "
+            "parameters left to train; training and export-model use the folded values (to "
+            "keep the norm apart: torch.onnx.export(..., optimize=False))")
+    return notes

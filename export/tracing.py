@@ -40,6 +40,7 @@ from .onnx_import import (
     check_valid,
     drop_doc_strings,
     float32_weights,
+    folded_norm_notes,
     identity_weights,
     initializers_not_inputs,
     onnx_inputs,
@@ -390,6 +391,12 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     try:
         model = onnx.load(str(file))
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types
+        if "outside the directory" in str(exc) or "should be a relative path" in str(exc):
+            raise ExportError(  # (a session 48 probe: "not an ONNX file ... export it again")
+                f"ONNX model '{path}' keeps a tensor's external data outside its folder "
+                f"({str(exc)[:160]}), which onnx does not read: save the model again with "
+                "its data in its own folder (torch.onnx.export and onnx.save(..., "
+                "save_as_external_data=True) write it so)") from None
         raise ExportError(f"cannot read ONNX model '{path}': {str(exc)[:200]}; it is not an "
                           "ONNX file, or a damaged or cut-short one: export the model to ONNX "
                           "again (or copy the file again)") from None
@@ -401,7 +408,7 @@ def _load_onnx(path: str, example: list[np.ndarray] | None = None,
     if opset < 13 or opset > newest:
         raise ExportError(f"ONNX model '{path}' uses opset {opset}; opsets 13 to {newest} are "
                           "supported (re-export it, or convert with onnx.version_converter)")
-    notes: list[str] = []
+    notes: list[str] = folded_norm_notes(model)
     drop_doc_strings(model)
     sort_nodes(model)
     initializers_not_inputs(model)

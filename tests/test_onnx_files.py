@@ -1671,3 +1671,71 @@ def test_a_strided_pointwise_conv_written_with_auto_pad_same_is_an_instant_layer
     _pointwise_file(tmp_path / "padded.onnx", strides=[2, 2], pads=[0, 0, 1, 1])
     r = _cli("export", "--model", tmp_path / "padded.onnx", "--out", tmp_path / "padded")
     assert r.returncode == 0 and "pw (a padded 1x1 conv)" in r.stdout, r.stdout
+
+
+def test_a_zero_gradient_op_and_outside_external_data_are_named(tmp_path):
+    """Session 48 probe: a Round between a weight and the loss was told "'W1' does not reach
+    the loss; remove it from --trainable" (no --trainable given, and W1 does reach the loss);
+    a file whose external data lies outside its folder was "not an ONNX file, or a damaged
+    one: export it again"."""
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+         for n, s in (("W1", (8, 16)), ("W2", (4, 8)))]
+    nodes = [helper.make_node("Gemm", ["x", "W1"], ["h"], name="/fc1", transB=1),
+             helper.make_node("Round", ["h"], ["hr"], name="/round"),
+             helper.make_node("Gemm", ["hr", "W2"], ["logits"], name="/fc2", transB=1)]
+    f = _saved(tmp_path / "round.onnx", nodes, ("x", TensorProto.FLOAT, ["N", 16]),
+               ("logits", TensorProto.FLOAT, ["N", 4]), w)
+    r = _cli("export", "--model", f, "--out", tmp_path / "b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "gradient stops at Round node '/round'" in r.stderr and "--trainable" in r.stderr, \
+        r.stderr
+    r = _cli("export", "--model", f, "--trainable", "W2", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+
+    (tmp_path / "sub").mkdir()
+    t = numpy_helper.from_array(rng.standard_normal((4, 16)).astype(np.float32), "W")
+    (tmp_path / "w.bin").write_bytes(t.raw_data)
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "../w.bin"), ("offset", "0"), ("length", str(4 * 64))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    f = _saved(tmp_path / "sub" / "m.onnx", [helper.make_node("Gemm", ["x", "W"], ["logits"],
+                                                              transB=1)],
+               ("x", TensorProto.FLOAT, ["N", 16]), ("logits", TensorProto.FLOAT, ["N", 4]), [t])
+    r = _cli("export", "--model", f, "--out", tmp_path / "b2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "external data outside its folder" in r.stderr and "export the model to ONNX again" \
+        not in r.stderr, r.stderr
+    assert not (tmp_path / "b2").exists()
+
+
+def test_a_batchnorm_the_exporter_folded_into_a_conv_is_noted(tmp_path):
+    """Session 48 probe: torch's dynamo exporter (onnxscript's FuseBatchNormIntoConv) folds an
+    eval-mode BatchNorm into the conv before it, keeping the conv's torch names for the scaled
+    values; the bundle trained them, and export-model wrote them under those names, without a
+    word. The rewriter tags the node; export names it and the way to keep the norm apart."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("pw.weight", (8, 4, 1, 1)), ("pw.bias", (8,)),
+                          ("head.weight", (3, 8)))]
+    conv = helper.make_node("Conv", ["x", "pw.weight", "pw.bias"], ["c"], name="node_Conv_3")
+    conv.metadata_props.add(key="pkg.onnxscript.rewriter.rule_name",
+                            value="FuseBatchNormIntoConv")
+    nodes = [conv, helper.make_node("Relu", ["c"], ["r"], name="node_Relu_4"),
+             helper.make_node("ReduceMean", ["r"], ["p"], name="node_Mean", axes=[2, 3],
+                              keepdims=0),
+             helper.make_node("Gemm", ["p", "head.weight"], ["logits"], name="node_Gemm",
+                              transB=1)]
+    f = _saved(tmp_path / "folded.onnx", nodes, ("x", TensorProto.FLOAT, ["N", 4, 5, 5]),
+               ("logits", TensorProto.FLOAT, ["N", 3]), inits)
+    r = _cli("export", "--model", f, "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "note: the exporter folded a BatchNorm into Conv node 'node_Conv_3'" in r.stdout \
+        and "'pw.weight', 'pw.bias'" in r.stdout and "optimize=False" in r.stdout, r.stdout
+    r = _cli("export", "--model", _saved(tmp_path / "plain.onnx", [
+        helper.make_node("Conv", ["x", "pw.weight", "pw.bias"], ["c"], name="c"), *nodes[1:]],
+        ("x", TensorProto.FLOAT, ["N", 4, 5, 5]), ("logits", TensorProto.FLOAT, ["N", 3]),
+        inits), "--out", tmp_path / "b2")
+    assert r.returncode == 0 and "folded" not in r.stdout, r.stdout + r.stderr

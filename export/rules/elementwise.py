@@ -271,6 +271,7 @@ def cos_grad(ctx, node, gy):
 
 
 for _op in ("Sign", "Floor", "Ceil", "Round"):  # piecewise constant: zero almost everywhere
+    # (autodiff._ZERO_GRADIENT names them where a parameter's gradient stops there)
     RULES.gradient(_op)(lambda ctx, node, gy: [None])
 
 
