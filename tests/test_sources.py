@@ -628,6 +628,11 @@ def test_labels_one_class_in_two_cases_are_named_when_there_are_too_many(
     # labels as many as the classes, however written, are not the matter of this hint
     src = _text(_write_csv(tmp_path / "three.csv", rows), tokenizer_file, k=3)
     assert src.class_names == ["Pos", "neg", "pos"]
+    # session 48 probe: 0/1 on some rows and neg/pos on others was told to name 4 classes
+    rows = [("a", "pos"), ("b", "1"), ("c", "neg"), ("d", "0")]
+    with pytest.raises(UserError, match=r"4 distinct labels .*the labels mix numbers \(0, 1\) "
+                                        r"and names \(neg, pos\).*write each class one way"):
+        _text(_write_csv(tmp_path / "mixed.csv", rows), tokenizer_file, k=2)
 
 
 def test_labels_that_are_one_number_written_two_ways_are_said_to_be_one_class(

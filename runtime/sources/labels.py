@@ -32,6 +32,13 @@ def _one_spelling(names: list[str]) -> str:
     for n in names:
         groups.setdefault(n.casefold(), []).append(n)
     twins = [g for g in groups.values() if len(g) > 1]
+    numbers = [n for n in names if n.lstrip("-").isdigit()]
+    words = [n for n in names if not n.lstrip("-").isdigit()]
+    if numbers and words:  # (session 48 probe: 0/1 on some rows, neg/pos on others, was
+        # told to name 4 classes at export)
+        return (f"; the labels mix numbers ({', '.join(map(shown_label, numbers[:3]))}) and "
+                f"names ({', '.join(map(shown_label, words[:3]))}), each a class of its own: "
+                "write each class one way")
     if not twins:
         return ""
     shown = "; ".join(" and ".join(shown_label(n) for n in g[:3]) for g in twins[:3])
