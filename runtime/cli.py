@@ -580,21 +580,25 @@ def _not_bundle_files(folder: Path) -> list[str]:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM during a command that cleans up on KeyboardInterrupt (exit 143)."""
+    """SIGTERM (or SIGHUP) during a command that cleans up on KeyboardInterrupt (exit 143,
+    129)."""
 
     signum = signal.SIGTERM
 
 
 def _term_as_interrupt():
-    """SIGTERM raises :class:`Terminated` (the previous handler is returned, None off the main
-    thread): a command's ``finally`` runs, as for Ctrl-C (a probe's four killed exports left
-    four hidden half-written bundles beside --out)."""
+    """SIGTERM and SIGHUP raise :class:`Terminated` (the previous handlers are returned, None
+    off the main thread): a command's ``finally`` runs, as for Ctrl-C (a probe's four killed
+    exports left four hidden half-written bundles beside --out; a session 48 probe's SIGHUP,
+    a closed ssh session, left one)."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def raise_terminated(signum, frame):
         _TERM_SEEN.append(signum)  # (an exception raised inside an import's lock callback or a
-        raise Terminated  # finalizer is printed and dropped: ``check_terminated`` sees it)
+        stop = Terminated()  # finalizer is printed and dropped: ``check_terminated`` sees it)
+        stop.signum = signum
+        raise stop
 
     previous = sys.unraisablehook
 
@@ -603,7 +607,8 @@ def _term_as_interrupt():
             previous(unraisable)
 
     sys.unraisablehook = quiet
-    return signal.signal(signal.SIGTERM, raise_terminated)
+    return {s: signal.signal(s, raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)
+            if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN}  # (nohup)
 
 
 _TERM_SEEN: list[int] = []
@@ -614,7 +619,9 @@ def check_terminated() -> None:
     clone's test: SIGTERM during an import ended in "Exception ignored", the export went on and
     exited 0)."""
     if _TERM_SEEN:
-        raise Terminated
+        stop = Terminated()
+        stop.signum = _TERM_SEEN[0]
+        raise stop
 
 
 def _print_line(line: str) -> None:
@@ -657,12 +664,12 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
 
 
 def _cmd_export(a) -> int:
-    old_term = _term_as_interrupt()  # a SIGTERM too removes the half-written bundle (finally)
+    old = _term_as_interrupt()  # a SIGTERM or SIGHUP too removes the half-written bundle
     try:
         return _export(a)
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for s, handler in (old or {}).items():
+            signal.signal(s, handler)
 
 
 def _export(a) -> int:
@@ -1756,7 +1763,7 @@ def main(argv: list[str] | None = None) -> int:
             if _finished_run(args):
                 return 0
             print(_interrupted(args), file=sys.stderr)
-            return 143 if _TERM_SEEN else 130
+            return 128 + int(_TERM_SEEN[0]) if _TERM_SEEN else 130
         raise
     except BaseException as exc:  # a stop signal's TrainingInterrupted where no command took it
         from .checkpoint import TrainingInterrupted

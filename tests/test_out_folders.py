@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -285,23 +286,26 @@ def test_a_run_set_aside_by_an_interrupted_overwrite_is_named_not_called_empty(
     _one_line(r, ".replaced.4242", "puts it back")
 
 
-def test_an_export_stopped_by_sigterm_leaves_no_half_written_bundle(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_an_export_stopped_by_sigterm_leaves_no_half_written_bundle(tmp_path, sig):
     """SIGTERM killed export without its clean-up: a probe's four stopped exports left four
-    hidden half-written bundles (.B.export.*) beside --out."""
+    hidden half-written bundles (.B.export.*) beside --out; SIGHUP (a closed ssh session) did
+    until session 48."""
     import time
 
     p = subprocess.Popen([sys.executable, "-m", "runtime", "export", "--model", "token-mlp",
                           "--out", str(tmp_path / "B")], cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,  # (the tests may run under nohup)
+                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     end = time.monotonic() + 120
     while not list(tmp_path.glob(".B.export.*")) and p.poll() is None:
         assert time.monotonic() < end
         time.sleep(0.02)
-    p.terminate()
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
     # (a fresh clone's run: the signal came inside an import's lock callback, where Python
     # drops the exception; the export went on and exited 0)
-    assert p.returncode == 143 and err.strip().splitlines() == ["interrupted"], err
+    assert p.returncode == 128 + sig and err.strip().splitlines() == ["interrupted"], err
     assert sorted(os.listdir(tmp_path)) == []
 
 
