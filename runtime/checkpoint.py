@@ -20,7 +20,7 @@ restore checks everything first (``run._restore``, ``Trainer.load_state``, with 
 below), raises :class:`DamagedCheckpoint`, and ``train`` turns it into one error naming the file
 and the earlier checkpoint to resume from.
 
-Why one module (~520 lines): the writer, the pointer, the reader and the content checks share one
+Why one module (~850 lines): the writer, the pointer, the reader and the content checks share one
 file format and its rules (checkpoint names, the pointer's entries, regular-file opens), and the
 stop signals decide when the last checkpoint is written and what an interrupted run says about
 it; split, each part would re-derive those rules.
@@ -244,7 +244,7 @@ class Checkpointer:
     def _prune(self, keep: set[str]) -> None:
         for f in self.folder.iterdir():
             stale = (_NAME.match(f.name) and f.name not in keep) or ".tmp" in f.name
-            if stale:
+            if stale and (".tmp" in f.name or not _being_read(f)):
                 try:
                     f.unlink()
                 except OSError:
@@ -365,6 +365,59 @@ def newest_checkpoint(folder: Path) -> tuple[int, Path] | None:
 _SKIPPED_SAID: set[tuple[str, str]] = set()  # the unusable checkpoints newest_intact named
 
 
+_READING: dict[str, int] = {}  # checkpoint -> descriptor holding a shared lock on it
+
+
+def _hold(path: Path) -> bool:
+    """A shared lock on checkpoint ``path`` for the rest of the process: a run writing its
+    folder prunes no checkpoint so held (session 48 probe: `eval --weights RUN/checkpoints/
+    latest` beside a run checkpointing every step failed 19 of 31 times, the file it chose
+    pruned before it was read). False where the file is gone (pruned meanwhile); True where it
+    cannot be locked (no locks on this file system), as before."""
+    import fcntl
+
+    key = str(path)
+    if key in _READING:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # (what is wrong with it, _read says)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(key)
+    except FileNotFoundError:
+        os.close(fd)
+        return False
+    except OSError:
+        os.close(fd)
+        return True
+    _READING[key] = fd
+    return True
+
+
+def _being_read(path: Path) -> bool:
+    """Whether another process holds checkpoint ``path`` (:func:`_hold`)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
 def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
     """(step, path) of the newest checkpoint in ``folder`` past step ``after`` that reads whole
     (zip CRCs; the pointer's SHA-256 where it names the file), each one that does not named in
@@ -382,6 +435,8 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
         if step <= after:
             break
         try:
+            if not _hold(path):  # (held from here: a run going on prunes it no more)
+                raise FileNotFoundError(str(path))
             _read(path, e.get("sha256"))
         except FileNotFoundError:  # (pruned by a run going on meanwhile, or never there)
             continue

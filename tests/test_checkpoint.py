@@ -457,6 +457,32 @@ def test_a_failed_write_names_what_is_left_and_the_right_way_out(mlp_bundle, tmp
         and "no earlier checkpoint" not in msg, msg  # (it was: the newest file, step 2)
 
 
+def test_a_checkpoint_being_read_is_not_pruned_under_its_reader(mlp_bundle, tmp_path):
+    """Session 48 probe: `eval --weights RUN/checkpoints/latest` beside a run checkpointing
+    every step failed 19 of 31 times ("cannot read parameters from ckpt-000139.npz: No such
+    file"): the checkpoint it chose was pruned before it was read. What newest_intact chose
+    is held (a shared lock) and the writer prunes it only once it is let go."""
+    import runtime.checkpoint as ckpt
+
+    b = open_bundle(mlp_bundle)
+    folder = tmp_path / "checkpoints"
+    ck = Checkpointer(folder, b, keep=1)
+    arrays, meta = _trainer(mlp_bundle).state()
+    ck.save(1, arrays, meta)
+    assert ckpt.newest_intact(folder) == (1, folder / "ckpt-000001.npz")  # a reader chose it
+    try:
+        for step in (2, 3):
+            ck.save(step, arrays, meta)
+        names = sorted(p.name for p in folder.glob("ckpt-*.npz"))
+        assert names == ["ckpt-000001.npz", "ckpt-000003.npz"], names
+        assert b.load_params(folder / "ckpt-000001.npz")  # the reader reads it whole
+    finally:
+        while ckpt._READING:
+            os.close(ckpt._READING.popitem()[1])
+    ck.save(4, arrays, meta)  # let go: pruned as any other
+    assert sorted(p.name for p in folder.glob("ckpt-*.npz")) == ["ckpt-000004.npz"]
+
+
 def test_a_full_disk_in_an_overwrite_says_the_previous_run_is_back(cli, mlp_bundle, tmp_path):
     """The error named the new run's checkpoint as 'intact' after the failed --overwrite had
     removed it and put the previous run back."""
