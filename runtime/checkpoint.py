@@ -165,6 +165,21 @@ class Checkpointer:
         self.writer = writer or write_npz
         self.keep = keep
         self.loaded: Path | None = None  # the checkpoint load() returned
+        self._home = _identity(self.folder.parent)  # the run folder, as the run began
+
+    def check_home(self, step: int) -> None:
+        """Raises ``UserError`` where the run folder was removed, moved or replaced since the
+        run began (session 48 probe: a run whose folder was deleted made it again for its
+        next checkpoint, without run.json or its log, and exited 0; one whose folder was
+        renamed went on in a new one, split in two)."""
+        if self._home is None or _identity(self.folder.parent) == self._home:
+            return
+        out = self.folder.parent
+        raise UserError(f"the run folder '{out}' was removed or moved while the run went on "
+                        f"(seen before writing step {step}); nothing more is written, so that "
+                        "the run is not split between two folders: the checkpoints it wrote "
+                        "went with the folder (a moved run goes on with --resume --out "
+                        "WHERE_IT_IS)")
 
     # ---------------------------------------------------------------------------- writing
     def save(self, step: int, arrays: dict[str, np.ndarray], meta: dict) -> Path:
@@ -172,8 +187,10 @@ class Checkpointer:
 
         Raises:
             UserError: the folder cannot be created or written (permissions, full disk); the
-                previous checkpoint and pointer are left as they were.
+                previous checkpoint and pointer are left as they were; the run folder was
+                removed or moved (:meth:`check_home`).
         """
+        self.check_home(step)
         final = self.folder / f"ckpt-{step:06d}.npz"
         tmp = self.folder / f".{final.name}.tmp{os.getpid()}"
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
@@ -196,6 +213,7 @@ class Checkpointer:
                 tmp.unlink(missing_ok=True)
             except OSError:
                 pass  # the folder itself is unusable; nothing was written
+            self.check_home(step)  # (moved as this one was written: that is what to say)
             # the path that failed: the pointer, where that is what is in the way (a session-28
             # probe's folder named 'latest' was reported as the checkpoint failing)
             at = exc.filename2 or exc.filename
@@ -363,6 +381,15 @@ def newest_checkpoint(folder: Path) -> tuple[int, Path] | None:
 
 
 _SKIPPED_SAID: set[tuple[str, str]] = set()  # the unusable checkpoints newest_intact named
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``folder``; None where it does not exist."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 _READING: dict[str, int] = {}  # checkpoint -> descriptor holding a shared lock on it

@@ -663,6 +663,8 @@ def train(trainer: Trainer, data, cfg: RunConfig, out: Path | None = None,
     if out is not None:
         trainer.sync_to_host()
         _check_weights(trainer, {f"param/{k}": v for k, v in trainer.params.items()}, good_ckpt)
+        if ckpt is not None:
+            ckpt.check_home(trainer.step_count)
         with _final_write(out / "params.npz", last_ckpt):
             trainer.save_params(out / "params.npz")
         s.out = str(out / "params.npz")

@@ -483,6 +483,35 @@ def test_a_checkpoint_being_read_is_not_pruned_under_its_reader(mlp_bundle, tmp_
     assert sorted(p.name for p in folder.glob("ckpt-*.npz")) == ["ckpt-000004.npz"]
 
 
+@pytest.mark.parametrize("how", ["moved", "removed", "moved-as-written"])
+def test_a_run_whose_folder_is_moved_or_removed_stops_instead_of_splitting(mlp_bundle,
+                                                                           tmp_path, how):
+    """Session 48 probe: a run whose folder was deleted made it again at its next checkpoint
+    (no run.json, no log) and exited 0; one whose folder was renamed went on in a new folder,
+    the run split in two. It stops with one error naming it, and the moved run resumes."""
+    out, moved = tmp_path / "p" / "run", tmp_path / "q"
+    calls = 0
+
+    def writer(path: Path, arrays: dict[str, np.ndarray]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2 and how != "moved-as-written":
+            shutil.rmtree(out.parent) if how == "removed" else out.parent.rename(moved)
+        write_npz(path, arrays)
+        if calls == 2 and how == "moved-as-written":
+            out.parent.rename(moved)  # (between the file and its rename into place)
+
+    with pytest.raises(UserError, match=r"the run folder '.*run' was removed or moved while "
+                                        r"the run went on .*--resume --out") as e:
+        _train(mlp_bundle, out, 40, checkpoint_every=10, checkpoint_writer=writer)
+    assert "no earlier checkpoint" not in str(e.value)
+    assert not out.parent.exists()  # not made again
+    if how != "removed":
+        assert (moved / "run" / "checkpoints" / "ckpt-000010.npz").is_file()
+        _, s = _train(mlp_bundle, moved / "run", 40, checkpoint_every=10, resume=True)
+        assert s.resumed_from == 10 and (moved / "run" / "params.npz").is_file()
+
+
 def test_a_full_disk_in_an_overwrite_says_the_previous_run_is_back(cli, mlp_bundle, tmp_path):
     """The error named the new run's checkpoint as 'intact' after the failed --overwrite had
     removed it and put the previous run back."""
