@@ -208,12 +208,14 @@ def release_bundles() -> None:
 
 
 def bundle_in_use(folder: Path) -> bool:
-    """Whether a command of this machine holds the bundle ``folder`` (:func:`hold_bundle`). A
-    folder that cannot be opened or locked here is not (the caller's checks say what it is)."""
+    """Whether a command of this machine holds the bundle ``folder`` (:func:`hold_bundle`); as
+    well, whether one holds any folder or file by ``flock`` (a run folder its ``train``, a
+    checkpoint its reader). One that cannot be opened or locked here is not (the caller's
+    checks say what it is)."""
     import fcntl
 
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:

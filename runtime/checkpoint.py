@@ -42,7 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-from contract import UserError, atomic_write, file_sha256, names, write_npz, write_text
+from contract import (
+    UserError,
+    atomic_write,
+    bundle_in_use,
+    file_sha256,
+    names,
+    write_npz,
+    write_text,
+)
 from contract.files import fsync_dir
 
 from .bundle import Bundle
@@ -262,7 +270,7 @@ class Checkpointer:
     def _prune(self, keep: set[str]) -> None:
         for f in self.folder.iterdir():
             stale = (_NAME.match(f.name) and f.name not in keep) or ".tmp" in f.name
-            if stale and (".tmp" in f.name or not _being_read(f)):
+            if stale and (".tmp" in f.name or not bundle_in_use(f)):  # (a reader's: _hold)
                 try:
                     f.unlink()
                 except OSError:
@@ -424,25 +432,6 @@ def _hold(path: Path) -> bool:
         return True
     _READING[key] = fd
     return True
-
-
-def _being_read(path: Path) -> bool:
-    """Whether another process holds checkpoint ``path`` (:func:`_hold`)."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
 
 
 def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:

@@ -20,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from contract import UserError, atomic_write, write_text
+from contract import UserError, atomic_write, bundle_in_use, write_text
 
 from .checkpoint import (
     StartupInterrupted,
@@ -77,13 +77,15 @@ def not_run_files(folder: Path, allowed: tuple[str, ...] = RUN_FILES) -> list[st
 def set_aside_hint(folder: Path) -> str:
     """Empty, or a sentence naming the run that an interrupted ``--overwrite`` set aside in
     ``folder`` (``.replaced.PID``: its replacement was killed before it wrote a checkpoint):
-    eval and export-model called such a folder empty, and a user might delete it."""
+    eval and export-model called such a folder empty, and a user might delete it; or saying
+    that a run is training there and has no checkpoint yet (a session 48 probe)."""
     try:
         old = sorted(p.name for p in Path(folder).glob(".replaced.*") if p.is_dir())
     except OSError:
         return ""
     if not old:
-        return ""
+        return ("; a training run is writing it and has written no checkpoint yet: wait for "
+                "its first (--checkpoint-every) or its end" if bundle_in_use(folder) else "")
     return (f"; it holds the earlier run that an interrupted --overwrite set aside ({old[0]}): "
             "the next `train` with this --out puts it back (or move its files out yourself)")
 

@@ -654,3 +654,28 @@ def test_eval_shows_a_run_folders_control_characters_escaped(cli, mlp_bundle, tm
         r = cli("eval", *args)
         assert r.returncode == 0 and "\x1b" not in r.stdout, r.stdout
         assert "r\\nnl\\x1b[31m" in r.stdout and "\nnl" not in r.stdout, r.stdout
+
+
+def test_a_run_folder_still_without_a_checkpoint_is_said_to_be_training(tmp_path):
+    """Session 48 probe: `eval --weights RUN` while that run was still planning said "is a
+    folder without params.npz or a checkpoint", as of a folder holding nothing; a run holds its
+    folder (flock) and the message now says it trains there."""
+    from contract import UserError
+    from runtime.export_model import trained_weights
+    from runtime.run_folder import held_lock, hold_folder
+
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        trained_weights(run.parent, "--weights")
+    assert "training run" not in str(e.value)
+    fd = hold_folder(run, "busy")
+    try:
+        with pytest.raises(UserError, match=r"without params.npz or a checkpoint; .*a training "
+                                            r"run is writing it and has written no checkpoint"):
+            trained_weights(run, "--weights")
+    finally:
+        held_lock(fd, False)
+        os.close(fd)
+    with pytest.raises(UserError) as e:
+        trained_weights(run, "--weights")
+    assert "training run" not in str(e.value)
