@@ -11,7 +11,9 @@ from .files import (
                     drop_dead_staging,
                     file_sha256,
                     hold_bundle,
+                    hold_file,
                     json_text,
+                    let_go,
                     open_listed,
                     read_listed,
                     read_npz,
@@ -46,6 +48,6 @@ __all__ = [
     "FORMAT", "FORMAT_VERSION", "FileEntry", "GraphFiles", "GraphIO", "ImageSpec",
     "InstantSettings", "InstantSpec", "LayerInfo", "LossSpec", "Lookup", "Manifest",
     "ManifestError", "ParamSpec", "PrefixSpec", "TensorSpec", "TextSpec", "UserError", "WeightEntry",
-    "atomic_write", "bundle_in_use", "deferred_signals", "drop_dead_staging", "file_sha256", "hold_bundle", "json_text", "manifest_json", "names", "open_listed", "read_listed", "read_npz", "refuse_special", "release_bundles",
+    "atomic_write", "bundle_in_use", "deferred_signals", "drop_dead_staging", "file_sha256", "hold_bundle", "hold_file", "let_go", "json_text", "manifest_json", "names", "open_listed", "read_listed", "read_npz", "refuse_special", "release_bundles",
     "read_manifest", "write_npz", "write_text",
 ]

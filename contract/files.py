@@ -175,7 +175,7 @@ def deferred_signals():
             signal.raise_signal(s)  # first: KeyboardInterrupt would end the loop)
 
 
-_HELD: dict[str, int] = {}  # the bundle folders this command reads -> a descriptor holding them
+_HELD: dict[str, int] = {}  # the bundles (and checkpoints) this command reads -> a descriptor
 
 
 def hold_bundle(folder: Path) -> None:
@@ -201,8 +201,48 @@ def hold_bundle(folder: Path) -> None:
     _HELD[key] = fd
 
 
+def hold_file(path: Path) -> bool:
+    """A shared lock on the file ``path`` until :func:`let_go` or :func:`release_bundles`: a
+    run writing its folder prunes no checkpoint so held (``bundle_in_use``; session 48 probe:
+    `eval --weights RUN/checkpoints/latest` beside a run checkpointing every step failed 9 of
+    12 times, the file it chose pruned before it was read). False where the file is gone (or
+    another one is at the path); True where it cannot be locked (no locks on this file system:
+    nothing held, as before)."""
+    import fcntl
+
+    key = os.path.realpath(path)
+    if key in _HELD:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # (what is wrong with it, its reader says)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(key)
+    except FileNotFoundError:
+        os.close(fd)
+        return False
+    except OSError:
+        os.close(fd)
+        return True
+    _HELD[key] = fd
+    return True
+
+
+def let_go(path: Path) -> None:
+    """Drop what :func:`hold_file` holds of ``path`` (once it has been read)."""
+    fd = _HELD.pop(os.path.realpath(path), None)
+    if fd is not None:
+        os.close(fd)
+
+
 def release_bundles() -> None:
-    """Drop what :func:`hold_bundle` holds (a command's end, for a process that runs another)."""
+    """Drop what :func:`hold_bundle` and :func:`hold_file` hold (a command's end, for a process
+    that runs another)."""
     while _HELD:
         os.close(_HELD.popitem()[1])
 
@@ -215,8 +255,8 @@ def bundle_in_use(folder: Path) -> bool:
     import fcntl
 
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:  # (O_NONBLOCK: a FIFO of a checkpoint's name would hold the open)
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -97,17 +97,15 @@ _RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
                          "RandomUniformLike", "Multinomial", "Bernoulli"})
 
 
-def _upstream(g: onnx.GraphProto, node: onnx.NodeProto) -> set[str]:
-    """The tensors ``node`` reads, directly or through the nodes that make them."""
-    made = {o: n for n in g.node for o in n.output}
-    seen: set[str] = set()
-    todo = [i for i in node.input if i]
-    while todo:
-        t = todo.pop()
-        if t not in seen:
-            seen.add(t)
-            todo.extend(i for i in (made[t].input if t in made else ()) if i)
-    return seen
+def _stops_after(g: onnx.GraphProto, p: str, stopped: list[onnx.NodeProto]) -> list[str]:
+    """The zero-gradient nodes of ``stopped`` that read ``p`` (through the nodes after it),
+    named: one forward walk over the graph (its nodes in topological order)."""
+    reach = {p}
+    for n in g.node:
+        if any(i in reach for i in n.input):
+            reach.update(n.output)
+    return [f"{n.op_type} node '{n.name}'" for n in stopped
+            if any(i in reach for i in n.input)]
 
 
 def _check_outputs_covered(ctx, node: onnx.NodeProto, rule: Rule, gouts: list) -> None:
@@ -474,11 +472,12 @@ def build_training_graphs(fwd_model: onnx.ModelProto, loss: str, params: list[st
         for p in params:
             if p not in contrib:  # (a session 48 probe: "remove it from --trainable", not
                 # given, where a Round between it and the loss passes no gradient)
-                stop = next((n for n in stopped if p in _upstream(g, n)), None)
-                why = "" if stop is None else (
-                    f": its gradient stops at {stop.op_type} node '{stop.name}', whose "
-                    "derivative is zero; replace that op by a differentiable one (e.g. a "
-                    "straight-through estimator), or")
+                stops = _stops_after(g, p, stopped) if stopped else []
+                why = "" if not stops else (
+                    f": its gradient stops at {', '.join(stops[:3])}"
+                    f"{' (and more)' if len(stops) > 3 else ''}, whose derivative is zero; "
+                    "replace such an op by a differentiable one (e.g. a straight-through "
+                    "estimator), or")
                 raise ExportError(f"trainable parameter '{p}' does not reach the loss{why or ';'}"
                                   " leave it out of --trainable (all | last:N | globs of the "
                                   "parameters to train)")

@@ -23,6 +23,7 @@ from contract import (
     Manifest,
     ManifestError,
     UserError,
+    let_go,
     names,
     open_listed,
     read_listed,
@@ -181,6 +182,8 @@ class Bundle:
         finally:
             if fd is not None:
                 os.close(fd)
+            else:
+                let_go(src)  # (a checkpoint held since it was chosen: read now)
         out = {}
         for p in self.params:
             v = values.get(p.name)

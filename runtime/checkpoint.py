@@ -47,6 +47,8 @@ from contract import (
     atomic_write,
     bundle_in_use,
     file_sha256,
+    hold_file,
+    let_go,
     names,
     write_npz,
     write_text,
@@ -184,10 +186,10 @@ class Checkpointer:
             return
         out = self.folder.parent
         raise UserError(f"the run folder '{out}' was removed or moved while the run went on "
-                        f"(seen before writing step {step}); nothing more is written, so that "
-                        "the run is not split between two folders: the checkpoints it wrote "
-                        "went with the folder (a moved run goes on with --resume --out "
-                        "WHERE_IT_IS)")
+                        f"(seen at the checkpoint of step {step}); nothing more is written, so "
+                        "that the run is not split between two folders: the checkpoints it "
+                        "wrote went with the folder (`train --resume --out WHERE_IT_IS_NOW` "
+                        "goes on from its newest)")
 
     # ---------------------------------------------------------------------------- writing
     def save(self, step: int, arrays: dict[str, np.ndarray], meta: dict) -> Path:
@@ -207,6 +209,8 @@ class Checkpointer:
         placed = False
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+            if self._home is None:  # (a folder this first save made: from now on)
+                self._home = _identity(self.folder.parent)
             self.writer(tmp, {**arrays, _META: blob})
             entry = {"file": final.name, "sha256": file_sha256(tmp),
                      "bytes": tmp.stat().st_size, "step": step}
@@ -400,40 +404,6 @@ def _identity(folder: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-_READING: dict[str, int] = {}  # checkpoint -> descriptor holding a shared lock on it
-
-
-def _hold(path: Path) -> bool:
-    """A shared lock on checkpoint ``path`` for the rest of the process: a run writing its
-    folder prunes no checkpoint so held (session 48 probe: `eval --weights RUN/checkpoints/
-    latest` beside a run checkpointing every step failed 19 of 31 times, the file it chose
-    pruned before it was read). False where the file is gone (pruned meanwhile); True where it
-    cannot be locked (no locks on this file system), as before."""
-    import fcntl
-
-    key = str(path)
-    if key in _READING:
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # (what is wrong with it, _read says)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        if os.stat(path).st_ino != os.fstat(fd).st_ino:
-            raise FileNotFoundError(key)
-    except FileNotFoundError:
-        os.close(fd)
-        return False
-    except OSError:
-        os.close(fd)
-        return True
-    _READING[key] = fd
-    return True
-
-
 def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
     """(step, path) of the newest checkpoint in ``folder`` past step ``after`` that reads whole
     (zip CRCs; the pointer's SHA-256 where it names the file), each one that does not named in
@@ -441,31 +411,37 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
     missing or unreadable, the ``ckpt-*.npz`` files by step, as a resume does (session 41
     probe: both said "a folder without params.npz or a checkpoint", or "re-export the bundle"
     of a damaged newest checkpoint, where ``--resume`` used the one before)."""
-    try:
-        entries = pointer_entries(folder) or _by_step(folder)
-    except OSError:
-        return None
     skipped, found = 0, None
-    for e in entries:
-        path, step = Path(folder) / e["file"], _step_of(e["file"])
-        if step <= after:
-            break
+    for _ in range(3):  # (a run going on may prune every entry read: its pointer again)
         try:
-            if not _hold(path):  # (held from here: a run going on prunes it no more)
-                raise FileNotFoundError(str(path))
-            _read(path, e.get("sha256"))
-        except FileNotFoundError:  # (pruned by a run going on meanwhile, or never there)
-            continue
-        except Exception as exc:  # noqa: BLE001  (as in Checkpointer.load)
-            skipped += 1
-            why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
-            said = (str(path), why)
-            if skipped <= SAID and said not in _SKIPPED_SAID:  # (once a process: `eval RUN`
-                _SKIPPED_SAID.add(said)  # looks twice, and said it twice: session 47 probe)
-                warn(f"checkpoint {path} is unusable ({why}); skipped")
-            continue
-        found = step, path
-        break
+            entries = pointer_entries(folder) or _by_step(folder)
+        except OSError:
+            return None
+        gone = 0
+        for e in entries:
+            path, step = Path(folder) / e["file"], _step_of(e["file"])
+            if step <= after:
+                break
+            try:
+                if not hold_file(path):  # (held from here until read: a run going on
+                    raise FileNotFoundError(str(path))  # prunes it no more)
+                _read(path, e.get("sha256"))
+            except FileNotFoundError:  # (pruned by a run going on meanwhile, or never there)
+                gone += 1
+                continue
+            except Exception as exc:  # noqa: BLE001  (as in Checkpointer.load)
+                let_go(path)
+                skipped += 1
+                why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+                said = (str(path), why)
+                if skipped <= SAID and said not in _SKIPPED_SAID:  # (once a process: `eval
+                    _SKIPPED_SAID.add(said)  # RUN` looks twice, said it twice: session 47)
+                    warn(f"checkpoint {path} is unusable ({why}); skipped")
+                continue
+            found = step, path
+            break
+        if found is not None or not gone or gone < len(entries):
+            break
     if skipped > SAID and (str(folder), f"{skipped} more") not in _SKIPPED_SAID:
         _SKIPPED_SAID.add((str(folder), f"{skipped} more"))
         warn(f"{skipped - SAID} more checkpoints were unusable")

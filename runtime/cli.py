@@ -668,8 +668,8 @@ def _cmd_export(a) -> int:
     try:
         return _export(a)
     finally:
-        for s, handler in (old or {}).items():
-            signal.signal(s, handler)
+        for s, handler in (old or {}).items():  # (None: a handler not set from Python)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def _export(a) -> int:

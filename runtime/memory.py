@@ -90,6 +90,8 @@ def forked_child(parent: int) -> None:
     # a SIGTERM sent to the child alone (an OOM killer's helper) ends it as before, not as the
     # parent's "interrupted" exception reported as the probe's error (session 30 review)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup's stays; session 48
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # review: the parent's raised in a probe)
     for fd in list(_LOCKS):
         try:
             os.close(fd)

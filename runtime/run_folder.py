@@ -85,7 +85,8 @@ def set_aside_hint(folder: Path) -> str:
         return ""
     if not old:
         return ("; a training run is writing it and has written no checkpoint yet: wait for "
-                "its first (--checkpoint-every) or its end" if bundle_in_use(folder) else "")
+                "its first (--checkpoint-every) or its end" if bundle_in_use(folder)
+                and not (Path(folder) / "manifest.json").exists() else "")  # (not a bundle)
     return (f"; it holds the earlier run that an interrupted --overwrite set aside ({old[0]}): "
             "the next `train` with this --out puts it back (or move its files out yourself)")
 

@@ -463,6 +463,7 @@ def test_a_checkpoint_being_read_is_not_pruned_under_its_reader(mlp_bundle, tmp_
     file"): the checkpoint it chose was pruned before it was read. What newest_intact chose
     is held (a shared lock) and the writer prunes it only once it is let go."""
     import runtime.checkpoint as ckpt
+    from contract import release_bundles
 
     b = open_bundle(mlp_bundle)
     folder = tmp_path / "checkpoints"
@@ -476,11 +477,16 @@ def test_a_checkpoint_being_read_is_not_pruned_under_its_reader(mlp_bundle, tmp_
         names = sorted(p.name for p in folder.glob("ckpt-*.npz"))
         assert names == ["ckpt-000001.npz", "ckpt-000003.npz"], names
         assert b.load_params(folder / "ckpt-000001.npz")  # the reader reads it whole
+        ck.save(4, arrays, meta)  # and lets it go: pruned as any other
+        assert sorted(p.name for p in folder.glob("ckpt-*.npz")) == ["ckpt-000004.npz"]
+        # a reader that chose one and never read it holds it to its command's end
+        assert ckpt.newest_intact(folder) == (4, folder / "ckpt-000004.npz")
+        ck.save(5, arrays, meta)
+        assert (folder / "ckpt-000004.npz").is_file()
     finally:
-        while ckpt._READING:
-            os.close(ckpt._READING.popitem()[1])
-    ck.save(4, arrays, meta)  # let go: pruned as any other
-    assert sorted(p.name for p in folder.glob("ckpt-*.npz")) == ["ckpt-000004.npz"]
+        release_bundles()
+    ck.save(6, arrays, meta)
+    assert sorted(p.name for p in folder.glob("ckpt-*.npz")) == ["ckpt-000006.npz"]
 
 
 @pytest.mark.parametrize("how", ["moved", "removed", "moved-as-written"])

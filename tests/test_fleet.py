@@ -1768,6 +1768,10 @@ def test_eval_of_a_clients_folder_notes_the_rows_it_trained_on(mlp_bundle, tmp_p
     # the folders alone, from another working directory: their summaries name the bundle
     # (session 47 probe: a fleet folder kept outside its bundle was "not inside a bundle")
     for folder, extra in [("client0", ["--data", str(data)]), ("fleet", ["--data", str(data)])]:
+        summary = json.loads((tmp_path / folder / "summary.json").read_text())
+        assert summary["bundle"] == str(mlp_bundle)  # (as given: the path from the folder
+        summary["bundle"] = "elsewhere"  # finds it from any working directory)
+        (tmp_path / folder / "summary.json").write_text(json.dumps(summary))
         r = subprocess.run([sys.executable, "-m", "runtime", "eval", str(tmp_path / folder),
                             *extra, "--threads", "1"], cwd=tmp_path,
                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,

@@ -631,8 +631,13 @@ def test_labels_one_class_in_two_cases_are_named_when_there_are_too_many(
     # session 48 probe: 0/1 on some rows and neg/pos on others was told to name 4 classes
     rows = [("a", "pos"), ("b", "1"), ("c", "neg"), ("d", "0")]
     with pytest.raises(UserError, match=r"4 distinct labels .*the labels mix numbers \(0, 1\) "
-                                        r"and names \(neg, pos\).*write each class one way"):
+                                        r"and names \(neg, pos\).*write each class one way") as e:
         _text(_write_csv(tmp_path / "mixed.csv", rows), tokenizer_file, k=2)
+    assert "--classes" not in str(e.value)  # (naming 4 classes would not help)
+    rows = [("a", "Pos"), ("b", "1"), ("c", "pos"), ("d", "0")]  # both hints at once
+    with pytest.raises(UserError, match=r"mix numbers \(0, 1\) and names \(Pos, pos\), each "
+                                        r"a class of its own; Pos and pos differ only in case"):
+        _text(_write_csv(tmp_path / "both.csv", rows), tokenizer_file, k=2)
 
 
 def test_labels_that_are_one_number_written_two_ways_are_said_to_be_one_class(

@@ -32,18 +32,18 @@ def _one_spelling(names: list[str]) -> str:
     for n in names:
         groups.setdefault(n.casefold(), []).append(n)
     twins = [g for g in groups.values() if len(g) > 1]
-    numbers = [n for n in names if n.lstrip("-").isdigit()]
-    words = [n for n in names if not n.lstrip("-").isdigit()]
+    numbers = [n for n in names if _INT.match(n)]
+    words = [n for n in names if not _INT.match(n)]
+    said = []
     if numbers and words:  # (session 48 probe: 0/1 on some rows, neg/pos on others, was
         # told to name 4 classes at export)
-        return (f"; the labels mix numbers ({', '.join(map(shown_label, numbers[:3]))}) and "
-                f"names ({', '.join(map(shown_label, words[:3]))}), each a class of its own: "
-                "write each class one way")
-    if not twins:
-        return ""
-    shown = "; ".join(" and ".join(shown_label(n) for n in g[:3]) for g in twins[:3])
-    return (f"; {shown} differ only in case, and labels are compared exactly: write each "
-            "class one way")
+        said.append(f"the labels mix numbers ({', '.join(map(shown_label, numbers[:3]))}) and "
+                    f"names ({', '.join(map(shown_label, words[:3]))}), each a class of its "
+                    "own")
+    if twins:
+        shown = "; ".join(" and ".join(shown_label(n) for n in g[:3]) for g in twins[:3])
+        said.append(f"{shown} differ only in case, and labels are compared exactly")
+    return f"; {'; '.join(said)}: write each class one way" if said else ""
 
 
 class _Labels:
@@ -173,15 +173,17 @@ class _Labels:
                 shown += ("; left out, holding no PNG/JPEG files: "
                           + ", ".join(shown_label(n) for n in self.skipped[:6]))
             has = "have" if self.column.endswith("folders") else "has"
-            shown += _one_spelling(names) if len(names) > k else ""
+            spelt = _one_spelling(names) if len(names) > k else ""
+            shown += spelt
             if len(names) > k and ids.size >= 20 and 2 * len(names) > ids.size and has == "has":
                 raise UserError(f"{self.where}: {self.column} has {len(names)} distinct values "
                                 f"in {ids.size} rows ({shown}), not labels of {k} classes; is "
                                 "it the label column? pass the right one with --label-column")
             raise UserError(f"{self.where}: {self.column} {has} {len(names)} distinct labels "
                             f"({shown}) but the model has {k} classes; use data with {k} "
-                            f"classes, or name all {k} at export (export --classes A,B,...) "
-                            "so that data holding some of them fits")
+                            + ("classes" if spelt else  # (one class written two ways: no
+                               f"classes, or name all {k} at export (export --classes "  # list
+                               "A,B,...) so that data holding some of them fits"))  # helps)
         return (remap[ids] if ids.size else ids), names
 
 
