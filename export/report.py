@@ -255,13 +255,25 @@ def _rank_stats(calibrations: list[dict]) -> dict[str, list[float]]:
     return out
 
 
+def _lost(m: Metrics) -> list:
+    """The steps that logged a loss that is not a number (null is how the runtime writes a NaN
+    or inf); not a batch without a labelled position (no loss)."""
+    return [r["step"] for r in m.steps if "loss" in r and _num(r["loss"]) is None
+            and not r.get("unlabelled")]
+
+
 def _title(m: Metrics, run_name: str) -> str:
     s = m.summary or {}
     parts = [run_name]
     if isinstance(s.get("mode"), str):
         parts.append(f"mode {s['mode']}")
-    if m.steps:
-        parts.append(f"{_count(m)} {m.unit}s")
+    if m.steps:  # (session 48 probe: a stopped, resumed or diverged run's title said none)
+        parts.append(f"{_count(m)} {m.unit}s" + (" (not finished: stopped, failed or running)"
+                                                 if m.unit == "step" and not s else ""))
+    if isinstance(s.get("resumed_from"), int) and not isinstance(s["resumed_from"], bool):
+        parts.append(f"resumed at step {s['resumed_from']}")
+    if lost := _lost(m):
+        parts.append(f"{len(lost)} non-finite loss{'es' if len(lost) > 1 else ''}")
     acc, before = _num(s.get("test_acc")), _num(s.get("test_acc_before"))
     if acc is not None:
         parts.append(f"held-out acc {before:.3f} → {acc:.3f}" if before is not None
@@ -471,9 +483,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"note: summary.json is of step {str(m.stale_summary)[:20]} but metrics.jsonl goes "
               f"to step {_step(m.steps[-1])} (a resumed run that stopped early); it is left out")
     # (null is how the runtime writes a NaN or inf: a session 35 probe saw no note for it)
-    lost = [r["step"] for r in m.steps if "loss" in r and _num(r["loss"]) is None
-            and not r.get("unlabelled")]  # (a batch without a labelled position: no loss)
-    if lost:
+    if lost := _lost(m):
         print(f"note: {len(lost)} {m.unit}(s) logged a loss that is not a number within +-1e30 (NaN, "
               f"inf or an overflow; the first at step {lost[0]}) and are left out of the loss "
               "curve")

@@ -982,6 +982,9 @@ def _cmd_train(a) -> int:
                    if exc.way == "free space, then --resume" else exc.way)  # (nothing to resume)
             raise UserError(f"{exc.what}; this run's files were removed and the previous run "
                             f"in '{out}' is back in place; {way}") from None
+        if exc.way.endswith(" with --overwrite") and not out.exists():  # (its stub removed:
+            raise UserError(f"{exc.what}; {exc.last}; "  # no --overwrite is asked for then,
+                            f"{exc.way.removesuffix(' with --overwrite')}") from None  # s48)
         raise
     finally:
         folder.finish(ok)  # a failed --overwrite run puts the old run back
@@ -1115,7 +1118,8 @@ def _cmd_eval(a) -> int:
         trainer.use_plan(_plan(trainer, data, a.batch, budget, None, print))
     loss, acc = _evaluate_shrinking(trainer, target, a.batch, budget is not None)
     which = "held-out" if data.test is not None else "all"
-    print(f"{which} examples: {len(target)}, loss {loss:.4f}"
+    print(f"{which} examples: {len(target)}, loss "  # (a diverged run's 1e33: not 34 digits)
+          + (f"{loss:.4f}" if abs(loss) < 1e6 else f"{loss:.4g}")
           + (f", accuracy {acc:.3f}" if acc is not None else "")
           + f" (weights: {_shown(weights or 'initial')}; peak RSS {peak_rss() / 1e6:.1f} MB)")
     peak = peak_rss()

@@ -312,7 +312,8 @@ def _diverged(trainer: Trainer, what: str, good: Path | None, streak: bool = Fal
     ``before_resume``: they began before this run resumed, its older checkpoints are kept;
     ``untrained``: no update was ever applied, so the learning rate cannot be the cause)."""
     opts = "--lr" + (" or --weight-decay" if trainer.config.optim.weight_decay else "")
-    where = (f"the last good checkpoint is {good}" if good else
+    where = (f"the last good checkpoint is {good} (the last with finite weights: its loss "
+             "may already be large)" if good else
              "the steps before this resume were non-finite too; its older checkpoints are "
              "kept" if before_resume else
              f"no checkpoint was written before {'them' if streak else 'it'}")

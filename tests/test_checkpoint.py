@@ -907,7 +907,9 @@ def test_a_non_finite_streak_writes_no_checkpoint_and_names_the_one_before_it(ml
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"^non-finite loss or gradient for 5 consecutive steps "
                                         r"\(up to step 9\); the last good checkpoint is "
-                                        r".*ckpt-000004\.npz; lower --lr \(or check the data\) "
+                                        r".*ckpt-000004\.npz \(the last with finite weights: "
+                                        r"its loss may already be large\); lower --lr \(or "
+                                        r"check the data\) "
                                         r"and start again with --overwrite$"):
         train(_trainer(mlp_bundle), NaNBatches(load_data("digits", b), set(range(5, 100))),
               RunConfig(steps=50, checkpoint_every=2, progress=False), out)
@@ -1544,7 +1546,9 @@ def test_update_that_makes_weights_non_finite_stops_and_keeps_the_last_good_chec
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"non-finite parameters \('.*' holds NaN or inf\) at "
                                         r"step 5: training diverged; the last good checkpoint is "
-                                        r".*ckpt-000004\.npz; lower --lr and start again with "
+                                        r".*ckpt-000004\.npz \(the last with finite "
+                                        r"weights: its loss may already be large\); lower --lr "
+                                        r"and start again with "
                                         r"--overwrite$"):
         train(tr, BlowUpAt(load_data("digits", b), tr, 5),
               RunConfig(steps=12, checkpoint_every=2, progress=False), out)

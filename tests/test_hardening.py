@@ -1391,6 +1391,27 @@ def test_divergence_reaching_calibration_is_handled(mlp_bundle, tmp_path):
         assert len(errors) == 1 and "non-finite" in errors[0], r.stderr
 
 
+def test_a_diverged_runs_way_out_and_eval_read_as_they_are(mlp_bundle, tmp_path):
+    """Session 48 probe: a run diverged at step 1 left no folder (its stub removed) and was
+    still told to "start again with --overwrite"; the "last good checkpoint" of a diverging
+    run (finite weights, loss 6e33) was not said to be only finite, and `eval` of it printed
+    the loss with 34 digits."""
+    quiet = ["--no-progress", "--threads", "1", "--mode", "vanilla"]
+    r = _run(["train", str(mlp_bundle), "--data", "digits", "--out", str(tmp_path / "x"),
+              "--steps", "20", "--lr", "1e38", *quiet])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.rstrip().endswith("lower --lr and start again") \
+        and not (tmp_path / "x").exists(), r.stderr
+    r = _run(["train", str(mlp_bundle), "--data", "digits", "--out", str(tmp_path / "d"),
+              "--steps", "60", "--lr", "1e4", "--checkpoint-every", "2", *quiet])
+    assert r.returncode == 2 and "(the last with finite weights: its loss may already be " \
+        "large)" in r.stderr and r.stderr.rstrip().endswith("with --overwrite"), r.stderr
+    r = _run(["eval", str(tmp_path / "d"), "--threads", "1"])
+    assert r.returncode == 0, r.stderr
+    loss = r.stdout.split(", loss ")[1].split(",")[0]
+    assert len(loss) <= 10 and (float(loss) < 1e6 or "e+" in loss), r.stdout
+
+
 def test_degenerate_gram_keeps_the_previous_bases(mlp_bundle):
     """Calibration on activations with inf keeps the bases it had and warns."""
     from helpers import make_trainer

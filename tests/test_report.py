@@ -142,6 +142,23 @@ def test_resumed_run_last_record_wins_and_torn_tail_skipped(tmp_path):
     assert "peak 175.6 MB" in report._title(report.read_metrics(run), "run2")
 
 
+def test_the_title_says_a_run_is_unfinished_resumed_or_has_non_finite_losses(tmp_path):
+    """Session 48 probe: the image of a run stopped at step 212 of 1500 said "212 steps", of a
+    resumed run nothing of its resume, and of a diverged run nothing (its curve just ended)."""
+    recs = [{"kind": "step", "step": s, "loss": 1.0} for s in range(1, 5)]
+    title = report._title(report.read_metrics(_write_run(tmp_path / "a", recs)), "a")
+    assert "4 steps (not finished: stopped, failed or running)" in title, title
+    run = _write_run(tmp_path / "b", recs, summary={"steps": 4, "resumed_from": 2})
+    title = report._title(report.read_metrics(run), "b")
+    assert "4 steps · resumed at step 2" in title and "not finished" not in title, title
+    recs += [{"kind": "step", "step": s, "loss": None} for s in (5, 6)]
+    title = report._title(report.read_metrics(_write_run(tmp_path / "c", recs)), "c")
+    assert "2 non-finite losses" in title, title
+    run = _write_run(tmp_path / "d", recs[:4], summary={"steps": 4, "resumed_from": None})
+    title = report._title(report.read_metrics(run), "d")
+    assert "resumed" not in title and "non-finite" not in title and "not finished" not in title
+
+
 def test_a_summary_of_another_step_is_left_out(tmp_path, capsys):
     """A finished run resumed for more steps and stopped early: metrics.jsonl goes past the
     summary.json of its first end, whose figures (first and last loss, held-out accuracy, peak)
