@@ -117,8 +117,9 @@ def _load_data(a, bundle, spec: str | None = None, class_names: list[str] | None
         without = None  # (its own value's error first: load_data's)
     if without:
         raise UserError(f"{without} was given without --data, which it applies to (without "
-                        f"--data the run reads the built-in '{a.data}'); pass --data with the "
-                        f"model's data, or leave {without} out")
+                        f"--data the run reads the built-in '{a.data}', whose held-out split "
+                        f"is fixed); pass --data with a file or folder of the model's data, or "
+                        f"leave {without} out")
     trained = _run_data(a, bundle) if spec is None and isinstance(a.data, _DefaultData) \
         and getattr(a, "resume", False) else None
     if trained and trained != a.data:  # (session 47 probe: "training rows 1438 (this run: 1437)")

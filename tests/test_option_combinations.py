@@ -75,7 +75,7 @@ def test_data_options_without_data_are_named(cli, mlp_bundle, tmp_path, cmd, ext
     r = cli(cmd, mlp_bundle, *extra, "--out" if cmd == "train" else "--threads",
             tmp_path / "r" if cmd == "train" else 1)
     user_error(r, f"{extra[0]} was given without --data, which it applies to",
-               "pass --data with the model's data")
+               "pass --data with a file or folder of the model's data")
 
 
 def test_plan_in_vanilla_mode_does_not_rank_by_unused_options(cli, cnn_bundle):
