@@ -1147,6 +1147,7 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
     from .console import say_err
     from .errors import UserError
     from .export_model import other_bundle, own_bundle
+    from .run_files import trained_shapes
 
     want = record.get("bundle_sha256")
     if run_dir is not None and not isinstance(want, str):
@@ -1167,9 +1168,7 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
         return
     own = own_bundle(run_dir, want)
     own_text = f"its own bundle, '{own}'" if own else "the bundle it was trained on"
-    held = _npz_shapes(weights)
-    if any(n.startswith("param/") for n in held):  # a checkpoint: param/NAME, opt/..., meta
-        held = {n.removeprefix("param/"): v for n, v in held.items() if n.startswith("param/")}
+    held = trained_shapes(weights)
     scoring = flag == "--weights"
     verb = "evaluate it" if scoring else "go on from it"  # (train --init-from)
     other = [f"'{p.name}' {list(held[p.name])} there, {list(p.shape)} here"
@@ -1188,27 +1187,6 @@ def _check_trained_bundle(record: dict, bundle, run_dir: Path | None,
         return
     raise UserError(f"{why}, and its trained tensors are not this bundle's; {verb} with "
                     f"{own_text}, or train a run of this one")
-
-
-def _npz_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
-    """Member name (less .npy) -> its array's shape from the .npy header (None where it has
-    none), read without loading an array; {} for a file that is no zip."""
-    import zipfile
-
-    from .checkpoint import _header
-
-    out: dict[str, tuple[int, ...] | None] = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for n in zf.namelist():
-                try:
-                    with zf.open(n) as m:
-                        out[n.removesuffix(".npy")] = tuple(_header(m, n)[0])
-                except Exception:  # noqa: BLE001 - zlib.error, an encrypted member: unknown
-                    out[n.removesuffix(".npy")] = None
-    except (OSError, zipfile.BadZipFile, ValueError):
-        return {}
-    return out
 
 
 def _split_rows(data, val_split: float | None) -> int:

@@ -108,9 +108,6 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
             raise UserError(f"{why}; " + (way(own or "DIR") if way else "pass the run's own "
                                           f"bundle with --bundle {own or 'DIR'}")
                             + " (a bundle given so is used even when its hash differs)")
-        import sys
-
-        print(f"warning: {why}; its graphs are used as --bundle asks", file=sys.stderr)
     b = open_bundle(bdir)
     if weights is not None:
         w = Path(weights)
@@ -127,6 +124,21 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     else:
         raise UserError(f"no parameters found for '{src}' (no run/params.npz or params.npz); "
                         "train first or pass --weights FILE")
+    if why is not None and run_dir is not None:  # (session 48 probe: a bundle exported again
+        from .run_files import trained_shapes  # with fewer trained tensors, given by --bundle,
+        # wrote a model pairing the run's trained fc3 with an untrained fc2, exit 0; eval
+        # refuses the same pair)
+        ours = {p.name for p in b.params}
+        dropped = [n for n in trained_shapes(w) if n not in ours]
+        if dropped:
+            raise UserError(f"{why}, and the run trained tensors that this bundle keeps frozen "
+                            f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}): "
+                            "the model written would hold their untrained values; pass the "
+                            "run's own bundle with --bundle")
+    if why is not None:
+        import sys
+
+        print(f"warning: {why}; its graphs are used as --bundle asks", file=sys.stderr)
     return b, w
 
 

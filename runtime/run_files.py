@@ -226,3 +226,27 @@ def data_realpath(spec: str | None) -> str | None:
     if not spec or spec in BUILTIN_DATASETS or not os.path.exists(spec):
         return None
     return os.path.realpath(spec)
+
+
+def trained_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
+    """The tensors a weights file holds (a checkpoint's ``param/NAME`` as NAME) -> their shapes
+    from the .npy headers (None where one has none), read without loading an array; {} for a
+    file that is no zip."""
+    import zipfile
+
+    from .checkpoint import _header
+
+    out: dict[str, tuple[int, ...] | None] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for n in zf.namelist():
+                try:
+                    with zf.open(n) as m:
+                        out[n.removesuffix(".npy")] = tuple(_header(m, n)[0])
+                except Exception:  # noqa: BLE001 - zlib.error, an encrypted member: unknown
+                    out[n.removesuffix(".npy")] = None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return {}
+    if any(n.startswith("param/") for n in out):  # a checkpoint: param/NAME, opt/..., meta
+        out = {n.removeprefix("param/"): v for n, v in out.items() if n.startswith("param/")}
+    return out

@@ -468,6 +468,13 @@ def test_weights_a_bundle_does_not_train_are_said_not_read(mlp_bundle, mlp_head_
         assert r.returncode == 0 and said in r.stdout, (r.stdout, r.stderr)
     r = cli("eval", mlp_bundle, "--weights", loose, "--data", "digits")  # all of them read
     assert r.returncode == 0 and "not read" not in r.stdout, r.stdout
+    # the run's folder with another bundle by --bundle (session 48 probe: a model pairing the
+    # run's trained last layer with untrained hidden ones was written, exit 0; eval refuses)
+    r = cli("export-model", tmp_path / "run", "--bundle", mlp_head_bundle, "--out",
+            tmp_path / "m2.onnx")
+    assert r.returncode == 2 and "the run trained tensors that this bundle keeps frozen " \
+        "(0.weight, 0.bias, 2.weight, ...)" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("m2*")), r.stderr
     # a fleet server's folder records its model's signature: another bundle's is refused, as
     # a run folder of another bundle is (the probe's fleet of the whole mlp)
     import json
