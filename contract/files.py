@@ -183,22 +183,9 @@ def hold_bundle(folder: Path) -> None:
     and fleet commands, to their end): an ``export --overwrite`` of it meanwhile is refused
     (session 46 probe: it replaced the bundle a run was training, and the finished run could
     then be neither evaluated nor resumed). It waits out an export's check of the folder (a
-    moment); a file system without locks holds nothing."""
-    import fcntl
-
-    key = os.path.realpath(folder)
-    if key in _HELD:
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except OSError:  # no locks here (NFS without them): nothing held
-        os.close(fd)
-        return
-    _HELD[key] = fd
+    moment); a file system without locks holds nothing. (:func:`hold_file`: a folder is held
+    as a file is.)"""
+    hold_file(folder)
 
 
 def hold_file(path: Path) -> bool:

@@ -274,7 +274,7 @@ class Checkpointer:
     def _prune(self, keep: set[str]) -> None:
         for f in self.folder.iterdir():
             stale = (_NAME.match(f.name) and f.name not in keep) or ".tmp" in f.name
-            if stale and (".tmp" in f.name or not bundle_in_use(f)):  # (a reader's: _hold)
+            if stale and (".tmp" in f.name or not bundle_in_use(f)):  # (a reader's hold_file)
                 try:
                     f.unlink()
                 except OSError:

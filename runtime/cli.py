@@ -586,6 +586,10 @@ class Terminated(KeyboardInterrupt):
 
     signum = signal.SIGTERM
 
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
+
 
 def _term_as_interrupt():
     """SIGTERM and SIGHUP raise :class:`Terminated` (the previous handlers are returned, None
@@ -597,9 +601,8 @@ def _term_as_interrupt():
 
     def raise_terminated(signum, frame):
         _TERM_SEEN.append(signum)  # (an exception raised inside an import's lock callback or a
-        stop = Terminated()  # finalizer is printed and dropped: ``check_terminated`` sees it)
-        stop.signum = signum
-        raise stop
+        raise Terminated(signum)  # finalizer is printed and dropped: ``check_terminated``
+        # sees it)
 
     previous = sys.unraisablehook
 
@@ -620,9 +623,7 @@ def check_terminated() -> None:
     clone's test: SIGTERM during an import ended in "Exception ignored", the export went on and
     exited 0)."""
     if _TERM_SEEN:
-        stop = Terminated()
-        stop.signum = _TERM_SEEN[0]
-        raise stop
+        raise Terminated(_TERM_SEEN[0])
 
 
 def _print_line(line: str) -> None:

@@ -250,3 +250,17 @@ def trained_shapes(path: Path) -> dict[str, tuple[int, ...] | None]:
     if any(n.startswith("param/") for n in out):  # a checkpoint: param/NAME, opt/..., meta
         out = {n.removeprefix("param/"): v for n, v in out.items() if n.startswith("param/")}
     return out
+
+
+def with_bundle_from_run(record: dict, folder: Path) -> dict:
+    """``record`` (a run's run.json, a fleet folder's summary.json) with its ``bundle`` also as
+    a path from ``folder`` (``bundle_from_run``): the bundle is found again from any working
+    directory (``export_model._run_bundle``). As it is where it names none or no such path can
+    be made."""
+    if not isinstance(record.get("bundle"), str):
+        return record
+    try:
+        rel = os.path.relpath(Path(record["bundle"]).resolve(), Path(folder).resolve())
+    except (OSError, ValueError):
+        return record
+    return {**record, "bundle_from_run": rel}

@@ -37,6 +37,7 @@ from .run_files import (
     json_object,
     link_kind,
     run_class_names,
+    with_bundle_from_run,
 )
 
 __all__ = ["RUN_FILES", "RunFolder", "bundle_run", "check_out_path", "check_run_links",
@@ -336,13 +337,7 @@ class RunFolder:
             self._write_identity()
 
     def _write_identity(self) -> None:
-        identity = dict(self.identity)
-        if isinstance(identity.get("bundle"), str):  # found again from any working directory
-            try:
-                identity["bundle_from_run"] = os.path.relpath(
-                    Path(identity["bundle"]).resolve(), self.path.resolve())
-            except (OSError, ValueError):
-                pass
+        identity = with_bundle_from_run(dict(self.identity), self.path)
         text = json.dumps(identity, indent=1)
         if len(text.encode()) > MAX_RUN_JSON_BYTES:  # (what eval and --resume would refuse)
             raise UserError(f"the run's class names take {len(text.encode()):,} bytes in "

@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -484,30 +483,19 @@ def save_run(out_dir: str | Path, params: dict[str, np.ndarray] | None,
     """
     from contract import atomic_write, json_text, write_npz, write_text
 
+    from ..run_files import with_bundle_from_run
+
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if params is not None:
             atomic_write(out / "params.npz", lambda p: write_npz(p, params))
         if summary is not None:
-            text = json_text(_with_bundle_from_run(summary, out), indent=1)
+            text = json_text(with_bundle_from_run(summary, out), indent=1)
             atomic_write(out / "summary.json", lambda p: write_text(p, text))
     except OSError as exc:
         raise UserError(f"cannot write {out}: {exc.strerror or exc}; {way_out}") from None
     return out / "params.npz"
-
-
-def _with_bundle_from_run(summary: dict, out: Path) -> dict:
-    """The summary with its bundle's path relative to the folder (as a run's run.json has it):
-    ``eval FOLDER`` finds the bundle of a fleet folder kept outside it from any working
-    directory (session 47 probe: a server's --out elsewhere was "not inside a bundle")."""
-    if not isinstance(summary.get("bundle"), str):
-        return summary
-    try:
-        rel = os.path.relpath(Path(summary["bundle"]).resolve(), out.resolve())
-    except (OSError, ValueError):
-        return summary
-    return {**summary, "bundle_from_run": rel}
 
 
 def release_memory() -> None:
