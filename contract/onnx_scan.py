@@ -206,15 +206,23 @@ def _node(buf: bytes, start: int, end: int, depth: int) -> Node:
         elif field in (4, 7, 8):
             setattr(node, {4: "op", 7: "domain", 8: "overload"}[field], _text(buf, value))
         elif field == 5:  # an attribute: its graphs (g, graphs)
-            node.graphs += [_graph(buf, *v, depth + 1) for f, w, v in _fields(buf, *value)
-                            if w == 2 and f in (6, 11)]
+            one = None  # g (6) is one graph: written twice, protobuf merges the parts
+            for f, w, v in _fields(buf, *value):
+                if w == 2 and f == 6:
+                    one = _graph(buf, *v, depth + 1, into=one)
+                elif w == 2 and f == 11:
+                    node.graphs.append(_graph(buf, *v, depth + 1))
+            node.graphs += [one] if one is not None else []
     return node
 
 
-def _graph(buf: bytes, start: int, end: int, depth: int) -> Graph:
+def _graph(buf: bytes, start: int, end: int, depth: int, into: Graph | None = None) -> Graph:
+    """The graph at ``buf[start:end]``; with ``into``, that graph with this part merged in
+    (a singular message field written twice is one message to protobuf: its repeated fields,
+    nodes, inputs and outputs, concatenated)."""
     if depth > _MAX_DEPTH:
         raise OnnxScanError("graphs nested too deeply")
-    g = Graph([], [], [])
+    g = into if into is not None else Graph([], [], [])
     for field, wire, value in _fields(buf, start, end):
         if wire == 2 and field == 1:
             g.nodes.append(_node(buf, *value, depth + 1))
@@ -233,8 +241,8 @@ def main_graph(model: bytes) -> Graph:
     """
     g, functions = Graph([], [], []), {}
     for field, wire, value in _fields(model, 0, len(model)):
-        if wire == 2 and field == 7:
-            g = _graph(model, *value, 1)
+        if wire == 2 and field == 7:  # every part (a probe split the graph in two: the scan
+            g = _graph(model, *value, 1, into=g)  # saw the last part, onnxruntime both)
         elif wire == 2 and field == 25:  # a FunctionProto: name 1, nodes 7, domain 10,
             key, body = {1: "", 10: "", 13: ""}, []  # overload 13
             for f, w, v in _fields(model, *value):
@@ -242,7 +250,8 @@ def main_graph(model: bytes) -> Graph:
                     key[f] = _text(model, v)
                 elif w == 2 and f == 7:
                     body.append(_node(model, *v, 2))
-            functions[(key[10], key[1], key[13])] = body
+            # (one key twice: both bodies are scanned, whichever onnxruntime takes)
+            functions.setdefault((key[10], key[1], key[13]), []).extend(body)
     g.functions = functions
     return g
 

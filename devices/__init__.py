@@ -84,8 +84,7 @@ def _parse_size(text: str) -> int:
     units (KiB, MiB, GiB, TiB) powers of 1024. Fractions of a byte are rounded down.
 
     Raises:
-        ProfileError: the text is not a string, has no unit or an unknown one, is not a number,
-            or is not greater than zero. The message names the bad value.
+        ProfileError: not a string, no unit or an unknown one, not a number, under 1 byte.
     """
     if not isinstance(text, str):
         raise ProfileError(
@@ -100,14 +99,14 @@ def _parse_size(text: str) -> int:
         raise ProfileError(f"invalid size {text!r}: a unit is required; {_EXAMPLES}")
     factor = _UNITS.get(unit.lower())
     if factor is None:
-        raise ProfileError(
-            f"invalid size {text!r}: unknown unit {unit!r}; accepted units: {_UNIT_NAMES}; "
-            f"{_EXAMPLES}"
-        )
+        raise ProfileError(f"invalid size {text!r}: unknown unit {unit!r}; accepted units: "
+                           f"{_UNIT_NAMES}; {_EXAMPLES}")
     if match["exp"] and abs(int(match["exp"])) > 40:  # (1e400MB was "not a number and unit")
         raise ProfileError(f"invalid size {text!r}: "
-                           + ("larger than any machine's memory" if int(match["exp"]) > 0
-                              else "must be greater than zero") + f"; {_EXAMPLES}")
+                           + ("must be greater than zero" if match["sign"] == "-"
+                              or not Decimal(match["num"]) else
+                              "larger than any machine's memory" if int(match["exp"]) > 0
+                              else "less than one byte") + f"; {_EXAMPLES}")
     try:
         nbytes = int(Decimal(match["num"]) * factor)
     except InvalidOperation:  # pragma: no cover - the regex only admits valid decimals
@@ -148,6 +147,7 @@ class Profile:
     default_budget: int
     source: Path
     gflops: float | None = None  # sustained fp32 GFLOP/s: `plan` estimates step time with it
+    cpu_gflops: float | None = None  # the CPU's, where gflops is its GPU's (a Jetson)
     detect_model_contains: tuple[str, ...] = ()
     detect_ram_max: int | None = None
 
@@ -163,7 +163,7 @@ _FIELDS = {
     "default_threads": "int",
     "default_budget": "size",
 }
-_OPTIONAL = {"gflops": "float"}
+_OPTIONAL = {"gflops": "float", "cpu_gflops": "float"}
 _DETECT_FIELDS = {"model_contains": "list[str]", "ram_max": "size"}
 _EXPECTED = {
     "str": "a non-empty string",
@@ -234,7 +234,6 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
                 f"required: {', '.join(_FIELDS)}"
             )
         values[field] = _field(source, field, raw[field], kind)
-
     for field, kind in _OPTIONAL.items():
         if field in raw:
             values[field] = _field(source, field, raw[field], kind)
@@ -258,8 +257,9 @@ def _parse_profile(source: Path, raw: dict[str, Any], *, builtin: bool) -> Profi
         raise bad("cores", f"must be from 1 to {MAX_CORES}")
     if not 1 <= values["default_threads"] <= values["cores"]:
         raise bad("default_threads", f"must be between 1 and cores ({values['cores']})")
-    if values.get("gflops") is not None and not MIN_GFLOPS <= values["gflops"] <= MAX_GFLOPS:
-        raise bad("gflops", f"must be a number from {MIN_GFLOPS:g} to {MAX_GFLOPS:g}")
+    for f in (f for f in _OPTIONAL if values.get(f) is not None):  # gflops, cpu_gflops
+        if not MIN_GFLOPS <= values[f] <= MAX_GFLOPS:
+            raise bad(f, f"must be a number from {MIN_GFLOPS:g} to {MAX_GFLOPS:g}")
     if values["default_budget"] > values["ram"]:
         raise bad("default_budget", f"must not exceed ram ({raw['ram']})")
 

@@ -54,6 +54,7 @@ from devices.planner import (
 from .calibrate import GramWindow, Spectrum, basis, decompose_bytes, gram_vectors, spectrum_width
 from .memory import (
     WouldPassLimit,
+    budget_from_profile,
     current_rss,
     device_given,
     fork_held,
@@ -483,16 +484,27 @@ def _stated_minimum(exc: BudgetTooSmall, budget: int, mode: str = "vanilla",
                     "layers on that device (export --trainable)")
         return (f"; that is more than the {device[1] / 1e6:.0f} MB of RAM of profile "
                 f"'{device[0]}': on that device, train fewer layers (export --trainable)")
+    if device is not None and budget >= device[1]:  # no budget above it fits the device
+        # (session 49 probe: a profile at its RAM was told a budget below it "may do")
+        return UserError(f"budget {budget_mb(budget)} MB is below the minimum for this bundle"
+                         f"{why}, and profile '{device[0]}' has no more RAM "
+                         f"({device[1] / 1e6:.0f} MB): " + (
+                             "the model does not fit that device; evaluate it on one with more "
+                             "RAM, or without --budget and --profile here" if evaluating else
+                             "on that device, train fewer layers (export --trainable)"
+                             + _or_vanilla(mode, resuming)))
     if not exc.need:  # a probe at micro-batch 1 alone passed the budget
         # twice what is known to be taken before any step (the first probe's own need: sessions
         # and activations come on top; MiniLM: 73 MB known, 116 MB needed)
         hint = max(2 * budget, 2 * exc.floor)
+        without = "--budget and --profile" if budget_from_profile() else "--budget"
         return UserError(f"budget {budget_mb(budget)} MB is below the minimum for this bundle"
                          f"{why}: a planning probe alone passed it; raise --budget well "
                          f"above it, e.g. to {math.ceil(hint / 1e6)}MB, a generous guess (the "
                          "probes stop at the budget, so how far was not measured; "
-                         + ("or evaluate without --budget)" if evaluating else
-                            "`instant-runtime plan` without --budget estimates the minimum)")
+                         + (f"or evaluate without {without})" if evaluating else
+                            f"`instant-runtime plan --data DATA` without {without} estimates "
+                            "the minimum)")
                          + beyond(hint, guess=True) + _or_vanilla(mode, resuming))
     # the estimate with headroom, whatever budget was tried (session 34 probe: stated as
     # MIN_FACTOR x the refused budget, each refusal at the stated figure asked 25 % more);
@@ -517,7 +529,7 @@ def _or_vanilla(mode: str, resuming: bool = False) -> str:
     return (", or train exactly with --mode vanilla " + (
         "as a new run (another --out: a resumed run keeps its mode; "
         if resuming else "(") + "no calibration: its minimum may be lower; "
-        "`instant-runtime plan --mode vanilla` states it)")
+        "`instant-runtime plan --data DATA --mode vanilla` states it)")
 
 
 def estimate_minimum(trainer: Trainer, data, batch: int, reserve: int = 0) -> int | None:

@@ -134,10 +134,11 @@ class Bundle:
         return open_listed(self.path, names.WEIGHTS_FILE, entry, verify=False)
 
     def load_params(self, path: Path | None = None,
-                    way_out: str = "re-export the bundle or pass another --weights file"
-                    ) -> dict[str, np.ndarray]:
+                    way_out: str | None = None) -> dict[str, np.ndarray]:
         """Trainable parameters as writable float32 arrays (initial, or from ``path``);
-        ``way_out`` ends the message of a file that cannot be read.
+        ``way_out`` ends the message of a file that cannot be read or does not fit (default:
+        for a --weights file, what it may be and what to pass; a session 49 probe was told to
+        "re-export the bundle" of another model's weights, which a re-export cannot mend).
 
         Raises:
             UserError: unreadable file, a missing parameter, a wrong shape, non-finite values.
@@ -154,6 +155,10 @@ class Bundle:
                 raise
         else:
             fd, src = None, Path(path)
+        misfit = way_out or ("another model's weights: use them with the bundle they were "
+                             "trained with, or pass the weights of a run of this one")
+        way_out = way_out or ("damaged, or not a weights file: pass a run folder, its "
+                              "params.npz or one of its checkpoints")
         unreadable = way_out  # (a run's params.npz: session 47 probe, told to re-export with
         if fd is None and src.name == names.PARAMS_FILE and any(  # a checkpoint of its step
                 src.parent.glob("checkpoints/ckpt-*.npz")):  # beside it)
@@ -194,7 +199,7 @@ class Bundle:
                 shape = [int(d) for d in v.shape[:8]]
                 raise UserError(f"{src}: parameter '{p.name}' is {str(v.dtype)[:40]} {shape}"
                                 f"{'...' if len(v.shape) > 8 else ''}, the bundle expects "
-                                f"float32 {p.shape}; {way_out}")
+                                f"float32 {p.shape}; {misfit}")
             # the array read is used as it is where it can be (a copy of every tensor had
             # doubled the process's peak while loading: +77 MB for a 79 MB model, session 27)
             with np.errstate(over="ignore"):  # (float64 past float32's range: inf, said below)

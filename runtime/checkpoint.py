@@ -411,10 +411,15 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
     missing or unreadable, the ``ckpt-*.npz`` files by step, as a resume does (session 41
     probe: both said "a folder without params.npz or a checkpoint", or "re-export the bundle"
     of a damaged newest checkpoint, where ``--resume`` used the one before)."""
-    skipped, found = 0, None
+    skipped, found, missing = 0, None, []
     for _ in range(3):  # (a run going on may prune every entry read: its pointer again)
         try:
-            entries = pointer_entries(folder) or _by_step(folder)
+            entries = pointer_entries(folder)
+            if not entries and (Path(folder) / POINTER).exists():  # (as a resume says it:
+                _say_once(folder, f"checkpoint pointer {Path(folder) / POINTER} is unreadable "
+                          "or names files outside its folder; using the newest checkpoint "
+                          "that loads")  # a session 49 probe: skipped silently)
+            entries = entries or _by_step(folder)
         except OSError:
             return None
         gone = 0
@@ -428,6 +433,7 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
                 _read(path, e.get("sha256"))
             except FileNotFoundError:  # (pruned by a run going on meanwhile, or never there)
                 gone += 1
+                missing.append(e["file"])
                 continue
             except Exception as exc:  # noqa: BLE001  (as in Checkpointer.load)
                 let_go(path)
@@ -445,7 +451,22 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
     if skipped > SAID and (str(folder), f"{skipped} more") not in _SKIPPED_SAID:
         _SKIPPED_SAID.add((str(folder), f"{skipped} more"))
         warn(f"{skipped - SAID} more checkpoints were unusable")
+    # a file the pointer names and that is not there: pruned by a run going on (which takes it
+    # out of the pointer too), or lost; only the lost ones, still named, are said
+    listed = {e["file"] for e in pointer_entries(folder)} if missing else set()
+    lost = [n for n in dict.fromkeys(missing) if n in listed
+            and (found is None or _step_of(n) > found[0])]
+    for name in lost[:SAID]:
+        _say_once(folder, f"checkpoint {Path(folder) / name}, named by the pointer, is missing; "
+                  "skipped")
     return found
+
+
+def _say_once(folder: Path, line: str) -> None:
+    """``line`` as a warning, once a process (``eval RUN`` looks twice: session 47)."""
+    if (str(folder), line) not in _SKIPPED_SAID:
+        _SKIPPED_SAID.add((str(folder), line))
+        warn(line)
 
 
 def _by_step(folder: Path) -> list[dict]:

@@ -456,7 +456,8 @@ def _budget_and_profile(a):
     budget = parse_size(a.budget, "--budget") if a.budget is not None else (
         prof.default_budget if prof else None)
     check_budget(budget, a.budget, prof)
-    set_budget(budget, (prof.name, prof.ram) if prof is not None else None)
+    set_budget(budget, (prof.name, prof.ram) if prof is not None else None,
+               from_profile=a.budget is None and prof is not None)
     return budget, prof
 
 
@@ -1010,11 +1011,14 @@ def trained_source(bundle, weights: Path | None, flag: str):
         UserError: nothing readable there, or another bundle's tensors.
     """
     from .errors import UserError
-    from .export_model import trained_weights
+    from .export_model import run_of_checkpoints, trained_weights
     from .run_files import weights_record
     from .run_folder import check_run_links
 
     run_src = None
+    if weights is not None and run_of_checkpoints(weights) != weights:
+        weights = weights / "latest"  # a run's checkpoints folder: its newest (session 49 probe:
+        # "a folder without params.npz or a checkpoint" of a folder of checkpoints)
     if weights is not None and weights.is_dir():  # a run's (or a fleet's) folder
         run_src = weights
         weights = trained_weights(weights, flag)
@@ -1088,6 +1092,7 @@ def _cmd_eval(a) -> int:
     if a.seed is not None and a.val_split is None:  # (a session 43 probe: taken silently)
         print("note: --seed draws --val-split's held-out rows; without --val-split it is not "
               "used", flush=True)
+    seed_given = a.seed is not None
     if a.seed is None:  # (the seed only draws a --val-split)
         a.seed = 0 if run_dir is None or a.val_split is None else _run_seed(
             record, run_dir / "run.json" if "seed" in json_object(run_dir / "run.json")
@@ -1112,6 +1117,9 @@ def _cmd_eval(a) -> int:
             weights = run_weights(run_src) or weights
     target = data.test if data.test is not None else data
     _note_held_out(run_dir, a, data.test is not None, _split_rows(data, a.val_split), data.test)
+    if run_dir is not None and weights is not None and a.val is None and \
+            not (run_dir / "run.json").exists() and not (run_dir / "summary.json").exists():
+        _note_checkpoint_held_out(weights, a, data, seed_given)
     if budget is None:
         use_arena(None)
     else:  # its probes run evaluation passes (a training step's plan took micro-batch 1 where
@@ -1272,6 +1280,32 @@ def _shown(value) -> str:
     return one_line(str(value))
 
 
+def _note_checkpoint_held_out(weights: Path, a, data, seed_given: bool) -> None:
+    """A line where ``eval`` of a checkpoint copied out of its run folder (no run.json to
+    compare with) scores rows its run trained on as held out: the checkpoint records the
+    fingerprints of its run's training rows and held-out rows (session 49 probe: "held-out
+    accuracy 0.932" for 0.892, most of those rows trained on, without a word)."""
+    from .run import data_fingerprint
+    from .run_files import checkpoint_meta
+
+    run = checkpoint_meta(weights).get("run")
+    trained, held = (run.get("data"), run.get("val")) if isinstance(run, dict) else (None, None)
+    if not isinstance(trained, str) or not isinstance(held, str):
+        return  # (a plain .npz, or a checkpoint written before the fingerprints)
+    if a.val_split is not None and data_fingerprint(data) != trained:
+        print(f"note: the run that wrote {_shown(weights)} trained on other rows than those "
+              f"--val-split {a.val_split:g}" + (f" --seed {a.seed}" if seed_given else "")
+              + " leaves here (another fraction, seed or file): some of these held-out rows "
+              "may have been trained on; score its own held-out rows (its --val-split"
+              + (", and --seed left out: the checkpoint's seed is taken" if seed_given else "")
+              + ", or its --val file)")
+    elif data.test is None and held and data_fingerprint(data) not in (held, trained):
+        print(f"note: the run that wrote {_shown(weights)} held rows out and trained on "
+              f"{run.get('n')} others; if these came from that file, these figures include "
+              "rows it trained on: pass its --val-split (or score its --val file) for the "
+              "held-out rows only")
+
+
 def _other_held_out(run_dir: Path, test) -> bool:
     """Whether the held-out rows ``test`` differ from those the run in ``run_dir`` held out, by
     the fingerprint its newest checkpoint recorded (False where it recorded none)."""
@@ -1326,12 +1360,25 @@ def _cmd_plan(a) -> int:
     bundle = open_bundle(a.bundle)
     cfg = _train_config(a, bundle, prof, OptimConfig(name=a.optimizer))
     fl = bundle.manifest.flops
-    if prof is not None and prof.gflops and fl.get("forward"):
+    # a GPU's figure where the run goes to it on that device; with --device cpu its CPU's
+    # (session 49 probe: a Jetson Nano's GPU figure, 8x its CPU's, for a run on the CPU)
+    has_gpu = prof is not None and any(p in prof.execution_providers for p in (
+        "CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    gpu = a.device == "cuda" or a.device == "auto" and has_gpu
+    rate, where = (prof.gflops if prof else None), ""
+    if prof is not None and not gpu and (has_gpu or not rate):  # a run on its CPU
+        rate, where = prof.cpu_gflops, " CPU's" if has_gpu else ""
+        if not rate and prof.gflops and fl.get("forward"):  # (a GPU's figure: not this run's)
+            print(f"note: no step estimate on {prof.name} for a --device cpu run: its profile "
+                  "gives its GPU's speed only (add cpu_gflops to a profile of your own)")
+    elif has_gpu:
+        where = " GPU's"
+    if rate and fl.get("forward"):
         exact = a.batch * (fl["forward"] + 2 * fl.get("trainable_forward", 0))
-        secs = exact / (prof.gflops * 1e9)  # (session 47 probe: "0.00 s" for 6 GFLOP, and
+        secs = exact / (rate * 1e9)  # (session 47 probe: "0.00 s" for 6 GFLOP, and
         shown = f"{secs:.2f} s" if secs >= 0.01 else f"{secs * 1e3:.2g} ms"  # INSTANT said to
         print(f"estimated step on {prof.name} at batch {a.batch}: {shown} with an exact "  # be
-              f"backward ({exact / 1e9:.3g} GFLOP at its {prof.gflops:g} GFLOP/s"  # cheaper
+              f"backward ({exact / 1e9:.3g} GFLOP at its{where} {rate:g} GFLOP/s"  # cheaper
               + ("; INSTANT's compressed backward and its calibrations are not estimated)"
                  if bundle.layers else ")"))  # always)
     if not a.data and (unread := _without_data(a)):
@@ -1493,8 +1540,12 @@ def _cmd_export_model(a) -> int:
                 + ")"
                 + (f", external data {r.external_data}" if r.external_data else ""))
     if r.bundle_from_run:  # (a run folder from elsewhere may name any bundle)
-        _print_line(f"bundle: {os.path.normpath(r.bundle_from_run)}, as "
-                    f"{Path(a.source) / 'run.json'} names it (--bundle DIR picks another)")
+        from .export_model import run_of_checkpoints
+
+        run = run_of_checkpoints(Path(a.source))  # (a fleet's folder: its summary.json, s49)
+        record = run / "run.json" if (run / "run.json").is_file() else run / "summary.json"
+        _print_line(f"bundle: {os.path.normpath(r.bundle_from_run)}, as {record} names it "
+                    "(--bundle DIR picks another)")
     if r.labels_path:
         _print_line(f"class names written to {r.labels_path}")
     if r.preprocess_path:

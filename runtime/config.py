@@ -50,25 +50,39 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
 
     if budget is None:
         return
+    taken = peak_rss()
+    # a profile whose RAM is below what the runtime takes here: no budget it allows can work
+    # (session 49 probe: "raise --budget", then "exceeds the 64 MB of RAM of profile 'tiny'")
+    small = (f"; profile '{prof.name}' has {_mb(prof.ram)} of RAM, less than the runtime takes "
+             f"here ({_mb(taken)}: Python and its libraries) before it reads a bundle: pass the "
+             "profile of a device with more RAM") if prof is not None and prof.ram <= taken \
+        else None
     if budget < 1_000_000 and given is None:  # the profile's own
         raise UserError(f"{prof.source}: default_budget {budget:,} bytes is below 1 MB: no "
-                        "training process fits in it; set e.g. 256MB there, or pass --budget")
+                        "run fits in it" + (small or "; set there what a run may use (at most its "
+                                                   f"ram, {_mb(prof.ram)}), or pass --budget"))
     if budget < 1_000_000:
-        raise UserError(f"--budget {given} is below 1 MB: no training process fits in it; "
-                        "pass e.g. 256MB (`instant-runtime plan` states the minimum)")
+        raise UserError(f"--budget {given} is below 1 MB: no run fits in it" + (
+            small or "; pass e.g. 256MB (`instant-runtime plan --data DATA` without --budget "
+                     "states the minimum)"))
     if prof is not None and budget > prof.ram:
-        raise UserError(f"budget {budget_mb(budget)} MB exceeds the {prof.ram / 1e6:.0f} MB of RAM "
-                        f"of profile '{prof.name}'; pass a --budget below it, or the profile of "
-                        "a device with more RAM")
-    taken = peak_rss()  # (a session 45 probe: a budget below this passed on to the sessions
-    if taken >= budget:  # and the plan's probes, 76 MB under --budget 40MB before its refusal)
+        raise UserError(f"budget {budget_mb(budget)} MB exceeds the {_mb(prof.ram)} of RAM "
+                        f"of profile '{prof.name}'; " + (
+                            "pass a --budget below it, or " if prof.ram > taken else "pass ")
+                        + "the profile of a device with more RAM")
+    if taken >= budget:  # (a session 45 probe: a budget below this passed on to the sessions
+        # and the plan's probes, 76 MB under --budget 40MB before its refusal)
         said = f"--budget {budget_mb(budget)} MB" if given is not None else \
             f"the budget of profile '{prof.name}', {budget_mb(budget)} MB,"
         raise UserError(f"{said} is below what the runtime already takes before it reads the "
-                        f"bundle ({taken / 1e6:.0f} MB: Python and its libraries); raise "
-                        "--budget well above it (`instant-runtime plan` without --budget states "
-                        "the minimum)" + ("" if given is not None else ", or pass the profile "
-                                          "of a device with more RAM"))
+                        f"bundle ({taken / 1e6:.0f} MB: Python and its libraries)" + ((
+                            f"; profile '{prof.name}' has {_mb(prof.ram)} of RAM, less than that:"
+                            " pass the profile of a device with more RAM") if small else (
+                            "; raise --budget well above it (`instant-runtime plan --data DATA` "
+                            "without --budget" + ("" if given is not None else " and --profile")
+                            + " states the minimum)" + (
+                                "" if given is not None else ", or pass the profile of a device "
+                                "with more RAM"))))
     if prof is not None and given is not None and budget > prof.default_budget:
         gives = budget_mb(prof.default_budget)  # (session 47 probe: 530 MB, Pi Zero, silent)
         print(f"warning: --budget {budget_mb(budget)} MB is above the {gives} MB that profile "
@@ -80,6 +94,12 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
         print(f"warning: {said} {budget_mb(budget)} MB exceeds this machine's RAM "
               f"({ram / 1e6:.0f} MB); the budget cannot protect the run from the OS",
               file=sys.stderr)
+
+
+def _mb(n: int) -> str:
+    """``n`` bytes as a line says a device's RAM: MB, or bytes below 1 MB (a probe's 1 kB
+    profile read "0 MB of RAM")."""
+    return f"{n / 1e6:.0f} MB" if n >= 1_000_000 else f"{n:,} bytes"
 
 
 def _bad(option: str, value, accepted: str) -> UserError:

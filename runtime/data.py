@@ -319,7 +319,7 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
     if val_split is not None and not (0.0 < val_split < 1.0):
         raise UserError(f"--val-split {val_split!r} is invalid: give a fraction between 0 and 1 "
                         "(e.g. 0.1)")
-    from .sources.common import TEXT_SUFFIXES
+    from .sources.common import TEXT_SUFFIXES, numbers_in_some_order
 
     if (text_column, label_column) != ("text", "label") and \
             Path(spec).suffix.lower() not in TEXT_SUFFIXES:
@@ -351,6 +351,9 @@ def load_data(spec: str, bundle: Bundle, *, text_column: str = "text",
                     label_column=label_column, val=val, val_split=val_split, seed=seed,
                     class_names=class_names)
     src = relabelled(src, class_names, "the run's classes")  # an .npz naming its own classes
+    if class_names is None and getattr(src, "class_names", 0) is None and \
+            numbers_in_some_order(bundle.manifest.class_names):  # (as eval and --resume read it,
+        src = relabelled(src, list(bundle.manifest.class_names), "the bundle's classes")  # s49)
     import sys
 
     # what was read, in one line: rows and the label map (a misread label column shows here)

@@ -72,9 +72,11 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
     if not src.is_dir():
         raise UserError(f"'{src}' is not a directory; pass a bundle directory or a training run "
                         "directory (one holding params.npz)")
+    src = run_of_checkpoints(src)  # (as eval --weights reads it: a session 49 review)
     run_dir = None if (src / "manifest.json").is_file() else src
     if weights is not None and Path(weights).is_dir():  # a run's folder, as eval --weights
-        weights = trained_weights(Path(weights), "--weights")  # takes (a session 43 probe)
+        weights = trained_weights(run_of_checkpoints(Path(weights)), "--weights")  # takes (a
+        # session 43 probe)
     if weights is not None:  # the run of a checkpoint or params file given with --weights
         wp = Path(weights)
         run_dir = wp.parent.parent if wp.parent.name == "checkpoints" else wp.parent
@@ -140,6 +142,16 @@ def resolve_source(source: str | Path, weights: str | Path | None = None,
 
         print(f"warning: {why}; its graphs are used as --bundle asks", file=sys.stderr)
     return b, w
+
+
+def run_of_checkpoints(folder: Path) -> Path:
+    """The run a ``checkpoints`` folder belongs to, where ``folder`` is one (its pointer or
+    checkpoint files, no run.json or manifest.json of its own); else ``folder``."""
+    if folder.name == "checkpoints" and folder.is_dir() and not any(
+            (folder / f).exists() for f in ("run.json", "manifest.json")) and (
+            (folder / "latest").exists() or any(folder.glob("ckpt-*.npz"))):
+        return folder.parent
+    return folder
 
 
 def trained_weights(run: Path, what: str, found: Path | None = None) -> Path:

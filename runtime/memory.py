@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "current_rss",
+__all__ = ["PeakWatcher", "WouldPassLimit", "budget_from_profile", "budget_given", "child_limit", "current_rss",
            "device_given", "fork_held", "forked_child", "held_lock", "peak_rss", "physical_ram",
            "proc_status", "reserve", "run_measured", "set_budget", "set_limit", "tree_pss",
            "tune_malloc"]
@@ -25,6 +25,7 @@ __all__ = ["PeakWatcher", "WouldPassLimit", "budget_given", "child_limit", "curr
 _LIMIT: int | None = None  # a planning probe's own stop line (budget.py _fork), else None
 _BUDGET: int | None = None  # the command's --budget (or its profile's), for helper children
 _DEVICE: tuple[str, int] | None = None  # the command's device profile: (name, RAM bytes)
+_FROM_PROFILE = False  # the budget is the profile's (no --budget given)
 
 
 _LOCKS: set[int] = set()  # flock'ed descriptors (a run folder's): never a forked child's
@@ -100,12 +101,19 @@ def forked_child(parent: int) -> None:
     _LOCKS.clear()
 
 
-def set_budget(budget: int | None, device: tuple[str, int] | None = None) -> None:
+def set_budget(budget: int | None, device: tuple[str, int] | None = None,
+               from_profile: bool = False) -> None:
     """The command's memory budget in bytes (None: none given), read by :func:`child_limit`;
     ``device``: (profile name, its RAM in bytes) where a profile was named (a refusal's way out
-    must fit it: :func:`device_given`)."""
-    global _BUDGET, _DEVICE
-    _BUDGET, _DEVICE = budget, device
+    must fit it: :func:`device_given`); ``from_profile``: the budget is the profile's own (no
+    --budget: a way out "without --budget" must drop --profile too)."""
+    global _BUDGET, _DEVICE, _FROM_PROFILE
+    _BUDGET, _DEVICE, _FROM_PROFILE = budget, device, from_profile
+
+
+def budget_from_profile() -> bool:
+    """Whether the command's budget came from its profile (:func:`set_budget`)."""
+    return _FROM_PROFILE
 
 
 def device_given() -> tuple[str, int] | None:

@@ -85,9 +85,14 @@ def set_aside_hint(folder: Path) -> str:
     except OSError:
         return ""
     if not old:
-        return ("; a training run is writing it and has written no checkpoint yet: wait for "
-                "its first (--checkpoint-every) or its end" if bundle_in_use(folder)
-                and not (Path(folder) / "manifest.json").exists() else "")  # (not a bundle)
+        if (Path(folder) / "manifest.json").exists():  # (a bundle)
+            return ""
+        if bundle_in_use(folder):
+            return ("; a training run is writing it and has written no checkpoint yet: wait for "
+                    "its first (--checkpoint-every) or its end")
+        return ("; it is a run's folder whose weights are gone (deleted, or the run ended "
+                "before its first checkpoint): train it again with --overwrite"
+                if (Path(folder) / "run.json").is_file() else "")  # (session 49 probe: no way)
     return (f"; it holds the earlier run that an interrupted --overwrite set aside ({old[0]}): "
             "the next `train` with this --out puts it back (or move its files out yourself)")
 

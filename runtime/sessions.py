@@ -84,8 +84,10 @@ def resolve_device(cfg: SessionConfig, available: list[str] | None = None) -> tu
     if cfg.device == "cuda":
         if "CUDAExecutionProvider" not in have:
             raise UserError("--device cuda: this onnxruntime build has no CUDA provider "
-                            f"(available: {', '.join(have)}); install onnxruntime-gpu "
-                            "(pip install instant-runtime[cuda]) or use --device cpu")
+                            f"(available: {', '.join(have)}); install onnxruntime-gpu in its "
+                            "place (pip uninstall -y onnxruntime, then pip install "
+                            "onnxruntime-gpu: the two builds share one folder) or use --device "
+                            "cpu")
         return "cuda", "device: CUDA"
     wanted = list(cfg.profile_providers or TRAINING_PROVIDERS)
     if any(p in wanted for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):

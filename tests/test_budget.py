@@ -89,7 +89,7 @@ def test_infeasible_budget_is_refused_with_a_minimum_that_then_works(workload, t
     if refused == 20:
         assert len(lines) == 1 and lines[0].startswith(
             "error: --budget 20 MB is below what the runtime already takes before it reads the "
-            "bundle") and "`instant-runtime plan` without --budget states the minimum" in \
+            "bundle") and "`instant-runtime plan --data DATA` without --budget states the minimum" in \
             lines[0], lines
         p = subprocess.run([sys.executable, "-m", "runtime", "plan", str(bundle), "--data",
                             str(data), "--batch", str(BATCH), "--calib-batches", "2"],

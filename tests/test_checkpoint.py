@@ -489,6 +489,41 @@ def test_a_checkpoint_being_read_is_not_pruned_under_its_reader(mlp_bundle, tmp_
     assert sorted(p.name for p in folder.glob("ckpt-*.npz")) == ["ckpt-000006.npz"]
 
 
+def test_a_pointer_entry_missing_or_leading_outside_is_said(mlp_bundle, tmp_path, capsys):
+    """Session 49 probe: `eval --weights RUN` whose pointer names a checkpoint that is not there
+    (or a file outside the folder, which is never opened) took an older one silently, where a
+    resume says so. A file a run going on pruned (and took out of its pointer) is not said."""
+    import runtime.checkpoint as ckpt
+    from contract import release_bundles
+
+    b = open_bundle(mlp_bundle)
+    folder = tmp_path / "checkpoints"
+    ck = Checkpointer(folder, b, keep=3)
+    arrays, meta = _trainer(mlp_bundle).state()
+    for step in (1, 2):
+        ck.save(step, arrays, meta)
+    pointer = folder / "latest"
+    data = json.loads(pointer.read_text())
+    try:
+        capsys.readouterr()
+        assert ckpt.newest_intact(folder) == (2, folder / "ckpt-000002.npz")
+        assert capsys.readouterr().err == ""
+        data["checkpoints"].insert(0, {"file": "ckpt-000009.npz", "sha256": "0" * 64})
+        pointer.write_text(json.dumps(data))
+        assert ckpt.newest_intact(folder) == (2, folder / "ckpt-000002.npz")
+        err = capsys.readouterr().err
+        assert f"checkpoint {folder / 'ckpt-000009.npz'}, named by the pointer, is missing; " \
+            "skipped" in err, err
+        data["checkpoints"][0]["file"] = "../outside/ckpt-000009.npz"
+        pointer.write_text(json.dumps(data))
+        assert ckpt.newest_intact(folder) == (2, folder / "ckpt-000002.npz")
+        err = capsys.readouterr().err
+        assert f"checkpoint pointer {pointer} is unreadable or names files outside its " \
+            "folder; using the newest checkpoint that loads" in err, err
+    finally:
+        release_bundles()
+
+
 @pytest.mark.parametrize("how", ["moved", "removed", "moved-as-written"])
 def test_a_run_whose_folder_is_moved_or_removed_stops_instead_of_splitting(mlp_bundle,
                                                                            tmp_path, how):

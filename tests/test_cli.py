@@ -100,20 +100,25 @@ def test_eval_reports_the_trained_accuracy(trained, cli):
     assert Path(m[3]) == s["weights"]
 
 
-def test_eval_reads_a_run_folder_or_its_last_checkpoint_as_weights(trained, cli):
-    """--weights takes the run folder (its params.npz) and a checkpoint of the run (its
-    param/ arrays, the label map from the run one folder up): the same figures as params.npz.
-    A folder without params.npz is one line."""
+def test_eval_reads_a_run_folder_or_its_last_checkpoint_as_weights(trained, cli, tmp_path):
+    """--weights takes the run folder (its params.npz), a checkpoint of the run (its param/
+    arrays, the label map from the run one folder up) and its checkpoints folder (its newest:
+    a session 49 probe was told "a folder without params.npz or a checkpoint"): the same
+    figures as params.npz. A folder without params.npz is one line."""
     _, bundle, out = trained
     s = summary_of(out)
     run = bundle / "run"
     last = sorted((run / "checkpoints").glob("ckpt-*.npz"))[-1]
-    for weights in (run, last):
+    for weights in (run, last, run / "checkpoints"):
         line = ok(cli("eval", bundle, "--data", "digits", "--weights", weights)).strip()
-        m = re.match(r"held-out examples: 360, loss (\S+), accuracy (\S+)", line)
+        m = re.match(r"held-out examples: 360, loss (\S+), accuracy (\S+) \(weights: (.+?);",
+                     line)
         assert m and float(m[2]) == pytest.approx(s["acc"], abs=1e-3), (weights, line)
-    user_error(cli("eval", bundle, "--data", "digits", "--weights", run / "checkpoints"),
+        assert Path(m[3]) == (run / "params.npz" if weights == run else last), line
+    user_error(cli("eval", bundle, "--data", "digits", "--weights", tmp_path),
                "is a folder without params.npz")
+    out = ok(cli("export-model", run / "checkpoints", "--out", tmp_path / "m.onnx"))  # its run
+    assert f"trained tensors from {run / 'params.npz'}" in out, out
     # weights that do not exist: what --weights takes; a checkpoint the run no longer keeps,
     # the ones it does (session 39 probe: a bare "not found")
     user_error(cli("eval", bundle, "--data", "digits", "--weights", run / "nope.npz"),
@@ -178,6 +183,23 @@ def test_a_seeded_or_stopped_run_is_read_back_as_it_was(cli, mlp_bundle, tmp_pat
     elsewhere.mkdir()
     out = ok(runtime("export-model", work / "stopped", "--out", "m.onnx", cwd=elsewhere))
     assert "ckpt-000006.npz" in out and (elsewhere / "m.onnx").is_file(), out
+    # a checkpoint copied out of its run: its own fingerprints of the rows its run trained on
+    # tell another draw (session 49 probe: "held-out accuracy 0.932" for 0.892, no word)
+    copied = elsewhere / "ckpt.npz"
+    shutil.copyfile(work / "run" / "checkpoints" / "ckpt-000006.npz", copied)
+    said = "trained on other rows than those --val-split"
+    own = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
+                 "--weights", copied))
+    assert f"loss {s['test_loss']:.4f}" in own and said not in own, own  # its seed, 3
+    for more in (("--seed", 0), ("--val-split", 0.3)):
+        other = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--val-split",
+                       0.25, "--weights", copied, *more))
+        assert said in other and "score its own held-out rows (its --val-split" in other, other
+        assert ("--seed left out: the checkpoint's seed is taken" in other) == \
+            ("--seed" in more), other
+    whole = ok(cli("eval", work / "bundle", "--data", tmp_path / "d.npz", "--weights", copied))
+    assert "held rows out and trained on 180 others; if these came from that file, these " \
+        "figures include rows it trained on" in whole, whole
 
     user_error(runtime("train", "bundle", "--data", tmp_path / "d.npz", "--val-split", 0.25,
                        "--seed", 3, "--steps", 3, "--batch", 16, "--no-progress", "--out", "run",
@@ -1105,6 +1127,12 @@ def test_plan_with_a_profile_alone_estimates_and_says_how_to_plan(cli, mlp_bundl
     assert "estimated step on rpi4-1gb at batch 32: 0.33 ms" in out \
         and "INSTANT's compressed backward and its calibrations are not estimated" in out and "note: profile 'rpi4-1gb' " \
         "gives a budget of 470 MB: pass --data" in out, out
+    # a Jetson's step on its CPU at its CPU's rate, on its GPU at the GPU's (session 49 probe:
+    # the GPU's 120 GFLOP/s for a --device cpu run on 4 A57 cores)
+    out = ok(cli("plan", mlp_bundle, "--profile", "jetson-nano"))
+    assert "at its CPU's 14 GFLOP/s" in out, out
+    out = ok(cli("plan", mlp_bundle, "--profile", "jetson-nano", "--device", "auto"))
+    assert "at its GPU's 120 GFLOP/s" in out, out
     run = tmp_path / "run"
     ok(cli("train", mlp_bundle, *TRAIN, "--steps", 1, "--out", run))
     out = ok(cli("eval", mlp_bundle, "--weights", run, "--profile", "jetson-nano", "--device",
@@ -1350,6 +1378,25 @@ def test_eval_of_a_run_that_replaces_its_checkpoint_meanwhile_reads_the_new_one(
     r = run_python(_WEIGHTS_REPLACED, "eval", mlp_bundle, "--data", "digits", "--weights", out)
     assert r.returncode == 0, r.stderr
     assert "ckpt-000020.npz" in r.stdout, r.stdout  # params.npz gone: the newest checkpoint
+
+
+def test_weights_that_do_not_fit_or_are_no_weights_name_the_way_out(cli, mlp_bundle, tmp_path):
+    """Session 49 probe: another model's params.npz, a run.json and a damaged file given as
+    --weights were each told to "re-export the bundle", which cannot mend any of them."""
+    params = json.loads((mlp_bundle / "manifest.json").read_text())["params"]
+    other = tmp_path / "other.npz"
+    np.savez(other, **{p["name"]: np.zeros([d + 1 for d in p["shape"]], np.float32)
+                       for p in params})
+    user_error(cli("eval", mlp_bundle, "--data", "digits", "--weights", other),
+               "the bundle expects float32", "another model's weights: use them with the "
+               "bundle they were trained with, or pass the weights of a run of this one")
+    for name, data in (("run.json", b"{}"), ("params.npz", b"PK\x03\x04 damaged")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        line = user_error(cli("eval", mlp_bundle, "--data", "digits", "--weights", bad),
+                          f"cannot read parameters from {bad}", "damaged, or not a weights "
+                          "file: pass a run folder, its params.npz or one of its checkpoints")
+        assert "re-export" not in line, line
 
 
 def test_eval_refuses_the_weights_of_a_run_of_another_bundle(cli, mlp_bundle, mlp_head_bundle,

@@ -65,7 +65,9 @@ def test_parse_size_good(text, nbytes):
         # was "expected a number and a unit"
         ("\uff11\uff12\uff18MB", "expected a number"),
         ("1e400MB", "larger than any machine's memory"),
-        ("1e-400GB", "greater than zero"),
+        ("1e-400GB", "less than one byte"),  # (it said "greater than zero": session 49)
+        ("-1e-400GB", "greater than zero"),
+        ("0e400MB", "greater than zero"),
     ],
 )
 def test_parse_size_bad(text, why):
@@ -255,8 +257,29 @@ def test_what_a_device_user_is_told(tmp_path, capsys):
         assert "e.g. to 580MB, a generous guess" in said and "that guess is more than the 500 " \
             "MB of RAM of profile 'my-board', and a budget below it may do" in said, said
         assert "smaller --batch" not in said, said
+        assert "`instant-runtime plan --data DATA` without --budget estimates" in said, said
+        # the profile's own budget: "without --budget" alone gave the same refusal again, and
+        # at the profile's RAM no budget can rise (session 49 probe)
+        set_budget(290 * 10**6, ("my-board", 500 * 10**6), from_profile=True)
+        said = str(_stated_minimum(BudgetTooSmall("x", None, 100 * 10**6), 290 * 10**6))
+        assert "without --budget and --profile estimates the minimum" in said, said
+        said = str(_stated_minimum(BudgetTooSmall("x", None, 100 * 10**6), 500 * 10**6))
+        assert "and profile 'my-board' has no more RAM (500 MB): on that device, train fewer " \
+            "layers (export --trainable)" in said and "raise" not in said, said
     finally:
         set_budget(None)
+    # a profile with less RAM than the runtime takes: only another profile can do (session 49
+    # probe: "raise --budget well above it", then "exceeds the 64 MB of RAM"; "0 MB of RAM")
+    for ram, budget, given in ((64 * 10**6, 40 * 10**6, None), (64 * 10**6, 64 * 10**6, "64MB"),
+                               (1000, 1000, None), (1000, 256 * 10**6, "256MB")):
+        tiny = prof.__class__(**{**prof.__dict__, "ram": ram, "default_budget": min(ram, 10**6)})
+        with pytest.raises(UserError) as e:
+            check_budget(budget, given, tiny)
+        said = str(e.value)
+        assert said.endswith("pass the profile of a device with more RAM"), said
+        assert "raise --budget" not in said and "set there" not in said and " 0 MB" not in said \
+            and "below it" not in said, said
+        assert ("64 MB of RAM" if ram > 10**6 else "1,000 bytes of RAM") in said, said
 
 
 def test_missing_custom_file(tmp_path):

@@ -51,6 +51,8 @@ def test_device_cuda_on_a_cpu_build_is_one_line(cli, mlp_bundle, tmp_path):
             "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: --device cuda: this onnxruntime build has no CUDA")
+    # (session 49 probe: the install advice left both builds in one folder, as pyproject warns)
+    assert "pip uninstall -y onnxruntime, then pip install onnxruntime-gpu" in r.stderr
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])

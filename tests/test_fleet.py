@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -241,6 +242,13 @@ def test_loopback_fedavg_beats_every_local_only_model(mlp_bundle, non_iid, tmp_p
     x, y = test.take(np.arange(len(test)))
     logits = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert float((logits.argmax(-1) == y).mean()) == pytest.approx(fleet_acc, abs=6e-4)
+    # without --bundle: the bundle its summary.json records, named as such (session 49 probe:
+    # "as FLEET/run.json names it", a file a fleet's folder does not have)
+    r = subprocess.run([sys.executable, "-m", "runtime", "export-model", tmp_path / "fleet",
+                        "--out", tmp_path / "exported" / "again.onnx"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"as {tmp_path / 'fleet' / 'summary.json'} names it" in \
+        r.stdout, (r.stdout, r.stderr)
 
     local_accs = []
     for k, p in enumerate(non_iid):
@@ -373,6 +381,30 @@ def test_a_fleet_process_stopped_before_any_round_leaves_no_folder(mlp_bundle, t
         server.stderr()
     assert not (tmp_path / "c").exists() and not (tmp_path / "fleet").exists(), \
         sorted(p.name for p in tmp_path.rglob("*"))
+
+
+def test_a_client_of_another_model_is_refused_while_the_server_waits_for_more(
+        mlp_bundle, mlp_head_bundle, tmp_path):
+    """Session 49 probe: with --min-clients 2, one client of another model was said to be
+    "1 of 2 connected" until --wait ran out, and only then refused (its user waited the whole
+    --wait for one line). It is checked as it joins and not counted."""
+    port = free_port()
+    server = start_server(tmp_path, mlp_bundle, port, "--rounds", 1, "--min-clients", 2,
+                          "--wait", 30)  # (a waiting line every 10 s)
+    wrong = Proc(tmp_path, "wrong", "client", mlp_head_bundle, "--data", "digits", "--server",
+                 f"127.0.0.1:{port}", "--steps", 2, "--threads", 1, "--out", tmp_path / "w")
+    try:
+        rc = wrong.finish(timeout=60)
+        one_error_line(wrong.stderr(), rc, "another model")
+        assert server.p.poll() is None, server.stderr()  # (refused before --wait ran out)
+        assert server.finish() == 2  # (then no client comes)
+    finally:
+        server.kill()
+        wrong.kill()
+    out = server.stdout()
+    assert "refused a client (it has another model" in out, out
+    assert re.search(r"waiting for clients, 0 of 2", out) and not re.search(
+        r"waiting for clients, [12] of 2", out), out
 
 
 def test_a_client_of_another_model_is_refused_as_it_joins(mlp_bundle, mlp_head_bundle,
@@ -597,6 +629,16 @@ def test_a_server_that_runs_out_of_clients_after_a_round_says_how_to_go_on(mlp_b
                    # killed before or after round 2 reached it; round 2 then failed)
                    "the aggregate of round 1 is kept: add --resume to go on from it")
     assert (tmp_path / "fleet" / "params.npz").is_file()
+    # the resume finds no client either: the same command again (session 49 probe: "add
+    # --resume", which it had)
+    again = Proc(tmp_path, "resumed", "server", mlp_bundle, "--address",
+                 f"127.0.0.1:{free_port()}", "--threads", 1, "--out", tmp_path / "fleet",
+                 "--rounds", 3, "--min-clients", 1, "--data", "digits", "--wait", 2, "--resume")
+    try:
+        rc = again.finish()
+    finally:
+        again.kill()
+    one_error_line(again.stderr(), rc, "is kept: run the same command again to go on from it")
 
 
 def test_a_client_of_a_fleet_run_that_failed_says_so(mlp_bundle, tmp_path):
@@ -1536,6 +1578,22 @@ def test_classes_named_by_digits_in_another_order_are_renumbered(mlp_bundle, tmp
     np.testing.assert_array_equal(relabelled(bare, rev, "x").take_labels(np.arange(50)),
                                   9 - d.y[:50])
     assert relabelled(bare, [f"c{i}" for i in range(10)], "x") is bare
+    # an .npz of numbered labels read with a run's map "9".."0" (eval, --resume): its numbers
+    # are those names too (session 49 probe: each label read as a place in the map, 0.050 for
+    # 0.775; the built-in digits, which names its classes, was right)
+    np.savez(tmp_path / "bare.npz", x=d.x["input"][:50], y=d.y[:50])
+    read = load_data(str(tmp_path / "bare.npz"), open_bundle(mlp_bundle), class_names=rev)
+    np.testing.assert_array_equal(read.take_labels(np.arange(50)), 9 - d.y[:50])
+    # ... and a fresh run of a bundle exported with those names reads it so too (a review: it
+    # read places, and its eval and --resume then names: another numbering of the same file)
+    named = tmp_path / "named"
+    shutil.copytree(mlp_bundle, named)
+    m = json.loads((named / "manifest.json").read_text())
+    m["class_names"] = rev
+    (named / "manifest.json").write_text(json.dumps(m))
+    fresh = load_data(str(tmp_path / "bare.npz"), open_bundle(named))
+    np.testing.assert_array_equal(fresh.take_labels(np.arange(50)), 9 - d.y[:50])
+    assert fresh.class_names == rev
     data = tmp_path / "rev.npz"
     np.savez(data, x=d.x["input"], y=9 - d.y, class_names=np.array(rev))
     port = free_port()

@@ -187,13 +187,25 @@ def _(c):
     return _train(c)
 
 
-def _train_on_edited_forward(c: Ctx, model) -> list[str]:
+def _train_on_edited_forward(c: Ctx, model, split: bool = False) -> list[str]:
     """Save ``model`` as the bundle's vanilla forward with its hash updated in the manifest
-    (what a deliberate tamperer does); the train command that then runs it."""
+    (what a deliberate tamperer does); the train command that then runs it. ``split``: the
+    graph written as two occurrences of ModelProto.graph, its nodes in the first and the rest
+    in the second (protobuf, and so onnxruntime, merges them into one graph)."""
     import onnx
 
     path = c.bundle / "vanilla.forward.onnx"
-    onnx.save(model, str(path))
+    if split:
+        nodes, rest = onnx.GraphProto(), onnx.GraphProto()
+        nodes.node.extend(model.graph.node)
+        rest.CopyFrom(model.graph)
+        del rest.node[:]
+        model.ClearField("graph")
+        path.write_bytes(model.SerializeToString() + b"".join(
+            _field(7, g.SerializeToString()) for g in (nodes, rest)))
+        assert len(onnx.load_from_string(path.read_bytes()).graph.node) == len(nodes.node)
+    else:
+        onnx.save(model, str(path))
     m = c.manifest()
     data = path.read_bytes()
     m["files"][path.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -299,6 +311,20 @@ def _(c):
     to 390 MB under --budget 256MB; refused before onnxruntime sees it. Here the Range's
     length is the weights' sum of magnitudes, and its nodes come before those that make it
     (onnxruntime sorts them; a review: a one-pass scan in file order missed it)."""
+    return _train_on_edited_forward(c, _sized_by_the_weights(c))
+
+
+@case("graph-sized-by-the-weights-split-in-two", "its Range node sizes a tensor by values "
+      "that change as the run trains", "re-export")
+def _(c):
+    """Session 49 probe: the same graph written as two parts of ModelProto.graph, the nodes in
+    the first: the scan kept the last part (no nodes) and passed it; the run took 778 MB under
+    --budget 256MB."""
+    return _train_on_edited_forward(c, _sized_by_the_weights(c), split=True)
+
+
+def _sized_by_the_weights(c: Ctx):
+    """The bundle's forward with a Range as long as the weights' sum of magnitudes."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -313,7 +339,7 @@ def _(c):
         helper.make_node("Abs", [w], ["w_abs"])])
     model.graph.output.append(helper.make_tensor_value_info("spread_unique", TensorProto.FLOAT,
                                                             None))
-    return _train_on_edited_forward(c, model)
+    return model
 
 
 @case("graph-asks-for-4-terabytes", "out of memory", "smaller --batch")
@@ -1529,6 +1555,40 @@ def test_onnx_scan_finds_function_defaults_and_training_graphs():
     refs = {(r.tensor, r.location, r.offset) for r in external_data_refs(
         model.SerializeToString())}
     assert refs == {("o", "weights.bin", 64), ("default", "/etc/x", 0), ("t", "../y", 8)}
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """``payload`` as a length-delimited protobuf field ``number`` (< 16)."""
+    n, length = len(payload), bytearray()
+    while n >= 0x80:
+        length.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes([number << 3 | 2]) + bytes(length) + bytes([n]) + payload
+
+
+def test_onnx_scan_merges_a_graph_written_in_parts():
+    """A singular graph field (ModelProto.graph, an attribute's g) written twice is one graph to
+    protobuf and onnxruntime: the scan merges the parts (session 49 probe: it kept the last
+    part, and a Range sized by the weights in the first passed)."""
+    import onnx
+    from onnx import helper
+
+    from contract.onnx_scan import main_graph, sized_by_values
+
+    rng = helper.make_node("Range", ["zero", "w", "one"], ["r"])
+    branch = helper.make_graph([rng], "then", [], [])
+    empty = helper.make_graph([], "then", [], [])
+    attr = helper.make_attribute("then_branch", empty)
+    split_attr = attr.SerializeToString() + _field(6, branch.SerializeToString())
+    node = helper.make_node("If", ["c"], ["o"], else_branch=empty)
+    node_bytes = node.SerializeToString() + _field(5, split_attr)
+    assert onnx.NodeProto.FromString(node_bytes).attribute[1].g.node[0].op_type == "Range"
+    for graph_parts in ([_field(1, rng.SerializeToString()), b""],  # top-level, in two parts
+                        [_field(1, node_bytes), b""]):  # in a branch written in two parts
+        model = helper.make_model(helper.make_graph([], "g", [], []))
+        model.ClearField("graph")
+        data = model.SerializeToString() + b"".join(_field(7, p) for p in graph_parts)
+        assert sized_by_values(main_graph(data), {"w"}) == ("Range", "w")
 
 
 def test_graph_bytes_onnxruntime_could_read_otherwise_are_refused(ctx, monkeypatch):

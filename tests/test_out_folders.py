@@ -678,4 +678,10 @@ def test_a_run_folder_still_without_a_checkpoint_is_said_to_be_training(tmp_path
         os.close(fd)
     with pytest.raises(UserError) as e:
         trained_weights(run, "--weights")
-    assert "training run" not in str(e.value)
+    assert "training run" not in str(e.value) and "weights are gone" not in str(e.value)
+    # a run's folder left with its run.json alone (session 49 probe: no way out named)
+    (run / "run.json").write_text("{}")
+    with pytest.raises(UserError, match=r"it is a run's folder whose weights are gone \(deleted, "
+                                        r"or the run ended before its first checkpoint\): train "
+                                        r"it again with --overwrite$"):
+        trained_weights(run, "--weights")

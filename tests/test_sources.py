@@ -345,6 +345,16 @@ def test_tsv_quotes_are_read_as_the_lines_around_them_say(tmp_path, tokenizer_fi
         assert src.problems.total == 0 and [src.text(i) for i in range(len(src))] == \
             [t for _, t in quoted], (order, src.problems.counts)
         assert [src.class_names[i] for i in src.labels] == [lab for lab, _ in quoted]
+        assert not src.problems.noted, src.problems.noted
+    # a quoting writer's text holding a tab and a newline: its first line is a full row of its
+    # own, read as it stands, but said (session 49 probe: trained as fragments without a word)
+    from runtime.sources.tsv import TWO_WAYS
+
+    two = _write_csv(tmp_path / "two.tsv", [("good\tfilm\nindeed", "pos"), ("plain", "neg")],
+                     delimiter="\t")
+    src = _text(two, tokenizer_file, k=3)
+    assert src.problems.noted == {TWO_WAYS: 1} and src.problems.examples[TWO_WAYS] == \
+        ["lines 2-3"], src.problems.summary()
     # rows after lines given back keep their own byte ranges (a review: two rows in a row that
     # open a quote gave the rows after them others' ranges, or none: 998 of 1,000 empty)
     rows = [(f'"film {i}' if i % 3 else f"film {i}", "neg" if i % 2 else "pos")
@@ -544,6 +554,14 @@ def test_label_maps(tmp_path, tokenizer_file):
                                         r"model has 2 classes") as e:
         _text(tmp_path / "s.csv", tokenizer_file, k=2)
     assert "\n" not in str(e.value)
+    # more classes than the model's: a new export with all of them (session 49 probe: "name
+    # all 2 at export" of 3 labels); fewer: --classes names the model's all
+    assert str(e.value).endswith("use data with 2 classes, or export the model again with all "
+                                 "3 (export --classes apple,mango,zebra; a model of your own "
+                                 "needs 3 outputs, or --head 3 on its features)"), e.value
+    with pytest.raises(UserError, match=r"name all 4 at export \(export --classes A,B,\.\.\.\) "
+                                        r"so that data holding some of them fits$"):
+        _text(tmp_path / "s.csv", tokenizer_file, k=4)
     # a given list (the bundle's or a resumed run's): its order; unknown labels are bad rows
     g = _text(_write_csv(tmp_path / "g.csv", [("a", "pos"), ("b", "neg"), ("c", "meh"),
                                               ("d", "pos")]), tokenizer_file,
@@ -581,9 +599,11 @@ def test_a_utf16_or_utf32_text_file_is_named_as_such(tmp_path, tokenizer_file, e
     for name, text in (("d.jsonl", rows), ("d.csv", "text,label\na,0\nb,1\n")):
         p = tmp_path / name
         p.write_bytes(text.encode(enc))
-        with pytest.raises(UserError, match=f"is {want} text; save it as UTF-8 "
-                                            f"\\(e.g. iconv -f {want} -t utf-8 {name}"):
-            _text(p, tokenizer_file)
+        with pytest.raises(UserError) as e:
+            _text(p, tokenizer_file)  # (the path as given: session 49 probe, its bare name)
+        assert str(e.value).endswith(f"is {want} text; save it as UTF-8 (e.g. iconv -f {want} "
+                                     f"-t utf-8 {p} > {p.with_name(p.stem + '-utf8' + p.suffix)})"
+                                     ), e.value
         p.write_text(text)  # the same rows in UTF-8 read
         assert len(_text(p, tokenizer_file)) in (40, 2)
     from runtime.sources.text import _refuse_utf16
@@ -604,7 +624,7 @@ def test_csv_as_users_make_them_joined_files_float_labels_and_latin1(tmp_path, t
     assert src.class_names == ["0", "1"] and list(src.labels) == [1, 0, 1, 0]
     assert src.problems.examples["the header row repeated (files joined?)"] == ["line 4"]
     line = src.problems.summary()
-    assert "not valid UTF-8 (line 7)" in line and "iconv -f cp1252 -t utf-8 joined.csv" in line
+    assert "not valid UTF-8 (line 7)" in line and f"iconv -f cp1252 -t utf-8 {p} > " in line
     # class names from a float column (0.0, 1.0) take the labels 0 and 1 too, and the other way
     # round; a long whole number is read by its text, not rounded through a float
     from runtime.sources.labels import _Labels
@@ -781,6 +801,14 @@ def test_long_text_cut_before_tokenising_keeps_the_tokens(tmp_path, tokenizer_fi
     x, _ = src.take(np.array([0]))
     np.testing.assert_array_equal(x["input_ids"], _expected_ids(tokenizer_file, [long]))
     assert src.max_record > 90_000  # tokenised at open time by a child: take reads token rows
+    # the texts cut are said, a note (session 49 probe: 120-token reviews cut to 64 unsaid)
+    assert src.problems.summary() == f"l.jsonl: note: 1 of 2 texts are longer than the " \
+        f"model's {SEQ} tokens: their first {SEQ} are what it reads (text 1)"
+    rows = [(" ".join(WORDS[:k]), lab) for k, lab in ((SEQ + 4, "pos"), (2, "neg"),
+                                                      (SEQ + 6, "pos"), (SEQ - 2, "neg"))]
+    src = _text(_write_jsonl(tmp_path / "m.jsonl", rows), tokenizer_file)
+    assert "2 of 4 texts are longer than the model's" in src.problems.summary() and \
+        "(text 1, text 3)" in src.problems.summary(), src.problems.summary()
 
 
 def test_text_is_a_snapshot_taken_at_open(tmp_path, tokenizer_file):
@@ -1642,6 +1670,14 @@ def test_open_data_val_file_shares_the_label_map(tmp_path, tokenizer_file):
     (tmp_path / "semi.csv").write_text("text;label\nx;c\n")  # its format is the fix: kept
     with pytest.raises(UserError, match=r"semi\.csv has no column 'text'.*separated by ';'"):
         open_data(train, m, bundle, val=tmp_path / "semi.csv")
+    # a file of texts alone: no --label-column can name a column it lacks (session 49 probe:
+    # told to pass one, which then named the text column and was refused)
+    (tmp_path / "texts.csv").write_text("text\nx\ny\n")
+    with pytest.raises(UserError) as e:
+        open_data(tmp_path / "texts.csv", m, bundle)
+    assert str(e.value).endswith("has no column 'label' (its header: 'text'); it has no column "
+                                 "besides the text, and a labelled row per example is what is "
+                                 "trained on and scored: add a column of labels"), e.value
 
 
 def test_a_val_npz_naming_the_classes_in_another_order_is_renumbered(tmp_path):

@@ -52,7 +52,8 @@ def resolve_budget(budget: str | None, profile: str | None,
     prof = resolve_profile(profile) if profile else None
     value = parse_size(budget, "--budget") if budget else (prof.default_budget if prof else None)
     check_budget(value, budget, prof)
-    set_budget(value)  # the tokenising child is held to it too (sources/tokens.py)
+    set_budget(value, (prof.name, prof.ram) if prof is not None else None,  # (the tokenising
+               from_profile=not budget and prof is not None)  # child is held to it too)
     return value, threads or profile_threads(prof)
 
 

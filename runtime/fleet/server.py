@@ -304,9 +304,10 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
             check drops), at least ``min_num_clients``, waiting up to ``--wait`` for them."""
             need = min_num_clients or num_clients
             end, every = time.monotonic() + wait_s, min(30, max(2, wait_s // 3))  # (said)
+            said = time.monotonic()
             while True:
                 left = end - time.monotonic()
-                if left > 0 and self.wait_for(need, timeout=max(1, int(min(left, every) + 0.999))):
+                if left > 0 and self.wait_for(need, timeout=max(1, int(min(left, 2) + 0.999))):
                     checked = self.vet(end)
                     if len(checked) >= need:
                         take = max(need, min(num_clients, len(checked)))
@@ -315,8 +316,14 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                         time.sleep(0.2)  # (refused ones are gone; others may still join)
                         continue
                 elif time.monotonic() < end - 1:  # (session 39 probe: 300 s without a word)
-                    say(f"round {state['round'] + done}: waiting for clients, {len(self.all())} "
-                        f"of {need} connected ({end - time.monotonic():.0f} s of --wait left)")
+                    # a client of another model is refused as it joins, not counted (session
+                    # 49 probe: "1 of 2 connected" until --wait ran out, then refused)
+                    checked = self.vet(end)
+                    if time.monotonic() - said >= every:
+                        said = time.monotonic()
+                        say(f"round {state['round'] + done}: waiting for clients, "
+                            f"{len(checked)} of {need} connected "
+                            f"({end - time.monotonic():.0f} s of --wait left)")
                     continue
                 refused = (f" ({self.refused} refused at the join check, above)"
                            if self.refused else "")
@@ -331,8 +338,9 @@ def run_server(local: Local, address: str, rounds: int, min_clients: int, out: P
                     + (f"{cut}; otherwise " if cut else "")
                     + "start more clients (`instant-runtime fleet client`), lower "
                     "--min-clients or raise --wait" + (
-                        f"; the aggregate of round {done + state['saved']} is kept: add "
-                        "--resume to go on from it" if done + state["saved"] else ""))
+                        f"; the aggregate of round {done + state['saved']} is kept: "
+                        + ("run the same command again" if resumed else "add --resume")
+                        + " to go on from it" if done + state["saved"] else ""))
 
         def vet(self, end: float) -> list:
             """Ask every client that joined since it last looked for its fleet protocol, Flower

@@ -211,6 +211,14 @@ class SourceView(Source):
         self.base.close()
 
 
+def numbers_in_some_order(names: list[str] | None) -> bool:
+    """Whether a label map is the numbers 0..K-1 in another order ("9".."0"): numbered labels
+    read against it are those names (``data.relabelled``), not places in it."""
+    ids = [str(i) for i in range(len(names or []))]
+    return names is not None and list(map(str, names)) != ids and sorted(map(str, names)) == \
+        sorted(ids)
+
+
 def split(source: Source, val_fraction: float, seed: int = 0) -> tuple[SourceView, SourceView]:
     """Train and validation views of ``source``: a seeded permutation (the same file, fraction
     and seed always give the same split), each side in file order. No rows are copied.

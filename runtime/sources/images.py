@@ -412,8 +412,8 @@ def _check_fits(rel: Path, w: int, h: int, need: int, progressive: bool) -> None
         raise UserError(f"budget {budget_mb(budget)} MB is below the minimum for this bundle "
                         f"(the runtime already takes {rss / 1e6:.0f} MB as it reads the image "
                         f"folder); raise --budget well above it, e.g. to "
-                        f"{math.ceil(2 * rss / 1e6)}MB (`instant-runtime plan` without --budget "
-                        "estimates the minimum)")
+                        f"{math.ceil(2 * rss / 1e6)}MB (`instant-runtime plan --data DATA` without "
+                        "--budget estimates the minimum)")
     raise UserError(f"image {rel} ({w}x{h}) takes about {math.ceil(need / 1e6)} MB to decode"
                     + (" (a progressive JPEG keeps every coefficient)" if progressive else "")
                     + f", more than --budget {budget_mb(budget)}MB leaves beside the "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import math
 import re
+import shlex
 
 import numpy as np
 
@@ -179,11 +180,17 @@ class _Labels:
                 raise UserError(f"{self.where}: {self.column} has {len(names)} distinct values "
                                 f"in {ids.size} rows ({shown}), not labels of {k} classes; is "
                                 "it the label column? pass the right one with --label-column")
+            every = shlex.quote(",".join(names)) if len(names) <= 12 and all(
+                "," not in n and n.isprintable() for n in names) else "A,B,..."
             raise UserError(f"{self.where}: {self.column} {has} {len(names)} distinct labels "
                             f"({shown}) but the model has {k} classes; use data with {k} "
                             + ("classes" if spelt else  # (one class written two ways: no
                                f"classes, or name all {k} at export (export --classes "  # list
-                               "A,B,...) so that data holding some of them fits"))  # helps)
+                               "A,B,...) so that data holding some of them fits"  # helps)
+                               if len(names) < k else  # (session 49 probe: "name all 2" of 3)
+                               f"classes, or export the model again with all {len(names)} "
+                               f"(export --classes {every}; a model of your own needs "
+                               f"{len(names)} outputs, or --head {len(names)} on its features)"))
         return (remap[ids] if ids.size else ids), names
 
 

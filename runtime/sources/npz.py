@@ -26,6 +26,7 @@ from .common import (
     Problems,
     Source,
     _File,
+    numbers_in_some_order,
 )
 
 FULL_CHECK_BYTES = 1 << 30  # an .npz whose rows take up to this is checked row by row at open
@@ -210,8 +211,7 @@ class NpzSource(Source):
     and ``y``; ``<name>_test`` / ``x_test`` and ``y_test`` give a held-out split (``.test``).
     Dtypes and shapes are checked at open, values (finite, ``|x| <= 1e30``, integers that fit
     the model's dtype, labels in range) on a sample of rows at open and on every row ``take``
-    returns. An optional 1-D string array ``class_names`` names the classes.
-    """
+    returns. An optional 1-D string array ``class_names`` names the classes."""
 
     def __init__(self, npz: _NpzFile, x: dict[str, _Member], y: _Member,
                  inputs: list[TensorSpec], loss: LossSpec, name: str,
@@ -449,10 +449,8 @@ def open_npz(path: str | Path, inputs: list[TensorSpec], loss: LossSpec, *,
     """An ``.npz`` source read in place; its ``.test`` is the ``_test`` split when it has one.
 
     Raises:
-        UserError: empty file, not a zip, no arrays, pickled members, compressed (or Fortran-
-            ordered) members larger than 16 MB, a missing array (or ``x_test`` without
-            ``y_test``), wrong dtypes or shapes, non-finite or absurd values, labels out of
-            range.
+        UserError: empty, not a zip, no arrays, pickled members, compressed or Fortran-ordered
+            members over 16 MB, a missing array, bad dtypes, shapes, values or labels.
     """
     path = Path(path)
     if not path.is_file():
@@ -496,6 +494,8 @@ def open_npz(path: str | Path, inputs: list[TensorSpec], loss: LossSpec, *,
         raise UserError(f"data file {path} has {', '.join(repr(k) for k in present)} but not "
                         f"{', '.join(missing)}; a held-out split needs both its inputs and its "
                         "labels (add the missing arrays or remove the _test ones)")
+    if "class_names" not in arrays and numbers_in_some_order(class_names):  # (session 49:
+        class_names = None  # "9".."0": the numbers are names, as data.relabelled reads them)
     if "class_names" in arrays:  # its own names (a given map renumbers them: data.relabelled)
         cn = arrays["class_names"]
         if cn.ndim != 1 or cn.dtype.kind not in "US" or cn.shape[0] > MAX_LABELS:

@@ -165,7 +165,7 @@ class TextSource(Source):
         from .tokens import TokenCache
 
         self.tokens = TokenCache(len(self), self.seq_len, self.outputs, tokenizer, self.text,
-                                 CHARS_PER_TOKEN * self.seq_len)
+                                 CHARS_PER_TOKEN * self.seq_len, self.problems)
 
     # ------------------------------------------------------------------ index pass
     def _index(self, labels: _Labels) -> tuple[array.array, array.array, int]:
@@ -303,7 +303,7 @@ class TextSource(Source):
                 # quoted first name ('\ufeff"text"', as PowerShell writes) was not one
                 yield line[1:] if state["line"] == 1 and line.startswith("\ufeff") else line
 
-        tsv = TsvReader(lines(), state) if self.kind == "tsv" else None
+        tsv = TsvReader(lines(), state, self.problems.note) if self.kind == "tsv" else None
         reader = tsv or csv.reader(lines(), delimiter=self.delimiter, strict=True)
         what = "CSV" if self.kind == "csv" else "TSV"
         if _is_gzip(self.path):  # first: its binary header may read as a broken row instead
@@ -340,10 +340,14 @@ class TextSource(Source):
                 near = [h for h in header if h.lower() == col.lower()]
                 mean = f" (did you mean {flag} '{near[0]}'?)" if near else ""
                 hint = _format_hint(self.path, header)
+                way = (f"pass the right name with {flag}{mean}{hint}" if set(header) - {
+                    self.text_column, ""} else "it has no column besides the text, and a "
+                    "labelled row per example is what is trained on and scored: add a column of "
+                    "labels")  # (session 49 probe: sent to --label-column, refused again)
                 raise MissingColumn(f"{self.path} has no column '{col}' (its header: {shown}); "
-                                    f"pass the right name with {flag}{mean}{hint}",
+                                    f"{way}",
                                     f"{self.path} has no column '{col}' (its header: {shown})",
-                                    bool(hint))
+                                    bool(hint) or not way.startswith("pass"))
             if header.count(col) > 1:
                 raise UserError(f"{self.path} has {header.count(col)} columns named '{col}'; "
                                 "rename all but one in the header")

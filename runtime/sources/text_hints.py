@@ -64,13 +64,21 @@ def _refuse_utf16(fd: int, path: Path) -> None:
         elif head[0] == head[2] == 0:
             enc = "UTF-16BE"
     if enc is not None:
-        raise UserError(f"{path} is {enc} text; save it as UTF-8 (e.g. iconv -f {enc} -t utf-8 "
-                        f"{path.name} > {path.stem}-utf8{path.suffix})")
+        raise UserError(f"{path} is {enc} text; save it as UTF-8 ({_iconv(enc, path)})")
 
 
 def _to_utf8(path: Path) -> str:
     """How to convert a Windows-1252 (Excel on Windows; Latin-1 plus curly quotes) file."""
-    return f"e.g. iconv -f cp1252 -t utf-8 {path.name} > {path.stem}-utf8{path.suffix}"
+    return _iconv("cp1252", path)
+
+
+def _iconv(enc: str, path: Path) -> str:
+    """The iconv command for ``path`` as given (session 49 probe: its bare name, run where the
+    user stands, found no file), its output beside it."""
+    import shlex
+
+    out = Path(path).with_name(f"{Path(path).stem}-utf8{Path(path).suffix}")
+    return f"e.g. iconv -f {enc} -t utf-8 {shlex.quote(str(path))} > {shlex.quote(str(out))}"
 
 
 def utf8_way(path: Path, wide: bool) -> str:

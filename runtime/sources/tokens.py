@@ -100,7 +100,10 @@ class TokenCache:
     """``fields``: model input -> (``tokenizers.Encoding`` attribute, dtype of the input)."""
 
     def __init__(self, n: int, seq_len: int, fields: dict[str, tuple[str, np.dtype]],
-                 tokenizer_path, texts: Callable[[int], str], chars: int) -> None:
+                 tokenizer_path, texts: Callable[[int], str], chars: int,
+                 problems=None) -> None:
+        """``problems``: the source's (``common.Problems``); the texts cut to ``seq_len`` are
+        noted there (session 49 probe: 120-token reviews cut to 64 without a word)."""
         self.n, self.seq_len, self.fields = n, seq_len, dict(fields)
         self.store = {name: (np.dtype(np.uint8) if attr != "ids" else np.dtype(np.uint32))
                       for name, (attr, _) in self.fields.items()}
@@ -108,6 +111,11 @@ class TokenCache:
         self._dir = _cache_folder(size)
         self._f = tempfile.TemporaryFile(prefix="instant-runtime-tokens-", dir=self._dir)
         self._fill(tokenizer_path, texts, chars)
+        if self.cut and problems is not None:
+            why = (f"{self.cut:,} of {n:,} texts are longer than the model's {seq_len} tokens: "
+                   f"their {self.kept} {seq_len} are what it reads")
+            problems.noted[why] = self.cut
+            problems.examples[why] = [f"text {i + 1}" for i in self.first_cut]
         self.offset, off = {}, 0
         for name, dt in self.store.items():
             self.offset[name] = off
@@ -201,10 +209,14 @@ class TokenCache:
                             "backtracks on this text: re-export the bundle from its model")
         msg = b"".join(chunks).decode("utf-8", "replace").partition("\n")[2]
         if msg.startswith("ids up to "):
+            # "ids up to TOP, kept first|last, cut ROW ROW ..." (the rows cut to seq_len)
+            words = msg.split()
+            self.kept, self.cut, self.first_cut = (words[5].rstrip(","), int(words[7]),
+                                                   [int(i) for i in words[8:]])
             # the ids written, not the vocabulary's size: a tampered tokenizer.json gives ids
             # past its own vocabulary (70000 in a 11-entry one wrapped to 4464 as uint16 and
             # trained silently); such an id is then refused against the embedding table
-            if int(msg.split()[3]) < 65536:  # they fit in uint16: rewritten smaller below
+            if int(words[3].rstrip(",")) < 65536:  # they fit in uint16: rewritten smaller
                 self._shrink_ids()
             return
         raise UserError(f"tokenising the text data failed ({msg or 'the child process died'}); "
@@ -219,10 +231,19 @@ class TokenCache:
             offset[name] = off
             off += self.n * L * dt.itemsize
         os.ftruncate(fd, off)
-        top = 0
+        top, cut, first = 0, 0, []  # (texts cut: how many, and the first three)
         for start in range(0, self.n, _CHUNK):
             stop = min(self.n, start + _CHUNK)
-            encs = tok.encode_batch([texts(i)[:chars] for i in range(start, stop)])
+            batch, long = [], set()  # (each text cut as it is read: a review)
+            for i in range(start, stop):
+                t = texts(i)
+                if len(t) > chars:
+                    long.add(i - start)
+                batch.append(t[:chars])
+            encs = tok.encode_batch(batch)
+            over = [start + i for i, e in enumerate(encs) if i in long or e.overflowing]
+            cut += len(over)
+            first += over[:3 - len(first)]
             for name, (attr, _) in self.fields.items():
                 dt = self.store[name]
                 # (a value past the stored dtype raises OverflowError: reported, never wrapped)
@@ -231,7 +252,9 @@ class TokenCache:
                     top = max(top, int(block.max()))
                 os.pwrite(fd, block.tobytes(), offset[name] + start * L * dt.itemsize)
             os.write(progress, b".")  # a chunk done: the parent's stall clock starts again
-        return f"ids up to {top}".encode()
+        kept = "first" if (tok.truncation or {}).get("direction", "right") == "right" else "last"
+        # how many were cut, and the first of them (the message stays small)
+        return f"ids up to {top}, kept {kept}, cut {cut} {' '.join(map(str, first))}".encode()
 
     def _shrink_ids(self) -> None:
         """Rewrite uint32 ids as uint16 (half the file) once the vocabulary is known."""
