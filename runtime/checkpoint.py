@@ -392,7 +392,7 @@ def newest_checkpoint(folder: Path) -> tuple[int, Path] | None:
     return None
 
 
-_SKIPPED_SAID: set[tuple[str, str]] = set()  # the unusable checkpoints newest_intact named
+_SKIPPED_SAID: set[tuple[str, str]] = set()  # (folder, line) of the warnings newest_intact said
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -439,18 +439,15 @@ def newest_intact(folder: Path, after: int = -1) -> tuple[int, Path] | None:
                 let_go(path)
                 skipped += 1
                 why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
-                said = (str(path), why)
-                if skipped <= SAID and said not in _SKIPPED_SAID:  # (once a process: `eval
-                    _SKIPPED_SAID.add(said)  # RUN` looks twice, said it twice: session 47)
-                    warn(f"checkpoint {path} is unusable ({why}); skipped")
+                if skipped <= SAID:
+                    _say_once(folder, f"checkpoint {path} is unusable ({why}); skipped")
                 continue
             found = step, path
             break
         if found is not None or not gone or gone < len(entries):
             break
-    if skipped > SAID and (str(folder), f"{skipped} more") not in _SKIPPED_SAID:
-        _SKIPPED_SAID.add((str(folder), f"{skipped} more"))
-        warn(f"{skipped - SAID} more checkpoints were unusable")
+    if skipped > SAID:
+        _say_once(folder, f"{skipped - SAID} more checkpoints were unusable")
     # a file the pointer names and that is not there: pruned by a run going on (which takes it
     # out of the pointer too), or lost; only the lost ones, still named, are said
     listed = {e["file"] for e in pointer_entries(folder)} if missing else set()

@@ -1365,14 +1365,13 @@ def _cmd_plan(a) -> int:
     has_gpu = prof is not None and any(p in prof.execution_providers for p in (
         "CUDAExecutionProvider", "TensorrtExecutionProvider"))
     gpu = a.device == "cuda" or a.device == "auto" and has_gpu
-    rate, where = (prof.gflops if prof else None), ""
+    rate = prof.gflops if prof else None
+    where = (" GPU's" if gpu else " CPU's") if has_gpu else ""
     if prof is not None and not gpu and (has_gpu or not rate):  # a run on its CPU
-        rate, where = prof.cpu_gflops, " CPU's" if has_gpu else ""
+        rate = prof.cpu_gflops
         if not rate and prof.gflops and fl.get("forward"):  # (a GPU's figure: not this run's)
             print(f"note: no step estimate on {prof.name} for a --device cpu run: its profile "
                   "gives its GPU's speed only (add cpu_gflops to a profile of your own)")
-    elif has_gpu:
-        where = " GPU's"
     if rate and fl.get("forward"):
         exact = a.batch * (fl["forward"] + 2 * fl.get("trainable_forward", 0))
         secs = exact / (rate * 1e9)  # (session 47 probe: "0.00 s" for 6 GFLOP, and

@@ -53,18 +53,20 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
     taken = peak_rss()
     # a profile whose RAM is below what the runtime takes here: no budget it allows can work
     # (session 49 probe: "raise --budget", then "exceeds the 64 MB of RAM of profile 'tiny'")
-    small = (f"; profile '{prof.name}' has {_mb(prof.ram)} of RAM, less than the runtime takes "
-             f"here ({_mb(taken)}: Python and its libraries) before it reads a bundle: pass the "
-             "profile of a device with more RAM") if prof is not None and prof.ram <= taken \
-        else None
+    def small(than: str) -> str | None:
+        return (f"; profile '{prof.name}' has {_mb(prof.ram)} of RAM, less than {than}: pass the "
+                "profile of a device with more RAM") if prof is not None and prof.ram <= taken \
+            else None
+    here = (f"the runtime takes here ({_mb(taken)}: Python and its libraries) before it reads "
+            "a bundle")
     if budget < 1_000_000 and given is None:  # the profile's own
-        raise UserError(f"{prof.source}: default_budget {budget:,} bytes is below 1 MB: no "
-                        "run fits in it" + (small or "; set there what a run may use (at most its "
-                                                   f"ram, {_mb(prof.ram)}), or pass --budget"))
+        raise UserError(f"{prof.source}: default_budget {budget:,} bytes is below 1 MB: no run "
+                        "fits in it" + (small(here) or "; set there what a run may use (at "
+                                        f"most its ram, {_mb(prof.ram)}), or pass --budget"))
     if budget < 1_000_000:
         raise UserError(f"--budget {given} is below 1 MB: no run fits in it" + (
-            small or "; pass e.g. 256MB (`instant-runtime plan --data DATA` without --budget "
-                     "states the minimum)"))
+            small(here) or "; pass e.g. 256MB (`instant-runtime plan --data DATA` without "
+                           "--budget states the minimum)"))
     if prof is not None and budget > prof.ram:
         raise UserError(f"budget {budget_mb(budget)} MB exceeds the {_mb(prof.ram)} of RAM "
                         f"of profile '{prof.name}'; " + (
@@ -75,9 +77,8 @@ def check_budget(budget: int | None, given: str | None, prof) -> None:
         said = f"--budget {budget_mb(budget)} MB" if given is not None else \
             f"the budget of profile '{prof.name}', {budget_mb(budget)} MB,"
         raise UserError(f"{said} is below what the runtime already takes before it reads the "
-                        f"bundle ({taken / 1e6:.0f} MB: Python and its libraries)" + ((
-                            f"; profile '{prof.name}' has {_mb(prof.ram)} of RAM, less than that:"
-                            " pass the profile of a device with more RAM") if small else (
+                        f"bundle ({taken / 1e6:.0f} MB: Python and its libraries)"
+                        + (small("that") or (
                             "; raise --budget well above it (`instant-runtime plan --data DATA` "
                             "without --budget" + ("" if given is not None else " and --profile")
                             + " states the minimum)" + (

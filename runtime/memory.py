@@ -17,8 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["PeakWatcher", "WouldPassLimit", "budget_from_profile", "budget_given", "child_limit", "current_rss",
-           "device_given", "fork_held", "forked_child", "held_lock", "peak_rss", "physical_ram",
+__all__ = ["PeakWatcher", "WouldPassLimit", "budget_from_profile", "budget_given", "child_limit",
+           "current_rss", "device_given", "fork_held", "forked_child", "held_lock", "peak_rss", "physical_ram",
            "proc_status", "reserve", "run_measured", "set_budget", "set_limit", "tree_pss",
            "tune_malloc"]
 
