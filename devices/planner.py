@@ -49,7 +49,7 @@ class MemoryModel:
     margin: int = 0
     data_fixed: int = 0  # the data's bytes besides its rows: batch order, decoding one image
     saved_min: int = 0  # bytes per sample of compressed activations at rank 1 everywhere
-    saved_want: int = 0  # ... at the ranks the energy rule asks for (planning target)
+    saved_want: int = 0  # ... at the rank policy's own ranks, memory aside (planning target)
     saved_max: int = 0  # ... at full rank everywhere (0: unknown); never planned above it
     # The arena holds blocks in regions; freed blocks of one region cannot serve a request
     # larger than what is contiguous there. Planned needs get this much slack.
@@ -166,8 +166,10 @@ def larger_micro_batch(batch: int, m: int) -> int:
 
 
 def make_plan(model: MemoryModel, budget: int, batch: int, instant: bool) -> Plan:
-    """The largest micro-batch (≤ batch) at which the energy-rule ranks still fit, the largest
-    calibration micro-batch that fits next to it, and the arena cap the budget leaves.
+    """The largest micro-batch (≤ batch) at which the rank policy's own ranks (memory aside:
+    ``saved_want``) still fit, the largest calibration micro-batch that fits next to it, and the
+    arena cap the budget leaves. Ranks come first, the micro-batch from what they leave: a
+    larger budget never buys a larger micro-batch at lower ranks.
 
     Raises:
         BudgetError: not even micro-batch 1 at rank 1 fits; the message states the minimum.
@@ -206,7 +208,7 @@ def plan_at(model: MemoryModel, budget: int, m: int, instant: bool,
     if instant:
         saved = max(model.saved_within(cap, m), saved_floor)
         saved = min(saved, model.saved_max) if model.saved_max else saved
-    # expected at the energy-rule ranks; the arena cap bounds every other case
+    # expected at the policy's ranks; the arena cap bounds every other case
     want = min(saved, model.saved_want) if saved is not None else 0
     peak = model.peak(m, mc, want)
     breakdown = {

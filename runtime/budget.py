@@ -6,7 +6,7 @@ real size, then train with onnxruntime's arena capped at what the budget leaves.
    sessions and reports their memory; the second, with its arena capped, runs two calibration
    passes and two gradient passes (full-rank bases: the most a compressed activation can take)
    at small micro-batches and reports how the arena grew, plus the activation spectra.
-2. ``devices.planner.make_plan`` picks the micro-batch at which the energy-rule ranks fit, the
+2. ``devices.planner.make_plan`` picks the micro-batch at which the rank policy's ranks fit, the
    calibration micro-batch, the per-sample memory for compressed activations and the arena cap;
    or refuses before anything trains, stating the minimum budget.
 3. ``validate``: a third probe runs the plan at its real size — a calibration, a full step at
@@ -708,7 +708,7 @@ def _step_up(plan: Plan, check: dict, batch: int, forked, validate,
     a 4096×8192 Linear, cause not traced; a run that fitted at micro-batch 32 under 1000 MB
     was planned at 6 under 1040, 2.2× slower a step). Each larger micro-batch is probed at its
     real size under its own cap, keeping the compressed-activation bytes a sample the plan
-    already had (no fewer than the energy rule asks for: a session 43 probe's step-up from
+    already had (no fewer than the rank policy asks for: a session 43 probe's step-up from
     micro-batch 1 at exact ranks to 2 at the energy rule's 16 KB gave rank 1 under 103 MB where
     102 MB had trained at exact ranks; a larger micro-batch is speed, not at the cost of the
     gradients) and the calibration micro-batch already validated, and must leave the margin
@@ -798,8 +798,9 @@ def _warm_up_lengths(trainer: Trainer, data) -> None:
 def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int = 8) -> dict:
     """(In a probe process.) Arena growth of calibration and gradient passes at micro-batches
     1, 2 and 8 (as many as fit under ``cap``, none above ``largest``; the arena keeps its
-    largest size, so each reading is the need of the largest pass so far), and the energy-rule
-    ranks; sent after each pass (``_progress``)."""
+    largest size, so each reading is the need of the largest pass so far), and the ranks the
+    rank policy chooses with no memory limit (:func:`_wanted_ranks`); sent after each pass
+    (``_progress``)."""
     use_arena(None if cap is None else max(cap, 1 << 20))
     trainer.open_sessions()
     _warm_up(trainer, data)
@@ -810,8 +811,10 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int =
     if trainer.mode == "instant" and not trainer.eval_only:
         cfg = trainer.config
         for mc in sizes:
-            trainer.use_plan(Plan(micro_batch=mc, calib_micro_batch=mc))
-            trainer.config = _one_batch(cfg)
+            # (no training micro-batch, the batch as train_batch: the ranks are chosen for a
+            # step of the whole batch, the largest the plan can pick: _wanted_ranks)
+            trainer.use_plan(Plan(calib_micro_batch=mc))
+            trainer.config, trainer.train_batch = _one_batch(cfg), batch
             try:
                 trainer.calibrate(data, mc, rng)
             except ArenaExhausted:
@@ -819,7 +822,7 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int =
             finally:
                 trainer.config = cfg
             out["calib"][mc] = current_rss() - start
-            out["ranks"] = _energy_ranks(trainer)
+            out["ranks"] = _wanted_ranks(trainer)
             _progress(out)
         if not out["calib"]:
             raise ArenaExhausted("calibration at micro-batch 1")
@@ -843,20 +846,16 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int =
     return out
 
 
-def _energy_ranks(trainer: Trainer) -> dict[str, list[int]]:
-    """The energy rule's ranks (ε, p of the run) from the last calibration's spectra: the
-    planning target (the budget rank policy then fills whatever memory is left)."""
-    cfg = trainer.config.instant
-    out = {}
-    for name, (p, q) in trainer.bases.items():
-        ranks = []
-        for b in (p, q):
-            e = np.asarray(b.spectrum, np.float64)
-            r = int(np.count_nonzero(np.cumsum(e) <= cfg.energy * float(e.sum()))) + \
-                cfg.oversample + 1
-            ranks.append(max(1, min(r, e.size)))
-        out[name] = ranks
-    return out
+def _wanted_ranks(trainer: Trainer) -> dict[str, list[int]]:
+    """The ranks the run's own rank policy chose at the probe's calibration with no memory
+    limit (``--rank-policy``, ``--variance`` or ε and p, ``--max-rank``, ``--saved-ratio``, the
+    FLOP cap at a step of the whole batch): the planning target. The plan takes the largest
+    micro-batch at which they fit, so more budget never buys a larger micro-batch at lower
+    ranks. Session 49 probe: the target was the energy rule's ranks (ε 0.95) while the default
+    policy keeps 0.99 of the variance; a token MLP at batch 256 planned micro-batch 128 at its
+    policy's ranks (saved ratio 0.642) under 470 MB, and 256 under 520 MB, where what was
+    left a sample cut them to 0.430."""
+    return {name: [int(r) for r in ranks] for name, ranks in trainer.ranks().items()}
 
 
 def _one_batch(cfg):
@@ -879,7 +878,7 @@ def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, g
     cfixed, cslope = line(m["calib"]) if m.get("calib") else (0, 0.0)
     want = min_ = full = 0
     if trainer.mode == "instant":
-        ranks = {k: tuple(v) for k, v in m["ranks"].items()}  # energy rule, last probe
+        ranks = {k: tuple(v) for k, v in m["ranks"].items()}  # policy's, last probe
         cap = trainer.config.instant.max_rank
         if cap is not None:
             ranks = {k: (min(a, cap), min(b, cap)) for k, (a, b) in ranks.items()}

@@ -869,6 +869,47 @@ def test_a_plan_with_room_to_spare_probes_a_larger_micro_batch(mlp_bundle, tmp_p
     assert r.peak_polled <= 200 * MB, r.peak_polled
 
 
+# Runs the CLI in-process and writes the memory model's bytes a sample of compressed activations
+# (rank 1, the planning target, full rank) to ``sys.argv[1]``.
+_TARGET = (
+    "import json, sys, runtime.budget as budget\n"
+    "real, out = budget._model, sys.argv.pop(1)\n"
+    "def model(*a, **k):\n"
+    "    m = real(*a, **k)\n"
+    "    with open(out, 'w') as f:\n"
+    "        json.dump([m.saved_min, m.saved_want, m.saved_max], f)\n"
+    "    return m\n"
+    "budget._model = model\n"
+    "from runtime.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_the_plan_aims_at_the_ranks_of_the_runs_own_rank_policy(workload, tmp_path):
+    """Session 49 probe W: the plan took the largest micro-batch at which the energy rule's
+    ranks (ε 0.95) fitted, while the default policy keeps 0.99 of the variance; what was left a
+    sample then cut the policy's ranks, so more budget could mean lower ranks (a token MLP at
+    batch 256: micro-batch 128 at saved ratio 0.642 under 470 MB, 256 at 0.430 under 520 MB).
+    The target is now the ranks the run's own policy chooses with no memory limit: a higher
+    --variance aims at more bytes a sample, plans no larger a micro-batch under one budget,
+    and the plan leaves those bytes."""
+    bundle, data = workload
+    got = {}
+    for variance in ("0.5", "0.999"):
+        rec = tmp_path / f"{variance}.json"
+        r = subprocess.run([sys.executable, "-c", _TARGET, str(rec), "plan", str(bundle),
+                            "--data", str(data), "--batch", str(BATCH), "--budget", "300MB",
+                            "--variance", variance, "--threads", "1"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        planned = int(re.search(r"plan for budget 300 MB: micro-batch (\d+)", r.stdout)[1])
+        left = float(re.search(r"compressed activations up to ([\d.]+) KB", r.stdout)[1])
+        got[variance] = json.loads(rec.read_text()), planned, left * 1e3
+    (low, m_low, _), (high, m_high, left) = got["0.5"], got["0.999"]
+    assert low[0] <= low[1] < high[1] <= high[2], (low, high)
+    assert m_high <= m_low, (m_high, m_low)
+    assert left >= high[1] - 100, (left, high)  # (printed to 0.1 KB)
+
+
 def test_holding_out_rows_of_a_long_file_stays_inside_the_budget(tmp_path):
     """Session 42 probe: --val-split on a file of 10 million rows built the split with a
     permutation, two sorted copies and int64 views (16 bytes a row) before any budget was
