@@ -131,6 +131,14 @@ class Basis:
     retained: float  # energy fraction kept
     spectrum: np.ndarray  # S² normalised to sum 1
 
+    @property
+    def kept_variance(self) -> float:
+        """The fraction of the variance (S, the Gram's eigenvalues: ``--variance``'s measure;
+        1 - it is the projection's relative squared error) its ``rank`` directions keep."""
+        s = np.sqrt(np.maximum(np.asarray(self.spectrum, np.float64), 0.0))
+        t = float(s.sum())
+        return float(s[:self.rank].sum()) / t if t > 0 else 1.0
+
 
 @one_blas_thread
 def decompose(gram: np.ndarray, scale: float = 1.0, rank_bound: int | None = None) -> Spectrum:

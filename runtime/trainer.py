@@ -886,7 +886,8 @@ class Trainer:
         """The per-layer ranks, FLOPs and saved bytes at the current ranks (runtime/accounting)."""
         from .accounting import format_table, layer_costs
 
-        table = format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows))
+        kept = {k: (p.kept_variance, q.kept_variance) for k, (p, q) in self.bases.items()}
+        table = format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows, kept))
         if not self.exact_start:
             return table
         mflop = f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a micro-batch"

@@ -1086,7 +1086,9 @@ def test_plan_takes_trains_micro_batch_cap(cli, mlp_bundle):
 
 def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
     """The MLP's layers are small (below the FLOP cap's threshold): at the defaults their ranks
-    start at exact and the table says why; ``--variance 0.99`` chooses by the variance rule."""
+    start at exact and the table says why; ``--variance 0.99`` chooses by the variance rule.
+    Each layer's row ends with the variance its ranks keep (issue 15: "the plan prints each
+    layer's ranks and retained energy"): 1.000 at exact ranks, at least 0.99 by that rule."""
     default = ok(cli("plan", mlp_bundle, "--data", "digits"))
     assert "ranks start at exact: these layers' exact backward is small" in default, default
     layers = json.loads((mlp_bundle / "manifest.json").read_text())["instant"]["layers"]
@@ -1101,6 +1103,13 @@ def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
     head = next(i for i, ln in enumerate(lines) if ln.startswith("layer "))
     rows = {ln.split()[0]: ln.split() for ln in lines[head + 1:]}
     assert lines[head].split()[:4] == ["layer", "axes", "Rx", "Ry"]
+    assert lines[head].split()[-4:] == ["kept", "x", "kept", "g"], lines[head]
+    assert any(ln.startswith("kept x, kept g: the fraction of the calibration's") for ln in lines)
+    for name, row in rows.items():  # at the exact defaults, every fraction kept is whole
+        if name in {ly["name"] for ly in layers}:
+            assert 0.99 <= float(row[-2]) <= 1 and 0.99 <= float(row[-1]) <= 1, row
+    exact_rows = {ln.split()[0]: ln.split() for ln in default.splitlines() if ln.strip()}
+    assert all(exact_rows[ly["name"]][-2:] == ["1.000", "1.000"] for ly in layers), default
     full = True
     for ly in layers:
         row = rows[ly["name"]]
