@@ -17,11 +17,56 @@ from __future__ import annotations
 
 import numpy as np
 
-from .graph import Shapes
+from .graph import ExportError, Shapes
 from .padding import _NP, _ROWS, _draw, _model
 from .tracing import Traced
 
-__all__ = ["mixes_rows"]
+__all__ = ["check_rows_kept", "mixes_rows"]
+
+_OTHER = 7  # the size of a symbolic axis besides the batch in check_rows_kept
+
+
+def check_rows_kept(traced: Traced, shapes: Shapes, bounds: dict[str, int],
+                    dynamic_batch) -> None:
+    """Refuse a model none of whose outputs has one row per input row at two batch sizes
+    (axis 0 of every input is the batch): a sequence-first model (``[L, N, C]``) traced as if
+    axis 0 were the batch. Session 50 probe: such a file exported without a word and trained
+    averaging over the samples, scoring token positions against labels (exit 0), and ``eval``
+    ended in a traceback. Its other symbolic axes are drawn at a size of their own
+    (``_OTHER``): a file declaring ``[16, "N", 12]`` had its own "N" tied to the batch's.
+    Silent where the check cannot run (an input it cannot draw, a model onnxruntime cannot run
+    here, e.g. at that size)."""
+    from .any_length import ort_session
+
+    rng = np.random.default_rng(0)
+    try:
+        sess = ort_session(_model(traced, dynamic_batch))
+        got = []
+        for rows in (_ROWS - 1, _ROWS + 1):
+            feeds = {}
+            for name in traced.inputs:
+                dtype = _NP.get(shapes.dtype.get(name))
+                dims = [rows, *(d if isinstance(d, int) and d > 0 else _OTHER
+                                for d in shapes.of(name)[1:])]
+                if dtype is None:
+                    return
+                feeds[name] = (np.ones(dims, dtype) if "mask" in name.lower()
+                               else _draw(rng, dims, dtype, bounds.get(name)))
+            outs = sess.run(None, feeds)
+            got.append([np.shape(o) for o in outs])
+            if any(len(s) and s[0] == rows for s in got[-1]):
+                continue
+            raise ExportError(
+                f"the model's output '{traced.outputs[0]}' has "
+                f"{got[-1][0][0] if got[-1][0] else 'no'} rows for a batch of {rows} (axis 0 of "
+                "its inputs): the runtime reads axis 0 of every input and output as the batch, "
+                "one row per sample; export a model whose outputs keep it (a sequence-first "
+                "one: transpose its input and output inside the model; a reshape to a batch "
+                "of 1: reshape to [N, -1] instead)")
+    except ExportError:
+        raise
+    except Exception:  # noqa: BLE001 - not known to be wrong
+        return
 
 
 def mixes_rows(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch,

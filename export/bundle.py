@@ -50,7 +50,7 @@ from contract import (
 from contract.schema import load as load_typed
 
 from .autodiff import build_training_graphs
-from .batch_rows import mixes_rows
+from .batch_rows import check_rows_kept, mixes_rows
 from .fold_frozen import fold_frozen_batchnorm
 from .grad_stops import check_gradient_stops
 from .graph import ExportError, Shapes, forward_flops, lowest_ir_version, reads
@@ -474,6 +474,7 @@ def _export_bundle(model: str, out: str | Path, *, input_shape: str | None = Non
         if found is not None and mask_checked(traced, in_shapes0, bounds, _dynamic_batch,
                                               found, layers, params, fwd, notes):
             share_activation_bases(layers)
+    check_rows_kept(traced, in_shapes0, bounds, _dynamic_batch)
     mixes = mixes_rows(traced, in_shapes0, bounds, _dynamic_batch, notes, params)
     runs = [(mode, mode, prefix.forward if prefix is not None else fwd, layers, "")
             for mode in modes]

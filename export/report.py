@@ -29,6 +29,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,8 +135,12 @@ def read_metrics(run: str | os.PathLike) -> Metrics:
     try:
         size = path.stat().st_size
         if size > MAX_METRICS_BYTES:
-            raise UserError(f"{path} has {size / 1e9:.1f} GB, more than a metrics file can have; "
-                            "it is not a run's metrics")
+            # (session 50 probe: "it is not a run's metrics" of an old runtime's, which logged
+            # every step: 1.1 GB after 5.3 million steps)
+            raise UserError(f"{path} has {size / 1e9:.1f} GB, more than this runtime's runs "
+                            "write (older ones logged every step); draw its last part: "
+                            f"tail -n 200000 {shlex.quote(str(path))} > last.jsonl, then "
+                            "instant-runtime report last.jsonl")
         raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
@@ -462,6 +467,18 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return p
 
 
+def _mean_of(records: list[dict], start: int | None = None) -> float | None:
+    """The mean loss of consecutive steps (from step ``start`` where given); None where a step
+    is missing (a long run logs one in 10, 100, ...) or a loss is not a number."""
+    nums = [_step(r) for r in records]
+    losses = [_num(r.get("loss")) for r in records]
+    if (not records or None in nums or None in losses
+            or nums != list(range(nums[0], nums[0] + len(nums)))
+            or (start is not None and nums[0] != start)):
+        return None
+    return sum(losses) / len(losses)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report and print one line per fact. Raises UserError (the CLI prints it)."""
     path = write_report(args.run, args.out, args.overwrite)
@@ -473,6 +490,10 @@ def cmd_report(args: argparse.Namespace) -> int:
                           s.get("loss_window"))
         if first is None or last is None or not isinstance(k, int):  # no summary: a stopped run
             first, last, k = _num(m.steps[0].get("loss")), _num(m.steps[-1].get("loss")), 1
+        elif m.unit == "step":  # the logged steps' own means where they are all there (session
+            means = _mean_of(m.steps[:k], 1), _mean_of(m.steps[-k:])  # 50 probe: an older
+            first = first if means[0] is None else means[0]  # fleet client's summary held its
+            last = last if means[1] is None else means[1]  # last round's first loss)
         if first is not None and last is not None:
             what = f"means of the first and last {k} steps" if k > 1 else \
                 f"first and last {m.unit}" + (" (the clients' mean last loss)"

@@ -51,7 +51,15 @@ from devices.planner import (
     smaller_micro_batch,
 )
 
-from .calibrate import GramWindow, Spectrum, basis, decompose_bytes, gram_vectors, spectrum_width
+from .calibrate import (
+    GramWindow,
+    Spectrum,
+    basis,
+    calibration_samples,
+    decompose_bytes,
+    gram_vectors,
+    spectrum_width,
+)
 from .memory import (
     WouldPassLimit,
     budget_from_profile,
@@ -595,7 +603,7 @@ def _probe_plan(trainer: Trainer, data, batch: int, budget: int, log: Callable[[
                 return BudgetTooSmall(why, floor=floor)
             return _failed(warm, "cannot open the bundle's sessions")
         base1 = base0 + int(warm["overhead"])
-        probe = forked(lambda: _measure(trainer, data, 1, None))
+        probe = forked(lambda: _measure(trainer, data, 1, None, target=False))
         if not probe["ok"]:
             if probe.get("over"):
                 return BudgetTooSmall(why, floor=floor)
@@ -795,7 +803,8 @@ def _warm_up_lengths(trainer: Trainer, data) -> None:
         trainer.trim = trim
 
 
-def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int = 8) -> dict:
+def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int = 8,
+             target: bool = True) -> dict:
     """(In a probe process.) Arena growth of calibration and gradient passes at micro-batches
     1, 2 and 8 (as many as fit under ``cap``, none above ``largest``; the arena keeps its
     largest size, so each reading is the need of the largest pass so far), and the ranks the
@@ -810,11 +819,10 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int =
     sizes = sorted({max(1, min(k, batch, largest)) for k in (1, 2, 8)})
     if trainer.mode == "instant" and not trainer.eval_only:
         cfg = trainer.config
+        trainer.train_batch = trainer.train_batch or batch  # (the rank rule's: set_ranks)
         for mc in sizes:
-            # (no training micro-batch, the batch as train_batch: the ranks are chosen for a
-            # step of the whole batch, the largest the plan can pick: _wanted_ranks)
             trainer.use_plan(Plan(calib_micro_batch=mc))
-            trainer.config, trainer.train_batch = _one_batch(cfg), batch
+            trainer.config = _one_batch(cfg)
             try:
                 trainer.calibrate(data, mc, rng)
             except ArenaExhausted:
@@ -826,6 +834,8 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int =
             _progress(out)
         if not out["calib"]:
             raise ArenaExhausted("calibration at micro-batch 1")
+        if target:  # (the minimum's probes plan at rank 1: no target)
+            _target_ranks(trainer, data, max(out["calib"]), rng, out)
         _full_rank_bases(trainer, batch)
         out["saved_full"] = saved_bytes(trainer.bundle.layers, trainer.ranks())
         trainer.shrink_arena(data)  # steps are measured from an arena without calibration's
@@ -844,6 +854,30 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int =
     if not out["step"]:
         raise ArenaExhausted(f"{_pass(trainer)} at micro-batch 1")
     return out
+
+
+def _target_ranks(trainer: Trainer, data, mc: int, rng: np.random.Generator, out: dict) -> None:
+    """(In a probe process.) The planning target from a calibration over as many rows as the
+    run's first one reads (in micro-batches of ``mc``, which fitted: the Grams do not grow
+    with the rows): spectra from 1-8 rows see fewer directions and asked for lower ranks than
+    the run's calibration then chose (session 50 probe: a transformer-like model planned 847 KB
+    a sample under 160 MB where its ranks needed 962 KB, ratio 0.527 where 140 MB kept 0.599).
+    Kept from the small calibrations where this one does not fit."""
+    layers, text = trainer.bundle.layers, trainer.bundle.manifest.text
+    rows = calibration_samples(layers, trainer.train_batch or mc,
+                               trainer.config.instant.calib_samples, padded=text is not None)
+    if rows <= mc:
+        return
+    cfg = trainer.config
+    trainer.use_plan(Plan(calib_micro_batch=mc))
+    trainer.config = _one_batch(cfg)
+    try:
+        trainer.calibrate(data, min(rows, len(data)), rng)
+        out["ranks"] = _wanted_ranks(trainer)
+    except ArenaExhausted:
+        pass
+    finally:
+        trainer.config = cfg
 
 
 def _wanted_ranks(trainer: Trainer) -> dict[str, list[int]]:

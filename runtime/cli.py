@@ -544,9 +544,11 @@ def _train_config(a, bundle, prof, optim=None):
     if a.mode == "instant" and not bundle.layers:  # (the default trains it exactly)
         from .errors import UserError
 
+        # (session 50 probe: the way out "re-export it with --instant-exclude" added no layer
+        # to a model whose weights INSTANT's rules do not take)
         raise UserError(f"--mode instant: bundle '{bundle.path}' has no INSTANT layer (modes: "
-                        f"{', '.join(bundle.modes)}); pass --mode vanilla or leave --mode out, "
-                        "or re-export it with layers to compress (export --instant-exclude)")
+                        f"{', '.join(bundle.modes)}); pass --mode vanilla or leave --mode out "
+                        "(its export's notes name the layers it left exact and why)")
     return TrainConfig(mode=a.mode or "instant", optim=optim or OptimConfig(), instant=instant,
                        session=_session_config(a, prof, log=print), seed=getattr(a, "seed", 0))
 
@@ -931,6 +933,7 @@ def _cmd_train(a) -> int:
     trainer = Trainer(bundle, cfg, weights=init,
                       way_out="pass another --init-from (a run folder or its params.npz)")
     trainer.resuming = bool(run_cfg.resume)
+    trainer.started_from = a.init_from if init is not None else None
     from .data import label_map
 
     identity = run_identity(trainer, a.data, run_cfg, label_map(data, bundle), a.val_split,
@@ -1413,6 +1416,7 @@ def _cmd_plan(a) -> int:
 
         data = _load_data(a, bundle)
         probe_tr = Trainer(bundle, cfg)  # (its mode: vanilla where no layer is INSTANT's)
+        probe_tr.train_batch = min(a.batch, len(data))
         need = estimate_minimum(probe_tr, data, min(a.batch, len(data)))
         if need:
             # reading the largest image is planned, not measured (session 46 probe: "measured

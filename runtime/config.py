@@ -216,7 +216,8 @@ class InstantConfig:
     # 1.0 (+0.2 uncapped).
     flop_ratio: float | None = 1.0
     # the default cap binds only where the compressed layers' exact backward takes at least this
-    # many FLOPs per micro-batch (an explicit --flop-ratio always binds: the CLI sets 0 here).
+    # many FLOPs per batch (an explicit --flop-ratio always binds: the CLI sets 0 here; per
+    # batch, not per micro-batch, so a budget's micro-batch does not change the rule).
     # Below it the cap's saving is a few milliseconds at most, and what it cost was accuracy: a
     # 2-layer transformer over 16 tokens (34 MFLOP a micro-batch of 32), whose activations need
     # near-full ranks for 0.99 of their variance, ended 3.4 points below exact training with the

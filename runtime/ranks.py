@@ -10,7 +10,7 @@ Two policies (``--rank-policy``):
   relative squared error of the projected activations (weight gradients, Rx) and output
   gradients (input gradients, Ry) is at most 1 %; then, while the backward FLOPs pass
   ``--flop-ratio`` × the exact backward of those layers (default 1.0, where that backward takes
-  ``flop_cap_min`` FLOPs a micro-batch or more: config.py) or the compressed
+  ``flop_cap_min`` FLOPs a batch or more: config.py) or the compressed
   activations pass the plan's memory for them at the planned micro-batch, the rank whose last
   direction keeps the least variance per FLOP (per byte) falls. With memory to spare ranks stay where the error is
   small; under a tight budget they fall where the error grows least. Layers below that size
@@ -229,7 +229,7 @@ def _exact_flops(layers: list[LayerInfo]) -> int:
 
 def _cap_binds(layers: list[LayerInfo], cfg: InstantConfig, cap_rows: int) -> bool:
     """The FLOP cap binds: a ratio is set (0 or None: no cap) and the layers' exact backward
-    takes at least ``flop_cap_min`` FLOPs a micro-batch of ``cap_rows``."""
+    takes at least ``flop_cap_min`` FLOPs a batch of ``cap_rows`` (the run's batch)."""
     return bool(cfg.flop_ratio) and max(1, cap_rows) * _exact_flops(layers) >= cfg.flop_cap_min
 
 

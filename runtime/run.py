@@ -317,6 +317,15 @@ def _diverged(trainer: Trainer, what: str, good: Path | None, streak: bool = Fal
              "the steps before this resume were non-finite too; its older checkpoints are "
              "kept" if before_resume else
              f"no checkpoint was written before {'them' if streak else 'it'}")
+    if untrained and trainer.started_from:  # (session 50 probe: weights of 1e28 were "the
+        return RunDiverged(what, where, "no update was applied, so --lr is not the cause: "  # data")
+                           f"the weights it started from (--init-from {trainer.started_from}) "
+                           + ("or --weight-decay (SGD adds it to the gradient) "
+                              if trainer.config.optim.name == "sgd"
+                              and trainer.config.optim.weight_decay else "")
+                           + "or the data's values are too large for float32 in the loss or its "
+                           "gradient; start from other weights (another --init-from, or none) "
+                           "or scale the data down, with --overwrite")
     if untrained:  # (session 31 probe: targets of 1e20 were told to lower --lr, 1e-30 included)
         optim = trainer.config.optim
         return RunDiverged(what, where, "no update was applied, so --lr is not the cause: " + (

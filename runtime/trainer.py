@@ -248,6 +248,7 @@ class Trainer:
         # its passes (runtime/budget.py), not a training step's
         self.eval_only = False
         self.resuming = False  # a run resumed from its checkpoint: its mode is fixed
+        self.started_from: str | None = None  # --init-from as given (a divergence names it)
         self.step_count = 0
         self.window: GramWindow | None = None  # an open calibration
         self.calibrations = 0
@@ -771,15 +772,22 @@ class Trainer:
                    "calibration saw non-finite activations or gradients (diverged or extreme "
                    "inputs); lower --lr or check the data" if self.step_count else
                    "calibration saw non-finite activations or gradients before any update: the "
-                   "data's values are too large for INSTANT's float32 statistics (Gram matrices); "
-                   "scale the inputs (or targets) down, or pass --mode vanilla")
+                   + (f"weights it started from (--init-from {self.started_from}) or the "
+                      "data's values are too large for INSTANT's float32 statistics (Gram "
+                      "matrices); start from other weights (another --init-from, or none) or "
+                      "scale the inputs down" if self.started_from else
+                      "data's values are too large for INSTANT's float32 statistics (Gram "
+                      "matrices); scale the inputs (or targets) down, or pass --mode vanilla"))
             self.warnings.append(msg)
             if not self.bases:
                 raise UserError(msg) from None
             return False
         per_step = max(1, w.samples // w.steps)  # the batch; the plan may cut it smaller
+        # the rank rule is the batch's, whatever micro-batch a budget leaves (session 50 probe:
+        # a CNN's layers counted as small below micro-batch 50 of 100 and kept exact ranks
+        # under 92-95 MB, capped ranks (ratio 0.287) from 98 MB: more budget, lower ranks)
         self.set_ranks(spectra, min(self.plan.micro_batch or per_step, per_step),
-                       cap_rows=self.plan.micro_batch or self.train_batch or per_step)
+                       cap_rows=self.train_batch or self.plan.micro_batch or per_step)
         self.calibrations += 1
         self.calib_seconds += w.seconds + time.perf_counter() - t0
         return True
@@ -854,8 +862,8 @@ class Trainer:
                   cap_rows: int | None = None) -> None:
         """Choose ranks from the spectra under the plan's budget, for micro-batches of ``rows``
         samples (the channel-axis products that run once per micro-batch), and set the bases.
-        ``cap_rows``: the training micro-batch, which decides whether the default FLOP cap
-        binds (ranks.choose_ranks; a first calibration may read fewer samples than a step)."""
+        ``cap_rows``: the training batch, which decides whether the default FLOP cap binds
+        (ranks.choose_ranks; a first calibration may read fewer samples than a step)."""
         self.rank_rows = rows
         self.exact_start = starts_exact(self.bundle.layers, self.config.instant, cap_rows or rows)
         ranks = choose_ranks(self.bundle.layers, spectra, self.config.instant,
@@ -890,7 +898,8 @@ class Trainer:
         table = format_table(layer_costs(self.bundle.layers, self.ranks(), self.rank_rows, kept))
         if not self.exact_start:
             return table
-        mflop = f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a micro-batch"
+        mflop = (f"{self.config.instant.flop_cap_min / 1e6:.0f} MFLOP a batch"
+                 + (f" of {self.train_batch}" if self.train_batch else ""))
         if any(p.rank < ly.x_dim or q.rank < ly.g_dim  # (session 38 probe: "start at exact"
                for ly in self.bundle.layers for p, q in [self.bases[ly.name]]):  # at ranks of 1)
             table += (f"\nranks started at exact (these layers' exact backward is below "
@@ -940,6 +949,12 @@ class Trainer:
                         [out], self._feeds(inputs, x, y, extra), run_options())[0].numpy()
                 except Exception as exc:  # noqa: BLE001
                     raise self._run_error(exc, "evaluation") from None
+                if logits.ndim == 0 or logits.shape[0] != len(y):  # (session 50 probe: an
+                    raise UserError(  # IndexError traceback, a sequence-first model's bundle)
+                        f"the bundle's output '{out}' has "
+                        f"{logits.shape[0] if logits.ndim else 'no'} rows for {len(y)} rows of "
+                        "data: the model does not give one row per input row (axis 0 of its "
+                        "inputs and outputs is the batch); export a batch-first model again")
                 logits = logits.astype(np.float64, copy=False)
                 if spec.kind == "bce" and spec.probabilities:  # a Sigmoid's output p
                     with np.errstate(divide="ignore"):  # log 0: clamped at -100, as torch

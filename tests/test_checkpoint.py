@@ -981,6 +981,30 @@ def test_a_run_whose_every_step_was_skipped_fails_and_blames_the_data(mlp_bundle
               RunConfig(steps=9, progress=False))
 
 
+def test_a_run_from_weights_too_large_for_float32_names_them(mlp_bundle, tmp_path, cli):
+    """Session 50 probe: --init-from weights of ~1e28 (an older runtime's diverged run) made
+    every step non-finite, and the way out blamed the digits data and said to start again with
+    --overwrite, which failed the same way. Calibration's message and the steps' now name the
+    weights and another way."""
+    with np.load(mlp_bundle / "params.npz") as z:
+        np.savez(tmp_path / "huge.npz", **{k: (z[k] * 1e28).astype(np.float32) for k in z.files})
+    r = cli("train", mlp_bundle, "--data", "digits", "--init-from", tmp_path / "huge.npz",
+            "--steps", 3, "--no-progress", "--threads", 1, "--out", tmp_path / "run")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"weights it started from (--init-from {tmp_path / 'huge.npz'})" in r.stderr
+    assert "start from other weights (another --init-from, or none)" in r.stderr, r.stderr
+    r = cli("train", mlp_bundle, "--data", "digits", "--init-from", tmp_path / "huge.npz",
+            "--steps", 3, "--no-progress", "--threads", 1, "--out", tmp_path / "run",
+            "--mode", "vanilla", "--overwrite")  # (the steps' message; above: calibration's)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "no update was applied, so --lr is not the cause: the weights it started from" \
+        in r.stderr and "another --init-from, or none" in r.stderr, r.stderr
+    r = cli("train", mlp_bundle, "--data", "digits", "--steps", 3, "--no-progress",
+            "--threads", 1, "--out", tmp_path / "run", "--overwrite")  # the way out works
+    assert r.returncode == 0, r.stderr
+
+
 def test_adamw_moments_of_a_gradient_past_float32s_square_root_resume(mlp_bundle, tmp_path,
                                                                       cli):
     """Session 31 probe: inputs of 1e20 (accepted data) gave finite gradients whose squares

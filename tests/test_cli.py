@@ -1040,7 +1040,7 @@ def test_a_flop_ratio_that_cannot_bind_or_apply_is_said(cli, mlp_bundle, mlp_hea
     assert "--flop-ratio" not in r.stderr, r.stderr  # (no cap on these small layers: no word)
     assert "ranks start at exact" not in capped, capped
     assert "ranks started at exact (these layers' exact backward is below 100 MFLOP a " \
-        "micro-batch); those below it were lowered by" in capped, capped
+        "batch of 32); those below it were lowered by" in capped, capped
 
 
 def test_options_and_defaults_that_would_do_nothing_are_said(cli, mlp_bundle, tmp_path):
@@ -1120,6 +1120,27 @@ def test_plan_shows_calibrated_ranks(cli, mlp_bundle):
         full &= (rx, ry) == (ly["x_dim"], ly["g_dim"])
     assert not full, "calibration on digits should drop some directions"
     assert "backward FLOP ratio instant/vanilla" in out
+
+
+def test_the_rank_rule_is_the_batchs_whatever_the_micro_batch(cli, mlp_bundle, tmp_path):
+    """Session 50 probe: whether the default FLOP cap binds (the layers "small", their ranks
+    exact) was decided by the micro-batch's FLOPs, so a budget's micro-batch chose the rule: a
+    CNN kept exact ranks under 92-95 MB (micro-batch 9-34 of 100) and capped ones from 98 MB.
+    The batch decides it: the MLP's two layers take 1e8 FLOPs of exact backward a batch of
+    1024 (the cap binds) and 6e6 a micro-batch of 64; both run capped ranks (their values
+    differ: over the channel axis the FLOPs a rank costs depend on the micro-batch)."""
+    got = {}
+    for micro in (64, 1024):
+        out = tmp_path / f"m{micro}"
+        r = cli("train", mlp_bundle, "--data", "digits", "--batch", 1024, "--micro-batch", micro,
+                "--steps", 1, "--no-progress", "--threads", 1, "--out", out)
+        assert r.returncode == 0, r.stderr
+        got[micro] = next(e["ranks"] for e in map(json.loads, (out / "metrics.jsonl")
+                                                  .read_text().splitlines())
+                          if e["kind"] == "calibration")
+    layers = json.loads((mlp_bundle / "manifest.json").read_text())["instant"]["layers"]
+    for micro in (64, 1024):  # (were exact at 64: 64 and 128)
+        assert all(got[micro][ly["name"]][0] < ly["x_dim"] for ly in layers), got
 
 
 def test_profiles_lists_devices(cli):

@@ -221,6 +221,15 @@ def test_loopback_fedavg_beats_every_local_only_model(mlp_bundle, non_iid, tmp_p
                         f"127.0.0.1:{free_port()}"], cwd=REPO, capture_output=True, text=True,
                        timeout=120)  # (the report's PNG was "other files" to the next start)
     assert r.returncode == 0 and "nothing to resume" in r.stdout, r.stdout + r.stderr
+    # an earlier version's finished run recorded no rounds_done, its history the rounds (session
+    # 50 probe: resumed as "its round count was not recorded", ran --rounds more numbered from 1
+    # and rewrote its history)
+    summary = json.loads((tmp_path / "fleet" / "summary.json").read_text())
+    del summary["rounds_done"]
+    (tmp_path / "fleet" / "summary.json").write_text(json.dumps(summary))
+    r = subprocess.run(r.args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"already did {ROUNDS} of --rounds {ROUNDS}; nothing to " \
+        "resume" in r.stdout, r.stdout + r.stderr
     accs = [float(a) for a in re.findall(r"held-out accuracy (\S+),", out)]
     assert len(accs) == ROUNDS + 1, out
     fleet_acc = accs[-1]

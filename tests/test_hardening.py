@@ -1230,9 +1230,11 @@ def _(c):
     return [*_train(c), "--profile", str(p)]
 
 
-for _cmd in ("train", "plan"):  # a probe's: trained vanilla, and plan said "instant"
+for _cmd in ("train", "plan"):  # a probe's: trained vanilla, and plan said "instant"; session
+    # 50 probe: its way out "re-export it with --instant-exclude" added no layer
     case(f"{_cmd}-mode-instant-on-a-bundle-without-instant-layers", "--mode instant: bundle",
-         "has no INSTANT layer", "pass --mode vanilla or leave --mode out")(
+         "has no INSTANT layer", "pass --mode vanilla or leave --mode out (its export's notes "
+         "name the layers it left exact and why)")(
         lambda c, cmd=_cmd: [*(_train(c) if cmd == "train" else ["plan", str(c.bundle)]),
                              "--mode", "instant"])
 

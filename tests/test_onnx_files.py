@@ -1739,3 +1739,32 @@ def test_a_batchnorm_the_exporter_folded_into_a_conv_is_noted(tmp_path):
         ("x", TensorProto.FLOAT, ["N", 4, 5, 5]), ("logits", TensorProto.FLOAT, ["N", 3]),
         inits), "--out", tmp_path / "b2")
     assert r.returncode == 0 and "folded" not in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("declared", [("L", "N"), (16, "N"), (16, 8)])
+def test_a_sequence_first_file_is_refused_at_export(tmp_path, declared):
+    """Session 50 probe: a file whose input is ``[L, N, C]`` (tokens first, its batch on axis 1)
+    and that averages over the tokens exported without a word (axis 0 read as the batch; a file
+    declaring ``[16, "N", 12]`` had its own "N" tied to the batch's), then trained averaging
+    over the samples and scoring token positions against labels (exit 0), and ``eval`` ended
+    in a traceback. The export is refused in one line; the same model batch-first exports."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), k)
+             for k, s in (("W1", (12, 20)), ("Wh", (3, 20)), ("bh", (3,)))]
+    for first, axis in ((True, 0), (False, 1)):
+        nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"]),
+                 helper.make_node("Relu", ["m1"], ["a"]),
+                 helper.make_node("ReduceMean", ["a"], ["pool"], axes=[axis], keepdims=0),
+                 helper.make_node("Gemm", ["pool", "Wh", "bh"], ["y"], transB=1)]
+        shape = (*declared, 12) if first else ("N", 16, 12)
+        path = _saved(tmp_path / f"m{int(first)}.onnx", nodes, ("x", TensorProto.FLOAT, shape),
+                      ("y", TensorProto.FLOAT, ("N", 3)), inits)
+        extra = ("--input-shape", "16,8,12") if first and declared == (16, 8) else ()
+        r = _cli("export", "--model", path, *extra, "--out", tmp_path / f"b{int(first)}")
+        if first:
+            assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "output 'y' has" in r.stderr, r.stderr
+            assert "export a model whose outputs keep it" in r.stderr, r.stderr
+            assert not (tmp_path / "b1").exists()
+        else:
+            assert r.returncode == 0, r.stderr

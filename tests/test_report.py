@@ -325,3 +325,41 @@ assert not bad, bad
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=60, check=False)
     assert r.returncode == 0, r.stderr[-1000:]
+
+
+def test_a_metrics_file_past_the_limit_names_how_to_draw_its_end(tmp_path):
+    """Session 50 probe: older runtimes logged every step, so a long run's metrics.jsonl passed
+    1 GiB and was refused as "not a run's metrics" with no way out. The refusal names a way
+    that draws its last part (the file here is sparse: no disk is used)."""
+    run = tmp_path / "old run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "wb") as f:
+        f.truncate(report.MAX_METRICS_BYTES + 1)
+    with pytest.raises(UserError, match=r"more than this runtime's runs write \(older ones logged "
+                                        r"every step\); draw its last part: tail -n 200000 "
+                                        r"'.*old run/metrics.jsonl' > last.jsonl, then "
+                                        r"instant-runtime report last.jsonl"):
+        report.read_metrics(run)
+    with open(tmp_path / "last.jsonl", "w") as f:  # the way out reads such a part
+        f.writelines(json.dumps(r) + "\n" for r in _records())
+    assert report.read_metrics(tmp_path / "last.jsonl").steps
+
+
+def test_the_printed_loss_means_are_the_logged_steps(tmp_path, capsys):
+    """Session 50 probe: an older runtime's fleet client wrote each round's own first loss to
+    summary.json, and `report` printed it as the run's ("2.2016 -> 2.0989" where its first two
+    logged steps averaged 2.3086). The means come from the logged steps where they are all
+    there; the summary's where a step is missing (a long run logs one in 10, 100, ...)."""
+    recs = _records(steps=20)
+    losses = [r["loss"] for r in recs if r["kind"] == "step"]
+    run = _write_run(tmp_path / "run", recs, {"steps": 20, "loss_first": 9.0, "loss_last": 8.0,
+                                              "loss_window": 2})
+    assert report.cmd_report(argparse.Namespace(run=str(run), out=None, overwrite=False)) == 0
+    want = f"loss {np.mean(losses[:2]):.4f} -> {np.mean(losses[-2:]):.4f}, means of the first"
+    assert want in capsys.readouterr().out
+    thinned = [r for r in recs if r["kind"] != "step" or r["step"] % 2 == 0]  # (2, 4, ... 20)
+    run = _write_run(tmp_path / "thin", thinned, {"steps": 20, "loss_first": 9.0,
+                                                  "loss_last": 8.0, "loss_window": 2})
+    assert report.cmd_report(argparse.Namespace(run=str(run), out=None, overwrite=False)) == 0
+    assert "loss 9.0000 -> 8.0000, means of the first and last 2 steps" in \
+        capsys.readouterr().out

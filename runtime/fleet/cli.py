@@ -198,7 +198,7 @@ def _flower(verbose: bool):
 def _server(a) -> int:
     from .client import MAX_ROUNDS
     from .folders import check_out, check_server_out, drop_lock_only
-    from .history import earlier_evaluations
+    from .history import earlier_evaluations, earlier_rounds
     from .local import UserError, open_local
     from .server import INITIAL, run_server
 
@@ -243,7 +243,7 @@ def _server(a) -> int:
     earlier = None
     if resume:
         _same_model(out, local, f"--resume: '{out}' holds the aggregate")
-        earlier = _earlier_rounds(out)
+        earlier = earlier_rounds(out)
         # fewer --rounds than were done is refused, as train's --steps below its step is
         # (session 43 probe: exit 0, "nothing to resume")
         if earlier is not None and earlier["rounds_done"] > a.rounds:
@@ -359,24 +359,6 @@ def _same_model(out: Path, local, what: str) -> None:
                         + (f"signature {theirs[:12]}, this bundle's {local.signature[:12]}"
                            if signed else "other trainable tensors")
                         + "); use the bundle it was trained with, or pass another --out")
-
-
-def _earlier_rounds(out: Path) -> dict | None:
-    """The summary a resumed server left after its last round (None: none, or one that says
-    nothing of its rounds: a run of an earlier version, stopped before its end)."""
-    from ..run_folder import json_object
-
-    earlier = json_object(out / "summary.json")
-    done = earlier.get("rounds_done")
-    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
-        return None
-    hist = earlier.get("history")
-    earlier["history"] = [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
-    for key in ("trained_rounds", "seconds"):
-        v = earlier.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e12:
-            earlier[key] = 0
-    return earlier
 
 
 def _client(a) -> int:

@@ -14,7 +14,7 @@ import collections
 import math
 from pathlib import Path
 
-__all__ = ["KEPT", "ROUNDS_FILE", "RoundHistory", "earlier_evaluations"]
+__all__ = ["KEPT", "ROUNDS_FILE", "RoundHistory", "earlier_evaluations", "earlier_rounds"]
 
 ROUNDS_FILE = "rounds.jsonl"
 KEPT = 100  # the rounds summary.json lists (all of them are in rounds.jsonl)
@@ -104,3 +104,28 @@ class RoundHistory:
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
+
+
+def earlier_rounds(out: Path) -> dict | None:
+    """The summary a resumed server left after its last round (None: none, or one that says
+    nothing of its rounds: a run of an earlier version, stopped before its end). An earlier
+    version's finished run recorded no ``rounds_done``: its history's last round is it (session
+    50 probe: such a run of 2 rounds was resumed as "not recorded", ran 2 more numbered 1-2
+    and its history was rewritten)."""
+    from ..run_folder import json_object
+
+    earlier = json_object(out / "summary.json")
+    hist = earlier.get("history")
+    earlier["history"] = [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
+    done = earlier.get("rounds_done")
+    if done is None and "rounds_done" not in earlier:
+        done = max((h["round"] for h in earlier["history"] if isinstance(h.get("round"), int)
+                    and not isinstance(h.get("round"), bool)), default=None)
+        earlier["rounds_done"] = done
+    if isinstance(done, bool) or not isinstance(done, int) or done < 0:
+        return None
+    for key in ("trained_rounds", "seconds"):
+        v = earlier.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e12:
+            earlier[key] = 0
+    return earlier
