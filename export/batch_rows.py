@@ -60,13 +60,36 @@ def check_rows_kept(traced: Traced, shapes: Shapes, bounds: dict[str, int],
                 f"the model's output '{traced.outputs[0]}' has "
                 f"{got[-1][0][0] if got[-1][0] else 'no'} rows for a batch of {rows} (axis 0 of "
                 "its inputs): the runtime reads axis 0 of every input and output as the batch, "
-                "one row per sample; export a model whose outputs keep it (a sequence-first "
-                "one: transpose its input and output inside the model; a reshape to a batch "
-                "of 1: reshape to [N, -1] instead)")
+                f"one row per sample; {_way_out(traced)}")
     except ExportError:
         raise
     except Exception:  # noqa: BLE001 - not known to be wrong
         return
+
+
+def _way_out(traced: Traced) -> str:
+    """What to do, by what the file declares: every input's axis 0 fixed and nothing else
+    symbolic is a file saved at a fixed batch (torch.onnx.export without dynamic_axes, where a
+    reshape keeps ``x.shape[0]`` as a number: a session 50 probe was told to reshape to
+    [N, -1], which its model did); a symbolic axis past axis 0 a sequence-first one."""
+    dims: list = []
+    if traced.origin is not None and traced.origin[0] == "onnx":
+        import onnx
+
+        try:
+            g = onnx.load(traced.origin[1], load_external_data=False).graph
+            inits = {i.name for i in g.initializer}
+            dims = [[d.dim_value if d.HasField("dim_value") else "?"
+                     for d in vi.type.tensor_type.shape.dim]
+                    for vi in g.input if vi.name not in inits]
+        except Exception:  # noqa: BLE001 - (it loaded before: read as "not known")
+            dims = []
+    if dims and all(d and d[0] != "?" for d in dims) and not any("?" in d for d in dims):
+        return (f"the file fixes its axis 0 at {dims[0][0]}: export it again batch-first with "
+                "a dynamic batch axis (torch.onnx.export dynamic_axes / dynamic_shapes)")
+    return ("export a model whose outputs keep it (a sequence-first one: transpose its input "
+            "and output inside the model; a reshape to a fixed number of rows: reshape to "
+            "[N, -1] instead)")
 
 
 def mixes_rows(traced: Traced, shapes: Shapes, bounds: dict[str, int], dynamic_batch,

@@ -1741,30 +1741,41 @@ def test_a_batchnorm_the_exporter_folded_into_a_conv_is_noted(tmp_path):
     assert r.returncode == 0 and "folded" not in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("declared", [("L", "N"), (16, "N"), (16, 8)])
+@pytest.mark.parametrize("declared", [("L", "N"), (16, "N"), (16, 8), "batch of 1"])
 def test_a_sequence_first_file_is_refused_at_export(tmp_path, declared):
     """Session 50 probe: a file whose input is ``[L, N, C]`` (tokens first, its batch on axis 1)
     and that averages over the tokens exported without a word (axis 0 read as the batch; a file
     declaring ``[16, "N", 12]`` had its own "N" tied to the batch's), then trained averaging
     over the samples and scoring token positions against labels (exit 0), and ``eval`` ended
-    in a traceback. The export is refused in one line; the same model batch-first exports."""
+    in a traceback. The export is refused in one line; the same model batch-first exports. A
+    batch-first file saved at batch 1 whose head reshapes to [1, -1] is told to export again
+    with a dynamic batch (a second probe: "reshape to [N, -1]", which its model did)."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), k)
              for k, s in (("W1", (12, 20)), ("Wh", (3, 20)), ("bh", (3,)))]
+    fixed = declared == "batch of 1"
     for first, axis in ((True, 0), (False, 1)):
         nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"]),
                  helper.make_node("Relu", ["m1"], ["a"]),
                  helper.make_node("ReduceMean", ["a"], ["pool"], axes=[axis], keepdims=0),
                  helper.make_node("Gemm", ["pool", "Wh", "bh"], ["y"], transB=1)]
-        shape = (*declared, 12) if first else ("N", 16, 12)
+        if fixed:  # batch first at batch 1: pooled over the tokens, the logits reshaped [1, -1]
+            nodes[2] = helper.make_node("ReduceMean", ["a"], ["pool"], axes=[1], keepdims=0)
+            nodes[3] = helper.make_node("Gemm", ["pool", "Wh", "bh"], ["logits"], transB=1)
+            nodes.append(helper.make_node("Reshape", ["logits", "one_row"], ["y"]))
+        shape = (1, 16, 12) if fixed else (*declared, 12) if first else ("N", 16, 12)
         path = _saved(tmp_path / f"m{int(first)}.onnx", nodes, ("x", TensorProto.FLOAT, shape),
-                      ("y", TensorProto.FLOAT, ("N", 3)), inits)
+                      ("y", TensorProto.FLOAT, ("N", 3)),
+                      [*inits, numpy_helper.from_array(np.array([1, -1], np.int64), "one_row")])
         extra = ("--input-shape", "16,8,12") if first and declared == (16, 8) else ()
         r = _cli("export", "--model", path, *extra, "--out", tmp_path / f"b{int(first)}")
         if first:
             assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
             assert "output 'y' has" in r.stderr, r.stderr
-            assert "export a model whose outputs keep it" in r.stderr, r.stderr
+            at = 1 if fixed else 16 if declared == (16, 8) else None  # (every axis fixed)
+            assert (f"the file fixes its axis 0 at {at}: export it again batch-first with a "
+                    "dynamic batch axis" if at else "export a model whose outputs keep it") in \
+                r.stderr, r.stderr
             assert not (tmp_path / "b1").exists()
-        else:
+        elif not fixed:
             assert r.returncode == 0, r.stderr
