@@ -72,19 +72,11 @@ def _way_out(traced: Traced) -> str:
     symbolic is a file saved at a fixed batch (torch.onnx.export without dynamic_axes, where a
     reshape keeps ``x.shape[0]`` as a number: a session 50 probe was told to reshape to
     [N, -1], which its model did); a symbolic axis past axis 0 a sequence-first one."""
-    dims: list = []
-    if traced.origin is not None and traced.origin[0] == "onnx":
-        import onnx
+    from .shape_fold import declared_input_dims
 
-        try:
-            g = onnx.load(traced.origin[1], load_external_data=False).graph
-            inits = {i.name for i in g.initializer}
-            dims = [[d.dim_value if d.HasField("dim_value") else "?"
-                     for d in vi.type.tensor_type.shape.dim]
-                    for vi in g.input if vi.name not in inits]
-        except Exception:  # noqa: BLE001 - (it loaded before: read as "not known")
-            dims = []
-    if dims and all(d and d[0] != "?" for d in dims) and not any("?" in d for d in dims):
+    onnx_file = traced.origin is not None and traced.origin[0] == "onnx"
+    dims = declared_input_dims(traced.origin[1]) if onnx_file else []
+    if dims and all(d and None not in d for d in dims):
         return (f"the file fixes its axis 0 at {dims[0][0]}: export it again batch-first with "
                 "a dynamic batch axis (torch.onnx.export dynamic_axes / dynamic_shapes)")
     return ("export a model whose outputs keep it (a sequence-first one: transpose its input "

@@ -272,15 +272,21 @@ def annotate_measured_shapes(model: onnx.ModelProto, inputs: list[str]) -> int:
     return done
 
 
-def _declared_batch(path: str) -> int | None:
-    """The one batch size an ONNX file's inputs of rank 2 or more declare, or None."""
+def declared_input_dims(path: str) -> list[list[int | None]]:
+    """The dims an ONNX file's inputs declare (None: symbolic or unknown); [] where the file
+    cannot be read again (it loaded before: read as "not known")."""
     try:
         g = onnx.load(path, load_external_data=False).graph
-    except Exception:  # noqa: BLE001 - (it loaded before: read as "not known")
-        return None
+    except Exception:  # noqa: BLE001
+        return []
     inits = {i.name for i in g.initializer}
-    dims = [vi.type.tensor_type.shape.dim for vi in g.input if vi.name not in inits]
-    fixed = {d[0].dim_value for d in dims if len(d) >= 2 and d[0].HasField("dim_value")}
+    return [[d.dim_value if d.HasField("dim_value") else None
+             for d in vi.type.tensor_type.shape.dim] for vi in g.input if vi.name not in inits]
+
+
+def _declared_batch(path: str) -> int | None:
+    """The one batch size an ONNX file's inputs of rank 2 or more declare, or None."""
+    fixed = {d[0] for d in declared_input_dims(path) if len(d) >= 2 and d[0] is not None}
     return fixed.pop() if len(fixed) == 1 else None
 
 

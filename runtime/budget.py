@@ -818,17 +818,12 @@ def _measure(trainer: Trainer, data, batch: int, cap: int | None, largest: int =
     out: dict = {"calib": {}, "step": {}}
     sizes = sorted({max(1, min(k, batch, largest)) for k in (1, 2, 8)})
     if trainer.mode == "instant" and not trainer.eval_only:
-        cfg = trainer.config
         trainer.train_batch = trainer.train_batch or batch  # (the rank rule's: set_ranks)
         for mc in sizes:
-            trainer.use_plan(Plan(calib_micro_batch=mc))
-            trainer.config = _one_batch(cfg)
             try:
-                trainer.calibrate(data, mc, rng)
+                _calibrate_once(trainer, data, mc, mc, rng)
             except ArenaExhausted:
                 break
-            finally:
-                trainer.config = cfg
             out["calib"][mc] = current_rss() - start
             out["ranks"] = _wanted_ranks(trainer)
             _progress(out)
@@ -868,14 +863,21 @@ def _target_ranks(trainer: Trainer, data, mc: int, rng: np.random.Generator, out
                                trainer.config.instant.calib_samples, padded=text is not None)
     if rows <= mc:
         return
+    try:
+        _calibrate_once(trainer, data, min(rows, len(data)), mc, rng)
+        out["ranks"] = _wanted_ranks(trainer)
+    except ArenaExhausted:
+        pass
+
+
+def _calibrate_once(trainer: Trainer, data, rows: int, mc: int, rng: np.random.Generator) -> None:
+    """(In a probe process.) One calibration batch of ``rows`` random rows in micro-batches of
+    ``mc``, its ranks chosen with no memory limit (a plan without a saved budget)."""
     cfg = trainer.config
     trainer.use_plan(Plan(calib_micro_batch=mc))
     trainer.config = _one_batch(cfg)
     try:
-        trainer.calibrate(data, min(rows, len(data)), rng)
-        out["ranks"] = _wanted_ranks(trainer)
-    except ArenaExhausted:
-        pass
+        trainer.calibrate(data, rows, rng)
     finally:
         trainer.config = cfg
 
@@ -912,11 +914,8 @@ def _model(trainer: Trainer, m: dict, base: int, frozen: int, per_sample: int, g
     cfixed, cslope = line(m["calib"]) if m.get("calib") else (0, 0.0)
     want = min_ = full = 0
     if trainer.mode == "instant":
-        ranks = {k: tuple(v) for k, v in m["ranks"].items()}  # policy's, last probe
-        cap = trainer.config.instant.max_rank
-        if cap is not None:
-            ranks = {k: (min(a, cap), min(b, cap)) for k, (a, b) in ranks.items()}
-        want = saved_bytes(layers, ranks)
+        # the policy's, --max-rank included (ranks.choose_ranks), from the last probe
+        want = saved_bytes(layers, {k: tuple(v) for k, v in m["ranks"].items()})
         leads = [g[0] for g in basis_groups(layers).values()]  # one x̂ per basis
         min_ = sum(x_bytes_per_rank(ly) for ly in leads)
         full = sum(x_bytes_per_rank(ly) * ly.x_dim for ly in leads)

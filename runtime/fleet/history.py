@@ -118,7 +118,7 @@ def earlier_rounds(out: Path) -> dict | None:
     hist = earlier.get("history")
     earlier["history"] = [h for h in hist if isinstance(h, dict)] if isinstance(hist, list) else []
     done = earlier.get("rounds_done")
-    if done is None and "rounds_done" not in earlier:
+    if "rounds_done" not in earlier:
         done = max((h["round"] for h in earlier["history"] if isinstance(h.get("round"), int)
                     and not isinstance(h.get("round"), bool)), default=None)
         earlier["rounds_done"] = done
